@@ -1,0 +1,25 @@
+//! VT-ResNet, the Visual Transformer of Wu et al. (arXiv 2006.03677) on a ResNet stem, in
+//! candle, following the model contract (`shared/spec/vt-resnet.md`).
+//!
+//! Reading order follows the paper: [`stem`] gives the feature map, [`tokenizer`] turns it
+//! into visual tokens (section 3.1), [`transformer`] relates them (3.2), [`projector`] fuses
+//! them back into the map (3.3), and [`vt_resnet`] assembles VT-ResNet (4.1).
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+mod layers;
+pub mod model;
+pub mod pretrained;
+pub mod projector;
+pub mod stem;
+pub mod tokenizer;
+pub mod transformer;
+pub mod vt_resnet;
+
+pub use config::{Arch, Variant, VtConfig};
+pub use device::parse_device;
+pub use error::{ModelError, Result};
+pub use model::Model;
+pub use vt_resnet::VtResNet;

@@ -1,0 +1,91 @@
+//! VT-ResNet: a ResNet stem whose last stage is replaced by M visual-transformer modules
+//! (tokenizer, transformer, projector), classified from the mean of the final tokens.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Linear, Module, ModuleT, VarBuilder};
+
+use crate::config::{VtConfig, FEATURE_CHANNELS};
+use crate::layers::linear;
+use crate::projector::Projector;
+use crate::stem::Stem;
+use crate::tokenizer::Tokenizer;
+use crate::transformer::Transformer;
+
+/// One visual-transformer module `vt.{i}`.
+#[derive(Debug, Clone)]
+pub struct VtModule {
+    tokenizer: Tokenizer,
+    transformer: Transformer,
+    /// Absent in the last module, whose tokens go to the head.
+    projector: Option<Projector>,
+}
+
+impl VtModule {
+    fn new(config: &VtConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+        let (c, ct) = (FEATURE_CHANNELS, config.token_channels);
+        let projector = if index + 1 < config.vt_modules {
+            Some(Projector::new(c, ct, config.heads, vb.pp("projector"))?)
+        } else {
+            None
+        };
+        Ok(VtModule {
+            tokenizer: Tokenizer::new(c, config.tokens, ct, index > 0, vb.pp("tokenizer"))?,
+            transformer: Transformer::new(ct, config.heads, vb.pp("transformer"))?,
+            projector,
+        })
+    }
+
+    /// Returns the updated feature map and this module's tokens.
+    fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let tokens = self.tokenizer.forward(x, previous)?;
+        let tokens = self.transformer.forward(&tokens)?;
+        let x = match &self.projector {
+            Some(projector) => projector.forward(x, &tokens)?,
+            None => x.clone(),
+        };
+        Ok((x, tokens))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VtResNet {
+    stem: Stem,
+    vt: Vec<VtModule>,
+    head: Linear,
+}
+
+impl VtResNet {
+    /// Builds the model, taking every tensor by its contract name from `vb`. Call
+    /// [`VtConfig::validate`] first: this assumes a valid config.
+    pub fn new(config: &VtConfig, vb: VarBuilder) -> Result<Self> {
+        let stem = Stem::new(config.arch.stem_blocks(), vb.clone())?;
+        let vt = (0..config.vt_modules)
+            .map(|i| VtModule::new(config, i, vb.pp("vt").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let head = linear(
+            config.token_channels,
+            config.num_classes,
+            true,
+            vb.pp("head"),
+        )?;
+        Ok(VtResNet { stem, vt, head })
+    }
+}
+
+impl ModuleT for VtResNet {
+    /// `images`: N x 3 x S x S normalised. Returns N x num_classes logits. In training mode
+    /// BatchNorm uses batch statistics and updates its running statistics.
+    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.stem.forward_t(images, train)?;
+        // N x C x H x W -> N x P x C with p = y * W + x.
+        let mut x = features.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let mut tokens: Option<Tensor> = None;
+        for module in &self.vt {
+            let (next_x, next_tokens) = module.forward(&x, tokens.as_ref())?;
+            x = next_x;
+            tokens = Some(next_tokens);
+        }
+        let tokens = tokens.ok_or_else(|| candle_core::Error::Msg("no VT modules".into()))?;
+        self.head.forward(&tokens.mean(1)?)
+    }
+}

@@ -1,0 +1,189 @@
+//! Checkpoint folders: round trips, strict loading of every bad case, atomic writes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{relative_error, set_formula_weights, tiny_config};
+use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+use vt_model::{Arch, Model, ModelError};
+
+fn saved_model(dir: &Path) -> Model {
+    let model = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    set_formula_weights(&model);
+    model.save(dir).unwrap();
+    model
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap()
+}
+
+fn write_weights(dir: &Path, tensors: &HashMap<String, Tensor>) {
+    candle_core::safetensors::save(tensors, dir.join(WEIGHTS_FILE)).unwrap();
+}
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(dir, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn round_trip_keeps_every_tensor_and_the_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = saved_model(&dir);
+    let names: Vec<String> = weights(&dir).into_keys().collect();
+    assert!(names.contains(&"layer1.0.bn1.running_var".to_string()));
+    assert!(names.contains(&"vt.1.tokenizer.recur.weight".to_string()));
+    assert!(
+        !names.iter().any(|n| n.starts_with("vt.1.projector")),
+        "last module has no projector"
+    );
+    assert!(!names.iter().any(|n| n.contains("num_batches_tracked")));
+
+    let loaded = Model::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, model.config);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let a = model.forward_t(&x, false).unwrap();
+    let b = loaded.forward_t(&x, false).unwrap();
+    assert_eq!(relative_error(&b, &a), 0.0);
+}
+
+#[test]
+fn num_batches_tracked_is_ignored_whatever_its_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let mut tensors = weights(&dir);
+    tensors.insert(
+        "bn1.num_batches_tracked".into(),
+        Tensor::new(&[7i64], &Device::Cpu).unwrap(),
+    );
+    write_weights(&dir, &tensors);
+    Model::load(&dir, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn missing_unexpected_misshaped_and_wrong_dtype_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let good = weights(&dir);
+
+    let mut missing = good.clone();
+    missing.remove("vt.0.transformer.key.weight");
+    write_weights(&dir, &missing);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("`vt.0.transformer.key.weight` is missing"),
+        "{err}"
+    );
+
+    let mut unexpected = good.clone();
+    unexpected.insert(
+        "layer4.0.conv1.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    write_weights(&dir, &unexpected);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("unexpected tensor `layer4.0.conv1.weight`"),
+        "{err}"
+    );
+
+    let mut misshaped = good.clone();
+    misshaped.insert(
+        "head.bias".into(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    );
+    write_weights(&dir, &misshaped);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("`head.bias` has shape [4], expected [3]"),
+        "{err}"
+    );
+
+    let mut wrong_dtype = good.clone();
+    let f16 = good["head.weight"].to_dtype(DType::F16).unwrap();
+    wrong_dtype.insert("head.weight".into(), f16);
+    write_weights(&dir, &wrong_dtype);
+    let err = load_err(&dir);
+    assert!(err.contains("`head.weight` has dtype F16"), "{err}");
+}
+
+#[test]
+fn inconsistent_or_broken_configs_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let config_path = dir.join(CONFIG_FILE);
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+
+    let cases = [
+        ("vt_modules", serde_json::json!(3), "vt_modules is 3"),
+        ("heads", serde_json::json!(5), "divisible"),
+        (
+            "num_classes",
+            serde_json::json!(4),
+            "class_names has 3 entries",
+        ),
+        ("arch", serde_json::json!("vt-resnet50"), "unknown variant"),
+    ];
+    for (key, value, needle) in cases {
+        let mut config = good.clone();
+        config[key] = value;
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = load_err(&dir);
+        assert!(err.contains(needle), "{key}: {err}");
+    }
+    // A config that is valid but disagrees with the weights names the first tensor at fault.
+    let mut config = good.clone();
+    config["token_channels"] = serde_json::json!(64);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("has shape"), "{err}");
+
+    std::fs::write(&config_path, "{ not json").unwrap();
+    assert!(load_err(&dir).contains("invalid JSON"));
+    std::fs::remove_file(&config_path).unwrap();
+    assert!(load_err(&dir).contains(CONFIG_FILE));
+    std::fs::write(&config_path, good.to_string()).unwrap();
+    std::fs::write(dir.join(WEIGHTS_FILE), b"garbage").unwrap();
+    assert!(load_err(&dir).contains("not a valid safetensors file"));
+}
+
+#[test]
+fn a_failed_write_leaves_the_previous_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let before = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+    let result = vt_model::checkpoint::write_dir_atomically(&dir, |tmp| {
+        std::fs::write(tmp.join(WEIGHTS_FILE), b"half").unwrap();
+        Err(ModelError::Config("simulated crash".into()))
+    });
+    assert!(result.is_err());
+    assert_eq!(std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(), before);
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("ckpt")]);
+}
+
+#[test]
+fn a_save_interrupted_between_renames_is_recovered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    // The state a SIGKILL between "rename old away" and "rename new in" leaves behind.
+    std::fs::rename(&dir, tmp.path().join(".ckpt.old")).unwrap();
+    Model::load(&dir, &Device::Cpu).unwrap();
+    assert!(dir.join(WEIGHTS_FILE).exists());
+}
