@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong while fetching, importing, decoding or batching images.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("empty image data")]
+    EmptyImage,
+    #[error("unrecognised image format (supported: JPEG, PNG, WebP, GIF, BMP)")]
+    UnknownFormat,
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}")]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        max_pixels: u64,
+    },
+    #[error("cannot decode image: {0}")]
+    Decode(#[from] image::ImageError),
+    #[error("cannot resize image: {0}")]
+    Resize(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A split folder or the manifest is missing: the data set was never fetched.
+    #[error("{path} not found: run `cargo xtask fetch-data` first ({what})")]
+    NotFetched { path: PathBuf, what: String },
+    #[error("invalid manifest {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    /// A network transfer failed; `hint` says what the user can do about it.
+    #[error("{what}: {message}\n{hint}")]
+    Network {
+        what: String,
+        message: String,
+        hint: String,
+    },
+    #[error("{path}: not a usable zip archive: {message}")]
+    Zip { path: PathBuf, message: String },
+    #[error("{path}: cannot read parquet: {message}")]
+    Parquet { path: PathBuf, message: String },
+    /// The source does not look like the Intel Image Classification layout.
+    #[error("{0}")]
+    Layout(String),
+}
+
+impl DataError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = DataError> = std::result::Result<T, E>;

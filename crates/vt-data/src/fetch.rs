@@ -1,0 +1,129 @@
+//! `cargo xtask fetch-data`: one entry point for every source, all ending in the same
+//! data directory layout (see [`crate::dataset`]).
+
+use std::path::{Path, PathBuf};
+
+use crate::dataset::Manifest;
+use crate::error::{DataError, Result};
+use crate::hf::{import_hf, HfOptions};
+use crate::import::Importer;
+use crate::kaggle::{self, KaggleCredentials};
+use crate::source::folder::import_folder;
+use crate::source::synthetic::{import_synthetic, SyntheticConfig};
+use crate::source::zip::import_zip;
+
+pub const DEFAULT_DATA_DIR: &str = "data/intel";
+pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
+pub const DEFAULT_SEED: u64 = 42;
+
+#[derive(Debug, Clone)]
+pub enum FetchSource {
+    HuggingFace(HfOptions),
+    /// `endpoint` overrides `KAGGLE_API_ENDPOINT` and the default; without `credentials`
+    /// they are discovered as the official client does.
+    Kaggle {
+        endpoint: Option<String>,
+        credentials: Option<KaggleCredentials>,
+    },
+    /// A zip or an extracted folder in the Kaggle layout.
+    Path(PathBuf),
+    Synthetic(SyntheticConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    pub data_dir: PathBuf,
+    pub source: FetchSource,
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// Where downloaded archives are kept for re-runs; default `<data dir>/../.downloads`.
+    pub download_dir: Option<PathBuf>,
+}
+
+impl FetchOptions {
+    pub fn new(data_dir: impl Into<PathBuf>, source: FetchSource) -> FetchOptions {
+        FetchOptions {
+            data_dir: data_dir.into(),
+            source,
+            val_fraction: DEFAULT_VAL_FRACTION,
+            seed: DEFAULT_SEED,
+            download_dir: None,
+        }
+    }
+}
+
+pub fn default_download_dir(data_dir: &Path) -> PathBuf {
+    match data_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(".downloads"),
+        _ => PathBuf::from(".downloads"),
+    }
+}
+
+/// Imports the data set into `opts.data_dir`, replacing an earlier import only once the new
+/// one is complete.
+pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
+    let (kind, origin) = describe(&opts.source);
+    let mut importer = Importer::new(&opts.data_dir, kind, &origin, opts.val_fraction, opts.seed)?;
+    match &opts.source {
+        FetchSource::HuggingFace(hf) => import_hf(hf, &mut importer)?,
+        FetchSource::Kaggle {
+            endpoint,
+            credentials,
+        } => {
+            let credentials = match credentials {
+                Some(c) => c.clone(),
+                None => KaggleCredentials::discover()?,
+            };
+            let endpoint = endpoint
+                .clone()
+                .or_else(|| std::env::var("KAGGLE_API_ENDPOINT").ok())
+                .unwrap_or_else(|| kaggle::DEFAULT_ENDPOINT.into());
+            let dir = opts
+                .download_dir
+                .clone()
+                .unwrap_or_else(|| default_download_dir(&opts.data_dir));
+            let zip = kaggle::fetch_zip(&endpoint, &credentials, &dir)?;
+            import_zip(&zip, &mut importer)?;
+        }
+        FetchSource::Path(path) => {
+            check_not_inside(path, &opts.data_dir)?;
+            if path.is_dir() {
+                import_folder(path, &mut importer)?;
+            } else if path.is_file() {
+                import_zip(path, &mut importer)?;
+            } else {
+                return Err(DataError::Invalid(format!(
+                    "{}: no such file or folder (expected the Kaggle zip or an extracted folder)",
+                    path.display()
+                )));
+            }
+        }
+        FetchSource::Synthetic(cfg) => import_synthetic(cfg, &mut importer)?,
+    }
+    importer.finish()
+}
+
+fn describe(source: &FetchSource) -> (&'static str, String) {
+    match source {
+        FetchSource::HuggingFace(hf) => ("hf", format!("hf:{}", hf.repo)),
+        FetchSource::Kaggle { .. } => ("kaggle", format!("kaggle:{}", kaggle::KAGGLE_DATASET)),
+        FetchSource::Path(p) if p.is_dir() => ("folder", p.display().to_string()),
+        FetchSource::Path(p) => ("zip", p.display().to_string()),
+        FetchSource::Synthetic(cfg) => ("synthetic", format!("synthetic:seed={}", cfg.seed)),
+    }
+}
+
+/// The data directory is replaced wholesale, so it must not hold the source, nor the reverse.
+fn check_not_inside(source: &Path, data_dir: &Path) -> Result<()> {
+    let (Ok(src), Ok(dst)) = (source.canonicalize(), data_dir.canonicalize()) else {
+        return Ok(());
+    };
+    if src.starts_with(&dst) || dst.starts_with(&src) {
+        return Err(DataError::Invalid(format!(
+            "{} and the data directory {} overlap; import into another --data-dir",
+            source.display(),
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! Builds a data directory from any source: every image is decoded once to prove it is
+//! usable (failures are recorded, never fatal), written under a temporary sibling folder, split
+//! into train/val, and only then renamed into place, so nothing half-done ever looks done.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use image::ImageFormat;
+use rayon::prelude::*;
+
+use crate::dataset::{Manifest, SkippedEntry, Split, SplitCounts, MANIFEST_FILE, PRED_DIR};
+use crate::decode;
+use crate::error::{DataError, Result};
+use crate::layout::Role;
+use crate::split;
+
+/// Largest image accepted, in pixels: the data set's are 150x150; this only stops bombs.
+pub const MAX_PIXELS: u64 = 8192 * 8192;
+/// Images are verified and written in chunks of this many, in parallel.
+const CHUNK: usize = 256;
+
+/// One image as the source delivers it.
+#[derive(Debug, Clone)]
+pub struct RawImage {
+    /// Where it came from, for the skip report.
+    pub source_path: String,
+    pub role: Role,
+    /// Original file name; the stem is kept, the extension follows the sniffed format.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+pub struct Importer {
+    data_dir: PathBuf,
+    staging: PathBuf,
+    source: String,
+    origin: String,
+    val_fraction: f64,
+    seed: u64,
+    classes: Option<Vec<String>>,
+    pending: Vec<RawImage>,
+    used_paths: HashSet<PathBuf>,
+    train: BTreeMap<String, Vec<String>>,
+    test: BTreeMap<String, usize>,
+    pred: usize,
+    skipped: Vec<SkippedEntry>,
+    finished: bool,
+}
+
+impl Importer {
+    /// Prepares an empty staging folder beside `data_dir`. Refuses to go on when `data_dir`
+    /// exists, is not empty and is not a previous import, so a wrong `--data-dir` never
+    /// replaces unrelated files.
+    pub fn new(
+        data_dir: &Path,
+        source: &str,
+        origin: &str,
+        val_fraction: f64,
+        seed: u64,
+    ) -> Result<Importer> {
+        split::check_fraction(val_fraction)?;
+        check_replaceable(data_dir)?;
+        let staging = sibling(data_dir, "incoming")?;
+        remove_if_exists(&staging)?;
+        fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
+        Ok(Importer {
+            data_dir: data_dir.to_path_buf(),
+            staging,
+            source: source.into(),
+            origin: origin.into(),
+            val_fraction,
+            seed,
+            classes: None,
+            pending: Vec::new(),
+            used_paths: HashSet::new(),
+            train: BTreeMap::new(),
+            test: BTreeMap::new(),
+            pred: 0,
+            skipped: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Fixes the class order (label indices), e.g. from a parquet mirror's label column.
+    /// Without it, classes are the sorted folder names found.
+    pub fn set_classes(&mut self, classes: Vec<String>) {
+        self.classes = Some(classes);
+    }
+
+    /// Records a source file that cannot be imported. Pending images are processed first so
+    /// the skip report follows the source's order.
+    pub fn skip(&mut self, path: impl Into<String>, reason: impl Into<String>) -> Result<()> {
+        self.flush()?;
+        self.record_skip(path.into(), reason.into());
+        Ok(())
+    }
+
+    fn record_skip(&mut self, path: String, reason: String) {
+        self.skipped.push(SkippedEntry { path, reason });
+    }
+
+    pub fn add(&mut self, image: RawImage) -> Result<()> {
+        self.pending.push(image);
+        if self.pending.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Number of images accepted so far (excluding the pending chunk).
+    pub fn accepted(&self) -> usize {
+        self.train.values().map(Vec::len).sum::<usize>()
+            + self.test.values().sum::<usize>()
+            + self.pred
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        // Names are chosen sequentially so collisions resolve the same way on every run.
+        let mut planned: Vec<(RawImage, std::result::Result<PathBuf, String>)> = Vec::new();
+        for image in pending {
+            let target = match (
+                image.role.class().map(valid_class),
+                decode::sniff_format(&image.bytes),
+            ) {
+                (Some(false), _) => Err(format!(
+                    "unusable class folder name {:?}",
+                    image.role.class()
+                )),
+                (_, Err(e)) => Err(e.to_string()),
+                (_, Ok(format)) => Ok(self.unique_path(&image.role, &image.name, format)),
+            };
+            planned.push((image, target));
+        }
+        let staging = &self.staging;
+        let outcomes: Vec<Result<std::result::Result<PathBuf, String>>> = planned
+            .par_iter()
+            .map(|(image, target)| {
+                let rel = match target {
+                    Ok(rel) => rel,
+                    Err(reason) => return Ok(Err(reason.clone())),
+                };
+                if let Err(e) = decode::decode_rgb_limited(&image.bytes, MAX_PIXELS) {
+                    return Ok(Err(e.to_string()));
+                }
+                let path = staging.join(rel);
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+                }
+                // Original bytes are kept: re-encoding would change the pixels.
+                fs::write(&path, &image.bytes).map_err(|e| DataError::io(&path, e))?;
+                Ok(Ok(rel.clone()))
+            })
+            .collect();
+        for ((image, _), outcome) in planned.into_iter().zip(outcomes) {
+            match outcome? {
+                Err(reason) => self.record_skip(image.source_path, reason),
+                Ok(rel) => {
+                    let file_name = rel
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    match image.role {
+                        Role::Train(class) => self.train.entry(class).or_default().push(file_name),
+                        Role::Test(class) => *self.test.entry(class).or_default() += 1,
+                        Role::Pred => self.pred += 1,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unique_path(&mut self, role: &Role, name: &str, format: ImageFormat) -> PathBuf {
+        let dir = match role {
+            Role::Train(c) => Path::new(Split::Train.dir_name()).join(c),
+            Role::Test(c) => Path::new(Split::Test.dir_name()).join(c),
+            Role::Pred => PathBuf::from(PRED_DIR),
+        };
+        let stem = sanitize_stem(name);
+        let ext = extension(format);
+        let mut candidate = dir.join(format!("{stem}.{ext}"));
+        let mut n = 1;
+        while !self.used_paths.insert(candidate.clone()) {
+            candidate = dir.join(format!("{stem}-{n}.{ext}"));
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Splits train/val, writes the manifest and renames the result into place.
+    pub fn finish(mut self) -> Result<Manifest> {
+        self.flush()?;
+        if self.train.is_empty() {
+            return Err(DataError::Layout(format!(
+                "no usable training images in {}: expected seg_train/<class>/<image> \
+                 (as in the Kaggle archive), {} file(s) skipped",
+                self.origin,
+                self.skipped.len()
+            )));
+        }
+        let found: BTreeSet<String> = self.train.keys().chain(self.test.keys()).cloned().collect();
+        let mut classes = self.classes.clone().unwrap_or_default();
+        for class in found {
+            if !classes.contains(&class) {
+                classes.push(class);
+            }
+        }
+        let mut counts = SplitCounts::default();
+        for class in &classes {
+            for split in Split::ALL {
+                let dir = self.staging.join(split.dir_name()).join(class);
+                fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+            }
+            let names = self.train.remove(class).unwrap_or_default();
+            let (train, val) = split::split_class(class, names, self.val_fraction, self.seed);
+            for name in &val {
+                let from = self.staging.join("train").join(class).join(name);
+                let to = self.staging.join("val").join(class).join(name);
+                fs::rename(&from, &to).map_err(|e| DataError::io(&from, e))?;
+            }
+            counts.train.insert(class.clone(), train.len());
+            counts.val.insert(class.clone(), val.len());
+            counts
+                .test
+                .insert(class.clone(), self.test.get(class).copied().unwrap_or(0));
+        }
+        counts.pred = self.pred;
+        let pred_dir = self.staging.join(PRED_DIR);
+        fs::create_dir_all(&pred_dir).map_err(|e| DataError::io(&pred_dir, e))?;
+        let manifest = Manifest {
+            source: self.source.clone(),
+            classes,
+            splits: counts,
+            skipped: std::mem::take(&mut self.skipped),
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            origin: self.origin.clone(),
+        };
+        // Written last inside staging: its presence marks a complete import.
+        manifest.write(&self.staging)?;
+        swap_into_place(&self.staging, &self.data_dir)?;
+        self.finished = true;
+        Ok(manifest)
+    }
+}
+
+impl Drop for Importer {
+    fn drop(&mut self) {
+        if !self.finished {
+            // An abandoned import leaves nothing behind that could be mistaken for data.
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// `<parent>/.<name>.<tag>`: same filesystem as `data_dir`, so renames are atomic.
+pub(crate) fn sibling(data_dir: &Path, tag: &str) -> Result<PathBuf> {
+    let name = data_dir.file_name().ok_or_else(|| {
+        DataError::Invalid(format!(
+            "{}: not a usable data directory",
+            data_dir.display()
+        ))
+    })?;
+    let parent = match data_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
+    Ok(parent.join(format!(".{}.{tag}", name.to_string_lossy())))
+}
+
+fn check_replaceable(data_dir: &Path) -> Result<()> {
+    if !data_dir.exists() || data_dir.join(MANIFEST_FILE).is_file() {
+        return Ok(());
+    }
+    let empty = fs::read_dir(data_dir)
+        .map_err(|e| DataError::io(data_dir, e))?
+        .next()
+        .is_none();
+    if empty {
+        Ok(())
+    } else {
+        Err(DataError::Invalid(format!(
+            "refusing to replace {}: it is not empty and holds no {MANIFEST_FILE} from an earlier \
+             import; choose another --data-dir or remove it",
+            data_dir.display()
+        )))
+    }
+}
+
+/// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
+/// Between the two renames `data_dir` is briefly absent, never half-written.
+fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
+    let old = sibling(data_dir, "old")?;
+    remove_if_exists(&old)?;
+    let had_old = data_dir.exists();
+    if had_old {
+        fs::rename(data_dir, &old).map_err(|e| DataError::io(data_dir, e))?;
+    }
+    if let Err(e) = fs::rename(staging, data_dir) {
+        if had_old {
+            // Put the previous import back rather than leave nothing.
+            let _ = fs::rename(&old, data_dir);
+        }
+        return Err(DataError::io(data_dir, e));
+    }
+    if had_old {
+        remove_if_exists(&old)?;
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn valid_class(class: &str) -> bool {
+    !class.is_empty()
+        && !class.starts_with('.')
+        && class
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' ' | '.'))
+}
+
+fn sanitize_stem(name: &str) -> String {
+    let stem = Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    if clean.is_empty() {
+        "image".into()
+    } else {
+        clean.into()
+    }
+}
+
+pub(crate) fn extension(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Png => "png",
+        ImageFormat::WebP => "webp",
+        ImageFormat::Gif => "gif",
+        ImageFormat::Bmp => "bmp",
+        _ => "jpg",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems_are_sanitised() {
+        assert_eq!(sanitize_stem("7606.jpg"), "7606");
+        assert_eq!(sanitize_stem("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_stem("a b?.png"), "a_b_");
+        assert_eq!(sanitize_stem(".hidden"), "hidden");
+        assert_eq!(sanitize_stem(""), "image");
+        assert!(valid_class("buildings"));
+        assert!(!valid_class(".."));
+        assert!(!valid_class("a/b"));
+    }
+
+    #[test]
+    fn a_foreign_folder_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("data");
+        fs::create_dir_all(&target).unwrap();
+        fs::write(target.join("thesis.tex"), "precious").unwrap();
+        assert!(Importer::new(&target, "folder", "x", 0.1, 0).is_err());
+        assert!(target.join("thesis.tex").exists());
+    }
+}

@@ -1,0 +1,121 @@
+//! Recognises the Kaggle folder layout (`seg_train/seg_train/<class>/x.jpg`,
+//! `seg_test/seg_test/<class>/x.jpg`, `seg_pred/seg_pred/x.jpg`), with or without the doubled
+//! folder names and under any wrapper folder, for zips and extracted folders alike.
+
+/// Which split of the source an image belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// `seg_train`: later split into train and val.
+    Train(String),
+    /// `seg_test`.
+    Test(String),
+    /// `seg_pred`: unlabelled.
+    Pred,
+}
+
+impl Role {
+    pub fn class(&self) -> Option<&str> {
+        match self {
+            Role::Train(c) | Role::Test(c) => Some(c),
+            Role::Pred => None,
+        }
+    }
+}
+
+/// Where a source path goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Image {
+        role: Role,
+        name: String,
+    },
+    /// Not part of the data set (README, `__MACOSX/`, dot files): left out silently.
+    Ignore,
+    /// Looks like part of the data set but cannot be placed: reported as skipped.
+    Unplaced(String),
+}
+
+/// Places a '/'-separated path relative to the source root.
+pub fn place(rel: &str) -> Placement {
+    let parts: Vec<&str> = rel.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
+    if parts
+        .iter()
+        .any(|p| p.starts_with('.') || *p == "__MACOSX" || *p == "Thumbs.db")
+    {
+        return Placement::Ignore;
+    }
+    let Some(i) = parts
+        .iter()
+        .position(|p| matches!(*p, "seg_train" | "seg_test" | "seg_pred"))
+    else {
+        return Placement::Ignore;
+    };
+    let mut j = i + 1;
+    if parts.get(j) == Some(&parts[i]) {
+        j += 1;
+    }
+    let rest = &parts[j.min(parts.len())..];
+    let Some(name) = rest.last().map(|s| s.to_string()) else {
+        return Placement::Ignore;
+    };
+    match parts[i] {
+        "seg_pred" => Placement::Image {
+            role: Role::Pred,
+            name,
+        },
+        split => {
+            if rest.len() < 2 {
+                return Placement::Unplaced(format!("{split} image outside a class folder"));
+            }
+            let class = rest[0].to_string();
+            let role = if split == "seg_train" {
+                Role::Train(class)
+            } else {
+                Role::Test(class)
+            };
+            Placement::Image { role, name }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(role: Role, name: &str) -> Placement {
+        Placement::Image {
+            role,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn kaggle_doubled_and_plain_layouts() {
+        assert_eq!(
+            place("seg_train/seg_train/forest/1.jpg"),
+            image(Role::Train("forest".into()), "1.jpg")
+        );
+        assert_eq!(
+            place("archive/seg_test/seg_test/sea/2.jpg"),
+            image(Role::Test("sea".into()), "2.jpg")
+        );
+        assert_eq!(place("seg_pred/seg_pred/3.jpg"), image(Role::Pred, "3.jpg"));
+        assert_eq!(
+            place("seg_train/street/4.jpg"),
+            image(Role::Train("street".into()), "4.jpg")
+        );
+        assert_eq!(place("seg_pred/7606.jpg"), image(Role::Pred, "7606.jpg"));
+    }
+
+    #[test]
+    fn noise_is_ignored_and_strays_reported() {
+        assert_eq!(place("README.md"), Placement::Ignore);
+        assert_eq!(
+            place("__MACOSX/seg_train/forest/._1.jpg"),
+            Placement::Ignore
+        );
+        assert_eq!(place("seg_train/forest/.DS_Store"), Placement::Ignore);
+        assert_eq!(place("seg_train/seg_train/"), Placement::Ignore);
+        assert!(matches!(place("seg_train/5.jpg"), Placement::Unplaced(_)));
+    }
+}

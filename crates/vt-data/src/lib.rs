@@ -1,0 +1,26 @@
+//! Intel Image Classification data for VT-ResNet: download, import, decoding, augmentation
+//! and batching.
+//!
+//! - [`fetch`]: `cargo xtask fetch-data`, from Hugging Face, Kaggle, a local zip or folder,
+//!   or synthetic data, into `train/ val/ test/ pred/` plus `manifest.json`;
+//! - [`dataset`]: reading that layout back ([`dataset::ImageFolder`], [`dataset::Manifest`]);
+//! - [`augment`], [`transform`]: torchvision-compatible training and evaluation transforms;
+//! - [`loader`]: parallel, deterministic batching into candle tensors.
+
+pub mod augment;
+pub mod dataset;
+pub mod decode;
+pub mod download;
+pub mod error;
+pub mod fetch;
+pub mod hf;
+pub mod import;
+pub mod kaggle;
+pub mod layout;
+pub mod loader;
+pub mod rng;
+pub mod source;
+pub mod split;
+pub mod transform;
+
+pub use error::{DataError, Result};

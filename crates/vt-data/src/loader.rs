@@ -1,0 +1,358 @@
+//! Batches for training and evaluation: worker threads decode and transform images into a
+//! bounded window of batches ahead of the consumer, and batches come out in plan order, so
+//! results never depend on thread timing. A file that fails to load is skipped and reported.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use fast_image_resize::Resizer;
+use rand::seq::SliceRandom;
+
+use crate::augment::{augment_chw, AugmentConfig};
+use crate::decode::decode_rgb_limited;
+use crate::error::{DataError, Result};
+use crate::import::MAX_PIXELS;
+use crate::rng::{epoch_rng, sample_rng};
+use crate::transform::{eval_chw, Normalize};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transform {
+    /// Random augmentation, seeded per (seed, epoch, sample index).
+    Train(AugmentConfig),
+    /// The deterministic evaluation transform (resize, centre crop, normalise).
+    Eval { image_size: u32, norm: Normalize },
+}
+
+impl Transform {
+    pub fn image_size(&self) -> u32 {
+        match self {
+            Transform::Train(cfg) => cfg.image_size,
+            Transform::Eval { image_size, .. } => *image_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Reshuffle the order every epoch, from (seed, epoch).
+    pub shuffle: bool,
+    /// Leave out a last batch smaller than `batch_size`.
+    pub drop_last: bool,
+    pub seed: u64,
+    /// Worker threads (0 is taken as 1).
+    pub threads: usize,
+    /// Finished batches that may wait for the consumer; memory holds at most
+    /// `prefetch + threads` batches.
+    pub prefetch: usize,
+    pub transform: Transform,
+}
+
+pub struct Batch {
+    /// (N, 3, S, S) f32.
+    pub images: Tensor,
+    /// (N,) u32.
+    pub labels: Tensor,
+    /// Index into the `samples` given to [`batches`] of each row.
+    pub indices: Vec<usize>,
+}
+
+/// A sample that could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedFile {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+struct RawBatch {
+    images: Vec<f32>,
+    labels: Vec<u32>,
+    indices: Vec<usize>,
+}
+
+struct Shared {
+    samples: Vec<(PathBuf, usize)>,
+    plan: Vec<Vec<usize>>,
+    transform: Transform,
+    seed: u64,
+    epoch: u64,
+    stop: AtomicBool,
+    skipped: Mutex<Vec<SkippedFile>>,
+}
+
+/// Iterator over one epoch's batches. Dropping it stops the workers.
+pub struct BatchIter {
+    shared: Arc<Shared>,
+    device: Device,
+    next_batch: usize,
+    next_dispatch: usize,
+    jobs: Option<Sender<usize>>,
+    results: Receiver<(usize, Result<RawBatch>)>,
+    ready: BTreeMap<usize, Result<RawBatch>>,
+    workers: Vec<JoinHandle<()>>,
+    error: Option<DataError>,
+}
+
+/// The batch plan of one epoch: sample indices, shuffled from (seed, epoch) when asked.
+pub fn plan_epoch(
+    n: usize,
+    batch_size: usize,
+    shuffle: bool,
+    drop_last: bool,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        order.shuffle(&mut epoch_rng(seed, epoch));
+    }
+    let mut plan: Vec<Vec<usize>> = order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    if drop_last && plan.last().is_some_and(|b| b.len() < batch_size) {
+        plan.pop();
+    }
+    plan
+}
+
+/// Starts the workers for one epoch over `samples` (path, label).
+pub fn batches(
+    samples: &[(PathBuf, usize)],
+    cfg: &LoaderConfig,
+    epoch: u64,
+    device: &Device,
+) -> BatchIter {
+    let error = if cfg.batch_size == 0 {
+        Some(DataError::Invalid("batch size must be at least 1".into()))
+    } else if cfg.transform.image_size() == 0 {
+        Some(DataError::Invalid("image size must be at least 1".into()))
+    } else {
+        None
+    };
+    let plan = if error.is_some() {
+        Vec::new()
+    } else {
+        plan_epoch(
+            samples.len(),
+            cfg.batch_size,
+            cfg.shuffle,
+            cfg.drop_last,
+            cfg.seed,
+            epoch,
+        )
+    };
+    let shared = Arc::new(Shared {
+        samples: samples.to_vec(),
+        plan,
+        transform: cfg.transform.clone(),
+        seed: cfg.seed,
+        epoch,
+        stop: AtomicBool::new(false),
+        skipped: Mutex::new(Vec::new()),
+    });
+    let (job_tx, job_rx) = unbounded::<usize>();
+    let (result_tx, result_rx) = unbounded();
+    let threads = cfg.threads.max(1).min(shared.plan.len().max(1));
+    let workers = (0..threads)
+        .map(|_| {
+            let shared = Arc::clone(&shared);
+            let jobs = job_rx.clone();
+            let results = result_tx.clone();
+            std::thread::spawn(move || worker(&shared, &jobs, &results))
+        })
+        .collect();
+    let mut iter = BatchIter {
+        shared,
+        device: device.clone(),
+        next_batch: 0,
+        next_dispatch: 0,
+        jobs: Some(job_tx),
+        results: result_rx,
+        ready: BTreeMap::new(),
+        workers,
+        error,
+    };
+    // In flight at any time: what may wait for the consumer plus one per worker.
+    for _ in 0..cfg.prefetch.max(1) + threads {
+        iter.dispatch();
+    }
+    iter
+}
+
+fn worker(shared: &Shared, jobs: &Receiver<usize>, results: &Sender<(usize, Result<RawBatch>)>) {
+    let mut resizer = Resizer::new();
+    while let Ok(b) = jobs.recv() {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| build_batch(shared, b, &mut resizer)))
+            .unwrap_or_else(|_| {
+                Err(DataError::Invalid(format!(
+                    "loader worker panicked on batch {b}"
+                )))
+            });
+        let Some(outcome) = outcome.transpose() else {
+            return; // stopped mid-batch
+        };
+        if results.send((b, outcome)).is_err() {
+            return;
+        }
+    }
+}
+
+/// `Ok(None)` when asked to stop part-way.
+fn build_batch(shared: &Shared, b: usize, resizer: &mut Resizer) -> Result<Option<RawBatch>> {
+    let plan = &shared.plan[b];
+    let size = shared.transform.image_size() as usize;
+    let mut raw = RawBatch {
+        images: Vec::with_capacity(plan.len() * 3 * size * size),
+        labels: Vec::with_capacity(plan.len()),
+        indices: Vec::with_capacity(plan.len()),
+    };
+    for &i in plan {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let (path, label) = &shared.samples[i];
+        let loaded = u32::try_from(*label)
+            .map_err(|_| DataError::Invalid(format!("label {label} does not fit u32")))
+            .and_then(|label| Ok((label, load_sample(path, shared, i, resizer)?)));
+        match loaded {
+            Ok((label, chw)) => {
+                raw.images.extend_from_slice(&chw);
+                raw.labels.push(label);
+                raw.indices.push(i);
+            }
+            Err(e) => {
+                tracing::warn!("skipping {}: {e}", path.display());
+                if let Ok(mut skipped) = shared.skipped.lock() {
+                    skipped.push(SkippedFile {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Some(raw))
+}
+
+fn load_sample(
+    path: &Path,
+    shared: &Shared,
+    index: usize,
+    resizer: &mut Resizer,
+) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let img = decode_rgb_limited(&bytes, MAX_PIXELS)?;
+    match &shared.transform {
+        Transform::Train(cfg) => {
+            let mut rng = sample_rng(shared.seed, shared.epoch, index as u64);
+            augment_chw(resizer, &img, cfg, &mut rng)
+        }
+        Transform::Eval { image_size, norm } => eval_chw(resizer, &img, *image_size, norm),
+    }
+}
+
+impl BatchIter {
+    fn dispatch(&mut self) {
+        if self.next_dispatch < self.shared.plan.len() {
+            if let Some(jobs) = &self.jobs {
+                let _ = jobs.send(self.next_dispatch);
+            }
+            self.next_dispatch += 1;
+        }
+    }
+
+    /// Planned number of batches. A batch whose every file fails to load is left out, so
+    /// the iterator may yield fewer.
+    pub fn len(&self) -> usize {
+        self.shared.plan.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.plan.is_empty()
+    }
+
+    /// Files skipped so far in this epoch.
+    pub fn skipped(&self) -> Vec<SkippedFile> {
+        self.shared
+            .skipped
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    fn to_batch(&self, raw: RawBatch) -> Result<Batch> {
+        let n = raw.labels.len();
+        let s = self.shared.transform.image_size() as usize;
+        Ok(Batch {
+            images: Tensor::from_vec(raw.images, (n, 3, s, s), &self.device)?,
+            labels: Tensor::from_vec(raw.labels, n, &self.device)?,
+            indices: raw.indices,
+        })
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Iterator for BatchIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if let Some(e) = self.error.take() {
+            return Some(Err(e));
+        }
+        loop {
+            if self.next_batch >= self.shared.plan.len() {
+                return None;
+            }
+            if let Some(outcome) = self.ready.remove(&self.next_batch) {
+                self.next_batch += 1;
+                self.dispatch();
+                match outcome {
+                    Ok(raw) if raw.labels.is_empty() => continue,
+                    Ok(raw) => return Some(self.to_batch(raw)),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            match self.results.recv() {
+                Ok((b, outcome)) => {
+                    self.ready.insert(b, outcome);
+                }
+                Err(_) => {
+                    self.next_batch = self.shared.plan.len();
+                    return Some(Err(DataError::Invalid(
+                        "loader workers stopped unexpectedly".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (
+            0,
+            Some(self.shared.plan.len() - self.next_batch.min(self.shared.plan.len())),
+        )
+    }
+}
+
+impl Drop for BatchIter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

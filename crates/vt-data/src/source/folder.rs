@@ -1,0 +1,64 @@
+//! An extracted folder in the Kaggle layout.
+
+use std::fs;
+use std::path::Path;
+
+use crate::error::{DataError, Result};
+use crate::import::{Importer, RawImage};
+use crate::layout::{place, Placement};
+use crate::source::MAX_FILE_BYTES;
+
+/// Imports every file under `root`, in sorted order so runs are reproducible.
+pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
+    if !root.is_dir() {
+        return Err(DataError::Invalid(format!(
+            "{}: not a folder",
+            root.display()
+        )));
+    }
+    let mut stack = vec![root.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| DataError::io(&dir, e))?
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| DataError::io(&dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            // Follows symlinks, so a linked-in folder of images works.
+            let meta = fs::metadata(&path).map_err(|e| DataError::io(&path, e))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path, meta.len()));
+            }
+        }
+    }
+    files.sort();
+    for (path, len) in files {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        match place(&rel) {
+            Placement::Ignore => {}
+            Placement::Unplaced(reason) => importer.skip(rel, reason)?,
+            Placement::Image { role, name } => {
+                if len > MAX_FILE_BYTES {
+                    importer.skip(rel, format!("file of {len} bytes is too large"))?;
+                    continue;
+                }
+                let bytes = fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+                importer.add(RawImage {
+                    source_path: rel,
+                    role,
+                    name,
+                    bytes,
+                })?;
+            }
+        }
+    }
+    Ok(())
+}

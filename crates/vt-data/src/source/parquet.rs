@@ -1,0 +1,175 @@
+//! Parquet mirrors as the Hugging Face `datasets` library writes them: an `image` struct
+//! column `{bytes: binary, path: string}` and a `label` column, either an integer index
+//! into the class list (`-1` or null for unlabelled) or the class name.
+
+use std::fs::File;
+use std::path::Path;
+
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::{Field, Row};
+
+use crate::error::{DataError, Result};
+use crate::import::{Importer, RawImage};
+use crate::layout::Role;
+
+/// Which source split a parquet file holds, from its name (`data/train-00000-of-00002.parquet`,
+/// `test-….parquet`); anything unrecognised (train, validation) joins the training pool,
+/// which is split into train/val later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParquetSplit {
+    Train,
+    Test,
+    Pred,
+}
+
+impl ParquetSplit {
+    pub fn of_file(path: &str) -> ParquetSplit {
+        let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+        let dir = path.to_ascii_lowercase();
+        if name.starts_with("test") || dir.contains("/test/") || dir.starts_with("test/") {
+            ParquetSplit::Test
+        } else if name.starts_with("pred") || dir.contains("pred/") {
+            ParquetSplit::Pred
+        } else {
+            ParquetSplit::Train
+        }
+    }
+}
+
+fn parquet_error(path: &Path, e: impl std::fmt::Display) -> DataError {
+    DataError::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Imports all rows of one parquet file. `display` names the file in skip reports.
+pub fn import_parquet(
+    path: &Path,
+    display: &str,
+    split: ParquetSplit,
+    classes: &[String],
+    importer: &mut Importer,
+) -> Result<usize> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| parquet_error(path, e))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| parquet_error(path, e))?;
+    let mut count = 0;
+    for (i, row) in rows.enumerate() {
+        // A broken row group ends the file: the rest cannot be located reliably.
+        let row = row.map_err(|e| parquet_error(path, e))?;
+        let where_ = format!("{display}#row{i}");
+        match parse_row(&row, classes) {
+            Err(reason) => importer.skip(where_, reason)?,
+            Ok((bytes, name, label)) => {
+                let role = match (split, label) {
+                    (ParquetSplit::Pred, _) | (_, None) => Role::Pred,
+                    (ParquetSplit::Train, Some(class)) => Role::Train(class),
+                    (ParquetSplit::Test, Some(class)) => Role::Test(class),
+                };
+                let name = name.unwrap_or_else(|| format!("{}-{i:06}", stem_of(display)));
+                importer.add(RawImage {
+                    source_path: where_,
+                    role,
+                    name,
+                    bytes,
+                })?;
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+fn stem_of(display: &str) -> String {
+    let name = display.rsplit('/').next().unwrap_or(display);
+    name.split('.').next().unwrap_or(name).to_string()
+}
+
+type Parsed = (Vec<u8>, Option<String>, Option<String>);
+
+/// (image bytes, original file name, class name or None when unlabelled).
+fn parse_row(row: &Row, classes: &[String]) -> std::result::Result<Parsed, String> {
+    let mut image = None;
+    let mut label = None;
+    for (name, field) in row.get_column_iter() {
+        match name.as_str() {
+            "image" | "img" => image = Some(field),
+            "label" | "labels" => label = Some(field),
+            _ => {}
+        }
+    }
+    let (bytes, name) = match image {
+        None => return Err("row has no `image` column".into()),
+        Some(Field::Bytes(b)) => (b.data().to_vec(), None),
+        Some(Field::Group(group)) => {
+            let mut bytes = None;
+            let mut name = None;
+            for (key, value) in group.get_column_iter() {
+                match (key.as_str(), value) {
+                    ("bytes", Field::Bytes(b)) => bytes = Some(b.data().to_vec()),
+                    ("path", Field::Str(p)) => {
+                        name = p.rsplit(['/', '\\']).next().map(str::to_string)
+                    }
+                    _ => {}
+                }
+            }
+            match bytes {
+                Some(b) => (b, name.filter(|n| !n.is_empty())),
+                None => return Err("image has no embedded bytes".into()),
+            }
+        }
+        Some(other) => return Err(format!("unexpected image column value {other}")),
+    };
+    let index = match label {
+        None | Some(Field::Null) => None,
+        Some(Field::Str(s)) => return Ok((bytes, name, Some(s.clone()))),
+        Some(Field::Byte(v)) => Some(i64::from(*v)),
+        Some(Field::Short(v)) => Some(i64::from(*v)),
+        Some(Field::Int(v)) => Some(i64::from(*v)),
+        Some(Field::Long(v)) => Some(*v),
+        Some(Field::UByte(v)) => Some(i64::from(*v)),
+        Some(Field::UShort(v)) => Some(i64::from(*v)),
+        Some(Field::UInt(v)) => Some(i64::from(*v)),
+        Some(Field::ULong(v)) => i64::try_from(*v).ok(),
+        Some(other) => return Err(format!("unexpected label value {other}")),
+    };
+    match index {
+        None | Some(-1) => Ok((bytes, name, None)),
+        Some(i) => match usize::try_from(i).ok().and_then(|i| classes.get(i)) {
+            Some(class) => Ok((bytes, name, Some(class.clone()))),
+            None => Err(format!("label {i} outside the {} classes", classes.len())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_from_file_names() {
+        assert_eq!(
+            ParquetSplit::of_file("data/train-00000-of-00001.parquet"),
+            ParquetSplit::Train
+        );
+        assert_eq!(
+            ParquetSplit::of_file("data/test-00000-of-00001.parquet"),
+            ParquetSplit::Test
+        );
+        assert_eq!(
+            ParquetSplit::of_file("default/test/0000.parquet"),
+            ParquetSplit::Test
+        );
+        assert_eq!(
+            ParquetSplit::of_file("data/validation-0.parquet"),
+            ParquetSplit::Train
+        );
+        assert_eq!(
+            ParquetSplit::of_file("data/pred-0.parquet"),
+            ParquetSplit::Pred
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! The Kaggle archive (`seg_train/seg_train/<class>/…`, `seg_test/seg_test/<class>/…`,
+//! `seg_pred/seg_pred/…`) or any zip in that layout.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use zip::ZipArchive;
+
+use crate::error::{DataError, Result};
+use crate::import::{Importer, RawImage};
+use crate::layout::{place, Placement, Role};
+use crate::source::MAX_FILE_BYTES;
+
+/// What a zip holds, from its central directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZipSummary {
+    pub entries: usize,
+    pub train: usize,
+    pub test: usize,
+    pub pred: usize,
+}
+
+fn open(path: &Path) -> Result<ZipArchive<File>> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    ZipArchive::new(file).map_err(|e| DataError::Zip {
+        path: path.to_path_buf(),
+        message: format!("{e} (truncated or not a zip; delete it and fetch again)"),
+    })
+}
+
+/// Checks that `path` is a readable zip (its central directory, which sits at the end, so
+/// a truncated download fails here) holding training images in the expected layout.
+pub fn verify_zip(path: &Path) -> Result<ZipSummary> {
+    let archive = open(path)?;
+    let mut summary = ZipSummary {
+        entries: archive.len(),
+        ..ZipSummary::default()
+    };
+    for name in archive.file_names() {
+        if let Placement::Image { role, .. } = place(name) {
+            match role {
+                Role::Train(_) => summary.train += 1,
+                Role::Test(_) => summary.test += 1,
+                Role::Pred => summary.pred += 1,
+            }
+        }
+    }
+    if summary.train == 0 {
+        return Err(DataError::Zip {
+            path: path.to_path_buf(),
+            message: format!(
+                "no seg_train/<class>/<image> entries among its {} entries; is it the Intel \
+                 Image Classification archive?",
+                summary.entries
+            ),
+        });
+    }
+    Ok(summary)
+}
+
+/// Imports every image entry; unreadable entries (bad CRC, truncated data) are skipped.
+pub fn import_zip(path: &Path, importer: &mut Importer) -> Result<ZipSummary> {
+    let summary = verify_zip(path)?;
+    let mut archive = open(path)?;
+    for i in 0..archive.len() {
+        let mut entry = match archive.by_index(i) {
+            Ok(entry) => entry,
+            Err(e) => {
+                importer.skip(format!("{}#{i}", path.display()), e.to_string())?;
+                continue;
+            }
+        };
+        if entry.is_dir() {
+            continue;
+        }
+        let name = entry.name().to_string();
+        let (role, file_name) = match place(&name) {
+            Placement::Ignore => continue,
+            Placement::Unplaced(reason) => {
+                importer.skip(name, reason)?;
+                continue;
+            }
+            Placement::Image { role, name } => (role, name),
+        };
+        if entry.size() > MAX_FILE_BYTES {
+            importer.skip(
+                name,
+                format!("entry of {} bytes is too large", entry.size()),
+            )?;
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // Reading to the end checks the entry's CRC.
+        if let Err(e) = entry.read_to_end(&mut bytes) {
+            importer.skip(name, format!("unreadable zip entry: {e}"))?;
+            continue;
+        }
+        importer.add(RawImage {
+            source_path: name,
+            role,
+            name: file_name,
+            bytes,
+        })?;
+    }
+    Ok(summary)
+}

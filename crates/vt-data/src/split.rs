@@ -1,0 +1,90 @@
+//! Deterministic, stratified train/validation split.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{DataError, Result};
+use crate::rng::{derive_seed, hash_str, TAG_SPLIT};
+
+/// Checks that a validation fraction is usable.
+pub fn check_fraction(val_fraction: f64) -> Result<()> {
+    if (0.0..1.0).contains(&val_fraction) {
+        Ok(())
+    } else {
+        Err(DataError::Invalid(format!(
+            "validation fraction must be in [0, 1), got {val_fraction}"
+        )))
+    }
+}
+
+/// How many of `n` images of a class go to validation: `round(n * fraction)`, but always
+/// leaving at least one for training.
+pub fn val_count(n: usize, val_fraction: f64) -> usize {
+    let k = (n as f64 * val_fraction).round() as usize;
+    k.min(n.saturating_sub(1))
+}
+
+/// Splits one class's file names into (train, val). The names are sorted first and the
+/// shuffle is seeded by (seed, class name), so the result depends on neither the order the
+/// source listed them in nor the other classes.
+pub fn split_class(
+    class: &str,
+    mut names: Vec<String>,
+    val_fraction: f64,
+    seed: u64,
+) -> (Vec<String>, Vec<String>) {
+    names.sort();
+    let k = val_count(names.len(), val_fraction);
+    let mut rng = StdRng::seed_from_u64(derive_seed(&[TAG_SPLIT, seed, hash_str(class)]));
+    names.shuffle(&mut rng);
+    let train = names.split_off(k);
+    let (mut train, mut val) = (train, names);
+    train.sort();
+    val.sort();
+    (train, val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{i:04}.jpg")).collect()
+    }
+
+    #[test]
+    fn counts_round_and_keep_one_for_training() {
+        assert_eq!(val_count(600, 0.1), 60);
+        assert_eq!(val_count(2191, 0.1), 219);
+        assert_eq!(val_count(5, 0.1), 1);
+        assert_eq!(val_count(1, 0.5), 0);
+        assert_eq!(val_count(0, 0.1), 0);
+        assert_eq!(val_count(10, 0.0), 0);
+    }
+
+    #[test]
+    fn split_is_a_partition_independent_of_input_order() {
+        let (train, val) = split_class("forest", names(100), 0.2, 7);
+        assert_eq!((train.len(), val.len()), (80, 20));
+        let mut all: Vec<String> = train.iter().chain(&val).cloned().collect();
+        all.sort();
+        assert_eq!(all, names(100));
+        let mut reversed = names(100);
+        reversed.reverse();
+        assert_eq!(
+            split_class("forest", reversed, 0.2, 7),
+            (train.clone(), val.clone())
+        );
+        assert_ne!(split_class("forest", names(100), 0.2, 8).1, val);
+        assert_ne!(split_class("sea", names(100), 0.2, 7).1, val);
+    }
+
+    #[test]
+    fn bad_fractions_are_refused() {
+        assert!(check_fraction(0.1).is_ok());
+        assert!(check_fraction(1.0).is_err());
+        assert!(check_fraction(-0.1).is_err());
+        assert!(check_fraction(f64::NAN).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Pixel transforms shared by training, evaluation and serving.
+//!
+//! Evaluation follows the model contract: resize so that the shorter side is
+//! `round(image_size * 256 / 224)` with an antialiased bilinear (triangle) filter as PIL
+//! uses, centre-crop `image_size`, scale to [0, 1] and normalise per channel.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+
+use crate::error::{DataError, Result};
+
+/// Per-channel normalisation, in the order R, G, B.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// ImageNet statistics, the contract's default.
+    pub const IMAGENET: Normalize = Normalize {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+
+    /// Writes `img` into `out` as planar CHW floats, normalised.
+    pub fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
+        let plane = (img.width() * img.height()) as usize;
+        debug_assert_eq!(out.len(), 3 * plane);
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = f32::from(px[c]) * scale[c] + shift[c];
+            }
+        }
+    }
+}
+
+/// A source rectangle in pixel coordinates (may be fractional).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropBox {
+    pub left: f64,
+    pub top: f64,
+    pub width: f64,
+    pub height: f64,
+}
+
+/// Resizes the `crop` region of `img` to `width` x `height` with the antialiased bilinear
+/// (triangle) filter that PIL's `BILINEAR` uses.
+pub fn resize_region(
+    resizer: &mut Resizer,
+    img: &RgbImage,
+    crop: CropBox,
+    width: u32,
+    height: u32,
+) -> Result<RgbImage> {
+    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3)
+        .map_err(|e| DataError::Resize(e.to_string()))?;
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(crop.left, crop.top, crop.width, crop.height);
+    resizer
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| DataError::Resize(e.to_string()))?;
+    RgbImage::from_raw(width, height, dst.into_vec())
+        .ok_or_else(|| DataError::Resize("resized buffer has the wrong size".into()))
+}
+
+/// The contract's evaluation geometry: the resized size and the centre crop's offset.
+pub fn eval_geometry(width: u32, height: u32, image_size: u32) -> ((u32, u32), (u32, u32)) {
+    let short_target = (f64::from(image_size) * 256.0 / 224.0).round() as u32;
+    let (short, long) = (width.min(height), width.max(height));
+    let long_target = (u64::from(long) * u64::from(short_target) / u64::from(short)) as u32;
+    let (w, h) = if width <= height {
+        (short_target, long_target)
+    } else {
+        (long_target, short_target)
+    };
+    let left = (w.saturating_sub(image_size)) / 2;
+    let top = (h.saturating_sub(image_size)) / 2;
+    ((w, h), (left, top))
+}
+
+/// Evaluation and serving preprocessing: returns `3 * image_size^2` floats, CHW.
+pub fn eval_chw(
+    resizer: &mut Resizer,
+    img: &RgbImage,
+    image_size: u32,
+    norm: &Normalize,
+) -> Result<Vec<f32>> {
+    if img.width() == 0 || img.height() == 0 {
+        return Err(DataError::Invalid("image has no pixels".into()));
+    }
+    let ((w, h), (left, top)) = eval_geometry(img.width(), img.height(), image_size);
+    let full = CropBox {
+        left: 0.0,
+        top: 0.0,
+        width: f64::from(img.width()),
+        height: f64::from(img.height()),
+    };
+    let resized = resize_region(resizer, img, full, w, h)?;
+    let cropped = image::imageops::crop_imm(&resized, left, top, image_size, image_size).to_image();
+    let mut out = vec![0.0; 3 * (image_size * image_size) as usize];
+    norm.write_chw(&cropped, &mut out);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_geometry_follows_the_contract() {
+        // 150 px photos at image size 224: shorter side round(256) = 256, crop at 16.
+        assert_eq!(eval_geometry(150, 150, 224), ((256, 256), (16, 16)));
+        // 500x374 at image size 150: S = round(171.43) = 171, long = floor(500*171/374) = 228.
+        assert_eq!(eval_geometry(500, 374, 150), ((228, 171), (39, 10)));
+        assert_eq!(eval_geometry(374, 500, 150), ((171, 228), (10, 39)));
+    }
+
+    #[test]
+    fn normalised_planes_are_channel_major() {
+        let img = RgbImage::from_fn(2, 1, |x, _| image::Rgb([255 * x as u8, 0, 255]));
+        let norm = Normalize {
+            mean: [0.5, 0.0, 0.0],
+            std: [0.5, 1.0, 1.0],
+        };
+        let mut out = vec![0.0; 6];
+        norm.write_chw(&img, &mut out);
+        assert_eq!(out, vec![-1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_uniform_image_stays_uniform_after_eval_preprocessing() {
+        let img = RgbImage::from_pixel(300, 200, image::Rgb([10, 128, 250]));
+        let out = eval_chw(&mut Resizer::new(), &img, 32, &Normalize::IMAGENET).unwrap();
+        assert_eq!(out.len(), 3 * 32 * 32);
+        let expected = (128.0 / 255.0 - 0.456) / 0.224;
+        assert!(out[1024..2048].iter().all(|v| (v - expected).abs() < 1e-5));
+    }
+}

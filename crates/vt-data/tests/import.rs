@@ -1,0 +1,291 @@
+//! Importing local sources: folders, zips, synthetic data, the real sample.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use image::{GrayImage, ImageFormat, Luma};
+use vt_data::dataset::{pred_files, ImageFolder, Manifest, Split};
+use vt_data::fetch::{fetch, FetchOptions, FetchSource};
+use vt_data::source::synthetic::SyntheticConfig;
+
+fn from_path(data_dir: &Path, source: &Path) -> FetchOptions {
+    FetchOptions::new(data_dir, FetchSource::Path(source.to_path_buf()))
+}
+
+/// A Kaggle-style folder (with the doubled names) holding the awkward cases.
+fn awkward_folder(root: &Path) {
+    for (class, n) in [("buildings", 10), ("forest", 20)] {
+        for i in 0..n {
+            write(
+                &root.join(format!("seg_train/seg_train/{class}/{i}.jpg")),
+                &jpeg(i),
+            );
+        }
+        write(
+            &root.join(format!("seg_test/seg_test/{class}/t{class}.jpg")),
+            &jpeg(99),
+        );
+    }
+    let good = jpeg(5);
+    write(
+        &root.join("seg_train/seg_train/forest/corrupt.jpg"),
+        b"\xff\xd8\xff\xe0 garbage",
+    );
+    write(&root.join("seg_train/seg_train/forest/empty.jpg"), b"");
+    write(
+        &root.join("seg_train/seg_train/forest/truncated.jpg"),
+        &good[..good.len() / 3],
+    );
+    write(&root.join("seg_train/seg_train/forest/.DS_Store"), b"junk");
+    write(&root.join("seg_train/seg_train/stray.jpg"), &jpeg(1));
+    write(&root.join("README.txt"), b"not an image");
+    for name in ["grey.jpg", "palette.png", "rgba.png", "cmyk.jpg"] {
+        let bytes = fs::read(fixtures().join(name)).unwrap();
+        write(
+            &root.join(format!("seg_train/seg_train/buildings/{name}")),
+            &bytes,
+        );
+    }
+    let png = encode(
+        GrayImage::from_pixel(30, 20, Luma([77])).into(),
+        ImageFormat::Png,
+    );
+    write(&root.join("seg_pred/seg_pred/7606.jpg"), &png);
+    write(&root.join("seg_pred/seg_pred/1.jpg"), &jpeg(3));
+}
+
+#[test]
+fn a_folder_with_awkward_files_imports_and_reports_skips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    awkward_folder(&src);
+    let data = tmp.path().join("data");
+    let m = fetch(&from_path(&data, &src)).unwrap();
+
+    assert_eq!(m.source, "folder");
+    assert_eq!(m.classes, ["buildings", "forest"]);
+    // 10 + 4 colour-type variants in buildings, 20 in forest; 10% each to val.
+    assert_eq!(m.splits.train["buildings"] + m.splits.val["buildings"], 14);
+    assert_eq!(m.splits.val["buildings"], 1);
+    assert_eq!(m.splits.val["forest"], 2);
+    assert_eq!(m.splits.train["forest"], 18);
+    assert_eq!(m.splits.test["forest"], 1);
+    assert_eq!(m.splits.pred, 2);
+    let mut skipped: Vec<&str> = m.skipped.iter().map(|s| s.path.as_str()).collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "seg_train/seg_train/forest/corrupt.jpg",
+            "seg_train/seg_train/forest/empty.jpg",
+            "seg_train/seg_train/forest/truncated.jpg",
+            "seg_train/seg_train/stray.jpg",
+        ]
+    );
+    assert!(m.skipped.iter().all(|s| !s.reason.is_empty()));
+    assert_eq!(Manifest::read(&data).unwrap(), m);
+
+    // The PNG named .jpg keeps its bytes and gets its real extension.
+    assert!(data.join("pred/7606.png").is_file());
+    let preds = pred_files(&data).unwrap();
+    assert_eq!(preds.len(), 2);
+    // The colour-type variants survive as they were.
+    let all = tree(&data);
+    for name in ["grey.jpg", "palette.png", "rgba.png", "cmyk.jpg"] {
+        let hits: Vec<&String> = all
+            .iter()
+            .filter(|p| p.ends_with(&format!("/{name}")))
+            .collect();
+        assert_eq!(hits.len(), 1, "{name} in {all:?}");
+        assert_eq!(
+            fs::read(data.join(hits[0])).unwrap(),
+            fs::read(fixtures().join(name)).unwrap()
+        );
+    }
+    // ImageFolder sees the same counts with manifest labels.
+    for split in Split::ALL {
+        let folder = ImageFolder::open(&data, split).unwrap();
+        assert_eq!(folder.classes, m.classes);
+        assert_eq!(folder.len(), m.count(split), "{split}");
+        for (path, label) in &folder.samples {
+            assert!(path.starts_with(data.join(split.dir_name()).join(&m.classes[*label])));
+        }
+    }
+}
+
+#[test]
+fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    awkward_folder(&src);
+    let data = tmp.path().join("data");
+    let first = fetch(&from_path(&data, &src)).unwrap();
+    let files = tree(&data);
+    let second = fetch(&from_path(&data, &src)).unwrap();
+    assert_eq!(first, second);
+    assert_eq!(tree(&data), files);
+    let siblings: Vec<String> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(siblings.len(), 2, "{siblings:?}");
+
+    // A different seed moves validation images but keeps the total.
+    let mut opts = from_path(&data, &src);
+    opts.seed = 1234;
+    let third = fetch(&opts).unwrap();
+    assert_eq!(third.seed, 1234);
+    assert_eq!(tree(&data).len(), files.len());
+    assert_eq!(third.count(Split::Val), first.count(Split::Val));
+}
+
+#[test]
+fn a_failed_import_keeps_the_previous_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    awkward_folder(&src);
+    let data = tmp.path().join("data");
+    let before = fetch(&from_path(&data, &src)).unwrap();
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(empty.join("seg_pred")).unwrap();
+    let err = fetch(&from_path(&data, &empty)).unwrap_err().to_string();
+    assert!(err.contains("no usable training images"), "{err}");
+    assert_eq!(Manifest::read(&data).unwrap(), before);
+    assert!(!tmp.path().join(".data.incoming").exists());
+    let missing = fetch(&from_path(&data, &tmp.path().join("nope"))).unwrap_err();
+    assert!(missing.to_string().contains("no such file"), "{missing}");
+}
+
+#[test]
+fn the_source_may_not_live_inside_the_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("manifest.json"), "{}").unwrap();
+    awkward_folder(&data.join("raw"));
+    let err = fetch(&from_path(&data, &data.join("raw"))).unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+}
+
+#[test]
+fn a_kaggle_zip_imports_like_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = tmp.path().join("archive.zip");
+    let mut bytes = kaggle_zip(&["glacier", "sea"], 10, 3, 4);
+    fs::write(&zip, &bytes).unwrap();
+    let data = tmp.path().join("data");
+    let m = fetch(&from_path(&data, &zip)).unwrap();
+    assert_eq!(m.source, "zip");
+    assert_eq!(m.classes, ["glacier", "sea"]);
+    assert_eq!(
+        (
+            m.splits.train["sea"],
+            m.splits.val["sea"],
+            m.splits.test["sea"]
+        ),
+        (9, 1, 3)
+    );
+    assert_eq!(m.splits.pred, 4);
+    assert!(m.skipped.is_empty());
+
+    // A truncated archive is refused before anything is touched.
+    bytes.truncate(bytes.len() - 100);
+    fs::write(&zip, &bytes).unwrap();
+    let err = fetch(&from_path(&data, &zip)).unwrap_err().to_string();
+    assert!(err.contains("not a usable zip"), "{err}");
+    assert_eq!(Manifest::read(&data).unwrap(), m);
+}
+
+#[test]
+fn a_zip_without_training_images_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = tmp.path().join("other.zip");
+    fs::write(&zip, zip_bytes(&[("photos/cat.jpg".into(), jpeg(1))])).unwrap();
+    let err = fetch(&from_path(&tmp.path().join("data"), &zip)).unwrap_err();
+    assert!(err.to_string().contains("seg_train"), "{err}");
+    assert!(!tmp.path().join("data").exists());
+}
+
+#[test]
+fn synthetic_data_is_deterministic_and_labelled_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SyntheticConfig {
+        train_per_class: 10,
+        test_per_class: 2,
+        pred: 3,
+        image_size: 32,
+        seed: 5,
+    };
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let ma = fetch(&FetchOptions::new(&a, FetchSource::Synthetic(cfg.clone()))).unwrap();
+    let mb = fetch(&FetchOptions::new(&b, FetchSource::Synthetic(cfg))).unwrap();
+    assert_eq!(ma, mb);
+    assert_eq!(ma.source, "synthetic");
+    assert_eq!(ma.classes.len(), 6);
+    assert_eq!(ma.count(Split::Train) + ma.count(Split::Val), 60);
+    assert_eq!(ma.count(Split::Val), 6);
+    assert_eq!(ma.count(Split::Test), 12);
+    assert_eq!(ma.splits.pred, 3);
+    let files = tree(&a);
+    assert_eq!(files, tree(&b));
+    for f in files.iter().filter(|f| f.ends_with(".jpg")) {
+        assert!(
+            f.rsplit('/').next().unwrap().starts_with("synthetic-"),
+            "{f}"
+        );
+        assert_eq!(fs::read(a.join(f)).unwrap(), fs::read(b.join(f)).unwrap());
+    }
+}
+
+#[test]
+fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_splits() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("train/zebra/1.jpg"), &jpeg(1));
+    write(&tmp.path().join("train/ant/1.jpg"), &jpeg(2));
+    write(&tmp.path().join("train/ant/0.jpg"), &jpeg(3));
+    let folder = ImageFolder::open(tmp.path(), Split::Train).unwrap();
+    assert_eq!(folder.classes, ["ant", "zebra"]);
+    let labels: Vec<usize> = folder.samples.iter().map(|s| s.1).collect();
+    assert_eq!(labels, [0, 0, 1]);
+    assert!(folder.samples[0].0.ends_with("ant/0.jpg"));
+    let err = ImageFolder::open(tmp.path(), Split::Val)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cargo xtask fetch-data"), "{err}");
+    assert!(Manifest::read(tmp.path())
+        .unwrap_err()
+        .to_string()
+        .contains("cargo xtask fetch-data"));
+}
+
+#[test]
+fn the_real_intel_sample_imports() {
+    let Some(sample) = intel_sample() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("intel");
+    let m = fetch(&from_path(&data, &sample)).unwrap();
+    assert_eq!(
+        m.classes,
+        [
+            "buildings",
+            "forest",
+            "glacier",
+            "mountain",
+            "sea",
+            "street"
+        ]
+    );
+    for class in &m.classes {
+        assert_eq!(m.splits.train[class] + m.splits.val[class], 600, "{class}");
+        assert_eq!(m.splits.val[class], 60, "{class}");
+        assert_eq!(m.splits.test[class], 0, "{class}");
+    }
+    assert_eq!(m.splits.pred, 100);
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    assert!(data.join("pred/7606.png").is_file());
+    assert_eq!(ImageFolder::open(&data, Split::Test).unwrap().len(), 0);
+}

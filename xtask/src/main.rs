@@ -1,0 +1,41 @@
+//! Project tasks: `cargo xtask <command>`. Each command lives in its own module.
+
+use clap::{Parser, Subcommand};
+
+mod bench_data;
+mod fetch_data;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks for vt")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download or import the Intel Image Classification data set into train/val/test/pred.
+    FetchData(fetch_data::Args),
+    /// Throughput measurements.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Loader throughput (decode + augment + batch) on a folder of images.
+    Data(bench_data::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::FetchData(args) => fetch_data::run(args),
+        Command::Bench(Bench::Data(args)) => bench_data::run(args),
+    }
+}
