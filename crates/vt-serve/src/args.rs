@@ -1,0 +1,56 @@
+//! The server's command-line options.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Checkpoint folder (config.json + model.safetensors).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the bound address is printed on startup).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Most images per forward pass.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_batch: u32,
+    /// How long the first image of a batch waits for others to join it, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub max_delay_ms: u64,
+    /// Most images admitted at once (decoding, queued or running); past it requests get 503
+    /// with Retry-After at once. Also the most files one request may carry.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue: u32,
+    /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
+    /// the answer is 504.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// Largest request body (and fetched URL) in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+    /// Largest image in pixels (width x height), checked from the header before decoding;
+    /// larger ones get 413.
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+    /// Hosts (comma-separated, `host` or `host:port`) that `{"url": ...}` inputs may be
+    /// fetched from. Without it URL inputs are refused.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_url_fetch: Vec<String>,
+    /// CPU threads for the model and for image decoding (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+}
+
+impl ServeArgs {
+    pub fn threads(&self) -> usize {
+        self.threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n as usize,
+        )
+    }
+}

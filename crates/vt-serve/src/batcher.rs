@@ -1,0 +1,127 @@
+//! Dynamic batching: preprocessed images wait in a bounded queue; one dedicated thread owns
+//! the model, takes up to `max_batch` of them within `max_delay` of the first, runs them in
+//! one forward pass and answers each caller on its own channel.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::classifier::{Classifier, Prediction};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    pub queue: usize,
+}
+
+/// The answer to one image: its scores, or why the forward pass failed.
+pub type Answer = Result<Prediction, String>;
+
+struct Job {
+    input: Vec<f32>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The sending side; the model thread ends once every handle is dropped and the queue
+/// is empty, so in-flight requests are always answered.
+pub struct Batcher {
+    jobs: Sender<Job>,
+}
+
+impl Batcher {
+    pub fn spawn(
+        classifier: Classifier,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Batcher> {
+        let (jobs, queue) = crossbeam_channel::bounded(config.queue.max(1));
+        thread::Builder::new()
+            .name("vt-serve-model".into())
+            .spawn(move || run(&classifier, &queue, config, &metrics))?;
+        Ok(Batcher { jobs })
+    }
+
+    /// Queues one preprocessed image; never waits. The answer arrives on the receiver.
+    pub fn submit(
+        &self,
+        input: Vec<f32>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Answer>, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(answer),
+            Err(TrySendError::Full(_)) => Err(ApiError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(ApiError::NotReady("the model thread has stopped".into()))
+            }
+        }
+    }
+}
+
+fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metrics: &Metrics) {
+    while let Ok(first) = queue.recv() {
+        let close = first.enqueued + config.max_delay;
+        let mut batch = vec![first];
+        while batch.len() < config.max_batch {
+            match queue.recv_deadline(close) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // Callers past their deadline have already been answered 504: skip their work.
+        let now = Instant::now();
+        batch.retain(|job| job.deadline > now && !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let (inputs, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|job| (job.input, job.reply)).unzip();
+        metrics.batch_size.observe(inputs.len() as f64);
+        let started = Instant::now();
+        // A panic inside the model must not take the server down with it.
+        let outcome = catch_unwind(AssertUnwindSafe(|| classifier.predict(&inputs)));
+        metrics
+            .inference_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(predictions)) if predictions.len() == replies.len() => {
+                for (reply, prediction) in replies.into_iter().zip(predictions) {
+                    // The caller may have given up meanwhile; nothing to do then.
+                    let _ = reply.send(Ok(prediction));
+                }
+            }
+            Ok(Ok(predictions)) => fail_all(
+                replies,
+                &format!(
+                    "the model returned {} results for {} images",
+                    predictions.len(),
+                    inputs.len()
+                ),
+            ),
+            Ok(Err(e)) => fail_all(replies, &e.to_string()),
+            Err(_) => fail_all(replies, "the model panicked"),
+        }
+    }
+}
+
+fn fail_all(replies: Vec<oneshot::Sender<Answer>>, message: &str) {
+    tracing::error!(message, "batch failed");
+    for reply in replies {
+        let _ = reply.send(Err(message.to_owned()));
+    }
+}

@@ -1,0 +1,140 @@
+//! A loaded checkpoint that turns image bytes into class scores: the part shared by the
+//! offline `predict` command and the HTTP server.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor, D};
+use fast_image_resize::Resizer;
+use serde::Serialize;
+use vt_data::decode::decode_rgb_limited;
+use vt_data::transform::{eval_chw, Normalize};
+use vt_model::{Model, VtConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    #[error(transparent)]
+    Image(#[from] vt_data::DataError),
+    #[error("inference failed: {0}")]
+    Inference(#[from] candle_core::Error),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Label {
+    pub label: String,
+    pub score: f32,
+}
+
+/// The scores of one image.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Prediction {
+    pub logits: Vec<f32>,
+    /// Softmax probabilities.
+    pub probs: Vec<f32>,
+}
+
+impl Prediction {
+    /// The `k` most probable classes, best first.
+    pub fn top(&self, class_names: &[String], k: usize) -> Vec<Label> {
+        let mut order: Vec<usize> = (0..self.probs.len()).collect();
+        order.sort_by(|&a, &b| self.probs[b].total_cmp(&self.probs[a]));
+        order
+            .into_iter()
+            .take(k)
+            .map(|i| Label {
+                label: class_names.get(i).cloned().unwrap_or_else(|| i.to_string()),
+                score: self.probs[i],
+            })
+            .collect()
+    }
+}
+
+/// The contract's evaluation preprocessing, separate from the model so that request
+/// handlers can decode and resize on their own threads while the model runs elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocessor {
+    pub image_size: u32,
+    pub norm: Normalize,
+}
+
+impl Preprocessor {
+    pub fn new(config: &VtConfig) -> Preprocessor {
+        Preprocessor {
+            image_size: config.image_size as u32,
+            norm: Normalize {
+                mean: config.mean,
+                std: config.std,
+            },
+        }
+    }
+
+    /// Decodes (format sniffed from the bytes, images over `max_pixels` refused before
+    /// decoding) and returns 3 x S x S normalised floats.
+    pub fn run(
+        &self,
+        resizer: &mut Resizer,
+        bytes: &[u8],
+        max_pixels: u64,
+    ) -> Result<Vec<f32>, ClassifyError> {
+        let img = decode_rgb_limited(bytes, max_pixels)?;
+        Ok(eval_chw(resizer, &img, self.image_size, &self.norm)?)
+    }
+}
+
+pub struct Classifier {
+    model: Model,
+    preprocessor: Preprocessor,
+}
+
+impl Classifier {
+    pub fn load(checkpoint: &Path, device: &Device) -> vt_model::Result<Classifier> {
+        let model = Model::load(checkpoint, device)?;
+        let preprocessor = Preprocessor::new(&model.config);
+        Ok(Classifier {
+            model,
+            preprocessor,
+        })
+    }
+
+    pub fn config(&self) -> &VtConfig {
+        &self.model.config
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn preprocessor(&self) -> Preprocessor {
+        self.preprocessor
+    }
+
+    /// Decodes (format sniffed from the bytes) and applies the contract's evaluation
+    /// preprocessing: 3 x S x S normalised floats.
+    pub fn preprocess(
+        &self,
+        resizer: &mut Resizer,
+        bytes: &[u8],
+        max_pixels: u64,
+    ) -> Result<Vec<f32>, ClassifyError> {
+        self.preprocessor.run(resizer, bytes, max_pixels)
+    }
+
+    /// Runs one batch of preprocessed images in evaluation mode.
+    pub fn predict(&self, images: &[Vec<f32>]) -> Result<Vec<Prediction>, ClassifyError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = self.model.config.image_size;
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let batch = Tensor::from_vec(flat, (images.len(), 3, s, s), &Device::Cpu)?
+            .to_device(&self.model.device)?;
+        let logits = self.model.forward_t(&batch, false)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let logits = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        Ok(logits
+            .into_iter()
+            .zip(probs)
+            .map(|(logits, probs)| Prediction { logits, probs })
+            .collect())
+    }
+}

@@ -1,0 +1,147 @@
+//! The one error type of the HTTP API: every failure becomes a status code and a JSON body
+//! `{"error": CODE, "detail": MESSAGE}`, where CODE is a stable machine-readable word.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use vt_data::DataError;
+
+use crate::classifier::ClassifyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidImage(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("{0}")]
+    UrlFetchRefused(String),
+    #[error("{0}")]
+    UrlFetchFailed(String),
+    #[error("the request queue is full; retry shortly")]
+    Overloaded,
+    #[error("the server is not ready: {0}")]
+    NotReady(String),
+    #[error("the request was not answered within {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    detail: String,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidImage(_) | ApiError::UrlFetchRefused(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::UrlFetchFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Overloaded | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable word in the `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::UrlFetchRefused(_) => "url_fetch_refused",
+            ApiError::UrlFetchFailed(_) => "url_fetch_failed",
+            ApiError::Overloaded => "overloaded",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Timeout { .. } => "timeout",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// Prefixes the detail with the multipart file it concerns.
+    pub fn for_file(self, filename: Option<&str>) -> ApiError {
+        let Some(name) = filename else { return self };
+        let detail = format!("{name}: {self}");
+        match self {
+            ApiError::BadRequest(_) => ApiError::BadRequest(detail),
+            ApiError::InvalidImage(_) => ApiError::InvalidImage(detail),
+            ApiError::UnsupportedMediaType(_) => ApiError::UnsupportedMediaType(detail),
+            ApiError::ImageTooLarge(_) => ApiError::ImageTooLarge(detail),
+            other => other,
+        }
+    }
+
+    /// Maps a failure to decode or run one image, given the bytes it came from (to tell a
+    /// known but unsupported format from data that is no image at all).
+    pub fn from_classify(error: ClassifyError, bytes: &[u8]) -> ApiError {
+        match error {
+            ClassifyError::Image(DataError::EmptyImage) => {
+                ApiError::InvalidImage("the image is empty (0 bytes)".into())
+            }
+            ClassifyError::Image(DataError::UnknownFormat) => match image::guess_format(bytes) {
+                Ok(format) => ApiError::UnsupportedMediaType(format!(
+                    "{format:?} images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)"
+                )),
+                Err(_) => ApiError::InvalidImage(
+                    "the data is not an image (supported: JPEG, PNG, WebP, GIF, BMP)".into(),
+                ),
+            },
+            ClassifyError::Image(e @ DataError::TooManyPixels { .. }) => {
+                ApiError::ImageTooLarge(e.to_string())
+            }
+            ClassifyError::Image(DataError::Decode(image::ImageError::Unsupported(e))) => {
+                ApiError::UnsupportedMediaType(format!("unsupported image: {e}"))
+            }
+            ClassifyError::Image(DataError::Decode(image::ImageError::Limits(e))) => {
+                ApiError::ImageTooLarge(format!("image exceeds decoding limits: {e}"))
+            }
+            ClassifyError::Image(e) => ApiError::InvalidImage(e.to_string()),
+            ClassifyError::Inference(e) => ApiError::Internal(format!("inference failed: {e}")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: self.code(),
+            detail: self.to_string(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, ApiError::Overloaded | ApiError::NotReady(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

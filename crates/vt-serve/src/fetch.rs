@@ -1,0 +1,134 @@
+//! `{"url": ...}` inputs: fetched only from the hosts of `--allow-url-fetch`, redirects
+//! included, with the request body's size limit and the request's deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use reqwest::{redirect, Client, Url};
+
+use crate::error::ApiError;
+
+const MAX_REDIRECTS: usize = 5;
+
+pub struct UrlFetcher {
+    client: Client,
+    allowed: Arc<Vec<String>>,
+    max_bytes: u64,
+}
+
+impl UrlFetcher {
+    /// `allowed` holds `host` or `host:port` entries, compared case-insensitively.
+    pub fn new(allowed: &[String], max_bytes: u64) -> reqwest::Result<UrlFetcher> {
+        let allowed: Arc<Vec<String>> = Arc::new(
+            allowed
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        );
+        let policy_allowed = Arc::clone(&allowed);
+        let policy = redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if is_allowed(&policy_allowed, attempt.url()) {
+                attempt.follow()
+            } else {
+                let message = format!("redirect to {} leaves the allowed hosts", attempt.url());
+                attempt.error(message)
+            }
+        });
+        let client = Client::builder().redirect(policy).build()?;
+        Ok(UrlFetcher {
+            client,
+            allowed,
+            max_bytes,
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        !self.allowed.is_empty()
+    }
+
+    pub async fn fetch(&self, url: &str, timeout: Duration) -> Result<Bytes, ApiError> {
+        if !self.is_enabled() {
+            return Err(ApiError::UrlFetchRefused(
+                "URL inputs are disabled; start the server with --allow-url-fetch HOST,... to enable them".into(),
+            ));
+        }
+        let parsed = Url::parse(url)
+            .map_err(|e| ApiError::BadRequest(format!("invalid url `{url}`: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ApiError::UrlFetchRefused(format!(
+                "only http and https URLs can be fetched, not `{}`",
+                parsed.scheme()
+            )));
+        }
+        if !is_allowed(&self.allowed, &parsed) {
+            return Err(ApiError::UrlFetchRefused(format!(
+                "host `{}` is not in --allow-url-fetch",
+                parsed.host_str().unwrap_or_default()
+            )));
+        }
+        let failed = |e: reqwest::Error| ApiError::UrlFetchFailed(format!("fetching {url}: {e}"));
+        let mut response = self
+            .client
+            .get(parsed.clone())
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(failed)?;
+        if !response.status().is_success() {
+            return Err(ApiError::UrlFetchFailed(format!(
+                "fetching {url}: the server answered {}",
+                response.status()
+            )));
+        }
+        let too_large = || ApiError::PayloadTooLarge {
+            limit: self.max_bytes,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.max_bytes)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
+            if (body.len() + chunk.len()) as u64 > self.max_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+}
+
+fn is_allowed(allowed: &[String], url: &Url) -> bool {
+    let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    let with_port = url
+        .port_or_known_default()
+        .map(|port| format!("{host}:{port}"));
+    allowed
+        .iter()
+        .any(|entry| *entry == host || with_port.as_deref() == Some(entry.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_match_with_or_without_port() {
+        let allowed = vec!["images.example".to_owned(), "127.0.0.1:9000".to_owned()];
+        let ok = |u: &str| is_allowed(&allowed, &Url::parse(u).unwrap());
+        assert!(ok("https://IMAGES.example/cat.jpg"));
+        assert!(ok("http://images.example:8080/cat.jpg"));
+        assert!(ok("http://127.0.0.1:9000/a.png"));
+        assert!(!ok("http://127.0.0.1:9001/a.png"));
+        assert!(!ok("http://images.example.evil/cat.jpg"));
+        assert!(!ok("http://evil/images.example"));
+    }
+}

@@ -1,0 +1,178 @@
+//! The route handlers. Response shapes:
+//!
+//! - `POST /predict` and `POST /invocations` (`?top_k=N`, default 3): one image gives
+//!   `{"predictions": [{"label", "score"}...], "model", "elapsed_ms"}`, best first, scores
+//!   being softmax probabilities; a multipart request adds `"filename"`, and with two or more
+//!   files answers `{"results": [one such object per file, in order]}`. If any file fails
+//!   the whole request fails, the error detail naming the file.
+//! - `GET /ping`, `GET /health/ready`: `{"status": "ready"}`, or 503 once shutdown began.
+//! - `GET /health/live`: `{"status": "alive"}`.
+//! - `GET /v1/models`: `{"models": [ModelInfo]}`.
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /`: the demo page.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, Method, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use fast_image_resize::Resizer;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::classifier::{Label, Prediction};
+use crate::error::ApiError;
+use crate::input::{self, ImageInput};
+use crate::state::{AppState, ModelInfo};
+
+const DEFAULT_TOP_K: usize = 3;
+
+#[derive(Deserialize)]
+pub struct PredictQuery {
+    top_k: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct PredictResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filename: Option<String>,
+    predictions: Vec<Label>,
+    model: &'a str,
+    elapsed_ms: f64,
+}
+
+pub async fn predict(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let deadline = started + state.limits.timeout;
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let top_k = query.top_k.unwrap_or(DEFAULT_TOP_K);
+    if top_k == 0 {
+        return Err(ApiError::BadRequest("top_k must be at least 1".into()));
+    }
+    let timeout_ms = state.limits.timeout.as_millis() as u64;
+    tokio::time::timeout_at(
+        deadline.into(),
+        answer(&state, request, deadline, started, top_k),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout { timeout_ms })?
+}
+
+async fn answer(
+    state: &Arc<AppState>,
+    request: Request,
+    deadline: Instant,
+    started: Instant,
+    top_k: usize,
+) -> Result<Response, ApiError> {
+    let inputs = input::read(state, request, deadline).await?;
+    // Held until the answer is written, whatever happens to the request meanwhile.
+    let _admitted = state.admission.try_admit(inputs.images.len())?;
+    let pending: Vec<_> = inputs
+        .images
+        .into_iter()
+        .map(|image| {
+            let state = Arc::clone(state);
+            let filename = image.filename.clone();
+            (
+                filename,
+                tokio::spawn(async move { classify(&state, image, deadline).await }),
+            )
+        })
+        .collect();
+    let mut results = Vec::with_capacity(pending.len());
+    for (filename, task) in pending {
+        let prediction = task
+            .await
+            .map_err(|e| ApiError::Internal(format!("prediction task failed: {e}")))??;
+        results.push(PredictResponse {
+            filename,
+            predictions: prediction.top(&state.model.classes, top_k),
+            model: &state.model.name,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+    Ok(match (inputs.multipart, results.len()) {
+        (true, n) if n > 1 => Json(json!({ "results": results })).into_response(),
+        _ => Json(results.pop()).into_response(),
+    })
+}
+
+/// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
+async fn classify(
+    state: &AppState,
+    image: ImageInput,
+    deadline: Instant,
+) -> Result<Prediction, ApiError> {
+    let ImageInput { filename, bytes } = image;
+    let slot = Arc::clone(&state.decode_slots)
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
+    let preprocessor = state.preprocessor;
+    let max_pixels = state.limits.max_pixels;
+    let input = tokio::task::spawn_blocking(move || {
+        // The slot is released when decoding ends, even if the request gave up meanwhile.
+        let _slot = slot;
+        preprocessor
+            .run(&mut Resizer::new(), &bytes, max_pixels)
+            .map_err(|e| ApiError::from_classify(e, &bytes))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
+    .map_err(|e| e.for_file(filename.as_deref()))?;
+    let answer = state.batcher.submit(input, deadline)?;
+    answer
+        .await
+        .map_err(|_| ApiError::Internal("the model thread dropped the request".into()))?
+        .map_err(|e| ApiError::Internal(format!("inference failed: {e}")))
+}
+
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+pub async fn ready(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.is_accepting() {
+        Ok(Json(json!({ "status": "ready" })))
+    } else {
+        Err(ApiError::NotReady("shutting down".into()))
+    }
+}
+
+pub async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let models: [&ModelInfo; 1] = [&state.model];
+    Json(json!({ "models": models }))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render()
+        .map_err(|e| ApiError::Internal(format!("rendering metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}

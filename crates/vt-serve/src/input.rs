@@ -1,0 +1,191 @@
+//! The images of a prediction request, read from any of the accepted body kinds:
+//! a raw image (`image/*` or `application/octet-stream`), `multipart/form-data` with one or
+//! more file parts, or JSON `{"image": "<base64>"}` / `{"url": "..."}`.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, StatusCode};
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub struct ImageInput {
+    /// The multipart file name, when the image came in one.
+    pub filename: Option<String>,
+    pub bytes: Bytes,
+}
+
+pub struct Inputs {
+    pub images: Vec<ImageInput>,
+    /// Whether the request was multipart, whose answer names each file.
+    pub multipart: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonInput {
+    image: Option<String>,
+    url: Option<String>,
+}
+
+const ACCEPTED: &str = "send a raw image (image/jpeg, image/png, image/webp or application/octet-stream), \
+                        multipart/form-data with file parts, or application/json {\"image\": \"<base64>\"}";
+
+pub async fn read(
+    state: &AppState,
+    request: Request,
+    deadline: Instant,
+) -> Result<Inputs, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    // Refuse a declared oversized body before reading any of it.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mime = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| {
+            v.to_str()
+                .unwrap_or_default()
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|m| !m.is_empty());
+    let single = |bytes: Bytes| Inputs {
+        images: vec![ImageInput {
+            filename: None,
+            bytes,
+        }],
+        multipart: false,
+    };
+    match mime.as_deref() {
+        Some("multipart/form-data") => read_multipart(state, request).await,
+        Some("application/json") => {
+            let body = read_body(request, limit).await?;
+            Ok(single(read_json(state, &body, deadline).await?))
+        }
+        None | Some("application/octet-stream") => Ok(single(read_body(request, limit).await?)),
+        Some(m) if m.starts_with("image/") => Ok(single(read_body(request, limit).await?)),
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "content type `{other}` is not accepted; {ACCEPTED}"
+        ))),
+    }
+}
+
+async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
+    // The router's DefaultBodyLimit bounds what this buffers.
+    Bytes::from_request(request, &())
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::BadRequest(format!(
+                    "cannot read the request body: {}",
+                    rejection.body_text()
+                ))
+            }
+        })
+}
+
+async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let max_files = state.admission.capacity();
+    let mut multipart = Multipart::from_request(request, &()).await.map_err(|r| {
+        ApiError::BadRequest(format!("invalid multipart request: {}", r.body_text()))
+    })?;
+    let field_error = |e: MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
+        }
+    };
+    let mut images = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(field_error)? {
+        // Only file parts are images; plain form fields are ignored.
+        let Some(filename) = field.file_name().map(str::to_owned) else {
+            continue;
+        };
+        if images.len() == max_files {
+            return Err(ApiError::BadRequest(format!(
+                "too many files: at most {max_files} per request (--queue)"
+            )));
+        }
+        let bytes = field.bytes().await.map_err(field_error)?;
+        images.push(ImageInput {
+            filename: Some(filename),
+            bytes,
+        });
+    }
+    if images.is_empty() {
+        return Err(ApiError::BadRequest(
+            "the multipart body has no file part (a part with a filename)".into(),
+        ));
+    }
+    Ok(Inputs {
+        images,
+        multipart: true,
+    })
+}
+
+async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<Bytes, ApiError> {
+    let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
+        ))
+    })?;
+    match (input.image, input.url) {
+        (Some(image), None) => decode_base64(&image),
+        (None, Some(url)) => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            state.fetcher.fetch(&url, remaining).await
+        }
+        _ => Err(ApiError::BadRequest(
+            "the JSON body needs exactly one of \"image\" (base64) or \"url\"".into(),
+        )),
+    }
+}
+
+/// Standard base64, optionally as a data URL (`data:image/png;base64,...`).
+fn decode_base64(text: &str) -> Result<Bytes, ApiError> {
+    let payload = match text.split_once(";base64,") {
+        Some((prefix, data)) if prefix.starts_with("data:") => data,
+        _ => text,
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map(Bytes::from)
+        .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_plain_and_data_url() {
+        assert_eq!(decode_base64("aGk=").unwrap(), Bytes::from_static(b"hi"));
+        assert_eq!(
+            decode_base64("data:image/png;base64,aGk=").unwrap(),
+            Bytes::from_static(b"hi")
+        );
+        assert!(matches!(
+            decode_base64("not base64!"),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+}

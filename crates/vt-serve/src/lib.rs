@@ -1,0 +1,27 @@
+//! Serving VT-ResNet predictions: the offline `predict` command and the HTTP server.
+//!
+//! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
+//! assembles the routes of [`handlers`]; [`input`] reads the images of a request, which
+//! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
+//! [`admission`] control. Every error is an [`ApiError`].
+
+pub mod admission;
+pub mod args;
+pub mod batcher;
+pub mod classifier;
+pub mod error;
+pub mod fetch;
+pub mod handlers;
+pub mod input;
+pub mod metrics;
+pub mod predict;
+pub mod router;
+pub mod server;
+pub mod state;
+
+pub use args::ServeArgs;
+pub use classifier::{Classifier, ClassifyError, Label, Prediction, Preprocessor};
+pub use error::ApiError;
+pub use router::router;
+pub use server::{shutdown_signal, Server};
+pub use state::{AppState, StartError};

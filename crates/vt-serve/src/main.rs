@@ -1,0 +1,70 @@
+//! `vt-serve`: serve a VT-ResNet checkpoint over HTTP, or score images offline.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use vt_serve::predict::{self, PredictArgs};
+use vt_serve::{shutdown_signal, ServeArgs, Server};
+
+/// With no subcommand, serves (the server's flags go at the top level).
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Serve VT-ResNet image classifiers",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve predictions over HTTP (the default).
+    Serve(ServeArgs),
+    /// Score image files offline and print one JSON object per line per image.
+    Predict(PredictArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match (cli.command, cli.serve) {
+        (Some(Command::Predict(args)), _) => predict::run(&args),
+        (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(&args),
+        // clap requires --checkpoint when no subcommand is given.
+        (None, None) => anyhow::bail!("--checkpoint is required to serve"),
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // candle's CPU kernels size their work from this variable and run on rayon's global
+    // pool, which reads it too; set it before any thread starts.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads().to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(args).await?;
+        let addr = server.local_addr()?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on http://{addr}")?;
+        stdout.flush()?;
+        drop(stdout);
+        tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving");
+        server.run(shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}

@@ -1,0 +1,169 @@
+//! Everything the request handlers share, built once at startup.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, DeviceLocation};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use vt_model::checkpoint::WEIGHTS_FILE;
+
+use crate::admission::Admission;
+use crate::args::ServeArgs;
+use crate::batcher::{BatchConfig, Batcher};
+use crate::classifier::{Classifier, Preprocessor};
+use crate::fetch::UrlFetcher;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Device(vt_model::ModelError),
+    #[error("loading checkpoint {path}: {source}")]
+    Checkpoint {
+        path: PathBuf,
+        source: vt_model::ModelError,
+    },
+    #[error("hashing {path}: {source}")]
+    Hash {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setting up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting the model thread: {0}")]
+    Thread(std::io::Error),
+    #[error("building the URL fetch client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What `GET /v1/models` reports about the loaded checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The checkpoint folder's name.
+    pub name: String,
+    pub arch: String,
+    pub classes: Vec<String>,
+    pub image_size: usize,
+    pub parameters: usize,
+    /// SHA-256 of model.safetensors, hex.
+    pub sha256: String,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_pixels: u64,
+    pub timeout: Duration,
+}
+
+pub struct AppState {
+    pub model: ModelInfo,
+    pub limits: Limits,
+    pub preprocessor: Preprocessor,
+    /// Bounds concurrent decoding (and so its memory) to the number of threads.
+    pub decode_slots: Arc<Semaphore>,
+    pub admission: Admission,
+    pub batcher: Batcher,
+    pub fetcher: UrlFetcher,
+    pub metrics: Arc<Metrics>,
+    /// Cleared when shutdown begins, so that readiness probes stop routing traffic here.
+    accepting: AtomicBool,
+}
+
+impl AppState {
+    /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
+    pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
+        let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
+        let classifier = Classifier::load(&args.checkpoint, &device).map_err(|source| {
+            StartError::Checkpoint {
+                path: args.checkpoint.clone(),
+                source,
+            }
+        })?;
+        let config = classifier.config();
+        let model = ModelInfo {
+            name: checkpoint_name(&args.checkpoint),
+            arch: config.arch.to_string(),
+            classes: config.class_names.clone(),
+            image_size: config.image_size,
+            parameters: classifier.model().num_parameters(),
+            sha256: sha256_file(&args.checkpoint.join(WEIGHTS_FILE))?,
+            device: device_name(&device),
+        };
+        let preprocessor = classifier.preprocessor();
+        let metrics = Arc::new(Metrics::new()?);
+        let batch = BatchConfig {
+            max_batch: args.max_batch as usize,
+            max_delay: Duration::from_millis(args.max_delay_ms),
+            queue: args.queue as usize,
+        };
+        let batcher =
+            Batcher::spawn(classifier, batch, Arc::clone(&metrics)).map_err(StartError::Thread)?;
+        Ok(AppState {
+            model,
+            limits: Limits {
+                max_body_bytes: args.max_body_bytes,
+                max_pixels: args.max_pixels,
+                timeout: Duration::from_millis(args.timeout_ms),
+            },
+            preprocessor,
+            decode_slots: Arc::new(Semaphore::new(args.threads())),
+            admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
+            batcher,
+            fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)?,
+            metrics,
+            accepting: AtomicBool::new(true),
+        })
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+}
+
+fn checkpoint_name(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn sha256_file(path: &Path) -> Result<String, StartError> {
+    let hash_error = |source| StartError::Hash {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(hash_error)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(hash_error)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

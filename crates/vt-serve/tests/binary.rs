@@ -1,0 +1,174 @@
+//! The real `vt-serve` binary: startup line, offline `predict` against the server, and a
+//! SIGTERM that drains the request in flight and exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vt-serve");
+
+/// Starts the binary on port 0 and returns it with the base URL it printed.
+fn spawn_server(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    (child, base)
+}
+
+/// Waits (bounded) for the process to exit.
+fn wait_for_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..1200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    panic!("the server did not exit after SIGTERM");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let output = Command::new(BIN).args(args).output().unwrap();
+        assert!(output.status.success());
+        let help = String::from_utf8(output.stdout).unwrap();
+        for flag in [
+            "--checkpoint",
+            "--host",
+            "--port",
+            "--device",
+            "--max-batch",
+            "--max-delay-ms",
+            "--queue",
+            "--timeout-ms",
+            "--max-body-bytes",
+            "--max-pixels",
+            "--allow-url-fetch",
+            "--threads",
+        ] {
+            assert!(help.contains(flag), "{args:?} help lacks {flag}:\n{help}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let images = test_images(3);
+    let files = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = images
+        .iter()
+        .map(|(name, bytes)| {
+            let path = files.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect();
+
+    // The offline command, as a user would run it.
+    let output = Command::new(BIN)
+        .arg("predict")
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let offline: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offline.len(), images.len());
+
+    let checkpoint_arg = checkpoint.to_str().unwrap();
+    let (mut child, base) = spawn_server(&[
+        "--checkpoint",
+        checkpoint_arg,
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--max-delay-ms",
+        "1500",
+    ]);
+    let client = client();
+    let ready = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    let mut form = Form::new();
+    for (name, bytes) in &images {
+        form = form.part(
+            name.clone(),
+            Part::bytes(bytes.clone()).file_name(name.clone()),
+        );
+    }
+    let answer: Value = client
+        .post(format!("{base}/predict?top_k=6"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let results = answer["results"].as_array().unwrap();
+    for (result, line) in results.iter().zip(&offline) {
+        let probs: Vec<f32> = serde_json::from_value(line["probs"].clone()).unwrap();
+        assert!(line["image"]
+            .as_str()
+            .unwrap()
+            .ends_with(result["filename"].as_str().unwrap()));
+        assert_matches_offline(result, &probs, line["image"].as_str().unwrap());
+    }
+
+    // A request waiting for its batch when SIGTERM arrives is still answered.
+    let request = client
+        .post(format!("{base}/predict"))
+        .body(images[0].1.clone())
+        .send();
+    let in_flight = tokio::spawn(request);
+    wait_for_queue_depth(&client, &format!("{base}/metrics"), 1.0).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(scores(&answer).len(), 3, "{answer}");
+    let status = tokio::task::spawn_blocking(move || wait_for_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}

@@ -1,0 +1,239 @@
+//! Shared by the server tests: a tiny checkpoint, test images, and a server started
+//! in-process on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use clap::Parser;
+use fast_image_resize::Resizer;
+use image::{ImageFormat, RgbImage};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vt_model::{Arch, Model, VtConfig};
+use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError};
+
+pub const CLASSES: [&str; 6] = [
+    "buildings",
+    "forest",
+    "glacier",
+    "mountain",
+    "sea",
+    "street",
+];
+
+/// A randomly initialised VT-ResNet18 small enough to run fast on a CPU.
+pub fn tiny_checkpoint() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = VtConfig::new(Arch::VtResNet18, CLASSES.len(), 32);
+    config.class_names = CLASSES.iter().map(|c| c.to_string()).collect();
+    config.tokens = 4;
+    config.token_channels = 32;
+    config.heads = 2;
+    let model = Model::init(config, &Device::Cpu).unwrap();
+    model.save(&dir.path().join("tiny")).unwrap();
+    dir
+}
+
+pub fn checkpoint_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("tiny")
+}
+
+fn intel_sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/intel-sample")
+}
+
+pub fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+/// `count` test images: real photos from the Intel sample (a few of each class) when it is
+/// present, generated ones of varied sizes and formats otherwise.
+pub fn test_images(count: usize) -> Vec<(String, Vec<u8>)> {
+    let train = intel_sample().join("seg_train");
+    if train.is_dir() {
+        let mut photos = Vec::new();
+        for class in CLASSES {
+            let mut files: Vec<_> = std::fs::read_dir(train.join(class))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            photos.extend(files.into_iter().take(count.div_ceil(CLASSES.len())));
+        }
+        photos.truncate(count);
+        return photos
+            .into_iter()
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+    }
+    eprintln!(
+        "note: {} is absent; using generated images instead of real photos",
+        train.display()
+    );
+    (0..count)
+        .map(|i| {
+            let (w, h) = (40 + 7 * i as u32 % 90, 36 + 11 * i as u32 % 70);
+            let img = RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([
+                    (x * 5 + i as u32 * 17) as u8,
+                    (y * 3 + i as u32 * 29) as u8,
+                    ((x ^ y) * 7) as u8,
+                ])
+            });
+            let (format, ext) = if i % 2 == 0 {
+                (ImageFormat::Png, "png")
+            } else {
+                (ImageFormat::Jpeg, "jpg")
+            };
+            (format!("generated-{i}.{ext}"), encode(&img, format))
+        })
+        .collect()
+}
+
+/// What `vt-serve predict` computes for one image: its softmax probabilities.
+pub fn offline_probs(checkpoint: &Path, bytes: &[u8]) -> Vec<f32> {
+    let classifier = Classifier::load(checkpoint, &Device::Cpu).unwrap();
+    let input = classifier
+        .preprocess(&mut Resizer::new(), bytes, u64::MAX)
+        .unwrap();
+    classifier.predict(&[input]).unwrap().remove(0).probs
+}
+
+pub fn parse_args(checkpoint: &Path, extra: &[&str]) -> ServeArgs {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let checkpoint = checkpoint.to_str().unwrap();
+    let mut argv = vec![
+        "vt-serve",
+        "--checkpoint",
+        checkpoint,
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+    ];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).unwrap().serve
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+impl TestServer {
+    pub async fn start(checkpoint: &Path, extra: &[&str]) -> TestServer {
+        let server = Server::bind(&parse_args(checkpoint, extra)).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let state = Arc::clone(server.state());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            base: format!("http://{addr}"),
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Begins graceful shutdown and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// The value of a metric line `NAME{LABELS} VALUE` (or `NAME VALUE`) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Waits (bounded) until `images` are admitted and waiting, read from `/metrics`.
+pub async fn wait_for_queue_depth(client: &reqwest::Client, metrics_url: &str, images: f64) {
+    for _ in 0..600 {
+        let text = client
+            .get(metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&text, "vt_serve_queue_depth") == Some(images) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the queue never held {images} image(s)");
+}
+
+/// Label -> score of a `/predict` answer.
+pub fn scores(answer: &serde_json::Value) -> Vec<(String, f64)> {
+    answer["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["label"].as_str().unwrap().to_owned(),
+                p["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that an answer with every class equals the offline probabilities.
+pub fn assert_matches_offline(answer: &serde_json::Value, offline: &[f32], what: &str) {
+    let scores = scores(answer);
+    assert_eq!(scores.len(), CLASSES.len(), "{what}: {answer}");
+    for (label, score) in scores {
+        let class = CLASSES.iter().position(|c| *c == label).unwrap();
+        let expected = f64::from(offline[class]);
+        assert!(
+            (score - expected).abs() < 1e-5,
+            "{what}: {label} scored {score} by the server, {expected} offline"
+        );
+    }
+}

@@ -1,0 +1,914 @@
+//! The HTTP server, started in-process on 127.0.0.1:0 with a tiny checkpoint.
+
+mod common;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use common::*;
+use image::{ImageFormat, RgbImage};
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    (status, value)
+}
+
+async fn post_raw(
+    client: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    json_of(
+        client
+            .post(url)
+            .header(CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str, what: &str) {
+    assert_eq!(status, expected, "{what}: {body}");
+    assert_eq!(body["error"], code, "{what}: {body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{what}: no detail in {body}"
+    );
+}
+
+/// A PNG whose header declares `width` x `height` but that holds no pixel data.
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = encode(&RgbImage::new(1, 1), ImageFormat::Png);
+    // Signature (8), IHDR length (4) and type (4), then width and height; CRC over type+data.
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_with_its_documented_shape() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let images = test_images(2);
+    let (name, photo) = &images[0];
+
+    let page = client.get(server.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.headers()[CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.text().await.unwrap().contains("fetch(`predict?top_k="));
+
+    for path in ["/ping", "/health/ready"] {
+        let (status, body) = json_of(client.get(server.url(path)).send().await.unwrap()).await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, json!({"status": "ready"})),
+            "{path}"
+        );
+    }
+    let (status, body) =
+        json_of(client.get(server.url("/health/live")).send().await.unwrap()).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "alive"})));
+
+    let (status, models) =
+        json_of(client.get(server.url("/v1/models")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let model = &models["models"][0];
+    let weights = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    let sha: String = Sha256::digest(&weights)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let loaded = vt_model::Model::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(model["sha256"], sha);
+    assert_eq!(model["arch"], "vt-resnet18");
+    assert_eq!(model["name"], "tiny");
+    assert_eq!(model["classes"], json!(CLASSES));
+    assert_eq!(model["image_size"], 32);
+    assert_eq!(model["parameters"], loaded.num_parameters());
+    assert_eq!(model["device"], "cpu");
+
+    // Raw body, default top_k = 3, sorted by score.
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict"),
+        "image/jpeg",
+        photo.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let top = scores(&answer);
+    assert_eq!(top.len(), 3);
+    assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{answer}");
+    assert_eq!(answer["model"], "tiny");
+    assert!(answer["elapsed_ms"].as_f64().unwrap() >= 0.0);
+    assert!(answer.get("filename").is_none());
+
+    // Every class: softmax probabilities equal to the offline command's.
+    let offline = offline_probs(&checkpoint, photo);
+    let all_url = server.url("/predict?top_k=6");
+    let (_, all) = post_raw(&client, &all_url, "application/octet-stream", photo.clone()).await;
+    assert_matches_offline(&all, &offline, "raw body");
+    let total: f64 = scores(&all).iter().map(|(_, s)| s).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{all}");
+
+    // SageMaker's route, a content type left out, and base64 JSON (plain and data URL).
+    let (_, sagemaker) = post_raw(
+        &client,
+        &server.url("/invocations?top_k=6"),
+        "image/png",
+        photo.clone(),
+    )
+    .await;
+    assert_matches_offline(&sagemaker, &offline, "/invocations");
+    let untyped = client
+        .post(&all_url)
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_matches_offline(&json_of(untyped).await.1, &offline, "no content type");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(photo);
+    for image in [b64.clone(), format!("data:image/jpeg;base64,{b64}")] {
+        let response = client
+            .post(&all_url)
+            .json(&json!({ "image": image }))
+            .send()
+            .await
+            .unwrap();
+        let (status, answer) = json_of(response).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_matches_offline(&answer, &offline, "base64 JSON");
+    }
+
+    // Multipart: one file gives the single shape plus its name; several give "results".
+    let part =
+        |(name, bytes): &(String, Vec<u8>)| Part::bytes(bytes.clone()).file_name(name.clone());
+    let one = Form::new()
+        .part("image", part(&images[0]))
+        .text("note", "ignored");
+    let (status, answer) =
+        json_of(client.post(&all_url).multipart(one).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["filename"], name.as_str());
+    assert_matches_offline(&answer, &offline, "multipart, one file");
+    let two = Form::new()
+        .part("a", part(&images[0]))
+        .part("b", part(&images[1]));
+    let (status, answer) =
+        json_of(client.post(&all_url).multipart(two).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (result, (name, bytes)) in results.iter().zip(&images) {
+        assert_eq!(result["filename"], name.as_str());
+        assert_eq!(result["model"], "tiny");
+        assert_matches_offline(result, &offline_probs(&checkpoint, bytes), name);
+    }
+
+    // Unknown routes and methods are JSON errors too.
+    let (status, body) = json_of(client.get(server.url("/nope")).send().await.unwrap()).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "unknown route",
+    );
+    let (status, body) = json_of(client.get(server.url("/predict")).send().await.unwrap()).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "GET /predict",
+    );
+
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap();
+    assert!(metrics.headers()[CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = metrics.text().await.unwrap();
+    let count =
+        |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/predict",status="200"}"#),
+        7.0
+    );
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/invocations",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/predict",status="405"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="unmatched",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"vt_serve_request_duration_seconds_count{route="/predict"}"#),
+        8.0
+    );
+    // Nine images went through the model, in however many batches.
+    assert_eq!(count("vt_serve_batch_size_sum"), 9.0);
+    assert!(count("vt_serve_inference_seconds_count") >= 1.0);
+    assert_eq!(count("vt_serve_queue_depth"), 0.0);
+
+    server.shutdown().await;
+}
+
+/// Sends a chunked body (no Content-Length) over a raw connection: the size limit must hold
+/// while reading. Returns the status code and the JSON body.
+async fn post_chunked(addr: std::net::SocketAddr, chunks: usize, chunk: &[u8]) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/octet-stream\r\n\
+                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..chunks {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        if stream.write_all(&framed).await.is_err() {
+            break; // The server answered and closed early: read what it said.
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let limit = 64 * 1024;
+    let server = TestServer::start(&checkpoint, &["--max-body-bytes", &limit.to_string()]).await;
+    let client = client();
+    let url = server.url("/predict");
+    let photo = test_images(1).remove(0).1;
+    let png = encode(
+        &RgbImage::from_pixel(64, 64, image::Rgb([9, 99, 199])),
+        ImageFormat::Png,
+    );
+
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "over the body limit",
+            "image/png",
+            vec![0; limit + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "30000x30000 PNG",
+            "image/png",
+            png_declaring(30_000, 30_000),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "image_too_large",
+        ),
+        (
+            "garbage",
+            "image/jpeg",
+            b"this is not an image at all".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
+        ),
+        (
+            "empty",
+            "image/jpeg",
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
+        ),
+        (
+            "truncated PNG",
+            "image/png",
+            png[..png.len() / 2].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
+        ),
+        (
+            "TIFF",
+            "application/octet-stream",
+            b"II*\0\x08\0\0\0\0\0\0\0".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "text content type",
+            "text/plain",
+            photo.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "bad base64",
+            "application/json",
+            br#"{"image": "@@@ not base64 @@@"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "base64 of garbage",
+            "application/json",
+            br#"{"image": "aGVsbG8="}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
+        ),
+        (
+            "broken JSON",
+            "application/json",
+            b"{\"image\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "JSON with neither field",
+            "application/json",
+            b"{}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "unknown JSON field",
+            "application/json",
+            br#"{"img": "aGk="}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "multipart without boundary",
+            "multipart/form-data",
+            photo.clone(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (what, content_type, body, status, code) in cases {
+        let (got, answer) = post_raw(&client, &url, content_type, body).await;
+        assert_error(got, &answer, status, code, what);
+    }
+
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict?top_k=0"),
+        "image/jpeg",
+        photo.clone(),
+    )
+    .await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "top_k=0",
+    );
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict?top_k=many"),
+        "image/jpeg",
+        photo.clone(),
+    )
+    .await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "top_k=many",
+    );
+
+    let response = client
+        .post(&url)
+        .json(&json!({"url": "http://127.0.0.1:9/photo.jpg"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = json_of(response).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
+        "url without allow-list",
+    );
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-url-fetch"),
+        "{answer}"
+    );
+
+    let no_files = Form::new().text("note", "no file here");
+    let (status, answer) =
+        json_of(client.post(&url).multipart(no_files).send().await.unwrap()).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "multipart without files",
+    );
+    let with_bad_file = Form::new()
+        .part("a", Part::bytes(photo.clone()).file_name("good.jpg"))
+        .part("b", Part::bytes(b"junk".to_vec()).file_name("bad.jpg"));
+    let (status, answer) = json_of(
+        client
+            .post(&url)
+            .multipart(with_bad_file)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_image",
+        "multipart with a bad file",
+    );
+    assert!(
+        answer["detail"].as_str().unwrap().starts_with("bad.jpg: "),
+        "{answer}"
+    );
+    let too_big = Form::new().part("a", Part::bytes(vec![1; limit + 1]).file_name("big.jpg"));
+    let (status, answer) =
+        json_of(client.post(&url).multipart(too_big).send().await.unwrap()).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "multipart over the limit",
+    );
+
+    let (status, answer) = post_chunked(server.addr, 8, &[7; 16 * 1024]).await;
+    assert_eq!(status, 413, "chunked body over the limit: {answer}");
+    assert_eq!(answer["error"], "payload_too_large");
+
+    // Still healthy, and still right.
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict?top_k=6"),
+        "image/jpeg",
+        photo.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_matches_offline(
+        &answer,
+        &offline_probs(&checkpoint, &photo),
+        "after bad inputs",
+    );
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&text, "vt_serve_queue_depth"), Some(0.0), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_pixel_limit_refuses_a_huge_png_before_decoding() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    let client = client();
+    // 30000 x 30000 x 3 bytes would be 2.7 GB if decoded.
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict"),
+        "image/png",
+        png_declaring(30_000, 30_000),
+    )
+    .await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "image_too_large",
+        "30000x30000 PNG",
+    );
+    assert!(
+        answer["detail"].as_str().unwrap().contains("40000000"),
+        "{answer}"
+    );
+    server.shutdown().await;
+}
+
+/// Serves `/photo.jpg`, a body over the limit at `/big`, and a redirect to another host.
+async fn image_host(photo: Vec<u8>, big: usize) -> std::net::SocketAddr {
+    use axum::response::Redirect;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/photo.jpg", get(move || async move { photo.clone() }))
+        .route("/big", get(move || async move { vec![0u8; big] }))
+        .route(
+            "/elsewhere",
+            get(move || async move {
+                Redirect::temporary(&format!("http://localhost:{}/photo.jpg", addr.port()))
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_inputs_are_fetched_only_from_allowed_hosts() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let photo = test_images(1).remove(0).1;
+    let limit = 64 * 1024;
+    let host = image_host(photo.clone(), limit + 1).await;
+    let server = TestServer::start(
+        &checkpoint,
+        &[
+            "--allow-url-fetch",
+            "127.0.0.1,images.example",
+            "--max-body-bytes",
+            &limit.to_string(),
+        ],
+    )
+    .await;
+    let client = client();
+    let url = server.url("/predict?top_k=6");
+    let ask = |target: String| {
+        let request = client.post(&url).json(&json!({ "url": target }));
+        async move { json_of(request.send().await.unwrap()).await }
+    };
+
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/photo.jpg", host.port())).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_matches_offline(
+        &answer,
+        &offline_probs(&checkpoint, &photo),
+        "fetched photo",
+    );
+
+    let (status, answer) = ask(format!("http://localhost:{}/photo.jpg", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
+        "host not allowed",
+    );
+    let (status, answer) = ask("file:///etc/passwd".into()).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
+        "file URL",
+    );
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/big", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "fetched body too big",
+    );
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/missing", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_GATEWAY,
+        "url_fetch_failed",
+        "404 upstream",
+    );
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/elsewhere", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_GATEWAY,
+        "url_fetch_failed",
+        "redirect off the list",
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_at_once_with_retry_after() {
+    let dir = tiny_checkpoint();
+    // One slot, and a batch that waits long for company: the first request holds the slot.
+    let args = ["--queue", "1", "--max-batch", "8", "--max-delay-ms", "3000"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let photo = test_images(1).remove(0).1;
+    let first = tokio::spawn(post_raw_owned(
+        client.clone(),
+        server.url("/predict"),
+        photo.clone(),
+    ));
+    wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+
+    let refused = client
+        .post(server.url("/predict"))
+        .header(CONTENT_TYPE, "image/jpeg")
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.headers()[RETRY_AFTER], "1");
+    let (status, answer) = json_of(refused).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "second request",
+    );
+
+    let (status, answer) = first.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    server.shutdown().await;
+}
+
+async fn post_raw_owned(
+    client: reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    post_raw(&client, &url, "image/jpeg", body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_504() {
+    let dir = tiny_checkpoint();
+    // The batch waits 2 s for company, far past the 50 ms deadline.
+    let args = [
+        "--timeout-ms",
+        "50",
+        "--max-batch",
+        "8",
+        "--max-delay-ms",
+        "2000",
+    ];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let photo = test_images(1).remove(0).1;
+    let (status, answer) = post_raw(&client, &server.url("/predict"), "image/jpeg", photo).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        "slow batch",
+    );
+    assert!(
+        answer["detail"].as_str().unwrap().contains("50 ms"),
+        "{answer}"
+    );
+    // The abandoned request gives its slot back.
+    wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundreds_of_concurrent_requests_each_match_the_offline_prediction() {
+    const REQUESTS: usize = 300;
+    const CONCURRENCY: usize = 32;
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let images = Arc::new(test_images(24));
+    let offline: Arc<Vec<Vec<f32>>> = Arc::new(
+        images
+            .iter()
+            .map(|(_, b)| offline_probs(&checkpoint, b))
+            .collect(),
+    );
+    let server =
+        TestServer::start(&checkpoint, &["--max-batch", "16", "--max-delay-ms", "10"]).await;
+    let client = client();
+    let url = server.url("/predict?top_k=6");
+    let gate = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let (client, url, images, offline, gate) = (
+            client.clone(),
+            url.clone(),
+            Arc::clone(&images),
+            Arc::clone(&offline),
+            Arc::clone(&gate),
+        );
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let k = i % images.len();
+            let (name, bytes) = &images[k];
+            let (status, answer) =
+                post_raw(&client, &url, "application/octet-stream", bytes.clone()).await;
+            assert_eq!(status, StatusCode::OK, "request {i} ({name}): {answer}");
+            assert_matches_offline(&answer, &offline[k], name);
+        });
+    }
+    let mut answered = 0;
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, REQUESTS);
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "vt_serve_batch_size_sum"),
+        Some(REQUESTS as f64),
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_answers_the_requests_in_flight() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(
+        &checkpoint_path(&dir),
+        &["--max-batch", "8", "--max-delay-ms", "1500"],
+    )
+    .await;
+    let client = client();
+    let photo = test_images(1).remove(0).1;
+    let in_flight = tokio::spawn(post_raw_owned(
+        client.clone(),
+        server.url("/predict"),
+        photo,
+    ));
+    wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+    let state = Arc::clone(&server.state);
+    server.shutdown().await;
+    assert!(!state.is_accepting());
+    let (status, answer) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(scores(&answer).len(), 3);
+}
+
+/// Where Debian's chromium is, if installed.
+fn chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("chromium"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// `(label, score)` of every `<li class="bar" data-label=".." data-score="..">` in the DOM.
+fn bars_in(dom: &str) -> Vec<(String, f64)> {
+    let attribute = |tag: &str, name: &str| -> Option<String> {
+        let start = tag.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(tag[start..].split('"').next()?.to_owned())
+    };
+    dom.split("<li ")
+        .skip(1)
+        .filter_map(|rest| {
+            let tag = rest.split('>').next()?;
+            if !tag.contains("class=\"bar\"") {
+                return None;
+            }
+            Some((
+                attribute(tag, "data-label")?,
+                attribute(tag, "data-score")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_in_headless_chromium_calls_predict_and_draws_the_bars() {
+    let Some(chromium) = chromium() else {
+        eprintln!("skipping: no `chromium` binary on PATH (apt-get install chromium)");
+        return;
+    };
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    let client = client();
+    let photo = test_images(1).remove(0).1;
+    let (_, expected) = post_raw(
+        &client,
+        &server.url("/predict?top_k=6"),
+        "image/jpeg",
+        photo.clone(),
+    )
+    .await;
+    let metrics_url = server.url("/metrics");
+    let predict_calls = |text: &str| {
+        metric(
+            text,
+            r#"vt_serve_requests_total{route="/predict",status="200"}"#,
+        )
+    };
+    let before = predict_calls(
+        &client
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    let data_url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&photo)
+    );
+    let mut page = reqwest::Url::parse(&server.url("/")).unwrap();
+    page.query_pairs_mut()
+        .append_pair("top_k", "6")
+        .append_pair("demo", &data_url);
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(chromium);
+    command.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        // Virtual time waits for the page's fetches before the DOM is dumped.
+        "--virtual-time-budget=60000",
+        "--dump-dom",
+    ]);
+    command.arg(format!("--user-data-dir={}", profile.path().display()));
+    command.arg(page.as_str());
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        dom.contains(r#"data-state="done""#),
+        "the page did not finish its prediction; DOM:\n{dom}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let bars = bars_in(&dom);
+    let expected = scores(&expected);
+    assert_eq!(bars.len(), expected.len(), "{dom}");
+    for ((label, score), (want_label, want_score)) in bars.iter().zip(&expected) {
+        assert_eq!(label, want_label, "{dom}");
+        assert!(
+            (score - want_score).abs() < 1e-6,
+            "{label}: page {score}, API {want_score}"
+        );
+    }
+    assert!(
+        dom.contains(r#"<img id="preview" alt="the image being classified" src="blob:"#),
+        "{dom}"
+    );
+    let after = predict_calls(
+        &client
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        after.unwrap_or(0.0),
+        before.unwrap_or(0.0) + 1.0,
+        "the page must call POST /predict once"
+    );
+    server.shutdown().await;
+}
