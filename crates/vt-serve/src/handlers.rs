@@ -44,6 +44,11 @@ struct PredictResponse<'a> {
     elapsed_ms: f64,
 }
 
+#[derive(Serialize)]
+struct MultiResponse<'a> {
+    results: Vec<PredictResponse<'a>>,
+}
+
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     query: Result<Query<PredictQuery>, QueryRejection>,
@@ -100,7 +105,7 @@ async fn answer(
         });
     }
     Ok(match (inputs.multipart, results.len()) {
-        (true, n) if n > 1 => Json(json!({ "results": results })).into_response(),
+        (true, n) if n > 1 => Json(MultiResponse { results }).into_response(),
         _ => Json(results.pop()).into_response(),
     })
 }

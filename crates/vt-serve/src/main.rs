@@ -1,6 +1,6 @@
 //! `vt-serve`: serve a VT-ResNet checkpoint over HTTP, or score images offline.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -47,6 +47,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // candle's CPU kernels size their work from this variable and run on rayon's global
     // pool, which reads it too; set it before any thread starts.
