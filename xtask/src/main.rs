@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_data;
+mod bench_model;
 mod fetch_data;
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ enum Command {
 enum Bench {
     /// Loader throughput (decode + augment + batch) on a folder of images.
     Data(bench_data::Args),
+    /// Model forward and training-step throughput, side by side with PyTorch.
+    Model(bench_model::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),
         Command::Bench(Bench::Data(args)) => bench_data::run(args),
+        Command::Bench(Bench::Model(args)) => bench_model::run(args),
     }
 }

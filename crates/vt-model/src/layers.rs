@@ -2,7 +2,10 @@
 //! model starts where the reference implementation does.
 
 use candle_core::Result;
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use crate::kernels;
 
 /// `nn.Linear`: weight and bias uniform in +-1/sqrt(in).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -18,6 +21,20 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
         None
     };
     Ok(Linear::new(weight, bias))
+}
+
+/// A bias-free convolution with square stride and padding, run by [`kernels::conv2d`].
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::conv2d(x, &self.weight, self.stride, self.padding)
+    }
 }
 
 /// A bias-free convolution with torchvision ResNet's Kaiming-normal (fan-out, ReLU) init.
@@ -38,12 +55,9 @@ pub fn conv2d(
             stdev: std,
         },
     )?;
-    let config = Conv2dConfig {
-        padding,
+    Ok(Conv2d {
+        weight,
         stride,
-        dilation: 1,
-        groups: 1,
-        cudnn_fwd_algo: None,
-    };
-    Ok(Conv2d::new(weight, None, config))
+        padding,
+    })
 }

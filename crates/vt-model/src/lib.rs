@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod kernels;
 mod layers;
 pub mod model;
 pub mod pretrained;

@@ -2,9 +2,9 @@
 //! torchvision and timm so that ImageNet weights load directly.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{batch_norm, BatchNorm, Conv2d, Module, ModuleT, VarBuilder};
+use candle_nn::{batch_norm, BatchNorm, Module, ModuleT, VarBuilder};
 
-use crate::layers::conv2d;
+use crate::layers::{conv2d, Conv2d};
 
 const BN_EPS: f64 = 1e-5;
 /// Widths of layer1, layer2 and layer3.

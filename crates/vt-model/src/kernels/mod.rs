@@ -1,0 +1,27 @@
+//! Fast CPU kernels for what VT-ResNet spends its time on, as candle custom ops with forward
+//! and backward passes. The model code calls these functions; each falls back to candle's
+//! own operations on other devices and dtypes.
+
+mod conv2d;
+mod gemm;
+
+pub use conv2d::conv2d;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The compute threads candle itself uses (RAYON_NUM_THREADS, else every core).
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// The f32 slice of a contiguous CPU tensor.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("vt kernels take f32 tensors, got {:?}", storage.dtype());
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("vt kernels take contiguous tensors"),
+    }
+}

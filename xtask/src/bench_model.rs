@@ -1,0 +1,262 @@
+//! `cargo xtask bench model`: forward and training-step throughput of vt-model on this
+//! machine, side by side with the PyTorch reference (tools/reference/bench_model.py) run in
+//! the same invocation with the same cases, threads and iteration counts.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{loss::cross_entropy, Optimizer, SGD};
+use serde::{Deserialize, Serialize};
+use vt_model::{Arch, Model, VtConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Cases as MODE:ARCH:IMAGE_SIZE:BATCH, comma-separated (MODE is train or infer).
+    #[arg(
+        long,
+        default_value = "train:vt-resnet18:150:32,infer:vt-resnet18:150:1,infer:vt-resnet18:150:32,\
+train:vt-resnet18:224:32,infer:vt-resnet18:224:1,infer:vt-resnet18:224:32,\
+train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
+    )]
+    cases: String,
+    /// Compute threads for both sides.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed iterations per case (after the warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Untimed warm-up iterations per case.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Python with PyTorch for the reference side (default: the venv of tools/reference/README.md,
+    /// else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Skip the PyTorch side.
+    #[arg(long)]
+    no_torch: bool,
+    /// One JSON object per case instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Train,
+    Infer,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Case {
+    mode: Mode,
+    arch: Arch,
+    image_size: usize,
+    batch: usize,
+}
+
+fn parse_cases(text: &str) -> anyhow::Result<Vec<Case>> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|item| {
+            let parts: Vec<&str> = item.trim().split(':').collect();
+            let [mode, arch, size, batch] = parts[..] else {
+                bail!("bad case `{item}`: want MODE:ARCH:IMAGE_SIZE:BATCH");
+            };
+            let mode = match mode {
+                "train" => Mode::Train,
+                "infer" => Mode::Infer,
+                other => bail!("bad mode `{other}` in `{item}`: want train or infer"),
+            };
+            Ok(Case {
+                mode,
+                arch: arch.parse()?,
+                image_size: size
+                    .parse()
+                    .with_context(|| format!("image size in `{item}`"))?,
+                batch: batch
+                    .parse()
+                    .with_context(|| format!("batch in `{item}`"))?,
+            })
+        })
+        .collect()
+}
+
+/// Images per second of one case in vt-model: evaluation-mode forward passes, or training
+/// steps (forward, cross-entropy, backward, SGD step).
+fn bench_vt(case: &Case, iters: usize, warmup: usize) -> anyhow::Result<f64> {
+    let device = Device::Cpu;
+    let model = Model::init(VtConfig::new(case.arch, 6, case.image_size), &device)?;
+    let s = case.image_size;
+    let x = Tensor::randn(0f32, 1.0, (case.batch, 3, s, s), &device)?;
+    let labels: Vec<u32> = (0..case.batch as u32).map(|i| i % 6).collect();
+    let y = Tensor::new(labels.as_slice(), &device)?;
+    let mut sgd = SGD::new(model.varmap.all_vars(), 0.01)?;
+    let mut step = || -> anyhow::Result<()> {
+        match case.mode {
+            Mode::Infer => {
+                model
+                    .forward_t(&x, false)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+            }
+            Mode::Train => {
+                let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
+                sgd.backward_step(&loss)?;
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..warmup {
+        step()?;
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        step()?;
+    }
+    Ok((case.batch * iters) as f64 / start.elapsed().as_secs_f64())
+}
+
+#[derive(Debug, Deserialize)]
+struct TorchResult {
+    mode: Mode,
+    arch: String,
+    image_size: usize,
+    batch: usize,
+    img_s: f64,
+}
+
+fn default_python() -> PathBuf {
+    let venv = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cache/vt/torch-venv/bin/python"));
+    venv.filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>> {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/reference/bench_model.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .args(["--cases", &args.cases, "--json"])
+        .args(["--threads", &args.threads.to_string()])
+        .args([
+            "--iters",
+            &args.iters.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the PyTorch reference failed ({}); install it as tools/reference/README.md says, \
+             pass --python, or use --no-torch:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing `{l}`")))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct Row<'a> {
+    case: Mode,
+    arch: &'a str,
+    image_size: usize,
+    batch: usize,
+    vt_img_s: f64,
+    torch_img_s: Option<f64>,
+    ratio: Option<f64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cases = parse_cases(&args.cases)?;
+    // candle reads the thread count once, at its first parallel operation.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    let mut vt = Vec::new();
+    for case in &cases {
+        eprintln!("vt-model: {case:?}");
+        vt.push(bench_vt(case, args.iters, args.warmup).with_context(|| format!("{case:?}"))?);
+    }
+    let torch = if args.no_torch {
+        Vec::new()
+    } else {
+        let python = args.python.clone().unwrap_or_else(default_python);
+        eprintln!("PyTorch reference with {}", python.display());
+        bench_torch(&args, &python)?
+    };
+    if !args.json {
+        println!("| case | arch | px | batch | vt img/s | torch img/s | ratio |");
+        println!("|---|---|---|---|---|---|---|");
+    }
+    for (case, vt_img_s) in cases.iter().zip(vt) {
+        let torch_img_s = torch
+            .iter()
+            .find(|t| {
+                t.mode == case.mode
+                    && t.arch == case.arch.name()
+                    && t.image_size == case.image_size
+                    && t.batch == case.batch
+            })
+            .map(|t| t.img_s);
+        let row = Row {
+            case: case.mode,
+            arch: case.arch.name(),
+            image_size: case.image_size,
+            batch: case.batch,
+            vt_img_s,
+            torch_img_s,
+            ratio: torch_img_s.map(|t| vt_img_s / t),
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        } else {
+            let fmt =
+                |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+            println!(
+                "| {:?} | {} | {} | {} | {:.1} | {} | {} |",
+                row.case,
+                row.arch,
+                row.image_size,
+                row.batch,
+                row.vt_img_s,
+                fmt(row.torch_img_s, 1),
+                fmt(row.ratio, 2)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_parse_and_bad_ones_are_named() {
+        let cases = parse_cases("train:vt-resnet18:150:32, infer:vt-resnet34:224:1").unwrap();
+        assert_eq!(
+            cases[1],
+            Case {
+                mode: Mode::Infer,
+                arch: Arch::VtResNet34,
+                image_size: 224,
+                batch: 1
+            }
+        );
+        assert!(parse_cases("fly:vt-resnet18:150:32")
+            .unwrap_err()
+            .to_string()
+            .contains("fly"));
+        assert!(parse_cases("train:vt-resnet18:150").is_err());
+    }
+}
