@@ -128,14 +128,21 @@ fn endpoint_of(opts: &HfOptions) -> String {
         .unwrap_or_else(|| "https://huggingface.co".into())
 }
 
+/// Error texts that mean a wrong repository or missing access rather than no network.
+const ACCESS_PROBLEMS: [&str; 6] = [
+    "401",
+    "403",
+    "404",
+    "authentication",
+    "forbidden",
+    "not found",
+];
+
 fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataError {
     let message = error_chain(e);
     let mut hint = String::new();
     let lower = message.to_ascii_lowercase();
-    if ["401", "403", "404", "authentication", "forbidden", "not found"]
-        .iter()
-        .any(|s| lower.contains(s))
-    {
+    if ACCESS_PROBLEMS.iter().any(|s| lower.contains(s)) {
         hint.push_str(
             "Check the repository name and revision (--hf-repo OWNER/NAME[@REV]); a private or \
              gated repository needs HF_TOKEN. ",
