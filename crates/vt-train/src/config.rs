@@ -1,0 +1,480 @@
+//! Training options: from flags, a TOML file (`--config`, same names as the flags) and a
+//! recipe's defaults, in that order of precedence, resolved into a [`TrainConfig`].
+//!
+//! A run writes its resolved config to `RUN/config.toml`, which is itself a valid
+//! `--config` file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vt_data::augment::AugmentConfig;
+use vt_data::transform::Normalize;
+use vt_model::Arch;
+
+use crate::error::{Result, TrainError};
+use crate::optim::Method;
+use crate::schedule::Decay;
+use crate::threads;
+
+pub const DEFAULT_DATA_DIR: &str = "data/intel";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// The reference notebook: SGD (momentum 0.9, Nesterov), lr 0.01, StepLR (x0.1 every 7
+    /// epochs), RandomResizedCrop(0.08-1) + RandomRotation(15) + flip, vt-resnet34; plus,
+    /// against loss spikes, 1 warmup epoch and gradient clipping at 5 (`--warmup-epochs 0
+    /// --clip-grad 0` is the notebook exactly).
+    Seed,
+    /// AdamW (lr 5e-4), 2 warmup epochs then cosine, label smoothing 0.1, weight decay 0.05,
+    /// gradient clipping at 1, RandomResizedCrop(0.35-1) + flip, vt-resnet18.
+    Modern,
+}
+
+/// Options of `vt-train train`; every one is optional and falls back to the config file,
+/// then the recipe.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainOptions {
+    /// Data folder in the `cargo xtask fetch-data` layout (train/, val/ [, test/] with a
+    /// folder per class, manifest.json) [default: data/intel]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Training recipe; its defaults apply to every option not given [default: modern]
+    #[arg(long, value_enum)]
+    pub recipe: Option<Recipe>,
+    /// vt-resnet18 or vt-resnet34 [default: seed recipe vt-resnet34, modern vt-resnet18]
+    #[arg(long)]
+    pub arch: Option<Arch>,
+    /// Input side in pixels (square) [default: 150, the photos' size]
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Visual tokens L [default: 16]
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Token channels CT [default: 1024]
+    #[arg(long)]
+    pub token_channels: Option<usize>,
+    /// Attention heads [default: 16]
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Epochs to train [default: seed 25, modern 30]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per optimiser step [default: 32]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: seed 0.01, modern 5e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Weight decay, on conv/linear weights only (not BatchNorm or biases) [default: seed 0,
+    /// modern 0.05]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Epochs of linear learning-rate warmup, fractions allowed [default: seed 1, modern 2]
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    /// Label smoothing of the cross-entropy [default: seed 0, modern 0.1]
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
+    #[arg(long, value_name = "NORM")]
+    pub clip_grad: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999);
+    /// validation, best/ and last/ then use the averaged weights; 0 disables [default: off]
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
+    /// Stop when validation accuracy has not improved for this many epochs; 0 disables
+    /// [default: off]
+    #[arg(long, value_name = "PATIENCE")]
+    pub early_stop: Option<usize>,
+    /// Do not update the ResNet stem (conv1, bn1, layer1-3) for the first N epochs, e.g.
+    /// while the VT stage adapts to a pretrained stem [default: 0]
+    #[arg(long, value_name = "N")]
+    pub freeze_stem_epochs: Option<usize>,
+    /// ImageNet ResNet weights for the stem: a safetensors file or a hub id such as
+    /// timm/resnet34.a1_in1k (ResNet-34 for vt-resnet34, ResNet-18 for vt-resnet18)
+    #[arg(long, value_name = "FILE|HUB-ID")]
+    pub pretrained: Option<String>,
+    /// cpu, cuda, cuda:N or auto [default: auto]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Image decoding threads [default: the cores left by --threads, at least 1]
+    #[arg(long)]
+    pub loader_threads: Option<usize>,
+    /// Seed of the initialisation, data order and augmentation [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run folder [default: runs/<date-time>]
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Train on a random subset of N training images (smoke runs)
+    #[arg(long, value_name = "N")]
+    pub limit_train: Option<usize>,
+    /// Validate on a random subset of N validation images (smoke runs)
+    #[arg(long, value_name = "N")]
+    pub limit_val: Option<usize>,
+}
+
+impl TrainOptions {
+    pub fn from_toml_file(path: &Path) -> Result<TrainOptions> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| TrainError::Toml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` with every option that `over` sets taken from `over`.
+    pub fn overridden_by(&self, over: &TrainOptions) -> TrainOptions {
+        let mut base = as_map(self);
+        for (key, value) in as_map(over) {
+            if !value.is_null() {
+                base.insert(key, value);
+            }
+        }
+        serde_json::from_value(serde_json::Value::Object(base)).unwrap_or_else(|_| self.clone())
+    }
+
+    /// The options that `over` sets to a value different from `self`'s, as `name: old -> new`.
+    pub fn changes(&self, over: &TrainOptions) -> Vec<String> {
+        let base = as_map(self);
+        as_map(over)
+            .into_iter()
+            .filter(|(key, value)| !value.is_null() && base.get(key) != Some(value))
+            .map(|(key, value)| {
+                format!(
+                    "{key}: {} -> {value}",
+                    base.get(&key).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect()
+    }
+}
+
+fn as_map(options: &TrainOptions) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(options) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Augmentation of the training images (torchvision semantics, see vt_data::augment).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentSpec {
+    pub scale: (f32, f32),
+    pub rotation_deg: f32,
+    pub hflip: bool,
+}
+
+/// Every training setting, resolved. Serialised with the option names, so that a saved
+/// config reads back as [`TrainOptions`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub recipe: Recipe,
+    pub arch: Arch,
+    pub image_size: usize,
+    pub tokens: usize,
+    pub token_channels: usize,
+    pub heads: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub label_smoothing: f64,
+    pub clip_grad: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<usize>,
+    pub freeze_stem_epochs: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<String>,
+    pub device: String,
+    pub threads: usize,
+    pub loader_threads: usize,
+    pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_train: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_val: Option<usize>,
+}
+
+impl TrainConfig {
+    /// Fills what `options` leaves open from the recipe and checks every value.
+    pub fn resolve(options: &TrainOptions) -> Result<TrainConfig> {
+        let o = options;
+        let recipe = o.recipe.unwrap_or(Recipe::Modern);
+        let seed = recipe == Recipe::Seed;
+        let threads = o
+            .threads
+            .unwrap_or_else(threads::default_compute_threads)
+            .max(1);
+        let config = TrainConfig {
+            data: o
+                .data
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            recipe,
+            arch: o.arch.unwrap_or(if seed {
+                Arch::VtResNet34
+            } else {
+                Arch::VtResNet18
+            }),
+            image_size: o.image_size.unwrap_or(150),
+            tokens: o.tokens.unwrap_or(16),
+            token_channels: o.token_channels.unwrap_or(1024),
+            heads: o.heads.unwrap_or(16),
+            epochs: o.epochs.unwrap_or(if seed { 25 } else { 30 }),
+            batch_size: o.batch_size.unwrap_or(32),
+            lr: o.lr.unwrap_or(if seed { 0.01 } else { 5e-4 }),
+            weight_decay: o.weight_decay.unwrap_or(if seed { 0.0 } else { 0.05 }),
+            warmup_epochs: o.warmup_epochs.unwrap_or(if seed { 1.0 } else { 2.0 }),
+            label_smoothing: o.label_smoothing.unwrap_or(if seed { 0.0 } else { 0.1 }),
+            clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
+            ema: o.ema.filter(|d| *d != 0.0),
+            early_stop: o.early_stop.filter(|p| *p != 0),
+            freeze_stem_epochs: o.freeze_stem_epochs.unwrap_or(0),
+            pretrained: o.pretrained.clone(),
+            device: o.device.clone().unwrap_or_else(|| "auto".into()),
+            threads,
+            loader_threads: o
+                .loader_threads
+                .unwrap_or_else(|| threads::default_loader_threads(threads))
+                .max(1),
+            seed: o.seed.unwrap_or(0),
+            run_dir: o.run_dir.clone(),
+            limit_train: o.limit_train,
+            limit_val: o.limit_val,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(TrainError::Config(msg));
+        if self.epochs == 0 || self.batch_size == 0 || self.image_size == 0 {
+            return fail("--epochs, --batch-size and --image-size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return fail(format!("--lr must be positive, got {}", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return fail(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            return fail(format!(
+                "--warmup-epochs must be >= 0, got {}",
+                self.warmup_epochs
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return fail(format!(
+                "--label-smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            ));
+        }
+        if !(self.clip_grad.is_finite() && self.clip_grad >= 0.0) {
+            return fail(format!(
+                "--clip-grad must be >= 0 (0 disables), got {}",
+                self.clip_grad
+            ));
+        }
+        if let Some(decay) = self.ema {
+            if !(0.0..1.0).contains(&decay) {
+                return fail(format!("--ema must be in (0, 1), got {decay}"));
+            }
+        }
+        if self.limit_train == Some(0) || self.limit_val == Some(0) {
+            return fail("--limit-train and --limit-val must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The same settings as options (for merging with overrides on resume).
+    pub fn to_options(&self) -> TrainOptions {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self)
+            .map_err(|e| TrainError::Config(format!("cannot write the config as TOML: {e}")))
+    }
+
+    pub fn method(&self) -> Method {
+        match self.recipe {
+            Recipe::Seed => Method::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            Recipe::Modern => Method::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        }
+    }
+
+    pub fn decay(&self) -> Decay {
+        match self.recipe {
+            Recipe::Seed => Decay::Step {
+                every_epochs: 7,
+                gamma: 0.1,
+            },
+            Recipe::Modern => Decay::Cosine { min_lr: 1e-6 },
+        }
+    }
+
+    pub fn augment_spec(&self) -> AugmentSpec {
+        match self.recipe {
+            Recipe::Seed => AugmentSpec {
+                scale: (0.08, 1.0),
+                rotation_deg: 15.0,
+                hflip: true,
+            },
+            Recipe::Modern => AugmentSpec {
+                scale: (0.35, 1.0),
+                rotation_deg: 0.0,
+                hflip: true,
+            },
+        }
+    }
+
+    pub fn augment(&self, norm: Normalize) -> AugmentConfig {
+        let spec = self.augment_spec();
+        AugmentConfig {
+            scale: spec.scale,
+            rotation_deg: spec.rotation_deg,
+            hflip: spec.hflip,
+            norm,
+            ..AugmentConfig::notebook(self.image_size as u32)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_the_recipe() {
+        let file: TrainOptions =
+            toml::from_str("recipe = \"seed\"\nlr = 0.05\nepochs = 3\n").unwrap();
+        let flags = TrainOptions {
+            epochs: Some(5),
+            ..Default::default()
+        };
+        let config = TrainConfig::resolve(&file.overridden_by(&flags)).unwrap();
+        assert_eq!(config.recipe, Recipe::Seed);
+        assert_eq!(config.epochs, 5);
+        assert_eq!(config.lr, 0.05);
+        assert_eq!(config.arch, Arch::VtResNet34);
+        assert_eq!(
+            config.method(),
+            Method::Sgd {
+                momentum: 0.9,
+                nesterov: true
+            }
+        );
+        assert_eq!(
+            config.decay(),
+            Decay::Step {
+                every_epochs: 7,
+                gamma: 0.1
+            }
+        );
+        assert_eq!(config.augment_spec().scale, (0.08, 1.0));
+        let modern = TrainConfig::resolve(&TrainOptions::default()).unwrap();
+        assert_eq!(
+            (
+                modern.label_smoothing,
+                modern.weight_decay,
+                modern.clip_grad
+            ),
+            (0.1, 0.05, 1.0)
+        );
+        assert!(matches!(modern.method(), Method::AdamW { .. }));
+        assert!(modern.loader_threads >= 1);
+    }
+
+    #[test]
+    fn a_saved_config_reads_back_as_options() {
+        let flags = TrainOptions {
+            ema: Some(0.99),
+            limit_train: Some(7),
+            ..Default::default()
+        };
+        let config = TrainConfig::resolve(&flags).unwrap();
+        let options: TrainOptions = toml::from_str(&config.to_toml().unwrap()).unwrap();
+        assert_eq!(TrainConfig::resolve(&options).unwrap(), config);
+        assert_eq!(config.to_options(), options);
+        let changes = options.changes(&TrainOptions {
+            epochs: Some(99),
+            lr: config.lr.into(),
+            ..Default::default()
+        });
+        assert_eq!(changes, vec!["epochs: 30 -> 99".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_reported() {
+        let err = toml::from_str::<TrainOptions>("learning-rate = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learning-rate"), "{err}");
+        for (options, needle) in [
+            (
+                TrainOptions {
+                    lr: Some(-1.0),
+                    ..Default::default()
+                },
+                "--lr",
+            ),
+            (
+                TrainOptions {
+                    label_smoothing: Some(1.0),
+                    ..Default::default()
+                },
+                "--label-smoothing",
+            ),
+            (
+                TrainOptions {
+                    ema: Some(1.5),
+                    ..Default::default()
+                },
+                "--ema",
+            ),
+            (
+                TrainOptions {
+                    epochs: Some(0),
+                    ..Default::default()
+                },
+                "--epochs",
+            ),
+        ] {
+            let err = TrainConfig::resolve(&options).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let off = TrainConfig::resolve(&TrainOptions {
+            ema: Some(0.0),
+            early_stop: Some(0),
+            ..Default::default()
+        });
+        let off = off.unwrap();
+        assert_eq!((off.ema, off.early_stop), (None, None));
+    }
+}

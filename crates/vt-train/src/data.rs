@@ -1,0 +1,105 @@
+//! The training and evaluation samples and their loader settings (vt_data does the work).
+
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use vt_data::dataset::{ImageFolder, Split};
+use vt_data::loader::{LoaderConfig, Transform};
+use vt_data::rng::derive_seed;
+use vt_data::transform::Normalize;
+use vt_model::VtConfig;
+
+use crate::error::{Result, TrainError};
+
+/// Batches decoded ahead of the training step.
+const PREFETCH: usize = 2;
+/// Domain tag of the subset draw, so it is independent of the shuffle and augmentation.
+const TAG_SUBSET: u64 = 0x5355_4253;
+
+/// One labelled split, optionally reduced to a random subset of `limit` images (drawn from
+/// `seed`, kept in folder order).
+pub fn open_split(
+    data_dir: &Path,
+    split: Split,
+    limit: Option<usize>,
+    seed: u64,
+) -> Result<ImageFolder> {
+    let mut folder = ImageFolder::open(data_dir, split)?;
+    if folder.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} has no images",
+            data_dir.join(split.dir_name()).display()
+        )));
+    }
+    if let Some(limit) = limit.filter(|&n| n < folder.len()) {
+        let mut picked: Vec<usize> = (0..folder.len()).collect();
+        picked.shuffle(&mut StdRng::seed_from_u64(derive_seed(&[
+            TAG_SUBSET,
+            seed,
+            split as u64,
+        ])));
+        picked.truncate(limit);
+        picked.sort_unstable();
+        folder.samples = picked
+            .into_iter()
+            .map(|i| folder.samples[i].clone())
+            .collect();
+    }
+    Ok(folder)
+}
+
+pub fn normalize(config: &VtConfig) -> Normalize {
+    Normalize {
+        mean: config.mean,
+        std: config.std,
+    }
+}
+
+/// Deterministic evaluation batches (the contract's resize and centre crop).
+pub fn eval_loader(config: &VtConfig, batch_size: usize, threads: usize) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        shuffle: false,
+        drop_last: false,
+        seed: 0,
+        threads,
+        prefetch: PREFETCH,
+        transform: Transform::Eval {
+            image_size: config.image_size as u32,
+            norm: normalize(config),
+        },
+    }
+}
+
+/// Shuffled, augmented training batches. The last partial batch is dropped when there is
+/// more than one batch, so BatchNorm never sees a batch of one image.
+pub fn train_loader(
+    transform: Transform,
+    images: usize,
+    batch_size: usize,
+    seed: u64,
+    threads: usize,
+) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        shuffle: true,
+        drop_last: images > batch_size,
+        seed,
+        threads,
+        prefetch: PREFETCH,
+        transform,
+    }
+}
+
+/// Optimiser steps per epoch under `loader`.
+pub fn steps_per_epoch(images: usize, loader: &LoaderConfig) -> u64 {
+    let b = loader.batch_size.max(1);
+    let steps = if loader.drop_last {
+        images / b
+    } else {
+        images.div_ceil(b)
+    };
+    steps.max(1) as u64
+}

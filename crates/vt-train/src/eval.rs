@@ -1,0 +1,243 @@
+//! Evaluation: the validation pass of training and `vt-train eval` (accuracy, per-class
+//! precision/recall/F1, confusion matrix as text, JSON and PNG).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use vt_data::dataset::Split;
+use vt_data::loader::{batches, LoaderConfig, SkippedFile};
+use vt_model::{parse_device, Model};
+
+use crate::config::DEFAULT_DATA_DIR;
+use crate::data;
+use crate::error::{Result, TrainError};
+use crate::loss::{cross_entropy, predictions};
+use crate::metrics::{write_atomically, ClassScores, ConfusionMatrix};
+use crate::plots::draw_confusion;
+use crate::progress::EpochProgress;
+use crate::threads;
+
+pub struct Evaluation {
+    /// Mean cross-entropy (no label smoothing) over the images.
+    pub loss: f64,
+    pub matrix: ConfusionMatrix,
+    pub skipped: Vec<SkippedFile>,
+}
+
+/// Runs `model` in eval mode over `samples`.
+pub fn evaluate(
+    model: &Model,
+    samples: &[(PathBuf, usize)],
+    loader: &LoaderConfig,
+    classes: &[String],
+    label: &str,
+) -> Result<Evaluation> {
+    let mut matrix = ConfusionMatrix::new(classes.to_vec());
+    let mut loss_sum = 0.0;
+    let mut iter = batches(samples, loader, 0, &model.device);
+    let mut progress = EpochProgress::new(label, iter.len());
+    for batch in iter.by_ref() {
+        let batch = batch?;
+        let logits = model.forward_t(&batch.images, false)?;
+        let n = batch.indices.len();
+        let loss = cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()?;
+        loss_sum += f64::from(loss) * n as f64;
+        matrix.add(&batch.labels.to_vec1::<u32>()?, &predictions(&logits)?);
+        progress.advance(
+            n,
+            &format!("loss {:.4}", loss_sum / matrix.total().max(1) as f64),
+        );
+    }
+    progress.finish();
+    if matrix.total() == 0 {
+        return Err(TrainError::Config(format!(
+            "{label}: none of the {} images could be loaded",
+            samples.len()
+        )));
+    }
+    Ok(Evaluation {
+        loss: loss_sum / matrix.total() as f64,
+        matrix,
+        skipped: iter.skipped(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Test,
+    Val,
+    Train,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Split {
+        match s {
+            SplitArg::Test => Split::Test,
+            SplitArg::Val => Split::Val,
+            SplitArg::Train => Split::Train,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Checkpoint folder (config.json + model.safetensors), e.g. runs/NAME/best
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Data folder in the `cargo xtask fetch-data` layout
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data: PathBuf,
+    /// Split to evaluate
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitArg,
+    /// Report file (JSON); the confusion matrix PNG goes beside it with a .png extension
+    /// [default: eval-<checkpoint>-<split>.json beside the checkpoint folder]
+    #[arg(long, value_name = "FILE.json")]
+    pub out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Images per forward pass
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Compute threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Evaluate a random subset of N images
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+/// `vt-train eval --out FILE`.
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    pub checkpoint: PathBuf,
+    pub data: PathBuf,
+    pub split: String,
+    pub images: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub classes: Vec<ClassScores>,
+    pub confusion_matrix: ConfusionMatrix,
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
+    let name = checkpoint.file_name().map_or_else(
+        || "checkpoint".to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let parent = checkpoint
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(format!("eval-{name}-{split}.json"))
+}
+
+/// The report as text: accuracy, the per-class table and the confusion matrix.
+pub fn report_text(report: &EvalReport) -> String {
+    let width = report
+        .classes
+        .iter()
+        .map(|c| c.class.len())
+        .max()
+        .unwrap_or(5)
+        .max(9);
+    let mut out = format!(
+        "{} on {} ({} images): accuracy {:.2}%, loss {:.4}, macro F1 {:.4}\n\n",
+        report.checkpoint.display(),
+        report.split,
+        report.images,
+        100.0 * report.accuracy,
+        report.loss,
+        report.macro_f1
+    );
+    out += &format!(
+        "{:>width$} {:>9} {:>9} {:>9} {:>8}\n",
+        "class", "precision", "recall", "f1", "support"
+    );
+    for c in &report.classes {
+        out += &format!(
+            "{:>width$} {:>9.4} {:>9.4} {:>9.4} {:>8}\n",
+            c.class, c.precision, c.recall, c.f1, c.support
+        );
+    }
+    out += "\nconfusion matrix (rows: true class, columns: prediction)\n";
+    out += &report.confusion_matrix.to_text();
+    out
+}
+
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    let compute = threads::set_compute_threads(args.threads);
+    let device = parse_device(&args.device)?;
+    let model = Model::load(&args.checkpoint, &device)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let split = Split::from(args.split);
+    let folder = data::open_split(&args.data, split, args.limit, 0)
+        .with_context(|| format!("reading the {split} split of {}", args.data.display()))?;
+    if folder.classes != model.config.class_names {
+        anyhow::bail!(
+            "the checkpoint's classes {:?} differ from the data set's {:?} ({})",
+            model.config.class_names,
+            folder.classes,
+            args.data.display()
+        );
+    }
+    let loader = data::eval_loader(
+        &model.config,
+        args.batch_size.max(1),
+        threads::default_loader_threads(compute),
+    );
+    let eval = evaluate(
+        &model,
+        &folder.samples,
+        &loader,
+        &folder.classes,
+        &format!("eval {split}"),
+    )?;
+    let classes = eval.matrix.scores();
+    let macro_f1 = classes.iter().map(|c| c.f1).sum::<f64>() / classes.len().max(1) as f64;
+    let report = EvalReport {
+        checkpoint: args.checkpoint.clone(),
+        data: args.data.clone(),
+        split: split.to_string(),
+        images: eval.matrix.total(),
+        loss: eval.loss,
+        accuracy: eval.matrix.accuracy(),
+        macro_f1,
+        classes,
+        confusion_matrix: eval.matrix,
+        skipped: eval
+            .skipped
+            .into_iter()
+            .map(|s| Skipped {
+                path: s.path,
+                reason: s.reason,
+            })
+            .collect(),
+    };
+    print!("{}", report_text(&report));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&args.checkpoint, split));
+    let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
+    write_atomically(&out, format!("{json}\n").as_bytes())?;
+    let png = out.with_extension("png");
+    let title = format!(
+        "{} on {split}: {:.2}%",
+        args.checkpoint.display(),
+        100.0 * report.accuracy
+    );
+    draw_confusion(&png, &report.confusion_matrix, &title)?;
+    eprintln!("wrote {} and {}", out.display(), png.display());
+    Ok(())
+}

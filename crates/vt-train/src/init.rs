@@ -1,0 +1,212 @@
+//! `vt-train init`: write a freshly initialised checkpoint, optionally with a pretrained stem.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vt_data::rng::{derive_seed, hash_str};
+use vt_model::pretrained::{load_stem, Source};
+use vt_model::{Arch, Model, VtConfig};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Architecture: vt-resnet18 or vt-resnet34.
+    #[arg(long, default_value = "vt-resnet18")]
+    pub arch: Arch,
+    /// Input side in pixels (square).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Visual tokens L.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+    /// Token channels CT.
+    #[arg(long, default_value_t = 1024)]
+    pub token_channels: usize,
+    /// Attention heads h.
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+}
+
+impl ModelArgs {
+    pub fn config(&self, class_names: Vec<String>) -> VtConfig {
+        VtConfig {
+            tokens: self.tokens,
+            token_channels: self.token_channels,
+            heads: self.heads,
+            class_names,
+            ..VtConfig::new(self.arch, 0, self.image_size)
+        }
+        .with_num_classes()
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Number of classes (class names default to class0, class1, ...).
+    #[arg(long, required_unless_present = "class_names")]
+    pub num_classes: Option<usize>,
+    /// Comma-separated class names, in label order.
+    #[arg(long, value_delimiter = ',')]
+    pub class_names: Option<Vec<String>>,
+    /// ImageNet ResNet weights for the stem: a safetensors file or a hub id such as
+    /// timm/resnet34.a1_in1k.
+    #[arg(long)]
+    pub pretrained: Option<String>,
+    /// Seed of the random initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output checkpoint folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: &InitArgs) -> anyhow::Result<()> {
+    let class_names = match (&args.class_names, args.num_classes) {
+        (Some(names), Some(n)) if names.len() != n => {
+            anyhow::bail!(
+                "--num-classes {n} disagrees with {} --class-names",
+                names.len()
+            )
+        }
+        (Some(names), _) => names.clone(),
+        (None, Some(n)) => (0..n).map(|i| format!("class{i}")).collect(),
+        (None, None) => anyhow::bail!("give --num-classes or --class-names"),
+    };
+    let model = seeded_model(args.model.config(class_names), &Device::Cpu, args.seed)?;
+    if let Some(spec) = &args.pretrained {
+        let loaded = load_stem(&model, &Source::parse(spec)?)
+            .with_context(|| format!("loading the pretrained stem from {spec}"))?;
+        eprintln!("loaded {loaded} stem tensors from {spec}");
+    }
+    model
+        .save(&args.out)
+        .with_context(|| format!("writing checkpoint {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({}, {} parameters, {} classes, {} px)",
+        args.out.display(),
+        model.config.arch,
+        model.num_parameters(),
+        model.config.num_classes,
+        model.config.image_size
+    );
+    Ok(())
+}
+
+/// A freshly initialised model whose random tensors depend only on `seed`.
+///
+/// candle 0.11 cannot seed its CPU generator, so the random tensors of [`Model::init`] are
+/// redrawn from a seeded generator per tensor name, with the distributions of vt-model's
+/// layers (PyTorch's defaults): convolutions Kaiming-normal (fan-out, ReLU), linear weights
+/// and biases uniform in +-1/sqrt(fan_in). BatchNorm tensors are constants and stay.
+pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> anyhow::Result<Model> {
+    let model = Model::init(config, device)?;
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
+    for (name, var) in vars.iter() {
+        let dims = var.dims().to_vec();
+        let mut rng = StdRng::seed_from_u64(derive_seed(&[seed, hash_str(name)]));
+        let count = var.elem_count();
+        let values: Vec<f32> = match dims.as_slice() {
+            [out, _, kh, kw] => {
+                let std = (2.0 / (out * kh * kw) as f64).sqrt();
+                (0..count)
+                    .map(|_| (std * standard_normal(&mut rng)) as f32)
+                    .collect()
+            }
+            [_, fan_in] => uniform(&mut rng, count, *fan_in),
+            [_] if name.ends_with(".bias") => {
+                let weight = format!("{}.weight", name.trim_end_matches(".bias"));
+                match vars.get(&weight).map(|w| w.dims().to_vec()).as_deref() {
+                    Some([_, fan_in]) => uniform(&mut rng, count, *fan_in),
+                    _ => continue, // BatchNorm bias
+                }
+            }
+            _ => continue,
+        };
+        var.set(&Tensor::from_vec(values, dims, device)?)?;
+    }
+    drop(vars);
+    Ok(model)
+}
+
+fn uniform(rng: &mut StdRng, count: usize, fan_in: usize) -> Vec<f32> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    (0..count)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
+}
+
+/// Box-Muller.
+fn standard_normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> VtConfig {
+        VtConfig {
+            tokens: 4,
+            token_channels: 32,
+            heads: 2,
+            ..VtConfig::new(Arch::VtResNet18, 6, 32)
+        }
+    }
+
+    fn tensors(model: &Model) -> std::collections::BTreeMap<String, Vec<f32>> {
+        let vars = model.varmap.data().lock().unwrap();
+        vars.iter()
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn std_of(v: &[f32]) -> f64 {
+        let mean = v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
+        (v.iter()
+            .map(|x| (f64::from(*x) - mean).powi(2))
+            .sum::<f64>()
+            / v.len() as f64)
+            .sqrt()
+    }
+
+    #[test]
+    fn the_seed_fixes_every_tensor_with_vt_models_distributions() {
+        let a = tensors(&seeded_model(tiny(), &Device::Cpu, 3).unwrap());
+        assert_eq!(a, tensors(&seeded_model(tiny(), &Device::Cpu, 3).unwrap()));
+        let b = tensors(&seeded_model(tiny(), &Device::Cpu, 4).unwrap());
+        assert_ne!(a["head.weight"], b["head.weight"]);
+        assert_ne!(
+            a["vt.0.transformer.ffn1.bias"],
+            b["vt.0.transformer.ffn1.bias"]
+        );
+        assert_eq!(a["bn1.running_var"], b["bn1.running_var"]);
+        // Same spread as candle's own draw from vt-model's layer definitions.
+        let reference = tensors(&Model::init(tiny(), &Device::Cpu).unwrap());
+        for (name, values) in &a {
+            let (ours, theirs) = (std_of(values), std_of(&reference[name]));
+            if values.len() >= 256 {
+                assert!(
+                    (ours - theirs).abs() <= 0.15 * theirs,
+                    "{name}: std {ours} vs {theirs}"
+                );
+            } else if theirs == 0.0 {
+                assert_eq!(ours, 0.0, "{name} should stay constant");
+            }
+        }
+    }
+}

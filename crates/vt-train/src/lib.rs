@@ -1,0 +1,26 @@
+//! vt-train: train, evaluate and initialise VT-ResNet checkpoints (the `vt-train` binary is a
+//! thin wrapper around [`cli::run`]).
+//!
+//! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
+//! - [`optim`], [`schedule`], [`loss`], [`ema`]: the optimisation pieces;
+//! - [`eval`], [`metrics`], [`plots`], [`progress`]: measuring and reporting;
+//! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod ema;
+pub mod error;
+pub mod eval;
+pub mod init;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod plots;
+pub mod progress;
+pub mod schedule;
+pub mod state;
+pub mod threads;
+pub mod train;
+
+pub use error::{Result, TrainError};

@@ -1,0 +1,14 @@
+//! `vt-train`: train, evaluate and initialise VT-ResNet checkpoints.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    vt_train::cli::run(vt_train::cli::Cli::parse())
+}

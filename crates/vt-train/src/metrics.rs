@@ -1,0 +1,406 @@
+//! Classification scores and the per-epoch metrics files `metrics.jsonl` (one JSON object
+//! per epoch, appended) and `metrics.csv` (the same records as a table, rewritten whole).
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Counts of (true class, predicted class): `counts[truth][prediction]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfusionMatrix {
+    pub classes: Vec<String>,
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// Precision, recall and F1 of one class; 0 where undefined (no support or no predictions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassScores {
+    pub class: String,
+    pub support: u64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+}
+
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+impl ConfusionMatrix {
+    pub fn new(classes: Vec<String>) -> Self {
+        let k = classes.len();
+        ConfusionMatrix {
+            classes,
+            counts: vec![vec![0; k]; k],
+        }
+    }
+
+    /// Adds a batch; labels outside the class range are ignored.
+    pub fn add(&mut self, truth: &[u32], predicted: &[u32]) {
+        let k = self.classes.len();
+        for (&t, &p) in truth.iter().zip(predicted) {
+            let (t, p) = (t as usize, p as usize);
+            if t < k && p < k {
+                self.counts[t][p] += 1;
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+
+    pub fn correct(&self) -> u64 {
+        (0..self.classes.len()).map(|i| self.counts[i][i]).sum()
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        ratio(self.correct(), self.total())
+    }
+
+    /// Recall of class `k`, i.e. its accuracy.
+    pub fn recall(&self, k: usize) -> f64 {
+        ratio(self.counts[k][k], self.counts[k].iter().sum())
+    }
+
+    pub fn precision(&self, k: usize) -> f64 {
+        ratio(
+            self.counts[k][k],
+            self.counts.iter().map(|row| row[k]).sum(),
+        )
+    }
+
+    pub fn scores(&self) -> Vec<ClassScores> {
+        (0..self.classes.len())
+            .map(|k| {
+                let (precision, recall) = (self.precision(k), self.recall(k));
+                let f1 = if precision + recall > 0.0 {
+                    2.0 * precision * recall / (precision + recall)
+                } else {
+                    0.0
+                };
+                ClassScores {
+                    class: self.classes[k].clone(),
+                    support: self.counts[k].iter().sum(),
+                    precision,
+                    recall,
+                    f1,
+                }
+            })
+            .collect()
+    }
+
+    /// Per-class accuracy keyed by class name.
+    pub fn class_accuracy(&self) -> BTreeMap<String, f64> {
+        (0..self.classes.len())
+            .map(|k| (self.classes[k].clone(), self.recall(k)))
+            .collect()
+    }
+
+    /// The matrix as an aligned text table, rows = true class, columns = prediction.
+    pub fn to_text(&self) -> String {
+        let width = self
+            .classes
+            .iter()
+            .map(String::len)
+            .chain(self.counts.iter().flatten().map(|c| c.to_string().len()))
+            .max()
+            .unwrap_or(1)
+            .max(4);
+        let mut out = format!("{:>width$}", "true\\pred");
+        for name in &self.classes {
+            out += &format!(" {name:>width$}");
+        }
+        out.push('\n');
+        for (name, row) in self.classes.iter().zip(&self.counts) {
+            out += &format!("{name:>width$}");
+            for c in row {
+                out += &format!(" {c:>width$}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// One line of `metrics.jsonl`. Accuracies are fractions in [0, 1]; `lr` is the rate of
+/// the epoch's last step; `img_per_s` counts training images over the training time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_acc: f64,
+    pub val_class_acc: BTreeMap<String, f64>,
+    pub lr: f64,
+    pub img_per_s: f64,
+    pub epoch_time_s: f64,
+    pub grad_norm_mean: f64,
+    pub grad_norm_max: f64,
+    /// Steps whose gradient was scaled down by clipping.
+    pub clipped_steps: u64,
+    /// Steps skipped because the loss or gradient was not finite.
+    pub skipped_steps: u64,
+    /// Optimiser steps since the start of the run.
+    pub global_step: u64,
+    /// Whether the stem was frozen (`--freeze-stem-epochs`).
+    pub stem_frozen: bool,
+    /// Whether this epoch is the best so far (it was written to `best/`).
+    pub best: bool,
+}
+
+pub const METRICS_JSONL: &str = "metrics.jsonl";
+pub const METRICS_CSV: &str = "metrics.csv";
+
+/// The metrics files of a run folder.
+#[derive(Debug, Clone)]
+pub struct MetricsLog {
+    pub jsonl: PathBuf,
+    pub csv: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn new(run_dir: &Path) -> Self {
+        MetricsLog {
+            jsonl: run_dir.join(METRICS_JSONL),
+            csv: run_dir.join(METRICS_CSV),
+        }
+    }
+
+    /// The records written so far. A torn last line (the process died while appending) is
+    /// ignored; any other unreadable line is an error.
+    pub fn read(&self) -> Result<Vec<EpochRecord>> {
+        let text = match fs::read_to_string(&self.jsonl) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(TrainError::io(&self.jsonl, e)),
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut records = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str(line) {
+                Ok(record) => records.push(record),
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+                Err(source) => {
+                    return Err(TrainError::Json {
+                        path: self.jsonl.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Appends one record to `metrics.jsonl` and flushes it to disk.
+    pub fn append(&self, record: &EpochRecord) -> Result<()> {
+        let line = serde_json::to_string(record).map_err(|source| TrainError::Json {
+            path: self.jsonl.clone(),
+            source,
+        })?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.jsonl)
+            .map_err(|e| TrainError::io(&self.jsonl, e))?;
+        file.write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| file.sync_data())
+            .map_err(|e| TrainError::io(&self.jsonl, e))
+    }
+
+    /// Replaces both files with `records` (used when a resumed run drops epochs that were
+    /// logged after the saved state).
+    pub fn rewrite(&self, records: &[EpochRecord], classes: &[String]) -> Result<()> {
+        let mut text = String::new();
+        for record in records {
+            let line = serde_json::to_string(record).map_err(|source| TrainError::Json {
+                path: self.jsonl.clone(),
+                source,
+            })?;
+            text += &line;
+            text.push('\n');
+        }
+        write_atomically(&self.jsonl, text.as_bytes())?;
+        self.write_csv(records, classes)
+    }
+
+    /// Rewrites `metrics.csv` from the records.
+    pub fn write_csv(&self, records: &[EpochRecord], classes: &[String]) -> Result<()> {
+        write_atomically(&self.csv, csv_text(records, classes).as_bytes())
+    }
+}
+
+const CSV_COLUMNS: [&str; 15] = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "img_per_s",
+    "epoch_time_s",
+    "grad_norm_mean",
+    "grad_norm_max",
+    "clipped_steps",
+    "skipped_steps",
+    "global_step",
+    "stem_frozen",
+    "best",
+];
+
+/// RFC 4180 quoting for a header cell (class names may contain anything).
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv_text(records: &[EpochRecord], classes: &[String]) -> String {
+    let mut header: Vec<String> = CSV_COLUMNS.iter().map(|c| c.to_string()).collect();
+    header.extend(classes.iter().map(|c| csv_cell(&format!("val_acc_{c}"))));
+    let mut out = header.join(",") + "\n";
+    for r in records {
+        let mut row = vec![
+            r.epoch.to_string(),
+            r.train_loss.to_string(),
+            r.train_acc.to_string(),
+            r.val_loss.to_string(),
+            r.val_acc.to_string(),
+            r.lr.to_string(),
+            r.img_per_s.to_string(),
+            r.epoch_time_s.to_string(),
+            r.grad_norm_mean.to_string(),
+            r.grad_norm_max.to_string(),
+            r.clipped_steps.to_string(),
+            r.skipped_steps.to_string(),
+            r.global_step.to_string(),
+            r.stem_frozen.to_string(),
+            r.best.to_string(),
+        ];
+        row.extend(
+            classes
+                .iter()
+                .map(|c| r.val_class_acc.get(c).map_or(String::new(), f64::to_string)),
+        );
+        out += &row.join(",");
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes `path` through a temporary sibling and a rename, so readers never see half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|e| TrainError::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(epoch: usize) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            train_loss: 1.0 / epoch as f64,
+            train_acc: 0.5,
+            val_loss: 0.9,
+            val_acc: 0.25,
+            val_class_acc: [("a".to_string(), 0.5), ("b,c".to_string(), 0.0)].into(),
+            lr: 0.01,
+            img_per_s: 10.0,
+            epoch_time_s: 2.0,
+            grad_norm_mean: 1.5,
+            grad_norm_max: 3.0,
+            clipped_steps: 1,
+            skipped_steps: 0,
+            global_step: 4 * epoch as u64,
+            stem_frozen: false,
+            best: epoch == 1,
+        }
+    }
+
+    #[test]
+    fn scores_follow_their_definitions() {
+        let mut cm = ConfusionMatrix::new(vec!["a".into(), "b".into(), "c".into()]);
+        // a: 3 right, 1 as b; b: 2 right; c: 1 as a, never predicted.
+        cm.add(&[0, 0, 0, 0, 1, 1, 2], &[0, 0, 0, 1, 1, 1, 0]);
+        cm.add(&[7], &[0]); // out of range: ignored
+        assert_eq!(cm.total(), 7);
+        assert!((cm.accuracy() - 5.0 / 7.0).abs() < 1e-12);
+        let s = cm.scores();
+        assert_eq!(s[0].support, 4);
+        assert!((s[0].precision - 0.75).abs() < 1e-12 && (s[0].recall - 0.75).abs() < 1e-12);
+        assert!((s[1].precision - 2.0 / 3.0).abs() < 1e-12 && s[1].recall == 1.0);
+        assert!((s[1].f1 - 0.8).abs() < 1e-12);
+        assert_eq!((s[2].precision, s[2].recall, s[2].f1), (0.0, 0.0, 0.0));
+        let text = cm.to_text();
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .eq(["a", "3", "1", "0"]),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn log_appends_rewrites_and_ignores_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(dir.path());
+        assert!(log.read().unwrap().is_empty());
+        for e in 1..=3 {
+            log.append(&record(e)).unwrap();
+        }
+        let classes = vec!["a".to_string(), "b,c".to_string()];
+        log.write_csv(&log.read().unwrap(), &classes).unwrap();
+        let csv = fs::read_to_string(&log.csv).unwrap();
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with("best,val_acc_a,\"val_acc_b,c\""),
+            "{csv}"
+        );
+        assert_eq!(csv.lines().count(), 4);
+
+        let mut file = OpenOptions::new().append(true).open(&log.jsonl).unwrap();
+        file.write_all(b"{\"epoch\": 4, \"train_lo").unwrap();
+        assert_eq!(log.read().unwrap().len(), 3);
+
+        let kept: Vec<EpochRecord> = log
+            .read()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.epoch <= 2)
+            .collect();
+        log.rewrite(&kept, &classes).unwrap();
+        assert_eq!(log.read().unwrap(), vec![record(1), record(2)]);
+        assert_eq!(fs::read_to_string(&log.csv).unwrap().lines().count(), 3);
+
+        fs::write(&log.jsonl, "not json\n{}\n").unwrap();
+        assert!(log.read().is_err());
+    }
+}

@@ -1,0 +1,475 @@
+//! Optimisers whose state can be saved and restored exactly: SGD with momentum, Nesterov and
+//! coupled weight decay (PyTorch's `torch.optim.SGD`, dampening 0) and AdamW with decoupled
+//! weight decay (`torch.optim.AdamW`). candle_nn's SGD has no momentum and its AdamW keeps
+//! its moments private, so neither could resume a run where it stopped.
+//!
+//! Weight decay follows timm's convention: only tensors of rank >= 2 (convolution and linear
+//! weights) decay; BatchNorm weights, every bias and other vectors do not. BatchNorm running
+//! statistics are not parameters: the forward pass updates them in training mode and the
+//! optimiser never sees them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Method {
+    Sgd {
+        momentum: f64,
+        nesterov: bool,
+    },
+    #[serde(rename = "adamw")]
+    AdamW {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    },
+}
+
+/// A trainable tensor of the model.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// Whether weight decay applies (rank >= 2).
+    pub decay: bool,
+}
+
+/// BatchNorm running statistics: model state, but no parameter.
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// Every parameter of `varmap` (running statistics excluded), sorted by name.
+pub fn trainable_params(varmap: &VarMap) -> Vec<Param> {
+    let vars = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut params: Vec<Param> = vars
+        .iter()
+        .filter(|(name, var)| !is_running_stat(name) && var.dtype().is_float())
+        .map(|(name, var)| Param {
+            name: name.clone(),
+            var: var.clone(),
+            decay: var.rank() >= 2,
+        })
+        .collect();
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    params
+}
+
+struct Slot {
+    param: Param,
+    /// Updates applied to this parameter (AdamW's bias correction counts per parameter, so
+    /// a parameter frozen for a while starts its correction afresh, as in PyTorch).
+    steps: u64,
+    /// SGD's momentum buffer or AdamW's first moment.
+    first: Option<Tensor>,
+    /// AdamW's second moment.
+    second: Option<Tensor>,
+}
+
+pub struct Optimizer {
+    method: Method,
+    weight_decay: f64,
+    slots: Vec<Slot>,
+}
+
+/// What [`Optimizer::state`] exports besides tensors.
+pub type StepCounts = BTreeMap<String, u64>;
+
+impl Optimizer {
+    pub fn new(method: Method, weight_decay: f64, params: Vec<Param>) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|param| Slot {
+                param,
+                steps: 0,
+                first: None,
+                second: None,
+            })
+            .collect();
+        Optimizer {
+            method,
+            weight_decay,
+            slots,
+        }
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        self.slots.iter().map(|s| &s.param)
+    }
+
+    /// The global L2 norm of the gradients of the parameters that `selected` accepts.
+    pub fn grad_norm(&self, grads: &GradStore, selected: &dyn Fn(&str) -> bool) -> Result<f64> {
+        let squares = self
+            .slots
+            .iter()
+            .filter(|s| selected(&s.param.name))
+            .filter_map(|s| grads.get(s.param.var.as_tensor()))
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
+        }
+        let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(f64::from(total).sqrt())
+    }
+
+    /// One update at learning rate `lr` of the parameters that `selected` accepts, with
+    /// gradients multiplied by `grad_scale` first (gradient clipping).
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+        selected: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        for slot in self.slots.iter_mut().filter(|s| selected(&s.param.name)) {
+            let Some(grad) = grads.get(slot.param.var.as_tensor()) else {
+                continue;
+            };
+            // Detached, so that stored moments never hold on to the autograd graph.
+            let grad = grad.detach();
+            let grad = if grad_scale == 1.0 {
+                grad
+            } else {
+                (grad * grad_scale)?
+            };
+            let wd = if slot.param.decay {
+                self.weight_decay
+            } else {
+                0.0
+            };
+            let theta = slot.param.var.as_tensor().detach();
+            slot.steps += 1;
+            let next = match self.method {
+                Method::Sgd { momentum, nesterov } => {
+                    let d_p = if wd == 0.0 {
+                        grad
+                    } else {
+                        (grad + (&theta * wd)?)?
+                    };
+                    let d_p = if momentum == 0.0 {
+                        d_p
+                    } else {
+                        let buf = match &slot.first {
+                            None => d_p.clone(),
+                            Some(buf) => ((buf * momentum)? + &d_p)?,
+                        };
+                        let update = if nesterov {
+                            (&d_p + (&buf * momentum)?)?
+                        } else {
+                            buf.clone()
+                        };
+                        slot.first = Some(buf);
+                        update
+                    };
+                    (&theta - (d_p * lr)?)?
+                }
+                Method::AdamW { beta1, beta2, eps } => {
+                    let theta = if wd == 0.0 {
+                        theta
+                    } else {
+                        (&theta * (1.0 - lr * wd))?
+                    };
+                    let m = match &slot.first {
+                        None => (&grad * (1.0 - beta1))?,
+                        Some(m) => ((m * beta1)? + (&grad * (1.0 - beta1))?)?,
+                    };
+                    let v = match &slot.second {
+                        None => (grad.sqr()? * (1.0 - beta2))?,
+                        Some(v) => ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?,
+                    };
+                    let t = i32::try_from(slot.steps).unwrap_or(i32::MAX);
+                    let bias1 = 1.0 - beta1.powi(t);
+                    let bias2 = 1.0 - beta2.powi(t);
+                    let denom = ((v.sqrt()? / bias2.sqrt())? + eps)?;
+                    let next = (&theta - ((&m / denom)? * (lr / bias1))?)?;
+                    slot.first = Some(m);
+                    slot.second = Some(v);
+                    next
+                }
+            };
+            slot.param.var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// Moments named as in PyTorch's state dict (`NAME.momentum_buffer`, `NAME.exp_avg`,
+    /// `NAME.exp_avg_sq`) and the per-parameter step counts.
+    pub fn state(&self) -> (HashMap<String, Tensor>, StepCounts) {
+        let (first, second) = self.moment_names();
+        let mut tensors = HashMap::new();
+        let mut steps = StepCounts::new();
+        for slot in &self.slots {
+            let name = &slot.param.name;
+            if let Some(t) = &slot.first {
+                tensors.insert(format!("{name}.{first}"), t.clone());
+            }
+            if let (Some(t), Some(second)) = (&slot.second, second) {
+                tensors.insert(format!("{name}.{second}"), t.clone());
+            }
+            if slot.steps > 0 {
+                steps.insert(name.clone(), slot.steps);
+            }
+        }
+        (tensors, steps)
+    }
+
+    /// Restores what [`Optimizer::state`] exported; every tensor must belong to a parameter
+    /// of this optimiser with the parameter's shape. Errors name the offending tensor.
+    pub fn load_state(
+        &mut self,
+        mut tensors: HashMap<String, Tensor>,
+        steps: &StepCounts,
+    ) -> Result<()> {
+        let (first, second) = self.moment_names();
+        if let Some(unknown) = steps
+            .keys()
+            .find(|n| !self.slots.iter().any(|s| &s.param.name == *n))
+        {
+            candle_core::bail!("optimiser state has step counts for unknown parameter `{unknown}`");
+        }
+        for slot in &mut self.slots {
+            let name = slot.param.name.clone();
+            let mut take = |suffix: &str| -> Result<Option<Tensor>> {
+                let key = format!("{name}.{suffix}");
+                match tensors.remove(&key) {
+                    Some(t) if t.dims() != slot.param.var.dims() => candle_core::bail!(
+                        "optimiser tensor `{key}` has shape {:?}, parameter has {:?}",
+                        t.dims(),
+                        slot.param.var.dims()
+                    ),
+                    Some(t) => Ok(Some(t.to_device(slot.param.var.device())?)),
+                    None => Ok(None),
+                }
+            };
+            slot.first = take(first)?;
+            slot.second = match second {
+                Some(second) => take(second)?,
+                None => None,
+            };
+            slot.steps = steps.get(&name).copied().unwrap_or(0);
+            let has_moments = slot.first.is_some()
+                || matches!(self.method, Method::Sgd { momentum, .. } if momentum == 0.0);
+            if slot.steps > 0 && !has_moments {
+                candle_core::bail!("optimiser state lacks the moments of `{name}`");
+            }
+        }
+        if let Some(unknown) = tensors.keys().next() {
+            candle_core::bail!("optimiser state has unexpected tensor `{unknown}`");
+        }
+        Ok(())
+    }
+
+    fn moment_names(&self) -> (&'static str, Option<&'static str>) {
+        match self.method {
+            Method::Sgd { .. } => ("momentum_buffer", None),
+            Method::AdamW { .. } => ("exp_avg", Some("exp_avg_sq")),
+        }
+    }
+}
+
+/// The factor that brings a gradient of norm `norm` down to `max_norm` (PyTorch's
+/// `clip_grad_norm_`: `max_norm / (norm + 1e-6)`, never above 1). `max_norm <= 0` disables it.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn setup() -> (VarMap, Var, Var) {
+        let varmap = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let w = vb
+            .get_with_hints((1, 2), "w.weight", candle_nn::Init::Const(1.0))
+            .unwrap();
+        let b = vb
+            .get_with_hints(1, "w.bias", candle_nn::Init::Const(0.5))
+            .unwrap();
+        vb.get_with_hints(1, "bn.running_mean", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let vars = varmap.data().lock().unwrap();
+        let (w_var, b_var) = (vars["w.weight"].clone(), vars["w.bias"].clone());
+        drop(vars);
+        assert!(w.is_variable() && b.is_variable());
+        (varmap, w_var, b_var)
+    }
+
+    /// loss = sum(w * x) + 3 b: gradients are x for w and 3 for b.
+    fn grads(w: &Var, b: &Var, x: [f32; 2]) -> GradStore {
+        let x = Tensor::new(&[x], &Device::Cpu).unwrap();
+        let loss = ((w.as_tensor() * x).unwrap().sum_all().unwrap()
+            + (b.as_tensor().sum_all().unwrap() * 3.0).unwrap())
+        .unwrap();
+        loss.backward().unwrap()
+    }
+
+    fn values(v: &Var) -> Vec<f32> {
+        v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn params_exclude_running_stats_and_decay_only_matrices() {
+        let (varmap, _, _) = setup();
+        let params = trainable_params(&varmap);
+        let summary: Vec<(&str, bool)> =
+            params.iter().map(|p| (p.name.as_str(), p.decay)).collect();
+        assert_eq!(summary, vec![("w.bias", false), ("w.weight", true)]);
+    }
+
+    #[test]
+    fn sgd_nesterov_with_weight_decay_matches_pytorch() {
+        let (varmap, w, b) = setup();
+        let (lr, mu, wd) = (0.1, 0.9, 0.01);
+        let mut opt = Optimizer::new(
+            Method::Sgd {
+                momentum: mu,
+                nesterov: true,
+            },
+            wd,
+            trainable_params(&varmap),
+        );
+        let all = |_: &str| true;
+        // Step 1: d = g + wd p; buf = d; update = d + mu buf.
+        opt.step(&grads(&w, &b, [1.0, -2.0]), lr, 1.0, &all)
+            .unwrap();
+        let d1 = [1.0 + wd, -2.0 + wd];
+        let w1: Vec<f64> = (0..2).map(|i| 1.0 - lr * (d1[i] + mu * d1[i])).collect();
+        let b1 = 0.5 - lr * (3.0 + mu * 3.0); // bias: no decay
+                                              // Step 2: buf = mu buf + d.
+        opt.step(&grads(&w, &b, [1.0, -2.0]), lr, 1.0, &all)
+            .unwrap();
+        let g = [1.0, -2.0];
+        let w2: Vec<f64> = (0..2)
+            .map(|i| {
+                let d = g[i] + wd * w1[i];
+                let buf = mu * d1[i] + d;
+                w1[i] - lr * (d + mu * buf)
+            })
+            .collect();
+        let buf_b = mu * 3.0 + 3.0;
+        let b2 = b1 - lr * (3.0 + mu * buf_b);
+        for (got, want) in values(&w).iter().zip(&w2) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        assert!((f64::from(values(&b)[0]) - b2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adamw_matches_pytorch_and_skips_decay_on_biases() {
+        let (varmap, w, b) = setup();
+        let (lr, wd, b1, b2, eps) = (0.01, 0.05, 0.9, 0.999, 1e-8);
+        let method = Method::AdamW {
+            beta1: b1,
+            beta2: b2,
+            eps,
+        };
+        let mut opt = Optimizer::new(method, wd, trainable_params(&varmap));
+        let all = |_: &str| true;
+        let g = [0.5f64, -4.0];
+        let (mut p, mut m, mut v) = ([1.0f64, 1.0], [0.0f64; 2], [0.0f64; 2]);
+        for t in 1..=3 {
+            opt.step(&grads(&w, &b, [g[0] as f32, g[1] as f32]), lr, 1.0, &all)
+                .unwrap();
+            for i in 0..2 {
+                p[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let denom = v[i].sqrt() / (1.0 - b2.powi(t)).sqrt() + eps;
+                p[i] -= lr / (1.0 - b1.powi(t)) * m[i] / denom;
+            }
+        }
+        for (got, want) in values(&w).iter().zip(&p) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        // The bias sees a constant gradient: Adam moves it by ~lr per step, with no decay.
+        assert!((f64::from(values(&b)[0]) - (0.5 - 3.0 * lr)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn state_round_trip_continues_identically() {
+        let method = Method::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let all = |_: &str| true;
+        let (varmap, w, b) = setup();
+        let mut opt = Optimizer::new(method, 0.05, trainable_params(&varmap));
+        opt.step(&grads(&w, &b, [1.0, 2.0]), 0.01, 1.0, &all)
+            .unwrap();
+        let (tensors, steps) = opt.state();
+        assert_eq!(tensors.len(), 4);
+        assert_eq!(steps["w.weight"], 1);
+
+        let (varmap2, w2, b2) = setup();
+        w2.set(w.as_tensor()).unwrap();
+        b2.set(b.as_tensor()).unwrap();
+        let mut restored = Optimizer::new(method, 0.05, trainable_params(&varmap2));
+        restored.load_state(tensors.clone(), &steps).unwrap();
+        opt.step(&grads(&w, &b, [-1.0, 0.5]), 0.01, 1.0, &all)
+            .unwrap();
+        restored
+            .step(&grads(&w2, &b2, [-1.0, 0.5]), 0.01, 1.0, &all)
+            .unwrap();
+        assert_eq!(values(&w), values(&w2));
+        assert_eq!(values(&b), values(&b2));
+
+        let mut bad = tensors;
+        bad.insert(
+            "nope.exp_avg".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = restored.load_state(bad, &steps).unwrap_err().to_string();
+        assert!(err.contains("nope.exp_avg"), "{err}");
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm_and_skips_unselected_params() {
+        let (varmap, w, b) = setup();
+        let mut opt = Optimizer::new(
+            Method::Sgd {
+                momentum: 0.0,
+                nesterov: false,
+            },
+            0.0,
+            trainable_params(&varmap),
+        );
+        let g = grads(&w, &b, [3.0, 4.0]);
+        // |(3, 4, 3)| over both parameters; 5 over the weight alone.
+        let norm = opt.grad_norm(&g, &|_| true).unwrap();
+        assert!((norm - 34f64.sqrt()).abs() < 1e-6);
+        let weight_only = |n: &str| n == "w.weight";
+        let norm = opt.grad_norm(&g, &weight_only).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let scale = clip_scale(norm, 1.0);
+        assert!((scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(100.0, 0.0), 1.0);
+        opt.step(&g, 1.0, scale, &weight_only).unwrap();
+        let w_now = values(&w);
+        // The update (3, 4) clipped to unit length; the bias is untouched.
+        assert!(
+            (f64::from(w_now[0]) - (1.0 - 0.6)).abs() < 1e-5,
+            "{w_now:?}"
+        );
+        assert!(
+            (f64::from(w_now[1]) - (1.0 - 0.8)).abs() < 1e-5,
+            "{w_now:?}"
+        );
+        assert_eq!(values(&b), vec![0.5]);
+    }
+}

@@ -1,0 +1,339 @@
+//! PNG plots of a run: the loss and accuracy curves and a confusion matrix. Text needs a
+//! TrueType font registered at runtime (plotters' ab_glyph backend bundles none): `VT_FONT`
+//! or a common system font. Without one the plots are drawn without text and a warning is
+//! logged once, since a plot without labels still shows the trend.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+
+use crate::error::{Result, TrainError};
+use crate::metrics::{ConfusionMatrix, EpochRecord};
+
+pub const CURVES_PNG: &str = "curves.png";
+pub const CONFUSION_PNG: &str = "confusion.png";
+
+const FONT: &str = "sans-serif";
+const FONT_CANDIDATES: [&str; 6] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a font once per process; false when none could be loaded.
+fn text_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let from_env = std::env::var_os("VT_FONT").map(PathBuf::from);
+        let candidates = from_env
+            .into_iter()
+            .chain(FONT_CANDIDATES.iter().map(PathBuf::from));
+        for path in candidates {
+            let Ok(bytes) = fs::read(&path) else { continue };
+            // plotters keeps fonts for the whole process: leaking the one copy is intended.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if register_font(FONT, FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+        tracing::warn!(
+            "no TrueType font found (set VT_FONT=/path/to/font.ttf): plots are drawn without text"
+        );
+        false
+    })
+}
+
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Draws into a temporary sibling and renames it over `path`.
+fn draw_atomically(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>, bool) -> Result<()>,
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+        draw(&root, text_available())?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+struct Curve<'a> {
+    label: &'a str,
+    color: RGBColor,
+    points: Vec<(f64, f64)>,
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    path: &Path,
+    title: &str,
+    curves: &[Curve],
+    y_floor_zero: bool,
+    text: bool,
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+    let all = curves.iter().flat_map(|c| c.points.iter());
+    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let (mut y_min, mut y_max) = all
+        .map(|p| p.1)
+        .filter(|y| y.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+            (lo.min(y), hi.max(y))
+        });
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    if y_floor_zero {
+        y_min = y_min.min(0.0);
+    }
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(12);
+    if text {
+        builder
+            .caption(title, (FONT, 20))
+            .x_label_area_size(32)
+            .y_label_area_size(50);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0.5..x_max + 0.5, (y_min - pad)..(y_max + pad))
+        .map_err(|e| err(&e))?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("epoch")
+            .label_style((FONT, 13))
+            .x_label_formatter(&|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    String::new()
+                }
+            });
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|e| err(&e))?;
+    for curve in curves {
+        let color = curve.color;
+        let points: Vec<(f64, f64)> = curve
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.1.is_finite())
+            .collect();
+        let series = chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?;
+        if text {
+            series.label(curve.label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        }
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(|e| err(&e))?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    Ok(())
+}
+
+/// `curves.png`: loss (train, validation) and accuracy (train, validation) per epoch.
+pub fn draw_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
+    let series =
+        |f: fn(&EpochRecord) -> f64| records.iter().map(|r| (r.epoch as f64, f(r))).collect();
+    draw_atomically(path, (1100, 420), |root, text| {
+        let (left, right) = root.split_horizontally(550);
+        let loss = [
+            Curve {
+                label: "train",
+                color: BLUE,
+                points: series(|r| r.train_loss),
+            },
+            Curve {
+                label: "validation",
+                color: RED,
+                points: series(|r| r.val_loss),
+            },
+        ];
+        draw_panel(&left, path, "loss", &loss, true, text)?;
+        let acc = [
+            Curve {
+                label: "train",
+                color: BLUE,
+                points: series(|r| r.train_acc),
+            },
+            Curve {
+                label: "validation",
+                color: RED,
+                points: series(|r| r.val_acc),
+            },
+        ];
+        draw_panel(&right, path, "accuracy", &acc, true, text)
+    })
+}
+
+/// `confusion.png`: rows are true classes, columns predictions; shade = row fraction.
+pub fn draw_confusion(path: &Path, matrix: &ConfusionMatrix, title: &str) -> Result<()> {
+    let k = matrix.classes.len().max(1);
+    let cell = 70i32;
+    let (left, top) = (120i32, 70i32);
+    let side = cell * k as i32;
+    let size = ((left + side + 20) as u32, (top + side + 20) as u32);
+    draw_atomically(path, size, |root, text| {
+        let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+        for (t, row) in matrix.counts.iter().enumerate() {
+            let total: u64 = row.iter().sum();
+            for (p, &count) in row.iter().enumerate() {
+                let frac = if total == 0 {
+                    0.0
+                } else {
+                    count as f64 / total as f64
+                };
+                let shade = |full: f64| (255.0 - (255.0 - full) * frac) as u8;
+                let color = RGBColor(shade(8.0), shade(48.0), shade(107.0));
+                let (x, y) = (left + p as i32 * cell, top + t as i32 * cell);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    color.filled(),
+                ))
+                .map_err(|e| err(&e))?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    BLACK.mix(0.2),
+                ))
+                .map_err(|e| err(&e))?;
+                if text {
+                    let ink = if frac > 0.5 { WHITE } else { BLACK };
+                    let style = TextStyle::from((FONT, 16).into_font()).color(&ink);
+                    root.draw(&Text::new(
+                        count.to_string(),
+                        (x + 8, y + cell / 2 - 8),
+                        style,
+                    ))
+                    .map_err(|e| err(&e))?;
+                }
+            }
+        }
+        if text {
+            let style = TextStyle::from((FONT, 13).into_font()).color(&BLACK);
+            root.draw(&Text::new(
+                title.to_string(),
+                (10, 8),
+                TextStyle::from((FONT, 18).into_font()),
+            ))
+            .map_err(|e| err(&e))?;
+            root.draw(&Text::new(
+                "true \\ predicted",
+                (10, top - 22),
+                style.clone(),
+            ))
+            .map_err(|e| err(&e))?;
+            for (i, name) in matrix.classes.iter().enumerate() {
+                let short: String = name.chars().take(10).collect();
+                let offset = i as i32 * cell;
+                root.draw(&Text::new(
+                    short.clone(),
+                    (8, top + offset + cell / 2 - 7),
+                    style.clone(),
+                ))
+                .map_err(|e| err(&e))?;
+                root.draw(&Text::new(
+                    short,
+                    (left + offset + 4, top - 40),
+                    style.clone(),
+                ))
+                .map_err(|e| err(&e))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::EpochRecord;
+
+    fn record(epoch: usize, loss: f64) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            train_loss: loss,
+            train_acc: 0.3,
+            val_loss: loss + 0.1,
+            val_acc: 0.2,
+            val_class_acc: Default::default(),
+            lr: 0.1,
+            img_per_s: 1.0,
+            epoch_time_s: 1.0,
+            grad_norm_mean: 1.0,
+            grad_norm_max: 1.0,
+            clipped_steps: 0,
+            skipped_steps: 0,
+            global_step: 1,
+            stem_frozen: false,
+            best: false,
+        }
+    }
+
+    fn is_png(path: &Path) -> bool {
+        fs::read(path)
+            .map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n"))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn plots_are_written_as_png_even_with_one_epoch_or_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let curves = dir.path().join(CURVES_PNG);
+        draw_curves(&curves, &[record(1, 1.5)]).unwrap();
+        assert!(is_png(&curves));
+        draw_curves(
+            &curves,
+            &[record(1, 1.5), record(2, f64::NAN), record(3, 0.7)],
+        )
+        .unwrap();
+        assert!(is_png(&curves));
+        let mut cm = ConfusionMatrix::new(vec!["forest".into(), "sea".into()]);
+        cm.add(&[0, 0, 1], &[0, 1, 1]);
+        let confusion = dir.path().join(CONFUSION_PNG);
+        draw_confusion(&confusion, &cm, "validation, epoch 1").unwrap();
+        assert!(is_png(&confusion));
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    }
+}

@@ -1,0 +1,214 @@
+//! The full training state, `RUN/state/`, written atomically after every epoch: the model
+//! (a strict-loading checkpoint, BatchNorm statistics included), the optimiser moments, the
+//! EMA weights and `training.json` (epoch, step, best metric, config). Data order and
+//! augmentation derive from (seed, epoch, sample), so the seed is the whole RNG state.
+//!
+//! Every folder of a run (`best/`, `last/`, `state/`) is replaced by a rename, so a kill at
+//! any moment leaves the previous or the next version, never a mix.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use vt_model::checkpoint::{
+    assign_strict, read_tensors, recover_interrupted_write, write_dir_atomically, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
+use vt_model::{Model, ModelError};
+
+use crate::config::TrainConfig;
+use crate::ema::Ema;
+use crate::error::{Result, TrainError};
+use crate::optim::{Optimizer, StepCounts};
+
+pub const STATE_DIR: &str = "state";
+pub const BEST_DIR: &str = "best";
+pub const LAST_DIR: &str = "last";
+const TRAINING_FILE: &str = "training.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const EMA_FILE: &str = "ema.safetensors";
+const FORMAT: u32 = 1;
+
+/// `training.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub format: u32,
+    /// Completed epochs; the next epoch to run has this 0-based index.
+    pub epochs_done: usize,
+    pub global_step: u64,
+    pub best_val_acc: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub epochs_since_best: usize,
+    pub stopped_early: bool,
+    pub optimizer_steps: StepCounts,
+    pub config: TrainConfig,
+}
+
+impl Progress {
+    pub fn new(config: TrainConfig) -> Self {
+        Progress {
+            format: FORMAT,
+            epochs_done: 0,
+            global_step: 0,
+            best_val_acc: None,
+            best_val_loss: None,
+            best_epoch: None,
+            epochs_since_best: 0,
+            stopped_early: false,
+            optimizer_steps: StepCounts::new(),
+            config,
+        }
+    }
+
+    /// Whether (accuracy, loss) beats the best so far: higher accuracy, or the same
+    /// accuracy with a lower loss (ties are common on small validation sets).
+    pub fn improves(&self, val_acc: f64, val_loss: f64) -> bool {
+        match (self.best_val_acc, self.best_val_loss) {
+            (Some(acc), Some(loss)) => val_acc > acc || (val_acc == acc && val_loss < loss),
+            _ => true,
+        }
+    }
+}
+
+fn model_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Weights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Writes `RUN/state/` atomically.
+pub fn save(
+    run_dir: &Path,
+    progress: &Progress,
+    model: &Model,
+    optimizer: &Optimizer,
+    ema: Option<&Ema>,
+) -> Result<()> {
+    let dir = run_dir.join(STATE_DIR);
+    let (moments, steps) = optimizer.state();
+    let progress = Progress {
+        optimizer_steps: steps,
+        ..progress.clone()
+    };
+    let training = serde_json::to_string_pretty(&progress).map_err(|source| TrainError::Json {
+        path: dir.join(TRAINING_FILE),
+        source,
+    })?;
+    let config =
+        serde_json::to_string_pretty(&model.config).map_err(|source| TrainError::Json {
+            path: dir.join(CONFIG_FILE),
+            source,
+        })?;
+    write_dir_atomically(&dir, |tmp| {
+        let write_text = |name: &str, text: &str| {
+            let path = tmp.join(name);
+            fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+        };
+        write_text(CONFIG_FILE, &config)?;
+        model.varmap.save(tmp.join(WEIGHTS_FILE))?;
+        let path = tmp.join(OPTIMIZER_FILE);
+        candle_core::safetensors::save(&moments, &path).map_err(|e| model_error(&path, e))?;
+        if let Some(ema) = ema {
+            ema.model.varmap.save(tmp.join(EMA_FILE))?;
+        }
+        // Last, so that a state folder with training.json is complete.
+        write_text(TRAINING_FILE, &training)
+    })?;
+    Ok(())
+}
+
+/// Whether `RUN/state/` holds a saved state.
+pub fn exists(run_dir: &Path) -> Result<bool> {
+    let dir = run_dir.join(STATE_DIR);
+    recover_interrupted_write(&dir)?;
+    Ok(dir.join(TRAINING_FILE).is_file())
+}
+
+pub fn read_progress(run_dir: &Path) -> Result<Progress> {
+    let dir = run_dir.join(STATE_DIR);
+    recover_interrupted_write(&dir)?;
+    let path = dir.join(TRAINING_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let progress: Progress = serde_json::from_str(&text).map_err(|source| TrainError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if progress.format != FORMAT {
+        return Err(TrainError::State {
+            path,
+            message: format!(
+                "state format {} is not supported (expected {FORMAT})",
+                progress.format
+            ),
+        });
+    }
+    Ok(progress)
+}
+
+/// Loads the model (strictly) from `RUN/state/`.
+pub fn load_model(run_dir: &Path, device: &Device) -> Result<Model> {
+    Ok(Model::load(&run_dir.join(STATE_DIR), device)?)
+}
+
+/// Restores the optimiser moments and the EMA weights saved with `progress`.
+pub fn load_training(
+    run_dir: &Path,
+    progress: &Progress,
+    optimizer: &mut Optimizer,
+    ema: Option<&Ema>,
+    device: &Device,
+) -> Result<()> {
+    let dir = run_dir.join(STATE_DIR);
+    let path = dir.join(OPTIMIZER_FILE);
+    let moments: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&path, device).map_err(|e| TrainError::State {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    optimizer
+        .load_state(moments, &progress.optimizer_steps)
+        .map_err(|e| TrainError::State {
+            path,
+            message: e.to_string(),
+        })?;
+    if let Some(ema) = ema {
+        let path = dir.join(EMA_FILE);
+        if !path.is_file() {
+            // EMA switched on when resuming: start the average from the current weights.
+            tracing::info!("{} absent: the weight average starts now", path.display());
+            return Ok(());
+        }
+        let tensors = read_tensors(&path, device)?;
+        assign_strict(&path, &ema.model.varmap, &tensors)?;
+    }
+    Ok(())
+}
+
+/// Removes temporary siblings (`.NAME.tmp-PID...`) that a killed process left in the run
+/// folder; the folders they were building are rebuilt anyway.
+pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(run_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::io(run_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| TrainError::io(run_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let path: PathBuf = entry.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| TrainError::io(&path, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,586 @@
+//! `vt-train train`: the training loop, checkpoints, metrics, plots and resumption.
+//!
+//! After every epoch, in this order: a line appended to `metrics.jsonl` (and `metrics.csv`,
+//! plots rewritten), `best/` when validation improved, `last/`, then `state/`. A run killed
+//! anywhere resumes from `state/`, dropping metric lines of epochs after the saved one, so
+//! every epoch is logged exactly once.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use vt_data::dataset::{ImageFolder, Split};
+use vt_data::loader::{batches, LoaderConfig, Transform};
+use vt_model::pretrained::{load_stem, Source};
+use vt_model::{parse_device, Model, VtConfig};
+
+use crate::config::{TrainConfig, TrainOptions};
+use crate::data;
+use crate::ema::Ema;
+use crate::eval::evaluate;
+use crate::init::seeded_model;
+use crate::loss::{cross_entropy, predictions};
+use crate::metrics::{write_atomically, EpochRecord, MetricsLog};
+use crate::optim::{clip_scale, trainable_params, Optimizer};
+use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
+use crate::progress::EpochProgress;
+use crate::schedule::LrSchedule;
+use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
+use crate::threads;
+
+pub const CONFIG_TOML: &str = "config.toml";
+const STEM_PREFIXES: [&str; 5] = ["conv1.", "bn1.", "layer1.", "layer2.", "layer3."];
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainArgs {
+    /// TOML file of options, named as the flags without dashes in front (e.g.
+    /// `batch-size = 64`); flags override it. A run's config.toml is such a file
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --run-dir after its last completed epoch; options given now
+    /// override the saved ones (e.g. --epochs to train longer)
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub options: TrainOptions,
+}
+
+/// Set by Ctrl-C; a second Ctrl-C exits at once (every file is written atomically).
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(flag.clone());
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: stopping after the current step (Ctrl-C again to exit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(FLAG.get_or_init(|| flag).clone())
+}
+
+/// `runs/YYYYMMDD-HHMMSS` (UTC).
+fn default_run_dir() -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(timestamp(secs))
+}
+
+/// `YYYYMMDD-HHMMSS` of a Unix time, UTC.
+fn timestamp(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn is_stem(name: &str) -> bool {
+    STEM_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+fn model_config(config: &TrainConfig, class_names: Vec<String>) -> VtConfig {
+    VtConfig {
+        tokens: config.tokens,
+        token_channels: config.token_channels,
+        heads: config.heads,
+        class_names,
+        ..VtConfig::new(config.arch, 0, config.image_size)
+    }
+    .with_num_classes()
+}
+
+/// The settings and where the run lives, before any tensor exists.
+struct Plan {
+    config: TrainConfig,
+    run_dir: PathBuf,
+    /// The saved progress when resuming.
+    resumed: Option<Progress>,
+}
+
+fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
+    let file = match &args.config {
+        Some(path) => TrainOptions::from_toml_file(path)?,
+        None => TrainOptions::default(),
+    };
+    let given = file.overridden_by(&args.options);
+    if args.resume {
+        let run_dir = given
+            .run_dir
+            .clone()
+            .context("--resume needs --run-dir (or run-dir in --config)")?;
+        if !state::exists(&run_dir)? {
+            bail!(
+                "{} holds no saved training state (state/training.json): nothing to resume; \
+                 start the run without --resume",
+                run_dir.display()
+            );
+        }
+        let mut progress = state::read_progress(&run_dir)?;
+        let saved = progress.config.to_options();
+        for change in saved.changes(&given) {
+            tracing::info!("resume: overriding {change}");
+        }
+        let config = TrainConfig::resolve(&saved.overridden_by(&given))?;
+        progress.config = config.clone();
+        return Ok(Plan {
+            config,
+            run_dir,
+            resumed: Some(progress),
+        });
+    }
+    let mut config = TrainConfig::resolve(&given)?;
+    let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
+    config.run_dir = Some(run_dir.clone());
+    if state::exists(&run_dir)? {
+        bail!(
+            "{} already holds a training run: add --resume to continue it, or choose another --run-dir",
+            run_dir.display()
+        );
+    }
+    Ok(Plan {
+        config,
+        run_dir,
+        resumed: None,
+    })
+}
+
+struct Trainer {
+    config: TrainConfig,
+    run_dir: PathBuf,
+    classes: Vec<String>,
+    train_set: ImageFolder,
+    val_set: ImageFolder,
+    model: Model,
+    optimizer: Optimizer,
+    ema: Option<Ema>,
+    schedule: LrSchedule,
+    train_loader: LoaderConfig,
+    val_loader: LoaderConfig,
+    progress: Progress,
+    records: Vec<EpochRecord>,
+    metrics: MetricsLog,
+    interrupted: Arc<AtomicBool>,
+}
+
+/// Sums over the steps of one epoch.
+#[derive(Default)]
+struct EpochTotals {
+    loss_sum: f64,
+    correct: u64,
+    images: u64,
+    grad_norm_sum: f64,
+    grad_norm_max: f64,
+    grad_norms: u64,
+    clipped: u64,
+    skipped: u64,
+    lr: f64,
+    seconds: f64,
+}
+
+enum EpochEnd {
+    Completed(EpochTotals),
+    Interrupted,
+}
+
+impl Trainer {
+    /// The weights that are validated and saved: the average when EMA is on.
+    fn served(&self) -> &Model {
+        self.ema.as_ref().map_or(&self.model, |e| &e.model)
+    }
+
+    fn train_epoch(&mut self, epoch: usize) -> anyhow::Result<EpochEnd> {
+        let frozen = epoch < self.config.freeze_stem_epochs;
+        let selected = move |name: &str| !(frozen && is_stem(name));
+        let mut totals = EpochTotals::default();
+        let start = Instant::now();
+        let label = format!("epoch {}/{}", epoch + 1, self.config.epochs);
+        let mut iter = batches(
+            &self.train_set.samples,
+            &self.train_loader,
+            epoch as u64,
+            &self.model.device,
+        );
+        let mut bar = EpochProgress::new(label, iter.len());
+        for batch in iter.by_ref() {
+            let batch =
+                batch.with_context(|| format!("loading training batch of epoch {}", epoch + 1))?;
+            let lr = self.schedule.lr(self.progress.global_step);
+            let logits = self.model.forward_t(&batch.images, true)?;
+            let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            let grads = loss.backward()?;
+            let norm = self.optimizer.grad_norm(&grads, &selected)?;
+            self.progress.global_step += 1;
+            totals.lr = lr;
+            if !(loss_value.is_finite() && norm.is_finite()) {
+                totals.skipped += 1;
+                tracing::warn!(
+                    "step {}: loss {loss_value}, gradient norm {norm}: update skipped",
+                    self.progress.global_step
+                );
+                continue;
+            }
+            let scale = clip_scale(norm, self.config.clip_grad);
+            if scale < 1.0 {
+                totals.clipped += 1;
+            }
+            self.optimizer.step(&grads, lr, scale, &selected)?;
+            if let Some(ema) = &self.ema {
+                ema.update(&self.model)?;
+            }
+            let n = batch.indices.len();
+            let labels = batch.labels.to_vec1::<u32>()?;
+            let preds = predictions(&logits)?;
+            totals.correct += labels.iter().zip(&preds).filter(|(a, b)| a == b).count() as u64;
+            totals.loss_sum += loss_value * n as f64;
+            totals.images += n as u64;
+            totals.grad_norm_sum += norm;
+            totals.grad_norm_max = totals.grad_norm_max.max(norm);
+            totals.grad_norms += 1;
+            let images = totals.images.max(1) as f64;
+            bar.advance(
+                n,
+                &format!(
+                    "loss {:.4} acc {:.1}% lr {lr:.2e} |g| {norm:.2}",
+                    totals.loss_sum / images,
+                    100.0 * totals.correct as f64 / images
+                ),
+            );
+            if self.interrupted.load(Ordering::SeqCst) {
+                bar.finish();
+                return Ok(EpochEnd::Interrupted);
+            }
+        }
+        bar.finish();
+        totals.seconds = start.elapsed().as_secs_f64();
+        if totals.images == 0 {
+            bail!(
+                "epoch {}: no training step succeeded (see the warnings above)",
+                epoch + 1
+            );
+        }
+        Ok(EpochEnd::Completed(totals))
+    }
+
+    /// Runs the remaining epochs.
+    fn run(&mut self) -> anyhow::Result<()> {
+        for epoch in self.progress.epochs_done..self.config.epochs {
+            let start = Instant::now();
+            let totals = match self.train_epoch(epoch)? {
+                EpochEnd::Completed(totals) => totals,
+                EpochEnd::Interrupted => {
+                    let last = self.run_dir.join(LAST_DIR);
+                    self.served()
+                        .save(&last)
+                        .with_context(|| format!("writing {}", last.display()))?;
+                    tracing::info!(
+                        "interrupted in epoch {}: {} holds the current weights; `--resume --run-dir {}` \
+                         restarts epoch {} from its beginning",
+                        epoch + 1,
+                        last.display(),
+                        self.run_dir.display(),
+                        epoch + 1
+                    );
+                    return Ok(());
+                }
+            };
+            let label = format!("validate {}/{}", epoch + 1, self.config.epochs);
+            let val = evaluate(
+                self.served(),
+                &self.val_set.samples,
+                &self.val_loader,
+                &self.classes,
+                &label,
+            )?;
+            let (val_acc, val_loss) = (val.matrix.accuracy(), val.loss);
+            let best = self.progress.improves(val_acc, val_loss);
+            let images = totals.images as f64;
+            let record = EpochRecord {
+                epoch: epoch + 1,
+                train_loss: totals.loss_sum / images,
+                train_acc: totals.correct as f64 / images,
+                val_loss,
+                val_acc,
+                val_class_acc: val.matrix.class_accuracy(),
+                lr: totals.lr,
+                img_per_s: images / totals.seconds.max(1e-9),
+                epoch_time_s: start.elapsed().as_secs_f64(),
+                grad_norm_mean: totals.grad_norm_sum / totals.grad_norms.max(1) as f64,
+                grad_norm_max: totals.grad_norm_max,
+                clipped_steps: totals.clipped,
+                skipped_steps: totals.skipped,
+                global_step: self.progress.global_step,
+                stem_frozen: epoch < self.config.freeze_stem_epochs,
+                best,
+            };
+            self.metrics.append(&record)?;
+            self.records.push(record.clone());
+            self.metrics.write_csv(&self.records, &self.classes)?;
+            self.draw_plots(&val.matrix, epoch + 1);
+            if best {
+                let dir = self.run_dir.join(BEST_DIR);
+                self.served()
+                    .save(&dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                self.progress.best_val_acc = Some(val_acc);
+                self.progress.best_val_loss = Some(val_loss);
+                self.progress.best_epoch = Some(epoch + 1);
+                self.progress.epochs_since_best = 0;
+            } else {
+                self.progress.epochs_since_best += 1;
+            }
+            let last = self.run_dir.join(LAST_DIR);
+            self.served()
+                .save(&last)
+                .with_context(|| format!("writing {}", last.display()))?;
+            self.progress.epochs_done = epoch + 1;
+            let patience = self.config.early_stop;
+            self.progress.stopped_early =
+                patience.is_some_and(|p| self.progress.epochs_since_best >= p);
+            state::save(
+                &self.run_dir,
+                &self.progress,
+                &self.model,
+                &self.optimizer,
+                self.ema.as_ref(),
+            )
+            .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
+            tracing::info!(
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%{} | lr {:.2e} | \
+                 {:.1} img/s | {:.1}s | |g| mean {:.2} max {:.2}, {} clipped",
+                record.epoch,
+                self.config.epochs,
+                record.train_loss,
+                100.0 * record.train_acc,
+                record.val_loss,
+                100.0 * record.val_acc,
+                if best { " (best)" } else { "" },
+                record.lr,
+                record.img_per_s,
+                record.epoch_time_s,
+                record.grad_norm_mean,
+                record.grad_norm_max,
+                record.clipped_steps
+            );
+            if self.progress.stopped_early {
+                tracing::info!(
+                    "early stop: no improvement for {} epochs (best epoch {})",
+                    self.progress.epochs_since_best,
+                    self.progress.best_epoch.unwrap_or(0)
+                );
+                break;
+            }
+            if self.interrupted.load(Ordering::SeqCst) {
+                tracing::info!(
+                    "interrupted: stopped after epoch {}; continue with `--resume --run-dir {}`",
+                    epoch + 1,
+                    self.run_dir.display()
+                );
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            "done: best validation accuracy {:.2}% at epoch {}; checkpoints in {}/{{{BEST_DIR},{LAST_DIR}}}",
+            100.0 * self.progress.best_val_acc.unwrap_or(0.0),
+            self.progress.best_epoch.unwrap_or(0),
+            self.run_dir.display()
+        );
+        Ok(())
+    }
+
+    /// Plots are a convenience: failing to draw one is logged, not fatal.
+    fn draw_plots(&self, matrix: &crate::metrics::ConfusionMatrix, epoch: usize) {
+        let curves = draw_curves(&self.run_dir.join(CURVES_PNG), &self.records);
+        let title = format!("validation, epoch {epoch}");
+        let confusion = draw_confusion(&self.run_dir.join(CONFUSION_PNG), matrix, &title);
+        for err in [curves.err(), confusion.err()].into_iter().flatten() {
+            tracing::warn!("{err}");
+        }
+    }
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let Plan {
+        config,
+        run_dir,
+        resumed,
+    } = plan(args)?;
+    threads::set_compute_threads(Some(config.threads));
+    let device = parse_device(&config.device)?;
+    let train_set =
+        data::open_split(&config.data, Split::Train, config.limit_train, config.seed)
+            .with_context(|| format!("reading the training split of {}", config.data.display()))?;
+    let val_set = data::open_split(&config.data, Split::Val, config.limit_val, config.seed)
+        .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
+    let classes = train_set.classes.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    state::remove_stale_temporaries(&run_dir)?;
+
+    let wanted = model_config(&config, classes.clone());
+    let model = match &resumed {
+        Some(_) => {
+            let model = state::load_model(&run_dir, &device)?;
+            if model.config != wanted {
+                bail!(
+                    "the saved model ({:?}) differs from the requested one ({:?}): the model's \
+                     shape, classes and image size cannot change when resuming",
+                    model.config,
+                    wanted
+                );
+            }
+            model
+        }
+        None => {
+            let model = seeded_model(wanted, &device, config.seed)?;
+            if let Some(spec) = &config.pretrained {
+                let loaded = load_stem(&model, &Source::parse(spec)?)
+                    .with_context(|| format!("loading the pretrained stem from {spec}"))?;
+                tracing::info!("loaded {loaded} stem tensors from {spec}");
+            }
+            model
+        }
+    };
+    let mut optimizer = Optimizer::new(
+        config.method(),
+        config.weight_decay,
+        trainable_params(&model.varmap),
+    );
+    let ema = config
+        .ema
+        .map(|decay| Ema::new(&model, decay))
+        .transpose()?;
+    let progress = match resumed {
+        Some(progress) => {
+            state::load_training(&run_dir, &progress, &mut optimizer, ema.as_ref(), &device)?;
+            progress
+        }
+        None => Progress::new(config.clone()),
+    };
+    write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
+
+    let metrics = MetricsLog::new(&run_dir);
+    let mut records = metrics.read()?;
+    let logged = records.len();
+    records.retain(|r| r.epoch <= progress.epochs_done);
+    if records.len() != logged {
+        tracing::info!(
+            "dropping {} metric lines logged after the saved epoch",
+            logged - records.len()
+        );
+    }
+    metrics.rewrite(&records, &classes)?;
+
+    let norm = data::normalize(&model.config);
+    let train_loader = data::train_loader(
+        Transform::Train(config.augment(norm)),
+        train_set.len(),
+        config.batch_size,
+        config.seed,
+        config.loader_threads,
+    );
+    let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
+    let steps_per_epoch = data::steps_per_epoch(train_set.len(), &train_loader);
+    let schedule = LrSchedule {
+        base_lr: config.lr,
+        decay: config.decay(),
+        warmup_steps: (config.warmup_epochs * steps_per_epoch as f64).round() as u64,
+        steps_per_epoch,
+        total_steps: steps_per_epoch * config.epochs as u64,
+    };
+    if progress.stopped_early {
+        tracing::info!(
+            "{} stopped early at epoch {}: nothing to do",
+            run_dir.display(),
+            progress.epochs_done
+        );
+        return Ok(());
+    }
+    if progress.epochs_done >= config.epochs {
+        tracing::info!(
+            "{} has completed its {} epochs (give a larger --epochs to continue)",
+            run_dir.display(),
+            config.epochs
+        );
+        return Ok(());
+    }
+    tracing::info!(
+        "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} steps per epoch | \
+         {:?} recipe, {:?} | device {:?}, {} compute + {} loader threads | run {}",
+        if progress.epochs_done > 0 {
+            "resuming"
+        } else {
+            "training"
+        },
+        model.config.arch,
+        model.num_parameters(),
+        classes.len(),
+        model.config.image_size,
+        train_set.len(),
+        val_set.len(),
+        steps_per_epoch,
+        config.recipe,
+        config.method(),
+        device,
+        config.threads,
+        config.loader_threads,
+        run_dir.display()
+    );
+    let mut trainer = Trainer {
+        interrupted: interrupt_flag()?,
+        config,
+        run_dir,
+        classes,
+        train_set,
+        val_set,
+        model,
+        optimizer,
+        ema,
+        schedule,
+        train_loader,
+        val_loader,
+        progress,
+        records,
+        metrics,
+    };
+    trainer.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stem_parameters_are_recognised() {
+        assert!(is_stem("layer3.1.conv2.weight") && is_stem("bn1.bias") && is_stem("conv1.weight"));
+        assert!(!is_stem("vt.0.tokenizer.attn.weight") && !is_stem("head.bias"));
+    }
+
+    #[test]
+    fn run_folders_are_named_by_utc_time() {
+        assert_eq!(timestamp(0), "19700101-000000");
+        assert_eq!(timestamp(1_700_000_000), "20231114-221320");
+        assert_eq!(timestamp(951_782_400), "20000229-000000");
+        assert!(default_run_dir().starts_with("runs"));
+    }
+}

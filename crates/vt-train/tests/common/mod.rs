@@ -1,0 +1,119 @@
+//! Helpers of the vt-train integration tests: small data sets and the real binary.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vt_data::fetch::{fetch, FetchOptions, FetchSource};
+use vt_data::source::synthetic::SyntheticConfig;
+use vt_train::metrics::EpochRecord;
+
+/// A synthetic data set (stripes and hues, 6 classes) at 32 px: train/ val/ test/ with a
+/// manifest, as `cargo xtask fetch-data --source synthetic` writes it.
+pub fn synthetic_data(root: &Path, train_per_class: usize) -> PathBuf {
+    let dir = root.join("data");
+    let source = FetchSource::Synthetic(SyntheticConfig {
+        train_per_class,
+        test_per_class: 4,
+        pred: 0,
+        image_size: 32,
+        seed: 7,
+    });
+    let mut options = FetchOptions::new(&dir, source);
+    options.val_fraction = 0.25;
+    fetch(&options).unwrap();
+    dir
+}
+
+/// Flags of a tiny, fast model on one compute thread.
+pub const TINY: [&str; 12] = [
+    "--image-size",
+    "32",
+    "--tokens",
+    "4",
+    "--token-channels",
+    "32",
+    "--heads",
+    "2",
+    "--threads",
+    "1",
+    "--loader-threads",
+    "1",
+];
+
+pub fn vt_train() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vt-train"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Runs the binary and fails the test with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn records(run_dir: &Path) -> Vec<EpochRecord> {
+    let text = fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn is_png(path: &Path) -> bool {
+    fs::read(path)
+        .map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n"))
+        .unwrap_or(false)
+}
+
+/// `../shared/data/intel-sample` beside the repository, when present.
+pub fn intel_sample() -> Option<PathBuf> {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/intel-sample/seg_train");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: the real photos ({}) are absent", dir.display());
+        None
+    }
+}
+
+/// A data folder of real photos: `per_split` images per class copied into each of train/,
+/// val/ and test/ (train gets `train_per_class`), no manifest (classes from folder names).
+pub fn real_data(sample: &Path, root: &Path, train_per_class: usize, per_split: usize) -> PathBuf {
+    let dir = root.join("real");
+    let mut classes: Vec<PathBuf> = fs::read_dir(sample)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    classes.sort();
+    for class in classes.iter().filter(|p| p.is_dir()) {
+        let mut files: Vec<PathBuf> = fs::read_dir(class)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let name = class.file_name().unwrap();
+        let mut files = files.into_iter();
+        for (split, count) in [
+            ("train", train_per_class),
+            ("val", per_split),
+            ("test", per_split),
+        ] {
+            let target = dir.join(split).join(name);
+            fs::create_dir_all(&target).unwrap();
+            for file in files.by_ref().take(count) {
+                fs::copy(&file, target.join(file.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    dir
+}

@@ -1,0 +1,288 @@
+//! Real short trainings of a tiny model through the `vt-train` binary.
+
+mod common;
+
+use std::fs;
+
+use candle_core::Device;
+use common::*;
+use vt_model::Model;
+
+#[test]
+fn training_learns_writes_the_run_folder_and_eval_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 16);
+    let run = tmp.path().join("run");
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--data"])
+            .arg(&data)
+            .arg("--run-dir")
+            .arg(&run)
+            .args(TINY)
+            .args([
+                "--batch-size",
+                "16",
+                "--epochs",
+                "4",
+                "--lr",
+                "3e-3",
+                "--warmup-epochs",
+                "0.5",
+                "--ema",
+                "0.5",
+            ]),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("epoch 4/4"), "{log}");
+
+    let records = records(&run);
+    assert_eq!(
+        records.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(
+        records[3].train_loss < records[0].train_loss,
+        "training loss should fall: {:?}",
+        records.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+    );
+    for r in &records {
+        assert!(r.val_loss.is_finite() && r.img_per_s > 0.0 && r.grad_norm_max >= r.grad_norm_mean);
+        assert_eq!(r.val_class_acc.len(), 6);
+    }
+    // Cosine decay after warmup: the rate of the last step is below the peak.
+    assert!(records[3].lr < 3e-3 && records[0].lr <= 3e-3);
+    let csv = fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with("epoch,train_loss,train_acc,val_loss,val_acc,lr,img_per_s"));
+    assert!(is_png(&run.join("curves.png")) && is_png(&run.join("confusion.png")));
+
+    for dir in ["best", "last", "state"] {
+        let model = Model::load(&run.join(dir), &Device::Cpu).unwrap();
+        assert_eq!(model.config.image_size, 32);
+        assert_eq!(model.config.class_names.len(), 6);
+    }
+    // config.toml is a valid --config file.
+    let config: toml::Table = fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(config["epochs"].as_integer(), Some(4));
+    assert_eq!(config["ema"].as_float(), Some(0.5));
+
+    let report = tmp.path().join("report.json");
+    let out = run_ok(
+        vt_train()
+            .args(["eval", "--checkpoint"])
+            .arg(run.join("best"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--split", "test", "--threads", "1", "--out"])
+            .arg(&report),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("precision") && text.contains("confusion matrix"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["images"], 24);
+    let counts: u64 = json["confusion_matrix"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()))
+        .sum();
+    assert_eq!(counts, 24);
+    assert_eq!(json["classes"].as_array().unwrap().len(), 6);
+    assert!(json["accuracy"].as_f64().unwrap() >= 0.0);
+    assert!(is_png(&report.with_extension("png")));
+}
+
+#[test]
+fn a_config_file_sets_options_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let config = tmp.path().join("train.toml");
+    let text = format!(
+        "recipe = \"seed\"\narch = \"vt-resnet18\"\ndata = {:?}\nepochs = 5\nimage-size = 32\ntokens = 4\n\
+         token-channels = 32\nheads = 2\nbatch-size = 8\nthreads = 1\nlimit-train = 12\n",
+        data.display().to_string()
+    );
+    fs::write(&config, text).unwrap();
+    run_ok(
+        vt_train()
+            .arg("--config")
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&run)
+            .args(["--epochs", "1"]),
+    );
+    let saved: toml::Table = fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(saved["recipe"].as_str(), Some("seed"));
+    assert_eq!(saved["epochs"].as_integer(), Some(1));
+    assert_eq!(saved["lr"].as_float(), Some(0.01));
+    assert_eq!(saved["limit-train"].as_integer(), Some(12));
+    assert_eq!(records(&run).len(), 1);
+    // 12 images in batches of 8, the partial batch dropped: one step.
+    assert_eq!(records(&run)[0].global_step, 1);
+
+    // Starting over an existing run is refused; a resume of a finished run does nothing.
+    let out = vt_train()
+        .arg("--config")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "1", "--run-dir"])
+            .arg(&run),
+    );
+    assert_eq!(records(&run).len(), 1);
+
+    let bad = tmp.path().join("bad.toml");
+    fs::write(&bad, "learning-rate = 0.1\n").unwrap();
+    let out = vt_train().arg("--config").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("learning-rate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_data_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = vt_train()
+        .args(["train", "--data"])
+        .arg(tmp.path().join("nowhere"))
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nowhere") && err.contains("fetch-data"),
+        "{err}"
+    );
+}
+
+#[test]
+fn init_still_writes_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("init");
+    run_ok(
+        vt_train()
+            .args([
+                "init",
+                "--arch",
+                "vt-resnet18",
+                "--num-classes",
+                "6",
+                "--image-size",
+                "64",
+                "--tokens",
+                "4",
+            ])
+            .args([
+                "--token-channels",
+                "32",
+                "--heads",
+                "2",
+                "--class-names",
+                "a,b,c,d,e,f",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    let model = Model::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(model.config.class_names, vec!["a", "b", "c", "d", "e", "f"]);
+}
+
+#[test]
+fn a_frozen_stem_keeps_its_initial_weights_while_the_rest_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let common = [
+        "--image-size",
+        "32",
+        "--tokens",
+        "4",
+        "--token-channels",
+        "32",
+        "--heads",
+        "2",
+        "--seed",
+        "9",
+    ];
+    run_ok(
+        vt_train()
+            .args(["train", "--data"])
+            .arg(&data)
+            .arg("--run-dir")
+            .arg(&run)
+            .args(common)
+            .args([
+                "--batch-size",
+                "8",
+                "--threads",
+                "1",
+                "--epochs",
+                "1",
+                "--freeze-stem-epochs",
+                "1",
+            ]),
+    );
+    assert!(records(&run)[0].stem_frozen);
+    // `init` with the same seed writes the weights the run started from.
+    let init = tmp.path().join("init");
+    let classes = "buildings,forest,glacier,mountain,sea,street";
+    run_ok(
+        vt_train()
+            .args(["init", "--class-names", classes, "--out"])
+            .arg(&init)
+            .args(common),
+    );
+    let tensors = |dir: &std::path::Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (start, trained) = (tensors(&init), tensors(&run.join("last")));
+    let same = |name: &str| {
+        let diff = (&start[name] - &trained[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        diff.to_scalar::<f32>().unwrap() == 0.0
+    };
+    for name in [
+        "conv1.weight",
+        "bn1.weight",
+        "layer3.1.conv2.weight",
+        "layer2.0.downsample.1.bias",
+    ] {
+        assert!(same(name), "{name} changed while frozen");
+    }
+    for name in [
+        "head.weight",
+        "vt.0.tokenizer.attn.weight",
+        "vt.1.transformer.ffn2.bias",
+    ] {
+        assert!(!same(name), "{name} did not train");
+    }
+    // BatchNorm statistics are no parameters: the forward pass still updates them.
+    assert!(!same("bn1.running_mean"));
+}
