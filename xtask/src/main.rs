@@ -2,9 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-mod bench_data;
-mod bench_model;
-mod fetch_data;
+use xtask::{bench_data, bench_model, bench_serve, e2e, fetch_data};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks for vt")]
@@ -17,6 +15,8 @@ struct Cli {
 enum Command {
     /// Download or import the Intel Image Classification data set into train/val/test/pred.
     FetchData(fetch_data::Args),
+    /// The whole journey: data, training, evaluation, a served prediction, checked.
+    E2e(e2e::Args),
     /// Throughput measurements.
     #[command(subcommand)]
     Bench(Bench),
@@ -28,6 +28,8 @@ enum Bench {
     Data(bench_data::Args),
     /// Model forward and training-step throughput, side by side with PyTorch.
     Model(bench_model::Args),
+    /// HTTP serving throughput and latency: vt-serve against a plain PyTorch server.
+    Serve(bench_serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,7 +41,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),
+        Command::E2e(args) => e2e::run(args),
         Command::Bench(Bench::Data(args)) => bench_data::run(args),
         Command::Bench(Bench::Model(args)) => bench_model::run(args),
+        Command::Bench(Bench::Serve(args)) => bench_serve::run(args),
     }
 }
