@@ -12,6 +12,8 @@ use candle_nn::{loss::cross_entropy, Optimizer, SGD};
 use serde::{Deserialize, Serialize};
 use vt_model::{Arch, Model, VtConfig};
 
+use crate::reference::{default_python, script};
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Cases as MODE:ARCH:IMAGE_SIZE:BATCH, comma-separated (MODE is train or infer).
@@ -130,16 +132,8 @@ struct TorchResult {
     img_s: f64,
 }
 
-fn default_python() -> PathBuf {
-    let venv = std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".cache/vt/torch-venv/bin/python"));
-    venv.filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("python3"))
-}
-
 fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>> {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/reference/bench_model.py");
+    let script = script("bench_model.py");
     let output = Command::new(python)
         .arg(&script)
         .args(["--cases", &args.cases, "--json"])

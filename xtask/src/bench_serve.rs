@@ -16,6 +16,9 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use vt_model::{Arch, Model, VtConfig};
 
+use crate::cargo::{binary, build_binaries, target_dir};
+use crate::reference::{default_python, script};
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Checkpoint to serve (default: a freshly initialised VT-ResNet-18 at --image-size,
@@ -77,17 +80,6 @@ impl Drop for Running {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn default_python() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".cache/vt/torch-venv/bin/python"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("python3"))
-}
-
 /// Starts `command` and waits for its `listening on http://...` line.
 fn start(mut command: Command, what: &str) -> anyhow::Result<Running> {
     let mut child = command
@@ -111,15 +103,8 @@ fn start_server(name: &str, args: &Args, checkpoint: &Path) -> anyhow::Result<Ru
     let threads = args.threads.to_string();
     match name {
         "vt-serve" => {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--release", "-p", "vt-serve"])
-                .current_dir(workspace_root())
-                .status()
-                .context("building vt-serve")?;
-            if !status.success() {
-                bail!("building vt-serve failed");
-            }
-            let mut command = Command::new(workspace_root().join("target/release/vt-serve"));
+            build_binaries()?;
+            let mut command = Command::new(binary("vt-serve"));
             command.arg("--checkpoint").arg(checkpoint).args([
                 "--port",
                 "0",
@@ -141,7 +126,7 @@ fn start_server(name: &str, args: &Args, checkpoint: &Path) -> anyhow::Result<Ru
             let python = args.python.clone().unwrap_or_else(default_python);
             let mut command = Command::new(&python);
             command
-                .arg(workspace_root().join("tools/reference/serve_baseline.py"))
+                .arg(script("serve_baseline.py"))
                 .arg("--checkpoint")
                 .arg(checkpoint)
                 .args(["--port", "0", "--threads", &threads]);
@@ -171,7 +156,7 @@ fn load_images(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 fn default_checkpoint(image_size: usize) -> anyhow::Result<PathBuf> {
-    let dir = workspace_root().join("target/bench-serve/checkpoint");
+    let dir = target_dir().join("bench-serve/checkpoint");
     let mut config = VtConfig::new(Arch::VtResNet18, 6, image_size);
     config.class_names = [
         "buildings",

@@ -7,3 +7,4 @@ pub mod bench_serve;
 pub mod cargo;
 pub mod e2e;
 pub mod fetch_data;
+pub mod reference;
