@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use vt_data::dataset::{ImageFolder, Split};
-use vt_data::loader::{batches, LoaderConfig, Transform};
+use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{parse_device, Model, VtConfig};
 
@@ -209,6 +209,54 @@ impl Trainer {
         self.ema.as_ref().map_or(&self.model, |e| &e.model)
     }
 
+    /// One optimiser step on `batch`; returns the running averages for the progress line.
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        selected: &dyn Fn(&str) -> bool,
+        totals: &mut EpochTotals,
+    ) -> anyhow::Result<String> {
+        let lr = self.schedule.lr(self.progress.global_step);
+        let logits = self.model.forward_t(&batch.images, true)?;
+        let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
+        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let grads = loss.backward()?;
+        let norm = self.optimizer.grad_norm(&grads, selected)?;
+        self.progress.global_step += 1;
+        totals.lr = lr;
+        if !(loss_value.is_finite() && norm.is_finite()) {
+            totals.skipped += 1;
+            tracing::warn!(
+                "step {}: loss {loss_value}, gradient norm {norm}: update skipped",
+                self.progress.global_step
+            );
+            return Ok(format!("step skipped (loss {loss_value}, |g| {norm})"));
+        }
+        let scale = clip_scale(norm, self.config.clip_grad);
+        if scale < 1.0 {
+            totals.clipped += 1;
+        }
+        self.optimizer.step(&grads, lr, scale, selected)?;
+        if let Some(ema) = &self.ema {
+            ema.update(&self.model)?;
+        }
+        let n = batch.indices.len();
+        let labels = batch.labels.to_vec1::<u32>()?;
+        let preds = predictions(&logits)?;
+        totals.correct += labels.iter().zip(&preds).filter(|(a, b)| a == b).count() as u64;
+        totals.loss_sum += loss_value * n as f64;
+        totals.images += n as u64;
+        totals.grad_norm_sum += norm;
+        totals.grad_norm_max = totals.grad_norm_max.max(norm);
+        totals.grad_norms += 1;
+        let images = totals.images.max(1) as f64;
+        Ok(format!(
+            "loss {:.4} acc {:.1}% lr {lr:.2e} |g| {norm:.2}",
+            totals.loss_sum / images,
+            100.0 * totals.correct as f64 / images
+        ))
+    }
+
     fn train_epoch(&mut self, epoch: usize) -> anyhow::Result<EpochEnd> {
         let frozen = epoch < self.config.freeze_stem_epochs;
         let selected = move |name: &str| !(frozen && is_stem(name));
@@ -225,48 +273,8 @@ impl Trainer {
         for batch in iter.by_ref() {
             let batch =
                 batch.with_context(|| format!("loading training batch of epoch {}", epoch + 1))?;
-            let lr = self.schedule.lr(self.progress.global_step);
-            let logits = self.model.forward_t(&batch.images, true)?;
-            let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
-            let grads = loss.backward()?;
-            let norm = self.optimizer.grad_norm(&grads, &selected)?;
-            self.progress.global_step += 1;
-            totals.lr = lr;
-            if !(loss_value.is_finite() && norm.is_finite()) {
-                totals.skipped += 1;
-                tracing::warn!(
-                    "step {}: loss {loss_value}, gradient norm {norm}: update skipped",
-                    self.progress.global_step
-                );
-                continue;
-            }
-            let scale = clip_scale(norm, self.config.clip_grad);
-            if scale < 1.0 {
-                totals.clipped += 1;
-            }
-            self.optimizer.step(&grads, lr, scale, &selected)?;
-            if let Some(ema) = &self.ema {
-                ema.update(&self.model)?;
-            }
-            let n = batch.indices.len();
-            let labels = batch.labels.to_vec1::<u32>()?;
-            let preds = predictions(&logits)?;
-            totals.correct += labels.iter().zip(&preds).filter(|(a, b)| a == b).count() as u64;
-            totals.loss_sum += loss_value * n as f64;
-            totals.images += n as u64;
-            totals.grad_norm_sum += norm;
-            totals.grad_norm_max = totals.grad_norm_max.max(norm);
-            totals.grad_norms += 1;
-            let images = totals.images.max(1) as f64;
-            bar.advance(
-                n,
-                &format!(
-                    "loss {:.4} acc {:.1}% lr {lr:.2e} |g| {norm:.2}",
-                    totals.loss_sum / images,
-                    100.0 * totals.correct as f64 / images
-                ),
-            );
+            let status = self.train_step(&batch, &selected, &mut totals)?;
+            bar.advance(batch.indices.len(), &status);
             if self.interrupted.load(Ordering::SeqCst) {
                 bar.finish();
                 return Ok(EpochEnd::Interrupted);
@@ -470,7 +478,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .ema
         .map(|decay| Ema::new(&model, decay))
         .transpose()?;
-    let progress = match resumed {
+    let mut progress = match resumed {
         Some(progress) => {
             state::load_training(&run_dir, &progress, &mut optimizer, ema.as_ref(), &device)?;
             progress
@@ -508,6 +516,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         steps_per_epoch,
         total_steps: steps_per_epoch * config.epochs as u64,
     };
+    // Recomputed, so that resuming with a larger --early-stop continues the run.
+    progress.stopped_early = config
+        .early_stop
+        .is_some_and(|p| progress.epochs_since_best >= p);
     if progress.stopped_early {
         tracing::info!(
             "{} stopped early at epoch {}: nothing to do",
