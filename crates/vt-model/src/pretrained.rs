@@ -16,7 +16,8 @@ use crate::model::Model;
 const WRAPPER_PREFIXES: [&str; 2] = ["module.", "model."];
 const STEM_PREFIXES: [&str; 5] = ["conv1.", "bn1.", "layer1.", "layer2.", "layer3."];
 
-fn is_stem(name: &str) -> bool {
+/// Whether a tensor belongs to the ResNet stem (conv1, bn1, layer1..3).
+pub fn is_stem(name: &str) -> bool {
     STEM_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
@@ -185,6 +186,12 @@ pub fn load_stem(model: &Model, source: &Source) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stem_tensors_are_recognised() {
+        assert!(is_stem("layer3.1.conv2.weight") && is_stem("bn1.bias") && is_stem("conv1.weight"));
+        assert!(!is_stem("vt.0.tokenizer.attn.weight") && !is_stem("head.bias"));
+    }
 
     #[test]
     fn sources_parse() {

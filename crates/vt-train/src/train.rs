@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
-use vt_model::pretrained::{load_stem, Source};
+use vt_model::pretrained::{is_stem, load_stem, Source};
 use vt_model::{parse_device, Model, VtConfig};
 
 use crate::config::{TrainConfig, TrainOptions};
@@ -31,7 +31,6 @@ use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
 use crate::threads;
 
 pub const CONFIG_TOML: &str = "config.toml";
-const STEM_PREFIXES: [&str; 5] = ["conv1.", "bn1.", "layer1.", "layer2.", "layer3."];
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainArgs {
@@ -93,10 +92,6 @@ fn timestamp(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
-}
-
-fn is_stem(name: &str) -> bool {
-    STEM_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 fn model_config(config: &TrainConfig, class_names: Vec<String>) -> VtConfig {
@@ -581,12 +576,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stem_parameters_are_recognised() {
-        assert!(is_stem("layer3.1.conv2.weight") && is_stem("bn1.bias") && is_stem("conv1.weight"));
-        assert!(!is_stem("vt.0.tokenizer.attn.weight") && !is_stem("head.bias"));
-    }
 
     #[test]
     fn run_folders_are_named_by_utc_time() {
