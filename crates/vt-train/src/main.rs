@@ -1,5 +1,7 @@
 //! `vt-train`: train, evaluate and initialise VT-ResNet checkpoints.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -9,6 +11,7 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     vt_train::cli::run(vt_train::cli::Cli::parse())
 }
