@@ -376,34 +376,17 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
         assert_error(got, &answer, status, code, what);
     }
 
-    let (status, answer) = post_raw(
-        &client,
-        &server.url("/predict?top_k=0"),
-        "image/jpeg",
-        photo.clone(),
-    )
-    .await;
-    assert_error(
-        status,
-        &answer,
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        "top_k=0",
-    );
-    let (status, answer) = post_raw(
-        &client,
-        &server.url("/predict?top_k=many"),
-        "image/jpeg",
-        photo.clone(),
-    )
-    .await;
-    assert_error(
-        status,
-        &answer,
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        "top_k=many",
-    );
+    for query in ["top_k=0", "top_k=many"] {
+        let url = server.url(&format!("/predict?{query}"));
+        let (status, answer) = post_raw(&client, &url, "image/jpeg", photo.clone()).await;
+        assert_error(
+            status,
+            &answer,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            query,
+        );
+    }
 
     let response = client
         .post(&url)
