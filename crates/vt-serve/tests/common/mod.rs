@@ -17,14 +17,7 @@ use tokio::task::JoinHandle;
 use vt_model::{Arch, Model, VtConfig};
 use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError};
 
-pub const CLASSES: [&str; 6] = [
-    "buildings",
-    "forest",
-    "glacier",
-    "mountain",
-    "sea",
-    "street",
-];
+pub use vt_data::source::synthetic::CLASSES;
 
 /// A randomly initialised VT-ResNet18 small enough to run fast on a CPU.
 pub fn tiny_checkpoint() -> tempfile::TempDir {
