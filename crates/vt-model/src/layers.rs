@@ -2,10 +2,13 @@
 //! model starts where the reference implementation does.
 
 use candle_core::Result;
-use candle_core::{Module, Tensor};
+use candle_core::{Module, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::kernels;
+use crate::kernels::{self, Statistics};
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
 
 /// `nn.Linear`: weight and bias uniform in +-1/sqrt(in).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -59,5 +62,71 @@ pub fn conv2d(
         weight,
         stride,
         padding,
+    })
+}
+
+/// `nn.BatchNorm2d` with PyTorch's defaults (eps 1e-5, momentum 0.1), run by
+/// [`kernels::batch_norm`] and optionally fused with the ReLU that follows it.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm {
+    /// Normalises with the batch's statistics when `train` (updating the running ones), else
+    /// with the running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalize(x, train, false)
+    }
+
+    /// `relu(self.forward_t(x, train))` in one pass.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalize(x, train, true)
+    }
+
+    fn normalize(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
+        if !train {
+            let running = Tensor::stack(
+                &[self.running_mean.as_tensor(), self.running_var.as_tensor()],
+                0,
+            )?;
+            return kernels::batch_norm(x, &running, &affine, BN_EPS, relu, Statistics::Running);
+        }
+        let moments = kernels::channel_moments(x)?;
+        self.update_running(&moments.detach(), x.elem_count() / x.dim(1)?)?;
+        kernels::batch_norm(x, &moments, &affine, BN_EPS, relu, Statistics::Batch)
+    }
+
+    /// PyTorch's update: an exponential average of the batch mean and of the unbiased
+    /// batch variance (while the batch is normalised with the biased one).
+    fn update_running(&self, moments: &Tensor, count: usize) -> Result<()> {
+        if count < 2 {
+            candle_core::bail!("batch norm needs more than one value per channel when training");
+        }
+        let blend = |running: &Var, batch: Tensor| {
+            running.set(&((running.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?)
+        };
+        blend(&self.running_mean, moments.get(0)?)?;
+        blend(
+            &self.running_var,
+            (moments.get(1)? * (count as f64 / (count - 1) as f64))?,
+        )
+    }
+}
+
+/// A batch norm over `channels`, named as torchvision names it (weight, bias, running_mean,
+/// running_var) and initialised as PyTorch does.
+pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+    let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+    Ok(BatchNorm {
+        weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+        bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+        running_mean: Var::from_tensor(&running_mean)?,
+        running_var: Var::from_tensor(&running_var)?,
     })
 }

@@ -315,15 +315,20 @@ impl CustomOp2 for Conv2d {
                 weight_shape: weight.shape().clone(),
             },
         )?;
-        let grad_input = grad.apply_op2_no_bwd(
-            weight,
-            &Conv2dInputGrad {
-                stride: self.stride,
-                padding: self.padding,
-                input_shape: input.shape().clone(),
-            },
-        )?;
-        Ok((Some(grad_input), Some(grad_weight)))
+        // The first convolution's input is the image batch, which needs no gradient.
+        let grad_input = if input.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                weight,
+                &Conv2dInputGrad {
+                    stride: self.stride,
+                    padding: self.padding,
+                    input_shape: input.shape().clone(),
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((grad_input, Some(grad_weight)))
     }
 }
 

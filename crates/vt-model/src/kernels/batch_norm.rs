@@ -1,0 +1,493 @@
+//! Batch normalisation over (N, C, spatial...) with an optional fused ReLU: the per-channel
+//! moments of a batch, and the normalisation with its backward pass.
+//!
+//! candle_nn's BatchNorm transposes the input to channel-major, copies it, normalises in
+//! five broadcast passes, transposes back (so the next convolution copies again) and
+//! differentiates all of that through autograd. Here the moments read the input twice, the
+//! normalisation reads it once and writes once, and the backward pass reads input and
+//! gradient twice and writes once.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+
+/// Where the statistics of a normalisation come from, which decides its gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statistics {
+    /// Taken from this batch (training): the gradient flows through mean and variance too.
+    Batch,
+    /// Running estimates (evaluation): constants to the gradient.
+    Running,
+}
+
+/// The mean and biased variance of each channel over batch and spatial positions, as a
+/// (2, C) tensor. Not differentiated on the CPU: [`batch_norm`] accounts for it in its
+/// backward pass when given [`Statistics::Batch`].
+pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
+    if uses_kernel(&[x]) {
+        x.contiguous()?.apply_op1_no_bwd(&Moments)
+    } else {
+        composite_moments(x)
+    }
+}
+
+/// `gamma * (x - mean) / sqrt(var + eps) + beta`, then ReLU when `relu`, per channel.
+/// `moments` is (2, C): mean and variance; `affine` is (2, C): gamma and beta.
+pub fn batch_norm(
+    x: &Tensor,
+    moments: &Tensor,
+    affine: &Tensor,
+    eps: f64,
+    relu: bool,
+    statistics: Statistics,
+) -> Result<Tensor> {
+    if uses_kernel(&[x, moments, affine]) {
+        x.contiguous()?.apply_op3(
+            &moments.contiguous()?,
+            &affine.contiguous()?,
+            Normalize {
+                eps,
+                relu,
+                statistics,
+            },
+        )
+    } else {
+        composite_batch_norm(x, moments, affine, eps, relu)
+    }
+}
+
+fn uses_kernel(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// candle's own operations, for other devices and dtypes; autograd differentiates them.
+fn composite_moments(x: &Tensor) -> Result<Tensor> {
+    let by_channel = x.transpose(0, 1)?.flatten_from(1)?;
+    let mean = by_channel.mean_keepdim(1)?;
+    let var = by_channel.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+    Tensor::cat(&[mean.t()?, var.t()?], 0)
+}
+
+fn composite_batch_norm(
+    x: &Tensor,
+    moments: &Tensor,
+    affine: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let mut per_channel = vec![1; x.rank()];
+    per_channel[1] = x.dim(1)?;
+    let row = |t: &Tensor, i: usize| t.get(i)?.reshape(per_channel.as_slice());
+    let scale = row(affine, 0)?.broadcast_div(&(row(moments, 1)? + eps)?.sqrt()?)?;
+    let shift = (row(affine, 1)? - row(moments, 0)?.broadcast_mul(&scale)?)?;
+    let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// (batch, channels, positions per channel and image) of an (N, C, ...) shape.
+fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let dims = shape.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("batch norm needs an (N, C, ...) input, got {shape:?}");
+    }
+    Ok((dims[0], dims[1], dims[2..].iter().product()))
+}
+
+/// Per-plane work items of at least this many values, so that small planes do not cost a
+/// task each.
+fn min_planes_per_task(plane: usize) -> usize {
+    (16 * 1024 / plane.max(1)).max(1)
+}
+
+/// Sum of `f` over a slice in eight independent lanes, so that the loop vectorises.
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// Sums of `f` over pairs of slices in eight independent lanes.
+fn lane_sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
+    let mut first = [0f32; 8];
+    let mut second = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut rest = (0f32, 0f32);
+    for (&va, &vb) in chunks_a.remainder().iter().zip(chunks_b.remainder()) {
+        let (p, q) = f(va, vb);
+        rest = (rest.0 + p, rest.1 + q);
+    }
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for i in 0..8 {
+            let (p, q) = f(ca[i], cb[i]);
+            first[i] += p;
+            second[i] += q;
+        }
+    }
+    (
+        first.iter().sum::<f32>() + rest.0,
+        second.iter().sum::<f32>() + rest.1,
+    )
+}
+
+/// The planes of one channel across the batch.
+fn channel_planes(
+    data: &[f32],
+    (batch, channels, plane): (usize, usize, usize),
+    channel: usize,
+) -> impl Iterator<Item = &[f32]> {
+    (0..batch).map(move |n| &data[(n * channels + channel) * plane..][..plane])
+}
+
+struct Moments;
+
+impl CustomOp1 for Moments {
+    fn name(&self) -> &'static str {
+        "vt-batch-norm-moments"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let dims @ (batch, channels, plane) = channel_dims(layout.shape())?;
+        let count = (batch * plane) as f64;
+        // Two passes (mean, then squared deviations) keep the variance exact when the mean
+        // is large; partial sums are f32 per plane and f64 across planes.
+        let moments: Vec<(f32, f32)> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                let mean = channel_planes(x, dims, c)
+                    .map(|p| f64::from(lane_sum(p, |v| v)))
+                    .sum::<f64>()
+                    / count;
+                let m = mean as f32;
+                let var = channel_planes(x, dims, c)
+                    .map(|p| f64::from(lane_sum(p, |v| (v - m) * (v - m))))
+                    .sum::<f64>()
+                    / count;
+                (m, var as f32)
+            })
+            .collect();
+        let out = moments
+            .iter()
+            .map(|m| m.0)
+            .chain(moments.iter().map(|m| m.1))
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from((2, channels))))
+    }
+}
+
+/// Per-channel constants of a normalisation.
+#[derive(Debug, Clone)]
+struct Channel {
+    mean: f32,
+    inv_std: f32,
+    gamma: f32,
+    /// `gamma * inv_std` and `beta - mean * scale`: y = x * scale + shift.
+    scale: f32,
+    shift: f32,
+}
+
+fn channels(moments: &[f32], affine: &[f32], eps: f64) -> Result<Vec<Channel>> {
+    let c = moments.len() / 2;
+    if moments.len() != 2 * c || affine.len() != 2 * c {
+        candle_core::bail!(
+            "batch norm: moments ({}) and affine ({}) must both be (2, C)",
+            moments.len(),
+            affine.len()
+        );
+    }
+    Ok((0..c)
+        .map(|i| {
+            let (mean, var, gamma, beta) = (moments[i], moments[c + i], affine[i], affine[c + i]);
+            let inv_std = (1.0 / (f64::from(var) + eps).sqrt()) as f32;
+            let scale = gamma * inv_std;
+            Channel {
+                mean,
+                inv_std,
+                gamma,
+                scale,
+                shift: beta - mean * scale,
+            }
+        })
+        .collect())
+}
+
+struct Normalize {
+    eps: f64,
+    relu: bool,
+    statistics: Statistics,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "vt-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1)?;
+        let (_, c, plane) = channel_dims(l1.shape())?;
+        let per_channel = channels(contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?, self.eps)?;
+        if per_channel.len() != c {
+            candle_core::bail!(
+                "batch norm: {c} channels but statistics for {}",
+                per_channel.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(plane.max(1))
+            .zip(x.par_chunks(plane.max(1)))
+            .enumerate()
+            .with_min_len(min_planes_per_task(plane))
+            .for_each(|(i, (dst, src))| {
+                let Channel { scale, shift, .. } = per_channel[i % c];
+                if self.relu {
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &v)| *d = (v * scale + shift).max(0.0));
+                } else {
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &v)| *d = v * scale + shift);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        moments: &Tensor,
+        affine: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let per_channel = channels(
+            &moments.flatten_all()?.to_vec1::<f32>()?,
+            &affine.flatten_all()?.to_vec1::<f32>()?,
+            self.eps,
+        )?;
+        let c = per_channel.len();
+        let both = x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &NormalizeGrad {
+                per_channel,
+                relu: self.relu,
+                statistics: self.statistics,
+            },
+        )?;
+        let numel = x.elem_count();
+        let grad_x = both.narrow(0, 0, numel)?.reshape(x.shape())?;
+        let grad_affine = both.narrow(0, numel, 2 * c)?.reshape((2, c))?;
+        Ok((Some(grad_x), None, Some(grad_affine)))
+    }
+}
+
+/// The gradients of [`Normalize`] from (x, dL/dy): dL/dx and then dL/dgamma, dL/dbeta,
+/// concatenated flat (a custom op has one output).
+struct NormalizeGrad {
+    per_channel: Vec<Channel>,
+    relu: bool,
+    statistics: Statistics,
+}
+
+impl CustomOp2 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "vt-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let dims @ (batch, c, plane) = channel_dims(l1.shape())?;
+        if l2.shape() != l1.shape() || self.per_channel.len() != c {
+            candle_core::bail!(
+                "batch norm grad: input {:?}, output gradient {:?}, {} channels",
+                l1.shape(),
+                l2.shape(),
+                self.per_channel.len()
+            );
+        }
+        // The ReLU's gradient mask, recomputed exactly as the forward pass computed y.
+        let relu = self.relu;
+        let masked = |ch: &Channel, v: f32, g: f32| {
+            if relu && v * ch.scale + ch.shift <= 0.0 {
+                0.0
+            } else {
+                g
+            }
+        };
+        // Per channel: sum of g and of g * x_hat, i.e. dL/dbeta and dL/dgamma.
+        let sums: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let k = &self.per_channel[ch];
+                let (g, gx) = channel_planes(x, dims, ch)
+                    .zip(channel_planes(dy, dims, ch))
+                    .map(|(xp, gp)| {
+                        let (g, gx) = lane_sum_pairs(xp, gp, |v, g| {
+                            let g = masked(k, v, g);
+                            (g, g * (v - k.mean) * k.inv_std)
+                        });
+                        (f64::from(g), f64::from(gx))
+                    })
+                    .fold((0f64, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
+                (g as f32, gx as f32)
+            })
+            .collect();
+        let count = (batch * plane) as f32;
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (grad_x, grad_affine) = out.split_at_mut(x.len());
+        grad_x
+            .par_chunks_mut(plane.max(1))
+            .zip(x.par_chunks(plane.max(1)).zip(dy.par_chunks(plane.max(1))))
+            .enumerate()
+            .with_min_len(min_planes_per_task(plane))
+            .for_each(|(i, (dst, (xp, gp)))| {
+                let ch = i % c;
+                let k = &self.per_channel[ch];
+                let factor = k.gamma * k.inv_std;
+                match self.statistics {
+                    Statistics::Running => {
+                        for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
+                            *d = masked(k, v, g) * factor;
+                        }
+                    }
+                    Statistics::Batch => {
+                        let (sum_g, sum_gx) = (sums[ch].0 / count, sums[ch].1 / count);
+                        for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
+                            let x_hat = (v - k.mean) * k.inv_std;
+                            *d = factor * (masked(k, v, g) - sum_g - x_hat * sum_gx);
+                        }
+                    }
+                }
+            });
+        for (ch, (g, gx)) in sums.iter().enumerate() {
+            grad_affine[ch] = *gx;
+            grad_affine[c + ch] = *g;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// Forward and gradients (input, gamma, beta) of the kernel against candle's own
+    /// operations differentiated by autograd.
+    fn check(shape: &[usize], relu: bool, statistics: Statistics) {
+        let dev = Device::Cpu;
+        let c = shape[1];
+        // An offset mean, so that the variance is not the mean square.
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 3.0).unwrap())
+            .unwrap();
+        let affine = Var::from_tensor(&Tensor::randn(0.5f32, 1.0, (2, c), &dev).unwrap()).unwrap();
+        let running = Tensor::cat(
+            &[
+                Tensor::randn(3f32, 0.5, (1, c), &dev).unwrap(),
+                Tensor::rand(1f32, 5.0, (1, c), &dev).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let (ours, reference) = match statistics {
+            Statistics::Batch => (
+                channel_moments(x.as_tensor()).unwrap(),
+                composite_moments(x.as_tensor()).unwrap(),
+            ),
+            Statistics::Running => (running.clone(), running),
+        };
+        let case = format!("{shape:?} relu {relu} {statistics:?}");
+        assert!(
+            max_rel(&ours, &reference.detach()) < 1e-5,
+            "{case}: moments"
+        );
+        let y = batch_norm(
+            x.as_tensor(),
+            &ours,
+            affine.as_tensor(),
+            1e-5,
+            relu,
+            statistics,
+        )
+        .unwrap();
+        let y_ref = composite_batch_norm(x.as_tensor(), &reference, affine.as_tensor(), 1e-5, relu)
+            .unwrap();
+        assert!(max_rel(&y, &y_ref) < 1e-5, "{case}: forward");
+
+        let probe = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g, g_ref) = (grads(&y), grads(&y_ref));
+        for (name, var) in [("input", &x), ("affine", &affine)] {
+            let a = g.get(var.as_tensor()).unwrap();
+            let b = g_ref.get(var.as_tensor()).unwrap();
+            assert!(max_rel(a, b) < 1e-4, "{case}: {name} gradient");
+        }
+    }
+
+    #[test]
+    fn matches_candle_forward_and_backward() {
+        for statistics in [Statistics::Batch, Statistics::Running] {
+            for relu in [false, true] {
+                check(&[4, 3, 5, 7], relu, statistics);
+                check(&[2, 8, 13, 13], relu, statistics); // planes longer than the lanes
+                check(&[1, 5, 3, 4], relu, statistics); // batch 1
+                check(&[6, 4], relu, statistics); // no spatial dimensions
+            }
+        }
+    }
+
+    #[test]
+    fn normalised_batch_has_zero_mean_and_unit_variance() {
+        let x = (Tensor::randn(0f32, 3.0, (8, 4, 6, 6), &Device::Cpu).unwrap() + 10.0).unwrap();
+        let affine = Tensor::cat(
+            &[
+                Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let moments = channel_moments(&x).unwrap();
+        let y = batch_norm(&x, &moments, &affine, 0.0, false, Statistics::Batch).unwrap();
+        let m = channel_moments(&y).unwrap().to_vec2::<f32>().unwrap();
+        for c in 0..4 {
+            assert!(m[0][c].abs() < 1e-5, "mean {}", m[0][c]);
+            assert!((m[1][c] - 1.0).abs() < 1e-4, "variance {}", m[1][c]);
+        }
+    }
+}

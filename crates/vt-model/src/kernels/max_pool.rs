@@ -1,0 +1,225 @@
+//! ResNet's max-pool (3x3 window, stride 2, padding 1, floor rounding), forward and backward.
+//!
+//! candle's own max-pool has no backward pass when the window is larger than the stride, and
+//! building it from nine strided views and element-wise maxima costs nine copies each way.
+//! Here each output scans its window once. Ties go to the first maximum in the window, as in
+//! PyTorch, which matters after a ReLU where whole windows are zero.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+
+const WINDOW: usize = 3;
+const STRIDE: usize = 2;
+const PADDING: usize = 1;
+
+/// Max-pool 3x3, stride 2, padding 1 over an (N, C, H, W) tensor.
+pub fn max_pool_3x3_stride2_pad1(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(MaxPool)
+    } else {
+        composite(x)
+    }
+}
+
+/// Output size along one dimension.
+fn pooled(size: usize) -> usize {
+    (size + 2 * PADDING - WINDOW) / STRIDE + 1
+}
+
+/// The input position of the first maximum in the window of output (oy, ox) of a plane.
+fn argmax(plane: &[f32], (h, w): (usize, usize), oy: usize, ox: usize) -> usize {
+    let rows = (oy * STRIDE).saturating_sub(PADDING)..(oy * STRIDE + WINDOW - PADDING).min(h);
+    let cols = (ox * STRIDE).saturating_sub(PADDING)..(ox * STRIDE + WINDOW - PADDING).min(w);
+    let mut best = rows.start * w + cols.start;
+    for iy in rows {
+        for ix in cols.clone() {
+            let i = iy * w + ix;
+            if plane[i] > plane[best] || plane[i].is_nan() {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+fn plane_dims(layout: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = layout.shape().dims4()?;
+    if h == 0 || w == 0 {
+        candle_core::bail!("max-pool of an empty {h}x{w} map");
+    }
+    Ok((n * c, h, w))
+}
+
+struct MaxPool;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "vt-max-pool-3x3s2p1"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let (planes, h, w) = plane_dims(layout)?;
+        let (out_h, out_w) = (pooled(h), pooled(w));
+        let mut out = vec![0f32; planes * out_h * out_w];
+        out.par_chunks_mut(out_h * out_w)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, src)| {
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        dst[oy * out_w + ox] = src[argmax(src, (h, w), oy, ox)];
+                    }
+                }
+            });
+        let (n, c, _, _) = layout.shape().dims4()?;
+        Ok((CpuStorage::F32(out), Shape::from((n, c, out_h, out_w))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad)?))
+    }
+}
+
+/// dL/dx from (x, dL/dy): each output's gradient goes to its window's maximum.
+struct MaxPoolGrad;
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "vt-max-pool-3x3s2p1-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (planes, h, w) = plane_dims(l1)?;
+        let (out_h, out_w) = (pooled(h), pooled(w));
+        if dy.len() != planes * out_h * out_w {
+            candle_core::bail!(
+                "max-pool grad: output gradient {:?} for input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(dy.par_chunks(out_h * out_w)))
+            .for_each(|(dst, (src, g))| {
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        dst[argmax(src, (h, w), oy, ox)] += g[oy * out_w + ox];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// candle's own operations, for other devices and dtypes: nine strided views and their
+/// element-wise maximum. Zero padding is exact because the stem pools post-ReLU maps (>= 0).
+fn composite(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (out_h, out_w) = (pooled(h), pooled(w));
+    // One extra zero row/column on the far side lets every strided view take 2 * out elements.
+    let padded = x
+        .pad_with_zeros(2, PADDING, STRIDE)?
+        .pad_with_zeros(3, PADDING, STRIDE)?;
+    let mut result: Option<Tensor> = None;
+    for dy in 0..WINDOW {
+        let rows = strided(&padded, 2, dy, out_h)?;
+        for dx in 0..WINDOW {
+            let window = strided(&rows, 3, dx, out_w)?;
+            result = Some(match result {
+                Some(r) => r.maximum(&window)?,
+                None => window,
+            });
+        }
+    }
+    result.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+}
+
+/// Every STRIDE-th element of `dim` from `start`, `len` of them.
+fn strided(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    shape[dim] = len;
+    shape.insert(dim + 1, STRIDE);
+    x.narrow(dim, start, len * STRIDE)?
+        .reshape(shape)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_matches_candle_on_the_padded_map() {
+        for (h, w) in [(5, 5), (6, 7), (1, 1), (2, 3), (75, 75)] {
+            let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+            let ours = max_pool_3x3_stride2_pad1(&x).unwrap();
+            let reference = x
+                .pad_with_zeros(2, 1, 1)
+                .unwrap()
+                .pad_with_zeros(3, 1, 1)
+                .unwrap()
+                .max_pool2d_with_stride(3, 2)
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "{h}x{w}");
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{h}x{w}");
+        }
+    }
+
+    #[test]
+    fn gradient_matches_the_composite_without_ties() {
+        for (h, w) in [(5, 5), (6, 7), (2, 3), (10, 9)] {
+            let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap())
+                .unwrap();
+            let probe =
+                Tensor::randn(0f32, 1.0, (2, 3, pooled(h), pooled(w)), &Device::Cpu).unwrap();
+            let grad = |y: Tensor| {
+                let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().clone()
+            };
+            let ours = grad(max_pool_3x3_stride2_pad1(x.as_tensor()).unwrap());
+            let reference = grad(composite(x.as_tensor()).unwrap());
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{h}x{w}");
+        }
+    }
+
+    #[test]
+    fn ties_send_the_gradient_to_the_first_maximum() {
+        // An all-zero 4x4 map: the windows start at rows and columns 0 and 1 (the padding
+        // clipped off), and each output's gradient lands on its window's top-left input.
+        let x = Var::from_tensor(&Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let y = max_pool_3x3_stride2_pad1(x.as_tensor()).unwrap();
+        assert_eq!(y.dims(), [1, 1, 2, 2]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        let mut expected = vec![0f32; 16];
+        for i in [0, 1, 4, 5] {
+            expected[i] = 1.0;
+        }
+        assert_eq!(g.to_vec1::<f32>().unwrap(), expected);
+    }
+}
