@@ -485,9 +485,9 @@ mod tests {
         let moments = channel_moments(&x).unwrap();
         let y = batch_norm(&x, &moments, &affine, 0.0, false, Statistics::Batch).unwrap();
         let m = channel_moments(&y).unwrap().to_vec2::<f32>().unwrap();
-        for c in 0..4 {
-            assert!(m[0][c].abs() < 1e-5, "mean {}", m[0][c]);
-            assert!((m[1][c] - 1.0).abs() < 1e-4, "variance {}", m[1][c]);
+        for (mean, var) in m[0].iter().zip(&m[1]) {
+            assert!(mean.abs() < 1e-5, "mean {mean}");
+            assert!((var - 1.0).abs() < 1e-4, "variance {var}");
         }
     }
 }
