@@ -33,6 +33,7 @@ enum Bench {
 }
 
 fn main() -> anyhow::Result<()> {
+    vt_model::allocator::retain_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -5,6 +5,7 @@
 //! into visual tokens (section 3.1), [`transformer`] relates them (3.2), [`projector`] fuses
 //! them back into the map (3.3), and [`vt_resnet`] assembles VT-ResNet (4.1).
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

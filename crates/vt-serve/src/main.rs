@@ -32,6 +32,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    vt_model::allocator::retain_freed_memory();
     let cli = Cli::parse();
     match (cli.command, cli.serve) {
         (Some(Command::Predict(args)), _) => predict::run(&args),

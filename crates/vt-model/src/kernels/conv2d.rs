@@ -5,6 +5,8 @@
 //! map, 3-9x the cost of the forward pass. Here all three products are GEMMs:
 //! y_n = W col(x_n), dW = sum_n dy_n col(x_n)^T, dx_n = col2im(W^T dy_n).
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -167,6 +169,22 @@ impl Geometry {
     }
 }
 
+thread_local! {
+    /// Each thread's column buffer, kept between images and calls: allocating megabytes per
+    /// image costs page faults that rival the products themselves.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's column buffer. The buffer is taken out of its cell meanwhile,
+/// so a nested call (rayon may run another image's work on this thread while it waits)
+/// gets a fresh one instead of a conflicting borrow.
+fn with_columns<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut buffer = COLUMNS.take();
+    let result = f(&mut buffer);
+    COLUMNS.set(buffer);
+    result
+}
+
 /// Runs `per_image` for every image: in parallel across images when there are enough of
 /// them, else one image at a time with the thread pool inside the matrix products.
 fn for_each_image(
@@ -191,15 +209,16 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0; g.batch * g.out_image()];
     let w = MatRef::row_major(weight, g.out_channels, g.patch());
     for_each_image(g, &mut out, g.out_image(), |n, dst, par| {
-        let mut scratch = Vec::new();
-        let col = g.columns(input, n, &mut scratch);
-        matmul(
-            dst,
-            w,
-            MatRef::row_major(col, g.patch(), g.out_plane()),
-            false,
-            par,
-        );
+        with_columns(|scratch| {
+            let col = g.columns(input, n, scratch);
+            matmul(
+                dst,
+                w,
+                MatRef::row_major(col, g.patch(), g.out_plane()),
+                false,
+                par,
+            );
+        })
     });
     out
 }
@@ -207,17 +226,18 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
 fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let size = g.out_channels * g.patch();
     let accumulate = |mut acc: Vec<f32>, n: usize, par| {
-        let mut scratch = Vec::new();
-        let col = g.columns(input, n, &mut scratch);
-        let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
-        let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
-        matmul(
-            &mut acc,
-            dy,
-            MatRef::row_major(col, g.patch(), g.out_plane()).t(),
-            true,
-            par,
-        );
+        with_columns(|scratch| {
+            let col = g.columns(input, n, scratch);
+            let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
+            let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
+            matmul(
+                &mut acc,
+                dy,
+                MatRef::row_major(col, g.patch(), g.out_plane()).t(),
+                true,
+                par,
+            );
+        });
         acc
     };
     let threads = threads();
@@ -251,9 +271,12 @@ fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
         if g.is_pointwise() {
             matmul(dst, w_t, dy, false, par);
         } else {
-            let mut col = vec![0.0; g.patch() * g.out_plane()];
-            matmul(&mut col, w_t, dy, false, par);
-            g.col2im(&col, dst);
+            with_columns(|col| {
+                // Every element is overwritten by the product.
+                col.resize(g.patch() * g.out_plane(), 0.0);
+                matmul(col, w_t, dy, false, par);
+                g.col2im(col, dst);
+            });
         }
     });
     out
