@@ -77,16 +77,7 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     /// Normalises with the batch's statistics when `train` (updating the running ones), else
-    /// with the running statistics.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.normalize(x, train, false)
-    }
-
-    /// `relu(self.forward_t(x, train))` in one pass.
-    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.normalize(x, train, true)
-    }
-
+    /// with the running statistics; then ReLU when `relu`, in the same pass.
     fn normalize(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
         if !train {
@@ -99,6 +90,15 @@ impl BatchNorm {
         let moments = kernels::channel_moments(x)?;
         self.update_running(&moments.detach(), x.elem_count() / x.dim(1)?)?;
         kernels::batch_norm(x, &moments, &affine, BN_EPS, relu, Statistics::Batch)
+    }
+
+    /// The evaluation-mode normalisation as a per-channel `x * scale + shift`.
+    fn running_affine(&self) -> Result<(Tensor, Tensor)> {
+        let scale = self
+            .weight
+            .broadcast_div(&(self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
     }
 
     /// PyTorch's update: an exponential average of the batch mean and of the unbiased
@@ -129,4 +129,41 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
         running_mean: Var::from_tensor(&running_mean)?,
         running_var: Var::from_tensor(&running_var)?,
     })
+}
+
+/// A convolution followed by its batch norm (and optionally a ReLU). In evaluation mode the
+/// batch norm is folded into the convolution, which saves a pass over the output.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+/// A bias-free convolution (weights under `conv_vb`) and its batch norm (under `bn_vb`).
+pub fn conv_bn(
+    (in_channels, out_channels): (usize, usize),
+    (kernel, stride, padding): (usize, usize, usize),
+    conv_vb: VarBuilder,
+    bn_vb: VarBuilder,
+) -> Result<ConvBn> {
+    Ok(ConvBn {
+        conv: conv2d(in_channels, out_channels, kernel, stride, padding, conv_vb)?,
+        bn: batch_norm(out_channels, bn_vb)?,
+    })
+}
+
+impl ConvBn {
+    /// `bn(conv(x))`, then ReLU when `relu`; batch statistics when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train {
+            return self.bn.normalize(&self.conv.forward(x)?, true, relu);
+        }
+        let Conv2d {
+            weight,
+            stride,
+            padding,
+        } = &self.conv;
+        let (scale, shift) = self.bn.running_affine()?;
+        kernels::conv2d_affine(x, weight, (&scale, &shift), relu, *stride, *padding)
+    }
 }

@@ -2,10 +2,10 @@
 //! torchvision and timm so that ImageNet weights load directly.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Module, ModuleT, VarBuilder};
+use candle_nn::{ModuleT, VarBuilder};
 
-use crate::kernels::max_pool_3x3_stride2_pad1;
-use crate::layers::{batch_norm as bn, conv2d, BatchNorm, Conv2d};
+use crate::kernels::{add_relu, max_pool_3x3_stride2_pad1};
+use crate::layers::{conv_bn, ConvBn};
 
 /// Widths of layer1, layer2 and layer3.
 const STAGE_CHANNELS: [usize; 3] = [64, 128, 256];
@@ -13,11 +13,9 @@ const STAGE_CHANNELS: [usize; 3] = [64, 128, 256];
 /// `layerK.B`: conv3x3-bn-relu-conv3x3-bn, plus the shortcut, then ReLU.
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
-    downsample: Option<(Conv2d, BatchNorm)>,
+    conv1: ConvBn,
+    conv2: ConvBn,
+    downsample: Option<ConvBn>,
 }
 
 impl BasicBlock {
@@ -29,18 +27,28 @@ impl BasicBlock {
     ) -> Result<Self> {
         let downsample = if stride != 1 || in_channels != out_channels {
             let vb = vb.pp("downsample");
-            Some((
-                conv2d(in_channels, out_channels, 1, stride, 0, vb.pp("0"))?,
-                bn(out_channels, vb.pp("1"))?,
-            ))
+            Some(conv_bn(
+                (in_channels, out_channels),
+                (1, stride, 0),
+                vb.pp("0"),
+                vb.pp("1"),
+            )?)
         } else {
             None
         };
         Ok(BasicBlock {
-            conv1: conv2d(in_channels, out_channels, 3, stride, 1, vb.pp("conv1"))?,
-            bn1: bn(out_channels, vb.pp("bn1"))?,
-            conv2: conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?,
-            bn2: bn(out_channels, vb.pp("bn2"))?,
+            conv1: conv_bn(
+                (in_channels, out_channels),
+                (3, stride, 1),
+                vb.pp("conv1"),
+                vb.pp("bn1"),
+            )?,
+            conv2: conv_bn(
+                (out_channels, out_channels),
+                (3, 1, 1),
+                vb.pp("conv2"),
+                vb.pp("bn2"),
+            )?,
             downsample,
         })
     }
@@ -48,21 +56,20 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let y = self.conv1.forward_t(x, train, true)?;
+        let y = self.conv2.forward_t(&y, train, false)?;
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            Some(downsample) => downsample.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 
 /// conv1 (7x7/2) - bn1 - ReLU - max-pool (3x3/2, pad 1) - layer1 - layer2 - layer3.
 #[derive(Debug, Clone)]
 pub struct Stem {
-    conv1: Conv2d,
-    bn1: BatchNorm,
+    conv1: ConvBn,
     layers: Vec<Vec<BasicBlock>>,
 }
 
@@ -84,8 +91,7 @@ impl Stem {
             layers.push(layer);
         }
         Ok(Stem {
-            conv1: conv2d(3, 64, 7, 2, 3, vb.pp("conv1"))?,
-            bn1: bn(64, vb.pp("bn1"))?,
+            conv1: conv_bn((3, 64), (7, 2, 3), vb.pp("conv1"), vb.pp("bn1"))?,
             layers,
         })
     }
@@ -93,7 +99,7 @@ impl Stem {
 
 impl ModuleT for Stem {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let x = self.conv1.forward_t(x, train, true)?;
         let mut x = max_pool_3x3_stride2_pad1(&x)?;
         for block in self.layers.iter().flatten() {
             x = block.forward_t(&x, train)?;

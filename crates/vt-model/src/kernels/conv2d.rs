@@ -205,7 +205,27 @@ fn for_each_image(
     }
 }
 
-fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
+/// A per-output-channel shift and optional ReLU applied to each image's output while it is
+/// still in cache: an evaluation-mode batch norm folded into the convolution.
+#[derive(Debug, Clone)]
+struct Epilogue {
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl Epilogue {
+    fn apply(&self, image: &mut [f32], plane: usize) {
+        for (channel, &shift) in image.chunks_mut(plane).zip(&self.shift) {
+            if self.relu {
+                channel.iter_mut().for_each(|v| *v = (*v + shift).max(0.0));
+            } else {
+                channel.iter_mut().for_each(|v| *v += shift);
+            }
+        }
+    }
+}
+
+fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let mut out = vec![0.0; g.batch * g.out_image()];
     let w = MatRef::row_major(weight, g.out_channels, g.patch());
     for_each_image(g, &mut out, g.out_image(), |n, dst, par| {
@@ -218,7 +238,10 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
                 false,
                 par,
             );
-        })
+        });
+        if let Some(epilogue) = epilogue {
+            epilogue.apply(dst, g.out_plane());
+        }
     });
     out
 }
@@ -286,6 +309,8 @@ fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
 struct Conv2d {
     stride: usize,
     padding: usize,
+    /// Only for inference: an op with an epilogue has no backward pass.
+    epilogue: Option<Epilogue>,
 }
 
 /// dL/dW from (input, dL/dy).
@@ -315,7 +340,12 @@ impl CustomOp2 for Conv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1, l2, self.stride, self.padding)?;
-        let out = forward(&g, contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let out = forward(
+            &g,
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            self.epilogue.as_ref(),
+        );
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.batch, g.out_channels, g.out_h, g.out_w)),
@@ -329,6 +359,9 @@ impl CustomOp2 for Conv2d {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.epilogue.is_some() {
+            candle_core::bail!("a convolution with a folded batch norm is for inference only");
+        }
         let grad = grad.contiguous()?;
         let grad_weight = input.apply_op2_no_bwd(
             &grad,
@@ -412,11 +445,53 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) ->
         && input.dtype() == candle_core::DType::F32
         && weight.dtype() == candle_core::DType::F32
     {
-        input
-            .contiguous()?
-            .apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
+        input.contiguous()?.apply_op2(
+            &weight.contiguous()?,
+            Conv2d {
+                stride,
+                padding,
+                epilogue: None,
+            },
+        )
     } else {
         input.conv2d(weight, padding, stride, 1, 1)
+    }
+}
+
+/// `conv2d(input, weight) * scale + shift` per output channel, then ReLU when `relu`: an
+/// evaluation-mode convolution and batch norm in one pass, for inference (on the CPU it has
+/// no backward pass). `scale` and `shift` have one value per output channel.
+pub fn conv2d_affine(
+    input: &Tensor,
+    weight: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    relu: bool,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let per_channel = |t: &Tensor| t.reshape(((), 1, 1, 1));
+    let folded = weight.broadcast_mul(&per_channel(scale)?)?;
+    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if f32_on_cpu(input) && f32_on_cpu(&folded) && f32_on_cpu(shift) {
+        return input.contiguous()?.apply_op2(
+            &folded.contiguous()?,
+            Conv2d {
+                stride,
+                padding,
+                epilogue: Some(Epilogue {
+                    shift: shift.to_vec1()?,
+                    relu,
+                }),
+            },
+        );
+    }
+    let y = input
+        .conv2d(&folded, padding, stride, 1, 1)?
+        .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
     }
 }
 
@@ -493,5 +568,39 @@ mod tests {
         check([2, 5, 6, 6], 3, 1, 1, 0); // pointwise
         check([1, 3, 8, 8], 4, 3, 1, 1); // batch 1: parallel inside the products
         check([1, 2, 3, 3], 2, 3, 2, 1); // tiny map
+    }
+
+    #[test]
+    fn folded_affine_matches_convolution_then_affine() {
+        let dev = Device::Cpu;
+        for (input, c_out, k, stride, padding) in [
+            ([2, 3, 11, 9], 4, 3, 2, 1),
+            ([1, 5, 6, 6], 3, 1, 1, 0),
+            ([3, 4, 8, 8], 6, 7, 2, 3),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, &input, &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (c_out, input[1], k, k), &dev).unwrap();
+            let scale = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
+            let shift = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
+            let per_channel = |t: &Tensor| t.reshape((1, c_out, 1, 1)).unwrap();
+            let affine = conv2d(&x, &w, stride, padding)
+                .unwrap()
+                .broadcast_mul(&per_channel(&scale))
+                .unwrap()
+                .broadcast_add(&per_channel(&shift))
+                .unwrap();
+            for relu in [false, true] {
+                let ours = conv2d_affine(&x, &w, (&scale, &shift), relu, stride, padding).unwrap();
+                let reference = if relu {
+                    affine.relu().unwrap()
+                } else {
+                    affine.clone()
+                };
+                assert!(
+                    max_rel(&ours, &reference) < 1e-5,
+                    "{input:?} k{k} s{stride} relu {relu}"
+                );
+            }
+        }
     }
 }

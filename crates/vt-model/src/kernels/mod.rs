@@ -2,13 +2,15 @@
 //! and backward passes. The model code calls these functions; each falls back to candle's
 //! own operations on other devices and dtypes.
 
+mod add_relu;
 mod batch_norm;
 mod conv2d;
 mod gemm;
 mod max_pool;
 
+pub use add_relu::add_relu;
 pub use batch_norm::{batch_norm, channel_moments, Statistics};
-pub use conv2d::conv2d;
+pub use conv2d::{conv2d, conv2d_affine};
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
 use candle_core::backend::BackendStorage;
