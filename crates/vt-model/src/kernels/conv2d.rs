@@ -146,10 +146,15 @@ impl Geometry {
                         }
                         let dst =
                             &mut channel[iy as usize * self.width..(iy as usize + 1) * self.width];
-                        let from = &src[oy * self.out_w..(oy + 1) * self.out_w];
+                        let from = &src[oy * self.out_w + first..oy * self.out_w + last];
                         let ix0 = first * self.stride + kx - self.padding;
-                        for (o, v) in from[first..last].iter().enumerate() {
-                            dst[ix0 + o * self.stride] += v;
+                        if self.stride == 1 {
+                            let to = &mut dst[ix0..ix0 + from.len()];
+                            to.iter_mut().zip(from).for_each(|(d, v)| *d += v);
+                        } else {
+                            for (o, v) in from.iter().enumerate() {
+                                dst[ix0 + o * self.stride] += v;
+                            }
                         }
                     }
                 }

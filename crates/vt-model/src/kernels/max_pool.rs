@@ -33,11 +33,12 @@ fn argmax(plane: &[f32], (h, w): (usize, usize), oy: usize, ox: usize) -> usize 
     let rows = (oy * STRIDE).saturating_sub(PADDING)..(oy * STRIDE + WINDOW - PADDING).min(h);
     let cols = (ox * STRIDE).saturating_sub(PADDING)..(ox * STRIDE + WINDOW - PADDING).min(w);
     let mut best = rows.start * w + cols.start;
+    let mut best_value = plane[best];
     for iy in rows {
-        for ix in cols.clone() {
-            let i = iy * w + ix;
-            if plane[i] > plane[best] || plane[i].is_nan() {
-                best = i;
+        let row = &plane[iy * w + cols.start..iy * w + cols.end];
+        for (j, &v) in row.iter().enumerate() {
+            if v > best_value || v.is_nan() {
+                (best, best_value) = (iy * w + cols.start + j, v);
             }
         }
     }
