@@ -5,7 +5,7 @@ use candle_core::Result;
 use candle_core::{Module, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::kernels::{self, Statistics};
+use crate::kernels;
 
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
@@ -65,8 +65,9 @@ pub fn conv2d(
     })
 }
 
-/// `nn.BatchNorm2d` with PyTorch's defaults (eps 1e-5, momentum 0.1), run by
-/// [`kernels::batch_norm`] and optionally fused with the ReLU that follows it.
+/// `nn.BatchNorm2d` with PyTorch's defaults (eps 1e-5, momentum 0.1). Training runs
+/// [`kernels::batch_norm`], optionally fused with the ReLU that follows; evaluation folds it
+/// into the convolution before it (see [`ConvBn`]).
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Tensor,
@@ -76,20 +77,13 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
-    /// Normalises with the batch's statistics when `train` (updating the running ones), else
-    /// with the running statistics; then ReLU when `relu`, in the same pass.
-    fn normalize(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// Normalises with the batch's statistics, updating the running ones; then ReLU when
+    /// `relu`, in the same pass.
+    fn normalize_batch(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
-        if !train {
-            let running = Tensor::stack(
-                &[self.running_mean.as_tensor(), self.running_var.as_tensor()],
-                0,
-            )?;
-            return kernels::batch_norm(x, &running, &affine, BN_EPS, relu, Statistics::Running);
-        }
         let moments = kernels::channel_moments(x)?;
         self.update_running(&moments.detach(), x.elem_count() / x.dim(1)?)?;
-        kernels::batch_norm(x, &moments, &affine, BN_EPS, relu, Statistics::Batch)
+        kernels::batch_norm(x, &moments, &affine, BN_EPS, relu)
     }
 
     /// The evaluation-mode normalisation as a per-channel `x * scale + shift`.
@@ -156,7 +150,7 @@ impl ConvBn {
     /// `bn(conv(x))`, then ReLU when `relu`; batch statistics when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if train {
-            return self.bn.normalize(&self.conv.forward(x)?, true, relu);
+            return self.bn.normalize_batch(&self.conv.forward(x)?, relu);
         }
         let Conv2d {
             weight,

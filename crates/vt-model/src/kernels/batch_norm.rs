@@ -14,18 +14,9 @@ use rayon::prelude::*;
 
 use super::contiguous_f32;
 
-/// Where the statistics of a normalisation come from, which decides its gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Statistics {
-    /// Taken from this batch (training): the gradient flows through mean and variance too.
-    Batch,
-    /// Running estimates (evaluation): constants to the gradient.
-    Running,
-}
-
 /// The mean and biased variance of each channel over batch and spatial positions, as a
 /// (2, C) tensor. Not differentiated on the CPU: [`batch_norm`] accounts for it in its
-/// backward pass when given [`Statistics::Batch`].
+/// backward pass.
 pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
     if uses_kernel(&[x]) {
         x.contiguous()?.apply_op1_no_bwd(&Moments)
@@ -34,25 +25,22 @@ pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `gamma * (x - mean) / sqrt(var + eps) + beta`, then ReLU when `relu`, per channel.
-/// `moments` is (2, C): mean and variance; `affine` is (2, C): gamma and beta.
+/// Training-mode batch norm: `gamma * (x - mean) / sqrt(var + eps) + beta`, then ReLU when
+/// `relu`, per channel, where `moments` (2, C: mean and variance) are [`channel_moments`]
+/// of `x` itself, so that the gradient flows through them too. `affine` is (2, C): gamma
+/// and beta. (Evaluation-mode batch norm is folded into the convolution before it.)
 pub fn batch_norm(
     x: &Tensor,
     moments: &Tensor,
     affine: &Tensor,
     eps: f64,
     relu: bool,
-    statistics: Statistics,
 ) -> Result<Tensor> {
     if uses_kernel(&[x, moments, affine]) {
         x.contiguous()?.apply_op3(
             &moments.contiguous()?,
             &affine.contiguous()?,
-            Normalize {
-                eps,
-                relu,
-                statistics,
-            },
+            Normalize { eps, relu },
         )
     } else {
         composite_batch_norm(x, moments, affine, eps, relu)
@@ -229,7 +217,6 @@ fn channels(moments: &[f32], affine: &[f32], eps: f64) -> Result<Vec<Channel>> {
 struct Normalize {
     eps: f64,
     relu: bool,
-    statistics: Statistics,
 }
 
 impl CustomOp3 for Normalize {
@@ -294,7 +281,6 @@ impl CustomOp3 for Normalize {
             &NormalizeGrad {
                 per_channel,
                 relu: self.relu,
-                statistics: self.statistics,
             },
         )?;
         let numel = x.elem_count();
@@ -309,7 +295,6 @@ impl CustomOp3 for Normalize {
 struct NormalizeGrad {
     per_channel: Vec<Channel>,
     relu: bool,
-    statistics: Statistics,
 }
 
 impl CustomOp2 for NormalizeGrad {
@@ -373,19 +358,10 @@ impl CustomOp2 for NormalizeGrad {
                 let ch = i % c;
                 let k = &self.per_channel[ch];
                 let factor = k.gamma * k.inv_std;
-                match self.statistics {
-                    Statistics::Running => {
-                        for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
-                            *d = masked(k, v, g) * factor;
-                        }
-                    }
-                    Statistics::Batch => {
-                        let (sum_g, sum_gx) = (sums[ch].0 / count, sums[ch].1 / count);
-                        for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
-                            let x_hat = (v - k.mean) * k.inv_std;
-                            *d = factor * (masked(k, v, g) - sum_g - x_hat * sum_gx);
-                        }
-                    }
+                let (sum_g, sum_gx) = (sums[ch].0 / count, sums[ch].1 / count);
+                for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
+                    let x_hat = (v - k.mean) * k.inv_std;
+                    *d = factor * (masked(k, v, g) - sum_g - x_hat * sum_gx);
                 }
             });
         for (ch, (g, gx)) in sums.iter().enumerate() {
@@ -409,42 +385,21 @@ mod tests {
 
     /// Forward and gradients (input, gamma, beta) of the kernel against candle's own
     /// operations differentiated by autograd.
-    fn check(shape: &[usize], relu: bool, statistics: Statistics) {
+    fn check(shape: &[usize], relu: bool) {
         let dev = Device::Cpu;
         let c = shape[1];
         // An offset mean, so that the variance is not the mean square.
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 3.0).unwrap())
             .unwrap();
         let affine = Var::from_tensor(&Tensor::randn(0.5f32, 1.0, (2, c), &dev).unwrap()).unwrap();
-        let running = Tensor::cat(
-            &[
-                Tensor::randn(3f32, 0.5, (1, c), &dev).unwrap(),
-                Tensor::rand(1f32, 5.0, (1, c), &dev).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
-        let (ours, reference) = match statistics {
-            Statistics::Batch => (
-                channel_moments(x.as_tensor()).unwrap(),
-                composite_moments(x.as_tensor()).unwrap(),
-            ),
-            Statistics::Running => (running.clone(), running),
-        };
-        let case = format!("{shape:?} relu {relu} {statistics:?}");
+        let ours = channel_moments(x.as_tensor()).unwrap();
+        let reference = composite_moments(x.as_tensor()).unwrap();
+        let case = format!("{shape:?} relu {relu}");
         assert!(
             max_rel(&ours, &reference.detach()) < 1e-5,
             "{case}: moments"
         );
-        let y = batch_norm(
-            x.as_tensor(),
-            &ours,
-            affine.as_tensor(),
-            1e-5,
-            relu,
-            statistics,
-        )
-        .unwrap();
+        let y = batch_norm(x.as_tensor(), &ours, affine.as_tensor(), 1e-5, relu).unwrap();
         let y_ref = composite_batch_norm(x.as_tensor(), &reference, affine.as_tensor(), 1e-5, relu)
             .unwrap();
         assert!(max_rel(&y, &y_ref) < 1e-5, "{case}: forward");
@@ -461,13 +416,11 @@ mod tests {
 
     #[test]
     fn matches_candle_forward_and_backward() {
-        for statistics in [Statistics::Batch, Statistics::Running] {
-            for relu in [false, true] {
-                check(&[4, 3, 5, 7], relu, statistics);
-                check(&[2, 8, 13, 13], relu, statistics); // planes longer than the lanes
-                check(&[1, 5, 3, 4], relu, statistics); // batch 1
-                check(&[6, 4], relu, statistics); // no spatial dimensions
-            }
+        for relu in [false, true] {
+            check(&[4, 3, 5, 7], relu);
+            check(&[2, 8, 13, 13], relu); // planes longer than the lanes
+            check(&[1, 5, 3, 4], relu); // batch 1
+            check(&[6, 4], relu); // no spatial dimensions
         }
     }
 
@@ -483,7 +436,7 @@ mod tests {
         )
         .unwrap();
         let moments = channel_moments(&x).unwrap();
-        let y = batch_norm(&x, &moments, &affine, 0.0, false, Statistics::Batch).unwrap();
+        let y = batch_norm(&x, &moments, &affine, 0.0, false).unwrap();
         let m = channel_moments(&y).unwrap().to_vec2::<f32>().unwrap();
         for (mean, var) in m[0].iter().zip(&m[1]) {
             assert!(mean.abs() < 1e-5, "mean {mean}");

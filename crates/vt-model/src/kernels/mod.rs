@@ -9,7 +9,7 @@ mod gemm;
 mod max_pool;
 
 pub use add_relu::add_relu;
-pub use batch_norm::{batch_norm, channel_moments, Statistics};
+pub use batch_norm::{batch_norm, channel_moments};
 pub use conv2d::{conv2d, conv2d_affine};
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
