@@ -112,7 +112,7 @@ pub fn assign_strict(
         }
     }
     for (name, var) in vars.iter() {
-        var.set(&tensors[name])?;
+        var.set(&tensors[name].to_dtype(var.dtype())?)?;
     }
     Ok(())
 }

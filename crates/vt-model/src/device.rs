@@ -1,6 +1,7 @@
-//! Device selection from the command line: `cpu`, `cuda`, `cuda:N` or `auto`.
+//! Device and precision from the command line: `cpu`, `cuda`, `cuda:N` or `auto`, and
+//! `f32`, `f16` or `bf16`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{ModelError, Result};
 
@@ -41,6 +42,28 @@ fn cuda(ordinal: usize) -> Result<Device> {
     })
 }
 
+/// Parses an inference precision and checks that `device` can run it. Checkpoints stay f32
+/// on disk; the weights are converted when loaded.
+pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
+    let dtype = match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(ModelError::Device(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )))
+        }
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        // candle's CPU matrix product has no bf16 path.
+        return Err(ModelError::Device(
+            "bf16 runs on CUDA devices only; on the CPU use f32 (fastest there) or f16".into(),
+        ));
+    }
+    Ok(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +78,15 @@ mod tests {
             let err = parse_device("cuda:1").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
+    }
+
+    #[test]
+    fn dtypes_and_what_the_cpu_runs() {
+        assert_eq!(parse_dtype("f32", &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(parse_dtype("f16", &Device::Cpu).unwrap(), DType::F16);
+        let err = parse_dtype("bf16", &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("CUDA devices only"), "{err}");
+        let err = parse_dtype("f64", &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("expected f32, f16 or bf16"), "{err}");
     }
 }

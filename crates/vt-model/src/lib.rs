@@ -21,7 +21,7 @@ pub mod transformer;
 pub mod vt_resnet;
 
 pub use config::{Arch, Variant, VtConfig};
-pub use device::parse_device;
+pub use device::{parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use model::Model;
 pub use vt_resnet::VtResNet;

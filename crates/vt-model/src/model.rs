@@ -7,7 +7,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 
 use crate::checkpoint::{self, WEIGHTS_FILE};
 use crate::config::VtConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::vt_resnet::VtResNet;
 
 pub struct Model {
@@ -17,35 +17,59 @@ pub struct Model {
     pub varmap: VarMap,
     pub net: VtResNet,
     pub device: Device,
+    /// The precision of every variable; inputs are converted to it.
+    pub dtype: DType,
 }
 
 impl Model {
-    /// A freshly initialised model (PyTorch's default initialisation).
+    /// A freshly initialised model (PyTorch's default initialisation), in f32.
     pub fn init(config: VtConfig, device: &Device) -> Result<Model> {
+        Model::init_as(config, device, DType::F32)
+    }
+
+    /// A freshly initialised model in `dtype` (f16/bf16: for inference benchmarks).
+    pub fn init_as(config: VtConfig, device: &Device, dtype: DType) -> Result<Model> {
         config.validate()?;
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let net = VtResNet::new(&config, vb)?;
         Ok(Model {
             config,
             varmap,
             net,
             device: device.clone(),
+            dtype,
         })
     }
 
-    /// Loads a checkpoint folder strictly (see [`checkpoint`]).
+    /// Loads a checkpoint folder strictly (see [`checkpoint`]), in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Model> {
+        Model::load_as(dir, device, DType::F32)
+    }
+
+    /// Loads a checkpoint folder strictly, converting its f32 weights to `dtype` (f16 or
+    /// bf16 for inference).
+    pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
         let config = checkpoint::read_config(dir)?;
-        let model = Model::init(config, device)?;
+        let model = Model::init_as(config, device, dtype)?;
         let path = dir.join(WEIGHTS_FILE);
         let tensors = checkpoint::read_tensors(&path, device)?;
         checkpoint::assign_strict(&path, &model.varmap, &tensors)?;
         Ok(model)
     }
 
-    /// Writes the checkpoint folder atomically.
+    /// Writes the checkpoint folder atomically. Checkpoints are f32 by contract, so a model
+    /// loaded at another precision for inference cannot be saved.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.dtype != DType::F32 {
+            return Err(ModelError::Weights {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "checkpoints are f32; this model was loaded as {:?} for inference",
+                    self.dtype
+                ),
+            });
+        }
         checkpoint::write(dir, &self.config, &self.varmap)
     }
 

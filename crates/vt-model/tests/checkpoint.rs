@@ -55,6 +55,29 @@ fn round_trip_keeps_every_tensor_and_the_logits() {
 }
 
 #[test]
+fn loading_at_half_precision_converts_the_weights_and_refuses_to_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = saved_model(&dir);
+    // f16 runs everywhere (bf16 needs CUDA) and takes the same non-f32 path: candle's own
+    // operations instead of the f32 CPU kernels.
+    let half = Model::load_as(&dir, &Device::Cpu, DType::F16).unwrap();
+    assert_eq!(half.dtype, DType::F16);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let full = model.forward_t(&x, false).unwrap();
+    let halved = half
+        .forward_t(&x.to_dtype(DType::F16).unwrap(), false)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let err = relative_error(&halved, &full);
+    assert!(err < 2e-2, "f16 logits differ by {err}");
+    let refused = half.save(&tmp.path().join("half")).unwrap_err().to_string();
+    assert!(refused.contains("checkpoints are f32"), "{refused}");
+    assert!(!tmp.path().join("half").exists());
+}
+
+#[test]
 fn num_batches_tracked_is_ignored_whatever_its_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");

@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Inference precision: f32, f16, or bf16 (CUDA only). The checkpoint's f32 weights are
+    /// converted when loaded.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Most images per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch: u32,

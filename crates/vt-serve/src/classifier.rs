@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use fast_image_resize::Resizer;
 use serde::Serialize;
 use vt_data::decode::decode_rgb_limited;
@@ -86,8 +86,9 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    pub fn load(checkpoint: &Path, device: &Device) -> vt_model::Result<Classifier> {
-        let model = Model::load(checkpoint, device)?;
+    /// Loads a checkpoint on `device`, its weights converted to `dtype`.
+    pub fn load(checkpoint: &Path, device: &Device, dtype: DType) -> vt_model::Result<Classifier> {
+        let model = Model::load_as(checkpoint, device, dtype)?;
         let preprocessor = Preprocessor::new(&model.config);
         Ok(Classifier {
             model,
@@ -126,8 +127,10 @@ impl Classifier {
         let s = self.model.config.image_size;
         let flat: Vec<f32> = images.iter().flatten().copied().collect();
         let batch = Tensor::from_vec(flat, (images.len(), 3, s, s), &Device::Cpu)?
-            .to_device(&self.model.device)?;
-        let logits = self.model.forward_t(&batch, false)?;
+            .to_device(&self.model.device)?
+            .to_dtype(self.model.dtype)?;
+        // Scores in f32 whatever the model's precision.
+        let logits = self.model.forward_t(&batch, false)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let logits = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
         let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;

@@ -17,6 +17,9 @@ pub struct PredictArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Inference precision: f32, f16, or bf16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// How many of the best classes to list under "top".
     #[arg(long, default_value_t = 3)]
     pub top_k: usize,
@@ -38,7 +41,8 @@ struct Line<'a> {
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let device = vt_model::parse_device(&args.device)?;
-    let classifier = Classifier::load(&args.checkpoint, &device)
+    let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
+    let classifier = Classifier::load(&args.checkpoint, &device, dtype)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let mut resizer = Resizer::new();
     let stdout = std::io::stdout();

@@ -59,6 +59,8 @@ pub struct ModelInfo {
     /// SHA-256 of model.safetensors, hex.
     pub sha256: String,
     pub device: String,
+    /// Inference precision: f32, f16 or bf16.
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +88,8 @@ impl AppState {
     /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
         let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
-        let classifier = Classifier::load(&args.checkpoint, &device).map_err(|source| {
+        let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
+        let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|source| {
             StartError::Checkpoint {
                 path: args.checkpoint.clone(),
                 source,
@@ -101,6 +104,7 @@ impl AppState {
             parameters: classifier.model().num_parameters(),
             sha256: sha256_file(&args.checkpoint.join(WEIGHTS_FILE))?,
             device: device_name(&device),
+            dtype: args.dtype.clone(),
         };
         let preprocessor = classifier.preprocessor();
         let metrics = Arc::new(Metrics::new()?);

@@ -4,7 +4,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -57,6 +58,7 @@ fn help_explains_every_flag() {
             "--host",
             "--port",
             "--device",
+            "--dtype",
             "--max-batch",
             "--max-delay-ms",
             "--queue",
@@ -69,6 +71,68 @@ fn help_explains_every_flag() {
             assert!(help.contains(flag), "{args:?} help lacks {flag}:\n{help}");
         }
     }
+}
+
+/// `vt-serve predict` at a precision, as JSON lines.
+fn predict_at(checkpoint: &Path, dtype: &str, paths: &[PathBuf]) -> Output {
+    Command::new(BIN)
+        .args([
+            "predict",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--checkpoint",
+        ])
+        .arg(checkpoint)
+        .args(paths)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn half_precision_predictions_follow_f32_and_bf16_needs_cuda() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = test_images(3)
+        .iter()
+        .map(|(name, bytes)| {
+            let path = files.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect();
+    let probs = |output: Output| -> Vec<Vec<f64>> {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let line: Value = serde_json::from_str(l).unwrap();
+                serde_json::from_value(line["probs"].clone()).unwrap()
+            })
+            .collect()
+    };
+    let full = probs(predict_at(&checkpoint, "f32", &paths));
+    let half = probs(predict_at(&checkpoint, "f16", &paths));
+    assert_eq!(full.len(), paths.len());
+    for (f, h) in full.iter().zip(&half) {
+        for (a, b) in f.iter().zip(h) {
+            assert!((a - b).abs() < 1e-2, "f32 {f:?} vs f16 {h:?}");
+        }
+    }
+    let refused = predict_at(&checkpoint, "bf16", &paths);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("bf16 runs on CUDA devices only"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,7 @@ async fn every_route_answers_with_its_documented_shape() {
     assert_eq!(model["image_size"], 32);
     assert_eq!(model["parameters"], loaded.num_parameters());
     assert_eq!(model["device"], "cpu");
+    assert_eq!(model["dtype"], "f32");
 
     // Raw body, default top_k = 3, sorted by score.
     let (status, answer) = post_raw(

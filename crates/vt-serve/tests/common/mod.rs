@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::Parser;
 use fast_image_resize::Resizer;
 use image::{ImageFormat, RgbImage};
@@ -97,7 +97,7 @@ pub fn test_images(count: usize) -> Vec<(String, Vec<u8>)> {
 
 /// What `vt-serve predict` computes for one image: its softmax probabilities.
 pub fn offline_probs(checkpoint: &Path, bytes: &[u8]) -> Vec<f32> {
-    let classifier = Classifier::load(checkpoint, &Device::Cpu).unwrap();
+    let classifier = Classifier::load(checkpoint, &Device::Cpu, DType::F32).unwrap();
     let input = classifier
         .preprocess(&mut Resizer::new(), bytes, u64::MAX)
         .unwrap();
