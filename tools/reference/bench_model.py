@@ -6,7 +6,8 @@
     python tools/reference/bench_model.py --threads 2 --iters 5 --warmup 1 --json \
         --cases "train:vt-resnet18:150:32,infer:vt-resnet18:150:1"
 
-infer: eval-mode forward under torch.inference_mode.
+infer: eval-mode forward under torch.inference_mode, in --dtype (float32, or bfloat16 /
+float16: weights and input converted, as `vt-serve --dtype` does).
 train: train-mode forward, cross-entropy, backward, SGD step (lr 0.01, momentum 0.9).
 Model: the contract defaults (L 16, CT 1024, heads 16), 6 classes, PyTorch's default init,
 random input (seeded). Prints one line per case; with --json,
@@ -42,7 +43,7 @@ def parse_cases(text: str):
 
 
 def bench_case(mode: str, arch: str, image_size: int, batch: int, iters: int, warmup: int,
-               num_classes: int, device: str, seed: int) -> dict:
+               num_classes: int, device: str, seed: int, dtype: str = "float32") -> dict:
     torch.manual_seed(seed)
     cfg = vt.default_config(arch, num_classes, image_size)
     model = vt.VTResNet(cfg).to(device)
@@ -52,6 +53,8 @@ def bench_case(mode: str, arch: str, image_size: int, batch: int, iters: int, wa
 
     if mode == "infer":
         model.eval()
+        model.to(getattr(torch, dtype))
+        x = x.to(getattr(torch, dtype))
 
         def step():
             with torch.inference_mode():
@@ -77,6 +80,7 @@ def bench_case(mode: str, arch: str, image_size: int, batch: int, iters: int, wa
     return {"arch": arch, "image_size": image_size, "batch": batch, "mode": mode,
             "img_s": batch * iters / secs, "iters": iters, "seconds": secs,
             "threads": torch.get_num_threads(), "device": device,
+            "dtype": dtype if mode == "infer" else "float32",
             "torch": torch.__version__}
 
 
@@ -92,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="precision of infer cases (train cases stay float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     args = p.parse_args(argv)
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
         (args.mode, args.arch, args.image_size, args.batch)]
     for mode, arch, size, batch in cases:
         r = bench_case(mode, arch, size, batch, args.iters, args.warmup, args.num_classes,
-                       args.device, args.seed)
+                       args.device, args.seed, args.dtype)
         if args.json:
             print(json.dumps(r), flush=True)
         else:

@@ -24,6 +24,12 @@ train:vt-resnet18:224:32,infer:vt-resnet18:224:1,infer:vt-resnet18:224:32,\
 train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
     )]
     cases: String,
+    /// Device for both sides: cpu, or cuda (vt-model also takes cuda:N; PyTorch gets `cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the inference cases: f32, f16 or bf16 (CUDA); training stays f32.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Compute threads for both sides.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -89,13 +95,22 @@ fn parse_cases(text: &str) -> anyhow::Result<Vec<Case>> {
 
 /// Images per second of one case in vt-model: evaluation-mode forward passes, or training
 /// steps (forward, cross-entropy, backward, SGD step).
-fn bench_vt(case: &Case, iters: usize, warmup: usize) -> anyhow::Result<f64> {
-    let device = Device::Cpu;
-    let model = Model::init(VtConfig::new(case.arch, 6, case.image_size), &device)?;
+fn bench_vt(
+    case: &Case,
+    (device, dtype): (&Device, DType),
+    iters: usize,
+    warmup: usize,
+) -> anyhow::Result<f64> {
+    let dtype = match case.mode {
+        Mode::Infer => dtype,
+        Mode::Train => DType::F32,
+    };
+    let config = VtConfig::new(case.arch, 6, case.image_size);
+    let model = Model::init_as(config, device, dtype)?;
     let s = case.image_size;
-    let x = Tensor::randn(0f32, 1.0, (case.batch, 3, s, s), &device)?;
+    let x = Tensor::randn(0f32, 1.0, (case.batch, 3, s, s), device)?.to_dtype(dtype)?;
     let labels: Vec<u32> = (0..case.batch as u32).map(|i| i % 6).collect();
-    let y = Tensor::new(labels.as_slice(), &device)?;
+    let y = Tensor::new(labels.as_slice(), device)?;
     let mut sgd = SGD::new(model.varmap.all_vars(), 0.01)?;
     let mut step = || -> anyhow::Result<()> {
         match case.mode {
@@ -116,10 +131,13 @@ fn bench_vt(case: &Case, iters: usize, warmup: usize) -> anyhow::Result<f64> {
     for _ in 0..warmup {
         step()?;
     }
+    device.synchronize()?;
     let start = Instant::now();
     for _ in 0..iters {
         step()?;
     }
+    // GPU work is asynchronous: count it to its end.
+    device.synchronize()?;
     Ok((case.batch * iters) as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -138,6 +156,8 @@ fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>
         .arg(&script)
         .args(["--cases", &args.cases, "--json"])
         .args(["--threads", &args.threads.to_string()])
+        .args(["--device", torch_device(&args.device)])
+        .args(["--dtype", torch_dtype(&args.dtype)?])
         .args([
             "--iters",
             &args.iters.to_string(),
@@ -161,6 +181,24 @@ fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>
         .collect()
 }
 
+/// PyTorch's name for a device: its first GPU for any CUDA device.
+fn torch_device(device: &str) -> &str {
+    if device.starts_with("cuda") || device == "auto" && candle_core::utils::cuda_is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+fn torch_dtype(dtype: &str) -> anyhow::Result<&'static str> {
+    Ok(match dtype {
+        "f32" => "float32",
+        "f16" => "float16",
+        "bf16" => "bfloat16",
+        other => bail!("unknown dtype `{other}` (expected f32, f16 or bf16)"),
+    })
+}
+
 #[derive(Serialize)]
 struct Row<'a> {
     case: Mode,
@@ -176,10 +214,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cases = parse_cases(&args.cases)?;
     // candle reads the thread count once, at its first parallel operation.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    let device = vt_model::parse_device(&args.device)?;
+    let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
     let mut vt = Vec::new();
     for case in &cases {
-        eprintln!("vt-model: {case:?}");
-        vt.push(bench_vt(case, args.iters, args.warmup).with_context(|| format!("{case:?}"))?);
+        eprintln!("vt-model: {case:?} on {} ({})", args.device, args.dtype);
+        let img_s = bench_vt(case, (&device, dtype), args.iters, args.warmup)
+            .with_context(|| format!("{case:?}"))?;
+        vt.push(img_s);
     }
     let torch = if args.no_torch {
         Vec::new()

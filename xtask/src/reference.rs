@@ -12,7 +12,14 @@ pub fn default_python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-/// Path of a script in tools/reference.
+/// Path of a script in tools/reference: in the checkout xtask was built from, else (a
+/// prebuilt xtask run from the root of another copy of the repository, as bench/gpu.sh does
+/// on a GPU machine) under the current folder.
 pub fn script(name: &str) -> PathBuf {
-    workspace_root().join("tools/reference").join(name)
+    let built_from = workspace_root().join("tools/reference").join(name);
+    if built_from.exists() {
+        built_from
+    } else {
+        PathBuf::from("tools/reference").join(name)
+    }
 }
