@@ -44,14 +44,16 @@ prepare() {
         strip -o "$gpu_dir.tmp/bin/$b" "target/debug/$b"
         xz -T0 -6 "$gpu_dir.tmp/bin/$b"
     done
+    local files
     for class_dir in "$photos"/seg_train/*/; do
         local class
         class=$(basename "$class_dir")
         mkdir -p "$gpu_dir.tmp/photos/seg_train/$class"
-        find "$class_dir" -type f | sort | head -n "$per_class" |
-            xargs cp -t "$gpu_dir.tmp/photos/seg_train/$class"
+        mapfile -t files < <(find "$class_dir" -type f | sort)
+        cp -t "$gpu_dir.tmp/photos/seg_train/$class" "${files[@]:0:$per_class}"
     done
-    find "$photos/seg_pred" -type f | sort | head -n 20 | xargs cp -t "$gpu_dir.tmp/photos/seg_pred"
+    mapfile -t files < <(find "$photos/seg_pred" -type f | sort)
+    cp -t "$gpu_dir.tmp/photos/seg_pred" "${files[@]:0:20}"
     rm -rf "$gpu_dir"
     mv "$gpu_dir.tmp" "$gpu_dir"
     if [ "$device" != cpu ]; then
@@ -73,13 +75,19 @@ run() {
     local out=${1:-gpu-results}
     local work
     work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
+    # shellcheck disable=SC2064 # expand now: `work` is local
+    trap "rm -rf '$work'" EXIT
     mkdir -p "$out" "$work/bin"
     for b in "${binaries[@]}"; do
         xz -dc "$gpu_dir/bin/$b.xz" > "$work/bin/$b"
         chmod +x "$work/bin/$b"
     done
     local bin=$work/bin
+    # The GPU machines' CUDA 13.0 runtime, cuBLAS, cuRAND and NVRTC (see cuda-toolchain.sh).
+    local cuda_lib=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+    if [ -d "$cuda_lib" ]; then
+        export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
 
     # Sizes: the issue's on a GPU; tiny ones to test the flow on a CPU.
     local epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=8 iters=10 warmup=3

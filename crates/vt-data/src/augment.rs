@@ -121,18 +121,31 @@ pub fn rotate(img: &RgbImage, angle_deg: f32, interpolation: Interpolation) -> R
     let c = a * -cx + b * -cy + cx;
     let f = d * -cx + e * -cy + cy;
     let (wf, hf) = (f64::from(w), f64::from(h));
-    RgbImage::from_fn(w, h, |x, y| {
-        let (xo, yo) = (f64::from(x) + 0.5, f64::from(y) + 0.5);
-        let xin = a * xo + b * yo + c;
-        let yin = d * xo + e * yo + f;
-        if xin < 0.0 || yin < 0.0 || xin >= wf || yin >= hf {
-            return Rgb([0, 0, 0]);
+    // Starts black: uncovered pixels stay so.
+    let mut out = RgbImage::new(w, h);
+    let src = img.as_raw();
+    let stride = w as usize * 3;
+    for (y, row) in out.chunks_exact_mut(stride).enumerate() {
+        let yo = y as f64 + 0.5;
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
+            let xo = x as f64 + 0.5;
+            let xin = a * xo + b * yo + c;
+            let yin = d * xo + e * yo + f;
+            if xin < 0.0 || yin < 0.0 || xin >= wf || yin >= hf {
+                continue;
+            }
+            match interpolation {
+                Interpolation::Nearest => {
+                    let at = yin as usize * stride + xin as usize * 3;
+                    px.copy_from_slice(&src[at..at + 3]);
+                }
+                Interpolation::Bilinear => {
+                    px.copy_from_slice(&bilinear(img, xin - 0.5, yin - 0.5).0)
+                }
+            }
         }
-        match interpolation {
-            Interpolation::Nearest => *img.get_pixel(xin as u32, yin as u32),
-            Interpolation::Bilinear => bilinear(img, xin - 0.5, yin - 0.5),
-        }
-    })
+    }
+    out
 }
 
 /// PIL's bilinear sample with edge clamping, at pixel-centre coordinates.

@@ -26,13 +26,42 @@ impl Normalize {
 
     /// Writes `img` into `out` as planar CHW floats, normalised.
     pub fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
-        let plane = (img.width() * img.height()) as usize;
+        self.write_chw_window(img, (0, 0), img.dimensions(), out);
+    }
+
+    /// Writes the `size` (width, height) window of `img` at `origin` (left, top) into `out`
+    /// as planar CHW floats, normalised: a crop without copying it first.
+    pub fn write_chw_window(
+        &self,
+        img: &RgbImage,
+        (left, top): (u32, u32),
+        (width, height): (u32, u32),
+        out: &mut [f32],
+    ) {
+        let plane = (width * height) as usize;
         debug_assert_eq!(out.len(), 3 * plane);
         let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
         let shift: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
-        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = f32::from(px[c]) * scale[c] + shift[c];
+        let (red, rest) = out.split_at_mut(plane);
+        let (green, blue) = rest.split_at_mut(plane);
+        let stride = img.width() as usize * 3;
+        let rows = img
+            .as_raw()
+            .chunks_exact(stride)
+            .skip(top as usize)
+            .take(height as usize);
+        let row_len = width as usize;
+        for (y, row) in rows.enumerate() {
+            let pixels = &row[left as usize * 3..(left as usize + row_len) * 3];
+            let span = y * row_len..(y + 1) * row_len;
+            let planes = red[span.clone()]
+                .iter_mut()
+                .zip(&mut green[span.clone()])
+                .zip(&mut blue[span]);
+            for (px, ((r, g), b)) in pixels.chunks_exact(3).zip(planes) {
+                *r = f32::from(px[0]) * scale[0] + shift[0];
+                *g = f32::from(px[1]) * scale[1] + shift[1];
+                *b = f32::from(px[2]) * scale[2] + shift[2];
             }
         }
     }
@@ -102,9 +131,8 @@ pub fn eval_chw(
         height: f64::from(img.height()),
     };
     let resized = resize_region(resizer, img, full, w, h)?;
-    let cropped = image::imageops::crop_imm(&resized, left, top, image_size, image_size).to_image();
     let mut out = vec![0.0; 3 * (image_size * image_size) as usize];
-    norm.write_chw(&cropped, &mut out);
+    norm.write_chw_window(&resized, (left, top), (image_size, image_size), &mut out);
     Ok(out)
 }
 
