@@ -22,6 +22,19 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `f` of two equally long slices, element by element, in parallel chunks.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(dst, (a, b))| {
+            for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+                *d = f(x, y);
+            }
+        });
+    out
+}
+
 struct AddRelu;
 
 impl CustomOp2 for AddRelu {
@@ -40,14 +53,7 @@ impl CustomOp2 for AddRelu {
             candle_core::bail!("add_relu: shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
         let (a, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(dst, (a, b))| {
-                for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
-                    *d = (x + y).max(0.0);
-                }
-            });
+        let out = zip_map(a, b, |x, y| (x + y).max(0.0));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -82,14 +88,7 @@ impl CustomOp2 for ReluGrad {
         if y.len() != g.len() {
             candle_core::bail!("relu grad: shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dst, (y, g))| {
-                for ((d, &y), &g) in dst.iter_mut().zip(y).zip(g) {
-                    *d = if y > 0.0 { g } else { 0.0 };
-                }
-            });
+        let out = zip_map(y, g, |y, g| if y > 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -375,13 +375,8 @@ impl CustomOp2 for NormalizeGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::max_rel;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
-    }
 
     /// Forward and gradients (input, gamma, beta) of the kernel against candle's own
     /// operations differentiated by autograd.

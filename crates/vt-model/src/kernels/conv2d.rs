@@ -503,26 +503,8 @@ pub fn conv2d_affine(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::max_rel;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff / scale.max(1e-12)
-    }
 
     /// Forward and both gradients against candle's reference convolution.
     fn check(input: [usize; 4], c_out: usize, k: usize, stride: usize, padding: usize) {

@@ -31,3 +31,12 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
         None => candle_core::bail!("vt kernels take contiguous tensors"),
     }
 }
+
+/// The largest difference between two tensors relative to the largest magnitude of the
+/// second: how the kernels' tests compare against candle's reference operations.
+#[cfg(test)]
+fn max_rel(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 {
+    let largest = |t: candle_core::Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+    let diff = largest((actual - expected).unwrap()).unwrap();
+    diff / largest(expected.clone()).unwrap().max(1e-12)
+}
