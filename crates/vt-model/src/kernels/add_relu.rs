@@ -4,18 +4,17 @@
 //! builds a comparison mask, converts it and multiplies, before the addition copies the
 //! gradient to both branches.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, f32_on_cpu};
 
 /// Values per parallel task: element-wise work needs long runs to beat its scheduling.
 const CHUNK: usize = 16 * 1024;
 
 /// `relu(a + b)` for tensors of one shape.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if on_cpu(a) && on_cpu(b) {
+    if f32_on_cpu(&[a, b]) {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
         (a + b)?.relu()

@@ -7,18 +7,16 @@
 //! normalisation reads it once and writes once, and the backward pass reads input and
 //! gradient twice and writes once.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, f32_on_cpu};
 
 /// The mean and biased variance of each channel over batch and spatial positions, as a
 /// (2, C) tensor. Not differentiated on the CPU: [`batch_norm`] accounts for it in its
 /// backward pass.
 pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
-    if uses_kernel(&[x]) {
+    if f32_on_cpu(&[x]) {
         x.contiguous()?.apply_op1_no_bwd(&Moments)
     } else {
         composite_moments(x)
@@ -36,7 +34,7 @@ pub fn batch_norm(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    if uses_kernel(&[x, moments, affine]) {
+    if f32_on_cpu(&[x, moments, affine]) {
         x.contiguous()?.apply_op3(
             &moments.contiguous()?,
             &affine.contiguous()?,
@@ -45,12 +43,6 @@ pub fn batch_norm(
     } else {
         composite_batch_norm(x, moments, affine, eps, relu)
     }
-}
-
-fn uses_kernel(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// candle's own operations, for other devices and dtypes; autograd differentiates them.
@@ -376,7 +368,7 @@ impl CustomOp2 for NormalizeGrad {
 mod tests {
     use super::*;
     use crate::kernels::max_rel;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Forward and gradients (input, gamma, beta) of the kernel against candle's own
     /// operations differentiated by autograd.

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, parallelism, MatRef};
-use super::{contiguous_f32, threads};
+use super::{contiguous_f32, f32_on_cpu, threads};
 
 /// Sizes of one convolution (square stride and padding, no dilation, one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,10 +446,7 @@ impl CustomOp2 for Conv2dInputGrad {
 /// A bias-free convolution (square stride and padding): this module's GEMM kernels for f32
 /// tensors on the CPU, candle's own convolution elsewhere.
 pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if input.device().is_cpu()
-        && input.dtype() == candle_core::DType::F32
-        && weight.dtype() == candle_core::DType::F32
-    {
+    if f32_on_cpu(&[input, weight]) {
         input.contiguous()?.apply_op2(
             &weight.contiguous()?,
             Conv2d {
@@ -476,8 +473,7 @@ pub fn conv2d_affine(
 ) -> Result<Tensor> {
     let per_channel = |t: &Tensor| t.reshape(((), 1, 1, 1));
     let folded = weight.broadcast_mul(&per_channel(scale)?)?;
-    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if f32_on_cpu(input) && f32_on_cpu(&folded) && f32_on_cpu(shift) {
+    if f32_on_cpu(&[input, &folded, shift]) {
         return input.contiguous()?.apply_op2(
             &folded.contiguous()?,
             Conv2d {

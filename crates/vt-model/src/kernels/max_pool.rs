@@ -5,10 +5,10 @@
 //! Here each output scans its window once. Ties go to the first maximum in the window, as in
 //! PyTorch, which matters after a ReLU where whole windows are zero.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, f32_on_cpu};
 
 const WINDOW: usize = 3;
 const STRIDE: usize = 2;
@@ -16,7 +16,7 @@ const PADDING: usize = 1;
 
 /// Max-pool 3x3, stride 2, padding 1 over an (N, C, H, W) tensor.
 pub fn max_pool_3x3_stride2_pad1(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if f32_on_cpu(&[x]) {
         x.contiguous()?.apply_op1(MaxPool)
     } else {
         composite(x)
@@ -159,7 +159,7 @@ fn strided(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn forward_matches_candle_on_the_padded_map() {

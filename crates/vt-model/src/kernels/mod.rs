@@ -14,11 +14,19 @@ pub use conv2d::{conv2d, conv2d_affine};
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// The compute threads candle itself uses (RAYON_NUM_THREADS, else every core).
 fn threads() -> usize {
     candle_core::utils::get_num_threads()
+}
+
+/// Whether the kernels here take these tensors: f32, on the CPU. Anything else goes to
+/// candle's own operations.
+fn f32_on_cpu(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// The f32 slice of a contiguous CPU tensor.
