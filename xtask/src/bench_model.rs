@@ -24,7 +24,7 @@ train:vt-resnet18:224:32,infer:vt-resnet18:224:1,infer:vt-resnet18:224:32,\
 train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
     )]
     cases: String,
-    /// Device for both sides: cpu, or cuda (vt-model also takes cuda:N; PyTorch gets `cuda`).
+    /// Device for both sides: cpu, cuda, cuda:N or auto (PyTorch gets its first GPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Precision of the inference cases: f32, f16 or bf16 (CUDA); training stays f32.
@@ -150,14 +150,18 @@ struct TorchResult {
     img_s: f64,
 }
 
-fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>> {
+fn bench_torch(
+    args: &Args,
+    (device, dtype): (&Device, DType),
+    python: &PathBuf,
+) -> anyhow::Result<Vec<TorchResult>> {
     let script = script("bench_model.py");
     let output = Command::new(python)
         .arg(&script)
         .args(["--cases", &args.cases, "--json"])
         .args(["--threads", &args.threads.to_string()])
-        .args(["--device", torch_device(&args.device)])
-        .args(["--dtype", torch_dtype(&args.dtype)?])
+        .args(["--device", if device.is_cuda() { "cuda" } else { "cpu" }])
+        .args(["--dtype", torch_dtype(dtype)])
         .args([
             "--iters",
             &args.iters.to_string(),
@@ -181,22 +185,13 @@ fn bench_torch(args: &Args, python: &PathBuf) -> anyhow::Result<Vec<TorchResult>
         .collect()
 }
 
-/// PyTorch's name for a device: its first GPU for any CUDA device.
-fn torch_device(device: &str) -> &str {
-    if device.starts_with("cuda") || device == "auto" && candle_core::utils::cuda_is_available() {
-        "cuda"
-    } else {
-        "cpu"
+/// PyTorch's name for a precision that `vt_model::parse_dtype` accepted.
+fn torch_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
     }
-}
-
-fn torch_dtype(dtype: &str) -> anyhow::Result<&'static str> {
-    Ok(match dtype {
-        "f32" => "float32",
-        "f16" => "float16",
-        "bf16" => "bfloat16",
-        other => bail!("unknown dtype `{other}` (expected f32, f16 or bf16)"),
-    })
 }
 
 #[derive(Serialize)]
@@ -228,7 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let python = args.python.clone().unwrap_or_else(default_python);
         eprintln!("PyTorch reference with {}", python.display());
-        bench_torch(&args, &python)?
+        bench_torch(&args, (&device, dtype), &python)?
     };
     if !args.json {
         println!("| case | arch | px | batch | vt img/s | torch img/s | ratio |");
