@@ -3,12 +3,29 @@
 
 use candle_core::Result;
 use candle_core::{Module, Tensor, Var};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use crate::kernels;
 
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
+
+/// `nn.Linear`: `x W^T + b` over the last axis, the product run by [`kernels::linear_product`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = kernels::linear_product(x, &self.weight)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
 
 /// `nn.Linear`: weight and bias uniform in +-1/sqrt(in).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -23,7 +40,7 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear { weight, bias })
 }
 
 /// A bias-free convolution with square stride and padding, run by [`kernels::conv2d`].

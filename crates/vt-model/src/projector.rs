@@ -2,9 +2,9 @@
 //! X_out = X + softmax((X Wq)(T Wk)^T / sqrt(d)) (T Wv), with multi-head attention.
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{ops::softmax, Linear, Module, VarBuilder};
+use candle_nn::{ops::softmax, Module, VarBuilder};
 
-use crate::layers::linear;
+use crate::layers::{linear, Linear};
 use crate::transformer::{merge_heads, split_heads};
 
 #[derive(Debug, Clone)]

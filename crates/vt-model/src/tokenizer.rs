@@ -2,9 +2,9 @@
 //! T (N x L x CT) by spatial attention A = softmax_P(logits / sqrt(C)), T = A^T V.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{ops::softmax, Linear, Module, VarBuilder};
+use candle_nn::{ops::softmax, Module, VarBuilder};
 
-use crate::layers::linear;
+use crate::layers::{linear, Linear};
 
 /// Where the tokenizer's grouping logits come from.
 #[derive(Debug, Clone)]

@@ -2,9 +2,9 @@
 //! projection. T' = T + softmax((T Wk)(T Wq)^T / sqrt(d)) T, T_out = T' + F2(ReLU(F1(T'))).
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{ops::softmax, Linear, Module, VarBuilder};
+use candle_nn::{ops::softmax, Module, VarBuilder};
 
-use crate::layers::linear;
+use crate::layers::{linear, Linear};
 
 /// Splits the last axis of N x L x (h*d) into heads: N x h x L x d (contiguous blocks).
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {

@@ -2,10 +2,10 @@
 //! (tokenizer, transformer, projector), classified from the mean of the final tokens.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, ModuleT, VarBuilder};
+use candle_nn::{Module, ModuleT, VarBuilder};
 
 use crate::config::{VtConfig, FEATURE_CHANNELS};
-use crate::layers::linear;
+use crate::layers::{linear, Linear};
 use crate::projector::Projector;
 use crate::stem::Stem;
 use crate::tokenizer::Tokenizer;

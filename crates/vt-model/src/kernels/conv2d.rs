@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, parallelism, MatRef};
+use super::gemm::{matmul, MatRef};
 use super::{contiguous_f32, f32_on_cpu, threads};
 
 /// Sizes of one convolution (square stride and padding, no dilation, one group).
@@ -92,34 +92,45 @@ impl Geometry {
         )
     }
 
-    /// Fills `col` (patch x out_plane, row-major) from one image.
-    fn im2col(&self, image: &[f32], col: &mut [f32]) {
+    /// Fills `col` (patch x out_plane, row-major) from one image, its channels spread over
+    /// the thread pool when `parallel`.
+    fn im2col(&self, image: &[f32], col: &mut [f32], parallel: bool) {
+        let rows = self.kernel_h * self.kernel_w * self.out_plane();
+        let channel_size = self.height * self.width;
+        let fill = |(c, dst): (usize, &mut [f32])| {
+            self.im2col_channel(&image[c * channel_size..(c + 1) * channel_size], dst)
+        };
+        if parallel {
+            col.par_chunks_mut(rows).enumerate().for_each(fill);
+        } else {
+            col.chunks_mut(rows).enumerate().for_each(fill);
+        }
+    }
+
+    /// The k_h * k_w rows of the im2col matrix that come from one input channel.
+    fn im2col_channel(&self, channel: &[f32], col: &mut [f32]) {
         let plane = self.out_plane();
-        for c in 0..self.in_channels {
-            let channel = &image[c * self.height * self.width..(c + 1) * self.height * self.width];
-            for ky in 0..self.kernel_h {
-                for kx in 0..self.kernel_w {
-                    let row = (c * self.kernel_h + ky) * self.kernel_w + kx;
-                    let dst = &mut col[row * plane..(row + 1) * plane];
-                    let (first, last) = self.valid_columns(kx);
-                    for oy in 0..self.out_h {
-                        let out_row = &mut dst[oy * self.out_w..(oy + 1) * self.out_w];
-                        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                        if iy < 0 || iy >= self.height as isize {
-                            out_row.fill(0.0);
-                            continue;
-                        }
-                        let src =
-                            &channel[iy as usize * self.width..(iy as usize + 1) * self.width];
-                        out_row[..first].fill(0.0);
-                        out_row[last..].fill(0.0);
-                        let ix0 = first * self.stride + kx - self.padding;
-                        if self.stride == 1 {
-                            out_row[first..last].copy_from_slice(&src[ix0..ix0 + (last - first)]);
-                        } else {
-                            for (o, v) in out_row[first..last].iter_mut().enumerate() {
-                                *v = src[ix0 + o * self.stride];
-                            }
+        for ky in 0..self.kernel_h {
+            for kx in 0..self.kernel_w {
+                let row = ky * self.kernel_w + kx;
+                let dst = &mut col[row * plane..(row + 1) * plane];
+                let (first, last) = self.valid_columns(kx);
+                for oy in 0..self.out_h {
+                    let out_row = &mut dst[oy * self.out_w..(oy + 1) * self.out_w];
+                    let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                    if iy < 0 || iy >= self.height as isize {
+                        out_row.fill(0.0);
+                        continue;
+                    }
+                    let src = &channel[iy as usize * self.width..(iy as usize + 1) * self.width];
+                    out_row[..first].fill(0.0);
+                    out_row[last..].fill(0.0);
+                    let ix0 = first * self.stride + kx - self.padding;
+                    if self.stride == 1 {
+                        out_row[first..last].copy_from_slice(&src[ix0..ix0 + (last - first)]);
+                    } else {
+                        for (o, v) in out_row[first..last].iter_mut().enumerate() {
+                            *v = src[ix0 + o * self.stride];
                         }
                     }
                 }
@@ -162,14 +173,21 @@ impl Geometry {
         }
     }
 
-    /// The im2col matrix of image `n`, borrowed when the convolution is pointwise.
-    fn columns<'a>(&self, input: &'a [f32], n: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    /// The im2col matrix of image `n`, borrowed when the convolution is pointwise; built by
+    /// the whole thread pool when the product `par` will be.
+    fn columns<'a>(
+        &self,
+        input: &'a [f32],
+        n: usize,
+        scratch: &'a mut Vec<f32>,
+        threads: usize,
+    ) -> &'a [f32] {
         let image = &input[n * self.in_image()..(n + 1) * self.in_image()];
         if self.is_pointwise() {
             return image;
         }
         scratch.resize(self.patch() * self.out_plane(), 0.0);
-        self.im2col(image, scratch);
+        self.im2col(image, scratch, threads > 1);
         scratch
     }
 }
@@ -196,16 +214,16 @@ fn for_each_image(
     geometry: &Geometry,
     out: &mut [f32],
     chunk: usize,
-    per_image: impl Fn(usize, &mut [f32], gemm::Parallelism) + Sync,
+    per_image: impl Fn(usize, &mut [f32], usize) + Sync,
 ) {
     let threads = threads();
     if geometry.batch >= threads {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(n, dst)| per_image(n, dst, parallelism(1)));
+            .for_each(|(n, dst)| per_image(n, dst, 1));
     } else {
         for (n, dst) in out.chunks_mut(chunk).enumerate() {
-            per_image(n, dst, parallelism(threads));
+            per_image(n, dst, threads);
         }
     }
 }
@@ -233,15 +251,15 @@ impl Epilogue {
 fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let mut out = vec![0.0; g.batch * g.out_image()];
     let w = MatRef::row_major(weight, g.out_channels, g.patch());
-    for_each_image(g, &mut out, g.out_image(), |n, dst, par| {
+    for_each_image(g, &mut out, g.out_image(), |n, dst, threads| {
         with_columns(|scratch| {
-            let col = g.columns(input, n, scratch);
+            let col = g.columns(input, n, scratch, threads);
             matmul(
                 dst,
                 w,
                 MatRef::row_major(col, g.patch(), g.out_plane()),
                 false,
-                par,
+                threads,
             );
         });
         if let Some(epilogue) = epilogue {
@@ -253,9 +271,9 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilog
 
 fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let size = g.out_channels * g.patch();
-    let accumulate = |mut acc: Vec<f32>, n: usize, par| {
+    let accumulate = |mut acc: Vec<f32>, n: usize, threads: usize| {
         with_columns(|scratch| {
-            let col = g.columns(input, n, scratch);
+            let col = g.columns(input, n, scratch, threads);
             let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
             let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
             matmul(
@@ -263,7 +281,7 @@ fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
                 dy,
                 MatRef::row_major(col, g.patch(), g.out_plane()).t(),
                 true,
-                par,
+                threads,
             );
         });
         acc
@@ -272,10 +290,7 @@ fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
     if g.batch >= threads {
         (0..g.batch)
             .into_par_iter()
-            .fold(
-                || vec![0.0; size],
-                |acc, n| accumulate(acc, n, parallelism(1)),
-            )
+            .fold(|| vec![0.0; size], |acc, n| accumulate(acc, n, 1))
             .reduce(
                 || vec![0.0; size],
                 |mut a, b| {
@@ -284,25 +299,23 @@ fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
                 },
             )
     } else {
-        (0..g.batch).fold(vec![0.0; size], |acc, n| {
-            accumulate(acc, n, parallelism(threads))
-        })
+        (0..g.batch).fold(vec![0.0; size], |acc, n| accumulate(acc, n, threads))
     }
 }
 
 fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0; g.batch * g.in_image()];
     let w_t = MatRef::row_major(weight, g.out_channels, g.patch()).t();
-    for_each_image(g, &mut out, g.in_image(), |n, dst, par| {
+    for_each_image(g, &mut out, g.in_image(), |n, dst, threads| {
         let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
         let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
         if g.is_pointwise() {
-            matmul(dst, w_t, dy, false, par);
+            matmul(dst, w_t, dy, false, threads);
         } else {
             with_columns(|col| {
                 // Every element is overwritten by the product.
                 col.resize(g.patch() * g.out_plane(), 0.0);
-                matmul(col, w_t, dy, false, par);
+                matmul(col, w_t, dy, false, threads);
                 g.col2im(col, dst);
             });
         }

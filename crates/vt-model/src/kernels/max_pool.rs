@@ -45,6 +45,51 @@ fn argmax(plane: &[f32], (h, w): (usize, usize), oy: usize, ox: usize) -> usize 
     best
 }
 
+/// The larger of two values, NaN if either is (as PyTorch's max-pool propagates NaN).
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
+}
+
+/// The forward values of one plane, window maxima taken as a pass along each row (three
+/// columns at stride 2) and then one down the columns (three of those rows), both over
+/// whole rows so that they vectorise; `columns` holds the first pass.
+fn pool_plane(src: &[f32], (h, w): (usize, usize), columns: &mut Vec<f32>, dst: &mut [f32]) {
+    let out_w = pooled(w);
+    columns.resize(h * out_w, 0.0);
+    for (row, pooled_row) in src.chunks_exact(w).zip(columns.chunks_exact_mut(out_w)) {
+        for (ox, v) in pooled_row.iter_mut().enumerate() {
+            let centre = ox * STRIDE;
+            let mut m = row[centre];
+            if centre >= PADDING {
+                m = max_nan(m, row[centre - PADDING]);
+            }
+            if centre + 1 < w {
+                m = max_nan(m, row[centre + 1]);
+            }
+            *v = m;
+        }
+    }
+    for (oy, out_row) in dst.chunks_exact_mut(out_w).enumerate() {
+        let centre = oy * STRIDE;
+        out_row.copy_from_slice(&columns[centre * out_w..(centre + 1) * out_w]);
+        let neighbours = [
+            centre.checked_sub(PADDING),
+            Some(centre + 1).filter(|&r| r < h),
+        ];
+        for r in neighbours.into_iter().flatten() {
+            let other = &columns[r * out_w..(r + 1) * out_w];
+            out_row
+                .iter_mut()
+                .zip(other)
+                .for_each(|(v, &o)| *v = max_nan(*v, o));
+        }
+    }
+}
+
 fn plane_dims(layout: &Layout) -> Result<(usize, usize, usize)> {
     let (n, c, h, w) = layout.shape().dims4()?;
     if h == 0 || w == 0 {
@@ -67,12 +112,8 @@ impl CustomOp1 for MaxPool {
         let mut out = vec![0f32; planes * out_h * out_w];
         out.par_chunks_mut(out_h * out_w)
             .zip(x.par_chunks(h * w))
-            .for_each(|(dst, src)| {
-                for oy in 0..out_h {
-                    for ox in 0..out_w {
-                        dst[oy * out_w + ox] = src[argmax(src, (h, w), oy, ox)];
-                    }
-                }
+            .for_each_init(Vec::new, |columns, (dst, src)| {
+                pool_plane(src, (h, w), columns, dst)
             });
         let (n, c, _, _) = layout.shape().dims4()?;
         Ok((CpuStorage::F32(out), Shape::from((n, c, out_h, out_w))))
@@ -204,6 +245,29 @@ mod tests {
                 .max_all()
                 .unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{h}x{w}");
+        }
+    }
+
+    #[test]
+    fn padding_never_wins_and_nan_propagates() {
+        // All-negative values: zero padding would win every border window, PyTorch's
+        // implicit -inf padding never does.
+        let mut values = vec![-1f32; 25];
+        values[12] = f32::NAN;
+        let x = Tensor::from_vec(values, (1, 1, 5, 5), &Device::Cpu).unwrap();
+        let y = max_pool_3x3_stride2_pad1(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let y = y.to_vec1::<f32>().unwrap();
+        // Input (2, 2) lies only in the window of output (1, 1) (rows and columns 1..=3).
+        for (i, v) in y.iter().enumerate() {
+            let (oy, ox) = (i / 3, i % 3);
+            if (oy, ox) == (1, 1) {
+                assert!(v.is_nan(), "output {oy},{ox} = {v}");
+            } else {
+                assert_eq!(*v, -1.0, "output {oy},{ox}");
+            }
         }
     }
 

@@ -6,11 +6,13 @@ mod add_relu;
 mod batch_norm;
 mod conv2d;
 mod gemm;
+mod linear;
 mod max_pool;
 
 pub use add_relu::add_relu;
 pub use batch_norm::{batch_norm, channel_moments};
 pub use conv2d::{conv2d, conv2d_affine};
+pub use linear::linear_product;
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
 use candle_core::backend::BackendStorage;
