@@ -102,7 +102,6 @@ pub fn matmul(dst: &mut [f32], lhs: MatRef, rhs: MatRef, accumulate: bool, threa
         return;
     }
     (0..blocks).into_par_iter().for_each(|block| {
-        let dst = dst;
         // SAFETY: each block writes its own rows or columns of `dst` (disjoint index sets
         // within the checked m x n region), and reads views that lie inside their slices.
         unsafe {
