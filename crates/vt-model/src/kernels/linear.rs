@@ -1,10 +1,11 @@
 //! `x W^T` for a linear layer, with the weight in PyTorch's (out, in) layout.
 //!
-//! The `gemm` crate vectorises along the output's contiguous axis and packs the operand
-//! indexed by that axis; for `y = x W^T` with row-major `y` that operand is `W`, which it
-//! then gathers one float at a time. At the transformer's 16 tokens that gather cost three
-//! times the product itself. Computing `y^T = W x^T` instead reads `W` as broadcast rows and
-//! packs only the small `x`; one blocked transpose puts `y` back.
+//! The `gemm` crate vectorises along the output's contiguous axis and gathers the operand
+//! indexed by that axis one float at a time when its rows are not contiguous there. For
+//! `y = x W^T` with row-major `y` that operand is `W`; for `y^T = W x^T` it is `x`. Each
+//! call gathers the smaller of the two: at the transformer's 16 tokens per image, gathering
+//! `W` cost three times the product itself, while the tokenizer's thousands of pixels
+//! against a 16-row weight are the opposite case. `y^T` is put back by a blocked transpose.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -59,16 +60,18 @@ impl CustomOp2 for LinearProduct {
             candle_core::bail!("linear: input {x_dims:?} against weight ({out_dim}, {in_dim})");
         }
         let rows = x.len() / in_dim.max(1);
-        let mut y_t = vec![0f32; out_dim * rows];
-        matmul(
-            &mut y_t,
+        let (x, weight) = (
+            MatRef::row_major(x, rows, in_dim),
             MatRef::row_major(weight, out_dim, in_dim),
-            MatRef::row_major(x, rows, in_dim).t(),
-            false,
-            threads(),
         );
         let mut y = vec![0f32; rows * out_dim];
-        transpose(&y_t, out_dim, rows, &mut y);
+        if rows >= out_dim {
+            matmul(&mut y, x, weight.t(), false, threads());
+        } else {
+            let mut y_t = vec![0f32; out_dim * rows];
+            matmul(&mut y_t, weight, x.t(), false, threads());
+            transpose(&y_t, out_dim, rows, &mut y);
+        }
         let mut dims = x_dims.to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
@@ -103,6 +106,7 @@ mod tests {
     #[test]
     fn matches_candle_forward_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
+        // Fewer rows than outputs (the transposed product) and more (the direct one).
         for (x_shape, out_dim) in [
             (vec![1, 16, 64], 48),
             (vec![3, 7, 33], 5),
