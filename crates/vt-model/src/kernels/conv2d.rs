@@ -174,7 +174,7 @@ impl Geometry {
     }
 
     /// The im2col matrix of image `n`, borrowed when the convolution is pointwise; built by
-    /// the whole thread pool when the product `par` will be.
+    /// the thread pool when the product that reads it gets more than one thread.
     fn columns<'a>(
         &self,
         input: &'a [f32],
