@@ -74,6 +74,18 @@ fn help_explains_every_flag() {
 }
 
 /// `vt-serve predict` at a precision, as JSON lines.
+/// Writes `images` into `dir` under their names, as a user's files to predict.
+fn write_images(dir: &Path, images: &[(String, Vec<u8>)]) -> Vec<PathBuf> {
+    images
+        .iter()
+        .map(|(name, bytes)| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect()
+}
+
 fn predict_at(checkpoint: &Path, dtype: &str, paths: &[PathBuf]) -> Output {
     Command::new(BIN)
         .args([
@@ -95,14 +107,7 @@ fn half_precision_predictions_follow_f32_and_bf16_needs_cuda() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
     let files = tempfile::tempdir().unwrap();
-    let paths: Vec<_> = test_images(3)
-        .iter()
-        .map(|(name, bytes)| {
-            let path = files.path().join(name);
-            std::fs::write(&path, bytes).unwrap();
-            path
-        })
-        .collect();
+    let paths = write_images(files.path(), &test_images(3));
     let probs = |output: Output| -> Vec<Vec<f64>> {
         assert!(
             output.status.success(),
@@ -141,14 +146,7 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
     let checkpoint = checkpoint_path(&dir);
     let images = test_images(3);
     let files = tempfile::tempdir().unwrap();
-    let paths: Vec<_> = images
-        .iter()
-        .map(|(name, bytes)| {
-            let path = files.path().join(name);
-            std::fs::write(&path, bytes).unwrap();
-            path
-        })
-        .collect();
+    let paths = write_images(files.path(), &images);
 
     // The offline command, as a user would run it.
     let output = Command::new(BIN)
