@@ -19,6 +19,7 @@ def main():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", default="1,2")
+    p.add_argument("--warmup-batches", type=int, default=10, help="loaded untimed before each measured pass")
     a = p.parse_args()
     s = a.image_size
     pipelines = {
@@ -41,6 +42,8 @@ def main():
         ds = datasets.ImageFolder(a.images, transform=tfm)
         for workers in [int(w) for w in a.workers.split(",")]:
             dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=workers)
+            for _, (x, _) in zip(range(a.warmup_batches), dl):
+                pass
             start = time.perf_counter()
             n = sum(x.shape[0] for x, _ in dl)
             secs = time.perf_counter() - start

@@ -22,6 +22,10 @@ pub struct Args {
     /// Worker thread counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
     threads: Vec<usize>,
+    /// Batches loaded untimed before each measured pass (allocator and file cache warm-up,
+    /// as every epoch after the first gets).
+    #[arg(long, default_value_t = 10)]
+    warmup_batches: usize,
 }
 
 fn class_folder(root: &Path) -> anyhow::Result<Vec<(PathBuf, usize)>> {
@@ -78,6 +82,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 prefetch: 4,
                 transform: transform.clone(),
             };
+            for batch in batches(&samples, &cfg, 1, &Device::Cpu).take(args.warmup_batches) {
+                batch?;
+            }
             let start = Instant::now();
             let mut images = 0;
             for batch in batches(&samples, &cfg, 0, &Device::Cpu) {

@@ -111,29 +111,61 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.random::<f64>()
 }
 
+/// PIL's `Image.rotate` geometry without expansion: maps an output pixel centre back to the
+/// source image, rotating counter-clockwise by the angle about the image centre.
+#[derive(Debug, Clone, Copy)]
+struct InverseRotation {
+    a: f64,
+    b: f64,
+    c: f64,
+    d: f64,
+    e: f64,
+    f: f64,
+    width: f64,
+    height: f64,
+}
+
+impl InverseRotation {
+    fn new(width: u32, height: u32, angle_deg: f32) -> InverseRotation {
+        let (cx, cy) = (f64::from(width) / 2.0, f64::from(height) / 2.0);
+        let t = -f64::from(angle_deg).to_radians();
+        let (a, b, d, e) = (t.cos(), t.sin(), -t.sin(), t.cos());
+        InverseRotation {
+            a,
+            b,
+            c: a * -cx + b * -cy + cx,
+            d,
+            e,
+            f: d * -cx + e * -cy + cy,
+            width: f64::from(width),
+            height: f64::from(height),
+        }
+    }
+
+    /// The source point under output pixel (x, y)'s centre, or `None` outside the image.
+    #[inline]
+    fn source(&self, x: usize, y: usize) -> Option<(f64, f64)> {
+        let (xo, yo) = (x as f64 + 0.5, y as f64 + 0.5);
+        let xin = self.a * xo + self.b * yo + self.c;
+        let yin = self.d * xo + self.e * yo + self.f;
+        (xin >= 0.0 && yin >= 0.0 && xin < self.width && yin < self.height).then_some((xin, yin))
+    }
+}
+
 /// Rotates counter-clockwise by `angle_deg` about the image centre, keeping the size and
 /// filling uncovered corners with black, exactly as PIL's `Image.rotate` maps pixels.
 pub fn rotate(img: &RgbImage, angle_deg: f32, interpolation: Interpolation) -> RgbImage {
     let (w, h) = img.dimensions();
-    let (cx, cy) = (f64::from(w) / 2.0, f64::from(h) / 2.0);
-    let t = -f64::from(angle_deg).to_radians();
-    let (a, b, d, e) = (t.cos(), t.sin(), -t.sin(), t.cos());
-    let c = a * -cx + b * -cy + cx;
-    let f = d * -cx + e * -cy + cy;
-    let (wf, hf) = (f64::from(w), f64::from(h));
+    let rotation = InverseRotation::new(w, h, angle_deg);
     // Starts black: uncovered pixels stay so.
     let mut out = RgbImage::new(w, h);
     let src = img.as_raw();
     let stride = w as usize * 3;
     for (y, row) in out.chunks_exact_mut(stride).enumerate() {
-        let yo = y as f64 + 0.5;
         for (x, px) in row.chunks_exact_mut(3).enumerate() {
-            let xo = x as f64 + 0.5;
-            let xin = a * xo + b * yo + c;
-            let yin = d * xo + e * yo + f;
-            if xin < 0.0 || yin < 0.0 || xin >= wf || yin >= hf {
+            let Some((xin, yin)) = rotation.source(x, y) else {
                 continue;
-            }
+            };
             match interpolation {
                 Interpolation::Nearest => {
                     let at = yin as usize * stride + xin as usize * 3;
@@ -146,6 +178,60 @@ pub fn rotate(img: &RgbImage, angle_deg: f32, interpolation: Interpolation) -> R
         }
     }
     out
+}
+
+/// Nearest-neighbour rotation (black outside), then an optional left-right mirror, then
+/// normalisation into planar CHW floats: `rotate`, `flip_horizontal` and
+/// [`Normalize::write_chw`] in one pass, without the two intermediate images.
+fn rotate_flip_normalize(
+    img: &RgbImage,
+    angle_deg: f32,
+    mirror: bool,
+    norm: &Normalize,
+    out: &mut [f32],
+) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let rotation = InverseRotation::new(img.width(), img.height(), angle_deg);
+    let levels = norm.levels();
+    let black = [levels[0][0], levels[1][0], levels[2][0]];
+    let src = img.as_raw();
+    let (red, rest) = out.split_at_mut(w * h);
+    let (green, blue) = rest.split_at_mut(w * h);
+    for y in 0..h {
+        let (red, green, blue) = (
+            &mut red[y * w..(y + 1) * w],
+            &mut green[y * w..(y + 1) * w],
+            &mut blue[y * w..(y + 1) * w],
+        );
+        let yo = y as f64 + 0.5;
+        let (b_yo, e_yo) = (rotation.b * yo, rotation.e * yo);
+        // x + 0.5 stays exact when stepped by 1, so every source point is the one that
+        // `InverseRotation::source` computes.
+        let mut xo = 0.5;
+        for x in 0..w {
+            let xin = rotation.a * xo + b_yo + rotation.c;
+            let yin = rotation.d * xo + e_yo + rotation.f;
+            xo += 1.0;
+            let inside = xin >= 0.0 && yin >= 0.0 && xin < rotation.width && yin < rotation.height;
+            let value = if inside {
+                let at = (yin as u32 as usize * w + xin as u32 as usize) * 3;
+                match src.get(at..at + 3) {
+                    Some(&[r, g, b]) => [
+                        levels[0][usize::from(r)],
+                        levels[1][usize::from(g)],
+                        levels[2][usize::from(b)],
+                    ],
+                    _ => black,
+                }
+            } else {
+                black
+            };
+            let at = if mirror { w - 1 - x } else { x };
+            red[at] = value[0];
+            green[at] = value[1];
+            blue[at] = value[2];
+        }
+    }
 }
 
 /// PIL's bilinear sample with edge clamping, at pixel-centre coordinates.
@@ -165,18 +251,27 @@ fn bilinear(img: &RgbImage, x: f64, y: f64) -> Rgb<u8> {
     }))
 }
 
-/// One augmented training sample as `3 * image_size^2` normalised floats, CHW.
-pub fn augment_chw(
+/// Writes one augmented training sample into `out` as `3 * image_size^2` normalised
+/// floats, CHW.
+pub fn augment_into(
     resizer: &mut Resizer,
     img: &RgbImage,
     cfg: &AugmentConfig,
     rng: &mut impl Rng,
-) -> Result<Vec<f32>> {
+    out: &mut [f32],
+) -> Result<()> {
     if img.width() == 0 || img.height() == 0 {
         return Err(DataError::Invalid("image has no pixels".into()));
     }
     if cfg.image_size == 0 {
         return Err(DataError::Invalid("augmentation image size is 0".into()));
+    }
+    let len = 3 * (cfg.image_size as usize).pow(2);
+    if out.len() != len {
+        return Err(DataError::Invalid(format!(
+            "augmentation output holds {} floats, expected {len}",
+            out.len()
+        )));
     }
     let crop = random_resized_crop_params(img.width(), img.height(), cfg.scale, cfg.ratio, rng);
     let region = CropBox {
@@ -185,21 +280,20 @@ pub fn augment_chw(
         width: f64::from(crop.width),
         height: f64::from(crop.height),
     };
-    let mut out = resize_region(resizer, img, region, cfg.image_size, cfg.image_size)?;
-    if cfg.rotation_deg > 0.0 {
-        let angle = uniform(
+    let resized = resize_region(resizer, img, region, cfg.image_size, cfg.image_size)?;
+    // Drawn in torchvision's order: the angle (when rotating), then the flip.
+    let angle = if cfg.rotation_deg > 0.0 {
+        uniform(
             rng,
             -f64::from(cfg.rotation_deg),
             f64::from(cfg.rotation_deg),
-        );
-        out = rotate(&out, angle as f32, Interpolation::Nearest);
-    }
-    if cfg.hflip && rng.random::<f64>() < 0.5 {
-        image::imageops::flip_horizontal_in_place(&mut out);
-    }
-    let mut chw = vec![0.0; 3 * (cfg.image_size * cfg.image_size) as usize];
-    cfg.norm.write_chw(&out, &mut chw);
-    Ok(chw)
+        ) as f32
+    } else {
+        0.0
+    };
+    let mirror = cfg.hflip && rng.random::<f64>() < 0.5;
+    rotate_flip_normalize(&resized, angle, mirror, &cfg.norm, out);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -296,12 +390,52 @@ mod tests {
         let img = gradient(150, 120);
         let cfg = AugmentConfig::notebook(32);
         let mut resizer = Resizer::new();
-        let a = augment_chw(&mut resizer, &img, &cfg, &mut sample_rng(1, 2, 3)).unwrap();
-        assert_eq!(a.len(), 3 * 32 * 32);
-        let b = augment_chw(&mut resizer, &img, &cfg, &mut sample_rng(1, 2, 3)).unwrap();
-        assert_eq!(a, b);
-        let c = augment_chw(&mut resizer, &img, &cfg, &mut sample_rng(1, 2, 4)).unwrap();
-        assert_ne!(a, c);
+        let mut run = |sample| {
+            let mut out = vec![f32::NAN; 3 * 32 * 32];
+            augment_into(
+                &mut resizer,
+                &img,
+                &cfg,
+                &mut sample_rng(1, 2, sample),
+                &mut out,
+            )
+            .unwrap();
+            out
+        };
+        let a = run(3);
+        assert!(a.iter().all(|v| v.is_finite()));
+        assert_eq!(a, run(3));
+        assert_ne!(a, run(4));
+        let mut wrong_size = vec![0.0; 3 * 31 * 31];
+        let err = augment_into(
+            &mut resizer,
+            &img,
+            &cfg,
+            &mut sample_rng(0, 0, 0),
+            &mut wrong_size,
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn fused_rotation_flip_and_normalisation_equal_the_separate_steps() {
+        let img = RgbImage::from_fn(23, 17, |x, y| {
+            Rgb([(x * 11 + y * 3) as u8, (y * 13) as u8, (x * y) as u8])
+        });
+        let norm = Normalize::IMAGENET;
+        for angle in [0.0, 7.3, -15.0, 90.0] {
+            for mirror in [false, true] {
+                let mut separate = rotate(&img, angle, Interpolation::Nearest);
+                if mirror {
+                    image::imageops::flip_horizontal_in_place(&mut separate);
+                }
+                let mut expected = vec![0.0; 3 * 23 * 17];
+                norm.write_chw(&separate, &mut expected);
+                let mut fused = vec![f32::NAN; 3 * 23 * 17];
+                rotate_flip_normalize(&img, angle, mirror, &norm, &mut fused);
+                assert_eq!(fused, expected, "angle {angle}, mirror {mirror}");
+            }
+        }
     }
 
     #[test]
@@ -321,7 +455,8 @@ mod tests {
         let mut resizer = Resizer::new();
         let (mut flipped, mut plain) = (0, 0);
         for i in 0..40 {
-            let out = augment_chw(&mut resizer, &img, &cfg, &mut sample_rng(0, 0, i)).unwrap();
+            let mut out = vec![0.0; 3 * 16 * 16];
+            augment_into(&mut resizer, &img, &cfg, &mut sample_rng(0, 0, i), &mut out).unwrap();
             let px = |x: u32, y: u32| out[(y * 16 + x) as usize].round() as u8;
             if px(0, 5) == img.get_pixel(0, 5).0[0] {
                 plain += 1;

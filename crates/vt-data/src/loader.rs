@@ -14,12 +14,12 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use fast_image_resize::Resizer;
 use rand::seq::SliceRandom;
 
-use crate::augment::{augment_chw, AugmentConfig};
+use crate::augment::{augment_into, AugmentConfig};
 use crate::decode::decode_rgb_limited;
 use crate::error::{DataError, Result};
 use crate::import::MAX_PIXELS;
 use crate::rng::{epoch_rng, sample_rng};
-use crate::transform::{eval_chw, Normalize};
+use crate::transform::{eval_into, Normalize};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transform {
@@ -216,21 +216,28 @@ fn build_batch(shared: &Shared, b: usize, resizer: &mut Resizer) -> Result<Optio
         labels: Vec::with_capacity(plan.len()),
         indices: Vec::with_capacity(plan.len()),
     };
+    let sample_len = 3 * size * size;
     for &i in plan {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
         let (path, label) = &shared.samples[i];
+        // Written in place at the end of the batch; dropped again if the sample fails.
+        let start = raw.images.len();
+        raw.images.resize(start + sample_len, 0.0);
         let loaded = u32::try_from(*label)
             .map_err(|_| DataError::Invalid(format!("label {label} does not fit u32")))
-            .and_then(|label| Ok((label, load_sample(path, shared, i, resizer)?)));
+            .and_then(|label| {
+                load_sample(path, shared, i, resizer, &mut raw.images[start..])?;
+                Ok(label)
+            });
         match loaded {
-            Ok((label, chw)) => {
-                raw.images.extend_from_slice(&chw);
+            Ok(label) => {
                 raw.labels.push(label);
                 raw.indices.push(i);
             }
             Err(e) => {
+                raw.images.truncate(start);
                 tracing::warn!("skipping {}: {e}", path.display());
                 if let Ok(mut skipped) = shared.skipped.lock() {
                     skipped.push(SkippedFile {
@@ -244,20 +251,22 @@ fn build_batch(shared: &Shared, b: usize, resizer: &mut Resizer) -> Result<Optio
     Ok(Some(raw))
 }
 
+/// Decodes and transforms sample `index` into `out`.
 fn load_sample(
     path: &Path,
     shared: &Shared,
     index: usize,
     resizer: &mut Resizer,
-) -> Result<Vec<f32>> {
+    out: &mut [f32],
+) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let img = decode_rgb_limited(&bytes, MAX_PIXELS)?;
     match &shared.transform {
         Transform::Train(cfg) => {
             let mut rng = sample_rng(shared.seed, shared.epoch, index as u64);
-            augment_chw(resizer, &img, cfg, &mut rng)
+            augment_into(resizer, &img, cfg, &mut rng, out)
         }
-        Transform::Eval { image_size, norm } => eval_chw(resizer, &img, *image_size, norm),
+        Transform::Eval { image_size, norm } => eval_into(resizer, &img, *image_size, norm, out),
     }
 }
 

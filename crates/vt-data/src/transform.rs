@@ -24,6 +24,21 @@ impl Normalize {
         std: [0.229, 0.224, 0.225],
     };
 
+    /// Every 8-bit level's normalised value, per channel: `levels()[c][v]` is what
+    /// [`Normalize::write_chw`] writes for value `v` in channel `c`.
+    pub fn levels(&self) -> [[f32; 256]; 3] {
+        let (scale, shift) = self.scale_shift();
+        std::array::from_fn(|c| std::array::from_fn(|v| f32::from(v as u8) * scale[c] + shift[c]))
+    }
+
+    /// `value / 255` then normalised, as one multiply-add per channel.
+    fn scale_shift(&self) -> ([f32; 3], [f32; 3]) {
+        (
+            std::array::from_fn(|c| 1.0 / (255.0 * self.std[c])),
+            std::array::from_fn(|c| -self.mean[c] / self.std[c]),
+        )
+    }
+
     /// Writes `img` into `out` as planar CHW floats, normalised.
     pub fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
         self.write_chw_window(img, (0, 0), img.dimensions(), out);
@@ -40,8 +55,7 @@ impl Normalize {
     ) {
         let plane = (width * height) as usize;
         debug_assert_eq!(out.len(), 3 * plane);
-        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
-        let shift: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
+        let (scale, shift) = self.scale_shift();
         let (red, rest) = out.split_at_mut(plane);
         let (green, blue) = rest.split_at_mut(plane);
         let stride = img.width() as usize * 3;
@@ -120,8 +134,28 @@ pub fn eval_chw(
     image_size: u32,
     norm: &Normalize,
 ) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; 3 * (image_size as usize).pow(2)];
+    eval_into(resizer, img, image_size, norm, &mut out)?;
+    Ok(out)
+}
+
+/// [`eval_chw`] into a caller's buffer of `3 * image_size^2` floats.
+pub fn eval_into(
+    resizer: &mut Resizer,
+    img: &RgbImage,
+    image_size: u32,
+    norm: &Normalize,
+    out: &mut [f32],
+) -> Result<()> {
     if img.width() == 0 || img.height() == 0 {
         return Err(DataError::Invalid("image has no pixels".into()));
+    }
+    let len = 3 * (image_size as usize).pow(2);
+    if out.len() != len {
+        return Err(DataError::Invalid(format!(
+            "evaluation output holds {} floats, expected {len}",
+            out.len()
+        )));
     }
     let ((w, h), (left, top)) = eval_geometry(img.width(), img.height(), image_size);
     let full = CropBox {
@@ -131,9 +165,8 @@ pub fn eval_chw(
         height: f64::from(img.height()),
     };
     let resized = resize_region(resizer, img, full, w, h)?;
-    let mut out = vec![0.0; 3 * (image_size * image_size) as usize];
-    norm.write_chw_window(&resized, (left, top), (image_size, image_size), &mut out);
-    Ok(out)
+    norm.write_chw_window(&resized, (left, top), (image_size, image_size), out);
+    Ok(())
 }
 
 #[cfg(test)]
