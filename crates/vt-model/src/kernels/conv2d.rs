@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
+use super::winograd;
 use super::{contiguous_f32, f32_on_cpu, threads};
 
 /// Sizes of one convolution (square stride and padding, no dilation, one group).
@@ -80,6 +81,21 @@ impl Geometry {
     /// A 1x1, stride 1, unpadded convolution reads its input as the im2col matrix directly.
     fn is_pointwise(&self) -> bool {
         self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The Winograd shape of a same-size 3x3 convolution (stride 1, padding 1), if this is one
+    /// with enough work to pay for it.
+    fn winograd(&self) -> Option<winograd::Shape> {
+        let same_size_3x3 =
+            self.kernel_h == 3 && self.kernel_w == 3 && self.stride == 1 && self.padding == 1;
+        let shape = winograd::Shape {
+            batch: self.batch,
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            height: self.height,
+            width: self.width,
+        };
+        (same_size_3x3 && shape.worthwhile()).then_some(shape)
     }
 
     /// Output columns `ox` whose input column `ox * stride + kx - padding` is inside the image.
@@ -240,20 +256,35 @@ struct Epilogue {
 
 impl Epilogue {
     fn apply(&self, image: &mut [f32], plane: usize) {
-        let per_channel = self.scale.iter().zip(&self.shift);
-        for (channel, (&scale, &shift)) in image.chunks_mut(plane).zip(per_channel) {
-            if self.relu {
-                channel
-                    .iter_mut()
-                    .for_each(|v| *v = (*v * scale + shift).max(0.0));
-            } else {
-                channel.iter_mut().for_each(|v| *v = *v * scale + shift);
-            }
+        for (k, channel) in image.chunks_mut(plane).enumerate() {
+            self.apply_channel(k, channel);
+        }
+    }
+
+    fn apply_channel(&self, k: usize, channel: &mut [f32]) {
+        let (scale, shift) = (self.scale[k], self.shift[k]);
+        if self.relu {
+            channel
+                .iter_mut()
+                .for_each(|v| *v = (*v * scale + shift).max(0.0));
+        } else {
+            channel.iter_mut().for_each(|v| *v = *v * scale + shift);
         }
     }
 }
 
 fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+    if let Some(shape) = g
+        .winograd()
+        .filter(|_| std::env::var("VT_NO_WINOGRAD").as_deref() != Ok("1"))
+    {
+        let u = winograd::transform_weights(weight, g.out_channels, g.in_channels, false);
+        return winograd::conv3x3(&shape, input, &u, |k, plane| {
+            if let Some(epilogue) = epilogue {
+                epilogue.apply_channel(k, plane);
+            }
+        });
+    }
     let mut out = vec![0.0; g.batch * g.out_image()];
     let w = MatRef::row_major(weight, g.out_channels, g.patch());
     for_each_image(g, &mut out, g.out_image(), |n, dst, threads| {
@@ -309,6 +340,17 @@ fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
 }
 
 fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
+    // The input gradient of a same-size 3x3 convolution is another one, with the kernels
+    // rotated and the channels swapped.
+    if let Some(shape) = g.winograd() {
+        let shape = winograd::Shape {
+            in_channels: g.out_channels,
+            out_channels: g.in_channels,
+            ..shape
+        };
+        let u = winograd::transform_weights(weight, g.out_channels, g.in_channels, true);
+        return winograd::conv3x3(&shape, grad_out, &u, |_, _| {});
+    }
     let mut out = vec![0.0; g.batch * g.in_image()];
     let w_t = MatRef::row_major(weight, g.out_channels, g.patch()).t();
     for_each_image(g, &mut out, g.in_image(), |n, dst, threads| {
@@ -563,6 +605,7 @@ mod tests {
         // from the height alone, so height and width share their parity in strided cases.
         check([2, 3, 19, 17], 8, 7, 2, 3); // conv1, odd sizes
         check([3, 4, 9, 6], 5, 3, 1, 1); // 3x3 stride 1, non-square
+        check([2, 3, 23, 22], 4, 3, 1, 1); // 3x3 stride 1 with enough tiles for Winograd
         check([2, 4, 10, 8], 6, 3, 2, 1); // 3x3 stride 2, even
         check([2, 4, 9, 11], 6, 3, 2, 1); // 3x3 stride 2, odd
         check([2, 4, 9, 9], 6, 1, 2, 0); // downsample 1x1 stride 2

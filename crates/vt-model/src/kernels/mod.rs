@@ -8,6 +8,7 @@ mod conv2d;
 mod gemm;
 mod linear;
 mod max_pool;
+mod winograd;
 
 pub use add_relu::add_relu;
 pub use batch_norm::{batch_norm, channel_moments};

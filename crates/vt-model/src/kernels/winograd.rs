@@ -1,0 +1,379 @@
+//! 3x3 convolutions with stride 1 and padding 1 by Winograd's minimal filtering F(2x2, 3x3)
+//! (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
+//!
+//! Each 2x2 output tile comes from a 4x4 input tile: with the weights and the tiles moved
+//! into the transform domain, a channel pair costs 16 multiplications per tile instead of
+//! 36, and the products for all tiles become 16 independent GEMMs. Most of VT-ResNet's stem
+//! is such convolutions, in the forward pass and in the input gradient.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul, MatRef};
+
+/// Transform-domain points per tile: 4x4.
+const POINTS: usize = 16;
+
+/// Below this many tiles per call, im2col and one GEMM are faster.
+const MIN_TILES: usize = 128;
+
+/// Floats per group of images in the transform domain (16 x channels x tiles), about what a
+/// core's L2 cache holds beside the weights.
+const GROUP_FLOATS: usize = 1 << 17;
+
+/// The shape of a same-size 3x3 convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Shape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Shape {
+    /// Whether there are enough tiles to pay for transforming the weights, which costs as
+    /// much as 16 tiles' worth of products.
+    pub fn worthwhile(&self) -> bool {
+        self.batch * self.tiles() >= MIN_TILES
+    }
+
+    fn tiles_h(&self) -> usize {
+        self.height.div_ceil(2)
+    }
+
+    fn tiles_w(&self) -> usize {
+        self.width.div_ceil(2)
+    }
+
+    fn tiles(&self) -> usize {
+        self.tiles_h() * self.tiles_w()
+    }
+
+    fn plane(&self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// `G v` for a 3-vector: the weight transform along one axis.
+fn filter_transform([a, b, c]: [f32; 3]) -> [f32; 4] {
+    [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
+}
+
+/// `U = G g G^T` for every (out, in) pair of 3x3 kernels, as `u[(out * 16 + point) * in +
+/// in_channel]`: for each point an `out x in` matrix with row stride `16 * in`. With `flip`,
+/// the weights of the input gradient instead: the kernels rotated by 180 degrees with input
+/// and output channels swapped.
+pub(super) fn transform_weights(
+    weight: &[f32],
+    out_channels: usize,
+    in_channels: usize,
+    flip: bool,
+) -> Vec<f32> {
+    let (rows, cols) = if flip {
+        (in_channels, out_channels)
+    } else {
+        (out_channels, in_channels)
+    };
+    let mut u = vec![0.0; POINTS * rows * cols];
+    u.par_chunks_mut(POINTS * cols)
+        .enumerate()
+        .for_each(|(r, u)| {
+            for c in 0..cols {
+                let (o, i) = if flip { (c, r) } else { (r, c) };
+                let k = &weight[(o * in_channels + i) * 9..][..9];
+                let g = |y: usize, x: usize| {
+                    if flip {
+                        k[(2 - y) * 3 + 2 - x]
+                    } else {
+                        k[y * 3 + x]
+                    }
+                };
+                // G g, column by column: 4x3.
+                let columns: [[f32; 4]; 3] =
+                    std::array::from_fn(|x| filter_transform([g(0, x), g(1, x), g(2, x)]));
+                for y in 0..4 {
+                    let row = filter_transform([columns[0][y], columns[1][y], columns[2][y]]);
+                    for (x, v) in row.into_iter().enumerate() {
+                        u[(y * 4 + x) * cols + c] = v;
+                    }
+                }
+            }
+        });
+    u
+}
+
+/// Transforms channel planes into the transform domain, `B^T d B` for every 4x4 input tile
+/// d: `planes` yields each image's plane of one channel, and tile `column` (image-major,
+/// then row-major tiles) of point `p` goes to `points[p][column]`. Works a row of tiles at a
+/// time so that every loop runs over contiguous memory.
+fn transform_planes<'a>(
+    s: &Shape,
+    planes: impl Iterator<Item = &'a [f32]>,
+    points: &mut [&mut [f32]],
+) {
+    let (th, tw, w) = (s.tiles_h(), s.tiles_w(), s.width);
+    // A row of tiles reads padded columns -1 ..= 2 * tw; index 0 is column -1.
+    let padded = 2 * tw + 2;
+    let mut d = vec![0.0; 4 * padded];
+    let mut u = vec![0.0; 4 * padded];
+    for (image, plane) in planes.enumerate() {
+        for ty in 0..th {
+            for (dy, row) in d.chunks_exact_mut(padded).enumerate() {
+                row.fill(0.0);
+                // Padded row 2 * ty + dy is input row 2 * ty + dy - 1.
+                if let Some(y) = (2 * ty + dy).checked_sub(1).filter(|&y| y < s.height) {
+                    row[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                }
+            }
+            // B^T d, along y, for the whole row of tiles.
+            let (d0, rest) = d.split_at(padded);
+            let (d1, rest) = rest.split_at(padded);
+            let (d2, d3) = rest.split_at(padded);
+            let (u0, rest) = u.split_at_mut(padded);
+            let (u1, rest) = rest.split_at_mut(padded);
+            let (u2, u3) = rest.split_at_mut(padded);
+            for x in 0..padded {
+                u0[x] = d0[x] - d2[x];
+                u1[x] = d1[x] + d2[x];
+                u2[x] = d2[x] - d1[x];
+                u3[x] = d1[x] - d3[x];
+            }
+            // Then B along x, tile by tile, into 16 contiguous runs.
+            let base = (image * th + ty) * tw;
+            for (u, row) in u.chunks_exact(padded).zip(points.chunks_exact_mut(4)) {
+                let [v0, v1, v2, v3] = row else {
+                    unreachable!("chunks of four")
+                };
+                let runs = v0[base..base + tw]
+                    .iter_mut()
+                    .zip(&mut v1[base..base + tw])
+                    .zip(&mut v2[base..base + tw])
+                    .zip(&mut v3[base..base + tw]);
+                for (tx, (((v0, v1), v2), v3)) in runs.enumerate() {
+                    let x = 2 * tx;
+                    *v0 = u[x] - u[x + 2];
+                    *v1 = u[x + 1] + u[x + 2];
+                    *v2 = u[x + 2] - u[x + 1];
+                    *v3 = u[x + 1] - u[x + 3];
+                }
+            }
+        }
+    }
+}
+
+/// Output plane `out` of one channel of image `image`, `A^T m A` for every tile, from the
+/// transform-domain products of that channel: `m(p)` is point p's row over all columns.
+fn untransform_plane<'a>(s: &Shape, image: usize, m: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    let (th, tw, w) = (s.tiles_h(), s.tiles_w(), s.width);
+    // A^T along y: two rows of 4 points per tile.
+    let mut a = vec![0.0; 8 * tw];
+    let mut row = vec![0.0; 2 * tw];
+    for ty in 0..th {
+        let base = (image * th + ty) * tw;
+        let point = |i: usize, j: usize| &m(i * 4 + j)[base..base + tw];
+        for (j, pair) in a.chunks_exact_mut(2 * tw).enumerate() {
+            let (top, bottom) = pair.split_at_mut(tw);
+            let (m0, m1, m2, m3) = (point(0, j), point(1, j), point(2, j), point(3, j));
+            for tx in 0..tw {
+                top[tx] = m0[tx] + m1[tx] + m2[tx];
+                bottom[tx] = m1[tx] - m2[tx] - m3[tx];
+            }
+        }
+        // Then A along x into two output rows.
+        for r in 0..2 {
+            let y = 2 * ty + r;
+            if y >= s.height {
+                break;
+            }
+            let at = |j: usize| &a[(j * 2 + r) * tw..][..tw];
+            let (s0, s1, s2, s3) = (at(0), at(1), at(2), at(3));
+            for (tx, pair) in row.chunks_exact_mut(2).enumerate() {
+                pair[0] = s0[tx] + s1[tx] + s2[tx];
+                pair[1] = s1[tx] - s2[tx] - s3[tx];
+            }
+            out[y * w..(y + 1) * w].copy_from_slice(&row[..w]);
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's transformed input and products, kept between groups and calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The convolution of `input` (batch x in x height x width) with weights transformed by
+/// [`transform_weights`], padding 1: batch x out x height x width. `finish(channel, plane)`
+/// runs on each output plane while it is still in cache.
+///
+/// Images go in groups small enough for a group's transformed input and products to stay
+/// in a core's cache: each thread takes whole groups when there are enough of them, else
+/// the threads share the work inside each group.
+pub(super) fn conv3x3(
+    s: &Shape,
+    input: &[f32],
+    u: &[f32],
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let widest = s.in_channels.max(s.out_channels);
+    let per_group = (GROUP_FLOATS / (POINTS * widest * s.tiles())).clamp(1, s.batch.max(1));
+    let out_image = s.out_channels * s.plane();
+    let mut out = vec![0.0; s.batch * out_image];
+    let run = |(group, out_group): (usize, &mut [f32])| {
+        // Taken out of the cell meanwhile: rayon may run another group on this thread
+        // while this one waits inside a parallel loop.
+        let mut scratch = SCRATCH.take();
+        let (v, m) = &mut scratch;
+        conv_group(s, input, u, &finish, group * per_group, out_group, v, m);
+        SCRATCH.set(scratch);
+    };
+    let chunks = out.chunks_mut(per_group * out_image);
+    if chunks.len() >= super::threads() {
+        out.par_chunks_mut(per_group * out_image)
+            .enumerate()
+            .for_each(run);
+    } else {
+        chunks.enumerate().for_each(run);
+    }
+    out
+}
+
+/// [`conv3x3`] for the images from `first` on that fill `out`.
+#[allow(clippy::too_many_arguments)]
+fn conv_group(
+    s: &Shape,
+    input: &[f32],
+    u: &[f32],
+    finish: &(impl Fn(usize, &mut [f32]) + Sync),
+    first: usize,
+    out: &mut [f32],
+    v: &mut Vec<f32>,
+    m: &mut Vec<f32>,
+) {
+    let (in_image, out_image) = (s.in_channels * s.plane(), s.out_channels * s.plane());
+    let images = out.len() / out_image;
+    let columns = images * s.tiles();
+    // v: [point][channel][column], a row-major matrix per point; every element is written.
+    v.resize(POINTS * s.in_channels * columns, 0.0);
+    let mut channel_rows: Vec<Vec<&mut [f32]>> = (0..s.in_channels)
+        .map(|_| Vec::with_capacity(POINTS))
+        .collect();
+    for point in v[..POINTS * s.in_channels * columns].chunks_mut(s.in_channels * columns) {
+        for (rows, row) in channel_rows.iter_mut().zip(point.chunks_mut(columns)) {
+            rows.push(row);
+        }
+    }
+    channel_rows
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut rows)| {
+            let planes = (first..first + images)
+                .map(|n| &input[n * in_image + c * s.plane()..][..s.plane()]);
+            transform_planes(s, planes, &mut rows);
+        });
+    // m: [point][out channel][column], one single-threaded product per point.
+    m.resize(POINTS * s.out_channels * columns, 0.0);
+    let v = &v[..POINTS * s.in_channels * columns];
+    m[..POINTS * s.out_channels * columns]
+        .par_chunks_mut(s.out_channels * columns)
+        .enumerate()
+        .for_each(|(p, m)| {
+            let lhs = MatRef {
+                data: &u[p * s.in_channels..],
+                rows: s.out_channels,
+                cols: s.in_channels,
+                row_stride: POINTS * s.in_channels,
+                col_stride: 1,
+            };
+            let rhs = MatRef::row_major(
+                &v[p * s.in_channels * columns..][..s.in_channels * columns],
+                s.in_channels,
+                columns,
+            );
+            matmul(m, lhs, rhs, false, 1);
+        });
+    let m = &m[..POINTS * s.out_channels * columns];
+    out.par_chunks_mut(s.plane())
+        .enumerate()
+        .for_each(|(i, plane)| {
+            let (image, k) = (i / s.out_channels, i % s.out_channels);
+            let run = |p: usize| &m[(p * s.out_channels + k) * columns..][..columns];
+            untransform_plane(s, image, run, plane);
+            finish(k, plane);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::max_rel;
+    use candle_core::{Device, Tensor};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        // A fixed pseudo-random sequence, so a failure reproduces.
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn run(input: &Tensor, weight: &Tensor, flip: bool) -> Tensor {
+        let (batch, in_channels, height, width) = input.dims4().unwrap();
+        let (o, i, _, _) = weight.dims4().unwrap();
+        let out_channels = if flip { i } else { o };
+        let shape = Shape {
+            batch,
+            in_channels,
+            out_channels,
+            height,
+            width,
+        };
+        let w = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let u = transform_weights(&w, o, i, flip);
+        let x = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = conv3x3(&shape, &x, &u, |_, _| {});
+        Tensor::from_vec(y, (batch, out_channels, height, width), &Device::Cpu).unwrap()
+    }
+
+    const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+        // batch, in, out, height, width
+        (1, 3, 5, 7, 5),
+        (2, 4, 3, 1, 1),
+        (3, 2, 6, 2, 3),
+        (1, 16, 8, 10, 10),
+        (5, 8, 8, 9, 6),
+        (40, 2, 3, 4, 4),
+    ];
+
+    #[test]
+    fn forward_matches_candle_on_odd_and_even_sizes() {
+        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
+            let x = random(&[n, c, h, w], seed as u64);
+            let weight = random(&[k, c, 3, 3], 100 + seed as u64);
+            let expected = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
+            let err = max_rel(&run(&x, &weight, false), &expected);
+            assert!(err < 1e-5, "{n}x{c}x{h}x{w} -> {k}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn flipped_weights_give_the_input_gradient() {
+        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
+            let dy = random(&[n, k, h, w], seed as u64);
+            let weight = random(&[k, c, 3, 3], 200 + seed as u64);
+            let expected = dy.conv_transpose2d(&weight, 1, 0, 1, 1).unwrap();
+            let err = max_rel(&run(&dy, &weight, true), &expected);
+            assert!(err < 1e-5, "{n}x{k}x{h}x{w} -> {c}: relative error {err}");
+        }
+    }
+}
