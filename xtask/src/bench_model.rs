@@ -207,8 +207,8 @@ struct Row<'a> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cases = parse_cases(&args.cases)?;
-    // candle reads the thread count once, at its first parallel operation.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    // candle reads the thread settings once, at its first parallel operation.
+    vt_model::threads::set_compute_threads(args.threads);
     let device = vt_model::parse_device(&args.device)?;
     let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
     let mut vt = Vec::new();

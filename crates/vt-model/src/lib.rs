@@ -16,6 +16,7 @@ pub mod model;
 pub mod pretrained;
 pub mod projector;
 pub mod stem;
+pub mod threads;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vt_resnet;

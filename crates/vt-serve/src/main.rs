@@ -50,9 +50,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    // candle's CPU kernels size their work from this variable and run on rayon's global
-    // pool, which reads it too; set it before any thread starts.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads().to_string());
+    // Before any thread starts: candle reads these settings once.
+    vt_model::threads::set_compute_threads(args.threads());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,7 +22,7 @@ pub fn set_compute_threads(requested: Option<usize>) -> usize {
         .filter(|&n| n > 0)
         .unwrap_or_else(default_compute_threads);
     // Single-threaded at this point: no other thread reads the environment concurrently.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    vt_model::threads::set_compute_threads(n);
     n
 }
 

@@ -3,7 +3,8 @@
 //! candle's CPU backward pass computes the input gradient with a direct-loop transposed
 //! convolution and the weight gradient as a convolution whose kernel is the whole output
 //! map, 3-9x the cost of the forward pass. Here all three products are GEMMs:
-//! y_n = W col(x_n), dW = sum_n dy_n col(x_n)^T, dx_n = col2im(W^T dy_n).
+//! y_n = W col(x_n), dW = sum_n dy_n col(x_n)^T, dx_n = col2im(W^T dy_n). Same-size 3x3
+//! convolutions, most of the model, go to Winograd's algorithms instead (`winograd.rs`).
 
 use std::cell::RefCell;
 
@@ -306,6 +307,9 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilog
 }
 
 fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
+    if let Some(shape) = g.winograd() {
+        return winograd::weight_grad3x3(&shape, input, grad_out);
+    }
     let size = g.out_channels * g.patch();
     let accumulate = |mut acc: Vec<f32>, n: usize, threads: usize| {
         with_columns(|scratch| {

@@ -4,7 +4,9 @@
 //! Each 2x2 output tile comes from a 4x4 input tile: with the weights and the tiles moved
 //! into the transform domain, a channel pair costs 16 multiplications per tile instead of
 //! 36, and the products for all tiles become 16 independent GEMMs. Most of VT-ResNet's stem
-//! is such convolutions, in the forward pass and in the input gradient.
+//! is such convolutions, in the forward pass and in the input gradient. The weight gradient
+//! uses the dual algorithm F(3x3, 2x2): the output gradient's 2x2 tiles act as filters on
+//! the same 4x4 input tiles.
 
 use std::cell::RefCell;
 
@@ -239,6 +241,39 @@ pub(super) fn conv3x3(
     out
 }
 
+/// Fills `v` as `[point][channel][column]`, a row-major `channels x columns` matrix per
+/// point: `transform(c, rows)` writes channel c's 16 rows, every element of them. Channels
+/// run in parallel.
+fn transform_group(
+    channels: usize,
+    columns: usize,
+    v: &mut Vec<f32>,
+    transform: impl Fn(usize, &mut [&mut [f32]]) + Sync,
+) {
+    v.resize(POINTS * channels * columns, 0.0);
+    let mut channel_rows: Vec<Vec<&mut [f32]>> =
+        (0..channels).map(|_| Vec::with_capacity(POINTS)).collect();
+    for point in v[..POINTS * channels * columns].chunks_mut(channels * columns) {
+        for (rows, row) in channel_rows.iter_mut().zip(point.chunks_mut(columns)) {
+            rows.push(row);
+        }
+    }
+    channel_rows
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut rows)| transform(c, &mut rows));
+}
+
+/// Channel `c`'s plane in each image of `images`, from `data` (batch x channels x plane).
+fn channel_planes(
+    data: &[f32],
+    (channels, plane): (usize, usize),
+    images: std::ops::Range<usize>,
+    c: usize,
+) -> impl Iterator<Item = &[f32]> {
+    images.map(move |n| &data[(n * channels + c) * plane..][..plane])
+}
+
 /// [`conv3x3`] for the images from `first` on that fill `out`.
 #[allow(clippy::too_many_arguments)]
 fn conv_group(
@@ -251,30 +286,16 @@ fn conv_group(
     v: &mut Vec<f32>,
     m: &mut Vec<f32>,
 ) {
-    let (in_image, out_image) = (s.in_channels * s.plane(), s.out_channels * s.plane());
+    let out_image = s.out_channels * s.plane();
     let images = out.len() / out_image;
     let columns = images * s.tiles();
-    // v: [point][channel][column], a row-major matrix per point; every element is written.
-    v.resize(POINTS * s.in_channels * columns, 0.0);
-    let mut channel_rows: Vec<Vec<&mut [f32]>> = (0..s.in_channels)
-        .map(|_| Vec::with_capacity(POINTS))
-        .collect();
-    for point in v[..POINTS * s.in_channels * columns].chunks_mut(s.in_channels * columns) {
-        for (rows, row) in channel_rows.iter_mut().zip(point.chunks_mut(columns)) {
-            rows.push(row);
-        }
-    }
-    channel_rows
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(c, mut rows)| {
-            let planes = (first..first + images)
-                .map(|n| &input[n * in_image + c * s.plane()..][..s.plane()]);
-            transform_planes(s, planes, &mut rows);
-        });
+    transform_group(s.in_channels, columns, v, |c, rows| {
+        let planes = channel_planes(input, (s.in_channels, s.plane()), first..first + images, c);
+        transform_planes(s, planes, rows);
+    });
+    let v = &v[..POINTS * s.in_channels * columns];
     // m: [point][out channel][column], one single-threaded product per point.
     m.resize(POINTS * s.out_channels * columns, 0.0);
-    let v = &v[..POINTS * s.in_channels * columns];
     m[..POINTS * s.out_channels * columns]
         .par_chunks_mut(s.out_channels * columns)
         .enumerate()
@@ -304,11 +325,121 @@ fn conv_group(
         });
 }
 
+/// `G h G^T` of every 2x2 tile h of the output gradient, `G = [1 0; 1/2 1/2; 1/2 -1/2; 0 1]`:
+/// like [`transform_planes`], for the weight gradient's F(3x3, 2x2).
+fn transform_grad_planes<'a>(
+    s: &Shape,
+    planes: impl Iterator<Item = &'a [f32]>,
+    points: &mut [&mut [f32]],
+) {
+    let (th, tw, w) = (s.tiles_h(), s.tiles_w(), s.width);
+    // Rows padded with zeros to whole tiles.
+    let padded = 2 * tw;
+    let mut h = vec![0.0; 2 * padded];
+    let mut u = vec![0.0; 4 * padded];
+    for (image, plane) in planes.enumerate() {
+        for ty in 0..th {
+            for (dy, row) in h.chunks_exact_mut(padded).enumerate() {
+                row.fill(0.0);
+                let y = 2 * ty + dy;
+                if y < s.height {
+                    row[..w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                }
+            }
+            // G h, along y.
+            let (h0, h1) = h.split_at(padded);
+            let (u0, rest) = u.split_at_mut(padded);
+            let (u1, rest) = rest.split_at_mut(padded);
+            let (u2, u3) = rest.split_at_mut(padded);
+            for x in 0..padded {
+                u0[x] = h0[x];
+                u1[x] = 0.5 * (h0[x] + h1[x]);
+                u2[x] = 0.5 * (h0[x] - h1[x]);
+                u3[x] = h1[x];
+            }
+            // Then G^T along x.
+            let base = (image * th + ty) * tw;
+            for (u, row) in u.chunks_exact(padded).zip(points.chunks_exact_mut(4)) {
+                let [v0, v1, v2, v3] = row else {
+                    unreachable!("chunks of four")
+                };
+                let runs = v0[base..base + tw]
+                    .iter_mut()
+                    .zip(&mut v1[base..base + tw])
+                    .zip(&mut v2[base..base + tw])
+                    .zip(&mut v3[base..base + tw]);
+                for (tx, (((v0, v1), v2), v3)) in runs.enumerate() {
+                    let (a, b) = (u[2 * tx], u[2 * tx + 1]);
+                    *v0 = a;
+                    *v1 = 0.5 * (a + b);
+                    *v2 = 0.5 * (a - b);
+                    *v3 = b;
+                }
+            }
+        }
+    }
+}
+
+/// dL/dW (out x in x 3 x 3) of the convolution [`conv3x3`] computes, from its input and
+/// the output gradient `grad_out` (batch x out x height x width).
+///
+/// Per 2x2 output tile h and its 4x4 input tile d, F(3x3, 2x2) gives the tile's 3x3
+/// contribution as `A^T [(G h G^T) . (B^T d B)] A`; summed over tiles, the products become
+/// 16 GEMMs accumulated over groups of images. The input tiles are transformed with the
+/// forward pass's B, whose last row is the negative of F(3x3, 2x2)'s: `A` absorbs the sign.
+pub(super) fn weight_grad3x3(s: &Shape, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
+    let widest = s.in_channels.max(s.out_channels);
+    let per_group = (GROUP_FLOATS / (POINTS * widest * s.tiles())).clamp(1, s.batch.max(1));
+    let (outs, ins) = (s.out_channels, s.in_channels);
+    // Transform-domain sums: [point][out][in].
+    let mut sums = vec![0.0; POINTS * outs * ins];
+    let (mut v, mut d) = (Vec::new(), Vec::new());
+    for first in (0..s.batch).step_by(per_group) {
+        let images = first..(first + per_group).min(s.batch);
+        let columns = images.len() * s.tiles();
+        transform_group(ins, columns, &mut v, |c, rows| {
+            let planes = channel_planes(input, (ins, s.plane()), images.clone(), c);
+            transform_planes(s, planes, rows);
+        });
+        transform_group(outs, columns, &mut d, |k, rows| {
+            let planes = channel_planes(grad_out, (outs, s.plane()), images.clone(), k);
+            transform_grad_planes(s, planes, rows);
+        });
+        let (v, d) = (&v[..POINTS * ins * columns], &d[..POINTS * outs * columns]);
+        sums.par_chunks_mut(outs * ins)
+            .enumerate()
+            .for_each(|(p, sum)| {
+                let grad =
+                    MatRef::row_major(&d[p * outs * columns..][..outs * columns], outs, columns);
+                let tiles =
+                    MatRef::row_major(&v[p * ins * columns..][..ins * columns], ins, columns);
+                matmul(sum, grad, tiles.t(), true, 1);
+            });
+    }
+    // A^T m A per (out, in) pair, A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 -1] with the sign folded in.
+    let along = |m: [f32; 4]| [m[0] + m[1] + m[2], m[1] - m[2], m[1] + m[2] - m[3]];
+    let mut grad = vec![0.0; outs * ins * 9];
+    grad.par_chunks_mut(ins * 9)
+        .enumerate()
+        .for_each(|(k, grad)| {
+            for (c, kernel) in grad.chunks_exact_mut(9).enumerate() {
+                let m = |i: usize, j: usize| sums[((i * 4 + j) * outs + k) * ins + c];
+                let columns: [[f32; 3]; 4] =
+                    std::array::from_fn(|j| along([m(0, j), m(1, j), m(2, j), m(3, j)]));
+                for y in 0..3 {
+                    let row = along([columns[0][y], columns[1][y], columns[2][y], columns[3][y]]);
+                    kernel[y * 3..y * 3 + 3].copy_from_slice(&row);
+                }
+            }
+        });
+    grad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::max_rel;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -345,7 +476,7 @@ mod tests {
         Tensor::from_vec(y, (batch, out_channels, height, width), &Device::Cpu).unwrap()
     }
 
-    const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
         // batch, in, out, height, width
         (1, 3, 5, 7, 5),
         (2, 4, 3, 1, 1),
@@ -353,6 +484,8 @@ mod tests {
         (1, 16, 8, 10, 10),
         (5, 8, 8, 9, 6),
         (40, 2, 3, 4, 4),
+        // Two images per group: three groups.
+        (5, 64, 64, 15, 16),
     ];
 
     #[test]
@@ -362,6 +495,52 @@ mod tests {
             let weight = random(&[k, c, 3, 3], 100 + seed as u64);
             let expected = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
             let err = max_rel(&run(&x, &weight, false), &expected);
+            assert!(err < 1e-5, "{n}x{c}x{h}x{w} -> {k}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_candle() {
+        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
+            let x = random(&[n, c, h, w], seed as u64)
+                .to_dtype(DType::F64)
+                .unwrap();
+            let weight = random(&[k, c, 3, 3], 300 + seed as u64)
+                .to_dtype(DType::F64)
+                .unwrap();
+            let dy = random(&[n, k, h, w], 400 + seed as u64);
+            // The reference: d/dW of sum(y * dy), by candle's autograd in f64.
+            let weight = candle_core::Var::from_tensor(&weight).unwrap();
+            let y = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
+            let loss = (y * dy.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let expected = loss
+                .backward()
+                .unwrap()
+                .get(&weight)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let shape = Shape {
+                batch: n,
+                in_channels: c,
+                out_channels: k,
+                height: h,
+                width: w,
+            };
+            let flat = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let ours = weight_grad3x3(&shape, &flat(&x), &flat(&dy));
+            let ours = Tensor::from_vec(ours, (k, c, 3, 3), &Device::Cpu).unwrap();
+            let err = max_rel(&ours, &expected);
             assert!(err < 1e-5, "{n}x{c}x{h}x{w} -> {k}: relative error {err}");
         }
     }
