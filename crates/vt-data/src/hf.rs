@@ -9,9 +9,14 @@
 //! - a zip of the Kaggle archive, imported like `--from archive.zip`.
 //!
 //! The default repository holds the Kaggle archive unchanged (`archive.zip`, 363 MB, the
-//! official seg_train/seg_test/seg_pred folders), pinned to a commit so that what is
-//! imported cannot change under us. The parquet mirrors on the hub that we know of merge
-//! all three folders into one `train` split, which would lose the official test split.
+//! official seg_train/seg_test/seg_pred folders). The parquet mirrors on the hub that we
+//! know of merge all three folders into one `train` split, which would lose the official
+//! test split.
+//!
+//! The revision (a branch, tag or commit; `main` unless given) is resolved to its commit
+//! first, every file is downloaded at that commit, and the manifest's `origin` names it:
+//! an import never mixes two states of the repository, and `--hf-repo OWNER/NAME@COMMIT`
+//! repeats it exactly.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -28,7 +33,6 @@ use crate::source::synthetic::CLASSES;
 use crate::source::zip::import_zip;
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
-pub const DEFAULT_REVISION: &str = "85422db9cea545053a13138b00c8ae3ea00641b5";
 
 const ALTERNATIVES: &str = "Other sources: --from PATH (the Kaggle zip or an extracted folder), \
 --source kaggle (needs a Kaggle API token), --synthetic (generated offline demo data).";
@@ -46,7 +50,7 @@ impl Default for HfRepoSpec {
         HfRepoSpec {
             owner: DEFAULT_REPO.split('/').next().unwrap_or_default().into(),
             name: DEFAULT_REPO.split('/').nth(1).unwrap_or_default().into(),
-            revision: Some(DEFAULT_REVISION.into()),
+            revision: None,
         }
     }
 }
@@ -160,7 +164,21 @@ fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataErr
 pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     let client = client(opts)?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
-    let revision = opts.repo.revision.clone();
+    let info = repo
+        .info()
+        .maybe_revision(opts.repo.revision.clone())
+        .send()
+        .map_err(|e| hub_error(opts, "cannot read the dataset repository", &e))?;
+    let commit = info.sha.ok_or_else(|| DataError::Network {
+        what: format!("resolving {} at {}", opts.repo, endpoint_of(opts)),
+        message: "the hub named no commit for this revision".into(),
+        hint: ALTERNATIVES.into(),
+    })?;
+    importer.set_origin(format!(
+        "hf:{}/{}@{commit}",
+        opts.repo.owner, opts.repo.name
+    ));
+    let revision = Some(commit);
     let entries = repo
         .list_tree()
         .maybe_revision(revision.clone())
@@ -258,9 +276,6 @@ mod tests {
         for bad in ["a", "a/", "/b", "a/b/c", "a/b@"] {
             assert!(bad.parse::<HfRepoSpec>().is_err(), "{bad}");
         }
-        assert_eq!(
-            HfRepoSpec::default().to_string(),
-            format!("{DEFAULT_REPO}@{DEFAULT_REVISION}")
-        );
+        assert_eq!(HfRepoSpec::default().to_string(), DEFAULT_REPO);
     }
 }

@@ -49,6 +49,12 @@ pub struct Importer {
 }
 
 impl Importer {
+    /// Replaces the description of where the data comes from, once the source knows it
+    /// exactly (a repository's resolved commit).
+    pub fn set_origin(&mut self, origin: String) {
+        self.origin = origin;
+    }
+
     /// Prepares an empty staging folder beside `data_dir`. Refuses to go on when `data_dir`
     /// exists, is not empty and is not a previous import, so a wrong `--data-dir` never
     /// replaces unrelated files.

@@ -199,15 +199,22 @@ fn a_server_without_range_support_restarts_the_download() {
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// A hub stand-in: the tree listing API plus HEAD/GET on resolve URLs.
+/// A hub stand-in: the repository info, tree listing and resolve APIs. Every revision
+/// resolves to `COMMIT`, and listings and downloads must ask for that commit.
 fn hub(repo: &str, files: Vec<(String, Vec<u8>)>) -> TestServer {
+    let info_path = format!("/api/datasets/{repo}");
     let tree_path = format!("/api/datasets/{repo}/tree/");
     let resolve = format!("/datasets/{repo}/resolve/");
+    let info = format!(r#"{{"id":"{repo}","sha":"{COMMIT}"}}"#);
     TestServer::start(move |r| {
         let path = r.path.split('?').next().unwrap_or_default();
+        if path == info_path || path.starts_with(&format!("{info_path}/revision/")) {
+            return Reply::ok(info.clone().into_bytes())
+                .with_header("Content-Type", "application/json");
+        }
         if let Some(rest) = path.strip_prefix(&tree_path) {
             assert!(r.path.contains("recursive=true"), "{}", r.path);
-            let _revision = rest;
+            assert_eq!(rest, COMMIT, "the listing asks for the resolved commit");
             let entries: Vec<String> = files
                 .iter()
                 .map(|(name, bytes)| {
@@ -221,7 +228,8 @@ fn hub(repo: &str, files: Vec<(String, Vec<u8>)>) -> TestServer {
                 .with_header("Content-Type", "application/json");
         }
         if let Some(rest) = path.strip_prefix(&resolve) {
-            let file = rest.split_once('/').map(|(_, f)| f).unwrap_or_default();
+            let (revision, file) = rest.split_once('/').unwrap_or_default();
+            assert_eq!(revision, COMMIT, "downloads ask for the resolved commit");
             return match files.iter().position(|(name, _)| name == file) {
                 Some(i) => Reply::ok(files[i].1.clone())
                     .with_header("ETag", &format!("\"etag{i}\""))
@@ -274,6 +282,7 @@ fn hugging_face_parquet_mirror_imports() {
     );
     let m = fetch(&hf_opts(&server, "someone/intel-mirror@main", tmp.path())).unwrap();
     assert_eq!(m.source, "hf");
+    assert_eq!(m.origin, format!("hf:someone/intel-mirror@{COMMIT}"));
     assert_eq!(
         m.classes,
         [
@@ -369,6 +378,9 @@ fn a_truncated_hugging_face_file_is_not_imported_or_kept() {
     let server = TestServer::start(move |r| {
         if r.path.starts_with("/api/datasets/a/b/tree/") {
             return Reply::ok(tree.clone().into_bytes());
+        }
+        if r.path.starts_with("/api/datasets/a/b") {
+            return Reply::ok(format!(r#"{{"id":"a/b","sha":"{COMMIT}"}}"#).into_bytes());
         }
         if r.method == "HEAD" {
             return Reply::ok(Vec::new())
