@@ -108,57 +108,63 @@ pub(super) fn transform_weights(
 
 /// Transforms channel planes into the transform domain, `B^T d B` for every 4x4 input tile
 /// d: `planes` yields each image's plane of one channel, and tile `column` (image-major,
-/// then row-major tiles) of point `p` goes to `points[p][column]`. Works a row of tiles at a
-/// time so that every loop runs over contiguous memory.
+/// then row-major tiles) of point `p` goes to `points[p][column]`.
+///
+/// Works a row of tiles at a time with each input row split into its even and odd padded
+/// columns, so that every loop runs over contiguous memory and vectorises.
 fn transform_planes<'a>(
     s: &Shape,
     planes: impl Iterator<Item = &'a [f32]>,
     points: &mut [&mut [f32]],
 ) {
     let (th, tw, w) = (s.tiles_h(), s.tiles_w(), s.width);
-    // A row of tiles reads padded columns -1 ..= 2 * tw; index 0 is column -1.
-    let padded = 2 * tw + 2;
-    let mut d = vec![0.0; 4 * padded];
-    let mut u = vec![0.0; 4 * padded];
+    // Tile tx reads padded columns 2tx .. 2tx+3, input columns 2tx-1 .. 2tx+2: evens hold
+    // input columns 2t-1, odds 2t, for t in 0..=tw.
+    let half = tw + 1;
+    let mut rows = vec![0.0; 8 * half];
     for (image, plane) in planes.enumerate() {
         for ty in 0..th {
-            for (dy, row) in d.chunks_exact_mut(padded).enumerate() {
-                row.fill(0.0);
-                // Padded row 2 * ty + dy is input row 2 * ty + dy - 1.
+            // Input rows 2ty-1 .. 2ty+2, zero outside the image; then B^T along y, in place.
+            for (dy, row) in rows.chunks_exact_mut(2 * half).enumerate() {
+                let (even, odd) = row.split_at_mut(half);
+                even.fill(0.0);
+                odd.fill(0.0);
                 if let Some(y) = (2 * ty + dy).checked_sub(1).filter(|&y| y < s.height) {
-                    row[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                    let pairs = plane[y * w..(y + 1) * w].chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        odd[w / 2] = *last;
+                    }
+                    for ((pair, odd), even) in pairs.zip(odd.iter_mut()).zip(&mut even[1..]) {
+                        *odd = pair[0];
+                        *even = pair[1];
+                    }
                 }
             }
-            // B^T d, along y, for the whole row of tiles.
-            let (d0, rest) = d.split_at(padded);
-            let (d1, rest) = rest.split_at(padded);
-            let (d2, d3) = rest.split_at(padded);
-            let (u0, rest) = u.split_at_mut(padded);
-            let (u1, rest) = rest.split_at_mut(padded);
-            let (u2, u3) = rest.split_at_mut(padded);
-            for x in 0..padded {
-                u0[x] = d0[x] - d2[x];
-                u1[x] = d1[x] + d2[x];
-                u2[x] = d2[x] - d1[x];
-                u3[x] = d1[x] - d3[x];
+            let (d0, rest) = rows.split_at_mut(2 * half);
+            let (d1, rest) = rest.split_at_mut(2 * half);
+            let (d2, d3) = rest.split_at_mut(2 * half);
+            for x in 0..2 * half {
+                let (a, b, c, d) = (d0[x], d1[x], d2[x], d3[x]);
+                d0[x] = a - c;
+                d1[x] = b + c;
+                d2[x] = c - b;
+                d3[x] = b - d;
             }
             // Then B along x, tile by tile, into 16 contiguous runs.
             let base = (image * th + ty) * tw;
-            for (u, row) in u.chunks_exact(padded).zip(points.chunks_exact_mut(4)) {
+            for (u, row) in rows.chunks_exact(2 * half).zip(points.chunks_exact_mut(4)) {
+                let (even, odd) = u.split_at(half);
                 let [v0, v1, v2, v3] = row else {
                     unreachable!("chunks of four")
                 };
-                let runs = v0[base..base + tw]
-                    .iter_mut()
-                    .zip(&mut v1[base..base + tw])
-                    .zip(&mut v2[base..base + tw])
-                    .zip(&mut v3[base..base + tw]);
-                for (tx, (((v0, v1), v2), v3)) in runs.enumerate() {
-                    let x = 2 * tx;
-                    *v0 = u[x] - u[x + 2];
-                    *v1 = u[x + 1] + u[x + 2];
-                    *v2 = u[x + 2] - u[x + 1];
-                    *v3 = u[x + 1] - u[x + 3];
+                let (v0, v1) = (&mut v0[base..base + tw], &mut v1[base..base + tw]);
+                let (v2, v3) = (&mut v2[base..base + tw], &mut v3[base..base + tw]);
+                let (e0, e1, o0, o1) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..]);
+                for t in 0..tw {
+                    v0[t] = e0[t] - e1[t];
+                    v1[t] = o0[t] + e1[t];
+                    v2[t] = e1[t] - o0[t];
+                    v3[t] = o0[t] - o1[t];
                 }
             }
         }
