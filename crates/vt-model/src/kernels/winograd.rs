@@ -17,7 +17,8 @@ use super::gemm::{matmul, MatRef};
 /// Transform-domain points per tile: 4x4.
 const POINTS: usize = 16;
 
-/// Below this many tiles per call, im2col and one GEMM are faster.
+/// Below this many tiles per call, im2col and one GEMM measured faster: the weight transform
+/// is not repaid (batch-1 inference on the smallest maps).
 const MIN_TILES: usize = 128;
 
 /// Floats per group of images in the transform domain (16 x channels x tiles), about what a
@@ -35,8 +36,7 @@ pub(super) struct Shape {
 }
 
 impl Shape {
-    /// Whether there are enough tiles to pay for transforming the weights, which costs as
-    /// much as 16 tiles' worth of products.
+    /// Whether there are enough tiles to pay for the transforms (see [`MIN_TILES`]).
     pub fn worthwhile(&self) -> bool {
         self.batch * self.tiles() >= MIN_TILES
     }
@@ -232,17 +232,25 @@ pub(super) fn conv3x3(
         // Taken out of the cell meanwhile: rayon may run another group on this thread
         // while this one waits inside a parallel loop.
         let mut scratch = SCRATCH.take();
-        let (v, m) = &mut scratch;
-        conv_group(s, input, u, &finish, group * per_group, out_group, v, m);
+        conv_group(
+            s,
+            input,
+            u,
+            &finish,
+            group * per_group,
+            out_group,
+            &mut scratch,
+        );
         SCRATCH.set(scratch);
     };
-    let chunks = out.chunks_mut(per_group * out_image);
-    if chunks.len() >= super::threads() {
+    if s.batch.div_ceil(per_group) >= super::threads() {
         out.par_chunks_mut(per_group * out_image)
             .enumerate()
             .for_each(run);
     } else {
-        chunks.enumerate().for_each(run);
+        out.chunks_mut(per_group * out_image)
+            .enumerate()
+            .for_each(run);
     }
     out
 }
@@ -280,8 +288,8 @@ fn channel_planes(
     images.map(move |n| &data[(n * channels + c) * plane..][..plane])
 }
 
-/// [`conv3x3`] for the images from `first` on that fill `out`.
-#[allow(clippy::too_many_arguments)]
+/// [`conv3x3`] for the images from `first` on that fill `out`, with `(v, m)` as room for
+/// the transformed input and the products.
 fn conv_group(
     s: &Shape,
     input: &[f32],
@@ -289,8 +297,7 @@ fn conv_group(
     finish: &(impl Fn(usize, &mut [f32]) + Sync),
     first: usize,
     out: &mut [f32],
-    v: &mut Vec<f32>,
-    m: &mut Vec<f32>,
+    (v, m): &mut (Vec<f32>, Vec<f32>),
 ) {
     let out_image = s.out_channels * s.plane();
     let images = out.len() / out_image;
