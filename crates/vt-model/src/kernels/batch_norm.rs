@@ -101,26 +101,36 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// Sums of `f` over pairs of slices in eight independent lanes.
-fn lane_sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
-    let mut first = [0f32; 8];
-    let mut second = [0f32; 8];
-    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+/// Over one plane of the input `x` and of the output gradient `dy`: the sums of g and of
+/// g * x_hat, where g is dy, or 0 where the fused ReLU clipped. In eight independent lanes
+/// with the mask as a select, so that the loop vectorises (as a closure returning pairs it
+/// compiled to a branch per lane: 5 % of a training step).
+fn gradient_sums(x: &[f32], dy: &[f32], ch: &Channel, relu: bool) -> (f32, f32) {
+    let term = |v: f32, g: f32| {
+        let g = if !relu || v * ch.scale + ch.shift > 0.0 {
+            g
+        } else {
+            0.0
+        };
+        (g, g * (v - ch.mean) * ch.inv_std)
+    };
+    let (mut sum_g, mut sum_gx) = ([0f32; 8], [0f32; 8]);
+    let (xs, gs) = (x.chunks_exact(8), dy.chunks_exact(8));
     let mut rest = (0f32, 0f32);
-    for (&va, &vb) in chunks_a.remainder().iter().zip(chunks_b.remainder()) {
-        let (p, q) = f(va, vb);
-        rest = (rest.0 + p, rest.1 + q);
+    for (&v, &g) in xs.remainder().iter().zip(gs.remainder()) {
+        let (g, gx) = term(v, g);
+        rest = (rest.0 + g, rest.1 + gx);
     }
-    for (ca, cb) in chunks_a.zip(chunks_b) {
+    for (xc, gc) in xs.zip(gs) {
+        let terms: [(f32, f32); 8] = std::array::from_fn(|i| term(xc[i], gc[i]));
         for i in 0..8 {
-            let (p, q) = f(ca[i], cb[i]);
-            first[i] += p;
-            second[i] += q;
+            sum_g[i] += terms[i].0;
+            sum_gx[i] += terms[i].1;
         }
     }
     (
-        first.iter().sum::<f32>() + rest.0,
-        second.iter().sum::<f32>() + rest.1,
+        sum_g.iter().sum::<f32>() + rest.0,
+        sum_gx.iter().sum::<f32>() + rest.1,
     )
 }
 
@@ -328,10 +338,7 @@ impl CustomOp2 for NormalizeGrad {
                 let (g, gx) = channel_planes(x, dims, ch)
                     .zip(channel_planes(dy, dims, ch))
                     .map(|(xp, gp)| {
-                        let (g, gx) = lane_sum_pairs(xp, gp, |v, g| {
-                            let g = masked(k, v, g);
-                            (g, g * (v - k.mean) * k.inv_std)
-                        });
+                        let (g, gx) = gradient_sums(xp, gp, k, relu);
                         (f64::from(g), f64::from(gx))
                     })
                     .fold((0f64, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
