@@ -454,21 +454,8 @@ mod tests {
     use crate::kernels::max_rel;
     use candle_core::{DType, Device, Tensor};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        // A fixed pseudo-random sequence, so a failure reproduces.
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    fn random(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
     }
 
     fn run(input: &Tensor, weight: &Tensor, flip: bool) -> Tensor {
@@ -503,9 +490,9 @@ mod tests {
 
     #[test]
     fn forward_matches_candle_on_odd_and_even_sizes() {
-        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
-            let x = random(&[n, c, h, w], seed as u64);
-            let weight = random(&[k, c, 3, 3], 100 + seed as u64);
+        for &(n, c, k, h, w) in &SHAPES {
+            let x = random(&[n, c, h, w]);
+            let weight = random(&[k, c, 3, 3]);
             let expected = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
             let err = max_rel(&run(&x, &weight, false), &expected);
             assert!(err < 1e-5, "{n}x{c}x{h}x{w} -> {k}: relative error {err}");
@@ -514,14 +501,10 @@ mod tests {
 
     #[test]
     fn weight_gradient_matches_candle() {
-        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
-            let x = random(&[n, c, h, w], seed as u64)
-                .to_dtype(DType::F64)
-                .unwrap();
-            let weight = random(&[k, c, 3, 3], 300 + seed as u64)
-                .to_dtype(DType::F64)
-                .unwrap();
-            let dy = random(&[n, k, h, w], 400 + seed as u64);
+        for &(n, c, k, h, w) in &SHAPES {
+            let x = random(&[n, c, h, w]).to_dtype(DType::F64).unwrap();
+            let weight = random(&[k, c, 3, 3]).to_dtype(DType::F64).unwrap();
+            let dy = random(&[n, k, h, w]);
             // The reference: d/dW of sum(y * dy), by candle's autograd in f64.
             let weight = candle_core::Var::from_tensor(&weight).unwrap();
             let y = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
@@ -560,9 +543,9 @@ mod tests {
 
     #[test]
     fn flipped_weights_give_the_input_gradient() {
-        for (seed, &(n, c, k, h, w)) in SHAPES.iter().enumerate() {
-            let dy = random(&[n, k, h, w], seed as u64);
-            let weight = random(&[k, c, 3, 3], 200 + seed as u64);
+        for &(n, c, k, h, w) in &SHAPES {
+            let dy = random(&[n, k, h, w]);
+            let weight = random(&[k, c, 3, 3]);
             let expected = dy.conv_transpose2d(&weight, 1, 0, 1, 1).unwrap();
             let err = max_rel(&run(&dy, &weight, true), &expected);
             assert!(err < 1e-5, "{n}x{k}x{h}x{w} -> {c}: relative error {err}");
