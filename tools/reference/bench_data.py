@@ -42,7 +42,7 @@ def main():
         ds = datasets.ImageFolder(a.images, transform=tfm)
         for workers in [int(w) for w in a.workers.split(",")]:
             dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=workers)
-            for _, (x, _) in zip(range(a.warmup_batches), dl):
+            for _ in zip(range(a.warmup_batches), dl):
                 pass
             start = time.perf_counter()
             n = sum(x.shape[0] for x, _ in dl)

@@ -207,7 +207,8 @@ fn untransform_plane<'a>(s: &Shape, image: usize, m: impl Fn(usize) -> &'a [f32]
 }
 
 thread_local! {
-    /// Each thread's transformed input and products, kept between groups and calls.
+    /// Each thread's transform-domain buffers (the convolution's input and products, or the
+    /// weight gradient's input and output gradient), kept between groups and calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -406,15 +407,17 @@ pub(super) fn weight_grad3x3(s: &Shape, input: &[f32], grad_out: &[f32]) -> Vec<
     let (outs, ins) = (s.out_channels, s.in_channels);
     // Transform-domain sums: [point][out][in].
     let mut sums = vec![0.0; POINTS * outs * ins];
-    let (mut v, mut d) = (Vec::new(), Vec::new());
+    // The forward pass's per-thread buffers: transformed input and output gradient.
+    let mut scratch = SCRATCH.take();
+    let (v, d) = &mut scratch;
     for first in (0..s.batch).step_by(per_group) {
         let images = first..(first + per_group).min(s.batch);
         let columns = images.len() * s.tiles();
-        transform_group(ins, columns, &mut v, |c, rows| {
+        transform_group(ins, columns, v, |c, rows| {
             let planes = channel_planes(input, (ins, s.plane()), images.clone(), c);
             transform_planes(s, planes, rows);
         });
-        transform_group(outs, columns, &mut d, |k, rows| {
+        transform_group(outs, columns, d, |k, rows| {
             let planes = channel_planes(grad_out, (outs, s.plane()), images.clone(), k);
             transform_grad_planes(s, planes, rows);
         });
@@ -429,6 +432,7 @@ pub(super) fn weight_grad3x3(s: &Shape, input: &[f32], grad_out: &[f32]) -> Vec<
                 matmul(sum, grad, tiles.t(), true, 1);
             });
     }
+    SCRATCH.set(scratch);
     // A^T m A per (out, in) pair, A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 -1] with the sign folded in.
     let along = |m: [f32; 4]| [m[0] + m[1] + m[2], m[1] - m[2], m[1] + m[2] - m[3]];
     let mut grad = vec![0.0; outs * ins * 9];
