@@ -68,8 +68,8 @@ impl<'a> MatRef<'a> {
 /// Below this many multiply-adds a product runs on one thread: splitting costs more.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
-/// Blocks along the output's columns start at multiples of this, the width the `gemm`
-/// crate's f32 micro-kernel covers at once.
+/// Blocks along the output's columns start at multiples of this, the `gemm` crate's f32
+/// vector width with AVX-512 (a multiple of its AVX2 width).
 const COLUMN_ALIGN: usize = 16;
 
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` when `accumulate`; `dst` is row-major.

@@ -2,10 +2,11 @@
 //!
 //! The `gemm` crate vectorises along the output's contiguous axis and gathers the operand
 //! indexed by that axis one float at a time when its rows are not contiguous there. For
-//! `y = x W^T` with row-major `y` that operand is `W`; for `y^T = W x^T` it is `x`. Each
-//! call gathers the smaller of the two: at the transformer's 16 tokens per image, gathering
-//! `W` cost three times the product itself, while the tokenizer's thousands of pixels
-//! against a 16-row weight are the opposite case. `y^T` is put back by a blocked transpose.
+//! `y = x W^T` with row-major `y` that operand is `W`; for `y^T = W x^T` it is `x`. With
+//! few rows (batch-1 inference: 16 tokens) gathering `W` cost three times the product
+//! itself, so those products run as `y^T = W x^T`, put back by a blocked transpose. From
+//! [`DIRECT_MIN_ROWS`] rows the gather is paid back and the direct product avoids the
+//! transpose: at a batch of 32 (512 token rows against 1024 outputs) it ran 1.6x faster.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -23,6 +24,9 @@ pub fn linear_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 struct LinearProduct;
+
+/// From this many rows of `x` a product runs directly, whatever the output width.
+const DIRECT_MIN_ROWS: usize = 32;
 
 /// Tile edge of the output transpose: a tile of each side stays in L1.
 const TILE: usize = 32;
@@ -65,7 +69,7 @@ impl CustomOp2 for LinearProduct {
             MatRef::row_major(weight, out_dim, in_dim),
         );
         let mut y = vec![0f32; rows * out_dim];
-        if rows >= out_dim {
+        if rows >= out_dim.min(DIRECT_MIN_ROWS) {
             matmul(&mut y, x, weight.t(), false, threads());
         } else {
             let mut y_t = vec![0f32; out_dim * rows];
