@@ -11,8 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, Result, Storage, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -173,24 +174,21 @@ impl Optimizer {
                     (&theta - (d_p * lr)?)?
                 }
                 Method::AdamW { beta1, beta2, eps } => {
-                    let theta = if wd == 0.0 {
-                        theta
-                    } else {
-                        (&theta * (1.0 - lr * wd))?
-                    };
-                    let m = match &slot.first {
-                        None => (&grad * (1.0 - beta1))?,
-                        Some(m) => ((m * beta1)? + (&grad * (1.0 - beta1))?)?,
-                    };
-                    let v = match &slot.second {
-                        None => (grad.sqr()? * (1.0 - beta2))?,
-                        Some(v) => ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?,
-                    };
                     let t = i32::try_from(slot.steps).unwrap_or(i32::MAX);
-                    let bias1 = 1.0 - beta1.powi(t);
-                    let bias2 = 1.0 - beta2.powi(t);
-                    let denom = ((v.sqrt()? / bias2.sqrt())? + eps)?;
-                    let next = (&theta - ((&m / denom)? * (lr / bias1))?)?;
+                    let update = AdamWUpdate {
+                        lr,
+                        weight_decay: wd,
+                        beta1,
+                        beta2,
+                        eps,
+                        bias1: 1.0 - beta1.powi(t),
+                        bias2: 1.0 - beta2.powi(t),
+                    };
+                    let moments = slot.first.as_ref().zip(slot.second.as_ref());
+                    let (next, m, v) = match update.fused_cpu(&theta, &grad, moments)? {
+                        Some(updated) => updated,
+                        None => update.with_tensor_ops(&theta, &grad, moments)?,
+                    };
                     slot.first = Some(m);
                     slot.second = Some(v);
                     next
@@ -273,6 +271,128 @@ impl Optimizer {
             Method::Sgd { .. } => ("momentum_buffer", None),
             Method::AdamW { .. } => ("exp_avg", Some("exp_avg_sq")),
         }
+    }
+}
+
+/// One AdamW step of one parameter, its bias corrections included.
+struct AdamWUpdate {
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    bias1: f64,
+    bias2: f64,
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor; None for any other tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&data[start..end]))
+}
+
+/// Elements per parallel task of the fused update.
+const FUSED_CHUNK: usize = 1 << 14;
+
+impl AdamWUpdate {
+    /// The step as candle tensor operations, on any device: (parameter, first moment,
+    /// second moment); `moments` None means zeros.
+    fn with_tensor_ops(
+        &self,
+        theta: &Tensor,
+        grad: &Tensor,
+        moments: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let theta = if self.weight_decay == 0.0 {
+            theta.clone()
+        } else {
+            (theta * (1.0 - self.lr * self.weight_decay))?
+        };
+        let (m, v) = match moments {
+            None => (
+                (grad * (1.0 - self.beta1))?,
+                (grad.sqr()? * (1.0 - self.beta2))?,
+            ),
+            Some((m, v)) => (
+                ((m * self.beta1)? + (grad * (1.0 - self.beta1))?)?,
+                ((v * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?,
+            ),
+        };
+        let denom = ((v.sqrt()? / self.bias2.sqrt())? + self.eps)?;
+        let next = (&theta - ((&m / denom)? * (self.lr / self.bias1))?)?;
+        Ok((next, m, v))
+    }
+
+    /// The step in one pass over f32 CPU memory: (parameter, first moment, second moment).
+    /// As tensor operations it takes about fourteen passes, each allocating its result.
+    /// None when a tensor is not a contiguous f32 CPU tensor; `moments` None means zeros.
+    fn fused_cpu(
+        &self,
+        theta: &Tensor,
+        grad: &Tensor,
+        moments: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let n = theta.elem_count();
+        let (mut next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        // The scalars rounded as candle's `tensor * f64` and `tensor / f64` round them, so
+        // that this path and the tensor-op one agree.
+        let decay = (1.0 - self.lr * self.weight_decay) as f32;
+        let (beta1, beta2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
+        let (keep1, keep2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
+        let inv_bias2_sqrt = (1.0 / self.bias2.sqrt()) as f32;
+        let step = (self.lr / self.bias1) as f32;
+        let mut run = |theta: &[f32], grad: &[f32], m: &[f32], v: &[f32]| {
+            if [theta.len(), grad.len(), m.len(), v.len()] != [n; 4] {
+                return false;
+            }
+            next.par_chunks_mut(FUSED_CHUNK)
+                .zip(m_next.par_chunks_mut(FUSED_CHUNK))
+                .zip(v_next.par_chunks_mut(FUSED_CHUNK))
+                .enumerate()
+                .for_each(|(chunk, ((next, m_next), v_next))| {
+                    let range = chunk * FUSED_CHUNK..chunk * FUSED_CHUNK + next.len();
+                    let inputs = theta[range.clone()]
+                        .iter()
+                        .zip(&grad[range.clone()])
+                        .zip(&m[range.clone()])
+                        .zip(&v[range]);
+                    let outputs = next
+                        .iter_mut()
+                        .zip(m_next.iter_mut())
+                        .zip(v_next.iter_mut());
+                    for ((((&theta, &g), &m), &v), ((next, m_next), v_next)) in inputs.zip(outputs)
+                    {
+                        let m = m * beta1 + g * keep1;
+                        let v = v * beta2 + g * g * keep2;
+                        *next = theta * decay - m / (v.sqrt() * inv_bias2_sqrt + eps) * step;
+                        *m_next = m;
+                        *v_next = v;
+                    }
+                });
+            true
+        };
+        let done = with_cpu_f32(theta, |theta| {
+            with_cpu_f32(grad, |grad| match moments {
+                None => {
+                    let zeros = vec![0f32; n];
+                    Some(run(theta, grad, &zeros, &zeros))
+                }
+                Some((m, v)) => {
+                    with_cpu_f32(m, |m| with_cpu_f32(v, |v| run(theta, grad, m, v))).flatten()
+                }
+            })
+            .flatten()
+        })
+        .flatten();
+        if done != Some(true) {
+            return Ok(None);
+        }
+        let tensor = |data: Vec<f32>| Tensor::from_vec(data, theta.shape(), theta.device());
+        Ok(Some((tensor(next)?, tensor(m_next)?, tensor(v_next)?)))
     }
 }
 
@@ -397,6 +517,51 @@ mod tests {
         }
         // The bias sees a constant gradient: Adam moves it by ~lr per step, with no decay.
         assert!((f64::from(values(&b)[0]) - (0.5 - 3.0 * lr)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_tensor_operations() {
+        let dev = Device::Cpu;
+        // Longer than one parallel chunk, with a ragged end.
+        let shape = (3, FUSED_CHUNK / 2 + 5);
+        let theta = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let mut moments: Option<(Tensor, Tensor)> = None;
+        let (mut fused, mut reference) = (theta.clone(), theta);
+        for t in 1..=3 {
+            let grad = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let update = AdamWUpdate {
+                lr: 0.01,
+                weight_decay: 0.05,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                bias1: 1.0 - 0.9f64.powi(t),
+                bias2: 1.0 - 0.999f64.powi(t),
+            };
+            let pair = moments.as_ref().map(|(m, v)| (m, v));
+            let (next, m, v) = update.fused_cpu(&fused, &grad, pair).unwrap().unwrap();
+            let (want, want_m, want_v) = update.with_tensor_ops(&reference, &grad, pair).unwrap();
+            for (got, want) in [(&next, &want), (&m, &want_m), (&v, &want_v)] {
+                let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "step {t}");
+            }
+            (fused, reference, moments) = (next, want, Some((m, v)));
+        }
+        // Anything but a contiguous f32 CPU tensor goes to the tensor operations.
+        let f64_theta = fused.to_dtype(DType::F64).unwrap();
+        let update = AdamWUpdate {
+            lr: 0.01,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            bias1: 0.1,
+            bias2: 0.001,
+        };
+        assert!(update
+            .fused_cpu(&f64_theta, &f64_theta, None)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
