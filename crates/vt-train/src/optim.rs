@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, Result, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, Var};
 use candle_nn::VarMap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -336,6 +336,9 @@ impl AdamWUpdate {
         grad: &Tensor,
         moments: Option<(&Tensor, &Tensor)>,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if !theta.device().is_cpu() || theta.dtype() != DType::F32 {
+            return Ok(None);
+        }
         let n = theta.elem_count();
         let (mut next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         // The scalars rounded as candle's `tensor * f64` and `tensor / f64` round them, so
