@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, Var};
 use candle_nn::VarMap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -285,14 +285,14 @@ struct AdamWUpdate {
     bias2: f64,
 }
 
-/// Runs `f` on the elements of a contiguous f32 CPU tensor; None for any other tensor.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+/// The elements of a contiguous f32 CPU tensor, read through its storage guard; None for
+/// any other tensor.
+fn cpu_f32<'a>((storage, layout): &'a (StorageRef<'_>, &Layout)) -> Option<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(data)) = &**storage else {
         return None;
     };
     let (start, end) = layout.contiguous_offsets()?;
-    Some(f(&data[start..end]))
+    Some(&data[start..end])
 }
 
 /// Elements per parallel task of the fused update.
@@ -339,8 +339,25 @@ impl AdamWUpdate {
         if !theta.device().is_cpu() || theta.dtype() != DType::F32 {
             return Ok(None);
         }
-        let n = theta.elem_count();
-        let (mut next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (n, shape, device) = (theta.elem_count(), theta.shape(), theta.device());
+        let (theta_storage, grad_storage) = (theta.storage_and_layout(), grad.storage_and_layout());
+        let moment_storage = moments.map(|(m, v)| (m.storage_and_layout(), v.storage_and_layout()));
+        let zeros;
+        let (m, v) = match &moment_storage {
+            Some((m, v)) => (cpu_f32(m), cpu_f32(v)),
+            None => {
+                zeros = vec![0f32; n];
+                (Some(&zeros[..]), Some(&zeros[..]))
+            }
+        };
+        let (Some(theta), Some(grad), Some(m), Some(v)) =
+            (cpu_f32(&theta_storage), cpu_f32(&grad_storage), m, v)
+        else {
+            return Ok(None);
+        };
+        if [theta.len(), grad.len(), m.len(), v.len()] != [n; 4] {
+            return Ok(None);
+        }
         // The scalars rounded as candle's `tensor * f64` and `tensor / f64` round them, so
         // that this path and the tensor-op one agree.
         let decay = (1.0 - self.lr * self.weight_decay) as f32;
@@ -348,53 +365,31 @@ impl AdamWUpdate {
         let (keep1, keep2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let inv_bias2_sqrt = (1.0 / self.bias2.sqrt()) as f32;
         let step = (self.lr / self.bias1) as f32;
-        let mut run = |theta: &[f32], grad: &[f32], m: &[f32], v: &[f32]| {
-            if [theta.len(), grad.len(), m.len(), v.len()] != [n; 4] {
-                return false;
-            }
-            next.par_chunks_mut(FUSED_CHUNK)
-                .zip(m_next.par_chunks_mut(FUSED_CHUNK))
-                .zip(v_next.par_chunks_mut(FUSED_CHUNK))
-                .enumerate()
-                .for_each(|(chunk, ((next, m_next), v_next))| {
-                    let range = chunk * FUSED_CHUNK..chunk * FUSED_CHUNK + next.len();
-                    let inputs = theta[range.clone()]
-                        .iter()
-                        .zip(&grad[range.clone()])
-                        .zip(&m[range.clone()])
-                        .zip(&v[range]);
-                    let outputs = next
-                        .iter_mut()
-                        .zip(m_next.iter_mut())
-                        .zip(v_next.iter_mut());
-                    for ((((&theta, &g), &m), &v), ((next, m_next), v_next)) in inputs.zip(outputs)
-                    {
-                        let m = m * beta1 + g * keep1;
-                        let v = v * beta2 + g * g * keep2;
-                        *next = theta * decay - m / (v.sqrt() * inv_bias2_sqrt + eps) * step;
-                        *m_next = m;
-                        *v_next = v;
-                    }
-                });
-            true
-        };
-        let done = with_cpu_f32(theta, |theta| {
-            with_cpu_f32(grad, |grad| match moments {
-                None => {
-                    let zeros = vec![0f32; n];
-                    Some(run(theta, grad, &zeros, &zeros))
+        let (mut next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        next.par_chunks_mut(FUSED_CHUNK)
+            .zip(m_next.par_chunks_mut(FUSED_CHUNK))
+            .zip(v_next.par_chunks_mut(FUSED_CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((next, m_next), v_next))| {
+                let range = chunk * FUSED_CHUNK..chunk * FUSED_CHUNK + next.len();
+                let inputs = theta[range.clone()]
+                    .iter()
+                    .zip(&grad[range.clone()])
+                    .zip(&m[range.clone()])
+                    .zip(&v[range]);
+                let outputs = next
+                    .iter_mut()
+                    .zip(m_next.iter_mut())
+                    .zip(v_next.iter_mut());
+                for ((((&theta, &g), &m), &v), ((next, m_next), v_next)) in inputs.zip(outputs) {
+                    let m = m * beta1 + g * keep1;
+                    let v = v * beta2 + g * g * keep2;
+                    *next = theta * decay - m / (v.sqrt() * inv_bias2_sqrt + eps) * step;
+                    *m_next = m;
+                    *v_next = v;
                 }
-                Some((m, v)) => {
-                    with_cpu_f32(m, |m| with_cpu_f32(v, |v| run(theta, grad, m, v))).flatten()
-                }
-            })
-            .flatten()
-        })
-        .flatten();
-        if done != Some(true) {
-            return Ok(None);
-        }
-        let tensor = |data: Vec<f32>| Tensor::from_vec(data, theta.shape(), theta.device());
+            });
+        let tensor = |data: Vec<f32>| Tensor::from_vec(data, shape, device);
         Ok(Some((tensor(next)?, tensor(m_next)?, tensor(v_next)?)))
     }
 }
