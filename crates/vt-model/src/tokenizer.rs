@@ -62,7 +62,8 @@ impl Tokenizer {
         };
         // softmax over the P positions (dim 1) of N x P x L.
         let a = softmax(&(logits * self.scale)?, 1)?;
-        let v = self.value.forward(x)?;
-        a.transpose(1, 2)?.matmul(&v)
+        // T = A^T value(X) = value(A^T X): `value` is linear without bias, and pooling the
+        // P positions into L tokens first makes its product P / L times smaller.
+        self.value.forward(&a.transpose(1, 2)?.matmul(x)?)
     }
 }
