@@ -6,6 +6,7 @@
 //! y_n = W col(x_n), dW = sum_n dy_n col(x_n)^T, dx_n = col2im(W^T dy_n). Same-size 3x3
 //! convolutions, most of the model, go to Winograd's algorithms instead (`winograd.rs`).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -125,8 +126,30 @@ impl Geometry {
     }
 
     /// The k_h * k_w rows of the im2col matrix that come from one input channel.
+    ///
+    /// A strided convolution reads every `stride`-th input column; the channel's rows are
+    /// first split into their `stride` phases (columns `r, r + stride, ...`), so that each
+    /// output row is one contiguous copy instead of a gather.
     fn im2col_channel(&self, channel: &[f32], col: &mut [f32]) {
         let plane = self.out_plane();
+        let s = self.stride;
+        let phase_w = self.width.div_ceil(s);
+        let phased: Cow<[f32]> = if s == 1 {
+            Cow::Borrowed(channel)
+        } else {
+            let mut phased = vec![0.0; self.height * s * phase_w];
+            for (src, dst) in channel
+                .chunks_exact(self.width)
+                .zip(phased.chunks_exact_mut(s * phase_w))
+            {
+                for (r, phase) in dst.chunks_exact_mut(phase_w).enumerate() {
+                    for (d, v) in phase.iter_mut().zip(src.iter().skip(r).step_by(s)) {
+                        *d = *v;
+                    }
+                }
+            }
+            Cow::Owned(phased)
+        };
         for ky in 0..self.kernel_h {
             for kx in 0..self.kernel_w {
                 let row = ky * self.kernel_w + kx;
@@ -134,22 +157,17 @@ impl Geometry {
                 let (first, last) = self.valid_columns(kx);
                 for oy in 0..self.out_h {
                     let out_row = &mut dst[oy * self.out_w..(oy + 1) * self.out_w];
-                    let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                    let iy = (oy * s + ky) as isize - self.padding as isize;
                     if iy < 0 || iy >= self.height as isize {
                         out_row.fill(0.0);
                         continue;
                     }
-                    let src = &channel[iy as usize * self.width..(iy as usize + 1) * self.width];
                     out_row[..first].fill(0.0);
                     out_row[last..].fill(0.0);
-                    let ix0 = first * self.stride + kx - self.padding;
-                    if self.stride == 1 {
-                        out_row[first..last].copy_from_slice(&src[ix0..ix0 + (last - first)]);
-                    } else {
-                        for (o, v) in out_row[first..last].iter_mut().enumerate() {
-                            *v = src[ix0 + o * self.stride];
-                        }
-                    }
+                    let ix0 = first * s + kx - self.padding;
+                    let src = &phased[(iy as usize * s + ix0 % s) * phase_w..][..phase_w];
+                    let start = ix0 / s;
+                    out_row[first..last].copy_from_slice(&src[start..start + (last - first)]);
                 }
             }
         }
