@@ -5,7 +5,7 @@
 //! Here each output scans its window once. Ties go to the first maximum in the window, as in
 //! PyTorch, which matters after a ReLU where whole windows are zero.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous_f32, f32_on_cpu};
@@ -28,18 +28,24 @@ fn pooled(size: usize) -> usize {
     (size + 2 * PADDING - WINDOW) / STRIDE + 1
 }
 
-/// The input position of the first maximum in the window of output (oy, ox) of a plane.
-fn argmax(plane: &[f32], (h, w): (usize, usize), oy: usize, ox: usize) -> usize {
+/// The input position of the window maximum `max` of output (oy, ox) of a plane: the first
+/// one in row-major order, or the last NaN when `max` is NaN (PyTorch's choices). Knowing
+/// the value makes the scan a run of independent comparisons, free of mispredicted branches.
+fn argmax(plane: &[f32], (h, w): (usize, usize), (oy, ox): (usize, usize), max: f32) -> usize {
     let rows = (oy * STRIDE).saturating_sub(PADDING)..(oy * STRIDE + WINDOW - PADDING).min(h);
     let cols = (ox * STRIDE).saturating_sub(PADDING)..(ox * STRIDE + WINDOW - PADDING).min(w);
     let mut best = rows.start * w + cols.start;
-    let mut best_value = plane[best];
-    for iy in rows {
-        let row = &plane[iy * w + cols.start..iy * w + cols.end];
-        for (j, &v) in row.iter().enumerate() {
-            if v > best_value || v.is_nan() {
-                (best, best_value) = (iy * w + cols.start + j, v);
-            }
+    if max.is_nan() {
+        for i in rows.flat_map(|iy| cols.clone().map(move |ix| iy * w + ix)) {
+            best = if plane[i].is_nan() { i } else { best };
+        }
+    } else {
+        // Backwards, so that the earliest match is the one kept.
+        for i in rows
+            .rev()
+            .flat_map(|iy| cols.clone().rev().map(move |ix| iy * w + ix))
+        {
+            best = if plane[i] == max { i } else { best };
         }
     }
     best
@@ -119,15 +125,20 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(out), Shape::from((n, c, out_h, out_w))))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad)?))
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            y,
+            &grad.contiguous()?,
+            &MaxPoolGrad,
+        )?))
     }
 }
 
-/// dL/dx from (x, dL/dy): each output's gradient goes to its window's maximum.
+/// dL/dx from (x, y, dL/dy): each output's gradient goes to its window's maximum, found
+/// again from the output value y.
 struct MaxPoolGrad;
 
-impl CustomOp2 for MaxPoolGrad {
+impl CustomOp3 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "vt-max-pool-3x3s2p1-grad"
     }
@@ -138,24 +149,36 @@ impl CustomOp2 for MaxPoolGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (x, y, dy) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
         let (planes, h, w) = plane_dims(l1)?;
         let (out_h, out_w) = (pooled(h), pooled(w));
-        if dy.len() != planes * out_h * out_w {
+        if dy.len() != planes * out_h * out_w || y.len() != dy.len() {
             candle_core::bail!(
-                "max-pool grad: output gradient {:?} for input {:?}",
+                "max-pool grad: output {:?} and its gradient {:?} for input {:?}",
                 l2.shape(),
+                l3.shape(),
                 l1.shape()
             );
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(dy.par_chunks(out_h * out_w)))
-            .for_each(|(dst, (src, g))| {
+            .zip(x.par_chunks(h * w))
+            .zip(
+                y.par_chunks(out_h * out_w)
+                    .zip(dy.par_chunks(out_h * out_w)),
+            )
+            .for_each(|((dst, src), (max, g))| {
                 for oy in 0..out_h {
                     for ox in 0..out_w {
-                        dst[argmax(src, (h, w), oy, ox)] += g[oy * out_w + ox];
+                        let o = oy * out_w + ox;
+                        dst[argmax(src, (h, w), (oy, ox), max[o])] += g[o];
                     }
                 }
             });
@@ -285,6 +308,22 @@ mod tests {
         for i in [0, 1, 4, 5] {
             expected[i] = 1.0;
         }
+        assert_eq!(g.to_vec1::<f32>().unwrap(), expected);
+    }
+
+    #[test]
+    fn a_nan_window_sends_its_gradient_to_its_last_nan() {
+        // Windows of a 3x3 map: (0,0) holds both NaNs (inputs 1 and 3), (0,1) only input 1,
+        // (1,0) only input 3, and (1,1) none: its maximum is input 8.
+        let values = [0.0, f32::NAN, 2.0, f32::NAN, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let x = Var::from_tensor(
+            &Tensor::from_vec(values.to_vec(), (1, 1, 3, 3), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = max_pool_3x3_stride2_pad1(x.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        let expected = [0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0];
         assert_eq!(g.to_vec1::<f32>().unwrap(), expected);
     }
 }
