@@ -526,7 +526,8 @@ impl CustomOp2 for Conv2dInputGrad {
 }
 
 /// A bias-free convolution (square stride and padding): this module's GEMM kernels for f32
-/// tensors on the CPU, candle's own convolution elsewhere.
+/// tensors on the CPU, cuDNN on CUDA devices when built with the `cudnn` feature, candle's
+/// own convolution elsewhere.
 pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if f32_on_cpu(&[input, weight]) {
         input.contiguous()?.apply_op2(
@@ -538,8 +539,21 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) ->
             },
         )
     } else {
-        input.conv2d(weight, padding, stride, 1, 1)
+        other_device_conv2d(input, weight, stride, padding)
     }
+}
+
+fn other_device_conv2d(
+    input: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if input.device().is_cuda() {
+        return super::cudnn_conv::conv2d(input, weight, stride, padding);
+    }
+    input.conv2d(weight, padding, stride, 1, 1)
 }
 
 /// `conv2d(input, weight) * scale + shift` per output channel, then ReLU when `relu`: an
@@ -568,8 +582,7 @@ pub fn conv2d_affine(
         );
     }
     let folded = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-    let y = input
-        .conv2d(&folded, padding, stride, 1, 1)?
+    let y = other_device_conv2d(input, &folded, stride, padding)?
         .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;
     if relu {
         y.relu()

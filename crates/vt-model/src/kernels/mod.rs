@@ -5,6 +5,8 @@
 mod add_relu;
 mod batch_norm;
 mod conv2d;
+#[cfg(feature = "cudnn")]
+mod cudnn_conv;
 mod gemm;
 mod linear;
 mod max_pool;

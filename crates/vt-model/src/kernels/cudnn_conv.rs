@@ -1,0 +1,370 @@
+//! Convolution on CUDA through cuDNN (feature `cudnn`): the forward pass, the input gradient
+//! and the weight gradient are one cuDNN call each. candle's own CUDA convolution unfolds the
+//! input with an im2col kernel and differentiates through a direct transposed-convolution
+//! kernel; on an H100 those two took 160 of the 343 ms of kernel time of a vt-resnet18
+//! training step at 224 px, batch 128 (bench/RESULTS.md).
+//!
+//! f32 runs with FMA math only (no TF32), so that GPU predictions agree with the CPU's;
+//! bf16 and f16 store half precision and compute in f32 on the tensor cores.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::LocalKey;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t, cudnnConvolutionBwdFilterAlgo_t, cudnnConvolutionFwdAlgo_t,
+    cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+};
+use candle_core::cuda::cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
+    CudnnError, FilterDescriptor, TensorDescriptor,
+};
+use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage, DeviceId};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use half::{bf16, f16};
+
+/// The algorithm cuDNN's heuristics picked for a convolution, with its workspace size in bytes.
+type Algorithms<A> = RefCell<HashMap<(Geometry, DType), (A, usize)>>;
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device.
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    // Asking cuDNN's heuristics took about 1.5 ms per convolution, far more than the
+    // convolution itself at batch 1 (vt-resnet18 inferred 30 instead of 130 images/s on an
+    // H100), so each shape asks once, as PyTorch does.
+    static FORWARD: Algorithms<cudnnConvolutionFwdAlgo_t> = RefCell::new(HashMap::new());
+    static INPUT_GRAD: Algorithms<cudnnConvolutionBwdDataAlgo_t> = RefCell::new(HashMap::new());
+    static WEIGHT_GRAD: Algorithms<cudnnConvolutionBwdFilterAlgo_t> = RefCell::new(HashMap::new());
+}
+
+/// The cached algorithm for `key`, else `pick`'s, remembered.
+fn algorithm<A: Copy>(
+    cache: &'static LocalKey<Algorithms<A>>,
+    key: (Geometry, DType),
+    pick: impl FnOnce() -> std::result::Result<(A, usize), CudnnError>,
+) -> Result<(A, usize)> {
+    if let Some(known) = cache.with(|c| c.borrow().get(&key).copied()) {
+        return Ok(known);
+    }
+    let picked = pick().map_err(candle_core::Error::wrap)?;
+    cache.with(|c| c.borrow_mut().insert(key, picked));
+    Ok(picked)
+}
+
+fn handle(device: &CudaDevice) -> Result<Arc<Cudnn>> {
+    HANDLES.with(|handles| {
+        if let Some(handle) = handles.borrow().get(&device.id()) {
+            return Ok(handle.clone());
+        }
+        let handle = Cudnn::new(device.cuda_stream()).map_err(candle_core::Error::wrap)?;
+        handles.borrow_mut().insert(device.id(), handle.clone());
+        Ok(handle)
+    })
+}
+
+/// The sizes of one convolution: input (N, C, H, W), weight (K, C, k, k), square stride and
+/// zero padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Geometry {
+    input: [usize; 4],
+    weight: [usize; 4],
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn output(&self) -> [usize; 4] {
+        let [n, _, h, w] = self.input;
+        let [k_out, _, kh, kw] = self.weight;
+        let out = |size: usize, k: usize| (size + 2 * self.padding - k) / self.stride + 1;
+        [n, k_out, out(h, kh), out(w, kw)]
+    }
+}
+
+/// What one op computes: each is a cuDNN call over (first, second) operands.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// (input, weight) -> output
+    Forward,
+    /// (output gradient, weight) -> input gradient
+    InputGrad,
+    /// (input, output gradient) -> weight gradient
+    WeightGrad,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CudnnConv {
+    pass: Pass,
+    geometry: Geometry,
+}
+
+fn dims(shape: [usize; 4]) -> [i32; 4] {
+    shape.map(|d| d as i32)
+}
+
+/// The contiguous data of a storage as a typed view.
+fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
+        None => candle_core::bail!("cuDNN convolution takes contiguous tensors"),
+    }
+}
+
+impl CudnnConv {
+    fn run<T>(
+        &self,
+        (a, a_layout): (&CudaStorage, &Layout),
+        (b, b_layout): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType,
+    {
+        let device = a.device.clone();
+        let cudnn = handle(&device)?;
+        let g = self.geometry;
+        let wrap = candle_core::Error::wrap;
+        let (p, s) = (g.padding as i32, g.stride as i32);
+        let mut conv: ConvDescriptor<f32> = cudnn
+            .create_conv2d::<f32>(
+                [p, p],
+                [s, s],
+                [1, 1],
+                cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(wrap)?;
+        let math = if T::DTYPE == DType::F32 {
+            cudnnMathType_t::CUDNN_FMA_MATH
+        } else {
+            cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        };
+        conv.set_math_type(math).map_err(wrap)?;
+        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let x: TensorDescriptor<T> = cudnn.create_4d_tensor(nchw, dims(g.input)).map_err(wrap)?;
+        let w: FilterDescriptor<T> = cudnn.create_4d_filter(nchw, dims(g.weight)).map_err(wrap)?;
+        let y: TensorDescriptor<T> = cudnn
+            .create_4d_tensor(nchw, dims(g.output()))
+            .map_err(wrap)?;
+        let result_shape = match self.pass {
+            Pass::Forward => g.output(),
+            Pass::InputGrad => g.input,
+            Pass::WeightGrad => g.weight,
+        };
+        let mut result = device.alloc_zeros::<T>(result_shape.iter().product())?;
+        let (a, b) = (view::<T>(a, a_layout)?, view::<T>(b, b_layout)?);
+        let scale = (T::from_f64(1.0), T::from_f64(0.0));
+        let key = (g, T::DTYPE);
+        match self.pass {
+            Pass::Forward => {
+                let op = ConvForward {
+                    conv: &conv,
+                    x: &x,
+                    w: &w,
+                    y: &y,
+                };
+                let (algo, bytes) = algorithm(&FORWARD, key, || {
+                    let algo = op.pick_algorithm()?;
+                    Ok((algo, op.get_workspace_size(algo)?))
+                })?;
+                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                unsafe { op.launch(algo, Some(&mut workspace), scale, &a, &b, &mut result) }
+                    .map_err(wrap)?;
+            }
+            Pass::InputGrad => {
+                let op = ConvBackwardData {
+                    conv: &conv,
+                    dx: &x,
+                    w: &w,
+                    dy: &y,
+                };
+                let (algo, bytes) = algorithm(&INPUT_GRAD, key, || {
+                    let algo = op.pick_algorithm()?;
+                    Ok((algo, op.get_workspace_size(algo)?))
+                })?;
+                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                unsafe { op.launch(algo, Some(&mut workspace), scale, &mut result, &b, &a) }
+                    .map_err(wrap)?;
+            }
+            Pass::WeightGrad => {
+                let op = ConvBackwardFilter {
+                    conv: &conv,
+                    x: &x,
+                    dw: &w,
+                    dy: &y,
+                };
+                let (algo, bytes) = algorithm(&WEIGHT_GRAD, key, || {
+                    let algo = op.pick_algorithm()?;
+                    Ok((algo, op.get_workspace_size(algo)?))
+                })?;
+                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                unsafe { op.launch(algo, Some(&mut workspace), scale, &a, &mut result, &b) }
+                    .map_err(wrap)?;
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(result, device),
+            Shape::from(result_shape.to_vec()),
+        ))
+    }
+}
+
+impl CustomOp2 for CudnnConv {
+    fn name(&self) -> &'static str {
+        match self.pass {
+            Pass::Forward => "cudnn-conv2d",
+            Pass::InputGrad => "cudnn-conv2d-input-grad",
+            Pass::WeightGrad => "cudnn-conv2d-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA devices only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let operands = ((a, a_layout), (b, b_layout));
+        match a.dtype() {
+            DType::F32 => self.run::<f32>(operands.0, operands.1),
+            DType::BF16 => self.run::<bf16>(operands.0, operands.1),
+            DType::F16 => self.run::<f16>(operands.0, operands.1),
+            other => candle_core::bail!("{}: no cuDNN path for {other:?}", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        _output: &Tensor,
+        output_grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let output_grad = output_grad.contiguous()?;
+        let op = |pass| CudnnConv {
+            pass,
+            geometry: self.geometry,
+        };
+        let input_grad = output_grad.apply_op2_no_bwd(weight, &op(Pass::InputGrad))?;
+        let weight_grad = input.apply_op2_no_bwd(&output_grad, &op(Pass::WeightGrad))?;
+        Ok((Some(input_grad), Some(weight_grad)))
+    }
+}
+
+/// A bias-free convolution through cuDNN, differentiable; `input` and `weight` on one CUDA
+/// device.
+pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (input, weight) = (input.contiguous()?, weight.contiguous()?);
+    let geometry = Geometry {
+        input: input.dims4()?.into(),
+        weight: weight.dims4()?.into(),
+        stride,
+        padding,
+    };
+    input.apply_op2(
+        &weight,
+        CudnnConv {
+            pass: Pass::Forward,
+            geometry,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::max_rel;
+    use candle_core::{Device, Var};
+
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(device) => Some(device),
+            Err(e) => {
+                eprintln!("skipping: no CUDA device ({e})");
+                None
+            }
+        }
+    }
+
+    /// Forward and both gradients against the CPU kernels, on the model's convolution shapes.
+    #[test]
+    fn matches_the_cpu_forward_and_gradients() {
+        let Some(gpu) = gpu() else { return };
+        let cpu = Device::Cpu;
+        for (input, c_out, k, stride, padding) in [
+            ([2, 3, 19, 17], 8, 7, 2, 3),
+            ([3, 4, 9, 6], 5, 3, 1, 1),
+            ([2, 4, 10, 10], 6, 3, 2, 1),
+            ([2, 4, 9, 9], 6, 1, 2, 0),
+            ([1, 16, 14, 14], 32, 3, 1, 1),
+        ] {
+            let case = format!("{input:?} -> {c_out} k{k} s{stride} p{padding}");
+            let x = Tensor::randn(0f32, 1.0, &input, &cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (c_out, input[1], k, k), &cpu).unwrap();
+            let mut results = Vec::new();
+            for device in [&cpu, &gpu] {
+                let x = Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
+                let w = Var::from_tensor(&w.to_device(device).unwrap()).unwrap();
+                let y =
+                    crate::kernels::conv2d(x.as_tensor(), w.as_tensor(), stride, padding).unwrap();
+                let probe = Tensor::arange(0f32, y.elem_count() as f32, device)
+                    .unwrap()
+                    .reshape(y.shape())
+                    .unwrap()
+                    .sin()
+                    .unwrap();
+                let grads = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let on_cpu = |t: &Tensor| t.to_device(&cpu).unwrap();
+                results.push([
+                    on_cpu(&y),
+                    on_cpu(grads.get(x.as_tensor()).unwrap()),
+                    on_cpu(grads.get(w.as_tensor()).unwrap()),
+                ]);
+            }
+            for (i, name) in ["output", "input gradient", "weight gradient"]
+                .iter()
+                .enumerate()
+            {
+                let rel = max_rel(&results[1][i], &results[0][i]);
+                assert!(rel < 1e-4, "{case}: {name} differs by {rel:e}");
+            }
+        }
+    }
+
+    /// bf16 follows f32 to its precision.
+    #[test]
+    fn bf16_follows_f32() {
+        let Some(gpu) = gpu() else { return };
+        let x = Tensor::randn(0f32, 1.0, (2, 8, 12, 12), &gpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (16, 8, 3, 3), &gpu).unwrap();
+        let full = conv2d(&x, &w, 1, 1).unwrap();
+        let half = conv2d(
+            &x.to_dtype(DType::BF16).unwrap(),
+            &w.to_dtype(DType::BF16).unwrap(),
+            1,
+            1,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        let rel = max_rel(&half, &full);
+        assert!(rel < 2e-2, "bf16 differs by {rel:e}");
+    }
+}
