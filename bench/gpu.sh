@@ -11,21 +11,39 @@
 # on them; (3) scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when
 # a probability differs by more than 1e-3 (bf16 differences are reported); (4) measures
 # training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s (batch 1
-# and 256, f32 and bf16) with `xtask bench model`, PyTorch (python3, tools/reference) on the
-# same GPU in the same call; (5) times one end-to-end training epoch with the notebook's
-# augmentation from JPEG files (224 px, batch 128) against PyTorch's DataLoader.
+# and 256) with `xtask bench model`, PyTorch (python3, tools/reference) on the same GPU in the
+# same call; (5) times one end-to-end training epoch with the notebook's augmentation from JPEG
+# files (224 px, batch 128) against PyTorch's DataLoader; (6) measures bf16 inference. Each
+# step has a time limit within the run's budget (a lent GPU's time is short): a failed step is
+# recorded in steps.txt and the next one runs; the exit status is non-zero when any step failed.
+# The binaries are built with the `cudnn` feature; the GPU machine's cuDNN 9 is PyTorch's.
 #
 # Environment: VT_GPU_DEVICE (default cuda; `cpu` runs every step on the CPU with tiny sizes,
 # which is how this script is tested without a GPU), VT_PYTHON (default python3),
-# VT_GPU_PER_CLASS (photos per class that `prepare` copies, default 100).
+# VT_GPU_PER_CLASS (photos per class that `prepare` copies, default 100), VT_GPU_DIR (what
+# `prepare` writes and `run` reads, default target/gpu), VT_GPU_BUDGET_S (the run's time
+# budget, default 500 s).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 device=${VT_GPU_DEVICE:-cuda}
 python=${VT_PYTHON:-python3}
-gpu_dir=target/gpu
+gpu_dir=${VT_GPU_DIR:-target/gpu}
 binaries=(vt-train vt-serve xtask)
+
+# The `cudnn` feature links libcudnn.so.9, which the GPU machines have (PyTorch's) and this
+# machine has not: a link-time stub that declares every cudnn* entry point cudarc binds, as
+# cuda-toolchain.sh does for libcuda. The real library is found at run time (see `run`).
+cudnn_stub() {
+    local stubs=target/cudnn-stub sys
+    sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/cudnn/sys/mod.rs | sort -V | tail -n 1)
+    mkdir -p "$stubs"
+    grep -oE 'fn cudnn[A-Za-z0-9_]+' "$sys" | awk '{print $2}' | sort -u |
+        awk '{print "int "$1"(void){return 1;}"}' > "$stubs/libcudnn_stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$stubs/libcudnn.so" "$stubs/libcudnn_stub.c"
+    export LIBRARY_PATH="$PWD/$stubs:$LIBRARY_PATH"
+}
 
 prepare() {
     local per_class=${VT_GPU_PER_CLASS:-100}
@@ -35,7 +53,8 @@ prepare() {
     if [ "$device" != cpu ]; then
         # shellcheck disable=SC1090
         eval "$(../shared/gpu/cuda-toolchain.sh)"
-        features=(--features vt-train/cuda,vt-serve/cuda,xtask/cuda)
+        cudnn_stub
+        features=(--features vt-train/cudnn,vt-serve/cudnn,xtask/cudnn)
     fi
     cargo build -p vt-train -p vt-serve -p xtask "${features[@]}"
     rm -rf "$gpu_dir.tmp"
@@ -71,63 +90,62 @@ last_img_per_s() {
     tail -n 1 "$1" | "$python" -c 'import json, sys; print(round(json.load(sys.stdin)["img_per_s"], 1))'
 }
 
-run() {
-    local out=${1:-gpu-results}
-    local work
-    work=$(mktemp -d)
-    # shellcheck disable=SC2064 # expand now: `work` is local
-    trap "rm -rf '$work'" EXIT
-    mkdir -p "$out" "$work/bin"
-    for b in "${binaries[@]}"; do
-        xz -dc "$gpu_dir/bin/$b.xz" > "$work/bin/$b"
-        chmod +x "$work/bin/$b"
-    done
-    local bin=$work/bin
-    # The GPU machines' CUDA 13.0 runtime, cuBLAS, cuRAND and NVRTC (see cuda-toolchain.sh).
-    local cuda_lib=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-    if [ -d "$cuda_lib" ]; then
-        export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Runs one step of `run` (a function) in a subshell under its own time limit, cut to what is
+# left of the whole run's budget: a step that fails or runs out of time is recorded in
+# steps.txt and the next one starts, so one broken step never costs the others' results.
+step() {
+    local name=$1 limit=$2 now left rc=0
+    shift 2
+    now=$(date +%s)
+    left=$((deadline - now))
+    ((limit <= left)) || limit=$left
+    if ((limit < 15)); then
+        echo "$name: skipped, the run's time budget is spent" | tee -a "$out/steps.txt"
+        return 0
     fi
+    step_end=$((now + limit))
+    echo "== $name (at most $limit s)"
+    ("$@") &
+    wait $! || rc=$?
+    echo "$name: rc $rc after $(($(date +%s) - now)) s" | tee -a "$out/steps.txt"
+}
 
-    # Sizes: the issue's on a GPU; tiny ones to test the flow on a CPU.
-    local epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=8 iters=10 warmup=3
-    local cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128,infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
-    local infer_cases="infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
-    local loader_threads workers
-    loader_threads=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
-    workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
-    if [ "$device" = cpu ]; then
-        epochs=1 train_px=48 e2e_px=48 e2e_batch=16 repeat=1 iters=1 warmup=0
-        cases="train:vt-resnet18:48:4,infer:vt-resnet18:48:1"
-        infer_cases=""
-    fi
+# Runs a command until the current step's time is up.
+within() {
+    local left=$((step_end - $(date +%s)))
+    ((left > 0)) || return 124
+    timeout --kill-after=5 "$left" "$@"
+}
 
-    {
-        date -u
-        nvidia-smi 2>&1 || echo "no nvidia-smi"
-        "$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")'
-    } > "$out/machine.txt" 2>&1
+machine_info() {
+    date -u
+    nvidia-smi 2>&1 || echo "no nvidia-smi"
+    within "$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")'
+}
 
-    echo "== import the photos"
-    "$bin/xtask" fetch-data --from "$gpu_dir/photos" --data-dir "$work/data" --val-fraction 0.1 \
-        2> "$out/fetch-data.log"
+import_photos() {
+    within "$bin/xtask" fetch-data --from "$gpu_dir/photos" --data-dir "$work/data" \
+        --val-fraction 0.1 2> "$out/fetch-data.log"
+}
 
-    echo "== train vt-resnet18 for $epochs epochs on $device"
-    "$bin/vt-train" train --data "$work/data" --run-dir "$work/run" --device "$device" \
+train_few_epochs() {
+    within "$bin/vt-train" train --data "$work/data" --run-dir "$work/run" --device "$device" \
         --arch vt-resnet18 --image-size "$train_px" --batch-size 64 --epochs "$epochs" \
         --recipe modern --loader-threads "$loader_threads" 2> "$out/train.log"
     cp "$work/run/metrics.jsonl" "$out/train-metrics.jsonl"
+    cat "$out/train-metrics.jsonl"
+}
 
-    echo "== CPU and $device predictions of the same checkpoint"
+predictions_agree() {
     local images=("$work"/data/pred/*)
-    "$bin/vt-serve" predict --checkpoint "$work/run/best" --device cpu "${images[@]}" \
+    within "$bin/vt-serve" predict --checkpoint "$work/run/best" --device cpu "${images[@]}" \
         > "$out/predict-cpu.jsonl"
-    "$bin/vt-serve" predict --checkpoint "$work/run/best" --device "$device" "${images[@]}" \
-        > "$out/predict-device.jsonl"
+    within "$bin/vt-serve" predict --checkpoint "$work/run/best" --device "$device" \
+        "${images[@]}" > "$out/predict-device.jsonl"
     local compare=("$out/predict-cpu.jsonl" "$out/predict-device.jsonl")
     if [ "$device" != cpu ]; then
-        "$bin/vt-serve" predict --checkpoint "$work/run/best" --device "$device" --dtype bf16 \
-            "${images[@]}" > "$out/predict-device-bf16.jsonl"
+        within "$bin/vt-serve" predict --checkpoint "$work/run/best" --device "$device" \
+            --dtype bf16 "${images[@]}" > "$out/predict-device-bf16.jsonl"
         compare+=("$out/predict-device-bf16.jsonl")
     fi
     "$python" - "${compare[@]}" <<'PY' | tee "$out/agreement.txt"
@@ -144,18 +162,18 @@ for path, limit in zip(sys.argv[2:], (1e-3, None)):
     if limit is not None and diff > limit:
         sys.exit(f"FAIL: probabilities differ by {diff:.2e} > {limit}")
 PY
+}
 
-    echo "== model benchmarks against PyTorch on $device"
-    "$bin/xtask" bench model --device "$device" --python "$python" --json --iters "$iters" \
-        --warmup "$warmup" --threads "$(nproc)" --cases "$cases" | tee "$out/bench-model-f32.jsonl"
-    if [ -n "$infer_cases" ]; then
-        "$bin/xtask" bench model --device "$device" --dtype bf16 --python "$python" --json \
-            --iters "$iters" --warmup "$warmup" --threads "$(nproc)" --cases "$infer_cases" |
-            tee "$out/bench-model-bf16.jsonl"
-    fi
+bench_model() {
+    local dtype=$1 cases=$2
+    within "$bin/xtask" bench model --device "$device" --dtype "$dtype" --python "$python" \
+        --json --iters "$iters" --warmup "$warmup" --threads "$(nproc)" --cases "$cases" \
+        2>> "$out/bench-model.log" | tee -a "$out/bench-model.jsonl"
+}
 
-    echo "== one training epoch from JPEG files, notebook augmentation, $e2e_px px, batch $e2e_batch"
-    # Each photo $repeat times, so that the epoch is long enough to time.
+# One training epoch from JPEG files with the notebook's augmentation, each photo `repeat`
+# times so that the epoch is long enough to time: vt-train, then PyTorch's DataLoader.
+end_to_end_epoch() {
     for split in train val; do
         for class_dir in "$work/data/$split"/*/; do
             local class
@@ -168,19 +186,71 @@ PY
             done
         done
     done
-    "$bin/vt-train" train --data "$work/e2e" --run-dir "$work/e2e-vt" --device "$device" \
+    within "$bin/vt-train" train --data "$work/e2e" --run-dir "$work/e2e-vt" --device "$device" \
         --recipe seed --arch vt-resnet18 --image-size "$e2e_px" --batch-size "$e2e_batch" \
         --epochs 1 --loader-threads "$loader_threads" 2> "$out/e2e-vt.log"
-    "$python" tools/reference/train.py --data "$work/e2e" --run-dir "$work/e2e-torch" \
+    cp "$work/e2e-vt/metrics.jsonl" "$out/e2e-vt-metrics.jsonl"
+    within "$python" tools/reference/train.py --data "$work/e2e" --run-dir "$work/e2e-torch" \
         --device "$device" --recipe seed --arch vt-resnet18 --image-size "$e2e_px" \
         --batch-size "$e2e_batch" --epochs 1 --loader-workers "$workers" --threads 2 \
         > "$out/e2e-torch.log" 2>&1
-    cp "$work/e2e-vt/metrics.jsonl" "$out/e2e-vt-metrics.jsonl"
     cp "$work/e2e-torch/metrics.jsonl" "$out/e2e-torch-metrics.jsonl"
     echo "end-to-end epoch img/s: vt-train $(last_img_per_s "$out/e2e-vt-metrics.jsonl")," \
         "PyTorch DataLoader ($workers workers) $(last_img_per_s "$out/e2e-torch-metrics.jsonl")" |
         tee "$out/e2e.txt"
+}
+
+run() {
+    out=${1:-gpu-results}
+    # The whole run's budget in seconds (the device tool stops a command at 600).
+    deadline=$(($(date +%s) + ${VT_GPU_BUDGET_S:-500}))
+    work=$(mktemp -d)
+    # shellcheck disable=SC2064 # expand now
+    trap "rm -rf '$work'" EXIT
+    mkdir -p "$out" "$work/bin"
+    : > "$out/steps.txt"
+    for b in "${binaries[@]}"; do
+        xz -dc "$gpu_dir/bin/$b.xz" > "$work/bin/$b"
+        chmod +x "$work/bin/$b"
+    done
+    bin=$work/bin
+    # The GPU machines' CUDA 13.0 runtime, cuBLAS, cuRAND and NVRTC (see cuda-toolchain.sh).
+    local cuda_lib=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+    if [ -d "$cuda_lib" ]; then
+        export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+    # cuDNN 9: PyTorch's copy on the GPU machines.
+    if [ "$device" != cpu ]; then
+        local cudnn_lib
+        cudnn_lib=$(find / -xdev -name 'libcudnn.so.9' 2>/dev/null | head -n 1)
+        [ -n "$cudnn_lib" ] || echo "warning: no libcudnn.so.9 on this machine" >&2
+        export LD_LIBRARY_PATH="${cudnn_lib%/*}:${LD_LIBRARY_PATH:-}"
+    fi
+
+    # Sizes: the issue's on a GPU; tiny ones to test the flow on a CPU.
+    epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=4 iters=10 warmup=3
+    local cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128,infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
+    local infer_cases="infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
+    loader_threads=$(($(nproc) > 2 ? $(nproc) - 2 : 1))
+    workers=$(($(nproc) < 8 ? $(nproc) : 8))
+    if [ "$device" = cpu ]; then
+        epochs=1 train_px=48 e2e_px=48 e2e_batch=16 repeat=1 iters=1 warmup=0
+        cases="train:vt-resnet18:48:4,infer:vt-resnet18:48:1"
+        infer_cases=""
+    fi
+
+    step "machine" 20 machine_info > "$out/machine.txt" 2>&1
+    step "import the photos" 60 import_photos
+    step "train vt-resnet18 for $epochs epochs on $device" 120 train_few_epochs
+    step "CPU and $device predictions of the same checkpoint" 60 predictions_agree
+    step "model benchmarks against PyTorch on $device" 180 bench_model f32 "$cases"
+    step "one training epoch from JPEG files, $e2e_px px, batch $e2e_batch" 150 end_to_end_epoch
+    if [ -n "$infer_cases" ]; then
+        step "bf16 inference benchmarks" 60 bench_model bf16 "$infer_cases"
+    fi
     echo "results in $out"
+    cat "$out/steps.txt"
+    ! grep -qv ": rc 0 " "$out/steps.txt"
 }
 
 case "${1:-}" in
