@@ -6,17 +6,12 @@ use candle_core::{DType, Device};
 use crate::error::{ModelError, Result};
 
 /// Parses a device name. `auto` takes the first CUDA GPU when the binary was built with
-/// the `cuda` feature and one is present, and the CPU otherwise.
+/// the `cuda` feature and one is present, and the CPU otherwise (a CUDA build on a machine
+/// without a GPU included).
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                cuda(0)
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
+        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
         "cuda" => cuda(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda(ordinal),
