@@ -7,6 +7,9 @@
 #   bench/gpu.sh run [OUT]    # there, from the repository root: results into OUT
 #                             # (default gpu-results/), a summary on stdout
 #
+# Through the device tool (which returns at most 8 files), carry target/gpu and pack OUT:
+#   bash bench/gpu.sh run /tmp/r | tee $OUT/stdout.txt; tar czf $OUT/gpu-results.tgz -C /tmp r
+#
 # `run` (1) imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs
 # on them; (3) scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when
 # a probability differs by more than 1e-3 (bf16 differences are reported); (4) measures
