@@ -16,7 +16,8 @@
 # training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s (batch 1
 # and 256) with `xtask bench model`, PyTorch (python3, tools/reference) on the same GPU in the
 # same call; (5) times one end-to-end training epoch with the notebook's augmentation from JPEG
-# files (224 px, batch 128) against PyTorch's DataLoader; (6) measures bf16 inference. Each
+# files (224 px, batch 128) against PyTorch's DataLoader; (6) measures bf16 inference; (7)
+# profiles the kernels of a training step and of inference (Nsight Compute, if present). Each
 # step has a time limit within the run's budget (a lent GPU's time is short): a failed step is
 # recorded in steps.txt and the next one runs; the exit status is non-zero when any step failed.
 # The binaries are built with the `cudnn` feature; the GPU machine's cuDNN 9 is PyTorch's.
@@ -203,6 +204,33 @@ end_to_end_epoch() {
         tee "$out/e2e.txt"
 }
 
+# Kernel time per kernel name of one step of each case, with Nsight Compute where the machine
+# has it: what to speed up next.
+kernel_profile() {
+    local ncu
+    ncu=$(command -v ncu) || { echo "no ncu on this machine"; return 0; }
+    local case name
+    for case in train:vt-resnet18:224:128 infer:vt-resnet18:224:256 infer:vt-resnet18:224:1; do
+        name=profile-${case//:/-}
+        within "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+            --log-file "$out/$name.csv" "$bin/xtask" bench model --device "$device" --no-torch \
+            --json --iters 1 --warmup 0 --threads "$(nproc)" --cases "$case" > /dev/null 2>&1
+        "$python" - "$out/$name.csv" <<'PY' | tee "$out/$name.txt"
+import collections, csv, sys
+unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0}
+total, count = collections.Counter(), collections.Counter()
+with open(sys.argv[1]) as f:
+    for row in csv.DictReader(line for line in f if line.startswith('"')):
+        ms = float(row["Metric Value"].replace(",", "")) * unit[row["Metric Unit"]]
+        total[row["Kernel Name"][:100]] += ms
+        count[row["Kernel Name"][:100]] += 1
+print(f"{sys.argv[1]}: {sum(count.values())} kernels, {sum(total.values()):.1f} ms in one step")
+for name, ms in total.most_common(15):
+    print(f"{ms:9.2f} ms {count[name]:6d}x  {name}")
+PY
+    done
+}
+
 run() {
     out=${1:-gpu-results}
     # The whole run's budget in seconds (the device tool stops a command at 600).
@@ -250,6 +278,7 @@ run() {
     step "one training epoch from JPEG files, $e2e_px px, batch $e2e_batch" 150 end_to_end_epoch
     if [ -n "$infer_cases" ]; then
         step "bf16 inference benchmarks" 60 bench_model bf16 "$infer_cases"
+        step "kernel profile" 120 kernel_profile
     fi
     echo "results in $out"
     cat "$out/steps.txt"
