@@ -236,11 +236,12 @@ impl CustomOp2 for CudnnConv {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let operands = ((a, a_layout), (b, b_layout));
-        match a.dtype() {
-            DType::F32 => self.run::<f32>(operands.0, operands.1),
-            DType::BF16 => self.run::<bf16>(operands.0, operands.1),
-            DType::F16 => self.run::<f16>(operands.0, operands.1),
+        let dtype = a.dtype();
+        let (a, b) = ((a, a_layout), (b, b_layout));
+        match dtype {
+            DType::F32 => self.run::<f32>(a, b),
+            DType::BF16 => self.run::<bf16>(a, b),
+            DType::F16 => self.run::<f16>(a, b),
             other => candle_core::bail!("{}: no cuDNN path for {other:?}", self.name()),
         }
     }
