@@ -26,8 +26,12 @@ use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
+/// A convolution as cuDNN sees it: the device (algorithms differ between GPUs), the sizes
+/// and the element type.
+type AlgorithmKey = (DeviceId, Geometry, DType);
+
 /// The algorithm cuDNN's heuristics picked for a convolution, with its workspace size in bytes.
-type Algorithms<A> = RefCell<HashMap<(Geometry, DType), (A, usize)>>;
+type Algorithms<A> = RefCell<HashMap<AlgorithmKey, (A, usize)>>;
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device.
@@ -43,7 +47,7 @@ thread_local! {
 /// The cached algorithm for `key`, else `pick`'s, remembered.
 fn algorithm<A: Copy>(
     cache: &'static LocalKey<Algorithms<A>>,
-    key: (Geometry, DType),
+    key: AlgorithmKey,
     pick: impl FnOnce() -> std::result::Result<(A, usize), CudnnError>,
 ) -> Result<(A, usize)> {
     if let Some(known) = cache.with(|c| c.borrow().get(&key).copied()) {
@@ -155,7 +159,7 @@ impl CudnnConv {
         let mut result = device.alloc_zeros::<T>(result_shape.iter().product())?;
         let (a, b) = (view::<T>(a, a_layout)?, view::<T>(b, b_layout)?);
         let scale = (T::from_f64(1.0), T::from_f64(0.0));
-        let key = (g, T::DTYPE);
+        let key = (device.id(), g, T::DTYPE);
         match self.pass {
             Pass::Forward => {
                 let op = ConvForward {
