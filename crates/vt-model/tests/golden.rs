@@ -21,7 +21,11 @@ struct Fixture {
 
 impl Fixture {
     fn load(name: &'static str) -> Fixture {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // cargo sets CARGO_MANIFEST_DIR when it runs a test too; a test binary run elsewhere
+        // (bench/gpu.sh on a GPU machine) is pointed at its copy of the crate that way.
+        let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+        let dir = crate_dir.join("tests/fixtures");
         let json = std::fs::read_to_string(dir.join(format!("golden-{name}.json"))).unwrap();
         let config: VtConfig = serde_json::from_str(&json).unwrap();
         config.validate().unwrap();
@@ -49,12 +53,12 @@ impl Fixture {
             .filter_map(move |(k, t)| Some((k.strip_prefix(prefix)?, t)))
     }
 
-    /// The model with formula weights, its variables in `dtype`.
-    fn model(&self, dtype: DType) -> (VarMap, VtResNet) {
+    /// The model with formula weights, its variables in `dtype` on `device`.
+    fn model(&self, dtype: DType, device: &Device) -> (VarMap, VtResNet) {
         let varmap = VarMap::new();
         let net = VtResNet::new(
             &self.config,
-            VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
+            VarBuilder::from_varmap(&varmap, dtype, device),
         )
         .unwrap();
         set_formula_varmap(&varmap);
@@ -73,9 +77,15 @@ impl Fixture {
         }
     }
 
-    fn check_eval_logits(&self, dtype: DType, tolerance: f64) {
-        let (_, net) = self.model(dtype);
+    /// The fixture's input in `dtype` on `device`.
+    fn input(&self, dtype: DType, device: &Device) -> Tensor {
         let input = self.get("input").to_dtype(dtype).unwrap();
+        input.to_device(device).unwrap()
+    }
+
+    fn check_eval_logits(&self, dtype: DType, device: &Device, tolerance: f64) {
+        let (_, net) = self.model(dtype, device);
+        let input = self.input(dtype, device);
         let logits = net.forward_t(&input, false).unwrap();
         let err = relative_error(&logits, self.get("logits_eval"));
         assert!(
@@ -86,9 +96,15 @@ impl Fixture {
     }
 
     /// Training-mode logits, gradients and running statistics.
-    fn check_training(&self, dtype: DType, tolerance_logits: f64, tolerance_grads: f64) {
-        let (varmap, net) = self.model(dtype);
-        let input = Var::from_tensor(&self.get("input").to_dtype(dtype).unwrap()).unwrap();
+    fn check_training(
+        &self,
+        dtype: DType,
+        device: &Device,
+        tolerance_logits: f64,
+        tolerance_grads: f64,
+    ) {
+        let (varmap, net) = self.model(dtype, device);
+        let input = Var::from_tensor(&self.input(dtype, device)).unwrap();
         let logits = net.forward_t(input.as_tensor(), true).unwrap();
         let err = relative_error(&logits, self.get("logits_train"));
         assert!(
@@ -98,6 +114,7 @@ impl Fixture {
         );
 
         let loss_weight = self.get("loss_weight").to_dtype(dtype).unwrap();
+        let loss_weight = loss_weight.to_device(device).unwrap();
         let loss = (&logits * loss_weight).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let vars = varmap.data().lock().unwrap();
@@ -143,17 +160,35 @@ impl Fixture {
 fn vt_resnet18_matches_pytorch_in_f32() {
     let fx = Fixture::load("vt-resnet18");
     fx.check_formula();
-    fx.check_eval_logits(DType::F32, 1e-4);
-    fx.check_training(DType::F32, 1e-4, 1e-3);
+    fx.check_eval_logits(DType::F32, &Device::Cpu, 1e-4);
+    fx.check_training(DType::F32, &Device::Cpu, 1e-4, 1e-3);
 }
 
 #[test]
 fn vt_resnet34_matches_pytorch() {
     let fx = Fixture::load("vt-resnet34");
     fx.check_formula();
-    fx.check_eval_logits(DType::F32, 1e-4);
+    fx.check_eval_logits(DType::F32, &Device::Cpu, 1e-4);
     // Layer3's batch statistics cover 8 values per channel in this tiny config, so f32
     // rounding flips ReLU kinks and no f32 implementation (PyTorch's included) gets the stem
     // gradients within 10%; the same code in f64 matches the float64 reference.
-    fx.check_training(DType::F64, 1e-5, 1e-3);
+    fx.check_training(DType::F64, &Device::Cpu, 1e-5, 1e-3);
+}
+
+/// The same checks on a GPU, where one is present (f32: the CUDA kernels take no f64): the
+/// CUDA kernels for batch norm, add + ReLU and max-pool, and the CUDA convolutions.
+#[cfg(feature = "cuda")]
+#[test]
+fn vt_resnet18_matches_pytorch_on_cuda() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("skipping: no CUDA device ({e})");
+            return;
+        }
+    };
+    let fx = Fixture::load("vt-resnet18");
+    fx.check_eval_logits(DType::F32, &gpu, 1e-4);
+    fx.check_training(DType::F32, &gpu, 1e-4, 1e-3);
+    Fixture::load("vt-resnet34").check_eval_logits(DType::F32, &gpu, 1e-4);
 }

@@ -7,14 +7,17 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_on_cpu};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+use super::{contiguous_f32, fused, FLOAT_DTYPES};
 
 /// Values per parallel task: element-wise work needs long runs to beat its scheduling.
 const CHUNK: usize = 16 * 1024;
 
 /// `relu(a + b)` for tensors of one shape.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if f32_on_cpu(&[a, b]) {
+    if fused(&[a, b], &FLOAT_DTYPES) {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
         (a + b)?.relu()
@@ -56,6 +59,17 @@ impl CustomOp2 for AddRelu {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::cuda::zip("add_relu", (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         _a: &Tensor,
@@ -89,6 +103,17 @@ impl CustomOp2 for ReluGrad {
         }
         let out = zip_map(y, g, |y, g| if y > 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::cuda::zip("relu_grad", (s1, l1), (s2, l2))
     }
 }
 

@@ -7,16 +7,19 @@
 //! normalisation reads it once and writes once, and the backward pass reads input and
 //! gradient twice and writes once.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_on_cpu};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+use super::{contiguous_f32, fused};
 
 /// The mean and biased variance of each channel over batch and spatial positions, as a
-/// (2, C) tensor. Not differentiated on the CPU: [`batch_norm`] accounts for it in its
-/// backward pass.
+/// (2, C) tensor. Not differentiated by the fused kernels: [`batch_norm`] accounts for it
+/// in its backward pass.
 pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
-    if f32_on_cpu(&[x]) {
+    if fused(&[x], &[DType::F32]) {
         x.contiguous()?.apply_op1_no_bwd(&Moments)
     } else {
         composite_moments(x)
@@ -34,7 +37,7 @@ pub fn batch_norm(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    if f32_on_cpu(&[x, moments, affine]) {
+    if fused(&[x, moments, affine], &[DType::F32]) {
         x.contiguous()?.apply_op3(
             &moments.contiguous()?,
             &affine.contiguous()?,
@@ -178,6 +181,11 @@ impl CustomOp1 for Moments {
             .collect();
         Ok((CpuStorage::F32(out), Shape::from((2, channels))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        super::cuda::moments(storage, layout)
+    }
 }
 
 /// Per-channel constants of a normalisation.
@@ -264,6 +272,19 @@ impl CustomOp3 for Normalize {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::cuda::batch_norm((s1, l1), (s2, l2), (s3, l3), self.eps, self.relu)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -272,16 +293,14 @@ impl CustomOp3 for Normalize {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let per_channel = channels(
-            &moments.flatten_all()?.to_vec1::<f32>()?,
-            &affine.flatten_all()?.to_vec1::<f32>()?,
-            self.eps,
-        )?;
-        let c = per_channel.len();
-        let both = x.apply_op2_no_bwd(
+        let c = moments.dim(1)?;
+        // One (4, C) operand, so that the statistics stay on the tensors' device.
+        let stats = Tensor::cat(&[moments, affine], 0)?;
+        let both = x.apply_op3_no_bwd(
             &grad.contiguous()?,
+            &stats,
             &NormalizeGrad {
-                per_channel,
+                eps: self.eps,
                 relu: self.relu,
             },
         )?;
@@ -292,14 +311,14 @@ impl CustomOp3 for Normalize {
     }
 }
 
-/// The gradients of [`Normalize`] from (x, dL/dy): dL/dx and then dL/dgamma, dL/dbeta,
-/// concatenated flat (a custom op has one output).
+/// The gradients of [`Normalize`] from (x, dL/dy, (4, C): mean, variance, gamma, beta):
+/// dL/dx and then dL/dgamma, dL/dbeta, concatenated flat (a custom op has one output).
 struct NormalizeGrad {
-    per_channel: Vec<Channel>,
+    eps: f64,
     relu: bool,
 }
 
-impl CustomOp2 for NormalizeGrad {
+impl CustomOp3 for NormalizeGrad {
     fn name(&self) -> &'static str {
         "vt-batch-norm-grad"
     }
@@ -310,15 +329,20 @@ impl CustomOp2 for NormalizeGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let stats = contiguous_f32(s3, l3)?;
+        let (moments, affine) = stats.split_at(stats.len() / 2);
+        let per_channel = channels(moments, affine, self.eps)?;
         let dims @ (batch, c, plane) = channel_dims(l1.shape())?;
-        if l2.shape() != l1.shape() || self.per_channel.len() != c {
+        if l2.shape() != l1.shape() || per_channel.len() != c {
             candle_core::bail!(
                 "batch norm grad: input {:?}, output gradient {:?}, {} channels",
                 l1.shape(),
                 l2.shape(),
-                self.per_channel.len()
+                per_channel.len()
             );
         }
         // The ReLU's gradient mask, recomputed exactly as the forward pass computed y.
@@ -334,7 +358,7 @@ impl CustomOp2 for NormalizeGrad {
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let k = &self.per_channel[ch];
+                let k = &per_channel[ch];
                 let (g, gx) = channel_planes(x, dims, ch)
                     .zip(channel_planes(dy, dims, ch))
                     .map(|(xp, gp)| {
@@ -355,7 +379,7 @@ impl CustomOp2 for NormalizeGrad {
             .with_min_len(min_planes_per_task(plane))
             .for_each(|(i, (dst, (xp, gp)))| {
                 let ch = i % c;
-                let k = &self.per_channel[ch];
+                let k = &per_channel[ch];
                 let factor = k.gamma * k.inv_std;
                 let (sum_g, sum_gx) = (sums[ch].0 / count, sums[ch].1 / count);
                 for ((d, &v), &g) in dst.iter_mut().zip(xp).zip(gp) {
@@ -368,6 +392,19 @@ impl CustomOp2 for NormalizeGrad {
             grad_affine[c + ch] = *g;
         }
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::cuda::batch_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps, self.relu)
     }
 }
 

@@ -581,6 +581,11 @@ pub fn conv2d_affine(
             },
         );
     }
+    #[cfg(feature = "cuda")]
+    if input.device().is_cuda() && super::FLOAT_DTYPES.contains(&input.dtype()) {
+        let y = other_device_conv2d(input, weight, stride, padding)?;
+        return super::cuda::channel_affine(&y, scale, shift, relu);
+    }
     let folded = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
     let y = other_device_conv2d(input, &folded, stride, padding)?
         .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;

@@ -8,7 +8,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_on_cpu};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+use super::{contiguous_f32, fused, FLOAT_DTYPES};
 
 const WINDOW: usize = 3;
 const STRIDE: usize = 2;
@@ -16,7 +19,7 @@ const PADDING: usize = 1;
 
 /// Max-pool 3x3, stride 2, padding 1 over an (N, C, H, W) tensor.
 pub fn max_pool_3x3_stride2_pad1(x: &Tensor) -> Result<Tensor> {
-    if f32_on_cpu(&[x]) {
+    if fused(&[x], &FLOAT_DTYPES) {
         x.contiguous()?.apply_op1(MaxPool)
     } else {
         composite(x)
@@ -125,6 +128,11 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(out), Shape::from((n, c, out_h, out_w))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        super::cuda::max_pool(storage, layout)
+    }
+
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op3_no_bwd(
             y,
@@ -183,6 +191,19 @@ impl CustomOp3 for MaxPoolGrad {
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::cuda::max_pool_grad((s1, l1), (s2, l2), (s3, l3))
     }
 }
 

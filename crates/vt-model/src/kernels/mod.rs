@@ -1,10 +1,13 @@
 //! Fast CPU kernels for what VT-ResNet spends its time on, as candle custom ops with forward
-//! and backward passes. The model code calls these functions; each falls back to candle's
-//! own operations on other devices and dtypes.
+//! and backward passes; batch norm, the residual add + ReLU and the max-pool also run on
+//! CUDA devices (feature `cuda`). The model code calls these functions; each falls back to
+//! candle's own operations on other devices and dtypes.
 
 mod add_relu;
 mod batch_norm;
 mod conv2d;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
 mod gemm;
@@ -34,6 +37,25 @@ fn f32_on_cpu(tensors: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Every float type: the CUDA kernels for element-wise work take them all.
+const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// Whether the fused kernels (batch norm, add + ReLU, max-pool) take these tensors: f32 on
+/// the CPU or, built with `cuda`, all on one CUDA device in one of `cuda_dtypes`.
+fn fused(tensors: &[&Tensor], cuda_dtypes: &[DType]) -> bool {
+    let on_cuda = cfg!(feature = "cuda")
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == tensors[0].dtype())
+        && tensors
+            .first()
+            .is_some_and(|t| cuda_dtypes.contains(&t.dtype()))
+        && tensors
+            .windows(2)
+            .all(|pair| pair[0].device().same_device(pair[1].device()));
+    on_cuda || f32_on_cpu(tensors)
+}
+
 /// The f32 slice of a contiguous CPU tensor.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
@@ -52,4 +74,17 @@ fn max_rel(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 
     let largest = |t: candle_core::Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>();
     let diff = largest((actual - expected).unwrap()).unwrap();
     diff / largest(expected.clone()).unwrap().max(1e-12)
+}
+
+/// The first GPU, or None (with a message) where there is none: the CUDA kernels' tests run
+/// only where one is present.
+#[cfg(all(test, feature = "cuda"))]
+fn test_gpu() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(e) => {
+            eprintln!("skipping: no CUDA device ({e})");
+            None
+        }
+    }
 }

@@ -44,7 +44,8 @@ pub fn set_formula_varmap(varmap: &VarMap) {
     for (name, var) in vars.iter() {
         let values = formula_values(name, var.dims());
         let t = Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap();
-        var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
+        let t = t.to_dtype(var.dtype()).unwrap().to_device(var.device());
+        var.set(&t.unwrap()).unwrap();
     }
 }
 
@@ -63,10 +64,11 @@ pub fn tiny_config(arch: Arch) -> VtConfig {
     }
 }
 
-/// max |a - b| / max |b|, computed in f64: a relative error that tolerates tiny entries.
+/// max |a - b| / max |b|, computed in f64 on the CPU: a relative error that tolerates tiny
+/// entries.
 pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    let a = actual.to_dtype(DType::F64).unwrap();
-    let b = expected.to_dtype(DType::F64).unwrap();
+    let on_cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64);
+    let (a, b) = (on_cpu(actual).unwrap(), on_cpu(expected).unwrap());
     let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
     let scale = b.abs().unwrap().max_all().unwrap();
     let (d, s) = (
