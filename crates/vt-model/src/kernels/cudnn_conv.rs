@@ -4,13 +4,15 @@
 //! kernel; on an H100 those two took 160 of the 343 ms of kernel time of a vt-resnet18
 //! training step at 224 px, batch 128 (bench/RESULTS.md).
 //!
-//! f32 runs with FMA math only (no TF32), so that GPU predictions agree with the CPU's;
+//! f32 runs with FMA math (no TF32) unless [`super::allow_tf32`] was called, so that GPU
+//! predictions agree with the CPU's;
 //! bf16 and f16 store half precision and compute in f32 on the tensor cores.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::LocalKey;
+use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::cudnn::sys::{
@@ -21,24 +23,66 @@ use candle_core::cuda::cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     CudnnError, FilterDescriptor, TensorDescriptor,
 };
-use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
-/// A convolution as cuDNN sees it: the device (algorithms differ between GPUs), the sizes
-/// and the element type.
-type AlgorithmKey = (DeviceId, Geometry, DType);
+use super::cuda::view;
 
-/// The algorithm cuDNN's heuristics picked for a convolution, with its workspace size in bytes.
+const FORWARD_ALGORITHMS: [cudnnConvolutionFwdAlgo_t; 8] = {
+    use cudnnConvolutionFwdAlgo_t::*;
+    [
+        // Usually among the fastest: tried first, it makes the hopeless ones quick to skip.
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+
+const INPUT_GRAD_ALGORITHMS: [cudnnConvolutionBwdDataAlgo_t; 6] = {
+    use cudnnConvolutionBwdDataAlgo_t::*;
+    [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+
+const WEIGHT_GRAD_ALGORITHMS: [cudnnConvolutionBwdFilterAlgo_t; 7] = {
+    use cudnnConvolutionBwdFilterAlgo_t::*;
+    [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+    ]
+};
+
+/// A convolution as cuDNN sees it: the device (algorithms differ between GPUs), the sizes,
+/// the element type and whether f32 may run in TF32.
+type AlgorithmKey = (DeviceId, Geometry, DType, bool);
+
+/// The algorithm picked for a convolution, with its workspace size in bytes.
 type Algorithms<A> = RefCell<HashMap<AlgorithmKey, (A, usize)>>;
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    // Asking cuDNN's heuristics took about 1.5 ms per convolution, far more than the
-    // convolution itself at batch 1 (vt-resnet18 inferred 30 instead of 130 images/s on an
-    // H100), so each shape asks once, as PyTorch does.
+    // Picking takes far longer than the convolution itself (asking cuDNN's heuristics took
+    // about 1.5 ms; at batch 1 vt-resnet18 inferred 30 instead of 130 images/s on an H100),
+    // so each shape picks once, as PyTorch does.
     static FORWARD: Algorithms<cudnnConvolutionFwdAlgo_t> = RefCell::new(HashMap::new());
     static INPUT_GRAD: Algorithms<cudnnConvolutionBwdDataAlgo_t> = RefCell::new(HashMap::new());
     static WEIGHT_GRAD: Algorithms<cudnnConvolutionBwdFilterAlgo_t> = RefCell::new(HashMap::new());
@@ -48,14 +92,69 @@ thread_local! {
 fn algorithm<A: Copy>(
     cache: &'static LocalKey<Algorithms<A>>,
     key: AlgorithmKey,
-    pick: impl FnOnce() -> std::result::Result<(A, usize), CudnnError>,
+    pick: impl FnOnce() -> Result<(A, usize)>,
 ) -> Result<(A, usize)> {
     if let Some(known) = cache.with(|c| c.borrow().get(&key).copied()) {
         return Ok(known);
     }
-    let picked = pick().map_err(candle_core::Error::wrap)?;
+    let picked = pick()?;
     cache.with(|c| c.borrow_mut().insert(key, picked));
     Ok(picked)
+}
+
+/// Workspaces larger than this are not tried (some FFT algorithms ask for gigabytes).
+const MAX_WORKSPACE_BYTES: usize = 1 << 30;
+
+/// A candidate whose first call took this many times the best time so far is not timed
+/// again: some algorithms take 20-30x the best (at the first call, which may also load the
+/// algorithm's kernels, a few milliseconds at most).
+const HOPELESS: u32 = 10;
+
+/// The fastest of `candidates` that runs this convolution, timed on the GPU, with its
+/// workspace size: what PyTorch's `cudnn.benchmark` does (timm's training script turns it
+/// on), because the heuristics' first choice is often not the fastest. The first call of each
+/// new shape pays for it: about a second for a vt-resnet18 training step on an H100.
+fn fastest<A: Copy + std::fmt::Debug>(
+    device: &CudaDevice,
+    candidates: &[A],
+    workspace_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+    mut run: impl FnMut(A, &mut CudaSlice<u8>) -> std::result::Result<(), CudnnError>,
+) -> Result<(A, usize)> {
+    let stream = device.cuda_stream();
+    let sync = || stream.synchronize().map_err(candle_core::Error::wrap);
+    let mut best: Option<(Duration, A, usize)> = None;
+    sync()?;
+    for &algo in candidates {
+        let Ok(bytes) = workspace_size(algo) else {
+            continue;
+        };
+        if bytes > MAX_WORKSPACE_BYTES {
+            continue;
+        }
+        let Ok(mut workspace) = scratch(device, bytes) else {
+            continue;
+        };
+        let start = Instant::now();
+        if run(algo, &mut workspace).is_err() {
+            continue;
+        }
+        sync()?;
+        let first = start.elapsed();
+        if best.is_some_and(|(fastest, _, _)| first > fastest * HOPELESS) {
+            continue;
+        }
+        let start = Instant::now();
+        run(algo, &mut workspace).map_err(candle_core::Error::wrap)?;
+        sync()?;
+        let took = start.elapsed();
+        if best.is_none_or(|(fastest, _, _)| took < fastest) {
+            best = Some((took, algo, bytes));
+        }
+    }
+    match best {
+        Some((_, algo, bytes)) => Ok((algo, bytes)),
+        None => candle_core::bail!("no cuDNN algorithm runs this convolution ({candidates:?})"),
+    }
 }
 
 fn handle(device: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -109,12 +208,10 @@ fn dims(shape: [usize; 4]) -> [i32; 4] {
     shape.map(|d| d as i32)
 }
 
-/// The contiguous data of a storage as a typed view.
-fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
-        None => candle_core::bail!("cuDNN convolution takes contiguous tensors"),
-    }
+/// cuDNN's workspace: scratch memory it initialises itself.
+fn scratch(device: &CudaDevice, bytes: usize) -> Result<CudaSlice<u8>> {
+    // SAFETY: cuDNN reads no workspace byte it has not written in the same call.
+    unsafe { device.alloc::<u8>(bytes) }
 }
 
 impl CudnnConv {
@@ -124,7 +221,7 @@ impl CudnnConv {
         (b, b_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType,
+        T: CudaDType + CudnnDataType + DeviceRepr + WithDType,
     {
         let device = a.device.clone();
         let cudnn = handle(&device)?;
@@ -139,10 +236,12 @@ impl CudnnConv {
                 cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )
             .map_err(wrap)?;
-        let math = if T::DTYPE == DType::F32 {
-            cudnnMathType_t::CUDNN_FMA_MATH
-        } else {
-            cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        let tf32 = T::DTYPE == DType::F32 && super::tf32_allowed();
+        let math = match T::DTYPE {
+            // DEFAULT lets cuDNN use TF32 tensor cores for f32 (on Ampere and later).
+            DType::F32 if tf32 => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            DType::F32 => cudnnMathType_t::CUDNN_FMA_MATH,
+            _ => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         };
         conv.set_math_type(math).map_err(wrap)?;
         let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
@@ -156,10 +255,11 @@ impl CudnnConv {
             Pass::InputGrad => g.input,
             Pass::WeightGrad => g.weight,
         };
-        let mut result = device.alloc_zeros::<T>(result_shape.iter().product())?;
+        // SAFETY: cuDNN writes every element (beta = 0: the output is not read).
+        let mut result = unsafe { device.alloc::<T>(result_shape.iter().product()) }?;
         let (a, b) = (view::<T>(a, a_layout)?, view::<T>(b, b_layout)?);
         let scale = (T::from_f64(1.0), T::from_f64(0.0));
-        let key = (device.id(), g, T::DTYPE);
+        let key = (device.id(), g, T::DTYPE, tf32);
         match self.pass {
             Pass::Forward => {
                 let op = ConvForward {
@@ -169,10 +269,14 @@ impl CudnnConv {
                     y: &y,
                 };
                 let (algo, bytes) = algorithm(&FORWARD, key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((algo, op.get_workspace_size(algo)?))
+                    fastest(
+                        &device,
+                        &FORWARD_ALGORITHMS,
+                        |algo| op.get_workspace_size(algo),
+                        |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &a, &b, &mut result) },
+                    )
                 })?;
-                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                let mut workspace = scratch(&device, bytes)?;
                 unsafe { op.launch(algo, Some(&mut workspace), scale, &a, &b, &mut result) }
                     .map_err(wrap)?;
             }
@@ -184,10 +288,14 @@ impl CudnnConv {
                     dy: &y,
                 };
                 let (algo, bytes) = algorithm(&INPUT_GRAD, key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((algo, op.get_workspace_size(algo)?))
+                    fastest(
+                        &device,
+                        &INPUT_GRAD_ALGORITHMS,
+                        |algo| op.get_workspace_size(algo),
+                        |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &mut result, &b, &a) },
+                    )
                 })?;
-                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                let mut workspace = scratch(&device, bytes)?;
                 unsafe { op.launch(algo, Some(&mut workspace), scale, &mut result, &b, &a) }
                     .map_err(wrap)?;
             }
@@ -199,10 +307,14 @@ impl CudnnConv {
                     dy: &y,
                 };
                 let (algo, bytes) = algorithm(&WEIGHT_GRAD, key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((algo, op.get_workspace_size(algo)?))
+                    fastest(
+                        &device,
+                        &WEIGHT_GRAD_ALGORITHMS,
+                        |algo| op.get_workspace_size(algo),
+                        |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &a, &mut result, &b) },
+                    )
                 })?;
-                let mut workspace = device.alloc_zeros::<u8>(bytes)?;
+                let mut workspace = scratch(&device, bytes)?;
                 unsafe { op.launch(algo, Some(&mut workspace), scale, &a, &mut result, &b) }
                     .map_err(wrap)?;
             }
@@ -290,23 +402,13 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::max_rel;
+    use crate::kernels::{max_rel, test_gpu};
     use candle_core::{Device, Var};
-
-    fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(device) => Some(device),
-            Err(e) => {
-                eprintln!("skipping: no CUDA device ({e})");
-                None
-            }
-        }
-    }
 
     /// Forward and both gradients against the CPU kernels, on the model's convolution shapes.
     #[test]
     fn matches_the_cpu_forward_and_gradients() {
-        let Some(gpu) = gpu() else { return };
+        let Some(gpu) = test_gpu() else { return };
         let cpu = Device::Cpu;
         for (input, c_out, k, stride, padding) in [
             ([2, 3, 19, 17], 8, 7, 2, 3),
@@ -356,7 +458,7 @@ mod tests {
     /// bf16 follows f32 to its precision.
     #[test]
     fn bf16_follows_f32() {
-        let Some(gpu) = gpu() else { return };
+        let Some(gpu) = test_gpu() else { return };
         let x = Tensor::randn(0f32, 1.0, (2, 8, 12, 12), &gpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (16, 8, 3, 3), &gpu).unwrap();
         let full = conv2d(&x, &w, 1, 1).unwrap();

@@ -21,8 +21,25 @@ pub use conv2d::{conv2d, conv2d_affine};
 pub use linear::linear_product;
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Lets f32 convolutions on CUDA devices run in TF32 on the tensor cores (products of 10-bit
+/// mantissas, f32 sums), as PyTorch does by default (`torch.backends.cudnn.allow_tf32`).
+/// Off until called: vt-train turns it on for training (`--tf32`), inference keeps the
+/// f32 results that agree with the CPU's. Read by cuDNN's convolutions (feature `cudnn`).
+pub fn allow_tf32(allow: bool) {
+    TF32.store(allow, Ordering::Relaxed);
+}
+
+#[cfg(feature = "cudnn")]
+fn tf32_allowed() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
 
 /// The compute threads candle itself uses (RAYON_NUM_THREADS, else every core).
 fn threads() -> usize {
