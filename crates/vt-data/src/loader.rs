@@ -77,6 +77,8 @@ struct RawBatch {
 }
 
 struct Shared {
+    /// Where the workers put finished batches.
+    device: Device,
     samples: Vec<(PathBuf, usize)>,
     plan: Vec<Vec<usize>>,
     transform: Transform,
@@ -89,12 +91,12 @@ struct Shared {
 /// Iterator over one epoch's batches. Dropping it stops the workers.
 pub struct BatchIter {
     shared: Arc<Shared>,
-    device: Device,
     next_batch: usize,
     next_dispatch: usize,
     jobs: Option<Sender<usize>>,
-    results: Receiver<(usize, Result<RawBatch>)>,
-    ready: BTreeMap<usize, Result<RawBatch>>,
+    /// Each batch, or None where every one of its files failed to load.
+    results: Receiver<(usize, Result<Option<Batch>>)>,
+    ready: BTreeMap<usize, Result<Option<Batch>>>,
     workers: Vec<JoinHandle<()>>,
     error: Option<DataError>,
 }
@@ -149,6 +151,7 @@ pub fn batches(
         )
     };
     let shared = Arc::new(Shared {
+        device: device.clone(),
         samples: samples.to_vec(),
         plan,
         transform: cfg.transform.clone(),
@@ -170,7 +173,6 @@ pub fn batches(
         .collect();
     let mut iter = BatchIter {
         shared,
-        device: device.clone(),
         next_batch: 0,
         next_dispatch: 0,
         jobs: Some(job_tx),
@@ -186,7 +188,11 @@ pub fn batches(
     iter
 }
 
-fn worker(shared: &Shared, jobs: &Receiver<usize>, results: &Sender<(usize, Result<RawBatch>)>) {
+fn worker(
+    shared: &Shared,
+    jobs: &Receiver<usize>,
+    results: &Sender<(usize, Result<Option<Batch>>)>,
+) {
     let mut resizer = Resizer::new();
     while let Ok(b) = jobs.recv() {
         if shared.stop.load(Ordering::Relaxed) {
@@ -201,10 +207,27 @@ fn worker(shared: &Shared, jobs: &Receiver<usize>, results: &Sender<(usize, Resu
         let Some(outcome) = outcome.transpose() else {
             return; // stopped mid-batch
         };
+        // The copy to a GPU happens here, off the training thread: from pageable memory it
+        // waits for the device's queue to reach it.
+        let outcome = outcome.and_then(|raw| to_batch(shared, raw));
         if results.send((b, outcome)).is_err() {
             return;
         }
     }
+}
+
+/// The batch's tensors on the loader's device; None when every file of it failed.
+fn to_batch(shared: &Shared, raw: RawBatch) -> Result<Option<Batch>> {
+    let n = raw.labels.len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let s = shared.transform.image_size() as usize;
+    Ok(Some(Batch {
+        images: Tensor::from_vec(raw.images, (n, 3, s, s), &shared.device)?,
+        labels: Tensor::from_vec(raw.labels, n, &shared.device)?,
+        indices: raw.indices,
+    }))
 }
 
 /// `Ok(None)` when asked to stop part-way.
@@ -299,16 +322,6 @@ impl BatchIter {
             .unwrap_or_default()
     }
 
-    fn to_batch(&self, raw: RawBatch) -> Result<Batch> {
-        let n = raw.labels.len();
-        let s = self.shared.transform.image_size() as usize;
-        Ok(Batch {
-            images: Tensor::from_vec(raw.images, (n, 3, s, s), &self.device)?,
-            labels: Tensor::from_vec(raw.labels, n, &self.device)?,
-            indices: raw.indices,
-        })
-    }
-
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
@@ -333,8 +346,8 @@ impl Iterator for BatchIter {
                 self.next_batch += 1;
                 self.dispatch();
                 match outcome {
-                    Ok(raw) if raw.labels.is_empty() => continue,
-                    Ok(raw) => return Some(self.to_batch(raw)),
+                    Ok(None) => continue,
+                    Ok(Some(batch)) => return Some(Ok(batch)),
                     Err(e) => return Some(Err(e)),
                 }
             }
