@@ -43,6 +43,10 @@ train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
     /// else python3).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Training cases in full f32 too: no TF32 convolutions (which vt-train, like PyTorch,
+    /// allows on GPUs by default; PyTorch's side keeps its default).
+    #[arg(long)]
+    no_tf32: bool,
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
@@ -98,13 +102,16 @@ fn parse_cases(text: &str) -> anyhow::Result<Vec<Case>> {
 fn bench_vt(
     case: &Case,
     (device, dtype): (&Device, DType),
-    iters: usize,
-    warmup: usize,
+    (iters, warmup): (usize, usize),
+    tf32: bool,
 ) -> anyhow::Result<f64> {
     let dtype = match case.mode {
         Mode::Infer => dtype,
         Mode::Train => DType::F32,
     };
+    // As the binaries run: vt-train lets convolutions use TF32 (PyTorch's default), vt-serve
+    // computes in full f32.
+    vt_model::kernels::allow_tf32(tf32 && case.mode == Mode::Train);
     let config = VtConfig::new(case.arch, 6, case.image_size);
     let model = Model::init_as(config, device, dtype)?;
     let s = case.image_size;
@@ -132,12 +139,21 @@ fn bench_vt(
         step()?;
     }
     device.synchronize()?;
+    // The timed iterations are the region a profiler started with `--profile-from-start off`
+    // records (bench/gpu.sh's kernel profile), without the warm-up's one-time work.
+    #[cfg(feature = "cuda")]
+    let profiled = device
+        .is_cuda()
+        .then(candle_core::cuda::cudarc::driver::Profiler::new)
+        .transpose()?;
     let start = Instant::now();
     for _ in 0..iters {
         step()?;
     }
     // GPU work is asynchronous: count it to its end.
     device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    drop(profiled);
     Ok((case.batch * iters) as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -214,7 +230,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut vt = Vec::new();
     for case in &cases {
         eprintln!("vt-model: {case:?} on {} ({})", args.device, args.dtype);
-        let img_s = bench_vt(case, (&device, dtype), args.iters, args.warmup)
+        let iterations = (args.iters, args.warmup);
+        let img_s = bench_vt(case, (&device, dtype), iterations, !args.no_tf32)
             .with_context(|| format!("{case:?}"))?;
         vt.push(img_s);
     }

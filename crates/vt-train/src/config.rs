@@ -99,6 +99,10 @@ pub struct TrainOptions {
     /// cpu, cuda, cuda:N or auto [default: auto]
     #[arg(long)]
     pub device: Option<String>,
+    /// Let f32 convolutions on a GPU use TF32 tensor cores, as PyTorch does by default
+    /// (vt-serve and `vt-train eval` compute in full f32) [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub tf32: Option<bool>,
     /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
@@ -197,6 +201,9 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<String>,
     pub device: String,
+    /// Absent from run folders written before the option existed: resuming takes the default.
+    #[serde(default = "tf32_by_default")]
+    pub tf32: bool,
     pub threads: usize,
     pub loader_threads: usize,
     pub seed: u64,
@@ -206,6 +213,10 @@ pub struct TrainConfig {
     pub limit_train: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_val: Option<usize>,
+}
+
+fn tf32_by_default() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -245,6 +256,7 @@ impl TrainConfig {
             freeze_stem_epochs: o.freeze_stem_epochs.unwrap_or(0),
             pretrained: o.pretrained.clone(),
             device: o.device.clone().unwrap_or_else(|| "auto".into()),
+            tf32: o.tf32.unwrap_or_else(tf32_by_default),
             threads,
             loader_threads: o
                 .loader_threads
@@ -409,6 +421,9 @@ mod tests {
         );
         assert!(matches!(modern.method(), Method::AdamW { .. }));
         assert!(modern.loader_threads >= 1);
+        assert!(modern.tf32, "TF32 convolutions by default, as in PyTorch");
+        let file: TrainOptions = toml::from_str("tf32 = false\n").unwrap();
+        assert!(!TrainConfig::resolve(&file).unwrap().tf32);
     }
 
     #[test]
@@ -428,6 +443,11 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(changes, vec!["epochs: 30 -> 99".to_string()]);
+        // A run folder from before the option: TF32 takes its default.
+        let older = config.to_toml().unwrap().replace("tf32 = true\n", "");
+        assert!(!older.contains("tf32"));
+        let options: TrainOptions = toml::from_str(&older).unwrap();
+        assert!(TrainConfig::resolve(&options).unwrap().tf32);
     }
 
     #[test]

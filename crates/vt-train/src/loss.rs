@@ -21,6 +21,13 @@ pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()
 }
 
+/// How many rows of `logits` have their largest value at `labels` (u32), as a u32 scalar
+/// tensor: counted where the logits are, without waiting for them.
+pub fn correct_predictions(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let predicted = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+    predicted.eq(labels)?.to_dtype(DType::U32)?.sum_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +73,8 @@ mod tests {
             .unwrap();
         assert_ne!(plain, smoothed);
         assert_eq!(predictions(&logits).unwrap(), vec![0, 2]);
+        let labels = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let correct = correct_predictions(&logits, &labels).unwrap();
+        assert_eq!(correct.to_scalar::<u32>().unwrap(), 1);
     }
 }

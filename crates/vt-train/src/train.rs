@@ -21,7 +21,7 @@ use crate::data;
 use crate::ema::Ema;
 use crate::eval::evaluate;
 use crate::init::seeded_model;
-use crate::loss::{cross_entropy, predictions};
+use crate::loss::{correct_predictions, cross_entropy};
 use crate::metrics::{write_atomically, EpochRecord, MetricsLog};
 use crate::optim::{clip_scale, trainable_params, Optimizer};
 use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
@@ -214,9 +214,13 @@ impl Trainer {
         let lr = self.schedule.lr(self.progress.global_step);
         let logits = self.model.forward_t(&batch.images, true)?;
         let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        // Everything up to the gradient norm is queued before the first value is read, so
+        // that a GPU waits once per step (for the norm, which decides the update).
         let grads = loss.backward()?;
+        let correct = correct_predictions(&logits, &batch.labels)?;
         let norm = self.optimizer.grad_norm(&grads, selected)?;
+        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let correct = u64::from(correct.to_scalar::<u32>()?);
         self.progress.global_step += 1;
         totals.lr = lr;
         if !(loss_value.is_finite() && norm.is_finite()) {
@@ -236,9 +240,7 @@ impl Trainer {
             ema.update(&self.model)?;
         }
         let n = batch.indices.len();
-        let labels = batch.labels.to_vec1::<u32>()?;
-        let preds = predictions(&logits)?;
-        totals.correct += labels.iter().zip(&preds).filter(|(a, b)| a == b).count() as u64;
+        totals.correct += correct;
         totals.loss_sum += loss_value * n as f64;
         totals.images += n as u64;
         totals.grad_norm_sum += norm;
@@ -430,6 +432,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         resumed,
     } = plan(args)?;
     threads::set_compute_threads(Some(config.threads));
+    vt_model::kernels::allow_tf32(config.tf32);
     let device = parse_device(&config.device)?;
     let train_set =
         data::open_split(&config.data, Split::Train, config.limit_train, config.seed)
