@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # The GPU check (issue #6): prepared on the build machine, run once on an NVIDIA machine.
 #
-#   bench/gpu.sh prepare      # here: CUDA builds of vt-train, vt-serve and xtask, stripped and
-#                             # xz-compressed, plus a subset of the intel-sample photos, into
-#                             # target/gpu (under the 64 MiB the device tool carries)
+#   bench/gpu.sh prepare      # here: CUDA builds of vt-train, vt-serve, xtask and vt-model's
+#                             # test binaries, stripped and xz-compressed, plus a subset of the
+#                             # intel-sample photos, into target/gpu (under the 64 MiB the
+#                             # device tool carries)
 #   bench/gpu.sh run [OUT]    # there, from the repository root: results into OUT
 #                             # (default gpu-results/), a summary on stdout
 #
 # Through the device tool (which returns at most 8 files), carry target/gpu and pack OUT:
 #   bash bench/gpu.sh run /tmp/r | tee $OUT/stdout.txt; tar czf $OUT/gpu-results.tgz -C /tmp r
 #
-# `run` (1) imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs
-# on them; (3) scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when
-# a probability differs by more than 1e-3 (bf16 differences are reported); (4) measures
-# training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s (batch 1
-# and 256) with `xtask bench model`, PyTorch (python3, tools/reference) on the same GPU in the
-# same call; (5) times one end-to-end training epoch with the notebook's augmentation from JPEG
-# files (224 px, batch 128) against PyTorch's DataLoader; (6) measures bf16 inference; (7)
-# profiles the kernels of a training step and of inference (Nsight Compute, if present). Each
-# step has a time limit within the run's budget (a lent GPU's time is short): a failed step is
-# recorded in steps.txt and the next one runs; the exit status is non-zero when any step failed.
+# `run` (0) runs vt-model's tests on the GPU (its CUDA kernels against the CPU's, the golden
+# tests against PyTorch); (1) imports the photos with `xtask fetch-data`; (2) trains
+# vt-resnet18 for a few epochs on them; (3) scores the same checkpoint on CPU and GPU with
+# `vt-serve predict` and fails when a probability differs by more than 1e-3 (bf16 differences
+# are reported); (4) measures training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128)
+# and inference img/s (batch 1 and 256) with `xtask bench model`, PyTorch (python3,
+# tools/reference) on the same GPU in the same call; (5) times one end-to-end training epoch
+# with the notebook's augmentation from JPEG files (224 px, batch 128) against PyTorch's
+# DataLoader; (6) measures bf16 inference and training in full f32 (no TF32); (7) profiles the
+# kernels of a training step and of inference (Nsight Compute, if present). Each step has a
+# time limit within the run's budget (a lent GPU's time is short): a failed step is recorded in
+# steps.txt and the next one runs; the exit status is non-zero when any step failed.
 # The binaries are built with the `cudnn` feature; the GPU machine's cuDNN 9 is PyTorch's.
 #
 # Environment: VT_GPU_DEVICE (default cuda; `cpu` runs every step on the CPU with tiny sizes,
@@ -67,6 +70,18 @@ prepare() {
         strip -o "$gpu_dir.tmp/bin/$b" "target/debug/$b"
         xz -T0 -6 "$gpu_dir.tmp/bin/$b"
     done
+    if [ "$device" != cpu ]; then
+        # vt-model's own tests (its CUDA kernels against the CPU's, the golden tests on the
+        # GPU), which skip where there is no GPU: run by `run`'s first step.
+        mkdir -p "$gpu_dir.tmp/tests"
+        local built name
+        built=$(cargo test -p vt-model --features cudnn --lib --test golden --no-run 2>&1)
+        for name in vt_model golden; do
+            strip -o "$gpu_dir.tmp/tests/$name" \
+                "$(grep -oE "target/debug/deps/$name-[0-9a-f]+" <<< "$built" | head -n 1)"
+            xz -T0 -6 "$gpu_dir.tmp/tests/$name"
+        done
+    fi
     local files
     for class_dir in "$photos"/seg_train/*/; do
         local class
@@ -121,6 +136,18 @@ within() {
     timeout --kill-after=5 "$left" "$@"
 }
 
+# vt-model's tests built by `prepare`, on this machine's GPU.
+model_tests() {
+    local t
+    for t in vt_model golden; do
+        xz -dc "$gpu_dir/tests/$t.xz" > "$work/test-$t"
+        chmod +x "$work/test-$t"
+        within env CARGO_MANIFEST_DIR="$PWD/crates/vt-model" "$work/test-$t" --test-threads 1 \
+            >> "$out/model-tests.log" 2>&1 || { tail -n 40 "$out/model-tests.log"; return 1; }
+    done
+    grep -E "^test result|skipping" "$out/model-tests.log"
+}
+
 machine_info() {
     date -u
     nvidia-smi 2>&1 || echo "no nvidia-smi"
@@ -170,8 +197,9 @@ PY
 
 bench_model() {
     local dtype=$1 cases=$2
+    shift 2
     within "$bin/xtask" bench model --device "$device" --dtype "$dtype" --python "$python" \
-        --json --iters "$iters" --warmup "$warmup" --threads "$(nproc)" --cases "$cases" \
+        --json --iters "$iters" --warmup "$warmup" --threads "$(nproc)" --cases "$cases" "$@" \
         2>> "$out/bench-model.log" | tee -a "$out/bench-model.jsonl"
 }
 
@@ -212,9 +240,12 @@ kernel_profile() {
     local case name
     for case in train:vt-resnet18:224:128 infer:vt-resnet18:224:256 infer:vt-resnet18:224:1; do
         name=profile-${case//:/-}
+        # The timed iteration only (xtask starts the profiler after the warm-up, which
+        # picks the convolution algorithms).
         within "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
-            --log-file "$out/$name.csv" "$bin/xtask" bench model --device "$device" --no-torch \
-            --json --iters 1 --warmup 0 --threads "$(nproc)" --cases "$case" > /dev/null 2>&1
+            --profile-from-start off --log-file "$out/$name.csv" "$bin/xtask" bench model \
+            --device "$device" --no-torch --json --iters 1 --warmup 1 --threads "$(nproc)" \
+            --cases "$case" > /dev/null 2>&1
         "$python" - "$out/$name.csv" <<'PY' | tee "$out/$name.txt"
 import collections, csv, sys
 unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0}
@@ -259,9 +290,10 @@ run() {
     fi
 
     # Sizes: the issue's on a GPU; tiny ones to test the flow on a CPU.
-    epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=4 iters=10 warmup=3
+    epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=8 iters=10 warmup=3
     local cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128,infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
     local infer_cases="infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
+    local train_cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128"
     loader_threads=$(($(nproc) > 2 ? $(nproc) - 2 : 1))
     workers=$(($(nproc) < 8 ? $(nproc) : 8))
     if [ "$device" = cpu ]; then
@@ -271,6 +303,9 @@ run() {
     fi
 
     step "machine" 20 machine_info > "$out/machine.txt" 2>&1
+    if [ -d "$gpu_dir/tests" ]; then
+        step "vt-model's tests on $device" 90 model_tests
+    fi
     step "import the photos" 60 import_photos
     step "train vt-resnet18 for $epochs epochs on $device" 120 train_few_epochs
     step "CPU and $device predictions of the same checkpoint" 60 predictions_agree
@@ -278,6 +313,7 @@ run() {
     step "one training epoch from JPEG files, $e2e_px px, batch $e2e_batch" 150 end_to_end_epoch
     if [ -n "$infer_cases" ]; then
         step "bf16 inference benchmarks" 60 bench_model bf16 "$infer_cases"
+        step "training in full f32 (no TF32)" 40 bench_model f32 "$train_cases" --no-tf32 --no-torch
         step "kernel profile" 120 kernel_profile
     fi
     echo "results in $out"
