@@ -374,9 +374,14 @@ impl CustomOp2 for CudnnConv {
             pass,
             geometry: self.geometry,
         };
-        let input_grad = output_grad.apply_op2_no_bwd(weight, &op(Pass::InputGrad))?;
+        // The first convolution's input is the image batch, which needs no gradient.
+        let input_grad = if input.track_op() {
+            Some(output_grad.apply_op2_no_bwd(weight, &op(Pass::InputGrad))?)
+        } else {
+            None
+        };
         let weight_grad = input.apply_op2_no_bwd(&output_grad, &op(Pass::WeightGrad))?;
-        Ok((Some(input_grad), Some(weight_grad)))
+        Ok((input_grad, Some(weight_grad)))
     }
 }
 
