@@ -163,7 +163,7 @@ pub(super) fn batch_norm(
     relu: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let device = &x.device;
-    let (_, c, plane) = nchw(x_layout)?;
+    let (_, c, _) = nchw(x_layout)?;
     let (moments, affine) = (
         view::<f32>(moments, m_layout)?,
         view::<f32>(affine, a_layout)?,
@@ -173,29 +173,20 @@ pub(super) fn batch_norm(
     let c32 = u32_of(c, "channels")?;
     let params = batch_norm_params(device, &moments, &affine, c32, eps)?;
     let (scale, shift) = (params.slice(0..c), params.slice(c..2 * c));
-    let y = affine_planes::<f32>(
-        device,
-        &view::<f32>(x, x_layout)?,
-        (&scale, &shift),
-        (c, plane),
-        relu,
-    )?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, device.clone()),
-        x_layout.shape().clone(),
-    ))
+    affine_planes::<f32>((x, x_layout), (&scale, &shift), relu)
 }
 
-/// `x * scale[c] + shift[c]` (then ReLU) over every (image, channel) plane.
+/// `x * scale[c] + shift[c]` (then ReLU) over every (image, channel) plane of (N, C, ...) `x`.
 fn affine_planes<T: CudaDType + DeviceRepr + WithDType>(
-    device: &CudaDevice,
-    x: &CudaView<T>,
+    (x, x_layout): (&CudaStorage, &Layout),
     (scale, shift): (&CudaView<T>, &CudaView<T>),
-    (channels, plane): (usize, usize),
     relu: bool,
-) -> Result<CudaSlice<T>> {
-    let y = output::<T>(device, x.len())?;
-    let planes = u32_of(x.len() / plane.max(1), "planes")?;
+) -> Result<(CudaStorage, Shape)> {
+    let device = &x.device;
+    let (_, channels, plane) = nchw(x_layout)?;
+    let xs = view::<T>(x, x_layout)?;
+    let y = output::<T>(device, xs.len())?;
+    let planes = u32_of(xs.len() / plane.max(1), "planes")?;
     let (c32, plane32, relu) = (
         u32_of(channels, "channels")?,
         u32_of(plane, "plane")?,
@@ -206,7 +197,7 @@ fn affine_planes<T: CudaDType + DeviceRepr + WithDType>(
             device,
             &typed::<T>("channel_affine"),
             (planes, 1),
-            x,
+            &xs,
             scale,
             shift,
             &y,
@@ -215,7 +206,10 @@ fn affine_planes<T: CudaDType + DeviceRepr + WithDType>(
             &relu
         );
     }
-    Ok(y)
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, device.clone()),
+        x_layout.shape().clone(),
+    ))
 }
 
 /// The gradients of [`batch_norm`] from (x, dL/dy, stats = (4, C): mean, variance, gamma,
@@ -488,8 +482,7 @@ fn channel_affine_typed<T: CudaDType + DeviceRepr + WithDType>(
     (scale, s_layout): (&CudaStorage, &Layout),
     (shift, t_layout): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    let device = &x.device;
-    let (_, c, plane) = nchw(x_layout)?;
+    let (_, c, _) = nchw(x_layout)?;
     let (scale, shift) = (view::<T>(scale, s_layout)?, view::<T>(shift, t_layout)?);
     if scale.len() != c || shift.len() != c {
         candle_core::bail!(
@@ -498,17 +491,7 @@ fn channel_affine_typed<T: CudaDType + DeviceRepr + WithDType>(
             shift.len()
         );
     }
-    let y = affine_planes::<T>(
-        device,
-        &view::<T>(x, x_layout)?,
-        (&scale, &shift),
-        (c, plane),
-        relu,
-    )?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, device.clone()),
-        x_layout.shape().clone(),
-    ))
+    affine_planes::<T>((x, x_layout), (&scale, &shift), relu)
 }
 
 impl CustomOp3 for ChannelAffine {
