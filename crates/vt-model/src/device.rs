@@ -53,10 +53,25 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     if dtype == DType::BF16 && device.is_cpu() {
         // candle's CPU matrix product has no bf16 path.
         return Err(ModelError::Device(
-            "bf16 runs on CUDA devices only; on the CPU use f32 (fastest there) or f16".into(),
+            "bf16 tensors run on CUDA devices only; on the CPU use f32 (fastest there), with \
+             --bf16-products for bfloat16 products where the CPU has AVX512-BF16"
+                .into(),
         ));
     }
     Ok(dtype)
+}
+
+/// Turns bfloat16 products for f32 work on or off ([`crate::kernels::allow_bf16_products`]):
+/// a CPU option, refused on other devices and on CPUs without AVX512-BF16.
+pub fn use_bf16_products(on: bool, device: &Device) -> Result<()> {
+    if on && !device.is_cpu() {
+        return Err(ModelError::Device(
+            "bfloat16 products are a CPU option; on a GPU use --dtype bf16 for inference, \
+             TF32 for training"
+                .into(),
+        ));
+    }
+    crate::kernels::allow_bf16_products(on).map_err(|e| ModelError::Device(e.to_string()))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, matmul_prepared, MatRef, PreparedLhs};
 use super::winograd;
 use super::{contiguous_f32, f32_on_cpu, threads};
 
@@ -305,13 +305,13 @@ fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilog
         });
     }
     let mut out = vec![0.0; g.batch * g.out_image()];
-    let w = MatRef::row_major(weight, g.out_channels, g.patch());
+    let w = PreparedLhs::new(MatRef::row_major(weight, g.out_channels, g.patch()));
     for_each_image(g, &mut out, g.out_image(), |n, dst, threads| {
         with_columns(|scratch| {
             let col = g.columns(input, n, scratch, threads);
-            matmul(
+            matmul_prepared(
                 dst,
-                w,
+                &w,
                 MatRef::row_major(col, g.patch(), g.out_plane()),
                 false,
                 threads,
@@ -374,17 +374,17 @@ fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
         return winograd::conv3x3(&shape, grad_out, &u, |_, _| {});
     }
     let mut out = vec![0.0; g.batch * g.in_image()];
-    let w_t = MatRef::row_major(weight, g.out_channels, g.patch()).t();
+    let w_t = PreparedLhs::new(MatRef::row_major(weight, g.out_channels, g.patch()).t());
     for_each_image(g, &mut out, g.in_image(), |n, dst, threads| {
         let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
         let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
         if g.is_pointwise() {
-            matmul(dst, w_t, dy, false, threads);
+            matmul_prepared(dst, &w_t, dy, false, threads);
         } else {
             with_columns(|col| {
                 // Every element is overwritten by the product.
                 col.resize(g.patch() * g.out_plane(), 0.0);
-                matmul(col, w_t, dy, false, threads);
+                matmul_prepared(col, &w_t, dy, false, threads);
                 g.col2im(col, dst);
             });
         }

@@ -6,6 +6,9 @@ use std::ops::Range;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::gemm_bf16;
+
 /// A read-only matrix view: `rows x cols` with element (i, j) at `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -40,7 +43,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// Rows `range` of this matrix.
-    fn rows_range(self, range: Range<usize>) -> Self {
+    pub fn rows_range(self, range: Range<usize>) -> Self {
         MatRef {
             data: &self.data[(range.start * self.row_stride).min(self.data.len())..],
             rows: range.len(),
@@ -72,16 +75,60 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// vector width with AVX-512 (a multiple of its AVX2 width).
 const COLUMN_ALIGN: usize = 16;
 
+/// Rows of the output are split among threads at multiples of this: the bfloat16 products'
+/// packed panels hold 6 rows (a multiple of it would do too).
+const ROW_ALIGN: usize = 6;
+
+/// A left operand for many products, packed once where the products pack it (bfloat16
+/// products, `super::allow_bf16_products`): a convolution's weights, used for every image.
+pub struct PreparedLhs<'a> {
+    view: MatRef<'a>,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<gemm_bf16::PackedLhs>,
+}
+
+impl<'a> PreparedLhs<'a> {
+    pub fn new(view: MatRef<'a>) -> Self {
+        PreparedLhs {
+            view,
+            // SAFETY: bfloat16 products are only allowed where the CPU has them.
+            #[cfg(target_arch = "x86_64")]
+            packed: super::bf16_products_allowed()
+                .then(|| unsafe { gemm_bf16::PackedLhs::new(view) }),
+        }
+    }
+
+    /// The view alone: each product packs what it needs.
+    fn unpacked(view: MatRef<'a>) -> Self {
+        PreparedLhs {
+            view,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
+        }
+    }
+}
+
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` when `accumulate`; `dst` is row-major.
 ///
 /// With `threads > 1` the output is cut along its larger dimension into one block per
 /// thread, each a single-threaded product. At this model's convolution shapes that ran
 /// 1.2-2x faster than the `gemm` crate's own threading (bench/RESULTS.md).
 pub fn matmul(dst: &mut [f32], lhs: MatRef, rhs: MatRef, accumulate: bool, threads: usize) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    matmul_prepared(dst, &PreparedLhs::unpacked(lhs), rhs, accumulate, threads);
+}
+
+/// [`matmul`] with a prepared left operand.
+pub fn matmul_prepared(
+    dst: &mut [f32],
+    lhs: &PreparedLhs,
+    rhs: MatRef,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k, n) = (lhs.view.rows, lhs.view.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     assert!(
-        dst.len() >= m * n && lhs.fits() && rhs.fits(),
+        dst.len() >= m * n && lhs.view.fits() && rhs.fits(),
         "matrix view out of bounds"
     );
     if m == 0 || n == 0 {
@@ -92,13 +139,13 @@ pub fn matmul(dst: &mut [f32], lhs: MatRef, rhs: MatRef, accumulate: bool, threa
     let blocks = if m * n * k < PARALLEL_MIN_WORK {
         1
     } else if by_rows {
-        threads.min(m)
+        threads.min(m.div_ceil(ROW_ALIGN))
     } else {
         threads.min(n.div_ceil(COLUMN_ALIGN))
     };
     if blocks <= 1 {
         // SAFETY: the views were checked above and `dst` holds m x n.
-        unsafe { product(dst, n, lhs, rhs, accumulate) };
+        unsafe { product(dst, n, lhs, 0..m, rhs, accumulate) };
         return;
     }
     (0..blocks).into_par_iter().for_each(|block| {
@@ -106,13 +153,12 @@ pub fn matmul(dst: &mut [f32], lhs: MatRef, rhs: MatRef, accumulate: bool, threa
         // within the checked m x n region), and reads views that lie inside their slices.
         unsafe {
             if by_rows {
-                let rows = split(m, blocks, 1, block);
-                let lhs_rows = lhs.rows_range(rows.clone());
-                product(dst.offset(rows.start * n), n, lhs_rows, rhs, accumulate);
+                let rows = split(m, blocks, ROW_ALIGN, block);
+                product(dst.offset(rows.start * n), n, lhs, rows, rhs, accumulate);
             } else {
                 let cols = split(n, blocks, COLUMN_ALIGN, block);
                 let rhs_cols = rhs.cols_range(cols.clone());
-                product(dst.offset(cols.start), n, lhs, rhs_cols, accumulate);
+                product(dst.offset(cols.start), n, lhs, 0..m, rhs_cols, accumulate);
             }
         }
     });
@@ -140,15 +186,32 @@ impl OutPtr {
     }
 }
 
-/// One single-threaded product into `dst`, row-major with row stride `dst_row_stride`.
+/// One single-threaded product of rows `rows` of `lhs` into `dst`, row-major with row
+/// stride `dst_row_stride`.
 ///
 /// # Safety
-/// The views must lie inside their slices, `dst` must hold `lhs.rows` rows of `rhs.cols`
+/// The views must lie inside their slices, `dst` must hold `rows.len()` rows of `rhs.cols`
 /// elements at that stride, and no one else may touch those elements meanwhile.
-unsafe fn product(dst: OutPtr, dst_row_stride: usize, lhs: MatRef, rhs: MatRef, accumulate: bool) {
-    if lhs.rows == 0 || rhs.cols == 0 {
+unsafe fn product(
+    dst: OutPtr,
+    dst_row_stride: usize,
+    lhs: &PreparedLhs,
+    rows: Range<usize>,
+    rhs: MatRef,
+    accumulate: bool,
+) {
+    if rows.is_empty() || rhs.cols == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::bf16_products_allowed() {
+        let lhs = match &lhs.packed {
+            Some(packed) => gemm_bf16::Lhs::Packed { packed, rows },
+            None => gemm_bf16::Lhs::View(lhs.view.rows_range(rows)),
+        };
+        return gemm_bf16::product(dst.0, dst_row_stride, lhs, rhs, accumulate);
+    }
+    let lhs = lhs.view.rows_range(rows);
     gemm::gemm(
         lhs.rows,
         rhs.cols,

@@ -8,6 +8,7 @@
 //! enough rows the gather is paid back and the direct product avoids the transpose; how
 //! many depends on the length of `W`'s rows (see [`runs_directly`]).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::gemm::{matmul, MatRef};
@@ -104,13 +105,66 @@ impl CustomOp2 for LinearProduct {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // With row-major operands both products already suit the gemm crate.
         let (out_dim, in_dim) = weight.dims2()?;
         let grad_2d = grad.reshape(((), out_dim))?;
         let x_2d = x.reshape(((), in_dim))?;
-        let grad_x = grad_2d.matmul(weight)?.reshape(x.shape())?;
-        let grad_weight = grad_2d.t()?.matmul(&x_2d)?;
+        let grad_x = gradient_product(&grad_2d, weight)?.reshape(x.shape())?;
+        let grad_weight = gradient_product(&grad_2d.t()?, &x_2d)?;
         Ok((Some(grad_x), Some(grad_weight)))
+    }
+}
+
+/// A product of two 2-D f32 CPU tensors of the backward pass. With row-major operands
+/// both suit candle's own products, which ran faster than [`matmul`]'s at these shapes;
+/// with bfloat16 products allowed they go to [`matmul`], which has them.
+fn gradient_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if super::bf16_products_allowed() {
+        a.apply_op2_no_bwd(b, &StridedProduct)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `a b` for 2-D f32 CPU tensors in any strided layout (a transpose is a view, not a copy).
+struct StridedProduct;
+
+/// A 2-D layout's view of its storage.
+fn view<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<MatRef<'a>> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("vt kernels take f32 tensors, got {:?}", storage.dtype());
+    };
+    let (rows, cols) = layout.shape().dims2()?;
+    let [row_stride, col_stride] = layout.stride() else {
+        candle_core::bail!("a 2-D product takes 2-D tensors");
+    };
+    Ok(MatRef {
+        data: &data[layout.start_offset()..],
+        rows,
+        cols,
+        row_stride: *row_stride,
+        col_stride: *col_stride,
+    })
+}
+
+impl CustomOp2 for StridedProduct {
+    fn name(&self) -> &'static str {
+        "vt-strided-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (view(s1, l1)?, view(s2, l2)?);
+        if a.cols != b.rows {
+            candle_core::bail!("product of {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        let mut out = vec![0f32; a.rows * b.cols];
+        matmul(&mut out, a, b, false, threads());
+        Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
     }
 }
 

@@ -11,6 +11,8 @@ mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16;
 mod linear;
 mod max_pool;
 mod winograd;
@@ -39,6 +41,32 @@ pub fn allow_tf32(allow: bool) {
 #[cfg(feature = "cudnn")]
 fn tf32_allowed() -> bool {
     TF32.load(Ordering::Relaxed)
+}
+
+static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+
+/// Lets f32 convolutions on the CPU multiply in bfloat16 and sum in f32 (AVX512-BF16:
+/// twice the multiply-adds per instruction), as PyTorch's
+/// `torch.backends.mkldnn.fp32_precision = "bf16"`. Off until called; an error where the
+/// CPU cannot (rather than a silent f32 product).
+pub fn allow_bf16_products(allow: bool) -> Result<()> {
+    if allow && !bf16_products_available() {
+        candle_core::bail!("bfloat16 products need a CPU with AVX512-BF16, which this one lacks");
+    }
+    BF16_PRODUCTS.store(allow, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether this CPU has the bfloat16 products of [`allow_bf16_products`].
+pub fn bf16_products_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return gemm_bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn bf16_products_allowed() -> bool {
+    BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
 /// The compute threads candle itself uses (RAYON_NUM_THREADS, else every core).

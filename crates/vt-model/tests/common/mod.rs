@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use vt_model::{Arch, Model, VtConfig};
