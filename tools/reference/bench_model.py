@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="precision of infer cases (train cases stay float32)")
+    p.add_argument("--mkldnn-bf16", action="store_true",
+                   help='float32 convolutions and products on the CPU in bfloat16 '
+                        '(torch.backends.mkldnn.fp32_precision = "bf16")')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     args = p.parse_args(argv)
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
+    if args.mkldnn_bf16:
+        torch.backends.mkldnn.fp32_precision = "bf16"
     cases = parse_cases(args.cases) if args.cases else [
         (args.mode, args.arch, args.image_size, args.batch)]
     for mode, arch, size, batch in cases:

@@ -47,6 +47,10 @@ train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
     /// allows on GPUs by default; PyTorch's side keeps its default).
     #[arg(long)]
     no_tf32: bool,
+    /// f32 products on the CPU in bfloat16 with f32 sums (AVX512-BF16), on both sides:
+    /// vt-model's `--bf16-products`, PyTorch's `torch.backends.mkldnn.fp32_precision = "bf16"`.
+    #[arg(long)]
+    bf16_products: bool,
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
@@ -178,6 +182,7 @@ fn bench_torch(
         .args(["--threads", &args.threads.to_string()])
         .args(["--device", if device.is_cuda() { "cuda" } else { "cpu" }])
         .args(["--dtype", torch_dtype(dtype)])
+        .args(args.bf16_products.then_some("--mkldnn-bf16"))
         .args([
             "--iters",
             &args.iters.to_string(),
@@ -227,6 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     vt_model::threads::set_compute_threads(args.threads);
     let device = vt_model::parse_device(&args.device)?;
     let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
+    vt_model::use_bf16_products(args.bf16_products, &device)?;
     let mut vt = Vec::new();
     for case in &cases {
         eprintln!("vt-model: {case:?} on {} ({})", args.device, args.dtype);

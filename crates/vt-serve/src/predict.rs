@@ -20,6 +20,10 @@ pub struct PredictArgs {
     /// Inference precision: f32, f16, or bf16 (CUDA only).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
+    /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`.
+    #[arg(long)]
+    pub bf16_products: bool,
     /// How many of the best classes to list under "top".
     #[arg(long, default_value_t = 3)]
     pub top_k: usize,
@@ -42,6 +46,7 @@ struct Line<'a> {
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let device = vt_model::parse_device(&args.device)?;
     let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
+    vt_model::use_bf16_products(args.bf16_products, &device)?;
     let classifier = Classifier::load(&args.checkpoint, &device, dtype)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let mut resizer = Resizer::new();

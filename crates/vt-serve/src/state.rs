@@ -61,6 +61,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Inference precision: f32, f16 or bf16.
     pub dtype: String,
+    /// Whether f32 products multiply in bfloat16 (`--bf16-products`).
+    pub bf16_products: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +91,7 @@ impl AppState {
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
         let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
         let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
+        vt_model::use_bf16_products(args.bf16_products, &device).map_err(StartError::Device)?;
         let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|source| {
             StartError::Checkpoint {
                 path: args.checkpoint.clone(),
@@ -105,6 +108,7 @@ impl AppState {
             sha256: sha256_file(&args.checkpoint.join(WEIGHTS_FILE))?,
             device: device_name(&device),
             dtype: args.dtype.clone(),
+            bf16_products: args.bf16_products,
         };
         let preprocessor = classifier.preprocessor();
         let metrics = Arc::new(Metrics::new()?);

@@ -59,6 +59,7 @@ fn help_explains_every_flag() {
             "--port",
             "--device",
             "--dtype",
+            "--bf16-products",
             "--max-batch",
             "--max-delay-ms",
             "--queue",
@@ -86,16 +87,11 @@ fn write_images(dir: &Path, images: &[(String, Vec<u8>)]) -> Vec<PathBuf> {
         .collect()
 }
 
-fn predict_at(checkpoint: &Path, dtype: &str, paths: &[PathBuf]) -> Output {
+fn predict_at(checkpoint: &Path, precision: &[&str], paths: &[PathBuf]) -> Output {
     Command::new(BIN)
-        .args([
-            "predict",
-            "--device",
-            "cpu",
-            "--dtype",
-            dtype,
-            "--checkpoint",
-        ])
+        .args(["predict", "--device", "cpu"])
+        .args(precision)
+        .arg("--checkpoint")
         .arg(checkpoint)
         .args(paths)
         .output()
@@ -103,7 +99,7 @@ fn predict_at(checkpoint: &Path, dtype: &str, paths: &[PathBuf]) -> Output {
 }
 
 #[test]
-fn half_precision_predictions_follow_f32_and_bf16_needs_cuda() {
+fn reduced_precision_predictions_follow_f32() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
     let files = tempfile::tempdir().unwrap();
@@ -123,21 +119,39 @@ fn half_precision_predictions_follow_f32_and_bf16_needs_cuda() {
             })
             .collect()
     };
-    let full = probs(predict_at(&checkpoint, "f32", &paths));
-    let half = probs(predict_at(&checkpoint, "f16", &paths));
+    let full = probs(predict_at(&checkpoint, &["--dtype", "f32"], &paths));
+    let half = probs(predict_at(&checkpoint, &["--dtype", "f16"], &paths));
     assert_eq!(full.len(), paths.len());
     for (f, h) in full.iter().zip(&half) {
         for (a, b) in f.iter().zip(h) {
             assert!((a - b).abs() < 1e-2, "f32 {f:?} vs f16 {h:?}");
         }
     }
-    let refused = predict_at(&checkpoint, "bf16", &paths);
+    let refused = predict_at(&checkpoint, &["--dtype", "bf16"], &paths);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("bf16 runs on CUDA devices only"),
+        stderr.contains("bf16 tensors run on CUDA devices only")
+            && stderr.contains("--bf16-products"),
         "{stderr}"
     );
+    let bf16_products = predict_at(&checkpoint, &["--bf16-products"], &paths);
+    if vt_model::kernels::bf16_products_available() {
+        let bf16_products = probs(bf16_products);
+        assert_eq!(bf16_products.len(), paths.len());
+        for (f, b) in full.iter().zip(&bf16_products) {
+            for (a, b) in f.iter().zip(b) {
+                assert!((a - b).abs() < 1e-2, "f32 {f:?} vs bf16 products {b:?}");
+            }
+        }
+    } else {
+        assert!(
+            !bf16_products.status.success(),
+            "bf16 products without AVX512-BF16"
+        );
+        let stderr = String::from_utf8_lossy(&bf16_products.stderr);
+        assert!(stderr.contains("AVX512-BF16"), "{stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

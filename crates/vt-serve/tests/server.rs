@@ -106,6 +106,7 @@ async fn every_route_answers_with_its_documented_shape() {
     assert_eq!(model["parameters"], loaded.num_parameters());
     assert_eq!(model["device"], "cpu");
     assert_eq!(model["dtype"], "f32");
+    assert_eq!(model["bf16_products"], false);
 
     // Raw body, default top_k = 3, sorted by score.
     let (status, answer) = post_raw(

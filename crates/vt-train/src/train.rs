@@ -434,6 +434,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     threads::set_compute_threads(Some(config.threads));
     vt_model::kernels::allow_tf32(config.tf32);
     let device = parse_device(&config.device)?;
+    vt_model::use_bf16_products(config.bf16_products, &device).context("--bf16-products")?;
     let train_set =
         data::open_split(&config.data, Split::Train, config.limit_train, config.seed)
             .with_context(|| format!("reading the training split of {}", config.data.display()))?;
