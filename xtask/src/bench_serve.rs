@@ -46,6 +46,9 @@ pub struct Args {
     /// vt-serve's --max-delay-ms.
     #[arg(long, default_value_t = 2)]
     max_delay_ms: u64,
+    /// vt-serve's --bf16-products (the PyTorch baseline stays f32, as the notebook served).
+    #[arg(long)]
+    bf16_products: bool,
     /// Servers to measure: vt-serve, pytorch.
     #[arg(long, value_delimiter = ',', default_values_t = ["vt-serve".to_owned(), "pytorch".to_owned()])]
     servers: Vec<String>,
@@ -119,6 +122,9 @@ fn start_server(name: &str, args: &Args, checkpoint: &Path) -> anyhow::Result<Ru
                 "--queue",
                 "4096",
             ]);
+            if args.bf16_products {
+                command.arg("--bf16-products");
+            }
             command.env("RUST_LOG", "warn");
             start(command, "vt-serve")
         }

@@ -61,12 +61,13 @@ fn convolutions_and_linear_layers_stay_near_f32() {
         return;
     }
     let _switch = SWITCH.lock().unwrap();
-    // Each convolution path: Winograd 3x3, strided 3x3 and 1x1, the 7x7 stem.
+    // Each convolution path: Winograd 3x3, strided 3x3 and 1x1, the 7x7 stem; products
+    // large enough for bfloat16 (small ones stay f32, see kernels::gemm).
     for (name, x, w, stride, padding) in [
-        ("3x3", [2, 16, 14, 14], [32, 16, 3, 3], 1, 1),
-        ("3x3 stride 2", [2, 16, 14, 14], [32, 16, 3, 3], 2, 1),
-        ("1x1 stride 2", [2, 16, 14, 14], [32, 16, 1, 1], 2, 0),
-        ("7x7 stride 2", [2, 3, 32, 32], [16, 3, 7, 7], 2, 3),
+        ("3x3", [2, 64, 14, 14], [64, 64, 3, 3], 1, 1),
+        ("3x3 stride 2", [2, 64, 20, 20], [64, 64, 3, 3], 2, 1),
+        ("1x1 stride 2", [2, 64, 20, 20], [128, 64, 1, 1], 2, 0),
+        ("7x7 stride 2", [2, 3, 32, 32], [64, 3, 7, 7], 2, 3),
     ] {
         let conv = |x: &Tensor, w: &Tensor| kernels::conv2d(x, w, stride, padding);
         check(name, conv, &x, &w);
@@ -74,7 +75,7 @@ fn convolutions_and_linear_layers_stay_near_f32() {
     check(
         "linear",
         kernels::linear_product,
-        &[2, 16, 256],
+        &[4, 16, 256],
         &[1024, 256],
     );
 }

@@ -79,6 +79,11 @@ const COLUMN_ALIGN: usize = 16;
 /// packed panels hold 6 rows (a multiple of it would do too).
 const ROW_ALIGN: usize = 6;
 
+/// Fewest rows and columns of a bfloat16 product (a quarter of it in rows when the left
+/// operand comes packed). vt-resnet18 at 150 px, batch 1, with the limit at 0 / 32 / 64 /
+/// 128: 48-57 / 67-72 / 63-74 / 59-61 img/s (f32: ~60); batch 32 unchanged up to 64.
+const BF16_MIN_REUSE: usize = 64;
+
 /// A left operand for many products, packed once where the products pack it (bfloat16
 /// products, `super::allow_bf16_products`): a convolution's weights, used for every image.
 pub struct PreparedLhs<'a> {
@@ -205,11 +210,20 @@ unsafe fn product(
     }
     #[cfg(target_arch = "x86_64")]
     if super::bf16_products_allowed() {
-        let lhs = match &lhs.packed {
-            Some(packed) => gemm_bf16::Lhs::Packed { packed, rows },
-            None => gemm_bf16::Lhs::View(lhs.view.rows_range(rows)),
+        // Packing converts each operand element once, and the product uses it once per row
+        // or column of the other operand: with fewer than BF16_MIN_REUSE of those the
+        // conversion costs more than the faster multiply-adds save (batch-1 inference).
+        let bf16 = match &lhs.packed {
+            Some(packed) => (rows.len() >= BF16_MIN_REUSE / 4).then_some(gemm_bf16::Lhs::Packed {
+                packed,
+                rows: rows.clone(),
+            }),
+            None => (rows.len().min(rhs.cols) >= BF16_MIN_REUSE)
+                .then(|| gemm_bf16::Lhs::View(lhs.view.rows_range(rows.clone()))),
         };
-        return gemm_bf16::product(dst.0, dst_row_stride, lhs, rhs, accumulate);
+        if let Some(lhs) = bf16 {
+            return gemm_bf16::product(dst.0, dst_row_stride, lhs, rhs, accumulate);
+        }
     }
     let lhs = lhs.view.rows_range(rows);
     gemm::gemm(
