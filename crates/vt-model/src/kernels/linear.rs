@@ -208,6 +208,30 @@ mod tests {
     }
 
     #[test]
+    fn strided_product_reads_views_in_place() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (70, 9), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (70, 40), &dev)?;
+        // A transpose, a column range (an offset and a row stride), and a broadcast row.
+        let cases = [
+            (a.t()?, b.clone()),
+            (b.narrow(1, 3, 30)?.t()?, b.narrow(1, 5, 20)?),
+            (a.narrow(0, 2, 1)?.broadcast_as((4, 9))?, a.t()?),
+        ];
+        for (x, y) in cases {
+            let got = x.apply_op2_no_bwd(&y, &StridedProduct)?;
+            let want = x.contiguous()?.matmul(&y.contiguous()?)?;
+            assert!(
+                max_rel(&got, &want) < 1e-5,
+                "{:?} x {:?}",
+                x.dims(),
+                y.dims()
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn rejects_mismatched_inner_dimension() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?;
