@@ -8,11 +8,10 @@
 //! enough rows the gather is paid back and the direct product avoids the transpose; how
 //! many depends on the length of `W`'s rows (see [`runs_directly`]).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::gemm::{matmul, MatRef};
-use super::{contiguous_f32, f32_on_cpu, threads};
+use super::{contiguous_f32, f32_on_cpu, f32_storage, threads};
 
 /// `x W^T` over the last axis of `x`: (..., in) x (out, in) -> (..., out).
 pub fn linear_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -130,9 +129,7 @@ struct StridedProduct;
 
 /// A 2-D layout's view of its storage.
 fn view<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<MatRef<'a>> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("vt kernels take f32 tensors, got {:?}", storage.dtype());
-    };
+    let data = f32_storage(storage)?;
     let (rows, cols) = layout.shape().dims2()?;
     let [row_stride, col_stride] = layout.stride() else {
         candle_core::bail!("a 2-D product takes 2-D tensors");

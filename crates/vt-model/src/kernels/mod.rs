@@ -101,11 +101,17 @@ fn fused(tensors: &[&Tensor], cuda_dtypes: &[DType]) -> bool {
     on_cuda || f32_on_cpu(tensors)
 }
 
+/// The f32 data of a CPU tensor's storage.
+fn f32_storage(storage: &CpuStorage) -> Result<&[f32]> {
+    match storage {
+        CpuStorage::F32(data) => Ok(data),
+        _ => candle_core::bail!("vt kernels take f32 tensors, got {:?}", storage.dtype()),
+    }
+}
+
 /// The f32 slice of a contiguous CPU tensor.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("vt kernels take f32 tensors, got {:?}", storage.dtype());
-    };
+    let data = f32_storage(storage)?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("vt kernels take contiguous tensors"),
