@@ -161,6 +161,41 @@ fn a_config_file_sets_options_and_flags_override_it() {
 }
 
 #[test]
+fn bf16_products_train_where_the_cpu_has_them_and_are_refused_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let out = vt_train()
+        .args(["train", "--data"])
+        .arg(&data)
+        .arg("--run-dir")
+        .arg(&run)
+        .args(TINY)
+        .args(["--device", "cpu", "--epochs", "1", "--batch-size", "8"])
+        .arg("--bf16-products")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !vt_model::kernels::bf16_products_available() {
+        assert!(
+            !out.status.success(),
+            "bf16 products without AVX512-BF16:\n{log}"
+        );
+        assert!(log.contains("AVX512-BF16"), "{log}");
+        return;
+    }
+    assert!(out.status.success(), "{log}");
+    let saved: toml::Table = fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(saved["bf16-products"].as_bool(), Some(true));
+    let records = records(&run);
+    assert_eq!(records.len(), 1);
+    assert!(records[0].train_loss.is_finite() && records[0].val_loss.is_finite());
+}
+
+#[test]
 fn missing_data_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = vt_train()
