@@ -118,6 +118,11 @@ fn bench_vt(
     vt_model::kernels::allow_tf32(tf32 && case.mode == Mode::Train);
     let config = VtConfig::new(case.arch, 6, case.image_size);
     let model = Model::init_as(config, device, dtype)?;
+    // Inference as vt-serve runs it: on frozen weights.
+    let model = match case.mode {
+        Mode::Infer => model.into_frozen()?,
+        Mode::Train => model,
+    };
     let s = case.image_size;
     let x = Tensor::randn(0f32, 1.0, (case.batch, 3, s, s), device)?.to_dtype(dtype)?;
     let labels: Vec<u32> = (0..case.batch as u32).map(|i| i % 6).collect();

@@ -1,6 +1,8 @@
 //! Layer constructors with PyTorch's default initialisation, so that a freshly initialised
 //! model starts where the reference implementation does.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::Result;
 use candle_core::{Module, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -15,11 +17,14 @@ const BN_MOMENTUM: f64 = 0.1;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Used while the weight is not a candle variable: then it never changes.
+    frozen: Arc<kernels::FrozenLinear>,
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = kernels::linear_product(x, &self.weight)?;
+        let frozen = (!self.weight.is_variable()).then_some(&self.frozen);
+        let y = kernels::linear_product(x, &self.weight, frozen)?;
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
@@ -40,7 +45,11 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         None
     };
-    Ok(Linear { weight, bias })
+    Ok(Linear {
+        weight,
+        bias,
+        frozen: Arc::default(),
+    })
 }
 
 /// A bias-free convolution with square stride and padding, run by [`kernels::conv2d`].
@@ -104,12 +113,12 @@ impl BatchNorm {
     }
 
     /// The evaluation-mode normalisation as a per-channel `x * scale + shift`.
-    fn running_affine(&self) -> Result<(Tensor, Tensor)> {
+    fn running_affine(&self) -> Result<kernels::ChannelAffine> {
         let scale = self
             .weight
             .broadcast_div(&(self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
         let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
-        Ok((scale, shift))
+        kernels::ChannelAffine::new(scale, shift)
     }
 
     /// PyTorch's update: an exponential average of the batch mean and of the unbiased
@@ -144,10 +153,17 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
 
 /// A convolution followed by its batch norm (and optionally a ReLU). In evaluation mode the
 /// batch norm is folded into the convolution, which saves a pass over the output.
+///
+/// While the convolution's weight is not a candle variable (a model loaded for inference)
+/// it never changes, and evaluation keeps what it derives from it and from the batch norm
+/// from call to call; a training-mode pass, which moves the running statistics, drops the
+/// batch norm's part.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     conv: Conv2d,
     bn: BatchNorm,
+    frozen: Arc<kernels::FrozenConv>,
+    frozen_affine: Arc<Mutex<Option<Arc<kernels::ChannelAffine>>>>,
 }
 
 /// A bias-free convolution (weights under `conv_vb`) and its batch norm (under `bn_vb`).
@@ -160,13 +176,20 @@ pub fn conv_bn(
     Ok(ConvBn {
         conv: conv2d(in_channels, out_channels, kernel, stride, padding, conv_vb)?,
         bn: batch_norm(out_channels, bn_vb)?,
+        frozen: Arc::default(),
+        frozen_affine: Arc::default(),
     })
 }
 
 impl ConvBn {
     /// `bn(conv(x))`, then ReLU when `relu`; batch statistics when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let mut frozen_affine = self
+            .frozen_affine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if train {
+            *frozen_affine = None;
             return self.bn.normalize_batch(&self.conv.forward(x)?, relu);
         }
         let Conv2d {
@@ -174,7 +197,18 @@ impl ConvBn {
             stride,
             padding,
         } = &self.conv;
-        let (scale, shift) = self.bn.running_affine()?;
-        kernels::conv2d_affine(x, weight, (&scale, &shift), relu, *stride, *padding)
+        if weight.is_variable() {
+            let affine = self.bn.running_affine()?;
+            return kernels::conv2d_affine(x, weight, &affine, relu, *stride, *padding, None);
+        }
+        let affine = match &*frozen_affine {
+            Some(affine) => affine.clone(),
+            None => frozen_affine
+                .insert(Arc::new(self.bn.running_affine()?))
+                .clone(),
+        };
+        drop(frozen_affine);
+        let frozen = Some(&self.frozen);
+        kernels::conv2d_affine(x, weight, &affine, relu, *stride, *padding, frozen)
     }
 }

@@ -1,6 +1,8 @@
 //! A VT-ResNet together with its variables: what training updates and checkpoints hold.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::PoisonError;
 
 use candle_core::{DType, Device, Result as CandleResult, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -56,6 +58,25 @@ impl Model {
         let tensors = checkpoint::read_tensors(&path, device)?;
         checkpoint::assign_strict(&path, &model.varmap, &tensors)?;
         Ok(model)
+    }
+
+    /// The same model for inference only. Its layers take the weights as plain tensors
+    /// (sharing the variables' memory) instead of variables, which tells them the weights
+    /// never change: they keep what they derive from them from call to call (weights packed
+    /// for the products or moved into Winograd's transform domain, folded batch norms). Not
+    /// for training: the optimiser's updates of the variables would not reach them.
+    pub fn into_frozen(self) -> Result<Model> {
+        let tensors: HashMap<String, Tensor> = self
+            .varmap
+            .data()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        let net = VtResNet::new(&self.config, vb)?;
+        Ok(Model { net, ..self })
     }
 
     /// Writes the checkpoint folder atomically. Checkpoints are f32 by contract, so a model

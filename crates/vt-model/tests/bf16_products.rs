@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Result, Tensor, Var};
 use common::fixture::Fixture;
@@ -74,10 +74,53 @@ fn convolutions_and_linear_layers_stay_near_f32() {
     }
     check(
         "linear",
-        kernels::linear_product,
+        |x: &Tensor, w: &Tensor| kernels::linear_product(x, w, None),
         &[4, 16, 256],
         &[1024, 256],
     );
+}
+
+/// Weights packed once and kept (`FrozenConv`, `FrozenLinear`: inference on a frozen model)
+/// give exactly the products of weights packed at each call, at the first call and after.
+#[test]
+fn kept_packings_give_the_same_products() {
+    if !kernels::bf16_products_available() {
+        eprintln!("skipping: this CPU has no AVX512-BF16");
+        return;
+    }
+    let _switch = SWITCH.lock().unwrap();
+    let device = Device::Cpu;
+    let random = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &device).unwrap();
+    kernels::allow_bf16_products(true).unwrap();
+    // Winograd (enough tiles), strided 3x3 and 1x1 by im2col.
+    for (x, w, stride, padding) in [
+        ([2, 64, 24, 24], [64, 64, 3, 3], 1, 1),
+        ([2, 64, 20, 20], [128, 64, 3, 3], 2, 1),
+        ([2, 64, 20, 20], [128, 64, 1, 1], 2, 0),
+    ] {
+        let (x, w) = (random(&x), random(&w));
+        let affine =
+            kernels::ChannelAffine::new(random(&[w.dim(0).unwrap()]), random(&[w.dim(0).unwrap()]))
+                .unwrap();
+        let conv = |frozen| {
+            kernels::conv2d_affine(&x, &w, &affine, true, stride, padding, frozen).unwrap()
+        };
+        let fresh = conv(None);
+        let frozen = Arc::new(kernels::FrozenConv::default());
+        for call in ["first", "second"] {
+            let err = relative_error(&conv(Some(&frozen)), &fresh);
+            assert_eq!(err, 0.0, "{w:?} stride {stride}, {call} call");
+        }
+    }
+    // 64 rows into 1024 outputs: the transposed product, whose left operand is the weight.
+    let (x, w) = (random(&[4, 16, 1024]), random(&[1024, 1024]));
+    let fresh = kernels::linear_product(&x, &w, None).unwrap();
+    let frozen = Arc::new(kernels::FrozenLinear::default());
+    for call in ["first", "second"] {
+        let kept = kernels::linear_product(&x, &w, Some(&frozen)).unwrap();
+        assert_eq!(relative_error(&kept, &fresh), 0.0, "linear, {call} call");
+    }
+    kernels::allow_bf16_products(false).unwrap();
 }
 
 #[test]

@@ -54,6 +54,33 @@ fn round_trip_keeps_every_tensor_and_the_logits() {
     assert_eq!(relative_error(&b, &a), 0.0);
 }
 
+/// A frozen model (as vt-serve loads one) computes what the trainable one does, call after
+/// call, and a training-mode pass, which moves the batch norms' running statistics, is not
+/// hidden by what the frozen layers keep between calls.
+#[test]
+fn a_frozen_model_agrees_and_notices_moved_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = saved_model(&dir);
+    let frozen = Model::load(&dir, &Device::Cpu)
+        .unwrap()
+        .into_frozen()
+        .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let expected = model.forward_t(&x, false).unwrap();
+    for call in ["first", "second"] {
+        let logits = frozen.forward_t(&x, false).unwrap();
+        assert!(relative_error(&logits, &expected) < 1e-6, "{call} call");
+    }
+    frozen.forward_t(&x, true).unwrap();
+    let moved = frozen.forward_t(&x, false).unwrap();
+    let err = relative_error(&moved, &expected);
+    assert!(
+        err > 1e-3,
+        "the running statistics moved, the logits did not ({err:e})"
+    );
+}
+
 #[test]
 fn loading_at_half_precision_converts_the_weights_and_refuses_to_save() {
     let tmp = tempfile::tempdir().unwrap();

@@ -88,7 +88,7 @@ pub struct Classifier {
 impl Classifier {
     /// Loads a checkpoint on `device`, its weights converted to `dtype`.
     pub fn load(checkpoint: &Path, device: &Device, dtype: DType) -> vt_model::Result<Classifier> {
-        let model = Model::load_as(checkpoint, device, dtype)?;
+        let model = Model::load_as(checkpoint, device, dtype)?.into_frozen()?;
         let preprocessor = Preprocessor::new(&model.config);
         Ok(Classifier {
             model,

@@ -179,6 +179,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
     let model = Model::load(&args.checkpoint, &device)
+        .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let split = Split::from(args.split);
     let folder = data::open_split(&args.data, split, args.limit, 0)

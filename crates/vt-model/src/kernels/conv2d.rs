@@ -8,11 +8,12 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_prepared, MatRef, PreparedLhs};
+use super::gemm::{matmul, matmul_prepared, LhsPacking, MatRef, PreparedLhs};
 use super::winograd;
 use super::{contiguous_f32, f32_on_cpu, threads};
 
@@ -292,20 +293,62 @@ impl Epilogue {
     }
 }
 
-fn forward(g: &Geometry, input: &[f32], weight: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+/// What inference derives from a convolution's weights, kept from call to call while they
+/// are frozen: the weights packed for the products (bfloat16 products) or moved into
+/// Winograd's transform domain, each made at its first use. For weights that never change
+/// (the layers keep one for weights that are not candle variables).
+#[derive(Default)]
+pub struct FrozenConv {
+    im2col: OnceLock<LhsPacking>,
+    winograd: OnceLock<winograd::Weights>,
+}
+
+impl std::fmt::Debug for FrozenConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrozenConv")
+            .field("im2col", &self.im2col.get().is_some())
+            .field("winograd", &self.winograd.get().is_some())
+            .finish()
+    }
+}
+
+fn forward(
+    g: &Geometry,
+    input: &[f32],
+    weight: &[f32],
+    epilogue: Option<&Epilogue>,
+    frozen: Option<&FrozenConv>,
+) -> Vec<f32> {
     if let Some(shape) = g
         .winograd()
         .filter(|_| std::env::var("VT_NO_WINOGRAD").as_deref() != Ok("1"))
     {
-        let u = winograd::transform_weights(weight, g.out_channels, g.in_channels, false);
-        return winograd::conv3x3(&shape, input, &u, |k, plane| {
+        let transform = || winograd::Weights::new(weight, g.out_channels, g.in_channels, false);
+        let transformed;
+        let weights = match frozen {
+            Some(frozen) => frozen.winograd.get_or_init(transform),
+            None => {
+                transformed = transform();
+                &transformed
+            }
+        };
+        return winograd::conv3x3(&shape, input, weights, |k, plane| {
             if let Some(epilogue) = epilogue {
                 epilogue.apply_channel(k, plane);
             }
         });
     }
     let mut out = vec![0.0; g.batch * g.out_image()];
-    let w = PreparedLhs::new(MatRef::row_major(weight, g.out_channels, g.patch()));
+    let view = MatRef::row_major(weight, g.out_channels, g.patch());
+    let packed;
+    let packing = match frozen {
+        Some(frozen) => frozen.im2col.get_or_init(|| LhsPacking::new(view)),
+        None => {
+            packed = LhsPacking::new(view);
+            &packed
+        }
+    };
+    let w = PreparedLhs::new(view, packing);
     for_each_image(g, &mut out, g.out_image(), |n, dst, threads| {
         with_columns(|scratch| {
             let col = g.columns(input, n, scratch, threads);
@@ -370,11 +413,13 @@ fn input_grad(g: &Geometry, grad_out: &[f32], weight: &[f32]) -> Vec<f32> {
             out_channels: g.in_channels,
             ..shape
         };
-        let u = winograd::transform_weights(weight, g.out_channels, g.in_channels, true);
-        return winograd::conv3x3(&shape, grad_out, &u, |_, _| {});
+        let weights = winograd::Weights::new(weight, g.out_channels, g.in_channels, true);
+        return winograd::conv3x3(&shape, grad_out, &weights, |_, _| {});
     }
     let mut out = vec![0.0; g.batch * g.in_image()];
-    let w_t = PreparedLhs::new(MatRef::row_major(weight, g.out_channels, g.patch()).t());
+    let view = MatRef::row_major(weight, g.out_channels, g.patch()).t();
+    let packing = LhsPacking::new(view);
+    let w_t = PreparedLhs::new(view, &packing);
     for_each_image(g, &mut out, g.in_image(), |n, dst, threads| {
         let dy = &grad_out[n * g.out_image()..(n + 1) * g.out_image()];
         let dy = MatRef::row_major(dy, g.out_channels, g.out_plane());
@@ -398,6 +443,8 @@ struct Conv2d {
     padding: usize,
     /// Only for inference: an op with an epilogue has no backward pass.
     epilogue: Option<Epilogue>,
+    /// Only for inference with frozen weights.
+    frozen: Option<Arc<FrozenConv>>,
 }
 
 /// dL/dW from (input, dL/dy).
@@ -432,6 +479,7 @@ impl CustomOp2 for Conv2d {
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             self.epilogue.as_ref(),
+            self.frozen.as_deref(),
         );
         Ok((
             CpuStorage::F32(out),
@@ -536,6 +584,7 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, stride: usize, padding: usize) ->
                 stride,
                 padding,
                 epilogue: None,
+                frozen: None,
             },
         )
     } else {
@@ -556,31 +605,60 @@ fn other_device_conv2d(
     input.conv2d(weight, padding, stride, 1, 1)
 }
 
+/// A per-output-channel `x * scale + shift` (an evaluation-mode batch norm), its values
+/// read out once for the CPU kernels.
+#[derive(Debug)]
+pub struct ChannelAffine {
+    scale: Tensor,
+    shift: Tensor,
+    values: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl ChannelAffine {
+    /// `scale` and `shift` hold one value per output channel.
+    pub fn new(scale: Tensor, shift: Tensor) -> Result<Self> {
+        let values = if f32_on_cpu(&[&scale, &shift]) {
+            Some((scale.to_vec1()?, shift.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(ChannelAffine {
+            scale,
+            shift,
+            values,
+        })
+    }
+}
+
 /// `conv2d(input, weight) * scale + shift` per output channel, then ReLU when `relu`: an
 /// evaluation-mode convolution and batch norm in one pass, for inference (on the CPU it has
-/// no backward pass). `scale` and `shift` have one value per output channel.
+/// no backward pass). With `frozen`, what the call derives from the weights is kept there
+/// for the next one: the caller guarantees the weights never change.
 pub fn conv2d_affine(
     input: &Tensor,
     weight: &Tensor,
-    (scale, shift): (&Tensor, &Tensor),
+    affine: &ChannelAffine,
     relu: bool,
     stride: usize,
     padding: usize,
+    frozen: Option<&Arc<FrozenConv>>,
 ) -> Result<Tensor> {
-    if f32_on_cpu(&[input, weight, scale, shift]) {
+    if let (Some((scale, shift)), true) = (&affine.values, f32_on_cpu(&[input, weight])) {
         return input.contiguous()?.apply_op2(
             &weight.contiguous()?,
             Conv2d {
                 stride,
                 padding,
                 epilogue: Some(Epilogue {
-                    scale: scale.to_vec1()?,
-                    shift: shift.to_vec1()?,
+                    scale: scale.clone(),
+                    shift: shift.clone(),
                     relu,
                 }),
+                frozen: frozen.cloned(),
             },
         );
     }
+    let (scale, shift) = (&affine.scale, &affine.shift);
     #[cfg(feature = "cuda")]
     if input.device().is_cuda() && super::FLOAT_DTYPES.contains(&input.dtype()) {
         let y = other_device_conv2d(input, weight, stride, padding)?;
@@ -661,6 +739,7 @@ mod tests {
             ([2, 3, 11, 9], 4, 3, 2, 1),
             ([1, 5, 6, 6], 3, 1, 1, 0),
             ([3, 4, 8, 8], 6, 7, 2, 3),
+            ([2, 4, 23, 22], 6, 3, 1, 1),
         ] {
             let x = Tensor::randn(0f32, 1.0, &input, &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (c_out, input[1], k, k), &dev).unwrap();
@@ -673,8 +752,16 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&per_channel(&shift))
                 .unwrap();
-            for relu in [false, true] {
-                let ours = conv2d_affine(&x, &w, (&scale, &shift), relu, stride, padding).unwrap();
+            let channel_affine = ChannelAffine::new(scale, shift).unwrap();
+            let frozen = Arc::new(FrozenConv::default());
+            for (relu, frozen) in [
+                (false, None),
+                (true, None),
+                (false, Some(&frozen)),
+                (true, Some(&frozen)),
+            ] {
+                let ours =
+                    conv2d_affine(&x, &w, &channel_affine, relu, stride, padding, frozen).unwrap();
                 let reference = if relu {
                     affine.relu().unwrap()
                 } else {

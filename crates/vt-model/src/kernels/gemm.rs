@@ -79,36 +79,75 @@ const COLUMN_ALIGN: usize = 16;
 /// packed panels hold 6 rows (a multiple of it would do too).
 const ROW_ALIGN: usize = 6;
 
-/// Fewest rows and columns of a bfloat16 product (a quarter of it in rows when the left
-/// operand comes packed). vt-resnet18 at 150 px, batch 1, with the limit at 0 / 32 / 64 /
+/// Fewest rows and columns of a bfloat16 product (a quarter of it when the left operand
+/// comes packed). vt-resnet18 at 150 px, batch 1, with the limit at 0 / 32 / 64 /
 /// 128: 48-57 / 67-72 / 63-74 / 59-61 img/s (f32: ~60); batch 32 unchanged up to 64.
 const BF16_MIN_REUSE: usize = 64;
 
-/// A left operand for many products, packed once where the products pack it (bfloat16
-/// products, `super::allow_bf16_products`): a convolution's weights, used for every image.
-pub struct PreparedLhs<'a> {
-    view: MatRef<'a>,
+/// A left operand packed once for many products, where the products pack it (bfloat16
+/// products, `super::allow_bf16_products`); empty otherwise. Kept by whoever reuses the
+/// operand: a convolution's weights for every image of a batch, or for every call while the
+/// weights are frozen (inference). Made with the other setting it costs speed, not accuracy:
+/// products that do not pack ignore it, and products that do pack for themselves without it.
+#[derive(Default)]
+pub struct LhsPacking {
     #[cfg(target_arch = "x86_64")]
-    packed: Option<gemm_bf16::PackedLhs>,
+    bf16: Option<gemm_bf16::PackedLhs>,
 }
 
-impl<'a> PreparedLhs<'a> {
-    pub fn new(view: MatRef<'a>) -> Self {
-        PreparedLhs {
-            view,
+impl LhsPacking {
+    /// Packs `view` whole if the products pack their left operand.
+    pub fn new(view: MatRef) -> Self {
+        LhsPacking {
             // SAFETY: bfloat16 products are only allowed where the CPU has them.
             #[cfg(target_arch = "x86_64")]
-            packed: super::bf16_products_allowed()
+            bf16: super::bf16_products_allowed()
                 .then(|| unsafe { gemm_bf16::PackedLhs::new(view) }),
         }
     }
+}
+
+impl std::fmt::Debug for LhsPacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        #[cfg(target_arch = "x86_64")]
+        let packed = self.bf16.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let packed = false;
+        f.debug_struct("LhsPacking")
+            .field("packed", &packed)
+            .finish()
+    }
+}
+
+/// Nothing packed.
+static UNPACKED: LhsPacking = LhsPacking {
+    #[cfg(target_arch = "x86_64")]
+    bf16: None,
+};
+
+/// A left operand and its packing.
+pub struct PreparedLhs<'a> {
+    view: MatRef<'a>,
+    packing: &'a LhsPacking,
+}
+
+impl<'a> PreparedLhs<'a> {
+    /// `view` with `packing`, which must have been made from the same values; a packing of
+    /// another shape is ignored.
+    pub fn new(view: MatRef<'a>, packing: &'a LhsPacking) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let packing = match &packing.bf16 {
+            Some(packed) if !packed.fits(view.rows, view.cols) => &UNPACKED,
+            _ => packing,
+        };
+        PreparedLhs { view, packing }
+    }
 
     /// The view alone: each product packs what it needs.
-    fn unpacked(view: MatRef<'a>) -> Self {
+    pub fn unpacked(view: MatRef<'a>) -> Self {
         PreparedLhs {
             view,
-            #[cfg(target_arch = "x86_64")]
-            packed: None,
+            packing: &UNPACKED,
         }
     }
 }
@@ -213,11 +252,13 @@ unsafe fn product(
         // Packing converts each operand element once, and the product uses it once per row
         // or column of the other operand: with fewer than BF16_MIN_REUSE of those the
         // conversion costs more than the faster multiply-adds save (batch-1 inference).
-        let bf16 = match &lhs.packed {
-            Some(packed) => (rows.len() >= BF16_MIN_REUSE / 4).then_some(gemm_bf16::Lhs::Packed {
-                packed,
-                rows: rows.clone(),
-            }),
+        let bf16 = match &lhs.packing.bf16 {
+            Some(packed) => {
+                (rows.len().min(rhs.cols) >= BF16_MIN_REUSE / 4).then_some(gemm_bf16::Lhs::Packed {
+                    packed,
+                    rows: rows.clone(),
+                })
+            }
             None => (rows.len().min(rhs.cols) >= BF16_MIN_REUSE)
                 .then(|| gemm_bf16::Lhs::View(lhs.view.rows_range(rows.clone()))),
         };

@@ -77,6 +77,11 @@ impl PackedLhs {
         }
     }
 
+    /// Whether this packs a `rows x depth` operand.
+    pub fn fits(&self, rows: usize, depth: usize) -> bool {
+        self.rows == rows && self.depth == depth
+    }
+
     /// The panels of the block starting at depth `pc`, from the one holding row `first`.
     fn panels(&self, pc: usize, first: usize) -> &[u32] {
         let padded = self.rows.next_multiple_of(MR);

@@ -8,16 +8,35 @@
 //! enough rows the gather is paid back and the direct product avoids the transpose; how
 //! many depends on the length of `W`'s rows (see [`runs_directly`]).
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, matmul_prepared, LhsPacking, MatRef, PreparedLhs};
 use super::{contiguous_f32, f32_on_cpu, f32_storage, threads};
 
-/// `x W^T` over the last axis of `x`: (..., in) x (out, in) -> (..., out).
-pub fn linear_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// What inference derives from a linear layer's weights, kept from call to call while they
+/// are frozen: the weights packed for the products (bfloat16 products) at their first use.
+#[derive(Debug, Default)]
+pub struct FrozenLinear {
+    packing: OnceLock<LhsPacking>,
+}
+
+/// `x W^T` over the last axis of `x`: (..., in) x (out, in) -> (..., out). With `frozen`,
+/// what the call derives from the weights is kept there for the next one: the caller
+/// guarantees the weights never change.
+pub fn linear_product(
+    x: &Tensor,
+    weight: &Tensor,
+    frozen: Option<&Arc<FrozenLinear>>,
+) -> Result<Tensor> {
     if f32_on_cpu(&[x, weight]) {
-        x.contiguous()?
-            .apply_op2(&weight.contiguous()?, LinearProduct)
+        x.contiguous()?.apply_op2(
+            &weight.contiguous()?,
+            LinearProduct {
+                frozen: frozen.cloned(),
+            },
+        )
     } else {
         // One product over every row: a product per image, against the weight broadcast
         // over the batch, made its gradient one small product per image and a sum (cuBLAS on
@@ -31,7 +50,9 @@ pub fn linear_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
 }
 
-struct LinearProduct;
+struct LinearProduct {
+    frozen: Option<Arc<FrozenLinear>>,
+}
 
 /// Whether `x W^T` runs as the direct product rather than the transposed one. Measured
 /// (best of 30, 2 threads): with 256-float weight rows the direct product wins from 32 rows
@@ -87,7 +108,14 @@ impl CustomOp2 for LinearProduct {
             matmul(&mut y, x, weight.t(), false, threads());
         } else {
             let mut y_t = vec![0f32; out_dim * rows];
-            matmul(&mut y_t, weight, x.t(), false, threads());
+            let weight = match &self.frozen {
+                Some(frozen) => PreparedLhs::new(
+                    weight,
+                    frozen.packing.get_or_init(|| LhsPacking::new(weight)),
+                ),
+                None => PreparedLhs::unpacked(weight),
+            };
+            matmul_prepared(&mut y_t, &weight, x.t(), false, threads());
             transpose(&y_t, out_dim, rows, &mut y);
         }
         let mut dims = x_dims.to_vec();
@@ -185,7 +213,7 @@ mod tests {
             let in_dim = *x_shape.last().unwrap();
             let x = Var::randn(0f32, 1.0, x_shape.as_slice(), &dev)?;
             let w = Var::randn(0f32, 1.0, (out_dim, in_dim), &dev)?;
-            let y = linear_product(&x, &w)?;
+            let y = linear_product(&x, &w, None)?;
             let expected = x.broadcast_matmul(&w.t()?)?;
             assert_eq!(y.dims(), expected.dims());
             assert!(max_rel(&y, &expected) < 1e-5, "{x_shape:?} x {out_dim}");
@@ -233,7 +261,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?;
         let w = Tensor::zeros((3, 4), candle_core::DType::F32, &dev)?;
-        assert!(linear_product(&x, &w).is_err());
+        assert!(linear_product(&x, &w, None).is_err());
         Ok(())
     }
 }

@@ -19,8 +19,8 @@ mod winograd;
 
 pub use add_relu::add_relu;
 pub use batch_norm::{batch_norm, channel_moments};
-pub use conv2d::{conv2d, conv2d_affine};
-pub use linear::linear_product;
+pub use conv2d::{conv2d, conv2d_affine, ChannelAffine, FrozenConv};
+pub use linear::{linear_product, FrozenLinear};
 pub use max_pool::max_pool_3x3_stride2_pad1;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, matmul_prepared, LhsPacking, MatRef, PreparedLhs};
 
 /// Transform-domain points per tile: 4x4.
 const POINTS: usize = 16;
@@ -88,7 +88,7 @@ fn filter_transform([a, b, c]: [f32; 3]) -> [f32; 4] {
 /// in_channel]`: for each point an `out x in` matrix with row stride `16 * in`. With `flip`,
 /// the weights of the input gradient instead: the kernels rotated by 180 degrees with input
 /// and output channels swapped.
-pub(super) fn transform_weights(
+fn transform_weights(
     weight: &[f32],
     out_channels: usize,
     in_channels: usize,
@@ -125,6 +125,52 @@ pub(super) fn transform_weights(
             }
         });
     u
+}
+
+/// Weights transformed by [`transform_weights`], each point's matrix packed once for all
+/// the products that use it (see `LhsPacking`).
+pub(super) struct Weights {
+    u: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    packings: Vec<LhsPacking>,
+}
+
+impl Weights {
+    /// The transformed `weight` (out x in x 3 x 3), or with `flip` the input gradient's.
+    pub fn new(weight: &[f32], out_channels: usize, in_channels: usize, flip: bool) -> Self {
+        let (rows, cols) = if flip {
+            (in_channels, out_channels)
+        } else {
+            (out_channels, in_channels)
+        };
+        let mut weights = Weights {
+            u: transform_weights(weight, out_channels, in_channels, flip),
+            rows,
+            cols,
+            packings: Vec::new(),
+        };
+        weights.packings = (0..POINTS)
+            .into_par_iter()
+            .map(|p| LhsPacking::new(weights.point_view(p)))
+            .collect();
+        weights
+    }
+
+    /// Point p's `rows x cols` matrix.
+    fn point_view(&self, p: usize) -> MatRef<'_> {
+        MatRef {
+            data: &self.u[p * self.cols..],
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: POINTS * self.cols,
+            col_stride: 1,
+        }
+    }
+
+    fn point(&self, p: usize) -> PreparedLhs<'_> {
+        PreparedLhs::new(self.point_view(p), &self.packings[p])
+    }
 }
 
 /// Transforms channel planes into the transform domain, `B^T d B` for every 4x4 input tile
@@ -233,8 +279,7 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The convolution of `input` (batch x in x height x width) with weights transformed by
-/// [`transform_weights`], padding 1: batch x out x height x width. `finish(channel, plane)`
+/// The convolution of `input` (batch x in x height x width) with `weights`, padding 1: batch x out x height x width. `finish(channel, plane)`
 /// runs on each output plane while it is still in cache.
 ///
 /// Images go in groups small enough for a group's transformed input and products to stay
@@ -243,9 +288,17 @@ thread_local! {
 pub(super) fn conv3x3(
     s: &Shape,
     input: &[f32],
-    u: &[f32],
+    weights: &Weights,
     finish: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    assert!(
+        (weights.rows, weights.cols) == (s.out_channels, s.in_channels),
+        "winograd: weights of {} x {} channels for a {} x {} convolution",
+        weights.rows,
+        weights.cols,
+        s.out_channels,
+        s.in_channels
+    );
     let per_group = images_per_group(s);
     let out_image = s.out_channels * s.plane();
     let mut out = vec![0.0; s.batch * out_image];
@@ -256,7 +309,7 @@ pub(super) fn conv3x3(
         conv_group(
             s,
             input,
-            u,
+            weights,
             &finish,
             group * per_group,
             out_group,
@@ -314,7 +367,7 @@ fn channel_planes(
 fn conv_group(
     s: &Shape,
     input: &[f32],
-    u: &[f32],
+    weights: &Weights,
     finish: &(impl Fn(usize, &mut [f32]) + Sync),
     first: usize,
     out: &mut [f32],
@@ -334,19 +387,12 @@ fn conv_group(
         .par_chunks_mut(s.out_channels * columns)
         .enumerate()
         .for_each(|(p, m)| {
-            let lhs = MatRef {
-                data: &u[p * s.in_channels..],
-                rows: s.out_channels,
-                cols: s.in_channels,
-                row_stride: POINTS * s.in_channels,
-                col_stride: 1,
-            };
             let rhs = MatRef::row_major(
                 &v[p * s.in_channels * columns..][..s.in_channels * columns],
                 s.in_channels,
                 columns,
             );
-            matmul(m, lhs, rhs, false, 1);
+            matmul_prepared(m, &weights.point(p), rhs, false, 1);
         });
     let m = &m[..POINTS * s.out_channels * columns];
     out.par_chunks_mut(s.plane())
@@ -493,9 +539,9 @@ mod tests {
             width,
         };
         let w = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let u = transform_weights(&w, o, i, flip);
+        let weights = Weights::new(&w, o, i, flip);
         let x = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = conv3x3(&shape, &x, &u, |_, _| {});
+        let y = conv3x3(&shape, &x, &weights, |_, _| {});
         Tensor::from_vec(y, (batch, out_channels, height, width), &Device::Cpu).unwrap()
     }
 

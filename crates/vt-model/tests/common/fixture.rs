@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use vt_model::{VtConfig, VtResNet};
+use vt_model::{Model, VtConfig, VtResNet};
 
 use super::{formula_values, relative_error, set_formula_varmap};
 
@@ -80,18 +80,35 @@ impl Fixture {
         input.to_device(device).unwrap()
     }
 
-    /// Evaluation-mode logits; returns their relative error.
+    /// Evaluation-mode logits, of the model and of its frozen copy (as vt-serve loads it)
+    /// twice, the second time from what the first call kept; returns the largest relative
+    /// error.
     pub fn check_eval_logits(&self, dtype: DType, device: &Device, tolerance: f64) -> f64 {
-        let (_, net) = self.model(dtype, device);
+        let (varmap, net) = self.model(dtype, device);
         let input = self.input(dtype, device);
-        let logits = net.forward_t(&input, false).unwrap();
-        let err = relative_error(&logits, self.get("logits_eval"));
-        assert!(
-            err < tolerance,
-            "{} {dtype:?}: eval logits relative error {err}",
-            self.name
-        );
-        err
+        let check = |net: &VtResNet, what: &str| {
+            let logits = net.forward_t(&input, false).unwrap();
+            let err = relative_error(&logits, self.get("logits_eval"));
+            assert!(
+                err < tolerance,
+                "{} {dtype:?}: eval logits of the {what} model, relative error {err}",
+                self.name
+            );
+            err
+        };
+        let err = check(&net, "trainable");
+        let frozen = Model {
+            config: self.config.clone(),
+            varmap,
+            net,
+            device: device.clone(),
+            dtype,
+        }
+        .into_frozen()
+        .unwrap();
+        let first = check(&frozen.net, "frozen");
+        let second = check(&frozen.net, "frozen (second call)");
+        err.max(first).max(second)
     }
 
     /// Training-mode logits, gradients and running statistics; returns the largest relative
