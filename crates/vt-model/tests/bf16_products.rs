@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Device, Result, Tensor, Var};
 use common::fixture::Fixture;
@@ -13,6 +13,16 @@ use vt_model::kernels;
 
 /// Held by each test while it flips the process-wide switch.
 static SWITCH: Mutex<()> = Mutex::new(());
+
+/// The switch, for the calling test to hold; None (after a message) on a CPU without
+/// AVX512-BF16, where the test has nothing to check.
+fn take_switch() -> Option<MutexGuard<'static, ()>> {
+    if !kernels::bf16_products_available() {
+        eprintln!("skipping: this CPU has no AVX512-BF16");
+        return None;
+    }
+    Some(SWITCH.lock().unwrap())
+}
 
 /// The output and the gradients of `op(x, w)` for a fixed upstream gradient, with bfloat16
 /// products on or off.
@@ -56,11 +66,9 @@ fn check(name: &str, op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>, x: &[usize
 
 #[test]
 fn convolutions_and_linear_layers_stay_near_f32() {
-    if !kernels::bf16_products_available() {
-        eprintln!("skipping: this CPU has no AVX512-BF16");
+    let Some(_switch) = take_switch() else {
         return;
-    }
-    let _switch = SWITCH.lock().unwrap();
+    };
     // Each convolution path: Winograd 3x3, strided 3x3 and 1x1, the 7x7 stem; products
     // large enough for bfloat16 (small ones stay f32, see kernels::gemm).
     for (name, x, w, stride, padding) in [
@@ -84,11 +92,9 @@ fn convolutions_and_linear_layers_stay_near_f32() {
 /// give exactly the products of weights packed at each call, at the first call and after.
 #[test]
 fn kept_packings_give_the_same_products() {
-    if !kernels::bf16_products_available() {
-        eprintln!("skipping: this CPU has no AVX512-BF16");
+    let Some(_switch) = take_switch() else {
         return;
-    }
-    let _switch = SWITCH.lock().unwrap();
+    };
     let device = Device::Cpu;
     let random = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &device).unwrap();
     kernels::allow_bf16_products(true).unwrap();
@@ -125,11 +131,9 @@ fn kept_packings_give_the_same_products() {
 
 #[test]
 fn logits_stay_near_pytorch() {
-    if !kernels::bf16_products_available() {
-        eprintln!("skipping: this CPU has no AVX512-BF16");
+    let Some(_switch) = take_switch() else {
         return;
-    }
-    let _switch = SWITCH.lock().unwrap();
+    };
     for name in ["vt-resnet18", "vt-resnet34"] {
         let fx = Fixture::load(name);
         kernels::allow_bf16_products(true).unwrap();
