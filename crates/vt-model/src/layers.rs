@@ -189,7 +189,9 @@ impl ConvBn {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if train {
+            // The batch statistics move the running ones the kept affine was made from.
             *frozen_affine = None;
+            drop(frozen_affine);
             return self.bn.normalize_batch(&self.conv.forward(x)?, relu);
         }
         let Conv2d {
