@@ -643,7 +643,11 @@ pub fn conv2d_affine(
     padding: usize,
     frozen: Option<&Arc<FrozenConv>>,
 ) -> Result<Tensor> {
-    if let (Some((scale, shift)), true) = (&affine.values, f32_on_cpu(&[input, weight])) {
+    let cpu_values = affine
+        .values
+        .as_ref()
+        .filter(|_| f32_on_cpu(&[input, weight]));
+    if let Some((scale, shift)) = cpu_values {
         return input.contiguous()?.apply_op2(
             &weight.contiguous()?,
             Conv2d {

@@ -144,32 +144,33 @@ impl Weights {
         } else {
             (out_channels, in_channels)
         };
-        let mut weights = Weights {
-            u: transform_weights(weight, out_channels, in_channels, flip),
+        let u = transform_weights(weight, out_channels, in_channels, flip);
+        let packings = (0..POINTS)
+            .into_par_iter()
+            .map(|p| LhsPacking::new(point_view(&u, p, rows, cols)))
+            .collect();
+        Weights {
+            u,
             rows,
             cols,
-            packings: Vec::new(),
-        };
-        weights.packings = (0..POINTS)
-            .into_par_iter()
-            .map(|p| LhsPacking::new(weights.point_view(p)))
-            .collect();
-        weights
-    }
-
-    /// Point p's `rows x cols` matrix.
-    fn point_view(&self, p: usize) -> MatRef<'_> {
-        MatRef {
-            data: &self.u[p * self.cols..],
-            rows: self.rows,
-            cols: self.cols,
-            row_stride: POINTS * self.cols,
-            col_stride: 1,
+            packings,
         }
     }
 
     fn point(&self, p: usize) -> PreparedLhs<'_> {
-        PreparedLhs::new(self.point_view(p), &self.packings[p])
+        let view = point_view(&self.u, p, self.rows, self.cols);
+        PreparedLhs::new(view, &self.packings[p])
+    }
+}
+
+/// Point p's `rows x cols` matrix of transformed weights `u`.
+fn point_view(u: &[f32], p: usize, rows: usize, cols: usize) -> MatRef<'_> {
+    MatRef {
+        data: &u[p * cols..],
+        rows,
+        cols,
+        row_stride: POINTS * cols,
+        col_stride: 1,
     }
 }
 
@@ -279,8 +280,9 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The convolution of `input` (batch x in x height x width) with `weights`, padding 1: batch x out x height x width. `finish(channel, plane)`
-/// runs on each output plane while it is still in cache.
+/// The convolution of `input` (batch x in x height x width) with `weights`, padding 1:
+/// batch x out x height x width. `finish(channel, plane)` runs on each output plane while it
+/// is still in cache.
 ///
 /// Images go in groups small enough for a group's transformed input and products to stay
 /// in a core's cache: each thread takes whole groups when there are enough of them, else
