@@ -27,7 +27,8 @@ pub struct ServeArgs {
     /// Most images per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch: u32,
-    /// How long the first image of a batch waits for others to join it, in milliseconds.
+    /// Longest the first image of a batch waits for others to join it, in milliseconds. It
+    /// waits only while other requests are still being read or decoded.
     #[arg(long, default_value_t = 5)]
     pub max_delay_ms: u64,
     /// Most images admitted at once (decoding, queued or running); past it requests get 503

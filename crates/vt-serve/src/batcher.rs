@@ -1,6 +1,8 @@
 //! Dynamic batching: preprocessed images wait in a bounded queue; one dedicated thread owns
 //! the model, takes up to `max_batch` of them within `max_delay` of the first, runs them in
-//! one forward pass and answers each caller on its own channel.
+//! one forward pass and answers each caller on its own channel. The window stays open only
+//! while other requests are arriving (being read or decoded): a lone caller, or a batch
+//! that already holds everything in the server, runs at once.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
 use crate::classifier::{Classifier, Prediction};
@@ -35,6 +38,18 @@ struct Job {
 /// is empty, so in-flight requests are always answered.
 pub struct Batcher {
     jobs: Sender<Job>,
+    arriving: IntGauge,
+}
+
+/// A request on its way to the queue; while any is alive a forming batch waits for it.
+pub struct Arriving {
+    gauge: IntGauge,
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl Batcher {
@@ -44,10 +59,20 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Batcher> {
         let (jobs, queue) = crossbeam_channel::bounded(config.queue.max(1));
+        let arriving = metrics.requests_arriving.clone();
         thread::Builder::new()
             .name("vt-serve-model".into())
             .spawn(move || run(&classifier, &queue, config, &metrics))?;
-        Ok(Batcher { jobs })
+        Ok(Batcher { jobs, arriving })
+    }
+
+    /// Announces a request that will submit images once read and decoded. Drop the guard
+    /// after its last `submit` (or when it fails), never before.
+    pub fn arriving(&self) -> Arriving {
+        self.arriving.inc();
+        Arriving {
+            gauge: self.arriving.clone(),
+        }
     }
 
     /// Queues one preprocessed image; never waits. The answer arrives on the receiver.
@@ -78,9 +103,16 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
         let close = first.enqueued + config.max_delay;
         let mut batch = vec![first];
         while batch.len() < config.max_batch {
-            match queue.recv_deadline(close) {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+            // Requests leave the arriving count only after queueing their images, so with
+            // none arriving whatever will join this batch is in the queue already.
+            let next = if metrics.requests_arriving.get() > 0 {
+                queue.recv_deadline(close).ok()
+            } else {
+                queue.try_recv().ok()
+            };
+            match next {
+                Some(job) => batch.push(job),
+                None => break,
             }
         }
         // Callers past their deadline have already been answered 504: skip their work.

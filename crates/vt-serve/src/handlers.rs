@@ -23,6 +23,7 @@ use fast_image_resize::Resizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::batcher::Arriving;
 use crate::classifier::{Label, Prediction};
 use crate::error::ApiError;
 use crate::input::{self, ImageInput};
@@ -55,6 +56,7 @@ pub async fn predict(
     request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let top_k = query.top_k.unwrap_or(DEFAULT_TOP_K);
@@ -64,7 +66,7 @@ pub async fn predict(
     let timeout_ms = state.limits.timeout.as_millis() as u64;
     tokio::time::timeout_at(
         deadline.into(),
-        answer(&state, request, deadline, started, top_k),
+        answer(&state, request, arriving, deadline, started, top_k),
     )
     .await
     .map_err(|_| ApiError::Timeout { timeout_ms })?
@@ -73,6 +75,7 @@ pub async fn predict(
 async fn answer(
     state: &Arc<AppState>,
     request: Request,
+    arriving: Arriving,
     deadline: Instant,
     started: Instant,
     top_k: usize,
@@ -80,18 +83,22 @@ async fn answer(
     let inputs = input::read(state, request, deadline).await?;
     // Held until the answer is written, whatever happens to the request meanwhile.
     let _admitted = state.admission.try_admit(inputs.images.len())?;
+    // Each image's task holds the announcement until its image is queued.
+    let arriving = Arc::new(arriving);
     let pending: Vec<_> = inputs
         .images
         .into_iter()
         .map(|image| {
             let state = Arc::clone(state);
             let filename = image.filename.clone();
+            let arriving = Arc::clone(&arriving);
             (
                 filename,
-                tokio::spawn(async move { classify(&state, image, deadline).await }),
+                tokio::spawn(async move { classify(&state, image, arriving, deadline).await }),
             )
         })
         .collect();
+    drop(arriving);
     let mut results = Vec::with_capacity(pending.len());
     for (filename, task) in pending {
         let prediction = task
@@ -114,6 +121,7 @@ async fn answer(
 async fn classify(
     state: &AppState,
     image: ImageInput,
+    arriving: Arc<Arriving>,
     deadline: Instant,
 ) -> Result<Prediction, ApiError> {
     let ImageInput { filename, bytes } = image;
@@ -133,8 +141,9 @@ async fn classify(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = state.batcher.submit(input, deadline)?;
-    answer
+    let answer = state.batcher.submit(input, deadline);
+    drop(arriving);
+    answer?
         .await
         .map_err(|_| ApiError::Internal("the model thread dropped the request".into()))?
         .map_err(|e| ApiError::Internal(format!("inference failed: {e}")))

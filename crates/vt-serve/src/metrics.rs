@@ -1,5 +1,5 @@
 //! Prometheus metrics: request counts and latencies by route, batch sizes, inference time
-//! and the number of requests waiting.
+//! and the number of requests waiting or arriving.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +19,7 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub inference_seconds: Histogram,
     pub queue_depth: IntGauge,
+    pub requests_arriving: IntGauge,
 }
 
 impl Metrics {
@@ -58,11 +59,17 @@ impl Metrics {
             "vt_serve_queue_depth",
             "Images admitted and not yet answered (decoding, waiting for a batch or running)",
         )?;
+        let requests_arriving = IntGauge::new(
+            "vt_serve_requests_arriving",
+            "Prediction requests being read or decoded, not yet queued; a forming batch waits \
+             for them (up to --max-delay-ms)",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(inference_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(requests_arriving.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -70,6 +77,7 @@ impl Metrics {
             batch_size,
             inference_seconds,
             queue_depth,
+            requests_arriving,
         })
     }
 

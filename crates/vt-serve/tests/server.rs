@@ -610,11 +610,13 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_at_once_with_retry_after() {
     let dir = tiny_checkpoint();
-    // One slot, and a batch that waits long for company: the first request holds the slot.
+    // One slot, and a batch that waits long for a slow upload: the first request holds the
+    // slot meanwhile.
     let args = ["--queue", "1", "--max-batch", "8", "--max-delay-ms", "3000"];
     let server = TestServer::start(&checkpoint_path(&dir), &args).await;
     let client = client();
     let photo = test_images(1).remove(0).1;
+    let upload = start_endless_upload(&client, &server.base).await;
     let first = tokio::spawn(post_raw_owned(
         client.clone(),
         server.url("/predict"),
@@ -641,6 +643,7 @@ async fn a_full_queue_answers_503_at_once_with_retry_after() {
 
     let (status, answer) = first.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");
+    drop(upload);
     server.shutdown().await;
 }
 
@@ -653,12 +656,85 @@ async fn post_raw_owned(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_only_for_requests_on_their_way() {
+    let dir = tiny_checkpoint();
+    let args = ["--max-batch", "8", "--max-delay-ms", "20000"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let images = test_images(3);
+    // A lone request has nobody to wait for.
+    let (status, answer) = post_raw(
+        &client,
+        &server.url("/predict"),
+        "image/jpeg",
+        images[0].1.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(
+        answer["elapsed_ms"].as_f64().unwrap() < 10_000.0,
+        "{answer}"
+    );
+    // Three files of one request are on their way until all are queued: one batch.
+    let mut form = Form::new();
+    for (name, bytes) in &images {
+        form = form.part(
+            name.clone(),
+            Part::bytes(bytes.clone()).file_name(name.clone()),
+        );
+    }
+    let (status, answer) = json_of(
+        client
+            .post(server.url("/predict"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for result in results {
+        assert!(
+            result["elapsed_ms"].as_f64().unwrap() < 10_000.0,
+            "{answer}"
+        );
+    }
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "vt_serve_batch_size_count"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "vt_serve_batch_size_sum"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "vt_serve_requests_arriving"),
+        Some(0.0),
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_gets_504() {
     let dir = tiny_checkpoint();
-    // The batch waits 2 s for company, far past the 50 ms deadline.
+    // The batch waits up to 2 s for a slow upload, far past the 300 ms deadline (which the
+    // upload reaches too, but only after the request has joined the batch).
     let args = [
         "--timeout-ms",
-        "50",
+        "300",
         "--max-batch",
         "8",
         "--max-delay-ms",
@@ -667,6 +743,7 @@ async fn a_request_past_its_deadline_gets_504() {
     let server = TestServer::start(&checkpoint_path(&dir), &args).await;
     let client = client();
     let photo = test_images(1).remove(0).1;
+    let _upload = start_endless_upload(&client, &server.base).await;
     let (status, answer) = post_raw(&client, &server.url("/predict"), "image/jpeg", photo).await;
     assert_error(
         status,
@@ -676,7 +753,7 @@ async fn a_request_past_its_deadline_gets_504() {
         "slow batch",
     );
     assert!(
-        answer["detail"].as_str().unwrap().contains("50 ms"),
+        answer["detail"].as_str().unwrap().contains("300 ms"),
         "{answer}"
     );
     // The abandoned request gives its slot back.
@@ -753,12 +830,15 @@ async fn graceful_shutdown_answers_the_requests_in_flight() {
     .await;
     let client = client();
     let photo = test_images(1).remove(0).1;
+    // A slow upload keeps the batch waiting; it is abandoned before shutdown begins.
+    let upload = start_endless_upload(&client, &server.base).await;
     let in_flight = tokio::spawn(post_raw_owned(
         client.clone(),
         server.url("/predict"),
         photo,
     ));
     wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+    drop(upload);
     let state = Arc::clone(&server.state);
     server.shutdown().await;
     assert!(!state.is_accepting());

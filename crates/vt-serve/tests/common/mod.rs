@@ -183,8 +183,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Waits (bounded) until `images` are admitted and waiting, read from `/metrics`.
-pub async fn wait_for_queue_depth(client: &reqwest::Client, metrics_url: &str, images: f64) {
+/// Waits (bounded) until the gauge `series` in `/metrics` reads `value`.
+pub async fn wait_for_gauge(client: &reqwest::Client, metrics_url: &str, series: &str, value: f64) {
     for _ in 0..600 {
         let text = client
             .get(metrics_url)
@@ -194,12 +194,37 @@ pub async fn wait_for_queue_depth(client: &reqwest::Client, metrics_url: &str, i
             .text()
             .await
             .unwrap();
-        if metric(&text, "vt_serve_queue_depth") == Some(images) {
+        if metric(&text, series) == Some(value) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the queue never held {images} image(s)");
+    panic!("{series} never read {value}");
+}
+
+/// Waits (bounded) until `images` are admitted and waiting, read from `/metrics`.
+pub async fn wait_for_queue_depth(client: &reqwest::Client, metrics_url: &str, images: f64) {
+    wait_for_gauge(client, metrics_url, "vt_serve_queue_depth", images).await;
+}
+
+/// Starts a `/predict` upload that never finishes, as a slow client would, and waits until
+/// the server counts it as arriving: a batch forming meanwhile waits its whole window for
+/// it. Dropping the stream abandons the upload.
+pub async fn start_endless_upload(client: &reqwest::Client, base: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let host = base.strip_prefix("http://").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n\
+                Transfer-Encoding: chunked\r\n\r\n1\r\nA\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    wait_for_gauge(
+        client,
+        &format!("{base}/metrics"),
+        "vt_serve_requests_arriving",
+        1.0,
+    )
+    .await;
+    stream
 }
 
 /// Label -> score of a `/predict` answer.
