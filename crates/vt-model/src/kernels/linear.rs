@@ -63,23 +63,6 @@ fn runs_directly(rows: usize, in_dim: usize, out_dim: usize) -> bool {
     rows >= out_dim || rows >= if in_dim <= 256 { 32 } else { 256 }
 }
 
-/// Tile edge of the output transpose: a tile of each side stays in L1.
-const TILE: usize = 32;
-
-/// `dst (cols x rows) = src (rows x cols)^T`, both row-major.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = row[c];
-                }
-            }
-        }
-    }
-}
-
 impl CustomOp2 for LinearProduct {
     fn name(&self) -> &'static str {
         "vt-linear"
@@ -116,7 +99,7 @@ impl CustomOp2 for LinearProduct {
                 None => PreparedLhs::unpacked(weight),
             };
             matmul_prepared(&mut y_t, &weight, x.t(), false, threads());
-            transpose(&y_t, out_dim, rows, &mut y);
+            transpose::transpose(&y_t, &mut y, rows, out_dim);
         }
         let mut dims = x_dims.to_vec();
         if let Some(last) = dims.last_mut() {
