@@ -474,14 +474,7 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
         &offline_probs(&checkpoint, &photo),
         "after bad inputs",
     );
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&client, &server.url("/metrics")).await;
     assert_eq!(metric(&text, "vt_serve_queue_depth"), Some(0.0), "{text}");
     server.shutdown().await;
 }
@@ -701,14 +694,7 @@ async fn a_batch_waits_only_for_requests_on_their_way() {
             "{answer}"
         );
     }
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&client, &server.url("/metrics")).await;
     assert_eq!(
         metric(&text, "vt_serve_batch_size_count"),
         Some(2.0),
@@ -804,14 +790,7 @@ async fn hundreds_of_concurrent_requests_each_match_the_offline_prediction() {
         answered += 1;
     }
     assert_eq!(answered, REQUESTS);
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&client, &server.url("/metrics")).await;
     assert_eq!(
         metric(&text, "vt_serve_batch_size_sum"),
         Some(REQUESTS as f64),

@@ -183,17 +183,22 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The Prometheus text of `/metrics`.
+pub async fn metrics_text(client: &reqwest::Client, metrics_url: &str) -> String {
+    client
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits (bounded) until the gauge `series` in `/metrics` reads `value`.
 pub async fn wait_for_gauge(client: &reqwest::Client, metrics_url: &str, series: &str, value: f64) {
     for _ in 0..600 {
-        let text = client
-            .get(metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(client, metrics_url).await;
         if metric(&text, series) == Some(value) {
             return;
         }
