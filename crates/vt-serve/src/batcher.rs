@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
@@ -98,23 +98,39 @@ impl Batcher {
     }
 }
 
+/// How often a forming batch looks again whether requests are still arriving.
+const RECHECK: Duration = Duration::from_millis(1);
+
+/// `first` and whatever joins it: up to `max_batch` images, waiting up to `max_delay` from
+/// `first`'s arrival only while other requests are arriving.
+fn gather(first: Job, queue: &Receiver<Job>, config: BatchConfig, arriving: &IntGauge) -> Vec<Job> {
+    let close = first.enqueued + config.max_delay;
+    let mut batch = vec![first];
+    while batch.len() < config.max_batch {
+        if let Ok(job) = queue.try_recv() {
+            batch.push(job);
+            continue;
+        }
+        // Requests leave the arriving count only after queueing their images: with none
+        // arriving, everything that could join is in the batch already.
+        let now = Instant::now();
+        if arriving.get() == 0 || now >= close {
+            break;
+        }
+        // Waiting in short slices: the last request may queue its image and leave the
+        // count just after the check above, and should not cost the whole window.
+        match queue.recv_timeout((close - now).min(RECHECK)) {
+            Ok(job) => batch.push(job),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    batch
+}
+
 fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metrics: &Metrics) {
     while let Ok(first) = queue.recv() {
-        let close = first.enqueued + config.max_delay;
-        let mut batch = vec![first];
-        while batch.len() < config.max_batch {
-            // Requests leave the arriving count only after queueing their images, so with
-            // none arriving whatever will join this batch is in the queue already.
-            let next = if metrics.requests_arriving.get() > 0 {
-                queue.recv_deadline(close).ok()
-            } else {
-                queue.try_recv().ok()
-            };
-            match next {
-                Some(job) => batch.push(job),
-                None => break,
-            }
-        }
+        let mut batch = gather(first, queue, config, &metrics.requests_arriving);
         // Callers past their deadline have already been answered 504: skip their work.
         let now = Instant::now();
         batch.retain(|job| job.deadline > now && !job.reply.is_closed());
