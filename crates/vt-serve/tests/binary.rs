@@ -192,6 +192,8 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
         "cpu",
         "--max-delay-ms",
         "1500",
+        "--timeout-ms",
+        "5000",
     ]);
     let client = client();
     let ready = client
@@ -227,16 +229,15 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
         assert_matches_offline(result, &probs, line["image"].as_str().unwrap());
     }
 
-    // A request waiting for its batch (held open by a slow upload, abandoned before the
-    // signal) when SIGTERM arrives is still answered.
-    let upload = start_endless_upload(&client, &base).await;
+    // A request waiting for its batch (held open by a slow upload, which the server waits
+    // for too, until its deadline) when SIGTERM arrives is still answered.
+    let _upload = start_endless_upload(&client, &base).await;
     let request = client
         .post(format!("{base}/predict"))
         .body(images[0].1.clone())
         .send();
     let in_flight = tokio::spawn(request);
     wait_for_queue_depth(&client, &format!("{base}/metrics"), 1.0).await;
-    drop(upload);
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -12,7 +12,7 @@ use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
@@ -242,28 +242,19 @@ async fn every_route_answers_with_its_documented_shape() {
 
 /// Sends a chunked body (no Content-Length) over a raw connection: the size limit must hold
 /// while reading. Returns the status code and the JSON body.
-async fn post_chunked(addr: std::net::SocketAddr, chunks: usize, chunk: &[u8]) -> (u16, Value) {
+async fn post_chunked(addr: std::net::SocketAddr, chunks: usize, bytes: &[u8]) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/octet-stream\r\n\
-                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(CHUNKED_PREDICT_HEAD.as_bytes())
+        .await
+        .unwrap();
     for _ in 0..chunks {
-        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
-        if stream.write_all(&framed).await.is_err() {
+        if stream.write_all(&chunk(bytes)).await.is_err() {
             break; // The server answered and closed early: read what it said.
         }
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response).await;
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    read_response(&mut stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -716,8 +707,6 @@ async fn a_batch_waits_only_for_requests_on_their_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_gets_504() {
     let dir = tiny_checkpoint();
-    // The batch waits up to 2 s for a slow upload, far past the 300 ms deadline (which the
-    // upload reaches too, but only after the request has joined the batch).
     let args = [
         "--timeout-ms",
         "300",
@@ -729,10 +718,26 @@ async fn a_request_past_its_deadline_gets_504() {
     let server = TestServer::start(&checkpoint_path(&dir), &args).await;
     let client = client();
     let photo = test_images(1).remove(0).1;
+    // The photo's request starts first, so its 300 ms run out first; a slow upload started
+    // after it keeps the batch waiting (up to 2 s) past them.
+    let mut request = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    request
+        .write_all(CHUNKED_PREDICT_HEAD.as_bytes())
+        .await
+        .unwrap();
+    wait_for_gauge(
+        &client,
+        &server.url("/metrics"),
+        "vt_serve_requests_arriving",
+        1.0,
+    )
+    .await;
     let _upload = start_endless_upload(&client, &server.base).await;
-    let (status, answer) = post_raw(&client, &server.url("/predict"), "image/jpeg", photo).await;
+    let body = [chunk(&photo), b"0\r\n\r\n".to_vec()].concat();
+    request.write_all(&body).await.unwrap();
+    let (status, answer) = read_response(&mut request).await;
     assert_error(
-        status,
+        StatusCode::from_u16(status).unwrap(),
         &answer,
         StatusCode::GATEWAY_TIMEOUT,
         "timeout",
@@ -804,20 +809,27 @@ async fn graceful_shutdown_answers_the_requests_in_flight() {
     let dir = tiny_checkpoint();
     let server = TestServer::start(
         &checkpoint_path(&dir),
-        &["--max-batch", "8", "--max-delay-ms", "1500"],
+        &[
+            "--max-batch",
+            "8",
+            "--max-delay-ms",
+            "1500",
+            "--timeout-ms",
+            "5000",
+        ],
     )
     .await;
     let client = client();
     let photo = test_images(1).remove(0).1;
-    // A slow upload keeps the batch waiting; it is abandoned before shutdown begins.
-    let upload = start_endless_upload(&client, &server.base).await;
+    // A slow upload keeps the batch waiting its whole window; shutdown waits for the upload
+    // too, until its own deadline.
+    let _upload = start_endless_upload(&client, &server.base).await;
     let in_flight = tokio::spawn(post_raw_owned(
         client.clone(),
         server.url("/predict"),
         photo,
     ));
     wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
-    drop(upload);
     let state = Arc::clone(&server.state);
     server.shutdown().await;
     assert!(!state.is_accepting());

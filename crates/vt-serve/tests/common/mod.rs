@@ -212,23 +212,46 @@ pub async fn wait_for_queue_depth(client: &reqwest::Client, metrics_url: &str, i
     wait_for_gauge(client, metrics_url, "vt_serve_queue_depth", images).await;
 }
 
+/// The head of a `/predict` request whose body follows in chunks.
+pub const CHUNKED_PREDICT_HEAD: &str = "POST /predict HTTP/1.1\r\nHost: test\r\n\
+    Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+
+/// `bytes` framed as one chunk of a chunked body.
+pub fn chunk(bytes: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", bytes.len()).as_bytes(), bytes, b"\r\n"].concat()
+}
+
+/// Reads a raw connection's response to its end: the status code and the JSON body.
+pub async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, serde_json::Value) {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// Starts a `/predict` upload that never finishes, as a slow client would, and waits until
 /// the server counts it as arriving: a batch forming meanwhile waits its whole window for
-/// it. Dropping the stream abandons the upload.
+/// it (or until the upload's own deadline). Dropping the stream abandons the upload.
 pub async fn start_endless_upload(client: &reqwest::Client, base: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
+    let metrics_url = format!("{base}/metrics");
+    let series = "vt_serve_requests_arriving";
+    let before = metric(&metrics_text(client, &metrics_url).await, series).unwrap_or(0.0);
     let host = base.strip_prefix("http://").unwrap();
     let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    let head = "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n\
-                Transfer-Encoding: chunked\r\n\r\n1\r\nA\r\n";
-    stream.write_all(head.as_bytes()).await.unwrap();
-    wait_for_gauge(
-        client,
-        &format!("{base}/metrics"),
-        "vt_serve_requests_arriving",
-        1.0,
-    )
-    .await;
+    let head = [CHUNKED_PREDICT_HEAD.as_bytes(), &chunk(b"A")].concat();
+    stream.write_all(&head).await.unwrap();
+    wait_for_gauge(client, &metrics_url, series, before + 1.0).await;
     stream
 }
 
