@@ -21,6 +21,7 @@ pub mod loader;
 pub mod rng;
 pub mod source;
 pub mod split;
+mod staging;
 pub mod transform;
 
 pub use error::{DataError, Result};

@@ -19,6 +19,7 @@ use crate::decode::decode_rgb_limited;
 use crate::error::{DataError, Result};
 use crate::import::MAX_PIXELS;
 use crate::rng::{epoch_rng, sample_rng};
+use crate::staging::Staging;
 use crate::transform::{eval_into, Normalize};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,8 +71,8 @@ pub struct SkippedFile {
     pub reason: String,
 }
 
-struct RawBatch {
-    images: Vec<f32>,
+/// The rows of a batch that loaded; their images are in the worker's staging buffer.
+struct Loaded {
     labels: Vec<u32>,
     indices: Vec<usize>,
 }
@@ -194,22 +195,24 @@ fn worker(
     results: &Sender<(usize, Result<Option<Batch>>)>,
 ) {
     let mut resizer = Resizer::new();
+    let mut staging = Staging::new(&shared.device);
     while let Ok(b) = jobs.recv() {
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        let outcome = catch_unwind(AssertUnwindSafe(|| build_batch(shared, b, &mut resizer)))
-            .unwrap_or_else(|_| {
-                Err(DataError::Invalid(format!(
-                    "loader worker panicked on batch {b}"
-                )))
-            });
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            build_batch(shared, b, &mut resizer, &mut staging)
+        }))
+        .unwrap_or_else(|_| {
+            Err(DataError::Invalid(format!(
+                "loader worker panicked on batch {b}"
+            )))
+        });
         let Some(outcome) = outcome.transpose() else {
             return; // stopped mid-batch
         };
-        // The copy to a GPU happens here, off the training thread: from pageable memory it
-        // waits for the device's queue to reach it.
-        let outcome = outcome.and_then(|raw| to_batch(shared, raw));
+        // The copy to a GPU happens here, off the training thread.
+        let outcome = outcome.and_then(|loaded| to_batch(shared, &mut staging, loaded));
         if results.send((b, outcome)).is_err() {
             return;
         }
@@ -217,50 +220,60 @@ fn worker(
 }
 
 /// The batch's tensors on the loader's device; None when every file of it failed.
-fn to_batch(shared: &Shared, raw: RawBatch) -> Result<Option<Batch>> {
-    let n = raw.labels.len();
+fn to_batch(shared: &Shared, staging: &mut Staging, loaded: Loaded) -> Result<Option<Batch>> {
+    let n = loaded.labels.len();
     if n == 0 {
         return Ok(None);
     }
     let s = shared.transform.image_size() as usize;
     Ok(Some(Batch {
-        images: Tensor::from_vec(raw.images, (n, 3, s, s), &shared.device)?,
-        labels: Tensor::from_vec(raw.labels, n, &shared.device)?,
-        indices: raw.indices,
+        images: staging.batch_tensor((n, 3, s, s).into())?,
+        labels: Tensor::from_vec(loaded.labels, n, &shared.device)?,
+        indices: loaded.indices,
     }))
 }
 
-/// `Ok(None)` when asked to stop part-way.
-fn build_batch(shared: &Shared, b: usize, resizer: &mut Resizer) -> Result<Option<RawBatch>> {
+/// Decodes and transforms the batch's samples into `staging`, one after another; `Ok(None)`
+/// when asked to stop part-way.
+fn build_batch(
+    shared: &Shared,
+    b: usize,
+    resizer: &mut Resizer,
+    staging: &mut Staging,
+) -> Result<Option<Loaded>> {
     let plan = &shared.plan[b];
     let size = shared.transform.image_size() as usize;
-    let mut raw = RawBatch {
-        images: Vec::with_capacity(plan.len() * 3 * size * size),
+    let sample_len = 3 * size * size;
+    let images = staging.buffer(plan.len() * sample_len)?;
+    let mut loaded = Loaded {
         labels: Vec::with_capacity(plan.len()),
         indices: Vec::with_capacity(plan.len()),
     };
-    let sample_len = 3 * size * size;
     for &i in plan {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
         let (path, label) = &shared.samples[i];
-        // Written in place at the end of the batch; dropped again if the sample fails.
-        let start = raw.images.len();
-        raw.images.resize(start + sample_len, 0.0);
-        let loaded = u32::try_from(*label)
+        // After the samples loaded so far; the next sample overwrites a failed one's slot.
+        let start = loaded.labels.len() * sample_len;
+        let outcome = u32::try_from(*label)
             .map_err(|_| DataError::Invalid(format!("label {label} does not fit u32")))
             .and_then(|label| {
-                load_sample(path, shared, i, resizer, &mut raw.images[start..])?;
+                load_sample(
+                    path,
+                    shared,
+                    i,
+                    resizer,
+                    &mut images[start..start + sample_len],
+                )?;
                 Ok(label)
             });
-        match loaded {
+        match outcome {
             Ok(label) => {
-                raw.labels.push(label);
-                raw.indices.push(i);
+                loaded.labels.push(label);
+                loaded.indices.push(i);
             }
             Err(e) => {
-                raw.images.truncate(start);
                 tracing::warn!("skipping {}: {e}", path.display());
                 if let Ok(mut skipped) = shared.skipped.lock() {
                     skipped.push(SkippedFile {
@@ -271,7 +284,7 @@ fn build_batch(shared: &Shared, b: usize, resizer: &mut Resizer) -> Result<Optio
             }
         }
     }
-    Ok(Some(raw))
+    Ok(Some(loaded))
 }
 
 /// Decodes and transforms sample `index` into `out`.

@@ -48,7 +48,17 @@ fn collect(
     cfg: &LoaderConfig,
     epoch: u64,
 ) -> Vec<(Vec<usize>, Vec<u32>, Vec<f32>)> {
-    batches(samples, cfg, epoch, &Device::Cpu)
+    collect_on(samples, cfg, epoch, &Device::Cpu)
+}
+
+/// Each batch's sample indices, labels and images, read back from `device`.
+fn collect_on(
+    samples: &[(PathBuf, usize)],
+    cfg: &LoaderConfig,
+    epoch: u64,
+    device: &Device,
+) -> Vec<(Vec<usize>, Vec<u32>, Vec<f32>)> {
+    batches(samples, cfg, epoch, device)
         .map(|b| {
             let b = b.unwrap();
             let images = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -165,6 +175,12 @@ fn unreadable_files_are_skipped_and_reported() {
     let first = iter.next().unwrap().unwrap();
     assert_eq!(first.indices, [0, 1, 3]);
     assert_eq!(first.labels.dims(), [3]);
+    // Image 3 is written where the bad file's row would have been.
+    let reds: Vec<f32> = (0..3)
+        .map(|row| first.images.get(row).unwrap().flatten_all().unwrap())
+        .map(|row| row.get(0).unwrap().to_scalar::<f32>().unwrap())
+        .collect();
+    assert_eq!(reds, [0.0, 1.0, 3.0]);
     let second = iter.next().unwrap().unwrap();
     assert_eq!(second.indices, [4, 5]);
     assert!(iter.next().is_none());
@@ -220,4 +236,41 @@ fn bad_configurations_are_errors_not_panics() {
     cfg.batch_size = 1;
     cfg.threads = 0;
     assert_eq!(collect(&samples, &cfg, 0).len(), 2);
+}
+
+/// On a GPU each worker stages its batches in one page-locked buffer, reused from batch to
+/// batch: what arrives must be exactly the CPU's batches, over epochs, batch sizes and skipped
+/// files.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_batches_equal_cpu_batches() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut samples: Vec<(PathBuf, usize)> = (0..23)
+        .map(|i| {
+            let path = tmp.path().join(format!("{i}.jpg"));
+            write(&path, &jpeg(i));
+            (path, i as usize % 6)
+        })
+        .collect();
+    write(&samples[9].0, b"corrupted after import");
+    samples.push((tmp.path().join("vanished.jpg"), 2));
+    let mut cfg = raw_eval(5);
+    cfg.shuffle = true;
+    cfg.transform = Transform::Train(AugmentConfig::notebook(24));
+    for threads in [1, 3] {
+        cfg.threads = threads;
+        for epoch in 0..3 {
+            let cpu = collect_on(&samples, &cfg, epoch, &Device::Cpu);
+            assert_eq!(cpu.len(), 5);
+            assert_eq!(cpu.iter().map(|b| b.0.len()).sum::<usize>(), 22);
+            assert_eq!(collect_on(&samples, &cfg, epoch, &gpu), cpu);
+        }
+    }
 }
