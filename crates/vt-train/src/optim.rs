@@ -11,10 +11,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use vt_model::kernels::{AdamWStep, SgdStep};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -151,31 +151,23 @@ impl Optimizer {
             slot.steps += 1;
             let next = match self.method {
                 Method::Sgd { momentum, nesterov } => {
-                    let d_p = if wd == 0.0 {
-                        grad
-                    } else {
-                        (grad + (&theta * wd)?)?
+                    let update = SgdStep {
+                        lr,
+                        weight_decay: wd,
+                        momentum,
+                        nesterov,
                     };
-                    let d_p = if momentum == 0.0 {
-                        d_p
-                    } else {
-                        let buf = match &slot.first {
-                            None => d_p.clone(),
-                            Some(buf) => ((buf * momentum)? + &d_p)?,
-                        };
-                        let update = if nesterov {
-                            (&d_p + (&buf * momentum)?)?
-                        } else {
-                            buf.clone()
-                        };
-                        slot.first = Some(buf);
-                        update
+                    let buffer = slot.first.as_ref();
+                    let (next, buffer) = match update.fused(&theta, &grad, buffer)? {
+                        Some((next, buffer)) => (next, Some(buffer)),
+                        None => sgd_with_tensor_ops(&update, &theta, grad, buffer)?,
                     };
-                    (&theta - (d_p * lr)?)?
+                    slot.first = buffer;
+                    next
                 }
                 Method::AdamW { beta1, beta2, eps } => {
                     let t = i32::try_from(slot.steps).unwrap_or(i32::MAX);
-                    let update = AdamWUpdate {
+                    let update = AdamWStep {
                         lr,
                         weight_decay: wd,
                         beta1,
@@ -185,9 +177,9 @@ impl Optimizer {
                         bias2: 1.0 - beta2.powi(t),
                     };
                     let moments = slot.first.as_ref().zip(slot.second.as_ref());
-                    let (next, m, v) = match update.fused_cpu(&theta, &grad, moments)? {
+                    let (next, m, v) = match update.fused(&theta, &grad, moments)? {
                         Some(updated) => updated,
-                        None => update.with_tensor_ops(&theta, &grad, moments)?,
+                        None => adamw_with_tensor_ops(&update, &theta, &grad, moments)?,
                     };
                     slot.first = Some(m);
                     slot.second = Some(v);
@@ -274,124 +266,60 @@ impl Optimizer {
     }
 }
 
-/// One AdamW step of one parameter, its bias corrections included.
-struct AdamWUpdate {
-    lr: f64,
-    weight_decay: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    bias1: f64,
-    bias2: f64,
-}
-
-/// The elements of a contiguous f32 CPU tensor, read through its storage guard; None for
-/// any other tensor.
-fn cpu_f32<'a>((storage, layout): &'a (StorageRef<'_>, &Layout)) -> Option<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(data)) = &**storage else {
-        return None;
+/// SGD's step as candle tensor operations, on any device: (parameter, momentum buffer, None
+/// without momentum); `buffer` None on the first step.
+fn sgd_with_tensor_ops(
+    update: &SgdStep,
+    theta: &Tensor,
+    grad: Tensor,
+    buffer: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let d_p = if update.weight_decay == 0.0 {
+        grad
+    } else {
+        (grad + (theta * update.weight_decay)?)?
     };
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(&data[start..end])
+    if update.momentum == 0.0 {
+        return Ok(((theta - (d_p * update.lr)?)?, None));
+    }
+    let buf = match buffer {
+        None => d_p.clone(),
+        Some(buf) => ((buf * update.momentum)? + &d_p)?,
+    };
+    let step = if update.nesterov {
+        (&d_p + (&buf * update.momentum)?)?
+    } else {
+        buf.clone()
+    };
+    Ok(((theta - (step * update.lr)?)?, Some(buf)))
 }
 
-/// Elements per parallel task of the fused update.
-const FUSED_CHUNK: usize = 1 << 14;
-
-impl AdamWUpdate {
-    /// The step as candle tensor operations, on any device: (parameter, first moment,
-    /// second moment); `moments` None means zeros.
-    fn with_tensor_ops(
-        &self,
-        theta: &Tensor,
-        grad: &Tensor,
-        moments: Option<(&Tensor, &Tensor)>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let theta = if self.weight_decay == 0.0 {
-            theta.clone()
-        } else {
-            (theta * (1.0 - self.lr * self.weight_decay))?
-        };
-        let (m, v) = match moments {
-            None => (
-                (grad * (1.0 - self.beta1))?,
-                (grad.sqr()? * (1.0 - self.beta2))?,
-            ),
-            Some((m, v)) => (
-                ((m * self.beta1)? + (grad * (1.0 - self.beta1))?)?,
-                ((v * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?,
-            ),
-        };
-        let denom = ((v.sqrt()? / self.bias2.sqrt())? + self.eps)?;
-        let next = (&theta - ((&m / denom)? * (self.lr / self.bias1))?)?;
-        Ok((next, m, v))
-    }
-
-    /// The step in one pass over f32 CPU memory: (parameter, first moment, second moment).
-    /// As tensor operations it takes about fourteen passes, each allocating its result.
-    /// None when a tensor is not a contiguous f32 CPU tensor; `moments` None means zeros.
-    fn fused_cpu(
-        &self,
-        theta: &Tensor,
-        grad: &Tensor,
-        moments: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        if !theta.device().is_cpu() || theta.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (n, shape, device) = (theta.elem_count(), theta.shape(), theta.device());
-        let (theta_storage, grad_storage) = (theta.storage_and_layout(), grad.storage_and_layout());
-        let moment_storage = moments.map(|(m, v)| (m.storage_and_layout(), v.storage_and_layout()));
-        let zeros;
-        let (m, v) = match &moment_storage {
-            Some((m, v)) => (cpu_f32(m), cpu_f32(v)),
-            None => {
-                zeros = vec![0f32; n];
-                (Some(&zeros[..]), Some(&zeros[..]))
-            }
-        };
-        let (Some(theta), Some(grad), Some(m), Some(v)) =
-            (cpu_f32(&theta_storage), cpu_f32(&grad_storage), m, v)
-        else {
-            return Ok(None);
-        };
-        if [theta.len(), grad.len(), m.len(), v.len()] != [n; 4] {
-            return Ok(None);
-        }
-        // The scalars rounded as candle's `tensor * f64` and `tensor / f64` round them, so
-        // that this path and the tensor-op one agree.
-        let decay = (1.0 - self.lr * self.weight_decay) as f32;
-        let (beta1, beta2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
-        let (keep1, keep2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-        let inv_bias2_sqrt = (1.0 / self.bias2.sqrt()) as f32;
-        let step = (self.lr / self.bias1) as f32;
-        let (mut next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        next.par_chunks_mut(FUSED_CHUNK)
-            .zip(m_next.par_chunks_mut(FUSED_CHUNK))
-            .zip(v_next.par_chunks_mut(FUSED_CHUNK))
-            .enumerate()
-            .for_each(|(chunk, ((next, m_next), v_next))| {
-                let range = chunk * FUSED_CHUNK..chunk * FUSED_CHUNK + next.len();
-                let inputs = theta[range.clone()]
-                    .iter()
-                    .zip(&grad[range.clone()])
-                    .zip(&m[range.clone()])
-                    .zip(&v[range]);
-                let outputs = next
-                    .iter_mut()
-                    .zip(m_next.iter_mut())
-                    .zip(v_next.iter_mut());
-                for ((((&theta, &g), &m), &v), ((next, m_next), v_next)) in inputs.zip(outputs) {
-                    let m = m * beta1 + g * keep1;
-                    let v = v * beta2 + g * g * keep2;
-                    *next = theta * decay - m / (v.sqrt() * inv_bias2_sqrt + eps) * step;
-                    *m_next = m;
-                    *v_next = v;
-                }
-            });
-        let tensor = |data: Vec<f32>| Tensor::from_vec(data, shape, device);
-        Ok(Some((tensor(next)?, tensor(m_next)?, tensor(v_next)?)))
-    }
+/// AdamW's step as candle tensor operations, on any device: (parameter, first moment,
+/// second moment); `moments` None means zeros.
+fn adamw_with_tensor_ops(
+    update: &AdamWStep,
+    theta: &Tensor,
+    grad: &Tensor,
+    moments: Option<(&Tensor, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let theta = if update.weight_decay == 0.0 {
+        theta.clone()
+    } else {
+        (theta * (1.0 - update.lr * update.weight_decay))?
+    };
+    let (m, v) = match moments {
+        None => (
+            (grad * (1.0 - update.beta1))?,
+            (grad.sqr()? * (1.0 - update.beta2))?,
+        ),
+        Some((m, v)) => (
+            ((m * update.beta1)? + (grad * (1.0 - update.beta1))?)?,
+            ((v * update.beta2)? + (grad.sqr()? * (1.0 - update.beta2))?)?,
+        ),
+    };
+    let denom = ((v.sqrt()? / update.bias2.sqrt())? + update.eps)?;
+    let next = (&theta - ((&m / denom)? * (update.lr / update.bias1))?)?;
+    Ok((next, m, v))
 }
 
 /// The factor that brings a gradient of norm `norm` down to `max_norm` (PyTorch's
@@ -407,6 +335,7 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+    use vt_model::kernels::OPTIMIZER_CHUNK;
 
     fn setup() -> (VarMap, Var, Var) {
         let varmap = VarMap::new();
@@ -521,13 +450,13 @@ mod tests {
     fn fused_adamw_matches_the_tensor_operations() {
         let dev = Device::Cpu;
         // Longer than one parallel chunk, with a ragged end.
-        let shape = (3, FUSED_CHUNK / 2 + 5);
+        let shape = (3, OPTIMIZER_CHUNK / 2 + 5);
         let theta = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let mut moments: Option<(Tensor, Tensor)> = None;
         let (mut fused, mut reference) = (theta.clone(), theta);
         for t in 1..=3 {
             let grad = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-            let update = AdamWUpdate {
+            let update = AdamWStep {
                 lr: 0.01,
                 weight_decay: 0.05,
                 beta1: 0.9,
@@ -537,17 +466,17 @@ mod tests {
                 bias2: 1.0 - 0.999f64.powi(t),
             };
             let pair = moments.as_ref().map(|(m, v)| (m, v));
-            let (next, m, v) = update.fused_cpu(&fused, &grad, pair).unwrap().unwrap();
-            let (want, want_m, want_v) = update.with_tensor_ops(&reference, &grad, pair).unwrap();
+            let (next, m, v) = update.fused(&fused, &grad, pair).unwrap().unwrap();
+            let (want, want_m, want_v) =
+                adamw_with_tensor_ops(&update, &reference, &grad, pair).unwrap();
             for (got, want) in [(&next, &want), (&m, &want_m), (&v, &want_v)] {
                 let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "step {t}");
             }
             (fused, reference, moments) = (next, want, Some((m, v)));
         }
-        // Anything but a contiguous f32 CPU tensor goes to the tensor operations.
-        let f64_theta = fused.to_dtype(DType::F64).unwrap();
-        let update = AdamWUpdate {
+        // Anything but contiguous f32 tensors of one shape goes to the tensor operations.
+        let update = AdamWStep {
             lr: 0.01,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -556,10 +485,62 @@ mod tests {
             bias1: 0.1,
             bias2: 0.001,
         };
+        let f64_theta = fused.to_dtype(DType::F64).unwrap();
         assert!(update
-            .fused_cpu(&f64_theta, &f64_theta, None)
+            .fused(&f64_theta, &f64_theta, None)
             .unwrap()
             .is_none());
+        let transposed = fused.t().unwrap();
+        assert!(update
+            .fused(&transposed, &transposed, None)
+            .unwrap()
+            .is_none());
+        let row = fused.get(0).unwrap();
+        assert!(update.fused(&fused, &row, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn fused_sgd_matches_the_tensor_operations() {
+        let dev = Device::Cpu;
+        let shape = (3, OPTIMIZER_CHUNK / 2 + 5);
+        for (weight_decay, nesterov) in [(0.0, true), (5e-4, true), (5e-4, false)] {
+            let update = SgdStep {
+                lr: 0.05,
+                weight_decay,
+                momentum: 0.9,
+                nesterov,
+            };
+            let theta = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let (mut fused, mut reference) = (theta.clone(), theta);
+            let (mut buffer, mut reference_buffer): (Option<Tensor>, Option<Tensor>) = (None, None);
+            for t in 1..=3 {
+                let grad = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+                let (next, buf) = update
+                    .fused(&fused, &grad, buffer.as_ref())
+                    .unwrap()
+                    .unwrap();
+                let (want, want_buf) =
+                    sgd_with_tensor_ops(&update, &reference, grad, reference_buffer.as_ref())
+                        .unwrap();
+                let want_buf = want_buf.unwrap();
+                for (got, want) in [(&next, &want), (&buf, &want_buf)] {
+                    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                    let diff = diff.to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-6, "step {t}, {update:?}: {diff}");
+                }
+                (fused, reference) = (next, want);
+                (buffer, reference_buffer) = (Some(buf), Some(want_buf));
+            }
+        }
+        // Without momentum there is no buffer to fuse: the tensor operations run.
+        let plain = SgdStep {
+            lr: 0.05,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            nesterov: false,
+        };
+        let theta = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        assert!(plain.fused(&theta, &theta, None).unwrap().is_none());
     }
 
     #[test]

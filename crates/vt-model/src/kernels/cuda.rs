@@ -3,15 +3,21 @@
 //! `max_pool` call these from their `cuda_fwd`, so that a training step on a GPU runs the
 //! same few passes as on the CPU instead of candle's broadcast chains: on an H100 those
 //! chains and their gradient sums took most of the 186 ms of kernel time of a vt-resnet18
-//! step at 224 px, batch 128, once cuDNN ran the convolutions (bench/RESULTS.md).
+//! step at 224 px, batch 128, once cuDNN ran the convolutions (bench/RESULTS.md). The
+//! optimisers' fused updates (`optimizer`) launch one kernel per parameter here.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, StorageRef, Tensor, WithDType,
+};
 use half::{bf16, f16};
+
+use super::optimizer::AdamWScalars;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -64,6 +70,126 @@ macro_rules! launch {
 /// Blocks for a grid-stride loop over `len` elements.
 fn stride_blocks(len: usize) -> u32 {
     len.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32
+}
+
+/// The contiguous f32 data of a tensor on a GPU, read through its storage guard.
+fn tensor_view<'a>((storage, layout): &'a (StorageRef<'_>, &Layout)) -> Result<CudaView<'a, f32>> {
+    match &**storage {
+        Storage::Cuda(storage) => view::<f32>(storage, layout),
+        _ => candle_core::bail!("vt CUDA kernels take tensors on the GPU"),
+    }
+}
+
+/// A tensor of `shape` on `device`'s GPU, outside any autograd graph.
+fn tensor(data: CudaSlice<f32>, device: &CudaDevice, shape: &Shape) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(data, device.clone());
+    Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape.clone(),
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// AdamW's step (`optimizer.rs`) for contiguous f32 tensors of one shape: (parameter, first
+/// moment, second moment), one kernel launch.
+pub(super) fn adamw(
+    s: &AdamWScalars,
+    theta: &Tensor,
+    grad: &Tensor,
+    moments: Option<(&Tensor, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let device = theta.device().as_cuda_device()?;
+    let (theta_storage, grad_storage) = (theta.storage_and_layout(), grad.storage_and_layout());
+    let moment_storage = moments.map(|(m, v)| (m.storage_and_layout(), v.storage_and_layout()));
+    let (theta_data, grad_data) = (tensor_view(&theta_storage)?, tensor_view(&grad_storage)?);
+    // The first step reads no moments: the kernel is given the parameter in their place.
+    let (m, v) = match &moment_storage {
+        Some((m, v)) => (tensor_view(m)?, tensor_view(v)?),
+        None => (tensor_view(&theta_storage)?, tensor_view(&theta_storage)?),
+    };
+    let len = theta_data.len();
+    let n = u32_of(len, "parameter size")?;
+    let fresh = i32::from(moments.is_none());
+    let (next, m_next, v_next) = (
+        output::<f32>(device, len)?,
+        output::<f32>(device, len)?,
+        output::<f32>(device, len)?,
+    );
+    launch!(
+        device,
+        "adamw_f32",
+        (stride_blocks(len), 1),
+        &theta_data,
+        &grad_data,
+        &m,
+        &v,
+        &next,
+        &m_next,
+        &v_next,
+        &n,
+        &fresh,
+        &s.decay,
+        &s.beta1,
+        &s.beta2,
+        &s.keep1,
+        &s.keep2,
+        &s.inv_bias2_sqrt,
+        &s.eps,
+        &s.step
+    );
+    let shape = theta.shape();
+    Ok((
+        tensor(next, device, shape),
+        tensor(m_next, device, shape),
+        tensor(v_next, device, shape),
+    ))
+}
+
+/// SGD's scalars as the kernel takes them (`weight_decay` 0 when none applies).
+pub(super) struct SgdScalars {
+    pub weight_decay: f32,
+    pub momentum: f32,
+    pub nesterov: i32,
+    pub lr: f32,
+}
+
+/// SGD's step with momentum (`optimizer.rs`) for contiguous f32 tensors of one shape:
+/// (parameter, momentum buffer), one kernel launch.
+pub(super) fn sgd(
+    s: &SgdScalars,
+    theta: &Tensor,
+    grad: &Tensor,
+    buffer: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let device = theta.device().as_cuda_device()?;
+    let (theta_storage, grad_storage) = (theta.storage_and_layout(), grad.storage_and_layout());
+    let buffer_storage = buffer.map(|b| b.storage_and_layout());
+    let (theta_data, grad_data) = (tensor_view(&theta_storage)?, tensor_view(&grad_storage)?);
+    // The first step reads no buffer: the kernel is given the parameter in its place.
+    let buf = tensor_view(buffer_storage.as_ref().unwrap_or(&theta_storage))?;
+    let len = theta_data.len();
+    let n = u32_of(len, "parameter size")?;
+    let fresh = i32::from(buffer.is_none());
+    let (next, buf_next) = (output::<f32>(device, len)?, output::<f32>(device, len)?);
+    launch!(
+        device,
+        "sgd_f32",
+        (stride_blocks(len), 1),
+        &theta_data,
+        &grad_data,
+        &buf,
+        &next,
+        &buf_next,
+        &n,
+        &fresh,
+        &s.weight_decay,
+        &s.momentum,
+        &s.nesterov,
+        &s.lr
+    );
+    let shape = theta.shape();
+    Ok((tensor(next, device, shape), tensor(buf_next, device, shape)))
 }
 
 /// (N, C, H * W) of an NCHW layout, as the kernels index it.
@@ -695,6 +821,84 @@ mod tests {
                     rel <= tolerance,
                     "{dtype:?} relu {relu}: differs by {rel:e}"
                 );
+            }
+        }
+    }
+    #[test]
+    fn adamw_matches_the_cpu() {
+        let Some(gpu) = test_gpu() else { return };
+        // Ragged: not a multiple of a block, more elements than one grid pass covers.
+        let shape = [7, 300_001];
+        let mut cpu_state: Option<(Tensor, Tensor, Tensor)> = None;
+        let mut gpu_state: Option<(Tensor, Tensor, Tensor)> = None;
+        let theta = randn(&shape, 0.0, 1.0);
+        for t in 1..=3 {
+            let step = kernels::AdamWStep {
+                lr: 0.01,
+                weight_decay: 0.05,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                bias1: 1.0 - 0.9f64.powi(t),
+                bias2: 1.0 - 0.999f64.powi(t),
+            };
+            let grad = randn(&shape, 0.0, 1.0);
+            let on_cpu = match &cpu_state {
+                None => step.fused(&theta, &grad, None),
+                Some((p, m, v)) => step.fused(p, &grad, Some((m, v))),
+            };
+            let on_gpu = {
+                let grad = grad.to_device(&gpu).unwrap();
+                match &gpu_state {
+                    None => step.fused(&theta.to_device(&gpu).unwrap(), &grad, None),
+                    Some((p, m, v)) => step.fused(p, &grad, Some((m, v))),
+                }
+            };
+            let on_cpu = on_cpu.unwrap().unwrap();
+            let on_gpu = on_gpu.unwrap().unwrap();
+            for (what, got, want) in [
+                ("parameter", &on_gpu.0, &on_cpu.0),
+                ("first moment", &on_gpu.1, &on_cpu.1),
+                ("second moment", &on_gpu.2, &on_cpu.2),
+            ] {
+                assert!(got.device().is_cuda(), "{what} left the GPU");
+                let rel = max_rel(&got.to_device(&Device::Cpu).unwrap(), want);
+                // Same operations in the same order, without fused multiply-adds.
+                assert!(rel <= 1e-6, "step {t}: {what} differs by {rel:e}");
+            }
+            (cpu_state, gpu_state) = (Some(on_cpu), Some(on_gpu));
+        }
+    }
+    #[test]
+    fn sgd_matches_the_cpu() {
+        let Some(gpu) = test_gpu() else { return };
+        let shape = [7, 300_001];
+        for (weight_decay, nesterov) in [(0.0, true), (5e-4, true), (5e-4, false)] {
+            let step = kernels::SgdStep {
+                lr: 0.05,
+                weight_decay,
+                momentum: 0.9,
+                nesterov,
+            };
+            let theta = randn(&shape, 0.0, 1.0);
+            let mut on_cpu = (theta.clone(), None::<Tensor>);
+            let mut on_gpu = (theta.to_device(&gpu).unwrap(), None::<Tensor>);
+            for t in 1..=3 {
+                let grad = randn(&shape, 0.0, 1.0);
+                let cpu_next = step.fused(&on_cpu.0, &grad, on_cpu.1.as_ref());
+                let gpu_grad = grad.to_device(&gpu).unwrap();
+                let gpu_next = step.fused(&on_gpu.0, &gpu_grad, on_gpu.1.as_ref());
+                let (cpu_next, gpu_next) = (cpu_next.unwrap().unwrap(), gpu_next.unwrap().unwrap());
+                for (what, got, want) in [
+                    ("parameter", &gpu_next.0, &cpu_next.0),
+                    ("momentum buffer", &gpu_next.1, &cpu_next.1),
+                ] {
+                    assert!(got.device().is_cuda(), "{what} left the GPU");
+                    let rel = max_rel(&got.to_device(&Device::Cpu).unwrap(), want);
+                    assert!(rel <= 1e-6, "{step:?} step {t}: {what} differs by {rel:e}");
+                }
+                on_cpu = (cpu_next.0, Some(cpu_next.1));
+                on_gpu = (gpu_next.0, Some(gpu_next.1));
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Fast CPU kernels for what VT-ResNet spends its time on, as candle custom ops with forward
-//! and backward passes; batch norm, the residual add + ReLU and the max-pool also run on
-//! CUDA devices (feature `cuda`). The model code calls these functions; each falls back to
-//! candle's own operations on other devices and dtypes.
+//! and backward passes, and the optimisers' updates in one pass; batch norm, the residual
+//! add + ReLU, the max-pool and the updates also run on CUDA devices (feature `cuda`). The
+//! model and the optimisers call these functions; each falls back to candle's own
+//! operations on other devices and dtypes.
 
 mod add_relu;
 mod batch_norm;
@@ -15,6 +16,7 @@ mod gemm;
 mod gemm_bf16;
 mod linear;
 mod max_pool;
+mod optimizer;
 mod winograd;
 
 pub use add_relu::add_relu;
@@ -22,6 +24,7 @@ pub use batch_norm::{batch_norm, channel_moments};
 pub use conv2d::{conv2d, conv2d_affine, ChannelAffine, FrozenConv};
 pub use linear::{linear_product, FrozenLinear};
 pub use max_pool::max_pool_3x3_stride2_pad1;
+pub use optimizer::{AdamWStep, SgdStep, OPTIMIZER_CHUNK};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

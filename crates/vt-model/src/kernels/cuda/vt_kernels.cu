@@ -1,6 +1,6 @@
 // CUDA kernels of vt-model (feature `cuda`): batch norm (f32), the residual add + ReLU and
-// the stem's max-pool (f32, bf16 and f16), each forward and backward, and evaluation-mode
-// batch norm, for NCHW-contiguous tensors. They compute what
+// the stem's max-pool (f32, bf16 and f16), each forward and backward, evaluation-mode batch
+// norm, for NCHW-contiguous tensors, and the optimisers' update of a parameter (f32). They compute what
 // the CPU kernels beside them compute (same formulas and orders of operations; built with
 // --fmad=false so that `a * b + c` rounds twice, as on the CPU) in a few passes over memory
 // instead of candle's chains of broadcast operations and their autograd.
@@ -297,3 +297,36 @@ __device__ void max_pool_grad(const T *x, const T *y, const T *dy, T *dx, uint32
 MAX_POOL_GRAD(max_pool_grad_f32, float)
 MAX_POOL_GRAD(max_pool_grad_bf16, __nv_bfloat16)
 MAX_POOL_GRAD(max_pool_grad_f16, __half)
+
+// AdamW's step for one parameter tensor, as optimizer.rs's CPU loop (same operations in the same
+// order). `fresh`: the moments are zeros (the first step), `m` and `v` are not read.
+extern "C" __global__ void adamw_f32(const float *theta, const float *grad, const float *m,
+                                     const float *v, float *theta_out, float *m_out,
+                                     float *v_out, uint32_t n, int fresh, float decay,
+                                     float beta1, float beta2, float keep1, float keep2,
+                                     float inv_bias2_sqrt, float eps, float step) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float g = grad[i];
+        const float mi = (fresh ? 0.0f : m[i]) * beta1 + g * keep1;
+        const float vi = (fresh ? 0.0f : v[i]) * beta2 + g * g * keep2;
+        theta_out[i] = theta[i] * decay - mi / (sqrtf(vi) * inv_bias2_sqrt + eps) * step;
+        m_out[i] = mi;
+        v_out[i] = vi;
+    }
+}
+
+// SGD's step with momentum for one parameter tensor, as optimizer.rs's CPU loop. `fresh`: the
+// first step, whose buffer is the step's gradient (`buf` is not read); `weight_decay` 0 adds
+// nothing, as the CPU loop skips it.
+extern "C" __global__ void sgd_f32(const float *theta, const float *grad, const float *buf,
+                                   float *theta_out, float *buf_out, uint32_t n, int fresh,
+                                   float weight_decay, float momentum, int nesterov, float lr) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float t = theta[i];
+        const float d = weight_decay != 0.0f ? grad[i] + t * weight_decay : grad[i];
+        const float b = fresh ? d : buf[i] * momentum + d;
+        const float update = nesterov ? d + b * momentum : b;
+        theta_out[i] = t - update * lr;
+        buf_out[i] = b;
+    }
+}
