@@ -566,14 +566,27 @@ fn max_pool_grad_typed<T: CudaDType + DeviceRepr + WithDType>(
         view::<T>(y, y_layout)?,
         view::<T>(dy, dy_layout)?,
     );
-    let len = xs.len();
-    let dx = output::<T>(device, len)?;
+    let grid = (u32_of(planes, "planes")?, 1);
+    // Each output's argmax as its place in the window (the kernels' comment).
+    let code = output::<u8>(device, pooled)?;
+    launch!(
+        device,
+        &typed::<T>("max_pool_argmax"),
+        grid,
+        &xs,
+        &ys,
+        &code,
+        &h,
+        &w,
+        &out_h,
+        &out_w
+    );
+    let dx = output::<T>(device, xs.len())?;
     launch!(
         device,
         &typed::<T>("max_pool_grad"),
-        (u32_of(planes, "planes")?, 1),
-        &xs,
-        &ys,
+        grid,
+        &code,
         &dys,
         &dx,
         &h,
@@ -763,6 +776,16 @@ mod tests {
             values.iter().all(|v| v.is_nan()),
             "NaN propagates: {values:?}"
         );
+        // A NaN window's gradient goes to its last NaN, as on the CPU.
+        let grad_on = |device: &Device| {
+            let x = Var::from_tensor(&with_nan.to_device(device).unwrap()).unwrap();
+            let y = kernels::max_pool_3x3_stride2_pad1(x.as_tensor()).unwrap();
+            let probe = Tensor::new(&[[[[1f32, 10.0]]]], device).unwrap();
+            let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = grads.get(x.as_tensor()).unwrap();
+            grad.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(grad_on(&gpu), grad_on(&Device::Cpu));
     }
 
     /// bf16 and f16 (inference at reduced precision): max-pool picks exactly the maxima of
