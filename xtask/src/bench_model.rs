@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{loss::cross_entropy, Optimizer, SGD};
+use candle_nn::loss::cross_entropy;
 use serde::{Deserialize, Serialize};
 use vt_model::{Arch, Model, VtConfig};
+use vt_train::optim::{trainable_params, Method, Optimizer};
 
 use crate::reference::{default_python, script};
 
@@ -102,7 +103,7 @@ fn parse_cases(text: &str) -> anyhow::Result<Vec<Case>> {
 }
 
 /// Images per second of one case in vt-model: evaluation-mode forward passes, or training
-/// steps (forward, cross-entropy, backward, SGD step).
+/// steps (forward, cross-entropy, backward, SGD step with momentum 0.9 as on PyTorch's side).
 fn bench_vt(
     case: &Case,
     (device, dtype): (&Device, DType),
@@ -127,7 +128,15 @@ fn bench_vt(
     let x = Tensor::randn(0f32, 1.0, (case.batch, 3, s, s), device)?.to_dtype(dtype)?;
     let labels: Vec<u32> = (0..case.batch as u32).map(|i| i % 6).collect();
     let y = Tensor::new(labels.as_slice(), device)?;
-    let mut sgd = SGD::new(model.varmap.all_vars(), 0.01)?;
+    // vt-train's optimiser, with PyTorch's side's settings.
+    let mut optimizer = Optimizer::new(
+        Method::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+        },
+        0.0,
+        trainable_params(&model.varmap),
+    );
     let mut step = || -> anyhow::Result<()> {
         match case.mode {
             Mode::Infer => {
@@ -139,7 +148,7 @@ fn bench_vt(
             }
             Mode::Train => {
                 let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
-                sgd.backward_step(&loss)?;
+                optimizer.step(&loss.backward()?, 0.01, 1.0, &|_| true)?;
             }
         }
         Ok(())
