@@ -11,8 +11,9 @@
 # Through the device tool (which returns at most 8 files), carry target/gpu and pack OUT:
 #   bash bench/gpu.sh run /tmp/r | tee $OUT/stdout.txt; tar czf $OUT/gpu-results.tgz -C /tmp r
 #
-# `run` (0) runs vt-model's tests on the GPU (its CUDA kernels against the CPU's, the golden
-# tests against PyTorch); (1) imports the photos with `xtask fetch-data`; (2) trains
+# `run` (0) runs the GPU tests (vt-model's CUDA kernels and fused optimiser updates against the
+# CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's);
+# (1) imports the photos with `xtask fetch-data`; (2) trains
 # vt-resnet18 for a few epochs on them; (3) scores the same checkpoint on CPU and GPU with
 # `vt-serve predict` and fails when a probability differs by more than 1e-3 (bf16 differences
 # are reported); (4) measures training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128)
@@ -58,8 +59,11 @@ prepare() {
     [ -d "$photos/seg_train" ] || { echo "no photos at $photos (see its README)" >&2; exit 1; }
     local features=()
     if [ "$device" != cpu ]; then
-        # shellcheck disable=SC1090
-        eval "$(../shared/gpu/cuda-toolchain.sh)"
+        # The toolchain's libcuda stub and cudnn_stub read cudarc's sources from the registry.
+        cargo fetch
+        local toolchain
+        toolchain=$(../shared/gpu/cuda-toolchain.sh)
+        eval "$toolchain"
         cudnn_stub
         features=(--features vt-train/cudnn,vt-serve/cudnn,xtask/cudnn)
     fi
@@ -71,12 +75,14 @@ prepare() {
         xz -T0 -6 "$gpu_dir.tmp/bin/$b"
     done
     if [ "$device" != cpu ]; then
-        # vt-model's own tests (its CUDA kernels against the CPU's, the golden tests on the
-        # GPU), which skip where there is no GPU: run by `run`'s first step.
+        # The tests that skip where there is no GPU, run by `run`'s first step: vt-model's
+        # (its CUDA kernels and the optimisers' fused updates against the CPU's, the golden
+        # tests on the GPU) and vt-data's loader (batches staged in page-locked memory).
         mkdir -p "$gpu_dir.tmp/tests"
         local built name
         built=$(cargo test -p vt-model --features cudnn --lib --test golden --no-run 2>&1)
-        for name in vt_model golden; do
+        built+=$'\n'$(cargo test -p vt-data --features cuda --test loader --no-run 2>&1)
+        for name in vt_model golden loader; do
             strip -o "$gpu_dir.tmp/tests/$name" \
                 "$(grep -oE "target/debug/deps/$name-[0-9a-f]+" <<< "$built" | head -n 1)"
             xz -T0 -6 "$gpu_dir.tmp/tests/$name"
@@ -136,16 +142,18 @@ within() {
     timeout --kill-after=5 "$left" "$@"
 }
 
-# vt-model's tests built by `prepare`, on this machine's GPU.
-model_tests() {
-    local t
-    for t in vt_model golden; do
+# The tests built by `prepare` (test binary, crate), on this machine's GPU.
+gpu_tests() {
+    local t crate
+    for t in vt_model:vt-model golden:vt-model loader:vt-data; do
+        crate=${t#*:}
+        t=${t%%:*}
         xz -dc "$gpu_dir/tests/$t.xz" > "$work/test-$t"
         chmod +x "$work/test-$t"
-        within env CARGO_MANIFEST_DIR="$PWD/crates/vt-model" "$work/test-$t" --test-threads 1 \
-            >> "$out/model-tests.log" 2>&1 || { tail -n 40 "$out/model-tests.log"; return 1; }
+        within env CARGO_MANIFEST_DIR="$PWD/crates/$crate" "$work/test-$t" --test-threads 1 \
+            >> "$out/gpu-tests.log" 2>&1 || { tail -n 40 "$out/gpu-tests.log"; return 1; }
     done
-    grep -E "^test result|skipping" "$out/model-tests.log"
+    grep -E "^test result|skipping|skipped" "$out/gpu-tests.log"
 }
 
 machine_info() {
@@ -204,7 +212,9 @@ bench_model() {
 }
 
 # One training epoch from JPEG files with the notebook's augmentation, each photo `repeat`
-# times so that the epoch is long enough to time: vt-train, then PyTorch's DataLoader.
+# times so that the epoch is long enough to time (26 x 540 = 14,040 images: the size of the
+# data set's training split, over which one-time costs such as cuDNN's timing of its
+# algorithms spread as in a real epoch): vt-train, then PyTorch's DataLoader.
 end_to_end_epoch() {
     for split in train val; do
         for class_dir in "$work/data/$split"/*/; do
@@ -290,7 +300,7 @@ run() {
     fi
 
     # Sizes: the issue's on a GPU; tiny ones to test the flow on a CPU.
-    epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=8 iters=10 warmup=3
+    epochs=3 train_px=112 e2e_px=224 e2e_batch=128 repeat=26 iters=10 warmup=3
     local cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128,infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
     local infer_cases="infer:vt-resnet18:224:1,infer:vt-resnet18:224:256,infer:vt-resnet34:224:1,infer:vt-resnet34:224:256"
     local train_cases="train:vt-resnet18:224:128,train:vt-resnet34:224:128"
@@ -304,7 +314,7 @@ run() {
 
     step "machine" 20 machine_info > "$out/machine.txt" 2>&1
     if [ -d "$gpu_dir/tests" ]; then
-        step "vt-model's tests on $device" 90 model_tests
+        step "vt-model's and the loader's tests on $device" 90 gpu_tests
     fi
     step "import the photos" 60 import_photos
     step "train vt-resnet18 for $epochs epochs on $device" 120 train_few_epochs
