@@ -1,8 +1,8 @@
 //! The optimisers' update of one parameter tensor in one pass over its memory. As candle
 //! tensor operations an AdamW step takes about fourteen passes and an SGD step with momentum
-//! six, each allocating its result; on a GPU each is also a kernel launch (some 1,500 per
-//! AdamW step of a VT-ResNet), issued while the GPU waits, since the step follows the read of
-//! the gradient norm. Each element goes through the tensor operations' arithmetic in their
+//! six, each allocating its result; on a GPU each is also a kernel launch (about 1,000 per
+//! AdamW step of vt-resnet18's 66 parameter tensors), issued while the GPU waits, since the
+//! step follows the read of the gradient norm. Each element goes through the tensor operations' arithmetic in their
 //! order, so the results agree with them.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, StorageRef, Tensor};
