@@ -2,8 +2,8 @@
 //! tensor operations an AdamW step takes about fourteen passes and an SGD step with momentum
 //! six, each allocating its result; on a GPU each is also a kernel launch (about 1,000 per
 //! AdamW step of vt-resnet18's 66 parameter tensors), issued while the GPU waits, since the
-//! step follows the read of the gradient norm. Each element goes through the tensor operations' arithmetic in their
-//! order, so the results agree with them.
+//! step follows the read of the gradient norm. Each element goes through the tensor
+//! operations' arithmetic in their order, so the results agree with them.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -94,14 +94,19 @@ impl AdamWStep {
                     .zip(v_next.par_chunks_mut(OPTIMIZER_CHUNK))
                     .enumerate()
                     .for_each(|(chunk, ((next, m_next), v_next))| {
-                        let at = chunk * OPTIMIZER_CHUNK;
-                        for (i, ((next, m_next), v_next)) in
-                            next.iter_mut().zip(m_next).zip(v_next).enumerate()
+                        let range = chunk * OPTIMIZER_CHUNK..chunk * OPTIMIZER_CHUNK + next.len();
+                        let inputs = theta[range.clone()]
+                            .iter()
+                            .zip(&grad[range.clone()])
+                            .zip(&m[range.clone()])
+                            .zip(&v[range]);
+                        let outputs = next.iter_mut().zip(m_next).zip(v_next);
+                        for ((((&theta, &g), &m), &v), ((next, m_next), v_next)) in
+                            inputs.zip(outputs)
                         {
-                            let g = grad[at + i];
-                            let m = m[at + i] * s.beta1 + g * s.keep1;
-                            let v = v[at + i] * s.beta2 + g * g * s.keep2;
-                            *next = theta[at + i] * s.decay
+                            let m = m * s.beta1 + g * s.keep1;
+                            let v = v * s.beta2 + g * g * s.keep2;
+                            *next = theta * s.decay
                                 - m / (v.sqrt() * s.inv_bias2_sqrt + s.eps) * s.step;
                             *m_next = m;
                             *v_next = v;
@@ -144,24 +149,27 @@ impl SgdStep {
                 let (n, shape, device) = (theta.elem_count(), theta.shape(), theta.device());
                 let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
                 let data = guards.iter().map(cpu_f32).collect::<Result<Vec<_>>>()?;
-                let (theta, grad, buffer) = (data[0], data[1], data.get(2).copied());
+                let (theta, grad) = (data[0], data[1]);
+                // The first step reads no buffer: the loop is given the parameter in its place.
+                let (buffer, fresh) = match data.get(2) {
+                    Some(&buffer) => (buffer, false),
+                    None => (theta, true),
+                };
                 let (mut next, mut buf_next) = (vec![0f32; n], vec![0f32; n]);
                 next.par_chunks_mut(OPTIMIZER_CHUNK)
                     .zip(buf_next.par_chunks_mut(OPTIMIZER_CHUNK))
                     .enumerate()
                     .for_each(|(chunk, (next, buf_next))| {
-                        let at = chunk * OPTIMIZER_CHUNK;
-                        for (i, (next, buf_next)) in next.iter_mut().zip(buf_next).enumerate() {
-                            let theta = theta[at + i];
-                            let d = if decays {
-                                grad[at + i] + theta * wd
-                            } else {
-                                grad[at + i]
-                            };
-                            let buf = match buffer {
-                                Some(b) => b[at + i] * momentum + d,
-                                None => d,
-                            };
+                        let range = chunk * OPTIMIZER_CHUNK..chunk * OPTIMIZER_CHUNK + next.len();
+                        let inputs = theta[range.clone()]
+                            .iter()
+                            .zip(&grad[range.clone()])
+                            .zip(&buffer[range]);
+                        for (((&theta, &g), &b), (next, buf_next)) in
+                            inputs.zip(next.iter_mut().zip(buf_next))
+                        {
+                            let d = if decays { g + theta * wd } else { g };
+                            let buf = if fresh { d } else { b * momentum + d };
                             let update = if nesterov { d + buf * momentum } else { buf };
                             *next = theta - update * lr;
                             *buf_next = buf;
