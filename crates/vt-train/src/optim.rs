@@ -167,15 +167,7 @@ impl Optimizer {
                 }
                 Method::AdamW { beta1, beta2, eps } => {
                     let t = i32::try_from(slot.steps).unwrap_or(i32::MAX);
-                    let update = AdamWStep {
-                        lr,
-                        weight_decay: wd,
-                        beta1,
-                        beta2,
-                        eps,
-                        bias1: 1.0 - beta1.powi(t),
-                        bias2: 1.0 - beta2.powi(t),
-                    };
+                    let update = AdamWStep::at_step(t, lr, wd, (beta1, beta2), eps);
                     let moments = slot.first.as_ref().zip(slot.second.as_ref());
                     let (next, m, v) = match update.fused(&theta, &grad, moments)? {
                         Some(updated) => updated,
@@ -456,15 +448,7 @@ mod tests {
         let (mut fused, mut reference) = (theta.clone(), theta);
         for t in 1..=3 {
             let grad = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-            let update = AdamWStep {
-                lr: 0.01,
-                weight_decay: 0.05,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                bias1: 1.0 - 0.9f64.powi(t),
-                bias2: 1.0 - 0.999f64.powi(t),
-            };
+            let update = AdamWStep::at_step(t, 0.01, 0.05, (0.9, 0.999), 1e-8);
             let pair = moments.as_ref().map(|(m, v)| (m, v));
             let (next, m, v) = update.fused(&fused, &grad, pair).unwrap().unwrap();
             let (want, want_m, want_v) =

@@ -856,15 +856,7 @@ mod tests {
         let mut gpu_state: Option<(Tensor, Tensor, Tensor)> = None;
         let theta = randn(&shape, 0.0, 1.0);
         for t in 1..=3 {
-            let step = kernels::AdamWStep {
-                lr: 0.01,
-                weight_decay: 0.05,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                bias1: 1.0 - 0.9f64.powi(t),
-                bias2: 1.0 - 0.999f64.powi(t),
-            };
+            let step = kernels::AdamWStep::at_step(t, 0.01, 0.05, (0.9, 0.999), 1e-8);
             let grad = randn(&shape, 0.0, 1.0);
             let on_cpu = match &cpu_state {
                 None => step.fused(&theta, &grad, None),

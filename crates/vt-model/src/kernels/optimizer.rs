@@ -48,6 +48,25 @@ pub(super) struct AdamWScalars {
 }
 
 impl AdamWStep {
+    /// The scalars of step `t` (counted from 1), its bias corrections included.
+    pub fn at_step(
+        t: i32,
+        lr: f64,
+        weight_decay: f64,
+        (beta1, beta2): (f64, f64),
+        eps: f64,
+    ) -> Self {
+        AdamWStep {
+            lr,
+            weight_decay,
+            beta1,
+            beta2,
+            eps,
+            bias1: 1.0 - beta1.powi(t),
+            bias2: 1.0 - beta2.powi(t),
+        }
+    }
+
     fn scalars(&self) -> AdamWScalars {
         AdamWScalars {
             decay: (1.0 - self.lr * self.weight_decay) as f32,
