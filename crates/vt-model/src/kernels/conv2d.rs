@@ -389,16 +389,23 @@ fn weight_grad(g: &Geometry, input: &[f32], grad_out: &[f32]) -> Vec<f32> {
     };
     let threads = threads();
     if g.batch >= threads {
-        (0..g.batch)
+        // One fixed run of images per thread, the runs' sums added in order: the result does
+        // not depend on how rayon shares out the work (its fold + reduce did), so a training
+        // run repeats exactly.
+        let per_run = g.batch.div_ceil(threads);
+        let runs: Vec<Vec<f32>> = (0..g.batch.div_ceil(per_run))
             .into_par_iter()
-            .fold(|| vec![0.0; size], |acc, n| accumulate(acc, n, 1))
-            .reduce(
-                || vec![0.0; size],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
+            .map(|run| {
+                let images = run * per_run..((run + 1) * per_run).min(g.batch);
+                images.fold(vec![0.0; size], |acc, n| accumulate(acc, n, 1))
+            })
+            .collect();
+        let mut runs = runs.into_iter();
+        let mut total = runs.next().unwrap_or_else(|| vec![0.0; size]);
+        for run in runs {
+            total.iter_mut().zip(&run).for_each(|(t, r)| *t += r);
+        }
+        total
     } else {
         (0..g.batch).fold(vec![0.0; size], |acc, n| accumulate(acc, n, threads))
     }
@@ -734,6 +741,27 @@ mod tests {
         check([2, 5, 6, 6], 3, 1, 1, 0); // pointwise
         check([1, 3, 8, 8], 4, 3, 1, 1); // batch 1: parallel inside the products
         check([1, 2, 3, 3], 2, 3, 2, 1); // tiny map
+    }
+
+    /// The weight gradient sums over the batch in parallel: the sum must not depend on how
+    /// the work was shared between threads, or training runs could not be repeated.
+    #[test]
+    fn the_weight_gradient_is_the_same_every_time() {
+        let dev = Device::Cpu;
+        // Strided: not Winograd's path. Many images, so that every thread gets several.
+        let x = Tensor::randn(0f32, 1.0, (37, 8, 15, 15), &dev).unwrap();
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 8, 3, 3), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (37, 16, 8, 8), &dev).unwrap();
+        let weight_grad = || {
+            let y = conv2d(&x, wt.as_tensor(), 2, 1).unwrap();
+            let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = grads.get(wt.as_tensor()).unwrap();
+            grad.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let first = weight_grad();
+        for run in 1..40 {
+            assert!(weight_grad() == first, "run {run} differs from the first");
+        }
     }
 
     #[test]
