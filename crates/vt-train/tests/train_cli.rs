@@ -321,3 +321,51 @@ fn a_frozen_stem_keeps_its_initial_weights_while_the_rest_trains() {
     // BatchNorm statistics are no parameters: the forward pass still updates them.
     assert!(!same("bn1.running_mean"));
 }
+
+/// The same seed and thread count repeat a run exactly: every metric and every weight. With
+/// two compute threads the kernels split their sums between threads, and no split may
+/// depend on timing (the convolution's own test catches the split that did; a model this
+/// small rarely showed it).
+#[test]
+fn a_run_repeats_exactly_with_the_same_seed_and_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 8);
+    let train = |name: &str| {
+        let run = tmp.path().join(name);
+        run_ok(
+            vt_train()
+                .args(["train", "--data"])
+                .arg(&data)
+                .arg("--run-dir")
+                .arg(&run)
+                .args([
+                    "--image-size",
+                    "32",
+                    "--tokens",
+                    "4",
+                    "--token-channels",
+                    "32",
+                ])
+                .args(["--heads", "2", "--threads", "2", "--loader-threads", "2"])
+                .args(["--batch-size", "16", "--epochs", "2", "--seed", "3"]),
+        );
+        run
+    };
+    let (first, second) = (train("first"), train("second"));
+    let losses = |run: &std::path::Path| -> Vec<(f64, f64)> {
+        records(run)
+            .iter()
+            .map(|r| (r.train_loss, r.val_loss))
+            .collect()
+    };
+    assert_eq!(losses(&first), losses(&second));
+    let weights = |run: &std::path::Path| {
+        candle_core::safetensors::load(run.join("last/model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (weights(&first), weights(&second));
+    assert_eq!(a.len(), b.len());
+    for (name, tensor) in &a {
+        let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values(tensor) == values(&b[name]), "{name} differs");
+    }
+}
