@@ -12,18 +12,17 @@
 #   bash bench/gpu.sh run /tmp/r | tee $OUT/stdout.txt; tar czf $OUT/gpu-results.tgz -C /tmp r
 #
 # `run` (0) runs the GPU tests (vt-model's CUDA kernels and fused optimiser updates against the
-# CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's);
-# (1) imports the photos with `xtask fetch-data`; (2) trains
-# vt-resnet18 for a few epochs on them; (3) scores the same checkpoint on CPU and GPU with
-# `vt-serve predict` and fails when a probability differs by more than 1e-3 (bf16 differences
-# are reported); (4) measures training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128)
-# and inference img/s (batch 1 and 256) with `xtask bench model`, PyTorch (python3,
-# tools/reference) on the same GPU in the same call; (5) times one end-to-end training epoch
-# with the notebook's augmentation from JPEG files (224 px, batch 128) against PyTorch's
-# DataLoader; (6) measures bf16 inference and training in full f32 (no TF32); (7) profiles the
-# kernels of a training step and of inference (Nsight Compute, if present). Each step has a
-# time limit within the run's budget (a lent GPU's time is short): a failed step is recorded in
-# steps.txt and the next one runs; the exit status is non-zero when any step failed.
+# CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's); (1)
+# imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs on them; (3)
+# scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when a probability
+# differs by more than 1e-3 (bf16 differences are reported); (4) measures training img/s
+# (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s (batch 1 and 256) with `xtask
+# bench model`, PyTorch (python3, tools/reference) on the same GPU in the same call; (5) times one
+# end-to-end training epoch with the notebook's augmentation from JPEG files (224 px, batch 128)
+# against PyTorch's DataLoader; (6) measures bf16 inference and training in full f32 (no TF32); (7)
+# profiles the kernels of a training step and of inference (Nsight Compute, if present). Each step
+# has a time limit within the run's budget (a lent GPU's time is short): a failed step is recorded
+# in steps.txt and the next one runs; the exit status is non-zero when any step failed.
 # The binaries are built with the `cudnn` feature; the GPU machine's cuDNN 9 is PyTorch's.
 #
 # Environment: VT_GPU_DEVICE (default cuda; `cpu` runs every step on the CPU with tiny sizes,
