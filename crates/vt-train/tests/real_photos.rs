@@ -15,24 +15,16 @@ fn both_recipes_train_on_real_photos_and_eval_reads_them() {
     let data = real_data(&sample, tmp.path(), 6, 2);
 
     let modern = tmp.path().join("modern");
-    run_ok(
-        vt_train()
-            .args(["train", "--data"])
-            .arg(&data)
-            .arg("--run-dir")
-            .arg(&modern)
-            .args(TINY)
-            .args([
-                "--batch-size",
-                "12",
-                "--epochs",
-                "5",
-                "--lr",
-                "2e-3",
-                "--warmup-epochs",
-                "1",
-            ]),
-    );
+    run_ok(train_tiny(&data, &modern).args(ONE_THREAD).args([
+        "--batch-size",
+        "12",
+        "--epochs",
+        "5",
+        "--lr",
+        "2e-3",
+        "--warmup-epochs",
+        "1",
+    ]));
     let records = records(&modern);
     assert_eq!(records.len(), 5);
     let losses: Vec<f64> = records.iter().map(|r| r.train_loss).collect();
@@ -56,7 +48,8 @@ fn both_recipes_train_on_real_photos_and_eval_reads_them() {
             .arg(&data)
             .arg("--run-dir")
             .arg(&seed)
-            .args(TINY)
+            .args(TINY_MODEL)
+            .args(ONE_THREAD)
             .args(["--epochs", "2", "--warmup-epochs", "0"]),
     );
     assert_eq!(crate::records(&seed).len(), 2);

@@ -29,27 +29,21 @@ fn wait_for_epoch(child: &mut Child, run: &Path, epoch: usize) {
 }
 
 fn train(data: &Path, run: &Path, epochs: &str) -> Command {
-    let mut cmd = vt_train();
-    cmd.arg("train")
-        .arg("--data")
-        .arg(data)
-        .arg("--run-dir")
-        .arg(run)
-        .args(TINY)
-        .args([
-            "--batch-size",
-            "16",
-            "--epochs",
-            epochs,
-            "--lr",
-            "2e-3",
-            "--warmup-epochs",
-            "1",
-            "--ema",
-            "0.9",
-            "--seed",
-            "5",
-        ]);
+    let mut cmd = train_tiny(data, run);
+    cmd.args(ONE_THREAD).args([
+        "--batch-size",
+        "16",
+        "--epochs",
+        epochs,
+        "--lr",
+        "2e-3",
+        "--warmup-epochs",
+        "1",
+        "--ema",
+        "0.9",
+        "--seed",
+        "5",
+    ]);
     cmd
 }
 

@@ -13,26 +13,18 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 16);
     let run = tmp.path().join("run");
-    let out = run_ok(
-        vt_train()
-            .args(["train", "--data"])
-            .arg(&data)
-            .arg("--run-dir")
-            .arg(&run)
-            .args(TINY)
-            .args([
-                "--batch-size",
-                "16",
-                "--epochs",
-                "4",
-                "--lr",
-                "3e-3",
-                "--warmup-epochs",
-                "0.5",
-                "--ema",
-                "0.5",
-            ]),
-    );
+    let out = run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "16",
+        "--epochs",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-epochs",
+        "0.5",
+        "--ema",
+        "0.5",
+    ]));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("epoch 4/4"), "{log}");
 
@@ -165,12 +157,8 @@ fn bf16_products_train_where_the_cpu_has_them_and_are_refused_elsewhere() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
     let run = tmp.path().join("run");
-    let out = vt_train()
-        .args(["train", "--data"])
-        .arg(&data)
-        .arg("--run-dir")
-        .arg(&run)
-        .args(TINY)
+    let out = train_tiny(&data, &run)
+        .args(ONE_THREAD)
         .args(["--device", "cpu", "--epochs", "1", "--batch-size", "8"])
         .arg("--bf16-products")
         .output()
@@ -250,36 +238,17 @@ fn a_frozen_stem_keeps_its_initial_weights_while_the_rest_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
     let run = tmp.path().join("run");
-    let common = [
-        "--image-size",
-        "32",
-        "--tokens",
-        "4",
-        "--token-channels",
-        "32",
-        "--heads",
-        "2",
-        "--seed",
-        "9",
-    ];
-    run_ok(
-        vt_train()
-            .args(["train", "--data"])
-            .arg(&data)
-            .arg("--run-dir")
-            .arg(&run)
-            .args(common)
-            .args([
-                "--batch-size",
-                "8",
-                "--threads",
-                "1",
-                "--epochs",
-                "1",
-                "--freeze-stem-epochs",
-                "1",
-            ]),
-    );
+    let seed = ["--seed", "9"];
+    run_ok(train_tiny(&data, &run).args(seed).args([
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--freeze-stem-epochs",
+        "1",
+    ]));
     assert!(records(&run)[0].stem_frozen);
     // `init` with the same seed writes the weights the run started from.
     let init = tmp.path().join("init");
@@ -288,7 +257,8 @@ fn a_frozen_stem_keeps_its_initial_weights_while_the_rest_trains() {
         vt_train()
             .args(["init", "--class-names", classes, "--out"])
             .arg(&init)
-            .args(common),
+            .args(TINY_MODEL)
+            .args(seed),
     );
     let tensors = |dir: &std::path::Path| {
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
@@ -333,20 +303,8 @@ fn a_run_repeats_exactly_with_the_same_seed_and_threads() {
     let train = |name: &str| {
         let run = tmp.path().join(name);
         run_ok(
-            vt_train()
-                .args(["train", "--data"])
-                .arg(&data)
-                .arg("--run-dir")
-                .arg(&run)
-                .args([
-                    "--image-size",
-                    "32",
-                    "--tokens",
-                    "4",
-                    "--token-channels",
-                    "32",
-                ])
-                .args(["--heads", "2", "--threads", "2", "--loader-threads", "2"])
+            train_tiny(&data, &run)
+                .args(["--threads", "2", "--loader-threads", "2"])
                 .args(["--batch-size", "16", "--epochs", "2", "--seed", "3"]),
         );
         run

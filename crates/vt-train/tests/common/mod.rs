@@ -26,8 +26,8 @@ pub fn synthetic_data(root: &Path, train_per_class: usize) -> PathBuf {
     dir
 }
 
-/// Flags of a tiny, fast model on one compute thread.
-pub const TINY: [&str; 12] = [
+/// Flags of a tiny, fast model.
+pub const TINY_MODEL: [&str; 8] = [
     "--image-size",
     "32",
     "--tokens",
@@ -36,15 +36,25 @@ pub const TINY: [&str; 12] = [
     "32",
     "--heads",
     "2",
-    "--threads",
-    "1",
-    "--loader-threads",
-    "1",
 ];
+
+/// One compute thread and one loader thread.
+pub const ONE_THREAD: [&str; 4] = ["--threads", "1", "--loader-threads", "1"];
 
 pub fn vt_train() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vt-train"));
     cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// `vt-train train` of the tiny model on `data`, into `run`.
+pub fn train_tiny(data: &Path, run: &Path) -> Command {
+    let mut cmd = vt_train();
+    cmd.args(["train", "--data"])
+        .arg(data)
+        .arg("--run-dir")
+        .arg(run)
+        .args(TINY_MODEL);
     cmd
 }
 
