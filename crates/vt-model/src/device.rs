@@ -30,11 +30,50 @@ fn cuda(ordinal: usize) -> Result<Device> {
                 .into(),
         ));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let device = Device::new_cuda(ordinal).map_err(|e| {
         ModelError::Device(format!(
             "cannot open CUDA device {ordinal}: {e} (is a GPU present?)"
         ))
-    })
+    })?;
+    #[cfg(feature = "cuda")]
+    cuda_runtime::configure(&device, ordinal)
+        .map_err(|e| ModelError::Device(format!("cannot configure CUDA device {ordinal}: {e}")))?;
+    Ok(device)
+}
+
+/// What the CUDA driver does by default and a training loop or a server does not want.
+#[cfg(feature = "cuda")]
+mod cuda_runtime {
+    use candle_core::cuda::cudarc::driver::{result, sys, DriverError};
+    use candle_core::Device;
+
+    pub(super) fn configure(device: &Device, ordinal: usize) -> Result<(), DriverError> {
+        let Device::Cuda(cuda) = device else {
+            return Ok(());
+        };
+        // candle allocates from the device's memory pool, which by default hands memory freed
+        // by tensors back to the system at every synchronisation: once per training step
+        // (the gradient norm is read) or per served batch, so every step mapped its
+        // activations' gigabytes afresh. PyTorch's caching allocator keeps them; so does this.
+        let mut keep = u64::MAX;
+        // SAFETY: `ordinal` opened a device just now, and the release threshold is a u64.
+        unsafe {
+            let pool = result::device::get_mem_pool(result::device::get(ordinal as i32)?)?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )?;
+        }
+        // cudarc creates two events with every allocation and destroys them with it (four
+        // driver calls per tensor), to order work across streams. candle runs on the calling
+        // thread's stream and never creates another, so cudarc never waits on those events;
+        // the one hand-over between threads, a loader worker's batch, synchronises explicitly
+        // (vt-data's staging).
+        // SAFETY: as above, no work is ordered across streams by events.
+        unsafe { cuda.disable_event_tracking() };
+        Ok(())
+    }
 }
 
 /// Parses an inference precision and checks that `device` can run it. Checkpoints stay f32
