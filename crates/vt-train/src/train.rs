@@ -292,6 +292,7 @@ impl Trainer {
     fn run(&mut self) -> anyhow::Result<()> {
         for epoch in self.progress.epochs_done..self.config.epochs {
             let start = Instant::now();
+            let searched_before = vt_model::kernels::algorithm_search_time();
             let totals = match self.train_epoch(epoch)? {
                 EpochEnd::Completed(totals) => totals,
                 EpochEnd::Interrupted => {
@@ -388,6 +389,15 @@ impl Trainer {
                 record.grad_norm_max,
                 record.clipped_steps
             );
+            let searched = vt_model::kernels::algorithm_search_time() - searched_before;
+            if !searched.is_zero() {
+                tracing::info!(
+                    "epoch {}: {:.2}s of it went into timing cuDNN's convolution algorithms \
+                     (once per shape and batch bucket)",
+                    record.epoch,
+                    searched.as_secs_f64()
+                );
+            }
             if self.progress.stopped_early {
                 tracing::info!(
                     "early stop: no improvement for {} epochs (best epoch {})",

@@ -46,6 +46,15 @@ fn tf32_allowed() -> bool {
     TF32.load(Ordering::Relaxed)
 }
 
+/// Time spent so far choosing cuDNN's convolution algorithms by timing them on the GPU, once
+/// per convolution shape and batch bucket (feature `cudnn`; zero without it).
+pub fn algorithm_search_time() -> std::time::Duration {
+    #[cfg(feature = "cudnn")]
+    return cudnn_conv::search_time();
+    #[cfg(not(feature = "cudnn"))]
+    std::time::Duration::ZERO
+}
+
 static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
 
 /// Lets f32 convolutions on the CPU multiply in bfloat16 and sum in f32 (AVX512-BF16:
