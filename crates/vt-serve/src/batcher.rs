@@ -13,9 +13,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
-use crate::classifier::{Classifier, Prediction};
+use crate::classifier::{Classifier, ClassifyError, Prediction};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::state::StartError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -53,17 +54,40 @@ impl Drop for Arriving {
 }
 
 impl Batcher {
+    /// Starts the model thread and returns once it takes requests: on a GPU, after it ran
+    /// every batch size it will meet first ([`Classifier::warm_up`]).
     pub fn spawn(
         classifier: Classifier,
         config: BatchConfig,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Batcher> {
+    ) -> Result<Batcher, StartError> {
         let (jobs, queue) = crossbeam_channel::bounded(config.queue.max(1));
+        let (ready, warmed) = crossbeam_channel::bounded(1);
         let arriving = metrics.requests_arriving.clone();
         thread::Builder::new()
             .name("vt-serve-model".into())
-            .spawn(move || run(&classifier, &queue, config, &metrics))?;
-        Ok(Batcher { jobs, arriving })
+            .spawn(move || {
+                // On the model thread: cuDNN's handles and CUDA's streams are per thread.
+                let warm_up = if classifier.model().device.is_cuda() {
+                    warm_up(&classifier, config.max_batch)
+                } else {
+                    Ok(())
+                };
+                let failed = warm_up.is_err();
+                // `spawn` waits for this message; it cannot have gone.
+                let _ = ready.send(warm_up);
+                if !failed {
+                    run(&classifier, &queue, config, &metrics);
+                }
+            })
+            .map_err(StartError::Thread)?;
+        match warmed.recv() {
+            Ok(Ok(())) => Ok(Batcher { jobs, arriving }),
+            Ok(Err(e)) => Err(StartError::WarmUp(e)),
+            Err(_) => Err(StartError::Thread(std::io::Error::other(
+                "the model thread stopped while warming up",
+            ))),
+        }
     }
 
     /// Announces a request that will submit images once read and decoded. Drop the guard
@@ -165,6 +189,19 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
             Err(_) => fail_all(replies, "the model panicked"),
         }
     }
+}
+
+fn warm_up(classifier: &Classifier, max_batch: usize) -> Result<(), ClassifyError> {
+    let started = Instant::now();
+    let searched = vt_model::kernels::algorithm_search_time();
+    let sizes = classifier.warm_up(max_batch)?;
+    tracing::info!(
+        "warmed up at batch sizes {sizes:?} in {:.2}s ({:.2}s of it timing cuDNN's \
+         convolution algorithms)",
+        started.elapsed().as_secs_f64(),
+        (vt_model::kernels::algorithm_search_time() - searched).as_secs_f64()
+    );
+    Ok(())
 }
 
 fn fail_all(replies: Vec<oneshot::Sender<Answer>>, message: &str) {

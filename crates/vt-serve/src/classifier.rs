@@ -119,6 +119,24 @@ impl Classifier {
         self.preprocessor.run(resizer, bytes, max_pixels)
     }
 
+    /// Runs the model once at each batch size that a server batching up to `max_batch`
+    /// images reaches first (1, 2, 4, ... and `max_batch`) and returns those sizes. On a GPU
+    /// the first batch of a size loads kernels and times cuDNN's convolution algorithms for
+    /// its power-of-two bucket, which would otherwise hold up the first requests by up to
+    /// seconds.
+    pub fn warm_up(&self, max_batch: usize) -> Result<Vec<usize>, ClassifyError> {
+        let mut sizes: Vec<usize> = std::iter::successors(Some(1), |n| Some(n * 2))
+            .take_while(|&n| n < max_batch)
+            .collect();
+        sizes.push(max_batch.max(1));
+        let s = self.model.config.image_size;
+        let blank = vec![0.0; 3 * s * s];
+        for &n in &sizes {
+            self.predict(&vec![blank.clone(); n])?;
+        }
+        Ok(sizes)
+    }
+
     /// Runs one batch of preprocessed images in evaluation mode.
     pub fn predict(&self, images: &[Vec<f32>]) -> Result<Vec<Prediction>, ClassifyError> {
         if images.is_empty() {

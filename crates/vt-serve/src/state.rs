@@ -36,6 +36,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("starting the model thread: {0}")]
     Thread(std::io::Error),
+    #[error("warming up the model: {0}")]
+    WarmUp(crate::classifier::ClassifyError),
     #[error("building the URL fetch client: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -117,8 +119,7 @@ impl AppState {
             max_delay: Duration::from_millis(args.max_delay_ms),
             queue: args.queue as usize,
         };
-        let batcher =
-            Batcher::spawn(classifier, batch, Arc::clone(&metrics)).map_err(StartError::Thread)?;
+        let batcher = Batcher::spawn(classifier, batch, Arc::clone(&metrics))?;
         Ok(AppState {
             model,
             limits: Limits {

@@ -14,6 +14,28 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+/// A GPU server runs these batch sizes before it listens; each must run and leave the model
+/// answering as before.
+#[test]
+fn warm_up_runs_the_batch_sizes_a_server_meets_first() {
+    let dir = tiny_checkpoint();
+    let classifier = vt_serve::Classifier::load(
+        &checkpoint_path(&dir),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let (_, photo) = test_images(1).remove(0);
+    let before = offline_probs(&checkpoint_path(&dir), &photo);
+    for (max_batch, sizes) in [(1, vec![1]), (5, vec![1, 2, 4, 5]), (8, vec![1, 2, 4, 8])] {
+        assert_eq!(classifier.warm_up(max_batch).unwrap(), sizes);
+    }
+    let input = classifier
+        .preprocess(&mut fast_image_resize::Resizer::new(), &photo, u64::MAX)
+        .unwrap();
+    assert_eq!(classifier.predict(&[input]).unwrap()[0].probs, before);
+}
+
 async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let body = response.text().await.unwrap();
