@@ -15,11 +15,12 @@
 # CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's); (1)
 # imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs on them; (3)
 # scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when a probability
-# differs by more than 1e-3 (bf16 differences are reported); (4) measures training img/s
-# (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s (batch 1 and 256) with `xtask
-# bench model`, PyTorch (python3, tools/reference) on the same GPU in the same call; (5) times one
-# end-to-end training epoch with the notebook's augmentation from JPEG files (224 px, batch 128)
-# against PyTorch's DataLoader; (6) measures bf16 inference and training in full f32 (no TF32); (7)
+# differs by more than 1e-3 (bf16 differences are reported); (4) serves it over HTTP on the GPU
+# (start-up, answers against (3)'s, requests/s); (5) measures training img/s (vt-resnet18 and
+# vt-resnet34, 224 px, batch 128) and inference img/s (batch 1 and 256) with `xtask bench model`,
+# PyTorch (python3, tools/reference) on the same GPU in the same call; (6) times one end-to-end
+# training epoch with the notebook's augmentation from JPEG files (224 px, batch 128) against
+# PyTorch's DataLoader; (7) measures bf16 inference and training in full f32 (no TF32); (8)
 # profiles the kernels of a training step and of inference (Nsight Compute, if present). Each step
 # has a time limit within the run's budget (a lent GPU's time is short): a failed step is recorded
 # in steps.txt and the next one runs; the exit status is non-zero when any step failed.
@@ -202,6 +203,56 @@ for path, limit in zip(sys.argv[2:], (1e-3, None)):
 PY
 }
 
+# vt-serve on the device: its start-up (which on a GPU runs every batch size it will meet
+# first), its answers over HTTP against `vt-serve predict` on the same device (the same
+# checkpoint; batches of other sizes may round differently, hence 1e-4), and requests per
+# second from 16 concurrent clients.
+serve_over_http() {
+    local start=$SECONDS
+    within "$bin/vt-serve" --checkpoint "$work/run/best" --device "$device" --port 0 \
+        --max-batch 32 > "$work/serve.out" 2> "$out/serve.log" &
+    local server=$!
+    until grep -q "^listening on " "$work/serve.out" 2> /dev/null; do
+        kill -0 "$server" 2> /dev/null || { tail -n 20 "$out/serve.log"; return 1; }
+        sleep 0.2
+    done
+    echo "vt-serve listening after $((SECONDS - start)) s" | tee "$out/serve.txt"
+    grep "warmed up" "$out/serve.log" | tee -a "$out/serve.txt" || true
+    local rc=0
+    "$python" - "$(sed -n 's/^listening on //p' "$work/serve.out")" "$out/predict-device.jsonl" \
+        "$work"/data/pred/* <<'PY' 2>&1 | tee -a "$out/serve.txt" || rc=$?
+import concurrent.futures, json, sys, time, urllib.request
+base, offline, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+expected = {r["image"]: r["probs"] for r in map(json.loads, open(offline))}
+classes = json.load(urllib.request.urlopen(base + "/v1/models"))["models"][0]["classes"]
+def ask(path):
+    body = open(path, "rb").read()
+    request = urllib.request.Request(base + "/predict?top_k=%d" % len(classes), body,
+                                     {"Content-Type": "application/octet-stream"})
+    start = time.perf_counter()
+    answer = json.load(urllib.request.urlopen(request))
+    return path, answer, time.perf_counter() - start
+worst = 0.0
+for path, answer, _ in map(ask, paths):
+    probs = expected[path]
+    for p in answer["predictions"]:
+        worst = max(worst, abs(p["score"] - probs[classes.index(p["label"])]))
+print(f"{len(paths)} photos over HTTP: max |score - predict's| {worst:.2e}")
+requests = [paths[i % len(paths)] for i in range(640)]
+start = time.perf_counter()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    latencies = sorted(t for _, _, t in pool.map(ask, requests))
+took = time.perf_counter() - start
+print(f"{len(requests)} requests, 16 clients: {len(requests) / took:.1f} req/s, "
+      f"p50 {1e3 * latencies[len(latencies) // 2]:.1f} ms, p99 {1e3 * latencies[int(0.99 * len(latencies))]:.1f} ms")
+if worst > 1e-4:
+    sys.exit(f"FAIL: served scores differ from predict's by {worst:.2e}")
+PY
+    kill "$server" 2> /dev/null
+    wait "$server" || true
+    return "$rc"
+}
+
 bench_model() {
     local dtype=$1 cases=$2
     shift 2
@@ -318,6 +369,7 @@ run() {
     step "import the photos" 60 import_photos
     step "train vt-resnet18 for $epochs epochs on $device" 120 train_few_epochs
     step "CPU and $device predictions of the same checkpoint" 60 predictions_agree
+    step "vt-serve over HTTP on $device" 45 serve_over_http
     step "model benchmarks against PyTorch on $device" 180 bench_model f32 "$cases"
     step "one training epoch from JPEG files, $e2e_px px, batch $e2e_batch" 150 end_to_end_epoch
     if [ -n "$infer_cases" ]; then
