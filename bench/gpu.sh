@@ -13,17 +13,18 @@
 #
 # `run` (0) runs the GPU tests (vt-model's CUDA kernels and fused optimiser updates against the
 # CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's); (1)
-# imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs on them; (3)
-# scores the same checkpoint on CPU and GPU with `vt-serve predict` and fails when a probability
-# differs by more than 1e-3 (bf16 differences are reported); (4) serves it over HTTP on the GPU
-# (start-up, answers against (3)'s, requests/s); (5) measures training img/s (vt-resnet18 and
-# vt-resnet34, 224 px, batch 128) and inference img/s (batch 1 and 256) with `xtask bench model`,
-# PyTorch (python3, tools/reference) on the same GPU in the same call; (6) times one end-to-end
-# training epoch with the notebook's augmentation from JPEG files (224 px, batch 128) against
-# PyTorch's DataLoader; (7) measures bf16 inference and training in full f32 (no TF32); (8)
-# profiles the kernels of a training step and of inference (Nsight Compute, if present). Each step
-# has a time limit within the run's budget (a lent GPU's time is short): a failed step is recorded
-# in steps.txt and the next one runs; the exit status is non-zero when any step failed.
+# imports the photos with `xtask fetch-data`; (2) trains vt-resnet18 for a few epochs on them, with
+# TF32 convolutions and again in full f32; (3) scores the same checkpoint on CPU and GPU with
+# `vt-serve predict` and fails when a probability differs by more than 1e-3 (bf16 differences are
+# reported); (4) serves it over HTTP on the GPU (start-up, answers against (3)'s, requests/s); (5)
+# measures training img/s (vt-resnet18 and vt-resnet34, 224 px, batch 128) and inference img/s
+# (batch 1 and 256) with `xtask bench model`, PyTorch (python3, tools/reference) on the same GPU in
+# the same call; (6) times one end-to-end training epoch with the notebook's augmentation from JPEG
+# files (224 px, batch 128) against PyTorch's DataLoader; (7) measures bf16 inference and training
+# in full f32 (no TF32); (8) profiles the kernels of a training step and of inference (Nsight
+# Compute, if present). Each step has a time limit within the run's budget (a lent GPU's time is
+# short): a failed step is recorded in steps.txt and the next one runs; the exit status is non-zero
+# when any step failed.
 # The binaries are built with the `cudnn` feature; the GPU machine's cuDNN 9 is PyTorch's.
 #
 # Environment: VT_GPU_DEVICE (default cuda; `cpu` runs every step on the CPU with tiny sizes,
@@ -167,12 +168,20 @@ import_photos() {
         --val-fraction 0.1 2> "$out/fetch-data.log"
 }
 
+# The same run twice: with TF32 convolutions (vt-train's default on a GPU, as PyTorch's), then
+# in full f32, to show what TF32 does to accuracy.
 train_few_epochs() {
-    within "$bin/vt-train" train --data "$work/data" --run-dir "$work/run" --device "$device" \
-        --arch vt-resnet18 --image-size "$train_px" --batch-size 64 --epochs "$epochs" \
-        --recipe modern --loader-threads "$loader_threads" 2> "$out/train.log"
-    cp "$work/run/metrics.jsonl" "$out/train-metrics.jsonl"
-    cat "$out/train-metrics.jsonl"
+    local tf32 run
+    for tf32 in true false; do
+        run=run$([ "$tf32" = true ] || echo -f32)
+        within "$bin/vt-train" train --data "$work/data" --run-dir "$work/$run" \
+            --device "$device" --arch vt-resnet18 --image-size "$train_px" --batch-size 64 \
+            --epochs "$epochs" --recipe modern --seed 0 --tf32 "$tf32" \
+            --loader-threads "$loader_threads" 2> "$out/$run.log"
+        cp "$work/$run/metrics.jsonl" "$out/$run-metrics.jsonl"
+        echo "--tf32 $tf32:"
+        cat "$out/$run-metrics.jsonl"
+    done
 }
 
 predictions_agree() {
