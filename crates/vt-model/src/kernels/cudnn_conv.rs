@@ -10,8 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendStorage;
@@ -28,6 +27,7 @@ use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
+use super::algorithm_picks::{batch_bucket, Picks};
 use super::cuda::view;
 
 const FORWARD_ALGORITHMS: [cudnnConvolutionFwdAlgo_t; 8] = {
@@ -74,95 +74,28 @@ const WEIGHT_GRAD_ALGORITHMS: [cudnnConvolutionBwdFilterAlgo_t; 7] = {
 /// the element type and whether f32 may run in TF32.
 type AlgorithmKey = (DeviceId, Geometry, DType, bool);
 
-/// The algorithms picked so far, for every thread (the choice depends on the device, not on
-/// the thread that asks).
-struct Picks<A> {
-    /// By exact sizes, with the workspace in bytes that those sizes need.
-    exact: HashMap<AlgorithmKey, (A, usize)>,
-    /// By sizes with the batch rounded up to a power of two ([`batch_bucket`]).
-    bucket: HashMap<AlgorithmKey, A>,
-}
-
-type Algorithms<A> = LazyLock<Mutex<Picks<A>>>;
-
-const fn algorithms<A>() -> Algorithms<A> {
-    LazyLock::new(|| {
-        Mutex::new(Picks {
-            exact: HashMap::new(),
-            bucket: HashMap::new(),
-        })
-    })
-}
-
 // Picking takes far longer than the convolution itself (asking cuDNN's heuristics took about
 // 1.5 ms; at batch 1 vt-resnet18 inferred 30 instead of 130 images/s on an H100), so it
 // happens once per shape and batch bucket, as PyTorch picks once per shape.
-static FORWARD: Algorithms<cudnnConvolutionFwdAlgo_t> = algorithms();
-static INPUT_GRAD: Algorithms<cudnnConvolutionBwdDataAlgo_t> = algorithms();
-static WEIGHT_GRAD: Algorithms<cudnnConvolutionBwdFilterAlgo_t> = algorithms();
+static FORWARD: Picks<AlgorithmKey, cudnnConvolutionFwdAlgo_t> = Picks::new();
+static INPUT_GRAD: Picks<AlgorithmKey, cudnnConvolutionBwdDataAlgo_t> = Picks::new();
+static WEIGHT_GRAD: Picks<AlgorithmKey, cudnnConvolutionBwdFilterAlgo_t> = Picks::new();
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
 }
 
-/// Nanoseconds spent timing algorithms since the process started.
-static SEARCH_NANOS: AtomicU64 = AtomicU64::new(0);
-
-/// Time spent so far timing algorithms ([`fastest`]).
-pub(super) fn search_time() -> Duration {
-    Duration::from_nanos(SEARCH_NANOS.load(Ordering::Relaxed))
+/// `key` with its batch rounded up to its bucket.
+fn bucket_of(key: AlgorithmKey) -> AlgorithmKey {
+    let (device, mut geometry, dtype, tf32) = key;
+    geometry.input[0] = batch_bucket(geometry.input[0]);
+    (device, geometry, dtype, tf32)
 }
 
-/// The batch size whose timed algorithms serve a batch of `n`: the next power of two. A
-/// training epoch's smaller last batch and validation's reuse the full batch's choice, and a
-/// server that batches requests dynamically times log2(max batch) + 1 sizes, not every one.
-fn batch_bucket(n: usize) -> usize {
-    n.next_power_of_two()
-}
-
-/// The algorithm for `key` and its workspace: picked before for these sizes; else the one
-/// picked for the batch's bucket, if it runs these sizes; else `time`'s, remembered for
-/// both.
-fn algorithm<A: Copy>(
-    picks: &Algorithms<A>,
-    key: AlgorithmKey,
-    workspace_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
-    time: impl FnOnce() -> Result<(A, usize)>,
-) -> Result<(A, usize)> {
-    let lock = || picks.lock().unwrap_or_else(PoisonError::into_inner);
-    let (device, geometry, dtype, tf32) = key;
-    let mut bucketed = geometry;
-    bucketed.input[0] = batch_bucket(geometry.input[0]);
-    let bucket_key = (device, bucketed, dtype, tf32);
-    let (known, in_bucket) = {
-        let picks = lock();
-        (
-            picks.exact.get(&key).copied(),
-            picks.bucket.get(&bucket_key).copied(),
-        )
-    };
-    if let Some(known) = known {
-        return Ok(known);
-    }
-    let reused = in_bucket.and_then(|algo| match workspace_size(algo) {
-        Ok(bytes) if bytes <= MAX_WORKSPACE_BYTES => Some((algo, bytes)),
-        _ => None,
-    });
-    let picked = match reused {
-        Some(picked) => picked,
-        None => {
-            let start = Instant::now();
-            let timed = time();
-            let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            SEARCH_NANOS.fetch_add(nanos, Ordering::Relaxed);
-            timed?
-        }
-    };
-    let mut picks = lock();
-    picks.exact.insert(key, picked);
-    picks.bucket.entry(bucket_key).or_insert(picked.0);
-    Ok(picked)
+/// The workspace an algorithm needs, where it runs the convolution within our limit.
+fn usable(workspace: std::result::Result<usize, CudnnError>) -> Option<usize> {
+    workspace.ok().filter(|&bytes| bytes <= MAX_WORKSPACE_BYTES)
 }
 
 /// Workspaces larger than this are not tried (some FFT algorithms ask for gigabytes).
@@ -181,7 +114,7 @@ const HOPELESS: u32 = 10;
 fn fastest<A: Copy + std::fmt::Debug>(
     device: &CudaDevice,
     candidates: &[A],
-    workspace_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+    workspace: impl Fn(A) -> Option<usize>,
     mut run: impl FnMut(A, &mut CudaSlice<u8>) -> std::result::Result<(), CudnnError>,
 ) -> Result<(A, usize)> {
     let stream = device.cuda_stream();
@@ -189,12 +122,9 @@ fn fastest<A: Copy + std::fmt::Debug>(
     let mut best: Option<(Duration, A, usize)> = None;
     sync()?;
     for &algo in candidates {
-        let Ok(bytes) = workspace_size(algo) else {
+        let Some(bytes) = workspace(algo) else {
             continue;
         };
-        if bytes > MAX_WORKSPACE_BYTES {
-            continue;
-        }
         let Ok(mut workspace) = scratch(device, bytes) else {
             continue;
         };
@@ -332,14 +262,11 @@ impl CudnnConv {
                     w: &w,
                     y: &y,
                 };
-                let workspace_size = |algo| op.get_workspace_size(algo);
-                let (algo, bytes) = algorithm(&FORWARD, key, workspace_size, || {
-                    fastest(
-                        &device,
-                        &FORWARD_ALGORITHMS,
-                        workspace_size,
-                        |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &a, &b, &mut result) },
-                    )
+                let workspace = |algo| usable(op.get_workspace_size(algo));
+                let (algo, bytes) = FORWARD.pick(key, bucket_of(key), workspace, || {
+                    fastest(&device, &FORWARD_ALGORITHMS, workspace, |algo, ws| unsafe {
+                        op.launch(algo, Some(ws), scale, &a, &b, &mut result)
+                    })
                 })?;
                 let mut workspace = scratch(&device, bytes)?;
                 unsafe { op.launch(algo, Some(&mut workspace), scale, &a, &b, &mut result) }
@@ -352,12 +279,12 @@ impl CudnnConv {
                     w: &w,
                     dy: &y,
                 };
-                let workspace_size = |algo| op.get_workspace_size(algo);
-                let (algo, bytes) = algorithm(&INPUT_GRAD, key, workspace_size, || {
+                let workspace = |algo| usable(op.get_workspace_size(algo));
+                let (algo, bytes) = INPUT_GRAD.pick(key, bucket_of(key), workspace, || {
                     fastest(
                         &device,
                         &INPUT_GRAD_ALGORITHMS,
-                        workspace_size,
+                        workspace,
                         |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &mut result, &b, &a) },
                     )
                 })?;
@@ -372,12 +299,12 @@ impl CudnnConv {
                     dw: &w,
                     dy: &y,
                 };
-                let workspace_size = |algo| op.get_workspace_size(algo);
-                let (algo, bytes) = algorithm(&WEIGHT_GRAD, key, workspace_size, || {
+                let workspace = |algo| usable(op.get_workspace_size(algo));
+                let (algo, bytes) = WEIGHT_GRAD.pick(key, bucket_of(key), workspace, || {
                     fastest(
                         &device,
                         &WEIGHT_GRAD_ALGORITHMS,
-                        workspace_size,
+                        workspace,
                         |algo, ws| unsafe { op.launch(algo, Some(ws), scale, &a, &mut result, &b) },
                     )
                 })?;
@@ -527,53 +454,6 @@ mod tests {
                 assert!(rel < 1e-4, "{case}: {name} differs by {rel:e}");
             }
         }
-    }
-
-    /// A batch takes the algorithm timed for its bucket where that one runs its sizes, with
-    /// their own workspace, and is timed otherwise.
-    #[test]
-    fn batches_in_one_bucket_share_an_algorithm() {
-        use candle_core::cuda::cudarc::cudnn::sys::cudnnStatus_t;
-        use std::cell::Cell;
-        let Some(gpu) = test_gpu() else { return };
-        let id = gpu.as_cuda_device().unwrap().id();
-        let picks: Algorithms<u8> = algorithms();
-        let key = |n| {
-            let geometry = Geometry {
-                input: [n, 4, 9, 9],
-                weight: [6, 4, 3, 3],
-                stride: 1,
-                padding: 1,
-            };
-            (id, geometry, DType::F32, false)
-        };
-        let timings = Cell::new(0);
-        let time = |algo: u8| {
-            let timings = &timings;
-            move || {
-                timings.set(timings.get() + 1);
-                Ok((algo, 100))
-            }
-        };
-        let runs = |_| Ok(64);
-        assert_eq!(
-            algorithm(&picks, key(128), runs, time(3)).unwrap(),
-            (3, 100)
-        );
-        assert_eq!(algorithm(&picks, key(84), runs, time(5)).unwrap(), (3, 64));
-        let asked = |_| panic!("sizes seen before need no workspace query");
-        assert_eq!(algorithm(&picks, key(84), asked, time(5)).unwrap(), (3, 64));
-        let unsupported = |_| Err(CudnnError(cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED));
-        assert_eq!(
-            algorithm(&picks, key(100), unsupported, time(7)).unwrap(),
-            (7, 100)
-        );
-        assert_eq!(algorithm(&picks, key(1), runs, time(1)).unwrap(), (1, 100));
-        assert_eq!(
-            timings.get(),
-            3,
-            "timed: 128, 100 (its bucket's pick fails) and 1"
-        );
     }
 
     /// bf16 follows f32 to its precision.

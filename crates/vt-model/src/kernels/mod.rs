@@ -5,6 +5,8 @@
 //! operations on other devices and dtypes.
 
 mod add_relu;
+#[cfg(any(test, feature = "cudnn"))]
+mod algorithm_picks;
 mod batch_norm;
 mod conv2d;
 #[cfg(feature = "cuda")]
@@ -50,7 +52,7 @@ fn tf32_allowed() -> bool {
 /// per convolution shape and batch bucket (feature `cudnn`; zero without it).
 pub fn algorithm_search_time() -> std::time::Duration {
     #[cfg(feature = "cudnn")]
-    return cudnn_conv::search_time();
+    return algorithm_picks::search_time();
     #[cfg(not(feature = "cudnn"))]
     std::time::Duration::ZERO
 }
