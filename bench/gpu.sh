@@ -218,8 +218,11 @@ PY
 # second from 16 concurrent clients.
 serve_over_http() {
     local start=$SECONDS
-    within "$bin/vt-serve" --checkpoint "$work/run/best" --device "$device" --port 0 \
-        --max-batch 32 > "$work/serve.out" 2> "$out/serve.log" &
+    # timeout itself in the background (not `within`, a function, whose subshell would leave
+    # the server running when killed): it passes the final kill on to the server.
+    timeout --kill-after=5 "$((step_end - $(date +%s)))" "$bin/vt-serve" \
+        --checkpoint "$work/run/best" --device "$device" --port 0 --max-batch 32 \
+        > "$work/serve.out" 2> "$out/serve.log" &
     local server=$!
     until grep -q "^listening on " "$work/serve.out" 2> /dev/null; do
         kill -0 "$server" 2> /dev/null || { tail -n 20 "$out/serve.log"; return 1; }
