@@ -163,17 +163,14 @@ fn load_images(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
 
 fn default_checkpoint(image_size: usize) -> anyhow::Result<PathBuf> {
     let dir = target_dir().join("bench-serve/checkpoint");
-    let mut config = VtConfig::new(Arch::VtResNet18, 6, image_size);
-    config.class_names = [
-        "buildings",
-        "forest",
-        "glacier",
-        "mountain",
-        "sea",
-        "street",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut config = VtConfig::new(
+        Arch::VtResNet18,
+        vt_data::source::synthetic::CLASSES.len(),
+        image_size,
+    );
+    config.class_names = vt_data::source::synthetic::CLASSES
+        .map(String::from)
+        .to_vec();
     Model::init(config, &Device::Cpu)?
         .save(&dir)
         .with_context(|| format!("writing {}", dir.display()))?;
