@@ -36,7 +36,7 @@ fn cuda(ordinal: usize) -> Result<Device> {
         ))
     })?;
     #[cfg(feature = "cuda")]
-    cuda_runtime::configure(&device, ordinal)
+    cuda_runtime::configure(&device)
         .map_err(|e| ModelError::Device(format!("cannot configure CUDA device {ordinal}: {e}")))?;
     Ok(device)
 }
@@ -47,7 +47,7 @@ mod cuda_runtime {
     use candle_core::cuda::cudarc::driver::{result, sys, DriverError};
     use candle_core::Device;
 
-    pub(super) fn configure(device: &Device, ordinal: usize) -> Result<(), DriverError> {
+    pub(super) fn configure(device: &Device) -> Result<(), DriverError> {
         let Device::Cuda(cuda) = device else {
             return Ok(());
         };
@@ -55,15 +55,21 @@ mod cuda_runtime {
         // by tensors back to the system at every synchronisation: once per training step
         // (the gradient norm is read) or per served batch, so every step mapped its
         // activations' gigabytes afresh. PyTorch's caching allocator keeps them; so does this.
-        let mut keep = u64::MAX;
-        // SAFETY: `ordinal` opened a device just now, and the release threshold is a u64.
-        unsafe {
-            let pool = result::device::get_mem_pool(result::device::get(ordinal as i32)?)?;
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut keep as *mut u64).cast(),
-            )?;
+        // (A GPU without memory pools allocates synchronously: there is no pool to keep.)
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        let pools = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED;
+        if context.attribute(pools)? > 0 {
+            let mut keep = u64::MAX;
+            // SAFETY: the device is the context's, and the release threshold is a u64.
+            unsafe {
+                let pool = result::device::get_mem_pool(context.cu_device())?;
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                )?;
+            }
         }
         // cudarc creates two events with every allocation and destroys them with it (four
         // driver calls per tensor), to order work across streams. candle runs on the calling
@@ -127,6 +133,35 @@ mod tests {
             let err = parse_device("cuda:1").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
+    }
+
+    /// A GPU opened by name keeps freed memory in its pool, allocates without events, and
+    /// computes as before.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpus_keep_their_memory_pool_and_skip_events() {
+        use candle_core::cuda::cudarc::driver::{result, sys};
+        if crate::kernels::test_gpu().is_none() {
+            return;
+        }
+        let device = parse_device("cuda").unwrap();
+        let cuda = device.as_cuda_device().unwrap();
+        assert!(!cuda.is_event_tracking());
+        let mut threshold = 0u64;
+        // SAFETY: the device is the context's, and the release threshold is a u64.
+        unsafe {
+            let pool = result::device::get_mem_pool(cuda.cuda_stream().context().cu_device());
+            result::mem_pool::get_attribute(
+                pool.unwrap(),
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .unwrap();
+        }
+        assert_eq!(threshold, u64::MAX);
+        let x = candle_core::Tensor::arange(0f32, 4.0, &device).unwrap();
+        let doubled = (&x + &x).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(doubled, [0.0, 2.0, 4.0, 6.0]);
     }
 
     #[test]

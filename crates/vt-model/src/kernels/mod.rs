@@ -144,7 +144,7 @@ fn max_rel(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 
 /// The first GPU, or None (with a message) where there is none: the CUDA kernels' tests run
 /// only where one is present.
 #[cfg(all(test, feature = "cuda"))]
-fn test_gpu() -> Option<candle_core::Device> {
+pub(crate) fn test_gpu() -> Option<candle_core::Device> {
     match candle_core::Device::new_cuda(0) {
         Ok(device) => Some(device),
         Err(e) => {
