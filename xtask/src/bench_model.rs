@@ -153,10 +153,19 @@ fn bench_vt(
         }
         Ok(())
     };
+    let (warm, searched) = (Instant::now(), vt_model::kernels::algorithm_search_time());
     for _ in 0..warmup {
         step()?;
     }
     device.synchronize()?;
+    let searched = vt_model::kernels::algorithm_search_time() - searched;
+    if !searched.is_zero() {
+        eprintln!(
+            "warm-up: {:.2}s, {:.2}s of it timing cuDNN's convolution algorithms",
+            warm.elapsed().as_secs_f64(),
+            searched.as_secs_f64()
+        );
+    }
     // The timed iterations are the region a profiler started with `--profile-from-start off`
     // records (bench/gpu.sh's kernel profile), without the warm-up's one-time work.
     #[cfg(feature = "cuda")]
