@@ -22,6 +22,25 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Whether `name`, as [`parse_device`] takes it, picks a GPU; `auto` asks the driver whether
+/// there is one, without opening it. Callers size CPU work by it (a GPU run wants the cores
+/// for loading images); an unusable name is [`parse_device`]'s to report.
+pub fn names_a_gpu(name: &str) -> bool {
+    match name {
+        "auto" => gpu_count() > 0,
+        other => other == "cuda" || other.starts_with("cuda:"),
+    }
+}
+
+/// How many GPUs the CUDA driver reports (none in a build without CUDA).
+fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    return candle_core::cuda::cudarc::driver::CudaContext::device_count()
+        .map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Err(ModelError::Device(
@@ -162,6 +181,20 @@ mod tests {
         let x = candle_core::Tensor::arange(0f32, 4.0, &device).unwrap();
         let doubled = (&x + &x).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(doubled, [0.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn which_names_pick_a_gpu() {
+        for (name, gpu) in [
+            ("cpu", false),
+            ("cuda", true),
+            ("cuda:1", true),
+            ("tpu", false),
+        ] {
+            assert_eq!(names_a_gpu(name), gpu, "{name}");
+        }
+        let auto = parse_device("auto").unwrap();
+        assert_eq!(names_a_gpu("auto"), auto.is_cuda());
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub struct TrainOptions {
     /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Image decoding threads [default: the cores left by --threads, at least 1]
+    /// Image decoding threads [default: the cores left by --threads, at least 1; on a GPU,
+    /// all cores but one]
     #[arg(long)]
     pub loader_threads: Option<usize>,
     /// Seed of the initialisation, data order and augmentation [default: 0]
@@ -237,6 +238,8 @@ impl TrainConfig {
             .threads
             .unwrap_or_else(threads::default_compute_threads)
             .max(1);
+        let device = o.device.clone().unwrap_or_else(|| "auto".into());
+        let gpu = vt_model::names_a_gpu(&device);
         let config = TrainConfig {
             data: o
                 .data
@@ -263,13 +266,13 @@ impl TrainConfig {
             early_stop: o.early_stop.filter(|p| *p != 0),
             freeze_stem_epochs: o.freeze_stem_epochs.unwrap_or(0),
             pretrained: o.pretrained.clone(),
-            device: o.device.clone().unwrap_or_else(|| "auto".into()),
+            device,
             tf32: o.tf32.unwrap_or_else(tf32_by_default),
             bf16_products: o.bf16_products.unwrap_or(false),
             threads,
             loader_threads: o
                 .loader_threads
-                .unwrap_or_else(|| threads::default_loader_threads(threads))
+                .unwrap_or_else(|| threads::default_loader_threads(threads, gpu))
                 .max(1),
             seed: o.seed.unwrap_or(0),
             run_dir: o.run_dir.clone(),
@@ -430,6 +433,21 @@ mod tests {
         );
         assert!(matches!(modern.method(), Method::AdamW { .. }));
         assert!(modern.loader_threads >= 1);
+        for (device, gpu) in [("cpu", false), ("cuda", true)] {
+            let options = TrainOptions {
+                device: Some(device.into()),
+                threads: Some(2),
+                ..TrainOptions::default()
+            };
+            let config = TrainConfig::resolve(&options).unwrap();
+            let loader_threads = threads::default_loader_threads(2, gpu);
+            assert_eq!(config.loader_threads, loader_threads, "{device}");
+            let given = TrainOptions {
+                loader_threads: Some(3),
+                ..options
+            };
+            assert_eq!(TrainConfig::resolve(&given).unwrap().loader_threads, 3);
+        }
         assert!(modern.tf32, "TF32 convolutions by default, as in PyTorch");
         let file: TrainOptions = toml::from_str("tf32 = false\n").unwrap();
         assert!(!TrainConfig::resolve(&file).unwrap().tf32);

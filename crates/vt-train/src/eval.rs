@@ -195,7 +195,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let loader = data::eval_loader(
         &model.config,
         args.batch_size.max(1),
-        threads::default_loader_threads(compute),
+        threads::default_loader_threads(compute, device.is_cuda()),
     );
     let eval = evaluate(
         &model,

@@ -26,9 +26,29 @@ pub fn set_compute_threads(requested: Option<usize>) -> usize {
     n
 }
 
-/// Loader threads when not given: the cores the compute threads leave, at least one. With
-/// every core computing, the one loader thread barely competes: it decodes only until
-/// `prefetch` batches wait, a small fraction of a training step's work.
-pub fn default_loader_threads(compute: usize) -> usize {
-    available_cores().saturating_sub(compute).max(1)
+/// Loader threads when not given, at least one. On the CPU: the cores the compute threads
+/// leave. With every core computing, the one loader thread barely competes: it decodes only
+/// until `prefetch` batches wait, a small fraction of a training step's work. On a GPU the
+/// model needs one core, to issue its work, and decoding the images is what limits a step:
+/// every other core loads.
+pub fn default_loader_threads(compute: usize, gpu: bool) -> usize {
+    loader_threads_among(available_cores(), compute, gpu)
+}
+
+fn loader_threads_among(cores: usize, compute: usize, gpu: bool) -> usize {
+    let busy = if gpu { 1 } else { compute };
+    cores.saturating_sub(busy).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loader_threads_among;
+
+    #[test]
+    fn a_gpu_run_leaves_the_loader_all_cores_but_one() {
+        assert_eq!(loader_threads_among(16, 16, false), 1);
+        assert_eq!(loader_threads_among(16, 4, false), 12);
+        assert_eq!(loader_threads_among(16, 16, true), 15);
+        assert_eq!(loader_threads_among(1, 1, true), 1);
+    }
 }
