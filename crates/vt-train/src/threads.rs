@@ -29,8 +29,8 @@ pub fn set_compute_threads(requested: Option<usize>) -> usize {
 /// Loader threads when not given, at least one. On the CPU: the cores the compute threads
 /// leave. With every core computing, the one loader thread barely competes: it decodes only
 /// until `prefetch` batches wait, a small fraction of a training step's work. On a GPU the
-/// model needs one core, to issue its work, and decoding the images is what limits a step:
-/// every other core loads.
+/// model needs one core, to issue its work, and the others decode images, which a GPU takes
+/// faster than a few cores produce them.
 pub fn default_loader_threads(compute: usize, gpu: bool) -> usize {
     loader_threads_among(available_cores(), compute, gpu)
 }
