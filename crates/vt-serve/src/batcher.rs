@@ -68,14 +68,14 @@ impl Batcher {
             .name("vt-serve-model".into())
             .spawn(move || {
                 // On the model thread: cuDNN's handles and CUDA's streams are per thread.
-                let warm_up = if classifier.model().device.is_cuda() {
+                let warmed_up = if classifier.model().device.is_cuda() {
                     warm_up(&classifier, config.max_batch)
                 } else {
                     Ok(())
                 };
-                let failed = warm_up.is_err();
+                let failed = warmed_up.is_err();
                 // `spawn` waits for this message; it cannot have gone.
-                let _ = ready.send(warm_up);
+                let _ = ready.send(warmed_up);
                 if !failed {
                     run(&classifier, &queue, config, &metrics);
                 }
