@@ -41,42 +41,16 @@ impl Normalize {
 
     /// Writes `img` into `out` as planar CHW floats, normalised.
     pub fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
-        self.write_chw_window(img, (0, 0), img.dimensions(), out);
-    }
-
-    /// Writes the `size` (width, height) window of `img` at `origin` (left, top) into `out`
-    /// as planar CHW floats, normalised: a crop without copying it first.
-    pub fn write_chw_window(
-        &self,
-        img: &RgbImage,
-        (left, top): (u32, u32),
-        (width, height): (u32, u32),
-        out: &mut [f32],
-    ) {
-        let plane = (width * height) as usize;
+        let plane = (img.width() * img.height()) as usize;
         debug_assert_eq!(out.len(), 3 * plane);
         let (scale, shift) = self.scale_shift();
         let (red, rest) = out.split_at_mut(plane);
         let (green, blue) = rest.split_at_mut(plane);
-        let stride = img.width() as usize * 3;
-        let rows = img
-            .as_raw()
-            .chunks_exact(stride)
-            .skip(top as usize)
-            .take(height as usize);
-        let row_len = width as usize;
-        for (y, row) in rows.enumerate() {
-            let pixels = &row[left as usize * 3..(left as usize + row_len) * 3];
-            let span = y * row_len..(y + 1) * row_len;
-            let planes = red[span.clone()]
-                .iter_mut()
-                .zip(&mut green[span.clone()])
-                .zip(&mut blue[span]);
-            for (px, ((r, g), b)) in pixels.chunks_exact(3).zip(planes) {
-                *r = f32::from(px[0]) * scale[0] + shift[0];
-                *g = f32::from(px[1]) * scale[1] + shift[1];
-                *b = f32::from(px[2]) * scale[2] + shift[2];
-            }
+        let planes = red.iter_mut().zip(green).zip(blue);
+        for (px, ((r, g), b)) in img.as_raw().chunks_exact(3).zip(planes) {
+            *r = f32::from(px[0]) * scale[0] + shift[0];
+            *g = f32::from(px[1]) * scale[1] + shift[1];
+            *b = f32::from(px[2]) * scale[2] + shift[2];
         }
     }
 }
@@ -112,19 +86,22 @@ pub fn resize_region(
         .ok_or_else(|| DataError::Resize("resized buffer has the wrong size".into()))
 }
 
-/// The contract's evaluation geometry: the resized size and the centre crop's offset.
-pub fn eval_geometry(width: u32, height: u32, image_size: u32) -> ((u32, u32), (u32, u32)) {
-    let short_target = (f64::from(image_size) * 256.0 / 224.0).round() as u32;
+/// The contract's evaluation geometry: the resized size (width, height) and the centre
+/// crop's offset (left, top) in it. 64-bit: a thin strip's long side grows with the scale.
+pub fn eval_geometry(width: u32, height: u32, image_size: u32) -> ((u64, u64), (u64, u64)) {
+    let short_target = (f64::from(image_size) * 256.0 / 224.0).round() as u64;
     let (short, long) = (width.min(height), width.max(height));
-    let long_target = (u64::from(long) * u64::from(short_target) / u64::from(short)) as u32;
+    let long_target = u64::from(long) * short_target / u64::from(short);
     let (w, h) = if width <= height {
         (short_target, long_target)
     } else {
         (long_target, short_target)
     };
-    let left = (w.saturating_sub(image_size)) / 2;
-    let top = (h.saturating_sub(image_size)) / 2;
-    ((w, h), (left, top))
+    let size = u64::from(image_size);
+    (
+        (w, h),
+        (w.saturating_sub(size) / 2, h.saturating_sub(size) / 2),
+    )
 }
 
 /// Evaluation and serving preprocessing: returns `3 * image_size^2` floats, CHW.
@@ -140,6 +117,11 @@ pub fn eval_chw(
 }
 
 /// [`eval_chw`] into a caller's buffer of `3 * image_size^2` floats.
+///
+/// Only the centre crop is resized: its box in source pixels goes to the resizer, which
+/// (as PIL) still filters across the box's edges, so the result is the resize-then-crop of
+/// the contract without the whole resized image, which for a 1 x 100,000 strip would take
+/// gigabytes.
 pub fn eval_into(
     resizer: &mut Resizer,
     img: &RgbImage,
@@ -158,14 +140,20 @@ pub fn eval_into(
         )));
     }
     let ((w, h), (left, top)) = eval_geometry(img.width(), img.height(), image_size);
-    let full = CropBox {
-        left: 0.0,
-        top: 0.0,
-        width: f64::from(img.width()),
-        height: f64::from(img.height()),
+    // Source pixels per resized pixel, along each axis.
+    let (x_scale, y_scale) = (
+        f64::from(img.width()) / w as f64,
+        f64::from(img.height()) / h as f64,
+    );
+    let size = f64::from(image_size);
+    let crop = CropBox {
+        left: left as f64 * x_scale,
+        top: top as f64 * y_scale,
+        width: size * x_scale,
+        height: size * y_scale,
     };
-    let resized = resize_region(resizer, img, full, w, h)?;
-    norm.write_chw_window(&resized, (left, top), (image_size, image_size), out);
+    let cropped = resize_region(resizer, img, crop, image_size, image_size)?;
+    norm.write_chw(&cropped, out);
     Ok(())
 }
 
@@ -180,6 +168,53 @@ mod tests {
         // 500x374 at image size 150: S = round(171.43) = 171, long = floor(500*171/374) = 228.
         assert_eq!(eval_geometry(500, 374, 150), ((228, 171), (39, 10)));
         assert_eq!(eval_geometry(374, 500, 150), ((171, 228), (10, 39)));
+    }
+
+    /// Resizing only the crop's box gives what resizing the whole image and cropping gives.
+    #[test]
+    fn eval_resizes_only_the_centre_crop_with_the_same_pixels() {
+        let mut resizer = Resizer::new();
+        for (width, height, image_size) in [
+            (150, 150, 224),
+            (500, 374, 150),
+            (374, 500, 64),
+            (37, 1003, 32),
+            (1, 300, 48),
+            (300, 2, 48),
+        ] {
+            let img = RgbImage::from_fn(width, height, |x, y| {
+                image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (x ^ y) as u8])
+            });
+            let ((w, h), (left, top)) = eval_geometry(width, height, image_size);
+            let full = CropBox {
+                left: 0.0,
+                top: 0.0,
+                width: f64::from(width),
+                height: f64::from(height),
+            };
+            let resized = resize_region(&mut resizer, &img, full, w as u32, h as u32).unwrap();
+            let crop = image::imageops::crop_imm(
+                &resized,
+                left as u32,
+                top as u32,
+                image_size,
+                image_size,
+            )
+            .to_image();
+            let mut expected = vec![0.0; 3 * (image_size as usize).pow(2)];
+            Normalize::IMAGENET.write_chw(&crop, &mut expected);
+            let ours = eval_chw(&mut resizer, &img, image_size, &Normalize::IMAGENET).unwrap();
+            assert_eq!(ours, expected, "{width}x{height} at {image_size}");
+        }
+    }
+
+    #[test]
+    fn a_thin_strip_keeps_its_long_side_in_64_bits() {
+        // 1 x 20,000,000 at 224: the long side resizes to 5.12e9 pixels, past u32.
+        assert_eq!(
+            eval_geometry(1, 20_000_000, 224),
+            ((256, 5_120_000_000), (16, 2_559_999_888))
+        );
     }
 
     #[test]
