@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+/// The largest image, in pixels, that is decoded unless `--max-pixels` says otherwise.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Checkpoint folder (config.json + model.safetensors).
@@ -44,7 +47,7 @@ pub struct ServeArgs {
     pub max_body_bytes: u64,
     /// Largest image in pixels (width x height), checked from the header before decoding;
     /// larger ones get 413.
-    #[arg(long, default_value_t = 40_000_000)]
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Hosts (comma-separated, `host` or `host:port`) that `{"url": ...}` inputs may be
     /// fetched from. Without it URL inputs are refused.

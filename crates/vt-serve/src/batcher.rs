@@ -25,8 +25,17 @@ pub struct BatchConfig {
     pub queue: usize,
 }
 
-/// The answer to one image: its scores, or why the forward pass failed.
-pub type Answer = Result<Prediction, String>;
+/// The answer to one image: its scores, or why it has none.
+pub type Answer = Result<Prediction, Unanswered>;
+
+/// Why an image got no scores.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// Its request's deadline passed while it waited in the queue.
+    Expired,
+    /// The forward pass failed.
+    Failed(String),
+}
 
 struct Job {
     input: Vec<f32>,
@@ -154,10 +163,16 @@ fn gather(first: Job, queue: &Receiver<Job>, config: BatchConfig, arriving: &Int
 
 fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metrics: &Metrics) {
     while let Ok(first) = queue.recv() {
-        let mut batch = gather(first, queue, config, &metrics.requests_arriving);
-        // Callers past their deadline have already been answered 504: skip their work.
+        let batch = gather(first, queue, config, &metrics.requests_arriving);
+        // Callers past their deadline get no work done; they answer 504.
         let now = Instant::now();
-        batch.retain(|job| job.deadline > now && !job.reply.is_closed());
+        let (batch, expired): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .filter(|job| !job.reply.is_closed())
+            .partition(|job| job.deadline > now);
+        for job in expired {
+            let _ = job.reply.send(Err(Unanswered::Expired));
+        }
         if batch.is_empty() {
             continue;
         }
@@ -207,6 +222,6 @@ fn warm_up(classifier: &Classifier, max_batch: usize) -> Result<(), ClassifyErro
 fn fail_all(replies: Vec<oneshot::Sender<Answer>>, message: &str) {
     tracing::error!(message, "batch failed");
     for reply in replies {
-        let _ = reply.send(Err(message.to_owned()));
+        let _ = reply.send(Err(Unanswered::Failed(message.to_owned())));
     }
 }

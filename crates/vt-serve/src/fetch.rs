@@ -70,7 +70,9 @@ impl UrlFetcher {
                 parsed.host_str().unwrap_or_default()
             )));
         }
-        let failed = |e: reqwest::Error| ApiError::UrlFetchFailed(format!("fetching {url}: {e}"));
+        let failed = |e: reqwest::Error| {
+            ApiError::UrlFetchFailed(format!("fetching {url}: {}", with_causes(&e)))
+        };
         let mut response = self
             .client
             .get(parsed.clone())
@@ -102,6 +104,18 @@ impl UrlFetcher {
         }
         Ok(Bytes::from(body))
     }
+}
+
+/// The error and its causes, which reqwest's message leaves out (connection refused, a
+/// redirect that leaves the allowed hosts, ...).
+fn with_causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text = format!("{text}: {e}");
+        cause = e.source();
+    }
+    text
 }
 
 fn is_allowed(allowed: &[String], url: &Url) -> bool {

@@ -20,10 +20,11 @@ use axum::http::{header, Method, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use fast_image_resize::Resizer;
+use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::batcher::Arriving;
+use crate::batcher::{Arriving, Unanswered};
 use crate::classifier::{Label, Prediction};
 use crate::error::ApiError;
 use crate::input::{self, ImageInput};
@@ -63,13 +64,12 @@ pub async fn predict(
     if top_k == 0 {
         return Err(ApiError::BadRequest("top_k must be at least 1".into()));
     }
-    let timeout_ms = state.limits.timeout.as_millis() as u64;
     tokio::time::timeout_at(
         deadline.into(),
         answer(&state, request, arriving, deadline, started, top_k),
     )
     .await
-    .map_err(|_| ApiError::Timeout { timeout_ms })?
+    .map_err(|_| state.limits.timed_out())?
 }
 
 async fn answer(
@@ -83,34 +83,27 @@ async fn answer(
     let inputs = input::read(state, request, deadline).await?;
     // Held until the answer is written, whatever happens to the request meanwhile.
     let _admitted = state.admission.try_admit(inputs.images.len())?;
-    // Each image's task holds the announcement until its image is queued.
+    // Each image holds the announcement until it is queued. The images are futures of this
+    // request, not tasks of their own, so that a request that times out or whose client
+    // goes away stops their work (and its announcement) with it.
     let arriving = Arc::new(arriving);
-    let pending: Vec<_> = inputs
-        .images
-        .into_iter()
-        .map(|image| {
-            let state = Arc::clone(state);
-            let filename = image.filename.clone();
-            let arriving = Arc::clone(&arriving);
-            (
-                filename,
-                tokio::spawn(async move { classify(&state, image, arriving, deadline).await }),
-            )
-        })
-        .collect();
+    let predictions = try_join_all(
+        inputs
+            .images
+            .into_iter()
+            .map(|image| classify(state, image, Arc::clone(&arriving), deadline)),
+    );
     drop(arriving);
-    let mut results = Vec::with_capacity(pending.len());
-    for (filename, task) in pending {
-        let prediction = task
-            .await
-            .map_err(|e| ApiError::Internal(format!("prediction task failed: {e}")))??;
-        results.push(PredictResponse {
+    let mut results: Vec<_> = predictions
+        .await?
+        .into_iter()
+        .map(|(filename, prediction)| PredictResponse {
             filename,
             predictions: prediction.top(&state.model.classes, top_k),
             model: &state.model.name,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-        });
-    }
+        })
+        .collect();
     Ok(match (inputs.multipart, results.len()) {
         (true, n) if n > 1 => Json(MultiResponse { results }).into_response(),
         _ => Json(results.pop()).into_response(),
@@ -123,7 +116,7 @@ async fn classify(
     image: ImageInput,
     arriving: Arc<Arriving>,
     deadline: Instant,
-) -> Result<Prediction, ApiError> {
+) -> Result<(Option<String>, Prediction), ApiError> {
     let ImageInput { filename, bytes } = image;
     let slot = Arc::clone(&state.decode_slots)
         .acquire_owned()
@@ -143,10 +136,14 @@ async fn classify(
     .map_err(|e| e.for_file(filename.as_deref()))?;
     let answer = state.batcher.submit(input, deadline);
     drop(arriving);
-    answer?
+    let prediction = answer?
         .await
         .map_err(|_| ApiError::Internal("the model thread dropped the request".into()))?
-        .map_err(|e| ApiError::Internal(format!("inference failed: {e}")))
+        .map_err(|unanswered| match unanswered {
+            Unanswered::Expired => state.limits.timed_out(),
+            Unanswered::Failed(e) => ApiError::Internal(format!("inference failed: {e}")),
+        })?;
+    Ok((filename, prediction))
 }
 
 pub async fn page() -> Html<&'static str> {

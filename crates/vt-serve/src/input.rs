@@ -1,6 +1,8 @@
 //! The images of a prediction request, read from any of the accepted body kinds:
-//! a raw image (`image/*` or `application/octet-stream`), `multipart/form-data` with one or
-//! more file parts, or JSON `{"image": "<base64>"}` / `{"url": "..."}`.
+//! `multipart/form-data` with one or more file parts, JSON `{"image": "<base64>"}` /
+//! `{"url": "..."}`, or else a raw image under any content type (`image/*`,
+//! `application/octet-stream`, SageMaker's `application/x-image`, curl's default
+//! `application/x-www-form-urlencoded`...): its format is read from the bytes.
 
 use std::time::Instant;
 
@@ -8,6 +10,7 @@ use axum::body::Bytes;
 use axum::extract::multipart::MultipartError;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use serde::Deserialize;
 
@@ -32,9 +35,6 @@ struct JsonInput {
     image: Option<String>,
     url: Option<String>,
 }
-
-const ACCEPTED: &str = "send a raw image (image/jpeg, image/png, image/webp or application/octet-stream), \
-                        multipart/form-data with file parts, or application/json {\"image\": \"<base64>\"}";
 
 pub async fn read(
     state: &AppState,
@@ -77,11 +77,7 @@ pub async fn read(
             let body = read_body(request, limit).await?;
             Ok(single(read_json(state, &body, deadline).await?))
         }
-        None | Some("application/octet-stream") => Ok(single(read_body(request, limit).await?)),
-        Some(m) if m.starts_with("image/") => Ok(single(read_body(request, limit).await?)),
-        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
-            "content type `{other}` is not accepted; {ACCEPTED}"
-        ))),
+        _ => Ok(single(read_body(request, limit).await?)),
     }
 }
 
@@ -152,7 +148,13 @@ async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<B
         (Some(image), None) => decode_base64(&image),
         (None, Some(url)) => {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            state.fetcher.fetch(&url, remaining).await
+            // The fetch may only take the request's remaining time: past it, the request
+            // timed out.
+            let fetched = state.fetcher.fetch(&url, remaining).await;
+            match fetched {
+                Err(_) if Instant::now() >= deadline => Err(state.limits.timed_out()),
+                other => other,
+            }
         }
         _ => Err(ApiError::BadRequest(
             "the JSON body needs exactly one of \"image\" (base64) or \"url\"".into(),
@@ -160,14 +162,28 @@ async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<B
     }
 }
 
-/// Standard base64, optionally as a data URL (`data:image/png;base64,...`).
+/// Base64 in the standard or the URL-safe alphabet, padded or not, wrapped in lines or not
+/// (as `base64` and Python's `encodebytes` write it), optionally as a data URL
+/// (`data:image/png;base64,...`).
 fn decode_base64(text: &str) -> Result<Bytes, ApiError> {
     let payload = match text.split_once(";base64,") {
         Some((prefix, data)) if prefix.starts_with("data:") => data,
         _ => text,
     };
-    base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
+    let compact: Vec<u8> = payload
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let lenient =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let url_safe = compact.iter().any(|&b| b == b'-' || b == b'_');
+    let alphabet = if url_safe {
+        &base64::alphabet::URL_SAFE
+    } else {
+        &base64::alphabet::STANDARD
+    };
+    GeneralPurpose::new(alphabet, lenient)
+        .decode(&compact)
         .map(Bytes::from)
         .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}")))
 }
@@ -187,5 +203,28 @@ mod tests {
             decode_base64("not base64!"),
             Err(ApiError::BadRequest(_))
         ));
+    }
+
+    /// What `base64` (lines of 76), Python's `encodebytes`, `urlsafe_b64encode` and unpadded
+    /// encoders write.
+    #[test]
+    fn base64_in_lines_url_safe_or_unpadded() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let standard = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let lines: Vec<&str> = standard
+            .as_bytes()
+            .chunks(76)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        let url_safe = base64::engine::general_purpose::URL_SAFE.encode(&bytes);
+        assert!(url_safe.contains(['-', '_']));
+        for text in [
+            lines.join("\n") + "\n",
+            lines.join("\r\n"),
+            url_safe,
+            standard.trim_end_matches('=').to_owned(),
+        ] {
+            assert_eq!(decode_base64(&text).unwrap(), bytes, "{text}");
+        }
     }
 }

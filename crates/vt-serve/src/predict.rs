@@ -1,4 +1,7 @@
-//! `vt-serve predict`: score image files offline, one JSON object per line per image.
+//! `vt-serve predict`: score image files offline, one JSON object per line per image, in
+//! the order given. An image that cannot be read or decoded gets a line
+//! `{"image", "error"}` and the others are still scored; the exit status then says how
+//! many failed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,6 +10,7 @@ use anyhow::Context;
 use fast_image_resize::Resizer;
 use serde::Serialize;
 
+use crate::args::DEFAULT_MAX_PIXELS;
 use crate::classifier::{Classifier, Label};
 
 #[derive(Debug, clap::Args)]
@@ -25,14 +29,23 @@ pub struct PredictArgs {
     #[arg(long)]
     pub bf16_products: bool,
     /// How many of the best classes to list under "top".
-    #[arg(long, default_value_t = 3)]
-    pub top_k: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub top_k: u32,
+    /// Largest image in pixels (width x height), checked from the header before decoding.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Image files (JPEG, PNG, WebP, ...; the format is read from the content).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Failed<'a> {
+    image: &'a str,
+    error: String,
 }
 
 #[derive(Serialize)]
@@ -52,28 +65,56 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let mut resizer = Resizer::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let mut failed = 0;
     for chunk in args.images.chunks(args.batch_size.max(1)) {
-        let inputs = chunk
+        let inputs: Vec<anyhow::Result<Vec<f32>>> = chunk
             .iter()
             .map(|path| {
                 let bytes =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                classifier
-                    .preprocess(&mut resizer, &bytes, u64::MAX)
-                    .with_context(|| format!("image {}", path.display()))
+                Ok(classifier.preprocess(&mut resizer, &bytes, args.max_pixels)?)
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let predictions = classifier.predict(&inputs).context("running the model")?;
-        for (path, p) in chunk.iter().zip(&predictions) {
-            let line = Line {
-                image: &path.to_string_lossy(),
-                logits: &p.logits,
-                probs: &p.probs,
-                top: p.top(&classifier.config().class_names, args.top_k),
-            };
-            serde_json::to_writer(&mut out, &line)?;
+            .collect();
+        let decoded: Vec<Vec<f32>> = inputs.iter().flatten().cloned().collect();
+        let mut predictions = classifier
+            .predict(&decoded)
+            .context("running the model")?
+            .into_iter();
+        for (path, input) in chunk.iter().zip(&inputs) {
+            let image = path.to_string_lossy();
+            match input {
+                Ok(_) => {
+                    let p = predictions
+                        .next()
+                        .context("the model returned fewer results than images")?;
+                    let line = Line {
+                        image: &image,
+                        logits: &p.logits,
+                        probs: &p.probs,
+                        top: p.top(&classifier.config().class_names, args.top_k as usize),
+                    };
+                    serde_json::to_writer(&mut out, &line)?;
+                }
+                Err(e) => {
+                    failed += 1;
+                    let error = format!("{e:#}");
+                    serde_json::to_writer(
+                        &mut out,
+                        &Failed {
+                            image: &image,
+                            error,
+                        },
+                    )?;
+                }
+            }
             writeln!(out)?;
         }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} images could not be scored (see their \"error\" lines)",
+            args.images.len()
+        );
     }
     Ok(())
 }

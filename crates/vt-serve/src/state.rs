@@ -15,6 +15,7 @@ use crate::admission::Admission;
 use crate::args::ServeArgs;
 use crate::batcher::{BatchConfig, Batcher};
 use crate::classifier::{Classifier, Preprocessor};
+use crate::error::ApiError;
 use crate::fetch::UrlFetcher;
 use crate::metrics::Metrics;
 
@@ -72,6 +73,15 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub max_pixels: u64,
     pub timeout: Duration,
+}
+
+impl Limits {
+    /// The answer to a request that ran past `timeout`.
+    pub fn timed_out(&self) -> ApiError {
+        ApiError::Timeout {
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
+    }
 }
 
 pub struct AppState {

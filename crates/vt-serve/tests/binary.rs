@@ -74,7 +74,6 @@ fn help_explains_every_flag() {
     }
 }
 
-/// `vt-serve predict` at a precision, as JSON lines.
 /// Writes `images` into `dir` under their names, as a user's files to predict.
 fn write_images(dir: &Path, images: &[(String, Vec<u8>)]) -> Vec<PathBuf> {
     images
@@ -87,6 +86,7 @@ fn write_images(dir: &Path, images: &[(String, Vec<u8>)]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `vt-serve predict` at a precision, as JSON lines.
 fn predict_at(checkpoint: &Path, precision: &[&str], paths: &[PathBuf]) -> Output {
     Command::new(BIN)
         .args(["predict", "--device", "cpu"])
@@ -96,6 +96,45 @@ fn predict_at(checkpoint: &Path, precision: &[&str], paths: &[PathBuf]) -> Outpu
         .args(paths)
         .output()
         .unwrap()
+}
+
+/// Files that cannot be scored get an error line each, in their place, and the others are
+/// still scored; the exit status reports the failures.
+#[test]
+fn predict_scores_what_it_can_and_names_what_it_cannot() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let photo = test_images(1).remove(0).1;
+    let images = [
+        ("photo.jpg".to_owned(), photo.clone()),
+        ("notes.txt".to_owned(), b"not an image".to_vec()),
+        ("huge.png".to_owned(), png_declaring(100_000, 100_000)),
+    ];
+    let mut paths = write_images(files.path(), &images);
+    paths.insert(1, files.path().join("missing.jpg"));
+    let output = predict_at(&checkpoint, &["--top-k", "2"], &paths);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("3 of 4 images"), "{stderr}");
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (line, path) in lines.iter().zip(&paths) {
+        assert_eq!(line["image"], path.to_string_lossy().as_ref(), "{line}");
+    }
+    let probs: Vec<f32> = serde_json::from_value(lines[0]["probs"].clone()).unwrap();
+    assert_eq!(probs, offline_probs(&checkpoint, &photo));
+    assert_eq!(lines[0]["top"].as_array().map(Vec::len), Some(2));
+    for (line, reason) in lines[1..].iter().zip(["reading", "format", "pixels"]) {
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(error.contains(reason), "{line}");
+    }
+    let refused = predict_at(&checkpoint, &["--top-k", "0"], &paths[..1]);
+    assert!(!refused.status.success());
 }
 
 #[test]

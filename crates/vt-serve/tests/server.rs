@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
@@ -13,6 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use vt_serve::batcher::{BatchConfig, Batcher, Unanswered};
 
 /// A GPU server runs these batch sizes before it listens; each must run and leave the model
 /// answering as before.
@@ -68,17 +70,6 @@ fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &s
         body["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "{what}: no detail in {body}"
     );
-}
-
-/// A PNG whose header declares `width` x `height` but that holds no pixel data.
-fn png_declaring(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = encode(&RgbImage::new(1, 1), ImageFormat::Png);
-    // Signature (8), IHDR length (4) and type (4), then width and height; CRC over type+data.
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32fast::hash(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,11 +328,11 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
             "unsupported_media_type",
         ),
         (
-            "text content type",
+            "text under a text content type",
             "text/plain",
-            photo.clone(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            b"hello".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
         ),
         (
             "bad base64",
@@ -389,6 +380,16 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
     for (what, content_type, body, status, code) in cases {
         let (got, answer) = post_raw(&client, &url, content_type, body).await;
         assert_error(got, &answer, status, code, what);
+    }
+    // A raw image under any other content type is read from its bytes: SageMaker's, curl's
+    // default for --data-binary, none at all.
+    for content_type in [
+        "application/x-image",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+    ] {
+        let (status, answer) = post_raw(&client, &url, content_type, photo.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{content_type}: {answer}");
     }
 
     for query in ["top_k=0", "top_k=many"] {
@@ -610,6 +611,30 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "url_fetch_failed",
         "redirect off the list",
     );
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("leaves the allowed hosts")),
+        "{answer}"
+    );
+    // Nothing listens on the port of a listener just closed.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (status, answer) = ask(format!("http://127.0.0.1:{port}/photo.jpg")).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_GATEWAY,
+        "url_fetch_failed",
+        "nothing listening",
+    );
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Connection refused")),
+        "{answer}"
+    );
     server.shutdown().await;
 }
 
@@ -774,6 +799,79 @@ async fn a_request_past_its_deadline_gets_504() {
     server.shutdown().await;
 }
 
+/// A request that times out stops the work of its images still waiting to be decoded: it
+/// no longer counts as arriving (which would hold every forming batch open) once its 504
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_stops_its_waiting_images() {
+    let dir = tiny_checkpoint();
+    let args = ["--timeout-ms", "200", "--threads", "1"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    // Ten images of 9 megapixels, decoded one at a time (one thread): seconds of work.
+    let big = encode(
+        &RgbImage::from_fn(3000, 3000, |x, y| image::Rgb([x as u8, y as u8, 0])),
+        ImageFormat::Png,
+    );
+    let mut form = Form::new();
+    for i in 0..10 {
+        form = form.part(
+            "file",
+            Part::bytes(big.clone()).file_name(format!("{i}.png")),
+        );
+    }
+    let response = client
+        .post(server.url("/predict"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = json_of(response).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        "ten big files",
+    );
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(
+        metric(&text, "vt_serve_requests_arriving"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "vt_serve_queue_depth"), Some(0.0), "{text}");
+    server.shutdown().await;
+}
+
+/// An image whose deadline passed while it waited for the model is answered as expired
+/// (504), not dropped (which its request would report as the model thread's failure, 500).
+#[tokio::test]
+async fn the_model_thread_answers_an_expired_image_as_expired() {
+    let dir = tiny_checkpoint();
+    let classifier = vt_serve::Classifier::load(
+        &checkpoint_path(&dir),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let (_, photo) = test_images(1).remove(0);
+    let input = classifier
+        .preprocess(&mut fast_image_resize::Resizer::new(), &photo, u64::MAX)
+        .unwrap();
+    let config = BatchConfig {
+        max_batch: 4,
+        max_delay: Duration::ZERO,
+        queue: 4,
+    };
+    let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
+    let batcher = Batcher::spawn(classifier, config, metrics).unwrap();
+    let answer = batcher.submit(input.clone(), Instant::now()).unwrap();
+    assert!(matches!(answer.await.unwrap(), Err(Unanswered::Expired)));
+    let answer = batcher.submit(input, Instant::now() + Duration::from_secs(60));
+    assert!(answer.unwrap().await.unwrap().is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundreds_of_concurrent_requests_each_match_the_offline_prediction() {
     const REQUESTS: usize = 300;
@@ -858,6 +956,21 @@ async fn graceful_shutdown_answers_the_requests_in_flight() {
     let (status, answer) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(scores(&answer).len(), 3);
+}
+
+/// A client that never finishes its request headers does not hold shutdown: past the
+/// request timeout its connection carries no request, and it is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_client_that_never_sends_its_headers() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--timeout-ms", "300"]).await;
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), server.shutdown()).await;
+    assert!(stopped.is_ok(), "shutdown still waiting after 20 s");
 }
 
 /// Where Debian's chromium is, if installed.

@@ -283,3 +283,14 @@ pub fn assert_matches_offline(answer: &serde_json::Value, offline: &[f32], what:
         );
     }
 }
+
+/// A PNG whose header declares `width` x `height` but that holds no pixel data.
+pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = encode(&RgbImage::new(1, 1), ImageFormat::Png);
+    // Signature (8), IHDR length (4) and type (4), then width and height; CRC over type+data.
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
