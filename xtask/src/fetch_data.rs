@@ -1,6 +1,7 @@
 //! `cargo xtask fetch-data`: a thin command line over `vt_data::fetch`.
 
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::ValueEnum;
@@ -84,42 +85,114 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let manifest = fetch::fetch(&opts)
         .with_context(|| format!("fetch-data into {} failed", args.data_dir.display()))?;
-    report(&args.data_dir, &manifest);
-    Ok(())
+    print_report(&mut io::stdout().lock(), &args.data_dir, &manifest)
 }
 
-fn report(data_dir: &std::path::Path, m: &Manifest) {
+/// Prints the summary; a reader that stopped early (`| head`) is not an error, the import is
+/// done either way.
+fn print_report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> anyhow::Result<()> {
+    match report(out, data_dir, m).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot print the import summary")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()> {
     let total = |split: vt_data::dataset::Split| m.count(split);
-    println!(
+    writeln!(
+        out,
         "imported {} ({}) into {}",
         m.source,
         m.origin,
         data_dir.display()
-    );
-    println!("classes: {}", m.classes.join(", "));
+    )?;
+    writeln!(out, "classes: {}", m.classes.join(", "))?;
     for split in vt_data::dataset::Split::ALL {
         let per_class: Vec<String> = m
             .classes
             .iter()
             .map(|c| format!("{c} {}", m.split_counts(split).get(c).copied().unwrap_or(0)))
             .collect();
-        println!(
+        writeln!(
+            out,
             "{split:>5}: {:>6}  ({})",
             total(split),
             per_class.join(", ")
-        );
+        )?;
     }
-    println!(" pred: {:>6}", m.splits.pred);
+    writeln!(out, " pred: {:>6}", m.splits.pred)?;
     if total(vt_data::dataset::Split::Test) == 0 {
-        println!("note: the source has no seg_test images, so the test split is empty");
+        writeln!(
+            out,
+            "note: the source has no seg_test images, so the test split is empty"
+        )?;
     }
     if !m.skipped.is_empty() {
-        println!("skipped {} file(s):", m.skipped.len());
+        writeln!(out, "skipped {} file(s):", m.skipped.len())?;
         for s in m.skipped.iter().take(20) {
-            println!("  {}: {}", s.path, s.reason);
+            writeln!(out, "  {}: {}", s.path, s.reason)?;
         }
         if m.skipped.len() > 20 {
-            println!("  … see {}/manifest.json", data_dir.display());
+            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
         }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vt_data::dataset::SplitCounts;
+
+    /// Accepts `room` bytes, then fails as a closed pipe or a full disk does.
+    struct Closing {
+        room: usize,
+        kind: io::ErrorKind,
+    }
+
+    impl Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from(self.kind));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_ends_the_summary_quietly_other_write_errors_do_not() {
+        let manifest = Manifest {
+            source: "synthetic".into(),
+            classes: vec!["forest".into()],
+            splits: SplitCounts::default(),
+            skipped: Vec::new(),
+            val_fraction: 0.1,
+            seed: 0,
+            origin: "synthetic:seed=0".into(),
+        };
+        let dir = Path::new("data/intel");
+        let mut pipe = Closing {
+            room: 10,
+            kind: io::ErrorKind::BrokenPipe,
+        };
+        assert!(print_report(&mut pipe, dir, &manifest).is_ok());
+        let mut disk = Closing {
+            room: 10,
+            kind: io::ErrorKind::StorageFull,
+        };
+        assert!(print_report(&mut disk, dir, &manifest).is_err());
+        let mut all = Vec::new();
+        print_report(&mut all, dir, &manifest).unwrap();
+        assert!(String::from_utf8(all)
+            .unwrap()
+            .starts_with("imported synthetic"));
     }
 }

@@ -51,9 +51,70 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             max_pixels,
         });
     }
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.no_limits();
     Ok(reader.decode()?.to_rgb8())
+}
+
+/// zune-jpeg, the `image` crate's JPEG decoder, fills data missing at the end with grey
+/// instead of failing (its strict mode, which `image` does not expose, still accepts a missing
+/// end marker), so completeness is checked here as PIL does: every segment is whole and the
+/// end-of-image marker follows the last scan. Bytes after that marker are allowed.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
+    const EOI: u8 = 0xD9;
+    const SOS: u8 = 0xDA;
+    const END: &str = "the data ends before its end-of-image marker";
+    // Past SOI, which sniffing found at the start.
+    let mut i = 2;
+    loop {
+        // Like libjpeg, tolerate stray bytes and 0xFF fill bytes before a marker.
+        i += bytes
+            .get(i..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+            .ok_or(DataError::TruncatedJpeg(END))?;
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let marker = *bytes.get(i).ok_or(DataError::TruncatedJpeg(END))?;
+        i += 1;
+        match marker {
+            EOI => return Ok(()),
+            // Markers without a payload (SOI, RSTn, TEM), and 0x00, which is no marker.
+            0xD8 | 0xD0..=0xD7 | 0x01 | 0x00 => continue,
+            _ => {}
+        }
+        let len = match bytes.get(i..i + 2) {
+            Some(&[hi, lo]) => usize::from(u16::from_be_bytes([hi, lo])),
+            _ => return Err(DataError::TruncatedJpeg(END)),
+        };
+        // The length counts its own two bytes; less is corruption, not truncation, and is
+        // left to the decoder.
+        i += len.max(2);
+        if i > bytes.len() {
+            return Err(DataError::TruncatedJpeg("a segment is cut short"));
+        }
+        if marker == SOS {
+            i = end_of_scan(bytes, i).ok_or(DataError::TruncatedJpeg(END))?;
+        }
+    }
+}
+
+/// The position of the marker that ends the entropy-coded data starting at `start`: the
+/// first 0xFF not followed by a stuffed 0x00 or a restart marker. None if the data ends first.
+fn end_of_scan(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    loop {
+        i += bytes.get(i..)?.iter().position(|&b| b == 0xFF)?;
+        match bytes.get(i + 1)? {
+            0x00 | 0xD0..=0xD7 => i += 2,
+            // Fill bytes: the marker proper comes after them.
+            0xFF => i += 1,
+            _ => return Some(i),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +154,58 @@ mod tests {
         let rgb = RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
         let bytes = encode(rgb.into(), ImageFormat::Png);
         assert!(decode_rgb(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn truncated_jpegs_are_errors_and_intact_images_decode() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut jpegs = 0;
+        for name in [
+            "rgb.jpg",
+            "grey.jpg",
+            "cmyk.jpg",
+            "grey_png_named.jpg",
+            "palette.png",
+            "rgba.png",
+        ] {
+            let bytes = std::fs::read(fixtures.join(name)).unwrap();
+            assert!(decode_rgb(&bytes).is_ok(), "{name}");
+            if sniff_format(&bytes).unwrap() != ImageFormat::Jpeg {
+                continue;
+            }
+            jpegs += 1;
+            // Half the data, and everything but the end-of-image marker.
+            for cut in [bytes.len() / 2, bytes.len() - 2] {
+                match decode_rgb(&bytes[..cut]) {
+                    Err(err @ DataError::TruncatedJpeg(_)) => {
+                        let text = err.to_string();
+                        assert_eq!(text.trim_end(), text, "{name}");
+                    }
+                    Err(err) => panic!("{name} cut at {cut}: {err}"),
+                    Ok(_) => panic!("{name} cut at {cut} decoded"),
+                }
+            }
+            // Bytes after the end marker are harmless.
+            let mut trailing = bytes.clone();
+            trailing.extend_from_slice(b"\0\0trailer");
+            assert!(decode_rgb(&trailing).is_ok(), "{name}");
+        }
+        assert_eq!(jpegs, 3);
+    }
+
+    #[test]
+    fn jpeg_scans_end_only_at_a_real_marker() {
+        // SOI, a comment holding an EOI look-alike, SOS, entropy data with a stuffed 0xFF and
+        // a restart marker, then fill bytes before EOI.
+        let head = [0xFF, 0xD8, 0xFF, 0xFE, 0x00, 0x04, 0xFF, 0xD9];
+        let scan = [
+            0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56,
+        ];
+        let whole = [&head[..], &scan, &[0xFF, 0xFF, 0xD9]].concat();
+        assert!(check_jpeg_complete(&whole).is_ok());
+        for cut in 3..whole.len() {
+            assert!(check_jpeg_complete(&whole[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -14,8 +14,13 @@ pub enum DataError {
         pixels: u64,
         max_pixels: u64,
     },
-    #[error("cannot decode image: {0}")]
+    /// Trimmed: zune-jpeg's I/O errors end in a newline, which would end up in the skip
+    /// report and in the server's error responses.
+    #[error("cannot decode image: {}", .0.to_string().trim_end())]
     Decode(#[from] image::ImageError),
+    /// JPEG data that ends early: the decoder would make up the missing pixels.
+    #[error("cannot decode image: truncated JPEG ({0})")]
+    TruncatedJpeg(&'static str),
     #[error("cannot resize image: {0}")]
     Resize(String),
     #[error("{path}: {source}")]
@@ -46,6 +51,11 @@ pub enum DataError {
     /// The source does not look like the Intel Image Classification layout.
     #[error("{0}")]
     Layout(String),
+    /// Another import into the same data directory is running.
+    #[error(
+        "another fetch-data is writing {0}: wait for it to finish or choose another --data-dir"
+    )]
+    Locked(PathBuf),
 }
 
 impl DataError {

@@ -63,6 +63,10 @@ pub fn default_download_dir(data_dir: &Path) -> PathBuf {
 /// one is complete.
 pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
     let (kind, origin) = describe(&opts.source);
+    // First, so that overlap is what the error names, not the data directory's contents.
+    if let FetchSource::Path(path) = &opts.source {
+        check_not_inside(path, &opts.data_dir)?;
+    }
     let mut importer = Importer::new(&opts.data_dir, kind, &origin, opts.val_fraction, opts.seed)?;
     match &opts.source {
         FetchSource::HuggingFace(hf) => import_hf(hf, &mut importer)?,
@@ -86,7 +90,6 @@ pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
             import_zip(&zip, &mut importer)?;
         }
         FetchSource::Path(path) => {
-            check_not_inside(path, &opts.data_dir)?;
             if path.is_dir() {
                 import_folder(path, &mut importer)?;
             } else if path.is_file() {

@@ -30,7 +30,7 @@ use crate::error::{DataError, Result};
 use crate::import::Importer;
 use crate::source::parquet::{import_parquet, ParquetSplit};
 use crate::source::synthetic::CLASSES;
-use crate::source::zip::import_zip;
+use crate::source::zip::{import_zip, note_discarded_download};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
 
@@ -226,7 +226,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
             let local = fetch(path, *size)?;
             if let Err(e) = import_zip(&local, importer) {
                 discard_cached(&local);
-                return Err(e);
+                return Err(note_discarded_download(e));
             }
         }
         Ok(())

@@ -3,7 +3,8 @@
 //! into train/val, and only then renamed into place, so nothing half-done ever looks done.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
@@ -34,6 +35,8 @@ pub struct RawImage {
 pub struct Importer {
     data_dir: PathBuf,
     staging: PathBuf,
+    /// Held until the importer is dropped, which releases the lock.
+    _lock: Option<File>,
     source: String,
     origin: String,
     val_fraction: f64,
@@ -57,7 +60,8 @@ impl Importer {
 
     /// Prepares an empty staging folder beside `data_dir`. Refuses to go on when `data_dir`
     /// exists, is not empty and is not a previous import, so a wrong `--data-dir` never
-    /// replaces unrelated files.
+    /// replaces unrelated files, or when another import into it is running. A symlinked
+    /// `data_dir` keeps its link: the import replaces the link's target.
     pub fn new(
         data_dir: &Path,
         source: &str,
@@ -66,13 +70,16 @@ impl Importer {
         seed: u64,
     ) -> Result<Importer> {
         split::check_fraction(val_fraction)?;
-        check_replaceable(data_dir)?;
-        let staging = sibling(data_dir, "incoming")?;
+        let target = resolve_links(data_dir)?;
+        let lock = lock(&target, data_dir)?;
+        check_replaceable(&target)?;
+        let staging = sibling(&target, "incoming")?;
         remove_if_exists(&staging)?;
         fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
         Ok(Importer {
-            data_dir: data_dir.to_path_buf(),
+            data_dir: target,
             staging,
+            _lock: lock,
             source: source.into(),
             origin: origin.into(),
             val_fraction,
@@ -127,15 +134,15 @@ impl Importer {
         let mut planned: Vec<(RawImage, std::result::Result<PathBuf, String>)> = Vec::new();
         for image in pending {
             let target = match (
-                image.role.class().map(valid_class),
+                image.role.class().filter(|c| !valid_class(c)),
                 decode::sniff_format(&image.bytes),
             ) {
-                (Some(false), _) => Err(format!(
-                    "unusable class folder name {:?}",
-                    image.role.class()
+                (Some(class), _) => Err(format!(
+                    "unusable class folder name {class:?} (allowed: ASCII letters, digits, \
+                     space, '-', '_', '.')"
                 )),
-                (_, Err(e)) => Err(e.to_string()),
-                (_, Ok(format)) => Ok(self.unique_path(&image.role, &image.name, format)),
+                (None, Err(e)) => Err(e.to_string()),
+                (None, Ok(format)) => Ok(self.unique_path(&image.role, &image.name, format)),
             };
             planned.push((image, target));
         }
@@ -204,6 +211,23 @@ impl Importer {
                  (as in the Kaggle archive), {} file(s) skipped",
                 self.origin,
                 self.skipped.len()
+            )));
+        }
+        // A test class without training images is a misnamed folder or label (`Forest` beside
+        // `forest`), not a class the model could learn.
+        let untrained: Vec<&str> = self
+            .test
+            .keys()
+            .filter(|c| !self.train.contains_key(*c))
+            .map(String::as_str)
+            .collect();
+        if !untrained.is_empty() {
+            return Err(DataError::Layout(format!(
+                "test class(es) {} in {} have no training images; the training classes are {}. \
+                 Test folder names (or labels) must match the training ones",
+                quoted(&untrained),
+                self.origin,
+                quoted(&self.train.keys().map(String::as_str).collect::<Vec<_>>())
             )));
         }
         let found: BTreeSet<String> = self.train.keys().chain(self.test.keys()).cloned().collect();
@@ -277,23 +301,91 @@ pub(crate) fn sibling(data_dir: &Path, tag: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}.{tag}", name.to_string_lossy())))
 }
 
+fn quoted(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    quoted.join(", ")
+}
+
+/// Follows `path` while it is a symlink, so that the import replaces the link's target (which
+/// need not exist yet) and keeps the link.
+fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // The kernel's own limit: a longer chain is a loop.
+    for _ in 0..40 {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&path).map_err(|e| DataError::io(&path, e))?;
+                path = match path.parent() {
+                    Some(parent) => parent.join(target),
+                    None => target,
+                };
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(DataError::Invalid(format!(
+        "{}: too many levels of symbolic links",
+        path.display()
+    )))
+}
+
+/// Locks `.<name>.lock` beside `data_dir` so that two imports into it cannot undo each
+/// other's staging; `shown` names the data directory as the user gave it. The lock file is
+/// left behind: deleting it would let two later imports lock two different files at once.
+fn lock(data_dir: &Path, shown: &Path) -> Result<Option<File>> {
+    let path = sibling(data_dir, "lock")?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DataError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Err(DataError::Locked(shown.to_path_buf())),
+        // A filesystem without locks (some network mounts) still imports, as before locking.
+        Err(TryLockError::Error(e)) if e.kind() == ErrorKind::Unsupported => {
+            tracing::warn!(
+                "cannot lock {}: {e}; not guarding against a concurrent fetch-data",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(TryLockError::Error(e)) => Err(DataError::io(&path, e)),
+    }
+}
+
+/// Only an earlier import may be replaced: a `--data-dir` pointing at anything else, even a
+/// folder that happens to hold some other manifest.json, is refused rather than deleted.
 fn check_replaceable(data_dir: &Path) -> Result<()> {
-    if !data_dir.exists() || data_dir.join(MANIFEST_FILE).is_file() {
+    let mut entries = match fs::read_dir(data_dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        entries => entries.map_err(|e| DataError::io(data_dir, e))?,
+    };
+    if entries.next().is_none() {
         return Ok(());
     }
-    let empty = fs::read_dir(data_dir)
-        .map_err(|e| DataError::io(data_dir, e))?
-        .next()
-        .is_none();
-    if empty {
-        Ok(())
-    } else {
-        Err(DataError::Invalid(format!(
-            "refusing to replace {}: it is not empty and holds no {MANIFEST_FILE} from an earlier \
-             import; choose another --data-dir or remove it",
+    let refuse = |why: String| {
+        DataError::Invalid(format!(
+            "refusing to replace {}: it is not empty and not an earlier import ({why}); choose \
+             another --data-dir or remove it",
             data_dir.display()
-        )))
+        ))
+    };
+    if !data_dir.join(MANIFEST_FILE).is_file() {
+        return Err(refuse(format!("no {MANIFEST_FILE}")));
     }
+    Manifest::read(data_dir).map_err(|e| refuse(e.to_string()))?;
+    for dir in Split::ALL
+        .iter()
+        .map(|s| s.dir_name())
+        .chain(std::iter::once(PRED_DIR))
+    {
+        if !data_dir.join(dir).is_dir() {
+            return Err(refuse(format!("no {dir}/ folder")));
+        }
+    }
+    Ok(())
 }
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::download::{http_client, Download};
 use crate::error::{DataError, Result};
-use crate::source::zip::verify_zip;
+use crate::source::zip::{note_discarded_download, verify_zip};
 
 pub const KAGGLE_DATASET: &str = "puneet6060/intel-image-classification";
 pub const DEFAULT_ENDPOINT: &str = "https://www.kaggle.com";
@@ -91,7 +91,7 @@ pub fn fetch_zip(
     download.run(&http_client()?, &dest)?;
     if let Err(e) = verify_zip(&dest) {
         let _ = std::fs::remove_file(&dest);
-        return Err(e);
+        return Err(note_discarded_download(e));
     }
     Ok(dest)
 }

@@ -37,7 +37,12 @@ pub enum Placement {
 
 /// Places a '/'-separated path relative to the source root.
 pub fn place(rel: &str) -> Placement {
-    let parts: Vec<&str> = rel.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
+    // `.` is the current folder (bsdtar and Windows zips start entries with `./`); other
+    // names starting with a dot are hidden files, ignored below.
+    let parts: Vec<&str> = rel
+        .split(['/', '\\'])
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     if parts
         .iter()
         .any(|p| p.starts_with('.') || *p == "__MACOSX" || *p == "Thumbs.db")
@@ -105,6 +110,10 @@ mod tests {
             image(Role::Train("street".into()), "4.jpg")
         );
         assert_eq!(place("seg_pred/7606.jpg"), image(Role::Pred, "7606.jpg"));
+        assert_eq!(
+            place("./seg_train/./seg_train/forest/1.jpg"),
+            image(Role::Train("forest".into()), "1.jpg")
+        );
     }
 
     #[test]
@@ -115,6 +124,8 @@ mod tests {
             Placement::Ignore
         );
         assert_eq!(place("seg_train/forest/.DS_Store"), Placement::Ignore);
+        assert_eq!(place("./seg_train/forest/.DS_Store"), Placement::Ignore);
+        assert_eq!(place("seg_train/../forest/1.jpg"), Placement::Ignore);
         assert_eq!(place("seg_train/seg_train/"), Placement::Ignore);
         assert!(matches!(place("seg_train/5.jpg"), Placement::Unplaced(_)));
     }

@@ -9,10 +9,39 @@ use common::*;
 use image::{GrayImage, ImageFormat, Luma};
 use vt_data::dataset::{pred_files, ImageFolder, Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
+use vt_data::import::Importer;
+use vt_data::source::parquet::{import_parquet, ParquetSplit};
 use vt_data::source::synthetic::SyntheticConfig;
+use vt_data::DataError;
 
 fn from_path(data_dir: &Path, source: &Path) -> FetchOptions {
     FetchOptions::new(data_dir, FetchSource::Path(source.to_path_buf()))
+}
+
+/// A few tiny synthetic images: the quickest complete import.
+fn tiny_synthetic(data_dir: &Path, seed: u64) -> FetchOptions {
+    let mut opts = FetchOptions::new(
+        data_dir,
+        FetchSource::Synthetic(SyntheticConfig {
+            train_per_class: 2,
+            test_per_class: 0,
+            pred: 0,
+            image_size: 8,
+            seed,
+        }),
+    );
+    opts.seed = seed;
+    opts
+}
+
+/// Names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// A Kaggle-style folder (with the doubled names) holding the awkward cases.
@@ -38,6 +67,16 @@ fn awkward_folder(root: &Path) {
     write(
         &root.join("seg_train/seg_train/forest/truncated.jpg"),
         &good[..good.len() / 3],
+    );
+    // A real photo cut in half, and one missing only its end-of-image marker.
+    let photo = fs::read(fixtures().join("rgb.jpg")).unwrap();
+    write(
+        &root.join("seg_train/seg_train/forest/half.jpg"),
+        &photo[..photo.len() / 2],
+    );
+    write(
+        &root.join("seg_train/seg_train/forest/no_end.jpg"),
+        &photo[..photo.len() - 2],
     );
     write(&root.join("seg_train/seg_train/forest/.DS_Store"), b"junk");
     write(&root.join("seg_train/seg_train/stray.jpg"), &jpeg(1));
@@ -81,11 +120,18 @@ fn a_folder_with_awkward_files_imports_and_reports_skips() {
         [
             "seg_train/seg_train/forest/corrupt.jpg",
             "seg_train/seg_train/forest/empty.jpg",
+            "seg_train/seg_train/forest/half.jpg",
+            "seg_train/seg_train/forest/no_end.jpg",
             "seg_train/seg_train/forest/truncated.jpg",
             "seg_train/seg_train/stray.jpg",
         ]
     );
-    assert!(m.skipped.iter().all(|s| !s.reason.is_empty()));
+    for s in &m.skipped {
+        assert!(!s.reason.is_empty() && s.reason.trim() == s.reason, "{s:?}");
+        if s.path.ends_with("half.jpg") || s.path.ends_with("no_end.jpg") {
+            assert!(s.reason.contains("truncated"), "{s:?}");
+        }
+    }
     assert_eq!(Manifest::read(&data).unwrap(), m);
 
     // The PNG named .jpg keeps its bytes and gets its real extension.
@@ -127,11 +173,8 @@ fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
     let second = fetch(&from_path(&data, &src)).unwrap();
     assert_eq!(first, second);
     assert_eq!(tree(&data), files);
-    let siblings: Vec<String> = fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(siblings.len(), 2, "{siblings:?}");
+    // The lock file stays on purpose (see `Importer::new`); staging and old copies go.
+    assert_eq!(names(tmp.path()), [".data.lock", "data", "src"]);
 
     // A different seed moves validation images but keeps the total.
     let mut opts = from_path(&data, &src);
@@ -196,7 +239,187 @@ fn a_kaggle_zip_imports_like_the_folder() {
     fs::write(&zip, &bytes).unwrap();
     let err = fetch(&from_path(&data, &zip)).unwrap_err().to_string();
     assert!(err.contains("not a usable zip"), "{err}");
+    // The user's own file: deleting it and fetching again would not help.
+    assert!(!err.contains("again"), "{err}");
     assert_eq!(Manifest::read(&data).unwrap(), m);
+}
+
+#[test]
+fn a_zip_with_dot_slash_entries_imports() {
+    // As bsdtar and Windows' `tar -a -cf x.zip .` write them.
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = tmp.path().join("dot.zip");
+    let mut entries = vec![("./.DS_Store".to_string(), b"junk".to_vec())];
+    for i in 0..3 {
+        entries.push((format!("./seg_train/seg_train/sea/{i}.jpg"), jpeg(i)));
+    }
+    entries.push(("./seg_test/seg_test/sea/t.jpg".into(), jpeg(9)));
+    fs::write(&zip, zip_bytes(&entries)).unwrap();
+    let m = fetch(&from_path(&tmp.path().join("data"), &zip)).unwrap();
+    assert_eq!(m.classes, ["sea"]);
+    assert_eq!(m.splits.train["sea"] + m.splits.val["sea"], 3);
+    assert_eq!(m.splits.test["sea"], 1);
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+}
+
+#[test]
+fn only_an_earlier_import_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A project folder that happens to hold a manifest.json.
+    let webapp = tmp.path().join("webapp");
+    write(&webapp.join("manifest.json"), br#"{"name":"my pwa"}"#);
+    write(&webapp.join("src/app.js"), b"x");
+    let err = fetch(&tiny_synthetic(&webapp, 0)).unwrap_err().to_string();
+    assert!(
+        err.contains("refusing to replace") && err.contains("webapp"),
+        "{err}"
+    );
+    assert!(webapp.join("src/app.js").is_file());
+
+    // vt's manifest without the import's folders is not an import either.
+    let data = tmp.path().join("data");
+    let m = fetch(&tiny_synthetic(&data, 0)).unwrap();
+    let lookalike = tmp.path().join("lookalike");
+    write(&lookalike.join("notes.txt"), b"mine");
+    m.write(&lookalike).unwrap();
+    let err = fetch(&tiny_synthetic(&lookalike, 0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no train/ folder"), "{err}");
+    assert!(lookalike.join("notes.txt").is_file());
+
+    // A real earlier import is replaced.
+    assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
+    assert_eq!(
+        names(tmp.path())
+            .iter()
+            .filter(|n| n.contains("incoming"))
+            .count(),
+        0
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_data_dir_keeps_its_link_and_updates_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let link = out.join("link");
+    std::os::unix::fs::symlink("../big/intel", &link).unwrap();
+    let target = tmp.path().join("big/intel");
+    // Dangling at first: the target is created; then it is replaced.
+    for seed in [1, 2] {
+        let m = fetch(&tiny_synthetic(&link, seed)).unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(Manifest::read(&target).unwrap(), m);
+    }
+    assert_eq!(names(&out), ["link"]);
+    assert_eq!(names(&tmp.path().join("big")), [".intel.lock", "intel"]);
+}
+
+#[test]
+fn a_second_import_into_the_same_dir_fails_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let running = Importer::new(&data, "synthetic", "test", 0.1, 0).unwrap();
+    let err = fetch(&tiny_synthetic(&data, 0)).unwrap_err();
+    assert!(matches!(err, DataError::Locked(_)), "{err}");
+    assert!(
+        err.to_string().contains("another fetch-data is writing"),
+        "{err}"
+    );
+    #[cfg(unix)]
+    {
+        // Through a link, the lock is the target's.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        let err = fetch(&tiny_synthetic(&link, 0)).unwrap_err();
+        assert!(matches!(err, DataError::Locked(_)), "{err}");
+    }
+    drop(running);
+    fetch(&tiny_synthetic(&data, 0)).unwrap();
+}
+
+#[test]
+fn a_test_class_without_training_images_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for i in 0..3 {
+        write(
+            &src.join(format!("seg_train/seg_train/forest/{i}.jpg")),
+            &jpeg(i),
+        );
+    }
+    write(&src.join("seg_test/seg_test/Forest/1.jpg"), &jpeg(7));
+    let data = tmp.path().join("data");
+    let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
+    assert!(
+        err.contains(r#""Forest""#) && err.contains(r#"training classes are "forest""#),
+        "{err}"
+    );
+    assert!(!data.exists());
+
+    // The same through a parquet mirror with class names as labels.
+    let train = tmp.path().join("train.parquet");
+    let test = tmp.path().join("test.parquet");
+    write_parquet_named(&train, &[(jpeg(1), "forest"), (jpeg(2), "forest")]);
+    write_parquet_named(&test, &[(jpeg(3), "Forest")]);
+    let classes = vec!["forest".to_string()];
+    let mut importer = Importer::new(&data, "hf", "mirror", 0.1, 0).unwrap();
+    for (path, split) in [(&train, ParquetSplit::Train), (&test, ParquetSplit::Test)] {
+        import_parquet(path, "x.parquet", split, &classes, &mut importer).unwrap();
+    }
+    let err = importer.finish().unwrap_err().to_string();
+    assert!(err.contains(r#""Forest""#), "{err}");
+    assert!(!data.exists());
+}
+
+#[test]
+fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for i in 0..3 {
+        write(
+            &src.join(format!("seg_train/seg_train/forest/{i}.jpg")),
+            &jpeg(i),
+        );
+    }
+    write(&src.join("seg_train/seg_train/forêt/1.jpg"), &jpeg(5));
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(
+            "gone.jpg",
+            src.join("seg_train/seg_train/forest/dangling.jpg"),
+        )
+        .unwrap();
+        // Outside the layout, a dangling link is ignored like any other stray file.
+        std::os::unix::fs::symlink("gone", src.join("README")).unwrap();
+    }
+    let m = fetch(&from_path(&tmp.path().join("data"), &src)).unwrap();
+    assert_eq!(m.classes, ["forest"]);
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 3);
+    let reason = |path: &str| {
+        m.skipped
+            .iter()
+            .find(|s| s.path == path)
+            .map(|s| s.reason.clone())
+            .unwrap_or_else(|| panic!("{path} not in {:?}", m.skipped))
+    };
+    let bad_name = reason("seg_train/seg_train/forêt/1.jpg");
+    assert!(
+        bad_name.starts_with(r#"unusable class folder name "forêt""#),
+        "{bad_name}"
+    );
+    #[cfg(unix)]
+    {
+        let dangling = reason("seg_train/seg_train/forest/dangling.jpg");
+        assert!(dangling.contains("cannot read"), "{dangling}");
+        assert_eq!(m.skipped.len(), 2, "{:?}", m.skipped);
+    }
 }
 
 #[test]

@@ -128,7 +128,10 @@ fn kaggle_errors_say_what_failed_and_what_to_do() {
     let err = fetch(&kaggle_opts(&not_zip, tmp.path()))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not a usable zip"), "{err}");
+    assert!(
+        err.contains("not a usable zip") && err.contains("run fetch-data again"),
+        "{err}"
+    );
     assert!(!tmp.path().join("downloads").join(ZIP_NAME).exists());
 }
 

@@ -26,16 +26,16 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
-            // Follows symlinks, so a linked-in folder of images works.
-            let meta = fs::metadata(&path).map_err(|e| DataError::io(&path, e))?;
-            if meta.is_dir() {
-                stack.push(path);
-            } else {
-                files.push((path, meta.len()));
+            // Follows symlinks, so a linked-in folder of images works. A dangling link or
+            // unreadable file is one unusable file, reported below if it is in the layout.
+            match fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) => files.push((path, Ok(meta.len()))),
+                Err(e) => files.push((path, Err(e))),
             }
         }
     }
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, len) in files {
         let rel = path
             .strip_prefix(root)
@@ -46,11 +46,24 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             Placement::Ignore => {}
             Placement::Unplaced(reason) => importer.skip(rel, reason)?,
             Placement::Image { role, name } => {
+                let len = match len {
+                    Ok(len) => len,
+                    Err(e) => {
+                        importer.skip(rel, unreadable(&e))?;
+                        continue;
+                    }
+                };
                 if len > MAX_FILE_BYTES {
                     importer.skip(rel, format!("file of {len} bytes is too large"))?;
                     continue;
                 }
-                let bytes = fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+                let bytes = match fs::read(&path) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        importer.skip(rel, unreadable(&e))?;
+                        continue;
+                    }
+                };
                 importer.add(RawImage {
                     source_path: rel,
                     role,
@@ -61,4 +74,8 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn unreadable(e: &std::io::Error) -> String {
+    format!("cannot read the file: {e}")
 }

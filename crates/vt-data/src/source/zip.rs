@@ -25,8 +25,22 @@ fn open(path: &Path) -> Result<ZipArchive<File>> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     ZipArchive::new(file).map_err(|e| DataError::Zip {
         path: path.to_path_buf(),
-        message: format!("{e} (truncated or not a zip; delete it and fetch again)"),
+        message: format!("{e} (truncated or not a zip)"),
     })
+}
+
+/// For an archive that we downloaded and deleted because it failed: says that fetching again
+/// downloads a fresh copy, which the user's own `--from` file would not get.
+pub(crate) fn note_discarded_download(e: DataError) -> DataError {
+    match e {
+        DataError::Zip { path, message } => DataError::Zip {
+            path,
+            message: format!(
+                "{message}; the download was deleted: run fetch-data again for a fresh copy"
+            ),
+        },
+        other => other,
+    }
 }
 
 /// Checks that `path` is a readable zip (its central directory, which sits at the end, so

@@ -334,3 +334,37 @@ pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
     group.close().unwrap();
     writer.close().unwrap();
 }
+
+/// Like [`write_parquet`], with the class name as a string `label`.
+pub fn write_parquet_named(path: &Path, rows: &[(Vec<u8>, &str)]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+
+    let schema = parse_message_type(
+        "message schema {
+            optional group image {
+                optional binary bytes;
+            }
+            optional binary label (UTF8);
+        }",
+    )
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let n = rows.len();
+    let bytes: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.0.clone())).collect();
+    let labels: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.1)).collect();
+    for (values, level) in [(bytes, 2), (labels, 1)] {
+        let mut col = group.next_column().unwrap().unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&values, Some(&vec![level; n]), None)
+            .unwrap();
+        col.close().unwrap();
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+}
