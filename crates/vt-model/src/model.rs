@@ -115,3 +115,29 @@ impl Model {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+
+    /// Images smaller than the stem's kernel or the network's stride of 32 leave one-pixel
+    /// feature maps, whose kernel columns fall wholly in the padding: the model still trains
+    /// and infers on them, as PyTorch's does.
+    #[test]
+    fn tiny_images_train_and_infer() {
+        for image_size in [1, 7, 16, 17, 33] {
+            let model =
+                Model::init(VtConfig::new(Arch::VtResNet18, 3, image_size), &Device::Cpu).unwrap();
+            let images =
+                Tensor::randn(0f32, 1.0, (2, 3, image_size, image_size), &Device::Cpu).unwrap();
+            let logits = model.forward_t(&images, true).unwrap();
+            assert_eq!(logits.dims(), [2, 3], "{image_size} px");
+            logits.sum_all().unwrap().backward().unwrap();
+            let frozen = model.into_frozen().unwrap();
+            let logits = frozen.forward_t(&images, false).unwrap();
+            let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "{image_size} px");
+        }
+    }
+}

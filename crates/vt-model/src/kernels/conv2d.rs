@@ -104,7 +104,10 @@ impl Geometry {
     /// Output columns `ox` whose input column `ox * stride + kx - padding` is inside the image.
     fn valid_columns(&self, kx: usize) -> (usize, usize) {
         let first = self.padding.saturating_sub(kx).div_ceil(self.stride);
-        let last = (self.width + self.padding).saturating_sub(kx + 1) / self.stride + 1;
+        // None: the kernel column lies right of every input column, in the padding.
+        let last = (self.width + self.padding)
+            .checked_sub(kx + 1)
+            .map_or(0, |span| span / self.stride + 1);
         (
             first.min(self.out_w),
             last.min(self.out_w).max(first.min(self.out_w)),
@@ -165,6 +168,9 @@ impl Geometry {
                     }
                     out_row[..first].fill(0.0);
                     out_row[last..].fill(0.0);
+                    if first == last {
+                        continue;
+                    }
                     let ix0 = first * s + kx - self.padding;
                     let src = &phased[(iy as usize * s + ix0 % s) * phase_w..][..phase_w];
                     let start = ix0 / s;
@@ -188,7 +194,7 @@ impl Geometry {
                     let (first, last) = self.valid_columns(kx);
                     for oy in 0..self.out_h {
                         let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                        if iy < 0 || iy >= self.height as isize {
+                        if iy < 0 || iy >= self.height as isize || first == last {
                             continue;
                         }
                         let dst =
@@ -741,6 +747,12 @@ mod tests {
         check([2, 5, 6, 6], 3, 1, 1, 0); // pointwise
         check([1, 3, 8, 8], 4, 3, 1, 1); // batch 1: parallel inside the products
         check([1, 2, 3, 3], 2, 3, 2, 1); // tiny map
+        check([2, 3, 1, 1], 4, 3, 2, 1); // one pixel: kernel columns fall in the padding
+        check([2, 3, 2, 1], 4, 3, 1, 1);
+        // The stem on images smaller than its kernel (sizes whose gradient candle's
+        // transposed convolution, the reference, gets right).
+        check([1, 3, 1, 1], 4, 7, 2, 3);
+        check([1, 3, 3, 3], 4, 7, 2, 3);
     }
 
     /// The weight gradient sums over the batch in parallel: the sum must not depend on how
