@@ -1,10 +1,12 @@
 //! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 use crate::eval::EvalArgs;
 use crate::init::InitArgs;
-use crate::train::TrainArgs;
+use crate::train::{Outcome, TrainArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,11 +37,19 @@ pub enum Command {
     Init(InitArgs),
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        None => crate::train::run(&cli.train),
-        Some(Command::Train(args)) => crate::train::run(&args),
-        Some(Command::Eval(args)) => crate::eval::run(&args),
-        Some(Command::Init(args)) => crate::init::run(&args),
-    }
+/// Exit status of a training stopped by Ctrl-C, as a shell reports a command killed by
+/// SIGINT: `vt-train train && next` does not go on with an unfinished run.
+pub const INTERRUPTED_EXIT: u8 = 130;
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let outcome = match cli.command {
+        None => crate::train::run(&cli.train)?,
+        Some(Command::Train(args)) => crate::train::run(&args)?,
+        Some(Command::Eval(args)) => return crate::eval::run(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Init(args)) => return crate::init::run(&args).map(|()| ExitCode::SUCCESS),
+    };
+    Ok(match outcome {
+        Outcome::Finished => ExitCode::SUCCESS,
+        Outcome::Interrupted => ExitCode::from(INTERRUPTED_EXIT),
+    })
 }

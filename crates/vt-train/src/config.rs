@@ -17,6 +17,8 @@ use crate::schedule::Decay;
 use crate::threads;
 
 pub const DEFAULT_DATA_DIR: &str = "data/intel";
+/// Where the modern recipe's cosine ends, for rates of at least 100 times this.
+const COSINE_FLOOR: f64 = 1e-6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -29,6 +31,16 @@ pub enum Recipe {
     /// AdamW (lr 5e-4), 2 warmup epochs then cosine, label smoothing 0.1, weight decay 0.05,
     /// gradient clipping at 1, RandomResizedCrop(0.35-1) + flip, vt-resnet18.
     Modern,
+}
+
+impl Recipe {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Seed => "seed",
+            Recipe::Modern => "modern",
+        }
+    }
 }
 
 /// Options of `vt-train train`; every one is optional and falls back to the config file,
@@ -326,6 +338,91 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Refuses, naming the flag and both values, what a resumed run (`self`) cannot change
+    /// from the `run` it continues: the model's shape and image size (the saved weights
+    /// have them), the recipe (the saved moments belong to its optimiser) and the
+    /// pretrained stem (loaded at a run's start only).
+    pub fn check_resume(&self, run: &TrainConfig) -> Result<()> {
+        let fixed = [
+            (
+                "--recipe",
+                run.recipe.name().into(),
+                self.recipe.name().into(),
+            ),
+            ("--arch", run.arch.to_string(), self.arch.to_string()),
+            (
+                "--image-size",
+                run.image_size.to_string(),
+                self.image_size.to_string(),
+            ),
+            ("--tokens", run.tokens.to_string(), self.tokens.to_string()),
+            (
+                "--token-channels",
+                run.token_channels.to_string(),
+                self.token_channels.to_string(),
+            ),
+            ("--heads", run.heads.to_string(), self.heads.to_string()),
+        ];
+        if let Some((flag, old, new)) = fixed.iter().find(|(_, old, new)| old != new) {
+            return Err(TrainError::Config(format!(
+                "{flag} cannot change on resume: the run has {old}, got {new}"
+            )));
+        }
+        if self.pretrained != run.pretrained {
+            return Err(TrainError::Config(format!(
+                "--pretrained only applies to a new run: the run started from {}, got {}",
+                run.pretrained.as_deref().unwrap_or("random weights"),
+                self.pretrained.as_deref().unwrap_or("none")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a resume whose epochs would have `steps` optimiser steps where the run's
+    /// had `run_steps`: the schedule (warmup, StepLR's epochs, the cosine's length) counts
+    /// in steps, so its position would no longer match the epochs done.
+    pub fn check_resume_steps(&self, run: &TrainConfig, run_steps: u64, steps: u64) -> Result<()> {
+        if steps == run_steps {
+            return Ok(());
+        }
+        let limit = |l: Option<usize>| l.map_or_else(|| "no limit".to_string(), |n| n.to_string());
+        let changed: Vec<String> = [
+            (
+                "--batch-size",
+                run.batch_size.to_string(),
+                self.batch_size.to_string(),
+            ),
+            (
+                "--limit-train",
+                limit(run.limit_train),
+                limit(self.limit_train),
+            ),
+            (
+                "--data",
+                run.data.display().to_string(),
+                self.data.display().to_string(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, old, new)| old != new)
+        .map(|(flag, old, new)| {
+            format!("{flag} cannot change on resume: the run has {old}, got {new}")
+        })
+        .collect();
+        let why = format!(
+            "an epoch would take {steps} steps instead of the run's {run_steps}, and the \
+             learning-rate schedule counts in steps"
+        );
+        Err(TrainError::Config(if changed.is_empty() {
+            format!(
+                "the training images of {} changed since the run started: {why}; start a new run",
+                self.data.display()
+            )
+        } else {
+            format!("{} ({why})", changed.join("; "))
+        }))
+    }
+
     /// The same settings as options (for merging with overrides on resume).
     pub fn to_options(&self) -> TrainOptions {
         serde_json::to_value(self)
@@ -359,7 +456,11 @@ impl TrainConfig {
                 every_epochs: 7,
                 gamma: 0.1,
             },
-            Recipe::Modern => Decay::Cosine { min_lr: 1e-6 },
+            // 1e-6, or a hundredth of --lr where that is lower, so that the cosine always
+            // decays (a floor above --lr would raise the rate).
+            Recipe::Modern => Decay::Cosine {
+                min_lr: COSINE_FLOOR.min(self.lr / 100.0),
+            },
         }
     }
 
@@ -481,6 +582,110 @@ mod tests {
         assert!(!older.contains("tf32"));
         let options: TrainOptions = toml::from_str(&older).unwrap();
         assert!(TrainConfig::resolve(&options).unwrap().tf32);
+    }
+
+    #[test]
+    fn the_cosine_floor_stays_below_the_rate() {
+        for (lr, floor) in [(5e-4, 1e-6), (1e-4, 1e-6), (1e-6, 1e-8), (1e-7, 1e-9)] {
+            let config = TrainConfig::resolve(&TrainOptions {
+                lr: Some(lr),
+                ..Default::default()
+            })
+            .unwrap();
+            let Decay::Cosine { min_lr } = config.decay() else {
+                panic!("the modern recipe decays by a cosine")
+            };
+            assert!(
+                (min_lr - floor).abs() <= 1e-12 * floor,
+                "lr {lr}: floor {min_lr}"
+            );
+            let schedule = crate::schedule::LrSchedule {
+                base_lr: lr,
+                decay: config.decay(),
+                warmup_steps: 0,
+                steps_per_epoch: 10,
+                total_steps: 100,
+            };
+            let lrs: Vec<f64> = (0..=100).map(|s| schedule.lr(s)).collect();
+            assert!(
+                lrs.windows(2).all(|w| w[1] < w[0] || w[1] == min_lr),
+                "lr {lr}: {lrs:?}"
+            );
+            assert!(lrs.iter().all(|&r| r <= lr), "lr {lr}: {lrs:?}");
+        }
+    }
+
+    #[test]
+    fn a_resume_names_the_option_it_cannot_change() {
+        let run = TrainConfig::resolve(&TrainOptions {
+            image_size: Some(32),
+            ..Default::default()
+        })
+        .unwrap();
+        let with = |options: TrainOptions| {
+            let merged = run.to_options().overridden_by(&options);
+            TrainConfig::resolve(&merged).unwrap()
+        };
+        let same = with(TrainOptions {
+            epochs: Some(99),
+            lr: Some(1e-3),
+            ..Default::default()
+        });
+        same.check_resume(&run).unwrap();
+        for (options, message) in [
+            (
+                TrainOptions {
+                    image_size: Some(48),
+                    ..Default::default()
+                },
+                "--image-size cannot change on resume: the run has 32, got 48",
+            ),
+            (
+                TrainOptions {
+                    recipe: Some(Recipe::Seed),
+                    ..Default::default()
+                },
+                "--recipe cannot change on resume: the run has modern, got seed",
+            ),
+            (
+                TrainOptions {
+                    arch: Some(Arch::VtResNet34),
+                    ..Default::default()
+                },
+                "--arch cannot change on resume: the run has vt-resnet18, got vt-resnet34",
+            ),
+            (
+                TrainOptions {
+                    pretrained: Some("stem.safetensors".into()),
+                    ..Default::default()
+                },
+                "--pretrained only applies to a new run: the run started from random weights, \
+                 got stem.safetensors",
+            ),
+        ] {
+            let err = with(options).check_resume(&run).unwrap_err().to_string();
+            assert_eq!(err, message);
+        }
+
+        same.check_resume_steps(&run, 3, 3).unwrap();
+        let smaller = with(TrainOptions {
+            batch_size: Some(8),
+            ..Default::default()
+        });
+        let err = smaller
+            .check_resume_steps(&run, 3, 6)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--batch-size cannot change on resume: the run has 32, got 8")
+                && err.contains("6 steps instead of the run's 3"),
+            "{err}"
+        );
+        let err = same.check_resume_steps(&run, 3, 4).unwrap_err().to_string();
+        assert!(
+            err.contains("training images of data/intel changed"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,13 +26,44 @@ pub fn open_split(
     limit: Option<usize>,
     seed: u64,
 ) -> Result<ImageFolder> {
-    let mut folder = ImageFolder::open(data_dir, split)?;
+    let folder = open_nonempty(data_dir, split)?;
+    Ok(subset(folder, split, limit, seed))
+}
+
+/// The training split as [`open_split`] opens it, refused when a class has no images
+/// (torchvision's ImageFolder refuses it too): the model would learn a class it never sees.
+/// The check precedes `limit`, whose subset may miss a class by design.
+pub fn open_train_split(data_dir: &Path, limit: Option<usize>, seed: u64) -> Result<ImageFolder> {
+    let split = Split::Train;
+    let folder = open_nonempty(data_dir, split)?;
+    let mut seen = vec![false; folder.classes.len()];
+    for &(_, label) in &folder.samples {
+        seen[label] = true;
+    }
+    if let Some(empty) = seen.iter().position(|s| !s) {
+        return Err(TrainError::Config(format!(
+            "{} has no images: every class needs training images",
+            data_dir
+                .join(split.dir_name())
+                .join(&folder.classes[empty])
+                .display()
+        )));
+    }
+    Ok(subset(folder, split, limit, seed))
+}
+
+fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
+    let folder = ImageFolder::open(data_dir, split)?;
     if folder.is_empty() {
         return Err(TrainError::Config(format!(
             "{} has no images",
             data_dir.join(split.dir_name()).display()
         )));
     }
+    Ok(folder)
+}
+
+fn subset(mut folder: ImageFolder, split: Split, limit: Option<usize>, seed: u64) -> ImageFolder {
     if let Some(limit) = limit.filter(|&n| n < folder.len()) {
         let mut picked: Vec<usize> = (0..folder.len()).collect();
         picked.shuffle(&mut StdRng::seed_from_u64(derive_seed(&[
@@ -47,7 +78,24 @@ pub fn open_split(
             .map(|i| folder.samples[i].clone())
             .collect();
     }
-    Ok(folder)
+    folder
+}
+
+/// Refuses a validation split whose classes differ from the training split's (possible
+/// without a manifest, where each split's folder names are its classes): its labels would
+/// be read as other classes.
+pub fn require_same_classes(train: &ImageFolder, val: &ImageFolder, data_dir: &Path) -> Result<()> {
+    if train.classes == val.classes {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "the class folders of {} {:?} differ from those of {} {:?}: both splits need the \
+         same classes",
+        data_dir.join(Split::Val.dir_name()).display(),
+        val.classes,
+        data_dir.join(Split::Train.dir_name()).display(),
+        train.classes
+    )))
 }
 
 pub fn normalize(config: &VtConfig) -> Normalize {

@@ -91,8 +91,9 @@ pub struct EvalArgs {
     /// Split to evaluate
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
-    /// Report file (JSON); the confusion matrix PNG goes beside it with a .png extension
-    /// [default: eval-<checkpoint>-<split>.json beside the checkpoint folder]
+    /// Report file (JSON, in an existing folder, not named .png); the confusion matrix PNG
+    /// goes beside it with a .png extension [default: eval-<checkpoint>-<split>.json beside
+    /// the checkpoint folder]
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto
@@ -118,6 +119,7 @@ pub struct EvalReport {
     pub images: u64,
     pub loss: f64,
     pub accuracy: f64,
+    /// F1 averaged over the classes present in the labels or the predictions.
     pub macro_f1: f64,
     pub classes: Vec<ClassScores>,
     pub confusion_matrix: ConfusionMatrix,
@@ -175,13 +177,49 @@ pub fn report_text(report: &EvalReport) -> String {
     out
 }
 
+/// The report's path and the confusion matrix PNG's beside it. A given --out is refused
+/// before any work when the two would coincide or its folder is missing (the default's
+/// folder holds the checkpoint).
+fn output_paths(args: &EvalArgs, split: Split) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&args.checkpoint, split));
+    let png = out.with_extension("png");
+    if args.out.is_none() {
+        return Ok((out, png));
+    }
+    // Compared without case: on a case-insensitive file system R.PNG is r.png.
+    if png
+        .to_string_lossy()
+        .eq_ignore_ascii_case(&out.to_string_lossy())
+    {
+        anyhow::bail!(
+            "--out {}: the report is JSON and the confusion matrix is written beside it with \
+             a .png extension; give the report another extension (e.g. .json)",
+            out.display()
+        );
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            anyhow::bail!(
+                "--out {}: the folder {} does not exist",
+                out.display(),
+                parent.display()
+            );
+        }
+    }
+    Ok((out, png))
+}
+
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    let split = Split::from(args.split);
+    let (out, png) = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
     let model = Model::load(&args.checkpoint, &device)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let split = Split::from(args.split);
     let folder = data::open_split(&args.data, split, args.limit, 0)
         .with_context(|| format!("reading the {split} split of {}", args.data.display()))?;
     if folder.classes != model.config.class_names {
@@ -205,7 +243,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         &format!("eval {split}"),
     )?;
     let classes = eval.matrix.scores();
-    let macro_f1 = classes.iter().map(|c| c.f1).sum::<f64>() / classes.len().max(1) as f64;
+    let macro_f1 = eval.matrix.macro_f1();
     let report = EvalReport {
         checkpoint: args.checkpoint.clone(),
         data: args.data.clone(),
@@ -226,13 +264,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             .collect(),
     };
     print!("{}", report_text(&report));
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out(&args.checkpoint, split));
     let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
     write_atomically(&out, format!("{json}\n").as_bytes())?;
-    let png = out.with_extension("png");
     let title = format!(
         "{} on {split}: {:.2}%",
         args.checkpoint.display(),

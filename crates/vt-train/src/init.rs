@@ -1,5 +1,6 @@
 //! `vt-train init`: write a freshly initialised checkpoint, optionally with a pretrained stem.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -7,6 +8,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vt_data::rng::{derive_seed, hash_str};
+use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
 
@@ -62,6 +64,9 @@ pub struct InitArgs {
     /// Output checkpoint folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the checkpoint that --out already holds.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(args: &InitArgs) -> anyhow::Result<()> {
@@ -76,6 +81,21 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         (None, Some(n)) => (0..n).map(|i| format!("class{i}")).collect(),
         (None, None) => anyhow::bail!("give --num-classes or --class-names"),
     };
+    let mut seen = HashSet::new();
+    if let Some(twice) = class_names.iter().find(|name| !seen.insert(name.as_str())) {
+        anyhow::bail!("--class-names lists `{twice}` twice: class names must be distinct");
+    }
+    // A trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident.
+    let held = [CONFIG_FILE, WEIGHTS_FILE]
+        .iter()
+        .any(|name| args.out.join(name).exists());
+    if held && !args.force {
+        anyhow::bail!(
+            "--out {} already holds a checkpoint: choose another folder, or add --force to \
+             replace it",
+            args.out.display()
+        );
+    }
     let model = seeded_model(args.model.config(class_names), &Device::Cpu, args.seed)?;
     if let Some(spec) = &args.pretrained {
         let loaded = load_stem(&model, &Source::parse(spec)?)

@@ -1,11 +1,12 @@
 //! `vt-train`: train, evaluate and initialise VT-ResNet checkpoints.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     vt_model::allocator::retain_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(

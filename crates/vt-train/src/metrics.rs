@@ -6,7 +6,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Result, TrainError};
 
@@ -99,6 +99,24 @@ impl ConfusionMatrix {
             .collect()
     }
 
+    /// The mean F1 over the classes present in the labels or the predictions, as
+    /// scikit-learn's `f1_score(average="macro")`: a class absent from both has no F1 to
+    /// average. 0 for an empty matrix.
+    pub fn macro_f1(&self) -> f64 {
+        let present: Vec<f64> = self
+            .scores()
+            .into_iter()
+            .enumerate()
+            .filter(|(k, s)| s.support > 0 || self.counts.iter().any(|row| row[*k] > 0))
+            .map(|(_, s)| s.f1)
+            .collect();
+        if present.is_empty() {
+            0.0
+        } else {
+            present.iter().sum::<f64>() / present.len() as f64
+        }
+    }
+
     /// Per-class accuracy keyed by class name.
     pub fn class_accuracy(&self) -> BTreeMap<String, f64> {
         (0..self.classes.len())
@@ -132,20 +150,44 @@ impl ConfusionMatrix {
     }
 }
 
+/// JSON has no NaN or infinity: serde_json writes them as `null`, read back as NaN.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn nan_if_null_values<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let map = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+        .collect())
+}
+
 /// One line of `metrics.jsonl`. Accuracies are fractions in [0, 1]; `lr` is the rate of
-/// the epoch's last step; `img_per_s` counts training images over the training time.
+/// the epoch's last step; `img_per_s` counts training images over the training time. A
+/// value that is not finite (a diverged loss) is written as `null` and read back as NaN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_acc: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_acc: f64,
+    #[serde(deserialize_with = "nan_if_null_values")]
     pub val_class_acc: BTreeMap<String, f64>,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub img_per_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub epoch_time_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm_mean: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm_max: f64,
     /// Steps whose gradient was scaled down by clipping.
     pub clipped_steps: u64,
@@ -364,6 +406,48 @@ mod tests {
                 .eq(["a", "3", "1", "0"]),
             "{text}"
         );
+    }
+
+    #[test]
+    fn macro_f1_averages_the_classes_in_labels_or_predictions() {
+        let mut cm = ConfusionMatrix::new(vec!["a".into(), "b".into(), "c".into(), "d".into()]);
+        // a: 1 right, 1 as c (c: no support, predicted once); d: neither.
+        cm.add(&[0, 0, 1], &[0, 2, 1]);
+        let f1: Vec<f64> = cm.scores().iter().map(|s| s.f1).collect();
+        assert_eq!(f1[2], 0.0);
+        assert!((cm.macro_f1() - (f1[0] + f1[1] + f1[2]) / 3.0).abs() < 1e-12);
+        assert_eq!(ConfusionMatrix::new(vec!["a".into()]).macro_f1(), 0.0);
+    }
+
+    #[test]
+    fn records_read_back_bit_exactly_and_non_finite_values_as_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(dir.path());
+        // 22/96 lost its last bit when read without serde_json's float_roundtrip.
+        let exact = EpochRecord {
+            val_acc: 22.0 / 96.0,
+            val_loss: 0.1 + 0.2,
+            val_class_acc: [("a".to_string(), 22.0 / 96.0)].into(),
+            ..record(1)
+        };
+        let diverged = EpochRecord {
+            train_loss: f64::INFINITY,
+            val_loss: f64::NAN,
+            val_class_acc: [("a".to_string(), f64::NAN)].into(),
+            ..record(2)
+        };
+        log.append(&exact).unwrap();
+        log.append(&diverged).unwrap();
+        let read = log.read().unwrap();
+        assert_eq!(read[0].val_acc.to_bits(), (22.0f64 / 96.0).to_bits());
+        assert_eq!(read[0], exact);
+        assert!(read[1].train_loss.is_nan() && read[1].val_loss.is_nan());
+        assert!(read[1].val_class_acc["a"].is_nan());
+        assert_eq!(read[1].val_acc, diverged.val_acc);
+        // A rewrite (as on resume) keeps every line as it was.
+        let before = fs::read_to_string(&log.jsonl).unwrap();
+        log.rewrite(&read, &["a".to_string()]).unwrap();
+        assert_eq!(fs::read_to_string(&log.jsonl).unwrap(), before);
     }
 
     #[test]

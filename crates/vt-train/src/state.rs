@@ -64,11 +64,20 @@ impl Progress {
     }
 
     /// Whether (accuracy, loss) beats the best so far: higher accuracy, or the same
-    /// accuracy with a lower loss (ties are common on small validation sets).
+    /// accuracy with a lower loss (ties are common on small validation sets). A loss that
+    /// is not finite (a diverged model) never does.
     pub fn improves(&self, val_acc: f64, val_loss: f64) -> bool {
-        match (self.best_val_acc, self.best_val_loss) {
-            (Some(acc), Some(loss)) => val_acc > acc || (val_acc == acc && val_loss < loss),
-            _ => true,
+        if !val_loss.is_finite() {
+            return false;
+        }
+        match self.best_val_acc {
+            None => true,
+            // A best loss of None beside an accuracy: a NaN that an earlier version kept
+            // and JSON wrote as null; any finite loss beats it.
+            Some(acc) => {
+                val_acc > acc
+                    || (val_acc == acc && self.best_val_loss.is_none_or(|loss| val_loss < loss))
+            }
         }
     }
 }
@@ -211,4 +220,80 @@ pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
         removed.map_err(|e| TrainError::io(&path, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vt_model::{Arch, VtConfig};
+
+    use super::*;
+    use crate::config::{TrainConfig, TrainOptions};
+    use crate::optim::{trainable_params, Method};
+
+    fn progress() -> Progress {
+        Progress::new(TrainConfig::resolve(&TrainOptions::default()).unwrap())
+    }
+
+    #[test]
+    fn saved_progress_reads_back_bit_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VtConfig {
+            tokens: 4,
+            token_channels: 32,
+            heads: 2,
+            ..VtConfig::new(Arch::VtResNet18, 3, 32)
+        };
+        let model = Model::init(config, &Device::Cpu).unwrap();
+        let optimizer = Optimizer::new(
+            Method::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            0.0,
+            trainable_params(&model.varmap),
+        );
+        // 22/96 read back as 0.22916666666666663 without serde_json's float_roundtrip, and
+        // a later epoch of equal accuracy then counted as better.
+        let saved = Progress {
+            epochs_done: 2,
+            global_step: 6,
+            best_val_acc: Some(22.0 / 96.0),
+            best_val_loss: Some(0.1 + 0.2),
+            best_epoch: Some(1),
+            epochs_since_best: 1,
+            ..progress()
+        };
+        save(dir.path(), &saved, &model, &optimizer, None).unwrap();
+        let read = read_progress(dir.path()).unwrap();
+        assert_eq!(read, saved);
+        assert_eq!(
+            read.best_val_acc.map(f64::to_bits),
+            Some((22.0f64 / 96.0).to_bits())
+        );
+        assert!(!read.improves(22.0 / 96.0, 0.1 + 0.2));
+        assert!(!read.improves(22.0 / 96.0, 0.31));
+        assert!(read.improves(22.0 / 96.0, 0.29));
+    }
+
+    #[test]
+    fn a_loss_that_is_not_finite_never_improves() {
+        let mut p = progress();
+        assert!(!p.improves(0.5, f64::NAN));
+        assert!(!p.improves(0.5, f64::INFINITY));
+        assert!(p.improves(0.0, 2.0));
+        p.best_val_acc = Some(0.5);
+        p.best_val_loss = Some(1.0);
+        assert!(!p.improves(0.9, f64::NAN));
+        assert!(p.improves(0.9, 5.0) && p.improves(0.5, 0.9) && !p.improves(0.5, 1.0));
+        // A NaN best loss of an earlier version, written as null: finite losses beat it.
+        let text = serde_json::to_string(&Progress {
+            best_val_loss: Some(f64::NAN),
+            ..p
+        })
+        .unwrap();
+        let read: Progress = serde_json::from_str(&text).unwrap();
+        assert_eq!(read.best_val_loss, None);
+        assert!(read.improves(0.5, 3.0) && !read.improves(0.4, 0.1));
+    }
 }

@@ -3,9 +3,11 @@
 //! After every epoch, in this order: a line appended to `metrics.jsonl` (and `metrics.csv`,
 //! plots rewritten), `best/` when validation improved, `last/`, then `state/`. A run killed
 //! anywhere resumes from `state/`, dropping metric lines of epochs after the saved one, so
-//! every epoch is logged exactly once.
+//! every epoch is logged exactly once; killed before its first epoch ended, it starts again
+//! from its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
 
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -31,6 +33,8 @@ use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
 use crate::threads;
 
 pub const CONFIG_TOML: &str = "config.toml";
+/// Locked by the process that trains in the run folder.
+pub const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainArgs {
@@ -109,8 +113,35 @@ fn model_config(config: &TrainConfig, class_names: Vec<String>) -> VtConfig {
 struct Plan {
     config: TrainConfig,
     run_dir: PathBuf,
-    /// The saved progress when resuming.
+    /// The saved progress when resuming after a completed epoch; its config is still the
+    /// run's, for the checks against `config`.
     resumed: Option<Progress>,
+    /// The run folder's lock, when taken while planning (on resume).
+    lock: Option<File>,
+}
+
+/// Takes `RUN/.lock` for as long as the returned file lives (the OS drops the lock when the
+/// process ends, however it ends), so that two processes never write one run folder.
+fn lock_run_dir(run_dir: &Path) -> anyhow::Result<File> {
+    let path = run_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => bail!(
+            "{} is in use by another vt-train process (it holds {}): wait for it to end, or \
+             choose another --run-dir",
+            run_dir.display(),
+            path.display()
+        ),
+        Err(TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
@@ -124,39 +155,78 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
             .run_dir
             .clone()
             .context("--resume needs --run-dir (or run-dir in --config)")?;
-        if !state::exists(&run_dir)? {
+        if !run_dir.is_dir() {
             bail!(
-                "{} holds no saved training state (state/training.json): nothing to resume; \
-                 start the run without --resume",
+                "--run-dir {} does not exist: nothing to resume",
                 run_dir.display()
             );
         }
-        let mut progress = state::read_progress(&run_dir)?;
-        let saved = progress.config.to_options();
-        for change in saved.changes(&given) {
-            tracing::info!("resume: overriding {change}");
-        }
-        let config = TrainConfig::resolve(&saved.overridden_by(&given))?;
-        progress.config = config.clone();
-        return Ok(Plan {
-            config,
-            run_dir,
-            resumed: Some(progress),
-        });
+        let lock = lock_run_dir(&run_dir)?;
+        return plan_resume(&given, run_dir, lock);
     }
     let mut config = TrainConfig::resolve(&given)?;
     let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
     config.run_dir = Some(run_dir.clone());
-    if state::exists(&run_dir)? {
-        bail!(
-            "{} already holds a training run: add --resume to continue it, or choose another --run-dir",
-            run_dir.display()
-        );
-    }
     Ok(Plan {
         config,
         run_dir,
         resumed: None,
+        lock: None,
+    })
+}
+
+/// `saved` (the run's options) with `given` over it, the changes logged.
+fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> anyhow::Result<TrainConfig> {
+    for change in saved.changes(given) {
+        tracing::info!("resume: overriding {change}");
+    }
+    Ok(TrainConfig::resolve(&saved.overridden_by(given))?)
+}
+
+fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> anyhow::Result<Plan> {
+    if state::exists(&run_dir)? {
+        let progress = state::read_progress(&run_dir)?;
+        let mut config = resolve_over(&progress.config.to_options(), given)?;
+        config.run_dir = Some(run_dir.clone());
+        config.check_resume(&progress.config)?;
+        if config.epochs < progress.epochs_done {
+            bail!(
+                "--epochs {} is below the {} epochs {} has completed: give at least {}",
+                config.epochs,
+                progress.epochs_done,
+                run_dir.display(),
+                progress.epochs_done
+            );
+        }
+        return Ok(Plan {
+            config,
+            run_dir,
+            resumed: Some(progress),
+            lock: Some(lock),
+        });
+    }
+    // Killed or interrupted before its first epoch ended: the run starts again from its
+    // options, which is what the interrupt message promises.
+    let saved = run_dir.join(CONFIG_TOML);
+    if !saved.is_file() {
+        bail!(
+            "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
+             nothing to resume; start the run without --resume",
+            run_dir.display()
+        );
+    }
+    let options = TrainOptions::from_toml_file(&saved)?;
+    let mut config = resolve_over(&options, given)?;
+    config.run_dir = Some(run_dir.clone());
+    tracing::info!(
+        "{} has no completed epoch: its run starts from the beginning",
+        run_dir.display()
+    );
+    Ok(Plan {
+        config,
+        run_dir,
+        resumed: None,
+        lock: Some(lock),
     })
 }
 
@@ -289,7 +359,7 @@ impl Trainer {
     }
 
     /// Runs the remaining epochs.
-    fn run(&mut self) -> anyhow::Result<()> {
+    fn run(&mut self) -> anyhow::Result<Outcome> {
         for epoch in self.progress.epochs_done..self.config.epochs {
             let start = Instant::now();
             let searched_before = vt_model::kernels::algorithm_search_time();
@@ -308,7 +378,7 @@ impl Trainer {
                         self.run_dir.display(),
                         epoch + 1
                     );
-                    return Ok(());
+                    return Ok(Outcome::Interrupted);
                 }
             };
             let label = format!("validate {}/{}", epoch + 1, self.config.epochs);
@@ -406,22 +476,32 @@ impl Trainer {
                 );
                 break;
             }
-            if self.interrupted.load(Ordering::SeqCst) {
+            if self.interrupted.load(Ordering::SeqCst) && epoch + 1 < self.config.epochs {
                 tracing::info!(
                     "interrupted: stopped after epoch {}; continue with `--resume --run-dir {}`",
                     epoch + 1,
                     self.run_dir.display()
                 );
-                return Ok(());
+                return Ok(Outcome::Interrupted);
             }
         }
-        tracing::info!(
-            "done: best validation accuracy {:.2}% at epoch {}; checkpoints in {}/{{{BEST_DIR},{LAST_DIR}}}",
-            100.0 * self.progress.best_val_acc.unwrap_or(0.0),
-            self.progress.best_epoch.unwrap_or(0),
-            self.run_dir.display()
-        );
-        Ok(())
+        match (self.progress.best_val_acc, self.progress.best_epoch) {
+            (Some(acc), Some(epoch)) => tracing::info!(
+                "done: best validation accuracy {:.2}% at epoch {epoch}; checkpoints in {}/{{{BEST_DIR},{LAST_DIR}}}",
+                100.0 * acc,
+                self.run_dir.display()
+            ),
+            _ => tracing::warn!(
+                "done, but no epoch had a finite validation loss: {} holds no {BEST_DIR}/ checkpoint",
+                self.run_dir.display()
+            ),
+        }
+        // Ctrl-C during the last validation: the run is complete, but the caller asked to stop.
+        Ok(if self.interrupted.load(Ordering::SeqCst) {
+            Outcome::Interrupted
+        } else {
+            Outcome::Finished
+        })
     }
 
     /// Plots are a convenience: failing to draw one is logged, not fatal.
@@ -435,35 +515,70 @@ impl Trainer {
     }
 }
 
-pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+/// How a training command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every epoch ran, training stopped early, or there was nothing left to do.
+    Finished,
+    /// Ctrl-C stopped it; what it had done is saved.
+    Interrupted,
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
     let Plan {
         config,
         run_dir,
         resumed,
+        lock,
     } = plan(args)?;
     threads::set_compute_threads(Some(config.threads));
     vt_model::kernels::allow_tf32(config.tf32);
     let device = parse_device(&config.device)?;
     vt_model::use_bf16_products(config.bf16_products, &device).context("--bf16-products")?;
-    let train_set =
-        data::open_split(&config.data, Split::Train, config.limit_train, config.seed)
-            .with_context(|| format!("reading the training split of {}", config.data.display()))?;
+    let train_set = data::open_train_split(&config.data, config.limit_train, config.seed)
+        .with_context(|| format!("reading the training split of {}", config.data.display()))?;
     let val_set = data::open_split(&config.data, Split::Val, config.limit_val, config.seed)
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
+    data::require_same_classes(&train_set, &val_set, &config.data)?;
     let classes = train_set.classes.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // A new run takes its folder only once its data is known to be readable, so that a
+    // mistyped --data leaves no empty run folder behind.
+    let _lock = match lock {
+        Some(lock) => lock,
+        None => {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+            let lock = lock_run_dir(&run_dir)?;
+            if state::exists(&run_dir)? {
+                bail!(
+                    "{} already holds a training run: add --resume to continue it, or choose \
+                     another --run-dir",
+                    run_dir.display()
+                );
+            }
+            lock
+        }
+    };
     state::remove_stale_temporaries(&run_dir)?;
 
     let wanted = model_config(&config, classes.clone());
     let model = match &resumed {
         Some(_) => {
             let model = state::load_model(&run_dir, &device)?;
+            if model.config.class_names != classes {
+                bail!(
+                    "the classes of {} {:?} differ from the run's {:?}: they cannot change on \
+                     resume",
+                    config.data.display(),
+                    classes,
+                    model.config.class_names
+                );
+            }
             if model.config != wanted {
                 bail!(
-                    "the saved model ({:?}) differs from the requested one ({:?}): the model's \
-                     shape, classes and image size cannot change when resuming",
-                    model.config,
-                    wanted
+                    "{}: the saved model does not match the run's options in {}",
+                    run_dir.join(state::STATE_DIR).display(),
+                    run_dir.join(CONFIG_TOML).display()
                 );
             }
             model
@@ -487,26 +602,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .ema
         .map(|decay| Ema::new(&model, decay))
         .transpose()?;
-    let mut progress = match resumed {
-        Some(progress) => {
-            state::load_training(&run_dir, &progress, &mut optimizer, ema.as_ref(), &device)?;
-            progress
-        }
-        None => Progress::new(config.clone()),
-    };
-    write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
-
-    let metrics = MetricsLog::new(&run_dir);
-    let mut records = metrics.read()?;
-    let logged = records.len();
-    records.retain(|r| r.epoch <= progress.epochs_done);
-    if records.len() != logged {
-        tracing::info!(
-            "dropping {} metric lines logged after the saved epoch",
-            logged - records.len()
-        );
-    }
-    metrics.rewrite(&records, &classes)?;
 
     let norm = data::normalize(&model.config);
     let train_loader = data::train_loader(
@@ -518,6 +613,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     );
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
     let steps_per_epoch = data::steps_per_epoch(train_set.len(), &train_loader);
+    let mut progress = match resumed {
+        Some(mut progress) => {
+            // Every epoch takes the same number of steps, skipped ones included.
+            let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;
+            config.check_resume_steps(&progress.config, run_steps, steps_per_epoch)?;
+            state::load_training(&run_dir, &progress, &mut optimizer, ema.as_ref(), &device)?;
+            progress.config = config.clone();
+            progress
+        }
+        None => Progress::new(config.clone()),
+    };
     let schedule = LrSchedule {
         base_lr: config.lr,
         decay: config.decay(),
@@ -525,17 +631,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         steps_per_epoch,
         total_steps: steps_per_epoch * config.epochs as u64,
     };
+    let metrics = MetricsLog::new(&run_dir);
+    let mut records = metrics.read()?;
     // Recomputed, so that resuming with a larger --early-stop continues the run.
     progress.stopped_early = config
         .early_stop
         .is_some_and(|p| progress.epochs_since_best >= p);
+    // Before anything is written: a resume with nothing to do leaves the run as it was.
     if progress.stopped_early {
         tracing::info!(
             "{} stopped early at epoch {}: nothing to do",
             run_dir.display(),
             progress.epochs_done
         );
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
     if progress.epochs_done >= config.epochs {
         tracing::info!(
@@ -543,8 +652,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             run_dir.display(),
             config.epochs
         );
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
+
+    write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
+    let logged = records.len();
+    records.retain(|r| r.epoch <= progress.epochs_done);
+    if records.len() != logged {
+        tracing::info!(
+            "dropping {} metric lines logged after the saved epoch",
+            logged - records.len()
+        );
+    }
+    metrics.rewrite(&records, &classes)?;
+    // Installed before the first step: from here on Ctrl-C stops cleanly.
+    let interrupted = interrupt_flag()?;
     tracing::info!(
         "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} steps per epoch | \
          {:?} recipe, {:?} | device {:?}, {} compute + {} loader threads | run {}",
@@ -568,7 +690,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         run_dir.display()
     );
     let mut trainer = Trainer {
-        interrupted: interrupt_flag()?,
+        interrupted,
         config,
         run_dir,
         classes,

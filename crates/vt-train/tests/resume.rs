@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -53,12 +54,17 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     let data = synthetic_data(tmp.path(), 8);
     let killed = tmp.path().join("killed");
     let mut child = train(&data, &killed, "3")
-        .stderr(std::process::Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_for_epoch(&mut child, &killed, 1);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    let first_line = |run: &Path| {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        text.lines().next().unwrap().to_string()
+    };
+    let logged = first_line(&killed);
     assert!(
         epochs_done(&killed) < 3,
         "the run finished before it was killed"
@@ -79,6 +85,8 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         vec![1, 2, 3]
     );
     assert_eq!(epochs_done(&killed), 3);
+    // Read and rewritten on resume, an epoch's line keeps every bit of its numbers.
+    assert_eq!(first_line(&killed), logged);
 
     // The same run without interruption: identical numbers, so the optimiser moments, the
     // EMA, BatchNorm statistics and the schedule position were all restored.
@@ -102,7 +110,14 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
             b.val_loss
         );
         assert_eq!((a.lr, a.global_step), (b.lr, b.global_step));
+        assert_eq!(a.best, b.best, "epoch {}: best", a.epoch);
     }
+    let best = |run: &Path| {
+        let text = std::fs::read_to_string(run.join("state/training.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (v["best_epoch"].clone(), v["epochs_since_best"].clone())
+    };
+    assert_eq!(best(&killed), best(&straight));
 }
 
 #[test]
@@ -111,7 +126,7 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let data = synthetic_data(tmp.path(), 8);
     let run = tmp.path().join("run");
     let mut child = train(&data, &run, "50")
-        .stderr(std::process::Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_epoch(&mut child, &run, 1);
@@ -122,7 +137,8 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    // As a shell reports SIGINT, so that `vt-train train && next` stops.
+    assert_eq!(out.status.code(), Some(130), "{log}");
     assert!(log.contains("interrupted"), "{log}");
     let done = epochs_done(&run);
     assert!((1..50).contains(&done));
@@ -136,4 +152,143 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     );
     let epochs: Vec<usize> = records(&run).iter().map(|r| r.epoch).collect();
     assert_eq!(epochs, (1..=done + 1).collect::<Vec<_>>());
+}
+
+#[test]
+fn ctrl_c_in_the_first_epoch_resumes_from_the_beginning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 16);
+    let run = tmp.path().join("run");
+    // Batches of 2: an epoch of 36 steps, long enough for the interrupt to land in it.
+    let mut child = train_tiny(&data, &run)
+        .args(ONE_THREAD)
+        .args(["--batch-size", "2", "--epochs", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    // The line that starts training: the Ctrl-C handler is in place.
+    while !log.contains("steps per epoch") {
+        assert!(
+            stderr.read_line(&mut log).unwrap() > 0,
+            "vt-train ended before training:\n{log}"
+        );
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    stderr.read_to_string(&mut log).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{log}");
+    assert!(log.contains("restarts epoch 1"), "{log}");
+    assert_eq!(
+        epochs_done(&run),
+        0,
+        "epoch 1 ended before the interrupt:\n{log}"
+    );
+
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("starts from the beginning"), "{log}");
+    assert_eq!(
+        records(&run).iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(epochs_done(&run), 1);
+}
+
+/// What a resume cannot honour is refused, naming the option and both values, before any
+/// file of the run changes; values JSON cannot hold (NaN, written as null) read back.
+#[test]
+fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    // 18 training images in batches of 8: 2 steps per epoch.
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--batch-size", "8", "--epochs", "2"]),
+    );
+    let files = || {
+        ["config.toml", "metrics.jsonl", "state/training.json"]
+            .map(|f| std::fs::read(run.join(f)).unwrap())
+    };
+    let before = files();
+    for (flags, message) in [
+        (
+            &["--batch-size", "4"][..],
+            "--batch-size cannot change on resume: the run has 8, got 4 (an epoch would take \
+             4 steps instead of the run's 2",
+        ),
+        (
+            &["--limit-train", "8"],
+            "--limit-train cannot change on resume: the run has no limit, got 8",
+        ),
+        (
+            &["--image-size", "48"],
+            "--image-size cannot change on resume: the run has 32, got 48",
+        ),
+        (
+            &["--recipe", "seed"],
+            "--recipe cannot change on resume: the run has modern, got seed",
+        ),
+        (
+            &["--pretrained", "stem.safetensors"],
+            "--pretrained only applies to a new run",
+        ),
+        (&["--epochs", "1"], "--epochs 1 is below the 2 epochs"),
+    ] {
+        let out = vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run)
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted:\n{err}");
+        assert!(
+            err.contains(message),
+            "{flags:?}: expected `{message}` in:\n{err}"
+        );
+        assert!(files() == before, "{flags:?} changed the run's files");
+    }
+
+    // A diverged validation loss was written as null, in the metrics and as the best loss.
+    let edit = |file: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let path = run.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+                change(&mut value);
+                value.to_string()
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    };
+    edit("metrics.jsonl", &|v| {
+        v["val_loss"] = serde_json::Value::Null
+    });
+    let state = run.join("state/training.json");
+    let mut progress: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    progress["best_val_loss"] = serde_json::Value::Null;
+    std::fs::write(&state, progress.to_string()).unwrap();
+    run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "3", "--run-dir"])
+            .arg(&run),
+    );
+    let records = records(&run);
+    assert_eq!(records.len(), 3);
+    assert!(records[0].val_loss.is_nan() && records[1].val_loss.is_nan());
+    assert!(records[2].val_loss.is_finite());
 }

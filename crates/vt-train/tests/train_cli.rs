@@ -231,6 +231,144 @@ fn init_still_writes_a_checkpoint() {
     );
     let model = Model::load(&out, &Device::Cpu).unwrap();
     assert_eq!(model.config.class_names, vec!["a", "b", "c", "d", "e", "f"]);
+
+    // A checkpoint is replaced only with --force; class names must be distinct.
+    let init = |names: &str, force: bool| {
+        let mut cmd = vt_train();
+        cmd.args(["init", "--class-names", names, "--out"])
+            .arg(&out)
+            .args(TINY_MODEL);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let refused = init("x,y", false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("already holds a checkpoint") && err.contains("--force"),
+        "{err}"
+    );
+    let model = Model::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(
+        model.config.class_names.len(),
+        6,
+        "the checkpoint was overwritten"
+    );
+    let twice = init("a,b,a", true);
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        !twice.status.success() && err.contains("`a` twice"),
+        "{err}"
+    );
+    assert!(init("x,y", true).status.success());
+    let model = Model::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(model.config.class_names, vec!["x", "y"]);
+}
+
+#[test]
+fn eval_checks_its_output_paths_before_evaluating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let checkpoint = tmp.path().join("init");
+    let classes = "buildings,forest,glacier,mountain,sea,street";
+    run_ok(
+        vt_train()
+            .args(["init", "--class-names", classes, "--out"])
+            .arg(&checkpoint)
+            .args(TINY_MODEL),
+    );
+    let eval = |out: &std::path::Path| {
+        vt_train()
+            .args(["eval", "--threads", "1", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    for (out, message) in [
+        (tmp.path().join("missing/report.json"), "the folder"),
+        // The confusion matrix would replace the report.
+        (tmp.path().join("report.png"), ".png"),
+    ] {
+        let result = eval(&out);
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{}: {err}", out.display());
+        assert!(err.contains(message), "{err}");
+        // Refused before the evaluation printed its report.
+        assert!(result.stdout.is_empty(), "{err}");
+    }
+    let missing = tmp.path().join("missing");
+    assert!(
+        String::from_utf8_lossy(&eval(&missing.join("r.json")).stderr)
+            .contains(&missing.display().to_string())
+    );
+    assert!(!tmp.path().join("report.png").exists());
+}
+
+/// Without a manifest each split's folder names are its classes: the validation split must
+/// have the training split's, and every training class needs images.
+#[test]
+fn splits_with_other_classes_or_an_empty_class_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    fs::remove_file(data.join("manifest.json")).unwrap();
+    let run = tmp.path().join("run");
+    let train = || {
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"])
+            .output()
+            .unwrap()
+    };
+    fs::remove_dir_all(data.join("val/buildings")).unwrap();
+    let out = train();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"["forest", "glacier", "mountain", "sea", "street"]"#)
+            && err.contains(r#"["buildings", "forest", "#),
+        "{err}"
+    );
+    fs::create_dir(data.join("val/buildings")).unwrap();
+    let forest = data.join("train/forest");
+    fs::remove_dir_all(&forest).unwrap();
+    fs::create_dir(&forest).unwrap();
+    let out = train();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{} has no images", forest.display())),
+        "{err}"
+    );
+    assert!(!run.exists(), "a refused run left its folder");
+}
+
+#[test]
+fn a_run_folder_in_use_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    fs::create_dir(&run).unwrap();
+    let lock = fs::File::create(run.join(vt_train::train::LOCK_FILE)).unwrap();
+    lock.try_lock().unwrap();
+    fs::write(run.join("config.toml"), "epochs = 1\n").unwrap();
+    for resume in [false, true] {
+        let mut cmd = train_tiny(&data, &run);
+        cmd.args(ONE_THREAD).args(["--epochs", "1"]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "resume {resume}: {err}");
+        assert!(err.contains("in use by another vt-train process"), "{err}");
+    }
+    assert!(!run.join("metrics.jsonl").exists());
 }
 
 #[test]
