@@ -1,6 +1,9 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong while fetching, importing, decoding or batching images.
+///
+/// A variant whose message holds its cause does not also return it from `source()`: a
+/// cause chain (anyhow's "Caused by") would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("empty image data")]
@@ -17,16 +20,16 @@ pub enum DataError {
     /// Trimmed: zune-jpeg's I/O errors end in a newline, which would end up in the skip
     /// report and in the server's error responses.
     #[error("cannot decode image: {}", .0.to_string().trim_end())]
-    Decode(#[from] image::ImageError),
+    Decode(image::ImageError),
     /// JPEG data that ends early: the decoder would make up the missing pixels.
     #[error("cannot decode image: truncated JPEG ({0})")]
     TruncatedJpeg(&'static str),
     #[error("cannot resize image: {0}")]
     Resize(String),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -58,11 +61,17 @@ pub enum DataError {
     Locked(PathBuf),
 }
 
+impl From<image::ImageError> for DataError {
+    fn from(e: image::ImageError) -> Self {
+        DataError::Decode(e)
+    }
+}
+
 impl DataError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -24,9 +24,9 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
     recover_interrupted_write(dir)?;
     let path = dir.join(CONFIG_FILE);
     let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let config: VtConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+    let config: VtConfig = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
         path: path.clone(),
-        source,
+        cause,
     })?;
     config.validate().map_err(|e| ModelError::Weights {
         path,
@@ -37,9 +37,9 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 
 /// Writes `config` and every variable of `varmap` to `dir`, atomically.
 pub fn write(dir: &Path, config: &VtConfig, varmap: &VarMap) -> Result<()> {
-    let json = serde_json::to_string_pretty(config).map_err(|source| ModelError::Json {
+    let json = serde_json::to_string_pretty(config).map_err(|cause| ModelError::Json {
         path: dir.join(CONFIG_FILE),
-        source,
+        cause,
     })?;
     write_dir_atomically(dir, |tmp| {
         let config_path = tmp.join(CONFIG_FILE);

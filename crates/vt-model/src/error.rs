@@ -1,19 +1,22 @@
 use std::path::PathBuf;
 
 /// Errors of model construction, checkpoints and pretrained weights.
+///
+/// A variant whose message holds its cause does not also return it from `source()`: a
+/// cause chain (anyhow's "Caused by") would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("invalid model config: {0}")]
     Config(String),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor { path: PathBuf, name: String },
@@ -46,7 +49,7 @@ impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

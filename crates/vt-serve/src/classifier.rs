@@ -10,12 +10,20 @@ use vt_data::decode::decode_rgb_limited;
 use vt_data::transform::{eval_chw, Normalize};
 use vt_model::{Model, VtConfig};
 
+/// Why an image got no scores. `Inference` prints its cause, so it does not also return it
+/// from `source()` (a cause chain would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
     #[error(transparent)]
     Image(#[from] vt_data::DataError),
     #[error("inference failed: {0}")]
-    Inference(#[from] candle_core::Error),
+    Inference(candle_core::Error),
+}
+
+impl From<candle_core::Error> for ClassifyError {
+    fn from(e: candle_core::Error) -> Self {
+        ClassifyError::Inference(e)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

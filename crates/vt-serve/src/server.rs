@@ -28,7 +28,7 @@ impl Server {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = TcpListener::bind((args.host.as_str(), args.port))
             .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+            .map_err(|cause| StartError::Bind { addr, cause })?;
         Ok(Server {
             listener,
             state: Arc::new(state),

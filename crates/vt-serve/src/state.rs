@@ -19,33 +19,32 @@ use crate::error::ApiError;
 use crate::fetch::UrlFetcher;
 use crate::metrics::Metrics;
 
+/// Why the server did not start. Variants print their cause and do not also return it from
+/// `source()`: a cause chain (anyhow's "Caused by") would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Device(vt_model::ModelError),
-    #[error("loading checkpoint {path}: {source}")]
+    #[error("loading checkpoint {path}: {cause}")]
     Checkpoint {
         path: PathBuf,
-        source: vt_model::ModelError,
+        cause: vt_model::ModelError,
     },
-    #[error("hashing {path}: {source}")]
+    #[error("hashing {path}: {cause}")]
     Hash {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("setting up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    Metrics(prometheus::Error),
     #[error("starting the model thread: {0}")]
     Thread(std::io::Error),
     #[error("warming up the model: {0}")]
     WarmUp(crate::classifier::ClassifyError),
     #[error("building the URL fetch client: {0}")]
-    HttpClient(#[from] reqwest::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    HttpClient(reqwest::Error),
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind { addr: String, cause: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -104,10 +103,10 @@ impl AppState {
         let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
         let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
         vt_model::use_bf16_products(args.bf16_products, &device).map_err(StartError::Device)?;
-        let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|source| {
+        let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|cause| {
             StartError::Checkpoint {
                 path: args.checkpoint.clone(),
-                source,
+                cause,
             }
         })?;
         let config = classifier.config();
@@ -123,7 +122,7 @@ impl AppState {
             bf16_products: args.bf16_products,
         };
         let preprocessor = classifier.preprocessor();
-        let metrics = Arc::new(Metrics::new()?);
+        let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
         let batch = BatchConfig {
             max_batch: args.max_batch as usize,
             max_delay: Duration::from_millis(args.max_delay_ms),
@@ -141,7 +140,8 @@ impl AppState {
             decode_slots: Arc::new(Semaphore::new(args.threads())),
             admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
             batcher,
-            fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)?,
+            fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)
+                .map_err(StartError::HttpClient)?,
             metrics,
             accepting: AtomicBool::new(true),
         })
@@ -165,9 +165,9 @@ fn checkpoint_name(dir: &Path) -> String {
 }
 
 fn sha256_file(path: &Path) -> Result<String, StartError> {
-    let hash_error = |source| StartError::Hash {
+    let hash_error = |cause| StartError::Hash {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let mut file = std::fs::File::open(path).map_err(hash_error)?;
     let mut hasher = Sha256::new();

@@ -1,19 +1,22 @@
 use std::path::PathBuf;
 
 /// Errors of the training library: configuration, state files, metrics and plots.
+///
+/// A variant whose message holds its cause does not also return it from `source()`: a
+/// cause chain (anyhow's "Caused by") would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("{0}")]
     Config(String),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("{path}: invalid TOML: {message}")]
     Toml { path: PathBuf, message: String },
@@ -33,7 +36,7 @@ impl TrainError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TrainError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -233,10 +233,10 @@ impl MetricsLog {
             match serde_json::from_str(line) {
                 Ok(record) => records.push(record),
                 Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
-                Err(source) => {
+                Err(cause) => {
                     return Err(TrainError::Json {
                         path: self.jsonl.clone(),
-                        source,
+                        cause,
                     })
                 }
             }
@@ -246,9 +246,9 @@ impl MetricsLog {
 
     /// Appends one record to `metrics.jsonl` and flushes it to disk.
     pub fn append(&self, record: &EpochRecord) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|source| TrainError::Json {
+        let line = serde_json::to_string(record).map_err(|cause| TrainError::Json {
             path: self.jsonl.clone(),
-            source,
+            cause,
         })?;
         let mut file = OpenOptions::new()
             .create(true)
@@ -265,9 +265,9 @@ impl MetricsLog {
     pub fn rewrite(&self, records: &[EpochRecord], classes: &[String]) -> Result<()> {
         let mut text = String::new();
         for record in records {
-            let line = serde_json::to_string(record).map_err(|source| TrainError::Json {
+            let line = serde_json::to_string(record).map_err(|cause| TrainError::Json {
                 path: self.jsonl.clone(),
-                source,
+                cause,
             })?;
             text += &line;
             text.push('\n');

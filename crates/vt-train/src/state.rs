@@ -103,19 +103,18 @@ pub fn save(
         optimizer_steps: steps,
         ..progress.clone()
     };
-    let training = serde_json::to_string_pretty(&progress).map_err(|source| TrainError::Json {
+    let training = serde_json::to_string_pretty(&progress).map_err(|cause| TrainError::Json {
         path: dir.join(TRAINING_FILE),
-        source,
+        cause,
     })?;
-    let config =
-        serde_json::to_string_pretty(&model.config).map_err(|source| TrainError::Json {
-            path: dir.join(CONFIG_FILE),
-            source,
-        })?;
+    let config = serde_json::to_string_pretty(&model.config).map_err(|cause| TrainError::Json {
+        path: dir.join(CONFIG_FILE),
+        cause,
+    })?;
     write_dir_atomically(&dir, |tmp| {
         let write_text = |name: &str, text: &str| {
             let path = tmp.join(name);
-            fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+            fs::write(&path, text).map_err(|cause| ModelError::Io { path, cause })
         };
         write_text(CONFIG_FILE, &config)?;
         model.varmap.save(tmp.join(WEIGHTS_FILE))?;
@@ -142,9 +141,9 @@ pub fn read_progress(run_dir: &Path) -> Result<Progress> {
     recover_interrupted_write(&dir)?;
     let path = dir.join(TRAINING_FILE);
     let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-    let progress: Progress = serde_json::from_str(&text).map_err(|source| TrainError::Json {
+    let progress: Progress = serde_json::from_str(&text).map_err(|cause| TrainError::Json {
         path: path.clone(),
-        source,
+        cause,
     })?;
     if progress.format != FORMAT {
         return Err(TrainError::State {
