@@ -99,6 +99,11 @@ impl Model {
         self.net.forward_t(images, train)
     }
 
+    /// Training-mode logits with the stem frozen ([`VtResNet::forward_frozen_stem`]).
+    pub fn forward_frozen_stem(&self, images: &Tensor) -> CandleResult<Tensor> {
+        self.net.forward_frozen_stem(images)
+    }
+
     /// Number of trainable parameters (BatchNorm running statistics excluded).
     pub fn num_parameters(&self) -> usize {
         self.varmap

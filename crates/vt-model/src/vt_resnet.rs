@@ -70,13 +70,17 @@ impl VtResNet {
         )?;
         Ok(VtResNet { stem, vt, head })
     }
-}
 
-impl ModuleT for VtResNet {
-    /// `images`: N x 3 x S x S normalised. Returns N x num_classes logits. In training mode
-    /// BatchNorm uses batch statistics and updates its running statistics.
-    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let features = self.stem.forward_t(images, train)?;
+    /// Training-mode logits with the stem frozen, as timm freezes a backbone: the stem runs
+    /// in evaluation mode (BatchNorm normalises with its running statistics and leaves them
+    /// as they are) and is cut from the graph, so the backward pass stops at the VT stage.
+    pub fn forward_frozen_stem(&self, images: &Tensor) -> Result<Tensor> {
+        let features = self.stem.forward_t(images, false)?.detach();
+        self.classify(&features)
+    }
+
+    /// The VT stage and the head over the stem's feature map.
+    fn classify(&self, features: &Tensor) -> Result<Tensor> {
         // N x C x H x W -> N x P x C with p = y * W + x.
         let mut x = features.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         let mut tokens: Option<Tensor> = None;
@@ -87,5 +91,13 @@ impl ModuleT for VtResNet {
         }
         let tokens = tokens.ok_or_else(|| candle_core::Error::Msg("no VT modules".into()))?;
         self.head.forward(&tokens.mean(1)?)
+    }
+}
+
+impl ModuleT for VtResNet {
+    /// `images`: N x 3 x S x S normalised. Returns N x num_classes logits. In training mode
+    /// BatchNorm uses batch statistics and updates its running statistics.
+    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.classify(&self.stem.forward_t(images, train)?)
     }
 }

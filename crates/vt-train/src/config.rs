@@ -101,7 +101,8 @@ pub struct TrainOptions {
     #[arg(long, value_name = "PATIENCE")]
     pub early_stop: Option<usize>,
     /// Do not update the ResNet stem (conv1, bn1, layer1-3) for the first N epochs, e.g.
-    /// while the VT stage adapts to a pretrained stem [default: 0]
+    /// while the VT stage adapts to a pretrained stem; it runs in evaluation mode meanwhile,
+    /// its BatchNorm statistics kept, and without a backward pass [default: 0]
     #[arg(long, value_name = "N")]
     pub freeze_stem_epochs: Option<usize>,
     /// ImageNet ResNet weights for the stem: a safetensors file or a hub id such as

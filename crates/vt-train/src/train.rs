@@ -275,14 +275,20 @@ impl Trainer {
     }
 
     /// One optimiser step on `batch`; returns the running averages for the progress line.
+    /// With the stem frozen, only the parameters `selected` keeps are updated, and the stem
+    /// runs in evaluation mode, its BatchNorm statistics kept.
     fn train_step(
         &mut self,
         batch: &Batch,
-        selected: &dyn Fn(&str) -> bool,
+        (stem_frozen, selected): (bool, &dyn Fn(&str) -> bool),
         totals: &mut EpochTotals,
     ) -> anyhow::Result<String> {
         let lr = self.schedule.lr(self.progress.global_step);
-        let logits = self.model.forward_t(&batch.images, true)?;
+        let logits = if stem_frozen {
+            self.model.forward_frozen_stem(&batch.images)?
+        } else {
+            self.model.forward_t(&batch.images, true)?
+        };
         let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
         // Everything up to the gradient norm is queued before the first value is read, so
         // that a GPU waits once per step (for the norm, which decides the update).
@@ -340,7 +346,7 @@ impl Trainer {
         for batch in iter.by_ref() {
             let batch =
                 batch.with_context(|| format!("loading training batch of epoch {}", epoch + 1))?;
-            let status = self.train_step(&batch, &selected, &mut totals)?;
+            let status = self.train_step(&batch, (frozen, &selected), &mut totals)?;
             bar.advance(batch.indices.len(), &status);
             if self.interrupted.load(Ordering::SeqCst) {
                 bar.finish();
