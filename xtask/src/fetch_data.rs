@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, default_value_t = SyntheticConfig::default().train_per_class, requires = "synthetic")]
     synthetic_per_class: usize,
     /// Hugging Face dataset repository, OWNER/NAME[@REVISION].
-    #[arg(long, value_name = "OWNER/NAME[@REV]")]
+    #[arg(long, value_name = "OWNER/NAME[@REV]", conflicts_with_all = ["from", "synthetic"])]
     hf_repo: Option<String>,
     /// Fraction of each class of seg_train held out for validation.
     #[arg(long, default_value_t = fetch::DEFAULT_VAL_FRACTION)]
@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long, default_value_t = fetch::DEFAULT_SEED)]
     seed: u64,
     /// Where downloaded archives are kept for re-runs [default: <data dir>/../.downloads].
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["from", "synthetic"])]
     download_dir: Option<PathBuf>,
 }
 
@@ -59,7 +59,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..SyntheticConfig::default()
         })
     } else {
-        match args.source.unwrap_or(Source::Hf) {
+        let source = args.source.unwrap_or(Source::Hf);
+        if source == Source::Kaggle && args.hf_repo.is_some() {
+            anyhow::bail!(
+                "--hf-repo names a Hugging Face repository; it has no use with --source kaggle"
+            );
+        }
+        match source {
             Source::Hf => {
                 let repo = match &args.hf_repo {
                     Some(spec) => spec.parse::<HfRepoSpec>()?,
@@ -144,6 +150,31 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// Options of one source are refused with another, not silently ignored.
+    #[test]
+    fn options_of_another_source_are_refused() {
+        for argv in [
+            &["fetch-data", "--from", "archive.zip", "--hf-repo", "o/n"][..],
+            &["fetch-data", "--synthetic", "--hf-repo", "o/n"],
+            &["fetch-data", "--from", "archive.zip", "--download-dir", "d"],
+            &["fetch-data", "--synthetic", "--download-dir", "d"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+        let kaggle = Cli::try_parse_from(["fetch-data", "--source", "kaggle", "--hf-repo", "o/n"])
+            .unwrap()
+            .args;
+        let err = run(kaggle).unwrap_err().to_string();
+        assert!(err.contains("--hf-repo"), "{err}");
+    }
     use vt_data::dataset::SplitCounts;
 
     /// Accepts `room` bytes, then fails as a closed pipe or a full disk does.
