@@ -1,5 +1,7 @@
 //! The data set from a Hugging Face dataset repository, through `hf-hub` (which honours
-//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`; downloads are cached there and reused).
+//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`; downloads are cached there and reused). A
+//! download streams into `<file>.part` beside its place in the cache; an interrupted one
+//! resumes from there with a byte range, and only a file of the listed size is kept.
 //!
 //! Two repository shapes are understood:
 //! - parquet files as the `datasets` library writes them (`image` struct `{bytes, path}`,
@@ -18,14 +20,17 @@
 //! an import never mixes two states of the repository, and `--hf-repo OWNER/NAME@COMMIT`
 //! repeats it exactly.
 
-use std::path::{Path, PathBuf};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{BufWriter, Write};
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use hf_hub::repository::RepoTreeEntry;
 use hf_hub::{HFClient, HFClientSync};
 
-use crate::download::{error_chain, CONNECT_TIMEOUT, READ_TIMEOUT};
+use crate::download::{error_chain, part_path, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::import::Importer;
 use crate::source::parquet::{import_parquet, ParquetSplit};
@@ -33,6 +38,14 @@ use crate::source::synthetic::CLASSES;
 use crate::source::zip::{import_zip, note_discarded_download};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
+
+/// Longest silence from the hub: for its response headers, then between two reads of a body.
+/// reqwest's read timeout restarts after every read, so it bounds a stalled hub, not the time a
+/// large download takes.
+pub const HUB_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// One quick retry for a dropped connection; with [`HUB_READ_TIMEOUT`] a hub that accepts
+/// connections but never answers fails in about 30 s.
+const HUB_RETRIES: usize = 1;
 
 const ALTERNATIVES: &str = "Other sources: --from PATH (the Kaggle zip or an extracted folder), \
 --source kaggle (needs a Kaggle API token), --synthetic (generated offline demo data).";
@@ -100,19 +113,22 @@ pub struct HfOptions {
     pub endpoint: Option<String>,
     /// Overrides the hub cache (`HF_HOME/hub`).
     pub cache_dir: Option<PathBuf>,
+    /// Overrides [`HUB_READ_TIMEOUT`] (tests use a short one).
+    pub read_timeout: Option<Duration>,
 }
 
-fn client(opts: &HfOptions) -> Result<HFClientSync> {
+/// A client with this project's timeouts. The metadata requests go through hf-hub's blocking
+/// wrapper of one; each download streams through an async one of its own (see [`download`]).
+fn hub_client(opts: &HfOptions) -> Result<HFClient> {
     let http = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(READ_TIMEOUT)
+        .read_timeout(opts.read_timeout.unwrap_or(HUB_READ_TIMEOUT))
         .user_agent(concat!("vt-data/", env!("CARGO_PKG_VERSION"), "; hf-hub/1"))
         .build()
         .map_err(|e| hub_error(opts, "cannot set up the HTTP client", &e))?;
     let mut builder = HFClient::builder()
         .client(http)
-        // One quick retry: an unreachable hub must fail fast, not back off for minutes.
-        .retry_max_attempts(1)
+        .retry_max_attempts(HUB_RETRIES)
         .retry_base_delay(Duration::from_millis(200));
     if let Some(endpoint) = &opts.endpoint {
         builder = builder.endpoint(endpoint.clone());
@@ -121,7 +137,7 @@ fn client(opts: &HfOptions) -> Result<HFClientSync> {
         builder = builder.cache_dir(dir.clone());
     }
     builder
-        .build_sync()
+        .build()
         .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))
 }
 
@@ -162,7 +178,10 @@ fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataErr
 
 /// Downloads the repository's data files and feeds them to `importer`.
 pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
-    let client = client(opts)?;
+    let async_client = hub_client(opts)?;
+    let cache_dir = async_client.cache_dir().to_path_buf();
+    let client = HFClientSync::from_inner(async_client)
+        .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
     let info = repo
         .info()
@@ -178,10 +197,9 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         "hf:{}/{}@{commit}",
         opts.repo.owner, opts.repo.name
     ));
-    let revision = Some(commit);
     let entries = repo
         .list_tree()
-        .maybe_revision(revision.clone())
+        .revision(commit.clone())
         .recursive(true)
         .send()
         .map_err(|e| hub_error(opts, "cannot list the dataset repository", &e))?;
@@ -199,14 +217,22 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .collect();
     let zips: Vec<&(String, u64)> = files.iter().filter(|(p, _)| p.ends_with(".zip")).collect();
     let fetch = |path: &str, size: u64| -> Result<PathBuf> {
+        let local = snapshot_path(&cache_dir, opts, &commit, path)?;
+        // Through a snapshot symlink, the size of the blob it points to.
+        match fs::metadata(&local) {
+            Ok(meta) if meta.len() == size => return Ok(local),
+            Ok(meta) => {
+                tracing::warn!(
+                    "{}: {} bytes, the hub lists {size}; downloading it again",
+                    local.display(),
+                    meta.len()
+                );
+                discard_cached(&local);
+            }
+            Err(_) => {}
+        }
         tracing::info!("downloading {path} ({size} bytes) from {}", opts.repo);
-        let local = repo
-            .download_file()
-            .filename(path.to_string())
-            .maybe_revision(revision.clone())
-            .send()
-            .map_err(|e| hub_error(opts, &format!("cannot download {path}"), &e))?;
-        check_size(&local, size, path)?;
+        download(opts, &commit, path, size, &local)?;
         Ok(local)
     };
     if !parquet.is_empty() {
@@ -239,19 +265,158 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     }
 }
 
-/// A short file in the cache would be reused forever: drop it and say so.
-fn check_size(local: &Path, expected: u64, path: &str) -> Result<()> {
-    let got = std::fs::metadata(local)
-        .map_err(|e| DataError::io(local, e))?
-        .len();
-    if got == expected {
-        return Ok(());
+/// Where hf-hub keeps `path` at `commit`, so that what it cached earlier is reused. A regular
+/// file there is valid layout: hf-hub writes one on Windows, in place of the blob symlink.
+fn snapshot_path(cache_dir: &Path, opts: &HfOptions, commit: &str, path: &str) -> Result<PathBuf> {
+    // The listing comes from the server: a path must not climb out of the cache.
+    if !Path::new(path)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(DataError::Layout(format!(
+            "{} lists a file named {path:?}, which is not a plain relative path; choose another \
+             --hf-repo. {ALTERNATIVES}",
+            opts.repo
+        )));
     }
-    discard_cached(local);
+    Ok(cache_dir
+        .join(format!("datasets--{}--{}", opts.repo.owner, opts.repo.name))
+        .join("snapshots")
+        .join(commit)
+        .join(path))
+}
+
+/// Downloads `path` at `commit` to `dest`, resuming from `<dest>.part`: hf-hub's own download
+/// recreates its partial file on every attempt, which restarts a 363 MB archive from byte 0.
+fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) -> Result<()> {
+    let part = part_path(dest);
+    if let Some(parent) = part.parent() {
+        fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&part)
+        .map_err(|e| DataError::io(&part, e))?;
+    // hf-hub locks its downloads too: two fetches sharing HF_HOME must not append to one file.
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(DataError::Network {
+                what: format!("download of {path} from {}", opts.repo),
+                message: format!("another fetch-data is writing {}", part.display()),
+                hint: "Wait for it to finish, then run fetch-data again.".into(),
+            })
+        }
+        Err(TryLockError::Error(e)) => tracing::warn!(
+            "cannot lock {}: {e}; not guarding against a concurrent download",
+            part.display()
+        ),
+    }
+    let mut have = file.metadata().map_err(|e| DataError::io(&part, e))?.len();
+    if have > size {
+        tracing::info!("{} is longer than {path}; starting over", part.display());
+        file.set_len(0).map_err(|e| DataError::io(&part, e))?;
+        have = 0;
+    }
+    if have < size {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| hub_error(opts, "cannot start the download", &e))?;
+        // hf-hub streams (and takes a byte range) only through its async client. On a thread of
+        // its own, as hf-hub's blocking client does: block_on panics inside a tokio runtime.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime.block_on(receive(opts, commit, path, size, have, &file, &part)))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+    }
+    fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
+}
+
+/// Appends the rest of `path` (after the `have` bytes already in `file`) until it holds `size`.
+async fn receive(
+    opts: &HfOptions,
+    commit: &str,
+    path: &str,
+    size: u64,
+    mut have: u64,
+    file: &File,
+    part: &Path,
+) -> Result<()> {
+    // Its own client: reqwest's pooled connections belong to the runtime that opened them.
+    let client = hub_client(opts)?;
+    let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
+    let mut stream = loop {
+        let (length, stream) = repo
+            .download_file_stream()
+            .filename(path)
+            .revision(commit)
+            .maybe_range((have > 0).then_some(have..size))
+            .send()
+            .await
+            .map_err(|e| hub_error(opts, &format!("cannot download {path}"), &e))?;
+        // hf-hub hands back neither the status nor Content-Range: a body of exactly the missing
+        // length is the rest; anything else (the whole file from a server that ignores Range,
+        // or no length) is dropped, and the file downloaded from its first byte.
+        if have == 0 || length == Some(size - have) {
+            break stream;
+        }
+        tracing::info!(
+            "{} did not resume {path} at byte {have}; starting over",
+            opts.repo
+        );
+        file.set_len(0).map_err(|e| DataError::io(part, e))?;
+        have = 0;
+    };
+    let what = format!(
+        "download of {path} from {} at {}",
+        opts.repo,
+        endpoint_of(opts)
+    );
+    let mut writer = BufWriter::with_capacity(1 << 20, file);
+    let mut received = have;
+    let mut lost = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) if received + bytes.len() as u64 <= size => {
+                writer
+                    .write_all(&bytes)
+                    .map_err(|e| DataError::io(part, e))?;
+                received += bytes.len() as u64;
+            }
+            Ok(_) => {
+                // Dropped first: the writer would flush its buffer after the truncation.
+                drop(writer);
+                file.set_len(0).map_err(|e| DataError::io(part, e))?;
+                return Err(DataError::Network {
+                    what,
+                    message: format!("the hub sent more than the {size} bytes it lists"),
+                    hint: format!("The partial file was emptied. {ALTERNATIVES}"),
+                });
+            }
+            Err(e) => {
+                lost = Some(error_chain(&e));
+                break;
+            }
+        }
+    }
+    // Flushed even on failure, so the next run resumes from everything received.
+    writer.flush().map_err(|e| DataError::io(part, e))?;
+    let message = match lost {
+        Some(cause) => format!("connection lost after {received} of {size} bytes ({cause})"),
+        None if received < size => format!("truncated: received {received} of {size} bytes"),
+        None => return Ok(()),
+    };
     Err(DataError::Network {
-        what: format!("download of {path} is incomplete"),
-        message: format!("got {got} of {expected} bytes"),
-        hint: "The partial file was removed from the cache; run again.".into(),
+        what,
+        message,
+        hint: format!(
+            "The bytes received are kept in {}: run fetch-data again to resume. {ALTERNATIVES}",
+            part.display()
+        ),
     })
 }
 
@@ -277,5 +442,11 @@ mod tests {
             assert!(bad.parse::<HfRepoSpec>().is_err(), "{bad}");
         }
         assert_eq!(HfRepoSpec::default().to_string(), DEFAULT_REPO);
+    }
+
+    #[test]
+    fn a_silent_hub_fails_within_about_half_a_minute() {
+        let attempts = 1 + HUB_RETRIES as u32;
+        assert!(HUB_READ_TIMEOUT * attempts <= Duration::from_secs(35));
     }
 }

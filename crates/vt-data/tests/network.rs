@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
@@ -203,8 +203,19 @@ fn a_server_without_range_support_restarts_the_download() {
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// A hub stand-in: the repository info, tree listing and resolve APIs. Every revision
-/// resolves to `COMMIT`, and listings and downloads must ask for that commit.
+/// resolves to `COMMIT`, and listings and downloads must ask for that commit. Downloads
+/// honour `Range`.
 fn hub(repo: &str, files: Vec<(String, Vec<u8>)>) -> TestServer {
+    hub_with(repo, files, ranged)
+}
+
+/// [`hub`] with `get` answering downloads (given the request and the file's bytes); `HEAD`
+/// requests for a file still get its headers.
+fn hub_with(
+    repo: &str,
+    files: Vec<(String, Vec<u8>)>,
+    get: impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static,
+) -> TestServer {
     let info_path = format!("/api/datasets/{repo}");
     let tree_path = format!("/api/datasets/{repo}/tree/");
     let resolve = format!("/datasets/{repo}/resolve/");
@@ -233,12 +244,17 @@ fn hub(repo: &str, files: Vec<(String, Vec<u8>)>) -> TestServer {
         if let Some(rest) = path.strip_prefix(&resolve) {
             let (revision, file) = rest.split_once('/').unwrap_or_default();
             assert_eq!(revision, COMMIT, "downloads ask for the resolved commit");
-            return match files.iter().position(|(name, _)| name == file) {
-                Some(i) => Reply::ok(files[i].1.clone())
-                    .with_header("ETag", &format!("\"etag{i}\""))
-                    .with_header("X-Repo-Commit", COMMIT),
-                None => Reply::status(404).with_header("X-Error-Code", "EntryNotFound"),
+            let Some(i) = files.iter().position(|(name, _)| name == file) else {
+                return Reply::status(404).with_header("X-Error-Code", "EntryNotFound");
             };
+            let reply = if r.method == "HEAD" {
+                Reply::ok(files[i].1.clone())
+            } else {
+                get(r, &files[i].1)
+            };
+            return reply
+                .with_header("ETag", &format!("\"etag{i}\""))
+                .with_header("X-Repo-Commit", COMMIT);
         }
         Reply::status(404).with_header("X-Error-Code", "RepoNotFound")
     })
@@ -251,8 +267,26 @@ fn hf_opts(server: &TestServer, repo: &str, dir: &Path) -> FetchOptions {
             repo: repo.parse::<HfRepoSpec>().unwrap(),
             endpoint: Some(server.url.clone()),
             cache_dir: Some(dir.join("hf-cache")),
+            ..HfOptions::default()
         }),
     )
+}
+
+/// Where the hub stand-ins' files end up in the cache of [`hf_opts`].
+fn snapshot(dir: &Path, repo: &str) -> std::path::PathBuf {
+    dir.join("hf-cache")
+        .join(format!("datasets--{}", repo.replace('/', "--")))
+        .join("snapshots")
+        .join(COMMIT)
+}
+
+/// The download requests a hub stand-in received.
+fn gets(server: &TestServer) -> Vec<Request> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/resolve/"))
+        .collect()
 }
 
 #[test]
@@ -372,33 +406,149 @@ fn hugging_face_failures_are_quick_and_name_the_alternatives() {
     assert!(err.contains("neither parquet files nor a zip"), "{err}");
 }
 
+/// Serves the first download cut off after `half` bytes (with the full `Content-Length`),
+/// and later ones with `then`.
+fn cut_once(
+    half: usize,
+    then: impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static,
+) -> impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static {
+    let calls = AtomicUsize::new(0);
+    move |r, body| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Truncated {
+                declared: body.len(),
+                body: body[..half].to_vec(),
+            }
+        } else {
+            then(r, body)
+        }
+    }
+}
+
 #[test]
-fn a_truncated_hugging_face_file_is_not_imported_or_kept() {
+fn an_interrupted_hugging_face_download_resumes_with_a_range_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let zip = kaggle_zip(&["sea"], 5, 0, 0);
-    let full = zip.len();
-    let tree = format!(r#"[{{"type":"file","oid":"x","size":{full},"path":"archive.zip"}}]"#);
-    let server = TestServer::start(move |r| {
-        if r.path.starts_with("/api/datasets/a/b/tree/") {
-            return Reply::ok(tree.clone().into_bytes());
-        }
-        if r.path.starts_with("/api/datasets/a/b") {
-            return Reply::ok(format!(r#"{{"id":"a/b","sha":"{COMMIT}"}}"#).into_bytes());
-        }
-        if r.method == "HEAD" {
-            return Reply::ok(Vec::new())
-                .with_header("Content-Length", &full.to_string())
-                .with_header("ETag", "\"e\"")
-                .with_header("X-Repo-Commit", COMMIT);
-        }
-        Reply::Truncated {
-            declared: full,
-            body: zip[..full / 2].to_vec(),
-        }
-    });
+    let zip = kaggle_zip(&["forest", "sea"], 8, 2, 3);
+    let half = zip.len() / 2;
+    let server = hub_with(
+        "a/b",
+        vec![("archive.zip".into(), zip.clone())],
+        cut_once(half, ranged),
+    );
     let err = fetch(&hf_opts(&server, "a/b", tmp.path()))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("archive.zip"), "{err}");
+    for needed in ["archive.zip", "a/b", "run fetch-data again to resume"] {
+        assert!(err.contains(needed), "{err}");
+    }
+    assert!(!tmp.path().join("data").exists());
+    let cached = snapshot(tmp.path(), "a/b").join("archive.zip");
+    let part = snapshot(tmp.path(), "a/b").join("archive.zip.part");
+    assert_eq!(fs::metadata(&part).unwrap().len(), half as u64);
+
+    let m = fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 8);
+    assert_eq!(m.splits.train["sea"] + m.splits.val["sea"], 8);
+    assert_eq!((m.splits.test["forest"], m.splits.test["sea"]), (2, 2));
+    assert_eq!(m.splits.pred, 3);
+    let requests = gets(&server);
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0].headers.get("range"), None);
+    assert_eq!(
+        requests[1].headers.get("range"),
+        Some(&format!("bytes={half}-{}", zip.len() - 1))
+    );
+    assert_eq!(fs::read(&cached).unwrap(), zip);
+    assert!(!part.exists());
+
+    // A later run reuses the cached archive.
+    assert_eq!(fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap(), m);
+    assert_eq!(gets(&server).len(), 2);
+}
+
+#[test]
+fn a_hub_that_ignores_range_sends_the_whole_file_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["glacier"], 10, 1, 0);
+    let half = zip.len() / 2;
+    let server = hub_with(
+        "a/b",
+        vec![("archive.zip".into(), zip.clone())],
+        cut_once(half, |_, body| Reply::ok(body.to_vec())),
+    );
+    assert!(fetch(&hf_opts(&server, "a/b", tmp.path())).is_err());
+    let m = fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    assert_eq!(m.count(Split::Train) + m.count(Split::Val), 10);
+    assert_eq!(m.splits.test["glacier"], 1);
+    assert_eq!(
+        fs::read(snapshot(tmp.path(), "a/b").join("archive.zip")).unwrap(),
+        zip
+    );
+    // The answer to the range request was the whole file: dropped, and fetched from byte 0.
+    let ranges: Vec<Option<String>> = gets(&server)
+        .into_iter()
+        .map(|r| r.headers.get("range").cloned())
+        .collect();
+    assert_eq!(
+        ranges,
+        [None, Some(format!("bytes={half}-{}", zip.len() - 1)), None]
+    );
+}
+
+#[test]
+fn a_hugging_face_download_in_progress_is_not_joined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = hub(
+        "a/b",
+        vec![("archive.zip".into(), kaggle_zip(&["sea"], 3, 0, 0))],
+    );
+    let part = snapshot(tmp.path(), "a/b").join("archive.zip.part");
+    write(&part, b"");
+    let other = fs::File::open(&part).unwrap();
+    other.try_lock().unwrap();
+    let err = fetch(&hf_opts(&server, "a/b", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another fetch-data") && err.contains("archive.zip"),
+        "{err}"
+    );
+    assert!(gets(&server).is_empty());
+}
+
+#[test]
+fn a_hub_that_never_answers_fails_within_the_read_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        // Held open, never answered.
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_secs(1);
+    let opts = FetchOptions::new(
+        tmp.path().join("data"),
+        FetchSource::HuggingFace(HfOptions {
+            repo: "someone/silent".parse().unwrap(),
+            endpoint: Some(url),
+            cache_dir: Some(tmp.path().join("hf-cache")),
+            read_timeout: Some(timeout),
+        }),
+    );
+    let start = Instant::now();
+    let err = fetch(&opts).unwrap_err().to_string();
+    let took = start.elapsed();
+    // One attempt and one retry, each cut off by the read timeout.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert!(took >= timeout * 2 && took < timeout * 4, "took {took:?}");
+    for needed in ["someone/silent", "timed out", "--synthetic"] {
+        assert!(err.contains(needed), "{err}");
+    }
     assert!(!tmp.path().join("data").exists());
 }

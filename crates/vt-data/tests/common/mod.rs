@@ -263,27 +263,32 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-/// Serves `body` honouring `Range: bytes=N-` with a 206.
+/// Serves `body` honouring `Range: bytes=START-` and `bytes=START-END` with a 206.
 pub fn ranged(request: &Request, body: &[u8]) -> Reply {
-    if let Some(start) = request
+    let Some((start, end)) = request
         .headers
         .get("range")
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
-    {
-        if start >= body.len() {
-            return Reply::status(416);
-        }
-        return Reply::Full {
-            status: 206,
-            headers: vec![(
-                "Content-Range".into(),
-                format!("bytes {start}-{}/{}", body.len() - 1, body.len()),
-            )],
-            body: body[start..].to_vec(),
-        };
+        .and_then(|r| r.split_once('-'))
+    else {
+        return Reply::ok(body.to_vec());
+    };
+    let start: usize = start.parse().unwrap();
+    let end = match end {
+        "" => body.len() - 1,
+        end => end.parse::<usize>().unwrap().min(body.len() - 1),
+    };
+    if start > end {
+        return Reply::status(416);
     }
-    Reply::ok(body.to_vec())
+    Reply::Full {
+        status: 206,
+        headers: vec![(
+            "Content-Range".into(),
+            format!("bytes {start}-{end}/{}", body.len()),
+        )],
+        body: body[start..=end].to_vec(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
