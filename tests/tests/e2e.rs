@@ -58,3 +58,22 @@ fn real_photos_to_a_served_prediction() {
     assert_eq!(report["split"], "val");
     assert!(report["images"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn a_run_folder_e2e_did_not_write_is_refused_before_any_work() {
+    let work = tempfile::tempdir().unwrap();
+    let kept = work.path().join("run/important");
+    std::fs::create_dir_all(&kept).unwrap();
+    let err = run(Args {
+        source: Source::Synthetic,
+        from: None,
+        quick: true,
+        work_dir: Some(work.path().to_path_buf()),
+        epochs: Some(1),
+        requests: 12,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("refusing to replace"), "{err:#}");
+    assert!(kept.is_dir(), "e2e deleted {}", kept.display());
+    assert!(!work.path().join("data").exists(), "e2e fetched data first");
+}

@@ -41,6 +41,9 @@ def make_handler(model, cfg: dict, name: str):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body waits
+        # for the client's delayed ACK (~40 ms) on every keep-alive request.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):  # one line per request would dominate the timing
             pass

@@ -2,7 +2,7 @@
 //! machine, side by side with the PyTorch reference (tools/reference/bench_model.py) run in
 //! the same invocation with the same cases, threads and iteration counts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -35,7 +35,7 @@ train:vt-resnet34:224:32,infer:vt-resnet34:224:1,infer:vt-resnet34:224:32"
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Timed iterations per case (after the warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
     iters: usize,
     /// Untimed warm-up iterations per case.
     #[arg(long, default_value_t = 1)]
@@ -193,10 +193,14 @@ struct TorchResult {
     img_s: f64,
 }
 
+/// How to get past a PyTorch side that cannot run.
+const TORCH_HINT: &str = "pass --python with a Python that has PyTorch (tools/reference/README.md \
+    sets one up), or --no-torch to measure vt-model alone";
+
 fn bench_torch(
     args: &Args,
     (device, dtype): (&Device, DType),
-    python: &PathBuf,
+    python: &Path,
 ) -> anyhow::Result<Vec<TorchResult>> {
     let script = script("bench_model.py");
     let output = Command::new(python)
@@ -213,13 +217,20 @@ fn bench_torch(
             &args.warmup.to_string(),
         ])
         .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot run the PyTorch reference's interpreter {}: {TORCH_HINT}",
+                python.display()
+            )
+        })?;
     if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
         bail!(
-            "the PyTorch reference failed ({}); install it as tools/reference/README.md says, \
-             pass --python, or use --no-torch:\n{}",
+            "the PyTorch reference ({} {}) failed ({}): {TORCH_HINT}\n{}",
+            python.display(),
+            script.display(),
             output.status,
-            String::from_utf8_lossy(&output.stderr)
+            stderr.trim_end()
         );
     }
     String::from_utf8_lossy(&output.stdout)
@@ -264,19 +275,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{case:?}"))?;
         vt.push(img_s);
     }
+    // A failing PyTorch side fails the command only after vt-model's results are printed.
     let torch = if args.no_torch {
-        Vec::new()
+        Ok(Vec::new())
     } else {
         let python = args.python.clone().unwrap_or_else(default_python);
         eprintln!("PyTorch reference with {}", python.display());
-        bench_torch(&args, (&device, dtype), &python)?
+        bench_torch(&args, (&device, dtype), &python)
     };
+    let torch_rows = torch.as_deref().unwrap_or_default();
     if !args.json {
         println!("| case | arch | px | batch | vt img/s | torch img/s | ratio |");
         println!("|---|---|---|---|---|---|---|");
     }
     for (case, vt_img_s) in cases.iter().zip(vt) {
-        let torch_img_s = torch
+        let torch_img_s = torch_rows
             .iter()
             .find(|t| {
                 t.mode == case.mode
@@ -311,7 +324,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    torch
+        .map(drop)
+        .context("vt-model's results are above, without PyTorch's")
 }
 
 #[cfg(test)]
@@ -335,5 +350,34 @@ mod tests {
             .to_string()
             .contains("fly"));
         assert!(parse_cases("train:vt-resnet18:150").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("bench-model").chain(argv.iter().copied()))
+            .map(|cli| cli.args)
+    }
+
+    #[test]
+    fn zero_iterations_are_refused() {
+        assert!(parse(&["--iters", "0"]).is_err());
+        assert_eq!(parse(&["--iters", "1"]).unwrap().iters, 1);
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_named_with_the_flags_that_get_past_it() {
+        let args = parse(&["--cases", "infer:vt-resnet18:32:1"]).unwrap();
+        let python = Path::new("/nonexistent/python");
+        let err = bench_torch(&args, (&Device::Cpu, DType::F32), python).unwrap_err();
+        let text = format!("{err:#}");
+        for wanted in ["/nonexistent/python", "--python", "--no-torch"] {
+            assert!(text.contains(wanted), "{wanted} missing from: {text}");
+        }
     }
 }

@@ -3,17 +3,22 @@
 //! local port, classify real test images over HTTP, check every answer against
 //! `vt-serve predict`, stop the server and print a summary. Any failure names its step.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, ErrorKind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{anyhow, bail, ensure, Context};
 use clap::ValueEnum;
 use serde_json::Value;
+use vt_data::error::DataError;
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::hf::HfOptions;
+use vt_data::kaggle::KaggleCredentials;
 use vt_data::source::synthetic::SyntheticConfig;
+use vt_train::metrics::METRICS_JSONL;
+use vt_train::state::STATE_DIR;
+use vt_train::train::{CONFIG_TOML, LOCK_FILE};
 
 use crate::cargo::{binary, build_binaries};
 
@@ -42,10 +47,10 @@ pub struct Args {
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
     /// Training epochs [default: 1 with --quick, else 3].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one)]
     pub epochs: Option<usize>,
     /// Test images sent over HTTP.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = crate::at_least_one)]
     pub requests: usize,
 }
 
@@ -142,6 +147,63 @@ fn terminate(child: &Child) -> anyhow::Result<()> {
         .status()?;
     ensure!(status.success(), "kill -TERM {} failed", child.id());
     Ok(())
+}
+
+/// What a network source's failure adds to vt-data's message.
+const NO_NETWORK_DATA: &str = "no data: on a machine without the hub or Kaggle, use \
+    `--source synthetic` or `--from PATH` (a Kaggle zip or an extracted folder)";
+
+/// vt-data's messages name fetch-data's flags: e2e spells them differently, and only a
+/// network failure calls for the offline alternatives.
+fn in_e2e_terms(e: DataError) -> anyhow::Error {
+    let network = matches!(e, DataError::Network { .. });
+    let error = anyhow!(e
+        .to_string()
+        .replace("--synthetic", "--source synthetic")
+        .replace("--data-dir", "--work-dir"));
+    if network {
+        error.context(NO_NETWORK_DATA)
+    } else {
+        error
+    }
+}
+
+fn fetch_data(data: &Path, source: FetchSource) -> anyhow::Result<()> {
+    fetch(&FetchOptions::new(data, source))
+        .map(drop)
+        .map_err(in_e2e_terms)
+}
+
+/// The run folder is deleted before training, so it must be one that vt-train wrote (even
+/// partly) or an empty one: never a folder that holds anything else.
+fn check_replaceable_run(run_dir: &Path) -> anyhow::Result<()> {
+    let metadata = match std::fs::symlink_metadata(run_dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        metadata => metadata.with_context(|| format!("reading {}", run_dir.display()))?,
+    };
+    let refuse = |why: &str| {
+        anyhow!(
+            "refusing to replace {}: {why}; choose another --work-dir or remove it",
+            run_dir.display()
+        )
+    };
+    if !metadata.is_dir() {
+        return Err(refuse("it is not a folder"));
+    }
+    let mut entries =
+        std::fs::read_dir(run_dir).with_context(|| format!("reading {}", run_dir.display()))?;
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    let markers = [CONFIG_TOML, METRICS_JSONL, STATE_DIR, LOCK_FILE];
+    if markers.iter().any(|m| run_dir.join(m).exists()) {
+        Ok(())
+    } else {
+        Err(refuse(&format!(
+            "it is not empty and not a vt-train run (none of {})",
+            markers.join(", ")
+        )))
+    }
 }
 
 /// Labelled test images: `(path, class)` from the test split, else validation.
@@ -274,24 +336,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::cargo::target_dir().join("e2e"));
     let data = work.join("data");
     let run_dir = work.join("run");
+    // Everything that can be checked without building or fetching is checked first.
+    check_replaceable_run(&run_dir)?;
+    let source = match (&args.from, args.source) {
+        (Some(path), _) => FetchSource::Path(path.clone()),
+        (None, Source::Synthetic) => FetchSource::Synthetic(SyntheticConfig::default()),
+        (None, Source::Hf) => FetchSource::HuggingFace(HfOptions::default()),
+        (None, Source::Kaggle) => FetchSource::Kaggle {
+            endpoint: None,
+            credentials: Some(
+                KaggleCredentials::discover().map_err(|e| anyhow!(e).context(NO_NETWORK_DATA))?,
+            ),
+        },
+    };
     let mut steps = Steps::default();
 
     steps.run("build", build_binaries)?;
-    steps.run("fetch data", || {
-        let source = match (&args.from, args.source) {
-            (Some(path), _) => FetchSource::Path(path.clone()),
-            (None, Source::Synthetic) => FetchSource::Synthetic(SyntheticConfig::default()),
-            (None, Source::Hf) => FetchSource::HuggingFace(HfOptions::default()),
-            (None, Source::Kaggle) => FetchSource::Kaggle {
-                endpoint: None,
-                credentials: None,
-            },
-        };
-        fetch(&FetchOptions::new(&data, source)).map(drop).context(
-            "no data: on a machine without the hub or Kaggle, use `--source synthetic` or \
-             `--from PATH` (a Kaggle zip or an extracted folder)",
-        )
-    })?;
+    steps.run("fetch data", || fetch_data(&data, source))?;
 
     let epochs = args.epochs.unwrap_or(if args.quick { 1 } else { 3 });
     steps.run("train", || {
@@ -393,4 +454,89 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("  {name:<22} {:>8.1} s", elapsed.as_secs_f64());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh folder under the system's temporary one (xtask has no tempfile).
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-e2e-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn zero_requests_or_epochs_are_refused_by_the_command_line() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        use clap::Parser;
+        for flag in ["--requests", "--epochs"] {
+            let err = Cli::try_parse_from(["e2e", flag, "0"]).err().unwrap();
+            assert!(err.to_string().contains("must be at least 1"), "{err}");
+        }
+    }
+
+    #[test]
+    fn only_a_missing_empty_or_vt_train_run_folder_is_replaced() {
+        let work = scratch("run");
+        let run = work.join("run");
+        check_replaceable_run(&run).unwrap();
+        std::fs::create_dir(&run).unwrap();
+        check_replaceable_run(&run).unwrap();
+        std::fs::create_dir(run.join("important")).unwrap();
+        let err = check_replaceable_run(&run).unwrap_err().to_string();
+        assert!(err.contains(&run.display().to_string()), "{err}");
+        assert!(err.contains("--work-dir"), "{err}");
+        std::fs::write(run.join(CONFIG_TOML), "").unwrap();
+        check_replaceable_run(&run).unwrap();
+        let file = work.join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_replaceable_run(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a folder"));
+        std::fs::remove_dir_all(work).unwrap();
+    }
+
+    #[test]
+    fn fetch_errors_name_e2e_flags_and_only_network_ones_suggest_offline_sources() {
+        let work = scratch("fetch");
+        let missing =
+            fetch_data(&work.join("data"), FetchSource::Path("/nonexistent".into())).unwrap_err();
+        let text = format!("{missing:#}");
+        assert!(text.contains("/nonexistent"), "{text}");
+        assert!(!text.contains(NO_NETWORK_DATA), "{text}");
+
+        let kept = work.join("kept");
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::write(kept.join("notes.txt"), "").unwrap();
+        let refused =
+            fetch_data(&kept, FetchSource::Synthetic(SyntheticConfig::default())).unwrap_err();
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains("--work-dir") && !text.contains("--data-dir"),
+            "{text}"
+        );
+        assert!(!text.contains(NO_NETWORK_DATA), "{text}");
+
+        // Nothing listens on port 1: the hub cannot be reached.
+        let hub = HfOptions {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            cache_dir: Some(work.join("hub")),
+            read_timeout: Some(Duration::from_secs(2)),
+            ..HfOptions::default()
+        };
+        let offline = fetch_data(&work.join("data"), FetchSource::HuggingFace(hub)).unwrap_err();
+        let text = format!("{offline:#}");
+        assert!(text.starts_with(NO_NETWORK_DATA), "{text}");
+        assert!(text.contains("--source synthetic (generated"), "{text}");
+        assert!(!text.contains(" --synthetic"), "{text}");
+        std::fs::remove_dir_all(work).unwrap();
+    }
 }
