@@ -2,13 +2,17 @@
 //!
 //! Loading is strict: every tensor of the model must be present with its exact shape and
 //! dtype, and nothing else may be (BatchNorm's `num_batches_tracked` is ignored whatever its
-//! dtype). Writing is atomic: the folder is built beside its destination and renamed into
-//! place, so a crash leaves either the previous checkpoint or the new one, never a mix.
+//! dtype); every weight must be finite. Writing is atomic: the folder is built beside its
+//! destination and renamed into place, so a crash leaves either the previous checkpoint or
+//! the new one, never a mix. Only writers repair what an interrupted write left: a reader
+//! that renamed folders could race a writer between its two renames.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use safetensors::SafeTensors;
@@ -21,7 +25,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// Reads and validates `DIR/config.json`.
 pub fn read_config(dir: &Path) -> Result<VtConfig> {
-    recover_interrupted_write(dir)?;
+    refuse_interrupted_write(dir)?;
     let path = dir.join(CONFIG_FILE);
     let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let config: VtConfig = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
@@ -49,9 +53,35 @@ pub fn write(dir: &Path, config: &VtConfig, varmap: &VarMap) -> Result<()> {
     })
 }
 
-/// Reads a safetensors file as named f32 tensors on `device`, checking each dtype.
-/// Tensors named `*.num_batches_tracked` are dropped.
+/// Reads a safetensors file as named f32 tensors on `device`, checking each dtype and that
+/// every value is finite. Tensors named `*.num_batches_tracked` are dropped.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    read_selected(
+        path,
+        device,
+        |name| (!name.ends_with(".num_batches_tracked")).then(|| name.to_string()),
+        Floats::F32Only,
+    )
+}
+
+/// Which dtypes [`read_selected`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Floats {
+    /// Checkpoints are f32 by contract.
+    F32Only,
+    /// f16, bf16 and f64 are converted to f32 (pretrained files come in any precision).
+    AnyToF32,
+}
+
+/// Reads the tensors of a safetensors file that `select` keeps, under the names it returns,
+/// as f32 on `device`. Selection comes first, so that a tensor dropped anyway cannot fail the
+/// read by its dtype. A value that is not finite is an error naming the tensor.
+pub(crate) fn read_selected(
+    path: &Path,
+    device: &Device,
+    mut select: impl FnMut(&str) -> Option<String>,
+    floats: Floats,
+) -> Result<BTreeMap<String, Tensor>> {
     let bytes = fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
@@ -59,19 +89,34 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
     })?;
     let mut tensors = BTreeMap::new();
     for (name, view) in file.tensors() {
-        if name.ends_with(".num_batches_tracked") {
+        let Some(kept) = select(&name) else {
             continue;
-        }
-        if view.dtype() != safetensors::Dtype::F32 {
+        };
+        let convertible = matches!(
+            view.dtype(),
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F64
+        );
+        if view.dtype() != safetensors::Dtype::F32 && !(floats == Floats::AnyToF32 && convertible) {
             return Err(ModelError::DType {
                 path: path.to_path_buf(),
                 name,
                 found: format!("{:?}", view.dtype()),
             });
         }
-        let tensor = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), &Device::Cpu)?
-            .to_device(device)?;
-        tensors.insert(name, tensor);
+        let values = view
+            .load(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                path: path.to_path_buf(),
+                name,
+                index,
+                value: *value,
+            });
+        }
+        tensors.insert(kept, Tensor::from_vec(values, view.shape(), device)?);
     }
     Ok(tensors)
 }
@@ -117,6 +162,23 @@ pub fn assign_strict(
     Ok(())
 }
 
+/// `dir` with a last component to name its siblings by: `.`, `..` and paths ending in them
+/// have none, so they are resolved to the folder they name.
+fn named(dir: &Path) -> Result<Cow<'_, Path>> {
+    if dir.file_name().is_some() {
+        return Ok(Cow::Borrowed(dir));
+    }
+    let resolved = fs::canonicalize(dir).map_err(|e| ModelError::io(dir, e))?;
+    if resolved.file_name().is_none() {
+        return Err(ModelError::Weights {
+            path: dir.to_path_buf(),
+            message: "a checkpoint path must name a folder".into(),
+        });
+    }
+    Ok(Cow::Owned(resolved))
+}
+
+/// `.NAME.SUFFIX` beside `dir`, which must have a last component (see [`named`]).
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
     let name = dir.file_name().ok_or_else(|| ModelError::Weights {
         path: dir.to_path_buf(),
@@ -130,19 +192,96 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
 }
 
 /// A crash between the two renames of [`write_dir_atomically`] leaves the previous version
-/// at `.NAME.old` and nothing at `NAME`: put it back.
+/// at `.NAME.old` and nothing at `NAME`: put it back. For writers only (see the module doc).
 pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
-    let old = sibling(dir, "old")?;
+    let dir = named(dir)?;
+    let old = sibling(&dir, "old")?;
     if !dir.exists() && old.is_dir() {
-        fs::rename(&old, dir).map_err(|e| ModelError::io(dir, e))?;
+        fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e))?;
     }
     Ok(())
 }
 
+/// The readers' side of [`recover_interrupted_write`]: say what happened instead of a bare
+/// "file not found", and leave the repair to the writer.
+fn refuse_interrupted_write(dir: &Path) -> Result<()> {
+    let dir = named(dir)?;
+    let old = sibling(&dir, "old")?;
+    if !dir.exists() && old.is_dir() {
+        return Err(ModelError::Weights {
+            path: dir.to_path_buf(),
+            message: format!(
+                "missing: a write of this checkpoint was interrupted (or is under way) and its \
+                 previous version is at {}; the next save to it (a training run or --resume) \
+                 puts that back, or rename it to {} yourself",
+                old.display(),
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What a folder that a checkpoint write would replace holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirContents {
+    /// Missing or empty.
+    Empty,
+    /// Only `*.json` and `*.safetensors` files, `config.json` or `model.safetensors` among
+    /// them: a checkpoint or a training state.
+    Checkpoint,
+    /// Anything else, described: replacing it would delete files that are not ours.
+    Foreign(String),
+}
+
+/// Classifies `dir` for [`write_dir_atomically`], which replaces only a checkpoint.
+pub fn dir_contents(dir: &Path) -> Result<DirContents> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DirContents::Empty),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Ok(DirContents::Foreign("it is a file, not a folder".into()))
+        }
+        Err(e) => return Err(ModelError::io(dir, e)),
+    };
+    let (mut any, mut checkpoint) = (false, false);
+    for entry in entries {
+        let entry = entry.map_err(|e| ModelError::io(dir, e))?;
+        let is_file = entry
+            .file_type()
+            .map_err(|e| ModelError::io(entry.path(), e))?
+            .is_file();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(is_file && (name.ends_with(".json") || name.ends_with(".safetensors"))) {
+            return Ok(DirContents::Foreign(format!(
+                "it holds `{name}`, which is not part of a checkpoint"
+            )));
+        }
+        any = true;
+        checkpoint |= name == CONFIG_FILE || name == WEIGHTS_FILE;
+    }
+    Ok(match (any, checkpoint) {
+        (false, _) => DirContents::Empty,
+        (true, true) => DirContents::Checkpoint,
+        (true, false) => {
+            DirContents::Foreign(format!("it holds neither {CONFIG_FILE} nor {WEIGHTS_FILE}"))
+        }
+    })
+}
+
 /// Builds a folder with `write` in a temporary sibling, flushes it to disk and renames it to
-/// `dir`, replacing any previous version.
+/// `dir`, replacing any previous version. A `dir` that holds something other than a
+/// checkpoint ([`dir_contents`]) is refused, not replaced.
 pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     recover_interrupted_write(dir)?;
+    let dir = named(dir)?;
+    let dir = &*dir;
+    if let DirContents::Foreign(reason) = dir_contents(dir)? {
+        return Err(ModelError::NotACheckpoint {
+            path: dir.to_path_buf(),
+            reason,
+        });
+    }
     let tmp = sibling(dir, &format!("tmp-{}", std::process::id()))?;
     let old = sibling(dir, "old")?;
     if let Some(parent) = tmp.parent() {
@@ -152,7 +291,7 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
         fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     }
     fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let result = write(&tmp).and_then(|()| sync_dir_files(&tmp));
+    let result = write(&tmp).and_then(|()| finish_files(&tmp));
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
@@ -176,11 +315,21 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
     Ok(())
 }
 
-fn sync_dir_files(dir: &Path) -> Result<()> {
+/// Gives every file of `dir` the permissions of an ordinary new file and flushes it.
+/// safetensors writes through a temporary file created with mode 0600 whatever the umask,
+/// and a server running as another user could not read the weights.
+fn finish_files(dir: &Path) -> Result<()> {
+    let probe = dir.join(".permissions");
+    let ordinary = fs::File::create(&probe)
+        .and_then(|f| f.metadata())
+        .map_err(|e| ModelError::io(&probe, e))?
+        .permissions();
+    fs::remove_file(&probe).map_err(|e| ModelError::io(&probe, e))?;
     for entry in fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
         let path = entry.map_err(|e| ModelError::io(dir, e))?.path();
         if path.is_file() {
-            fs::File::open(&path)
+            fs::set_permissions(&path, ordinary.clone())
+                .and_then(|()| fs::File::open(&path))
                 .and_then(|f| f.sync_all())
                 .map_err(|e| ModelError::io(&path, e))?;
         }

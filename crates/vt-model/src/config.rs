@@ -134,6 +134,15 @@ impl VtConfig {
                 self.num_classes
             ));
         }
+        if let Some(index) = self.class_names.iter().position(|n| n.trim().is_empty()) {
+            return fail(format!("class_names[{index}] is empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = self.class_names.iter().find(|n| !seen.insert(n.as_str())) {
+            return fail(format!(
+                "class_names lists `{twice}` twice: class names must be distinct"
+            ));
+        }
         if self.vt_modules != self.arch.vt_modules() {
             return fail(format!(
                 "vt_modules is {} but {} has {}",
@@ -235,6 +244,20 @@ mod tests {
                     ..base.clone()
                 },
                 "image_size",
+            ),
+            (
+                VtConfig {
+                    class_names: ["a", "b", "c", "d", "b", "f"].map(String::from).to_vec(),
+                    ..base.clone()
+                },
+                "`b` twice",
+            ),
+            (
+                VtConfig {
+                    class_names: ["a", "b", " ", "d", "e", "f"].map(String::from).to_vec(),
+                    ..base.clone()
+                },
+                "class_names[2] is empty",
             ),
         ];
         for (config, needle) in cases {

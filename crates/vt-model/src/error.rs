@@ -35,6 +35,17 @@ pub enum ModelError {
         name: String,
         found: String,
     },
+    #[error("{path}: tensor `{name}` holds {value} at element {index}: weights must be finite")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error(
+        "{path}: {reason}; only a checkpoint folder is replaced: choose a new or empty folder"
+    )]
+    NotACheckpoint { path: PathBuf, reason: String },
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
     #[error("pretrained weights: {0}")]

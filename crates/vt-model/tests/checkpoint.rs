@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{relative_error, set_formula_weights, tiny_config};
-use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+use vt_model::checkpoint::{write_dir_atomically, CONFIG_FILE, WEIGHTS_FILE};
 use vt_model::{Arch, Model, ModelError};
 
 fn saved_model(dir: &Path) -> Model {
@@ -184,6 +184,16 @@ fn inconsistent_or_broken_configs_are_errors() {
             "class_names has 3 entries",
         ),
         ("arch", serde_json::json!("vt-resnet50"), "unknown variant"),
+        (
+            "class_names",
+            serde_json::json!(["cat", "dog", "cat"]),
+            "`cat` twice",
+        ),
+        (
+            "class_names",
+            serde_json::json!(["cat", "", "dog"]),
+            "class_names[1] is empty",
+        ),
     ];
     for (key, value, needle) in cases {
         let mut config = good.clone();
@@ -227,13 +237,114 @@ fn a_failed_write_leaves_the_previous_checkpoint_intact() {
     assert_eq!(leftovers, vec![std::ffi::OsString::from("ckpt")]);
 }
 
+/// The state a SIGKILL between a writer's "rename old away" and "rename new in" leaves (or a
+/// writer in between them right now): readers say so and rename nothing, which would break
+/// the writer's next rename; the writer's next save puts the old version back first.
 #[test]
-fn a_save_interrupted_between_renames_is_recovered() {
+fn readers_leave_an_interrupted_save_to_the_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let old = tmp.path().join(".ckpt.old");
+    saved_model(&dir);
+    let before = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+    std::fs::rename(&dir, &old).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("interrupted") && err.contains(".ckpt.old"),
+        "{err}"
+    );
+    assert!(old.is_dir() && !dir.exists(), "a reader renamed folders");
+
+    let result = write_dir_atomically(&dir, |_| Err(ModelError::Config("crash".into())));
+    assert!(result.is_err());
+    assert_eq!(std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(), before);
+    assert!(!old.exists());
+}
+
+#[test]
+fn weights_and_values_that_are_not_finite_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
     saved_model(&dir);
-    // The state a SIGKILL between "rename old away" and "rename new in" leaves behind.
-    std::fs::rename(&dir, tmp.path().join(".ckpt.old")).unwrap();
-    Model::load(&dir, &Device::Cpu).unwrap();
-    assert!(dir.join(WEIGHTS_FILE).exists());
+    let good = weights(&dir);
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+        let mut bad = good.clone();
+        let mut values = good["layer2.1.bn2.running_var"].to_vec1::<f32>().unwrap();
+        values[5] = value;
+        bad.insert(
+            "layer2.1.bn2.running_var".into(),
+            Tensor::new(values, &Device::Cpu).unwrap(),
+        );
+        write_weights(&dir, &bad);
+        let err = load_err(&dir);
+        assert!(
+            err.contains(WEIGHTS_FILE)
+                && err.contains("`layer2.1.bn2.running_var` holds")
+                && err.contains(&format!("{shown} at element 5")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn folders_that_are_not_checkpoints_are_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir_all(victim.join("sub")).unwrap();
+    std::fs::write(victim.join("notes.txt"), "x").unwrap();
+    let err = model.save(&victim).unwrap_err();
+    assert!(matches!(err, ModelError::NotACheckpoint { .. }), "{err}");
+    assert!(victim.join("notes.txt").is_file() && victim.join("sub").is_dir());
+
+    // A checkpoint folder with a file of the user's in it is not replaced either.
+    let dir = tmp.path().join("ckpt");
+    model.save(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    let err = model.save(&dir).unwrap_err().to_string();
+    assert!(err.contains("`notes.txt`"), "{err}");
+    std::fs::remove_file(dir.join("notes.txt")).unwrap();
+    model.save(&dir).unwrap();
+
+    let file = tmp.path().join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    let err = model.save(&file).unwrap_err().to_string();
+    assert!(err.contains("not a folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    model.save(&empty).unwrap();
+    Model::load(&empty, &Device::Cpu).unwrap();
+}
+
+/// safetensors writes its file through a temporary one created 0600: another user (a server)
+/// could not read the weights beside a config.json it can read.
+#[cfg(unix)]
+#[test]
+fn the_weights_are_as_readable_as_the_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(WEIGHTS_FILE), mode(CONFIG_FILE));
+}
+
+/// Paths ending in `..` name a folder too (`.` and `./`: tests/current_dir.rs).
+#[test]
+fn a_checkpoint_path_may_end_in_dot_dot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let inner = dir.join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    Model::load(&inner.join(".."), &Device::Cpu).unwrap();
+    Model::load(&inner.join("..").join("."), &Device::Cpu).unwrap();
 }

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use common::{set_formula_weights, tiny_config};
-use vt_model::pretrained::{load_stem, Source};
+use vt_model::pretrained::{load_stem, HubOptions, Source};
 use vt_model::{Arch, Model};
 
 /// A torchvision-style ResNet state dict holding `model`'s stem, plus layer4/fc and
@@ -35,6 +36,16 @@ fn resnet_file(model: &Model, path: &Path, prefix: &str) {
         format!("{prefix}bn1.num_batches_tracked"),
         Tensor::new(&[3i64], &cpu).unwrap(),
     );
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// Rewrites the tensors of the safetensors file `path` through `change`.
+fn rewrite(path: &Path, change: impl Fn(String, Tensor) -> (String, Tensor)) {
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| change(name, t))
+        .collect();
     candle_core::safetensors::save(&tensors, path).unwrap();
 }
 
@@ -114,6 +125,102 @@ fn a_resnet34_file_is_refused_for_vt_resnet18_and_bottlenecks_are_named() {
     assert!(err.contains("Bottleneck"), "{err}");
 }
 
+fn load_err(model: &Model, path: &Path) -> String {
+    match load_stem(model, &Source::File(path.to_path_buf())) {
+        Ok(_) => panic!("loading {} should fail", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Half-precision files load, converted; so does an f16 `fc` beside an f32 stem, since
+/// layer4 and fc are dropped before their dtype matters. Wrapper prefixes of torch.compile,
+/// detection backbones and nested wrappers are removed.
+#[test]
+fn other_precisions_and_wrapper_prefixes_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    set_formula_weights(&source);
+    let path = tmp.path().join("resnet18.safetensors");
+    // (dtype, wrapper prefix, whether only fc changes dtype)
+    let cases = [
+        (DType::F16, "_orig_mod.", false),
+        (DType::BF16, "module.model.", false),
+        (DType::F64, "backbone.", false),
+        (DType::F16, "", true),
+    ];
+    let name = "layer2.0.downsample.0.weight";
+    for (dtype, prefix, only_fc) in cases {
+        resnet_file(&source, &path, "");
+        rewrite(&path, |n, t| {
+            let convert = t.dtype() == DType::F32 && (!only_fc || n.starts_with("fc."));
+            let t = if convert {
+                t.to_dtype(dtype).unwrap()
+            } else {
+                t
+            };
+            (format!("{prefix}{n}"), t)
+        });
+        let target = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+        load_stem(&target, &Source::File(path.clone()))
+            .unwrap_or_else(|e| panic!("{dtype:?} {prefix}: {e}"));
+        let mut expected = source.varmap.data().lock().unwrap()[name]
+            .as_tensor()
+            .clone();
+        if !only_fc {
+            expected = expected
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+        }
+        let loaded = target.varmap.data().lock().unwrap()[name]
+            .as_tensor()
+            .clone();
+        assert_eq!(
+            common::relative_error(&loaded, &expected),
+            0.0,
+            "{dtype:?} {prefix}"
+        );
+    }
+}
+
+#[test]
+fn files_without_a_stem_or_with_values_that_are_not_finite_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    set_formula_weights(&source);
+    let target = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    let path = tmp.path().join("resnet18.safetensors");
+
+    resnet_file(&source, &path, "");
+    rewrite(&path, |name, t| (format!("encoder.{name}"), t));
+    let err = load_err(&target, &path);
+    assert!(
+        err.contains("resnet18.safetensors")
+            && err.contains("no ResNet stem tensors")
+            && err.contains("start with `encoder.`"),
+        "{err}"
+    );
+
+    resnet_file(&source, &path, "module.");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let name = "module.layer1.1.conv2.weight";
+    let mut values = tensors[name]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values[3] = f32::INFINITY;
+    let bad = Tensor::from_vec(values, tensors[name].dims(), &Device::Cpu).unwrap();
+    tensors.insert(name.into(), bad.to_dtype(DType::F16).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = load_err(&target, &path);
+    assert!(
+        err.contains("resnet18.safetensors") && err.contains(&format!("`{name}` holds inf")),
+        "{err}"
+    );
+}
+
 /// Serves `files` (name -> bytes) for the model repo `owner/name` at revision `main` the way
 /// the hub's resolve endpoint does (HEAD with ETag and X-Repo-Commit, then GET); anything
 /// else is a 404. Handles `requests` connections, then stops.
@@ -178,4 +285,46 @@ fn hub_ids_download_through_hf_endpoint_and_a_404_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("test-org/does-not-exist"), "{err}");
+}
+
+/// A hub that accepts connections and never answers fails the download within the read
+/// timeout (twice: one retry), not never; a refused connection says so.
+#[test]
+fn a_silent_or_refusing_hub_is_a_prompt_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let hub = HubOptions {
+        endpoint: Some(endpoint),
+        cache_dir: Some(tmp.path().join("hub")),
+        read_timeout: Duration::from_millis(500),
+    };
+    let source = Source::parse("test-org/silent").unwrap();
+    let started = Instant::now();
+    let err = source.fetch_with(&hub).unwrap_err().to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("test-org/silent") && err.contains("did not answer within 1 s"),
+        "{err}"
+    );
+
+    let refusing = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", refusing.local_addr().unwrap());
+    drop(refusing);
+    let hub = HubOptions {
+        endpoint: Some(endpoint),
+        ..hub
+    };
+    let err = source.fetch_with(&hub).unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("connection refused"), "{err}");
 }

@@ -1,6 +1,5 @@
 //! `vt-train init`: write a freshly initialised checkpoint, optionally with a pretrained stem.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -8,7 +7,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vt_data::rng::{derive_seed, hash_str};
-use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
 
@@ -64,7 +63,8 @@ pub struct InitArgs {
     /// Output checkpoint folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace the checkpoint that --out already holds.
+    /// Replace the checkpoint that --out already holds (never a folder holding anything
+    /// else).
     #[arg(long)]
     pub force: bool,
 }
@@ -81,20 +81,21 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         (None, Some(n)) => (0..n).map(|i| format!("class{i}")).collect(),
         (None, None) => anyhow::bail!("give --num-classes or --class-names"),
     };
-    let mut seen = HashSet::new();
-    if let Some(twice) = class_names.iter().find(|name| !seen.insert(name.as_str())) {
-        anyhow::bail!("--class-names lists `{twice}` twice: class names must be distinct");
-    }
-    // A trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident.
-    let held = [CONFIG_FILE, WEIGHTS_FILE]
-        .iter()
-        .any(|name| args.out.join(name).exists());
-    if held && !args.force {
-        anyhow::bail!(
+    // A trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident, and a
+    // folder of other files never is. Checked before a pretrained stem is downloaded.
+    match dir_contents(&args.out)? {
+        DirContents::Empty => {}
+        DirContents::Checkpoint if args.force => {}
+        DirContents::Checkpoint => anyhow::bail!(
             "--out {} already holds a checkpoint: choose another folder, or add --force to \
              replace it",
             args.out.display()
-        );
+        ),
+        DirContents::Foreign(reason) => anyhow::bail!(
+            "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
+             (--force only replaces a checkpoint)",
+            args.out.display()
+        ),
     }
     let model = seeded_model(args.model.config(class_names), &Device::Cpu, args.seed)?;
     if let Some(spec) = &args.pretrained {

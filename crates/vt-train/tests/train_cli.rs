@@ -265,6 +265,27 @@ fn init_still_writes_a_checkpoint() {
     assert!(init("x,y", true).status.success());
     let model = Model::load(&out, &Device::Cpu).unwrap();
     assert_eq!(model.config.class_names, vec!["x", "y"]);
+
+    // A folder of other files is never replaced, even with --force.
+    let victim = tmp.path().join("victim");
+    fs::create_dir_all(victim.join("sub")).unwrap();
+    fs::write(victim.join("notes.txt"), "x").unwrap();
+    for force in [false, true] {
+        let mut cmd = vt_train();
+        cmd.args(["init", "--num-classes", "3", "--out"])
+            .arg(&victim)
+            .args(TINY_MODEL);
+        if force {
+            cmd.arg("--force");
+        }
+        let refused = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && err.contains("not a checkpoint folder"),
+            "{err}"
+        );
+        assert!(victim.join("notes.txt").is_file() && victim.join("sub").is_dir());
+    }
 }
 
 #[test]
