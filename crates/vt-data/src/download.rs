@@ -47,7 +47,7 @@ pub fn part_path(dest: &Path) -> PathBuf {
 }
 
 /// The full chain of causes, which reqwest hides behind "error sending request".
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

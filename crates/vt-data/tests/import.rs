@@ -344,16 +344,21 @@ fn a_second_import_into_the_same_dir_fails_at_once() {
     fetch(&tiny_synthetic(&data, 0)).unwrap();
 }
 
-#[test]
-fn a_test_class_without_training_images_is_an_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
+/// A Kaggle-layout source whose only class, forest, has three training photos.
+fn three_forest_photos(src: &std::path::Path) {
     for i in 0..3 {
         write(
             &src.join(format!("seg_train/seg_train/forest/{i}.jpg")),
             &jpeg(i),
         );
     }
+}
+
+#[test]
+fn a_test_class_without_training_images_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    three_forest_photos(&src);
     write(&src.join("seg_test/seg_test/Forest/1.jpg"), &jpeg(7));
     let data = tmp.path().join("data");
     let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
@@ -382,12 +387,7 @@ fn a_test_class_without_training_images_is_an_error() {
 fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    for i in 0..3 {
-        write(
-            &src.join(format!("seg_train/seg_train/forest/{i}.jpg")),
-            &jpeg(i),
-        );
-    }
+    three_forest_photos(&src);
     write(&src.join("seg_train/seg_train/forêt/1.jpg"), &jpeg(5));
     #[cfg(unix)]
     {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use reqwest::{redirect, Client, Url};
+use vt_data::download::error_chain;
 
 use crate::error::ApiError;
 
@@ -71,7 +72,8 @@ impl UrlFetcher {
             )));
         }
         let failed = |e: reqwest::Error| {
-            ApiError::UrlFetchFailed(format!("fetching {url}: {}", with_causes(&e)))
+            // Its causes too: reqwest's own message says only "error sending request".
+            ApiError::UrlFetchFailed(format!("fetching {url}: {}", error_chain(&e)))
         };
         let mut response = self
             .client
@@ -104,18 +106,6 @@ impl UrlFetcher {
         }
         Ok(Bytes::from(body))
     }
-}
-
-/// The error and its causes, which reqwest's message leaves out (connection refused, a
-/// redirect that leaves the allowed hosts, ...).
-fn with_causes(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
-    while let Some(e) = cause {
-        text = format!("{text}: {e}");
-        cause = e.source();
-    }
-    text
 }
 
 fn is_allowed(allowed: &[String], url: &Url) -> bool {
