@@ -21,20 +21,13 @@ use vt_serve::batcher::{BatchConfig, Batcher, Unanswered};
 #[test]
 fn warm_up_runs_the_batch_sizes_a_server_meets_first() {
     let dir = tiny_checkpoint();
-    let classifier = vt_serve::Classifier::load(
-        &checkpoint_path(&dir),
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    let classifier = cpu_classifier(&dir);
     let (_, photo) = test_images(1).remove(0);
     let before = offline_probs(&checkpoint_path(&dir), &photo);
     for (max_batch, sizes) in [(1, vec![1]), (5, vec![1, 2, 4, 5]), (8, vec![1, 2, 4, 8])] {
         assert_eq!(classifier.warm_up(max_batch).unwrap(), sizes);
     }
-    let input = classifier
-        .preprocess(&mut fast_image_resize::Resizer::new(), &photo, u64::MAX)
-        .unwrap();
+    let input = preprocessed(&classifier, &photo);
     assert_eq!(classifier.predict(&[input]).unwrap()[0].probs, before);
 }
 
@@ -834,16 +827,9 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
 #[tokio::test]
 async fn the_model_thread_answers_an_expired_image_as_expired() {
     let dir = tiny_checkpoint();
-    let classifier = vt_serve::Classifier::load(
-        &checkpoint_path(&dir),
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    let classifier = cpu_classifier(&dir);
     let (_, photo) = test_images(1).remove(0);
-    let input = classifier
-        .preprocess(&mut fast_image_resize::Resizer::new(), &photo, u64::MAX)
-        .unwrap();
+    let input = preprocessed(&classifier, &photo);
     let config = BatchConfig {
         max_batch: 4,
         max_delay: Duration::ZERO,

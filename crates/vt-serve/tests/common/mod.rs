@@ -95,12 +95,22 @@ pub fn test_images(count: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The checkpoint in `dir` loaded for the CPU in f32.
+pub fn cpu_classifier(dir: &tempfile::TempDir) -> Classifier {
+    Classifier::load(&checkpoint_path(dir), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// `photo` as the classifier's model input.
+pub fn preprocessed(classifier: &Classifier, photo: &[u8]) -> Vec<f32> {
+    classifier
+        .preprocess(&mut Resizer::new(), photo, u64::MAX)
+        .unwrap()
+}
+
 /// What `vt-serve predict` computes for one image: its softmax probabilities.
 pub fn offline_probs(checkpoint: &Path, bytes: &[u8]) -> Vec<f32> {
     let classifier = Classifier::load(checkpoint, &Device::Cpu, DType::F32).unwrap();
-    let input = classifier
-        .preprocess(&mut Resizer::new(), bytes, u64::MAX)
-        .unwrap();
+    let input = preprocessed(&classifier, bytes);
     classifier.predict(&[input]).unwrap().remove(0).probs
 }
 
