@@ -333,6 +333,8 @@ fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) 
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })?;
     }
+    // On disk before it is renamed: a later run trusts a file of the listed size.
+    file.sync_all().map_err(|e| DataError::io(&part, e))?;
     fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
 }
 

@@ -178,13 +178,20 @@ pub fn report_text(report: &EvalReport) -> String {
 }
 
 /// The report's path and the confusion matrix PNG's beside it. A given --out is refused
-/// before any work when the two would coincide or its folder is missing (the default's
-/// folder holds the checkpoint).
+/// before any work when the two would coincide, its folder is missing or is the checkpoint
+/// folder (whose next save would refuse a folder holding other files; the default's folder
+/// holds the checkpoint folder).
 fn output_paths(args: &EvalArgs, split: Split) -> anyhow::Result<(PathBuf, PathBuf)> {
+    // `.` and `..` name no folder to put the report beside: the folder they stand for does.
+    let checkpoint = match args.checkpoint.file_name() {
+        Some(_) => args.checkpoint.clone(),
+        None => std::fs::canonicalize(&args.checkpoint)
+            .with_context(|| format!("--checkpoint {}", args.checkpoint.display()))?,
+    };
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| default_out(&args.checkpoint, split));
+        .unwrap_or_else(|| default_out(&checkpoint, split));
     let png = out.with_extension("png");
     if args.out.is_none() {
         return Ok((out, png));
@@ -200,14 +207,23 @@ fn output_paths(args: &EvalArgs, split: Split) -> anyhow::Result<(PathBuf, PathB
             out.display()
         );
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            anyhow::bail!(
-                "--out {}: the folder {} does not exist",
-                out.display(),
-                parent.display()
-            );
-        }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
+        );
+    }
+    if std::fs::canonicalize(parent).ok() == std::fs::canonicalize(&checkpoint).ok() {
+        anyhow::bail!(
+            "--out {}: the report would go into the checkpoint folder, which holds only the \
+             checkpoint; write it beside it",
+            out.display()
+        );
     }
     Ok((out, png))
 }

@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
+use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::{is_stem, load_stem, Source};
 use vt_model::{parse_device, Model, VtConfig};
 
@@ -566,6 +567,18 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
         }
     };
     state::remove_stale_temporaries(&run_dir)?;
+    // Checked before any epoch is computed: a save refuses a folder holding anything but a
+    // checkpoint, and would otherwise end the run after the epoch's work.
+    for dir in [BEST_DIR, LAST_DIR, state::STATE_DIR] {
+        let path = run_dir.join(dir);
+        if let DirContents::Foreign(reason) = dir_contents(&path)? {
+            bail!(
+                "{}: {reason}; it holds the run's checkpoints only: move that away, then run \
+                 again",
+                path.display()
+            );
+        }
+    }
 
     let wanted = model_config(&config, classes.clone());
     let model = match &resumed {

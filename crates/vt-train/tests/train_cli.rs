@@ -315,6 +315,8 @@ fn eval_checks_its_output_paths_before_evaluating() {
         (tmp.path().join("missing/report.json"), "the folder"),
         // The confusion matrix would replace the report.
         (tmp.path().join("report.png"), ".png"),
+        // The checkpoint folder holds the checkpoint only (its next save refuses others).
+        (checkpoint.join("report.json"), "checkpoint folder"),
     ] {
         let result = eval(&out);
         let err = String::from_utf8_lossy(&result.stderr);
@@ -329,6 +331,37 @@ fn eval_checks_its_output_paths_before_evaluating() {
             .contains(&missing.display().to_string())
     );
     assert!(!tmp.path().join("report.png").exists());
+    // `--checkpoint .` from inside the checkpoint: the default report goes beside it.
+    run_ok(
+        vt_train()
+            .current_dir(&checkpoint)
+            .args(["eval", "--threads", "1", "--checkpoint", ".", "--data"])
+            .arg(&data),
+    );
+    assert!(tmp.path().join("eval-init-test.json").is_file());
+    assert!(tmp.path().join("eval-init-test.png").is_file());
+}
+
+/// A run folder whose checkpoint folders hold other files is refused before any epoch is
+/// computed: saving would refuse them only after the epoch's work.
+#[test]
+fn stray_files_in_the_checkpoint_folders_are_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let epochs = |n: &str| {
+        let mut cmd = train_tiny(&data, &run);
+        cmd.args(["--batch-size", "8", "--threads", "1", "--epochs", n]);
+        cmd
+    };
+    run_ok(&mut epochs("1"));
+    std::fs::write(run.join("best/notes.txt"), "mine").unwrap();
+    let result = epochs("2").arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{err}");
+    assert!(err.contains("notes.txt") && err.contains("best"), "{err}");
+    assert_eq!(records(&run).len(), 1, "{err}");
+    assert!(run.join("best/notes.txt").is_file());
 }
 
 /// Without a manifest each split's folder names are its classes: the validation split must
