@@ -5,6 +5,22 @@ use std::path::PathBuf;
 
 use xtask::e2e::{run, Args, Source};
 
+/// A quick run (one epoch, 12 requests) in `work` from `from`, else synthetic data.
+fn quick(work: &tempfile::TempDir, from: Option<PathBuf>) -> Args {
+    Args {
+        source: if from.is_some() {
+            Source::Hf
+        } else {
+            Source::Synthetic
+        },
+        from,
+        quick: true,
+        work_dir: Some(work.path().to_path_buf()),
+        epochs: Some(1),
+        requests: 12,
+    }
+}
+
 fn intel_sample() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/intel-sample");
     dir.is_dir().then_some(dir)
@@ -13,15 +29,7 @@ fn intel_sample() -> Option<PathBuf> {
 #[test]
 fn synthetic_data_to_a_served_prediction() {
     let work = tempfile::tempdir().unwrap();
-    run(Args {
-        source: Source::Synthetic,
-        from: None,
-        quick: true,
-        work_dir: Some(work.path().to_path_buf()),
-        epochs: Some(1),
-        requests: 12,
-    })
-    .unwrap();
+    run(quick(&work, None)).unwrap();
     let run_dir = work.path().join("run");
     for file in [
         "best/config.json",
@@ -41,15 +49,7 @@ fn real_photos_to_a_served_prediction() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    run(Args {
-        source: Source::Hf,
-        from: Some(sample),
-        quick: true,
-        work_dir: Some(work.path().to_path_buf()),
-        epochs: Some(1),
-        requests: 12,
-    })
-    .unwrap();
+    run(quick(&work, Some(sample))).unwrap();
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(work.path().join("run/eval-test.json")).unwrap(),
     )
@@ -64,15 +64,7 @@ fn a_run_folder_e2e_did_not_write_is_refused_before_any_work() {
     let work = tempfile::tempdir().unwrap();
     let kept = work.path().join("run/important");
     std::fs::create_dir_all(&kept).unwrap();
-    let err = run(Args {
-        source: Source::Synthetic,
-        from: None,
-        quick: true,
-        work_dir: Some(work.path().to_path_buf()),
-        epochs: Some(1),
-        requests: 12,
-    })
-    .unwrap_err();
+    let err = run(quick(&work, None)).unwrap_err();
     assert!(err.to_string().contains("refusing to replace"), "{err:#}");
     assert!(kept.is_dir(), "e2e deleted {}", kept.display());
     assert!(!work.path().join("data").exists(), "e2e fetched data first");

@@ -294,12 +294,20 @@ pub fn ranged(request: &Request, body: &[u8]) -> Reply {
 // ---------------------------------------------------------------------------------------
 // Parquet
 
+/// A writer of `schema` to a new file at `path`.
+fn parquet_writer(
+    path: &Path,
+    schema: parquet::schema::types::Type,
+) -> parquet::file::writer::SerializedFileWriter<std::fs::File> {
+    let file = std::fs::File::create(path).unwrap();
+    let props = Arc::new(parquet::file::properties::WriterProperties::builder().build());
+    parquet::file::writer::SerializedFileWriter::new(file, Arc::new(schema), props).unwrap()
+}
+
 /// Writes a parquet file shaped like the `datasets` library's: `image {bytes, path}` and an
 /// optional int64 `label`.
 pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
     use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
-    use parquet::file::properties::WriterProperties;
-    use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
 
     let schema = parse_message_type(
@@ -312,9 +320,7 @@ pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
         }",
     )
     .unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let props = Arc::new(WriterProperties::builder().build());
-    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+    let mut writer = parquet_writer(path, schema);
     let mut group = writer.next_row_group().unwrap();
     let n = rows.len();
     let bytes: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.0.clone())).collect();
@@ -343,8 +349,6 @@ pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
 /// Like [`write_parquet`], with the class name as a string `label`.
 pub fn write_parquet_named(path: &Path, rows: &[(Vec<u8>, &str)]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
-    use parquet::file::properties::WriterProperties;
-    use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
 
     let schema = parse_message_type(
@@ -356,9 +360,7 @@ pub fn write_parquet_named(path: &Path, rows: &[(Vec<u8>, &str)]) {
         }",
     )
     .unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let props = Arc::new(WriterProperties::builder().build());
-    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+    let mut writer = parquet_writer(path, schema);
     let mut group = writer.next_row_group().unwrap();
     let n = rows.len();
     let bytes: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.0.clone())).collect();
