@@ -1,5 +1,5 @@
-//! Layer constructors with PyTorch's default initialisation, so that a freshly initialised
-//! model starts where the reference implementation does.
+//! Layer constructors with PyTorch's initialisation: torchvision ResNet's for convolutions,
+//! the `nn.Linear` and `nn.BatchNorm2d` defaults for the rest.
 
 use std::sync::{Arc, Mutex, PoisonError};
 

@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// the answer is 504.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
+    /// Time a client has to send a request's headers, counted from when its connection
+    /// opened or its previous answer was sent, in milliseconds; past it the connection is
+    /// closed (slow clients, and idle keep-alive connections).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
     /// Largest request body (and fetched URL) in bytes; larger ones get 413.
     #[arg(long, default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,

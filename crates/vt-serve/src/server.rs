@@ -1,13 +1,18 @@
 //! Starting and stopping the server: load the checkpoint, bind, serve until a shutdown
 //! signal, then finish the requests in flight.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::Listener;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 use crate::args::ServeArgs;
 use crate::router::router;
@@ -45,34 +50,53 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting connections and returns
     /// once every request in flight has been answered. Every request ends within the
-    /// request timeout, so connections still open a moment past it carry none (a client that
-    /// never finished sending its headers): they are closed rather than waited for.
+    /// request timeout, so connections still open a moment past it carry none (a client
+    /// still sending its headers): they are closed rather than waited for.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let state = Arc::clone(&self.state);
-        let began = Arc::new(Notify::new());
-        let signal = Arc::clone(&began);
-        let app = router(Arc::clone(&self.state));
-        let serving = axum::serve(self.listener, app).with_graceful_shutdown(async move {
-            shutdown.await;
-            state.stop_accepting();
-            tracing::info!("shutting down: finishing requests in flight");
-            signal.notify_one();
-        });
-        let drain = self.state.limits.timeout + DRAIN_MARGIN;
-        tokio::select! {
-            served = serving.into_future() => served.map_err(StartError::Serve),
-            () = async { began.notified().await; tokio::time::sleep(drain).await } => {
-                tracing::warn!(
-                    "connections still open {:.1}s after shutdown began carry no request: \
-                     closing them",
-                    drain.as_secs_f64()
-                );
-                Ok(())
+        let Server {
+            mut listener,
+            state,
+        } = self;
+        let app = router(Arc::clone(&state));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(state.limits.header_timeout);
+        let connections = GracefulShutdown::new();
+        let mut shutdown = pin!(shutdown);
+        loop {
+            tokio::select! {
+                // axum's accept retries after errors such as running out of file descriptors.
+                (stream, peer) = Listener::accept(&mut listener) => {
+                    let service = TowerToHyperService::new(app.clone());
+                    let connection =
+                        connections.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("connection from {peer}: {e}");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
             }
         }
+        drop(listener);
+        state.stop_accepting();
+        tracing::info!("shutting down: finishing requests in flight");
+        let drain = state.limits.timeout + DRAIN_MARGIN;
+        if tokio::time::timeout(drain, connections.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open {:.1}s after shutdown began carry no request: \
+                 closing them",
+                drain.as_secs_f64()
+            );
+        }
+        Ok(())
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub max_pixels: u64,
     pub timeout: Duration,
+    /// Time a connection may take to send the headers of its next request.
+    pub header_timeout: Duration,
 }
 
 impl Limits {
@@ -135,6 +137,7 @@ impl AppState {
                 max_body_bytes: args.max_body_bytes,
                 max_pixels: args.max_pixels,
                 timeout: Duration::from_millis(args.timeout_ms),
+                header_timeout: Duration::from_millis(args.header_timeout_ms),
             },
             preprocessor,
             decode_slots: Arc::new(Semaphore::new(args.threads())),

@@ -13,7 +13,7 @@ use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vt_serve::batcher::{BatchConfig, Batcher, Unanswered};
 
 /// A GPU server runs these batch sizes before it listens; each must run and leave the model
@@ -942,6 +942,50 @@ async fn shutdown_does_not_wait_for_a_client_that_never_sends_its_headers() {
         .unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(20), server.shutdown()).await;
     assert!(stopped.is_ok(), "shutdown still waiting after 20 s");
+}
+
+/// A client that is slow to send its headers, or a keep-alive connection left idle, is
+/// closed after `--header-timeout-ms` while the server keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_no_complete_headers_are_closed_after_the_header_timeout() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--header-timeout-ms", "300"]).await;
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let stalled = read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    assert_eq!(
+        stalled.as_deref(),
+        Some(""),
+        "the stalled client is not closed"
+    );
+    let idle = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    let idle = idle.expect("the idle keep-alive connection is not closed");
+    assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
+    let live = client()
+        .get(server.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    server.shutdown().await;
+}
+
+/// Everything the server sends until it closes the connection, or `None` if it is still
+/// open after `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    let mut received = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut received))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&received).into_owned())
 }
 
 /// Where Debian's chromium is, if installed.
