@@ -109,14 +109,14 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
         "f16" => DType::F16,
         "bf16" => DType::BF16,
         other => {
-            return Err(ModelError::Device(format!(
+            return Err(ModelError::Precision(format!(
                 "unknown dtype `{other}` (expected f32, f16 or bf16)"
             )))
         }
     };
     if dtype == DType::BF16 && device.is_cpu() {
         // candle's CPU matrix product has no bf16 path.
-        return Err(ModelError::Device(
+        return Err(ModelError::Precision(
             "bf16 tensors run on CUDA devices only; on the CPU use f32 (fastest there), with \
              --bf16-products for bfloat16 products where the CPU has AVX512-BF16"
                 .into(),

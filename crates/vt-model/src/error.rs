@@ -52,6 +52,9 @@ pub enum ModelError {
     Pretrained(String),
     #[error("device: {0}")]
     Device(String),
+    /// An inference precision that is unknown or that the device cannot run.
+    #[error("precision: {0}")]
+    Precision(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -87,6 +87,11 @@ impl Source {
             return Ok(Source::File(path.to_path_buf()));
         }
         let (repo, revision) = match spec.split_once('@') {
+            Some((_, "")) => {
+                return Err(ModelError::Pretrained(format!(
+                    "`{spec}` names no revision after '@'"
+                )))
+            }
             Some((repo, rev)) => (repo, Some(rev.to_string())),
             None => (spec, None),
         };
@@ -320,7 +325,14 @@ pub fn load_stem(model: &Model, source: &Source) -> Result<usize> {
         .data()
         .lock()
         .map_err(|_| fail("variable map lock poisoned".into()))?;
-    let mut loaded = 0;
+    // Every check before the first write, so that a refused file leaves the model as it was.
+    if let Some(name) = tensors.keys().find(|n| !vars.contains_key(n.as_str())) {
+        return Err(ModelError::UnexpectedTensor {
+            path: path.clone(),
+            name: name.clone(),
+        });
+    }
+    let mut assignments = Vec::new();
     for (name, var) in vars.iter().filter(|(n, _)| is_stem(n)) {
         let tensor = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
             path: path.clone(),
@@ -334,16 +346,12 @@ pub fn load_stem(model: &Model, source: &Source) -> Result<usize> {
                 found: tensor.dims().to_vec(),
             });
         }
+        assignments.push((var, tensor));
+    }
+    for (var, tensor) in &assignments {
         var.set(tensor)?;
-        loaded += 1;
     }
-    if let Some(name) = tensors.keys().find(|n| !vars.contains_key(n.as_str())) {
-        return Err(ModelError::UnexpectedTensor {
-            path: path.clone(),
-            name: name.clone(),
-        });
-    }
-    Ok(loaded)
+    Ok(assignments.len())
 }
 
 #[cfg(test)]
@@ -374,5 +382,6 @@ mod tests {
         );
         assert!(Source::parse("missing/file.safetensors").is_err());
         assert!(Source::parse("just-a-name").is_err());
+        assert!(Source::parse("timm/resnet18.a1_in1k@").is_err());
     }
 }

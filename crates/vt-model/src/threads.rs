@@ -9,6 +9,19 @@
 /// convolution: 5.7 % of a training step's CPU time on two cores (bench/RESULTS.md).
 const BARRIER_POOL_SPIN_LIMIT: &str = "1000";
 
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `RAYON_NUM_THREADS` when the user set it, else every core.
+pub fn default_compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(available_cores)
+}
+
 /// Fixes the compute threads for this process. Call at start-up, before the first tensor
 /// operation and before other threads start: it sets environment variables.
 pub fn set_compute_threads(threads: usize) {

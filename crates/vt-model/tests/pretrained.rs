@@ -125,6 +125,32 @@ fn a_resnet34_file_is_refused_for_vt_resnet18_and_bottlenecks_are_named() {
     assert!(err.contains("Bottleneck"), "{err}");
 }
 
+/// A file refused for a tensor the stem does not have leaves the model as it was.
+#[test]
+fn a_refused_file_leaves_the_stem_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    let path = tmp.path().join("resnet18.safetensors");
+    resnet_file(&source, &path, "");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    tensors.insert(
+        "layer3.1.se.weight".into(),
+        Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let [target, untouched] = [(); 2].map(|()| {
+        let model = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+        set_formula_weights(&model);
+        model
+    });
+    let err = load_err(&target, &path);
+    assert!(err.contains("layer3.1.se.weight"), "{err}");
+    assert!(
+        stem_equal(&target, &untouched),
+        "the refused file was partly loaded"
+    );
+}
+
 fn load_err(model: &Model, path: &Path) -> String {
     match load_stem(model, &Source::File(path.to_path_buf())) {
         Ok(_) => panic!("loading {} should fail", path.display()),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vt_data::augment::AugmentConfig;
+use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::transform::Normalize;
 use vt_model::Arch;
 
@@ -16,7 +17,6 @@ use crate::optim::Method;
 use crate::schedule::Decay;
 use crate::threads;
 
-pub const DEFAULT_DATA_DIR: &str = "data/intel";
 /// Where the modern recipe's cosine ends, for rates of at least 100 times this.
 const COSINE_FLOOR: f64 = 1e-6;
 
@@ -152,15 +152,45 @@ impl TrainOptions {
         })
     }
 
-    /// `self` with every option that `over` sets taken from `over`.
+    /// `self` with every option that `over` sets taken from `over`. Field by field, not
+    /// through a serde map: JSON has no NaN, which would read as "not given".
     pub fn overridden_by(&self, over: &TrainOptions) -> TrainOptions {
-        let mut base = as_map(self);
-        for (key, value) in as_map(over) {
-            if !value.is_null() {
-                base.insert(key, value);
-            }
+        macro_rules! either {
+            ($($field:ident),* $(,)?) => {
+                TrainOptions {
+                    $($field: over.$field.as_ref().or(self.$field.as_ref()).cloned()),*
+                }
+            };
         }
-        serde_json::from_value(serde_json::Value::Object(base)).unwrap_or_else(|_| self.clone())
+        either!(
+            data,
+            recipe,
+            arch,
+            image_size,
+            tokens,
+            token_channels,
+            heads,
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
+            warmup_epochs,
+            label_smoothing,
+            clip_grad,
+            ema,
+            early_stop,
+            freeze_stem_epochs,
+            pretrained,
+            device,
+            tf32,
+            bf16_products,
+            threads,
+            loader_threads,
+            seed,
+            run_dir,
+            limit_train,
+            limit_val,
+        )
     }
 
     /// The options that `over` sets to a value different from `self`'s, as `name: old -> new`.
@@ -249,7 +279,7 @@ impl TrainConfig {
         let seed = recipe == Recipe::Seed;
         let threads = o
             .threads
-            .unwrap_or_else(threads::default_compute_threads)
+            .unwrap_or_else(vt_model::threads::default_compute_threads)
             .max(1);
         let device = o.device.clone().unwrap_or_else(|| "auto".into());
         let gpu = vt_model::names_a_gpu(&device);
@@ -426,10 +456,35 @@ impl TrainConfig {
 
     /// The same settings as options (for merging with overrides on resume).
     pub fn to_options(&self) -> TrainOptions {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default()
+        TrainOptions {
+            data: Some(self.data.clone()),
+            recipe: Some(self.recipe),
+            arch: Some(self.arch),
+            image_size: Some(self.image_size),
+            tokens: Some(self.tokens),
+            token_channels: Some(self.token_channels),
+            heads: Some(self.heads),
+            epochs: Some(self.epochs),
+            batch_size: Some(self.batch_size),
+            lr: Some(self.lr),
+            weight_decay: Some(self.weight_decay),
+            warmup_epochs: Some(self.warmup_epochs),
+            label_smoothing: Some(self.label_smoothing),
+            clip_grad: Some(self.clip_grad),
+            ema: self.ema,
+            early_stop: self.early_stop,
+            freeze_stem_epochs: Some(self.freeze_stem_epochs),
+            pretrained: self.pretrained.clone(),
+            device: Some(self.device.clone()),
+            tf32: Some(self.tf32),
+            bf16_products: Some(self.bf16_products),
+            threads: Some(self.threads),
+            loader_threads: Some(self.loader_threads),
+            seed: Some(self.seed),
+            run_dir: self.run_dir.clone(),
+            limit_train: self.limit_train,
+            limit_val: self.limit_val,
+        }
     }
 
     pub fn to_toml(&self) -> Result<String> {
@@ -583,6 +638,31 @@ mod tests {
         assert!(!older.contains("tf32"));
         let options: TrainOptions = toml::from_str(&older).unwrap();
         assert!(TrainConfig::resolve(&options).unwrap().tf32);
+    }
+
+    /// NaN and infinities reach validation whether they come from a flag or a file, instead
+    /// of falling back to the recipe's value.
+    #[test]
+    fn non_finite_options_are_refused() {
+        for (text, flag) in [
+            ("lr = nan\n", "--lr"),
+            ("clip-grad = inf\n", "--clip-grad"),
+            ("weight-decay = -inf\n", "--weight-decay"),
+            ("ema = nan\n", "--ema"),
+        ] {
+            let file: TrainOptions = toml::from_str(text).unwrap();
+            for options in [
+                file.clone(),
+                TrainOptions::default().overridden_by(&file),
+                TrainConfig::resolve(&TrainOptions::default())
+                    .unwrap()
+                    .to_options()
+                    .overridden_by(&file),
+            ] {
+                let refused = TrainConfig::resolve(&options).unwrap_err().to_string();
+                assert!(refused.contains(flag), "{text}: {refused}");
+            }
+        }
     }
 
     #[test]

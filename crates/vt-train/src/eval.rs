@@ -9,7 +9,6 @@ use vt_data::dataset::Split;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
-use crate::config::DEFAULT_DATA_DIR;
 use crate::data;
 use crate::error::{Result, TrainError};
 use crate::loss::{cross_entropy, predictions};
@@ -86,7 +85,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
     /// Data folder in the `cargo xtask fetch-data` layout
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, value_name = "DIR", default_value = vt_data::fetch::DEFAULT_DATA_DIR)]
     pub data: PathBuf,
     /// Split to evaluate
     #[arg(long, value_enum, default_value = "test")]

@@ -1,6 +1,7 @@
 //! `vt-train init`: write a freshly initialised checkpoint, optionally with a pretrained stem.
 
 use std::path::PathBuf;
+use std::sync::PoisonError;
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
@@ -16,8 +17,8 @@ pub struct ModelArgs {
     /// Architecture: vt-resnet18 or vt-resnet34.
     #[arg(long, default_value = "vt-resnet18")]
     pub arch: Arch,
-    /// Input side in pixels (square).
-    #[arg(long, default_value_t = 224)]
+    /// Input side in pixels (square); 150 is the photos' size, as for `train`.
+    #[arg(long, default_value_t = 150)]
     pub image_size: usize,
     /// Visual tokens L.
     #[arg(long, default_value_t = 16)]
@@ -121,15 +122,17 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
 ///
 /// candle 0.11 cannot seed its CPU generator, so the random tensors of [`Model::init`] are
 /// redrawn from a seeded generator per tensor name, with the distributions of vt-model's
-/// layers (PyTorch's defaults): convolutions Kaiming-normal (fan-out, ReLU), linear weights
-/// and biases uniform in +-1/sqrt(fan_in). BatchNorm tensors are constants and stay.
-pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> anyhow::Result<Model> {
+/// layers: convolutions Kaiming-normal (fan-out, ReLU) as in torchvision's ResNet, linear
+/// weights and biases uniform in +-1/sqrt(fan_in) as in PyTorch. BatchNorm tensors are
+/// constants and stay.
+pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> crate::error::Result<Model> {
     let model = Model::init(config, device)?;
+    // The model is this function's own: no other thread can have poisoned its lock.
     let vars = model
         .varmap
         .data()
         .lock()
-        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
+        .unwrap_or_else(PoisonError::into_inner);
     for (name, var) in vars.iter() {
         let dims = var.dims().to_vec();
         let mut rng = StdRng::seed_from_u64(derive_seed(&[seed, hash_str(name)]));

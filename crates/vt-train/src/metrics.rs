@@ -227,12 +227,13 @@ impl MetricsLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(TrainError::io(&self.jsonl, e)),
         };
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let mut records = Vec::with_capacity(lines.len());
-        for (i, line) in lines.iter().enumerate() {
-            match serde_json::from_str(line) {
+        // One stream over the whole file, so that an error names its real line.
+        let mut records = Vec::new();
+        for record in serde_json::Deserializer::from_str(&text).into_iter() {
+            match record {
                 Ok(record) => records.push(record),
-                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+                // A torn last line ends the file mid-record.
+                Err(cause) if cause.is_eof() => break,
                 Err(cause) => {
                     return Err(TrainError::Json {
                         path: self.jsonl.clone(),
@@ -486,5 +487,12 @@ mod tests {
 
         fs::write(&log.jsonl, "not json\n{}\n").unwrap();
         assert!(log.read().is_err());
+        let lines = format!(
+            "{}\n\n{{\"epoch\":3 oops}}\n",
+            serde_json::to_string(&record(1)).unwrap()
+        );
+        fs::write(&log.jsonl, lines).unwrap();
+        let refused = log.read().unwrap_err().to_string();
+        assert!(refused.contains("at line 3 column"), "{refused}");
     }
 }

@@ -2,18 +2,7 @@
 //! `RAYON_NUM_THREADS`; both read it once, at the first tensor operation, so it is set here
 //! before any. The image loader has its own threads (see `--loader-threads`).
 
-pub fn available_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// `RAYON_NUM_THREADS` when the user set it, else every core.
-pub fn default_compute_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(available_cores)
-}
+use vt_model::threads::{available_cores, default_compute_threads};
 
 /// Fixes the compute threads for this process (call before the first tensor operation);
 /// returns the number in effect.

@@ -325,10 +325,7 @@ fn forward(
     epilogue: Option<&Epilogue>,
     frozen: Option<&FrozenConv>,
 ) -> Vec<f32> {
-    if let Some(shape) = g
-        .winograd()
-        .filter(|_| std::env::var("VT_NO_WINOGRAD").as_deref() != Ok("1"))
-    {
+    if let Some(shape) = g.winograd() {
         let transform = || winograd::Weights::new(weight, g.out_channels, g.in_channels, false);
         let transformed;
         let weights = match frozen {
