@@ -51,10 +51,11 @@ fn real_photos_to_a_served_prediction() {
     let work = tempfile::tempdir().unwrap();
     run(quick(&work, Some(sample))).unwrap();
     let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(work.path().join("run/eval-test.json")).unwrap(),
+        &std::fs::read_to_string(work.path().join("run/eval-val.json")).unwrap(),
     )
     .unwrap();
-    // The sample has no seg_test: evaluation falls back to the validation split.
+    // The sample has no seg_test: evaluation falls back to the validation split, and its
+    // report says so by name.
     assert_eq!(report["split"], "val");
     assert!(report["images"].as_u64().unwrap() > 0);
 }

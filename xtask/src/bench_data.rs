@@ -37,7 +37,8 @@ fn class_folder(root: &Path) -> anyhow::Result<Vec<(PathBuf, usize)>> {
     classes.sort();
     let mut samples = Vec::new();
     for (label, dir) in classes.iter().enumerate() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
             .collect();

@@ -1,6 +1,7 @@
 //! `cargo xtask e2e`: the whole user journey with the real binaries: fetch or import the
-//! data, train a short run, evaluate on the test split, serve the best checkpoint on a free
-//! local port, classify real test images over HTTP, check every answer against
+//! data, train a short run, evaluate on the test split (the validation split where the data
+//! has none), serve the best checkpoint on a free local port, classify labelled images of
+//! that split over HTTP, check every answer against
 //! `vt-serve predict`, stop the server and print a summary. Any failure names its step.
 
 use std::io::{BufRead, BufReader, ErrorKind};
@@ -94,14 +95,15 @@ struct Server {
 
 impl Server {
     fn start(checkpoint: &Path) -> anyhow::Result<Server> {
-        let mut child = Command::new(binary("vt-serve"))
+        let program = binary("vt-serve");
+        let mut child = Command::new(&program)
             .arg("--checkpoint")
             .arg(checkpoint)
             .args(["--host", "127.0.0.1", "--port", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting vt-serve")?;
+            .with_context(|| format!("starting {}", program.display()))?;
         let stdout = child.stdout.take().context("vt-serve stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let url = loop {
@@ -394,8 +396,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
 
     let checkpoint = run_dir.join("best");
-    let report_path = run_dir.join("eval-test.json");
     let (split, images) = test_images(&data, args.requests)?;
+    if split != "test" {
+        println!(
+            "note: {} has no test split; evaluating and serving {split} images, which also \
+             chose best/",
+            data.display()
+        );
+    }
+    let report_path = run_dir.join(format!("eval-{split}.json"));
     let report: Value = steps.run("evaluate", || {
         let mut eval = Command::new(binary("vt-train"));
         eval.arg("eval")

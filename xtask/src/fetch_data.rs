@@ -32,7 +32,8 @@ pub struct Args {
     /// Generate a small synthetic 6-class data set (offline demos and tests).
     #[arg(long)]
     synthetic: bool,
-    /// Training images per class for --synthetic.
+    /// Images per class for --synthetic's seg_train, before --val-fraction of them become
+    /// validation images (each class also gets 10 test images).
     #[arg(long, default_value_t = SyntheticConfig::default().train_per_class, requires = "synthetic")]
     synthetic_per_class: usize,
     /// Hugging Face dataset repository, OWNER/NAME[@REVISION].

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. Each command lives in its own module.
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 
 use xtask::{bench_data, bench_model, bench_serve, e2e, fetch_data};
 
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),

@@ -19,13 +19,13 @@ pub struct ServeArgs {
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Inference precision: f32, f16, or bf16 (CUDA only). The checkpoint's f32 weights are
-    /// converted when loaded.
+    /// Inference precision: f32, f16, or bf16 (bf16 on CUDA devices only). The checkpoint's
+    /// f32 weights are converted when loaded.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16): faster, with probabilities within about 1e-2 of f32's.
-    #[arg(long)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub bf16_products: bool,
     /// Most images per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -58,16 +58,43 @@ pub struct ServeArgs {
     /// fetched from. Without it URL inputs are refused.
     #[arg(long, value_delimiter = ',')]
     pub allow_url_fetch: Vec<String>,
-    /// CPU threads for the model and for image decoding (default: all cores).
+    /// CPU threads for the model and for image decoding (default: RAYON_NUM_THREADS when
+    /// set, else all cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
 }
 
 impl ServeArgs {
     pub fn threads(&self) -> usize {
-        self.threads.map_or_else(
-            || std::thread::available_parallelism().map_or(1, |n| n.get()),
-            |n| n as usize,
-        )
+        self.threads
+            .map_or_else(vt_model::threads::default_compute_threads, |n| n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// `--bf16-products` reads as in vt-train: bare, or with a value.
+    #[test]
+    fn bf16_products_takes_an_optional_value() {
+        for (given, expected) in [
+            (&[][..], false),
+            (&["--bf16-products"][..], true),
+            (&["--bf16-products", "true"][..], true),
+            (&["--bf16-products=false"][..], false),
+        ] {
+            let line = ["vt-serve", "--checkpoint", "c"].iter().chain(given);
+            let cli = Cli::try_parse_from(line).unwrap();
+            assert_eq!(cli.args.bf16_products, expected, "{given:?}");
+        }
     }
 }

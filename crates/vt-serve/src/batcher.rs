@@ -33,7 +33,7 @@ pub type Answer = Result<Prediction, Unanswered>;
 pub enum Unanswered {
     /// Its request's deadline passed while it waited in the queue.
     Expired,
-    /// The forward pass failed.
+    /// The forward pass failed; why, in words for the client.
     Failed(String),
 }
 

@@ -101,7 +101,8 @@ async fn answer(
             filename,
             predictions: prediction.top(&state.model.classes, top_k),
             model: &state.model.name,
-            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            // Whole microseconds: the clock's further digits are noise.
+            elapsed_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         })
         .collect();
     Ok(match (inputs.multipart, results.len()) {
@@ -141,7 +142,7 @@ async fn classify(
         .map_err(|_| ApiError::Internal("the model thread dropped the request".into()))?
         .map_err(|unanswered| match unanswered {
             Unanswered::Expired => state.limits.timed_out(),
-            Unanswered::Failed(e) => ApiError::Internal(format!("inference failed: {e}")),
+            Unanswered::Failed(why) => ApiError::Internal(why),
         })?;
     Ok((filename, prediction))
 }

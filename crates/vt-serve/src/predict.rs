@@ -18,15 +18,15 @@ pub struct PredictArgs {
     /// Checkpoint folder (config.json + model.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
+    /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Inference precision: f32, f16, or bf16 (CUDA only).
+    /// Inference precision: f32, f16, or bf16 (bf16 on CUDA devices only).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`.
-    #[arg(long)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub bf16_products: bool,
     /// How many of the best classes to list under "top".
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -67,23 +67,25 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let mut out = stdout.lock();
     let mut failed = 0;
     for chunk in args.images.chunks(args.batch_size.max(1)) {
-        let inputs: Vec<anyhow::Result<Vec<f32>>> = chunk
+        // The decoded images in order; each file's outcome says whether it is among them.
+        let mut decoded = Vec::with_capacity(chunk.len());
+        let outcomes: Vec<anyhow::Result<()>> = chunk
             .iter()
             .map(|path| {
                 let bytes =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                Ok(classifier.preprocess(&mut resizer, &bytes, args.max_pixels)?)
+                decoded.push(classifier.preprocess(&mut resizer, &bytes, args.max_pixels)?);
+                Ok(())
             })
             .collect();
-        let decoded: Vec<Vec<f32>> = inputs.iter().flatten().cloned().collect();
         let mut predictions = classifier
             .predict(&decoded)
             .context("running the model")?
             .into_iter();
-        for (path, input) in chunk.iter().zip(&inputs) {
+        for (path, outcome) in chunk.iter().zip(&outcomes) {
             let image = path.to_string_lossy();
-            match input {
-                Ok(_) => {
+            match outcome {
+                Ok(()) => {
                     let p = predictions
                         .next()
                         .context("the model returned fewer results than images")?;
