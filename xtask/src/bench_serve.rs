@@ -165,12 +165,10 @@ fn default_checkpoint(image_size: usize) -> anyhow::Result<PathBuf> {
     let dir = target_dir().join("bench-serve/checkpoint");
     let mut config = VtConfig::new(
         Arch::VtResNet18,
-        vt_data::source::synthetic::CLASSES.len(),
+        vt_data::dataset::CLASSES.len(),
         image_size,
     );
-    config.class_names = vt_data::source::synthetic::CLASSES
-        .map(String::from)
-        .to_vec();
+    config.class_names = vt_data::dataset::CLASSES.map(String::from).to_vec();
     Model::init(config, &Device::Cpu)?
         .save(&dir)
         .with_context(|| format!("writing {}", dir.display()))?;

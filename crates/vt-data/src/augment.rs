@@ -6,7 +6,7 @@
 //! draws do not match torch's generator, only its distributions and geometry.
 
 use fast_image_resize::Resizer;
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use rand::Rng;
 
 use crate::error::{DataError, Result};
@@ -40,13 +40,6 @@ impl AugmentConfig {
             norm: Normalize::IMAGENET,
         }
     }
-}
-
-/// How rotated pixels are sampled. torchvision's `RandomRotation` default is nearest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interpolation {
-    Nearest,
-    Bilinear,
 }
 
 /// An integer crop rectangle: `left`, `top`, `width`, `height` in pixels.
@@ -141,48 +134,12 @@ impl InverseRotation {
             height: f64::from(height),
         }
     }
-
-    /// The source point under output pixel (x, y)'s centre, or `None` outside the image.
-    #[inline]
-    fn source(&self, x: usize, y: usize) -> Option<(f64, f64)> {
-        let (xo, yo) = (x as f64 + 0.5, y as f64 + 0.5);
-        let xin = self.a * xo + self.b * yo + self.c;
-        let yin = self.d * xo + self.e * yo + self.f;
-        (xin >= 0.0 && yin >= 0.0 && xin < self.width && yin < self.height).then_some((xin, yin))
-    }
 }
 
-/// Rotates counter-clockwise by `angle_deg` about the image centre, keeping the size and
-/// filling uncovered corners with black, exactly as PIL's `Image.rotate` maps pixels.
-pub fn rotate(img: &RgbImage, angle_deg: f32, interpolation: Interpolation) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let rotation = InverseRotation::new(w, h, angle_deg);
-    // Starts black: uncovered pixels stay so.
-    let mut out = RgbImage::new(w, h);
-    let src = img.as_raw();
-    let stride = w as usize * 3;
-    for (y, row) in out.chunks_exact_mut(stride).enumerate() {
-        for (x, px) in row.chunks_exact_mut(3).enumerate() {
-            let Some((xin, yin)) = rotation.source(x, y) else {
-                continue;
-            };
-            match interpolation {
-                Interpolation::Nearest => {
-                    let at = yin as usize * stride + xin as usize * 3;
-                    px.copy_from_slice(&src[at..at + 3]);
-                }
-                Interpolation::Bilinear => {
-                    px.copy_from_slice(&bilinear(img, xin - 0.5, yin - 0.5).0)
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Nearest-neighbour rotation (black outside), then an optional left-right mirror, then
-/// normalisation into planar CHW floats: `rotate`, `flip_horizontal` and
-/// [`Normalize::write_chw`] in one pass, without the two intermediate images.
+/// torchvision's `RandomRotation` (nearest neighbour, black outside), then an optional
+/// left-right mirror, then normalisation into planar CHW floats: PIL's `Image.rotate`,
+/// `flip_horizontal` and [`Normalize::write_chw`] in one pass, without the two intermediate
+/// images.
 fn rotate_flip_normalize(
     img: &RgbImage,
     angle_deg: f32,
@@ -205,8 +162,8 @@ fn rotate_flip_normalize(
         );
         let yo = y as f64 + 0.5;
         let (b_yo, e_yo) = (rotation.b * yo, rotation.e * yo);
-        // x + 0.5 stays exact when stepped by 1, so every source point is the one that
-        // `InverseRotation::source` computes.
+        // x + 0.5 stays exact when stepped by 1, so stepping finds the same source points as
+        // mapping each pixel centre afresh (the tests' reference rotation does that).
         let mut xo = 0.5;
         for x in 0..w {
             let xin = rotation.a * xo + b_yo + rotation.c;
@@ -232,23 +189,6 @@ fn rotate_flip_normalize(
             blue[at] = value[2];
         }
     }
-}
-
-/// PIL's bilinear sample with edge clamping, at pixel-centre coordinates.
-fn bilinear(img: &RgbImage, x: f64, y: f64) -> Rgb<u8> {
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let (x0, y0) = (x.floor(), y.floor());
-    let (dx, dy) = (x - x0, y - y0);
-    let clamp_x = |v: i64| v.clamp(0, w - 1) as u32;
-    let clamp_y = |v: i64| v.clamp(0, h - 1) as u32;
-    let (xa, xb) = (clamp_x(x0 as i64), clamp_x(x0 as i64 + 1));
-    let (ya, yb) = (clamp_y(y0 as i64), clamp_y(y0 as i64 + 1));
-    let p = |xx, yy, c: usize| f64::from(img.get_pixel(xx, yy).0[c]);
-    Rgb(std::array::from_fn(|c| {
-        let top = p(xa, ya, c) + (p(xb, ya, c) - p(xa, ya, c)) * dx;
-        let bottom = p(xa, yb, c) + (p(xb, yb, c) - p(xa, yb, c)) * dx;
-        (top + (bottom - top) * dy).round().clamp(0.0, 255.0) as u8
-    }))
 }
 
 /// Writes one augmented training sample into `out` as `3 * image_size^2` normalised
@@ -299,7 +239,26 @@ pub fn augment_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::decode_rgb_limited;
     use crate::rng::sample_rng;
+    use image::Rgb;
+
+    /// The reference for the fused rotation: PIL's `Image.rotate` (nearest neighbour, no
+    /// expansion), mapping every output pixel centre back to the source on its own.
+    fn rotate(img: &RgbImage, angle_deg: f32) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let r = InverseRotation::new(w, h, angle_deg);
+        RgbImage::from_fn(w, h, |x, y| {
+            let (xo, yo) = (f64::from(x) + 0.5, f64::from(y) + 0.5);
+            let xin = r.a * xo + r.b * yo + r.c;
+            let yin = r.d * xo + r.e * yo + r.f;
+            if xin >= 0.0 && yin >= 0.0 && xin < r.width && yin < r.height {
+                *img.get_pixel(xin as u32, yin as u32)
+            } else {
+                Rgb([0, 0, 0])
+            }
+        })
+    }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
@@ -366,21 +325,16 @@ mod tests {
     #[test]
     fn rotation_keeps_size_and_turns_counter_clockwise() {
         let img = gradient(4, 4);
-        let r = rotate(&img, 90.0, Interpolation::Nearest);
+        let r = rotate(&img, 90.0);
         assert_eq!(r.dimensions(), (4, 4));
         // Counter-clockwise: the top-right pixel moves to the top-left.
         assert_eq!(r.get_pixel(0, 0), img.get_pixel(3, 0));
         assert_eq!(r.get_pixel(0, 3), img.get_pixel(0, 0));
-        assert_eq!(rotate(&img, 0.0, Interpolation::Nearest), img);
-        assert_eq!(rotate(&img, 0.0, Interpolation::Bilinear), img);
-        let odd = gradient(7, 3);
-        assert_eq!(
-            rotate(&odd, 15.0, Interpolation::Bilinear).dimensions(),
-            (7, 3)
-        );
+        assert_eq!(rotate(&img, 0.0), img);
+        assert_eq!(rotate(&gradient(7, 3), 15.0).dimensions(), (7, 3));
         // Corners uncovered by a 45 degree turn are black.
         let white = RgbImage::from_pixel(20, 20, Rgb([255, 255, 255]));
-        let r = rotate(&white, 45.0, Interpolation::Nearest);
+        let r = rotate(&white, 45.0);
         assert_eq!(r.get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(r.get_pixel(10, 10).0, [255, 255, 255]);
     }
@@ -425,7 +379,7 @@ mod tests {
         let norm = Normalize::IMAGENET;
         for angle in [0.0, 7.3, -15.0, 90.0] {
             for mirror in [false, true] {
-                let mut separate = rotate(&img, angle, Interpolation::Nearest);
+                let mut separate = rotate(&img, angle);
                 if mirror {
                     image::imageops::flip_horizontal_in_place(&mut separate);
                 }
@@ -436,6 +390,33 @@ mod tests {
                 assert_eq!(fused, expected, "angle {angle}, mirror {mirror}");
             }
         }
+    }
+
+    /// Agreement with PIL on the fixture that tools/reference/data_fixtures.py writes.
+    #[test]
+    fn rotation_matches_pil() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let photo = std::fs::read(fixtures.join("rgb.jpg")).unwrap();
+        let photo = decode_rgb_limited(&photo, u64::MAX).unwrap();
+        let corner = image::imageops::crop_imm(&photo, 0, 0, 48, 40).to_image();
+        let pil = image::open(fixtures.join("expected/rgb.jpg.corner.rot10n.png"))
+            .unwrap()
+            .to_rgb8();
+        let norm = Normalize::IMAGENET;
+        let mut expected = vec![0.0; 3 * 48 * 40];
+        norm.write_chw(&pil, &mut expected);
+        let mut ours = vec![f32::NAN; 3 * 48 * 40];
+        rotate_flip_normalize(&corner, 10.0, false, &norm, &mut ours);
+        // In grey levels; the two JPEG decoders differ slightly.
+        let plane = 48 * 40;
+        let mean = ours
+            .iter()
+            .zip(&expected)
+            .enumerate()
+            .map(|(i, (a, b))| (a - b).abs() * norm.std[i / plane] * 255.0)
+            .sum::<f32>()
+            / ours.len() as f32;
+        assert!(mean <= 1.0, "mean abs diff {mean} grey levels");
     }
 
     #[test]

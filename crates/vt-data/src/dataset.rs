@@ -12,6 +12,17 @@ use crate::error::{DataError, Result};
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PRED_DIR: &str = "pred";
 
+/// The Intel Image Classification classes, in the order of the integer labels of its parquet
+/// mirrors.
+pub const CLASSES: [&str; 6] = [
+    "buildings",
+    "forest",
+    "glacier",
+    "mountain",
+    "sea",
+    "street",
+];
+
 /// A file that was left out of the import, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedEntry {
@@ -167,23 +178,6 @@ impl ImageFolder {
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
-}
-
-/// The unlabelled images of `pred/`, sorted.
-pub fn pred_files(data_dir: &Path) -> Result<Vec<PathBuf>> {
-    let root = data_dir.join(PRED_DIR);
-    if !root.is_dir() {
-        return Err(DataError::NotFetched {
-            path: root,
-            what: "no pred folder".into(),
-        });
-    }
-    let mut files: Vec<PathBuf> = list_dir(&root)?
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 /// Entries of `dir`, hidden files (dot files) excluded.

@@ -21,6 +21,8 @@ pub enum DataError {
     /// report and in the server's error responses.
     #[error("cannot decode image: {}", .0.to_string().trim_end())]
     Decode(image::ImageError),
+    #[error("cannot encode image: {}", .0.to_string().trim_end())]
+    Encode(image::ImageError),
     /// JPEG data that ends early: the decoder would make up the missing pixels.
     #[error("cannot decode image: truncated JPEG ({0})")]
     TruncatedJpeg(&'static str),
@@ -54,6 +56,19 @@ pub enum DataError {
     /// The source does not look like the Intel Image Classification layout.
     #[error("{0}")]
     Layout(String),
+    /// Renaming a new import into place failed, and so did renaming the previous one back:
+    /// it is left at `previous`, where the next import finds and restores it.
+    #[error(
+        "cannot move the new import into {data_dir} ({cause}) nor the previous one back from \
+         {previous} ({restore_cause}); the next fetch-data puts it back, or rename it to \
+         {data_dir} yourself"
+    )]
+    PreviousImportAside {
+        data_dir: PathBuf,
+        previous: PathBuf,
+        cause: std::io::Error,
+        restore_cause: std::io::Error,
+    },
     /// Another import into the same data directory is running.
     #[error(
         "another fetch-data is writing {0}: wait for it to finish or choose another --data-dir"

@@ -30,11 +30,11 @@ use futures_util::StreamExt;
 use hf_hub::repository::RepoTreeEntry;
 use hf_hub::{HFClient, HFClientSync};
 
+use crate::dataset::CLASSES;
 use crate::download::{error_chain, part_path, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::import::Importer;
 use crate::source::parquet::{import_parquet, ParquetSplit};
-use crate::source::synthetic::CLASSES;
 use crate::source::zip::{import_zip, note_discarded_download};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
@@ -236,8 +236,8 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         Ok(local)
     };
     if !parquet.is_empty() {
-        importer.set_classes(CLASSES.iter().map(|c| c.to_string()).collect());
         let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+        importer.set_classes(classes.clone());
         for (path, size) in parquet {
             let local = fetch(path, *size)?;
             let split = ParquetSplit::of_file(path);

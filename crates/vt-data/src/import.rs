@@ -2,7 +2,7 @@
 //! usable (failures are recorded, never fatal), written under a temporary sibling folder, split
 //! into train/val, and only then renamed into place, so nothing half-done ever looks done.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -72,6 +72,8 @@ impl Importer {
         split::check_fraction(val_fraction)?;
         let target = resolve_links(data_dir)?;
         let lock = lock(&target, data_dir)?;
+        // Under the lock: another import may be between its renames until it is released.
+        restore_interrupted_swap(&target)?;
         check_replaceable(&target)?;
         let staging = sibling(&target, "incoming")?;
         remove_if_exists(&staging)?;
@@ -96,7 +98,8 @@ impl Importer {
     }
 
     /// Fixes the class order (label indices), e.g. from a parquet mirror's label column.
-    /// Without it, classes are the sorted folder names found.
+    /// Listed classes without images are left out, since they could not be trained; classes
+    /// found but not listed follow, sorted. Without it, classes are the sorted names found.
     pub fn set_classes(&mut self, classes: Vec<String>) {
         self.classes = Some(classes);
     }
@@ -119,13 +122,6 @@ impl Importer {
             self.flush()?;
         }
         Ok(())
-    }
-
-    /// Number of images accepted so far (excluding the pending chunk).
-    pub fn accepted(&self) -> usize {
-        self.train.values().map(Vec::len).sum::<usize>()
-            + self.test.values().sum::<usize>()
-            + self.pred
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -230,11 +226,24 @@ impl Importer {
                 quoted(&self.train.keys().map(String::as_str).collect::<Vec<_>>())
             )));
         }
-        let found: BTreeSet<String> = self.train.keys().chain(self.test.keys()).cloned().collect();
-        let mut classes = self.classes.clone().unwrap_or_default();
-        for class in found {
-            if !classes.contains(&class) {
-                classes.push(class);
+        // Every class found has training images (test classes were checked above); a preset
+        // one without any could not be trained, so it is no class of this import.
+        let (mut classes, absent): (Vec<String>, Vec<String>) = self
+            .classes
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|class| self.train.contains_key(class));
+        if !absent.is_empty() {
+            tracing::warn!(
+                "no image in {} is labelled {}: left out of the classes",
+                self.origin,
+                quoted(&absent.iter().map(String::as_str).collect::<Vec<_>>())
+            );
+        }
+        for class in self.train.keys() {
+            if !classes.contains(class) {
+                classes.push(class.clone());
             }
         }
         let mut counts = SplitCounts::default();
@@ -389,7 +398,8 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
 }
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
-/// Between the two renames `data_dir` is briefly absent, never half-written.
+/// Between the two renames `data_dir` is briefly absent, never half-written; a crash there
+/// leaves the previous import aside, which [`restore_interrupted_swap`] puts back.
 fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
     let old = sibling(data_dir, "old")?;
     remove_if_exists(&old)?;
@@ -397,15 +407,43 @@ fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
     if had_old {
         fs::rename(data_dir, &old).map_err(|e| DataError::io(data_dir, e))?;
     }
-    if let Err(e) = fs::rename(staging, data_dir) {
+    if let Err(cause) = fs::rename(staging, data_dir) {
         if had_old {
             // Put the previous import back rather than leave nothing.
-            let _ = fs::rename(&old, data_dir);
+            if let Err(restore_cause) = fs::rename(&old, data_dir) {
+                return Err(DataError::PreviousImportAside {
+                    data_dir: data_dir.to_path_buf(),
+                    previous: old,
+                    cause,
+                    restore_cause,
+                });
+            }
         }
-        return Err(DataError::io(data_dir, e));
+        return Err(DataError::io(data_dir, cause));
     }
     if had_old {
         remove_if_exists(&old)?;
+    }
+    Ok(())
+}
+
+/// A crash between the two renames of [`swap_into_place`] leaves the previous import at
+/// `.NAME.old` and nothing at `NAME`: put it back before an import can replace or delete it.
+fn restore_interrupted_swap(data_dir: &Path) -> Result<()> {
+    let old = sibling(data_dir, "old")?;
+    let missing = match fs::symlink_metadata(data_dir) {
+        Ok(_) => false,
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        Err(e) => return Err(DataError::io(data_dir, e)),
+    };
+    if missing && old.join(MANIFEST_FILE).is_file() {
+        fs::rename(&old, data_dir).map_err(|e| DataError::io(&old, e))?;
+        tracing::warn!(
+            "an earlier fetch-data was interrupted while replacing {}: put the previous import \
+             back from {}",
+            data_dir.display(),
+            old.display()
+        );
     }
     Ok(())
 }

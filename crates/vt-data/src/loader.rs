@@ -65,7 +65,7 @@ pub struct Batch {
 }
 
 /// A sample that could not be loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SkippedFile {
     pub path: PathBuf,
     pub reason: String,

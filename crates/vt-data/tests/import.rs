@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use image::{GrayImage, ImageFormat, Luma};
-use vt_data::dataset::{pred_files, ImageFolder, Manifest, Split};
+use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::import::Importer;
 use vt_data::source::parquet::{import_parquet, ParquetSplit};
@@ -136,8 +136,7 @@ fn a_folder_with_awkward_files_imports_and_reports_skips() {
 
     // The PNG named .jpg keeps its bytes and gets its real extension.
     assert!(data.join("pred/7606.png").is_file());
-    let preds = pred_files(&data).unwrap();
-    assert_eq!(preds.len(), 2);
+    assert_eq!(names(&data.join("pred")).len(), 2);
     // The colour-type variants survive as they were.
     let all = tree(&data);
     for name in ["grey.jpg", "palette.png", "rgba.png", "cmyk.jpg"] {
@@ -200,6 +199,30 @@ fn a_failed_import_keeps_the_previous_data() {
     assert!(!tmp.path().join(".data.incoming").exists());
     let missing = fetch(&from_path(&data, &tmp.path().join("nope"))).unwrap_err();
     assert!(missing.to_string().contains("no such file"), "{missing}");
+}
+
+#[test]
+fn an_import_interrupted_between_its_renames_is_put_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let before = fetch(&tiny_synthetic(&data, 0)).unwrap();
+    // What a crash after renaming the previous import away, before renaming the new one in,
+    // leaves behind.
+    let aside = tmp.path().join(".data.old");
+    fs::rename(&data, &aside).unwrap();
+
+    // The next import, even one that fails, starts by putting the previous one back.
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(empty.join("seg_pred")).unwrap();
+    let err = fetch(&from_path(&data, &empty)).unwrap_err().to_string();
+    assert!(err.contains("no usable training images"), "{err}");
+    assert_eq!(Manifest::read(&data).unwrap(), before);
+    assert!(!aside.exists());
+
+    // A completed import replaces it as usual and leaves nothing aside.
+    fs::rename(&data, &aside).unwrap();
+    assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
+    assert_eq!(names(tmp.path()), [".data.lock", "data", "empty"]);
 }
 
 #[test]
@@ -368,18 +391,19 @@ fn a_test_class_without_training_images_is_an_error() {
     );
     assert!(!data.exists());
 
-    // The same through a parquet mirror with class names as labels.
+    // The same through a parquet mirror with class names as labels: names outside the known
+    // classes are taken as they are, so their case must match.
     let train = tmp.path().join("train.parquet");
     let test = tmp.path().join("test.parquet");
-    write_parquet_named(&train, &[(jpeg(1), "forest"), (jpeg(2), "forest")]);
-    write_parquet_named(&test, &[(jpeg(3), "Forest")]);
+    write_parquet_named(&train, &[(jpeg(1), "oak"), (jpeg(2), "oak")]);
+    write_parquet_named(&test, &[(jpeg(3), "Oak")]);
     let classes = vec!["forest".to_string()];
     let mut importer = Importer::new(&data, "hf", "mirror", 0.1, 0).unwrap();
     for (path, split) in [(&train, ParquetSplit::Train), (&test, ParquetSplit::Test)] {
         import_parquet(path, "x.parquet", split, &classes, &mut importer).unwrap();
     }
     let err = importer.finish().unwrap_err().to_string();
-    assert!(err.contains(r#""Forest""#), "{err}");
+    assert!(err.contains(r#""Oak""#), "{err}");
     assert!(!data.exists());
 }
 

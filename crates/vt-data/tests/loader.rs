@@ -188,6 +188,14 @@ fn unreadable_files_are_skipped_and_reported() {
     assert_eq!(skipped.len(), 2);
     assert!(skipped.iter().any(|s| s.path == samples[2].0));
     assert!(skipped.iter().any(|s| s.path.ends_with("vanished.png")));
+    // Reports (vt-train's eval) serialise the skips as they are.
+    let vanished = skipped.iter().find(|s| s.path.ends_with("vanished.png"));
+    let json = serde_json::to_value(vanished.unwrap()).unwrap();
+    assert_eq!(json["path"], samples[6].0.to_str().unwrap());
+    assert!(
+        json["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{json}"
+    );
 }
 
 #[test]

@@ -349,6 +349,78 @@ fn hugging_face_parquet_mirror_imports() {
     assert!(server.requests().iter().any(|r| r.method == "HEAD"));
 }
 
+/// A hub stand-in holding one train and one test parquet file with string labels.
+fn named_label_mirror(
+    dir: &Path,
+    repo: &str,
+    train: &[(Vec<u8>, &str)],
+    test: &[(Vec<u8>, &str)],
+) -> TestServer {
+    let (train_file, test_file) = (dir.join("train.parquet"), dir.join("test.parquet"));
+    write_parquet_named(&train_file, train);
+    write_parquet_named(&test_file, test);
+    hub(
+        repo,
+        vec![
+            (
+                "data/test-00000-of-00001.parquet".into(),
+                fs::read(&test_file).unwrap(),
+            ),
+            (
+                "data/train-00000-of-00001.parquet".into(),
+                fs::read(&train_file).unwrap(),
+            ),
+        ],
+    )
+}
+
+/// Every class of the import has training images on disk, as training requires.
+fn assert_every_class_trains(data: &Path, m: &Manifest) {
+    for class in &m.classes {
+        assert!(m.splits.train[class] > 0, "{class}: {m:?}");
+        let folder = data.join("train").join(class);
+        assert!(
+            fs::read_dir(&folder).unwrap().next().is_some(),
+            "{folder:?}"
+        );
+    }
+}
+
+#[test]
+fn class_name_labels_in_any_case_map_to_the_known_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let labels = ["Buildings", "FOREST", "sea", "Street"];
+    let train: Vec<(Vec<u8>, &str)> = (0..12)
+        .map(|i| (jpeg(i), labels[i as usize % labels.len()]))
+        .collect();
+    let server = named_label_mirror(
+        tmp.path(),
+        "someone/named-labels",
+        &train,
+        &[(jpeg(50), "Sea"), (jpeg(51), "buildings")],
+    );
+    let m = fetch(&hf_opts(&server, "someone/named-labels", tmp.path())).unwrap();
+    // The data set's order; glacier and mountain have no images, so they are no classes.
+    assert_eq!(m.classes, ["buildings", "forest", "sea", "street"]);
+    assert_eq!(m.splits.test["sea"], 1);
+    assert_eq!(m.splits.test["buildings"], 1);
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    assert_every_class_trains(&tmp.path().join("data"), &m);
+}
+
+#[test]
+fn unknown_class_name_labels_become_the_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train: Vec<(Vec<u8>, &str)> = (0..6)
+        .map(|i| (jpeg(i), ["dog", "cat"][i as usize % 2]))
+        .collect();
+    let server = named_label_mirror(tmp.path(), "someone/pets", &train, &[(jpeg(50), "cat")]);
+    let m = fetch(&hf_opts(&server, "someone/pets", tmp.path())).unwrap();
+    assert_eq!(m.classes, ["cat", "dog"]);
+    assert_eq!(m.splits.test["cat"], 1);
+    assert_every_class_trains(&tmp.path().join("data"), &m);
+}
+
 #[test]
 fn hugging_face_zip_mirror_imports() {
     let tmp = tempfile::tempdir().unwrap();

@@ -122,13 +122,7 @@ pub struct EvalReport {
     pub macro_f1: f64,
     pub classes: Vec<ClassScores>,
     pub confusion_matrix: ConfusionMatrix,
-    pub skipped: Vec<Skipped>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Skipped {
-    pub path: PathBuf,
-    pub reason: String,
+    pub skipped: Vec<SkippedFile>,
 }
 
 fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
@@ -269,14 +263,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         macro_f1,
         classes,
         confusion_matrix: eval.matrix,
-        skipped: eval
-            .skipped
-            .into_iter()
-            .map(|s| Skipped {
-                path: s.path,
-                reason: s.reason,
-            })
-            .collect(),
+        skipped: eval.skipped,
     };
     print!("{}", report_text(&report));
     let json = serde_json::to_string_pretty(&report).context("serialising the report")?;

@@ -1,6 +1,7 @@
 //! Parquet mirrors as the Hugging Face `datasets` library writes them: an `image` struct
 //! column `{bytes: binary, path: string}` and a `label` column, either an integer index
-//! into the class list (`-1` or null for unlabelled) or the class name.
+//! into the class list (`-1` or null for unlabelled) or the class name, in any case for a
+//! name on the class list.
 
 use std::fs::File;
 use std::path::Path;
@@ -125,7 +126,7 @@ fn parse_row(row: &Row, classes: &[String]) -> std::result::Result<Parsed, Strin
     };
     let index = match label {
         None | Some(Field::Null) => None,
-        Some(Field::Str(s)) => return Ok((bytes, name, Some(s.clone()))),
+        Some(Field::Str(s)) => return Ok((bytes, name, Some(class_named(s, classes)))),
         Some(Field::Byte(v)) => Some(i64::from(*v)),
         Some(Field::Short(v)) => Some(i64::from(*v)),
         Some(Field::Int(v)) => Some(i64::from(*v)),
@@ -143,6 +144,16 @@ fn parse_row(row: &Row, classes: &[String]) -> std::result::Result<Parsed, Strin
             None => Err(format!("label {i} outside the {} classes", classes.len())),
         },
     }
+}
+
+/// A label that names a listed class in another case (`Buildings`) is that class; any other
+/// name is a class of its own, taken as it is.
+fn class_named(label: &str, classes: &[String]) -> String {
+    classes
+        .iter()
+        .find(|class| class.eq_ignore_ascii_case(label))
+        .cloned()
+        .unwrap_or_else(|| label.to_string())
 }
 
 #[cfg(test)]

@@ -13,16 +13,9 @@ use crate::import::{Importer, RawImage};
 use crate::layout::Role;
 use crate::rng::{derive_seed, TAG_SYNTH};
 
-/// The real data set's class names, so that a synthetic import drives the same pipeline;
-/// the manifest says `"source": "synthetic"` and files are named `synthetic-*`.
-pub const CLASSES: [&str; 6] = [
-    "buildings",
-    "forest",
-    "glacier",
-    "mountain",
-    "sea",
-    "street",
-];
+// The real data set's class names, so that a synthetic import drives the same pipeline; the
+// manifest says `"source": "synthetic"` and files are named `synthetic-*`.
+use crate::dataset::CLASSES;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntheticConfig {
@@ -45,7 +38,8 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// Renders image `index` of `class` (pred images use a class drawn from the stream).
+/// Renders one image of class number `class` (an index into [`CLASSES`]); everything else
+/// about it (angle and hue jitter, phase, noise) is drawn from `rng`.
 pub fn render(class: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
     let angle = (class as f32 * 30.0 + rng.random_range(-5.0..5.0)).to_radians();
     let (dx, dy) = (angle.cos(), angle.sin());
@@ -84,7 +78,7 @@ fn hue_to_rgb(hue: f32) -> [f32; 3] {
 fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Cursor::new(Vec::new());
     img.write_to(&mut out, ImageFormat::Jpeg)
-        .map_err(DataError::Decode)?;
+        .map_err(DataError::Encode)?;
     Ok(out.into_inner())
 }
 
@@ -116,8 +110,20 @@ pub fn import_synthetic(cfg: &SyntheticConfig, importer: &mut Importer) -> Resul
             importer.add(next(Role::Test(class_name.to_string()), class)?)?;
         }
     }
+    // Pred images cycle through the classes, so every kind appears among them.
     for i in 0..cfg.pred {
         importer.add(next(Role::Pred, i % CLASSES.len())?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoding_failure_is_not_called_a_decoding_one() {
+        let err = encode_jpeg(&RgbImage::new(0, 0)).unwrap_err();
+        assert!(err.to_string().starts_with("cannot encode image"), "{err}");
+    }
 }

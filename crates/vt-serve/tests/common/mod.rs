@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use vt_model::{Arch, Model, VtConfig};
 use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError};
 
-pub use vt_data::source::synthetic::CLASSES;
+pub use vt_data::dataset::CLASSES;
 
 /// A randomly initialised VT-ResNet18 small enough to run fast on a CPU.
 pub fn tiny_checkpoint() -> tempfile::TempDir {
