@@ -88,10 +88,24 @@ pub(crate) fn read_selected(
         message: format!("not a valid safetensors file: {e}"),
     })?;
     let mut tensors = BTreeMap::new();
+    // The file's name for each kept name: two that select the same one are an error.
+    let mut origins = BTreeMap::new();
     for (name, view) in file.tensors() {
         let Some(kept) = select(&name) else {
             continue;
         };
+        if let Some(other) = origins.insert(kept.clone(), name.clone()) {
+            // In name order: the file's tensor order is not fixed.
+            let (a, b) = if other < name {
+                (other, name)
+            } else {
+                (name, other)
+            };
+            return Err(ModelError::Weights {
+                path: path.to_path_buf(),
+                message: format!("tensors `{a}` and `{b}` would both load as `{kept}`"),
+            });
+        }
         let convertible = matches!(
             view.dtype(),
             safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F64

@@ -151,6 +151,25 @@ fn a_refused_file_leaves_the_stem_unchanged() {
     );
 }
 
+/// One stem tensor under two wrapper prefixes is ambiguous, not "the last one wins".
+#[test]
+fn a_tensor_under_two_prefixes_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    let path = tmp.path().join("resnet18.safetensors");
+    resnet_file(&source, &path, "module.");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let extra = tensors["module.bn1.bias"].clone();
+    tensors.insert("backbone.bn1.bias".into(), extra);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let target = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    let err = load_err(&target, &path);
+    assert!(
+        err.contains("`backbone.bn1.bias` and `module.bn1.bias` would both load as `bn1.bias`"),
+        "{err}"
+    );
+}
+
 fn load_err(model: &Model, path: &Path) -> String {
     match load_stem(model, &Source::File(path.to_path_buf())) {
         Ok(_) => panic!("loading {} should fail", path.display()),
