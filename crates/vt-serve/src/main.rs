@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     vt_model::allocator::retain_freed_memory();
     let cli = Cli::parse();
     match (cli.command, cli.serve) {
-        (Some(Command::Predict(args)), _) => predict::run(&args),
+        (Some(Command::Predict(args)), _) => Ok(predict::run(&args)?),
         (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(&args),
         // clap requires --checkpoint when no subcommand is given.
         (None, None) => anyhow::bail!("--checkpoint is required to serve"),

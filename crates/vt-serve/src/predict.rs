@@ -6,12 +6,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use fast_image_resize::Resizer;
 use serde::Serialize;
 
 use crate::args::DEFAULT_MAX_PIXELS;
-use crate::classifier::{Classifier, Label};
+use crate::classifier::{Classifier, ClassifyError, Label};
+use crate::state::StartError;
 
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
@@ -56,12 +56,37 @@ struct Line<'a> {
     top: Vec<Label>,
 }
 
-pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
-    let device = vt_model::parse_device(&args.device)?;
-    let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
-    vt_model::use_bf16_products(args.bf16_products, &device)?;
-    let classifier = Classifier::load(&args.checkpoint, &device, dtype)
-        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+/// Why `predict` stopped, or why it exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error(transparent)]
+    Start(Box<StartError>),
+    #[error("running the model: {0}")]
+    Model(ClassifyError),
+    #[error("the model returned fewer results than images")]
+    MissingResults,
+    #[error("writing the results: {0}")]
+    Output(std::io::Error),
+    #[error("{failed} of {total} images could not be scored (see their \"error\" lines)")]
+    SomeFailed { failed: usize, total: usize },
+}
+
+impl From<StartError> for PredictError {
+    fn from(e: StartError) -> Self {
+        PredictError::Start(Box::new(e))
+    }
+}
+
+pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
+    let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
+    let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
+    vt_model::use_bf16_products(args.bf16_products, &device).map_err(StartError::Device)?;
+    let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|cause| {
+        StartError::Checkpoint {
+            path: args.checkpoint.clone(),
+            cause,
+        }
+    })?;
     let mut resizer = Resizer::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -69,54 +94,51 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     for chunk in args.images.chunks(args.batch_size.max(1)) {
         // The decoded images in order; each file's outcome says whether it is among them.
         let mut decoded = Vec::with_capacity(chunk.len());
-        let outcomes: Vec<anyhow::Result<()>> = chunk
+        let outcomes: Vec<Result<(), String>> = chunk
             .iter()
             .map(|path| {
                 let bytes =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                decoded.push(classifier.preprocess(&mut resizer, &bytes, args.max_pixels)?);
+                    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                let input = classifier
+                    .preprocess(&mut resizer, &bytes, args.max_pixels)
+                    .map_err(|e| e.to_string())?;
+                decoded.push(input);
                 Ok(())
             })
             .collect();
         let mut predictions = classifier
             .predict(&decoded)
-            .context("running the model")?
+            .map_err(PredictError::Model)?
             .into_iter();
-        for (path, outcome) in chunk.iter().zip(&outcomes) {
+        for (path, outcome) in chunk.iter().zip(outcomes) {
             let image = path.to_string_lossy();
-            match outcome {
+            let line = match outcome {
                 Ok(()) => {
-                    let p = predictions
-                        .next()
-                        .context("the model returned fewer results than images")?;
-                    let line = Line {
+                    let p = predictions.next().ok_or(PredictError::MissingResults)?;
+                    serde_json::to_string(&Line {
                         image: &image,
                         logits: &p.logits,
                         probs: &p.probs,
                         top: p.top(&classifier.config().class_names, args.top_k as usize),
-                    };
-                    serde_json::to_writer(&mut out, &line)?;
+                    })
                 }
-                Err(e) => {
+                Err(error) => {
                     failed += 1;
-                    let error = format!("{e:#}");
-                    serde_json::to_writer(
-                        &mut out,
-                        &Failed {
-                            image: &image,
-                            error,
-                        },
-                    )?;
+                    serde_json::to_string(&Failed {
+                        image: &image,
+                        error,
+                    })
                 }
-            }
-            writeln!(out)?;
+            };
+            let line = line.map_err(|e| PredictError::Output(e.into()))?;
+            writeln!(out, "{line}").map_err(PredictError::Output)?;
         }
     }
     if failed > 0 {
-        anyhow::bail!(
-            "{failed} of {} images could not be scored (see their \"error\" lines)",
-            args.images.len()
-        );
+        return Err(PredictError::SomeFailed {
+            failed,
+            total: args.images.len(),
+        });
     }
     Ok(())
 }
