@@ -32,7 +32,7 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
         path: path.clone(),
         cause,
     })?;
-    config.validate().map_err(|e| ModelError::Weights {
+    config.validate().map_err(|e| ModelError::Invalid {
         path,
         message: e.to_string(),
     })?;
@@ -83,7 +83,7 @@ pub(crate) fn read_selected(
     floats: Floats,
 ) -> Result<BTreeMap<String, Tensor>> {
     let bytes = fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Invalid {
         path: path.to_path_buf(),
         message: format!("not a valid safetensors file: {e}"),
     })?;
@@ -101,7 +101,7 @@ pub(crate) fn read_selected(
             } else {
                 (name, other)
             };
-            return Err(ModelError::Weights {
+            return Err(ModelError::Invalid {
                 path: path.to_path_buf(),
                 message: format!("tensors `{a}` and `{b}` would both load as `{kept}`"),
             });
@@ -142,7 +142,7 @@ pub fn assign_strict(
     varmap: &VarMap,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<()> {
-    let vars = varmap.data().lock().map_err(|_| ModelError::Weights {
+    let vars = varmap.data().lock().map_err(|_| ModelError::Invalid {
         path: path.to_path_buf(),
         message: "variable map lock poisoned".into(),
     })?;
@@ -184,7 +184,7 @@ fn named(dir: &Path) -> Result<Cow<'_, Path>> {
     }
     let resolved = fs::canonicalize(dir).map_err(|e| ModelError::io(dir, e))?;
     if resolved.file_name().is_none() {
-        return Err(ModelError::Weights {
+        return Err(ModelError::Invalid {
             path: dir.to_path_buf(),
             message: "a checkpoint path must name a folder".into(),
         });
@@ -194,7 +194,7 @@ fn named(dir: &Path) -> Result<Cow<'_, Path>> {
 
 /// `.NAME.SUFFIX` beside `dir`, which must have a last component (see [`named`]).
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = dir.file_name().ok_or_else(|| ModelError::Weights {
+    let name = dir.file_name().ok_or_else(|| ModelError::Invalid {
         path: dir.to_path_buf(),
         message: "a checkpoint path must name a folder".into(),
     })?;
@@ -222,7 +222,7 @@ fn refuse_interrupted_write(dir: &Path) -> Result<()> {
     let dir = named(dir)?;
     let old = sibling(&dir, "old")?;
     if !dir.exists() && old.is_dir() {
-        return Err(ModelError::Weights {
+        return Err(ModelError::Invalid {
             path: dir.to_path_buf(),
             message: format!(
                 "missing: a write of this checkpoint was interrupted (or is under way) and its \

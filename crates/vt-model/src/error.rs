@@ -46,8 +46,10 @@ pub enum ModelError {
         "{path}: {reason}; only a checkpoint folder is replaced: choose a new or empty folder"
     )]
     NotACheckpoint { path: PathBuf, reason: String },
+    /// A file or folder that cannot be used as it is: not safetensors, a config that
+    /// contradicts itself, a path that names no folder...
     #[error("{path}: {message}")]
-    Weights { path: PathBuf, message: String },
+    Invalid { path: PathBuf, message: String },
     #[error("pretrained weights: {0}")]
     Pretrained(String),
     #[error("device: {0}")]

@@ -83,7 +83,7 @@ impl Model {
     /// loaded at another precision for inference cannot be saved.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if self.dtype != DType::F32 {
-            return Err(ModelError::Weights {
+            return Err(ModelError::Invalid {
                 path: dir.to_path_buf(),
                 message: format!(
                     "checkpoints are f32; this model was loaded as {:?} for inference",

@@ -264,7 +264,7 @@ fn stem_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>
         } else {
             format!("its tensor names start with {}", starts.join(", "))
         };
-        return Err(ModelError::Weights {
+        return Err(ModelError::Invalid {
             path: path.to_path_buf(),
             message: format!(
                 "no ResNet stem tensors (conv1.weight, bn1.*, layer1.0.*, ...) found; {holds}"
@@ -296,7 +296,7 @@ fn blocks_per_stage(tensors: &BTreeMap<String, Tensor>) -> [usize; 3] {
 pub fn load_stem(model: &Model, source: &Source) -> Result<usize> {
     let path = source.fetch()?;
     let tensors = stem_tensors(&path, &model.device)?;
-    let fail = |message: String| ModelError::Weights {
+    let fail = |message: String| ModelError::Invalid {
         path: path.clone(),
         message,
     };

@@ -83,7 +83,7 @@ impl Progress {
 }
 
 fn model_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Weights {
+    ModelError::Invalid {
         path: path.to_path_buf(),
         message: e.to_string(),
     }
