@@ -10,8 +10,8 @@ use fast_image_resize::Resizer;
 use serde::Serialize;
 
 use crate::args::DEFAULT_MAX_PIXELS;
-use crate::classifier::{Classifier, ClassifyError, Label};
-use crate::state::StartError;
+use crate::classifier::{ClassifyError, Label};
+use crate::state::{load_classifier, StartError};
 
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
@@ -78,15 +78,12 @@ impl From<StartError> for PredictError {
 }
 
 pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
-    let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
-    let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
-    vt_model::use_bf16_products(args.bf16_products, &device).map_err(StartError::Device)?;
-    let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|cause| {
-        StartError::Checkpoint {
-            path: args.checkpoint.clone(),
-            cause,
-        }
-    })?;
+    let (classifier, _) = load_classifier(
+        &args.checkpoint,
+        &args.device,
+        &args.dtype,
+        args.bf16_products,
+    )?;
     let mut resizer = Resizer::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

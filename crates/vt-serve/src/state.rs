@@ -99,18 +99,34 @@ pub struct AppState {
     accepting: AtomicBool,
 }
 
+/// Reads the `--device`, `--dtype` and `--bf16-products` flags and loads the checkpoint onto
+/// that device: the start of both the server and `predict`.
+pub fn load_classifier(
+    checkpoint: &Path,
+    device: &str,
+    dtype: &str,
+    bf16_products: bool,
+) -> Result<(Classifier, Device), StartError> {
+    let device = vt_model::parse_device(device).map_err(StartError::Device)?;
+    let dtype = vt_model::parse_dtype(dtype, &device).map_err(StartError::Device)?;
+    vt_model::use_bf16_products(bf16_products, &device).map_err(StartError::Device)?;
+    let classifier =
+        Classifier::load(checkpoint, &device, dtype).map_err(|cause| StartError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            cause,
+        })?;
+    Ok((classifier, device))
+}
+
 impl AppState {
     /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
-        let device = vt_model::parse_device(&args.device).map_err(StartError::Device)?;
-        let dtype = vt_model::parse_dtype(&args.dtype, &device).map_err(StartError::Device)?;
-        vt_model::use_bf16_products(args.bf16_products, &device).map_err(StartError::Device)?;
-        let classifier = Classifier::load(&args.checkpoint, &device, dtype).map_err(|cause| {
-            StartError::Checkpoint {
-                path: args.checkpoint.clone(),
-                cause,
-            }
-        })?;
+        let (classifier, device) = load_classifier(
+            &args.checkpoint,
+            &args.device,
+            &args.dtype,
+            args.bf16_products,
+        )?;
         let config = classifier.config();
         let model = ModelInfo {
             name: checkpoint_name(&args.checkpoint),
