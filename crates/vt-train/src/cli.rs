@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::error::Result;
 use crate::eval::EvalArgs;
 use crate::init::InitArgs;
 use crate::train::{Outcome, TrainArgs};
@@ -41,7 +42,7 @@ pub enum Command {
 /// SIGINT: `vt-train train && next` does not go on with an unfinished run.
 pub const INTERRUPTED_EXIT: u8 = 130;
 
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli) -> Result<ExitCode> {
     let outcome = match cli.command {
         None => crate::train::run(&cli.train)?,
         Some(Command::Train(args)) => crate::train::run(&args)?,

@@ -3,14 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use serde::Serialize;
 use vt_data::dataset::Split;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
 use crate::data;
-use crate::error::{Result, TrainError};
+use crate::error::{Result, ResultExt, TrainError};
 use crate::loss::{cross_entropy, predictions};
 use crate::metrics::{write_atomically, ClassScores, ConfusionMatrix};
 use crate::plots::draw_confusion;
@@ -174,12 +173,12 @@ pub fn report_text(report: &EvalReport) -> String {
 /// before any work when the two would coincide, its folder is missing or is the checkpoint
 /// folder (whose next save would refuse a folder holding other files; the default's folder
 /// holds the checkpoint folder).
-fn output_paths(args: &EvalArgs, split: Split) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn output_paths(args: &EvalArgs, split: Split) -> Result<(PathBuf, PathBuf)> {
     // `.` and `..` name no folder to put the report beside: the folder they stand for does.
     let checkpoint = match args.checkpoint.file_name() {
         Some(_) => args.checkpoint.clone(),
         None => std::fs::canonicalize(&args.checkpoint)
-            .with_context(|| format!("--checkpoint {}", args.checkpoint.display()))?,
+            .map_err(|e| TrainError::file_op("--checkpoint", &args.checkpoint, e))?,
     };
     let out = args
         .out
@@ -194,34 +193,34 @@ fn output_paths(args: &EvalArgs, split: Split) -> anyhow::Result<(PathBuf, PathB
         .to_string_lossy()
         .eq_ignore_ascii_case(&out.to_string_lossy())
     {
-        anyhow::bail!(
+        return Err(TrainError::Config(format!(
             "--out {}: the report is JSON and the confusion matrix is written beside it with \
              a .png extension; give the report another extension (e.g. .json)",
             out.display()
-        );
+        )));
     }
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        anyhow::bail!(
+        return Err(TrainError::Config(format!(
             "--out {}: the folder {} does not exist",
             out.display(),
             parent.display()
-        );
+        )));
     }
     if std::fs::canonicalize(parent).ok() == std::fs::canonicalize(&checkpoint).ok() {
-        anyhow::bail!(
+        return Err(TrainError::Config(format!(
             "--out {}: the report would go into the checkpoint folder, which holds only the \
              checkpoint; write it beside it",
             out.display()
-        );
+        )));
     }
     Ok((out, png))
 }
 
-pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+pub fn run(args: &EvalArgs) -> Result<()> {
     let split = Split::from(args.split);
     let (out, png) = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);
@@ -232,12 +231,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let folder = data::open_split(&args.data, split, args.limit, 0)
         .with_context(|| format!("reading the {split} split of {}", args.data.display()))?;
     if folder.classes != model.config.class_names {
-        anyhow::bail!(
+        return Err(TrainError::Config(format!(
             "the checkpoint's classes {:?} differ from the data set's {:?} ({})",
             model.config.class_names,
             folder.classes,
             args.data.display()
-        );
+        )));
     }
     let loader = data::eval_loader(
         &model.config,
@@ -266,7 +265,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         skipped: eval.skipped,
     };
     print!("{}", report_text(&report));
-    let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|cause| TrainError::Json {
+            path: out.clone(),
+            cause,
+        })
+        .context("serialising the report")?;
     write_atomically(&out, format!("{json}\n").as_bytes())?;
     let title = format!(
         "{} on {split}: {:.2}%",

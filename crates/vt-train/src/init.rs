@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::PoisonError;
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -11,6 +10,8 @@ use vt_data::rng::{derive_seed, hash_str};
 use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
+
+use crate::error::{Result, ResultExt, TrainError};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -70,33 +71,41 @@ pub struct InitArgs {
     pub force: bool,
 }
 
-pub fn run(args: &InitArgs) -> anyhow::Result<()> {
+pub fn run(args: &InitArgs) -> Result<()> {
     let class_names = match (&args.class_names, args.num_classes) {
         (Some(names), Some(n)) if names.len() != n => {
-            anyhow::bail!(
+            return Err(TrainError::Config(format!(
                 "--num-classes {n} disagrees with {} --class-names",
                 names.len()
-            )
+            )))
         }
         (Some(names), _) => names.clone(),
         (None, Some(n)) => (0..n).map(|i| format!("class{i}")).collect(),
-        (None, None) => anyhow::bail!("give --num-classes or --class-names"),
+        (None, None) => {
+            return Err(TrainError::Config(
+                "give --num-classes or --class-names".into(),
+            ))
+        }
     };
     // A trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident, and a
     // folder of other files never is. Checked before a pretrained stem is downloaded.
     match dir_contents(&args.out)? {
         DirContents::Empty => {}
         DirContents::Checkpoint if args.force => {}
-        DirContents::Checkpoint => anyhow::bail!(
-            "--out {} already holds a checkpoint: choose another folder, or add --force to \
-             replace it",
-            args.out.display()
-        ),
-        DirContents::Foreign(reason) => anyhow::bail!(
-            "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
-             (--force only replaces a checkpoint)",
-            args.out.display()
-        ),
+        DirContents::Checkpoint => {
+            return Err(TrainError::Config(format!(
+                "--out {} already holds a checkpoint: choose another folder, or add --force to \
+                 replace it",
+                args.out.display()
+            )))
+        }
+        DirContents::Foreign(reason) => {
+            return Err(TrainError::Config(format!(
+                "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
+                 (--force only replaces a checkpoint)",
+                args.out.display()
+            )))
+        }
     }
     let model = seeded_model(args.model.config(class_names), &Device::Cpu, args.seed)?;
     if let Some(spec) = &args.pretrained {
@@ -125,7 +134,7 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
 /// layers: convolutions Kaiming-normal (fan-out, ReLU) as in torchvision's ResNet, linear
 /// weights and biases uniform in +-1/sqrt(fan_in) as in PyTorch. BatchNorm tensors are
 /// constants and stay.
-pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> crate::error::Result<Model> {
+pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> Result<Model> {
     let model = Model::init(config, device)?;
     // The model is this function's own: no other thread can have poisoned its lock.
     let vars = model

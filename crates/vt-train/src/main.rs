@@ -15,5 +15,5 @@ fn main() -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    vt_train::cli::run(vt_train::cli::Cli::parse())
+    Ok(vt_train::cli::run(vt_train::cli::Cli::parse())?)
 }

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
 use vt_model::checkpoint::{dir_contents, DirContents};
@@ -22,6 +21,7 @@ use vt_model::{parse_device, Model, VtConfig};
 use crate::config::{TrainConfig, TrainOptions};
 use crate::data;
 use crate::ema::Ema;
+use crate::error::{Result, ResultExt, TrainError};
 use crate::eval::evaluate;
 use crate::init::seeded_model;
 use crate::loss::{correct_predictions, cross_entropy};
@@ -52,7 +52,7 @@ pub struct TrainArgs {
 }
 
 /// Set by Ctrl-C; a second Ctrl-C exits at once (every file is written atomically).
-fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     if let Some(flag) = FLAG.get() {
         return Ok(flag.clone());
@@ -66,7 +66,7 @@ fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
         }
         eprintln!("interrupt: stopping after the current step (Ctrl-C again to exit at once)");
     })
-    .context("installing the Ctrl-C handler")?;
+    .map_err(TrainError::CtrlC)?;
     Ok(FLAG.get_or_init(|| flag).clone())
 }
 
@@ -123,44 +123,39 @@ struct Plan {
 
 /// Takes `RUN/.lock` for as long as the returned file lives (the OS drops the lock when the
 /// process ends, however it ends), so that two processes never write one run folder.
-fn lock_run_dir(run_dir: &Path) -> anyhow::Result<File> {
+fn lock_run_dir(run_dir: &Path) -> Result<File> {
     let path = run_dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .map_err(|e| TrainError::file_op("opening", &path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => bail!(
-            "{} is in use by another vt-train process (it holds {}): wait for it to end, or \
-             choose another --run-dir",
-            run_dir.display(),
-            path.display()
-        ),
-        Err(TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
+        Err(TryLockError::WouldBlock) => Err(TrainError::RunInUse {
+            run_dir: run_dir.to_path_buf(),
+            lock: path,
+        }),
+        Err(TryLockError::Error(e)) => Err(TrainError::file_op("locking", path, e)),
     }
 }
 
-fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
+fn plan(args: &TrainArgs) -> Result<Plan> {
     let file = match &args.config {
         Some(path) => TrainOptions::from_toml_file(path)?,
         None => TrainOptions::default(),
     };
     let given = file.overridden_by(&args.options);
     if args.resume {
-        let run_dir = given
-            .run_dir
-            .clone()
-            .context("--resume needs --run-dir (or run-dir in --config)")?;
+        let run_dir = given.run_dir.clone().ok_or_else(|| {
+            TrainError::Config("--resume needs --run-dir (or run-dir in --config)".into())
+        })?;
         if !run_dir.is_dir() {
-            bail!(
+            return Err(TrainError::Config(format!(
                 "--run-dir {} does not exist: nothing to resume",
                 run_dir.display()
-            );
+            )));
         }
         let lock = lock_run_dir(&run_dir)?;
         return plan_resume(&given, run_dir, lock);
@@ -177,27 +172,27 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
 }
 
 /// `saved` (the run's options) with `given` over it, the changes logged.
-fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> anyhow::Result<TrainConfig> {
+fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> Result<TrainConfig> {
     for change in saved.changes(given) {
         tracing::info!("resume: overriding {change}");
     }
-    Ok(TrainConfig::resolve(&saved.overridden_by(given))?)
+    TrainConfig::resolve(&saved.overridden_by(given))
 }
 
-fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> anyhow::Result<Plan> {
+fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Plan> {
     if state::exists(&run_dir)? {
         let progress = state::read_progress(&run_dir)?;
         let mut config = resolve_over(&progress.config.to_options(), given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
         if config.epochs < progress.epochs_done {
-            bail!(
+            return Err(TrainError::Config(format!(
                 "--epochs {} is below the {} epochs {} has completed: give at least {}",
                 config.epochs,
                 progress.epochs_done,
                 run_dir.display(),
                 progress.epochs_done
-            );
+            )));
         }
         return Ok(Plan {
             config,
@@ -210,11 +205,11 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> anyhow::Re
     // options, which is what the interrupt message promises.
     let saved = run_dir.join(CONFIG_TOML);
     if !saved.is_file() {
-        bail!(
+        return Err(TrainError::Config(format!(
             "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
              nothing to resume; start the run without --resume",
             run_dir.display()
-        );
+        )));
     }
     let options = TrainOptions::from_toml_file(&saved)?;
     let mut config = resolve_over(&options, given)?;
@@ -283,7 +278,7 @@ impl Trainer {
         batch: &Batch,
         (stem_frozen, selected): (bool, &dyn Fn(&str) -> bool),
         totals: &mut EpochTotals,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String> {
         let lr = self.schedule.lr(self.progress.global_step);
         let logits = if stem_frozen {
             self.model.forward_frozen_stem(&batch.images)?
@@ -331,7 +326,7 @@ impl Trainer {
         ))
     }
 
-    fn train_epoch(&mut self, epoch: usize) -> anyhow::Result<EpochEnd> {
+    fn train_epoch(&mut self, epoch: usize) -> Result<EpochEnd> {
         let frozen = epoch < self.config.freeze_stem_epochs;
         let selected = move |name: &str| !(frozen && is_stem(name));
         let mut totals = EpochTotals::default();
@@ -357,16 +352,13 @@ impl Trainer {
         bar.finish();
         totals.seconds = start.elapsed().as_secs_f64();
         if totals.images == 0 {
-            bail!(
-                "epoch {}: no training step succeeded (see the warnings above)",
-                epoch + 1
-            );
+            return Err(TrainError::NoStepSucceeded { epoch: epoch + 1 });
         }
         Ok(EpochEnd::Completed(totals))
     }
 
     /// Runs the remaining epochs.
-    fn run(&mut self) -> anyhow::Result<Outcome> {
+    fn run(&mut self) -> Result<Outcome> {
         for epoch in self.progress.epochs_done..self.config.epochs {
             let start = Instant::now();
             let searched_before = vt_model::kernels::algorithm_search_time();
@@ -531,7 +523,7 @@ pub enum Outcome {
     Interrupted,
 }
 
-pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
+pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let Plan {
         config,
         run_dir,
@@ -554,14 +546,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
         Some(lock) => lock,
         None => {
             std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("creating {}", run_dir.display()))?;
+                .map_err(|e| TrainError::file_op("creating", &run_dir, e))?;
             let lock = lock_run_dir(&run_dir)?;
             if state::exists(&run_dir)? {
-                bail!(
-                    "{} already holds a training run: add --resume to continue it, or choose \
-                     another --run-dir",
-                    run_dir.display()
-                );
+                return Err(TrainError::RunExists { run_dir });
             }
             lock
         }
@@ -572,11 +560,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
     for dir in [BEST_DIR, LAST_DIR, state::STATE_DIR] {
         let path = run_dir.join(dir);
         if let DirContents::Foreign(reason) = dir_contents(&path)? {
-            bail!(
-                "{}: {reason}; it holds the run's checkpoints only: move that away, then run \
-                 again",
-                path.display()
-            );
+            return Err(TrainError::ForeignFiles { path, reason });
         }
     }
 
@@ -585,20 +569,22 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Outcome> {
         Some(_) => {
             let model = state::load_model(&run_dir, &device)?;
             if model.config.class_names != classes {
-                bail!(
+                return Err(TrainError::Config(format!(
                     "the classes of {} {:?} differ from the run's {:?}: they cannot change on \
                      resume",
                     config.data.display(),
                     classes,
                     model.config.class_names
-                );
+                )));
             }
             if model.config != wanted {
-                bail!(
-                    "{}: the saved model does not match the run's options in {}",
-                    run_dir.join(state::STATE_DIR).display(),
-                    run_dir.join(CONFIG_TOML).display()
-                );
+                return Err(TrainError::State {
+                    path: run_dir.join(state::STATE_DIR),
+                    message: format!(
+                        "the saved model does not match the run's options in {}",
+                        run_dir.join(CONFIG_TOML).display()
+                    ),
+                });
             }
             model
         }
