@@ -25,8 +25,9 @@ pub struct PredictArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
-    /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`; a value takes `=`
+    /// (`--bf16-products=false`), since image paths follow.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub bf16_products: bool,
     /// How many of the best classes to list under "top".
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -138,4 +139,32 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: PredictArgs,
+    }
+
+    /// An image path right after `--bf16-products` is an image, not the flag's value.
+    #[test]
+    fn bf16_products_leaves_the_images_alone() {
+        for (given, expected) in [
+            (&["--bf16-products", "a.jpg"][..], true),
+            (&["--bf16-products=false", "a.jpg"][..], false),
+            (&["a.jpg"][..], false),
+        ] {
+            let line = ["predict", "--checkpoint", "c"].iter().chain(given);
+            let cli = Cli::try_parse_from(line).unwrap();
+            assert_eq!(cli.args.bf16_products, expected, "{given:?}");
+            assert_eq!(cli.args.images, [PathBuf::from("a.jpg")], "{given:?}");
+        }
+    }
 }

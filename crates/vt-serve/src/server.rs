@@ -41,7 +41,7 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, StartError> {
-        self.listener.local_addr().map_err(StartError::Serve)
+        self.listener.local_addr().map_err(StartError::Address)
     }
 
     pub fn state(&self) -> &Arc<AppState> {

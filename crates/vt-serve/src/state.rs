@@ -45,8 +45,8 @@ pub enum StartError {
     HttpClient(reqwest::Error),
     #[error("cannot listen on {addr}: {cause}")]
     Bind { addr: String, cause: std::io::Error },
-    #[error("server failed: {0}")]
-    Serve(std::io::Error),
+    #[error("reading the address the server is bound to: {0}")]
+    Address(std::io::Error),
 }
 
 /// What `GET /v1/models` reports about the loaded checkpoint.

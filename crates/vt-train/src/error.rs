@@ -33,6 +33,12 @@ pub enum TrainError {
         path: PathBuf,
         cause: serde_json::Error,
     },
+    /// A value that could not be written as JSON into `path`.
+    #[error("cannot write {path} as JSON: {cause}")]
+    JsonWrite {
+        path: PathBuf,
+        cause: serde_json::Error,
+    },
     #[error("{path}: invalid TOML: {message}")]
     Toml { path: PathBuf, message: String },
     #[error("{path}: {message}")]

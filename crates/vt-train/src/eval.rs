@@ -265,12 +265,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         skipped: eval.skipped,
     };
     print!("{}", report_text(&report));
-    let json = serde_json::to_string_pretty(&report)
-        .map_err(|cause| TrainError::Json {
-            path: out.clone(),
-            cause,
-        })
-        .context("serialising the report")?;
+    let json = serde_json::to_string_pretty(&report).map_err(|cause| TrainError::JsonWrite {
+        path: out.clone(),
+        cause,
+    })?;
     write_atomically(&out, format!("{json}\n").as_bytes())?;
     let title = format!(
         "{} on {split}: {:.2}%",

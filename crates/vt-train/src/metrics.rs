@@ -247,7 +247,7 @@ impl MetricsLog {
 
     /// Appends one record to `metrics.jsonl` and flushes it to disk.
     pub fn append(&self, record: &EpochRecord) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|cause| TrainError::Json {
+        let line = serde_json::to_string(record).map_err(|cause| TrainError::JsonWrite {
             path: self.jsonl.clone(),
             cause,
         })?;
@@ -266,7 +266,7 @@ impl MetricsLog {
     pub fn rewrite(&self, records: &[EpochRecord], classes: &[String]) -> Result<()> {
         let mut text = String::new();
         for record in records {
-            let line = serde_json::to_string(record).map_err(|cause| TrainError::Json {
+            let line = serde_json::to_string(record).map_err(|cause| TrainError::JsonWrite {
                 path: self.jsonl.clone(),
                 cause,
             })?;

@@ -103,14 +103,16 @@ pub fn save(
         optimizer_steps: steps,
         ..progress.clone()
     };
-    let training = serde_json::to_string_pretty(&progress).map_err(|cause| TrainError::Json {
-        path: dir.join(TRAINING_FILE),
-        cause,
-    })?;
-    let config = serde_json::to_string_pretty(&model.config).map_err(|cause| TrainError::Json {
-        path: dir.join(CONFIG_FILE),
-        cause,
-    })?;
+    let training =
+        serde_json::to_string_pretty(&progress).map_err(|cause| TrainError::JsonWrite {
+            path: dir.join(TRAINING_FILE),
+            cause,
+        })?;
+    let config =
+        serde_json::to_string_pretty(&model.config).map_err(|cause| TrainError::JsonWrite {
+            path: dir.join(CONFIG_FILE),
+            cause,
+        })?;
     write_dir_atomically(&dir, |tmp| {
         let write_text = |name: &str, text: &str| {
             let path = tmp.join(name);
