@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use safetensors::SafeTensors;
 
@@ -135,18 +135,20 @@ pub(crate) fn read_selected(
     Ok(tensors)
 }
 
-/// Copies `tensors` into the variables of `varmap`: the two name sets must be equal and
-/// every shape must match.
+/// Copies `tensors` into the variables of `varmap` that `wanted` names: the two name sets
+/// must be equal and every shape must match. Nothing is copied unless all is well.
 pub fn assign_strict(
     path: &Path,
     varmap: &VarMap,
     tensors: &BTreeMap<String, Tensor>,
+    wanted: impl Fn(&str) -> bool,
 ) -> Result<()> {
-    let vars = varmap.data().lock().map_err(|_| ModelError::Invalid {
+    let all = varmap.data().lock().map_err(|_| ModelError::Invalid {
         path: path.to_path_buf(),
         message: "variable map lock poisoned".into(),
     })?;
-    let expected: BTreeSet<&String> = vars.keys().collect();
+    let vars: BTreeMap<&String, &Var> = all.iter().filter(|(name, _)| wanted(name)).collect();
+    let expected: BTreeSet<&String> = vars.keys().copied().collect();
     if let Some(name) = expected.iter().find(|n| !tensors.contains_key(n.as_str())) {
         return Err(ModelError::MissingTensor {
             path: path.to_path_buf(),
@@ -159,7 +161,7 @@ pub fn assign_strict(
             name: name.clone(),
         });
     }
-    for (name, var) in vars.iter() {
+    for (&name, var) in &vars {
         let tensor = &tensors[name];
         if tensor.dims() != var.dims() {
             return Err(ModelError::ShapeMismatch {
@@ -170,7 +172,7 @@ pub fn assign_strict(
             });
         }
     }
-    for (name, var) in vars.iter() {
+    for (&name, var) in &vars {
         var.set(&tensors[name].to_dtype(var.dtype())?)?;
     }
     Ok(())

@@ -12,6 +12,17 @@ use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
 use crate::vt_resnet::VtResNet;
 
+/// What [`Model::start_from`] took from the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartedFrom {
+    AllWeights,
+    /// Its classes differ from the model's.
+    AllButTheHead,
+}
+
+/// The prefix of the classifier head's tensors.
+const HEAD: &str = "head.";
+
 pub struct Model {
     pub config: VtConfig,
     /// Every tensor of the checkpoint, BatchNorm running statistics included; the
@@ -56,8 +67,61 @@ impl Model {
         let model = Model::init_as(config, device, dtype)?;
         let path = dir.join(WEIGHTS_FILE);
         let tensors = checkpoint::read_tensors(&path, device)?;
-        checkpoint::assign_strict(&path, &model.varmap, &tensors)?;
+        checkpoint::assign_strict(&path, &model.varmap, &tensors, |_| true)?;
         Ok(model)
+    }
+
+    /// Sets this model's weights to those of the checkpoint in `dir`, the start of a
+    /// fine-tuning run: all of them when the two have the same classes, all but the head's
+    /// otherwise (the head stays as initialised, since one for other classes is of no use).
+    /// Everything else the weights depend on must agree; the image size need not.
+    pub fn start_from(&self, dir: &Path) -> Result<StartedFrom> {
+        let source = checkpoint::read_config(dir)?;
+        let ours = &self.config;
+        let differences: Vec<String> = [
+            ("arch", source.arch.to_string(), ours.arch.to_string()),
+            ("tokens", source.tokens.to_string(), ours.tokens.to_string()),
+            (
+                "token channels",
+                source.token_channels.to_string(),
+                ours.token_channels.to_string(),
+            ),
+            ("heads", source.heads.to_string(), ours.heads.to_string()),
+            (
+                "mean",
+                format!("{:?}", source.mean),
+                format!("{:?}", ours.mean),
+            ),
+            (
+                "std",
+                format!("{:?}", source.std),
+                format!("{:?}", ours.std),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, theirs, ours)| theirs != ours)
+        .map(|(what, theirs, ours)| format!("{what} {theirs} (wanted {ours})"))
+        .collect();
+        if !differences.is_empty() {
+            return Err(ModelError::Invalid {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "a model to start from must match this one: it has {}",
+                    differences.join(", ")
+                ),
+            });
+        }
+        let started = if source.class_names == ours.class_names {
+            StartedFrom::AllWeights
+        } else {
+            StartedFrom::AllButTheHead
+        };
+        let keep = |name: &str| started == StartedFrom::AllWeights || !name.starts_with(HEAD);
+        let path = dir.join(WEIGHTS_FILE);
+        let mut tensors = checkpoint::read_tensors(&path, &self.device)?;
+        tensors.retain(|name, _| keep(name));
+        checkpoint::assign_strict(&path, &self.varmap, &tensors, keep)?;
+        Ok(started)
     }
 
     /// The same model for inference only. Its layers take the weights as plain tensors

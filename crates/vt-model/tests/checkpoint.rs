@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::{relative_error, set_formula_weights, tiny_config};
 use vt_model::checkpoint::{write_dir_atomically, CONFIG_FILE, WEIGHTS_FILE};
-use vt_model::{Arch, Model, ModelError};
+use vt_model::{Arch, Model, ModelError, StartedFrom, VtConfig};
 
 fn saved_model(dir: &Path) -> Model {
     let model = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
@@ -347,4 +347,69 @@ fn a_checkpoint_path_may_end_in_dot_dot() {
     std::fs::create_dir(&inner).unwrap();
     Model::load(&inner.join(".."), &Device::Cpu).unwrap();
     Model::load(&inner.join("..").join("."), &Device::Cpu).unwrap();
+}
+
+/// Every tensor of `model` by name, as f32 values.
+fn values(model: &Model) -> HashMap<String, Vec<f32>> {
+    let vars = model.varmap.data().lock().unwrap();
+    vars.iter()
+        .map(|(name, var)| {
+            let flat = var.as_tensor().flatten_all().unwrap();
+            (name.clone(), flat.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+/// Fine-tuning starts from a checkpoint: every tensor when the classes are the same, every
+/// one but the head's when they differ, at any image size; a model that differs otherwise
+/// is refused, naming how, and keeps its weights.
+#[test]
+fn a_model_starts_from_a_checkpoint_with_or_without_its_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("source");
+    let source = Model::init(tiny_config(Arch::VtResNet18), &Device::Cpu).unwrap();
+    set_formula_weights(&source);
+    source.save(&dir).unwrap();
+    let trained = values(&source);
+
+    let same_classes = VtConfig {
+        image_size: 48,
+        ..tiny_config(Arch::VtResNet18)
+    };
+    let model = Model::init(same_classes, &Device::Cpu).unwrap();
+    assert_eq!(model.start_from(&dir).unwrap(), StartedFrom::AllWeights);
+    assert_eq!(values(&model), trained);
+
+    let other_classes = VtConfig {
+        class_names: vec!["cat".into(), "dog".into()],
+        ..tiny_config(Arch::VtResNet18)
+    }
+    .with_num_classes();
+    let model = Model::init(other_classes, &Device::Cpu).unwrap();
+    let fresh = values(&model);
+    assert_eq!(model.start_from(&dir).unwrap(), StartedFrom::AllButTheHead);
+    for (name, loaded) in values(&model) {
+        let expected = if name.starts_with("head.") {
+            &fresh[&name]
+        } else {
+            &trained[&name]
+        };
+        assert_eq!(&loaded, expected, "{name}");
+    }
+
+    let other_tokens = VtConfig {
+        tokens: tiny_config(Arch::VtResNet18).tokens + 1,
+        ..tiny_config(Arch::VtResNet18)
+    };
+    let model = Model::init(other_tokens, &Device::Cpu).unwrap();
+    let fresh = values(&model);
+    let err = model.start_from(&dir).unwrap_err().to_string();
+    assert!(err.contains("it has tokens"), "{err}");
+    assert_eq!(values(&model), fresh);
+    let r34 = Model::init(tiny_config(Arch::VtResNet34), &Device::Cpu).unwrap();
+    let err = r34.start_from(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("arch vt-resnet18 (wanted vt-resnet34)"),
+        "{err}"
+    );
 }

@@ -109,6 +109,11 @@ pub struct TrainOptions {
     /// timm/resnet34.a1_in1k (ResNet-34 for vt-resnet34, ResNet-18 for vt-resnet18)
     #[arg(long, value_name = "FILE|HUB-ID")]
     pub pretrained: Option<String>,
+    /// Start from the weights of a vt checkpoint (e.g. runs/a/best) to fine-tune it: all of
+    /// them when its classes are the data's, all but the head's otherwise. Its arch, tokens,
+    /// token channels and heads must be this run's; the image size may differ
+    #[arg(long, value_name = "DIR")]
+    pub initial_checkpoint: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto [default: auto]
     #[arg(long)]
     pub device: Option<String>,
@@ -181,6 +186,7 @@ impl TrainOptions {
             early_stop,
             freeze_stem_epochs,
             pretrained,
+            initial_checkpoint,
             device,
             tf32,
             bf16_products,
@@ -250,6 +256,8 @@ pub struct TrainConfig {
     pub freeze_stem_epochs: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_checkpoint: Option<PathBuf>,
     pub device: String,
     /// Absent from run folders written before the option existed: resuming takes the default.
     #[serde(default = "tf32_by_default")]
@@ -309,6 +317,7 @@ impl TrainConfig {
             early_stop: o.early_stop.filter(|p| *p != 0),
             freeze_stem_epochs: o.freeze_stem_epochs.unwrap_or(0),
             pretrained: o.pretrained.clone(),
+            initial_checkpoint: o.initial_checkpoint.clone(),
             device,
             tf32: o.tf32.unwrap_or_else(tf32_by_default),
             bf16_products: o.bf16_products.unwrap_or(false),
@@ -328,6 +337,12 @@ impl TrainConfig {
 
     fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(TrainError::Config(msg));
+        if self.pretrained.is_some() && self.initial_checkpoint.is_some() {
+            return fail(
+                "--pretrained and --initial-checkpoint both give the stem's weights: choose one"
+                    .into(),
+            );
+        }
         if self.epochs == 0 || self.batch_size == 0 || self.image_size == 0 {
             return fail("--epochs, --batch-size and --image-size must be at least 1".into());
         }
@@ -406,6 +421,17 @@ impl TrainConfig {
                 self.pretrained.as_deref().unwrap_or("none")
             )));
         }
+        if self.initial_checkpoint != run.initial_checkpoint {
+            let named = |dir: &Option<PathBuf>| {
+                dir.as_ref()
+                    .map_or_else(|| "none".to_string(), |d| d.display().to_string())
+            };
+            return Err(TrainError::Config(format!(
+                "--initial-checkpoint only applies to a new run: the run started from {}, got {}",
+                named(&run.initial_checkpoint),
+                named(&self.initial_checkpoint)
+            )));
+        }
         Ok(())
     }
 
@@ -475,6 +501,7 @@ impl TrainConfig {
             early_stop: self.early_stop,
             freeze_stem_epochs: Some(self.freeze_stem_epochs),
             pretrained: self.pretrained.clone(),
+            initial_checkpoint: self.initial_checkpoint.clone(),
             device: Some(self.device.clone()),
             tf32: Some(self.tf32),
             bf16_products: Some(self.bf16_products),

@@ -193,7 +193,7 @@ pub fn load_training(
             return Ok(());
         }
         let tensors = read_tensors(&path, device)?;
-        assign_strict(&path, &ema.model.varmap, &tensors)?;
+        assign_strict(&path, &ema.model.varmap, &tensors, |_| true)?;
     }
     Ok(())
 }

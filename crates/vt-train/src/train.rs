@@ -16,7 +16,7 @@ use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
 use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::{is_stem, load_stem, Source};
-use vt_model::{parse_device, Model, VtConfig};
+use vt_model::{parse_device, Model, StartedFrom, VtConfig};
 
 use crate::config::{TrainConfig, TrainOptions};
 use crate::data;
@@ -594,6 +594,20 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
                 let loaded = load_stem(&model, &Source::parse(spec)?)
                     .with_context(|| format!("loading the pretrained stem from {spec}"))?;
                 tracing::info!("loaded {loaded} stem tensors from {spec}");
+            }
+            if let Some(dir) = &config.initial_checkpoint {
+                let started = model.start_from(dir).with_context(|| {
+                    format!("starting from --initial-checkpoint {}", dir.display())
+                })?;
+                match started {
+                    StartedFrom::AllWeights => {
+                        tracing::info!("starting from the weights of {}", dir.display())
+                    }
+                    StartedFrom::AllButTheHead => tracing::info!(
+                        "starting from the weights of {} but its head, whose classes differ",
+                        dir.display()
+                    ),
+                }
             }
             model
         }

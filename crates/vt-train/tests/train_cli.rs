@@ -526,3 +526,73 @@ fn a_run_repeats_exactly_with_the_same_seed_and_threads() {
         assert!(values(tensor) == values(&b[name]), "{name} differs");
     }
 }
+
+/// `--initial-checkpoint` starts a new run from a checkpoint's weights, head included when
+/// the classes are the data's; it excludes `--pretrained` and cannot change on resume.
+#[test]
+fn a_run_starts_from_an_initial_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let init = tmp.path().join("init");
+    run_ok(
+        vt_train()
+            .args(["init", "--seed", "7", "--out"])
+            .arg(&init)
+            .args([
+                "--class-names",
+                "buildings,forest,glacier,mountain,sea,street",
+            ])
+            .args(TINY_MODEL),
+    );
+    let run = tmp.path().join("run");
+    // A rate so small that the weights stay where they started.
+    let out = run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1", "--batch-size", "8", "--lr", "1e-12"])
+            .args(["--warmup-epochs", "0", "--initial-checkpoint"])
+            .arg(&init),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("starting from the weights of"), "{log}");
+    let tensors = |dir: &std::path::Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (start, trained) = (tensors(&init), tensors(&run.join("last")));
+    for name in ["conv1.weight", "vt.1.transformer.ffn2.bias", "head.weight"] {
+        let diff = (&start[name] - &trained[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-6,
+            "{name} moved by {diff} from the initial checkpoint"
+        );
+    }
+
+    let both = train_tiny(&data, &tmp.path().join("both"))
+        .args(["--pretrained", "stem.safetensors", "--initial-checkpoint"])
+        .arg(&init)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        !both.status.success() && err.contains("choose one"),
+        "{err}"
+    );
+
+    let changed = train_tiny(&data, &run)
+        .args(["--resume", "--epochs", "2", "--initial-checkpoint"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(
+        !changed.status.success() && err.contains("--initial-checkpoint only applies to a new run"),
+        "{err}"
+    );
+}
