@@ -9,8 +9,10 @@
 #   bench/gpu.sh run [OUT]    # there, from the repository root: results into OUT
 #                             # (default gpu-results/), a summary on stdout
 #
-# Through the device tool (which returns at most 8 files), carry target/gpu and pack OUT:
-#   bash bench/gpu.sh run /tmp/r | tee $OUT/stdout.txt; tar czf $OUT/gpu-results.tgz -C /tmp r
+# Through the device tool (which returns at most 8 files), carry target/gpu and let `run` pack
+# OUT after every step (VT_GPU_PACK), so that a command stopped at its time limit still
+# returns every finished step's results:
+#   VT_GPU_PACK=$OUT/gpu-results.tgz bash bench/gpu.sh run /tmp/r > $OUT/stdout.txt 2>&1
 #
 # `run` (0) runs the GPU tests (vt-model's CUDA kernels and fused optimiser updates against the
 # CPU's, the golden tests against PyTorch, the loader's page-locked batches against the CPU's); (1)
@@ -32,7 +34,7 @@
 # which is how this script is tested without a GPU), VT_PYTHON (default python3),
 # VT_GPU_PER_CLASS (photos per class that `prepare` copies, default 90), VT_GPU_DIR (what
 # `prepare` writes and `run` reads, default target/gpu), VT_GPU_BUDGET_S (the run's time
-# budget, default 500 s).
+# budget, default 500 s), VT_GPU_PACK (a .tgz that `run` rewrites with OUT after each step).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -140,6 +142,8 @@ step() {
     ("$@") &
     wait $! || rc=$?
     echo "$name: rc $rc after $(($(date +%s) - now)) s" | tee -a "$out/steps.txt"
+    # Packed after every step, so that a run stopped from outside still returns what it has.
+    [[ -z ${VT_GPU_PACK:-} ]] || tar czf "$VT_GPU_PACK" -C "$(dirname "$out")" "$(basename "$out")"
 }
 
 # Runs a command until the current step's time is up.
@@ -157,10 +161,12 @@ gpu_tests() {
         t=${t%%:*}
         xz -dc "$gpu_dir/tests/$t.xz" > "$work/test-$t"
         chmod +x "$work/test-$t"
-        within env CARGO_MANIFEST_DIR="$PWD/crates/$crate" "$work/test-$t" --test-threads 1 \
-            >> "$out/gpu-tests.log" 2>&1 || { tail -n 40 "$out/gpu-tests.log"; return 1; }
+        # VT_REQUIRE_GPU: a GPU test that finds no device fails instead of skipping.
+        within env VT_REQUIRE_GPU=1 CARGO_MANIFEST_DIR="$PWD/crates/$crate" "$work/test-$t" \
+            --test-threads 1 >> "$out/gpu-tests.log" 2>&1 ||
+            { tail -n 40 "$out/gpu-tests.log"; return 1; }
     done
-    grep -E "^test result|skipping|skipped" "$out/gpu-tests.log"
+    grep -E "^test result" "$out/gpu-tests.log"
 }
 
 machine_info() {
@@ -284,18 +290,21 @@ bench_model() {
 # data set's training split, over which one-time costs such as cuDNN's timing of its
 # algorithms spread as in a real epoch): vt-train, then PyTorch's DataLoader.
 end_to_end_epoch() {
-    for split in train val; do
-        for class_dir in "$work/data/$split"/*/; do
-            local class
-            class=$(basename "$class_dir")
-            mkdir -p "$work/e2e/$split/$class"
-            for f in "$class_dir"*; do
-                for i in $(seq "$repeat"); do
-                    ln -s "$f" "$work/e2e/$split/$class/$i-$(basename "$f")"
-                done
-            done
-        done
-    done
+    # One process for the ~15,000 links: a shell loop spends tens of seconds starting `ln`s.
+    "$python" - "$work/data" "$work/e2e" "$repeat" <<'PY'
+import os, sys
+data, e2e, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for split in ("train", "val"):
+    for cls in sorted(os.listdir(os.path.join(data, split))):
+        src = os.path.join(data, split, cls)
+        if not os.path.isdir(src):
+            continue
+        dst = os.path.join(e2e, split, cls)
+        os.makedirs(dst, exist_ok=True)
+        for name in sorted(os.listdir(src)):
+            for i in range(1, repeat + 1):
+                os.symlink(os.path.join(src, name), os.path.join(dst, f"{i}-{name}"))
+PY
     within "$bin/vt-train" train --data "$work/e2e" --run-dir "$work/e2e-vt" --device "$device" \
         --recipe seed --arch vt-resnet18 --image-size "$e2e_px" --batch-size "$e2e_batch" \
         --epochs 1 --loader-threads "$loader_threads" 2> "$out/e2e-vt.log"
@@ -323,7 +332,7 @@ kernel_profile() {
         within "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
             --profile-from-start off --log-file "$out/$name.csv" "$bin/xtask" bench model \
             --device "$device" --no-torch --json --iters 1 --warmup 1 --threads "$(nproc)" \
-            --cases "$case" > /dev/null 2>&1
+            --cases "$case" > "$out/$name.log" 2>&1
         "$python" - "$out/$name.csv" <<'PY' | tee "$out/$name.txt"
 import collections, csv, sys
 unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0}

@@ -139,6 +139,8 @@ fn bench_vt(
     );
     let mut step = || -> anyhow::Result<()> {
         match case.mode {
+            // The logits come back to the host, as a served prediction's must (PyTorch's
+            // side does the same).
             Mode::Infer => {
                 model
                     .forward_t(&x, false)?
@@ -255,6 +257,10 @@ struct Row<'a> {
     arch: &'a str,
     image_size: usize,
     batch: usize,
+    /// The inference precision (training is always f32).
+    dtype: &'a str,
+    /// Whether training let f32 convolutions use TF32 on a GPU.
+    tf32: bool,
     vt_img_s: f64,
     torch_img_s: Option<f64>,
     ratio: Option<f64>,
@@ -303,6 +309,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             arch: case.arch.name(),
             image_size: case.image_size,
             batch: case.batch,
+            dtype: match case.mode {
+                Mode::Infer => &args.dtype,
+                Mode::Train => "f32",
+            },
+            tf32: case.mode == Mode::Train && !args.no_tf32 && !device.is_cpu(),
             vt_img_s,
             torch_img_s,
             ratio: torch_img_s.map(|t| vt_img_s / t),

@@ -254,6 +254,9 @@ fn bad_configurations_are_errors_not_panics() {
 fn gpu_batches_equal_cpu_batches() {
     let gpu = match Device::new_cuda(0) {
         Ok(gpu) => gpu,
+        Err(e) if std::env::var_os("VT_REQUIRE_GPU").is_some() => {
+            panic!("VT_REQUIRE_GPU is set, but no CUDA device opens: {e}")
+        }
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
             return;

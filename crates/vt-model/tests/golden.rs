@@ -34,6 +34,9 @@ fn vt_resnet34_matches_pytorch() {
 fn vt_resnet18_matches_pytorch_on_cuda() {
     let gpu = match Device::new_cuda(0) {
         Ok(gpu) => gpu,
+        Err(e) if std::env::var_os("VT_REQUIRE_GPU").is_some() => {
+            panic!("VT_REQUIRE_GPU is set, but no CUDA device opens: {e}")
+        }
         Err(e) => {
             eprintln!("skipping: no CUDA device ({e})");
             return;

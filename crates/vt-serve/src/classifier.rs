@@ -97,6 +97,9 @@ impl Classifier {
     /// Loads a checkpoint on `device`, its weights converted to `dtype`.
     pub fn load(checkpoint: &Path, device: &Device, dtype: DType) -> vt_model::Result<Classifier> {
         let model = Model::load_as(checkpoint, device, dtype)?.into_frozen()?;
+        // The weights were copied on this thread's GPU stream; the model thread, on its own
+        // stream, derives values from them once (folded batch norms) and keeps them.
+        device.synchronize()?;
         let preprocessor = Preprocessor::new(&model.config);
         Ok(Classifier {
             model,

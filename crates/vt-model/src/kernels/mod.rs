@@ -147,6 +147,9 @@ fn max_rel(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 
 pub(crate) fn test_gpu() -> Option<candle_core::Device> {
     match candle_core::Device::new_cuda(0) {
         Ok(device) => Some(device),
+        Err(e) if std::env::var_os("VT_REQUIRE_GPU").is_some() => {
+            panic!("VT_REQUIRE_GPU is set, but no CUDA device opens: {e}")
+        }
         Err(e) => {
             eprintln!("skipping: no CUDA device ({e})");
             None
