@@ -949,7 +949,7 @@ async fn shutdown_does_not_wait_for_a_client_that_never_sends_its_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_send_no_complete_headers_are_closed_after_the_header_timeout() {
     let dir = tiny_checkpoint();
-    let server = TestServer::start(&checkpoint_path(&dir), &["--header-timeout-ms", "300"]).await;
+    let server = TestServer::start(&checkpoint_path(&dir), &["--header-timeout-ms", "1000"]).await;
     let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stalled
         .write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n")
