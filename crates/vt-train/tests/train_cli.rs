@@ -452,19 +452,11 @@ fn a_frozen_stem_keeps_its_initial_weights_while_the_rest_trains() {
             .args(TINY_MODEL)
             .args(seed),
     );
-    let tensors = |dir: &std::path::Path| {
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
-    };
-    let (start, trained) = (tensors(&init), tensors(&run.join("last")));
-    let same = |name: &str| {
-        let diff = (&start[name] - &trained[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() == 0.0
-    };
+    let (start, trained) = (
+        checkpoint_tensors(&init),
+        checkpoint_tensors(&run.join("last")),
+    );
+    let same = |name: &str| max_abs_diff(&start[name], &trained[name]) == 0.0;
     for name in [
         "conv1.weight",
         "bn1.weight",
@@ -516,10 +508,10 @@ fn a_run_repeats_exactly_with_the_same_seed_and_threads() {
             .collect()
     };
     assert_eq!(losses(&first), losses(&second));
-    let weights = |run: &std::path::Path| {
-        candle_core::safetensors::load(run.join("last/model.safetensors"), &Device::Cpu).unwrap()
-    };
-    let (a, b) = (weights(&first), weights(&second));
+    let (a, b) = (
+        checkpoint_tensors(&first.join("last")),
+        checkpoint_tensors(&second.join("last")),
+    );
     assert_eq!(a.len(), b.len());
     for (name, tensor) in &a {
         let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -555,19 +547,12 @@ fn a_run_starts_from_an_initial_checkpoint() {
     );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("starting from the weights of"), "{log}");
-    let tensors = |dir: &std::path::Path| {
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
-    };
-    let (start, trained) = (tensors(&init), tensors(&run.join("last")));
+    let (start, trained) = (
+        checkpoint_tensors(&init),
+        checkpoint_tensors(&run.join("last")),
+    );
     for name in ["conv1.weight", "vt.1.transformer.ffn2.bias", "head.weight"] {
-        let diff = (&start[name] - &trained[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&start[name], &trained[name]);
         assert!(
             diff < 1e-6,
             "{name} moved by {diff} from the initial checkpoint"

@@ -1,10 +1,12 @@
 //! Helpers of the vt-train integration tests: small data sets and the real binary.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use candle_core::{Device, Tensor};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::source::synthetic::SyntheticConfig;
 use vt_train::metrics::EpochRecord;
@@ -126,4 +128,21 @@ pub fn real_data(sample: &Path, root: &Path, train_per_class: usize, per_split: 
         }
     }
     dir
+}
+
+/// The tensors of the checkpoint folder `dir`, by name.
+pub fn checkpoint_tensors(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
