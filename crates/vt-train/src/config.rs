@@ -13,6 +13,7 @@ use vt_data::transform::Normalize;
 use vt_model::Arch;
 
 use crate::error::{Result, TrainError};
+use crate::mix::Mixing;
 use crate::optim::Method;
 use crate::schedule::Decay;
 use crate::threads;
@@ -89,6 +90,16 @@ pub struct TrainOptions {
     /// Label smoothing of the cross-entropy [default: seed 0, modern 0.1]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// MixUp: blend each training image with the next of its batch, and their labels alike,
+    /// in shares drawn from Beta(ALPHA, ALPHA) (torchvision's reference recipe: 0.2); 0
+    /// disables. With --cutmix-alpha too, each batch takes one of the two [default: 0]
+    #[arg(long, value_name = "ALPHA")]
+    pub mixup_alpha: Option<f64>,
+    /// CutMix: paste a box of the next image of the batch into each training image, the
+    /// labels weighed by area, its share drawn from Beta(ALPHA, ALPHA) (torchvision's
+    /// reference recipe: 1.0); 0 disables [default: 0]
+    #[arg(long, value_name = "ALPHA")]
+    pub cutmix_alpha: Option<f64>,
     /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
     #[arg(long, value_name = "NORM")]
     pub clip_grad: Option<f64>,
@@ -181,6 +192,8 @@ impl TrainOptions {
             weight_decay,
             warmup_epochs,
             label_smoothing,
+            mixup_alpha,
+            cutmix_alpha,
             clip_grad,
             ema,
             early_stop,
@@ -248,6 +261,11 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub warmup_epochs: f64,
     pub label_smoothing: f64,
+    /// Absent from run folders written before the option existed: off.
+    #[serde(default)]
+    pub mixup_alpha: f64,
+    #[serde(default)]
+    pub cutmix_alpha: f64,
     pub clip_grad: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
@@ -312,6 +330,8 @@ impl TrainConfig {
             weight_decay: o.weight_decay.unwrap_or(if seed { 0.0 } else { 0.05 }),
             warmup_epochs: o.warmup_epochs.unwrap_or(if seed { 1.0 } else { 2.0 }),
             label_smoothing: o.label_smoothing.unwrap_or(if seed { 0.0 } else { 0.1 }),
+            mixup_alpha: o.mixup_alpha.unwrap_or(0.0),
+            cutmix_alpha: o.cutmix_alpha.unwrap_or(0.0),
             clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
             ema: o.ema.filter(|d| *d != 0.0),
             early_stop: o.early_stop.filter(|p| *p != 0),
@@ -366,6 +386,14 @@ impl TrainConfig {
                 "--label-smoothing must be in [0, 1), got {}",
                 self.label_smoothing
             ));
+        }
+        for (flag, alpha) in [
+            ("--mixup-alpha", self.mixup_alpha),
+            ("--cutmix-alpha", self.cutmix_alpha),
+        ] {
+            if !(alpha.is_finite() && alpha >= 0.0) {
+                return fail(format!("{flag} must be >= 0 (0 disables), got {alpha}"));
+            }
         }
         if !(self.clip_grad.is_finite() && self.clip_grad >= 0.0) {
             return fail(format!(
@@ -496,6 +524,8 @@ impl TrainConfig {
             weight_decay: Some(self.weight_decay),
             warmup_epochs: Some(self.warmup_epochs),
             label_smoothing: Some(self.label_smoothing),
+            mixup_alpha: Some(self.mixup_alpha),
+            cutmix_alpha: Some(self.cutmix_alpha),
             clip_grad: Some(self.clip_grad),
             ema: self.ema,
             early_stop: self.early_stop,
@@ -517,6 +547,13 @@ impl TrainConfig {
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self)
             .map_err(|e| TrainError::Config(format!("cannot write the config as TOML: {e}")))
+    }
+
+    pub fn mixing(&self) -> Mixing {
+        Mixing {
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+        }
     }
 
     pub fn method(&self) -> Method {

@@ -2,7 +2,7 @@
 //! thin wrapper around [`cli::run`]).
 //!
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
-//! - [`optim`], [`schedule`], [`loss`], [`ema`]: the optimisation pieces;
+//! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
 //! - [`eval`], [`metrics`], [`plots`], [`progress`]: measuring and reporting;
 //! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader.
 
@@ -15,6 +15,7 @@ pub mod eval;
 pub mod init;
 pub mod loss;
 pub mod metrics;
+pub mod mix;
 pub mod optim;
 pub mod plots;
 pub mod progress;

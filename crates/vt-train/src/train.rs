@@ -280,16 +280,31 @@ impl Trainer {
         totals: &mut EpochTotals,
     ) -> Result<String> {
         let lr = self.schedule.lr(self.progress.global_step);
+        let mixed = self.config.mixing().apply(
+            &batch.images,
+            &batch.labels,
+            self.config.seed,
+            self.progress.global_step,
+        )?;
+        let images = mixed.as_ref().map_or(&batch.images, |m| &m.images);
         let logits = if stem_frozen {
-            self.model.forward_frozen_stem(&batch.images)?
+            self.model.forward_frozen_stem(images)?
         } else {
-            self.model.forward_t(&batch.images, true)?
+            self.model.forward_t(images, true)?
         };
-        let loss = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
+        let smoothing = self.config.label_smoothing;
+        let mut loss = cross_entropy(&logits, &batch.labels, smoothing)?;
+        if let Some(m) = &mixed {
+            let partners = cross_entropy(&logits, &m.partner_labels, smoothing)?;
+            loss = ((loss * m.lambda)? + (partners * (1.0 - m.lambda))?)?;
+        }
         // Everything up to the gradient norm is queued before the first value is read, so
         // that a GPU waits once per step (for the norm, which decides the update).
         let grads = loss.backward()?;
-        let correct = correct_predictions(&logits, &batch.labels)?;
+        let labels = mixed
+            .as_ref()
+            .map_or(&batch.labels, |m| m.dominant_labels(&batch.labels));
+        let correct = correct_predictions(&logits, labels)?;
         let norm = self.optimizer.grad_norm(&grads, selected)?;
         let loss_value = f64::from(loss.to_scalar::<f32>()?);
         let correct = u64::from(correct.to_scalar::<u32>()?);

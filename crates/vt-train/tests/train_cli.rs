@@ -581,3 +581,41 @@ fn a_run_starts_from_an_initial_checkpoint() {
         "{err}"
     );
 }
+
+/// `--mixup-alpha` and `--cutmix-alpha` change what a run trains on, are saved with the run,
+/// and refuse negative values.
+#[test]
+fn mixup_and_cutmix_train_on_mixed_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let train = |name: &str, mixing: &[&str]| {
+        let run = tmp.path().join(name);
+        run_ok(
+            train_tiny(&data, &run)
+                .args(ONE_THREAD)
+                .args(["--epochs", "1", "--batch-size", "8"])
+                .args(mixing),
+        );
+        run
+    };
+    let plain = train("plain", &[]);
+    let mixed = train("mixed", &["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]);
+    let config = fs::read_to_string(mixed.join("config.toml")).unwrap();
+    assert!(
+        config.contains("mixup-alpha = 0.2") && config.contains("cutmix-alpha = 1.0"),
+        "{config}"
+    );
+    let (plain, mixed) = (&records(&plain)[0], &records(&mixed)[0]);
+    assert!(mixed.train_loss.is_finite() && mixed.val_loss.is_finite());
+    assert_ne!(plain.train_loss, mixed.train_loss);
+
+    let refused = train_tiny(&data, &tmp.path().join("negative"))
+        .arg("--mixup-alpha=-1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--mixup-alpha must be >= 0"),
+        "{err}"
+    );
+}
