@@ -42,6 +42,11 @@ fn train(data: &Path, run: &Path, epochs: &str) -> Command {
         "1",
         "--ema",
         "0.9",
+        // Mixing draws from the seed and the step: a resumed run draws as the whole one.
+        "--mixup-alpha",
+        "0.2",
+        "--cutmix-alpha",
+        "1.0",
         "--seed",
         "5",
     ]);
