@@ -559,25 +559,19 @@ fn a_run_starts_from_an_initial_checkpoint() {
         );
     }
 
-    let both = train_tiny(&data, &tmp.path().join("both"))
-        .args(["--pretrained", "stem.safetensors", "--initial-checkpoint"])
-        .arg(&init)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&both.stderr);
-    assert!(
-        !both.status.success() && err.contains("choose one"),
-        "{err}"
+    let err = run_err(
+        train_tiny(&data, &tmp.path().join("both"))
+            .args(["--pretrained", "stem.safetensors", "--initial-checkpoint"])
+            .arg(&init),
     );
-
-    let changed = train_tiny(&data, &run)
-        .args(["--resume", "--epochs", "2", "--initial-checkpoint"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(err.contains("choose one"), "{err}");
+    let err = run_err(
+        train_tiny(&data, &run)
+            .args(["--resume", "--epochs", "2", "--initial-checkpoint"])
+            .arg(tmp.path()),
+    );
     assert!(
-        !changed.status.success() && err.contains("--initial-checkpoint only applies to a new run"),
+        err.contains("--initial-checkpoint only applies to a new run"),
         "{err}"
     );
 }
@@ -609,13 +603,6 @@ fn mixup_and_cutmix_train_on_mixed_batches() {
     assert!(mixed.train_loss.is_finite() && mixed.val_loss.is_finite());
     assert_ne!(plain.train_loss, mixed.train_loss);
 
-    let refused = train_tiny(&data, &tmp.path().join("negative"))
-        .arg("--mixup-alpha=-1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && err.contains("--mixup-alpha must be >= 0"),
-        "{err}"
-    );
+    let err = run_err(train_tiny(&data, &tmp.path().join("negative")).arg("--mixup-alpha=-1"));
+    assert!(err.contains("--mixup-alpha must be >= 0"), "{err}");
 }

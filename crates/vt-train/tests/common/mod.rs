@@ -73,6 +73,14 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs the binary, fails the test if it succeeds, and returns what it wrote to stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{cmd:?} succeeded: {err}");
+    err
+}
+
 pub fn records(run_dir: &Path) -> Vec<EpochRecord> {
     let text = fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     text.lines()
