@@ -345,18 +345,35 @@ fn csv_text(records: &[EpochRecord], classes: &[String]) -> String {
 
 /// Writes `path` through a temporary sibling and a rename, so readers never see half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_through_temporary(path, "", |tmp| {
+        let write = || -> std::io::Result<()> {
+            let mut file = fs::File::create(tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        };
+        write().map_err(|e| TrainError::io(tmp, e))
+    })
+}
+
+/// Has `write` create `.NAME.tmp-PID{suffix}` beside `path`, then renames it over `path`.
+/// The temporary is removed when either step fails, so a failed write leaves nothing behind.
+pub fn replace_through_temporary(
+    path: &Path,
+    suffix: &str,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    };
-    write().map_err(|e| TrainError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}{suffix}", std::process::id()));
+    let result =
+        write(&tmp).and_then(|()| fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e)));
+    if result.is_err() {
+        // Best effort: the error being returned is the one that matters.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -494,5 +511,30 @@ mod tests {
         fs::write(&log.jsonl, lines).unwrap();
         let refused = log.read().unwrap_err().to_string();
         assert!(refused.contains("at line 3 column"), "{refused}");
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_the_target_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("metrics.csv");
+        write_atomically(&file, b"one").unwrap();
+        write_atomically(&file, b"two").unwrap();
+        assert_eq!(fs::read_to_string(&file).unwrap(), "two");
+        // A directory in the way makes the rename fail after the temporary was written.
+        let blocked = dir.path().join("blocked");
+        fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(write_atomically(&blocked, b"three").is_err());
+        let refused = replace_through_temporary(&file, ".png", |tmp| {
+            fs::write(tmp, b"half").unwrap();
+            Err(TrainError::io(tmp, std::io::Error::other("disk full")))
+        });
+        assert!(refused.is_err());
+        assert_eq!(fs::read_to_string(&file).unwrap(), "two");
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blocked", "metrics.csv"]);
     }
 }

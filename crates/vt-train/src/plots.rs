@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
 use crate::error::{Result, TrainError};
-use crate::metrics::{ConfusionMatrix, EpochRecord};
+use crate::metrics::{replace_through_temporary, ConfusionMatrix, EpochRecord};
 
 pub const CURVES_PNG: &str = "curves.png";
 pub const CONFUSION_PNG: &str = "confusion.png";
@@ -62,18 +62,13 @@ fn draw_atomically(
     size: (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>, bool) -> Result<()>,
 ) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
-    {
-        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+    // The suffix tells plotters the format.
+    replace_through_temporary(path, ".png", |tmp| {
+        let root = BitMapBackend::new(tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
         draw(&root, text_available())?;
-        root.present().map_err(|e| plot_error(path, e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+        root.present().map_err(|e| plot_error(path, e))
+    })
 }
 
 struct Curve<'a> {
