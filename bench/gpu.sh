@@ -368,12 +368,20 @@ run() {
     if [ -d "$cuda_lib" ]; then
         export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
-    # cuDNN 9: PyTorch's copy on the GPU machines.
+    # cuDNN 9: the copy PyTorch loads on the GPU machines, so both sides run the same
+    # library; any other copy only when that one is missing.
     if [ "$device" != cpu ]; then
-        local cudnn_lib
-        cudnn_lib=$(find / -xdev -name 'libcudnn.so.9' 2>/dev/null | head -n 1)
-        [ -n "$cudnn_lib" ] || echo "warning: no libcudnn.so.9 on this machine" >&2
-        export LD_LIBRARY_PATH="${cudnn_lib%/*}:${LD_LIBRARY_PATH:-}"
+        local cudnn_dir
+        cudnn_dir=$(python3 -c 'import os, nvidia.cudnn as c; print(os.path.join(list(c.__path__)[0], "lib"))' 2>/dev/null) || true
+        if [ ! -e "$cudnn_dir/libcudnn.so.9" ]; then
+            cudnn_dir=$(find / -xdev -name 'libcudnn.so.9' -printf '%h\n' 2>/dev/null | sort -V | tail -n 1)
+        fi
+        if [ -n "$cudnn_dir" ]; then
+            echo "cuDNN from $cudnn_dir" | tee "$out/cudnn.txt"
+            export LD_LIBRARY_PATH="$cudnn_dir:${LD_LIBRARY_PATH:-}"
+        else
+            echo "warning: no libcudnn.so.9 on this machine" >&2
+        fi
     fi
 
     # Sizes: the on a GPU; tiny ones to test the flow on a CPU.

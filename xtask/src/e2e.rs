@@ -117,6 +117,8 @@ impl Server {
                 None => bail!("vt-serve exited before listening ({:?})", child.wait()?),
             }
         };
+        // Its stdout is read here, so the address is echoed while the server is in use.
+        eprintln!("    vt-serve listening on {url}");
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Ok(Server { child, url })
