@@ -74,9 +74,15 @@ pub struct TrainOptions {
     /// Epochs to train [default: seed 25, modern 30]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Images per optimiser step [default: 32]
+    /// Images per batch [default: 32]
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Batches per optimiser step: their gradients are summed (each batch's loss divided by
+    /// N) before one update, for an effective batch of N x --batch-size where memory holds
+    /// only one batch (timm's --grad-accum-steps). BatchNorm still sees one batch at a time;
+    /// the schedule counts updates [default: 1]
+    #[arg(long, value_name = "N")]
+    pub grad_accum_steps: Option<usize>,
     /// Peak learning rate [default: seed 0.01, modern 5e-4]
     #[arg(long)]
     pub lr: Option<f64>,
@@ -188,6 +194,7 @@ impl TrainOptions {
             heads,
             epochs,
             batch_size,
+            grad_accum_steps,
             lr,
             weight_decay,
             warmup_epochs,
@@ -257,6 +264,9 @@ pub struct TrainConfig {
     pub heads: usize,
     pub epochs: usize,
     pub batch_size: usize,
+    /// Absent from run folders written before the option existed: 1.
+    #[serde(default = "one_batch_per_step")]
+    pub grad_accum_steps: usize,
     pub lr: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
@@ -297,6 +307,15 @@ fn tf32_by_default() -> bool {
     true
 }
 
+/// "1 step", "2 steps".
+pub fn count_steps(steps: u64) -> String {
+    format!("{steps} step{}", if steps == 1 { "" } else { "s" })
+}
+
+fn one_batch_per_step() -> usize {
+    1
+}
+
 impl TrainConfig {
     /// Fills what `options` leaves open from the recipe and checks every value.
     pub fn resolve(options: &TrainOptions) -> Result<TrainConfig> {
@@ -326,6 +345,7 @@ impl TrainConfig {
             heads: o.heads.unwrap_or(16),
             epochs: o.epochs.unwrap_or(if seed { 25 } else { 30 }),
             batch_size: o.batch_size.unwrap_or(32),
+            grad_accum_steps: o.grad_accum_steps.unwrap_or_else(one_batch_per_step),
             lr: o.lr.unwrap_or(if seed { 0.01 } else { 5e-4 }),
             weight_decay: o.weight_decay.unwrap_or(if seed { 0.0 } else { 0.05 }),
             warmup_epochs: o.warmup_epochs.unwrap_or(if seed { 1.0 } else { 2.0 }),
@@ -363,8 +383,15 @@ impl TrainConfig {
                     .into(),
             );
         }
-        if self.epochs == 0 || self.batch_size == 0 || self.image_size == 0 {
-            return fail("--epochs, --batch-size and --image-size must be at least 1".into());
+        if self.epochs == 0
+            || self.batch_size == 0
+            || self.grad_accum_steps == 0
+            || self.image_size == 0
+        {
+            return fail(
+                "--epochs, --batch-size, --grad-accum-steps and --image-size must be at least 1"
+                    .into(),
+            );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return fail(format!("--lr must be positive, got {}", self.lr));
@@ -478,6 +505,11 @@ impl TrainConfig {
                 self.batch_size.to_string(),
             ),
             (
+                "--grad-accum-steps",
+                run.grad_accum_steps.to_string(),
+                self.grad_accum_steps.to_string(),
+            ),
+            (
                 "--limit-train",
                 limit(run.limit_train),
                 limit(self.limit_train),
@@ -495,8 +527,9 @@ impl TrainConfig {
         })
         .collect();
         let why = format!(
-            "an epoch would take {steps} steps instead of the run's {run_steps}, and the \
-             learning-rate schedule counts in steps"
+            "an epoch would take {} instead of the run's {run_steps}, and the learning-rate \
+             schedule counts in steps",
+            count_steps(steps)
         );
         Err(TrainError::Config(if changed.is_empty() {
             format!(
@@ -520,6 +553,7 @@ impl TrainConfig {
             heads: Some(self.heads),
             epochs: Some(self.epochs),
             batch_size: Some(self.batch_size),
+            grad_accum_steps: Some(self.grad_accum_steps),
             lr: Some(self.lr),
             weight_decay: Some(self.weight_decay),
             warmup_epochs: Some(self.warmup_epochs),
@@ -826,6 +860,18 @@ mod tests {
                 && err.contains("6 steps instead of the run's 3"),
             "{err}"
         );
+        let accumulating = with(TrainOptions {
+            grad_accum_steps: Some(3),
+            ..Default::default()
+        });
+        let err = accumulating
+            .check_resume_steps(&run, 3, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--grad-accum-steps cannot change on resume: the run has 1, got 3"),
+            "{err}"
+        );
         let err = same.check_resume_steps(&run, 3, 4).unwrap_err().to_string();
         assert!(
             err.contains("training images of data/intel changed"),
@@ -867,6 +913,13 @@ mod tests {
                     ..Default::default()
                 },
                 "--epochs",
+            ),
+            (
+                TrainOptions {
+                    grad_accum_steps: Some(0),
+                    ..Default::default()
+                },
+                "--grad-accum-steps",
             ),
         ] {
             let err = TrainConfig::resolve(&options).unwrap_err().to_string();

@@ -141,13 +141,13 @@ pub fn train_loader(
     }
 }
 
-/// Optimiser steps per epoch under `loader`.
-pub fn steps_per_epoch(images: usize, loader: &LoaderConfig) -> u64 {
+/// Batches per epoch under `loader`.
+pub fn batches_per_epoch(images: usize, loader: &LoaderConfig) -> u64 {
     let b = loader.batch_size.max(1);
-    let steps = if loader.drop_last {
+    let batches = if loader.drop_last {
         images / b
     } else {
         images.div_ceil(b)
     };
-    steps.max(1) as u64
+    batches.max(1) as u64
 }

@@ -106,6 +106,22 @@ impl Optimizer {
         self.slots.iter().map(|s| &s.param)
     }
 
+    /// Adds the parameters' gradients in `grads` to `sum` (gradient accumulation). Only the
+    /// parameters' are kept: the store of a backward pass also holds every intermediate
+    /// tensor's gradient, which would otherwise stay alive until the update.
+    pub fn accumulate(&self, sum: &mut GradStore, grads: &GradStore) -> Result<()> {
+        for slot in &self.slots {
+            let var = slot.param.var.as_tensor();
+            let Some(grad) = grads.get(var) else { continue };
+            let total = match sum.get(var) {
+                Some(before) => (before + grad)?,
+                None => grad.clone(),
+            };
+            sum.insert(var, total);
+        }
+        Ok(())
+    }
+
     /// The global L2 norm of the gradients of the parameters that `selected` accepts.
     pub fn grad_norm(&self, grads: &GradStore, selected: &dyn Fn(&str) -> bool) -> Result<f64> {
         let squares = self
@@ -599,5 +615,34 @@ mod tests {
             "{w_now:?}"
         );
         assert_eq!(values(&b), vec![0.5]);
+    }
+
+    #[test]
+    fn accumulated_gradients_are_the_sum_of_the_parameters_gradients() {
+        let (varmap, w, b) = setup();
+        let sgd = Method::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        };
+        let opt = Optimizer::new(sgd, 0.0, trainable_params(&varmap));
+        let mut sum = GradStore::default();
+        opt.accumulate(&mut sum, &grads(&w, &b, [3.0, 4.0]))
+            .unwrap();
+        opt.accumulate(&mut sum, &grads(&w, &b, [-1.0, 0.5]))
+            .unwrap();
+        assert_eq!(values_of(&sum, &w), vec![2.0, 4.5]);
+        assert_eq!(values_of(&sum, &b), vec![6.0]);
+        // Only the two parameters: the intermediate tensors' gradients are dropped.
+        assert_eq!(sum.get_ids().count(), 2);
+    }
+
+    fn values_of(grads: &GradStore, v: &Var) -> Vec<f32> {
+        grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 }

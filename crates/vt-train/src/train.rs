@@ -12,13 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
 use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::{is_stem, load_stem, Source};
 use vt_model::{parse_device, Model, StartedFrom, VtConfig};
 
-use crate::config::{TrainConfig, TrainOptions};
+use crate::config::{count_steps, TrainConfig, TrainOptions};
 use crate::data;
 use crate::ema::Ema;
 use crate::error::{Result, ResultExt, TrainError};
@@ -259,6 +261,14 @@ struct EpochTotals {
     seconds: f64,
 }
 
+/// The batches of one optimiser step so far: their summed gradients and, per batch, its
+/// loss, correct predictions and images, read only at the update.
+#[derive(Default)]
+struct Group {
+    grads: GradStore,
+    batches: Vec<(Tensor, Tensor, usize)>,
+}
+
 enum EpochEnd {
     Completed(EpochTotals),
     Interrupted,
@@ -270,22 +280,19 @@ impl Trainer {
         self.ema.as_ref().map_or(&self.model, |e| &e.model)
     }
 
-    /// One optimiser step on `batch`; returns the running averages for the progress line.
-    /// With the stem frozen, only the parameters `selected` keeps are updated, and the stem
-    /// runs in evaluation mode, its BatchNorm statistics kept.
-    fn train_step(
+    /// The forward and backward pass of one batch, its gradients (of its loss times
+    /// `share`, its part of the update) added to `group`. With the stem frozen it runs in
+    /// evaluation mode, its BatchNorm statistics kept. `draw` seeds the batch's mixing.
+    fn accumulate_batch(
         &mut self,
         batch: &Batch,
-        (stem_frozen, selected): (bool, &dyn Fn(&str) -> bool),
-        totals: &mut EpochTotals,
-    ) -> Result<String> {
-        let lr = self.schedule.lr(self.progress.global_step);
-        let mixed = self.config.mixing().apply(
-            &batch.images,
-            &batch.labels,
-            self.config.seed,
-            self.progress.global_step,
-        )?;
+        (stem_frozen, share, draw): (bool, f64, u64),
+        group: &mut Group,
+    ) -> Result<()> {
+        let mixed =
+            self.config
+                .mixing()
+                .apply(&batch.images, &batch.labels, self.config.seed, draw)?;
         let images = mixed.as_ref().map_or(&batch.images, |m| &m.images);
         let logits = if stem_frozen {
             self.model.forward_frozen_stem(images)?
@@ -298,38 +305,64 @@ impl Trainer {
             let partners = cross_entropy(&logits, &m.partner_labels, smoothing)?;
             loss = ((loss * m.lambda)? + (partners * (1.0 - m.lambda))?)?;
         }
-        // Everything up to the gradient norm is queued before the first value is read, so
-        // that a GPU waits once per step (for the norm, which decides the update).
-        let grads = loss.backward()?;
+        let grads = if share == 1.0 {
+            loss.backward()?
+        } else {
+            (&loss * share)?.backward()?
+        };
+        self.optimizer.accumulate(&mut group.grads, &grads)?;
         let labels = mixed
             .as_ref()
             .map_or(&batch.labels, |m| m.dominant_labels(&batch.labels));
         let correct = correct_predictions(&logits, labels)?;
-        let norm = self.optimizer.grad_norm(&grads, selected)?;
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
-        let correct = u64::from(correct.to_scalar::<u32>()?);
+        // Detached: a loss kept whole would keep its batch's activations alive until the
+        // update, and accumulation is there to hold one batch's at a time.
+        group
+            .batches
+            .push((loss.detach(), correct.detach(), batch.indices.len()));
+        Ok(())
+    }
+
+    /// One optimiser step with `group`'s summed gradients; returns the running averages for
+    /// the progress line. Only the parameters `selected` keeps are updated.
+    fn update(
+        &mut self,
+        group: Group,
+        selected: &dyn Fn(&str) -> bool,
+        totals: &mut EpochTotals,
+    ) -> Result<String> {
+        let lr = self.schedule.lr(self.progress.global_step);
+        // Everything up to the gradient norm was queued before the first value is read, so
+        // that a GPU waits once per step (for the norm, which decides the update).
+        let norm = self.optimizer.grad_norm(&group.grads, selected)?;
+        let (mut loss_sum, mut correct, mut images) = (0.0, 0, 0);
+        for (loss, right, n) in &group.batches {
+            loss_sum += f64::from(loss.to_scalar::<f32>()?) * *n as f64;
+            correct += u64::from(right.to_scalar::<u32>()?);
+            images += *n as u64;
+        }
         self.progress.global_step += 1;
         totals.lr = lr;
-        if !(loss_value.is_finite() && norm.is_finite()) {
+        if !(loss_sum.is_finite() && norm.is_finite()) {
             totals.skipped += 1;
+            let loss = loss_sum / images.max(1) as f64;
             tracing::warn!(
-                "step {}: loss {loss_value}, gradient norm {norm}: update skipped",
+                "step {}: loss {loss}, gradient norm {norm}: update skipped",
                 self.progress.global_step
             );
-            return Ok(format!("step skipped (loss {loss_value}, |g| {norm})"));
+            return Ok(format!("step skipped (loss {loss}, |g| {norm})"));
         }
         let scale = clip_scale(norm, self.config.clip_grad);
         if scale < 1.0 {
             totals.clipped += 1;
         }
-        self.optimizer.step(&grads, lr, scale, selected)?;
+        self.optimizer.step(&group.grads, lr, scale, selected)?;
         if let Some(ema) = &self.ema {
             ema.update(&self.model)?;
         }
-        let n = batch.indices.len();
         totals.correct += correct;
-        totals.loss_sum += loss_value * n as f64;
-        totals.images += n as u64;
+        totals.loss_sum += loss_sum;
+        totals.images += images;
         totals.grad_norm_sum += norm;
         totals.grad_norm_max = totals.grad_norm_max.max(norm);
         totals.grad_norms += 1;
@@ -341,6 +374,8 @@ impl Trainer {
         ))
     }
 
+    /// Trains one epoch: an update every `--grad-accum-steps` batches, the last one over the
+    /// batches left.
     fn train_epoch(&mut self, epoch: usize) -> Result<EpochEnd> {
         let frozen = epoch < self.config.freeze_stem_epochs;
         let selected = move |name: &str| !(frozen && is_stem(name));
@@ -353,11 +388,23 @@ impl Trainer {
             epoch as u64,
             &self.model.device,
         );
-        let mut bar = EpochProgress::new(label, iter.len());
-        for batch in iter.by_ref() {
+        let per_update = self.config.grad_accum_steps;
+        let batch_count = iter.len();
+        let mut bar = EpochProgress::new(label, batch_count);
+        let mut group = Group::default();
+        let mut status = String::new();
+        for (index, batch) in iter.by_ref().enumerate() {
             let batch =
                 batch.with_context(|| format!("loading training batch of epoch {}", epoch + 1))?;
-            let status = self.train_step(&batch, (frozen, &selected), &mut totals)?;
+            let in_group = index % per_update;
+            let group_len = per_update.min(batch_count - (index - in_group));
+            // Without accumulation the draws are the update's number, as they always were.
+            let draw = self.progress.global_step * per_update as u64 + in_group as u64;
+            let share = 1.0 / group_len as f64;
+            self.accumulate_batch(&batch, (frozen, share, draw), &mut group)?;
+            if in_group + 1 == group_len {
+                status = self.update(std::mem::take(&mut group), &selected, &mut totals)?;
+            }
             bar.advance(batch.indices.len(), &status);
             if self.interrupted.load(Ordering::SeqCst) {
                 bar.finish();
@@ -646,7 +693,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         config.loader_threads,
     );
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
-    let steps_per_epoch = data::steps_per_epoch(train_set.len(), &train_loader);
+    let steps_per_epoch = data::batches_per_epoch(train_set.len(), &train_loader)
+        .div_ceil(config.grad_accum_steps as u64);
     let mut progress = match resumed {
         Some(mut progress) => {
             // Every epoch takes the same number of steps, skipped ones included.
@@ -702,7 +750,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     // Installed before the first step: from here on Ctrl-C stops cleanly.
     let interrupted = interrupt_flag()?;
     tracing::info!(
-        "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} steps per epoch | \
+        "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} per epoch | \
          {:?} recipe, {:?} | device {:?}, {} compute + {} loader threads | run {}",
         if progress.epochs_done > 0 {
             "resuming"
@@ -715,7 +763,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         model.config.image_size,
         train_set.len(),
         val_set.len(),
-        steps_per_epoch,
+        count_steps(steps_per_epoch),
         config.recipe,
         config.method(),
         device,

@@ -33,7 +33,7 @@ fn train(data: &Path, run: &Path, epochs: &str) -> Command {
     let mut cmd = train_tiny(data, run);
     cmd.args(ONE_THREAD).args([
         "--batch-size",
-        "16",
+        "12",
         "--epochs",
         epochs,
         "--lr",
@@ -47,6 +47,9 @@ fn train(data: &Path, run: &Path, epochs: &str) -> Command {
         "0.2",
         "--cutmix-alpha",
         "1.0",
+        // Three batches an epoch, an update after the first two and one after the third.
+        "--grad-accum-steps",
+        "2",
         "--seed",
         "5",
     ]);
@@ -98,6 +101,11 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     let straight = tmp.path().join("straight");
     run_ok(&mut train(&data, &straight, "3"));
     let reference = records(&straight);
+    // 36 training images in batches of 12, updates over two batches: 2 updates an epoch.
+    assert_eq!(
+        reference.iter().map(|r| r.global_step).collect::<Vec<_>>(),
+        vec![2, 4, 6]
+    );
     for (a, b) in resumed.iter().zip(&reference) {
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
         assert!(
@@ -231,6 +239,11 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
             &["--batch-size", "4"][..],
             "--batch-size cannot change on resume: the run has 8, got 4 (an epoch would take \
              4 steps instead of the run's 2",
+        ),
+        (
+            &["--grad-accum-steps", "2"],
+            "--grad-accum-steps cannot change on resume: the run has 1, got 2 (an epoch would \
+             take 1 step instead of the run's 2",
         ),
         (
             &["--limit-train", "8"],
