@@ -6,23 +6,32 @@ the evaluation transform (Resize(round(S*256/224)) + CenterCrop(S), S=64), a fix
 resized crop, and a rotation. The expected images are PNG, i.e. exactly the uint8 pixels
 torchvision hands to ToTensor, so the Rust tests compare after normalising both sides.
 
+Under expected/trivial_augment/ it writes TrivialAugmentWide's operations: a small generated
+PNG input, torchvision's own `_apply_op` (PIL path, NEAREST, fill None) on it for each of the
+14 ops at fixed bins and signs, and index.json with the cases and torch's magnitude tables.
+
 Run: /root/.cache/vt/torch-venv/bin/python tools/reference/data_fixtures.py
+     (add `--only trivial-augment` to write just the TrivialAugmentWide fixtures)
 """
 
+import argparse
 import json
 import pathlib
 
 import numpy as np
 import PIL
+import torch
 import torchvision
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision import transforms
+from torchvision.transforms.autoaugment import TrivialAugmentWide, _apply_op
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OUT = ROOT / "crates" / "vt-data" / "tests" / "fixtures"
 EXP = OUT / "expected"
+TA = EXP / "trivial_augment"
 EVAL_SIZE = 64
 
 
@@ -61,7 +70,71 @@ def make_inputs():
     return files
 
 
+def trivial_augment_fixtures():
+    """Each TrivialAugmentWide op through torchvision's own `_apply_op` on a PIL image.
+
+    Magnitudes are looked up in TrivialAugmentWide's own tables (torch float32 values, as
+    its forward passes them) and written as repr strings, so the Rust side parses them
+    exactly. The inputs are PNG, so no JPEG decoder difference enters.
+    """
+    TA.mkdir(parents=True, exist_ok=True)
+    space = TrivialAugmentWide()._augmentation_space(31)
+    inputs = {
+        "input.png": Image.fromarray(pattern(32, 24, 7, noise=4.0), "RGB"),
+        # Square: PIL turns it a quarter by transposing instead of the affine warp.
+        "square.png": Image.fromarray(pattern(24, 24, 8, noise=4.0), "RGB"),
+    }
+    for name, img in inputs.items():
+        img.save(TA / name, optimize=True)
+    bins = {"TranslateX": [10, 15, 30], "TranslateY": [10, 15, 30], "Rotate": [10, 20, 30], "Solarize": [3, 10, 30]}
+    cases = []
+
+    def run(op, bin_, negative, input_name):
+        magnitudes, signed = space[op]
+        magnitude = float(magnitudes[bin_].item()) if magnitudes.ndim > 0 else 0.0
+        if negative:
+            magnitude *= -1.0
+        out = _apply_op(inputs[input_name], op, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        stem = op if bin_ is None else f"{op}_b{bin_}{'_neg' if negative else ''}"
+        if input_name != "input.png":
+            stem += "_" + input_name.removesuffix(".png")
+        out.save(TA / f"{stem}.png", optimize=True)
+        cases.append({"op": op, "bin": bin_, "negative": negative, "magnitude": repr(magnitude), "input": input_name, "output": f"{stem}.png"})
+
+    for op, (magnitudes, signed) in space.items():
+        if magnitudes.ndim == 0:
+            run(op, None, False, "input.png")
+            continue
+        for bin_ in bins.get(op, [10, 30]):
+            for negative in [False, True] if signed else [False]:
+                run(op, bin_, negative, "input.png")
+    for negative in [False, True]:
+        run("Rotate", 20, negative, "square.png")
+    tables = {
+        op: {"signed": signed, "magnitudes": None if m.ndim == 0 else [repr(float(v)) for v in m.tolist()]}
+        for op, (m, signed) in space.items()
+    }
+    index = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "ops": list(space),
+        "tables": tables,
+        "cases": cases,
+    }
+    (TA / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    total = sum(p.stat().st_size for p in TA.iterdir())
+    print(f"wrote {len(cases)} TrivialAugmentWide cases, {total / 1024:.0f} KiB under {TA}")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["trivial-augment"], help="write only these fixtures")
+    args = parser.parse_args()
+    if args.only == "trivial-augment":
+        trivial_augment_fixtures()
+        return
     files = make_inputs()
     EXP.mkdir(parents=True, exist_ok=True)
     resize = round(EVAL_SIZE * 256 / 224)
@@ -82,6 +155,7 @@ def main():
         "inputs": files,
     }
     (EXP / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    trivial_augment_fixtures()
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {len(list(OUT.rglob('*')))} files, {total / 1024:.0f} KiB under {OUT}")
 

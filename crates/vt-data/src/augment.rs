@@ -1,6 +1,8 @@
 //! Training augmentation with torchvision's semantics (the reference notebook's pipeline):
 //! `RandomResizedCrop(size, scale, ratio)`, `RandomRotation(deg)`, `RandomHorizontalFlip()`,
-//! `ToTensor()`, `Normalize(mean, std)`, in that order, on PIL-style RGB8 images.
+//! `ToTensor()`, `Normalize(mean, std)`, in that order, on PIL-style RGB8 images; optionally
+//! with torchvision's modern-recipe `TrivialAugmentWide()` after the flip and
+//! `RandomErasing()` after normalisation, where its `ClassificationPresetTrain` puts them.
 //!
 //! The random numbers come from the caller's generator (see [`crate::rng::sample_rng`]), so the
 //! draws do not match torch's generator, only its distributions and geometry.
@@ -9,8 +11,10 @@ use fast_image_resize::Resizer;
 use image::RgbImage;
 use rand::Rng;
 
+use crate::affine::InverseAffine;
 use crate::error::{DataError, Result};
 use crate::transform::{resize_region, CropBox, Normalize};
+use crate::trivial_augment::Augmentation;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AugmentConfig {
@@ -24,6 +28,11 @@ pub struct AugmentConfig {
     pub rotation_deg: f32,
     /// Mirror left-right with probability 0.5.
     pub hflip: bool,
+    /// torchvision's `TrivialAugmentWide()` on the uint8 image after the flip.
+    pub trivial_augment: bool,
+    /// Probability of torchvision's `RandomErasing(value=0)` on the normalised tensor,
+    /// with its default scale and ratio ([`ERASE_SCALE`], [`ERASE_RATIO`]); 0 disables it.
+    pub random_erasing: f32,
     pub norm: Normalize,
 }
 
@@ -37,10 +46,17 @@ impl AugmentConfig {
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             rotation_deg: 15.0,
             hflip: true,
+            trivial_augment: false,
+            random_erasing: 0.0,
             norm: Normalize::IMAGENET,
         }
     }
 }
+
+/// `RandomErasing`'s default range of the erased area, as a fraction of the image.
+pub const ERASE_SCALE: (f64, f64) = (0.02, 0.33);
+/// `RandomErasing`'s default range of the erased box's aspect ratio (height/width).
+pub const ERASE_RATIO: (f64, f64) = (0.3, 3.3);
 
 /// An integer crop rectangle: `left`, `top`, `width`, `height` in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,62 +120,21 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.random::<f64>()
 }
 
-/// PIL's `Image.rotate` geometry without expansion: maps an output pixel centre back to the
-/// source image, rotating counter-clockwise by the angle about the image centre.
-#[derive(Debug, Clone, Copy)]
-struct InverseRotation {
-    a: f64,
-    b: f64,
-    c: f64,
-    d: f64,
-    e: f64,
-    f: f64,
-    width: f64,
-    height: f64,
-}
-
-impl InverseRotation {
-    fn new(width: u32, height: u32, angle_deg: f32) -> InverseRotation {
-        let (cx, cy) = (f64::from(width) / 2.0, f64::from(height) / 2.0);
-        let t = -f64::from(angle_deg).to_radians();
-        let (a, b, d, e) = (t.cos(), t.sin(), -t.sin(), t.cos());
-        InverseRotation {
-            a,
-            b,
-            c: a * -cx + b * -cy + cx,
-            d,
-            e,
-            f: d * -cx + e * -cy + cy,
-            width: f64::from(width),
-            height: f64::from(height),
-        }
-    }
-}
-
-/// torchvision's `RandomRotation` (nearest neighbour, black outside), then an optional
-/// left-right mirror, then normalisation into planar CHW floats: PIL's `Image.rotate`,
-/// `flip_horizontal` and [`Normalize::write_chw`] in one pass, without the two intermediate
-/// images.
-fn rotate_flip_normalize(
+/// Visits every output pixel of torchvision's `RandomRotation` (nearest neighbour, black
+/// outside) followed by an optional left-right mirror: `visit(index, pixel)` with the
+/// pixel's row-major index in the output and its source pixel, `None` where black.
+#[inline]
+fn rotate_flip_each(
     img: &RgbImage,
     angle_deg: f32,
     mirror: bool,
-    norm: &Normalize,
-    out: &mut [f32],
+    mut visit: impl FnMut(usize, Option<[u8; 3]>),
 ) {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let rotation = InverseRotation::new(img.width(), img.height(), angle_deg);
-    let levels = norm.levels();
-    let black = [levels[0][0], levels[1][0], levels[2][0]];
+    let (width, height) = (f64::from(img.width()), f64::from(img.height()));
+    let rotation = InverseAffine::rotation(img.width(), img.height(), angle_deg);
     let src = img.as_raw();
-    let (red, rest) = out.split_at_mut(w * h);
-    let (green, blue) = rest.split_at_mut(w * h);
     for y in 0..h {
-        let (red, green, blue) = (
-            &mut red[y * w..(y + 1) * w],
-            &mut green[y * w..(y + 1) * w],
-            &mut blue[y * w..(y + 1) * w],
-        );
         let yo = y as f64 + 0.5;
         let (b_yo, e_yo) = (rotation.b * yo, rotation.e * yo);
         // x + 0.5 stays exact when stepped by 1, so stepping finds the same source points as
@@ -169,24 +144,115 @@ fn rotate_flip_normalize(
             let xin = rotation.a * xo + b_yo + rotation.c;
             let yin = rotation.d * xo + e_yo + rotation.f;
             xo += 1.0;
-            let inside = xin >= 0.0 && yin >= 0.0 && xin < rotation.width && yin < rotation.height;
+            let inside = xin >= 0.0 && yin >= 0.0 && xin < width && yin < height;
             let value = if inside {
                 let at = (yin as u32 as usize * w + xin as u32 as usize) * 3;
                 match src.get(at..at + 3) {
-                    Some(&[r, g, b]) => [
-                        levels[0][usize::from(r)],
-                        levels[1][usize::from(g)],
-                        levels[2][usize::from(b)],
-                    ],
-                    _ => black,
+                    Some(&[r, g, b]) => Some([r, g, b]),
+                    _ => None,
                 }
             } else {
-                black
+                None
             };
-            let at = if mirror { w - 1 - x } else { x };
-            red[at] = value[0];
-            green[at] = value[1];
-            blue[at] = value[2];
+            let x = if mirror { w - 1 - x } else { x };
+            visit(y * w + x, value);
+        }
+    }
+}
+
+/// `RandomRotation`, then an optional left-right mirror, then normalisation into planar
+/// CHW floats: PIL's `Image.rotate`, `flip_horizontal` and [`Normalize::write_chw`] in one
+/// pass, without the two intermediate images.
+fn rotate_flip_normalize(
+    img: &RgbImage,
+    angle_deg: f32,
+    mirror: bool,
+    norm: &Normalize,
+    out: &mut [f32],
+) {
+    let plane = (img.width() * img.height()) as usize;
+    let levels = norm.levels();
+    let black = [levels[0][0], levels[1][0], levels[2][0]];
+    let (red, rest) = out.split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    rotate_flip_each(img, angle_deg, mirror, |at, px| {
+        let value = match px {
+            Some([r, g, b]) => [
+                levels[0][usize::from(r)],
+                levels[1][usize::from(g)],
+                levels[2][usize::from(b)],
+            ],
+            None => black,
+        };
+        red[at] = value[0];
+        green[at] = value[1];
+        blue[at] = value[2];
+    });
+}
+
+/// `RandomRotation` then an optional mirror, as an image: the same pixels as
+/// [`rotate_flip_normalize`] before normalising, for TrivialAugmentWide to work on.
+fn rotate_flip(img: &RgbImage, angle_deg: f32, mirror: bool) -> RgbImage {
+    let mut out = RgbImage::new(img.width(), img.height());
+    let dst = &mut *out;
+    rotate_flip_each(img, angle_deg, mirror, |at, px| {
+        if let Some(px) = px {
+            dst[at * 3..at * 3 + 3].copy_from_slice(&px);
+        }
+    });
+    out
+}
+
+/// `RandomErasing.get_params` for a `width` x `height` image: ten tries at a box of random
+/// area and log-uniform aspect ratio (height/width) smaller than the image, placed
+/// uniformly; `None` when no try fits, which torchvision treats as no erasing.
+pub fn random_erasing_params(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> Option<Crop> {
+    let area = f64::from(width) * f64::from(height);
+    let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let erase_area = area * uniform(rng, scale.0, scale.1);
+        let aspect = uniform(rng, log_lo, log_hi).exp();
+        // Python's round() halves to even.
+        let h = (erase_area * aspect).sqrt().round_ties_even();
+        let w = (erase_area / aspect).sqrt().round_ties_even();
+        if !(h < f64::from(height) && w < f64::from(width)) {
+            continue;
+        }
+        let (h, w) = (h as u32, w as u32);
+        let top = rng.random_range(0..=height - h);
+        let left = rng.random_range(0..=width - w);
+        return Some(Crop {
+            left,
+            top,
+            width: w,
+            height: h,
+        });
+    }
+    None
+}
+
+/// Sets `region` of every channel of a planar CHW `width`-wide image to 0, the value
+/// `RandomErasing(value=0)` writes (after normalisation, so 0 is the mean colour).
+pub fn erase_chw(out: &mut [f32], width: u32, region: Crop) {
+    let (width, plane_len) = (width as usize, out.len() / 3);
+    if width == 0 || plane_len == 0 {
+        return;
+    }
+    for plane in out.chunks_exact_mut(plane_len) {
+        for row in plane
+            .chunks_exact_mut(width)
+            .skip(region.top as usize)
+            .take(region.height as usize)
+        {
+            let left = (region.left as usize).min(width);
+            let right = (left + region.width as usize).min(width);
+            row[left..right].fill(0.0);
         }
     }
 }
@@ -205,6 +271,12 @@ pub fn augment_into(
     }
     if cfg.image_size == 0 {
         return Err(DataError::Invalid("augmentation image size is 0".into()));
+    }
+    if !(0.0..=1.0).contains(&cfg.random_erasing) {
+        return Err(DataError::Invalid(format!(
+            "random erasing probability {} is not in [0, 1]",
+            cfg.random_erasing
+        )));
     }
     let len = 3 * (cfg.image_size as usize).pow(2);
     if out.len() != len {
@@ -232,7 +304,20 @@ pub fn augment_into(
         0.0
     };
     let mirror = cfg.hflip && rng.random::<f64>() < 0.5;
-    rotate_flip_normalize(&resized, angle, mirror, &cfg.norm, out);
+    if cfg.trivial_augment {
+        // TrivialAugmentWide works on the uint8 image, after the flip and before ToTensor.
+        let flipped = rotate_flip(&resized, angle, mirror);
+        let augmented = Augmentation::sample(rng).apply(&flipped)?;
+        cfg.norm.write_chw(&augmented, out);
+    } else {
+        rotate_flip_normalize(&resized, angle, mirror, &cfg.norm, out);
+    }
+    if cfg.random_erasing > 0.0 && rng.random::<f64>() < f64::from(cfg.random_erasing) {
+        let size = cfg.image_size;
+        if let Some(region) = random_erasing_params(size, size, ERASE_SCALE, ERASE_RATIO, rng) {
+            erase_chw(out, size, region);
+        }
+    }
     Ok(())
 }
 
@@ -247,12 +332,10 @@ mod tests {
     /// expansion), mapping every output pixel centre back to the source on its own.
     fn rotate(img: &RgbImage, angle_deg: f32) -> RgbImage {
         let (w, h) = img.dimensions();
-        let r = InverseRotation::new(w, h, angle_deg);
+        let r = InverseAffine::rotation(w, h, angle_deg);
         RgbImage::from_fn(w, h, |x, y| {
-            let (xo, yo) = (f64::from(x) + 0.5, f64::from(y) + 0.5);
-            let xin = r.a * xo + r.b * yo + r.c;
-            let yin = r.d * xo + r.e * yo + r.f;
-            if xin >= 0.0 && yin >= 0.0 && xin < r.width && yin < r.height {
+            let (xin, yin) = r.source(f64::from(x), f64::from(y));
+            if xin >= 0.0 && yin >= 0.0 && xin < f64::from(w) && yin < f64::from(h) {
                 *img.get_pixel(xin as u32, yin as u32)
             } else {
                 Rgb([0, 0, 0])
@@ -419,6 +502,218 @@ mod tests {
         assert!(mean <= 1.0, "mean abs diff {mean} grey levels");
     }
 
+    /// The pre-TrivialAugment pipeline step by step from the same generator: crop, resize,
+    /// reference rotation, flip. Returns the uint8 image before normalisation.
+    fn replay_until_flip(img: &RgbImage, cfg: &AugmentConfig, rng: &mut impl Rng) -> RgbImage {
+        let c = random_resized_crop_params(img.width(), img.height(), cfg.scale, cfg.ratio, rng);
+        let region = CropBox {
+            left: f64::from(c.left),
+            top: f64::from(c.top),
+            width: f64::from(c.width),
+            height: f64::from(c.height),
+        };
+        let size = cfg.image_size;
+        let resized = resize_region(&mut Resizer::new(), img, region, size, size).unwrap();
+        let deg = f64::from(cfg.rotation_deg);
+        let angle = if deg > 0.0 {
+            uniform(rng, -deg, deg) as f32
+        } else {
+            0.0
+        };
+        let mut out = rotate(&resized, angle);
+        if cfg.hflip && rng.random::<f64>() < 0.5 {
+            image::imageops::flip_horizontal_in_place(&mut out);
+        }
+        out
+    }
+
+    fn augmented(cfg: &AugmentConfig, img: &RgbImage, rng: &mut impl Rng) -> Vec<f32> {
+        let mut out = vec![f32::NAN; 3 * (cfg.image_size as usize).pow(2)];
+        augment_into(&mut Resizer::new(), img, cfg, rng, &mut out).unwrap();
+        out
+    }
+
+    /// With both modern-recipe options off, the output and the draws are the notebook
+    /// pipeline's (training resumes replay them).
+    #[test]
+    fn options_off_keep_the_notebook_pipeline_and_its_draws() {
+        let img = gradient(150, 120);
+        let cfg = AugmentConfig::notebook(32);
+        let explicit = AugmentConfig {
+            trivial_augment: false,
+            random_erasing: 0.0,
+            ..AugmentConfig::notebook(32)
+        };
+        assert_eq!(cfg, explicit);
+        for i in 0..20 {
+            let mut rng = sample_rng(7, 1, i);
+            let ours = augmented(&explicit, &img, &mut rng);
+            let mut replay = sample_rng(7, 1, i);
+            let mut expected = vec![0.0; ours.len()];
+            cfg.norm
+                .write_chw(&replay_until_flip(&img, &cfg, &mut replay), &mut expected);
+            assert_eq!(ours, expected, "sample {i}");
+            assert_eq!(ours, augmented(&cfg, &img, &mut sample_rng(7, 1, i)));
+            assert_eq!(rng.random::<u64>(), replay.random::<u64>(), "sample {i}");
+        }
+    }
+
+    /// TrivialAugmentWide runs on the rotated, flipped uint8 image with the draws that follow
+    /// the flip's, before normalisation.
+    #[test]
+    fn trivial_augment_follows_the_flip_with_the_next_draws() {
+        let img = gradient(150, 120);
+        let cfg = AugmentConfig {
+            trivial_augment: true,
+            ..AugmentConfig::notebook(24)
+        };
+        let mut ops = std::collections::HashSet::new();
+        for i in 0..60 {
+            let mut rng = sample_rng(3, 0, i);
+            let ours = augmented(&cfg, &img, &mut rng);
+            let mut replay = sample_rng(3, 0, i);
+            let flipped = replay_until_flip(&img, &cfg, &mut replay);
+            let aug = Augmentation::sample(&mut replay);
+            let mut expected = vec![0.0; ours.len()];
+            cfg.norm
+                .write_chw(&aug.apply(&flipped).unwrap(), &mut expected);
+            assert_eq!(ours, expected, "sample {i}: {aug:?}");
+            assert_eq!(rng.random::<u64>(), replay.random::<u64>(), "sample {i}");
+            ops.insert(aug.op);
+        }
+        assert!(ops.len() > 8, "{ops:?}");
+    }
+
+    #[test]
+    fn the_image_rotation_gives_the_fused_pixels() {
+        let img = gradient(23, 17);
+        for (angle, mirror) in [(0.0, false), (12.5, true), (-90.0, false)] {
+            let mut expected = rotate(&img, angle);
+            if mirror {
+                image::imageops::flip_horizontal_in_place(&mut expected);
+            }
+            assert_eq!(rotate_flip(&img, angle, mirror), expected);
+        }
+    }
+
+    #[test]
+    fn erasing_boxes_fit_strictly_inside() {
+        let mut rng = sample_rng(0, 0, 0);
+        let mut sizes = std::collections::HashSet::new();
+        for (w, h) in [(32, 32), (224, 150), (40, 24)] {
+            for _ in 0..500 {
+                let b = random_erasing_params(w, h, ERASE_SCALE, ERASE_RATIO, &mut rng);
+                let b = b.expect("a 2-33% box fits these sizes within ten tries");
+                assert!(b.width < w && b.height < h, "{b:?} in {w}x{h}");
+                assert!(
+                    b.left + b.width <= w && b.top + b.height <= h,
+                    "{b:?} in {w}x{h}"
+                );
+                sizes.insert((b.width, b.height));
+            }
+        }
+        assert!(sizes.len() > 50);
+        // A box of the whole area at ratio 1 never fits strictly inside.
+        for _ in 0..20 {
+            assert_eq!(
+                random_erasing_params(10, 10, (1.0, 1.0), (1.0, 1.0), &mut rng),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn erase_zeroes_the_box_in_every_channel() {
+        let (w, h) = (5u32, 4u32);
+        let mut out = vec![1.0f32; 3 * 20];
+        let region = Crop {
+            left: 1,
+            top: 2,
+            width: 3,
+            height: 2,
+        };
+        erase_chw(&mut out, w, region);
+        for (i, v) in out.iter().enumerate() {
+            let (x, y) = ((i % 20) as u32 % w, (i % 20) as u32 / w);
+            let inside = (1..4).contains(&x) && (2..h).contains(&y);
+            assert_eq!(
+                *v,
+                if inside { 0.0 } else { 1.0 },
+                "channel {}, ({x}, {y})",
+                i / 20
+            );
+        }
+    }
+
+    /// p = 1 erases every sample (a box always fits at 32x32), with the draws after the
+    /// augmentation's; the rest of the tensor is untouched.
+    #[test]
+    fn certain_erasing_erases_every_sample_after_the_other_draws() {
+        let img = gradient(150, 120);
+        let plain = AugmentConfig::notebook(32);
+        for trivial_augment in [false, true] {
+            let cfg = AugmentConfig {
+                trivial_augment,
+                random_erasing: 1.0,
+                ..plain.clone()
+            };
+            let unerased = AugmentConfig {
+                random_erasing: 0.0,
+                ..cfg.clone()
+            };
+            for i in 0..30 {
+                let ours = augmented(&cfg, &img, &mut sample_rng(2, 0, i));
+                let mut replay = sample_rng(2, 0, i);
+                let mut expected = augmented(&unerased, &img, &mut replay);
+                assert!(replay.random::<f64>() < 1.0);
+                let region = random_erasing_params(32, 32, ERASE_SCALE, ERASE_RATIO, &mut replay)
+                    .expect("a box fits");
+                erase_chw(&mut expected, 32, region);
+                assert_eq!(ours, expected, "sample {i}");
+                if region.width > 0 && region.height > 0 {
+                    assert_ne!(ours, augmented(&unerased, &img, &mut sample_rng(2, 0, i)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn erasing_probability_must_be_a_probability() {
+        let img = gradient(40, 40);
+        for p in [-0.1, 1.5, f32::NAN] {
+            let cfg = AugmentConfig {
+                random_erasing: p,
+                ..AugmentConfig::notebook(8)
+            };
+            let mut out = vec![0.0; 3 * 64];
+            let err = augment_into(
+                &mut Resizer::new(),
+                &img,
+                &cfg,
+                &mut sample_rng(0, 0, 0),
+                &mut out,
+            );
+            assert!(err.is_err(), "p = {p}");
+        }
+    }
+
+    #[test]
+    fn erasing_at_a_half_erases_about_half() {
+        let img = gradient(60, 60);
+        let cfg = AugmentConfig {
+            random_erasing: 0.5,
+            ..AugmentConfig::notebook(16)
+        };
+        let plain = AugmentConfig::notebook(16);
+        let erased = (0..200)
+            .filter(|&i| {
+                augmented(&cfg, &img, &mut sample_rng(4, 0, i))
+                    != augmented(&plain, &img, &mut sample_rng(4, 0, i))
+            })
+            .count();
+        assert!((70..130).contains(&erased), "{erased} of 200 erased");
+    }
+
     #[test]
     fn the_flip_mirrors_the_identity_crop() {
         let img = gradient(16, 16);
@@ -428,6 +723,8 @@ mod tests {
             ratio: (1.0, 1.0),
             rotation_deg: 0.0,
             hflip: true,
+            trivial_augment: false,
+            random_erasing: 0.0,
             norm: Normalize {
                 mean: [0.0; 3],
                 std: [1.0 / 255.0; 3],

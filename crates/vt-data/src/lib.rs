@@ -4,9 +4,11 @@
 //! - [`fetch`]: `cargo xtask fetch-data`, from Hugging Face, Kaggle, a local zip or folder,
 //!   or synthetic data, into `train/ val/ test/ pred/` plus `manifest.json`;
 //! - [`dataset`]: reading that layout back ([`dataset::ImageFolder`], [`dataset::Manifest`]);
-//! - [`augment`], [`transform`]: torchvision-compatible training and evaluation transforms;
+//! - [`augment`], [`trivial_augment`], [`transform`]: torchvision-compatible training and
+//!   evaluation transforms;
 //! - [`loader`]: parallel, deterministic batching into candle tensors.
 
+mod affine;
 pub mod augment;
 pub mod dataset;
 pub mod decode;
@@ -23,5 +25,6 @@ pub mod source;
 pub mod split;
 mod staging;
 pub mod transform;
+pub mod trivial_augment;
 
 pub use error::{DataError, Result};
