@@ -106,6 +106,15 @@ pub struct TrainOptions {
     /// reference recipe: 1.0); 0 disables [default: 0]
     #[arg(long, value_name = "ALPHA")]
     pub cutmix_alpha: Option<f64>,
+    /// TrivialAugmentWide after the crop, rotation and flip: one of 14 photometric or
+    /// geometric operations at a random strength per image (torchvision's reference recipe)
+    /// [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub trivial_augment: Option<bool>,
+    /// RandomErasing: with this probability, set a random box of each normalised training
+    /// image to 0, the mean colour (torchvision's reference recipe: 0.1) [default: 0]
+    #[arg(long, value_name = "P")]
+    pub random_erase: Option<f64>,
     /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
     #[arg(long, value_name = "NORM")]
     pub clip_grad: Option<f64>,
@@ -201,6 +210,8 @@ impl TrainOptions {
             label_smoothing,
             mixup_alpha,
             cutmix_alpha,
+            trivial_augment,
+            random_erase,
             clip_grad,
             ema,
             early_stop,
@@ -276,6 +287,10 @@ pub struct TrainConfig {
     pub mixup_alpha: f64,
     #[serde(default)]
     pub cutmix_alpha: f64,
+    #[serde(default)]
+    pub trivial_augment: bool,
+    #[serde(default)]
+    pub random_erase: f64,
     pub clip_grad: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
@@ -352,6 +367,8 @@ impl TrainConfig {
             label_smoothing: o.label_smoothing.unwrap_or(if seed { 0.0 } else { 0.1 }),
             mixup_alpha: o.mixup_alpha.unwrap_or(0.0),
             cutmix_alpha: o.cutmix_alpha.unwrap_or(0.0),
+            trivial_augment: o.trivial_augment.unwrap_or(false),
+            random_erase: o.random_erase.unwrap_or(0.0),
             clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
             ema: o.ema.filter(|d| *d != 0.0),
             early_stop: o.early_stop.filter(|p| *p != 0),
@@ -421,6 +438,12 @@ impl TrainConfig {
             if !(alpha.is_finite() && alpha >= 0.0) {
                 return fail(format!("{flag} must be >= 0 (0 disables), got {alpha}"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.random_erase) {
+            return fail(format!(
+                "--random-erase must be a probability in [0, 1], got {}",
+                self.random_erase
+            ));
         }
         if !(self.clip_grad.is_finite() && self.clip_grad >= 0.0) {
             return fail(format!(
@@ -560,6 +583,8 @@ impl TrainConfig {
             label_smoothing: Some(self.label_smoothing),
             mixup_alpha: Some(self.mixup_alpha),
             cutmix_alpha: Some(self.cutmix_alpha),
+            trivial_augment: Some(self.trivial_augment),
+            random_erase: Some(self.random_erase),
             clip_grad: Some(self.clip_grad),
             ema: self.ema,
             early_stop: self.early_stop,
@@ -639,6 +664,8 @@ impl TrainConfig {
             scale: spec.scale,
             rotation_deg: spec.rotation_deg,
             hflip: spec.hflip,
+            trivial_augment: self.trivial_augment,
+            random_erasing: self.random_erase as f32,
             norm,
             ..AugmentConfig::notebook(self.image_size as u32)
         }
@@ -920,6 +947,13 @@ mod tests {
                     ..Default::default()
                 },
                 "--grad-accum-steps",
+            ),
+            (
+                TrainOptions {
+                    random_erase: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "--random-erase",
             ),
         ] {
             let err = TrainConfig::resolve(&options).unwrap_err().to_string();

@@ -606,3 +606,35 @@ fn mixup_and_cutmix_train_on_mixed_batches() {
     let err = run_err(train_tiny(&data, &tmp.path().join("negative")).arg("--mixup-alpha=-1"));
     assert!(err.contains("--mixup-alpha must be >= 0"), "{err}");
 }
+
+#[test]
+fn trivial_augment_and_random_erasing_change_the_training_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let train = |name: &str, augmentation: &[&str]| {
+        let run = tmp.path().join(name);
+        run_ok(
+            train_tiny(&data, &run)
+                .args(ONE_THREAD)
+                .args(["--epochs", "1", "--batch-size", "8"])
+                .args(augmentation),
+        );
+        run
+    };
+    let plain = train("plain", &[]);
+    let augmented = train("augmented", &["--trivial-augment", "--random-erase", "0.5"]);
+    let config = fs::read_to_string(augmented.join("config.toml")).unwrap();
+    assert!(
+        config.contains("trivial-augment = true") && config.contains("random-erase = 0.5"),
+        "{config}"
+    );
+    let (plain, augmented) = (&records(&plain)[0], &records(&augmented)[0]);
+    assert!(augmented.train_loss.is_finite() && augmented.val_loss.is_finite());
+    assert_ne!(plain.train_loss, augmented.train_loss);
+
+    let err = run_err(train_tiny(&data, &tmp.path().join("p")).args(["--random-erase", "2"]));
+    assert!(
+        err.contains("--random-erase must be a probability"),
+        "{err}"
+    );
+}
