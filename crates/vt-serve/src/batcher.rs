@@ -3,9 +3,14 @@
 //! one forward pass and answers each caller on its own channel. The window stays open only
 //! while other requests are arriving (being read or decoded): a lone caller, or a batch
 //! that already holds everything in the server, runs at once.
+//!
+//! Each loaded model has its own thread and queue ([`ServedModel`]); the [`Batcher`] holds
+//! the current one. A reload starts the new model's thread beside the old one and swaps it
+//! in: a request keeps the model it took for all its images (preprocessed at that model's
+//! size), and the old thread ends once the last such request has its answers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,10 +18,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
-use crate::classifier::{Classifier, ClassifyError, Prediction};
+use crate::classifier::{Classifier, ClassifyError, Prediction, Preprocessor};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::state::StartError;
+use crate::state::{ModelInfo, StartError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -44,35 +49,27 @@ struct Job {
     reply: oneshot::Sender<Answer>,
 }
 
-/// The sending side; the model thread ends once every handle is dropped and the queue
-/// is empty, so in-flight requests are always answered.
-pub struct Batcher {
+/// One loaded model and the sending side of its thread's queue. The thread ends once every
+/// handle is dropped and the queue is empty, so images already queued are always answered.
+pub struct ServedModel {
+    pub info: ModelInfo,
+    /// How images must be prepared for this model (its size and normalisation).
+    pub preprocessor: Preprocessor,
     jobs: Sender<Job>,
-    arriving: IntGauge,
 }
 
-/// A request on its way to the queue; while any is alive a forming batch waits for it.
-pub struct Arriving {
-    gauge: IntGauge,
-}
-
-impl Drop for Arriving {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-impl Batcher {
+impl ServedModel {
     /// Starts the model thread and returns once it takes requests: on a GPU, after it ran
-    /// every batch size it will meet first ([`Classifier::warm_up`]).
+    /// every batch size it will meet first ([`Classifier::warm_up`]). Blocking.
     pub fn spawn(
         classifier: Classifier,
+        info: ModelInfo,
         config: BatchConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Batcher, StartError> {
+    ) -> Result<ServedModel, StartError> {
+        let preprocessor = classifier.preprocessor();
         let (jobs, queue) = crossbeam_channel::bounded(config.queue.max(1));
         let (ready, warmed) = crossbeam_channel::bounded(1);
-        let arriving = metrics.requests_arriving.clone();
         thread::Builder::new()
             .name("vt-serve-model".into())
             .spawn(move || {
@@ -91,7 +88,11 @@ impl Batcher {
             })
             .map_err(StartError::Thread)?;
         match warmed.recv() {
-            Ok(Ok(())) => Ok(Batcher { jobs, arriving }),
+            Ok(Ok(())) => Ok(ServedModel {
+                info,
+                preprocessor,
+                jobs,
+            }),
             Ok(Err(e)) => Err(StartError::WarmUp(e)),
             Err(_) => Err(StartError::Thread(std::io::Error::other(
                 "the model thread stopped while warming up",
@@ -99,16 +100,8 @@ impl Batcher {
         }
     }
 
-    /// Announces a request that will submit images once read and decoded. Drop the guard
-    /// after its last `submit` (or when it fails), never before.
-    pub fn arriving(&self) -> Arriving {
-        self.arriving.inc();
-        Arriving {
-            gauge: self.arriving.clone(),
-        }
-    }
-
-    /// Queues one preprocessed image; never waits. The answer arrives on the receiver.
+    /// Queues one image preprocessed by [`Self::preprocessor`]; never waits. The answer
+    /// arrives on the receiver.
     pub fn submit(
         &self,
         input: Vec<f32>,
@@ -127,6 +120,56 @@ impl Batcher {
             Err(TrySendError::Disconnected(_)) => {
                 Err(ApiError::NotReady("the model thread has stopped".into()))
             }
+        }
+    }
+}
+
+/// The model that new requests get, swapped whole by a reload.
+pub struct Batcher {
+    current: RwLock<Arc<ServedModel>>,
+    arriving: IntGauge,
+}
+
+/// A request on its way to the queue; while any is alive a forming batch waits for it.
+pub struct Arriving {
+    gauge: IntGauge,
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl Batcher {
+    pub fn new(model: ServedModel, metrics: &Metrics) -> Batcher {
+        Batcher {
+            current: RwLock::new(Arc::new(model)),
+            arriving: metrics.requests_arriving.clone(),
+        }
+    }
+
+    /// The model that a request starting now uses for all its images.
+    pub fn current(&self) -> Arc<ServedModel> {
+        // Nothing panics while holding the lock (an Arc is cloned or replaced), so a
+        // poisoned one still holds a whole value.
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `model` the one new requests get. Requests holding the previous one finish on
+    /// it; its thread ends after their images.
+    pub fn swap(&self, model: ServedModel) -> Arc<ServedModel> {
+        let model = Arc::new(model);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&model);
+        model
+    }
+
+    /// Announces a request that will submit images once read and decoded. Drop the guard
+    /// after its last `submit` (or when it fails), never before.
+    pub fn arriving(&self) -> Arriving {
+        self.arriving.inc();
+        Arriving {
+            gauge: self.arriving.clone(),
         }
     }
 }

@@ -7,7 +7,7 @@
 //!   the whole request fails, the error detail naming the file.
 //! - `GET /ping`, `GET /health/ready`: `{"status": "ready"}`, or 503 once shutdown began.
 //! - `GET /health/live`: `{"status": "alive"}`.
-//! - `GET /v1/models`: `{"models": [ModelInfo]}`.
+//! - `GET /v1/models`: `{"models": [ModelInfo]}`, the model new requests get.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /`: the demo page.
 
@@ -24,11 +24,11 @@ use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::batcher::{Arriving, Unanswered};
+use crate::batcher::{Arriving, ServedModel, Unanswered};
 use crate::classifier::{Label, Prediction};
 use crate::error::ApiError;
 use crate::input::{self, ImageInput};
-use crate::state::{AppState, ModelInfo};
+use crate::state::AppState;
 
 const DEFAULT_TOP_K: usize = 3;
 
@@ -83,6 +83,9 @@ async fn answer(
     let inputs = input::read(state, request, deadline).await?;
     // Held until the answer is written, whatever happens to the request meanwhile.
     let _admitted = state.admission.try_admit(inputs.images.len())?;
+    // One model for all the request's images, from preprocessing (at its image size) to
+    // labels, even if a reload swaps in another meanwhile.
+    let model = state.batcher.current();
     // Each image holds the announcement until it is queued. The images are futures of this
     // request, not tasks of their own, so that a request that times out or whose client
     // goes away stops their work (and its announcement) with it.
@@ -91,7 +94,7 @@ async fn answer(
         inputs
             .images
             .into_iter()
-            .map(|image| classify(state, image, Arc::clone(&arriving), deadline)),
+            .map(|image| classify(state, &model, image, Arc::clone(&arriving), deadline)),
     );
     drop(arriving);
     let mut results: Vec<_> = predictions
@@ -99,8 +102,8 @@ async fn answer(
         .into_iter()
         .map(|(filename, prediction)| PredictResponse {
             filename,
-            predictions: prediction.top(&state.model.classes, top_k),
-            model: &state.model.name,
+            predictions: prediction.top(&model.info.classes, top_k),
+            model: &model.info.name,
             // Whole microseconds: the clock's further digits are noise.
             elapsed_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         })
@@ -114,6 +117,7 @@ async fn answer(
 /// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
 async fn classify(
     state: &AppState,
+    model: &ServedModel,
     image: ImageInput,
     arriving: Arc<Arriving>,
     deadline: Instant,
@@ -123,7 +127,7 @@ async fn classify(
         .acquire_owned()
         .await
         .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
-    let preprocessor = state.preprocessor;
+    let preprocessor = model.preprocessor;
     let max_pixels = state.limits.max_pixels;
     let input = tokio::task::spawn_blocking(move || {
         // The slot is released when decoding ends, even if the request gave up meanwhile.
@@ -135,7 +139,7 @@ async fn classify(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = state.batcher.submit(input, deadline);
+    let answer = model.submit(input, deadline);
     drop(arriving);
     let prediction = answer?
         .await
@@ -166,8 +170,8 @@ pub async fn live() -> Json<serde_json::Value> {
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let models: [&ModelInfo; 1] = [&state.model];
-    Json(json!({ "models": models }))
+    let current = state.batcher.current();
+    Json(json!({ "models": [&current.info] }))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {

@@ -3,7 +3,8 @@
 //! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
 //! assembles the routes of [`handlers`]; [`input`] reads the images of a request, which
 //! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
-//! [`admission`] control. Every error is an [`ApiError`].
+//! [`admission`] control. [`AppState::reload`] (SIGHUP) swaps in a newly loaded model. Every
+//! error is an [`ApiError`].
 
 pub mod admission;
 pub mod args;

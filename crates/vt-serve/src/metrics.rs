@@ -1,5 +1,5 @@
-//! Prometheus metrics: request counts and latencies by route, batch sizes, inference time
-//! and the number of requests waiting or arriving.
+//! Prometheus metrics: request counts and latencies by route, batch sizes, inference time,
+//! the number of requests waiting or arriving, and model reloads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +20,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     pub queue_depth: IntGauge,
     pub requests_arriving: IntGauge,
+    /// Reloads (SIGHUP) by result, `ok` or `error`.
+    pub model_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -64,12 +66,25 @@ impl Metrics {
             "Prediction requests being read or decoded, not yet queued; a forming batch waits \
              for them (up to --max-delay-ms)",
         )?;
+        let model_reloads = IntCounterVec::new(
+            Opts::new(
+                "vt_serve_model_reloads_total",
+                "Checkpoint reloads (SIGHUP), by result: ok, or error (the previous model \
+                 kept serving)",
+            ),
+            &["result"],
+        )?;
+        // Both series exist from the start, so that an alert on errors sees them rise from 0.
+        for result in ["ok", "error"] {
+            model_reloads.with_label_values(&[result]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(inference_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(requests_arriving.clone()))?;
+        registry.register(Box::new(model_reloads.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -78,6 +93,7 @@ impl Metrics {
             inference_seconds,
             queue_depth,
             requests_arriving,
+            model_reloads,
         })
     }
 

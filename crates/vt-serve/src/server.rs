@@ -1,5 +1,6 @@
 //! Starting and stopping the server: load the checkpoint, bind, serve until a shutdown
-//! signal, then finish the requests in flight.
+//! signal, then finish the requests in flight. On Unix, SIGHUP reloads the checkpoint
+//! ([`AppState::reload`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+#[cfg(unix)]
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::args::ServeArgs;
 use crate::router::router;
@@ -21,6 +24,9 @@ use crate::state::{AppState, StartError};
 pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
+    /// SIGHUP, listened for from `bind` on: its default action would end the process.
+    #[cfg(unix)]
+    hangup: Signal,
 }
 
 impl Server {
@@ -37,6 +43,8 @@ impl Server {
         Ok(Server {
             listener,
             state: Arc::new(state),
+            #[cfg(unix)]
+            hangup: signal(SignalKind::hangup()).map_err(StartError::Signal)?,
         })
     }
 
@@ -59,7 +67,11 @@ impl Server {
         let Server {
             mut listener,
             state,
+            #[cfg(unix)]
+            hangup,
         } = self;
+        #[cfg(unix)]
+        let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&state), hangup));
         let app = router(Arc::clone(&state));
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -83,6 +95,9 @@ impl Server {
             }
         }
         drop(listener);
+        // No reload starts while draining; one under way finishes on its blocking thread.
+        #[cfg(unix)]
+        reloads.abort();
         state.stop_accepting();
         tracing::info!("shutting down: finishing requests in flight");
         let drain = state.limits.timeout + DRAIN_MARGIN;
@@ -102,6 +117,17 @@ impl Server {
 
 /// How long past the request timeout shutdown waits for connections to close.
 const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+
+/// Reloads the checkpoint at each SIGHUP, one reload at a time. SIGHUPs that arrive during
+/// a reload are queued as one more reload after it: the checkpoint may have changed again
+/// after this one read it.
+#[cfg(unix)]
+async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
+    while hangup.recv().await.is_some() {
+        // `reload` logs and counts a failure, and the previous model keeps serving.
+        let _ = state.reload().await;
+    }
+}
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {

@@ -1,20 +1,21 @@
-//! Everything the request handlers share, built once at startup.
+//! Everything the request handlers share, built once at startup, and the reload that
+//! swaps in a new model.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use candle_core::{Device, DeviceLocation};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use vt_model::checkpoint::WEIGHTS_FILE;
 
 use crate::admission::Admission;
 use crate::args::ServeArgs;
-use crate::batcher::{BatchConfig, Batcher};
-use crate::classifier::{Classifier, Preprocessor};
+use crate::batcher::{BatchConfig, Batcher, ServedModel};
+use crate::classifier::Classifier;
 use crate::error::ApiError;
 use crate::fetch::UrlFetcher;
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ pub enum StartError {
     Bind { addr: String, cause: std::io::Error },
     #[error("reading the address the server is bound to: {0}")]
     Address(std::io::Error),
+    #[error("cannot listen for SIGHUP (reloads): {0}")]
+    Signal(std::io::Error),
 }
 
 /// What `GET /v1/models` reports about the loaded checkpoint.
@@ -65,6 +68,10 @@ pub struct ModelInfo {
     pub dtype: String,
     /// Whether f32 products multiply in bfloat16 (`--bf16-products`).
     pub bf16_products: bool,
+    /// 1 for the model loaded at startup, one more for each successful reload.
+    pub generation: u64,
+    /// When this model was loaded, in seconds since the Unix epoch.
+    pub loaded_at: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,15 +93,18 @@ impl Limits {
 }
 
 pub struct AppState {
-    pub model: ModelInfo,
     pub limits: Limits,
-    pub preprocessor: Preprocessor,
     /// Bounds concurrent decoding (and so its memory) to the number of threads.
     pub decode_slots: Arc<Semaphore>,
     pub admission: Admission,
+    /// Holds the current model, which a reload replaces.
     pub batcher: Batcher,
     pub fetcher: UrlFetcher,
     pub metrics: Arc<Metrics>,
+    source: ModelSource,
+    batch: BatchConfig,
+    /// Held for a whole reload, so that reloads run one at a time.
+    reloading: Mutex<()>,
     /// Cleared when shutdown begins, so that readiness probes stop routing traffic here.
     accepting: AtomicBool,
 }
@@ -118,52 +128,129 @@ pub fn load_classifier(
     Ok((classifier, device))
 }
 
-impl AppState {
-    /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
-    pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
+/// Where the server's model comes from and how it is loaded: the same at startup and at
+/// every reload.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    pub checkpoint: PathBuf,
+    pub device: String,
+    pub dtype: String,
+    pub bf16_products: bool,
+}
+
+impl ModelSource {
+    pub fn new(args: &ServeArgs) -> ModelSource {
+        ModelSource {
+            checkpoint: args.checkpoint.clone(),
+            device: args.device.clone(),
+            dtype: args.dtype.clone(),
+            bf16_products: args.bf16_products,
+        }
+    }
+
+    /// Loads the checkpoint and describes it as model number `generation`. Blocking:
+    /// reads and hashes files.
+    pub fn load(&self, generation: u64) -> Result<(Classifier, ModelInfo), StartError> {
         let (classifier, device) = load_classifier(
-            &args.checkpoint,
-            &args.device,
-            &args.dtype,
-            args.bf16_products,
+            &self.checkpoint,
+            &self.device,
+            &self.dtype,
+            self.bf16_products,
         )?;
         let config = classifier.config();
-        let model = ModelInfo {
-            name: checkpoint_name(&args.checkpoint),
+        let info = ModelInfo {
+            name: checkpoint_name(&self.checkpoint),
             arch: config.arch.to_string(),
             classes: config.class_names.clone(),
             image_size: config.image_size,
             parameters: classifier.model().num_parameters(),
-            sha256: sha256_file(&args.checkpoint.join(WEIGHTS_FILE))?,
+            sha256: sha256_file(&self.checkpoint.join(WEIGHTS_FILE))?,
             device: device_name(&device),
-            dtype: args.dtype.clone(),
-            bf16_products: args.bf16_products,
+            dtype: self.dtype.clone(),
+            bf16_products: self.bf16_products,
+            generation,
+            // A clock before 1970 is no reason to refuse a model: it reads 0 then.
+            loaded_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
-        let preprocessor = classifier.preprocessor();
+        Ok((classifier, info))
+    }
+}
+
+impl AppState {
+    /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
+    pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
+        let source = ModelSource::new(args);
+        let (classifier, info) = source.load(1)?;
         let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
         let batch = BatchConfig {
             max_batch: args.max_batch as usize,
             max_delay: Duration::from_millis(args.max_delay_ms),
             queue: args.queue as usize,
         };
-        let batcher = Batcher::spawn(classifier, batch, Arc::clone(&metrics))?;
+        let model = ServedModel::spawn(classifier, info, batch, Arc::clone(&metrics))?;
         Ok(AppState {
-            model,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_pixels: args.max_pixels,
                 timeout: Duration::from_millis(args.timeout_ms),
                 header_timeout: Duration::from_millis(args.header_timeout_ms),
             },
-            preprocessor,
             decode_slots: Arc::new(Semaphore::new(args.threads())),
             admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
-            batcher,
+            batcher: Batcher::new(model, &metrics),
             fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)
                 .map_err(StartError::HttpClient)?,
             metrics,
+            source,
+            batch,
+            reloading: Mutex::new(()),
             accepting: AtomicBool::new(true),
         })
+    }
+
+    /// Loads the checkpoint again, from the same path with the same options, off the async
+    /// runtime; starts its model thread (warmed up on a GPU, as at startup) and swaps it in.
+    /// Requests that already took the previous model finish on it; later ones get the new
+    /// one. On failure the previous model keeps serving. Either way the outcome is logged and
+    /// counted. One reload runs at a time: a call during one waits for it, then reloads.
+    pub async fn reload(&self) -> Result<Arc<ServedModel>, StartError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let serving = self.batcher.current().info.generation;
+        let source = self.source.clone();
+        let (batch, metrics) = (self.batch, Arc::clone(&self.metrics));
+        let started = tokio::task::spawn_blocking(move || {
+            let (classifier, info) = source.load(serving + 1)?;
+            ServedModel::spawn(classifier, info, batch, metrics)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StartError::Thread(std::io::Error::other(e))));
+        let checkpoint = self.source.checkpoint.display();
+        match started {
+            Ok(model) => {
+                let model = self.batcher.swap(model);
+                self.metrics.model_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    %checkpoint,
+                    generation = model.info.generation,
+                    sha256 = %model.info.sha256,
+                    "reloaded the model"
+                );
+                Ok(model)
+            }
+            Err(e) => {
+                self.metrics
+                    .model_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(
+                    %checkpoint,
+                    "reload failed, still serving generation {serving}: {e}"
+                );
+                Err(e)
+            }
+        }
     }
 
     pub fn is_accepting(&self) -> bool {

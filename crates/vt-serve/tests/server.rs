@@ -14,7 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vt_serve::batcher::{BatchConfig, Batcher, Unanswered};
+use vt_serve::batcher::{BatchConfig, ServedModel, Unanswered};
+use vt_serve::state::ModelSource;
 
 /// A GPU server runs these batch sizes before it listens; each must run and leave the model
 /// answering as before.
@@ -120,6 +121,13 @@ async fn every_route_answers_with_its_documented_shape() {
     assert_eq!(model["device"], "cpu");
     assert_eq!(model["dtype"], "f32");
     assert_eq!(model["bf16_products"], false);
+    assert_eq!(model["generation"], 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let loaded_at = model["loaded_at"].as_u64().unwrap();
+    assert!(loaded_at <= now && loaded_at + 600 > now, "{model}");
 
     // Raw body, default top_k = 3, sorted by score.
     let (status, answer) = post_raw(
@@ -827,7 +835,8 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
 #[tokio::test]
 async fn the_model_thread_answers_an_expired_image_as_expired() {
     let dir = tiny_checkpoint();
-    let classifier = cpu_classifier(&dir);
+    let source = ModelSource::new(&parse_args(&checkpoint_path(&dir), &[]));
+    let (classifier, info) = source.load(1).unwrap();
     let (_, photo) = test_images(1).remove(0);
     let input = preprocessed(&classifier, &photo);
     let config = BatchConfig {
@@ -836,10 +845,10 @@ async fn the_model_thread_answers_an_expired_image_as_expired() {
         queue: 4,
     };
     let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
-    let batcher = Batcher::spawn(classifier, config, metrics).unwrap();
-    let answer = batcher.submit(input.clone(), Instant::now()).unwrap();
+    let model = ServedModel::spawn(classifier, info, config, metrics).unwrap();
+    let answer = model.submit(input.clone(), Instant::now()).unwrap();
     assert!(matches!(answer.await.unwrap(), Err(Unanswered::Expired)));
-    let answer = batcher.submit(input, Instant::now() + Duration::from_secs(60));
+    let answer = model.submit(input, Instant::now() + Duration::from_secs(60));
     assert!(answer.unwrap().await.unwrap().is_ok());
 }
 

@@ -1,0 +1,366 @@
+//! Reloading the checkpoint without downtime: SIGHUP to the real binary after the folder was
+//! replaced the way vt-train writes it, a broken checkpoint that leaves the previous model
+//! serving, requests in flight across reloads, and a request already queued for the old
+//! model while a model of another image size is swapped in.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use vt_model::{Arch, Model, VtConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vt-serve");
+
+/// Writes a tiny random checkpoint to `dir` as vt-train does: built in a sibling folder and
+/// renamed over any previous one.
+fn write_checkpoint(dir: &Path, classes: &[&str], image_size: usize) {
+    let mut config = VtConfig::new(Arch::VtResNet18, classes.len(), image_size);
+    config.class_names = classes.iter().map(|c| c.to_string()).collect();
+    config.tokens = 4;
+    config.token_channels = 32;
+    config.heads = 2;
+    Model::init(config, &Device::Cpu)
+        .unwrap()
+        .save(dir)
+        .unwrap();
+}
+
+const OLD_CLASSES: [&str; 2] = ["x", "y"];
+const NEW_CLASSES: [&str; 3] = ["p", "q", "r"];
+
+/// The binary, serving `checkpoint` on a free port, with its stderr collected.
+struct Served {
+    child: Child,
+    base: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Served {
+    fn start(checkpoint: &Path) -> Served {
+        let mut child = Command::new(BIN)
+            .arg("--checkpoint")
+            .arg(checkpoint)
+            .args(["--port", "0", "--device", "cpu", "--timeout-ms", "20000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let lines = BufReader::new(child.stderr.take().unwrap());
+        let collected = Arc::clone(&stderr);
+        // Read to the end, so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in lines.lines().map_while(Result::ok) {
+                eprintln!("vt-serve: {line}");
+                collected.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Served {
+            child,
+            base,
+            stderr,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    async fn stop(mut self) {
+        self.signal("TERM");
+        let status = tokio::task::spawn_blocking(move || {
+            for _ in 0..1200 {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.child.kill().unwrap();
+            panic!("the server did not exit after SIGTERM");
+        })
+        .await
+        .unwrap();
+        assert!(status.success(), "exit status {status}");
+    }
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{url}");
+    response.json().await.unwrap()
+}
+
+/// The model `/v1/models` reports.
+async fn current_model(client: &reqwest::Client, base: &str) -> Value {
+    get_json(client, &format!("{base}/v1/models")).await["models"][0].clone()
+}
+
+/// Polls `/v1/models` (bounded) until its generation reaches `generation`.
+async fn wait_for_generation(client: &reqwest::Client, base: &str, generation: u64) -> Value {
+    for _ in 0..600 {
+        let model = current_model(client, base).await;
+        if model["generation"].as_u64() >= Some(generation) {
+            return model;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the model never reached generation {generation}");
+}
+
+/// Polls `/metrics` (bounded) until the reloads with `result` reach `count`.
+async fn wait_for_reloads(client: &reqwest::Client, base: &str, result: &str, count: f64) {
+    let series = format!("vt_serve_model_reloads_total{{result=\"{result}\"}}");
+    for _ in 0..600 {
+        let text = metrics_text(client, &format!("{base}/metrics")).await;
+        if metric(&text, &series) >= Some(count) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{series} never reached {count}");
+}
+
+/// `/predict` with every class listed: status and answer.
+async fn predict(client: &reqwest::Client, base: &str, image: &[u8]) -> (StatusCode, Value) {
+    let response = client
+        .post(format!("{base}/predict?top_k=10"))
+        .body(image.to_vec())
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+/// The labels of an answer, sorted.
+fn labels(answer: &Value) -> Vec<String> {
+    let mut labels: Vec<String> = scores(answer).into_iter().map(|(l, _)| l).collect();
+    labels.sort();
+    labels
+}
+
+/// Asserts that the server's scores are those of `checkpoint` run offline.
+fn assert_scores_of(answer: &Value, checkpoint: &Path, classes: &[&str], image: &[u8]) {
+    let offline = offline_probs(checkpoint, image);
+    let scores = scores(answer);
+    assert_eq!(scores.len(), classes.len(), "{answer}");
+    for (label, score) in scores {
+        let class = classes.iter().position(|c| *c == label).unwrap();
+        assert!(
+            (score - f64::from(offline[class])).abs() < 1e-5,
+            "{label}: {score} served, {} offline",
+            offline[class]
+        );
+    }
+}
+
+fn reloads(text: &str, result: &str) -> Option<f64> {
+    metric(
+        text,
+        &format!("vt_serve_model_reloads_total{{result=\"{result}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_one_is_broken() {
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let image = test_images(1).remove(0).1;
+    let server = Served::start(&checkpoint);
+    let client = client();
+
+    let first = current_model(&client, &server.base).await;
+    assert_eq!(first["generation"], 1, "{first}");
+    assert_eq!(first["classes"], json!(OLD_CLASSES));
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(labels(&answer), OLD_CLASSES);
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "ok"), Some(0.0), "{text}");
+    assert_eq!(reloads(&text, "error"), Some(0.0), "{text}");
+
+    // Retrained: other classes, another image size.
+    write_checkpoint(&checkpoint, &NEW_CLASSES, 64);
+    server.signal("HUP");
+    let second = wait_for_generation(&client, &server.base, 2).await;
+    assert_eq!(second["generation"], 2, "{second}");
+    assert_eq!(second["classes"], json!(NEW_CLASSES));
+    assert_eq!(second["image_size"], 64);
+    assert_eq!(second["name"], "best");
+    assert_ne!(second["sha256"], first["sha256"]);
+    assert!(second["loaded_at"].as_u64() >= first["loaded_at"].as_u64());
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_scores_of(&answer, &checkpoint, &NEW_CLASSES, &image);
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "ok"), Some(1.0), "{text}");
+
+    // A broken checkpoint: the previous model keeps serving, and the log says why.
+    let weights = checkpoint.join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    server.signal("HUP");
+    wait_for_reloads(&client, &server.base, "error", 1.0).await;
+    let still = current_model(&client, &server.base).await;
+    assert_eq!(still["generation"], 2, "{still}");
+    assert_eq!(still["sha256"], second["sha256"]);
+    let ready = client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(labels(&answer), NEW_CLASSES);
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "ok"), Some(1.0), "{text}");
+    let log = server.stderr.lock().unwrap().clone();
+    let failure = log
+        .lines()
+        .find(|line| line.contains("reload failed"))
+        .unwrap_or_else(|| panic!("no reload failure in the log:\n{log}"));
+    assert!(
+        failure.contains(&checkpoint.display().to_string()) && failure.contains("No such file"),
+        "{failure}"
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_across_reloads_all_succeed() {
+    const CLIENTS: usize = 4;
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let images = Arc::new(test_images(4));
+    let server = Served::start(&checkpoint);
+    let client = client();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (client, base, images, stop) = (
+            client.clone(),
+            server.base.clone(),
+            Arc::clone(&images),
+            Arc::clone(&stop),
+        );
+        clients.spawn(async move {
+            let mut answered = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let image = &images[(c + answered) % images.len()].1;
+                let (status, answer) = predict(&client, &base, image).await;
+                assert_eq!(status, StatusCode::OK, "{answer}");
+                // Each answer comes from one model, whole.
+                let labels = labels(&answer);
+                assert!(labels == OLD_CLASSES || labels == NEW_CLASSES, "{answer}");
+                answered += 1;
+            }
+            answered
+        });
+    }
+
+    let mut generation = 1;
+    for round in 0..4 {
+        if round % 2 == 0 {
+            write_checkpoint(&checkpoint, &NEW_CLASSES, 64);
+        } else {
+            write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+        }
+        server.signal("HUP");
+        generation += 1;
+        wait_for_generation(&client, &server.base, generation).await;
+    }
+    // SIGHUPs in a burst: each reload after the one under way is queued, several as one.
+    for _ in 0..3 {
+        server.signal("HUP");
+    }
+    let last = wait_for_generation(&client, &server.base, generation + 1).await;
+    let last_generation = last["generation"].as_u64().unwrap();
+    assert!(last_generation <= generation + 3, "{last}");
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    while let Some(count) = clients.join_next().await {
+        answered += count.unwrap();
+    }
+    assert!(answered >= CLIENTS, "only {answered} requests answered");
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "error"), Some(0.0), "{text}");
+    server.stop().await;
+}
+
+/// A request already queued for the old model is answered by it, with its labels, although a
+/// model of another image size was swapped in meanwhile; a later request gets the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_before_a_reload_finishes_on_the_old_model() {
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let image = test_images(1).remove(0).1;
+    let old_probs = offline_probs(&checkpoint, &image);
+    let server = TestServer::start(
+        &checkpoint,
+        &["--max-delay-ms", "20000", "--timeout-ms", "30000"],
+    )
+    .await;
+    let client = client();
+
+    // A slow upload holds the batch window open, so the request waits queued on the old
+    // model's thread.
+    let upload = start_endless_upload(&client, &server.base).await;
+    let base = server.base.clone();
+    let queued = {
+        let (client, image) = (client.clone(), image.clone());
+        tokio::spawn(async move { predict(&client, &base, &image).await })
+    };
+    wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+
+    write_checkpoint(&checkpoint, &NEW_CLASSES, 64);
+    let model = server.state.reload().await.unwrap();
+    assert_eq!(model.info.generation, 2);
+    assert_eq!(model.info.image_size, 64);
+    drop(upload);
+
+    let (status, answer) = queued.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(labels(&answer), OLD_CLASSES);
+    for (label, score) in scores(&answer) {
+        let class = OLD_CLASSES.iter().position(|c| *c == label).unwrap();
+        assert!(
+            (score - f64::from(old_probs[class])).abs() < 1e-5,
+            "{answer}"
+        );
+    }
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_scores_of(&answer, &checkpoint, &NEW_CLASSES, &image);
+    server.shutdown().await;
+}
