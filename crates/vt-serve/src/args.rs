@@ -10,6 +10,10 @@ pub struct ServeArgs {
     /// Checkpoint folder (config.json + model.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The model's name in answers, `GET /v1/models` and the Open Inference Protocol's
+    /// `/v2/models/NAME/...` routes [default: the checkpoint folder's name].
+    #[arg(long, value_parser = parse_model_name)]
+    pub model_name: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -64,6 +68,16 @@ pub struct ServeArgs {
     pub threads: Option<u32>,
 }
 
+/// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.
+fn parse_model_name(name: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !name.is_empty() && name.chars().all(allowed) {
+        Ok(name.to_owned())
+    } else {
+        Err("use letters, digits, `.`, `_` and `-` only (it is part of URLs)".into())
+    }
+}
+
 impl ServeArgs {
     pub fn threads(&self) -> usize {
         self.threads
@@ -95,6 +109,23 @@ mod tests {
             let line = ["vt-serve", "--checkpoint", "c"].iter().chain(given);
             let cli = Cli::try_parse_from(line).unwrap();
             assert_eq!(cli.args.bf16_products, expected, "{given:?}");
+        }
+    }
+
+    /// A model name is part of `/v2/models/NAME/...` URLs, so it is one plain path segment.
+    #[test]
+    fn model_names_are_url_path_segments() {
+        let parse = |name: &str| {
+            Cli::try_parse_from(["vt-serve", "--checkpoint", "c", "--model-name", name])
+                .map(|cli| cli.args.model_name)
+        };
+        assert_eq!(
+            parse("intel-vt_2.1").unwrap().as_deref(),
+            Some("intel-vt_2.1")
+        );
+        for bad in ["", "a/b", "a b", "mod%65l", "é"] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.contains("part of URLs"), "{bad:?}: {error}");
         }
     }
 }

@@ -43,10 +43,7 @@ pub struct Prediction {
 impl Prediction {
     /// The `k` most probable classes, best first.
     pub fn top(&self, class_names: &[String], k: usize) -> Vec<Label> {
-        let mut order: Vec<usize> = (0..self.probs.len()).collect();
-        order.sort_by(|&a, &b| self.probs[b].total_cmp(&self.probs[a]));
-        order
-            .into_iter()
+        ranked(&self.probs)
             .take(k)
             .map(|i| Label {
                 label: class_names.get(i).cloned().unwrap_or_else(|| i.to_string()),
@@ -54,6 +51,13 @@ impl Prediction {
             })
             .collect()
     }
+}
+
+/// The indices of `values`, highest value first.
+pub fn ranked(values: &[f32]) -> impl Iterator<Item = usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.into_iter()
 }
 
 /// The contract's evaluation preprocessing, separate from the model so that request

@@ -1,5 +1,6 @@
 //! The one error type of the HTTP API: every failure becomes a status code and a JSON body
-//! `{"error": CODE, "detail": MESSAGE}`, where CODE is a stable machine-readable word.
+//! `{"error": CODE, "detail": MESSAGE}`, where CODE is a stable machine-readable word (on
+//! the Open Inference Protocol's routes, `{"error": MESSAGE}` as that protocol says).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +34,8 @@ pub enum ApiError {
     Timeout { timeout_ms: u64 },
     #[error("no route for {0}")]
     NotFound(String),
+    #[error("{0}")]
+    UnknownModel(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("{0}")]
@@ -58,7 +61,7 @@ impl ApiError {
             ApiError::UrlFetchFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Overloaded | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::UnknownModel(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout { .. } => "timeout",
             ApiError::NotFound(_) => "not_found",
+            ApiError::UnknownModel(_) => "unknown_model",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Internal(_) => "internal",
         }
@@ -124,18 +128,14 @@ impl ApiError {
             ClassifyError::Inference(e) => ApiError::Internal(format!("inference failed: {e}")),
         }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The error's status and headers around `body`: the one place both error shapes (this
+    /// API's and the Open Inference Protocol's) are turned into responses.
+    pub fn into_response_with(self, body: impl Serialize) -> Response {
         let status = self.status();
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
-        let body = ErrorBody {
-            error: self.code(),
-            detail: self.to_string(),
-        };
         let mut response = (status, Json(body)).into_response();
         if matches!(self, ApiError::Overloaded | ApiError::NotReady(_)) {
             response
@@ -143,5 +143,15 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code(),
+            detail: self.to_string(),
+        };
+        self.into_response_with(body)
     }
 }

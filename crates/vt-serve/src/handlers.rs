@@ -115,7 +115,7 @@ async fn answer(
 }
 
 /// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
-async fn classify(
+pub async fn classify(
     state: &AppState,
     model: &ServedModel,
     image: ImageInput,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::multipart::MultipartError;
 use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use serde::Deserialize;
@@ -42,15 +42,7 @@ pub async fn read(
     deadline: Instant,
 ) -> Result<Inputs, ApiError> {
     let limit = state.limits.max_body_bytes;
-    // Refuse a declared oversized body before reading any of it.
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
+    refuse_declared_oversize(request.headers(), limit)?;
     let mime = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -81,7 +73,19 @@ pub async fn read(
     }
 }
 
-async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
+/// Refuses a body whose declared length is over `limit` before reading any of it.
+pub fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(())
+}
+
+pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
     // The router's DefaultBodyLimit bounds what this buffers.
     Bytes::from_request(request, &())
         .await
@@ -145,7 +149,8 @@ async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<B
         ))
     })?;
     match (input.image, input.url) {
-        (Some(image), None) => decode_base64(&image),
+        (Some(image), None) => decode_base64(&image)
+            .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}"))),
         (None, Some(url)) => {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // The fetch may only take the request's remaining time: past it, the request
@@ -165,7 +170,7 @@ async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<B
 /// Base64 in the standard or the URL-safe alphabet, padded or not, wrapped in lines or not
 /// (as `base64` and Python's `encodebytes` write it), optionally as a data URL
 /// (`data:image/png;base64,...`).
-fn decode_base64(text: &str) -> Result<Bytes, ApiError> {
+pub fn decode_base64(text: &str) -> Result<Bytes, base64::DecodeError> {
     let payload = match text.split_once(";base64,") {
         Some((prefix, data)) if prefix.starts_with("data:") => data,
         _ => text,
@@ -185,7 +190,6 @@ fn decode_base64(text: &str) -> Result<Bytes, ApiError> {
     GeneralPurpose::new(alphabet, lenient)
         .decode(&compact)
         .map(Bytes::from)
-        .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}")))
 }
 
 #[cfg(test)]
@@ -199,10 +203,7 @@ mod tests {
             decode_base64("data:image/png;base64,aGk=").unwrap(),
             Bytes::from_static(b"hi")
         );
-        assert!(matches!(
-            decode_base64("not base64!"),
-            Err(ApiError::BadRequest(_))
-        ));
+        assert!(decode_base64("not base64!").is_err());
     }
 
     /// What `base64` (lines of 76), Python's `encodebytes`, `urlsafe_b64encode` and unpadded

@@ -3,7 +3,8 @@
 //! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
 //! assembles the routes of [`handlers`]; [`input`] reads the images of a request, which
 //! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
-//! [`admission`] control. [`AppState::reload`] (SIGHUP) swaps in a newly loaded model. Every
+//! [`admission`] control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
+//! Triton) over the same pipeline. [`AppState::reload`] (SIGHUP) swaps in a newly loaded model. Every
 //! error is an [`ApiError`].
 
 pub mod admission;
@@ -15,6 +16,7 @@ pub mod fetch;
 pub mod handlers;
 pub mod input;
 pub mod metrics;
+pub mod open_inference;
 pub mod predict;
 pub mod router;
 pub mod server;

@@ -12,6 +12,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::ApiError;
 use crate::handlers;
 use crate::metrics;
+use crate::open_inference;
 use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -26,6 +27,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
+        // The Open Inference Protocol (KServe V2, Triton's HTTP API).
+        .route("/v2", get(open_inference::server_metadata))
+        .route("/v2/health/live", get(open_inference::server_live))
+        .route("/v2/health/ready", get(open_inference::server_ready))
+        .route("/v2/models/{model}", get(open_inference::model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(open_inference::model_metadata),
+        )
+        .route("/v2/models/{model}/ready", get(open_inference::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(open_inference::model_ready),
+        )
+        .route("/v2/models/{model}/infer", post(open_inference::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(open_inference::infer),
+        )
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn_with_state(

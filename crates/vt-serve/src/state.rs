@@ -133,6 +133,8 @@ pub fn load_classifier(
 #[derive(Debug, Clone)]
 pub struct ModelSource {
     pub checkpoint: PathBuf,
+    /// `--model-name`, else the checkpoint folder's name.
+    pub name: Option<String>,
     pub device: String,
     pub dtype: String,
     pub bf16_products: bool,
@@ -142,6 +144,7 @@ impl ModelSource {
     pub fn new(args: &ServeArgs) -> ModelSource {
         ModelSource {
             checkpoint: args.checkpoint.clone(),
+            name: args.model_name.clone(),
             device: args.device.clone(),
             dtype: args.dtype.clone(),
             bf16_products: args.bf16_products,
@@ -159,7 +162,10 @@ impl ModelSource {
         )?;
         let config = classifier.config();
         let info = ModelInfo {
-            name: checkpoint_name(&self.checkpoint),
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| checkpoint_name(&self.checkpoint)),
             arch: config.arch.to_string(),
             classes: config.class_names.clone(),
             image_size: config.image_size,

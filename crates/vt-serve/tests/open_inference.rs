@@ -1,0 +1,583 @@
+//! The Open Inference Protocol (KServe V2, Triton's HTTP API) on a server started
+//! in-process: metadata and health, inference in JSON and with binary tensor data (bodies
+//! written by NVIDIA's tritonclient, in `fixtures/tritonclient/`), the classification
+//! extension, versions across a reload, and errors in the protocol's shape.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use common::*;
+use reqwest::header::CONTENT_TYPE;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tritonclient")
+}
+
+/// An answer split as the binary tensor data extension says: the JSON header, and the
+/// binary data of each output that has a `binary_data_size`, by name.
+struct Answer {
+    status: StatusCode,
+    header: Value,
+    binary: Vec<(String, Vec<u8>)>,
+}
+
+impl Answer {
+    fn output(&self, name: &str) -> &Value {
+        self.header["outputs"]
+            .as_array()
+            .and_then(|outputs| outputs.iter().find(|o| o["name"] == name))
+            .unwrap_or_else(|| panic!("no output {name} in {}", self.header))
+    }
+
+    /// An FP32 output's values, from JSON or binary data.
+    fn fp32(&self, name: &str) -> Vec<f32> {
+        let output = self.output(name);
+        assert_eq!(output["datatype"], "FP32", "{output}");
+        if let Some(data) = output["data"].as_array() {
+            return data.iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        }
+        let (_, bytes) = self.binary.iter().find(|(n, _)| n == name).unwrap();
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    /// A BYTES output's elements as text, from JSON or binary data.
+    fn strings(&self, name: &str) -> Vec<String> {
+        let output = self.output(name);
+        assert_eq!(output["datatype"], "BYTES", "{output}");
+        if let Some(data) = output["data"].as_array() {
+            return data
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+        }
+        let (_, mut bytes) = self.binary.iter().find(|(n, _)| n == name).unwrap().clone();
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let length = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+            out.push(String::from_utf8(bytes[4..4 + length].to_vec()).unwrap());
+            bytes.drain(..4 + length);
+        }
+        out
+    }
+}
+
+async fn infer(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    header_length: Option<usize>,
+) -> Answer {
+    let mut request = client.post(url).body(body);
+    if let Some(n) = header_length {
+        request = request
+            .header(HEADER_LENGTH, n)
+            .header(CONTENT_TYPE, "application/octet-stream");
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let header_length = response
+        .headers()
+        .get(HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+    let body = response.bytes().await.unwrap().to_vec();
+    let split = header_length.unwrap_or(body.len());
+    let header: Value = serde_json::from_slice(&body[..split])
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    let mut binary = Vec::new();
+    let mut at = split;
+    for output in header["outputs"].as_array().into_iter().flatten() {
+        if let Some(size) = output["parameters"]["binary_data_size"].as_u64() {
+            let end = at + size as usize;
+            binary.push((
+                output["name"].as_str().unwrap().to_owned(),
+                body[at..end].to_vec(),
+            ));
+            at = end;
+        }
+    }
+    assert_eq!(at, body.len(), "binary data left over: {header}");
+    Answer {
+        status,
+        header,
+        binary,
+    }
+}
+
+fn json_body(images: &[&[u8]]) -> Vec<u8> {
+    let data: Vec<String> = images
+        .iter()
+        .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+        .collect();
+    serde_json::to_vec(&json!({
+        "inputs": [{"name": "image", "shape": [images.len()], "datatype": "BYTES", "data": data}],
+    }))
+    .unwrap()
+}
+
+/// `expected` scores of each image, flattened image by image, equal to `got`.
+fn assert_close(got: &[f32], expected: &[Vec<f32>], what: &str) {
+    let expected: Vec<f32> = expected.iter().flatten().copied().collect();
+    assert_eq!(got.len(), expected.len(), "{what}");
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() < 1e-5, "{what}[{i}]: {g} served, {e} offline");
+    }
+}
+
+/// The classification strings of one image as `vt-serve predict` ranks it.
+fn ranked(probs: &[f32], count: usize) -> Vec<String> {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    order
+        .into_iter()
+        .take(count)
+        .map(|i| format!("{}:{i}:{}", probs[i], CLASSES[i]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metadata_and_versions_follow_the_protocol() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &["--model-name", "intel-vt"]).await;
+    let client = client();
+    let get = |path: &str| {
+        let request = client.get(server.url(path));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, body) = get("/v2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["name"], "vt-serve");
+    assert_eq!(
+        body["extensions"],
+        json!(["binary_tensor_data", "classification"])
+    );
+    assert_eq!(
+        get("/v2/health/live").await,
+        (StatusCode::OK, json!({"live": true}))
+    );
+    assert_eq!(
+        get("/v2/health/ready").await,
+        (StatusCode::OK, json!({"ready": true}))
+    );
+
+    let metadata = json!({
+        "name": "intel-vt",
+        "versions": ["1"],
+        "platform": "candle_safetensors",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 6]},
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 6]},
+        ],
+    });
+    assert_eq!(
+        get("/v2/models/intel-vt").await,
+        (StatusCode::OK, metadata.clone())
+    );
+    assert_eq!(get("/v2/models/intel-vt/versions/1").await.1, metadata);
+    let ready = json!({"name": "intel-vt", "ready": true});
+    assert_eq!(
+        get("/v2/models/intel-vt/ready").await,
+        (StatusCode::OK, ready.clone())
+    );
+    assert_eq!(get("/v2/models/intel-vt/versions/1/ready").await.1, ready);
+    // --model-name names the model in the rest of the API too.
+    assert_eq!(get("/v1/models").await.1["models"][0]["name"], "intel-vt");
+
+    // Unknown models and versions: 404 with {"error": MESSAGE} alone.
+    for path in [
+        "/v2/models/tiny",
+        "/v2/models/intel-vt/versions/2",
+        "/v2/models/tiny/ready",
+    ] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains("intel-vt"), "{path}: {body}");
+        assert_eq!(body.as_object().unwrap().len(), 1, "{path}: {body}");
+    }
+
+    // A reload makes the next version the only one.
+    let (_, photo) = test_images(1).remove(0);
+    server.state.reload().await.unwrap();
+    assert_eq!(get("/v2/models/intel-vt").await.1["versions"], json!(["2"]));
+    let answer = infer(
+        &client,
+        &server.url("/v2/models/intel-vt/versions/2/infer"),
+        json_body(&[&photo]),
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_eq!(answer.header["model_version"], "2");
+    let stale = infer(
+        &client,
+        &server.url("/v2/models/intel-vt/versions/1/infer"),
+        json_body(&[&photo]),
+        None,
+    )
+    .await;
+    assert_eq!(stale.status, StatusCode::NOT_FOUND, "{}", stale.header);
+    assert!(stale.header["error"]
+        .as_str()
+        .unwrap()
+        .contains("version 2 is loaded"));
+
+    // Shutting down: not ready, on the server's and the model's probe alike.
+    server.state.stop_accepting();
+    assert_eq!(
+        get("/v2/health/ready").await,
+        (StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false}))
+    );
+    assert_eq!(
+        get("/v2/models/intel-vt/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    server.shutdown().await;
+}
+
+/// The bodies tritonclient 2.73 wrote (`tools/reference/triton_client.py fixture`): binary
+/// tensor data in, binary and classification out; and base64 JSON in, all outputs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_requests_get_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let url = server.url("/v2/models/tiny/infer");
+    let fixtures = fixtures();
+    let requests: Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("requests.json")).unwrap()).unwrap();
+    let offline: Vec<Vec<f32>> = ["0.png", "1.jpg"]
+        .iter()
+        .map(|name| offline_probs(&checkpoint, &std::fs::read(fixtures.join(name)).unwrap()))
+        .collect();
+    let classifier = cpu_classifier(&dir);
+    let offline_logits: Vec<Vec<f32>> = ["0.png", "1.jpg"]
+        .iter()
+        .map(|name| {
+            let input = preprocessed(&classifier, &std::fs::read(fixtures.join(name)).unwrap());
+            classifier.predict(&[input]).unwrap().remove(0).logits
+        })
+        .collect();
+
+    let header_length = requests["binary.bin"]["header_length"].as_u64().unwrap() as usize;
+    let body = std::fs::read(fixtures.join("binary.bin")).unwrap();
+    let answer = infer(&client, &url, body, Some(header_length)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_eq!(answer.header["id"], "fixture-1");
+    assert_eq!(answer.header["model_name"], "tiny");
+    assert_eq!(answer.header["model_version"], "1");
+    assert_eq!(answer.output("probabilities")["shape"], json!([2, 6]));
+    assert!(answer.output("probabilities")["data"].is_null());
+    assert_close(
+        &answer.fp32("probabilities"),
+        &offline,
+        "binary probabilities",
+    );
+    // Classification of the logits, in JSON: the 3 best, as `value:index:label`.
+    let logits = answer.output("logits");
+    assert_eq!(logits["shape"], json!([2, 3]), "{logits}");
+    let strings = answer.strings("logits");
+    let expected: Vec<String> = offline_logits.iter().flat_map(|l| ranked(l, 3)).collect();
+    assert_eq!(strings.len(), expected.len());
+    for (got, want) in strings.iter().zip(&expected) {
+        let (got_value, got_rest) = got.split_once(':').unwrap();
+        let (want_value, want_rest) = want.split_once(':').unwrap();
+        assert_eq!(got_rest, want_rest, "{strings:?} against {expected:?}");
+        let (g, w): (f32, f32) = (got_value.parse().unwrap(), want_value.parse().unwrap());
+        assert!((g - w).abs() < 1e-4, "{got} against {want}");
+    }
+
+    // JSON in; no outputs named, so tritonclient asked for all of them in binary.
+    assert!(requests["json.bin"]["header_length"].is_null());
+    let body = std::fs::read(fixtures.join("json.bin")).unwrap();
+    let answer = infer(&client, &url, body, None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert!(answer.header.get("id").is_none(), "{}", answer.header);
+    assert_eq!(answer.binary.len(), 2, "{}", answer.header);
+    assert_close(&answer.fp32("probabilities"), &offline, "probabilities");
+    assert_close(&answer.fp32("logits"), &offline_logits, "logits");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_requests_choose_outputs_and_classification() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let url = server.url("/v2/models/tiny/infer");
+    let photos = test_images(3);
+    let offline: Vec<Vec<f32>> = photos
+        .iter()
+        .map(|(_, b)| offline_probs(&checkpoint, b))
+        .collect();
+
+    // Nested [N, 1] data, probabilities alone in JSON, classification beyond the class count.
+    let data: Vec<Value> = photos
+        .iter()
+        .map(|(_, b)| json!([base64::engine::general_purpose::STANDARD.encode(b)]))
+        .collect();
+    let request = json!({
+        "id": "42",
+        "inputs": [{"name": "image", "shape": [3, 1], "datatype": "BYTES", "data": data}],
+        "outputs": [
+            {"name": "probabilities"},
+            {"name": "logits", "parameters": {"classification": 10, "binary_data": true}},
+        ],
+    });
+    let answer = infer(&client, &url, serde_json::to_vec(&request).unwrap(), None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_eq!(answer.header["id"], "42");
+    assert_eq!(answer.output("probabilities")["shape"], json!([3, 6]));
+    assert_close(&answer.fp32("probabilities"), &offline, "probabilities");
+    assert_eq!(answer.output("logits")["shape"], json!([3, 6]));
+    let labels: Vec<String> = answer
+        .strings("logits")
+        .iter()
+        .map(|s| s.split(':').nth(2).unwrap().to_owned())
+        .collect();
+    // Logits rank the classes as the probabilities do.
+    let expected: Vec<String> = offline
+        .iter()
+        .flat_map(|p| ranked(p, 6))
+        .map(|s| s.split(':').nth(2).unwrap().to_owned())
+        .collect();
+    assert_eq!(labels, expected);
+
+    // The whole answer as binary data, asked for request-wide.
+    let mut request: Value = serde_json::from_slice(&json_body(&[&photos[0].1])).unwrap();
+    request["parameters"] = json!({"binary_data_output": true});
+    let answer = infer(&client, &url, serde_json::to_vec(&request).unwrap(), None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_eq!(answer.binary.len(), 2);
+    assert_close(
+        &answer.fp32("probabilities"),
+        &offline[..1],
+        "binary_data_output",
+    );
+
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"vt_serve_requests_total{route="/v2/models/{model}/infer",status="200"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_protocols_errors() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--queue", "4"]).await;
+    let client = client();
+    let url = server.url("/v2/models/tiny/infer");
+    let (_, photo) = test_images(1).remove(0);
+    let photo64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let input = |name: &str, shape: Value, datatype: &str, data: Value| json!({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]});
+    let one = json!([photo64]);
+    // What, body, Inference-Header-Content-Length, status, what the error says.
+    type Case<'a> = (&'a str, Vec<u8>, Option<usize>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "not JSON",
+            b"{".to_vec(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid inference request JSON",
+        ),
+        (
+            "two inputs",
+            serde_json::to_vec(&json!({"inputs": [
+                {"name": "image", "shape": [1], "datatype": "BYTES", "data": one},
+                {"name": "image", "shape": [1], "datatype": "BYTES", "data": one},
+            ]}))
+            .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "the request has 2",
+        ),
+        (
+            "input name",
+            serde_json::to_vec(&input("INPUT__0", json!([1]), "BYTES", one.clone())).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "unknown input `INPUT__0`",
+        ),
+        (
+            "datatype",
+            serde_json::to_vec(&input("image", json!([1]), "FP32", json!([0.5]))).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "not FP32",
+        ),
+        (
+            "shape",
+            serde_json::to_vec(&input("image", json!([1, 3]), "BYTES", one.clone())).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "[N] or [N, 1]",
+        ),
+        (
+            "count",
+            serde_json::to_vec(&input("image", json!([2]), "BYTES", one.clone())).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "but 1 elements",
+        ),
+        (
+            "too many",
+            serde_json::to_vec(&input("image", json!([5]), "BYTES", one.clone())).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "at most 4 per request",
+        ),
+        (
+            "not base64",
+            serde_json::to_vec(&input("image", json!([1]), "BYTES", json!(["%%%"]))).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "element 0 of input `image` is not base64",
+        ),
+        (
+            "not an image",
+            serde_json::to_vec(&input(
+                "image",
+                json!([2]),
+                "BYTES",
+                json!([photo64, "aGVsbG8="]),
+            ))
+            .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "image[1]: the data is not an image",
+        ),
+        (
+            "unknown output",
+            serde_json::to_vec(&json!({
+                "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": one}],
+                "outputs": [{"name": "OUTPUT__0"}],
+            }))
+            .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "unknown output `OUTPUT__0`",
+        ),
+        (
+            "classification 0",
+            serde_json::to_vec(&json!({
+                "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": one}],
+                "outputs": [{"name": "logits", "parameters": {"classification": 0}}],
+            }))
+            .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "at least 1",
+        ),
+        (
+            "header length past the body",
+            b"{}".to_vec(),
+            Some(3),
+            StatusCode::BAD_REQUEST,
+            "only 2 bytes",
+        ),
+    ];
+    let binary_input = |size: usize| {
+        json!({"inputs": [{
+            "name": "image", "shape": [1], "datatype": "BYTES",
+            "parameters": {"binary_data_size": size},
+        }]})
+    };
+    let element = [4, 0, 0, 0, 1, 2, 3, 4];
+    let mut cut_short = element;
+    cut_short[0] = 9;
+    let with_binary = [
+        (
+            "binary size",
+            binary_input(9),
+            &element,
+            "binary_data_size 9, but 8 bytes follow",
+        ),
+        (
+            "binary element length",
+            binary_input(8),
+            &cut_short,
+            "declares 9 bytes, but 4 follow",
+        ),
+        (
+            "unclaimed binary data",
+            input("image", json!([1]), "BYTES", one.clone()),
+            &element,
+            "8 bytes follow the JSON header",
+        ),
+    ];
+    let cases = cases
+        .into_iter()
+        .chain(with_binary.map(|(what, header, data, needle)| {
+            let header = serde_json::to_vec(&header).unwrap();
+            let length = header.len();
+            (
+                what,
+                [header, data.to_vec()].concat(),
+                Some(length),
+                StatusCode::BAD_REQUEST,
+                needle,
+            )
+        }));
+    for (what, body, header_length, status, needle) in cases {
+        let answer = infer(&client, &url, body, header_length).await;
+        assert_eq!(answer.status, status, "{what}: {}", answer.header);
+        let message = answer.header["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{what}: no `{needle}` in {}",
+            answer.header
+        );
+        assert_eq!(
+            answer.header.as_object().unwrap().len(),
+            1,
+            "{what}: {}",
+            answer.header
+        );
+    }
+
+    let compressed = client
+        .post(&url)
+        .header("Content-Encoding", "gzip")
+        .body(vec![0x1f, 0x8b])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(compressed.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let body: Value = compressed.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding: gzip"),
+        "{body}"
+    );
+
+    // The server carries on.
+    let answer = infer(&client, &url, json_body(&[&photo]), None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    server.shutdown().await;
+}
