@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use clap::ValueEnum;
-use serde_json::Value;
+use serde_json::{json, Value};
 use vt_data::error::DataError;
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::hf::HfOptions;
@@ -99,7 +99,14 @@ impl Server {
         let mut child = Command::new(&program)
             .arg("--checkpoint")
             .arg(checkpoint)
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--model-name",
+                MODEL_NAME,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -284,6 +291,122 @@ fn http_predictions(url: &str, images: &[(PathBuf, String)]) -> anyhow::Result<V
         .collect()
 }
 
+/// The served model's name, in the Open Inference Protocol's URLs.
+const MODEL_NAME: &str = "vt-e2e";
+/// Images per Open Inference Protocol request: within vt-serve's default queue and body limit.
+const IMAGES_PER_INFERENCE: usize = 64;
+
+/// Every image's classes, best first, as `(label, probability)`, from `/v2/models/.../infer`
+/// requests of up to [`IMAGES_PER_INFERENCE`] images each, sent as tritonclient sends them:
+/// the files as binary tensor data after the JSON, the classification extension asked for
+/// all classes.
+fn open_inference_rankings(
+    url: &str,
+    images: &[(PathBuf, String)],
+) -> anyhow::Result<Vec<Vec<(String, f64)>>> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let mut rankings = Vec::new();
+    for chunk in images.chunks(IMAGES_PER_INFERENCE) {
+        let mut data = Vec::new();
+        for (path, _) in chunk {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let length = u32::try_from(bytes.len())
+                .with_context(|| format!("{} is over 4 GiB", path.display()))?;
+            data.extend_from_slice(&length.to_le_bytes());
+            data.extend_from_slice(&bytes);
+        }
+        let header = serde_json::to_vec(&json!({
+            "inputs": [{
+                "name": "image", "shape": [chunk.len()], "datatype": "BYTES",
+                "parameters": {"binary_data_size": data.len()},
+            }],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 1000}}],
+        }))?;
+        let header_length = header.len();
+        let response = client
+            .post(format!("{url}/v2/models/{MODEL_NAME}/infer"))
+            .header("inference-header-content-length", header_length)
+            .header("content-type", "application/octet-stream")
+            .body([header, data].concat())
+            .send()
+            .context("POST /v2/models/.../infer")?;
+        let status = response.status();
+        let json: Value = response.json().context("reading the inference answer")?;
+        ensure!(
+            status.is_success(),
+            "POST /v2/models/.../infer: {status} {json}"
+        );
+        let output = &json["outputs"][0];
+        let width = output["shape"][1]
+            .as_u64()
+            .context("no shape in the answer")? as usize;
+        let strings = output["data"].as_array().context("no data in the answer")?;
+        ensure!(
+            width > 0 && strings.len() == chunk.len() * width,
+            "{} classification strings for {} images: {json}",
+            strings.len(),
+            chunk.len()
+        );
+        for row in strings.chunks(width) {
+            let ranking = row
+                .iter()
+                .map(|s| {
+                    // `value:index:label`.
+                    let text = s.as_str().unwrap_or_default();
+                    let mut parts = text.splitn(3, ':');
+                    let value = parts.next().and_then(|v| v.parse::<f64>().ok());
+                    match (value, parts.next(), parts.next()) {
+                        (Some(value), Some(_), Some(label)) => Ok((label.to_string(), value)),
+                        _ => Err(anyhow!("not a classification string: {s}")),
+                    }
+                })
+                .collect::<anyhow::Result<_>>()?;
+            rankings.push(ranking);
+        }
+    }
+    Ok(rankings)
+}
+
+/// The Open Inference Protocol's rankings must be `/predict`'s: same classes in the same
+/// order, probabilities within 1e-5 (the images were batched differently).
+fn compare_open_inference(
+    images: &[(PathBuf, String)],
+    http: &[Value],
+    rankings: &[Vec<(String, f64)>],
+) -> anyhow::Result<()> {
+    ensure!(
+        rankings.len() == images.len(),
+        "{} answers for {} images",
+        rankings.len(),
+        images.len()
+    );
+    for (((path, _), served), ranking) in images.iter().zip(http).zip(rankings) {
+        let predictions = served["predictions"]
+            .as_array()
+            .context("no predictions in the HTTP answer")?;
+        ensure!(
+            predictions.len() == ranking.len(),
+            "{}: /predict ranks {} classes, the Open Inference Protocol {}",
+            path.display(),
+            predictions.len(),
+            ranking.len()
+        );
+        for (p, (label, value)) in predictions.iter().zip(ranking) {
+            let score = p["score"].as_f64().unwrap_or(f64::NAN);
+            ensure!(
+                p["label"] == label.as_str() && (score - value).abs() <= 1e-5,
+                "{}: /predict says {} {score}, the Open Inference Protocol {label} {value}",
+                path.display(),
+                p["label"]
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Each HTTP answer must list the same classes with the same probabilities as the offline
 /// command; returns how many top-1 labels were right.
 fn compare(images: &[(PathBuf, String)], http: &[Value], offline: &str) -> anyhow::Result<usize> {
@@ -430,6 +553,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let http = steps.run("predict over HTTP", || {
         http_predictions(&server.url, &images)
     })?;
+    let rankings = steps.run("infer (Open Inference)", || {
+        open_inference_rankings(&server.url, &images)
+    })?;
     let url = server.url.clone();
     steps.run("stop server (SIGTERM)", || server.stop())?;
     let offline = steps.run("vt-serve predict", || {
@@ -442,7 +568,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         predict.args(images.iter().map(|(p, _)| p));
         run_checked(&mut predict)
     })?;
-    let correct = steps.run("compare answers", || compare(&images, &http, &offline))?;
+    let correct = steps.run("compare answers", || {
+        compare_open_inference(&images, &http, &rankings)?;
+        compare(&images, &http, &offline)
+    })?;
 
     println!("\ne2e passed");
     println!("  data:        {}", data.display());
@@ -458,7 +587,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report["accuracy"].as_f64().unwrap_or(f64::NAN)
     );
     println!(
-        "  served:      {url}: {} images, {correct} top-1 correct, all equal to vt-serve predict",
+        "  served:      {url}: {} images, {correct} top-1 correct, all equal to vt-serve predict \
+         and to the Open Inference Protocol's answers",
         images.len()
     );
     for (name, elapsed) in &steps.0 {
