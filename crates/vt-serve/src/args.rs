@@ -66,6 +66,17 @@ pub struct ServeArgs {
     /// set, else all cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
+    /// Log lines on stderr, one per answered request among them: `text` to read, `json` (one
+    /// object per line) for log collectors. RUST_LOG filters them (e.g.
+    /// `RUST_LOG=info,vt_serve::access=off` leaves out the request lines).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.

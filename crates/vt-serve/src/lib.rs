@@ -7,6 +7,7 @@
 //! Triton) over the same pipeline. [`AppState::reload`] (SIGHUP) swaps in a newly loaded model. Every
 //! error is an [`ApiError`].
 
+pub mod access;
 pub mod admission;
 pub mod args;
 pub mod batcher;

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use vt_serve::args::LogFormat;
 use vt_serve::predict::{self, PredictArgs};
 use vt_serve::{shutdown_signal, ServeArgs, Server};
 
@@ -43,13 +44,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // The event's fields at the top level and the request's (method, path, id) under
+        // "span": what log queries filter on.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     // Before any thread starts: candle reads these settings once.
     vt_model::threads::set_compute_threads(args.threads());
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -68,6 +68,8 @@ fn help_explains_every_flag() {
             "--max-pixels",
             "--allow-url-fetch",
             "--threads",
+            "--model-name",
+            "--log-format",
         ] {
             assert!(help.contains(flag), "{args:?} help lacks {flag}:\n{help}");
         }
@@ -290,4 +292,90 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
         .await
         .unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+/// `--log-format json`: every stderr line is one JSON object, and each answered request has
+/// one under its request id: the client's own, or a fresh one that its answer carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_each_request_by_its_id() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let mut child = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .args(["--port", "0", "--device", "cpu", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+
+    let client = client();
+    let (_, photo) = test_images(1).remove(0);
+    let predicted = client
+        .post(format!("{base}/predict"))
+        .header("x-request-id", "client-id-1")
+        .body(photo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(predicted.status(), StatusCode::OK);
+    assert_eq!(predicted.headers()["x-request-id"], "client-id-1");
+    let missing = client.get(format!("{base}/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let generated = missing.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let hyphens: Vec<usize> = generated.match_indices('-').map(|(i, _)| i).collect();
+    assert_eq!(
+        (generated.len(), hyphens),
+        (36, vec![8, 13, 18, 23]),
+        "{generated}"
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(wait_for_exit(&mut child).success());
+    let logs = logs.join().unwrap();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string()));
+    let answered: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "vt_serve::access")
+        .collect();
+    assert_eq!(answered.len(), 2, "{logs}");
+    for (line, (id, method, path, status)) in answered.iter().zip([
+        ("client-id-1", "POST", "/predict", 200),
+        (generated.as_str(), "GET", "/nope", 404),
+    ]) {
+        assert_eq!(line["message"], "answered", "{line}");
+        assert_eq!(line["span"]["id"], id, "{line}");
+        assert_eq!(line["span"]["method"], method, "{line}");
+        assert_eq!(line["span"]["path"], path, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert!(
+            line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{line}"
+        );
+    }
 }
