@@ -1,8 +1,10 @@
 //! Evaluation: the validation pass of training and `vt-train eval` (accuracy, per-class
-//! precision/recall/F1, confusion matrix as text, JSON and PNG).
+//! precision/recall/F1, confusion matrix as text, JSON and PNG, per-image predictions as CSV
+//! and the most confident mistakes).
 
 use std::path::{Path, PathBuf};
 
+use candle_core::D;
 use serde::Serialize;
 use vt_data::dataset::Split;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
@@ -11,7 +13,7 @@ use vt_model::{parse_device, Model};
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::loss::{cross_entropy, predictions};
-use crate::metrics::{write_atomically, ClassScores, ConfusionMatrix};
+use crate::metrics::{csv_cell, write_atomically, ClassScores, ConfusionMatrix};
 use crate::plots::draw_confusion;
 use crate::progress::EpochProgress;
 use crate::threads;
@@ -20,7 +22,50 @@ pub struct Evaluation {
     /// Mean cross-entropy (no label smoothing) over the images.
     pub loss: f64,
     pub matrix: ConfusionMatrix,
+    /// One per image the matrix counts, in the order of the samples; skipped files have none.
+    pub predictions: Vec<Prediction>,
     pub skipped: Vec<SkippedFile>,
+}
+
+/// What the model said about one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Position in the evaluated samples.
+    pub index: usize,
+    pub label: usize,
+    /// The argmax of the logits, as the confusion matrix counts it: where two classes tie in
+    /// f32 probabilities their logits may still differ.
+    pub predicted: usize,
+    /// Softmax over the logits, in the classes' order.
+    pub probabilities: Vec<f32>,
+}
+
+impl Prediction {
+    /// The probability of the predicted class.
+    pub fn confidence(&self) -> f32 {
+        self.probabilities[self.predicted]
+    }
+
+    pub fn label_probability(&self) -> f32 {
+        self.probabilities[self.label]
+    }
+
+    pub fn correct(&self) -> bool {
+        self.predicted == self.label
+    }
+}
+
+/// The wrong predictions the model was surest of: up to `n`, highest confidence first, equal
+/// ones in the order given. A NaN confidence (a diverged model) ranks last rather than first,
+/// where `total_cmp` would put it.
+pub fn most_confident_mistakes(predictions: &[Prediction], n: usize) -> Vec<&Prediction> {
+    let mut mistakes: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
+    mistakes.sort_by(|a, b| {
+        let (a, b) = (a.confidence(), b.confidence());
+        a.is_nan().cmp(&b.is_nan()).then(b.total_cmp(&a))
+    });
+    mistakes.truncate(n);
+    mistakes
 }
 
 /// Runs `model` in eval mode over `samples`.
@@ -31,7 +76,9 @@ pub fn evaluate(
     classes: &[String],
     label: &str,
 ) -> Result<Evaluation> {
+    let k = classes.len();
     let mut matrix = ConfusionMatrix::new(classes.to_vec());
+    let mut per_image = Vec::new();
     let mut loss_sum = 0.0;
     let mut iter = batches(samples, loader, 0, &model.device);
     let mut progress = EpochProgress::new(label, iter.len());
@@ -41,7 +88,35 @@ pub fn evaluate(
         let n = batch.indices.len();
         let loss = cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * n as f64;
-        matrix.add(&batch.labels.to_vec1::<u32>()?, &predictions(&logits)?);
+        let outputs = logits.dim(D::Minus1)?;
+        if outputs != k {
+            return Err(TrainError::Config(format!(
+                "{label}: the model has {outputs} outputs for {k} classes"
+            )));
+        }
+        let labels = batch.labels.to_vec1::<u32>()?;
+        let predicted = predictions(&logits)?;
+        matrix.add(&labels, &predicted);
+        // N x K numbers read back: small beside the forward pass, even every epoch.
+        let probabilities = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        for (((&index, &truth), &predicted), probabilities) in batch
+            .indices
+            .iter()
+            .zip(&labels)
+            .zip(&predicted)
+            .zip(probabilities)
+        {
+            // The rows the matrix counts (an argmax of K logits is below K), so that the
+            // predictions agree with its accuracy.
+            if (truth as usize) < k {
+                per_image.push(Prediction {
+                    index,
+                    label: truth as usize,
+                    predicted: predicted as usize,
+                    probabilities,
+                });
+            }
+        }
         progress.advance(
             n,
             &format!("loss {:.4}", loss_sum / matrix.total().max(1) as f64),
@@ -54,9 +129,11 @@ pub fn evaluate(
             samples.len()
         )));
     }
+    per_image.sort_by_key(|p| p.index);
     Ok(Evaluation {
         loss: loss_sum / matrix.total() as f64,
         matrix,
+        predictions: per_image,
         skipped: iter.skipped(),
     })
 }
@@ -89,9 +166,9 @@ pub struct EvalArgs {
     /// Split to evaluate
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
-    /// Report file (JSON, in an existing folder, not named .png); the confusion matrix PNG
-    /// goes beside it with a .png extension [default: eval-<checkpoint>-<split>.json beside
-    /// the checkpoint folder]
+    /// Report file (JSON, in an existing folder, not named .png or .csv); the confusion
+    /// matrix PNG and the per-image predictions CSV go beside it with .png and .csv
+    /// extensions [default: eval-<checkpoint>-<split>.json beside the checkpoint folder]
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto
@@ -108,6 +185,21 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
 }
 
+/// How many of the most confident mistakes the report lists.
+const MISTAKES_LISTED: usize = 10;
+
+/// A wrong prediction, as the report lists it.
+#[derive(Debug, Serialize)]
+pub struct Mistake {
+    pub path: PathBuf,
+    pub label: String,
+    pub prediction: String,
+    /// The probability of `prediction`.
+    pub confidence: f32,
+    /// The probability of `label`.
+    pub label_probability: f32,
+}
+
 /// `vt-train eval --out FILE`.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
@@ -122,6 +214,10 @@ pub struct EvalReport {
     pub classes: Vec<ClassScores>,
     pub confusion_matrix: ConfusionMatrix,
     pub skipped: Vec<SkippedFile>,
+    /// The CSV of every image's probabilities.
+    pub predictions: PathBuf,
+    /// The wrong predictions with the highest confidence, most confident first.
+    pub mistakes: Vec<Mistake>,
 }
 
 fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
@@ -136,7 +232,8 @@ fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
     parent.join(format!("eval-{name}-{split}.json"))
 }
 
-/// The report as text: accuracy, the per-class table and the confusion matrix.
+/// The report as text: accuracy, the per-class table, the confusion matrix and the most
+/// confident mistakes.
 pub fn report_text(report: &EvalReport) -> String {
     let width = report
         .classes
@@ -166,14 +263,78 @@ pub fn report_text(report: &EvalReport) -> String {
     }
     out += "\nconfusion matrix (rows: true class, columns: prediction)\n";
     out += &report.confusion_matrix.to_text();
+    let matrix = &report.confusion_matrix;
+    let wrong = matrix.total() - matrix.correct();
+    if report.mistakes.is_empty() {
+        out += "\nmost confident mistakes: none, every image is classified correctly\n";
+    } else {
+        out += &format!(
+            "\nmost confident mistakes ({} of {wrong} wrong)\n",
+            report.mistakes.len()
+        );
+        for m in &report.mistakes {
+            out += &format!(
+                "  {}: {} -> {} ({:.1}%)\n",
+                m.path.display(),
+                m.label,
+                m.prediction,
+                100.0 * m.confidence
+            );
+        }
+    }
     out
 }
 
-/// The report's path and the confusion matrix PNG's beside it. A given --out is refused
-/// before any work when the two would coincide, its folder is missing or is the checkpoint
-/// folder (whose next save would refuse a folder holding other files; the default's folder
-/// holds the checkpoint folder).
-fn output_paths(args: &EvalArgs, split: Split) -> Result<(PathBuf, PathBuf)> {
+/// The per-image predictions as CSV: `path,label,prediction,confidence,label_probability,
+/// correct`, then `p_<class>` per class; one row per prediction, in their order.
+fn predictions_csv(
+    predictions: &[Prediction],
+    samples: &[(PathBuf, usize)],
+    classes: &[String],
+) -> String {
+    let mut header: Vec<String> = [
+        "path",
+        "label",
+        "prediction",
+        "confidence",
+        "label_probability",
+        "correct",
+    ]
+    .iter()
+    .map(|c| c.to_string())
+    .collect();
+    header.extend(classes.iter().map(|c| csv_cell(&format!("p_{c}"))));
+    let mut out = header.join(",") + "\n";
+    for p in predictions {
+        let mut row = vec![
+            csv_cell(&samples[p.index].0.to_string_lossy()),
+            csv_cell(&classes[p.label]),
+            csv_cell(&classes[p.predicted]),
+            format!("{:.6}", p.confidence()),
+            format!("{:.6}", p.label_probability()),
+            p.correct().to_string(),
+        ];
+        row.extend(p.probabilities.iter().map(|q| format!("{q:.6}")));
+        out += &row.join(",");
+        out.push('\n');
+    }
+    out
+}
+
+/// Where `vt-train eval` writes.
+struct OutputPaths {
+    report: PathBuf,
+    /// The confusion matrix, beside the report.
+    png: PathBuf,
+    /// The per-image predictions, beside the report.
+    csv: PathBuf,
+}
+
+/// The report's path and those of the confusion matrix PNG and the predictions CSV beside
+/// it. A given --out is refused before any work when another file would replace the report,
+/// its folder is missing or is the checkpoint folder (whose next save would refuse a folder
+/// holding other files; the default's folder holds the checkpoint folder).
+fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     // `.` and `..` name no folder to put the report beside: the folder they stand for does.
     let checkpoint = match args.checkpoint.file_name() {
         Some(_) => args.checkpoint.clone(),
@@ -184,20 +345,30 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<(PathBuf, PathBuf)> {
         .out
         .clone()
         .unwrap_or_else(|| default_out(&checkpoint, split));
-    let png = out.with_extension("png");
+    let paths = OutputPaths {
+        png: out.with_extension("png"),
+        csv: out.with_extension("csv"),
+        report: out,
+    };
     if args.out.is_none() {
-        return Ok((out, png));
+        return Ok(paths);
     }
-    // Compared without case: on a case-insensitive file system R.PNG is r.png.
-    if png
-        .to_string_lossy()
-        .eq_ignore_ascii_case(&out.to_string_lossy())
-    {
-        return Err(TrainError::Config(format!(
-            "--out {}: the report is JSON and the confusion matrix is written beside it with \
-             a .png extension; give the report another extension (e.g. .json)",
-            out.display()
-        )));
+    let out = &paths.report;
+    for (beside, what, extension) in [
+        (&paths.png, "the confusion matrix is", "png"),
+        (&paths.csv, "the per-image predictions are", "csv"),
+    ] {
+        // Compared without case: on a case-insensitive file system R.PNG is r.png.
+        if beside
+            .to_string_lossy()
+            .eq_ignore_ascii_case(&out.to_string_lossy())
+        {
+            return Err(TrainError::Config(format!(
+                "--out {}: the report is JSON and {what} written beside it with a \
+                 .{extension} extension; give the report another extension (e.g. .json)",
+                out.display()
+            )));
+        }
     }
     let parent = out
         .parent()
@@ -217,12 +388,12 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<(PathBuf, PathBuf)> {
             out.display()
         )));
     }
-    Ok((out, png))
+    Ok(paths)
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let split = Split::from(args.split);
-    let (out, png) = output_paths(args, split)?;
+    let paths = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
     let model = Model::load(&args.checkpoint, &device)
@@ -252,6 +423,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     )?;
     let classes = eval.matrix.scores();
     let macro_f1 = eval.matrix.macro_f1();
+    let mistakes = most_confident_mistakes(&eval.predictions, MISTAKES_LISTED)
+        .into_iter()
+        .map(|p| Mistake {
+            path: folder.samples[p.index].0.clone(),
+            label: folder.classes[p.label].clone(),
+            prediction: folder.classes[p.predicted].clone(),
+            confidence: p.confidence(),
+            label_probability: p.label_probability(),
+        })
+        .collect();
     let report = EvalReport {
         checkpoint: args.checkpoint.clone(),
         data: args.data.clone(),
@@ -263,19 +444,95 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         classes,
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
+        predictions: paths.csv.clone(),
+        mistakes,
     };
     print!("{}", report_text(&report));
+    let csv = predictions_csv(&eval.predictions, &folder.samples, &folder.classes);
+    write_atomically(&paths.csv, csv.as_bytes())?;
     let json = serde_json::to_string_pretty(&report).map_err(|cause| TrainError::JsonWrite {
-        path: out.clone(),
+        path: paths.report.clone(),
         cause,
     })?;
-    write_atomically(&out, format!("{json}\n").as_bytes())?;
+    write_atomically(&paths.report, format!("{json}\n").as_bytes())?;
     let title = format!(
         "{} on {split}: {:.2}%",
         args.checkpoint.display(),
         100.0 * report.accuracy
     );
-    draw_confusion(&png, &report.confusion_matrix, &title)?;
-    eprintln!("wrote {} and {}", out.display(), png.display());
+    draw_confusion(&paths.png, &report.confusion_matrix, &title)?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        paths.report.display(),
+        paths.csv.display(),
+        paths.png.display()
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prediction(index: usize, label: usize, probabilities: &[f32]) -> Prediction {
+        let predicted = (0..probabilities.len())
+            .max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b]))
+            .unwrap();
+        Prediction {
+            index,
+            label,
+            predicted,
+            probabilities: probabilities.to_vec(),
+        }
+    }
+
+    #[test]
+    fn mistakes_rank_by_confidence_without_the_correct_ones() {
+        let predictions = [
+            prediction(0, 0, &[0.1, 0.9]),
+            prediction(1, 1, &[0.05, 0.95]), // right: never listed
+            prediction(2, 1, &[0.7, 0.3]),
+            prediction(3, 0, &[0.3, 0.7]),
+            Prediction {
+                predicted: 1,
+                ..prediction(4, 0, &[f32::NAN, f32::NAN])
+            },
+            prediction(5, 1, &[0.99, 0.01]),
+        ];
+        let ranked = |n| -> Vec<usize> {
+            most_confident_mistakes(&predictions, n)
+                .iter()
+                .map(|p| p.index)
+                .collect()
+        };
+        // 0.99, 0.9, then the two at 0.7 in sample order; a diverged image last.
+        assert_eq!(ranked(10), [5, 0, 2, 3, 4]);
+        assert_eq!(ranked(2), [5, 0]);
+        assert!(ranked(0).is_empty());
+        let right = [prediction(0, 1, &[0.2, 0.8])];
+        assert!(most_confident_mistakes(&right, 10).is_empty());
+    }
+
+    #[test]
+    fn the_predictions_csv_quotes_paths_and_classes() {
+        let classes = vec!["a,b".to_string(), "c".to_string()];
+        let samples = vec![
+            (PathBuf::from("x/one.jpg"), 1),
+            (PathBuf::from("x/\"two\".jpg"), 0),
+        ];
+        let csv = predictions_csv(
+            &[
+                prediction(0, 1, &[0.25, 0.75]),
+                prediction(1, 0, &[0.4, 0.6]),
+            ],
+            &samples,
+            &classes,
+        );
+        assert_eq!(
+            csv,
+            "path,label,prediction,confidence,label_probability,correct,\"p_a,b\",p_c\n\
+             x/one.jpg,c,c,0.750000,0.750000,true,0.250000,0.750000\n\
+             \"x/\"\"two\"\".jpg\",\"a,b\",c,0.600000,0.400000,false,0.400000,0.600000\n"
+        );
+    }
 }

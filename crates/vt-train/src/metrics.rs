@@ -301,8 +301,8 @@ const CSV_COLUMNS: [&str; 15] = [
     "best",
 ];
 
-/// RFC 4180 quoting for a header cell (class names may contain anything).
-fn csv_cell(s: &str) -> String {
+/// RFC 4180 quoting for a cell (class names and paths may contain anything).
+pub(crate) fn csv_cell(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

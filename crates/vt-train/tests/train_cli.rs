@@ -90,6 +90,169 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     assert_eq!(json["classes"].as_array().unwrap().len(), 6);
     assert!(json["accuracy"].as_f64().unwrap() >= 0.0);
     assert!(is_png(&report.with_extension("png")));
+    check_predictions(&report, &data, &text);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(&format!(
+            "wrote {}, {} and {}",
+            report.display(),
+            report.with_extension("csv").display(),
+            report.with_extension("png").display()
+        )),
+        "{log}"
+    );
+}
+
+/// One row of the predictions CSV.
+struct Row {
+    path: String,
+    label: String,
+    prediction: String,
+    confidence: f64,
+    label_probability: f64,
+    correct: bool,
+    /// By class, in the header's order.
+    p: Vec<f64>,
+}
+
+/// Checks the predictions CSV beside `report` (a `vt-train eval` JSON report of the test
+/// split of `data`) against the images, the report and the printed `text`; returns the
+/// number of wrong predictions.
+fn check_predictions(report: &std::path::Path, data: &std::path::Path, text: &str) -> usize {
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(report).unwrap()).unwrap();
+    let csv_path = report.with_extension("csv");
+    // The default report's folder is named after the canonical checkpoint path.
+    let named = std::path::Path::new(json["predictions"].as_str().unwrap());
+    assert_eq!(
+        named.canonicalize().unwrap(),
+        csv_path.canonicalize().unwrap()
+    );
+    let classes: Vec<String> = json["confusion_matrix"]["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let csv = fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    let mut header = vec![
+        "path",
+        "label",
+        "prediction",
+        "confidence",
+        "label_probability",
+        "correct",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    header.extend(classes.iter().map(|c| format!("p_{c}")));
+    assert_eq!(lines.next().unwrap(), header.join(","));
+    // Neither the temporary folder nor the class names need quoting.
+    let rows: Vec<Row> = lines
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(cells.len(), header.len(), "{line}");
+            let number = |i: usize| cells[i].parse::<f64>().unwrap();
+            Row {
+                path: cells[0].to_string(),
+                label: cells[1].to_string(),
+                prediction: cells[2].to_string(),
+                confidence: number(3),
+                label_probability: number(4),
+                correct: cells[5].parse().unwrap(),
+                p: (6..cells.len()).map(number).collect(),
+            }
+        })
+        .collect();
+
+    // One row per image, in the split's order (by class, then file name), each with its
+    // folder's class.
+    let mut expected = Vec::new();
+    for class in &classes {
+        let mut files: Vec<_> = fs::read_dir(data.join("test").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        expected.extend(files.into_iter().map(|f| (f.display().to_string(), class)));
+    }
+    assert_eq!(json["images"].as_u64().unwrap() as usize, rows.len());
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.path.clone(), &r.label))
+            .collect::<Vec<_>>(),
+        expected
+    );
+
+    for r in &rows {
+        assert!((r.p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{}", r.path);
+        let max = r.p.iter().cloned().fold(f64::MIN, f64::max);
+        let class = |name: &str| classes.iter().position(|c| c == name).unwrap();
+        assert_eq!(r.confidence, max, "{}", r.path);
+        assert_eq!(r.p[class(&r.prediction)], max, "{}", r.path);
+        assert_eq!(r.label_probability, r.p[class(&r.label)], "{}", r.path);
+        assert_eq!(r.correct, r.label == r.prediction, "{}", r.path);
+    }
+    let right = rows.iter().filter(|r| r.correct).count();
+    let accuracy = json["accuracy"].as_f64().unwrap();
+    assert!((accuracy - right as f64 / rows.len() as f64).abs() < 1e-12);
+
+    // The mistakes: the wrong rows of highest confidence, at most 10, most confident first.
+    let mistakes = json["mistakes"].as_array().unwrap();
+    let wrong = rows.len() - right;
+    assert_eq!(mistakes.len(), wrong.min(10));
+    // The printed list ends the text: the same mistakes in the same order.
+    let printed: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("most confident mistakes"))
+        .collect();
+    if wrong == 0 {
+        assert_eq!(
+            printed,
+            ["most confident mistakes: none, every image is classified correctly"]
+        );
+    } else {
+        let heading = format!(
+            "most confident mistakes ({} of {wrong} wrong)",
+            mistakes.len()
+        );
+        assert_eq!(printed[0], heading, "{text}");
+    }
+    assert_eq!(printed.len(), mistakes.len() + 1, "{text}");
+    let mut confidences = Vec::new();
+    for (m, line) in mistakes.iter().zip(&printed[1..]) {
+        let path = m["path"].as_str().unwrap();
+        let row = rows.iter().find(|r| r.path == path).unwrap();
+        assert!(!row.correct, "{path}");
+        assert_eq!(m["label"], row.label.as_str());
+        assert_eq!(m["prediction"], row.prediction.as_str());
+        let confidence = m["confidence"].as_f64().unwrap();
+        assert!((confidence - row.confidence).abs() < 1e-6, "{path}");
+        let label_probability = m["label_probability"].as_f64().unwrap();
+        assert!((label_probability - row.label_probability).abs() < 1e-6);
+        confidences.push(confidence);
+        let percent: f64 = line
+            .strip_prefix(&format!("  {path}: {} -> {} (", row.label, row.prediction))
+            .and_then(|rest| rest.strip_suffix("%)"))
+            .unwrap_or_else(|| panic!("{line}"))
+            .parse()
+            .unwrap();
+        assert!((percent - 100.0 * confidence).abs() < 0.051, "{line}");
+    }
+    assert!(
+        confidences.windows(2).all(|w| w[0] >= w[1]),
+        "{confidences:?}"
+    );
+    // No wrong row left out is surer than the least sure listed.
+    if let Some(&least) = confidences.last() {
+        let listed = |r: &&Row| mistakes.iter().any(|m| m["path"] == r.path.as_str());
+        for r in rows.iter().filter(|r| !r.correct).filter(|r| !listed(r)) {
+            assert!(r.confidence <= least + 1e-6, "{} left out", r.path);
+        }
+    }
+    wrong
 }
 
 #[test]
@@ -315,6 +478,12 @@ fn eval_checks_its_output_paths_before_evaluating() {
         (tmp.path().join("missing/report.json"), "the folder"),
         // The confusion matrix would replace the report.
         (tmp.path().join("report.png"), ".png"),
+        // So would the predictions, whatever the case of the extension.
+        (
+            tmp.path().join("report.csv"),
+            "the per-image predictions are written beside it with a .csv",
+        ),
+        (tmp.path().join("report.CSV"), ".csv extension"),
         // The checkpoint folder holds the checkpoint only (its next save refuses others).
         (checkpoint.join("report.json"), "checkpoint folder"),
     ] {
@@ -331,8 +500,9 @@ fn eval_checks_its_output_paths_before_evaluating() {
             .contains(&missing.display().to_string())
     );
     assert!(!tmp.path().join("report.png").exists());
+    assert!(!tmp.path().join("report.csv").exists() && !tmp.path().join("report.CSV").exists());
     // `--checkpoint .` from inside the checkpoint: the default report goes beside it.
-    run_ok(
+    let out = run_ok(
         vt_train()
             .current_dir(&checkpoint)
             .args(["eval", "--threads", "1", "--checkpoint", ".", "--data"])
@@ -340,6 +510,13 @@ fn eval_checks_its_output_paths_before_evaluating() {
     );
     assert!(tmp.path().join("eval-init-test.json").is_file());
     assert!(tmp.path().join("eval-init-test.png").is_file());
+    // The untrained model is wrong about most of the 24 images: the list stops at 10.
+    let wrong = check_predictions(
+        &tmp.path().join("eval-init-test.json"),
+        &data,
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    assert!(wrong > 10, "{wrong} wrong");
 }
 
 /// A run folder whose checkpoint folders hold other files is refused before any epoch is
