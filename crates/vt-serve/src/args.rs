@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use axum::http::HeaderValue;
+
 /// The largest image, in pixels, that is decoded unless `--max-pixels` says otherwise.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
@@ -62,6 +64,11 @@ pub struct ServeArgs {
     /// fetched from. Without it URL inputs are refused.
     #[arg(long, value_delimiter = ',')]
     pub allow_url_fetch: Vec<String>,
+    /// Web origins (comma-separated, e.g. `https://app.example.com`, or `*` for any) whose
+    /// pages may call the API from the browser (CORS). Without it only pages served by
+    /// vt-serve itself may.
+    #[arg(long, value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_allow_origin: Vec<HeaderValue>,
     /// CPU threads for the model and for image decoding (default: RAYON_NUM_THREADS when
     /// set, else all cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -77,6 +84,23 @@ pub struct ServeArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path.
+fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
+    let well_formed = origin == "*"
+        || origin.split_once("://").is_some_and(|(scheme, rest)| {
+            !scheme.is_empty()
+                && !rest.is_empty()
+                && rest.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+    match HeaderValue::from_str(origin) {
+        Ok(value) if well_formed => Ok(value),
+        _ => Err("an origin is `*` or `scheme://host[:port]`, e.g. https://app.example.com".into()),
+    }
 }
 
 /// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.
@@ -137,6 +161,33 @@ mod tests {
         for bad in ["", "a/b", "a b", "mod%65l", "é"] {
             let error = parse(bad).unwrap_err().to_string();
             assert!(error.contains("part of URLs"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_star_or_scheme_and_host() {
+        let parse = |origins: &str| {
+            Cli::try_parse_from([
+                "vt-serve",
+                "--checkpoint",
+                "c",
+                "--cors-allow-origin",
+                origins,
+            ])
+            .map(|cli| cli.args.cors_allow_origin)
+        };
+        let origins = parse("https://a.example,http://localhost:3000").unwrap();
+        assert_eq!(origins, ["https://a.example", "http://localhost:3000"]);
+        assert_eq!(parse("*").unwrap(), ["*"]);
+        for bad in [
+            "a.example",
+            "https://a.example/page",
+            "https://",
+            "://a",
+            "https://a b",
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.contains("scheme://host"), "{bad:?}: {error}");
         }
     }
 }

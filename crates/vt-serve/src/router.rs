@@ -1,13 +1,17 @@
 //! The HTTP routes, assembled in one place.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::header::{self, HeaderName};
+use axum::http::{HeaderValue, Method};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -21,7 +25,8 @@ use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = usize::try_from(state.limits.max_body_bytes).unwrap_or(usize::MAX);
-    Router::new()
+    let cors = cors(&state.cors_origins);
+    let routes = Router::new()
         .route("/", get(handlers::page))
         .route("/predict", post(handlers::predict))
         // SageMaker's inference contract.
@@ -59,7 +64,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("the request handler panicked".into()).into_response()
-        }))
+        }));
+    let routes = match cors {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
         // Outermost last: the id is set, then the request is logged under it, then the id is
         // copied to the answer.
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -73,4 +83,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Lets pages of the allowed origins call the API from a browser: answers their preflight
+/// requests, and lets them read the headers clients need (the request id, the binary tensor
+/// data's header length, when to retry).
+fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allowed = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().cloned())
+    };
+    let headers = [
+        header::CONTENT_TYPE,
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("inference-header-content-length"),
+    ];
+    Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(headers.clone())
+            .expose_headers([headers[1].clone(), headers[2].clone(), header::RETRY_AFTER])
+            .max_age(Duration::from_secs(3600)),
+    )
 }

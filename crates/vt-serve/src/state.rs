@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::http::HeaderValue;
 use candle_core::{Device, DeviceLocation};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -101,6 +102,8 @@ pub struct AppState {
     pub batcher: Batcher,
     pub fetcher: UrlFetcher,
     pub metrics: Arc<Metrics>,
+    /// `--cors-allow-origin`: the web origins whose pages may call the API.
+    pub cors_origins: Vec<HeaderValue>,
     source: ModelSource,
     batch: BatchConfig,
     /// Held for a whole reload, so that reloads run one at a time.
@@ -209,6 +212,7 @@ impl AppState {
             fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)
                 .map_err(StartError::HttpClient)?,
             metrics,
+            cors_origins: args.cors_allow_origin.clone(),
             source,
             batch,
             reloading: Mutex::new(()),

@@ -70,6 +70,7 @@ fn help_explains_every_flag() {
             "--threads",
             "--model-name",
             "--log-format",
+            "--cors-allow-origin",
         ] {
             assert!(help.contains(flag), "{args:?} help lacks {flag}:\n{help}");
         }

@@ -1127,3 +1127,102 @@ async fn the_demo_page_in_headless_chromium_calls_predict_and_draws_the_bars() {
     );
     server.shutdown().await;
 }
+
+/// `--cors-allow-origin`: pages of the allowed origins get their preflight answered and may
+/// read the answer and its request id; other origins get no CORS headers; without the flag
+/// nothing changes (an OPTIONS request is a 405 as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let (_, photo) = test_images(1).remove(0);
+    let client = client();
+    let allowed = "https://app.example.com";
+    let preflight = |url: String, origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,inference-header-content-length",
+            )
+            .send()
+    };
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let server = TestServer::start(
+        &checkpoint,
+        &[
+            "--cors-allow-origin",
+            "https://other.example,https://app.example.com",
+        ],
+    )
+    .await;
+    let answer = preflight(server.url("/predict"), "https://app.example.com")
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let methods = header(&answer, "access-control-allow-methods").unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = header(&answer, "access-control-allow-headers").unwrap();
+    assert!(
+        headers.contains("inference-header-content-length"),
+        "{headers}"
+    );
+
+    let answer = client
+        .post(server.url("/predict"))
+        .header("origin", allowed)
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let exposed = header(&answer, "access-control-expose-headers").unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+
+    let stranger = client
+        .post(server.url("/predict"))
+        .header("origin", "https://evil.example")
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&stranger, "access-control-allow-origin"), None);
+    server.shutdown().await;
+
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let answer = preflight(server.url("/predict"), "https://app.example.com")
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    server.shutdown().await;
+
+    let server = TestServer::start(&checkpoint, &["--cors-allow-origin", "*"]).await;
+    let answer = client
+        .get(server.url("/v2/health/ready"))
+        .header("origin", "https://anyone.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    server.shutdown().await;
+}
