@@ -16,7 +16,6 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::access;
-
 use crate::error::ApiError;
 use crate::handlers;
 use crate::metrics;
