@@ -92,7 +92,9 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
         || origin.split_once("://").is_some_and(|(scheme, rest)| {
             !scheme.is_empty()
                 && !rest.is_empty()
-                && rest.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
                 && scheme
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
