@@ -23,6 +23,12 @@ fn spawn_server(args: &[&str]) -> (Child, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let base = listening_base(&mut child);
+    (child, base)
+}
+
+/// The base URL the server printed as its first line of stdout.
+fn listening_base(child: &mut Child) -> String {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -32,7 +38,7 @@ fn spawn_server(args: &[&str]) -> (Child, String) {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-    (child, base)
+    base
 }
 
 /// Waits (bounded) for the process to exit.
@@ -310,15 +316,7 @@ async fn json_logs_name_each_request_by_its_id() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let base = listening_base(&mut child);
     let stderr = child.stderr.take().unwrap();
     let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
 
