@@ -110,7 +110,12 @@ def check(url, model, paths):
     classes = metadata["outputs"][0]["shape"][1]
     images = [Path(p).read_bytes() for p in paths]
     alone = [predict_alone(url, image) for image in images]
-    for binary in [True, False]:
+    # Binary and JSON data; then binary again, gzip-compressed both ways.
+    for name, binary, compression in [
+        ("binary", True, None),
+        ("json", False, None),
+        ("binary_gzip", True, "gzip"),
+    ]:
         result = client.infer(
             model,
             [image_input(images, binary)],
@@ -121,6 +126,8 @@ def check(url, model, paths):
                 ),
             ],
             request_id="check",
+            request_compression_algorithm=compression,
+            response_compression_algorithm=compression,
         )
         probs = result.as_numpy("probabilities")
         ranked = result.as_numpy("logits")
@@ -134,7 +141,7 @@ def check(url, model, paths):
                 labels[int(index)] = label
             for index, label in labels.items():
                 worst = max(worst, abs(float(probs[i][index]) - expected[label]))
-        summary["binary" if binary else "json"] = {
+        summary[name] = {
             "images": len(images),
             "probabilities_shape": list(probs.shape),
             "classification_shape": list(ranked.shape),
@@ -156,7 +163,7 @@ def check(url, model, paths):
         and summary["ready"]
         and summary["model_ready"]
         and summary["unknown_model_error"]
-        and all(summary[k]["max_abs_diff_vs_predict"] < 1e-5 for k in ["binary", "json"])
+        and all(summary[k]["max_abs_diff_vs_predict"] < 1e-5 for k in ["binary", "json", "binary_gzip"])
     )
     return 0 if ok else 1
 

@@ -1,6 +1,7 @@
 //! The one error type of the HTTP API: every failure becomes a status code and a JSON body
 //! `{"error": CODE, "detail": MESSAGE}`, where CODE is a stable machine-readable word (on
-//! the Open Inference Protocol's routes, `{"error": MESSAGE}` as that protocol says).
+//! the Open Inference Protocol's and KServe V1's routes, `{"error": MESSAGE}` as those
+//! protocols say).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -143,6 +144,24 @@ impl ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+/// An [`ApiError`] in the shape `{"error": MESSAGE}`, which the Open Inference Protocol,
+/// KServe's V1 protocol and TensorFlow Serving's REST API answer.
+pub struct ErrorMessage(ApiError);
+
+impl From<ApiError> for ErrorMessage {
+    fn from(error: ApiError) -> Self {
+        ErrorMessage(error)
+    }
+}
+
+impl IntoResponse for ErrorMessage {
+    fn into_response(self) -> Response {
+        let message = self.0.to_string();
+        self.0
+            .into_response_with(serde_json::json!({ "error": message }))
     }
 }
 

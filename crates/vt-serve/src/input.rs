@@ -43,6 +43,7 @@ pub async fn read(
 ) -> Result<Inputs, ApiError> {
     let limit = state.limits.max_body_bytes;
     refuse_declared_oversize(request.headers(), limit)?;
+    refuse_undecoded(request.headers())?;
     let mime = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -83,6 +84,17 @@ pub fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), A
         return Err(ApiError::PayloadTooLarge { limit });
     }
     Ok(())
+}
+
+/// Refuses a body still encoded once the router's decompression layer has decoded the
+/// encodings it knows (gzip and deflate, removing their `Content-Encoding`).
+pub fn refuse_undecoded(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::CONTENT_ENCODING) {
+        Some(encoding) if encoding != "identity" => Err(ApiError::UnsupportedMediaType(format!(
+            "the request body's Content-Encoding {encoding:?} is not supported (supported: gzip, deflate)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {

@@ -4,8 +4,9 @@
 //! assembles the routes of [`handlers`]; [`input`] reads the images of a request, which
 //! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
 //! [`admission`] control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
-//! Triton) over the same pipeline. [`AppState::reload`] (SIGHUP) swaps in a newly loaded model. Every
-//! error is an [`ApiError`].
+//! Triton) over the same pipeline, and [`instances`] the `{"instances"}` JSON of KServe V1,
+//! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP) swaps in a newly loaded
+//! model. Every error is an [`ApiError`].
 
 pub mod access;
 pub mod admission;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod fetch;
 pub mod handlers;
 pub mod input;
+pub mod instances;
 pub mod metrics;
 pub mod open_inference;
 pub mod predict;

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use crate::batcher::{Arriving, ServedModel};
 use crate::classifier::{ranked, Prediction};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
 use crate::state::{AppState, ModelInfo};
@@ -37,22 +37,6 @@ pub const INPUT: &str = "image";
 const PLATFORM: &str = "candle_safetensors";
 /// The binary tensor data extension's header: how long the JSON at the start of a body is.
 static HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
-
-/// An [`ApiError`] in the protocol's shape, `{"error": MESSAGE}`.
-pub struct ProtocolError(ApiError);
-
-impl From<ApiError> for ProtocolError {
-    fn from(error: ApiError) -> Self {
-        ProtocolError(error)
-    }
-}
-
-impl IntoResponse for ProtocolError {
-    fn into_response(self) -> Response {
-        let message = self.0.to_string();
-        self.0.into_response_with(json!({ "error": message }))
-    }
-}
 
 /// `/v2/models/{model}[/versions/{version}]`.
 #[derive(Deserialize)]
@@ -113,7 +97,7 @@ pub async fn server_ready(State(state): State<Arc<AppState>>) -> (StatusCode, Js
 pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
-) -> Result<(StatusCode, Json<Value>), ProtocolError> {
+) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
     let model = resolve(&state, &path)?;
     let (status, ready) = readiness(&state);
     Ok((
@@ -125,7 +109,7 @@ pub async fn model_ready(
 pub async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
-) -> Result<Json<Value>, ProtocolError> {
+) -> Result<Json<Value>, ErrorMessage> {
     let model = resolve(&state, &path)?;
     let info = &model.info;
     let scores = json!([-1, info.classes.len()]);
@@ -275,7 +259,7 @@ pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(path): Path<ModelPath>,
     request: Request,
-) -> Result<Response, ProtocolError> {
+) -> Result<Response, ErrorMessage> {
     let started = Instant::now();
     let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
@@ -298,7 +282,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
     input::refuse_declared_oversize(request.headers(), limit)?;
-    refuse_compressed(request.headers())?;
+    input::refuse_undecoded(request.headers())?;
     let header_length = header_length(request.headers())?;
     let body = input::read_body(request, limit).await?;
     let (header, binary) = match header_length {
@@ -328,16 +312,6 @@ async fn answer(
     drop(arriving);
     let predictions: Vec<Prediction> = predictions.await?.into_iter().map(|(_, p)| p).collect();
     respond(&model.info, request.id, &outputs, &predictions)
-}
-
-fn refuse_compressed(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_ENCODING) {
-        Some(encoding) if encoding != "identity" => Err(ApiError::UnsupportedMediaType(format!(
-            "compressed request bodies (Content-Encoding: {}) are not supported; send the body uncompressed",
-            encoding.to_str().unwrap_or("?")
-        ))),
-        _ => Ok(()),
-    }
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {

@@ -11,13 +11,16 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::access;
 use crate::error::ApiError;
 use crate::handlers;
+use crate::instances;
 use crate::metrics;
 use crate::open_inference;
 use crate::state::AppState;
@@ -35,6 +38,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
+        // KServe's V1 protocol and TensorFlow Serving's REST API (and Vertex AI's custom
+        // containers, pointed at these routes): `GET /v1/models/NAME`,
+        // `POST /v1/models/NAME:predict`.
+        .route(
+            "/v1/models/{model}",
+            get(instances::model_ready).post(instances::predict),
+        )
         // The Open Inference Protocol (KServe V2, Triton's HTTP API).
         .route("/v2", get(open_inference::server_metadata))
         .route("/v2/health/live", get(open_inference::server_live))
@@ -63,7 +73,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("the request handler panicked".into()).into_response()
-        }));
+        }))
+        // gzip and deflate bodies (tritonclient's request compression, `curl
+        // --compressed`-style clients) are decoded as they are read, so the body limit bounds
+        // the decoded size; other encodings pass through to the handlers, which refuse them
+        // with a JSON error.
+        .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        // Answers are compressed when the client accepts it (Prometheus, browsers,
+        // tritonclient's response compression).
+        .layer(CompressionLayer::new());
     let routes = match cors {
         Some(cors) => routes.layer(cors),
         None => routes,
@@ -100,6 +118,7 @@ fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
         header::CONTENT_TYPE,
         HeaderName::from_static("x-request-id"),
         HeaderName::from_static("inference-header-content-length"),
+        header::CONTENT_ENCODING,
     ];
     Some(
         CorsLayer::new()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::*;
 use image::{ImageFormat, RgbImage};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -181,6 +181,22 @@ async fn every_route_answers_with_its_documented_shape() {
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_matches_offline(&answer, &offline, "base64 JSON");
     }
+    // Gzip both ways, as `requests` or `curl --compressed` with a gzipped body ask.
+    let body = serde_json::to_vec(&json!({ "image": b64 })).unwrap();
+    let response = client
+        .post(&all_url)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_ENCODING, "gzip")
+        .header(ACCEPT_ENCODING, "gzip")
+        .body(compress("gzip", &body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()[CONTENT_ENCODING], "gzip");
+    let answer: Value =
+        serde_json::from_slice(&decompress("gzip", &response.bytes().await.unwrap())).unwrap();
+    assert_matches_offline(&answer, &offline, "gzipped base64 JSON");
 
     // Multipart: one file gives the single shape plus its name; several give "results".
     let part =
@@ -225,17 +241,24 @@ async fn every_route_answers_with_its_documented_shape() {
         "GET /predict",
     );
 
-    let metrics = client.get(server.url("/metrics")).send().await.unwrap();
+    // Prometheus asks for gzip.
+    let metrics = client
+        .get(server.url("/metrics"))
+        .header(ACCEPT_ENCODING, "gzip")
+        .send()
+        .await
+        .unwrap();
     assert!(metrics.headers()[CONTENT_TYPE]
         .to_str()
         .unwrap()
         .starts_with("text/plain"));
-    let text = metrics.text().await.unwrap();
+    assert_eq!(metrics.headers()[CONTENT_ENCODING], "gzip");
+    let text = String::from_utf8(decompress("gzip", &metrics.bytes().await.unwrap())).unwrap();
     let count =
         |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
     assert_eq!(
         count(r#"vt_serve_requests_total{route="/predict",status="200"}"#),
-        7.0
+        8.0
     );
     assert_eq!(
         count(r#"vt_serve_requests_total{route="/invocations",status="200"}"#),
@@ -251,10 +274,10 @@ async fn every_route_answers_with_its_documented_shape() {
     );
     assert_eq!(
         count(r#"vt_serve_request_duration_seconds_count{route="/predict"}"#),
-        8.0
+        9.0
     );
-    // Nine images went through the model, in however many batches.
-    assert_eq!(count("vt_serve_batch_size_sum"), 9.0);
+    // Ten images went through the model, in however many batches.
+    assert_eq!(count("vt_serve_batch_size_sum"), 10.0);
     assert!(count("vt_serve_inference_seconds_count") >= 1.0);
     assert_eq!(count("vt_serve_queue_depth"), 0.0);
 

@@ -182,6 +182,38 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `bytes` in an HTTP content coding: `gzip`, or `deflate` (the zlib format).
+pub fn compress(encoding: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let level = flate2::Compression::default();
+    match encoding {
+        "gzip" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        }
+        "deflate" => {
+            let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        }
+        other => panic!("no test encoder for {other}"),
+    }
+}
+
+/// The inverse of [`compress`].
+pub fn decompress(encoding: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match encoding {
+        "gzip" => flate2::read::GzDecoder::new(bytes).read_to_end(&mut out),
+        "deflate" => flate2::read::ZlibDecoder::new(bytes).read_to_end(&mut out),
+        other => panic!("no test decoder for {other}"),
+    }
+    .unwrap();
+    out
+}
+
 /// The value of a metric line `NAME{LABELS} VALUE` (or `NAME VALUE`) in Prometheus text.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {

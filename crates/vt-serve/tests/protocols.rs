@@ -1,7 +1,10 @@
-//! The Open Inference Protocol (KServe V2, Triton's HTTP API) on a server started
-//! in-process: metadata and health, inference in JSON and with binary tensor data (bodies
-//! written by NVIDIA's tritonclient, in `fixtures/tritonclient/`), the classification
-//! extension, versions across a reload, and errors in the protocol's shape.
+//! The serving platforms' protocols on a server started in-process.
+//!
+//! The Open Inference Protocol (KServe V2, Triton's HTTP API): metadata and health,
+//! inference in JSON and with binary tensor data (bodies written by NVIDIA's tritonclient, in
+//! `fixtures/tritonclient/`), compressed or not, the classification extension, versions
+//! across a reload, and errors in the protocol's shape. KServe V1 / TensorFlow Serving /
+//! Vertex AI `{"instances"}` requests: every instance form, the parameters, and errors.
 
 mod common;
 
@@ -9,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use common::*;
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -76,19 +79,48 @@ async fn infer(
     body: Vec<u8>,
     header_length: Option<usize>,
 ) -> Answer {
-    let mut request = client.post(url).body(body);
+    infer_encoded(client, url, body, header_length, None).await
+}
+
+/// As tritonclient's `request_compression_algorithm` and `response_compression_algorithm`
+/// do when `encoding` is given: the body is sent compressed (the header length counting the
+/// uncompressed JSON), and the answer must come back compressed the same way.
+async fn infer_encoded(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    header_length: Option<usize>,
+    encoding: Option<&str>,
+) -> Answer {
+    let mut request = client.post(url);
     if let Some(n) = header_length {
         request = request
             .header(HEADER_LENGTH, n)
             .header(CONTENT_TYPE, "application/octet-stream");
     }
+    request = match encoding {
+        Some(encoding) => request
+            .header(CONTENT_ENCODING, encoding)
+            .header(ACCEPT_ENCODING, encoding)
+            .body(compress(encoding, &body)),
+        None => request.body(body),
+    };
     let response = request.send().await.unwrap();
     let status = response.status();
     let header_length = response
         .headers()
         .get(HEADER_LENGTH)
         .map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+    let answer_encoding = response
+        .headers()
+        .get(CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(answer_encoding.as_deref(), encoding);
     let body = response.bytes().await.unwrap().to_vec();
+    let body = match encoding {
+        Some(encoding) => decompress(encoding, &body),
+        None => body,
+    };
     let split = header_length.unwrap_or(body.len());
     let header: Value = serde_json::from_slice(&body[..split])
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
@@ -301,6 +333,16 @@ async fn tritonclient_requests_get_the_offline_predictions() {
         assert_eq!(got_rest, want_rest, "{strings:?} against {expected:?}");
         let (g, w): (f32, f32) = (got_value.parse().unwrap(), want_value.parse().unwrap());
         assert!((g - w).abs() < 1e-4, "{got} against {want}");
+    }
+
+    // The same request compressed both ways, as tritonclient compresses them.
+    for encoding in ["gzip", "deflate"] {
+        let body = std::fs::read(fixtures.join("binary.bin")).unwrap();
+        let compressed =
+            infer_encoded(&client, &url, body, Some(header_length), Some(encoding)).await;
+        assert_eq!(compressed.status, StatusCode::OK, "{}", compressed.header);
+        assert_eq!(compressed.header, answer.header, "{encoding}");
+        assert_eq!(compressed.binary, answer.binary, "{encoding}");
     }
 
     // JSON in; no outputs named, so tritonclient asked for all of them in binary.
@@ -559,25 +601,212 @@ async fn bad_requests_get_the_protocols_errors() {
         );
     }
 
-    let compressed = client
-        .post(&url)
-        .header("Content-Encoding", "gzip")
-        .body(vec![0x1f, 0x8b])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(compressed.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let body: Value = compressed.json().await.unwrap();
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("Content-Encoding: gzip"),
-        "{body}"
-    );
+    // Request bodies in an encoding the server does not decode, or not decodable, or
+    // decoding past the body limit (which bounds the decoded size).
+    let bomb = compress("gzip", &vec![b' '; 11 << 20]);
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let encoded = [
+        (
+            "br",
+            vec![0x0b, 0x02, 0x80],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding \"br\" is not supported",
+        ),
+        (
+            "gzip",
+            vec![0x1f, 0x8b, 0, 1, 2],
+            StatusCode::BAD_REQUEST,
+            "cannot read the request body",
+        ),
+        (
+            "gzip",
+            bomb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger than the limit",
+        ),
+    ];
+    for (encoding, body, status, needle) in encoded {
+        let answer = client
+            .post(&url)
+            .header(CONTENT_ENCODING, encoding)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status, "{encoding}");
+        let body: Value = answer.json().await.unwrap();
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains(needle), "{encoding}: {body}");
+    }
 
     // The server carries on.
     let answer = infer(&client, &url, json_body(&[&photo]), None).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_requests_get_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let images = test_images(2);
+    let offline: Vec<Vec<f32>> = images
+        .iter()
+        .map(|(_, bytes)| offline_probs(&checkpoint, bytes))
+        .collect();
+    let b64: Vec<String> = images
+        .iter()
+        .map(|(_, bytes)| base64::engine::general_purpose::STANDARD.encode(bytes))
+        .collect();
+    let predict = |body: Value| {
+        let request = client
+            .post(server.url("/v1/models/tiny:predict"))
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let ready = client
+        .get(server.url("/v1/models/tiny"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap(),
+        json!({"name": "tiny", "ready": true})
+    );
+
+    // Every instance form, each classified as offline: all classes, best first.
+    let forms = [
+        json!(b64[0]),
+        json!({"b64": b64[1]}),
+        json!({"content": b64[0], "mimeType": "image/png"}),
+        json!({"image": {"b64": b64[1]}}),
+        json!({"image": b64[0]}),
+    ];
+    let (status, body) = predict(json!({ "instances": forms })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let predictions = body["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), forms.len());
+    for (i, prediction) in predictions.iter().enumerate() {
+        let probs = &offline[i % 2];
+        let order: Vec<usize> = ranked(probs, CLASSES.len())
+            .iter()
+            .map(|s| s.split(':').nth(1).unwrap().parse().unwrap())
+            .collect();
+        let ids: Vec<String> = order.iter().map(usize::to_string).collect();
+        let names: Vec<&str> = order.iter().map(|&c| CLASSES[c]).collect();
+        assert_eq!(prediction["ids"], json!(ids), "{i}: {prediction}");
+        assert_eq!(
+            prediction["displayNames"],
+            json!(names),
+            "{i}: {prediction}"
+        );
+        let confidences: Vec<f32> = prediction["confidences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let expected: Vec<f32> = order.iter().map(|&c| probs[c]).collect();
+        assert_close(&confidences, &[expected], &format!("instance {i}"));
+    }
+
+    // Vertex AI's parameters: at most 2 classes, each at least as probable as the second
+    // best of the first image.
+    let mut sorted = offline[0].clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let (status, body) = predict(json!({
+        "instances": [b64[0]],
+        "parameters": {"maxPredictions": 3, "confidenceThreshold": sorted[1]},
+    }))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["predictions"][0]["ids"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+
+    let unknown_model = client
+        .post(server.url("/v1/models/other:predict"))
+        .json(&json!({"instances": [b64[0]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_model.status(), StatusCode::NOT_FOUND);
+    let body: Value = unknown_model.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown model `other`"),
+        "{body}"
+    );
+    let cases = [
+        (
+            json!({"instances": []}),
+            StatusCode::BAD_REQUEST,
+            "is empty",
+        ),
+        (
+            json!({"inputs": [b64[0]]}),
+            StatusCode::BAD_REQUEST,
+            "unknown field `inputs`",
+        ),
+        (
+            json!({"instances": [b64[0]], "parameters": {"topK": 2}}),
+            StatusCode::BAD_REQUEST,
+            "unknown field `topK`",
+        ),
+        (
+            json!({"instances": [b64[0], 7]}),
+            StatusCode::BAD_REQUEST,
+            "instances[1]: an instance is",
+        ),
+        (
+            json!({"instances": [{"b64": b64[0], "key": 1}]}),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: an instance is",
+        ),
+        (
+            json!({"instances": [{"image": {"content": b64[0]}}]}),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: an instance is",
+        ),
+        (
+            json!({"instances": ["@@@"]}),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: the image is not valid base64",
+        ),
+        (
+            json!({"instances": [b64[0], "aGVsbG8="]}),
+            StatusCode::BAD_REQUEST,
+            "instances[1]: the data is not an image",
+        ),
+    ];
+    for (request, status, needle) in cases {
+        let (got, body) = predict(request.clone()).await;
+        assert_eq!(got, status, "{request}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{request}: no `{needle}` in {body}"
+        );
+        assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    }
+    let explain = client
+        .post(server.url("/v1/models/tiny:explain"))
+        .json(&json!({"instances": [b64[0]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(explain.status(), StatusCode::NOT_FOUND);
     server.shutdown().await;
 }

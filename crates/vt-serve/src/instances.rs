@@ -1,0 +1,226 @@
+//! The `{"instances": [...]}` JSON of KServe's V1 protocol and TensorFlow Serving's REST
+//! API, which Vertex AI's custom containers also speak: `POST /v1/models/NAME:predict` and
+//! `GET /v1/models/NAME` (readiness).
+//!
+//! An instance is one encoded image: a base64 string, `{"b64": ...}` (TensorFlow Serving's
+//! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
+//! `{"image": ...}` holding either of the first two. `"parameters"` may hold
+//! `maxPredictions` and `confidenceThreshold`, as Vertex AI's image classification takes
+//! them. Each prediction is in Vertex AI's classification shape, best first:
+//! `{"ids": ["3", ...], "displayNames": ["mountain", ...], "confidences": [0.91, ...]}`, ids
+//! being class indices. Errors are `{"error": MESSAGE}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::future::try_join_all;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::batcher::{Arriving, ServedModel};
+use crate::classifier::{ranked, Prediction};
+use crate::error::{ApiError, ErrorMessage};
+use crate::handlers;
+use crate::input::{self, ImageInput};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictRequest {
+    instances: Vec<Value>,
+    #[serde(default)]
+    parameters: Parameters,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Parameters {
+    /// At most this many classes per image (default: all).
+    max_predictions: Option<usize>,
+    /// Only classes at least this probable (default: all).
+    confidence_threshold: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct PredictResponse {
+    predictions: Vec<Classification>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Classification {
+    ids: Vec<String>,
+    display_names: Vec<String>,
+    confidences: Vec<f32>,
+}
+
+/// The model new requests get, if `name` is its name.
+fn resolve(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+    let model = state.batcher.current();
+    if name != model.info.name {
+        return Err(ApiError::UnknownModel(format!(
+            "unknown model `{name}`: this server serves `{}`",
+            model.info.name
+        )));
+    }
+    Ok(model)
+}
+
+/// `GET /v1/models/{model}`: `{"name", "ready"}`, 503 once shutdown began.
+pub async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
+    let model = resolve(&state, &name)?;
+    let ready = state.is_accepting();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        status,
+        Json(json!({ "name": model.info.name, "ready": ready })),
+    ))
+}
+
+/// `POST /v1/models/{model}:predict`: the route's one segment is `NAME:predict`.
+pub async fn predict(
+    State(state): State<Arc<AppState>>,
+    Path(segment): Path<String>,
+    request: Request,
+) -> Result<Response, ErrorMessage> {
+    let started = Instant::now();
+    let arriving = state.batcher.arriving();
+    let deadline = started + state.limits.timeout;
+    let model = match segment.rsplit_once(':') {
+        Some((name, "predict")) => resolve(&state, name)?,
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "POST /v1/models/{segment}: the verb is `:predict` (/v1/models/NAME:predict)"
+            ))
+            .into())
+        }
+    };
+    let answer = tokio::time::timeout_at(
+        deadline.into(),
+        answer(&state, model, request, arriving, deadline),
+    )
+    .await
+    .map_err(|_| state.limits.timed_out())?;
+    Ok(answer?)
+}
+
+async fn answer(
+    state: &Arc<AppState>,
+    model: Arc<ServedModel>,
+    request: Request,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    input::refuse_declared_oversize(request.headers(), limit)?;
+    input::refuse_undecoded(request.headers())?;
+    let body = input::read_body(request, limit).await?;
+    let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid predict request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}"
+        ))
+    })?;
+    let capacity = state.admission.capacity();
+    if request.instances.is_empty() {
+        return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+    }
+    if request.instances.len() > capacity {
+        return Err(ApiError::BadRequest(format!(
+            "too many instances: {}, at most {capacity} per request (--queue)",
+            request.instances.len()
+        )));
+    }
+    let images = request
+        .instances
+        .iter()
+        .enumerate()
+        .map(|(i, instance)| image_of(instance).map_err(|e| e.for_file(Some(&label(i)))))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Held until the answer is written, whatever happens to the request meanwhile.
+    let _admitted = state.admission.try_admit(images.len())?;
+    let arriving = Arc::new(arriving);
+    let predictions = try_join_all(images.into_iter().enumerate().map(|(i, bytes)| {
+        let image = ImageInput {
+            filename: Some(label(i)),
+            bytes,
+        };
+        handlers::classify(state, &model, image, Arc::clone(&arriving), deadline)
+    }));
+    drop(arriving);
+    let predictions: Vec<Classification> = predictions
+        .await?
+        .into_iter()
+        .map(|(_, prediction)| classify(&prediction, &model.info.classes, &request.parameters))
+        .collect();
+    Ok(Json(PredictResponse { predictions }).into_response())
+}
+
+fn label(index: usize) -> String {
+    format!("instances[{index}]")
+}
+
+/// The encoded image of one instance.
+fn image_of(instance: &Value) -> Result<Bytes, ApiError> {
+    let text = base64_of(instance, false).ok_or_else(|| {
+        ApiError::BadRequest(
+            "an instance is a base64 string, {\"b64\": ...}, {\"content\": ..., \"mimeType\": ...}, \
+             or {\"image\": ...} holding a base64 string or {\"b64\": ...}"
+                .into(),
+        )
+    })?;
+    input::decode_base64(text)
+        .map_err(|e| ApiError::BadRequest(format!("the image is not valid base64: {e}")))
+}
+
+/// The base64 text of an instance in one of the accepted forms; `nested` inside `"image"`,
+/// which holds only the first two.
+fn base64_of(instance: &Value, nested: bool) -> Option<&str> {
+    match instance {
+        Value::String(text) => Some(text),
+        Value::Object(fields) => {
+            let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+            match keys.as_slice() {
+                ["b64"] => fields["b64"].as_str(),
+                ["content"] | ["content", "mimeType"] | ["mimeType", "content"] if !nested => {
+                    fields["content"].as_str()
+                }
+                ["image"] if !nested => base64_of(&fields["image"], true),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The classes `parameters` keep, best first.
+fn classify(
+    prediction: &Prediction,
+    classes: &[String],
+    parameters: &Parameters,
+) -> Classification {
+    let threshold = parameters.confidence_threshold.unwrap_or(0.0);
+    let kept: Vec<usize> = ranked(&prediction.probs)
+        .take(parameters.max_predictions.unwrap_or(usize::MAX))
+        .take_while(|&i| prediction.probs[i] >= threshold)
+        .collect();
+    Classification {
+        ids: kept.iter().map(usize::to_string).collect(),
+        display_names: kept
+            .iter()
+            .map(|&i| classes.get(i).cloned().unwrap_or_else(|| i.to_string()))
+            .collect(),
+        confidences: kept.iter().map(|&i| prediction.probs[i]).collect(),
+    }
+}
