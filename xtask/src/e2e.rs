@@ -370,9 +370,84 @@ fn open_inference_rankings(
     Ok(rankings)
 }
 
-/// The Open Inference Protocol's rankings must be `/predict`'s: same classes in the same
-/// order, probabilities within 1e-5 (the images were batched differently).
-fn compare_open_inference(
+/// Every image's classes, best first, as `(label, probability)`, from
+/// `/v1/models/.../:predict` requests of up to [`IMAGES_PER_INFERENCE`] `{"b64"}` instances
+/// each, the bodies gzip-compressed and the answers asked compressed, as a Python client
+/// with `requests` would send them.
+fn instances_rankings(
+    url: &str,
+    images: &[(PathBuf, String)],
+) -> anyhow::Result<Vec<Vec<(String, f64)>>> {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let what = format!("POST /v1/models/{MODEL_NAME}:predict");
+    let mut rankings = Vec::new();
+    for chunk in images.chunks(IMAGES_PER_INFERENCE) {
+        let instances = chunk
+            .iter()
+            .map(|(path, _)| {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Ok(json!({"b64": base64::engine::general_purpose::STANDARD.encode(bytes)}))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&serde_json::to_vec(&json!({ "instances": instances }))?)?;
+        let response = client
+            .post(format!("{url}/v1/models/{MODEL_NAME}:predict"))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .header("accept-encoding", "gzip")
+            .body(gzip.finish()?)
+            .send()
+            .with_context(|| what.clone())?;
+        let status = response.status();
+        let compressed = response
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|e| e == "gzip");
+        let body = response.bytes().context("reading the answer")?;
+        ensure!(compressed, "{what}: the answer is not gzip-compressed");
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut text)
+            .with_context(|| format!("{what}: decompressing the answer"))?;
+        let json: Value = serde_json::from_slice(&text).context("parsing the answer")?;
+        ensure!(status.is_success(), "{what}: {status} {json}");
+        let predictions = json["predictions"]
+            .as_array()
+            .filter(|p| p.len() == chunk.len())
+            .with_context(|| format!("{what}: not one prediction per image: {json}"))?;
+        for prediction in predictions {
+            let (Some(names), Some(confidences)) = (
+                prediction["displayNames"].as_array(),
+                prediction["confidences"].as_array(),
+            ) else {
+                bail!("{what}: not a classification: {prediction}");
+            };
+            let ranking = names
+                .iter()
+                .zip(confidences)
+                .map(
+                    |(name, confidence)| match (name.as_str(), confidence.as_f64()) {
+                        (Some(name), Some(value)) => Ok((name.to_string(), value)),
+                        _ => Err(anyhow!("{what}: not a classification: {prediction}")),
+                    },
+                )
+                .collect::<anyhow::Result<_>>()?;
+            rankings.push(ranking);
+        }
+    }
+    Ok(rankings)
+}
+
+/// Another protocol's rankings must be `/predict`'s: same classes in the same order,
+/// probabilities within 1e-5 (the images were batched differently).
+fn compare_rankings(
+    protocol: &str,
     images: &[(PathBuf, String)],
     http: &[Value],
     rankings: &[Vec<(String, f64)>],
@@ -389,7 +464,7 @@ fn compare_open_inference(
             .context("no predictions in the HTTP answer")?;
         ensure!(
             predictions.len() == ranking.len(),
-            "{}: /predict ranks {} classes, the Open Inference Protocol {}",
+            "{}: /predict ranks {} classes, {protocol} {}",
             path.display(),
             predictions.len(),
             ranking.len()
@@ -398,7 +473,7 @@ fn compare_open_inference(
             let score = p["score"].as_f64().unwrap_or(f64::NAN);
             ensure!(
                 p["label"] == label.as_str() && (score - value).abs() <= 1e-5,
-                "{}: /predict says {} {score}, the Open Inference Protocol {label} {value}",
+                "{}: /predict says {} {score}, {protocol} {label} {value}",
                 path.display(),
                 p["label"]
             );
@@ -556,6 +631,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rankings = steps.run("infer (Open Inference)", || {
         open_inference_rankings(&server.url, &images)
     })?;
+    let instances = steps.run("instances (gzip)", || {
+        instances_rankings(&server.url, &images)
+    })?;
     let url = server.url.clone();
     steps.run("stop server (SIGTERM)", || server.stop())?;
     let offline = steps.run("vt-serve predict", || {
@@ -569,7 +647,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         run_checked(&mut predict)
     })?;
     let correct = steps.run("compare answers", || {
-        compare_open_inference(&images, &http, &rankings)?;
+        compare_rankings("the Open Inference Protocol", &images, &http, &rankings)?;
+        compare_rankings("{\"instances\"}", &images, &http, &instances)?;
         compare(&images, &http, &offline)
     })?;
 
@@ -588,7 +667,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "  served:      {url}: {} images, {correct} top-1 correct, all equal to vt-serve predict \
-         and to the Open Inference Protocol's answers",
+         and to the Open Inference Protocol's and {{\"instances\"}} answers",
         images.len()
     );
     for (name, elapsed) in &steps.0 {
