@@ -7,76 +7,79 @@ use axum::http::HeaderValue;
 /// The largest image, in pixels, that is decoded unless `--max-pixels` says otherwise.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
+/// Every option can also be set by an environment variable, `VT_SERVE_` and its name
+/// (`VT_SERVE_CHECKPOINT=/opt/ml/model`): how containers are configured, since SageMaker
+/// starts one as `IMAGE serve` with no other arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Checkpoint folder (config.json + model.safetensors).
-    #[arg(long)]
+    #[arg(long, env = "VT_SERVE_CHECKPOINT")]
     pub checkpoint: PathBuf,
     /// The model's name in answers, `GET /v1/models` and the Open Inference Protocol's
     /// `/v2/models/NAME/...` routes [default: the checkpoint folder's name].
-    #[arg(long, value_parser = parse_model_name)]
+    #[arg(long, env = "VT_SERVE_MODEL_NAME", value_parser = parse_model_name)]
     pub model_name: Option<String>,
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, env = "VT_SERVE_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on; 0 picks a free one (the bound address is printed on startup).
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, env = "VT_SERVE_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "VT_SERVE_DEVICE", default_value = "auto")]
     pub device: String,
     /// Inference precision: f32, f16, or bf16 (bf16 on CUDA devices only). The checkpoint's
     /// f32 weights are converted when loaded.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, env = "VT_SERVE_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16): faster, with probabilities within about 1e-2 of f32's.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    #[arg(long, env = "VT_SERVE_BF16_PRODUCTS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
     pub bf16_products: bool,
     /// Most images per forward pass.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "VT_SERVE_MAX_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch: u32,
     /// Longest the first image of a batch waits for others to join it, in milliseconds. It
     /// waits only while other requests are still being read or decoded.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "VT_SERVE_MAX_DELAY_MS", default_value_t = 5)]
     pub max_delay_ms: u64,
     /// Most images admitted at once (decoding, queued or running); past it requests get 503
     /// with Retry-After at once. Also the most files one request may carry.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue: u32,
     /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
     /// the answer is 504.
-    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "VT_SERVE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Time a client has to send a request's headers, counted from when its connection
     /// opened or its previous answer was sent, in milliseconds; past it the connection is
     /// closed (slow clients, and idle keep-alive connections).
-    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "VT_SERVE_HEADER_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout_ms: u64,
     /// Largest request body (and fetched URL) in bytes; larger ones get 413.
-    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    #[arg(long, env = "VT_SERVE_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,
     /// Largest image in pixels (width x height), checked from the header before decoding;
     /// larger ones get 413.
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    #[arg(long, env = "VT_SERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Hosts (comma-separated, `host` or `host:port`) that `{"url": ...}` inputs may be
     /// fetched from. Without it URL inputs are refused.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "VT_SERVE_ALLOW_URL_FETCH", value_delimiter = ',')]
     pub allow_url_fetch: Vec<String>,
     /// Web origins (comma-separated, e.g. `https://app.example.com`, or `*` for any) whose
     /// pages may call the API from the browser (CORS). Without it only pages served by
     /// vt-serve itself may.
-    #[arg(long, value_delimiter = ',', value_parser = parse_origin)]
+    #[arg(long, env = "VT_SERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_allow_origin: Vec<HeaderValue>,
     /// CPU threads for the model and for image decoding (default: RAYON_NUM_THREADS when
     /// set, else all cores).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "VT_SERVE_THREADS", value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
     /// Log lines on stderr, one per answered request among them: `text` to read, `json` (one
     /// object per line) for log collectors. RUST_LOG filters them (e.g.
     /// `RUST_LOG=info,vt_serve::access=off` leaves out the request lines).
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, env = "VT_SERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 

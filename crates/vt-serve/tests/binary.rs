@@ -1,5 +1,6 @@
-//! The real `vt-serve` binary: startup line, offline `predict` against the server, and a
-//! SIGTERM that drains the request in flight and exits 0.
+//! The real `vt-serve` binary: startup line, offline `predict` against the server, a
+//! SIGTERM that drains the request in flight and exits 0, configuration by environment
+//! variables, and JSON logs.
 
 mod common;
 
@@ -80,6 +81,10 @@ fn help_explains_every_flag() {
         ] {
             assert!(help.contains(flag), "{args:?} help lacks {flag}:\n{help}");
         }
+        assert!(
+            help.contains("[env: VT_SERVE_CHECKPOINT=]"),
+            "{args:?} help names no environment variables:\n{help}"
+        );
     }
 }
 
@@ -301,16 +306,21 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// `--log-format json`: every stderr line is one JSON object, and each answered request has
-/// one under its request id: the client's own, or a fresh one that its answer carries.
+/// Configured by environment variables only and started as `IMAGE serve`, as SageMaker
+/// starts a container. `--log-format json`: every stderr line is one JSON object, and each
+/// answered request has one under its request id: the client's own, or a fresh one that its
+/// answer carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_name_each_request_by_its_id() {
+async fn a_server_configured_by_environment_logs_each_request_as_json() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
     let mut child = Command::new(BIN)
-        .arg("--checkpoint")
-        .arg(&checkpoint)
-        .args(["--port", "0", "--device", "cpu", "--log-format", "json"])
+        .arg("serve")
+        .env("VT_SERVE_CHECKPOINT", &checkpoint)
+        .env("VT_SERVE_MODEL_NAME", "from-env")
+        .env("VT_SERVE_PORT", "0")
+        .env("VT_SERVE_DEVICE", "cpu")
+        .env("VT_SERVE_LOG_FORMAT", "json")
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -321,6 +331,12 @@ async fn json_logs_name_each_request_by_its_id() {
     let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
 
     let client = client();
+    let model = client
+        .get(format!("{base}/v1/models/from-env"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(model.status(), StatusCode::OK);
     let (_, photo) = test_images(1).remove(0);
     let predicted = client
         .post(format!("{base}/predict"))
@@ -362,8 +378,8 @@ async fn json_logs_name_each_request_by_its_id() {
         .iter()
         .filter(|l| l["target"] == "vt_serve::access")
         .collect();
-    assert_eq!(answered.len(), 2, "{logs}");
-    for (line, (id, method, path, status)) in answered.iter().zip([
+    assert_eq!(answered.len(), 3, "{logs}");
+    for (line, (id, method, path, status)) in answered.iter().skip(1).zip([
         ("client-id-1", "POST", "/predict", 200),
         (generated.as_str(), "GET", "/nope", 404),
     ]) {
