@@ -410,13 +410,17 @@ fn instances_rankings(
             .get("content-encoding")
             .is_some_and(|e| e == "gzip");
         let body = response.bytes().context("reading the answer")?;
+        ensure!(
+            status.is_success(),
+            "{what}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
         ensure!(compressed, "{what}: the answer is not gzip-compressed");
         let mut text = Vec::new();
         flate2::read::GzDecoder::new(&body[..])
             .read_to_end(&mut text)
             .with_context(|| format!("{what}: decompressing the answer"))?;
         let json: Value = serde_json::from_slice(&text).context("parsing the answer")?;
-        ensure!(status.is_success(), "{what}: {status} {json}");
         let predictions = json["predictions"]
             .as_array()
             .filter(|p| p.len() == chunk.len())

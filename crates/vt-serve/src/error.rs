@@ -131,7 +131,7 @@ impl ApiError {
     }
 
     /// The error's status and headers around `body`: the one place both error shapes (this
-    /// API's and the Open Inference Protocol's) are turned into responses.
+    /// API's and [`ErrorMessage`]'s) are turned into responses.
     pub fn into_response_with(self, body: impl Serialize) -> Response {
         let status = self.status();
         if status.is_server_error() {

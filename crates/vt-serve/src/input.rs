@@ -4,14 +4,20 @@
 //! `application/octet-stream`, SageMaker's `application/x-image`, curl's default
 //! `application/x-www-form-urlencoded`...): its format is read from the bytes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::multipart::MultipartError;
-use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
+use futures_util::StreamExt;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -42,8 +48,8 @@ pub async fn read(
     deadline: Instant,
 ) -> Result<Inputs, ApiError> {
     let limit = state.limits.max_body_bytes;
-    refuse_declared_oversize(request.headers(), limit)?;
     refuse_undecoded(request.headers())?;
+    refuse_declared_oversize(request.headers(), limit)?;
     let mime = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -86,23 +92,181 @@ pub fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), A
     Ok(())
 }
 
+/// Writes `Content-Encoding` as the router's decompression layer, which compares exactly,
+/// must read it: content codings are case-insensitive and `x-gzip` is gzip (RFC 9110). Two
+/// or more codings become one value that layer leaves alone, to be refused, rather than
+/// having it decode the first and drop the others.
+pub async fn normalize_content_encoding(mut request: Request, next: Next) -> Response {
+    let codings: Vec<String> = request
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .map(|c| if c == "x-gzip" { "gzip".into() } else { c })
+        .collect();
+    if !codings.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&codings.join(", ")) {
+            request
+                .headers_mut()
+                .insert(header::CONTENT_ENCODING, value);
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether an encoded body's received bytes went past the body limit: set by
+/// [`bound_encoded_body`], read where the body is read, whose error does not say why.
+#[derive(Clone, Default)]
+struct ReceivedBytes(Option<Arc<AtomicBool>>);
+
+impl ReceivedBytes {
+    fn of(request: &Request) -> ReceivedBytes {
+        request
+            .extensions()
+            .get::<ReceivedBytes>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn over_limit(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|over| over.load(Ordering::Relaxed))
+    }
+}
+
+/// Bounds an encoded body's bytes as received, before decoding, by the body limit, which
+/// otherwise counts the decoded bytes only: a compressed stream can take megabytes to
+/// decode to nothing.
+pub async fn bound_encoded_body(
+    State(limit): State<u64>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !request.headers().contains_key(header::CONTENT_ENCODING) {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let over = Arc::new(AtomicBool::new(false));
+    let mut left = limit;
+    let flag = Arc::clone(&over);
+    let bounded = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk?;
+        left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
+            flag.store(true, Ordering::Relaxed);
+            axum::Error::new(ApiError::PayloadTooLarge { limit })
+        })?;
+        Ok::<_, axum::Error>(chunk)
+    });
+    parts.extensions.insert(ReceivedBytes(Some(over)));
+    next.run(Request::from_parts(parts, Body::from_stream(bounded)))
+        .await
+}
+
 /// Refuses a body still encoded once the router's decompression layer has decoded the
 /// encodings it knows (gzip and deflate, removing their `Content-Encoding`).
 pub fn refuse_undecoded(headers: &HeaderMap) -> Result<(), ApiError> {
     match headers.get(header::CONTENT_ENCODING) {
         Some(encoding) if encoding != "identity" => Err(ApiError::UnsupportedMediaType(format!(
-            "the request body's Content-Encoding {encoding:?} is not supported (supported: gzip, deflate)"
+            "the request body's Content-Encoding {encoding:?} is not supported (supported: one of gzip, deflate)"
         ))),
         _ => Ok(()),
     }
 }
 
+/// How many JSON values (objects, arrays and scalars, nested ones included) `body` holds,
+/// counted without building them, or `None` when it is not JSON. A request of millions of
+/// tiny values (`[0,0,0,...]`, a few kilobytes gzipped) is refused on this count before it
+/// is parsed into values that take many times its size.
+pub fn json_value_count(body: &[u8]) -> Option<usize> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let count = ValueCount::deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()?;
+    Some(count.0)
+}
+
+/// Refuses a JSON body with more values than a request of at most `images` images needs (a
+/// handful per image, plus the request's own fields), before it is parsed.
+pub fn refuse_too_many_json_values(body: &[u8], images: usize) -> Result<(), ApiError> {
+    let limit = 256 + 16 * images;
+    match json_value_count(body) {
+        Some(count) if count > limit => Err(ApiError::BadRequest(format!(
+            "the JSON body holds {count} values, more than a request of at most {images} images (--queue) needs"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The number of values in a JSON value, itself included.
+struct ValueCount(usize);
+
+impl<'de> Deserialize<'de> for ValueCount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueCounter)
+    }
+}
+
+struct ValueCounter;
+
+impl<'de> Visitor<'de> for ValueCounter {
+    type Value = ValueCount;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_unit<E>(self) -> Result<ValueCount, E> {
+        Ok(ValueCount(1))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ValueCount, A::Error> {
+        let mut count = 1;
+        while let Some(ValueCount(n)) = seq.next_element()? {
+            count += n;
+        }
+        Ok(ValueCount(count))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueCount, A::Error> {
+        let mut count = 1;
+        while let Some((IgnoredAny, ValueCount(n))) = map.next_entry()? {
+            count += n;
+        }
+        Ok(ValueCount(count))
+    }
+}
+
 pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
+    let received = ReceivedBytes::of(&request);
     // The router's DefaultBodyLimit bounds what this buffers.
     Bytes::from_request(request, &())
         .await
         .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE || received.over_limit() {
                 ApiError::PayloadTooLarge { limit }
             } else {
                 ApiError::BadRequest(format!(
@@ -114,13 +278,14 @@ pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> 
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, ApiError> {
+    let received = ReceivedBytes::of(&request);
     let limit = state.limits.max_body_bytes;
     let max_files = state.admission.capacity();
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|r| {
         ApiError::BadRequest(format!("invalid multipart request: {}", r.body_text()))
     })?;
     let field_error = |e: MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE || received.over_limit() {
             ApiError::PayloadTooLarge { limit }
         } else {
             ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
@@ -216,6 +381,18 @@ mod tests {
             Bytes::from_static(b"hi")
         );
         assert!(decode_base64("not base64!").is_err());
+    }
+
+    #[test]
+    fn json_values_are_counted_nested_ones_included() {
+        assert_eq!(json_value_count(b"7"), Some(1));
+        assert_eq!(
+            json_value_count(br#"{"a": [1, "x", null], "b": {"c": true}}"#),
+            Some(7)
+        );
+        assert_eq!(json_value_count(b"[0,0,0,0]"), Some(5));
+        assert_eq!(json_value_count(b"[0,"), None);
+        assert_eq!(json_value_count(b"[] x"), None);
     }
 
     /// What `base64` (lines of 76), Python's `encodebytes`, `urlsafe_b64encode` and unpadded

@@ -6,7 +6,7 @@
 //! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
 //! `{"image": ...}` holding either of the first two. `"parameters"` may hold
 //! `maxPredictions` and `confidenceThreshold`, as Vertex AI's image classification takes
-//! them. Each prediction is in Vertex AI's classification shape, best first:
+//! them; TensorFlow Serving's `"signature_name"` may only be `serving_default`. Each prediction is in Vertex AI's classification shape, best first:
 //! `{"ids": ["3", ...], "displayNames": ["mountain", ...], "confidences": [0.91, ...]}`, ids
 //! being class indices. Errors are `{"error": MESSAGE}`.
 
@@ -29,12 +29,15 @@ use crate::handlers;
 use crate::input::{self, ImageInput};
 use crate::state::AppState;
 
+/// TensorFlow Serving's signature name, which its clients send; the model has only this one.
+const SIGNATURE: &str = "serving_default";
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PredictRequest {
     instances: Vec<Value>,
-    #[serde(default)]
-    parameters: Parameters,
+    parameters: Option<Parameters>,
+    signature_name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -44,6 +47,25 @@ struct Parameters {
     max_predictions: Option<usize>,
     /// Only classes at least this probable (default: all).
     confidence_threshold: Option<f32>,
+}
+
+impl Parameters {
+    fn check(&self) -> Result<(), ApiError> {
+        if self.max_predictions == Some(0) {
+            return Err(ApiError::BadRequest(
+                "maxPredictions must be at least 1".into(),
+            ));
+        }
+        if let Some(t) = self
+            .confidence_threshold
+            .filter(|t| !(0.0..=1.0).contains(t))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "confidenceThreshold is a probability, from 0 to 1, not {t}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -124,15 +146,27 @@ async fn answer(
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
-    input::refuse_declared_oversize(request.headers(), limit)?;
     input::refuse_undecoded(request.headers())?;
+    input::refuse_declared_oversize(request.headers(), limit)?;
     let body = input::read_body(request, limit).await?;
+    let capacity = state.admission.capacity();
+    input::refuse_too_many_json_values(&body, capacity)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid predict request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}"
         ))
     })?;
-    let capacity = state.admission.capacity();
+    if let Some(name) = request
+        .signature_name
+        .as_deref()
+        .filter(|&n| n != SIGNATURE)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "unknown signature_name `{name}`: the model's one signature is `{SIGNATURE}`"
+        )));
+    }
+    let parameters = request.parameters.unwrap_or_default();
+    parameters.check()?;
     if request.instances.is_empty() {
         return Err(ApiError::BadRequest("\"instances\" is empty".into()));
     }
@@ -162,7 +196,7 @@ async fn answer(
     let predictions: Vec<Classification> = predictions
         .await?
         .into_iter()
-        .map(|(_, prediction)| classify(&prediction, &model.info.classes, &request.parameters))
+        .map(|(_, prediction)| classification_of(&prediction, &model.info.classes, &parameters))
         .collect();
     Ok(Json(PredictResponse { predictions }).into_response())
 }
@@ -193,7 +227,10 @@ fn base64_of(instance: &Value, nested: bool) -> Option<&str> {
             let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
             match keys.as_slice() {
                 ["b64"] => fields["b64"].as_str(),
-                ["content"] | ["content", "mimeType"] | ["mimeType", "content"] if !nested => {
+                ["content"] if !nested => fields["content"].as_str(),
+                ["content", "mimeType"] | ["mimeType", "content"]
+                    if !nested && fields["mimeType"].is_string() =>
+                {
                     fields["content"].as_str()
                 }
                 ["image"] if !nested => base64_of(&fields["image"], true),
@@ -205,7 +242,7 @@ fn base64_of(instance: &Value, nested: bool) -> Option<&str> {
 }
 
 /// The classes `parameters` keep, best first.
-fn classify(
+fn classification_of(
     prediction: &Prediction,
     classes: &[String],
     parameters: &Parameters,

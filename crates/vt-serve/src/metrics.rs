@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
@@ -108,10 +109,15 @@ impl Metrics {
 /// Middleware counting every response by its route pattern (not the raw path, which would
 /// let clients create unbounded label values) and status.
 pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let route = request
+    let mut route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    // Predictions and readiness probes share one route pattern (`NAME:predict` is one path
+    // segment); they are counted apart.
+    if route == "/v1/models/{model}" && request.method() == Method::POST {
+        route.push_str(":predict");
+    }
     let started = Instant::now();
     let response = next.run(request).await;
     metrics

@@ -18,6 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::header::{self, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::try_join_all;
@@ -29,6 +30,7 @@ use crate::classifier::{ranked, Prediction};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
+use crate::router::SendUncompressed;
 use crate::state::{AppState, ModelInfo};
 
 /// The model's input: encoded images.
@@ -37,6 +39,16 @@ pub const INPUT: &str = "image";
 const PLATFORM: &str = "candle_safetensors";
 /// The binary tensor data extension's header: how long the JSON at the start of a body is.
 static HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
+
+/// Marks every answer but a successful inference answer to be sent uncompressed.
+pub async fn compress_only_inference_answers(request: Request, next: Next) -> Response {
+    let inference = request.uri().path().ends_with("/infer");
+    let mut response = next.run(request).await;
+    if !(inference && response.status().is_success()) {
+        response.extensions_mut().insert(SendUncompressed);
+    }
+    response
+}
 
 /// `/v2/models/{model}[/versions/{version}]`.
 #[derive(Deserialize)]
@@ -281,8 +293,8 @@ async fn answer(
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
-    input::refuse_declared_oversize(request.headers(), limit)?;
     input::refuse_undecoded(request.headers())?;
+    input::refuse_declared_oversize(request.headers(), limit)?;
     let header_length = header_length(request.headers())?;
     let body = input::read_body(request, limit).await?;
     let (header, binary) = match header_length {
@@ -295,6 +307,7 @@ async fn answer(
         Some(n) => (body.slice(..n), body.slice(n..)),
         None => (body, Bytes::new()),
     };
+    input::refuse_too_many_json_values(&header, state.admission.capacity())?;
     let request: InferenceRequest = serde_json::from_slice(&header)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
     let images = images_of(&request.inputs, &binary, state.admission.capacity())?;

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::header::{self, HeaderName};
-use axum::http::{HeaderValue, Method};
+use axum::http::{Extensions, HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
@@ -20,6 +21,7 @@ use tower_http::trace::TraceLayer;
 use crate::access;
 use crate::error::ApiError;
 use crate::handlers;
+use crate::input;
 use crate::instances;
 use crate::metrics;
 use crate::open_inference;
@@ -45,25 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/models/{model}",
             get(instances::model_ready).post(instances::predict),
         )
-        // The Open Inference Protocol (KServe V2, Triton's HTTP API).
-        .route("/v2", get(open_inference::server_metadata))
-        .route("/v2/health/live", get(open_inference::server_live))
-        .route("/v2/health/ready", get(open_inference::server_ready))
-        .route("/v2/models/{model}", get(open_inference::model_metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            get(open_inference::model_metadata),
-        )
-        .route("/v2/models/{model}/ready", get(open_inference::model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(open_inference::model_ready),
-        )
-        .route("/v2/models/{model}/infer", post(open_inference::infer))
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            post(open_inference::infer),
-        )
+        .merge(open_inference_routes())
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -79,9 +63,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         // the decoded size; other encodings pass through to the handlers, which refuse them
         // with a JSON error.
         .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        .layer(middleware::from_fn_with_state(
+            state.limits.max_body_bytes,
+            input::bound_encoded_body,
+        ))
+        .layer(middleware::from_fn(input::normalize_content_encoding))
         // Answers are compressed when the client accepts it (Prometheus, browsers,
-        // tritonclient's response compression).
-        .layer(CompressionLayer::new());
+        // tritonclient's response compression), unless marked [`SendUncompressed`].
+        .layer(
+            CompressionLayer::new().compress_when(DefaultPredicate::new().and(
+                |_: StatusCode, _: Version, _: &HeaderMap, extensions: &Extensions| {
+                    extensions.get::<SendUncompressed>().is_none()
+                },
+            )),
+        );
     let routes = match cors {
         Some(cors) => routes.layer(cors),
         None => routes,
@@ -100,6 +95,38 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Marks an answer to be sent uncompressed whatever the client accepts.
+#[derive(Clone, Copy)]
+pub struct SendUncompressed;
+
+/// The Open Inference Protocol (KServe V2, Triton's HTTP API). Only successful inference
+/// answers are compressed, as Triton does: tritonclient's asyncio client asks for gzip on
+/// every request but decompresses nothing else.
+fn open_inference_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v2", get(open_inference::server_metadata))
+        .route("/v2/health/live", get(open_inference::server_live))
+        .route("/v2/health/ready", get(open_inference::server_ready))
+        .route("/v2/models/{model}", get(open_inference::model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(open_inference::model_metadata),
+        )
+        .route("/v2/models/{model}/ready", get(open_inference::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(open_inference::model_ready),
+        )
+        .route("/v2/models/{model}/infer", post(open_inference::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(open_inference::infer),
+        )
+        .route_layer(middleware::from_fn(
+            open_inference::compress_only_inference_answers,
+        ))
 }
 
 /// Lets pages of the allowed origins call the API from a browser: answers their preflight

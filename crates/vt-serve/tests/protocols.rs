@@ -98,12 +98,15 @@ async fn infer_encoded(
             .header(HEADER_LENGTH, n)
             .header(CONTENT_TYPE, "application/octet-stream");
     }
-    request = match encoding {
-        Some(encoding) => request
+    // `encoding` as written in the request; the coding it names, as the answer names it.
+    let coding = encoding.map(|e| e.to_ascii_lowercase().replace("x-gzip", "gzip"));
+    let coding = coding.as_deref();
+    request = match (encoding, coding) {
+        (Some(encoding), Some(coding)) => request
             .header(CONTENT_ENCODING, encoding)
-            .header(ACCEPT_ENCODING, encoding)
-            .body(compress(encoding, &body)),
-        None => request.body(body),
+            .header(ACCEPT_ENCODING, coding)
+            .body(compress(coding, &body)),
+        _ => request.body(body),
     };
     let response = request.send().await.unwrap();
     let status = response.status();
@@ -115,10 +118,10 @@ async fn infer_encoded(
         .headers()
         .get(CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(answer_encoding.as_deref(), encoding);
+    assert_eq!(answer_encoding.as_deref(), coding);
     let body = response.bytes().await.unwrap().to_vec();
-    let body = match encoding {
-        Some(encoding) => decompress(encoding, &body),
+    let body = match coding {
+        Some(coding) => decompress(coding, &body),
         None => body,
     };
     let split = header_length.unwrap_or(body.len());
@@ -335,8 +338,27 @@ async fn tritonclient_requests_get_the_offline_predictions() {
         assert!((g - w).abs() < 1e-4, "{got} against {want}");
     }
 
-    // The same request compressed both ways, as tritonclient compresses them.
-    for encoding in ["gzip", "deflate"] {
+    // tritonclient's asyncio client asks for gzip on every request but decompresses only
+    // inference answers: metadata and errors go uncompressed.
+    for (method, path) in [
+        (reqwest::Method::GET, "/v2/models/tiny"),
+        (reqwest::Method::POST, "/v2/models/other/infer"),
+    ] {
+        let answer = client
+            .request(method, server.url(path))
+            .header(ACCEPT_ENCODING, "gzip, deflate")
+            .body(json_body(&[b"x"]))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.headers().get(CONTENT_ENCODING).is_none(), "{path}");
+        let body: Value = answer.json().await.unwrap();
+        assert!(body.is_object(), "{path}: {body}");
+    }
+
+    // The same request compressed both ways, as tritonclient compresses them; the coding's
+    // case and the `x-gzip` alias do not matter.
+    for encoding in ["gzip", "deflate", "GZip", "x-gzip"] {
         let body = std::fs::read(fixtures.join("binary.bin")).unwrap();
         let compressed =
             infer_encoded(&client, &url, body, Some(header_length), Some(encoding)).await;
@@ -605,12 +627,27 @@ async fn bad_requests_get_the_protocols_errors() {
     // decoding past the body limit (which bounds the decoded size).
     let bomb = compress("gzip", &vec![b' '; 11 << 20]);
     assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let many_values = json!({"inputs": [{
+        "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![0; 10_000],
+    }]});
     let encoded = [
         (
             "br",
             vec![0x0b, 0x02, 0x80],
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Encoding \"br\" is not supported",
+        ),
+        (
+            "gzip, gzip",
+            compress("gzip", &compress("gzip", &json_body(&[&photo]))),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "\"gzip, gzip\" is not supported",
+        ),
+        (
+            "gzip",
+            compress("gzip", &serde_json::to_vec(&many_values).unwrap()),
+            StatusCode::BAD_REQUEST,
+            "values, more than a request",
         ),
         (
             "gzip",
@@ -637,6 +674,28 @@ async fn bad_requests_get_the_protocols_errors() {
         let body: Value = answer.json().await.unwrap();
         let message = body["error"].as_str().unwrap();
         assert!(message.contains(needle), "{encoding}: {body}");
+    }
+
+    // A gzip stream of 11 MB that decodes to nothing (empty stored blocks): refused for the
+    // bytes received, on this route and on /predict (whose errors have the API's own shape).
+    let mut empty = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    empty.extend([0, 0, 0, 0xff, 0xff].repeat(2_200_000));
+    empty.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert!(decompress("gzip", &empty).is_empty());
+    for route in [url.clone(), server.url("/predict")] {
+        let answer = client
+            .post(&route)
+            .header(CONTENT_ENCODING, "gzip")
+            .body(empty.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+        let body: Value = answer.json().await.unwrap();
+        assert!(
+            body.to_string().contains("larger than the limit"),
+            "{route}: {body}"
+        );
     }
 
     // The server carries on.
@@ -718,21 +777,29 @@ async fn instances_requests_get_the_offline_predictions() {
         assert_close(&confidences, &[expected], &format!("instance {i}"));
     }
 
-    // Vertex AI's parameters: at most 2 classes, each at least as probable as the second
-    // best of the first image.
+    // Vertex AI's parameters, each alone: at most 2 classes; only classes above a threshold
+    // between the second and the third best of the first image. `null` parameters and
+    // TensorFlow Serving's signature name are taken as they come.
     let mut sorted = offline[0].clone();
     sorted.sort_by(|a, b| b.total_cmp(a));
+    for parameters in [
+        json!({"maxPredictions": 2}),
+        json!({"confidenceThreshold": (sorted[1] + sorted[2]) / 2.0}),
+    ] {
+        let (status, body) =
+            predict(json!({"instances": [b64[0]], "parameters": parameters})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let ids = body["predictions"][0]["ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 2, "{parameters}: {body}");
+    }
     let (status, body) = predict(json!({
+        "signature_name": "serving_default",
         "instances": [b64[0]],
-        "parameters": {"maxPredictions": 3, "confidenceThreshold": sorted[1]},
+        "parameters": null,
     }))
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        body["predictions"][0]["ids"].as_array().unwrap().len(),
-        2,
-        "{body}"
-    );
+    assert_eq!(body["predictions"][0]["ids"].as_array().unwrap().len(), 6);
 
     let unknown_model = client
         .post(server.url("/v1/models/other:predict"))
@@ -749,11 +816,37 @@ async fn instances_requests_get_the_offline_predictions() {
             .contains("unknown model `other`"),
         "{body}"
     );
+    let tiny_values = vec![0; 10_000];
     let cases = [
         (
             json!({"instances": []}),
             StatusCode::BAD_REQUEST,
             "is empty",
+        ),
+        (
+            json!({"instances": tiny_values}),
+            StatusCode::BAD_REQUEST,
+            "holds 10002 values",
+        ),
+        (
+            json!({"instances": [b64[0]], "parameters": {"maxPredictions": 0}}),
+            StatusCode::BAD_REQUEST,
+            "maxPredictions must be at least 1",
+        ),
+        (
+            json!({"instances": [b64[0]], "parameters": {"confidenceThreshold": 2}}),
+            StatusCode::BAD_REQUEST,
+            "from 0 to 1",
+        ),
+        (
+            json!({"instances": [b64[0]], "signature_name": "predict_images"}),
+            StatusCode::BAD_REQUEST,
+            "unknown signature_name `predict_images`",
+        ),
+        (
+            json!({"instances": [{"content": b64[0], "mimeType": 3}]}),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: an instance is",
         ),
         (
             json!({"inputs": [b64[0]]}),
@@ -808,5 +901,25 @@ async fn instances_requests_get_the_offline_predictions() {
         .await
         .unwrap();
     assert_eq!(explain.status(), StatusCode::NOT_FOUND);
+    let unknown_ready = client
+        .get(server.url("/v1/models/other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_ready.status(), StatusCode::NOT_FOUND);
+
+    // Readiness probes and predictions share a route pattern but are counted apart.
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    let count = |series: &str| metric(&text, series).unwrap_or(0.0);
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/v1/models/{model}",status="200"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="200"}"#),
+        4.0,
+        "{text}"
+    );
     server.shutdown().await;
 }
