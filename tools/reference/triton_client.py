@@ -12,13 +12,16 @@ Triton or KServe user would call it.
       0.png, 1.jpg   the two images
   check HOST:PORT MODEL IMAGE...
       Against a running vt-serve: health, readiness, metadata, then inference of the images
-      in one request (binary and JSON), each image's probabilities compared with what
-      POST /predict answers for it alone, and an unknown model's error. Prints a JSON summary.
+      in one request (binary, JSON, and binary gzip-compressed both ways), each image's
+      probabilities compared with what POST /predict answers for it alone, and an unknown
+      model's error; then the same through the asyncio client (tritonclient.http.aio), which
+      asks for gzip on every request. Prints a JSON summary.
 
 Needs `pip install tritonclient[http] numpy pillow`.
 """
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -99,6 +102,32 @@ def predict_alone(url, image):
         return {p["label"]: p["score"] for p in json.load(response)["predictions"]}
 
 
+async def check_asyncio(url, model, images, alone):
+    """The asyncio client (aiohttp), which asks for gzip on every request: metadata, one
+    inference of all the images and an unknown model's error."""
+    import tritonclient.http.aio as aioclient
+
+    client = aioclient.InferenceServerClient(url)
+    try:
+        summary = {"model_name": (await client.get_model_metadata(model))["name"]}
+        result = await client.infer(model, [image_input(images, True)])
+        probs = result.as_numpy("probabilities")
+        # Sorted probabilities, which the class order (not known here) cannot change.
+        summary["max_abs_diff_vs_predict"] = max(
+            float(abs(a - b))
+            for i, expected in enumerate(alone)
+            for a, b in zip(sorted(probs[i]), sorted(expected.values()))
+        )
+        try:
+            await client.infer("no-such-model", [image_input(images[:1], True)])
+            summary["unknown_model_error"] = None
+        except InferenceServerException as e:
+            summary["unknown_model_error"] = str(e)
+        return summary
+    finally:
+        await client.close()
+
+
 def check(url, model, paths):
     client = httpclient.InferenceServerClient(url)
     summary = {"tritonclient": version("tritonclient")}
@@ -157,6 +186,7 @@ def check(url, model, paths):
         summary["unknown_model_error"] = None
     except InferenceServerException as e:
         summary["unknown_model_error"] = str(e)
+    summary["asyncio"] = asyncio.run(check_asyncio(url, model, images, alone))
     print(json.dumps(summary, indent=2))
     ok = (
         summary["live"]
@@ -164,6 +194,8 @@ def check(url, model, paths):
         and summary["model_ready"]
         and summary["unknown_model_error"]
         and all(summary[k]["max_abs_diff_vs_predict"] < 1e-5 for k in ["binary", "json", "binary_gzip"])
+        and summary["asyncio"]["unknown_model_error"]
+        and summary["asyncio"]["max_abs_diff_vs_predict"] < 1e-5
     )
     return 0 if ok else 1
 
