@@ -98,6 +98,14 @@ pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
+    // Model names have no `:`; `NAME:predict` is the prediction route, which takes POST.
+    if name.contains(':') {
+        return Err(ApiError::MethodNotAllowed {
+            method: "GET".into(),
+            path: format!("/v1/models/{name}"),
+        }
+        .into());
+    }
     let model = resolve(&state, &name)?;
     let ready = state.is_accepting();
     let status = if ready {

@@ -907,6 +907,12 @@ async fn instances_requests_get_the_offline_predictions() {
         .await
         .unwrap();
     assert_eq!(unknown_ready.status(), StatusCode::NOT_FOUND);
+    let get_predict = client
+        .get(server.url("/v1/models/tiny:predict"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_predict.status(), StatusCode::METHOD_NOT_ALLOWED);
 
     // Readiness probes and predictions share a route pattern but are counted apart.
     let text = metrics_text(&client, &server.url("/metrics")).await;
