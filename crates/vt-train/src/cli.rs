@@ -1,4 +1,5 @@
-//! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`.
+//! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`,
+//! `vt-train lr-find`.
 
 use std::process::ExitCode;
 
@@ -7,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::error::Result;
 use crate::eval::EvalArgs;
 use crate::init::InitArgs;
+use crate::lr_find::LrFindArgs;
 use crate::train::{Outcome, TrainArgs};
 
 #[derive(Debug, Parser)]
@@ -36,6 +38,22 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write a freshly initialised checkpoint
     Init(InitArgs),
+    /// Find a learning rate: train with the rate growing exponentially from --start-lr to
+    /// --end-lr and suggest where the loss falls fastest (fastai's lr_find)
+    #[command(
+        long_about = "Find a learning rate for `vt-train train --lr`: the range test \
+        of fastai's lr_find. The model, optimiser, data and augmentation are those `train` \
+        would start with for the same options; the rate grows exponentially from --start-lr \
+        to --end-lr over --steps optimiser steps, without warmup or schedule. The loss is \
+        smoothed (moving average, 0.98, bias-corrected); the test stops once the smoothed \
+        loss exceeds 4 times its lowest, or is not finite. It suggests the rate where the \
+        smoothed loss falls fastest against log10(lr), and reports a tenth of the rate of \
+        the lowest loss. With --freeze-stem-epochs the stem stays frozen throughout, as in \
+        train's first epochs. Writes a JSON report (--out) and a PNG plot beside it; no run \
+        folder or checkpoint. Ctrl-C stops after the current step and writes the points so \
+        far."
+    )]
+    LrFind(Box<LrFindArgs>),
 }
 
 /// Exit status of a training stopped by Ctrl-C, as a shell reports a command killed by
@@ -46,6 +64,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let outcome = match cli.command {
         None => crate::train::run(&cli.train)?,
         Some(Command::Train(args)) => crate::train::run(&args)?,
+        Some(Command::LrFind(args)) => crate::lr_find::run(&args)?,
         Some(Command::Eval(args)) => return crate::eval::run(&args).map(|()| ExitCode::SUCCESS),
         Some(Command::Init(args)) => return crate::init::run(&args).map(|()| ExitCode::SUCCESS),
     };

@@ -4,7 +4,9 @@
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
 //! - [`eval`], [`metrics`], [`plots`], [`progress`]: measuring and reporting;
-//! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader.
+//! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader;
+//! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
+//!   learning-rate range test) share.
 
 pub mod cli;
 pub mod config;
@@ -13,7 +15,9 @@ pub mod ema;
 pub mod error;
 pub mod eval;
 pub mod init;
+pub mod learner;
 pub mod loss;
+pub mod lr_find;
 pub mod metrics;
 pub mod mix;
 pub mod optim;

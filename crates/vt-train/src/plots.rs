@@ -1,4 +1,5 @@
-//! PNG plots of a run: the loss and accuracy curves and a confusion matrix. Text needs a
+//! PNG plots of a run: the loss and accuracy curves and a confusion matrix; and the loss
+//! against the learning rate of `vt-train lr-find`. Text needs a
 //! TrueType font registered at runtime (plotters' ab_glyph backend bundles none): `VT_FONT`
 //! or a common system font. Without one the plots are drawn without text and a warning is
 //! logged once, since a plot without labels still shows the trend.
@@ -11,6 +12,7 @@ use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
 use crate::error::{Result, TrainError};
+use crate::lr_find::LrFindReport;
 use crate::metrics::{replace_through_temporary, ConfusionMatrix, EpochRecord};
 
 pub const CURVES_PNG: &str = "curves.png";
@@ -271,6 +273,153 @@ pub fn draw_confusion(path: &Path, matrix: &ConfusionMatrix, title: &str) -> Res
                 ))
                 .map_err(|e| err(&e))?;
             }
+        }
+        Ok(())
+    })
+}
+
+/// The part of the segment from `a` to `b` (x on a log scale) between the heights `low` and
+/// `high`, if any.
+fn clip_to_heights(a: (f64, f64), b: (f64, f64), low: f64, high: f64) -> Option<[(f64, f64); 2]> {
+    let rise = b.1 - a.1;
+    let (mut from, mut to) = (0.0f64, 1.0f64);
+    if rise == 0.0 {
+        if !(low..=high).contains(&a.1) {
+            return None;
+        }
+    } else {
+        let (at_low, at_high) = ((low - a.1) / rise, (high - a.1) / rise);
+        from = from.max(at_low.min(at_high));
+        to = to.min(at_low.max(at_high));
+        if from > to {
+            return None;
+        }
+    }
+    let (log_a, log_b) = (a.0.log10(), b.0.log10());
+    let at = |t: f64| (10f64.powf(log_a + t * (log_b - log_a)), a.1 + t * rise);
+    Some([at(from), at(to)])
+}
+
+/// The plot of `vt-train lr-find`: the smoothed loss (the raw losses as dots) against the
+/// learning rate on a log axis, with the suggested rate and the lowest loss's tenth marked.
+/// The loss axis fits the points the suggestions consider (past the skipped first ones):
+/// from their lowest loss up to as far above their starting losses as these fall (at least a
+/// tenth of the lowest loss), so that neither the noisy first steps nor a diverged tail,
+/// often hundreds of times higher, flattens the descent; the line is cut at the edges.
+pub fn draw_lr_find(path: &Path, report: &LrFindReport) -> Result<()> {
+    let finite: Vec<(f64, f64)> = report
+        .points
+        .iter()
+        .map(|p| (p.lr, p.smoothed_loss))
+        .take_while(|p| p.1.is_finite())
+        .collect();
+    // All the points when none is past the skipped ones (an interrupted test).
+    let considered = match report.skipped_at_start {
+        skipped if skipped < finite.len() => skipped,
+        _ => 0,
+    };
+    let window = &finite[considered..];
+    let lowest = window.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let lowest_at = window.iter().position(|p| p.1 == lowest).unwrap_or(0);
+    let descent = &window[..window.len().min(lowest_at + 1)];
+    let before_lowest = descent.iter().map(|p| p.1).fold(lowest, f64::max);
+    let highest = window.iter().map(|p| p.1).fold(lowest, f64::max);
+    let climb = (before_lowest - lowest).max(0.1 * lowest.abs());
+    // Raw losses below the smoothed ones are shown too.
+    let lowest_raw = report.points[considered..considered + descent.len()]
+        .iter()
+        .map(|p| p.loss)
+        .fold(lowest, f64::min);
+    let (y_min, y_max) = if lowest.is_finite() {
+        (lowest_raw, highest.min(before_lowest + climb))
+    } else {
+        (0.0, 1.0)
+    };
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let (y_low, y_high) = (y_min - pad, y_max + pad);
+    let segments: Vec<[(f64, f64); 2]> = finite
+        .windows(2)
+        .filter_map(|w| clip_to_heights(w[0], w[1], y_low, y_high))
+        .collect();
+    draw_atomically(path, (800, 480), |root, text| {
+        let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+        let mut builder = ChartBuilder::on(root);
+        builder.margin(12);
+        if text {
+            builder
+                .caption("learning-rate range test", (FONT, 20))
+                .x_label_area_size(36)
+                .y_label_area_size(50);
+        }
+        let mut chart = builder
+            .build_cartesian_2d((report.start_lr..report.end_lr).log_scale(), y_low..y_high)
+            .map_err(|e| err(&e))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc("learning rate")
+                .y_desc("training loss")
+                .label_style((FONT, 13))
+                .x_label_formatter(&|x| format!("{x:.0e}"));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| err(&e))?;
+        let grey = RGBColor(150, 150, 150);
+        let raw = report
+            .points
+            .iter()
+            .filter(|p| (y_low..=y_high).contains(&p.loss))
+            .map(|p| Circle::new((p.lr, p.loss), 2, grey.filled()));
+        let series = chart.draw_series(raw).map_err(|e| err(&e))?;
+        if text {
+            series
+                .label("loss")
+                .legend(move |(x, y)| Circle::new((x + 10, y), 2, grey.filled()));
+        }
+        let lines = segments
+            .iter()
+            .map(|segment| PathElement::new(segment.to_vec(), BLUE.stroke_width(2)));
+        let series = chart.draw_series(lines).map_err(|e| err(&e))?;
+        if text {
+            series
+                .label("smoothed loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        }
+        if let Some(suggestion) = &report.suggestion {
+            let marks = [
+                (suggestion.lr(), RED, "suggested lr"),
+                (suggestion.minimum, GREEN, "lowest loss lr / 10"),
+            ];
+            for (lr, color, name) in marks {
+                if !(report.start_lr..=report.end_lr).contains(&lr) {
+                    continue;
+                }
+                let line = PathElement::new(vec![(lr, y_low), (lr, y_high)], color.stroke_width(1));
+                let series = chart.draw_series([line]).map_err(|e| err(&e))?;
+                if text {
+                    series
+                        .label(format!("{name}: {lr:.1e}"))
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+                        });
+                }
+            }
+            let steepest = finite.iter().find(|p| Some(p.0) == suggestion.steepest);
+            if let Some(&point) = steepest {
+                chart
+                    .draw_series([Circle::new(point, 5, RED.filled())])
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        if text {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
         }
         Ok(())
     })

@@ -12,28 +12,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use candle_core::backprop::GradStore;
-use candle_core::Tensor;
 use vt_data::dataset::{ImageFolder, Split};
-use vt_data::loader::{batches, Batch, LoaderConfig, Transform};
+use vt_data::loader::{batches, LoaderConfig};
 use vt_model::checkpoint::{dir_contents, DirContents};
-use vt_model::pretrained::{is_stem, load_stem, Source};
-use vt_model::{parse_device, Model, StartedFrom, VtConfig};
+use vt_model::pretrained::is_stem;
+use vt_model::Model;
 
 use crate::config::{count_steps, TrainConfig, TrainOptions};
 use crate::data;
 use crate::ema::Ema;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::eval::evaluate;
-use crate::init::seeded_model;
-use crate::loss::{correct_predictions, cross_entropy};
+use crate::learner::{
+    model_config, new_model, open_training_images, prepare_device, training_loader, Group, Learner,
+};
 use crate::metrics::{write_atomically, EpochRecord, MetricsLog};
-use crate::optim::{clip_scale, trainable_params, Optimizer};
 use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
 use crate::progress::EpochProgress;
 use crate::schedule::LrSchedule;
 use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
-use crate::threads;
 
 pub const CONFIG_TOML: &str = "config.toml";
 /// Locked by the process that trains in the run folder.
@@ -54,7 +51,7 @@ pub struct TrainArgs {
 }
 
 /// Set by Ctrl-C; a second Ctrl-C exits at once (every file is written atomically).
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     if let Some(flag) = FLAG.get() {
         return Ok(flag.clone());
@@ -99,17 +96,6 @@ fn timestamp(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
-}
-
-fn model_config(config: &TrainConfig, class_names: Vec<String>) -> VtConfig {
-    VtConfig {
-        tokens: config.tokens,
-        token_channels: config.token_channels,
-        heads: config.heads,
-        class_names,
-        ..VtConfig::new(config.arch, 0, config.image_size)
-    }
-    .with_num_classes()
 }
 
 /// The settings and where the run lives, before any tensor exists.
@@ -229,13 +215,12 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
 }
 
 struct Trainer {
-    config: TrainConfig,
+    /// The run's config, model and optimiser.
+    learner: Learner,
     run_dir: PathBuf,
     classes: Vec<String>,
     train_set: ImageFolder,
     val_set: ImageFolder,
-    model: Model,
-    optimizer: Optimizer,
     ema: Option<Ema>,
     schedule: LrSchedule,
     train_loader: LoaderConfig,
@@ -261,14 +246,6 @@ struct EpochTotals {
     seconds: f64,
 }
 
-/// The batches of one optimiser step so far: their summed gradients and, per batch, its
-/// loss, correct predictions and images, read only at the update.
-#[derive(Default)]
-struct Group {
-    grads: GradStore,
-    batches: Vec<(Tensor, Tensor, usize)>,
-}
-
 enum EpochEnd {
     Completed(EpochTotals),
     Interrupted,
@@ -277,54 +254,12 @@ enum EpochEnd {
 impl Trainer {
     /// The weights that are validated and saved: the average when EMA is on.
     fn served(&self) -> &Model {
-        self.ema.as_ref().map_or(&self.model, |e| &e.model)
+        self.ema.as_ref().map_or(&self.learner.model, |e| &e.model)
     }
 
-    /// The forward and backward pass of one batch, its gradients (of its loss times
-    /// `share`, its part of the update) added to `group`. With the stem frozen it runs in
-    /// evaluation mode, its BatchNorm statistics kept. `draw` seeds the batch's mixing.
-    fn accumulate_batch(
-        &mut self,
-        batch: &Batch,
-        (stem_frozen, share, draw): (bool, f64, u64),
-        group: &mut Group,
-    ) -> Result<()> {
-        let mixed =
-            self.config
-                .mixing()
-                .apply(&batch.images, &batch.labels, self.config.seed, draw)?;
-        let images = mixed.as_ref().map_or(&batch.images, |m| &m.images);
-        let logits = if stem_frozen {
-            self.model.forward_frozen_stem(images)?
-        } else {
-            self.model.forward_t(images, true)?
-        };
-        let smoothing = self.config.label_smoothing;
-        let mut loss = cross_entropy(&logits, &batch.labels, smoothing)?;
-        if let Some(m) = &mixed {
-            let partners = cross_entropy(&logits, &m.partner_labels, smoothing)?;
-            loss = ((loss * m.lambda)? + (partners * (1.0 - m.lambda))?)?;
-        }
-        let grads = if share == 1.0 {
-            loss.backward()?
-        } else {
-            (&loss * share)?.backward()?
-        };
-        self.optimizer.accumulate(&mut group.grads, &grads)?;
-        let labels = mixed
-            .as_ref()
-            .map_or(&batch.labels, |m| m.dominant_labels(&batch.labels));
-        let correct = correct_predictions(&logits, labels)?;
-        // Detached: a loss kept whole would keep its batch's activations alive until the
-        // update, and accumulation is there to hold one batch's at a time.
-        group
-            .batches
-            .push((loss.detach(), correct.detach(), batch.indices.len()));
-        Ok(())
-    }
-
-    /// One optimiser step with `group`'s summed gradients; returns the running averages for
-    /// the progress line. Only the parameters `selected` keeps are updated.
+    /// One optimiser step with `group`'s summed gradients at the schedule's rate; returns
+    /// the running averages for the progress line. Only the parameters `selected` keeps are
+    /// updated.
     fn update(
         &mut self,
         group: Group,
@@ -332,37 +267,28 @@ impl Trainer {
         totals: &mut EpochTotals,
     ) -> Result<String> {
         let lr = self.schedule.lr(self.progress.global_step);
-        // Everything up to the gradient norm was queued before the first value is read, so
-        // that a GPU waits once per step (for the norm, which decides the update).
-        let norm = self.optimizer.grad_norm(&group.grads, selected)?;
-        let (mut loss_sum, mut correct, mut images) = (0.0, 0, 0);
-        for (loss, right, n) in &group.batches {
-            loss_sum += f64::from(loss.to_scalar::<f32>()?) * *n as f64;
-            correct += u64::from(right.to_scalar::<u32>()?);
-            images += *n as u64;
-        }
+        let step = self.learner.update(group, lr, selected)?;
         self.progress.global_step += 1;
         totals.lr = lr;
-        if !(loss_sum.is_finite() && norm.is_finite()) {
+        let norm = step.grad_norm;
+        if !step.applied {
             totals.skipped += 1;
-            let loss = loss_sum / images.max(1) as f64;
+            let loss = step.loss();
             tracing::warn!(
                 "step {}: loss {loss}, gradient norm {norm}: update skipped",
                 self.progress.global_step
             );
             return Ok(format!("step skipped (loss {loss}, |g| {norm})"));
         }
-        let scale = clip_scale(norm, self.config.clip_grad);
-        if scale < 1.0 {
+        if step.clipped {
             totals.clipped += 1;
         }
-        self.optimizer.step(&group.grads, lr, scale, selected)?;
         if let Some(ema) = &self.ema {
-            ema.update(&self.model)?;
+            ema.update(&self.learner.model)?;
         }
-        totals.correct += correct;
-        totals.loss_sum += loss_sum;
-        totals.images += images;
+        totals.correct += step.correct;
+        totals.loss_sum += step.loss_sum;
+        totals.images += step.images;
         totals.grad_norm_sum += norm;
         totals.grad_norm_max = totals.grad_norm_max.max(norm);
         totals.grad_norms += 1;
@@ -377,18 +303,18 @@ impl Trainer {
     /// Trains one epoch: an update every `--grad-accum-steps` batches, the last one over the
     /// batches left.
     fn train_epoch(&mut self, epoch: usize) -> Result<EpochEnd> {
-        let frozen = epoch < self.config.freeze_stem_epochs;
+        let frozen = epoch < self.learner.config.freeze_stem_epochs;
         let selected = move |name: &str| !(frozen && is_stem(name));
         let mut totals = EpochTotals::default();
         let start = Instant::now();
-        let label = format!("epoch {}/{}", epoch + 1, self.config.epochs);
+        let label = format!("epoch {}/{}", epoch + 1, self.learner.config.epochs);
         let mut iter = batches(
             &self.train_set.samples,
             &self.train_loader,
             epoch as u64,
-            &self.model.device,
+            &self.learner.model.device,
         );
-        let per_update = self.config.grad_accum_steps;
+        let per_update = self.learner.config.grad_accum_steps;
         let batch_count = iter.len();
         let mut bar = EpochProgress::new(label, batch_count);
         let mut group = Group::default();
@@ -401,7 +327,8 @@ impl Trainer {
             // Without accumulation the draws are the update's number, as they always were.
             let draw = self.progress.global_step * per_update as u64 + in_group as u64;
             let share = 1.0 / group_len as f64;
-            self.accumulate_batch(&batch, (frozen, share, draw), &mut group)?;
+            self.learner
+                .accumulate_batch(&batch, (frozen, share, draw), &mut group)?;
             if in_group + 1 == group_len {
                 status = self.update(std::mem::take(&mut group), &selected, &mut totals)?;
             }
@@ -421,7 +348,7 @@ impl Trainer {
 
     /// Runs the remaining epochs.
     fn run(&mut self) -> Result<Outcome> {
-        for epoch in self.progress.epochs_done..self.config.epochs {
+        for epoch in self.progress.epochs_done..self.learner.config.epochs {
             let start = Instant::now();
             let searched_before = vt_model::kernels::algorithm_search_time();
             let totals = match self.train_epoch(epoch)? {
@@ -442,7 +369,7 @@ impl Trainer {
                     return Ok(Outcome::Interrupted);
                 }
             };
-            let label = format!("validate {}/{}", epoch + 1, self.config.epochs);
+            let label = format!("validate {}/{}", epoch + 1, self.learner.config.epochs);
             let val = evaluate(
                 self.served(),
                 &self.val_set.samples,
@@ -468,7 +395,7 @@ impl Trainer {
                 clipped_steps: totals.clipped,
                 skipped_steps: totals.skipped,
                 global_step: self.progress.global_step,
-                stem_frozen: epoch < self.config.freeze_stem_epochs,
+                stem_frozen: epoch < self.learner.config.freeze_stem_epochs,
                 best,
             };
             self.metrics.append(&record)?;
@@ -492,14 +419,14 @@ impl Trainer {
                 .save(&last)
                 .with_context(|| format!("writing {}", last.display()))?;
             self.progress.epochs_done = epoch + 1;
-            let patience = self.config.early_stop;
+            let patience = self.learner.config.early_stop;
             self.progress.stopped_early =
                 patience.is_some_and(|p| self.progress.epochs_since_best >= p);
             state::save(
                 &self.run_dir,
                 &self.progress,
-                &self.model,
-                &self.optimizer,
+                &self.learner.model,
+                &self.learner.optimizer,
                 self.ema.as_ref(),
             )
             .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
@@ -507,7 +434,7 @@ impl Trainer {
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%{} | lr {:.2e} | \
                  {:.1} img/s | {:.1}s | |g| mean {:.2} max {:.2}, {} clipped",
                 record.epoch,
-                self.config.epochs,
+                self.learner.config.epochs,
                 record.train_loss,
                 100.0 * record.train_acc,
                 record.val_loss,
@@ -537,7 +464,7 @@ impl Trainer {
                 );
                 break;
             }
-            if self.interrupted.load(Ordering::SeqCst) && epoch + 1 < self.config.epochs {
+            if self.interrupted.load(Ordering::SeqCst) && epoch + 1 < self.learner.config.epochs {
                 tracing::info!(
                     "interrupted: stopped after epoch {}; continue with `--resume --run-dir {}`",
                     epoch + 1,
@@ -592,12 +519,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         resumed,
         lock,
     } = plan(args)?;
-    threads::set_compute_threads(Some(config.threads));
-    vt_model::kernels::allow_tf32(config.tf32);
-    let device = parse_device(&config.device)?;
-    vt_model::use_bf16_products(config.bf16_products, &device).context("--bf16-products")?;
-    let train_set = data::open_train_split(&config.data, config.limit_train, config.seed)
-        .with_context(|| format!("reading the training split of {}", config.data.display()))?;
+    let device = prepare_device(&config)?;
+    let train_set = open_training_images(&config)?;
     let val_set = data::open_split(&config.data, Split::Val, config.limit_val, config.seed)
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
     data::require_same_classes(&train_set, &val_set, &config.data)?;
@@ -650,48 +573,14 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             }
             model
         }
-        None => {
-            let model = seeded_model(wanted, &device, config.seed)?;
-            if let Some(spec) = &config.pretrained {
-                let loaded = load_stem(&model, &Source::parse(spec)?)
-                    .with_context(|| format!("loading the pretrained stem from {spec}"))?;
-                tracing::info!("loaded {loaded} stem tensors from {spec}");
-            }
-            if let Some(dir) = &config.initial_checkpoint {
-                let started = model.start_from(dir).with_context(|| {
-                    format!("starting from --initial-checkpoint {}", dir.display())
-                })?;
-                match started {
-                    StartedFrom::AllWeights => {
-                        tracing::info!("starting from the weights of {}", dir.display())
-                    }
-                    StartedFrom::AllButTheHead => tracing::info!(
-                        "starting from the weights of {} but its head, whose classes differ",
-                        dir.display()
-                    ),
-                }
-            }
-            model
-        }
+        None => new_model(&config, classes.clone(), &device)?,
     };
-    let mut optimizer = Optimizer::new(
-        config.method(),
-        config.weight_decay,
-        trainable_params(&model.varmap),
-    );
-    let ema = config
-        .ema
-        .map(|decay| Ema::new(&model, decay))
-        .transpose()?;
+    let mut learner = Learner::new(config, model);
+    // Borrowed apart from the optimiser, which loading the state changes.
+    let (config, model) = (&learner.config, &learner.model);
+    let ema = config.ema.map(|decay| Ema::new(model, decay)).transpose()?;
 
-    let norm = data::normalize(&model.config);
-    let train_loader = data::train_loader(
-        Transform::Train(config.augment(norm)),
-        train_set.len(),
-        config.batch_size,
-        config.seed,
-        config.loader_threads,
-    );
+    let train_loader = training_loader(config, &model.config, train_set.len());
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
     let steps_per_epoch = data::batches_per_epoch(train_set.len(), &train_loader)
         .div_ceil(config.grad_accum_steps as u64);
@@ -700,7 +589,13 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             // Every epoch takes the same number of steps, skipped ones included.
             let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;
             config.check_resume_steps(&progress.config, run_steps, steps_per_epoch)?;
-            state::load_training(&run_dir, &progress, &mut optimizer, ema.as_ref(), &device)?;
+            state::load_training(
+                &run_dir,
+                &progress,
+                &mut learner.optimizer,
+                ema.as_ref(),
+                &device,
+            )?;
             progress.config = config.clone();
             progress
         }
@@ -773,13 +668,11 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     );
     let mut trainer = Trainer {
         interrupted,
-        config,
+        learner,
         run_dir,
         classes,
         train_set,
         val_set,
-        model,
-        optimizer,
         ema,
         schedule,
         train_loader,

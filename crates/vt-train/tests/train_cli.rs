@@ -815,3 +815,76 @@ fn trivial_augment_and_random_erasing_change_the_training_images() {
         "{err}"
     );
 }
+
+/// `vt-train lr-find` on the tiny model: refuses a report not named .json and the options it
+/// does not use before any work, then sweeps the rate through more than one epoch of
+/// batches and writes its report and plot in the current folder, and no run folder.
+#[test]
+fn lr_find_sweeps_the_rate_and_writes_its_report_but_no_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 36 training images: 4 batches of 8 per epoch, fewer than the steps.
+    let data = synthetic_data(tmp.path(), 8);
+    let work = tmp.path().join("work");
+    fs::create_dir(&work).unwrap();
+    let lr_find = || {
+        let mut cmd = vt_train();
+        cmd.current_dir(&work)
+            .args(["lr-find", "--batch-size", "8", "--data"])
+            .arg(&data)
+            .args(TINY_MODEL)
+            .args(ONE_THREAD);
+        cmd
+    };
+    let err = run_err(lr_find().args(["--out", "sweep.png"]));
+    assert!(
+        err.contains("--out sweep.png") && err.contains("FILE.json"),
+        "{err}"
+    );
+    let err = run_err(lr_find().args(["--lr", "0.1", "--run-dir", "runs/x"]));
+    assert!(
+        err.contains("lr-find does not use --lr, --run-dir"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&work).unwrap().count(), 0);
+
+    let (start, end, steps) = (1e-7, 10.0, 12);
+    let out = run_ok(lr_find().args(["--steps", "12"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(work.join("lr-find.json")).unwrap()).unwrap();
+    let points = report["points"].as_array().unwrap();
+    let run = report["steps_run"].as_u64().unwrap() as usize;
+    assert_eq!(points.len(), run);
+    assert!(run > 4 && run <= steps, "{run} steps: {text}");
+    match report["ended"].as_str().unwrap() {
+        "completed" => assert_eq!(run, steps),
+        "diverged" => assert!(text.contains(&format!("diverged at step {run}")), "{text}"),
+        ended => panic!("ended {ended}"),
+    }
+    let lrs: Vec<f64> = points.iter().map(|p| p["lr"].as_f64().unwrap()).collect();
+    assert_eq!(lrs[0], start);
+    assert!(lrs.windows(2).all(|w| w[1] > w[0]), "{lrs:?}");
+    // Every smoothed loss is finite but a diverged last step's, which may not be.
+    let before_last = &points[..run - 1];
+    assert!(
+        before_last.iter().all(|p| p["smoothed_loss"].is_number()),
+        "{points:?}"
+    );
+    let suggested = report["suggested_lr"].as_f64().unwrap();
+    assert!((start..=end).contains(&suggested), "{suggested}");
+    assert_eq!(report["suggestion"]["steepest"].as_f64(), Some(suggested));
+    assert!(
+        text.contains(&format!("train with --lr {suggested:.1e}")),
+        "{text}"
+    );
+    assert_eq!(report["config"]["batch-size"], 8);
+    assert!(report["config"].get("lr").is_none());
+    assert!(is_png(&work.join("lr-find.png")));
+    // The report and its plot, nothing else: no run folder, no temporaries.
+    let mut written: Vec<String> = fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, ["lr-find.json", "lr-find.png"]);
+}
