@@ -209,6 +209,8 @@ pub struct EvalReport {
     pub images: u64,
     pub loss: f64,
     pub accuracy: f64,
+    /// The accuracy's 95 % Wilson score interval, [low, high].
+    pub accuracy_ci95: [f64; 2],
     /// F1 averaged over the classes present in the labels or the predictions.
     pub macro_f1: f64,
     pub classes: Vec<ClassScores>,
@@ -243,11 +245,13 @@ pub fn report_text(report: &EvalReport) -> String {
         .unwrap_or(5)
         .max(9);
     let mut out = format!(
-        "{} on {} ({} images): accuracy {:.2}%, loss {:.4}, macro F1 {:.4}\n\n",
+        "{} on {} ({} images): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n\n",
         report.checkpoint.display(),
         report.split,
         report.images,
         100.0 * report.accuracy,
+        100.0 * report.accuracy_ci95[0],
+        100.0 * report.accuracy_ci95[1],
         report.loss,
         report.macro_f1
     );
@@ -440,6 +444,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         images: eval.matrix.total(),
         loss: eval.loss,
         accuracy: eval.matrix.accuracy(),
+        accuracy_ci95: {
+            let (low, high) = eval.matrix.accuracy_interval();
+            [low, high]
+        },
         macro_f1,
         classes,
         confusion_matrix: eval.matrix,

@@ -27,6 +27,24 @@ pub struct ClassScores {
     pub f1: f64,
 }
 
+/// The 95 % Wilson score interval of a proportion of `successes` in `trials`; it stays
+/// within [0, 1] and is sound for small samples and proportions near 0 or 1, unlike the
+/// normal approximation. No trials say nothing: [0, 1].
+pub fn wilson_interval(successes: u64, trials: u64) -> (f64, f64) {
+    if trials == 0 {
+        return (0.0, 1.0);
+    }
+    // The standard normal's 97.5th percentile.
+    const Z: f64 = 1.959_963_984_540_054;
+    let n = trials as f64;
+    let p = successes as f64 / n;
+    let z2 = Z * Z;
+    let denominator = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denominator;
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denominator;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
 fn ratio(num: u64, den: u64) -> f64 {
     if den == 0 {
         0.0
@@ -65,6 +83,13 @@ impl ConfusionMatrix {
 
     pub fn accuracy(&self) -> f64 {
         ratio(self.correct(), self.total())
+    }
+
+    /// The 95 % Wilson score interval of the accuracy: where the accuracy on the whole
+    /// population of such images lies, given this sample of them. Two checkpoints whose
+    /// intervals overlap widely are not told apart by this split.
+    pub fn accuracy_interval(&self) -> (f64, f64) {
+        wilson_interval(self.correct(), self.total())
     }
 
     /// Recall of class `k`, i.e. its accuracy.
@@ -409,6 +434,8 @@ mod tests {
         cm.add(&[7], &[0]); // out of range: ignored
         assert_eq!(cm.total(), 7);
         assert!((cm.accuracy() - 5.0 / 7.0).abs() < 1e-12);
+        let (low, high) = cm.accuracy_interval();
+        assert!(low < 5.0 / 7.0 && 5.0 / 7.0 < high, "{low} {high}");
         let s = cm.scores();
         assert_eq!(s[0].support, 4);
         assert!((s[0].precision - 0.75).abs() < 1e-12 && (s[0].recall - 0.75).abs() < 1e-12);
@@ -536,5 +563,23 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["blocked", "metrics.csv"]);
+    }
+
+    /// Against the formula evaluated independently (Python, float64).
+    #[test]
+    fn wilson_intervals_match_the_formula_and_stay_in_range() {
+        for (successes, trials, low, high) in [
+            (283, 360, 0.740_848_632_249_569_9, 0.825_332_035_197_455_5),
+            (2700, 3000, 0.888_747_973_652_687_7, 0.910_228_947_367_051_6),
+            (0, 10, 0.0, 0.277_532_799_862_889_2),
+            (10, 10, 0.722_467_200_137_110_7, 1.0),
+        ] {
+            let (l, h) = wilson_interval(successes, trials);
+            assert!(
+                (l - low).abs() < 1e-12 && (h - high).abs() < 1e-12,
+                "{successes}/{trials}: {l} {h}"
+            );
+        }
+        assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
     }
 }

@@ -198,6 +198,22 @@ fn check_predictions(report: &std::path::Path, data: &std::path::Path, text: &st
     let right = rows.iter().filter(|r| r.correct).count();
     let accuracy = json["accuracy"].as_f64().unwrap();
     assert!((accuracy - right as f64 / rows.len() as f64).abs() < 1e-12);
+    // The report's interval is the one of its own counts, and the text says it.
+    let interval = json["accuracy_ci95"].as_array().unwrap();
+    let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+    assert_eq!(
+        (low, high),
+        vt_train::metrics::wilson_interval(right as u64, rows.len() as u64)
+    );
+    assert!(low <= accuracy && accuracy <= high);
+    assert!(
+        text.contains(&format!(
+            "(95% interval {:.2}-{:.2}%)",
+            100.0 * low,
+            100.0 * high
+        )),
+        "{text}"
+    );
 
     // The mistakes: the wrong rows of highest confidence, at most 10, most confident first.
     let mistakes = json["mistakes"].as_array().unwrap();
