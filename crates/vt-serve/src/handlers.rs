@@ -11,6 +11,7 @@
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /`: the demo page.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::admission::Admitted;
 use crate::batcher::{Arriving, ServedModel, Unanswered};
 use crate::classifier::{Label, Prediction};
 use crate::error::ApiError;
@@ -64,12 +66,23 @@ pub async fn predict(
     if top_k == 0 {
         return Err(ApiError::BadRequest("top_k must be at least 1".into()));
     }
-    tokio::time::timeout_at(
-        deadline.into(),
+    by_deadline(
+        &state,
+        deadline,
         answer(&state, request, arriving, deadline, started, top_k),
     )
     .await
-    .map_err(|_| state.limits.timed_out())?
+}
+
+/// `answer`, or 504 once `deadline` passes; its work stops with it.
+pub async fn by_deadline<T>(
+    state: &AppState,
+    deadline: Instant,
+    answer: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline.into(), answer)
+        .await
+        .map_err(|_| state.limits.timed_out())?
 }
 
 async fn answer(
@@ -81,24 +94,12 @@ async fn answer(
     top_k: usize,
 ) -> Result<Response, ApiError> {
     let inputs = input::read(state, request, deadline).await?;
-    // Held until the answer is written, whatever happens to the request meanwhile.
-    let _admitted = state.admission.try_admit(inputs.images.len())?;
     // One model for all the request's images, from preprocessing (at its image size) to
     // labels, even if a reload swaps in another meanwhile.
     let model = state.batcher.current();
-    // Each image holds the announcement until it is queued. The images are futures of this
-    // request, not tasks of their own, so that a request that times out or whose client
-    // goes away stops their work (and its announcement) with it.
-    let arriving = Arc::new(arriving);
-    let predictions = try_join_all(
-        inputs
-            .images
-            .into_iter()
-            .map(|image| classify(state, &model, image, Arc::clone(&arriving), deadline)),
-    );
-    drop(arriving);
+    let (_admitted, predictions) =
+        classify_all(state, &model, inputs.images, arriving, deadline).await?;
     let mut results: Vec<_> = predictions
-        .await?
         .into_iter()
         .map(|(filename, prediction)| PredictResponse {
             filename,
@@ -114,8 +115,31 @@ async fn answer(
     })
 }
 
+/// Admits a request's images and classifies them on `model`, in order. The admission is
+/// returned, to be held until the answer is written whatever happens to the request
+/// meanwhile. Each image holds the announcement until it is queued. The images are futures
+/// of this request, not tasks of their own, so that a request that times out or whose
+/// client goes away stops their work (and its announcement) with it.
+pub async fn classify_all(
+    state: &AppState,
+    model: &ServedModel,
+    images: Vec<ImageInput>,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<(Admitted, Vec<(Option<String>, Prediction)>), ApiError> {
+    let admitted = state.admission.try_admit(images.len())?;
+    let arriving = Arc::new(arriving);
+    let predictions = try_join_all(
+        images
+            .into_iter()
+            .map(|image| classify(state, model, image, Arc::clone(&arriving), deadline)),
+    );
+    drop(arriving);
+    Ok((admitted, predictions.await?))
+}
+
 /// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
-pub async fn classify(
+async fn classify(
     state: &AppState,
     model: &ServedModel,
     image: ImageInput,

@@ -18,7 +18,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -137,13 +136,8 @@ pub async fn predict(
             .into())
         }
     };
-    let answer = tokio::time::timeout_at(
-        deadline.into(),
-        answer(&state, model, request, arriving, deadline),
-    )
-    .await
-    .map_err(|_| state.limits.timed_out())?;
-    Ok(answer?)
+    let answer = answer(&state, model, request, arriving, deadline);
+    Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
 async fn answer(
@@ -190,19 +184,17 @@ async fn answer(
         .enumerate()
         .map(|(i, instance)| image_of(instance).map_err(|e| e.for_file(Some(&label(i)))))
         .collect::<Result<Vec<_>, _>>()?;
-    // Held until the answer is written, whatever happens to the request meanwhile.
-    let _admitted = state.admission.try_admit(images.len())?;
-    let arriving = Arc::new(arriving);
-    let predictions = try_join_all(images.into_iter().enumerate().map(|(i, bytes)| {
-        let image = ImageInput {
+    let images = images
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| ImageInput {
             filename: Some(label(i)),
             bytes,
-        };
-        handlers::classify(state, &model, image, Arc::clone(&arriving), deadline)
-    }));
-    drop(arriving);
-    let predictions: Vec<Classification> = predictions
-        .await?
+        })
+        .collect();
+    let (_admitted, predictions) =
+        handlers::classify_all(state, &model, images, arriving, deadline).await?;
+    let predictions = predictions
         .into_iter()
         .map(|(_, prediction)| classification_of(&prediction, &model.info.classes, &parameters))
         .collect();

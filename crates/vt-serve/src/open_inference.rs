@@ -21,7 +21,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -276,13 +275,8 @@ pub async fn infer(
     let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
     let model = resolve(&state, &path)?;
-    let answer = tokio::time::timeout_at(
-        deadline.into(),
-        answer(&state, model, request, arriving, deadline),
-    )
-    .await
-    .map_err(|_| state.limits.timed_out())?;
-    Ok(answer?)
+    let answer = answer(&state, model, request, arriving, deadline);
+    Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
 async fn answer(
@@ -312,18 +306,17 @@ async fn answer(
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
     let images = images_of(&request.inputs, &binary, state.admission.capacity())?;
     let outputs = requested_outputs(&request)?;
-    // Held until the answer is written, whatever happens to the request meanwhile.
-    let _admitted = state.admission.try_admit(images.len())?;
-    let arriving = Arc::new(arriving);
-    let predictions = try_join_all(images.into_iter().enumerate().map(|(i, bytes)| {
-        let image = ImageInput {
+    let images = images
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| ImageInput {
             filename: Some(format!("{INPUT}[{i}]")),
             bytes,
-        };
-        handlers::classify(state, &model, image, Arc::clone(&arriving), deadline)
-    }));
-    drop(arriving);
-    let predictions: Vec<Prediction> = predictions.await?.into_iter().map(|(_, p)| p).collect();
+        })
+        .collect();
+    let (_admitted, predictions) =
+        handlers::classify_all(state, &model, images, arriving, deadline).await?;
+    let predictions: Vec<Prediction> = predictions.into_iter().map(|(_, p)| p).collect();
     respond(&model.info, request.id, &outputs, &predictions)
 }
 
