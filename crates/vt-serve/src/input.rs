@@ -4,22 +4,18 @@
 //! `application/octet-stream`, SageMaker's `application/x-image`, curl's default
 //! `application/x-www-form-urlencoded`...): its format is read from the bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::multipart::MultipartError;
-use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, HeaderMap, StatusCode};
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
-use futures_util::StreamExt;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use crate::content_coding::{refuse_undecoded, ReceivedBytes};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -90,92 +86,6 @@ pub fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), A
         return Err(ApiError::PayloadTooLarge { limit });
     }
     Ok(())
-}
-
-/// Writes `Content-Encoding` as the router's decompression layer, which compares exactly,
-/// must read it: content codings are case-insensitive and `x-gzip` is gzip (RFC 9110). Two
-/// or more codings become one value that layer leaves alone, to be refused, rather than
-/// having it decode the first and drop the others.
-pub async fn normalize_content_encoding(mut request: Request, next: Next) -> Response {
-    let codings: Vec<String> = request
-        .headers()
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .map(|c| if c == "x-gzip" { "gzip".into() } else { c })
-        .collect();
-    if !codings.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&codings.join(", ")) {
-            request
-                .headers_mut()
-                .insert(header::CONTENT_ENCODING, value);
-        }
-    }
-    next.run(request).await
-}
-
-/// Whether an encoded body's received bytes went past the body limit: set by
-/// [`bound_encoded_body`], read where the body is read, whose error does not say why.
-#[derive(Clone, Default)]
-struct ReceivedBytes(Option<Arc<AtomicBool>>);
-
-impl ReceivedBytes {
-    fn of(request: &Request) -> ReceivedBytes {
-        request
-            .extensions()
-            .get::<ReceivedBytes>()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn over_limit(&self) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|over| over.load(Ordering::Relaxed))
-    }
-}
-
-/// Bounds an encoded body's bytes as received, before decoding, by the body limit, which
-/// otherwise counts the decoded bytes only: a compressed stream can take megabytes to
-/// decode to nothing.
-pub async fn bound_encoded_body(
-    State(limit): State<u64>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if !request.headers().contains_key(header::CONTENT_ENCODING) {
-        return next.run(request).await;
-    }
-    let (mut parts, body) = request.into_parts();
-    let over = Arc::new(AtomicBool::new(false));
-    let mut left = limit;
-    let flag = Arc::clone(&over);
-    let bounded = body.into_data_stream().map(move |chunk| {
-        let chunk = chunk?;
-        left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
-            flag.store(true, Ordering::Relaxed);
-            axum::Error::new(ApiError::PayloadTooLarge { limit })
-        })?;
-        Ok::<_, axum::Error>(chunk)
-    });
-    parts.extensions.insert(ReceivedBytes(Some(over)));
-    next.run(Request::from_parts(parts, Body::from_stream(bounded)))
-        .await
-}
-
-/// Refuses a body still encoded once the router's decompression layer has decoded the
-/// encodings it knows (gzip and deflate, removing their `Content-Encoding`).
-pub fn refuse_undecoded(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_ENCODING) {
-        Some(encoding) if encoding != "identity" => Err(ApiError::UnsupportedMediaType(format!(
-            "the request body's Content-Encoding {encoding:?} is not supported (supported: one of gzip, deflate)"
-        ))),
-        _ => Ok(()),
-    }
 }
 
 /// How many JSON values (objects, arrays and scalars, nested ones included) `body` holds,

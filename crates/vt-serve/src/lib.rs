@@ -1,7 +1,8 @@
 //! Serving VT-ResNet predictions: the offline `predict` command and the HTTP server.
 //!
 //! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
-//! assembles the routes of [`handlers`]; [`input`] reads the images of a request, which
+//! assembles the routes of [`handlers`]; [`content_coding`] bounds and refuses compressed
+//! bodies around the decompression layer; [`input`] reads the images of a request, which
 //! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
 //! [`admission`] control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
 //! Triton) over the same pipeline, and [`instances`] the `{"instances"}` JSON of KServe V1,
@@ -13,6 +14,7 @@ pub mod admission;
 pub mod args;
 pub mod batcher;
 pub mod classifier;
+pub mod content_coding;
 pub mod error;
 pub mod fetch;
 pub mod handlers;

@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::batcher::{Arriving, ServedModel};
 use crate::classifier::{ranked, Prediction};
+use crate::content_coding;
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
@@ -287,7 +288,7 @@ async fn answer(
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
-    input::refuse_undecoded(request.headers())?;
+    content_coding::refuse_undecoded(request.headers())?;
     input::refuse_declared_oversize(request.headers(), limit)?;
     let header_length = header_length(request.headers())?;
     let body = input::read_body(request, limit).await?;

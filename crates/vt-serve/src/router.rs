@@ -19,9 +19,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::access;
+use crate::content_coding;
 use crate::error::ApiError;
 use crate::handlers;
-use crate::input;
 use crate::instances;
 use crate::metrics;
 use crate::open_inference;
@@ -65,9 +65,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
         .layer(middleware::from_fn_with_state(
             state.limits.max_body_bytes,
-            input::bound_encoded_body,
+            content_coding::bound_encoded_body,
         ))
-        .layer(middleware::from_fn(input::normalize_content_encoding))
+        .layer(middleware::from_fn(
+            content_coding::normalize_content_encoding,
+        ))
         // Answers are compressed when the client accepts it (Prometheus, browsers,
         // tritonclient's response compression), unless marked [`SendUncompressed`].
         .layer(
