@@ -44,8 +44,6 @@ pub async fn read(
     deadline: Instant,
 ) -> Result<Inputs, ApiError> {
     let limit = state.limits.max_body_bytes;
-    refuse_undecoded(request.headers())?;
-    refuse_declared_oversize(request.headers(), limit)?;
     let mime = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -77,7 +75,7 @@ pub async fn read(
 }
 
 /// Refuses a body whose declared length is over `limit` before reading any of it.
-pub fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
+fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -170,7 +168,11 @@ impl<'de> Visitor<'de> for ValueCounter {
     }
 }
 
+/// The whole body, refused at once if it is in an encoding the server does not decode or
+/// declares more than `limit` bytes.
 pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
+    refuse_undecoded(request.headers())?;
+    refuse_declared_oversize(request.headers(), limit)?;
     let received = ReceivedBytes::of(&request);
     // The router's DefaultBodyLimit bounds what this buffers.
     Bytes::from_request(request, &())
@@ -188,8 +190,10 @@ pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> 
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, ApiError> {
-    let received = ReceivedBytes::of(&request);
     let limit = state.limits.max_body_bytes;
+    refuse_undecoded(request.headers())?;
+    refuse_declared_oversize(request.headers(), limit)?;
+    let received = ReceivedBytes::of(&request);
     let max_files = state.admission.capacity();
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|r| {
         ApiError::BadRequest(format!("invalid multipart request: {}", r.body_text()))

@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 
 use crate::batcher::{Arriving, ServedModel};
 use crate::classifier::{ranked, Prediction};
-use crate::content_coding;
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
@@ -149,8 +148,6 @@ async fn answer(
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
-    content_coding::refuse_undecoded(request.headers())?;
-    input::refuse_declared_oversize(request.headers(), limit)?;
     let body = input::read_body(request, limit).await?;
     let capacity = state.admission.capacity();
     input::refuse_too_many_json_values(&body, capacity)?;
