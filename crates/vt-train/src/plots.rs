@@ -154,16 +154,22 @@ fn draw_panel(
             .map_err(|e| err(&e))?;
     }
     if text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_legend(&mut chart).map_err(|e| err(&e))?;
     }
     Ok(())
+}
+
+/// The series' legend, in the upper right corner.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 /// `curves.png`: loss (train, validation) and accuracy (train, validation) per epoch.
@@ -412,14 +418,7 @@ pub fn draw_lr_find(path: &Path, report: &LrFindReport) -> Result<()> {
             }
         }
         if text {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| err(&e))?;
+            draw_legend(&mut chart).map_err(|e| err(&e))?;
         }
         Ok(())
     })
