@@ -6,9 +6,10 @@
 //! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
 //! `{"image": ...}` holding either of the first two. `"parameters"` may hold
 //! `maxPredictions` and `confidenceThreshold`, as Vertex AI's image classification takes
-//! them; TensorFlow Serving's `"signature_name"` may only be `serving_default`. Each prediction is in Vertex AI's classification shape, best first:
-//! `{"ids": ["3", ...], "displayNames": ["mountain", ...], "confidences": [0.91, ...]}`, ids
-//! being class indices. Errors are `{"error": MESSAGE}`.
+//! them; TensorFlow Serving's `"signature_name"` may only be `serving_default`. Each
+//! prediction is in Vertex AI's classification shape, best first: `{"ids": ["3", ...],
+//! "displayNames": ["mountain", ...], "confidences": [0.91, ...]}`, ids being class
+//! indices. Errors are `{"error": MESSAGE}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,13 +20,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::batcher::{Arriving, ServedModel};
 use crate::classifier::{ranked, Prediction};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
+use crate::open_inference;
 use crate::state::AppState;
 
 /// TensorFlow Serving's signature name, which its clients send; the model has only this one.
@@ -80,18 +82,6 @@ struct Classification {
     confidences: Vec<f32>,
 }
 
-/// The model new requests get, if `name` is its name.
-fn resolve(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
-    let model = state.batcher.current();
-    if name != model.info.name {
-        return Err(ApiError::UnknownModel(format!(
-            "unknown model `{name}`: this server serves `{}`",
-            model.info.name
-        )));
-    }
-    Ok(model)
-}
-
 /// `GET /v1/models/{model}`: `{"name", "ready"}`, 503 once shutdown began.
 pub async fn model_ready(
     State(state): State<Arc<AppState>>,
@@ -105,17 +95,8 @@ pub async fn model_ready(
         }
         .into());
     }
-    let model = resolve(&state, &name)?;
-    let ready = state.is_accepting();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok((
-        status,
-        Json(json!({ "name": model.info.name, "ready": ready })),
-    ))
+    let model = state.model_named(&name)?;
+    Ok(open_inference::model_readiness(&state, &model))
 }
 
 /// `POST /v1/models/{model}:predict`: the route's one segment is `NAME:predict`.
@@ -128,7 +109,7 @@ pub async fn predict(
     let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
     let model = match segment.rsplit_once(':') {
-        Some((name, "predict")) => resolve(&state, name)?,
+        Some((name, "predict")) => state.model_named(name)?,
         _ => {
             return Err(ApiError::NotFound(format!(
                 "POST /v1/models/{segment}: the verb is `:predict` (/v1/models/NAME:predict)"
@@ -180,16 +161,17 @@ async fn answer(
         .instances
         .iter()
         .enumerate()
-        .map(|(i, instance)| image_of(instance).map_err(|e| e.for_file(Some(&label(i)))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let images = images
-        .into_iter()
-        .enumerate()
-        .map(|(i, bytes)| ImageInput {
-            filename: Some(label(i)),
-            bytes,
+        .map(|(i, instance)| {
+            let filename = format!("instances[{i}]");
+            match image_of(instance) {
+                Ok(bytes) => Ok(ImageInput {
+                    filename: Some(filename),
+                    bytes,
+                }),
+                Err(e) => Err(e.for_file(Some(&filename))),
+            }
         })
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let (_admitted, predictions) =
         handlers::classify_all(state, &model, images, arriving, deadline).await?;
     let predictions = predictions
@@ -197,10 +179,6 @@ async fn answer(
         .map(|(_, prediction)| classification_of(&prediction, &model.info.classes, &parameters))
         .collect();
     Ok(Json(PredictResponse { predictions }).into_response())
-}
-
-fn label(index: usize) -> String {
-    format!("instances[{index}]")
 }
 
 /// The encoded image of one instance.

@@ -58,14 +58,8 @@ pub struct ModelPath {
 
 /// The model that new requests get, if the path names it (and its version, if it names one).
 fn resolve(state: &AppState, path: &ModelPath) -> Result<Arc<ServedModel>, ApiError> {
-    let model = state.batcher.current();
+    let model = state.model_named(&path.model)?;
     let info = &model.info;
-    if path.model != info.name {
-        return Err(ApiError::UnknownModel(format!(
-            "unknown model `{}`: this server serves `{}`",
-            path.model, info.name
-        )));
-    }
     match &path.version {
         Some(version) if *version != info.generation.to_string() => {
             Err(ApiError::UnknownModel(format!(
@@ -89,19 +83,8 @@ pub async fn server_live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
 
-/// 200 while the server takes requests, 503 once shutdown began.
-fn readiness(state: &AppState) -> (StatusCode, bool) {
-    let ready = state.is_accepting();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, ready)
-}
-
 pub async fn server_ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    let (status, ready) = readiness(&state);
+    let (status, ready) = state.readiness();
     (status, Json(json!({ "ready": ready })))
 }
 
@@ -110,11 +93,17 @@ pub async fn model_ready(
     Path(path): Path<ModelPath>,
 ) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
     let model = resolve(&state, &path)?;
-    let (status, ready) = readiness(&state);
-    Ok((
+    Ok(model_readiness(&state, &model))
+}
+
+/// `{"name", "ready"}` of `model`, with the readiness probes' status: the answer of both
+/// this protocol's and KServe V1's model readiness.
+pub fn model_readiness(state: &AppState, model: &ServedModel) -> (StatusCode, Json<Value>) {
+    let (status, ready) = state.readiness();
+    (
         status,
         Json(json!({ "name": model.info.name, "ready": ready })),
-    ))
+    )
 }
 
 pub async fn model_metadata(

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, StatusCode};
 use candle_core::{Device, DeviceLocation};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -265,6 +265,30 @@ impl AppState {
 
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server takes requests, and the status probes answer: 200, or 503 once
+    /// shutdown began.
+    pub fn readiness(&self) -> (StatusCode, bool) {
+        let ready = self.is_accepting();
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, ready)
+    }
+
+    /// The model new requests get, if `name` is its name.
+    pub fn model_named(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        let model = self.batcher.current();
+        if name != model.info.name {
+            return Err(ApiError::UnknownModel(format!(
+                "unknown model `{name}`: this server serves `{}`",
+                model.info.name
+            )));
+        }
+        Ok(model)
     }
 
     pub fn stop_accepting(&self) {
