@@ -1,6 +1,6 @@
 //! Evaluation: the validation pass of training and `vt-train eval` (accuracy, per-class
-//! precision/recall/F1, confusion matrix as text, JSON and PNG, per-image predictions as CSV
-//! and the most confident mistakes).
+//! precision/recall/F1, confusion matrix as text, JSON and PNG, calibration and its
+//! reliability diagram, per-image predictions as CSV and the most confident mistakes).
 
 use std::path::{Path, PathBuf};
 
@@ -10,11 +10,12 @@ use vt_data::dataset::Split;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
+use crate::calibration::{self, Calibration};
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::loss::{cross_entropy, predictions};
 use crate::metrics::{csv_cell, write_atomically, ClassScores, ConfusionMatrix};
-use crate::plots::draw_confusion;
+use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
 use crate::threads;
 
@@ -167,7 +168,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
     /// Report file (JSON, in an existing folder, not named .png or .csv); the confusion
-    /// matrix PNG and the per-image predictions CSV go beside it with .png and .csv
+    /// matrix and reliability diagram PNG and the per-image predictions CSV go beside it with .png and .csv
     /// extensions [default: eval-<checkpoint>-<split>.json beside the checkpoint folder]
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
@@ -215,6 +216,8 @@ pub struct EvalReport {
     pub macro_f1: f64,
     pub classes: Vec<ClassScores>,
     pub confusion_matrix: ConfusionMatrix,
+    /// How well the confidences match the accuracy (15 bins, as Guo et al.).
+    pub calibration: Calibration,
     pub skipped: Vec<SkippedFile>,
     /// The CSV of every image's probabilities.
     pub predictions: PathBuf,
@@ -265,6 +268,14 @@ pub fn report_text(report: &EvalReport) -> String {
             c.class, c.precision, c.recall, c.f1, c.support
         );
     }
+    let calibration = &report.calibration;
+    out += &format!(
+        "\ncalibration: expected error {:.2}% over {} confidence bins, mean confidence {} accuracy by {:.2} points\n",
+        100.0 * calibration.ece,
+        calibration.bins.len(),
+        if calibration.overconfidence() >= 0.0 { "above" } else { "below" },
+        100.0 * calibration.overconfidence().abs()
+    );
     out += "\nconfusion matrix (rows: true class, columns: prediction)\n";
     out += &report.confusion_matrix.to_text();
     let matrix = &report.confusion_matrix;
@@ -328,13 +339,13 @@ fn predictions_csv(
 /// Where `vt-train eval` writes.
 struct OutputPaths {
     report: PathBuf,
-    /// The confusion matrix, beside the report.
+    /// The confusion matrix and the reliability diagram, beside the report.
     png: PathBuf,
     /// The per-image predictions, beside the report.
     csv: PathBuf,
 }
 
-/// The report's path and those of the confusion matrix PNG and the predictions CSV beside
+/// The report's path and those of the plots' PNG and the predictions CSV beside
 /// it. A given --out is refused before any work when another file would replace the report,
 /// its folder is missing or is the checkpoint folder (whose next save would refuse a folder
 /// holding other files; the default's folder holds the checkpoint folder).
@@ -359,7 +370,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     }
     let out = &paths.report;
     for (beside, what, extension) in [
-        (&paths.png, "the confusion matrix is", "png"),
+        (&paths.png, "the plots are", "png"),
         (&paths.csv, "the per-image predictions are", "csv"),
     ] {
         // Compared without case: on a case-insensitive file system R.PNG is r.png.
@@ -450,6 +461,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         },
         macro_f1,
         classes,
+        calibration: Calibration::of(&eval.predictions, calibration::BINS),
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
         predictions: paths.csv.clone(),
@@ -468,7 +480,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.checkpoint.display(),
         100.0 * report.accuracy
     );
-    draw_confusion(&paths.png, &report.confusion_matrix, &title)?;
+    draw_evaluation(
+        &paths.png,
+        &report.confusion_matrix,
+        &report.calibration,
+        &title,
+    )?;
     eprintln!(
         "wrote {}, {} and {}",
         paths.report.display(),

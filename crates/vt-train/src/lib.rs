@@ -3,11 +3,12 @@
 //!
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
-//! - [`eval`], [`metrics`], [`plots`], [`progress`]: measuring and reporting;
+//! - [`eval`], [`metrics`], [`calibration`], [`plots`], [`progress`]: measuring and reporting;
 //! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader;
 //! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
 //!   learning-rate range test) share.
 
+pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,4 +1,5 @@
-//! PNG plots of a run: the loss and accuracy curves and a confusion matrix; and the loss
+//! PNG plots of a run: the loss and accuracy curves and a confusion matrix (with, for
+//! `vt-train eval`, the reliability diagram of its confidences); and the loss
 //! against the learning rate of `vt-train lr-find`. Text needs a
 //! TrueType font registered at runtime (plotters' ab_glyph backend bundles none): `VT_FONT`
 //! or a common system font. Without one the plots are drawn without text and a warning is
@@ -11,6 +12,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
+use crate::calibration::Calibration;
 use crate::error::{Result, TrainError};
 use crate::lr_find::LrFindReport;
 use crate::metrics::{replace_through_temporary, ConfusionMatrix, EpochRecord};
@@ -154,18 +156,19 @@ fn draw_panel(
             .map_err(|e| err(&e))?;
     }
     if text {
-        draw_legend(&mut chart).map_err(|e| err(&e))?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight).map_err(|e| err(&e))?;
     }
     Ok(())
 }
 
-/// The series' legend, in the upper right corner.
+/// The series' legend, in a corner.
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
+    corner: SeriesLabelPosition,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .label_font((FONT, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -207,81 +210,184 @@ pub fn draw_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     })
 }
 
+/// The confusion matrix's cell size and margins, in pixels.
+const CELL: i32 = 70;
+const MATRIX_LEFT: i32 = 120;
+const MATRIX_TOP: i32 = 70;
+
+fn confusion_size(matrix: &ConfusionMatrix) -> (u32, u32) {
+    let side = CELL * matrix.classes.len().max(1) as i32;
+    (
+        (MATRIX_LEFT + side + 20) as u32,
+        (MATRIX_TOP + side + 20) as u32,
+    )
+}
+
 /// `confusion.png`: rows are true classes, columns predictions; shade = row fraction.
 pub fn draw_confusion(path: &Path, matrix: &ConfusionMatrix, title: &str) -> Result<()> {
-    let k = matrix.classes.len().max(1);
-    let cell = 70i32;
-    let (left, top) = (120i32, 70i32);
-    let side = cell * k as i32;
-    let size = ((left + side + 20) as u32, (top + side + 20) as u32);
-    draw_atomically(path, size, |root, text| {
-        let err = |e: &dyn std::fmt::Display| plot_error(path, e);
-        for (t, row) in matrix.counts.iter().enumerate() {
-            let total: u64 = row.iter().sum();
-            for (p, &count) in row.iter().enumerate() {
-                let frac = if total == 0 {
-                    0.0
-                } else {
-                    count as f64 / total as f64
-                };
-                let shade = |full: f64| (255.0 - (255.0 - full) * frac) as u8;
-                let color = RGBColor(shade(8.0), shade(48.0), shade(107.0));
-                let (x, y) = (left + p as i32 * cell, top + t as i32 * cell);
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + cell, y + cell)],
-                    color.filled(),
-                ))
-                .map_err(|e| err(&e))?;
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + cell, y + cell)],
-                    BLACK.mix(0.2),
-                ))
-                .map_err(|e| err(&e))?;
-                if text {
-                    let ink = if frac > 0.5 { WHITE } else { BLACK };
-                    let style = TextStyle::from((FONT, 16).into_font()).color(&ink);
-                    root.draw(&Text::new(
-                        count.to_string(),
-                        (x + 8, y + cell / 2 - 8),
-                        style,
-                    ))
-                    .map_err(|e| err(&e))?;
-                }
-            }
-        }
-        if text {
-            let style = TextStyle::from((FONT, 13).into_font()).color(&BLACK);
-            root.draw(&Text::new(
-                title.to_string(),
-                (10, 8),
-                TextStyle::from((FONT, 18).into_font()),
+    draw_atomically(path, confusion_size(matrix), |root, text| {
+        confusion_panel(root, path, matrix, title, text)
+    })
+}
+
+/// `vt-train eval`'s plot: the confusion matrix, and beside it the reliability diagram.
+pub fn draw_evaluation(
+    path: &Path,
+    matrix: &ConfusionMatrix,
+    calibration: &Calibration,
+    title: &str,
+) -> Result<()> {
+    let (width, height) = confusion_size(matrix);
+    let side = height.max(420);
+    draw_atomically(path, (width + side, side), |root, text| {
+        let (left, right) = root.split_horizontally(width);
+        confusion_panel(&left, path, matrix, title, text)?;
+        reliability_panel(&right, path, calibration, text)
+    })
+}
+
+fn confusion_panel(
+    root: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    path: &Path,
+    matrix: &ConfusionMatrix,
+    title: &str,
+    text: bool,
+) -> Result<()> {
+    let (cell, left, top) = (CELL, MATRIX_LEFT, MATRIX_TOP);
+    let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+    for (t, row) in matrix.counts.iter().enumerate() {
+        let total: u64 = row.iter().sum();
+        for (p, &count) in row.iter().enumerate() {
+            let frac = if total == 0 {
+                0.0
+            } else {
+                count as f64 / total as f64
+            };
+            let shade = |full: f64| (255.0 - (255.0 - full) * frac) as u8;
+            let color = RGBColor(shade(8.0), shade(48.0), shade(107.0));
+            let (x, y) = (left + p as i32 * cell, top + t as i32 * cell);
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                color.filled(),
             ))
             .map_err(|e| err(&e))?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                BLACK.mix(0.2),
+            ))
+            .map_err(|e| err(&e))?;
+            if text {
+                let ink = if frac > 0.5 { WHITE } else { BLACK };
+                let style = TextStyle::from((FONT, 16).into_font()).color(&ink);
+                root.draw(&Text::new(
+                    count.to_string(),
+                    (x + 8, y + cell / 2 - 8),
+                    style,
+                ))
+                .map_err(|e| err(&e))?;
+            }
+        }
+    }
+    if text {
+        let style = TextStyle::from((FONT, 13).into_font()).color(&BLACK);
+        root.draw(&Text::new(
+            title.to_string(),
+            (10, 8),
+            TextStyle::from((FONT, 18).into_font()),
+        ))
+        .map_err(|e| err(&e))?;
+        root.draw(&Text::new(
+            "true \\ predicted",
+            (10, top - 22),
+            style.clone(),
+        ))
+        .map_err(|e| err(&e))?;
+        for (i, name) in matrix.classes.iter().enumerate() {
+            let short: String = name.chars().take(10).collect();
+            let offset = i as i32 * cell;
             root.draw(&Text::new(
-                "true \\ predicted",
-                (10, top - 22),
+                short.clone(),
+                (8, top + offset + cell / 2 - 7),
                 style.clone(),
             ))
             .map_err(|e| err(&e))?;
-            for (i, name) in matrix.classes.iter().enumerate() {
-                let short: String = name.chars().take(10).collect();
-                let offset = i as i32 * cell;
-                root.draw(&Text::new(
-                    short.clone(),
-                    (8, top + offset + cell / 2 - 7),
-                    style.clone(),
-                ))
-                .map_err(|e| err(&e))?;
-                root.draw(&Text::new(
-                    short,
-                    (left + offset + 4, top - 40),
-                    style.clone(),
-                ))
-                .map_err(|e| err(&e))?;
-            }
+            root.draw(&Text::new(
+                short,
+                (left + offset + 4, top - 40),
+                style.clone(),
+            ))
+            .map_err(|e| err(&e))?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
+}
+
+/// The reliability diagram: per confidence bin, the accuracy as a bar and the mean
+/// confidence as a line across it; a calibrated model's bars end on their lines, and on the
+/// diagonal.
+fn reliability_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    path: &Path,
+    calibration: &Calibration,
+    text: bool,
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(16);
+    if text {
+        builder
+            .caption(
+                format!("reliability: ECE {:.2}%", 100.0 * calibration.ece),
+                (FONT, 18),
+            )
+            .x_label_area_size(36)
+            .y_label_area_size(46);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(|e| err(&e))?;
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_mesh();
+    if text {
+        mesh.x_desc("confidence")
+            .y_desc("accuracy")
+            .label_style((FONT, 13));
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|e| err(&e))?;
+    let filled = || calibration.bins.iter().filter(|b| b.images > 0);
+    let bar = RGBColor(8, 48, 107).mix(0.8);
+    let bars = chart
+        .draw_series(
+            filled().map(|b| Rectangle::new([(b.low, 0.0), (b.high, b.accuracy)], bar.filled())),
+        )
+        .map_err(|e| err(&e))?;
+    if text {
+        bars.label("accuracy")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], bar.filled()));
+    }
+    let confidence = chart
+        .draw_series(filled().map(|b| {
+            PathElement::new(
+                [(b.low, b.confidence), (b.high, b.confidence)],
+                RED.stroke_width(3),
+            )
+        }))
+        .map_err(|e| err(&e))?;
+    if text {
+        confidence
+            .label("mean confidence")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(3)));
+    }
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.6)))
+        .map_err(|e| err(&e))?;
+    if text {
+        // Above the diagonal, where only an underconfident model's bars reach.
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(|e| err(&e))?;
+    }
+    Ok(())
 }
 
 /// The part of the segment from `a` to `b` (x on a log scale) between the heights `low` and
@@ -418,7 +524,7 @@ pub fn draw_lr_find(path: &Path, report: &LrFindReport) -> Result<()> {
             }
         }
         if text {
-            draw_legend(&mut chart).map_err(|e| err(&e))?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight).map_err(|e| err(&e))?;
         }
         Ok(())
     })

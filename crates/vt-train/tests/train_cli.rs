@@ -215,6 +215,44 @@ fn check_predictions(report: &std::path::Path, data: &std::path::Path, text: &st
         "{text}"
     );
 
+    // Calibration: 15 bins holding every row once by its confidence, their accuracies
+    // counting the right rows, the expected error their weighted gaps.
+    let calibration = &json["calibration"];
+    let bins = calibration["bins"].as_array().unwrap();
+    assert_eq!(bins.len(), 15);
+    let (mut counted, mut right_in_bins, mut ece) = (0, 0.0, 0.0);
+    for (m, bin) in bins.iter().enumerate() {
+        let field = |name: &str| bin[name].as_f64().unwrap();
+        let images = bin["images"].as_u64().unwrap() as usize;
+        let (low, high) = (field("low"), field("high"));
+        assert!(
+            (low - m as f64 / 15.0).abs() < 1e-12 && (high - (m + 1) as f64 / 15.0).abs() < 1e-12
+        );
+        let in_bin: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.confidence > low + 1e-5 && r.confidence <= high - 1e-5)
+            .collect();
+        // Rounded to 6 digits, a confidence near an edge may be read into the next bin.
+        assert!(in_bin.len() <= images, "bin {m}: {bin}");
+        if images > 0 {
+            assert!(low - 1e-6 <= field("confidence") && field("confidence") <= high + 1e-6);
+        }
+        counted += images;
+        right_in_bins += field("accuracy") * images as f64;
+        ece += (field("accuracy") - field("confidence")).abs() * images as f64 / rows.len() as f64;
+    }
+    assert_eq!(counted, rows.len());
+    assert!((right_in_bins - right as f64).abs() < 1e-6);
+    let reported = calibration["ece"].as_f64().unwrap();
+    assert!((reported - ece).abs() < 1e-9, "{reported} {ece}");
+    assert!(
+        text.contains(&format!(
+            "calibration: expected error {:.2}%",
+            100.0 * reported
+        )),
+        "{text}"
+    );
+
     // The mistakes: the wrong rows of highest confidence, at most 10, most confident first.
     let mistakes = json["mistakes"].as_array().unwrap();
     let wrong = rows.len() - right;
