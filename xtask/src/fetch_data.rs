@@ -136,6 +136,28 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
             "note: the source has no seg_test images, so the test split is empty"
         )?;
     }
+    if !m.duplicates.is_empty() {
+        let conflicting = m.duplicates.iter().filter(|d| d.conflicting_labels).count();
+        let leaking = m.duplicates.iter().filter(|d| d.leaks_into_test()).count();
+        writeln!(
+            out,
+            "duplicates: {} image(s) filed more than once (identical bytes), {conflicting} of \
+             them under different classes, {leaking} in the test split and in train or val; \
+             copies in train stay out of val:",
+            m.duplicates.len()
+        )?;
+        for d in m.duplicates.iter().take(20) {
+            let note = if d.conflicting_labels {
+                " (different classes)"
+            } else {
+                ""
+            };
+            writeln!(out, "  {}{note}", d.files.join(" = "))?;
+        }
+        if m.duplicates.len() > 20 {
+            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
+        }
+    }
     if !m.skipped.is_empty() {
         writeln!(out, "skipped {} file(s):", m.skipped.len())?;
         for s in m.skipped.iter().take(20) {
@@ -209,6 +231,7 @@ mod tests {
             val_fraction: 0.1,
             seed: 0,
             origin: "synthetic:seed=0".into(),
+            duplicates: Vec::new(),
         };
         let dir = Path::new("data/intel");
         let mut pipe = Closing {

@@ -40,6 +40,25 @@ pub struct SplitCounts {
     pub pred: usize,
 }
 
+/// Files of the import with identical bytes: one photo filed more than once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DuplicateGroup {
+    /// Paths relative to the data directory (`train/street/2764.jpg`), sorted.
+    pub files: Vec<String>,
+    /// Whether the copies are filed under different classes, so that at most one of their
+    /// labels is right.
+    pub conflicting_labels: bool,
+}
+
+impl DuplicateGroup {
+    /// Whether a copy is in the test split and another in train or val: the test accuracy
+    /// then counts images the model was trained or selected on.
+    pub fn leaks_into_test(&self) -> bool {
+        let in_test = |f: &String| f.starts_with("test/");
+        self.files.iter().any(in_test) && !self.files.iter().all(in_test)
+    }
+}
+
 /// `manifest.json`: what was imported from where.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -54,6 +73,9 @@ pub struct Manifest {
     /// Where the data came from (repository and revision, URL or path), for humans.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub origin: String,
+    /// The labelled images (train, val, test) found more than once, by their bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<DuplicateGroup>,
 }
 
 impl Manifest {

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
-use crate::dataset::{Manifest, SkippedEntry, Split, SplitCounts, MANIFEST_FILE, PRED_DIR};
+use crate::dataset::{
+    DuplicateGroup, Manifest, SkippedEntry, Split, SplitCounts, MANIFEST_FILE, PRED_DIR,
+};
 use crate::decode;
 use crate::error::{DataError, Result};
 use crate::layout::Role;
@@ -47,9 +50,23 @@ pub struct Importer {
     train: BTreeMap<String, Vec<String>>,
     test: BTreeMap<String, usize>,
     pred: usize,
+    /// Where each labelled image was filed, by the SHA-256 of its bytes.
+    filed: BTreeMap<[u8; 32], Vec<Filed>>,
     skipped: Vec<SkippedEntry>,
     finished: bool,
 }
+
+/// A labelled image as filed before the train/val split: its source split and class, and
+/// its file name there.
+#[derive(Debug, Clone)]
+struct Filed {
+    role: Role,
+    name: String,
+}
+
+/// Where the train/val split puts each class's `seg_train` images: (train, val) file names,
+/// each sorted.
+type Assignment = BTreeMap<String, (Vec<String>, Vec<String>)>;
 
 impl Importer {
     /// Replaces the description of where the data comes from, once the source knows it
@@ -92,6 +109,7 @@ impl Importer {
             train: BTreeMap::new(),
             test: BTreeMap::new(),
             pred: 0,
+            filed: BTreeMap::new(),
             skipped: Vec::new(),
             finished: false,
         })
@@ -143,7 +161,8 @@ impl Importer {
             planned.push((image, target));
         }
         let staging = &self.staging;
-        let outcomes: Vec<Result<std::result::Result<PathBuf, String>>> = planned
+        type Outcome = std::result::Result<(PathBuf, [u8; 32]), String>;
+        let outcomes: Vec<Result<Outcome>> = planned
             .par_iter()
             .map(|(image, target)| {
                 let rel = match target {
@@ -159,17 +178,23 @@ impl Importer {
                 }
                 // Original bytes are kept: re-encoding would change the pixels.
                 fs::write(&path, &image.bytes).map_err(|e| DataError::io(&path, e))?;
-                Ok(Ok(rel.clone()))
+                Ok(Ok((rel.clone(), Sha256::digest(&image.bytes).into())))
             })
             .collect();
         for ((image, _), outcome) in planned.into_iter().zip(outcomes) {
             match outcome? {
                 Err(reason) => self.record_skip(image.source_path, reason),
-                Ok(rel) => {
+                Ok((rel, digest)) => {
                     let file_name = rel
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
+                    if image.role != Role::Pred {
+                        self.filed.entry(digest).or_default().push(Filed {
+                            role: image.role.clone(),
+                            name: file_name.clone(),
+                        });
+                    }
                     match image.role {
                         Role::Train(class) => self.train.entry(class).or_default().push(file_name),
                         Role::Test(class) => *self.test.entry(class).or_default() += 1,
@@ -246,15 +271,26 @@ impl Importer {
                 classes.push(class.clone());
             }
         }
+        let mut assignment: Assignment = classes
+            .iter()
+            .map(|class| {
+                let names = self.train.remove(class).unwrap_or_default();
+                let split = split::split_class(class, names, self.val_fraction, self.seed);
+                (class.clone(), split)
+            })
+            .collect();
+        let groups: Vec<&Vec<Filed>> = self.filed.values().filter(|g| g.len() > 1).collect();
+        for group in &groups {
+            keep_copies_in_train(group, &mut assignment);
+        }
         let mut counts = SplitCounts::default();
         for class in &classes {
             for split in Split::ALL {
                 let dir = self.staging.join(split.dir_name()).join(class);
                 fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
             }
-            let names = self.train.remove(class).unwrap_or_default();
-            let (train, val) = split::split_class(class, names, self.val_fraction, self.seed);
-            for name in &val {
+            let (train, val) = &assignment[class];
+            for name in val {
                 let from = self.staging.join("train").join(class).join(name);
                 let to = self.staging.join("val").join(class).join(name);
                 fs::rename(&from, &to).map_err(|e| DataError::io(&from, e))?;
@@ -268,6 +304,11 @@ impl Importer {
         counts.pred = self.pred;
         let pred_dir = self.staging.join(PRED_DIR);
         fs::create_dir_all(&pred_dir).map_err(|e| DataError::io(&pred_dir, e))?;
+        let mut duplicates: Vec<DuplicateGroup> = groups
+            .iter()
+            .map(|group| duplicate_group(group, &assignment))
+            .collect();
+        duplicates.sort_by(|a, b| a.files.cmp(&b.files));
         let manifest = Manifest {
             source: self.source.clone(),
             classes,
@@ -276,12 +317,65 @@ impl Importer {
             val_fraction: self.val_fraction,
             seed: self.seed,
             origin: self.origin.clone(),
+            duplicates,
         };
         // Written last inside staging: its presence marks a complete import.
         manifest.write(&self.staging)?;
         swap_into_place(&self.staging, &self.data_dir)?;
         self.finished = true;
         Ok(manifest)
+    }
+}
+
+/// Whether `name` of `class`'s `seg_train` images went to validation.
+fn in_val(assignment: &Assignment, class: &str, name: &str) -> bool {
+    assignment
+        .get(class)
+        .is_some_and(|(_, val)| val.binary_search_by(|n| n.as_str().cmp(name)).is_ok())
+}
+
+/// Moves the validation copies of an image that also has a copy in training back to
+/// training: validation must not score images the model was trained on.
+fn keep_copies_in_train(group: &[Filed], assignment: &mut Assignment) {
+    let from_train = || {
+        group.iter().filter_map(|f| match &f.role {
+            Role::Train(class) => Some((class.as_str(), f.name.as_str())),
+            _ => None,
+        })
+    };
+    let (in_val, in_train): (Vec<_>, Vec<_>) =
+        from_train().partition(|(class, name)| in_val(assignment, class, name));
+    if in_val.is_empty() || in_train.is_empty() {
+        return;
+    }
+    for (class, name) in in_val {
+        if let Some((train, val)) = assignment.get_mut(class) {
+            val.retain(|n| n != name);
+            train.push(name.to_string());
+            train.sort();
+        }
+    }
+}
+
+/// A group of identical images as the manifest lists it, by their final paths.
+fn duplicate_group(group: &[Filed], assignment: &Assignment) -> DuplicateGroup {
+    let mut files: Vec<String> = group
+        .iter()
+        .filter_map(|f| {
+            let (split, class) = match &f.role {
+                Role::Test(class) => (Split::Test, class),
+                Role::Train(class) if in_val(assignment, class, &f.name) => (Split::Val, class),
+                Role::Train(class) => (Split::Train, class),
+                Role::Pred => return None,
+            };
+            Some(format!("{split}/{class}/{}", f.name))
+        })
+        .collect();
+    files.sort();
+    let classes: HashSet<&str> = group.iter().filter_map(|f| f.role.class()).collect();
+    DuplicateGroup {
+        files,
+        conflicting_labels: classes.len() > 1,
     }
 }
 

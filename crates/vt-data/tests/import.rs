@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use image::{GrayImage, ImageFormat, Luma};
-use vt_data::dataset::{ImageFolder, Manifest, Split};
+use vt_data::dataset::{DuplicateGroup, ImageFolder, Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::import::Importer;
 use vt_data::source::parquet::{import_parquet, ParquetSplit};
@@ -175,13 +175,17 @@ fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
     // The lock file stays on purpose (see `Importer::new`); staging and old copies go.
     assert_eq!(names(tmp.path()), [".data.lock", "data", "src"]);
 
-    // A different seed moves validation images but keeps the total.
+    // A different seed moves validation images but keeps the total. (The count of
+    // validation images may change too: buildings and forest share ten photos, whose
+    // validation copies stay in training when another copy is drawn for it.)
     let mut opts = from_path(&data, &src);
     opts.seed = 1234;
     let third = fetch(&opts).unwrap();
     assert_eq!(third.seed, 1234);
     assert_eq!(tree(&data).len(), files.len());
-    assert_eq!(third.count(Split::Val), first.count(Split::Val));
+    let labelled = |m: &Manifest| m.count(Split::Train) + m.count(Split::Val);
+    assert_eq!(labelled(&third), labelled(&first));
+    assert_eq!(third.duplicates.len(), first.duplicates.len());
 }
 
 #[test]
@@ -378,6 +382,86 @@ fn three_forest_photos(src: &std::path::Path) {
 }
 
 #[test]
+fn identical_images_are_listed_and_never_split_between_train_and_val() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    // forest: one photo under 8 names beside 12 others, so that the seeded split would put
+    // some of its copies in validation; a copy of it under sea; a test photo that is also a
+    // training photo of sea; two identical test photos.
+    let (copied, leaked, twice) = (jpeg(100), jpeg(101), jpeg(102));
+    for i in 0..8 {
+        write(&src.join(format!("seg_train/forest/copy{i}.jpg")), &copied);
+    }
+    for i in 0..12 {
+        write(&src.join(format!("seg_train/forest/{i}.jpg")), &jpeg(i));
+        write(&src.join(format!("seg_train/sea/{i}.jpg")), &jpeg(20 + i));
+    }
+    write(&src.join("seg_train/sea/copy.jpg"), &copied);
+    write(&src.join("seg_train/sea/leaked.jpg"), &leaked);
+    write(&src.join("seg_test/sea/leaked.jpg"), &leaked);
+    write(&src.join("seg_test/forest/a.jpg"), &twice);
+    write(&src.join("seg_test/forest/b.jpg"), &twice);
+    let data = tmp.path().join("data");
+    let mut opts = from_path(&data, &src);
+    opts.val_fraction = 0.5;
+    let m = fetch(&opts).unwrap();
+
+    // Every copy stays in training, whatever the seeded split drew; the other photos split
+    // as before: half of forest's 12 and of sea's 14 (less its copies) go to validation.
+    assert_eq!(
+        names(&data.join("val/forest")).len() + names(&data.join("train/forest")).len(),
+        20
+    );
+    let val_forest = names(&data.join("val/forest"));
+    assert!(
+        val_forest.iter().all(|n| !n.starts_with("copy")),
+        "{val_forest:?}"
+    );
+    assert!(names(&data.join("train/sea")).contains(&"copy.jpg".to_string()));
+    assert_eq!(m.splits.val["forest"], val_forest.len());
+    assert_eq!(m.splits.train["forest"], 20 - val_forest.len());
+    assert!(!val_forest.is_empty());
+
+    let mut copies: Vec<String> = (0..8)
+        .map(|i| format!("train/forest/copy{i}.jpg"))
+        .collect();
+    copies.push("train/sea/copy.jpg".into());
+    // The leaked sea photo may be in train or val: it has no other copy in those.
+    let leaked_split = if names(&data.join("val/sea")).contains(&"leaked.jpg".to_string()) {
+        "val"
+    } else {
+        "train"
+    };
+    let expected = [
+        DuplicateGroup {
+            files: vec!["test/forest/a.jpg".into(), "test/forest/b.jpg".into()],
+            conflicting_labels: false,
+        },
+        DuplicateGroup {
+            files: vec![
+                "test/sea/leaked.jpg".into(),
+                format!("{leaked_split}/sea/leaked.jpg"),
+            ],
+            conflicting_labels: false,
+        },
+        DuplicateGroup {
+            files: copies,
+            conflicting_labels: true,
+        },
+    ];
+    assert_eq!(m.duplicates, expected);
+    assert_eq!(
+        m.duplicates
+            .iter()
+            .map(DuplicateGroup::leaks_into_test)
+            .collect::<Vec<_>>(),
+        [false, true, false]
+    );
+    // The manifest on disk says the same.
+    assert_eq!(Manifest::read(&data).unwrap().duplicates, expected);
+}
+
+#[test]
 fn a_test_class_without_training_images_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
@@ -533,6 +617,18 @@ fn the_real_intel_sample_imports() {
     }
     assert_eq!(m.splits.pred, 100);
     assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    // The sample's one photo filed twice, as buildings and as street (the full set has a few
+    // such, see its README).
+    assert_eq!(
+        m.duplicates,
+        [DuplicateGroup {
+            files: vec![
+                "train/buildings/5069.jpg".into(),
+                "train/street/2764.jpg".into()
+            ],
+            conflicting_labels: true,
+        }]
+    );
     assert!(data.join("pred/7606.png").is_file());
     assert_eq!(ImageFolder::open(&data, Split::Test).unwrap().len(), 0);
 }
