@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Largest request body (and fetched URL) in bytes; larger ones get 413.
     #[arg(long, env = "VT_SERVE_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,
+    /// Most bytes of request bodies (decoded) held at once, all requests together; a body
+    /// that does not fit gets 503 with Retry-After. At least --max-body-bytes.
+    #[arg(long, env = "VT_SERVE_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_inflight_body_bytes: u64,
     /// Largest image in pixels (width x height), checked from the header before decoding;
     /// larger ones get 413.
     #[arg(long, env = "VT_SERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
@@ -118,10 +122,31 @@ fn parse_model_name(name: &str) -> Result<String, String> {
     }
 }
 
+/// Options that each parse but do not go together.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error(
+        "--max-inflight-body-bytes ({inflight}) is less than --max-body-bytes ({body}): a body \
+         of the largest allowed size could never be read; raise the first or lower the second"
+    )]
+    BodyBudgetBelowBodyLimit { inflight: u64, body: u64 },
+}
+
 impl ServeArgs {
     pub fn threads(&self) -> usize {
         self.threads
             .map_or_else(vt_model::threads::default_compute_threads, |n| n as usize)
+    }
+
+    /// Checks what clap checks of no single option.
+    pub fn validate(&self) -> Result<(), ArgsError> {
+        if self.max_inflight_body_bytes < self.max_body_bytes {
+            return Err(ArgsError::BodyBudgetBelowBodyLimit {
+                inflight: self.max_inflight_body_bytes,
+                body: self.max_body_bytes,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +192,37 @@ mod tests {
             let error = parse(bad).unwrap_err().to_string();
             assert!(error.contains("part of URLs"), "{bad:?}: {error}");
         }
+    }
+
+    #[test]
+    fn the_body_budget_holds_at_least_one_body_of_the_largest_size() {
+        let parse = |extra: &[&str]| {
+            let line = ["vt-serve", "--checkpoint", "c"].iter().chain(extra);
+            Cli::try_parse_from(line).unwrap().args
+        };
+        let defaults = parse(&[]);
+        assert_eq!(defaults.max_inflight_body_bytes, 256 << 20);
+        assert!(defaults.validate().is_ok());
+        let equal = [
+            "--max-body-bytes",
+            "1000",
+            "--max-inflight-body-bytes",
+            "1000",
+        ];
+        assert!(parse(&equal).validate().is_ok());
+        let error = parse(&[
+            "--max-body-bytes",
+            "1001",
+            "--max-inflight-body-bytes",
+            "1000",
+        ])
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("--max-inflight-body-bytes (1000) is less than --max-body-bytes (1001)"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub enum ApiError {
     UrlFetchFailed(String),
     #[error("the request queue is full; retry shortly")]
     Overloaded,
+    #[error(
+        "the server holds its --max-inflight-body-bytes ({budget} bytes) of request bodies; \
+         retry shortly"
+    )]
+    BodyBudgetSpent { budget: u64 },
     #[error("the server is not ready: {0}")]
     NotReady(String),
     #[error("the request was not answered within {timeout_ms} ms")]
@@ -60,7 +65,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::UrlFetchFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Overloaded | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded | ApiError::BodyBudgetSpent { .. } | ApiError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound(_) | ApiError::UnknownModel(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -78,7 +85,8 @@ impl ApiError {
             ApiError::ImageTooLarge(_) => "image_too_large",
             ApiError::UrlFetchRefused(_) => "url_fetch_refused",
             ApiError::UrlFetchFailed(_) => "url_fetch_failed",
-            ApiError::Overloaded => "overloaded",
+            // Both are a busy server that the client should retry.
+            ApiError::Overloaded | ApiError::BodyBudgetSpent { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout { .. } => "timeout",
             ApiError::NotFound(_) => "not_found",
@@ -138,7 +146,10 @@ impl ApiError {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, ApiError::Overloaded | ApiError::NotReady(_)) {
+        if matches!(
+            self,
+            ApiError::Overloaded | ApiError::BodyBudgetSpent { .. } | ApiError::NotReady(_)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

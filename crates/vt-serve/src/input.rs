@@ -15,6 +15,7 @@ use base64::Engine;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use crate::body_budget::BodyCharge;
 use crate::content_coding::{refuse_undecoded, ReceivedBytes};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -168,24 +169,52 @@ impl<'de> Visitor<'de> for ValueCounter {
     }
 }
 
+/// What the layers around a request's body record of it, which tells why reading it
+/// failed: the read's error alone does not say.
+struct BodyRecord {
+    received: ReceivedBytes,
+    charge: BodyCharge,
+    limit: u64,
+}
+
+impl BodyRecord {
+    fn of(request: &Request, limit: u64) -> BodyRecord {
+        BodyRecord {
+            received: ReceivedBytes::of(request),
+            charge: BodyCharge::of(request),
+            limit,
+        }
+    }
+
+    /// The answer to a read that failed with `status`: 503 when the server-wide body budget
+    /// could not cover it, 413 past the body limit, else `other`.
+    fn error(&self, status: StatusCode, other: impl FnOnce() -> ApiError) -> ApiError {
+        if let Some(refusal) = self.charge.refusal() {
+            refusal
+        } else if status == StatusCode::PAYLOAD_TOO_LARGE || self.received.over_limit() {
+            ApiError::PayloadTooLarge { limit: self.limit }
+        } else {
+            other()
+        }
+    }
+}
+
 /// The whole body, refused at once if it is in an encoding the server does not decode or
 /// declares more than `limit` bytes.
 pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
     refuse_undecoded(request.headers())?;
     refuse_declared_oversize(request.headers(), limit)?;
-    let received = ReceivedBytes::of(&request);
+    let record = BodyRecord::of(&request, limit);
     // The router's DefaultBodyLimit bounds what this buffers.
     Bytes::from_request(request, &())
         .await
         .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE || received.over_limit() {
-                ApiError::PayloadTooLarge { limit }
-            } else {
+            record.error(rejection.status(), || {
                 ApiError::BadRequest(format!(
                     "cannot read the request body: {}",
                     rejection.body_text()
                 ))
-            }
+            })
         })
 }
 
@@ -193,17 +222,15 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     let limit = state.limits.max_body_bytes;
     refuse_undecoded(request.headers())?;
     refuse_declared_oversize(request.headers(), limit)?;
-    let received = ReceivedBytes::of(&request);
+    let record = BodyRecord::of(&request, limit);
     let max_files = state.admission.capacity();
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|r| {
         ApiError::BadRequest(format!("invalid multipart request: {}", r.body_text()))
     })?;
     let field_error = |e: MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE || received.over_limit() {
-            ApiError::PayloadTooLarge { limit }
-        } else {
+        record.error(e.status(), || {
             ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
-        }
+        })
     };
     let mut images = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(field_error)? {

@@ -2,9 +2,10 @@
 //!
 //! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
 //! assembles the routes of [`handlers`]; [`content_coding`] bounds and refuses compressed
-//! bodies around the decompression layer; [`input`] reads the images of a request, which
-//! are decoded on blocking threads and queued to the [`batcher`]'s model thread, behind
-//! [`admission`] control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
+//! bodies around the decompression layer, inside which [`body_budget`] bounds the body bytes
+//! all requests hold at once; [`input`] reads the images of a request, which are decoded on
+//! blocking threads and queued to the [`batcher`]'s model thread, behind [`admission`]
+//! control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
 //! Triton) over the same pipeline, and [`instances`] the `{"instances"}` JSON of KServe V1,
 //! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP) swaps in a newly loaded
 //! model. Every error is an [`ApiError`].
@@ -13,6 +14,7 @@ pub mod access;
 pub mod admission;
 pub mod args;
 pub mod batcher;
+pub mod body_budget;
 pub mod classifier;
 pub mod content_coding;
 pub mod error;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latencies by route, batch sizes, inference time,
-//! the number of requests waiting or arriving, and model reloads.
+//! the number of requests waiting or arriving, the request body bytes held, and model
+//! reloads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +22,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     pub queue_depth: IntGauge,
     pub requests_arriving: IntGauge,
+    /// Request body bytes held, of `--max-inflight-body-bytes`.
+    pub inflight_body_bytes: IntGauge,
     /// Reloads (SIGHUP) by result, `ok` or `error`.
     pub model_reloads: IntCounterVec,
 }
@@ -67,6 +70,11 @@ impl Metrics {
             "Prediction requests being read or decoded, not yet queued; a forming batch waits \
              for them (up to --max-delay-ms)",
         )?;
+        let inflight_body_bytes = IntGauge::new(
+            "vt_serve_inflight_body_bytes",
+            "Request body bytes (decoded) held by the requests being read or answered, at most \
+             --max-inflight-body-bytes",
+        )?;
         let model_reloads = IntCounterVec::new(
             Opts::new(
                 "vt_serve_model_reloads_total",
@@ -85,6 +93,7 @@ impl Metrics {
         registry.register(Box::new(inference_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(requests_arriving.clone()))?;
+        registry.register(Box::new(inflight_body_bytes.clone()))?;
         registry.register(Box::new(model_reloads.clone()))?;
         Ok(Metrics {
             registry,
@@ -94,6 +103,7 @@ impl Metrics {
             inference_seconds,
             queue_depth,
             requests_arriving,
+            inflight_body_bytes,
             model_reloads,
         })
     }

@@ -19,6 +19,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::access;
+use crate::body_budget;
 use crate::content_coding;
 use crate::error::ApiError;
 use crate::handlers;
@@ -58,6 +59,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("the request handler panicked".into()).into_response()
         }))
+        // Inside the decompression layer, so that the budget counts the bytes held: the
+        // decoded ones.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.body_budget),
+            body_budget::charge_body,
+        ))
         // gzip and deflate bodies (tritonclient's request compression, `curl
         // --compressed`-style clients) are decoded as they are read, so the body limit bounds
         // the decoded size; other encodings pass through to the handlers, which refuse them

@@ -16,6 +16,7 @@ use vt_model::checkpoint::WEIGHTS_FILE;
 use crate::admission::Admission;
 use crate::args::ServeArgs;
 use crate::batcher::{BatchConfig, Batcher, ServedModel};
+use crate::body_budget::BodyBudget;
 use crate::classifier::Classifier;
 use crate::error::ApiError;
 use crate::fetch::UrlFetcher;
@@ -25,6 +26,8 @@ use crate::metrics::Metrics;
 /// `source()`: a cause chain (anyhow's "Caused by") would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Args(crate::args::ArgsError),
     #[error(transparent)]
     Device(vt_model::ModelError),
     #[error("loading checkpoint {path}: {cause}")]
@@ -98,6 +101,8 @@ pub struct AppState {
     /// Bounds concurrent decoding (and so its memory) to the number of threads.
     pub decode_slots: Arc<Semaphore>,
     pub admission: Admission,
+    /// `--max-inflight-body-bytes`: the request body bytes all requests may hold at once.
+    pub body_budget: Arc<BodyBudget>,
     /// Holds the current model, which a reload replaces.
     pub batcher: Batcher,
     pub fetcher: UrlFetcher,
@@ -190,6 +195,7 @@ impl ModelSource {
 impl AppState {
     /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
+        args.validate().map_err(StartError::Args)?;
         let source = ModelSource::new(args);
         let (classifier, info) = source.load(1)?;
         let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
@@ -208,6 +214,11 @@ impl AppState {
             },
             decode_slots: Arc::new(Semaphore::new(args.threads())),
             admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
+            body_budget: Arc::new(BodyBudget::new(
+                args.max_inflight_body_bytes,
+                args.max_body_bytes,
+                metrics.inflight_body_bytes.clone(),
+            )),
             batcher: Batcher::new(model, &metrics),
             fetcher: UrlFetcher::new(&args.allow_url_fetch, args.max_body_bytes)
                 .map_err(StartError::HttpClient)?,

@@ -72,6 +72,7 @@ fn help_explains_every_flag() {
             "--queue",
             "--timeout-ms",
             "--max-body-bytes",
+            "--max-inflight-body-bytes",
             "--max-pixels",
             "--allow-url-fetch",
             "--threads",

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use common::*;
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -145,6 +145,40 @@ async fn infer_encoded(
         header,
         binary,
     }
+}
+
+/// A gzip body of under 1 MB that decodes to 11 MB, past the default body limit.
+fn gzip_bomb() -> Vec<u8> {
+    let bomb = compress("gzip", &vec![b' '; 11 << 20]);
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    bomb
+}
+
+/// An `{"instances"}` request to `url`: the answer's status, `Retry-After` and JSON body.
+async fn predict_instances(
+    client: &reqwest::Client,
+    url: &str,
+    request: &Value,
+) -> (StatusCode, Option<String>, Value) {
+    let response = client.post(url).json(request).send().await.unwrap();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        response.status(),
+        retry_after,
+        response.json().await.unwrap(),
+    )
+}
+
+/// An answer of `expected` status in the protocols' error shape, `{"error": MESSAGE}`, its
+/// message saying `needle`.
+fn assert_error_message(status: StatusCode, body: &Value, expected: StatusCode, needle: &str) {
+    assert_eq!(status, expected, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "no `{needle}` in {body}");
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
 }
 
 fn json_body(images: &[&[u8]]) -> Vec<u8> {
@@ -625,8 +659,7 @@ async fn bad_requests_get_the_protocols_errors() {
 
     // Request bodies in an encoding the server does not decode, or not decodable, or
     // decoding past the body limit (which bounds the decoded size).
-    let bomb = compress("gzip", &vec![b' '; 11 << 20]);
-    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let bomb = gzip_bomb();
     let many_values = json!({"inputs": [{
         "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![0; 10_000],
     }]});
@@ -677,12 +710,14 @@ async fn bad_requests_get_the_protocols_errors() {
     }
 
     // A gzip stream of 11 MB that decodes to nothing (empty stored blocks): refused for the
-    // bytes received, on this route and on /predict (whose errors have the API's own shape).
+    // bytes received, on this route, the `{"instances"}` one and /predict (whose errors have
+    // the API's own shape).
     let mut empty = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
     empty.extend([0, 0, 0, 0xff, 0xff].repeat(2_200_000));
     empty.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert!(decompress("gzip", &empty).is_empty());
-    for route in [url.clone(), server.url("/predict")] {
+    let instances = server.url("/v1/models/tiny:predict");
+    for route in [url.clone(), instances, server.url("/predict")] {
         let answer = client
             .post(&route)
             .header(CONTENT_ENCODING, "gzip")
@@ -913,6 +948,23 @@ async fn instances_requests_get_the_offline_predictions() {
         .await
         .unwrap();
     assert_eq!(get_predict.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // A small gzip body that decodes past the body limit.
+    let bomb = client
+        .post(server.url("/v1/models/tiny:predict"))
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_ENCODING, "gzip")
+        .body(gzip_bomb())
+        .send()
+        .await
+        .unwrap();
+    let status = bomb.status();
+    let body: Value = bomb.json().await.unwrap();
+    assert_error_message(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "larger than the limit of 10485760 bytes",
+    );
 
     // Readiness probes and predictions share a route pattern but are counted apart.
     let text = metrics_text(&client, &server.url("/metrics")).await;
@@ -927,5 +979,81 @@ async fn instances_requests_get_the_offline_predictions() {
         4.0,
         "{text}"
     );
+    server.shutdown().await;
+}
+
+/// `{"instances"}` requests pass the same admission control as /predict's: more instances
+/// than `--queue` are refused, and a full queue answers 503 with Retry-After, in the route's
+/// error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_requests_past_the_queue_are_refused() {
+    let dir = tiny_checkpoint();
+    // One slot, and a batch that waits long for a slow upload: a first request holds the
+    // slot meanwhile.
+    let args = ["--queue", "1", "--max-batch", "8", "--max-delay-ms", "3000"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let url = server.url("/v1/models/tiny:predict");
+    let (_, photo) = test_images(1).remove(0);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let one = json!({ "instances": [b64] });
+
+    let (status, _, body) =
+        predict_instances(&client, &url, &json!({ "instances": [b64, b64] })).await;
+    assert_error_message(
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "too many instances: 2, at most 1 per request (--queue)",
+    );
+
+    let upload = start_endless_upload(&client, &server.base).await;
+    let first = tokio::spawn({
+        let (client, url, one) = (client.clone(), url.clone(), one.clone());
+        async move { predict_instances(&client, &url, &one).await }
+    });
+    wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+    let (status, retry_after, body) = predict_instances(&client, &url, &one).await;
+    assert_error_message(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the request queue is full",
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+
+    let (status, _, body) = first.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(upload);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instances_request_past_its_deadline_gets_504() {
+    let dir = tiny_checkpoint();
+    let args = [
+        "--timeout-ms",
+        "300",
+        "--max-batch",
+        "8",
+        "--max-delay-ms",
+        "2000",
+    ];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let (_, photo) = test_images(1).remove(0);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let body = serde_json::to_vec(&json!({ "instances": [b64] })).unwrap();
+    let path = "/v1/models/tiny:predict";
+    let (status, answer) =
+        post_past_deadline(&client, &server.base, path, "application/json", &body).await;
+    assert_error_message(
+        StatusCode::from_u16(status).unwrap(),
+        &answer,
+        StatusCode::GATEWAY_TIMEOUT,
+        "not answered within 300 ms",
+    );
+    // The abandoned request gives its slot back.
+    wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
     server.shutdown().await;
 }

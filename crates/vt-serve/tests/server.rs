@@ -280,6 +280,8 @@ async fn every_route_answers_with_its_documented_shape() {
     assert_eq!(count("vt_serve_batch_size_sum"), 10.0);
     assert!(count("vt_serve_inference_seconds_count") >= 1.0);
     assert_eq!(count("vt_serve_queue_depth"), 0.0);
+    // Every body read meanwhile was given back once answered.
+    assert_eq!(count("vt_serve_inflight_body_bytes"), 0.0);
 
     server.shutdown().await;
 }
@@ -690,6 +692,126 @@ async fn a_full_queue_answers_503_at_once_with_retry_after() {
     server.shutdown().await;
 }
 
+/// A PNG of `side` x `side` pixels of noise, which PNG cannot compress: about 3 bytes a
+/// pixel.
+fn noise_png(side: u32) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_u32;
+    let img = RgbImage::from_fn(side, side, |_, _| {
+        // xorshift32
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let [r, g, b, _] = state.to_le_bytes();
+        image::Rgb([r, g, b])
+    });
+    encode(&img, ImageFormat::Png)
+}
+
+/// Request bodies are charged to --max-inflight-body-bytes as they are read: while one
+/// upload holds 700 KB of a 1 MB budget, a body of 500 KB is refused with 503, on every
+/// route that reads bodies and in its error shape, until that upload is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
+    let dir = tiny_checkpoint();
+    let args = [
+        "--max-body-bytes",
+        "800000",
+        "--max-inflight-body-bytes",
+        "1000000",
+    ];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let client = client();
+    let metrics_url = server.url("/metrics");
+    let held = "vt_serve_inflight_body_bytes";
+    let first = noise_png(500);
+    let second = noise_png(400);
+    assert!(
+        (700_001..=800_000).contains(&first.len()),
+        "{}",
+        first.len()
+    );
+    assert!(
+        (300_001..=800_000).contains(&second.len()),
+        "{}",
+        second.len()
+    );
+
+    // The first upload sends 700 KB of its image and pauses.
+    let mut upload = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = [CHUNKED_PREDICT_HEAD.as_bytes(), &chunk(&first[..700_000])].concat();
+    upload.write_all(&head).await.unwrap();
+    wait_for_gauge(&client, &metrics_url, held, 700_000.0).await;
+
+    // The second declares more than the 300 KB left: refused before it is read, in each
+    // route's error shape.
+    let multipart =
+        || Form::new().part("file", Part::bytes(second.clone()).file_name("second.png"));
+    let api_shape = |body: &Value| {
+        assert_eq!(body["error"], "overloaded", "{body}");
+        assert_detail_says(body, "--max-inflight-body-bytes (1000000 bytes)");
+    };
+    let protocol_shape = |body: &Value| {
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains("--max-inflight-body-bytes"), "{body}");
+        assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    };
+    let raw = |path: &str| client.post(server.url(path)).body(second.clone());
+    // What, the request, and whether it is a protocol's route (`{"error": MESSAGE}`).
+    let requests = [
+        (
+            "raw",
+            raw("/predict").header(CONTENT_TYPE, "image/png"),
+            false,
+        ),
+        (
+            "multipart",
+            client.post(server.url("/predict")).multipart(multipart()),
+            false,
+        ),
+        ("open inference", raw("/v2/models/tiny/infer"), true),
+        ("instances", raw("/v1/models/tiny:predict"), true),
+    ];
+    for (what, request, protocol) in requests {
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.headers()[RETRY_AFTER], "1", "{what}");
+        let (status, answer) = json_of(refused).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {answer}");
+        if protocol {
+            protocol_shape(&answer);
+        } else {
+            api_shape(&answer);
+        }
+    }
+    // A client that waits for `100 Continue` before sending its body gets the 503 instead.
+    let mut waiting = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        second.len()
+    );
+    waiting.write_all(head.as_bytes()).await.unwrap();
+    let (status, answer) = read_response(&mut waiting).await;
+    assert_eq!(status, 503, "{answer}");
+    api_shape(&answer);
+    // Sent in chunks (no declared length): refused once it reaches what is left, answered
+    // once it is sent, and what it took is given back.
+    let (status, answer) = post_chunked(server.addr, 1, &second).await;
+    assert_eq!(status, 503, "{answer}");
+    api_shape(&answer);
+    wait_for_gauge(&client, &metrics_url, held, 700_000.0).await;
+
+    // The first upload ends and is answered as any other; then the second fits.
+    let rest = [chunk(&first[700_000..]), b"0\r\n\r\n".to_vec()].concat();
+    upload.write_all(&rest).await.unwrap();
+    let (status, answer) = read_response(&mut upload).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(scores(&answer).len(), 3, "{answer}");
+    let (status, answer) = post_raw(&client, &server.url("/predict"), "image/png", second).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    wait_for_gauge(&client, &metrics_url, held, 0.0).await;
+    server.shutdown().await;
+}
+
 async fn post_raw_owned(
     client: reqwest::Client,
     url: String,
@@ -779,22 +901,8 @@ async fn a_request_past_its_deadline_gets_504() {
     let photo = test_images(1).remove(0).1;
     // The photo's request starts first, so its 300 ms run out first; a slow upload started
     // after it keeps the batch waiting (up to 2 s) past them.
-    let mut request = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    request
-        .write_all(CHUNKED_PREDICT_HEAD.as_bytes())
-        .await
-        .unwrap();
-    wait_for_gauge(
-        &client,
-        &server.url("/metrics"),
-        "vt_serve_requests_arriving",
-        1.0,
-    )
-    .await;
-    let _upload = start_endless_upload(&client, &server.base).await;
-    let body = [chunk(&photo), b"0\r\n\r\n".to_vec()].concat();
-    request.write_all(&body).await.unwrap();
-    let (status, answer) = read_response(&mut request).await;
+    let (status, answer) =
+        post_past_deadline(&client, &server.base, "/predict", "image/jpeg", &photo).await;
     assert_error(
         StatusCode::from_u16(status).unwrap(),
         &answer,

@@ -297,6 +297,38 @@ pub async fn start_endless_upload(client: &reqwest::Client, base: &str) -> tokio
     stream
 }
 
+/// Sends `body` (of `content_type`) to `path` so that it waits for a batch past its
+/// deadline, on a server whose `--max-delay-ms` is longer than its `--timeout-ms`: its
+/// headers go first, so that it counts as arriving and its deadline comes first; then an
+/// endless upload begins, which the batch waits for; then its body. Returns its answer's
+/// status code and JSON body.
+pub async fn post_past_deadline(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    use tokio::io::AsyncWriteExt;
+    let metrics_url = format!("{base}/metrics");
+    let series = "vt_serve_requests_arriving";
+    let before = metric(&metrics_text(client, &metrics_url).await, series).unwrap_or(0.0);
+    let host = base.strip_prefix("http://").unwrap();
+    let mut request = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    request.write_all(head.as_bytes()).await.unwrap();
+    wait_for_gauge(client, &metrics_url, series, before + 1.0).await;
+    let upload = start_endless_upload(client, base).await;
+    let body = [chunk(body), b"0\r\n\r\n".to_vec()].concat();
+    request.write_all(&body).await.unwrap();
+    let answer = read_response(&mut request).await;
+    drop(upload);
+    answer
+}
+
 /// Label -> score of a `/predict` answer.
 pub fn scores(answer: &serde_json::Value) -> Vec<(String, f64)> {
     answer["predictions"]
