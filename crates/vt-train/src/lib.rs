@@ -4,7 +4,8 @@
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
 //! - [`eval`], [`metrics`], [`calibration`], [`plots`], [`progress`]: measuring and reporting;
-//! - [`state`]: the saved training state; [`data`]: glue to vt-data's loader;
+//! - [`state`]: the saved training state; [`tensorboard`]: event files for TensorBoard;
+//!   [`data`]: glue to vt-data's loader;
 //! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
 //!   learning-rate range test) share.
 
@@ -26,6 +27,7 @@ pub mod plots;
 pub mod progress;
 pub mod schedule;
 pub mod state;
+pub mod tensorboard;
 pub mod threads;
 pub mod train;
 

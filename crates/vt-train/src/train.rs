@@ -1,10 +1,12 @@
 //! `vt-train train`: the training loop, checkpoints, metrics, plots and resumption.
 //!
-//! After every epoch, in this order: a line appended to `metrics.jsonl` (and `metrics.csv`,
-//! plots rewritten), `best/` when validation improved, `last/`, then `state/`. A run killed
-//! anywhere resumes from `state/`, dropping metric lines of epochs after the saved one, so
-//! every epoch is logged exactly once; killed before its first epoch ended, it starts again
-//! from its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
+//! Every optimiser step's loss, learning rate and gradient norm go to a TensorBoard event
+//! file. After every epoch, in this order: a line appended to `metrics.jsonl` (and
+//! `metrics.csv`, the epoch's scalars to the event file, plots rewritten), `best/` when
+//! validation improved, `last/`, then `state/`. A run killed anywhere resumes from `state/`,
+//! dropping metric lines (and TensorBoard points) of epochs after the saved one, so every
+//! epoch is logged exactly once; killed before its first epoch ended, it starts again from
+//! its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
 use crate::progress::EpochProgress;
 use crate::schedule::LrSchedule;
 use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
+use crate::tensorboard::EventWriter;
 
 pub const CONFIG_TOML: &str = "config.toml";
 /// Locked by the process that trains in the run folder.
@@ -228,6 +231,7 @@ struct Trainer {
     progress: Progress,
     records: Vec<EpochRecord>,
     metrics: MetricsLog,
+    events: EventWriter,
     interrupted: Arc<AtomicBool>,
 }
 
@@ -283,6 +287,14 @@ impl Trainer {
         if step.clipped {
             totals.clipped += 1;
         }
+        self.events.scalars(
+            self.progress.global_step,
+            &[
+                ("train/loss_step", step.loss()),
+                ("train/lr", lr),
+                ("train/grad_norm", norm),
+            ],
+        );
         if let Some(ema) = &self.ema {
             ema.update(&self.learner.model)?;
         }
@@ -399,6 +411,7 @@ impl Trainer {
                 best,
             };
             self.metrics.append(&record)?;
+            self.log_epoch(&record);
             self.records.push(record.clone());
             self.metrics.write_csv(&self.records, &self.classes)?;
             self.draw_plots(&val.matrix, epoch + 1);
@@ -490,6 +503,25 @@ impl Trainer {
         } else {
             Outcome::Finished
         })
+    }
+
+    /// The epoch's metrics for TensorBoard, at the step that ended it.
+    fn log_epoch(&mut self, record: &EpochRecord) {
+        let per_class: Vec<(String, f64)> = record
+            .val_class_acc
+            .iter()
+            .map(|(class, acc)| (format!("val/accuracy/{class}"), *acc))
+            .collect();
+        let mut scalars = vec![
+            ("epoch", record.epoch as f64),
+            ("train/loss", record.train_loss),
+            ("train/accuracy", record.train_acc),
+            ("val/loss", record.val_loss),
+            ("val/accuracy", record.val_acc),
+            ("train/img_per_s", record.img_per_s),
+        ];
+        scalars.extend(per_class.iter().map(|(tag, acc)| (tag.as_str(), *acc)));
+        self.events.scalars(record.global_step, &scalars);
     }
 
     /// Plots are a convenience: failing to draw one is logged, not fatal.
@@ -642,6 +674,9 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         );
     }
     metrics.rewrite(&records, &classes)?;
+    // Steps are counted from 1: what an interrupted process logged past the saved state is
+    // dropped.
+    let events = EventWriter::create(&run_dir, progress.global_step + 1)?;
     // Installed before the first step: from here on Ctrl-C stops cleanly.
     let interrupted = interrupt_flag()?;
     tracing::info!(
@@ -680,6 +715,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         progress,
         records,
         metrics,
+        events,
     };
     trainer.run()
 }

@@ -95,6 +95,19 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     assert_eq!(epochs_done(&killed), 3);
     // Read and rewritten on resume, an epoch's line keeps every bit of its numbers.
     assert_eq!(first_line(&killed), logged);
+    // TensorBoard shows each step once, whatever the killed process logged past epoch 1:
+    // 2 updates an epoch (below), a file per process.
+    let (points, files) = tensorboard_points(&killed);
+    assert_eq!(files, 2);
+    let steps = |tag: &str| -> Vec<i64> { tag_points(&points, tag).iter().map(|p| p.0).collect() };
+    assert_eq!(steps("train/loss_step"), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        tag_points(&points, "val/loss"),
+        resumed
+            .iter()
+            .map(|r| (r.global_step as i64, r.val_loss as f32))
+            .collect::<Vec<_>>()
+    );
 
     // The same run without interruption: identical numbers, so the optimiser moments, the
     // EMA, BatchNorm statistics and the schedule position were all restored.

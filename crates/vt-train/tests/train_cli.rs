@@ -48,6 +48,37 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.starts_with("epoch,train_loss,train_acc,val_loss,val_acc,lr,img_per_s"));
     assert!(is_png(&run.join("curves.png")) && is_png(&run.join("confusion.png")));
+    // TensorBoard: every step's loss, rate and gradient norm, and each epoch's metrics at its
+    // last step, as metrics.jsonl has them.
+    let (points, files) = tensorboard_points(&run);
+    assert_eq!(files, 1);
+    let steps = records[3].global_step as i64;
+    for tag in ["train/loss_step", "train/lr", "train/grad_norm"] {
+        let logged: Vec<i64> = tag_points(&points, tag).iter().map(|p| p.0).collect();
+        assert_eq!(logged, (1..=steps).collect::<Vec<_>>(), "{tag}");
+    }
+    let at_epochs = |value: fn(&vt_train::metrics::EpochRecord) -> f64| -> Vec<(i64, f32)> {
+        records
+            .iter()
+            .map(|r| (r.global_step as i64, value(r) as f32))
+            .collect()
+    };
+    assert_eq!(
+        tag_points(&points, "val/accuracy"),
+        at_epochs(|r| r.val_acc)
+    );
+    assert_eq!(
+        tag_points(&points, "train/loss"),
+        at_epochs(|r| r.train_loss)
+    );
+    assert_eq!(tag_points(&points, "epoch"), at_epochs(|r| r.epoch as f64));
+    assert_eq!(
+        tag_points(&points, "val/accuracy/forest"),
+        at_epochs(|r| r.val_class_acc["forest"])
+    );
+    // The rate of each epoch's last step is the epoch's.
+    let lr = tag_points(&points, "train/lr");
+    assert_eq!(lr[steps as usize - 1].1, records[3].lr as f32);
 
     for dir in ["best", "last", "state"] {
         let model = Model::load(&run.join(dir), &Device::Cpu).unwrap();

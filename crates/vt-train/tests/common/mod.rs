@@ -88,6 +88,37 @@ pub fn records(run_dir: &Path) -> Vec<EpochRecord> {
         .collect()
 }
 
+/// The TensorBoard points of a run, as TensorBoard shows them: the event files read in the
+/// order of their names, a session start dropping the points read so far at its step and
+/// after. (tag, step, value), sorted; and how many event files there are.
+pub fn tensorboard_points(run_dir: &Path) -> (Vec<(String, i64, f32)>, usize) {
+    let mut files: Vec<PathBuf> = fs::read_dir(run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    files.sort();
+    let mut points = Vec::new();
+    for file in &files {
+        let events = vt_train::tensorboard::read_scalars(file).unwrap();
+        for start in events.session_starts {
+            points.retain(|&(_, step, _): &(String, i64, f32)| step < start);
+        }
+        points.extend(events.scalars.into_iter().map(|p| (p.tag, p.step, p.value)));
+    }
+    points.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (points, files.len())
+}
+
+/// The points of one tag: (step, value).
+pub fn tag_points(points: &[(String, i64, f32)], tag: &str) -> Vec<(i64, f32)> {
+    points
+        .iter()
+        .filter(|p| p.0 == tag)
+        .map(|p| (p.1, p.2))
+        .collect()
+}
+
 pub fn is_png(path: &Path) -> bool {
     fs::read(path)
         .map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n"))
