@@ -659,15 +659,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("\ne2e passed");
     println!("  data:        {}", data.display());
     println!(
-        "  run:         {} (metrics.jsonl, curves.png, confusion.png)",
+        "  run:         {} (metrics.jsonl, curves.png, confusion.png, TensorBoard events)",
         run_dir.display()
     );
     println!("  checkpoint:  {}", checkpoint.display());
     println!(
-        "  evaluation:  {} split, {} images, accuracy {:.3}",
+        "  evaluation:  {} split, {} images, accuracy {:.3}, calibration error {:.3}",
         report["split"].as_str().unwrap_or(&split),
         report["images"],
-        report["accuracy"].as_f64().unwrap_or(f64::NAN)
+        report["accuracy"].as_f64().unwrap_or(f64::NAN),
+        report["calibration"]["ece"].as_f64().unwrap_or(f64::NAN)
     );
     println!(
         "  served:      {url}: {} images, {correct} top-1 correct, all equal to vt-serve predict \

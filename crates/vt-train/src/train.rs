@@ -20,6 +20,7 @@ use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::is_stem;
 use vt_model::Model;
 
+use crate::calibration::{self, Calibration};
 use crate::config::{count_steps, TrainConfig, TrainOptions};
 use crate::data;
 use crate::ema::Ema;
@@ -411,7 +412,8 @@ impl Trainer {
                 best,
             };
             self.metrics.append(&record)?;
-            self.log_epoch(&record);
+            let calibration = Calibration::of(&val.predictions, calibration::BINS);
+            self.log_epoch(&record, calibration.ece);
             self.records.push(record.clone());
             self.metrics.write_csv(&self.records, &self.classes)?;
             self.draw_plots(&val.matrix, epoch + 1);
@@ -505,8 +507,9 @@ impl Trainer {
         })
     }
 
-    /// The epoch's metrics for TensorBoard, at the step that ended it.
-    fn log_epoch(&mut self, record: &EpochRecord) {
+    /// The epoch's metrics for TensorBoard, at the step that ended it, with the validation
+    /// calibration error.
+    fn log_epoch(&mut self, record: &EpochRecord, val_ece: f64) {
         let per_class: Vec<(String, f64)> = record
             .val_class_acc
             .iter()
@@ -518,6 +521,7 @@ impl Trainer {
             ("train/accuracy", record.train_acc),
             ("val/loss", record.val_loss),
             ("val/accuracy", record.val_acc),
+            ("val/ece", val_ece),
             ("train/img_per_s", record.img_per_s),
         ];
         scalars.extend(per_class.iter().map(|(tag, acc)| (tag.as_str(), *acc)));

@@ -76,6 +76,9 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         tag_points(&points, "val/accuracy/forest"),
         at_epochs(|r| r.val_class_acc["forest"])
     );
+    let ece = tag_points(&points, "val/ece");
+    assert_eq!(ece.len(), 4);
+    assert!(ece.iter().all(|&(_, e)| (0.0..=1.0).contains(&e)), "{ece:?}");
     // The rate of each epoch's last step is the epoch's.
     let lr = tag_points(&points, "train/lr");
     assert_eq!(lr[steps as usize - 1].1, records[3].lr as f32);
