@@ -6,6 +6,8 @@ use axum::http::HeaderValue;
 
 /// The largest image, in pixels, that is decoded unless `--max-pixels` says otherwise.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+/// `--max-inflight-body-bytes` unless `--max-body-bytes` is larger.
+pub const DEFAULT_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Every option can also be set by an environment variable, `VT_SERVE_` and its name
 /// (`VT_SERVE_CHECKPOINT=/opt/ml/model`): how containers are configured, since SageMaker
@@ -60,9 +62,10 @@ pub struct ServeArgs {
     #[arg(long, env = "VT_SERVE_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,
     /// Most bytes of request bodies (decoded) held at once, all requests together; a body
-    /// that does not fit gets 503 with Retry-After. At least --max-body-bytes.
-    #[arg(long, env = "VT_SERVE_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
-    pub max_inflight_body_bytes: u64,
+    /// that does not fit gets 503 with Retry-After. At least --max-body-bytes [default: 256
+    /// MiB, or --max-body-bytes when that is larger]
+    #[arg(long, env = "VT_SERVE_MAX_INFLIGHT_BODY_BYTES")]
+    pub max_inflight_body_bytes: Option<u64>,
     /// Largest image in pixels (width x height), checked from the header before decoding;
     /// larger ones get 413.
     #[arg(long, env = "VT_SERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
@@ -138,15 +141,24 @@ impl ServeArgs {
             .map_or_else(vt_model::threads::default_compute_threads, |n| n as usize)
     }
 
+    /// `--max-inflight-body-bytes`, or its default: one that never keeps a body of the
+    /// largest allowed size from being read.
+    pub fn inflight_body_bytes(&self) -> u64 {
+        self.max_inflight_body_bytes
+            .unwrap_or(DEFAULT_INFLIGHT_BODY_BYTES.max(self.max_body_bytes))
+    }
+
     /// Checks what clap checks of no single option.
     pub fn validate(&self) -> Result<(), ArgsError> {
-        if self.max_inflight_body_bytes < self.max_body_bytes {
-            return Err(ArgsError::BodyBudgetBelowBodyLimit {
-                inflight: self.max_inflight_body_bytes,
-                body: self.max_body_bytes,
-            });
+        match self.max_inflight_body_bytes {
+            Some(inflight) if inflight < self.max_body_bytes => {
+                Err(ArgsError::BodyBudgetBelowBodyLimit {
+                    inflight,
+                    body: self.max_body_bytes,
+                })
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -201,8 +213,12 @@ mod tests {
             Cli::try_parse_from(line).unwrap().args
         };
         let defaults = parse(&[]);
-        assert_eq!(defaults.max_inflight_body_bytes, 256 << 20);
+        assert_eq!(defaults.inflight_body_bytes(), 256 << 20);
         assert!(defaults.validate().is_ok());
+        // A body limit above the default budget raises the default with it.
+        let large = parse(&["--max-body-bytes", "300000000"]);
+        assert_eq!(large.inflight_body_bytes(), 300_000_000);
+        assert!(large.validate().is_ok());
         let equal = [
             "--max-body-bytes",
             "1000",

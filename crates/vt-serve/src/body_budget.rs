@@ -58,9 +58,21 @@ struct Charge {
     held: AtomicU64,
     /// Whether the body was refused for want of budget: its read fails.
     refused: AtomicBool,
+    /// Whether a refused body went past the body limit while it was read to be dropped: it
+    /// is too large, whatever the budget.
+    too_large: AtomicBool,
 }
 
 impl Charge {
+    fn new(budget: &Arc<BodyBudget>) -> Charge {
+        Charge {
+            budget: Arc::clone(budget),
+            held: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            too_large: AtomicBool::new(false),
+        }
+    }
+
     /// Takes `bytes` more of the budget, or refuses the body at once rather than waiting (a
     /// client that waited would hold what it sent meanwhile). Whether they were taken.
     fn take(&self, bytes: usize) -> bool {
@@ -84,6 +96,10 @@ impl Charge {
 
     fn is_refused(&self) -> bool {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    fn is_too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
     }
 }
 
@@ -121,35 +137,42 @@ impl BodyCharge {
             .filter(|charge| charge.is_refused())
             .map(|charge| charge.budget.spent())
     }
+
+    /// Whether the body went past the body limit while a refused body was dropped: it gets
+    /// 413, which retrying would not change, rather than the 503.
+    pub fn too_large(&self) -> bool {
+        self.0.as_ref().is_some_and(|charge| charge.is_too_large())
+    }
 }
 
 /// Charges the request's body to the budget as it is read, decoded (this runs inside the
 /// decompression layer), and holds the charge until the handler has answered, when the
-/// body's bytes are gone. A body the budget cannot cover fails to read, with the 503 to
-/// answer; so does one whose declared length is more than the budget has left, before any
-/// of it is charged: it would not fit unless others finished meanwhile.
+/// body's bytes are gone. A declared length is taken from the budget at once, so that
+/// bodies that each fit what is left cannot together overrun it; one the budget cannot
+/// cover is refused before any of it is read. A body the budget cannot cover fails to read,
+/// with the 503 to answer.
 pub async fn charge_body(
     State(budget): State<Arc<BodyBudget>>,
     request: Request,
     next: Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    let charge = Arc::new(Charge {
-        budget: Arc::clone(&budget),
-        held: AtomicU64::new(0),
-        refused: AtomicBool::new(false),
-    });
-    let left = budget.bytes.available_permits() as u64;
-    if declared_length(&parts.headers).is_some_and(|n| n > left) {
-        charge.refuse();
-    }
+    let charge = Arc::new(Charge::new(&budget));
+    let declared = declared_length(&parts.headers).unwrap_or(0);
+    let prepaid = match usize::try_from(declared) {
+        Ok(n) if charge.take(n) => declared,
+        _ => {
+            charge.refuse();
+            0
+        }
+    };
     // A client that waits for `100 Continue` has sent nothing yet: it gets the 503 instead,
     // without sending the body to be dropped.
     let body = if charge.is_refused() && expects_continue(&parts.headers) {
         let refused = Err::<Bytes, _>(axum::Error::new(budget.spent()));
         Body::from_stream(stream::once(async move { refused }))
     } else {
-        charged(body, Arc::clone(&charge))
+        charged(body, Arc::clone(&charge), prepaid)
     };
     parts
         .extensions
@@ -160,22 +183,28 @@ pub async fn charge_body(
     response
 }
 
-/// `body`, each chunk charged to `charge` as it is read. Once one does not fit, the rest
-/// is read and dropped, up to the body limit, before the read fails: the client is still
-/// sending it, and a connection closed on unread bytes is reset, which most clients report
-/// as a broken connection rather than the 503.
-fn charged(body: Body, charge: Arc<Charge>) -> Body {
-    let drain_limit = charge.budget.max_body_bytes;
+/// `body`, each chunk charged to `charge` as it is read, beyond the `prepaid` bytes taken
+/// for its declared length. Once one does not fit, the rest is read and dropped, up to the
+/// body limit, before the read fails: the client is still sending it, and a connection
+/// closed on unread bytes is reset, which most clients report as a broken connection rather
+/// than the 503.
+fn charged(body: Body, charge: Arc<Charge>, mut prepaid: u64) -> Body {
+    let limit = charge.budget.max_body_bytes;
     let mut read = 0u64;
     let at_end = Arc::clone(&charge);
     let chunks = body.into_data_stream().filter_map(move |chunk| {
         let kept = match chunk {
             Ok(chunk) => {
-                read = read.saturating_add(chunk.len() as u64);
-                if !charge.is_refused() && charge.take(chunk.len()) {
+                let len = chunk.len() as u64;
+                read = read.saturating_add(len);
+                let covered = prepaid.min(len);
+                prepaid -= covered;
+                let more = usize::try_from(len - covered).unwrap_or(usize::MAX);
+                if !charge.is_refused() && (more == 0 || charge.take(more)) {
                     Some(Ok(chunk))
-                } else if read > drain_limit {
-                    Some(Err(axum::Error::new(charge.budget.spent())))
+                } else if read > limit {
+                    charge.too_large.store(true, Ordering::Relaxed);
+                    Some(Err(axum::Error::new(ApiError::PayloadTooLarge { limit })))
                 } else {
                     None
                 }
@@ -214,24 +243,16 @@ fn expects_continue(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
 
-    fn charge(budget: &Arc<BodyBudget>) -> Charge {
-        Charge {
-            budget: Arc::clone(budget),
-            held: AtomicU64::new(0),
-            refused: AtomicBool::new(false),
-        }
-    }
-
     /// What one request takes is given back whole when it is dropped, the gauge following.
     #[test]
     fn charges_are_refused_past_the_budget_and_given_back_when_dropped() {
         let gauge = IntGauge::new("held", "held").unwrap();
         let budget = Arc::new(BodyBudget::new(100, 100, gauge.clone()));
-        let first = charge(&budget);
+        let first = Charge::new(&budget);
         assert!(first.take(40));
         assert!(first.take(30));
         assert_eq!(gauge.get(), 70);
-        let second = charge(&budget);
+        let second = Charge::new(&budget);
         assert!(second.take(30));
         assert!(!second.take(1));
         assert!(second.is_refused());
@@ -256,8 +277,8 @@ mod tests {
             counted.fetch_add(n as u64, Ordering::Relaxed);
             Ok::<_, axum::Error>(Bytes::from(vec![0; n]))
         });
-        let held = Arc::new(charge(&budget));
-        let body = charged(Body::from_stream(chunks), Arc::clone(&held));
+        let held = Arc::new(Charge::new(&budget));
+        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 0);
         let error = axum::body::to_bytes(body, usize::MAX).await.unwrap_err();
         assert!(error
             .to_string()
@@ -275,9 +296,31 @@ mod tests {
         let gauge = IntGauge::new("held", "held").unwrap();
         let budget = Arc::new(BodyBudget::new(100, 200, gauge));
         let chunks = stream::repeat_with(|| Ok::<_, axum::Error>(Bytes::from(vec![0; 90])));
-        let body = charged(Body::from_stream(chunks), Arc::new(charge(&budget)));
+        let held = Arc::new(Charge::new(&budget));
+        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 0);
         let error = axum::body::to_bytes(body, usize::MAX).await.unwrap_err();
-        assert!(error.to_string().contains("--max-inflight-body-bytes"));
+        // Too large, whatever the budget: 413, not a 503 that retrying cannot change.
+        assert!(error.to_string().contains("limit of 200 bytes"), "{error}");
+        assert!(BodyCharge(Some(held)).too_large());
+    }
+
+    /// A declared length is taken at once; the chunks it covers take nothing more.
+    #[tokio::test]
+    async fn a_declared_length_is_taken_up_front() {
+        let gauge = IntGauge::new("held", "held").unwrap();
+        let budget = Arc::new(BodyBudget::new(100, 100, gauge.clone()));
+        let held = Arc::new(Charge::new(&budget));
+        assert!(held.take(60));
+        // Another body declaring 60 no longer fits, though nothing of the first was read.
+        assert!(!Charge::new(&budget).take(60));
+        let chunks =
+            stream::iter([30, 30, 10]).map(|n| Ok::<_, axum::Error>(Bytes::from(vec![0; n])));
+        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 60);
+        let read = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        assert_eq!(read.len(), 70);
+        assert_eq!(gauge.get(), 70);
+        drop(held);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

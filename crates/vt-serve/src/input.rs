@@ -186,13 +186,16 @@ impl BodyRecord {
         }
     }
 
-    /// The answer to a read that failed with `status`: 503 when the server-wide body budget
-    /// could not cover it, 413 past the body limit, else `other`.
+    /// The answer to a read that failed with `status`: 413 past the body limit, else 503
+    /// when the server-wide body budget could not cover it, else `other`.
     fn error(&self, status: StatusCode, other: impl FnOnce() -> ApiError) -> ApiError {
-        if let Some(refusal) = self.charge.refusal() {
-            refusal
-        } else if status == StatusCode::PAYLOAD_TOO_LARGE || self.received.over_limit() {
+        if status == StatusCode::PAYLOAD_TOO_LARGE
+            || self.received.over_limit()
+            || self.charge.too_large()
+        {
             ApiError::PayloadTooLarge { limit: self.limit }
+        } else if let Some(refusal) = self.charge.refusal() {
+            refusal
         } else {
             other()
         }

@@ -215,7 +215,7 @@ impl AppState {
             decode_slots: Arc::new(Semaphore::new(args.threads())),
             admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
             body_budget: Arc::new(BodyBudget::new(
-                args.max_inflight_body_bytes,
+                args.inflight_body_bytes(),
                 args.max_body_bytes,
                 metrics.inflight_body_bytes.clone(),
             )),

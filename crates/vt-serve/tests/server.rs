@@ -743,7 +743,7 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     wait_for_gauge(&client, &metrics_url, held, 700_000.0).await;
 
     // The second declares more than the 300 KB left: refused before it is read, in each
-    // route's error shape.
+    // route's error shape (a declared length is taken from the budget at once).
     let multipart =
         || Form::new().part("file", Part::bytes(second.clone()).file_name("second.png"));
     let api_shape = |body: &Value| {
@@ -798,6 +798,12 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     let (status, answer) = post_chunked(server.addr, 1, &second).await;
     assert_eq!(status, 503, "{answer}");
     api_shape(&answer);
+    // One past --max-body-bytes is too large whatever the budget: 413, not a 503 that
+    // retrying would not change.
+    let oversize = [first.as_slice(), &second].concat();
+    let (status, answer) = post_chunked(server.addr, 1, &oversize).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"], "payload_too_large", "{answer}");
     wait_for_gauge(&client, &metrics_url, held, 700_000.0).await;
 
     // The first upload ends and is answered as any other; then the second fits.
