@@ -9,7 +9,7 @@
 //! step and after (PyTorch's `purge_step`), so every step is shown once.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -105,19 +105,30 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// Starts a new event file in `dir` whose points begin at `first_step`: points logged
-    /// there from `first_step` on by earlier processes are dropped.
+    /// there from `first_step` on by earlier processes are dropped. TensorBoard reads a
+    /// run's files in the order of their names: the time, then a number past those of the
+    /// files already there, put this one after them.
     pub fn create(dir: &Path, first_step: u64) -> Result<EventWriter> {
         let wall_time = now();
-        let path = dir.join(format!(
-            "events.out.tfevents.{}.vt-train.{}",
-            wall_time as u64,
-            std::process::id()
-        ));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| TrainError::file_op("creating", &path, e))?;
+        let existing = std::fs::read_dir(dir)
+            .map_err(|e| TrainError::file_op("reading", dir, e))?
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().contains("tfevents"))
+            .count();
+        let mut number = existing;
+        let (path, file) = loop {
+            let path = dir.join(format!(
+                "events.out.tfevents.{}.vt-train.{number:04}",
+                wall_time as u64
+            ));
+            match OpenOptions::new().append(true).create_new(true).open(&path) {
+                Ok(file) => break (path, file),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists && number < existing + 100 => {
+                    number += 1;
+                }
+                Err(e) => return Err(TrainError::file_op("creating", &path, e)),
+            }
+        };
         let mut writer = EventWriter {
             path,
             file: Some(file),
@@ -147,6 +158,14 @@ impl EventWriter {
             .map_or(Ok(()), |f| f.write_all(&bytes))
             .map_err(|e| TrainError::file_op("writing", &writer.path, e))?;
         Ok(writer)
+    }
+
+    /// A writer that writes nothing, for a run whose event file could not be created.
+    pub fn disabled(dir: &Path) -> EventWriter {
+        EventWriter {
+            path: dir.to_path_buf(),
+            file: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -197,27 +216,25 @@ pub struct EventFile {
     pub session_starts: Vec<i64>,
 }
 
-/// Reads what [`EventWriter`] writes, checking every record's checksums.
+/// Reads what [`EventWriter`] writes, checking every record's checksums. A last record cut
+/// short (a process killed while writing it) ends the file, as TensorBoard reads it.
 pub fn read_scalars(path: &Path) -> Result<EventFile> {
     let invalid = |message: &str| TrainError::Config(format!("{}: {message}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| TrainError::file_op("reading", path, e))?;
     let mut file = EventFile::default();
     let mut rest = bytes.as_slice();
-    while !rest.is_empty() {
-        let (header, tail) = rest
-            .split_at_checked(12)
-            .ok_or_else(|| invalid("a truncated record header"))?;
+    while let Some((header, tail)) = rest.split_at_checked(12) {
         let (length, crc) = header.split_at(8);
         if masked_crc(length).to_le_bytes() != crc {
             return Err(invalid("a record length with a wrong checksum"));
         }
         let length = u64::from_le_bytes(length.try_into().unwrap_or_default()) as usize;
-        let (data, tail) = tail
-            .split_at_checked(length)
-            .ok_or_else(|| invalid("a truncated record"))?;
-        let (crc, tail) = tail
-            .split_at_checked(4)
-            .ok_or_else(|| invalid("a record without its checksum"))?;
+        let Some((data, tail)) = tail.split_at_checked(length) else {
+            break;
+        };
+        let Some((crc, tail)) = tail.split_at_checked(4) else {
+            break;
+        };
         if masked_crc(data).to_le_bytes() != crc {
             return Err(invalid("a record with a wrong checksum"));
         }
@@ -248,19 +265,16 @@ pub fn read_scalars(path: &Path) -> Result<EventFile> {
 mod tests {
     use super::*;
 
-    /// TFRecord's checksum of "123456789" (the CRC-32C check value 0xe3069283), masked.
+    /// The record TensorBoard's own `RecordWriter` (tensorboard 2.21) writes for "abc", and
+    /// CRC-32C's check value.
     #[test]
-    fn records_carry_masked_crc32c() {
+    fn records_are_written_as_tensorboard_writes_them() {
         let crc = crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, b"123456789") as u32;
         assert_eq!(crc, 0xe306_9283);
         assert_eq!(
-            masked_crc(b"123456789"),
-            crc.rotate_right(15).wrapping_add(0xa282_ead8)
+            record(b"abc"),
+            [3, 0, 0, 0, 0, 0, 0, 0, 176, 153, 73, 14, 97, 98, 99, 110, 87, 241, 33]
         );
-        let r = record(b"abc");
-        assert_eq!(r.len(), 8 + 4 + 3 + 4);
-        assert_eq!(&r[..8], &3u64.to_le_bytes());
-        assert_eq!(&r[12..15], b"abc");
     }
 
     #[test]
@@ -291,8 +305,11 @@ mod tests {
             ]
         );
         assert_eq!(file.session_starts, [5]);
-        // A damaged byte is found.
-        let mut bytes = std::fs::read(writer.path()).unwrap();
+        // A record cut short ends the file; a damaged byte is an error.
+        let bytes = std::fs::read(writer.path()).unwrap();
+        std::fs::write(writer.path(), &bytes[..bytes.len() - 3]).unwrap();
+        assert_eq!(read_scalars(writer.path()).unwrap().scalars.len(), 2);
+        let mut bytes = bytes;
         let last = bytes.len() - 6;
         bytes[last] ^= 1;
         std::fs::write(writer.path(), bytes).unwrap();

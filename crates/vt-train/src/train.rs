@@ -276,6 +276,15 @@ impl Trainer {
         self.progress.global_step += 1;
         totals.lr = lr;
         let norm = step.grad_norm;
+        // Skipped steps too: their non-finite loss or norm is what a diverging run shows.
+        self.events.scalars(
+            self.progress.global_step,
+            &[
+                ("train/loss_step", step.loss()),
+                ("train/lr", lr),
+                ("train/grad_norm", norm),
+            ],
+        );
         if !step.applied {
             totals.skipped += 1;
             let loss = step.loss();
@@ -288,14 +297,6 @@ impl Trainer {
         if step.clipped {
             totals.clipped += 1;
         }
-        self.events.scalars(
-            self.progress.global_step,
-            &[
-                ("train/loss_step", step.loss()),
-                ("train/lr", lr),
-                ("train/grad_norm", norm),
-            ],
-        );
         if let Some(ema) = &self.ema {
             ema.update(&self.learner.model)?;
         }
@@ -680,7 +681,10 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     metrics.rewrite(&records, &classes)?;
     // Steps are counted from 1: what an interrupted process logged past the saved state is
     // dropped.
-    let events = EventWriter::create(&run_dir, progress.global_step + 1)?;
+    let events = EventWriter::create(&run_dir, progress.global_step + 1).unwrap_or_else(|e| {
+        tracing::warn!("{e}: training goes on without TensorBoard logging");
+        EventWriter::disabled(&run_dir)
+    });
     // Installed before the first step: from here on Ctrl-C stops cleanly.
     let interrupted = interrupt_flag()?;
     tracing::info!(

@@ -80,6 +80,16 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     for dir in ["best", "last", "state"] {
         Model::load(&killed.join(dir), &Device::Cpu).unwrap();
     }
+    // What a process killed later in its epoch would have logged past the saved state (the
+    // kill above may come before any of it): points that TensorBoard must no longer show.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("state/training.json")).unwrap())
+            .unwrap();
+    let saved_step = saved["global_step"].as_u64().unwrap();
+    let mut stale = vt_train::tensorboard::EventWriter::create(&killed, saved_step + 1).unwrap();
+    for step in saved_step + 1..=saved_step + 3 {
+        stale.scalars(step, &[("train/loss_step", 99.0), ("val/loss", 99.0)]);
+    }
 
     let out = run_ok(
         vt_train()
@@ -95,10 +105,11 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     assert_eq!(epochs_done(&killed), 3);
     // Read and rewritten on resume, an epoch's line keeps every bit of its numbers.
     assert_eq!(first_line(&killed), logged);
-    // TensorBoard shows each step once, whatever the killed process logged past epoch 1:
-    // 2 updates an epoch (below), a file per process.
+    // TensorBoard shows each step once, whatever was logged past the saved state: 2 updates
+    // an epoch (below), a file per process and the stale one.
     let (points, files) = tensorboard_points(&killed);
-    assert_eq!(files, 2);
+    assert_eq!(files, 3);
+    assert!(points.iter().all(|p| p.2 != 99.0), "{points:?}");
     let steps = |tag: &str| -> Vec<i64> { tag_points(&points, tag).iter().map(|p| p.0).collect() };
     assert_eq!(steps("train/loss_step"), [1, 2, 3, 4, 5, 6]);
     assert_eq!(
