@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::compare::CompareArgs;
 use crate::error::Result;
 use crate::eval::EvalArgs;
 use crate::init::InitArgs;
@@ -38,6 +39,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write a freshly initialised checkpoint
     Init(InitArgs),
+    /// Compare two evaluations of the same images (`eval` reports or their predictions
+    /// CSVs): the accuracy difference, its 95% interval, and McNemar's exact test of whether
+    /// it is more than chance
+    Compare(CompareArgs),
     /// Find a learning rate: train with the rate growing exponentially from --start-lr to
     /// --end-lr and suggest where the loss falls fastest (fastai's lr_find)
     #[command(
@@ -67,6 +72,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::LrFind(args)) => crate::lr_find::run(&args)?,
         Some(Command::Eval(args)) => return crate::eval::run(&args).map(|()| ExitCode::SUCCESS),
         Some(Command::Init(args)) => return crate::init::run(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Compare(args)) => {
+            return crate::compare::run(&args).map(|()| ExitCode::SUCCESS)
+        }
     };
     Ok(match outcome {
         Outcome::Finished => ExitCode::SUCCESS,

@@ -3,7 +3,8 @@
 //!
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
-//! - [`eval`], [`metrics`], [`calibration`], [`plots`], [`progress`]: measuring and reporting;
+//! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`plots`], [`progress`]: measuring
+//!   and reporting;
 //! - [`state`]: the saved training state; [`tensorboard`]: event files for TensorBoard;
 //!   [`data`]: glue to vt-data's loader;
 //! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
@@ -11,6 +12,7 @@
 
 pub mod calibration;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod ema;

@@ -78,7 +78,10 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     );
     let ece = tag_points(&points, "val/ece");
     assert_eq!(ece.len(), 4);
-    assert!(ece.iter().all(|&(_, e)| (0.0..=1.0).contains(&e)), "{ece:?}");
+    assert!(
+        ece.iter().all(|&(_, e)| (0.0..=1.0).contains(&e)),
+        "{ece:?}"
+    );
     // The rate of each epoch's last step is the epoch's.
     let lr = tag_points(&points, "train/lr");
     assert_eq!(lr[steps as usize - 1].1, records[3].lr as f32);
@@ -125,6 +128,32 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     assert!(json["accuracy"].as_f64().unwrap() >= 0.0);
     assert!(is_png(&report.with_extension("png")));
     check_predictions(&report, &data, &text);
+    // An evaluation compared with itself: the same images, no difference.
+    let compared = run_ok(
+        vt_train()
+            .arg("compare")
+            .arg(&report)
+            .arg(report.with_extension("csv")),
+    );
+    let compared = String::from_utf8_lossy(&compared.stdout);
+    assert!(
+        compared.contains("0 right only by A, 0 right only by B"),
+        "{compared}"
+    );
+    assert!(
+        compared.contains("p = 1.0000: no significant difference"),
+        "{compared}"
+    );
+    let wrong = run_err(
+        vt_train()
+            .arg("compare")
+            .arg(&report)
+            .arg(run.join("metrics.csv")),
+    );
+    assert!(
+        wrong.contains("missing field `path`") && wrong.contains("metrics.csv"),
+        "{wrong}"
+    );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains(&format!(
