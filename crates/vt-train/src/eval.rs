@@ -2,11 +2,12 @@
 //! precision/recall/F1, confusion matrix as text, JSON and PNG, calibration and its
 //! reliability diagram, per-image predictions as CSV and the most confident mistakes).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::D;
 use serde::Serialize;
-use vt_data::dataset::Split;
+use vt_data::dataset::{Manifest, Split};
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
@@ -216,6 +217,9 @@ pub struct EvalReport {
     pub macro_f1: f64,
     pub classes: Vec<ClassScores>,
     pub confusion_matrix: ConfusionMatrix,
+    /// Evaluated images with a byte-identical copy in the training or validation split
+    /// (`manifest.json`'s `duplicates`): the model may have been trained or selected on them.
+    pub copies_in_other_splits: Vec<PathBuf>,
     /// How well the confidences match the accuracy (15 bins, as Guo et al.).
     pub calibration: Calibration,
     pub skipped: Vec<SkippedFile>,
@@ -266,6 +270,14 @@ pub fn report_text(report: &EvalReport) -> String {
         out += &format!(
             "{:>width$} {:>9.4} {:>9.4} {:>9.4} {:>8}\n",
             c.class, c.precision, c.recall, c.f1, c.support
+        );
+    }
+    if !report.copies_in_other_splits.is_empty() {
+        out += &format!(
+            "\nnote: {} of these images have a byte-identical copy in a training or validation \
+             split (manifest.json \"duplicates\", listed in the JSON report): the model may have \
+             been trained or selected on them\n",
+            report.copies_in_other_splits.len()
         );
     }
     let calibration = &report.calibration;
@@ -334,6 +346,38 @@ fn predictions_csv(
         out.push('\n');
     }
     out
+}
+
+/// The evaluated images that the data set's manifest lists with a copy in a split the model
+/// is trained or selected on (train or val, other than the one evaluated). Data without a
+/// manifest (or from before it listed duplicates) has none listed.
+fn copies_in_other_splits(data: &Path, split: Split, samples: &[(PathBuf, usize)]) -> Vec<PathBuf> {
+    let Ok(manifest) = Manifest::read(data) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}/", split.dir_name());
+    let seen = [Split::Train, Split::Val]
+        .into_iter()
+        .filter(|&s| s != split)
+        .map(|s| format!("{}/", s.dir_name()))
+        .collect::<Vec<_>>();
+    let copied: HashSet<PathBuf> = manifest
+        .duplicates
+        .iter()
+        .filter(|group| {
+            group
+                .files
+                .iter()
+                .any(|f| seen.iter().any(|s| f.starts_with(s)))
+        })
+        .flat_map(|group| group.files.iter().filter(|f| f.starts_with(&prefix)))
+        .map(|f| data.join(f))
+        .collect();
+    samples
+        .iter()
+        .filter(|(path, _)| copied.contains(path))
+        .map(|(path, _)| path.clone())
+        .collect()
 }
 
 /// Where `vt-train eval` writes.
@@ -462,6 +506,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         macro_f1,
         classes,
         calibration: Calibration::of(&eval.predictions, calibration::BINS),
+        copies_in_other_splits: copies_in_other_splits(&args.data, split, &folder.samples),
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
         predictions: paths.csv.clone(),

@@ -99,6 +99,26 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     assert_eq!(config["epochs"].as_integer(), Some(4));
     assert_eq!(config["ema"].as_float(), Some(0.5));
 
+    // The manifest lists a test photo with a copy in train (as fetch-data finds them), and
+    // two test photos that are copies of each other only.
+    let file_in = |dir: &str| -> String {
+        let mut names: Vec<String> = fs::read_dir(data.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        format!("{dir}/{}", names[0])
+    };
+    let (copied, copy) = (file_in("test/forest"), file_in("train/forest"));
+    let manifest_path = data.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["duplicates"] = serde_json::json!([
+        {"files": [copied, copy], "conflicting_labels": false},
+        {"files": [file_in("test/sea"), file_in("test/street")], "conflicting_labels": true},
+    ]);
+    fs::write(&manifest_path, manifest.to_string()).unwrap();
+
     let report = tmp.path().join("report.json");
     let out = run_ok(
         vt_train()
@@ -127,6 +147,14 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     assert_eq!(json["classes"].as_array().unwrap().len(), 6);
     assert!(json["accuracy"].as_f64().unwrap() >= 0.0);
     assert!(is_png(&report.with_extension("png")));
+    assert_eq!(
+        json["copies_in_other_splits"],
+        serde_json::json!([data.join(&copied)])
+    );
+    assert!(
+        text.contains("note: 1 of these images have a byte-identical copy in a training"),
+        "{text}"
+    );
     check_predictions(&report, &data, &text);
     // An evaluation compared with itself: the same images, no difference.
     let compared = run_ok(
