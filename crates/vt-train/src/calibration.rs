@@ -100,18 +100,7 @@ impl Calibration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn prediction(index: usize, label: usize, probabilities: &[f32]) -> Prediction {
-        let predicted = (0..probabilities.len())
-            .max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b]))
-            .unwrap();
-        Prediction {
-            index,
-            label,
-            predicted,
-            probabilities: probabilities.to_vec(),
-        }
-    }
+    use crate::eval::prediction;
 
     /// The values of Guo et al.'s own `_ECELoss` (github.com/gpleiss/temperature_scaling,
     /// its loop over `torch.linspace` bins) run with PyTorch 2 on these probabilities, and

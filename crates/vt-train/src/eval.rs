@@ -57,6 +57,20 @@ impl Prediction {
     }
 }
 
+/// A prediction of `probabilities` (the argmax as predicted), for tests.
+#[cfg(test)]
+pub(crate) fn prediction(index: usize, label: usize, probabilities: &[f32]) -> Prediction {
+    let predicted = (0..probabilities.len())
+        .max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b]))
+        .unwrap_or(0);
+    Prediction {
+        index,
+        label,
+        predicted,
+        probabilities: probabilities.to_vec(),
+    }
+}
+
 /// The wrong predictions the model was surest of: up to `n`, highest confidence first, equal
 /// ones in the order given. A NaN confidence (a diverged model) ranks last rather than first,
 /// where `total_cmp` would put it.
@@ -543,18 +557,6 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn prediction(index: usize, label: usize, probabilities: &[f32]) -> Prediction {
-        let predicted = (0..probabilities.len())
-            .max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b]))
-            .unwrap();
-        Prediction {
-            index,
-            label,
-            predicted,
-            probabilities: probabilities.to_vec(),
-        }
-    }
 
     #[test]
     fn mistakes_rank_by_confidence_without_the_correct_ones() {
