@@ -1,10 +1,10 @@
 //! `vt-serve predict`: score image files offline, one JSON object per line per image, in
-//! the order given. An image that cannot be read or decoded gets a line
-//! `{"image", "error"}` and the others are still scored; the exit status then says how
-//! many failed.
+//! the order given, a folder's images in the order of their paths. An image that cannot be
+//! read or decoded gets a line `{"image", "error"}` and the others are still scored; the
+//! exit status then says how many failed.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fast_image_resize::Resizer;
 use serde::Serialize;
@@ -38,7 +38,8 @@ pub struct PredictArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Image files (JPEG, PNG, WebP, ...; the format is read from the content).
+    /// Image files (JPEG, PNG, WebP, ...; the format is read from the content), or folders:
+    /// their image files (by extension), subfolders included, in the order of their paths.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -70,6 +71,66 @@ pub enum PredictError {
     Output(std::io::Error),
     #[error("{failed} of {total} images could not be scored (see their \"error\" lines)")]
     SomeFailed { failed: usize, total: usize },
+    #[error("listing the images of {path}: {cause}")]
+    ListFolder {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{0} holds no image file (.jpg, .jpeg, .png, .webp, .gif, .bmp)")]
+    EmptyFolder(PathBuf),
+}
+
+/// The extensions of the image files a folder given to `predict` contributes: what the
+/// server decodes. Other files (a README, a manifest) are left out; a file named as an image
+/// is still read by its content.
+const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+/// The files to score: each given file as it is, each folder's image files in the order of
+/// their paths, subfolders included (hidden ones left out).
+fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>, PredictError> {
+    let mut files = Vec::new();
+    for path in given {
+        if path.is_dir() {
+            let before = files.len();
+            add_folder(path, &mut files)?;
+            if files.len() == before {
+                return Err(PredictError::EmptyFolder(path.clone()));
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), PredictError> {
+    let listing_error = |cause| PredictError::ListFolder {
+        path: folder.to_path_buf(),
+        cause,
+    };
+    let mut entries = std::fs::read_dir(folder)
+        .map_err(listing_error)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(listing_error)?;
+    entries.sort();
+    for path in entries {
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            add_folder(&path, files)?;
+        } else if path
+            .extension()
+            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
 }
 
 impl From<StartError> for PredictError {
@@ -79,6 +140,8 @@ impl From<StartError> for PredictError {
 }
 
 pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
+    // Listed before the checkpoint is loaded: a mistyped folder fails at once.
+    let images = image_files(&args.images)?;
     let (classifier, _) = load_classifier(
         &args.checkpoint,
         &args.device,
@@ -89,7 +152,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
-    for chunk in args.images.chunks(args.batch_size.max(1)) {
+    for chunk in images.chunks(args.batch_size.max(1)) {
         // The decoded images in order; each file's outcome says whether it is among them.
         let mut decoded = Vec::with_capacity(chunk.len());
         let outcomes: Vec<Result<(), String>> = chunk
@@ -135,7 +198,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     if failed > 0 {
         return Err(PredictError::SomeFailed {
             failed,
-            total: args.images.len(),
+            total: images.len(),
         });
     }
     Ok(())

@@ -152,6 +152,63 @@ fn predict_scores_what_it_can_and_names_what_it_cannot() {
     assert!(!refused.status.success());
 }
 
+/// A folder stands for its image files, subfolders included, in the order of their paths;
+/// other files and hidden ones are left out.
+#[test]
+fn predict_scores_the_images_of_a_folder() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let photos: Vec<Vec<u8>> = test_images(3).into_iter().map(|(_, b)| b).collect();
+    let root = files.path().join("photos");
+    std::fs::create_dir_all(root.join("sea")).unwrap();
+    std::fs::create_dir_all(root.join(".cache")).unwrap();
+    let mut expected = write_images(
+        &root,
+        &[
+            ("b.JPG".to_owned(), photos[0].clone()),
+            ("a.png.jpg".to_owned(), photos[1].clone()),
+        ],
+    );
+    expected.extend(write_images(
+        &root.join("sea"),
+        &[("c.jpg".to_owned(), photos[2].clone())],
+    ));
+    write_images(&root, &[("README.txt".to_owned(), b"notes".to_vec())]);
+    write_images(
+        &root.join(".cache"),
+        &[("d.jpg".to_owned(), photos[0].clone())],
+    );
+    expected.sort();
+    let output = predict_at(&checkpoint, &[], &[root]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let scored: Vec<&str> = lines.iter().map(|l| l["image"].as_str().unwrap()).collect();
+    let expected: Vec<String> = expected
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(scored, expected);
+    assert!(lines.iter().all(|l| l["probs"].is_array()));
+    // A folder without images is an error, before the checkpoint is read.
+    let empty = files.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let output = predict_at(Path::new("no-such-checkpoint"), &[], &[empty]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("holds no image file"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn reduced_precision_predictions_follow_f32() {
     let dir = tiny_checkpoint();
