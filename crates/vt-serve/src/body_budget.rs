@@ -147,10 +147,10 @@ impl BodyCharge {
 
 /// Charges the request's body to the budget as it is read, decoded (this runs inside the
 /// decompression layer), and holds the charge until the handler has answered, when the
-/// body's bytes are gone. A declared length is taken from the budget at once, so that
-/// bodies that each fit what is left cannot together overrun it; one the budget cannot
-/// cover is refused before any of it is read. A body the budget cannot cover fails to read,
-/// with the 503 to answer.
+/// body's bytes are gone. A body the budget cannot cover fails to read, with the 503 to
+/// answer; so does one whose declared length is more than the budget has left, charged
+/// nothing. Declared lengths are not reserved: a client that sent only its headers would
+/// hold its reservation until its request timed out.
 pub async fn charge_body(
     State(budget): State<Arc<BodyBudget>>,
     request: Request,
@@ -158,21 +158,18 @@ pub async fn charge_body(
 ) -> Response {
     let (mut parts, body) = request.into_parts();
     let charge = Arc::new(Charge::new(&budget));
-    let declared = declared_length(&parts.headers).unwrap_or(0);
-    let prepaid = match usize::try_from(declared) {
-        Ok(n) if charge.take(n) => declared,
-        _ => {
-            charge.refuse();
-            0
-        }
-    };
+    let left = budget.bytes.available_permits() as u64;
+    // Past the body limit, the handler answers 413 before reading it.
+    if declared_length(&parts.headers).is_some_and(|n| n > left && n <= budget.max_body_bytes) {
+        charge.refuse();
+    }
     // A client that waits for `100 Continue` has sent nothing yet: it gets the 503 instead,
     // without sending the body to be dropped.
     let body = if charge.is_refused() && expects_continue(&parts.headers) {
         let refused = Err::<Bytes, _>(axum::Error::new(budget.spent()));
         Body::from_stream(stream::once(async move { refused }))
     } else {
-        charged(body, Arc::clone(&charge), prepaid)
+        charged(body, Arc::clone(&charge))
     };
     parts
         .extensions
@@ -183,24 +180,19 @@ pub async fn charge_body(
     response
 }
 
-/// `body`, each chunk charged to `charge` as it is read, beyond the `prepaid` bytes taken
-/// for its declared length. Once one does not fit, the rest is read and dropped, up to the
-/// body limit, before the read fails: the client is still sending it, and a connection
-/// closed on unread bytes is reset, which most clients report as a broken connection rather
-/// than the 503.
-fn charged(body: Body, charge: Arc<Charge>, mut prepaid: u64) -> Body {
+/// `body`, each chunk charged to `charge` as it is read. Once one does not fit, the rest
+/// is read and dropped, up to the body limit, before the read fails: the client is still
+/// sending it, and a connection closed on unread bytes is reset, which most clients report
+/// as a broken connection rather than the 503.
+fn charged(body: Body, charge: Arc<Charge>) -> Body {
     let limit = charge.budget.max_body_bytes;
     let mut read = 0u64;
     let at_end = Arc::clone(&charge);
     let chunks = body.into_data_stream().filter_map(move |chunk| {
         let kept = match chunk {
             Ok(chunk) => {
-                let len = chunk.len() as u64;
-                read = read.saturating_add(len);
-                let covered = prepaid.min(len);
-                prepaid -= covered;
-                let more = usize::try_from(len - covered).unwrap_or(usize::MAX);
-                if !charge.is_refused() && (more == 0 || charge.take(more)) {
+                read = read.saturating_add(chunk.len() as u64);
+                if !charge.is_refused() && charge.take(chunk.len()) {
                     Some(Ok(chunk))
                 } else if read > limit {
                     charge.too_large.store(true, Ordering::Relaxed);
@@ -278,7 +270,7 @@ mod tests {
             Ok::<_, axum::Error>(Bytes::from(vec![0; n]))
         });
         let held = Arc::new(Charge::new(&budget));
-        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 0);
+        let body = charged(Body::from_stream(chunks), Arc::clone(&held));
         let error = axum::body::to_bytes(body, usize::MAX).await.unwrap_err();
         assert!(error
             .to_string()
@@ -297,30 +289,11 @@ mod tests {
         let budget = Arc::new(BodyBudget::new(100, 200, gauge));
         let chunks = stream::repeat_with(|| Ok::<_, axum::Error>(Bytes::from(vec![0; 90])));
         let held = Arc::new(Charge::new(&budget));
-        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 0);
+        let body = charged(Body::from_stream(chunks), Arc::clone(&held));
         let error = axum::body::to_bytes(body, usize::MAX).await.unwrap_err();
         // Too large, whatever the budget: 413, not a 503 that retrying cannot change.
         assert!(error.to_string().contains("limit of 200 bytes"), "{error}");
         assert!(BodyCharge(Some(held)).too_large());
-    }
-
-    /// A declared length is taken at once; the chunks it covers take nothing more.
-    #[tokio::test]
-    async fn a_declared_length_is_taken_up_front() {
-        let gauge = IntGauge::new("held", "held").unwrap();
-        let budget = Arc::new(BodyBudget::new(100, 100, gauge.clone()));
-        let held = Arc::new(Charge::new(&budget));
-        assert!(held.take(60));
-        // Another body declaring 60 no longer fits, though nothing of the first was read.
-        assert!(!Charge::new(&budget).take(60));
-        let chunks =
-            stream::iter([30, 30, 10]).map(|n| Ok::<_, axum::Error>(Bytes::from(vec![0; n])));
-        let body = charged(Body::from_stream(chunks), Arc::clone(&held), 60);
-        let read = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-        assert_eq!(read.len(), 70);
-        assert_eq!(gauge.get(), 70);
-        drop(held);
-        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

@@ -103,6 +103,8 @@ fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>, PredictError> {
     Ok(files)
 }
 
+/// Adds `folder`'s image files, subfolders included, in the order of their paths. Links to
+/// folders are not followed (as `find` does not), so a link back up cannot loop.
 fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), PredictError> {
     let listing_error = |cause| PredictError::ListFolder {
         path: folder.to_path_buf(),
@@ -110,22 +112,23 @@ fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), PredictErro
     };
     let mut entries = std::fs::read_dir(folder)
         .map_err(listing_error)?
-        .map(|entry| entry.map(|e| e.path()))
+        .map(|entry| entry.and_then(|e| Ok((e.path(), e.file_type()?))))
         .collect::<Result<Vec<_>, _>>()
         .map_err(listing_error)?;
-    entries.sort();
-    for path in entries {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, kind) in entries {
         let hidden = path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if hidden {
             continue;
         }
-        if path.is_dir() {
+        if kind.is_dir() {
             add_folder(&path, files)?;
-        } else if path
-            .extension()
-            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+        } else if !path.is_dir()
+            && path
+                .extension()
+                .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
         {
             files.push(path);
         }

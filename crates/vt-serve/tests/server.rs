@@ -743,7 +743,7 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     wait_for_gauge(&client, &metrics_url, held, 700_000.0).await;
 
     // The second declares more than the 300 KB left: refused before it is read, in each
-    // route's error shape (a declared length is taken from the budget at once).
+    // route's error shape.
     let multipart =
         || Form::new().part("file", Part::bytes(second.clone()).file_name("second.png"));
     let api_shape = |body: &Value| {

@@ -366,8 +366,14 @@ fn predictions_csv(
 /// is trained or selected on (train or val, other than the one evaluated). Data without a
 /// manifest (or from before it listed duplicates) has none listed.
 fn copies_in_other_splits(data: &Path, split: Split, samples: &[(PathBuf, usize)]) -> Vec<PathBuf> {
-    let Ok(manifest) = Manifest::read(data) else {
-        return Vec::new();
+    let manifest = match Manifest::read(data) {
+        Ok(manifest) => manifest,
+        // A folder of class folders without a manifest lists nothing.
+        Err(vt_data::DataError::NotFetched { .. }) => return Vec::new(),
+        Err(e) => {
+            tracing::warn!("{e}: the images with copies in other splits are not listed");
+            return Vec::new();
+        }
     };
     let prefix = format!("{}/", split.dir_name());
     let seen = [Split::Train, Split::Val]

@@ -156,11 +156,18 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         "{text}"
     );
     check_predictions(&report, &data, &text);
-    // An evaluation compared with itself: the same images, no difference.
+    // An evaluation compared with itself: the same images, no difference. A moved report
+    // still finds its CSV beside it, whatever path it names.
+    let moved = tmp.path().join("moved");
+    fs::create_dir(&moved).unwrap();
+    let mut renamed: serde_json::Value = json.clone();
+    renamed["predictions"] = serde_json::json!("no/such/place.csv");
+    fs::write(moved.join("r.json"), renamed.to_string()).unwrap();
+    fs::copy(report.with_extension("csv"), moved.join("r.csv")).unwrap();
     let compared = run_ok(
         vt_train()
             .arg("compare")
-            .arg(&report)
+            .arg(moved.join("r.json"))
             .arg(report.with_extension("csv")),
     );
     let compared = String::from_utf8_lossy(&compared.stdout);
@@ -172,6 +179,16 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         compared.contains("p = 1.0000: no significant difference"),
         "{compared}"
     );
+    // Reports of two splits are not compared.
+    renamed["split"] = serde_json::json!("val");
+    fs::write(moved.join("r.json"), renamed.to_string()).unwrap();
+    let splits = run_err(
+        vt_train()
+            .arg("compare")
+            .arg(&report)
+            .arg(moved.join("r.json")),
+    );
+    assert!(splits.contains("the test split and"), "{splits}");
     let wrong = run_err(
         vt_train()
             .arg("compare")
