@@ -1031,15 +1031,7 @@ async fn instances_requests_past_the_queue_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instances_request_past_its_deadline_gets_504() {
     let dir = tiny_checkpoint();
-    let args = [
-        "--timeout-ms",
-        "300",
-        "--max-batch",
-        "8",
-        "--max-delay-ms",
-        "2000",
-    ];
-    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let server = TestServer::start(&checkpoint_path(&dir), &PAST_DEADLINE_ARGS).await;
     let client = client();
     let (_, photo) = test_images(1).remove(0);
     let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);

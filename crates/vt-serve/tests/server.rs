@@ -894,15 +894,7 @@ async fn a_batch_waits_only_for_requests_on_their_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_gets_504() {
     let dir = tiny_checkpoint();
-    let args = [
-        "--timeout-ms",
-        "300",
-        "--max-batch",
-        "8",
-        "--max-delay-ms",
-        "2000",
-    ];
-    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let server = TestServer::start(&checkpoint_path(&dir), &PAST_DEADLINE_ARGS).await;
     let client = client();
     let photo = test_images(1).remove(0).1;
     // The photo's request starts first, so its 300 ms run out first; a slow upload started

@@ -297,8 +297,20 @@ pub async fn start_endless_upload(client: &reqwest::Client, base: &str) -> tokio
     stream
 }
 
+/// The options of a server for [`post_past_deadline`]: a request times out after 300 ms,
+/// while a forming batch waits up to 2 s for the requests on their way.
+pub const PAST_DEADLINE_ARGS: [&str; 6] = [
+    "--timeout-ms",
+    "300",
+    "--max-batch",
+    "8",
+    "--max-delay-ms",
+    "2000",
+];
+
 /// Sends `body` (of `content_type`) to `path` so that it waits for a batch past its
-/// deadline, on a server whose `--max-delay-ms` is longer than its `--timeout-ms`: its
+/// deadline, on a server started with [`PAST_DEADLINE_ARGS`] (`--max-delay-ms` longer than
+/// `--timeout-ms`): its
 /// headers go first, so that it counts as arriving and its deadline comes first; then an
 /// endless upload begins, which the batch waits for; then its body. Returns its answer's
 /// status code and JSON body.
