@@ -83,7 +83,10 @@ def build(spec: dict):
     # eval mode: running statistics
     model.eval()
     with torch.no_grad():
-        out["logits_eval"] = f32(model(x32.double()))
+        logits, maps = model.token_attention(x32.double())
+        out["logits_eval"] = f32(logits)
+        for i, a in enumerate(maps):
+            out[f"attention.{i}"] = f32(a)
 
     # train mode: batch statistics, one forward, loss, backward (fresh formula weights)
     model = formula_model(cfg)

@@ -119,14 +119,17 @@ class Tokenizer(nn.Module):
         self.value = nn.Linear(c, ct, bias=False)
         self.c = c
 
-    def forward(self, x, t_prev=None):
+    def attention(self, x, t_prev=None):
         # x: N x P x C
         if self.recurrent:
             r = self.recur(t_prev)                     # N x L x C
             logits = x @ r.transpose(1, 2)             # N x P x L
         else:
             logits = self.attn(x)                      # N x P x L
-        a = torch.softmax(logits / math.sqrt(self.c), dim=1)  # softmax over P
+        return torch.softmax(logits / math.sqrt(self.c), dim=1)  # softmax over P
+
+    def forward(self, x, t_prev=None):
+        a = self.attention(x, t_prev)                  # N x P x L
         v = self.value(x)                              # N x P x CT
         return a.transpose(1, 2) @ v                   # N x L x CT
 
@@ -214,16 +217,23 @@ class VTResNet(nn.Module):
         return x
 
     def forward(self, images):
+        return self.token_attention(images)[0]
+
+    def token_attention(self, images):
+        """Logits and each module's tokenizer attention, reshaped to N x L x H x W."""
         x0 = self.features(images)                         # N x C x H x W
         n, c, hh, ww = x0.shape
         x = x0.flatten(2).transpose(1, 2)                  # N x P x C, p = y*W + x
         t = None
+        maps = []
         for mod in self.vt:
+            a = mod.tokenizer.attention(x, t)              # N x P x L
+            maps.append(a.transpose(1, 2).reshape(n, -1, hh, ww))
             t = mod.tokenizer(x, t)
             t = mod.transformer(t)
             if mod.projector is not None:
                 x = mod.projector(x, t)
-        return self.head(t.mean(dim=1))
+        return self.head(t.mean(dim=1)), maps
 
 
 # --------------------------------------------------------------------------- state dict / checkpoint

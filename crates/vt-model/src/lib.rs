@@ -25,4 +25,4 @@ pub use config::{Arch, Variant, VtConfig};
 pub use device::{names_a_gpu, parse_device, parse_dtype, use_bf16_products};
 pub use error::{ModelError, Result};
 pub use model::{Model, StartedFrom};
-pub use vt_resnet::VtResNet;
+pub use vt_resnet::{TokenAttention, VtResNet};

@@ -10,7 +10,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 use crate::checkpoint::{self, WEIGHTS_FILE};
 use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
-use crate::vt_resnet::VtResNet;
+use crate::vt_resnet::{TokenAttention, VtResNet};
 
 /// What [`Model::start_from`] took from the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +166,12 @@ impl Model {
     /// Training-mode logits with the stem frozen ([`VtResNet::forward_frozen_stem`]).
     pub fn forward_frozen_stem(&self, images: &Tensor) -> CandleResult<Tensor> {
         self.net.forward_frozen_stem(images)
+    }
+
+    /// Evaluation-mode logits with each VT module's token attention maps
+    /// ([`VtResNet::token_attention`]).
+    pub fn token_attention(&self, images: &Tensor) -> CandleResult<TokenAttention> {
+        self.net.token_attention(images)
     }
 
     /// Number of trainable parameters (BatchNorm running statistics excluded).

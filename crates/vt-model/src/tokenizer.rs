@@ -48,8 +48,9 @@ impl Tokenizer {
     }
 
     /// `x`: N x P x C; `previous`: the previous module's tokens (N x L x CT), required by
-    /// the recurrent form. Returns N x L x CT.
-    pub fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<Tensor> {
+    /// the recurrent form. Returns the tokens (N x L x CT) and the spatial attention A
+    /// (N x P x L): how much each position contributes to each token.
+    pub fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let logits = match (&self.grouping, previous) {
             (Grouping::Filter { attn }, _) => attn.forward(x)?,
             (Grouping::Recurrent { recur }, Some(tokens)) => {
@@ -64,6 +65,7 @@ impl Tokenizer {
         let a = softmax(&(logits * self.scale)?, 1)?;
         // T = A^T value(X) = value(A^T X): `value` is linear without bias, and pooling the
         // P positions into L tokens first makes its product P / L times smaller.
-        self.value.forward(&a.transpose(1, 2)?.matmul(x)?)
+        let tokens = self.value.forward(&a.transpose(1, 2)?.matmul(x)?)?;
+        Ok((tokens, a))
     }
 }

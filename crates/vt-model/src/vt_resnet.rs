@@ -35,16 +35,38 @@ impl VtModule {
         })
     }
 
-    /// Returns the updated feature map and this module's tokens.
-    fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        let tokens = self.tokenizer.forward(x, previous)?;
+    fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<ModuleOutput> {
+        let (tokens, attention) = self.tokenizer.forward(x, previous)?;
         let tokens = self.transformer.forward(&tokens)?;
         let x = match &self.projector {
             Some(projector) => projector.forward(x, &tokens)?,
             None => x.clone(),
         };
-        Ok((x, tokens))
+        Ok(ModuleOutput {
+            x,
+            tokens,
+            attention,
+        })
     }
+}
+
+struct ModuleOutput {
+    /// The updated feature map, N x P x C.
+    x: Tensor,
+    /// This module's tokens, N x L x CT.
+    tokens: Tensor,
+    /// Its tokenizer's spatial attention, N x P x L.
+    attention: Tensor,
+}
+
+/// Logits together with where each module's tokens looked ([`VtResNet::token_attention`]).
+#[derive(Debug, Clone)]
+pub struct TokenAttention {
+    /// N x num_classes.
+    pub logits: Tensor,
+    /// One N x L x H x W tensor per VT module, over the stem's H x W feature map: the share
+    /// of each token that each position makes up (each token's map sums to 1).
+    pub maps: Vec<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,18 +101,41 @@ impl VtResNet {
         self.classify(&features)
     }
 
+    /// Evaluation-mode logits and the spatial attention of every module's tokenizer: which
+    /// parts of the image each visual token gathers (the paper's token visualisations).
+    pub fn token_attention(&self, images: &Tensor) -> Result<TokenAttention> {
+        let features = self.stem.forward_t(images, false)?;
+        let (n, _, h, w) = features.dims4()?;
+        let (logits, attention) = self.vt_stage(&features)?;
+        let maps = attention
+            .iter()
+            .map(|a| {
+                let tokens = a.dim(2)?;
+                a.transpose(1, 2)?.reshape((n, tokens, h, w))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TokenAttention { logits, maps })
+    }
+
     /// The VT stage and the head over the stem's feature map.
     fn classify(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(self.vt_stage(features)?.0)
+    }
+
+    /// Logits, and each module's spatial attention (N x P x L).
+    fn vt_stage(&self, features: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         // N x C x H x W -> N x P x C with p = y * W + x.
         let mut x = features.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         let mut tokens: Option<Tensor> = None;
+        let mut attention = Vec::with_capacity(self.vt.len());
         for module in &self.vt {
-            let (next_x, next_tokens) = module.forward(&x, tokens.as_ref())?;
-            x = next_x;
-            tokens = Some(next_tokens);
+            let out = module.forward(&x, tokens.as_ref())?;
+            x = out.x;
+            tokens = Some(out.tokens);
+            attention.push(out.attention);
         }
         let tokens = tokens.ok_or_else(|| candle_core::Error::Msg("no VT modules".into()))?;
-        self.head.forward(&tokens.mean(1)?)
+        Ok((self.head.forward(&tokens.mean(1)?)?, attention))
     }
 }
 

@@ -13,6 +13,7 @@ fn vt_resnet18_matches_pytorch_in_f32() {
     let fx = Fixture::load("vt-resnet18");
     fx.check_formula();
     fx.check_eval_logits(DType::F32, &Device::Cpu, 1e-4);
+    fx.check_token_attention(DType::F32, &Device::Cpu, 1e-4);
     fx.check_training(DType::F32, &Device::Cpu, 1e-4, 1e-3);
 }
 
@@ -21,6 +22,7 @@ fn vt_resnet34_matches_pytorch() {
     let fx = Fixture::load("vt-resnet34");
     fx.check_formula();
     fx.check_eval_logits(DType::F32, &Device::Cpu, 1e-4);
+    fx.check_token_attention(DType::F32, &Device::Cpu, 1e-4);
     // Layer3's batch statistics cover 8 values per channel in this tiny config, so f32
     // rounding flips ReLU kinks and no f32 implementation (PyTorch's included) gets the stem
     // gradients within 10%; the same code in f64 matches the float64 reference.
@@ -44,6 +46,7 @@ fn vt_resnet18_matches_pytorch_on_cuda() {
     };
     let fx = Fixture::load("vt-resnet18");
     fx.check_eval_logits(DType::F32, &gpu, 1e-4);
+    fx.check_token_attention(DType::F32, &gpu, 1e-4);
     fx.check_training(DType::F32, &gpu, 1e-4, 1e-3);
     Fixture::load("vt-resnet34").check_eval_logits(DType::F32, &gpu, 1e-4);
 }

@@ -111,6 +111,46 @@ impl Fixture {
         err.max(first).max(second)
     }
 
+    /// The frozen model's token attention maps (one per VT module, N x L x H x W) and the
+    /// logits that come with them.
+    pub fn check_token_attention(&self, dtype: DType, device: &Device, tolerance: f64) {
+        let (varmap, net) = self.model(dtype, device);
+        let frozen = Model {
+            config: self.config.clone(),
+            varmap,
+            net,
+            device: device.clone(),
+            dtype,
+        }
+        .into_frozen()
+        .unwrap();
+        let out = frozen.token_attention(&self.input(dtype, device)).unwrap();
+        let err = relative_error(&out.logits, self.get("logits_eval"));
+        assert!(
+            err < tolerance,
+            "{}: logits with attention, relative error {err}",
+            self.name
+        );
+        let expected: Vec<_> = self.with_prefix("attention.").collect();
+        assert_eq!(
+            out.maps.len(),
+            expected.len(),
+            "{}: one map per module",
+            self.name
+        );
+        assert_eq!(out.maps.len(), self.config.vt_modules);
+        for (module, map) in out.maps.iter().enumerate() {
+            let expected = self.get(&format!("attention.{module}"));
+            assert_eq!(map.dims(), expected.dims(), "{} module {module}", self.name);
+            let err = relative_error(map, expected);
+            assert!(
+                err < tolerance,
+                "{} {dtype:?}: attention of module {module}, relative error {err}",
+                self.name
+            );
+        }
+    }
+
     /// Training-mode logits, gradients and running statistics; returns the largest relative
     /// error of a gradient.
     pub fn check_training(
