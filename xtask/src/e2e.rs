@@ -628,6 +628,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(serde_json::from_str(&text)?)
     })?;
 
+    let explain_dir = run_dir.join("explain");
+    let explained = steps.run("explain", || {
+        let (image, _) = images
+            .first()
+            .context("no image to explain in the evaluated split")?;
+        let mut explain = Command::new(binary("vt-train"));
+        explain
+            .arg("explain")
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(&explain_dir)
+            .arg(image);
+        Ok(run_checked(&mut explain)?.trim().to_string())
+    })?;
+
     let server = steps.run("start server", || Server::start(&checkpoint))?;
     let http = steps.run("predict over HTTP", || {
         http_predictions(&server.url, &images)
@@ -670,6 +686,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report["accuracy"].as_f64().unwrap_or(f64::NAN),
         report["calibration"]["ece"].as_f64().unwrap_or(f64::NAN)
     );
+    println!("  explained:   {explained}");
     println!(
         "  served:      {url}: {} images, {correct} top-1 correct, all equal to vt-serve predict \
          and to the Open Inference Protocol's and {{\"instances\"}} answers",

@@ -1,13 +1,15 @@
 //! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`,
-//! `vt-train lr-find`.
+//! `vt-train compare`, `vt-train average`, `vt-train explain`, `vt-train lr-find`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::average::AverageArgs;
 use crate::compare::CompareArgs;
 use crate::error::Result;
 use crate::eval::EvalArgs;
+use crate::explain::ExplainArgs;
 use crate::init::InitArgs;
 use crate::lr_find::LrFindArgs;
 use crate::train::{Outcome, TrainArgs};
@@ -21,7 +23,7 @@ use crate::train::{Outcome, TrainArgs};
         Without a subcommand, `vt-train [OPTIONS]` trains like `vt-train train [OPTIONS]`, \
         by default on data/intel with the modern recipe. A run folder (--run-dir) receives \
         config.toml, metrics.jsonl, metrics.csv, curves.png, confusion.png, best/ and last/ \
-        (checkpoints) and state/ (for --resume).",
+        (checkpoints), top/ (with --checkpoint-hist) and state/ (for --resume).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -43,6 +45,20 @@ pub enum Command {
     /// CSVs): the accuracy difference, its 95% interval, and McNemar's exact test of whether
     /// it is more than chance
     Compare(CompareArgs),
+    /// Show where the visual tokens look: for each image, every VT module's token attention
+    /// maps drawn over the model's view of it, with the top classes (a PNG per image)
+    Explain(ExplainArgs),
+    /// Average checkpoints of one model configuration, every tensor element-wise (timm's
+    /// avg_checkpoints): the folders given, or the best epochs a run kept with
+    /// --checkpoint-hist (--run-dir RUN [--top K])
+    #[command(long_about = "Average checkpoints of one model configuration (timm's \
+        avg_checkpoints.py): every tensor's element-wise mean, BatchNorm running statistics \
+        included (their mean is an approximation of the averaged model's statistics, as in \
+        timm), summed in f64 and written as an f32 checkpoint to --out. Give the checkpoint \
+        folders, or --run-dir RUN for the epochs a run kept in RUN/top/ with \
+        --checkpoint-hist (--top K: the K best of them). Checkpoints whose config.json differ \
+        are refused, naming the field. One checkpoint is allowed: the output is its copy.")]
+    Average(AverageArgs),
     /// Find a learning rate: train with the rate growing exponentially from --start-lr to
     /// --end-lr and suggest where the loss falls fastest (fastai's lr_find)
     #[command(
@@ -74,6 +90,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Init(args)) => return crate::init::run(&args).map(|()| ExitCode::SUCCESS),
         Some(Command::Compare(args)) => {
             return crate::compare::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Explain(args)) => {
+            return crate::explain::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Average(args)) => {
+            return crate::average::run(&args).map(|()| ExitCode::SUCCESS)
         }
     };
     Ok(match outcome {

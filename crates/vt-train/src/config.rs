@@ -126,6 +126,11 @@ pub struct TrainOptions {
     /// [default: off]
     #[arg(long, value_name = "PATIENCE")]
     pub early_stop: Option<usize>,
+    /// Keep the checkpoints of the N best epochs (ranked as best/: validation accuracy,
+    /// then loss) in RUN/top/epoch-NNN/, for `vt-train average` (timm's
+    /// --checkpoint-hist); 0 keeps none [default: 0]
+    #[arg(long, value_name = "N")]
+    pub checkpoint_hist: Option<usize>,
     /// Do not update the ResNet stem (conv1, bn1, layer1-3) for the first N epochs, e.g.
     /// while the VT stage adapts to a pretrained stem; it runs in evaluation mode meanwhile,
     /// its BatchNorm statistics kept, and without a backward pass [default: 0]
@@ -215,6 +220,7 @@ impl TrainOptions {
             clip_grad,
             ema,
             early_stop,
+            checkpoint_hist,
             freeze_stem_epochs,
             pretrained,
             initial_checkpoint,
@@ -296,6 +302,9 @@ pub struct TrainConfig {
     pub ema: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<usize>,
+    /// Absent from run folders written before the option existed: none kept.
+    #[serde(default)]
+    pub checkpoint_hist: usize,
     pub freeze_stem_epochs: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<String>,
@@ -372,6 +381,7 @@ impl TrainConfig {
             clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
             ema: o.ema.filter(|d| *d != 0.0),
             early_stop: o.early_stop.filter(|p| *p != 0),
+            checkpoint_hist: o.checkpoint_hist.unwrap_or(0),
             freeze_stem_epochs: o.freeze_stem_epochs.unwrap_or(0),
             pretrained: o.pretrained.clone(),
             initial_checkpoint: o.initial_checkpoint.clone(),
@@ -588,6 +598,7 @@ impl TrainConfig {
             clip_grad: Some(self.clip_grad),
             ema: self.ema,
             early_stop: self.early_stop,
+            checkpoint_hist: Some(self.checkpoint_hist),
             freeze_stem_epochs: Some(self.freeze_stem_epochs),
             pretrained: self.pretrained.clone(),
             initial_checkpoint: self.initial_checkpoint.clone(),
@@ -763,6 +774,16 @@ mod tests {
         assert!(!older.contains("tf32"));
         let options: TrainOptions = toml::from_str(&older).unwrap();
         assert!(TrainConfig::resolve(&options).unwrap().tf32);
+        // Nor a checkpoint history: none is kept.
+        let older = config
+            .to_toml()
+            .unwrap()
+            .replace("checkpoint-hist = 0\n", "");
+        assert!(!older.contains("checkpoint-hist"));
+        let options: TrainOptions = toml::from_str(&older).unwrap();
+        assert_eq!(TrainConfig::resolve(&options).unwrap().checkpoint_hist, 0);
+        let file: TrainOptions = toml::from_str("checkpoint-hist = 3\n").unwrap();
+        assert_eq!(TrainConfig::resolve(&file).unwrap().checkpoint_hist, 3);
     }
 
     /// NaN and infinities reach validation whether they come from a flag or a file, instead

@@ -63,6 +63,18 @@ pub enum TrainError {
         "{path}: {reason}; it holds the run's checkpoints only: move that away, then run again"
     )]
     ForeignFiles { path: PathBuf, reason: String },
+    /// Checkpoints of different models cannot be averaged: `other`'s config differs from
+    /// `first`'s (both `config.json` files) in `differences` (field: first's value vs
+    /// other's).
+    #[error(
+        "{other} differs from {first} in {differences}: only checkpoints of one model \
+         configuration can be averaged"
+    )]
+    ConfigMismatch {
+        first: PathBuf,
+        other: PathBuf,
+        differences: String,
+    },
     /// Every step of an epoch was skipped (a non-finite loss or gradient norm).
     #[error("epoch {epoch}: no training step succeeded (see the warnings above)")]
     NoStepSucceeded { epoch: usize },

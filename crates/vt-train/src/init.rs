@@ -1,6 +1,6 @@
 //! `vt-train init`: write a freshly initialised checkpoint, optionally with a pretrained stem.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 
 use candle_core::{Device, Tensor};
@@ -87,26 +87,8 @@ pub fn run(args: &InitArgs) -> Result<()> {
             ))
         }
     };
-    // A trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident, and a
-    // folder of other files never is. Checked before a pretrained stem is downloaded.
-    match dir_contents(&args.out)? {
-        DirContents::Empty => {}
-        DirContents::Checkpoint if args.force => {}
-        DirContents::Checkpoint => {
-            return Err(TrainError::Config(format!(
-                "--out {} already holds a checkpoint: choose another folder, or add --force to \
-                 replace it",
-                args.out.display()
-            )))
-        }
-        DirContents::Foreign(reason) => {
-            return Err(TrainError::Config(format!(
-                "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
-                 (--force only replaces a checkpoint)",
-                args.out.display()
-            )))
-        }
-    }
+    // Checked before a pretrained stem is downloaded.
+    check_out_dir(&args.out, args.force)?;
     let model = seeded_model(args.model.config(class_names), &Device::Cpu, args.seed)?;
     if let Some(spec) = &args.pretrained {
         let loaded = load_stem(&model, &Source::parse(spec)?)
@@ -125,6 +107,26 @@ pub fn run(args: &InitArgs) -> Result<()> {
         model.config.image_size
     );
     Ok(())
+}
+
+/// Refuses an `--out` folder that holds a checkpoint, unless `force`, or anything else: a
+/// trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident, and a folder of
+/// other files never is. For the commands that write one checkpoint, before their work.
+pub fn check_out_dir(out: &Path, force: bool) -> Result<()> {
+    match dir_contents(out)? {
+        DirContents::Empty => Ok(()),
+        DirContents::Checkpoint if force => Ok(()),
+        DirContents::Checkpoint => Err(TrainError::Config(format!(
+            "--out {} already holds a checkpoint: choose another folder, or add --force to \
+             replace it",
+            out.display()
+        ))),
+        DirContents::Foreign(reason) => Err(TrainError::Config(format!(
+            "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
+             (--force only replaces a checkpoint)",
+            out.display()
+        ))),
+    }
 }
 
 /// A freshly initialised model whose random tensors depend only on `seed`.

@@ -3,13 +3,16 @@
 //!
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
-//! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`plots`], [`progress`]: measuring
-//!   and reporting;
-//! - [`state`]: the saved training state; [`tensorboard`]: event files for TensorBoard;
+//! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`explain`], [`plots`],
+//!   [`progress`]: measuring and reporting;
+//! - [`state`]: the saved training state; [`history`]: the checkpoints of the best epochs
+//!   (`--checkpoint-hist`), which [`average`] averages; [`tensorboard`]: event files for
+//!   TensorBoard;
 //!   [`data`]: glue to vt-data's loader;
 //! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
 //!   learning-rate range test) share.
 
+pub mod average;
 pub mod calibration;
 pub mod cli;
 pub mod compare;
@@ -18,6 +21,8 @@ pub mod data;
 pub mod ema;
 pub mod error;
 pub mod eval;
+pub mod explain;
+pub mod history;
 pub mod init;
 pub mod learner;
 pub mod loss;

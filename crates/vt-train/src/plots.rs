@@ -20,7 +20,7 @@ use crate::metrics::{replace_through_temporary, ConfusionMatrix, EpochRecord};
 pub const CURVES_PNG: &str = "curves.png";
 pub const CONFUSION_PNG: &str = "confusion.png";
 
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 const FONT_CANDIDATES: [&str; 6] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
@@ -53,7 +53,7 @@ fn text_available() -> bool {
     })
 }
 
-fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Plot {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -61,7 +61,7 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
 }
 
 /// Draws into a temporary sibling and renames it over `path`.
-fn draw_atomically(
+pub(crate) fn draw_atomically(
     path: &Path,
     size: (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>, bool) -> Result<()>,

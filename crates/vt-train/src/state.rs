@@ -21,6 +21,7 @@ use vt_model::{Model, ModelError};
 use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
+use crate::history::Kept;
 use crate::optim::{Optimizer, StepCounts};
 
 pub const STATE_DIR: &str = "state";
@@ -45,6 +46,10 @@ pub struct Progress {
     pub stopped_early: bool,
     pub optimizer_steps: StepCounts,
     pub config: TrainConfig,
+    /// The epochs whose checkpoints `top/` keeps (`--checkpoint-hist`), best first. Absent
+    /// from states written before the option existed: none.
+    #[serde(default)]
+    pub top: Vec<Kept>,
 }
 
 impl Progress {
@@ -60,26 +65,28 @@ impl Progress {
             stopped_early: false,
             optimizer_steps: StepCounts::new(),
             config,
+            top: Vec::new(),
         }
     }
 
-    /// Whether (accuracy, loss) beats the best so far: higher accuracy, or the same
-    /// accuracy with a lower loss (ties are common on small validation sets). A loss that
-    /// is not finite (a diverged model) never does.
+    /// Whether (accuracy, loss) beats the best so far ([`ranks_above`]).
     pub fn improves(&self, val_acc: f64, val_loss: f64) -> bool {
-        if !val_loss.is_finite() {
-            return false;
-        }
         match self.best_val_acc {
-            None => true,
-            // A best loss of None beside an accuracy: a NaN that an earlier version kept
-            // and JSON wrote as null; any finite loss beats it.
-            Some(acc) => {
-                val_acc > acc
-                    || (val_acc == acc && self.best_val_loss.is_none_or(|loss| val_loss < loss))
-            }
+            None => val_loss.is_finite(),
+            Some(acc) => ranks_above(val_acc, val_loss, acc, self.best_val_loss),
         }
     }
+}
+
+/// Whether an epoch of validation (accuracy, loss) ranks above one of (`than_acc`,
+/// `than_loss`): higher accuracy, or the same accuracy with a lower loss (ties are common on
+/// small validation sets). A loss that is not finite (a diverged model) never does. A
+/// `than_loss` of None beside an accuracy is a NaN that an earlier version kept and JSON
+/// wrote as null: any finite loss beats it.
+pub fn ranks_above(val_acc: f64, val_loss: f64, than_acc: f64, than_loss: Option<f64>) -> bool {
+    val_loss.is_finite()
+        && (val_acc > than_acc
+            || (val_acc == than_acc && than_loss.is_none_or(|loss| val_loss < loss)))
 }
 
 fn model_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -138,10 +145,17 @@ pub fn exists(run_dir: &Path) -> Result<bool> {
     Ok(dir.join(TRAINING_FILE).is_file())
 }
 
+/// Reads `RUN/state/training.json`, first putting back a state whose write was interrupted:
+/// for the process that holds the run's lock.
 pub fn read_progress(run_dir: &Path) -> Result<Progress> {
-    let dir = run_dir.join(STATE_DIR);
-    recover_interrupted_write(&dir)?;
-    let path = dir.join(TRAINING_FILE);
+    recover_interrupted_write(&run_dir.join(STATE_DIR))?;
+    read_saved_progress(run_dir)
+}
+
+/// Reads `RUN/state/training.json` as it is, repairing nothing: for readers, which could
+/// race the training process's two renames (see [`vt_model::checkpoint`]).
+pub fn read_saved_progress(run_dir: &Path) -> Result<Progress> {
+    let path = run_dir.join(STATE_DIR).join(TRAINING_FILE);
     let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
     let progress: Progress = serde_json::from_str(&text).map_err(|cause| TrainError::Json {
         path: path.clone(),
@@ -263,11 +277,25 @@ mod tests {
             best_val_loss: Some(0.1 + 0.2),
             best_epoch: Some(1),
             epochs_since_best: 1,
+            top: vec![Kept {
+                epoch: 1,
+                val_acc: 22.0 / 96.0,
+                val_loss: 0.1 + 0.2,
+            }],
             ..progress()
         };
         save(dir.path(), &saved, &model, &optimizer, None).unwrap();
         let read = read_progress(dir.path()).unwrap();
         assert_eq!(read, saved);
+        // A state written before the checkpoint history existed: none is kept.
+        let mut older = serde_json::to_value(&saved).unwrap();
+        older.as_object_mut().unwrap().remove("top");
+        older["config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("checkpoint-hist");
+        let older: Progress = serde_json::from_value(older).unwrap();
+        assert_eq!(older.top, []);
         assert_eq!(
             read.best_val_acc.map(f64::to_bits),
             Some((22.0f64 / 96.0).to_bits())

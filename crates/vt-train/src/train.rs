@@ -3,10 +3,11 @@
 //! Every optimiser step's loss, learning rate and gradient norm go to a TensorBoard event
 //! file. After every epoch, in this order: a line appended to `metrics.jsonl` (and
 //! `metrics.csv`, the epoch's scalars to the event file, plots rewritten), `best/` when
-//! validation improved, `last/`, then `state/`. A run killed anywhere resumes from `state/`,
-//! dropping metric lines (and TensorBoard points) of epochs after the saved one, so every
-//! epoch is logged exactly once; killed before its first epoch ended, it starts again from
-//! its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
+//! validation improved, `last/`, `top/epoch-NNN/` when the epoch enters the checkpoint
+//! history, then `state/`, then the folders that left the history. A run killed anywhere
+//! resumes from `state/`, dropping metric lines (and TensorBoard points) of epochs after the
+//! saved one, so every epoch is logged exactly once; killed before its first epoch ended, it
+//! starts again from its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::data;
 use crate::ema::Ema;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::eval::evaluate;
+use crate::history::{self, Kept};
 use crate::learner::{
     model_config, new_model, open_training_images, prepare_device, training_loader, Group, Learner,
 };
@@ -434,6 +436,24 @@ impl Trainer {
             self.served()
                 .save(&last)
                 .with_context(|| format!("writing {}", last.display()))?;
+            let offered = history::offer(
+                &self.progress.top,
+                Kept {
+                    epoch: epoch + 1,
+                    val_acc,
+                    val_loss,
+                },
+                self.learner.config.checkpoint_hist,
+            );
+            // The new folder before the state that lists it, the dropped ones after the
+            // state that no longer does: a kill in between leaves only unlisted folders.
+            if offered.admitted {
+                let dir = history::epoch_dir(&self.run_dir, epoch + 1);
+                self.served()
+                    .save(&dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+            }
+            self.progress.top = offered.kept;
             self.progress.epochs_done = epoch + 1;
             let patience = self.learner.config.early_stop;
             self.progress.stopped_early =
@@ -446,6 +466,7 @@ impl Trainer {
                 self.ema.as_ref(),
             )
             .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
+            history::remove(&self.run_dir, &offered.dropped)?;
             tracing::info!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%{} | lr {:.2e} | \
                  {:.1} img/s | {:.1}s | |g| mean {:.2} max {:.2}, {} clipped",
@@ -463,6 +484,14 @@ impl Trainer {
                 record.grad_norm_max,
                 record.clipped_steps
             );
+            if offered.admitted || !offered.dropped.is_empty() {
+                tracing::info!(
+                    "epoch {}: {}/ keeps epochs {}",
+                    record.epoch,
+                    history::TOP_DIR,
+                    epoch_list(&self.progress.top)
+                );
+            }
             let searched = vt_model::kernels::algorithm_search_time() - searched_before;
             if !searched.is_zero() {
                 tracing::info!(
@@ -499,6 +528,14 @@ impl Trainer {
                 "done, but no epoch had a finite validation loss: {} holds no {BEST_DIR}/ checkpoint",
                 self.run_dir.display()
             ),
+        }
+        if !self.progress.top.is_empty() {
+            tracing::info!(
+                "{}/ keeps epochs {}: `vt-train average --run-dir {} --out DIR` averages them",
+                history::TOP_DIR,
+                epoch_list(&self.progress.top),
+                self.run_dir.display()
+            );
         }
         // Ctrl-C during the last validation: the run is complete, but the caller asked to stop.
         Ok(if self.interrupted.load(Ordering::SeqCst) {
@@ -538,6 +575,12 @@ impl Trainer {
             tracing::warn!("{err}");
         }
     }
+}
+
+/// "6, 3, 4": the epochs of a checkpoint history, best first.
+fn epoch_list(kept: &[Kept]) -> String {
+    let epochs: Vec<String> = kept.iter().map(|k| k.epoch.to_string()).collect();
+    epochs.join(", ")
 }
 
 /// How a training command ended.
@@ -585,6 +628,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             return Err(TrainError::ForeignFiles { path, reason });
         }
     }
+    history::check_folder(&run_dir)?;
+    let kept = history::remove_leftovers(&run_dir, resumed.as_ref().map_or(&[], |p| &p.top))?;
 
     let wanted = model_config(&config, classes.clone());
     let model = match &resumed {
@@ -634,6 +679,17 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
                 &device,
             )?;
             progress.config = config.clone();
+            progress.top = kept;
+            if progress.top.len() > config.checkpoint_hist {
+                tracing::info!(
+                    "--checkpoint-hist {}: the worst {} of the {} epochs in {}/ leave it at the \
+                     end of the next epoch",
+                    config.checkpoint_hist,
+                    progress.top.len() - config.checkpoint_hist,
+                    progress.top.len(),
+                    history::TOP_DIR
+                );
+            }
             progress
         }
         None => Progress::new(config.clone()),

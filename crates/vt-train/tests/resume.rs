@@ -52,6 +52,8 @@ fn train(data: &Path, run: &Path, epochs: &str) -> Command {
         "2",
         "--seed",
         "5",
+        "--checkpoint-hist",
+        "2",
     ]);
     cmd
 }
@@ -91,12 +93,26 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         stale.scalars(step, &[("train/loss_step", 99.0), ("val/loss", 99.0)]);
     }
 
+    // A kept epoch's folder that the state does not list, as a process killed between
+    // writing it and the state leaves it.
+    let stray = killed.join("top/epoch-099");
+    std::fs::create_dir_all(&stray).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(killed.join("last").join(file), stray.join(file)).unwrap();
+    }
+
     let out = run_ok(
         vt_train()
             .args(["train", "--resume", "--run-dir"])
             .arg(&killed),
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("resuming"), "{log}");
+    assert!(
+        log.contains(&format!("removing {}", stray.display())),
+        "{log}"
+    );
+    assert!(!stray.exists());
     let resumed = records(&killed);
     assert_eq!(
         resumed.iter().map(|r| r.epoch).collect::<Vec<_>>(),
@@ -155,6 +171,11 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         (v["best_epoch"].clone(), v["epochs_since_best"].clone())
     };
     assert_eq!(best(&killed), best(&straight));
+    // The checkpoint history went on as in the uninterrupted run.
+    let (listed, folders) = checkpoint_history(&killed);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(folders, epoch_folders(&listed));
+    assert_eq!((listed, folders), checkpoint_history(&straight));
 }
 
 #[test]
@@ -248,11 +269,15 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
     let data = synthetic_data(tmp.path(), 4);
     let run = tmp.path().join("run");
     // 18 training images in batches of 8: 2 steps per epoch.
-    run_ok(
-        train_tiny(&data, &run)
-            .args(ONE_THREAD)
-            .args(["--batch-size", "8", "--epochs", "2"]),
-    );
+    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--checkpoint-hist",
+        "2",
+    ]));
+    assert_eq!(checkpoint_history(&run).0.len(), 2);
     let files = || {
         ["config.toml", "metrics.jsonl", "state/training.json"]
             .map(|f| std::fs::read(run.join(f)).unwrap())
@@ -324,13 +349,30 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     progress["best_val_loss"] = serde_json::Value::Null;
     std::fs::write(&state, progress.to_string()).unwrap();
-    run_ok(
+    // A smaller --checkpoint-hist too: the worse kept epoch leaves top/ with the next epoch.
+    let out = run_ok(
         vt_train()
-            .args(["train", "--resume", "--epochs", "3", "--run-dir"])
+            .args([
+                "train",
+                "--resume",
+                "--epochs",
+                "3",
+                "--checkpoint-hist",
+                "1",
+            ])
+            .arg("--run-dir")
             .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("--checkpoint-hist 1: the worst 1 of the 2 epochs"),
+        "{log}"
     );
     let records = records(&run);
     assert_eq!(records.len(), 3);
     assert!(records[0].val_loss.is_nan() && records[1].val_loss.is_nan());
     assert!(records[2].val_loss.is_finite());
+    let (listed, folders) = checkpoint_history(&run);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(folders, epoch_folders(&listed));
 }

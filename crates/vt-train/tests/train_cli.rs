@@ -24,6 +24,8 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         "0.5",
         "--ema",
         "0.5",
+        "--checkpoint-hist",
+        "2",
     ]));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("epoch 4/4"), "{log}");
@@ -91,6 +93,7 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         assert_eq!(model.config.image_size, 32);
         assert_eq!(model.config.class_names.len(), 6);
     }
+    check_history_and_average(&run, &data, &records, &log);
     // config.toml is a valid --config file.
     let config: toml::Table = fs::read_to_string(run.join("config.toml"))
         .unwrap()
@@ -209,6 +212,77 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         )),
         "{log}"
     );
+}
+
+/// `top/` keeps the 2 best epochs of metrics.jsonl, ranked as best/ is (accuracy, then loss,
+/// then the earlier), with the (EMA) weights best/ holds; `vt-train average --run-dir`
+/// writes their element-wise mean as a checkpoint that `eval` loads.
+fn check_history_and_average(
+    run: &std::path::Path,
+    data: &std::path::Path,
+    records: &[vt_train::metrics::EpochRecord],
+    log: &str,
+) {
+    let mut ranked: Vec<_> = records.iter().collect();
+    ranked.sort_by(|a, b| {
+        (b.val_acc.total_cmp(&a.val_acc))
+            .then(a.val_loss.total_cmp(&b.val_loss))
+            .then(a.epoch.cmp(&b.epoch))
+    });
+    let best: Vec<usize> = ranked[..2].iter().map(|r| r.epoch).collect();
+    let (listed, folders) = checkpoint_history(run);
+    assert_eq!(listed, best);
+    assert_eq!(folders, epoch_folders(&best));
+    assert_eq!(
+        Some(best[0]),
+        records.iter().rfind(|r| r.best).map(|r| r.epoch)
+    );
+    let kept = |epoch: usize| checkpoint_tensors(&run.join(format!("top/epoch-{epoch:03}")));
+    let (first, second) = (kept(best[0]), kept(best[1]));
+    for (name, tensor) in checkpoint_tensors(&run.join("best")) {
+        assert_eq!(max_abs_diff(&tensor, &first[&name]), 0.0, "{name}");
+    }
+    assert!(log.contains("average --run-dir"), "{log}");
+
+    let avg = run.with_file_name("avg");
+    let average = || {
+        let mut cmd = vt_train();
+        cmd.args(["average", "--run-dir"])
+            .arg(run)
+            .arg("--out")
+            .arg(&avg);
+        cmd
+    };
+    let out = run_ok(&mut average());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("averaging 2 checkpoints"), "{text}");
+    for epoch in &best {
+        assert!(
+            text.contains(&format!("epoch-{epoch:03}  epoch {epoch}, val acc")),
+            "{text}"
+        );
+    }
+    let mean = checkpoint_tensors(&avg);
+    assert_eq!(mean.len(), first.len());
+    for (name, tensor) in &mean {
+        let expected = ((&first[name] + &second[name]).unwrap() / 2.0).unwrap();
+        assert!(max_abs_diff(tensor, &expected) <= 1e-6, "{name}");
+    }
+    let refused = run_err(&mut average());
+    assert!(refused.contains("already holds a checkpoint"), "{refused}");
+    let refused = run_err(average().args(["--force", "--top", "3"]));
+    assert!(
+        refused.contains("--top 3") && refused.contains("keeps 2 epochs"),
+        "{refused}"
+    );
+    run_ok(
+        vt_train()
+            .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
+            .arg(&avg)
+            .arg("--data")
+            .arg(data),
+    );
+    assert!(avg.with_file_name("eval-avg-val.json").is_file());
 }
 
 /// One row of the predictions CSV.
@@ -1049,4 +1123,59 @@ fn lr_find_sweeps_the_rate_and_writes_its_report_but_no_run() {
         .collect();
     written.sort();
     assert_eq!(written, ["lr-find.json", "lr-find.png"]);
+}
+
+#[test]
+fn explain_draws_each_modules_token_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoint = tmp.path().join("init");
+    run_ok(
+        vt_train()
+            .args(["init", "--class-names", "forest,sea,street", "--out"])
+            .arg(&checkpoint)
+            .args(TINY_MODEL),
+    );
+    // Two images of one name in two folders, and a file that is no image.
+    let photo = image::RgbImage::from_fn(50, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 90]));
+    for folder in ["a", "b"] {
+        fs::create_dir(tmp.path().join(folder)).unwrap();
+    }
+    let (png, jpeg) = (
+        tmp.path().join("a/photo.png"),
+        tmp.path().join("b/photo.jpg"),
+    );
+    photo.save(&png).unwrap();
+    photo.save(&jpeg).unwrap();
+    let broken = tmp.path().join("notes.jpg");
+    fs::write(&broken, b"not an image").unwrap();
+    let out = tmp.path().join("explain");
+
+    let mut cmd = vt_train();
+    cmd.args(["explain", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--out")
+        .arg(&out)
+        .args([&png, &broken, &jpeg]);
+    let output = cmd.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        !output.status.success(),
+        "a broken image fails the run: {stdout}"
+    );
+    assert!(stderr.contains("notes.jpg"), "{stderr}");
+    assert!(stderr.contains("1 of 3 images"), "{stderr}");
+    // Each picture: the model's view, then one row of 4 tokens for each of the 2 modules.
+    for name in ["photo.png", "photo-2.png"] {
+        let path = out.join(name);
+        assert!(stdout.contains(&path.display().to_string()), "{stdout}");
+        assert!(is_png(&path), "{}", path.display());
+        assert_eq!(image::image_dimensions(&path).unwrap(), (648, 294));
+    }
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    for line in stdout.lines() {
+        assert_eq!(line.matches('%').count(), 3, "the 3 best classes: {line}");
+    }
 }

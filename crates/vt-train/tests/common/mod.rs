@@ -185,3 +185,31 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A run's checkpoint history: the epochs its training state lists (best first), and the
+/// folders in its top/ (sorted by name).
+pub fn checkpoint_history(run_dir: &Path) -> (Vec<usize>, Vec<String>) {
+    let text = fs::read_to_string(run_dir.join("state/training.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let listed = state["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["epoch"].as_u64().unwrap() as usize)
+        .collect();
+    let mut folders: Vec<String> = match fs::read_dir(run_dir.join("top")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    folders.sort();
+    (listed, folders)
+}
+
+/// `epoch-NNN` for each of `epochs`, sorted: the top/ folders that keep them.
+pub fn epoch_folders(epochs: &[usize]) -> Vec<String> {
+    let mut names: Vec<String> = epochs.iter().map(|e| format!("epoch-{e:03}")).collect();
+    names.sort();
+    names
+}

@@ -1,0 +1,313 @@
+//! `vt-train average`: the element-wise mean of checkpoints of one model configuration
+//! (timm's `avg_checkpoints.py`), typically the best epochs a run kept with
+//! `--checkpoint-hist` (`RUN/top/`). Every tensor is averaged, BatchNorm running statistics
+//! included, as timm does: the mean of running variances is not the variance the averaged
+//! weights would produce, an approximation that works in practice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
+
+use candle_core::{Device, Tensor};
+use vt_model::checkpoint::CONFIG_FILE;
+use vt_model::{Model, VtConfig};
+
+use crate::error::{Result, ResultExt, TrainError};
+use crate::history::{epoch_dir, Kept, TOP_DIR};
+use crate::init::check_out_dir;
+use crate::state;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AverageArgs {
+    /// Checkpoint folders (config.json + model.safetensors) of one model configuration
+    #[arg(
+        value_name = "CHECKPOINT",
+        required_unless_present = "run_dir",
+        conflicts_with = "run_dir"
+    )]
+    pub checkpoints: Vec<PathBuf>,
+    /// Average the checkpoints a run kept with --checkpoint-hist (RUN/top/), best first
+    #[arg(long, value_name = "RUN")]
+    pub run_dir: Option<PathBuf>,
+    /// With --run-dir: only the K best kept epochs [default: all]
+    #[arg(long, value_name = "K", requires = "run_dir")]
+    pub top: Option<usize>,
+    /// Output checkpoint folder (new or empty)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace the checkpoint that --out already holds (never a folder holding anything
+    /// else)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// A checkpoint to average; `kept` says which epoch of a run's history it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub dir: PathBuf,
+    pub kept: Option<Kept>,
+}
+
+/// The `k` best epochs (all without `k`) that `run_dir`'s training state lists in its
+/// checkpoint history, best first.
+pub fn history_inputs(run_dir: &Path, k: Option<usize>) -> Result<Vec<Input>> {
+    let progress = state::read_saved_progress(run_dir)
+        .with_context(|| format!("reading the training state of {}", run_dir.display()))?;
+    let kept = progress.top;
+    if kept.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} keeps no checkpoint history in {TOP_DIR}/: train with --checkpoint-hist N \
+             (a resumed run keeps its next epochs)",
+            run_dir.display()
+        )));
+    }
+    let k = k.unwrap_or(kept.len());
+    if k == 0 || k > kept.len() {
+        return Err(TrainError::Config(format!(
+            "--top {k}: {} keeps {} epoch{} in {TOP_DIR}/; give 1 to {}",
+            run_dir.display(),
+            kept.len(),
+            if kept.len() == 1 { "" } else { "s" },
+            kept.len()
+        )));
+    }
+    Ok(kept[..k]
+        .iter()
+        .map(|k| Input {
+            dir: epoch_dir(run_dir, k.epoch),
+            kept: Some(*k),
+        })
+        .collect())
+}
+
+/// `first`'s and `other`'s configs' differing fields, as `field: first's vs other's`.
+fn differences(first: &VtConfig, other: &VtConfig) -> Vec<String> {
+    let fields = |config: &VtConfig| match serde_json::to_value(config) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (fields(first), fields(other));
+    a.iter()
+        .filter(|(name, value)| b.get(*name) != Some(value))
+        .map(|(name, value)| {
+            let theirs = b.get(name).unwrap_or(&serde_json::Value::Null);
+            format!("{name}: {value} vs {theirs}")
+        })
+        .collect()
+}
+
+/// The element-wise mean of every tensor of the checkpoints in `dirs` (each loaded
+/// strictly), as a model of their common config. Sums are taken in f64 and divided once, so
+/// the f32 result is the correctly rounded mean, whatever the order or number of inputs.
+pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
+    let load = |dir: &Path| {
+        Model::load(dir, device).with_context(|| format!("loading checkpoint {}", dir.display()))
+    };
+    let Some((first_dir, others)) = dirs.split_first() else {
+        return Err(TrainError::Config("no checkpoint to average".into()));
+    };
+    let model = load(first_dir)?;
+    let mut sums = values(&model)?;
+    for dir in others {
+        let other = load(dir)?;
+        let differ = differences(&model.config, &other.config);
+        if !differ.is_empty() {
+            return Err(TrainError::ConfigMismatch {
+                first: first_dir.join(CONFIG_FILE),
+                other: dir.join(CONFIG_FILE),
+                differences: differ.join(", "),
+            });
+        }
+        // One config, loaded strictly: the same tensor names and shapes.
+        for (name, values) in values(&other)? {
+            if let Some(sum) = sums.get_mut(&name) {
+                sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
+            }
+        }
+    }
+    let count = dirs.len() as f64;
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    for (name, var) in vars.iter() {
+        let mean: Vec<f32> = sums[name].iter().map(|s| (s / count) as f32).collect();
+        var.set(&Tensor::from_vec(mean, var.dims(), device)?)?;
+    }
+    drop(vars);
+    Ok(model)
+}
+
+/// Every tensor of `model`, by name, widened to f64.
+fn values(model: &Model) -> Result<BTreeMap<String, Vec<f64>>> {
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    vars.iter()
+        .map(|(name, var)| {
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            Ok((name.clone(), values.into_iter().map(f64::from).collect()))
+        })
+        .collect()
+}
+
+pub fn run(args: &AverageArgs) -> Result<()> {
+    let inputs = match &args.run_dir {
+        Some(run_dir) => history_inputs(run_dir, args.top)?,
+        None => args
+            .checkpoints
+            .iter()
+            .map(|dir| Input {
+                dir: dir.clone(),
+                kept: None,
+            })
+            .collect(),
+    };
+    check_out_dir(&args.out, args.force)?;
+    println!(
+        "averaging {} checkpoint{}:",
+        inputs.len(),
+        if inputs.len() == 1 { "" } else { "s" }
+    );
+    for input in &inputs {
+        match input.kept {
+            Some(k) => println!(
+                "  {}  epoch {}, val acc {:.2}%, val loss {:.4}",
+                input.dir.display(),
+                k.epoch,
+                100.0 * k.val_acc,
+                k.val_loss
+            ),
+            None => println!("  {}", input.dir.display()),
+        }
+    }
+    let dirs: Vec<PathBuf> = inputs.into_iter().map(|i| i.dir).collect();
+    let model = average(&dirs, &Device::Cpu)?;
+    model
+        .save(&args.out)
+        .with_context(|| format!("writing checkpoint {}", args.out.display()))?;
+    println!(
+        "wrote {} ({}, {} classes, {} px){}",
+        args.out.display(),
+        model.config.arch,
+        model.config.num_classes,
+        model.config.image_size,
+        if dirs.len() == 1 {
+            ": one checkpoint, so a copy of it"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vt_model::Arch;
+
+    use super::*;
+    use crate::init::seeded_model;
+
+    fn tiny(image_size: usize) -> VtConfig {
+        VtConfig {
+            tokens: 4,
+            token_channels: 32,
+            heads: 2,
+            ..VtConfig::new(Arch::VtResNet18, 3, image_size)
+        }
+    }
+
+    /// A checkpoint in `root/NAME` with weights drawn from `seed` and the first BatchNorm's
+    /// running statistics set to `stat`.
+    fn checkpoint(root: &Path, name: &str, config: VtConfig, seed: u64, stat: f32) -> PathBuf {
+        let model = seeded_model(config, &Device::Cpu, seed).unwrap();
+        for tensor in ["bn1.running_mean", "bn1.running_var"] {
+            let var = model.varmap.data().lock().unwrap()[tensor].clone();
+            let values = Tensor::full(stat, var.dims(), &Device::Cpu).unwrap();
+            var.set(&values).unwrap();
+        }
+        let dir = root.join(name);
+        model.save(&dir).unwrap();
+        dir
+    }
+
+    fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+        let model = Model::load(dir, &Device::Cpu).unwrap();
+        values(&model)
+            .unwrap()
+            .into_iter()
+            .map(|(name, v)| (name, v.into_iter().map(|x| x as f32).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn every_tensor_is_the_exact_mean_of_the_checkpoints() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = [(1, 1.0), (2, 2.5), (3, 6.0)]
+            .iter()
+            .map(|&(seed, stat)| checkpoint(root.path(), &format!("c{seed}"), tiny(32), seed, stat))
+            .collect();
+        let inputs: Vec<_> = dirs.iter().map(|d| tensors(d)).collect();
+        for count in [2, 3] {
+            let model = average(&dirs[..count], &Device::Cpu).unwrap();
+            assert_eq!(model.config, tiny(32));
+            let out = root.path().join(format!("mean{count}"));
+            model.save(&out).unwrap();
+            // Written as a checkpoint that loads strictly.
+            let mean = tensors(&out);
+            assert_eq!(mean.len(), inputs[0].len());
+            for (name, values) in &mean {
+                for (i, value) in values.iter().enumerate() {
+                    let sum: f64 = inputs[..count].iter().map(|t| f64::from(t[name][i])).sum();
+                    assert_eq!(*value, (sum / count as f64) as f32, "{name}[{i}]");
+                }
+            }
+            let stat = if count == 2 { 1.75 } else { 9.5 / 3.0 };
+            assert!(mean["bn1.running_var"].iter().all(|v| *v == stat as f32));
+            assert!(mean["bn1.running_mean"].iter().all(|v| *v == stat as f32));
+        }
+        // One checkpoint: its copy, bit for bit.
+        let copy = average(&dirs[..1], &Device::Cpu).unwrap();
+        let copied: BTreeMap<String, Vec<f32>> = values(&copy)
+            .unwrap()
+            .into_iter()
+            .map(|(name, v)| (name, v.into_iter().map(|x| x as f32).collect()))
+            .collect();
+        assert_eq!(copied, inputs[0]);
+    }
+
+    #[test]
+    fn checkpoints_of_different_configs_are_refused_naming_the_field() {
+        let root = tempfile::tempdir().unwrap();
+        let a = checkpoint(root.path(), "a", tiny(32), 1, 1.0);
+        let b = checkpoint(root.path(), "b", tiny(48), 2, 1.0);
+        let renamed = VtConfig {
+            class_names: vec!["x".into(), "y".into(), "z".into()],
+            ..tiny(32)
+        };
+        let c = checkpoint(root.path(), "c", renamed, 3, 1.0);
+        let refusal = |dirs: &[PathBuf]| match average(dirs, &Device::Cpu) {
+            Ok(_) => panic!("{dirs:?} were averaged"),
+            Err(e) => e.to_string(),
+        };
+        let err = refusal(&[a.clone(), b.clone()]);
+        assert_eq!(
+            err,
+            format!(
+                "{} differs from {} in image_size: 32 vs 48: only checkpoints of one model \
+                 configuration can be averaged",
+                b.join(CONFIG_FILE).display(),
+                a.join(CONFIG_FILE).display()
+            )
+        );
+        let err = refusal(&[a, c]);
+        assert!(
+            err.contains(r#"class_names: ["class0","class1","class2"] vs ["x","y","z"]"#),
+            "{err}"
+        );
+        assert_eq!(refusal(&[]), "no checkpoint to average");
+    }
+}
