@@ -11,6 +11,16 @@ use tracing::Span;
 pub const TARGET: &str = "vt_serve::access";
 
 pub fn span<B>(request: &Request<B>) -> Span {
+    span_with_path(request, request.uri())
+}
+
+/// The span of a gRPC call: its path alone, without the scheme and host that HTTP/2
+/// requests carry.
+pub fn grpc_span<B>(request: &Request<B>) -> Span {
+    span_with_path(request, request.uri().path())
+}
+
+fn span_with_path<B>(request: &Request<B>, path: impl std::fmt::Display) -> Span {
     let id = request
         .headers()
         .get("x-request-id")
@@ -19,7 +29,7 @@ pub fn span<B>(request: &Request<B>) -> Span {
     tracing::info_span!(
         "request",
         method = %request.method(),
-        path = %request.uri(),
+        path = %path,
         id = %id
     )
 }

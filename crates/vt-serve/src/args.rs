@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free one (the bound address is printed on startup).
     #[arg(long, env = "VT_SERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Port for the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`,
+    /// as Triton and KServe serve it), on the same --host; 0 picks a free one (printed on
+    /// startup). Without it there is no gRPC service.
+    #[arg(long, env = "VT_SERVE_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU when built with CUDA, else the CPU).
     #[arg(long, env = "VT_SERVE_DEVICE", default_value = "auto")]
     pub device: String,
@@ -58,7 +63,8 @@ pub struct ServeArgs {
     /// closed (slow clients, and idle keep-alive connections).
     #[arg(long, env = "VT_SERVE_HEADER_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout_ms: u64,
-    /// Largest request body (and fetched URL) in bytes; larger ones get 413.
+    /// Largest request body (and fetched URL) in bytes; larger ones get 413. Also the
+    /// largest gRPC request message (decoded): RESOURCE_EXHAUSTED.
     #[arg(long, env = "VT_SERVE_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,
     /// Most bytes of request bodies (decoded) held at once, all requests together; a body

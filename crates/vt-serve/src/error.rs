@@ -1,12 +1,13 @@
-//! The one error type of the HTTP API: every failure becomes a status code and a JSON body
+//! The one error type of the API: every failure becomes a status code and a JSON body
 //! `{"error": CODE, "detail": MESSAGE}`, where CODE is a stable machine-readable word (on
 //! the Open Inference Protocol's and KServe V1's routes, `{"error": MESSAGE}` as those
-//! protocols say).
+//! protocols say); on the gRPC port, a gRPC status with the same message.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use tonic::Code;
 use vt_data::DataError;
 
 use crate::classifier::ClassifyError;
@@ -138,6 +139,34 @@ impl ApiError {
         }
     }
 
+    /// The gRPC status of this error, its message the HTTP answer's detail. Server errors
+    /// are logged, as for HTTP.
+    pub fn grpc_status(&self) -> tonic::Status {
+        let code = match self {
+            ApiError::BadRequest(_)
+            | ApiError::InvalidImage(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::UrlFetchRefused(_) => Code::InvalidArgument,
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
+                Code::ResourceExhausted
+            }
+            // All are worth a retry: UNAVAILABLE is the code gRPC clients retry.
+            ApiError::UrlFetchFailed(_)
+            | ApiError::Overloaded
+            | ApiError::BodyBudgetSpent { .. }
+            | ApiError::NotReady(_) => Code::Unavailable,
+            ApiError::Timeout { .. } => Code::DeadlineExceeded,
+            ApiError::UnknownModel(_) => Code::NotFound,
+            // No such method.
+            ApiError::NotFound(_) | ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
+            ApiError::Internal(_) => Code::Internal,
+        };
+        if self.status().is_server_error() {
+            tracing::warn!(code = ?code, error = %self, "gRPC request failed");
+        }
+        tonic::Status::new(code, self.to_string())
+    }
+
     /// The error's status and headers around `body`: the one place both error shapes (this
     /// API's and [`ErrorMessage`]'s) are turned into responses.
     pub fn into_response_with(self, body: impl Serialize) -> Response {
@@ -183,5 +212,11 @@ impl IntoResponse for ApiError {
             detail: self.to_string(),
         };
         self.into_response_with(body)
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        error.grpc_status()
     }
 }

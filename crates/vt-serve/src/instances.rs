@@ -96,7 +96,7 @@ pub async fn model_ready(
         .into());
     }
     let model = state.model_named(&name)?;
-    Ok(open_inference::model_readiness(&state, &model))
+    Ok(open_inference::http::model_readiness(&state, &model))
 }
 
 /// `POST /v1/models/{model}:predict`: the route's one segment is `NAME:predict`.

@@ -6,7 +6,8 @@
 //! all requests hold at once; [`input`] reads the images of a request, which are decoded on
 //! blocking threads and queued to the [`batcher`]'s model thread, behind [`admission`]
 //! control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
-//! Triton) over the same pipeline, and [`instances`] the `{"instances"}` JSON of KServe V1,
+//! Triton) over the same pipeline, over HTTP and, on the gRPC port, as the gRPC service
+//! Triton's and KServe's clients call; [`instances`] speaks the `{"instances"}` JSON of KServe V1,
 //! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP) swaps in a newly loaded
 //! model. Every error is an [`ApiError`].
 

@@ -69,11 +69,24 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let server = Server::bind(args).await?;
         let addr = server.local_addr()?;
+        let grpc_addr = server.grpc_local_addr()?;
+        // The HTTP address first: tools read the first line for it.
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on http://{addr}")?;
+        if let Some(grpc_addr) = grpc_addr {
+            writeln!(stdout, "listening on grpc://{grpc_addr}")?;
+        }
         stdout.flush()?;
         drop(stdout);
-        tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving");
+        match grpc_addr {
+            Some(grpc_addr) => tracing::info!(
+                checkpoint = %args.checkpoint.display(),
+                %addr,
+                %grpc_addr,
+                "serving"
+            ),
+            None => tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving"),
+        }
         server.run(shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

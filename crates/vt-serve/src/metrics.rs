@@ -1,6 +1,6 @@
-//! Prometheus metrics: request counts and latencies by route, batch sizes, inference time,
-//! the number of requests waiting or arriving, the request body bytes held, and model
-//! reloads.
+//! Prometheus metrics: request counts and latencies by route (gRPC calls by method),
+//! batch sizes, inference time, the number of requests waiting or arriving, the request
+//! body bytes held, and model reloads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +18,8 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     request_seconds: HistogramVec,
+    grpc_requests: IntCounterVec,
+    grpc_request_seconds: HistogramVec,
     pub batch_size: Histogram,
     pub inference_seconds: Histogram,
     pub queue_depth: IntGauge,
@@ -43,10 +45,24 @@ impl Metrics {
                 "vt_serve_request_duration_seconds",
                 "HTTP request latency, by route",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+            .buckets(REQUEST_SECONDS.into()),
             &["route"],
+        )?;
+        // Apart from the HTTP series: a gRPC call's HTTP status is 200 whatever its outcome.
+        let grpc_requests = IntCounterVec::new(
+            Opts::new(
+                "vt_serve_grpc_requests_total",
+                "gRPC calls answered, by method and status code (OK, INVALID_ARGUMENT...)",
+            ),
+            &["method", "code"],
+        )?;
+        let grpc_request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "vt_serve_grpc_request_duration_seconds",
+                "gRPC call latency, by method",
+            )
+            .buckets(REQUEST_SECONDS.into()),
+            &["method"],
         )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("vt_serve_batch_size", "Images per forward pass")
@@ -89,6 +105,8 @@ impl Metrics {
         }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
+        registry.register(Box::new(grpc_requests.clone()))?;
+        registry.register(Box::new(grpc_request_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(inference_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -99,6 +117,8 @@ impl Metrics {
             registry,
             requests,
             request_seconds,
+            grpc_requests,
+            grpc_request_seconds,
             batch_size,
             inference_seconds,
             queue_depth,
@@ -108,11 +128,51 @@ impl Metrics {
         })
     }
 
+    /// Counts a gRPC call to `method` (one of the service's, or `unknown`) that ended with
+    /// `code` after `seconds`.
+    pub fn observe_grpc(&self, method: &str, code: tonic::Code, seconds: f64) {
+        self.grpc_request_seconds
+            .with_label_values(&[method])
+            .observe(seconds);
+        self.grpc_requests
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> prometheus::Result<String> {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// Latency buckets of HTTP requests and gRPC calls, in seconds.
+const REQUEST_SECONDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A gRPC status code's name, as the gRPC specification spells it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

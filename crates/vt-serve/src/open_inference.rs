@@ -1,67 +1,52 @@
-//! The Open Inference Protocol's HTTP routes (KServe's V2 protocol, NVIDIA Triton's HTTP
-//! API), so that Triton and KServe clients such as `tritonclient.http` call vt-serve as
-//! they call those servers.
+//! The Open Inference Protocol (KServe's V2 protocol, NVIDIA Triton's API) in both its
+//! forms, so that Triton and KServe clients (`tritonclient.http`, `tritonclient.grpc`,
+//! KServe's) call vt-serve as they call those servers: the HTTP routes ([`http`]) and the
+//! gRPC service `inference.GRPCInferenceService` ([`grpc`], messages in [`proto`]). This
+//! module is what the two share: the model's input and outputs, checking a request against
+//! them, running its images through the batcher, the output tensors, and the metadata.
 //!
 //! The model takes one input, `image`: BYTES of shape `[N]` (or `[N, 1]`), one encoded image
-//! per element; in JSON each element is a base64 string, with the binary tensor data
-//! extension the raw bytes, each after its 4-byte little-endian length. It gives two outputs,
-//! `probabilities` (softmax) and `logits`, FP32 `[N, classes]`; with the classification
-//! extension's `"classification": K` an output is instead BYTES `[N, K]` of
-//! `"value:index:label"`, best first. The model's version is its generation: 1 at startup,
-//! one more at each reload. Errors are `{"error": MESSAGE}`, with the status the rest of the
-//! API gives them.
+//! per element. It gives two outputs, `probabilities` (softmax) and `logits`, FP32
+//! `[N, classes]`; with the classification extension's `classification: K` an output is
+//! instead BYTES `[N, K]` of `"value:index:label"`, best first. The model's version is its
+//! generation: 1 at startup, one more at each reload.
+
+pub mod grpc;
+pub mod http;
+pub mod proto;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
-use axum::http::header::{self, HeaderName};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use crate::admission::Admitted;
 use crate::batcher::{Arriving, ServedModel};
 use crate::classifier::{ranked, Prediction};
-use crate::error::{ApiError, ErrorMessage};
+use crate::error::ApiError;
 use crate::handlers;
-use crate::input::{self, ImageInput};
-use crate::router::SendUncompressed;
+use crate::input::ImageInput;
 use crate::state::{AppState, ModelInfo};
 
 /// The model's input: encoded images.
 pub const INPUT: &str = "image";
 /// The framework and weight format, in the protocol's `<framework>_<format>` style.
 const PLATFORM: &str = "candle_safetensors";
-/// The binary tensor data extension's header: how long the JSON at the start of a body is.
-static HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
+/// The protocol's extensions this server supports, in both forms.
+const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "classification"];
 
-/// Marks every answer but a successful inference answer to be sent uncompressed.
-pub async fn compress_only_inference_answers(request: Request, next: Next) -> Response {
-    let inference = request.uri().path().ends_with("/infer");
-    let mut response = next.run(request).await;
-    if !(inference && response.status().is_success()) {
-        response.extensions_mut().insert(SendUncompressed);
-    }
-    response
-}
-
-/// `/v2/models/{model}[/versions/{version}]`.
-#[derive(Deserialize)]
-pub struct ModelPath {
-    model: String,
-    version: Option<String>,
-}
-
-/// The model that new requests get, if the path names it (and its version, if it names one).
-fn resolve(state: &AppState, path: &ModelPath) -> Result<Arc<ServedModel>, ApiError> {
-    let model = state.model_named(&path.model)?;
+/// The model that new requests get, if `name` is its name and `version` (when given) its
+/// version.
+pub fn resolve(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<ServedModel>, ApiError> {
+    let model = state.model_named(name)?;
     let info = &model.info;
-    match &path.version {
-        Some(version) if *version != info.generation.to_string() => {
+    match version {
+        Some(version) if version != info.generation.to_string() => {
             Err(ApiError::UnknownModel(format!(
                 "model `{}` has no version `{version}`: version {} is loaded (each reload counts one up)",
                 info.name, info.generation
@@ -71,270 +56,51 @@ fn resolve(state: &AppState, path: &ModelPath) -> Result<Arc<ServedModel>, ApiEr
     }
 }
 
-pub async fn server_metadata() -> Json<Value> {
-    Json(json!({
-        "name": "vt-serve",
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "classification"],
-    }))
-}
-
-pub async fn server_live() -> Json<Value> {
-    Json(json!({ "live": true }))
-}
-
-pub async fn server_ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    let (status, ready) = state.readiness();
-    (status, Json(json!({ "ready": ready })))
-}
-
-pub async fn model_ready(
-    State(state): State<Arc<AppState>>,
-    Path(path): Path<ModelPath>,
-) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
-    let model = resolve(&state, &path)?;
-    Ok(model_readiness(&state, &model))
-}
-
-/// `{"name", "ready"}` of `model`, with the readiness probes' status: the answer of both
-/// this protocol's and KServe V1's model readiness.
-pub fn model_readiness(state: &AppState, model: &ServedModel) -> (StatusCode, Json<Value>) {
-    let (status, ready) = state.readiness();
-    (
-        status,
-        Json(json!({ "name": model.info.name, "ready": ready })),
-    )
-}
-
-pub async fn model_metadata(
-    State(state): State<Arc<AppState>>,
-    Path(path): Path<ModelPath>,
-) -> Result<Json<Value>, ErrorMessage> {
-    let model = resolve(&state, &path)?;
-    let info = &model.info;
-    let scores = json!([-1, info.classes.len()]);
-    Ok(Json(json!({
-        "name": info.name,
-        "versions": [info.generation.to_string()],
-        "platform": PLATFORM,
-        "inputs": [{ "name": INPUT, "datatype": "BYTES", "shape": [-1] }],
-        "outputs": Output::ALL.map(|output| json!({
-            "name": output.name(),
-            "datatype": "FP32",
-            "shape": scores,
-        })),
-    })))
-}
-
-#[derive(Deserialize)]
-struct InferenceRequest {
-    id: Option<String>,
-    #[serde(default)]
-    parameters: RequestParameters,
-    inputs: Vec<RequestInput>,
-    outputs: Option<Vec<RequestOutput>>,
-}
-
-/// Parameters this server reads; others (Triton's `priority`, `timeout`...) are ignored.
-#[derive(Deserialize, Default)]
-struct RequestParameters {
-    binary_data_output: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct RequestInput {
-    name: String,
-    shape: Vec<u64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: InputParameters,
-    data: Option<Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct InputParameters {
-    binary_data_size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct RequestOutput {
-    name: String,
-    #[serde(default)]
-    parameters: OutputParameters,
-}
-
-#[derive(Deserialize, Default)]
-struct OutputParameters {
-    binary_data: Option<bool>,
-    classification: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Output {
-    Probabilities,
-    Logits,
-}
-
-impl Output {
-    const ALL: [Output; 2] = [Output::Probabilities, Output::Logits];
-
-    fn name(self) -> &'static str {
-        match self {
-            Output::Probabilities => "probabilities",
-            Output::Logits => "logits",
-        }
-    }
-
-    fn values(self, prediction: &Prediction) -> &[f32] {
-        match self {
-            Output::Probabilities => &prediction.probs,
-            Output::Logits => &prediction.logits,
-        }
+pub fn server_metadata() -> proto::ServerMetadataResponse {
+    proto::ServerMetadataResponse {
+        name: "vt-serve".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: EXTENSIONS.map(String::from).into(),
     }
 }
 
-/// One output to return, and how.
-struct OutputRequest {
-    output: Output,
-    binary: bool,
-    /// The classification extension's count: the best this many classes as strings.
-    classification: Option<usize>,
-}
-
-#[derive(Serialize)]
-struct InferenceResponse<'a> {
-    model_name: &'a str,
-    model_version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
-    outputs: Vec<ResponseOutput>,
-}
-
-#[derive(Serialize)]
-struct ResponseOutput {
-    name: &'static str,
-    datatype: &'static str,
-    shape: [usize; 2],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryDataSize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<TensorData>,
-}
-
-#[derive(Serialize)]
-struct BinaryDataSize {
-    binary_data_size: usize,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum TensorData {
-    Fp32(Vec<f32>),
-    Bytes(Vec<String>),
-}
-
-impl TensorData {
-    /// The binary tensor data extension's layout: little-endian values; each BYTES element
-    /// after its 4-byte little-endian length.
-    fn write_binary(&self, out: &mut Vec<u8>) {
-        match self {
-            TensorData::Fp32(values) => {
-                for value in values {
-                    out.extend_from_slice(&value.to_le_bytes());
-                }
-            }
-            TensorData::Bytes(strings) => {
-                for text in strings {
-                    // Class labels and numbers: far below 4 GiB.
-                    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-                    out.extend_from_slice(text.as_bytes());
-                }
-            }
-        }
-    }
-}
-
-/// `POST /v2/models/{model}[/versions/{version}]/infer`.
-pub async fn infer(
-    State(state): State<Arc<AppState>>,
-    Path(path): Path<ModelPath>,
-    request: Request,
-) -> Result<Response, ErrorMessage> {
-    let started = Instant::now();
-    let arriving = state.batcher.arriving();
-    let deadline = started + state.limits.timeout;
-    let model = resolve(&state, &path)?;
-    let answer = answer(&state, model, request, arriving, deadline);
-    Ok(handlers::by_deadline(&state, deadline, answer).await?)
-}
-
-async fn answer(
-    state: &Arc<AppState>,
-    model: Arc<ServedModel>,
-    request: Request,
-    arriving: Arriving,
-    deadline: Instant,
-) -> Result<Response, ApiError> {
-    let limit = state.limits.max_body_bytes;
-    let header_length = header_length(request.headers())?;
-    let body = input::read_body(request, limit).await?;
-    let (header, binary) = match header_length {
-        Some(n) if n > body.len() => {
-            return Err(ApiError::BadRequest(format!(
-                "Inference-Header-Content-Length is {n}, but the body has only {} bytes",
-                body.len()
-            )))
-        }
-        Some(n) => (body.slice(..n), body.slice(n..)),
-        None => (body, Bytes::new()),
+pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
+    let tensor = |name: &str, datatype: &str, shape: Vec<i64>| proto::TensorMetadata {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
     };
-    input::refuse_too_many_json_values(&header, state.admission.capacity())?;
-    let request: InferenceRequest = serde_json::from_slice(&header)
-        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
-    let images = images_of(&request.inputs, &binary, state.admission.capacity())?;
-    let outputs = requested_outputs(&request)?;
-    let images = images
-        .into_iter()
-        .enumerate()
-        .map(|(i, bytes)| ImageInput {
-            filename: Some(format!("{INPUT}[{i}]")),
-            bytes,
-        })
-        .collect();
-    let (_admitted, predictions) =
-        handlers::classify_all(state, &model, images, arriving, deadline).await?;
-    let predictions: Vec<Prediction> = predictions.into_iter().map(|(_, p)| p).collect();
-    respond(&model.info, request.id, &outputs, &predictions)
+    // Far below i64::MAX classes.
+    let classes = info.classes.len() as i64;
+    proto::ModelMetadataResponse {
+        name: info.name.clone(),
+        versions: vec![info.generation.to_string()],
+        platform: PLATFORM.into(),
+        inputs: vec![tensor(INPUT, "BYTES", vec![-1])],
+        outputs: Output::ALL
+            .map(|output| tensor(output.name(), "FP32", vec![-1, classes]))
+            .into(),
+    }
 }
 
-fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
-    headers
-        .get(&HEADER_LENGTH)
-        .map(|value| {
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "Inference-Header-Content-Length is not a byte count: {value:?}"
-                    ))
-                })
-        })
-        .transpose()
+/// What a request says of one of its inputs, before its data.
+pub struct InputHeader<'a> {
+    pub name: &'a str,
+    pub datatype: &'a str,
+    pub shape: &'a [i64],
 }
 
-/// The encoded images of the request's one input, in order.
-fn images_of(
-    inputs: &[RequestInput],
-    binary: &Bytes,
+/// The number of images a request's inputs declare: they must be the one input `image`,
+/// BYTES of shape `[N]` or `[N, 1]`, with 1 to `capacity` (`--queue`) elements.
+pub fn declared_images<'a>(
+    mut inputs: impl ExactSizeIterator<Item = InputHeader<'a>>,
     capacity: usize,
-) -> Result<Vec<Bytes>, ApiError> {
+) -> Result<usize, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
-    let [input] = inputs else {
+    let count = inputs.len();
+    let (Some(input), 1) = (inputs.next(), count) else {
         return bad(format!(
-            "the model takes one input, `{INPUT}`; the request has {}",
-            inputs.len()
+            "the model takes one input, `{INPUT}`; the request has {count}"
         ));
     };
     if input.name != INPUT {
@@ -349,8 +115,8 @@ fn images_of(
             input.datatype
         ));
     }
-    let count = match input.shape.split_first() {
-        Some((&n, rest)) if rest.iter().all(|&d| d == 1) => n,
+    let images = match input.shape.split_first() {
+        Some((&n, rest)) if n >= 0 && rest.iter().all(|&d| d == 1) => n as u64,
         _ => {
             return bad(format!(
             "input `{INPUT}` has shape {:?}; it takes [N] or [N, 1], one encoded image per element",
@@ -358,48 +124,36 @@ fn images_of(
         ))
         }
     };
-    if count == 0 {
+    if images == 0 {
         return bad(format!("input `{INPUT}` has no elements"));
     }
-    if count > capacity as u64 {
+    if images > capacity as u64 {
         return bad(format!(
-            "too many images: {count}, at most {capacity} per request (--queue)"
+            "too many images: {images}, at most {capacity} per request (--queue)"
         ));
     }
-    let images = match (input.parameters.binary_data_size, &input.data) {
-        (Some(size), None) if size == binary.len() as u64 => binary_elements(binary)?,
-        (Some(size), None) => {
-            return bad(format!(
-                "input `{INPUT}` has binary_data_size {size}, but {} bytes follow the JSON header",
-                binary.len()
-            ))
-        }
-        (None, Some(_)) if !binary.is_empty() => {
-            return bad(format!(
-                "{} bytes follow the JSON header, but no input has a binary_data_size",
-                binary.len()
-            ))
-        }
-        (None, Some(data)) => json_elements(data)?,
-        (Some(_), Some(_)) => {
-            return bad(format!(
-                "input `{INPUT}` has both data and a binary_data_size"
-            ))
-        }
-        (None, None) => return bad(format!("input `{INPUT}` has no data")),
-    };
-    if images.len() as u64 != count {
-        return bad(format!(
-            "input `{INPUT}` has shape {:?} but {} elements",
-            input.shape,
-            images.len()
-        ));
-    }
-    Ok(images)
+    Ok(images as usize)
 }
 
-/// BYTES elements in the binary extension's layout, each a view into `data`.
-fn binary_elements(data: &Bytes) -> Result<Vec<Bytes>, ApiError> {
+/// Checks that the input's data held as many images as its shape declared.
+pub fn check_element_count(
+    shape: &[i64],
+    declared: usize,
+    images: &[Bytes],
+) -> Result<(), ApiError> {
+    if images.len() != declared {
+        return Err(ApiError::BadRequest(format!(
+            "input `{INPUT}` has shape {shape:?} but {} elements",
+            images.len()
+        )));
+    }
+    Ok(())
+}
+
+/// BYTES elements in the binary layout (each after its 4-byte little-endian length: the
+/// HTTP binary tensor data extension's, and gRPC's `raw_input_contents`), each a view into
+/// `data`.
+pub fn binary_elements(data: &Bytes) -> Result<Vec<Bytes>, ApiError> {
     let mut elements = Vec::new();
     let mut at = 0;
     while at < data.len() {
@@ -430,57 +184,86 @@ fn binary_elements(data: &Bytes) -> Result<Vec<Bytes>, ApiError> {
     Ok(elements)
 }
 
-/// BYTES elements in JSON: base64 strings, in a flat or nested (row-major) array.
-fn json_elements(data: &Value) -> Result<Vec<Bytes>, ApiError> {
-    fn strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) -> Result<(), ApiError> {
-        match value {
-            Value::String(text) => out.push(text),
-            Value::Array(items) => {
-                for item in items {
-                    strings(item, out)?;
-                }
-            }
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "the data of input `{INPUT}` holds {other}; its elements are strings (base64-encoded images)"
-                )))
-            }
-        }
-        Ok(())
-    }
-    let mut texts = Vec::new();
-    strings(data, &mut texts)?;
-    texts
+/// Classifies a request's images on `model`, in order; an image's errors name it
+/// `image[i]`. The admission is returned, to be held until the answer is written.
+pub async fn classify(
+    state: &AppState,
+    model: &ServedModel,
+    images: Vec<Bytes>,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<(Admitted, Vec<Prediction>), ApiError> {
+    let images = images
         .into_iter()
         .enumerate()
-        .map(|(i, text)| {
-            input::decode_base64(text).map_err(|e| {
-                ApiError::BadRequest(format!(
-                    "element {i} of input `{INPUT}` is not base64 ({e}); in JSON an image is sent base64-encoded"
-                ))
-            })
+        .map(|(i, bytes)| ImageInput {
+            filename: Some(format!("{INPUT}[{i}]")),
+            bytes,
         })
-        .collect()
+        .collect();
+    let (admitted, predictions) =
+        handlers::classify_all(state, model, images, arriving, deadline).await?;
+    Ok((admitted, predictions.into_iter().map(|(_, p)| p).collect()))
 }
 
-/// The outputs to return: those the request names, else all, in JSON unless it asks for
-/// binary data.
-fn requested_outputs(request: &InferenceRequest) -> Result<Vec<OutputRequest>, ApiError> {
-    let binary_by_default = request.parameters.binary_data_output.unwrap_or(false);
-    let requested = match &request.outputs {
-        Some(outputs) if !outputs.is_empty() => outputs,
-        _ => {
-            return Ok(Output::ALL
-                .map(|output| OutputRequest {
-                    output,
-                    binary: binary_by_default,
-                    classification: None,
-                })
-                .into())
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Output {
+    Probabilities,
+    Logits,
+}
+
+impl Output {
+    const ALL: [Output; 2] = [Output::Probabilities, Output::Logits];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Output::Probabilities => "probabilities",
+            Output::Logits => "logits",
         }
-    };
+    }
+
+    fn values(self, prediction: &Prediction) -> &[f32] {
+        match self {
+            Output::Probabilities => &prediction.probs,
+            Output::Logits => &prediction.logits,
+        }
+    }
+}
+
+/// An output as a request names it.
+pub struct WantedOutput<'a> {
+    pub name: &'a str,
+    /// The classification extension's count.
+    pub classification: Option<u64>,
+    /// Whether the output goes as binary data; `None`: the request's default.
+    pub binary: Option<bool>,
+}
+
+/// One output to return, and how.
+pub struct OutputRequest {
+    output: Output,
+    binary: bool,
+    /// The classification extension's count: the best this many classes as strings.
+    classification: Option<usize>,
+}
+
+/// The outputs to return: those the request names, else all; as binary data where it says
+/// so, else as `binary_by_default`.
+pub fn requested_outputs(
+    wanted: &[WantedOutput],
+    binary_by_default: bool,
+) -> Result<Vec<OutputRequest>, ApiError> {
+    if wanted.is_empty() {
+        return Ok(Output::ALL
+            .map(|output| OutputRequest {
+                output,
+                binary: binary_by_default,
+                classification: None,
+            })
+            .into());
+    }
     let mut chosen: Vec<OutputRequest> = Vec::new();
-    for wanted in requested {
+    for wanted in wanted {
         let output = Output::ALL
             .into_iter()
             .find(|o| o.name() == wanted.name)
@@ -496,7 +279,7 @@ fn requested_outputs(request: &InferenceRequest) -> Result<Vec<OutputRequest>, A
                 wanted.name
             )));
         }
-        let classification = match wanted.parameters.classification {
+        let classification = match wanted.classification {
             Some(0) => {
                 return Err(ApiError::BadRequest(
                     "classification must be at least 1".into(),
@@ -506,34 +289,60 @@ fn requested_outputs(request: &InferenceRequest) -> Result<Vec<OutputRequest>, A
         };
         chosen.push(OutputRequest {
             output,
-            binary: wanted.parameters.binary_data.unwrap_or(binary_by_default),
+            binary: wanted.binary.unwrap_or(binary_by_default),
             classification,
         });
     }
     Ok(chosen)
 }
 
-/// The classification extension's strings for one image: `value:index:label`, best first.
-fn classification(values: &[f32], classes: &[String], count: usize) -> Vec<String> {
-    ranked(values)
-        .take(count)
-        .map(|i| match classes.get(i) {
-            Some(label) => format!("{}:{i}:{label}", values[i]),
-            None => format!("{}:{i}", values[i]),
-        })
-        .collect()
+/// An output tensor's elements; in JSON, an array of numbers or of strings.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum TensorData {
+    Fp32(Vec<f32>),
+    Bytes(Vec<String>),
 }
 
-fn respond(
+impl TensorData {
+    /// The binary layout: little-endian values; each BYTES element after its 4-byte
+    /// little-endian length.
+    pub fn write_binary(&self, out: &mut Vec<u8>) {
+        match self {
+            TensorData::Fp32(values) => {
+                for value in values {
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+            }
+            TensorData::Bytes(strings) => {
+                for text in strings {
+                    // Class labels and numbers: far below 4 GiB.
+                    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                    out.extend_from_slice(text.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// One output of an answer.
+pub struct OutputTensor {
+    pub name: &'static str,
+    pub datatype: &'static str,
+    pub shape: [usize; 2],
+    pub data: TensorData,
+    /// Whether the request asked for it as binary data.
+    pub binary: bool,
+}
+
+/// The requested outputs of `predictions`, one row per image.
+pub fn output_tensors(
     info: &ModelInfo,
-    id: Option<String>,
     outputs: &[OutputRequest],
     predictions: &[Prediction],
-) -> Result<Response, ApiError> {
+) -> Vec<OutputTensor> {
     let classes = info.classes.len();
-    let mut binary = Vec::new();
-    let mut any_binary = false;
-    let outputs = outputs
+    outputs
         .iter()
         .map(|wanted| {
             let values = predictions.iter().map(|p| wanted.output.values(p));
@@ -551,53 +360,26 @@ fn respond(
                     ("BYTES", count, TensorData::Bytes(strings))
                 }
             };
-            let (parameters, data) = if wanted.binary {
-                any_binary = true;
-                let start = binary.len();
-                data.write_binary(&mut binary);
-                let size = binary.len() - start;
-                (
-                    Some(BinaryDataSize {
-                        binary_data_size: size,
-                    }),
-                    None,
-                )
-            } else {
-                (None, Some(data))
-            };
-            ResponseOutput {
+            OutputTensor {
                 name: wanted.output.name(),
                 datatype,
                 shape: [predictions.len(), width],
-                parameters,
                 data,
+                binary: wanted.binary,
             }
         })
-        .collect();
-    let header = InferenceResponse {
-        model_name: &info.name,
-        model_version: info.generation.to_string(),
-        id,
-        outputs,
-    };
-    let mut body = serde_json::to_vec(&header)
-        .map_err(|e| ApiError::Internal(format!("writing the inference response: {e}")))?;
-    if !any_binary {
-        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
-    }
-    let header_length = HeaderValue::from(body.len());
-    body.extend_from_slice(&binary);
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            ),
-            (HEADER_LENGTH.clone(), header_length),
-        ],
-        body,
-    )
-        .into_response())
+        .collect()
+}
+
+/// The classification extension's strings for one image: `value:index:label`, best first.
+fn classification(values: &[f32], classes: &[String], count: usize) -> Vec<String> {
+    ranked(values)
+        .take(count)
+        .map(|i| match classes.get(i) {
+            Some(label) => format!("{}:{i}:{label}", values[i]),
+            None => format!("{}:{i}", values[i]),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -626,14 +408,6 @@ mod tests {
     }
 
     #[test]
-    fn json_elements_flatten_nested_arrays_of_base64() {
-        let data = json!([["aGk="], ["aGVsbG8"]]);
-        assert_eq!(json_elements(&data).unwrap(), [&b"hi"[..], b"hello"]);
-        assert!(json_elements(&json!([1, 2])).is_err());
-        assert!(json_elements(&json!(["not base64!"])).is_err());
-    }
-
-    #[test]
     fn classification_strings_rank_and_name_the_classes() {
         let classes = ["a".to_string(), "b".into(), "c".into()];
         assert_eq!(
@@ -641,5 +415,29 @@ mod tests {
             ["0.5:1:b", "0.25:0:a"]
         );
         assert_eq!(classification(&[1.5, -2.0], &[], 5), ["1.5:0", "-2:1"]);
+    }
+
+    #[test]
+    fn the_one_input_declares_the_image_count() {
+        let header = |name, datatype, shape| InputHeader {
+            name,
+            datatype,
+            shape,
+        };
+        let count = |inputs: Vec<InputHeader>| declared_images(inputs.into_iter(), 4);
+        assert_eq!(count(vec![header("image", "BYTES", &[3])]).unwrap(), 3);
+        assert_eq!(count(vec![header("image", "BYTES", &[2, 1])]).unwrap(), 2);
+        for (inputs, needle) in [
+            (vec![], "the request has 0"),
+            (vec![header("x", "BYTES", &[1])], "unknown input `x`"),
+            (vec![header("image", "FP32", &[1])], "not FP32"),
+            (vec![header("image", "BYTES", &[-1])], "[N] or [N, 1]"),
+            (vec![header("image", "BYTES", &[1, 3])], "[N] or [N, 1]"),
+            (vec![header("image", "BYTES", &[0])], "no elements"),
+            (vec![header("image", "BYTES", &[5])], "at most 4"),
+        ] {
+            let error = count(inputs).unwrap_err().to_string();
+            assert!(error.contains(needle), "{error}");
+        }
     }
 }

@@ -115,26 +115,35 @@ pub struct SendUncompressed;
 /// every request but decompresses nothing else.
 fn open_inference_routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/v2", get(open_inference::server_metadata))
-        .route("/v2/health/live", get(open_inference::server_live))
-        .route("/v2/health/ready", get(open_inference::server_ready))
-        .route("/v2/models/{model}", get(open_inference::model_metadata))
+        .route("/v2", get(open_inference::http::server_metadata))
+        .route("/v2/health/live", get(open_inference::http::server_live))
+        .route("/v2/health/ready", get(open_inference::http::server_ready))
+        .route(
+            "/v2/models/{model}",
+            get(open_inference::http::model_metadata),
+        )
         .route(
             "/v2/models/{model}/versions/{version}",
-            get(open_inference::model_metadata),
+            get(open_inference::http::model_metadata),
         )
-        .route("/v2/models/{model}/ready", get(open_inference::model_ready))
+        .route(
+            "/v2/models/{model}/ready",
+            get(open_inference::http::model_ready),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/ready",
-            get(open_inference::model_ready),
+            get(open_inference::http::model_ready),
         )
-        .route("/v2/models/{model}/infer", post(open_inference::infer))
+        .route(
+            "/v2/models/{model}/infer",
+            post(open_inference::http::infer),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/infer",
-            post(open_inference::infer),
+            post(open_inference::http::infer),
         )
         .route_layer(middleware::from_fn(
-            open_inference::compress_only_inference_answers,
+            open_inference::http::compress_only_inference_answers,
         ))
 }
 

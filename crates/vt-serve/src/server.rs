@@ -1,6 +1,6 @@
-//! Starting and stopping the server: load the checkpoint, bind, serve until a shutdown
-//! signal, then finish the requests in flight. On Unix, SIGHUP reloads the checkpoint
-//! ([`AppState::reload`]).
+//! Starting and stopping the server: load the checkpoint, bind (the HTTP port, and the
+//! gRPC port when there is one), serve until a shutdown signal, then finish the requests in
+//! flight on both. On Unix, SIGHUP reloads the checkpoint ([`AppState::reload`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,20 +9,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 #[cfg(unix)]
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::args::ServeArgs;
+use crate::open_inference::grpc;
 use crate::router::router;
 use crate::state::{AppState, StartError};
 
 pub struct Server {
     listener: TcpListener,
+    /// `--grpc-port`'s, for the Open Inference Protocol's gRPC service.
+    grpc_listener: Option<TcpListener>,
     state: Arc<AppState>,
     /// SIGHUP, listened for from `bind` on: its default action would end the process.
     #[cfg(unix)]
@@ -36,12 +39,14 @@ impl Server {
         let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
-        let addr = format!("{}:{}", args.host, args.port);
-        let listener = TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .map_err(|cause| StartError::Bind { addr, cause })?;
+        let listener = bind(&args.host, args.port).await?;
+        let grpc_listener = match args.grpc_port {
+            Some(port) => Some(bind(&args.host, port).await?),
+            None => None,
+        };
         Ok(Server {
             listener,
+            grpc_listener,
             state: Arc::new(state),
             #[cfg(unix)]
             hangup: signal(SignalKind::hangup()).map_err(StartError::Signal)?,
@@ -50,6 +55,14 @@ impl Server {
 
     pub fn local_addr(&self) -> Result<SocketAddr, StartError> {
         self.listener.local_addr().map_err(StartError::Address)
+    }
+
+    /// The gRPC service's address, when `--grpc-port` asked for one.
+    pub fn grpc_local_addr(&self) -> Result<Option<SocketAddr>, StartError> {
+        self.grpc_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().map_err(StartError::Address))
+            .transpose()
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -66,6 +79,7 @@ impl Server {
     ) -> Result<(), StartError> {
         let Server {
             mut listener,
+            mut grpc_listener,
             state,
             #[cfg(unix)]
             hangup,
@@ -76,6 +90,11 @@ impl Server {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(state.limits.header_timeout);
+        let grpc_app = grpc::router(Arc::clone(&state));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // Flow-control windows sized to the connection, so that large messages (images)
+        // are not held to HTTP/2's default 64 KiB in flight.
+        http2.timer(TokioTimer::new()).adaptive_window(true);
         let connections = GracefulShutdown::new();
         let mut shutdown = pin!(shutdown);
         loop {
@@ -83,18 +102,19 @@ impl Server {
                 // axum's accept retries after errors such as running out of file descriptors.
                 (stream, peer) = Listener::accept(&mut listener) => {
                     let service = TowerToHyperService::new(app.clone());
-                    let connection =
-                        connections.watch(http.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!("connection from {peer}: {e}");
-                        }
-                    });
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
+                    serve(&connections, connection, peer);
+                }
+                (stream, peer) = accept_grpc(&mut grpc_listener) => {
+                    let service = TowerToHyperService::new(grpc_app.clone());
+                    let connection = http2.serve_connection(TokioIo::new(stream), service);
+                    serve(&connections, connection, peer);
                 }
                 () = &mut shutdown => break,
             }
         }
         drop(listener);
+        drop(grpc_listener);
         // No reload starts while draining; one under way finishes on its blocking thread.
         #[cfg(unix)]
         reloads.abort();
@@ -113,6 +133,37 @@ impl Server {
         }
         Ok(())
     }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, StartError> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|cause| StartError::Bind {
+            addr: format!("{host}:{port}"),
+            cause,
+        })
+}
+
+/// The next gRPC connection; never, without a gRPC port.
+async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAddr) {
+    match listener {
+        Some(listener) => Listener::accept(listener).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves `connection` on a task of its own, until it ends or shutdown closes it.
+fn serve<C>(connections: &GracefulShutdown, connection: C, peer: SocketAddr)
+where
+    C: GracefulConnection + Send + 'static,
+    C::Error: std::fmt::Display + Send,
+{
+    let connection = connections.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("connection from {peer}: {e}");
+        }
+    });
 }
 
 /// How long past the request timeout shutdown waits for connections to close.

@@ -1,10 +1,11 @@
-//! The real `vt-serve` binary: startup line, offline `predict` against the server, a
-//! SIGTERM that drains the request in flight and exits 0, configuration by environment
-//! variables, and JSON logs.
+//! The real `vt-serve` binary: startup lines, offline `predict` against the server, a
+//! SIGTERM that drains the requests in flight (HTTP and gRPC) and exits 0, configuration by
+//! environment variables, and JSON logs.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -13,33 +14,49 @@ use common::*;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
+use vt_serve::open_inference::proto::{
+    InferInputTensor, ModelInferRequest, ModelMetadataRequest, ModelMetadataResponse,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vt-serve");
 
-/// Starts the binary on port 0 and returns it with the base URL it printed.
-fn spawn_server(args: &[&str]) -> (Child, String) {
+/// Starts the binary on port 0 and returns it with the addresses it printed: the HTTP base
+/// URL, and the gRPC service's address when `args` ask for one.
+fn spawn_server(args: &[&str]) -> (Child, String, Option<SocketAddr>) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let base = listening_base(&mut child);
-    (child, base)
+    let grpc = args.contains(&"--grpc-port");
+    let mut lines = listening_on(&mut child, 1 + usize::from(grpc)).into_iter();
+    let base = lines.next().unwrap();
+    let grpc = lines.next().map(|url| {
+        let addr = url
+            .strip_prefix("grpc://")
+            .unwrap_or_else(|| panic!("{url}"));
+        addr.parse().unwrap()
+    });
+    (child, base, grpc)
 }
 
-/// The base URL the server printed as its first line of stdout.
-fn listening_base(child: &mut Child) -> String {
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-    base
+/// The addresses of the first `count` lines of stdout, `listening on URL`; the first is the
+/// HTTP base URL.
+fn listening_on(child: &mut Child, count: usize) -> Vec<String> {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let urls: Vec<String> = (0..count)
+        .map(|_| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .to_owned()
+        })
+        .collect();
+    assert!(urls[0].starts_with("http://127.0.0.1:"), "{urls:?}");
+    urls
 }
 
 /// Waits (bounded) for the process to exit.
@@ -64,6 +81,7 @@ fn help_explains_every_flag() {
             "--checkpoint",
             "--host",
             "--port",
+            "--grpc-port",
             "--device",
             "--dtype",
             "--bf16-products",
@@ -297,10 +315,12 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
     assert_eq!(offline.len(), images.len());
 
     let checkpoint_arg = checkpoint.to_str().unwrap();
-    let (mut child, base) = spawn_server(&[
+    let (mut child, base, grpc_addr) = spawn_server(&[
         "--checkpoint",
         checkpoint_arg,
         "--port",
+        "0",
+        "--grpc-port",
         "0",
         "--device",
         "cpu",
@@ -343,15 +363,28 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
         assert_matches_offline(result, &probs, line["image"].as_str().unwrap());
     }
 
-    // A request waiting for its batch (held open by a slow upload, which the server waits
-    // for too, until its deadline) when SIGTERM arrives is still answered.
+    // Requests waiting for their batch (held open by a slow upload, which the server waits
+    // for too, until its deadline) when SIGTERM arrives are still answered, on both ports.
     let _upload = start_endless_upload(&client, &base).await;
     let request = client
         .post(format!("{base}/predict"))
         .body(images[0].1.clone())
         .send();
     let in_flight = tokio::spawn(request);
-    wait_for_queue_depth(&client, &format!("{base}/metrics"), 1.0).await;
+    let mut grpc = GrpcClient::connect(grpc_addr.unwrap()).await;
+    let grpc_request = ModelInferRequest {
+        model_name: "tiny".into(),
+        inputs: vec![InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..InferInputTensor::default()
+        }],
+        raw_input_contents: vec![binary_elements(&[&images[1].1]).into()],
+        ..ModelInferRequest::default()
+    };
+    let grpc_in_flight = tokio::spawn(async move { grpc.infer(grpc_request).await });
+    wait_for_queue_depth(&client, &format!("{base}/metrics"), 2.0).await;
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -361,6 +394,9 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
     assert_eq!(response.status(), StatusCode::OK);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(scores(&answer).len(), 3, "{answer}");
+    let answer = grpc_in_flight.await.unwrap().unwrap();
+    let probs: Vec<f32> = serde_json::from_value(offline[1]["probs"].clone()).unwrap();
+    assert_close(&grpc_fp32(&answer, "probabilities"), &[probs], "gRPC");
     let status = tokio::task::spawn_blocking(move || wait_for_exit(&mut child))
         .await
         .unwrap();
@@ -380,6 +416,7 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         .env("VT_SERVE_CHECKPOINT", &checkpoint)
         .env("VT_SERVE_MODEL_NAME", "from-env")
         .env("VT_SERVE_PORT", "0")
+        .env("VT_SERVE_GRPC_PORT", "0")
         .env("VT_SERVE_DEVICE", "cpu")
         .env("VT_SERVE_LOG_FORMAT", "json")
         .env_remove("RUST_LOG")
@@ -387,7 +424,7 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let base = listening_base(&mut child);
+    let [base, grpc_url] = <[String; 2]>::try_from(listening_on(&mut child, 2)).unwrap();
     let stderr = child.stderr.take().unwrap();
     let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
 
@@ -420,6 +457,20 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         (36, vec![8, 13, 18, 23]),
         "{generated}"
     );
+    let grpc_addr = grpc_url.strip_prefix("grpc://").unwrap().parse().unwrap();
+    let mut grpc = GrpcClient::connect(grpc_addr).await;
+    let mut asked = tonic::Request::new(ModelMetadataRequest {
+        name: "from-env".into(),
+        version: String::new(),
+    });
+    asked
+        .metadata_mut()
+        .insert("x-request-id", "grpc-id-1".parse().unwrap());
+    let metadata: ModelMetadataResponse = grpc
+        .call::<ModelMetadataRequest, _>("ModelMetadata", asked)
+        .await
+        .unwrap();
+    assert_eq!(metadata.name, "from-env");
 
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -439,7 +490,7 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         .iter()
         .filter(|l| l["target"] == "vt_serve::access")
         .collect();
-    assert_eq!(answered.len(), 3, "{logs}");
+    assert_eq!(answered.len(), 4, "{logs}");
     for (line, (id, method, path, status)) in answered.iter().skip(1).zip([
         ("client-id-1", "POST", "/predict", 200),
         (generated.as_str(), "GET", "/nope", 404),
@@ -454,4 +505,13 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
             "{line}"
         );
     }
+    // A gRPC call's line: its method's path, and its status code.
+    let line = answered[3];
+    assert_eq!(line["message"], "answered", "{line}");
+    assert_eq!(line["span"]["id"], "grpc-id-1", "{line}");
+    assert_eq!(
+        line["span"]["path"], "/inference.GRPCInferenceService/ModelMetadata",
+        "{line}"
+    );
+    assert_eq!(line["code"], "OK", "{line}");
 }

@@ -193,25 +193,6 @@ fn json_body(images: &[&[u8]]) -> Vec<u8> {
 }
 
 /// `expected` scores of each image, flattened image by image, equal to `got`.
-fn assert_close(got: &[f32], expected: &[Vec<f32>], what: &str) {
-    let expected: Vec<f32> = expected.iter().flatten().copied().collect();
-    assert_eq!(got.len(), expected.len(), "{what}");
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        assert!((g - e).abs() < 1e-5, "{what}[{i}]: {g} served, {e} offline");
-    }
-}
-
-/// The classification strings of one image as `vt-serve predict` ranks it.
-fn ranked(probs: &[f32], count: usize) -> Vec<String> {
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    order
-        .into_iter()
-        .take(count)
-        .map(|i| format!("{}:{i}:{}", probs[i], CLASSES[i]))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metadata_and_versions_follow_the_protocol() {
     let dir = tiny_checkpoint();
@@ -338,10 +319,7 @@ async fn tritonclient_requests_get_the_offline_predictions() {
     let classifier = cpu_classifier(&dir);
     let offline_logits: Vec<Vec<f32>> = ["0.png", "1.jpg"]
         .iter()
-        .map(|name| {
-            let input = preprocessed(&classifier, &std::fs::read(fixtures.join(name)).unwrap());
-            classifier.predict(&[input]).unwrap().remove(0).logits
-        })
+        .map(|name| offline_logits(&classifier, &std::fs::read(fixtures.join(name)).unwrap()))
         .collect();
 
     let header_length = requests["binary.bin"]["header_length"].as_u64().unwrap() as usize;
@@ -361,16 +339,8 @@ async fn tritonclient_requests_get_the_offline_predictions() {
     // Classification of the logits, in JSON: the 3 best, as `value:index:label`.
     let logits = answer.output("logits");
     assert_eq!(logits["shape"], json!([2, 3]), "{logits}");
-    let strings = answer.strings("logits");
     let expected: Vec<String> = offline_logits.iter().flat_map(|l| ranked(l, 3)).collect();
-    assert_eq!(strings.len(), expected.len());
-    for (got, want) in strings.iter().zip(&expected) {
-        let (got_value, got_rest) = got.split_once(':').unwrap();
-        let (want_value, want_rest) = want.split_once(':').unwrap();
-        assert_eq!(got_rest, want_rest, "{strings:?} against {expected:?}");
-        let (g, w): (f32, f32) = (got_value.parse().unwrap(), want_value.parse().unwrap());
-        assert!((g - w).abs() < 1e-4, "{got} against {want}");
-    }
+    assert_classification_close(&answer.strings("logits"), &expected);
 
     // tritonclient's asyncio client asks for gzip on every request but decompresses only
     // inference answers: metadata and errors go uncompressed.

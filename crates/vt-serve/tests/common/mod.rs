@@ -8,13 +8,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::uri::PathAndQuery;
 use candle_core::{DType, Device};
 use clap::Parser;
 use fast_image_resize::Resizer;
 use image::{ImageFormat, RgbImage};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+use tonic_prost::ProstCodec;
 use vt_model::{Arch, Model, VtConfig};
+use vt_serve::open_inference::grpc::SERVICE;
+use vt_serve::open_inference::proto::{ModelInferRequest, ModelInferResponse};
 use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError};
 
 pub use vt_data::dataset::CLASSES;
@@ -107,6 +113,12 @@ pub fn preprocessed(classifier: &Classifier, photo: &[u8]) -> Vec<f32> {
         .unwrap()
 }
 
+/// The logits `classifier` gives one image.
+pub fn offline_logits(classifier: &Classifier, photo: &[u8]) -> Vec<f32> {
+    let input = preprocessed(classifier, photo);
+    classifier.predict(&[input]).unwrap().remove(0).logits
+}
+
 /// What `vt-serve predict` computes for one image: its softmax probabilities.
 pub fn offline_probs(checkpoint: &Path, bytes: &[u8]) -> Vec<f32> {
     let classifier = Classifier::load(checkpoint, &Device::Cpu, DType::F32).unwrap();
@@ -137,6 +149,8 @@ pub fn parse_args(checkpoint: &Path, extra: &[&str]) -> ServeArgs {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub base: String,
+    /// The gRPC service's, when started with `--grpc-port`.
+    pub grpc_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), StartError>>>,
@@ -146,6 +160,7 @@ impl TestServer {
     pub async fn start(checkpoint: &Path, extra: &[&str]) -> TestServer {
         let server = Server::bind(&parse_args(checkpoint, extra)).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let grpc_addr = server.grpc_local_addr().unwrap();
         let state = Arc::clone(server.state());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
@@ -154,6 +169,7 @@ impl TestServer {
         TestServer {
             addr,
             base: format!("http://{addr}"),
+            grpc_addr,
             state,
             stop: Some(stop),
             task: Some(task),
@@ -379,4 +395,157 @@ pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
     let crc = crc32fast::hash(&bytes[12..29]);
     bytes[29..33].copy_from_slice(&crc.to_be_bytes());
     bytes
+}
+
+/// Asserts that `got` holds the rows of `expected`, one after the other, within 1e-5.
+pub fn assert_close(got: &[f32], expected: &[Vec<f32>], what: &str) {
+    let expected: Vec<f32> = expected.iter().flatten().copied().collect();
+    assert_eq!(got.len(), expected.len(), "{what}");
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() < 1e-5, "{what}[{i}]: {g} served, {e} offline");
+    }
+}
+
+/// The classification extension's strings of one image as `vt-serve predict` ranks it:
+/// `value:index:label`, best first.
+pub fn ranked(values: &[f32], count: usize) -> Vec<String> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order
+        .into_iter()
+        .take(count)
+        .map(|i| format!("{}:{i}:{}", values[i], CLASSES[i]))
+        .collect()
+}
+
+/// Asserts that classification strings name the classes of `expected` in its order, with
+/// values within 1e-4 (the server's and the offline forward passes batch differently).
+pub fn assert_classification_close(got: &[String], expected: &[String]) {
+    assert_eq!(got.len(), expected.len(), "{got:?} against {expected:?}");
+    for (got_one, want) in got.iter().zip(expected) {
+        let (got_value, got_rest) = got_one.split_once(':').unwrap();
+        let (want_value, want_rest) = want.split_once(':').unwrap();
+        assert_eq!(got_rest, want_rest, "{got:?} against {expected:?}");
+        let (g, w): (f32, f32) = (got_value.parse().unwrap(), want_value.parse().unwrap());
+        assert!((g - w).abs() < 1e-4, "{got_one} against {want}");
+    }
+}
+
+/// Encoded images in the binary layout of BYTES tensors (each after its 4-byte
+/// little-endian length), as tritonclient sends them.
+pub fn binary_elements(images: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for image in images {
+        out.extend_from_slice(&(image.len() as u32).to_le_bytes());
+        out.extend_from_slice(image);
+    }
+    out
+}
+
+/// The JSON answer to `GET url`.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// A client of the gRPC service, built from the server's own messages.
+pub struct GrpcClient(tonic::client::Grpc<Channel>);
+
+impl GrpcClient {
+    pub async fn connect(addr: SocketAddr) -> GrpcClient {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GrpcClient(tonic::client::Grpc::new(channel))
+    }
+
+    /// This client, sending its requests gzip-compressed.
+    pub fn gzip(self) -> GrpcClient {
+        GrpcClient(self.0.send_compressed(CompressionEncoding::Gzip))
+    }
+
+    /// Calls `method` of `inference.GRPCInferenceService`.
+    pub async fn call<Req, Res>(
+        &mut self,
+        method: &str,
+        request: impl tonic::IntoRequest<Req>,
+    ) -> Result<Res, tonic::Status>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Res: prost::Message + Default + Send + Sync + 'static,
+    {
+        self.0.ready().await.unwrap();
+        let path = PathAndQuery::try_from(format!("/{SERVICE}/{method}")).unwrap();
+        self.0
+            .unary(request.into_request(), path, ProstCodec::default())
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn infer(
+        &mut self,
+        request: impl tonic::IntoRequest<ModelInferRequest>,
+    ) -> Result<ModelInferResponse, tonic::Status> {
+        self.call("ModelInfer", request).await
+    }
+}
+
+/// An output of a gRPC inference answer, by name.
+pub fn grpc_output<'a>(
+    response: &'a ModelInferResponse,
+    name: &str,
+) -> (
+    usize,
+    &'a vt_serve::open_inference::proto::InferOutputTensor,
+) {
+    response
+        .outputs
+        .iter()
+        .enumerate()
+        .find(|(_, output)| output.name == name)
+        .unwrap_or_else(|| panic!("no output {name} in {response:?}"))
+}
+
+/// An FP32 output's values, from `raw_output_contents` or its contents.
+pub fn grpc_fp32(response: &ModelInferResponse, name: &str) -> Vec<f32> {
+    let (index, output) = grpc_output(response, name);
+    assert_eq!(output.datatype, "FP32", "{output:?}");
+    match response.raw_output_contents.get(index) {
+        Some(raw) => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        None => output.contents.as_ref().unwrap().fp32_contents.clone(),
+    }
+}
+
+/// A BYTES output's elements as text, from `raw_output_contents` or its contents.
+pub fn grpc_strings(response: &ModelInferResponse, name: &str) -> Vec<String> {
+    let (index, output) = grpc_output(response, name);
+    assert_eq!(output.datatype, "BYTES", "{output:?}");
+    let elements: Vec<Vec<u8>> = match response.raw_output_contents.get(index) {
+        Some(raw) => {
+            let mut raw = &raw[..];
+            let mut elements = Vec::new();
+            while !raw.is_empty() {
+                let length = u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize;
+                elements.push(raw[4..4 + length].to_vec());
+                raw = &raw[4 + length..];
+            }
+            elements
+        }
+        None => output
+            .contents
+            .as_ref()
+            .unwrap()
+            .bytes_contents
+            .iter()
+            .map(|b| b.to_vec())
+            .collect(),
+    };
+    elements
+        .into_iter()
+        .map(|e| String::from_utf8(e).unwrap())
+        .collect()
 }

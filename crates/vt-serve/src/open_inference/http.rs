@@ -1,0 +1,384 @@
+//! The Open Inference Protocol's HTTP routes (KServe's V2 protocol, NVIDIA Triton's HTTP
+//! API), so that clients such as `tritonclient.http` call vt-serve as they call those
+//! servers.
+//!
+//! In JSON each element of the input `image` is a base64 string; with the binary tensor
+//! data extension it is the raw bytes, each after its 4-byte little-endian length. Outputs
+//! go as JSON `data`, or after the JSON as binary data when the request asks. Errors are
+//! `{"error": MESSAGE}`, with the status the rest of the API gives them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::header::{self, HeaderName};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{InputHeader, OutputRequest, OutputTensor, TensorData, WantedOutput, INPUT};
+use crate::batcher::{Arriving, ServedModel};
+use crate::error::{ApiError, ErrorMessage};
+use crate::handlers;
+use crate::input;
+use crate::router::SendUncompressed;
+use crate::state::{AppState, ModelInfo};
+
+/// The binary tensor data extension's header: how long the JSON at the start of a body is.
+static HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
+
+/// Marks every answer but a successful inference answer to be sent uncompressed.
+pub async fn compress_only_inference_answers(request: Request, next: Next) -> Response {
+    let inference = request.uri().path().ends_with("/infer");
+    let mut response = next.run(request).await;
+    if !(inference && response.status().is_success()) {
+        response.extensions_mut().insert(SendUncompressed);
+    }
+    response
+}
+
+/// `/v2/models/{model}[/versions/{version}]`.
+#[derive(Deserialize)]
+pub struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+fn resolve(state: &AppState, path: &ModelPath) -> Result<Arc<ServedModel>, ApiError> {
+    super::resolve(state, &path.model, path.version.as_deref())
+}
+
+pub async fn server_metadata() -> Json<super::proto::ServerMetadataResponse> {
+    Json(super::server_metadata())
+}
+
+pub async fn server_live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+pub async fn server_ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    let (status, ready) = state.readiness();
+    (status, Json(json!({ "ready": ready })))
+}
+
+pub async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
+    let model = resolve(&state, &path)?;
+    Ok(model_readiness(&state, &model))
+}
+
+/// `{"name", "ready"}` of `model`, with the readiness probes' status: the answer of both
+/// this protocol's and KServe V1's model readiness.
+pub fn model_readiness(state: &AppState, model: &ServedModel) -> (StatusCode, Json<Value>) {
+    let (status, ready) = state.readiness();
+    (
+        status,
+        Json(json!({ "name": model.info.name, "ready": ready })),
+    )
+}
+
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<Json<super::proto::ModelMetadataResponse>, ErrorMessage> {
+    let model = resolve(&state, &path)?;
+    Ok(Json(super::model_metadata(&model.info)))
+}
+
+#[derive(Deserialize)]
+struct InferenceRequest {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: RequestParameters,
+    inputs: Vec<RequestInput>,
+    outputs: Option<Vec<RequestOutput>>,
+}
+
+/// Parameters this server reads; others (Triton's `priority`, `timeout`...) are ignored.
+#[derive(Deserialize, Default)]
+struct RequestParameters {
+    binary_data_output: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RequestInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: InputParameters,
+    data: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct InputParameters {
+    binary_data_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RequestOutput {
+    name: String,
+    #[serde(default)]
+    parameters: OutputParameters,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputParameters {
+    binary_data: Option<bool>,
+    classification: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct InferenceResponse<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    outputs: Vec<ResponseOutput>,
+}
+
+#[derive(Serialize)]
+struct ResponseOutput {
+    name: &'static str,
+    datatype: &'static str,
+    shape: [usize; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinaryDataSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<TensorData>,
+}
+
+#[derive(Serialize)]
+struct BinaryDataSize {
+    binary_data_size: usize,
+}
+
+/// `POST /v2/models/{model}[/versions/{version}]/infer`.
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+    request: Request,
+) -> Result<Response, ErrorMessage> {
+    let started = Instant::now();
+    let arriving = state.batcher.arriving();
+    let deadline = started + state.limits.timeout;
+    let model = resolve(&state, &path)?;
+    let answer = answer(&state, model, request, arriving, deadline);
+    Ok(handlers::by_deadline(&state, deadline, answer).await?)
+}
+
+async fn answer(
+    state: &Arc<AppState>,
+    model: Arc<ServedModel>,
+    request: Request,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let header_length = header_length(request.headers())?;
+    let body = input::read_body(request, limit).await?;
+    let (header, binary) = match header_length {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::BadRequest(format!(
+                "Inference-Header-Content-Length is {n}, but the body has only {} bytes",
+                body.len()
+            )))
+        }
+        Some(n) => (body.slice(..n), body.slice(n..)),
+        None => (body, Bytes::new()),
+    };
+    input::refuse_too_many_json_values(&header, state.admission.capacity())?;
+    let request: InferenceRequest = serde_json::from_slice(&header)
+        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
+    let images = images_of(&request.inputs, &binary, state.admission.capacity())?;
+    let outputs = requested_outputs(&request)?;
+    let (_admitted, predictions) =
+        super::classify(state, &model, images, arriving, deadline).await?;
+    let outputs = super::output_tensors(&model.info, &outputs, &predictions);
+    respond(&model.info, request.id, outputs)
+}
+
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+    headers
+        .get(&HEADER_LENGTH)
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "Inference-Header-Content-Length is not a byte count: {value:?}"
+                    ))
+                })
+        })
+        .transpose()
+}
+
+/// The encoded images of the request's one input, in order.
+fn images_of(
+    inputs: &[RequestInput],
+    binary: &Bytes,
+    capacity: usize,
+) -> Result<Vec<Bytes>, ApiError> {
+    let bad = |detail: String| Err(ApiError::BadRequest(detail));
+    let headers = inputs.iter().map(|input| InputHeader {
+        name: &input.name,
+        datatype: &input.datatype,
+        shape: &input.shape,
+    });
+    let count = super::declared_images(headers, capacity)?;
+    let input = &inputs[0];
+    let images = match (input.parameters.binary_data_size, &input.data) {
+        (Some(size), None) if size == binary.len() as u64 => super::binary_elements(binary)?,
+        (Some(size), None) => {
+            return bad(format!(
+                "input `{INPUT}` has binary_data_size {size}, but {} bytes follow the JSON header",
+                binary.len()
+            ))
+        }
+        (None, Some(_)) if !binary.is_empty() => {
+            return bad(format!(
+                "{} bytes follow the JSON header, but no input has a binary_data_size",
+                binary.len()
+            ))
+        }
+        (None, Some(data)) => json_elements(data)?,
+        (Some(_), Some(_)) => {
+            return bad(format!(
+                "input `{INPUT}` has both data and a binary_data_size"
+            ))
+        }
+        (None, None) => return bad(format!("input `{INPUT}` has no data")),
+    };
+    super::check_element_count(&input.shape, count, &images)?;
+    Ok(images)
+}
+
+/// BYTES elements in JSON: base64 strings, in a flat or nested (row-major) array.
+fn json_elements(data: &Value) -> Result<Vec<Bytes>, ApiError> {
+    fn strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) -> Result<(), ApiError> {
+        match value {
+            Value::String(text) => out.push(text),
+            Value::Array(items) => {
+                for item in items {
+                    strings(item, out)?;
+                }
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "the data of input `{INPUT}` holds {other}; its elements are strings (base64-encoded images)"
+                )))
+            }
+        }
+        Ok(())
+    }
+    let mut texts = Vec::new();
+    strings(data, &mut texts)?;
+    texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            input::decode_base64(text).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "element {i} of input `{INPUT}` is not base64 ({e}); in JSON an image is sent base64-encoded"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The outputs to return: those the request names, else all, in JSON unless it asks for
+/// binary data.
+fn requested_outputs(request: &InferenceRequest) -> Result<Vec<OutputRequest>, ApiError> {
+    let wanted: Vec<WantedOutput> = request
+        .outputs
+        .iter()
+        .flatten()
+        .map(|output| WantedOutput {
+            name: &output.name,
+            classification: output.parameters.classification,
+            binary: output.parameters.binary_data,
+        })
+        .collect();
+    let binary_by_default = request.parameters.binary_data_output.unwrap_or(false);
+    super::requested_outputs(&wanted, binary_by_default)
+}
+
+fn respond(
+    info: &ModelInfo,
+    id: Option<String>,
+    outputs: Vec<OutputTensor>,
+) -> Result<Response, ApiError> {
+    let mut binary = Vec::new();
+    let mut any_binary = false;
+    let outputs = outputs
+        .into_iter()
+        .map(|output| {
+            let (parameters, data) = if output.binary {
+                any_binary = true;
+                let start = binary.len();
+                output.data.write_binary(&mut binary);
+                let size = binary.len() - start;
+                (
+                    Some(BinaryDataSize {
+                        binary_data_size: size,
+                    }),
+                    None,
+                )
+            } else {
+                (None, Some(output.data))
+            };
+            ResponseOutput {
+                name: output.name,
+                datatype: output.datatype,
+                shape: output.shape,
+                parameters,
+                data,
+            }
+        })
+        .collect();
+    let header = InferenceResponse {
+        model_name: &info.name,
+        model_version: info.generation.to_string(),
+        id,
+        outputs,
+    };
+    let mut body = serde_json::to_vec(&header)
+        .map_err(|e| ApiError::Internal(format!("writing the inference response: {e}")))?;
+    if !any_binary {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+    }
+    let header_length = HeaderValue::from(body.len());
+    body.extend_from_slice(&binary);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (HEADER_LENGTH.clone(), header_length),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_elements_flatten_nested_arrays_of_base64() {
+        let data = json!([["aGk="], ["aGVsbG8"]]);
+        assert_eq!(json_elements(&data).unwrap(), [&b"hi"[..], b"hello"]);
+        assert!(json_elements(&json!([1, 2])).is_err());
+        assert!(json_elements(&json!(["not base64!"])).is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! The Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) on a server
+//! started in-process with `--grpc-port 0`, called by a tonic client built from the
+//! server's own messages: health and metadata (the same as the HTTP routes'), inference
+//! with raw and typed contents against the offline predictions, the classification
+//! extension, the status codes of errors, and a request written by NVIDIA's
+//! tritonclient.grpc (`fixtures/tritonclient/grpc_infer.bin`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use axum::body::Bytes;
+use common::*;
+use prost::Message;
+use tonic::Code;
+use vt_serve::open_inference::proto::*;
+
+fn image_input(shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
+    InferInputTensor {
+        name: "image".into(),
+        datatype: "BYTES".into(),
+        shape,
+        parameters: HashMap::new(),
+        contents,
+    }
+}
+
+/// A request for all outputs of `images`, sent in `raw_input_contents`.
+fn raw_request(model: &str, images: &[&[u8]]) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![image_input(vec![images.len() as i64], None)],
+        raw_input_contents: vec![Bytes::from(binary_elements(images))],
+        ..ModelInferRequest::default()
+    }
+}
+
+fn classification(count: i64) -> HashMap<String, InferParameter> {
+    let parameter = InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(count)),
+    };
+    HashMap::from([("classification".to_owned(), parameter)])
+}
+
+fn assert_status(result: Result<ModelInferResponse, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err(needle);
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "no `{needle}` in {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metadata_answer_as_the_http_routes_do() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--grpc-port", "0"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let http = client();
+
+    let live: ServerLiveResponse = grpc.call("ServerLive", ServerLiveRequest {}).await.unwrap();
+    assert!(live.live);
+    let ready: ServerReadyResponse = grpc
+        .call("ServerReady", ServerReadyRequest {})
+        .await
+        .unwrap();
+    assert!(ready.ready);
+    for version in ["", "1"] {
+        let asked = ModelReadyRequest {
+            name: "tiny".into(),
+            version: version.into(),
+        };
+        let ready: ModelReadyResponse = grpc.call("ModelReady", asked).await.unwrap();
+        assert!(ready.ready, "{version:?}");
+    }
+
+    // The metadata is the HTTP routes' JSON, field for field.
+    let metadata: ServerMetadataResponse = grpc
+        .call("ServerMetadata", ServerMetadataRequest {})
+        .await
+        .unwrap();
+    let json = get_json(&http, &server.url("/v2")).await;
+    assert_eq!(serde_json::to_value(&metadata).unwrap(), json);
+    assert_eq!(metadata.name, "vt-serve");
+    let asked = ModelMetadataRequest {
+        name: "tiny".into(),
+        version: String::new(),
+    };
+    let metadata: ModelMetadataResponse = grpc.call("ModelMetadata", asked).await.unwrap();
+    let json = get_json(&http, &server.url("/v2/models/tiny")).await;
+    assert_eq!(serde_json::to_value(&metadata).unwrap(), json);
+    assert_eq!(metadata.outputs[0].shape, [-1, CLASSES.len() as i64]);
+
+    // Another model or version is not ready (as Triton answers), and has no metadata;
+    // another method is not implemented.
+    for (name, version) in [("other", ""), ("tiny", "2")] {
+        let asked = ModelReadyRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        let ready: ModelReadyResponse = grpc.call("ModelReady", asked).await.unwrap();
+        assert!(!ready.ready, "{name} {version}");
+        let asked = ModelMetadataRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        let status = grpc
+            .call::<_, ModelMetadataResponse>("ModelMetadata", asked)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let status = grpc
+        .call::<_, ServerLiveResponse>("RepositoryIndex", ServerLiveRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("ModelInfer"), "{status:?}");
+
+    let metrics = metrics_text(&http, &server.url("/metrics")).await;
+    for (series, count) in [
+        (r#"code="OK",method="ServerLive""#, 1.0),
+        (r#"code="OK",method="ModelReady""#, 4.0),
+        (r#"code="NOT_FOUND",method="ModelMetadata""#, 2.0),
+        (r#"code="UNIMPLEMENTED",method="unknown""#, 1.0),
+    ] {
+        let series = format!("vt_serve_grpc_requests_total{{{series}}}");
+        assert_eq!(
+            metric(&metrics, &series),
+            Some(count),
+            "{series}\n{metrics}"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// Raw contents in, raw contents out (as Triton answers tritonclient); typed contents in,
+/// typed contents out; the same probabilities as `vt-serve predict` either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_gets_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &["--grpc-port", "0"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let photos = test_images(3);
+    let images: Vec<&[u8]> = photos.iter().map(|(_, b)| b.as_slice()).collect();
+    let offline: Vec<Vec<f32>> = images
+        .iter()
+        .map(|b| offline_probs(&checkpoint, b))
+        .collect();
+    let classifier = cpu_classifier(&dir);
+    let logits: Vec<Vec<f32>> = images
+        .iter()
+        .map(|b| offline_logits(&classifier, b))
+        .collect();
+
+    let answer = grpc.infer(raw_request("tiny", &images)).await.unwrap();
+    assert_eq!(answer.model_name, "tiny");
+    assert_eq!(answer.model_version, "1");
+    assert_eq!(answer.raw_output_contents.len(), 2, "{answer:?}");
+    let (_, probabilities) = grpc_output(&answer, "probabilities");
+    assert_eq!(probabilities.shape, [3, CLASSES.len() as i64]);
+    assert!(probabilities.contents.is_none());
+    assert_close(&grpc_fp32(&answer, "probabilities"), &offline, "raw");
+    assert_close(&grpc_fp32(&answer, "logits"), &logits, "raw logits");
+
+    // Typed contents, sent gzip-compressed; the classification extension on one output.
+    let mut request = ModelInferRequest {
+        model_name: "tiny".into(),
+        model_version: "1".into(),
+        id: "grpc-7".into(),
+        inputs: vec![image_input(
+            vec![3, 1],
+            Some(InferTensorContents {
+                bytes_contents: images.iter().map(|b| Bytes::copy_from_slice(b)).collect(),
+                ..InferTensorContents::default()
+            }),
+        )],
+        ..ModelInferRequest::default()
+    };
+    request.outputs = vec![
+        InferRequestedOutputTensor {
+            name: "logits".into(),
+            parameters: classification(2),
+        },
+        InferRequestedOutputTensor {
+            name: "probabilities".into(),
+            parameters: HashMap::new(),
+        },
+    ];
+    let mut gzip = GrpcClient::connect(server.grpc_addr.unwrap()).await.gzip();
+    let answer = gzip.infer(request).await.unwrap();
+    assert_eq!(answer.id, "grpc-7");
+    assert!(answer.raw_output_contents.is_empty(), "{answer:?}");
+    assert_eq!(answer.outputs.len(), 2);
+    assert_eq!(answer.outputs[0].shape, [3, 2]);
+    let expected: Vec<String> = logits.iter().flat_map(|l| ranked(l, 2)).collect();
+    assert_classification_close(&grpc_strings(&answer, "logits"), &expected);
+    assert_close(&grpc_fp32(&answer, "probabilities"), &offline, "typed");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_their_grpc_status_codes() {
+    let dir = tiny_checkpoint();
+    let args = [
+        "--grpc-port",
+        "0",
+        "--queue",
+        "4",
+        "--max-body-bytes",
+        "100000",
+        "--timeout-ms",
+        "1000",
+        "--max-delay-ms",
+        "3000",
+    ];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let (_, photo) = test_images(1).remove(0);
+
+    let unknown = raw_request("other", &[&photo]);
+    assert_status(
+        grpc.infer(unknown).await,
+        Code::NotFound,
+        "unknown model `other`: this server serves `tiny`",
+    );
+    let not_an_image = raw_request("tiny", &[&photo, b"hello"]);
+    assert_status(
+        grpc.infer(not_an_image).await,
+        Code::InvalidArgument,
+        "image[1]: the data is not an image",
+    );
+    let mut misnamed = raw_request("tiny", &[&photo]);
+    misnamed.inputs[0].name = "INPUT__0".into();
+    assert_status(
+        grpc.infer(misnamed).await,
+        Code::InvalidArgument,
+        "unknown input `INPUT__0`",
+    );
+    let mut miscounted = raw_request("tiny", &[&photo]);
+    miscounted.inputs[0].shape = vec![2];
+    assert_status(
+        grpc.infer(miscounted).await,
+        Code::InvalidArgument,
+        "has shape [2] but 1 elements",
+    );
+    let too_many = raw_request("tiny", &[photo.as_slice(); 5]);
+    assert_status(
+        grpc.infer(too_many).await,
+        Code::InvalidArgument,
+        "at most 4 per request",
+    );
+    let mut unknown_output = raw_request("tiny", &[&photo]);
+    unknown_output.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT__0".into(),
+        parameters: HashMap::new(),
+    }];
+    assert_status(
+        grpc.infer(unknown_output).await,
+        Code::InvalidArgument,
+        "unknown output `OUTPUT__0`",
+    );
+    let large = raw_request("tiny", &[&vec![0; 120_000]]);
+    assert_status(
+        grpc.infer(large).await,
+        Code::ResourceExhausted,
+        "larger than the limit of 100000 bytes",
+    );
+
+    // The deadline passes while the batch waits for an upload that never ends.
+    let upload = start_endless_upload(&client(), &server.base).await;
+    assert_status(
+        grpc.infer(raw_request("tiny", &[&photo])).await,
+        Code::DeadlineExceeded,
+        "not answered within 1000 ms",
+    );
+    drop(upload);
+    server.shutdown().await;
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tritonclient")
+}
+
+/// The `ModelInferRequest` tritonclient.grpc 2.73 built (`triton_grpc_client.py fixture`):
+/// two images in `raw_input_contents`, `probabilities`, and `logits` with `class_count=3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tritonclient_request_gets_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let fixtures = fixtures();
+    let images: Vec<Vec<u8>> = ["0.png", "1.jpg"]
+        .iter()
+        .map(|name| std::fs::read(fixtures.join(name)).unwrap())
+        .collect();
+    let bytes = std::fs::read(fixtures.join("grpc_infer.bin")).unwrap();
+    let request = ModelInferRequest::decode(bytes.as_slice()).unwrap();
+    assert_eq!(request.model_name, "tiny");
+    assert_eq!(request.inputs.len(), 1);
+    assert_eq!(request.inputs[0].shape, [2]);
+    assert_eq!(
+        request.raw_input_contents,
+        [binary_elements(&[&images[0], &images[1]])]
+    );
+    assert_eq!(request.outputs[1].parameters, classification(3));
+
+    let server = TestServer::start(&checkpoint, &["--grpc-port", "0"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let answer = grpc.infer(request).await.unwrap();
+    assert_eq!(answer.id, "fixture-grpc-1");
+    assert_eq!(answer.model_version, "1");
+    let offline: Vec<Vec<f32>> = images
+        .iter()
+        .map(|b| offline_probs(&checkpoint, b))
+        .collect();
+    assert_close(
+        &grpc_fp32(&answer, "probabilities"),
+        &offline,
+        "probabilities",
+    );
+    let classifier = cpu_classifier(&dir);
+    let expected: Vec<String> = images
+        .iter()
+        .flat_map(|b| ranked(&offline_logits(&classifier, b), 3))
+        .collect();
+    assert_eq!(grpc_output(&answer, "logits").1.shape, [2, 3]);
+    assert_classification_close(&grpc_strings(&answer, "logits"), &expected);
+    server.shutdown().await;
+}
