@@ -220,7 +220,7 @@ pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
 
 /// The readers' side of [`recover_interrupted_write`]: say what happened instead of a bare
 /// "file not found", and leave the repair to the writer.
-fn refuse_interrupted_write(dir: &Path) -> Result<()> {
+pub fn refuse_interrupted_write(dir: &Path) -> Result<()> {
     let dir = named(dir)?;
     let old = sibling(&dir, "old")?;
     if !dir.exists() && old.is_dir() {

@@ -15,7 +15,7 @@ use vt_model::{Model, VtConfig};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
 use crate::init::check_out_dir;
-use crate::state;
+use crate::state::{self, BEST_DIR, LAST_DIR, STATE_DIR};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AverageArgs {
@@ -80,25 +80,33 @@ pub fn history_inputs(run_dir: &Path, k: Option<usize>) -> Result<Vec<Input>> {
         .collect())
 }
 
-/// `first`'s and `other`'s configs' differing fields, as `field: first's vs other's`.
-fn differences(first: &VtConfig, other: &VtConfig) -> Vec<String> {
+/// `first`'s and `other`'s configs' differing fields, as `field: first's vs other's`, for
+/// the message of configs that differ.
+fn differences(first: &VtConfig, other: &VtConfig) -> String {
     let fields = |config: &VtConfig| match serde_json::to_value(config) {
         Ok(serde_json::Value::Object(map)) => map,
         _ => serde_json::Map::new(),
     };
     let (a, b) = (fields(first), fields(other));
-    a.iter()
+    let listed: Vec<String> = a
+        .iter()
         .filter(|(name, value)| b.get(*name) != Some(value))
         .map(|(name, value)| {
             let theirs = b.get(name).unwrap_or(&serde_json::Value::Null);
             format!("{name}: {value} vs {theirs}")
         })
-        .collect()
+        .collect();
+    if listed.is_empty() {
+        format!("{first:?} vs {other:?}")
+    } else {
+        listed.join(", ")
+    }
 }
 
 /// The element-wise mean of every tensor of the checkpoints in `dirs` (each loaded
-/// strictly), as a model of their common config. Sums are taken in f64 and divided once, so
-/// the f32 result is the correctly rounded mean, whatever the order or number of inputs.
+/// strictly), as a model of their common config. Sums are taken in f64 (29 more bits than
+/// the f32 values) and divided once: far from f32 accumulation's drift over many inputs,
+/// though not exact for values of widely different magnitudes.
 pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
     let load = |dir: &Path| {
         Model::load(dir, device).with_context(|| format!("loading checkpoint {}", dir.display()))
@@ -110,12 +118,11 @@ pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
     let mut sums = values(&model)?;
     for dir in others {
         let other = load(dir)?;
-        let differ = differences(&model.config, &other.config);
-        if !differ.is_empty() {
+        if other.config != model.config {
             return Err(TrainError::ConfigMismatch {
                 first: first_dir.join(CONFIG_FILE),
                 other: dir.join(CONFIG_FILE),
-                differences: differ.join(", "),
+                differences: differences(&model.config, &other.config),
             });
         }
         // One config, loaded strictly: the same tensor names and shapes.
@@ -132,11 +139,66 @@ pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     for (name, var) in vars.iter() {
-        let mean: Vec<f32> = sums[name].iter().map(|s| (s / count) as f32).collect();
+        let sum = sums
+            .get(name)
+            .ok_or_else(|| TrainError::Config(format!("no sum for tensor {name}")))?;
+        let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
         var.set(&Tensor::from_vec(mean, var.dims(), device)?)?;
     }
     drop(vars);
     Ok(model)
+}
+
+/// The folders of a run that its training writes: the output must be none of them, nor
+/// inside one, nor an input.
+const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
+
+/// Refuses an `--out` that is one of the checkpoints averaged, or lies in a folder that a
+/// training run manages: in `--run-dir`'s, or in the run of an input kept in `RUN/top/`.
+/// Writing there would replace a checkpoint the run lists (or later replaces or removes).
+fn refuse_out_among_inputs(out: &Path, inputs: &[Input], run_dir: Option<&Path>) -> Result<()> {
+    let out = resolved(out);
+    let runs = run_dir.map(Path::to_path_buf).into_iter().chain(
+        inputs
+            .iter()
+            .filter_map(|input| input.dir.parent())
+            .filter(|parent| parent.file_name().is_some_and(|n| n == TOP_DIR))
+            .filter_map(Path::parent)
+            .map(Path::to_path_buf),
+    );
+    for run in runs {
+        let run = resolved(&run);
+        if let Some(folder) = RUN_FOLDERS.iter().find(|f| out.starts_with(run.join(f))) {
+            return Err(TrainError::Config(format!(
+                "--out {}: inside {}/{folder}, which its training run manages; choose a \
+                 folder outside it (e.g. {}/avg)",
+                out.display(),
+                run.display(),
+                run.display()
+            )));
+        }
+    }
+    if let Some(input) = inputs.iter().find(|i| resolved(&i.dir) == out) {
+        return Err(TrainError::Config(format!(
+            "--out {} is one of the checkpoints averaged ({}); choose another folder",
+            out.display(),
+            input.dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `path` with its links and `..` resolved, as far as it exists (an output folder may not
+/// exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = path.canonicalize() {
+        return real;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
+        (_, Some(name)) => std::env::current_dir().unwrap_or_default().join(name),
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Every tensor of `model`, by name, widened to f64.
@@ -166,6 +228,7 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             })
             .collect(),
     };
+    refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
     check_out_dir(&args.out, args.force)?;
     println!(
         "averaging {} checkpoint{}:",
@@ -210,6 +273,42 @@ mod tests {
 
     use super::*;
     use crate::init::seeded_model;
+
+    #[test]
+    fn the_output_stays_out_of_the_inputs_and_the_runs_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let kept = epoch_dir(&run, 1);
+        std::fs::create_dir_all(&kept).unwrap();
+        let inputs = [Input {
+            dir: kept.clone(),
+            kept: None,
+        }];
+        let refused = |out: PathBuf, run_dir: Option<&Path>| {
+            refuse_out_among_inputs(&out, &inputs, run_dir)
+                .unwrap_err()
+                .to_string()
+        };
+        for run_dir in [None, Some(run.as_path())] {
+            for folder in ["top/avg", "top/epoch-002", "state", "best", "last/x"] {
+                let err = refused(run.join(folder), run_dir);
+                assert!(err.contains("which its training run manages"), "{err}");
+            }
+        }
+        let outside = tmp.path().join("elsewhere");
+        let err = refuse_out_among_inputs(&kept, &inputs, None);
+        assert!(err.is_err());
+        let other = [Input {
+            dir: outside.clone(),
+            kept: None,
+        }];
+        let err = refuse_out_among_inputs(&outside.join("."), &other, None).unwrap_err();
+        assert!(
+            err.to_string().contains("one of the checkpoints averaged"),
+            "{err}"
+        );
+        refuse_out_among_inputs(&run.join("avg"), &inputs, Some(&run)).unwrap();
+    }
 
     fn tiny(image_size: usize) -> VtConfig {
         VtConfig {

@@ -78,6 +78,9 @@ pub enum TrainError {
     /// Every step of an epoch was skipped (a non-finite loss or gradient norm).
     #[error("epoch {epoch}: no training step succeeded (see the warnings above)")]
     NoStepSucceeded { epoch: usize },
+    /// `vt-train explain` could not read or draw some of the images (each named on stderr).
+    #[error("{failed} of {total} images could not be explained (see above)")]
+    NotExplained { failed: usize, total: usize },
     #[error("installing the Ctrl-C handler")]
     CtrlC(#[source] ctrlc::Error),
     /// What was being done when `cause` happened, naming the file, folder, flag or tensor:

@@ -54,6 +54,11 @@ const TITLE: u32 = 34;
 const LABEL: u32 = 22;
 /// Tokens per row of a module's grid.
 const COLUMNS: usize = 8;
+/// The most tokens drawn per module (the default config has 16): past it the picture would
+/// grow without bound.
+const MAX_TOKENS_DRAWN: usize = 64;
+/// The grids' least width: room for a module's label when it has few tokens.
+const MIN_GRID_WIDTH: u32 = 640;
 /// Side of the model's view of the image, left of the grids.
 const VIEW: u32 = 2 * PANEL + GAP;
 /// How opaque the heat map is where a token's attention peaks; elsewhere the photo shows
@@ -80,10 +85,19 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::file_op("creating", &args.out, e))?;
     let mut resizer = Resizer::new();
-    let mut taken = HashSet::new();
+    // The inputs' own paths are taken too: a picture must never replace an image given.
+    let out = args
+        .out
+        .canonicalize()
+        .map_err(|e| TrainError::io(&args.out, e))?;
+    let mut taken: HashSet<PathBuf> = args
+        .images
+        .iter()
+        .filter_map(|image| image.canonicalize().ok())
+        .collect();
     let mut failed = 0;
     for image in &args.images {
-        let png = args.out.join(output_name(image, &mut taken));
+        let png = args.out.join(output_name(image, &out, &mut taken));
         let explained = explain(&model, &mut resizer, image).and_then(|explanation| {
             let top = top_classes(&explanation.probs, &model.config.class_names, args.top_k);
             let title = format!("{}: {top}", display_name(image));
@@ -99,27 +113,29 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
         }
     }
     if failed > 0 {
-        return Err(TrainError::Config(format!(
-            "{failed} of {} images could not be explained (see above)",
-            args.images.len()
-        )));
+        return Err(TrainError::NotExplained {
+            failed,
+            total: args.images.len(),
+        });
     }
     Ok(())
 }
 
-/// The PNG's file name: the image's, with `-2`, `-3`... when two images share it.
-fn output_name(image: &Path, taken: &mut HashSet<String>) -> String {
+/// The picture's file name in the (resolved) folder `out`: the image's stem and
+/// `.explain.png`, with `-2`, `-3`... when that path is `taken` (by an earlier picture, or
+/// by one of the images given).
+fn output_name(image: &Path, out: &Path, taken: &mut HashSet<PathBuf>) -> String {
     let stem = image
         .file_stem()
         .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
     let name = (1..)
         .map(|n| match n {
-            1 => format!("{stem}.png"),
-            n => format!("{stem}-{n}.png"),
+            1 => format!("{stem}.explain.png"),
+            n => format!("{stem}-{n}.explain.png"),
         })
-        .find(|name| !taken.contains(name))
+        .find(|name| !taken.contains(&out.join(name)))
         .unwrap_or_default();
-    taken.insert(name.clone());
+    taken.insert(out.join(&name));
     name
 }
 
@@ -207,10 +223,10 @@ fn concentration(map: &[f32], peak: f32) -> Vec<f32> {
 }
 
 /// `view` (PANEL x PANEL) with a token's attention map over it.
-fn overlay(view: &RgbImage, map: &[f32], peak: f32, (h, w): (u32, u32)) -> RgbImage {
-    let heat = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(w, h, concentration(map, peak))
-        .map(|grid| imageops::resize(&grid, PANEL, PANEL, FilterType::Triangle))
-        .unwrap_or_else(|| ImageBuffer::new(PANEL, PANEL));
+/// None when `map` does not hold h x w values.
+fn overlay(view: &RgbImage, map: &[f32], peak: f32, (h, w): (u32, u32)) -> Option<RgbImage> {
+    let grid = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(w, h, concentration(map, peak))?;
+    let heat = imageops::resize(&grid, PANEL, PANEL, FilterType::Triangle);
     let mut out = view.clone();
     for (pixel, level) in out.pixels_mut().zip(heat.pixels()) {
         let level = level.0[0].clamp(0.0, 1.0);
@@ -221,18 +237,19 @@ fn overlay(view: &RgbImage, map: &[f32], peak: f32, (h, w): (u32, u32)) -> RgbIm
                 (f32::from(*channel) * (1.0 - alpha) + f32::from(heat) * alpha).round() as u8;
         }
     }
-    out
+    Some(out)
 }
 
 /// The picture: the title, the model's view on the left, then per module a grid of its
 /// tokens' attention maps.
 fn draw(path: &Path, e: &Explanation, title: &str) -> Result<()> {
     let tokens = e.maps.first().map_or(0, Vec::len);
-    let columns = tokens.clamp(1, COLUMNS) as u32;
-    let rows = tokens.div_ceil(COLUMNS) as u32;
+    let drawn = tokens.min(MAX_TOKENS_DRAWN);
+    let columns = drawn.clamp(1, COLUMNS) as u32;
+    let rows = drawn.div_ceil(COLUMNS) as u32;
     let grid_left = MARGIN + VIEW + 2 * MARGIN;
     let module_height = LABEL + rows * (PANEL + GAP);
-    let width = grid_left + columns * (PANEL + GAP) - GAP + MARGIN;
+    let width = grid_left + (columns * (PANEL + GAP) - GAP).max(MIN_GRID_WIDTH) + MARGIN;
     let height = TITLE + (module_height * e.maps.len() as u32).max(LABEL + VIEW) + MARGIN;
     let panel_view = imageops::resize(&e.view, PANEL, PANEL, FilterType::Triangle);
     let big_view = imageops::resize(&e.view, VIEW, VIEW, FilterType::Triangle);
@@ -268,19 +285,30 @@ fn draw(path: &Path, e: &Explanation, title: &str) -> Result<()> {
             label(
                 (grid_left, top + 2),
                 format!(
-                    "module {module}: where each of its {} tokens looks ({h}x{w} feature map; \
-                     colour: share against an even spread, 1x to {peak:.2}x, log scale)",
+                    "module {module}: {}{} tokens over the {h}x{w} map; colour: share against \
+                     an even spread, 1x to {peak:.2}x (log)",
+                    if drawn < tokens {
+                        format!("the first {drawn} of ")
+                    } else {
+                        String::new()
+                    },
                     maps.len()
                 ),
                 13,
             )?;
-            for (token, map) in maps.iter().enumerate() {
+            for (token, map) in maps.iter().enumerate().take(drawn) {
                 let (row, column) = ((token / COLUMNS) as u32, (token % COLUMNS) as u32);
                 let at = (
                     grid_left + column * (PANEL + GAP),
                     top + LABEL + row * (PANEL + GAP),
                 );
-                bitmap(at, &overlay(&panel_view, map, peak, e.map_size))?;
+                let heat = overlay(&panel_view, map, peak, e.map_size).ok_or_else(|| {
+                    err(&format!(
+                        "an attention map of {} values for {h}x{w}",
+                        map.len()
+                    ))
+                })?;
+                bitmap(at, &heat)?;
                 if text {
                     let tag = Rectangle::new(
                         [
@@ -303,15 +331,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_names_stay_apart() {
-        let mut taken = HashSet::new();
-        let names: Vec<String> = ["a/photo.jpg", "b/photo.png", "photo", "c/other.jpg"]
+    fn output_names_stay_apart_and_off_the_inputs() {
+        let out = Path::new("/out");
+        // An input that is itself named like a picture: it is never written over.
+        let mut taken = HashSet::from([out.join("old.explain.png")]);
+        let names: Vec<String> = ["a/photo.jpg", "b/photo.png", "photo", "c/old.jpg"]
             .iter()
-            .map(|p| output_name(Path::new(p), &mut taken))
+            .map(|p| output_name(Path::new(p), out, &mut taken))
             .collect();
         assert_eq!(
             names,
-            ["photo.png", "photo-2.png", "photo-3.png", "other.png"]
+            [
+                "photo.explain.png",
+                "photo-2.explain.png",
+                "photo-3.explain.png",
+                "old-2.explain.png"
+            ]
         );
     }
 
@@ -343,7 +378,11 @@ mod tests {
     fn heat_shows_where_the_token_looks() {
         let view = RgbImage::from_pixel(PANEL, PANEL, image::Rgb([0, 0, 0]));
         // All attention on the top-left of a 2 x 2 map.
-        let out = overlay(&view, &[1.0, 0.0, 0.0, 0.0], 4.0, (2, 2));
+        let out = overlay(&view, &[1.0, 0.0, 0.0, 0.0], 4.0, (2, 2)).unwrap();
+        assert!(
+            overlay(&view, &[1.0; 3], 4.0, (2, 2)).is_none(),
+            "3 values for 2x2"
+        );
         let brightness = |x: u32, y: u32| {
             out.get_pixel(x, y)
                 .0

@@ -95,8 +95,8 @@ pub fn offer(kept: &[Kept], epoch: Kept, n: usize) -> Offered {
 }
 
 /// An entry of `top/` that this module writes: a checkpoint folder `epoch-NNN`, or one of
-/// its temporary siblings `.epoch-NNN.*` while it is written (whose content is the
-/// checkpoint code's).
+/// the siblings the checkpoint code writes it through (`.epoch-NNN.tmp-PID`,
+/// `.epoch-NNN.old`). Nothing else matches, so nothing else is ever removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
     Checkpoint,
@@ -104,12 +104,19 @@ enum Entry {
 }
 
 fn entry_kind(name: &str) -> Option<Entry> {
-    let (epoch, kind) = match name.strip_prefix('.') {
-        Some(hidden) => (hidden.split('.').next()?, Entry::Temporary),
+    let (folder, kind) = match name.strip_prefix('.') {
+        Some(hidden) => {
+            let (folder, suffix) = hidden.split_once('.')?;
+            let temporary = suffix == "old"
+                || suffix
+                    .strip_prefix("tmp-")
+                    .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            (folder, temporary.then_some(Entry::Temporary)?)
+        }
         None => (name, Entry::Checkpoint),
     };
-    let digits = epoch.strip_prefix(PREFIX)?;
-    digits.parse::<usize>().ok().map(|_| kind)
+    let epoch: usize = folder.strip_prefix(PREFIX)?.parse().ok()?;
+    (format!("{PREFIX}{epoch:03}") == folder).then_some(kind)
 }
 
 /// The entries of `top/` (none when it does not exist): name, path and kind.
@@ -251,6 +258,31 @@ mod tests {
         assert_eq!((epochs(&offered.kept), offered.admitted), (vec![6], false));
         assert_eq!(epochs(&offered.dropped), [3]);
         assert_eq!(offer(&[], kept(1, 0.5, 1.0), 0).kept, []);
+    }
+
+    #[test]
+    fn only_names_the_checkpoint_code_writes_are_ours() {
+        for ours in [
+            "epoch-004",
+            "epoch-1234",
+            ".epoch-004.old",
+            ".epoch-004.tmp-77",
+        ] {
+            assert!(entry_kind(ours).is_some(), "{ours}");
+        }
+        let others = [
+            "epoch-1",
+            "epoch-0004",
+            "epoch-+01",
+            ".epoch-004.txt",
+            ".epoch-004.my-backup",
+            ".epoch-004.tmp-",
+            ".epoch-4.old",
+            "avg",
+        ];
+        for other in others {
+            assert_eq!(entry_kind(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use vt_model::checkpoint::{
-    assign_strict, read_tensors, recover_interrupted_write, write_dir_atomically, CONFIG_FILE,
-    WEIGHTS_FILE,
+    assign_strict, read_tensors, recover_interrupted_write, refuse_interrupted_write,
+    write_dir_atomically, CONFIG_FILE, WEIGHTS_FILE,
 };
 use vt_model::{Model, ModelError};
 
@@ -155,6 +155,7 @@ pub fn read_progress(run_dir: &Path) -> Result<Progress> {
 /// Reads `RUN/state/training.json` as it is, repairing nothing: for readers, which could
 /// race the training process's two renames (see [`vt_model::checkpoint`]).
 pub fn read_saved_progress(run_dir: &Path) -> Result<Progress> {
+    refuse_interrupted_write(&run_dir.join(STATE_DIR))?;
     let path = run_dir.join(STATE_DIR).join(TRAINING_FILE);
     let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
     let progress: Progress = serde_json::from_str(&text).map_err(|cause| TrainError::Json {

@@ -680,16 +680,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             )?;
             progress.config = config.clone();
             progress.top = kept;
-            if progress.top.len() > config.checkpoint_hist {
-                tracing::info!(
-                    "--checkpoint-hist {}: the worst {} of the {} epochs in {}/ leave it at the \
-                     end of the next epoch",
-                    config.checkpoint_hist,
-                    progress.top.len() - config.checkpoint_hist,
-                    progress.top.len(),
-                    history::TOP_DIR
-                );
-            }
             progress
         }
         None => Progress::new(config.clone()),
@@ -723,6 +713,17 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             config.epochs
         );
         return Ok(Outcome::Finished);
+    }
+
+    if progress.top.len() > config.checkpoint_hist {
+        tracing::info!(
+            "--checkpoint-hist {}: the worst {} of the {} epochs in {}/ leave it at the end of \
+             the next epoch",
+            config.checkpoint_hist,
+            progress.top.len() - config.checkpoint_hist,
+            progress.top.len(),
+            history::TOP_DIR
+        );
     }
 
     write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;

@@ -1167,12 +1167,13 @@ fn explain_draws_each_modules_token_attention() {
     );
     assert!(stderr.contains("notes.jpg"), "{stderr}");
     assert!(stderr.contains("1 of 3 images"), "{stderr}");
-    // Each picture: the model's view, then one row of 4 tokens for each of the 2 modules.
-    for name in ["photo.png", "photo-2.png"] {
+    // Each picture: the model's view, then one row of 4 tokens for each of the 2 modules
+    // (the grids at least 640 px wide, for their labels).
+    for name in ["photo.explain.png", "photo-2.explain.png"] {
         let path = out.join(name);
         assert!(stdout.contains(&path.display().to_string()), "{stdout}");
         assert!(is_png(&path), "{}", path.display());
-        assert_eq!(image::image_dimensions(&path).unwrap(), (648, 294));
+        assert_eq!(image::image_dimensions(&path).unwrap(), (886, 294));
     }
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     for line in stdout.lines() {

@@ -62,6 +62,19 @@ impl Fixture {
         (varmap, net)
     }
 
+    /// The frozen model (as vt-serve loads it) of `model`'s variables.
+    fn frozen(&self, varmap: VarMap, net: VtResNet, dtype: DType, device: &Device) -> Model {
+        Model {
+            config: self.config.clone(),
+            varmap,
+            net,
+            device: device.clone(),
+            dtype,
+        }
+        .into_frozen()
+        .unwrap()
+    }
+
     pub fn check_formula(&self) {
         for (param, tensor) in self.with_prefix("formula.") {
             let ours = Tensor::from_vec(
@@ -97,15 +110,7 @@ impl Fixture {
             err
         };
         let err = check(&net, "trainable");
-        let frozen = Model {
-            config: self.config.clone(),
-            varmap,
-            net,
-            device: device.clone(),
-            dtype,
-        }
-        .into_frozen()
-        .unwrap();
+        let frozen = self.frozen(varmap, net, dtype, device);
         let first = check(&frozen.net, "frozen");
         let second = check(&frozen.net, "frozen (second call)");
         err.max(first).max(second)
@@ -115,15 +120,7 @@ impl Fixture {
     /// logits that come with them.
     pub fn check_token_attention(&self, dtype: DType, device: &Device, tolerance: f64) {
         let (varmap, net) = self.model(dtype, device);
-        let frozen = Model {
-            config: self.config.clone(),
-            varmap,
-            net,
-            device: device.clone(),
-            dtype,
-        }
-        .into_frozen()
-        .unwrap();
+        let frozen = self.frozen(varmap, net, dtype, device);
         let out = frozen.token_attention(&self.input(dtype, device)).unwrap();
         let err = relative_error(&out.logits, self.get("logits_eval"));
         assert!(
