@@ -138,6 +138,20 @@ impl BodyCharge {
             .map(|charge| charge.budget.spent())
     }
 
+    /// Extends the charge to `bytes` in all, the body's length once decoded where it is
+    /// decoded after it was charged (a compressed gRPC message): what is past the bytes
+    /// already charged is taken, or the body refused as one read past the budget is.
+    pub fn cover(&self, bytes: usize) -> Result<(), ApiError> {
+        let Some(charge) = &self.0 else {
+            return Ok(());
+        };
+        let held = usize::try_from(charge.held.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        if charge.is_refused() || !charge.take(bytes.saturating_sub(held)) {
+            return Err(charge.budget.spent());
+        }
+        Ok(())
+    }
+
     /// Whether the body went past the body limit while a refused body was dropped: it gets
     /// 413, which retrying would not change, rather than the 503.
     pub fn too_large(&self) -> bool {

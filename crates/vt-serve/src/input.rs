@@ -98,10 +98,16 @@ pub fn json_value_count(body: &[u8]) -> Option<usize> {
     Some(count.0)
 }
 
-/// Refuses a JSON body with more values than a request of at most `images` images needs (a
-/// handful per image, plus the request's own fields), before it is parsed.
+/// The most values (JSON values, protobuf fields) a request of at most `images` images
+/// needs: a handful per image, plus the request's own fields.
+pub fn value_limit(images: usize) -> usize {
+    256usize.saturating_add(images.saturating_mul(16))
+}
+
+/// Refuses a JSON body with more values than a request of at most `images` images needs,
+/// before it is parsed.
 pub fn refuse_too_many_json_values(body: &[u8], images: usize) -> Result<(), ApiError> {
-    let limit = 256 + 16 * images;
+    let limit = value_limit(images);
     match json_value_count(body) {
         Some(count) if count > limit => Err(ApiError::BadRequest(format!(
             "the JSON body holds {count} values, more than a request of at most {images} images (--queue) needs"

@@ -84,25 +84,29 @@ pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
 }
 
 /// What a request says of one of its inputs, before its data.
+#[derive(Clone, Copy)]
 pub struct InputHeader<'a> {
     pub name: &'a str,
     pub datatype: &'a str,
     pub shape: &'a [i64],
 }
 
-/// The number of images a request's inputs declare: they must be the one input `image`,
-/// BYTES of shape `[N]` or `[N, 1]`, with 1 to `capacity` (`--queue`) elements.
-pub fn declared_images<'a>(
-    mut inputs: impl ExactSizeIterator<Item = InputHeader<'a>>,
+/// The number of images a request's inputs declare, and its one input: they must be the one
+/// input `image`, BYTES of shape `[N]` or `[N, 1]`, with 1 to `capacity` (`--queue`)
+/// elements.
+pub fn declared_images<'a, T>(
+    inputs: &'a [T],
+    header: impl Fn(&'a T) -> InputHeader<'a>,
     capacity: usize,
-) -> Result<usize, ApiError> {
+) -> Result<(usize, &'a T), ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
-    let count = inputs.len();
-    let (Some(input), 1) = (inputs.next(), count) else {
+    let [one] = inputs else {
         return bad(format!(
-            "the model takes one input, `{INPUT}`; the request has {count}"
+            "the model takes one input, `{INPUT}`; the request has {}",
+            inputs.len()
         ));
     };
+    let input = header(one);
     if input.name != INPUT {
         return bad(format!(
             "unknown input `{}`: the model's input is `{INPUT}` (BYTES, one encoded image per element)",
@@ -132,7 +136,7 @@ pub fn declared_images<'a>(
             "too many images: {images}, at most {capacity} per request (--queue)"
         ));
     }
-    Ok(images as usize)
+    Ok((images as usize, one))
 }
 
 /// Checks that the input's data held as many images as its shape declared.
@@ -152,11 +156,21 @@ pub fn check_element_count(
 
 /// BYTES elements in the binary layout (each after its 4-byte little-endian length: the
 /// HTTP binary tensor data extension's, and gRPC's `raw_input_contents`), each a view into
-/// `data`.
-pub fn binary_elements(data: &Bytes) -> Result<Vec<Bytes>, ApiError> {
-    let mut elements = Vec::new();
+/// `data`: the `declared` ones of an input of shape `shape`. More are refused as soon as
+/// they start, as elements of 0 bytes take 8 times their 4 bytes of data as views.
+pub fn binary_elements(
+    data: &Bytes,
+    shape: &[i64],
+    declared: usize,
+) -> Result<Vec<Bytes>, ApiError> {
+    let mut elements = Vec::with_capacity(declared);
     let mut at = 0;
     while at < data.len() {
+        if elements.len() == declared {
+            return Err(ApiError::BadRequest(format!(
+                "input `{INPUT}` has shape {shape:?} but more than {declared} elements"
+            )));
+        }
         let length = data
             .get(at..at + 4)
             .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
@@ -398,13 +412,26 @@ mod tests {
     #[test]
     fn binary_elements_are_split_at_their_lengths() {
         let data = elements(&[b"first", b"", b"third one"]);
-        let split = binary_elements(&data).unwrap();
+        let split = binary_elements(&data, &[3], 3).unwrap();
         assert_eq!(split, [&b"first"[..], b"", b"third one"]);
         // A length that runs past the end, and a length cut short.
         let mut long = data.to_vec();
         long[0] = 200;
-        assert!(binary_elements(&Bytes::from(long)).is_err());
-        assert!(binary_elements(&data.slice(..data.len() - 11)).is_err());
+        assert!(binary_elements(&Bytes::from(long), &[3], 3).is_err());
+        assert!(binary_elements(&data.slice(..data.len() - 11), &[3], 3).is_err());
+    }
+
+    /// Elements past the declared count are refused at the first: 0-byte elements would
+    /// otherwise be split out by the million, each a view 8 times its 4 bytes.
+    #[test]
+    fn binary_elements_stop_at_the_declared_count() {
+        let data = Bytes::from(vec![0; 4_000_000]);
+        let error = binary_elements(&data, &[2], 2).unwrap_err().to_string();
+        assert!(
+            error.contains("has shape [2] but more than 2 elements"),
+            "{error}"
+        );
+        assert_eq!(binary_elements(&data.slice(..8), &[2], 2).unwrap().len(), 2);
     }
 
     #[test]
@@ -424,11 +451,17 @@ mod tests {
             datatype,
             shape,
         };
-        let count = |inputs: Vec<InputHeader>| declared_images(inputs.into_iter(), 4);
+        let count = |inputs: Vec<InputHeader>| {
+            declared_images(&inputs, |input| *input, 4).map(|(count, input)| {
+                assert_eq!(input.name, "image");
+                count
+            })
+        };
         assert_eq!(count(vec![header("image", "BYTES", &[3])]).unwrap(), 3);
         assert_eq!(count(vec![header("image", "BYTES", &[2, 1])]).unwrap(), 2);
         for (inputs, needle) in [
             (vec![], "the request has 0"),
+            (vec![header("image", "BYTES", &[1]); 2], "the request has 2"),
             (vec![header("x", "BYTES", &[1])], "unknown input `x`"),
             (vec![header("image", "FP32", &[1])], "not FP32"),
             (vec![header("image", "BYTES", &[-1])], "[N] or [N, 1]"),

@@ -2,20 +2,28 @@
 //! gRPC port when there is one), serve until a shutdown signal, then finish the requests in
 //! flight on both. On Unix, SIGHUP reloads the checkpoint ([`AppState::reload`]).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body as AxumBody;
+use axum::response::Response;
 use axum::serve::Listener;
+use axum::Router;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 #[cfg(unix)]
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::args::ServeArgs;
 use crate::open_inference::grpc;
@@ -92,9 +100,16 @@ impl Server {
             .header_read_timeout(state.limits.header_timeout);
         let grpc_app = grpc::router(Arc::clone(&state));
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        // Flow-control windows sized to the connection, so that large messages (images)
-        // are not held to HTTP/2's default 64 KiB in flight.
-        http2.timer(TokioTimer::new()).adaptive_window(true);
+        // Flow-control windows sized to the connection's bandwidth-delay product: they start
+        // at HTTP/2's 64 KiB (below hyper's fixed 1 MiB default) and grow as a fast link
+        // needs. Pings find the peers gone without closing their connection mid-call.
+        http2
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(GRPC_KEEP_ALIVE)
+            .keep_alive_timeout(GRPC_KEEP_ALIVE);
+        // Set when shutdown begins: gRPC connections with no stream close then.
+        let (stopping, _) = watch::channel(false);
         let connections = GracefulShutdown::new();
         let mut shutdown = pin!(shutdown);
         loop {
@@ -103,12 +118,14 @@ impl Server {
                 (stream, peer) = Listener::accept(&mut listener) => {
                     let service = TowerToHyperService::new(app.clone());
                     let connection = http.serve_connection(TokioIo::new(stream), service);
-                    serve(&connections, connection, peer);
+                    serve(&connections, connection, peer, std::future::pending());
                 }
                 (stream, peer) = accept_grpc(&mut grpc_listener) => {
-                    let service = TowerToHyperService::new(grpc_app.clone());
+                    let streams = Streams::new();
+                    let service = streams.track(TowerToHyperService::new(grpc_app.clone()));
                     let connection = http2.serve_connection(TokioIo::new(stream), service);
-                    serve(&connections, connection, peer);
+                    let idle = streams.idle(state.limits.header_timeout, stopping.subscribe());
+                    serve(&connections, connection, peer, idle);
                 }
                 () = &mut shutdown => break,
             }
@@ -119,6 +136,7 @@ impl Server {
         #[cfg(unix)]
         reloads.abort();
         state.stop_accepting();
+        stopping.send_replace(true);
         tracing::info!("shutting down: finishing requests in flight");
         let drain = state.limits.timeout + DRAIN_MARGIN;
         if tokio::time::timeout(drain, connections.shutdown())
@@ -152,18 +170,97 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
     }
 }
 
-/// Serves `connection` on a task of its own, until it ends or shutdown closes it.
-fn serve<C>(connections: &GracefulShutdown, connection: C, peer: SocketAddr)
-where
+/// Serves `connection` on a task of its own, until it ends, shutdown closes it, or `idle`
+/// completes (which drops it: closes it).
+fn serve<C>(
+    connections: &GracefulShutdown,
+    connection: C,
+    peer: SocketAddr,
+    idle: impl Future<Output = ()> + Send + 'static,
+) where
     C: GracefulConnection + Send + 'static,
     C::Error: std::fmt::Display + Send,
 {
     let connection = connections.watch(connection);
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("connection from {peer}: {e}");
+        tokio::select! {
+            result = connection => {
+                if let Err(e) = result {
+                    tracing::debug!("connection from {peer}: {e}");
+                }
+            }
+            () = idle => tracing::debug!("connection from {peer}: closed, idle"),
         }
     });
+}
+
+/// How often a gRPC connection is pinged when it is silent, and how long its peer has to
+/// answer before the connection is closed.
+const GRPC_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// The streams in flight on a gRPC connection. hyper's HTTP/2 server has no counterpart of
+/// HTTP/1's header-read timeout, and its graceful shutdown waits on a connection that never
+/// sent its preface: a connection with no stream is closed once it has had none for
+/// `--header-timeout-ms`, and when shutdown begins.
+#[derive(Clone)]
+struct Streams(Arc<watch::Sender<usize>>);
+
+/// One stream, counted until it is dropped.
+struct Open(Arc<watch::Sender<usize>>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Streams {
+    fn new() -> Streams {
+        Streams(Arc::new(watch::Sender::new(0)))
+    }
+
+    /// `service`, each call counted until its answer's body is dropped: sent, or abandoned.
+    fn track(
+        &self,
+        service: TowerToHyperService<Router>,
+    ) -> impl Service<
+        hyper::Request<Incoming>,
+        Response = Response,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+    > + Clone {
+        let streams = self.clone();
+        service_fn(move |request| {
+            streams.0.send_modify(|n| *n += 1);
+            let open = Open(Arc::clone(&streams.0));
+            let answer = service.call(request);
+            async move {
+                let response = answer.await?;
+                // The count goes with the body, whose end is the stream's.
+                Ok(response.map(|body| {
+                    AxumBody::new(body.map_err(move |e| {
+                        let _ = &open;
+                        e
+                    }))
+                }))
+            }
+        })
+    }
+
+    /// Completes once the connection has had no stream for `timeout`, or has none when
+    /// shutdown begins.
+    async fn idle(self, timeout: Duration, mut stopping: watch::Receiver<bool>) {
+        let mut streams = self.0.subscribe();
+        loop {
+            // Never an error: `self` holds the sender.
+            let _ = streams.wait_for(|&n| n == 0).await;
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => return,
+                _ = stopping.wait_for(|&stop| stop) => return,
+                _ = streams.changed() => {}
+            }
+        }
+    }
 }
 
 /// How long past the request timeout shutdown waits for connections to close.

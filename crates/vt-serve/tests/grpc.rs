@@ -9,10 +9,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use common::*;
 use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use vt_serve::open_inference::proto::*;
 
@@ -278,6 +280,113 @@ async fn errors_have_their_grpc_status_codes() {
     );
     drop(upload);
     server.shutdown().await;
+}
+
+/// What a message holds is checked before it is decoded: its fields (prost builds each
+/// repeated entry, an empty one 100 times its 2 bytes), its decompressed length against the
+/// body budget, and that a unary call has one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_checked_before_they_are_decoded() {
+    let dir = tiny_checkpoint();
+    let args = [
+        "--grpc-port",
+        "0",
+        "--queue",
+        "4",
+        "--max-body-bytes",
+        "600000",
+        "--max-inflight-body-bytes",
+        "600000",
+    ];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let (_, photo) = test_images(1).remove(0);
+
+    // --queue 4: 256 + 16 * 4 fields at most.
+    let fields = "holds more than 320 fields";
+    let mut inputs = raw_request("tiny", &[&photo]);
+    inputs.inputs = vec![InferInputTensor::default(); 1000];
+    assert_status(grpc.infer(inputs).await, Code::InvalidArgument, fields);
+    let contents = InferTensorContents {
+        bytes_contents: vec![Bytes::new(); 1000],
+        ..InferTensorContents::default()
+    };
+    let request = ModelInferRequest {
+        model_name: "tiny".into(),
+        inputs: vec![image_input(vec![1000], Some(contents))],
+        ..ModelInferRequest::default()
+    };
+    assert_status(grpc.infer(request).await, Code::InvalidArgument, fields);
+    let mut raw = raw_request("tiny", &[&photo]);
+    raw.raw_input_contents = vec![Bytes::new(); 1000];
+    assert_status(grpc.infer(raw).await, Code::InvalidArgument, fields);
+
+    // While an upload holds 300 kB of the budget, 500 kB of zeros, a few hundred bytes
+    // gzipped, are past what is left once decompressed. What was charged is given back.
+    let client = client();
+    let metrics_url = server.url("/metrics");
+    let held = "vt_serve_inflight_body_bytes";
+    let mut upload = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = [CHUNKED_PREDICT_HEAD.as_bytes(), &chunk(&[0; 300_000])].concat();
+    upload.write_all(&head).await.unwrap();
+    wait_for_gauge(&client, &metrics_url, held, 300_000.0).await;
+    let mut gzip = GrpcClient::connect(server.grpc_addr.unwrap()).await.gzip();
+    let zeros = raw_request("tiny", &[&vec![0; 500_000]]);
+    assert_status(
+        gzip.infer(zeros).await,
+        Code::Unavailable,
+        "--max-inflight-body-bytes (600000 bytes)",
+    );
+    drop(upload);
+    wait_for_gauge(&client, &metrics_url, held, 0.0).await;
+
+    // A second message in a unary call.
+    let two = vec![raw_request("tiny", &[&photo]); 2];
+    assert_status(
+        grpc.infer_messages(two).await,
+        Code::InvalidArgument,
+        "holds one message",
+    );
+
+    // The methods but ModelInfer take small messages.
+    let asked = ModelReadyRequest {
+        name: "x".repeat(70_000),
+        version: String::new(),
+    };
+    let status = grpc
+        .call::<_, ModelReadyResponse>("ModelReady", asked)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limit of 65536 bytes"),
+        "{status:?}"
+    );
+    server.shutdown().await;
+}
+
+/// A connection with no call in flight is closed after --header-timeout-ms, even one that
+/// never sent HTTP/2's preface, and at once when shutdown begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed() {
+    let dir = tiny_checkpoint();
+    let args = ["--grpc-port", "0", "--header-timeout-ms", "300"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let addr = server.grpc_addr.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut read = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut read));
+    assert!(closed.await.is_ok(), "still open after 5 s");
+    // Shutdown does not wait for one either (it did for the request timeout, 30 s).
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    server.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 fn fixtures() -> PathBuf {

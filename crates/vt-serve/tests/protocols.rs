@@ -192,7 +192,6 @@ fn json_body(images: &[&[u8]]) -> Vec<u8> {
     .unwrap()
 }
 
-/// `expected` scores of each image, flattened image by image, equal to `got`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metadata_and_versions_follow_the_protocol() {
     let dir = tiny_checkpoint();

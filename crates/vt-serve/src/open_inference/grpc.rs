@@ -10,42 +10,48 @@
 //! loop, shutdown and body budget as the HTTP routes, through the same queue, batching and
 //! limits. `ModelInfer` reads the images from `raw_input_contents` (each after its 4-byte
 //! little-endian length, as tritonclient sends them) or from `contents.bytes_contents`; the
-//! outputs go in `raw_output_contents` when the input came raw, as Triton answers
-//! tritonclient, else in their `contents`. Errors are [`ApiError`]s as gRPC statuses:
-//! [`ApiError::grpc_status`].
+//! outputs go in `raw_output_contents` when the input came raw (what tritonclient reads, and
+//! what Triton always answers), else in their `contents`: typed in, typed out, is vt-serve's
+//! own choice. A message is checked before prost decodes it ([`MessageLimits`]). Errors are
+//! [`ApiError`]s as gRPC statuses: [`ApiError::grpc_status`].
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::{middleware, Router};
+use axum::Router;
 use http_body_util::combinators::MapErr;
 use http_body_util::BodyExt;
-use tonic::codec::CompressionEncoding;
+use prost::bytes::Buf;
+use prost::encoding::{self, DecodeContext, WireType};
+use tonic::codec::{BufferSettings, Codec, CompressionEncoding, DecodeBuf, Decoder};
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Code, Status};
-use tonic_prost::ProstCodec;
+use tonic_prost::{ProstDecoder, ProstEncoder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
 use super::proto::{
-    InferOutputTensor, InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest, ModelReadyRequest, ModelReadyResponse, ParameterChoice,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerReadyRequest,
-    ServerReadyResponse,
+    InferInputTensor, InferOutputTensor, InferParameter, InferTensorContents, ModelInferRequest,
+    ModelInferResponse, ModelMetadataRequest, ModelReadyRequest, ModelReadyResponse,
+    ParameterChoice, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerReadyRequest, ServerReadyResponse,
 };
 use super::{InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
 use crate::access;
 use crate::batcher::Arriving;
-use crate::body_budget;
+use crate::body_budget::{self, BodyCharge};
 use crate::error::ApiError;
+use crate::input;
 use crate::metrics;
 use crate::state::{AppState, ModelInfo};
 
@@ -105,6 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .grpc_status()
                 .into_http::<Body>()
         }))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.body_budget),
             body_budget::charge_body,
@@ -114,22 +121,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Answers one call, then counts it and logs it (`vt_serve::access`) with its status code.
-async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response {
+/// Counts each call and logs it (`vt_serve::access`) with its status code: outside the
+/// panic catcher, so that a call that panicked is counted and logged too, as INTERNAL.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = Method::of(request.uri().path());
+    let method = Method::of(request.uri().path()).map_or("unknown", Method::name);
     let span = access::grpc_span(&request);
     async move {
-        let response = match method {
-            Some(method) => answer(&state, method, request, started).await,
-            None => ApiError::NotFound(format!(
-                "{}: the methods of {SERVICE} this server answers are {}",
-                request.uri().path(),
-                Method::ALL.map(Method::name).join(", ")
-            ))
-            .grpc_status()
-            .into_http(),
-        };
+        let response = next.run(request).await;
         // A call that failed carries its status in its headers; a successful one in its
         // trailers, as OK.
         let code = response
@@ -137,11 +136,9 @@ async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response 
             .get::<Status>()
             .map_or(Code::Ok, Status::code);
         let latency = started.elapsed();
-        state.metrics.observe_grpc(
-            method.map_or("unknown", Method::name),
-            code,
-            latency.as_secs_f64(),
-        );
+        state
+            .metrics
+            .observe_grpc(method, code, latency.as_secs_f64());
         tracing::info!(
             target: access::TARGET,
             code = metrics::code_name(code),
@@ -154,6 +151,49 @@ async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response 
     .await
 }
 
+/// Answers one call.
+async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = Instant::now();
+    if let Some(refusal) = not_grpc(request.headers()) {
+        return refusal;
+    }
+    match Method::of(request.uri().path()) {
+        Some(method) => answer(&state, method, request, started).await,
+        None => ApiError::NotFound(format!(
+            "{}: the methods of {SERVICE} this server answers are {}",
+            request.uri().path(),
+            Method::ALL.map(Method::name).join(", ")
+        ))
+        .grpc_status()
+        .into_http(),
+    }
+}
+
+/// The answer to a request that is not a gRPC call (its content-type is not
+/// `application/grpc`, alone or with a `+format` or `;parameters`): HTTP 415, as the gRPC
+/// spec says, with the status INVALID_ARGUMENT for clients that read only that.
+fn not_grpc(headers: &HeaderMap) -> Option<Response> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()));
+    let grpc = content_type.as_deref().is_some_and(|value| {
+        value
+            .strip_prefix("application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+    });
+    if grpc {
+        return None;
+    }
+    let mut response = ApiError::UnsupportedMediaType(format!(
+        "content-type {}: gRPC calls are application/grpc",
+        content_type.as_deref().unwrap_or("(none)")
+    ))
+    .grpc_status()
+    .into_http::<Body>();
+    *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    Some(response)
+}
+
 async fn answer(
     state: &Arc<AppState>,
     method: Method,
@@ -162,20 +202,21 @@ async fn answer(
 ) -> Response {
     let timeout = timeout(state.limits.timeout, request.headers());
     let deadline = started + timeout;
+    let limits = MessageLimits::new(state, method, BodyCharge::of(&request));
+    let limit = limits.bytes as u64;
     // Body errors (the body budget's refusals) become their statuses, which tonic keeps.
     let request = request.map(|body| body.map_err(body_error as fn(axum::Error) -> Status));
-    let limit = usize::try_from(state.limits.max_body_bytes).unwrap_or(usize::MAX);
     let call = async {
         match method {
             Method::ServerLive => {
-                unary(limit, request, |_: ServerLiveRequest| async {
+                unary(limits, request, |_: ServerLiveRequest| async {
                     Ok(ServerLiveResponse { live: true })
                 })
                 .await
             }
             Method::ServerReady => {
                 let ready = state.is_accepting();
-                unary(limit, request, move |_: ServerReadyRequest| async move {
+                unary(limits, request, move |_: ServerReadyRequest| async move {
                     Ok(ServerReadyResponse { ready })
                 })
                 .await
@@ -184,7 +225,7 @@ async fn answer(
                 let state = Arc::clone(state);
                 // Another model or version is not ready rather than an error, as Triton
                 // answers: clients poll this until it says true.
-                unary(limit, request, |asked: ModelReadyRequest| async move {
+                unary(limits, request, |asked: ModelReadyRequest| async move {
                     let served = super::resolve(&state, &asked.name, version(&asked.version));
                     Ok(ModelReadyResponse {
                         ready: served.is_ok() && state.is_accepting(),
@@ -193,14 +234,14 @@ async fn answer(
                 .await
             }
             Method::ServerMetadata => {
-                unary(limit, request, |_: ServerMetadataRequest| async {
+                unary(limits, request, |_: ServerMetadataRequest| async {
                     Ok(super::server_metadata())
                 })
                 .await
             }
             Method::ModelMetadata => {
                 let state = Arc::clone(state);
-                unary(limit, request, |asked: ModelMetadataRequest| async move {
+                unary(limits, request, |asked: ModelMetadataRequest| async move {
                     let model = super::resolve(&state, &asked.name, version(&asked.version))?;
                     Ok(super::model_metadata(&model.info))
                 })
@@ -210,7 +251,7 @@ async fn answer(
                 // Announced before the message is read, as the HTTP routes announce theirs.
                 let arriving = state.batcher.arriving();
                 let state = Arc::clone(state);
-                unary(limit, request, move |asked| {
+                unary(limits, request, move |asked| {
                     model_infer(state, asked, arriving, deadline)
                 })
                 .await
@@ -231,7 +272,6 @@ async fn answer(
         .get::<Status>()
         .is_some_and(|status| status.code() == Code::OutOfRange)
     {
-        let limit = state.limits.max_body_bytes;
         return ApiError::PayloadTooLarge { limit }
             .grpc_status()
             .into_http();
@@ -286,11 +326,11 @@ fn version(version: &str) -> Option<&str> {
     Some(version).filter(|v| !v.is_empty())
 }
 
-/// Decodes a unary call's message (at most `limit` bytes, decompressed; gzip and deflate
-/// accepted, answers uncompressed as Triton's), has `handler` answer it and encodes the
-/// answer or the error's status.
+/// Decodes a unary call's message (held to `limits`; gzip and deflate accepted, answers
+/// uncompressed as Triton's), has `handler` answer it and encodes the answer or the error's
+/// status.
 async fn unary<Req, Res, F, Fut>(
-    limit: usize,
+    limits: MessageLimits,
     request: axum::http::Request<CallBody>,
     handler: F,
 ) -> axum::http::Response<tonic::body::Body>
@@ -300,12 +340,171 @@ where
     F: FnOnce(Req) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Res, ApiError>> + Send + 'static,
 {
-    Grpc::new(ProstCodec::<Res, Req>::default())
-        .max_decoding_message_size(limit)
+    let bytes = limits.bytes;
+    Grpc::new(CheckedCodec::<Res, Req>(limits, PhantomData))
+        .max_decoding_message_size(bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)
         .unary(Handler(Some(handler)), request)
         .await
+}
+
+/// The largest message of the methods other than `ModelInfer`: a model's name and version.
+const SMALL_MESSAGE: usize = 64 * 1024;
+
+/// What a call's message is held to, checked before prost decodes it.
+#[derive(Clone)]
+struct MessageLimits {
+    /// Its size, decompressed: `--max-body-bytes` for `ModelInfer`, [`SMALL_MESSAGE`] else.
+    bytes: usize,
+    /// The request's charge of the body budget, which counts decoded bytes.
+    charge: BodyCharge,
+    /// For `ModelInfer`: the most images of a request (`--queue`), which bounds its fields.
+    images: Option<usize>,
+}
+
+impl MessageLimits {
+    fn new(state: &AppState, method: Method, charge: BodyCharge) -> MessageLimits {
+        let max_body_bytes = usize::try_from(state.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let (bytes, images) = match method {
+            Method::ModelInfer => (max_body_bytes, Some(state.admission.capacity())),
+            _ => (max_body_bytes.min(SMALL_MESSAGE), None),
+        };
+        MessageLimits {
+            bytes,
+            charge,
+            images,
+        }
+    }
+
+    fn check(&self, message: &[u8]) -> Result<(), ApiError> {
+        // tonic decompresses the message after the body budget charged its wire bytes.
+        self.charge.cover(message.len())?;
+        if let Some(images) = self.images {
+            let limit = input::value_limit(images);
+            if more_fields_than(limit, message, MODEL_INFER_NESTED) {
+                return Err(ApiError::BadRequest(format!(
+                    "the ModelInfer message holds more than {limit} fields (inputs, outputs, their contents and parameters), more than a request of at most {images} images (--queue) needs"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message field whose own fields are counted too, and those of its `nested` ones.
+struct Nested {
+    tag: u32,
+    nested: &'static [Nested],
+}
+
+/// `ModelInferRequest`'s `inputs` (their `contents` within) and `outputs`; its other fields
+/// (`raw_input_contents`, `parameters`' entries...) count one each.
+const MODEL_INFER_NESTED: &[Nested] = &[
+    Nested {
+        tag: 5,
+        nested: &[Nested {
+            tag: 5,
+            nested: &[],
+        }],
+    },
+    Nested {
+        tag: 6,
+        nested: &[],
+    },
+];
+
+/// Whether `message` holds more than `limit` fields, counting those of its `nested`
+/// messages, read off the wire without building anything. prost builds every repeated
+/// entry it decodes (an empty `inputs` entry: 2 bytes of message, some 200 decoded), so a
+/// message of millions of them is refused before. A malformed message is left to prost to
+/// report.
+fn more_fields_than(limit: usize, message: &[u8], nested: &[Nested]) -> bool {
+    /// `None` once past the limit or at a malformed field.
+    fn count(mut buf: &[u8], nested: &[Nested], seen: &mut usize, limit: usize) -> Option<()> {
+        while !buf.is_empty() {
+            *seen += 1;
+            if *seen > limit {
+                return None;
+            }
+            let (tag, wire_type) = encoding::decode_key(&mut buf).ok()?;
+            match nested.iter().find(|field| field.tag == tag) {
+                Some(field) if wire_type == WireType::LengthDelimited => {
+                    let length = encoding::decode_varint(&mut buf).ok()?;
+                    let length = usize::try_from(length).ok().filter(|&n| n <= buf.len())?;
+                    let (inner, rest) = buf.split_at(length);
+                    count(inner, field.nested, seen, limit)?;
+                    buf = rest;
+                }
+                _ => {
+                    encoding::skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?
+                }
+            }
+        }
+        Some(())
+    }
+    let mut seen = 0;
+    let _ = count(message, nested, &mut seen, limit);
+    seen > limit
+}
+
+/// tonic's prost codec, whose decoder checks each message against its [`MessageLimits`]
+/// first.
+struct CheckedCodec<Res, Req>(MessageLimits, PhantomData<(Res, Req)>);
+
+impl<Res, Req> Codec for CheckedCodec<Res, Req>
+where
+    Res: prost::Message + Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
+{
+    type Encode = Res;
+    type Decode = Req;
+    type Encoder = ProstEncoder<Res>;
+    type Decoder = CheckedDecoder<Req>;
+
+    fn encoder(&mut self) -> ProstEncoder<Res> {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> CheckedDecoder<Req> {
+        CheckedDecoder {
+            limits: self.0.clone(),
+            decoded: false,
+            prost: ProstDecoder::default(),
+        }
+    }
+}
+
+struct CheckedDecoder<Req> {
+    limits: MessageLimits,
+    /// Whether the call's message was decoded: a unary call has one.
+    decoded: bool,
+    prost: ProstDecoder<Req>,
+}
+
+impl<Req: prost::Message + Default> Decoder for CheckedDecoder<Req> {
+    type Item = Req;
+    type Error = Status;
+
+    fn decode(&mut self, message: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
+        // tonic reads on to the trailers after the message: one more is refused, rather than
+        // decompressed and dropped by the dozen.
+        if std::mem::replace(&mut self.decoded, true) {
+            return Err(ApiError::BadRequest(
+                "a unary call's request holds one message; this one holds more".into(),
+            )
+            .grpc_status());
+        }
+        // The message is one contiguous buffer, so its one chunk is all of it.
+        self.limits
+            .check(message.chunk())
+            .map_err(|e| e.grpc_status())?;
+        self.prost.decode(message)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.prost.buffer_settings()
+    }
 }
 
 /// A call's handler, for tonic's [`Grpc::unary`], which calls it once, with the decoded
@@ -337,14 +536,14 @@ where
 
 async fn model_infer(
     state: Arc<AppState>,
-    mut request: ModelInferRequest,
+    request: ModelInferRequest,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<ModelInferResponse, ApiError> {
     // One model for all the request's images, even if a reload swaps in another meanwhile.
     let model = super::resolve(&state, &request.model_name, version(&request.model_version))?;
     let raw = !request.raw_input_contents.is_empty();
-    let images = images_of(&mut request, state.admission.capacity())?;
+    let images = images_of(&request, state.admission.capacity())?;
     let wanted = request
         .outputs
         .iter()
@@ -366,25 +565,23 @@ async fn model_infer(
 
 /// The encoded images of the request's one input, in order, from `raw_input_contents` or
 /// the input's `contents.bytes_contents`.
-fn images_of(request: &mut ModelInferRequest, capacity: usize) -> Result<Vec<Bytes>, ApiError> {
+fn images_of<'a>(request: &'a ModelInferRequest, capacity: usize) -> Result<Vec<Bytes>, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
-    let headers = request.inputs.iter().map(|input| InputHeader {
+    let header = |input: &'a InferInputTensor| InputHeader {
         name: &input.name,
         datatype: &input.datatype,
         shape: &input.shape,
-    });
-    let count = super::declared_images(headers, capacity)?;
-    let Some(input) = request.inputs.first_mut() else {
-        return bad(format!("the model takes one input, `{INPUT}`"));
     };
+    let (count, input) = super::declared_images(&request.inputs, header, capacity)?;
+    // Views of the message's bytes: cloning them copies no image.
     let contents = input
         .contents
-        .take()
-        .map(|contents| contents.bytes_contents)
+        .as_ref()
+        .map(|contents| contents.bytes_contents.clone())
         .unwrap_or_default();
     let images = match (request.raw_input_contents.as_slice(), contents.is_empty()) {
         ([], false) => contents,
-        ([raw], true) => super::binary_elements(raw)?,
+        ([raw], true) => super::binary_elements(raw, &input.shape, count)?,
         ([_], false) => {
             return bad(format!(
                 "input `{INPUT}` has both contents and raw_input_contents"
@@ -501,6 +698,57 @@ mod tests {
         assert!(status.message().contains("limit of 5 bytes"), "{status:?}");
         let other = axum::Error::new(std::io::Error::other("reset"));
         assert_eq!(body_error(other).code(), Code::Unknown);
+    }
+
+    /// gRPC's content-types pass; others get HTTP 415, as the gRPC spec says.
+    #[test]
+    fn only_grpc_content_types_are_answered() {
+        let with = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            }
+            not_grpc(&headers)
+        };
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;x=1",
+        ] {
+            assert!(with(Some(grpc)).is_none(), "{grpc}");
+        }
+        for other in [None, Some("application/json"), Some("application/grpcweb")] {
+            let response = with(other).expect("refused");
+            assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+            let status = response.extensions().get::<Status>().unwrap();
+            assert_eq!(status.code(), Code::InvalidArgument, "{other:?}");
+        }
+    }
+
+    /// Fields are counted off the wire, nested ones too, without decoding them.
+    #[test]
+    fn fields_are_counted_before_decoding() {
+        let request = |inputs: usize, elements: usize| {
+            let contents = InferTensorContents {
+                bytes_contents: vec![Bytes::new(); elements],
+                ..InferTensorContents::default()
+            };
+            let input = InferInputTensor {
+                contents: Some(contents),
+                ..InferInputTensor::default()
+            };
+            let request = ModelInferRequest {
+                inputs: vec![input; inputs],
+                ..ModelInferRequest::default()
+            };
+            prost::Message::encode_to_vec(&request)
+        };
+        // One input: the input, its contents, and the elements.
+        assert!(!more_fields_than(12, &request(1, 10), MODEL_INFER_NESTED));
+        assert!(more_fields_than(11, &request(1, 10), MODEL_INFER_NESTED));
+        assert!(more_fields_than(100, &request(60, 0), MODEL_INFER_NESTED));
+        // Malformed: left to prost.
+        assert!(!more_fields_than(100, &[0x2a, 0x7f], MODEL_INFER_NESTED));
     }
 
     #[test]

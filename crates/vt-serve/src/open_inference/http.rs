@@ -222,21 +222,22 @@ fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
 }
 
 /// The encoded images of the request's one input, in order.
-fn images_of(
-    inputs: &[RequestInput],
+fn images_of<'a>(
+    inputs: &'a [RequestInput],
     binary: &Bytes,
     capacity: usize,
 ) -> Result<Vec<Bytes>, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
-    let headers = inputs.iter().map(|input| InputHeader {
+    let header = |input: &'a RequestInput| InputHeader {
         name: &input.name,
         datatype: &input.datatype,
         shape: &input.shape,
-    });
-    let count = super::declared_images(headers, capacity)?;
-    let input = &inputs[0];
+    };
+    let (count, input) = super::declared_images(inputs, header, capacity)?;
     let images = match (input.parameters.binary_data_size, &input.data) {
-        (Some(size), None) if size == binary.len() as u64 => super::binary_elements(binary)?,
+        (Some(size), None) if size == binary.len() as u64 => {
+            super::binary_elements(binary, &input.shape, count)?
+        }
         (Some(size), None) => {
             return bad(format!(
                 "input `{INPUT}` has binary_data_size {size}, but {} bytes follow the JSON header",

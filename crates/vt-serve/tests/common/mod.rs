@@ -483,6 +483,21 @@ impl GrpcClient {
             .map(tonic::Response::into_inner)
     }
 
+    /// Sends `messages` to the unary `ModelInfer` as a client stream would: all in one
+    /// request body.
+    pub async fn infer_messages(
+        &mut self,
+        messages: Vec<ModelInferRequest>,
+    ) -> Result<ModelInferResponse, tonic::Status> {
+        self.0.ready().await.unwrap();
+        let path = PathAndQuery::try_from(format!("/{SERVICE}/ModelInfer")).unwrap();
+        let messages = futures_util::stream::iter(messages);
+        self.0
+            .client_streaming(tonic::Request::new(messages), path, ProstCodec::default())
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn infer(
         &mut self,
         request: impl tonic::IntoRequest<ModelInferRequest>,
