@@ -14,7 +14,7 @@ use vt_model::{Model, VtConfig};
 
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
-use crate::init::check_out_dir;
+use crate::init::{check_out_dir, write_checkpoint};
 use crate::state::{self, BEST_DIR, LAST_DIR, STATE_DIR};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -249,21 +249,13 @@ pub fn run(args: &AverageArgs) -> Result<()> {
     }
     let dirs: Vec<PathBuf> = inputs.into_iter().map(|i| i.dir).collect();
     let model = average(&dirs, &Device::Cpu)?;
-    model
-        .save(&args.out)
-        .with_context(|| format!("writing checkpoint {}", args.out.display()))?;
-    println!(
-        "wrote {} ({}, {} classes, {} px){}",
-        args.out.display(),
-        model.config.arch,
-        model.config.num_classes,
-        model.config.image_size,
-        if dirs.len() == 1 {
-            ": one checkpoint, so a copy of it"
-        } else {
-            ""
-        }
-    );
+    write_checkpoint(&model, &args.out)?;
+    if dirs.len() == 1 {
+        eprintln!(
+            "one checkpoint averaged: {} is a copy of it",
+            args.out.display()
+        );
+    }
     Ok(())
 }
 

@@ -95,12 +95,17 @@ pub fn run(args: &InitArgs) -> Result<()> {
             .with_context(|| format!("loading the pretrained stem from {spec}"))?;
         eprintln!("loaded {loaded} stem tensors from {spec}");
     }
+    write_checkpoint(&model, &args.out)
+}
+
+/// Saves `model` to `out` and says so, with what it is.
+pub fn write_checkpoint(model: &Model, out: &Path) -> Result<()> {
     model
-        .save(&args.out)
-        .with_context(|| format!("writing checkpoint {}", args.out.display()))?;
+        .save(out)
+        .with_context(|| format!("writing checkpoint {}", out.display()))?;
     eprintln!(
         "wrote {} ({}, {} parameters, {} classes, {} px)",
-        args.out.display(),
+        out.display(),
         model.config.arch,
         model.num_parameters(),
         model.config.num_classes,
