@@ -108,7 +108,7 @@ impl Server {
             .adaptive_window(true)
             .keep_alive_interval(GRPC_KEEP_ALIVE)
             .keep_alive_timeout(GRPC_KEEP_ALIVE);
-        // Set when shutdown begins: gRPC connections with no stream close then.
+        // Set when shutdown begins: gRPC connections that never had a stream close then.
         let (stopping, _) = watch::channel(false);
         let connections = GracefulShutdown::new();
         let mut shutdown = pin!(shutdown);
@@ -198,25 +198,34 @@ fn serve<C>(
 /// answer before the connection is closed.
 const GRPC_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// The streams in flight on a gRPC connection. hyper's HTTP/2 server has no counterpart of
-/// HTTP/1's header-read timeout, and its graceful shutdown waits on a connection that never
-/// sent its preface: a connection with no stream is closed once it has had none for
-/// `--header-timeout-ms`, and when shutdown begins.
+/// The streams of a gRPC connection. hyper's HTTP/2 server has no counterpart of HTTP/1's
+/// header-read timeout, and its graceful shutdown waits on a connection that never sent its
+/// preface: a connection with no stream is closed once it has had none for
+/// `--header-timeout-ms`, and when shutdown begins if it never had one. One that had a
+/// stream is left to hyper's graceful shutdown, which closes it once its last answer is
+/// written: an answer's body is dropped before hyper has sent all of its frames.
 #[derive(Clone)]
-struct Streams(Arc<watch::Sender<usize>>);
+struct Streams(Arc<watch::Sender<StreamCount>>);
+
+#[derive(Default)]
+struct StreamCount {
+    open: usize,
+    /// Whether the connection ever had a stream (and so completed its preface).
+    seen: bool,
+}
 
 /// One stream, counted until it is dropped.
-struct Open(Arc<watch::Sender<usize>>);
+struct Open(Arc<watch::Sender<StreamCount>>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.0.send_modify(|count| count.open -= 1);
     }
 }
 
 impl Streams {
     fn new() -> Streams {
-        Streams(Arc::new(watch::Sender::new(0)))
+        Streams(Arc::new(watch::Sender::new(StreamCount::default())))
     }
 
     /// `service`, each call counted until its answer's body is dropped: sent, or abandoned.
@@ -231,7 +240,10 @@ impl Streams {
     > + Clone {
         let streams = self.clone();
         service_fn(move |request| {
-            streams.0.send_modify(|n| *n += 1);
+            streams.0.send_modify(|count| {
+                count.open += 1;
+                count.seen = true;
+            });
             let open = Open(Arc::clone(&streams.0));
             let answer = service.call(request);
             async move {
@@ -247,17 +259,24 @@ impl Streams {
         })
     }
 
-    /// Completes once the connection has had no stream for `timeout`, or has none when
-    /// shutdown begins.
+    /// Completes once the connection has had no stream for `timeout`, or when shutdown
+    /// begins on a connection that never had one; never after shutdown began otherwise.
     async fn idle(self, timeout: Duration, mut stopping: watch::Receiver<bool>) {
         let mut streams = self.0.subscribe();
         loop {
             // Never an error: `self` holds the sender.
-            let _ = streams.wait_for(|&n| n == 0).await;
-            tokio::select! {
+            let _ = streams.wait_for(|count| count.open == 0).await;
+            let stopped = tokio::select! {
                 () = tokio::time::sleep(timeout) => return,
-                _ = stopping.wait_for(|&stop| stop) => return,
-                _ = streams.changed() => {}
+                _ = stopping.wait_for(|&stop| stop) => true,
+                _ = streams.changed() => false,
+            };
+            if stopped {
+                let seen = streams.borrow().seen;
+                if seen {
+                    std::future::pending::<()>().await;
+                }
+                return;
             }
         }
     }
