@@ -271,10 +271,25 @@ async fn errors_have_their_grpc_status_codes() {
         "larger than the limit of 100000 bytes",
     );
 
-    // The deadline passes while the batch waits for an upload that never ends.
+    // The deadline passes while the batch waits for an upload that never ends. The call
+    // starts (counts as arriving, its deadline running) before the upload and sends its
+    // message after: its deadline comes before the upload's, at which the upload would stop
+    // arriving and the batch run.
+    let metrics_url = server.url("/metrics");
+    let (send, held) = tokio::sync::oneshot::channel::<()>();
+    let message = raw_request("tiny", &[&photo]);
+    let call = tokio::spawn(async move {
+        let message = futures_util::stream::once(async move {
+            let _ = held.await;
+            message
+        });
+        grpc.infer_messages(message).await
+    });
+    wait_for_gauge(&client(), &metrics_url, "vt_serve_requests_arriving", 1.0).await;
     let upload = start_endless_upload(&client(), &server.base).await;
+    let _ = send.send(());
     assert_status(
-        grpc.infer(raw_request("tiny", &[&photo])).await,
+        call.await.unwrap(),
         Code::DeadlineExceeded,
         "not answered within 1000 ms",
     );
@@ -343,7 +358,7 @@ async fn messages_are_checked_before_they_are_decoded() {
     // A second message in a unary call.
     let two = vec![raw_request("tiny", &[&photo]); 2];
     assert_status(
-        grpc.infer_messages(two).await,
+        grpc.infer_messages(futures_util::stream::iter(two)).await,
         Code::InvalidArgument,
         "holds one message",
     );

@@ -484,14 +484,13 @@ impl GrpcClient {
     }
 
     /// Sends `messages` to the unary `ModelInfer` as a client stream would: all in one
-    /// request body.
+    /// request body, each as the stream yields it.
     pub async fn infer_messages(
         &mut self,
-        messages: Vec<ModelInferRequest>,
+        messages: impl futures_util::Stream<Item = ModelInferRequest> + Send + 'static,
     ) -> Result<ModelInferResponse, tonic::Status> {
         self.0.ready().await.unwrap();
         let path = PathAndQuery::try_from(format!("/{SERVICE}/ModelInfer")).unwrap();
-        let messages = futures_util::stream::iter(messages);
         self.0
             .client_streaming(tonic::Request::new(messages), path, ProstCodec::default())
             .await
