@@ -3,7 +3,8 @@
 //! The server: [`Server::bind`] loads the checkpoint into [`state::AppState`]; [`router`]
 //! assembles the routes of [`handlers`]; [`content_coding`] bounds and refuses compressed
 //! bodies around the decompression layer, inside which [`body_budget`] bounds the body bytes
-//! all requests hold at once; [`input`] reads the images of a request, which are decoded on
+//! all requests hold at once, and [`connection`] closes connections whose request was
+//! answered before its body was read; [`input`] reads the images of a request, which are decoded on
 //! blocking threads and queued to the [`batcher`]'s model thread, behind [`admission`]
 //! control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
 //! Triton) over the same pipeline, over HTTP and, on the gRPC port, as the gRPC service
@@ -17,6 +18,7 @@ pub mod args;
 pub mod batcher;
 pub mod body_budget;
 pub mod classifier;
+pub mod connection;
 pub mod content_coding;
 pub mod error;
 pub mod fetch;

@@ -20,6 +20,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::access;
 use crate::body_budget;
+use crate::connection;
 use crate::content_coding;
 use crate::error::ApiError;
 use crate::handlers;
@@ -77,6 +78,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(
             content_coding::normalize_content_encoding,
         ))
+        // Outside every layer that reads the body: whether it was read to its end is
+        // whether all of it came.
+        .layer(middleware::from_fn(connection::close_if_body_unread))
         // Answers are compressed when the client accepts it (Prometheus, browsers,
         // tritonclient's response compression), unless marked [`SendUncompressed`].
         .layer(

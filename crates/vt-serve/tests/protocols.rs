@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use common::*;
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -680,7 +680,8 @@ async fn bad_requests_get_the_protocols_errors() {
 
     // A gzip stream of 11 MB that decodes to nothing (empty stored blocks): refused for the
     // bytes received, on this route, the `{"instances"}` one and /predict (whose errors have
-    // the API's own shape).
+    // the API's own shape). The rest is not read, so the answer says the connection closes:
+    // a client would otherwise send its next request on it.
     let mut empty = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
     empty.extend([0, 0, 0, 0xff, 0xff].repeat(2_200_000));
     empty.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -695,6 +696,7 @@ async fn bad_requests_get_the_protocols_errors() {
             .await
             .unwrap();
         assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+        assert_eq!(answer.headers()[CONNECTION], "close", "{route}");
         let body: Value = answer.json().await.unwrap();
         assert!(
             body.to_string().contains("larger than the limit"),
@@ -702,9 +704,21 @@ async fn bad_requests_get_the_protocols_errors() {
         );
     }
 
-    // The server carries on.
+    // The server carries on, and keeps the connections whose requests it read.
     let answer = infer(&client, &url, json_body(&[&photo]), None).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    let read = client
+        .post(&url)
+        .body(json_body(&[&photo]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    assert!(
+        read.headers().get(CONNECTION).is_none(),
+        "{:?}",
+        read.headers()
+    );
     server.shutdown().await;
 }
 
