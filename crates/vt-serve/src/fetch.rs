@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use reqwest::{redirect, Client, Url};
 use vt_data::download::error_chain;
 
+use crate::body_budget::BodyCharge;
 use crate::error::ApiError;
 
 const MAX_REDIRECTS: usize = 5;
@@ -51,7 +52,16 @@ impl UrlFetcher {
         !self.allowed.is_empty()
     }
 
-    pub async fn fetch(&self, url: &str, timeout: Duration) -> Result<Bytes, ApiError> {
+    /// The body at `url`, charged to the request's `charge` as it arrives, on top of the
+    /// `charged` bytes the request holds already: a fetched image takes from
+    /// `--max-inflight-body-bytes` as an uploaded one does.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        timeout: Duration,
+        charge: &BodyCharge,
+        charged: usize,
+    ) -> Result<Bytes, ApiError> {
         if !self.is_enabled() {
             return Err(ApiError::UrlFetchRefused(
                 "URL inputs are disabled; start the server with --allow-url-fetch HOST,... to enable them".into(),
@@ -102,6 +112,7 @@ impl UrlFetcher {
             if (body.len() + chunk.len()) as u64 > self.max_bytes {
                 return Err(too_large());
             }
+            charge.cover(charged + body.len() + chunk.len())?;
             body.extend_from_slice(&chunk);
         }
         Ok(Bytes::from(body))

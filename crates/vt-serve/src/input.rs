@@ -68,8 +68,9 @@ pub async fn read(
     match mime.as_deref() {
         Some("multipart/form-data") => read_multipart(state, request).await,
         Some("application/json") => {
+            let charge = BodyCharge::of(&request);
             let body = read_body(request, limit).await?;
-            Ok(single(read_json(state, &body, deadline).await?))
+            Ok(single(read_json(state, &body, &charge, deadline).await?))
         }
         _ => Ok(single(read_body(request, limit).await?)),
     }
@@ -269,7 +270,12 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     })
 }
 
-async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<Bytes, ApiError> {
+async fn read_json(
+    state: &AppState,
+    body: &[u8],
+    charge: &BodyCharge,
+    deadline: Instant,
+) -> Result<Bytes, ApiError> {
     let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
@@ -282,7 +288,10 @@ async fn read_json(state: &AppState, body: &[u8], deadline: Instant) -> Result<B
             let remaining = deadline.saturating_duration_since(Instant::now());
             // The fetch may only take the request's remaining time: past it, the request
             // timed out.
-            let fetched = state.fetcher.fetch(&url, remaining).await;
+            let fetched = state
+                .fetcher
+                .fetch(&url, remaining, charge, body.len())
+                .await;
             match fetched {
                 Err(_) if Instant::now() >= deadline => Err(state.limits.timed_out()),
                 other => other,

@@ -707,9 +707,10 @@ fn noise_png(side: u32) -> Vec<u8> {
     encode(&img, ImageFormat::Png)
 }
 
-/// Request bodies are charged to --max-inflight-body-bytes as they are read: while one
-/// upload holds 700 KB of a 1 MB budget, a body of 500 KB is refused with 503, on every
-/// route that reads bodies and in its error shape, until that upload is answered.
+/// Request bodies, and images fetched from URLs, are charged to --max-inflight-body-bytes
+/// as they are read: while one upload holds 700 KB of a 1 MB budget, a body of 500 KB is
+/// refused with 503, on every route that reads bodies and in its error shape, and so is a
+/// URL to it, until that upload is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     let dir = tiny_checkpoint();
@@ -718,6 +719,8 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
         "800000",
         "--max-inflight-body-bytes",
         "1000000",
+        "--allow-url-fetch",
+        "127.0.0.1",
     ];
     let server = TestServer::start(&checkpoint_path(&dir), &args).await;
     let client = client();
@@ -725,6 +728,8 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     let held = "vt_serve_inflight_body_bytes";
     let first = noise_png(500);
     let second = noise_png(400);
+    let host = image_host(second.clone(), 1).await;
+    let second_url = json!({ "url": format!("http://127.0.0.1:{}/photo.jpg", host.port()) });
     assert!(
         (700_001..=800_000).contains(&first.len()),
         "{}",
@@ -770,6 +775,11 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
         ),
         ("open inference", raw("/v2/models/tiny/infer"), true),
         ("instances", raw("/v1/models/tiny:predict"), true),
+        (
+            "url",
+            client.post(server.url("/predict")).json(&second_url),
+            false,
+        ),
     ];
     for (what, request, protocol) in requests {
         let refused = request.send().await.unwrap();
@@ -813,6 +823,9 @@ async fn bodies_past_the_inflight_budget_get_503_until_others_are_answered() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(scores(&answer).len(), 3, "{answer}");
     let (status, answer) = post_raw(&client, &server.url("/predict"), "image/png", second).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let fetched = client.post(server.url("/predict")).json(&second_url);
+    let (status, answer) = json_of(fetched.send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     wait_for_gauge(&client, &metrics_url, held, 0.0).await;
     server.shutdown().await;
