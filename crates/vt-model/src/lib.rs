@@ -3,7 +3,8 @@
 //!
 //! Reading order follows the paper: [`stem`] gives the feature map, [`tokenizer`] turns it
 //! into visual tokens (section 3.1), [`transformer`] relates them (3.2), [`projector`] fuses
-//! them back into the map (3.3), and [`vt_resnet`] assembles VT-ResNet (4.1).
+//! them back into the map (3.3), and [`vt_resnet`] assembles VT-ResNet (4.1). [`onnx`]
+//! exports a checkpoint as an ONNX model.
 
 pub mod allocator;
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod kernels;
 mod layers;
 pub mod model;
+pub mod onnx;
 pub mod pretrained;
 pub mod projector;
 pub mod stem;

@@ -1,5 +1,6 @@
 //! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`,
-//! `vt-train compare`, `vt-train average`, `vt-train explain`, `vt-train lr-find`.
+//! `vt-train compare`, `vt-train average`, `vt-train explain`, `vt-train export`,
+//! `vt-train lr-find`.
 
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ use crate::compare::CompareArgs;
 use crate::error::Result;
 use crate::eval::EvalArgs;
 use crate::explain::ExplainArgs;
+use crate::export::ExportArgs;
 use crate::init::InitArgs;
 use crate::lr_find::LrFindArgs;
 use crate::train::{Outcome, TrainArgs};
@@ -59,6 +61,22 @@ pub enum Command {
         --checkpoint-hist (--top K: the K best of them). Checkpoints whose config.json differ \
         are refused, naming the field. One checkpoint is allowed: the output is its copy.")]
     Average(AverageArgs),
+    /// Export a checkpoint as an ONNX model (timm's onnx_export) for ONNX Runtime: input
+    /// `image` (batch x 3 x S x S, preprocessed as vt's evaluation), outputs `logits` and
+    /// `probabilities`
+    #[command(
+        long_about = "Export a checkpoint as an ONNX model (timm's onnx_export.py), \
+        opset 17, to run in ONNX Runtime and the servers built on it. Input `image`: float32 \
+        [batch, 3, S, S], S the checkpoint's image size, already preprocessed as vt's \
+        evaluation does (resized so that the shorter side is round(S * 256 / 224) with an \
+        antialiased bilinear filter, centre-cropped to S, scaled to [0, 1], normalised with \
+        the checkpoint's mean and std). Outputs `logits` and `probabilities` (their \
+        softmax), float32 [batch, num_classes]. The model's metadata holds arch, \
+        class_names, image_size, mean, std, variant, tokens, token_channels, heads and the \
+        sha256 of model.safetensors. The weights are the checkpoint's tensors, under their \
+        names."
+    )]
+    Export(ExportArgs),
     /// Find a learning rate: train with the rate growing exponentially from --start-lr to
     /// --end-lr and suggest where the loss falls fastest (fastai's lr_find)
     #[command(
@@ -96,6 +114,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Average(args)) => {
             return crate::average::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Export(args)) => {
+            return crate::export::run(&args).map(|()| ExitCode::SUCCESS)
         }
     };
     Ok(match outcome {

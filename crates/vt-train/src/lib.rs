@@ -4,7 +4,7 @@
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
 //! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`explain`], [`plots`],
-//!   [`progress`]: measuring and reporting;
+//!   [`progress`]: measuring and reporting; [`export`]: ONNX export;
 //! - [`state`]: the saved training state; [`history`]: the checkpoints of the best epochs
 //!   (`--checkpoint-hist`), which [`average`] averages; [`tensorboard`]: event files for
 //!   TensorBoard;
@@ -22,6 +22,7 @@ pub mod ema;
 pub mod error;
 pub mod eval;
 pub mod explain;
+pub mod export;
 pub mod history;
 pub mod init;
 pub mod learner;
