@@ -44,6 +44,8 @@ pub enum Unanswered {
 
 struct Job {
     input: Vec<f32>,
+    /// Whether the answer carries the image's token attention.
+    with_attention: bool,
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Answer>,
@@ -101,15 +103,17 @@ impl ServedModel {
     }
 
     /// Queues one image preprocessed by [`Self::preprocessor`]; never waits. The answer
-    /// arrives on the receiver.
+    /// arrives on the receiver, with the image's token attention if `with_attention`.
     pub fn submit(
         &self,
         input: Vec<f32>,
+        with_attention: bool,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Answer>, ApiError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
+            with_attention,
             enqueued: Instant::now(),
             deadline,
             reply,
@@ -219,18 +223,31 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
         if batch.is_empty() {
             continue;
         }
+        // One forward pass for the batch: with the attention kept when any image asks for it.
+        let with_attention: Vec<bool> = batch.iter().map(|job| job.with_attention).collect();
+        let explain = with_attention.contains(&true);
         let (inputs, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|job| (job.input, job.reply)).unzip();
         metrics.batch_size.observe(inputs.len() as f64);
         let started = Instant::now();
         // A panic inside the model must not take the server down with it.
-        let outcome = catch_unwind(AssertUnwindSafe(|| classifier.predict(&inputs)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if explain {
+                classifier.explain(&inputs)
+            } else {
+                classifier.predict(&inputs)
+            }
+        }));
         metrics
             .inference_seconds
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(predictions)) if predictions.len() == replies.len() => {
-                for (reply, prediction) in replies.into_iter().zip(predictions) {
+                let answers = replies.into_iter().zip(with_attention).zip(predictions);
+                for ((reply, with_attention), mut prediction) in answers {
+                    if !with_attention {
+                        prediction.attention = None;
+                    }
                     // The caller may have given up meanwhile; nothing to do then.
                     let _ = reply.send(Ok(prediction));
                 }

@@ -32,12 +32,25 @@ pub struct Label {
     pub score: f32,
 }
 
-/// The scores of one image.
+/// The scores of one image, and its token attention when asked for.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Prediction {
     pub logits: Vec<f32>,
     /// Softmax probabilities.
     pub probs: Vec<f32>,
+    /// One entry per VT module, in order ([`Classifier::explain`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Vec<TokenMaps>>,
+}
+
+/// One VT module's token attention over the stem's `height` x `width` feature map: for each
+/// visual token, the share of it that each position makes up (row-major; each map sums to
+/// 1), as `vt-train explain` draws it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenMaps {
+    pub height: usize,
+    pub width: usize,
+    pub maps: Vec<Vec<f32>>,
 }
 
 impl Prediction {
@@ -157,20 +170,64 @@ impl Classifier {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let logits = self.model.forward_t(&self.batch(images)?, false)?;
+        scores(&logits)
+    }
+
+    /// As [`Self::predict`], each prediction with its token attention: the same forward
+    /// pass, whose tokenizers' attention is kept ([`vt_model::Model::token_attention`]).
+    pub fn explain(&self, images: &[Vec<f32>]) -> Result<Vec<Prediction>, ClassifyError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let attention = self.model.token_attention(&self.batch(images)?)?;
+        let mut predictions = scores(&attention.logits)?;
+        let mut modules = Vec::with_capacity(attention.maps.len());
+        for maps in &attention.maps {
+            let (_, tokens, height, width) = maps.dims4()?;
+            let maps = maps
+                .to_dtype(DType::F32)?
+                .reshape((images.len(), tokens, height * width))?
+                .to_device(&Device::Cpu)?
+                .to_vec3::<f32>()?;
+            modules.push((height, width, maps));
+        }
+        for (i, prediction) in predictions.iter_mut().enumerate() {
+            let of_image = modules.iter().map(|(height, width, maps)| TokenMaps {
+                height: *height,
+                width: *width,
+                maps: maps[i].clone(),
+            });
+            prediction.attention = Some(of_image.collect());
+        }
+        Ok(predictions)
+    }
+
+    /// `images` as one N x 3 x S x S tensor on the model's device, in its precision.
+    fn batch(&self, images: &[Vec<f32>]) -> Result<Tensor, ClassifyError> {
         let s = self.model.config.image_size;
         let flat: Vec<f32> = images.iter().flatten().copied().collect();
-        let batch = Tensor::from_vec(flat, (images.len(), 3, s, s), &Device::Cpu)?
-            .to_device(&self.model.device)?
-            .to_dtype(self.model.dtype)?;
-        // Scores in f32 whatever the model's precision.
-        let logits = self.model.forward_t(&batch, false)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        let logits = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-        let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-        Ok(logits
-            .into_iter()
-            .zip(probs)
-            .map(|(logits, probs)| Prediction { logits, probs })
-            .collect())
+        Ok(
+            Tensor::from_vec(flat, (images.len(), 3, s, s), &Device::Cpu)?
+                .to_device(&self.model.device)?
+                .to_dtype(self.model.dtype)?,
+        )
     }
+}
+
+/// Each image's logits and softmax probabilities, in f32 whatever the model's precision.
+fn scores(logits: &Tensor) -> Result<Vec<Prediction>, ClassifyError> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let logits = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    Ok(logits
+        .into_iter()
+        .zip(probs)
+        .map(|(logits, probs)| Prediction {
+            logits,
+            probs,
+            attention: None,
+        })
+        .collect())
 }

@@ -98,7 +98,7 @@ async fn answer(
     // labels, even if a reload swaps in another meanwhile.
     let model = state.batcher.current();
     let (_admitted, predictions) =
-        classify_all(state, &model, inputs.images, arriving, deadline).await?;
+        classify_all(state, &model, inputs.images, false, arriving, deadline).await?;
     let mut results: Vec<_> = predictions
         .into_iter()
         .map(|(filename, prediction)| PredictResponse {
@@ -115,7 +115,8 @@ async fn answer(
     })
 }
 
-/// Admits a request's images and classifies them on `model`, in order. The admission is
+/// Admits a request's images and classifies them on `model`, in order, with their token
+/// attention if `with_attention`. The admission is
 /// returned, to be held until the answer is written whatever happens to the request
 /// meanwhile. Each image holds the announcement until it is queued. The images are futures
 /// of this request, not tasks of their own, so that a request that times out or whose
@@ -124,16 +125,16 @@ pub async fn classify_all(
     state: &AppState,
     model: &ServedModel,
     images: Vec<ImageInput>,
+    with_attention: bool,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<(Admitted, Vec<(Option<String>, Prediction)>), ApiError> {
     let admitted = state.admission.try_admit(images.len())?;
     let arriving = Arc::new(arriving);
-    let predictions = try_join_all(
-        images
-            .into_iter()
-            .map(|image| classify(state, model, image, Arc::clone(&arriving), deadline)),
-    );
+    let predictions = try_join_all(images.into_iter().map(|image| {
+        let arriving = Arc::clone(&arriving);
+        classify(state, model, image, with_attention, arriving, deadline)
+    }));
     drop(arriving);
     Ok((admitted, predictions.await?))
 }
@@ -143,6 +144,7 @@ async fn classify(
     state: &AppState,
     model: &ServedModel,
     image: ImageInput,
+    with_attention: bool,
     arriving: Arc<Arriving>,
     deadline: Instant,
 ) -> Result<(Option<String>, Prediction), ApiError> {
@@ -163,7 +165,7 @@ async fn classify(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = model.submit(input, deadline);
+    let answer = model.submit(input, with_attention, deadline);
     drop(arriving);
     let prediction = answer?
         .await

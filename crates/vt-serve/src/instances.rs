@@ -1,6 +1,6 @@
 //! The `{"instances": [...]}` JSON of KServe's V1 protocol and TensorFlow Serving's REST
-//! API, which Vertex AI's custom containers also speak: `POST /v1/models/NAME:predict` and
-//! `GET /v1/models/NAME` (readiness).
+//! API, which Vertex AI's custom containers also speak: `POST /v1/models/NAME:predict`,
+//! `GET /v1/models/NAME` (readiness), and KServe's `POST /v1/models/NAME:explain`.
 //!
 //! An instance is one encoded image: a base64 string, `{"b64": ...}` (TensorFlow Serving's
 //! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
@@ -9,7 +9,11 @@
 //! them; TensorFlow Serving's `"signature_name"` may only be `serving_default`. Each
 //! prediction is in Vertex AI's classification shape, best first: `{"ids": ["3", ...],
 //! "displayNames": ["mountain", ...], "confidences": [0.91, ...]}`, ids being class
-//! indices. Errors are `{"error": MESSAGE}`.
+//! indices. `:explain` answers `{"predictions": [...], "explanations": [...]}` as KServe
+//! specifies: the same predictions, and for each image `{"tokenAttention": [...]}`, one
+//! entry per VT module, `{"height", "width", "maps"}`, `maps` holding each visual token's
+//! share of every position of the stem's feature map (row-major; each map sums to 1). Errors
+//! are `{"error": MESSAGE}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::batcher::{Arriving, ServedModel};
-use crate::classifier::{ranked, Prediction};
+use crate::classifier::{ranked, Prediction, TokenMaps};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
@@ -75,6 +79,25 @@ struct PredictResponse {
 }
 
 #[derive(Serialize)]
+struct ExplainResponse {
+    predictions: Vec<Classification>,
+    explanations: Vec<Explanation>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Explanation {
+    token_attention: Vec<TokenMaps>,
+}
+
+/// What a `POST /v1/models/NAME:VERB` asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum Verb {
+    Predict,
+    Explain,
+}
+
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Classification {
     ids: Vec<String>,
@@ -87,7 +110,7 @@ pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
-    // Model names have no `:`; `NAME:predict` is the prediction route, which takes POST.
+    // Model names have no `:`; `NAME:predict` and `NAME:explain` take POST.
     if name.contains(':') {
         return Err(ApiError::MethodNotAllowed {
             method: "GET".into(),
@@ -99,7 +122,8 @@ pub async fn model_ready(
     Ok(open_inference::http::model_readiness(&state, &model))
 }
 
-/// `POST /v1/models/{model}:predict`: the route's one segment is `NAME:predict`.
+/// `POST /v1/models/{model}:predict` and `:explain`: the route's one segment is
+/// `NAME:VERB`.
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     Path(segment): Path<String>,
@@ -108,22 +132,25 @@ pub async fn predict(
     let started = Instant::now();
     let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
-    let model = match segment.rsplit_once(':') {
-        Some((name, "predict")) => state.model_named(name)?,
+    let (model, verb) = match segment.rsplit_once(':') {
+        Some((name, "predict")) => (state.model_named(name)?, Verb::Predict),
+        Some((name, "explain")) => (state.model_named(name)?, Verb::Explain),
         _ => {
             return Err(ApiError::NotFound(format!(
-                "POST /v1/models/{segment}: the verb is `:predict` (/v1/models/NAME:predict)"
+                "POST /v1/models/{segment}: the verb is `:predict` or `:explain` \
+                 (/v1/models/NAME:predict)"
             ))
             .into())
         }
     };
-    let answer = answer(&state, model, request, arriving, deadline);
+    let answer = answer(&state, model, verb, request, arriving, deadline);
     Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
 async fn answer(
     state: &Arc<AppState>,
     model: Arc<ServedModel>,
+    verb: Verb,
     request: Request,
     arriving: Arriving,
     deadline: Instant,
@@ -172,13 +199,28 @@ async fn answer(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let explain = verb == Verb::Explain;
     let (_admitted, predictions) =
-        handlers::classify_all(state, &model, images, arriving, deadline).await?;
-    let predictions = predictions
-        .into_iter()
-        .map(|(_, prediction)| classification_of(&prediction, &model.info.classes, &parameters))
+        handlers::classify_all(state, &model, images, explain, arriving, deadline).await?;
+    let classifications = predictions
+        .iter()
+        .map(|(_, prediction)| classification_of(prediction, &model.info.classes, &parameters))
         .collect();
-    Ok(Json(PredictResponse { predictions }).into_response())
+    if !explain {
+        let predictions = classifications;
+        return Ok(Json(PredictResponse { predictions }).into_response());
+    }
+    let explanations = predictions
+        .into_iter()
+        .map(|(_, prediction)| Explanation {
+            token_attention: prediction.attention.unwrap_or_default(),
+        })
+        .collect();
+    let answer = ExplainResponse {
+        predictions: classifications,
+        explanations,
+    };
+    Ok(Json(answer).into_response())
 }
 
 /// The encoded image of one instance.

@@ -183,10 +183,11 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    // Predictions and readiness probes share one route pattern (`NAME:predict` is one path
-    // segment); they are counted apart.
+    // Predictions, explanations and readiness probes share one route pattern
+    // (`NAME:predict` is one path segment); they are counted apart.
     if route == "/v1/models/{model}" && request.method() == Method::POST {
-        route.push_str(":predict");
+        let explain = request.uri().path().ends_with(":explain");
+        route.push_str(if explain { ":explain" } else { ":predict" });
     }
     let started = Instant::now();
     let response = next.run(request).await;

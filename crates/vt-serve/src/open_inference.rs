@@ -216,7 +216,7 @@ pub async fn classify(
         })
         .collect();
     let (admitted, predictions) =
-        handlers::classify_all(state, model, images, arriving, deadline).await?;
+        handlers::classify_all(state, model, images, false, arriving, deadline).await?;
     Ok((admitted, predictions.into_iter().map(|(_, p)| p).collect()))
 }
 

@@ -11,10 +11,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use reqwest::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use vt_model::Model;
+use vt_serve::Classifier;
 
 const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
 
@@ -912,13 +915,6 @@ async fn instances_requests_get_the_offline_predictions() {
         );
         assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
     }
-    let explain = client
-        .post(server.url("/v1/models/tiny:explain"))
-        .json(&json!({"instances": [b64[0]]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(explain.status(), StatusCode::NOT_FOUND);
     let unknown_ready = client
         .get(server.url("/v1/models/other"))
         .send()
@@ -961,6 +957,95 @@ async fn instances_requests_get_the_offline_predictions() {
         count(r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="200"}"#),
         4.0,
         "{text}"
+    );
+    server.shutdown().await;
+}
+
+/// `:explain` answers KServe's `{"predictions", "explanations"}`: the predictions of
+/// `:predict`, and each image's token attention, module by module, as the model computes it
+/// offline for that image alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_requests_get_each_images_token_attention() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let images = test_images(2);
+    let b64: Vec<String> = images
+        .iter()
+        .map(|(_, bytes)| base64::engine::general_purpose::STANDARD.encode(bytes))
+        .collect();
+    let post = |verb: &str| {
+        let request = client
+            .post(server.url(&format!("/v1/models/tiny:{verb}")))
+            .json(&json!({ "instances": b64 }));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, predicted) = post("predict").await;
+    assert_eq!(status, StatusCode::OK, "{predicted}");
+    assert!(predicted.get("explanations").is_none(), "{predicted}");
+    let (status, explained) = post("explain").await;
+    assert_eq!(status, StatusCode::OK, "{explained}");
+    for i in 0..images.len() {
+        let (ours, theirs) = (&explained["predictions"][i], &predicted["predictions"][i]);
+        assert_eq!(ours["ids"], theirs["ids"], "{i}");
+        let confidences =
+            |v: &Value| -> Vec<f32> { serde_json::from_value(v["confidences"].clone()).unwrap() };
+        assert_close(&confidences(ours), &[confidences(theirs)], "confidences");
+    }
+
+    let model = Model::load(&checkpoint, &Device::Cpu)
+        .and_then(Model::into_frozen)
+        .unwrap();
+    let classifier = Classifier::load(&checkpoint, &Device::Cpu, DType::F32).unwrap();
+    let s = model.config.image_size;
+    let explanations = explained["explanations"].as_array().unwrap();
+    assert_eq!(explanations.len(), images.len(), "{explained}");
+    for ((name, bytes), explanation) in images.iter().zip(explanations) {
+        let input = Tensor::from_vec(preprocessed(&classifier, bytes), (1, 3, s, s), &Device::Cpu);
+        let offline = model.token_attention(&input.unwrap()).unwrap();
+        let modules = explanation["tokenAttention"].as_array().unwrap();
+        assert_eq!(modules.len(), offline.maps.len(), "{name}");
+        for (m, (module, maps)) in modules.iter().zip(&offline.maps).enumerate() {
+            let (_, tokens, height, width) = maps.dims4().unwrap();
+            assert_eq!(module["height"], height, "{name} module {m}");
+            assert_eq!(module["width"], width, "{name} module {m}");
+            let served: Vec<Vec<f32>> = serde_json::from_value(module["maps"].clone()).unwrap();
+            let expected = maps.reshape((tokens, height * width)).unwrap();
+            let expected = expected.to_vec2::<f32>().unwrap();
+            assert_eq!(served.len(), tokens, "{name} module {m}");
+            for (t, (map, expected)) in served.iter().zip(expected).enumerate() {
+                let what = format!("{name} module {m} token {t}");
+                assert!(
+                    (map.iter().sum::<f32>() - 1.0).abs() < 1e-4,
+                    "{what}: {map:?}"
+                );
+                assert_close(map, &[expected], &what);
+            }
+        }
+    }
+
+    let wrong_verb = client
+        .post(server.url("/v1/models/tiny:classify"))
+        .json(&json!({ "instances": [b64[0]] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_verb.status(), StatusCode::NOT_FOUND);
+    let body: Value = wrong_verb.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("`:explain`"),
+        "{body}"
+    );
+    let metrics = metrics_text(&client, &server.url("/metrics")).await;
+    let count = |series: &str| metric(&metrics, series).unwrap_or(0.0);
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/v1/models/{model}:explain",status="200"}"#),
+        1.0
     );
     server.shutdown().await;
 }

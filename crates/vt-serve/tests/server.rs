@@ -988,9 +988,9 @@ async fn the_model_thread_answers_an_expired_image_as_expired() {
     };
     let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
     let model = ServedModel::spawn(classifier, info, config, metrics).unwrap();
-    let answer = model.submit(input.clone(), Instant::now()).unwrap();
+    let answer = model.submit(input.clone(), false, Instant::now()).unwrap();
     assert!(matches!(answer.await.unwrap(), Err(Unanswered::Expired)));
-    let answer = model.submit(input, Instant::now() + Duration::from_secs(60));
+    let answer = model.submit(input, false, Instant::now() + Duration::from_secs(60));
     assert!(answer.unwrap().await.unwrap().is_ok());
 }
 
