@@ -202,8 +202,9 @@ const GRPC_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// header-read timeout, and its graceful shutdown waits on a connection that never sent its
 /// preface: a connection with no stream is closed once it has had none for
 /// `--header-timeout-ms`, and when shutdown begins if it never had one. One that had a
-/// stream is left to hyper's graceful shutdown, which closes it once its last answer is
-/// written: an answer's body is dropped before hyper has sent all of its frames.
+/// stream is left to hyper's graceful shutdown for a moment after its last stream, which
+/// closes it once its last answer is written (an answer's body is dropped before hyper has
+/// sent all of its frames), and closed if it is still open then.
 #[derive(Clone)]
 struct Streams(Arc<watch::Sender<StreamCount>>);
 
@@ -259,28 +260,32 @@ impl Streams {
         })
     }
 
-    /// Completes once the connection has had no stream for `timeout`, or when shutdown
-    /// begins on a connection that never had one; never after shutdown began otherwise.
+    /// Completes once the connection has had no stream for `timeout`; once shutdown began,
+    /// at once if it never had one, else after [`SHUTDOWN_GRACE`] without one.
     async fn idle(self, timeout: Duration, mut stopping: watch::Receiver<bool>) {
         let mut streams = self.0.subscribe();
         loop {
             // Never an error: `self` holds the sender.
             let _ = streams.wait_for(|count| count.open == 0).await;
-            let stopped = tokio::select! {
-                () = tokio::time::sleep(timeout) => return,
-                _ = stopping.wait_for(|&stop| stop) => true,
-                _ = streams.changed() => false,
+            let stopped = *stopping.borrow();
+            let wait = match (stopped, streams.borrow().seen) {
+                (false, _) => timeout,
+                (true, true) => SHUTDOWN_GRACE,
+                (true, false) => return,
             };
-            if stopped {
-                let seen = streams.borrow().seen;
-                if seen {
-                    std::future::pending::<()>().await;
-                }
-                return;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => return,
+                _ = stopping.wait_for(|&stop| stop), if !stopped => {}
+                _ = streams.changed() => {}
             }
         }
     }
 }
+
+/// How long, once shutdown began, a connection that had streams is left to hyper's graceful
+/// shutdown after its last one: enough to write the last answers and close, which needs
+/// the client to answer a ping; a client that never does is not waited for longer.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// How long past the request timeout shutdown waits for connections to close.
 const DRAIN_MARGIN: Duration = Duration::from_secs(1);
