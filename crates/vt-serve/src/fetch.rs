@@ -52,15 +52,14 @@ impl UrlFetcher {
         !self.allowed.is_empty()
     }
 
-    /// The body at `url`, charged to the request's `charge` as it arrives, on top of the
-    /// `charged` bytes the request holds already: a fetched image takes from
-    /// `--max-inflight-body-bytes` as an uploaded one does.
+    /// The body at `url`, charged to the request's `charge` as it arrives (the charge grows
+    /// to its size): a fetched image takes from `--max-inflight-body-bytes` as an uploaded
+    /// one does.
     pub async fn fetch(
         &self,
         url: &str,
         timeout: Duration,
         charge: &BodyCharge,
-        charged: usize,
     ) -> Result<Bytes, ApiError> {
         if !self.is_enabled() {
             return Err(ApiError::UrlFetchRefused(
@@ -112,7 +111,7 @@ impl UrlFetcher {
             if (body.len() + chunk.len()) as u64 > self.max_bytes {
                 return Err(too_large());
             }
-            charge.cover(charged + body.len() + chunk.len())?;
+            charge.cover(body.len() + chunk.len())?;
             body.extend_from_slice(&chunk);
         }
         Ok(Bytes::from(body))

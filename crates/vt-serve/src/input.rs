@@ -70,7 +70,7 @@ pub async fn read(
         Some("application/json") => {
             let charge = BodyCharge::of(&request);
             let body = read_body(request, limit).await?;
-            Ok(single(read_json(state, &body, &charge, deadline).await?))
+            Ok(single(read_json(state, body, &charge, deadline).await?))
         }
         _ => Ok(single(read_body(request, limit).await?)),
     }
@@ -272,11 +272,11 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
 
 async fn read_json(
     state: &AppState,
-    body: &[u8],
+    body: Bytes,
     charge: &BodyCharge,
     deadline: Instant,
 ) -> Result<Bytes, ApiError> {
-    let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
+    let input: JsonInput = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
         ))
@@ -285,13 +285,14 @@ async fn read_json(
         (Some(image), None) => decode_base64(&image)
             .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}"))),
         (None, Some(url)) => {
+            // Only the URL is needed now: the fetched image takes the body's place in the
+            // budget (the charge grows to its size), so that an image within
+            // --max-body-bytes always fits it.
+            drop(body);
             let remaining = deadline.saturating_duration_since(Instant::now());
             // The fetch may only take the request's remaining time: past it, the request
             // timed out.
-            let fetched = state
-                .fetcher
-                .fetch(&url, remaining, charge, body.len())
-                .await;
+            let fetched = state.fetcher.fetch(&url, remaining, charge).await;
             match fetched {
                 Err(_) if Instant::now() >= deadline => Err(state.limits.timed_out()),
                 other => other,
