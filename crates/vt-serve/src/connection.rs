@@ -1,7 +1,9 @@
-//! `Connection: close` on answers given before their request's body was read to its end
+//! `Connection: close` on errors answered before their request's body was read to its end
 //! (a body past the limit, an encoding the server does not decode). hyper then closes the
 //! connection rather than read the rest, but says nothing: a client would send its next
 //! request on a connection about to close, and get a broken pipe instead of an answer.
+//! Successful answers are left alone: their readers stopped at most short of the body's
+//! last bytes (multipart's closing boundary before the last chunk), which hyper reads.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +28,7 @@ pub async fn close_if_body_unread(request: Request, next: Next) -> Response {
         ended: Arc::clone(&ended),
     });
     let mut response = next.run(Request::from_parts(parts, body)).await;
-    if !ended.load(Ordering::Relaxed) {
+    if !ended.load(Ordering::Relaxed) && !response.status().is_success() {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
