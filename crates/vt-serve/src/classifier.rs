@@ -45,7 +45,7 @@ pub struct Prediction {
 
 /// One VT module's token attention over the stem's `height` x `width` feature map: for each
 /// visual token, the share of it that each position makes up (row-major; each map sums to
-/// 1), as `vt-train explain` draws it.
+/// 1, up to rounding in f16 or bf16), as `vt-train explain` draws it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TokenMaps {
     pub height: usize,

@@ -12,8 +12,9 @@
 //! indices. `:explain` answers `{"predictions": [...], "explanations": [...]}` as KServe
 //! specifies: the same predictions, and for each image `{"tokenAttention": [...]}`, one
 //! entry per VT module, `{"height", "width", "maps"}`, `maps` holding each visual token's
-//! share of every position of the stem's feature map (row-major; each map sums to 1). Errors
-//! are `{"error": MESSAGE}`.
+//! share of every position of the stem's feature map (row-major; each map sums to 1, up to
+//! rounding in f16 or bf16), for at most [`MAX_EXPLAINED`] images. Errors are
+//! `{"error": MESSAGE}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,10 +93,32 @@ struct Explanation {
 
 /// What a `POST /v1/models/NAME:VERB` asks for.
 #[derive(Clone, Copy, PartialEq)]
-enum Verb {
+pub enum Verb {
     Predict,
     Explain,
 }
+
+impl Verb {
+    /// The verb of a `NAME:VERB` path segment, and the name.
+    pub fn of(segment: &str) -> Option<(&str, Verb)> {
+        match segment.rsplit_once(':')? {
+            (name, "predict") => Some((name, Verb::Predict)),
+            (name, "explain") => Some((name, Verb::Explain)),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Predict => "predict",
+            Verb::Explain => "explain",
+        }
+    }
+}
+
+/// The most images one `:explain` request may hold: each image's answer is large (about
+/// 57 KB of JSON for vt-resnet34 at 150 px, against 200 bytes for its prediction).
+pub const MAX_EXPLAINED: usize = 16;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -132,17 +155,14 @@ pub async fn predict(
     let started = Instant::now();
     let arriving = state.batcher.arriving();
     let deadline = started + state.limits.timeout;
-    let (model, verb) = match segment.rsplit_once(':') {
-        Some((name, "predict")) => (state.model_named(name)?, Verb::Predict),
-        Some((name, "explain")) => (state.model_named(name)?, Verb::Explain),
-        _ => {
-            return Err(ApiError::NotFound(format!(
-                "POST /v1/models/{segment}: the verb is `:predict` or `:explain` \
-                 (/v1/models/NAME:predict)"
-            ))
-            .into())
-        }
+    let Some((name, verb)) = Verb::of(&segment) else {
+        return Err(ApiError::NotFound(format!(
+            "POST /v1/models/{segment}: the verb is `:predict` or `:explain` \
+             (/v1/models/NAME:predict, /v1/models/NAME:explain)"
+        ))
+        .into());
     };
+    let model = state.model_named(name)?;
     let answer = answer(&state, model, verb, request, arriving, deadline);
     Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
@@ -161,7 +181,8 @@ async fn answer(
     input::refuse_too_many_json_values(&body, capacity)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "invalid predict request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}"
+            "invalid {} request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}",
+            verb.name()
         ))
     })?;
     if let Some(name) = request
@@ -181,6 +202,12 @@ async fn answer(
     if request.instances.len() > capacity {
         return Err(ApiError::BadRequest(format!(
             "too many instances: {}, at most {capacity} per request (--queue)",
+            request.instances.len()
+        )));
+    }
+    if verb == Verb::Explain && request.instances.len() > MAX_EXPLAINED {
+        return Err(ApiError::BadRequest(format!(
+            "too many instances to explain: {}, at most {MAX_EXPLAINED} per request",
             request.instances.len()
         )));
     }
@@ -212,10 +239,13 @@ async fn answer(
     }
     let explanations = predictions
         .into_iter()
-        .map(|(_, prediction)| Explanation {
-            token_attention: prediction.attention.unwrap_or_default(),
+        .map(|(_, prediction)| {
+            let token_attention = prediction.attention.ok_or_else(|| {
+                ApiError::Internal("the model thread answered without the attention".into())
+            })?;
+            Ok(Explanation { token_attention })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     let answer = ExplainResponse {
         predictions: classifications,
         explanations,

@@ -5,14 +5,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
+use axum::RequestPartsExt;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+
+use crate::instances::Verb;
 
 pub struct Metrics {
     registry: Registry,
@@ -178,16 +181,28 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// Middleware counting every response by its route pattern (not the raw path, which would
 /// let clients create unbounded label values) and status.
-pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+pub async fn track(
+    State(metrics): State<Arc<Metrics>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let mut route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     // Predictions, explanations and readiness probes share one route pattern
-    // (`NAME:predict` is one path segment); they are counted apart.
+    // (`NAME:predict` is one path segment, which routing percent-decodes); they are
+    // counted apart.
     if route == "/v1/models/{model}" && request.method() == Method::POST {
-        let explain = request.uri().path().ends_with(":explain");
-        route.push_str(if explain { ":explain" } else { ":predict" });
+        let (mut parts, body) = request.into_parts();
+        let segment = parts.extract::<Path<String>>().await.ok();
+        let verb = segment.and_then(|Path(segment)| Verb::of(&segment).map(|(_, verb)| verb));
+        route.push_str(if verb == Some(Verb::Explain) {
+            ":explain"
+        } else {
+            ":predict"
+        });
+        request = Request::from_parts(parts, body);
     }
     let started = Instant::now();
     let response = next.run(request).await;

@@ -44,7 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(handlers::models))
         // KServe's V1 protocol and TensorFlow Serving's REST API (and Vertex AI's custom
         // containers, pointed at these routes): `GET /v1/models/NAME`,
-        // `POST /v1/models/NAME:predict`.
+        // `POST /v1/models/NAME:predict` and KServe's `POST /v1/models/NAME:explain`.
         .route(
             "/v1/models/{model}",
             get(instances::model_ready).post(instances::predict),

@@ -1041,10 +1041,35 @@ async fn explain_requests_get_each_images_token_attention() {
         body["error"].as_str().unwrap().contains("`:explain`"),
         "{body}"
     );
+    // Each image's attention is large: a request explains a few images at most.
+    let too_many = client
+        .post(server.url("/v1/models/tiny:explain"))
+        .json(&json!({ "instances": vec![&b64[0]; 17] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_many.status(), StatusCode::BAD_REQUEST);
+    let body: Value = too_many.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("at most 16"),
+        "{body}"
+    );
+    // The verb percent-encoded, as routing decodes it: explained, and counted so.
+    let encoded = client
+        .post(server.url("/v1/models/tiny%3Aexplain"))
+        .json(&json!({ "instances": [b64[0]] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(encoded.status(), StatusCode::OK);
     let metrics = metrics_text(&client, &server.url("/metrics")).await;
     let count = |series: &str| metric(&metrics, series).unwrap_or(0.0);
     assert_eq!(
         count(r#"vt_serve_requests_total{route="/v1/models/{model}:explain",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="200"}"#),
         1.0
     );
     server.shutdown().await;

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vt_serve::batcher::{BatchConfig, ServedModel, Unanswered};
 use vt_serve::state::ModelSource;
+use vt_serve::Prediction;
 
 /// A GPU server runs these batch sizes before it listens; each must run and leave the model
 /// answering as before.
@@ -996,6 +997,71 @@ async fn the_model_thread_answers_an_expired_image_as_expired() {
     assert!(matches!(answer.await.unwrap(), Err(Unanswered::Expired)));
     let answer = model.submit(input, false, Instant::now() + Duration::from_secs(60));
     assert!(answer.unwrap().await.unwrap().is_ok());
+}
+
+/// A batch that mixes images asking for their token attention (`:explain`) with others:
+/// each gets what it asked for, the attention of its own image and the scores it gets alone.
+#[tokio::test]
+async fn a_mixed_batch_gives_the_attention_only_to_images_that_ask_for_it() {
+    let dir = tiny_checkpoint();
+    let source = ModelSource::new(&parse_args(&checkpoint_path(&dir), &[]));
+    let (classifier, info) = source.load(1).unwrap();
+    let inputs: Vec<Vec<f32>> = test_images(3)
+        .iter()
+        .map(|(_, photo)| preprocessed(&classifier, photo))
+        .collect();
+    let alone: Vec<Prediction> = inputs
+        .iter()
+        .map(|input| {
+            classifier
+                .explain(std::slice::from_ref(input))
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let config = BatchConfig {
+        max_batch: 4,
+        max_delay: Duration::from_secs(30),
+        queue: 4,
+    };
+    let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
+    let model = ServedModel::spawn(classifier, info, config, Arc::clone(&metrics)).unwrap();
+    // A request still on its way holds the batch open until all three are queued.
+    metrics.requests_arriving.inc();
+    let asks = [true, false, true];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answers: Vec<_> = inputs
+        .iter()
+        .zip(asks)
+        .map(|(input, with_attention)| {
+            model
+                .submit(input.clone(), with_attention, deadline)
+                .unwrap()
+        })
+        .collect();
+    metrics.requests_arriving.dec();
+    for (i, ((answer, asked), alone)) in answers.into_iter().zip(asks).zip(&alone).enumerate() {
+        let prediction = answer.await.unwrap().unwrap();
+        assert_close(
+            &prediction.probs,
+            std::slice::from_ref(&alone.probs),
+            &format!("{i}"),
+        );
+        match (&prediction.attention, &alone.attention) {
+            (Some(got), Some(expected)) if asked => {
+                assert_eq!(got.len(), expected.len(), "{i}");
+                for (module, (got, expected)) in got.iter().zip(expected).enumerate() {
+                    let what = format!("image {i} module {module}");
+                    assert_eq!((got.height, got.width), (expected.height, expected.width));
+                    assert_close(&got.maps.concat(), &[expected.maps.concat()], &what);
+                }
+            }
+            (None, _) if !asked => {}
+            (got, _) => panic!("image {i} asked for attention: {asked}, got {got:?}"),
+        }
+    }
+    assert_eq!(metrics.batch_size.get_sample_count(), 1, "one batch");
+    assert_eq!(metrics.batch_size.get_sample_sum(), 3.0, "of three images");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
