@@ -56,8 +56,16 @@ pub fn write(dir: &Path, config: &VtConfig, varmap: &VarMap) -> Result<()> {
 /// Reads a safetensors file as named f32 tensors on `device`, checking each dtype and that
 /// every value is finite. Tensors named `*.num_batches_tracked` are dropped.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-    read_selected(
+    let bytes = fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    tensors_of(path, &bytes, device)
+}
+
+/// [`read_tensors`] of a file's `bytes`, read once from `path` (which errors name), e.g. to
+/// hash the same bytes the tensors come from.
+pub fn tensors_of(path: &Path, bytes: &[u8], device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    select_tensors(
         path,
+        bytes,
         device,
         |name| (!name.ends_with(".num_batches_tracked")).then(|| name.to_string()),
         Floats::F32Only,
@@ -79,11 +87,22 @@ pub(crate) enum Floats {
 pub(crate) fn read_selected(
     path: &Path,
     device: &Device,
-    mut select: impl FnMut(&str) -> Option<String>,
+    select: impl FnMut(&str) -> Option<String>,
     floats: Floats,
 ) -> Result<BTreeMap<String, Tensor>> {
     let bytes = fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Invalid {
+    select_tensors(path, &bytes, device, select, floats)
+}
+
+/// [`read_selected`] of the file's `bytes`, read from `path`.
+fn select_tensors(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+    mut select: impl FnMut(&str) -> Option<String>,
+    floats: Floats,
+) -> Result<BTreeMap<String, Tensor>> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Invalid {
         path: path.to_path_buf(),
         message: format!("not a valid safetensors file: {e}"),
     })?;

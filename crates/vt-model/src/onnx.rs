@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{read_config, read_tensors, WEIGHTS_FILE};
+use crate::checkpoint::{read_config, tensors_of, WEIGHTS_FILE};
 use crate::config::{Variant, VtConfig, FEATURE_CHANNELS};
 use crate::error::{ModelError, Result};
 use proto::tensor_shape_proto::{dimension, Dimension};
@@ -58,19 +58,21 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
     let config = read_config(dir)?;
     let variant = exported_variant(config.variant);
     let path = dir.join(WEIGHTS_FILE);
+    // One read for the digest and the weights: the folder may be replaced meanwhile (as
+    // training replaces `best/`).
     let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
     let sha256: String = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    drop(bytes);
-    let tensors = read_tensors(&path, &Device::Cpu)?
+    let tensors = tensors_of(&path, &bytes, &Device::Cpu)?
         .into_iter()
         .map(|(name, tensor)| {
             let dims = tensor.dims().to_vec();
             Ok((name, (dims, tensor.flatten_all()?.to_vec1::<f32>()?)))
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
+    drop(bytes);
     let mut graph = Graph::new(path.clone(), tensors);
     let logits = graph.vt_resnet(&config)?;
     graph.node("Softmax", &[&logits], PROBABILITIES, vec![int("axis", 1)]);
@@ -423,7 +425,13 @@ impl Graph {
     fn vt_resnet(&mut self, config: &VtConfig) -> Result<String> {
         let features = self.stem(config.arch.stem_blocks())?;
         // N x C x H x W -> N x P x C with p = y * W + x.
-        let flat = self.reshape(&features, &[0, 0, -1], "features.flat");
+        // Sizes spelled out rather than -1, which a batch of 0 leaves undetermined.
+        let positions = config.feature_map_size().pow(2) as i64;
+        let flat = self.reshape(
+            &features,
+            &[0, FEATURE_CHANNELS as i64, positions],
+            "features.flat",
+        );
         let mut x = self.transpose(&flat, &[0, 2, 1], "features.positions");
         let mut tokens: Option<String> = None;
         for i in 0..config.vt_modules {
@@ -511,10 +519,18 @@ impl Graph {
         Ok(self.node("Relu", &[&sum], &name("relu"), vec![]))
     }
 
-    /// N x L x (h*d) -> N x h x L x d, heads as contiguous channel blocks; with `keys_last`
-    /// N x h x d x L instead (the right-hand side of an attention product).
-    fn split_heads(&mut self, x: &str, heads: usize, keys_last: bool, output: &str) -> String {
-        let split = self.reshape(x, &[0, 0, heads as i64, -1], &format!("{output}.split"));
+    /// N x L x `width` -> N x h x L x d (d = width / h), heads as contiguous channel
+    /// blocks; with `keys_last` N x h x d x L instead (the right-hand side of an attention
+    /// product).
+    fn split_heads(
+        &mut self,
+        x: &str,
+        (heads, width): (usize, usize),
+        keys_last: bool,
+        output: &str,
+    ) -> String {
+        let shape = [0, 0, heads as i64, (width / heads) as i64];
+        let split = self.reshape(x, &shape, &format!("{output}.split"));
         let perm: &[i64] = if keys_last {
             &[0, 2, 3, 1]
         } else {
@@ -523,15 +539,20 @@ impl Graph {
         self.transpose(&split, perm, output)
     }
 
-    /// N x h x L x d -> N x L x (h*d), heads in order.
-    fn merge_heads(&mut self, x: &str, output: &str) -> String {
+    /// N x h x L x d -> N x L x `width` (= h*d), heads in order.
+    fn merge_heads(&mut self, x: &str, width: usize, output: &str) -> String {
         let merged = self.transpose(x, &[0, 2, 1, 3], &format!("{output}.heads_last"));
-        self.reshape(&merged, &[0, 0, -1], output)
+        self.reshape(&merged, &[0, 0, width as i64], output)
     }
 
     /// softmax_j(q_i . k_j * scale) v over heads: `q` N x h x I x d, `k_t` N x h x d x J,
-    /// `v` N x h x J x e; returns the merged N x I x (h*e).
-    fn attention(&mut self, (q, k_t, v): (&str, &str, &str), scale: f64, prefix: &str) -> String {
+    /// `v` N x h x J x e; returns the merged N x I x `width` (= h*e).
+    fn attention(
+        &mut self,
+        (q, k_t, v): (&str, &str, &str),
+        (scale, width): (f64, usize),
+        prefix: &str,
+    ) -> String {
         let scores = self.node("MatMul", &[q, k_t], &format!("{prefix}.scores"), vec![]);
         let scaled = self.scale(&scores, scale, &format!("{prefix}.scores.scaled"));
         let weights = self.node(
@@ -541,7 +562,7 @@ impl Graph {
             vec![int("axis", -1)],
         );
         let out = self.node("MatMul", &[&weights, v], &format!("{prefix}.heads"), vec![]);
-        self.merge_heads(&out, &format!("{prefix}.out"))
+        self.merge_heads(&out, width, &format!("{prefix}.out"))
     }
 
     /// Module `prefix`'s tokenizer (as [`crate::tokenizer::Tokenizer`]): filter-based
@@ -586,11 +607,11 @@ impl Graph {
         let name = |part: &str| format!("{prefix}.{part}");
         let k = self.linear(t, &name("key"), (ct, ct / 2), false, &name("key.out"))?;
         let q = self.linear(t, &name("query"), (ct, ct / 2), false, &name("query.out"))?;
-        let k = self.split_heads(&k, h, false, &name("key.heads"));
-        let q_t = self.split_heads(&q, h, true, &name("query.heads.T"));
-        let v = self.split_heads(t, h, false, &name("value.heads"));
+        let k = self.split_heads(&k, (h, ct / 2), false, &name("key.heads"));
+        let q_t = self.split_heads(&q, (h, ct / 2), true, &name("query.heads.T"));
+        let v = self.split_heads(t, (h, ct), false, &name("value.heads"));
         let scale = 1.0 / ((ct / 2 / h) as f64).sqrt();
-        let out = self.attention((&k, &q_t, &v), scale, &prefix);
+        let out = self.attention((&k, &q_t, &v), (scale, ct), &prefix);
         let t = self.node("Add", &[t, &out], &name("residual"), vec![]);
         let hidden = self.linear(&t, &name("ffn1"), (ct, ct), true, &name("ffn1.out"))?;
         let hidden = self.node("Relu", &[&hidden], &name("ffn1.relu"), vec![]);
@@ -606,11 +627,11 @@ impl Graph {
         let q = self.linear(x, &name("query"), (c, c), false, &name("query.out"))?;
         let k = self.linear(t, &name("key"), (ct, c), false, &name("key.out"))?;
         let v = self.linear(t, &name("value"), (ct, c), false, &name("value.out"))?;
-        let q = self.split_heads(&q, h, false, &name("query.heads"));
-        let k_t = self.split_heads(&k, h, true, &name("key.heads.T"));
-        let v = self.split_heads(&v, h, false, &name("value.heads"));
+        let q = self.split_heads(&q, (h, c), false, &name("query.heads"));
+        let k_t = self.split_heads(&k, (h, c), true, &name("key.heads.T"));
+        let v = self.split_heads(&v, (h, c), false, &name("value.heads"));
         let scale = 1.0 / ((c / h) as f64).sqrt();
-        let out = self.attention((&q, &k_t, &v), scale, &prefix);
+        let out = self.attention((&q, &k_t, &v), (scale, c), &prefix);
         Ok(self.node("Add", &[x, &out], &name("features"), vec![]))
     }
 }
@@ -673,7 +694,8 @@ mod tests {
         let dir = tmp.path().join("valid");
         checkpoint(&dir, |_| {});
         let graph = export(&dir).unwrap().graph.unwrap();
-        let tensors = read_tensors(&dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+        let tensors =
+            crate::checkpoint::read_tensors(&dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
         for name in tensors.keys() {
             assert!(graph.initializer.iter().any(|t| &t.name == name), "{name}");
         }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 use vt_model::onnx;
 
 use crate::error::{Result, ResultExt, TrainError};
@@ -14,7 +15,7 @@ pub struct ExportArgs {
     /// Checkpoint folder (config.json + model.safetensors), e.g. runs/NAME/best
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    /// The ONNX file to write, e.g. model.onnx (not inside the checkpoint folder)
+    /// The ONNX file to write, e.g. model.onnx (not inside a checkpoint folder)
     #[arg(long, value_name = "FILE.onnx")]
     pub out: PathBuf,
     /// Replace --out if it exists
@@ -46,8 +47,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an `--out` that exists (unless `force`) or that lies in the checkpoint folder:
-/// a checkpoint folder holding other files is one that training no longer replaces.
+/// Refuses an `--out` that exists (unless `force`) or that lies in a checkpoint folder (the
+/// one exported, at any depth, or another): a checkpoint folder holding other files is one
+/// that training no longer replaces.
 fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
     if out.is_dir() {
         return Err(TrainError::Config(format!(
@@ -60,16 +62,19 @@ fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if let (Ok(parent), Ok(checkpoint)) = (parent.canonicalize(), checkpoint.canonicalize()) {
-        if parent == checkpoint {
-            return Err(TrainError::Config(format!(
-                "--out {} is inside the checkpoint folder, which must hold only the \
-                 checkpoint: write it beside it instead",
-                out.display()
-            )));
-        }
+    let in_checkpoint = match (parent.canonicalize(), checkpoint.canonicalize()) {
+        (Ok(parent), Ok(checkpoint)) => parent.starts_with(checkpoint),
+        _ => false,
+    };
+    if in_checkpoint || parent.join(CONFIG_FILE).exists() || parent.join(WEIGHTS_FILE).exists() {
+        return Err(TrainError::Config(format!(
+            "--out {} is inside a checkpoint folder, which must hold only its checkpoint: \
+             write it beside it instead",
+            out.display()
+        )));
     }
-    if out.exists() && !force {
+    // A link counts as there even when what it names is not.
+    if out.symlink_metadata().is_ok() && !force {
         return Err(TrainError::Config(format!(
             "--out {} exists: choose another file, or add --force to replace it",
             out.display()

@@ -192,8 +192,22 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
             .arg("--out")
             .arg(&inside),
     );
-    assert!(err.contains("inside the checkpoint folder"), "{err}");
+    assert!(err.contains("inside a checkpoint folder"), "{err}");
     assert!(!inside.exists());
+    // Deeper in it, or in another checkpoint, alike.
+    let other = tiny_checkpoint(tmp.path(), "vt-resnet34");
+    fs::create_dir(checkpoint.join("sub")).unwrap();
+    for out in [checkpoint.join("sub/model.onnx"), other.join("model.onnx")] {
+        let err = run_err(
+            vt_train()
+                .args(["export", "--checkpoint"])
+                .arg(&checkpoint)
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(err.contains("inside a checkpoint folder"), "{err}");
+        assert!(!out.exists());
+    }
 
     let out = tmp.path().join("model.onnx");
     fs::write(&out, b"keep").unwrap();
@@ -206,6 +220,18 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
     );
     assert!(err.contains("--force"), "{err}");
     assert_eq!(fs::read(&out).unwrap(), b"keep");
+    // A link is there, even to nothing.
+    let link = tmp.path().join("link.onnx");
+    std::os::unix::fs::symlink(tmp.path().join("nothing.onnx"), &link).unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["export", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(&link),
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
 
     let missing = tmp.path().join("missing");
     let err = run_err(
@@ -235,9 +261,10 @@ probs.astype("<f4").tofile(f"{folder}/probabilities.f32")
 "#;
 
 /// The interpreter of `VT_ONNX_PYTHON` (default `python3`) when it has onnxruntime and
-/// numpy; otherwise says why the test is skipped.
+/// numpy; otherwise says why the test is skipped, or fails when `VT_ONNX_PYTHON` named it.
 fn python_with_onnxruntime() -> Option<String> {
-    let python = std::env::var("VT_ONNX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let named = std::env::var("VT_ONNX_PYTHON").ok();
+    let python = named.clone().unwrap_or_else(|| "python3".into());
     let probe = Command::new(&python)
         .args(["-c", "import onnxruntime, numpy"])
         .output();
@@ -250,6 +277,10 @@ fn python_with_onnxruntime() -> Option<String> {
             .to_string(),
         Err(e) => format!("cannot run it: {e}"),
     };
+    assert!(
+        named.is_none(),
+        "VT_ONNX_PYTHON={python} cannot import onnxruntime and numpy ({reason})"
+    );
     eprintln!(
         "skipping: `{python}` cannot import onnxruntime and numpy ({reason}); \
          pip install onnxruntime numpy, or set VT_ONNX_PYTHON to a Python that has them"
