@@ -21,20 +21,9 @@ fn tiny_checkpoint(root: &Path, arch: &str) -> PathBuf {
     let dir = root.join(arch);
     run_ok(
         vt_train()
-            .args(["init", "--arch", arch, "--image-size", "32"])
-            .args([
-                "--tokens",
-                "4",
-                "--token-channels",
-                "32",
-                "--heads",
-                "2",
-                "--class-names",
-                "a,b,c",
-                "--seed",
-                "7",
-                "--out",
-            ])
+            .args(["init", "--arch", arch])
+            .args(TINY_MODEL)
+            .args(["--class-names", "a,b,c", "--seed", "7", "--out"])
             .arg(&dir),
     );
     dir
@@ -49,6 +38,17 @@ fn export(checkpoint: &Path, out: &Path) -> String {
             .arg(out),
     );
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// What `export` says when it refuses to write `out`.
+fn export_refused(checkpoint: &Path, out: &Path) -> String {
+    run_err(
+        vt_train()
+            .args(["export", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--out")
+            .arg(out),
+    )
 }
 
 fn decode(path: &Path) -> ModelProto {
@@ -185,62 +185,32 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let checkpoint = tiny_checkpoint(tmp.path(), "vt-resnet18");
     let inside = checkpoint.join("model.onnx");
-    let err = run_err(
-        vt_train()
-            .args(["export", "--checkpoint"])
-            .arg(&checkpoint)
-            .arg("--out")
-            .arg(&inside),
-    );
+    let err = export_refused(&checkpoint, &inside);
     assert!(err.contains("inside a checkpoint folder"), "{err}");
     assert!(!inside.exists());
     // Deeper in it, or in another checkpoint, alike.
     let other = tiny_checkpoint(tmp.path(), "vt-resnet34");
     fs::create_dir(checkpoint.join("sub")).unwrap();
     for out in [checkpoint.join("sub/model.onnx"), other.join("model.onnx")] {
-        let err = run_err(
-            vt_train()
-                .args(["export", "--checkpoint"])
-                .arg(&checkpoint)
-                .arg("--out")
-                .arg(&out),
-        );
+        let err = export_refused(&checkpoint, &out);
         assert!(err.contains("inside a checkpoint folder"), "{err}");
         assert!(!out.exists());
     }
 
     let out = tmp.path().join("model.onnx");
     fs::write(&out, b"keep").unwrap();
-    let err = run_err(
-        vt_train()
-            .args(["export", "--checkpoint"])
-            .arg(&checkpoint)
-            .arg("--out")
-            .arg(&out),
-    );
+    let err = export_refused(&checkpoint, &out);
     assert!(err.contains("--force"), "{err}");
     assert_eq!(fs::read(&out).unwrap(), b"keep");
     // A link is there, even to nothing.
     let link = tmp.path().join("link.onnx");
     std::os::unix::fs::symlink(tmp.path().join("nothing.onnx"), &link).unwrap();
-    let err = run_err(
-        vt_train()
-            .args(["export", "--checkpoint"])
-            .arg(&checkpoint)
-            .arg("--out")
-            .arg(&link),
-    );
+    let err = export_refused(&checkpoint, &link);
     assert!(err.contains("--force"), "{err}");
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
 
     let missing = tmp.path().join("missing");
-    let err = run_err(
-        vt_train()
-            .args(["export", "--checkpoint"])
-            .arg(&missing)
-            .arg("--out")
-            .arg(tmp.path().join("other.onnx")),
-    );
+    let err = export_refused(&missing, &tmp.path().join("other.onnx"));
     assert!(err.contains("config.json"), "{err}");
 }
 
