@@ -16,12 +16,22 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use safetensors::SafeTensors;
+use sha2::{Digest, Sha256};
 
 use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The SHA-256 of a weights file's bytes, in hex: the checkpoint's identity, as vt-serve's
+/// `/v1/models` and an ONNX export's metadata give it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Reads and validates `DIR/config.json`.
 pub fn read_config(dir: &Path) -> Result<VtConfig> {

@@ -1,6 +1,7 @@
 //! A VT-ResNet together with its variables: what training updates and checkpoints hold.
 
 use std::collections::HashMap;
+use std::fs;
 use std::path::Path;
 use std::sync::PoisonError;
 
@@ -63,12 +64,26 @@ impl Model {
     /// Loads a checkpoint folder strictly, converting its f32 weights to `dtype` (f16 or
     /// bf16 for inference).
     pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
+        Ok(Model::load_with_bytes(dir, device, dtype)?.0)
+    }
+
+    /// As [`Model::load_as`], with the SHA-256 ([`checkpoint::sha256_hex`]) of the weights
+    /// file it read: of the same bytes, though the folder be replaced meanwhile (as training
+    /// replaces `best/`).
+    pub fn load_hashed(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, String)> {
+        let (model, bytes) = Model::load_with_bytes(dir, device, dtype)?;
+        Ok((model, checkpoint::sha256_hex(&bytes)))
+    }
+
+    /// The model of the checkpoint in `dir`, and the bytes of the weights file it read.
+    fn load_with_bytes(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Vec<u8>)> {
         let config = checkpoint::read_config(dir)?;
         let model = Model::init_as(config, device, dtype)?;
         let path = dir.join(WEIGHTS_FILE);
-        let tensors = checkpoint::read_tensors(&path, device)?;
+        let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+        let tensors = checkpoint::tensors_of(&path, &bytes, device)?;
         checkpoint::assign_strict(&path, &model.varmap, &tensors, |_| true)?;
-        Ok(model)
+        Ok((model, bytes))
     }
 
     /// Sets this model's weights to those of the checkpoint in `dir`, the start of a

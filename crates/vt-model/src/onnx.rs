@@ -17,9 +17,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{read_config, tensors_of, WEIGHTS_FILE};
+use crate::checkpoint::{read_config, sha256_hex, tensors_of, WEIGHTS_FILE};
 use crate::config::{Variant, VtConfig, FEATURE_CHANNELS};
 use crate::error::{ModelError, Result};
 use proto::tensor_shape_proto::{dimension, Dimension};
@@ -61,10 +60,7 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
     // One read for the digest and the weights: the folder may be replaced meanwhile (as
     // training replaces `best/`).
     let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-    let sha256: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = sha256_hex(&bytes);
     let tensors = tensors_of(&path, &bytes, &Device::Cpu)?
         .into_iter()
         .map(|(name, tensor)| {

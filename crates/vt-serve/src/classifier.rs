@@ -108,12 +108,15 @@ impl Preprocessor {
 pub struct Classifier {
     model: Model,
     preprocessor: Preprocessor,
+    /// The SHA-256 of the weights file, as read.
+    sha256: String,
 }
 
 impl Classifier {
     /// Loads a checkpoint on `device`, its weights converted to `dtype`.
     pub fn load(checkpoint: &Path, device: &Device, dtype: DType) -> vt_model::Result<Classifier> {
-        let model = Model::load_as(checkpoint, device, dtype)?.into_frozen()?;
+        let (model, sha256) = Model::load_hashed(checkpoint, device, dtype)?;
+        let model = model.into_frozen()?;
         // The weights were copied on this thread's GPU stream; the model thread, on its own
         // stream, derives values from them once (folded batch norms) and keeps them.
         device.synchronize()?;
@@ -121,7 +124,13 @@ impl Classifier {
         Ok(Classifier {
             model,
             preprocessor,
+            sha256,
         })
+    }
+
+    /// The SHA-256 (hex) of the `model.safetensors` bytes the weights were read from.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     pub fn config(&self) -> &VtConfig {

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderValue, StatusCode};
 use candle_core::{Device, DeviceLocation};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Semaphore};
-use vt_model::checkpoint::WEIGHTS_FILE;
 
 use crate::admission::Admission;
 use crate::args::ServeArgs;
@@ -34,11 +32,6 @@ pub enum StartError {
     Checkpoint {
         path: PathBuf,
         cause: vt_model::ModelError,
-    },
-    #[error("hashing {path}: {cause}")]
-    Hash {
-        path: PathBuf,
-        cause: std::io::Error,
     },
     #[error("setting up metrics: {0}")]
     Metrics(prometheus::Error),
@@ -178,7 +171,7 @@ impl ModelSource {
             classes: config.class_names.clone(),
             image_size: config.image_size,
             parameters: classifier.model().num_parameters(),
-            sha256: sha256_file(&self.checkpoint.join(WEIGHTS_FILE))?,
+            sha256: classifier.sha256().to_string(),
             device: device_name(&device),
             dtype: self.dtype.clone(),
             bf16_products: self.bf16_products,
@@ -313,21 +306,6 @@ fn checkpoint_name(dir: &Path) -> String {
         || dir.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
-}
-
-fn sha256_file(path: &Path) -> Result<String, StartError> {
-    let hash_error = |cause| StartError::Hash {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let mut file = std::fs::File::open(path).map_err(hash_error)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(hash_error)?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 fn device_name(device: &Device) -> String {
