@@ -24,9 +24,10 @@ use fast_image_resize::Resizer;
 use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::oneshot;
 
 use crate::admission::Admitted;
-use crate::batcher::{Arriving, ServedModel, Unanswered};
+use crate::batcher::{Answer, Arriving, ServedModel, Unanswered};
 use crate::classifier::{Label, Prediction};
 use crate::error::ApiError;
 use crate::input::{self, ImageInput};
@@ -139,6 +140,25 @@ pub async fn classify_all(
     Ok((admitted, predictions.await?))
 }
 
+/// Admits images a client preprocessed for `model` and classifies them, in order: as
+/// [`classify_all`], with nothing to decode.
+pub async fn classify_preprocessed(
+    state: &AppState,
+    model: &ServedModel,
+    inputs: Vec<Vec<f32>>,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<(Admitted, Vec<Prediction>), ApiError> {
+    let admitted = state.admission.try_admit(inputs.len())?;
+    let answers = inputs
+        .into_iter()
+        .map(|input| model.submit(input, false, deadline))
+        .collect::<Result<Vec<_>, _>>()?;
+    drop(arriving);
+    let predictions = try_join_all(answers.into_iter().map(|answer| prediction(state, answer)));
+    Ok((admitted, predictions.await?))
+}
+
 /// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
 async fn classify(
     state: &AppState,
@@ -165,16 +185,23 @@ async fn classify(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = model.submit(input, with_attention, deadline);
+    let answer = model.submit(input, with_attention, deadline)?;
     drop(arriving);
-    let prediction = answer?
+    Ok((filename, prediction(state, answer).await?))
+}
+
+/// Waits for the batcher's answer to one image.
+async fn prediction(
+    state: &AppState,
+    answer: oneshot::Receiver<Answer>,
+) -> Result<Prediction, ApiError> {
+    answer
         .await
         .map_err(|_| ApiError::Internal("the model thread dropped the request".into()))?
         .map_err(|unanswered| match unanswered {
             Unanswered::Expired => state.limits.timed_out(),
             Unanswered::Failed(why) => ApiError::Internal(why),
-        })?;
-    Ok((filename, prediction))
+        })
 }
 
 pub async fn page() -> Html<&'static str> {

@@ -88,15 +88,15 @@ fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiEr
     Ok(())
 }
 
-/// How many JSON values (objects, arrays and scalars, nested ones included) `body` holds,
-/// counted without building them, or `None` when it is not JSON. A request of millions of
-/// tiny values (`[0,0,0,...]`, a few kilobytes gzipped) is refused on this count before it
-/// is parsed into values that take many times its size.
-pub fn json_value_count(body: &[u8]) -> Option<usize> {
+/// How many JSON values `body` holds (objects, arrays and scalars, nested ones included),
+/// numbers apart, counted without building them, or `None` when it is not JSON. A request
+/// of millions of tiny values (`[{},{},...]`, a few kilobytes gzipped) is refused on this
+/// count before it is parsed into values that take many times its size.
+pub fn json_value_count(body: &[u8]) -> Option<ValueCount> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let count = ValueCount::deserialize(&mut deserializer).ok()?;
     deserializer.end().ok()?;
-    Some(count.0)
+    Some(count)
 }
 
 /// The most values (JSON values, protobuf fields) a request of at most `images` images
@@ -106,19 +106,48 @@ pub fn value_limit(images: usize) -> usize {
 }
 
 /// Refuses a JSON body with more values than a request of at most `images` images needs,
-/// before it is parsed.
-pub fn refuse_too_many_json_values(body: &[u8], images: usize) -> Result<(), ApiError> {
+/// before it is parsed. `numbers` more numbers are allowed, for requests whose images are
+/// tensors of numbers, which are parsed straight into `f32`s.
+pub fn refuse_too_many_json_values(
+    body: &[u8],
+    images: usize,
+    numbers: usize,
+) -> Result<(), ApiError> {
     let limit = value_limit(images);
     match json_value_count(body) {
-        Some(count) if count > limit => Err(ApiError::BadRequest(format!(
-            "the JSON body holds {count} values, more than a request of at most {images} images (--queue) needs"
-        ))),
+        Some(count) if count.others + count.numbers.saturating_sub(numbers) > limit => {
+            Err(ApiError::BadRequest(format!(
+                "the JSON body holds {} values, more than a request of at most {images} images (--queue) needs",
+                count.others + count.numbers
+            )))
+        }
         _ => Ok(()),
     }
 }
 
 /// The number of values in a JSON value, itself included.
-struct ValueCount(usize);
+#[derive(Debug, Default, PartialEq)]
+pub struct ValueCount {
+    pub numbers: usize,
+    /// Objects, arrays, strings, booleans and nulls.
+    pub others: usize,
+}
+
+impl ValueCount {
+    const NUMBER: ValueCount = ValueCount {
+        numbers: 1,
+        others: 0,
+    };
+    const OTHER: ValueCount = ValueCount {
+        numbers: 0,
+        others: 1,
+    };
+
+    fn add(&mut self, other: ValueCount) {
+        self.numbers += other.numbers;
+        self.others += other.others;
+    }
+}
 
 impl<'de> Deserialize<'de> for ValueCount {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -136,43 +165,43 @@ impl<'de> Visitor<'de> for ValueCounter {
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::OTHER)
     }
 
     fn visit_i64<E>(self, _: i64) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::NUMBER)
     }
 
     fn visit_u64<E>(self, _: u64) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::NUMBER)
     }
 
     fn visit_f64<E>(self, _: f64) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::NUMBER)
     }
 
     fn visit_str<E>(self, _: &str) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::OTHER)
     }
 
     fn visit_unit<E>(self) -> Result<ValueCount, E> {
-        Ok(ValueCount(1))
+        Ok(ValueCount::OTHER)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ValueCount, A::Error> {
-        let mut count = 1;
-        while let Some(ValueCount(n)) = seq.next_element()? {
-            count += n;
+        let mut count = ValueCount::OTHER;
+        while let Some(n) = seq.next_element()? {
+            count.add(n);
         }
-        Ok(ValueCount(count))
+        Ok(count)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueCount, A::Error> {
-        let mut count = 1;
-        while let Some((IgnoredAny, ValueCount(n))) = map.next_entry()? {
-            count += n;
+        let mut count = ValueCount::OTHER;
+        while let Some((IgnoredAny, n)) = map.next_entry()? {
+            count.add(n);
         }
-        Ok(ValueCount(count))
+        Ok(count)
     }
 }
 
@@ -345,14 +374,26 @@ mod tests {
 
     #[test]
     fn json_values_are_counted_nested_ones_included() {
-        assert_eq!(json_value_count(b"7"), Some(1));
+        let count = |numbers, others| Some(ValueCount { numbers, others });
+        assert_eq!(json_value_count(b"7"), count(1, 0));
         assert_eq!(
             json_value_count(br#"{"a": [1, "x", null], "b": {"c": true}}"#),
-            Some(7)
+            count(1, 6)
         );
-        assert_eq!(json_value_count(b"[0,0,0,0]"), Some(5));
+        assert_eq!(json_value_count(b"[0,0,0,0]"), count(4, 1));
         assert_eq!(json_value_count(b"[0,"), None);
         assert_eq!(json_value_count(b"[] x"), None);
+    }
+
+    #[test]
+    fn only_numbers_may_exceed_the_value_limit() {
+        // value_limit(1) is 272 values.
+        let numbers = format!("[{}]", vec!["0.5"; 1000].join(","));
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 0).is_err());
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 1000).is_ok());
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 700).is_err());
+        let objects = format!("[{}]", vec!["{}"; 1000].join(","));
+        assert!(refuse_too_many_json_values(objects.as_bytes(), 1, 1000).is_err());
     }
 
     /// What `base64` (lines of 76), Python's `encodebytes`, `urlsafe_b64encode` and unpadded

@@ -178,7 +178,7 @@ async fn answer(
     let limit = state.limits.max_body_bytes;
     let body = input::read_body(request, limit).await?;
     let capacity = state.admission.capacity();
-    input::refuse_too_many_json_values(&body, capacity)?;
+    input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid {} request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}",

@@ -6,7 +6,9 @@
 //! them, running its images through the batcher, the output tensors, and the metadata.
 //!
 //! The model takes one input, `image`: BYTES of shape `[N]` (or `[N, 1]`), one encoded image
-//! per element. It gives two outputs, `probabilities` (softmax) and `logits`, FP32
+//! per element, or FP32 of shape `[N, 3, S, S]`, images the client preprocessed as the
+//! model's evaluation does (the input of `vt-train export`'s ONNX model, so that a client
+//! written for that model on Triton calls vt-serve as it is). It gives two outputs, `probabilities` (softmax) and `logits`, FP32
 //! `[N, classes]`; with the classification extension's `classification: K` an output is
 //! instead BYTES `[N, K]` of `"value:index:label"`, best first. The model's version is its
 //! generation: 1 at startup, one more at each reload.
@@ -29,8 +31,10 @@ use crate::handlers;
 use crate::input::ImageInput;
 use crate::state::{AppState, ModelInfo};
 
-/// The model's input: encoded images.
+/// The model's input: encoded or preprocessed images.
 pub const INPUT: &str = "image";
+/// Channels of a preprocessed image.
+const CHANNELS: usize = 3;
 /// The framework and weight format, in the protocol's `<framework>_<format>` style.
 const PLATFORM: &str = "candle_safetensors";
 /// The protocol's extensions this server supports, in both forms.
@@ -91,14 +95,32 @@ pub struct InputHeader<'a> {
     pub shape: &'a [i64],
 }
 
-/// The number of images a request's inputs declare, and its one input: they must be the one
-/// input `image`, BYTES of shape `[N]` or `[N, 1]`, with 1 to `capacity` (`--queue`)
-/// elements.
+/// How a request sends its images: its input's datatype.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Encoding {
+    /// BYTES `[N]` or `[N, 1]`: one encoded image (JPEG, PNG...) per element.
+    Encoded,
+    /// FP32 `[N, 3, S, S]`: images preprocessed as the model's evaluation does, S its size.
+    Preprocessed,
+}
+
+/// What a request's one input declares.
+#[derive(Debug)]
+pub struct Declared<'a, T> {
+    pub input: &'a T,
+    pub encoding: Encoding,
+    pub images: usize,
+}
+
+/// The request's one input and what it declares: it must be the one input `image`, BYTES
+/// of shape `[N]` or `[N, 1]` or FP32 of shape `[N, 3, S, S]` (S = `image_size`), with 1
+/// to `capacity` (`--queue`) images.
 pub fn declared_images<'a, T>(
     inputs: &'a [T],
     header: impl Fn(&'a T) -> InputHeader<'a>,
     capacity: usize,
-) -> Result<(usize, &'a T), ApiError> {
+    image_size: usize,
+) -> Result<Declared<'a, T>, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
     let [one] = inputs else {
         return bad(format!(
@@ -109,23 +131,32 @@ pub fn declared_images<'a, T>(
     let input = header(one);
     if input.name != INPUT {
         return bad(format!(
-            "unknown input `{}`: the model's input is `{INPUT}` (BYTES, one encoded image per element)",
+            "unknown input `{}`: the model's input is `{INPUT}` (BYTES encoded images, or FP32 preprocessed ones)",
             input.name
         ));
     }
-    if input.datatype != "BYTES" {
-        return bad(format!(
-            "input `{INPUT}` is BYTES (encoded images), not {}",
-            input.datatype
-        ));
-    }
-    let images = match input.shape.split_first() {
-        Some((&n, rest)) if n >= 0 && rest.iter().all(|&d| d == 1) => n as u64,
-        _ => {
+    let size = image_size as i64;
+    let (encoding, images) = match (input.datatype, input.shape) {
+        ("BYTES", [n, rest @ ..]) if *n >= 0 && rest.iter().all(|&d| d == 1) => {
+            (Encoding::Encoded, *n as u64)
+        }
+        ("BYTES", shape) => {
             return bad(format!(
-            "input `{INPUT}` has shape {:?}; it takes [N] or [N, 1], one encoded image per element",
-            input.shape
-        ))
+                "input `{INPUT}` has shape {shape:?}; it takes [N] or [N, 1], one encoded image per element"
+            ))
+        }
+        ("FP32", &[n, c, h, w]) if n >= 0 && c == CHANNELS as i64 && h == size && w == size => {
+            (Encoding::Preprocessed, n as u64)
+        }
+        ("FP32", shape) => {
+            return bad(format!(
+                "input `{INPUT}` has shape {shape:?}; as FP32 it takes [N, {CHANNELS}, {image_size}, {image_size}], images preprocessed for this model"
+            ))
+        }
+        (other, _) => {
+            return bad(format!(
+                "input `{INPUT}` is BYTES (encoded images) or FP32 (preprocessed images), not {other}"
+            ))
         }
     };
     if images == 0 {
@@ -136,7 +167,63 @@ pub fn declared_images<'a, T>(
             "too many images: {images}, at most {capacity} per request (--queue)"
         ));
     }
-    Ok((images as usize, one))
+    Ok(Declared {
+        input: one,
+        encoding,
+        images: images as usize,
+    })
+}
+
+/// A request's images, as its input carries them.
+pub enum Images {
+    Encoded(Vec<Bytes>),
+    /// Each image's 3 x S x S values.
+    Preprocessed(Vec<Vec<f32>>),
+}
+
+/// The `images` preprocessed images of an FP32 input of shape `shape` from its values in
+/// row-major order. Values that are not finite are refused: no image gives them.
+pub fn preprocessed_images(
+    values: &[f32],
+    shape: &[i64],
+    images: usize,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    // The shape was checked: [images, 3, S, S].
+    let per_image = shape.iter().skip(1).product::<i64>() as usize;
+    if values.len() != images * per_image {
+        return Err(ApiError::BadRequest(format!(
+            "input `{INPUT}` has shape {shape:?} but {} values",
+            values.len()
+        )));
+    }
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Err(ApiError::BadRequest(format!(
+            "value {at} of input `{INPUT}` is {}: a preprocessed image's values are finite",
+            values[at]
+        )));
+    }
+    Ok(values.chunks(per_image).map(<[f32]>::to_vec).collect())
+}
+
+/// The values of one preprocessed image of size `image_size`.
+pub fn values_per_image(image_size: usize) -> usize {
+    CHANNELS * image_size * image_size
+}
+
+/// FP32 values in the binary layout (little-endian, the HTTP binary tensor data
+/// extension's and gRPC's `raw_input_contents`), of an input of shape `shape`.
+pub fn binary_values(data: &[u8], shape: &[i64]) -> Result<Vec<f32>, ApiError> {
+    let expected = shape.iter().product::<i64>().saturating_mul(4);
+    if data.len() as i64 != expected {
+        return Err(ApiError::BadRequest(format!(
+            "input `{INPUT}` has shape {shape:?}: {expected} bytes of FP32, but its binary data has {}",
+            data.len()
+        )));
+    }
+    Ok(data
+        .chunks_exact(4)
+        .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        .collect())
 }
 
 /// Checks that the input's data held as many images as its shape declared.
@@ -203,10 +290,16 @@ pub fn binary_elements(
 pub async fn classify(
     state: &AppState,
     model: &ServedModel,
-    images: Vec<Bytes>,
+    images: Images,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<(Admitted, Vec<Prediction>), ApiError> {
+    let images = match images {
+        Images::Encoded(images) => images,
+        Images::Preprocessed(inputs) => {
+            return handlers::classify_preprocessed(state, model, inputs, arriving, deadline).await
+        }
+    };
     let images = images
         .into_iter()
         .enumerate()
@@ -451,26 +544,63 @@ mod tests {
             datatype,
             shape,
         };
-        let count = |inputs: Vec<InputHeader>| {
-            declared_images(&inputs, |input| *input, 4).map(|(count, input)| {
-                assert_eq!(input.name, "image");
-                count
+        let declared = |inputs: Vec<InputHeader>| {
+            declared_images(&inputs, |input| *input, 4, 8).map(|declared| {
+                assert_eq!(declared.input.name, "image");
+                (declared.encoding, declared.images)
             })
         };
-        assert_eq!(count(vec![header("image", "BYTES", &[3])]).unwrap(), 3);
-        assert_eq!(count(vec![header("image", "BYTES", &[2, 1])]).unwrap(), 2);
+        for (shape, images) in [(&[3][..], 3), (&[2, 1], 2)] {
+            let expected = (Encoding::Encoded, images);
+            assert_eq!(
+                declared(vec![header("image", "BYTES", shape)]).unwrap(),
+                expected
+            );
+        }
+        assert_eq!(
+            declared(vec![header("image", "FP32", &[2, 3, 8, 8])]).unwrap(),
+            (Encoding::Preprocessed, 2)
+        );
         for (inputs, needle) in [
             (vec![], "the request has 0"),
             (vec![header("image", "BYTES", &[1]); 2], "the request has 2"),
             (vec![header("x", "BYTES", &[1])], "unknown input `x`"),
-            (vec![header("image", "FP32", &[1])], "not FP32"),
+            (vec![header("image", "FP16", &[1])], "not FP16"),
             (vec![header("image", "BYTES", &[-1])], "[N] or [N, 1]"),
             (vec![header("image", "BYTES", &[1, 3])], "[N] or [N, 1]"),
             (vec![header("image", "BYTES", &[0])], "no elements"),
             (vec![header("image", "BYTES", &[5])], "at most 4"),
+            (vec![header("image", "FP32", &[1])], "[N, 3, 8, 8]"),
+            (vec![header("image", "FP32", &[1, 3, 8, 9])], "[N, 3, 8, 8]"),
+            (vec![header("image", "FP32", &[1, 1, 8, 8])], "[N, 3, 8, 8]"),
+            (
+                vec![header("image", "FP32", &[-1, 3, 8, 8])],
+                "[N, 3, 8, 8]",
+            ),
+            (vec![header("image", "FP32", &[0, 3, 8, 8])], "no elements"),
+            (vec![header("image", "FP32", &[5, 3, 8, 8])], "at most 4"),
         ] {
-            let error = count(inputs).unwrap_err().to_string();
+            let error = declared(inputs).unwrap_err().to_string();
             assert!(error.contains(needle), "{error}");
         }
+    }
+
+    #[test]
+    fn preprocessed_images_are_split_and_must_be_finite() {
+        let shape = [2, 3, 1, 1];
+        let values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let images = preprocessed_images(&values, &shape, 2).unwrap();
+        assert_eq!(images, [vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]]);
+        let error = preprocessed_images(&values[..5], &shape, 2).unwrap_err();
+        assert!(error.to_string().contains("but 5 values"), "{error}");
+        let error = preprocessed_images(&[1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], &shape, 2);
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("value 1 of input `image` is NaN"));
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(binary_values(&bytes, &shape).unwrap(), values);
+        let error = binary_values(&bytes[..23], &shape).unwrap_err();
+        assert!(error.to_string().contains("24 bytes of FP32"), "{error}");
     }
 }

@@ -1,7 +1,8 @@
 //! The Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) on a server
 //! started in-process with `--grpc-port 0`, called by a tonic client built from the
 //! server's own messages: health and metadata (the same as the HTTP routes'), inference
-//! with raw and typed contents against the offline predictions, the classification
+//! with raw and typed contents (encoded or preprocessed images) against the offline
+//! predictions, the classification
 //! extension, the status codes of errors, and a request written by NVIDIA's
 //! tritonclient.grpc (`fixtures/tritonclient/grpc_infer.bin`).
 
@@ -200,6 +201,90 @@ async fn inference_gets_the_offline_predictions() {
     let expected: Vec<String> = logits.iter().flat_map(|l| ranked(l, 2)).collect();
     assert_classification_close(&grpc_strings(&answer, "logits"), &expected);
     assert_close(&grpc_fp32(&answer, "probabilities"), &offline, "typed");
+    server.shutdown().await;
+}
+
+/// Images preprocessed by the client, as the ONNX export takes them: FP32 `[N, 3, S, S]`,
+/// in `raw_input_contents` (as tritonclient sends them) or in `contents.fp32_contents`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preprocessed_images_get_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &["--grpc-port", "0"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let classifier = cpu_classifier(&dir);
+    let size = classifier.config().image_size as i64;
+    let photos = test_images(2);
+    let offline: Vec<Vec<f32>> = photos
+        .iter()
+        .map(|(_, b)| offline_probs(&checkpoint, b))
+        .collect();
+    let values: Vec<f32> = photos
+        .iter()
+        .flat_map(|(_, b)| preprocessed(&classifier, b))
+        .collect();
+    let fp32_input = |shape: Vec<i64>, contents: Option<InferTensorContents>| InferInputTensor {
+        datatype: "FP32".into(),
+        ..image_input(shape, contents)
+    };
+    let raw = |values: &[f32]| -> Vec<Bytes> {
+        vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()]
+    };
+    let request = |input, raw_input_contents| ModelInferRequest {
+        model_name: "tiny".into(),
+        inputs: vec![input],
+        raw_input_contents,
+        ..ModelInferRequest::default()
+    };
+    let shape = vec![2, 3, size, size];
+
+    let answer = grpc
+        .infer(request(fp32_input(shape.clone(), None), raw(&values)))
+        .await
+        .unwrap();
+    assert_eq!(answer.raw_output_contents.len(), 2, "{answer:?}");
+    assert_close(&grpc_fp32(&answer, "probabilities"), &offline, "raw FP32");
+
+    let contents = InferTensorContents {
+        fp32_contents: values.clone(),
+        ..InferTensorContents::default()
+    };
+    let answer = grpc
+        .infer(request(
+            fp32_input(shape.clone(), Some(contents.clone())),
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert!(answer.raw_output_contents.is_empty(), "{answer:?}");
+    assert_close(&grpc_fp32(&answer, "probabilities"), &offline, "typed FP32");
+
+    let mut infinite = values.clone();
+    infinite[5] = f32::INFINITY;
+    for (request, needle) in [
+        (
+            request(fp32_input(vec![2, 3, size + 1, size], None), raw(&values)),
+            "as FP32 it takes [N, 3,",
+        ),
+        (
+            request(fp32_input(shape.clone(), None), raw(&values[1..])),
+            "bytes of FP32, but its binary data has",
+        ),
+        (
+            request(fp32_input(shape.clone(), Some(contents)), raw(&values)),
+            "both contents and raw_input_contents",
+        ),
+        (
+            request(fp32_input(shape.clone(), None), raw(&infinite)),
+            "value 5 of input `image` is inf",
+        ),
+        (
+            request(fp32_input(shape.clone(), None), vec![]),
+            "contents.fp32_contents",
+        ),
+    ] {
+        assert_status(grpc.infer(request).await, Code::InvalidArgument, needle);
+    }
     server.shutdown().await;
 }
 

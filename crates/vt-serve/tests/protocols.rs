@@ -2,7 +2,7 @@
 //!
 //! The Open Inference Protocol (KServe V2, Triton's HTTP API): metadata and health,
 //! inference in JSON and with binary tensor data (bodies written by NVIDIA's tritonclient, in
-//! `fixtures/tritonclient/`), compressed or not, the classification extension, versions
+//! `fixtures/tritonclient/`), of encoded or preprocessed images, compressed or not, the classification extension, versions
 //! across a reload, and errors in the protocol's shape. KServe V1 / TensorFlow Serving /
 //! Vertex AI `{"instances"}` requests: every instance form, the parameters, and errors.
 
@@ -385,6 +385,72 @@ async fn tritonclient_requests_get_the_offline_predictions() {
     server.shutdown().await;
 }
 
+/// Images preprocessed by the client, as the ONNX export takes them: FP32 `[N, 3, S, S]`,
+/// in JSON (flat or nested, as the protocol allows) or as binary tensor data (as
+/// tritonclient sends a numpy array).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preprocessed_images_get_the_offline_predictions() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let url = server.url("/v2/models/tiny/infer");
+    let classifier = cpu_classifier(&dir);
+    let size = classifier.config().image_size;
+    let photos = test_images(2);
+    let offline: Vec<Vec<f32>> = photos
+        .iter()
+        .map(|(_, b)| offline_probs(&checkpoint, b))
+        .collect();
+    let images: Vec<Vec<f32>> = photos
+        .iter()
+        .map(|(_, b)| preprocessed(&classifier, b))
+        .collect();
+    let shape = json!([2, 3, size, size]);
+    let fp32_input = |data: Value| json!({"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": data}]});
+
+    let flat: Vec<f32> = images.concat();
+    for (what, data) in [("flat", json!(flat)), ("nested", json!(images))] {
+        let body = serde_json::to_vec(&fp32_input(data)).unwrap();
+        let answer = infer(&client, &url, body, None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{what}: {}", answer.header);
+        assert_close(&answer.fp32("probabilities"), &offline, what);
+    }
+
+    let header = serde_json::to_vec(&json!({
+        "inputs": [{
+            "name": "image", "shape": shape, "datatype": "FP32",
+            "parameters": {"binary_data_size": flat.len() * 4},
+        }],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}],
+    }))
+    .unwrap();
+    let length = header.len();
+    let binary: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let answer = infer(&client, &url, [header, binary].concat(), Some(length)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_eq!(answer.binary.len(), 1, "{}", answer.header);
+    assert_close(&answer.fp32("probabilities"), &offline, "binary");
+
+    // JSON has no NaN or infinity, but a number past f32's range is infinite as an f32.
+    let mut too_large = json!(flat);
+    too_large[7] = json!(1e39);
+    let answer = infer(
+        &client,
+        &url,
+        serde_json::to_vec(&fp32_input(too_large)).unwrap(),
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.header);
+    let message = answer.header["error"].as_str().unwrap();
+    assert!(
+        message.contains("value 7 of input `image` is inf"),
+        "{message}"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_requests_choose_outputs_and_classification() {
     let dir = tiny_checkpoint();
@@ -494,10 +560,33 @@ async fn bad_requests_get_the_protocols_errors() {
         ),
         (
             "datatype",
+            serde_json::to_vec(&input("image", json!([1]), "FP16", json!([0.5]))).unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "not FP16",
+        ),
+        (
+            "FP32 shape",
             serde_json::to_vec(&input("image", json!([1]), "FP32", json!([0.5]))).unwrap(),
             None,
             StatusCode::BAD_REQUEST,
-            "not FP32",
+            "as FP32 it takes [N, 3, 32, 32]",
+        ),
+        (
+            "FP32 count",
+            serde_json::to_vec(&input("image", json!([1, 3, 32, 32]), "FP32", json!([0.5])))
+                .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "but 1 values",
+        ),
+        (
+            "FP32 base64",
+            serde_json::to_vec(&input("image", json!([1, 3, 32, 32]), "FP32", one.clone()))
+                .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "holds strings; as FP32 its elements are numbers",
         ),
         (
             "shape",
@@ -633,7 +722,7 @@ async fn bad_requests_get_the_protocols_errors() {
     // decoding past the body limit (which bounds the decoded size).
     let bomb = gzip_bomb();
     let many_values = json!({"inputs": [{
-        "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![0; 10_000],
+        "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![json!([]); 10_000],
     }]});
     let encoded = [
         (

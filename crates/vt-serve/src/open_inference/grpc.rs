@@ -8,13 +8,15 @@
 //! The service is written by hand over tonic's core (its codec and unary call handling)
 //! with the messages of [`proto`](super::proto), served over HTTP/2 by the same server
 //! loop, shutdown and body budget as the HTTP routes, through the same queue, batching and
-//! limits. `ModelInfer` reads the images from `raw_input_contents` (each after its 4-byte
-//! little-endian length, as tritonclient sends them) or from `contents.bytes_contents`; the
+//! limits. `ModelInfer` reads the images from `raw_input_contents` (BYTES: each after its
+//! 4-byte little-endian length, as tritonclient sends them; FP32: little-endian floats) or
+//! from `contents.bytes_contents` or `contents.fp32_contents`; the
 //! outputs go in `raw_output_contents` when the input came raw (what tritonclient reads, and
 //! what Triton always answers), else in their `contents`: typed in, typed out, is vt-serve's
 //! own choice. A message is checked before prost decodes it ([`MessageLimits`]). Errors are
 //! [`ApiError`]s as gRPC statuses: [`ApiError::grpc_status`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -46,7 +48,7 @@ use super::proto::{
     ParameterChoice, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
     ServerReadyRequest, ServerReadyResponse,
 };
-use super::{InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
+use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
 use crate::access;
 use crate::batcher::Arriving;
 use crate::body_budget::{self, BodyCharge};
@@ -543,7 +545,7 @@ async fn model_infer(
     // One model for all the request's images, even if a reload swaps in another meanwhile.
     let model = super::resolve(&state, &request.model_name, version(&request.model_version))?;
     let raw = !request.raw_input_contents.is_empty();
-    let images = images_of(&request, state.admission.capacity())?;
+    let images = images_of(&request, state.admission.capacity(), model.info.image_size)?;
     let wanted = request
         .outputs
         .iter()
@@ -563,44 +565,71 @@ async fn model_infer(
     Ok(respond(&model.info, request.id, outputs))
 }
 
-/// The encoded images of the request's one input, in order, from `raw_input_contents` or
-/// the input's `contents.bytes_contents`.
-fn images_of<'a>(request: &'a ModelInferRequest, capacity: usize) -> Result<Vec<Bytes>, ApiError> {
+/// The images of the request's one input, in order, from `raw_input_contents` or the
+/// input's `contents` (`bytes_contents` for BYTES, `fp32_contents` for FP32).
+fn images_of<'a>(
+    request: &'a ModelInferRequest,
+    capacity: usize,
+    image_size: usize,
+) -> Result<Images, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
     let header = |input: &'a InferInputTensor| InputHeader {
         name: &input.name,
         datatype: &input.datatype,
         shape: &input.shape,
     };
-    let (count, input) = super::declared_images(&request.inputs, header, capacity)?;
-    // Views of the message's bytes: cloning them copies no image.
-    let contents = input
-        .contents
-        .as_ref()
-        .map(|contents| contents.bytes_contents.clone())
-        .unwrap_or_default();
-    let images = match (request.raw_input_contents.as_slice(), contents.is_empty()) {
-        ([], false) => contents,
-        ([raw], true) => super::binary_elements(raw, &input.shape, count)?,
-        ([_], false) => {
-            return bad(format!(
-                "input `{INPUT}` has both contents and raw_input_contents"
-            ))
-        }
-        ([], true) => {
-            return bad(format!(
-                "input `{INPUT}` has no data: its elements go in raw_input_contents or in contents.bytes_contents"
-            ))
-        }
-        (raw, _) => {
+    let declared = super::declared_images(&request.inputs, header, capacity, image_size)?;
+    let input = declared.input;
+    let contents = input.contents.as_ref();
+    let raw = match request.raw_input_contents.as_slice() {
+        [] => None,
+        [raw] => Some(raw),
+        raw => {
             return bad(format!(
                 "the request has {} raw_input_contents for its one input",
                 raw.len()
             ))
         }
     };
-    super::check_element_count(&input.shape, count, &images)?;
-    Ok(images)
+    match declared.encoding {
+        Encoding::Encoded => {
+            // Views of the message's bytes: cloning them copies no image.
+            let contents = contents
+                .map(|contents| contents.bytes_contents.clone())
+                .unwrap_or_default();
+            let images = match (raw, contents.is_empty()) {
+                (None, false) => contents,
+                (Some(raw), true) => super::binary_elements(raw, &input.shape, declared.images)?,
+                (Some(_), false) => return bad(both_contents()),
+                (None, true) => {
+                    return bad(format!(
+                        "input `{INPUT}` has no data: its elements go in raw_input_contents or in contents.bytes_contents"
+                    ))
+                }
+            };
+            super::check_element_count(&input.shape, declared.images, &images)?;
+            Ok(Images::Encoded(images))
+        }
+        Encoding::Preprocessed => {
+            let contents = contents.map_or(&[][..], |contents| &contents.fp32_contents);
+            let values = match (raw, contents.is_empty()) {
+                (None, false) => Cow::Borrowed(contents),
+                (Some(raw), true) => Cow::Owned(super::binary_values(raw, &input.shape)?),
+                (Some(_), false) => return bad(both_contents()),
+                (None, true) => {
+                    return bad(format!(
+                        "input `{INPUT}` has no data: its values go in raw_input_contents or in contents.fp32_contents"
+                    ))
+                }
+            };
+            super::preprocessed_images(&values, &input.shape, declared.images)
+                .map(Images::Preprocessed)
+        }
+    }
+}
+
+fn both_contents() -> String {
+    format!("input `{INPUT}` has both contents and raw_input_contents")
 }
 
 /// The classification extension's count among an output's parameters: an integer

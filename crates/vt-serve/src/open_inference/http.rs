@@ -2,8 +2,9 @@
 //! API), so that clients such as `tritonclient.http` call vt-serve as they call those
 //! servers.
 //!
-//! In JSON each element of the input `image` is a base64 string; with the binary tensor
-//! data extension it is the raw bytes, each after its 4-byte little-endian length. Outputs
+//! In JSON each element of the input `image` is a base64 string (BYTES) or a number (FP32);
+//! with the binary tensor data extension BYTES elements are the raw bytes, each after its
+//! 4-byte little-endian length, and FP32 ones little-endian floats. Outputs
 //! go as JSON `data`, or after the JSON as binary data when the request asks. Errors are
 //! `{"error": MESSAGE}`, with the status the rest of the API gives them.
 
@@ -17,10 +18,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{InputHeader, OutputRequest, OutputTensor, TensorData, WantedOutput, INPUT};
+use super::{
+    Declared, Encoding, Images, InputHeader, OutputRequest, OutputTensor, TensorData, WantedOutput,
+    INPUT,
+};
 use crate::batcher::{Arriving, ServedModel};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
@@ -113,7 +118,67 @@ struct RequestInput {
     datatype: String,
     #[serde(default)]
     parameters: InputParameters,
-    data: Option<Value>,
+    data: Option<JsonData>,
+}
+
+/// An input's JSON `data`, flat or nested (row-major), parsed straight into what it holds:
+/// a preprocessed image's tens of thousands of numbers as `f32`s, not JSON values.
+#[derive(Debug, Default, PartialEq)]
+struct JsonData {
+    strings: Vec<String>,
+    numbers: Vec<f32>,
+}
+
+impl<'de> Deserialize<'de> for JsonData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut data = JsonData::default();
+        Flatten(&mut data).deserialize(deserializer)?;
+        Ok(data)
+    }
+}
+
+/// Appends a JSON value's elements, nested arrays flattened, to a [`JsonData`].
+struct Flatten<'a>(&'a mut JsonData);
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("strings (base64-encoded images) or numbers, in a flat or nested array")
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<(), E> {
+        self.0.strings.push(text.to_owned());
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -193,10 +258,16 @@ async fn answer(
         Some(n) => (body.slice(..n), body.slice(n..)),
         None => (body, Bytes::new()),
     };
-    input::refuse_too_many_json_values(&header, state.admission.capacity())?;
+    let capacity = state.admission.capacity();
+    let image_size = model.info.image_size;
+    input::refuse_too_many_json_values(
+        &header,
+        capacity,
+        capacity.saturating_mul(super::values_per_image(image_size)),
+    )?;
     let request: InferenceRequest = serde_json::from_slice(&header)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
-    let images = images_of(&request.inputs, &binary, state.admission.capacity())?;
+    let images = images_of(&request.inputs, &binary, capacity, image_size)?;
     let outputs = requested_outputs(&request)?;
     let (_admitted, predictions) =
         super::classify(state, &model, images, arriving, deadline).await?;
@@ -221,78 +292,85 @@ fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
         .transpose()
 }
 
-/// The encoded images of the request's one input, in order.
+/// The images of the request's one input, in order.
 fn images_of<'a>(
     inputs: &'a [RequestInput],
     binary: &Bytes,
     capacity: usize,
-) -> Result<Vec<Bytes>, ApiError> {
+    image_size: usize,
+) -> Result<Images, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
     let header = |input: &'a RequestInput| InputHeader {
         name: &input.name,
         datatype: &input.datatype,
         shape: &input.shape,
     };
-    let (count, input) = super::declared_images(inputs, header, capacity)?;
-    let images = match (input.parameters.binary_data_size, &input.data) {
-        (Some(size), None) if size == binary.len() as u64 => {
-            super::binary_elements(binary, &input.shape, count)?
-        }
-        (Some(size), None) => {
-            return bad(format!(
-                "input `{INPUT}` has binary_data_size {size}, but {} bytes follow the JSON header",
-                binary.len()
-            ))
-        }
-        (None, Some(_)) if !binary.is_empty() => {
-            return bad(format!(
-                "{} bytes follow the JSON header, but no input has a binary_data_size",
-                binary.len()
-            ))
-        }
-        (None, Some(data)) => json_elements(data)?,
-        (Some(_), Some(_)) => {
-            return bad(format!(
-                "input `{INPUT}` has both data and a binary_data_size"
-            ))
-        }
-        (None, None) => return bad(format!("input `{INPUT}` has no data")),
-    };
-    super::check_element_count(&input.shape, count, &images)?;
-    Ok(images)
+    let declared = super::declared_images(inputs, header, capacity, image_size)?;
+    let input = declared.input;
+    match (input.parameters.binary_data_size, &input.data) {
+        (Some(size), None) if size != binary.len() as u64 => bad(format!(
+            "input `{INPUT}` has binary_data_size {size}, but {} bytes follow the JSON header",
+            binary.len()
+        )),
+        (Some(_), None) => match declared.encoding {
+            Encoding::Encoded => {
+                let images = super::binary_elements(binary, &input.shape, declared.images)?;
+                super::check_element_count(&input.shape, declared.images, &images)?;
+                Ok(Images::Encoded(images))
+            }
+            Encoding::Preprocessed => {
+                let values = super::binary_values(binary, &input.shape)?;
+                super::preprocessed_images(&values, &input.shape, declared.images)
+                    .map(Images::Preprocessed)
+            }
+        },
+        (None, Some(_)) if !binary.is_empty() => bad(format!(
+            "{} bytes follow the JSON header, but no input has a binary_data_size",
+            binary.len()
+        )),
+        (None, Some(data)) => json_images(data, &input.shape, declared),
+        (Some(_), Some(_)) => bad(format!(
+            "input `{INPUT}` has both data and a binary_data_size"
+        )),
+        (None, None) => bad(format!("input `{INPUT}` has no data")),
+    }
 }
 
-/// BYTES elements in JSON: base64 strings, in a flat or nested (row-major) array.
-fn json_elements(data: &Value) -> Result<Vec<Bytes>, ApiError> {
-    fn strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) -> Result<(), ApiError> {
-        match value {
-            Value::String(text) => out.push(text),
-            Value::Array(items) => {
-                for item in items {
-                    strings(item, out)?;
-                }
-            }
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "the data of input `{INPUT}` holds {other}; its elements are strings (base64-encoded images)"
-                )))
-            }
+/// The images of an input's JSON `data`: base64 strings when it is BYTES, numbers when it
+/// is FP32.
+fn json_images<T>(
+    data: &JsonData,
+    shape: &[i64],
+    declared: Declared<'_, T>,
+) -> Result<Images, ApiError> {
+    match (declared.encoding, data.strings.is_empty(), data.numbers.is_empty()) {
+        (Encoding::Encoded, _, true) => {
+            let images = data
+                .strings
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    input::decode_base64(text).map_err(|e| {
+                        ApiError::BadRequest(format!(
+                            "element {i} of input `{INPUT}` is not base64 ({e}); in JSON an image is sent base64-encoded"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            super::check_element_count(shape, declared.images, &images)?;
+            Ok(Images::Encoded(images))
         }
-        Ok(())
+        (Encoding::Encoded, _, false) => Err(ApiError::BadRequest(format!(
+            "the data of input `{INPUT}` holds numbers; as BYTES its elements are strings (base64-encoded images)"
+        ))),
+        (Encoding::Preprocessed, true, _) => {
+            super::preprocessed_images(&data.numbers, shape, declared.images)
+                .map(Images::Preprocessed)
+        }
+        (Encoding::Preprocessed, false, _) => Err(ApiError::BadRequest(format!(
+            "the data of input `{INPUT}` holds strings; as FP32 its elements are numbers"
+        ))),
     }
-    let mut texts = Vec::new();
-    strings(data, &mut texts)?;
-    texts
-        .into_iter()
-        .enumerate()
-        .map(|(i, text)| {
-            input::decode_base64(text).map_err(|e| {
-                ApiError::BadRequest(format!(
-                    "element {i} of input `{INPUT}` is not base64 ({e}); in JSON an image is sent base64-encoded"
-                ))
-            })
-        })
-        .collect()
 }
 
 /// The outputs to return: those the request names, else all, in JSON unless it asks for
@@ -375,11 +453,66 @@ fn respond(
 mod tests {
     use super::*;
 
+    fn parse(data: &str, datatype: &str, shape: &[i64]) -> Result<Images, ApiError> {
+        let data: JsonData = serde_json::from_str(data).unwrap();
+        let inputs = [InputHeader {
+            name: INPUT,
+            datatype,
+            shape,
+        }];
+        let declared = super::super::declared_images(&inputs, |input| *input, 4, 2)?;
+        json_images(&data, shape, declared)
+    }
+
     #[test]
-    fn json_elements_flatten_nested_arrays_of_base64() {
-        let data = json!([["aGk="], ["aGVsbG8"]]);
-        assert_eq!(json_elements(&data).unwrap(), [&b"hi"[..], b"hello"]);
-        assert!(json_elements(&json!([1, 2])).is_err());
-        assert!(json_elements(&json!(["not base64!"])).is_err());
+    fn json_data_is_flattened_into_strings_or_numbers() {
+        let data: JsonData = serde_json::from_str(r#"[["a", ["b"]], "c"]"#).unwrap();
+        assert_eq!(data.strings, ["a", "b", "c"]);
+        let data: JsonData = serde_json::from_str("[[1, -2], [0.5, 1e3]]").unwrap();
+        assert_eq!(data.numbers, [1.0, -2.0, 0.5, 1000.0]);
+        for invalid in ["[null]", "[{}]", "[true]"] {
+            assert!(
+                serde_json::from_str::<JsonData>(invalid).is_err(),
+                "{invalid}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_bytes_are_base64_images() {
+        let Ok(Images::Encoded(images)) = parse(r#"[["aGk="], ["aGVsbG8"]]"#, "BYTES", &[2]) else {
+            panic!("two encoded images expected");
+        };
+        assert_eq!(images, [&b"hi"[..], b"hello"]);
+        for (data, needle) in [
+            ("[1, 2]", "holds numbers"),
+            (r#"["not base64!", "aGk="]"#, "not base64"),
+            (r#"["aGk="]"#, "shape [2] but 1 elements"),
+        ] {
+            let error = parse(data, "BYTES", &[2]).err().unwrap().to_string();
+            assert!(error.contains(needle), "{error}");
+        }
+    }
+
+    #[test]
+    fn json_fp32_are_preprocessed_images() {
+        let values: Vec<String> = (0..24).map(|v| v.to_string()).collect();
+        let data = format!("[{}]", values.join(","));
+        let Ok(Images::Preprocessed(images)) = parse(&data, "FP32", &[2, 3, 2, 2]) else {
+            panic!("two preprocessed images expected");
+        };
+        assert_eq!(images.len(), 2);
+        assert_eq!(images[1][0], 12.0);
+        let short = format!("[{}]", values[..23].join(","));
+        for (data, needle) in [
+            (short.as_str(), "but 23 values"),
+            (r#"["aGk="]"#, "holds strings"),
+        ] {
+            let error = parse(data, "FP32", &[2, 3, 2, 2])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(error.contains(needle), "{error}");
+        }
     }
 }
