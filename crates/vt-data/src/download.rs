@@ -1,6 +1,6 @@
 //! Resumable HTTP download: streams into `<dest>.part`, continues with a `Range` request
 //! when the server honours it (otherwise starts over), and renames to `dest` only once the
-//! whole body arrived.
+//! whole body arrived and passed the caller's check.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -81,8 +81,16 @@ impl Download<'_> {
         req.send().map_err(|e| self.fail(error_chain(&e)))
     }
 
-    /// Downloads to `dest`, returning its size in bytes.
-    pub fn run(&self, client: &Client, dest: &Path) -> Result<u64> {
+    /// Downloads to `dest`, returning its size in bytes. `check` is run on the complete
+    /// download before it takes its name. A download that fails it is deleted, unless the
+    /// server declared no length: then the connection may have been cut, and it is kept to
+    /// be resumed.
+    pub fn run(
+        &self,
+        client: &Client,
+        dest: &Path,
+        check: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<u64> {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
         }
@@ -137,6 +145,18 @@ impl Download<'_> {
                     "truncated: received {total} of {expected} bytes; run again to resume"
                 )));
             }
+        }
+        if let Err(e) = check(&part) {
+            if expected.is_some() {
+                let _ = fs::remove_file(&part);
+                return Err(e);
+            }
+            return Err(self.fail(format!(
+                "the server sent {total} bytes without declaring a length, and they fail the \
+                 check ({e}): the connection may have been cut. They are kept in {}: run again \
+                 to resume",
+                part.display()
+            )));
         }
         fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))?;
         Ok(total)

@@ -64,8 +64,13 @@ pub fn default_download_dir(data_dir: &Path) -> PathBuf {
 pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
     let (kind, origin) = describe(&opts.source);
     // First, so that overlap is what the error names, not the data directory's contents.
-    if let FetchSource::Path(path) = &opts.source {
-        check_not_inside(path, &opts.data_dir)?;
+    match &opts.source {
+        FetchSource::Path(path) => check_apart(path, &opts.data_dir)?,
+        FetchSource::Kaggle { .. } => {
+            check_kept_apart("--download-dir", &download_dir(opts), &opts.data_dir)?
+        }
+        // The hub's cache is checked once the client has found it.
+        FetchSource::HuggingFace(_) | FetchSource::Synthetic(_) => {}
     }
     let mut importer = Importer::new(&opts.data_dir, kind, &origin, opts.val_fraction, opts.seed)?;
     match &opts.source {
@@ -82,11 +87,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
                 .clone()
                 .or_else(|| std::env::var("KAGGLE_API_ENDPOINT").ok())
                 .unwrap_or_else(|| kaggle::DEFAULT_ENDPOINT.into());
-            let dir = opts
-                .download_dir
-                .clone()
-                .unwrap_or_else(|| default_download_dir(&opts.data_dir));
-            let zip = kaggle::fetch_zip(&endpoint, &credentials, &dir)?;
+            let zip = kaggle::fetch_zip(&endpoint, &credentials, &download_dir(opts))?;
             import_zip(&zip, &mut importer)?;
         }
         FetchSource::Path(path) => {
@@ -116,9 +117,52 @@ fn describe(source: &FetchSource) -> (&'static str, String) {
     }
 }
 
+fn download_dir(opts: &FetchOptions) -> PathBuf {
+    opts.download_dir
+        .clone()
+        .unwrap_or_else(|| default_download_dir(&opts.data_dir))
+}
+
+/// `path` absolute with the links of its existing part resolved: where it is, or will be once
+/// created. `None` when that cannot be told (a `..` past a folder still to be made).
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut existing = absolute.as_path();
+    let mut missing = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return Some(
+                missing
+                    .iter()
+                    .rev()
+                    .fold(real, |path, name| path.join(name)),
+            );
+        }
+        missing.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+}
+
+/// Downloads are kept for the next run, and the data directory is replaced wholesale: they
+/// must not be kept inside it.
+pub(crate) fn check_kept_apart(what: &str, dir: &Path, data_dir: &Path) -> Result<()> {
+    let (Some(dir_at), Some(data_at)) = (resolved(dir), resolved(data_dir)) else {
+        return Ok(());
+    };
+    if dir_at.starts_with(&data_at) {
+        return Err(DataError::Invalid(format!(
+            "{what} {} is inside the data directory {}, which each import replaces: the \
+             downloads would be deleted; keep them elsewhere",
+            dir.display(),
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The data directory is replaced wholesale, so it must not hold the source, nor the reverse.
-fn check_not_inside(source: &Path, data_dir: &Path) -> Result<()> {
-    let (Ok(src), Ok(dst)) = (source.canonicalize(), data_dir.canonicalize()) else {
+fn check_apart(source: &Path, data_dir: &Path) -> Result<()> {
+    let (Some(src), Some(dst)) = (resolved(source), resolved(data_dir)) else {
         return Ok(());
     };
     if src.starts_with(&dst) || dst.starts_with(&src) {

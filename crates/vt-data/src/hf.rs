@@ -33,9 +33,10 @@ use hf_hub::{HFClient, HFClientSync};
 use crate::dataset::CLASSES;
 use crate::download::{error_chain, part_path, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
-use crate::import::Importer;
+use crate::fetch::check_kept_apart;
+use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
-use crate::source::zip::{import_zip, note_discarded_download};
+use crate::source::zip::{import_zip, note_discarded_download, zip_summary};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
 
@@ -180,6 +181,7 @@ fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataErr
 pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     let async_client = hub_client(opts)?;
     let cache_dir = async_client.cache_dir().to_path_buf();
+    check_kept_apart("the Hugging Face cache", &cache_dir, importer.data_dir())?;
     let client = HFClientSync::from_inner(async_client)
         .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
@@ -241,21 +243,48 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         for (path, size) in parquet {
             let local = fetch(path, *size)?;
             let split = ParquetSplit::of_file(path);
-            if let Err(e) = import_parquet(&local, path, split, &classes, importer) {
-                discard_cached(&local);
-                return Err(e);
-            }
+            import_parquet(&local, path, split, &classes, importer)
+                .map_err(|e| discard_if_broken(&local, e))?;
         }
         Ok(())
     } else if !zips.is_empty() {
-        for (path, size) in zips {
+        // A repository may keep other zips beside the data set's (a submission sample, say):
+        // the data set's is the one whose entries hold training images.
+        let mut archives = Vec::new();
+        for (path, size) in &zips {
             let local = fetch(path, *size)?;
-            if let Err(e) = import_zip(&local, importer) {
-                discard_cached(&local);
-                return Err(note_discarded_download(e));
+            let summary = zip_summary(&local).map_err(|e| discard_if_broken(&local, e))?;
+            if summary.train > 0 {
+                archives.push((path, local));
+            } else {
+                tracing::warn!(
+                    "{path} in {} has no seg_train/<class>/<image> entries among its {}: not \
+                     the data set's archive, left out",
+                    opts.repo,
+                    summary.entries
+                );
             }
         }
-        Ok(())
+        let names =
+            |paths: Vec<&String>| quoted(&paths.iter().map(|p| p.as_str()).collect::<Vec<_>>());
+        match archives.as_slice() {
+            [(_, local)] => import_zip(local, importer)
+                .map(drop)
+                .map_err(|e| discard_if_broken(local, e)),
+            [] => Err(DataError::Layout(format!(
+                "{}'s zips ({}) hold no seg_train/<class>/<image> entries: none is the Intel \
+                 Image Classification archive; choose another --hf-repo. {ALTERNATIVES}",
+                opts.repo,
+                names(zips.iter().map(|(path, _)| path).collect())
+            ))),
+            several => Err(DataError::Layout(format!(
+                "{} holds {} archives of training images ({}): importing them all would count \
+                 a photo once per archive; choose another --hf-repo. {ALTERNATIVES}",
+                opts.repo,
+                several.len(),
+                names(several.iter().map(|(path, _)| *path).collect())
+            ))),
+        }
     } else {
         Err(DataError::Layout(format!(
             "{} holds neither parquet files nor a zip ({} files); choose another --hf-repo. {ALTERNATIVES}",
@@ -420,6 +449,19 @@ async fn receive(
             part.display()
         ),
     })
+}
+
+/// `e`, the error of importing the cached download `local`; when the file itself is at fault
+/// (not a readable zip or parquet file), the download is removed so that the next run
+/// fetches a fresh copy. Other errors (writing the import, say) leave it for the next run.
+fn discard_if_broken(local: &Path, e: DataError) -> DataError {
+    match e {
+        DataError::Zip { .. } | DataError::Parquet { .. } => {
+            discard_cached(local);
+            note_discarded_download(e)
+        }
+        other => other,
+    }
 }
 
 /// Removes a cached file and, when it is a snapshot symlink, the blob it points to.

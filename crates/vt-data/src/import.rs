@@ -118,6 +118,11 @@ impl Importer {
     /// Fixes the class order (label indices), e.g. from a parquet mirror's label column.
     /// Listed classes without images are left out, since they could not be trained; classes
     /// found but not listed follow, sorted. Without it, classes are the sorted names found.
+    /// The data directory the import will replace (a link's target).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     pub fn set_classes(&mut self, classes: Vec<String>) {
         self.classes = Some(classes);
     }
@@ -404,7 +409,8 @@ pub(crate) fn sibling(data_dir: &Path, tag: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}.{tag}", name.to_string_lossy())))
 }
 
-fn quoted(names: &[&str]) -> String {
+/// The names, each quoted, comma-separated.
+pub(crate) fn quoted(names: &[&str]) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     quoted.join(", ")
 }

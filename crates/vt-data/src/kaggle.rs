@@ -88,10 +88,8 @@ pub fn fetch_zip(
         auth: Some((&credentials.username, &credentials.key)),
         hint: &hint,
     };
-    download.run(&http_client()?, &dest)?;
-    if let Err(e) = verify_zip(&dest) {
-        let _ = std::fs::remove_file(&dest);
-        return Err(note_discarded_download(e));
-    }
+    download
+        .run(&http_client()?, &dest, |part| verify_zip(part).map(drop))
+        .map_err(note_discarded_download)?;
     Ok(dest)
 }

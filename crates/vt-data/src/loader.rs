@@ -200,19 +200,21 @@ fn worker(
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
+        // A panic is this batch's error: a worker that died silently would leave the
+        // consumer waiting for its batch forever.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            build_batch(shared, b, &mut resizer, &mut staging)
+            let loaded = build_batch(shared, b, &mut resizer, &mut staging).transpose()?;
+            // The copy to a GPU happens here, off the training thread.
+            Some(loaded.and_then(|loaded| to_batch(shared, &mut staging, loaded)))
         }))
         .unwrap_or_else(|_| {
-            Err(DataError::Invalid(format!(
+            Some(Err(DataError::Invalid(format!(
                 "loader worker panicked on batch {b}"
-            )))
+            ))))
         });
-        let Some(outcome) = outcome.transpose() else {
+        let Some(outcome) = outcome else {
             return; // stopped mid-batch
         };
-        // The copy to a GPU happens here, off the training thread.
-        let outcome = outcome.and_then(|loaded| to_batch(shared, &mut staging, loaded));
         if results.send((b, outcome)).is_err() {
             return;
         }

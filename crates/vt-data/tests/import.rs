@@ -241,6 +241,31 @@ fn the_source_may_not_live_inside_the_data_dir() {
 }
 
 #[test]
+fn a_data_dir_that_does_not_exist_yet_may_not_be_inside_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    three_forest_photos(&src);
+    let err = fetch(&from_path(&src.join("data/intel"), &src)).unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    assert!(!src.join("data").exists());
+}
+
+/// A link back up the tree is followed once, not until the kernel's link limit.
+#[cfg(unix)]
+#[test]
+fn a_folder_linked_into_itself_imports_each_image_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    three_forest_photos(&src);
+    std::os::unix::fs::symlink("..", src.join("seg_train/seg_train/forest/more")).unwrap();
+    let mut opts = from_path(&tmp.path().join("data"), &src);
+    opts.val_fraction = 0.0;
+    let m = fetch(&opts).unwrap();
+    assert_eq!(m.splits.train["forest"], 3, "{:?}", m.splits);
+    assert!(m.duplicates.is_empty(), "{:?}", m.duplicates);
+}
+
+#[test]
 fn a_kaggle_zip_imports_like_the_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let zip = tmp.path().join("archive.zip");

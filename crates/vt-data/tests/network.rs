@@ -176,6 +176,61 @@ fn a_truncated_download_resumes_with_a_range_request() {
     );
 }
 
+/// A reply without a length that stops early looks complete to HTTP: the zip check finds it
+/// is not, and the bytes are kept for the next run to resume.
+#[test]
+fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
+    let body = kaggle_zip(&["forest"], 30, 0, 0);
+    let half = body.len() / 2;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (served, count) = (body.clone(), Arc::clone(&calls));
+    let server = TestServer::start(move |r| {
+        if count.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Unsized(served[..half].to_vec())
+        } else {
+            ranged(r, &served)
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without declaring a length"), "{err}");
+    assert!(err.contains("run again to resume"), "{err}");
+    let downloads = tmp.path().join("downloads");
+    let part = downloads.join(format!("{ZIP_NAME}.part"));
+    assert_eq!(fs::metadata(&part).unwrap().len(), half as u64);
+
+    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 30);
+    assert_eq!(
+        server.requests()[1].headers.get("range"),
+        Some(&format!("bytes={half}-"))
+    );
+    assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
+}
+
+/// Each import replaces the data directory: downloads kept inside it would be lost.
+#[test]
+fn downloads_may_not_be_kept_inside_the_data_dir() {
+    let server = TestServer::start(|_| Reply::status(500));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = kaggle_opts(&server, tmp.path());
+    opts.download_dir = Some(tmp.path().join("data/downloads"));
+    let err = fetch(&opts).unwrap_err().to_string();
+    assert!(err.contains("inside the data directory"), "{err}");
+
+    let hub = hub("mirror/intel", vec![]);
+    let mut opts = hf_opts(&hub, "mirror/intel", tmp.path());
+    if let FetchSource::HuggingFace(hf) = &mut opts.source {
+        hf.cache_dir = Some(tmp.path().join("data/hf-cache"));
+    }
+    let err = fetch(&opts).unwrap_err().to_string();
+    assert!(err.contains("the Hugging Face cache"), "{err}");
+    assert!(server.requests().is_empty());
+    assert!(gets(&hub).is_empty());
+}
+
 #[test]
 fn a_server_without_range_support_restarts_the_download() {
     let body = kaggle_zip(&["sea"], 12, 0, 0);
@@ -435,6 +490,51 @@ fn hugging_face_zip_mirror_imports() {
     assert_eq!(m.classes, ["glacier", "street"]);
     assert_eq!(m.splits.pred, 2);
     assert!(m.origin.contains("mirror/intel"));
+}
+
+/// The data set's archive is the one zip with training images; other zips are left out,
+/// and two archives of images are refused rather than imported twice.
+#[test]
+fn a_hugging_face_repository_with_other_zips_imports_its_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = zip_bytes(&[("sample_submission.csv".into(), b"id,label\n".to_vec())]);
+    let archive = kaggle_zip(&["glacier", "street"], 5, 1, 2);
+    let server = hub(
+        "mirror/intel",
+        vec![
+            ("archive.zip".into(), archive.clone()),
+            ("sample_submission.zip".into(), sample.clone()),
+        ],
+    );
+    let m = fetch(&hf_opts(&server, "mirror/intel", tmp.path())).unwrap();
+    assert_eq!(m.classes, ["glacier", "street"]);
+    assert_eq!(m.count(Split::Train) + m.count(Split::Val), 10);
+    // Both stay cached: neither is a broken download.
+    assert!(snapshot(tmp.path(), "mirror/intel")
+        .join("sample_submission.zip")
+        .is_file());
+
+    let server = hub(
+        "mirror/twice",
+        vec![
+            ("archive.zip".into(), archive.clone()),
+            ("copy.zip".into(), archive),
+        ],
+    );
+    let err = fetch(&hf_opts(&server, "mirror/twice", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds 2 archives of training images"), "{err}");
+    assert!(err.contains("\"archive.zip\", \"copy.zip\""), "{err}");
+
+    let server = hub("mirror/none", vec![("sample.zip".into(), sample)]);
+    let err = fetch(&hf_opts(&server, "mirror/none", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("none is the Intel Image Classification archive"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! An extracted folder in the Kaggle layout.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
@@ -18,7 +19,17 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     }
     let mut stack = vec![root.to_path_buf()];
     let mut files = Vec::new();
+    // Folders by their real path: a link back up the tree would list its images forever.
+    let mut visited = HashSet::new();
     while let Some(dir) = stack.pop() {
+        let real = dir.canonicalize().map_err(|e| DataError::io(&dir, e))?;
+        if !visited.insert(real) {
+            tracing::warn!(
+                "{}: a link to a folder already listed; its images are imported once",
+                dir.display()
+            );
+            continue;
+        }
         let mut entries: Vec<_> = fs::read_dir(&dir)
             .map_err(|e| DataError::io(&dir, e))?
             .collect::<std::io::Result<Vec<_>>>()

@@ -32,20 +32,23 @@ fn open(path: &Path) -> Result<ZipArchive<File>> {
 /// For an archive that we downloaded and deleted because it failed: says that fetching again
 /// downloads a fresh copy, which the user's own `--from` file would not get.
 pub(crate) fn note_discarded_download(e: DataError) -> DataError {
+    const NOTE: &str = "the download was deleted: run fetch-data again for a fresh copy";
     match e {
         DataError::Zip { path, message } => DataError::Zip {
             path,
-            message: format!(
-                "{message}; the download was deleted: run fetch-data again for a fresh copy"
-            ),
+            message: format!("{message}; {NOTE}"),
+        },
+        DataError::Parquet { path, message } => DataError::Parquet {
+            path,
+            message: format!("{message}; {NOTE}"),
         },
         other => other,
     }
 }
 
-/// Checks that `path` is a readable zip (its central directory, which sits at the end, so
-/// a truncated download fails here) holding training images in the expected layout.
-pub fn verify_zip(path: &Path) -> Result<ZipSummary> {
+/// What a readable zip holds, by the layout's roles, from its central directory (which sits
+/// at the end, so a truncated download fails here).
+pub fn zip_summary(path: &Path) -> Result<ZipSummary> {
     let archive = open(path)?;
     let mut summary = ZipSummary {
         entries: archive.len(),
@@ -60,6 +63,13 @@ pub fn verify_zip(path: &Path) -> Result<ZipSummary> {
             }
         }
     }
+    Ok(summary)
+}
+
+/// Checks that `path` is a readable zip (its central directory, which sits at the end, so
+/// a truncated download fails here) holding training images in the expected layout.
+pub fn verify_zip(path: &Path) -> Result<ZipSummary> {
+    let summary = zip_summary(path)?;
     if summary.train == 0 {
         return Err(DataError::Zip {
             path: path.to_path_buf(),

@@ -123,6 +123,8 @@ pub enum Reply {
     },
     /// Announces `Content-Length: declared` but sends `body` and closes.
     Truncated { declared: usize, body: Vec<u8> },
+    /// A 200 with no length: `body`, then the connection closes.
+    Unsized(Vec<u8>),
     /// Closes the connection without answering.
     Drop,
 }
@@ -256,6 +258,10 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
                 "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {declared}\r\n\r\n"
             );
             let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+        Reply::Unsized(body) => {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
             let _ = stream.write_all(&body);
         }
     }
