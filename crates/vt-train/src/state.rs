@@ -213,9 +213,11 @@ pub fn load_training(
     Ok(())
 }
 
-/// Removes temporary siblings (`.NAME.tmp-PID...`) that a killed process left in the run
-/// folder; the folders they were building are rebuilt anyway.
-pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
+/// Removes the temporary siblings (`.NAME.tmp-PID...`) of the run's own `outputs` that a
+/// killed process left in the run folder; the folders they were building are rebuilt anyway.
+/// Other commands' temporaries (an `average --out` or `eval` writing into the folder) are
+/// theirs: the run's lock does not cover those commands.
+pub fn remove_stale_temporaries(run_dir: &Path, outputs: &[&str]) -> Result<()> {
     let entries = match fs::read_dir(run_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -224,7 +226,11 @@ pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
     for entry in entries {
         let entry = entry.map_err(|e| TrainError::io(run_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with('.') && name.contains(".tmp-")) {
+        let output = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.split_once(".tmp-"))
+            .map(|(output, _)| output);
+        if !output.is_some_and(|output| outputs.contains(&output)) {
             continue;
         }
         let path: PathBuf = entry.path();
@@ -248,6 +254,23 @@ mod tests {
 
     fn progress() -> Progress {
         Progress::new(TrainConfig::resolve(&TrainOptions::default()).unwrap())
+    }
+
+    #[test]
+    fn only_the_runs_own_temporaries_are_removed() {
+        let run = tempfile::tempdir().unwrap();
+        let mine = [".best.tmp-11", ".metrics.jsonl.tmp-12"];
+        let others = [".avg.tmp-13", ".eval-best-test.json.tmp-14", "best.tmp-15"];
+        for name in mine.iter().chain(&others) {
+            fs::create_dir_all(run.path().join(name)).unwrap();
+        }
+        remove_stale_temporaries(run.path(), &["best", "metrics.jsonl"]).unwrap();
+        for name in mine {
+            assert!(!run.path().join(name).exists(), "{name}");
+        }
+        for name in others {
+            assert!(run.path().join(name).exists(), "{name}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, LoaderConfig};
-use vt_model::checkpoint::{dir_contents, DirContents};
+use vt_model::checkpoint::{dir_contents, recover_interrupted_write, DirContents};
 use vt_model::pretrained::is_stem;
 use vt_model::Model;
 
@@ -31,7 +31,7 @@ use crate::history::{self, Kept};
 use crate::learner::{
     model_config, new_model, open_training_images, prepare_device, training_loader, Group, Learner,
 };
-use crate::metrics::{write_atomically, EpochRecord, MetricsLog};
+use crate::metrics::{write_atomically, EpochRecord, MetricsLog, METRICS_CSV, METRICS_JSONL};
 use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
 use crate::progress::EpochProgress;
 use crate::schedule::LrSchedule;
@@ -39,6 +39,42 @@ use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
 use crate::tensorboard::EventWriter;
 
 pub const CONFIG_TOML: &str = "config.toml";
+
+/// What a run writes in its folder: any of them marks the folder as a run's.
+const RUN_OUTPUTS: [&str; 9] = [
+    CONFIG_TOML,
+    METRICS_JSONL,
+    METRICS_CSV,
+    CURVES_PNG,
+    CONFUSION_PNG,
+    BEST_DIR,
+    LAST_DIR,
+    state::STATE_DIR,
+    history::TOP_DIR,
+];
+
+/// Writes `served` to `RUN/last/`, and to `RUN/best/` when `best`.
+fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
+    for (write, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
+        if write {
+            let dir = run_dir.join(name);
+            served
+                .save(&dir)
+                .with_context(|| format!("writing {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A new run may take an empty folder, or one of other files, never a run's.
+fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
+    if RUN_OUTPUTS.iter().any(|name| run_dir.join(name).exists()) {
+        return Err(TrainError::RunExists {
+            run_dir: run_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
 /// Locked by the process that trains in the run folder.
 pub const LOCK_FILE: &str = ".lock";
 
@@ -146,8 +182,13 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
             TrainError::Config("--resume needs --run-dir (or run-dir in --config)".into())
         })?;
         if !run_dir.is_dir() {
+            let why = if run_dir.exists() {
+                "is not a folder"
+            } else {
+                "does not exist"
+            };
             return Err(TrainError::Config(format!(
-                "--run-dir {} does not exist: nothing to resume",
+                "--run-dir {} {why}: nothing to resume",
                 run_dir.display()
             )));
         }
@@ -202,6 +243,17 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         return Err(TrainError::Config(format!(
             "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
              nothing to resume; start the run without --resume",
+            run_dir.display()
+        )));
+    }
+    // A run killed in its first epoch may have logged that epoch before its state; one that
+    // logged more had a state, and starting over would discard its epochs and checkpoints.
+    let logged = MetricsLog::new(&run_dir).read()?;
+    if let Some(epochs) = logged.iter().map(|r| r.epoch).max().filter(|&e| e > 1) {
+        return Err(TrainError::Config(format!(
+            "{} logged {epochs} epochs in {METRICS_JSONL} but holds no training state \
+             (state/training.json): it cannot resume without it, and starting over would \
+             discard its epochs and checkpoints; start a new run with another --run-dir",
             run_dir.display()
         )));
     }
@@ -421,10 +473,6 @@ impl Trainer {
             self.metrics.write_csv(&self.records, &self.classes)?;
             self.draw_plots(&val.matrix, epoch + 1);
             if best {
-                let dir = self.run_dir.join(BEST_DIR);
-                self.served()
-                    .save(&dir)
-                    .with_context(|| format!("writing {}", dir.display()))?;
                 self.progress.best_val_acc = Some(val_acc);
                 self.progress.best_val_loss = Some(val_loss);
                 self.progress.best_epoch = Some(epoch + 1);
@@ -432,10 +480,6 @@ impl Trainer {
             } else {
                 self.progress.epochs_since_best += 1;
             }
-            let last = self.run_dir.join(LAST_DIR);
-            self.served()
-                .save(&last)
-                .with_context(|| format!("writing {}", last.display()))?;
             let offered = history::offer(
                 &self.progress.top,
                 Kept {
@@ -466,6 +510,10 @@ impl Trainer {
                 self.ema.as_ref(),
             )
             .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
+            // After the state: a kill before these leaves them to the resume, which writes
+            // them from the state (`save_checkpoints`). Written first, `best/` could hold an
+            // epoch that the resume runs again and then finds no better.
+            save_checkpoints(&self.run_dir, self.served(), best)?;
             history::remove(&self.run_dir, &offered.dropped)?;
             tracing::info!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%{} | lr {:.2e} | \
@@ -605,21 +653,39 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
     data::require_same_classes(&train_set, &val_set, &config.data)?;
     let classes = train_set.classes.clone();
-    // A new run takes its folder only once its data is known to be readable, so that a
-    // mistyped --data leaves no empty run folder behind.
+    // A new run takes its folder only once its data is readable and its model built (a
+    // --pretrained or --initial-checkpoint loaded), so that a mistyped option leaves no
+    // empty run folder behind.
+    let fresh = resumed.is_none() && lock.is_none();
+    // An existing folder is locked and checked before the model is built (which may
+    // download): a refusal comes first.
+    let lock = match lock {
+        None if run_dir.is_dir() => {
+            let lock = lock_run_dir(&run_dir)?;
+            refuse_run_outputs(&run_dir)?;
+            Some(lock)
+        }
+        lock => lock,
+    };
+    let new = match resumed {
+        Some(_) => None,
+        None => Some(new_model(&config, classes.clone(), &device)?),
+    };
     let _lock = match lock {
         Some(lock) => lock,
         None => {
             std::fs::create_dir_all(&run_dir)
                 .map_err(|e| TrainError::file_op("creating", &run_dir, e))?;
             let lock = lock_run_dir(&run_dir)?;
-            if state::exists(&run_dir)? {
-                return Err(TrainError::RunExists { run_dir });
-            }
+            refuse_run_outputs(&run_dir)?;
             lock
         }
     };
-    state::remove_stale_temporaries(&run_dir)?;
+    if fresh {
+        // At once: from here on a killed run is resumed from its options.
+        write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
+    }
+    state::remove_stale_temporaries(&run_dir, &RUN_OUTPUTS)?;
     // Checked before any epoch is computed: a save refuses a folder holding anything but a
     // checkpoint, and would otherwise end the run after the epoch's work.
     for dir in [BEST_DIR, LAST_DIR, state::STATE_DIR] {
@@ -632,8 +698,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let kept = history::remove_leftovers(&run_dir, resumed.as_ref().map_or(&[], |p| &p.top))?;
 
     let wanted = model_config(&config, classes.clone());
-    let model = match &resumed {
-        Some(_) => {
+    let model = match new {
+        None => {
             let model = state::load_model(&run_dir, &device)?;
             if model.config.class_names != classes {
                 return Err(TrainError::Config(format!(
@@ -655,7 +721,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             }
             model
         }
-        None => new_model(&config, classes.clone(), &device)?,
+        Some(model) => model,
     };
     let mut learner = Learner::new(config, model);
     // Borrowed apart from the optimiser, which loading the state changes.
@@ -684,6 +750,15 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         }
         None => Progress::new(config.clone()),
     };
+    if progress.epochs_done > 0 {
+        // A kill after the state's save, before the checkpoints', left them an epoch behind.
+        for name in [BEST_DIR, LAST_DIR] {
+            recover_interrupted_write(&run_dir.join(name))?;
+        }
+        let served = ema.as_ref().map_or(&learner.model, |e| &e.model);
+        let best = progress.best_epoch == Some(progress.epochs_done);
+        save_checkpoints(&run_dir, served, best)?;
+    }
     let schedule = LrSchedule {
         base_lr: config.lr,
         decay: config.decay(),

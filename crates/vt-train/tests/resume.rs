@@ -79,9 +79,8 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         epochs_done(&killed) < 3,
         "the run finished before it was killed"
     );
-    for dir in ["best", "last", "state"] {
-        Model::load(&killed.join(dir), &Device::Cpu).unwrap();
-    }
+    // `best/` and `last/` follow the state: the kill may come between them.
+    Model::load(&killed.join("state"), &Device::Cpu).unwrap();
     // What a process killed later in its epoch would have logged past the saved state (the
     // kill above may come before any of it): points that TensorBoard must no longer show.
     let saved: serde_json::Value =
@@ -98,7 +97,7 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     let stray = killed.join("top/epoch-099");
     std::fs::create_dir_all(&stray).unwrap();
     for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(killed.join("last").join(file), stray.join(file)).unwrap();
+        std::fs::copy(killed.join("state").join(file), stray.join(file)).unwrap();
     }
 
     let out = run_ok(
@@ -113,6 +112,9 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         "{log}"
     );
     assert!(!stray.exists());
+    for dir in ["best", "last"] {
+        Model::load(&killed.join(dir), &Device::Cpu).unwrap();
+    }
     let resumed = records(&killed);
     assert_eq!(
         resumed.iter().map(|r| r.epoch).collect::<Vec<_>>(),
@@ -176,6 +178,104 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
     assert_eq!(listed.len(), 2);
     assert_eq!(folders, epoch_folders(&listed));
     assert_eq!((listed, folders), checkpoint_history(&straight));
+}
+
+/// A kill after an epoch's state, before its `best/` and `last/`, leaves them an epoch
+/// behind, or one of them between its two renames: the resume writes both from the state.
+#[test]
+fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"]),
+    );
+    // The first epoch is the best so far: `best/` holds the state's weights.
+    let stale = tmp.path().join("stale");
+    run_ok(
+        train_tiny(&data, &stale)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1", "--seed", "9"]),
+    );
+    std::fs::remove_dir_all(run.join("best")).unwrap();
+    std::fs::rename(stale.join("best"), run.join("best")).unwrap();
+    std::fs::rename(run.join("last"), run.join(".last.old")).unwrap();
+
+    run_ok(
+        vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run),
+    );
+    let state = checkpoint_tensors(&run.join("state"));
+    for dir in ["best", "last"] {
+        let written = checkpoint_tensors(&run.join(dir));
+        assert_eq!(written.len(), state.len(), "{dir}");
+        for (name, tensor) in &state {
+            assert_eq!(max_abs_diff(&written[name], tensor), 0.0, "{dir}: {name}");
+        }
+    }
+    assert!(!run.join(".last.old").exists());
+}
+
+/// A new run never takes a folder a run wrote in, and a resume without the saved state
+/// does not start over a run that logged more than its first epoch.
+#[test]
+fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--epochs",
+        "2",
+        "--checkpoint-hist",
+        "2",
+    ]));
+    std::fs::remove_dir_all(run.join("state")).unwrap();
+    let top = || -> Vec<_> {
+        let mut names: Vec<_> = std::fs::read_dir(run.join("top"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = top();
+    assert_eq!(before.len(), 2);
+    let best = std::fs::read(run.join("best/model.safetensors")).unwrap();
+
+    let err = run_err(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"]),
+    );
+    assert!(err.contains("already holds a training run"), "{err}");
+    let err = run_err(
+        vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run),
+    );
+    assert!(err.contains("logged 2 epochs"), "{err}");
+    assert_eq!(top(), before);
+    assert_eq!(records(&run).len(), 2);
+    assert_eq!(
+        std::fs::read(run.join("best/model.safetensors")).unwrap(),
+        best
+    );
+
+    // A run stopped in its first epoch is a run too.
+    let stopped = tmp.path().join("stopped");
+    std::fs::create_dir_all(&stopped).unwrap();
+    std::fs::copy(run.join("config.toml"), stopped.join("config.toml")).unwrap();
+    let err = run_err(train_tiny(&data, &stopped).args(ONE_THREAD));
+    assert!(err.contains("already holds a training run"), "{err}");
+
+    // A model that cannot be built leaves no run folder behind.
+    let fresh = tmp.path().join("fresh");
+    let err = run_err(train_tiny(&data, &fresh).args(["--initial-checkpoint", "/nonexistent"]));
+    assert!(err.contains("/nonexistent"), "{err}");
+    assert!(!fresh.exists());
 }
 
 #[test]
