@@ -356,8 +356,8 @@ fn hugging_face_parquet_mirror_imports() {
     rows.push((b"not an image".to_vec(), "bad.jpg".into(), Some(0)));
     rows.push((jpeg(77), "label-out-of-range.jpg".into(), Some(9)));
     rows.push((jpeg(78), "unlabelled.jpg".into(), None));
-    write_parquet(&train, &rows);
-    write_parquet(&test, &[(jpeg(90), "t.jpg".into(), Some(4))]);
+    write_parquet(&train, &rows, None);
+    write_parquet(&test, &[(jpeg(90), "t.jpg".into(), Some(4))], None);
     let server = hub(
         "someone/intel-mirror",
         vec![
@@ -402,6 +402,46 @@ fn hugging_face_parquet_mirror_imports() {
     assert!(tmp.path().join("data/train/sea").is_dir());
     assert_eq!(Manifest::read(&tmp.path().join("data")).unwrap(), m);
     assert!(server.requests().iter().any(|r| r.method == "HEAD"));
+}
+
+/// The `datasets` library stores a `ClassLabel` column's names in the file: integer labels
+/// index those, whatever their order, not the data set's usual one.
+#[test]
+fn parquet_labels_index_the_class_names_the_file_stores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.parquet");
+    let names = ["Street", "sea", "Forest"];
+    let rows: Vec<_> = (0..9)
+        .map(|i| (jpeg(i as u32), format!("{i}.jpg"), Some(i % 3)))
+        .collect();
+    write_parquet(&train, &rows, Some(&names));
+    let server = hub(
+        "someone/reordered",
+        vec![("data/train-0.parquet".into(), fs::read(&train).unwrap())],
+    );
+    let mut opts = hf_opts(&server, "someone/reordered", tmp.path());
+    opts.val_fraction = 0.0;
+    let m = fetch(&opts).unwrap();
+    assert_eq!(m.classes, ["forest", "sea", "street"]);
+    let data = tmp.path().join("data");
+    // Labels 0 are street: images 0, 3 and 6.
+    assert_eq!(
+        names_in(&data.join("train/street")),
+        ["0.jpg", "3.jpg", "6.jpg"]
+    );
+    assert_eq!(
+        names_in(&data.join("train/forest")),
+        ["2.jpg", "5.jpg", "8.jpg"]
+    );
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// A hub stand-in holding one train and one test parquet file with string labels.

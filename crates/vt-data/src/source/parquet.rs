@@ -1,7 +1,8 @@
 //! Parquet mirrors as the Hugging Face `datasets` library writes them: an `image` struct
 //! column `{bytes: binary, path: string}` and a `label` column, either an integer index
-//! into the class list (`-1` or null for unlabelled) or the class name, in any case for a
-//! name on the class list.
+//! (`-1` or null for unlabelled) or the class name, in any case for a name on the class
+//! list. An index is into the label names that `datasets` stores in the file's metadata
+//! (its `ClassLabel` feature), else into the class list.
 
 use std::fs::File;
 use std::path::Path;
@@ -54,6 +55,18 @@ pub fn import_parquet(
 ) -> Result<usize> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| parquet_error(path, e))?;
+    let names = label_names(&reader);
+    let names = match &names {
+        Some(names) => names.as_slice(),
+        None => {
+            let message = format!(
+                "{display} names no label classes in its metadata: integer labels index {}",
+                classes.join(", ")
+            );
+            tracing::info!("{message}");
+            classes
+        }
+    };
     let rows = reader
         .get_row_iter(None)
         .map_err(|e| parquet_error(path, e))?;
@@ -62,7 +75,7 @@ pub fn import_parquet(
         // A broken row group ends the file: the rest cannot be located reliably.
         let row = row.map_err(|e| parquet_error(path, e))?;
         let where_ = format!("{display}#row{i}");
-        match parse_row(&row, classes) {
+        match parse_row(&row, names, classes) {
             Err(reason) => importer.skip(where_, reason)?,
             Ok((bytes, name, label)) => {
                 let role = match (split, label) {
@@ -91,8 +104,33 @@ fn stem_of(display: &str) -> String {
 
 type Parsed = (Vec<u8>, Option<String>, Option<String>);
 
-/// (image bytes, original file name, class name or None when unlabelled).
-fn parse_row(row: &Row, classes: &[String]) -> std::result::Result<Parsed, String> {
+/// The names of the label column's classes, as the `datasets` library stores its
+/// `ClassLabel` feature in the file's `huggingface` metadata:
+/// `{"info": {"features": {"label": {"names": [...], "_type": "ClassLabel"}}}}`.
+fn label_names(reader: &SerializedFileReader<File>) -> Option<Vec<String>> {
+    let metadata = reader.metadata().file_metadata().key_value_metadata()?;
+    let text = metadata
+        .iter()
+        .find(|entry| entry.key == "huggingface")?
+        .value
+        .as_deref()?;
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    let features = json.pointer("/info/features")?;
+    ["label", "labels"]
+        .iter()
+        .find_map(|column| features.get(*column)?.get("names")?.as_array())?
+        .iter()
+        .map(|name| name.as_str().map(str::to_string))
+        .collect()
+}
+
+/// (image bytes, original file name, class name or None when unlabelled); an integer label
+/// indexes `names`, a name is one of `classes` in any case, or a class of its own.
+fn parse_row(
+    row: &Row,
+    names: &[String],
+    classes: &[String],
+) -> std::result::Result<Parsed, String> {
     let mut image = None;
     let mut label = None;
     for (name, field) in row.get_column_iter() {
@@ -139,9 +177,9 @@ fn parse_row(row: &Row, classes: &[String]) -> std::result::Result<Parsed, Strin
     };
     match index {
         None | Some(-1) => Ok((bytes, name, None)),
-        Some(i) => match usize::try_from(i).ok().and_then(|i| classes.get(i)) {
-            Some(class) => Ok((bytes, name, Some(class.clone()))),
-            None => Err(format!("label {i} outside the {} classes", classes.len())),
+        Some(i) => match usize::try_from(i).ok().and_then(|i| names.get(i)) {
+            Some(label) => Ok((bytes, name, Some(class_named(label, classes)))),
+            None => Err(format!("label {i} outside the {} classes", names.len())),
         },
     }
 }

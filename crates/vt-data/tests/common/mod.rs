@@ -300,19 +300,39 @@ pub fn ranged(request: &Request, body: &[u8]) -> Reply {
 // ---------------------------------------------------------------------------------------
 // Parquet
 
-/// A writer of `schema` to a new file at `path`.
+/// A writer of `schema` to a new file at `path`, with the `huggingface` metadata that the
+/// `datasets` library writes for a `ClassLabel` column of these `label_names`.
 fn parquet_writer(
     path: &Path,
     schema: parquet::schema::types::Type,
+    label_names: Option<&[&str]>,
 ) -> parquet::file::writer::SerializedFileWriter<std::fs::File> {
     let file = std::fs::File::create(path).unwrap();
-    let props = Arc::new(parquet::file::properties::WriterProperties::builder().build());
+    let metadata = label_names.map(|names| {
+        let features = serde_json::json!({"info": {"features": {
+            "image": {"_type": "Image"},
+            "label": {"names": names, "_type": "ClassLabel"},
+        }}});
+        vec![parquet::file::metadata::KeyValue::new(
+            "huggingface".into(),
+            features.to_string(),
+        )]
+    });
+    let props = Arc::new(
+        parquet::file::properties::WriterProperties::builder()
+            .set_key_value_metadata(metadata)
+            .build(),
+    );
     parquet::file::writer::SerializedFileWriter::new(file, Arc::new(schema), props).unwrap()
 }
 
 /// Writes a parquet file shaped like the `datasets` library's: `image {bytes, path}` and an
-/// optional int64 `label`.
-pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
+/// optional int64 `label`, indexing `label_names` when they are given.
+pub fn write_parquet(
+    path: &Path,
+    rows: &[(Vec<u8>, String, Option<i64>)],
+    label_names: Option<&[&str]>,
+) {
     use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
     use parquet::schema::parser::parse_message_type;
 
@@ -326,7 +346,7 @@ pub fn write_parquet(path: &Path, rows: &[(Vec<u8>, String, Option<i64>)]) {
         }",
     )
     .unwrap();
-    let mut writer = parquet_writer(path, schema);
+    let mut writer = parquet_writer(path, schema, label_names);
     let mut group = writer.next_row_group().unwrap();
     let n = rows.len();
     let bytes: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.0.clone())).collect();
@@ -366,7 +386,7 @@ pub fn write_parquet_named(path: &Path, rows: &[(Vec<u8>, &str)]) {
         }",
     )
     .unwrap();
-    let mut writer = parquet_writer(path, schema);
+    let mut writer = parquet_writer(path, schema, None);
     let mut group = writer.next_row_group().unwrap();
     let n = rows.len();
     let bytes: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.0.clone())).collect();
