@@ -265,6 +265,41 @@ fn a_folder_linked_into_itself_imports_each_image_once() {
     assert!(m.duplicates.is_empty(), "{:?}", m.duplicates);
 }
 
+/// An entry that inflates past the size it declares (as a zip bomb's does) is skipped
+/// after reading one byte more than that, not inflated whole.
+#[test]
+fn a_zip_entry_larger_than_it_declares_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bomb = "seg_train/seg_train/forest/bomb.jpg";
+    let mut zip = zip_bytes(&[
+        ("seg_train/seg_train/forest/0.jpg".into(), jpeg(0)),
+        (bomb.into(), vec![0; 1 << 20]),
+    ]);
+    // The uncompressed size, in the local header (30 bytes before the name, at offset 22)
+    // and in the central directory's entry (46 before, at 24): 1000 bytes.
+    let at: Vec<usize> = zip
+        .windows(bomb.len())
+        .enumerate()
+        .filter(|(_, w)| *w == bomb.as_bytes())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 2);
+    zip[at[0] - 30 + 22..at[0] - 30 + 26].copy_from_slice(&1000u32.to_le_bytes());
+    zip[at[1] - 46 + 24..at[1] - 46 + 28].copy_from_slice(&1000u32.to_le_bytes());
+    let path = tmp.path().join("bomb.zip");
+    fs::write(&path, zip).unwrap();
+    let m = fetch(&from_path(&tmp.path().join("data"), &path)).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 1);
+    let skipped = m.skipped.iter().find(|s| s.path == bomb).unwrap();
+    assert!(
+        skipped
+            .reason
+            .contains("more than the 1000 bytes it declares"),
+        "{}",
+        skipped.reason
+    );
+}
+
 #[test]
 fn a_kaggle_zip_imports_like_the_folder() {
     let tmp = tempfile::tempdir().unwrap();

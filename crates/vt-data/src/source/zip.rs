@@ -114,10 +114,19 @@ pub fn import_zip(path: &Path, importer: &mut Importer) -> Result<ZipSummary> {
             )?;
             continue;
         }
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        // Reading to the end checks the entry's CRC.
-        if let Err(e) = entry.read_to_end(&mut bytes) {
+        let declared = entry.size();
+        let mut bytes = Vec::with_capacity(declared as usize);
+        // Reading to the end checks the entry's CRC. At most one byte past the declared size
+        // is read: an entry inflating past it (a zip bomb's) is not held in memory.
+        if let Err(e) = entry.by_ref().take(declared + 1).read_to_end(&mut bytes) {
             importer.skip(name, format!("unreadable zip entry: {e}"))?;
+            continue;
+        }
+        if bytes.len() as u64 > declared {
+            importer.skip(
+                name,
+                format!("zip entry holds more than the {declared} bytes it declares"),
+            )?;
             continue;
         }
         importer.add(RawImage {
