@@ -89,7 +89,8 @@ fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiEr
 }
 
 /// How many JSON values `body` holds (objects, arrays and scalars, nested ones included),
-/// numbers apart, counted without building them, or `None` when it is not JSON. A request
+/// numbers apart (with the arrays that hold only numbers, nested or not: a tensor's), counted
+/// without building them, or `None` when it is not JSON. A request
 /// of millions of tiny values (`[{},{},...]`, a few kilobytes gzipped) is refused on this
 /// count before it is parsed into values that take many times its size.
 pub fn json_value_count(body: &[u8]) -> Option<ValueCount> {
@@ -106,8 +107,8 @@ pub fn value_limit(images: usize) -> usize {
 }
 
 /// Refuses a JSON body with more values than a request of at most `images` images needs,
-/// before it is parsed. `numbers` more numbers are allowed, for requests whose images are
-/// tensors of numbers, which are parsed straight into `f32`s.
+/// before it is parsed. `numbers` more numbers (and numeric arrays) are allowed, for
+/// requests whose images are tensors of numbers, which are parsed straight into `f32`s.
 pub fn refuse_too_many_json_values(
     body: &[u8],
     images: usize,
@@ -115,10 +116,14 @@ pub fn refuse_too_many_json_values(
 ) -> Result<(), ApiError> {
     let limit = value_limit(images);
     match json_value_count(body) {
-        Some(count) if count.others + count.numbers.saturating_sub(numbers) > limit => {
+        Some(count)
+            if count.others > limit
+                || count.numbers - count.numbers.min(numbers) > limit - count.others =>
+        {
             Err(ApiError::BadRequest(format!(
-                "the JSON body holds {} values, more than a request of at most {images} images (--queue) needs",
-                count.others + count.numbers
+                "the JSON body holds {} numbers and {} other values, more than a request of at \
+                 most {images} images (--queue) needs",
+                count.numbers, count.others
             )))
         }
         _ => Ok(()),
@@ -189,10 +194,16 @@ impl<'de> Visitor<'de> for ValueCounter {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ValueCount, A::Error> {
-        let mut count = ValueCount::OTHER;
+        let mut count = ValueCount::default();
         while let Some(n) = seq.next_element()? {
             count.add(n);
         }
+        // An array of numbers only (or of such arrays) counts as one more number.
+        count.add(if count.others == 0 {
+            ValueCount::NUMBER
+        } else {
+            ValueCount::OTHER
+        });
         Ok(count)
     }
 
@@ -380,18 +391,21 @@ mod tests {
             json_value_count(br#"{"a": [1, "x", null], "b": {"c": true}}"#),
             count(1, 6)
         );
-        assert_eq!(json_value_count(b"[0,0,0,0]"), count(4, 1));
+        assert_eq!(json_value_count(b"[0,0,0,0]"), count(5, 0));
+        assert_eq!(json_value_count(b"[[0,1],[2],[]]"), count(7, 0));
+        assert_eq!(json_value_count(b"[[0,1],[\"x\"]]"), count(3, 3));
         assert_eq!(json_value_count(b"[0,"), None);
         assert_eq!(json_value_count(b"[] x"), None);
     }
 
     #[test]
     fn only_numbers_may_exceed_the_value_limit() {
-        // value_limit(1) is 272 values.
+        // value_limit(1) is 272 values; the array is one more number.
         let numbers = format!("[{}]", vec!["0.5"; 1000].join(","));
         assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 0).is_err());
-        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 1000).is_ok());
-        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 700).is_err());
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 1001).is_ok());
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 729).is_ok());
+        assert!(refuse_too_many_json_values(numbers.as_bytes(), 1, 728).is_err());
         let objects = format!("[{}]", vec!["{}"; 1000].join(","));
         assert!(refuse_too_many_json_values(objects.as_bytes(), 1, 1000).is_err());
     }

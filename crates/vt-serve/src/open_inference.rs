@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use serde::Serialize;
+use vt_data::transform::Normalize;
 
 use crate::admission::Admitted;
 use crate::batcher::{Arriving, ServedModel};
@@ -181,12 +182,19 @@ pub enum Images {
     Preprocessed(Vec<Vec<f32>>),
 }
 
+/// How far (in normalised units) a preprocessed value may lie outside what normalising a
+/// pixel in [0, 1] gives: room for another resize's overshoot, not for unnormalised pixels.
+const NORMALISED_MARGIN: f32 = 1.0;
+
 /// The `images` preprocessed images of an FP32 input of shape `shape` from its values in
-/// row-major order. Values that are not finite are refused: no image gives them.
+/// row-major order. Each value must be what normalising a pixel in [0, 1] by `norm` gives,
+/// within [`NORMALISED_MARGIN`]: pixels of 0-255, or values that would overflow the model to
+/// NaN scores, are refused.
 pub fn preprocessed_images(
     values: &[f32],
     shape: &[i64],
     images: usize,
+    norm: &Normalize,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
     // The shape was checked: [images, 3, S, S].
     let per_image = shape.iter().skip(1).product::<i64>() as usize;
@@ -196,18 +204,34 @@ pub fn preprocessed_images(
             values.len()
         )));
     }
-    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+    let per_channel = per_image / CHANNELS;
+    let bounds = |c: usize| {
+        let (mean, std) = (norm.mean[c], norm.std[c]);
+        let low = (0.0 - mean) / std - NORMALISED_MARGIN;
+        let high = (1.0 - mean) / std + NORMALISED_MARGIN;
+        (low, high)
+    };
+    let outside = values.iter().enumerate().find(|&(at, v)| {
+        let (low, high) = bounds(at / per_channel % CHANNELS);
+        !(low..=high).contains(v)
+    });
+    if let Some((at, value)) = outside {
+        let channel = at / per_channel % CHANNELS;
+        let (low, high) = bounds(channel);
         return Err(ApiError::BadRequest(format!(
-            "value {at} of input `{INPUT}` is {}: a preprocessed image's values are finite",
-            values[at]
+            "value {at} of input `{INPUT}` (channel {channel}) is {value}, outside \
+             {low:.3}..{high:.3}: a preprocessed value is (x - mean) / std of a pixel x in \
+             [0, 1], with this model's mean {:?} and std {:?}",
+            norm.mean, norm.std
         )));
     }
     Ok(values.chunks(per_image).map(<[f32]>::to_vec).collect())
 }
 
-/// The values of one preprocessed image of size `image_size`.
-pub fn values_per_image(image_size: usize) -> usize {
-    CHANNELS * image_size * image_size
+/// The JSON numbers one preprocessed image of size `image_size` takes: its values and, when
+/// nested row by row, the arrays that hold them.
+pub fn json_numbers_per_image(image_size: usize) -> usize {
+    CHANNELS * image_size * image_size + CHANNELS * image_size + CHANNELS + 1
 }
 
 /// FP32 values in the binary layout (little-endian, the HTTP binary tensor data
@@ -586,18 +610,28 @@ mod tests {
     }
 
     #[test]
-    fn preprocessed_images_are_split_and_must_be_finite() {
+    fn preprocessed_images_are_split_and_must_be_normalised_pixels() {
+        // Pixels in [0, 1] normalise to [-1, 1]; with the margin, [-2, 2] is accepted.
+        let norm = Normalize {
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        };
         let shape = [2, 3, 1, 1];
-        let values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let images = preprocessed_images(&values, &shape, 2).unwrap();
-        assert_eq!(images, [vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]]);
-        let error = preprocessed_images(&values[..5], &shape, 2).unwrap_err();
+        let values = [-2.0, -0.5, 0.0, 0.5, 1.0, 2.0];
+        let images = preprocessed_images(&values, &shape, 2, &norm).unwrap();
+        assert_eq!(images, [vec![-2.0, -0.5, 0.0], vec![0.5, 1.0, 2.0]]);
+        let error = preprocessed_images(&values[..5], &shape, 2, &norm).unwrap_err();
         assert!(error.to_string().contains("but 5 values"), "{error}");
-        let error = preprocessed_images(&[1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], &shape, 2);
-        assert!(error
-            .unwrap_err()
-            .to_string()
-            .contains("value 1 of input `image` is NaN"));
+        for (at, value) in [(1, f32::NAN), (4, 2.5), (5, 255.0), (0, -1e30)] {
+            let mut bad = values;
+            bad[at] = value;
+            let error = preprocessed_images(&bad, &shape, 2, &norm).unwrap_err();
+            let expected = format!(
+                "value {at} of input `image` (channel {}) is {value}, outside -2.000..2.000",
+                at % 3
+            );
+            assert!(error.to_string().contains(&expected), "{error}");
+        }
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(binary_values(&bytes, &shape).unwrap(), values);
         let error = binary_values(&bytes[..23], &shape).unwrap_err();

@@ -276,7 +276,7 @@ async fn preprocessed_images_get_the_offline_predictions() {
         ),
         (
             request(fp32_input(shape.clone(), None), raw(&infinite)),
-            "value 5 of input `image` is inf",
+            "value 5 of input `image` (channel 0) is inf",
         ),
         (
             request(fp32_input(shape.clone(), None), vec![]),

@@ -410,44 +410,94 @@ async fn preprocessed_images_get_the_offline_predictions() {
     let fp32_input = |data: Value| json!({"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": data}]});
 
     let flat: Vec<f32> = images.concat();
-    for (what, data) in [("flat", json!(flat)), ("nested", json!(images))] {
+    // [N][3][S][S], as numpy's tolist() writes a tensor.
+    let side = size;
+    let nested: Vec<Vec<Vec<&[f32]>>> = images
+        .iter()
+        .map(|image| {
+            image
+                .chunks(side * side)
+                .map(|channel| channel.chunks(side).collect())
+                .collect()
+        })
+        .collect();
+    for (what, data) in [("flat", json!(flat)), ("nested", json!(nested))] {
         let body = serde_json::to_vec(&fp32_input(data)).unwrap();
         let answer = infer(&client, &url, body, None).await;
         assert_eq!(answer.status, StatusCode::OK, "{what}: {}", answer.header);
         assert_close(&answer.fp32("probabilities"), &offline, what);
     }
 
-    let header = serde_json::to_vec(&json!({
-        "inputs": [{
-            "name": "image", "shape": shape, "datatype": "FP32",
-            "parameters": {"binary_data_size": flat.len() * 4},
-        }],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}],
-    }))
-    .unwrap();
-    let length = header.len();
     let binary: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let answer = infer(&client, &url, [header, binary].concat(), Some(length)).await;
+    let header = |size: usize| {
+        serde_json::to_vec(&json!({
+            "inputs": [{
+                "name": "image", "shape": shape, "datatype": "FP32",
+                "parameters": {"binary_data_size": size},
+            }],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}],
+        }))
+        .unwrap()
+    };
+    let send = |header: Vec<u8>, data: &[u8]| {
+        let length = header.len();
+        infer(
+            &client,
+            &url,
+            [header, data.to_vec()].concat(),
+            Some(length),
+        )
+    };
+    let answer = send(header(binary.len()), &binary).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
     assert_eq!(answer.binary.len(), 1, "{}", answer.header);
     assert_close(&answer.fp32("probabilities"), &offline, "binary");
-
-    // JSON has no NaN or infinity, but a number past f32's range is infinite as an f32.
-    let mut too_large = json!(flat);
-    too_large[7] = json!(1e39);
-    let answer = infer(
-        &client,
-        &url,
-        serde_json::to_vec(&fp32_input(too_large)).unwrap(),
-        None,
-    )
-    .await;
+    let cut = &binary[..binary.len() - 2];
+    let answer = send(header(cut.len()), cut).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.header);
     let message = answer.header["error"].as_str().unwrap();
     assert!(
-        message.contains("value 7 of input `image` is inf"),
+        message.contains("bytes of FP32, but its binary data has"),
         "{message}"
     );
+
+    // Values no normalised pixel gives: unnormalised pixels, numbers past f32's range
+    // (infinite as f32s; JSON has no NaN), huge ones that would overflow the scores.
+    for (value, shown) in [
+        (json!(255), "255"),
+        (json!(1e39), "inf"),
+        (json!(-1e6), "-1000000"),
+    ] {
+        let mut bad = json!(flat);
+        bad[7] = value;
+        let body = serde_json::to_vec(&fp32_input(bad)).unwrap();
+        let answer = infer(&client, &url, body, None).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.header);
+        let message = answer.header["error"].as_str().unwrap();
+        let expected = format!("value 7 of input `image` (channel 0) is {shown}, outside");
+        assert!(message.contains(&expected), "{message}");
+    }
+
+    // Numbers are exempt from the body's value count only under a tensor's data: a shape
+    // of millions of numbers is refused before it is built.
+    let mut huge_shape = vec![1; 100_000];
+    huge_shape[0] = 2;
+    let body = serde_json::to_vec(&json!({"inputs": [{
+        "name": "image", "shape": huge_shape, "datatype": "BYTES", "data": ["aGk=", "aGk="],
+    }]}))
+    .unwrap();
+    let answer = infer(&client, &url, body, None).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.header);
+    let message = answer.header["error"].as_str().unwrap();
+    assert!(message.contains("at most 8 integers"), "{message}");
+    server.shutdown().await;
+
+    // Nested row by row, a full queue of images fits the value count, arrays and all.
+    let server = TestServer::start(&checkpoint, &["--queue", "2"]).await;
+    let body = serde_json::to_vec(&fp32_input(json!(nested))).unwrap();
+    let answer = infer(&client, &server.url("/v2/models/tiny/infer"), body, None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.header);
+    assert_close(&answer.fp32("probabilities"), &offline, "nested, --queue 2");
     server.shutdown().await;
 }
 
@@ -722,7 +772,7 @@ async fn bad_requests_get_the_protocols_errors() {
     // decoding past the body limit (which bounds the decoded size).
     let bomb = gzip_bomb();
     let many_values = json!({"inputs": [{
-        "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![json!([]); 10_000],
+        "name": "image", "shape": [1], "datatype": "BYTES", "data": vec![json!({}); 10_000],
     }]});
     let encoded = [
         (
@@ -936,7 +986,7 @@ async fn instances_requests_get_the_offline_predictions() {
         (
             json!({"instances": tiny_values}),
             StatusCode::BAD_REQUEST,
-            "holds 10002 values",
+            "holds 10001 numbers and 1 other values",
         ),
         (
             json!({"instances": [b64[0]], "parameters": {"maxPredictions": 0}}),

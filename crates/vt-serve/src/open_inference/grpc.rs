@@ -52,6 +52,7 @@ use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutpu
 use crate::access;
 use crate::batcher::Arriving;
 use crate::body_budget::{self, BodyCharge};
+use crate::classifier::Preprocessor;
 use crate::error::ApiError;
 use crate::input;
 use crate::metrics;
@@ -545,7 +546,7 @@ async fn model_infer(
     // One model for all the request's images, even if a reload swaps in another meanwhile.
     let model = super::resolve(&state, &request.model_name, version(&request.model_version))?;
     let raw = !request.raw_input_contents.is_empty();
-    let images = images_of(&request, state.admission.capacity(), model.info.image_size)?;
+    let images = images_of(&request, state.admission.capacity(), &model.preprocessor)?;
     let wanted = request
         .outputs
         .iter()
@@ -570,7 +571,7 @@ async fn model_infer(
 fn images_of<'a>(
     request: &'a ModelInferRequest,
     capacity: usize,
-    image_size: usize,
+    preprocessor: &Preprocessor,
 ) -> Result<Images, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
     let header = |input: &'a InferInputTensor| InputHeader {
@@ -578,6 +579,7 @@ fn images_of<'a>(
         datatype: &input.datatype,
         shape: &input.shape,
     };
+    let image_size = preprocessor.image_size as usize;
     let declared = super::declared_images(&request.inputs, header, capacity, image_size)?;
     let input = declared.input;
     let contents = input.contents.as_ref();
@@ -622,7 +624,7 @@ fn images_of<'a>(
                     ))
                 }
             };
-            super::preprocessed_images(&values, &input.shape, declared.images)
+            super::preprocessed_images(&values, &input.shape, declared.images, &preprocessor.norm)
                 .map(Images::Preprocessed)
         }
     }

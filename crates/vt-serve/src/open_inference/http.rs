@@ -21,12 +21,14 @@ use axum::Json;
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use vt_data::transform::Normalize;
 
 use super::{
     Declared, Encoding, Images, InputHeader, OutputRequest, OutputTensor, TensorData, WantedOutput,
     INPUT,
 };
 use crate::batcher::{Arriving, ServedModel};
+use crate::classifier::Preprocessor;
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input;
@@ -114,11 +116,42 @@ struct RequestParameters {
 #[derive(Deserialize)]
 struct RequestInput {
     name: String,
+    #[serde(deserialize_with = "bounded_shape")]
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: InputParameters,
     data: Option<JsonData>,
+}
+
+/// The most dimensions a shape may have: the protocol's tensors here have one, two or four.
+const MAX_DIMENSIONS: usize = 8;
+
+/// A `shape`, refused past [`MAX_DIMENSIONS`] before it is built: numbers are exempt from the
+/// body's value count (tensors are made of them), so a shape of millions would be kept.
+fn bounded_shape<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<i64>, D::Error> {
+    struct Shape;
+
+    impl<'de> Visitor<'de> for Shape {
+        type Value = Vec<i64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {MAX_DIMENSIONS} integers")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<i64>, A::Error> {
+            let mut shape = Vec::new();
+            while let Some(dimension) = seq.next_element()? {
+                if shape.len() == MAX_DIMENSIONS {
+                    return Err(serde::de::Error::invalid_length(MAX_DIMENSIONS + 1, &self));
+                }
+                shape.push(dimension);
+            }
+            Ok(shape)
+        }
+    }
+
+    deserializer.deserialize_seq(Shape)
 }
 
 /// An input's JSON `data`, flat or nested (row-major), parsed straight into what it holds:
@@ -259,20 +292,24 @@ async fn answer(
         None => (body, Bytes::new()),
     };
     let capacity = state.admission.capacity();
-    let image_size = model.info.image_size;
+    let preprocessor = model.preprocessor;
+    let image_size = preprocessor.image_size as usize;
     input::refuse_too_many_json_values(
         &header,
         capacity,
-        capacity.saturating_mul(super::values_per_image(image_size)),
+        capacity.saturating_mul(super::json_numbers_per_image(image_size)),
     )?;
     let request: InferenceRequest = serde_json::from_slice(&header)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
-    let images = images_of(&request.inputs, &binary, capacity, image_size)?;
+    let images = images_of(&request.inputs, &binary, capacity, &preprocessor)?;
     let outputs = requested_outputs(&request)?;
+    // The images hold what they need of the request: the rest is not kept while they wait.
+    let id = request.id;
+    drop((request.inputs, header, binary));
     let (_admitted, predictions) =
         super::classify(state, &model, images, arriving, deadline).await?;
     let outputs = super::output_tensors(&model.info, &outputs, &predictions);
-    respond(&model.info, request.id, outputs)
+    respond(&model.info, id, outputs)
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
@@ -297,7 +334,7 @@ fn images_of<'a>(
     inputs: &'a [RequestInput],
     binary: &Bytes,
     capacity: usize,
-    image_size: usize,
+    preprocessor: &Preprocessor,
 ) -> Result<Images, ApiError> {
     let bad = |detail: String| Err(ApiError::BadRequest(detail));
     let header = |input: &'a RequestInput| InputHeader {
@@ -305,6 +342,7 @@ fn images_of<'a>(
         datatype: &input.datatype,
         shape: &input.shape,
     };
+    let image_size = preprocessor.image_size as usize;
     let declared = super::declared_images(inputs, header, capacity, image_size)?;
     let input = declared.input;
     match (input.parameters.binary_data_size, &input.data) {
@@ -320,15 +358,20 @@ fn images_of<'a>(
             }
             Encoding::Preprocessed => {
                 let values = super::binary_values(binary, &input.shape)?;
-                super::preprocessed_images(&values, &input.shape, declared.images)
-                    .map(Images::Preprocessed)
+                super::preprocessed_images(
+                    &values,
+                    &input.shape,
+                    declared.images,
+                    &preprocessor.norm,
+                )
+                .map(Images::Preprocessed)
             }
         },
         (None, Some(_)) if !binary.is_empty() => bad(format!(
             "{} bytes follow the JSON header, but no input has a binary_data_size",
             binary.len()
         )),
-        (None, Some(data)) => json_images(data, &input.shape, declared),
+        (None, Some(data)) => json_images(data, &input.shape, declared, &preprocessor.norm),
         (Some(_), Some(_)) => bad(format!(
             "input `{INPUT}` has both data and a binary_data_size"
         )),
@@ -342,6 +385,7 @@ fn json_images<T>(
     data: &JsonData,
     shape: &[i64],
     declared: Declared<'_, T>,
+    norm: &Normalize,
 ) -> Result<Images, ApiError> {
     match (declared.encoding, data.strings.is_empty(), data.numbers.is_empty()) {
         (Encoding::Encoded, _, true) => {
@@ -364,7 +408,7 @@ fn json_images<T>(
             "the data of input `{INPUT}` holds numbers; as BYTES its elements are strings (base64-encoded images)"
         ))),
         (Encoding::Preprocessed, true, _) => {
-            super::preprocessed_images(&data.numbers, shape, declared.images)
+            super::preprocessed_images(&data.numbers, shape, declared.images, norm)
                 .map(Images::Preprocessed)
         }
         (Encoding::Preprocessed, false, _) => Err(ApiError::BadRequest(format!(
@@ -461,7 +505,11 @@ mod tests {
             shape,
         }];
         let declared = super::super::declared_images(&inputs, |input| *input, 4, 2)?;
-        json_images(&data, shape, declared)
+        let norm = Normalize {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        json_images(&data, shape, declared, &norm)
     }
 
     #[test]
@@ -496,13 +544,13 @@ mod tests {
 
     #[test]
     fn json_fp32_are_preprocessed_images() {
-        let values: Vec<String> = (0..24).map(|v| v.to_string()).collect();
+        let values: Vec<String> = (0..24).map(|v| (v as f32 / 16.0).to_string()).collect();
         let data = format!("[{}]", values.join(","));
         let Ok(Images::Preprocessed(images)) = parse(&data, "FP32", &[2, 3, 2, 2]) else {
             panic!("two preprocessed images expected");
         };
         assert_eq!(images.len(), 2);
-        assert_eq!(images[1][0], 12.0);
+        assert_eq!(images[1][0], 0.75);
         let short = format!("[{}]", values[..23].join(","));
         for (data, needle) in [
             (short.as_str(), "but 23 values"),
