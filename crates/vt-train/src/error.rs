@@ -57,6 +57,13 @@ pub enum TrainError {
          another --run-dir"
     )]
     RunExists { run_dir: PathBuf },
+    /// A new run was asked for in a folder holding one of a run's outputs, but nothing to
+    /// resume.
+    #[error(
+        "{run_dir} holds {found}, which a training run writes, but no run to resume \
+         (config.toml or state/): move it away, or choose another --run-dir"
+    )]
+    RunOutputs { run_dir: PathBuf, found: String },
     /// A run's checkpoint folder (`best/`, `last/`, `state/`) holds something else, which
     /// the run's saves would refuse to replace.
     #[error(

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -177,6 +178,44 @@ pub fn read_saved_progress(run_dir: &Path) -> Result<Progress> {
 /// Loads the model (strictly) from `RUN/state/`.
 pub fn load_model(run_dir: &Path, device: &Device) -> Result<Model> {
     Ok(Model::load(&run_dir.join(STATE_DIR), device)?)
+}
+
+/// The weights the run served when its state was saved (what `best/` and `last/` got): the
+/// weight average's when it kept one, else the model's. Whatever `--ema` says now.
+pub fn load_served(run_dir: &Path, device: &Device) -> Result<Model> {
+    let model = load_model(run_dir, device)?;
+    let path = run_dir.join(STATE_DIR).join(EMA_FILE);
+    if path.is_file() {
+        let tensors = read_tensors(&path, device)?;
+        assign_strict(&path, &model.varmap, &tensors, |_| true)?;
+    }
+    Ok(model)
+}
+
+/// Whether the checkpoint in `dir` holds exactly `model`'s weights, bit for bit; `false`
+/// when it cannot be read.
+pub fn holds(dir: &Path, model: &Model) -> bool {
+    let Ok(saved) = read_tensors(&dir.join(WEIGHTS_FILE), &Device::Cpu) else {
+        return false;
+    };
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let bits = |tensor: &Tensor| {
+        tensor
+            .flatten_all()
+            .and_then(|t| t.to_device(&Device::Cpu))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|values| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    saved.len() == vars.len()
+        && vars.iter().all(|(name, var)| {
+            saved
+                .get(name)
+                .is_some_and(|tensor| matches!((bits(tensor), bits(var)), (Ok(a), Ok(b)) if a == b))
+        })
 }
 
 /// Restores the optimiser moments and the EMA weights saved with `progress`.

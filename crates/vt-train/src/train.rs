@@ -68,12 +68,21 @@ fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
 
 /// A new run may take an empty folder, or one of other files, never a run's.
 fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
-    if RUN_OUTPUTS.iter().any(|name| run_dir.join(name).exists()) {
-        return Err(TrainError::RunExists {
-            run_dir: run_dir.to_path_buf(),
-        });
-    }
-    Ok(())
+    let Some(found) = RUN_OUTPUTS.iter().find(|name| run_dir.join(name).exists()) else {
+        return Ok(());
+    };
+    let resumable = [CONFIG_TOML, state::STATE_DIR]
+        .iter()
+        .any(|name| run_dir.join(name).exists());
+    let run_dir = run_dir.to_path_buf();
+    Err(if resumable {
+        TrainError::RunExists { run_dir }
+    } else {
+        TrainError::RunOutputs {
+            run_dir,
+            found: (*found).to_string(),
+        }
+    })
 }
 /// Locked by the process that trains in the run folder.
 pub const LOCK_FILE: &str = ".lock";
@@ -751,13 +760,23 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         None => Progress::new(config.clone()),
     };
     if progress.epochs_done > 0 {
-        // A kill after the state's save, before the checkpoints', left them an epoch behind.
-        for name in [BEST_DIR, LAST_DIR] {
-            recover_interrupted_write(&run_dir.join(name))?;
-        }
-        let served = ema.as_ref().map_or(&learner.model, |e| &e.model);
+        // A kill after the state's save, before the checkpoints', left them behind it.
+        let served = state::load_served(&run_dir, &device)?;
         let best = progress.best_epoch == Some(progress.epochs_done);
-        save_checkpoints(&run_dir, served, best)?;
+        for (due, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
+            let dir = run_dir.join(name);
+            recover_interrupted_write(&dir)?;
+            if due && !state::holds(&dir, &served) {
+                tracing::info!(
+                    "{} is not the saved state's epoch {}: writing it from the state",
+                    dir.display(),
+                    progress.epochs_done
+                );
+                served
+                    .save(&dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+            }
+        }
     }
     let schedule = LrSchedule {
         base_lr: config.lr,

@@ -181,15 +181,18 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
 }
 
 /// A kill after an epoch's state, before its `best/` and `last/`, leaves them an epoch
-/// behind, or one of them between its two renames: the resume writes both from the state.
+/// behind, or one of them between its two renames: the resume writes both from the state's
+/// served weights (the average's, whatever `--ema` says now), and only then.
 #[test]
 fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
     let run = tmp.path().join("run");
+    let ema = ["--ema", "0.9"];
     run_ok(
         train_tiny(&data, &run)
             .args(ONE_THREAD)
+            .args(ema)
             .args(["--epochs", "1"]),
     );
     // The first epoch is the best so far: `best/` holds the state's weights.
@@ -203,20 +206,45 @@ fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
     std::fs::rename(stale.join("best"), run.join("best")).unwrap();
     std::fs::rename(run.join("last"), run.join(".last.old")).unwrap();
 
-    run_ok(
-        vt_train()
-            .args(["train", "--resume", "--run-dir"])
-            .arg(&run),
+    let resume = |extra: &[&str]| {
+        let out = run_ok(
+            vt_train()
+                .args(["train", "--resume", "--run-dir"])
+                .arg(&run)
+                .args(extra),
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = resume(&["--ema", "0"]);
+    assert!(
+        log.contains("best is not the saved state's epoch 1"),
+        "{log}"
     );
-    let state = checkpoint_tensors(&run.join("state"));
+    let averaged =
+        candle_core::safetensors::load(run.join("state/ema.safetensors"), &Device::Cpu).unwrap();
+    let raw = checkpoint_tensors(&run.join("state"));
     for dir in ["best", "last"] {
         let written = checkpoint_tensors(&run.join(dir));
-        assert_eq!(written.len(), state.len(), "{dir}");
-        for (name, tensor) in &state {
+        for (name, tensor) in &averaged {
             assert_eq!(max_abs_diff(&written[name], tensor), 0.0, "{dir}: {name}");
         }
+        assert!(
+            raw.iter()
+                .any(|(name, tensor)| max_abs_diff(&written[name], tensor) > 0.0),
+            "{dir} holds the raw weights"
+        );
     }
     assert!(!run.join(".last.old").exists());
+    let modified = |dir: &str| {
+        std::fs::metadata(run.join(dir).join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = (modified("best"), modified("last"));
+    let log = resume(&[]);
+    assert!(!log.contains("writing it from the state"), "{log}");
+    assert_eq!((modified("best"), modified("last")), before);
 }
 
 /// A new run never takes a folder a run wrote in, and a resume without the saved state
@@ -262,6 +290,16 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
     assert_eq!(
         std::fs::read(run.join("best/model.safetensors")).unwrap(),
         best
+    );
+
+    // A run's output alone (a user's file, an `average --out RUN/best`) is named.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::write(odd.join("metrics.csv"), "a,b\n").unwrap();
+    let err = run_err(train_tiny(&data, &odd).args(ONE_THREAD));
+    assert!(
+        err.contains("holds metrics.csv, which a training run writes"),
+        "{err}"
     );
 
     // A run stopped in its first epoch is a run too.
