@@ -1,7 +1,7 @@
 //! `cargo xtask fetch-data`: one entry point for every source, all ending in the same
 //! data directory layout (see [`crate::dataset`]).
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::dataset::Manifest;
 use crate::error::{DataError, Result};
@@ -124,23 +124,28 @@ fn download_dir(opts: &FetchOptions) -> PathBuf {
 }
 
 /// `path` absolute with the links of its existing part resolved: where it is, or will be once
-/// created. `None` when that cannot be told (a `..` past a folder still to be made).
+/// created (the part still to be made holds no links, so its `..` are undone as written).
 fn resolved(path: &Path) -> Option<PathBuf> {
     let absolute = std::path::absolute(path).ok()?;
     let mut existing = absolute.as_path();
     let mut missing = Vec::new();
-    loop {
+    let mut real = loop {
         if let Ok(real) = existing.canonicalize() {
-            return Some(
-                missing
-                    .iter()
-                    .rev()
-                    .fold(real, |path, name| path.join(name)),
-            );
+            break real;
         }
-        missing.push(existing.file_name()?);
+        missing.push(existing.components().next_back()?);
         existing = existing.parent()?;
+    };
+    for component in missing.into_iter().rev() {
+        match component {
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::Normal(name) => real.push(name),
+            _ => {}
+        }
     }
+    Some(real)
 }
 
 /// Downloads are kept for the next run, and the data directory is replaced wholesale: they

@@ -256,6 +256,14 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
             let summary = zip_summary(&local).map_err(|e| discard_if_broken(&local, e))?;
             if summary.train > 0 {
                 archives.push((path, local));
+            } else if summary.test + summary.pred > 0 {
+                // Importing the training part alone would silently lose these.
+                return Err(DataError::Layout(format!(
+                    "{path} in {} holds seg_test or seg_pred images but no seg_train ones: \
+                     an archive split into parts is not supported; choose another --hf-repo. \
+                     {ALTERNATIVES}",
+                    opts.repo
+                )));
             } else {
                 tracing::warn!(
                     "{path} in {} has no seg_train/<class>/<image> entries among its {}: not \

@@ -115,14 +115,14 @@ impl Importer {
         })
     }
 
-    /// Fixes the class order (label indices), e.g. from a parquet mirror's label column.
-    /// Listed classes without images are left out, since they could not be trained; classes
-    /// found but not listed follow, sorted. Without it, classes are the sorted names found.
     /// The data directory the import will replace (a link's target).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
+    /// Fixes the class order (label indices), e.g. from a parquet mirror's label column.
+    /// Listed classes without images are left out, since they could not be trained; classes
+    /// found but not listed follow, sorted. Without it, classes are the sorted names found.
     pub fn set_classes(&mut self, classes: Vec<String>) {
         self.classes = Some(classes);
     }

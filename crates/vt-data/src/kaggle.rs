@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::download::{http_client, Download};
 use crate::error::{DataError, Result};
-use crate::source::zip::{note_discarded_download, verify_zip};
+use crate::source::zip::{note_discarded_download, verify_zip, zip_summary};
 
 pub const KAGGLE_DATASET: &str = "puneet6060/intel-image-classification";
 pub const DEFAULT_ENDPOINT: &str = "https://www.kaggle.com";
@@ -88,8 +88,13 @@ pub fn fetch_zip(
         auth: Some((&credentials.username, &credentials.key)),
         hint: &hint,
     };
+    // Complete once its central directory, at the end, reads.
     download
-        .run(&http_client()?, &dest, |part| verify_zip(part).map(drop))
+        .run(&http_client()?, &dest, |part| zip_summary(part).map(drop))
         .map_err(note_discarded_download)?;
+    if let Err(e) = verify_zip(&dest) {
+        let _ = std::fs::remove_file(&dest);
+        return Err(note_discarded_download(e));
+    }
     Ok(dest)
 }

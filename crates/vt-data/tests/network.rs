@@ -210,15 +210,42 @@ fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
     assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
 }
 
+/// A complete zip that is not the data set (its central directory reads) is not a download
+/// cut short: it is deleted, not kept to resume.
+#[test]
+fn a_complete_zip_of_other_files_without_a_length_is_deleted() {
+    let other = zip_bytes(&[("sample_submission.csv".into(), b"id,label\n".to_vec())]);
+    let server = TestServer::start(move |_| Reply::Unsized(other.clone()));
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no seg_train/<class>/<image> entries"),
+        "{err}"
+    );
+    assert!(err.contains("the download was deleted"), "{err}");
+    let downloads = tmp.path().join("downloads");
+    assert!(!downloads.join(ZIP_NAME).exists());
+    assert!(!downloads.join(format!("{ZIP_NAME}.part")).exists());
+}
+
 /// Each import replaces the data directory: downloads kept inside it would be lost.
 #[test]
 fn downloads_may_not_be_kept_inside_the_data_dir() {
     let server = TestServer::start(|_| Reply::status(500));
     let tmp = tempfile::tempdir().unwrap();
-    let mut opts = kaggle_opts(&server, tmp.path());
-    opts.download_dir = Some(tmp.path().join("data/downloads"));
-    let err = fetch(&opts).unwrap_err().to_string();
-    assert!(err.contains("inside the data directory"), "{err}");
+    for inside in [
+        "data/downloads",
+        "data/new/../downloads",
+        "elsewhere/../data/dl",
+    ] {
+        let mut opts = kaggle_opts(&server, tmp.path());
+        opts.download_dir = Some(tmp.path().join(inside));
+        let err = fetch(&opts).unwrap_err().to_string();
+        assert!(err.contains("inside the data directory"), "{inside}: {err}");
+    }
+    assert!(!tmp.path().join("data").exists());
 
     let hub = hub("mirror/intel", vec![]);
     let mut opts = hf_opts(&hub, "mirror/intel", tmp.path());
@@ -566,6 +593,22 @@ fn a_hugging_face_repository_with_other_zips_imports_its_archive() {
         .to_string();
     assert!(err.contains("holds 2 archives of training images"), "{err}");
     assert!(err.contains("\"archive.zip\", \"copy.zip\""), "{err}");
+
+    // An archive split into parts: importing its training part alone would lose the rest.
+    let server = hub(
+        "mirror/parts",
+        vec![
+            ("seg_train.zip".into(), kaggle_zip(&["sea"], 4, 0, 0)),
+            ("seg_test.zip".into(), kaggle_zip(&["sea"], 0, 2, 0)),
+        ],
+    );
+    let err = fetch(&hf_opts(&server, "mirror/parts", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("seg_test.zip in mirror/parts holds seg_test"),
+        "{err}"
+    );
 
     let server = hub("mirror/none", vec![("sample.zip".into(), sample)]);
     let err = fetch(&hf_opts(&server, "mirror/none", tmp.path()))

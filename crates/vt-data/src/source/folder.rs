@@ -1,6 +1,5 @@
 //! An extracted folder in the Kaggle layout.
 
-use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
@@ -17,18 +16,20 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             root.display()
         )));
     }
-    let mut stack = vec![root.to_path_buf()];
+    // Each folder with the real paths of the folders above it: a link back up the tree
+    // would list its images forever. (A folder whose real path cannot be told is listed.)
+    let mut stack = vec![(root.to_path_buf(), Vec::new())];
     let mut files = Vec::new();
-    // Folders by their real path: a link back up the tree would list its images forever.
-    let mut visited = HashSet::new();
-    while let Some(dir) = stack.pop() {
-        let real = dir.canonicalize().map_err(|e| DataError::io(&dir, e))?;
-        if !visited.insert(real) {
-            tracing::warn!(
-                "{}: a link to a folder already listed; its images are imported once",
-                dir.display()
-            );
-            continue;
+    while let Some((dir, mut above)) = stack.pop() {
+        if let Ok(real) = dir.canonicalize() {
+            if above.contains(&real) {
+                tracing::warn!(
+                    "{}: a link to a folder above it, not followed",
+                    dir.display()
+                );
+                continue;
+            }
+            above.push(real);
         }
         let mut entries: Vec<_> = fs::read_dir(&dir)
             .map_err(|e| DataError::io(&dir, e))?
@@ -40,7 +41,7 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             // Follows symlinks, so a linked-in folder of images works. A dangling link or
             // unreadable file is one unusable file, reported below if it is in the layout.
             match fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) if meta.is_dir() => stack.push((path, above.clone())),
                 Ok(meta) => files.push((path, Ok(meta.len()))),
                 Err(e) => files.push((path, Err(e))),
             }
