@@ -123,26 +123,23 @@ fn download_dir(opts: &FetchOptions) -> PathBuf {
         .unwrap_or_else(|| default_download_dir(&opts.data_dir))
 }
 
-/// `path` absolute with the links of its existing part resolved: where it is, or will be once
-/// created (the part still to be made holds no links, so its `..` are undone as written).
+/// `path` absolute with its links resolved: where it is, or will be once created. Each
+/// existing prefix is resolved before the next component, so a `..` leaves a link's target.
 fn resolved(path: &Path) -> Option<PathBuf> {
     let absolute = std::path::absolute(path).ok()?;
-    let mut existing = absolute.as_path();
-    let mut missing = Vec::new();
-    let mut real = loop {
-        if let Ok(real) = existing.canonicalize() {
-            break real;
-        }
-        missing.push(existing.components().next_back()?);
-        existing = existing.parent()?;
-    };
-    for component in missing.into_iter().rev() {
+    let mut real = PathBuf::new();
+    for component in absolute.components() {
         match component {
             Component::ParentDir => {
                 real.pop();
             }
-            Component::Normal(name) => real.push(name),
-            _ => {}
+            Component::CurDir => {}
+            other => {
+                real.push(other);
+                if let Ok(target) = real.canonicalize() {
+                    real = target;
+                }
+            }
         }
     }
     Some(real)

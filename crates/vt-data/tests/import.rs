@@ -34,16 +34,6 @@ fn tiny_synthetic(data_dir: &Path, seed: u64) -> FetchOptions {
     opts
 }
 
-/// Names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 /// A Kaggle-style folder (with the doubled names) holding the awkward cases.
 fn awkward_folder(root: &Path) {
     for (class, n) in [("buildings", 10), ("forest", 20)] {
@@ -136,7 +126,7 @@ fn a_folder_with_awkward_files_imports_and_reports_skips() {
 
     // The PNG named .jpg keeps its bytes and gets its real extension.
     assert!(data.join("pred/7606.png").is_file());
-    assert_eq!(names(&data.join("pred")).len(), 2);
+    assert_eq!(sorted_names(&data.join("pred")).len(), 2);
     // The colour-type variants survive as they were.
     let all = tree(&data);
     for name in ["grey.jpg", "palette.png", "rgba.png", "cmyk.jpg"] {
@@ -173,7 +163,7 @@ fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
     assert_eq!(first, second);
     assert_eq!(tree(&data), files);
     // The lock file stays on purpose (see `Importer::new`); staging and old copies go.
-    assert_eq!(names(tmp.path()), [".data.lock", "data", "src"]);
+    assert_eq!(sorted_names(tmp.path()), [".data.lock", "data", "src"]);
 
     // A different seed moves validation images but keeps the total. (The count of
     // validation images may change too: buildings and forest share ten photos, whose
@@ -226,7 +216,7 @@ fn an_import_interrupted_between_its_renames_is_put_back() {
     // A completed import replaces it as usual and leaves nothing aside.
     fs::rename(&data, &aside).unwrap();
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
-    assert_eq!(names(tmp.path()), [".data.lock", "data", "empty"]);
+    assert_eq!(sorted_names(tmp.path()), [".data.lock", "data", "empty"]);
 }
 
 #[test]
@@ -298,6 +288,33 @@ fn a_zip_entry_larger_than_it_declares_is_skipped() {
         "{}",
         skipped.reason
     );
+}
+
+/// Folders linked to each other are listed once each through a link, not along every path
+/// of links; a linked-in folder of images is still imported.
+#[cfg(unix)]
+#[test]
+fn folders_linked_to_each_other_are_listed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let train = src.join("seg_train/seg_train");
+    three_forest_photos(&src);
+    write(&tmp.path().join("more/a.jpg"), &jpeg(10));
+    std::os::unix::fs::symlink(tmp.path().join("more"), train.join("forest/more")).unwrap();
+    // Four folders each linking to every other one.
+    for i in 0..4 {
+        fs::create_dir_all(src.join(format!("extra/d{i}"))).unwrap();
+    }
+    for i in 0..4 {
+        for j in (0..4).filter(|&j| j != i) {
+            let link = src.join(format!("extra/d{i}/to{j}"));
+            std::os::unix::fs::symlink(src.join(format!("extra/d{j}")), link).unwrap();
+        }
+    }
+    let mut opts = from_path(&tmp.path().join("data"), &src);
+    opts.val_fraction = 0.0;
+    let m = fetch(&opts).unwrap();
+    assert_eq!(m.splits.train["forest"], 4, "{:?}", m.splits);
 }
 
 #[test]
@@ -378,7 +395,7 @@ fn only_an_earlier_import_is_replaced() {
     // A real earlier import is replaced.
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
     assert_eq!(
-        names(tmp.path())
+        sorted_names(tmp.path())
             .iter()
             .filter(|n| n.contains("incoming"))
             .count(),
@@ -404,8 +421,11 @@ fn a_symlinked_data_dir_keeps_its_link_and_updates_the_target() {
             .is_symlink());
         assert_eq!(Manifest::read(&target).unwrap(), m);
     }
-    assert_eq!(names(&out), ["link"]);
-    assert_eq!(names(&tmp.path().join("big")), [".intel.lock", "intel"]);
+    assert_eq!(sorted_names(&out), ["link"]);
+    assert_eq!(
+        sorted_names(&tmp.path().join("big")),
+        [".intel.lock", "intel"]
+    );
 }
 
 #[test]
@@ -469,15 +489,16 @@ fn identical_images_are_listed_and_never_split_between_train_and_val() {
     // Every copy stays in training, whatever the seeded split drew; the other photos split
     // as before: half of forest's 12 and of sea's 14 (less its copies) go to validation.
     assert_eq!(
-        names(&data.join("val/forest")).len() + names(&data.join("train/forest")).len(),
+        sorted_names(&data.join("val/forest")).len()
+            + sorted_names(&data.join("train/forest")).len(),
         20
     );
-    let val_forest = names(&data.join("val/forest"));
+    let val_forest = sorted_names(&data.join("val/forest"));
     assert!(
         val_forest.iter().all(|n| !n.starts_with("copy")),
         "{val_forest:?}"
     );
-    assert!(names(&data.join("train/sea")).contains(&"copy.jpg".to_string()));
+    assert!(sorted_names(&data.join("train/sea")).contains(&"copy.jpg".to_string()));
     assert_eq!(m.splits.val["forest"], val_forest.len());
     assert_eq!(m.splits.train["forest"], 20 - val_forest.len());
     assert!(!val_forest.is_empty());
@@ -487,7 +508,7 @@ fn identical_images_are_listed_and_never_split_between_train_and_val() {
         .collect();
     copies.push("train/sea/copy.jpg".into());
     // The leaked sea photo may be in train or val: it has no other copy in those.
-    let leaked_split = if names(&data.join("val/sea")).contains(&"leaked.jpg".to_string()) {
+    let leaked_split = if sorted_names(&data.join("val/sea")).contains(&"leaked.jpg".to_string()) {
         "val"
     } else {
         "train"

@@ -135,18 +135,16 @@ fn kaggle_errors_say_what_failed_and_what_to_do() {
     assert!(!tmp.path().join("downloads").join(ZIP_NAME).exists());
 }
 
-#[test]
-fn a_truncated_download_resumes_with_a_range_request() {
+/// Serves the first half of a Kaggle zip as `cut` answers it, then honours `Range`: the
+/// first fetch fails saying `says` and keeps the half, the second resumes from it.
+fn a_cut_download_resumes(cut: fn(&[u8], usize) -> Reply, says: &str) {
     let body = kaggle_zip(&["forest"], 30, 0, 0);
     let half = body.len() / 2;
     let calls = Arc::new(AtomicUsize::new(0));
     let (served, count) = (body.clone(), Arc::clone(&calls));
     let server = TestServer::start(move |r| {
         if count.fetch_add(1, Ordering::SeqCst) == 0 {
-            Reply::Truncated {
-                declared: served.len(),
-                body: served[..half].to_vec(),
-            }
+            cut(&served, half)
         } else {
             ranged(r, &served)
         }
@@ -155,51 +153,12 @@ fn a_truncated_download_resumes_with_a_range_request() {
     let err = fetch(&kaggle_opts(&server, tmp.path()))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("run again to resume"), "{err}");
-    let part = tmp
-        .path()
-        .join("downloads")
-        .join(format!("{ZIP_NAME}.part"));
-    assert_eq!(fs::metadata(&part).unwrap().len(), half as u64);
-    assert!(!tmp.path().join("data").exists());
-
-    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
-    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 30);
-    let requests = server.requests();
-    assert_eq!(
-        requests[1].headers.get("range"),
-        Some(&format!("bytes={half}-"))
-    );
-    assert_eq!(
-        fs::read(tmp.path().join("downloads").join(ZIP_NAME)).unwrap(),
-        body
-    );
-}
-
-/// A reply without a length that stops early looks complete to HTTP: the zip check finds it
-/// is not, and the bytes are kept for the next run to resume.
-#[test]
-fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
-    let body = kaggle_zip(&["forest"], 30, 0, 0);
-    let half = body.len() / 2;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (served, count) = (body.clone(), Arc::clone(&calls));
-    let server = TestServer::start(move |r| {
-        if count.fetch_add(1, Ordering::SeqCst) == 0 {
-            Reply::Unsized(served[..half].to_vec())
-        } else {
-            ranged(r, &served)
-        }
-    });
-    let tmp = tempfile::tempdir().unwrap();
-    let err = fetch(&kaggle_opts(&server, tmp.path()))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("without declaring a length"), "{err}");
+    assert!(err.contains(says), "{err}");
     assert!(err.contains("run again to resume"), "{err}");
     let downloads = tmp.path().join("downloads");
     let part = downloads.join(format!("{ZIP_NAME}.part"));
     assert_eq!(fs::metadata(&part).unwrap().len(), half as u64);
+    assert!(!tmp.path().join("data").exists());
 
     let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
     assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 30);
@@ -208,6 +167,27 @@ fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
         Some(&format!("bytes={half}-"))
     );
     assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
+}
+
+#[test]
+fn a_truncated_download_resumes_with_a_range_request() {
+    a_cut_download_resumes(
+        |body, half| Reply::Truncated {
+            declared: body.len(),
+            body: body[..half].to_vec(),
+        },
+        "run again to resume",
+    );
+}
+
+/// A reply without a length that stops early looks complete to HTTP: the zip check finds it
+/// is not, and the bytes are kept for the next run to resume.
+#[test]
+fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
+    a_cut_download_resumes(
+        |body, half| Reply::Unsized(body[..half].to_vec()),
+        "without declaring a length",
+    );
 }
 
 /// A complete zip that is not the data set (its central directory reads) is not a download
@@ -246,6 +226,18 @@ fn downloads_may_not_be_kept_inside_the_data_dir() {
         assert!(err.contains("inside the data directory"), "{inside}: {err}");
     }
     assert!(!tmp.path().join("data").exists());
+    // A data directory reached through a link, a download directory that goes back into
+    // the link after a folder still to be made: both are where the link leads.
+    #[cfg(unix)]
+    {
+        fs::create_dir_all(tmp.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("real"), tmp.path().join("link")).unwrap();
+        let mut opts = kaggle_opts(&server, tmp.path());
+        opts.data_dir = tmp.path().join("link/intel");
+        opts.download_dir = Some(tmp.path().join("new/../link/intel/dl"));
+        let err = fetch(&opts).unwrap_err().to_string();
+        assert!(err.contains("inside the data directory"), "{err}");
+    }
 
     let hub = hub("mirror/intel", vec![]);
     let mut opts = hf_opts(&hub, "mirror/intel", tmp.path());
@@ -453,22 +445,13 @@ fn parquet_labels_index_the_class_names_the_file_stores() {
     let data = tmp.path().join("data");
     // Labels 0 are street: images 0, 3 and 6.
     assert_eq!(
-        names_in(&data.join("train/street")),
+        sorted_names(&data.join("train/street")),
         ["0.jpg", "3.jpg", "6.jpg"]
     );
     assert_eq!(
-        names_in(&data.join("train/forest")),
+        sorted_names(&data.join("train/forest")),
         ["2.jpg", "5.jpg", "8.jpg"]
     );
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// A hub stand-in holding one train and one test parquet file with string labels.

@@ -1,5 +1,6 @@
 //! An extracted folder in the Kaggle layout.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
@@ -16,20 +17,21 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             root.display()
         )));
     }
-    // Each folder with the real paths of the folders above it: a link back up the tree
-    // would list its images forever. (A folder whose real path cannot be told is listed.)
-    let mut stack = vec![(root.to_path_buf(), Vec::new())];
+    // Each folder with whether a link led to it. A link to a folder already listed (one
+    // above it, say, which would list its images forever) is not followed; folders
+    // themselves are always listed. (A folder whose real path cannot be told is listed.)
+    let mut stack = vec![(root.to_path_buf(), false)];
+    let mut listed = HashSet::new();
     let mut files = Vec::new();
-    while let Some((dir, mut above)) = stack.pop() {
+    while let Some((dir, linked)) = stack.pop() {
         if let Ok(real) = dir.canonicalize() {
-            if above.contains(&real) {
+            if !listed.insert(real) && linked {
                 tracing::warn!(
-                    "{}: a link to a folder above it, not followed",
+                    "{}: a link to a folder already listed, not followed",
                     dir.display()
                 );
                 continue;
             }
-            above.push(real);
         }
         let mut entries: Vec<_> = fs::read_dir(&dir)
             .map_err(|e| DataError::io(&dir, e))?
@@ -41,7 +43,10 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             // Follows symlinks, so a linked-in folder of images works. A dangling link or
             // unreadable file is one unusable file, reported below if it is in the layout.
             match fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => stack.push((path, above.clone())),
+                Ok(meta) if meta.is_dir() => {
+                    let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
+                    stack.push((path, linked));
+                }
                 Ok(meta) => files.push((path, Ok(meta.len()))),
                 Err(e) => files.push((path, Err(e))),
             }

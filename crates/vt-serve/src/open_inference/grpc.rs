@@ -399,21 +399,28 @@ impl MessageLimits {
 struct Nested {
     tag: u32,
     nested: &'static [Nested],
+    /// Its packed fields of varints, whose values count one each: prost decodes a 1-byte
+    /// value into 4 or 8.
+    varints: &'static [u32],
 }
 
-/// `ModelInferRequest`'s `inputs` (their `contents` within) and `outputs`; its other fields
-/// (`raw_input_contents`, `parameters`' entries...) count one each.
+/// `ModelInferRequest`'s `inputs` (their `shape`'s values and `contents` within, the integer
+/// contents' values too) and `outputs`; its other fields (`raw_input_contents`,
+/// `parameters`' entries...) count one each.
 const MODEL_INFER_NESTED: &[Nested] = &[
     Nested {
         tag: 5,
         nested: &[Nested {
             tag: 5,
             nested: &[],
+            varints: &[2, 3, 4, 5],
         }],
+        varints: &[3],
     },
     Nested {
         tag: 6,
         nested: &[],
+        varints: &[],
     },
 ];
 
@@ -424,30 +431,39 @@ const MODEL_INFER_NESTED: &[Nested] = &[
 /// report.
 fn more_fields_than(limit: usize, message: &[u8], nested: &[Nested]) -> bool {
     /// `None` once past the limit or at a malformed field.
-    fn count(mut buf: &[u8], nested: &[Nested], seen: &mut usize, limit: usize) -> Option<()> {
+    fn count(
+        mut buf: &[u8],
+        nested: &[Nested],
+        varints: &[u32],
+        seen: &mut usize,
+        limit: usize,
+    ) -> Option<()> {
         while !buf.is_empty() {
             *seen += 1;
             if *seen > limit {
                 return None;
             }
             let (tag, wire_type) = encoding::decode_key(&mut buf).ok()?;
-            match nested.iter().find(|field| field.tag == tag) {
-                Some(field) if wire_type == WireType::LengthDelimited => {
-                    let length = encoding::decode_varint(&mut buf).ok()?;
-                    let length = usize::try_from(length).ok().filter(|&n| n <= buf.len())?;
-                    let (inner, rest) = buf.split_at(length);
-                    count(inner, field.nested, seen, limit)?;
-                    buf = rest;
+            let packed = wire_type == WireType::LengthDelimited;
+            let field = nested.iter().find(|field| field.tag == tag);
+            if packed && (field.is_some() || varints.contains(&tag)) {
+                let length = encoding::decode_varint(&mut buf).ok()?;
+                let length = usize::try_from(length).ok().filter(|&n| n <= buf.len())?;
+                let (inner, rest) = buf.split_at(length);
+                match field {
+                    Some(field) => count(inner, field.nested, field.varints, seen, limit)?,
+                    // A varint ends at each byte whose high bit is clear.
+                    None => *seen += inner.iter().filter(|&&byte| byte < 0x80).count(),
                 }
-                _ => {
-                    encoding::skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?
-                }
+                buf = rest;
+            } else {
+                encoding::skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?
             }
         }
         Some(())
     }
     let mut seen = 0;
-    let _ = count(message, nested, &mut seen, limit);
+    let _ = count(message, nested, &[], &mut seen, limit);
     seen > limit
 }
 
@@ -539,7 +555,7 @@ where
 
 async fn model_infer(
     state: Arc<AppState>,
-    request: ModelInferRequest,
+    mut request: ModelInferRequest,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<ModelInferResponse, ApiError> {
@@ -560,10 +576,13 @@ async fn model_infer(
         .collect::<Result<Vec<_>, ApiError>>()?;
     // Raw in, raw out: the "binary" outputs are those in `raw_output_contents`.
     let outputs = super::requested_outputs(&wanted, raw)?;
+    // The images hold what they need of the request: the rest is not kept while they wait.
+    let id = std::mem::take(&mut request.id);
+    drop(request);
     let (_admitted, predictions) =
         super::classify(&state, &model, images, arriving, deadline).await?;
     let outputs = super::output_tensors(&model.info, &outputs, &predictions);
-    Ok(respond(&model.info, request.id, outputs))
+    Ok(respond(&model.info, id, outputs))
 }
 
 /// The images of the request's one input, in order, from `raw_input_contents` or the
@@ -780,6 +799,20 @@ mod tests {
         assert!(more_fields_than(100, &request(60, 0), MODEL_INFER_NESTED));
         // Malformed: left to prost.
         assert!(!more_fields_than(100, &[0x2a, 0x7f], MODEL_INFER_NESTED));
+        // Packed varints count one each: a shape of 1-byte values decodes to 8 bytes each.
+        let shaped = |dimensions: usize| {
+            let input = InferInputTensor {
+                shape: vec![1; dimensions],
+                ..InferInputTensor::default()
+            };
+            let request = ModelInferRequest {
+                inputs: vec![input],
+                ..ModelInferRequest::default()
+            };
+            prost::Message::encode_to_vec(&request)
+        };
+        assert!(!more_fields_than(6, &shaped(4), MODEL_INFER_NESTED));
+        assert!(more_fields_than(100, &shaped(1000), MODEL_INFER_NESTED));
     }
 
     #[test]

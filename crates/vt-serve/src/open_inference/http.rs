@@ -281,15 +281,16 @@ async fn answer(
     let limit = state.limits.max_body_bytes;
     let header_length = header_length(request.headers())?;
     let body = input::read_body(request, limit).await?;
-    let (header, binary) = match header_length {
-        Some(n) if n > body.len() => {
+    let (header, binary) = match (header_length, body) {
+        (Some(n), body) if n > body.len() => {
             return Err(ApiError::BadRequest(format!(
                 "Inference-Header-Content-Length is {n}, but the body has only {} bytes",
                 body.len()
             )))
         }
-        Some(n) => (body.slice(..n), body.slice(n..)),
-        None => (body, Bytes::new()),
+        // Views, and the body moved in: dropping them is dropping it.
+        (Some(n), body) => (body.slice(..n), body.slice(n..)),
+        (None, body) => (body, Bytes::new()),
     };
     let capacity = state.admission.capacity();
     let preprocessor = model.preprocessor;
