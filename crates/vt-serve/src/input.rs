@@ -89,10 +89,10 @@ fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiEr
 }
 
 /// How many JSON values `body` holds (objects, arrays and scalars, nested ones included),
-/// numbers apart (with the arrays that hold only numbers, nested or not: a tensor's), counted
-/// without building them, or `None` when it is not JSON. A request
-/// of millions of tiny values (`[{},{},...]`, a few kilobytes gzipped) is refused on this
-/// count before it is parsed into values that take many times its size.
+/// numbers apart (with the arrays that hold only numbers, nested or not: a tensor's),
+/// counted without building them, or `None` when it is not JSON. A request of millions of
+/// tiny values (`[{},{},...]`, a few kilobytes gzipped) is refused on this count before it
+/// is parsed into values that take many times its size.
 pub fn json_value_count(body: &[u8]) -> Option<ValueCount> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let count = ValueCount::deserialize(&mut deserializer).ok()?;

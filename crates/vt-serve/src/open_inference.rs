@@ -8,10 +8,11 @@
 //! The model takes one input, `image`: BYTES of shape `[N]` (or `[N, 1]`), one encoded image
 //! per element, or FP32 of shape `[N, 3, S, S]`, images the client preprocessed as the
 //! model's evaluation does (the input of `vt-train export`'s ONNX model, so that a client
-//! written for that model on Triton calls vt-serve as it is). It gives two outputs, `probabilities` (softmax) and `logits`, FP32
-//! `[N, classes]`; with the classification extension's `classification: K` an output is
-//! instead BYTES `[N, K]` of `"value:index:label"`, best first. The model's version is its
-//! generation: 1 at startup, one more at each reload.
+//! that sends that model its tensors calls vt-serve as it is). It gives two outputs,
+//! `probabilities` (softmax) and `logits`, FP32 `[N, classes]`; with the classification
+//! extension's `classification: K` an output is instead BYTES `[N, K]` of
+//! `"value:index:label"`, best first. The model's version is its generation: 1 at startup,
+//! one more at each reload.
 
 pub mod grpc;
 pub mod http;

@@ -53,37 +53,6 @@ const RUN_OUTPUTS: [&str; 9] = [
     history::TOP_DIR,
 ];
 
-/// Writes `served` to `RUN/last/`, and to `RUN/best/` when `best`.
-fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
-    for (write, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
-        if write {
-            let dir = run_dir.join(name);
-            served
-                .save(&dir)
-                .with_context(|| format!("writing {}", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// A new run may take an empty folder, or one of other files, never a run's.
-fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
-    let Some(found) = RUN_OUTPUTS.iter().find(|name| run_dir.join(name).exists()) else {
-        return Ok(());
-    };
-    let resumable = [CONFIG_TOML, state::STATE_DIR]
-        .iter()
-        .any(|name| run_dir.join(name).exists());
-    let run_dir = run_dir.to_path_buf();
-    Err(if resumable {
-        TrainError::RunExists { run_dir }
-    } else {
-        TrainError::RunOutputs {
-            run_dir,
-            found: (*found).to_string(),
-        }
-    })
-}
 /// Locked by the process that trains in the run folder.
 pub const LOCK_FILE: &str = ".lock";
 
@@ -178,6 +147,38 @@ fn lock_run_dir(run_dir: &Path) -> Result<File> {
         }),
         Err(TryLockError::Error(e)) => Err(TrainError::file_op("locking", path, e)),
     }
+}
+
+/// Writes `served` to `RUN/last/`, and to `RUN/best/` when `best`.
+fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
+    for (write, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
+        if write {
+            let dir = run_dir.join(name);
+            served
+                .save(&dir)
+                .with_context(|| format!("writing {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A new run may take an empty folder, or one of other files, never a run's.
+fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
+    let Some(found) = RUN_OUTPUTS.iter().find(|name| run_dir.join(name).exists()) else {
+        return Ok(());
+    };
+    let resumable = [CONFIG_TOML, state::STATE_DIR]
+        .iter()
+        .any(|name| run_dir.join(name).exists());
+    let run_dir = run_dir.to_path_buf();
+    Err(if resumable {
+        TrainError::RunExists { run_dir }
+    } else {
+        TrainError::RunOutputs {
+            run_dir,
+            found: (*found).to_string(),
+        }
+    })
 }
 
 fn plan(args: &TrainArgs) -> Result<Plan> {
@@ -519,9 +520,9 @@ impl Trainer {
                 self.ema.as_ref(),
             )
             .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
-            // After the state: a kill before these leaves them to the resume, which writes
-            // them from the state (`save_checkpoints`). Written first, `best/` could hold an
-            // epoch that the resume runs again and then finds no better.
+            // After the state: a kill before these leaves them behind it, and the resume
+            // writes them from it (in `run`). Written first, `best/` could hold an epoch that
+            // the resume runs again and then finds no better.
             save_checkpoints(&self.run_dir, self.served(), best)?;
             history::remove(&self.run_dir, &offered.dropped)?;
             tracing::info!(
