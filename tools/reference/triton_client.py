@@ -11,7 +11,7 @@ Triton or KServe user would call it.
       requests.json  each body's Inference-Header-Content-Length and tritonclient's version
       0.png, 1.jpg   the two images
   check HOST:PORT MODEL IMAGE...
-      Against a running vt-serve: health, readiness, metadata, then inference of the images
+      Against a running vt-serve: health, readiness, metadata, configuration, then inference of the images
       in one request (binary, JSON, and binary gzip-compressed both ways), each image's
       probabilities compared with what POST /predict answers for it alone, and an unknown
       model's error; then the same through the asyncio client (tritonclient.http.aio), which
@@ -173,6 +173,8 @@ def check(url, model, paths, checkpoint=None, grpc_url=None):
     metadata = client.get_model_metadata(model)
     summary["metadata"] = metadata
     classes = metadata["outputs"][0]["shape"][1]
+    config = client.get_model_config(model)
+    summary["config"] = config
     images = [Path(p).read_bytes() for p in paths]
     alone = [predict_alone(url, image) for image in images]
     # Binary and JSON data; then binary again, gzip-compressed both ways.
@@ -232,6 +234,8 @@ def check(url, model, paths, checkpoint=None, grpc_url=None):
         summary["live"]
         and summary["ready"]
         and summary["model_ready"]
+        and config["input"][0]["name"] == metadata["inputs"][0]["name"]
+        and [o["dims"] for o in config["output"]] == [o["shape"][1:] for o in metadata["outputs"]]
         and summary["unknown_model_error"]
         and all(summary[k]["max_abs_diff_vs_predict"] < 1e-5 for k in ["binary", "json", "binary_gzip"])
         and summary["asyncio"]["unknown_model_error"]

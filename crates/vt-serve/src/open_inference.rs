@@ -5,7 +5,7 @@
 //! module is what the two share: the model's input and outputs, checking a request against
 //! them, running its images through the batcher, the output tensors, and the metadata.
 //!
-//! The model takes one input, `image`: BYTES of shape `[N]` (or `[N, 1]`), one encoded image
+//! The model takes one input, `image`: BYTES of shape `[N, 1]` (or `[N]`), one encoded image
 //! per element, or FP32 of shape `[N, 3, S, S]`, images the client preprocessed as the
 //! model's evaluation does (the input of `vt-train export`'s ONNX model, so that a client
 //! that sends that model its tensors calls vt-serve as it is). It gives two outputs,
@@ -26,7 +26,7 @@ use serde::Serialize;
 use vt_data::transform::Normalize;
 
 use crate::admission::Admitted;
-use crate::batcher::{Arriving, ServedModel};
+use crate::batcher::{Arriving, BatchConfig, ServedModel};
 use crate::classifier::{ranked, Prediction};
 use crate::error::ApiError;
 use crate::handlers;
@@ -82,10 +82,61 @@ pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
         name: info.name.clone(),
         versions: vec![info.generation.to_string()],
         platform: PLATFORM.into(),
-        inputs: vec![tensor(INPUT, "BYTES", vec![-1])],
+        inputs: vec![tensor(INPUT, "BYTES", vec![-1, 1])],
         outputs: Output::ALL
             .map(|output| tensor(output.name(), "FP32", vec![-1, classes]))
             .into(),
+    }
+}
+
+/// The model's configuration as Triton describes its models, for clients that read it before
+/// they infer (PyTriton's `ModelClient`, Triton's `image_client` and `perf_analyzer`): a
+/// batching model (`max_batch_size` is `--queue`, the most images one request may carry)
+/// whose input is the encoded form of `image`, one element per image, and whose batcher
+/// runs up to `--max-batch` images at once, waiting at most `--max-delay-ms` for them.
+pub fn model_config(info: &ModelInfo, batch: &BatchConfig) -> proto::ModelConfig {
+    // Far below i64::MAX classes; --queue and --max-batch are at most u32::MAX and 4096.
+    let classes = info.classes.len() as i64;
+    let gpu = info
+        .device
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok());
+    let kind = match gpu {
+        Some(_) => proto::InstanceKind::Gpu,
+        None => proto::InstanceKind::Cpu,
+    };
+    proto::ModelConfig {
+        name: info.name.clone(),
+        platform: PLATFORM.into(),
+        version_policy: Some(proto::ModelVersionPolicy {
+            latest: Some(proto::LatestVersions { num_versions: 1 }),
+        }),
+        max_batch_size: i32::try_from(batch.queue).unwrap_or(i32::MAX),
+        input: vec![proto::ModelInput {
+            name: INPUT.into(),
+            data_type: proto::DataType::String.into(),
+            format: proto::InputFormat::None.into(),
+            dims: vec![1],
+            reshape: Some(proto::ModelTensorReshape { shape: Vec::new() }),
+        }],
+        output: Output::ALL
+            .map(|output| proto::ModelOutput {
+                name: output.name().into(),
+                data_type: proto::DataType::Fp32.into(),
+                dims: vec![classes],
+            })
+            .into(),
+        instance_group: vec![proto::ModelInstanceGroup {
+            name: info.name.clone(),
+            count: 1,
+            gpus: gpu.into_iter().collect(),
+            kind: kind.into(),
+        }],
+        dynamic_batching: Some(proto::ModelDynamicBatching {
+            preferred_batch_size: vec![batch.max_batch as i32],
+            max_queue_delay_microseconds: u64::try_from(batch.max_delay.as_micros())
+                .unwrap_or(u64::MAX),
+        }),
     }
 }
 

@@ -131,6 +131,14 @@ fn open_inference_routes() -> Router<Arc<AppState>> {
             get(open_inference::http::model_metadata),
         )
         .route(
+            "/v2/models/{model}/config",
+            get(open_inference::http::model_config),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(open_inference::http::model_config),
+        )
+        .route(
             "/v2/models/{model}/ready",
             get(open_inference::http::model_ready),
         )

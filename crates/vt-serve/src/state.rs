@@ -295,6 +295,11 @@ impl AppState {
         Ok(model)
     }
 
+    /// `--max-batch`, `--max-delay-ms` and `--queue`.
+    pub fn batch_config(&self) -> BatchConfig {
+        self.batch
+    }
+
     pub fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Relaxed);
     }

@@ -1,10 +1,9 @@
 //! The Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) on a server
 //! started in-process with `--grpc-port 0`, called by a tonic client built from the
-//! server's own messages: health and metadata (the same as the HTTP routes'), inference
-//! with raw and typed contents (encoded or preprocessed images) against the offline
-//! predictions, the classification
-//! extension, the status codes of errors, and a request written by NVIDIA's
-//! tritonclient.grpc (`fixtures/tritonclient/grpc_infer.bin`).
+//! server's own messages: health, metadata and configuration (the same as the HTTP
+//! routes'), inference with raw and typed contents (encoded or preprocessed images) against
+//! the offline predictions, the classification extension, the status codes of errors, and
+//! a request written by NVIDIA's tritonclient.grpc (`fixtures/tritonclient/grpc_infer.bin`).
 
 mod common;
 
@@ -94,6 +93,16 @@ async fn health_and_metadata_answer_as_the_http_routes_do() {
     let json = get_json(&http, &server.url("/v2/models/tiny")).await;
     assert_eq!(serde_json::to_value(&metadata).unwrap(), json);
     assert_eq!(metadata.outputs[0].shape, [-1, CLASSES.len() as i64]);
+    let asked = ModelConfigRequest {
+        name: "tiny".into(),
+        version: "1".into(),
+    };
+    let config: ModelConfigResponse = grpc.call("ModelConfig", asked).await.unwrap();
+    let config = config.config.unwrap();
+    let json = get_json(&http, &server.url("/v2/models/tiny/config")).await;
+    assert_eq!(serde_json::to_value(&config).unwrap(), json);
+    assert_eq!(config.input[0].data_type, DataType::String as i32);
+    assert_eq!(config.output[1].dims, [CLASSES.len() as i64]);
 
     // Another model or version is not ready (as Triton answers), and has no metadata;
     // another method is not implemented.
@@ -113,6 +122,15 @@ async fn health_and_metadata_answer_as_the_http_routes_do() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let asked = ModelConfigRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        let status = grpc
+            .call::<_, ModelConfigResponse>("ModelConfig", asked)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
     }
     let status = grpc
         .call::<_, ServerLiveResponse>("RepositoryIndex", ServerLiveRequest {})
@@ -126,6 +144,8 @@ async fn health_and_metadata_answer_as_the_http_routes_do() {
         (r#"code="OK",method="ServerLive""#, 1.0),
         (r#"code="OK",method="ModelReady""#, 4.0),
         (r#"code="NOT_FOUND",method="ModelMetadata""#, 2.0),
+        (r#"code="OK",method="ModelConfig""#, 1.0),
+        (r#"code="NOT_FOUND",method="ModelConfig""#, 2.0),
         (r#"code="UNIMPLEMENTED",method="unknown""#, 1.0),
     ] {
         let series = format!("vt_serve_grpc_requests_total{{{series}}}");

@@ -199,7 +199,20 @@ fn json_body(images: &[&[u8]]) -> Vec<u8> {
 async fn health_metadata_and_versions_follow_the_protocol() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
-    let server = TestServer::start(&checkpoint, &["--model-name", "intel-vt"]).await;
+    let server = TestServer::start(
+        &checkpoint,
+        &[
+            "--model-name",
+            "intel-vt",
+            "--queue",
+            "12",
+            "--max-batch",
+            "4",
+            "--max-delay-ms",
+            "7",
+        ],
+    )
+    .await;
     let client = client();
     let get = |path: &str| {
         let request = client.get(server.url(path));
@@ -230,7 +243,7 @@ async fn health_metadata_and_versions_follow_the_protocol() {
         "name": "intel-vt",
         "versions": ["1"],
         "platform": "candle_safetensors",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1, 1]}],
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 6]},
             {"name": "logits", "datatype": "FP32", "shape": [-1, 6]},
@@ -247,6 +260,32 @@ async fn health_metadata_and_versions_follow_the_protocol() {
         (StatusCode::OK, ready.clone())
     );
     assert_eq!(get("/v2/models/intel-vt/versions/1/ready").await.1, ready);
+    // Triton's model configuration, in its JSON: requests of up to --queue images, a
+    // batcher of --max-batch images that waits --max-delay-ms.
+    let config = json!({
+        "name": "intel-vt",
+        "platform": "candle_safetensors",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": 12,
+        "input": [{
+            "name": "image",
+            "data_type": "TYPE_STRING",
+            "format": "FORMAT_NONE",
+            "dims": [1],
+            "reshape": {"shape": []},
+        }],
+        "output": [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [6]},
+            {"name": "logits", "data_type": "TYPE_FP32", "dims": [6]},
+        ],
+        "instance_group": [{"name": "intel-vt", "count": 1, "gpus": [], "kind": "KIND_CPU"}],
+        "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 7000},
+    });
+    assert_eq!(
+        get("/v2/models/intel-vt/config").await,
+        (StatusCode::OK, config.clone())
+    );
+    assert_eq!(get("/v2/models/intel-vt/versions/1/config").await.1, config);
     // --model-name names the model in the rest of the API too.
     assert_eq!(get("/v1/models").await.1["models"][0]["name"], "intel-vt");
 
@@ -255,6 +294,8 @@ async fn health_metadata_and_versions_follow_the_protocol() {
         "/v2/models/tiny",
         "/v2/models/intel-vt/versions/2",
         "/v2/models/tiny/ready",
+        "/v2/models/tiny/config",
+        "/v2/models/intel-vt/versions/2/config",
     ] {
         let (status, body) = get(path).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");

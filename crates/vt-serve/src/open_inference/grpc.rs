@@ -1,9 +1,9 @@
 //! The Open Inference Protocol's gRPC form: the service `inference.GRPCInferenceService` of
 //! KServe and Triton, on `--grpc-port`, so that `tritonclient.grpc` and KServe's gRPC
 //! client call vt-serve as they call those servers. It answers `ServerLive`,
-//! `ServerReady`, `ModelReady`, `ServerMetadata`, `ModelMetadata` and `ModelInfer`; other
-//! methods (streaming, model repository, statistics, shared memory...) answer
-//! UNIMPLEMENTED, as a server without them does.
+//! `ServerReady`, `ModelReady`, `ServerMetadata`, `ModelMetadata`, `ModelConfig` (Triton's)
+//! and `ModelInfer`; other methods (streaming, model repository, statistics, shared
+//! memory...) answer UNIMPLEMENTED, as a server without them does.
 //!
 //! The service is written by hand over tonic's core (its codec and unary call handling)
 //! with the messages of [`proto`](super::proto), served over HTTP/2 by the same server
@@ -43,10 +43,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tracing::Instrument;
 
 use super::proto::{
-    InferInputTensor, InferOutputTensor, InferParameter, InferTensorContents, ModelInferRequest,
-    ModelInferResponse, ModelMetadataRequest, ModelReadyRequest, ModelReadyResponse,
-    ParameterChoice, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerReadyRequest, ServerReadyResponse,
+    InferInputTensor, InferOutputTensor, InferParameter, InferTensorContents, ModelConfigRequest,
+    ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelReadyRequest, ModelReadyResponse, ParameterChoice, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerReadyRequest, ServerReadyResponse,
 };
 use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
 use crate::access;
@@ -68,16 +68,18 @@ enum Method {
     ModelReady,
     ServerMetadata,
     ModelMetadata,
+    ModelConfig,
     ModelInfer,
 }
 
 impl Method {
-    const ALL: [Method; 6] = [
+    const ALL: [Method; 7] = [
         Method::ServerLive,
         Method::ServerReady,
         Method::ModelReady,
         Method::ServerMetadata,
         Method::ModelMetadata,
+        Method::ModelConfig,
         Method::ModelInfer,
     ];
 
@@ -88,6 +90,7 @@ impl Method {
             Method::ModelReady => "ModelReady",
             Method::ServerMetadata => "ServerMetadata",
             Method::ModelMetadata => "ModelMetadata",
+            Method::ModelConfig => "ModelConfig",
             Method::ModelInfer => "ModelInfer",
         }
     }
@@ -247,6 +250,16 @@ async fn answer(
                 unary(limits, request, |asked: ModelMetadataRequest| async move {
                     let model = super::resolve(&state, &asked.name, version(&asked.version))?;
                     Ok(super::model_metadata(&model.info))
+                })
+                .await
+            }
+            Method::ModelConfig => {
+                let state = Arc::clone(state);
+                unary(limits, request, |asked: ModelConfigRequest| async move {
+                    let model = super::resolve(&state, &asked.name, version(&asked.version))?;
+                    Ok(ModelConfigResponse {
+                        config: Some(super::model_config(&model.info, &state.batch_config())),
+                    })
                 })
                 .await
             }

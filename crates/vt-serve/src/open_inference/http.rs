@@ -98,6 +98,17 @@ pub async fn model_metadata(
     Ok(Json(super::model_metadata(&model.info)))
 }
 
+pub async fn model_config(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<ModelPath>,
+) -> Result<Json<super::proto::ModelConfig>, ErrorMessage> {
+    let model = resolve(&state, &path)?;
+    Ok(Json(super::model_config(
+        &model.info,
+        &state.batch_config(),
+    )))
+}
+
 #[derive(Deserialize)]
 struct InferenceRequest {
     id: Option<String>,

@@ -2,13 +2,13 @@
 //! `grpc_service.proto` (package `inference`) define them, written by hand for prost: the
 //! field numbers are the protos', so that clients built from them (`tritonclient.grpc`,
 //! KServe's) read and write these. Only the messages of the methods vt-serve answers are
-//! here. The metadata answers also serialize as the HTTP routes' JSON, which has the same
-//! fields.
+//! here. The metadata and configuration answers also serialize as the HTTP routes' JSON,
+//! which has the same fields.
 
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ServerLiveRequest {}
@@ -200,4 +200,163 @@ pub struct ModelInferResponse {
     /// `contents` are not used.
     #[prost(bytes = "bytes", repeated, tag = "6")]
     pub raw_output_contents: Vec<Bytes>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelConfigRequest {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Empty: whichever version the server serves.
+    #[prost(string, tag = "2")]
+    pub version: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelConfigResponse {
+    #[prost(message, optional, tag = "1")]
+    pub config: Option<ModelConfig>,
+}
+
+/// Triton's `ModelConfig` (`model_config.proto`), the fields that describe a served model
+/// to its clients. The HTTP route answers it in Triton's JSON: the protos' field names,
+/// enumerations by name, 64-bit integers as numbers.
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelConfig {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub platform: String,
+    #[prost(message, optional, tag = "3")]
+    pub version_policy: Option<ModelVersionPolicy>,
+    /// The most images one request may carry; more than 0: the first dimension of every
+    /// input and output is the batch.
+    #[prost(int32, tag = "4")]
+    pub max_batch_size: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub input: Vec<ModelInput>,
+    #[prost(message, repeated, tag = "6")]
+    pub output: Vec<ModelOutput>,
+    #[prost(message, repeated, tag = "7")]
+    pub instance_group: Vec<ModelInstanceGroup>,
+    #[prost(message, optional, tag = "11")]
+    pub dynamic_batching: Option<ModelDynamicBatching>,
+}
+
+/// `ModelVersionPolicy`, of which only `latest` is used: one version is served.
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelVersionPolicy {
+    #[prost(message, optional, tag = "1")]
+    pub latest: Option<LatestVersions>,
+}
+
+/// `ModelVersionPolicy.Latest`.
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct LatestVersions {
+    #[prost(uint32, tag = "1")]
+    pub num_versions: u32,
+}
+
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelInput {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(enumeration = "DataType", tag = "2")]
+    #[serde(serialize_with = "data_type_name")]
+    pub data_type: i32,
+    #[prost(enumeration = "InputFormat", tag = "3")]
+    #[serde(serialize_with = "format_name")]
+    pub format: i32,
+    /// The shape without the batch dimension.
+    #[prost(int64, repeated, tag = "4")]
+    pub dims: Vec<i64>,
+    /// The shape the model itself takes, without the batch dimension.
+    #[prost(message, optional, tag = "5")]
+    pub reshape: Option<ModelTensorReshape>,
+}
+
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelOutput {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(enumeration = "DataType", tag = "2")]
+    #[serde(serialize_with = "data_type_name")]
+    pub data_type: i32,
+    /// The shape without the batch dimension.
+    #[prost(int64, repeated, tag = "3")]
+    pub dims: Vec<i64>,
+}
+
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelTensorReshape {
+    #[prost(int64, repeated, tag = "1")]
+    pub shape: Vec<i64>,
+}
+
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelDynamicBatching {
+    #[prost(int32, repeated, tag = "1")]
+    pub preferred_batch_size: Vec<i32>,
+    #[prost(uint64, tag = "2")]
+    pub max_queue_delay_microseconds: u64,
+}
+
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct ModelInstanceGroup {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(int32, tag = "2")]
+    pub count: i32,
+    #[prost(int32, repeated, tag = "3")]
+    pub gpus: Vec<i32>,
+    #[prost(enumeration = "InstanceKind", tag = "4")]
+    #[serde(serialize_with = "instance_kind_name")]
+    pub kind: i32,
+}
+
+/// `DataType`: the values used here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+pub enum DataType {
+    Invalid = 0,
+    Fp32 = 11,
+    String = 13,
+}
+
+/// `ModelInput.Format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+pub enum InputFormat {
+    None = 0,
+    Nhwc = 1,
+    Nchw = 2,
+}
+
+/// `ModelInstanceGroup.Kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+pub enum InstanceKind {
+    Auto = 0,
+    Gpu = 1,
+    Cpu = 2,
+}
+
+fn data_type_name<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match DataType::try_from(*value) {
+        Ok(DataType::Fp32) => "TYPE_FP32",
+        Ok(DataType::String) => "TYPE_STRING",
+        Ok(DataType::Invalid) | Err(_) => "TYPE_INVALID",
+    })
+}
+
+fn format_name<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match InputFormat::try_from(*value) {
+        Ok(InputFormat::Nhwc) => "FORMAT_NHWC",
+        Ok(InputFormat::Nchw) => "FORMAT_NCHW",
+        Ok(InputFormat::None) | Err(_) => "FORMAT_NONE",
+    })
+}
+
+fn instance_kind_name<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match InstanceKind::try_from(*value) {
+        Ok(InstanceKind::Gpu) => "KIND_GPU",
+        Ok(InstanceKind::Cpu) => "KIND_CPU",
+        Ok(InstanceKind::Auto) | Err(_) => "KIND_AUTO",
+    })
 }
