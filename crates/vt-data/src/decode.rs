@@ -3,7 +3,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, RgbImage};
+use image::{ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::{DataError, Result};
 
@@ -24,10 +24,18 @@ pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat> {
     }
 }
 
+/// Room a decoder has beyond the decoded image of `max_pixels` pixels, for its working
+/// buffers and an image's metadata.
+const DECODER_WORKSPACE_BYTES: u64 = 64 << 20;
+/// The widest decoded pixel: RGBA at 16 bits a channel.
+const MAX_BYTES_PER_PIXEL: u64 = 8;
+
 /// Decodes to RGB8. Greyscale is replicated, alpha dropped, palettes and CMYK expanded;
 /// EXIF orientation is ignored, as PIL does by default. Images of more than `max_pixels`
 /// pixels are refused from their header, before decoding, so that a tiny file declaring a
-/// huge image cannot exhaust memory.
+/// huge image cannot exhaust memory; and the decoder may allocate only what an image of
+/// `max_pixels` needs, so that what the header does not declare cannot either (a GIF frame
+/// larger than its image, a PNG colour profile that inflates to gigabytes).
 pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     let format = sniff_format(bytes)?;
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions()?;
@@ -43,8 +51,14 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
     }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(
+        max_pixels
+            .saturating_mul(MAX_BYTES_PER_PIXEL)
+            .saturating_add(DECODER_WORKSPACE_BYTES),
+    );
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.no_limits();
+    reader.limits(limits);
     Ok(reader.decode()?.to_rgb8())
 }
 
@@ -128,6 +142,29 @@ mod tests {
         let rgb = decode_rgb(&bytes).unwrap();
         assert_eq!(rgb.dimensions(), (5, 3));
         assert_eq!(rgb.get_pixel(2, 1).0, [80, 80, 80]);
+    }
+
+    /// What decoding needs beyond the limit is refused as over a limit, not allocated.
+    fn assert_over_the_limits(result: Result<RgbImage>) {
+        match result {
+            Err(DataError::Decode(image::ImageError::Limits(_))) => {}
+            other => panic!("expected a decoding limit error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_gif_frame_larger_than_its_image_is_refused() {
+        // A 1x1 image whose one frame says 6000x6000: 144 MB of RGBA that the header
+        // check, which reads the image's size, lets through.
+        let mut gif = b"GIF89a".to_vec();
+        gif.extend([1, 0, 1, 0, 0x80, 0, 0, 0, 0, 0, 255, 255, 255]);
+        gif.push(b',');
+        for value in [0u16, 0, 6000, 6000] {
+            gif.extend(value.to_le_bytes());
+        }
+        // No local palette; LZW minimum code size 2, a clear and an end code, the trailer.
+        gif.extend([0, 2, 1, 0b0010_1100, 0, b';']);
+        assert_over_the_limits(decode_rgb_limited(&gif, 100));
     }
 
     #[test]
