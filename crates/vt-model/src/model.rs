@@ -76,14 +76,31 @@ impl Model {
     }
 
     /// The model of the checkpoint in `dir`, and the bytes of the weights file it read.
+    ///
+    /// The folder may be replaced while it is read (training renames a new `best/` in, a
+    /// deployment points a link elsewhere): the config is read again after the weights, and
+    /// when it changed, both are read afresh, so that one checkpoint's class names never
+    /// label another's scores.
     fn load_with_bytes(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Vec<u8>)> {
-        let config = checkpoint::read_config(dir)?;
-        let model = Model::init_as(config, device, dtype)?;
+        const READS: usize = 3;
         let path = dir.join(WEIGHTS_FILE);
-        let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-        let tensors = checkpoint::tensors_of(&path, &bytes, device)?;
-        checkpoint::assign_strict(&path, &model.varmap, &tensors, |_| true)?;
-        Ok((model, bytes))
+        for _ in 0..READS {
+            let config = checkpoint::read_config(dir)?;
+            let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+            if checkpoint::read_config(dir)? != config {
+                continue;
+            }
+            let model = Model::init_as(config, device, dtype)?;
+            let tensors = checkpoint::tensors_of(&path, &bytes, device)?;
+            checkpoint::assign_strict(&path, &model.varmap, &tensors, |_| true)?;
+            return Ok((model, bytes));
+        }
+        Err(ModelError::Invalid {
+            path: dir.to_path_buf(),
+            message: format!(
+                "its config.json changed while its weights were read, {READS} times in a row"
+            ),
+        })
     }
 
     /// Sets this model's weights to those of the checkpoint in `dir`, the start of a

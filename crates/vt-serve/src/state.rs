@@ -134,8 +134,9 @@ pub fn load_classifier(
 #[derive(Debug, Clone)]
 pub struct ModelSource {
     pub checkpoint: PathBuf,
-    /// `--model-name`, else the checkpoint folder's name.
-    pub name: Option<String>,
+    /// `--model-name`, else the checkpoint folder's name as given: named once, so that a
+    /// reload of a link that now points elsewhere keeps the name clients call.
+    pub name: String,
     pub device: String,
     pub dtype: String,
     pub bf16_products: bool,
@@ -145,7 +146,10 @@ impl ModelSource {
     pub fn new(args: &ServeArgs) -> ModelSource {
         ModelSource {
             checkpoint: args.checkpoint.clone(),
-            name: args.model_name.clone(),
+            name: args
+                .model_name
+                .clone()
+                .unwrap_or_else(|| checkpoint_name(&args.checkpoint)),
             device: args.device.clone(),
             dtype: args.dtype.clone(),
             bf16_products: args.bf16_products,
@@ -163,10 +167,7 @@ impl ModelSource {
         )?;
         let config = classifier.config();
         let info = ModelInfo {
-            name: self
-                .name
-                .clone()
-                .unwrap_or_else(|| checkpoint_name(&self.checkpoint)),
+            name: self.name.clone(),
             arch: config.arch.to_string(),
             classes: config.class_names.clone(),
             image_size: config.image_size,
@@ -305,10 +306,20 @@ impl AppState {
     }
 }
 
+/// The checkpoint folder's name as given (`runs/x/best` is `best`, though a link to
+/// `epoch-007`); the name of the folder it resolves to only when the path ends in `..` or is
+/// `.`.
 fn checkpoint_name(dir: &Path) -> String {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    dir.file_name().map_or_else(
-        || dir.display().to_string(),
+    let resolved;
+    let named = match dir.file_name() {
+        Some(_) => dir,
+        None => {
+            resolved = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            &resolved
+        }
+    };
+    named.file_name().map_or_else(
+        || named.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
 }

@@ -1,7 +1,7 @@
 //! Reloading the checkpoint without downtime: SIGHUP to the real binary after the folder was
-//! replaced the way vt-train writes it, a broken checkpoint that leaves the previous model
-//! serving, requests in flight across reloads, and a request already queued for the old
-//! model while a model of another image size is swapped in.
+//! replaced the way vt-train writes it or a link to it moved, a broken checkpoint that leaves
+//! the previous model serving, requests in flight across reloads, and a request already
+//! queued for the old model while a model of another image size is swapped in.
 
 mod common;
 
@@ -251,6 +251,33 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
         "{failure}"
     );
 
+    server.stop().await;
+}
+
+/// A deployment that points a link at the checkpoint to serve: the model is named after the
+/// link, as given, before and after the link moves, so that clients keep their URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_checkpoint_keeps_the_links_name_when_the_link_moves() {
+    let root = tempfile::tempdir().unwrap();
+    write_checkpoint(&root.path().join("epoch-1"), &OLD_CLASSES, 32);
+    write_checkpoint(&root.path().join("epoch-2"), &NEW_CLASSES, 32);
+    let link = root.path().join("best");
+    std::os::unix::fs::symlink("epoch-1", &link).unwrap();
+    let server = Served::start(&link);
+    let client = client();
+    let first = current_model(&client, &server.base).await;
+    assert_eq!(first["name"], "best", "{first}");
+    assert_eq!(first["classes"], json!(OLD_CLASSES));
+
+    let moving = root.path().join("best.new");
+    std::os::unix::fs::symlink("epoch-2", &moving).unwrap();
+    std::fs::rename(&moving, &link).unwrap();
+    server.signal("HUP");
+    let second = wait_for_generation(&client, &server.base, 2).await;
+    assert_eq!(second["name"], "best", "{second}");
+    assert_eq!(second["classes"], json!(NEW_CLASSES));
+    let metadata = get_json(&client, &server.url("/v2/models/best")).await;
+    assert_eq!(metadata["versions"], json!(["2"]));
     server.stop().await;
 }
 
