@@ -15,7 +15,8 @@ use vt_model::{Model, VtConfig};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
 use crate::init::{check_out_dir, write_checkpoint};
-use crate::state::{self, BEST_DIR, LAST_DIR, STATE_DIR};
+use crate::outputs::{self, resolved, RUN_FOLDERS};
+use crate::state;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AverageArgs {
@@ -149,10 +150,6 @@ pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
     Ok(model)
 }
 
-/// The folders of a run that its training writes: the output must be none of them, nor
-/// inside one, nor an input.
-const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
-
 /// Refuses an `--out` that is one of the checkpoints averaged, or lies in a folder that a
 /// training run manages: in `--run-dir`'s, or in the run of an input kept in `RUN/top/`.
 /// Writing there would replace a checkpoint the run lists (or later replaces or removes).
@@ -188,19 +185,6 @@ fn refuse_out_among_inputs(out: &Path, inputs: &[Input], run_dir: Option<&Path>)
     Ok(())
 }
 
-/// `path` with its links and `..` resolved, as far as it exists (an output folder may not
-/// exist yet).
-fn resolved(path: &Path) -> PathBuf {
-    if let Ok(real) = path.canonicalize() {
-        return real;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
-        (_, Some(name)) => std::env::current_dir().unwrap_or_default().join(name),
-        _ => path.to_path_buf(),
-    }
-}
-
 /// Every tensor of `model`, by name, widened to f64.
 fn values(model: &Model) -> Result<BTreeMap<String, Vec<f64>>> {
     let vars = model
@@ -229,6 +213,12 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             .collect(),
     };
     refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
+    let parent = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    outputs::refuse_managed_folder("--out", &args.out, parent)?;
     check_out_dir(&args.out, args.force)?;
     println!(
         "averaging {} checkpoint{}:",

@@ -14,8 +14,10 @@ use vt_model::{parse_device, Model};
 use crate::calibration::{self, Calibration};
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
+use crate::history::TOP_DIR;
 use crate::loss::{cross_entropy, predictions};
 use crate::metrics::{csv_cell, write_atomically, ClassScores, ConfusionMatrix};
+use crate::outputs;
 use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
 use crate::threads;
@@ -248,6 +250,10 @@ fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
         || "checkpoint".to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
+    // An epoch a run keeps in `top/` is reported beside the run: `top/` holds only epochs.
+    if let Some(run) = outputs::run_keeping(checkpoint) {
+        return run.join(format!("eval-{TOP_DIR}-{name}-{split}.json"));
+    }
     let parent = checkpoint
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -410,9 +416,10 @@ struct OutputPaths {
 }
 
 /// The report's path and those of the plots' PNG and the predictions CSV beside
-/// it. A given --out is refused before any work when another file would replace the report,
-/// its folder is missing or is the checkpoint folder (whose next save would refuse a folder
-/// holding other files; the default's folder holds the checkpoint folder).
+/// it. Refused before any work: a path that is a folder (or anything but a file), a folder
+/// that holds a checkpoint or that a run manages ([`outputs::refuse_managed_folder`]); and
+/// for a given --out, one whose PNG or CSV would replace the report, or whose folder is
+/// missing.
 fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     // `.` and `..` name no folder to put the report beside: the folder they stand for does.
     let checkpoint = match args.checkpoint.file_name() {
@@ -429,10 +436,24 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
         csv: out.with_extension("csv"),
         report: out,
     };
+    let out = &paths.report;
+    for path in [&paths.report, &paths.png, &paths.csv] {
+        if path.exists() && !path.is_file() {
+            return Err(TrainError::Config(format!(
+                "--out {}: {} is there and is not a file; choose another --out",
+                out.display(),
+                path.display()
+            )));
+        }
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if args.out.is_none() {
+        outputs::refuse_managed_folder("the report", out, parent)?;
         return Ok(paths);
     }
-    let out = &paths.report;
     for (beside, what, extension) in [
         (&paths.png, "the plots are", "png"),
         (&paths.csv, "the per-image predictions are", "csv"),
@@ -449,10 +470,6 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
             )));
         }
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(TrainError::Config(format!(
             "--out {}: the folder {} does not exist",
@@ -460,13 +477,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
             parent.display()
         )));
     }
-    if std::fs::canonicalize(parent).ok() == std::fs::canonicalize(&checkpoint).ok() {
-        return Err(TrainError::Config(format!(
-            "--out {}: the report would go into the checkpoint folder, which holds only the \
-             checkpoint; write it beside it",
-            out.display()
-        )));
-    }
+    outputs::refuse_managed_folder("--out", out, parent)?;
     Ok(paths)
 }
 
@@ -533,13 +544,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         mistakes,
     };
     print!("{}", report_text(&report));
+    // The report last: one that is there is never older than the CSV beside it, which
+    // `compare` reads in its place.
     let csv = predictions_csv(&eval.predictions, &folder.samples, &folder.classes);
     write_atomically(&paths.csv, csv.as_bytes())?;
-    let json = serde_json::to_string_pretty(&report).map_err(|cause| TrainError::JsonWrite {
-        path: paths.report.clone(),
-        cause,
-    })?;
-    write_atomically(&paths.report, format!("{json}\n").as_bytes())?;
     let title = format!(
         "{} on {split}: {:.2}%",
         args.checkpoint.display(),
@@ -551,6 +559,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &report.calibration,
         &title,
     )?;
+    let json = serde_json::to_string_pretty(&report).map_err(|cause| TrainError::JsonWrite {
+        path: paths.report.clone(),
+        cause,
+    })?;
+    write_atomically(&paths.report, format!("{json}\n").as_bytes())?;
     eprintln!(
         "wrote {}, {} and {}",
         paths.report.display(),

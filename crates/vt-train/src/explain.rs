@@ -20,6 +20,7 @@ use vt_model::{parse_device, Model};
 
 use crate::data::normalize;
 use crate::error::{Result, ResultExt, TrainError};
+use crate::outputs;
 use crate::plots::{draw_atomically, plot_error, FONT};
 use crate::threads;
 
@@ -77,6 +78,7 @@ struct Explanation {
 }
 
 pub fn run(args: &ExplainArgs) -> Result<()> {
+    outputs::refuse_managed_folder("--out", &args.out, &args.out)?;
     threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
     let model = Model::load(&args.checkpoint, &device)

@@ -31,6 +31,7 @@ pub mod lr_find;
 pub mod metrics;
 pub mod mix;
 pub mod optim;
+pub mod outputs;
 pub mod plots;
 pub mod progress;
 pub mod schedule;

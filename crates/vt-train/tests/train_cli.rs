@@ -270,6 +270,17 @@ fn check_history_and_average(
     }
     let refused = run_err(&mut average());
     assert!(refused.contains("already holds a checkpoint"), "{refused}");
+    let refused = run_err(
+        vt_train()
+            .args(["average", "--run-dir"])
+            .arg(run)
+            .arg("--out")
+            .arg(avg.join("inner")),
+    );
+    assert!(
+        refused.contains("inside the checkpoint folder"),
+        "{refused}"
+    );
     let refused = run_err(average().args(["--force", "--top", "3"]));
     assert!(
         refused.contains("--top 3") && refused.contains("keeps 2 epochs"),
@@ -283,6 +294,18 @@ fn check_history_and_average(
             .arg(data),
     );
     assert!(avg.with_file_name("eval-avg-val.json").is_file());
+    // A kept epoch's report goes beside its run: top/ holds only the epochs it keeps.
+    let kept_epoch = run.join(format!("top/epoch-{:03}", best[1]));
+    run_ok(
+        vt_train()
+            .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
+            .arg(&kept_epoch)
+            .arg("--data")
+            .arg(data),
+    );
+    let report = format!("eval-top-epoch-{:03}-val.json", best[1]);
+    assert!(run.join(report).is_file());
+    assert_eq!(checkpoint_history(run).1, epoch_folders(&best));
 }
 
 /// One row of the predictions CSV.
@@ -699,6 +722,16 @@ fn eval_checks_its_output_paths_before_evaluating() {
             .arg(&checkpoint)
             .args(TINY_MODEL),
     );
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        fs::copy(checkpoint.join(file), other.join(file)).unwrap();
+    }
+    let run = tmp.path().join("run");
+    fs::create_dir_all(run.join("top")).unwrap();
+    fs::write(run.join("config.toml"), "").unwrap();
+    fs::create_dir_all(tmp.path().join("folder")).unwrap();
+    fs::create_dir_all(tmp.path().join("plots.png")).unwrap();
     let eval = |out: &std::path::Path| {
         vt_train()
             .args(["eval", "--threads", "1", "--checkpoint"])
@@ -720,8 +753,18 @@ fn eval_checks_its_output_paths_before_evaluating() {
             "the per-image predictions are written beside it with a .csv",
         ),
         (tmp.path().join("report.CSV"), ".csv extension"),
-        // The checkpoint folder holds the checkpoint only (its next save refuses others).
+        // The checkpoint folder holds the checkpoint only (its next save refuses others),
+        // and so does any other: its config.json is no report.
         (checkpoint.join("report.json"), "checkpoint folder"),
+        (other.join("config.json"), "checkpoint folder"),
+        // A run's top/ holds its kept epochs only (a resume refuses others).
+        (
+            run.join("top/report.json"),
+            "which its training run manages",
+        ),
+        // A folder, or a folder where the plots would go, is no report.
+        (tmp.path().join("folder"), "is not a file"),
+        (tmp.path().join("plots.json"), "is not a file"),
     ] {
         let result = eval(&out);
         let err = String::from_utf8_lossy(&result.stderr);
@@ -737,6 +780,12 @@ fn eval_checks_its_output_paths_before_evaluating() {
     );
     assert!(!tmp.path().join("report.png").exists());
     assert!(!tmp.path().join("report.csv").exists() && !tmp.path().join("report.CSV").exists());
+    assert!(!tmp.path().join("folder.csv").exists() && !tmp.path().join("plots.csv").exists());
+    assert_eq!(fs::read_dir(run.join("top")).unwrap().count(), 0);
+    assert_eq!(
+        fs::read(other.join("config.json")).unwrap(),
+        fs::read(checkpoint.join("config.json")).unwrap()
+    );
     // `--checkpoint .` from inside the checkpoint: the default report goes beside it.
     let out = run_ok(
         vt_train()
@@ -1149,6 +1198,20 @@ fn explain_draws_each_modules_token_attention() {
     let broken = tmp.path().join("notes.jpg");
     fs::write(&broken, b"not an image").unwrap();
     let out = tmp.path().join("explain");
+    // Not into the checkpoint folder, which holds only its checkpoint.
+    let refused = run_err(
+        vt_train()
+            .args(["explain", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(checkpoint.join("pictures"))
+            .arg(&png),
+    );
+    assert!(
+        refused.contains("inside the checkpoint folder"),
+        "{refused}"
+    );
+    assert!(!checkpoint.join("pictures").exists());
 
     let mut cmd = vt_train();
     cmd.args(["explain", "--checkpoint"])

@@ -1,0 +1,106 @@
+//! Where the commands' outputs (reports, pictures, averaged checkpoints) may go: never into a
+//! checkpoint folder, which holds only its checkpoint (one holding other files is one that
+//! training and `init --force` no longer replace), nor into the folders a training run
+//! manages, whose next save or resume would refuse or remove what is there.
+
+use std::path::{Path, PathBuf};
+
+use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+
+use crate::error::{Result, TrainError};
+use crate::history::TOP_DIR;
+use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
+use crate::train::CONFIG_TOML;
+
+/// The folders of a run that its training writes.
+pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
+
+/// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
+/// checkpoint folder or one of [`RUN_FOLDERS`] of a run (a folder holding `config.toml`).
+pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
+    let folder = resolved(folder);
+    for above in folder.ancestors() {
+        if above.join(CONFIG_FILE).is_file() && above.join(WEIGHTS_FILE).is_file() {
+            return Err(TrainError::Config(format!(
+                "{option} {}: inside the checkpoint folder {}, which must hold only its \
+                 checkpoint; write it beside it",
+                out.display(),
+                above.display()
+            )));
+        }
+        let managed = above
+            .file_name()
+            .is_some_and(|name| RUN_FOLDERS.iter().any(|f| name == *f));
+        if let Some(run) = above
+            .parent()
+            .filter(|run| managed && run.join(CONFIG_TOML).is_file())
+        {
+            return Err(TrainError::Config(format!(
+                "{option} {}: inside {}, which its training run manages; write it outside \
+                 it (e.g. in {})",
+                out.display(),
+                above.display(),
+                run.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run folder whose `top/` keeps `checkpoint`, if it is such a kept epoch.
+pub fn run_keeping(checkpoint: &Path) -> Option<&Path> {
+    let top = checkpoint.parent()?;
+    let run = top.parent()?;
+    (top.file_name()? == TOP_DIR && run.join(CONFIG_TOML).is_file()).then_some(run)
+}
+
+/// `path` with its links and `..` resolved, as far as it exists (an output folder may not
+/// exist yet).
+pub fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = path.canonicalize() {
+        return real;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
+        (_, Some(name)) => std::env::current_dir().unwrap_or_default().join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_stay_out_of_checkpoints_and_a_runs_folders() {
+        let root = tempfile::tempdir().unwrap();
+        let run = root.path().join("run");
+        let kept = run.join(TOP_DIR).join("epoch-001");
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::write(run.join(CONFIG_TOML), "").unwrap();
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            std::fs::write(kept.join(file), "").unwrap();
+        }
+        let refused = |folder: &Path| {
+            refuse_managed_folder("--out", folder, folder)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&kept).contains("inside the checkpoint folder"));
+        assert!(refused(&kept.join("new/deeper")).contains("inside the checkpoint folder"));
+        assert!(refused(&run.join(TOP_DIR)).contains("which its training run manages"));
+        assert!(refused(&run.join(BEST_DIR).join("x")).contains("which its training run manages"));
+        refuse_managed_folder("--out", &run, &run).unwrap();
+        refuse_managed_folder("--out", &run, &run.join("reports")).unwrap();
+        // A folder named like a run's, in a folder that is no run, is anyone's.
+        std::fs::remove_file(run.join(CONFIG_TOML)).unwrap();
+        refuse_managed_folder("--out", &run, &run.join(BEST_DIR)).unwrap();
+        // A folder holding a config.json alone is no checkpoint.
+        std::fs::write(root.path().join(CONFIG_FILE), "{}").unwrap();
+        refuse_managed_folder("--out", root.path(), root.path()).unwrap();
+        assert_eq!(run_keeping(&kept), None);
+        std::fs::write(run.join(CONFIG_TOML), "").unwrap();
+        assert_eq!(run_keeping(&kept), Some(run.as_path()));
+        assert_eq!(run_keeping(&run.join(BEST_DIR)), None);
+    }
+}
