@@ -351,16 +351,23 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
     if old.exists() {
         fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        // Persist the renames themselves.
-        fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| ModelError::io(parent, e))?;
-    }
-    Ok(())
+    // Persist the renames themselves.
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(parent)
 }
 
-/// Gives every file of `dir` the permissions of an ordinary new file and flushes it.
+/// Flushes a folder's entries (the names of files created or renamed in it) to disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ModelError::io(dir, e))
+}
+
+/// Gives every file of `dir` the permissions of an ordinary new file and flushes it, then
+/// the folder.
 /// safetensors writes through a temporary file created with mode 0600 whatever the umask,
 /// and a server running as another user could not read the weights.
 fn finish_files(dir: &Path) -> Result<()> {
@@ -379,5 +386,6 @@ fn finish_files(dir: &Path) -> Result<()> {
                 .map_err(|e| ModelError::io(&path, e))?;
         }
     }
-    Ok(())
+    // Their names too, before the folder is renamed into place.
+    sync_dir(dir)
 }

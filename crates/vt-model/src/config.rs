@@ -82,7 +82,7 @@ pub struct VtConfig {
     pub vt_modules: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
-    #[serde(default)]
+    /// Required, as the contract lists it: a config that lost it is not read as `paper`.
     pub variant: Variant,
 }
 

@@ -202,6 +202,14 @@ fn inconsistent_or_broken_configs_are_errors() {
         let err = load_err(&dir);
         assert!(err.contains(needle), "{key}: {err}");
     }
+    // Every key the contract lists is required: none falls back to a default.
+    for key in ["variant", "mean", "class_names"] {
+        let mut config = good.clone();
+        config.as_object_mut().unwrap().remove(key);
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = load_err(&dir);
+        assert!(err.contains(&format!("missing field `{key}`")), "{err}");
+    }
     // A config that is valid but disagrees with the weights names the first tensor at fault.
     let mut config = good.clone();
     config["token_channels"] = serde_json::json!(64);

@@ -380,8 +380,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Has `write` create `.NAME.tmp-PID{suffix}` beside `path`, then renames it over `path`.
-/// The temporary is removed when either step fails, so a failed write leaves nothing behind.
+/// Has `write` create `.NAME.tmp-PID{suffix}` beside `path`, then renames it over `path` and
+/// flushes the rename. The temporary is removed when a step fails, so a failed write leaves
+/// nothing behind.
 pub fn replace_through_temporary(
     path: &Path,
     suffix: &str,
@@ -392,8 +393,14 @@ pub fn replace_through_temporary(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}{suffix}", std::process::id()));
-    let result =
-        write(&tmp).and_then(|()| fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e)));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let result = write(&tmp)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e)))
+        // The rename itself, on disk.
+        .and_then(|()| Ok(vt_model::checkpoint::sync_dir(parent)?));
     if result.is_err() {
         // Best effort: the error being returned is the one that matters.
         let _ = fs::remove_file(&tmp);
