@@ -24,6 +24,12 @@ pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat> {
     }
 }
 
+/// The largest image decoded unless a command says otherwise, in pixels (width x height):
+/// the same for serving, `predict`, training, `eval`, `explain` and the import, so that an
+/// image one of them scores none of the others refuses. The data set's are 150x150; this
+/// stops decompression bombs.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
 /// Room a decoder has beyond the decoded image of `max_pixels` pixels, for its working
 /// buffers and an image's metadata.
 const DECODER_WORKSPACE_BYTES: u64 = 64 << 20;

@@ -19,8 +19,6 @@ use crate::error::{DataError, Result};
 use crate::layout::Role;
 use crate::split;
 
-/// Largest image accepted, in pixels: the data set's are 150x150; this only stops bombs.
-pub const MAX_PIXELS: u64 = 8192 * 8192;
 /// Images are verified and written in chunks of this many, in parallel.
 const CHUNK: usize = 256;
 
@@ -174,7 +172,8 @@ impl Importer {
                     Ok(rel) => rel,
                     Err(reason) => return Ok(Err(reason.clone())),
                 };
-                if let Err(e) = decode::decode_rgb_limited(&image.bytes, MAX_PIXELS) {
+                if let Err(e) = decode::decode_rgb_limited(&image.bytes, decode::DEFAULT_MAX_PIXELS)
+                {
                     return Ok(Err(e.to_string()));
                 }
                 let path = staging.join(rel);

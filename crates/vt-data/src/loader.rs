@@ -15,9 +15,8 @@ use fast_image_resize::Resizer;
 use rand::seq::SliceRandom;
 
 use crate::augment::{augment_into, AugmentConfig};
-use crate::decode::decode_rgb_limited;
+use crate::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
 use crate::error::{DataError, Result};
-use crate::import::MAX_PIXELS;
 use crate::rng::{epoch_rng, sample_rng};
 use crate::staging::Staging;
 use crate::transform::{eval_into, Normalize};
@@ -298,7 +297,7 @@ fn load_sample(
     out: &mut [f32],
 ) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let img = decode_rgb_limited(&bytes, MAX_PIXELS)?;
+    let img = decode_rgb_limited(&bytes, DEFAULT_MAX_PIXELS)?;
     match &shared.transform {
         Transform::Train(cfg) => {
             let mut rng = sample_rng(shared.seed, shared.epoch, index as u64);

@@ -7,15 +7,14 @@ mod common;
 
 use fast_image_resize::Resizer;
 use image::RgbImage;
-use vt_data::decode::decode_rgb_limited;
-use vt_data::import::MAX_PIXELS;
+use vt_data::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
 use vt_data::transform::{eval_chw, resize_region, CropBox, Normalize};
 
 const EVAL_SIZE: u32 = 64;
 
 fn input(name: &str) -> RgbImage {
     let bytes = std::fs::read(common::fixtures().join(name)).unwrap();
-    decode_rgb_limited(&bytes, MAX_PIXELS).unwrap()
+    decode_rgb_limited(&bytes, DEFAULT_MAX_PIXELS).unwrap()
 }
 
 fn expected(name: &str) -> RgbImage {

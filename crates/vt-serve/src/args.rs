@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use axum::http::HeaderValue;
 
-/// The largest image, in pixels, that is decoded unless `--max-pixels` says otherwise.
-pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+pub use vt_data::decode::DEFAULT_MAX_PIXELS;
 /// `--max-inflight-body-bytes` unless `--max-body-bytes` is larger.
 pub const DEFAULT_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
 

@@ -482,6 +482,11 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    if args.limit == Some(0) {
+        return Err(TrainError::Config(
+            "--limit 0: evaluate at least 1 image, or leave --limit out for all".into(),
+        ));
+    }
     let split = Split::from(args.split);
     let paths = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);

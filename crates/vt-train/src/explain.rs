@@ -12,9 +12,8 @@ use fast_image_resize::Resizer;
 use image::imageops::{self, FilterType};
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
-use vt_data::decode::decode_rgb_limited;
+use vt_data::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
 use vt_data::download::error_chain;
-use vt_data::import::MAX_PIXELS;
 use vt_data::transform::{eval_chw, Normalize};
 use vt_model::{parse_device, Model};
 
@@ -150,7 +149,7 @@ fn display_name(image: &Path) -> String {
 
 fn explain(model: &Model, resizer: &mut Resizer, path: &Path) -> Result<Explanation> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::file_op("reading", path, e))?;
-    let img = decode_rgb_limited(&bytes, MAX_PIXELS)?;
+    let img = decode_rgb_limited(&bytes, DEFAULT_MAX_PIXELS)?;
     let size = model.config.image_size;
     let norm = normalize(&model.config);
     let chw = eval_chw(resizer, &img, size as u32, &norm)?;
