@@ -13,6 +13,12 @@ use crate::error::ApiError;
 
 const MAX_REDIRECTS: usize = 5;
 
+/// The redirect policy's refusal of a host outside `--allow-url-fetch`: the client's
+/// request that is refused (400), as a URL naming that host is, not a failed fetch (502).
+#[derive(Debug, thiserror::Error)]
+#[error("redirect to {0} leaves the allowed hosts")]
+struct LeavesAllowedHosts(Url);
+
 pub struct UrlFetcher {
     client: Client,
     allowed: Arc<Vec<String>>,
@@ -36,8 +42,8 @@ impl UrlFetcher {
             } else if is_allowed(&policy_allowed, attempt.url()) {
                 attempt.follow()
             } else {
-                let message = format!("redirect to {} leaves the allowed hosts", attempt.url());
-                attempt.error(message)
+                let refused = LeavesAllowedHosts(attempt.url().clone());
+                attempt.error(refused)
             }
         });
         let client = Client::builder().redirect(policy).build()?;
@@ -82,7 +88,15 @@ impl UrlFetcher {
         }
         let failed = |e: reqwest::Error| {
             // Its causes too: reqwest's own message says only "error sending request".
-            ApiError::UrlFetchFailed(format!("fetching {url}: {}", error_chain(&e)))
+            let message = format!("fetching {url}: {}", error_chain(&e));
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(error) = cause {
+                if error.is::<LeavesAllowedHosts>() {
+                    return ApiError::UrlFetchRefused(message);
+                }
+                cause = error.source();
+            }
+            ApiError::UrlFetchFailed(message)
         };
         let mut response = self
             .client

@@ -632,12 +632,13 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "url_fetch_failed",
         "404 upstream",
     );
+    // Refused by the policy, as a URL of that host is: not a failure to retry.
     let (status, answer) = ask(format!("http://127.0.0.1:{}/elsewhere", host.port())).await;
     assert_error(
         status,
         &answer,
-        StatusCode::BAD_GATEWAY,
-        "url_fetch_failed",
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
         "redirect off the list",
     );
     assert_detail_says(&answer, "leaves the allowed hosts");
