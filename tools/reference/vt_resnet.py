@@ -262,12 +262,39 @@ def load_contract_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor])
             ref.copy_(given[k].to(ref.dtype))
 
 
+# Every key the contract requires of config.json: none may fall back to a default.
+CONFIG_KEYS = ("arch", "num_classes", "class_names", "image_size", "tokens", "token_channels",
+               "heads", "vt_modules", "mean", "std", "variant")
+
+
+def check_checkpoint(folder: str, cfg: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """What the contract requires of a checkpoint beyond the model's names and shapes: every
+    config key, a name for every class, 3-channel mean and std, f32 tensors."""
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{folder}/config.json: missing {missing}")
+    if len(cfg["class_names"]) != cfg["num_classes"]:
+        raise ValueError(f"{folder}/config.json: {len(cfg['class_names'])} class_names for "
+                         f"num_classes {cfg['num_classes']}")
+    for key in ("mean", "std"):
+        v = cfg[key]
+        if not (isinstance(v, list) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"{folder}/config.json: {key} must be 3 numbers, got {v!r}")
+    wrong = sorted(f"{k} ({t.dtype})" for k, t in tensors.items()
+                   if t.dtype != torch.float32 and not k.endswith("num_batches_tracked"))
+    if wrong:
+        raise ValueError(f"{folder}/model.safetensors: tensors must be float32: {wrong}")
+
+
 def load_checkpoint(folder: str) -> VTResNet:
     from safetensors.torch import load_file
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    check_checkpoint(folder, cfg, tensors)
     model = VTResNet(cfg)
-    load_contract_state_dict(model, load_file(os.path.join(folder, "model.safetensors")))
+    load_contract_state_dict(model, tensors)
     model.eval()
     return model
 
