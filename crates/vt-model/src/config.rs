@@ -86,6 +86,11 @@ pub struct VtConfig {
     pub variant: Variant,
 }
 
+/// The largest `image_size` loaded or built: far above any classifier's input, and below
+/// what would fail allocating a single image's activations (a checkpoint claiming a million
+/// pixels a side aborted on a 12 TB allocation instead of being refused).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 impl VtConfig {
     /// The contract's defaults for `arch`, with classes named `class0`, `class1`, ...
     pub fn new(arch: Arch, num_classes: usize, image_size: usize) -> Self {
@@ -167,6 +172,12 @@ impl VtConfig {
                 self.heads
             ));
         }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return fail(format!(
+                "image_size {} is over {MAX_IMAGE_SIZE}, the largest this implementation runs",
+                self.image_size
+            ));
+        }
         if self.image_size == 0 || self.feature_map_size() == 0 {
             return fail(format!(
                 "image_size {} leaves no layer3 feature map",
@@ -244,6 +255,13 @@ mod tests {
                     ..base.clone()
                 },
                 "image_size",
+            ),
+            (
+                VtConfig {
+                    image_size: 1_000_000,
+                    ..base.clone()
+                },
+                "over 4096",
             ),
             (
                 VtConfig {
