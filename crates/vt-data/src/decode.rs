@@ -44,7 +44,16 @@ const MAX_BYTES_PER_PIXEL: u64 = 8;
 /// larger than its image, a PNG colour profile that inflates to gigabytes).
 pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     let format = sniff_format(bytes)?;
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions()?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(
+        max_pixels
+            .saturating_mul(MAX_BYTES_PER_PIXEL)
+            .saturating_add(DECODER_WORKSPACE_BYTES),
+    );
+    // Reading the header already inflates some chunks (a PNG's colour profile).
+    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
+    header.limits(limits.clone());
+    let (width, height) = header.into_dimensions()?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(DataError::TooManyPixels {
@@ -57,12 +66,6 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
     }
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(
-        max_pixels
-            .saturating_mul(MAX_BYTES_PER_PIXEL)
-            .saturating_add(DECODER_WORKSPACE_BYTES),
-    );
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits);
     Ok(reader.decode()?.to_rgb8())

@@ -359,11 +359,14 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
     sync_dir(parent)
 }
 
-/// Flushes a folder's entries (the names of files created or renamed in it) to disk.
+/// Flushes a folder's entries (the names of files created or renamed in it) to disk. A
+/// file system that cannot flush folders (EINVAL: some network and FUSE ones) is no error:
+/// the entries are in place, and it offers no way to make them more durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| ModelError::io(dir, e))
+    match fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(ModelError::io(dir, e)),
+        _ => Ok(()),
+    }
 }
 
 /// Gives every file of `dir` the permissions of an ordinary new file and flushes it, then

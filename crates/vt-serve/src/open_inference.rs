@@ -93,7 +93,8 @@ pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
 /// they infer (PyTriton's `ModelClient`, Triton's `image_client` and `perf_analyzer`): a
 /// batching model (`max_batch_size` is `--queue`, the most images one request may carry)
 /// whose input is the encoded form of `image`, one element per image, and whose batcher
-/// runs up to `--max-batch` images at once, waiting at most `--max-delay-ms` for them.
+/// runs up to `--max-batch` images at once (at most `--queue`), waiting at most
+/// `--max-delay-ms` for them.
 pub fn model_config(info: &ModelInfo, batch: &BatchConfig) -> proto::ModelConfig {
     // Far below i64::MAX classes; --queue and --max-batch are at most u32::MAX and 4096.
     let classes = info.classes.len() as i64;
@@ -133,7 +134,8 @@ pub fn model_config(info: &ModelInfo, batch: &BatchConfig) -> proto::ModelConfig
             kind: kind.into(),
         }],
         dynamic_batching: Some(proto::ModelDynamicBatching {
-            preferred_batch_size: vec![batch.max_batch as i32],
+            // No batch is larger than the images admitted at once.
+            preferred_batch_size: vec![batch.max_batch.min(batch.queue) as i32],
             max_queue_delay_microseconds: u64::try_from(batch.max_delay.as_micros())
                 .unwrap_or(u64::MAX),
         }),
@@ -611,6 +613,40 @@ mod tests {
             ["0.5:1:b", "0.25:0:a"]
         );
         assert_eq!(classification(&[1.5, -2.0], &[], 5), ["1.5:0", "-2:1"]);
+    }
+
+    #[test]
+    fn the_configuration_describes_the_served_model_and_its_batching() {
+        let info = ModelInfo {
+            name: "best".into(),
+            arch: "vt-resnet18".into(),
+            classes: vec!["sea".into(), "street".into()],
+            image_size: 64,
+            parameters: 1,
+            sha256: String::new(),
+            device: "cuda:1".into(),
+            dtype: "f32".into(),
+            bf16_products: false,
+            generation: 3,
+            loaded_at: 0,
+        };
+        let batch = BatchConfig {
+            max_batch: 64,
+            max_delay: std::time::Duration::from_micros(2500),
+            queue: 8,
+        };
+        let config = model_config(&info, &batch);
+        assert_eq!(config.max_batch_size, 8);
+        assert_eq!(config.output[0].dims, [2]);
+        // No batch is larger than the images admitted at once.
+        let batching = config.dynamic_batching.unwrap();
+        assert_eq!(batching.preferred_batch_size, [8]);
+        assert_eq!(batching.max_queue_delay_microseconds, 2500);
+        let group = &config.instance_group[0];
+        assert_eq!(
+            (group.kind, &group.gpus[..]),
+            (proto::InstanceKind::Gpu as i32, &[1][..])
+        );
     }
 
     #[test]

@@ -219,6 +219,7 @@ pub fn run(args: &AverageArgs) -> Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     outputs::refuse_managed_folder("--out", &args.out, parent)?;
+    outputs::refuse_run_folder("--out", &args.out)?;
     check_out_dir(&args.out, args.force)?;
     println!(
         "averaging {} checkpoint{}:",

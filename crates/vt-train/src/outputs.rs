@@ -28,13 +28,7 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
                 above.display()
             )));
         }
-        let managed = above
-            .file_name()
-            .is_some_and(|name| RUN_FOLDERS.iter().any(|f| name == *f));
-        if let Some(run) = above
-            .parent()
-            .filter(|run| managed && run.join(CONFIG_TOML).is_file())
-        {
+        if let Some(run) = above.parent().filter(|_| is_run_folder(above)) {
             return Err(TrainError::Config(format!(
                 "{option} {}: inside {}, which its training run manages; write it outside \
                  it (e.g. in {})",
@@ -47,11 +41,39 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
     Ok(())
 }
 
-/// The run folder whose `top/` keeps `checkpoint`, if it is such a kept epoch.
-pub fn run_keeping(checkpoint: &Path) -> Option<&Path> {
+/// The run folder whose `top/` keeps `checkpoint`, if it is such a kept epoch (however the
+/// path reaches it: `epoch-001` from inside `top/`, a link to `top/`).
+pub fn run_keeping(checkpoint: &Path) -> Option<PathBuf> {
+    let checkpoint = resolved(checkpoint);
     let top = checkpoint.parent()?;
     let run = top.parent()?;
-    (top.file_name()? == TOP_DIR && run.join(CONFIG_TOML).is_file()).then_some(run)
+    (top.file_name()? == TOP_DIR && run.join(CONFIG_TOML).is_file()).then(|| run.to_path_buf())
+}
+
+/// Whether `folder` is one of [`RUN_FOLDERS`] of a run.
+fn is_run_folder(folder: &Path) -> bool {
+    let managed = folder
+        .file_name()
+        .is_some_and(|name| RUN_FOLDERS.iter().any(|f| name == *f));
+    managed
+        && folder
+            .parent()
+            .is_some_and(|run| run.join(CONFIG_TOML).is_file())
+}
+
+/// Refuses an output folder `out` that is itself one of [`RUN_FOLDERS`] of a run (a
+/// checkpoint written there would replace the run's own), besides what
+/// [`refuse_managed_folder`] refuses of the folder it goes in.
+pub fn refuse_run_folder(option: &str, out: &Path) -> Result<()> {
+    let folder = resolved(out);
+    if is_run_folder(&folder) {
+        return Err(TrainError::Config(format!(
+            "{option} {}: {} is its training run's; write it outside the run's folders",
+            out.display(),
+            folder.display()
+        )));
+    }
+    Ok(())
 }
 
 /// `path` with its links and `..` resolved, as far as it exists (an output folder may not
@@ -99,8 +121,19 @@ mod tests {
         std::fs::write(root.path().join(CONFIG_FILE), "{}").unwrap();
         refuse_managed_folder("--out", root.path(), root.path()).unwrap();
         assert_eq!(run_keeping(&kept), None);
+        refuse_run_folder("--out", &run.join(BEST_DIR)).unwrap();
         std::fs::write(run.join(CONFIG_TOML), "").unwrap();
-        assert_eq!(run_keeping(&kept), Some(run.as_path()));
+        let run = run.canonicalize().unwrap();
+        assert_eq!(run_keeping(&kept), Some(run.clone()));
+        // However the path reaches it.
+        let link = root.path().join("link-to-top");
+        std::os::unix::fs::symlink(run.join(TOP_DIR), &link).unwrap();
+        assert_eq!(run_keeping(&link.join("epoch-001")), Some(run.clone()));
         assert_eq!(run_keeping(&run.join(BEST_DIR)), None);
+        for folder in RUN_FOLDERS {
+            let err = refuse_run_folder("--out", &run.join(folder)).unwrap_err();
+            assert!(err.to_string().contains("is its training run's"), "{err}");
+        }
+        refuse_run_folder("--out", &run.join("avg")).unwrap();
     }
 }
