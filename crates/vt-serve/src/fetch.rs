@@ -13,11 +13,12 @@ use crate::error::ApiError;
 
 const MAX_REDIRECTS: usize = 5;
 
-/// The redirect policy's refusal of a host outside `--allow-url-fetch`: the client's
-/// request that is refused (400), as a URL naming that host is, not a failed fetch (502).
+/// The redirect policy's refusal of a URL that the client could not have asked for (a host
+/// outside `--allow-url-fetch`, a scheme other than http and https): refused (400) as that
+/// URL is, not a failed fetch (502).
 #[derive(Debug, thiserror::Error)]
-#[error("redirect to {0} leaves the allowed hosts")]
-struct LeavesAllowedHosts(Url);
+#[error("redirect to {0} {1}")]
+struct RedirectRefused(Url, &'static str);
 
 pub struct UrlFetcher {
     client: Client,
@@ -39,10 +40,13 @@ impl UrlFetcher {
         let policy = redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
                 attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if !is_fetchable(attempt.url().scheme()) {
+                let refused = RedirectRefused(attempt.url().clone(), "is not http or https");
+                attempt.error(refused)
             } else if is_allowed(&policy_allowed, attempt.url()) {
                 attempt.follow()
             } else {
-                let refused = LeavesAllowedHosts(attempt.url().clone());
+                let refused = RedirectRefused(attempt.url().clone(), "leaves the allowed hosts");
                 attempt.error(refused)
             }
         });
@@ -74,7 +78,7 @@ impl UrlFetcher {
         }
         let parsed = Url::parse(url)
             .map_err(|e| ApiError::BadRequest(format!("invalid url `{url}`: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
+        if !is_fetchable(parsed.scheme()) {
             return Err(ApiError::UrlFetchRefused(format!(
                 "only http and https URLs can be fetched, not `{}`",
                 parsed.scheme()
@@ -91,7 +95,7 @@ impl UrlFetcher {
             let message = format!("fetching {url}: {}", error_chain(&e));
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(error) = cause {
-                if error.is::<LeavesAllowedHosts>() {
+                if error.is::<RedirectRefused>() {
                     return ApiError::UrlFetchRefused(message);
                 }
                 cause = error.source();
@@ -130,6 +134,10 @@ impl UrlFetcher {
         }
         Ok(Bytes::from(body))
     }
+}
+
+fn is_fetchable(scheme: &str) -> bool {
+    matches!(scheme, "http" | "https")
 }
 
 fn is_allowed(allowed: &[String], url: &Url) -> bool {

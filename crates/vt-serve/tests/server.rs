@@ -545,7 +545,8 @@ async fn the_default_pixel_limit_refuses_a_huge_png_before_decoding() {
     server.shutdown().await;
 }
 
-/// Serves `/photo.jpg`, a body over the limit at `/big`, and a redirect to another host.
+/// Serves `/photo.jpg`, a body over the limit at `/big`, a redirect to another host and one
+/// to another scheme.
 async fn image_host(photo: Vec<u8>, big: usize) -> std::net::SocketAddr {
     use axum::response::Redirect;
     use axum::routing::get;
@@ -558,6 +559,12 @@ async fn image_host(photo: Vec<u8>, big: usize) -> std::net::SocketAddr {
             "/elsewhere",
             get(move || async move {
                 Redirect::temporary(&format!("http://localhost:{}/photo.jpg", addr.port()))
+            }),
+        )
+        .route(
+            "/ftp",
+            get(move || async move {
+                Redirect::temporary(&format!("ftp://127.0.0.1:{}/photo.jpg", addr.port()))
             }),
         );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -642,6 +649,15 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "redirect off the list",
     );
     assert_detail_says(&answer, "leaves the allowed hosts");
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/ftp", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
+        "redirect to another scheme",
+    );
+    assert_detail_says(&answer, "is not http or https");
     // Nothing listens on the port of a listener just closed.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();
