@@ -341,13 +341,23 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if dir.exists() {
-        if old.exists() {
-            fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+    let moved_in = (|| {
+        if dir.exists() {
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+            }
+            fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
         }
-        fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+        fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))
+    })();
+    if let Err(e) = moved_in {
+        // Best effort: the previous version back in place, no copy left beside it.
+        if !dir.exists() && old.is_dir() {
+            let _ = fs::rename(&old, dir);
+        }
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
     if old.exists() {
         fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
     }

@@ -3,7 +3,7 @@
 //! training and `init --force` no longer replace), nor into the folders a training run
 //! manages, whose next save or resume would refuse or remove what is there.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
@@ -77,14 +77,22 @@ pub fn refuse_run_folder(option: &str, out: &Path) -> Result<()> {
 }
 
 /// `path` with its links and `..` resolved, as far as it exists (an output folder may not
-/// exist yet).
+/// exist yet); below that, `..` is taken lexically, as a folder still to be made holds no
+/// links (`missing/../best` is `best`).
 pub fn resolved(path: &Path) -> PathBuf {
     if let Ok(real) = path.canonicalize() {
         return real;
     }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
-        (_, Some(name)) => std::env::current_dir().unwrap_or_default().join(name),
+    let above = || match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => resolved(parent),
+        None => std::env::current_dir().unwrap_or_default(),
+    };
+    match path.components().next_back() {
+        Some(Component::Normal(name)) => above().join(name),
+        Some(Component::ParentDir) => {
+            let base = above();
+            base.parent().map_or(base.clone(), Path::to_path_buf)
+        }
         _ => path.to_path_buf(),
     }
 }
@@ -135,5 +143,19 @@ mod tests {
             assert!(err.to_string().contains("is its training run's"), "{err}");
         }
         refuse_run_folder("--out", &run.join("avg")).unwrap();
+        // `..` after a folder still to be made, which creating it would let through.
+        for spelled in [
+            "missing/../best",
+            "top/missing/../../state",
+            "missing/../top/x",
+        ] {
+            let out = run.join(spelled);
+            assert!(
+                refuse_run_folder("--out", &out).is_err()
+                    || refuse_managed_folder("--out", &out, &out).is_err(),
+                "{spelled}"
+            );
+        }
+        assert_eq!(resolved(&run.join("a/b/../../avg")), run.join("avg"));
     }
 }
