@@ -90,11 +90,10 @@ pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
 }
 
 /// The model's configuration as Triton describes its models, for clients that read it before
-/// they infer (PyTriton's `ModelClient`, Triton's `image_client` and `perf_analyzer`): a
-/// batching model (`max_batch_size` is `--queue`, the most images one request may carry)
-/// whose input is the encoded form of `image`, one element per image, and whose batcher
-/// runs up to `--max-batch` images at once (at most `--queue`), waiting at most
-/// `--max-delay-ms` for them.
+/// they infer (PyTriton's `ModelClient`): a batching model (`max_batch_size` is `--queue`,
+/// the most images one request may carry) whose input is the encoded form of `image`, one
+/// element per image, and whose batcher runs up to `--max-batch` images at once (at most
+/// `--queue`), waiting at most `--max-delay-ms` for them.
 pub fn model_config(info: &ModelInfo, batch: &BatchConfig) -> proto::ModelConfig {
     // Far below i64::MAX classes; --queue and --max-batch are at most u32::MAX and 4096.
     let classes = info.classes.len() as i64;
