@@ -185,34 +185,36 @@ async fn answer(
             verb.name()
         ))
     })?;
-    if let Some(name) = request
-        .signature_name
-        .as_deref()
-        .filter(|&n| n != SIGNATURE)
-    {
+    // The body is charged to the budget once: its parsed copy replaces it.
+    drop(body);
+    let PredictRequest {
+        instances,
+        parameters,
+        signature_name,
+    } = request;
+    if let Some(name) = signature_name.as_deref().filter(|&n| n != SIGNATURE) {
         return Err(ApiError::BadRequest(format!(
             "unknown signature_name `{name}`: the model's one signature is `{SIGNATURE}`"
         )));
     }
-    let parameters = request.parameters.unwrap_or_default();
+    let parameters = parameters.unwrap_or_default();
     parameters.check()?;
-    if request.instances.is_empty() {
+    if instances.is_empty() {
         return Err(ApiError::BadRequest("\"instances\" is empty".into()));
     }
-    if request.instances.len() > capacity {
+    if instances.len() > capacity {
         return Err(ApiError::BadRequest(format!(
             "too many instances: {}, at most {capacity} per request (--queue)",
-            request.instances.len()
+            instances.len()
         )));
     }
-    if verb == Verb::Explain && request.instances.len() > MAX_EXPLAINED {
+    if verb == Verb::Explain && instances.len() > MAX_EXPLAINED {
         return Err(ApiError::BadRequest(format!(
             "too many instances to explain: {}, at most {MAX_EXPLAINED} per request",
-            request.instances.len()
+            instances.len()
         )));
     }
-    let images = request
-        .instances
+    let images = instances
         .iter()
         .enumerate()
         .map(|(i, instance)| {
@@ -226,6 +228,9 @@ async fn answer(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The images hold what they need of the request: its base64 text is not kept while they
+    // wait.
+    drop(instances);
     let explain = verb == Verb::Explain;
     let (_admitted, predictions) =
         handlers::classify_all(state, &model, images, explain, arriving, deadline).await?;
