@@ -45,7 +45,8 @@ pub struct Args {
     /// Seed of the train/val split (and of --synthetic).
     #[arg(long, default_value_t = fetch::DEFAULT_SEED)]
     seed: u64,
-    /// Where downloaded archives are kept for re-runs [default: <data dir>/../.downloads].
+    /// Where the Kaggle zip is kept for re-runs, with --source kaggle [default: <data
+    /// dir>/../.downloads].
     #[arg(long, conflicts_with_all = ["from", "synthetic"])]
     download_dir: Option<PathBuf>,
 }
@@ -64,6 +65,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if source == Source::Kaggle && args.hf_repo.is_some() {
             anyhow::bail!(
                 "--hf-repo names a Hugging Face repository; it has no use with --source kaggle"
+            );
+        }
+        if source == Source::Hf && args.download_dir.is_some() {
+            anyhow::bail!(
+                "--download-dir keeps the Kaggle zip; it has no use with the Hugging Face source, \
+                 whose downloads are cached under HF_HOME (add --source kaggle to download from \
+                 Kaggle)"
             );
         }
         match source {
@@ -197,6 +205,14 @@ mod tests {
             .args;
         let err = run(kaggle).unwrap_err().to_string();
         assert!(err.contains("--hf-repo"), "{err}");
+        for argv in [
+            &["fetch-data", "--download-dir", "d"][..],
+            &["fetch-data", "--source", "hf", "--download-dir", "d"],
+        ] {
+            let hf = Cli::try_parse_from(argv).unwrap().args;
+            let err = run(hf).unwrap_err().to_string();
+            assert!(err.contains("--download-dir"), "{argv:?}: {err}");
+        }
     }
     use vt_data::dataset::SplitCounts;
 

@@ -1,14 +1,15 @@
 //! Resumable HTTP download: streams into `<dest>.part`, continues with a `Range` request
-//! when the server honours it (otherwise starts over), and renames to `dest` only once the
+//! when the server honours it and its file is unchanged (`If-Range` with the validator kept
+//! in `<dest>.part.validator`; otherwise starts over), and renames to `dest` only once the
 //! whole body arrived and passed the caller's check.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions, TryLockError};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 
 use crate::error::{DataError, Result};
@@ -38,6 +39,8 @@ pub struct Download<'a> {
     pub auth: Option<(&'a str, &'a str)>,
     /// Appended to every error: what the user can do instead.
     pub hint: &'a str,
+    /// Put before `hint` when the server refuses access (401, 403).
+    pub access_hint: &'a str,
 }
 
 pub fn part_path(dest: &Path) -> PathBuf {
@@ -70,13 +73,17 @@ impl Download<'_> {
         }
     }
 
-    fn request(&self, client: &Client, from: u64) -> Result<Response> {
+    /// `from` > 0 resumes, only while the file still matches `validator`: a server whose file
+    /// changed answers `If-Range` with the whole new file instead of the rest of the old one.
+    fn request(&self, client: &Client, from: u64, validator: Option<&str>) -> Result<Response> {
         let mut req = client.get(self.url);
         if let Some((user, password)) = self.auth {
             req = req.basic_auth(user, Some(password));
         }
-        if from > 0 {
-            req = req.header(RANGE, format!("bytes={from}-"));
+        if let (true, Some(validator)) = (from > 0, validator) {
+            req = req
+                .header(RANGE, format!("bytes={from}-"))
+                .header(IF_RANGE, validator);
         }
         req.send().map_err(|e| self.fail(error_chain(&e)))
     }
@@ -84,7 +91,8 @@ impl Download<'_> {
     /// Downloads to `dest`, returning its size in bytes. `check` is run on the complete
     /// download before it takes its name. A download that fails it is deleted, unless the
     /// server declared no length: then the connection may have been cut, and it is kept to
-    /// be resumed.
+    /// be resumed. `<dest>.part` is locked throughout: two runs sharing the download folder
+    /// would otherwise write into one file.
     pub fn run(
         &self,
         client: &Client,
@@ -95,43 +103,87 @@ impl Download<'_> {
             fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
         }
         let part = part_path(dest);
-        let mut have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        let mut response = self.request(client, have)?;
+        let sidecar = validator_path(&part);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(|e| DataError::io(&part, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(DataError::Network {
+                    what: format!("download of {}", self.url),
+                    message: format!("another fetch-data is downloading {}", part.display()),
+                    hint: "Wait for it to finish, then run fetch-data again.".into(),
+                })
+            }
+            Err(TryLockError::Error(e)) => tracing::warn!(
+                "cannot lock {}: {e}; not guarding against a concurrent download",
+                part.display()
+            ),
+        }
+        let restart = || -> Result<()> {
+            file.set_len(0).map_err(|e| DataError::io(&part, e))?;
+            remove_if_exists(&sidecar)
+        };
+        let mut have = file.metadata().map_err(|e| DataError::io(&part, e))?.len();
+        let saved = if have > 0 {
+            Resume::read(&sidecar)
+        } else {
+            None
+        };
+        if have > 0 && saved.is_none() {
+            // Nothing tells whether the server's file is still the one these bytes began.
+            tracing::info!("no validator for {}; restarting", part.display());
+            restart()?;
+            have = 0;
+        }
+        let validator = saved.as_ref().map(|s| s.validator.as_str());
+        let mut response = self.request(client, have, validator)?;
         let mut status = response.status();
         if have > 0 && status == StatusCode::RANGE_NOT_SATISFIABLE {
+            if content_total(&response) == Some(have) {
+                // Everything arrived before; only the check and the rename are left.
+                return self.complete(&part, &sidecar, dest, have, true, check);
+            }
             // The partial file is not a prefix of what is there now: start over.
             tracing::info!("server refused to resume {}; restarting", self.url);
+            restart()?;
             have = 0;
-            response = self.request(client, 0)?;
+            response = self.request(client, 0, None)?;
             status = response.status();
         }
-        match status {
-            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(self.fail(format!("access denied (HTTP {status})")))
-            }
-            StatusCode::NOT_FOUND => return Err(self.fail("not found (HTTP 404)")),
-            other => return Err(self.fail(format!("server answered HTTP {other}"))),
-        }
-        let resumed =
-            status == StatusCode::PARTIAL_CONTENT && resume_offset(&response) == Some(have);
-        let start = if resumed { have } else { 0 };
+        self.accept(status)?;
+        let resumed = have > 0
+            && status == StatusCode::PARTIAL_CONTENT
+            && resume_offset(&response) == Some(have)
+            && saved
+                .as_ref()
+                .is_none_or(|s| s.total.is_none() || s.total == content_total(&response));
         if have > 0 && !resumed {
-            tracing::info!("server does not support resuming {}; restarting", self.url);
+            tracing::info!("server did not resume {}; restarting", self.url);
+            restart()?;
+            have = 0;
+            // A 200 is the whole file; a 206 of another range or total is no use.
+            if status != StatusCode::OK {
+                response = self.request(client, 0, None)?;
+                status = response.status();
+                self.accept(status)?;
+            }
         }
+        if !resumed {
+            write_resume(Resume::of(&response).as_ref(), &sidecar)?;
+        }
+        let start = have;
         let expected = response.content_length().map(|n| n + start);
-        let file = if resumed {
-            OpenOptions::new().append(true).open(&part)
-        } else {
-            File::create(&part)
-        }
-        .map_err(|e| DataError::io(&part, e))?;
-        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let mut writer = BufWriter::with_capacity(1 << 20, &file);
         let copied = io::copy(&mut response, &mut writer);
         // Flushed even on failure, so the next run resumes from everything received.
         let flushed = writer.flush();
+        drop(writer);
         let received = start + copied.as_ref().map_or(0, |n| *n);
-        let total = fs::metadata(&part).map(|m| m.len()).unwrap_or(received);
+        let total = file.metadata().map(|m| m.len()).unwrap_or(received);
         if let Err(e) = copied {
             return Err(self.fail(format!(
                 "connection lost after {total} bytes ({}); run again to resume",
@@ -146,9 +198,37 @@ impl Download<'_> {
                 )));
             }
         }
-        if let Err(e) = check(&part) {
-            if expected.is_some() {
-                let _ = fs::remove_file(&part);
+        self.complete(&part, &sidecar, dest, total, expected.is_some(), check)
+    }
+
+    fn accept(&self, status: StatusCode) -> Result<()> {
+        match status {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok(()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(DataError::Network {
+                what: format!("download of {} failed", self.url),
+                message: format!("access denied (HTTP {status})"),
+                hint: format!("{} {}", self.access_hint, self.hint),
+            }),
+            StatusCode::NOT_FOUND => Err(self.fail("not found (HTTP 404)")),
+            other => Err(self.fail(format!("server answered HTTP {other}"))),
+        }
+    }
+
+    /// Checks the `total` bytes of `part` and renames it to `dest`; `sized` says whether the
+    /// server declared their length (else a failed check may be a cut connection).
+    fn complete(
+        &self,
+        part: &Path,
+        sidecar: &Path,
+        dest: &Path,
+        total: u64,
+        sized: bool,
+        check: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<u64> {
+        if let Err(e) = check(part) {
+            if sized {
+                let _ = fs::remove_file(part);
+                let _ = fs::remove_file(sidecar);
                 return Err(e);
             }
             return Err(self.fail(format!(
@@ -158,9 +238,84 @@ impl Download<'_> {
                 part.display()
             )));
         }
-        fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))?;
+        fs::rename(part, dest).map_err(|e| DataError::io(dest, e))?;
+        remove_if_exists(sidecar)?;
         Ok(total)
     }
+}
+
+/// What a partial download was begun from: the validator (`ETag`, else `Last-Modified`)
+/// that `If-Range` sends back, and the total size, when the first answer gave them.
+struct Resume {
+    validator: String,
+    total: Option<u64>,
+}
+
+impl Resume {
+    /// `None` when the answer has no validator: such a download is not resumed.
+    fn of(response: &Response) -> Option<Resume> {
+        let headers = response.headers();
+        let validator = headers
+            .get(ETAG)
+            .or_else(|| headers.get(LAST_MODIFIED))?
+            .to_str()
+            .ok()?
+            .to_string();
+        let total = match response.status() {
+            StatusCode::PARTIAL_CONTENT => content_total(response),
+            _ => response.content_length(),
+        };
+        Some(Resume { validator, total })
+    }
+
+    /// Line one the total (empty when unknown), line two the validator.
+    fn read(path: &Path) -> Option<Resume> {
+        let text = fs::read_to_string(path).ok()?;
+        let (total, validator) = text.split_once('\n')?;
+        let validator = validator.trim_end_matches('\n');
+        if validator.is_empty() {
+            return None;
+        }
+        Some(Resume {
+            validator: validator.to_string(),
+            total: total.parse().ok(),
+        })
+    }
+}
+
+/// Records `resume` at `path`, through a temporary file renamed into place, so a crash
+/// leaves the old record or the new one, never half of one; `None` removes any old record.
+fn write_resume(resume: Option<&Resume>, path: &Path) -> Result<()> {
+    let Some(resume) = resume else {
+        return remove_if_exists(path);
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let total = resume.total.map(|t| t.to_string()).unwrap_or_default();
+    fs::write(&tmp, format!("{total}\n{}\n", resume.validator))
+        .map_err(|e| DataError::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}
+
+/// `<dest>.part.validator`, beside the partial file it describes.
+fn validator_path(part: &Path) -> PathBuf {
+    let mut name = part.as_os_str().to_owned();
+    name.push(".validator");
+    PathBuf::from(name)
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// The total size from `Content-Range: bytes START-END/TOTAL` or `bytes */TOTAL`.
+fn content_total(response: &Response) -> Option<u64> {
+    let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    value.rsplit('/').next()?.trim().parse().ok()
 }
 
 /// The first byte offset of a `206` response, from `Content-Range: bytes START-END/TOTAL`.

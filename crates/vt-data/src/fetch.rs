@@ -10,7 +10,7 @@ use crate::import::Importer;
 use crate::kaggle::{self, KaggleCredentials};
 use crate::source::folder::import_folder;
 use crate::source::synthetic::{import_synthetic, SyntheticConfig};
-use crate::source::zip::import_zip;
+use crate::source::zip::{import_download, import_zip, note_discarded_download};
 
 pub const DEFAULT_DATA_DIR: &str = "data/intel";
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
@@ -88,7 +88,13 @@ pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
                 .or_else(|| std::env::var("KAGGLE_API_ENDPOINT").ok())
                 .unwrap_or_else(|| kaggle::DEFAULT_ENDPOINT.into());
             let zip = kaggle::fetch_zip(&endpoint, &credentials, &download_dir(opts))?;
-            import_zip(&zip, &mut importer)?;
+            import_download(&zip, &mut importer).map_err(|e| {
+                // A corrupt entry: the next run must download a fresh copy, not reuse it.
+                if let DataError::Zip { .. } = e {
+                    let _ = std::fs::remove_file(&zip);
+                }
+                note_discarded_download(e)
+            })?;
         }
         FetchSource::Path(path) => {
             if path.is_dir() {

@@ -6,8 +6,8 @@
 //! Two repository shapes are understood:
 //! - parquet files as the `datasets` library writes them (`image` struct `{bytes, path}`,
 //!   integer `label` in the order buildings, forest, glacier, mountain, sea, street, or
-//!   the class name); the split comes from the file name (`train-*`, `test-*`, `pred-*`;
-//!   anything else joins the training pool);
+//!   the class name); the split comes from the file name or folder (`train`, `validation`,
+//!   `test`, `pred`, and `seg_*` of those; any other name is refused);
 //! - a zip of the Kaggle archive, imported like `--from archive.zip`.
 //!
 //! The default repository holds the Kaggle archive unchanged (`archive.zip`, 363 MB, the
@@ -36,7 +36,7 @@ use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
 use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
-use crate::source::zip::{import_zip, note_discarded_download, zip_summary};
+use crate::source::zip::{import_download, note_discarded_download, zip_summary};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
 
@@ -195,6 +195,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         message: "the hub named no commit for this revision".into(),
         hint: ALTERNATIVES.into(),
     })?;
+    check_commit(opts, &commit)?;
     importer.set_origin(format!(
         "hf:{}/{}@{commit}",
         opts.repo.owner, opts.repo.name
@@ -238,11 +239,31 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         Ok(local)
     };
     if !parquet.is_empty() {
+        // All told apart before any download.
+        let splits: Vec<_> = parquet
+            .iter()
+            .map(|(path, _)| ParquetSplit::of_file(path))
+            .collect();
+        let unknown: Vec<&str> = parquet
+            .iter()
+            .zip(&splits)
+            .filter(|(_, split)| split.is_err())
+            .map(|((path, _), _)| path.as_str())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(DataError::Layout(format!(
+                "{} holds parquet files of no known split ({}); the split names understood are \
+                 {}. Choose another --hf-repo. {ALTERNATIVES}",
+                opts.repo,
+                quoted(&unknown),
+                ParquetSplit::KNOWN
+            )));
+        }
         let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
         importer.set_classes(classes.clone());
-        for (path, size) in parquet {
+        for ((path, size), split) in parquet.into_iter().zip(splits) {
             let local = fetch(path, *size)?;
-            let split = ParquetSplit::of_file(path);
+            let split = split.map_err(DataError::Layout)?;
             import_parquet(&local, path, split, &classes, importer)
                 .map_err(|e| discard_if_broken(&local, e))?;
         }
@@ -276,7 +297,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         let names =
             |paths: Vec<&String>| quoted(&paths.iter().map(|p| p.as_str()).collect::<Vec<_>>());
         match archives.as_slice() {
-            [(_, local)] => import_zip(local, importer)
+            [(_, local)] => import_download(local, importer)
                 .map(drop)
                 .map_err(|e| discard_if_broken(local, e)),
             [] => Err(DataError::Layout(format!(
@@ -300,6 +321,19 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
             files.len()
         )))
     }
+}
+
+/// The commit names a folder of the cache: a hub's answer such as `../x` or `/etc` must not
+/// place downloads outside it. A commit is 40 hex digits.
+fn check_commit(opts: &HfOptions, commit: &str) -> Result<()> {
+    if commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(());
+    }
+    Err(DataError::Network {
+        what: format!("resolving {} at {}", opts.repo, endpoint_of(opts)),
+        message: format!("the hub named the commit {commit:?}, which is not 40 hex digits"),
+        hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
+    })
 }
 
 /// Where hf-hub keeps `path` at `commit`, so that what it cached earlier is reused. A regular

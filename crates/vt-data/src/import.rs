@@ -2,7 +2,7 @@
 //! usable (failures are recorded, never fatal), written under a temporary sibling folder, split
 //! into train/val, and only then renamed into place, so nothing half-done ever looks done.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,9 @@ use crate::split;
 
 /// Images are verified and written in chunks of this many, in parallel.
 const CHUNK: usize = 256;
+/// ... or of this many bytes, whichever comes first: 256 images of up to
+/// [`MAX_FILE_BYTES`](crate::source::MAX_FILE_BYTES) each would be 16 GiB in memory.
+const CHUNK_BYTES: usize = 256 << 20;
 
 /// One image as the source delivers it.
 #[derive(Debug, Clone)]
@@ -44,7 +47,11 @@ pub struct Importer {
     seed: u64,
     classes: Option<Vec<String>>,
     pending: Vec<RawImage>,
+    /// The bytes of `pending`.
+    pending_bytes: usize,
     used_paths: HashSet<PathBuf>,
+    /// Every `seg_train` class seen, with usable images or not.
+    class_folders: BTreeSet<String>,
     train: BTreeMap<String, Vec<String>>,
     test: BTreeMap<String, usize>,
     pred: usize,
@@ -103,7 +110,9 @@ impl Importer {
             seed,
             classes: None,
             pending: Vec::new(),
+            pending_bytes: 0,
             used_paths: HashSet::new(),
+            class_folders: BTreeSet::new(),
             train: BTreeMap::new(),
             test: BTreeMap::new(),
             pred: 0,
@@ -133,13 +142,22 @@ impl Importer {
         Ok(())
     }
 
+    /// Records a `seg_train` class folder seen in the source, so that one without usable
+    /// images is reported rather than silently missing from the classes.
+    pub fn note_class_folder(&mut self, class: &str) {
+        if !self.class_folders.contains(class) {
+            self.class_folders.insert(class.to_string());
+        }
+    }
+
     fn record_skip(&mut self, path: String, reason: String) {
         self.skipped.push(SkippedEntry { path, reason });
     }
 
     pub fn add(&mut self, image: RawImage) -> Result<()> {
+        self.pending_bytes += image.bytes.len();
         self.pending.push(image);
-        if self.pending.len() >= CHUNK {
+        if self.pending.len() >= CHUNK || self.pending_bytes >= CHUNK_BYTES {
             self.flush()?;
         }
         Ok(())
@@ -147,9 +165,13 @@ impl Importer {
 
     fn flush(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
         // Names are chosen sequentially so collisions resolve the same way on every run.
         let mut planned: Vec<(RawImage, std::result::Result<PathBuf, String>)> = Vec::new();
         for image in pending {
+            if let Role::Train(class) = &image.role {
+                self.note_class_folder(class);
+            }
             let target = match (
                 image.role.class().filter(|c| !valid_class(c)),
                 decode::sniff_format(&image.bytes),
@@ -233,10 +255,25 @@ impl Importer {
         if self.train.is_empty() {
             return Err(DataError::Layout(format!(
                 "no usable training images in {}: expected seg_train/<class>/<image> \
-                 (as in the Kaggle archive), {} file(s) skipped",
+                 (as in the Kaggle archive), {} file(s) skipped{}",
                 self.origin,
-                self.skipped.len()
+                self.skipped.len(),
+                self.first_skips()
             )));
+        }
+        let empty: Vec<&str> = self
+            .class_folders
+            .iter()
+            .filter(|c| !self.train.contains_key(*c))
+            .map(String::as_str)
+            .collect();
+        if !empty.is_empty() {
+            tracing::warn!(
+                "seg_train class folder(s) {} in {} hold no usable images: left out of the \
+                 classes",
+                quoted(&empty),
+                self.origin
+            );
         }
         // A test class without training images is a misnamed folder or label (`Forest` beside
         // `forest`), not a class the model could learn.
@@ -274,6 +311,15 @@ impl Importer {
             if !classes.contains(class) {
                 classes.push(class.clone());
             }
+        }
+        // A classifier of one class learns nothing: a wrong folder or a broken source.
+        if classes.len() < 2 {
+            return Err(DataError::Layout(format!(
+                "{} has training images of only {} class ({}); a classifier needs at least 2",
+                self.origin,
+                classes.len(),
+                quoted(&classes.iter().map(String::as_str).collect::<Vec<_>>())
+            )));
         }
         let mut assignment: Assignment = classes
             .iter()
@@ -328,6 +374,28 @@ impl Importer {
         swap_into_place(&self.staging, &self.data_dir)?;
         self.finished = true;
         Ok(manifest)
+    }
+}
+
+impl Importer {
+    /// The first few skipped files with their reasons, for an error that says nothing was
+    /// usable.
+    fn first_skips(&self) -> String {
+        const SHOWN: usize = 5;
+        if self.skipped.is_empty() {
+            return String::new();
+        }
+        let shown: Vec<String> = self
+            .skipped
+            .iter()
+            .take(SHOWN)
+            .map(|s| format!("{} ({})", s.path, s.reason))
+            .collect();
+        let more = match self.skipped.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!("; {n} more in the same way or others"),
+        };
+        format!(": {}{more}", shown.join("; "))
     }
 }
 

@@ -78,15 +78,16 @@ pub fn fetch_zip(
         }
     }
     let url = download_url(endpoint);
-    let hint = format!(
+    let access_hint = format!(
         "Check the credentials (401/403 also happen before accepting the data set's terms on \
-         its Kaggle page). {CREDENTIALS_HELP}. Other sources: --from PATH (a downloaded zip or \
-         extracted folder), --source hf, --synthetic."
+         its Kaggle page). {CREDENTIALS_HELP}."
     );
     let download = Download {
         url: &url,
         auth: Some((&credentials.username, &credentials.key)),
-        hint: &hint,
+        hint: "Other sources: --from PATH (a downloaded zip or extracted folder), --source hf, \
+               --synthetic.",
+        access_hint: &access_hint,
     };
     // Complete once its central directory, at the end, reads.
     download

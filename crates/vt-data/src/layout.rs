@@ -83,6 +83,18 @@ pub fn place(rel: &str) -> Placement {
     }
 }
 
+/// The class of a folder (a '/'-separated path relative to the source root) that holds or
+/// lies within a `seg_train` class folder: that of any file placed in it.
+pub fn train_class_of_folder(rel: &str) -> Option<String> {
+    match place(&format!("{rel}/_")) {
+        Placement::Image {
+            role: Role::Train(class),
+            ..
+        } => Some(class),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +140,20 @@ mod tests {
         assert_eq!(place("seg_train/../forest/1.jpg"), Placement::Ignore);
         assert_eq!(place("seg_train/seg_train/"), Placement::Ignore);
         assert!(matches!(place("seg_train/5.jpg"), Placement::Unplaced(_)));
+    }
+
+    #[test]
+    fn class_folders() {
+        let class = |rel| train_class_of_folder(rel);
+        assert_eq!(class("seg_train/seg_train/forest"), Some("forest".into()));
+        assert_eq!(class("x/seg_train/sea/"), Some("sea".into()));
+        for none in [
+            "seg_train",
+            "seg_train/seg_train",
+            "seg_test/seg_test/sea",
+            "a",
+        ] {
+            assert_eq!(class(none), None, "{none}");
+        }
     }
 }

@@ -263,6 +263,7 @@ fn a_zip_entry_larger_than_it_declares_is_skipped() {
     let bomb = "seg_train/seg_train/forest/bomb.jpg";
     let mut zip = zip_bytes(&[
         ("seg_train/seg_train/forest/0.jpg".into(), jpeg(0)),
+        ("seg_train/seg_train/sea/0.jpg".into(), jpeg(1)),
         (bomb.into(), vec![0; 1 << 20]),
     ]);
     // The uncompressed size, in the local header (30 bytes before the name, at offset 22)
@@ -358,9 +359,10 @@ fn a_zip_with_dot_slash_entries_imports() {
         entries.push((format!("./seg_train/seg_train/sea/{i}.jpg"), jpeg(i)));
     }
     entries.push(("./seg_test/seg_test/sea/t.jpg".into(), jpeg(9)));
+    entries.push(("./seg_train/seg_train/forest/f.jpg".into(), jpeg(10)));
     fs::write(&zip, zip_bytes(&entries)).unwrap();
     let m = fetch(&from_path(&tmp.path().join("data"), &zip)).unwrap();
-    assert_eq!(m.classes, ["sea"]);
+    assert_eq!(m.classes, ["forest", "sea"]);
     assert_eq!(m.splits.train["sea"] + m.splits.val["sea"], 3);
     assert_eq!(m.splits.test["sea"], 1);
     assert!(m.skipped.is_empty(), "{:?}", m.skipped);
@@ -451,7 +453,8 @@ fn a_second_import_into_the_same_dir_fails_at_once() {
     fetch(&tiny_synthetic(&data, 0)).unwrap();
 }
 
-/// A Kaggle-layout source whose only class, forest, has three training photos.
+/// A Kaggle-layout source where forest has three training photos, and sea (a data set needs
+/// two classes) one.
 fn three_forest_photos(src: &std::path::Path) {
     for i in 0..3 {
         write(
@@ -459,6 +462,7 @@ fn three_forest_photos(src: &std::path::Path) {
             &jpeg(i),
         );
     }
+    write(&src.join("seg_train/seg_train/sea/0.jpg"), &jpeg(40));
 }
 
 #[test]
@@ -588,8 +592,20 @@ fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
         // Outside the layout, a dangling link is ignored like any other stray file.
         std::os::unix::fs::symlink("gone", src.join("README")).unwrap();
     }
+    #[cfg(unix)]
+    {
+        // Read, a FIFO would block the import forever and /dev/zero fill memory.
+        std::os::unix::fs::symlink("/dev/null", src.join("seg_train/seg_train/forest/null.jpg"))
+            .unwrap();
+        let fifo = src.join("seg_train/seg_train/forest/fifo.jpg");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+    }
     let m = fetch(&from_path(&tmp.path().join("data"), &src)).unwrap();
-    assert_eq!(m.classes, ["forest"]);
+    assert_eq!(m.classes, ["forest", "sea"]);
     assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 3);
     let reason = |path: &str| {
         m.skipped
@@ -607,8 +623,108 @@ fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
     {
         let dangling = reason("seg_train/seg_train/forest/dangling.jpg");
         assert!(dangling.contains("cannot read"), "{dangling}");
-        assert_eq!(m.skipped.len(), 2, "{:?}", m.skipped);
+        for special in ["null.jpg", "fifo.jpg"] {
+            let path = format!("seg_train/seg_train/forest/{special}");
+            assert_eq!(reason(&path), "not a regular file");
+        }
+        assert_eq!(m.skipped.len(), 4, "{:?}", m.skipped);
     }
+}
+
+/// In the user's own archive, unreadable entries are skipped, named by their names.
+#[test]
+fn unreadable_zip_entries_are_skipped_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bad_crc, bad_header) = (
+        "seg_train/seg_train/sea/1.jpg",
+        "seg_train/seg_train/sea/2.jpg",
+    );
+    let mut entries: Vec<(String, Vec<u8>)> = (0..3)
+        .flat_map(|i| {
+            [
+                (format!("seg_train/seg_train/sea/{i}.jpg"), jpeg(i)),
+                (format!("seg_train/seg_train/forest/{i}.jpg"), jpeg(10 + i)),
+            ]
+        })
+        .collect();
+    entries.sort();
+    let mut zip = zip_bytes(&entries);
+    corrupt_entry(&mut zip, bad_crc);
+    // The local header's signature, 30 bytes before its name.
+    let at = zip
+        .windows(bad_header.len())
+        .position(|w| w == bad_header.as_bytes())
+        .unwrap();
+    zip[at - 30] = b'X';
+    let path = tmp.path().join("broken.zip");
+    fs::write(&path, zip).unwrap();
+    let m = fetch(&from_path(&tmp.path().join("data"), &path)).unwrap();
+    let skipped: Vec<&str> = m.skipped.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(skipped, [bad_crc, bad_header], "{:?}", m.skipped);
+    assert_eq!(m.splits.train["sea"] + m.splits.val["sea"], 1);
+}
+
+/// A second entry of the same name hides the first from the zip reader: the hidden one is
+/// listed as skipped rather than lost without a word.
+#[test]
+fn zip_entries_of_the_same_name_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut entries: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| (format!("seg_train/seg_train/sea/{i}.jpg"), jpeg(i)))
+        .collect();
+    entries.push(("seg_train/seg_train/forest/x.jpg".into(), jpeg(10)));
+    entries.push(("seg_train/seg_train/forest/y.jpg".into(), jpeg(11)));
+    let mut zip = zip_bytes(&entries);
+    // y.jpg renamed x.jpg, in its local header and its central directory record.
+    let y = b"seg_train/seg_train/forest/y.jpg";
+    let at: Vec<usize> = zip
+        .windows(y.len())
+        .enumerate()
+        .filter(|(_, w)| w == y)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 2);
+    for i in at {
+        zip[i + y.len() - 5] = b'x';
+    }
+    let path = tmp.path().join("twice.zip");
+    fs::write(&path, zip).unwrap();
+    let m = fetch(&from_path(&tmp.path().join("data"), &path)).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 1);
+    let skipped: Vec<&str> = m.skipped.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        skipped,
+        ["seg_train/seg_train/forest/x.jpg"],
+        "{:?}",
+        m.skipped
+    );
+}
+
+/// A data set of one class is refused; one without usable training images says why its
+/// files were skipped.
+#[test]
+fn one_class_or_no_usable_image_is_refused_with_the_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for i in 0..3 {
+        write(&src.join(format!("seg_train/forest/{i}.jpg")), &jpeg(i));
+    }
+    fs::create_dir_all(src.join("seg_train/sea")).unwrap();
+    let data = tmp.path().join("data");
+    let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
+    assert!(
+        err.contains("only 1 class") && err.contains("\"forest\""),
+        "{err}"
+    );
+    assert!(!data.exists());
+
+    let src = tmp.path().join("broken");
+    write(&src.join("seg_train/forest/a.jpg"), b"not an image");
+    let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
+    assert!(
+        err.contains("seg_train/forest/a.jpg (unrecognised image format"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -111,7 +111,10 @@ fn kaggle_errors_say_what_failed_and_what_to_do() {
         }),
     };
     let err = fetch(&opts).unwrap_err().to_string();
-    assert!(err.contains("401") && err.contains("KAGGLE_KEY"), "{err}");
+    assert!(
+        err.contains("401") && err.contains("KAGGLE_KEY") && err.contains("Check the credentials"),
+        "{err}"
+    );
     assert!(!tmp.path().join("data").exists());
 
     let dropped = TestServer::start(|_| Reply::Drop);
@@ -122,6 +125,8 @@ fn kaggle_errors_say_what_failed_and_what_to_do() {
         err.contains("download of") && err.contains("--synthetic"),
         "{err}"
     );
+    // A cut connection is no matter of credentials.
+    assert!(!err.contains("Check the credentials"), "{err}");
     assert!(!tmp.path().join("data").exists());
 
     let not_zip = TestServer::start(|_| Reply::ok(b"<html>maintenance</html>".to_vec()));
@@ -135,18 +140,19 @@ fn kaggle_errors_say_what_failed_and_what_to_do() {
     assert!(!tmp.path().join("downloads").join(ZIP_NAME).exists());
 }
 
-/// Serves the first half of a Kaggle zip as `cut` answers it, then honours `Range`: the
-/// first fetch fails saying `says` and keeps the half, the second resumes from it.
+/// Serves the first half of a Kaggle zip as `cut` answers it (with an `ETag`), then honours
+/// `Range`: the first fetch fails saying `says` and keeps the half, the second resumes from
+/// it, sending the `ETag` back in `If-Range`.
 fn a_cut_download_resumes(cut: fn(&[u8], usize) -> Reply, says: &str) {
-    let body = kaggle_zip(&["forest"], 30, 0, 0);
+    let body = kaggle_zip(&["forest", "sea"], 15, 0, 0);
     let half = body.len() / 2;
     let calls = Arc::new(AtomicUsize::new(0));
     let (served, count) = (body.clone(), Arc::clone(&calls));
     let server = TestServer::start(move |r| {
         if count.fetch_add(1, Ordering::SeqCst) == 0 {
-            cut(&served, half)
+            cut(&served, half).with_header("ETag", "\"v1\"")
         } else {
-            ranged(r, &served)
+            ranged(r, &served).with_header("ETag", "\"v1\"")
         }
     });
     let tmp = tempfile::tempdir().unwrap();
@@ -161,10 +167,17 @@ fn a_cut_download_resumes(cut: fn(&[u8], usize) -> Reply, says: &str) {
     assert!(!tmp.path().join("data").exists());
 
     let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
-    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 30);
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 15);
     assert_eq!(
         server.requests()[1].headers.get("range"),
         Some(&format!("bytes={half}-"))
+    );
+    assert_eq!(
+        server.requests()[1]
+            .headers
+            .get("if-range")
+            .map(String::as_str),
+        Some("\"v1\"")
     );
     assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
 }
@@ -172,10 +185,7 @@ fn a_cut_download_resumes(cut: fn(&[u8], usize) -> Reply, says: &str) {
 #[test]
 fn a_truncated_download_resumes_with_a_range_request() {
     a_cut_download_resumes(
-        |body, half| Reply::Truncated {
-            declared: body.len(),
-            body: body[..half].to_vec(),
-        },
+        |body, half| Reply::truncated(body.len(), body[..half].to_vec()),
         "run again to resume",
     );
 }
@@ -185,7 +195,7 @@ fn a_truncated_download_resumes_with_a_range_request() {
 #[test]
 fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
     a_cut_download_resumes(
-        |body, half| Reply::Unsized(body[..half].to_vec()),
+        |body, half| Reply::without_length(body[..half].to_vec()),
         "without declaring a length",
     );
 }
@@ -195,7 +205,7 @@ fn a_download_cut_short_without_a_length_is_kept_and_resumed() {
 #[test]
 fn a_complete_zip_of_other_files_without_a_length_is_deleted() {
     let other = zip_bytes(&[("sample_submission.csv".into(), b"id,label\n".to_vec())]);
-    let server = TestServer::start(move |_| Reply::Unsized(other.clone()));
+    let server = TestServer::start(move |_| Reply::without_length(other.clone()));
     let tmp = tempfile::tempdir().unwrap();
     let err = fetch(&kaggle_opts(&server, tmp.path()))
         .unwrap_err()
@@ -250,15 +260,16 @@ fn downloads_may_not_be_kept_inside_the_data_dir() {
     assert!(gets(&hub).is_empty());
 }
 
+/// Bytes left by an earlier attempt whose answer named no validator (`ETag`,
+/// `Last-Modified`) cannot be known to belong to the file there now: not resumed.
 #[test]
-fn a_server_without_range_support_restarts_the_download() {
-    let body = kaggle_zip(&["sea"], 12, 0, 0);
+fn a_partial_download_without_a_validator_starts_over() {
+    let body = kaggle_zip(&["sea", "forest"], 6, 0, 0);
     let tmp = tempfile::tempdir().unwrap();
     let part = tmp
         .path()
         .join("downloads")
         .join(format!("{ZIP_NAME}.part"));
-    // Leftover garbage from an earlier attempt; a 200 answer to the range request replaces it.
     write(&part, b"stale bytes that are not a prefix");
     let served = body.clone();
     let server = TestServer::start(move |_| Reply::ok(served.clone()));
@@ -268,7 +279,109 @@ fn a_server_without_range_support_restarts_the_download() {
         fs::read(tmp.path().join("downloads").join(ZIP_NAME)).unwrap(),
         body
     );
-    assert!(server.requests()[0].headers.contains_key("range"));
+    assert!(!server.requests()[0].headers.contains_key("range"));
+}
+
+/// The file changed on the server between two runs: `If-Range` gets the whole new file,
+/// never the new file's rest after the old one's first half.
+#[test]
+fn a_download_resumed_after_the_file_changed_starts_over() {
+    let old = kaggle_zip(&["sea", "forest"], 6, 0, 0);
+    let new = kaggle_zip(&["glacier", "street", "sea"], 4, 1, 0);
+    let half = old.len() / 2;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (served, count) = (new.clone(), Arc::clone(&calls));
+    let server = TestServer::start(move |r| {
+        if count.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::truncated(old.len(), old[..half].to_vec())
+                .with_header("ETag", "\"old\"");
+        }
+        let reply = match r.headers.get("if-range").map(String::as_str) {
+            Some("\"new\"") | None => ranged(r, &served),
+            Some(_) => Reply::ok(served.clone()),
+        };
+        reply.with_header("ETag", "\"new\"")
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(fetch(&kaggle_opts(&server, tmp.path())).is_err());
+    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(m.classes, ["glacier", "sea", "street"]);
+    assert_eq!(
+        fs::read(tmp.path().join("downloads").join(ZIP_NAME)).unwrap(),
+        new
+    );
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(
+        requests[1].headers.get("if-range").map(String::as_str),
+        Some("\"old\"")
+    );
+}
+
+/// All bytes arrived, but the run stopped before the check (here: the server declared one
+/// byte more): the next run's range is past the end, and the 416 naming the size the part
+/// holds means it is complete.
+#[test]
+fn a_complete_partial_download_is_checked_not_fetched_again() {
+    let body = kaggle_zip(&["sea", "forest"], 4, 0, 0);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (served, count) = (body.clone(), Arc::clone(&calls));
+    let server = TestServer::start(move |r| {
+        let reply = if count.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::truncated(served.len() + 1, served.clone())
+        } else {
+            ranged(r, &served)
+        };
+        reply.with_header("ETag", "\"v1\"")
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("run again to resume"), "{err}");
+    fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(
+        fs::read(tmp.path().join("downloads").join(ZIP_NAME)).unwrap(),
+        body
+    );
+    assert_eq!(server.requests().len(), 2, "{:?}", server.requests());
+}
+
+#[test]
+fn a_kaggle_download_in_progress_is_not_joined() {
+    let server = TestServer::start(|_| Reply::status(500));
+    let tmp = tempfile::tempdir().unwrap();
+    let part = tmp
+        .path()
+        .join("downloads")
+        .join(format!("{ZIP_NAME}.part"));
+    write(&part, b"");
+    let other = fs::File::open(&part).unwrap();
+    other.try_lock().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another fetch-data is downloading"), "{err}");
+    assert!(server.requests().is_empty());
+}
+
+/// An entry that fails its CRC in an archive we downloaded is a corrupt download: deleted,
+/// and the import fails, rather than importing the rest as if complete.
+#[test]
+fn a_kaggle_download_with_a_corrupt_entry_is_deleted() {
+    let mut body = kaggle_zip(&["sea", "forest"], 3, 0, 0);
+    corrupt_entry(&mut body, "seg_train/seg_train/sea/1.jpg");
+    let server = TestServer::start(move |_| Reply::ok(body.clone()));
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("seg_train/seg_train/sea/1.jpg") && err.contains("run fetch-data again"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("downloads").join(ZIP_NAME).exists());
+    assert!(!tmp.path().join("data").exists());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,10 +766,7 @@ fn cut_once(
     let calls = AtomicUsize::new(0);
     move |r, body| {
         if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            Reply::Truncated {
-                declared: body.len(),
-                body: body[..half].to_vec(),
-            }
+            Reply::truncated(body.len(), body[..half].to_vec())
         } else {
             then(r, body)
         }
@@ -707,7 +817,7 @@ fn an_interrupted_hugging_face_download_resumes_with_a_range_request() {
 #[test]
 fn a_hub_that_ignores_range_sends_the_whole_file_again() {
     let tmp = tempfile::tempdir().unwrap();
-    let zip = kaggle_zip(&["glacier"], 10, 1, 0);
+    let zip = kaggle_zip(&["glacier", "sea"], 5, 1, 0);
     let half = zip.len() / 2;
     let server = hub_with(
         "a/b",
@@ -749,6 +859,84 @@ fn a_hugging_face_download_in_progress_is_not_joined() {
         .to_string();
     assert!(
         err.contains("another fetch-data") && err.contains("archive.zip"),
+        "{err}"
+    );
+    assert!(gets(&server).is_empty());
+}
+
+/// The commit the hub names becomes a folder of the cache: one that is no commit id (here
+/// one climbing out of the cache) is refused before anything is written.
+#[test]
+fn a_hub_commit_that_is_not_a_commit_id_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["sea", "forest"], 2, 0, 0);
+    let escape = "../../../../escaped";
+    let server = TestServer::start(move |r| {
+        let body = if r.path.starts_with("/api/datasets/a/b/tree/") {
+            format!(
+                r#"[{{"type":"file","oid":"x","size":{},"path":"archive.zip"}}]"#,
+                zip.len()
+            )
+            .into_bytes()
+        } else if r.path.contains("/resolve/") {
+            zip.clone()
+        } else {
+            format!(r#"{{"id":"a/b","sha":"{escape}"}}"#).into_bytes()
+        };
+        Reply::ok(body).with_header("Content-Type", "application/json")
+    });
+    let err = fetch(&hf_opts(&server, "a/b", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a/b") && err.contains(escape), "{err}");
+    assert!(gets(&server).is_empty());
+    assert!(!tmp.path().join("escaped").exists());
+}
+
+/// A mirror's `seg_test-*` files are the test split and `seg_pred-*` unlabelled; a split
+/// name not known is refused rather than merged into training.
+#[test]
+fn parquet_split_names_are_recognised_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = |name: &str, rows: &[(Vec<u8>, String, Option<i64>)]| {
+        let path = tmp.path().join(name);
+        write_parquet(&path, rows, None);
+        fs::read(path).unwrap()
+    };
+    let train: Vec<_> = (0..6)
+        .map(|i| (jpeg(i as u32), format!("{i}.jpg"), Some(i % 2)))
+        .collect();
+    let train = file("train", &train);
+    let test = file("test", &[(jpeg(50), "t.jpg".into(), Some(1))]);
+    let pred = file("pred", &[(jpeg(60), "p.jpg".into(), None)]);
+    let server = hub(
+        "m/seg",
+        vec![
+            ("data/seg_pred-00000-of-00001.parquet".into(), pred),
+            ("data/seg_test-00000-of-00001.parquet".into(), test.clone()),
+            (
+                "data/seg_train-00000-of-00001.parquet".into(),
+                train.clone(),
+            ),
+        ],
+    );
+    let m = fetch(&hf_opts(&server, "m/seg", tmp.path())).unwrap();
+    assert_eq!(m.count(Split::Train) + m.count(Split::Val), 6);
+    assert_eq!(m.splits.test["forest"], 1);
+    assert_eq!(m.splits.pred, 1);
+
+    let server = hub(
+        "m/odd",
+        vec![
+            ("data/extra-0.parquet".into(), test),
+            ("data/train-0.parquet".into(), train),
+        ],
+    );
+    let err = fetch(&hf_opts(&server, "m/odd", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data/extra-0.parquet") && err.contains("seg_test"),
         "{err}"
     );
     assert!(gets(&server).is_empty());

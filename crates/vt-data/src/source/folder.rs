@@ -1,12 +1,13 @@
 //! An extracted folder in the Kaggle layout.
 
 use std::collections::HashSet;
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
-use crate::layout::{place, Placement};
+use crate::layout::{place, train_class_of_folder, Placement};
 use crate::source::MAX_FILE_BYTES;
 
 /// Imports every file under `root`, in sorted order so runs are reproducible.
@@ -44,29 +45,33 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             // unreadable file is one unusable file, reported below if it is in the layout.
             match fs::metadata(&path) {
                 Ok(meta) if meta.is_dir() => {
+                    if let Some(class) = train_class_of_folder(&relative(root, &path)) {
+                        importer.note_class_folder(&class);
+                    }
                     let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
                     stack.push((path, linked));
                 }
+                // A FIFO would block the import forever and a device (`/dev/zero`) fill
+                // memory: only regular files are read.
+                Ok(meta) if !meta.is_file() => {
+                    files.push((path, Err("not a regular file".to_string())))
+                }
                 Ok(meta) => files.push((path, Ok(meta.len()))),
-                Err(e) => files.push((path, Err(e))),
+                Err(e) => files.push((path, Err(unreadable(&e)))),
             }
         }
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, len) in files {
-        let rel = path
-            .strip_prefix(root)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .replace('\\', "/");
+        let rel = relative(root, &path);
         match place(&rel) {
             Placement::Ignore => {}
             Placement::Unplaced(reason) => importer.skip(rel, reason)?,
             Placement::Image { role, name } => {
                 let len = match len {
                     Ok(len) => len,
-                    Err(e) => {
-                        importer.skip(rel, unreadable(&e))?;
+                    Err(reason) => {
+                        importer.skip(rel, reason)?;
                         continue;
                     }
                 };
@@ -74,7 +79,11 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                     importer.skip(rel, format!("file of {len} bytes is too large"))?;
                     continue;
                 }
-                let bytes = match fs::read(&path) {
+                let bytes = match read_capped(&path) {
+                    Ok(bytes) if bytes.len() as u64 > MAX_FILE_BYTES => {
+                        importer.skip(rel, "file grew past the size limit while read")?;
+                        continue;
+                    }
                     Ok(bytes) => bytes,
                     Err(e) => {
                         importer.skip(rel, unreadable(&e))?;
@@ -91,6 +100,24 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `path` relative to `root`, '/'-separated.
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// At most one byte past [`MAX_FILE_BYTES`]: a file that grew since it was listed is not
+/// read whole.
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn unreadable(e: &std::io::Error) -> String {

@@ -13,10 +13,11 @@ use parquet::record::{Field, Row};
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
 use crate::layout::Role;
+use crate::source::MAX_FILE_BYTES;
 
 /// Which source split a parquet file holds, from its name (`data/train-00000-of-00002.parquet`,
-/// `test-….parquet`); anything unrecognised (train, validation) joins the training pool,
-/// which is split into train/val later.
+/// `seg_test-….parquet`) or its folder (`default/test/0000.parquet`). Training and
+/// validation files join the training pool, which is split into train/val later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParquetSplit {
     Train,
@@ -25,16 +26,26 @@ pub enum ParquetSplit {
 }
 
 impl ParquetSplit {
-    pub fn of_file(path: &str) -> ParquetSplit {
-        let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
-        let dir = path.to_ascii_lowercase();
-        if name.starts_with("test") || dir.contains("/test/") || dir.starts_with("test/") {
-            ParquetSplit::Test
-        } else if name.starts_with("pred") || dir.contains("pred/") {
-            ParquetSplit::Pred
-        } else {
-            ParquetSplit::Train
-        }
+    /// The split names understood, as an error lists them.
+    pub const KNOWN: &str = "train, validation, test, pred, seg_train, seg_test, seg_pred";
+
+    /// `Err` holds the split name read from the file name, when it is none of [`Self::KNOWN`]:
+    /// guessing would put test images into training.
+    pub fn of_file(path: &str) -> std::result::Result<ParquetSplit, String> {
+        let lower = path.to_ascii_lowercase();
+        let mut parts = lower.rsplit('/');
+        let file = parts.next().unwrap_or_default();
+        let stem = file.split('-').next().unwrap_or(file);
+        let stem = stem.split('.').next().unwrap_or(stem);
+        std::iter::once(stem)
+            .chain(parts)
+            .find_map(|name| match name {
+                "train" | "validation" | "valid" | "val" | "seg_train" => Some(ParquetSplit::Train),
+                "test" | "seg_test" => Some(ParquetSplit::Test),
+                "pred" | "seg_pred" => Some(ParquetSplit::Pred),
+                _ => None,
+            })
+            .ok_or_else(|| stem.to_string())
     }
 }
 
@@ -140,15 +151,23 @@ fn parse_row(
             _ => {}
         }
     }
+    // Checked before the copy: one row's bytes are held twice while it is parsed.
+    let capped = |data: &[u8]| {
+        if data.len() as u64 > MAX_FILE_BYTES {
+            Err(format!("image of {} bytes is too large", data.len()))
+        } else {
+            Ok(data.to_vec())
+        }
+    };
     let (bytes, name) = match image {
         None => return Err("row has no `image` column".into()),
-        Some(Field::Bytes(b)) => (b.data().to_vec(), None),
+        Some(Field::Bytes(b)) => (capped(b.data())?, None),
         Some(Field::Group(group)) => {
             let mut bytes = None;
             let mut name = None;
             for (key, value) in group.get_column_iter() {
                 match (key.as_str(), value) {
-                    ("bytes", Field::Bytes(b)) => bytes = Some(b.data().to_vec()),
+                    ("bytes", Field::Bytes(b)) => bytes = Some(capped(b.data())?),
                     ("path", Field::Str(p)) => {
                         name = p.rsplit(['/', '\\']).next().map(str::to_string)
                     }
@@ -200,25 +219,22 @@ mod tests {
 
     #[test]
     fn split_from_file_names() {
+        for (path, split) in [
+            ("data/train-00000-of-00001.parquet", ParquetSplit::Train),
+            ("data/test-00000-of-00001.parquet", ParquetSplit::Test),
+            ("default/test/0000.parquet", ParquetSplit::Test),
+            ("data/validation-0.parquet", ParquetSplit::Train),
+            ("data/pred-0.parquet", ParquetSplit::Pred),
+            ("data/seg_test-00000-of-00002.parquet", ParquetSplit::Test),
+            ("data/seg_pred-00000-of-00001.parquet", ParquetSplit::Pred),
+            ("data/seg_train-00001-of-00002.parquet", ParquetSplit::Train),
+            ("train.parquet", ParquetSplit::Train),
+        ] {
+            assert_eq!(ParquetSplit::of_file(path), Ok(split), "{path}");
+        }
         assert_eq!(
-            ParquetSplit::of_file("data/train-00000-of-00001.parquet"),
-            ParquetSplit::Train
-        );
-        assert_eq!(
-            ParquetSplit::of_file("data/test-00000-of-00001.parquet"),
-            ParquetSplit::Test
-        );
-        assert_eq!(
-            ParquetSplit::of_file("default/test/0000.parquet"),
-            ParquetSplit::Test
-        );
-        assert_eq!(
-            ParquetSplit::of_file("data/validation-0.parquet"),
-            ParquetSplit::Train
-        );
-        assert_eq!(
-            ParquetSplit::of_file("data/pred-0.parquet"),
-            ParquetSplit::Pred
+            ParquetSplit::of_file("data/extra-0.parquet"),
+            Err("extra".to_string())
         );
     }
 }

@@ -1,15 +1,16 @@
 //! The Kaggle archive (`seg_train/seg_train/<class>/…`, `seg_test/seg_test/<class>/…`,
 //! `seg_pred/seg_pred/…`) or any zip in that layout.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use zip::ZipArchive;
 
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
-use crate::layout::{place, Placement, Role};
+use crate::layout::{place, train_class_of_folder, Placement, Role};
 use crate::source::MAX_FILE_BYTES;
 
 /// What a zip holds, from its central directory.
@@ -83,19 +84,92 @@ pub fn verify_zip(path: &Path) -> Result<ZipSummary> {
     Ok(summary)
 }
 
-/// Imports every image entry; unreadable entries (bad CRC, truncated data) are skipped.
+/// Entries that a later one of the same name hides, once for each: the zip crate keeps one
+/// entry per name, so they would vanish without a word. Read from the central directory's
+/// records, which list every entry.
+fn replaced_entries(path: &Path, archive: &ZipArchive<File>) -> Result<Vec<String>> {
+    const RECORD: u32 = 0x0201_4b50;
+    let io = |e| DataError::io(path, e);
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    reader
+        .seek(SeekFrom::Start(archive.central_directory_start()))
+        .map_err(io)?;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut records = 0;
+    let mut header = [0u8; 46];
+    // The archive opened, so its central directory reads; a record cut short ends the scan.
+    while reader.read_exact(&mut header).is_ok()
+        && u32::from_le_bytes([header[0], header[1], header[2], header[3]]) == RECORD
+    {
+        let field = |at: usize| u64::from(u16::from_le_bytes([header[at], header[at + 1]]));
+        let mut name = vec![0; field(28) as usize];
+        reader.read_exact(&mut name).map_err(io)?;
+        reader
+            .seek_relative((field(30) + field(32)) as i64)
+            .map_err(io)?;
+        *seen
+            .entry(String::from_utf8_lossy(&name).into_owned())
+            .or_default() += 1;
+        records += 1;
+    }
+    if records <= archive.len() {
+        return Ok(Vec::new());
+    }
+    let mut replaced: Vec<String> = seen
+        .into_iter()
+        .flat_map(|(name, n)| std::iter::repeat_n(name, n - 1))
+        .collect();
+    replaced.sort();
+    Ok(replaced)
+}
+
+/// Imports every image entry of the user's own archive; unreadable entries (bad CRC,
+/// truncated data) are skipped.
 pub fn import_zip(path: &Path, importer: &mut Importer) -> Result<ZipSummary> {
+    import_entries(path, importer, false)
+}
+
+/// Imports an archive that we downloaded: an unreadable entry means a corrupt download, and
+/// fails as [`DataError::Zip`] (the caller deletes it) instead of importing the rest.
+pub(crate) fn import_download(path: &Path, importer: &mut Importer) -> Result<ZipSummary> {
+    import_entries(path, importer, true)
+}
+
+fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Result<ZipSummary> {
     let summary = verify_zip(path)?;
     let mut archive = open(path)?;
+    for name in replaced_entries(path, &archive)? {
+        importer.skip(
+            name,
+            "an entry of the same name follows it in the archive; only the last one is imported",
+        )?;
+    }
+    // Records an unreadable entry: skipped in the user's archive, fatal in a download.
+    let unreadable = |importer: &mut Importer, name: String, reason: String| {
+        if downloaded {
+            return Err(DataError::Zip {
+                path: path.to_path_buf(),
+                message: format!("entry {name}: {reason}"),
+            });
+        }
+        importer.skip(name, reason)
+    };
     for i in 0..archive.len() {
+        // Named before it is opened: an entry whose local header is broken has no name then.
+        let listed = archive
+            .name_for_index(i)
+            .map_or_else(|| format!("{}#{i}", path.display()), str::to_string);
         let mut entry = match archive.by_index(i) {
             Ok(entry) => entry,
             Err(e) => {
-                importer.skip(format!("{}#{i}", path.display()), e.to_string())?;
+                unreadable(importer, listed, e.to_string())?;
                 continue;
             }
         };
         if entry.is_dir() {
+            if let Some(class) = train_class_of_folder(entry.name()) {
+                importer.note_class_folder(&class);
+            }
             continue;
         }
         let name = entry.name().to_string();
@@ -119,11 +193,12 @@ pub fn import_zip(path: &Path, importer: &mut Importer) -> Result<ZipSummary> {
         // Reading to the end checks the entry's CRC. At most one byte past the declared size
         // is read: an entry inflating past it (a zip bomb's) is not held in memory.
         if let Err(e) = entry.by_ref().take(declared + 1).read_to_end(&mut bytes) {
-            importer.skip(name, format!("unreadable zip entry: {e}"))?;
+            unreadable(importer, name, format!("unreadable zip entry: {e}"))?;
             continue;
         }
         if bytes.len() as u64 > declared {
-            importer.skip(
+            unreadable(
+                importer,
                 name,
                 format!("zip entry holds more than the {declared} bytes it declares"),
             )?;

@@ -115,6 +115,17 @@ pub fn kaggle_zip(classes: &[&str], train: u32, test: u32, pred: u32) -> Vec<u8>
     zip_bytes(&entries)
 }
 
+/// Breaks the data of `entry` in `zip` (its first byte after the local header, whose name
+/// is the first occurrence), so that reading it fails its CRC or inflating it fails.
+pub fn corrupt_entry(zip: &mut [u8], entry: &str) {
+    let at = zip
+        .windows(entry.len())
+        .position(|w| w == entry.as_bytes())
+        .unwrap();
+    let extra = u16::from_le_bytes([zip[at - 2], zip[at - 1]]) as usize;
+    zip[at + entry.len() + extra] ^= 0xff;
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP
 
@@ -132,9 +143,16 @@ pub enum Reply {
         body: Vec<u8>,
     },
     /// Announces `Content-Length: declared` but sends `body` and closes.
-    Truncated { declared: usize, body: Vec<u8> },
+    Truncated {
+        declared: usize,
+        body: Vec<u8>,
+        headers: Vec<(String, String)>,
+    },
     /// A 200 with no length: `body`, then the connection closes.
-    Unsized(Vec<u8>),
+    Unsized {
+        body: Vec<u8>,
+        headers: Vec<(String, String)>,
+    },
     /// Closes the connection without answering.
     Drop,
 }
@@ -156,22 +174,29 @@ impl Reply {
         }
     }
 
-    pub fn with_header(self, name: &str, value: &str) -> Reply {
-        match self {
-            Reply::Full {
-                status,
-                mut headers,
-                body,
-            } => {
-                headers.push((name.into(), value.into()));
-                Reply::Full {
-                    status,
-                    headers,
-                    body,
-                }
-            }
-            other => other,
+    pub fn truncated(declared: usize, body: Vec<u8>) -> Reply {
+        Reply::Truncated {
+            declared,
+            body,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn without_length(body: Vec<u8>) -> Reply {
+        Reply::Unsized {
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        match &mut self {
+            Reply::Full { headers, .. }
+            | Reply::Truncated { headers, .. }
+            | Reply::Unsized { headers, .. } => headers.push((name.into(), value.into())),
+            Reply::Drop => {}
+        }
+        self
     }
 }
 
@@ -263,20 +288,36 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
                 let _ = stream.write_all(&body);
             }
         }
-        Reply::Truncated { declared, body } => {
+        Reply::Truncated {
+            declared,
+            body,
+            headers,
+        } => {
             let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {declared}\r\n\r\n"
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {declared}\r\n{}\r\n",
+                header_lines(&headers)
             );
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body);
         }
-        Reply::Unsized(body) => {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        Reply::Unsized { body, headers } => {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n{}\r\n",
+                header_lines(&headers)
+            );
+            let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body);
         }
     }
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn header_lines(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect()
 }
 
 /// Serves `body` honouring `Range: bytes=START-` and `bytes=START-END` with a 206.
@@ -295,7 +336,7 @@ pub fn ranged(request: &Request, body: &[u8]) -> Reply {
         end => end.parse::<usize>().unwrap().min(body.len() - 1),
     };
     if start > end {
-        return Reply::status(416);
+        return Reply::status(416).with_header("Content-Range", &format!("bytes */{}", body.len()));
     }
     Reply::Full {
         status: 206,
