@@ -155,7 +155,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
-    for chunk in images.chunks(args.batch_size.max(1)) {
+    'images: for chunk in images.chunks(args.batch_size.max(1)) {
         // The decoded images in order; each file's outcome says whether it is among them.
         let mut decoded = Vec::with_capacity(chunk.len());
         let outcomes: Vec<Result<(), String>> = chunk
@@ -195,7 +195,11 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
                 }
             };
             let line = line.map_err(|e| PredictError::Output(e.into()))?;
-            writeln!(out, "{line}").map_err(PredictError::Output)?;
+            match writeln!(out, "{line}") {
+                // A reader that stopped early (`| head`) wants no more lines.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break 'images,
+                written => written.map_err(PredictError::Output)?,
+            }
         }
     }
     if failed > 0 {

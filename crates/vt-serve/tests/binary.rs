@@ -230,6 +230,45 @@ fn predict_scores_the_images_of_a_folder() {
     );
 }
 
+/// A reader that stops early (`| head -1`) ends the predictions quietly, as it would end
+/// any command's output.
+#[test]
+fn predict_stops_quietly_when_its_reader_does() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let photo = test_images(1).remove(0).1;
+    // Named at length and given many times: more lines than a pipe buffers (64 KiB), so
+    // that some are written after the reader is gone.
+    let name = format!("{}.jpg", "photo-".repeat(40));
+    let paths = vec![write_images(files.path(), &[(name, photo)]).remove(0); 400];
+    let mut child = Command::new(BIN)
+        .args([
+            "predict",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--checkpoint",
+        ])
+        .arg(&checkpoint)
+        .args(&paths)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"probs\""), "{first}");
+    // The reader is dropped: the rest of the lines have nowhere to go.
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
+
 #[test]
 fn reduced_precision_predictions_follow_f32() {
     let dir = tiny_checkpoint();
