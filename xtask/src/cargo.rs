@@ -18,8 +18,8 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Builds the workspace's binaries in the dev profile, the one profile this project uses.
-/// Building the whole workspace keeps cargo's feature resolution, and so the artifacts,
-/// the same as the test build's: after `cargo test` this is a no-op.
+/// Building the whole workspace resolves the dependencies' features as `cargo xtask` does
+/// (xtask depends on every library crate for that), so they are built once for both.
 pub fn build_binaries() -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
@@ -34,4 +34,78 @@ pub fn build_binaries() -> anyhow::Result<()> {
 /// Path of a binary built by [`build_binaries`].
 pub fn binary(name: &str) -> PathBuf {
     target_dir().join("debug").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// Each package's feature sets (one per build kind: host and target) in the builds of
+    /// `selection`, as `cargo tree` resolves them.
+    fn features(selection: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .args([
+                "tree",
+                "--offline",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
+            .args(["--format", "{p} {f}"])
+            .args(selection)
+            .current_dir(workspace_root())
+            .output()
+            .expect("running cargo tree");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "cargo tree {selection:?}: {stderr}"
+        );
+        let mut packages = BTreeMap::<String, BTreeSet<String>>::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            // "name vX.Y.Z [(path)] [(proc-macro)] [feature,feature] [(*)]"
+            let tokens: Vec<&str> = line.split_whitespace().collect();
+            let [name, version, rest @ ..] = tokens.as_slice() else {
+                continue;
+            };
+            let features = rest
+                .iter()
+                .rfind(|token| !token.starts_with('('))
+                .copied()
+                .unwrap_or_default();
+            packages
+                .entry(format!("{name} {version}"))
+                .or_default()
+                .insert(features.to_owned());
+        }
+        packages
+    }
+
+    #[test]
+    fn cargo_xtask_builds_the_dependencies_as_the_workspace_does() {
+        let xtask = features(&["--package", "xtask"]);
+        let workspace = features(&["--workspace"]);
+        assert!(
+            xtask
+                .keys()
+                .any(|package| package.starts_with("candle-core ")),
+            "cargo tree's listing was not read: {xtask:?}"
+        );
+        let differing: Vec<String> = xtask
+            .iter()
+            .filter_map(|(package, sets)| {
+                let other = workspace.get(package)?;
+                (other != sets).then(|| format!("{package}: xtask {sets:?}, workspace {other:?}"))
+            })
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "`cargo xtask` would build these again for `cargo build --workspace`:\n{}",
+            differing.join("\n")
+        );
+    }
 }
