@@ -38,7 +38,10 @@ pub enum DataError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A split folder or the manifest is missing: the data set was never fetched.
-    #[error("{path} not found: run `cargo xtask fetch-data` first ({what})")]
+    #[error(
+        "{path} not found ({what}): data folders are made by `cargo xtask fetch-data`; run it \
+         first (`--from DIR|ZIP` imports a copy you have)"
+    )]
     NotFetched { path: PathBuf, what: String },
     #[error("invalid manifest {path}: {message}")]
     Manifest { path: PathBuf, message: String },

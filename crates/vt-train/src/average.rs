@@ -15,7 +15,7 @@ use vt_model::{Model, VtConfig};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
 use crate::init::{check_out_dir, write_checkpoint};
-use crate::outputs::{self, resolved, RUN_FOLDERS};
+use crate::outputs::{resolved, RUN_FOLDERS};
 use crate::state;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -31,7 +31,7 @@ pub struct AverageArgs {
     #[arg(long, value_name = "RUN")]
     pub run_dir: Option<PathBuf>,
     /// With --run-dir: only the K best kept epochs [default: all]
-    #[arg(long, value_name = "K", requires = "run_dir")]
+    #[arg(long, value_name = "K")]
     pub top: Option<usize>,
     /// Output checkpoint folder (new or empty)
     #[arg(long, value_name = "DIR")]
@@ -203,6 +203,15 @@ fn values(model: &Model) -> Result<BTreeMap<String, Vec<f64>>> {
 pub fn run(args: &AverageArgs) -> Result<()> {
     let inputs = match &args.run_dir {
         Some(run_dir) => history_inputs(run_dir, args.top)?,
+        // clap's `requires` does not hold against a positional that conflicts with its
+        // target: checked here, or the checkpoints given would all be averaged.
+        None if args.top.is_some() => {
+            return Err(TrainError::Config(
+                "--top picks among the epochs a run kept: give it with --run-dir, or list \
+                 the checkpoints to average without it"
+                    .into(),
+            ))
+        }
         None => args
             .checkpoints
             .iter()
@@ -213,13 +222,6 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             .collect(),
     };
     refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
-    let parent = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    outputs::refuse_managed_folder("--out", &args.out, parent)?;
-    outputs::refuse_run_folder("--out", &args.out)?;
     check_out_dir(&args.out, args.force)?;
     println!(
         "averaging {} checkpoint{}:",
@@ -291,6 +293,22 @@ mod tests {
             "{err}"
         );
         refuse_out_among_inputs(&run.join("avg"), &inputs, Some(&run)).unwrap();
+    }
+
+    #[test]
+    fn top_without_a_run_is_refused() {
+        let args = AverageArgs {
+            checkpoints: vec!["a".into(), "b".into()],
+            run_dir: None,
+            top: Some(1),
+            out: "avg".into(),
+            force: false,
+        };
+        let err = run(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("--top picks among the epochs a run kept"),
+            "{err}"
+        );
     }
 
     fn tiny(image_size: usize) -> VtConfig {

@@ -141,7 +141,8 @@ struct Evaluation {
 }
 
 /// The predictions of `path`: the CSV itself, or that of a JSON report, which `eval` writes
-/// beside it (the path the report names is relative to where `eval` ran).
+/// beside it. The path the report names is used only when absolute: a relative one is
+/// relative to where `eval` ran, which may not be here.
 fn evaluation(path: &Path) -> Result<Evaluation> {
     let is_json = path
         .extension()
@@ -160,14 +161,16 @@ fn evaluation(path: &Path) -> Result<Evaluation> {
             cause,
         })?;
     let beside = path.with_extension("csv");
-    let csv = match report["predictions"].as_str() {
+    let named = report["predictions"].as_str().map(PathBuf::from);
+    let csv = match named {
         _ if beside.is_file() => beside,
-        Some(named) => PathBuf::from(named),
-        None => {
+        Some(named) if named.is_absolute() => named,
+        _ => {
             return Err(TrainError::Config(format!(
-                "{}: no predictions CSV beside it or named in it: give a report of `vt-train \
-                 eval` or its CSV",
-                path.display()
+                "{}: its predictions CSV is not beside it ({}): give a report of `vt-train \
+                 eval` with its CSV, or the CSV itself",
+                path.display(),
+                beside.display()
             )))
         }
     };
@@ -348,6 +351,31 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_reports_csv_is_the_one_beside_it_or_one_named_absolutely() {
+        let root = tempfile::tempdir().unwrap();
+        let report = root.path().join("eval-best-val.json");
+        let write_report = |named: &Path| {
+            let json = serde_json::json!({ "split": "val", "predictions": named });
+            std::fs::write(&report, json.to_string()).unwrap();
+        };
+        let elsewhere = root.path().join("moved.csv");
+        std::fs::write(&elsewhere, "").unwrap();
+        // Relative to where `eval` ran, which is not known here.
+        write_report(Path::new("moved.csv"));
+        let err = evaluation(&report).err().unwrap().to_string();
+        assert!(
+            err.contains("its predictions CSV is not beside it"),
+            "{err}"
+        );
+        write_report(&elsewhere);
+        assert_eq!(evaluation(&report).unwrap().csv, elsewhere);
+        let beside = report.with_extension("csv");
+        std::fs::write(&beside, "").unwrap();
+        assert_eq!(evaluation(&report).unwrap().csv, beside);
+        assert_eq!(evaluation(&report).unwrap().split.as_deref(), Some("val"));
     }
 
     #[test]

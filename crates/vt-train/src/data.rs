@@ -55,8 +55,13 @@ pub fn open_train_split(data_dir: &Path, limit: Option<usize>, seed: u64) -> Res
 fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
     let folder = ImageFolder::open(data_dir, split)?;
     if folder.is_empty() {
+        // Data imported from a folder without seg_test (the sample) has no test split.
+        let hint = match split {
+            Split::Test => ": this import has no test split, use --split val",
+            _ => "",
+        };
         return Err(TrainError::Config(format!(
-            "{} has no images",
+            "{} has no images{hint}",
             data_dir.join(split.dir_name()).display()
         )));
     }

@@ -12,6 +12,7 @@ use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
 
 use crate::error::{Result, ResultExt, TrainError};
+use crate::outputs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -116,8 +117,16 @@ pub fn write_checkpoint(model: &Model, out: &Path) -> Result<()> {
 
 /// Refuses an `--out` folder that holds a checkpoint, unless `force`, or anything else: a
 /// trained checkpoint (e.g. runs/NAME/best) is not overwritten by accident, and a folder of
-/// other files never is. For the commands that write one checkpoint, before their work.
+/// other files never is; nor, even with `force`, one a training run manages (its `best/`,
+/// `state/`, ...) or one inside a checkpoint. For the commands that write one checkpoint,
+/// before their work.
 pub fn check_out_dir(out: &Path, force: bool) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    outputs::refuse_managed_folder("--out", out, parent)?;
+    outputs::refuse_run_folder("--out", out)?;
     match dir_contents(out)? {
         DirContents::Empty => Ok(()),
         DirContents::Checkpoint if force => Ok(()),
@@ -222,6 +231,35 @@ mod tests {
             .sum::<f64>()
             / v.len() as f64)
             .sqrt()
+    }
+
+    #[test]
+    fn force_never_replaces_a_runs_folders_nor_writes_inside_a_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let run = root.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join(crate::train::CONFIG_TOML), "").unwrap();
+        for folder in [crate::state::STATE_DIR, crate::state::BEST_DIR] {
+            let checkpoint = run.join(folder);
+            seeded_model(tiny(), &Device::Cpu, 1)
+                .unwrap()
+                .save(&checkpoint)
+                .unwrap();
+            let err = check_out_dir(&checkpoint, true).unwrap_err().to_string();
+            assert!(err.contains("is its training run's"), "{err}");
+            let err = check_out_dir(&checkpoint.join("sub"), true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("inside the checkpoint folder"), "{err}");
+        }
+        let elsewhere = root.path().join("ck");
+        seeded_model(tiny(), &Device::Cpu, 1)
+            .unwrap()
+            .save(&elsewhere)
+            .unwrap();
+        check_out_dir(&elsewhere, true).unwrap();
+        assert!(check_out_dir(&elsewhere, false).is_err());
+        check_out_dir(&run.join("new"), false).unwrap();
     }
 
     #[test]
