@@ -156,3 +156,20 @@ pub fn batches_per_epoch(images: usize, loader: &LoaderConfig) -> u64 {
     };
     batches.max(1) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_test_split_says_to_evaluate_on_val() {
+        let data = tempfile::tempdir().unwrap();
+        for split in [Split::Test, Split::Val] {
+            std::fs::create_dir(data.path().join(split.dir_name())).unwrap();
+        }
+        let err = open_split(data.path(), Split::Test, None, 0).err().unwrap();
+        assert!(err.to_string().contains("use --split val"), "{err}");
+        let err = open_split(data.path(), Split::Val, None, 0).err().unwrap();
+        assert!(!err.to_string().contains("--split"), "{err}");
+    }
+}

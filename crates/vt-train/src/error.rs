@@ -85,6 +85,18 @@ pub enum TrainError {
     /// Every step of an epoch was skipped (a non-finite loss or gradient norm).
     #[error("epoch {epoch}: no training step succeeded (see the warnings above)")]
     NoStepSucceeded { epoch: usize },
+    /// An epoch left weights that are not finite (`tensor`, of the model or its average):
+    /// nothing of it was saved, the run's files keep epoch `kept`.
+    #[error(
+        "diverged in epoch {epoch}: `{tensor}` is no longer finite; the run's state keeps {} \
+         (`--resume` with a lower --lr, or a --clip-grad, continues from there)",
+        kept_epochs(*kept)
+    )]
+    Diverged {
+        epoch: usize,
+        tensor: String,
+        kept: usize,
+    },
     /// `vt-train explain` could not read or draw some of the images (each named on stderr).
     #[error("{failed} of {total} images could not be explained (see above)")]
     NotExplained { failed: usize, total: usize },
@@ -147,6 +159,14 @@ impl<T, E: Into<TrainError>> ResultExt<T> for std::result::Result<T, E> {
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// "epoch 3", or what a run has before its first epoch completes.
+fn kept_epochs(kept: usize) -> String {
+    match kept {
+        0 => "no epoch".to_string(),
+        n => format!("epoch {n}"),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,7 @@
 //! run that `train` would make.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use vt_data::dataset::ImageFolder;
 use vt_data::loader::{Batch, LoaderConfig, Transform};
 use vt_model::pretrained::{load_stem, Source};
@@ -15,7 +15,7 @@ use crate::data;
 use crate::error::{Result, ResultExt};
 use crate::init::seeded_model;
 use crate::loss::{correct_predictions, cross_entropy};
-use crate::optim::{clip_scale, trainable_params, Optimizer};
+use crate::optim::{clip_scale, is_running_stat, trainable_params, Optimizer};
 use crate::threads;
 
 /// Sets the compute threads and the products' precision, then opens the device. The threads
@@ -88,6 +88,32 @@ pub fn training_loader(config: &TrainConfig, model: &VtConfig, images: usize) ->
 pub struct Group {
     grads: GradStore,
     batches: Vec<(Tensor, Tensor, usize)>,
+    /// The BatchNorm running statistics before the group's first forward pass, put back when
+    /// the step is skipped: the passes of a diverged step would leave them non-finite.
+    running: Vec<(Var, Tensor)>,
+}
+
+impl Group {
+    /// Whether the group holds no batch.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// Copies of `model`'s BatchNorm running statistics (a forward pass updates them in place).
+fn running_stats(model: &Model) -> Result<Vec<(Var, Tensor)>> {
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut stats = Vec::new();
+    for (name, var) in vars.iter() {
+        if is_running_stat(name) {
+            stats.push((var.clone(), var.as_tensor().copy()?));
+        }
+    }
+    Ok(stats)
 }
 
 /// What one optimiser step measured and did.
@@ -144,6 +170,9 @@ impl Learner {
         (stem_frozen, share, draw): (bool, f64, u64),
         group: &mut Group,
     ) -> Result<()> {
+        if group.batches.is_empty() {
+            group.running = running_stats(&self.model)?;
+        }
         let mixed =
             self.config
                 .mixing()
@@ -179,7 +208,8 @@ impl Learner {
     }
 
     /// One optimiser step at `lr` with `group`'s summed gradients, clipped to `--clip-grad`;
-    /// skipped when the loss or the gradient norm is not finite. Only the parameters
+    /// skipped, the BatchNorm running statistics put back as they were before the group,
+    /// when the loss or the gradient norm is not finite. Only the parameters
     /// `selected` keeps are updated.
     pub fn update(
         &mut self,
@@ -205,6 +235,9 @@ impl Learner {
             clipped: false,
         };
         if !(loss_sum.is_finite() && grad_norm.is_finite()) {
+            for (var, saved) in &group.running {
+                var.set(saved)?;
+            }
             return Ok(outcome);
         }
         let scale = clip_scale(grad_norm, self.config.clip_grad);

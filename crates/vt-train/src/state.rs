@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use vt_model::checkpoint::{
     assign_strict, read_tensors, recover_interrupted_write, refuse_interrupted_write,
@@ -43,6 +43,8 @@ pub struct Progress {
     pub best_val_acc: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub best_epoch: Option<usize>,
+    /// Epochs since validation accuracy last rose (what `--early-stop` counts): a tie in
+    /// accuracy with a lower loss makes a new best epoch without resetting it.
     pub epochs_since_best: usize,
     pub stopped_early: bool,
     pub optimizer_steps: StepCounts,
@@ -88,6 +90,33 @@ pub fn ranks_above(val_acc: f64, val_loss: f64, than_acc: f64, than_loss: Option
     val_loss.is_finite()
         && (val_acc > than_acc
             || (val_acc == than_acc && than_loss.is_none_or(|loss| val_loss < loss)))
+}
+
+/// The name of a tensor of `model` holding a value that is not finite, if any: such weights
+/// could be saved but never loaded.
+pub fn first_non_finite(model: &Model) -> Result<Option<String>> {
+    let vars = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let mut names = Vec::new();
+    let mut sums = Vec::new();
+    for (name, var) in vars.iter().filter(|(_, var)| var.dtype().is_float()) {
+        // A sum is not finite when any of its terms is not; summed first, so that a GPU
+        // waits once for all of them.
+        sums.push(var.as_tensor().to_dtype(DType::F32)?.sum_all()?);
+        names.push(name);
+    }
+    if sums.is_empty() {
+        return Ok(None);
+    }
+    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+    Ok(names
+        .into_iter()
+        .zip(sums)
+        .find(|(_, sum)| !sum.is_finite())
+        .map(|(name, _)| name.clone()))
 }
 
 fn model_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -227,6 +256,20 @@ pub fn load_training(
     device: &Device,
 ) -> Result<()> {
     let dir = run_dir.join(STATE_DIR);
+    // Checked here, not by the optimiser, whose errors are the moments file's.
+    if let Some(unknown) = progress
+        .optimizer_steps
+        .keys()
+        .find(|name| !optimizer.params().any(|p| &&p.name == name))
+    {
+        return Err(TrainError::State {
+            path: dir.join(TRAINING_FILE),
+            message: format!(
+                "optimizer_steps counts the steps of `{unknown}`, which is no trainable \
+                 parameter of the model"
+            ),
+        });
+    }
     let path = dir.join(OPTIMIZER_FILE);
     let moments: HashMap<String, Tensor> =
         candle_core::safetensors::load(&path, device).map_err(|e| TrainError::State {
@@ -312,9 +355,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn saved_progress_reads_back_bit_exactly() {
-        let dir = tempfile::tempdir().unwrap();
+    fn model_and_optimizer() -> (Model, Optimizer) {
         let config = VtConfig {
             tokens: 4,
             token_channels: 32,
@@ -331,6 +372,43 @@ mod tests {
             0.0,
             trainable_params(&model.varmap),
         );
+        (model, optimizer)
+    }
+
+    #[test]
+    fn step_counts_of_unknown_parameters_are_reported_against_training_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, mut optimizer) = model_and_optimizer();
+        let mut saved = progress();
+        save(dir.path(), &saved, &model, &optimizer, None).unwrap();
+        saved.optimizer_steps.insert("nope.weight".into(), 3);
+        let err = load_training(dir.path(), &saved, &mut optimizer, None, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        let json = dir.path().join(STATE_DIR).join(TRAINING_FILE);
+        assert!(
+            err.starts_with(&json.display().to_string()) && err.contains("`nope.weight`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_are_named() {
+        let (model, _) = model_and_optimizer();
+        assert_eq!(first_non_finite(&model).unwrap(), None);
+        let name = "head.bias";
+        let var = model.varmap.data().lock().unwrap()[name].clone();
+        let mut values: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        values[1] = f32::INFINITY;
+        var.set(&Tensor::new(values, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(first_non_finite(&model).unwrap().as_deref(), Some(name));
+    }
+
+    #[test]
+    fn saved_progress_reads_back_bit_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, optimizer) = model_and_optimizer();
         // 22/96 read back as 0.22916666666666663 without serde_json's float_roundtrip, and
         // a later epoch of equal accuracy then counted as better.
         let saved = Progress {

@@ -2,12 +2,14 @@
 //!
 //! Every optimiser step's loss, learning rate and gradient norm go to a TensorBoard event
 //! file. After every epoch, in this order: a line appended to `metrics.jsonl` (and
-//! `metrics.csv`, the epoch's scalars to the event file, plots rewritten), `best/` when
-//! validation improved, `last/`, `top/epoch-NNN/` when the epoch enters the checkpoint
-//! history, then `state/`, then the folders that left the history. A run killed anywhere
-//! resumes from `state/`, dropping metric lines (and TensorBoard points) of epochs after the
-//! saved one, so every epoch is logged exactly once; killed before its first epoch ended, it
-//! starts again from its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
+//! `metrics.csv`, the epoch's scalars to the event file, plots rewritten), `top/epoch-NNN/`
+//! when the epoch enters the checkpoint history, `state/`, `best/` when validation improved,
+//! `last/`, then the folders that left the history. An epoch whose weights are no longer
+//! finite (a diverged run) writes none of them: the run stops with an error. A run killed
+//! anywhere resumes from `state/` with the options of its `config.toml` (the last start's or
+//! resume's), dropping metric lines (and TensorBoard points) of epochs after the saved one,
+//! so every epoch is logged exactly once; killed before its first epoch ended, it starts
+//! again from its `config.toml`. The process that trains holds a lock on `RUN/.lock`.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,7 @@ use crate::learner::{
     model_config, new_model, open_training_images, prepare_device, training_loader, Group, Learner,
 };
 use crate::metrics::{write_atomically, EpochRecord, MetricsLog, METRICS_CSV, METRICS_JSONL};
+use crate::outputs;
 use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
 use crate::progress::EpochProgress;
 use crate::schedule::LrSchedule;
@@ -202,11 +205,17 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
                 run_dir.display()
             )));
         }
+        refuse_checkpoint_as_run(&run_dir)?;
+        // Before the lock: its file would be left in a folder that is no run.
+        outputs::refuse_managed_folder("--run-dir", &run_dir, &run_dir)?;
         let lock = lock_run_dir(&run_dir)?;
         return plan_resume(&given, run_dir, lock);
     }
     let mut config = TrainConfig::resolve(&given)?;
     let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
+    // A run inside another's best/ or state/, or inside a checkpoint, would write among
+    // their files: that run could not resume, nor the checkpoint load.
+    outputs::refuse_managed_folder("--run-dir", &run_dir, &run_dir)?;
     config.run_dir = Some(run_dir.clone());
     Ok(Plan {
         config,
@@ -214,6 +223,24 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         resumed: None,
         lock: None,
     })
+}
+
+/// Refuses to resume a checkpoint folder (a run's `best/`, say) given for its run.
+fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
+    if dir_contents(run_dir)? != DirContents::Checkpoint {
+        return Ok(());
+    }
+    let run = outputs::resolved(run_dir);
+    let hint = match run.parent() {
+        Some(parent) if parent.join(CONFIG_TOML).is_file() => {
+            format!(": its run is {}", parent.display())
+        }
+        _ => String::new(),
+    };
+    Err(TrainError::Config(format!(
+        "--run-dir {} is a checkpoint folder, not a training run{hint}",
+        run_dir.display()
+    )))
 }
 
 /// `saved` (the run's options) with `given` over it, the changes logged.
@@ -225,9 +252,17 @@ fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> Result<TrainConfi
 }
 
 fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Plan> {
+    let saved = run_dir.join(CONFIG_TOML);
     if state::exists(&run_dir)? {
         let progress = state::read_progress(&run_dir)?;
-        let mut config = resolve_over(&progress.config.to_options(), given)?;
+        // The options the run last started with: a resume writes them to config.toml before
+        // its first epoch, the state keeps the older ones until an epoch completes.
+        let options = if saved.is_file() {
+            TrainOptions::from_toml_file(&saved)?
+        } else {
+            progress.config.to_options()
+        };
+        let mut config = resolve_over(&options, given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
         if config.epochs < progress.epochs_done {
@@ -248,7 +283,6 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
     }
     // Killed or interrupted before its first epoch ended: the run starts again from its
     // options, which is what the interrupt message promises.
-    let saved = run_dir.join(CONFIG_TOML);
     if !saved.is_file() {
         return Err(TrainError::Config(format!(
             "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
@@ -386,6 +420,7 @@ impl Trainer {
         let mut totals = EpochTotals::default();
         let start = Instant::now();
         let label = format!("epoch {}/{}", epoch + 1, self.learner.config.epochs);
+        let first_step = self.progress.global_step;
         let mut iter = batches(
             &self.train_set.samples,
             &self.train_loader,
@@ -416,7 +451,14 @@ impl Trainer {
                 return Ok(EpochEnd::Interrupted);
             }
         }
+        // A batch the loader left out (every file unreadable) leaves the last group short of
+        // the size it was planned with: its gradients still make an update.
+        if !group.is_empty() {
+            self.update(group, &selected, &mut totals)?;
+        }
         bar.finish();
+        // The schedule and a resume count the planned steps, whatever batches were left out.
+        self.progress.global_step = first_step + self.schedule.steps_per_epoch;
         totals.seconds = start.elapsed().as_secs_f64();
         if totals.images == 0 {
             return Err(TrainError::NoStepSucceeded { epoch: epoch + 1 });
@@ -447,6 +489,18 @@ impl Trainer {
                     return Ok(Outcome::Interrupted);
                 }
             };
+            // Saved, such weights would make a state and checkpoints that nothing loads: the
+            // run's files stay as the last epoch left them.
+            let averaged = self.ema.as_ref().map(|e| &e.model);
+            for model in std::iter::once(&self.learner.model).chain(averaged) {
+                if let Some(tensor) = state::first_non_finite(model)? {
+                    return Err(TrainError::Diverged {
+                        epoch: epoch + 1,
+                        tensor,
+                        kept: epoch,
+                    });
+                }
+            }
             let label = format!("validate {}/{}", epoch + 1, self.learner.config.epochs);
             let val = evaluate(
                 self.served(),
@@ -457,6 +511,9 @@ impl Trainer {
             )?;
             let (val_acc, val_loss) = (val.matrix.accuracy(), val.loss);
             let best = self.progress.improves(val_acc, val_loss);
+            // What --early-stop waits for: a tie in accuracy with a lower loss is a new best/,
+            // not an improvement of the accuracy.
+            let acc_improved = best && self.progress.best_val_acc.is_none_or(|acc| val_acc > acc);
             let images = totals.images as f64;
             let record = EpochRecord {
                 epoch: epoch + 1,
@@ -486,6 +543,8 @@ impl Trainer {
                 self.progress.best_val_acc = Some(val_acc);
                 self.progress.best_val_loss = Some(val_loss);
                 self.progress.best_epoch = Some(epoch + 1);
+            }
+            if acc_improved {
                 self.progress.epochs_since_best = 0;
             } else {
                 self.progress.epochs_since_best += 1;
@@ -561,7 +620,7 @@ impl Trainer {
             }
             if self.progress.stopped_early {
                 tracing::info!(
-                    "early stop: no improvement for {} epochs (best epoch {})",
+                    "early stop: validation accuracy not improved for {} epochs (best epoch {})",
                     self.progress.epochs_since_best,
                     self.progress.best_epoch.unwrap_or(0)
                 );

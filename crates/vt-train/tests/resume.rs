@@ -350,18 +350,10 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     assert_eq!(epochs, (1..=done + 1).collect::<Vec<_>>());
 }
 
-#[test]
-fn ctrl_c_in_the_first_epoch_resumes_from_the_beginning() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path(), 16);
-    let run = tmp.path().join("run");
-    // Batches of 2: an epoch of 36 steps, long enough for the interrupt to land in it.
-    let mut child = train_tiny(&data, &run)
-        .args(ONE_THREAD)
-        .args(["--batch-size", "2", "--epochs", "1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Runs `cmd`, sends it SIGINT once it starts training (the Ctrl-C handler is in place) and
+/// returns its log, checking that it exited as interrupted.
+fn interrupt_when_training(cmd: &mut Command) -> String {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut log = String::new();
     // The line that starts training: the Ctrl-C handler is in place.
@@ -378,6 +370,21 @@ fn ctrl_c_in_the_first_epoch_resumes_from_the_beginning() {
     assert!(status.success());
     stderr.read_to_string(&mut log).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(130), "{log}");
+    log
+}
+
+#[test]
+fn ctrl_c_in_the_first_epoch_resumes_from_the_beginning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 16);
+    let run = tmp.path().join("run");
+    // Batches of 2: an epoch of 36 steps, long enough for the interrupt to land in it.
+    let log = interrupt_when_training(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+    ]));
     assert!(log.contains("restarts epoch 1"), "{log}");
     assert_eq!(
         epochs_done(&run),
@@ -513,4 +520,189 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
     let (listed, folders) = checkpoint_history(&run);
     assert_eq!(listed.len(), 1);
     assert_eq!(folders, epoch_folders(&listed));
+}
+
+/// The options a resume gives hold from then on: interrupted before its first epoch ended,
+/// the resumed run continues with them on a plain `--resume`, as if never interrupted.
+#[test]
+fn a_resume_interrupted_in_its_first_epoch_keeps_its_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 16);
+    // Batches of 2: an epoch of 36 steps, long enough for the interrupt to land in it.
+    let first_epoch = |run: &Path| {
+        run_ok(train_tiny(&data, run).args(ONE_THREAD).args([
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+        ]));
+    };
+    let resume = |run: &Path| {
+        let mut cmd = vt_train();
+        cmd.args(["train", "--resume", "--run-dir"]).arg(run);
+        cmd
+    };
+    let overrides = ["--epochs", "3", "--lr", "1e-3"];
+    let interrupted = tmp.path().join("interrupted");
+    first_epoch(&interrupted);
+    let log = interrupt_when_training(resume(&interrupted).args(overrides));
+    assert!(log.contains("restarts epoch 2"), "{log}");
+    assert_eq!(
+        epochs_done(&interrupted),
+        1,
+        "epoch 2 ended before the interrupt:\n{log}"
+    );
+    run_ok(&mut resume(&interrupted));
+
+    let straight = tmp.path().join("straight");
+    first_epoch(&straight);
+    run_ok(resume(&straight).args(overrides));
+    let (resumed, reference) = (records(&interrupted), records(&straight));
+    assert_eq!(
+        resumed.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(resumed.len(), reference.len());
+    for (a, b) in resumed.iter().zip(&reference) {
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
+        assert!(
+            close(a.train_loss, b.train_loss) && close(a.val_loss, b.val_loss),
+            "epoch {}: {a:?} vs {b:?}",
+            a.epoch
+        );
+        assert_eq!((a.lr, a.global_step), (b.lr, b.global_step));
+    }
+}
+
+/// A batch whose every file is unreadable is left out of its epoch, which still counts its
+/// planned steps (the schedule and a resume count them), the last group's gradients making
+/// an update of their own.
+#[test]
+fn an_epoch_short_of_a_batch_counts_its_planned_steps_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let mut images: Vec<_> = walk(&data.join("train"));
+    images.sort();
+    std::fs::write(&images[0], b"not an image").unwrap();
+    let run = tmp.path().join("run");
+    // 18 training images in batches of 1, updates over two batches: 9 steps planned, of
+    // 17 batches an epoch.
+    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "1",
+        "--grad-accum-steps",
+        "2",
+        "--epochs",
+        "1",
+    ]));
+    run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&run),
+    );
+    assert_eq!(
+        records(&run)
+            .iter()
+            .map(|r| r.global_step)
+            .collect::<Vec<_>>(),
+        vec![9, 18]
+    );
+    // Updates at 1..=8 and the short group's at 9, likewise in the second epoch.
+    let (points, _) = tensorboard_points(&run);
+    let steps: Vec<i64> = tag_points(&points, "train/loss_step")
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(steps, (1..=18).collect::<Vec<_>>());
+}
+
+/// The files under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// An epoch that leaves weights that are not finite saves nothing: the run stops naming
+/// it, with its files as the epoch before left them, and a resume at a lower rate goes on.
+#[test]
+fn a_diverged_epoch_leaves_the_run_as_the_epoch_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "4",
+        "--ema",
+        "0.9",
+        "--checkpoint-hist",
+        "2",
+        "--epochs",
+        "1",
+    ]));
+    let files = || {
+        [
+            "state/training.json",
+            "state/model.safetensors",
+            "state/ema.safetensors",
+            "best/model.safetensors",
+            "last/model.safetensors",
+            "top/epoch-001/model.safetensors",
+            "metrics.jsonl",
+        ]
+        .map(|f| std::fs::read(run.join(f)).unwrap())
+    };
+    let before = files();
+    let resume = |flags: &[&str]| {
+        let mut cmd = vt_train();
+        cmd.args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&run)
+            .args(ONE_THREAD)
+            .args(flags);
+        cmd
+    };
+    // A rate beyond f32's range: the first update leaves the weights infinite.
+    let err = run_err(&mut resume(&["--lr", "1e39"]));
+    assert!(
+        err.contains("diverged in epoch 2") && err.contains("the run's state keeps epoch 1"),
+        "{err}"
+    );
+    assert!(
+        files() == before,
+        "the diverged epoch changed the run's files"
+    );
+    assert!(!run.join("top/epoch-002").exists());
+    run_ok(&mut resume(&["--lr", "1e-3"]));
+    assert_eq!(
+        records(&run).iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    // Steps skipped for a loss or gradient that is not finite leave the BatchNorm statistics
+    // too as they were: the notebook's recipe without clipping, at a rate it cannot take.
+    let wild = tmp.path().join("wild");
+    let out = train_tiny(&data, &wild)
+        .args(ONE_THREAD)
+        .args(["--batch-size", "4", "--recipe", "seed", "--lr", "50"])
+        .args(["--clip-grad", "0", "--warmup-epochs", "0", "--epochs", "3"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("update skipped"), "{log}");
+    // Whether it ends or stops for an epoch whose steps all failed, what it saved loads
+    // (`best/` only once an epoch's validation loss was finite).
+    let best = wild.join("best");
+    for dir in [wild.join("state"), wild.join("last")]
+        .into_iter()
+        .chain(best.exists().then_some(best))
+    {
+        Model::load(&dir, &Device::Cpu).unwrap();
+    }
 }

@@ -826,6 +826,47 @@ fn stray_files_in_the_checkpoint_folders_are_refused_before_training() {
     assert!(run.join("best/notes.txt").is_file());
 }
 
+/// A run's checkpoint is not a run: resuming it is refused without leaving a lock file in
+/// it, and no new run goes inside it or another run's folders.
+#[test]
+fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let train = |run_dir: &std::path::Path| {
+        let mut cmd = train_tiny(&data, run_dir);
+        cmd.args(["--batch-size", "8", "--threads", "1"]);
+        cmd
+    };
+    run_ok(train(&run).args(["--epochs", "1"]));
+    let best = run.join("best");
+    let err = run_err(train(&best).arg("--resume"));
+    assert!(
+        err.contains("is a checkpoint folder, not a training run")
+            && err.contains(&format!(
+                "its run is {}",
+                run.canonicalize().unwrap().display()
+            )),
+        "{err}"
+    );
+    assert!(!best.join(vt_train::train::LOCK_FILE).exists());
+    for (inside, why) in [
+        (best.clone(), "inside the checkpoint folder"),
+        (best.join("nested"), "inside the checkpoint folder"),
+        (run.join("state/nested"), "inside the checkpoint folder"),
+        (run.join("top/nested"), "which its training run manages"),
+    ] {
+        let err = run_err(&mut train(&inside));
+        assert!(err.contains(why), "{}: {err}", inside.display());
+    }
+    for made in ["best/nested", "state/nested", "top"] {
+        assert!(!run.join(made).exists(), "{made}");
+    }
+    // The run itself still resumes.
+    run_ok(train(&run).args(["--resume", "--epochs", "2"]));
+    assert_eq!(records(&run).len(), 2);
+}
+
 /// Without a manifest each split's folder names are its classes: the validation split must
 /// have the training split's, and every training class needs images.
 #[test]
@@ -1242,4 +1283,45 @@ fn explain_draws_each_modules_token_attention() {
     for line in stdout.lines() {
         assert_eq!(line.matches('%').count(), 3, "the 3 best classes: {line}");
     }
+}
+
+/// `--early-stop N` stops N epochs after validation accuracy last rose: an epoch of the same
+/// accuracy and a lower loss is a new `best/`, but no improvement of the accuracy.
+#[test]
+fn early_stop_counts_the_epochs_since_validation_accuracy_rose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let (epochs, patience) = (8, 2);
+    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+        "--batch-size",
+        "4",
+        "--epochs",
+        &epochs.to_string(),
+        "--early-stop",
+        &patience.to_string(),
+    ]));
+    let records = records(&run);
+    let (mut best_acc, mut since, mut tied_best, mut stop) = (f64::NEG_INFINITY, 0, false, None);
+    for r in &records {
+        if r.val_acc > best_acc {
+            best_acc = r.val_acc;
+            since = 0;
+        } else {
+            since += 1;
+            tied_best |= r.best;
+        }
+        if since >= patience {
+            stop = Some(r.epoch);
+            break;
+        }
+    }
+    assert!(
+        tied_best,
+        "no epoch tied the best accuracy with a lower loss, which this test is about: {records:#?}"
+    );
+    assert_eq!(records.len(), stop.unwrap_or(epochs), "{records:#?}");
+    let text = std::fs::read_to_string(run.join("state/training.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(state["stopped_early"], stop.is_some());
 }
