@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{HeaderMap, CONTENT_RANGE, DATE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 
 use crate::error::{DataError, Result};
@@ -158,9 +158,7 @@ impl Download<'_> {
         let resumed = have > 0
             && status == StatusCode::PARTIAL_CONTENT
             && resume_offset(&response) == Some(have)
-            && saved
-                .as_ref()
-                .is_none_or(|s| s.total.is_none() || s.total == content_total(&response));
+            && saved.as_ref().is_none_or(|s| s.continued_by(&response));
         if have > 0 && !resumed {
             tracing::info!("server did not resume {}; restarting", self.url);
             restart()?;
@@ -176,7 +174,12 @@ impl Download<'_> {
             write_resume(Resume::of(&response).as_ref(), &sidecar)?;
         }
         let start = have;
-        let expected = response.content_length().map(|n| n + start);
+        // A 206 may hold less than the rest (a server capping ranges): what is missing is
+        // resumed by the next run, as after a cut connection.
+        let expected = match status {
+            StatusCode::PARTIAL_CONTENT => content_total(&response),
+            _ => response.content_length().map(|n| n + start),
+        };
         let mut writer = BufWriter::with_capacity(1 << 20, &file);
         let copied = io::copy(&mut response, &mut writer);
         // Flushed even on failure, so the next run resumes from everything received.
@@ -252,20 +255,25 @@ struct Resume {
 }
 
 impl Resume {
-    /// `None` when the answer has no validator: such a download is not resumed.
+    /// `None` when the answer has no validator that `If-Range` may carry: such a download is
+    /// not resumed.
     fn of(response: &Response) -> Option<Resume> {
-        let headers = response.headers();
-        let validator = headers
-            .get(ETAG)
-            .or_else(|| headers.get(LAST_MODIFIED))?
-            .to_str()
-            .ok()?
-            .to_string();
+        let validator = strong_validator(response.headers())?;
         let total = match response.status() {
             StatusCode::PARTIAL_CONTENT => content_total(response),
             _ => response.content_length(),
         };
         Some(Resume { validator, total })
+    }
+
+    /// Whether `response` (a 206) continues the file this download began: of the same
+    /// total size and, when it names its entity tag, the same tag.
+    fn continued_by(&self, response: &Response) -> bool {
+        let tag = response.headers().get(ETAG).and_then(|t| t.to_str().ok());
+        let same_tag =
+            tag.is_none_or(|tag| !self.validator.starts_with('"') || tag == self.validator);
+        let same_total = self.total.is_none() || self.total == content_total(response);
+        same_tag && same_total
     }
 
     /// Line one the total (empty when unknown), line two the validator.
@@ -281,6 +289,25 @@ impl Resume {
             total: total.parse().ok(),
         })
     }
+}
+
+/// The validator `If-Range` may send back (RFC 9110, 13.1.5): a strong entity tag, else,
+/// without any tag, a `Last-Modified` at least a second before the answer's `Date`. A weak
+/// tag (`W/"..."`) is none: a server compares it by the strong function and would send the
+/// whole file each time.
+fn strong_validator(headers: &HeaderMap) -> Option<String> {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(tag) = headers.get(ETAG) {
+        let tag = tag.to_str().ok()?;
+        return (!tag.starts_with("W/")).then(|| tag.to_string());
+    }
+    let modified = text(LAST_MODIFIED)?;
+    let date = httpdate::parse_http_date(text(DATE)?).ok()?;
+    let strong = httpdate::parse_http_date(modified)
+        .ok()?
+        .checked_add(Duration::from_secs(1))
+        .is_some_and(|later| later <= date);
+    strong.then(|| modified.to_string())
 }
 
 /// Records `resume` at `path`, through a temporary file renamed into place, so a crash

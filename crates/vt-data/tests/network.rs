@@ -182,6 +182,115 @@ fn a_cut_download_resumes(cut: fn(&[u8], usize) -> Reply, says: &str) {
     assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
 }
 
+/// `If-Range` carries only a strong validator (RFC 9110, 13.1.5): a weak entity tag, or a
+/// `Last-Modified` not a second before the answer's `Date`, resumes nothing (a server would
+/// answer with the whole file anyway); a strong `Last-Modified` does.
+#[test]
+fn only_a_strong_validator_is_sent_to_resume() {
+    const MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
+    const NOW: &str = "Sun, 06 Dec 2026 10:00:00 GMT";
+    let body = kaggle_zip(&["forest", "sea"], 6, 0, 0);
+    let half = body.len() / 2;
+    for (validators, sent) in [
+        (
+            &[
+                ("ETag", "W/\"w1\""),
+                ("Last-Modified", MODIFIED),
+                ("Date", NOW),
+            ][..],
+            None,
+        ),
+        (
+            &[("Last-Modified", MODIFIED), ("Date", NOW)][..],
+            Some(MODIFIED),
+        ),
+        (&[("Last-Modified", NOW), ("Date", NOW)][..], None),
+        (&[("Last-Modified", MODIFIED)][..], None),
+    ] {
+        let served = body.clone();
+        let server = TestServer::start(move |r| {
+            validators
+                .iter()
+                .fold(ranged(r, &served), |reply, (name, value)| {
+                    reply.with_header(name, value)
+                })
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let downloads = tmp.path().join("downloads");
+        fs::create_dir_all(&downloads).unwrap();
+        // What a first attempt cut at half left, with the validator it recorded.
+        let cut = Arc::new(AtomicUsize::new(0));
+        let first = {
+            let cut = Arc::clone(&cut);
+            let served = body.clone();
+            TestServer::start(move |_| {
+                cut.fetch_add(1, Ordering::SeqCst);
+                validators.iter().fold(
+                    Reply::truncated(served.len(), served[..half].to_vec()),
+                    |reply, (name, value)| reply.with_header(name, value),
+                )
+            })
+        };
+        let mut opts = kaggle_opts(&first, tmp.path());
+        fetch(&opts).unwrap_err();
+        assert_eq!(cut.load(Ordering::SeqCst), 1);
+        opts = kaggle_opts(&server, tmp.path());
+        let m = fetch(&opts).unwrap();
+        assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 6);
+        let request = &server.requests()[0];
+        let if_range = request.headers.get("if-range").map(String::as_str);
+        assert_eq!(if_range, sent, "{validators:?}");
+        assert_eq!(request.headers.contains_key("range"), sent.is_some());
+        assert_eq!(fs::read(downloads.join(ZIP_NAME)).unwrap(), body);
+    }
+}
+
+/// A server that answers a range with less than the rest (capping its ranges) leaves a
+/// longer partial file to resume, never a deleted one.
+#[test]
+fn a_range_answered_in_part_is_resumed_again() {
+    let body = kaggle_zip(&["forest", "sea"], 15, 0, 0);
+    let (third, served) = (body.len() / 3, body.clone());
+    let server = TestServer::start(move |r| {
+        let reply = match r.headers.get("range") {
+            None => Reply::truncated(served.len(), served[..third].to_vec()),
+            Some(_) => {
+                // At most a third of the file per answer.
+                let start: usize = ranged_start(r);
+                let end = (start + third).min(served.len()) - 1;
+                Reply::Full {
+                    status: 206,
+                    headers: vec![(
+                        "Content-Range".into(),
+                        format!("bytes {start}-{end}/{}", served.len()),
+                    )],
+                    body: served[start..=end].to_vec(),
+                }
+            }
+        };
+        reply.with_header("ETag", "\"v1\"")
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let part = tmp
+        .path()
+        .join("downloads")
+        .join(format!("{ZIP_NAME}.part"));
+    let err = fetch(&kaggle_opts(&server, tmp.path())).unwrap_err();
+    assert!(err.to_string().contains("run again to resume"), "{err}");
+    let err = fetch(&kaggle_opts(&server, tmp.path())).unwrap_err();
+    assert!(err.to_string().contains("run again to resume"), "{err}");
+    assert_eq!(fs::metadata(&part).unwrap().len(), 2 * third as u64);
+    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 15);
+}
+
+/// The first byte a `Range: bytes=START-` request asks for.
+fn ranged_start(request: &Request) -> usize {
+    let range = &request.headers["range"];
+    let start = range.trim_start_matches("bytes=").trim_end_matches('-');
+    start.parse().unwrap()
+}
+
 #[test]
 fn a_truncated_download_resumes_with_a_range_request() {
     a_cut_download_resumes(
@@ -382,6 +491,39 @@ fn a_kaggle_download_with_a_corrupt_entry_is_deleted() {
     );
     assert!(!tmp.path().join("downloads").join(ZIP_NAME).exists());
     assert!(!tmp.path().join("data").exists());
+}
+
+/// A downloaded archive's entry in a compression method this build does not read, or a
+/// broken entry that would be left out anyway, is no corruption: the rest is imported.
+#[test]
+fn a_kaggle_download_with_an_unsupported_or_ignored_entry_is_imported() {
+    let unsupported = "seg_train/seg_train/sea/bzip2.jpg";
+    let ignored = "__MACOSX/seg_train/._notes";
+    let mut entries = vec![
+        (unsupported.to_string(), jpeg(90)),
+        (ignored.to_string(), b"resource fork".to_vec()),
+    ];
+    for class in ["sea", "forest"] {
+        for i in 0..3 {
+            let name = format!("seg_train/seg_train/{class}/{i}.jpg");
+            entries.push((name, jpeg(i + if class == "sea" { 0 } else { 10 })));
+        }
+    }
+    let mut body = zip_bytes(&entries);
+    set_compression_method(&mut body, unsupported, 12);
+    break_local_header(&mut body, ignored);
+    let server = TestServer::start(move |_| Reply::ok(body.clone()));
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(m.count(Split::Train) + m.count(Split::Val), 6);
+    let skipped: Vec<(&str, &str)> = m
+        .skipped
+        .iter()
+        .map(|s| (s.path.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, unsupported);
+    assert!(skipped[0].1.contains("not supported"), "{skipped:?}");
 }
 
 // ---------------------------------------------------------------------------------------

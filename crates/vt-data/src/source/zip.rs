@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
+use zip::result::ZipError;
 use zip::ZipArchive;
 
 use crate::error::{DataError, Result};
@@ -162,7 +163,15 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
         let mut entry = match archive.by_index(i) {
             Ok(entry) => entry,
             Err(e) => {
-                unreadable(importer, listed, e.to_string())?;
+                match place(&listed) {
+                    // Left out had it opened: it fails nothing.
+                    Placement::Ignore => {}
+                    // A compression method this build does not read is no corruption.
+                    Placement::Image { .. } if !matches!(e, ZipError::UnsupportedArchive(_)) => {
+                        unreadable(importer, listed, e.to_string())?
+                    }
+                    _ => importer.skip(listed, e.to_string())?,
+                }
                 continue;
             }
         };

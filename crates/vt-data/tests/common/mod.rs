@@ -126,6 +126,34 @@ pub fn corrupt_entry(zip: &mut [u8], entry: &str) {
     zip[at + entry.len() + extra] ^= 0xff;
 }
 
+/// Where `entry`'s name occurs in `zip`: in its local header, then its central directory
+/// record.
+fn name_offsets(zip: &[u8], entry: &str) -> (usize, usize) {
+    let found: Vec<usize> = zip
+        .windows(entry.len())
+        .enumerate()
+        .filter(|(_, w)| *w == entry.as_bytes())
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(found.len(), 2, "{entry} should occur twice in the zip");
+    (found[0], found[1])
+}
+
+/// Marks `entry` as compressed with `method` (12: bzip2) in its local header and its
+/// central directory record, as an archiver using that method would write it.
+pub fn set_compression_method(zip: &mut [u8], entry: &str, method: u16) {
+    let (local, central) = name_offsets(zip, entry);
+    let (local, central) = (local - 30, central - 46);
+    zip[local + 8..local + 10].copy_from_slice(&method.to_le_bytes());
+    zip[central + 10..central + 12].copy_from_slice(&method.to_le_bytes());
+}
+
+/// Breaks the signature of `entry`'s local header: opening it fails.
+pub fn break_local_header(zip: &mut [u8], entry: &str) {
+    let (local, _) = name_offsets(zip, entry);
+    zip[local - 30] ^= 0xff;
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP
 
