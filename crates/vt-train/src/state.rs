@@ -103,9 +103,11 @@ pub fn first_non_finite(model: &Model) -> Result<Option<String>> {
     let mut names = Vec::new();
     let mut sums = Vec::new();
     for (name, var) in vars.iter().filter(|(_, var)| var.dtype().is_float()) {
-        // A sum is not finite when any of its terms is not; summed first, so that a GPU
-        // waits once for all of them.
-        sums.push(var.as_tensor().to_dtype(DType::F32)?.sum_all()?);
+        // 0x is 0 for every finite x and NaN otherwise, so the sum is not finite exactly
+        // when an element is not (a sum of the values could overflow); summed first, so
+        // that a GPU waits once for all of them.
+        let zeros = (var.as_tensor().to_dtype(DType::F32)? * 0.0)?;
+        sums.push(zeros.sum_all()?);
         names.push(name);
     }
     if sums.is_empty() {
@@ -395,6 +397,11 @@ mod tests {
     #[test]
     fn weights_that_are_not_finite_are_named() {
         let (model, _) = model_and_optimizer();
+        assert_eq!(first_non_finite(&model).unwrap(), None);
+        // Large but finite: their sum would overflow.
+        let var = model.varmap.data().lock().unwrap()["bn1.running_var"].clone();
+        var.set(&Tensor::full(1e37f32, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         assert_eq!(first_non_finite(&model).unwrap(), None);
         let name = "head.bias";
         let var = model.varmap.data().lock().unwrap()[name].clone();

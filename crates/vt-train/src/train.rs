@@ -205,17 +205,14 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
                 run_dir.display()
             )));
         }
-        refuse_checkpoint_as_run(&run_dir)?;
         // Before the lock: its file would be left in a folder that is no run.
-        outputs::refuse_managed_folder("--run-dir", &run_dir, &run_dir)?;
+        refuse_checkpoint_as_run(&run_dir)?;
         let lock = lock_run_dir(&run_dir)?;
         return plan_resume(&given, run_dir, lock);
     }
     let mut config = TrainConfig::resolve(&given)?;
     let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
-    // A run inside another's best/ or state/, or inside a checkpoint, would write among
-    // their files: that run could not resume, nor the checkpoint load.
-    outputs::refuse_managed_folder("--run-dir", &run_dir, &run_dir)?;
+    refuse_run_dir_in_checkpoint(&run_dir)?;
     config.run_dir = Some(run_dir.clone());
     Ok(Plan {
         config,
@@ -223,6 +220,37 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         resumed: None,
         lock: None,
     })
+}
+
+/// Refuses a new run's folder that is, or is right inside, a checkpoint folder or a run's
+/// `best/`, `state/`, ... : the run would write among their files, and that checkpoint
+/// would no longer load, nor that run resume. Only the folder and its parent are looked
+/// at: a model folder higher up (config.json + model.safetensors) may hold anything.
+fn refuse_run_dir_in_checkpoint(run_dir: &Path) -> Result<()> {
+    let resolved = outputs::resolved(run_dir);
+    for folder in std::iter::once(resolved.as_path()).chain(resolved.parent()) {
+        let is_checkpoint = dir_contents(folder).is_ok_and(|c| c == DirContents::Checkpoint);
+        let is_runs_own = folder
+            .file_name()
+            .is_some_and(|name| outputs::RUN_FOLDERS.iter().any(|f| name == *f))
+            && folder.parent().is_some_and(is_run);
+        if is_checkpoint || is_runs_own {
+            return Err(TrainError::Config(format!(
+                "--run-dir {}: {} is a checkpoint or a training run's folder, which must hold \
+                 only what its writer puts there; choose a folder outside it",
+                run_dir.display(),
+                folder.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `folder` is a training run: its options and some of its training (a user's own
+/// `config.toml` of options, alone, makes none).
+fn is_run(folder: &Path) -> bool {
+    folder.join(CONFIG_TOML).is_file()
+        && (folder.join(state::STATE_DIR).is_dir() || folder.join(METRICS_JSONL).is_file())
 }
 
 /// Refuses to resume a checkpoint folder (a run's `best/`, say) given for its run.
@@ -262,6 +290,13 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         } else {
             progress.config.to_options()
         };
+        for change in progress.config.to_options().changes(&options) {
+            tracing::info!(
+                "resume: {} differs from the state of epoch {}: {change}",
+                saved.display(),
+                progress.epochs_done
+            );
+        }
         let mut config = resolve_over(&options, given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
@@ -475,6 +510,16 @@ impl Trainer {
                 EpochEnd::Completed(totals) => totals,
                 EpochEnd::Interrupted => {
                     let last = self.run_dir.join(LAST_DIR);
+                    // Weights that are not finite would make a `last/` that nothing loads.
+                    if let Some(tensor) = state::first_non_finite(self.served())? {
+                        tracing::warn!(
+                            "interrupted in epoch {}: `{tensor}` is not finite; {} is left \
+                             as it was",
+                            epoch + 1,
+                            last.display()
+                        );
+                        return Ok(Outcome::Interrupted);
+                    }
                     self.served()
                         .save(&last)
                         .with_context(|| format!("writing {}", last.display()))?;

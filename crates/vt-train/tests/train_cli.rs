@@ -850,14 +850,18 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         "{err}"
     );
     assert!(!best.join(vt_train::train::LOCK_FILE).exists());
-    for (inside, why) in [
-        (best.clone(), "inside the checkpoint folder"),
-        (best.join("nested"), "inside the checkpoint folder"),
-        (run.join("state/nested"), "inside the checkpoint folder"),
-        (run.join("top/nested"), "which its training run manages"),
+    for inside in [
+        best.clone(),
+        best.join("nested"),
+        run.join("state/nested"),
+        run.join("top/nested"),
     ] {
         let err = run_err(&mut train(&inside));
-        assert!(err.contains(why), "{}: {err}", inside.display());
+        assert!(
+            err.contains("is a checkpoint or a training run's folder"),
+            "{}: {err}",
+            inside.display()
+        );
     }
     for made in ["best/nested", "state/nested", "top"] {
         assert!(!run.join(made).exists(), "{made}");
@@ -865,6 +869,17 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
     // The run itself still resumes.
     run_ok(train(&run).args(["--resume", "--epochs", "2"]));
     assert_eq!(records(&run).len(), 2);
+    // A model folder further up, or a user's own options file beside a folder named like
+    // a run's, is no reason to refuse.
+    let model = tmp.path().join("model");
+    fs::create_dir(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        fs::copy(best.join(file), model.join(file)).unwrap();
+    }
+    fs::write(model.join("config.toml"), "epochs = 1\n").unwrap();
+    for allowed in [model.join("runs/a"), model.join("best")] {
+        run_ok(train(&allowed).args(["--epochs", "1"]));
+    }
 }
 
 /// Without a manifest each split's folder names are its classes: the validation split must
