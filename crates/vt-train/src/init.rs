@@ -239,6 +239,7 @@ mod tests {
         let run = root.path().join("run");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(run.join(crate::train::CONFIG_TOML), "").unwrap();
+        std::fs::write(run.join(crate::train::LOCK_FILE), "").unwrap();
         for folder in [crate::state::STATE_DIR, crate::state::BEST_DIR] {
             let checkpoint = run.join(folder);
             seeded_model(tiny(), &Device::Cpu, 1)

@@ -9,14 +9,15 @@ use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
 use crate::history::TOP_DIR;
+use crate::metrics::METRICS_JSONL;
 use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
-use crate::train::CONFIG_TOML;
+use crate::train::{CONFIG_TOML, LOCK_FILE};
 
 /// The folders of a run that its training writes.
 pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
 
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
-/// checkpoint folder or one of [`RUN_FOLDERS`] of a run (a folder holding `config.toml`).
+/// checkpoint folder or one of [`RUN_FOLDERS`] of a run (see [`is_run`]).
 pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
     let folder = resolved(folder);
     for above in folder.ancestors() {
@@ -47,18 +48,25 @@ pub fn run_keeping(checkpoint: &Path) -> Option<PathBuf> {
     let checkpoint = resolved(checkpoint);
     let top = checkpoint.parent()?;
     let run = top.parent()?;
-    (top.file_name()? == TOP_DIR && run.join(CONFIG_TOML).is_file()).then(|| run.to_path_buf())
+    (top.file_name()? == TOP_DIR && is_run(run)).then(|| run.to_path_buf())
+}
+
+/// Whether `folder` is a training run: its `config.toml` and a trace of its training (its
+/// state, metrics, or the lock a run takes first). A `config.toml` alone may be a user's
+/// options file.
+pub fn is_run(folder: &Path) -> bool {
+    folder.join(CONFIG_TOML).is_file()
+        && [STATE_DIR, METRICS_JSONL, LOCK_FILE]
+            .iter()
+            .any(|name| folder.join(name).exists())
 }
 
 /// Whether `folder` is one of [`RUN_FOLDERS`] of a run.
-fn is_run_folder(folder: &Path) -> bool {
+pub fn is_run_folder(folder: &Path) -> bool {
     let managed = folder
         .file_name()
         .is_some_and(|name| RUN_FOLDERS.iter().any(|f| name == *f));
-    managed
-        && folder
-            .parent()
-            .is_some_and(|run| run.join(CONFIG_TOML).is_file())
+    managed && folder.parent().is_some_and(is_run)
 }
 
 /// Refuses an output folder `out` that is itself one of [`RUN_FOLDERS`] of a run (a
@@ -108,6 +116,7 @@ mod tests {
         let kept = run.join(TOP_DIR).join("epoch-001");
         std::fs::create_dir_all(&kept).unwrap();
         std::fs::write(run.join(CONFIG_TOML), "").unwrap();
+        std::fs::write(run.join(METRICS_JSONL), "").unwrap();
         for file in [CONFIG_FILE, WEIGHTS_FILE] {
             std::fs::write(kept.join(file), "").unwrap();
         }
@@ -122,7 +131,11 @@ mod tests {
         assert!(refused(&run.join(BEST_DIR).join("x")).contains("which its training run manages"));
         refuse_managed_folder("--out", &run, &run).unwrap();
         refuse_managed_folder("--out", &run, &run.join("reports")).unwrap();
-        // A folder named like a run's, in a folder that is no run, is anyone's.
+        // A folder named like a run's, in a folder that is no run, is anyone's; a
+        // config.toml alone is a user's options.
+        std::fs::remove_file(run.join(METRICS_JSONL)).unwrap();
+        refuse_managed_folder("--out", &run, &run.join(BEST_DIR)).unwrap();
+        std::fs::write(run.join(METRICS_JSONL), "").unwrap();
         std::fs::remove_file(run.join(CONFIG_TOML)).unwrap();
         refuse_managed_folder("--out", &run, &run.join(BEST_DIR)).unwrap();
         // A folder holding a config.json alone is no checkpoint.

@@ -207,6 +207,9 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         }
         // Before the lock: its file would be left in a folder that is no run.
         refuse_checkpoint_as_run(&run_dir)?;
+        if !run_dir.join(CONFIG_TOML).is_file() && !run_dir.join(state::STATE_DIR).exists() {
+            return Err(nothing_to_resume(&run_dir));
+        }
         let lock = lock_run_dir(&run_dir)?;
         return plan_resume(&given, run_dir, lock);
     }
@@ -230,11 +233,7 @@ fn refuse_run_dir_in_checkpoint(run_dir: &Path) -> Result<()> {
     let resolved = outputs::resolved(run_dir);
     for folder in std::iter::once(resolved.as_path()).chain(resolved.parent()) {
         let is_checkpoint = dir_contents(folder).is_ok_and(|c| c == DirContents::Checkpoint);
-        let is_runs_own = folder
-            .file_name()
-            .is_some_and(|name| outputs::RUN_FOLDERS.iter().any(|f| name == *f))
-            && folder.parent().is_some_and(is_run);
-        if is_checkpoint || is_runs_own {
+        if is_checkpoint || outputs::is_run_folder(folder) {
             return Err(TrainError::Config(format!(
                 "--run-dir {}: {} is a checkpoint or a training run's folder, which must hold \
                  only what its writer puts there; choose a folder outside it",
@@ -246,11 +245,12 @@ fn refuse_run_dir_in_checkpoint(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `folder` is a training run: its options and some of its training (a user's own
-/// `config.toml` of options, alone, makes none).
-fn is_run(folder: &Path) -> bool {
-    folder.join(CONFIG_TOML).is_file()
-        && (folder.join(state::STATE_DIR).is_dir() || folder.join(METRICS_JSONL).is_file())
+fn nothing_to_resume(run_dir: &Path) -> TrainError {
+    TrainError::Config(format!(
+        "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
+         nothing to resume; start the run without --resume",
+        run_dir.display()
+    ))
 }
 
 /// Refuses to resume a checkpoint folder (a run's `best/`, say) given for its run.
@@ -319,11 +319,7 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
     // Killed or interrupted before its first epoch ended: the run starts again from its
     // options, which is what the interrupt message promises.
     if !saved.is_file() {
-        return Err(TrainError::Config(format!(
-            "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
-             nothing to resume; start the run without --resume",
-            run_dir.display()
-        )));
+        return Err(nothing_to_resume(&run_dir));
     }
     // A run killed in its first epoch may have logged that epoch before its state; one that
     // logged more had a state, and starting over would discard its epochs and checkpoints.

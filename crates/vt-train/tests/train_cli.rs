@@ -730,6 +730,7 @@ fn eval_checks_its_output_paths_before_evaluating() {
     let run = tmp.path().join("run");
     fs::create_dir_all(run.join("top")).unwrap();
     fs::write(run.join("config.toml"), "").unwrap();
+    fs::write(run.join("metrics.jsonl"), "").unwrap();
     fs::create_dir_all(tmp.path().join("folder")).unwrap();
     fs::create_dir_all(tmp.path().join("plots.png")).unwrap();
     let eval = |out: &std::path::Path| {
@@ -850,6 +851,11 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         "{err}"
     );
     assert!(!best.join(vt_train::train::LOCK_FILE).exists());
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let err = run_err(train(&empty).arg("--resume"));
+    assert!(err.contains("nothing to resume"), "{err}");
+    assert!(!empty.join(vt_train::train::LOCK_FILE).exists());
     for inside in [
         best.clone(),
         best.join("nested"),
