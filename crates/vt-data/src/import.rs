@@ -93,6 +93,13 @@ impl Importer {
     ) -> Result<Importer> {
         split::check_fraction(val_fraction)?;
         let target = resolve_links(data_dir)?;
+        if target.exists() && !target.is_dir() {
+            return Err(DataError::Invalid(format!(
+                "{} is a file: the data set is imported into a folder; choose another \
+                 --data-dir",
+                data_dir.display()
+            )));
+        }
         let lock = lock(&target, data_dir)?;
         // Under the lock: another import may be between its renames until it is released.
         restore_interrupted_swap(&target)?;

@@ -381,6 +381,11 @@ fn only_an_earlier_import_is_replaced() {
         "{err}"
     );
     assert!(webapp.join("src/app.js").is_file());
+    // Nor is a file.
+    let file = webapp.join("src/app.js");
+    let err = fetch(&tiny_synthetic(&file, 0)).unwrap_err().to_string();
+    assert!(err.contains("is a file"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
 
     // vt's manifest without the import's folders is not an import either.
     let data = tmp.path().join("data");

@@ -410,15 +410,14 @@ impl TrainConfig {
                     .into(),
             );
         }
-        if self.epochs == 0
-            || self.batch_size == 0
-            || self.grad_accum_steps == 0
-            || self.image_size == 0
-        {
-            return fail(
-                "--epochs, --batch-size, --grad-accum-steps and --image-size must be at least 1"
-                    .into(),
-            );
+        let counts = [
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum-steps", self.grad_accum_steps),
+            ("--image-size", self.image_size),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            return fail(format!("{flag} must be at least 1, got 0"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return fail(format!("--lr must be positive, got {}", self.lr));
@@ -466,8 +465,13 @@ impl TrainConfig {
                 return fail(format!("--ema must be in (0, 1), got {decay}"));
             }
         }
-        if self.limit_train == Some(0) || self.limit_val == Some(0) {
-            return fail("--limit-train and --limit-val must be at least 1".into());
+        for (flag, limit) in [
+            ("--limit-train", self.limit_train),
+            ("--limit-val", self.limit_val),
+        ] {
+            if limit == Some(0) {
+                return fail(format!("{flag} must be at least 1, got 0"));
+            }
         }
         Ok(())
     }
@@ -979,6 +983,29 @@ mod tests {
         ] {
             let err = TrainConfig::resolve(&options).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
+        }
+        // Each count names its own flag.
+        for (options, flag) in [
+            (
+                TrainOptions {
+                    image_size: Some(0),
+                    ..Default::default()
+                },
+                "--image-size",
+            ),
+            (
+                TrainOptions {
+                    limit_val: Some(0),
+                    ..Default::default()
+                },
+                "--limit-val",
+            ),
+        ] {
+            let err = TrainConfig::resolve(&options).unwrap_err().to_string();
+            assert!(
+                err.ends_with(&format!("{flag} must be at least 1, got 0")),
+                "{err}"
+            );
         }
         let off = TrainConfig::resolve(&TrainOptions {
             ema: Some(0.0),

@@ -851,6 +851,10 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         "{err}"
     );
     assert!(!best.join(vt_train::train::LOCK_FILE).exists());
+    let file = tmp.path().join("notes.toml");
+    fs::write(&file, "").unwrap();
+    let err = run_err(&mut train(&file));
+    assert!(err.contains("is a file: a run is a folder"), "{err}");
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = run_err(train(&empty).arg("--resume"));
