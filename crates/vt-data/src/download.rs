@@ -3,7 +3,7 @@
 //! in `<dest>.part.validator`; otherwise starts over), and renames to `dest` only once the
 //! whole body arrived and passed the caller's check.
 
-use std::fs::{self, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +41,41 @@ pub struct Download<'a> {
     pub hint: &'a str,
     /// Put before `hint` when the server refuses access (401, 403).
     pub access_hint: &'a str,
+}
+
+/// Opens the partial download `part` for appending, locked for as long as the file lives,
+/// so that two runs sharing a download folder never write one file; `what` names the
+/// download in the error when another run holds it.
+pub fn open_locked(part: &Path, what: &str) -> Result<File> {
+    let busy = || DataError::Network {
+        what: what.to_string(),
+        message: format!("another fetch-data is downloading {}", part.display()),
+        hint: "Wait for it to finish, then run fetch-data again.".into(),
+    };
+    let io = |e| DataError::io(part, e);
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(busy()),
+        Err(TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {}: {e}; not guarding against a concurrent download",
+                part.display()
+            );
+            return Ok(file);
+        }
+    }
+    // The run that held the lock may have finished, renaming the file to its final name,
+    // between the open and the lock: writing on would overwrite the finished download.
+    let locked = same_file::Handle::from_file(file.try_clone().map_err(io)?).map_err(io)?;
+    if same_file::Handle::from_path(part).ok().as_ref() != Some(&locked) {
+        return Err(busy());
+    }
+    Ok(file)
 }
 
 pub fn part_path(dest: &Path) -> PathBuf {
@@ -104,25 +139,7 @@ impl Download<'_> {
         }
         let part = part_path(dest);
         let sidecar = validator_path(&part);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&part)
-            .map_err(|e| DataError::io(&part, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(DataError::Network {
-                    what: format!("download of {}", self.url),
-                    message: format!("another fetch-data is downloading {}", part.display()),
-                    hint: "Wait for it to finish, then run fetch-data again.".into(),
-                })
-            }
-            Err(TryLockError::Error(e)) => tracing::warn!(
-                "cannot lock {}: {e}; not guarding against a concurrent download",
-                part.display()
-            ),
-        }
+        let file = open_locked(&part, &format!("download of {}", self.url))?;
         let restart = || -> Result<()> {
             file.set_len(0).map_err(|e| DataError::io(&part, e))?;
             remove_if_exists(&sidecar)

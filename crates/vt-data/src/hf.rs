@@ -20,7 +20,7 @@
 //! an import never mixes two states of the repository, and `--hf-repo OWNER/NAME@COMMIT`
 //! repeats it exactly.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -31,7 +31,7 @@ use hf_hub::repository::RepoTreeEntry;
 use hf_hub::{HFClient, HFClientSync};
 
 use crate::dataset::CLASSES;
-use crate::download::{error_chain, part_path, CONNECT_TIMEOUT};
+use crate::download::{error_chain, open_locked, part_path, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
 use crate::import::{quoted, Importer};
@@ -364,26 +364,8 @@ fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) 
     if let Some(parent) = part.parent() {
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&part)
-        .map_err(|e| DataError::io(&part, e))?;
     // hf-hub locks its downloads too: two fetches sharing HF_HOME must not append to one file.
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            return Err(DataError::Network {
-                what: format!("download of {path} from {}", opts.repo),
-                message: format!("another fetch-data is writing {}", part.display()),
-                hint: "Wait for it to finish, then run fetch-data again.".into(),
-            })
-        }
-        Err(TryLockError::Error(e)) => tracing::warn!(
-            "cannot lock {}: {e}; not guarding against a concurrent download",
-            part.display()
-        ),
-    }
+    let file = open_locked(&part, &format!("download of {path} from {}", opts.repo))?;
     let mut have = file.metadata().map_err(|e| DataError::io(&part, e))?.len();
     if have > size {
         tracing::info!("{} is longer than {path}; starting over", part.display());
