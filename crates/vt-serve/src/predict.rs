@@ -154,7 +154,8 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     let mut resizer = Resizer::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut failed = 0;
+    // Of the images whose lines were written: a reader may stop early.
+    let (mut failed, mut written) = (0, 0);
     'images: for chunk in images.chunks(args.batch_size.max(1)) {
         // The decoded images in order; each file's outcome says whether it is among them.
         let mut decoded = Vec::with_capacity(chunk.len());
@@ -176,6 +177,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
             .into_iter();
         for (path, outcome) in chunk.iter().zip(outcomes) {
             let image = path.to_string_lossy();
+            let failure = outcome.is_err();
             let line = match outcome {
                 Ok(()) => {
                     let p = predictions.next().ok_or(PredictError::MissingResults)?;
@@ -186,26 +188,25 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
                         top: p.top(&classifier.config().class_names, args.top_k as usize),
                     })
                 }
-                Err(error) => {
-                    failed += 1;
-                    serde_json::to_string(&Failed {
-                        image: &image,
-                        error,
-                    })
-                }
+                Err(error) => serde_json::to_string(&Failed {
+                    image: &image,
+                    error,
+                }),
             };
             let line = line.map_err(|e| PredictError::Output(e.into()))?;
             match writeln!(out, "{line}") {
                 // A reader that stopped early (`| head`) wants no more lines.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break 'images,
-                written => written.map_err(PredictError::Output)?,
+                result => result.map_err(PredictError::Output)?,
             }
+            written += 1;
+            failed += usize::from(failure);
         }
     }
     if failed > 0 {
         return Err(PredictError::SomeFailed {
             failed,
-            total: images.len(),
+            total: written,
         });
     }
     Ok(())

@@ -230,8 +230,9 @@ fn predict_scores_the_images_of_a_folder() {
     );
 }
 
-/// A reader that stops early (`| head -1`) ends the predictions quietly, as it would end
-/// any command's output.
+/// A reader that stops early (`| head -1`) ends the predictions without an error of its
+/// own, as it would end any command's output; the failures reported are among the images
+/// whose lines were written.
 #[test]
 fn predict_stops_quietly_when_its_reader_does() {
     let dir = tiny_checkpoint();
@@ -241,7 +242,9 @@ fn predict_stops_quietly_when_its_reader_does() {
     // Named at length and given many times: more lines than a pipe buffers (64 KiB), so
     // that some are written after the reader is gone.
     let name = format!("{}.jpg", "photo-".repeat(40));
-    let paths = vec![write_images(files.path(), &[(name, photo)]).remove(0); 400];
+    let mut paths = vec![write_images(files.path(), &[(name, photo)]).remove(0); 400];
+    // A file that cannot be scored counts among the images whose lines were written.
+    paths.insert(0, files.path().join("missing.jpg"));
     let mut child = Command::new(BIN)
         .args([
             "predict",
@@ -261,12 +264,19 @@ fn predict_stops_quietly_when_its_reader_does() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    assert!(first.contains("\"probs\""), "{first}");
+    assert!(first.contains("\"error\""), "{first}");
     // The reader is dropped: the rest of the lines have nowhere to go.
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
+    assert!(!output.status.success(), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    let total: usize = stderr
+        .split("1 of ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(total < paths.len(), "{stderr}");
 }
 
 #[test]

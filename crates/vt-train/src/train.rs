@@ -170,9 +170,7 @@ fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
     let Some(found) = RUN_OUTPUTS.iter().find(|name| run_dir.join(name).exists()) else {
         return Ok(());
     };
-    let resumable = [CONFIG_TOML, state::STATE_DIR]
-        .iter()
-        .any(|name| run_dir.join(name).exists());
+    let resumable = outputs::is_run(run_dir) || run_dir.join(state::STATE_DIR).exists();
     let run_dir = run_dir.to_path_buf();
     Err(if resumable {
         TrainError::RunExists { run_dir }
@@ -207,7 +205,7 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         }
         // Before the lock: its file would be left in a folder that is no run.
         refuse_checkpoint_as_run(&run_dir)?;
-        if !run_dir.join(CONFIG_TOML).is_file() && !run_dir.join(state::STATE_DIR).exists() {
+        if !outputs::is_run(&run_dir) && !run_dir.join(state::STATE_DIR).exists() {
             return Err(nothing_to_resume(&run_dir));
         }
         let lock = lock_run_dir(&run_dir)?;
@@ -231,30 +229,35 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
     })
 }
 
-/// Refuses a new run's folder that is, or is right inside, a checkpoint folder or a run's
-/// `best/`, `state/`, ... : the run would write among their files, and that checkpoint
-/// would no longer load, nor that run resume. Only the folder and its parent are looked
-/// at: a model folder higher up (config.json + model.safetensors) may hold anything.
+/// Refuses a new run's folder that is, or is right inside, a checkpoint folder, or lies in
+/// a run's `best/`, `state/`, ... : the run would write among their files, and that
+/// checkpoint would no longer load, nor that run resume. Only the folder and its parent are
+/// checked for a checkpoint: a model folder higher up (config.json + model.safetensors) may
+/// hold anything.
 fn refuse_run_dir_in_checkpoint(run_dir: &Path) -> Result<()> {
     let resolved = outputs::resolved(run_dir);
-    for folder in std::iter::once(resolved.as_path()).chain(resolved.parent()) {
-        let is_checkpoint = dir_contents(folder).is_ok_and(|c| c == DirContents::Checkpoint);
-        if is_checkpoint || outputs::is_run_folder(folder) {
-            return Err(TrainError::Config(format!(
-                "--run-dir {}: {} is a checkpoint or a training run's folder, which must hold \
-                 only what its writer puts there; choose a folder outside it",
-                run_dir.display(),
-                folder.display()
-            )));
-        }
+    let mut nearest = std::iter::once(resolved.as_path()).chain(resolved.parent());
+    let checkpoint =
+        nearest.find(|folder| dir_contents(folder).is_ok_and(|c| c == DirContents::Checkpoint));
+    let runs_own = resolved
+        .ancestors()
+        .find(|folder| outputs::is_run_folder(folder));
+    match checkpoint.or(runs_own) {
+        Some(folder) => Err(TrainError::Config(format!(
+            "--run-dir {}: {} is a checkpoint or a training run's folder, which must hold only \
+             what its writer puts there; choose a folder outside it",
+            run_dir.display(),
+            folder.display()
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn nothing_to_resume(run_dir: &Path) -> TrainError {
     TrainError::Config(format!(
-        "{} holds neither a saved training state (state/training.json) nor {CONFIG_TOML}: \
-         nothing to resume; start the run without --resume",
+        "{} holds no training run (neither a saved training state, state/training.json, nor \
+         the {CONFIG_TOML} of a run started there): nothing to resume; start the run without \
+         --resume (an options file is given with --config)",
         run_dir.display()
     ))
 }

@@ -860,10 +860,24 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
     let err = run_err(train(&empty).arg("--resume"));
     assert!(err.contains("nothing to resume"), "{err}");
     assert!(!empty.join(vt_train::train::LOCK_FILE).exists());
+    // Nor is a user's options file a run to resume.
+    let options = "# mine\nepochs = 1\n";
+    fs::write(empty.join("config.toml"), options).unwrap();
+    let err = run_err(train(&empty).arg("--resume"));
+    assert!(
+        err.contains("an options file is given with --config"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(empty.join("config.toml")).unwrap(),
+        options
+    );
     for inside in [
         best.clone(),
         best.join("nested"),
+        best.join("nested/deeper"),
         run.join("state/nested"),
+        run.join("state/nested/deeper"),
         run.join("top/nested"),
     ] {
         let err = run_err(&mut train(&inside));
