@@ -50,6 +50,7 @@ mod tests {
             .args([
                 "tree",
                 "--offline",
+                "--locked",
                 "--edges",
                 "normal,build",
                 "--prefix",

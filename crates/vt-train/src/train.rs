@@ -299,7 +299,9 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         } else {
             progress.config.to_options()
         };
-        for change in progress.config.to_options().changes(&options) {
+        // Resolved, so that a key removed from the file shows as the default it falls to.
+        let from_file = TrainConfig::resolve(&options)?.to_options();
+        for change in progress.config.to_options().changes(&from_file) {
             tracing::info!(
                 "resume: {} differs from the state of epoch {}: {change}",
                 saved.display(),

@@ -890,8 +890,21 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
     for made in ["best/nested", "state/nested", "top"] {
         assert!(!run.join(made).exists(), "{made}");
     }
-    // The run itself still resumes.
-    run_ok(train(&run).args(["--resume", "--epochs", "2"]));
+    // The run itself still resumes, with its config.toml as edited by hand, which it says.
+    let toml = fs::read_to_string(run.join("config.toml")).unwrap();
+    let edited: String = toml
+        .lines()
+        .filter(|line| !line.starts_with("lr ="))
+        .map(|line| format!("{line}\n"))
+        .chain(["lr = 0.000123\n".to_string()])
+        .collect();
+    fs::write(run.join("config.toml"), edited).unwrap();
+    let out = run_ok(train(&run).args(["--resume", "--epochs", "2"]));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("differs from the state of epoch 1: lr"),
+        "{log}"
+    );
     assert_eq!(records(&run).len(), 2);
     // A model folder further up, or a user's own options file beside a folder named like
     // a run's, is no reason to refuse.
