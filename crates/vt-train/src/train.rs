@@ -269,7 +269,7 @@ fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
     }
     let run = outputs::resolved(run_dir);
     let hint = match run.parent() {
-        Some(parent) if parent.join(CONFIG_TOML).is_file() => {
+        Some(parent) if outputs::is_run(parent) => {
             format!(": its run is {}", parent.display())
         }
         _ => String::new(),
