@@ -415,6 +415,9 @@ impl TrainConfig {
             ("--batch-size", self.batch_size),
             ("--grad-accum-steps", self.grad_accum_steps),
             ("--image-size", self.image_size),
+            ("--tokens", self.tokens),
+            ("--token-channels", self.token_channels),
+            ("--heads", self.heads),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return fail(format!("{flag} must be at least 1, got 0"));
@@ -999,6 +1002,13 @@ mod tests {
                     ..Default::default()
                 },
                 "--limit-val",
+            ),
+            (
+                TrainOptions {
+                    heads: Some(0),
+                    ..Default::default()
+                },
+                "--heads",
             ),
         ] {
             let err = TrainConfig::resolve(&options).unwrap_err().to_string();

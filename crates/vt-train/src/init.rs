@@ -20,17 +20,25 @@ pub struct ModelArgs {
     #[arg(long, default_value = "vt-resnet18")]
     pub arch: Arch,
     /// Input side in pixels (square); 150 is the photos' size, as for `train`.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 150, value_parser = at_least_one)]
     pub image_size: usize,
     /// Visual tokens L.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub tokens: usize,
     /// Token channels CT.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     pub token_channels: usize,
     /// Attention heads h.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub heads: usize,
+}
+
+/// Parses a count of 1 or more, so that clap names the option given 0.
+fn at_least_one(arg: &str) -> std::result::Result<usize, String> {
+    match arg.parse() {
+        Ok(0) => Err("must be at least 1".into()),
+        parsed => parsed.map_err(|e: std::num::ParseIntError| e.to_string()),
+    }
 }
 
 impl ModelArgs {
@@ -51,7 +59,7 @@ pub struct InitArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Number of classes (class names default to class0, class1, ...).
-    #[arg(long, required_unless_present = "class_names")]
+    #[arg(long, required_unless_present = "class_names", value_parser = at_least_one)]
     pub num_classes: Option<usize>,
     /// Comma-separated class names, in label order.
     #[arg(long, value_delimiter = ',')]
@@ -202,6 +210,38 @@ fn standard_normal(rng: &mut StdRng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Init {
+        #[command(flatten)]
+        args: InitArgs,
+    }
+
+    #[test]
+    fn a_zero_count_is_refused_by_its_option_name() {
+        for flag in [
+            "--image-size",
+            "--tokens",
+            "--token-channels",
+            "--heads",
+            "--num-classes",
+        ] {
+            let err =
+                Init::try_parse_from(["init", "--out", "o", "--class-names", "a,b", flag, "0"])
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+            assert!(
+                err.contains(&format!("'{flag}")) && err.contains("must be at least 1"),
+                "{flag}: {err}"
+            );
+        }
+        assert!(
+            Init::try_parse_from(["init", "--out", "o", "--num-classes", "6", "--heads", "1"])
+                .is_ok()
+        );
+    }
 
     fn tiny() -> VtConfig {
         VtConfig {

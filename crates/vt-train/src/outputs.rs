@@ -19,6 +19,7 @@ pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
 /// checkpoint folder or one of [`RUN_FOLDERS`] of a run (see [`is_run`]).
 pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
+    refuse_file_on_path(option, out, folder)?;
     let folder = resolved(folder);
     for above in folder.ancestors() {
         if above.join(CONFIG_FILE).is_file() && above.join(WEIGHTS_FILE).is_file() {
@@ -40,6 +41,20 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
         }
     }
     Ok(())
+}
+
+/// Refuses a `folder` (where `option`'s `out` goes) that is a file, or lies below one: the
+/// OS would only say "Not a directory" once the output is written.
+pub fn refuse_file_on_path(option: &str, out: &Path, folder: &Path) -> Result<()> {
+    let existing = folder.ancestors().find(|above| above.exists());
+    match existing.filter(|above| !above.is_dir()) {
+        Some(file) => Err(TrainError::Config(format!(
+            "{option} {}: {} is a file, not a folder",
+            out.display(),
+            file.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The run folder whose `top/` keeps `checkpoint`, if it is such a kept epoch (however the
@@ -170,5 +185,15 @@ mod tests {
             );
         }
         assert_eq!(resolved(&run.join("a/b/../../avg")), run.join("avg"));
+        // A file on the way, named instead of the OS's "Not a directory".
+        let file = root.path().join("notes.txt");
+        std::fs::write(&file, "").unwrap();
+        for folder in [file.clone(), file.join("a/b")] {
+            let err = refused(&folder);
+            assert!(
+                err.ends_with(&format!("{} is a file, not a folder", file.display())),
+                "{err}"
+            );
+        }
     }
 }

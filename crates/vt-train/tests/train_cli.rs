@@ -853,8 +853,11 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
     assert!(!best.join(vt_train::train::LOCK_FILE).exists());
     let file = tmp.path().join("notes.toml");
     fs::write(&file, "").unwrap();
-    let err = run_err(&mut train(&file));
-    assert!(err.contains("is a file: a run is a folder"), "{err}");
+    for run_dir in [file.clone(), file.join("run")] {
+        let err = run_err(&mut train(&run_dir));
+        let named = format!("{} is a file, not a folder", file.display());
+        assert!(err.contains(&named), "{err}");
+    }
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = run_err(train(&empty).arg("--resume"));
