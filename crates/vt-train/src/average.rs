@@ -185,6 +185,21 @@ fn refuse_out_among_inputs(out: &Path, inputs: &[Input], run_dir: Option<&Path>)
     Ok(())
 }
 
+/// Refuses a checkpoint given twice (however spelled): it would weigh double in the mean.
+fn refuse_repeated_inputs(inputs: &[Input]) -> Result<()> {
+    let mut seen = BTreeMap::new();
+    for input in inputs {
+        if let Some(first) = seen.insert(resolved(&input.dir), &input.dir) {
+            return Err(TrainError::Config(format!(
+                "{} is given twice (also as {}): it would count double in the mean",
+                first.display(),
+                input.dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Every tensor of `model`, by name, widened to f64.
 fn values(model: &Model) -> Result<BTreeMap<String, Vec<f64>>> {
     let vars = model
@@ -221,6 +236,7 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             })
             .collect(),
     };
+    refuse_repeated_inputs(&inputs)?;
     refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
     check_out_dir(&args.out, args.force)?;
     println!(
@@ -293,6 +309,35 @@ mod tests {
             "{err}"
         );
         refuse_out_among_inputs(&run.join("avg"), &inputs, Some(&run)).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_given_twice_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let inputs = |dirs: &[PathBuf]| -> Vec<Input> {
+            dirs.iter()
+                .map(|dir| Input {
+                    dir: dir.clone(),
+                    kept: None,
+                })
+                .collect()
+        };
+        refuse_repeated_inputs(&inputs(&[a.clone(), b.clone()])).unwrap();
+        let again = b.join("../a");
+        let err = refuse_repeated_inputs(&inputs(&[a.clone(), b, again.clone()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "{} is given twice (also as {})",
+                a.display(),
+                again.display()
+            )),
+            "{err}"
+        );
     }
 
     #[test]

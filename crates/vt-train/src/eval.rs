@@ -332,24 +332,24 @@ pub fn report_text(report: &EvalReport) -> String {
     out
 }
 
-/// The per-image predictions as CSV: `path,label,prediction,confidence,label_probability,
-/// correct`, then `p_<class>` per class; one row per prediction, in their order.
+/// The columns of the predictions CSV before each class's probability.
+const PREDICTION_COLUMNS: [&str; 6] = [
+    "path",
+    "label",
+    "prediction",
+    "confidence",
+    "label_probability",
+    "correct",
+];
+
+/// The per-image predictions as CSV: [`PREDICTION_COLUMNS`], then `p_<class>` per class;
+/// one row per prediction, in their order.
 fn predictions_csv(
     predictions: &[Prediction],
     samples: &[(PathBuf, usize)],
     classes: &[String],
 ) -> String {
-    let mut header: Vec<String> = [
-        "path",
-        "label",
-        "prediction",
-        "confidence",
-        "label_probability",
-        "correct",
-    ]
-    .iter()
-    .map(|c| c.to_string())
-    .collect();
+    let mut header: Vec<String> = PREDICTION_COLUMNS.iter().map(|c| c.to_string()).collect();
     header.extend(classes.iter().map(|c| csv_cell(&format!("p_{c}"))));
     let mut out = header.join(",") + "\n";
     for p in predictions {
@@ -416,9 +416,10 @@ struct OutputPaths {
 }
 
 /// The report's path and those of the plots' PNG and the predictions CSV beside
-/// it. Refused before any work: a path that is a folder (or anything but a file), a folder
-/// that holds a checkpoint or that a run manages ([`outputs::refuse_managed_folder`]); and
-/// for a given --out, one whose PNG or CSV would replace the report, or whose folder is
+/// it. Refused before any work: a path that is a folder (or anything but a file), a file
+/// that no evaluation wrote ([`outputs::refuse_replacing`]), a folder that holds a
+/// checkpoint, that a run manages or that holds data ([`outputs::refuse_managed_folder`]);
+/// and for a given --out, one whose PNG or CSV would replace the report, or whose folder is
 /// missing.
 fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     // `.` and `..` name no folder to put the report beside: the folder they stand for does.
@@ -450,8 +451,14 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let option = if args.out.is_none() {
+        "the report"
+    } else {
+        "--out"
+    };
     if args.out.is_none() {
-        outputs::refuse_managed_folder("the report", out, parent)?;
+        outputs::refuse_managed_folder(option, out, parent)?;
+        refuse_replacing_others(&paths, option)?;
         return Ok(paths);
     }
     for (beside, what, extension) in [
@@ -477,8 +484,26 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
             parent.display()
         )));
     }
-    outputs::refuse_managed_folder("--out", out, parent)?;
+    outputs::refuse_managed_folder(option, out, parent)?;
+    refuse_replacing_others(&paths, option)?;
     Ok(paths)
+}
+
+/// Refuses outputs that would replace files no evaluation wrote; an earlier evaluation's
+/// are replaced. The CSV is written first, so a killed one may have left it (and the PNG)
+/// without the report.
+fn refuse_replacing_others(paths: &OutputPaths, option: &str) -> Result<()> {
+    let report_ours = outputs::is_json_with(&paths.report, &["confusion_matrix", "predictions"]);
+    let csv_ours = outputs::starts_with(&paths.csv, &(PREDICTION_COLUMNS.join(",") + ","));
+    outputs::refuse_replacing(
+        option,
+        &paths.report,
+        &[
+            (&paths.report, report_ours),
+            (&paths.csv, csv_ours),
+            (&paths.png, report_ours || csv_ours),
+        ],
+    )
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {

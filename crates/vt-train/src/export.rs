@@ -9,6 +9,7 @@ use vt_model::onnx;
 
 use crate::error::{Result, ResultExt, TrainError};
 use crate::metrics::write_atomically;
+use crate::outputs;
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -49,7 +50,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
 
 /// Refuses an `--out` that exists (unless `force`) or that lies in a checkpoint folder (the
 /// one exported, at any depth, or another): a checkpoint folder holding other files is one
-/// that training no longer replaces.
+/// that training no longer replaces; nor in a run's or the data's folders
+/// ([`outputs::refuse_managed_folder`]).
 fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
     if out.is_dir() {
         return Err(TrainError::Config(format!(
@@ -73,6 +75,7 @@ fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
             out.display()
         )));
     }
+    outputs::refuse_managed_folder("--out", out, parent)?;
     // A link counts as there even when what it names is not.
     if out.symlink_metadata().is_ok() && !force {
         return Err(TrainError::Config(format!(

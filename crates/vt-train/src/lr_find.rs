@@ -20,6 +20,7 @@ use crate::learner::{
     new_model, open_training_images, prepare_device, training_loader, Group, Learner,
 };
 use crate::metrics::write_atomically;
+use crate::outputs;
 use crate::plots::draw_lr_find;
 use crate::progress::EpochProgress;
 use crate::train::{interrupt_flag, Outcome};
@@ -307,7 +308,8 @@ pub struct LrFindReport {
 }
 
 /// The report's path and the plot's beside it, refused unless the report is `.json` in a
-/// folder that exists.
+/// folder that exists, and neither replaces a file that lr-find did not write, nor goes into
+/// a checkpoint's, a run's or the data's folders ([`outputs::refuse_managed_folder`]).
 fn output_paths(out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let report = out.map_or_else(|| PathBuf::from(DEFAULT_OUT), Path::to_path_buf);
     let is_json = report
@@ -332,6 +334,10 @@ fn output_paths(out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
         )));
     }
     let plot = report.with_extension("png");
+    // The report is written first: a plot is an earlier sweep's when its report is.
+    let ours = outputs::is_json_with(&report, &["points", "plot"]);
+    outputs::refuse_replacing("--out", &report, &[(&report, ours), (&plot, ours)])?;
+    outputs::refuse_managed_folder("--out", &report, folder)?;
     Ok((report, plot))
 }
 

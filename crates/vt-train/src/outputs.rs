@@ -3,8 +3,10 @@
 //! training and `init --force` no longer replace), nor into the folders a training run
 //! manages, whose next save or resume would refuse or remove what is there.
 
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
+use vt_data::dataset::{Split, MANIFEST_FILE};
 use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
@@ -16,12 +18,24 @@ use crate::train::{CONFIG_TOML, LOCK_FILE};
 /// The folders of a run that its training writes.
 pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
 
+/// The most of a report read to tell whether a command wrote it.
+const REPORT_READ_LIMIT: u64 = 64 << 20;
+
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
-/// checkpoint folder or one of [`RUN_FOLDERS`] of a run (see [`is_run`]).
+/// checkpoint folder, one of [`RUN_FOLDERS`] of a run (see [`is_run`]), or a data folder
+/// (whose images training and eval read, and which fetch-data replaces whole).
 pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
     refuse_file_on_path(option, out, folder)?;
     let folder = resolved(folder);
     for above in folder.ancestors() {
+        if above.join(MANIFEST_FILE).is_file() && above.join(Split::Train.dir_name()).is_dir() {
+            return Err(TrainError::Config(format!(
+                "{option} {}: inside the data folder {}, whose images training and eval \
+                 read and which fetch-data replaces; write it outside it",
+                out.display(),
+                above.display()
+            )));
+        }
         if above.join(CONFIG_FILE).is_file() && above.join(WEIGHTS_FILE).is_file() {
             return Err(TrainError::Config(format!(
                 "{option} {}: inside the checkpoint folder {}, which must hold only its \
@@ -41,6 +55,46 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
         }
     }
     Ok(())
+}
+
+/// Refuses to replace a file the command did not write: each of `outputs` that is there must
+/// be vouched for (`true`) as the command's own, a report or table it recognises, or a plot
+/// beside one. A user's `results.csv` beside `--out results.json`, or a run's `metrics.csv`,
+/// stays.
+pub fn refuse_replacing(option: &str, out: &Path, outputs: &[(&Path, bool)]) -> Result<()> {
+    let foreign = outputs
+        .iter()
+        .find(|(path, ours)| !ours && path.symlink_metadata().is_ok());
+    match foreign {
+        Some((path, _)) => Err(TrainError::Config(format!(
+            "{option} {}: {} is there and this command did not write it; choose another \
+             {option}, or move that file away",
+            out.display(),
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether `path` is a JSON object with every one of `keys`: the report a command wrote.
+pub fn is_json_with(path: &Path, keys: &[&str]) -> bool {
+    let mut text = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|file| file.take(REPORT_READ_LIMIT).read_to_end(&mut text));
+    match (read, serde_json::from_slice(&text)) {
+        (Ok(_), Ok(serde_json::Value::Object(object))) => {
+            keys.iter().all(|key| object.contains_key(*key))
+        }
+        _ => false,
+    }
+}
+
+/// Whether the file at `path` starts with `header`: a table a command wrote.
+pub fn starts_with(path: &Path, header: &str) -> bool {
+    let mut start = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(header.len() as u64).read_to_end(&mut start))
+        .is_ok_and(|_| start == header.as_bytes())
 }
 
 /// Refuses a `folder` (where `option`'s `out` goes) that is a file, or lies below one: the
@@ -125,6 +179,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_files_vouched_for_are_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let report = root.path().join("r.json");
+        let table = root.path().join("r.csv");
+        let missing = root.path().join("r.png");
+        std::fs::write(&report, r#"{"points": [], "plot": "r.png"}"#).unwrap();
+        std::fs::write(&table, "path,label\n").unwrap();
+        assert!(is_json_with(&report, &["points", "plot"]));
+        assert!(!is_json_with(&report, &["points", "predictions"]));
+        assert!(!is_json_with(&table, &["path"]));
+        assert!(!is_json_with(&missing, &[]));
+        assert!(starts_with(&table, "path,label\n"));
+        assert!(!starts_with(&table, "path,label,prediction"));
+        assert!(!starts_with(&missing, ""));
+        refuse_replacing("--out", &report, &[(&report, true), (&missing, false)]).unwrap();
+        let err = refuse_replacing("--out", &report, &[(&report, true), (&table, false)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(&format!(
+                "{} is there and this command did not write it; choose another --out, or \
+                 move that file away",
+                table.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn outputs_stay_out_of_checkpoints_and_a_runs_folders() {
         let root = tempfile::tempdir().unwrap();
         let run = root.path().join("run");
@@ -185,6 +268,14 @@ mod tests {
             );
         }
         assert_eq!(resolved(&run.join("a/b/../../avg")), run.join("avg"));
+        // A data folder, at any depth; a manifest.json alone is anyone's.
+        let data = root.path().join("data");
+        std::fs::create_dir_all(data.join("train/sea")).unwrap();
+        std::fs::write(data.join(MANIFEST_FILE), "{}").unwrap();
+        assert!(refused(&data.join("train/sea")).contains("inside the data folder"));
+        assert!(refused(&data).contains("inside the data folder"));
+        std::fs::remove_dir_all(data.join("train")).unwrap();
+        refuse_managed_folder("--out", &data, &data).unwrap();
         // A file on the way, named instead of the OS's "Not a directory".
         let file = root.path().join("notes.txt");
         std::fs::write(&file, "").unwrap();

@@ -209,6 +209,16 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
     assert!(err.contains("--force"), "{err}");
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
 
+    // Nor into the folders a run manages (its resume refuses strangers in top/).
+    let run = tmp.path().join("run");
+    fs::create_dir_all(run.join("top")).unwrap();
+    fs::write(run.join("config.toml"), "").unwrap();
+    fs::write(run.join("metrics.jsonl"), "").unwrap();
+    let kept = run.join("top/model.onnx");
+    let err = export_refused(&checkpoint, &kept);
+    assert!(err.contains("which its training run manages"), "{err}");
+    assert!(!kept.exists());
+
     let missing = tmp.path().join("missing");
     let err = export_refused(&missing, &tmp.path().join("other.onnx"));
     assert!(err.contains("config.json"), "{err}");

@@ -731,6 +731,7 @@ fn eval_checks_its_output_paths_before_evaluating() {
     fs::create_dir_all(run.join("top")).unwrap();
     fs::write(run.join("config.toml"), "").unwrap();
     fs::write(run.join("metrics.jsonl"), "").unwrap();
+    fs::write(run.join("metrics.csv"), "epoch,train_loss\n").unwrap();
     fs::create_dir_all(tmp.path().join("folder")).unwrap();
     fs::create_dir_all(tmp.path().join("plots.png")).unwrap();
     let eval = |out: &std::path::Path| {
@@ -766,6 +767,18 @@ fn eval_checks_its_output_paths_before_evaluating() {
         // A folder, or a folder where the plots would go, is no report.
         (tmp.path().join("folder"), "is not a file"),
         (tmp.path().join("plots.json"), "is not a file"),
+        // Files that no evaluation wrote stay: the run's table beside the report, or its
+        // options as the report.
+        (
+            run.join("metrics.json"),
+            "metrics.csv is there and this command did not write it",
+        ),
+        (
+            run.join("config.toml"),
+            "config.toml is there and this command did not write it",
+        ),
+        // The data, whose next read would take the plot for a photo.
+        (data.join("val/sea/report.json"), "inside the data folder"),
     ] {
         let result = eval(&out);
         let err = String::from_utf8_lossy(&result.stderr);
@@ -783,17 +796,24 @@ fn eval_checks_its_output_paths_before_evaluating() {
     assert!(!tmp.path().join("report.csv").exists() && !tmp.path().join("report.CSV").exists());
     assert!(!tmp.path().join("folder.csv").exists() && !tmp.path().join("plots.csv").exists());
     assert_eq!(fs::read_dir(run.join("top")).unwrap().count(), 0);
+    assert_eq!(fs::read_to_string(run.join("config.toml")).unwrap(), "");
+    assert!(!data.join("val/sea/report.png").exists());
     assert_eq!(
         fs::read(other.join("config.json")).unwrap(),
         fs::read(checkpoint.join("config.json")).unwrap()
     );
-    // `--checkpoint .` from inside the checkpoint: the default report goes beside it.
-    let out = run_ok(
-        vt_train()
-            .current_dir(&checkpoint)
-            .args(["eval", "--threads", "1", "--checkpoint", ".", "--data"])
-            .arg(&data),
-    );
+    // `--checkpoint .` from inside the checkpoint: the default report goes beside it, and
+    // a second evaluation replaces the first's files.
+    let eval_here = || {
+        run_ok(
+            vt_train()
+                .current_dir(&checkpoint)
+                .args(["eval", "--threads", "1", "--checkpoint", ".", "--data"])
+                .arg(&data),
+        )
+    };
+    eval_here();
+    let out = eval_here();
     assert!(tmp.path().join("eval-init-test.json").is_file());
     assert!(tmp.path().join("eval-init-test.png").is_file());
     // The untrained model is wrong about most of the 24 images: the list stops at 10.
@@ -1268,6 +1288,16 @@ fn lr_find_sweeps_the_rate_and_writes_its_report_but_no_run() {
         .collect();
     written.sort();
     assert_eq!(written, ["lr-find.json", "lr-find.png"]);
+    // A user's picture where the plot would go stays; so does the data.
+    fs::write(work.join("mine.png"), "a picture").unwrap();
+    let err = run_err(lr_find().args(["--out", "mine.json"]));
+    assert!(
+        err.contains("mine.png is there and this command did not write it"),
+        "{err}"
+    );
+    let err = run_err(lr_find().arg("--out").arg(data.join("sweep.json")));
+    assert!(err.contains("inside the data folder"), "{err}");
+    assert!(!data.join("sweep.json").exists());
 }
 
 #[test]
