@@ -559,17 +559,43 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
         return Err(refuse(format!("no {MANIFEST_FILE}")));
     }
     Manifest::read(data_dir).map_err(|e| refuse(e.to_string()))?;
-    for dir in Split::ALL
+    let folders: Vec<&str> = Split::ALL
         .iter()
         .map(|s| s.dir_name())
         .chain(std::iter::once(PRED_DIR))
-    {
+        .collect();
+    for dir in &folders {
         if !data_dir.join(dir).is_dir() {
             return Err(refuse(format!("no {dir}/ folder")));
         }
     }
+    // What a user put beside the import (runs, reports) would go with it.
+    let mut others = Vec::new();
+    for entry in fs::read_dir(data_dir).map_err(|e| DataError::io(data_dir, e))? {
+        let name = entry
+            .map_err(|e| DataError::io(data_dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name != MANIFEST_FILE && name != FINDER_METADATA && !folders.contains(&name.as_str()) {
+            others.push(name);
+        }
+    }
+    if !others.is_empty() {
+        others.sort();
+        return Err(DataError::Invalid(format!(
+            "refusing to replace {}: besides an earlier import it holds {}, which the new \
+             import would delete; move {} away first",
+            data_dir.display(),
+            others.join(", "),
+            if others.len() == 1 { "it" } else { "them" }
+        )));
+    }
     Ok(())
 }
+
+/// The file macOS's Finder leaves in the folders it shows: no user's work.
+const FINDER_METADATA: &str = ".DS_Store";
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
 /// Between the two renames `data_dir` is briefly absent, never half-written; a crash there

@@ -399,6 +399,19 @@ fn only_an_earlier_import_is_replaced() {
     assert!(err.contains("no train/ folder"), "{err}");
     assert!(lookalike.join("notes.txt").is_file());
 
+    // Nor one holding what someone put beside the import: it would be deleted with it.
+    write(&data.join("runs/r1/config.toml"), b"mine");
+    write(&data.join("notes.txt"), b"mine");
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    assert!(
+        err.contains("it holds notes.txt, runs, which the new import would delete"),
+        "{err}"
+    );
+    assert!(data.join("runs/r1/config.toml").is_file());
+    fs::remove_dir_all(data.join("runs")).unwrap();
+    fs::remove_file(data.join("notes.txt")).unwrap();
+    write(&data.join(".DS_Store"), b"finder");
+
     // A real earlier import is replaced.
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
     assert_eq!(
