@@ -96,18 +96,19 @@ pub struct TrainOptions {
     /// Label smoothing of the cross-entropy [default: seed 0, modern 0.1]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    /// MixUp: blend each training image with the next of its batch, and their labels alike,
+    /// MixUp: blend each training image with the previous of its batch, and their labels alike,
     /// in shares drawn from Beta(ALPHA, ALPHA) (torchvision's reference recipe: 0.2); 0
     /// disables. With --cutmix-alpha too, each batch takes one of the two [default: 0]
     #[arg(long, value_name = "ALPHA")]
     pub mixup_alpha: Option<f64>,
-    /// CutMix: paste a box of the next image of the batch into each training image, the
+    /// CutMix: paste a box of the previous image of the batch into each training image, the
     /// labels weighed by area, its share drawn from Beta(ALPHA, ALPHA) (torchvision's
     /// reference recipe: 1.0); 0 disables [default: 0]
     #[arg(long, value_name = "ALPHA")]
     pub cutmix_alpha: Option<f64>,
     /// TrivialAugmentWide after the crop, rotation and flip: one of 14 photometric or
-    /// geometric operations at a random strength per image (torchvision's reference recipe)
+    /// geometric operations at a random strength per image, with TrivialAugmentWide's own
+    /// nearest-neighbour resampling (torchvision's reference recipe passes bilinear)
     /// [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub trivial_augment: Option<bool>,
