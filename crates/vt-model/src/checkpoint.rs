@@ -2,10 +2,11 @@
 //!
 //! Loading is strict: every tensor of the model must be present with its exact shape and
 //! dtype, and nothing else may be (BatchNorm's `num_batches_tracked` is ignored whatever its
-//! dtype); every weight must be finite. Writing is atomic: the folder is built beside its
-//! destination and renamed into place, so a crash leaves either the previous checkpoint or
-//! the new one, never a mix. Only writers repair what an interrupted write left: a reader
-//! that renamed folders could race a writer between its two renames.
+//! dtype); every weight must be finite and every BatchNorm running variance non-negative
+//! (the contract's square root of it is NaN otherwise). Writing is atomic: the folder is
+//! built beside its destination and renamed into place, so a crash leaves either the
+//! previous checkpoint or the new one, never a mix. Only writers repair what an interrupted
+//! write left: a reader that renamed folders could race a writer between its two renames.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
+use crate::temporary::{self, Kind};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -82,6 +84,50 @@ pub fn tensors_of(path: &Path, bytes: &[u8], device: &Device) -> Result<BTreeMap
     )
 }
 
+/// Checks that the safetensors file's `bytes` (read from `path`) hold exactly the tensors
+/// `expected` names, with those shapes (`*.num_batches_tracked` aside), from its header
+/// alone: before a model of the config's sizes is allocated, so that a config claiming
+/// absurd sizes is refused by name instead of aborting on the allocation.
+pub fn check_shapes(
+    path: &Path,
+    bytes: &[u8],
+    expected: &BTreeMap<String, Vec<usize>>,
+) -> Result<()> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let found: BTreeMap<String, Vec<usize>> = file
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| !name.ends_with(".num_batches_tracked"))
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    if let Some(name) = expected.keys().find(|n| !found.contains_key(n.as_str())) {
+        return Err(ModelError::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+        });
+    }
+    if let Some(name) = found.keys().find(|n| !expected.contains_key(n.as_str())) {
+        return Err(ModelError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    for (name, shape) in expected {
+        if &found[name] != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                expected: shape.clone(),
+                found: found[name].clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Which dtypes [`read_selected`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Floats {
@@ -93,7 +139,8 @@ pub(crate) enum Floats {
 
 /// Reads the tensors of a safetensors file that `select` keeps, under the names it returns,
 /// as f32 on `device`. Selection comes first, so that a tensor dropped anyway cannot fail the
-/// read by its dtype. A value that is not finite is an error naming the tensor.
+/// read by its dtype. A value that is not finite, or a negative running variance, is an
+/// error naming the tensor.
 pub(crate) fn read_selected(
     path: &Path,
     device: &Device,
@@ -158,6 +205,16 @@ fn select_tensors(
                 index,
                 value: *value,
             });
+        }
+        if kept.ends_with(".running_var") {
+            if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| **v < 0.0) {
+                return Err(ModelError::NegativeVariance {
+                    path: path.to_path_buf(),
+                    name,
+                    index,
+                    value: *value,
+                });
+            }
         }
         tensors.insert(kept, Tensor::from_vec(values, view.shape(), device)?);
     }
@@ -315,7 +372,8 @@ pub fn dir_contents(dir: &Path) -> Result<DirContents> {
 }
 
 /// Builds a folder with `write` in a temporary sibling, flushes it to disk and renames it to
-/// `dir`, replacing any previous version. A `dir` that holds something other than a
+/// `dir`, replacing any previous version. The temporaries of writers killed midway are
+/// removed first ([`temporary::create`]). A `dir` that holds something other than a
 /// checkpoint ([`dir_contents`]) is refused, not replaced.
 pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     recover_interrupted_write(dir)?;
@@ -327,18 +385,17 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
             reason,
         });
     }
-    let tmp = sibling(dir, &format!("tmp-{}", std::process::id()))?;
     let old = sibling(dir, "old")?;
-    if let Some(parent) = tmp.parent() {
+    if let Some(parent) = old.parent() {
         fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
     }
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    }
-    fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let result = write(&tmp).and_then(|()| finish_files(&tmp));
+    // Locked until this function returns, so that no other writer takes it for a killed
+    // one's and removes it; those of killed writers go here.
+    let temporary = temporary::create(dir, "", Kind::Folder)?;
+    let tmp = temporary.path();
+    let result = write(tmp).and_then(|()| finish_files(tmp));
     if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_dir_all(tmp);
         return Err(e);
     }
     let moved_in = (|| {
@@ -348,14 +405,14 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
             }
             fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
         }
-        fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))
+        fs::rename(tmp, dir).map_err(|e| ModelError::io(dir, e))
     })();
     if let Err(e) = moved_in {
         // Best effort: the previous version back in place, no copy left beside it.
         if !dir.exists() && old.is_dir() {
             let _ = fs::rename(&old, dir);
         }
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_dir_all(tmp);
         return Err(e);
     }
     if old.exists() {

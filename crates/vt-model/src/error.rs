@@ -42,6 +42,19 @@ pub enum ModelError {
         index: usize,
         value: f32,
     },
+    /// A BatchNorm running variance below zero: the contract's sqrt(var + eps) is NaN
+    /// there, which vt's fused ReLUs would hide (f32::max maps NaN to 0) while ONNX
+    /// Runtime and PyTorch give NaN.
+    #[error(
+        "{path}: tensor `{name}` holds {value} at element {index}: a running variance must \
+         not be negative"
+    )]
+    NegativeVariance {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error(
         "{path}: {reason}; only a checkpoint folder is replaced: choose a new or empty folder"
     )]

@@ -11,6 +11,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 use crate::checkpoint::{self, WEIGHTS_FILE};
 use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
+use crate::shapes::expected_shapes;
 use crate::vt_resnet::{TokenAttention, VtResNet};
 
 /// What [`Model::start_from`] took from the checkpoint.
@@ -90,6 +91,8 @@ impl Model {
             if checkpoint::read_config(dir)? != config {
                 continue;
             }
+            // The file's shapes first: the config alone may ask for more than any memory.
+            checkpoint::check_shapes(&path, &bytes, &expected_shapes(&config)?)?;
             let model = Model::init_as(config, device, dtype)?;
             let tensors = checkpoint::tensors_of(&path, &bytes, device)?;
             checkpoint::assign_strict(&path, &model.varmap, &tensors, |_| true)?;

@@ -17,6 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use prost::Message;
 
 use crate::checkpoint::{read_config, sha256_hex, tensors_of, WEIGHTS_FILE};
 use crate::config::{Variant, VtConfig, FEATURE_CHANNELS};
@@ -46,6 +47,11 @@ pub const PREPROCESSING: &str = "RGB (greyscale replicated, alpha dropped, EXIF 
     centre-cropped to image_size x image_size (top = floor((H - image_size) / 2), left \
     likewise), scaled to [0, 1], normalised per channel as (x - mean) / std (metadata `mean` \
     and `std`), NCHW float32";
+
+/// The largest model file ONNX Runtime reads: protobuf counts a message's bytes in an
+/// `int`, so it parses none of 2 GiB or more. Larger models would need ONNX's external data
+/// (weights in files beside the model), which this export does not write.
+pub const MAX_MODEL_BYTES: usize = i32::MAX as usize;
 
 const BN_EPS: f32 = 1e-5;
 /// Widths of layer1, layer2 and layer3 (as [`crate::stem`]).
@@ -99,7 +105,7 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
             ),
         ],
     };
-    Ok(ModelProto {
+    let model = ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
@@ -114,6 +120,26 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
         ),
         graph: Some(graph),
         metadata_props: metadata(&config, variant, sha256),
+    };
+    check_size(&path, model.encoded_len())?;
+    Ok(model)
+}
+
+/// Refuses a model whose encoding, `bytes` long, would be over [`MAX_MODEL_BYTES`]: its file
+/// would be written in full and then fail to load in every runtime.
+pub fn check_size(path: &Path, bytes: usize) -> Result<()> {
+    if bytes <= MAX_MODEL_BYTES {
+        return Ok(());
+    }
+    const GIB: f64 = (1u64 << 30) as f64;
+    Err(ModelError::Invalid {
+        path: path.to_path_buf(),
+        message: format!(
+            "its ONNX model would be {bytes} bytes ({:.2} GiB), over the 2 GiB ({MAX_MODEL_BYTES} \
+             bytes) that protobuf, and so ONNX Runtime, can read; vt does not export weights as \
+             ONNX external data, so a model this large cannot be exported",
+            bytes as f64 / GIB
+        ),
     })
 }
 
@@ -659,6 +685,20 @@ mod tests {
         let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         edit(&mut tensors);
         candle_core::safetensors::save(&tensors, &path).unwrap();
+    }
+
+    /// vt-resnet34 with 8192-wide tokens holds 2.5 GB of weights: its file would not load.
+    #[test]
+    fn models_over_protobufs_limit_are_refused() {
+        let path = Path::new("big/model.safetensors");
+        check_size(path, MAX_MODEL_BYTES).unwrap();
+        let err = check_size(path, 2_684_354_560).unwrap_err().to_string();
+        assert!(
+            err.contains("big/model.safetensors")
+                && err.contains("2684354560 bytes (2.50 GiB)")
+                && err.contains("2147483647 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

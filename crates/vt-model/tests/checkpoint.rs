@@ -226,6 +226,43 @@ fn inconsistent_or_broken_configs_are_errors() {
     assert!(load_err(&dir).contains("not a valid safetensors file"));
 }
 
+/// A config claiming sizes no memory holds is refused by the weights file's shapes, before
+/// anything of the config's sizes is allocated (which aborted the process), and quickly.
+#[test]
+fn absurd_sizes_in_the_config_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let config_path = dir.join(CONFIG_FILE);
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let cases = [
+        (
+            serde_json::json!({"tokens": 8_589_934_592u64}),
+            "`vt.0.tokenizer.attn.weight` has shape [4, 256], expected [8589934592, 256]",
+        ),
+        (
+            serde_json::json!({"token_channels": 16_777_216, "heads": 2}),
+            "`head.weight` has shape [3, 32], expected [3, 16777216]",
+        ),
+    ];
+    for (changes, needle) in cases {
+        let mut config = good.clone();
+        for (key, value) in changes.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let start = std::time::Instant::now();
+        let err = load_err(&dir);
+        assert!(err.contains(needle), "{changes}: {err}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{changes}: took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
 #[test]
 fn a_failed_write_leaves_the_previous_checkpoint_intact() {
     let tmp = tempfile::tempdir().unwrap();
@@ -243,6 +280,34 @@ fn a_failed_write_leaves_the_previous_checkpoint_intact() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("ckpt")]);
+}
+
+/// A save killed midway leaves its temporary folder beside the checkpoint, as large as it:
+/// the next save removes it, but never that of a save under way (whose writer holds a lock
+/// on it), whatever pid it names.
+#[test]
+fn the_next_save_removes_a_killed_saves_temporary_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = saved_model(&dir);
+    let killed = tmp.path().join(".ckpt.tmp-999991");
+    let live = tmp.path().join(".ckpt.tmp-999992");
+    for folder in [&killed, &live] {
+        std::fs::create_dir(folder).unwrap();
+        std::fs::copy(dir.join(WEIGHTS_FILE), folder.join(WEIGHTS_FILE)).unwrap();
+    }
+    let writer = std::fs::File::open(&live).unwrap();
+    writer.lock().unwrap();
+    model.save(&dir).unwrap();
+    assert!(!killed.exists());
+    assert!(live.join(WEIGHTS_FILE).is_file());
+    drop(writer);
+    model.save(&dir).unwrap();
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("ckpt")]);
 }
 
 /// The state a SIGKILL between a writer's "rename old away" and "rename new in" leaves (or a
@@ -292,6 +357,30 @@ fn weights_and_values_that_are_not_finite_are_refused() {
             "{err}"
         );
     }
+}
+
+/// sqrt(running_var + eps) is NaN below -eps: vt's fused ReLUs would turn that NaN into
+/// zeros where the contract's maths and the ONNX export give NaN, so such a checkpoint is
+/// refused.
+#[test]
+fn negative_running_variances_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let mut bad = weights(&dir);
+    let mut values = bad["layer1.0.bn2.running_var"].to_vec1::<f32>().unwrap();
+    values[7] = -0.5;
+    bad.insert(
+        "layer1.0.bn2.running_var".into(),
+        Tensor::new(values, &Device::Cpu).unwrap(),
+    );
+    write_weights(&dir, &bad);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("`layer1.0.bn2.running_var` holds -0.5 at element 7")
+            && err.contains("negative"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
+use vt_model::temporary::{self, Kind};
 
 use crate::error::{Result, TrainError};
 
@@ -380,30 +381,30 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Has `write` create `.NAME.tmp-PID{suffix}` beside `path`, then renames it over `path` and
-/// flushes the rename. The temporary is removed when a step fails, so a failed write leaves
-/// nothing behind.
+/// Has `write` write `.NAME.tmp-PID{suffix}` beside `path` (it finds it there, empty: it
+/// must write that file, not replace it, to keep the lock on it), then renames it over
+/// `path` and flushes the rename. The temporary is removed when a step fails, so a failed
+/// write leaves nothing behind; those of writers killed midway are removed first, those of
+/// live ones never ([`vt_model::temporary::create`]).
 pub fn replace_through_temporary(
     path: &Path,
     suffix: &str,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}{suffix}", std::process::id()));
+    // Locked until the rename is done.
+    let temporary = temporary::create(path, suffix, Kind::File)?;
+    let tmp = temporary.path();
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let result = write(&tmp)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e)))
+    let result = write(tmp)
+        .and_then(|()| fs::rename(tmp, path).map_err(|e| TrainError::io(path, e)))
         // The rename itself, on disk.
         .and_then(|()| Ok(vt_model::checkpoint::sync_dir(parent)?));
     if result.is_err() {
         // Best effort: the error being returned is the one that matters.
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
 }
@@ -570,6 +571,27 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["blocked", "metrics.csv"]);
+    }
+
+    /// A writer killed midway leaves its temporary (no lock held any more): the next write
+    /// removes it. A live writer's (locked) stays, whoever's pid it names.
+    #[test]
+    fn killed_writers_temporaries_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.onnx");
+        let killed = dir.path().join(".model.onnx.tmp-999991");
+        fs::write(&killed, b"half of a large file").unwrap();
+        let live = dir.path().join(".model.onnx.tmp-999992");
+        fs::write(&live, b"being written").unwrap();
+        let lock = OpenOptions::new().write(true).open(&live).unwrap();
+        lock.lock().unwrap();
+        write_atomically(&file, b"model").unwrap();
+        assert_eq!(fs::read_to_string(&file).unwrap(), "model");
+        assert!(!killed.exists());
+        assert_eq!(fs::read_to_string(&live).unwrap(), "being written");
+        drop(lock);
+        write_atomically(&file, b"again").unwrap();
+        assert!(!live.exists());
     }
 
     /// Against the formula evaluated independently (Python, float64).
