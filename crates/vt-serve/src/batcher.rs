@@ -139,9 +139,36 @@ pub struct Arriving {
     gauge: IntGauge,
 }
 
+impl Arriving {
+    /// Counts one more request on `gauge` until dropped.
+    pub(crate) fn new(gauge: &IntGauge) -> Arriving {
+        gauge.inc();
+        Arriving {
+            gauge: gauge.clone(),
+        }
+    }
+
+    /// Leaves the count until the guard is dropped: while its request waits for room in the
+    /// queue, which only answered batches make, a forming batch should not wait for it.
+    pub fn away(&self) -> Away<'_> {
+        self.gauge.dec();
+        Away(&self.gauge)
+    }
+}
+
 impl Drop for Arriving {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// A request away from the arriving count ([`Arriving::away`]); it counts again once this
+/// is dropped.
+pub struct Away<'a>(&'a IntGauge);
+
+impl Drop for Away<'_> {
+    fn drop(&mut self) {
+        self.0.inc();
     }
 }
 
@@ -171,10 +198,7 @@ impl Batcher {
     /// Announces a request that will submit images once read and decoded. Drop the guard
     /// after its last `submit` (or when it fails), never before.
     pub fn arriving(&self) -> Arriving {
-        self.arriving.inc();
-        Arriving {
-            gauge: self.arriving.clone(),
-        }
+        Arriving::new(&self.arriving)
     }
 }
 

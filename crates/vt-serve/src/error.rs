@@ -28,7 +28,7 @@ pub enum ApiError {
     UrlFetchRefused(String),
     #[error("{0}")]
     UrlFetchFailed(String),
-    #[error("the request queue is full; retry shortly")]
+    #[error("the request queue is full, and so is its waiting room; retry shortly")]
     Overloaded,
     #[error(
         "the server holds its --max-inflight-body-bytes ({budget} bytes) of request bodies; \
@@ -39,6 +39,9 @@ pub enum ApiError {
     NotReady(String),
     #[error("the request was not answered within {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
+    /// The client was still sending the request's body when the time was up.
+    #[error("the request body was not received within {timeout_ms} ms")]
+    RequestTimeout { timeout_ms: u64 },
     #[error("no route for {0}")]
     NotFound(String),
     #[error("{0}")]
@@ -70,6 +73,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound(_) | ApiError::UnknownModel(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,6 +94,7 @@ impl ApiError {
             ApiError::Overloaded | ApiError::BodyBudgetSpent { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout { .. } => "timeout",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownModel(_) => "unknown_model",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -155,7 +160,7 @@ impl ApiError {
             | ApiError::Overloaded
             | ApiError::BodyBudgetSpent { .. }
             | ApiError::NotReady(_) => Code::Unavailable,
-            ApiError::Timeout { .. } => Code::DeadlineExceeded,
+            ApiError::Timeout { .. } | ApiError::RequestTimeout { .. } => Code::DeadlineExceeded,
             ApiError::UnknownModel(_) => Code::NotFound,
             // No such method.
             ApiError::NotFound(_) | ApiError::MethodNotAllowed { .. } => Code::Unimplemented,

@@ -86,8 +86,8 @@ impl UrlFetcher {
         }
         if !is_allowed(&self.allowed, &parsed) {
             return Err(ApiError::UrlFetchRefused(format!(
-                "host `{}` is not in --allow-url-fetch",
-                parsed.host_str().unwrap_or_default()
+                "`{}` is not in --allow-url-fetch",
+                host_and_port(&parsed)
             )));
         }
         let failed = |e: reqwest::Error| {
@@ -140,6 +140,16 @@ fn is_fetchable(scheme: &str) -> bool {
     matches!(scheme, "http" | "https")
 }
 
+/// The URL's `host:port`, as `--allow-url-fetch` entries are written: the host alone would
+/// read as refused although it is allowed on another port.
+fn host_and_port(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
 fn is_allowed(allowed: &[String], url: &Url) -> bool {
     let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
         return false;
@@ -166,5 +176,16 @@ mod tests {
         assert!(!ok("http://127.0.0.1:9001/a.png"));
         assert!(!ok("http://images.example.evil/cat.jpg"));
         assert!(!ok("http://evil/images.example"));
+    }
+
+    #[test]
+    fn refusals_name_the_host_and_port() {
+        let named = |u: &str| host_and_port(&Url::parse(u).unwrap());
+        assert_eq!(named("http://127.0.0.1:9001/a.png"), "127.0.0.1:9001");
+        assert_eq!(
+            named("https://Images.example/cat.jpg"),
+            "images.example:443"
+        );
+        assert_eq!(named("http://[::1]:8080/"), "[::1]:8080");
     }
 }

@@ -29,8 +29,9 @@ use tokio::sync::oneshot;
 use crate::admission::Admitted;
 use crate::batcher::{Answer, Arriving, ServedModel, Unanswered};
 use crate::classifier::{Label, Prediction};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorMessage};
 use crate::input::{self, ImageInput};
+use crate::open_inference;
 use crate::state::AppState;
 
 const DEFAULT_TOP_K: usize = 3;
@@ -116,12 +117,13 @@ async fn answer(
     })
 }
 
-/// Admits a request's images and classifies them on `model`, in order, with their token
-/// attention if `with_attention`. The admission is
-/// returned, to be held until the answer is written whatever happens to the request
-/// meanwhile. Each image holds the announcement until it is queued. The images are futures
-/// of this request, not tasks of their own, so that a request that times out or whose
-/// client goes away stops their work (and its announcement) with it.
+/// Admits a request's images (waiting for room in the queue, in arrival order, when it is
+/// full) and classifies them on `model`, in order, with their token attention if
+/// `with_attention`. The admission is returned, to be held until the answer is written
+/// whatever happens to the request meanwhile. Each image holds the announcement until it is
+/// queued. The images are futures of this request, not tasks of their own, so that a
+/// request that times out or whose client goes away stops their work (and its
+/// announcement) with it.
 pub async fn classify_all(
     state: &AppState,
     model: &ServedModel,
@@ -130,7 +132,7 @@ pub async fn classify_all(
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<(Admitted, Vec<(Option<String>, Prediction)>), ApiError> {
-    let admitted = state.admission.try_admit(images.len())?;
+    let admitted = state.admission.admit(images.len(), &arriving).await?;
     let arriving = Arc::new(arriving);
     let predictions = try_join_all(images.into_iter().map(|image| {
         let arriving = Arc::clone(&arriving);
@@ -149,7 +151,7 @@ pub async fn classify_preprocessed(
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<(Admitted, Vec<Prediction>), ApiError> {
-    let admitted = state.admission.try_admit(inputs.len())?;
+    let admitted = state.admission.admit(inputs.len(), &arriving).await?;
     let answers = inputs
         .into_iter()
         .map(|input| model.submit(input, false, deadline))
@@ -235,13 +237,33 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }
 
-pub async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(uri.path().to_owned())
+/// 404 for a route that does not exist: under `/v2` in the Open Inference Protocol's shape,
+/// naming the protocol's routes that are served, as clients of that protocol read it.
+pub async fn not_found(uri: Uri) -> Response {
+    let path = uri.path();
+    match open_inference::http::routes_served(path) {
+        Some(routes) => {
+            ErrorMessage::from(ApiError::NotFound(format!("{path} ({routes})"))).into_response()
+        }
+        None => ApiError::NotFound(path.to_owned()).into_response(),
+    }
 }
 
-pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
+/// 405 for a method a route does not take (the router adds the `Allow` header): under `/v2`
+/// in the Open Inference Protocol's shape, as [`not_found`].
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let method = method.to_string();
+    match open_inference::http::routes_served(path) {
+        Some(routes) => ErrorMessage::from(ApiError::MethodNotAllowed {
+            method,
+            path: format!("{path} ({routes})"),
+        })
+        .into_response(),
+        None => ApiError::MethodNotAllowed {
+            method,
+            path: path.to_owned(),
+        }
+        .into_response(),
     }
 }

@@ -4,6 +4,7 @@
 //! `application/octet-stream`, SageMaker's `application/x-image`, curl's default
 //! `application/x-www-form-urlencoded`...): its format is read from the bytes.
 
+use std::future::Future;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -18,7 +19,7 @@ use serde::Deserialize;
 use crate::body_budget::BodyCharge;
 use crate::content_coding::{refuse_undecoded, ReceivedBytes};
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Limits};
 
 pub struct ImageInput {
     /// The multipart file name, when the image came in one.
@@ -44,7 +45,6 @@ pub async fn read(
     request: Request,
     deadline: Instant,
 ) -> Result<Inputs, ApiError> {
-    let limit = state.limits.max_body_bytes;
     let mime = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -66,14 +66,43 @@ pub async fn read(
         multipart: false,
     };
     match mime.as_deref() {
-        Some("multipart/form-data") => read_multipart(state, request).await,
-        Some("application/json") => {
+        Some("multipart/form-data") => {
+            received_by(&state.limits, deadline, read_multipart(state, request)).await
+        }
+        Some(json) if is_json(json) => {
             let charge = BodyCharge::of(&request);
-            let body = read_body(request, limit).await?;
+            let body = read_body(request, &state.limits, deadline).await?;
             Ok(single(read_json(state, body, &charge, deadline).await?))
         }
-        _ => Ok(single(read_body(request, limit).await?)),
+        other => {
+            let body = read_body(request, &state.limits, deadline).await?;
+            refuse_json_as_image(&body, other)?;
+            Ok(single(body))
+        }
     }
+}
+
+/// Whether a media type is JSON: `application/json`, the older `text/json`, or a JSON-based
+/// type (`application/vnd.foo+json`, RFC 6839's structured syntax suffix).
+fn is_json(mime: &str) -> bool {
+    mime == "application/json"
+        || mime == "text/json"
+        || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Refuses a body sent as an image that is JSON (`curl -d @request.json` sends it as
+/// `application/x-www-form-urlencoded`), naming the content type it needs: no image format
+/// begins with `{` or `[`, so the decoder's "not an image" would not say what went wrong.
+fn refuse_json_as_image(body: &[u8], mime: Option<&str>) -> Result<(), ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(first, Some(b'{' | b'[')) {
+        return Ok(());
+    }
+    Err(ApiError::InvalidImage(format!(
+        "the body is not an image but looks like JSON, sent as {}; JSON must be sent with \
+         `Content-Type: application/json` (curl: -H 'Content-Type: application/json')",
+        mime.map_or_else(|| "no Content-Type".to_owned(), |m| format!("`{m}`"))
+    )))
 }
 
 /// Refuses a body whose declared length is over `limit` before reading any of it.
@@ -249,16 +278,35 @@ impl BodyRecord {
     }
 }
 
+/// `read`, a request body's, if it ends by `deadline`; else 408: the client was still
+/// sending its body (RFC 9110's Request Timeout), which is not the 504 of a model that did
+/// not answer in time. The handlers' own deadline is the same instant; this one is polled
+/// first (it is inside theirs), so it answers.
+async fn received_by<T>(
+    limits: &Limits,
+    deadline: Instant,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline.into(), read)
+        .await
+        .map_err(|_| limits.body_timed_out())?
+}
+
 /// The whole body, refused at once if it is in an encoding the server does not decode or
-/// declares more than `limit` bytes.
-pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> {
+/// declares more than `--max-body-bytes`; 408 if it has not all come by `deadline`.
+pub async fn read_body(
+    request: Request,
+    limits: &Limits,
+    deadline: Instant,
+) -> Result<Bytes, ApiError> {
+    let limit = limits.max_body_bytes;
     refuse_undecoded(request.headers())?;
     refuse_declared_oversize(request.headers(), limit)?;
     let record = BodyRecord::of(&request, limit);
     // The router's DefaultBodyLimit bounds what this buffers.
-    Bytes::from_request(request, &())
-        .await
-        .map_err(|rejection| {
+    let read = Bytes::from_request(request, &());
+    received_by(limits, deadline, async {
+        read.await.map_err(|rejection| {
             record.error(rejection.status(), || {
                 ApiError::BadRequest(format!(
                     "cannot read the request body: {}",
@@ -266,6 +314,8 @@ pub async fn read_body(request: Request, limit: u64) -> Result<Bytes, ApiError> 
                 ))
             })
         })
+    })
+    .await
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, ApiError> {
@@ -372,6 +422,35 @@ pub fn decode_base64(text: &str) -> Result<Bytes, base64::DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_media_types_are_json() {
+        for json in ["application/json", "text/json", "application/vnd.foo+json"] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in [
+            "application/x-www-form-urlencoded",
+            "image/jpeg",
+            "text/plain+json",
+        ] {
+            assert!(!is_json(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn json_sent_as_an_image_names_the_content_type_it_needs() {
+        let form = Some("application/x-www-form-urlencoded");
+        for body in [&b"{\"image\": \"\"}"[..], b" \n [1]"] {
+            let error = refuse_json_as_image(body, form).unwrap_err().to_string();
+            assert!(error.contains("looks like JSON"), "{error}");
+            assert!(
+                error.contains("`Content-Type: application/json`"),
+                "{error}"
+            );
+        }
+        assert!(refuse_json_as_image(b"\xff\xd8\xff", form).is_ok());
+        assert!(refuse_json_as_image(b"", None).is_ok());
+    }
 
     #[test]
     fn base64_plain_and_data_url() {

@@ -175,8 +175,7 @@ async fn answer(
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
-    let limit = state.limits.max_body_bytes;
-    let body = input::read_body(request, limit).await?;
+    let body = input::read_body(request, &state.limits, deadline).await?;
     let capacity = state.admission.capacity();
     input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {

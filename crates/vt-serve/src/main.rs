@@ -48,7 +48,11 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe: the log reader went away)
+        // is dropped. Otherwise the subscriber reports the failure with `eprintln!`, which
+        // panics on that same pipe, inside whatever request was logging.
+        .log_internal_errors(false);
     match args.log_format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         // The event's fields at the top level and the request's (method, path, id) under

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub inference_seconds: Histogram,
     pub queue_depth: IntGauge,
+    /// Images of requests waiting for room in the queue, at most `--queue`.
+    pub queue_waiting: IntGauge,
     pub requests_arriving: IntGauge,
     /// Request body bytes held, of `--max-inflight-body-bytes`.
     pub inflight_body_bytes: IntGauge,
@@ -84,6 +86,11 @@ impl Metrics {
             "vt_serve_queue_depth",
             "Images admitted and not yet answered (decoding, waiting for a batch or running)",
         )?;
+        let queue_waiting = IntGauge::new(
+            "vt_serve_queue_waiting",
+            "Images of requests waiting, in arrival order, for room in the queue (--queue), at \
+             most --queue",
+        )?;
         let requests_arriving = IntGauge::new(
             "vt_serve_requests_arriving",
             "Prediction requests being read or decoded, not yet queued; a forming batch waits \
@@ -113,6 +120,7 @@ impl Metrics {
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(inference_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(queue_waiting.clone()))?;
         registry.register(Box::new(requests_arriving.clone()))?;
         registry.register(Box::new(inflight_body_bytes.clone()))?;
         registry.register(Box::new(model_reloads.clone()))?;
@@ -125,6 +133,7 @@ impl Metrics {
             batch_size,
             inference_seconds,
             queue_depth,
+            queue_waiting,
             requests_arriving,
             inflight_body_bytes,
             model_reloads,

@@ -87,6 +87,13 @@ impl Limits {
             timeout_ms: self.timeout.as_millis() as u64,
         }
     }
+
+    /// The answer to a request whose body had not all come when `timeout` passed.
+    pub fn body_timed_out(&self) -> ApiError {
+        ApiError::RequestTimeout {
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
+    }
 }
 
 pub struct AppState {
@@ -207,7 +214,11 @@ impl AppState {
                 header_timeout: Duration::from_millis(args.header_timeout_ms),
             },
             decode_slots: Arc::new(Semaphore::new(args.threads())),
-            admission: Admission::new(args.queue as usize, metrics.queue_depth.clone()),
+            admission: Admission::new(
+                args.queue as usize,
+                metrics.queue_depth.clone(),
+                metrics.queue_waiting.clone(),
+            ),
             body_budget: Arc::new(BodyBudget::new(
                 args.inflight_body_bytes(),
                 args.max_body_bytes,

@@ -564,3 +564,50 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
     );
     assert_eq!(line["code"], "OK", "{line}");
 }
+
+/// A server whose stderr reader went away (`vt-serve ... 2>&1 | head`, a log shipper that
+/// restarts) keeps answering, though every log line now fails to write, and SIGTERM still
+/// ends it with 0: in both log formats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_stderr_is_closed_keeps_answering() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let (_, photo) = test_images(1).remove(0);
+    let client = client();
+    for format in ["text", "json"] {
+        let mut child = Command::new(BIN)
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .args(["--port", "0", "--device", "cpu", "--log-format", format])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let base = listening_on(&mut child, 1).remove(0);
+        // The reading end closed: every write to stderr from now on is EPIPE.
+        drop(child.stderr.take());
+        for _ in 0..3 {
+            let live = client
+                .get(format!("{base}/health/live"))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{format} logs: {e}"));
+            assert_eq!(live.status(), StatusCode::OK, "{format} logs");
+            let predicted = client
+                .post(format!("{base}/predict"))
+                .body(photo.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{format} logs: {e}"));
+            assert_eq!(predicted.status(), StatusCode::OK, "{format} logs");
+        }
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = wait_for_exit(&mut child);
+        assert!(status.success(), "{format} logs: exit status {status}");
+    }
+}

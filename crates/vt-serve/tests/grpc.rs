@@ -558,3 +558,28 @@ async fn a_tritonclient_request_gets_the_offline_predictions() {
     assert_classification_close(&grpc_strings(&answer, "logits"), &expected);
     server.shutdown().await;
 }
+
+/// A message that is not a `ModelInferRequest`: its field 5 (`inputs`, a message) sent as
+/// an integer.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MalformedInfer {
+    #[prost(uint64, tag = "5")]
+    inputs: u64,
+}
+
+/// A message that protobuf cannot decode is the client's fault: INVALID_ARGUMENT, as any
+/// other bad input, and counted so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_is_an_invalid_argument() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--grpc-port", "0"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let answer = grpc
+        .call::<_, ModelInferResponse>("ModelInfer", MalformedInfer { inputs: 7 })
+        .await;
+    assert_status(answer, Code::InvalidArgument, "invalid request message");
+    let metrics = metrics_text(&client(), &server.url("/metrics")).await;
+    let series = r#"vt_serve_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}"#;
+    assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
+    server.shutdown().await;
+}

@@ -632,6 +632,21 @@ async fn bad_requests_get_the_protocols_errors() {
             "invalid inference request JSON",
         ),
         (
+            // tritonclient's binary data, its JSON's length left out.
+            "binary data without the JSON's length",
+            [
+                serde_json::to_vec(&json!({"inputs": [{"name": "image", "shape": [1],
+                    "datatype": "BYTES", "parameters": {"binary_data_size": 8}}]}))
+                .unwrap(),
+                binary_elements(&[b"abcd"]),
+            ]
+            .concat(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "8 bytes follow the JSON: binary tensor data needs the JSON's length in the \
+             Inference-Header-Content-Length header",
+        ),
+        (
             "two inputs",
             serde_json::to_vec(&json!({"inputs": [
                 {"name": "image", "shape": [1], "datatype": "BYTES", "data": one},
@@ -1256,8 +1271,8 @@ async fn explain_requests_get_each_images_token_attention() {
 }
 
 /// `{"instances"}` requests pass the same admission control as /predict's: more instances
-/// than `--queue` are refused, and a full queue answers 503 with Retry-After, in the route's
-/// error shape.
+/// than `--queue` are refused, and past a full queue and its waiting room a request gets 503
+/// with Retry-After, in the route's error shape; the one waiting is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_requests_past_the_queue_are_refused() {
     let dir = tiny_checkpoint();
@@ -1286,6 +1301,17 @@ async fn instances_requests_past_the_queue_are_refused() {
         async move { predict_instances(&client, &url, &one).await }
     });
     wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+    let waiting = tokio::spawn({
+        let (client, url, one) = (client.clone(), url.clone(), one.clone());
+        async move { predict_instances(&client, &url, &one).await }
+    });
+    wait_for_gauge(
+        &client,
+        &server.url("/metrics"),
+        "vt_serve_queue_waiting",
+        1.0,
+    )
+    .await;
     let (status, retry_after, body) = predict_instances(&client, &url, &one).await;
     assert_error_message(
         status,
@@ -1295,9 +1321,11 @@ async fn instances_requests_past_the_queue_are_refused() {
     );
     assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
 
-    let (status, _, body) = first.await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
     drop(upload);
+    for answer in [first, waiting] {
+        let (status, _, body) = answer.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     server.shutdown().await;
 }
 
@@ -1320,5 +1348,58 @@ async fn an_instances_request_past_its_deadline_gets_504() {
     );
     // The abandoned request gives its slot back.
     wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
+    server.shutdown().await;
+}
+
+/// Every answer under `/v2` is in the protocol's shape, `{"error": MESSAGE}`: routes it
+/// does not serve (404) name those it does, and methods a route does not take (405) keep
+/// the `Allow` header. Elsewhere the API's own shape stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_v2_routes_and_methods_answer_in_the_protocols_shape() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    let client = client();
+    for path in [
+        "/v2/models/tiny/stats",
+        "/v2/repository/index",
+        "/v2/",
+        "/v2/models/tiny/versions/1/stats",
+    ] {
+        let response = client.get(server.url(path)).send().await.unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_error_message(status, &body, StatusCode::NOT_FOUND, path);
+        assert_error_message(
+            status,
+            &body,
+            StatusCode::NOT_FOUND,
+            "POST /v2/models/NAME[/versions/V]/infer",
+        );
+    }
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v2/models/tiny/infer", "POST"),
+        (reqwest::Method::POST, "/v2/models/tiny", "GET,HEAD"),
+        (reqwest::Method::DELETE, "/v2/health/ready", "GET,HEAD"),
+    ] {
+        let response = client
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+        let body: Value = response.json().await.unwrap();
+        assert_error_message(
+            status,
+            &body,
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("method {method} is not allowed on {path}"),
+        );
+        assert_eq!(allow, allowed, "{method} {path}");
+    }
+    // Outside /v2, the API's own shape.
+    let response = client.get(server.url("/v2x")).send().await.unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "not_found", "{body}");
     server.shutdown().await;
 }

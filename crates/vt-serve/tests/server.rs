@@ -425,6 +425,27 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
         let (status, answer) = post_raw(&client, &url, content_type, photo.clone()).await;
         assert_eq!(status, StatusCode::OK, "{content_type}: {answer}");
     }
+    // JSON under another content type (`curl -d @request.json` sends it form-urlencoded)
+    // is not an image: the answer says which content type it needs. The older `text/json`
+    // and `+json` types are JSON.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let request = serde_json::to_vec(&json!({ "image": b64 })).unwrap();
+    for content_type in ["application/x-www-form-urlencoded", "text/plain"] {
+        let (status, answer) = post_raw(&client, &url, content_type, request.clone()).await;
+        assert_error(
+            status,
+            &answer,
+            StatusCode::BAD_REQUEST,
+            "invalid_image",
+            content_type,
+        );
+        assert_detail_says(&answer, "looks like JSON");
+        assert_detail_says(&answer, "Content-Type: application/json");
+    }
+    for content_type in ["text/json", "application/vnd.example+json; charset=utf-8"] {
+        let (status, answer) = post_raw(&client, &url, content_type, request.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{content_type}: {answer}");
+    }
 
     for query in ["top_k=0", "top_k=many"] {
         let url = server.url(&format!("/predict?{query}"));
@@ -615,6 +636,11 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "url_fetch_refused",
         "host not allowed",
     );
+    // The refusal names the host and port, as the allow-list's entries are written.
+    assert_detail_says(
+        &answer,
+        &format!("`localhost:{}` is not in --allow-url-fetch", host.port()),
+    );
     let (status, answer) = ask("file:///etc/passwd".into()).await;
     assert_error(
         status,
@@ -674,23 +700,42 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
     server.shutdown().await;
 }
 
+/// A request that finds the queue full waits for room, in arrival order, rather than being
+/// refused: a request of as many images as `--queue` (what a Triton client sends as the
+/// configuration's `max_batch_size`) while a small one runs is answered once that one is.
+/// Past the waiting room (`--queue` images more), requests get 503 at once with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_503_at_once_with_retry_after() {
+async fn a_full_queue_makes_requests_wait_and_refuses_past_its_waiting_room() {
     let dir = tiny_checkpoint();
-    // One slot, and a batch that waits long for a slow upload: the first request holds the
+    // Two slots, and a batch that waits long for a slow upload: the first request holds a
     // slot meanwhile.
-    let args = ["--queue", "1", "--max-batch", "8", "--max-delay-ms", "3000"];
+    let args = ["--queue", "2", "--max-batch", "8", "--max-delay-ms", "5000"];
     let server = TestServer::start(&checkpoint_path(&dir), &args).await;
     let client = client();
-    let photo = test_images(1).remove(0).1;
+    let metrics_url = server.url("/metrics");
+    let images = test_images(2);
+    let photo = images[0].1.clone();
     let upload = start_endless_upload(&client, &server.base).await;
     let first = tokio::spawn(post_raw_owned(
         client.clone(),
         server.url("/predict"),
         photo.clone(),
     ));
-    wait_for_queue_depth(&client, &server.url("/metrics"), 1.0).await;
+    wait_for_queue_depth(&client, &metrics_url, 1.0).await;
 
+    // Two images, one slot free: it waits, and does not hold the forming batch open.
+    let mut form = Form::new();
+    for (name, bytes) in &images {
+        form = form.part(
+            name.clone(),
+            Part::bytes(bytes.clone()).file_name(name.clone()),
+        );
+    }
+    let large = tokio::spawn(client.post(server.url("/predict")).multipart(form).send());
+    wait_for_gauge(&client, &metrics_url, "vt_serve_queue_waiting", 2.0).await;
+    wait_for_gauge(&client, &metrics_url, "vt_serve_requests_arriving", 1.0).await;
+
+    // The waiting room is full.
     let refused = client
         .post(server.url("/predict"))
         .header(CONTENT_TYPE, "image/jpeg")
@@ -705,12 +750,23 @@ async fn a_full_queue_answers_503_at_once_with_retry_after() {
         &answer,
         StatusCode::SERVICE_UNAVAILABLE,
         "overloaded",
-        "second request",
+        "past the waiting room",
     );
+    assert_detail_says(&answer, "waiting room");
 
+    drop(upload);
     let (status, answer) = first.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");
-    drop(upload);
+    let (status, answer) = json_of(large.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["results"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let text = metrics_text(&client, &metrics_url).await;
+    assert_eq!(metric(&text, "vt_serve_queue_waiting"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "vt_serve_queue_depth"), Some(0.0), "{text}");
     server.shutdown().await;
 }
 
@@ -946,6 +1002,50 @@ async fn a_request_past_its_deadline_gets_504() {
     assert_detail_says(&answer, "300 ms");
     // The abandoned request gives its slot back.
     wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
+    server.shutdown().await;
+}
+
+/// A client that stalls while sending its body gets 408 Request Timeout once --timeout-ms
+/// passes (its own doing, a 4xx), not the 504 of a model that did not answer in time, on
+/// every route that reads a body and in its error shape; the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_not_sent_in_time_gets_408() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--timeout-ms", "300"]).await;
+    let client = client();
+    for (path, content_type) in [
+        ("/predict", "image/jpeg"),
+        ("/predict", "application/json"),
+        ("/predict", "multipart/form-data; boundary=x"),
+        ("/v1/models/tiny:predict", "application/json"),
+        ("/v2/models/tiny/infer", "application/json"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        // 100 bytes announced, 10 sent.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n\
+             Content-Length: 100\r\n\r\n0123456789"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (status, answer) = read_response(&mut stream).await;
+        assert_eq!(status, 408, "{path} {content_type}: {answer}");
+        let message = match path {
+            "/predict" => {
+                assert_eq!(answer["error"], "request_timeout", "{answer}");
+                &answer["detail"]
+            }
+            _ => &answer["error"],
+        };
+        assert!(
+            message
+                .as_str()
+                .is_some_and(|m| m.contains("body was not received within 300 ms")),
+            "{path}: {answer}"
+        );
+    }
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    let series = r#"vt_serve_requests_total{route="/predict",status="408"}"#;
+    assert_eq!(metric(&text, series), Some(3.0), "{text}");
     server.shutdown().await;
 }
 

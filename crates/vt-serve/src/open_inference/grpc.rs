@@ -531,7 +531,12 @@ impl<Req: prost::Message + Default> Decoder for CheckedDecoder<Req> {
         self.limits
             .check(message.chunk())
             .map_err(|e| e.grpc_status())?;
-        self.prost.decode(message)
+        // prost's failures are the client's message, not the server: tonic's codec calls
+        // them INTERNAL, gRPC's bad input is INVALID_ARGUMENT.
+        self.prost.decode(message).map_err(|status| {
+            ApiError::BadRequest(format!("invalid request message: {}", status.message()))
+                .grpc_status()
+        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {

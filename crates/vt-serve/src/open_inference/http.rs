@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vt_data::transform::Normalize;
@@ -46,6 +46,18 @@ pub async fn compress_only_inference_answers(request: Request, next: Next) -> Re
         response.extensions_mut().insert(SendUncompressed);
     }
     response
+}
+
+/// The protocol's routes that vt-serve serves, when `path` is under its `/v2` prefix: what
+/// its 404 and 405 answers there name (router.rs builds these routes).
+pub fn routes_served(path: &str) -> Option<&'static str> {
+    (path == "/v2" || path.starts_with("/v2/")).then_some(
+        "the Open Inference Protocol routes served are GET /v2, GET /v2/health/live, \
+         GET /v2/health/ready, GET /v2/models/NAME[/versions/V], \
+         GET /v2/models/NAME[/versions/V]/config, GET /v2/models/NAME[/versions/V]/ready and \
+         POST /v2/models/NAME[/versions/V]/infer; Triton's other extensions (statistics, \
+         model repository, shared memory, sequences...) are not served",
+    )
 }
 
 /// `/v2/models/{model}[/versions/{version}]`.
@@ -289,9 +301,8 @@ async fn answer(
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
-    let limit = state.limits.max_body_bytes;
     let header_length = header_length(request.headers())?;
-    let body = input::read_body(request, limit).await?;
+    let body = input::read_body(request, &state.limits, deadline).await?;
     let (header, binary) = match (header_length, body) {
         (Some(n), body) if n > body.len() => {
             return Err(ApiError::BadRequest(format!(
@@ -312,7 +323,7 @@ async fn answer(
         capacity.saturating_mul(super::json_numbers_per_image(image_size)),
     )?;
     let request: InferenceRequest = serde_json::from_slice(&header)
-        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
+        .map_err(|e| invalid_request_json(&e, &header, header_length.is_some()))?;
     let images = images_of(&request.inputs, &binary, capacity, &preprocessor)?;
     let outputs = requested_outputs(&request)?;
     // The images hold what they need of the request: the rest is not kept while they wait.
@@ -322,6 +333,31 @@ async fn answer(
         super::classify(state, &model, images, arriving, deadline).await?;
     let outputs = super::output_tensors(&model.info, &outputs, &predictions);
     respond(&model.info, id, outputs)
+}
+
+/// The answer to a request whose JSON does not parse. Binary tensor data sent without the
+/// JSON's length (`Inference-Header-Content-Length`) reads as JSON followed by other bytes,
+/// which serde calls "trailing characters": the answer names the missing header.
+fn invalid_request_json(error: &serde_json::Error, body: &[u8], length_given: bool) -> ApiError {
+    let mut detail = format!("invalid inference request JSON: {error}");
+    if !length_given {
+        let mut values = serde_json::Deserializer::from_slice(body).into_iter::<IgnoredAny>();
+        let parsed = matches!(values.next(), Some(Ok(_)));
+        let trailing = body.len() - values.byte_offset();
+        // Whitespace after the JSON is JSON's; another error (a field of the wrong type)
+        // is not this one.
+        if parsed
+            && body[values.byte_offset()..]
+                .iter()
+                .any(|b| !b.is_ascii_whitespace())
+        {
+            detail.push_str(&format!(
+                "; {trailing} bytes follow the JSON: binary tensor data needs the JSON's length \
+                 in the Inference-Header-Content-Length header"
+            ));
+        }
+    }
+    ApiError::BadRequest(detail)
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
