@@ -224,6 +224,7 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
 
     // A broken checkpoint: the previous model keeps serving, and the log says why.
     let weights = checkpoint.join("model.safetensors");
+    let kept = std::fs::read(&weights).unwrap();
     std::fs::remove_file(&weights).unwrap();
     server.signal("HUP");
     wait_for_reloads(&client, &server.base, "error", 1.0).await;
@@ -249,6 +250,26 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
     assert!(
         failure.contains(&checkpoint.display().to_string()) && failure.contains("No such file"),
         "{failure}"
+    );
+
+    // A config claiming tensors no memory holds: refused by the weights' shapes, before any
+    // allocation could abort the server.
+    std::fs::write(&weights, kept).unwrap();
+    let config_path = checkpoint.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["tokens"] = json!(8_589_934_592u64);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    server.signal("HUP");
+    wait_for_reloads(&client, &server.base, "error", 2.0).await;
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(current_model(&client, &server.base).await["generation"], 2);
+    let log = server.stderr.lock().unwrap().clone();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("reload failed") && line.contains("8589934592")),
+        "{log}"
     );
 
     server.stop().await;
