@@ -6,10 +6,13 @@
 //! `flock`) by its writer for as long as it writes, and the next writer of the same target
 //! removes those whose lock it can take: their writers have exited, since the system drops
 //! a dead process's locks. A temporary that cannot be locked at all (a file system without
-//! locks, a folder another platform cannot open) is left alone, unless it names this
-//! process's pid: removing another could destroy a live writer's work.
+//! locks, any temporary off Unix, where locks are mandatory) is left alone, unless it names
+//! this process's pid: removing another could destroy a live writer's work. Locks must be
+//! shared by all writers: two machines writing one target on a network mount whose locks
+//! are local to each could remove each other's temporaries.
 
 use std::fs::{self, File, Metadata, OpenOptions, TryLockError};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ModelError, Result};
@@ -68,7 +71,16 @@ pub fn create(target: &Path, suffix: &str, kind: Kind) -> Result<Temporary> {
                 .map(drop),
         }
         .map_err(|e| ModelError::io(&path, e))?;
-        let lock = open(&path, kind).ok().filter(|file| file.lock().is_ok());
+        let lock = match lock_own(&path, kind) {
+            Ok(lock) => lock,
+            // Swept away before it was opened: made again.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            // Unlocked, it would look like a killed writer's to the next writer's sweep.
+            Err(e) => {
+                let _ = remove(&path, kind);
+                return Err(ModelError::io(&path, e));
+            }
+        };
         // Between the creation and the lock, a sweep may have found it unlocked and removed
         // it: then it is gone, or the path names another file.
         let ours = match (&lock, fs::symlink_metadata(&path)) {
@@ -135,12 +147,35 @@ fn remove_stale(parent: &Path, name: &str, suffix: &str) {
             Err(_) => own,
         };
         if gone {
-            let _ = match kind {
-                Kind::Folder => fs::remove_dir_all(&path),
-                Kind::File => fs::remove_file(&path),
-            };
+            let _ = remove(&path, kind);
         }
     }
+}
+
+fn remove(path: &Path, kind: Kind) -> std::io::Result<()> {
+    match kind {
+        Kind::Folder => fs::remove_dir_all(path),
+        Kind::File => fs::remove_file(path),
+    }
+}
+
+/// Locks this writer's temporary at `path`: `None` where locks cannot be had (a file system
+/// without them), an error where taking one failed otherwise.
+#[cfg(unix)]
+fn lock_own(path: &Path, kind: Kind) -> std::io::Result<Option<File>> {
+    let file = open(path, kind)?;
+    match file.lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Never locked off Unix: Windows' locks are mandatory, and would keep the writer's own
+/// writes (through handles of their own) out of its temporary.
+#[cfg(not(unix))]
+fn lock_own(_: &Path, _: Kind) -> std::io::Result<Option<File>> {
+    Ok(None)
 }
 
 /// Whether `path` names `file`, where the platform tells.
@@ -188,6 +223,7 @@ mod tests {
 
     /// A killed writer's temporaries (no lock held) go; a live writer's (locked), other
     /// targets' and other suffixes' stay.
+    #[cfg(unix)]
     #[test]
     fn only_unlocked_temporaries_of_the_target_are_removed() {
         let tmp = tempfile::tempdir().unwrap();

@@ -285,6 +285,7 @@ fn a_failed_write_leaves_the_previous_checkpoint_intact() {
 /// A save killed midway leaves its temporary folder beside the checkpoint, as large as it:
 /// the next save removes it, but never that of a save under way (whose writer holds a lock
 /// on it), whatever pid it names.
+#[cfg(unix)]
 #[test]
 fn the_next_save_removes_a_killed_saves_temporary_only() {
     let tmp = tempfile::tempdir().unwrap();

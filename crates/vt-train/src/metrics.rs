@@ -575,6 +575,7 @@ mod tests {
 
     /// A writer killed midway leaves its temporary (no lock held any more): the next write
     /// removes it. A live writer's (locked) stays, whoever's pid it names.
+    #[cfg(unix)]
     #[test]
     fn killed_writers_temporaries_go_and_live_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
