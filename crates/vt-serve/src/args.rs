@@ -49,12 +49,14 @@ pub struct ServeArgs {
     /// waits only while other requests are still being read or decoded.
     #[arg(long, env = "VT_SERVE_MAX_DELAY_MS", default_value_t = 5)]
     pub max_delay_ms: u64,
-    /// Most images admitted at once (decoding, queued or running); past it requests get 503
-    /// with Retry-After at once. Also the most files one request may carry.
+    /// Most images admitted at once (decoding, queued or running). A request that does not
+    /// fit waits for room, in arrival order, within its --timeout-ms; as many images more
+    /// may wait so, and past that a request gets 503 with Retry-After at once. Also the most
+    /// images one request may carry.
     #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue: u32,
     /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
-    /// the answer is 504.
+    /// the answer is 504, or 408 when the client had not sent all of its body.
     #[arg(long, env = "VT_SERVE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Time a client has to send a request's headers, counted from when its connection

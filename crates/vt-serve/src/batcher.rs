@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
+use crate::admission::Admitted;
 use crate::classifier::{Classifier, ClassifyError, Prediction, Preprocessor};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -49,6 +50,10 @@ struct Job {
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Answer>,
+    /// The admission of the image's request, held until the model thread is done with the
+    /// image (answered or skipped), so that the queue's room goes to no other request while
+    /// the image still fills it: a request that gave up leaves its images queued.
+    _admitted: Option<Arc<Admitted>>,
 }
 
 /// One loaded model and the sending side of its thread's queue. The thread ends once every
@@ -110,6 +115,29 @@ impl ServedModel {
         with_attention: bool,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Answer>, ApiError> {
+        self.queue(input, with_attention, deadline, None)
+    }
+
+    /// As [`Self::submit`], for an image of the request `admitted`: the admission is held
+    /// until the model thread is done with the image, so that admitted images always find
+    /// room in the queue.
+    pub fn submit_admitted(
+        &self,
+        input: Vec<f32>,
+        with_attention: bool,
+        deadline: Instant,
+        admitted: &Arc<Admitted>,
+    ) -> Result<oneshot::Receiver<Answer>, ApiError> {
+        self.queue(input, with_attention, deadline, Some(Arc::clone(admitted)))
+    }
+
+    fn queue(
+        &self,
+        input: Vec<f32>,
+        with_attention: bool,
+        deadline: Instant,
+        admitted: Option<Arc<Admitted>>,
+    ) -> Result<oneshot::Receiver<Answer>, ApiError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
@@ -117,6 +145,7 @@ impl ServedModel {
             enqueued: Instant::now(),
             deadline,
             reply,
+            _admitted: admitted,
         };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(answer),

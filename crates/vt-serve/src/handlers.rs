@@ -131,15 +131,22 @@ pub async fn classify_all(
     with_attention: bool,
     arriving: Arriving,
     deadline: Instant,
-) -> Result<(Admitted, Vec<(Option<String>, Prediction)>), ApiError> {
-    let admitted = state.admission.admit(images.len(), &arriving).await?;
+) -> Result<(Arc<Admitted>, Vec<(Option<String>, Prediction)>), ApiError> {
+    let admitted = Arc::new(state.admission.admit(images.len(), &arriving).await?);
     let arriving = Arc::new(arriving);
     let predictions = try_join_all(images.into_iter().map(|image| {
         let arriving = Arc::clone(&arriving);
-        classify(state, model, image, with_attention, arriving, deadline)
+        let queued = Queued {
+            model,
+            with_attention,
+            deadline,
+            admitted: &admitted,
+        };
+        classify(state, queued, image, arriving)
     }));
     drop(arriving);
-    Ok((admitted, predictions.await?))
+    let predictions = predictions.await?;
+    Ok((admitted, predictions))
 }
 
 /// Admits images a client preprocessed for `model` and classifies them, in order: as
@@ -150,26 +157,39 @@ pub async fn classify_preprocessed(
     inputs: Vec<Vec<f32>>,
     arriving: Arriving,
     deadline: Instant,
-) -> Result<(Admitted, Vec<Prediction>), ApiError> {
-    let admitted = state.admission.admit(inputs.len(), &arriving).await?;
+) -> Result<(Arc<Admitted>, Vec<Prediction>), ApiError> {
+    let admitted = Arc::new(state.admission.admit(inputs.len(), &arriving).await?);
     let answers = inputs
         .into_iter()
-        .map(|input| model.submit(input, false, deadline))
+        .map(|input| model.submit_admitted(input, false, deadline, &admitted))
         .collect::<Result<Vec<_>, _>>()?;
     drop(arriving);
     let predictions = try_join_all(answers.into_iter().map(|answer| prediction(state, answer)));
     Ok((admitted, predictions.await?))
 }
 
+/// Where and how an admitted request's images are queued.
+#[derive(Clone, Copy)]
+struct Queued<'a> {
+    model: &'a ServedModel,
+    with_attention: bool,
+    deadline: Instant,
+    admitted: &'a Arc<Admitted>,
+}
+
 /// Decodes on a blocking thread (bounded by the decode slots), then waits for the batcher.
 async fn classify(
     state: &AppState,
-    model: &ServedModel,
+    queued: Queued<'_>,
     image: ImageInput,
-    with_attention: bool,
     arriving: Arc<Arriving>,
-    deadline: Instant,
 ) -> Result<(Option<String>, Prediction), ApiError> {
+    let Queued {
+        model,
+        with_attention,
+        deadline,
+        admitted,
+    } = queued;
     let ImageInput { filename, bytes } = image;
     let slot = Arc::clone(&state.decode_slots)
         .acquire_owned()
@@ -187,7 +207,7 @@ async fn classify(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = model.submit(input, with_attention, deadline)?;
+    let answer = model.submit_admitted(input, with_attention, deadline, admitted)?;
     drop(arriving);
     Ok((filename, prediction(state, answer).await?))
 }

@@ -370,7 +370,7 @@ pub async fn classify(
     images: Images,
     arriving: Arriving,
     deadline: Instant,
-) -> Result<(Admitted, Vec<Prediction>), ApiError> {
+) -> Result<(Arc<Admitted>, Vec<Prediction>), ApiError> {
     let images = match images {
         Images::Encoded(images) => images,
         Images::Preprocessed(inputs) => {

@@ -770,6 +770,61 @@ async fn a_full_queue_makes_requests_wait_and_refuses_past_its_waiting_room() {
     server.shutdown().await;
 }
 
+/// A request that fails (one of its images does not decode) while others of its images
+/// wait for the busy model keeps their room in the queue until the model is done with
+/// them: the next request waits for it and is answered, not refused because those images
+/// still fill the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_requests_queued_images_keep_their_room_until_skipped() {
+    // A model slow enough (a large input) that queued images wait behind the one it runs.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = vt_model::VtConfig::new(vt_model::Arch::VtResNet18, CLASSES.len(), 1024);
+    config.class_names = CLASSES.iter().map(|c| c.to_string()).collect();
+    (config.tokens, config.token_channels, config.heads) = (4, 32, 2);
+    let checkpoint = dir.path().join("slow");
+    vt_model::Model::init(config, &candle_core::Device::Cpu)
+        .unwrap()
+        .save(&checkpoint)
+        .unwrap();
+    let args = ["--queue", "4", "--max-batch", "1", "--max-delay-ms", "0"];
+    let server = TestServer::start(&checkpoint, &args).await;
+    let client = client();
+    let images = test_images(4);
+    let form = |corrupt: bool| {
+        let mut form = Form::new();
+        for (i, (name, bytes)) in images.iter().enumerate() {
+            // A truncated large PNG fails only once the small photos are decoded and queued.
+            let bytes = if corrupt && i == 3 {
+                let png = noise_png(1200);
+                png[..png.len() / 2].to_vec()
+            } else {
+                bytes.clone()
+            };
+            form = form.part(format!("f{i}"), Part::bytes(bytes).file_name(name.clone()));
+        }
+        form
+    };
+    let failed = client
+        .post(server.url("/predict"))
+        .multipart(form(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), StatusCode::BAD_REQUEST);
+    let (status, answer) = json_of(
+        client
+            .post(server.url("/predict"))
+            .multipart(form(false))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["results"].as_array().map(Vec::len), Some(4));
+    server.shutdown().await;
+}
+
 /// A PNG of `side` x `side` pixels of noise, which PNG cannot compress: about 3 bytes a
 /// pixel.
 fn noise_png(side: u32) -> Vec<u8> {
@@ -1090,7 +1145,9 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
         Some(0.0),
         "{text}"
     );
-    assert_eq!(metric(&text, "vt_serve_queue_depth"), Some(0.0), "{text}");
+    // Its images that were queued keep their room until the model thread answers them as
+    // expired, at once.
+    wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
     server.shutdown().await;
 }
 
