@@ -7,7 +7,7 @@ resized crop, and a rotation. The expected images are PNG, i.e. exactly the uint
 torchvision hands to ToTensor, so the Rust tests compare after normalising both sides.
 
 Under expected/trivial_augment/ it writes TrivialAugmentWide's operations: a small generated
-PNG input, torchvision's own `_apply_op` (PIL path, NEAREST, fill None) on it for each of the
+PNG input, torchvision's own `_apply_op` (PIL path, BILINEAR, fill None) on it for each of the
 14 ops at fixed bins and signs, and index.json with the cases and torch's magnitude tables.
 
 Run: /root/.cache/vt/torch-venv/bin/python tools/reference/data_fixtures.py
@@ -94,7 +94,8 @@ def trivial_augment_fixtures():
         magnitude = float(magnitudes[bin_].item()) if magnitudes.ndim > 0 else 0.0
         if negative:
             magnitude *= -1.0
-        out = _apply_op(inputs[input_name], op, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        # Bilinear, as torchvision's reference recipe (references/classification) passes it.
+        out = _apply_op(inputs[input_name], op, magnitude, interpolation=InterpolationMode.BILINEAR, fill=None)
         stem = op if bin_ is None else f"{op}_b{bin_}{'_neg' if negative else ''}"
         if input_name != "input.png":
             stem += "_" + input_name.removesuffix(".png")

@@ -1,5 +1,6 @@
-//! Inverse affine maps and PIL's nearest-neighbour warp, shared by `RandomRotation` and
-//! TrivialAugmentWide's shear, translate and rotate operations.
+//! Inverse affine maps (`RandomRotation`'s, torchvision's `F.affine`, PIL's `Image.rotate`)
+//! and PIL's bilinear warp, for TrivialAugmentWide's shear, translate and rotate operations
+//! (bilinear, as torchvision's reference recipe asks for).
 
 use image::RgbImage;
 
@@ -96,86 +97,45 @@ impl InverseAffine {
         )
     }
 
-    /// PIL's `Image.transform(size, AFFINE, matrix, NEAREST, fillcolor=0)` onto an image of
-    /// the same size: black where the source point falls outside. PIL's three code paths
-    /// (`ImagingTransformAffine`) round differently, so each is followed: a pure scale or
-    /// translation steps in floating point, anything else in 16.16 fixed point when it fits.
-    pub(crate) fn warp_nearest(&self, img: &RgbImage) -> RgbImage {
+    /// PIL's `Image.transform(size, AFFINE, matrix, BILINEAR, fillcolor=0)` onto an image
+    /// of the same size (`ImagingGenericTransform` with `bilinear_filter32RGB`): each output
+    /// pixel centre mapped in floating point, black where it falls outside the source, else
+    /// the two-by-two blend of the source pixels around it (edges clamped), in PIL's order
+    /// of operations and truncated to 8 bits as PIL does.
+    pub(crate) fn warp_bilinear(&self, img: &RgbImage) -> RgbImage {
         let (w, h) = img.dimensions();
         let mut out = RgbImage::new(w, h);
-        let src = img.as_raw();
+        let (wf, hf) = (f64::from(w), f64::from(h));
         let (w, h) = (w as usize, h as usize);
-        let dst = &mut *out;
-        let mut copy = |x: usize, y: usize, xin: i64, yin: i64| {
-            if xin >= 0 && yin >= 0 && (xin as usize) < w && (yin as usize) < h {
-                let from = (yin as usize * w + xin as usize) * 3;
-                let to = (y * w + x) * 3;
-                dst[to..to + 3].copy_from_slice(&src[from..from + 3]);
-            }
+        let src = img.as_raw();
+        let at = |x: i64, y: usize, c: usize| {
+            f64::from(src[(y * w + x.clamp(0, w as i64 - 1) as usize) * 3 + c])
         };
-        let a = [self.a, self.b, self.c, self.d, self.e, self.f];
-        if a[1] == 0.0 && a[3] == 0.0 {
-            // ImagingScaleAffine.
-            let mut yo = a[5] + a[4] * 0.5;
-            for y in 0..h {
-                let mut xo = a[2] + a[0] * 0.5;
-                let yin = coord(yo);
-                for x in 0..w {
-                    copy(x, y, coord(xo), yin);
-                    xo += a[0];
+        let lerp = |a: f64, b: f64, d: f64| a + (b - a) * d;
+        for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
+            for (x, px) in row.chunks_exact_mut(3).enumerate() {
+                let (xo, yo) = (x as f64 + 0.5, y as f64 + 0.5);
+                let xin = self.a * xo + self.b * yo + self.c;
+                let yin = self.d * xo + self.e * yo + self.f;
+                if !(0.0..wf).contains(&xin) || !(0.0..hf).contains(&yin) {
+                    continue;
                 }
-                yo += a[4];
-            }
-        } else if [(0, 0), (w, h), (0, h), (w, 0)]
-            .iter()
-            .all(|&(x, y)| fits_fixed(&a, x as f64, y as f64))
-        {
-            // affine_fixed: 16.16 fixed point, stepped.
-            let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i32;
-            let (a0, a1, a3, a4) = (fix(a[0]), fix(a[1]), fix(a[3]), fix(a[4]));
-            let mut xo = fix(a[2] + a[0] * 0.5 + a[1] * 0.5);
-            let mut yo = fix(a[5] + a[3] * 0.5 + a[4] * 0.5);
-            for y in 0..h {
-                let (mut xx, mut yy) = (xo, yo);
-                for x in 0..w {
-                    copy(x, y, i64::from(xx >> 16), i64::from(yy >> 16));
-                    xx = xx.wrapping_add(a0);
-                    yy = yy.wrapping_add(a3);
+                let (xin, yin) = (xin - 0.5, yin - 0.5);
+                let (x0, y0) = (xin.floor(), yin.floor());
+                let (dx, dy) = (xin - x0, yin - y0);
+                let (x0, y0) = (x0 as i64, y0 as i64);
+                let top = y0.clamp(0, h as i64 - 1) as usize;
+                // Past the last row, PIL blends the row above with itself.
+                let below = usize::try_from(y0 + 1).ok().filter(|&b| b < h);
+                for (c, value) in px.iter_mut().enumerate() {
+                    let upper = lerp(at(x0, top, c), at(x0 + 1, top, c), dx);
+                    let lower = below.map_or(upper, |b| lerp(at(x0, b, c), at(x0 + 1, b, c), dx));
+                    *value = lerp(upper, lower, dy) as u8;
                 }
-                xo = xo.wrapping_add(a1);
-                yo = yo.wrapping_add(a4);
-            }
-        } else {
-            // Floating point, stepped (only for shifts past +-32768 pixels).
-            let mut xo = a[2] + a[1] * 0.5 + a[0] * 0.5;
-            let mut yo = a[5] + a[4] * 0.5 + a[3] * 0.5;
-            for y in 0..h {
-                let (mut xx, mut yy) = (xo, yo);
-                for x in 0..w {
-                    copy(x, y, coord(xx), coord(yy));
-                    xx += a[0];
-                    yy += a[3];
-                }
-                xo += a[1];
-                yo += a[4];
             }
         }
         out
     }
-}
-
-/// PIL's `COORD`: truncation, with everything left of 0 mapped to -1.
-fn coord(v: f64) -> i64 {
-    if v < 0.0 {
-        -1
-    } else {
-        v as i64
-    }
-}
-
-/// PIL's `check_fixed`: whether a corner maps within the 16.16 fixed-point range.
-fn fits_fixed(a: &[f64; 6], x: f64, y: f64) -> bool {
-    (x * a[0] + y * a[1] + a[2]).abs() < 32768.0 && (x * a[3] + y * a[4] + a[5]).abs() < 32768.0
 }
 
 /// Python's `round(x, 15)`: correctly rounded to 15 decimals. Rust's formatting rounds the
@@ -193,6 +153,29 @@ mod tests {
         RgbImage::from_fn(w, h, |x, y| Rgb([x as u8, y as u8, (x * 16 + y) as u8]))
     }
 
+    /// PIL's own answers (Pillow 13, `Image.transform(..., BILINEAR)`) for a row shifted by
+    /// fractions of a pixel: blends truncated, black once the centre leaves the image.
+    #[test]
+    fn bilinear_blends_neighbours_and_truncates_as_pil() {
+        let row = RgbImage::from_fn(4, 1, |x, _| Rgb([[0, 255, 100, 0][x as usize]; 3]));
+        for (shift, expected) in [
+            (0.5, [127, 177, 50, 0]),
+            (0.25, [63, 216, 75, 0]),
+            (0.7, [178, 146, 29, 0]),
+        ] {
+            let warp = InverseAffine {
+                a: 1.0,
+                b: 0.0,
+                c: shift,
+                d: 0.0,
+                e: 1.0,
+                f: 0.0,
+            };
+            let out: Vec<u8> = warp.warp_bilinear(&row).pixels().map(|p| p[0]).collect();
+            assert_eq!(out, expected, "shift {shift}");
+        }
+    }
+
     #[test]
     fn python_rounding() {
         assert_eq!(round15(std::f64::consts::FRAC_PI_2.cos()), 0.0);
@@ -205,7 +188,7 @@ mod tests {
         let img = numbered(6, 4);
         // torchvision's translate (2, -1): the content moves right 2 and up 1.
         let m = InverseAffine::torchvision((3.0, 2.0), 0.0, (2.0, -1.0), 1.0, (0.0, 0.0));
-        let out = m.warp_nearest(&img);
+        let out = m.warp_bilinear(&img);
         for (x, y, px) in out.enumerate_pixels() {
             let (sx, sy) = (i64::from(x) - 2, i64::from(y) + 1);
             if sx < 0 || sy >= 4 {
@@ -214,11 +197,12 @@ mod tests {
                 assert_eq!(px, img.get_pixel(sx as u32, sy as u32), "({x}, {y})");
             }
         }
-        // PIL turns a square a quarter by transposing; the fixed-point warp agrees.
+        // PIL turns a square a quarter by transposing; the warp agrees (no blending: every
+        // centre maps onto a centre).
         let square = numbered(5, 5);
-        let turned = InverseAffine::pil_rotation(5, 5, 90.0).warp_nearest(&square);
+        let turned = InverseAffine::pil_rotation(5, 5, 90.0).warp_bilinear(&square);
         assert_eq!(turned, image::imageops::rotate270(&square));
-        let turned = InverseAffine::pil_rotation(5, 5, -90.0).warp_nearest(&square);
+        let turned = InverseAffine::pil_rotation(5, 5, -90.0).warp_bilinear(&square);
         assert_eq!(turned, image::imageops::rotate90(&square));
     }
 
@@ -226,8 +210,8 @@ mod tests {
     fn the_identity_copies_and_far_shifts_leave_black() {
         let img = numbered(7, 3);
         let id = InverseAffine::torchvision((0.0, 0.0), 0.0, (0.0, 0.0), 1.0, (0.0, 0.0));
-        assert_eq!(id.warp_nearest(&img), img);
-        // Past the fixed-point range: the floating-point path, all outside.
+        assert_eq!(id.warp_bilinear(&img), img);
+        // Far outside the image: all black.
         let far = InverseAffine {
             a: 1.0,
             b: 0.5,
@@ -236,6 +220,6 @@ mod tests {
             e: 1.0,
             f: 0.0,
         };
-        assert!(far.warp_nearest(&img).pixels().all(|p| p.0 == [0, 0, 0]));
+        assert!(far.warp_bilinear(&img).pixels().all(|p| p.0 == [0, 0, 0]));
     }
 }

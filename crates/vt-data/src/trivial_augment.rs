@@ -1,8 +1,9 @@
-//! torchvision's `TrivialAugmentWide` (31 magnitude bins, nearest-neighbour resampling,
-//! black fill) on RGB8 images, with the PIL-path semantics of torchvision's `_apply_op`:
-//! geometry through `F.affine`/`F.rotate` (PIL's nearest-neighbour affine transform), the
-//! colour operations through `ImageEnhance` and `ImageOps`, including Pillow's integer and
-//! single-precision rounding, so that each operation gives PIL's pixels exactly.
+//! torchvision's `TrivialAugmentWide` (31 magnitude bins, bilinear resampling as in
+//! torchvision's reference recipe, black fill) on RGB8 images, with the PIL-path semantics of
+//! torchvision's `_apply_op`: geometry through `F.affine`/`F.rotate` (PIL's bilinear affine
+//! transform), the colour operations through `ImageEnhance` and `ImageOps`, including
+//! Pillow's integer and single-precision rounding, so that each operation gives PIL's pixels
+//! exactly.
 //!
 //! The draws come from the caller's generator: torchvision's order and distributions, not
 //! torch's random stream.
@@ -229,7 +230,7 @@ impl Augmentation {
     }
 }
 
-/// torchvision's `_apply_op(img, op, magnitude, NEAREST, fill=None)` on a PIL RGB image.
+/// torchvision's `_apply_op(img, op, magnitude, BILINEAR, fill=None)` on a PIL RGB image.
 /// Fails on a magnitude that is not finite or, for Posterize, not 1 to 8 bits (PIL's
 /// range).
 pub fn apply_op(img: &RgbImage, op: Op, magnitude: f64) -> Result<RgbImage> {
@@ -241,7 +242,7 @@ pub fn apply_op(img: &RgbImage, op: Op, magnitude: f64) -> Result<RgbImage> {
     let (w, h) = img.dimensions();
     let centre = (f64::from(w) * 0.5, f64::from(h) * 0.5);
     let affine = |center, translate, shear| {
-        InverseAffine::torchvision(center, 0.0, translate, 1.0, shear).warp_nearest(img)
+        InverseAffine::torchvision(center, 0.0, translate, 1.0, shear).warp_bilinear(img)
     };
     Ok(match op {
         Op::Identity => img.clone(),
@@ -307,7 +308,7 @@ fn rotate(img: &RgbImage, angle: f64) -> RgbImage {
     } else if turn == 270.0 && square {
         image::imageops::rotate90(img)
     } else {
-        InverseAffine::pil_rotation(img.width(), img.height(), angle).warp_nearest(img)
+        InverseAffine::pil_rotation(img.width(), img.height(), angle).warp_bilinear(img)
     }
 }
 

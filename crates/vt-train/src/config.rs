@@ -107,9 +107,8 @@ pub struct TrainOptions {
     #[arg(long, value_name = "ALPHA")]
     pub cutmix_alpha: Option<f64>,
     /// TrivialAugmentWide after the crop, rotation and flip: one of 14 photometric or
-    /// geometric operations at a random strength per image, with TrivialAugmentWide's own
-    /// nearest-neighbour resampling (torchvision's reference recipe passes bilinear)
-    /// [default: false]
+    /// geometric operations at a random strength per image, resampled bilinearly
+    /// (torchvision's reference recipe) [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub trivial_augment: Option<bool>,
     /// RandomErasing: with this probability, set a random box of each normalised training
