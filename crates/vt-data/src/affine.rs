@@ -105,6 +105,9 @@ impl InverseAffine {
     pub(crate) fn warp_bilinear(&self, img: &RgbImage) -> RgbImage {
         let (w, h) = img.dimensions();
         let mut out = RgbImage::new(w, h);
+        if w == 0 || h == 0 {
+            return out;
+        }
         let (wf, hf) = (f64::from(w), f64::from(h));
         let (w, h) = (w as usize, h as usize);
         let src = img.as_raw();

@@ -577,7 +577,8 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
             .file_name()
             .to_string_lossy()
             .into_owned();
-        if name != MANIFEST_FILE && name != FINDER_METADATA && !folders.contains(&name.as_str()) {
+        let clutter = OS_METADATA.contains(&name.as_str()) || name.starts_with("._");
+        if name != MANIFEST_FILE && !clutter && !folders.contains(&name.as_str()) {
             others.push(name);
         }
     }
@@ -594,8 +595,9 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The file macOS's Finder leaves in the folders it shows: no user's work.
-const FINDER_METADATA: &str = ".DS_Store";
+/// The files that file managers leave in the folders they show (macOS's Finder, Windows'
+/// Explorer; macOS's `._NAME` beside files on other file systems): no user's work.
+const OS_METADATA: [&str; 3] = [".DS_Store", "Thumbs.db", "desktop.ini"];
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
 /// Between the two renames `data_dir` is briefly absent, never half-written; a crash there

@@ -410,7 +410,9 @@ fn only_an_earlier_import_is_replaced() {
     assert!(data.join("runs/r1/config.toml").is_file());
     fs::remove_dir_all(data.join("runs")).unwrap();
     fs::remove_file(data.join("notes.txt")).unwrap();
-    write(&data.join(".DS_Store"), b"finder");
+    for clutter in [".DS_Store", "Thumbs.db", "._manifest.json"] {
+        write(&data.join(clutter), b"file manager");
+    }
 
     // A real earlier import is replaced.
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);

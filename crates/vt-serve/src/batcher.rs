@@ -53,7 +53,7 @@ struct Job {
     /// The admission of the image's request, held until the model thread is done with the
     /// image (answered or skipped), so that the queue's room goes to no other request while
     /// the image still fills it: a request that gave up leaves its images queued.
-    _admitted: Option<Arc<Admitted>>,
+    admitted: Option<Arc<Admitted>>,
 }
 
 /// One loaded model and the sending side of its thread's queue. The thread ends once every
@@ -145,7 +145,7 @@ impl ServedModel {
             enqueued: Instant::now(),
             deadline,
             reply,
-            _admitted: admitted,
+            admitted,
         };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(answer),
@@ -279,8 +279,10 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
         // One forward pass for the batch: with the attention kept when any image asks for it.
         let with_attention: Vec<bool> = batch.iter().map(|job| job.with_attention).collect();
         let explain = with_attention.contains(&true);
-        let (inputs, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|job| (job.input, job.reply)).unzip();
+        let (inputs, (replies, admissions)): (Vec<_>, (Vec<_>, Vec<_>)) = batch
+            .into_iter()
+            .map(|job| (job.input, (job.reply, job.admitted)))
+            .unzip();
         metrics.batch_size.observe(inputs.len() as f64);
         let started = Instant::now();
         // A panic inside the model must not take the server down with it.
@@ -316,6 +318,8 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
             Ok(Err(e)) => fail_all(replies, &e.to_string()),
             Err(_) => fail_all(replies, "the model panicked"),
         }
+        // The images' room in the queue, kept until they are answered.
+        drop(admissions);
     }
 }
 

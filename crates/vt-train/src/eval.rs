@@ -493,7 +493,8 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
 /// are replaced. The CSV is written first, so a killed one may have left it (and the PNG)
 /// without the report.
 fn refuse_replacing_others(paths: &OutputPaths, option: &str) -> Result<()> {
-    let report_ours = outputs::is_json_with(&paths.report, &["confusion_matrix", "predictions"]);
+    // Reports of every vt version have a confusion matrix (the CSV came later).
+    let report_ours = outputs::is_json_with(&paths.report, &["confusion_matrix"]);
     let csv_ours = outputs::starts_with(&paths.csv, &(PREDICTION_COLUMNS.join(",") + ","));
     outputs::refuse_replacing(
         option,

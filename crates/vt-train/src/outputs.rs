@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-use vt_data::dataset::{Split, MANIFEST_FILE};
+use vt_data::dataset::{Manifest, Split, MANIFEST_FILE};
 use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
@@ -26,16 +26,9 @@ const REPORT_READ_LIMIT: u64 = 64 << 20;
 /// (whose images training and eval read, and which fetch-data replaces whole).
 pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
     refuse_file_on_path(option, out, folder)?;
+    refuse_data_folder(option, out, folder)?;
     let folder = resolved(folder);
     for above in folder.ancestors() {
-        if above.join(MANIFEST_FILE).is_file() && above.join(Split::Train.dir_name()).is_dir() {
-            return Err(TrainError::Config(format!(
-                "{option} {}: inside the data folder {}, whose images training and eval \
-                 read and which fetch-data replaces; write it outside it",
-                out.display(),
-                above.display()
-            )));
-        }
         if above.join(CONFIG_FILE).is_file() && above.join(WEIGHTS_FILE).is_file() {
             return Err(TrainError::Config(format!(
                 "{option} {}: inside the checkpoint folder {}, which must hold only its \
@@ -57,6 +50,27 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
     Ok(())
 }
 
+/// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
+/// data folder that fetch-data imported (its manifest and its `train/`): training and eval
+/// read its images, and the next fetch-data replaces it whole.
+pub fn refuse_data_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
+    let folder = resolved(folder);
+    let data = folder.ancestors().find(|above| {
+        above.join(Split::Train.dir_name()).is_dir()
+            && above.join(MANIFEST_FILE).is_file()
+            && Manifest::read(above).is_ok()
+    });
+    match data {
+        Some(data) => Err(TrainError::Config(format!(
+            "{option} {}: inside the data folder {}, whose images training and eval read and \
+             which fetch-data replaces; write it outside it",
+            out.display(),
+            data.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Refuses to replace a file the command did not write: each of `outputs` that is there must
 /// be vouched for (`true`) as the command's own, a report or table it recognises, or a plot
 /// beside one. A user's `results.csv` beside `--out results.json`, or a run's `metrics.csv`,
@@ -68,7 +82,7 @@ pub fn refuse_replacing(option: &str, out: &Path, outputs: &[(&Path, bool)]) -> 
     match foreign {
         Some((path, _)) => Err(TrainError::Config(format!(
             "{option} {}: {} is there and this command did not write it; choose another \
-             {option}, or move that file away",
+             --out, or move that file away",
             out.display(),
             path.display()
         ))),
@@ -268,14 +282,29 @@ mod tests {
             );
         }
         assert_eq!(resolved(&run.join("a/b/../../avg")), run.join("avg"));
-        // A data folder, at any depth; a manifest.json alone is anyone's.
+        // A data folder that fetch-data imported, at any depth.
         let data = root.path().join("data");
-        std::fs::create_dir_all(data.join("train/sea")).unwrap();
-        std::fs::write(data.join(MANIFEST_FILE), "{}").unwrap();
+        let synthetic = vt_data::source::synthetic::SyntheticConfig {
+            train_per_class: 2,
+            test_per_class: 1,
+            pred: 0,
+            image_size: 8,
+            seed: 1,
+        };
+        vt_data::fetch::fetch(&vt_data::fetch::FetchOptions::new(
+            &data,
+            vt_data::fetch::FetchSource::Synthetic(synthetic),
+        ))
+        .unwrap();
         assert!(refused(&data.join("train/sea")).contains("inside the data folder"));
         assert!(refused(&data).contains("inside the data folder"));
-        std::fs::remove_dir_all(data.join("train")).unwrap();
-        refuse_managed_folder("--out", &data, &data).unwrap();
+        let err = refuse_data_folder("--run-dir", &data, &data.join("runs/a")).unwrap_err();
+        assert!(err.to_string().starts_with("--run-dir"), "{err}");
+        // A web app's manifest.json beside a train/ folder of code is no data.
+        let app = root.path().join("app");
+        std::fs::create_dir_all(app.join("train")).unwrap();
+        std::fs::write(app.join(MANIFEST_FILE), r#"{"name": "my pwa"}"#).unwrap();
+        refuse_managed_folder("--out", &app, &app.join("reports")).unwrap();
         // A file on the way, named instead of the OS's "Not a directory".
         let file = root.path().join("notes.txt");
         std::fs::write(&file, "").unwrap();

@@ -214,6 +214,7 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
     let mut config = TrainConfig::resolve(&given)?;
     let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
     outputs::refuse_file_on_path("--run-dir", &run_dir, &run_dir)?;
+    outputs::refuse_data_folder("--run-dir", &run_dir, &run_dir)?;
     refuse_run_dir_in_checkpoint(&run_dir)?;
     config.run_dir = Some(run_dir.clone());
     Ok(Plan {

@@ -878,6 +878,12 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         let named = format!("{} is a file, not a folder", file.display());
         assert!(err.contains(&named), "{err}");
     }
+    // Nor in the data, which the next fetch-data replaces whole.
+    for run_dir in [data.join("runs/a"), data.join("train/run")] {
+        let err = run_err(&mut train(&run_dir));
+        assert!(err.contains("inside the data folder"), "{err}");
+        assert!(!run_dir.exists());
+    }
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = run_err(train(&empty).arg("--resume"));
