@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{relative_error, set_formula_weights, tiny_config};
@@ -166,14 +166,19 @@ fn missing_unexpected_misshaped_and_wrong_dtype_tensors_are_named() {
     assert!(err.contains("`head.weight` has dtype F16"), "{err}");
 }
 
+/// A saved model in `root/ckpt`, its config's path and the config as JSON.
+fn saved_with_config(root: &Path) -> (PathBuf, PathBuf, serde_json::Value) {
+    let dir = root.join("ckpt");
+    saved_model(&dir);
+    let config_path = dir.join(CONFIG_FILE);
+    let config = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    (dir, config_path, config)
+}
+
 #[test]
 fn inconsistent_or_broken_configs_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("ckpt");
-    saved_model(&dir);
-    let config_path = dir.join(CONFIG_FILE);
-    let good: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let (dir, config_path, good) = saved_with_config(tmp.path());
 
     let cases = [
         ("vt_modules", serde_json::json!(3), "vt_modules is 3"),
@@ -231,11 +236,7 @@ fn inconsistent_or_broken_configs_are_errors() {
 #[test]
 fn absurd_sizes_in_the_config_are_refused_before_allocating() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("ckpt");
-    saved_model(&dir);
-    let config_path = dir.join(CONFIG_FILE);
-    let good: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let (dir, config_path, good) = saved_with_config(tmp.path());
     let cases = [
         (
             serde_json::json!({"tokens": 8_589_934_592u64}),

@@ -120,8 +120,32 @@ mod tests {
 
     use super::*;
 
-    fn gauge(name: &str) -> IntGauge {
-        IntGauge::new(name, name).unwrap()
+    /// An admission of `capacity` images with its gauges.
+    struct Queue {
+        admission: Arc<Admission>,
+        depth: IntGauge,
+        waiting: IntGauge,
+        arrivals: IntGauge,
+    }
+
+    impl Queue {
+        fn of(capacity: usize) -> Queue {
+            let gauge = |name: &str| IntGauge::new(name, name).unwrap();
+            let (depth, waiting) = (gauge("depth"), gauge("waiting"));
+            Queue {
+                admission: Arc::new(Admission::new(capacity, depth.clone(), waiting.clone())),
+                depth,
+                waiting,
+                arrivals: gauge("arriving"),
+            }
+        }
+
+        /// A request of `images` arriving and asking for admission, on a task of its own.
+        fn admit(&self, images: usize) -> tokio::task::JoinHandle<Result<Admitted, ApiError>> {
+            let admission = Arc::clone(&self.admission);
+            let arriving = Arriving::new(&self.arrivals);
+            tokio::spawn(async move { admission.admit(images, &arriving).await })
+        }
     }
 
     async fn until(what: &str, condition: impl Fn() -> bool) {
@@ -139,13 +163,9 @@ mod tests {
     /// small ones. Past the waiting room, and past the queue's size, requests are refused.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_wait_for_room_in_arrival_order() {
-        let (depth, waiting, arrivals) = (gauge("depth"), gauge("waiting"), gauge("arriving"));
-        let admission = Arc::new(Admission::new(4, depth.clone(), waiting.clone()));
-        let admit = |images: usize| {
-            let admission = Arc::clone(&admission);
-            let arriving = Arriving::new(&arrivals);
-            tokio::spawn(async move { admission.admit(images, &arriving).await })
-        };
+        let queue = Queue::of(4);
+        let (depth, waiting, arrivals) = (&queue.depth, &queue.waiting, &queue.arrivals);
+        let admit = |images| queue.admit(images);
         let first = admit(2).await.unwrap().unwrap();
         let large = admit(4);
         until("waiting for 4", || waiting.get() == 4).await;
@@ -173,13 +193,9 @@ mod tests {
     /// With a large request waiting, a small one that would fit waits behind it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_requests_do_not_overtake_a_waiting_large_one() {
-        let (depth, waiting, arrivals) = (gauge("depth"), gauge("waiting"), gauge("arriving"));
-        let admission = Arc::new(Admission::new(4, depth.clone(), waiting.clone()));
-        let admit = |images: usize| {
-            let admission = Arc::clone(&admission);
-            let arriving = Arriving::new(&arrivals);
-            tokio::spawn(async move { admission.admit(images, &arriving).await })
-        };
+        let queue = Queue::of(4);
+        let (depth, waiting) = (&queue.depth, &queue.waiting);
+        let admit = |images| queue.admit(images);
         let first = admit(2).await.unwrap().unwrap();
         let large = admit(3);
         until("waiting for 3", || waiting.get() == 3).await;
