@@ -279,6 +279,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let iterations = (args.iters, args.warmup);
         let img_s = bench_vt(case, (&device, dtype), iterations, !args.no_tf32)
             .with_context(|| format!("{case:?}"))?;
+        // Logged at once: a run stopped before the table (PyTorch's side timed out, say)
+        // keeps what it measured.
+        eprintln!("vt-model: {case:?}: {img_s:.1} img/s");
         vt.push(img_s);
     }
     // A failing PyTorch side fails the command only after vt-model's results are printed.

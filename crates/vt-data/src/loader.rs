@@ -227,9 +227,12 @@ fn to_batch(shared: &Shared, staging: &mut Staging, loaded: Loaded) -> Result<Op
         return Ok(None);
     }
     let s = shared.transform.image_size() as usize;
+    // The labels first: their copy to a GPU is asynchronous, on this thread's stream, which
+    // the images' staging waits for before the batch goes to another thread.
+    let labels = Tensor::from_vec(loaded.labels, n, &shared.device)?;
     Ok(Some(Batch {
         images: staging.batch_tensor((n, 3, s, s).into())?,
-        labels: Tensor::from_vec(loaded.labels, n, &shared.device)?,
+        labels,
         indices: loaded.indices,
     }))
 }
