@@ -31,6 +31,7 @@ use crate::batcher::{Answer, Arriving, ServedModel, Unanswered};
 use crate::classifier::{Label, Prediction};
 use crate::error::{ApiError, ErrorMessage};
 use crate::input::{self, ImageInput};
+use crate::instances;
 use crate::open_inference;
 use crate::state::AppState;
 
@@ -257,11 +258,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }
 
-/// 404 for a route that does not exist: under `/v2` in the Open Inference Protocol's shape,
-/// naming the protocol's routes that are served, as clients of that protocol read it.
+/// 404 for a route that does not exist: under `/v2` and `/v1/models/` in the shape of the
+/// protocol served there, naming its routes that are served, as its clients read it.
 pub async fn not_found(uri: Uri) -> Response {
     let path = uri.path();
-    match open_inference::http::routes_served(path) {
+    match protocol_routes_served(path) {
         Some(routes) => {
             ErrorMessage::from(ApiError::NotFound(format!("{path} ({routes})"))).into_response()
         }
@@ -269,12 +270,12 @@ pub async fn not_found(uri: Uri) -> Response {
     }
 }
 
-/// 405 for a method a route does not take (the router adds the `Allow` header): under `/v2`
-/// in the Open Inference Protocol's shape, as [`not_found`].
+/// 405 for a method a route does not take (the router adds the `Allow` header): in a
+/// protocol's shape where [`not_found`] answers in it.
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let path = uri.path();
     let method = method.to_string();
-    match open_inference::http::routes_served(path) {
+    match protocol_routes_served(path) {
         Some(routes) => ErrorMessage::from(ApiError::MethodNotAllowed {
             method,
             path: format!("{path} ({routes})"),
@@ -286,4 +287,9 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         }
         .into_response(),
     }
+}
+
+/// The routes of the protocol whose prefix `path` is under, if any.
+fn protocol_routes_served(path: &str) -> Option<&'static str> {
+    open_inference::http::routes_served(path).or_else(|| instances::routes_served(path))
 }

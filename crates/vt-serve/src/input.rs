@@ -71,7 +71,7 @@ pub async fn read(
         }
         Some(json) if is_json(json) => {
             let charge = BodyCharge::of(&request);
-            let body = read_body(request, &state.limits, deadline).await?;
+            let body = without_byte_order_mark(read_body(request, &state.limits, deadline).await?);
             Ok(single(read_json(state, body, &charge, deadline).await?))
         }
         other => {
@@ -94,7 +94,8 @@ fn is_json(mime: &str) -> bool {
 /// `application/x-www-form-urlencoded`), naming the content type it needs: no image format
 /// begins with `{` or `[`, so the decoder's "not an image" would not say what went wrong.
 fn refuse_json_as_image(body: &[u8], mime: Option<&str>) -> Result<(), ApiError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let text = body.strip_prefix(BYTE_ORDER_MARK).unwrap_or(body);
+    let first = text.iter().find(|b| !b.is_ascii_whitespace());
     if !matches!(first, Some(b'{' | b'[')) {
         return Ok(());
     }
@@ -103,6 +104,20 @@ fn refuse_json_as_image(body: &[u8], mime: Option<&str>) -> Result<(), ApiError>
          `Content-Type: application/json` (curl: -H 'Content-Type: application/json')",
         mime.map_or_else(|| "no Content-Type".to_owned(), |m| format!("`{m}`"))
     )))
+}
+
+/// UTF-8's byte order mark, which Windows editors and PowerShell 5's `Out-File` put before
+/// JSON they write.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
+
+/// A JSON body without its leading byte order mark, if any: RFC 8259 lets parsers ignore
+/// it, and serde_json would refuse it as "expected value at line 1 column 1".
+pub fn without_byte_order_mark(body: Bytes) -> Bytes {
+    if body.starts_with(BYTE_ORDER_MARK) {
+        body.slice(BYTE_ORDER_MARK.len()..)
+    } else {
+        body
+    }
 }
 
 /// Refuses a body whose declared length is over `limit` before reading any of it.
@@ -440,7 +455,7 @@ mod tests {
     #[test]
     fn json_sent_as_an_image_names_the_content_type_it_needs() {
         let form = Some("application/x-www-form-urlencoded");
-        for body in [&b"{\"image\": \"\"}"[..], b" \n [1]"] {
+        for body in [&b"{\"image\": \"\"}"[..], b" \n [1]", b"\xEF\xBB\xBF{}"] {
             let error = refuse_json_as_image(body, form).unwrap_err().to_string();
             assert!(error.contains("looks like JSON"), "{error}");
             assert!(

@@ -91,6 +91,17 @@ struct Explanation {
     token_attention: Vec<TokenMaps>,
 }
 
+/// The routes of KServe's V1 protocol (and TensorFlow Serving's REST API) that vt-serve
+/// serves, when `path` is under their `/v1/models/` prefix: what its 404 and 405 answers
+/// there name (router.rs builds these routes).
+pub fn routes_served(path: &str) -> Option<&'static str> {
+    path.starts_with("/v1/models/").then_some(
+        "the V1 routes served are GET /v1/models, GET /v1/models/NAME, \
+         POST /v1/models/NAME:predict and POST /v1/models/NAME:explain; TensorFlow Serving's \
+         version, label and metadata routes are not served",
+    )
+}
+
 /// What a `POST /v1/models/NAME:VERB` asks for.
 #[derive(Clone, Copy, PartialEq)]
 pub enum Verb {
@@ -175,7 +186,8 @@ async fn answer(
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
-    let body = input::read_body(request, &state.limits, deadline).await?;
+    let body =
+        input::without_byte_order_mark(input::read_body(request, &state.limits, deadline).await?);
     let capacity = state.admission.capacity();
     input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {

@@ -1273,6 +1273,48 @@ async fn explain_requests_get_each_images_token_attention() {
 /// `{"instances"}` requests pass the same admission control as /predict's: more instances
 /// than `--queue` are refused, and past a full queue and its waiting room a request gets 503
 /// with Retry-After, in the route's error shape; the one waiting is answered.
+/// JSON saved by Windows editors and PowerShell 5 starts with UTF-8's byte order mark: every
+/// JSON route reads it as the same request without one (RFC 8259 lets parsers ignore it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_with_a_byte_order_mark_are_read_as_without() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    let client = client();
+    let (_, photo) = &test_images(1)[0];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(photo);
+    for (route, body) in [
+        (
+            "/predict",
+            serde_json::to_vec(&json!({"image": b64})).unwrap(),
+        ),
+        (
+            "/v1/models/tiny:predict",
+            serde_json::to_vec(&json!({"instances": [b64]})).unwrap(),
+        ),
+        ("/v2/models/tiny/infer", json_body(&[photo])),
+    ] {
+        let mut answers = Vec::new();
+        for body in [body.clone(), [b"\xEF\xBB\xBF".as_slice(), &body].concat()] {
+            let response = client
+                .post(server.url(route))
+                .header(CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let answer: Value = response.json().await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{route}: {answer}");
+            // What was classified, without timings.
+            let classified = ["predictions", "outputs"].map(|key| answer[key].clone());
+            assert_ne!(classified, [Value::Null, Value::Null], "{route}: {answer}");
+            answers.push(classified);
+        }
+        assert_eq!(answers[0], answers[1], "{route}");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_requests_past_the_queue_are_refused() {
     let dir = tiny_checkpoint();
@@ -1351,11 +1393,11 @@ async fn an_instances_request_past_its_deadline_gets_504() {
     server.shutdown().await;
 }
 
-/// Every answer under `/v2` is in the protocol's shape, `{"error": MESSAGE}`: routes it
-/// does not serve (404) name those it does, and methods a route does not take (405) keep
-/// the `Allow` header. Elsewhere the API's own shape stays.
+/// Every answer under `/v2` (and KServe V1's `/v1/models/`) is in the protocol's shape,
+/// `{"error": MESSAGE}`: routes it does not serve (404) name those it does, and methods a
+/// route does not take (405) keep the `Allow` header. Elsewhere the API's own shape stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_v2_routes_and_methods_answer_in_the_protocols_shape() {
+async fn unknown_protocol_routes_and_methods_answer_in_the_protocols_shape() {
     let dir = tiny_checkpoint();
     let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
     let client = client();
@@ -1397,9 +1439,39 @@ async fn unknown_v2_routes_and_methods_answer_in_the_protocols_shape() {
         );
         assert_eq!(allow, allowed, "{method} {path}");
     }
-    // Outside /v2, the API's own shape.
-    let response = client.get(server.url("/v2x")).send().await.unwrap();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"], "not_found", "{body}");
+    // KServe V1's and TensorFlow Serving's clients read the same shape under /v1/models/.
+    for (method, path, status) in [
+        (
+            reqwest::Method::POST,
+            "/v1/models/tiny/versions/1:predict",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/models/tiny/metadata",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/v1/models/tiny",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ] {
+        let response = client
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        let answered = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_error_message(answered, &body, status, path);
+        assert_error_message(answered, &body, status, "POST /v1/models/NAME:predict");
+    }
+    // Outside /v2 and /v1/models/, the API's own shape.
+    for path in ["/v2x", "/v1/other"] {
+        let response = client.get(server.url(path)).send().await.unwrap();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "not_found", "{path}: {body}");
+    }
     server.shutdown().await;
 }

@@ -314,6 +314,7 @@ async fn answer(
         (Some(n), body) => (body.slice(..n), body.slice(n..)),
         (None, body) => (body, Bytes::new()),
     };
+    let header = input::without_byte_order_mark(header);
     let capacity = state.admission.capacity();
     let preprocessor = model.preprocessor;
     let image_size = preprocessor.image_size as usize;
