@@ -166,7 +166,9 @@ impl ImageFolder {
         }
         let manifest_path = data_dir.join(MANIFEST_FILE);
         let classes = if manifest_path.exists() {
-            Manifest::read(data_dir)?.classes
+            let classes = Manifest::read(data_dir)?.classes;
+            refuse_unknown_class_folders(&root, &classes)?;
+            classes
         } else {
             let mut names: Vec<String> = list_dir(&root)?
                 .into_iter()
@@ -203,6 +205,27 @@ impl ImageFolder {
 }
 
 /// Entries of `dir`, hidden files (dot files) excluded.
+/// Refuses a folder of a split that is not one of the manifest's classes (one a user added,
+/// or `Sea` beside `sea`): its images would be left out of training or evaluation unsaid.
+fn refuse_unknown_class_folders(root: &Path, classes: &[String]) -> Result<()> {
+    for folder in list_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+        let known = folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|name| classes.iter().any(|c| c == name));
+        if !known {
+            return Err(DataError::Layout(format!(
+                "{} is not a folder of one of the classes of {MANIFEST_FILE} ({}): its images \
+                 would not be used; move them into a class folder, or import the data again \
+                 (cargo xtask fetch-data) to add a class",
+                folder.display(),
+                classes.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {

@@ -810,6 +810,30 @@ fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_spli
         .contains("cargo xtask fetch-data"));
 }
 
+/// With a manifest, a split's folder that is not one of its classes (added by hand, or `Sea`
+/// beside `sea`) is refused by name: its images would otherwise be left out unsaid.
+#[test]
+fn image_folder_refuses_folders_that_are_not_the_manifests_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let m = fetch(&tiny_synthetic(&data, 1)).unwrap();
+    // Hidden folders are not the user's classes (file managers make them).
+    fs::create_dir_all(data.join("train/.thumbnails")).unwrap();
+    assert_eq!(
+        ImageFolder::open(&data, Split::Train).unwrap().len(),
+        m.count(Split::Train)
+    );
+    write(&data.join("train/Sea/1.jpg"), &jpeg(1));
+    let err = ImageFolder::open(&data, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Sea is not a folder of one of the classes of manifest.json"),
+        "{err}"
+    );
+    assert!(ImageFolder::open(&data, Split::Val).is_ok());
+}
+
 #[test]
 fn the_real_intel_sample_imports() {
     let Some(sample) = intel_sample() else { return };

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, TrainError};
+use crate::metrics::wilson_interval;
 
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
@@ -57,16 +58,45 @@ impl Comparison {
         (self.only_a as f64 - self.only_b as f64) / self.images.max(1) as f64
     }
 
-    /// The 95 % interval of the difference that agrees with McNemar's exact test: the
-    /// Clopper-Pearson interval of A's share of the images only one of them gets right,
-    /// scaled to the difference (the exact conditional interval). It leaves out 0 exactly
-    /// when the test's p is below 0.05, where a Wald interval, too narrow for the few such
-    /// images of two close checkpoints, can say otherwise.
+    /// The 95 % interval of the difference: Newcombe's square-and-add interval for paired
+    /// proportions (Newcombe 1998, method 10), from the Wilson intervals of the two
+    /// accuracies and their correlation over the images. It keeps close to 95 % coverage
+    /// for the few images only one of two close checkpoints gets right, where a Wald
+    /// interval is too narrow, and so is an exact interval conditional on their number
+    /// (86 % in simulations of 150 images). At the margin it may disagree with the exact
+    /// test, which is the one to read for "is there a difference".
     pub fn difference_ci95(&self) -> (f64, f64) {
-        let discordant = self.only_a + self.only_b;
-        let (low, high) = clopper_pearson(self.only_a, discordant);
-        let share = discordant as f64 / self.images.max(1) as f64;
-        (share * (2.0 * low - 1.0), share * (2.0 * high - 1.0))
+        let n = self.images.max(1) as f64;
+        let both = self.a_correct - self.only_a;
+        let neither = self.images - both - self.only_a - self.only_b;
+        let (p_a, p_b) = (self.a_correct as f64 / n, self.b_correct as f64 / n);
+        let (low_a, high_a) = wilson_interval(self.a_correct, self.images);
+        let (low_b, high_b) = wilson_interval(self.b_correct, self.images);
+        // The correlation of the two outcomes, its positive part shrunk by n/2 as Newcombe
+        // does; none when either model is always or never right.
+        let margins = [
+            self.a_correct,
+            self.images - self.a_correct,
+            self.b_correct,
+            self.images - self.b_correct,
+        ];
+        let phi = if margins.contains(&0) {
+            0.0
+        } else {
+            let cross = both as f64 * neither as f64 - self.only_a as f64 * self.only_b as f64;
+            let cross = if cross > n / 2.0 {
+                cross - n / 2.0
+            } else {
+                cross.min(0.0)
+            };
+            cross / margins.iter().map(|&m| m as f64).product::<f64>().sqrt()
+        };
+        let spread = |x: f64, y: f64| (x * x - 2.0 * phi * x * y + y * y).max(0.0).sqrt();
+        let d = self.difference();
+        (
+            d - spread(p_a - low_a, high_b - p_b),
+            d + spread(p_b - low_b, high_a - p_a),
+        )
     }
 
     /// McNemar's exact two-sided p-value.
@@ -101,37 +131,6 @@ fn binomial_cdf(k: u64, n: u64, p: f64) -> f64 {
         sum += (ln_choose + i as f64 * ln_p + (n - i) as f64 * ln_q).exp();
     }
     sum.min(1.0)
-}
-
-/// The 95 % Clopper-Pearson interval of a proportion with `k` successes in `n` trials,
-/// found by bisection on the binomial tails; (0, 1) when there are no trials.
-fn clopper_pearson(k: u64, n: u64) -> (f64, f64) {
-    // The p where `cdf(p)`, which falls as p grows, falls to `target`.
-    let solve = |cdf: &dyn Fn(f64) -> f64, target: f64| {
-        let (mut low, mut high) = (0.0f64, 1.0f64);
-        for _ in 0..100 {
-            let mid = 0.5 * (low + high);
-            if cdf(mid) > target {
-                low = mid;
-            } else {
-                high = mid;
-            }
-        }
-        0.5 * (low + high)
-    };
-    let lower = if k == 0 {
-        0.0
-    } else {
-        // Where P(X >= k) = 1 - P(X <= k - 1) rises to 0.025.
-        solve(&|p| binomial_cdf(k - 1, n, p), 0.975)
-    };
-    let upper = if k >= n {
-        1.0
-    } else {
-        // Where P(X <= k) falls to 0.025.
-        solve(&|p| binomial_cdf(k, n, p), 0.025)
-    };
-    (lower, upper)
 }
 
 /// An evaluation as given: its predictions CSV, and the split a JSON report names.
@@ -411,43 +410,76 @@ mod tests {
         assert!(pair(&a, &other).unwrap_err().contains("no image in common"));
     }
 
-    /// Clopper-Pearson bounds: the closed forms at the ends (0.025^(1/n)), and Python's
-    /// exact binomial sums (`math.comb`) solved by bisection elsewhere.
+    /// Newcombe's interval against a transcription of Fagerland, Lydersen and Laake's R
+    /// code (Statistical Analysis of Contingency Tables, 2017, chapter 8), whose first
+    /// example (Bentur et al.) the book gives as -0.507 to -0.026.
     #[test]
-    fn the_interval_of_the_difference_agrees_with_the_test() {
-        let (low, high) = clopper_pearson(5, 5);
-        assert!((low - 0.025f64.powf(0.2)).abs() < 1e-12 && high == 1.0);
-        let (low, high) = clopper_pearson(0, 7);
-        assert!(low == 0.0 && (high - (1.0 - 0.025f64.powf(1.0 / 7.0))).abs() < 1e-12);
-        let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
-        for (only_a, only_b, images, low, high) in [
+    fn the_interval_of_the_difference_is_newcombes() {
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-12;
+        // Images both get right, only A, only B, neither; the interval.
+        for (both, only_a, only_b, neither, low, high) in [
             (
+                1,
+                1,
+                7,
+                12,
+                -0.506_920_226_686_141,
+                -0.025_559_124_164_859_837,
+            ),
+            (
+                59,
+                6,
+                16,
+                80,
+                -0.118_621_195_638_709_94,
+                -0.004_625_113_933_050_061,
+            ),
+            (
+                2800,
                 95,
                 62,
-                3000,
-                0.002_517_688_231_864_413,
-                0.019_058_850_051_953_385,
+                43,
+                0.002_797_280_890_567_99,
+                0.019_358_757_115_756_728,
             ),
             (
+                300,
                 10,
                 2,
-                360,
-                0.001_057_483_420_935_516,
-                0.031_942_498_302_660_5,
+                48,
+                0.002_157_632_385_366_637_5,
+                0.043_634_880_893_465_68,
             ),
-            // Five images only A gets right, none only B: p = 0.0625, and the interval holds 0.
             (
+                2990,
                 5,
                 0,
-                3000,
-                -7.274_583_368_327_241e-5,
-                0.001_666_666_666_666_666_8,
+                5,
+                -5.741_284_058_244_388_6e-5,
+                0.003_972_848_976_252_479,
+            ),
+            (
+                120,
+                14,
+                11,
+                5,
+                -0.048_172_625_143_844_39,
+                0.088_715_969_409_650_99,
+            ),
+            // Both always right: no correlation to use, and the interval is still not 0.
+            (
+                10,
+                0,
+                0,
+                0,
+                -0.277_532_799_862_889_15,
+                0.277_532_799_862_889_15,
             ),
         ] {
             let c = Comparison {
-                images,
-                a_correct: 0,
-                b_correct: 0,
+                images: both + only_a + only_b + neither,
+                a_correct: both + only_a,
+                b_correct: both + only_b,
                 only_a,
                 only_b,
                 unpaired: 0,
@@ -455,18 +487,8 @@ mod tests {
             let (l, h) = c.difference_ci95();
             assert!(
                 close(l, low) && close(h, high),
-                "{only_a}/{only_b}: {l} {h}"
+                "{both}/{only_a}/{only_b}/{neither}: {l} {h}"
             );
-            assert_eq!(l > 0.0, c.p_value() < 0.05, "{only_a}/{only_b}");
         }
-        let none = Comparison {
-            images: 10,
-            a_correct: 10,
-            b_correct: 10,
-            only_a: 0,
-            only_b: 0,
-            unpaired: 0,
-        };
-        assert_eq!(none.difference_ci95(), (0.0, 0.0));
     }
 }

@@ -148,11 +148,14 @@ pub fn evaluate(
         )));
     }
     per_image.sort_by_key(|p| p.index);
+    // In the order of the files, not of the workers that met them.
+    let mut skipped = iter.skipped();
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Evaluation {
         loss: loss_sum / matrix.total() as f64,
         matrix,
         predictions: per_image,
-        skipped: iter.skipped(),
+        skipped,
     })
 }
 
@@ -272,18 +275,26 @@ pub fn report_text(report: &EvalReport) -> String {
         .unwrap_or(5)
         .max(9);
     let mut out = format!(
-        "{} on {} ({} images): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n\n",
+        "{} on {} ({} image{}): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n",
         report.checkpoint.display(),
         report.split,
         report.images,
+        if report.images == 1 { "" } else { "s" },
         100.0 * report.accuracy,
         100.0 * report.accuracy_ci95[0],
         100.0 * report.accuracy_ci95[1],
         report.loss,
         report.macro_f1
     );
+    if !report.skipped.is_empty() {
+        out += &format!(
+            "note: {} more file(s) could not be read and are not counted (\"skipped\" in the \
+             JSON report names each, with the reason)\n",
+            report.skipped.len()
+        );
+    }
     out += &format!(
-        "{:>width$} {:>9} {:>9} {:>9} {:>8}\n",
+        "\n{:>width$} {:>9} {:>9} {:>9} {:>8}\n",
         "class", "precision", "recall", "f1", "support"
     );
     for c in &report.classes {
@@ -357,11 +368,13 @@ fn predictions_csv(
             csv_cell(&samples[p.index].0.to_string_lossy()),
             csv_cell(&classes[p.label]),
             csv_cell(&classes[p.predicted]),
-            format!("{:.6}", p.confidence()),
-            format!("{:.6}", p.label_probability()),
+            // Every digit the f32 holds: a confident mistake's small label probability
+            // ranks mistakes (as fastai's top losses) where 6 decimals would print 0.
+            p.confidence().to_string(),
+            p.label_probability().to_string(),
             p.correct().to_string(),
         ];
-        row.extend(p.probabilities.iter().map(|q| format!("{q:.6}")));
+        row.extend(p.probabilities.iter().map(|q| q.to_string()));
         out += &row.join(",");
         out.push('\n');
     }

@@ -286,14 +286,45 @@ fn check_history_and_average(
         refused.contains("--top 3") && refused.contains("keeps 2 epochs"),
         "{refused}"
     );
-    run_ok(
+    // Files that do not read are named in the report, in file order, and counted in its text.
+    let class_folder = fs::read_dir(data.join("val"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let unreadable: [(&str, &[u8]); 2] =
+        [("zz-truncated.jpg", b"\xff\xd8\xff"), ("zz-empty.png", b"")];
+    for (name, bytes) in unreadable {
+        fs::write(class_folder.join(name), bytes).unwrap();
+    }
+    let out = run_ok(
         vt_train()
             .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
             .arg(&avg)
             .arg("--data")
             .arg(data),
     );
-    assert!(avg.with_file_name("eval-avg-val.json").is_file());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("note: 2 more file(s) could not be read"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(avg.with_file_name("eval-avg-val.json")).unwrap())
+            .unwrap();
+    let skipped: Vec<&str> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        skipped.len() == 2 && skipped[0].ends_with("zz-empty.png"),
+        "{skipped:?}"
+    );
+    for (name, _) in unreadable {
+        fs::remove_file(class_folder.join(name)).unwrap();
+    }
     // A kept epoch's report goes beside its run: top/ holds only the epochs it keeps.
     let kept_epoch = run.join(format!("top/epoch-{:03}", best[1]));
     run_ok(
@@ -437,7 +468,7 @@ fn check_predictions(report: &std::path::Path, data: &std::path::Path, text: &st
             .iter()
             .filter(|r| r.confidence > low + 1e-5 && r.confidence <= high - 1e-5)
             .collect();
-        // Rounded to 6 digits, a confidence near an edge may be read into the next bin.
+        // Read as f64, a confidence at an edge may fall either side of it.
         assert!(in_bin.len() <= images, "bin {m}: {bin}");
         if images > 0 {
             assert!(low - 1e-6 <= field("confidence") && field("confidence") <= high + 1e-6);
