@@ -20,7 +20,7 @@ pub enum ApiError {
     InvalidImage(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
-    #[error("request body is larger than the limit of {limit} bytes")]
+    #[error("request body is larger than the limit of {limit} bytes (vt-serve --max-body-bytes)")]
     PayloadTooLarge { limit: u64 },
     #[error("{0}")]
     ImageTooLarge(String),

@@ -47,9 +47,9 @@ impl Server {
         let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
-        let listener = bind(&args.host, args.port).await?;
+        let listener = bind(&args.host, args.port, "--port").await?;
         let grpc_listener = match args.grpc_port {
-            Some(port) => Some(bind(&args.host, port).await?),
+            Some(port) => Some(bind(&args.host, port, "--grpc-port").await?),
             None => None,
         };
         Ok(Server {
@@ -153,13 +153,25 @@ impl Server {
     }
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener, StartError> {
-    TcpListener::bind((host, port))
-        .await
-        .map_err(|cause| StartError::Bind {
+/// Listens on `host:port`, which `flag` set.
+async fn bind(host: &str, port: u16, flag: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind((host, port)).await.map_err(|cause| {
+        let hint = match cause.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                " (another process listens there: stop it, or choose another {flag}; \
+                 {flag} 0 takes a free one)"
+            ),
+            std::io::ErrorKind::PermissionDenied if port < 1024 => {
+                format!(" (ports below 1024 need privileges: choose a {flag} from 1024 up)")
+            }
+            _ => String::new(),
+        };
+        StartError::Bind {
             addr: format!("{host}:{port}"),
             cause,
-        })
+            hint,
+        }
+    })
 }
 
 /// The next gRPC connection; never, without a gRPC port.

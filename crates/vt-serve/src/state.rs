@@ -41,8 +41,13 @@ pub enum StartError {
     WarmUp(crate::classifier::ClassifyError),
     #[error("building the URL fetch client: {0}")]
     HttpClient(reqwest::Error),
-    #[error("cannot listen on {addr}: {cause}")]
-    Bind { addr: String, cause: std::io::Error },
+    #[error("cannot listen on {addr}: {cause}{hint}")]
+    Bind {
+        addr: String,
+        cause: std::io::Error,
+        /// What to do about it, when the cause says (empty otherwise).
+        hint: String,
+    },
     #[error("reading the address the server is bound to: {0}")]
     Address(std::io::Error),
     #[error("cannot listen for SIGHUP (reloads): {0}")]

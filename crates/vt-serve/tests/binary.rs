@@ -170,6 +170,28 @@ fn predict_scores_what_it_can_and_names_what_it_cannot() {
     assert!(!refused.status.success());
 }
 
+/// A port another process holds is refused with the way out: another `--port`, or 0.
+#[test]
+fn a_port_in_use_names_the_flag_that_changes_it() {
+    let dir = tiny_checkpoint();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(checkpoint_path(&dir))
+        .args(["--host", "127.0.0.1", "--port", &port])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && stderr.contains("choose another --port; --port 0 takes a free one"),
+        "{stderr}"
+    );
+}
+
 /// A folder stands for its image files, subfolders included, in the order of their paths;
 /// other files and hidden ones are left out.
 #[test]

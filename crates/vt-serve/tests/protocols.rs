@@ -1137,7 +1137,7 @@ async fn instances_requests_get_the_offline_predictions() {
         status,
         &body,
         StatusCode::PAYLOAD_TOO_LARGE,
-        "larger than the limit of 10485760 bytes",
+        "larger than the limit of 10485760 bytes (vt-serve --max-body-bytes)",
     );
 
     // Readiness probes and predictions share a route pattern but are counted apart.
