@@ -130,14 +130,15 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
             .iter()
             .map(|c| format!("{c} {}", m.split_counts(split).get(c).copied().unwrap_or(0)))
             .collect();
+        let label = format!("{split}:");
         writeln!(
             out,
-            "{split:>5}: {:>6}  ({})",
+            "{label:<6} {:>6}  ({})",
             total(split),
             per_class.join(", ")
         )?;
     }
-    writeln!(out, " pred: {:>6}", m.splits.pred)?;
+    writeln!(out, "{:<6} {:>6}", "pred:", m.splits.pred)?;
     if total(vt_data::dataset::Split::Test) == 0 {
         writeln!(
             out,
@@ -262,8 +263,19 @@ mod tests {
         assert!(print_report(&mut disk, dir, &manifest).is_err());
         let mut all = Vec::new();
         print_report(&mut all, dir, &manifest).unwrap();
-        assert!(String::from_utf8(all)
-            .unwrap()
-            .starts_with("imported synthetic"));
+        let text = String::from_utf8(all).unwrap();
+        assert!(text.starts_with("imported synthetic"), "{text}");
+        // The counts line up in one column.
+        for line in [
+            "train:      0",
+            "val:        0",
+            "test:       0",
+            "pred:       0",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(line)),
+                "{line} in {text}"
+            );
+        }
     }
 }

@@ -73,8 +73,9 @@ pub struct Manifest {
     /// Where the data came from (repository and revision, URL or path), for humans.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub origin: String,
-    /// The labelled images (train, val, test) found more than once, by their bytes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The labelled images (train, val, test) found more than once, by their bytes: always
+    /// written, so that "none" reads as checked (manifests of earlier versions may lack it).
+    #[serde(default)]
     pub duplicates: Vec<DuplicateGroup>,
 }
 

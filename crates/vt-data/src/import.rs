@@ -260,9 +260,17 @@ impl Importer {
     pub fn finish(mut self) -> Result<Manifest> {
         self.flush()?;
         if self.train.is_empty() {
+            // `--from .../seg_train` names a split of the archive, not the archive.
+            let split_given = Path::new(&self.origin)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| ["seg_train", "seg_test", "seg_pred"].contains(n));
+            let hint = split_given.map_or_else(String::new, |name| {
+                format!("; give the folder that holds {name}, not {name} itself")
+            });
             return Err(DataError::Layout(format!(
                 "no usable training images in {}: expected seg_train/<class>/<image> \
-                 (as in the Kaggle archive), {} file(s) skipped{}",
+                 (as in the Kaggle archive), {} file(s) skipped{}{hint}",
                 self.origin,
                 self.skipped.len(),
                 self.first_skips()
@@ -359,6 +367,13 @@ impl Importer {
                 .insert(class.clone(), self.test.get(class).copied().unwrap_or(0));
         }
         counts.pred = self.pred;
+        if counts.val.values().sum::<usize>() == 0 {
+            tracing::warn!(
+                "the val split is empty (--val-fraction {}): vt-train needs validation images; \
+                 import with a fraction above 0, or more images per class",
+                self.val_fraction
+            );
+        }
         let pred_dir = self.staging.join(PRED_DIR);
         fs::create_dir_all(&pred_dir).map_err(|e| DataError::io(&pred_dir, e))?;
         let mut duplicates: Vec<DuplicateGroup> = groups

@@ -810,6 +810,35 @@ fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_spli
         .contains("cargo xtask fetch-data"));
 }
 
+/// `--from .../seg_train` (a split of the archive, not the archive) says which folder to give.
+#[test]
+fn a_split_folder_given_as_the_source_names_the_folder_above() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg_train = tmp.path().join("archive/seg_train");
+    write(&seg_train.join("forest/1.jpg"), &jpeg(1));
+    write(&seg_train.join("sea/1.jpg"), &jpeg(2));
+    let err = fetch(&from_path(&tmp.path().join("data"), &seg_train))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("give the folder that holds seg_train, not seg_train itself"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("data").exists());
+}
+
+/// An import without duplicates says so: `"duplicates": []`, not a missing key.
+#[test]
+fn the_manifest_lists_duplicates_even_when_there_are_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let m = fetch(&tiny_synthetic(&data, 1)).unwrap();
+    assert!(m.duplicates.is_empty());
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(data.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(json["duplicates"], serde_json::json!([]));
+}
+
 /// With a manifest, a split's folder that is not one of its classes (added by hand, or `Sea`
 /// beside `sea`) is refused by name: its images would otherwise be left out unsaid.
 #[test]
