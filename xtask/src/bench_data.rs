@@ -12,15 +12,16 @@ use vt_data::transform::Normalize;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A folder of `<class>/<image>` (default: the shared sample's seg_train).
-    #[arg(long, default_value = "../shared/data/intel-sample/seg_train")]
-    images: PathBuf,
+    /// A folder of `<class>/<image>` (default: the shared sample's seg_train, beside the
+    /// repository).
+    #[arg(long)]
+    images: Option<PathBuf>,
     #[arg(long, default_value_t = 224)]
     image_size: u32,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Worker thread counts to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2], value_parser = crate::at_least_one)]
     threads: Vec<usize>,
     /// Batches loaded untimed before each measured pass (allocator and file cache warm-up,
     /// as every epoch after the first gets).
@@ -52,11 +53,15 @@ fn class_folder(root: &Path) -> anyhow::Result<Vec<(PathBuf, usize)>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let samples = class_folder(&args.images)?;
+    let images = args
+        .images
+        .clone()
+        .unwrap_or_else(|| crate::cargo::shared_sample("seg_train"));
+    let samples = class_folder(&images)?;
     println!(
         "vt-data loader: {} images from {}, size {}, batch {}",
         samples.len(),
-        args.images.display(),
+        images.display(),
         args.image_size,
         args.batch_size
     );

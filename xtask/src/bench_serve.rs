@@ -28,17 +28,18 @@ pub struct Args {
     /// Image size of the default checkpoint.
     #[arg(long, default_value_t = 150)]
     image_size: usize,
-    /// Folder whose image files are the request bodies, sent in turn.
-    #[arg(long, default_value = "../shared/data/intel-sample/seg_pred")]
-    images: PathBuf,
+    /// Folder whose image files are the request bodies, sent in turn (default: the shared
+    /// sample's seg_pred, beside the repository).
+    #[arg(long)]
+    images: Option<PathBuf>,
     /// Concurrent clients, one measurement per value.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16, 64])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16, 64], value_parser = crate::at_least_one)]
     concurrency: Vec<usize>,
     /// Requests per measurement (after a short warm-up).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::at_least_one)]
     requests: usize,
     /// CPU threads each server may use.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::at_least_one)]
     threads: usize,
     /// vt-serve's --max-batch.
     #[arg(long, default_value_t = 32)]
@@ -274,7 +275,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => dir.clone(),
         None => default_checkpoint(args.image_size)?,
     };
-    let images = Arc::new(load_images(&args.images)?);
+    let folder = args
+        .images
+        .clone()
+        .unwrap_or_else(|| crate::cargo::shared_sample("seg_pred"));
+    let images = Arc::new(load_images(&folder)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -284,7 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "serving {} ({} request bodies from {}), {} server threads, {} requests per level",
             checkpoint.display(),
             images.len(),
-            args.images.display(),
+            folder.display(),
             args.threads,
             args.requests
         );

@@ -11,6 +11,13 @@ pub fn workspace_root() -> PathBuf {
     xtask.parent().map(PathBuf::from).unwrap_or(xtask)
 }
 
+/// A folder of the shared photo sample beside the repository, wherever xtask runs from.
+pub fn shared_sample(folder: &str) -> PathBuf {
+    workspace_root()
+        .join("../shared/data/intel-sample")
+        .join(folder)
+}
+
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

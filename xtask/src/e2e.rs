@@ -4,6 +4,7 @@
 //! that split over HTTP, check every answer against
 //! `vt-serve predict`, stop the server and print a summary. Any failure names its step.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -207,13 +208,46 @@ fn check_replaceable_run(run_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let markers = [CONFIG_TOML, METRICS_JSONL, STATE_DIR, LOCK_FILE];
-    if markers.iter().any(|m| run_dir.join(m).exists()) {
-        Ok(())
-    } else {
-        Err(refuse(&format!(
+    if !markers.iter().any(|m| run_dir.join(m).exists()) {
+        return Err(refuse(&format!(
             "it is not empty and not a vt-train run (none of {})",
             markers.join(", ")
-        )))
+        )));
+    }
+    // vt-train holds its run's lock while it trains (a run started by hand, say).
+    let lock = run_dir.join(LOCK_FILE);
+    match OpenOptions::new().write(true).open(&lock) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("opening {}", lock.display())),
+        Ok(file) => match file.try_lock() {
+            Ok(()) => Ok(()),
+            Err(TryLockError::WouldBlock) => Err(refuse("a vt-train process is training in it")),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", lock.display()))
+            }
+        },
+    }
+}
+
+/// Takes `WORK/.e2e.lock` for this run, refusing a work folder another e2e holds.
+fn lock_work_dir(work: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    let path = work.join(".e2e.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => bail!(
+            "another `cargo xtask e2e` is running in {}: wait for it, or choose another --work-dir",
+            work.display()
+        ),
+        Err(TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 
@@ -542,6 +576,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::cargo::target_dir().join("e2e"));
     let data = work.join("data");
     let run_dir = work.join("run");
+    // Held to the end: a second e2e on this folder would replace the data and the run
+    // under this one's training.
+    let _work_lock = lock_work_dir(&work)?;
     // Everything that can be checked without building or fetching is checked first.
     check_replaceable_run(&run_dir)?;
     let source = match (&args.from, args.source) {
@@ -737,12 +774,36 @@ mod tests {
         assert!(err.contains("--work-dir"), "{err}");
         std::fs::write(run.join(CONFIG_TOML), "").unwrap();
         check_replaceable_run(&run).unwrap();
+        // Not while vt-train holds the run's lock.
+        let training = File::create(run.join(LOCK_FILE)).unwrap();
+        training.lock().unwrap();
+        let err = check_replaceable_run(&run).unwrap_err().to_string();
+        assert!(
+            err.contains("a vt-train process is training in it"),
+            "{err}"
+        );
+        drop(training);
+        check_replaceable_run(&run).unwrap();
         let file = work.join("file");
         std::fs::write(&file, "").unwrap();
         assert!(check_replaceable_run(&file)
             .unwrap_err()
             .to_string()
             .contains("not a folder"));
+        std::fs::remove_dir_all(work).unwrap();
+    }
+
+    #[test]
+    fn a_work_folder_is_used_by_one_e2e_at_a_time() {
+        let work = scratch("lock");
+        let first = lock_work_dir(&work).unwrap();
+        let err = lock_work_dir(&work).unwrap_err().to_string();
+        assert!(
+            err.contains("another `cargo xtask e2e` is running in"),
+            "{err}"
+        );
+        drop(first);
+        drop(lock_work_dir(&work).unwrap());
         std::fs::remove_dir_all(work).unwrap();
     }
 

@@ -18,3 +18,25 @@ pub fn at_least_one(text: &str) -> Result<usize, String> {
         Err(e) => Err(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, Command, FromArgMatches};
+
+    /// Counts of zero would measure nothing (and print NaN rates): refused on the command line.
+    #[test]
+    fn bench_counts_of_zero_are_refused() {
+        fn refuses<A: Args + FromArgMatches>(argv: &[&str]) {
+            let command = A::augment_args(Command::new("bench"));
+            let err = command.try_get_matches_from(argv).err().unwrap();
+            assert!(
+                err.to_string().contains("must be at least 1"),
+                "{argv:?}: {err}"
+            );
+        }
+        refuses::<crate::bench_data::Args>(&["bench", "--threads", "1,0"]);
+        for flag in ["--concurrency", "--requests", "--threads"] {
+            refuses::<crate::bench_serve::Args>(&["bench", flag, "0"]);
+        }
+    }
+}
