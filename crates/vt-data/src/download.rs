@@ -8,8 +8,11 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{HeaderMap, CONTENT_RANGE, DATE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{
+    HeaderMap, CONTENT_RANGE, DATE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, RETRY_AFTER,
+};
 use reqwest::StatusCode;
 
 use crate::error::{DataError, Result};
@@ -30,6 +33,48 @@ pub fn http_client() -> Result<Client> {
             message: e.to_string(),
             hint: String::new(),
         })
+}
+
+/// A download's progress: one log line as it starts (whether it resumes, from which byte),
+/// then a bar on stderr with bytes, rate and ETA. indicatif draws nothing when stderr is not a
+/// terminal, so logs and tests see the line alone.
+pub struct Progress(ProgressBar);
+
+impl Progress {
+    /// `total` is the file's size when known; `from` the bytes already held.
+    pub fn start(what: &str, total: Option<u64>, from: u64) -> Progress {
+        let size = total.map_or_else(|| "size unknown".to_string(), |t| format!("{t} bytes"));
+        if from > 0 {
+            let of = total.map_or_else(String::new, |t| format!(" of {t}"));
+            tracing::info!("resuming {what} at byte {from}{of}");
+        } else {
+            tracing::info!("downloading {what} ({size})");
+        }
+        let (bar, template) = match total {
+            Some(total) => (
+                ProgressBar::new(total),
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            ),
+            None => (ProgressBar::new_spinner(), "{msg} {bytes} {bytes_per_sec}"),
+        };
+        // The template is a constant: should it not parse, the default style still shows bytes.
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        let bar = bar.with_message(what.to_string()).with_position(from);
+        // The bytes held were not received now: they must not count in the rate.
+        bar.reset_eta();
+        Progress(bar)
+    }
+
+    pub fn add(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    /// `read`, counting what is read from it.
+    pub fn reader<R: io::Read>(&self, read: R) -> impl io::Read {
+        self.0.wrap_read(read)
+    }
 }
 
 /// What to fetch and how to explain failures.
@@ -120,7 +165,9 @@ impl Download<'_> {
                 .header(RANGE, format!("bytes={from}-"))
                 .header(IF_RANGE, validator);
         }
-        req.send().map_err(|e| self.fail(error_chain(&e)))
+        // `what` names the URL already.
+        req.send()
+            .map_err(|e| self.fail(error_chain(&e.without_url())))
     }
 
     /// Downloads to `dest`, returning its size in bytes. `check` is run on the complete
@@ -171,7 +218,7 @@ impl Download<'_> {
             response = self.request(client, 0, None)?;
             status = response.status();
         }
-        self.accept(status)?;
+        self.accept(&response)?;
         let resumed = have > 0
             && status == StatusCode::PARTIAL_CONTENT
             && resume_offset(&response) == Some(have)
@@ -184,7 +231,7 @@ impl Download<'_> {
             if status != StatusCode::OK {
                 response = self.request(client, 0, None)?;
                 status = response.status();
-                self.accept(status)?;
+                self.accept(&response)?;
             }
         }
         if !resumed {
@@ -197,8 +244,10 @@ impl Download<'_> {
             StatusCode::PARTIAL_CONTENT => content_total(&response),
             _ => response.content_length().map(|n| n + start),
         };
+        let name = dest.file_name().map(|n| n.to_string_lossy());
+        let progress = Progress::start(name.as_deref().unwrap_or(self.url), expected, start);
         let mut writer = BufWriter::with_capacity(1 << 20, &file);
-        let copied = io::copy(&mut response, &mut writer);
+        let copied = io::copy(&mut progress.reader(&mut response), &mut writer);
         // Flushed even on failure, so the next run resumes from everything received.
         let flushed = writer.flush();
         drop(writer);
@@ -221,7 +270,8 @@ impl Download<'_> {
         self.complete(&part, &sidecar, dest, total, expected.is_some(), check)
     }
 
-    fn accept(&self, status: StatusCode) -> Result<()> {
+    fn accept(&self, response: &Response) -> Result<()> {
+        let status = response.status();
         match status {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok(()),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(DataError::Network {
@@ -230,6 +280,22 @@ impl Download<'_> {
                 hint: format!("{} {}", self.access_hint, self.hint),
             }),
             StatusCode::NOT_FOUND => Err(self.fail("not found (HTTP 404)")),
+            StatusCode::TOO_MANY_REQUESTS => {
+                let wait = match response.headers().get(RETRY_AFTER).map(|v| v.to_str()) {
+                    Some(Ok(secs)) if secs.parse::<u64>().is_ok() => format!("{secs} s"),
+                    Some(Ok(date)) => format!("until {date}"),
+                    _ => "a while".to_string(),
+                };
+                Err(DataError::Network {
+                    what: format!("download of {} failed", self.url),
+                    message: format!("too many requests (HTTP {status})"),
+                    hint: format!(
+                        "The server limits how often it may be asked: wait {wait}, then run \
+                         fetch-data again. {}",
+                        self.hint
+                    ),
+                })
+            }
             other => Err(self.fail(format!("server answered HTTP {other}"))),
         }
     }

@@ -59,6 +59,8 @@ pub enum DataError {
     /// The source does not look like the Intel Image Classification layout.
     #[error("{0}")]
     Layout(String),
+    #[error("{} holds no image file (.{})", .0.display(), crate::image_files::IMAGE_EXTENSIONS.join(", ."))]
+    NoImageFiles(PathBuf),
     /// Renaming a new import into place failed, and so did renaming the previous one back:
     /// it is left at `previous`, where the next import finds and restores it.
     #[error(

@@ -67,7 +67,16 @@ pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
     match &opts.source {
         FetchSource::Path(path) => check_apart(path, &opts.data_dir)?,
         FetchSource::Kaggle { .. } => {
-            check_kept_apart("--download-dir", &download_dir(opts), &opts.data_dir)?
+            // Without --download-dir, the error must not blame an option never given.
+            let what = match opts.download_dir {
+                Some(_) => "--download-dir",
+                None => {
+                    "the default download folder (beside the data directory, as no \
+                     --download-dir was given)"
+                }
+            };
+            let remedy = "keep them elsewhere with --download-dir DIR";
+            check_kept_apart(what, remedy, &download_dir(opts), &opts.data_dir)?
         }
         // The hub's cache is checked once the client has found it.
         FetchSource::HuggingFace(_) | FetchSource::Synthetic(_) => {}
@@ -153,14 +162,20 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 
 /// Downloads are kept for the next run, and the data directory is replaced wholesale: they
 /// must not be kept inside it.
-pub(crate) fn check_kept_apart(what: &str, dir: &Path, data_dir: &Path) -> Result<()> {
+/// `remedy` says how to keep them elsewhere.
+pub(crate) fn check_kept_apart(
+    what: &str,
+    remedy: &str,
+    dir: &Path,
+    data_dir: &Path,
+) -> Result<()> {
     let (Some(dir_at), Some(data_at)) = (resolved(dir), resolved(data_dir)) else {
         return Ok(());
     };
     if dir_at.starts_with(&data_at) {
         return Err(DataError::Invalid(format!(
             "{what} {} is inside the data directory {}, which each import replaces: the \
-             downloads would be deleted; keep them elsewhere",
+             downloads would be deleted; {remedy}",
             dir.display(),
             data_dir.display()
         )));

@@ -28,10 +28,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hf_hub::repository::RepoTreeEntry;
-use hf_hub::{HFClient, HFClientSync};
+use hf_hub::{HFClient, HFClientSync, HFError};
+use reqwest::StatusCode;
 
 use crate::dataset::CLASSES;
-use crate::download::{error_chain, open_locked, part_path, CONNECT_TIMEOUT};
+use crate::download::{error_chain, open_locked, part_path, Progress, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
 use crate::import::{quoted, Importer};
@@ -159,11 +160,26 @@ const ACCESS_PROBLEMS: [&str; 6] = [
     "not found",
 ];
 
-fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataError {
-    let message = error_chain(e);
+fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)) -> DataError {
+    let message = match e.downcast_ref::<HFError>() {
+        // hf-hub appends the URL that reqwest's own message already names.
+        Some(HFError::Request { source, .. }) => {
+            format!("HTTP request error: {}", error_chain(source))
+        }
+        _ => error_chain(e),
+    };
     let mut hint = String::new();
     let lower = message.to_ascii_lowercase();
-    if ACCESS_PROBLEMS.iter().any(|s| lower.contains(s)) {
+    if let Some(HFError::RateLimited { retry_after, .. }) = e.downcast_ref::<HFError>() {
+        let wait = retry_after.map_or_else(
+            || "a few minutes".to_string(),
+            |d| format!("{} s", d.as_secs()),
+        );
+        hint.push_str(&format!(
+            "The hub limits how often it may be asked (HTTP 429): wait {wait} and run \
+             fetch-data again; an HF_TOKEN raises the hub's rate limit. "
+        ));
+    } else if ACCESS_PROBLEMS.iter().any(|s| lower.contains(s)) {
         hint.push_str(
             "Check the repository name and revision (--hf-repo OWNER/NAME[@REV]); a private or \
              gated repository needs HF_TOKEN. ",
@@ -181,7 +197,12 @@ fn hub_error(opts: &HfOptions, what: &str, e: &dyn std::error::Error) -> DataErr
 pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     let async_client = hub_client(opts)?;
     let cache_dir = async_client.cache_dir().to_path_buf();
-    check_kept_apart("the Hugging Face cache", &cache_dir, importer.data_dir())?;
+    check_kept_apart(
+        "the Hugging Face cache",
+        "keep it elsewhere (HF_HOME)",
+        &cache_dir,
+        importer.data_dir(),
+    )?;
     let client = HFClientSync::from_inner(async_client)
         .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
@@ -234,7 +255,6 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
             }
             Err(_) => {}
         }
-        tracing::info!("downloading {path} ({size} bytes) from {}", opts.repo);
         download(opts, &commit, path, size, &local)?;
         Ok(local)
     };
@@ -391,7 +411,16 @@ fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) 
     fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
 }
 
+/// Longest wait for `download_file_stream().send()`: it asks the hub twice (the `HEAD`, then
+/// the `GET` or, for a Xet-backed file, the Xet token), each tried `1 + HUB_RETRIES` times.
+/// Bounded here too, as hf-hub's Xet client does not use the reqwest client's timeouts.
+fn send_limit(silence: Duration) -> Duration {
+    silence * (2 * (1 + HUB_RETRIES) as u32)
+}
+
 /// Appends the rest of `path` (after the `have` bytes already in `file`) until it holds `size`.
+/// Every wait on the hub is bounded by the read timeout here, whichever transport hf-hub
+/// picks: its Xet client retries a failing or silent storage server for minutes.
 async fn receive(
     opts: &HfOptions,
     commit: &str,
@@ -401,18 +430,59 @@ async fn receive(
     file: &File,
     part: &Path,
 ) -> Result<()> {
+    let silence = opts.read_timeout.unwrap_or(HUB_READ_TIMEOUT);
+    let what = format!(
+        "download of {path} from {} at {}",
+        opts.repo,
+        endpoint_of(opts)
+    );
     // Its own client: reqwest's pooled connections belong to the runtime that opened them.
     let client = hub_client(opts)?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
+    // The byte the hub would not resume from, in this run.
+    let mut refused = None;
     let mut stream = loop {
-        let (length, stream) = repo
+        let request = repo
             .download_file_stream()
             .filename(path)
             .revision(commit)
             .maybe_range((have > 0).then_some(have..size))
-            .send()
-            .await
-            .map_err(|e| hub_error(opts, &format!("cannot download {path}"), &e))?;
+            .send();
+        let limit = send_limit(silence);
+        let (length, stream) = match tokio::time::timeout(limit, request).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(HFError::Http { context }))
+                if have > 0 && context.status == StatusCode::RANGE_NOT_SATISFIABLE =>
+            {
+                // The hub holds no byte past those kept, though its listing gives more: asking
+                // for the rest again would fail the same way on every run.
+                file.set_len(0).map_err(|e| DataError::io(part, e))?;
+                return Err(DataError::Network {
+                    what,
+                    message: format!(
+                        "the hub refused the range from byte {have} (HTTP 416 Range Not \
+                         Satisfiable): its file ends there, though its listing gives {size} bytes"
+                    ),
+                    hint: format!(
+                        "The partial file {} was emptied: run fetch-data again to download \
+                         {path} from the start. If this happens again, the hub's file and its \
+                         listing disagree: choose another --hf-repo. {ALTERNATIVES}",
+                        part.display()
+                    ),
+                });
+            }
+            Ok(Err(e)) => return Err(hub_error(opts, &format!("cannot download {path}"), &e)),
+            Err(_) => {
+                return Err(DataError::Network {
+                    what,
+                    message: format!(
+                        "the hub did not start sending within {} s",
+                        limit.as_secs_f64()
+                    ),
+                    hint: format!("Run fetch-data again later. {ALTERNATIVES}"),
+                })
+            }
+        };
         // hf-hub hands back neither the status nor Content-Range: a body of exactly the missing
         // length is the rest; anything else (the whole file from a server that ignores Range,
         // or no length) is dropped, and the file downloaded from its first byte.
@@ -423,24 +493,30 @@ async fn receive(
             "{} did not resume {path} at byte {have}; starting over",
             opts.repo
         );
+        refused = Some(have);
         file.set_len(0).map_err(|e| DataError::io(part, e))?;
         have = 0;
     };
-    let what = format!(
-        "download of {path} from {} at {}",
-        opts.repo,
-        endpoint_of(opts)
-    );
+    let progress = Progress::start(&format!("{path} from {}", opts.repo), Some(size), have);
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     let mut received = have;
     let mut lost = None;
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let chunk = match tokio::time::timeout(silence, stream.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                lost = Some(format!("nothing arrived for {} s", silence.as_secs_f64()));
+                break;
+            }
+        };
         match chunk {
             Ok(bytes) if received + bytes.len() as u64 <= size => {
                 writer
                     .write_all(&bytes)
                     .map_err(|e| DataError::io(part, e))?;
                 received += bytes.len() as u64;
+                progress.add(bytes.len() as u64);
             }
             Ok(_) => {
                 // Dropped first: the writer would flush its buffer after the truncation.
@@ -461,17 +537,33 @@ async fn receive(
     // Flushed even on failure, so the next run resumes from everything received.
     writer.flush().map_err(|e| DataError::io(part, e))?;
     let message = match lost {
+        // Every listed byte arrived before the error: the import verifies the file anyway.
+        Some(cause) if received == size => {
+            tracing::info!("{path}: all {size} bytes arrived, then the transfer failed ({cause})");
+            return Ok(());
+        }
         Some(cause) => format!("connection lost after {received} of {size} bytes ({cause})"),
         None if received < size => format!("truncated: received {received} of {size} bytes"),
         None => return Ok(()),
     };
-    Err(DataError::Network {
-        what,
-        message,
-        hint: format!(
+    let hint = match refused {
+        Some(at) => format!(
+            "The hub would not resume from byte {at}: its answer to the range request gave a \
+             length other than the rest's (such as the whole file's, in X-Linked-Size), so this \
+             run started over. The {received} bytes received are kept in {}, but the next run \
+             starts over again if the hub answers the same way: a steadier connection is \
+             needed. {ALTERNATIVES}",
+            part.display()
+        ),
+        None => format!(
             "The bytes received are kept in {}: run fetch-data again to resume. {ALTERNATIVES}",
             part.display()
         ),
+    };
+    Err(DataError::Network {
+        what,
+        message,
+        hint,
     })
 }
 

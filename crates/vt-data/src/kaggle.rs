@@ -93,9 +93,20 @@ pub fn fetch_zip(
     download
         .run(&http_client()?, &dest, |part| zip_summary(part).map(drop))
         .map_err(note_discarded_download)?;
-    if let Err(e) = verify_zip(&dest) {
+    let summary = zip_summary(&dest).inspect_err(|_| {
         let _ = std::fs::remove_file(&dest);
-        return Err(note_discarded_download(e));
+    });
+    let summary = summary.map_err(note_discarded_download)?;
+    if summary.train == 0 {
+        // A complete zip, not a cut one: downloading it again gives the same zip.
+        let _ = std::fs::remove_file(&dest);
+        return Err(DataError::Layout(format!(
+            "{url} sent a complete zip of {} entries, but no seg_train/<class>/<image> entries \
+             among them: not the Intel Image Classification archive's layout; the download was \
+             deleted. Downloading it again gives the same zip: use --from PATH with the \
+             archive, or --source hf.",
+            summary.entries
+        )));
     }
     Ok(dest)
 }

@@ -324,6 +324,12 @@ fn a_complete_zip_of_other_files_without_a_length_is_deleted() {
         "{err}"
     );
     assert!(err.contains("the download was deleted"), "{err}");
+    // Downloading again would give the same zip.
+    assert!(
+        err.contains("not the Intel Image Classification archive's layout"),
+        "{err}"
+    );
+    assert!(!err.contains("run fetch-data again"), "{err}");
     let downloads = tmp.path().join("downloads");
     assert!(!downloads.join(ZIP_NAME).exists());
     assert!(!downloads.join(format!("{ZIP_NAME}.part")).exists());
@@ -545,8 +551,28 @@ fn hub_with(
     files: Vec<(String, Vec<u8>)>,
     get: impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static,
 ) -> TestServer {
+    hub_quirky(repo, files, Quirks::default(), get)
+}
+
+/// Ways a hub stand-in departs from the plain one.
+#[derive(Default, Clone)]
+struct Quirks {
+    /// Bytes the listing gives beyond each file's real size.
+    listed_extra: u64,
+    /// Files are Xet-backed (`X-Xet-Hash` on `resolve`), stored at this CAS server URL.
+    xet_cas: Option<String>,
+}
+
+/// [`hub_with`], departing from it as `quirks` says.
+fn hub_quirky(
+    repo: &str,
+    files: Vec<(String, Vec<u8>)>,
+    quirks: Quirks,
+    get: impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static,
+) -> TestServer {
     let info_path = format!("/api/datasets/{repo}");
     let tree_path = format!("/api/datasets/{repo}/tree/");
+    let token_path = format!("/api/datasets/{repo}/xet-read-token/");
     let resolve = format!("/datasets/{repo}/resolve/");
     let info = format!(r#"{{"id":"{repo}","sha":"{COMMIT}"}}"#);
     TestServer::start(move |r| {
@@ -554,6 +580,10 @@ fn hub_with(
         if path == info_path || path.starts_with(&format!("{info_path}/revision/")) {
             return Reply::ok(info.clone().into_bytes())
                 .with_header("Content-Type", "application/json");
+        }
+        if let (Some(cas), true) = (&quirks.xet_cas, path.starts_with(&token_path)) {
+            let token = format!(r#"{{"accessToken":"t","exp":4102444800,"casUrl":"{cas}"}}"#);
+            return Reply::ok(token.into_bytes()).with_header("Content-Type", "application/json");
         }
         if let Some(rest) = path.strip_prefix(&tree_path) {
             assert!(r.path.contains("recursive=true"), "{}", r.path);
@@ -563,7 +593,7 @@ fn hub_with(
                 .map(|(name, bytes)| {
                     format!(
                         r#"{{"type":"file","oid":"oid-{name}","size":{},"path":"{name}"}}"#,
-                        bytes.len()
+                        bytes.len() as u64 + quirks.listed_extra
                     )
                 })
                 .collect();
@@ -576,11 +606,14 @@ fn hub_with(
             let Some(i) = files.iter().position(|(name, _)| name == file) else {
                 return Reply::status(404).with_header("X-Error-Code", "EntryNotFound");
             };
-            let reply = if r.method == "HEAD" {
+            let mut reply = if r.method == "HEAD" {
                 Reply::ok(files[i].1.clone())
             } else {
                 get(r, &files[i].1)
             };
+            if quirks.xet_cas.is_some() {
+                reply = reply.with_header("X-Xet-Hash", &"ab".repeat(32));
+            }
             return reply
                 .with_header("ETag", &format!("\"etag{i}\""))
                 .with_header("X-Repo-Commit", COMMIT);
@@ -1119,4 +1152,270 @@ fn a_hub_that_never_answers_fails_within_the_read_timeout() {
         assert!(err.contains(needed), "{err}");
     }
     assert!(!tmp.path().join("data").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// What downloads tell the user
+
+/// Everything this test binary logs at `info` and above, for the tests of what a download
+/// says; a global subscriber, as downloads log from threads of their own.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogSink(Arc::clone(&sink)))
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logged(logs: &std::sync::Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+/// Both sources say where a download starts, and from which byte it resumes (the progress
+/// bar beside these lines draws only on a terminal).
+#[test]
+fn downloads_say_where_they_resume() {
+    let logs = captured_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 7, 1, 0);
+    let (half, len) = (zip.len() / 2, zip.len());
+    let server = hub_with(
+        "progress/hf",
+        vec![("archive.zip".into(), zip)],
+        cut_once(half, ranged),
+    );
+    fetch(&hf_opts(&server, "progress/hf", tmp.path())).unwrap_err();
+    fetch(&hf_opts(&server, "progress/hf", tmp.path())).unwrap();
+    let text = logged(&logs);
+    for line in [
+        format!("downloading archive.zip from progress/hf ({len} bytes)"),
+        format!("resuming archive.zip from progress/hf at byte {half} of {len}"),
+    ] {
+        assert!(text.contains(&line), "{line}: {text}");
+    }
+
+    let body = kaggle_zip(&["forest", "glacier"], 9, 0, 0);
+    let (half, len) = (body.len() / 2, body.len());
+    let served = body.clone();
+    let calls = AtomicUsize::new(0);
+    let server = TestServer::start(move |r| {
+        let reply = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::truncated(served.len(), served[..half].to_vec())
+        } else {
+            ranged(r, &served)
+        };
+        reply.with_header("ETag", "\"v1\"")
+    });
+    fetch(&kaggle_opts(&server, tmp.path())).unwrap_err();
+    fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    let text = logged(&logs);
+    for line in [
+        format!("downloading {ZIP_NAME} ({len} bytes)"),
+        format!("resuming {ZIP_NAME} at byte {half} of {len}"),
+    ] {
+        assert!(text.contains(&line), "{line}: {text}");
+    }
+}
+
+fn with_read_timeout(mut opts: FetchOptions, timeout: Duration) -> FetchOptions {
+    if let FetchSource::HuggingFace(hf) = &mut opts.source {
+        hf.read_timeout = Some(timeout);
+    }
+    opts
+}
+
+/// hf-hub fetches a Xet-backed file (`X-Xet-Hash` on `resolve`) through its Xet client, which
+/// retries a failing storage server for minutes and waits on a silent one as long: the read
+/// timeout bounds it all the same, and the run says to resume.
+#[test]
+fn a_stalled_xet_download_fails_within_the_read_timeout() {
+    let zip = kaggle_zip(&["sea", "forest"], 2, 0, 0);
+    let failing = TestServer::start(|_| Reply::status(500));
+    let silent = TestServer::start(|_| Reply::Hang);
+    for cas in [&failing, &silent] {
+        let tmp = tempfile::tempdir().unwrap();
+        let quirks = Quirks {
+            xet_cas: Some(cas.url.clone()),
+            ..Quirks::default()
+        };
+        let server = hub_quirky(
+            "x/y",
+            vec![("archive.zip".into(), zip.clone())],
+            quirks,
+            ranged,
+        );
+        let timeout = Duration::from_secs(1);
+        let opts = with_read_timeout(hf_opts(&server, "x/y", tmp.path()), timeout);
+        let start = Instant::now();
+        let err = fetch(&opts).unwrap_err().to_string();
+        let took = start.elapsed();
+        assert!(took < timeout * 8, "took {took:?}: {err}");
+        for needed in ["nothing arrived for 1 s", "run fetch-data again to resume"] {
+            assert!(err.contains(needed), "{err}");
+        }
+        // Through Xet indeed: the storage server was asked, the hub's resolve never.
+        assert!(!cas.requests().is_empty());
+        assert!(gets(&server).is_empty());
+        assert!(snapshot(tmp.path(), "x/y")
+            .join("archive.zip.part")
+            .exists());
+    }
+}
+
+/// A hub that answers a range with the whole file's length (`X-Linked-Size` on a 206) is not
+/// resumed from: the run starts over, and its error says so rather than "run again to resume".
+#[test]
+fn a_hub_that_will_not_resume_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 6, 0, 0);
+    let (half, len) = (zip.len() / 2, zip.len());
+    let server = hub_with(
+        "a/linked",
+        vec![("archive.zip".into(), zip)],
+        move |r, body| match r.headers.get("range") {
+            Some(_) => ranged(r, body).with_header("X-Linked-Size", &len.to_string()),
+            None => Reply::truncated(len, body[..half].to_vec()),
+        },
+    );
+    let err = fetch(&hf_opts(&server, "a/linked", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("run fetch-data again to resume"), "{err}");
+    let err = fetch(&hf_opts(&server, "a/linked", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("would not resume from byte {half}")) && err.contains("started over"),
+        "{err}"
+    );
+    assert!(!err.contains("run fetch-data again to resume"), "{err}");
+}
+
+/// A partial file already holding all the hub has, while its listing gives more: the range
+/// request gets 416 on every run. The part is emptied, and the error says so.
+#[test]
+fn a_range_the_hub_refuses_empties_the_partial_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 0, 0);
+    let part = snapshot(tmp.path(), "a/short").join("archive.zip.part");
+    write(&part, &zip);
+    let quirks = Quirks {
+        listed_extra: 10,
+        ..Quirks::default()
+    };
+    let server = hub_quirky("a/short", vec![("archive.zip".into(), zip)], quirks, ranged);
+    let err = fetch(&hf_opts(&server, "a/short", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    for needed in ["416", "was emptied", "from the start"] {
+        assert!(err.contains(needed), "{err}");
+    }
+    assert_eq!(fs::metadata(&part).unwrap().len(), 0);
+}
+
+/// A body that fails after every listed byte arrived (here: one byte more declared) is a
+/// complete download, imported (the import verifies the zip).
+#[test]
+fn a_download_that_fails_after_its_last_byte_is_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 4, 1, 0);
+    let server = hub_with(
+        "a/over",
+        vec![("archive.zip".into(), zip.clone())],
+        |_, body| Reply::truncated(body.len() + 1, body.to_vec()),
+    );
+    let m = fetch(&hf_opts(&server, "a/over", tmp.path())).unwrap();
+    assert_eq!(m.splits.test["sea"], 1);
+    assert_eq!(
+        fs::read(snapshot(tmp.path(), "a/over").join("archive.zip")).unwrap(),
+        zip
+    );
+}
+
+/// 429: wait and retry, and on the hub, a token raises the limit.
+#[test]
+fn rate_limits_say_to_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = hub_with(
+        "a/busy",
+        vec![("archive.zip".into(), kaggle_zip(&["sea"], 2, 0, 0))],
+        |_, _| Reply::status(429).with_header("Retry-After", "1"),
+    );
+    let err = fetch(&hf_opts(&server, "a/busy", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    for needed in ["wait 1 s", "HF_TOKEN raises the hub's rate limit"] {
+        assert!(err.contains(needed), "{err}");
+    }
+
+    let server = TestServer::start(|_| Reply::status(429).with_header("Retry-After", "30"));
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("429") && err.contains("wait 30 s"), "{err}");
+}
+
+/// Network errors name the URL once, not once in the message and again in its cause.
+#[test]
+fn network_errors_name_the_url_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let hf = FetchOptions::new(
+        tmp.path().join("data"),
+        FetchSource::HuggingFace(HfOptions {
+            endpoint: Some(endpoint.clone()),
+            cache_dir: Some(tmp.path().join("hf-cache")),
+            ..HfOptions::default()
+        }),
+    );
+    let err = fetch(&hf).unwrap_err().to_string();
+    assert_eq!(err.matches(&format!("{endpoint}/api/")).count(), 1, "{err}");
+
+    let dropped = TestServer::start(|_| Reply::Drop);
+    let err = fetch(&kaggle_opts(&dropped, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err.matches(KAGGLE_PATH).count(), 1, "{err}");
+}
+
+/// `--data-dir .` puts the default download folder inside it: the error names that default,
+/// not a `--download-dir` the user never passed.
+#[test]
+fn a_default_download_folder_inside_the_data_dir_is_named_as_such() {
+    let server = TestServer::start(|_| Reply::status(500));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = kaggle_opts(&server, tmp.path());
+    opts.data_dir = ".".into();
+    opts.download_dir = None;
+    let err = fetch(&opts).unwrap_err().to_string();
+    assert!(
+        err.starts_with("the default download folder") && err.contains("--download-dir DIR"),
+        "{err}"
+    );
+    assert!(server.requests().is_empty());
 }

@@ -183,6 +183,8 @@ pub enum Reply {
     },
     /// Closes the connection without answering.
     Drop,
+    /// Holds the connection open a minute without answering.
+    Hang,
 }
 
 impl Reply {
@@ -222,7 +224,7 @@ impl Reply {
             Reply::Full { headers, .. }
             | Reply::Truncated { headers, .. }
             | Reply::Unsized { headers, .. } => headers.push((name.into(), value.into())),
-            Reply::Drop => {}
+            Reply::Drop | Reply::Hang => {}
         }
         self
     }
@@ -295,6 +297,7 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
     let head_only = request.method == "HEAD";
     match handler(&request) {
         Reply::Drop => {}
+        Reply::Hang => std::thread::sleep(std::time::Duration::from_secs(60)),
         Reply::Full {
             status,
             headers,

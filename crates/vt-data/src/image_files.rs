@@ -1,0 +1,59 @@
+//! The image files that paths given on a command line stand for (`vt-serve predict`,
+//! `vt-train explain`): a file as it is, a folder its image files.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+
+/// The extensions of the image files a folder contributes: what the decoder reads. Other
+/// files (a README, a manifest) are left out; a file named as an image is still read by its
+/// content.
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+/// Each given file as it is, and each folder's image files in the order of their paths,
+/// subfolders included (hidden ones left out). A folder without image files is refused.
+pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in given {
+        if path.is_dir() {
+            let before = files.len();
+            add_folder(path, &mut files)?;
+            if files.len() == before {
+                return Err(DataError::NoImageFiles(path.clone()));
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Adds `folder`'s image files, subfolders included, in the order of their paths. Links to
+/// folders are not followed (as `find` does not), so a link back up cannot loop.
+fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    let listing_error = |cause| DataError::io(folder, cause);
+    let mut entries = std::fs::read_dir(folder)
+        .map_err(listing_error)?
+        .map(|entry| entry.and_then(|e| Ok((e.path(), e.file_type()?))))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(listing_error)?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, kind) in entries {
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if kind.is_dir() {
+            add_folder(&path, files)?;
+        } else if !path.is_dir()
+            && path
+                .extension()
+                .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
