@@ -107,7 +107,7 @@ fn missing_files_are_named() {
             .arg("--checkpoint")
             .arg(&missing)
             .arg("a.jpg"),
-        &["no-such-checkpoint", "config.json"],
+        &["no checkpoint folder at", "no-such-checkpoint"],
     );
     fails_saying(
         bin("vt-train")

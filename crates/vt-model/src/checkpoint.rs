@@ -25,6 +25,10 @@ use crate::temporary::{self, Kind};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// What marks a vt-train run folder, and the checkpoints it writes there: named when a run
+/// folder is given where a checkpoint is expected.
+const RUN_OPTIONS_FILE: &str = "config.toml";
+const RUN_CHECKPOINTS: [&str; 2] = ["best", "last"];
 
 /// The SHA-256 of a weights file's bytes, in hex: the checkpoint's identity, as vt-serve's
 /// `/v1/models` and an ONNX export's metadata give it.
@@ -39,6 +43,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn read_config(dir: &Path) -> Result<VtConfig> {
     refuse_interrupted_write(dir)?;
     let path = dir.join(CONFIG_FILE);
+    if !path.exists() {
+        refuse_non_checkpoint(dir)?;
+    }
     let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let config: VtConfig = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
         path: path.clone(),
@@ -49,6 +56,38 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
         message: e.to_string(),
     })?;
     Ok(config)
+}
+
+/// Says what `dir`, which holds no `config.json`, is instead, when that explains it better
+/// than the missing file: nothing at all, or a training run's folder.
+fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Err(ModelError::NoCheckpoint {
+            path: dir.to_path_buf(),
+        });
+    }
+    let candidates = RUN_CHECKPOINTS.map(|name| dir.join(name));
+    let found: Vec<String> = candidates
+        .iter()
+        .filter(|c| c.join(CONFIG_FILE).is_file())
+        .map(|c| c.display().to_string())
+        .collect();
+    if found.is_empty() && !dir.join(RUN_OPTIONS_FILE).is_file() {
+        return Ok(());
+    }
+    let checkpoints = if found.is_empty() {
+        format!(
+            "{} or {}, once its first epoch has ended",
+            candidates[0].display(),
+            candidates[1].display()
+        )
+    } else {
+        found.join(" or ")
+    };
+    Err(ModelError::RunFolder {
+        path: dir.to_path_buf(),
+        checkpoints,
+    })
 }
 
 /// Writes `config` and every variable of `varmap` to `dir`, atomically.

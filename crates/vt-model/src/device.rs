@@ -22,6 +22,15 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The device as [`parse_device`] names it ("cpu", "cuda:0"), for logs.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Whether `name`, as [`parse_device`] takes it, picks a GPU; `auto` asks the driver whether
 /// there is one, without opening it. Callers size CPU work by it (a GPU run wants the cores
 /// for loading images); an unusable name is [`parse_device`]'s to report.
@@ -141,6 +150,11 @@ pub fn use_bf16_products(on: bool, device: &Device) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_is_named_as_the_option_takes_it() {
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+    }
 
     #[test]
     fn cpu_and_bad_names() {

@@ -55,6 +55,13 @@ pub enum ModelError {
         index: usize,
         value: f32,
     },
+    /// A checkpoint path where nothing is.
+    #[error("no checkpoint folder at {path}")]
+    NoCheckpoint { path: PathBuf },
+    /// A training run's folder where one of its checkpoints (`checkpoints`, listed) is
+    /// expected.
+    #[error("{path} is a training run's folder, not a checkpoint: give one of its checkpoints, {checkpoints}")]
+    RunFolder { path: PathBuf, checkpoints: String },
     #[error(
         "{path}: {reason}; only a checkpoint folder is replaced: choose a new or empty folder"
     )]

@@ -54,6 +54,45 @@ fn round_trip_keeps_every_tensor_and_the_logits() {
     assert_eq!(relative_error(&b, &a), 0.0);
 }
 
+/// A path with nothing at it, or a training run's folder given for one of its checkpoints,
+/// is named for what it is rather than by the missing config.json.
+#[test]
+fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nothing-here");
+    assert_eq!(
+        load_err(&missing),
+        format!("no checkpoint folder at {}", missing.display())
+    );
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("config.toml"), "epochs = 2\n").unwrap();
+    let err = load_err(&run);
+    assert_eq!(
+        err,
+        format!(
+            "{} is a training run's folder, not a checkpoint: give one of its checkpoints, \
+             {} or {}, once its first epoch has ended",
+            run.display(),
+            run.join("best").display(),
+            run.join("last").display()
+        )
+    );
+    saved_model(&run.join("best"));
+    saved_model(&run.join("last"));
+    let err = load_err(&run);
+    assert!(
+        err.ends_with(&format!(
+            "give one of its checkpoints, {} or {}",
+            run.join("best").display(),
+            run.join("last").display()
+        )),
+        "{err}"
+    );
+    // Its checkpoints load.
+    Model::load(&run.join("best"), &Device::Cpu).unwrap();
+}
+
 /// A frozen model (as vt-serve loads one) computes what the trainable one does, call after
 /// call, and a training-mode pass, which moves the batch norms' running statistics, is not
 /// hidden by what the frozen layers keep between calls.

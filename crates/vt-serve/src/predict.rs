@@ -4,10 +4,12 @@
 //! exit status then says how many failed.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fast_image_resize::Resizer;
 use serde::Serialize;
+
+use vt_data::image_files::image_files;
 
 use crate::args::DEFAULT_MAX_PIXELS;
 use crate::classifier::{ClassifyError, Label};
@@ -71,69 +73,8 @@ pub enum PredictError {
     Output(std::io::Error),
     #[error("{failed} of {total} images could not be scored (see their \"error\" lines)")]
     SomeFailed { failed: usize, total: usize },
-    #[error("listing the images of {path}: {cause}")]
-    ListFolder {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("{0} holds no image file (.jpg, .jpeg, .png, .webp, .gif, .bmp)")]
-    EmptyFolder(PathBuf),
-}
-
-/// The extensions of the image files a folder given to `predict` contributes: what the
-/// server decodes. Other files (a README, a manifest) are left out; a file named as an image
-/// is still read by its content.
-const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
-
-/// The files to score: each given file as it is, each folder's image files in the order of
-/// their paths, subfolders included (hidden ones left out).
-fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>, PredictError> {
-    let mut files = Vec::new();
-    for path in given {
-        if path.is_dir() {
-            let before = files.len();
-            add_folder(path, &mut files)?;
-            if files.len() == before {
-                return Err(PredictError::EmptyFolder(path.clone()));
-            }
-        } else {
-            files.push(path.clone());
-        }
-    }
-    Ok(files)
-}
-
-/// Adds `folder`'s image files, subfolders included, in the order of their paths. Links to
-/// folders are not followed (as `find` does not), so a link back up cannot loop.
-fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), PredictError> {
-    let listing_error = |cause| PredictError::ListFolder {
-        path: folder.to_path_buf(),
-        cause,
-    };
-    let mut entries = std::fs::read_dir(folder)
-        .map_err(listing_error)?
-        .map(|entry| entry.and_then(|e| Ok((e.path(), e.file_type()?))))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(listing_error)?;
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (path, kind) in entries {
-        let hidden = path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if kind.is_dir() {
-            add_folder(&path, files)?;
-        } else if !path.is_dir()
-            && path
-                .extension()
-                .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-        {
-            files.push(path);
-        }
-    }
-    Ok(())
+    #[error("listing the images: {0}")]
+    Images(vt_data::DataError),
 }
 
 impl From<StartError> for PredictError {
@@ -144,7 +85,7 @@ impl From<StartError> for PredictError {
 
 pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     // Listed before the checkpoint is loaded: a mistyped folder fails at once.
-    let images = image_files(&args.images)?;
+    let images = image_files(&args.images).map_err(PredictError::Images)?;
     let (classifier, _) = load_classifier(
         &args.checkpoint,
         &args.device,
