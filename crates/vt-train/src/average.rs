@@ -15,7 +15,7 @@ use vt_model::{Model, VtConfig};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
 use crate::init::{check_out_dir, write_checkpoint};
-use crate::outputs::{resolved, RUN_FOLDERS};
+use crate::outputs::{is_run, resolved, RUN_FOLDERS};
 use crate::state;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +52,7 @@ pub struct Input {
 /// The `k` best epochs (all without `k`) that `run_dir`'s training state lists in its
 /// checkpoint history, best first.
 pub fn history_inputs(run_dir: &Path, k: Option<usize>) -> Result<Vec<Input>> {
+    refuse_checkpoint_as_run(run_dir)?;
     let progress = state::read_saved_progress(run_dir)
         .with_context(|| format!("reading the training state of {}", run_dir.display()))?;
     let kept = progress.top;
@@ -79,6 +80,25 @@ pub fn history_inputs(run_dir: &Path, k: Option<usize>) -> Result<Vec<Input>> {
             kept: Some(*k),
         })
         .collect())
+}
+
+/// Refuses a checkpoint folder given as `--run-dir` (typically `RUN/best`), naming the two
+/// ways it may have been meant, rather than failing on the run state it lacks.
+fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
+    if !run_dir.join(CONFIG_FILE).is_file() {
+        return Ok(());
+    }
+    let run = resolved(run_dir)
+        .parent()
+        .filter(|parent| is_run(parent))
+        .map(|run| format!(" (--run-dir {})", run.display()))
+        .unwrap_or_default();
+    Err(TrainError::Config(format!(
+        "--run-dir {}: a checkpoint folder, not a run: give the run folder{run} to average \
+         the epochs it keeps in {TOP_DIR}/, or give checkpoints as arguments without \
+         --run-dir (vt-train average --out DIR CHECKPOINT...)",
+        run_dir.display()
+    )))
 }
 
 /// `first`'s and `other`'s configs' differing fields, as `field: first's vs other's`, for
@@ -166,11 +186,13 @@ fn refuse_out_among_inputs(out: &Path, inputs: &[Input], run_dir: Option<&Path>)
     for run in runs {
         let run = resolved(&run);
         if let Some(folder) = RUN_FOLDERS.iter().find(|f| out.starts_with(run.join(f))) {
+            let (is, folder) = (out == run.join(folder), run.join(folder));
             return Err(TrainError::Config(format!(
-                "--out {}: inside {}/{folder}, which its training run manages; choose a \
-                 folder outside it (e.g. {}/avg)",
+                "--out {}: {} {}, which its training run manages; choose a folder outside it \
+                 (e.g. {}/avg)",
                 out.display(),
-                run.display(),
+                if is { "is" } else { "inside" },
+                folder.display(),
                 run.display()
             )));
         }
@@ -239,8 +261,11 @@ pub fn run(args: &AverageArgs) -> Result<()> {
     refuse_repeated_inputs(&inputs)?;
     refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
     check_out_dir(&args.out, args.force)?;
+    let dirs: Vec<PathBuf> = inputs.iter().map(|i| i.dir.clone()).collect();
+    // Every input loaded and checked before anything is announced.
+    let model = average(&dirs, &Device::Cpu)?;
     println!(
-        "averaging {} checkpoint{}:",
+        "averaged {} checkpoint{}:",
         inputs.len(),
         if inputs.len() == 1 { "" } else { "s" }
     );
@@ -256,8 +281,6 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             None => println!("  {}", input.dir.display()),
         }
     }
-    let dirs: Vec<PathBuf> = inputs.into_iter().map(|i| i.dir).collect();
-    let model = average(&dirs, &Device::Cpu)?;
     write_checkpoint(&model, &args.out)?;
     if dirs.len() == 1 {
         eprintln!(
@@ -296,6 +319,21 @@ mod tests {
                 assert!(err.contains("which its training run manages"), "{err}");
             }
         }
+        // The folder itself is said to be it, not to be inside it.
+        let run_path = resolved(&run);
+        let err = refused(run.join("best"), Some(&run));
+        assert!(
+            err.contains(&format!(": is {}, which", run_path.join("best").display())),
+            "{err}"
+        );
+        let err = refused(run.join("last/x"), Some(&run));
+        assert!(
+            err.contains(&format!(
+                ": inside {}, which",
+                run_path.join("last").display()
+            )),
+            "{err}"
+        );
         let outside = tmp.path().join("elsewhere");
         let err = refuse_out_among_inputs(&kept, &inputs, None);
         assert!(err.is_err());
@@ -442,10 +480,10 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "{} differs from {} in image_size: 32 vs 48: only checkpoints of one model \
+                "{} and {} differ in image_size: 32 vs 48: only checkpoints of one model \
                  configuration can be averaged",
-                b.join(CONFIG_FILE).display(),
-                a.join(CONFIG_FILE).display()
+                a.join(CONFIG_FILE).display(),
+                b.join(CONFIG_FILE).display()
             )
         );
         let err = refusal(&[a, c]);

@@ -143,6 +143,14 @@ struct Evaluation {
 /// beside it. The path the report names is used only when absolute: a relative one is
 /// relative to where `eval` ran, which may not be here.
 fn evaluation(path: &Path) -> Result<Evaluation> {
+    if !path.exists() {
+        return Err(TrainError::Config(format!(
+            "{}: no such file; give reports that `vt-train eval` wrote \
+             (eval-<checkpoint>-<split>.json beside the checkpoint folder, with its .csv), or \
+             their CSVs",
+            path.display()
+        )));
+    }
     let is_json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
@@ -245,6 +253,18 @@ fn pair(
     Ok(comparison)
 }
 
+/// `x` to two decimals, signed unless it rounds to zero: never "-0.00" nor "+0.00".
+fn signed(x: f64) -> String {
+    let rounded = format!("{:.2}", x.abs());
+    if rounded.bytes().all(|b| b == b'0' || b == b'.') {
+        rounded
+    } else if x < 0.0 {
+        format!("-{rounded}")
+    } else {
+        format!("+{rounded}")
+    }
+}
+
 pub fn report_text(a: &Path, b: &Path, c: &Comparison) -> String {
     let percent = |k: u64| 100.0 * k as f64 / c.images as f64;
     let (low, high) = c.difference_ci95();
@@ -270,14 +290,14 @@ pub fn report_text(a: &Path, b: &Path, c: &Comparison) -> String {
     }
     out += &format!(
         "on the same {} images: {} right only by A, {} right only by B\n\
-         difference A - B: {:+.2} points (95% interval {:+.2} to {:+.2})\n\
+         difference A - B: {} points (95% interval {} to {})\n\
          McNemar's exact test: p {}: {verdict}\n",
         c.images,
         c.only_a,
         c.only_b,
-        100.0 * c.difference(),
-        100.0 * low,
-        100.0 * high,
+        signed(100.0 * c.difference()),
+        signed(100.0 * low),
+        signed(100.0 * high),
         if p < 1e-300 {
             "< 1e-300".to_string()
         } else if p < 1e-4 {
@@ -317,6 +337,34 @@ pub fn run(args: &CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_are_signed_unless_they_round_to_zero() {
+        let texts: Vec<String> = [-0.004, -0.0, 0.0, 0.004, 0.005001, -1.5, 12.346]
+            .into_iter()
+            .map(signed)
+            .collect();
+        assert_eq!(
+            texts,
+            ["0.00", "0.00", "0.00", "0.00", "+0.01", "-1.50", "+12.35"]
+        );
+    }
+
+    #[test]
+    fn a_missing_report_is_named_with_where_reports_come_from() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("eval-best-test.json");
+        let args = CompareArgs {
+            a: missing.clone(),
+            b: missing.clone(),
+        };
+        let err = run(&args).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: no such file", missing.display()))
+                && err.contains("`vt-train eval`"),
+            "{err}"
+        );
+    }
 
     /// Exact values of the binomial sums (Python's `math.comb` over fractions).
     #[test]

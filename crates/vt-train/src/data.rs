@@ -58,6 +58,11 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
         // Data imported from a folder without seg_test (the sample) has no test split.
         let hint = match split {
             Split::Test => ": this import has no test split, use --split val",
+            Split::Val => {
+                ": it was imported with --val-fraction 0, or too few images per class to set \
+                 any aside; import again with a fraction above 0 (cargo xtask fetch-data \
+                 --val-fraction 0.1)"
+            }
             _ => "",
         };
         return Err(TrainError::Config(format!(

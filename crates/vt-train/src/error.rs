@@ -70,11 +70,11 @@ pub enum TrainError {
         "{path}: {reason}; it holds the run's checkpoints only: move that away, then run again"
     )]
     ForeignFiles { path: PathBuf, reason: String },
-    /// Checkpoints of different models cannot be averaged: `other`'s config differs from
-    /// `first`'s (both `config.json` files) in `differences` (field: first's value vs
+    /// Checkpoints of different models cannot be averaged: `first`'s and `other`'s configs
+    /// (both `config.json` files) differ in `differences` (field: first's value vs
     /// other's).
     #[error(
-        "{other} differs from {first} in {differences}: only checkpoints of one model \
+        "{first} and {other} differ in {differences}: only checkpoints of one model \
          configuration can be averaged"
     )]
     ConfigMismatch {
@@ -82,19 +82,25 @@ pub enum TrainError {
         other: PathBuf,
         differences: String,
     },
-    /// Every step of an epoch was skipped (a non-finite loss or gradient norm).
-    #[error("epoch {epoch}: no training step succeeded (see the warnings above)")]
-    NoStepSucceeded { epoch: usize },
-    /// An epoch left weights that are not finite (`tensor`, of the model or its average):
-    /// nothing of it was saved, the run's files keep epoch `kept`.
+    /// Every step of an epoch was skipped (a non-finite loss or gradient norm): nothing of
+    /// it was saved, the run's files keep epoch `kept`.
     #[error(
-        "diverged in epoch {epoch}: `{tensor}` is no longer finite; the run's state keeps {} \
-         (`--resume` with a lower --lr, or a --clip-grad, continues from there)",
+        "epoch {epoch}: no training step succeeded (see the warnings above): the learning \
+         rate is likely too high; the run's state keeps {} (`--resume` with a lower --lr, or \
+         a --clip-grad, continues from there)",
+        kept_epochs(*kept)
+    )]
+    NoStepSucceeded { epoch: usize, kept: usize },
+    /// An epoch left weights that are not finite, or so large that the validation loss is
+    /// not (`what` says which): nothing of it was saved, the run's files keep epoch `kept`.
+    #[error(
+        "diverged in epoch {epoch}: {what}; the run's state keeps {} (`--resume` with a \
+         lower --lr, or a --clip-grad, continues from there)",
         kept_epochs(*kept)
     )]
     Diverged {
         epoch: usize,
-        tensor: String,
+        what: String,
         kept: usize,
     },
     /// `vt-train explain` could not read or draw some of the images (each named on stderr).
@@ -197,6 +203,11 @@ mod tests {
             ["starting the run", "creating runs/x", "denied"]
         );
         let config: Result<()> = Err(TrainError::Config("--lr must be positive".into()));
+        let err = TrainError::NoStepSucceeded { epoch: 2, kept: 1 }.to_string();
+        assert!(
+            err.contains("the run's state keeps epoch 1 (`--resume` with a lower --lr"),
+            "{err}"
+        );
         let err = config.context("--config a.toml").unwrap_err();
         assert_eq!(chain(&err), ["--config a.toml", "--lr must be positive"]);
     }

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use candle_core::D;
 use serde::Serialize;
 use vt_data::dataset::{Manifest, Split};
+use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
 use crate::calibration::{self, Calibration};
+use crate::config::TrainOptions;
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::TOP_DIR;
@@ -21,6 +23,7 @@ use crate::outputs;
 use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
 use crate::threads;
+use crate::train::CONFIG_TOML;
 
 pub struct Evaluation {
     /// Mean cross-entropy (no label smoothing) over the images.
@@ -181,9 +184,10 @@ pub struct EvalArgs {
     /// Checkpoint folder (config.json + model.safetensors), e.g. runs/NAME/best
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    /// Data folder in the `cargo xtask fetch-data` layout
-    #[arg(long, value_name = "DIR", default_value = vt_data::fetch::DEFAULT_DATA_DIR)]
-    pub data: PathBuf,
+    /// Data folder in the `cargo xtask fetch-data` layout [default: the `data` of the
+    /// checkpoint's run (RUN/config.toml beside it, or above its top/), else data/intel]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
     /// Split to evaluate
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
@@ -246,6 +250,37 @@ pub struct EvalReport {
     pub predictions: PathBuf,
     /// The wrong predictions with the highest confidence, most confident first.
     pub mistakes: Vec<Mistake>,
+}
+
+/// The data folder to evaluate on: `--data`, else the one the checkpoint's run trained on
+/// (`data` in its `config.toml`, as written there: relative to where training ran, as a
+/// resume reads it), else the default.
+fn data_folder(args: &EvalArgs) -> PathBuf {
+    if let Some(data) = &args.data {
+        return data.clone();
+    }
+    let beside = outputs::resolved(&args.checkpoint)
+        .parent()
+        .map(Path::to_path_buf);
+    let run = outputs::run_keeping(&args.checkpoint)
+        .or(beside)
+        .filter(|run| run.join(CONFIG_TOML).is_file());
+    let Some(options) = run.map(|run| run.join(CONFIG_TOML)) else {
+        return PathBuf::from(DEFAULT_DATA_DIR);
+    };
+    match TrainOptions::from_toml_file(&options) {
+        Ok(TrainOptions {
+            data: Some(data), ..
+        }) => {
+            tracing::info!("--data {}: from {}", data.display(), options.display());
+            data
+        }
+        Ok(_) => PathBuf::from(DEFAULT_DATA_DIR),
+        Err(e) => {
+            tracing::warn!("{e}: evaluating on {DEFAULT_DATA_DIR}; give --data to choose");
+            PathBuf::from(DEFAULT_DATA_DIR)
+        }
+    }
 }
 
 fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
@@ -533,14 +568,15 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let model = Model::load(&args.checkpoint, &device)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let folder = data::open_split(&args.data, split, args.limit, 0)
-        .with_context(|| format!("reading the {split} split of {}", args.data.display()))?;
+    let data = data_folder(args);
+    let folder = data::open_split(&data, split, args.limit, 0)
+        .with_context(|| format!("reading the {split} split of {}", data.display()))?;
     if folder.classes != model.config.class_names {
         return Err(TrainError::Config(format!(
             "the checkpoint's classes {:?} differ from the data set's {:?} ({})",
             model.config.class_names,
             folder.classes,
-            args.data.display()
+            data.display()
         )));
     }
     let loader = data::eval_loader(
@@ -569,7 +605,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .collect();
     let report = EvalReport {
         checkpoint: args.checkpoint.clone(),
-        data: args.data.clone(),
+        data: data.clone(),
         split: split.to_string(),
         images: eval.matrix.total(),
         loss: eval.loss,
@@ -581,7 +617,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         macro_f1,
         classes,
         calibration: Calibration::of(&eval.predictions, calibration::BINS),
-        copies_in_other_splits: copies_in_other_splits(&args.data, split, &folder.samples),
+        copies_in_other_splits: copies_in_other_splits(&data, split, &folder.samples),
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
         predictions: paths.csv.clone(),
@@ -666,8 +702,8 @@ mod tests {
         assert_eq!(
             csv,
             "path,label,prediction,confidence,label_probability,correct,\"p_a,b\",p_c\n\
-             x/one.jpg,c,c,0.750000,0.750000,true,0.250000,0.750000\n\
-             \"x/\"\"two\"\".jpg\",\"a,b\",c,0.600000,0.400000,false,0.400000,0.600000\n"
+             x/one.jpg,c,c,0.75,0.75,true,0.25,0.75\n\
+             \"x/\"\"two\"\".jpg\",\"a,b\",c,0.6,0.4,false,0.4,0.6\n"
         );
     }
 }

@@ -14,6 +14,7 @@ use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
 use vt_data::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
 use vt_data::download::error_chain;
+use vt_data::image_files::image_files;
 use vt_data::transform::{eval_chw, Normalize};
 use vt_model::{parse_device, Model};
 
@@ -40,8 +41,9 @@ pub struct ExplainArgs {
     /// Compute threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Image files (JPEG, PNG, WebP, ...; the format is read from the content)
-    #[arg(required = true)]
+    /// Image files (JPEG, PNG, WebP, ...; the format is read from the content), or folders:
+    /// their image files, subfolders included, in path order
+    #[arg(required = true, value_name = "IMAGE|FOLDER")]
     pub images: Vec<PathBuf>,
 }
 
@@ -85,19 +87,19 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::file_op("creating", &args.out, e))?;
+    let images = image_files(&args.images)?;
     let mut resizer = Resizer::new();
     // The inputs' own paths are taken too: a picture must never replace an image given.
     let out = args
         .out
         .canonicalize()
         .map_err(|e| TrainError::io(&args.out, e))?;
-    let mut taken: HashSet<PathBuf> = args
-        .images
+    let mut taken: HashSet<PathBuf> = images
         .iter()
         .filter_map(|image| image.canonicalize().ok())
         .collect();
     let mut failed = 0;
-    for image in &args.images {
+    for image in &images {
         let png = args.out.join(output_name(image, &out, &mut taken));
         let explained = explain(&model, &mut resizer, image).and_then(|explanation| {
             let top = top_classes(&explanation.probs, &model.config.class_names, args.top_k);
@@ -116,7 +118,7 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
     if failed > 0 {
         return Err(TrainError::NotExplained {
             failed,
-            total: args.images.len(),
+            total: images.len(),
         });
     }
     Ok(())

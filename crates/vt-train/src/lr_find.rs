@@ -170,8 +170,8 @@ impl std::fmt::Display for Divergence {
         match self {
             Divergence::AboveLowest { smoothed, lowest } => write!(
                 f,
-                "the smoothed loss {smoothed:.4} exceeds {DIVERGENCE_FACTOR} x its lowest, \
-                 {lowest:.4}"
+                "the smoothed loss {smoothed:.4} exceeds {DIVERGENCE_FACTOR} x its lowest \
+                 over all steps so far, {lowest:.4}"
             ),
             Divergence::LossNotFinite { loss } => write!(f, "the loss is {loss}"),
             Divergence::GradientNotFinite { grad_norm } => {
@@ -416,12 +416,15 @@ pub fn summary_text(report: &LrFindReport) -> String {
         "lr-find: {} of {} steps, lr {:.1e} to {:.1e}: ",
         report.steps_run, report.steps, report.start_lr, report.end_lr
     );
-    let last_lr = report.points.last().map_or(report.start_lr, |p| p.lr);
+    // Named as the report's points name it.
+    let (last_step, last_lr) = report
+        .points
+        .last()
+        .map_or((0, report.start_lr), |p| (p.step, p.lr));
     out += &match (report.ended, &report.divergence) {
-        (Ending::Diverged, Some(why)) => format!(
-            "diverged at step {} (lr {last_lr:.2e}): {why}\n",
-            report.steps_run
-        ),
+        (Ending::Diverged, Some(why)) => {
+            format!("diverged at step {last_step} (lr {last_lr:.2e}): {why}\n")
+        }
         (Ending::Interrupted, _) => "interrupted\n".to_string(),
         _ => "completed without diverging\n".to_string(),
     };
@@ -439,7 +442,10 @@ pub fn summary_text(report: &LrFindReport) -> String {
     };
     let past = match report.skipped_at_start {
         0 => String::new(),
-        n => format!(" past the first {}", count_steps(n as u64)),
+        n => format!(
+            " past the first {} (which the suggestion leaves out)",
+            count_steps(n as u64)
+        ),
     };
     out += &format!(
         "lowest smoothed loss{past}: {:.4} at lr {:.2e}; a tenth of that rate (fastai's \
@@ -470,19 +476,19 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
     let model = new_model(&config, train_set.classes.clone(), &device)?;
     let loader = training_loader(&config, &model.config, train_set.len());
     tracing::info!(
-        "lr-find {}: {} parameters, {} classes, {} px | {} train images | {:?} recipe, {:?} | \
-         lr {:.1e} to {:.1e} over {} steps | device {:?}",
+        "lr-find {}: {} parameters, {} classes, {} px | {} train images | {} recipe, {} | \
+         lr {:.1e} to {:.1e} over {} steps | device {}",
         config.arch,
         model.num_parameters(),
         train_set.classes.len(),
         config.image_size,
         train_set.len(),
-        config.recipe,
+        config.recipe.name(),
         config.method(),
         sweep.start,
         sweep.end,
         sweep.steps,
-        device
+        vt_model::device_name(&device)
     );
 
     // As in train's first epochs: a stem frozen for some epochs stays frozen here.
@@ -643,6 +649,48 @@ mod tests {
             "{stop:?}"
         );
         assert!(points[4].smoothed_loss.is_nan());
+    }
+
+    /// The summary names the diverged step as the report's points do, and says which
+    /// lowest loss each line means.
+    #[test]
+    fn the_summary_names_steps_and_lowest_losses_as_the_report_does() {
+        let mut recorder = Recorder::default();
+        let losses = [9.0, 1.0, 1.5, 2.0, 60.0];
+        let mut stop = None;
+        for (step, loss) in losses.into_iter().enumerate() {
+            stop = recorder.record(1e-3 * 2f64.powi(step as i32), loss);
+        }
+        let why = stop.expect("the last loss diverges");
+        let suggestion = suggest(&recorder.points, 1);
+        let report = LrFindReport {
+            config: serde_json::Value::Null,
+            train_images: 8,
+            start_lr: 1e-3,
+            end_lr: 1.0,
+            steps: 10,
+            steps_run: recorder.points.len(),
+            skipped_at_start: 1,
+            ended: Ending::Diverged,
+            divergence: Some(why.to_string()),
+            suggested_lr: suggestion.map(|s| s.lr()),
+            suggestion,
+            plot: PathBuf::from("lr-find.png"),
+            points: recorder.points,
+        };
+        let text = summary_text(&report);
+        assert!(text.contains("5 of 10 steps"), "{text}");
+        assert!(
+            text.contains("diverged at step 4 (lr 1.60e-2): the smoothed loss"),
+            "{text}"
+        );
+        assert!(text.contains("its lowest over all steps so far"), "{text}");
+        assert!(
+            text.contains(
+                "lowest smoothed loss past the first 1 step (which the suggestion leaves out)"
+            ),
+            "{text}"
+        );
     }
 
     /// A smoothed loss over log10(lr) from -7 to 1 in steps of 0.1: a tanh falling fastest at

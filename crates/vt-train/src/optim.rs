@@ -31,6 +31,24 @@ pub enum Method {
     },
 }
 
+/// As the logs name it: "SGD (momentum 0.9, Nesterov)", "AdamW (betas 0.9, 0.999, eps 1e-8)".
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Method::Sgd { momentum, nesterov } => {
+                write!(f, "SGD (momentum {momentum}")?;
+                if nesterov {
+                    write!(f, ", Nesterov")?;
+                }
+                write!(f, ")")
+            }
+            Method::AdamW { beta1, beta2, eps } => {
+                write!(f, "AdamW (betas {beta1}, {beta2}, eps {eps:e})")
+            }
+        }
+    }
+}
+
 /// A trainable tensor of the model.
 #[derive(Debug, Clone)]
 pub struct Param {
@@ -338,6 +356,26 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_read_as_text() {
+        let sgd = Method::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+        };
+        assert_eq!(sgd.to_string(), "SGD (momentum 0.9, Nesterov)");
+        let plain = Method::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        };
+        assert_eq!(plain.to_string(), "SGD (momentum 0)");
+        let adamw = Method::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        assert_eq!(adamw.to_string(), "AdamW (betas 0.9, 0.999, eps 1e-8)");
+    }
     use candle_core::{DType, Device};
     use vt_model::kernels::OPTIMIZER_CHUNK;
 

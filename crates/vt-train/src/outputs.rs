@@ -27,11 +27,13 @@ const REPORT_READ_LIMIT: u64 = 64 << 20;
 pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
     refuse_file_on_path(option, out, folder)?;
     refuse_data_folder(option, out, folder)?;
-    let folder = resolved(folder);
+    let (folder, target) = (resolved(folder), resolved(out));
     for above in folder.ancestors() {
+        // An output that is the folder itself is not inside it.
+        let place = if above == target { "is" } else { "inside" };
         if above.join(CONFIG_FILE).is_file() && above.join(WEIGHTS_FILE).is_file() {
             return Err(TrainError::Config(format!(
-                "{option} {}: inside the checkpoint folder {}, which must hold only its \
+                "{option} {}: {place} the checkpoint folder {}, which must hold only its \
                  checkpoint; write it beside it",
                 out.display(),
                 above.display()
@@ -39,7 +41,7 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
         }
         if let Some(run) = above.parent().filter(|_| is_run_folder(above)) {
             return Err(TrainError::Config(format!(
-                "{option} {}: inside {}, which its training run manages; write it outside \
+                "{option} {}: {place} {}, which its training run manages; write it outside \
                  it (e.g. in {})",
                 out.display(),
                 above.display(),
@@ -237,9 +239,10 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert!(refused(&kept).contains("inside the checkpoint folder"));
-        assert!(refused(&kept.join("new/deeper")).contains("inside the checkpoint folder"));
-        assert!(refused(&run.join(TOP_DIR)).contains("which its training run manages"));
+        assert!(refused(&kept).contains(": is the checkpoint folder"));
+        assert!(refused(&kept.join("new/deeper")).contains(": inside the checkpoint folder"));
+        let err = refused(&run.join(TOP_DIR));
+        assert!(err.contains(": is ") && err.contains("which its training run manages"));
         assert!(refused(&run.join(BEST_DIR).join("x")).contains("which its training run manages"));
         refuse_managed_folder("--out", &run, &run).unwrap();
         refuse_managed_folder("--out", &run, &run.join("reports")).unwrap();

@@ -4,8 +4,9 @@
 //! file. After every epoch, in this order: a line appended to `metrics.jsonl` (and
 //! `metrics.csv`, the epoch's scalars to the event file, plots rewritten), `top/epoch-NNN/`
 //! when the epoch enters the checkpoint history, `state/`, `best/` when validation improved,
-//! `last/`, then the folders that left the history. An epoch whose weights are no longer
-//! finite (a diverged run) writes none of them: the run stops with an error. A run killed
+//! `last/`, then the folders that left the history. An epoch whose weights or validation
+//! loss are no longer finite (a diverged run) writes none of them: the run stops with an
+//! error. A run killed
 //! anywhere resumes from `state/` with the options of its `config.toml` (the last start's or
 //! resume's), dropping metric lines (and TensorBoard points) of epochs after the saved one,
 //! so every epoch is logged exactly once; killed before its first epoch ended, it starts
@@ -130,6 +131,8 @@ struct Plan {
     resumed: Option<Progress>,
     /// The run folder's lock, when taken while planning (on resume).
     lock: Option<File>,
+    /// The saved options a resume overrides, logged once every check accepted them.
+    overrides: Vec<String>,
 }
 
 /// Takes `RUN/.lock` for as long as the returned file lives (the OS drops the lock when the
@@ -222,6 +225,7 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         run_dir,
         resumed: None,
         lock: None,
+        overrides: Vec::new(),
     })
 }
 
@@ -276,11 +280,8 @@ fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
     )))
 }
 
-/// `saved` (the run's options) with `given` over it, the changes logged.
+/// `saved` (the run's options) with `given` over it.
 fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> Result<TrainConfig> {
-    for change in saved.changes(given) {
-        tracing::info!("resume: overriding {change}");
-    }
     TrainConfig::resolve(&saved.overridden_by(given))
 }
 
@@ -321,6 +322,7 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
             run_dir,
             resumed: Some(progress),
             lock: Some(lock),
+            overrides: options.changes(given),
         });
     }
     // Killed or interrupted before its first epoch ended: the run starts again from its
@@ -351,6 +353,7 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         run_dir,
         resumed: None,
         lock: Some(lock),
+        overrides: options.changes(given),
     })
 }
 
@@ -499,7 +502,10 @@ impl Trainer {
         self.progress.global_step = first_step + self.schedule.steps_per_epoch;
         totals.seconds = start.elapsed().as_secs_f64();
         if totals.images == 0 {
-            return Err(TrainError::NoStepSucceeded { epoch: epoch + 1 });
+            return Err(TrainError::NoStepSucceeded {
+                epoch: epoch + 1,
+                kept: epoch,
+            });
         }
         Ok(EpochEnd::Completed(totals))
     }
@@ -544,7 +550,7 @@ impl Trainer {
                 if let Some(tensor) = state::first_non_finite(model)? {
                     return Err(TrainError::Diverged {
                         epoch: epoch + 1,
-                        tensor,
+                        what: format!("`{tensor}` is no longer finite"),
                         kept: epoch,
                     });
                 }
@@ -558,6 +564,15 @@ impl Trainer {
                 &label,
             )?;
             let (val_acc, val_loss) = (val.matrix.accuracy(), val.loss);
+            // Finite weights that overflow the forward pass are as far gone: saved, they
+            // would be what a resume at a lower rate starts from.
+            if !val_loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch: epoch + 1,
+                    what: format!("the validation loss is {val_loss}"),
+                    kept: epoch,
+                });
+            }
             let best = self.progress.improves(val_acc, val_loss);
             // What --early-stop waits for: a tie in accuracy with a lower loss is a new best/,
             // not an improvement of the accuracy.
@@ -763,6 +778,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         run_dir,
         resumed,
         lock,
+        overrides,
     } = plan(args)?;
     let device = prepare_device(&config)?;
     let train_set = open_training_images(&config)?;
@@ -867,6 +883,10 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         }
         None => Progress::new(config.clone()),
     };
+    // Only now that every check of the resume accepted them: a refused one is not made.
+    for change in overrides {
+        tracing::info!("resume: overriding {change}");
+    }
     if progress.epochs_done > 0 {
         // A kill after the state's save, before the checkpoints', left them behind it.
         let served = state::load_served(&run_dir, &device)?;
@@ -948,7 +968,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let interrupted = interrupt_flag()?;
     tracing::info!(
         "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} per epoch | \
-         {:?} recipe, {:?} | device {:?}, {} compute + {} loader threads | run {}",
+         {} recipe, {} | device {}, {} compute + {} loader threads | run {}",
         if progress.epochs_done > 0 {
             "resuming"
         } else {
@@ -961,9 +981,9 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         train_set.len(),
         val_set.len(),
         count_steps(steps_per_epoch),
-        config.recipe,
+        config.recipe.name(),
         config.method(),
-        device,
+        vt_model::device_name(&device),
         config.threads,
         config.loader_threads,
         run_dir.display()

@@ -221,7 +221,10 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
 
     let missing = tmp.path().join("missing");
     let err = export_refused(&missing, &tmp.path().join("other.onnx"));
-    assert!(err.contains("config.json"), "{err}");
+    assert!(
+        err.contains(&format!("no checkpoint folder at {}", missing.display())),
+        "{err}"
+    );
 }
 
 /// Runs `model.onnx` on `input.f32` (raw little-endian, `[n, 3, s, s]`) in ONNX Runtime and

@@ -469,6 +469,8 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
             err.contains(message),
             "{flags:?}: expected `{message}` in:\n{err}"
         );
+        // A refused change is never logged as made.
+        assert!(!err.contains("overriding"), "{flags:?}: {err}");
         assert!(files() == before, "{flags:?} changed the run's files");
     }
 
@@ -696,13 +698,44 @@ fn a_diverged_epoch_leaves_the_run_as_the_epoch_before() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("update skipped"), "{log}");
-    // Whether it ends or stops for an epoch whose steps all failed, what it saved loads
-    // (`best/` only once an epoch's validation loss was finite).
-    let best = wild.join("best");
-    for dir in [wild.join("state"), wild.join("last")]
-        .into_iter()
-        .chain(best.exists().then_some(best))
-    {
-        Model::load(&dir, &Device::Cpu).unwrap();
+    // Whether it ends or stops for a diverged epoch, what it saved loads, and no epoch it
+    // saved has a validation loss that is not finite.
+    for dir in ["state", "last", "best"].map(|d| wild.join(d)) {
+        if dir.exists() {
+            Model::load(&dir, &Device::Cpu).unwrap();
+        }
     }
+    if wild.join("metrics.jsonl").exists() {
+        assert!(records(&wild).iter().all(|r| r.val_loss.is_finite()));
+    }
+}
+
+/// Weights finite but so large that the validation loss is not: the epoch is a diverged
+/// one, saved nowhere, so that a resume at a lower rate starts from sound weights.
+#[test]
+fn an_epoch_whose_validation_loss_is_not_finite_saves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let train = |flags: &[&str]| {
+        let mut cmd = train_tiny(&data, &run);
+        cmd.args(ONE_THREAD)
+            .args(["--batch-size", "4", "--epochs", "1"])
+            .args(flags);
+        cmd
+    };
+    let err = run_err(&mut train(&["--lr", "1e30"]));
+    assert!(
+        err.contains("diverged in epoch 1: the validation loss is")
+            && err.contains("the run's state keeps no epoch (`--resume` with a lower --lr"),
+        "{err}"
+    );
+    for output in ["state", "last", "best"] {
+        assert!(!run.join(output).exists(), "{output} was written: {err}");
+    }
+    let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    assert!(logged.is_empty(), "the epoch was logged: {logged}");
+    run_ok(&mut train(&["--resume", "--lr", "1e-3"]));
+    assert_eq!(epochs_done(&run), 1);
+    assert!(records(&run)[0].val_loss.is_finite());
 }

@@ -255,7 +255,7 @@ fn check_history_and_average(
     };
     let out = run_ok(&mut average());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("averaging 2 checkpoints"), "{text}");
+    assert!(text.contains("averaged 2 checkpoints"), "{text}");
     for epoch in &best {
         assert!(
             text.contains(&format!("epoch-{epoch:03}  epoch {epoch}, val acc")),
@@ -280,6 +280,56 @@ fn check_history_and_average(
     assert!(
         refused.contains("inside the checkpoint folder"),
         "{refused}"
+    );
+    // A checkpoint given as the run: the two ways it may have been meant.
+    let refused = run_err(
+        vt_train()
+            .args(["average", "--run-dir"])
+            .arg(run.join("best"))
+            .arg("--out")
+            .arg(run.with_file_name("avg-of-best")),
+    );
+    assert!(
+        refused.contains("a checkpoint folder, not a run: give the run folder (--run-dir")
+            && refused.contains("or give checkpoints as arguments"),
+        "{refused}"
+    );
+    // Checkpoints of two configurations: refused, in the order given, before anything is
+    // announced.
+    let other = run.with_file_name("other-config");
+    run_ok(
+        vt_train()
+            .args([
+                "init",
+                "--num-classes",
+                "2",
+                "--image-size",
+                "32",
+                "--tokens",
+                "8",
+            ])
+            .args(["--token-channels", "32", "--heads", "2", "--out"])
+            .arg(&other),
+    );
+    let mut mixed = vt_train();
+    mixed
+        .args(["average", "--out"])
+        .arg(run.with_file_name("mixed"))
+        .arg(run.join("best"))
+        .arg(&other);
+    let output = mixed.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && output.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{} and {} differ in",
+            run.join("best/config.json").display(),
+            other.join("config.json").display()
+        )) && stderr.contains("tokens: 4 vs 8"),
+        "{stderr}"
     );
     let refused = run_err(average().args(["--force", "--top", "3"]));
     assert!(
@@ -326,14 +376,25 @@ fn check_history_and_average(
         fs::remove_file(class_folder.join(name)).unwrap();
     }
     // A kept epoch's report goes beside its run: top/ holds only the epochs it keeps.
+    // Without --data, a run's checkpoint is evaluated on the data its run trained on.
     let kept_epoch = run.join(format!("top/epoch-{:03}", best[1]));
-    run_ok(
-        vt_train()
-            .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
-            .arg(&kept_epoch)
-            .arg("--data")
-            .arg(data),
-    );
+    let options = run.canonicalize().unwrap().join("config.toml");
+    for checkpoint in [kept_epoch, run.join("best")] {
+        let out = run_ok(
+            vt_train()
+                .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
+                .arg(&checkpoint),
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            log.contains(&format!(
+                "--data {}: from {}",
+                data.display(),
+                options.display()
+            )),
+            "{log}"
+        );
+    }
     let report = format!("eval-top-epoch-{:03}-val.json", best[1]);
     assert!(run.join(report).is_file());
     assert_eq!(checkpoint_history(run).1, epoch_folders(&best));
@@ -650,6 +711,25 @@ fn missing_data_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("nowhere") && err.contains("fetch-data"),
+        "{err}"
+    );
+    // An import without validation images says how to get some.
+    let data = tmp.path().join("no-val");
+    let mut options = vt_data::fetch::FetchOptions::new(
+        &data,
+        vt_data::fetch::FetchSource::Synthetic(vt_data::source::synthetic::SyntheticConfig {
+            train_per_class: 2,
+            test_per_class: 0,
+            pred: 0,
+            image_size: 16,
+            seed: 1,
+        }),
+    );
+    options.val_fraction = 0.0;
+    vt_data::fetch::fetch(&options).unwrap();
+    let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
+    assert!(
+        err.contains("val has no images") && err.contains("--val-fraction 0.1"),
         "{err}"
     );
 }
@@ -1296,7 +1376,13 @@ fn lr_find_sweeps_the_rate_and_writes_its_report_but_no_run() {
     assert!(run > 4 && run <= steps, "{run} steps: {text}");
     match report["ended"].as_str().unwrap() {
         "completed" => assert_eq!(run, steps),
-        "diverged" => assert!(text.contains(&format!("diverged at step {run}")), "{text}"),
+        "diverged" => {
+            let step = points[run - 1]["step"].as_u64().unwrap();
+            assert!(
+                text.contains(&format!("diverged at step {step} (")),
+                "{text}"
+            );
+        }
         ended => panic!("ended {ended}"),
     }
     let lrs: Vec<f64> = points.iter().map(|p| p["lr"].as_f64().unwrap()).collect();
@@ -1405,6 +1491,43 @@ fn explain_draws_each_modules_token_attention() {
     for line in stdout.lines() {
         assert_eq!(line.matches('%').count(), 3, "the 3 best classes: {line}");
     }
+
+    // Folders: their image files in path order, other files left out; one without any is
+    // refused by name.
+    fs::write(tmp.path().join("a/readme.txt"), "not an image").unwrap();
+    let from_folders = tmp.path().join("from-folders");
+    let out = run_ok(
+        vt_train()
+            .args(["explain", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(&from_folders)
+            .arg(tmp.path().join("b"))
+            .arg(tmp.path().join("a")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let explained: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        explained,
+        [jpeg.display().to_string(), png.display().to_string()],
+        "{stdout}"
+    );
+    assert!(is_png(&from_folders.join("photo-2.explain.png")));
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["explain", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg(&empty),
+    );
+    assert!(
+        err.contains(&format!("{} holds no image file", empty.display())),
+        "{err}"
+    );
 }
 
 /// `--early-stop N` stops N epochs after validation accuracy last rose: an epoch of the same
