@@ -891,23 +891,30 @@ fn a_hugging_face_repository_with_other_zips_imports_its_archive() {
     );
 }
 
-#[test]
-fn hugging_face_failures_are_quick_and_name_the_alternatives() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Nothing listens on a freed port: connection refused.
+/// A hub endpoint where nothing listens (a freed port: connection refused), and fetch
+/// options that import from it into `dir`.
+fn unreachable_hub(dir: &Path) -> (String, FetchOptions) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
     let opts = FetchOptions::new(
-        tmp.path().join("data"),
+        dir.join("data"),
         FetchSource::HuggingFace(HfOptions {
-            endpoint: Some(format!("http://127.0.0.1:{port}")),
-            cache_dir: Some(tmp.path().join("hf-cache")),
+            endpoint: Some(endpoint.clone()),
+            cache_dir: Some(dir.join("hf-cache")),
             ..HfOptions::default()
         }),
     );
+    (endpoint, opts)
+}
+
+#[test]
+fn hugging_face_failures_are_quick_and_name_the_alternatives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = unreachable_hub(tmp.path()).1;
     let start = Instant::now();
     let err = fetch(&opts).unwrap_err().to_string();
     assert!(start.elapsed().as_secs() < 15, "took {:?}", start.elapsed());
@@ -1379,20 +1386,7 @@ fn rate_limits_say_to_wait() {
 #[test]
 fn network_errors_name_the_url_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let hf = FetchOptions::new(
-        tmp.path().join("data"),
-        FetchSource::HuggingFace(HfOptions {
-            endpoint: Some(endpoint.clone()),
-            cache_dir: Some(tmp.path().join("hf-cache")),
-            ..HfOptions::default()
-        }),
-    );
+    let (endpoint, hf) = unreachable_hub(tmp.path());
     let err = fetch(&hf).unwrap_err().to_string();
     assert_eq!(err.matches(&format!("{endpoint}/api/")).count(), 1, "{err}");
 
