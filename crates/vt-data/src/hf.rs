@@ -210,7 +210,10 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .info()
         .maybe_revision(opts.repo.revision.clone())
         .send()
-        .map_err(|e| hub_error(opts, "cannot read the dataset repository", &e))?;
+        .map_err(|e| {
+            let error = hub_error(opts, "cannot read the dataset repository", &e);
+            name_cached_archives(error, &repo_cache_dir(&cache_dir, opts))
+        })?;
     let commit = info.sha.ok_or_else(|| DataError::Network {
         what: format!("resolving {} at {}", opts.repo, endpoint_of(opts)),
         message: "the hub named no commit for this revision".into(),
@@ -370,11 +373,52 @@ fn snapshot_path(cache_dir: &Path, opts: &HfOptions, commit: &str, path: &str) -
             opts.repo
         )));
     }
-    Ok(cache_dir
-        .join(format!("datasets--{}--{}", opts.repo.owner, opts.repo.name))
+    Ok(repo_cache_dir(cache_dir, opts)
         .join("snapshots")
         .join(commit)
         .join(path))
+}
+
+/// The repository's folder in hf-hub's cache.
+fn repo_cache_dir(cache_dir: &Path, opts: &HfOptions) -> PathBuf {
+    cache_dir.join(format!("datasets--{}--{}", opts.repo.owner, opts.repo.name))
+}
+
+/// `error` (the hub could not be asked) with the archives an earlier run downloaded into
+/// `repo_dir` named: `--from` imports them without the hub. A snapshot holds only complete
+/// files, renamed there from their `.part` once every listed byte arrived.
+fn name_cached_archives(error: DataError, repo_dir: &Path) -> DataError {
+    let DataError::Network {
+        what,
+        message,
+        hint,
+    } = error
+    else {
+        return error;
+    };
+    // The newest, should the cache hold the archive of several commits.
+    let newest = fs::read_dir(repo_dir.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|commit| fs::read_dir(commit.path()).into_iter().flatten().flatten())
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "zip"))
+        .filter_map(|path| Some((fs::metadata(&path).ok()?.modified().ok()?, path)))
+        .max();
+    let hint = match newest {
+        Some((_, archive)) => format!(
+            "An earlier download is in the cache: cargo xtask fetch-data --from {} imports \
+             it without the hub. {hint}",
+            archive.display()
+        ),
+        None => hint,
+    };
+    DataError::Network {
+        what,
+        message,
+        hint,
+    }
 }
 
 /// Downloads `path` at `commit` to `dest`, resuming from `<dest>.part`: hf-hub's own download

@@ -828,6 +828,27 @@ fn hugging_face_zip_mirror_imports() {
     assert_eq!(m.classes, ["glacier", "street"]);
     assert_eq!(m.splits.pred, 2);
     assert!(m.origin.contains("mirror/intel"));
+
+    // Without the hub, the cached archive is named for --from.
+    let mut offline = unreachable_hub(tmp.path()).1;
+    if let FetchSource::HuggingFace(hf) = &mut offline.source {
+        hf.repo = "mirror/intel".parse().unwrap();
+    }
+    let err = fetch(&offline).unwrap_err().to_string();
+    let cached = snapshot(tmp.path(), "mirror/intel").join("archive.zip");
+    assert!(
+        err.contains(&format!(
+            "fetch-data --from {} imports it",
+            cached.display()
+        )),
+        "{err}"
+    );
+    let m = fetch(&FetchOptions::new(
+        tmp.path().join("data"),
+        FetchSource::Path(cached),
+    ))
+    .unwrap();
+    assert_eq!(m.classes, ["glacier", "street"]);
 }
 
 /// The data set's archive is the one zip with training images; other zips are left out,
