@@ -599,6 +599,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let epochs = args.epochs.unwrap_or(if args.quick { 1 } else { 3 });
     steps.run("train", || {
+        // Again: a vt-train may have started in the folder during the build and the fetch.
+        check_replaceable_run(&run_dir)?;
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir)
                 .with_context(|| format!("clearing {}", run_dir.display()))?;

@@ -205,7 +205,6 @@ impl ImageFolder {
     }
 }
 
-/// Entries of `dir`, hidden files (dot files) excluded.
 /// Refuses a folder of a split that is not one of the manifest's classes (one a user added,
 /// or `Sea` beside `sea`): its images would be left out of training or evaluation unsaid.
 fn refuse_unknown_class_folders(root: &Path, classes: &[String]) -> Result<()> {
@@ -227,6 +226,7 @@ fn refuse_unknown_class_folders(root: &Path, classes: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Entries of `dir`, hidden files (dot files) excluded.
 pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {

@@ -26,8 +26,10 @@ use crate::temporary::{self, Kind};
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// What marks a vt-train run folder, and the checkpoints it writes there: named when a run
-/// folder is given where a checkpoint is expected.
+/// folder is given where a checkpoint is expected. Its options file alone may be a user's
+/// own `config.toml`: a run also holds one of `RUN_OUTPUTS` (its lock from the start).
 const RUN_OPTIONS_FILE: &str = "config.toml";
+const RUN_OUTPUTS: [&str; 3] = [".lock", "metrics.jsonl", "state"];
 const RUN_CHECKPOINTS: [&str; 2] = ["best", "last"];
 
 /// The SHA-256 of a weights file's bytes, in hex: the checkpoint's identity, as vt-serve's
@@ -72,7 +74,9 @@ fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
         .filter(|c| c.join(CONFIG_FILE).is_file())
         .map(|c| c.display().to_string())
         .collect();
-    if found.is_empty() && !dir.join(RUN_OPTIONS_FILE).is_file() {
+    let is_run = dir.join(RUN_OPTIONS_FILE).is_file()
+        && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists());
+    if found.is_empty() && !is_run {
         return Ok(());
     }
     let checkpoints = if found.is_empty() {

@@ -67,6 +67,10 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
     let run = tmp.path().join("run");
     std::fs::create_dir(&run).unwrap();
     std::fs::write(run.join("config.toml"), "epochs = 2\n").unwrap();
+    // An options file alone may be a user's own: the missing config.json is what is named.
+    assert!(load_err(&run).contains("config.json"), "{}", load_err(&run));
+    // A run holds its lock from its start.
+    std::fs::write(run.join(".lock"), "").unwrap();
     let err = load_err(&run);
     assert_eq!(
         err,

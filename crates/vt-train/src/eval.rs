@@ -254,10 +254,11 @@ pub struct EvalReport {
 
 /// The data folder to evaluate on: `--data`, else the one the checkpoint's run trained on
 /// (`data` in its `config.toml`, as written there: relative to where training ran, as a
-/// resume reads it), else the default.
-fn data_folder(args: &EvalArgs) -> PathBuf {
+/// resume reads it), else the default. A run's folder that is not there from here is
+/// refused, naming `--data`: nothing records where a relative one was taken from.
+fn data_folder(args: &EvalArgs) -> Result<PathBuf> {
     if let Some(data) = &args.data {
-        return data.clone();
+        return Ok(data.clone());
     }
     let beside = outputs::resolved(&args.checkpoint)
         .parent()
@@ -266,19 +267,29 @@ fn data_folder(args: &EvalArgs) -> PathBuf {
         .or(beside)
         .filter(|run| run.join(CONFIG_TOML).is_file());
     let Some(options) = run.map(|run| run.join(CONFIG_TOML)) else {
-        return PathBuf::from(DEFAULT_DATA_DIR);
+        return Ok(PathBuf::from(DEFAULT_DATA_DIR));
     };
     match TrainOptions::from_toml_file(&options) {
         Ok(TrainOptions {
             data: Some(data), ..
         }) => {
+            if !data.is_dir() {
+                return Err(TrainError::Config(format!(
+                    "{} trained on the data folder {}, which is not there from {} (a relative \
+                     one is relative to where training ran): give --data",
+                    options.display(),
+                    data.display(),
+                    std::env::current_dir()
+                        .map_or_else(|_| "here".to_string(), |d| d.display().to_string())
+                )));
+            }
             tracing::info!("--data {}: from {}", data.display(), options.display());
-            data
+            Ok(data)
         }
-        Ok(_) => PathBuf::from(DEFAULT_DATA_DIR),
+        Ok(_) => Ok(PathBuf::from(DEFAULT_DATA_DIR)),
         Err(e) => {
             tracing::warn!("{e}: evaluating on {DEFAULT_DATA_DIR}; give --data to choose");
-            PathBuf::from(DEFAULT_DATA_DIR)
+            Ok(PathBuf::from(DEFAULT_DATA_DIR))
         }
     }
 }
@@ -568,7 +579,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let model = Model::load(&args.checkpoint, &device)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let data = data_folder(args);
+    let data = data_folder(args)?;
     let folder = data::open_split(&data, split, args.limit, 0)
         .with_context(|| format!("reading the {split} split of {}", data.display()))?;
     if folder.classes != model.config.class_names {

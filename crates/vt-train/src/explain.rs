@@ -85,9 +85,9 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
     let model = Model::load(&args.checkpoint, &device)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let images = images_to_explain(&args.images, &args.out)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::file_op("creating", &args.out, e))?;
-    let images = image_files(&args.images)?;
     let mut resizer = Resizer::new();
     // The inputs' own paths are taken too: a picture must never replace an image given.
     let out = args
@@ -122,6 +122,25 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The image files `given` stands for, less those in `out` (a folder given may hold it, as
+/// `explain .` holds the default `explain/`): earlier pictures are not photos to explain.
+fn images_to_explain(given: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    let images = image_files(given)?;
+    let Ok(out) = out.canonicalize() else {
+        return Ok(images);
+    };
+    Ok(images
+        .into_iter()
+        .filter(|image| {
+            let explicit = given.contains(image);
+            explicit
+                || !image
+                    .canonicalize()
+                    .is_ok_and(|path| path.starts_with(&out))
+        })
+        .collect())
 }
 
 /// The picture's file name in the (resolved) folder `out`: the image's stem and

@@ -398,6 +398,24 @@ fn check_history_and_average(
     let report = format!("eval-top-epoch-{:03}-val.json", best[1]);
     assert!(run.join(report).is_file());
     assert_eq!(checkpoint_history(run).1, epoch_folders(&best));
+    // A run's data folder that is not there from here (a relative one, taken from where
+    // training ran) is refused, naming --data.
+    let moved = run.with_file_name("moved-run");
+    fs::create_dir_all(moved.join("best")).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        fs::copy(run.join("best").join(file), moved.join("best").join(file)).unwrap();
+    }
+    fs::write(moved.join("config.toml"), "data = \"data-elsewhere\"\n").unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
+            .arg(moved.join("best")),
+    );
+    assert!(
+        err.contains("trained on the data folder data-elsewhere, which is not there")
+            && err.contains("give --data"),
+        "{err}"
+    );
 }
 
 /// One row of the predictions CSV.
@@ -1516,18 +1534,36 @@ fn explain_draws_each_modules_token_attention() {
         "{stdout}"
     );
     assert!(is_png(&from_folders.join("photo-2.explain.png")));
+    // Pictures written inside a folder given are not photos to explain the next time.
+    let inside = tmp.path().join("a/explain");
+    for _ in 0..2 {
+        let out = run_ok(
+            vt_train()
+                .args(["explain", "--checkpoint"])
+                .arg(&checkpoint)
+                .arg("--out")
+                .arg(&inside)
+                .arg(tmp.path().join("a")),
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    }
+    assert_eq!(fs::read_dir(&inside).unwrap().count(), 1);
+    // A folder without images is refused before any output folder is made.
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = run_err(
         vt_train()
             .args(["explain", "--checkpoint"])
             .arg(&checkpoint)
+            .arg("--out")
+            .arg(tmp.path().join("never"))
             .arg(&empty),
     );
     assert!(
         err.contains(&format!("{} holds no image file", empty.display())),
         "{err}"
     );
+    assert!(!tmp.path().join("never").exists());
 }
 
 /// `--early-stop N` stops N epochs after validation accuracy last rose: an epoch of the same
