@@ -79,7 +79,7 @@ pub struct ServeArgs {
     pub max_pixels: u64,
     /// Hosts (comma-separated, `host` or `host:port`) that `{"url": ...}` inputs may be
     /// fetched from. Without it URL inputs are refused.
-    #[arg(long, env = "VT_SERVE_ALLOW_URL_FETCH", value_delimiter = ',')]
+    #[arg(long, env = "VT_SERVE_ALLOW_URL_FETCH", value_delimiter = ',', value_parser = parse_host)]
     pub allow_url_fetch: Vec<String>,
     /// Web origins (comma-separated, e.g. `https://app.example.com`, or `*` for any) whose
     /// pages may call the API from the browser (CORS). Without it only pages served by
@@ -103,8 +103,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path.
+/// A host of `--allow-url-fetch`, without the spaces around it in a list
+/// (`a.example, b.example`).
+fn parse_host(host: &str) -> Result<String, String> {
+    Ok(host.trim().to_owned())
+}
+
+/// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path; the spaces
+/// around it in a list (`https://a.example, https://b.example`) are not part of it.
 fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
+    let origin = origin.trim();
     let well_formed = origin == "*"
         || origin.split_once("://").is_some_and(|(scheme, rest)| {
             !scheme.is_empty()
@@ -261,6 +269,9 @@ mod tests {
             .map(|cli| cli.args.cors_allow_origin)
         };
         let origins = parse("https://a.example,http://localhost:3000").unwrap();
+        assert_eq!(origins, ["https://a.example", "http://localhost:3000"]);
+        // A list as people write it, spaces after the commas.
+        let origins = parse("https://a.example, http://localhost:3000 ").unwrap();
         assert_eq!(origins, ["https://a.example", "http://localhost:3000"]);
         assert_eq!(parse("*").unwrap(), ["*"]);
         for bad in [

@@ -50,6 +50,44 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("{0}")]
     Internal(String),
+    /// The client closed its connection (or reset its stream) before its request was read:
+    /// no answer reaches it, but the request is counted and logged.
+    #[error("the client went away before its request was read")]
+    ClientClosedRequest,
+}
+
+/// nginx's "client closed request": no HTTP status says that the client went away.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Whether reading a request body failed because the client went away: hyper's error, from
+/// a connection that ended mid-body (HTTP/1.1) or a stream or connection that failed
+/// (HTTP/2, whose bodies end cleanly otherwise). A malformed body (bad chunked framing, bad
+/// compression) is the client's error, not its absence.
+pub fn client_went_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+        return match std::error::Error::source(hyper)
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+        {
+            Some(io) => matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            // HTTP/2's own errors (h2's, a reset stream or a failed connection), or a
+            // connection that closed before hyper read the whole message.
+            None => !hyper.is_parse() && !hyper.is_user(),
+        };
+    }
+    // `io::Error::source` skips the error it wraps: look at that one too.
+    let wrapped = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    wrapped
+        .or_else(|| error.source())
+        .is_some_and(client_went_away)
 }
 
 #[derive(Serialize)]
@@ -77,6 +115,9 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::UnknownModel(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ClientClosedRequest => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
@@ -99,6 +140,7 @@ impl ApiError {
             ApiError::UnknownModel(_) => "unknown_model",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Internal(_) => "internal",
+            ApiError::ClientClosedRequest => "client_closed_request",
         }
     }
 
@@ -165,6 +207,7 @@ impl ApiError {
             // No such method.
             ApiError::NotFound(_) | ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::ClientClosedRequest => Code::Cancelled,
         };
         if self.status().is_server_error() {
             tracing::warn!(code = ?code, error = %self, "gRPC request failed");

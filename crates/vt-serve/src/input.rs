@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::body_budget::BodyCharge;
 use crate::content_coding::{refuse_undecoded, ReceivedBytes};
-use crate::error::ApiError;
+use crate::error::{client_went_away, ApiError};
 use crate::state::{AppState, Limits};
 
 pub struct ImageInput {
@@ -277,9 +277,15 @@ impl BodyRecord {
         }
     }
 
-    /// The answer to a read that failed with `status`: 413 past the body limit, else 503
-    /// when the server-wide body budget could not cover it, else `other`.
-    fn error(&self, status: StatusCode, other: impl FnOnce() -> ApiError) -> ApiError {
+    /// The answer to a read that failed with `status` because of `cause`: 413 past the body
+    /// limit, else 503 when the server-wide body budget could not cover it, else 499 when
+    /// the client went away, else `other`.
+    fn error(
+        &self,
+        status: StatusCode,
+        cause: &(dyn std::error::Error + 'static),
+        other: impl FnOnce() -> ApiError,
+    ) -> ApiError {
         if status == StatusCode::PAYLOAD_TOO_LARGE
             || self.received.over_limit()
             || self.charge.too_large()
@@ -287,6 +293,8 @@ impl BodyRecord {
             ApiError::PayloadTooLarge { limit: self.limit }
         } else if let Some(refusal) = self.charge.refusal() {
             refusal
+        } else if client_went_away(cause) {
+            ApiError::ClientClosedRequest
         } else {
             other()
         }
@@ -322,7 +330,7 @@ pub async fn read_body(
     let read = Bytes::from_request(request, &());
     received_by(limits, deadline, async {
         read.await.map_err(|rejection| {
-            record.error(rejection.status(), || {
+            record.error(rejection.status(), &rejection, || {
                 ApiError::BadRequest(format!(
                     "cannot read the request body: {}",
                     rejection.body_text()
@@ -343,7 +351,7 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
         ApiError::BadRequest(format!("invalid multipart request: {}", r.body_text()))
     })?;
     let field_error = |e: MultipartError| {
-        record.error(e.status(), || {
+        record.error(e.status(), &e, || {
             ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
         })
     };

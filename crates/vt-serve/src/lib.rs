@@ -36,5 +36,5 @@ pub use args::ServeArgs;
 pub use classifier::{Classifier, ClassifyError, Label, Prediction, Preprocessor};
 pub use error::ApiError;
 pub use router::router;
-pub use server::{shutdown_signal, Server};
+pub use server::{shutdown_signals, Server, Stopped};
 pub use state::{AppState, StartError};

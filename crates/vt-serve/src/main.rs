@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vt_serve::args::LogFormat;
 use vt_serve::predict::{self, PredictArgs};
-use vt_serve::{shutdown_signal, ServeArgs, Server};
+use vt_serve::{shutdown_signals, ServeArgs, Server, Stopped};
 
 /// With no subcommand, serves (the server's flags go at the top level).
 #[derive(Debug, Parser)]
@@ -34,12 +34,24 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     vt_model::allocator::retain_freed_memory();
+    unset_empty_settings();
     let cli = Cli::parse();
     match (cli.command, cli.serve) {
         (Some(Command::Predict(args)), _) => Ok(predict::run(&args)?),
         (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(&args),
         // clap requires --checkpoint when no subcommand is given.
         (None, None) => anyhow::bail!("--checkpoint is required to serve"),
+    }
+}
+
+/// Removes the `VT_SERVE_*` environment variables that are set but empty (as Helm charts
+/// and Compose files leave optional ones), so that they read as unset rather than as an
+/// empty value, which most flags refuse. Before any thread starts, as `remove_var` needs.
+fn unset_empty_settings() {
+    for (name, value) in std::env::vars_os() {
+        if value.is_empty() && name.to_string_lossy().starts_with("VT_SERVE_") {
+            std::env::remove_var(name);
+        }
     }
 }
 
@@ -91,7 +103,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             ),
             None => tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving"),
         }
-        server.run(shutdown_signal()).await?;
+        // From here on SIGTERM and SIGINT no longer end the process at once: they shut down.
+        let signals = shutdown_signals()?;
+        if server.run(signals).await? == Stopped::CutShort {
+            anyhow::bail!(
+                "stopped by a second shutdown signal before the requests in flight were answered"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     })

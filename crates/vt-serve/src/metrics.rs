@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Path, Request, State};
-use axum::http::Method;
+use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::RequestPartsExt;
@@ -15,6 +15,9 @@ use prometheus::{
     TextEncoder,
 };
 
+use tracing::Span;
+
+use crate::access::{self, OnAbandon};
 use crate::instances::Verb;
 
 pub struct Metrics {
@@ -189,7 +192,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// Middleware counting every response by its route pattern (not the raw path, which would
-/// let clients create unbounded label values) and status.
+/// let clients create unbounded label values) and status; a request whose client went away
+/// before its answer is counted as 499 (and logged so), CORS preflights under `preflight`.
 pub async fn track(
     State(metrics): State<Arc<Metrics>>,
     mut request: Request,
@@ -199,29 +203,46 @@ pub async fn track(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    // Predictions, explanations and readiness probes share one route pattern
-    // (`NAME:predict` is one path segment, which routing percent-decodes); they are
-    // counted apart.
-    if route == "/v1/models/{model}" && request.method() == Method::POST {
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        // Apart from the route's own requests, whose latencies they would skew.
+        route = "preflight".to_owned();
+    } else if route == "/v1/models/{model}" && request.method() == Method::POST {
+        // Predictions, explanations and readiness probes share one route pattern
+        // (`NAME:predict` is one path segment, which routing percent-decodes); they are
+        // counted apart, and verbs the route does not know apart from both.
         let (mut parts, body) = request.into_parts();
         let segment = parts.extract::<Path<String>>().await.ok();
         let verb = segment.and_then(|Path(segment)| Verb::of(&segment).map(|(_, verb)| verb));
-        route.push_str(if verb == Some(Verb::Explain) {
-            ":explain"
-        } else {
-            ":predict"
+        route.push_str(match verb {
+            Some(Verb::Predict) => ":predict",
+            Some(Verb::Explain) => ":explain",
+            None => ":unknown",
         });
         request = Request::from_parts(parts, body);
     }
     let started = Instant::now();
+    let observe = |status: &str| {
+        metrics
+            .request_seconds
+            .with_label_values(&[route.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .requests
+            .with_label_values(&[route.as_str(), status])
+            .inc();
+    };
+    // Inside the access log's span.
+    let span = Span::current();
+    let abandoned = OnAbandon::new(|| {
+        observe("499");
+        access::abandoned(&span, started.elapsed());
+    });
     let response = next.run(request).await;
-    metrics
-        .request_seconds
-        .with_label_values(&[route.as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .requests
-        .with_label_values(&[route.as_str(), response.status().as_str()])
-        .inc();
+    abandoned.answered();
+    observe(response.status().as_str());
     response
 }

@@ -52,10 +52,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(open_inference_routes())
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state.metrics),
-            metrics::track,
-        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("the request handler panicked".into()).into_response()
@@ -95,6 +91,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         None => routes,
     };
     routes
+        // Outside every layer that answers (the panic catcher, the body checks, CORS
+        // preflights), so that all answers are counted.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            metrics::track,
+        ))
         // Outermost last: the id is set, then the request is logged under it, then the id is
         // copied to the answer.
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -107,6 +109,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::map_request(access::without_empty_id))
         .with_state(state)
 }
 

@@ -13,6 +13,7 @@ use axum::body::Body as AxumBody;
 use axum::response::Response;
 use axum::serve::Listener;
 use axum::Router;
+use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -35,14 +36,27 @@ pub struct Server {
     /// `--grpc-port`'s, for the Open Inference Protocol's gRPC service.
     grpc_listener: Option<TcpListener>,
     state: Arc<AppState>,
-    /// SIGHUP, listened for from `bind` on: its default action would end the process.
+    /// SIGHUP, listened for from the start of `bind` on: its default action would end the
+    /// process. One that arrives while the checkpoint loads is a reload once serving.
     #[cfg(unix)]
     hangup: Signal,
+}
+
+/// How [`Server::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every request in flight was answered (or its connection closed past the drain).
+    Drained,
+    /// A second shutdown signal ended the drain at once: requests still in flight were
+    /// dropped.
+    CutShort,
 }
 
 impl Server {
     /// Loads the checkpoint (off the async runtime) and binds the listening socket.
     pub async fn bind(args: &ServeArgs) -> Result<Server, StartError> {
+        #[cfg(unix)]
+        let hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
         let load_args = args.clone();
         let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
             .await
@@ -57,7 +71,7 @@ impl Server {
             grpc_listener,
             state: Arc::new(state),
             #[cfg(unix)]
-            hangup: signal(SignalKind::hangup()).map_err(StartError::Signal)?,
+            hangup,
         })
     }
 
@@ -77,14 +91,15 @@ impl Server {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, then stops accepting connections and returns
-    /// once every request in flight has been answered. Every request ends within the
-    /// request timeout, so connections still open a moment past it carry none (a client
-    /// still sending its headers): they are closed rather than waited for.
+    /// Serves until `shutdown` yields, then stops accepting connections and returns once
+    /// every request in flight has been answered, or at once when `shutdown` yields again.
+    /// Every request ends within the request timeout, so connections still open a moment
+    /// past it carry none (a client still sending its headers): they are closed rather than
+    /// waited for.
     pub async fn run(
         self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), StartError> {
+        shutdown: impl Stream<Item = ()> + Send + 'static,
+    ) -> Result<Stopped, StartError> {
         let Server {
             mut listener,
             mut grpc_listener,
@@ -111,7 +126,8 @@ impl Server {
         // Set when shutdown begins: gRPC connections that never had a stream close then.
         let (stopping, _) = watch::channel(false);
         let connections = GracefulShutdown::new();
-        let mut shutdown = pin!(shutdown);
+        // Fused: a stream that ended is never polled again, and never yields.
+        let mut shutdown = pin!(shutdown.fuse());
         loop {
             tokio::select! {
                 // axum's accept retries after errors such as running out of file descriptors.
@@ -127,7 +143,7 @@ impl Server {
                     let idle = streams.idle(state.limits.header_timeout, stopping.subscribe());
                     serve(&connections, connection, peer, idle);
                 }
-                () = &mut shutdown => break,
+                Some(()) = shutdown.next() => break,
             }
         }
         drop(listener);
@@ -139,17 +155,25 @@ impl Server {
         stopping.send_replace(true);
         tracing::info!("shutting down: finishing requests in flight");
         let drain = state.limits.timeout + DRAIN_MARGIN;
-        if tokio::time::timeout(drain, connections.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "connections still open {:.1}s after shutdown began carry no request: \
-                 closing them",
-                drain.as_secs_f64()
-            );
+        tokio::select! {
+            drained = tokio::time::timeout(drain, connections.shutdown()) => {
+                if drained.is_err() {
+                    tracing::warn!(
+                        "connections still open {:.1}s after shutdown began carry no \
+                         request: closing them",
+                        drain.as_secs_f64()
+                    );
+                }
+                Ok(Stopped::Drained)
+            }
+            Some(()) = shutdown.next() => {
+                tracing::warn!(
+                    "second shutdown signal: closing the connections still open, requests \
+                     in flight unanswered"
+                );
+                Ok(Stopped::CutShort)
+            }
         }
-        Ok(())
     }
 }
 
@@ -313,30 +337,30 @@ async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Yields at each SIGINT (Ctrl-C) and, on Unix, SIGTERM, from its call on: the first
+/// begins the shutdown, a second cuts its drain short ([`Server::run`]).
+#[cfg(unix)]
+pub fn shutdown_signals() -> Result<impl Stream<Item = ()> + Send + 'static, StartError> {
+    let interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    Ok(futures_util::stream::unfold(
+        (interrupt, terminate),
+        |(mut interrupt, mut terminate)| async move {
+            tokio::select! {
+                Some(()) = interrupt.recv() => {}
+                Some(()) = terminate.recv() => {}
+                else => return None,
             }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
+            Some(((), (interrupt, terminate)))
+        },
+    ))
+}
+
+/// Yields at each Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signals() -> Result<impl Stream<Item = ()> + Send + 'static, StartError> {
+    Ok(futures_util::stream::unfold((), |()| async {
+        tokio::signal::ctrl_c().await.ok()?;
+        Some(((), ()))
+    }))
 }

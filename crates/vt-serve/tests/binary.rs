@@ -633,3 +633,221 @@ async fn a_server_whose_stderr_is_closed_keeps_answering() {
         assert!(status.success(), "{format} logs: exit status {status}");
     }
 }
+
+/// Sends `signal` (`HUP`, `TERM`...) to the process.
+fn send_signal(child: &Child, signal: &str) {
+    let kill = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+/// The process's stderr lines, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    received
+}
+
+/// Waits (bounded) for a line that contains `needle`, and returns it.
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+    panic!("no line with {needle:?}");
+}
+
+/// A SIGHUP that arrives while the checkpoint loads does not end the process: it reloads
+/// the checkpoint once serving. The weights file is a FIFO, so that the load is held until
+/// the signal was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_during_startup_is_a_reload_once_serving() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let weights = checkpoint.join("model.safetensors");
+    let saved = checkpoint.join("saved.safetensors");
+    std::fs::rename(&weights, &saved).unwrap();
+    let fifo = Command::new("mkfifo").arg(&weights).status().unwrap();
+    assert!(fifo.success());
+    let mut child = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .args(["--port", "0", "--device", "cpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // Opening the FIFO for writing waits until the server opens it to read the weights.
+    let writer = std::fs::OpenOptions::new().write(true).open(&weights);
+    let mut writer = writer.unwrap();
+    send_signal(&child, "HUP");
+    // The reload after startup reads a plain file; the load under way, the FIFO.
+    let bytes = std::fs::read(&saved).unwrap();
+    std::fs::rename(&saved, &weights).unwrap();
+    let written = std::io::Write::write_all(&mut writer, &bytes);
+    drop(writer);
+    if let Err(e) = written {
+        let status = wait_for_exit(&mut child);
+        panic!("the server stopped reading its weights ({e}): it exited with {status}");
+    }
+    let base = listening_on(&mut child, 1).remove(0);
+    let client = client();
+    let reloaded = r#"vt_serve_model_reloads_total{result="ok"}"#;
+    wait_for_gauge(&client, &format!("{base}/metrics"), reloaded, 1.0).await;
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["models"][0]["generation"], 2, "{models}");
+    send_signal(&child, "TERM");
+    assert!(wait_for_exit(&mut child).success());
+}
+
+/// A second SIGTERM ends the drain at once (a request in flight would hold it for up to
+/// --timeout-ms), and the process exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let mut child = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .args(["--port", "0", "--device", "cpu", "--timeout-ms", "600000"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = listening_on(&mut child, 1).remove(0);
+    let lines = stderr_lines(&mut child);
+    let client = client();
+    let _upload = start_endless_upload(&client, &base).await;
+    send_signal(&child, "TERM");
+    line_with(&lines, "shutting down");
+    send_signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || wait_for_exit(&mut child))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    line_with(&lines, "second shutdown signal");
+}
+
+/// Text logs quote request ids, so that an id cannot forge a log line; an empty id is
+/// replaced by a fresh one, and one that is not UTF-8 is logged lossily. A request whose
+/// client went away is logged. Settings set but empty in the environment (as Helm leaves
+/// them) are unset, and lists of origins may have spaces after their commas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_quote_request_ids_and_empty_settings_are_unset() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let mut child = Command::new(BIN)
+        .env("VT_SERVE_CHECKPOINT", &checkpoint)
+        .env("VT_SERVE_PORT", "0")
+        .env("VT_SERVE_GRPC_PORT", "")
+        .env("VT_SERVE_DEVICE", "cpu")
+        .env("VT_SERVE_MAX_DELAY_MS", "60000")
+        .env(
+            "VT_SERVE_CORS_ALLOW_ORIGIN",
+            "https://a.example, https://b.example",
+        )
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = listening_on(&mut child, 1).remove(0);
+    let lines = stderr_lines(&mut child);
+    let client = client();
+
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, format!("{base}/predict"))
+        .header("origin", "https://b.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://b.example"
+    );
+
+    let forged = "abc def}: vt_serve::access: answered status=200";
+    let answer = client
+        .get(format!("{base}/health/live"))
+        .header("x-request-id", forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["x-request-id"], forged);
+    let line = line_with(&lines, "abc def");
+    assert!(
+        line.contains(r#"id="abc def}: vt_serve::access: answered status=200""#),
+        "{line}"
+    );
+
+    let answer = client
+        .get(format!("{base}/health/live"))
+        .header("x-request-id", "")
+        .send()
+        .await
+        .unwrap();
+    let fresh = answer.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(fresh.len(), 36, "{fresh:?}");
+    line_with(&lines, &format!(r#"id="{fresh}""#));
+
+    let not_utf8 = reqwest::header::HeaderValue::from_bytes(b"id-\xff-1").unwrap();
+    let answer = client
+        .get(format!("{base}/health/live"))
+        .header("x-request-id", not_utf8.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["x-request-id"], not_utf8);
+    line_with(&lines, "id=\"id-\u{fffd}-1\"");
+
+    // Held in the queue by a batch that waits for an endless upload; then the client goes.
+    let upload = start_endless_upload(&client, &base).await;
+    let (_, photo) = test_images(1).remove(0);
+    let mut stream = tokio::net::TcpStream::connect(base.strip_prefix("http://").unwrap())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /predict HTTP/1.1\r\nHost: test\r\nx-request-id: gone-1\r\n\
+         Content-Length: {}\r\n\r\n",
+        photo.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &[head.as_bytes(), &photo].concat())
+        .await
+        .unwrap();
+    wait_for_queue_depth(&client, &format!("{base}/metrics"), 1.0).await;
+    drop(stream);
+    let line = line_with(&lines, "client went away");
+    assert!(
+        line.contains(r#"id="gone-1""#) && line.contains("status=499"),
+        "{line}"
+    );
+    drop(upload);
+    send_signal(&child, "TERM");
+    assert!(wait_for_exit(&mut child).success());
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use common::*;
+use futures_util::StreamExt;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -582,4 +583,42 @@ async fn a_malformed_message_is_an_invalid_argument() {
     let series = r#"vt_serve_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}"#;
     assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
     server.shutdown().await;
+}
+
+/// A call whose client goes away is counted and logged as CANCELLED: one that resets its
+/// stream before its request ends (the server reading its message), and one that gives up
+/// while its images wait for a batch (which hyper drops unfinished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_client_went_away_are_cancelled() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(
+        &checkpoint_path(&dir),
+        &["--grpc-port", "0", "--max-delay-ms", "60000"],
+    )
+    .await;
+    let client = client();
+    let metrics_url = server.url("/metrics");
+    let cancelled = r#"vt_serve_grpc_requests_total{code="CANCELLED",method="ModelInfer"}"#;
+    let (_, photo) = test_images(1).remove(0);
+    let request = raw_request("tiny", &[&photo]);
+
+    // The request's body never ends: the server waits for it until the client resets.
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let messages =
+        futures_util::stream::iter([request.clone()]).chain(futures_util::stream::pending());
+    let call = tokio::spawn(async move { grpc.infer_messages(messages).await });
+    wait_for_gauge(&client, &metrics_url, "vt_serve_requests_arriving", 1.0).await;
+    call.abort();
+    wait_for_gauge(&client, &metrics_url, cancelled, 1.0).await;
+
+    // Held in the queue by a batch that waits for an endless upload.
+    let _upload = start_endless_upload(&client, &server.base).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let call = tokio::spawn(async move { grpc.infer(request).await });
+    wait_for_queue_depth(&client, &metrics_url, 1.0).await;
+    call.abort();
+    wait_for_gauge(&client, &metrics_url, cancelled, 2.0).await;
+    let text = metrics_text(&client, &metrics_url).await;
+    let unknown = r#"vt_serve_grpc_requests_total{code="UNKNOWN",method="ModelInfer"}"#;
+    assert_eq!(metric(&text, unknown), None, "{text}");
 }

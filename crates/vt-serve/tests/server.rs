@@ -1612,3 +1612,102 @@ async fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
     );
     server.shutdown().await;
 }
+
+/// Requests whose client went away are counted as 499 (nginx's "client closed request"):
+/// one whose client closed its connection while its images waited for a batch (hyper drops
+/// it unanswered), and one whose client hung up partway through its body. CORS preflights
+/// are counted apart from their routes, and a `/v1/models/NAME:VERB` of an unknown verb
+/// apart from predictions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_client_went_away_are_counted_as_499() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(
+        &checkpoint_path(&dir),
+        &[
+            "--max-delay-ms",
+            "60000",
+            "--cors-allow-origin",
+            "https://app.example.com",
+        ],
+    )
+    .await;
+    let client = client();
+    let metrics_url = server.url("/metrics");
+    let (_, photo) = test_images(1).remove(0);
+
+    // Held in the queue by a batch that waits for an endless upload.
+    let upload = start_endless_upload(&client, &server.base).await;
+    let body = json!({ "instances": [{ "b64": base64::engine::general_purpose::STANDARD.encode(&photo) }] })
+        .to_string();
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/models/tiny:predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all([head.as_bytes(), body.as_bytes()].concat().as_slice())
+        .await
+        .unwrap();
+    wait_for_queue_depth(&client, &metrics_url, 1.0).await;
+    drop(stream);
+    let predict = r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="499"}"#;
+    wait_for_gauge(&client, &metrics_url, predict, 1.0).await;
+    // The endless upload's client hangs up partway through its chunked body.
+    drop(upload);
+    let predict = r#"vt_serve_requests_total{route="/predict",status="499"}"#;
+    wait_for_gauge(&client, &metrics_url, predict, 1.0).await;
+
+    // Half a body of a declared length, then the client hangs up.
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        photo.len()
+    );
+    stream
+        .write_all(
+            [head.as_bytes(), &photo[..photo.len() / 2]]
+                .concat()
+                .as_slice(),
+        )
+        .await
+        .unwrap();
+    wait_for_gauge(&client, &metrics_url, "vt_serve_requests_arriving", 1.0).await;
+    drop(stream);
+    wait_for_gauge(&client, &metrics_url, predict, 2.0).await;
+    let text = metrics_text(&client, &metrics_url).await;
+    let bad = r#"vt_serve_requests_total{route="/predict",status="400"}"#;
+    assert_eq!(metric(&text, bad), None, "{text}");
+
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, server.url("/predict"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), StatusCode::OK);
+    let bogus = client
+        .post(server.url("/v1/models/tiny:bogus"))
+        .json(&json!({ "instances": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert!(bogus.status().is_client_error(), "{}", bogus.status());
+    let text = metrics_text(&client, &metrics_url).await;
+    let preflights = r#"vt_serve_requests_total{route="preflight",status="200"}"#;
+    assert_eq!(metric(&text, preflights), Some(1.0), "{text}");
+    let unknown = format!(
+        r#"vt_serve_requests_total{{route="/v1/models/{{model}}:unknown",status="{}"}}"#,
+        bogus.status().as_u16()
+    );
+    assert_eq!(metric(&text, &unknown), Some(1.0), "{text}");
+    let predictions = r#"vt_serve_requests_total{route="/v1/models/{model}:predict","#;
+    assert!(
+        text.lines()
+            .filter(|line| line.starts_with(predictions))
+            .all(|line| line.contains(r#"status="499""#)),
+        "{text}"
+    );
+    server.shutdown().await;
+}

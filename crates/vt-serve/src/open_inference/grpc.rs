@@ -49,11 +49,11 @@ use super::proto::{
     ServerMetadataRequest, ServerReadyRequest, ServerReadyResponse,
 };
 use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
-use crate::access;
+use crate::access::{self, OnAbandon};
 use crate::batcher::Arriving;
 use crate::body_budget::{self, BodyCharge};
 use crate::classifier::Preprocessor;
-use crate::error::ApiError;
+use crate::error::{client_went_away, ApiError};
 use crate::input;
 use crate::metrics;
 use crate::state::{AppState, ModelInfo};
@@ -124,37 +124,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::map_request(access::without_empty_id))
         .with_state(state)
 }
 
 /// Counts each call and logs it (`vt_serve::access`) with its status code: outside the
-/// panic catcher, so that a call that panicked is counted and logged too, as INTERNAL.
+/// panic catcher, so that a call that panicked is counted and logged too, as INTERNAL; and
+/// a call whose client went away before its answer (hyper then drops it) as CANCELLED.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = Method::of(request.uri().path()).map_or("unknown", Method::name);
     let span = access::grpc_span(&request);
-    async move {
-        let response = next.run(request).await;
-        // A call that failed carries its status in its headers; a successful one in its
-        // trailers, as OK.
-        let code = response
-            .extensions()
-            .get::<Status>()
-            .map_or(Code::Ok, Status::code);
+    let record = |code: Code| {
         let latency = started.elapsed();
         state
             .metrics
             .observe_grpc(method, code, latency.as_secs_f64());
+        let _entered = span.enter();
         tracing::info!(
             target: access::TARGET,
             code = metrics::code_name(code),
-            latency_ms = (latency.as_secs_f64() * 1e6).round() / 1e3,
-            "answered"
+            latency_ms = access::latency_ms(latency),
+            "{}",
+            if code == Code::Cancelled {
+                "client went away: not answered"
+            } else {
+                "answered"
+            }
         );
-        response
-    }
-    .instrument(span)
-    .await
+    };
+    let abandoned = OnAbandon::new(|| record(Code::Cancelled));
+    let response = next.run(request).instrument(span.clone()).await;
+    abandoned.answered();
+    // A call that failed carries its status in its headers; a successful one in its
+    // trailers, as OK.
+    let code = response
+        .extensions()
+        .get::<Status>()
+        .map_or(Code::Ok, Status::code);
+    record(code);
+    response
 }
 
 /// Answers one call.
@@ -325,7 +334,8 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 type CallBody = MapErr<Body, fn(axum::Error) -> Status>;
 
 /// The status of a request body that failed to read: the [`ApiError`] the body budget
-/// failed it with, else what tonic makes of the error.
+/// failed it with, else CANCELLED when the client went away (reset its stream, or lost its
+/// connection), else what tonic makes of the error.
 fn body_error(error: axum::Error) -> Status {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(cause) = source {
@@ -333,6 +343,9 @@ fn body_error(error: axum::Error) -> Status {
             return refusal.grpc_status();
         }
         source = cause.source();
+    }
+    if client_went_away(&error) {
+        return ApiError::ClientClosedRequest.grpc_status();
     }
     Status::from_error(Box::new(error))
 }

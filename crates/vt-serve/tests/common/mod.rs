@@ -21,7 +21,7 @@ use tonic_prost::ProstCodec;
 use vt_model::{Arch, Model, VtConfig};
 use vt_serve::open_inference::grpc::SERVICE;
 use vt_serve::open_inference::proto::{ModelInferRequest, ModelInferResponse};
-use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError};
+use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError, Stopped};
 
 pub use vt_data::dataset::CLASSES;
 
@@ -153,7 +153,7 @@ pub struct TestServer {
     pub grpc_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), StartError>>>,
+    task: Option<JoinHandle<Result<Stopped, StartError>>>,
 }
 
 impl TestServer {
@@ -163,9 +163,9 @@ impl TestServer {
         let grpc_addr = server.grpc_local_addr().unwrap();
         let state = Arc::clone(server.state());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
+        let task = tokio::spawn(server.run(futures_util::stream::once(async move {
             let _ = stopped.await;
-        }));
+        })));
         TestServer {
             addr,
             base: format!("http://{addr}"),
