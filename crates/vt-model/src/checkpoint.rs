@@ -61,11 +61,39 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 }
 
 /// Says what `dir`, which holds no `config.json`, is instead, when that explains it better
-/// than the missing file: nothing at all, or a training run's folder.
+/// than the missing file: nothing at all, a file (its `model.safetensors`, say), a folder
+/// of checkpoints, or a training run's folder.
 fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Err(ModelError::NoCheckpoint {
             path: dir.to_path_buf(),
+        });
+    }
+    if !dir.is_dir() {
+        return Err(ModelError::NotAFolder {
+            path: dir.to_path_buf(),
+        });
+    }
+    let mut inner: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.join(CONFIG_FILE).is_file())
+        .collect();
+    inner.sort();
+    let is_run_checkpoint = |path: &PathBuf| {
+        RUN_CHECKPOINTS
+            .iter()
+            .any(|name| path.file_name().is_some_and(|n| n == *name))
+    };
+    if !inner.is_empty() && !inner.iter().any(is_run_checkpoint) {
+        return Err(ModelError::FolderOfCheckpoints {
+            path: dir.to_path_buf(),
+            checkpoints: inner
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let candidates = RUN_CHECKPOINTS.map(|name| dir.join(name));

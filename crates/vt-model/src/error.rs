@@ -58,6 +58,15 @@ pub enum ModelError {
     /// A checkpoint path where nothing is.
     #[error("no checkpoint folder at {path}")]
     NoCheckpoint { path: PathBuf },
+    /// A file where a checkpoint folder is expected.
+    #[error(
+        "{path} is a file: a checkpoint is the folder that holds config.json and \
+         model.safetensors"
+    )]
+    NotAFolder { path: PathBuf },
+    /// A folder whose subfolders are checkpoints (`checkpoints`, listed).
+    #[error("{path} holds checkpoints, not one: give one of them ({checkpoints})")]
+    FolderOfCheckpoints { path: PathBuf, checkpoints: String },
     /// A training run's folder where one of its checkpoints (`checkpoints`, listed) is
     /// expected.
     #[error("{path} is a training run's folder, not a checkpoint: give one of its checkpoints, {checkpoints}")]

@@ -95,6 +95,28 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
     );
     // Its checkpoints load.
     Model::load(&run.join("best"), &Device::Cpu).unwrap();
+    // A checkpoint's file, and a folder of checkpoints that is not a run.
+    let weights = run.join("best/model.safetensors");
+    assert!(
+        load_err(&weights).ends_with(
+            "is a file: a checkpoint is the folder that holds \
+             config.json and model.safetensors"
+        ),
+        "{}",
+        load_err(&weights)
+    );
+    let many = tmp.path().join("many");
+    saved_model(&many.join("a"));
+    saved_model(&many.join("b"));
+    assert_eq!(
+        load_err(&many),
+        format!(
+            "{} holds checkpoints, not one: give one of them ({}, {})",
+            many.display(),
+            many.join("a").display(),
+            many.join("b").display()
+        )
+    );
 }
 
 /// A frozen model (as vt-serve loads one) computes what the trainable one does, call after

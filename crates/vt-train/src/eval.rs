@@ -536,13 +536,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
             )));
         }
     }
-    if !parent.is_dir() {
-        return Err(TrainError::Config(format!(
-            "--out {}: the folder {} does not exist",
-            out.display(),
-            parent.display()
-        )));
-    }
+    let parent = outputs::existing_folder_of("--out", out)?;
     outputs::refuse_managed_folder(option, out, parent)?;
     refuse_replacing_others(&paths, option)?;
     Ok(paths)

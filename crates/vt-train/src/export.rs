@@ -60,10 +60,7 @@ fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
             out.join("model.onnx").display()
         )));
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = outputs::existing_folder_of("--out", out)?;
     let in_checkpoint = match (parent.canonicalize(), checkpoint.canonicalize()) {
         (Ok(parent), Ok(checkpoint)) => parent.starts_with(checkpoint),
         _ => false,

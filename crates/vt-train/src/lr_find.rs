@@ -322,17 +322,7 @@ fn output_paths(out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
             report.display()
         )));
     }
-    let folder = report
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !folder.is_dir() {
-        return Err(TrainError::Config(format!(
-            "--out {}: the folder {} does not exist",
-            report.display(),
-            folder.display()
-        )));
-    }
+    let folder = outputs::existing_folder_of("--out", &report)?;
     let plot = report.with_extension("png");
     // The report is written first: a plot is an earlier sweep's when its report is.
     let ours = outputs::is_json_with(&report, &["points", "plot"]);

@@ -21,6 +21,23 @@ pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
 /// The most of a report read to tell whether a command wrote it.
 const REPORT_READ_LIMIT: u64 = 64 << 20;
 
+/// The folder `out` (a file an option names) goes in, refused when it does not exist: the
+/// write would otherwise fail on its hidden temporary, which names neither.
+pub fn existing_folder_of<'a>(option: &str, out: &'a Path) -> Result<&'a Path> {
+    let folder = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(TrainError::Config(format!(
+            "{option} {}: the folder {} does not exist",
+            out.display(),
+            folder.display()
+        )));
+    }
+    Ok(folder)
+}
+
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
 /// checkpoint folder, one of [`RUN_FOLDERS`] of a run (see [`is_run`]), or a data folder
 /// (whose images training and eval read, and which fetch-data replaces whole).

@@ -225,6 +225,16 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
         err.contains(&format!("no checkpoint folder at {}", missing.display())),
         "{err}"
     );
+    // A folder that is not there is named, not the hidden temporary the write would use.
+    let nowhere = tmp.path().join("nowhere/sub/x.onnx");
+    let err = export_refused(&checkpoint, &nowhere);
+    assert!(
+        err.contains(&format!(
+            "the folder {} does not exist",
+            tmp.path().join("nowhere/sub").display()
+        )),
+        "{err}"
+    );
 }
 
 /// Runs `model.onnx` on `input.f32` (raw little-endian, `[n, 3, s, s]`) in ONNX Runtime and
