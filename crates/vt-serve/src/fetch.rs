@@ -124,12 +124,22 @@ impl UrlFetcher {
         {
             return Err(too_large());
         }
+        // The buffer is charged for what it allocates, not only the bytes received: grown by
+        // doubling, it holds up to twice those. It grows no further than the length the
+        // server declares, so that an honest one is held once.
+        let declared = response.content_length().unwrap_or(self.max_bytes);
+        let most = usize::try_from(declared.min(self.max_bytes)).unwrap_or(usize::MAX);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if (body.len() + chunk.len()) as u64 > self.max_bytes {
+            let length = body.len() + chunk.len();
+            if length as u64 > self.max_bytes {
                 return Err(too_large());
             }
-            charge.cover(body.len() + chunk.len())?;
+            if length > body.capacity() {
+                let grown = length.max(most.min(body.capacity().saturating_mul(2)));
+                charge.cover(grown)?;
+                body.reserve_exact(grown - body.len());
+            }
             body.extend_from_slice(&chunk);
         }
         Ok(Bytes::from(body))

@@ -1455,31 +1455,10 @@ async fn the_demo_page_in_headless_chromium_calls_predict_and_draws_the_bars() {
     page.query_pairs_mut()
         .append_pair("top_k", "6")
         .append_pair("demo", &data_url);
-    let profile = tempfile::tempdir().unwrap();
-    let mut command = std::process::Command::new(chromium);
-    command.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        // Virtual time waits for the page's fetches before the DOM is dumped.
-        "--virtual-time-budget=60000",
-        "--dump-dom",
-    ]);
-    command.arg(format!("--user-data-dir={}", profile.path().display()));
-    command.arg(page.as_str());
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .unwrap()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&output.stdout);
+    let dom = page_dom(&chromium, page.as_str()).await;
     assert!(
         dom.contains(r#"data-state="done""#),
-        "the page did not finish its prediction; DOM:\n{dom}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        "the page did not finish its prediction; DOM:\n{dom}"
     );
 
     let bars = bars_in(&dom);
@@ -1511,7 +1490,60 @@ async fn the_demo_page_in_headless_chromium_calls_predict_and_draws_the_bars() {
         before.unwrap_or(0.0) + 1.0,
         "the page must call POST /predict once"
     );
+
+    // A link cannot make the page post what it chooses: a data: URL of JSON is refused
+    // before any request.
+    let mut page = reqwest::Url::parse(&server.url("/")).unwrap();
+    page.query_pairs_mut().append_pair(
+        "demo",
+        r#"data:application/json,{"url":"http://127.0.0.1:1/x.jpg"}"#,
+    );
+    let dom = page_dom(&chromium, page.as_str()).await;
+    assert!(dom.contains(r#"data-state="error""#), "{dom}");
+    assert!(dom.contains("?demo= takes a data:image URL"), "{dom}");
+    let text = client
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains(r#"vt_serve_requests_total{route="/predict",status="400"}"#),
+        "{text}"
+    );
+    assert_eq!(predict_calls(&text), after, "no other call to /predict");
     server.shutdown().await;
+}
+
+/// The DOM headless `chromium` dumps for `url`, once the page's fetches are done.
+async fn page_dom(chromium: &std::path::Path, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(chromium);
+    command.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        // Virtual time waits for the page's fetches before the DOM is dumped.
+        "--virtual-time-budget=60000",
+        "--dump-dom",
+    ]);
+    command.arg(format!("--user-data-dir={}", profile.path().display()));
+    command.arg(url);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    format!(
+        "{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// `--cors-allow-origin`: pages of the allowed origins get their preflight answered and may
