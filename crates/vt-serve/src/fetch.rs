@@ -76,8 +76,17 @@ impl UrlFetcher {
                 "URL inputs are disabled; start the server with --allow-url-fetch HOST,... to enable them".into(),
             ));
         }
-        let parsed = Url::parse(url)
-            .map_err(|e| ApiError::BadRequest(format!("invalid url `{url}`: {e}")))?;
+        let parsed = Url::parse(url).map_err(|e| {
+            // Its start names it: an answer need not be as large as the request.
+            const SHOWN: usize = 200;
+            let start: String = url.chars().take(SHOWN).collect();
+            let more = if url.chars().nth(SHOWN).is_some() {
+                "..."
+            } else {
+                ""
+            };
+            ApiError::BadRequest(format!("invalid url `{start}{more}`: {e}"))
+        })?;
         if !is_fetchable(parsed.scheme()) {
             return Err(ApiError::UrlFetchRefused(format!(
                 "only http and https URLs can be fetched, not `{}`",
@@ -197,5 +206,19 @@ mod tests {
             "images.example:443"
         );
         assert_eq!(named("http://[::1]:8080/"), "[::1]:8080");
+    }
+
+    /// An invalid URL is named by its start: the answer is not as large as the request.
+    #[tokio::test]
+    async fn an_invalid_url_is_named_by_its_start() {
+        let fetcher = UrlFetcher::new(&["images.example".to_owned()], 1 << 20).unwrap();
+        let url = format!("not a url {}", "x".repeat(1 << 16));
+        let err = fetcher
+            .fetch(&url, Duration::from_secs(1), &BodyCharge::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid url `not a url xxx"), "{err}");
+        assert!(err.len() < 400, "{} bytes", err.len());
     }
 }
