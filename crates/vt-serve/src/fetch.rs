@@ -76,17 +76,10 @@ impl UrlFetcher {
                 "URL inputs are disabled; start the server with --allow-url-fetch HOST,... to enable them".into(),
             ));
         }
-        let parsed = Url::parse(url).map_err(|e| {
-            // Its start names it: an answer need not be as large as the request.
-            const SHOWN: usize = 200;
-            let start: String = url.chars().take(SHOWN).collect();
-            let more = if url.chars().nth(SHOWN).is_some() {
-                "..."
-            } else {
-                ""
-            };
-            ApiError::BadRequest(format!("invalid url `{start}{more}`: {e}"))
-        })?;
+        // Named by its start: an answer (and a log line) need not be as large as the request.
+        let shown = shortened(url);
+        let parsed = Url::parse(url)
+            .map_err(|e| ApiError::BadRequest(format!("invalid url `{shown}`: {e}")))?;
         if !is_fetchable(parsed.scheme()) {
             return Err(ApiError::UrlFetchRefused(format!(
                 "only http and https URLs can be fetched, not `{}`",
@@ -100,16 +93,20 @@ impl UrlFetcher {
             )));
         }
         let failed = |e: reqwest::Error| {
-            // Its causes too: reqwest's own message says only "error sending request".
-            let message = format!("fetching {url}: {}", error_chain(&e));
+            let mut refused = false;
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(error) = cause {
-                if error.is::<RedirectRefused>() {
-                    return ApiError::UrlFetchRefused(message);
-                }
+                refused |= error.is::<RedirectRefused>();
                 cause = error.source();
             }
-            ApiError::UrlFetchFailed(message)
+            // Its causes too: reqwest's own message says only "error sending request" (and
+            // the whole URL, named here by its start).
+            let message = format!("fetching {shown}: {}", error_chain(&e.without_url()));
+            if refused {
+                ApiError::UrlFetchRefused(message)
+            } else {
+                ApiError::UrlFetchFailed(message)
+            }
         };
         let mut response = self
             .client
@@ -120,7 +117,7 @@ impl UrlFetcher {
             .map_err(failed)?;
         if !response.status().is_success() {
             return Err(ApiError::UrlFetchFailed(format!(
-                "fetching {url}: the server answered {}",
+                "fetching {shown}: the server answered {}",
                 response.status()
             )));
         }
@@ -153,6 +150,16 @@ impl UrlFetcher {
         }
         Ok(Bytes::from(body))
     }
+}
+
+/// `url`'s first 200 characters, and `...` when there are more.
+fn shortened(url: &str) -> String {
+    const SHOWN: usize = 200;
+    let mut start: String = url.chars().take(SHOWN).collect();
+    if url.chars().nth(SHOWN).is_some() {
+        start.push_str("...");
+    }
+    start
 }
 
 fn is_fetchable(scheme: &str) -> bool {

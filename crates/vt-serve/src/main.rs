@@ -82,7 +82,10 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
+        // First: a SIGTERM while the model loads, or right after the address is printed,
+        // then shuts the server down once it serves, rather than killing the process.
+        let signals = shutdown_signals()?;
         let server = Server::bind(args).await?;
         let addr = server.local_addr()?;
         let grpc_addr = server.grpc_local_addr()?;
@@ -103,8 +106,6 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             ),
             None => tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving"),
         }
-        // From here on SIGTERM and SIGINT no longer end the process at once: they shut down.
-        let signals = shutdown_signals()?;
         if server.run(signals).await? == Stopped::CutShort {
             anyhow::bail!(
                 "stopped by a second shutdown signal before the requests in flight were answered"
@@ -112,5 +113,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Not waiting for blocking work still running (a reload's checkpoint load): dropping the
+    // runtime would, past the drain and any second signal.
+    runtime.shutdown_background();
+    served
 }

@@ -677,23 +677,12 @@ fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_during_startup_is_a_reload_once_serving() {
     let dir = tiny_checkpoint();
-    let checkpoint = checkpoint_path(&dir);
-    let weights = checkpoint.join("model.safetensors");
-    let saved = checkpoint.join("saved.safetensors");
-    std::fs::rename(&weights, &saved).unwrap();
-    let fifo = Command::new("mkfifo").arg(&weights).status().unwrap();
-    assert!(fifo.success());
-    let mut child = Command::new(BIN)
-        .arg("--checkpoint")
-        .arg(&checkpoint)
-        .args(["--port", "0", "--device", "cpu"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let (mut child, weights, saved) = start_loading_through_a_fifo(&checkpoint_path(&dir));
     // Opening the FIFO for writing waits until the server opens it to read the weights.
-    let writer = std::fs::OpenOptions::new().write(true).open(&weights);
-    let mut writer = writer.unwrap();
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap();
     send_signal(&child, "HUP");
     // The reload after startup reads a plain file; the load under way, the FIFO.
     let bytes = std::fs::read(&saved).unwrap();
@@ -719,6 +708,46 @@ async fn a_hangup_during_startup_is_a_reload_once_serving() {
     assert_eq!(models["models"][0]["generation"], 2, "{models}");
     send_signal(&child, "TERM");
     assert!(wait_for_exit(&mut child).success());
+}
+
+/// A SIGTERM while the checkpoint loads (or right after the address is printed) shuts the
+/// server down once it serves, exiting 0, rather than killing the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_startup_is_a_clean_stop() {
+    let dir = tiny_checkpoint();
+    let (mut child, weights, saved) = start_loading_through_a_fifo(&checkpoint_path(&dir));
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap();
+    send_signal(&child, "TERM");
+    let bytes = std::fs::read(&saved).unwrap();
+    // The server may stop reading once it has what it needs: the exit status decides.
+    let _ = std::io::Write::write_all(&mut writer, &bytes);
+    drop(writer);
+    let status = tokio::task::spawn_blocking(move || wait_for_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Starts the binary on `checkpoint` whose `model.safetensors` is made a FIFO, so that its
+/// load waits for the test to write the weights: returns it, the FIFO and the weights.
+fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, PathBuf, PathBuf) {
+    let weights = checkpoint.join("model.safetensors");
+    let saved = checkpoint.join("saved.safetensors");
+    std::fs::rename(&weights, &saved).unwrap();
+    let fifo = Command::new("mkfifo").arg(&weights).status().unwrap();
+    assert!(fifo.success());
+    let child = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .args(["--port", "0", "--device", "cpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    (child, weights, saved)
 }
 
 /// A second SIGTERM ends the drain at once (a request in flight would hold it for up to

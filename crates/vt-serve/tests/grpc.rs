@@ -618,7 +618,38 @@ async fn calls_whose_client_went_away_are_cancelled() {
     wait_for_queue_depth(&client, &metrics_url, 1.0).await;
     call.abort();
     wait_for_gauge(&client, &metrics_url, cancelled, 2.0).await;
+
+    // Reset in the middle of its message (tonic reads that as the end of the stream and
+    // answers INTERNAL for the message cut short): the client went away all the same.
+    let arriving = "vt_serve_requests_arriving";
+    let before = metric(&metrics_text(&client, &metrics_url).await, arriving).unwrap_or(0.0);
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr.unwrap())
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let call = axum::http::Request::post(format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        server.grpc_addr.unwrap()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (_answer, mut stream) = h2.send_request(call, false).unwrap();
+    // A frame that declares 1000 bytes, and 10 of them.
+    let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
+    partial.extend([0u8; 10]);
+    stream.send_data(partial.into(), false).unwrap();
+    wait_for_gauge(&client, &metrics_url, arriving, before + 1.0).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    wait_for_gauge(&client, &metrics_url, cancelled, 3.0).await;
+
     let text = metrics_text(&client, &metrics_url).await;
-    let unknown = r#"vt_serve_grpc_requests_total{code="UNKNOWN",method="ModelInfer"}"#;
-    assert_eq!(metric(&text, unknown), None, "{text}");
+    for code in ["UNKNOWN", "INTERNAL"] {
+        let counted =
+            format!(r#"vt_serve_grpc_requests_total{{code="{code}",method="ModelInfer"}}"#);
+        assert_eq!(metric(&text, &counted), None, "{text}");
+    }
 }

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,17 +155,30 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         );
     };
     let abandoned = OnAbandon::new(|| record(Code::Cancelled));
+    let went_away = WentAway::default();
+    let mut request = request;
+    request.extensions_mut().insert(went_away.clone());
     let response = next.run(request).instrument(span.clone()).await;
     abandoned.answered();
     // A call that failed carries its status in its headers; a successful one in its
-    // trailers, as OK.
-    let code = response
-        .extensions()
-        .get::<Status>()
-        .map_or(Code::Ok, Status::code);
+    // trailers, as OK. tonic reads a client's reset in the middle of a message as the end of
+    // the stream and answers INTERNAL (a message cut short): it went away all the same.
+    let code = if went_away.0.load(Ordering::Relaxed) {
+        Code::Cancelled
+    } else {
+        response
+            .extensions()
+            .get::<Status>()
+            .map_or(Code::Ok, Status::code)
+    };
     record(code);
     response
 }
+
+/// Set when a call's request body failed because its client went away: what [`observe`]
+/// counts it as, whatever status tonic then answers.
+#[derive(Clone, Default)]
+struct WentAway(Arc<AtomicBool>);
 
 /// Answers one call.
 async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -220,7 +234,20 @@ async fn answer(
     let limits = MessageLimits::new(state, method, BodyCharge::of(&request));
     let limit = limits.bytes as u64;
     // Body errors (the body budget's refusals) become their statuses, which tonic keeps.
-    let request = request.map(|body| body.map_err(body_error as fn(axum::Error) -> Status));
+    let went_away = request
+        .extensions()
+        .get::<WentAway>()
+        .cloned()
+        .unwrap_or_default();
+    let request = request.map(|body| {
+        body.map_err(Box::new(move |error| {
+            let status = body_error(error);
+            if status.code() == Code::Cancelled {
+                went_away.0.store(true, Ordering::Relaxed);
+            }
+            status
+        }) as BodyErrors)
+    });
     let call = async {
         match method {
             Method::ServerLive => {
@@ -331,7 +358,10 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A call's request body, whose errors are statuses.
-type CallBody = MapErr<Body, fn(axum::Error) -> Status>;
+type CallBody = MapErr<Body, BodyErrors>;
+
+/// What a call's request body's errors become: [`body_error`], noting a client gone.
+type BodyErrors = Box<dyn FnMut(axum::Error) -> Status + Send + Sync>;
 
 /// The status of a request body that failed to read: the [`ApiError`] the body budget
 /// failed it with, else CANCELLED when the client went away (reset its stream, or lost its
