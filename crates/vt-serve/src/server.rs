@@ -56,7 +56,7 @@ impl Server {
     /// Loads the checkpoint (off the async runtime) and binds the listening socket.
     pub async fn bind(args: &ServeArgs) -> Result<Server, StartError> {
         #[cfg(unix)]
-        let hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+        let hangup = listen("SIGHUP (reloads)", SignalKind::hangup())?;
         let load_args = args.clone();
         let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
             .await
@@ -337,12 +337,18 @@ async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
     }
 }
 
+/// A stream of `kind`, named `name` should it fail.
+#[cfg(unix)]
+fn listen(name: &'static str, kind: SignalKind) -> Result<Signal, StartError> {
+    signal(kind).map_err(|cause| StartError::Signal { name, cause })
+}
+
 /// Yields at each SIGINT (Ctrl-C) and, on Unix, SIGTERM, from its call on: the first
 /// begins the shutdown, a second cuts its drain short ([`Server::run`]).
 #[cfg(unix)]
 pub fn shutdown_signals() -> Result<impl Stream<Item = ()> + Send + 'static, StartError> {
-    let interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
-    let terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    let interrupt = listen("SIGINT (shutdown)", SignalKind::interrupt())?;
+    let terminate = listen("SIGTERM (shutdown)", SignalKind::terminate())?;
     Ok(futures_util::stream::unfold(
         (interrupt, terminate),
         |(mut interrupt, mut terminate)| async move {

@@ -50,8 +50,12 @@ pub enum StartError {
     },
     #[error("reading the address the server is bound to: {0}")]
     Address(std::io::Error),
-    #[error("cannot listen for SIGHUP (reloads): {0}")]
-    Signal(std::io::Error),
+    #[error("cannot listen for {name}: {cause}")]
+    Signal {
+        /// The signal, and what it is for.
+        name: &'static str,
+        cause: std::io::Error,
+    },
 }
 
 /// What `GET /v1/models` reports about the loaded checkpoint.
