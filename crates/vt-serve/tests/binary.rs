@@ -677,12 +677,8 @@ fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_during_startup_is_a_reload_once_serving() {
     let dir = tiny_checkpoint();
-    let (mut child, weights, saved) = start_loading_through_a_fifo(&checkpoint_path(&dir));
-    // Opening the FIFO for writing waits until the server opens it to read the weights.
-    let mut writer = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&weights)
-        .unwrap();
+    let (mut child, mut writer, weights, saved) =
+        start_loading_through_a_fifo(&checkpoint_path(&dir));
     send_signal(&child, "HUP");
     // The reload after startup reads a plain file; the load under way, the FIFO.
     let bytes = std::fs::read(&saved).unwrap();
@@ -715,11 +711,7 @@ async fn a_hangup_during_startup_is_a_reload_once_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_during_startup_is_a_clean_stop() {
     let dir = tiny_checkpoint();
-    let (mut child, weights, saved) = start_loading_through_a_fifo(&checkpoint_path(&dir));
-    let mut writer = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&weights)
-        .unwrap();
+    let (mut child, mut writer, _, saved) = start_loading_through_a_fifo(&checkpoint_path(&dir));
     send_signal(&child, "TERM");
     let bytes = std::fs::read(&saved).unwrap();
     // The server may stop reading once it has what it needs: the exit status decides.
@@ -732,8 +724,9 @@ async fn a_sigterm_during_startup_is_a_clean_stop() {
 }
 
 /// Starts the binary on `checkpoint` whose `model.safetensors` is made a FIFO, so that its
-/// load waits for the test to write the weights: returns it, the FIFO and the weights.
-fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, PathBuf, PathBuf) {
+/// load waits for the test to write the weights: returns it once it reads the FIFO, the
+/// FIFO opened for writing, its path and the weights' file.
+fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, std::fs::File, PathBuf, PathBuf) {
     let weights = checkpoint.join("model.safetensors");
     let saved = checkpoint.join("saved.safetensors");
     std::fs::rename(&weights, &saved).unwrap();
@@ -747,7 +740,12 @@ fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, PathBuf, PathBuf) 
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    (child, weights, saved)
+    // Opening the FIFO for writing waits until the server opens it to read the weights.
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap();
+    (child, writer, weights, saved)
 }
 
 /// A second SIGTERM ends the drain at once (a request in flight would hold it for up to
