@@ -62,8 +62,9 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 
 /// Says what `dir`, which holds no `config.json`, is instead, when that explains it better
 /// than the missing file: nothing at all, a file (its `model.safetensors`, say), a folder
-/// of checkpoints, or a training run's folder.
-fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
+/// of checkpoints, or a training run's folder. A checkpoint folder passes: commands that
+/// derive outputs from the path call this before they load it.
+pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Err(ModelError::NoCheckpoint {
             path: dir.to_path_buf(),
@@ -77,6 +78,8 @@ fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     let mut inner: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| ModelError::io(dir, e))?
         .flatten()
+        // Hidden ones are writers' temporaries and backups, not checkpoints to offer.
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
         .map(|entry| entry.path())
         .filter(|path| path.join(CONFIG_FILE).is_file())
         .collect();

@@ -108,6 +108,8 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
     let many = tmp.path().join("many");
     saved_model(&many.join("a"));
     saved_model(&many.join("b"));
+    // A writer's hidden temporary is not a checkpoint to offer.
+    saved_model(&many.join(".c.tmp-99"));
     assert_eq!(
         load_err(&many),
         format!(

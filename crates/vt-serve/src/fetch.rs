@@ -76,20 +76,19 @@ impl UrlFetcher {
                 "URL inputs are disabled; start the server with --allow-url-fetch HOST,... to enable them".into(),
             ));
         }
-        // Named by its start: an answer (and a log line) need not be as large as the request.
         let shown = shortened(url);
         let parsed = Url::parse(url)
             .map_err(|e| ApiError::BadRequest(format!("invalid url `{shown}`: {e}")))?;
         if !is_fetchable(parsed.scheme()) {
             return Err(ApiError::UrlFetchRefused(format!(
                 "only http and https URLs can be fetched, not `{}`",
-                parsed.scheme()
+                shortened(parsed.scheme())
             )));
         }
         if !is_allowed(&self.allowed, &parsed) {
             return Err(ApiError::UrlFetchRefused(format!(
                 "`{}` is not in --allow-url-fetch",
-                host_and_port(&parsed)
+                shortened(&host_and_port(&parsed))
             )));
         }
         let failed = |e: reqwest::Error| {
@@ -101,7 +100,10 @@ impl UrlFetcher {
             }
             // Its causes too: reqwest's own message says only "error sending request" (and
             // the whole URL, named here by its start).
-            let message = format!("fetching {shown}: {}", error_chain(&e.without_url()));
+            let message = format!(
+                "fetching {shown}: {}",
+                shortened(&error_chain(&e.without_url()))
+            );
             if refused {
                 ApiError::UrlFetchRefused(message)
             } else {
@@ -152,11 +154,13 @@ impl UrlFetcher {
     }
 }
 
-/// `url`'s first 200 characters, and `...` when there are more.
-fn shortened(url: &str) -> String {
+/// `text`'s first 200 characters, and `...` when there are more: what the client sent
+/// (a URL, or a part of one, or where a redirect sends it) is named by its start, so that
+/// an answer and a log line need not be as large as the request.
+fn shortened(text: &str) -> String {
     const SHOWN: usize = 200;
-    let mut start: String = url.chars().take(SHOWN).collect();
-    if url.chars().nth(SHOWN).is_some() {
+    let mut start: String = text.chars().take(SHOWN).collect();
+    if text.chars().nth(SHOWN).is_some() {
         start.push_str("...");
     }
     start
@@ -227,5 +231,15 @@ mod tests {
             .to_string();
         assert!(err.starts_with("invalid url `not a url xxx"), "{err}");
         assert!(err.len() < 400, "{} bytes", err.len());
+        // A long scheme or host alike.
+        let long = "h".repeat(1 << 16);
+        for url in [format!("{long}:x"), format!("http://{long}/")] {
+            let err = fetcher
+                .fetch(&url, Duration::from_secs(1), &BodyCharge::default())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.len() < 400, "{} bytes", err.len());
+        }
     }
 }

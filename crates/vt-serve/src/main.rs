@@ -83,10 +83,11 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let served = runtime.block_on(async {
-        // First: a SIGTERM while the model loads, or right after the address is printed,
-        // then shuts the server down once it serves, rather than killing the process.
-        let signals = shutdown_signals()?;
+        // A signal while the model loads ends the process at once (nothing is served yet,
+        // and Ctrl-C must stop a slow load); from before the address is printed on, it shuts
+        // the server down.
         let server = Server::bind(args).await?;
+        let signals = shutdown_signals()?;
         let addr = server.local_addr()?;
         let grpc_addr = server.grpc_local_addr()?;
         // The HTTP address first: tools read the first line for it.

@@ -567,6 +567,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         ));
     }
     let split = Split::from(args.split);
+    // Before the report's path is made from it: a file given names the mistake.
+    vt_model::checkpoint::refuse_non_checkpoint(&args.checkpoint)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let paths = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;

@@ -124,24 +124,33 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The image files `given` stands for, less those in `out` (a folder given may hold it, as
-/// `explain .` holds the default `explain/`): earlier pictures are not photos to explain.
+/// The image files `given` stands for, less the pictures an earlier run wrote into `out`
+/// (a folder given may hold it, as `explain .` holds the default `explain/`): they are
+/// not photos to explain. Images given by name are kept; none at all is refused.
 fn images_to_explain(given: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
-    let images = image_files(given)?;
-    let Ok(out) = out.canonicalize() else {
-        return Ok(images);
-    };
-    Ok(images
+    let out = out.canonicalize().ok();
+    let images: Vec<PathBuf> = image_files(given)?
         .into_iter()
         .filter(|image| {
-            let explicit = given.contains(image);
-            explicit
-                || !image
-                    .canonicalize()
-                    .is_ok_and(|path| path.starts_with(&out))
+            let picture = image.to_string_lossy().ends_with(PICTURE_SUFFIX)
+                && image
+                    .parent()
+                    .and_then(|folder| folder.canonicalize().ok())
+                    .is_some_and(|folder| Some(folder) == out);
+            given.contains(image) || !picture
         })
-        .collect())
+        .collect();
+    if images.is_empty() {
+        return Err(TrainError::Config(format!(
+            "no image to explain: the folders given hold only the pictures of an earlier run \
+             (*{PICTURE_SUFFIX})"
+        )));
+    }
+    Ok(images)
 }
+
+/// How the name of each picture ends.
+const PICTURE_SUFFIX: &str = ".explain.png";
 
 /// The picture's file name in the (resolved) folder `out`: the image's stem and
 /// `.explain.png`, with `-2`, `-3`... when that path is `taken` (by an earlier picture, or
@@ -152,8 +161,8 @@ fn output_name(image: &Path, out: &Path, taken: &mut HashSet<PathBuf>) -> String
         .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
     let name = (1..)
         .map(|n| match n {
-            1 => format!("{stem}.explain.png"),
-            n => format!("{stem}-{n}.explain.png"),
+            1 => format!("{stem}{PICTURE_SUFFIX}"),
+            n => format!("{stem}-{n}{PICTURE_SUFFIX}"),
         })
         .find(|name| !taken.contains(&out.join(name)))
         .unwrap_or_default();

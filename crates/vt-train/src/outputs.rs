@@ -24,6 +24,14 @@ const REPORT_READ_LIMIT: u64 = 64 << 20;
 /// The folder `out` (a file an option names) goes in, refused when it does not exist: the
 /// write would otherwise fail on its hidden temporary, which names neither.
 pub fn existing_folder_of<'a>(option: &str, out: &'a Path) -> Result<&'a Path> {
+    // `sub/` names a folder, though its file name reads `sub`.
+    let text = out.as_os_str().to_string_lossy();
+    if out.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(TrainError::Config(format!(
+            "{option} {}: a folder; give the file to write in it",
+            out.display()
+        )));
+    }
     let folder = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -210,6 +218,32 @@ pub fn resolved(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An output's folder must exist, and the output must name a file in it.
+    #[test]
+    fn an_output_names_a_file_in_a_folder_that_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let report = root.path().join("r.json");
+        assert_eq!(existing_folder_of("--out", &report).unwrap(), root.path());
+        assert_eq!(
+            existing_folder_of("--out", Path::new("r.json")).unwrap(),
+            Path::new(".")
+        );
+        let missing = root.path().join("nowhere/r.json");
+        let err = existing_folder_of("--out", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("nowhere does not exist"), "{err}");
+        for folder in [root.path().to_path_buf(), root.path().join("sub/")] {
+            let err = existing_folder_of("--out", &folder)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.ends_with("a folder; give the file to write in it"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn only_files_vouched_for_are_replaced() {

@@ -416,6 +416,16 @@ fn check_history_and_average(
             && err.contains("give --data"),
         "{err}"
     );
+    // A checkpoint's file is named as such, before a report path is made from it.
+    let err = run_err(
+        vt_train()
+            .args(["eval", "--checkpoint"])
+            .arg(run.join("best/model.safetensors")),
+    );
+    assert!(
+        err.contains("is a file: a checkpoint is the folder"),
+        "{err}"
+    );
 }
 
 /// One row of the predictions CSV.
@@ -1534,7 +1544,17 @@ fn explain_draws_each_modules_token_attention() {
         "{stdout}"
     );
     assert!(is_png(&from_folders.join("photo-2.explain.png")));
-    // Pictures written inside a folder given are not photos to explain the next time.
+    // Pictures written inside a folder given are not photos to explain the next time; an
+    // --out above the folders given leaves their images in.
+    let above = run_ok(
+        vt_train()
+            .args(["explain", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(tmp.path())
+            .arg(tmp.path().join("a")),
+    );
+    assert_eq!(String::from_utf8_lossy(&above.stdout).lines().count(), 1);
     let inside = tmp.path().join("a/explain");
     for _ in 0..2 {
         let out = run_ok(
