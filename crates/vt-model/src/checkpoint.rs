@@ -84,12 +84,12 @@ pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
         .filter(|path| path.join(CONFIG_FILE).is_file())
         .collect();
     inner.sort();
-    let is_run_checkpoint = |path: &PathBuf| {
-        RUN_CHECKPOINTS
-            .iter()
-            .any(|name| path.file_name().is_some_and(|n| n == *name))
-    };
-    if !inner.is_empty() && !inner.iter().any(is_run_checkpoint) {
+    let is_run = dir.join(RUN_OPTIONS_FILE).is_file()
+        && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists());
+    if !is_run {
+        if inner.is_empty() {
+            return Ok(());
+        }
         return Err(ModelError::FolderOfCheckpoints {
             path: dir.to_path_buf(),
             checkpoints: inner
@@ -105,11 +105,6 @@ pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
         .filter(|c| c.join(CONFIG_FILE).is_file())
         .map(|c| c.display().to_string())
         .collect();
-    let is_run = dir.join(RUN_OPTIONS_FILE).is_file()
-        && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists());
-    if found.is_empty() && !is_run {
-        return Ok(());
-    }
     let checkpoints = if found.is_empty() {
         format!(
             "{} or {}, once its first epoch has ended",

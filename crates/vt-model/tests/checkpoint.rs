@@ -105,8 +105,9 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
         "{}",
         load_err(&weights)
     );
+    // A user's folder of checkpoints, one of them named best, is not a run: all are named.
     let many = tmp.path().join("many");
-    saved_model(&many.join("a"));
+    saved_model(&many.join("best"));
     saved_model(&many.join("b"));
     // A writer's hidden temporary is not a checkpoint to offer.
     saved_model(&many.join(".c.tmp-99"));
@@ -115,8 +116,8 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
         format!(
             "{} holds checkpoints, not one: give one of them ({}, {})",
             many.display(),
-            many.join("a").display(),
-            many.join("b").display()
+            many.join("b").display(),
+            many.join("best").display()
         )
     );
 }
