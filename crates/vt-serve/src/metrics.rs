@@ -194,8 +194,10 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 /// Middleware counting every response by its route pattern (not the raw path, which would
 /// let clients create unbounded label values) and status; a request whose client went away
 /// before its answer is counted as 499 (and logged so), CORS preflights under `preflight`.
+/// `cors` says whether the server answers CORS preflights: without it, an `OPTIONS` is its
+/// route's (405).
 pub async fn track(
-    State(metrics): State<Arc<Metrics>>,
+    State((metrics, cors)): State<(Arc<Metrics>, bool)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -203,7 +205,8 @@ pub async fn track(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let preflight = request.method() == Method::OPTIONS
+    let preflight = cors
+        && request.method() == Method::OPTIONS
         && request
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);

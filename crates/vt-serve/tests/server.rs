@@ -1629,6 +1629,16 @@ async fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
         .unwrap();
     assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    // Without CORS it is no preflight: counted as its route's 405.
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"vt_serve_requests_total{route="/predict",status="405"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
     server.shutdown().await;
 
     let server = TestServer::start(&checkpoint, &["--cors-allow-origin", "*"]).await;
