@@ -36,7 +36,8 @@ pub struct Args {
     /// validation images (each class also gets 10 test images).
     #[arg(long, default_value_t = SyntheticConfig::default().train_per_class, requires = "synthetic")]
     synthetic_per_class: usize,
-    /// Hugging Face dataset repository, OWNER/NAME[@REVISION].
+    /// Hugging Face dataset repository, OWNER/NAME[@REVISION]. Downloads are cached under
+    /// HF_HOME; with HF_HUB_OFFLINE=1 the cached download is imported without the hub.
     #[arg(long, value_name = "OWNER/NAME[@REV]", conflicts_with_all = ["from", "synthetic"])]
     hf_repo: Option<String>,
     /// Fraction of each class of seg_train held out for validation.

@@ -1,7 +1,8 @@
 //! The data set from a Hugging Face dataset repository, through `hf-hub` (which honours
-//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`; downloads are cached there and reused). A
-//! download streams into `<file>.part` beside its place in the cache; an interrupted one
-//! resumes from there with a byte range, and only a file of the listed size is kept.
+//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`; downloads are cached there, laid out as in
+//! [`crate::hub_cache`], and reused; `HF_HUB_OFFLINE` imports them without the hub). A
+//! download streams into `<blob>.part`; an interrupted one resumes from there with a byte
+//! range, and only a file of the listed size (and, for an LFS file, SHA-256) is kept.
 //!
 //! Two repository shapes are understood:
 //! - parquet files as the `datasets` library writes them (`image` struct `{bytes, path}`,
@@ -22,19 +23,20 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use hf_hub::repository::RepoTreeEntry;
-use hf_hub::{HFClient, HFClientSync, HFError};
+use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync, RepoTypeDataset};
 use reqwest::StatusCode;
 
 use crate::dataset::CLASSES;
 use crate::download::{error_chain, open_locked, part_path, Progress, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
+use crate::hub_cache::{is_commit, is_sha256, sha256_of, RepoCache};
 use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
 use crate::source::zip::{import_download, note_discarded_download, zip_summary};
@@ -117,6 +119,8 @@ pub struct HfOptions {
     pub cache_dir: Option<PathBuf>,
     /// Overrides [`HUB_READ_TIMEOUT`] (tests use a short one).
     pub read_timeout: Option<Duration>,
+    /// Overrides `HF_HUB_OFFLINE`: import what an earlier download cached, without the hub.
+    pub offline: Option<bool>,
 }
 
 /// A client with this project's timeouts. The metadata requests go through hf-hub's blocking
@@ -193,7 +197,8 @@ fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)
     }
 }
 
-/// Downloads the repository's data files and feeds them to `importer`.
+/// Downloads the repository's data files and feeds them to `importer`; offline, imports
+/// what an earlier download left in the cache.
 pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     let async_client = hub_client(opts)?;
     let cache_dir = async_client.cache_dir().to_path_buf();
@@ -203,6 +208,10 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         &cache_dir,
         importer.data_dir(),
     )?;
+    let cache = RepoCache::new(&cache_dir, &opts.repo.owner, &opts.repo.name);
+    if opts.offline.unwrap_or_else(offline_from_env) {
+        return import_cached(opts, &cache, importer);
+    }
     let client = HFClientSync::from_inner(async_client)
         .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
@@ -212,7 +221,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .send()
         .map_err(|e| {
             let error = hub_error(opts, "cannot read the dataset repository", &e);
-            name_cached_archives(error, &repo_cache_dir(&cache_dir, opts))
+            name_cached_download(error, opts, &cache)
         })?;
     let commit = info.sha.ok_or_else(|| DataError::Network {
         what: format!("resolving {} at {}", opts.repo, endpoint_of(opts)),
@@ -220,10 +229,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         hint: ALTERNATIVES.into(),
     })?;
     check_commit(opts, &commit)?;
-    importer.set_origin(format!(
-        "hf:{}/{}@{commit}",
-        opts.repo.owner, opts.repo.name
-    ));
+    importer.set_origin(origin(opts, &commit));
     let entries = repo
         .list_tree()
         .revision(commit.clone())
@@ -238,118 +244,259 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         })
         .collect();
     files.sort();
-    let parquet: Vec<&(String, u64)> = files
-        .iter()
-        .filter(|(p, _)| p.ends_with(".parquet"))
-        .collect();
-    let zips: Vec<&(String, u64)> = files.iter().filter(|(p, _)| p.ends_with(".zip")).collect();
-    let fetch = |path: &str, size: u64| -> Result<PathBuf> {
-        let local = snapshot_path(&cache_dir, opts, &commit, path)?;
-        // Through a snapshot symlink, the size of the blob it points to.
+    let data = DataFiles::of(opts, &files)?;
+    let mut locals = Vec::new();
+    // Linked into the snapshot only once all are here: a snapshot holds every data file of
+    // its commit, or none, for an offline import to rely on.
+    let mut unlinked = Vec::new();
+    for (path, size) in data.listed() {
+        let local = snapshot_path(opts, &cache, &commit, path)?;
+        // Through a snapshot link, the size of the blob it points to.
         match fs::metadata(&local) {
-            Ok(meta) if meta.len() == size => return Ok(local),
-            Ok(meta) => {
-                tracing::warn!(
-                    "{}: {} bytes, the hub lists {size}; downloading it again",
-                    local.display(),
-                    meta.len()
-                );
-                discard_cached(&local);
+            Ok(meta) if meta.len() == *size => {}
+            cached => {
+                if let Ok(meta) = cached {
+                    tracing::warn!(
+                        "{}: {} bytes, the hub lists {size}; downloading it again",
+                        local.display(),
+                        meta.len()
+                    );
+                    discard_cached(&local);
+                }
+                let blob = fetch_blob(opts, &repo, &cache, &commit, path, *size)?;
+                unlinked.push((blob, local.clone()));
             }
-            Err(_) => {}
         }
-        download(opts, &commit, path, size, &local)?;
-        Ok(local)
+        locals.push(local);
+    }
+    for (blob, local) in &unlinked {
+        cache.link(local, blob)?;
+    }
+    cache.write_ref(opts.repo.revision.as_deref().unwrap_or(MAIN), &commit)?;
+    data.import(opts, &locals, importer)
+}
+
+/// The revision a repository is downloaded at unless another is named.
+const MAIN: &str = "main";
+
+/// `HF_HUB_OFFLINE` as `huggingface_hub` reads it: `1`, `true`, `yes` or `on`, in any case.
+pub fn offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        ["1", "true", "yes", "on"]
+            .iter()
+            .any(|on| v.trim().eq_ignore_ascii_case(on))
+    })
+}
+
+fn origin(opts: &HfOptions, commit: &str) -> String {
+    format!("hf:{}/{}@{commit}", opts.repo.owner, opts.repo.name)
+}
+
+/// Without the hub: the snapshot of the commit the revision named at its last download.
+fn import_cached(opts: &HfOptions, cache: &RepoCache, importer: &mut Importer) -> Result<()> {
+    let revision = opts.repo.revision.as_deref().unwrap_or(MAIN);
+    let not_cached = |message: String| DataError::Network {
+        what: format!(
+            "importing {} from the Hugging Face cache (HF_HUB_OFFLINE is set)",
+            opts.repo
+        ),
+        message,
+        hint: format!(
+            "{}Unset HF_HUB_OFFLINE to download it. {ALTERNATIVES}",
+            cached_download_hint(opts, cache)
+        ),
     };
-    if !parquet.is_empty() {
-        // All told apart before any download.
-        let splits: Vec<_> = parquet
+    let commit = cache.resolve(revision)?.ok_or_else(|| {
+        not_cached(format!(
+            "{} holds no download of {revision}",
+            cache.dir().display()
+        ))
+    })?;
+    let files = cache.snapshot_files(&commit)?.ok_or_else(|| {
+        not_cached(format!(
+            "{} holds no download of commit {commit}",
+            cache.dir().display()
+        ))
+    })?;
+    tracing::info!(
+        "HF_HUB_OFFLINE: importing {} at {commit} from {}",
+        opts.repo,
+        cache.dir().display()
+    );
+    importer.set_origin(origin(opts, &commit));
+    let data = DataFiles::of(opts, &files)?;
+    let locals = data
+        .listed()
+        .into_iter()
+        .map(|(path, _)| snapshot_path(opts, cache, &commit, path))
+        .collect::<Result<Vec<_>>>()?;
+    data.import(opts, &locals, importer)
+}
+
+/// The files of a repository that hold the data set, told apart before any download.
+enum DataFiles<'a> {
+    /// Parquet files, with the split each holds.
+    Parquet(Vec<(&'a (String, u64), ParquetSplit)>),
+    /// Zips: the data set's archive, perhaps beside others.
+    Zips(Vec<&'a (String, u64)>),
+}
+
+impl<'a> DataFiles<'a> {
+    fn of(opts: &HfOptions, files: &'a [(String, u64)]) -> Result<Self> {
+        let parquet: Vec<&(String, u64)> = files
             .iter()
-            .map(|(path, _)| ParquetSplit::of_file(path))
+            .filter(|(p, _)| p.ends_with(".parquet"))
             .collect();
-        let unknown: Vec<&str> = parquet
-            .iter()
-            .zip(&splits)
-            .filter(|(_, split)| split.is_err())
-            .map(|((path, _), _)| path.as_str())
-            .collect();
-        if !unknown.is_empty() {
-            return Err(DataError::Layout(format!(
-                "{} holds parquet files of no known split ({}); the split names understood are \
-                 {}. Choose another --hf-repo. {ALTERNATIVES}",
-                opts.repo,
-                quoted(&unknown),
-                ParquetSplit::KNOWN
-            )));
-        }
-        let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
-        importer.set_classes(classes.clone());
-        for ((path, size), split) in parquet.into_iter().zip(splits) {
-            let local = fetch(path, *size)?;
-            let split = split.map_err(DataError::Layout)?;
-            import_parquet(&local, path, split, &classes, importer)
-                .map_err(|e| discard_if_broken(&local, e))?;
-        }
-        Ok(())
-    } else if !zips.is_empty() {
-        // A repository may keep other zips beside the data set's (a submission sample, say):
-        // the data set's is the one whose entries hold training images.
-        let mut archives = Vec::new();
-        for (path, size) in &zips {
-            let local = fetch(path, *size)?;
-            let summary = zip_summary(&local).map_err(|e| discard_if_broken(&local, e))?;
-            if summary.train > 0 {
-                archives.push((path, local));
-            } else if summary.test + summary.pred > 0 {
-                // Importing the training part alone would silently lose these.
-                return Err(DataError::Layout(format!(
-                    "{path} in {} holds seg_test or seg_pred images but no seg_train ones: \
-                     an archive split into parts is not supported; choose another --hf-repo. \
-                     {ALTERNATIVES}",
-                    opts.repo
-                )));
-            } else {
-                tracing::warn!(
-                    "{path} in {} has no seg_train/<class>/<image> entries among its {}: not \
-                     the data set's archive, left out",
-                    opts.repo,
-                    summary.entries
-                );
+        if !parquet.is_empty() {
+            let mut splits = Vec::new();
+            let mut unknown = Vec::new();
+            for file in parquet {
+                match ParquetSplit::of_file(&file.0) {
+                    Ok(split) => splits.push((file, split)),
+                    Err(_) => unknown.push(file.0.as_str()),
+                }
             }
+            if !unknown.is_empty() {
+                return Err(DataError::Layout(format!(
+                    "{} holds parquet files of no known split ({}); the split names understood \
+                     are {}. Choose another --hf-repo. {ALTERNATIVES}",
+                    opts.repo,
+                    quoted(&unknown),
+                    ParquetSplit::KNOWN
+                )));
+            }
+            return Ok(DataFiles::Parquet(splits));
         }
-        let names =
-            |paths: Vec<&String>| quoted(&paths.iter().map(|p| p.as_str()).collect::<Vec<_>>());
-        match archives.as_slice() {
-            [(_, local)] => import_download(local, importer)
-                .map(drop)
-                .map_err(|e| discard_if_broken(local, e)),
-            [] => Err(DataError::Layout(format!(
-                "{}'s zips ({}) hold no seg_train/<class>/<image> entries: none is the Intel \
-                 Image Classification archive; choose another --hf-repo. {ALTERNATIVES}",
-                opts.repo,
-                names(zips.iter().map(|(path, _)| path).collect())
-            ))),
-            several => Err(DataError::Layout(format!(
-                "{} holds {} archives of training images ({}): importing them all would count \
-                 a photo once per archive; choose another --hf-repo. {ALTERNATIVES}",
-                opts.repo,
-                several.len(),
-                names(several.iter().map(|(path, _)| *path).collect())
-            ))),
+        let zips: Vec<&(String, u64)> = files.iter().filter(|(p, _)| p.ends_with(".zip")).collect();
+        if !zips.is_empty() {
+            return Ok(DataFiles::Zips(zips));
         }
-    } else {
         Err(DataError::Layout(format!(
-            "{} holds neither parquet files nor a zip ({} files); choose another --hf-repo. {ALTERNATIVES}",
+            "{} holds neither parquet files nor a zip ({} files); choose another --hf-repo. \
+             {ALTERNATIVES}",
             opts.repo,
             files.len()
         )))
     }
+
+    fn listed(&self) -> Vec<&'a (String, u64)> {
+        match self {
+            DataFiles::Parquet(splits) => splits.iter().map(|(file, _)| *file).collect(),
+            DataFiles::Zips(zips) => zips.clone(),
+        }
+    }
+
+    /// Imports the files, found at `locals` (in the order of [`Self::listed`]).
+    fn import(&self, opts: &HfOptions, locals: &[PathBuf], importer: &mut Importer) -> Result<()> {
+        match self {
+            DataFiles::Parquet(splits) => {
+                let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+                importer.set_classes(classes.clone());
+                for (((path, _), split), local) in splits.iter().zip(locals) {
+                    import_parquet(local, path, *split, &classes, importer)
+                        .map_err(|e| discard_if_broken(local, e))?;
+                }
+                Ok(())
+            }
+            DataFiles::Zips(zips) => import_archive(opts, zips, locals, importer),
+        }
+    }
+}
+
+/// A repository may keep other zips beside the data set's (a submission sample, say): the
+/// data set's is the one whose entries hold training images.
+fn import_archive(
+    opts: &HfOptions,
+    zips: &[&(String, u64)],
+    locals: &[PathBuf],
+    importer: &mut Importer,
+) -> Result<()> {
+    let mut archives = Vec::new();
+    for ((path, _), local) in zips.iter().zip(locals) {
+        let summary = zip_summary(local).map_err(|e| discard_if_broken(local, e))?;
+        if summary.train > 0 {
+            archives.push((path, local));
+        } else if summary.test + summary.pred > 0 {
+            // Importing the training part alone would silently lose these.
+            return Err(DataError::Layout(format!(
+                "{path} in {} holds seg_test or seg_pred images but no seg_train ones: an \
+                 archive split into parts is not supported; choose another --hf-repo. \
+                 {ALTERNATIVES}",
+                opts.repo
+            )));
+        } else {
+            tracing::warn!(
+                "{path} in {} has no seg_train/<class>/<image> entries among its {}: not the \
+                 data set's archive, left out",
+                opts.repo,
+                summary.entries
+            );
+        }
+    }
+    let names = |paths: Vec<&String>| quoted(&paths.iter().map(|p| p.as_str()).collect::<Vec<_>>());
+    match archives.as_slice() {
+        [(_, local)] => import_download(local, importer)
+            .map(drop)
+            .map_err(|e| discard_if_broken(local, e)),
+        [] => Err(DataError::Layout(format!(
+            "{}'s zips ({}) hold no seg_train/<class>/<image> entries: none is the Intel Image \
+             Classification archive; choose another --hf-repo. {ALTERNATIVES}",
+            opts.repo,
+            names(zips.iter().map(|(path, _)| path).collect())
+        ))),
+        several => Err(DataError::Layout(format!(
+            "{} holds {} archives of training images ({}): importing them all would count a \
+             photo once per archive; choose another --hf-repo. {ALTERNATIVES}",
+            opts.repo,
+            several.len(),
+            names(several.iter().map(|(path, _)| *path).collect())
+        ))),
+    }
+}
+
+/// Downloads `path` at `commit` into its blob, unless the blob is already there (the same
+/// content at another commit), and returns the blob's path.
+fn fetch_blob(
+    opts: &HfOptions,
+    repo: &HFRepositorySync<RepoTypeDataset>,
+    cache: &RepoCache,
+    commit: &str,
+    path: &str,
+    size: u64,
+) -> Result<PathBuf> {
+    let meta = repo
+        .get_file_metadata()
+        .filepath(path)
+        .revision(commit)
+        .send()
+        .map_err(|e| hub_error(opts, &format!("cannot look up {path}"), &e))?;
+    let blob = cache
+        .blob_path(&meta.etag)
+        .ok_or_else(|| DataError::Network {
+            what: format!(
+                "looking up {path} in {} at {}",
+                opts.repo,
+                endpoint_of(opts)
+            ),
+            message: format!(
+                "the hub named its content {:?}, which is no plain name",
+                meta.etag
+            ),
+            hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
+        })?;
+    match fs::metadata(&blob) {
+        Ok(cached) if cached.len() == size => {
+            tracing::info!("{path}: the same content is cached from another commit");
+        }
+        _ => download(opts, commit, path, size, &meta.etag, &blob)?,
+    }
+    Ok(blob)
 }
 
 /// The commit names a folder of the cache: a hub's answer such as `../x` or `/etc` must not
-/// place downloads outside it. A commit is 40 hex digits.
+/// place downloads outside it.
 fn check_commit(opts: &HfOptions, commit: &str) -> Result<()> {
-    if commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if is_commit(commit) {
         return Ok(());
     }
     Err(DataError::Network {
@@ -359,35 +506,20 @@ fn check_commit(opts: &HfOptions, commit: &str) -> Result<()> {
     })
 }
 
-/// Where hf-hub keeps `path` at `commit`, so that what it cached earlier is reused. A regular
-/// file there is valid layout: hf-hub writes one on Windows, in place of the blob symlink.
-fn snapshot_path(cache_dir: &Path, opts: &HfOptions, commit: &str, path: &str) -> Result<PathBuf> {
-    // The listing comes from the server: a path must not climb out of the cache.
-    if !Path::new(path)
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(DataError::Layout(format!(
+/// Where the cache keeps `path` at `commit`. A regular file there is valid layout: hf-hub
+/// writes one on Windows, in place of the blob symlink.
+fn snapshot_path(opts: &HfOptions, cache: &RepoCache, commit: &str, path: &str) -> Result<PathBuf> {
+    cache.snapshot_path(commit, path).ok_or_else(|| {
+        DataError::Layout(format!(
             "{} lists a file named {path:?}, which is not a plain relative path; choose another \
              --hf-repo. {ALTERNATIVES}",
             opts.repo
-        )));
-    }
-    Ok(repo_cache_dir(cache_dir, opts)
-        .join("snapshots")
-        .join(commit)
-        .join(path))
+        ))
+    })
 }
 
-/// The repository's folder in hf-hub's cache.
-fn repo_cache_dir(cache_dir: &Path, opts: &HfOptions) -> PathBuf {
-    cache_dir.join(format!("datasets--{}--{}", opts.repo.owner, opts.repo.name))
-}
-
-/// `error` (the hub could not be asked) with the archives an earlier run downloaded into
-/// `repo_dir` named: `--from` imports them without the hub. A snapshot holds only complete
-/// files, renamed there from their `.part` once every listed byte arrived.
-fn name_cached_archives(error: DataError, repo_dir: &Path) -> DataError {
+/// `error` (the hub could not be asked) with what an earlier run downloaded named.
+fn name_cached_download(error: DataError, opts: &HfOptions, cache: &RepoCache) -> DataError {
     let DataError::Network {
         what,
         message,
@@ -396,24 +528,7 @@ fn name_cached_archives(error: DataError, repo_dir: &Path) -> DataError {
     else {
         return error;
     };
-    // The newest, should the cache hold the archive of several commits.
-    let newest = fs::read_dir(repo_dir.join("snapshots"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|commit| fs::read_dir(commit.path()).into_iter().flatten().flatten())
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|e| e == "zip"))
-        .filter_map(|path| Some((fs::metadata(&path).ok()?.modified().ok()?, path)))
-        .max();
-    let hint = match newest {
-        Some((_, archive)) => format!(
-            "An earlier download is in the cache: cargo xtask fetch-data --from {} imports \
-             it without the hub. {hint}",
-            archive.display()
-        ),
-        None => hint,
-    };
+    let hint = format!("{}{hint}", cached_download_hint(opts, cache));
     DataError::Network {
         what,
         message,
@@ -421,9 +536,42 @@ fn name_cached_archives(error: DataError, repo_dir: &Path) -> DataError {
     }
 }
 
+/// How to import without the hub what an earlier run downloaded, if anything: the revision's
+/// snapshot offline, or an archive of any snapshot with `--from` (a snapshot holds only
+/// complete files).
+fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
+    let revision = opts.repo.revision.as_deref().unwrap_or(MAIN);
+    let snapshot = cache.resolve(revision).ok().flatten().filter(|commit| {
+        cache
+            .snapshot_files(commit)
+            .is_ok_and(|files| files.is_some_and(|f| !f.is_empty()))
+    });
+    let offline = opts.offline.unwrap_or_else(offline_from_env);
+    match (snapshot, cache.newest_archive()) {
+        (Some(commit), _) if !offline => format!(
+            "An earlier download of {revision} (commit {commit}) is in the cache: \
+             HF_HUB_OFFLINE=1 cargo xtask fetch-data imports it without the hub. "
+        ),
+        (_, Some(archive)) => format!(
+            "An earlier download is in the cache: cargo xtask fetch-data --from {} imports it \
+             without the hub. ",
+            archive.display()
+        ),
+        _ => String::new(),
+    }
+}
+
 /// Downloads `path` at `commit` to `dest`, resuming from `<dest>.part`: hf-hub's own download
 /// recreates its partial file on every attempt, which restarts a 363 MB archive from byte 0.
-fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) -> Result<()> {
+/// An `etag` that is a SHA-256 (an LFS file's) must be the download's.
+fn download(
+    opts: &HfOptions,
+    commit: &str,
+    path: &str,
+    size: u64,
+    etag: &str,
+    dest: &Path,
+) -> Result<()> {
     let part = part_path(dest);
     if let Some(parent) = part.parent() {
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
@@ -450,8 +598,30 @@ fn download(opts: &HfOptions, commit: &str, path: &str, size: u64, dest: &Path) 
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })?;
     }
-    // On disk before it is renamed: a later run trusts a file of the listed size.
+    // On disk before it is renamed: a later run trusts a blob of the listed size.
     file.sync_all().map_err(|e| DataError::io(&part, e))?;
+    if is_sha256(etag) {
+        let received = sha256_of(&part)?;
+        if !received.eq_ignore_ascii_case(etag) {
+            file.set_len(0).map_err(|e| DataError::io(&part, e))?;
+            return Err(DataError::Network {
+                what: format!(
+                    "download of {path} from {} at {}",
+                    opts.repo,
+                    endpoint_of(opts)
+                ),
+                message: format!(
+                    "the {size} bytes received have the SHA-256 {received}; the hub gives \
+                     {etag}: they were damaged on the way"
+                ),
+                hint: format!(
+                    "The partial file {} was emptied: run fetch-data again to download {path} \
+                     from the start. {ALTERNATIVES}",
+                    part.display()
+                ),
+            });
+        }
+    }
     fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
 }
 

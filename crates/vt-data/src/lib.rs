@@ -16,6 +16,7 @@ pub mod download;
 pub mod error;
 pub mod fetch;
 pub mod hf;
+mod hub_cache;
 pub mod image_files;
 pub mod import;
 pub mod kaggle;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
+use sha2::{Digest, Sha256};
 use vt_data::dataset::{Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::hf::{HfOptions, HfRepoSpec};
@@ -561,6 +562,8 @@ struct Quirks {
     listed_extra: u64,
     /// Files are Xet-backed (`X-Xet-Hash` on `resolve`), stored at this CAS server URL.
     xet_cas: Option<String>,
+    /// The commit every revision resolves to, in place of `COMMIT`.
+    commit: Option<&'static str>,
 }
 
 /// [`hub_with`], departing from it as `quirks` says.
@@ -574,7 +577,8 @@ fn hub_quirky(
     let tree_path = format!("/api/datasets/{repo}/tree/");
     let token_path = format!("/api/datasets/{repo}/xet-read-token/");
     let resolve = format!("/datasets/{repo}/resolve/");
-    let info = format!(r#"{{"id":"{repo}","sha":"{COMMIT}"}}"#);
+    let commit = quirks.commit.unwrap_or(COMMIT);
+    let info = format!(r#"{{"id":"{repo}","sha":"{commit}"}}"#);
     TestServer::start(move |r| {
         let path = r.path.split('?').next().unwrap_or_default();
         if path == info_path || path.starts_with(&format!("{info_path}/revision/")) {
@@ -587,7 +591,7 @@ fn hub_quirky(
         }
         if let Some(rest) = path.strip_prefix(&tree_path) {
             assert!(r.path.contains("recursive=true"), "{}", r.path);
-            assert_eq!(rest, COMMIT, "the listing asks for the resolved commit");
+            assert_eq!(rest, commit, "the listing asks for the resolved commit");
             let entries: Vec<String> = files
                 .iter()
                 .map(|(name, bytes)| {
@@ -602,7 +606,7 @@ fn hub_quirky(
         }
         if let Some(rest) = path.strip_prefix(&resolve) {
             let (revision, file) = rest.split_once('/').unwrap_or_default();
-            assert_eq!(revision, COMMIT, "downloads ask for the resolved commit");
+            assert_eq!(revision, commit, "downloads ask for the resolved commit");
             let Some(i) = files.iter().position(|(name, _)| name == file) else {
                 return Reply::status(404).with_header("X-Error-Code", "EntryNotFound");
             };
@@ -614,9 +618,11 @@ fn hub_quirky(
             if quirks.xet_cas.is_some() {
                 reply = reply.with_header("X-Xet-Hash", &"ab".repeat(32));
             }
+            // As the hub names an LFS file: by the SHA-256 of its content.
             return reply
                 .with_header("ETag", &format!("\"etag{i}\""))
-                .with_header("X-Repo-Commit", COMMIT);
+                .with_header("X-Linked-Etag", &format!("\"{}\"", sha256_hex(&files[i].1)))
+                .with_header("X-Repo-Commit", commit);
         }
         Reply::status(404).with_header("X-Error-Code", "RepoNotFound")
     })
@@ -629,9 +635,19 @@ fn hf_opts(server: &TestServer, repo: &str, dir: &Path) -> FetchOptions {
             repo: repo.parse::<HfRepoSpec>().unwrap(),
             endpoint: Some(server.url.clone()),
             cache_dir: Some(dir.join("hf-cache")),
+            offline: Some(false),
             ..HfOptions::default()
         }),
     )
+}
+
+/// `opts` importing `repo` offline, from the cache.
+fn offline(mut opts: FetchOptions, repo: &str) -> FetchOptions {
+    if let FetchSource::HuggingFace(hf) = &mut opts.source {
+        hf.repo = repo.parse().unwrap();
+        hf.offline = Some(true);
+    }
+    opts
 }
 
 /// Where the hub stand-ins' files end up in the cache of [`hf_opts`].
@@ -640,6 +656,28 @@ fn snapshot(dir: &Path, repo: &str) -> std::path::PathBuf {
         .join(format!("datasets--{}", repo.replace('/', "--")))
         .join("snapshots")
         .join(COMMIT)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Where [`hf_opts`] caches the hub stand-ins' file of content `bytes`, whatever its commit.
+fn blob(dir: &Path, repo: &str, bytes: &[u8]) -> std::path::PathBuf {
+    dir.join("hf-cache")
+        .join(format!("datasets--{}", repo.replace('/', "--")))
+        .join("blobs")
+        .join(sha256_hex(bytes))
+}
+
+/// The partial download of [`blob`].
+fn blob_part(dir: &Path, repo: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let mut name = blob(dir, repo, bytes).into_os_string();
+    name.push(".part");
+    name.into()
 }
 
 /// The download requests a hub stand-in received.
@@ -829,26 +867,170 @@ fn hugging_face_zip_mirror_imports() {
     assert_eq!(m.splits.pred, 2);
     assert!(m.origin.contains("mirror/intel"));
 
-    // Without the hub, the cached archive is named for --from.
-    let mut offline = unreachable_hub(tmp.path()).1;
-    if let FetchSource::HuggingFace(hf) = &mut offline.source {
-        hf.repo = "mirror/intel".parse().unwrap();
-    }
-    let err = fetch(&offline).unwrap_err().to_string();
-    let cached = snapshot(tmp.path(), "mirror/intel").join("archive.zip");
+    // Without the hub, an offline import is suggested, and imports the same commit (from an
+    // endpoint where nothing listens).
+    let unreachable = || {
+        let mut opts = unreachable_hub(tmp.path()).1;
+        if let FetchSource::HuggingFace(hf) = &mut opts.source {
+            hf.repo = "mirror/intel".parse().unwrap();
+        }
+        opts
+    };
+    let err = fetch(&unreachable()).unwrap_err().to_string();
     assert!(
         err.contains(&format!(
-            "fetch-data --from {} imports it",
-            cached.display()
+            "An earlier download of main (commit {COMMIT}) is in the cache: HF_HUB_OFFLINE=1 \
+             cargo xtask fetch-data imports it"
         )),
         "{err}"
     );
+    let again = fetch(&offline(unreachable(), "mirror/intel")).unwrap();
+    assert_eq!((again.classes, again.origin), (m.classes, m.origin));
+
+    // Offline, a revision never downloaded is not there; the archive is named for --from.
+    let err = fetch(&offline(unreachable(), "mirror/intel@v2"))
+        .unwrap_err()
+        .to_string();
+    let cached = snapshot(tmp.path(), "mirror/intel").join("archive.zip");
+    for needed in [
+        "HF_HUB_OFFLINE is set".to_string(),
+        "holds no download of v2".into(),
+        format!("fetch-data --from {} imports it", cached.display()),
+        "Unset HF_HUB_OFFLINE".into(),
+    ] {
+        assert!(err.contains(&needed), "{err}");
+    }
     let m = fetch(&FetchOptions::new(
         tmp.path().join("data"),
         FetchSource::Path(cached),
     ))
     .unwrap();
     assert_eq!(m.classes, ["glacier", "street"]);
+}
+
+/// The cache is laid out as the hub's tools lay it out: a blob per content, named by its
+/// SHA-256, linked from each commit's snapshot, and a ref per revision. A file unchanged at
+/// a new commit is not downloaded again.
+#[test]
+fn a_file_unchanged_at_a_new_commit_is_not_downloaded_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 1, 0);
+    let first = hub("a/b", vec![("archive.zip".into(), zip.clone())]);
+    fetch(&hf_opts(&first, "a/b@v1", tmp.path())).unwrap();
+    let repo_dir = tmp.path().join("hf-cache/datasets--a--b");
+    assert_eq!(
+        fs::read_to_string(repo_dir.join("refs/v1")).unwrap(),
+        COMMIT
+    );
+    let link = snapshot(tmp.path(), "a/b").join("archive.zip");
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        Path::new("../../blobs").join(sha256_hex(&zip))
+    );
+    assert_eq!(fs::read(blob(tmp.path(), "a/b", &zip)).unwrap(), zip);
+
+    let next = "fedcba9876543210fedcba9876543210fedcba98";
+    let quirks = Quirks {
+        commit: Some(next),
+        ..Quirks::default()
+    };
+    let second = hub_quirky(
+        "a/b",
+        vec![("archive.zip".into(), zip.clone())],
+        quirks,
+        ranged,
+    );
+    let m = fetch(&hf_opts(&second, "a/b@v1", tmp.path())).unwrap();
+    assert_eq!(m.origin, format!("hf:a/b@{next}"));
+    assert!(gets(&second).is_empty(), "{:?}", gets(&second));
+    assert_eq!(fs::read_to_string(repo_dir.join("refs/v1")).unwrap(), next);
+    let moved = repo_dir.join("snapshots").join(next).join("archive.zip");
+    assert_eq!(fs::read(&moved).unwrap(), zip);
+}
+
+/// A snapshot file an earlier version of vt wrote in place (no blob) is still reused.
+#[test]
+fn a_snapshot_file_without_a_blob_is_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 0, 0);
+    write(&snapshot(tmp.path(), "a/b").join("archive.zip"), &zip);
+    let server = hub("a/b", vec![("archive.zip".into(), zip)]);
+    fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    assert!(!server
+        .requests()
+        .iter()
+        .any(|r| r.path.contains("/resolve/")));
+}
+
+/// Bytes damaged on the way (the right length, another SHA-256 than the hub's ETag) are
+/// neither kept nor imported.
+#[test]
+fn a_download_whose_sha256_is_not_the_hubs_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 0, 0);
+    let server = hub_with(
+        "a/b",
+        vec![("archive.zip".into(), zip.clone())],
+        |_, body| {
+            let mut damaged = body.to_vec();
+            let last = damaged.len() - 1;
+            damaged[last] ^= 1;
+            Reply::ok(damaged)
+        },
+    );
+    let err = fetch(&hf_opts(&server, "a/b", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    for needed in [
+        format!("the hub gives {}", sha256_hex(&zip)),
+        "damaged on the way".into(),
+        "was emptied".into(),
+    ] {
+        assert!(err.contains(&needed), "{err}");
+    }
+    assert_eq!(
+        fs::metadata(blob_part(tmp.path(), "a/b", &zip))
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(!blob(tmp.path(), "a/b", &zip).exists());
+    assert!(!snapshot(tmp.path(), "a/b").exists());
+    assert!(!tmp.path().join("data").exists());
+}
+
+/// Offline, a parquet mirror is imported from the snapshot its revision's ref names, with
+/// nothing asked of the hub; without a download of that revision, nothing is imported.
+#[test]
+fn hf_hub_offline_imports_the_cached_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows: Vec<_> = (0..12)
+        .map(|i| (jpeg(i as u32), format!("{i}.jpg"), Some(i % 6)))
+        .collect();
+    let train = tmp.path().join("train.parquet");
+    write_parquet(&train, &rows, None);
+    let server = hub(
+        "m/p",
+        vec![(
+            "data/train-00000-of-00001.parquet".into(),
+            fs::read(&train).unwrap(),
+        )],
+    );
+    let online = fetch(&hf_opts(&server, "m/p", tmp.path())).unwrap();
+    let asked = server.requests().len();
+
+    let cached = offline(hf_opts(&server, "m/p", tmp.path()), "m/p");
+    assert_eq!(fetch(&cached).unwrap(), online);
+    assert_eq!(server.requests().len(), asked);
+
+    let never = offline(hf_opts(&server, "m/p", tmp.path()), "m/never");
+    let err = fetch(&never).unwrap_err().to_string();
+    assert!(
+        err.contains("HF_HUB_OFFLINE is set") && err.contains("holds no download of main"),
+        "{err}"
+    );
+    assert_eq!(server.requests().len(), asked);
+    assert_eq!(Manifest::read(&tmp.path().join("data")).unwrap(), online);
 }
 
 /// The data set's archive is the one zip with training images; other zips are left out,
@@ -926,6 +1108,7 @@ fn unreachable_hub(dir: &Path) -> (String, FetchOptions) {
         FetchSource::HuggingFace(HfOptions {
             endpoint: Some(endpoint.clone()),
             cache_dir: Some(dir.join("hf-cache")),
+            offline: Some(false),
             ..HfOptions::default()
         }),
     );
@@ -994,7 +1177,7 @@ fn an_interrupted_hugging_face_download_resumes_with_a_range_request() {
     }
     assert!(!tmp.path().join("data").exists());
     let cached = snapshot(tmp.path(), "a/b").join("archive.zip");
-    let part = snapshot(tmp.path(), "a/b").join("archive.zip.part");
+    let part = blob_part(tmp.path(), "a/b", &zip);
     assert_eq!(fs::metadata(&part).unwrap().len(), half as u64);
 
     let m = fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
@@ -1049,11 +1232,9 @@ fn a_hub_that_ignores_range_sends_the_whole_file_again() {
 #[test]
 fn a_hugging_face_download_in_progress_is_not_joined() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = hub(
-        "a/b",
-        vec![("archive.zip".into(), kaggle_zip(&["sea"], 3, 0, 0))],
-    );
-    let part = snapshot(tmp.path(), "a/b").join("archive.zip.part");
+    let zip = kaggle_zip(&["sea"], 3, 0, 0);
+    let server = hub("a/b", vec![("archive.zip".into(), zip.clone())]);
+    let part = blob_part(tmp.path(), "a/b", &zip);
     write(&part, b"");
     let other = fs::File::open(&part).unwrap();
     other.try_lock().unwrap();
@@ -1168,6 +1349,7 @@ fn a_hub_that_never_answers_fails_within_the_read_timeout() {
             endpoint: Some(url),
             cache_dir: Some(tmp.path().join("hf-cache")),
             read_timeout: Some(timeout),
+            offline: Some(false),
         }),
     );
     let start = Instant::now();
@@ -1304,9 +1486,7 @@ fn a_stalled_xet_download_fails_within_the_read_timeout() {
         // Through Xet indeed: the storage server was asked, the hub's resolve never.
         assert!(!cas.requests().is_empty());
         assert!(gets(&server).is_empty());
-        assert!(snapshot(tmp.path(), "x/y")
-            .join("archive.zip.part")
-            .exists());
+        assert!(blob_part(tmp.path(), "x/y", &zip).exists());
     }
 }
 
@@ -1345,7 +1525,7 @@ fn a_hub_that_will_not_resume_says_so() {
 fn a_range_the_hub_refuses_empties_the_partial_file() {
     let tmp = tempfile::tempdir().unwrap();
     let zip = kaggle_zip(&["forest", "sea"], 3, 0, 0);
-    let part = snapshot(tmp.path(), "a/short").join("archive.zip.part");
+    let part = blob_part(tmp.path(), "a/short", &zip);
     write(&part, &zip);
     let quirks = Quirks {
         listed_extra: 10,
