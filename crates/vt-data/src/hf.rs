@@ -2,7 +2,7 @@
 //! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`; downloads are cached there, laid out as in
 //! [`crate::hub_cache`], and reused; `HF_HUB_OFFLINE` imports them without the hub). A
 //! download streams into `<blob>.part`; an interrupted one resumes from there with a byte
-//! range, and only a file of the listed size (and, for an LFS file, SHA-256) is kept.
+//! range, and only a file of the listed size and git object id is kept.
 //!
 //! Two repository shapes are understood:
 //! - parquet files as the `datasets` library writes them (`image` struct `{bytes, path}`,
@@ -21,6 +21,7 @@
 //! an import never mixes two states of the repository, and `--hf-repo OWNER/NAME@COMMIT`
 //! repeats it exactly.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -29,14 +30,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hf_hub::repository::RepoTreeEntry;
-use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync, RepoTypeDataset};
+use hf_hub::{HFClient, HFClientSync, HFError};
 use reqwest::StatusCode;
 
 use crate::dataset::CLASSES;
 use crate::download::{error_chain, open_locked, part_path, Progress, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
-use crate::hub_cache::{is_commit, is_sha256, sha256_of, RepoCache};
+use crate::hub_cache::{has_git_object_id, is_commit, is_git_object_id, RepoCache};
 use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
 use crate::source::zip::{import_download, note_discarded_download, zip_summary};
@@ -236,13 +237,17 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .recursive(true)
         .send()
         .map_err(|e| hub_error(opts, "cannot list the dataset repository", &e))?;
-    let mut files: Vec<(String, u64)> = entries
-        .into_iter()
-        .filter_map(|entry| match entry {
-            RepoTreeEntry::File { path, size, .. } => Some((path, size)),
-            RepoTreeEntry::Directory { .. } => None,
-        })
-        .collect();
+    let mut files = Vec::new();
+    let mut object_ids = HashMap::new();
+    for entry in entries {
+        if let RepoTreeEntry::File {
+            path, size, oid, ..
+        } = entry
+        {
+            object_ids.insert(path.clone(), oid);
+            files.push((path, size));
+        }
+    }
     files.sort();
     let data = DataFiles::of(opts, &files)?;
     let mut locals = Vec::new();
@@ -263,7 +268,8 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
                     );
                     discard_cached(&local);
                 }
-                let blob = fetch_blob(opts, &repo, &cache, &commit, path, *size)?;
+                let oid = object_ids.get(path).map_or("", String::as_str);
+                let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)?;
                 unlinked.push((blob, local.clone()));
             }
         }
@@ -454,41 +460,26 @@ fn import_archive(
     }
 }
 
-/// Downloads `path` at `commit` into its blob, unless the blob is already there (the same
-/// content at another commit), and returns the blob's path.
+/// Downloads `path` at `commit` (git object id `oid`) into its blob, unless the blob is
+/// already there (the same content at another commit), and returns the blob's path.
 fn fetch_blob(
     opts: &HfOptions,
-    repo: &HFRepositorySync<RepoTypeDataset>,
     cache: &RepoCache,
     commit: &str,
     path: &str,
     size: u64,
+    oid: &str,
 ) -> Result<PathBuf> {
-    let meta = repo
-        .get_file_metadata()
-        .filepath(path)
-        .revision(commit)
-        .send()
-        .map_err(|e| hub_error(opts, &format!("cannot look up {path}"), &e))?;
-    let blob = cache
-        .blob_path(&meta.etag)
-        .ok_or_else(|| DataError::Network {
-            what: format!(
-                "looking up {path} in {} at {}",
-                opts.repo,
-                endpoint_of(opts)
-            ),
-            message: format!(
-                "the hub named its content {:?}, which is no plain name",
-                meta.etag
-            ),
-            hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
-        })?;
+    let blob = cache.blob_path(oid).ok_or_else(|| DataError::Network {
+        what: format!("listing {} at {}", opts.repo, endpoint_of(opts)),
+        message: format!("the hub gave {path} the object id {oid:?}, which is no plain name"),
+        hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
+    })?;
     match fs::metadata(&blob) {
         Ok(cached) if cached.len() == size => {
             tracing::info!("{path}: the same content is cached from another commit");
         }
-        _ => download(opts, commit, path, size, &meta.etag, &blob)?,
+        _ => download(opts, commit, path, size, oid, &blob)?,
     }
     Ok(blob)
 }
@@ -563,13 +554,13 @@ fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
 
 /// Downloads `path` at `commit` to `dest`, resuming from `<dest>.part`: hf-hub's own download
 /// recreates its partial file on every attempt, which restarts a 363 MB archive from byte 0.
-/// An `etag` that is a SHA-256 (an LFS file's) must be the download's.
+/// The download must be the file whose git object id is `oid`, when that is one.
 fn download(
     opts: &HfOptions,
     commit: &str,
     path: &str,
     size: u64,
-    etag: &str,
+    oid: &str,
     dest: &Path,
 ) -> Result<()> {
     let part = part_path(dest);
@@ -600,27 +591,24 @@ fn download(
     }
     // On disk before it is renamed: a later run trusts a blob of the listed size.
     file.sync_all().map_err(|e| DataError::io(&part, e))?;
-    if is_sha256(etag) {
-        let received = sha256_of(&part)?;
-        if !received.eq_ignore_ascii_case(etag) {
-            file.set_len(0).map_err(|e| DataError::io(&part, e))?;
-            return Err(DataError::Network {
-                what: format!(
-                    "download of {path} from {} at {}",
-                    opts.repo,
-                    endpoint_of(opts)
-                ),
-                message: format!(
-                    "the {size} bytes received have the SHA-256 {received}; the hub gives \
-                     {etag}: they were damaged on the way"
-                ),
-                hint: format!(
-                    "The partial file {} was emptied: run fetch-data again to download {path} \
-                     from the start. {ALTERNATIVES}",
-                    part.display()
-                ),
-            });
-        }
+    if is_git_object_id(oid) && !has_git_object_id(&part, size, oid)? {
+        file.set_len(0).map_err(|e| DataError::io(&part, e))?;
+        return Err(DataError::Network {
+            what: format!(
+                "download of {path} from {} at {}",
+                opts.repo,
+                endpoint_of(opts)
+            ),
+            message: format!(
+                "the {size} bytes received are not the file the hub lists (git object id {oid}, \
+                 of the file or of its LFS pointer): they were damaged on the way"
+            ),
+            hint: format!(
+                "The partial file {} was emptied: run fetch-data again to download {path} from \
+                 the start. {ALTERNATIVES}",
+                part.display()
+            ),
+        });
     }
     fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
 }

@@ -1,7 +1,8 @@
 //! A dataset repository's folder in the Hugging Face cache, laid out as `huggingface_hub`
 //! and hf-hub lay it out, so that the Python tools and vt share one download:
-//! - `blobs/<etag>`: each file's content once, named by the ETag the hub gives it (for an
-//!   LFS file, the SHA-256 of its content), so a file unchanged at a new commit is reused;
+//! - `blobs/<id>`: each file's content once, named by its git object id from the hub's
+//!   listing, so a file unchanged at a new commit is reused (`huggingface_hub` names an LFS
+//!   file's blob by its SHA-256 instead; either tool reuses the other's snapshot links);
 //! - `snapshots/<commit>/<path>`: the repository at a commit, each file a link to its blob
 //!   (a copy where symlinks are not available, as hf-hub does);
 //! - `refs/<revision>`: the commit a branch or tag named when it was last downloaded, which
@@ -11,6 +12,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
+use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
@@ -41,13 +43,13 @@ impl RepoCache {
         plain_relative(path).then(|| self.snapshot_dir(commit).join(path))
     }
 
-    /// The blob named `etag`; `None` for an ETag that is no plain file name.
-    pub fn blob_path(&self, etag: &str) -> Option<PathBuf> {
-        let plain = !etag.is_empty()
-            && etag
+    /// The blob named `id`; `None` for an id that is no plain file name.
+    pub fn blob_path(&self, id: &str) -> Option<PathBuf> {
+        let plain = !id.is_empty()
+            && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        plain.then(|| self.dir.join("blobs").join(etag))
+        plain.then(|| self.dir.join("blobs").join(id))
     }
 
     /// Makes `snapshot` (from [`Self::snapshot_path`]) the blob `blob`'s, replacing whatever
@@ -159,28 +161,43 @@ pub fn is_commit(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The hub names an LFS file's blob by the SHA-256 of its content: 64 hex digits.
-pub fn is_sha256(etag: &str) -> bool {
-    etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// The SHA-256 of `file`'s content, in lowercase hex.
-pub fn sha256_of(path: &Path) -> Result<String> {
+/// Whether the `size` bytes of `path` are the file whose git object id is `oid`: either the
+/// file itself is in git, or git holds its LFS pointer (which names the content's SHA-256).
+pub fn has_git_object_id(path: &Path, size: u64, oid: &str) -> Result<bool> {
     let mut file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut hasher = Sha256::new();
+    let mut sha256 = Sha256::new();
+    let mut sha1 = Sha1::new();
+    sha1.update(format!("blob {size}\0"));
     let mut buffer = vec![0; 1 << 20];
     loop {
         let n = file.read(&mut buffer).map_err(|e| DataError::io(path, e))?;
         if n == 0 {
             break;
         }
-        hasher.update(&buffer[..n]);
+        sha256.update(&buffer[..n]);
+        sha1.update(&buffer[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    if hex(&sha1.finalize()).eq_ignore_ascii_case(oid) {
+        return Ok(true);
+    }
+    let pointer = format!(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {size}\n",
+        hex(&sha256.finalize())
+    );
+    let pointer_id = Sha1::new()
+        .chain_update(format!("blob {}\0", pointer.len()))
+        .chain_update(pointer)
+        .finalize();
+    Ok(hex(&pointer_id).eq_ignore_ascii_case(oid))
+}
+
+/// A git object id (SHA-1): 40 hex digits.
+pub fn is_git_object_id(oid: &str) -> bool {
+    is_commit(oid)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn plain_relative(path: &str) -> bool {

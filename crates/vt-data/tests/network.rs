@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
+use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use vt_data::dataset::{Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
@@ -595,10 +596,20 @@ fn hub_quirky(
             let entries: Vec<String> = files
                 .iter()
                 .map(|(name, bytes)| {
-                    format!(
-                        r#"{{"type":"file","oid":"oid-{name}","size":{},"path":"{name}"}}"#,
-                        bytes.len() as u64 + quirks.listed_extra
-                    )
+                    let size = bytes.len() as u64 + quirks.listed_extra;
+                    if is_lfs(name) {
+                        format!(
+                            r#"{{"type":"file","oid":"{}","size":{size},"path":"{name}","lfs":{{"oid":"{}","size":{size},"pointerSize":{}}}}}"#,
+                            object_id(bytes),
+                            sha256_hex(bytes),
+                            lfs_pointer(bytes).len()
+                        )
+                    } else {
+                        format!(
+                            r#"{{"type":"file","oid":"{}","size":{size},"path":"{name}"}}"#,
+                            git_blob_id(bytes.as_slice())
+                        )
+                    }
                 })
                 .collect();
             return Reply::ok(format!("[{}]", entries.join(",")).into_bytes())
@@ -618,10 +629,8 @@ fn hub_quirky(
             if quirks.xet_cas.is_some() {
                 reply = reply.with_header("X-Xet-Hash", &"ab".repeat(32));
             }
-            // As the hub names an LFS file: by the SHA-256 of its content.
             return reply
                 .with_header("ETag", &format!("\"etag{i}\""))
-                .with_header("X-Linked-Etag", &format!("\"{}\"", sha256_hex(&files[i].1)))
                 .with_header("X-Repo-Commit", commit);
         }
         Reply::status(404).with_header("X-Error-Code", "RepoNotFound")
@@ -659,18 +668,48 @@ fn snapshot(dir: &Path, repo: &str) -> std::path::PathBuf {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(bytes))
 }
 
-/// Where [`hf_opts`] caches the hub stand-ins' file of content `bytes`, whatever its commit.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hub stand-ins keep data files in LFS, as the hub does, and others in git.
+fn is_lfs(name: &str) -> bool {
+    name.ends_with(".zip") || name.ends_with(".parquet")
+}
+
+/// Git's id of a file of content `bytes`.
+fn git_blob_id(bytes: &[u8]) -> String {
+    let mut sha1 = Sha1::new();
+    sha1.update(format!("blob {}\0", bytes.len()));
+    sha1.update(bytes);
+    hex(&sha1.finalize())
+}
+
+/// What git holds of an LFS file of content `bytes`.
+fn lfs_pointer(bytes: &[u8]) -> String {
+    format!(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n",
+        sha256_hex(bytes),
+        bytes.len()
+    )
+}
+
+/// The object id the hub stand-ins list for a data file of content `bytes`: its LFS
+/// pointer's.
+fn object_id(bytes: &[u8]) -> String {
+    git_blob_id(lfs_pointer(bytes).as_bytes())
+}
+
+/// Where [`hf_opts`] caches the hub stand-ins' data file of content `bytes`, whatever its
+/// commit.
 fn blob(dir: &Path, repo: &str, bytes: &[u8]) -> std::path::PathBuf {
     dir.join("hf-cache")
         .join(format!("datasets--{}", repo.replace('/', "--")))
         .join("blobs")
-        .join(sha256_hex(bytes))
+        .join(object_id(bytes))
 }
 
 /// The partial download of [`blob`].
@@ -908,8 +947,8 @@ fn hugging_face_zip_mirror_imports() {
     assert_eq!(m.classes, ["glacier", "street"]);
 }
 
-/// The cache is laid out as the hub's tools lay it out: a blob per content, named by its
-/// SHA-256, linked from each commit's snapshot, and a ref per revision. A file unchanged at
+/// The cache is laid out as the hub's tools lay it out: a blob per content (named by its git
+/// object id), linked from each commit's snapshot, and a ref per revision. A file unchanged at
 /// a new commit is not downloaded again.
 #[test]
 fn a_file_unchanged_at_a_new_commit_is_not_downloaded_again() {
@@ -925,7 +964,7 @@ fn a_file_unchanged_at_a_new_commit_is_not_downloaded_again() {
     let link = snapshot(tmp.path(), "a/b").join("archive.zip");
     assert_eq!(
         fs::read_link(&link).unwrap(),
-        Path::new("../../blobs").join(sha256_hex(&zip))
+        Path::new("../../blobs").join(object_id(&zip))
     );
     assert_eq!(fs::read(blob(tmp.path(), "a/b", &zip)).unwrap(), zip);
 
@@ -962,10 +1001,10 @@ fn a_snapshot_file_without_a_blob_is_reused() {
         .any(|r| r.path.contains("/resolve/")));
 }
 
-/// Bytes damaged on the way (the right length, another SHA-256 than the hub's ETag) are
+/// Bytes damaged on the way (the right length, but not the object the listing names) are
 /// neither kept nor imported.
 #[test]
-fn a_download_whose_sha256_is_not_the_hubs_is_refused() {
+fn a_download_that_is_not_the_listed_object_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let zip = kaggle_zip(&["forest", "sea"], 3, 0, 0);
     let server = hub_with(
@@ -982,7 +1021,7 @@ fn a_download_whose_sha256_is_not_the_hubs_is_refused() {
         .unwrap_err()
         .to_string();
     for needed in [
-        format!("the hub gives {}", sha256_hex(&zip)),
+        format!("git object id {}", object_id(&zip)),
         "damaged on the way".into(),
         "was emptied".into(),
     ] {
