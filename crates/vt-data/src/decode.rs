@@ -20,8 +20,20 @@ pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat> {
             | ImageFormat::Gif
             | ImageFormat::Bmp),
         ) => Ok(format),
-        _ => Err(DataError::UnknownFormat),
+        Ok(other) => Err(DataError::UnsupportedFormat(
+            format!("{other:?}").to_ascii_uppercase(),
+        )),
+        Err(_) if is_heif(bytes) => Err(DataError::UnsupportedFormat("HEIC/HEIF".into())),
+        Err(_) => Err(DataError::UnknownFormat),
     }
+}
+
+/// An ISO media file whose brand is HEIF's (iPhones' photos), which `image` does not know.
+fn is_heif(bytes: &[u8]) -> bool {
+    const BRANDS: [&[u8; 4]; 10] = [
+        b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1",
+    ];
+    bytes.len() >= 12 && &bytes[4..8] == b"ftyp" && BRANDS.iter().any(|b| &bytes[8..12] == *b)
 }
 
 /// The largest image decoded unless a command says otherwise, in pixels (width x height):
@@ -190,6 +202,17 @@ mod tests {
             decode_rgb(b"definitely not an image"),
             Err(DataError::UnknownFormat)
         ));
+        let named = |bytes: &[u8]| match decode_rgb(bytes) {
+            Err(DataError::UnsupportedFormat(name)) => name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(named(b"II*\0\x08\0\0\0"), "TIFF");
+        let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic";
+        assert_eq!(named(heic), "HEIC/HEIF");
+        assert_eq!(
+            decode_rgb(heic).unwrap_err().to_string(),
+            "HEIC/HEIF images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)"
+        );
         let rgb = RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
         let bytes = encode(rgb.into(), ImageFormat::Png);
         assert!(decode_rgb(&bytes[..bytes.len() / 2]).is_err());

@@ -8,8 +8,11 @@ use std::path::PathBuf;
 pub enum DataError {
     #[error("empty image data")]
     EmptyImage,
-    #[error("unrecognised image format (supported: JPEG, PNG, WebP, GIF, BMP)")]
+    #[error("the data is not an image (supported: JPEG, PNG, WebP, GIF, BMP)")]
     UnknownFormat,
+    /// An image format recognised, but not one decoded.
+    #[error("{0} images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)")]
+    UnsupportedFormat(String),
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}")]
     TooManyPixels {
         width: u32,

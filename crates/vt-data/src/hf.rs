@@ -7,8 +7,8 @@
 //! Two repository shapes are understood:
 //! - parquet files as the `datasets` library writes them (`image` struct `{bytes, path}`,
 //!   integer `label` in the order buildings, forest, glacier, mountain, sea, street, or
-//!   the class name); the split comes from the file name or folder (`train`, `validation`,
-//!   `test`, `pred`, and `seg_*` of those; any other name is refused);
+//!   the class name); the split comes from the file name or folder (one of
+//!   [`ParquetSplit::KNOWN`]; any other name is refused);
 //! - a zip of the Kaggle archive, imported like `--from archive.zip`.
 //!
 //! The default repository holds the Kaggle archive unchanged (`archive.zip`, 363 MB, the
@@ -358,8 +358,8 @@ impl<'a> DataFiles<'a> {
             let mut unknown = Vec::new();
             for file in parquet {
                 match ParquetSplit::of_file(&file.0) {
-                    Ok(split) => splits.push((file, split)),
-                    Err(_) => unknown.push(file.0.as_str()),
+                    Some(split) => splits.push((file, split)),
+                    None => unknown.push(file.0.as_str()),
                 }
             }
             if !unknown.is_empty() {

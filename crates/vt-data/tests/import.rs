@@ -742,7 +742,7 @@ fn one_class_or_no_usable_image_is_refused_with_the_reasons() {
     write(&src.join("seg_train/forest/a.jpg"), b"not an image");
     let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
     assert!(
-        err.contains("seg_train/forest/a.jpg (unrecognised image format"),
+        err.contains("seg_train/forest/a.jpg (the data is not an image"),
         "{err}"
     );
 }

@@ -157,21 +157,15 @@ impl ApiError {
         }
     }
 
-    /// Maps a failure to decode or run one image, given the bytes it came from (to tell a
-    /// known but unsupported format from data that is no image at all).
-    pub fn from_classify(error: ClassifyError, bytes: &[u8]) -> ApiError {
+    /// Maps a failure to decode or run one image.
+    pub fn from_classify(error: ClassifyError) -> ApiError {
         match error {
             ClassifyError::Image(DataError::EmptyImage) => {
                 ApiError::InvalidImage("the image is empty (0 bytes)".into())
             }
-            ClassifyError::Image(DataError::UnknownFormat) => match image::guess_format(bytes) {
-                Ok(format) => ApiError::UnsupportedMediaType(format!(
-                    "{format:?} images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)"
-                )),
-                Err(_) => ApiError::InvalidImage(
-                    "the data is not an image (supported: JPEG, PNG, WebP, GIF, BMP)".into(),
-                ),
-            },
+            ClassifyError::Image(e @ DataError::UnsupportedFormat(_)) => {
+                ApiError::UnsupportedMediaType(e.to_string())
+            }
             ClassifyError::Image(e @ DataError::TooManyPixels { .. }) => {
                 ApiError::ImageTooLarge(e.to_string())
             }

@@ -162,7 +162,7 @@ fn predict_scores_what_it_can_and_names_what_it_cannot() {
     let probs: Vec<f32> = serde_json::from_value(lines[0]["probs"].clone()).unwrap();
     assert_eq!(probs, offline_probs(&checkpoint, &photo));
     assert_eq!(lines[0]["top"].as_array().map(Vec::len), Some(2));
-    for (line, reason) in lines[1..].iter().zip(["reading", "format", "pixels"]) {
+    for (line, reason) in lines[1..].iter().zip(["reading", "not an image", "pixels"]) {
         let error = line["error"].as_str().unwrap_or_default();
         assert!(error.contains(reason), "{line}");
     }

@@ -27,11 +27,12 @@ pub enum ParquetSplit {
 
 impl ParquetSplit {
     /// The split names understood, as an error lists them.
-    pub const KNOWN: &str = "train, validation, test, pred, seg_train, seg_test, seg_pred";
+    pub const KNOWN: &str =
+        "train, validation (or valid, val), test, pred, seg_train, seg_test, seg_pred";
 
-    /// `Err` holds the split name read from the file name, when it is none of [`Self::KNOWN`]:
-    /// guessing would put test images into training.
-    pub fn of_file(path: &str) -> std::result::Result<ParquetSplit, String> {
+    /// `None` when the file's name and folders name none of [`Self::KNOWN`]: guessing would
+    /// put test images into training.
+    pub fn of_file(path: &str) -> Option<ParquetSplit> {
         let lower = path.to_ascii_lowercase();
         let mut parts = lower.rsplit('/');
         let file = parts.next().unwrap_or_default();
@@ -45,7 +46,6 @@ impl ParquetSplit {
                 "pred" | "seg_pred" => Some(ParquetSplit::Pred),
                 _ => None,
             })
-            .ok_or_else(|| stem.to_string())
     }
 }
 
@@ -230,11 +230,8 @@ mod tests {
             ("data/seg_train-00001-of-00002.parquet", ParquetSplit::Train),
             ("train.parquet", ParquetSplit::Train),
         ] {
-            assert_eq!(ParquetSplit::of_file(path), Ok(split), "{path}");
+            assert_eq!(ParquetSplit::of_file(path), Some(split), "{path}");
         }
-        assert_eq!(
-            ParquetSplit::of_file("data/extra-0.parquet"),
-            Err("extra".to_string())
-        );
+        assert_eq!(ParquetSplit::of_file("data/extra-0.parquet"), None);
     }
 }
