@@ -53,7 +53,7 @@ struct Job {
     /// The admission of the image's request, held until the model thread is done with the
     /// image (answered or skipped), so that the queue's room goes to no other request while
     /// the image still fills it: a request that gave up leaves its images queued.
-    admitted: Option<Arc<Admitted>>,
+    admitted: Arc<Admitted>,
 }
 
 /// One loaded model and the sending side of its thread's queue. The thread ends once every
@@ -107,36 +107,16 @@ impl ServedModel {
         }
     }
 
-    /// Queues one image preprocessed by [`Self::preprocessor`]; never waits. The answer
-    /// arrives on the receiver, with the image's token attention if `with_attention`.
+    /// Queues one image preprocessed by [`Self::preprocessor`], of the request `admitted`;
+    /// never waits. The answer arrives on the receiver, with the image's token attention if
+    /// `with_attention`. The admission is held until the model thread is done with the
+    /// image, so that admitted images always find room in the queue.
     pub fn submit(
         &self,
         input: Vec<f32>,
         with_attention: bool,
         deadline: Instant,
-    ) -> Result<oneshot::Receiver<Answer>, ApiError> {
-        self.queue(input, with_attention, deadline, None)
-    }
-
-    /// As [`Self::submit`], for an image of the request `admitted`: the admission is held
-    /// until the model thread is done with the image, so that admitted images always find
-    /// room in the queue.
-    pub fn submit_admitted(
-        &self,
-        input: Vec<f32>,
-        with_attention: bool,
-        deadline: Instant,
         admitted: &Arc<Admitted>,
-    ) -> Result<oneshot::Receiver<Answer>, ApiError> {
-        self.queue(input, with_attention, deadline, Some(Arc::clone(admitted)))
-    }
-
-    fn queue(
-        &self,
-        input: Vec<f32>,
-        with_attention: bool,
-        deadline: Instant,
-        admitted: Option<Arc<Admitted>>,
     ) -> Result<oneshot::Receiver<Answer>, ApiError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -145,7 +125,7 @@ impl ServedModel {
             enqueued: Instant::now(),
             deadline,
             reply,
-            admitted,
+            admitted: Arc::clone(admitted),
         };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(answer),
@@ -170,7 +150,7 @@ pub struct Arriving {
 
 impl Arriving {
     /// Counts one more request on `gauge` until dropped.
-    pub(crate) fn new(gauge: &IntGauge) -> Arriving {
+    pub fn new(gauge: &IntGauge) -> Arriving {
         gauge.inc();
         Arriving {
             gauge: gauge.clone(),

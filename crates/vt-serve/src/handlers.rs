@@ -162,7 +162,7 @@ pub async fn classify_preprocessed(
     let admitted = Arc::new(state.admission.admit(inputs.len(), &arriving).await?);
     let answers = inputs
         .into_iter()
-        .map(|input| model.submit_admitted(input, false, deadline, &admitted))
+        .map(|input| model.submit(input, false, deadline, &admitted))
         .collect::<Result<Vec<_>, _>>()?;
     drop(arriving);
     let predictions = try_join_all(answers.into_iter().map(|answer| prediction(state, answer)));
@@ -203,12 +203,12 @@ async fn classify(
         let _slot = slot;
         preprocessor
             .run(&mut Resizer::new(), &bytes, max_pixels)
-            .map_err(|e| ApiError::from_classify(e, &bytes))
+            .map_err(ApiError::from_classify)
     })
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
-    let answer = model.submit_admitted(input, with_attention, deadline, admitted)?;
+    let answer = model.submit(input, with_attention, deadline, admitted)?;
     drop(arriving);
     Ok((filename, prediction(state, answer).await?))
 }

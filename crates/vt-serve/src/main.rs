@@ -92,11 +92,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         let grpc_addr = server.grpc_local_addr()?;
         // The HTTP address first: tools read the first line for it.
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening on http://{addr}")?;
-        if let Some(grpc_addr) = grpc_addr {
-            writeln!(stdout, "listening on grpc://{grpc_addr}")?;
-        }
-        stdout.flush()?;
+        writeln!(stdout, "listening on http://{addr}")
+            .and_then(|()| match grpc_addr {
+                Some(grpc_addr) => writeln!(stdout, "listening on grpc://{grpc_addr}"),
+                None => Ok(()),
+            })
+            .and_then(|()| stdout.flush())
+            .context("cannot print the addresses listened on to standard output")?;
         drop(stdout);
         match grpc_addr {
             Some(grpc_addr) => tracing::info!(

@@ -1,7 +1,7 @@
 //! `vt-serve predict`: score image files offline, one JSON object per line per image, in
 //! the order given, a folder's images in the order of their paths. An image that cannot be
 //! read or decoded gets a line `{"image", "error"}` and the others are still scored; the
-//! exit status then says how many failed.
+//! run then fails (exit status 1), saying how many failed.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -14,7 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vt_serve::batcher::{BatchConfig, ServedModel, Unanswered};
+use vt_serve::admission::{Admission, Admitted};
+use vt_serve::batcher::{Arriving, BatchConfig, ServedModel, Unanswered};
 use vt_serve::state::ModelSource;
 use vt_serve::Prediction;
 
@@ -358,6 +359,13 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
             "TIFF",
             "application/octet-stream",
             b"II*\0\x08\0\0\0\0\0\0\0".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "HEIC (an iPhone's photo)",
+            "image/heic",
+            b"\0\0\0\x18ftypheic\0\0\0\0mif1heic".to_vec(),
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
         ),
@@ -1151,6 +1159,21 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
     server.shutdown().await;
 }
 
+/// An admission of four images, as the server's.
+fn admission(metrics: &vt_serve::metrics::Metrics) -> Admission {
+    Admission::new(
+        4,
+        metrics.queue_depth.clone(),
+        metrics.queue_waiting.clone(),
+    )
+}
+
+/// The admission of a request of `images` images.
+async fn admitted(metrics: &vt_serve::metrics::Metrics, images: usize) -> Arc<Admitted> {
+    let arriving = Arriving::new(&metrics.requests_arriving);
+    Arc::new(admission(metrics).admit(images, &arriving).await.unwrap())
+}
+
 /// An image whose deadline passed while it waited for the model is answered as expired
 /// (504), not dropped (which its request would report as the model thread's failure, 500).
 #[tokio::test]
@@ -1166,10 +1189,18 @@ async fn the_model_thread_answers_an_expired_image_as_expired() {
         queue: 4,
     };
     let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
+    let admitted = admitted(&metrics, 1).await;
     let model = ServedModel::spawn(classifier, info, config, metrics).unwrap();
-    let answer = model.submit(input.clone(), false, Instant::now()).unwrap();
+    let answer = model
+        .submit(input.clone(), false, Instant::now(), &admitted)
+        .unwrap();
     assert!(matches!(answer.await.unwrap(), Err(Unanswered::Expired)));
-    let answer = model.submit(input, false, Instant::now() + Duration::from_secs(60));
+    let answer = model.submit(
+        input,
+        false,
+        Instant::now() + Duration::from_secs(60),
+        &admitted,
+    );
     assert!(answer.unwrap().await.unwrap().is_ok());
 }
 
@@ -1201,7 +1232,8 @@ async fn a_mixed_batch_gives_the_attention_only_to_images_that_ask_for_it() {
     let metrics = Arc::new(vt_serve::metrics::Metrics::new().unwrap());
     let model = ServedModel::spawn(classifier, info, config, Arc::clone(&metrics)).unwrap();
     // A request still on its way holds the batch open until all three are queued.
-    metrics.requests_arriving.inc();
+    let arriving = Arriving::new(&metrics.requests_arriving);
+    let admitted = Arc::new(admission(&metrics).admit(3, &arriving).await.unwrap());
     let asks = [true, false, true];
     let deadline = Instant::now() + Duration::from_secs(60);
     let answers: Vec<_> = inputs
@@ -1209,11 +1241,11 @@ async fn a_mixed_batch_gives_the_attention_only_to_images_that_ask_for_it() {
         .zip(asks)
         .map(|(input, with_attention)| {
             model
-                .submit(input.clone(), with_attention, deadline)
+                .submit(input.clone(), with_attention, deadline, &admitted)
                 .unwrap()
         })
         .collect();
-    metrics.requests_arriving.dec();
+    drop(arriving);
     for (i, ((answer, asked), alone)) in answers.into_iter().zip(asks).zip(&alone).enumerate() {
         let prediction = answer.await.unwrap().unwrap();
         assert_close(
