@@ -362,23 +362,37 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
 }
 
-/// A crash between the two renames of [`write_dir_atomically`] leaves the previous version
-/// at `.NAME.old` and nothing at `NAME`: put it back. For writers only (see the module doc).
+/// The previous version of `dir` at `.NAME.old` when nothing is at `NAME`: what a crash
+/// between the two renames of [`write_dir_atomically`] leaves, the only copy of the
+/// checkpoint.
+pub fn previous_version(dir: &Path) -> Result<Option<PathBuf>> {
+    let dir = named(dir)?;
+    let old = sibling(&dir, "old")?;
+    Ok((!dir.exists() && old.is_dir()).then_some(old))
+}
+
+/// Finishes what a crash left of a [`write_dir_atomically`]: between its two renames, the
+/// previous version at `.NAME.old` and nothing at `NAME`, put back; after the second, before
+/// the removal of the previous version (or during it), a stale `.NAME.old` beside the new
+/// `NAME`, removed. For writers only (see the module doc).
 pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
     let dir = named(dir)?;
     let old = sibling(&dir, "old")?;
-    if !dir.exists() && old.is_dir() {
-        fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e))?;
+    if !old.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    if dir.exists() {
+        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))
+    } else {
+        fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e))
+    }
 }
 
 /// The readers' side of [`recover_interrupted_write`]: say what happened instead of a bare
 /// "file not found", and leave the repair to the writer.
 pub fn refuse_interrupted_write(dir: &Path) -> Result<()> {
     let dir = named(dir)?;
-    let old = sibling(&dir, "old")?;
-    if !dir.exists() && old.is_dir() {
+    if let Some(old) = previous_version(&dir)? {
         return Err(ModelError::Invalid {
             path: dir.to_path_buf(),
             message: format!(

@@ -18,7 +18,7 @@ use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::TOP_DIR;
 use crate::loss::{cross_entropy, predictions};
-use crate::metrics::{csv_cell, write_atomically, ClassScores, ConfusionMatrix};
+use crate::metrics::{write_csv_atomically, ClassScores, ConfusionMatrix};
 use crate::outputs;
 use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
@@ -401,19 +401,19 @@ const PREDICTION_COLUMNS: [&str; 6] = [
 
 /// The per-image predictions as CSV: [`PREDICTION_COLUMNS`], then `p_<class>` per class;
 /// one row per prediction, in their order.
-fn predictions_csv(
+fn prediction_rows(
     predictions: &[Prediction],
     samples: &[(PathBuf, usize)],
     classes: &[String],
-) -> String {
+) -> Vec<Vec<String>> {
     let mut header: Vec<String> = PREDICTION_COLUMNS.iter().map(|c| c.to_string()).collect();
-    header.extend(classes.iter().map(|c| csv_cell(&format!("p_{c}"))));
-    let mut out = header.join(",") + "\n";
+    header.extend(classes.iter().map(|c| format!("p_{c}")));
+    let mut rows = vec![header];
     for p in predictions {
         let mut row = vec![
-            csv_cell(&samples[p.index].0.to_string_lossy()),
-            csv_cell(&classes[p.label]),
-            csv_cell(&classes[p.predicted]),
+            samples[p.index].0.to_string_lossy().into_owned(),
+            classes[p.label].clone(),
+            classes[p.predicted].clone(),
             // Every digit the f32 holds: a confident mistake's small label probability
             // ranks mistakes (as fastai's top losses) where 6 decimals would print 0.
             p.confidence().to_string(),
@@ -421,10 +421,9 @@ fn predictions_csv(
             p.correct().to_string(),
         ];
         row.extend(p.probabilities.iter().map(|q| q.to_string()));
-        out += &row.join(",");
-        out.push('\n');
+        rows.push(row);
     }
-    out
+    rows
 }
 
 /// The evaluated images that the data set's manifest lists with a copy in a split the model
@@ -632,26 +631,26 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         mistakes,
     };
     print!("{}", report_text(&report));
-    // The report last: one that is there is never older than the CSV beside it, which
-    // `compare` reads in its place.
-    let csv = predictions_csv(&eval.predictions, &folder.samples, &folder.classes);
-    write_atomically(&paths.csv, csv.as_bytes())?;
-    let title = format!(
-        "{} on {split}: {:.2}%",
-        args.checkpoint.display(),
-        100.0 * report.accuracy
-    );
-    draw_evaluation(
-        &paths.png,
-        &report.confusion_matrix,
-        &report.calibration,
-        &title,
-    )?;
     let json = serde_json::to_string_pretty(&report).map_err(|cause| TrainError::JsonWrite {
         path: paths.report.clone(),
         cause,
     })?;
-    write_atomically(&paths.report, format!("{json}\n").as_bytes())?;
+    // The report is the mark of a complete evaluation: `compare` reads the CSV beside it.
+    outputs::write_with_report(&paths.report, format!("{json}\n").as_bytes(), || {
+        let rows = prediction_rows(&eval.predictions, &folder.samples, &folder.classes);
+        write_csv_atomically(&paths.csv, &rows)?;
+        let title = format!(
+            "{} on {split}: {:.2}%",
+            args.checkpoint.display(),
+            100.0 * report.accuracy
+        );
+        draw_evaluation(
+            &paths.png,
+            &report.confusion_matrix,
+            &report.calibration,
+            &title,
+        )
+    })?;
     eprintln!(
         "wrote {}, {} and {}",
         paths.report.display(),
@@ -699,7 +698,7 @@ mod tests {
             (PathBuf::from("x/one.jpg"), 1),
             (PathBuf::from("x/\"two\".jpg"), 0),
         ];
-        let csv = predictions_csv(
+        let rows = prediction_rows(
             &[
                 prediction(0, 1, &[0.25, 0.75]),
                 prediction(1, 0, &[0.4, 0.6]),
@@ -707,8 +706,11 @@ mod tests {
             &samples,
             &classes,
         );
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("predictions.csv");
+        write_csv_atomically(&csv, &rows).unwrap();
         assert_eq!(
-            csv,
+            std::fs::read_to_string(&csv).unwrap(),
             "path,label,prediction,confidence,label_probability,correct,\"p_a,b\",p_c\n\
              x/one.jpg,c,c,0.75,0.75,true,0.25,0.75\n\
              \"x/\"\"two\"\".jpg\",\"a,b\",c,0.6,0.4,false,0.4,0.6\n"

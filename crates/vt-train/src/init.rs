@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vt_data::rng::{derive_seed, hash_str};
-use vt_model::checkpoint::{dir_contents, DirContents};
+use vt_model::checkpoint::{dir_contents, previous_version, DirContents};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
 
@@ -135,17 +135,30 @@ pub fn check_out_dir(out: &Path, force: bool) -> Result<()> {
         .unwrap_or(Path::new("."));
     outputs::refuse_managed_folder("--out", out, parent)?;
     outputs::refuse_run_folder("--out", out)?;
-    match dir_contents(out)? {
+    // A write interrupted between its two renames left `out`'s checkpoint at `.NAME.old`,
+    // and the next write puts it back before replacing it: it is there all the same.
+    let previous = previous_version(out)?;
+    let (held, place) = match &previous {
+        Some(previous) => (
+            previous.as_path(),
+            format!(
+                " (at {}, where an interrupted write left it)",
+                previous.display()
+            ),
+        ),
+        None => (out, String::new()),
+    };
+    match dir_contents(held)? {
         DirContents::Empty => Ok(()),
         DirContents::Checkpoint if force => Ok(()),
         DirContents::Checkpoint => Err(TrainError::Config(format!(
-            "--out {} already holds a checkpoint: choose another folder, or add --force to \
-             replace it",
+            "--out {} already holds a checkpoint{place}: choose another folder, or add \
+             --force to replace it",
             out.display()
         ))),
         DirContents::Foreign(reason) => Err(TrainError::Config(format!(
-            "--out {} is not a checkpoint folder ({reason}): choose a new or empty folder \
-             (--force only replaces a checkpoint)",
+            "--out {} is not a checkpoint folder{place} ({reason}): choose a new or empty \
+             folder (--force only replaces a checkpoint)",
             out.display()
         ))),
     }

@@ -324,7 +324,8 @@ fn output_paths(out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     }
     let folder = outputs::existing_folder_of("--out", &report)?;
     let plot = report.with_extension("png");
-    // The report is written first: a plot is an earlier sweep's when its report is.
+    // The plot is removed before the report is written: a plot is a sweep's when its report
+    // is there. One alone is the user's: it stays.
     let ours = outputs::is_json_with(&report, &["points", "plot"]);
     outputs::refuse_replacing("--out", &report, &[(&report, ours), (&plot, ours)])?;
     outputs::refuse_managed_folder("--out", &report, folder)?;
@@ -553,6 +554,9 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
         path: report_path.clone(),
         cause,
     })?;
+    // The plot is drawn from the report: gone before the report changes, so that a kill
+    // midway never leaves an earlier sweep's plot beside a later report.
+    outputs::remove_file_synced(&plot_path)?;
     write_atomically(&report_path, format!("{json}\n").as_bytes())?;
     draw_lr_find(&plot_path, &report)?;
     eprintln!(

@@ -305,7 +305,7 @@ impl MetricsLog {
 
     /// Rewrites `metrics.csv` from the records.
     pub fn write_csv(&self, records: &[EpochRecord], classes: &[String]) -> Result<()> {
-        write_atomically(&self.csv, csv_text(records, classes).as_bytes())
+        write_csv_atomically(&self.csv, &csv_rows(records, classes))
     }
 }
 
@@ -327,19 +327,10 @@ const CSV_COLUMNS: [&str; 15] = [
     "best",
 ];
 
-/// RFC 4180 quoting for a cell (class names and paths may contain anything).
-pub(crate) fn csv_cell(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-fn csv_text(records: &[EpochRecord], classes: &[String]) -> String {
+fn csv_rows(records: &[EpochRecord], classes: &[String]) -> Vec<Vec<String>> {
     let mut header: Vec<String> = CSV_COLUMNS.iter().map(|c| c.to_string()).collect();
-    header.extend(classes.iter().map(|c| csv_cell(&format!("val_acc_{c}"))));
-    let mut out = header.join(",") + "\n";
+    header.extend(classes.iter().map(|c| format!("val_acc_{c}")));
+    let mut rows = vec![header];
     for r in records {
         let mut row = vec![
             r.epoch.to_string(),
@@ -363,10 +354,24 @@ fn csv_text(records: &[EpochRecord], classes: &[String]) -> String {
                 .iter()
                 .map(|c| r.val_class_acc.get(c).map_or(String::new(), f64::to_string)),
         );
-        out += &row.join(",");
-        out.push('\n');
+        rows.push(row);
     }
-    out
+    rows
+}
+
+/// Writes `rows` (the header first) to `path` as CSV, quoted where a cell needs it (class
+/// names and paths may contain anything), atomically ([`write_atomically`]).
+pub fn write_csv_atomically(path: &Path, rows: &[Vec<String>]) -> Result<()> {
+    let mut table = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        table
+            .write_record(row)
+            .map_err(|e| TrainError::io(path, e.into()))?;
+    }
+    let bytes = table
+        .into_inner()
+        .map_err(|e| TrainError::io(path, e.into_error()))?;
+    write_atomically(path, &bytes)
 }
 
 /// Writes `path` through a temporary sibling and a rename, so readers never see half a file.

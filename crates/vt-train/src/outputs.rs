@@ -11,7 +11,7 @@ use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
 use crate::history::TOP_DIR;
-use crate::metrics::METRICS_JSONL;
+use crate::metrics::{write_atomically, METRICS_JSONL};
 use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
 use crate::train::{CONFIG_TOML, LOCK_FILE};
 
@@ -114,6 +114,35 @@ pub fn refuse_replacing(option: &str, out: &Path, outputs: &[(&Path, bool)]) -> 
             path.display()
         ))),
         None => Ok(()),
+    }
+}
+
+/// Writes a command's report (`report_bytes` to `report`) and, by `write_beside`, the files
+/// beside it that it vouches for: the report that was there goes first, the new one comes
+/// last, so a kill or a failure midway leaves no report rather than an earlier one beside
+/// newer files (which `compare`, or a reader of the plot, would take for one evaluation).
+pub fn write_with_report(
+    report: &Path,
+    report_bytes: &[u8],
+    write_beside: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    remove_file_synced(report)?;
+    write_beside()?;
+    write_atomically(report, report_bytes)
+}
+
+/// Removes `path` if it is there, the removal on disk before any rename that follows it.
+pub fn remove_file_synced(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            let folder = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Ok(vt_model::checkpoint::sync_dir(folder)?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TrainError::file_op("removing", path, e)),
     }
 }
 
@@ -243,6 +272,31 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// A write of the files beside a report that fails (or is killed) leaves no report, not
+    /// the earlier one.
+    #[test]
+    fn the_report_is_removed_first_and_written_last() {
+        let root = tempfile::tempdir().unwrap();
+        let report = root.path().join("r.json");
+        let table = root.path().join("r.csv");
+        std::fs::write(&report, "earlier").unwrap();
+        std::fs::write(&table, "earlier").unwrap();
+        let failed = write_with_report(&report, b"later", || {
+            assert!(!report.exists(), "the earlier report is still there");
+            std::fs::write(&table, "later").unwrap();
+            Err(TrainError::Config("killed".into()))
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "killed");
+        assert!(!report.exists());
+        write_with_report(&report, b"later", || {
+            assert!(!report.exists());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&report).unwrap(), "later");
+        assert_eq!(std::fs::read_to_string(&table).unwrap(), "later");
     }
 
     #[test]

@@ -297,11 +297,14 @@ pub fn load_training(
     Ok(())
 }
 
-/// Removes the temporary siblings (`.NAME.tmp-PID...`) of the run's own `outputs` that a
-/// killed process left in the run folder; the folders they were building are rebuilt anyway.
-/// Other commands' temporaries (an `average --out` or `eval` writing into the folder) are
+/// Cleans up after a killed process's writes of the run's own `outputs` in the run folder:
+/// removes their temporary siblings (`.NAME.tmp-PID...`), whose folders are rebuilt anyway,
+/// and finishes their interrupted replacements ([`recover_interrupted_write`]): a stale
+/// `.NAME.old` beside its `NAME` goes (a whole state's worth of disk, which a later resume
+/// without `NAME` would bring back), a `.NAME.old` with no `NAME`, the only copy, is put
+/// back. Other commands' files (an `average --out` or `eval` writing into the folder) are
 /// theirs: the run's lock does not cover those commands.
-pub fn remove_stale_temporaries(run_dir: &Path, outputs: &[&str]) -> Result<()> {
+pub fn finish_interrupted_writes(run_dir: &Path, outputs: &[&str]) -> Result<()> {
     let entries = match fs::read_dir(run_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -325,6 +328,9 @@ pub fn remove_stale_temporaries(run_dir: &Path, outputs: &[&str]) -> Result<()> 
         };
         removed.map_err(|e| TrainError::io(&path, e))?;
     }
+    for output in outputs {
+        recover_interrupted_write(&run_dir.join(output))?;
+    }
     Ok(())
 }
 
@@ -341,20 +347,34 @@ mod tests {
     }
 
     #[test]
-    fn only_the_runs_own_temporaries_are_removed() {
+    fn only_the_runs_own_leftovers_are_removed() {
         let run = tempfile::tempdir().unwrap();
-        let mine = [".best.tmp-11", ".metrics.jsonl.tmp-12"];
-        let others = [".avg.tmp-13", ".eval-best-test.json.tmp-14", "best.tmp-15"];
-        for name in mine.iter().chain(&others) {
+        // `.best.old` beside `best/`: a kill after the new `best/` was renamed into place,
+        // before the previous one was removed.
+        let mine = [".best.tmp-11", ".metrics.jsonl.tmp-12", ".best.old"];
+        let others = [
+            ".avg.tmp-13",
+            ".eval-best-test.json.tmp-14",
+            "best.tmp-15",
+            ".avg.old",
+        ];
+        for name in mine.iter().chain(&others).chain(&["best", "avg"]) {
             fs::create_dir_all(run.path().join(name)).unwrap();
         }
-        remove_stale_temporaries(run.path(), &["best", "metrics.jsonl"]).unwrap();
-        for name in mine {
+        // `.last.old` without `last/`: a kill between the two renames, the only copy.
+        fs::create_dir_all(run.path().join(".last.old")).unwrap();
+        fs::write(run.path().join(".last.old/model.safetensors"), "kept").unwrap();
+        finish_interrupted_writes(run.path(), &["best", "last", "metrics.jsonl"]).unwrap();
+        for name in mine.iter().chain(&[".last.old"]) {
             assert!(!run.path().join(name).exists(), "{name}");
         }
-        for name in others {
+        for name in others.iter().chain(&["best"]) {
             assert!(run.path().join(name).exists(), "{name}");
         }
+        assert_eq!(
+            fs::read_to_string(run.path().join("last/model.safetensors")).unwrap(),
+            "kept"
+        );
     }
 
     fn model_and_optimizer() -> (Model, Optimizer) {

@@ -201,68 +201,14 @@ impl EventWriter {
     }
 }
 
-/// One scalar of an event file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Point {
-    pub step: i64,
-    pub tag: String,
-    pub value: f32,
-}
-
-/// What an event file holds: its scalars in order, and the steps of its session starts.
-#[derive(Debug, Default)]
-pub struct EventFile {
-    pub scalars: Vec<Point>,
-    pub session_starts: Vec<i64>,
-}
-
-/// Reads what [`EventWriter`] writes, checking every record's checksums. A last record cut
-/// short (a process killed while writing it) ends the file, as TensorBoard reads it.
-pub fn read_scalars(path: &Path) -> Result<EventFile> {
-    let invalid = |message: &str| TrainError::Config(format!("{}: {message}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| TrainError::file_op("reading", path, e))?;
-    let mut file = EventFile::default();
-    let mut rest = bytes.as_slice();
-    while let Some((header, tail)) = rest.split_at_checked(12) {
-        let (length, crc) = header.split_at(8);
-        if masked_crc(length).to_le_bytes() != crc {
-            return Err(invalid("a record length with a wrong checksum"));
-        }
-        let length = u64::from_le_bytes(length.try_into().unwrap_or_default()) as usize;
-        let Some((data, tail)) = tail.split_at_checked(length) else {
-            break;
-        };
-        let Some((crc, tail)) = tail.split_at_checked(4) else {
-            break;
-        };
-        if masked_crc(data).to_le_bytes() != crc {
-            return Err(invalid("a record with a wrong checksum"));
-        }
-        let event = Event::decode(data).map_err(|e| invalid(&e.to_string()))?;
-        match event.what {
-            Some(What::Summary(summary)) => {
-                for value in summary.value {
-                    if let Some(Scalar::SimpleValue(v)) = value.value {
-                        file.scalars.push(Point {
-                            step: event.step,
-                            tag: value.tag,
-                            value: v,
-                        });
-                    }
-                }
-            }
-            Some(What::SessionLog(log)) if log.status == SESSION_START => {
-                file.session_starts.push(event.step)
-            }
-            _ => {}
-        }
-        rest = tail;
-    }
-    Ok(file)
-}
+/// The reader the tests check the written files with, independent of the writer.
+#[cfg(test)]
+#[path = "../tests/common/events.rs"]
+mod events;
 
 #[cfg(test)]
 mod tests {
+    use super::events::{read_scalars, Point};
     use super::*;
 
     /// The record TensorBoard's own `RecordWriter` (tensorboard 2.21) writes for "abc", and

@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, LoaderConfig};
-use vt_model::checkpoint::{dir_contents, recover_interrupted_write, DirContents};
+use vt_model::checkpoint::{dir_contents, DirContents};
 use vt_model::pretrained::is_stem;
 use vt_model::Model;
 
@@ -818,7 +818,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         // At once: from here on a killed run is resumed from its options.
         write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
     }
-    state::remove_stale_temporaries(&run_dir, &RUN_OUTPUTS)?;
+    state::finish_interrupted_writes(&run_dir, &RUN_OUTPUTS)?;
     // Checked before any epoch is computed: a save refuses a folder holding anything but a
     // checkpoint, and would otherwise end the run after the epoch's work.
     for dir in [BEST_DIR, LAST_DIR, state::STATE_DIR] {
@@ -893,7 +893,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         let best = progress.best_epoch == Some(progress.epochs_done);
         for (due, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
             let dir = run_dir.join(name);
-            recover_interrupted_write(&dir)?;
             if due && !state::holds(&dir, &served) {
                 tracing::info!(
                     "{} is not the saved state's epoch {}: writing it from the state",
@@ -915,11 +914,23 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     };
     let metrics = MetricsLog::new(&run_dir);
     let mut records = metrics.read()?;
+    // Before the returns below: a kill between an epoch's metrics line and its state leaves
+    // that line behind the state even when nothing is left to train.
+    let logged = records.len();
+    records.retain(|r| r.epoch <= progress.epochs_done);
+    if records.len() != logged {
+        tracing::info!(
+            "dropping {} metric lines logged after the saved epoch",
+            logged - records.len()
+        );
+    }
+    metrics.rewrite(&records, &classes)?;
     // Recomputed, so that resuming with a larger --early-stop continues the run.
     progress.stopped_early = config
         .early_stop
         .is_some_and(|p| progress.epochs_since_best >= p);
-    // Before anything is written: a resume with nothing to do leaves the run as it was.
+    // Before anything else is written: a resume with nothing to do leaves the run as the
+    // saved state has it.
     if progress.stopped_early {
         tracing::info!(
             "{} stopped early at epoch {}: nothing to do",
@@ -949,15 +960,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     }
 
     write_atomically(&run_dir.join(CONFIG_TOML), config.to_toml()?.as_bytes())?;
-    let logged = records.len();
-    records.retain(|r| r.epoch <= progress.epochs_done);
-    if records.len() != logged {
-        tracing::info!(
-            "dropping {} metric lines logged after the saved epoch",
-            logged - records.len()
-        );
-    }
-    metrics.rewrite(&records, &classes)?;
     // Steps are counted from 1: what an interrupted process logged past the saved state is
     // dropped.
     let events = EventWriter::create(&run_dir, progress.global_step + 1).unwrap_or_else(|e| {

@@ -316,6 +316,84 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
     assert!(!fresh.exists());
 }
 
+/// A kill after the last epoch's metrics line, before its state, leaves that line behind the
+/// state: a resume with nothing left to train drops it all the same, from both files.
+#[test]
+fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "2"]),
+    );
+    let jsonl = run.join("metrics.jsonl");
+    let saved = std::fs::read_to_string(&jsonl).unwrap();
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut killed: serde_json::Value =
+        serde_json::from_str(saved.lines().last().unwrap()).unwrap();
+    killed["epoch"] = 3.into();
+    std::fs::write(&jsonl, format!("{saved}{killed}\n")).unwrap();
+
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("has completed its 2 epochs"), "{log}");
+    assert_eq!(std::fs::read_to_string(&jsonl).unwrap(), saved);
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.csv")).unwrap(),
+        csv
+    );
+    assert!(log.contains("dropping 1 metric lines"), "{log}");
+}
+
+/// A kill after a folder's new version was renamed into place, before its previous one at
+/// `.NAME.old` was removed, leaves that copy (as large as the state): the next resume removes
+/// it, so that a later one without `state/` cannot bring back its stale epoch.
+#[test]
+fn previous_versions_left_beside_the_runs_folders_are_removed_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"]),
+    );
+    let previous = ["state", "best", "last"].map(|name| {
+        let old = run.join(format!(".{name}.old"));
+        std::fs::create_dir(&old).unwrap();
+        for entry in std::fs::read_dir(run.join(name)).unwrap() {
+            let file = entry.unwrap().path();
+            std::fs::copy(&file, old.join(file.file_name().unwrap())).unwrap();
+        }
+        old
+    });
+    let state = std::fs::read(run.join("state/training.json")).unwrap();
+
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("has completed its 1 epochs"), "{log}");
+    for old in previous {
+        assert!(!old.exists(), "{} is still there", old.display());
+    }
+    assert_eq!(
+        std::fs::read(run.join("state/training.json")).unwrap(),
+        state
+    );
+    for dir in ["state", "best", "last"] {
+        Model::load(&run.join(dir), &Device::Cpu).unwrap();
+    }
+}
+
 #[test]
 fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let tmp = tempfile::tempdir().unwrap();

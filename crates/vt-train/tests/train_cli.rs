@@ -270,6 +270,22 @@ fn check_history_and_average(
     }
     let refused = run_err(&mut average());
     assert!(refused.contains("already holds a checkpoint"), "{refused}");
+    let averaged_weights = fs::read(avg.join("model.safetensors")).unwrap();
+    // An `average --force` killed between its two renames left the checkpoint at
+    // `.avg.old`, which the next write would put back and replace: still no --force, no
+    // write.
+    let previous = run.with_file_name(".avg.old");
+    fs::rename(&avg, &previous).unwrap();
+    let refused = run_err(&mut average());
+    assert!(
+        refused.contains("already holds a checkpoint (at")
+            && refused.contains("where an interrupted write left it"),
+        "{refused}"
+    );
+    assert!(!avg.exists());
+    let kept = fs::read(previous.join("model.safetensors")).unwrap();
+    assert_eq!(kept, averaged_weights);
+    fs::rename(&previous, &avg).unwrap();
     let refused = run_err(
         vt_train()
             .args(["average", "--run-dir"])
@@ -826,6 +842,23 @@ fn init_still_writes_a_checkpoint() {
     assert!(init("x,y", true).status.success());
     let model = Model::load(&out, &Device::Cpu).unwrap();
     assert_eq!(model.config.class_names, vec!["x", "y"]);
+    // An `init --force` killed between its two renames left the checkpoint at `.init.old`:
+    // it is replaced only with --force, as it would be in place.
+    let previous = tmp.path().join(".init.old");
+    fs::rename(&out, &previous).unwrap();
+    let refused = init("p,q", false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("where an interrupted write left it"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let model = Model::load(&previous, &Device::Cpu).unwrap();
+    assert_eq!(model.config.class_names, vec!["x", "y"]);
+    assert!(init("p,q", true).status.success());
+    let model = Model::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(model.config.class_names, vec!["p", "q"]);
+    assert!(!previous.exists());
 
     // A folder of other files is never replaced, even with --force.
     let victim = tmp.path().join("victim");
@@ -952,7 +985,12 @@ fn eval_checks_its_output_paths_before_evaluating() {
         )
     };
     eval_here();
+    // What a killed evaluation left: its temporary plot, and no report (it goes first).
+    let killed_plot = tmp.path().join(".eval-init-test.png.tmp-999999.png");
+    fs::write(&killed_plot, "half a plot").unwrap();
+    fs::remove_file(tmp.path().join("eval-init-test.json")).unwrap();
     let out = eval_here();
+    assert!(!killed_plot.exists());
     assert!(tmp.path().join("eval-init-test.json").is_file());
     assert!(tmp.path().join("eval-init-test.png").is_file());
     // The untrained model is wrong about most of the 24 images: the list stops at 10.

@@ -1,6 +1,8 @@
 //! Helpers of the vt-train integration tests: small data sets and the real binary.
 #![allow(dead_code)]
 
+pub mod events;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -100,7 +102,7 @@ pub fn tensorboard_points(run_dir: &Path) -> (Vec<(String, i64, f32)>, usize) {
     files.sort();
     let mut points = Vec::new();
     for file in &files {
-        let events = vt_train::tensorboard::read_scalars(file).unwrap();
+        let events = events::read_scalars(file).unwrap();
         for start in events.session_starts {
             points.retain(|&(_, step, _): &(String, i64, f32)| step < start);
         }
