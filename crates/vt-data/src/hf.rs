@@ -37,7 +37,7 @@ use crate::dataset::CLASSES;
 use crate::download::{error_chain, open_locked, part_path, Progress, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
-use crate::hub_cache::{has_git_object_id, is_commit, is_git_object_id, RepoCache};
+use crate::hub_cache::{content_name, is_commit, is_git_object_id, ListedFile, RepoCache};
 use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
 use crate::source::zip::{import_download, note_discarded_download, zip_summary};
@@ -78,6 +78,8 @@ impl FromStr for HfRepoSpec {
 
     fn from_str(s: &str) -> Result<Self> {
         let (repo, revision) = match s.split_once('@') {
+            // A commit id as the hub names it, and its snapshot folder: in lowercase.
+            Some((repo, rev)) if is_commit(rev) => (repo, Some(rev.to_ascii_lowercase())),
             Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_string())),
             Some(_) => {
                 return Err(DataError::Invalid(format!(
@@ -237,23 +239,24 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .recursive(true)
         .send()
         .map_err(|e| hub_error(opts, "cannot list the dataset repository", &e))?;
-    let mut files = Vec::new();
-    let mut object_ids = HashMap::new();
-    for entry in entries {
-        if let RepoTreeEntry::File {
-            path, size, oid, ..
-        } = entry
-        {
-            object_ids.insert(path.clone(), oid);
-            files.push((path, size));
-        }
-    }
-    files.sort();
+    let mut listed: Vec<ListedFile> = entries
+        .into_iter()
+        .filter_map(|entry| match entry {
+            RepoTreeEntry::File {
+                path, size, oid, ..
+            } => Some(ListedFile { path, size, oid }),
+            RepoTreeEntry::Directory { .. } => None,
+        })
+        .collect();
+    listed.sort_by(|a, b| a.path.cmp(&b.path));
+    let files: Vec<(String, u64)> = listed.iter().map(|f| (f.path.clone(), f.size)).collect();
+    let object_ids: HashMap<&str, &str> = listed
+        .iter()
+        .map(|f| (f.path.as_str(), f.oid.as_str()))
+        .collect();
     let data = DataFiles::of(opts, &files)?;
+    cache.prepare()?;
     let mut locals = Vec::new();
-    // Linked into the snapshot only once all are here: a snapshot holds every data file of
-    // its commit, or none, for an offline import to rely on.
-    let mut unlinked = Vec::new();
     for (path, size) in data.listed() {
         let local = snapshot_path(opts, &cache, &commit, path)?;
         // Through a snapshot link, the size of the blob it points to.
@@ -268,22 +271,25 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
                     );
                     discard_cached(&local);
                 }
-                let oid = object_ids.get(path).map_or("", String::as_str);
+                let oid = object_ids.get(path.as_str()).copied().unwrap_or_default();
                 let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)?;
-                unlinked.push((blob, local.clone()));
+                cache.link(&local, &blob)?;
             }
         }
         locals.push(local);
     }
-    for (blob, local) in &unlinked {
-        cache.link(local, blob)?;
-    }
-    cache.write_ref(opts.repo.revision.as_deref().unwrap_or(MAIN), &commit)?;
+    // Recorded once the snapshot holds every file the import needs: an offline import checks
+    // the snapshot against it. Before the import: a file it finds broken is removed, which
+    // the listing then tells an offline import.
+    cache.write_listing(&commit, &listed)?;
+    cache.write_ref(revision(opts), &commit)?;
     data.import(opts, &locals, importer)
 }
 
-/// The revision a repository is downloaded at unless another is named.
-const MAIN: &str = "main";
+/// The revision asked for: `main` unless another is named.
+fn revision(opts: &HfOptions) -> &str {
+    opts.repo.revision.as_deref().unwrap_or("main")
+}
 
 /// `HF_HUB_OFFLINE` as `huggingface_hub` reads it: `1`, `true`, `yes` or `on`, in any case.
 pub fn offline_from_env() -> bool {
@@ -298,9 +304,10 @@ fn origin(opts: &HfOptions, commit: &str) -> String {
     format!("hf:{}/{}@{commit}", opts.repo.owner, opts.repo.name)
 }
 
-/// Without the hub: the snapshot of the commit the revision named at its last download.
+/// Without the hub: the snapshot of the commit the revision named at its last download,
+/// checked against the commit's listing.
 fn import_cached(opts: &HfOptions, cache: &RepoCache, importer: &mut Importer) -> Result<()> {
-    let revision = opts.repo.revision.as_deref().unwrap_or(MAIN);
+    let revision = revision(opts);
     let not_cached = |message: String| DataError::Network {
         what: format!(
             "importing {} from the Hugging Face cache (HF_HUB_OFFLINE is set)",
@@ -318,24 +325,41 @@ fn import_cached(opts: &HfOptions, cache: &RepoCache, importer: &mut Importer) -
             cache.dir().display()
         ))
     })?;
-    let files = cache.snapshot_files(&commit)?.ok_or_else(|| {
+    let files = cache.read_listing(&commit)?.ok_or_else(|| {
         not_cached(format!(
-            "{} holds no download of commit {commit}",
+            "{} holds no complete download of commit {commit} (no listing of the commit, which \
+             fetch-data and huggingface_hub's snapshot_download record, says which files it has)",
             cache.dir().display()
         ))
     })?;
+    importer.set_origin(origin(opts, &commit));
+    let data = DataFiles::of(opts, &files)?;
+    let mut locals = Vec::new();
+    for (path, size) in data.listed() {
+        let local = snapshot_path(opts, cache, &commit, path)?;
+        // Through a snapshot link, the size of the blob it points to.
+        match fs::metadata(&local) {
+            Ok(meta) if meta.len() == *size => locals.push(local),
+            Ok(meta) => {
+                return Err(not_cached(format!(
+                    "{} holds {} bytes; commit {commit} lists {path} with {size}",
+                    local.display(),
+                    meta.len()
+                )))
+            }
+            Err(_) => {
+                return Err(not_cached(format!(
+                    "{} is missing from the download of commit {commit}",
+                    local.display()
+                )))
+            }
+        }
+    }
     tracing::info!(
         "HF_HUB_OFFLINE: importing {} at {commit} from {}",
         opts.repo,
         cache.dir().display()
     );
-    importer.set_origin(origin(opts, &commit));
-    let data = DataFiles::of(opts, &files)?;
-    let locals = data
-        .listed()
-        .into_iter()
-        .map(|(path, _)| snapshot_path(opts, cache, &commit, path))
-        .collect::<Result<Vec<_>>>()?;
     data.import(opts, &locals, importer)
 }
 
@@ -460,8 +484,9 @@ fn import_archive(
     }
 }
 
-/// Downloads `path` at `commit` (git object id `oid`) into its blob, unless the blob is
-/// already there (the same content at another commit), and returns the blob's path.
+/// Downloads `path` at `commit` (git object id `oid`) into its blob, unless a blob of that
+/// content is already there (the same file at another commit, which vt or the hub's Python
+/// tools downloaded), and returns the blob's path.
 fn fetch_blob(
     opts: &HfOptions,
     cache: &RepoCache,
@@ -470,18 +495,19 @@ fn fetch_blob(
     size: u64,
     oid: &str,
 ) -> Result<PathBuf> {
-    let blob = cache.blob_path(oid).ok_or_else(|| DataError::Network {
-        what: format!("listing {} at {}", opts.repo, endpoint_of(opts)),
-        message: format!("the hub gave {path} the object id {oid:?}, which is no plain name"),
-        hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
-    })?;
-    match fs::metadata(&blob) {
-        Ok(cached) if cached.len() == size => {
-            tracing::info!("{path}: the same content is cached from another commit");
-        }
-        _ => download(opts, commit, path, size, oid, &blob)?,
+    if let Some(blob) = cache.find_blob(size, oid)? {
+        tracing::info!("{path}: the same content is cached as {}", blob.display());
+        return Ok(blob);
     }
-    Ok(blob)
+    let part = cache
+        .blob_path(oid)
+        .map(|blob| part_path(&blob))
+        .ok_or_else(|| DataError::Network {
+            what: format!("listing {} at {}", opts.repo, endpoint_of(opts)),
+            message: format!("the hub gave {path} the object id {oid:?}, which is no plain name"),
+            hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
+        })?;
+    download(opts, cache, commit, path, size, oid, &part)
 }
 
 /// The commit names a folder of the cache: a hub's answer such as `../x` or `/etc` must not
@@ -528,51 +554,56 @@ fn name_cached_download(error: DataError, opts: &HfOptions, cache: &RepoCache) -
 }
 
 /// How to import without the hub what an earlier run downloaded, if anything: the revision's
-/// snapshot offline, or an archive of any snapshot with `--from` (a snapshot holds only
+/// snapshot offline, or an archive of a snapshot with `--from` (a snapshot holds only
 /// complete files).
 fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
-    let revision = opts.repo.revision.as_deref().unwrap_or(MAIN);
-    let snapshot = cache.resolve(revision).ok().flatten().filter(|commit| {
-        cache
-            .snapshot_files(commit)
-            .is_ok_and(|files| files.is_some_and(|f| !f.is_empty()))
-    });
+    let revision = revision(opts);
+    let listed = cache
+        .resolve(revision)
+        .ok()
+        .flatten()
+        .filter(|commit| cache.read_listing(commit).is_ok_and(|l| l.is_some()));
     let offline = opts.offline.unwrap_or_else(offline_from_env);
-    match (snapshot, cache.newest_archive()) {
+    match (listed, cache.newest_archive()) {
         (Some(commit), _) if !offline => format!(
             "An earlier download of {revision} (commit {commit}) is in the cache: \
-             HF_HUB_OFFLINE=1 cargo xtask fetch-data imports it without the hub. "
+             HF_HUB_OFFLINE=1 cargo xtask fetch-data --hf-repo {} imports it without the hub. ",
+            opts.repo
         ),
-        (_, Some(archive)) => format!(
-            "An earlier download is in the cache: cargo xtask fetch-data --from {} imports it \
-             without the hub. ",
+        (_, Some((commit, archive))) => format!(
+            "The archive of commit {commit} is in the cache: cargo xtask fetch-data --from {} \
+             imports it without the hub. ",
             archive.display()
         ),
         _ => String::new(),
     }
 }
 
-/// Downloads `path` at `commit` to `dest`, resuming from `<dest>.part`: hf-hub's own download
-/// recreates its partial file on every attempt, which restarts a 363 MB archive from byte 0.
-/// The download must be the file whose git object id is `oid`, when that is one.
+/// Downloads `path` at `commit` into `part` and from there into its blob, whose path it
+/// returns, resuming from what `part` holds: hf-hub's own download recreates its partial
+/// file on every attempt, which restarts a 363 MB archive from byte 0. The download must be
+/// the file whose git object id is `oid`, when that is one.
 fn download(
     opts: &HfOptions,
+    cache: &RepoCache,
     commit: &str,
     path: &str,
     size: u64,
     oid: &str,
-    dest: &Path,
-) -> Result<()> {
-    let part = part_path(dest);
-    if let Some(parent) = part.parent() {
-        fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-    }
+    part: &Path,
+) -> Result<PathBuf> {
     // hf-hub locks its downloads too: two fetches sharing HF_HOME must not append to one file.
-    let file = open_locked(&part, &format!("download of {path} from {}", opts.repo))?;
-    let mut have = file.metadata().map_err(|e| DataError::io(&part, e))?.len();
+    let file = open_locked(part, &format!("download of {path} from {}", opts.repo))?;
+    // Another fetch may have finished it while this one waited for the lock.
+    if let Some(blob) = cache.find_blob(size, oid)? {
+        drop(file);
+        let _ = fs::remove_file(part);
+        return Ok(blob);
+    }
+    let mut have = file.metadata().map_err(|e| DataError::io(part, e))?.len();
     if have > size {
         tracing::info!("{} is longer than {path}; starting over", part.display());
-        file.set_len(0).map_err(|e| DataError::io(&part, e))?;
+        file.set_len(0).map_err(|e| DataError::io(part, e))?;
         have = 0;
     }
     if have < size {
@@ -584,33 +615,48 @@ fn download(
         // its own, as hf-hub's blocking client does: block_on panics inside a tokio runtime.
         std::thread::scope(|scope| {
             scope
-                .spawn(|| runtime.block_on(receive(opts, commit, path, size, have, &file, &part)))
+                .spawn(|| runtime.block_on(receive(opts, commit, path, size, have, &file, part)))
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })?;
     }
     // On disk before it is renamed: a later run trusts a blob of the listed size.
-    file.sync_all().map_err(|e| DataError::io(&part, e))?;
-    if is_git_object_id(oid) && !has_git_object_id(&part, size, oid)? {
-        file.set_len(0).map_err(|e| DataError::io(&part, e))?;
-        return Err(DataError::Network {
-            what: format!(
-                "download of {path} from {} at {}",
-                opts.repo,
-                endpoint_of(opts)
-            ),
-            message: format!(
-                "the {size} bytes received are not the file the hub lists (git object id {oid}, \
-                 of the file or of its LFS pointer): they were damaged on the way"
-            ),
-            hint: format!(
-                "The partial file {} was emptied: run fetch-data again to download {path} from \
-                 the start. {ALTERNATIVES}",
-                part.display()
-            ),
-        });
-    }
-    fs::rename(&part, dest).map_err(|e| DataError::io(dest, e))
+    file.sync_all().map_err(|e| DataError::io(part, e))?;
+    let name = if is_git_object_id(oid) {
+        match content_name(part, size, oid)? {
+            Some(name) => name,
+            None => {
+                file.set_len(0).map_err(|e| DataError::io(part, e))?;
+                return Err(DataError::Network {
+                    what: format!(
+                        "download of {path} from {} at {}",
+                        opts.repo,
+                        endpoint_of(opts)
+                    ),
+                    message: format!(
+                        "the {size} bytes received are not the file the hub lists (git object \
+                         id {oid}, of the file or of its LFS pointer)"
+                    ),
+                    hint: format!(
+                        "The partial file {} was emptied. Either the bytes were damaged on the \
+                         way (run fetch-data again to download {path} from the start), or the \
+                         hub's listing gives other ids than git's (check HF_ENDPOINT, or use \
+                         another source). {ALTERNATIVES}",
+                        part.display()
+                    ),
+                });
+            }
+        }
+    } else {
+        tracing::warn!(
+            "{path}: the hub lists the object id {oid:?}, not a git object id: the download \
+             cannot be checked against it"
+        );
+        oid.to_string()
+    };
+    let blob = part.with_file_name(&name);
+    fs::rename(part, &blob).map_err(|e| DataError::io(&blob, e))?;
+    Ok(blob)
 }
 
 /// Longest wait for `download_file_stream().send()`: it asks the hub twice (the `HEAD`, then
@@ -800,6 +846,9 @@ mod tests {
         assert_eq!((spec.owner.as_str(), spec.name.as_str()), ("a", "b"));
         assert_eq!(spec.revision.as_deref(), Some("main"));
         assert_eq!("a/b".parse::<HfRepoSpec>().unwrap().revision, None);
+        let commit = "0123456789ABCDEF0123456789abcdef01234567";
+        let spec: HfRepoSpec = format!("a/b@{commit}").parse().unwrap();
+        assert_eq!(spec.revision, Some(commit.to_ascii_lowercase()));
         for bad in ["a", "a/", "/b", "a/b/c", "a/b@"] {
             assert!(bad.parse::<HfRepoSpec>().is_err(), "{bad}");
         }

@@ -1,17 +1,22 @@
 //! A dataset repository's folder in the Hugging Face cache, laid out as `huggingface_hub`
 //! and hf-hub lay it out, so that the Python tools and vt share one download:
-//! - `blobs/<id>`: each file's content once, named by its git object id from the hub's
-//!   listing, so a file unchanged at a new commit is reused (`huggingface_hub` names an LFS
-//!   file's blob by its SHA-256 instead; either tool reuses the other's snapshot links);
+//! - `blobs/<name>`: each file's content once, named as `huggingface_hub` names it (an LFS
+//!   file by the SHA-256 of its content, a file kept in git by its git object id), so that a
+//!   file unchanged at a new commit is reused, whichever tool downloaded it;
 //! - `snapshots/<commit>/<path>`: the repository at a commit, each file a link to its blob
 //!   (a copy where symlinks are not available, as hf-hub does);
-//! - `refs/<revision>`: the commit a branch or tag named when it was last downloaded, which
-//!   an offline import (`HF_HUB_OFFLINE`) goes by.
+//! - `refs/<revision>`: the commit a branch or tag named when it was last downloaded;
+//! - `trees/<commit>.json`: the commit's listing, as `huggingface_hub`'s `snapshot_download`
+//!   writes it, or vt's own `vt-trees/<commit>.json`: what an offline import
+//!   (`HF_HUB_OFFLINE`) checks the snapshot against. vt writes its own, since the listing
+//!   hf-hub returns lacks the LFS fields `huggingface_hub` expects in its file.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
@@ -20,6 +25,30 @@ use crate::error::{DataError, Result};
 pub struct RepoCache {
     dir: PathBuf,
 }
+
+/// A file of a repository's listing at a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedFile {
+    pub path: String,
+    pub size: u64,
+    /// Its git object id.
+    pub oid: String,
+}
+
+/// The listing file's format, `huggingface_hub`'s (whose entries have more fields).
+#[derive(Serialize, Deserialize)]
+struct Listing {
+    format_version: u32,
+    files: BTreeMap<String, ListingEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ListingEntry {
+    size: u64,
+    blob_id: String,
+}
+
+const LISTING_FORMAT: u32 = 1;
 
 impl RepoCache {
     /// The folder of dataset repository `owner/name` in the hub cache `cache_dir`.
@@ -33,6 +62,16 @@ impl RepoCache {
         &self.dir
     }
 
+    /// Makes the folders a cached repository has: the hub's tools take one without
+    /// `snapshots/` (a first download that failed) for a corrupted cache.
+    pub fn prepare(&self) -> Result<()> {
+        for folder in ["blobs", "snapshots"] {
+            let path = self.dir.join(folder);
+            fs::create_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
     fn snapshot_dir(&self, commit: &str) -> PathBuf {
         self.dir.join("snapshots").join(commit)
     }
@@ -43,52 +82,73 @@ impl RepoCache {
         plain_relative(path).then(|| self.snapshot_dir(commit).join(path))
     }
 
-    /// The blob named `id`; `None` for an id that is no plain file name.
-    pub fn blob_path(&self, id: &str) -> Option<PathBuf> {
-        let plain = !id.is_empty()
-            && id
+    /// The blob named `name`; `None` for a name that is no plain file name.
+    pub fn blob_path(&self, name: &str) -> Option<PathBuf> {
+        let plain = !name.is_empty()
+            && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        plain.then(|| self.dir.join("blobs").join(id))
+        plain.then(|| self.dir.join("blobs").join(name))
+    }
+
+    /// A blob holding the file of git object id `oid` and `size` bytes, whoever downloaded
+    /// it: the blob of that name, or one of that size whose content has that id (an LFS
+    /// file's blob is named by its SHA-256, which the listing does not give). An `oid` that
+    /// is no git object id can only be found by name.
+    pub fn find_blob(&self, size: u64, oid: &str) -> Result<Option<PathBuf>> {
+        let has_size =
+            |path: &Path| fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size);
+        if !is_git_object_id(oid) {
+            return Ok(self.blob_path(oid).filter(|blob| has_size(blob)));
+        }
+        let blobs = self.dir.join("blobs");
+        let Ok(entries) = fs::read_dir(&blobs) else {
+            return Ok(None);
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| DataError::io(&blobs, e))?.path();
+            let complete = path.extension().is_none();
+            if complete && has_size(&path) && content_name(&path, size, oid)?.is_some() {
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
     }
 
     /// Makes `snapshot` (from [`Self::snapshot_path`]) the blob `blob`'s, replacing whatever
-    /// was there.
+    /// was there, in one rename: another fetch linking the same file meanwhile is no error.
     pub fn link(&self, snapshot: &Path, blob: &Path) -> Result<()> {
         let parent = snapshot.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        match fs::remove_file(snapshot) {
+        let mut temporary = snapshot.as_os_str().to_owned();
+        temporary.push(format!(".link-{}", std::process::id()));
+        let temporary = PathBuf::from(temporary);
+        match fs::remove_file(&temporary) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(DataError::io(snapshot, e))
+                return Err(DataError::io(&temporary, e))
             }
             _ => {}
         }
-        link_or_copy(blob, snapshot).map_err(|e| DataError::io(snapshot, e))
+        link_or_copy(blob, &temporary).map_err(|e| DataError::io(&temporary, e))?;
+        fs::rename(&temporary, snapshot).map_err(|e| DataError::io(snapshot, e))
     }
 
     /// Records that `revision` named `commit`; a commit names itself and is not recorded.
-    /// Through a temporary renamed into place, so a reader never meets half a commit id.
     pub fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
-        if revision == commit {
+        if is_commit(revision) {
             return Ok(());
         }
-        let Some(path) = self.ref_path(revision) else {
-            return Ok(());
-        };
-        let parent = path.parent().unwrap_or(&self.dir);
-        fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        fs::write(&tmp, commit).map_err(|e| DataError::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
+        match self.ref_path(revision) {
+            Some(path) => self.write_atomically(&path, commit.as_bytes()),
+            None => Ok(()),
+        }
     }
 
     /// The commit `revision` named at its last download, or `revision` itself when it is a
     /// commit id; `None` when it was never downloaded.
     pub fn resolve(&self, revision: &str) -> Result<Option<String>> {
         if is_commit(revision) {
-            return Ok(Some(revision.to_string()));
+            return Ok(Some(revision.to_ascii_lowercase()));
         }
         let Some(path) = self.ref_path(revision) else {
             return Ok(None);
@@ -109,50 +169,91 @@ impl RepoCache {
         plain_relative(revision).then(|| self.dir.join("refs").join(revision))
     }
 
-    /// The files of the snapshot at `commit` with their sizes, by repository path, sorted;
-    /// `None` when there is no such snapshot. A link whose blob is gone is left out.
-    pub fn snapshot_files(&self, commit: &str) -> Result<Option<Vec<(String, u64)>>> {
-        let root = self.snapshot_dir(commit);
-        if !root.is_dir() {
-            return Ok(None);
-        }
-        let mut files = Vec::new();
-        let mut folders = vec![root.clone()];
-        while let Some(folder) = folders.pop() {
-            for entry in fs::read_dir(&folder).map_err(|e| DataError::io(&folder, e))? {
-                let path = entry.map_err(|e| DataError::io(&folder, e))?.path();
-                // Through a link, what it points to.
-                let Ok(meta) = fs::metadata(&path) else {
-                    tracing::warn!("{}: its blob is gone; left out", path.display());
-                    continue;
-                };
-                if meta.is_dir() {
-                    folders.push(path);
-                } else if let Ok(relative) = path.strip_prefix(&root) {
-                    let parts: Vec<_> = relative
-                        .components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect();
-                    files.push((parts.join("/"), meta.len()));
-                }
-            }
-        }
-        files.sort();
-        Ok(Some(files))
+    /// Records the repository's listing at `commit`, once its snapshot holds the files an
+    /// import needs.
+    pub fn write_listing(&self, commit: &str, files: &[ListedFile]) -> Result<()> {
+        let listing = Listing {
+            format_version: LISTING_FORMAT,
+            files: files
+                .iter()
+                .map(|f| {
+                    let entry = ListingEntry {
+                        size: f.size,
+                        blob_id: f.oid.clone(),
+                    };
+                    (f.path.clone(), entry)
+                })
+                .collect(),
+        };
+        let path = self.dir.join("vt-trees").join(format!("{commit}.json"));
+        let text = serde_json::to_string_pretty(&listing)
+            .map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))?;
+        self.write_atomically(&path, text.as_bytes())
     }
 
-    /// The newest `.zip` file of any snapshot, should the cache hold several commits.
-    pub fn newest_archive(&self) -> Option<PathBuf> {
+    /// The listing at `commit` that vt or `huggingface_hub` recorded, as paths and sizes;
+    /// `None` when neither did.
+    pub fn read_listing(&self, commit: &str) -> Result<Option<Vec<(String, u64)>>> {
+        for folder in ["vt-trees", "trees"] {
+            let path = self.dir.join(folder).join(format!("{commit}.json"));
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DataError::io(&path, e)),
+            };
+            let listing: Listing = serde_json::from_str(&text).map_err(|e| {
+                DataError::Layout(format!(
+                    "{}: not a listing of the repository ({e}): delete it and download again",
+                    path.display()
+                ))
+            })?;
+            if listing.format_version != LISTING_FORMAT {
+                continue;
+            }
+            return Ok(Some(
+                listing
+                    .files
+                    .into_iter()
+                    .map(|(path, entry)| (path, entry.size))
+                    .collect(),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Writes `path` through a temporary beside the repository's folders, not among the
+    /// refs or listings, where the hub's tools would read a stale one as theirs.
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let parent = path.parent().unwrap_or(&self.dir);
+        fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+        let temporary = self
+            .dir
+            .join(format!(".vt-write.tmp-{}", std::process::id()));
+        fs::write(&temporary, bytes).map_err(|e| DataError::io(&temporary, e))?;
+        fs::rename(&temporary, path).map_err(|e| DataError::io(path, e))
+    }
+
+    /// The newest `.zip` file of any snapshot, with its commit: should the cache hold
+    /// several commits, the one most recently downloaded.
+    pub fn newest_archive(&self) -> Option<(String, PathBuf)> {
         fs::read_dir(self.dir.join("snapshots"))
             .into_iter()
             .flatten()
             .flatten()
-            .flat_map(|commit| fs::read_dir(commit.path()).into_iter().flatten().flatten())
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|e| e == "zip"))
-            .filter_map(|path| Some((fs::metadata(&path).ok()?.modified().ok()?, path)))
+            .flat_map(|commit| {
+                let name = commit.file_name().to_string_lossy().into_owned();
+                fs::read_dir(commit.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(move |entry| (name.clone(), entry.path()))
+            })
+            .filter(|(_, path)| path.extension().is_some_and(|e| e == "zip"))
+            .filter_map(|(commit, path)| {
+                Some((fs::metadata(&path).ok()?.modified().ok()?, commit, path))
+            })
             .max()
-            .map(|(_, path)| path)
+            .map(|(_, commit, path)| (commit, path))
     }
 }
 
@@ -161,9 +262,15 @@ pub fn is_commit(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Whether the `size` bytes of `path` are the file whose git object id is `oid`: either the
-/// file itself is in git, or git holds its LFS pointer (which names the content's SHA-256).
-pub fn has_git_object_id(path: &Path, size: u64, oid: &str) -> Result<bool> {
+/// A git object id (SHA-1): 40 hex digits.
+pub fn is_git_object_id(oid: &str) -> bool {
+    is_commit(oid)
+}
+
+/// The name the hub's tools give the blob of `path` (`size` bytes) when it is the file of
+/// git object id `oid`: `oid` when git holds the file itself, the SHA-256 of its content
+/// when git holds its LFS pointer; `None` when it is neither.
+pub fn content_name(path: &Path, size: u64, oid: &str) -> Result<Option<String>> {
     let mut file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut sha256 = Sha256::new();
     let mut sha1 = Sha1::new();
@@ -178,22 +285,16 @@ pub fn has_git_object_id(path: &Path, size: u64, oid: &str) -> Result<bool> {
         sha1.update(&buffer[..n]);
     }
     if hex(&sha1.finalize()).eq_ignore_ascii_case(oid) {
-        return Ok(true);
+        return Ok(Some(oid.to_ascii_lowercase()));
     }
-    let pointer = format!(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {size}\n",
-        hex(&sha256.finalize())
-    );
+    let sha256 = hex(&sha256.finalize());
+    let pointer =
+        format!("version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n");
     let pointer_id = Sha1::new()
         .chain_update(format!("blob {}\0", pointer.len()))
         .chain_update(pointer)
         .finalize();
-    Ok(hex(&pointer_id).eq_ignore_ascii_case(oid))
-}
-
-/// A git object id (SHA-1): 40 hex digits.
-pub fn is_git_object_id(oid: &str) -> bool {
-    is_commit(oid)
+    Ok(hex(&pointer_id).eq_ignore_ascii_case(oid).then_some(sha256))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -209,24 +310,24 @@ fn plain_relative(path: &str) -> bool {
 
 /// A relative symlink, as the hub's tools make, so the cache may be moved whole.
 #[cfg(unix)]
-fn link_or_copy(blob: &Path, snapshot: &Path) -> io::Result<()> {
-    let (Some(blob_name), Some(snapshot_dir)) = (blob.file_name(), snapshot.parent()) else {
+fn link_or_copy(blob: &Path, link: &Path) -> io::Result<()> {
+    let (Some(blob_name), Some(link_dir)) = (blob.file_name(), link.parent()) else {
         return Err(io::Error::other("a blob and a snapshot file have names"));
     };
     // From snapshots/<commit>/<folders>: up to the repository's folder, then into blobs/.
     let repo_dir = blob.parent().and_then(Path::parent);
     let mut target = PathBuf::new();
-    let mut dir = snapshot_dir;
+    let mut dir = link_dir;
     while Some(dir) != repo_dir {
         target.push("..");
         dir = dir
             .parent()
             .ok_or_else(|| io::Error::other("a snapshot outside its repository"))?;
     }
-    std::os::unix::fs::symlink(target.join("blobs").join(blob_name), snapshot)
+    std::os::unix::fs::symlink(target.join("blobs").join(blob_name), link)
 }
 
 #[cfg(not(unix))]
-fn link_or_copy(blob: &Path, snapshot: &Path) -> io::Result<()> {
-    fs::copy(blob, snapshot).map(drop)
+fn link_or_copy(blob: &Path, link: &Path) -> io::Result<()> {
+    fs::copy(blob, link).map(drop)
 }

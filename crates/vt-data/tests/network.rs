@@ -704,19 +704,21 @@ fn object_id(bytes: &[u8]) -> String {
 }
 
 /// Where [`hf_opts`] caches the hub stand-ins' data file of content `bytes`, whatever its
-/// commit.
+/// commit: named by its SHA-256, as the hub's tools name an LFS file's blob.
 fn blob(dir: &Path, repo: &str, bytes: &[u8]) -> std::path::PathBuf {
-    dir.join("hf-cache")
-        .join(format!("datasets--{}", repo.replace('/', "--")))
-        .join("blobs")
-        .join(object_id(bytes))
+    repo_cache(dir, repo).join("blobs").join(sha256_hex(bytes))
 }
 
-/// The partial download of [`blob`].
+fn repo_cache(dir: &Path, repo: &str) -> std::path::PathBuf {
+    dir.join("hf-cache")
+        .join(format!("datasets--{}", repo.replace('/', "--")))
+}
+
+/// The partial download of [`blob`], named by the object id the listing gives.
 fn blob_part(dir: &Path, repo: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let mut name = blob(dir, repo, bytes).into_os_string();
-    name.push(".part");
-    name.into()
+    repo_cache(dir, repo)
+        .join("blobs")
+        .join(format!("{}.part", object_id(bytes)))
 }
 
 /// The download requests a hub stand-in received.
@@ -919,7 +921,7 @@ fn hugging_face_zip_mirror_imports() {
     assert!(
         err.contains(&format!(
             "An earlier download of main (commit {COMMIT}) is in the cache: HF_HUB_OFFLINE=1 \
-             cargo xtask fetch-data imports it"
+             cargo xtask fetch-data --hf-repo mirror/intel imports it"
         )),
         "{err}"
     );
@@ -964,7 +966,7 @@ fn a_file_unchanged_at_a_new_commit_is_not_downloaded_again() {
     let link = snapshot(tmp.path(), "a/b").join("archive.zip");
     assert_eq!(
         fs::read_link(&link).unwrap(),
-        Path::new("../../blobs").join(object_id(&zip))
+        Path::new("../../blobs").join(sha256_hex(&zip))
     );
     assert_eq!(fs::read(blob(tmp.path(), "a/b", &zip)).unwrap(), zip);
 
@@ -999,6 +1001,80 @@ fn a_snapshot_file_without_a_blob_is_reused() {
         .requests()
         .iter()
         .any(|r| r.path.contains("/resolve/")));
+}
+
+/// What `huggingface_hub` downloaded (its blob named by the SHA-256, the commit's listing in
+/// `trees/`) is imported offline, and reused online at another commit.
+#[test]
+fn the_python_tools_download_is_imported_offline_and_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 1, 0);
+    let repo = repo_cache(tmp.path(), "a/b");
+    write(&blob(tmp.path(), "a/b", &zip), &zip);
+    let link = snapshot(tmp.path(), "a/b").join("archive.zip");
+    fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(Path::new("../../blobs").join(sha256_hex(&zip)), &link).unwrap();
+    write(&repo.join("refs/main"), COMMIT.as_bytes());
+    let listing = format!(
+        r#"{{"format_version": 1, "files": {{"archive.zip": {{"size": {}, "blob_id": "{}", "lfs_sha256": "{}", "lfs_size": {0}}}}}}}"#,
+        zip.len(),
+        object_id(&zip),
+        sha256_hex(&zip)
+    );
+    write(
+        &repo.join(format!("trees/{COMMIT}.json")),
+        listing.as_bytes(),
+    );
+    let offline_import = fetch(&offline(unreachable_hub(tmp.path()).1, "a/b")).unwrap();
+    assert_eq!(offline_import.origin, format!("hf:a/b@{COMMIT}"));
+
+    let next = "fedcba9876543210fedcba9876543210fedcba98";
+    let quirks = Quirks {
+        commit: Some(next),
+        ..Quirks::default()
+    };
+    let server = hub_quirky(
+        "a/b",
+        vec![("archive.zip".into(), zip.clone())],
+        quirks,
+        ranged,
+    );
+    fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    assert!(gets(&server).is_empty(), "{:?}", gets(&server));
+    assert_eq!(
+        fs::read_link(repo.join("snapshots").join(next).join("archive.zip")).unwrap(),
+        Path::new("../../blobs").join(sha256_hex(&zip))
+    );
+}
+
+/// Offline, a snapshot is imported only when the commit's listing says it is whole: a file
+/// fetched alone (as `hf_hub_download` does), or whose blob is gone, is no data set.
+#[test]
+fn an_incomplete_snapshot_is_not_imported_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 1, 0);
+    let server = hub("a/b", vec![("archive.zip".into(), zip.clone())]);
+    fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    fs::remove_file(blob(tmp.path(), "a/b", &zip)).unwrap();
+    let err = fetch(&offline(hf_opts(&server, "a/b", tmp.path()), "a/b"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "archive.zip is missing from the download of commit {COMMIT}"
+        )),
+        "{err}"
+    );
+
+    fs::remove_dir_all(repo_cache(tmp.path(), "a/b").join("vt-trees")).unwrap();
+    write(&blob(tmp.path(), "a/b", &zip), &zip);
+    let err = fetch(&offline(hf_opts(&server, "a/b", tmp.path()), "a/b"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("holds no complete download of commit {COMMIT}")),
+        "{err}"
+    );
 }
 
 /// Bytes damaged on the way (the right length, but not the object the listing names) are
