@@ -34,7 +34,7 @@ use hf_hub::{HFClient, HFClientSync, HFError};
 use reqwest::StatusCode;
 
 use crate::dataset::CLASSES;
-use crate::download::{error_chain, open_locked, part_path, Progress, CONNECT_TIMEOUT};
+use crate::download::{error_chain, open_locked, Progress, CONNECT_TIMEOUT};
 use crate::error::{DataError, Result};
 use crate::fetch::check_kept_apart;
 use crate::hub_cache::{content_name, is_commit, is_git_object_id, ListedFile, RepoCache};
@@ -260,8 +260,9 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     for (path, size) in data.listed() {
         let local = snapshot_path(opts, &cache, &commit, path)?;
         // Through a snapshot link, the size of the blob it points to.
+        let oid = object_ids.get(path.as_str()).copied().unwrap_or_default();
         match fs::metadata(&local) {
-            Ok(meta) if meta.len() == *size => {}
+            Ok(meta) if meta.len() == *size => cache.remove_stale_part(oid),
             cached => {
                 if let Ok(meta) = cached {
                     tracing::warn!(
@@ -271,7 +272,6 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
                     );
                     discard_cached(&local);
                 }
-                let oid = object_ids.get(path.as_str()).copied().unwrap_or_default();
                 let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)?;
                 cache.link(&local, &blob)?;
             }
@@ -334,33 +334,47 @@ fn import_cached(opts: &HfOptions, cache: &RepoCache, importer: &mut Importer) -
     })?;
     importer.set_origin(origin(opts, &commit));
     let data = DataFiles::of(opts, &files)?;
-    let mut locals = Vec::new();
-    for (path, size) in data.listed() {
-        let local = snapshot_path(opts, cache, &commit, path)?;
-        // Through a snapshot link, the size of the blob it points to.
-        match fs::metadata(&local) {
-            Ok(meta) if meta.len() == *size => locals.push(local),
-            Ok(meta) => {
-                return Err(not_cached(format!(
-                    "{} holds {} bytes; commit {commit} lists {path} with {size}",
-                    local.display(),
-                    meta.len()
-                )))
-            }
-            Err(_) => {
-                return Err(not_cached(format!(
-                    "{} is missing from the download of commit {commit}",
-                    local.display()
-                )))
-            }
-        }
-    }
+    let locals = cached_data_files(opts, cache, &commit, &data)?.map_err(|problems| {
+        not_cached(format!(
+            "the download of commit {commit} in {} is incomplete: {}",
+            cache.dir().display(),
+            problems.join("; ")
+        ))
+    })?;
     tracing::info!(
         "HF_HUB_OFFLINE: importing {} at {commit} from {}",
         opts.repo,
         cache.dir().display()
     );
     data.import(opts, &locals, importer)
+}
+
+/// Where the snapshot of `commit` holds `data`'s files, or what is missing of them.
+fn cached_data_files(
+    opts: &HfOptions,
+    cache: &RepoCache,
+    commit: &str,
+    data: &DataFiles,
+) -> Result<std::result::Result<Vec<PathBuf>, Vec<String>>> {
+    let mut locals = Vec::new();
+    let mut problems = Vec::new();
+    for (path, size) in data.listed() {
+        let local = snapshot_path(opts, cache, commit, path)?;
+        // Through a snapshot link, the size of the blob it points to.
+        match fs::metadata(&local) {
+            Ok(meta) if meta.len() == *size => locals.push(local),
+            Ok(meta) => problems.push(format!(
+                "{path} holds {} bytes, the listing gives {size}",
+                meta.len()
+            )),
+            Err(_) => problems.push(format!("{path} is missing")),
+        }
+    }
+    Ok(if problems.is_empty() {
+        Ok(locals)
+    } else {
+        Err(problems)
+    })
 }
 
 /// The files of a repository that hold the data set, told apart before any download.
@@ -497,16 +511,14 @@ fn fetch_blob(
 ) -> Result<PathBuf> {
     if let Some(blob) = cache.find_blob(size, oid)? {
         tracing::info!("{path}: the same content is cached as {}", blob.display());
+        cache.remove_stale_part(oid);
         return Ok(blob);
     }
-    let part = cache
-        .blob_path(oid)
-        .map(|blob| part_path(&blob))
-        .ok_or_else(|| DataError::Network {
-            what: format!("listing {} at {}", opts.repo, endpoint_of(opts)),
-            message: format!("the hub gave {path} the object id {oid:?}, which is no plain name"),
-            hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
-        })?;
+    let part = cache.part_path(oid).ok_or_else(|| DataError::Network {
+        what: format!("listing {} at {}", opts.repo, endpoint_of(opts)),
+        message: format!("the hub gave {path} the object id {oid:?}, which is no plain name"),
+        hint: format!("Check the endpoint (HF_ENDPOINT). {ALTERNATIVES}"),
+    })?;
     download(opts, cache, commit, path, size, oid, &part)
 }
 
@@ -558,11 +570,14 @@ fn name_cached_download(error: DataError, opts: &HfOptions, cache: &RepoCache) -
 /// complete files).
 fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
     let revision = revision(opts);
-    let listed = cache
-        .resolve(revision)
-        .ok()
-        .flatten()
-        .filter(|commit| cache.read_listing(commit).is_ok_and(|l| l.is_some()));
+    // Offered only when the offline import would take it.
+    let listed = cache.resolve(revision).ok().flatten().filter(|commit| {
+        let Ok(Some(files)) = cache.read_listing(commit) else {
+            return false;
+        };
+        DataFiles::of(opts, &files)
+            .is_ok_and(|data| matches!(cached_data_files(opts, cache, commit, &data), Ok(Ok(_))))
+    });
     let offline = opts.offline.unwrap_or_else(offline_from_env);
     match (listed, cache.newest_archive()) {
         (Some(commit), _) if !offline => format!(
@@ -594,7 +609,7 @@ fn download(
 ) -> Result<PathBuf> {
     // hf-hub locks its downloads too: two fetches sharing HF_HOME must not append to one file.
     let file = open_locked(part, &format!("download of {path} from {}", opts.repo))?;
-    // Another fetch may have finished it while this one waited for the lock.
+    // Another fetch may have finished it between the search for it and the lock.
     if let Some(blob) = cache.find_blob(size, oid)? {
         drop(file);
         let _ = fs::remove_file(part);
@@ -626,7 +641,8 @@ fn download(
         match content_name(part, size, oid)? {
             Some(name) => name,
             None => {
-                file.set_len(0).map_err(|e| DataError::io(part, e))?;
+                drop(file);
+                fs::remove_file(part).map_err(|e| DataError::io(part, e))?;
                 return Err(DataError::Network {
                     what: format!(
                         "download of {path} from {} at {}",
@@ -638,7 +654,7 @@ fn download(
                          id {oid}, of the file or of its LFS pointer)"
                     ),
                     hint: format!(
-                        "The partial file {} was emptied. Either the bytes were damaged on the \
+                        "The download {} was deleted. Either the bytes were damaged on the \
                          way (run fetch-data again to download {path} from the start), or the \
                          hub's listing gives other ids than git's (check HF_ENDPOINT, or use \
                          another source). {ALTERNATIVES}",

@@ -107,30 +107,60 @@ impl RepoCache {
         };
         for entry in entries {
             let path = entry.map_err(|e| DataError::io(&blobs, e))?.path();
-            let complete = path.extension().is_none();
-            if complete && has_size(&path) && content_name(&path, size, oid)?.is_some() {
-                return Ok(Some(path));
+            if path.extension().is_some() || !has_size(&path) {
+                continue;
+            }
+            // A blob that went meanwhile (another tool cleaning the cache) is no candidate.
+            match content_name(&path, size, oid) {
+                Ok(Some(_)) => return Ok(Some(path)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{e}; left out of the search for {oid}"),
             }
         }
         Ok(None)
     }
 
+    /// The partial download of the file of object id `oid`; `None` for an id that is no
+    /// plain file name.
+    pub fn part_path(&self, oid: &str) -> Option<PathBuf> {
+        self.blob_path(oid)
+            .map(|blob| blob.with_file_name(format!("{oid}.part")))
+    }
+
+    /// Removes the partial download of `oid` once its file is cached another way (found at
+    /// another commit, or downloaded by another tool), unless a fetch is writing it.
+    pub fn remove_stale_part(&self, oid: &str) {
+        let Some(part) = self.part_path(oid) else {
+            return;
+        };
+        let Ok(file) = fs::File::open(&part) else {
+            return;
+        };
+        if file.try_lock().is_ok() {
+            match fs::remove_file(&part) {
+                Ok(()) => tracing::info!("removed {}, no longer needed", part.display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", part.display()),
+            }
+        }
+    }
+
     /// Makes `snapshot` (from [`Self::snapshot_path`]) the blob `blob`'s, replacing whatever
     /// was there, in one rename: another fetch linking the same file meanwhile is no error.
+    /// The link is made outside `snapshots/`, where a killed run's would read as a file of
+    /// the repository.
     pub fn link(&self, snapshot: &Path, blob: &Path) -> Result<()> {
         let parent = snapshot.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        let mut temporary = snapshot.as_os_str().to_owned();
-        temporary.push(format!(".link-{}", std::process::id()));
-        let temporary = PathBuf::from(temporary);
-        match fs::remove_file(&temporary) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(DataError::io(&temporary, e))
-            }
-            _ => {}
-        }
-        link_or_copy(blob, &temporary).map_err(|e| DataError::io(&temporary, e))?;
+        let temporary = self.temporary();
+        remove_if_exists(&temporary)?;
+        link_or_copy(blob, snapshot, &temporary).map_err(|e| DataError::io(&temporary, e))?;
         fs::rename(&temporary, snapshot).map_err(|e| DataError::io(snapshot, e))
+    }
+
+    /// This process's temporary file, beside the repository's folders: not among the
+    /// snapshots, refs or listings, where the hub's tools would take a stale one for theirs.
+    fn temporary(&self) -> PathBuf {
+        self.dir.join(format!(".vt.tmp-{}", std::process::id()))
     }
 
     /// Records that `revision` named `commit`; a commit names itself and is not recorded.
@@ -308,9 +338,17 @@ fn plain_relative(path: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
-/// A relative symlink, as the hub's tools make, so the cache may be moved whole.
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// A relative symlink at `at`, as the hub's tools make, so the cache may be moved whole: its
+/// target relative to `link`, where it is renamed to.
 #[cfg(unix)]
-fn link_or_copy(blob: &Path, link: &Path) -> io::Result<()> {
+fn link_or_copy(blob: &Path, link: &Path, at: &Path) -> io::Result<()> {
     let (Some(blob_name), Some(link_dir)) = (blob.file_name(), link.parent()) else {
         return Err(io::Error::other("a blob and a snapshot file have names"));
     };
@@ -324,10 +362,10 @@ fn link_or_copy(blob: &Path, link: &Path) -> io::Result<()> {
             .parent()
             .ok_or_else(|| io::Error::other("a snapshot outside its repository"))?;
     }
-    std::os::unix::fs::symlink(target.join("blobs").join(blob_name), link)
+    std::os::unix::fs::symlink(target.join("blobs").join(blob_name), at)
 }
 
 #[cfg(not(unix))]
-fn link_or_copy(blob: &Path, link: &Path) -> io::Result<()> {
-    fs::copy(blob, link).map(drop)
+fn link_or_copy(blob: &Path, _link: &Path, at: &Path) -> io::Result<()> {
+    fs::copy(blob, at).map(drop)
 }

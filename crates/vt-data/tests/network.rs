@@ -1005,6 +1005,7 @@ fn a_snapshot_file_without_a_blob_is_reused() {
 
 /// What `huggingface_hub` downloaded (its blob named by the SHA-256, the commit's listing in
 /// `trees/`) is imported offline, and reused online at another commit.
+#[cfg(unix)]
 #[test]
 fn the_python_tools_download_is_imported_offline_and_reused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1060,9 +1061,8 @@ fn an_incomplete_snapshot_is_not_imported_offline() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains(&format!(
-            "archive.zip is missing from the download of commit {COMMIT}"
-        )),
+        err.contains(&format!("the download of commit {COMMIT} in "))
+            && err.contains("is incomplete: archive.zip is missing"),
         "{err}"
     );
 
@@ -1099,16 +1099,11 @@ fn a_download_that_is_not_the_listed_object_is_refused() {
     for needed in [
         format!("git object id {}", object_id(&zip)),
         "damaged on the way".into(),
-        "was emptied".into(),
+        "was deleted".into(),
     ] {
         assert!(err.contains(&needed), "{err}");
     }
-    assert_eq!(
-        fs::metadata(blob_part(tmp.path(), "a/b", &zip))
-            .unwrap()
-            .len(),
-        0
-    );
+    assert!(!blob_part(tmp.path(), "a/b", &zip).exists());
     assert!(!blob(tmp.path(), "a/b", &zip).exists());
     assert!(!snapshot(tmp.path(), "a/b").exists());
     assert!(!tmp.path().join("data").exists());

@@ -277,6 +277,7 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
 
 /// A deployment that points a link at the checkpoint to serve: the model is named after the
 /// link, as given, before and after the link moves, so that clients keep their URLs.
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_checkpoint_keeps_the_links_name_when_the_link_moves() {
     let root = tempfile::tempdir().unwrap();

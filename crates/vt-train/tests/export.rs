@@ -203,11 +203,14 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
     assert!(err.contains("--force"), "{err}");
     assert_eq!(fs::read(&out).unwrap(), b"keep");
     // A link is there, even to nothing.
-    let link = tmp.path().join("link.onnx");
-    std::os::unix::fs::symlink(tmp.path().join("nothing.onnx"), &link).unwrap();
-    let err = export_refused(&checkpoint, &link);
-    assert!(err.contains("--force"), "{err}");
-    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    #[cfg(unix)]
+    {
+        let link = tmp.path().join("link.onnx");
+        std::os::unix::fs::symlink(tmp.path().join("nothing.onnx"), &link).unwrap();
+        let err = export_refused(&checkpoint, &link);
+        assert!(err.contains("--force"), "{err}");
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    }
 
     // Nor into the folders a run manages (its resume refuses strangers in top/).
     let run = tmp.path().join("run");
