@@ -66,6 +66,7 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 /// derive outputs from the path call this before they load it.
 pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     if !dir.exists() {
+        refuse_interrupted_write(dir)?;
         return Err(ModelError::NoCheckpoint {
             path: dir.to_path_buf(),
         });
@@ -374,18 +375,33 @@ pub fn previous_version(dir: &Path) -> Result<Option<PathBuf>> {
 /// Finishes what a crash left of a [`write_dir_atomically`]: between its two renames, the
 /// previous version at `.NAME.old` and nothing at `NAME`, put back; after the second, before
 /// the removal of the previous version (or during it), a stale `.NAME.old` beside the new
-/// `NAME`, removed. For writers only (see the module doc).
+/// `NAME`, removed, as long as `NAME` has every file it has: a `NAME` someone else made
+/// (a copy interrupted) leaves both for its reader to refuse. For writers only (see the
+/// module doc).
 pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
     let dir = named(dir)?;
     let old = sibling(&dir, "old")?;
     if !old.is_dir() {
         return Ok(());
     }
-    if dir.exists() {
-        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))
-    } else {
-        fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e))
+    if !dir.exists() {
+        return fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e));
     }
+    let files = |folder: &Path| -> Result<Vec<std::ffi::OsString>> {
+        fs::read_dir(folder)
+            .map_err(|e| ModelError::io(folder, e))?
+            .map(|entry| {
+                entry
+                    .map(|e| e.file_name())
+                    .map_err(|e| ModelError::io(folder, e))
+            })
+            .collect()
+    };
+    let present = files(&dir)?;
+    if files(&old)?.iter().all(|name| present.contains(name)) {
+        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+    }
+    Ok(())
 }
 
 /// The readers' side of [`recover_interrupted_write`]: say what happened instead of a bare

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{relative_error, set_formula_weights, tiny_config};
-use vt_model::checkpoint::{write_dir_atomically, CONFIG_FILE, WEIGHTS_FILE};
+use vt_model::checkpoint::{
+    recover_interrupted_write, refuse_non_checkpoint, write_dir_atomically, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
 use vt_model::{Arch, Model, ModelError, StartedFrom, VtConfig};
 
 fn saved_model(dir: &Path) -> Model {
@@ -402,6 +405,32 @@ fn readers_leave_an_interrupted_save_to_the_writer() {
     assert!(result.is_err());
     assert_eq!(std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(), before);
     assert!(!old.exists());
+}
+
+/// A previous version beside a complete newer one (a writer killed before removing it) goes;
+/// beside a folder lacking its files (a copy of it interrupted), it stays, the only copy.
+#[test]
+fn a_previous_version_goes_only_when_the_folder_in_place_has_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let old = tmp.path().join(".ckpt.old");
+    saved_model(&dir);
+    std::fs::rename(&dir, &old).unwrap();
+    // Commands that only read it say where it is.
+    let err = refuse_non_checkpoint(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("interrupted") && err.contains(".ckpt.old"),
+        "{err}"
+    );
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(old.join(CONFIG_FILE), dir.join(CONFIG_FILE)).unwrap();
+    recover_interrupted_write(&dir).unwrap();
+    assert!(old.join(WEIGHTS_FILE).is_file());
+
+    std::fs::copy(old.join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
+    recover_interrupted_write(&dir).unwrap();
+    assert!(!old.exists());
+    assert!(dir.join(WEIGHTS_FILE).is_file());
 }
 
 #[test]

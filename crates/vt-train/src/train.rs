@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use vt_data::dataset::{ImageFolder, Split};
 use vt_data::loader::{batches, LoaderConfig};
-use vt_model::checkpoint::{dir_contents, DirContents};
+use vt_model::checkpoint::{dir_contents, previous_version, DirContents};
 use vt_model::pretrained::is_stem;
 use vt_model::Model;
 
@@ -170,7 +170,23 @@ fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
 
 /// A new run may take an empty folder, or one of other files, never a run's.
 fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
-    let Some(found) = RUN_OUTPUTS.iter().find(|name| run_dir.join(name).exists()) else {
+    // An output a killed write left at `.NAME.old` is there too: the run would restore it.
+    let found = |name: &str| -> Result<Option<String>> {
+        let path = run_dir.join(name);
+        Ok(if path.exists() {
+            Some(name.to_string())
+        } else {
+            previous_version(&path)?.map(|_| format!(".{name}.old"))
+        })
+    };
+    let mut first = None;
+    for name in RUN_OUTPUTS {
+        if let Some(output) = found(name)? {
+            first = Some(output);
+            break;
+        }
+    }
+    let Some(first) = first else {
         return Ok(());
     };
     let resumable = outputs::is_run(run_dir) || run_dir.join(state::STATE_DIR).exists();
@@ -180,7 +196,7 @@ fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
     } else {
         TrainError::RunOutputs {
             run_dir,
-            found: (*found).to_string(),
+            found: first,
         }
     })
 }

@@ -392,6 +392,24 @@ fn previous_versions_left_beside_the_runs_folders_are_removed_on_resume() {
     for dir in ["state", "best", "last"] {
         Model::load(&run.join(dir), &Device::Cpu).unwrap();
     }
+
+    // A new run in the folder, emptied of all but those, take them for its own.
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::rename(run.join("state"), fresh.join(".state.old")).unwrap();
+    let out = vt_train_tiny_refused(&data, &fresh);
+    assert!(
+        out.contains("holds .state.old, which a training run writes"),
+        "{out}"
+    );
+    assert!(!fresh.join("state").exists());
+}
+
+/// The error of a `train` into `run` that is refused.
+fn vt_train_tiny_refused(data: &std::path::Path, run: &std::path::Path) -> String {
+    let out = train_tiny(data, run).args(ONE_THREAD).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
