@@ -238,7 +238,10 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .revision(commit.clone())
         .recursive(true)
         .send()
-        .map_err(|e| hub_error(opts, "cannot list the dataset repository", &e))?;
+        .map_err(|e| {
+            let error = hub_error(opts, "cannot list the dataset repository", &e);
+            name_cached_download(error, opts, &cache)
+        })?;
     let mut listed: Vec<ListedFile> = entries
         .into_iter()
         .filter_map(|entry| match entry {
@@ -262,7 +265,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         // Through a snapshot link, the size of the blob it points to.
         let oid = object_ids.get(path.as_str()).copied().unwrap_or_default();
         match fs::metadata(&local) {
-            Ok(meta) if meta.len() == *size => cache.remove_stale_part(oid),
+            Ok(meta) if meta.len() == *size => {}
             cached => {
                 if let Ok(meta) = cached {
                     tracing::warn!(
@@ -272,7 +275,8 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
                     );
                     discard_cached(&local);
                 }
-                let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)?;
+                let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)
+                    .map_err(|e| name_cached_download(e, opts, &cache))?;
                 cache.link(&local, &blob)?;
             }
         }
@@ -281,6 +285,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     // Recorded once the snapshot holds every file the import needs: an offline import checks
     // the snapshot against it. Before the import: a file it finds broken is removed, which
     // the listing then tells an offline import.
+    cache.remove_stale_parts();
     cache.write_listing(&commit, &listed)?;
     cache.write_ref(revision(opts), &commit)?;
     data.import(opts, &locals, importer)
@@ -511,7 +516,6 @@ fn fetch_blob(
 ) -> Result<PathBuf> {
     if let Some(blob) = cache.find_blob(size, oid)? {
         tracing::info!("{path}: the same content is cached as {}", blob.display());
-        cache.remove_stale_part(oid);
         return Ok(blob);
     }
     let part = cache.part_path(oid).ok_or_else(|| DataError::Network {
@@ -581,9 +585,12 @@ fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
     let offline = opts.offline.unwrap_or_else(offline_from_env);
     match (listed, cache.newest_archive()) {
         (Some(commit), _) if !offline => format!(
-            "An earlier download of {revision} (commit {commit}) is in the cache: \
-             HF_HUB_OFFLINE=1 cargo xtask fetch-data --hf-repo {} imports it without the hub. ",
-            opts.repo
+            "An earlier download of {} (commit {commit}) is in the cache: run this \
+             fetch-data again with HF_HUB_OFFLINE=1 set to import it without the hub. ",
+            HfRepoSpec {
+                revision: Some(revision.to_string()),
+                ..opts.repo.clone()
+            }
         ),
         (_, Some((commit, archive))) => format!(
             "The archive of commit {commit} is in the cache: cargo xtask fetch-data --from {} \
@@ -611,8 +618,9 @@ fn download(
     let file = open_locked(part, &format!("download of {path} from {}", opts.repo))?;
     // Another fetch may have finished it between the search for it and the lock.
     if let Some(blob) = cache.find_blob(size, oid)? {
-        drop(file);
+        // Removed under the lock: no other fetch may take the file meanwhile.
         let _ = fs::remove_file(part);
+        drop(file);
         return Ok(blob);
     }
     let mut have = file.metadata().map_err(|e| DataError::io(part, e))?.len();
@@ -641,8 +649,11 @@ fn download(
         match content_name(part, size, oid)? {
             Some(name) => name,
             None => {
+                // Removed under the lock: no other fetch may take the file meanwhile.
+                if let Err(e) = fs::remove_file(part) {
+                    tracing::warn!("cannot remove {}: {e}", part.display());
+                }
                 drop(file);
-                fs::remove_file(part).map_err(|e| DataError::io(part, e))?;
                 return Err(DataError::Network {
                     what: format!(
                         "download of {path} from {} at {}",

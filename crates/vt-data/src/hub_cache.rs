@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -127,19 +127,25 @@ impl RepoCache {
             .map(|blob| blob.with_file_name(format!("{oid}.part")))
     }
 
-    /// Removes the partial download of `oid` once its file is cached another way (found at
-    /// another commit, or downloaded by another tool), unless a fetch is writing it.
-    pub fn remove_stale_part(&self, oid: &str) {
-        let Some(part) = self.part_path(oid) else {
+    /// Removes the partial downloads in `blobs/` once the files a fetch needs are cached:
+    /// each is then another revision's, or its file was cached another way (found at another
+    /// commit, or downloaded by another tool). One a fetch is writing (locked) stays.
+    pub fn remove_stale_parts(&self) {
+        let Ok(entries) = fs::read_dir(self.dir.join("blobs")) else {
             return;
         };
-        let Ok(file) = fs::File::open(&part) else {
-            return;
-        };
-        if file.try_lock().is_ok() {
-            match fs::remove_file(&part) {
-                Ok(()) => tracing::info!("removed {}, no longer needed", part.display()),
-                Err(e) => tracing::warn!("cannot remove {}: {e}", part.display()),
+        for path in entries.flatten().map(|entry| entry.path()) {
+            if path.extension().is_none_or(|e| e != "part") {
+                continue;
+            }
+            let Ok(file) = fs::File::open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_ok() {
+                match fs::remove_file(&path) {
+                    Ok(()) => tracing::info!("removed {}, no longer needed", path.display()),
+                    Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+                }
             }
         }
     }
@@ -152,15 +158,20 @@ impl RepoCache {
         let parent = snapshot.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
         let temporary = self.temporary();
-        remove_if_exists(&temporary)?;
         link_or_copy(blob, snapshot, &temporary).map_err(|e| DataError::io(&temporary, e))?;
         fs::rename(&temporary, snapshot).map_err(|e| DataError::io(snapshot, e))
     }
 
-    /// This process's temporary file, beside the repository's folders: not among the
+    /// A new temporary file's path, beside the repository's folders: not among the
     /// snapshots, refs or listings, where the hub's tools would take a stale one for theirs.
+    /// Random, as processes of two machines (or containers) sharing the cache may have one
+    /// pid.
     fn temporary(&self) -> PathBuf {
-        self.dir.join(format!(".vt.tmp-{}", std::process::id()))
+        self.dir.join(format!(
+            ".vt.tmp-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ))
     }
 
     /// Records that `revision` named `commit`; a commit names itself and is not recorded.
@@ -251,15 +262,17 @@ impl RepoCache {
         Ok(None)
     }
 
-    /// Writes `path` through a temporary beside the repository's folders, not among the
-    /// refs or listings, where the hub's tools would read a stale one as theirs.
+    /// Writes `path` through a new temporary file, renamed into place.
     fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let parent = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        let temporary = self
-            .dir
-            .join(format!(".vt-write.tmp-{}", std::process::id()));
-        fs::write(&temporary, bytes).map_err(|e| DataError::io(&temporary, e))?;
+        let temporary = self.temporary();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
+            .and_then(|mut file| file.write_all(bytes))
+            .map_err(|e| DataError::io(&temporary, e))?;
         fs::rename(&temporary, path).map_err(|e| DataError::io(path, e))
     }
 
@@ -336,13 +349,6 @@ fn plain_relative(path: &str) -> bool {
         && Path::new(path)
             .components()
             .all(|c| matches!(c, Component::Normal(_)))
-}
-
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataError::io(path, e)),
-        _ => Ok(()),
-    }
 }
 
 /// A relative symlink at `at`, as the hub's tools make, so the cache may be moved whole: its
