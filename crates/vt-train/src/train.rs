@@ -934,13 +934,17 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     // that line behind the state even when nothing is left to train.
     let logged = records.len();
     records.retain(|r| r.epoch <= progress.epochs_done);
+    metrics.rewrite(&records, &classes)?;
     if records.len() != logged {
         tracing::info!(
             "dropping {} metric lines logged after the saved epoch",
             logged - records.len()
         );
+        // Plots are a convenience: failing to draw one is logged, not fatal.
+        if let Err(e) = draw_curves(&run_dir.join(CURVES_PNG), &records) {
+            tracing::warn!("{e}");
+        }
     }
-    metrics.rewrite(&records, &classes)?;
     // Recomputed, so that resuming with a larger --early-stop continues the run.
     progress.stopped_early = config
         .early_stop

@@ -317,7 +317,8 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
 }
 
 /// A kill after the last epoch's metrics line, before its state, leaves that line behind the
-/// state: a resume with nothing left to train drops it all the same, from both files.
+/// state: a resume with nothing left to train drops it all the same, from both files and the
+/// curves.
 #[test]
 fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -335,6 +336,9 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
         serde_json::from_str(saved.lines().last().unwrap()).unwrap();
     killed["epoch"] = 3.into();
     std::fs::write(&jsonl, format!("{saved}{killed}\n")).unwrap();
+    // The killed epoch's plot, as far as this test is concerned.
+    let curves = run.join("curves.png");
+    std::fs::write(&curves, b"epoch 3").unwrap();
 
     let out = run_ok(
         vt_train()
@@ -349,6 +353,7 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
         csv
     );
     assert!(log.contains("dropping 1 metric lines"), "{log}");
+    assert!(std::fs::read(&curves).unwrap().starts_with(b"\x89PNG"));
 }
 
 /// A kill after a folder's new version was renamed into place, before its previous one at
