@@ -62,6 +62,9 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             .saturating_mul(MAX_BYTES_PER_PIXEL)
             .saturating_add(DECODER_WORKSPACE_BYTES),
     );
+    if format == ImageFormat::Jpeg {
+        check_jpeg(bytes)?;
+    }
     // Reading the header already inflates some chunks (a PNG's colour profile).
     let mut header = ImageReader::with_format(Cursor::new(bytes), format);
     header.limits(limits.clone());
@@ -75,9 +78,6 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             max_pixels,
         });
     }
-    if format == ImageFormat::Jpeg {
-        check_jpeg_complete(bytes)?;
-    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits);
     Ok(reader.decode()?.to_rgb8())
@@ -86,8 +86,9 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
 /// zune-jpeg, the `image` crate's JPEG decoder, fills data missing at the end with grey
 /// instead of failing (its strict mode, which `image` does not expose, still accepts a missing
 /// end marker), so completeness is checked here as PIL does: every segment is whole and the
-/// end-of-image marker follows the last scan. Bytes after that marker are allowed.
-fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
+/// end-of-image marker follows the last scan. Bytes after that marker are allowed. The rare
+/// kinds of JPEG it does not decode are named here too: its own error names a marker.
+fn check_jpeg(bytes: &[u8]) -> Result<()> {
     const EOI: u8 = 0xD9;
     const SOS: u8 = 0xDA;
     const END: &str = "the data ends before its end-of-image marker";
@@ -108,6 +109,11 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
             EOI => return Ok(()),
             // Markers without a payload (SOI, RSTn, TEM), and 0x00, which is no marker.
             0xD8 | 0xD0..=0xD7 | 0x01 | 0x00 => continue,
+            0xC3 => return Err(DataError::UnsupportedFormat("lossless JPEG".into())),
+            0xC5..=0xC7 => return Err(DataError::UnsupportedFormat("hierarchical JPEG".into())),
+            0xC9..=0xCF => {
+                return Err(DataError::UnsupportedFormat("arithmetic-coded JPEG".into()))
+            }
             _ => {}
         }
         let len = match bytes.get(i..i + 2) {
@@ -207,11 +213,16 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(named(b"II*\0\x08\0\0\0"), "TIFF");
+        // Start of frame, arithmetic coding (SOF9).
+        assert_eq!(
+            named(b"\xFF\xD8\xFF\xC9\0\x0B\x08\0\x10\0\x10\x01\x01\x11\0"),
+            "arithmetic-coded JPEG"
+        );
         let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic";
         assert_eq!(named(heic), "HEIC/HEIF");
         assert_eq!(
             decode_rgb(heic).unwrap_err().to_string(),
-            "HEIC/HEIF images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)"
+            "HEIC/HEIF images are not supported (supported: JPEG, baseline or progressive, PNG, WebP, GIF, BMP)"
         );
         let rgb = RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
         let bytes = encode(rgb.into(), ImageFormat::Png);
@@ -264,9 +275,9 @@ mod tests {
             0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56,
         ];
         let whole = [&head[..], &scan, &[0xFF, 0xFF, 0xD9]].concat();
-        assert!(check_jpeg_complete(&whole).is_ok());
+        assert!(check_jpeg(&whole).is_ok());
         for cut in 3..whole.len() {
-            assert!(check_jpeg_complete(&whole[..cut]).is_err(), "cut at {cut}");
+            assert!(check_jpeg(&whole[..cut]).is_err(), "cut at {cut}");
         }
     }
 

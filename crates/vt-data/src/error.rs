@@ -11,7 +11,10 @@ pub enum DataError {
     #[error("the data is not an image (supported: JPEG, PNG, WebP, GIF, BMP)")]
     UnknownFormat,
     /// An image format recognised, but not one decoded.
-    #[error("{0} images are not supported (supported: JPEG, PNG, WebP, GIF, BMP)")]
+    #[error(
+        "{0} images are not supported (supported: JPEG, baseline or progressive, PNG, WebP, \
+         GIF, BMP)"
+    )]
     UnsupportedFormat(String),
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}")]
     TooManyPixels {
