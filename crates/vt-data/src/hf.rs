@@ -338,7 +338,7 @@ fn import_cached(opts: &HfOptions, cache: &RepoCache, importer: &mut Importer) -
         ))
     })?;
     importer.set_origin(origin(opts, &commit));
-    let data = DataFiles::of(opts, &files)?;
+    let data = DataFiles::of(opts, &files)?.cached_zips_only(opts, cache, &commit);
     let locals = cached_data_files(opts, cache, &commit, &data)?.map_err(|problems| {
         not_cached(format!(
             "the download of commit {commit} in {} is incomplete: {}",
@@ -426,6 +426,23 @@ impl<'a> DataFiles<'a> {
             opts.repo,
             files.len()
         )))
+    }
+
+    /// Offline, the zips of the snapshot at `commit`, when it holds any: the import leaves
+    /// out a repository's other zips anyway, so a snapshot of its archive alone is whole.
+    fn cached_zips_only(self, opts: &HfOptions, cache: &RepoCache, commit: &str) -> Self {
+        let DataFiles::Zips(zips) = self else {
+            return self;
+        };
+        let cached: Vec<&(String, u64)> = zips
+            .iter()
+            .copied()
+            .filter(|(path, size)| {
+                snapshot_path(opts, cache, commit, path)
+                    .is_ok_and(|local| fs::metadata(local).is_ok_and(|m| m.len() == *size))
+            })
+            .collect();
+        DataFiles::Zips(if cached.is_empty() { zips } else { cached })
     }
 
     fn listed(&self) -> Vec<&'a (String, u64)> {
@@ -579,8 +596,10 @@ fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
         let Ok(Some(files)) = cache.read_listing(commit) else {
             return false;
         };
-        DataFiles::of(opts, &files)
-            .is_ok_and(|data| matches!(cached_data_files(opts, cache, commit, &data), Ok(Ok(_))))
+        DataFiles::of(opts, &files).is_ok_and(|data| {
+            let data = data.cached_zips_only(opts, cache, commit);
+            matches!(cached_data_files(opts, cache, commit, &data), Ok(Ok(_)))
+        })
     });
     let offline = opts.offline.unwrap_or_else(offline_from_env);
     match (listed, cache.newest_archive()) {

@@ -1170,6 +1170,14 @@ fn a_hugging_face_repository_with_other_zips_imports_its_archive() {
     assert!(snapshot(tmp.path(), "mirror/intel")
         .join("sample_submission.zip")
         .is_file());
+    // Offline, the archive alone is enough (as a snapshot_download of it alone leaves it).
+    fs::remove_file(blob(tmp.path(), "mirror/intel", &sample)).unwrap();
+    let again = fetch(&offline(
+        hf_opts(&server, "mirror/intel", tmp.path()),
+        "mirror/intel",
+    ))
+    .unwrap();
+    assert_eq!(again.count(Split::Train) + again.count(Split::Val), 10);
 
     let server = hub(
         "mirror/twice",
