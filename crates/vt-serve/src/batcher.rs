@@ -250,8 +250,13 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
             .into_iter()
             .filter(|job| !job.reply.is_closed())
             .partition(|job| job.deadline > now);
-        for job in expired {
-            let _ = job.reply.send(Err(Unanswered::Expired));
+        for Job {
+            reply, admitted, ..
+        } in expired
+        {
+            // Its room first, as for answered images below.
+            drop(admitted);
+            let _ = reply.send(Err(Unanswered::Expired));
         }
         if batch.is_empty() {
             continue;
@@ -276,6 +281,9 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
         metrics
             .inference_seconds
             .observe(started.elapsed().as_secs_f64());
+        // The images' room in the queue, kept until the model is done with them, and given
+        // back before their answers go: a client holding its answer finds it free.
+        drop(admissions);
         match outcome {
             Ok(Ok(predictions)) if predictions.len() == replies.len() => {
                 let answers = replies.into_iter().zip(with_attention).zip(predictions);
@@ -298,8 +306,6 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
             Ok(Err(e)) => fail_all(replies, &e.to_string()),
             Err(_) => fail_all(replies, "the model panicked"),
         }
-        // The images' room in the queue, kept until they are answered.
-        drop(admissions);
     }
 }
 
