@@ -126,6 +126,14 @@ pub struct HfOptions {
     pub offline: Option<bool>,
 }
 
+impl HfOptions {
+    /// Whether to import from the cache without the hub: [`Self::offline`], else
+    /// `HF_HUB_OFFLINE`.
+    fn is_offline(&self) -> bool {
+        self.offline.unwrap_or_else(offline_from_env)
+    }
+}
+
 /// A client with this project's timeouts. The metadata requests go through hf-hub's blocking
 /// wrapper of one; each download streams through an async one of its own (see [`download`]).
 fn hub_client(opts: &HfOptions) -> Result<HFClient> {
@@ -212,7 +220,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         importer.data_dir(),
     )?;
     let cache = RepoCache::new(&cache_dir, &opts.repo.owner, &opts.repo.name);
-    if opts.offline.unwrap_or_else(offline_from_env) {
+    if opts.is_offline() {
         return import_cached(opts, &cache, importer);
     }
     let client = HFClientSync::from_inner(async_client)
@@ -601,7 +609,7 @@ fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
             matches!(cached_data_files(opts, cache, commit, &data), Ok(Ok(_)))
         })
     });
-    let offline = opts.offline.unwrap_or_else(offline_from_env);
+    let offline = opts.is_offline();
     match (listed, cache.newest_archive()) {
         (Some(commit), _) if !offline => format!(
             "An earlier download of {} (commit {commit}) is in the cache: run this \
