@@ -300,9 +300,9 @@ pub fn load_training(
 /// Cleans up after a killed process's writes of the run's own `outputs` in the run folder:
 /// removes their temporary siblings (`.NAME.tmp-PID...`), whose folders are rebuilt anyway,
 /// and finishes their interrupted replacements ([`recover_interrupted_write`]): a stale
-/// `.NAME.old` beside its `NAME` goes (a whole state's worth of disk, which a later resume
-/// without `NAME` would bring back), a `.NAME.old` with no `NAME`, the only copy, is put
-/// back. Other commands' files (an `average --out` or `eval` writing into the folder) are
+/// `.NAME.old` beside a `NAME` holding all its files goes (a whole state's worth of disk,
+/// which a later resume without `NAME` would bring back), a `.NAME.old` with no `NAME`, the
+/// only copy, is put back. Other commands' files (an `average --out` or `eval` writing into the folder) are
 /// theirs: the run's lock does not cover those commands.
 pub fn finish_interrupted_writes(run_dir: &Path, outputs: &[&str]) -> Result<()> {
     let entries = match fs::read_dir(run_dir) {
