@@ -293,7 +293,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     // Recorded once the snapshot holds every file the import needs: an offline import checks
     // the snapshot against it. Before the import: a file it finds broken is removed, which
     // the listing then tells an offline import.
-    cache.remove_stale_parts();
+    cache.remove_leftovers();
     cache.write_listing(&commit, &listed)?;
     cache.write_ref(revision(opts), &commit)?;
     data.import(opts, &locals, importer)

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha1::Sha1;
@@ -49,6 +50,13 @@ struct ListingEntry {
 }
 
 const LISTING_FORMAT: u32 = 1;
+
+/// The start of the name of vt's temporaries in a cached repository's folder.
+const TEMPORARY: &str = ".vt.tmp-";
+
+/// A temporary lives while one link or one small file is written: one this old is a killed
+/// fetch's.
+const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
 impl RepoCache {
     /// The folder of dataset repository `owner/name` in the hub cache `cache_dir`.
@@ -127,24 +135,31 @@ impl RepoCache {
             .map(|blob| blob.with_file_name(format!("{oid}.part")))
     }
 
-    /// Removes the partial downloads in `blobs/` once the files a fetch needs are cached:
-    /// each is then another revision's, or its file was cached another way (found at another
-    /// commit, or downloaded by another tool). One a fetch is writing (locked) stays.
-    pub fn remove_stale_parts(&self) {
-        let Ok(entries) = fs::read_dir(self.dir.join("blobs")) else {
-            return;
-        };
-        for path in entries.flatten().map(|entry| entry.path()) {
-            if path.extension().is_none_or(|e| e != "part") {
-                continue;
+    /// Removes what earlier fetches left once the files a fetch needs are cached: the
+    /// partial downloads in `blobs/` (each is then another revision's, or its file was
+    /// cached another way: found at another commit, or downloaded by another tool), except
+    /// one a fetch is writing (locked), and the temporaries of killed fetches.
+    pub fn remove_leftovers(&self) {
+        if let Ok(entries) = fs::read_dir(self.dir.join("blobs")) {
+            for path in entries.flatten().map(|entry| entry.path()) {
+                if path.extension().is_some_and(|e| e == "part")
+                    && fs::File::open(&path).is_ok_and(|file| file.try_lock().is_ok())
+                {
+                    remove_leftover(&path);
+                }
             }
-            let Ok(file) = fs::File::open(&path) else {
-                continue;
-            };
-            if file.try_lock().is_ok() {
-                match fs::remove_file(&path) {
-                    Ok(()) => tracing::info!("removed {}, no longer needed", path.display()),
-                    Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+        }
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let stale = entry.file_name().to_string_lossy().starts_with(TEMPORARY)
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|modified| {
+                            modified.elapsed().is_ok_and(|age| age > STALE_TEMPORARY)
+                        });
+                if stale {
+                    remove_leftover(&entry.path());
                 }
             }
         }
@@ -168,7 +183,7 @@ impl RepoCache {
     /// pid.
     fn temporary(&self) -> PathBuf {
         self.dir.join(format!(
-            ".vt.tmp-{}-{:016x}",
+            "{TEMPORARY}{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
         ))
@@ -338,6 +353,14 @@ pub fn content_name(path: &Path, size: u64, oid: &str) -> Result<Option<String>>
         .chain_update(pointer)
         .finalize();
     Ok(hex(&pointer_id).eq_ignore_ascii_case(oid).then_some(sha256))
+}
+
+fn remove_leftover(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => tracing::info!("removed {}, no longer needed", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

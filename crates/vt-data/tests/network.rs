@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use common::*;
@@ -1045,9 +1045,21 @@ fn the_python_tools_download_is_imported_offline_and_reused() {
     write(&part, &zip[..10]);
     let unlisted = repo.join(format!("blobs/{}.part", "ab".repeat(20)));
     write(&unlisted, b"old");
+    // A killed fetch's temporary, and one a fetch beside this one is writing.
+    let killed = repo.join(".vt.tmp-7-0123456789abcdef");
+    write(&killed, b"old");
+    fs::File::options()
+        .write(true)
+        .open(&killed)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    let writing = repo.join(".vt.tmp-8-0123456789abcdef");
+    write(&writing, b"new");
     fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
     assert!(gets(&server).is_empty(), "{:?}", gets(&server));
     assert!(!part.exists() && !unlisted.exists());
+    assert!(!killed.exists() && writing.exists());
     assert_eq!(
         fs::read_link(repo.join("snapshots").join(next).join("archive.zip")).unwrap(),
         Path::new("../../blobs").join(sha256_hex(&zip))

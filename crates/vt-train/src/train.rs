@@ -773,6 +773,17 @@ impl Trainer {
     }
 }
 
+/// Takes back what a killed epoch drew when no epoch follows to replace it: TensorBoard
+/// drops its points once a session starts at the saved step, and its confusion matrix is
+/// not the saved model's.
+fn retract_unsaved_epoch(run_dir: &Path, global_step: u64) -> Result<()> {
+    if let Err(e) = EventWriter::create(run_dir, global_step + 1) {
+        tracing::warn!("{e}: TensorBoard keeps the points of the epoch that was not saved");
+    }
+    outputs::remove_file_synced(&run_dir.join(CONFUSION_PNG))?;
+    Ok(())
+}
+
 /// "6, 3, 4": the epochs of a checkpoint history, best first.
 fn epoch_list(kept: &[Kept]) -> String {
     let epochs: Vec<String> = kept.iter().map(|k| k.epoch.to_string()).collect();
@@ -935,7 +946,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let logged = records.len();
     records.retain(|r| r.epoch <= progress.epochs_done);
     metrics.rewrite(&records, &classes)?;
-    if records.len() != logged {
+    let dropped_epoch = records.len() != logged;
+    if dropped_epoch {
         tracing::info!(
             "dropping {} metric lines logged after the saved epoch",
             logged - records.len()
@@ -951,20 +963,23 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         .is_some_and(|p| progress.epochs_since_best >= p);
     // Before anything else is written: a resume with nothing to do leaves the run as the
     // saved state has it.
-    if progress.stopped_early {
-        tracing::info!(
-            "{} stopped early at epoch {}: nothing to do",
-            run_dir.display(),
-            progress.epochs_done
-        );
-        return Ok(Outcome::Finished);
-    }
-    if progress.epochs_done >= config.epochs {
-        tracing::info!(
-            "{} has completed its {} epochs (give a larger --epochs to continue)",
-            run_dir.display(),
-            config.epochs
-        );
+    if progress.stopped_early || progress.epochs_done >= config.epochs {
+        if progress.stopped_early {
+            tracing::info!(
+                "{} stopped early at epoch {}: nothing to do",
+                run_dir.display(),
+                progress.epochs_done
+            );
+        } else {
+            tracing::info!(
+                "{} has completed its {} epochs (give a larger --epochs to continue)",
+                run_dir.display(),
+                config.epochs
+            );
+        }
+        if dropped_epoch {
+            retract_unsaved_epoch(&run_dir, progress.global_step)?;
+        }
         return Ok(Outcome::Finished);
     }
 

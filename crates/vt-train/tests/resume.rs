@@ -317,8 +317,8 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
 }
 
 /// A kill after the last epoch's metrics line, before its state, leaves that line behind the
-/// state: a resume with nothing left to train drops it all the same, from both files and the
-/// curves.
+/// state: a resume with nothing left to train drops it all the same, from both files, the
+/// curves and TensorBoard, and removes the epoch's confusion matrix.
 #[test]
 fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -336,9 +336,16 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
         serde_json::from_str(saved.lines().last().unwrap()).unwrap();
     killed["epoch"] = 3.into();
     std::fs::write(&jsonl, format!("{saved}{killed}\n")).unwrap();
-    // The killed epoch's plot, as far as this test is concerned.
+    // The killed epoch's plots and TensorBoard points, as far as this test is concerned.
     let curves = run.join("curves.png");
     std::fs::write(&curves, b"epoch 3").unwrap();
+    let confusion = run.join("confusion.png");
+    std::fs::write(&confusion, b"epoch 3").unwrap();
+    let (points, _) = tensorboard_points(&run);
+    let saved_step = killed["global_step"].as_u64().unwrap();
+    let mut stale = vt_train::tensorboard::EventWriter::create(&run, saved_step + 1).unwrap();
+    stale.scalars(saved_step + 1, &[("val/loss", 99.0)]);
+    drop(stale);
 
     let out = run_ok(
         vt_train()
@@ -354,6 +361,8 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
     );
     assert!(log.contains("dropping 1 metric lines"), "{log}");
     assert!(std::fs::read(&curves).unwrap().starts_with(b"\x89PNG"));
+    assert!(!confusion.exists());
+    assert_eq!(tensorboard_points(&run).0, points);
 }
 
 /// A kill after a folder's new version was renamed into place, before its previous one at
