@@ -74,6 +74,18 @@ pub fn abandoned(span: &Span, latency: Duration) {
     );
 }
 
+/// The line of an HTTP request that a second shutdown signal dropped unanswered: status 0,
+/// none sent (as Envoy logs it).
+pub fn dropped(span: &Span, latency: Duration) {
+    let _entered = span.enter();
+    tracing::info!(
+        target: TARGET,
+        status = 0,
+        latency_ms = latency_ms(latency),
+        "server stopped: not answered"
+    );
+}
+
 /// Milliseconds, to the microsecond.
 pub fn latency_ms(latency: Duration) -> f64 {
     (latency.as_secs_f64() * 1e6).round() / 1e3

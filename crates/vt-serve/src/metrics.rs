@@ -19,6 +19,7 @@ use tracing::Span;
 
 use crate::access::{self, OnAbandon};
 use crate::instances::Verb;
+use crate::state::AppState;
 
 pub struct Metrics {
     registry: Registry,
@@ -193,14 +194,16 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// Middleware counting every response by its route pattern (not the raw path, which would
 /// let clients create unbounded label values) and status; a request whose client went away
-/// before its answer is counted as 499 (and logged so), CORS preflights under `preflight`.
-/// `cors` says whether the server answers CORS preflights: without it, an `OPTIONS` is its
-/// route's (405).
+/// before its answer is counted as 499 (and logged so), CORS preflights under `preflight`
+/// (when the server answers them: else an `OPTIONS` is its route's, 405). One the server
+/// dropped, stopped by a second signal, is only logged.
 pub async fn track(
-    State((metrics, cors)): State<(Arc<Metrics>, bool)>,
+    State(state): State<Arc<AppState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let metrics = &state.metrics;
+    let cors = !state.cors_origins.is_empty();
     let mut route = request
         .extensions()
         .get::<MatchedPath>()
@@ -241,8 +244,12 @@ pub async fn track(
     // Inside the access log's span.
     let span = Span::current();
     let abandoned = OnAbandon::new(|| {
-        observe("499");
-        access::abandoned(&span, started.elapsed());
+        if state.is_cut_short() {
+            access::dropped(&span, started.elapsed());
+        } else {
+            observe("499");
+            access::abandoned(&span, started.elapsed());
+        }
     });
     let response = next.run(request).await;
     abandoned.answered();

@@ -94,7 +94,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Outside every layer that answers (the panic catcher, the body checks, CORS
         // preflights), so that all answers are counted.
         .layer(middleware::from_fn_with_state(
-            (Arc::clone(&state.metrics), !state.cors_origins.is_empty()),
+            Arc::clone(&state),
             metrics::track,
         ))
         // Outermost last: the id is set, then the request is logged under it, then the id is

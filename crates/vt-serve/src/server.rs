@@ -125,6 +125,8 @@ impl Server {
             .keep_alive_timeout(GRPC_KEEP_ALIVE);
         // Set when shutdown begins: gRPC connections that never had a stream close then.
         let (stopping, _) = watch::channel(false);
+        // Set by a second shutdown signal: every connection closes then.
+        let (cut, _) = watch::channel(false);
         let connections = GracefulShutdown::new();
         // Fused: a stream that ended is never polled again, and never yields.
         let mut shutdown = pin!(shutdown.fuse());
@@ -134,14 +136,14 @@ impl Server {
                 (stream, peer) = Listener::accept(&mut listener) => {
                     let service = TowerToHyperService::new(app.clone());
                     let connection = http.serve_connection(TokioIo::new(stream), service);
-                    serve(&connections, connection, peer, std::future::pending());
+                    serve(&connections, connection, peer, std::future::pending(), cut.subscribe());
                 }
                 (stream, peer) = accept_grpc(&mut grpc_listener) => {
                     let streams = Streams::new();
                     let service = streams.track(TowerToHyperService::new(grpc_app.clone()));
                     let connection = http2.serve_connection(TokioIo::new(stream), service);
                     let idle = streams.idle(state.limits.header_timeout, stopping.subscribe());
-                    serve(&connections, connection, peer, idle);
+                    serve(&connections, connection, peer, idle, cut.subscribe());
                 }
                 Some(()) = shutdown.next() => break,
             }
@@ -155,8 +157,9 @@ impl Server {
         stopping.send_replace(true);
         tracing::info!("shutting down: finishing requests in flight");
         let drain = state.limits.timeout + DRAIN_MARGIN;
+        let mut closed = pin!(connections.shutdown());
         tokio::select! {
-            drained = tokio::time::timeout(drain, connections.shutdown()) => {
+            drained = tokio::time::timeout(drain, &mut closed) => {
                 if drained.is_err() {
                     tracing::warn!(
                         "connections still open {:.1}s after shutdown began carry no \
@@ -167,10 +170,16 @@ impl Server {
                 Ok(Stopped::Drained)
             }
             Some(()) = shutdown.next() => {
+                state.cut_short();
                 tracing::warn!(
                     "second shutdown signal: closing the connections still open, requests \
                      in flight unanswered"
                 );
+                // Their requests are dropped, and logged, before the process ends.
+                cut.send_replace(true);
+                if tokio::time::timeout(DRAIN_MARGIN, closed).await.is_err() {
+                    tracing::warn!("connections still open after the cut: leaving them");
+                }
                 Ok(Stopped::CutShort)
             }
         }
@@ -207,12 +216,13 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
 }
 
 /// Serves `connection` on a task of its own, until it ends, shutdown closes it, or `idle`
-/// completes (which drops it: closes it).
+/// completes or `cut` turns true (either drops it: closes it).
 fn serve<C>(
     connections: &GracefulShutdown,
     connection: C,
     peer: SocketAddr,
     idle: impl Future<Output = ()> + Send + 'static,
+    mut cut: watch::Receiver<bool>,
 ) where
     C: GracefulConnection + Send + 'static,
     C::Error: std::fmt::Display + Send,
@@ -226,6 +236,9 @@ fn serve<C>(
                 }
             }
             () = idle => tracing::debug!("connection from {peer}: closed, idle"),
+            _ = cut.wait_for(|&cut| cut) => {
+                tracing::debug!("connection from {peer}: closed by a second shutdown signal");
+            }
         }
     });
 }

@@ -124,6 +124,9 @@ pub struct AppState {
     reloading: Mutex<()>,
     /// Cleared when shutdown begins, so that readiness probes stop routing traffic here.
     accepting: AtomicBool,
+    /// Set when a second shutdown signal closes the connections: the requests dropped then
+    /// are the server's doing, not their clients'.
+    cut_short: AtomicBool,
 }
 
 /// Reads the `--device`, `--dtype` and `--bf16-products` flags and loads the checkpoint onto
@@ -242,6 +245,7 @@ impl AppState {
             batch,
             reloading: Mutex::new(()),
             accepting: AtomicBool::new(true),
+            cut_short: AtomicBool::new(false),
         })
     }
 
@@ -323,6 +327,14 @@ impl AppState {
 
     pub fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Relaxed);
+    }
+
+    pub fn cut_short(&self) {
+        self.cut_short.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cut_short(&self) -> bool {
+        self.cut_short.load(Ordering::Relaxed)
     }
 }
 

@@ -756,7 +756,7 @@ fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, std::fs::File, Pat
 }
 
 /// A second SIGTERM ends the drain at once (a request in flight would hold it for up to
-/// --timeout-ms), and the process exits 1.
+/// --timeout-ms), and the process exits 1, having logged the requests it dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_drain_at_once() {
     let dir = tiny_checkpoint();
@@ -782,6 +782,19 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
         .unwrap();
     assert_eq!(status.code(), Some(1), "exit status {status}");
     line_with(&lines, "second shutdown signal");
+    // The upload it dropped is logged as the server's doing, not its client's.
+    let rest: Vec<String> = lines.iter().collect();
+    let dropped = rest
+        .iter()
+        .find(|line| line.contains("server stopped: not answered"));
+    assert!(
+        dropped.is_some_and(|line| line.contains("status=0")),
+        "{rest:#?}"
+    );
+    assert!(
+        !rest.iter().any(|line| line.contains("client went away")),
+        "{rest:#?}"
+    );
 }
 
 /// Text logs quote request ids, so that an id cannot forge a log line; an empty id is

@@ -131,7 +131,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Counts each call and logs it (`vt_serve::access`) with its status code: outside the
 /// panic catcher, so that a call that panicked is counted and logged too, as INTERNAL; and
-/// a call whose client went away before its answer (hyper then drops it) as CANCELLED.
+/// a call whose client went away before its answer (hyper then drops it) as CANCELLED, and
+/// one that a second shutdown signal dropped as UNAVAILABLE, what its client gets.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = Method::of(request.uri().path()).map_or("unknown", Method::name);
@@ -147,14 +148,20 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
             code = metrics::code_name(code),
             latency_ms = access::latency_ms(latency),
             "{}",
-            if code == Code::Cancelled {
-                "client went away: not answered"
-            } else {
-                "answered"
+            match code {
+                Code::Cancelled => "client went away: not answered",
+                Code::Unavailable if state.is_cut_short() => "server stopped: not answered",
+                _ => "answered",
             }
         );
     };
-    let abandoned = OnAbandon::new(|| record(Code::Cancelled));
+    let abandoned = OnAbandon::new(|| {
+        record(if state.is_cut_short() {
+            Code::Unavailable
+        } else {
+            Code::Cancelled
+        })
+    });
     let went_away = WentAway::default();
     let mut request = request;
     request.extensions_mut().insert(went_away.clone());
