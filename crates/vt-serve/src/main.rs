@@ -3,13 +3,14 @@
 use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vt_serve::args::LogFormat;
 use vt_serve::predict::{self, PredictArgs};
 use vt_serve::{shutdown_signals, ServeArgs, Server, Stopped};
 
-/// With no subcommand, serves (the server's flags go at the top level).
+/// With no subcommand, serves (the server's flags go at the top level). Read by [`parse`],
+/// not by the derived parser.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -35,13 +36,23 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     vt_model::allocator::retain_freed_memory();
     unset_empty_settings();
-    let cli = Cli::parse();
-    match (cli.command, cli.serve) {
-        (Some(Command::Predict(args)), _) => Ok(predict::run(&args)?),
-        (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(&args),
-        // clap requires --checkpoint when no subcommand is given.
-        (None, None) => anyhow::bail!("--checkpoint is required to serve"),
+    match parse() {
+        Command::Predict(args) => Ok(predict::run(&args)?),
+        Command::Serve(args) => serve(&args),
     }
+}
+
+/// The subcommand, `serve` when none is given. The derived parser would build the top-level
+/// server flags whenever one of their environment variables is set (`VT_SERVE_PORT`), even
+/// beside a subcommand, and then refuse them for want of a checkpoint.
+fn parse() -> Command {
+    let matches = Cli::command().get_matches();
+    let command = match matches.subcommand_name() {
+        Some(_) => Command::from_arg_matches(&matches),
+        // clap requires --checkpoint when no subcommand is given.
+        None => ServeArgs::from_arg_matches(&matches).map(Command::Serve),
+    };
+    command.unwrap_or_else(|e| e.exit())
 }
 
 /// Removes the `VT_SERVE_*` environment variables that are set but empty (as Helm charts

@@ -107,6 +107,43 @@ fn help_explains_every_flag() {
     }
 }
 
+/// Settings from the environment, as containers give them, leave a subcommand its flags:
+/// clap's derive took one for the top-level server's flags, which then had no checkpoint.
+#[test]
+fn settings_from_the_environment_leave_subcommands_their_flags() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let mut child = Command::new(BIN)
+        .env("VT_SERVE_HOST", "127.0.0.1")
+        .env("VT_SERVE_DEVICE", "cpu")
+        .args(["serve", "--port", "0", "--checkpoint"])
+        .arg(&checkpoint)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    listening_on(&mut child, 1);
+    send_signal(&child, "TERM");
+    assert!(wait_for_exit(&mut child).success());
+
+    let files = tempfile::tempdir().unwrap();
+    let paths = write_images(files.path(), &test_images(1));
+    let output = predict_at(&checkpoint, &[], &paths);
+    let from_environment = Command::new(BIN)
+        .env("VT_SERVE_PORT", "8080")
+        .args(["predict", "--device", "cpu", "--checkpoint"])
+        .arg(&checkpoint)
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(
+        from_environment.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_environment.stderr)
+    );
+    assert_eq!(from_environment.stdout, output.stdout);
+}
+
 /// Writes `images` into `dir` under their names, as a user's files to predict.
 fn write_images(dir: &Path, images: &[(String, Vec<u8>)]) -> Vec<PathBuf> {
     images

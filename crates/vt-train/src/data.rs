@@ -5,7 +5,7 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use vt_data::dataset::{ImageFolder, Split};
+use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::loader::{LoaderConfig, Transform};
 use vt_data::rng::derive_seed;
 use vt_data::transform::Normalize;
@@ -57,13 +57,18 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
     if folder.is_empty() {
         // Data imported from a folder without seg_test (the sample) has no test split.
         let hint = match split {
-            Split::Test => ": this import has no test split, use --split val",
-            Split::Val => {
-                ": it was imported with --val-fraction 0, or too few images per class to set \
-                 any aside; import again with a fraction above 0 (cargo xtask fetch-data \
-                 --val-fraction 0.1)"
-            }
-            _ => "",
+            Split::Test => ": this import has no test split, use --split val".to_owned(),
+            Split::Val => match Manifest::read(data_dir) {
+                Ok(manifest) if manifest.val_fraction == 0.0 => {
+                    ": it was imported with --val-fraction 0; import again with a fraction \
+                     above 0 (cargo xtask fetch-data --val-fraction 0.1)"
+                        .to_owned()
+                }
+                _ => ": its classes have too few training images to set any aside; import \
+                       more images, or again with a larger --val-fraction"
+                    .to_owned(),
+            },
+            _ => String::new(),
         };
         return Err(TrainError::Config(format!(
             "{} has no images{hint}",

@@ -776,6 +776,16 @@ fn missing_data_is_a_clear_error() {
         err.contains("val has no images") && err.contains("--val-fraction 0.1"),
         "{err}"
     );
+    // A fraction that set none aside from classes this small is not said to be 0.
+    options.val_fraction = 0.1;
+    vt_data::fetch::fetch(&options).unwrap();
+    let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
+    assert!(
+        err.contains("val has no images")
+            && err.contains("too few training images")
+            && !err.contains("--val-fraction 0.1"),
+        "{err}"
+    );
 }
 
 #[test]
