@@ -62,27 +62,21 @@ pub fn answered<B>(response: &Response<B>, latency: Duration, _span: &Span) {
     );
 }
 
-/// The line of an HTTP request whose client went away before its answer (logged as
-/// nginx does, 499), in `span`, the request's.
-pub fn abandoned(span: &Span, latency: Duration) {
+/// The line of an HTTP request that ended unanswered, in `span`, the request's: its client
+/// went away (status 499, as nginx logs it), or the server stopped, cut short by a second
+/// shutdown signal (status 0, none sent, as Envoy logs it).
+pub fn unanswered(span: &Span, latency: Duration, server_stopped: bool) {
+    let (status, what) = if server_stopped {
+        (0, "server stopped")
+    } else {
+        (499, "client went away")
+    };
     let _entered = span.enter();
     tracing::info!(
         target: TARGET,
-        status = 499,
+        status,
         latency_ms = latency_ms(latency),
-        "client went away: not answered"
-    );
-}
-
-/// The line of an HTTP request that a second shutdown signal dropped unanswered: status 0,
-/// none sent (as Envoy logs it).
-pub fn dropped(span: &Span, latency: Duration) {
-    let _entered = span.enter();
-    tracing::info!(
-        target: TARGET,
-        status = 0,
-        latency_ms = latency_ms(latency),
-        "server stopped: not answered"
+        "{what}: not answered"
     );
 }
 

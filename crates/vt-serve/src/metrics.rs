@@ -244,12 +244,11 @@ pub async fn track(
     // Inside the access log's span.
     let span = Span::current();
     let abandoned = OnAbandon::new(|| {
-        if state.is_cut_short() {
-            access::dropped(&span, started.elapsed());
-        } else {
+        let server_stopped = state.is_cut_short();
+        if !server_stopped {
             observe("499");
-            access::abandoned(&span, started.elapsed());
         }
+        access::unanswered(&span, started.elapsed(), server_stopped);
     });
     let response = next.run(request).await;
     abandoned.answered();
