@@ -142,10 +142,14 @@ impl RepoCache {
     pub fn remove_leftovers(&self) {
         if let Ok(entries) = fs::read_dir(self.dir.join("blobs")) {
             for path in entries.flatten().map(|entry| entry.path()) {
-                if path.extension().is_some_and(|e| e == "part")
-                    && fs::File::open(&path).is_ok_and(|file| file.try_lock().is_ok())
-                {
-                    remove_leftover(&path);
+                if path.extension().is_none_or(|e| e != "part") {
+                    continue;
+                }
+                // Removed while locked: another fetch may take it the moment it is unlocked.
+                if let Ok(file) = fs::File::open(&path) {
+                    if file.try_lock().is_ok() {
+                        remove_leftover(&path);
+                    }
                 }
             }
         }

@@ -195,8 +195,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 /// Middleware counting every response by its route pattern (not the raw path, which would
 /// let clients create unbounded label values) and status; a request whose client went away
 /// before its answer is counted as 499 (and logged so), CORS preflights under `preflight`
-/// (when the server answers them: else an `OPTIONS` is its route's, 405). One the server
-/// dropped, stopped by a second signal, is only logged.
+/// (when the server answers them: else an `OPTIONS` is its route's, 405), and one the server
+/// dropped, cut short by a second shutdown signal, as 0.
 pub async fn track(
     State(state): State<Arc<AppState>>,
     mut request: Request,
@@ -245,9 +245,7 @@ pub async fn track(
     let span = Span::current();
     let abandoned = OnAbandon::new(|| {
         let server_stopped = state.is_cut_short();
-        if !server_stopped {
-            observe("499");
-        }
+        observe(if server_stopped { "0" } else { "499" });
         access::unanswered(&span, started.elapsed(), server_stopped);
     });
     let response = next.run(request).await;

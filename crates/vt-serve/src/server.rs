@@ -216,7 +216,8 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
 }
 
 /// Serves `connection` on a task of its own, until it ends, shutdown closes it, or `idle`
-/// completes or `cut` turns true (either drops it: closes it).
+/// completes or `cut` turns true or goes (the server is done with it): each drops it,
+/// closing it.
 fn serve<C>(
     connections: &GracefulShutdown,
     connection: C,

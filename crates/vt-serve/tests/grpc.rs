@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -18,6 +19,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use vt_serve::open_inference::proto::*;
+use vt_serve::{Server, Stopped};
 
 fn image_input(shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
     InferInputTensor {
@@ -652,4 +654,65 @@ async fn calls_whose_client_went_away_are_cancelled() {
             format!(r#"vt_serve_grpc_requests_total{{code="{code}",method="ModelInfer"}}"#);
         assert_eq!(metric(&text, &counted), None, "{text}");
     }
+}
+
+/// A call that a second shutdown signal drops is counted (and logged) as UNAVAILABLE, gRPC's
+/// code for a server going away, not as CANCELLED: also one whose message was still arriving, whose read
+/// fails as a client's going away does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_a_second_shutdown_signal_drops_are_unavailable() {
+    let dir = tiny_checkpoint();
+    let server = Server::bind(&parse_args(&checkpoint_path(&dir), &["--grpc-port", "0"]))
+        .await
+        .unwrap();
+    let grpc_addr = server.grpc_local_addr().unwrap().unwrap();
+    let state = Arc::clone(server.state());
+    let (signal, mut signals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let run = tokio::spawn(server.run(futures_util::stream::poll_fn(move |cx| {
+        signals.poll_recv(cx)
+    })));
+
+    // A message that declares 1000 bytes, and 10 of them.
+    let tcp = tokio::net::TcpStream::connect(grpc_addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let call = axum::http::Request::post(format!(
+        "http://{grpc_addr}/inference.GRPCInferenceService/ModelInfer"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (answer, mut stream) = h2.send_request(call, false).unwrap();
+    let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
+    partial.extend([0u8; 10]);
+    stream.send_data(partial.into(), false).unwrap();
+    let arriving = || state.metrics.requests_arriving.get();
+    for _ in 0..600 {
+        if arriving() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(arriving(), 1);
+    signal.send(()).unwrap();
+    signal.send(()).unwrap();
+    assert_eq!(run.await.unwrap().unwrap(), Stopped::CutShort);
+    // No answer, not even an error's trailers.
+    assert!(answer.await.is_err());
+
+    let counted = |code: &str| {
+        let series =
+            format!(r#"vt_serve_grpc_requests_total{{code="{code}",method="ModelInfer"}}"#);
+        metric(&state.metrics.render().unwrap(), &series)
+    };
+    for _ in 0..600 {
+        if counted("UNAVAILABLE").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counted("UNAVAILABLE"), Some(1.0));
+    assert_eq!(counted("CANCELLED"), None);
 }

@@ -64,8 +64,12 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
                      above 0 (cargo xtask fetch-data --val-fraction 0.1)"
                         .to_owned()
                 }
-                _ => ": its classes have too few training images to set any aside; import \
-                       more images, or again with a larger --val-fraction"
+                Ok(_) => ": its classes have too few training images to set any aside; import \
+                           more images, or again with a larger --val-fraction"
+                    .to_owned(),
+                // A folder not made by an import.
+                Err(_) => ": put validation images in its CLASS/ folders, or import the data \
+                            with cargo xtask fetch-data, which sets some aside"
                     .to_owned(),
             },
             _ => String::new(),

@@ -945,25 +945,31 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     // that line behind the state even when nothing is left to train.
     let logged = records.len();
     records.retain(|r| r.epoch <= progress.epochs_done);
-    metrics.rewrite(&records, &classes)?;
     let dropped_epoch = records.len() != logged;
+    // Recomputed, so that resuming with a larger --early-stop continues the run.
+    progress.stopped_early = config
+        .early_stop
+        .is_some_and(|p| progress.epochs_since_best >= p);
+    let nothing_to_do = progress.stopped_early || progress.epochs_done >= config.epochs;
     if dropped_epoch {
         tracing::info!(
             "dropping {} metric lines logged after the saved epoch",
             logged - records.len()
         );
+        // What was drawn from the lines before they go: a kill in between leaves them for
+        // the next resume to drop again.
+        if nothing_to_do {
+            retract_unsaved_epoch(&run_dir, progress.global_step)?;
+        }
         // Plots are a convenience: failing to draw one is logged, not fatal.
         if let Err(e) = draw_curves(&run_dir.join(CURVES_PNG), &records) {
             tracing::warn!("{e}");
         }
     }
-    // Recomputed, so that resuming with a larger --early-stop continues the run.
-    progress.stopped_early = config
-        .early_stop
-        .is_some_and(|p| progress.epochs_since_best >= p);
+    metrics.rewrite(&records, &classes)?;
     // Before anything else is written: a resume with nothing to do leaves the run as the
     // saved state has it.
-    if progress.stopped_early || progress.epochs_done >= config.epochs {
+    if nothing_to_do {
         if progress.stopped_early {
             tracing::info!(
                 "{} stopped early at epoch {}: nothing to do",
@@ -976,9 +982,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
                 run_dir.display(),
                 config.epochs
             );
-        }
-        if dropped_epoch {
-            retract_unsaved_epoch(&run_dir, progress.global_step)?;
         }
         return Ok(Outcome::Finished);
     }

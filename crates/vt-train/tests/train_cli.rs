@@ -786,6 +786,13 @@ fn missing_data_is_a_clear_error() {
             && !err.contains("--val-fraction 0.1"),
         "{err}"
     );
+    // A folder no import made has no fraction to blame.
+    std::fs::remove_file(data.join("manifest.json")).unwrap();
+    let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
+    assert!(
+        err.contains("val has no images: put validation images in its CLASS/ folders"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -132,7 +132,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Counts each call and logs it (`vt_serve::access`) with its status code: outside the
 /// panic catcher, so that a call that panicked is counted and logged too, as INTERNAL; and
 /// a call whose client went away before its answer (hyper then drops it) as CANCELLED, and
-/// one that a second shutdown signal dropped as UNAVAILABLE, what its client gets.
+/// one that a second shutdown signal dropped as UNAVAILABLE, gRPC's code for a server going
+/// away.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = Method::of(request.uri().path()).map_or("unknown", Method::name);
@@ -155,13 +156,15 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
             }
         );
     };
-    let abandoned = OnAbandon::new(|| {
-        record(if state.is_cut_short() {
+    // Whoever ended a call unanswered: its client, or the server cut short.
+    let unanswered = || {
+        if state.is_cut_short() {
             Code::Unavailable
         } else {
             Code::Cancelled
-        })
-    });
+        }
+    };
+    let abandoned = OnAbandon::new(|| record(unanswered()));
     let went_away = WentAway::default();
     let mut request = request;
     request.extensions_mut().insert(went_away.clone());
@@ -171,7 +174,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
     // trailers, as OK. tonic reads a client's reset in the middle of a message as the end of
     // the stream and answers INTERNAL (a message cut short): it went away all the same.
     let code = if went_away.0.load(Ordering::Relaxed) {
-        Code::Cancelled
+        unanswered()
     } else {
         response
             .extensions()
