@@ -18,10 +18,19 @@ pub fn shared_sample(folder: &str) -> PathBuf {
         .join(folder)
 }
 
+/// Where cargo builds the workspace: the folder above [`profile_dir`].
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    let profile = profile_dir();
+    profile.parent().map(PathBuf::from).unwrap_or(profile)
+}
+
+/// The folder cargo built this xtask in (`target/debug`, or wherever `CARGO_TARGET_DIR` or
+/// a `build.target-dir` setting put it), where [`build_binaries`] puts the others.
+fn profile_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(PathBuf::from))
+        .unwrap_or_else(|| workspace_root().join("target").join("debug"))
 }
 
 /// Builds the workspace's binaries in the dev profile, the one profile this project uses.
@@ -40,7 +49,7 @@ pub fn build_binaries() -> anyhow::Result<()> {
 
 /// Path of a binary built by [`build_binaries`].
 pub fn binary(name: &str) -> PathBuf {
-    target_dir().join("debug").join(name)
+    profile_dir().join(name)
 }
 
 #[cfg(test)]
