@@ -8,6 +8,9 @@ pub use vt_data::decode::DEFAULT_MAX_PIXELS;
 /// `--max-inflight-body-bytes` unless `--max-body-bytes` is larger.
 pub const DEFAULT_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
 
+/// The largest `--queue`: its slots take memory from the start (about 90 bytes each).
+const MAX_QUEUE: i64 = 65_536;
+
 /// Every option can also be set by an environment variable, `VT_SERVE_` and its name
 /// (`VT_SERVE_CHECKPOINT=/opt/ml/model`): how containers are configured, since SageMaker
 /// starts one as `IMAGE serve` with no other arguments.
@@ -40,7 +43,7 @@ pub struct ServeArgs {
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16): faster, with probabilities within about 1e-2 of f32's.
-    #[arg(long, env = "VT_SERVE_BF16_PRODUCTS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    #[arg(long, env = "VT_SERVE_BF16_PRODUCTS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub bf16_products: bool,
     /// Most images per forward pass.
     #[arg(long, env = "VT_SERVE_MAX_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -52,8 +55,8 @@ pub struct ServeArgs {
     /// Most images admitted at once (decoding, queued or running). A request that does not
     /// fit waits for room, in arrival order, within its --timeout-ms; as many images more
     /// may wait so, and past that a request gets 503 with Retry-After at once. Also the most
-    /// images one request may carry.
-    #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    /// images one request may carry. At most 65536: the queue's slots are allocated at start.
+    #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUE))]
     pub queue: u32,
     /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
     /// the answer is 504, or 408 when the client had not sent all of its body.
@@ -148,6 +151,8 @@ pub enum ArgsError {
          of the largest allowed size could never be read; raise the first or lower the second"
     )]
     BodyBudgetBelowBodyLimit { inflight: u64, body: u64 },
+    #[error("--grpc-port is --port ({0}): give the gRPC service a port of its own")]
+    SamePort(u16),
 }
 
 impl ServeArgs {
@@ -165,6 +170,9 @@ impl ServeArgs {
 
     /// Checks what clap checks of no single option.
     pub fn validate(&self) -> Result<(), ArgsError> {
+        if self.port != 0 && self.grpc_port == Some(self.port) {
+            return Err(ArgsError::SamePort(self.port));
+        }
         match self.max_inflight_body_bytes {
             Some(inflight) if inflight < self.max_body_bytes => {
                 Err(ArgsError::BodyBudgetBelowBodyLimit {
@@ -197,6 +205,9 @@ mod tests {
             (&["--bf16-products"][..], true),
             (&["--bf16-products", "true"][..], true),
             (&["--bf16-products=false"][..], false),
+            // As environment variables are often set.
+            (&["--bf16-products", "1"][..], true),
+            (&["--bf16-products", "off"][..], false),
         ] {
             let line = ["vt-serve", "--checkpoint", "c"].iter().chain(given);
             let cli = Cli::try_parse_from(line).unwrap();
@@ -254,6 +265,27 @@ mod tests {
             error.contains("--max-inflight-body-bytes (1000) is less than --max-body-bytes (1001)"),
             "{error}"
         );
+    }
+
+    /// Both services on one port, or a queue whose slots would not fit in memory, are refused
+    /// before anything starts.
+    #[test]
+    fn ports_and_queue_sizes_that_cannot_serve_are_refused() {
+        let parse = |extra: &[&str]| {
+            let line = ["vt-serve", "--checkpoint", "c"].iter().chain(extra);
+            Cli::try_parse_from(line).map(|cli| cli.args)
+        };
+        let error = parse(&["--port", "9000", "--grpc-port", "9000"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--grpc-port is --port (9000)"), "{error}");
+        // Two free ports, whatever they are.
+        let free = parse(&["--port", "0", "--grpc-port", "0"]).unwrap();
+        assert!(free.validate().is_ok());
+        assert!(parse(&["--queue", "65536"]).is_ok());
+        assert!(parse(&["--queue", "65537"]).is_err());
     }
 
     #[test]

@@ -42,11 +42,27 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The subcommand, `serve` when none is given. The derived parser would build the top-level
-/// server flags whenever one of their environment variables is set (`VT_SERVE_PORT`), even
-/// beside a subcommand, and then refuse them for want of a checkpoint.
+/// The subcommand, `serve` when none is given. The server's flags at the top level read
+/// their environment variables (`VT_SERVE_PORT`) only without a subcommand: clap would read
+/// and check them beside one too, refusing a value the subcommand's own flag replaces, or
+/// that `predict` never reads. The derived parser would then also build them, and refuse
+/// them for want of a checkpoint.
 fn parse() -> Command {
-    let matches = Cli::command().get_matches();
+    let cli = Cli::command();
+    // A subcommand comes first: the top-level flags conflict with one.
+    let first = std::env::args_os().nth(1);
+    let subcommand = first.is_some_and(|first| {
+        first == "help"
+            || cli
+                .get_subcommands()
+                .any(|command| first == command.get_name())
+    });
+    let cli = if subcommand {
+        cli.mut_args(|arg| arg.env(None))
+    } else {
+        cli
+    };
+    let matches = cli.get_matches();
     let command = match matches.subcommand_name() {
         Some(_) => Command::from_arg_matches(&matches),
         // clap requires --checkpoint when no subcommand is given.

@@ -188,23 +188,30 @@ impl Server {
 
 /// Listens on `host:port`, which `flag` set.
 async fn bind(host: &str, port: u16, flag: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind((host, port)).await.map_err(|cause| {
-        let hint = match cause.kind() {
-            std::io::ErrorKind::AddrInUse => format!(
-                " (another process listens there: stop it, or choose another {flag}; \
+    // An IPv6 address as URLs (and the startup line) write it: `[::1]`.
+    let unbracketed = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    TcpListener::bind((unbracketed, port))
+        .await
+        .map_err(|cause| {
+            let hint = match cause.kind() {
+                std::io::ErrorKind::AddrInUse => format!(
+                    " (another process listens there: stop it, or choose another {flag}; \
                  {flag} 0 takes a free one)"
-            ),
-            std::io::ErrorKind::PermissionDenied if port < 1024 => {
-                format!(" (ports below 1024 need privileges: choose a {flag} from 1024 up)")
+                ),
+                std::io::ErrorKind::PermissionDenied if port < 1024 => {
+                    format!(" (ports below 1024 need privileges: choose a {flag} from 1024 up)")
+                }
+                _ => String::new(),
+            };
+            StartError::Bind {
+                addr: format!("{host}:{port}"),
+                cause,
+                hint,
             }
-            _ => String::new(),
-        };
-        StartError::Bind {
-            addr: format!("{host}:{port}"),
-            cause,
-            hint,
-        }
-    })
+        })
 }
 
 /// The next gRPC connection; never, without a gRPC port.

@@ -108,7 +108,8 @@ fn help_explains_every_flag() {
 }
 
 /// Settings from the environment, as containers give them, leave a subcommand its flags:
-/// clap's derive took one for the top-level server's flags, which then had no checkpoint.
+/// clap's derive took one for the top-level server's flags, which then had no checkpoint,
+/// and checked them there, refusing a value the subcommand's flag replaces or never reads.
 #[test]
 fn settings_from_the_environment_leave_subcommands_their_flags() {
     let dir = tiny_checkpoint();
@@ -116,7 +117,8 @@ fn settings_from_the_environment_leave_subcommands_their_flags() {
     let mut child = Command::new(BIN)
         .env("VT_SERVE_HOST", "127.0.0.1")
         .env("VT_SERVE_DEVICE", "cpu")
-        .args(["serve", "--port", "0", "--checkpoint"])
+        .env("VT_SERVE_MAX_BATCH", "5000")
+        .args(["serve", "--port", "0", "--max-batch", "8", "--checkpoint"])
         .arg(&checkpoint)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -130,7 +132,7 @@ fn settings_from_the_environment_leave_subcommands_their_flags() {
     let paths = write_images(files.path(), &test_images(1));
     let output = predict_at(&checkpoint, &[], &paths);
     let from_environment = Command::new(BIN)
-        .env("VT_SERVE_PORT", "8080")
+        .env("VT_SERVE_PORT", "not a port")
         .args(["predict", "--device", "cpu", "--checkpoint"])
         .arg(&checkpoint)
         .args(&paths)
