@@ -95,6 +95,15 @@ fn bad_arguments_are_refused_with_a_usage_message() {
         &["--port"],
     );
     fails_saying(bin("vt-serve").arg("predict"), &["--checkpoint"]);
+    // Zero counts are refused, not run as one.
+    fails_saying(
+        bin("vt-train").args(["eval", "--checkpoint", "x", "--threads", "0"]),
+        &["--threads", "must be at least 1"],
+    );
+    fails_saying(
+        bin("vt-serve").args(["predict", "--checkpoint", "x", "--batch-size", "0", "a.jpg"]),
+        &["--batch-size"],
+    );
 }
 
 #[test]

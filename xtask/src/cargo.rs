@@ -25,12 +25,17 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// The folder cargo built this xtask in (`target/debug`, or wherever `CARGO_TARGET_DIR` or
-/// a `build.target-dir` setting put it), where [`build_binaries`] puts the others.
+/// a `build.target-dir` setting put it), where [`build_binaries`] puts the others; for a
+/// test using xtask's library, the one above its `deps/`.
 fn profile_dir() -> PathBuf {
-    std::env::current_exe()
+    let exe_dir = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(PathBuf::from))
-        .unwrap_or_else(|| workspace_root().join("target").join("debug"))
+        .and_then(|exe| exe.parent().map(PathBuf::from));
+    match exe_dir {
+        Some(dir) if dir.ends_with("deps") => dir.parent().map_or(dir.clone(), PathBuf::from),
+        Some(dir) => dir,
+        None => workspace_root().join("target").join("debug"),
+    }
 }
 
 /// Builds the workspace's binaries in the dev profile, the one profile this project uses.

@@ -33,9 +33,9 @@ pub struct Args {
     #[arg(long)]
     synthetic: bool,
     /// Images per class for --synthetic's seg_train, before --val-fraction of them become
-    /// validation images (each class also gets 10 test images).
-    #[arg(long, default_value_t = SyntheticConfig::default().train_per_class, requires = "synthetic")]
-    synthetic_per_class: usize,
+    /// validation images (each class also gets 10 test images) [default: 50]
+    #[arg(long)]
+    synthetic_per_class: Option<usize>,
     /// Hugging Face dataset repository, OWNER/NAME[@REVISION]. Downloads are cached under
     /// HF_HOME; with HF_HUB_OFFLINE=1 the cached download is imported without the hub.
     #[arg(long, value_name = "OWNER/NAME[@REV]", conflicts_with_all = ["from", "synthetic"])]
@@ -53,13 +53,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Checked here: clap's `requires` takes the flag --synthetic for given when it is not.
+    if args.synthetic_per_class.is_some() && !args.synthetic {
+        anyhow::bail!("--synthetic-per-class sizes the --synthetic data set: add --synthetic");
+    }
     let source = if let Some(path) = args.from.clone() {
         FetchSource::Path(path)
     } else if args.synthetic {
+        let defaults = SyntheticConfig::default();
         FetchSource::Synthetic(SyntheticConfig {
-            train_per_class: args.synthetic_per_class,
+            train_per_class: args.synthetic_per_class.unwrap_or(defaults.train_per_class),
             seed: args.seed,
-            ..SyntheticConfig::default()
+            ..defaults
         })
     } else {
         let source = args.source.unwrap_or(Source::Hf);

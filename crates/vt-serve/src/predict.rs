@@ -38,8 +38,8 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
     /// Image files (JPEG, PNG, WebP, ...; the format is read from the content), or folders:
     /// their image files (by extension), subfolders included, in the order of their paths.
     #[arg(required = true)]
@@ -97,7 +97,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
     let mut out = stdout.lock();
     // Of the images whose lines were written: a reader may stop early.
     let (mut failed, mut written) = (0, 0);
-    'images: for chunk in images.chunks(args.batch_size.max(1)) {
+    'images: for chunk in images.chunks(args.batch_size as usize) {
         // The decoded images in order; each file's outcome says whether it is among them.
         let mut decoded = Vec::with_capacity(chunk.len());
         let outcomes: Vec<Result<(), String>> = chunk

@@ -16,6 +16,14 @@ use crate::init::InitArgs;
 use crate::lr_find::LrFindArgs;
 use crate::train::{Outcome, TrainArgs};
 
+/// Parses a count of 1 or more, so that clap names the option given 0.
+pub fn at_least_one(arg: &str) -> std::result::Result<usize, String> {
+    match arg.parse() {
+        Ok(0) => Err("must be at least 1".into()),
+        parsed => parsed.map_err(|e: std::num::ParseIntError| e.to_string()),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vt-train",

@@ -348,8 +348,7 @@ impl TrainConfig {
         let seed = recipe == Recipe::Seed;
         let threads = o
             .threads
-            .unwrap_or_else(vt_model::threads::default_compute_threads)
-            .max(1);
+            .unwrap_or_else(vt_model::threads::default_compute_threads);
         let device = o.device.clone().unwrap_or_else(|| "auto".into());
         let gpu = vt_model::names_a_gpu(&device);
         let config = TrainConfig {
@@ -391,8 +390,7 @@ impl TrainConfig {
             threads,
             loader_threads: o
                 .loader_threads
-                .unwrap_or_else(|| threads::default_loader_threads(threads, gpu))
-                .max(1),
+                .unwrap_or_else(|| threads::default_loader_threads(threads, gpu)),
             seed: o.seed.unwrap_or(0),
             run_dir: o.run_dir.clone(),
             limit_train: o.limit_train,
@@ -418,6 +416,8 @@ impl TrainConfig {
             ("--tokens", self.tokens),
             ("--token-channels", self.token_channels),
             ("--heads", self.heads),
+            ("--threads", self.threads),
+            ("--loader-threads", self.loader_threads),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return fail(format!("{flag} must be at least 1, got 0"));
@@ -1009,6 +1009,20 @@ mod tests {
                     ..Default::default()
                 },
                 "--heads",
+            ),
+            (
+                TrainOptions {
+                    threads: Some(0),
+                    ..Default::default()
+                },
+                "--threads",
+            ),
+            (
+                TrainOptions {
+                    loader_threads: Some(0),
+                    ..Default::default()
+                },
+                "--loader-threads",
             ),
         ] {
             let err = TrainConfig::resolve(&options).unwrap_err().to_string();

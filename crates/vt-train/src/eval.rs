@@ -13,6 +13,7 @@ use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
 use crate::calibration::{self, Calibration};
+use crate::cli::at_least_one;
 use crate::config::TrainOptions;
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
@@ -200,10 +201,10 @@ pub struct EvalArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Images per forward pass
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Compute threads [default: all cores]
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub threads: Option<usize>,
     /// Evaluate a random subset of N images
     #[arg(long, value_name = "N")]

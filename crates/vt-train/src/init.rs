@@ -11,6 +11,7 @@ use vt_model::checkpoint::{dir_contents, previous_version, DirContents};
 use vt_model::pretrained::{load_stem, Source};
 use vt_model::{Arch, Model, VtConfig};
 
+use crate::cli::at_least_one;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::outputs;
 
@@ -31,14 +32,6 @@ pub struct ModelArgs {
     /// Attention heads h.
     #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub heads: usize,
-}
-
-/// Parses a count of 1 or more, so that clap names the option given 0.
-fn at_least_one(arg: &str) -> std::result::Result<usize, String> {
-    match arg.parse() {
-        Ok(0) => Err("must be at least 1".into()),
-        parsed => parsed.map_err(|e: std::num::ParseIntError| e.to_string()),
-    }
 }
 
 impl ModelArgs {

@@ -93,7 +93,14 @@ impl LrSweep {
         if !(start.is_finite() && start > 0.0 && end.is_finite() && end > start) {
             return Err(TrainError::Config(format!(
                 "--start-lr and --end-lr must be positive with --end-lr above --start-lr, \
-                 got {start} and {end}"
+                 got {start:e} and {end:e}"
+            )));
+        }
+        // Else the rates past the start overflow to infinity.
+        if !(end / start).is_finite() {
+            return Err(TrainError::Config(format!(
+                "--end-lr / --start-lr is too large to compute ({end:e} / {start:e}): raise \
+                 --start-lr"
             )));
         }
         if steps < 2 {
@@ -597,6 +604,8 @@ mod tests {
         }
         let err = LrSweep::new(1e-3, 1.0, 1).unwrap_err().to_string();
         assert!(err.contains("--steps must be at least 2"), "{err}");
+        let err = LrSweep::new(1e-300, 1e10, 3).unwrap_err().to_string();
+        assert!(err.contains("too large to compute"), "{err}");
     }
 
     #[test]
