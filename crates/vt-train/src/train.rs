@@ -698,9 +698,13 @@ impl Trainer {
                 );
             }
             if self.progress.stopped_early {
+                // The best checkpoint may be a later epoch of the same accuracy and a lower
+                // loss.
+                let since = self.progress.epochs_since_best;
                 tracing::info!(
-                    "early stop: validation accuracy not improved for {} epochs (best epoch {})",
-                    self.progress.epochs_since_best,
+                    "early stop: validation accuracy not improved for {since} epochs, since \
+                     epoch {} (best/: epoch {})",
+                    (epoch + 1).saturating_sub(since),
                     self.progress.best_epoch.unwrap_or(0)
                 );
                 break;

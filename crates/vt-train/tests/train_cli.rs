@@ -1649,7 +1649,7 @@ fn early_stop_counts_the_epochs_since_validation_accuracy_rose() {
     let data = synthetic_data(tmp.path(), 4);
     let run = tmp.path().join("run");
     let (epochs, patience) = (8, 2);
-    run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
+    let out = run_ok(train_tiny(&data, &run).args(ONE_THREAD).args([
         "--batch-size",
         "4",
         "--epochs",
@@ -1680,4 +1680,13 @@ fn early_stop_counts_the_epochs_since_validation_accuracy_rose() {
     let text = std::fs::read_to_string(run.join("state/training.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(state["stopped_early"], stop.is_some());
+    // The epoch of the best accuracy is named, not the later best/ that tied it.
+    if let Some(stop) = stop {
+        let log = String::from_utf8_lossy(&out.stderr);
+        let since = format!(
+            "not improved for {patience} epochs, since epoch {}",
+            stop - patience
+        );
+        assert!(log.contains(&since), "{log}");
+    }
 }
