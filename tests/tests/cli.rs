@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 fn bin(name: &str) -> Command {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| xtask::cargo::build_binaries().unwrap());
-    Command::new(xtask::cargo::binary(name))
+    Command::new(xtask::cargo::binary(name).unwrap())
 }
 
 fn run(command: &mut Command) -> (Output, String) {

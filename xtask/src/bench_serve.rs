@@ -108,7 +108,7 @@ fn start_server(name: &str, args: &Args, checkpoint: &Path) -> anyhow::Result<Ru
     match name {
         "vt-serve" => {
             build_binaries()?;
-            let mut command = Command::new(binary("vt-serve"));
+            let mut command = Command::new(binary("vt-serve")?);
             command.arg("--checkpoint").arg(checkpoint).args([
                 "--port",
                 "0",
@@ -163,7 +163,7 @@ fn load_images(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 fn default_checkpoint(image_size: usize) -> anyhow::Result<PathBuf> {
-    let dir = target_dir().join("bench-serve/checkpoint");
+    let dir = target_dir()?.join("bench-serve/checkpoint");
     let mut config = VtConfig::new(
         Arch::VtResNet18,
         vt_data::dataset::CLASSES.len(),

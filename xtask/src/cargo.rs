@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{ensure, Context};
+use serde::Deserialize;
 
 /// The workspace root (xtask lives one folder below it).
 pub fn workspace_root() -> PathBuf {
@@ -18,24 +19,27 @@ pub fn shared_sample(folder: &str) -> PathBuf {
         .join(folder)
 }
 
-/// Where cargo builds the workspace: the folder above [`profile_dir`].
-pub fn target_dir() -> PathBuf {
-    let profile = profile_dir();
-    profile.parent().map(PathBuf::from).unwrap_or(profile)
-}
-
-/// The folder cargo built this xtask in (`target/debug`, or wherever `CARGO_TARGET_DIR` or
-/// a `build.target-dir` setting put it), where [`build_binaries`] puts the others; for a
-/// test using xtask's library, the one above its `deps/`.
-fn profile_dir() -> PathBuf {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(PathBuf::from));
-    match exe_dir {
-        Some(dir) if dir.ends_with("deps") => dir.parent().map_or(dir.clone(), PathBuf::from),
-        Some(dir) => dir,
-        None => workspace_root().join("target").join("debug"),
+/// Where cargo builds the workspace (`target/`, or wherever `CARGO_TARGET_DIR` or a
+/// `build.target-dir` setting puts it), as `cargo metadata` reports it.
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    #[derive(Deserialize)]
+    struct Metadata {
+        target_directory: PathBuf,
     }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(workspace_root())
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(
+        output.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let metadata: Metadata =
+        serde_json::from_slice(&output.stdout).context("reading cargo metadata's answer")?;
+    Ok(metadata.target_directory)
 }
 
 /// Builds the workspace's binaries in the dev profile, the one profile this project uses.
@@ -53,8 +57,8 @@ pub fn build_binaries() -> anyhow::Result<()> {
 }
 
 /// Path of a binary built by [`build_binaries`].
-pub fn binary(name: &str) -> PathBuf {
-    profile_dir().join(name)
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(target_dir()?.join("debug").join(name))
 }
 
 #[cfg(test)]

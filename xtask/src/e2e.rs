@@ -96,7 +96,7 @@ struct Server {
 
 impl Server {
     fn start(checkpoint: &Path) -> anyhow::Result<Server> {
-        let program = binary("vt-serve");
+        let program = binary("vt-serve")?;
         let mut child = Command::new(&program)
             .arg("--checkpoint")
             .arg(checkpoint)
@@ -570,10 +570,10 @@ fn compare(images: &[(PathBuf, String)], http: &[Value], offline: &str) -> anyho
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| crate::cargo::target_dir().join("e2e"));
+    let work = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => crate::cargo::target_dir()?.join("e2e"),
+    };
     let data = work.join("data");
     let run_dir = work.join("run");
     // Held to the end: a second e2e on this folder would replace the data and the run
@@ -605,7 +605,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             std::fs::remove_dir_all(&run_dir)
                 .with_context(|| format!("clearing {}", run_dir.display()))?;
         }
-        let mut train = Command::new(binary("vt-train"));
+        let mut train = Command::new(binary("vt-train")?);
         train
             .arg("train")
             .arg("--data")
@@ -649,7 +649,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let report_path = run_dir.join(format!("eval-{split}.json"));
     let report: Value = steps.run("evaluate", || {
-        let mut eval = Command::new(binary("vt-train"));
+        let mut eval = Command::new(binary("vt-train")?);
         eval.arg("eval")
             .arg("--checkpoint")
             .arg(&checkpoint)
@@ -672,7 +672,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (image, _) = images
             .first()
             .context("no image to explain in the evaluated split")?;
-        let mut explain = Command::new(binary("vt-train"));
+        let mut explain = Command::new(binary("vt-train")?);
         explain
             .arg("explain")
             .arg("--checkpoint")
@@ -696,7 +696,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let url = server.url.clone();
     steps.run("stop server (SIGTERM)", || server.stop())?;
     let offline = steps.run("vt-serve predict", || {
-        let mut predict = Command::new(binary("vt-serve"));
+        let mut predict = Command::new(binary("vt-serve")?);
         predict
             .arg("predict")
             .arg("--checkpoint")

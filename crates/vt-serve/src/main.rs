@@ -49,13 +49,12 @@ fn main() -> anyhow::Result<()> {
 /// them for want of a checkpoint.
 fn parse() -> Command {
     let cli = Cli::command();
-    // A subcommand comes first: the top-level flags conflict with one.
+    // A subcommand comes first: the top-level flags conflict with one. (`help` prints them
+    // with their variables.)
     let first = std::env::args_os().nth(1);
     let subcommand = first.is_some_and(|first| {
-        first == "help"
-            || cli
-                .get_subcommands()
-                .any(|command| first == command.get_name())
+        cli.get_subcommands()
+            .any(|command| first == command.get_name())
     });
     let cli = if subcommand {
         cli.mut_args(|arg| arg.env(None))
