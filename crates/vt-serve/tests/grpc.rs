@@ -587,6 +587,29 @@ async fn a_malformed_message_is_an_invalid_argument() {
     server.shutdown().await;
 }
 
+/// Starts a ModelInfer call over plain HTTP/2 whose message declares 1000 bytes and sends 10
+/// of them: the server waits for the rest.
+async fn start_partial_infer(
+    addr: std::net::SocketAddr,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let call = axum::http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/ModelInfer"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (answer, mut stream) = h2.send_request(call, false).unwrap();
+    let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
+    partial.extend([0u8; 10]);
+    stream.send_data(partial.into(), false).unwrap();
+    (answer, stream)
+}
+
 /// A call whose client goes away is counted and logged as CANCELLED: one that resets its
 /// stream before its request ends (the server reading its message), and one that gives up
 /// while its images wait for a batch (which hyper drops unfinished).
@@ -625,25 +648,7 @@ async fn calls_whose_client_went_away_are_cancelled() {
     // answers INTERNAL for the message cut short): the client went away all the same.
     let arriving = "vt_serve_requests_arriving";
     let before = metric(&metrics_text(&client, &metrics_url).await, arriving).unwrap_or(0.0);
-    let tcp = tokio::net::TcpStream::connect(server.grpc_addr.unwrap())
-        .await
-        .unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let call = axum::http::Request::post(format!(
-        "http://{}/inference.GRPCInferenceService/ModelInfer",
-        server.grpc_addr.unwrap()
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (_answer, mut stream) = h2.send_request(call, false).unwrap();
-    // A frame that declares 1000 bytes, and 10 of them.
-    let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
-    partial.extend([0u8; 10]);
-    stream.send_data(partial.into(), false).unwrap();
+    let (_answer, mut stream) = start_partial_infer(server.grpc_addr.unwrap()).await;
     wait_for_gauge(&client, &metrics_url, arriving, before + 1.0).await;
     stream.send_reset(h2::Reason::CANCEL);
     wait_for_gauge(&client, &metrics_url, cancelled, 3.0).await;
@@ -672,22 +677,7 @@ async fn calls_a_second_shutdown_signal_drops_are_unavailable() {
         signals.poll_recv(cx)
     })));
 
-    // A message that declares 1000 bytes, and 10 of them.
-    let tcp = tokio::net::TcpStream::connect(grpc_addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let call = axum::http::Request::post(format!(
-        "http://{grpc_addr}/inference.GRPCInferenceService/ModelInfer"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (answer, mut stream) = h2.send_request(call, false).unwrap();
-    let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
-    partial.extend([0u8; 10]);
-    stream.send_data(partial.into(), false).unwrap();
+    let (answer, _stream) = start_partial_infer(grpc_addr).await;
     let arriving = || state.metrics.requests_arriving.get();
     for _ in 0..600 {
         if arriving() == 1 {
