@@ -16,6 +16,8 @@ pub enum Source {
     Hf,
     /// Kaggle's puneet6060/intel-image-classification (needs a Kaggle API token).
     Kaggle,
+    /// A generated 6-class stand-in, as --synthetic (the name `cargo xtask e2e` takes).
+    Synthetic,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,35 +55,41 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // clap refuses --synthetic beside --source.
+    let chosen = if args.synthetic {
+        Source::Synthetic
+    } else {
+        args.source.unwrap_or(Source::Hf)
+    };
     // Checked here: clap's `requires` takes the flag --synthetic for given when it is not.
-    if args.synthetic_per_class.is_some() && !args.synthetic {
+    if args.synthetic_per_class.is_some() && chosen != Source::Synthetic {
         anyhow::bail!("--synthetic-per-class sizes the --synthetic data set: add --synthetic");
     }
     let source = if let Some(path) = args.from.clone() {
         FetchSource::Path(path)
-    } else if args.synthetic {
-        let defaults = SyntheticConfig::default();
-        FetchSource::Synthetic(SyntheticConfig {
-            train_per_class: args.synthetic_per_class.unwrap_or(defaults.train_per_class),
-            seed: args.seed,
-            ..defaults
-        })
     } else {
-        let source = args.source.unwrap_or(Source::Hf);
-        if source == Source::Kaggle && args.hf_repo.is_some() {
-            anyhow::bail!(
-                "--hf-repo names a Hugging Face repository; it has no use with --source kaggle"
-            );
-        }
-        if source == Source::Hf && args.download_dir.is_some() {
-            anyhow::bail!(
-                "--download-dir keeps the Kaggle zip; it has no use with the Hugging Face source, \
-                 whose downloads are cached under HF_HOME (add --source kaggle to download from \
-                 Kaggle)"
-            );
-        }
-        match source {
+        match chosen {
+            Source::Synthetic => {
+                if args.hf_repo.is_some() || args.download_dir.is_some() {
+                    anyhow::bail!(
+                        "--hf-repo and --download-dir have no use with the synthetic data set"
+                    );
+                }
+                let defaults = SyntheticConfig::default();
+                FetchSource::Synthetic(SyntheticConfig {
+                    train_per_class: args.synthetic_per_class.unwrap_or(defaults.train_per_class),
+                    seed: args.seed,
+                    ..defaults
+                })
+            }
             Source::Hf => {
+                if args.download_dir.is_some() {
+                    anyhow::bail!(
+                        "--download-dir keeps the Kaggle zip; it has no use with the Hugging Face \
+                         source, whose downloads are cached under HF_HOME (add --source kaggle \
+                         to download from Kaggle)"
+                    );
+                }
                 let repo = match &args.hf_repo {
                     Some(spec) => spec.parse::<HfRepoSpec>()?,
                     None => HfRepoSpec::default(),
@@ -91,10 +99,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     ..HfOptions::default()
                 })
             }
-            Source::Kaggle => FetchSource::Kaggle {
-                endpoint: None,
-                credentials: None,
-            },
+            Source::Kaggle => {
+                if args.hf_repo.is_some() {
+                    anyhow::bail!(
+                        "--hf-repo names a Hugging Face repository; it has no use with --source \
+                         kaggle"
+                    );
+                }
+                FetchSource::Kaggle {
+                    endpoint: None,
+                    credentials: None,
+                }
+            }
         }
     };
     let opts = FetchOptions {
@@ -215,10 +231,21 @@ mod tests {
         for argv in [
             &["fetch-data", "--download-dir", "d"][..],
             &["fetch-data", "--source", "hf", "--download-dir", "d"],
+            &["fetch-data", "--source", "synthetic", "--download-dir", "d"],
+            &["fetch-data", "--source", "synthetic", "--hf-repo", "o/n"],
+            &["fetch-data", "--from", "d", "--synthetic-per-class", "5"],
+            &[
+                "fetch-data",
+                "--source",
+                "kaggle",
+                "--synthetic-per-class",
+                "5",
+            ],
         ] {
-            let hf = Cli::try_parse_from(argv).unwrap().args;
-            let err = run(hf).unwrap_err().to_string();
-            assert!(err.contains("--download-dir"), "{argv:?}: {err}");
+            let args = Cli::try_parse_from(argv).unwrap().args;
+            let err = run(args).unwrap_err().to_string();
+            let flag = argv[argv.len() - 2];
+            assert!(err.contains(flag), "{argv:?}: {err}");
         }
     }
     use vt_data::dataset::SplitCounts;
