@@ -70,12 +70,14 @@ fn parse() -> Command {
     command.unwrap_or_else(|e| e.exit())
 }
 
-/// Removes the `VT_SERVE_*` environment variables that are set but empty (as Helm charts
-/// and Compose files leave optional ones), so that they read as unset rather than as an
-/// empty value, which most flags refuse. Before any thread starts, as `remove_var` needs.
+/// Removes the `VT_SERVE_*` environment variables that are set but empty or blank (as Helm
+/// charts and Compose files leave optional ones), so that they read as unset rather than as
+/// an empty value, which most flags refuse. Before any thread starts, as `remove_var` needs.
 fn unset_empty_settings() {
     for (name, value) in std::env::vars_os() {
-        if value.is_empty() && name.to_string_lossy().starts_with("VT_SERVE_") {
+        if value.to_string_lossy().trim().is_empty()
+            && name.to_string_lossy().starts_with("VT_SERVE_")
+        {
             std::env::remove_var(name);
         }
     }

@@ -838,8 +838,8 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
 
 /// Text logs quote request ids, so that an id cannot forge a log line; an empty id is
 /// replaced by a fresh one, and one that is not UTF-8 is logged lossily. A request whose
-/// client went away is logged. Settings set but empty in the environment (as Helm leaves
-/// them) are unset, and lists of origins may have spaces after their commas.
+/// client went away is logged. Settings set but empty or blank in the environment (as Helm
+/// leaves them) are unset, and lists of origins may have spaces after their commas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_quote_request_ids_and_empty_settings_are_unset() {
     let dir = tiny_checkpoint();
@@ -848,6 +848,7 @@ async fn text_logs_quote_request_ids_and_empty_settings_are_unset() {
         .env("VT_SERVE_CHECKPOINT", &checkpoint)
         .env("VT_SERVE_PORT", "0")
         .env("VT_SERVE_GRPC_PORT", "")
+        .env("VT_SERVE_MAX_BATCH", " ")
         .env("VT_SERVE_DEVICE", "cpu")
         .env("VT_SERVE_MAX_DELAY_MS", "60000")
         .env(
