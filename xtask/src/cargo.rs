@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{ensure, Context};
 use serde::Deserialize;
@@ -20,11 +21,15 @@ pub fn shared_sample(folder: &str) -> PathBuf {
 }
 
 /// Where cargo builds the workspace (`target/`, or wherever `CARGO_TARGET_DIR` or a
-/// `build.target-dir` setting puts it), as `cargo metadata` reports it.
+/// `build.target-dir` setting puts it), as `cargo metadata` reports it (asked once).
 pub fn target_dir() -> anyhow::Result<PathBuf> {
     #[derive(Deserialize)]
     struct Metadata {
         target_directory: PathBuf,
+    }
+    static TARGET_DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(dir) = TARGET_DIR.get() {
+        return Ok(dir.clone());
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
@@ -39,7 +44,7 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
     );
     let metadata: Metadata =
         serde_json::from_slice(&output.stdout).context("reading cargo metadata's answer")?;
-    Ok(metadata.target_directory)
+    Ok(TARGET_DIR.get_or_init(|| metadata.target_directory).clone())
 }
 
 /// Builds the workspace's binaries in the dev profile, the one profile this project uses.

@@ -61,7 +61,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.source.unwrap_or(Source::Hf)
     };
-    // Checked here: clap's `requires` takes the flag --synthetic for given when it is not.
+    // Checked here, not by clap's `requires`: `--source synthetic` is synthetic too, and
+    // `requires` takes the flag --synthetic's default for given.
     if args.synthetic_per_class.is_some() && chosen != Source::Synthetic {
         anyhow::bail!("--synthetic-per-class sizes the --synthetic data set: add --synthetic");
     }

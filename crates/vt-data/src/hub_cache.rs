@@ -154,17 +154,8 @@ impl RepoCache {
             }
         }
         if let Ok(entries) = fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let stale = entry.file_name().to_string_lossy().starts_with(TEMPORARY)
-                    && entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|modified| {
-                            modified.elapsed().is_ok_and(|age| age > STALE_TEMPORARY)
-                        });
-                if stale {
-                    remove_leftover(&entry.path());
-                }
+            for entry in entries.flatten().filter(is_stale_temporary) {
+                remove_leftover(&entry.path());
             }
         }
     }
@@ -357,6 +348,15 @@ pub fn content_name(path: &Path, size: u64, oid: &str) -> Result<Option<String>>
         .chain_update(pointer)
         .finalize();
     Ok(hex(&pointer_id).eq_ignore_ascii_case(oid).then_some(sha256))
+}
+
+/// A temporary of [`RepoCache::temporary`] left longer than one lives: a killed fetch's.
+fn is_stale_temporary(entry: &fs::DirEntry) -> bool {
+    entry.file_name().to_string_lossy().starts_with(TEMPORARY)
+        && entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() > STALE_TEMPORARY)
 }
 
 fn remove_leftover(path: &Path) {

@@ -179,13 +179,10 @@ fn refuse_run_outputs(run_dir: &Path) -> Result<()> {
             previous_version(&path)?.map(|_| format!(".{name}.old"))
         })
     };
-    let mut first = None;
-    for name in RUN_OUTPUTS {
-        if let Some(output) = found(name)? {
-            first = Some(output);
-            break;
-        }
-    }
+    let first = RUN_OUTPUTS
+        .iter()
+        .find_map(|name| found(name).transpose())
+        .transpose()?;
     let Some(first) = first else {
         return Ok(());
     };
