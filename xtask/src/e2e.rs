@@ -664,7 +664,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         run_checked(&mut eval)?;
         let text = std::fs::read_to_string(&report_path)
             .with_context(|| format!("reading {}", report_path.display()))?;
-        Ok(serde_json::from_str(&text)?)
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", report_path.display()))
     })?;
 
     let explain_dir = run_dir.join("explain");

@@ -187,6 +187,10 @@ impl VtConfig {
         if self.std.iter().any(|s| *s <= 0.0 || !s.is_finite()) {
             return fail(format!("std must be positive, got {:?}", self.std));
         }
+        // A number too large for f32 reads as infinity, which would make every input NaN.
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return fail(format!("mean must be finite, got {:?}", self.mean));
+        }
         Ok(())
     }
 }
@@ -282,5 +286,15 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    /// A hand-edited config.json whose mean is out of f32's range reads as infinity.
+    #[test]
+    fn a_mean_beyond_f32_is_refused() {
+        let mut json = serde_json::to_value(VtConfig::new(Arch::VtResNet18, 6, 64)).unwrap();
+        json["mean"] = serde_json::json!([1e39, 0.45, 0.4]);
+        let config: VtConfig = serde_json::from_value(json).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("mean must be finite"), "{err}");
     }
 }

@@ -95,7 +95,7 @@ pub fn model_metadata(info: &ModelInfo) -> proto::ModelMetadataResponse {
 /// element per image, and whose batcher runs up to `--max-batch` images at once (at most
 /// `--queue`), waiting at most `--max-delay-ms` for them.
 pub fn model_config(info: &ModelInfo, batch: &BatchConfig) -> proto::ModelConfig {
-    // Far below i64::MAX classes; --queue and --max-batch are at most u32::MAX and 4096.
+    // Far below i64::MAX classes; --queue and --max-batch are at most 65536 and 4096.
     let classes = info.classes.len() as i64;
     let gpu = info
         .device

@@ -158,11 +158,19 @@ pub fn save(
             fs::write(&path, text).map_err(|cause| ModelError::Io { path, cause })
         };
         write_text(CONFIG_FILE, &config)?;
-        model.varmap.save(tmp.join(WEIGHTS_FILE))?;
+        let path = tmp.join(WEIGHTS_FILE);
+        model
+            .varmap
+            .save(&path)
+            .map_err(|e| model_error(&path, e))?;
         let path = tmp.join(OPTIMIZER_FILE);
         candle_core::safetensors::save(&moments, &path).map_err(|e| model_error(&path, e))?;
         if let Some(ema) = ema {
-            ema.model.varmap.save(tmp.join(EMA_FILE))?;
+            let path = tmp.join(EMA_FILE);
+            ema.model
+                .varmap
+                .save(&path)
+                .map_err(|e| model_error(&path, e))?;
         }
         // Last, so that a state folder with training.json is complete.
         write_text(TRAINING_FILE, &training)
