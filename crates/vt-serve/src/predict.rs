@@ -29,7 +29,7 @@ pub struct PredictArgs {
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`; a value takes `=`
     /// (`--bf16-products=false`), since image paths follow.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub bf16_products: bool,
     /// How many of the best classes to list under "top".
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -171,6 +171,9 @@ mod tests {
         for (given, expected) in [
             (&["--bf16-products", "a.jpg"][..], true),
             (&["--bf16-products=false", "a.jpg"][..], false),
+            // Read as vt-serve's VT_SERVE_BF16_PRODUCTS is.
+            (&["--bf16-products=1", "a.jpg"][..], true),
+            (&["--bf16-products=off", "a.jpg"][..], false),
             (&["a.jpg"][..], false),
         ] {
             let line = ["predict", "--checkpoint", "c"].iter().chain(given);

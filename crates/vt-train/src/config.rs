@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::builder::BoolishValueParser;
 use serde::{Deserialize, Serialize};
 use vt_data::augment::AugmentConfig;
 use vt_data::fetch::DEFAULT_DATA_DIR;
@@ -109,7 +110,7 @@ pub struct TrainOptions {
     /// TrivialAugmentWide after the crop, rotation and flip: one of 14 photometric or
     /// geometric operations at a random strength per image, resampled bilinearly
     /// (torchvision's reference recipe) [default: false]
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trivial_augment: Option<bool>,
     /// RandomErasing: with this probability, set a random box of each normalised training
     /// image to 0, the mean colour (torchvision's reference recipe: 0.1) [default: 0]
@@ -150,13 +151,13 @@ pub struct TrainOptions {
     pub device: Option<String>,
     /// Let f32 convolutions on a GPU use TF32 tensor cores, as PyTorch does by default
     /// (vt-serve and `vt-train eval` compute in full f32) [default: true]
-    #[arg(long, value_name = "BOOL")]
+    #[arg(long, value_name = "BOOL", value_parser = BoolishValueParser::new())]
     pub tf32: Option<bool>,
     /// On the CPU, let f32 convolutions and linear layers multiply in bfloat16 with f32 sums
     /// (CPUs with AVX512-BF16; PyTorch's `torch.backends.mkldnn.fp32_precision = "bf16"`):
     /// faster products, each rounded to 8 significant bits. Validation runs the same way;
     /// `vt-train eval` computes in full f32 [default: false]
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub bf16_products: Option<bool>,
     /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]
     #[arg(long)]
@@ -340,6 +341,27 @@ fn one_batch_per_step() -> usize {
     1
 }
 
+/// Refuses a learning rate that is not positive, or that the optimiser, which steps in f32,
+/// would apply as zero, infinity or a rate with lost digits.
+pub fn check_rate(flag: &str, lr: f64) -> Result<()> {
+    let range = f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX);
+    if range.contains(&lr) {
+        return Ok(());
+    }
+    let why = if lr > 0.0 {
+        format!(
+            "the optimiser steps in f32: rates from {:e} to {:e}",
+            f32::MIN_POSITIVE,
+            f32::MAX
+        )
+    } else {
+        "it must be positive".to_string()
+    };
+    Err(TrainError::Config(format!(
+        "{flag} {lr:e} cannot be used: {why}"
+    )))
+}
+
 impl TrainConfig {
     /// Fills what `options` leaves open from the recipe and checks every value.
     pub fn resolve(options: &TrainOptions) -> Result<TrainConfig> {
@@ -422,9 +444,7 @@ impl TrainConfig {
         if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return fail(format!("{flag} must be at least 1, got 0"));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return fail(format!("--lr must be positive, got {}", self.lr));
-        }
+        check_rate("--lr", self.lr)?;
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return fail(format!(
                 "--weight-decay must be >= 0, got {}",
@@ -791,6 +811,23 @@ mod tests {
         assert_eq!(TrainConfig::resolve(&options).unwrap().checkpoint_hist, 0);
         let file: TrainOptions = toml::from_str("checkpoint-hist = 3\n").unwrap();
         assert_eq!(TrainConfig::resolve(&file).unwrap().checkpoint_hist, 3);
+    }
+
+    /// Boolean flags read 1/0, on/off and yes/no too, as vt-serve's environment does.
+    #[test]
+    fn boolean_flags_take_the_usual_spellings() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: TrainOptions,
+        }
+        let cli = Cli::try_parse_from(["vt-train", "--bf16-products=on", "--tf32", "0"]).unwrap();
+        assert_eq!(cli.options.bf16_products, Some(true));
+        assert_eq!(cli.options.tf32, Some(false));
+        let cli = Cli::try_parse_from(["vt-train", "--trivial-augment", "no"]).unwrap();
+        assert_eq!(cli.options.trivial_augment, Some(false));
+        assert!(Cli::try_parse_from(["vt-train", "--tf32", "maybe"]).is_err());
     }
 
     /// NaN and infinities reach validation whether they come from a flag or a file, instead

@@ -14,7 +14,7 @@ use serde::Serialize;
 use vt_data::loader::{batches, Batch, BatchIter, LoaderConfig};
 use vt_model::pretrained::is_stem;
 
-use crate::config::{count_steps, TrainConfig, TrainOptions};
+use crate::config::{check_rate, count_steps, TrainConfig, TrainOptions};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::learner::{
     new_model, open_training_images, prepare_device, training_loader, Group, Learner,
@@ -96,13 +96,9 @@ impl LrSweep {
                  got {start:e} and {end:e}"
             )));
         }
-        // Else the rates past the start overflow to infinity.
-        if !(end / start).is_finite() {
-            return Err(TrainError::Config(format!(
-                "--end-lr / --start-lr is too large to compute ({end:e} / {start:e}): raise \
-                 --start-lr"
-            )));
-        }
+        // Within f32's range, `end / start` stays finite.
+        check_rate("--start-lr", start)?;
+        check_rate("--end-lr", end)?;
         if steps < 2 {
             return Err(TrainError::Config(format!(
                 "--steps must be at least 2 to sweep a range, got {steps}"
@@ -604,8 +600,10 @@ mod tests {
         }
         let err = LrSweep::new(1e-3, 1.0, 1).unwrap_err().to_string();
         assert!(err.contains("--steps must be at least 2"), "{err}");
-        let err = LrSweep::new(1e-300, 1e10, 3).unwrap_err().to_string();
-        assert!(err.contains("too large to compute"), "{err}");
+        let err = LrSweep::new(5e-324, 1e-3, 3).unwrap_err().to_string();
+        assert!(err.contains("--start-lr 5e-324 cannot be used"), "{err}");
+        let err = LrSweep::new(1e-3, 1e39, 3).unwrap_err().to_string();
+        assert!(err.contains("--end-lr 1e39 cannot be used"), "{err}");
     }
 
     #[test]
