@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
+use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vt_serve::args::LogFormat;
@@ -67,7 +68,14 @@ fn parse() -> Command {
         // clap requires --checkpoint when no subcommand is given.
         None => ServeArgs::from_arg_matches(&matches).map(Command::Serve),
     };
-    command.unwrap_or_else(|e| e.exit())
+    let command = command.unwrap_or_else(|e| e.exit());
+    // Options that do not go together are a usage error, as clap's own conflicts are.
+    if let Command::Serve(args) = &command {
+        if let Err(e) = args.validate() {
+            Cli::command().error(ErrorKind::ArgumentConflict, e).exit();
+        }
+    }
+    command
 }
 
 /// Removes the `VT_SERVE_*` environment variables that are set but empty or blank (as Helm

@@ -22,12 +22,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_vt-serve");
 
 /// Starts the binary on port 0 and returns it with the addresses it printed: the HTTP base
 /// URL, and the gRPC service's address when `args` ask for one.
-fn spawn_server(args: &[&str]) -> (Child, String, Option<SocketAddr>) {
+fn spawn_server(args: &[&str]) -> (KilledOnDrop, String, Option<SocketAddr>) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     let grpc = args.contains(&"--grpc-port");
     let mut lines = listening_on(&mut child, 1 + usize::from(grpc)).into_iter();
@@ -107,6 +108,44 @@ fn help_explains_every_flag() {
     }
 }
 
+/// Options that do not go together are refused before anything loads, as a usage error
+/// (exit 2) like clap's own, whether they come from flags or the environment.
+#[test]
+fn options_that_do_not_go_together_are_a_usage_error() {
+    for (args, env, said) in [
+        (
+            &["--port", "9000", "--grpc-port", "9000"][..],
+            None,
+            "give the gRPC service a port of its own",
+        ),
+        (
+            &["serve", "--port", "9000"][..],
+            Some(("VT_SERVE_GRPC_PORT", "9000")),
+            "give the gRPC service a port of its own",
+        ),
+        (
+            &[
+                "--max-body-bytes",
+                "1000",
+                "--max-inflight-body-bytes",
+                "10",
+            ][..],
+            None,
+            "could never be read",
+        ),
+    ] {
+        let mut command = Command::new(BIN);
+        command.args(args).args(["--checkpoint", "no-such-folder"]);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+    }
+}
+
 /// Settings from the environment, as containers give them, leave a subcommand its flags:
 /// clap's derive took one for the top-level server's flags, which then had no checkpoint,
 /// and checked them there, refusing a value the subcommand's flag replaces or never reads.
@@ -123,6 +162,7 @@ fn settings_from_the_environment_leave_subcommands_their_flags() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     listening_on(&mut child, 1);
     send_signal(&child, "TERM");
@@ -434,10 +474,11 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
         "0",
         "--device",
         "cpu",
+        // Time on a loaded machine to queue both requests and see them queued.
         "--max-delay-ms",
-        "1500",
+        "4000",
         "--timeout-ms",
-        "5000",
+        "10000",
     ]);
     let client = client();
     let ready = client
@@ -533,6 +574,7 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     let [base, grpc_url] = <[String; 2]>::try_from(listening_on(&mut child, 2)).unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -644,6 +686,7 @@ async fn a_server_whose_stderr_is_closed_keeps_answering() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
+            .map(KilledOnDrop)
             .unwrap();
         let base = listening_on(&mut child, 1).remove(0);
         // The reading end closed: every write to stderr from now on is EPIPE.
@@ -758,6 +801,7 @@ async fn a_sigterm_right_after_the_address_is_a_clean_stop() {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KilledOnDrop)
             .unwrap();
         // Both lines read: a pipe closed under the second would fail the server.
         listening_on(&mut child, 2);
@@ -772,7 +816,9 @@ async fn a_sigterm_right_after_the_address_is_a_clean_stop() {
 /// Starts the binary on `checkpoint` whose `model.safetensors` is made a FIFO, so that its
 /// load waits for the test to write the weights: returns it once it reads the FIFO, the
 /// FIFO opened for writing, its path and the weights' file.
-fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, std::fs::File, PathBuf, PathBuf) {
+fn start_loading_through_a_fifo(
+    checkpoint: &Path,
+) -> (KilledOnDrop, std::fs::File, PathBuf, PathBuf) {
     let weights = checkpoint.join("model.safetensors");
     let saved = checkpoint.join("saved.safetensors");
     std::fs::rename(&weights, &saved).unwrap();
@@ -785,6 +831,7 @@ fn start_loading_through_a_fifo(checkpoint: &Path) -> (Child, std::fs::File, Pat
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     // Opening the FIFO for writing waits until the server opens it to read the weights.
     let writer = std::fs::OpenOptions::new()
@@ -808,6 +855,7 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     let base = listening_on(&mut child, 1).remove(0);
     let lines = stderr_lines(&mut child);
@@ -859,6 +907,7 @@ async fn text_logs_quote_request_ids_and_empty_settings_are_unset() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(KilledOnDrop)
         .unwrap();
     let base = listening_on(&mut child, 1).remove(0);
     let lines = stderr_lines(&mut child);

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +39,7 @@ const NEW_CLASSES: [&str; 3] = ["p", "q", "r"];
 
 /// The binary, serving `checkpoint` on a free port, with its stderr collected.
 struct Served {
-    child: Child,
+    child: KilledOnDrop,
     base: String,
     stderr: Arc<Mutex<String>>,
 }
@@ -53,6 +53,7 @@ impl Served {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
+            .map(KilledOnDrop)
             .unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let lines = BufReader::new(child.stderr.take().unwrap());

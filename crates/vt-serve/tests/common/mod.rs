@@ -25,6 +25,31 @@ use vt_serve::{AppState, Classifier, ServeArgs, Server, StartError, Stopped};
 
 pub use vt_data::dataset::CLASSES;
 
+/// A spawned process, killed when dropped: a test that fails leaves no server running (and
+/// holding the test run's output open).
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        // Nothing is signalled once the child has been waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KilledOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KilledOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
 /// A randomly initialised VT-ResNet18 small enough to run fast on a CPU.
 pub fn tiny_checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -313,15 +338,16 @@ pub async fn start_endless_upload(client: &reqwest::Client, base: &str) -> tokio
     stream
 }
 
-/// The options of a server for [`post_past_deadline`]: a request times out after 300 ms,
-/// while a forming batch waits up to 2 s for the requests on their way.
+/// The options of a server for [`post_past_deadline`]: a request times out after 2 s (time
+/// for the few round trips that set it up on a loaded machine), while a forming batch waits
+/// up to 20 s for the requests on their way.
 pub const PAST_DEADLINE_ARGS: [&str; 6] = [
     "--timeout-ms",
-    "300",
+    "2000",
     "--max-batch",
     "8",
     "--max-delay-ms",
-    "2000",
+    "20000",
 ];
 
 /// Sends `body` (of `content_type`) to `path` so that it waits for a batch past its
