@@ -214,18 +214,19 @@ fn a_batch_of_only_bad_files_is_left_out() {
 #[test]
 fn dropping_the_iterator_early_stops_the_workers() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = RgbImage::from_fn(600, 400, |x, y| Rgb([x as u8, y as u8, 7]));
+    let img = RgbImage::from_fn(1200, 800, |x, y| Rgb([x as u8, y as u8, 7]));
     let path = tmp.path().join("big.png");
     write(&path, &encode(img.into(), ImageFormat::Png));
-    let samples: Vec<(PathBuf, usize)> = (0..2000).map(|i| (path.clone(), i % 6)).collect();
+    let samples: Vec<(PathBuf, usize)> = (0..20_000).map(|i| (path.clone(), i % 6)).collect();
     let mut cfg = raw_eval(8);
     cfg.prefetch = 2;
     let start = Instant::now();
     let mut iter = batches(&samples, &cfg, 0, &Device::Cpu);
-    assert_eq!(iter.len(), 250);
+    assert_eq!(iter.len(), 2500);
     iter.next().unwrap().unwrap();
     drop(iter);
-    // The whole epoch would take far longer; dropping joins the workers promptly.
+    // The whole epoch, 20,000 decodes of a megapixel, takes minutes; dropping joins the
+    // workers promptly.
     assert!(
         start.elapsed() < Duration::from_secs(20),
         "{:?}",

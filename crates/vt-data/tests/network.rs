@@ -1491,9 +1491,10 @@ fn a_hub_that_never_answers_fails_within_the_read_timeout() {
     let start = Instant::now();
     let err = fetch(&opts).unwrap_err().to_string();
     let took = start.elapsed();
-    // One attempt and one retry, each cut off by the read timeout.
+    // One attempt and one retry, each cut off by the read timeout (and not waiting longer:
+    // the bound leaves a loaded machine room).
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    assert!(took >= timeout * 2 && took < timeout * 4, "took {took:?}");
+    assert!(took >= timeout * 2 && took < timeout * 8, "took {took:?}");
     for needed in ["someone/silent", "timed out", "--synthetic"] {
         assert!(err.contains(needed), "{err}");
     }

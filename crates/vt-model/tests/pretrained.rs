@@ -317,7 +317,8 @@ fn hub_ids_download_through_hf_endpoint_and_a_404_is_a_clear_error() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     serve_hub(listener, "test-org/resnet18-tiny", bytes, 8);
-    // This test binary holds only this test, so the process environment is ours.
+    // The variables are what this test checks. The other tests of this binary load files or
+    // give their hub explicitly (`HubOptions`), so none reads them.
     std::env::set_var("HF_ENDPOINT", &endpoint);
     std::env::set_var("HF_HOME", tmp.path().join("hf-home"));
     std::env::set_var("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1");
