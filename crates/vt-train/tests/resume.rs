@@ -780,8 +780,9 @@ fn a_diverged_epoch_leaves_the_run_as_the_epoch_before() {
             .args(flags);
         cmd
     };
-    // A rate beyond f32's range: the first update leaves the weights infinite.
-    let err = run_err(&mut resume(&["--lr", "1e39"]));
+    // The largest rate f32 holds, and a weight decay that takes it past: the first update
+    // leaves the decayed weights infinite.
+    let err = run_err(&mut resume(&["--lr", "3e38", "--weight-decay", "10"]));
     assert!(
         err.contains("diverged in epoch 2") && err.contains("the run's state keeps epoch 1"),
         "{err}"
