@@ -28,7 +28,8 @@ pub struct Args {
     /// Network source, when neither --from nor --synthetic is given.
     #[arg(long, value_enum, conflicts_with_all = ["from", "synthetic"])]
     source: Option<Source>,
-    /// Import a local zip or extracted folder in the Kaggle layout instead of downloading.
+    /// Import a local zip or extracted folder in the Kaggle layout instead of downloading:
+    /// seg_train/<class>/, optionally seg_test/<class>/ and seg_pred/ (your own images too).
     #[arg(long, value_name = "PATH", conflicts_with = "synthetic")]
     from: Option<PathBuf>,
     /// Generate a small synthetic 6-class data set (offline demos and tests).
@@ -283,6 +284,7 @@ mod tests {
             seed: 0,
             origin: "synthetic:seed=0".into(),
             duplicates: Vec::new(),
+            renamed: Default::default(),
         };
         let dir = Path::new("data/intel");
         let mut pipe = Closing {

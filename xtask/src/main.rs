@@ -14,7 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download or import the Intel Image Classification data set into train/val/test/pred.
+    /// Download or import the Intel Image Classification data set (or import your own images
+    /// in its layout) into train/val/test/pred.
     FetchData(fetch_data::Args),
     /// The whole journey: data, training, evaluation, a served prediction, checked.
     E2e(e2e::Args),

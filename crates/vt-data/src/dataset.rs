@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::image_files::folder_image_files;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PRED_DIR: &str = "pred";
@@ -77,6 +78,11 @@ pub struct Manifest {
     /// written, so that "none" reads as checked (manifests of earlier versions may lack it).
     #[serde(default)]
     pub duplicates: Vec<DuplicateGroup>,
+    /// The images filed under another name than the source gave them (for its characters,
+    /// or a name two source files share; a changed extension aside): path in the data
+    /// folder -> path in the source.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub renamed: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -147,7 +153,7 @@ impl std::fmt::Display for Split {
     }
 }
 
-/// One labelled split as (path, label) pairs, in a stable order (by class, then file name).
+/// One labelled split as (path, label) pairs, in a stable order (by class, then path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageFolder {
     pub classes: Vec<String>,
@@ -186,11 +192,8 @@ impl ImageFolder {
                 // A class with no images in this split (e.g. an empty test set).
                 continue;
             }
-            let mut files: Vec<PathBuf> = list_dir(&dir)?
-                .into_iter()
-                .filter(|p| p.is_file())
-                .collect();
-            files.sort();
+            // Subfolders included, as torchvision's ImageFolder and the import read them.
+            let files = folder_image_files(&dir)?;
             samples.extend(files.into_iter().map(|p| (p, label)));
         }
         Ok(ImageFolder { classes, samples })

@@ -10,6 +10,12 @@ use crate::error::{DataError, Result};
 /// content.
 pub const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
 
+/// Whether a file name has one of [`IMAGE_EXTENSIONS`] (in any case).
+pub fn is_image_name(name: &Path) -> bool {
+    name.extension()
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
 /// Each given file as it is, and each folder's image files in the order of their paths,
 /// subfolders included (hidden ones left out). A folder without image files is refused.
 pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -25,6 +31,14 @@ pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
             files.push(path.clone());
         }
     }
+    Ok(files)
+}
+
+/// `folder`'s image files, subfolders included, in the order of their paths (none for an
+/// empty folder).
+pub fn folder_image_files(folder: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    add_folder(folder, &mut files)?;
     Ok(files)
 }
 
@@ -47,11 +61,7 @@ fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
         }
         if kind.is_dir() {
             add_folder(&path, files)?;
-        } else if !path.is_dir()
-            && path
-                .extension()
-                .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-        {
+        } else if !path.is_dir() && is_image_name(&path) {
             files.push(path);
         }
     }

@@ -16,7 +16,7 @@ use crate::dataset::{
 };
 use crate::decode;
 use crate::error::{DataError, Result};
-use crate::layout::Role;
+use crate::layout::{self, Placement, Role};
 use crate::split;
 
 /// Images are verified and written in chunks of this many, in parallel.
@@ -57,6 +57,8 @@ pub struct Importer {
     pred: usize,
     /// Where each labelled image was filed, by the SHA-256 of its bytes.
     filed: BTreeMap<[u8; 32], Vec<Filed>>,
+    /// The images filed under another name than the source's, with their source paths.
+    renamed: Vec<(Filed, String)>,
     skipped: Vec<SkippedEntry>,
     finished: bool,
 }
@@ -124,6 +126,7 @@ impl Importer {
             test: BTreeMap::new(),
             pred: 0,
             filed: BTreeMap::new(),
+            renamed: Vec::new(),
             skipped: Vec::new(),
             finished: false,
         })
@@ -179,16 +182,21 @@ impl Importer {
             if let Role::Train(class) = &image.role {
                 self.note_class_folder(class);
             }
-            let target = match (
-                image.role.class().filter(|c| !valid_class(c)),
-                decode::sniff_format(&image.bytes),
-            ) {
-                (Some(class), _) => Err(format!(
-                    "unusable class folder name {class:?} (allowed: ASCII letters, digits, \
-                     space, '-', '_', '.')"
-                )),
-                (None, Err(e)) => Err(e.to_string()),
-                (None, Ok(format)) => Ok(self.unique_path(&image.role, &image.name, format)),
+            // A class is never dropped for its name: its images are the user's data.
+            if let Some((class, why)) = image
+                .role
+                .class()
+                .and_then(|class| unusable_class_name(class).map(|why| (class, why)))
+            {
+                return Err(DataError::Layout(format!(
+                    "class {class:?} (a folder or label of {}) cannot name a class: {why}; \
+                     rename it",
+                    self.origin
+                )));
+            }
+            let target = match decode::sniff_format(&image.bytes) {
+                Err(e) => Err(e.to_string()),
+                Ok(format) => Ok(self.unique_path(&image.role, &image.name, format)),
             };
             planned.push((image, target));
         }
@@ -222,11 +230,19 @@ impl Importer {
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
+                    let filed = Filed {
+                        role: image.role.clone(),
+                        name: file_name.clone(),
+                    };
+                    // A name the source's no longer shows (for its characters, or another
+                    // file of that name): the manifest says where it came from. A new
+                    // extension, for the format the bytes hold, keeps the name findable.
+                    let stem = |name: &str| Path::new(name).file_stem().map(|s| s.to_owned());
+                    if stem(&image.name) != stem(&file_name) {
+                        self.renamed.push((filed.clone(), image.source_path));
+                    }
                     if image.role != Role::Pred {
-                        self.filed.entry(digest).or_default().push(Filed {
-                            role: image.role.clone(),
-                            name: file_name.clone(),
-                        });
+                        self.filed.entry(digest).or_default().push(filed);
                     }
                     match image.role {
                         Role::Train(class) => self.train.entry(class).or_default().push(file_name),
@@ -265,9 +281,19 @@ impl Importer {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .filter(|n| ["seg_train", "seg_test", "seg_pred"].contains(n));
-            let hint = split_given.map_or_else(String::new, |name| {
-                format!("; give the folder that holds {name}, not {name} itself")
-            });
+            let other_layout = self
+                .skipped
+                .iter()
+                .any(|s| s.reason == layout::OUTSIDE_SPLITS);
+            let hint = match split_given {
+                Some(name) => format!("; give the folder that holds {name}, not {name} itself"),
+                None if other_layout => "; a folder in torchvision's layout (train/<class>/, \
+                                         val/<class>/) needs no import: vt-train train --data \
+                                         DIR reads it as it is. To import it, rename train/ to \
+                                         seg_train/ and test/ to seg_test/"
+                    .into(),
+                None => String::new(),
+            };
             return Err(DataError::Layout(format!(
                 "no usable training images in {}: expected seg_train/<class>/<image> \
                  (as in the Kaggle archive), {} file(s) skipped{}{hint}",
@@ -282,13 +308,23 @@ impl Importer {
             .filter(|c| !self.train.contains_key(*c))
             .map(String::as_str)
             .collect();
+        // torchvision's ImageFolder refuses a class without images too: the class was meant
+        // to be learnt, and its files are all unusable (skipped, with the reasons).
         if !empty.is_empty() {
-            tracing::warn!(
-                "seg_train class folder(s) {} in {} hold no usable images: left out of the \
-                 classes",
+            let in_empty = |s: &&SkippedEntry| match layout::place(&s.path) {
+                Placement::Image {
+                    role: Role::Train(class),
+                    ..
+                } => empty.contains(&class.as_str()),
+                _ => false,
+            };
+            return Err(DataError::Layout(format!(
+                "seg_train class folder(s) {} in {} hold no usable images{}; fix or remove \
+                 the folder(s)",
                 quoted(&empty),
-                self.origin
-            );
+                self.origin,
+                first_skips(self.skipped.iter().filter(in_empty))
+            )));
         }
         // A test class without training images is a misnamed folder or label (`Forest` beside
         // `forest`), not a class the model could learn.
@@ -367,11 +403,24 @@ impl Importer {
                 .insert(class.clone(), self.test.get(class).copied().unwrap_or(0));
         }
         counts.pred = self.pred;
+        let unmeasured: Vec<&str> = counts
+            .val
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(class, _)| class.as_str())
+            .collect();
         if counts.val.values().sum::<usize>() == 0 {
             tracing::warn!(
                 "the val split is empty (--val-fraction {}): vt-train needs validation images; \
                  import with a fraction above 0, or more images per class",
                 self.val_fraction
+            );
+        } else if !unmeasured.is_empty() {
+            // A class of one image, or whose images all have copies kept in train.
+            tracing::warn!(
+                "class(es) {} have no validation images: validation accuracy will not measure \
+                 them; add images to them",
+                quoted(&unmeasured)
             );
         }
         let pred_dir = self.staging.join(PRED_DIR);
@@ -390,6 +439,11 @@ impl Importer {
             seed: self.seed,
             origin: self.origin.clone(),
             duplicates,
+            renamed: self
+                .renamed
+                .iter()
+                .map(|(filed, source)| (final_path(filed, &assignment), source.clone()))
+                .collect(),
         };
         // Written last inside staging: its presence marks a complete import.
         manifest.write(&self.staging)?;
@@ -403,22 +457,27 @@ impl Importer {
     /// The first few skipped files with their reasons, for an error that says nothing was
     /// usable.
     fn first_skips(&self) -> String {
-        const SHOWN: usize = 5;
-        if self.skipped.is_empty() {
-            return String::new();
-        }
-        let shown: Vec<String> = self
-            .skipped
-            .iter()
-            .take(SHOWN)
-            .map(|s| format!("{} ({})", s.path, s.reason))
-            .collect();
-        let more = match self.skipped.len().saturating_sub(SHOWN) {
-            0 => String::new(),
-            n => format!("; {n} more in the same way or others"),
-        };
-        format!(": {}{more}", shown.join("; "))
+        first_skips(self.skipped.iter())
     }
+}
+
+/// The first few of `skipped` with their reasons.
+fn first_skips<'a>(skipped: impl Iterator<Item = &'a SkippedEntry>) -> String {
+    const SHOWN: usize = 5;
+    let skipped: Vec<&SkippedEntry> = skipped.collect();
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = skipped
+        .iter()
+        .take(SHOWN)
+        .map(|s| format!("{} ({})", s.path, s.reason))
+        .collect();
+    let more = match skipped.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!("; {n} more in the same way or others"),
+    };
+    format!(": {}{more}", shown.join("; "))
 }
 
 /// Whether `name` of `class`'s `seg_train` images went to validation.
@@ -451,19 +510,23 @@ fn keep_copies_in_train(group: &[Filed], assignment: &mut Assignment) {
     }
 }
 
+/// Where an imported image ends up, relative to the data folder.
+fn final_path(f: &Filed, assignment: &Assignment) -> String {
+    let (split, class) = match &f.role {
+        Role::Test(class) => (Split::Test, class),
+        Role::Train(class) if in_val(assignment, class, &f.name) => (Split::Val, class),
+        Role::Train(class) => (Split::Train, class),
+        Role::Pred => return format!("{PRED_DIR}/{}", f.name),
+    };
+    format!("{split}/{class}/{}", f.name)
+}
+
 /// A group of identical images as the manifest lists it, by their final paths.
 fn duplicate_group(group: &[Filed], assignment: &Assignment) -> DuplicateGroup {
     let mut files: Vec<String> = group
         .iter()
-        .filter_map(|f| {
-            let (split, class) = match &f.role {
-                Role::Test(class) => (Split::Test, class),
-                Role::Train(class) if in_val(assignment, class, &f.name) => (Split::Val, class),
-                Role::Train(class) => (Split::Train, class),
-                Role::Pred => return None,
-            };
-            Some(format!("{split}/{class}/{}", f.name))
-        })
+        .filter(|f| f.role != Role::Pred)
+        .map(|f| final_path(f, assignment))
         .collect();
     files.sort();
     let classes: HashSet<&str> = group.iter().filter_map(|f| f.role.class()).collect();
@@ -672,12 +735,22 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
-fn valid_class(class: &str) -> bool {
-    !class.is_empty()
-        && !class.starts_with('.')
-        && class
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' ' | '.'))
+/// Why `class` cannot name a class folder of the import and a label in reports, if it
+/// cannot. Any other name, in any script, is kept as it is.
+fn unusable_class_name(class: &str) -> Option<&'static str> {
+    if class.trim().is_empty() {
+        Some("it is blank")
+    } else if class.trim() != class {
+        Some("it starts or ends with white space")
+    } else if class.starts_with('.') {
+        Some("it starts with a dot (a hidden folder)")
+    } else if class.contains(['/', '\\']) {
+        Some("it holds a path separator")
+    } else if class.chars().any(char::is_control) {
+        Some("it holds a control character")
+    } else {
+        None
+    }
 }
 
 fn sanitize_stem(name: &str) -> String {
@@ -685,17 +758,19 @@ fn sanitize_stem(name: &str) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Letters and digits of any script, and what camera and download names hold
+    // (`IMG (1)`); the rest (separators, quotes, control characters) is replaced.
     let clean: String = stem
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+            if c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '(' | ')') {
                 c
             } else {
                 '_'
             }
         })
         .collect();
-    let clean = clean.trim_start_matches('.');
+    let clean = clean.trim_start_matches('.').trim();
     if clean.is_empty() {
         "image".into()
     } else {
@@ -721,12 +796,17 @@ mod tests {
     fn stems_are_sanitised() {
         assert_eq!(sanitize_stem("7606.jpg"), "7606");
         assert_eq!(sanitize_stem("../../etc/passwd"), "passwd");
-        assert_eq!(sanitize_stem("a b?.png"), "a_b_");
+        assert_eq!(sanitize_stem("a b?.png"), "a b_");
+        assert_eq!(sanitize_stem("猫 (1).jpg"), "猫 (1)");
+        assert_eq!(sanitize_stem("été\n.jpg"), "été_");
         assert_eq!(sanitize_stem(".hidden"), "hidden");
         assert_eq!(sanitize_stem(""), "image");
-        assert!(valid_class("buildings"));
-        assert!(!valid_class(".."));
-        assert!(!valid_class("a/b"));
+        for usable in ["buildings", "forêt", "Main St", "猫", "sea-shore (2)"] {
+            assert_eq!(unusable_class_name(usable), None, "{usable}");
+        }
+        for unusable in ["", " ", "..", ".hidden", "a/b", "a\\b", "sea ", "a\tb"] {
+            assert!(unusable_class_name(unusable).is_some(), "{unusable:?}");
+        }
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! `seg_test/seg_test/<class>/x.jpg`, `seg_pred/seg_pred/x.jpg`), with or without the doubled
 //! folder names and under any wrapper folder, for zips and extracted folders alike.
 
+use std::path::Path;
+
+use crate::image_files::is_image_name;
+
 /// Which split of the source an image belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
@@ -35,6 +39,9 @@ pub enum Placement {
     Unplaced(String),
 }
 
+/// Why an image file outside the split folders is not imported.
+pub const OUTSIDE_SPLITS: &str = "not in seg_train/, seg_test/ or seg_pred/: not imported";
+
 /// Places a '/'-separated path relative to the source root.
 pub fn place(rel: &str) -> Placement {
     // `.` is the current folder (bsdtar and Windows zips start entries with `./`); other
@@ -53,7 +60,14 @@ pub fn place(rel: &str) -> Placement {
         .iter()
         .position(|p| matches!(*p, "seg_train" | "seg_test" | "seg_pred"))
     else {
-        return Placement::Ignore;
+        // An image is reported (a `val/` or `train/` folder of another layout), other files
+        // (a README) are not.
+        return match parts.last() {
+            Some(name) if is_image_name(Path::new(name)) => {
+                Placement::Unplaced(OUTSIDE_SPLITS.into())
+            }
+            _ => Placement::Ignore,
+        };
     };
     let mut j = i + 1;
     if parts.get(j) == Some(&parts[i]) {
@@ -131,6 +145,10 @@ mod tests {
     #[test]
     fn noise_is_ignored_and_strays_reported() {
         assert_eq!(place("README.md"), Placement::Ignore);
+        assert_eq!(place("notes/plan.txt"), Placement::Ignore);
+        for stray in ["val/forest/1.jpg", "archive/preview.PNG"] {
+            assert_eq!(place(stray), Placement::Unplaced(OUTSIDE_SPLITS.into()));
+        }
         assert_eq!(
             place("__MACOSX/seg_train/forest/._1.jpg"),
             Placement::Ignore

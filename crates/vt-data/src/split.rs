@@ -18,11 +18,13 @@ pub fn check_fraction(val_fraction: f64) -> Result<()> {
     }
 }
 
-/// How many of `n` images of a class go to validation: `round(n * fraction)`, but always
-/// leaving at least one for training.
+/// How many of `n` images of a class go to validation: `round(n * fraction)`, at least one
+/// where the fraction is above 0 (a class without validation images would go unmeasured),
+/// and always leaving at least one for training.
 pub fn val_count(n: usize, val_fraction: f64) -> usize {
     let k = (n as f64 * val_fraction).round() as usize;
-    k.min(n.saturating_sub(1))
+    k.max(usize::from(val_fraction > 0.0))
+        .min(n.saturating_sub(1))
 }
 
 /// Splits one class's file names into (train, val). The names are sorted first and the
@@ -58,6 +60,9 @@ mod tests {
         assert_eq!(val_count(600, 0.1), 60);
         assert_eq!(val_count(2191, 0.1), 219);
         assert_eq!(val_count(5, 0.1), 1);
+        // A small class is still measured.
+        assert_eq!(val_count(4, 0.1), 1);
+        assert_eq!(val_count(2, 0.01), 1);
         assert_eq!(val_count(1, 0.5), 0);
         assert_eq!(val_count(0, 0.1), 0);
         assert_eq!(val_count(10, 0.0), 0);

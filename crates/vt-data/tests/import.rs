@@ -10,6 +10,7 @@ use image::{GrayImage, ImageFormat, Luma};
 use vt_data::dataset::{DuplicateGroup, ImageFolder, Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
 use vt_data::import::Importer;
+use vt_data::layout::OUTSIDE_SPLITS;
 use vt_data::source::parquet::{import_parquet, ParquetSplit};
 use vt_data::source::synthetic::SyntheticConfig;
 use vt_data::DataError;
@@ -597,11 +598,13 @@ fn a_test_class_without_training_images_is_an_error() {
 }
 
 #[test]
-fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
+fn unusable_files_are_skipped_with_a_plain_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     three_forest_photos(&src);
-    write(&src.join("seg_train/seg_train/forêt/1.jpg"), &jpeg(5));
+    // Beside the split folders: another layout's split, reported; other files ignored.
+    write(&src.join("val/forest/1.jpg"), &jpeg(5));
+    write(&src.join("notes.txt"), b"what the photos are");
     #[cfg(unix)]
     {
         std::os::unix::fs::symlink(
@@ -634,11 +637,7 @@ fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
             .map(|s| s.reason.clone())
             .unwrap_or_else(|| panic!("{path} not in {:?}", m.skipped))
     };
-    let bad_name = reason("seg_train/seg_train/forêt/1.jpg");
-    assert!(
-        bad_name.starts_with(r#"unusable class folder name "forêt""#),
-        "{bad_name}"
-    );
+    assert_eq!(reason("val/forest/1.jpg"), OUTSIDE_SPLITS);
     #[cfg(unix)]
     {
         let dangling = reason("seg_train/seg_train/forest/dangling.jpg");
@@ -649,6 +648,63 @@ fn unusable_files_and_class_names_are_skipped_with_a_plain_reason() {
         }
         assert_eq!(m.skipped.len(), 4, "{:?}", m.skipped);
     }
+}
+
+/// A user's own classes and files keep their names, in any script; a file that cannot
+/// (another of its name, a separator) is listed with its source path. A name that cannot name
+/// a class stops the import rather than drop the class.
+#[test]
+fn names_of_any_script_are_kept_and_renamed_files_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("seg_train/forêt/猫 (1).jpg"), &jpeg(1));
+    write(&src.join("seg_train/forêt/a.jpg"), &jpeg(2));
+    write(&src.join("seg_train/forêt/trip/a.jpg"), &jpeg(3));
+    write(&src.join("seg_train/Main St/b|c.jpg"), &jpeg(4));
+    let data = tmp.path().join("data");
+    let m = fetch(&FetchOptions {
+        val_fraction: 0.0,
+        ..from_path(&data, &src)
+    })
+    .unwrap();
+    assert_eq!(m.classes, ["Main St", "forêt"]);
+    assert!(data.join("train/forêt/猫 (1).jpg").is_file());
+    assert_eq!(
+        m.renamed,
+        [
+            ("train/Main St/b_c.jpg", "seg_train/Main St/b|c.jpg"),
+            ("train/forêt/a-1.jpg", "seg_train/forêt/trip/a.jpg"),
+        ]
+        .map(|(to, from)| (to.to_string(), from.to_string()))
+        .into()
+    );
+    for name in ["a-1.jpg", "a.jpg"] {
+        assert!(data.join("train/forêt").join(name).is_file());
+    }
+
+    write(&src.join("seg_train/sea /0.jpg"), &jpeg(5));
+    let err = fetch(&from_path(&tmp.path().join("other"), &src))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"class "sea " "#) && err.contains("starts or ends with white space"),
+        "{err}"
+    );
+}
+
+/// A folder in torchvision's layout is not imported, and the error says what to do.
+#[test]
+fn a_torchvision_layout_is_pointed_to_vt_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for (split, class) in [("train", "cat"), ("train", "dog"), ("val", "cat")] {
+        write(&src.join(format!("{split}/{class}/1.jpg")), &jpeg(1));
+    }
+    let err = fetch(&from_path(&tmp.path().join("data"), &src))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train/cat/1.jpg (not in seg_train/"), "{err}");
+    assert!(err.contains("vt-train train --data DIR reads it"), "{err}");
 }
 
 /// In the user's own archive, unreadable entries are skipped, named by their names.
@@ -720,8 +776,9 @@ fn zip_entries_of_the_same_name_are_reported() {
     );
 }
 
-/// A data set of one class is refused; one without usable training images says why its
-/// files were skipped.
+/// A data set of one class is refused; one without usable training images, or with a class
+/// folder without any (torchvision's ImageFolder refuses it too), says why its files were
+/// skipped.
 #[test]
 fn one_class_or_no_usable_image_is_refused_with_the_reasons() {
     let tmp = tempfile::tempdir().unwrap();
@@ -729,13 +786,29 @@ fn one_class_or_no_usable_image_is_refused_with_the_reasons() {
     for i in 0..3 {
         write(&src.join(format!("seg_train/forest/{i}.jpg")), &jpeg(i));
     }
-    fs::create_dir_all(src.join("seg_train/sea")).unwrap();
     let data = tmp.path().join("data");
     let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
     assert!(
         err.contains("only 1 class") && err.contains("\"forest\""),
         "{err}"
     );
+    assert!(!data.exists());
+
+    for i in 0..3 {
+        write(
+            &src.join(format!("seg_train/mountain/{i}.jpg")),
+            &jpeg(i + 3),
+        );
+    }
+    fs::create_dir_all(src.join("seg_train/sea")).unwrap();
+    write(&src.join("seg_train/street/a.tif"), b"II*\0 a TIFF");
+    let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
+    assert!(
+        err.contains(r#""sea", "street" in"#) && err.contains("hold no usable images"),
+        "{err}"
+    );
+    // The reasons are those of the empty classes' files.
+    assert!(err.contains(": seg_train/street/a.tif ("), "{err}");
     assert!(!data.exists());
 
     let src = tmp.path().join("broken");
@@ -795,11 +868,17 @@ fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_spli
     write(&tmp.path().join("train/zebra/1.jpg"), &jpeg(1));
     write(&tmp.path().join("train/ant/1.jpg"), &jpeg(2));
     write(&tmp.path().join("train/ant/0.jpg"), &jpeg(3));
+    // Subfolders are read, as torchvision's ImageFolder reads them; other files are not.
+    write(&tmp.path().join("train/ant/2023 trip/5.png"), &jpeg(4));
+    write(&tmp.path().join("train/ant/notes.txt"), b"not a photo");
+    write(&tmp.path().join("train/ant/.DS_Store"), b"");
     let folder = ImageFolder::open(tmp.path(), Split::Train).unwrap();
     assert_eq!(folder.classes, ["ant", "zebra"]);
     let labels: Vec<usize> = folder.samples.iter().map(|s| s.1).collect();
-    assert_eq!(labels, [0, 0, 1]);
+    assert_eq!(labels, [0, 0, 0, 1]);
     assert!(folder.samples[0].0.ends_with("ant/0.jpg"));
+    assert!(folder.samples[1].0.ends_with("ant/1.jpg"));
+    assert!(folder.samples[2].0.ends_with("ant/2023 trip/5.png"));
     let err = ImageFolder::open(tmp.path(), Split::Val)
         .unwrap_err()
         .to_string();

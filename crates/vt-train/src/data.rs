@@ -9,6 +9,7 @@ use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::loader::{LoaderConfig, Transform};
 use vt_data::rng::derive_seed;
 use vt_data::transform::Normalize;
+use vt_data::DataError;
 use vt_model::VtConfig;
 
 use crate::error::{Result, TrainError};
@@ -53,7 +54,19 @@ pub fn open_train_split(data_dir: &Path, limit: Option<usize>, seed: u64) -> Res
 }
 
 fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
-    let folder = ImageFolder::open(data_dir, split)?;
+    let folder = match ImageFolder::open(data_dir, split) {
+        // A folder of the user's own (train/, val/) that never had a test split is no
+        // data set missing its import.
+        Err(DataError::NotFetched { path, .. })
+            if split == Split::Test && data_dir.join(Split::Train.dir_name()).is_dir() =>
+        {
+            return Err(TrainError::Config(format!(
+                "{} not found: this data folder has no test split, use --split val",
+                path.display()
+            )));
+        }
+        opened => opened?,
+    };
     if folder.is_empty() {
         // Data imported from a folder without seg_test (the sample) has no test split.
         let hint = match split {
@@ -185,5 +198,16 @@ mod tests {
         assert!(err.to_string().contains("use --split val"), "{err}");
         let err = open_split(data.path(), Split::Val, None, 0).err().unwrap();
         assert!(!err.to_string().contains("--split"), "{err}");
+    }
+
+    /// A folder of the user's own, with train/ and val/ only, lacks no import.
+    #[test]
+    fn a_missing_test_folder_beside_train_says_to_evaluate_on_val() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join(Split::Train.dir_name())).unwrap();
+        let err = open_split(data.path(), Split::Test, None, 0).err().unwrap();
+        let err = err.to_string();
+        assert!(err.contains("has no test split, use --split val"), "{err}");
+        assert!(!err.contains("fetch-data"), "{err}");
     }
 }

@@ -143,10 +143,18 @@ impl ConfusionMatrix {
         }
     }
 
-    /// Per-class accuracy keyed by class name.
+    /// Per-class accuracy keyed by class name; NaN (`null` in JSON) for a class without
+    /// images here, which has no accuracy to report.
     pub fn class_accuracy(&self) -> BTreeMap<String, f64> {
         (0..self.classes.len())
-            .map(|k| (self.classes[k].clone(), self.recall(k)))
+            .map(|k| {
+                let accuracy = if self.counts[k].iter().sum::<u64>() == 0 {
+                    f64::NAN
+                } else {
+                    self.recall(k)
+                };
+                (self.classes[k].clone(), accuracy)
+            })
             .collect()
     }
 
@@ -475,6 +483,10 @@ mod tests {
         assert_eq!(f1[2], 0.0);
         assert!((cm.macro_f1() - (f1[0] + f1[1] + f1[2]) / 3.0).abs() < 1e-12);
         assert_eq!(ConfusionMatrix::new(vec!["a".into()]).macro_f1(), 0.0);
+        // A class without validation images has no accuracy, not an accuracy of 0.
+        let accuracy = cm.class_accuracy();
+        assert_eq!((accuracy["a"], accuracy["b"]), (0.5, 1.0));
+        assert!(accuracy["c"].is_nan() && accuracy["d"].is_nan());
     }
 
     #[test]

@@ -748,6 +748,7 @@ impl Trainer {
         let per_class: Vec<(String, f64)> = record
             .val_class_acc
             .iter()
+            .filter(|(_, acc)| !acc.is_nan())
             .map(|(class, acc)| (format!("val/accuracy/{class}"), *acc))
             .collect();
         let mut scalars = vec![

@@ -757,16 +757,19 @@ fn missing_data_is_a_clear_error() {
     );
     // An import without validation images says how to get some.
     let data = tmp.path().join("no-val");
-    let mut options = vt_data::fetch::FetchOptions::new(
-        &data,
-        vt_data::fetch::FetchSource::Synthetic(vt_data::source::synthetic::SyntheticConfig {
-            train_per_class: 2,
-            test_per_class: 0,
-            pred: 0,
-            image_size: 16,
-            seed: 1,
-        }),
-    );
+    let synthetic = |train_per_class| {
+        vt_data::fetch::FetchOptions::new(
+            &data,
+            vt_data::fetch::FetchSource::Synthetic(vt_data::source::synthetic::SyntheticConfig {
+                train_per_class,
+                test_per_class: 0,
+                pred: 0,
+                image_size: 16,
+                seed: 1,
+            }),
+        )
+    };
+    let mut options = synthetic(2);
     options.val_fraction = 0.0;
     vt_data::fetch::fetch(&options).unwrap();
     let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
@@ -774,9 +777,9 @@ fn missing_data_is_a_clear_error() {
         err.contains("val has no images") && err.contains("--val-fraction 0.1"),
         "{err}"
     );
-    // A fraction that set none aside from classes this small is not said to be 0.
-    options.val_fraction = 0.1;
-    vt_data::fetch::fetch(&options).unwrap();
+    // A fraction that set none aside from classes this small (one image, which training
+    // keeps) is not said to be 0.
+    vt_data::fetch::fetch(&synthetic(1)).unwrap();
     let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
     assert!(
         err.contains("val has no images")
