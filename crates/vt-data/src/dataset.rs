@@ -79,7 +79,7 @@ pub struct Manifest {
     #[serde(default)]
     pub duplicates: Vec<DuplicateGroup>,
     /// The images filed under another name than the source gave them (for its characters,
-    /// or a name two source files share; a changed extension aside): path in the data
+    /// the format its bytes hold, or a name two source files share): path in the data
     /// folder -> path in the source.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub renamed: BTreeMap<String, String>,

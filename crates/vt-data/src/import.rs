@@ -234,11 +234,16 @@ impl Importer {
                         role: image.role.clone(),
                         name: file_name.clone(),
                     };
-                    // A name the source's no longer shows (for its characters, or another
-                    // file of that name): the manifest says where it came from. A new
-                    // extension, for the format the bytes hold, keeps the name findable.
-                    let stem = |name: &str| Path::new(name).file_stem().map(|s| s.to_owned());
-                    if stem(&image.name) != stem(&file_name) {
+                    // Filed under another name than the source's (for its characters, its
+                    // format, another file of that name): the manifest says where it came
+                    // from. A name made up for a nameless source (a parquet row) gets only
+                    // an extension.
+                    let source = Path::new(&image.name);
+                    let renamed = match source.extension() {
+                        Some(_) => source.file_name().is_none_or(|n| n != file_name.as_str()),
+                        None => source.file_stem() != Path::new(&file_name).file_stem(),
+                    };
+                    if renamed {
                         self.renamed.push((filed.clone(), image.source_path));
                     }
                     if image.role != Role::Pred {
@@ -287,10 +292,11 @@ impl Importer {
                 .any(|s| s.reason == layout::OUTSIDE_SPLITS);
             let hint = match split_given {
                 Some(name) => format!("; give the folder that holds {name}, not {name} itself"),
-                None if other_layout => "; a folder in torchvision's layout (train/<class>/, \
-                                         val/<class>/) needs no import: vt-train train --data \
-                                         DIR reads it as it is. To import it, rename train/ to \
-                                         seg_train/ and test/ to seg_test/"
+                None if other_layout => "; to import, put the class folders in seg_train/ \
+                                         (a test split's in seg_test/). A folder in \
+                                         torchvision's layout, train/<class>/ and \
+                                         val/<class>/, needs no import: vt-train train --data \
+                                         DIR reads it as it is"
                     .into(),
                 None => String::new(),
             };
@@ -319,8 +325,8 @@ impl Importer {
                 _ => false,
             };
             return Err(DataError::Layout(format!(
-                "seg_train class folder(s) {} in {} hold no usable images{}; fix or remove \
-                 the folder(s)",
+                "training class(es) {} in {} have no usable images{}; fix or remove their \
+                 files",
                 quoted(&empty),
                 self.origin,
                 first_skips(self.skipped.iter().filter(in_empty))
@@ -748,6 +754,9 @@ fn unusable_class_name(class: &str) -> Option<&'static str> {
         Some("it holds a path separator")
     } else if class.chars().any(char::is_control) {
         Some("it holds a control character")
+    } else if class.contains(char::REPLACEMENT_CHARACTER) {
+        // Read from a name that is not UTF-8: two such folders could read the same.
+        Some("it is not valid UTF-8")
     } else {
         None
     }
@@ -758,19 +767,23 @@ fn sanitize_stem(name: &str) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // Letters and digits of any script, and what camera and download names hold
-    // (`IMG (1)`); the rest (separators, quotes, control characters) is replaced.
+    // Every script's characters (combining marks too), and of ASCII the letters, digits and
+    // what camera and download names hold (`IMG (1)`); separators, quotes, control
+    // characters and other white space are replaced.
+    let kept = |c: char| match c {
+        c if c.is_ascii() => {
+            c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '(' | ')')
+        }
+        c => !c.is_control() && !c.is_whitespace(),
+    };
     let clean: String = stem
         .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '(' | ')') {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if kept(c) { c } else { '_' })
         .collect();
-    let clean = clean.trim_start_matches('.').trim();
+    // Not hidden, and no white space at the ends.
+    let clean = clean
+        .trim_start_matches(|c: char| c == '.' || c.is_whitespace())
+        .trim_end();
     if clean.is_empty() {
         "image".into()
     } else {
@@ -798,13 +811,27 @@ mod tests {
         assert_eq!(sanitize_stem("../../etc/passwd"), "passwd");
         assert_eq!(sanitize_stem("a b?.png"), "a b_");
         assert_eq!(sanitize_stem("猫 (1).jpg"), "猫 (1)");
+        // Decomposed, as macOS writes names, and a script of combining marks.
+        assert_eq!(sanitize_stem("e\u{301}te\u{301}.jpg"), "e\u{301}te\u{301}");
+        assert_eq!(sanitize_stem("नमस्ते.jpg"), "नमस्ते");
         assert_eq!(sanitize_stem("été\n.jpg"), "été_");
         assert_eq!(sanitize_stem(".hidden"), "hidden");
+        assert_eq!(sanitize_stem(" . .hidden .jpg"), "hidden");
         assert_eq!(sanitize_stem(""), "image");
         for usable in ["buildings", "forêt", "Main St", "猫", "sea-shore (2)"] {
             assert_eq!(unusable_class_name(usable), None, "{usable}");
         }
-        for unusable in ["", " ", "..", ".hidden", "a/b", "a\\b", "sea ", "a\tb"] {
+        for unusable in [
+            "",
+            " ",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "sea ",
+            "a\tb",
+            "caf\u{fffd}",
+        ] {
             assert!(unusable_class_name(unusable).is_some(), "{unusable:?}");
         }
     }

@@ -692,6 +692,39 @@ fn names_of_any_script_are_kept_and_renamed_files_listed() {
     );
 }
 
+/// Info-ZIP's `zip -r` on Linux stores UTF-8 names without the flag that says so: they are
+/// read as UTF-8, not CP437, as the same folder's import reads them.
+#[test]
+fn utf8_names_of_a_zip_without_the_utf8_flag_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut zip = zip_bytes(&[
+        ("seg_train/forêt/1.jpg".into(), jpeg(1)),
+        ("seg_train/猫/1.jpg".into(), jpeg(2)),
+    ]);
+    // Bit 11 of the flags of each local header (at 6) and central directory header (at 8).
+    for (signature, flags_at) in [(b"PK\x03\x04", 6), (b"PK\x01\x02", 8)] {
+        let headers: Vec<usize> = zip
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == signature)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(headers.len(), 2);
+        for at in headers {
+            assert_ne!(zip[at + flags_at + 1] & 0x08, 0, "written with the flag");
+            zip[at + flags_at + 1] &= !0x08;
+        }
+    }
+    let path = tmp.path().join("info-zip.zip");
+    fs::write(&path, zip).unwrap();
+    let m = fetch(&FetchOptions {
+        val_fraction: 0.0,
+        ..from_path(&tmp.path().join("data"), &path)
+    })
+    .unwrap();
+    assert_eq!(m.classes, ["forêt", "猫"]);
+}
+
 /// A folder in torchvision's layout is not imported, and the error says what to do.
 #[test]
 fn a_torchvision_layout_is_pointed_to_vt_train() {
@@ -804,7 +837,7 @@ fn one_class_or_no_usable_image_is_refused_with_the_reasons() {
     write(&src.join("seg_train/street/a.tif"), b"II*\0 a TIFF");
     let err = fetch(&from_path(&data, &src)).unwrap_err().to_string();
     assert!(
-        err.contains(r#""sea", "street" in"#) && err.contains("hold no usable images"),
+        err.contains(r#""sea", "street" in"#) && err.contains("have no usable images"),
         "{err}"
     );
     // The reasons are those of the empty classes' files.

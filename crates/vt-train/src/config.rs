@@ -50,8 +50,9 @@ impl Recipe {
 #[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainOptions {
-    /// Data folder in the `cargo xtask fetch-data` layout (train/, val/ [, test/] with a
-    /// folder per class, manifest.json) [default: data/intel]
+    /// Data folder: train/, val/ [, test/] with a folder per class, as `cargo xtask
+    /// fetch-data` makes it (with manifest.json) or in torchvision's ImageFolder layout
+    /// [default: data/intel]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Training recipe; its defaults apply to every option not given [default: modern]

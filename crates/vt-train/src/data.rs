@@ -55,13 +55,21 @@ pub fn open_train_split(data_dir: &Path, limit: Option<usize>, seed: u64) -> Res
 
 fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
     let folder = match ImageFolder::open(data_dir, split) {
-        // A folder of the user's own (train/, val/) that never had a test split is no
-        // data set missing its import.
+        // A folder of the user's own (train/ beside it) that lacks a split is not a
+        // missing import.
         Err(DataError::NotFetched { path, .. })
-            if split == Split::Test && data_dir.join(Split::Train.dir_name()).is_dir() =>
+            if split != Split::Train && data_dir.join(Split::Train.dir_name()).is_dir() =>
         {
+            let hint = match split {
+                Split::Test => "this data folder has no test split, use --split val",
+                _ => {
+                    "put validation images in val/<class>/ folders, as torchvision's layout \
+                      has them, or import the images with cargo xtask fetch-data, which sets \
+                      some aside"
+                }
+            };
             return Err(TrainError::Config(format!(
-                "{} not found: this data folder has no test split, use --split val",
+                "{} not found: {hint}",
                 path.display()
             )));
         }
@@ -70,7 +78,7 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
     if folder.is_empty() {
         // Data imported from a folder without seg_test (the sample) has no test split.
         let hint = match split {
-            Split::Test => ": this import has no test split, use --split val".to_owned(),
+            Split::Test => ": this data folder has no test images, use --split val".to_owned(),
             Split::Val => match Manifest::read(data_dir) {
                 Ok(manifest) if manifest.val_fraction == 0.0 => {
                     ": it was imported with --val-fraction 0; import again with a fraction \
@@ -200,14 +208,21 @@ mod tests {
         assert!(!err.to_string().contains("--split"), "{err}");
     }
 
-    /// A folder of the user's own, with train/ and val/ only, lacks no import.
+    /// A folder of the user's own with train/ only is not a missing import.
     #[test]
-    fn a_missing_test_folder_beside_train_says_to_evaluate_on_val() {
+    fn a_missing_split_beside_train_says_what_to_do() {
         let data = tempfile::tempdir().unwrap();
         std::fs::create_dir(data.path().join(Split::Train.dir_name())).unwrap();
         let err = open_split(data.path(), Split::Test, None, 0).err().unwrap();
         let err = err.to_string();
         assert!(err.contains("has no test split, use --split val"), "{err}");
         assert!(!err.contains("fetch-data"), "{err}");
+        let err = open_split(data.path(), Split::Val, None, 0).err().unwrap();
+        let err = err.to_string();
+        assert!(
+            err.contains("put validation images in val/<class>/"),
+            "{err}"
+        );
+        assert!(!err.contains("run it first"), "{err}");
     }
 }

@@ -185,7 +185,7 @@ pub struct EvalArgs {
     /// Checkpoint folder (config.json + model.safetensors), e.g. runs/NAME/best
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    /// Data folder in the `cargo xtask fetch-data` layout [default: the `data` of the
+    /// Data folder, as `vt-train train --data` reads it [default: the `data` of the
     /// checkpoint's run (RUN/config.toml beside it, or above its top/), else data/intel]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,

@@ -136,6 +136,16 @@ pub(crate) fn import_download(path: &Path, importer: &mut Importer) -> Result<Zi
     import_entries(path, importer, true)
 }
 
+/// An entry's name: its bytes as UTF-8 where they are UTF-8, as Info-ZIP's `zip` on Linux
+/// writes them without the flag that says so (which would make them CP437, `forêt` read as
+/// `for├¬t`); as the archive says otherwise.
+fn entry_name(entry: &zip::read::ZipFile<'_, impl std::io::Read>) -> String {
+    match std::str::from_utf8(entry.name_raw()) {
+        Ok(name) => name.to_string(),
+        Err(_) => entry.name().to_string(),
+    }
+}
+
 fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Result<ZipSummary> {
     let summary = verify_zip(path)?;
     let mut archive = open(path)?;
@@ -175,13 +185,13 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
                 continue;
             }
         };
+        let name = entry_name(&entry);
         if entry.is_dir() {
-            if let Some(class) = train_class_of_folder(entry.name()) {
+            if let Some(class) = train_class_of_folder(&name) {
                 importer.note_class_folder(&class);
             }
             continue;
         }
-        let name = entry.name().to_string();
         let (role, file_name) = match place(&name) {
             Placement::Ignore => continue,
             Placement::Unplaced(reason) => {
