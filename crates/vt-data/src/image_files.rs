@@ -1,6 +1,7 @@
 //! The image files that paths given on a command line stand for (`vt-serve predict`,
 //! `vt-train explain`): a file as it is, a folder its image files.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
@@ -23,7 +24,7 @@ pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for path in given {
         if path.is_dir() {
             let before = files.len();
-            add_folder(path, &mut files)?;
+            add_folder(path, &mut HashSet::new(), &mut files)?;
             if files.len() == before {
                 return Err(DataError::NoImageFiles(path.clone()));
             }
@@ -38,13 +39,24 @@ pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// empty folder).
 pub fn folder_image_files(folder: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    add_folder(folder, &mut files)?;
+    add_folder(folder, &mut HashSet::new(), &mut files)?;
     Ok(files)
 }
 
 /// Adds `folder`'s image files, subfolders included, in the order of their paths. Links to
-/// folders are not followed (as `find` does not), so a link back up cannot loop.
-fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+/// folders are followed, as torchvision's ImageFolder and the import follow them, except to
+/// a folder `listed` already or above this one (which would list its images again, or
+/// forever).
+fn add_folder(
+    folder: &Path,
+    listed: &mut HashSet<PathBuf>,
+    files: &mut Vec<PathBuf>,
+) -> Result<()> {
+    // (A folder whose real path cannot be told is listed.)
+    let real = folder.canonicalize().ok();
+    if let Some(real) = &real {
+        listed.insert(real.clone());
+    }
     let listing_error = |cause| DataError::io(folder, cause);
     let mut entries = std::fs::read_dir(folder)
         .map_err(listing_error)?
@@ -59,9 +71,23 @@ fn add_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
         if hidden {
             continue;
         }
-        if kind.is_dir() {
-            add_folder(&path, files)?;
-        } else if !path.is_dir() && is_image_name(&path) {
+        if path.is_dir() {
+            let target = path.canonicalize().ok();
+            let again = target.as_ref().is_some_and(|target| {
+                listed.contains(target) || real.as_ref().is_some_and(|r| r.starts_with(target))
+            });
+            if again {
+                // (A folder itself is listed again only after a link led to it.)
+                if kind.is_symlink() {
+                    tracing::warn!(
+                        "{}: a link to a folder already listed, not followed",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+            add_folder(&path, listed, files)?;
+        } else if is_image_name(&path) {
             files.push(path);
         }
     }

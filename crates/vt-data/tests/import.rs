@@ -912,6 +912,18 @@ fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_spli
     assert!(folder.samples[0].0.ends_with("ant/0.jpg"));
     assert!(folder.samples[1].0.ends_with("ant/1.jpg"));
     assert!(folder.samples[2].0.ends_with("ant/2023 trip/5.png"));
+    // Links to folders are followed, as torchvision follows them; a link back up is not.
+    #[cfg(unix)]
+    {
+        write(&tmp.path().join("elsewhere/7.jpg"), &jpeg(5));
+        let ant = tmp.path().join("train/ant");
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), ant.join("more")).unwrap();
+        std::os::unix::fs::symlink("..", ant.join("up")).unwrap();
+        let folder = ImageFolder::open(tmp.path(), Split::Train).unwrap();
+        let ants: Vec<&Path> = folder.samples[..4].iter().map(|s| s.0.as_path()).collect();
+        assert!(ants[3].ends_with("ant/more/7.jpg"), "{ants:?}");
+        assert_eq!(folder.samples[4..].len(), 1, "{:?}", folder.samples);
+    }
     let err = ImageFolder::open(tmp.path(), Split::Val)
         .unwrap_err()
         .to_string();
