@@ -762,6 +762,9 @@ fn unusable_class_name(class: &str) -> Option<&'static str> {
     }
 }
 
+/// The longest stem of an imported file, in bytes.
+const MAX_STEM_BYTES: usize = 200;
+
 fn sanitize_stem(name: &str) -> String {
     let stem = Path::new(name)
         .file_stem()
@@ -780,10 +783,14 @@ fn sanitize_stem(name: &str) -> String {
         .chars()
         .map(|c| if kept(c) { c } else { '_' })
         .collect();
-    // Not hidden, and no white space at the ends.
-    let clean = clean
-        .trim_start_matches(|c: char| c == '.' || c.is_whitespace())
-        .trim_end();
+    // Not hidden, no white space at the ends, and room for a `-N` and an extension within
+    // the 255 bytes a file name may have (a zip's names have no limit).
+    let mut clean = clean.trim_start_matches(|c: char| c == '.' || c.is_whitespace());
+    while clean.len() > MAX_STEM_BYTES {
+        let last = clean.chars().next_back().map_or(0, char::len_utf8);
+        clean = &clean[..clean.len() - last];
+    }
+    let clean = clean.trim_end();
     if clean.is_empty() {
         "image".into()
     } else {
@@ -814,6 +821,8 @@ mod tests {
         // Decomposed, as macOS writes names, and a script of combining marks.
         assert_eq!(sanitize_stem("e\u{301}te\u{301}.jpg"), "e\u{301}te\u{301}");
         assert_eq!(sanitize_stem("नमस्ते.jpg"), "नमस्ते");
+        let long = sanitize_stem(&format!("{}.jpg", "猫".repeat(100)));
+        assert_eq!(long, "猫".repeat(66));
         assert_eq!(sanitize_stem("été\n.jpg"), "été_");
         assert_eq!(sanitize_stem(".hidden"), "hidden");
         assert_eq!(sanitize_stem(" . .hidden .jpg"), "hidden");
