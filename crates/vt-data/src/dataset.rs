@@ -177,11 +177,20 @@ impl ImageFolder {
             refuse_unknown_class_folders(&root, &classes)?;
             classes
         } else {
-            let mut names: Vec<String> = list_dir(&root)?
-                .into_iter()
-                .filter(|p| p.is_dir())
-                .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
-                .collect();
+            // A class name is text in every report: a folder whose name is not is refused,
+            // not left out.
+            let mut names = Vec::new();
+            for folder in list_dir(&root)?.into_iter().filter(|p| p.is_dir()) {
+                match folder.file_name().and_then(|n| n.to_str()) {
+                    Some(name) => names.push(name.to_string()),
+                    None => {
+                        return Err(DataError::Layout(format!(
+                            "{}: a class folder's name must be UTF-8; rename it",
+                            folder.display()
+                        )))
+                    }
+                }
+            }
             names.sort();
             names
         };

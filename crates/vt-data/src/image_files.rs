@@ -24,7 +24,7 @@ pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for path in given {
         if path.is_dir() {
             let before = files.len();
-            add_folder(path, &mut HashSet::new(), &mut files)?;
+            add_folder(path, &mut Listing::default(), &mut files)?;
             if files.len() == before {
                 return Err(DataError::NoImageFiles(path.clone()));
             }
@@ -39,23 +39,28 @@ pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// empty folder).
 pub fn folder_image_files(folder: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    add_folder(folder, &mut HashSet::new(), &mut files)?;
+    add_folder(folder, &mut Listing::default(), &mut files)?;
     Ok(files)
+}
+
+/// The real paths of the folders of one listing.
+#[derive(Default)]
+struct Listing {
+    /// Where it started.
+    top: Option<PathBuf>,
+    listed: HashSet<PathBuf>,
 }
 
 /// Adds `folder`'s image files, subfolders included, in the order of their paths. Links to
 /// folders are followed, as torchvision's ImageFolder and the import follow them, except to
-/// a folder `listed` already or above this one (which would list its images again, or
-/// forever).
-fn add_folder(
-    folder: &Path,
-    listed: &mut HashSet<PathBuf>,
-    files: &mut Vec<PathBuf>,
-) -> Result<()> {
+/// a folder listed already, or at or above this one or the top (which would list its images
+/// again, or forever, or another folder's).
+fn add_folder(folder: &Path, listing: &mut Listing, files: &mut Vec<PathBuf>) -> Result<()> {
     // (A folder whose real path cannot be told is listed.)
     let real = folder.canonicalize().ok();
     if let Some(real) = &real {
-        listed.insert(real.clone());
+        listing.top.get_or_insert_with(|| real.clone());
+        listing.listed.insert(real.clone());
     }
     let listing_error = |cause| DataError::io(folder, cause);
     let mut entries = std::fs::read_dir(folder)
@@ -73,20 +78,25 @@ fn add_folder(
         }
         if path.is_dir() {
             let target = path.canonicalize().ok();
+            let above = |folder: &Option<PathBuf>, target: &Path| {
+                folder.as_ref().is_some_and(|f| f.starts_with(target))
+            };
             let again = target.as_ref().is_some_and(|target| {
-                listed.contains(target) || real.as_ref().is_some_and(|r| r.starts_with(target))
+                listing.listed.contains(target)
+                    || above(&real, target)
+                    || above(&listing.top, target)
             });
             if again {
                 // (A folder itself is listed again only after a link led to it.)
                 if kind.is_symlink() {
                     tracing::warn!(
-                        "{}: a link to a folder already listed, not followed",
+                        "{}: a link to a folder listed already or being listed, not followed",
                         path.display()
                     );
                 }
                 continue;
             }
-            add_folder(&path, listed, files)?;
+            add_folder(&path, listing, files)?;
         } else if is_image_name(&path) {
             files.push(path);
         }

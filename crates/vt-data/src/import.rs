@@ -33,6 +33,9 @@ pub struct RawImage {
     pub role: Role,
     /// Original file name; the stem is kept, the extension follows the sniffed format.
     pub name: String,
+    /// Whether the source gave `name`: one is made up for a parquet row without a path, and
+    /// its file name is no renaming to report.
+    pub named_by_source: bool,
     pub bytes: Vec<u8>,
 }
 
@@ -236,14 +239,11 @@ impl Importer {
                     };
                     // Filed under another name than the source's (for its characters, its
                     // format, another file of that name): the manifest says where it came
-                    // from. A name made up for a nameless source (a parquet row) gets only
-                    // an extension.
-                    let source = Path::new(&image.name);
-                    let renamed = match source.extension() {
-                        Some(_) => source.file_name().is_none_or(|n| n != file_name.as_str()),
-                        None => source.file_stem() != Path::new(&file_name).file_stem(),
-                    };
-                    if renamed {
+                    // from.
+                    let renamed = Path::new(&image.name)
+                        .file_name()
+                        .is_none_or(|n| n != file_name.as_str());
+                    if image.named_by_source && renamed {
                         self.renamed.push((filed.clone(), image.source_path));
                     }
                     if image.role != Role::Pred {
@@ -757,6 +757,9 @@ fn unusable_class_name(class: &str) -> Option<&'static str> {
     } else if class.contains(char::REPLACEMENT_CHARACTER) {
         // Read from a name that is not UTF-8: two such folders could read the same.
         Some("it is not valid UTF-8")
+    } else if class.len() > 255 {
+        // A zip's names have no limit; the class folder's has.
+        Some("it is longer than the 255 bytes a folder name may have")
     } else {
         None
     }
@@ -830,7 +833,9 @@ mod tests {
         for usable in ["buildings", "forêt", "Main St", "猫", "sea-shore (2)"] {
             assert_eq!(unusable_class_name(usable), None, "{usable}");
         }
+        let long = "猫".repeat(90);
         for unusable in [
+            &long,
             "",
             " ",
             "..",

@@ -661,6 +661,7 @@ fn names_of_any_script_are_kept_and_renamed_files_listed() {
     write(&src.join("seg_train/forêt/a.jpg"), &jpeg(2));
     write(&src.join("seg_train/forêt/trip/a.jpg"), &jpeg(3));
     write(&src.join("seg_train/Main St/b|c.jpg"), &jpeg(4));
+    write(&src.join("seg_train/Main St/scan"), &jpeg(6));
     let data = tmp.path().join("data");
     let m = fetch(&FetchOptions {
         val_fraction: 0.0,
@@ -673,6 +674,7 @@ fn names_of_any_script_are_kept_and_renamed_files_listed() {
         m.renamed,
         [
             ("train/Main St/b_c.jpg", "seg_train/Main St/b|c.jpg"),
+            ("train/Main St/scan.jpg", "seg_train/Main St/scan"),
             ("train/forêt/a-1.jpg", "seg_train/forêt/trip/a.jpg"),
         ]
         .map(|(to, from)| (to.to_string(), from.to_string()))
@@ -919,10 +921,19 @@ fn image_folder_without_a_manifest_uses_sorted_folders_and_explains_missing_spli
         let ant = tmp.path().join("train/ant");
         std::os::unix::fs::symlink(tmp.path().join("elsewhere"), ant.join("more")).unwrap();
         std::os::unix::fs::symlink("..", ant.join("up")).unwrap();
+        // Back from the linked folder to above the class: zebra's images are no ant's.
+        std::os::unix::fs::symlink(tmp.path().join("train"), tmp.path().join("elsewhere/back"))
+            .unwrap();
         let folder = ImageFolder::open(tmp.path(), Split::Train).unwrap();
         let ants: Vec<&Path> = folder.samples[..4].iter().map(|s| s.0.as_path()).collect();
         assert!(ants[3].ends_with("ant/more/7.jpg"), "{ants:?}");
         assert_eq!(folder.samples[4..].len(), 1, "{:?}", folder.samples);
+        // A class folder whose name is not text is refused, not left out.
+        use std::os::unix::ffi::OsStrExt;
+        let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+        fs::create_dir(tmp.path().join("train").join(latin1)).unwrap();
+        let err = ImageFolder::open(tmp.path(), Split::Train).unwrap_err();
+        assert!(err.to_string().contains("name must be UTF-8"), "{err}");
     }
     let err = ImageFolder::open(tmp.path(), Split::Val)
         .unwrap_err()

@@ -64,8 +64,8 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
                 Split::Test => "this data folder has no test split, use --split val",
                 _ => {
                     "put validation images in val/<class>/ folders, as torchvision's layout \
-                      has them, or import the images with cargo xtask fetch-data, which sets \
-                      some aside"
+                      has them, or rename train/ to seg_train/ and import the folder with \
+                      cargo xtask fetch-data, which sets some aside"
                 }
             };
             return Err(TrainError::Config(format!(

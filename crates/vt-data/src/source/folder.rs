@@ -94,6 +94,7 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                     source_path: rel,
                     role,
                     name,
+                    named_by_source: true,
                     bytes,
                 })?;
             }

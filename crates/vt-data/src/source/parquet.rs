@@ -94,11 +94,13 @@ pub fn import_parquet(
                     (ParquetSplit::Train, Some(class)) => Role::Train(class),
                     (ParquetSplit::Test, Some(class)) => Role::Test(class),
                 };
+                let named_by_source = name.is_some();
                 let name = name.unwrap_or_else(|| format!("{}-{i:06}", stem_of(display)));
                 importer.add(RawImage {
                     source_path: where_,
                     role,
                     name,
+                    named_by_source,
                     bytes,
                 })?;
                 count += 1;

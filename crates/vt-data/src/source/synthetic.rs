@@ -99,6 +99,7 @@ pub fn import_synthetic(cfg: &SyntheticConfig, importer: &mut Importer) -> Resul
             source_path: format!("synthetic/{name}"),
             role,
             name,
+            named_by_source: true,
             bytes: encode_jpeg(&render(class, cfg.image_size, &mut rng))?,
         })
     };

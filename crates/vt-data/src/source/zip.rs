@@ -227,6 +227,7 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
             source_path: name,
             role,
             name: file_name,
+            named_by_source: true,
             bytes,
         })?;
     }
