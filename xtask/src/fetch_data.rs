@@ -191,6 +191,19 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
             writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
         }
     }
+    if !m.renamed.is_empty() {
+        writeln!(
+            out,
+            "renamed {} file(s) (their characters, their format's extension, or a name taken):",
+            m.renamed.len()
+        )?;
+        for (to, from) in m.renamed.iter().take(20) {
+            writeln!(out, "  {from} -> {to}")?;
+        }
+        if m.renamed.len() > 20 {
+            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
+        }
+    }
     if !m.skipped.is_empty() {
         writeln!(out, "skipped {} file(s):", m.skipped.len())?;
         for s in m.skipped.iter().take(20) {
@@ -284,7 +297,7 @@ mod tests {
             seed: 0,
             origin: "synthetic:seed=0".into(),
             duplicates: Vec::new(),
-            renamed: Default::default(),
+            renamed: [("pred/7606.png".into(), "seg_pred/7606.jpg".into())].into(),
         };
         let dir = Path::new("data/intel");
         let mut pipe = Closing {
@@ -301,6 +314,11 @@ mod tests {
         print_report(&mut all, dir, &manifest).unwrap();
         let text = String::from_utf8(all).unwrap();
         assert!(text.starts_with("imported synthetic"), "{text}");
+        assert!(
+            text.contains("renamed 1 file(s)")
+                && text.contains("\n  seg_pred/7606.jpg -> pred/7606.png\n"),
+            "{text}"
+        );
         // The counts line up in one column.
         for line in [
             "train:      0",
