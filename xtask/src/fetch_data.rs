@@ -138,6 +138,23 @@ fn print_report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> anyhow::
     }
 }
 
+/// The first 20 of a list of the manifest's, indented, and where the rest are.
+fn write_first(
+    out: &mut impl Write,
+    lines: impl ExactSizeIterator<Item = String>,
+    data_dir: &Path,
+) -> io::Result<()> {
+    const SHOWN: usize = 20;
+    let more = lines.len() > SHOWN;
+    for line in lines.take(SHOWN) {
+        writeln!(out, "  {line}")?;
+    }
+    if more {
+        writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
+    }
+    Ok(())
+}
+
 fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()> {
     let total = |split: vt_data::dataset::Split| m.count(split);
     writeln!(
@@ -179,17 +196,15 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
              copies in train stay out of val:",
             m.duplicates.len()
         )?;
-        for d in m.duplicates.iter().take(20) {
+        let lines = m.duplicates.iter().map(|d| {
             let note = if d.conflicting_labels {
                 " (different classes)"
             } else {
                 ""
             };
-            writeln!(out, "  {}{note}", d.files.join(" = "))?;
-        }
-        if m.duplicates.len() > 20 {
-            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
-        }
+            format!("{}{note}", d.files.join(" = "))
+        });
+        write_first(out, lines, data_dir)?;
     }
     if !m.renamed.is_empty() {
         writeln!(
@@ -197,21 +212,16 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
             "renamed {} file(s) (their characters, their format's extension, or a name taken):",
             m.renamed.len()
         )?;
-        for (to, from) in m.renamed.iter().take(20) {
-            writeln!(out, "  {from} -> {to}")?;
-        }
-        if m.renamed.len() > 20 {
-            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
-        }
+        let lines = m.renamed.iter().map(|(to, from)| format!("{from} -> {to}"));
+        write_first(out, lines, data_dir)?;
     }
     if !m.skipped.is_empty() {
         writeln!(out, "skipped {} file(s):", m.skipped.len())?;
-        for s in m.skipped.iter().take(20) {
-            writeln!(out, "  {}: {}", s.path, s.reason)?;
-        }
-        if m.skipped.len() > 20 {
-            writeln!(out, "  … see {}/manifest.json", data_dir.display())?;
-        }
+        let lines = m
+            .skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.path, s.reason));
+        write_first(out, lines, data_dir)?;
     }
     Ok(())
 }

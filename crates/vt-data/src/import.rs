@@ -305,7 +305,7 @@ impl Importer {
                  (as in the Kaggle archive), {} file(s) skipped{}{hint}",
                 self.origin,
                 self.skipped.len(),
-                self.first_skips()
+                first_skips(self.skipped.iter())
             )));
         }
         let empty: Vec<&str> = self
@@ -459,15 +459,8 @@ impl Importer {
     }
 }
 
-impl Importer {
-    /// The first few skipped files with their reasons, for an error that says nothing was
-    /// usable.
-    fn first_skips(&self) -> String {
-        first_skips(self.skipped.iter())
-    }
-}
-
-/// The first few of `skipped` with their reasons.
+/// The first few of `skipped` with their reasons, for an error that says nothing (of a
+/// class) was usable.
 fn first_skips<'a>(skipped: impl Iterator<Item = &'a SkippedEntry>) -> String {
     const SHOWN: usize = 5;
     let skipped: Vec<&SkippedEntry> = skipped.collect();
