@@ -378,18 +378,30 @@ impl Importer {
                 quoted(&classes.iter().map(String::as_str).collect::<Vec<_>>())
             )));
         }
-        let mut assignment: Assignment = classes
+        // Training images with a copy among the others stay in training.
+        let mut copied: HashSet<(&str, &str)> = HashSet::new();
+        for group in self.filed.values() {
+            let in_train: Vec<(&str, &str)> = group
+                .iter()
+                .filter_map(|f| match &f.role {
+                    Role::Train(class) => Some((class.as_str(), f.name.as_str())),
+                    _ => None,
+                })
+                .collect();
+            if in_train.len() > 1 {
+                copied.extend(in_train);
+            }
+        }
+        let assignment: Assignment = classes
             .iter()
             .map(|class| {
                 let names = self.train.remove(class).unwrap_or_default();
-                let split = split::split_class(class, names, self.val_fraction, self.seed);
+                let copied = |name: &str| copied.contains(&(class.as_str(), name));
+                let split = split::split_class(class, names, self.val_fraction, self.seed, copied);
                 (class.clone(), split)
             })
             .collect();
         let groups: Vec<&Vec<Filed>> = self.filed.values().filter(|g| g.len() > 1).collect();
-        for group in &groups {
-            keep_copies_in_train(group, &mut assignment);
-        }
         let mut counts = SplitCounts::default();
         for class in &classes {
             for split in Split::ALL {
@@ -484,29 +496,6 @@ fn in_val(assignment: &Assignment, class: &str, name: &str) -> bool {
     assignment
         .get(class)
         .is_some_and(|(_, val)| val.binary_search_by(|n| n.as_str().cmp(name)).is_ok())
-}
-
-/// Moves the validation copies of an image that also has a copy in training back to
-/// training: validation must not score images the model was trained on.
-fn keep_copies_in_train(group: &[Filed], assignment: &mut Assignment) {
-    let from_train = || {
-        group.iter().filter_map(|f| match &f.role {
-            Role::Train(class) => Some((class.as_str(), f.name.as_str())),
-            _ => None,
-        })
-    };
-    let (in_val, in_train): (Vec<_>, Vec<_>) =
-        from_train().partition(|(class, name)| in_val(assignment, class, name));
-    if in_val.is_empty() || in_train.is_empty() {
-        return;
-    }
-    for (class, name) in in_val {
-        if let Some((train, val)) = assignment.get_mut(class) {
-            val.retain(|n| n != name);
-            train.push(name.to_string());
-            train.sort();
-        }
-    }
 }
 
 /// Where an imported image ends up, relative to the data folder.

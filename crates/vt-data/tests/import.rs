@@ -166,9 +166,8 @@ fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
     // The lock file stays on purpose (see `Importer::new`); staging and old copies go.
     assert_eq!(sorted_names(tmp.path()), [".data.lock", "data", "src"]);
 
-    // A different seed moves validation images but keeps the total. (The count of
-    // validation images may change too: buildings and forest share ten photos, whose
-    // validation copies stay in training when another copy is drawn for it.)
+    // A different seed moves validation images but keeps the counts. (Buildings and forest
+    // share ten photos, which stay in training whichever the seed.)
     let mut opts = from_path(&data, &src);
     opts.seed = 1234;
     let third = fetch(&opts).unwrap();
@@ -176,6 +175,7 @@ fn reimporting_neither_duplicates_nor_loses_and_leaves_no_debris() {
     assert_eq!(tree(&data).len(), files.len());
     let labelled = |m: &Manifest| m.count(Split::Train) + m.count(Split::Val);
     assert_eq!(labelled(&third), labelled(&first));
+    assert_eq!(third.count(Split::Val), first.count(Split::Val));
     assert_eq!(third.duplicates.len(), first.duplicates.len());
 }
 
@@ -524,9 +524,11 @@ fn identical_images_are_listed_and_never_split_between_train_and_val() {
         "{val_forest:?}"
     );
     assert!(sorted_names(&data.join("train/sea")).contains(&"copy.jpg".to_string()));
-    assert_eq!(m.splits.val["forest"], val_forest.len());
-    assert_eq!(m.splits.train["forest"], 20 - val_forest.len());
-    assert!(!val_forest.is_empty());
+    // Photos without copies took the copies' places: as many go to validation as without.
+    assert_eq!(val_forest.len(), 10);
+    assert_eq!(m.splits.val["forest"], 10);
+    assert_eq!(m.splits.train["forest"], 10);
+    assert_eq!((m.splits.train["sea"], m.splits.val["sea"]), (7, 7));
 
     let mut copies: Vec<String> = (0..8)
         .map(|i| format!("train/forest/copy{i}.jpg"))
@@ -565,6 +567,31 @@ fn identical_images_are_listed_and_never_split_between_train_and_val() {
     );
     // The manifest on disk says the same.
     assert_eq!(Manifest::read(&data).unwrap().duplicates, expected);
+}
+
+/// A small class whose seeded draw meets a photo filed twice still gets its validation
+/// image, whatever the seed: the copies stay in training and another photo takes their place.
+#[test]
+fn a_small_class_with_copies_keeps_a_validation_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("seg_train/x/1.jpg"), &jpeg(1));
+    write(&src.join("seg_train/x/2.jpg"), &jpeg(1));
+    for i in 3..=4 {
+        write(&src.join(format!("seg_train/x/{i}.jpg")), &jpeg(i));
+    }
+    for i in 0..4 {
+        write(&src.join(format!("seg_train/y/{i}.jpg")), &jpeg(10 + i));
+    }
+    for seed in 0..8 {
+        let data = tmp.path().join(format!("data{seed}"));
+        let mut opts = from_path(&data, &src);
+        opts.seed = seed;
+        let m = fetch(&opts).unwrap();
+        let val = sorted_names(&data.join("val/x"));
+        assert_eq!(m.splits.val["x"], 1, "seed {seed}");
+        assert!(val == ["3.jpg"] || val == ["4.jpg"], "seed {seed}: {val:?}");
+    }
 }
 
 #[test]
