@@ -583,9 +583,7 @@ impl TrainConfig {
         ]
         .into_iter()
         .filter(|(_, old, new)| old != new)
-        .map(|(flag, old, new)| {
-            format!("{flag} cannot change on resume: the run has {old}, got {new}")
-        })
+        .map(|(flag, old, new)| format!("{flag} {new} (the run has {old})"))
         .collect();
         let why = format!(
             "an epoch would take {} instead of the run's {run_steps}, and the learning-rate \
@@ -598,7 +596,7 @@ impl TrainConfig {
                 self.data.display()
             )
         } else {
-            format!("{} ({why})", changed.join("; "))
+            format!("{} cannot be resumed: {why}", changed.join(", "))
         }))
     }
 
@@ -949,7 +947,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("--batch-size cannot change on resume: the run has 32, got 8")
+            err.starts_with("--batch-size 8 (the run has 32) cannot be resumed")
                 && err.contains("6 steps instead of the run's 3"),
             "{err}"
         );
@@ -962,7 +960,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("--grad-accum-steps cannot change on resume: the run has 1, got 3"),
+            err.starts_with("--grad-accum-steps 3 (the run has 1) cannot be resumed"),
             "{err}"
         );
         let err = same.check_resume_steps(&run, 3, 4).unwrap_err().to_string();

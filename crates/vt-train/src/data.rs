@@ -5,6 +5,8 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::loader::{LoaderConfig, Transform};
 use vt_data::rng::derive_seed;
@@ -13,6 +15,71 @@ use vt_data::DataError;
 use vt_model::VtConfig;
 
 use crate::error::{Result, TrainError};
+
+/// Which images of a split a run uses: how many, and a SHA-256 of their paths within the
+/// data folder and their classes, in order. A resume compares them with the run's: other
+/// images would continue a schedule planned for these, and rank `best/` on another
+/// validation set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagesUsed {
+    pub count: usize,
+    pub sha256: String,
+}
+
+impl ImagesUsed {
+    pub fn of(set: &ImageFolder, data_dir: &Path) -> Self {
+        let mut hasher = Sha256::new();
+        for (path, label) in &set.samples {
+            // Within the data folder: a moved folder holds the same images.
+            let within = path.strip_prefix(data_dir).unwrap_or(path);
+            hasher.update(within.as_os_str().as_encoded_bytes());
+            hasher.update([0]);
+            hasher.update(set.classes[*label].as_bytes());
+            hasher.update([0]);
+        }
+        ImagesUsed {
+            count: set.samples.len(),
+            sha256: format!("{:x}", hasher.finalize()),
+        }
+    }
+}
+
+/// The images of a run's training and validation splits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataUsed {
+    pub train: ImagesUsed,
+    pub val: ImagesUsed,
+}
+
+impl DataUsed {
+    /// Refuses a resume on other images than `run`'s, naming the options that choose them.
+    pub fn check_resume(&self, run: &DataUsed, data_dir: &Path) -> Result<()> {
+        let differ = [
+            ("training", &run.train, &self.train, "--limit-train"),
+            ("validation", &run.val, &self.val, "--limit-val"),
+        ]
+        .into_iter()
+        .find(|(_, then, now, _)| then != now);
+        let Some((split, then, now, limit)) = differ else {
+            return Ok(());
+        };
+        let same_count = if then.count == now.count {
+            ", as many but others"
+        } else {
+            ""
+        };
+        Err(TrainError::Config(format!(
+            "the {split} images of {} are not the run's ({} images then, {} now{same_count}): \
+             --data, {limit} and, with a limit, --seed choose them, and they cannot change on \
+             resume (the schedule was planned for the run's images, and best/ chosen on its \
+             validation images). Give the run's options, or start a new run \
+             (--initial-checkpoint RUN/last carries the weights over)",
+            data_dir.display(),
+            then.count,
+            now.count
+        )))
+    }
+}
 
 /// Batches decoded ahead of the training step.
 const PREFETCH: usize = 2;
@@ -73,6 +140,12 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
                 path.display()
             )));
         }
+        Err(DataError::NotFetched { path, what }) if split == Split::Train => {
+            return Err(match misplaced_data_hint(data_dir) {
+                Some(hint) => TrainError::Config(format!("{} not found: {hint}", path.display())),
+                None => DataError::NotFetched { path, what }.into(),
+            });
+        }
         opened => opened?,
     };
     if folder.is_empty() {
@@ -101,6 +174,65 @@ fn open_nonempty(data_dir: &Path, split: Split) -> Result<ImageFolder> {
         )));
     }
     Ok(folder)
+}
+
+/// Where the data probably is when `data_dir` has no `train/`: an archive or a Kaggle
+/// layout to import, or the folder a level above or below.
+fn misplaced_data_hint(data_dir: &Path) -> Option<String> {
+    let import = |source: &Path| {
+        format!(
+            "import it with `cargo xtask fetch-data --from {}`, then give --data the folder it \
+             writes",
+            source.display()
+        )
+    };
+    if data_dir.is_file() {
+        return Some(format!(
+            "{} is a file; {}",
+            data_dir.display(),
+            import(data_dir)
+        ));
+    }
+    // `data` stands for `./data`, whose parent is `.`.
+    let parent = || {
+        data_dir.parent().map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+    };
+    let train = Split::Train.dir_name();
+    let kaggle = if data_dir.ends_with("seg_train") {
+        parent()
+    } else {
+        Some(data_dir).filter(|d| d.join("seg_train").is_dir())
+    };
+    if let Some(source) = kaggle {
+        return Some(format!(
+            "{} is in the Kaggle layout (seg_train/); {}",
+            source.display(),
+            import(source)
+        ));
+    }
+    let is_split = Split::ALL
+        .iter()
+        .any(|split| data_dir.ends_with(split.dir_name()));
+    if let Some(parent) = parent().filter(|p| is_split && p.join(train).is_dir()) {
+        return Some(format!(
+            "give --data {}, the folder that holds {train}/",
+            parent.display()
+        ));
+    }
+    let mut below: Vec<String> = std::fs::read_dir(data_dir)
+        .ok()?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|child| child.join(train).is_dir())
+        .map(|child| child.display().to_string())
+        .collect();
+    below.sort();
+    (!below.is_empty()).then(|| format!("give --data {}, which holds {train}/", below.join(" or ")))
 }
 
 fn subset(mut folder: ImageFolder, split: Split, limit: Option<usize>, seed: u64) -> ImageFolder {

@@ -20,6 +20,7 @@ use vt_model::checkpoint::{
 use vt_model::{Model, ModelError};
 
 use crate::config::TrainConfig;
+use crate::data::DataUsed;
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::history::Kept;
@@ -53,10 +54,14 @@ pub struct Progress {
     /// from states written before the option existed: none.
     #[serde(default)]
     pub top: Vec<Kept>,
+    /// The images the run trains and validates on. Absent from states written before it
+    /// was recorded: a resume of one records them.
+    #[serde(default)]
+    pub data: Option<DataUsed>,
 }
 
 impl Progress {
-    pub fn new(config: TrainConfig) -> Self {
+    pub fn new(config: TrainConfig, data: DataUsed) -> Self {
         Progress {
             format: FORMAT,
             epochs_done: 0,
@@ -69,6 +74,7 @@ impl Progress {
             optimizer_steps: StepCounts::new(),
             config,
             top: Vec::new(),
+            data: Some(data),
         }
     }
 
@@ -351,7 +357,29 @@ mod tests {
     use crate::optim::{trainable_params, Method};
 
     fn progress() -> Progress {
-        Progress::new(TrainConfig::resolve(&TrainOptions::default()).unwrap())
+        let images = |count| crate::data::ImagesUsed {
+            count,
+            sha256: "0".repeat(64),
+        };
+        let data = DataUsed {
+            train: images(8),
+            val: images(2),
+        };
+        Progress::new(
+            TrainConfig::resolve(&TrainOptions::default()).unwrap(),
+            data,
+        )
+    }
+
+    /// A state written before the images were recorded reads as recording none.
+    #[test]
+    fn a_state_without_its_images_reads() {
+        let progress = progress();
+        let mut json = serde_json::to_value(&progress).unwrap();
+        json.as_object_mut().unwrap().remove("data").unwrap();
+        let read: Progress = serde_json::from_value(json).unwrap();
+        assert_eq!(read.data, None);
+        assert_eq!(read.config, progress.config);
     }
 
     #[test]

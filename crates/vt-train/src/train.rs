@@ -26,7 +26,7 @@ use vt_model::Model;
 
 use crate::calibration::{self, Calibration};
 use crate::config::{count_steps, TrainConfig, TrainOptions};
-use crate::data;
+use crate::data::{self, DataUsed, ImagesUsed};
 use crate::ema::Ema;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::eval::evaluate;
@@ -344,14 +344,29 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         return Err(nothing_to_resume(&run_dir));
     }
     // A run killed in its first epoch may have logged that epoch before its state; one that
-    // logged more had a state, and starting over would discard its epochs and checkpoints.
+    // logged more, or wrote `best/` or `last/` (after its state), had a state, and starting
+    // over would discard its epochs and checkpoints.
     let logged = MetricsLog::new(&run_dir).read()?;
-    if let Some(epochs) = logged.iter().map(|r| r.epoch).max().filter(|&e| e > 1) {
+    let checkpoints: Vec<&str> = [BEST_DIR, LAST_DIR]
+        .into_iter()
+        .filter(|name| run_dir.join(name).exists())
+        .collect();
+    let saved_epochs = logged
+        .iter()
+        .map(|r| r.epoch)
+        .max()
+        .filter(|&e| e > 1 || !checkpoints.is_empty());
+    if let Some(epochs) = saved_epochs {
+        let written = checkpoints
+            .iter()
+            .map(|name| format!(" and {name}/"))
+            .collect::<String>();
         return Err(TrainError::Config(format!(
-            "{} logged {epochs} epochs in {METRICS_JSONL} but holds no training state \
+            "{} logged {} in {METRICS_JSONL}{written} but holds no training state \
              (state/training.json): it cannot resume without it, and starting over would \
              discard its epochs and checkpoints; start a new run with another --run-dir",
-            run_dir.display()
+            run_dir.display(),
+            format_args!("{epochs} epoch{}", if epochs == 1 { "" } else { "s" })
         )));
     }
     let options = TrainOptions::from_toml_file(&saved)?;
@@ -894,8 +909,15 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
     let steps_per_epoch = data::batches_per_epoch(train_set.len(), &train_loader)
         .div_ceil(config.grad_accum_steps as u64);
+    let data_used = DataUsed {
+        train: ImagesUsed::of(&train_set, &config.data),
+        val: ImagesUsed::of(&val_set, &config.data),
+    };
     let mut progress = match resumed {
         Some(mut progress) => {
+            if let Some(run_data) = &progress.data {
+                data_used.check_resume(run_data, &config.data)?;
+            }
             // Every epoch takes the same number of steps, skipped ones included.
             let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;
             config.check_resume_steps(&progress.config, run_steps, steps_per_epoch)?;
@@ -908,9 +930,10 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             )?;
             progress.config = config.clone();
             progress.top = kept;
+            progress.data = Some(data_used);
             progress
         }
-        None => Progress::new(config.clone()),
+        None => Progress::new(config.clone(), data_used),
     };
     // Only now that every check of the resume accepted them: a refused one is not made.
     for change in overrides {
@@ -974,9 +997,11 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     if nothing_to_do {
         if progress.stopped_early {
             tracing::info!(
-                "{} stopped early at epoch {}: nothing to do",
+                "{} stopped early at epoch {}, its validation accuracy not risen for {} \
+                 epochs: nothing to do (a larger --early-stop, or --early-stop 0, continues it)",
                 run_dir.display(),
-                progress.epochs_done
+                progress.epochs_done,
+                progress.epochs_since_best
             );
         } else {
             tracing::info!(

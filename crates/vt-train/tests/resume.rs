@@ -248,7 +248,7 @@ fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
 }
 
 /// A new run never takes a folder a run wrote in, and a resume without the saved state
-/// does not start over a run that logged more than its first epoch.
+/// does not start over a run that had one.
 #[test]
 fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -289,6 +289,29 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
     assert_eq!(records(&run).len(), 2);
     assert_eq!(
         std::fs::read(run.join("best/model.safetensors")).unwrap(),
+        best
+    );
+    // One epoch logged and its checkpoints written: a state was saved before them.
+    let one = tmp.path().join("one");
+    run_ok(
+        train_tiny(&data, &one)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"]),
+    );
+    std::fs::remove_dir_all(one.join("state")).unwrap();
+    let best = std::fs::read(one.join("best/model.safetensors")).unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&one),
+    );
+    assert!(
+        err.contains("logged 1 epoch in metrics.jsonl and best/ and last/ but holds no"),
+        "{err}"
+    );
+    assert_eq!(records(&one).len(), 1);
+    assert_eq!(
+        std::fs::read(one.join("best/model.safetensors")).unwrap(),
         best
     );
 
@@ -538,20 +561,43 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
             .map(|f| std::fs::read(run.join(f)).unwrap())
     };
     let before = files();
+    // The same images split otherwise: as many training images, others.
+    let resplit = tmp.path().join("resplit");
+    import_synthetic(&resplit, 4, 43);
+    let resplit_train = format!(
+        "the training images of {} are not the run's",
+        resplit.display()
+    );
+    let data_train = format!(
+        "the training images of {} are not the run's",
+        data.display()
+    );
+    let data_val = format!(
+        "the validation images of {} are not the run's",
+        data.display()
+    );
     for (flags, message) in [
         (
             &["--batch-size", "4"][..],
-            "--batch-size cannot change on resume: the run has 8, got 4 (an epoch would take \
-             4 steps instead of the run's 2",
+            "--batch-size 4 (the run has 8) cannot be resumed: an epoch would take 4 steps \
+             instead of the run's 2",
         ),
         (
             &["--grad-accum-steps", "2"],
-            "--grad-accum-steps cannot change on resume: the run has 1, got 2 (an epoch would \
-             take 1 step instead of the run's 2",
+            "--grad-accum-steps 2 (the run has 1) cannot be resumed: an epoch would take 1 \
+             step instead of the run's 2",
         ),
         (
             &["--limit-train", "8"],
-            "--limit-train cannot change on resume: the run has no limit, got 8",
+            &format!("{data_train} (18 images then, 8 now)"),
+        ),
+        (
+            &["--limit-val", "4"],
+            &format!("{data_val} (6 images then, 4 now)"),
+        ),
+        (
+            &["--data", resplit.to_str().unwrap()],
+            &format!("{resplit_train} (18 images then, 18 now, as many but others)"),
         ),
         (
             &["--image-size", "48"],

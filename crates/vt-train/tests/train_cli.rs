@@ -794,6 +794,48 @@ fn missing_data_is_a_clear_error() {
         err.contains("val has no images: put validation images in its CLASS/ folders"),
         "{err}"
     );
+
+    // --data a level too high or too low, a Kaggle folder or an archive says where to look.
+    let kaggle = tmp.path().join("kaggle");
+    std::fs::create_dir_all(kaggle.join("seg_train/sea")).unwrap();
+    let zip = tmp.path().join("archive.zip");
+    std::fs::write(&zip, b"PK").unwrap();
+    let fetch_from = "import it with `cargo xtask fetch-data --from";
+    for (given, needle) in [
+        (
+            tmp.path().to_path_buf(),
+            format!("give --data {}, which holds train/", data.display()),
+        ),
+        (
+            data.join("train"),
+            format!(
+                "give --data {}, the folder that holds train/",
+                data.display()
+            ),
+        ),
+        (
+            kaggle.clone(),
+            format!(
+                "{} is in the Kaggle layout (seg_train/); {fetch_from} {}`",
+                kaggle.display(),
+                kaggle.display()
+            ),
+        ),
+        (
+            kaggle.join("seg_train"),
+            format!("{} is in the Kaggle layout", kaggle.display()),
+        ),
+        (
+            zip.clone(),
+            format!("{} is a file; {fetch_from}", zip.display()),
+        ),
+    ] {
+        let err = run_err(train_tiny(&given, &tmp.path().join("run")).args(ONE_THREAD));
+        assert!(
+            err.contains(&needle),
+            "{given:?}: expected `{needle}` in:\n{err}"
+        );
+    }
 }
 
 #[test]
@@ -1689,5 +1731,16 @@ fn early_stop_counts_the_epochs_since_validation_accuracy_rose() {
             stop - patience
         );
         assert!(log.contains(&since), "{log}");
+        // A resume says how to go on.
+        let out = run_ok(
+            vt_train()
+                .args(["train", "--resume", "--epochs", "12", "--run-dir"])
+                .arg(&run),
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            log.contains("nothing to do (a larger --early-stop, or --early-stop 0, continues it)"),
+            "{log}"
+        );
     }
 }

@@ -17,6 +17,12 @@ use vt_train::metrics::EpochRecord;
 /// manifest, as `cargo xtask fetch-data --source synthetic` writes it.
 pub fn synthetic_data(root: &Path, train_per_class: usize) -> PathBuf {
     let dir = root.join("data");
+    import_synthetic(&dir, train_per_class, 42);
+    dir
+}
+
+/// [`synthetic_data`]'s images imported into `dir` with the train/val split of `split_seed`.
+pub fn import_synthetic(dir: &Path, train_per_class: usize, split_seed: u64) {
     let source = FetchSource::Synthetic(SyntheticConfig {
         train_per_class,
         test_per_class: 4,
@@ -24,10 +30,10 @@ pub fn synthetic_data(root: &Path, train_per_class: usize) -> PathBuf {
         image_size: 32,
         seed: 7,
     });
-    let mut options = FetchOptions::new(&dir, source);
+    let mut options = FetchOptions::new(dir, source);
     options.val_fraction = 0.25;
+    options.seed = split_seed;
     fetch(&options).unwrap();
-    dir
 }
 
 /// Flags of a tiny, fast model.
