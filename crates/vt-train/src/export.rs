@@ -60,6 +60,17 @@ fn check_out_file(out: &Path, checkpoint: &Path, force: bool) -> Result<()> {
             out.join("model.onnx").display()
         )));
     }
+    // Triton's onnxruntime backend and ONNX tools look for the extension; another is most
+    // likely a slip (`--out config.json`).
+    if !out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+    {
+        return Err(TrainError::Config(format!(
+            "--out {}: the model is written in ONNX: name it FILE.onnx",
+            out.display()
+        )));
+    }
     let parent = outputs::existing_folder_of("--out", out)?;
     let in_checkpoint = match (parent.canonicalize(), checkpoint.canonicalize()) {
         (Ok(parent), Ok(checkpoint)) => parent.starts_with(checkpoint),

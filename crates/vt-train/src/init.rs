@@ -165,7 +165,13 @@ pub fn check_out_dir(out: &Path, force: bool) -> Result<()> {
 /// weights and biases uniform in +-1/sqrt(fan_in) as in PyTorch. BatchNorm tensors are
 /// constants and stay.
 pub fn seeded_model(config: VtConfig, device: &Device, seed: u64) -> Result<Model> {
-    let model = Model::init(config, device)?;
+    // Named by the options that set them: the model's own errors name its config's fields.
+    let options = format!(
+        "--arch {} --image-size {} --tokens {} --token-channels {} --heads {}",
+        config.arch, config.image_size, config.tokens, config.token_channels, config.heads
+    );
+    let model =
+        Model::init(config, device).with_context(|| format!("building the model of {options}"))?;
     // The model is this function's own: no other thread can have poisoned its lock.
     let vars = model
         .varmap
@@ -307,6 +313,21 @@ mod tests {
         check_out_dir(&elsewhere, true).unwrap();
         assert!(check_out_dir(&elsewhere, false).is_err());
         check_out_dir(&run.join("new"), false).unwrap();
+    }
+
+    /// A model the options cannot make is named by them, not by its config's field names.
+    #[test]
+    fn a_model_the_options_cannot_make_is_named_by_them() {
+        let config = VtConfig { heads: 3, ..tiny() };
+        let Err(err) = seeded_model(config, &Device::Cpu, 1) else {
+            panic!("made a model of 32 token channels and 3 heads");
+        };
+        assert!(
+            err.to_string().ends_with("--token-channels 32 --heads 3"),
+            "{err}"
+        );
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(cause.is_some_and(|c| c.contains("divisible")), "{err:?}");
     }
 
     #[test]

@@ -197,6 +197,11 @@ fn export_refuses_to_overwrite_or_to_write_into_the_checkpoint() {
         assert!(!out.exists());
     }
 
+    // Another extension is a slip, an existing file kept without --force.
+    let json = tmp.path().join("config.json");
+    let err = export_refused(&checkpoint, &json);
+    assert!(err.contains("name it FILE.onnx"), "{err}");
+    assert!(!json.exists());
     let out = tmp.path().join("model.onnx");
     fs::write(&out, b"keep").unwrap();
     let err = export_refused(&checkpoint, &out);
