@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
+use vt_serve::open_inference::grpc::{HEALTH_SERVICE, SERVICE};
 use vt_serve::open_inference::proto::*;
 use vt_serve::{Server, Stopped};
 
@@ -55,6 +56,20 @@ fn assert_status(result: Result<ModelInferResponse, tonic::Status>, code: Code, 
         status.message().contains(needle),
         "no `{needle}` in {status:?}"
     );
+}
+
+fn health_of(service: &str) -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: service.into(),
+    }
+}
+
+async fn health(
+    grpc: &mut GrpcClient,
+    service: &str,
+) -> Result<HealthCheckResponse, tonic::Status> {
+    grpc.call_service(HEALTH_SERVICE, "Check", health_of(service))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +157,30 @@ async fn health_and_metadata_answer_as_the_http_routes_do() {
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert!(status.message().contains("ModelInfer"), "{status:?}");
 
+    // gRPC's health checking protocol, as Kubernetes' gRPC probes call it: the server ("")
+    // and the inference service serve until shutdown begins; another service is unknown.
+    for service in ["", SERVICE] {
+        let answer = health(&mut grpc, service).await.unwrap();
+        assert_eq!(answer.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let status = health(&mut grpc, "other.Service").await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = grpc
+        .call_service::<_, HealthCheckResponse>(HEALTH_SERVICE, "Watch", health_of(""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
     let metrics = metrics_text(&http, &server.url("/metrics")).await;
     for (series, count) in [
+        (r#"code="OK",method="Check""#, 2.0),
+        (r#"code="NOT_FOUND",method="Check""#, 1.0),
         (r#"code="OK",method="ServerLive""#, 1.0),
         (r#"code="OK",method="ModelReady""#, 4.0),
         (r#"code="NOT_FOUND",method="ModelMetadata""#, 2.0),
         (r#"code="OK",method="ModelConfig""#, 1.0),
         (r#"code="NOT_FOUND",method="ModelConfig""#, 2.0),
-        (r#"code="UNIMPLEMENTED",method="unknown""#, 1.0),
+        (r#"code="UNIMPLEMENTED",method="unknown""#, 2.0),
     ] {
         let series = format!("vt_serve_grpc_requests_total{{{series}}}");
         assert_eq!(
@@ -158,6 +189,10 @@ async fn health_and_metadata_answer_as_the_http_routes_do() {
             "{series}\n{metrics}"
         );
     }
+    // Once shutdown begins (as its first step does), the server no longer serves.
+    server.state.stop_accepting();
+    let answer = health(&mut grpc, "").await.unwrap();
+    assert_eq!(answer.status, ServingStatus::NotServing as i32);
     server.shutdown().await;
 }
 

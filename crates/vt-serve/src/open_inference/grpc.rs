@@ -3,7 +3,10 @@
 //! client call vt-serve as they call those servers. It answers `ServerLive`,
 //! `ServerReady`, `ModelReady`, `ServerMetadata`, `ModelMetadata`, `ModelConfig` (Triton's)
 //! and `ModelInfer`; other methods (streaming, model repository, statistics, shared
-//! memory...) answer UNIMPLEMENTED, as a server without them does.
+//! memory...) answer UNIMPLEMENTED, as a server without them does. Beside it, gRPC's health
+//! checking protocol answers `grpc.health.v1.Health/Check` (what Kubernetes' gRPC probes
+//! and `grpc-health-probe` call) as `ServerReady` does; its streaming `Watch` is
+//! UNIMPLEMENTED, which the protocol allows.
 //!
 //! The service is written by hand over tonic's core (its codec and unary call handling)
 //! with the messages of [`proto`](super::proto), served over HTTP/2 by the same server
@@ -44,10 +47,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tracing::Instrument;
 
 use super::proto::{
-    InferInputTensor, InferOutputTensor, InferParameter, InferTensorContents, ModelConfigRequest,
-    ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelReadyRequest, ModelReadyResponse, ParameterChoice, ServerLiveRequest, ServerLiveResponse,
-    ServerMetadataRequest, ServerReadyRequest, ServerReadyResponse,
+    HealthCheckRequest, HealthCheckResponse, InferInputTensor, InferOutputTensor, InferParameter,
+    InferTensorContents, ModelConfigRequest, ModelConfigResponse, ModelInferRequest,
+    ModelInferResponse, ModelMetadataRequest, ModelReadyRequest, ModelReadyResponse,
+    ParameterChoice, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerReadyRequest, ServerReadyResponse, ServingStatus,
 };
 use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
 use crate::access::{self, OnAbandon};
@@ -61,6 +65,8 @@ use crate::state::{AppState, ModelInfo};
 
 /// The service's full name: its methods' paths are `/inference.GRPCInferenceService/NAME`.
 pub const SERVICE: &str = "inference.GRPCInferenceService";
+/// gRPC's standard health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Method {
@@ -71,10 +77,11 @@ enum Method {
     ModelMetadata,
     ModelConfig,
     ModelInfer,
+    HealthCheck,
 }
 
 impl Method {
-    const ALL: [Method; 7] = [
+    const ALL: [Method; 8] = [
         Method::ServerLive,
         Method::ServerReady,
         Method::ModelReady,
@@ -82,7 +89,15 @@ impl Method {
         Method::ModelMetadata,
         Method::ModelConfig,
         Method::ModelInfer,
+        Method::HealthCheck,
     ];
+
+    fn service(self) -> &'static str {
+        match self {
+            Method::HealthCheck => HEALTH_SERVICE,
+            _ => SERVICE,
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -93,16 +108,21 @@ impl Method {
             Method::ModelMetadata => "ModelMetadata",
             Method::ModelConfig => "ModelConfig",
             Method::ModelInfer => "ModelInfer",
+            Method::HealthCheck => "Check",
         }
+    }
+
+    /// `SERVICE/NAME`: the method's path without its leading `/`.
+    fn full_name(self) -> String {
+        format!("{}/{}", self.service(), self.name())
     }
 
     /// The method a request's path names, if this server answers it.
     fn of(path: &str) -> Option<Method> {
-        let name = path
-            .strip_prefix('/')?
-            .strip_prefix(SERVICE)?
-            .strip_prefix('/')?;
-        Method::ALL.into_iter().find(|method| method.name() == name)
+        let full_name = path.strip_prefix('/')?;
+        Method::ALL
+            .into_iter()
+            .find(|method| method.full_name() == full_name)
     }
 }
 
@@ -199,9 +219,9 @@ async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response 
     match Method::of(request.uri().path()) {
         Some(method) => answer(&state, method, request, started).await,
         None => ApiError::NotFound(format!(
-            "{}: the methods of {SERVICE} this server answers are {}",
+            "{}: the methods this server answers are {}",
             request.uri().path(),
-            Method::ALL.map(Method::name).join(", ")
+            Method::ALL.map(Method::full_name).join(", ")
         ))
         .grpc_status()
         .into_http(),
@@ -307,6 +327,31 @@ async fn answer(
                         config: Some(super::model_config(&model.info, &state.batch_config())),
                     })
                 })
+                .await
+            }
+            Method::HealthCheck => {
+                let status = if state.is_accepting() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                unary(
+                    limits,
+                    request,
+                    move |asked: HealthCheckRequest| async move {
+                        // "" is the server as a whole; an unknown service is NOT_FOUND.
+                        if !asked.service.is_empty() && asked.service != SERVICE {
+                            return Err(ApiError::UnknownModel(format!(
+                                "unknown service `{}`: this server's health is that of \"\" (the \
+                             server) and {SERVICE}",
+                                asked.service
+                            )));
+                        }
+                        Ok(HealthCheckResponse {
+                            status: status as i32,
+                        })
+                    },
+                )
                 .await
             }
             Method::ModelInfer => {
@@ -797,8 +842,15 @@ mod tests {
             Method::of("/inference.GRPCInferenceService/ModelInfer"),
             Some(Method::ModelInfer)
         );
+        assert_eq!(
+            Method::of("/grpc.health.v1.Health/Check"),
+            Some(Method::HealthCheck)
+        );
         for path in [
             "/inference.GRPCInferenceService/ModelStreamInfer",
+            "/inference.GRPCInferenceService/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.health.v1.Health/ModelInfer",
             "/other.Service/ModelInfer",
             "/inference.GRPCInferenceService",
             "ModelInfer",

@@ -10,6 +10,30 @@ use std::collections::HashMap;
 use axum::body::Bytes;
 use serde::{Serialize, Serializer};
 
+/// `grpc.health.v1.HealthCheckRequest` (gRPC's health checking protocol, `health.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    pub service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckResponse {
+    #[prost(enumeration = "ServingStatus", tag = "1")]
+    pub status: i32,
+}
+
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ServingStatus {
+    Unknown = 0,
+    Serving = 1,
+    NotServing = 2,
+    ServiceUnknown = 3,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ServerLiveRequest {}
 

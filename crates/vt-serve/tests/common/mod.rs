@@ -501,8 +501,22 @@ impl GrpcClient {
         Req: prost::Message + Send + Sync + 'static,
         Res: prost::Message + Default + Send + Sync + 'static,
     {
+        self.call_service(SERVICE, method, request).await
+    }
+
+    /// [`GrpcClient::call`] of another service's method.
+    pub async fn call_service<Req, Res>(
+        &mut self,
+        service: &str,
+        method: &str,
+        request: impl tonic::IntoRequest<Req>,
+    ) -> Result<Res, tonic::Status>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Res: prost::Message + Default + Send + Sync + 'static,
+    {
         self.0.ready().await.unwrap();
-        let path = PathAndQuery::try_from(format!("/{SERVICE}/{method}")).unwrap();
+        let path = PathAndQuery::try_from(format!("/{service}/{method}")).unwrap();
         self.0
             .unary(request.into_request(), path, ProstCodec::default())
             .await
