@@ -1,6 +1,8 @@
 //! The `{"instances": [...]}` JSON of KServe's V1 protocol and TensorFlow Serving's REST
 //! API, which Vertex AI's custom containers also speak: `POST /v1/models/NAME:predict`,
-//! `GET /v1/models/NAME` (readiness), and KServe's `POST /v1/models/NAME:explain`.
+//! `GET /v1/models/NAME` (readiness), and KServe's `POST /v1/models/NAME:explain`. The
+//! columnar form of both, `{"inputs": [...]}` (the one input's list of images), is answered
+//! as TensorFlow Serving answers it: `"outputs"` in place of `"predictions"`.
 //!
 //! An instance is one encoded image: a base64 string, `{"b64": ...}` (TensorFlow Serving's
 //! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
@@ -35,13 +37,18 @@ use crate::input::{self, ImageInput};
 use crate::open_inference;
 use crate::state::AppState;
 
+/// What a request body holds.
+const EXPECTED: &str = "{\"instances\": [...], \"parameters\": {...}} or TensorFlow Serving's \
+                        columnar {\"inputs\": [...]}";
+
 /// TensorFlow Serving's signature name, which its clients send; the model has only this one.
 const SIGNATURE: &str = "serving_default";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PredictRequest {
-    instances: Vec<Value>,
+    instances: Option<Vec<Value>>,
+    inputs: Option<Vec<Value>>,
     parameters: Option<Parameters>,
     signature_name: Option<String>,
 }
@@ -74,15 +81,16 @@ impl Parameters {
     }
 }
 
+/// `predictions` (of `instances`) or `outputs` (of `inputs`), and `explanations` of
+/// `:explain`.
 #[derive(Serialize)]
 struct PredictResponse {
-    predictions: Vec<Classification>,
-}
-
-#[derive(Serialize)]
-struct ExplainResponse {
-    predictions: Vec<Classification>,
-    explanations: Vec<Explanation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predictions: Option<Vec<Classification>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<Vec<Classification>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explanations: Option<Vec<Explanation>>,
 }
 
 #[derive(Serialize)]
@@ -192,7 +200,7 @@ async fn answer(
     input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "invalid {} request: {e}; expected {{\"instances\": [...], \"parameters\": {{...}}}}",
+            "invalid {} request: {e}; expected {EXPECTED}",
             verb.name()
         ))
     })?;
@@ -200,9 +208,25 @@ async fn answer(
     drop(body);
     let PredictRequest {
         instances,
+        inputs,
         parameters,
         signature_name,
     } = request;
+    let (instances, key) = match (instances, inputs) {
+        (Some(instances), None) => (instances, "instances"),
+        (None, Some(inputs)) => (inputs, "inputs"),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give \"instances\" (rows) or \"inputs\" (columns), not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid {} request: no \"instances\"; expected {EXPECTED}",
+                verb.name()
+            )))
+        }
+    };
     if let Some(name) = signature_name.as_deref().filter(|&n| n != SIGNATURE) {
         return Err(ApiError::BadRequest(format!(
             "unknown signature_name `{name}`: the model's one signature is `{SIGNATURE}`"
@@ -211,17 +235,17 @@ async fn answer(
     let parameters = parameters.unwrap_or_default();
     parameters.check()?;
     if instances.is_empty() {
-        return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+        return Err(ApiError::BadRequest(format!("\"{key}\" is empty")));
     }
     if instances.len() > capacity {
         return Err(ApiError::BadRequest(format!(
-            "too many instances: {}, at most {capacity} per request (--queue)",
+            "too many {key}: {}, at most {capacity} per request (--queue)",
             instances.len()
         )));
     }
     if verb == Verb::Explain && instances.len() > MAX_EXPLAINED {
         return Err(ApiError::BadRequest(format!(
-            "too many instances to explain: {}, at most {MAX_EXPLAINED} per request",
+            "too many {key} to explain: {}, at most {MAX_EXPLAINED} per request",
             instances.len()
         )));
     }
@@ -229,7 +253,7 @@ async fn answer(
         .iter()
         .enumerate()
         .map(|(i, instance)| {
-            let filename = format!("instances[{i}]");
+            let filename = format!("{key}[{i}]");
             match image_of(instance) {
                 Ok(bytes) => Ok(ImageInput {
                     filename: Some(filename),
@@ -245,25 +269,30 @@ async fn answer(
     let explain = verb == Verb::Explain;
     let (_admitted, predictions) =
         handlers::classify_all(state, &model, images, explain, arriving, deadline).await?;
-    let classifications = predictions
+    let classifications: Vec<Classification> = predictions
         .iter()
         .map(|(_, prediction)| classification_of(prediction, &model.info.classes, &parameters))
         .collect();
-    if !explain {
-        let predictions = classifications;
-        return Ok(Json(PredictResponse { predictions }).into_response());
-    }
-    let explanations = predictions
-        .into_iter()
-        .map(|(_, prediction)| {
-            let token_attention = prediction.attention.ok_or_else(|| {
-                ApiError::Internal("the model thread answered without the attention".into())
-            })?;
-            Ok(Explanation { token_attention })
+    let explanations = explain
+        .then(|| {
+            predictions
+                .into_iter()
+                .map(|(_, prediction)| {
+                    let token_attention = prediction.attention.ok_or_else(|| {
+                        ApiError::Internal("the model thread answered without the attention".into())
+                    })?;
+                    Ok(Explanation { token_attention })
+                })
+                .collect::<Result<_, ApiError>>()
         })
-        .collect::<Result<_, ApiError>>()?;
-    let answer = ExplainResponse {
-        predictions: classifications,
+        .transpose()?;
+    let (predictions, outputs) = match key {
+        "inputs" => (None, Some(classifications)),
+        _ => (Some(classifications), None),
+    };
+    let answer = PredictResponse {
+        predictions,
+        outputs,
         explanations,
     };
     Ok(Json(answer).into_response())

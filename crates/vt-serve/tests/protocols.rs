@@ -1016,6 +1016,10 @@ async fn instances_requests_get_the_offline_predictions() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["ids"].as_array().unwrap().len(), 6);
+    // TensorFlow Serving's columnar form: the same classifications, as "outputs".
+    let (status, columns) = predict(json!({ "inputs": forms })).await;
+    assert_eq!(status, StatusCode::OK, "{columns}");
+    assert_eq!(columns, json!({ "outputs": predictions }));
 
     let unknown_model = client
         .post(server.url("/v1/models/other:predict"))
@@ -1065,9 +1069,9 @@ async fn instances_requests_get_the_offline_predictions() {
             "instances[0]: an instance is",
         ),
         (
-            json!({"inputs": [b64[0]]}),
+            json!({"instances": [b64[0]], "examples": [b64[0]]}),
             StatusCode::BAD_REQUEST,
-            "unknown field `inputs`",
+            "unknown field `examples`",
         ),
         (
             json!({"instances": [b64[0]], "parameters": {"topK": 2}}),
@@ -1098,6 +1102,21 @@ async fn instances_requests_get_the_offline_predictions() {
             json!({"instances": [b64[0], "aGVsbG8="]}),
             StatusCode::BAD_REQUEST,
             "instances[1]: the data is not an image",
+        ),
+        (
+            json!({"inputs": [b64[0], "aGVsbG8="]}),
+            StatusCode::BAD_REQUEST,
+            "inputs[1]: the data is not an image",
+        ),
+        (
+            json!({"inputs": [b64[0]], "instances": [b64[0]]}),
+            StatusCode::BAD_REQUEST,
+            "not both",
+        ),
+        (
+            json!({"parameters": {}}),
+            StatusCode::BAD_REQUEST,
+            "no \"instances\"",
         ),
     ];
     for (request, status, needle) in cases {
@@ -1150,7 +1169,7 @@ async fn instances_requests_get_the_offline_predictions() {
     );
     assert_eq!(
         count(r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="200"}"#),
-        4.0,
+        5.0,
         "{text}"
     );
     server.shutdown().await;
