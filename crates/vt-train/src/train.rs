@@ -343,30 +343,27 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
     if !saved.is_file() {
         return Err(nothing_to_resume(&run_dir));
     }
-    // A run killed in its first epoch may have logged that epoch before its state; one that
-    // logged more, or wrote `best/` or `last/` (after its state), had a state, and starting
-    // over would discard its epochs and checkpoints.
+    // A run killed in its first epoch may have logged that epoch before its state (and
+    // Ctrl-C writes `last/`); one that logged more, or wrote `best/` (which follows the
+    // state), had a state, and starting over would discard its epochs and checkpoints.
     let logged = MetricsLog::new(&run_dir).read()?;
-    let checkpoints: Vec<&str> = [BEST_DIR, LAST_DIR]
-        .into_iter()
-        .filter(|name| run_dir.join(name).exists())
-        .collect();
-    let saved_epochs = logged
-        .iter()
-        .map(|r| r.epoch)
-        .max()
-        .filter(|&e| e > 1 || !checkpoints.is_empty());
-    if let Some(epochs) = saved_epochs {
-        let written = checkpoints
-            .iter()
-            .map(|name| format!(" and {name}/"))
-            .collect::<String>();
+    let epochs = logged.iter().map(|r| r.epoch).max().unwrap_or(0);
+    let has_best = run_dir.join(BEST_DIR).exists();
+    if epochs > 1 || has_best {
+        let mut saved = Vec::new();
+        if epochs > 0 {
+            let plural = if epochs == 1 { "" } else { "s" };
+            saved.push(format!("logged {epochs} epoch{plural} in {METRICS_JSONL}"));
+        }
+        if has_best {
+            saved.push(format!("wrote {BEST_DIR}/"));
+        }
         return Err(TrainError::Config(format!(
-            "{} logged {} in {METRICS_JSONL}{written} but holds no training state \
-             (state/training.json): it cannot resume without it, and starting over would \
-             discard its epochs and checkpoints; start a new run with another --run-dir",
+            "{} {} but holds no training state (state/training.json): it cannot resume \
+             without it, and starting over would discard its epochs and checkpoints; start a \
+             new run with another --run-dir",
             run_dir.display(),
-            format_args!("{epochs} epoch{}", if epochs == 1 { "" } else { "s" })
+            saved.join(" and ")
         )));
     }
     let options = TrainOptions::from_toml_file(&saved)?;
@@ -830,6 +827,25 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
     data::require_same_classes(&train_set, &val_set, &config.data)?;
     let classes = train_set.classes.clone();
+    let wanted = model_config(&config, classes.clone());
+    let steps_per_epoch = data::batches_per_epoch(
+        train_set.len(),
+        &training_loader(&config, &wanted, train_set.len()),
+    )
+    .div_ceil(config.grad_accum_steps as u64);
+    let data_used = DataUsed {
+        train: ImagesUsed::of(&train_set, &config.data),
+        val: ImagesUsed::of(&val_set, &config.data),
+    };
+    // Before anything in the run folder changes: a refused resume leaves it as it was.
+    if let Some(progress) = &resumed {
+        if let Some(run_data) = &progress.data {
+            data_used.check_resume(run_data, &config.data)?;
+        }
+        // Every epoch takes the same number of steps, skipped ones included.
+        let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;
+        config.check_resume_steps(&progress.config, run_steps, steps_per_epoch)?;
+    }
     // A new run takes its folder only once its data is readable and its model built (a
     // --pretrained or --initial-checkpoint loaded), so that a mistyped option leaves no
     // empty run folder behind.
@@ -874,7 +890,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     history::check_folder(&run_dir)?;
     let kept = history::remove_leftovers(&run_dir, resumed.as_ref().map_or(&[], |p| &p.top))?;
 
-    let wanted = model_config(&config, classes.clone());
     let model = match new {
         None => {
             let model = state::load_model(&run_dir, &device)?;
@@ -907,20 +922,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
 
     let train_loader = training_loader(config, &model.config, train_set.len());
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
-    let steps_per_epoch = data::batches_per_epoch(train_set.len(), &train_loader)
-        .div_ceil(config.grad_accum_steps as u64);
-    let data_used = DataUsed {
-        train: ImagesUsed::of(&train_set, &config.data),
-        val: ImagesUsed::of(&val_set, &config.data),
-    };
     let mut progress = match resumed {
         Some(mut progress) => {
-            if let Some(run_data) = &progress.data {
-                data_used.check_resume(run_data, &config.data)?;
-            }
-            // Every epoch takes the same number of steps, skipped ones included.
-            let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;
-            config.check_resume_steps(&progress.config, run_steps, steps_per_epoch)?;
             state::load_training(
                 &run_dir,
                 &progress,

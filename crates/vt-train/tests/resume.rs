@@ -306,10 +306,18 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
             .arg(&one),
     );
     assert!(
-        err.contains("logged 1 epoch in metrics.jsonl and best/ and last/ but holds no"),
+        err.contains("logged 1 epoch in metrics.jsonl and wrote best/ but holds no"),
         "{err}"
     );
     assert_eq!(records(&one).len(), 1);
+    // Its metrics lost too: best/ still says a state was saved.
+    std::fs::remove_file(one.join("metrics.jsonl")).unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&one),
+    );
+    assert!(err.contains("wrote best/ but holds no"), "{err}");
     assert_eq!(
         std::fs::read(one.join("best/model.safetensors")).unwrap(),
         best
@@ -560,6 +568,9 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
         ["config.toml", "metrics.jsonl", "state/training.json"]
             .map(|f| std::fs::read(run.join(f)).unwrap())
     };
+    // A killed write's leftover, which a resume that goes on removes: a refused one does not.
+    let leftover = run.join(".last.tmp-999");
+    std::fs::create_dir(&leftover).unwrap();
     let before = files();
     // The same images split otherwise: as many training images, others.
     let resplit = tmp.path().join("resplit");
@@ -628,7 +639,9 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
         // A refused change is never logged as made.
         assert!(!err.contains("overriding"), "{flags:?}: {err}");
         assert!(files() == before, "{flags:?} changed the run's files");
+        assert!(leftover.exists(), "{flags:?} cleaned the run's folder");
     }
+    std::fs::remove_dir(&leftover).unwrap();
 
     // A diverged validation loss was written as null, in the metrics and as the best loss.
     let edit = |file: &str, change: &dyn Fn(&mut serde_json::Value)| {
