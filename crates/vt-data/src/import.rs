@@ -430,14 +430,13 @@ impl Importer {
         if counts.val.values().sum::<usize>() == 0 {
             tracing::warn!(
                 "the val split is empty (--val-fraction {}): vt-train needs validation images; \
-                 import with a fraction above 0, or more images per class",
+                 import with a fraction above 0, or more images per class ({COPIES_STAY})",
                 self.val_fraction
             );
         } else if !unmeasured.is_empty() {
-            // A class of one image, or whose images all have copies kept in train.
             tracing::warn!(
                 "class(es) {} have no validation images: validation accuracy will not measure \
-                 them; add images to them",
+                 them; add images to them ({COPIES_STAY})",
                 quoted(&unmeasured)
             );
         }
@@ -497,6 +496,9 @@ fn in_val(assignment: &Assignment, class: &str, name: &str) -> bool {
         .get(class)
         .is_some_and(|(_, val)| val.binary_search_by(|n| n.as_str().cmp(name)).is_ok())
 }
+
+/// Why a class may lack validation images beside its size.
+const COPIES_STAY: &str = "photos filed more than once stay in training";
 
 /// Where an imported image ends up, relative to the data folder.
 fn final_path(f: &Filed, assignment: &Assignment) -> String {

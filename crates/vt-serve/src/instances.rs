@@ -1,8 +1,9 @@
 //! The `{"instances": [...]}` JSON of KServe's V1 protocol and TensorFlow Serving's REST
 //! API, which Vertex AI's custom containers also speak: `POST /v1/models/NAME:predict`,
 //! `GET /v1/models/NAME` (readiness), and KServe's `POST /v1/models/NAME:explain`. The
-//! columnar form of both, `{"inputs": [...]}` (the one input's list of images), is answered
-//! as TensorFlow Serving answers it: `"outputs"` in place of `"predictions"`.
+//! columnar form of both, `{"inputs": [...]}` or `{"inputs": {"image": [...]}}` (the one
+//! input's list of images), is answered as TensorFlow Serving answers it: `"outputs"` in
+//! place of `"predictions"`.
 //!
 //! An instance is one encoded image: a base64 string, `{"b64": ...}` (TensorFlow Serving's
 //! binary convention), `{"content": ..., "mimeType": ...}` (Vertex AI's image schema) or
@@ -34,7 +35,7 @@ use crate::classifier::{ranked, Prediction, TokenMaps};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
 use crate::input::{self, ImageInput};
-use crate::open_inference;
+use crate::open_inference::{self, INPUT};
 use crate::state::AppState;
 
 /// What a request body holds.
@@ -48,7 +49,7 @@ const SIGNATURE: &str = "serving_default";
 #[serde(deny_unknown_fields)]
 struct PredictRequest {
     instances: Option<Vec<Value>>,
-    inputs: Option<Vec<Value>>,
+    inputs: Option<Value>,
     parameters: Option<Parameters>,
     signature_name: Option<String>,
 }
@@ -214,7 +215,7 @@ async fn answer(
     } = request;
     let (instances, key) = match (instances, inputs) {
         (Some(instances), None) => (instances, "instances"),
-        (None, Some(inputs)) => (inputs, "inputs"),
+        (None, Some(inputs)) => (columns(inputs)?, "inputs"),
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
                 "give \"instances\" (rows) or \"inputs\" (columns), not both".into(),
@@ -296,6 +297,27 @@ async fn answer(
         explanations,
     };
     Ok(Json(answer).into_response())
+}
+
+/// The instances of a columnar request: its `inputs` list, or the list of its one named
+/// input, `{"image": [...]}`.
+fn columns(inputs: Value) -> Result<Vec<Value>, ApiError> {
+    let named = |mut inputs: serde_json::Map<String, Value>| match inputs.remove(INPUT) {
+        Some(Value::Array(images)) if inputs.is_empty() => Some(images),
+        _ => None,
+    };
+    match inputs {
+        Value::Array(images) => Ok(images),
+        Value::Object(named_inputs) => named(named_inputs).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "\"inputs\" names the model's inputs: its one input is `{INPUT}`, a list of \
+                 images ({{\"inputs\": {{\"{INPUT}\": [...]}}}}, or {{\"inputs\": [...]}})"
+            ))
+        }),
+        _ => Err(ApiError::BadRequest(format!(
+            "\"inputs\" is a list of images, or {{\"{INPUT}\": [...]}}"
+        ))),
+    }
 }
 
 /// The encoded image of one instance.

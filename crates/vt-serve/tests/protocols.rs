@@ -1017,9 +1017,11 @@ async fn instances_requests_get_the_offline_predictions() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["ids"].as_array().unwrap().len(), 6);
     // TensorFlow Serving's columnar form: the same classifications, as "outputs".
-    let (status, columns) = predict(json!({ "inputs": forms })).await;
-    assert_eq!(status, StatusCode::OK, "{columns}");
-    assert_eq!(columns, json!({ "outputs": predictions }));
+    for inputs in [json!(forms), json!({ "image": forms })] {
+        let (status, columns) = predict(json!({ "inputs": inputs })).await;
+        assert_eq!(status, StatusCode::OK, "{columns}");
+        assert_eq!(columns, json!({ "outputs": predictions }));
+    }
 
     let unknown_model = client
         .post(server.url("/v1/models/other:predict"))
@@ -1109,6 +1111,11 @@ async fn instances_requests_get_the_offline_predictions() {
             "inputs[1]: the data is not an image",
         ),
         (
+            json!({"inputs": {"images": [b64[0]]}}),
+            StatusCode::BAD_REQUEST,
+            "its one input is `image`",
+        ),
+        (
             json!({"inputs": [b64[0]], "instances": [b64[0]]}),
             StatusCode::BAD_REQUEST,
             "not both",
@@ -1169,7 +1176,7 @@ async fn instances_requests_get_the_offline_predictions() {
     );
     assert_eq!(
         count(r#"vt_serve_requests_total{route="/v1/models/{model}:predict",status="200"}"#),
-        5.0,
+        6.0,
         "{text}"
     );
     server.shutdown().await;
