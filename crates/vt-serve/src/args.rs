@@ -96,7 +96,13 @@ pub struct ServeArgs {
     /// Log lines on stderr, one per answered request among them: `text` to read, `json` (one
     /// object per line) for log collectors. RUST_LOG filters them (e.g.
     /// `RUST_LOG=info,vt_serve::access=off` leaves out the request lines).
-    #[arg(long, env = "VT_SERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "VT_SERVE_LOG_FORMAT",
+        value_enum,
+        ignore_case = true,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 

@@ -1,10 +1,12 @@
 //! `vt-serve`: serve a VT-ResNet checkpoint over HTTP, or score images offline.
 
 use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
 use vt_serve::args::LogFormat;
 use vt_serve::predict::{self, PredictArgs};
@@ -34,12 +36,20 @@ enum Command {
     Predict(PredictArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     vt_model::allocator::retain_freed_memory();
     unset_empty_settings();
     match parse() {
-        Command::Predict(args) => Ok(predict::run(&args)?),
-        Command::Serve(args) => serve(&args),
+        Command::Predict(args) => Ok(predict::run(&args).map(|()| ExitCode::SUCCESS)?),
+        Command::Serve(args) => match serve(&args) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            // A log collector reads JSON lines only: the error that ends the server is one.
+            Err(e) if args.log_format == LogFormat::Json => {
+                tracing::error!("{e:#}");
+                Ok(ExitCode::FAILURE)
+            }
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -92,10 +102,16 @@ fn unset_empty_settings() {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    // A RUST_LOG that does not parse is said to be so, once logging works.
+    let (filter, unread_filter) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            std::env::var_os("RUST_LOG").map(|_| e),
+        ),
+    };
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // A log line that cannot be written (stderr a closed pipe: the log reader went away)
         // is dropped. Otherwise the subscriber reports the failure with `eprintln!`, which
@@ -112,6 +128,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .with_span_list(false)
             .init(),
     }
+    if let Some(e) = unread_filter {
+        tracing::warn!("RUST_LOG is not a log filter ({e}): logging at info");
+    }
     // Before any thread starts: candle reads these settings once.
     vt_model::threads::set_compute_threads(args.threads());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -119,32 +138,51 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let served = runtime.block_on(async {
-        // A signal while the model loads ends the process at once (nothing is served yet,
-        // and Ctrl-C must stop a slow load); from before the address is printed on, it shuts
-        // the server down.
-        let server = Server::bind(args).await?;
-        let signals = shutdown_signals()?;
+        // Caught from before the model loads: as a container's PID 1 the process would not
+        // be ended by a signal it has no handler for. One while the model loads ends the
+        // process at once (nothing is served yet, and Ctrl-C must stop a slow load); from
+        // before the address is printed on, it shuts the server down.
+        let mut signals = Box::pin(shutdown_signals()?);
+        let server = tokio::select! {
+            server = Server::bind(args) => server?,
+            Some(()) = signals.next() => {
+                tracing::info!("shutdown signal while the checkpoint was loading: stopped");
+                return Ok(());
+            }
+        };
         let addr = server.local_addr()?;
         let grpc_addr = server.grpc_local_addr()?;
         // The HTTP address first: tools read the first line for it.
+        let urls = [
+            Some(format!("http://{addr}")),
+            grpc_addr.map(|a| format!("grpc://{a}")),
+        ];
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening on http://{addr}")
-            .and_then(|()| match grpc_addr {
-                Some(grpc_addr) => writeln!(stdout, "listening on grpc://{grpc_addr}"),
-                None => Ok(()),
+        urls.iter()
+            .flatten()
+            .try_for_each(|url| match args.log_format {
+                LogFormat::Text => writeln!(stdout, "listening on {url}"),
+                // Standard output and error often end in one log: JSON lines both.
+                LogFormat::Json => writeln!(stdout, "{}", serde_json::json!({ "listening": url })),
             })
             .and_then(|()| stdout.flush())
             .context("cannot print the addresses listened on to standard output")?;
         drop(stdout);
-        match grpc_addr {
-            Some(grpc_addr) => tracing::info!(
-                checkpoint = %args.checkpoint.display(),
-                %addr,
-                %grpc_addr,
-                "serving"
-            ),
-            None => tracing::info!(checkpoint = %args.checkpoint.display(), %addr, "serving"),
-        }
+        // The settings an operator checks a deployment by.
+        tracing::info!(
+            checkpoint = %args.checkpoint.display(),
+            %addr,
+            grpc_addr = grpc_addr.map(|a| a.to_string()),
+            device = %args.device,
+            dtype = %args.dtype,
+            threads = args.threads(),
+            max_batch = args.max_batch,
+            max_delay_ms = args.max_delay_ms,
+            queue = args.queue,
+            timeout_ms = args.timeout_ms,
+            version = env!("CARGO_PKG_VERSION"),
+            "serving"
+        );
         if server.run(signals).await? == Stopped::CutShort {
             anyhow::bail!(
                 "stopped by a second shutdown signal before the requests in flight were answered"

@@ -50,10 +50,15 @@ fn listening_on(child: &mut Child, count: usize) -> Vec<String> {
         .map(|_| {
             let mut line = String::new();
             stdout.read_line(&mut line).unwrap();
-            line.trim()
-                .strip_prefix("listening on ")
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-                .to_owned()
+            let json = serde_json::from_str::<Value>(&line).ok();
+            match json.as_ref().and_then(|line| line["listening"].as_str()) {
+                Some(url) => url.to_owned(),
+                None => line
+                    .trim()
+                    .strip_prefix("listening on ")
+                    .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                    .to_owned(),
+            }
         })
         .collect();
     assert!(urls[0].starts_with("http://127.0.0.1:"), "{urls:?}");
@@ -555,9 +560,10 @@ async fn the_binary_matches_offline_predict_and_drains_on_sigterm() {
 }
 
 /// Configured by environment variables only and started as `IMAGE serve`, as SageMaker
-/// starts a container. `--log-format json`: every stderr line is one JSON object, and each
-/// answered request has one under its request id: the client's own, or a fresh one that its
-/// answer carries.
+/// starts a container. `--log-format json`: every stdout and stderr line is one JSON object
+/// (the addresses listened on, the error that ends the server too), and each answered
+/// request has one under its request id: the client's own, or a fresh one that its answer
+/// carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_configured_by_environment_logs_each_request_as_json() {
     let dir = tiny_checkpoint();
@@ -569,14 +575,22 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         .env("VT_SERVE_PORT", "0")
         .env("VT_SERVE_GRPC_PORT", "0")
         .env("VT_SERVE_DEVICE", "cpu")
-        .env("VT_SERVE_LOG_FORMAT", "json")
+        .env("VT_SERVE_LOG_FORMAT", "JSON")
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map(KilledOnDrop)
         .unwrap();
-    let [base, grpc_url] = <[String; 2]>::try_from(listening_on(&mut child, 2)).unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let [base, grpc_url] = ["http", "grpc"].map(|scheme| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let line: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let url = line["listening"].as_str().unwrap().to_owned();
+        assert!(url.starts_with(&format!("{scheme}://")), "{url}");
+        url
+    });
     let stderr = child.stderr.take().unwrap();
     let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
 
@@ -666,6 +680,30 @@ async fn a_server_configured_by_environment_logs_each_request_as_json() {
         "{line}"
     );
     assert_eq!(line["code"], "OK", "{line}");
+
+    // The error that ends the server, a JSON line too.
+    let out = Command::new(BIN)
+        .args([
+            "--checkpoint",
+            "nowhere",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let error = lines.last().unwrap();
+    assert_eq!(error["level"], "ERROR", "{stderr}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("nowhere"), "{stderr}");
 }
 
 /// A server whose stderr reader went away (`vt-serve ... 2>&1 | head`, a log shipper that
@@ -811,6 +849,20 @@ async fn a_sigterm_right_after_the_address_is_a_clean_stop() {
             .unwrap();
         assert!(status.success(), "exit status {status}");
     }
+}
+
+/// A SIGTERM while the checkpoint loads ends the process, by its handler: as a container's
+/// PID 1 the kernel ignores a signal without one, and the server would go on to serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_startup_stops_before_serving() {
+    let dir = tiny_checkpoint();
+    let (mut child, writer, _, _) = start_loading_through_a_fifo(&checkpoint_path(&dir));
+    send_signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || wait_for_exit(&mut child))
+        .await
+        .unwrap();
+    drop(writer);
+    assert!(status.success(), "exit status {status}");
 }
 
 /// Starts the binary on `checkpoint` whose `model.safetensors` is made a FIFO, so that its
