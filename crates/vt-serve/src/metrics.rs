@@ -75,7 +75,8 @@ impl Metrics {
         )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("vt_serve_batch_size", "Images per forward pass")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                // Powers of two up to --max-batch's largest.
+                .buckets((0..=12).map(|power| f64::from(1u32 << power)).collect()),
         )?;
         let inference_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -83,7 +84,7 @@ impl Metrics {
                 "Time of one forward pass (a whole batch)",
             )
             .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         )?;
         let queue_depth = IntGauge::new(
@@ -163,9 +164,10 @@ impl Metrics {
     }
 }
 
-/// Latency buckets of HTTP requests and gRPC calls, in seconds.
-const REQUEST_SECONDS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// Latency buckets of HTTP requests and gRPC calls, in seconds: past the default
+/// --timeout-ms (30 s) for longer ones.
+const REQUEST_SECONDS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// A gRPC status code's name, as the gRPC specification spells it.
@@ -252,4 +254,36 @@ pub async fn track(
     abandoned.answered();
     observe(response.status().as_str());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest batch (--max-batch 4096) and a request as long as a raised --timeout-ms
+    /// allow fall in buckets of their own, not only in `+Inf`.
+    #[test]
+    fn the_buckets_reach_the_largest_batches_and_long_requests() {
+        let metrics = Metrics::new().unwrap();
+        metrics.batch_size.observe(4096.0);
+        metrics.observe_grpc("ModelInfer", tonic::Code::Ok, 45.0);
+        let text = metrics.render().unwrap();
+        for (series, count) in [
+            (r#"vt_serve_batch_size_bucket{le="2048"}"#, "0"),
+            (r#"vt_serve_batch_size_bucket{le="4096"}"#, "1"),
+            (
+                r#"vt_serve_grpc_request_duration_seconds_bucket{method="ModelInfer",le="30"}"#,
+                "0",
+            ),
+            (
+                r#"vt_serve_grpc_request_duration_seconds_bucket{method="ModelInfer",le="60"}"#,
+                "1",
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("{series} {count}\n")),
+                "{series}\n{text}"
+            );
+        }
+    }
 }
