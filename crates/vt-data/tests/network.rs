@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
@@ -1052,7 +1052,7 @@ fn the_python_tools_download_is_imported_offline_and_reused() {
         .write(true)
         .open(&killed)
         .unwrap()
-        .set_modified(SystemTime::now() - Duration::from_secs(2 * 3600))
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
         .unwrap();
     let writing = repo.join(".vt.tmp-8-0123456789abcdef");
     write(&writing, b"new");
