@@ -253,6 +253,29 @@ fn subset(mut folder: ImageFolder, split: Split, limit: Option<usize>, seed: u64
     folder
 }
 
+/// Warns of the classes `val` holds no image of (an import's class of one image, a class
+/// folder removed, a `--limit-val` subset): validation does not measure them.
+pub fn warn_unmeasured(val: &ImageFolder) {
+    let mut seen = vec![false; val.classes.len()];
+    for &(_, label) in &val.samples {
+        seen[label] = true;
+    }
+    let unmeasured: Vec<&str> = val
+        .classes
+        .iter()
+        .zip(seen)
+        .filter(|(_, seen)| !seen)
+        .map(|(class, _)| class.as_str())
+        .collect();
+    if !unmeasured.is_empty() {
+        tracing::warn!(
+            "the validation images hold none of class(es) {}: validation accuracy does not \
+             measure them (their per-class accuracy is null)",
+            unmeasured.join(", ")
+        );
+    }
+}
+
 /// Refuses a validation split whose classes differ from the training split's (possible
 /// without a manifest, where each split's folder names are its classes): its labels would
 /// be read as other classes.

@@ -826,6 +826,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let val_set = data::open_split(&config.data, Split::Val, config.limit_val, config.seed)
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;
     data::require_same_classes(&train_set, &val_set, &config.data)?;
+    data::warn_unmeasured(&val_set);
     let classes = train_set.classes.clone();
     let wanted = model_config(&config, classes.clone());
     let steps_per_epoch = data::batches_per_epoch(

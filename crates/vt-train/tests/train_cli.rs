@@ -1190,6 +1190,21 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
 #[test]
 fn splits_with_other_classes_or_an_empty_class_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
+    // An import's manifest names the classes: a validation folder removed leaves its class
+    // unmeasured, which training says.
+    let imported = synthetic_data(&tmp.path().join("imported"), 4);
+    fs::remove_dir_all(imported.join("val/buildings")).unwrap();
+    let out = run_ok(
+        train_tiny(&imported, &tmp.path().join("imported-run"))
+            .args(ONE_THREAD)
+            .args(["--epochs", "1"]),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("the validation images hold none of class(es) buildings:"),
+        "{log}"
+    );
+
     let data = synthetic_data(tmp.path(), 4);
     fs::remove_file(data.join("manifest.json")).unwrap();
     let run = tmp.path().join("run");

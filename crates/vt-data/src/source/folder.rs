@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
 use crate::layout::{place, train_class_of_folder, Placement};
-use crate::source::MAX_FILE_BYTES;
+use crate::source::{too_large, MAX_FILE_BYTES};
 
 /// Imports every file under `root`, in sorted order so runs are reproducible.
 pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
@@ -76,7 +76,7 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                     }
                 };
                 if len > MAX_FILE_BYTES {
-                    importer.skip(rel, format!("file of {len} bytes is too large"))?;
+                    importer.skip(rel, too_large("file", len))?;
                     continue;
                 }
                 let bytes = match read_capped(&path) {

@@ -13,7 +13,7 @@ use parquet::record::{Field, Row};
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
 use crate::layout::Role;
-use crate::source::MAX_FILE_BYTES;
+use crate::source::{too_large, MAX_FILE_BYTES};
 
 /// Which source split a parquet file holds, from its name (`data/train-00000-of-00002.parquet`,
 /// `seg_test-….parquet`) or its folder (`default/test/0000.parquet`). Training and
@@ -156,7 +156,7 @@ fn parse_row(
     // Checked before the copy: one row's bytes are held twice while it is parsed.
     let capped = |data: &[u8]| {
         if data.len() as u64 > MAX_FILE_BYTES {
-            Err(format!("image of {} bytes is too large", data.len()))
+            Err(too_large("image", data.len() as u64))
         } else {
             Ok(data.to_vec())
         }

@@ -12,7 +12,7 @@ use zip::ZipArchive;
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
 use crate::layout::{place, train_class_of_folder, Placement, Role};
-use crate::source::MAX_FILE_BYTES;
+use crate::source::{too_large, MAX_FILE_BYTES};
 
 /// What a zip holds, from its central directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -201,10 +201,7 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
             Placement::Image { role, name } => (role, name),
         };
         if entry.size() > MAX_FILE_BYTES {
-            importer.skip(
-                name,
-                format!("entry of {} bytes is too large", entry.size()),
-            )?;
+            importer.skip(name, too_large("entry", entry.size()))?;
             continue;
         }
         let declared = entry.size();
