@@ -12,6 +12,10 @@ use vt_serve::args::LogFormat;
 use vt_serve::predict::{self, PredictArgs};
 use vt_serve::{shutdown_signals, ServeArgs, Server, Stopped};
 
+/// The log target of the error that ends the server: logged whatever RUST_LOG says, as
+/// the text format's `Error:` line is printed.
+const FATAL: &str = "vt_serve::fatal";
+
 /// With no subcommand, serves (the server's flags go at the top level). Read by [`parse`],
 /// not by the derived parser.
 #[derive(Debug, Parser)]
@@ -43,9 +47,10 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Predict(args) => Ok(predict::run(&args).map(|()| ExitCode::SUCCESS)?),
         Command::Serve(args) => match serve(&args) {
             Ok(()) => Ok(ExitCode::SUCCESS),
-            // A log collector reads JSON lines only: the error that ends the server is one.
+            // A log collector reads JSON lines only: the error that ends the server is one,
+            // which no RUST_LOG leaves out (see `FATAL`).
             Err(e) if args.log_format == LogFormat::Json => {
-                tracing::error!("{e:#}");
+                tracing::error!(target: FATAL, "{e:#}");
                 Ok(ExitCode::FAILURE)
             }
             Err(e) => Err(e),
@@ -102,16 +107,23 @@ fn unset_empty_settings() {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    // A RUST_LOG that does not parse is said to be so, once logging works.
-    let (filter, unread_filter) = match EnvFilter::try_from_default_env() {
-        Ok(filter) => (filter, None),
-        Err(e) => (
-            EnvFilter::new("info"),
-            std::env::var_os("RUST_LOG").map(|_| e),
-        ),
+    // A blank RUST_LOG (as Helm charts and Compose files leave optional variables) is unset;
+    // one that does not parse is said to be so, once logging works.
+    let (filter, unread_filter) = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
+        },
+        Err(std::env::VarError::NotUnicode(_)) => {
+            (EnvFilter::new("info"), Some("not UTF-8".to_owned()))
+        }
+        _ => (EnvFilter::new("info"), None),
     };
+    let fatal = format!("{FATAL}=error")
+        .parse()
+        .context("the fatal errors' log directive")?;
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter.add_directive(fatal))
         .with_writer(std::io::stderr)
         // A log line that cannot be written (stderr a closed pipe: the log reader went away)
         // is dropped. Otherwise the subscriber reports the failure with `eprintln!`, which
@@ -172,7 +184,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             checkpoint = %args.checkpoint.display(),
             %addr,
-            grpc_addr = grpc_addr.map(|a| a.to_string()),
+            grpc_addr = grpc_addr.map(tracing::field::display),
             device = %args.device,
             dtype = %args.dtype,
             threads = args.threads(),
