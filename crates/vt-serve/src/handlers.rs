@@ -33,6 +33,7 @@ use crate::error::{ApiError, ErrorMessage};
 use crate::input::{self, ImageInput};
 use crate::instances;
 use crate::open_inference;
+use crate::router::SendUncompressed;
 use crate::state::AppState;
 
 const DEFAULT_TOP_K: usize = 3;
@@ -262,12 +263,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
 /// protocol served there, naming its routes that are served, as its clients read it.
 pub async fn not_found(uri: Uri) -> Response {
     let path = uri.path();
-    match protocol_routes_served(path) {
+    let response = match protocol_routes_served(path) {
         Some(routes) => {
             ErrorMessage::from(ApiError::NotFound(format!("{path} ({routes})"))).into_response()
         }
         None => ApiError::NotFound(path.to_owned()).into_response(),
-    }
+    };
+    uncompressed_under_v2(path, response)
 }
 
 /// 405 for a method a route does not take (the router adds the `Allow` header): in a
@@ -275,7 +277,7 @@ pub async fn not_found(uri: Uri) -> Response {
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let path = uri.path();
     let method = method.to_string();
-    match protocol_routes_served(path) {
+    let response = match protocol_routes_served(path) {
         Some(routes) => ErrorMessage::from(ApiError::MethodNotAllowed {
             method,
             path: format!("{path} ({routes})"),
@@ -286,7 +288,17 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
             path: path.to_owned(),
         }
         .into_response(),
+    };
+    uncompressed_under_v2(path, response)
+}
+
+/// The Open Inference Protocol's answers other than successful inferences go uncompressed,
+/// the router's 404 and 405 under `/v2` too (see `open_inference_routes`).
+fn uncompressed_under_v2(path: &str, mut response: Response) -> Response {
+    if open_inference::http::routes_served(path).is_some() {
+        response.extensions_mut().insert(SendUncompressed);
     }
+    response
 }
 
 /// The routes of the protocol whose prefix `path` is under, if any.

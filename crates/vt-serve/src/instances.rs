@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -149,20 +149,22 @@ struct Classification {
 }
 
 /// `GET /v1/models/{model}`: `{"name", "ready"}`, 503 once shutdown began.
-pub async fn model_ready(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ErrorMessage> {
+pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     // Model names have no `:`; `NAME:predict` and `NAME:explain` take POST.
     if name.contains(':') {
-        return Err(ApiError::MethodNotAllowed {
+        let path = format!("/v1/models/{name}");
+        let routes = routes_served(&path).unwrap_or_default();
+        let error = ApiError::MethodNotAllowed {
             method: "GET".into(),
-            path: format!("/v1/models/{name}"),
-        }
-        .into());
+            path: format!("{path} ({routes})"),
+        };
+        let allow = [(header::ALLOW, HeaderValue::from_static("POST"))];
+        return (allow, ErrorMessage::from(error)).into_response();
     }
-    let model = state.model_named(&name)?;
-    Ok(open_inference::http::model_readiness(&state, &model))
+    match state.model_named(&name) {
+        Ok(model) => open_inference::http::model_readiness(&state, &model).into_response(),
+        Err(e) => ErrorMessage::from(e).into_response(),
+    }
 }
 
 /// `POST /v1/models/{model}:predict` and `:explain`: the route's one segment is

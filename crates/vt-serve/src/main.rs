@@ -180,13 +180,18 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .and_then(|()| stdout.flush())
             .context("cannot print the addresses listened on to standard output")?;
         drop(stdout);
-        // The settings an operator checks a deployment by.
+        // The settings an operator checks a deployment by (the device `auto` chose). The
+        // model itself is not held: a reload replaces it.
+        let (device, dtype) = {
+            let info = &server.state().batcher.current().info;
+            (info.device.clone(), info.dtype.clone())
+        };
         tracing::info!(
             checkpoint = %args.checkpoint.display(),
             %addr,
             grpc_addr = grpc_addr.map(tracing::field::display),
-            device = %args.device,
-            dtype = %args.dtype,
+            %device,
+            %dtype,
             threads = args.threads(),
             max_batch = args.max_batch,
             max_delay_ms = args.max_delay_ms,

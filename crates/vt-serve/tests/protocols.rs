@@ -390,6 +390,9 @@ async fn tritonclient_requests_get_the_offline_predictions() {
     for (method, path) in [
         (reqwest::Method::GET, "/v2/models/tiny"),
         (reqwest::Method::POST, "/v2/models/other/infer"),
+        // The router's own 404 and 405 under /v2 too.
+        (reqwest::Method::GET, "/v2/foo/bar"),
+        (reqwest::Method::DELETE, "/v2/models/tiny/infer"),
     ] {
         let answer = client
             .request(method, server.url(path))
@@ -1482,6 +1485,11 @@ async fn unknown_protocol_routes_and_methods_answer_in_the_protocols_shape() {
             "/v1/models/tiny",
             StatusCode::METHOD_NOT_ALLOWED,
         ),
+        (
+            reqwest::Method::GET,
+            "/v1/models/tiny:predict",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
     ] {
         let response = client
             .request(method.clone(), server.url(path))
@@ -1489,6 +1497,9 @@ async fn unknown_protocol_routes_and_methods_answer_in_the_protocols_shape() {
             .await
             .unwrap();
         let answered = response.status();
+        if answered == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(response.headers().contains_key("allow"), "{method} {path}");
+        }
         let body: Value = response.json().await.unwrap();
         assert_error_message(answered, &body, status, path);
         assert_error_message(answered, &body, status, "POST /v1/models/NAME:predict");
