@@ -119,10 +119,10 @@ impl Method {
 
     /// The method a request's path names, if this server answers it.
     fn of(path: &str) -> Option<Method> {
-        let full_name = path.strip_prefix('/')?;
+        let (service, name) = path.strip_prefix('/')?.split_once('/')?;
         Method::ALL
             .into_iter()
-            .find(|method| method.full_name() == full_name)
+            .find(|method| method.service() == service && method.name() == name)
     }
 }
 
@@ -342,8 +342,8 @@ async fn answer(
                         // "" is the server as a whole; an unknown service is NOT_FOUND.
                         if !asked.service.is_empty() && asked.service != SERVICE {
                             return Err(ApiError::UnknownModel(format!(
-                                "unknown service `{}`: this server's health is that of \"\" (the \
-                             server) and {SERVICE}",
+                                "unknown service `{}`: this server's health is that of \"\" \
+                                 (the server) and {SERVICE}",
                                 asked.service
                             )));
                         }
