@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
@@ -77,7 +77,10 @@ fn parse() -> Command {
     } else {
         cli
     };
-    let matches = cli.get_matches();
+    let matches = cli
+        .clone()
+        .try_get_matches()
+        .unwrap_or_else(|e| name_the_variable(e, &cli).exit());
     let command = match matches.subcommand_name() {
         Some(_) => Command::from_arg_matches(&matches),
         // clap requires --checkpoint when no subcommand is given.
@@ -91,6 +94,51 @@ fn parse() -> Command {
         }
     }
     command
+}
+
+/// Adds to clap's error about a refused value the environment variable it came from: the
+/// error names the flag, which a container's settings never show.
+fn name_the_variable(mut error: clap::Error, cli: &clap::Command) -> clap::Error {
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return error;
+    }
+    let Some(ContextValue::String(refused)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let given = |long: &str| {
+        std::env::args_os().skip(1).any(|arg| {
+            let arg = arg.to_string_lossy();
+            arg.strip_prefix("--")
+                .and_then(|arg| arg.strip_prefix(long))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+        })
+    };
+    // The top-level flags, or `serve`'s.
+    let mut arguments = cli.get_arguments().chain(
+        cli.get_subcommands()
+            .flat_map(|command| command.get_arguments()),
+    );
+    let variable = arguments.find_map(|arg| {
+        let (long, variable) = (arg.get_long()?, arg.get_env()?);
+        let named = refused
+            .strip_prefix("--")
+            .and_then(|refused| refused.strip_prefix(long))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '));
+        (named && !given(long) && std::env::var_os(variable).is_some())
+            .then(|| variable.to_string_lossy().into_owned())
+    });
+    if let Some(variable) = variable {
+        let mut tips = match error.get(ContextKind::Suggested) {
+            Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+            _ => Vec::new(),
+        };
+        tips.push(format!("the value comes from the environment variable {variable}").into());
+        error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    error
 }
 
 /// Removes the `VT_SERVE_*` environment variables that are set but empty or blank (as Helm

@@ -151,6 +151,40 @@ fn options_that_do_not_go_together_are_a_usage_error() {
     }
 }
 
+/// A value refused from the environment names its variable beside the flag: a container's
+/// settings show the one, never the other.
+#[test]
+fn a_refused_setting_from_the_environment_names_its_variable() {
+    for (args, name, value, flag) in [
+        (&[][..], "VT_SERVE_PORT", "eighty", "--port"),
+        (&["serve"][..], "VT_SERVE_PORT", "eighty", "--port"),
+        (&[][..], "VT_SERVE_DTYPE", "f8", "--dtype"),
+        (&[][..], "VT_SERVE_MAX_BATCH", "5000", "--max-batch"),
+    ] {
+        let output = Command::new(BIN)
+            .env(name, value)
+            .args(args)
+            .args(["--checkpoint", "no-such-folder"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(&format!("environment variable {name}")),
+            "{name}={value}: {stderr}"
+        );
+    }
+    // A refused flag is the flag's fault, whatever its variable says.
+    let output = Command::new(BIN)
+        .env("VT_SERVE_PORT", "8080")
+        .args(["--port", "eighty", "--checkpoint", "no-such-folder"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("VT_SERVE_PORT"), "{stderr}");
+}
+
 /// Settings from the environment, as containers give them, leave a subcommand its flags:
 /// clap's derive took one for the top-level server's flags, which then had no checkpoint,
 /// and checked them there, refusing a value the subcommand's flag replaces or never reads.
