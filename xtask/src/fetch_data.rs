@@ -186,17 +186,18 @@ fn report(out: &mut impl Write, data_dir: &Path, m: &Manifest) -> io::Result<()>
             "note: the source has no seg_test images, so the test split is empty"
         )?;
     }
-    if !m.duplicates.is_empty() {
-        let conflicting = m.duplicates.iter().filter(|d| d.conflicting_labels).count();
-        let leaking = m.duplicates.iter().filter(|d| d.leaks_into_test()).count();
+    let duplicates = m.duplicates.as_deref().unwrap_or_default();
+    if !duplicates.is_empty() {
+        let conflicting = duplicates.iter().filter(|d| d.conflicting_labels).count();
+        let leaking = duplicates.iter().filter(|d| d.leaks_into_test()).count();
         writeln!(
             out,
             "duplicates: {} image(s) filed more than once (identical bytes), {conflicting} of \
              them under different classes, {leaking} in the test split and in train or val; \
              copies in train stay out of val:",
-            m.duplicates.len()
+            duplicates.len()
         )?;
-        let lines = m.duplicates.iter().map(|d| {
+        let lines = duplicates.iter().map(|d| {
             let note = if d.conflicting_labels {
                 " (different classes)"
             } else {
@@ -306,7 +307,7 @@ mod tests {
             val_fraction: 0.1,
             seed: 0,
             origin: "synthetic:seed=0".into(),
-            duplicates: Vec::new(),
+            duplicates: Some(Vec::new()),
             renamed: [("pred/7606.png".into(), "seg_pred/7606.jpg".into())].into(),
         };
         let dir = Path::new("data/intel");

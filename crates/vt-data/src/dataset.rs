@@ -75,9 +75,10 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub origin: String,
     /// The labelled images (train, val, test) found more than once, by their bytes: always
-    /// written, so that "none" reads as checked (manifests of earlier versions may lack it).
+    /// written, so that an empty list reads as checked. None: an import by an earlier
+    /// version, which did not look.
     #[serde(default)]
-    pub duplicates: Vec<DuplicateGroup>,
+    pub duplicates: Option<Vec<DuplicateGroup>>,
     /// The images filed under another name than the source gave them (for its characters,
     /// the format its bytes hold, or a name two source files share): path in the data
     /// folder -> path in the source.

@@ -455,7 +455,7 @@ impl Importer {
             val_fraction: self.val_fraction,
             seed: self.seed,
             origin: self.origin.clone(),
-            duplicates,
+            duplicates: Some(duplicates),
             renamed: self
                 .renamed
                 .iter()

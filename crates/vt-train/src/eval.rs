@@ -243,7 +243,8 @@ pub struct EvalReport {
     pub confusion_matrix: ConfusionMatrix,
     /// Evaluated images with a byte-identical copy in the training or validation split
     /// (`manifest.json`'s `duplicates`): the model may have been trained or selected on them.
-    pub copies_in_other_splits: Vec<PathBuf>,
+    /// None (null): not known, the data having no manifest that lists duplicates.
+    pub copies_in_other_splits: Option<Vec<PathBuf>>,
     /// How well the confidences match the accuracy (15 bins, as Guo et al.).
     pub calibration: Calibration,
     pub skipped: Vec<SkippedFile>,
@@ -350,13 +351,21 @@ pub fn report_text(report: &EvalReport) -> String {
             c.class, c.precision, c.recall, c.f1, c.support
         );
     }
-    if !report.copies_in_other_splits.is_empty() {
-        out += &format!(
-            "\nnote: {} of these images have a byte-identical copy in a training or validation \
-             split (manifest.json \"duplicates\", listed in the JSON report): the model may have \
-             been trained or selected on them\n",
-            report.copies_in_other_splits.len()
-        );
+    match report.copies_in_other_splits.as_deref() {
+        Some([]) => {}
+        Some(copies) => {
+            out += &format!(
+                "\nnote: {} of these images have a byte-identical copy in a training or \
+                 validation split (manifest.json \"duplicates\", listed in the JSON report): \
+                 the model may have been trained or selected on them\n",
+                copies.len()
+            );
+        }
+        None => {
+            out += "\nnote: not known whether these images have copies in a training or \
+                    validation split: the data's manifest.json lists no duplicates (an import by \
+                    `cargo xtask fetch-data` of this version lists them)\n";
+        }
     }
     let calibration = &report.calibration;
     out += &format!(
@@ -428,26 +437,30 @@ fn prediction_rows(
 }
 
 /// The evaluated images that the data set's manifest lists with a copy in a split the model
-/// is trained or selected on (train or val, other than the one evaluated). Data without a
-/// manifest (or from before it listed duplicates) has none listed.
-fn copies_in_other_splits(data: &Path, split: Split, samples: &[(PathBuf, usize)]) -> Vec<PathBuf> {
+/// is trained or selected on (train or val, other than the one evaluated). None for data
+/// without a manifest, or with one from before imports listed duplicates: not known.
+fn copies_in_other_splits(
+    data: &Path,
+    split: Split,
+    samples: &[(PathBuf, usize)],
+) -> Option<Vec<PathBuf>> {
     let manifest = match Manifest::read(data) {
         Ok(manifest) => manifest,
         // A folder of class folders without a manifest lists nothing.
-        Err(vt_data::DataError::NotFetched { .. }) => return Vec::new(),
+        Err(vt_data::DataError::NotFetched { .. }) => return None,
         Err(e) => {
             tracing::warn!("{e}: the images with copies in other splits are not listed");
-            return Vec::new();
+            return None;
         }
     };
+    let duplicates = manifest.duplicates?;
     let prefix = format!("{}/", split.dir_name());
     let seen = [Split::Train, Split::Val]
         .into_iter()
         .filter(|&s| s != split)
         .map(|s| format!("{}/", s.dir_name()))
         .collect::<Vec<_>>();
-    let copied: HashSet<PathBuf> = manifest
-        .duplicates
+    let copied: HashSet<PathBuf> = duplicates
         .iter()
         .filter(|group| {
             group
@@ -458,11 +471,12 @@ fn copies_in_other_splits(data: &Path, split: Split, samples: &[(PathBuf, usize)
         .flat_map(|group| group.files.iter().filter(|f| f.starts_with(&prefix)))
         .map(|f| data.join(f))
         .collect();
-    samples
+    let copies = samples
         .iter()
         .filter(|(path, _)| copied.contains(path))
         .map(|(path, _)| path.clone())
-        .collect()
+        .collect();
+    Some(copies)
 }
 
 /// Where `vt-train eval` writes.

@@ -840,8 +840,18 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     };
     // Before anything in the run folder changes: a refused resume leaves it as it was.
     if let Some(progress) = &resumed {
-        if let Some(run_data) = &progress.data {
-            data_used.check_resume(run_data, &config.data)?;
+        match &progress.data {
+            Some(run_data) => data_used.check_resume(run_data, &config.data)?,
+            None => tracing::warn!(
+                "{}: the run was saved by an earlier vt-train, which did not record its images: \
+                 those of {} cannot be checked against them, and are recorded from now on. \
+                 Rules changed since may apply from this epoch on: TrivialAugment resamples \
+                 bilinearly, GPU convolutions use TF32 (--tf32 false keeps f32), the modern \
+                 recipe's cosine ends at lr/100 below --lr 1e-4, --early-stop counts epochs \
+                 since accuracy last rose",
+                run_dir.display(),
+                config.data.display()
+            ),
         }
         // Every epoch takes the same number of steps, skipped ones included.
         let run_steps = progress.global_step / progress.epochs_done.max(1) as u64;

@@ -664,6 +664,8 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
     let mut progress: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     progress["best_val_loss"] = serde_json::Value::Null;
+    // A state of a version that recorded no images: resumed with a warning, then recorded.
+    progress.as_object_mut().unwrap().remove("data");
     std::fs::write(&state, progress.to_string()).unwrap();
     // A smaller --checkpoint-hist too: the worse kept epoch leaves top/ with the next epoch.
     let out = run_ok(
@@ -684,6 +686,13 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
         log.contains("--checkpoint-hist 1: the worst 1 of the 2 epochs"),
         "{log}"
     );
+    assert!(
+        log.contains("saved by an earlier vt-train, which did not record its images"),
+        "{log}"
+    );
+    let progress: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(progress["data"]["train"]["count"], 18, "{progress}");
     let records = records(&run);
     assert_eq!(records.len(), 3);
     assert!(records[0].val_loss.is_nan() && records[1].val_loss.is_nan());

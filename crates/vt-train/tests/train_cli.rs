@@ -210,6 +210,28 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
         )),
         "{log}"
     );
+
+    // An import by a version that did not look for duplicates lists none: not known, which
+    // is not "none" (the report's null, not []).
+    manifest.as_object_mut().unwrap().remove("duplicates");
+    fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let out = run_ok(
+        vt_train()
+            .args(["eval", "--checkpoint"])
+            .arg(run.join("best"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--split", "test", "--threads", "1", "--out"])
+            .arg(&report),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("note: not known whether these images have copies"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["copies_in_other_splits"], serde_json::Value::Null);
 }
 
 /// `top/` keeps the 2 best epochs of metrics.jsonl, ranked as best/ is (accuracy, then loss,
