@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -111,7 +112,13 @@ impl Manifest {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        fs::write(&path, text + "\n").map_err(|e| DataError::io(path, e))
+        // Flushed: it marks a complete import (see `import`).
+        fs::File::create(&path)
+            .and_then(|mut file| {
+                file.write_all((text + "\n").as_bytes())?;
+                file.sync_all()
+            })
+            .map_err(|e| DataError::io(path, e))
     }
 
     pub fn count(&self, split: Split) -> usize {

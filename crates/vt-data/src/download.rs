@@ -324,6 +324,10 @@ impl Download<'_> {
                 part.display()
             )));
         }
+        // On disk before it takes its name, which says it is complete.
+        fs::File::open(part)
+            .and_then(|file| file.sync_all())
+            .map_err(|e| DataError::io(part, e))?;
         fs::rename(part, dest).map_err(|e| DataError::io(dest, e))?;
         remove_if_exists(sidecar)?;
         Ok(total)

@@ -281,7 +281,10 @@ impl RepoCache {
             .write(true)
             .create_new(true)
             .open(&temporary)
-            .and_then(|mut file| file.write_all(bytes))
+            .and_then(|mut file| {
+                file.write_all(bytes)?;
+                file.sync_all()
+            })
             .map_err(|e| DataError::io(&temporary, e))?;
         fs::rename(&temporary, path).map_err(|e| DataError::io(path, e))
     }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
@@ -220,8 +220,9 @@ impl Importer {
                 if let Some(parent) = path.parent() {
                     fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
                 }
-                // Original bytes are kept: re-encoding would change the pixels.
-                fs::write(&path, &image.bytes).map_err(|e| DataError::io(&path, e))?;
+                // Original bytes are kept: re-encoding would change the pixels. Flushed, as
+                // the import replaces the previous one once written.
+                write_synced(&path, &image.bytes)?;
                 Ok(Ok((rel.clone(), Sha256::digest(&image.bytes).into())))
             })
             .collect();
@@ -462,8 +463,11 @@ impl Importer {
                 .map(|(filed, source)| (final_path(filed, &assignment), source.clone()))
                 .collect(),
         };
-        // Written last inside staging: its presence marks a complete import.
+        // Written last inside staging, once everything else is on disk: its presence marks
+        // a complete import.
+        sync_folders(&self.staging)?;
         manifest.write(&self.staging)?;
+        sync_folder(&self.staging)?;
         swap_into_place(&self.staging, &self.data_dir)?;
         self.finished = true;
         Ok(manifest)
@@ -691,6 +695,9 @@ fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
         }
         return Err(DataError::io(data_dir, cause));
     }
+    // The new name on disk before the previous import goes.
+    let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty());
+    sync_folder(parent.unwrap_or(Path::new(".")))?;
     if had_old {
         remove_if_exists(&old)?;
     }
@@ -716,6 +723,37 @@ fn restore_interrupted_swap(data_dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Flushes the names in `dir` and in every folder below it to disk (the files are flushed as
+/// they are written).
+fn sync_folders(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let path = entry.map_err(|e| DataError::io(dir, e))?.path();
+        if path.is_dir() {
+            sync_folders(&path)?;
+        }
+    }
+    sync_folder(dir)
+}
+
+/// Flushes a folder's entries to disk. A file system that cannot (EINVAL: some network and
+/// FUSE ones) offers nothing more durable.
+fn sync_folder(dir: &Path) -> Result<()> {
+    match fs::File::open(dir).and_then(|folder| folder.sync_all()) {
+        Err(e) if e.kind() != ErrorKind::InvalidInput => Err(DataError::io(dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a file and flushes it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::File::create(path)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .map_err(|e| DataError::io(path, e))
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -29,8 +29,10 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// folder is given where a checkpoint is expected. Its options file alone may be a user's
 /// own `config.toml`: a run also holds one of `RUN_OUTPUTS` (its lock from the start).
 const RUN_OPTIONS_FILE: &str = "config.toml";
-const RUN_OUTPUTS: [&str; 3] = [".lock", "metrics.jsonl", "state"];
+const RUN_OUTPUTS: [&str; 3] = [".lock", "metrics.jsonl", RUN_STATE];
 const RUN_CHECKPOINTS: [&str; 2] = ["best", "last"];
+/// A run's saved training state, a checkpoint among other files.
+const RUN_STATE: &str = "state";
 
 /// The SHA-256 of a weights file's bytes, in hex: the checkpoint's identity, as vt-serve's
 /// `/v1/models` and an ONNX export's metadata give it.
@@ -67,8 +69,20 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     if !dir.exists() {
         refuse_interrupted_write(dir)?;
-        return Err(ModelError::NoCheckpoint {
-            path: dir.to_path_buf(),
+        let run = dir.parent().filter(|run| {
+            dir.file_name()
+                .is_some_and(|name| RUN_CHECKPOINTS.iter().any(|c| name == *c))
+                && run.join(RUN_OPTIONS_FILE).is_file()
+                && run.join(RUN_STATE).join(CONFIG_FILE).is_file()
+        });
+        return Err(match run {
+            Some(run) => ModelError::RunCheckpointMissing {
+                path: dir.to_path_buf(),
+                run: run.to_path_buf(),
+            },
+            None => ModelError::NoCheckpoint {
+                path: dir.to_path_buf(),
+            },
         });
     }
     if !dir.is_dir() {
@@ -514,8 +528,11 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
         let _ = fs::remove_dir_all(tmp);
         return Err(e);
     }
+    // The new version is in place and the write succeeded: a previous version that cannot
+    // be removed now (its file system gone read-only) is removed by the next write of `dir`
+    // ([`recover_interrupted_write`]).
     if old.exists() {
-        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+        let _ = fs::remove_dir_all(&old);
     }
     // Persist the renames themselves.
     let parent = dir

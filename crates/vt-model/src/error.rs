@@ -58,6 +58,13 @@ pub enum ModelError {
     /// A checkpoint path where nothing is.
     #[error("no checkpoint folder at {path}")]
     NoCheckpoint { path: PathBuf },
+    /// A run's `best/` or `last/` missing beside its saved state: the save stopped between
+    /// them (a full disk), and a resume writes it from the state.
+    #[error(
+        "no checkpoint folder at {path}: the run's last save stopped before writing it; \
+         `vt-train train --resume --run-dir {run}` writes it from the run's state"
+    )]
+    RunCheckpointMissing { path: PathBuf, run: PathBuf },
     /// A file where a checkpoint folder is expected.
     #[error(
         "{path} is a file: a checkpoint is the folder that holds config.json and \

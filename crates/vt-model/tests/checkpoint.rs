@@ -98,6 +98,19 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
     );
     // Its checkpoints load.
     Model::load(&run.join("best"), &Device::Cpu).unwrap();
+    // One a save stopped short of, beside the run's state, is written by a resume.
+    saved_model(&run.join("state"));
+    std::fs::remove_dir_all(run.join("last")).unwrap();
+    assert_eq!(
+        load_err(&run.join("last")),
+        format!(
+            "no checkpoint folder at {}: the run's last save stopped before writing it; \
+             `vt-train train --resume --run-dir {}` writes it from the run's state",
+            run.join("last").display(),
+            run.display()
+        )
+    );
+    saved_model(&run.join("last"));
     // A checkpoint's file, and a folder of checkpoints that is not a run.
     let weights = run.join("best/model.safetensors");
     assert!(

@@ -262,8 +262,9 @@ pub fn run(args: &AverageArgs) -> Result<()> {
     refuse_out_among_inputs(&args.out, &inputs, args.run_dir.as_deref())?;
     check_out_dir(&args.out, args.force)?;
     let dirs: Vec<PathBuf> = inputs.iter().map(|i| i.dir.clone()).collect();
-    // Every input loaded and checked before anything is announced.
+    // Announced once written.
     let model = average(&dirs, &Device::Cpu)?;
+    write_checkpoint(&model, &args.out)?;
     println!(
         "averaged {} checkpoint{}:",
         inputs.len(),
@@ -281,7 +282,6 @@ pub fn run(args: &AverageArgs) -> Result<()> {
             None => println!("  {}", input.dir.display()),
         }
     }
-    write_checkpoint(&model, &args.out)?;
     if dirs.len() == 1 {
         eprintln!(
             "one checkpoint averaged: {} is a copy of it",

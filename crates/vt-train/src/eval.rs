@@ -532,6 +532,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     if args.out.is_none() {
         outputs::refuse_managed_folder(option, out, parent)?;
         refuse_replacing_others(&paths, option)?;
+        outputs::refuse_unwritable_folder(option, out, parent)?;
         return Ok(paths);
     }
     for (beside, what, extension) in [
@@ -553,6 +554,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     let parent = outputs::existing_folder_of("--out", out)?;
     outputs::refuse_managed_folder(option, out, parent)?;
     refuse_replacing_others(&paths, option)?;
+    outputs::refuse_unwritable_folder(option, out, parent)?;
     Ok(paths)
 }
 

@@ -332,6 +332,7 @@ fn output_paths(out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let ours = outputs::is_json_with(&report, &["points", "plot"]);
     outputs::refuse_replacing("--out", &report, &[(&report, ours), (&plot, ours)])?;
     outputs::refuse_managed_folder("--out", &report, folder)?;
+    outputs::refuse_unwritable_folder("--out", &report, folder)?;
     Ok((report, plot))
 }
 
@@ -558,10 +559,14 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
         cause,
     })?;
     // The plot is drawn from the report: gone before the report changes, so that a kill
-    // midway never leaves an earlier sweep's plot beside a later report.
+    // midway never leaves an earlier sweep's plot beside a later report. A report whose
+    // plot could not be drawn goes too: it names the plot.
     outputs::remove_file_synced(&plot_path)?;
     write_atomically(&report_path, format!("{json}\n").as_bytes())?;
-    draw_lr_find(&plot_path, &report)?;
+    if let Err(e) = draw_lr_find(&plot_path, &report) {
+        let _ = std::fs::remove_file(&report_path);
+        return Err(e);
+    }
     eprintln!(
         "wrote {} and {}",
         report_path.display(),

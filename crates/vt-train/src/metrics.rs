@@ -390,7 +390,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             file.write_all(bytes)?;
             file.sync_all()
         };
-        write().map_err(|e| TrainError::io(tmp, e))
+        // Named by what it writes: the temporary is gone with the error.
+        write().map_err(|e| TrainError::file_op("writing", path, e))
     })
 }
 

@@ -142,7 +142,30 @@ pub fn remove_file_synced(path: &Path) -> Result<()> {
             Ok(vt_model::checkpoint::sync_dir(folder)?)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // A read-only file system refuses to remove even what is not there.
+        Err(_)
+            if std::fs::symlink_metadata(path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(TrainError::file_op("removing", path, e)),
+    }
+}
+
+/// Refuses a `folder` that cannot be written in (a read-only file system), where `option`'s
+/// output `out` goes: before the work, which would otherwise be lost at its end.
+pub fn refuse_unwritable_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
+    let probe = folder.join(format!(".vt-write-check-{}", std::process::id()));
+    match std::fs::File::create_new(&probe) {
+        Ok(_) => {
+            std::fs::remove_file(&probe).map_err(|e| TrainError::file_op("removing", &probe, e))
+        }
+        Err(e) => Err(TrainError::Config(format!(
+            "{option} {}: cannot write in {}: {e}",
+            out.display(),
+            folder.display()
+        ))),
     }
 }
 
@@ -247,6 +270,24 @@ pub fn resolved(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder that takes no files is refused before the work, naming it; a writable one
+    /// is left as it was.
+    #[test]
+    fn an_output_folder_is_checked_for_writing() {
+        let root = tempfile::tempdir().unwrap();
+        let report = root.path().join("r.json");
+        refuse_unwritable_folder("--out", &report, root.path()).unwrap();
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        // procfs takes no new files, whoever asks (root included).
+        let err = refuse_unwritable_folder("--out", Path::new("/proc/r.json"), Path::new("/proc"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--out /proc/r.json: cannot write in /proc: "),
+            "{err}"
+        );
+    }
 
     /// An output's folder must exist, and the output must name a file in it.
     #[test]

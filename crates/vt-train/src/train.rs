@@ -659,14 +659,23 @@ impl Trainer {
             let patience = self.learner.config.early_stop;
             self.progress.stopped_early =
                 patience.is_some_and(|p| self.progress.epochs_since_best >= p);
-            state::save(
+            let saved = state::save(
                 &self.run_dir,
                 &self.progress,
                 &self.learner.model,
                 &self.learner.optimizer,
                 self.ema.as_ref(),
-            )
-            .with_context(|| format!("writing the training state in {}", self.run_dir.display()))?;
+            );
+            if let Err(e) = saved {
+                // No state lists the epoch's new folder in `top/`: it goes (a full disk
+                // may have stopped the save, and it holds a model's size).
+                if offered.admitted {
+                    let _ = std::fs::remove_dir_all(history::epoch_dir(&self.run_dir, epoch + 1));
+                }
+                return Err(e).with_context(|| {
+                    format!("writing the training state in {}", self.run_dir.display())
+                });
+            }
             // After the state: a kill before these leaves them behind it, and the resume
             // writes them from it (in `run`). Written first, `best/` could hold an epoch that
             // the resume runs again and then finds no better.
