@@ -738,10 +738,18 @@ fn sync_folders(dir: &Path) -> Result<()> {
 }
 
 /// Flushes a folder's entries to disk. A file system that cannot (EINVAL: some network and
-/// FUSE ones) offers nothing more durable.
+/// FUSE ones) offers nothing more durable, nor does a folder one may write in but not read
+/// (mode 0300, a drop box).
 fn sync_folder(dir: &Path) -> Result<()> {
     match fs::File::open(dir).and_then(|folder| folder.sync_all()) {
-        Err(e) if e.kind() != ErrorKind::InvalidInput => Err(DataError::io(dir, e)),
+        Err(e)
+            if !matches!(
+                e.kind(),
+                ErrorKind::InvalidInput | ErrorKind::PermissionDenied
+            ) =>
+        {
+            Err(DataError::io(dir, e))
+        }
         _ => Ok(()),
     }
 }

@@ -69,20 +69,25 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
 pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
     if !dir.exists() {
         refuse_interrupted_write(dir)?;
-        let run = dir.parent().filter(|run| {
-            dir.file_name()
-                .is_some_and(|name| RUN_CHECKPOINTS.iter().any(|c| name == *c))
-                && run.join(RUN_OPTIONS_FILE).is_file()
-                && run.join(RUN_STATE).join(CONFIG_FILE).is_file()
-        });
-        return Err(match run {
-            Some(run) => ModelError::RunCheckpointMissing {
+        // `best` is in `.`, which names its folder to a reader (`""` names none).
+        let run = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let in_run = dir
+            .file_name()
+            .is_some_and(|name| RUN_CHECKPOINTS.iter().any(|c| name == *c))
+            && run.join(RUN_OPTIONS_FILE).is_file()
+            && run.join(RUN_STATE).join(CONFIG_FILE).is_file();
+        return Err(if in_run {
+            ModelError::RunCheckpointMissing {
                 path: dir.to_path_buf(),
                 run: run.to_path_buf(),
-            },
-            None => ModelError::NoCheckpoint {
+            }
+        } else {
+            ModelError::NoCheckpoint {
                 path: dir.to_path_buf(),
-            },
+            }
         });
     }
     if !dir.is_dir() {
