@@ -19,3 +19,15 @@ pub fn retain_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Hands the free memory of every heap back to the kernel, once. For when a model is gone
+/// for good (vt-serve's reload): its buffers, which [`retain_freed_memory`] keeps, were
+/// freed into the arena of a thread that has ended, and no later work of the process would
+/// reuse them, a reload under load adding a model's worth of memory each time.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -92,6 +92,9 @@ impl ServedModel {
                 if !failed {
                     run(&classifier, &queue, config, &metrics);
                 }
+                // Replaced by a reload (or stopped): its memory goes back.
+                drop(classifier);
+                vt_model::allocator::release_freed_memory();
             })
             .map_err(StartError::Thread)?;
         match warmed.recv() {
