@@ -68,7 +68,8 @@ pub struct ServeArgs {
     pub timeout_ms: u64,
     /// Time a client has to send a request's headers, counted from when its connection
     /// opened or its previous answer was sent, in milliseconds; past it the connection is
-    /// closed (slow clients, and idle keep-alive connections).
+    /// closed (slow clients, and idle keep-alive connections). Also the longest a client may
+    /// leave the answers unread.
     #[arg(long, env = "VT_SERVE_HEADER_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout_ms: u64,
     /// Largest request body (and fetched URL) in bytes; larger ones get 413. Also the

@@ -63,7 +63,7 @@ pub async fn predict(
     request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let arriving = state.batcher.arriving();
+    let arriving = state.arriving()?;
     let deadline = started + state.limits.timeout;
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let top_k = query.top_k.unwrap_or(DEFAULT_TOP_K);

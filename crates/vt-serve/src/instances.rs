@@ -175,7 +175,7 @@ pub async fn predict(
     request: Request,
 ) -> Result<Response, ErrorMessage> {
     let started = Instant::now();
-    let arriving = state.batcher.arriving();
+    let arriving = state.arriving()?;
     let deadline = started + state.limits.timeout;
     let Some((name, verb)) = Verb::of(&segment) else {
         return Err(ApiError::NotFound(format!(

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 #[cfg(unix)]
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
+use tokio_io_timeout::TimeoutStream;
 
 use crate::args::ServeArgs;
 use crate::open_inference::grpc;
@@ -135,13 +136,15 @@ impl Server {
                 // axum's accept retries after errors such as running out of file descriptors.
                 (stream, peer) = Listener::accept(&mut listener) => {
                     let service = TowerToHyperService::new(app.clone());
-                    let connection = http.serve_connection(TokioIo::new(stream), service);
+                    let io = with_write_timeout(stream, state.limits.header_timeout);
+                    let connection = http.serve_connection(io, service);
                     serve(&connections, connection, peer, std::future::pending(), cut.subscribe());
                 }
                 (stream, peer) = accept_grpc(&mut grpc_listener) => {
                     let streams = Streams::new();
                     let service = streams.track(TowerToHyperService::new(grpc_app.clone()));
-                    let connection = http2.serve_connection(TokioIo::new(stream), service);
+                    let io = with_write_timeout(stream, state.limits.header_timeout);
+                    let connection = http2.serve_connection(io, service);
                     let idle = streams.idle(state.limits.header_timeout, stopping.subscribe());
                     serve(&connections, connection, peer, idle, cut.subscribe());
                 }
@@ -220,6 +223,18 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
         Some(listener) => Listener::accept(listener).await,
         None => std::future::pending().await,
     }
+}
+
+/// `stream`, whose writes fail once they have made no progress for `timeout`: a client that
+/// stops reading its answers (its receive window full) is let go, as one that stops sending
+/// its request is by the header-read timeout.
+fn with_write_timeout(
+    stream: TcpStream,
+    timeout: Duration,
+) -> TokioIo<Pin<Box<TimeoutStream<TcpStream>>>> {
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(timeout));
+    TokioIo::new(Box::pin(stream))
 }
 
 /// Serves `connection` on a task of its own, until it ends, shutdown closes it, or `idle`

@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::admission::Admission;
 use crate::args::ServeArgs;
-use crate::batcher::{BatchConfig, Batcher, ServedModel};
+use crate::batcher::{Arriving, BatchConfig, Batcher, ServedModel};
 use crate::body_budget::BodyBudget;
 use crate::classifier::Classifier;
 use crate::error::ApiError;
@@ -290,6 +290,17 @@ impl AppState {
                 Err(e)
             }
         }
+    }
+
+    /// Announces an inference request to the batcher ([`Batcher::arriving`]); refused once
+    /// shutdown began: the drain waits for the requests in flight then, not for those that
+    /// begin during it (on a connection whose request was still arriving), which it would
+    /// cut off.
+    pub fn arriving(&self) -> Result<Arriving, ApiError> {
+        if !self.is_accepting() {
+            return Err(ApiError::NotReady("shutting down".into()));
+        }
+        Ok(self.batcher.arriving())
     }
 
     pub fn is_accepting(&self) -> bool {

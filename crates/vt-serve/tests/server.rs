@@ -1367,6 +1367,25 @@ async fn graceful_shutdown_answers_the_requests_in_flight() {
     assert_eq!(scores(&answer).len(), 3);
 }
 
+/// A request that begins once shutdown began (on a connection whose headers were still
+/// arriving then) is refused (503), not accepted and then cut off when the drain, which
+/// waits for the requests in flight at its start, ends. Shutdown's first step alone, so
+/// that the request surely reaches the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_begins_during_shutdown_is_refused() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    server.state.stop_accepting();
+    let photo = test_images(1).remove(0).1;
+    let (status, answer) = post_raw_owned(client(), server.url("/predict"), photo).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(
+        answer["detail"], "the server is not ready: shutting down",
+        "{answer}"
+    );
+    server.shutdown().await;
+}
+
 /// A client that never finishes its request headers does not hold shutdown: past the
 /// request timeout its connection carries no request, and it is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1406,6 +1425,50 @@ async fn connections_that_send_no_complete_headers_are_closed_after_the_header_t
     let idle = read_until_closed(&mut idle, Duration::from_secs(10)).await;
     let idle = idle.expect("the idle keep-alive connection is not closed");
     assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
+    let live = client()
+        .get(server.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    server.shutdown().await;
+}
+
+/// A client that stops reading its answers (its receive buffer full) is let go once the
+/// server's writes have made no progress for `--header-timeout-ms`, as one that stops
+/// sending is: it held the connection (and the answers' memory) for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_the_header_timeout() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--header-timeout-ms", "1000"]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    // Pipelined requests for the demo page, whose answers (11 MB) outgrow the sockets'
+    // buffers (at most 4 MB on Linux).
+    let count = 2000;
+    let request = b"GET / HTTP/1.1\r\nHost: test\r\nAccept-Encoding: identity\r\n\r\n";
+    stream.write_all(&request.repeat(count)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Still open, the connection would answer every request as it is read.
+    let mut received = Vec::new();
+    let mut buffer = vec![0; 1 << 16];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    let answered = String::from_utf8_lossy(&received)
+        .matches("HTTP/1.1 200 OK")
+        .count();
+    assert!(
+        closed.is_ok() && answered < count,
+        "{answered} of {count} requests answered"
+    );
     let live = client()
         .get(server.url("/health/live"))
         .send()

@@ -356,10 +356,10 @@ async fn answer(
             }
             Method::ModelInfer => {
                 // Announced before the message is read, as the HTTP routes announce theirs.
-                let arriving = state.batcher.arriving();
+                let arriving = state.arriving();
                 let state = Arc::clone(state);
-                unary(limits, request, move |asked| {
-                    model_infer(state, asked, arriving, deadline)
+                unary(limits, request, move |asked| async move {
+                    model_infer(state, asked, arriving?, deadline).await
                 })
                 .await
             }

@@ -287,7 +287,7 @@ pub async fn infer(
     request: Request,
 ) -> Result<Response, ErrorMessage> {
     let started = Instant::now();
-    let arriving = state.batcher.arriving();
+    let arriving = state.arriving()?;
     let deadline = started + state.limits.timeout;
     let model = resolve(&state, &path)?;
     let answer = answer(&state, model, request, arriving, deadline);
