@@ -193,21 +193,15 @@ async fn classify(
         admitted,
     } = queued;
     let ImageInput { filename, bytes } = image;
-    let slot = Arc::clone(&state.decode_slots)
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
     let preprocessor = model.preprocessor;
     let max_pixels = state.limits.max_pixels;
-    let input = tokio::task::spawn_blocking(move || {
-        // The slot is released when decoding ends, even if the request gave up meanwhile.
-        let _slot = slot;
+    // The decode slot is released when decoding ends, even if the request gave up meanwhile.
+    let input = input::off_the_runtime(state, move || {
         preprocessor
             .run(&mut Resizer::new(), &bytes, max_pixels)
             .map_err(ApiError::from_classify)
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
     .map_err(|e| e.for_file(filename.as_deref()))?;
     let answer = model.submit(input, with_attention, deadline, admitted)?;
     drop(arriving);

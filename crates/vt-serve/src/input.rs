@@ -5,6 +5,7 @@
 //! `application/x-www-form-urlencoded`...): its format is read from the bytes.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -315,6 +316,26 @@ async fn received_by<T>(
         .map_err(|_| limits.body_timed_out())?
 }
 
+/// Runs `work` (decoding an image, or parsing a request body of up to `--max-body-bytes`:
+/// tens of milliseconds of JSON) on a blocking thread, under one of the decode slots that
+/// bound such work: on the runtime's threads it would hold up every other request, and the
+/// probes, meanwhile.
+pub async fn off_the_runtime<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let slot = Arc::clone(&state.decode_slots)
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::NotReady("shutting down".into()))?;
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
+}
+
 /// The whole body, refused at once if it is in an encoding the server does not decode or
 /// declares more than `--max-body-bytes`; 408 if it has not all come by `deadline`.
 pub async fn read_body(
@@ -389,19 +410,12 @@ async fn read_json(
     charge: &BodyCharge,
     deadline: Instant,
 ) -> Result<Bytes, ApiError> {
-    let input: JsonInput = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
-        ))
-    })?;
-    match (input.image, input.url) {
-        (Some(image), None) => decode_base64(&image)
-            .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}"))),
-        (None, Some(url)) => {
-            // Only the URL is needed now: the fetched image takes the body's place in the
-            // budget (the charge grows to its size), so that an image within
-            // --max-body-bytes always fits it.
-            drop(body);
+    match off_the_runtime(state, move || parse_json(&body)).await? {
+        JsonImage::Bytes(bytes) => Ok(bytes),
+        // Only the URL is needed now (the body went with `parse_json`): the fetched image
+        // takes the body's place in the budget (the charge grows to its size), so that an
+        // image within --max-body-bytes always fits it.
+        JsonImage::Url(url) => {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // The fetch may only take the request's remaining time: past it, the request
             // timed out.
@@ -411,6 +425,26 @@ async fn read_json(
                 other => other,
             }
         }
+    }
+}
+
+/// The image a JSON body gives, or the URL to fetch it from.
+enum JsonImage {
+    Bytes(Bytes),
+    Url(String),
+}
+
+fn parse_json(body: &[u8]) -> Result<JsonImage, ApiError> {
+    let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
+        ))
+    })?;
+    match (input.image, input.url) {
+        (Some(image), None) => decode_base64(&image)
+            .map(JsonImage::Bytes)
+            .map_err(|e| ApiError::BadRequest(format!("\"image\" is not valid base64: {e}"))),
+        (None, Some(url)) => Ok(JsonImage::Url(url)),
         _ => Err(ApiError::BadRequest(
             "the JSON body needs exactly one of \"image\" (base64) or \"url\"".into(),
         )),

@@ -189,17 +189,17 @@ pub async fn predict(
     Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
-async fn answer(
-    state: &Arc<AppState>,
-    model: Arc<ServedModel>,
-    verb: Verb,
-    request: Request,
-    arriving: Arriving,
-    deadline: Instant,
-) -> Result<Response, ApiError> {
-    let body =
-        input::without_byte_order_mark(input::read_body(request, &state.limits, deadline).await?);
-    let capacity = state.admission.capacity();
+/// What a request asks for, its images' bytes out of their base64.
+struct Parsed {
+    images: Vec<ImageInput>,
+    parameters: Parameters,
+    /// `instances` or `inputs`, the key the answer mirrors.
+    key: &'static str,
+}
+
+/// Parses a request's body (megabytes of JSON: on a blocking thread).
+fn parse(body: Bytes, capacity: usize, verb: Verb) -> Result<Parsed, ApiError> {
+    let body = input::without_byte_order_mark(body);
     input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
@@ -266,9 +266,29 @@ async fn answer(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // The images hold what they need of the request: its base64 text is not kept while they
-    // wait.
-    drop(instances);
+    // The images hold what they need of the request: its base64 text goes with `parse`.
+    Ok(Parsed {
+        images,
+        parameters,
+        key,
+    })
+}
+
+async fn answer(
+    state: &Arc<AppState>,
+    model: Arc<ServedModel>,
+    verb: Verb,
+    request: Request,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    let body = input::read_body(request, &state.limits, deadline).await?;
+    let capacity = state.admission.capacity();
+    let Parsed {
+        images,
+        parameters,
+        key,
+    } = input::off_the_runtime(state, move || parse(body, capacity, verb)).await?;
     let explain = verb == Verb::Explain;
     let (_admitted, predictions) =
         handlers::classify_all(state, &model, images, explain, arriving, deadline).await?;

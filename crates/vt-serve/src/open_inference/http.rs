@@ -314,9 +314,40 @@ async fn answer(
         (Some(n), body) => (body.slice(..n), body.slice(n..)),
         (None, body) => (body, Bytes::new()),
     };
-    let header = input::without_byte_order_mark(header);
     let capacity = state.admission.capacity();
     let preprocessor = model.preprocessor;
+    let length_given = header_length.is_some();
+    let Parsed {
+        images,
+        outputs,
+        id,
+    } = input::off_the_runtime(state, move || {
+        parse(header, binary, length_given, capacity, preprocessor)
+    })
+    .await?;
+    let (_admitted, predictions) =
+        super::classify(state, &model, images, arriving, deadline).await?;
+    let outputs = super::output_tensors(&model.info, &outputs, &predictions);
+    respond(&model.info, id, outputs)
+}
+
+/// What a request asks for: its images, the outputs and its id.
+struct Parsed {
+    images: Images,
+    outputs: Vec<OutputRequest>,
+    id: Option<String>,
+}
+
+/// Parses a request's JSON (megabytes of numbers: on a blocking thread) and takes its
+/// images from it, or from the `binary` data after it.
+fn parse(
+    header: Bytes,
+    binary: Bytes,
+    length_given: bool,
+    capacity: usize,
+    preprocessor: Preprocessor,
+) -> Result<Parsed, ApiError> {
+    let header = input::without_byte_order_mark(header);
     let image_size = preprocessor.image_size as usize;
     input::refuse_too_many_json_values(
         &header,
@@ -324,16 +355,15 @@ async fn answer(
         capacity.saturating_mul(super::json_numbers_per_image(image_size)),
     )?;
     let request: InferenceRequest = serde_json::from_slice(&header)
-        .map_err(|e| invalid_request_json(&e, &header, header_length.is_some()))?;
+        .map_err(|e| invalid_request_json(&e, &header, length_given))?;
     let images = images_of(&request.inputs, &binary, capacity, &preprocessor)?;
     let outputs = requested_outputs(&request)?;
-    // The images hold what they need of the request: the rest is not kept while they wait.
-    let id = request.id;
-    drop((request.inputs, header, binary));
-    let (_admitted, predictions) =
-        super::classify(state, &model, images, arriving, deadline).await?;
-    let outputs = super::output_tensors(&model.info, &outputs, &predictions);
-    respond(&model.info, id, outputs)
+    // The images hold what they need of the request: the rest goes with `parse`.
+    Ok(Parsed {
+        images,
+        outputs,
+        id: request.id,
+    })
 }
 
 /// The answer to a request whose JSON does not parse. Binary tensor data sent without the
