@@ -446,7 +446,7 @@ fn copies_in_other_splits(
 ) -> Option<Vec<PathBuf>> {
     let manifest = match Manifest::read(data) {
         Ok(manifest) => manifest,
-        // A folder of class folders without a manifest lists nothing.
+        // A folder of class folders without a manifest: nothing looked.
         Err(vt_data::DataError::NotFetched { .. }) => return None,
         Err(e) => {
             tracing::warn!("{e}: the images with copies in other splits are not listed");

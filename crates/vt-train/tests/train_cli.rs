@@ -123,15 +123,18 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     fs::write(&manifest_path, manifest.to_string()).unwrap();
 
     let report = tmp.path().join("report.json");
-    let out = run_ok(
-        vt_train()
-            .args(["eval", "--checkpoint"])
-            .arg(run.join("best"))
-            .arg("--data")
-            .arg(&data)
-            .args(["--split", "test", "--threads", "1", "--out"])
-            .arg(&report),
-    );
+    let eval_test = || {
+        run_ok(
+            vt_train()
+                .args(["eval", "--checkpoint"])
+                .arg(run.join("best"))
+                .arg("--data")
+                .arg(&data)
+                .args(["--split", "test", "--threads", "1", "--out"])
+                .arg(&report),
+        )
+    };
+    let out = eval_test();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("precision") && text.contains("confusion matrix"),
@@ -215,15 +218,7 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     // is not "none" (the report's null, not []).
     manifest.as_object_mut().unwrap().remove("duplicates");
     fs::write(&manifest_path, manifest.to_string()).unwrap();
-    let out = run_ok(
-        vt_train()
-            .args(["eval", "--checkpoint"])
-            .arg(run.join("best"))
-            .arg("--data")
-            .arg(&data)
-            .args(["--split", "test", "--threads", "1", "--out"])
-            .arg(&report),
-    );
+    let out = eval_test();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("note: not known whether these images have copies"),
