@@ -225,6 +225,21 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
     }
 }
 
+/// Whether a connection ended for [`with_write_timeout`].
+fn write_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// `stream`, whose writes fail once they have made no progress for `timeout`: a client that
 /// stops reading its answers (its receive window full) is let go, as one that stops sending
 /// its request is by the header-read timeout.
@@ -248,14 +263,20 @@ fn serve<C>(
     mut cut: watch::Receiver<bool>,
 ) where
     C: GracefulConnection + Send + 'static,
-    C::Error: std::fmt::Display + Send,
+    C::Error: std::error::Error + Send + 'static,
 {
     let connection = connections.watch(connection);
     tokio::spawn(async move {
         tokio::select! {
             result = connection => {
-                if let Err(e) = result {
-                    tracing::debug!("connection from {peer}: {e}");
+                match result {
+                    // The answers it was sent are in the access log as answered.
+                    Err(e) if write_timed_out(&e) => tracing::warn!(
+                        "connection from {peer}: closed, its client stopped reading its answers \
+                         for --header-timeout-ms"
+                    ),
+                    Err(e) => tracing::debug!("connection from {peer}: {e}"),
+                    Ok(()) => {}
                 }
             }
             () = idle => tracing::debug!("connection from {peer}: closed, idle"),
