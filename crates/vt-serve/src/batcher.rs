@@ -257,58 +257,62 @@ fn run(classifier: &Classifier, queue: &Receiver<Job>, config: BatchConfig, metr
             reply, admitted, ..
         } in expired
         {
-            // Its room first, as for answered images below.
+            // Its room first, as for answered images ([`forward`]).
             drop(admitted);
             let _ = reply.send(Err(Unanswered::Expired));
         }
-        if batch.is_empty() {
-            continue;
+        // The images that ask for their token attention go through a forward pass of their
+        // own: its cost, and a failure of it (a GPU out of memory), stay with them.
+        let (explained, predicted): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|job| job.with_attention);
+        for (jobs, explain) in [(predicted, false), (explained, true)] {
+            if !jobs.is_empty() {
+                forward(classifier, jobs, explain, metrics);
+            }
         }
-        // One forward pass for the batch: with the attention kept when any image asks for it.
-        let with_attention: Vec<bool> = batch.iter().map(|job| job.with_attention).collect();
-        let explain = with_attention.contains(&true);
-        let (inputs, (replies, admissions)): (Vec<_>, (Vec<_>, Vec<_>)) = batch
-            .into_iter()
-            .map(|job| (job.input, (job.reply, job.admitted)))
-            .unzip();
-        metrics.batch_size.observe(inputs.len() as f64);
-        let started = Instant::now();
-        // A panic inside the model must not take the server down with it.
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            if explain {
-                classifier.explain(&inputs)
-            } else {
-                classifier.predict(&inputs)
+    }
+}
+
+/// Runs one forward pass for `batch`, keeping the attention if `explain`, and answers each
+/// job.
+fn forward(classifier: &Classifier, batch: Vec<Job>, explain: bool, metrics: &Metrics) {
+    let (inputs, (replies, admissions)): (Vec<_>, (Vec<_>, Vec<_>)) = batch
+        .into_iter()
+        .map(|job| (job.input, (job.reply, job.admitted)))
+        .unzip();
+    metrics.batch_size.observe(inputs.len() as f64);
+    let started = Instant::now();
+    // A panic inside the model must not take the server down with it.
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        if explain {
+            classifier.explain(&inputs)
+        } else {
+            classifier.predict(&inputs)
+        }
+    }));
+    metrics
+        .inference_seconds
+        .observe(started.elapsed().as_secs_f64());
+    // The images' room in the queue, kept until the model is done with them, and given back
+    // before their answers go: a client holding its answer finds it free.
+    drop(admissions);
+    match outcome {
+        Ok(Ok(predictions)) if predictions.len() == replies.len() => {
+            for (reply, prediction) in replies.into_iter().zip(predictions) {
+                // The caller may have given up meanwhile; nothing to do then.
+                let _ = reply.send(Ok(prediction));
             }
-        }));
-        metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
-        // The images' room in the queue, kept until the model is done with them, and given
-        // back before their answers go: a client holding its answer finds it free.
-        drop(admissions);
-        match outcome {
-            Ok(Ok(predictions)) if predictions.len() == replies.len() => {
-                let answers = replies.into_iter().zip(with_attention).zip(predictions);
-                for ((reply, with_attention), mut prediction) in answers {
-                    if !with_attention {
-                        prediction.attention = None;
-                    }
-                    // The caller may have given up meanwhile; nothing to do then.
-                    let _ = reply.send(Ok(prediction));
-                }
-            }
-            Ok(Ok(predictions)) => fail_all(
-                replies,
-                &format!(
-                    "the model returned {} results for {} images",
-                    predictions.len(),
-                    inputs.len()
-                ),
+        }
+        Ok(Ok(predictions)) => fail_all(
+            replies,
+            &format!(
+                "the model returned {} results for {} images",
+                predictions.len(),
+                inputs.len()
             ),
-            Ok(Err(e)) => fail_all(replies, &e.to_string()),
-            Err(_) => fail_all(replies, "the model panicked"),
-        }
+        ),
+        Ok(Err(e)) => fail_all(replies, &e.to_string()),
+        Err(_) => fail_all(replies, "the model panicked"),
     }
 }
 

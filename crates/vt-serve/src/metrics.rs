@@ -81,7 +81,7 @@ impl Metrics {
         let inference_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "vt_serve_inference_seconds",
-                "Time of one forward pass (a whole batch)",
+                "Time of one forward pass (a batch, or its images asking for attention)",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
