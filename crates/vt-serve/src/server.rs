@@ -227,17 +227,11 @@ async fn accept_grpc(listener: &mut Option<TcpListener>) -> (TcpStream, SocketAd
 
 /// Whether a connection ended for [`with_write_timeout`].
 fn write_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error
+    std::iter::successors(Some(error), |error| error.source()).any(|error| {
+        error
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
+    })
 }
 
 /// `stream`, whose writes fail once they have made no progress for `timeout`: a client that

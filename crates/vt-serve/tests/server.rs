@@ -1428,13 +1428,7 @@ async fn connections_that_send_no_complete_headers_are_closed_after_the_header_t
     let idle = read_until_closed(&mut idle, Duration::from_secs(10)).await;
     let idle = idle.expect("the idle keep-alive connection is not closed");
     assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
-    let live = client()
-        .get(server.url("/health/live"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(live.status(), StatusCode::OK);
-    server.shutdown().await;
+    assert_still_serving(server).await;
 }
 
 /// A client that stops reading its answers (its receive buffer full) is let go once the
@@ -1472,6 +1466,11 @@ async fn a_client_that_stops_reading_is_closed_after_the_header_timeout() {
         closed.is_ok() && answered < count,
         "{answered} of {count} requests answered"
     );
+    assert_still_serving(server).await;
+}
+
+/// The server answers a probe after a connection was closed, then shuts down.
+async fn assert_still_serving(server: TestServer) {
     let live = client()
         .get(server.url("/health/live"))
         .send()
