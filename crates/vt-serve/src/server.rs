@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 #[cfg(unix)]
@@ -124,11 +124,11 @@ impl Server {
             .adaptive_window(true)
             .keep_alive_interval(GRPC_KEEP_ALIVE)
             .keep_alive_timeout(GRPC_KEEP_ALIVE);
-        // Set when shutdown begins: gRPC connections that never had a stream close then.
+        // Set when shutdown begins: every connection is asked to close then. Each holds a
+        // receiver until it ends, which the drain waits for.
         let (stopping, _) = watch::channel(false);
         // Set by a second shutdown signal: every connection closes then.
         let (cut, _) = watch::channel(false);
-        let connections = GracefulShutdown::new();
         // Fused: a stream that ended is never polled again, and never yields.
         let mut shutdown = pin!(shutdown.fuse());
         loop {
@@ -138,15 +138,15 @@ impl Server {
                     let service = TowerToHyperService::new(app.clone());
                     let io = with_write_timeout(stream, state.limits.header_timeout);
                     let connection = http.serve_connection(io, service);
-                    serve(&connections, connection, peer, std::future::pending(), cut.subscribe());
+                    serve(connection, peer, None, stopping.subscribe(), cut.subscribe());
                 }
                 (stream, peer) = accept_grpc(&mut grpc_listener) => {
                     let streams = Streams::new();
                     let service = streams.track(TowerToHyperService::new(grpc_app.clone()));
                     let io = with_write_timeout(stream, state.limits.header_timeout);
                     let connection = http2.serve_connection(io, service);
-                    let idle = streams.idle(state.limits.header_timeout, stopping.subscribe());
-                    serve(&connections, connection, peer, idle, cut.subscribe());
+                    let grpc = Some((streams, state.limits.header_timeout));
+                    serve(connection, peer, grpc, stopping.subscribe(), cut.subscribe());
                 }
                 Some(()) = shutdown.next() => break,
             }
@@ -160,7 +160,7 @@ impl Server {
         stopping.send_replace(true);
         tracing::info!("shutting down: finishing requests in flight");
         let drain = state.limits.timeout + DRAIN_MARGIN;
-        let mut closed = pin!(connections.shutdown());
+        let mut closed = pin!(stopping.closed());
         tokio::select! {
             drained = tokio::time::timeout(drain, &mut closed) => {
                 if drained.is_err() {
@@ -246,34 +246,63 @@ fn with_write_timeout(
     TokioIo::new(Box::pin(stream))
 }
 
-/// Serves `connection` on a task of its own, until it ends, shutdown closes it, or `idle`
-/// completes or `cut` turns true or goes (the server is done with it): each drops it,
-/// closing it.
+/// Serves `connection` on a task of its own until it ends. It is asked to close (HTTP/1:
+/// after the request in flight; HTTP/2: by a GOAWAY, after which its client sends new calls
+/// on a new connection while those in flight are answered) when `stopping` turns true, and
+/// a gRPC connection also once it has had no call for the time `grpc` gives with its
+/// [`Streams`]. A gRPC connection still open [`SHUTDOWN_GRACE`] after its last call then
+/// is dropped (a client that never sent HTTP/2's preface, or never acknowledges the
+/// GOAWAY's ping); any connection is dropped when `cut` turns true or goes (the server is
+/// done with it). The task holds `stopping` until the connection ends: the drain waits
+/// for every receiver.
 fn serve<C>(
-    connections: &GracefulShutdown,
     connection: C,
     peer: SocketAddr,
-    idle: impl Future<Output = ()> + Send + 'static,
+    grpc: Option<(Streams, Duration)>,
+    mut stopping: watch::Receiver<bool>,
     mut cut: watch::Receiver<bool>,
 ) where
     C: GracefulConnection + Send + 'static,
     C::Error: std::error::Error + Send + 'static,
 {
-    let connection = connections.watch(connection);
-    tokio::spawn(async move {
-        tokio::select! {
-            result = connection => {
-                match result {
-                    // The answers it was sent are in the access log as answered.
-                    Err(e) if write_timed_out(&e) => tracing::warn!(
-                        "connection from {peer}: closed, its client stopped reading its answers \
-                         for --header-timeout-ms"
-                    ),
-                    Err(e) => tracing::debug!("connection from {peer}: {e}"),
-                    Ok(()) => {}
-                }
+    let (streams, idle_after) = grpc.unzip();
+    // Never, for an HTTP/1 connection.
+    let quiet_for = move |wait: Duration| {
+        let streams = streams.clone();
+        async move {
+            match streams {
+                Some(streams) => streams.quiet_for(wait).await,
+                None => std::future::pending().await,
             }
-            () = idle => tracing::debug!("connection from {peer}: closed, idle"),
+        }
+    };
+    tokio::spawn(async move {
+        let served = async {
+            let mut connection = pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => return Some(result),
+                () = quiet_for(idle_after.unwrap_or(Duration::MAX)) => {
+                    tracing::debug!("connection from {peer}: idle, closing");
+                }
+                _ = stopping.wait_for(|&stop| stop) => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => Some(result),
+                () = quiet_for(SHUTDOWN_GRACE) => None,
+            }
+        };
+        tokio::select! {
+            served = served => match served {
+                // The answers it was sent are in the access log as answered.
+                Some(Err(e)) if write_timed_out(&e) => tracing::warn!(
+                    "connection from {peer}: closed, its client stopped reading its answers \
+                     for --header-timeout-ms"
+                ),
+                Some(Err(e)) => tracing::debug!("connection from {peer}: {e}"),
+                Some(Ok(())) => {}
+                None => tracing::debug!("connection from {peer}: dropped, still open after its last call"),
+            },
             _ = cut.wait_for(|&cut| cut) => {
                 tracing::debug!("connection from {peer}: closed by a second shutdown signal");
             }
@@ -285,35 +314,27 @@ fn serve<C>(
 /// answer before the connection is closed.
 const GRPC_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// The streams of a gRPC connection. hyper's HTTP/2 server has no counterpart of HTTP/1's
-/// header-read timeout, and its graceful shutdown waits on a connection that never sent its
-/// preface: a connection with no stream is closed once it has had none for
-/// `--header-timeout-ms`, and when shutdown begins if it never had one. One that had a
-/// stream is left to hyper's graceful shutdown for a moment after its last stream, which
-/// closes it once its last answer is written (an answer's body is dropped before hyper has
-/// sent all of its frames), and closed if it is still open then.
+/// The streams (calls) of a gRPC connection. hyper's HTTP/2 server has no counterpart of
+/// HTTP/1's header-read timeout, and its graceful shutdown waits on a connection that never
+/// sent its preface: [`serve`] asks a connection to close once it has had no stream for
+/// `--header-timeout-ms`, and drops one still open a moment after its last stream once it
+/// was asked to close (an answer's body is dropped before hyper has sent all of its frames,
+/// so hyper's graceful shutdown is what writes the last answers).
 #[derive(Clone)]
-struct Streams(Arc<watch::Sender<StreamCount>>);
-
-#[derive(Default)]
-struct StreamCount {
-    open: usize,
-    /// Whether the connection ever had a stream (and so completed its preface).
-    seen: bool,
-}
+struct Streams(Arc<watch::Sender<usize>>);
 
 /// One stream, counted until it is dropped.
-struct Open(Arc<watch::Sender<StreamCount>>);
+struct Open(Arc<watch::Sender<usize>>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.send_modify(|count| count.open -= 1);
+        self.0.send_modify(|open| *open -= 1);
     }
 }
 
 impl Streams {
     fn new() -> Streams {
-        Streams(Arc::new(watch::Sender::new(StreamCount::default())))
+        Streams(Arc::new(watch::Sender::new(0)))
     }
 
     /// `service`, each call counted until its answer's body is dropped: sent, or abandoned.
@@ -328,10 +349,7 @@ impl Streams {
     > + Clone {
         let streams = self.clone();
         service_fn(move |request| {
-            streams.0.send_modify(|count| {
-                count.open += 1;
-                count.seen = true;
-            });
+            streams.0.send_modify(|open| *open += 1);
             let open = Open(Arc::clone(&streams.0));
             let answer = service.call(request);
             async move {
@@ -347,31 +365,23 @@ impl Streams {
         })
     }
 
-    /// Completes once the connection has had no stream for `timeout`; once shutdown began,
-    /// at once if it never had one, else after [`SHUTDOWN_GRACE`] without one.
-    async fn idle(self, timeout: Duration, mut stopping: watch::Receiver<bool>) {
+    /// Completes once the connection has had no stream for `wait`.
+    async fn quiet_for(self, wait: Duration) {
         let mut streams = self.0.subscribe();
         loop {
             // Never an error: `self` holds the sender.
-            let _ = streams.wait_for(|count| count.open == 0).await;
-            let stopped = *stopping.borrow();
-            let wait = match (stopped, streams.borrow().seen) {
-                (false, _) => timeout,
-                (true, true) => SHUTDOWN_GRACE,
-                (true, false) => return,
-            };
+            let _ = streams.wait_for(|&open| open == 0).await;
             tokio::select! {
                 () = tokio::time::sleep(wait) => return,
-                _ = stopping.wait_for(|&stop| stop), if !stopped => {}
                 _ = streams.changed() => {}
             }
         }
     }
 }
 
-/// How long, once shutdown began, a connection that had streams is left to hyper's graceful
-/// shutdown after its last one: enough to write the last answers and close, which needs
-/// the client to answer a ping; a client that never does is not waited for longer.
+/// How long a gRPC connection asked to close is left to hyper's graceful shutdown after its
+/// last stream: enough to write the last answers and close, which needs the client to
+/// answer a ping; a client that never does is not waited for longer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// How long past the request timeout shutdown waits for connections to close.

@@ -547,6 +547,78 @@ async fn silent_connections_are_closed() {
     );
 }
 
+/// An HTTP/2 client's preface and empty SETTINGS frame: a connection open, with no call.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const ACK: u8 = 0x1;
+
+/// The types of the HTTP/2 frames the server sends on `stream` until it closes it (within
+/// 5 s), each GOAWAY with its error code. Acknowledges SETTINGS and PINGs as a client does.
+async fn frames_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<(u8, Option<u32>)> {
+    let mut frames = Vec::new();
+    let read = async {
+        loop {
+            let mut header = [0u8; 9];
+            if stream.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let (kind, flags) = (header[3], header[4]);
+            let mut payload = vec![0u8; length];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let code = (kind == GOAWAY)
+                .then(|| u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
+            frames.push((kind, code));
+            let ack = match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    Some([&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0][..], &[]].concat())
+                }
+                PING if flags & ACK == 0 => {
+                    Some([&[0, 0, 8, PING, ACK, 0, 0, 0, 0][..], &payload].concat())
+                }
+                _ => None,
+            };
+            if let Some(ack) = ack {
+                // The server may close first.
+                let _ = stream.write_all(&ack).await;
+            }
+        }
+    };
+    let closed = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert!(closed.is_ok(), "still open after 5 s: {frames:?}");
+    frames
+}
+
+/// A connection closed for having no call for --header-timeout-ms, or because shutdown
+/// began, is sent a GOAWAY first: a call its client sends meanwhile is then retried on a
+/// new connection, instead of failing with the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_sent_a_goaway() {
+    let dir = tiny_checkpoint();
+    let args = ["--grpc-port", "0", "--header-timeout-ms", "300"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let addr = server.grpc_addr.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(HTTP2_PREFACE).await.unwrap();
+    let frames = frames_until_closed(&mut idle).await;
+    assert!(frames.contains(&(GOAWAY, Some(0))), "{frames:?}");
+    server.shutdown().await;
+
+    let args = ["--grpc-port", "0"];
+    let server = TestServer::start(&checkpoint_path(&dir), &args).await;
+    let mut open = tokio::net::TcpStream::connect(server.grpc_addr.unwrap())
+        .await
+        .unwrap();
+    open.write_all(HTTP2_PREFACE).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (frames, ()) = tokio::join!(frames_until_closed(&mut open), server.shutdown());
+    assert!(frames.contains(&(GOAWAY, Some(0))), "{frames:?}");
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tritonclient")
 }
