@@ -9,8 +9,8 @@
 //! control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
 //! Triton) over the same pipeline, over HTTP and, on the gRPC port, as the gRPC service
 //! Triton's and KServe's clients call; [`instances`] speaks the `{"instances"}` JSON of KServe V1,
-//! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP) swaps in a newly loaded
-//! model. Every error is an [`ApiError`].
+//! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP, or [`poll`]'s checks) swaps in a
+//! newly loaded model. Every error is an [`ApiError`].
 
 pub mod access;
 pub mod admission;
@@ -27,6 +27,7 @@ pub mod input;
 pub mod instances;
 pub mod metrics;
 pub mod open_inference;
+pub mod poll;
 pub mod predict;
 pub mod router;
 pub mod server;

@@ -245,6 +245,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             max_delay_ms = args.max_delay_ms,
             queue = args.queue,
             timeout_ms = args.timeout_ms,
+            reload_poll_ms = args.reload_poll_ms,
             version = env!("CARGO_PKG_VERSION"),
             "serving"
         );

@@ -1,6 +1,7 @@
 //! Starting and stopping the server: load the checkpoint, bind (the HTTP port, and the
 //! gRPC port when there is one), serve until a shutdown signal, then finish the requests in
-//! flight on both. On Unix, SIGHUP reloads the checkpoint ([`AppState::reload`]).
+//! flight on both. On Unix, SIGHUP reloads the checkpoint ([`AppState::reload`]), and so
+//! do `--reload-poll-ms`'s checks when its files change.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,6 +30,7 @@ use tokio_io_timeout::TimeoutStream;
 
 use crate::args::ServeArgs;
 use crate::open_inference::grpc;
+use crate::poll::Poll;
 use crate::router::router;
 use crate::state::{AppState, StartError};
 
@@ -41,6 +43,8 @@ pub struct Server {
     /// process. One that arrives while the checkpoint loads is a reload once serving.
     #[cfg(unix)]
     hangup: Signal,
+    /// `--reload-poll-ms`'s checks, started with the serving.
+    poll: Option<Poll>,
 }
 
 /// How [`Server::run`] ended.
@@ -59,9 +63,12 @@ impl Server {
         #[cfg(unix)]
         let hangup = listen("SIGHUP (reloads)", SignalKind::hangup())?;
         let load_args = args.clone();
-        let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
-            .await
-            .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+        let (state, poll) = tokio::task::spawn_blocking(move || {
+            let poll = Poll::before_load(&load_args);
+            AppState::load(&load_args).map(|state| (state, poll))
+        })
+        .await
+        .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
         let listener = bind(&args.host, args.port, "--port").await?;
         let grpc_listener = match args.grpc_port {
             Some(port) => Some(bind(&args.host, port, "--grpc-port").await?),
@@ -73,6 +80,7 @@ impl Server {
             state: Arc::new(state),
             #[cfg(unix)]
             hangup,
+            poll,
         })
     }
 
@@ -107,9 +115,11 @@ impl Server {
             state,
             #[cfg(unix)]
             hangup,
+            poll,
         } = self;
         #[cfg(unix)]
         let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&state), hangup));
+        let polls = poll.map(|poll| tokio::spawn(poll.run(Arc::clone(&state))));
         let app = router(Arc::clone(&state));
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -156,6 +166,9 @@ impl Server {
         // No reload starts while draining; one under way finishes on its blocking thread.
         #[cfg(unix)]
         reloads.abort();
+        if let Some(polls) = polls {
+            polls.abort();
+        }
         state.stop_accepting();
         stopping.send_replace(true);
         tracing::info!("shutting down: finishing requests in flight");

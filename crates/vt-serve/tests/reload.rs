@@ -46,10 +46,15 @@ struct Served {
 
 impl Served {
     fn start(checkpoint: &Path) -> Served {
+        Served::start_with(checkpoint, &[])
+    }
+
+    fn start_with(checkpoint: &Path, extra: &[&str]) -> Served {
         let mut child = Command::new(BIN)
             .arg("--checkpoint")
             .arg(checkpoint)
             .args(["--port", "0", "--device", "cpu", "--timeout-ms", "20000"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -273,6 +278,85 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
         "{log}"
     );
 
+    server.stop().await;
+}
+
+/// Replaces the file at `path` whole, as an editor saves: a check sees it changed once.
+fn replace_file(path: &Path, contents: &str) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, contents).unwrap();
+    std::fs::rename(new, path).unwrap();
+}
+
+/// With --reload-poll-ms, a checkpoint replaced as vt-train replaces `best/` is served
+/// without a signal; a broken one is tried once and the previous model keeps serving until
+/// the files change again; a checkpoint left alone is not reloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_checkpoint_is_reloaded_by_polling() {
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let image = test_images(1).remove(0).1;
+    let server = Served::start_with(&checkpoint, &["--reload-poll-ms", "50"]);
+    let client = client();
+    let first = current_model(&client, &server.base).await;
+
+    // Unchanged: twenty checks, no reload.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "ok"), Some(0.0), "{text}");
+    assert_eq!(reloads(&text, "error"), Some(0.0), "{text}");
+
+    write_checkpoint(&checkpoint, &NEW_CLASSES, 64);
+    let second = wait_for_generation(&client, &server.base, 2).await;
+    assert_eq!(second["classes"], json!(NEW_CLASSES), "{second}");
+    assert_ne!(second["sha256"], first["sha256"]);
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_scores_of(&answer, &checkpoint, &NEW_CLASSES, &image);
+
+    // Broken in place: one failed reload, not repeated at each check.
+    let config_path = checkpoint.join("config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    replace_file(&config_path, "{");
+    wait_for_reloads(&client, &server.base, "error", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "error"), Some(1.0), "{text}");
+    assert_eq!(current_model(&client, &server.base).await["generation"], 2);
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(labels(&answer), NEW_CLASSES);
+
+    // Mended: reloaded.
+    replace_file(&config_path, &config);
+    let third = wait_for_generation(&client, &server.base, 3).await;
+    assert_eq!(third["sha256"], second["sha256"], "{third}");
+
+    // Gone: warned about, still serving.
+    std::fs::rename(&checkpoint, root.path().join("moved")).unwrap();
+    for _ in 0..100 {
+        if server
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("cannot read the checkpoint")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = server.stderr.lock().unwrap().clone();
+    assert_eq!(
+        log.matches("cannot read the checkpoint").count(),
+        1,
+        "{log}"
+    );
+    let (status, answer) = predict(&client, &server.base, &image).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert_eq!(reloads(&text, "ok"), Some(2.0), "{text}");
+    assert_eq!(reloads(&text, "error"), Some(1.0), "{text}");
     server.stop().await;
 }
 

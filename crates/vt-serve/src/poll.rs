@@ -1,0 +1,127 @@
+//! `--reload-poll-ms`: reloads the checkpoint when its files change, as Triton's
+//! `--model-control-mode=poll` does for its model repository, so that a server pointed at a
+//! training run's `best/` serves each better model once it is written.
+
+use std::fs::Metadata;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::MissedTickBehavior;
+use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+
+use crate::args::ServeArgs;
+use crate::state::AppState;
+
+/// What a reload would read, as the file system describes it: the folder the checkpoint's
+/// path resolves to, and the identity, size and modification time of its files. vt-train
+/// replacing the folder, a copy rewriting the files and a link moving each change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    folder: PathBuf,
+    files: Vec<FileStamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    /// Device and inode, where the platform has them.
+    id: Option<(u64, u64)>,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl Fingerprint {
+    /// The checkpoint at `dir` now; an error while a file cannot be read (the folder being
+    /// replaced, or gone).
+    pub fn of(dir: &Path) -> std::io::Result<Fingerprint> {
+        let folder = std::fs::canonicalize(dir)?;
+        let files = [CONFIG_FILE, WEIGHTS_FILE]
+            .iter()
+            .map(|name| {
+                let metadata = std::fs::metadata(folder.join(name))?;
+                Ok(FileStamp {
+                    id: file_id(&metadata),
+                    len: metadata.len(),
+                    modified: metadata.modified().ok(),
+                })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Fingerprint { folder, files })
+    }
+}
+
+#[cfg(unix)]
+fn file_id(metadata: &Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// `--reload-poll-ms`'s checks of the checkpoint, from before its first load.
+pub struct Poll {
+    checkpoint: PathBuf,
+    every: Duration,
+    /// Taken before the last load or reload tried.
+    loaded: Option<Fingerprint>,
+}
+
+impl Poll {
+    /// The checks `args` ask for, if any, with the checkpoint's fingerprint now: called
+    /// before the model is first loaded, so that a change during the load is seen at the
+    /// first check. Blocking: reads the file system.
+    pub fn before_load(args: &ServeArgs) -> Option<Poll> {
+        let every = Duration::from_millis(args.reload_poll_ms?);
+        Some(Poll {
+            loaded: Fingerprint::of(&args.checkpoint).ok(),
+            checkpoint: args.checkpoint.clone(),
+            every,
+        })
+    }
+
+    /// Checks the checkpoint every `--reload-poll-ms` and reloads it ([`AppState::reload`])
+    /// when its fingerprint differs from the one taken before the last load or reload
+    /// tried: a reload that failed is tried again only once the files change again. A
+    /// checkpoint that cannot be read at two checks in a row is warned about once (one
+    /// check may fall within vt-train's swap of folders).
+    pub async fn run(mut self, state: Arc<AppState>) {
+        let checkpoint = self.checkpoint.display().to_string();
+        let mut checks = tokio::time::interval(self.every);
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first tick completes at once.
+        checks.tick().await;
+        let mut unreadable = 0;
+        loop {
+            checks.tick().await;
+            let path = self.checkpoint.clone();
+            let now = tokio::task::spawn_blocking(move || Fingerprint::of(&path))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match now {
+                Err(e) => {
+                    unreadable += 1;
+                    if unreadable == 2 {
+                        tracing::warn!(
+                            %checkpoint,
+                            "cannot read the checkpoint to check it for changes ({e}): still \
+                             serving the model loaded, until it can be read again"
+                        );
+                    }
+                }
+                Ok(now) => {
+                    unreadable = 0;
+                    if self.loaded.as_ref() != Some(&now) {
+                        self.loaded = Some(now);
+                        tracing::info!(%checkpoint, "the checkpoint changed: reloading");
+                        // `reload` logs and counts a failure; the previous model keeps
+                        // serving.
+                        let _ = state.reload().await;
+                    }
+                }
+            }
+        }
+    }
+}
