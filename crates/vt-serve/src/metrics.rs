@@ -1,6 +1,6 @@
 //! Prometheus metrics: request counts and latencies by route (gRPC calls by method),
 //! batch sizes, inference time, the number of requests waiting or arriving, the request
-//! body bytes held, and model reloads.
+//! body bytes held, the model served, and model reloads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,15 +11,15 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::RequestPartsExt;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use tracing::Span;
 
 use crate::access::{self, OnAbandon};
 use crate::instances::Verb;
-use crate::state::AppState;
+use crate::state::{AppState, ModelInfo};
 
 pub struct Metrics {
     registry: Registry,
@@ -35,8 +35,11 @@ pub struct Metrics {
     pub requests_arriving: IntGauge,
     /// Request body bytes held, of `--max-inflight-body-bytes`.
     pub inflight_body_bytes: IntGauge,
-    /// Reloads (SIGHUP) by result, `ok` or `error`.
+    /// Reloads (SIGHUP, `--reload-poll-ms`) by result, `ok` or `error`.
     pub model_reloads: IntCounterVec,
+    /// 1, labelled with the model served ([`Metrics::serving`]).
+    model_info: IntGaugeVec,
+    model_loaded: IntGauge,
 }
 
 impl Metrics {
@@ -109,8 +112,8 @@ impl Metrics {
         let model_reloads = IntCounterVec::new(
             Opts::new(
                 "vt_serve_model_reloads_total",
-                "Checkpoint reloads (SIGHUP), by result: ok, or error (the previous model \
-                 kept serving)",
+                "Checkpoint reloads (SIGHUP, --reload-poll-ms), by result: ok, or error (the \
+                 previous model kept serving)",
             ),
             &["result"],
         )?;
@@ -118,6 +121,19 @@ impl Metrics {
         for result in ["ok", "error"] {
             model_reloads.with_label_values(&[result]);
         }
+        let model_info = IntGaugeVec::new(
+            Opts::new(
+                "vt_serve_model_info",
+                "The model served, in its labels: the checkpoint's name, its generation (1 \
+                 at startup, one more per reload), the SHA-256 of its weights, its device \
+                 and precision; valued 1",
+            ),
+            &["name", "generation", "sha256", "device", "dtype"],
+        )?;
+        let model_loaded = IntGauge::new(
+            "vt_serve_model_loaded_timestamp_seconds",
+            "When the model served was loaded, in seconds since the Unix epoch",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(grpc_requests.clone()))?;
@@ -129,6 +145,8 @@ impl Metrics {
         registry.register(Box::new(requests_arriving.clone()))?;
         registry.register(Box::new(inflight_body_bytes.clone()))?;
         registry.register(Box::new(model_reloads.clone()))?;
+        registry.register(Box::new(model_info.clone()))?;
+        registry.register(Box::new(model_loaded.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -142,7 +160,27 @@ impl Metrics {
             requests_arriving,
             inflight_body_bytes,
             model_reloads,
+            model_info,
+            model_loaded,
         })
+    }
+
+    /// Makes `info` the model the metrics describe: its series of `vt_serve_model_info`
+    /// replaces the previous model's, so that a dashboard shows which model serves and
+    /// when a reload swapped it.
+    pub fn serving(&self, info: &ModelInfo) {
+        self.model_info.reset();
+        self.model_info
+            .with_label_values(&[
+                info.name.as_str(),
+                &info.generation.to_string(),
+                &info.sha256,
+                &info.device,
+                &info.dtype,
+            ])
+            .set(1);
+        self.model_loaded
+            .set(i64::try_from(info.loaded_at).unwrap_or(i64::MAX));
     }
 
     /// Counts a gRPC call to `method` (one of the service's, or `unknown`) that ended with

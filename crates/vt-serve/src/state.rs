@@ -212,6 +212,7 @@ impl AppState {
         let source = ModelSource::new(args);
         let (classifier, info) = source.load(1)?;
         let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
+        metrics.serving(&info);
         let batch = BatchConfig {
             max_batch: args.max_batch as usize,
             max_delay: Duration::from_millis(args.max_delay_ms),
@@ -269,6 +270,7 @@ impl AppState {
         match started {
             Ok(model) => {
                 let model = self.batcher.swap(model);
+                self.metrics.serving(&model.info);
                 self.metrics.model_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(
                     %checkpoint,

@@ -227,6 +227,20 @@ async fn sighup_swaps_in_a_replaced_checkpoint_and_keeps_serving_when_the_new_on
     assert_scores_of(&answer, &checkpoint, &NEW_CLASSES, &image);
     let text = metrics_text(&client, &server.url("/metrics")).await;
     assert_eq!(reloads(&text, "ok"), Some(1.0), "{text}");
+    // The model served, in the metrics: the new model's series only.
+    let info = |model: &Value| {
+        format!(
+            "vt_serve_model_info{{device=\"cpu\",dtype=\"f32\",generation=\"{}\",name=\"best\",sha256={}}}",
+            model["generation"], model["sha256"]
+        )
+    };
+    assert_eq!(metric(&text, &info(&second)), Some(1.0), "{text}");
+    assert_eq!(metric(&text, &info(&first)), None, "{text}");
+    assert_eq!(
+        metric(&text, "vt_serve_model_loaded_timestamp_seconds"),
+        second["loaded_at"].as_f64(),
+        "{text}"
+    );
 
     // A broken checkpoint: the previous model keeps serving, and the log says why.
     let weights = checkpoint.join("model.safetensors");
