@@ -42,8 +42,8 @@ fn is_heif(bytes: &[u8]) -> bool {
 /// stops decompression bombs.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
-/// Room a decoder has beyond the decoded image of `max_pixels` pixels, for its working
-/// buffers and an image's metadata.
+/// Room a decoder has beyond the decoded image, for its working buffers and an image's
+/// metadata; all a header read may take.
 const DECODER_WORKSPACE_BYTES: u64 = 64 << 20;
 /// The widest decoded pixel: RGBA at 16 bits a channel.
 const MAX_BYTES_PER_PIXEL: u64 = 8;
@@ -51,23 +51,27 @@ const MAX_BYTES_PER_PIXEL: u64 = 8;
 /// Decodes to RGB8. Greyscale is replicated, alpha dropped, palettes and CMYK expanded;
 /// EXIF orientation is ignored, as PIL does by default. Images of more than `max_pixels`
 /// pixels are refused from their header, before decoding, so that a tiny file declaring a
-/// huge image cannot exhaust memory; and the decoder may allocate only what an image of
-/// `max_pixels` needs, so that what the header does not declare cannot either (a GIF frame
-/// larger than its image, a PNG colour profile that inflates to gigabytes).
+/// huge image cannot exhaust memory; and the decoder may allocate only what an image of its
+/// size needs, so that what the header does not declare cannot either (a GIF frame larger
+/// than its image, a PNG colour profile that inflates to gigabytes).
 pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     let format = sniff_format(bytes)?;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(
-        max_pixels
-            .saturating_mul(MAX_BYTES_PER_PIXEL)
-            .saturating_add(DECODER_WORKSPACE_BYTES),
-    );
     if format == ImageFormat::Jpeg {
         check_jpeg(bytes)?;
     }
-    // Reading the header already inflates some chunks (a PNG's colour profile).
+    let limits = |pixels: u64| {
+        let mut limits = Limits::default();
+        limits.max_alloc = Some(
+            pixels
+                .saturating_mul(MAX_BYTES_PER_PIXEL)
+                .saturating_add(DECODER_WORKSPACE_BYTES),
+        );
+        limits
+    };
+    // Reading the header already inflates some chunks (a PNG's colour profile), and
+    // decodes no pixel.
     let mut header = ImageReader::with_format(Cursor::new(bytes), format);
-    header.limits(limits.clone());
+    header.limits(limits(0));
     let (width, height) = header.into_dimensions()?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
@@ -79,7 +83,7 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
         });
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(limits);
+    reader.limits(limits(pixels));
     Ok(reader.decode()?.to_rgb8())
 }
 
