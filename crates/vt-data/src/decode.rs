@@ -1,7 +1,9 @@
 //! Image decoding: the format is sniffed from the bytes, never from the file name (the real
 //! data set holds a greyscale PNG named `.jpg`), and every colour type becomes 8-bit RGB.
 
-use std::io::Cursor;
+use std::fs::File;
+use std::io::{Cursor, Read};
+use std::path::Path;
 
 use image::{ImageFormat, ImageReader, Limits, RgbImage};
 
@@ -48,6 +50,44 @@ const DECODER_WORKSPACE_BYTES: u64 = 64 << 20;
 /// The widest decoded pixel: RGBA at 16 bits a channel.
 const MAX_BYTES_PER_PIXEL: u64 = 8;
 
+/// The most bytes an image of `pixels` pixels takes, in a file or decoded: its pixels at
+/// the widest, and a decoder's workspace or a file's metadata.
+pub fn max_image_bytes(pixels: u64) -> u64 {
+    pixels
+        .saturating_mul(MAX_BYTES_PER_PIXEL)
+        .saturating_add(DECODER_WORKSPACE_BYTES)
+}
+
+/// Reads an image file whole. Refused unless it is a regular file (reading a pipe could
+/// block forever, a device never end), or when larger than an image of `max_pixels` pixels
+/// can be.
+pub fn read_image_file(path: &Path, max_pixels: u64) -> Result<Vec<u8>> {
+    let io = |cause| DataError::io(path, cause);
+    // Before opening: opening a pipe blocks until something writes to it.
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    if !metadata.is_file() {
+        return Err(DataError::NotAFile(path.to_path_buf()));
+    }
+    let limit = max_image_bytes(max_pixels);
+    let too_large = |len| DataError::FileTooLarge {
+        path: path.to_path_buf(),
+        len,
+        max_pixels,
+    };
+    if metadata.len() > limit {
+        return Err(too_large(metadata.len()));
+    }
+    let mut bytes = Vec::new();
+    // A file that grew since is read only to past the limit.
+    File::open(path)
+        .and_then(|file| file.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// Decodes to RGB8. Greyscale is replicated, alpha dropped, palettes and CMYK expanded;
 /// EXIF orientation is ignored, as PIL does by default. Images of more than `max_pixels`
 /// pixels are refused from their header, before decoding, so that a tiny file declaring a
@@ -61,11 +101,7 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     }
     let limits = |pixels: u64| {
         let mut limits = Limits::default();
-        limits.max_alloc = Some(
-            pixels
-                .saturating_mul(MAX_BYTES_PER_PIXEL)
-                .saturating_add(DECODER_WORKSPACE_BYTES),
-        );
+        limits.max_alloc = Some(max_image_bytes(pixels));
         limits
     };
     // Reading the header already inflates some chunks (a PNG's colour profile), and
@@ -196,6 +232,42 @@ mod tests {
         // No local palette; LZW minimum code size 2, a clear and an end code, the trailer.
         gif.extend([0, 2, 1, 0b0010_1100, 0, b';']);
         assert_over_the_limits(decode_rgb_limited(&gif, 100));
+    }
+
+    /// A pipe and a device named as images are refused before they are opened (a pipe's
+    /// read blocked training forever, `/dev/zero`'s took all memory), and so is a file too
+    /// large for any image allowed, before it is read.
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_of_an_images_size_are_read() {
+        let root = tempfile::tempdir().unwrap();
+        let pipe = root.path().join("pipe.jpg");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success());
+        let zeros = root.path().join("zeros.jpg");
+        std::os::unix::fs::symlink("/dev/zero", &zeros).unwrap();
+        for path in [&pipe, &zeros] {
+            let err = read_image_file(path, DEFAULT_MAX_PIXELS).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{}: not a regular file", path.display())
+            );
+        }
+        // Sparse: no disk is used.
+        let huge = root.path().join("huge.png");
+        let limit = max_image_bytes(10);
+        File::create(&huge).unwrap().set_len(limit + 1).unwrap();
+        let err = read_image_file(&huge, 10).unwrap_err().to_string();
+        assert!(
+            err.ends_with("more than an image of at most 10 pixels can take"),
+            "{err}"
+        );
+        let photo = root.path().join("photo.png");
+        std::fs::write(&photo, b"png").unwrap();
+        assert_eq!(read_image_file(&photo, 10).unwrap(), b"png");
     }
 
     #[test]

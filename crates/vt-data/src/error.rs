@@ -39,6 +39,15 @@ pub enum DataError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// A pipe or a device named as an image: reading it could block forever, or never end.
+    #[error("{}: not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    #[error("{}: {len} bytes, more than an image of at most {max_pixels} pixels can take", path.display())]
+    FileTooLarge {
+        path: PathBuf,
+        len: u64,
+        max_pixels: u64,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

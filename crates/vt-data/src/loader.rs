@@ -15,7 +15,7 @@ use fast_image_resize::Resizer;
 use rand::seq::SliceRandom;
 
 use crate::augment::{augment_into, AugmentConfig};
-use crate::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
+use crate::decode::{decode_rgb_limited, read_image_file, DEFAULT_MAX_PIXELS};
 use crate::error::{DataError, Result};
 use crate::rng::{epoch_rng, sample_rng};
 use crate::staging::Staging;
@@ -299,7 +299,7 @@ fn load_sample(
     resizer: &mut Resizer,
     out: &mut [f32],
 ) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = read_image_file(path, DEFAULT_MAX_PIXELS)?;
     let img = decode_rgb_limited(&bytes, DEFAULT_MAX_PIXELS)?;
     match &shared.transform {
         Transform::Train(cfg) => {

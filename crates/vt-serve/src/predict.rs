@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use fast_image_resize::Resizer;
 use serde::Serialize;
 
+use vt_data::decode::read_image_file;
 use vt_data::image_files::image_files;
 
 use crate::args::DEFAULT_MAX_PIXELS;
@@ -103,8 +104,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
         let outcomes: Vec<Result<(), String>> = chunk
             .iter()
             .map(|path| {
-                let bytes =
-                    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                let bytes = read_image_file(path, args.max_pixels).map_err(|e| e.to_string())?;
                 let input = classifier
                     .preprocess(&mut resizer, &bytes, args.max_pixels)
                     .map_err(|e| e.to_string())?;

@@ -6,6 +6,8 @@
 //! statsmodels' `mcnemar(exact=True)`).
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -151,6 +153,7 @@ fn evaluation(path: &Path) -> Result<Evaluation> {
             path.display()
         )));
     }
+    refuse_unless_file(path)?;
     let is_json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
@@ -187,6 +190,33 @@ fn evaluation(path: &Path) -> Result<Evaluation> {
     })
 }
 
+/// Refuses a path that is not a regular file: a folder, or a pipe or device, which reading
+/// could block on forever, or never end.
+fn refuse_unless_file(path: &Path) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "{}: not a file; give reports that `vt-train eval` wrote, or their CSVs",
+        path.display()
+    )))
+}
+
+/// The longest first line read for the header of a predictions CSV, whose header is short:
+/// a file that is not one is refused without reading it whole.
+const MAX_HEADER_BYTES: u64 = 64 << 10;
+
+/// Whether `csv_path`'s first line holds the columns a comparison reads.
+fn has_predictions_header(csv_path: &Path) -> std::io::Result<bool> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(csv_path)?.take(MAX_HEADER_BYTES)).read_until(b'\n', &mut line)?;
+    let header = csv::Reader::from_reader(line.as_slice())
+        .headers()
+        .map(|header| ["path", "label", "correct"].map(|column| header.iter().any(|h| h == column)))
+        .is_ok_and(|found| found.iter().all(|&f| f));
+    Ok(line.ends_with(b"\n") && header)
+}
+
 /// An evaluation's outcomes, keyed by the image's class folder and file name, so that the
 /// same split read through two spellings of its folder (or two systems' separators) pairs
 /// up.
@@ -197,6 +227,16 @@ fn read_outcomes(csv_path: &Path) -> Result<BTreeMap<String, Outcome>> {
             csv_path.display()
         ))
     };
+    refuse_unless_file(csv_path)?;
+    match has_predictions_header(csv_path) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(invalid(
+                "its first line is not a header with path, label and correct columns".into(),
+            ))
+        }
+        Err(e) => return Err(invalid(format!("cannot read it: {e}"))),
+    }
     let mut reader =
         csv::Reader::from_path(csv_path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
     let mut outcomes = BTreeMap::new();
@@ -364,6 +404,41 @@ mod tests {
                 && err.contains("`vt-train eval`"),
             "{err}"
         );
+    }
+
+    /// A pipe, a device and a file of anything but a predictions CSV are refused without
+    /// being read whole (a pipe's read blocked forever, `/dev/zero`'s took all memory).
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_predictions_csv_is_refused_unread() {
+        let root = tempfile::tempdir().unwrap();
+        let pipe = root.path().join("a.csv");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success());
+        let zeros = root.path().join("zeros.csv");
+        std::os::unix::fs::symlink("/dev/zero", &zeros).unwrap();
+        for path in [&pipe, &zeros] {
+            let err = read_outcomes(path).unwrap_err().to_string();
+            assert!(err.contains("not a file"), "{err}");
+        }
+        // Twice the header's bytes, none of them a line end.
+        let nul = root.path().join("nul.csv");
+        std::fs::write(&nul, vec![0u8; 2 * MAX_HEADER_BYTES as usize]).unwrap();
+        let headless = root.path().join("headless.csv");
+        std::fs::write(&headless, "image,class\na.jpg,x\n").unwrap();
+        for path in [&nul, &headless] {
+            let err = read_outcomes(path).unwrap_err().to_string();
+            assert!(
+                err.contains("is not a header with path, label and correct"),
+                "{err}"
+            );
+        }
+        let csv = root.path().join("eval.csv");
+        std::fs::write(&csv, "path,label,correct\nforest/1.jpg,forest,true\n").unwrap();
+        assert_eq!(read_outcomes(&csv).unwrap().len(), 1);
     }
 
     /// Exact values of the binomial sums (Python's `math.comb` over fractions).

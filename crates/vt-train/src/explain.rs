@@ -12,7 +12,7 @@ use fast_image_resize::Resizer;
 use image::imageops::{self, FilterType};
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
-use vt_data::decode::{decode_rgb_limited, DEFAULT_MAX_PIXELS};
+use vt_data::decode::{decode_rgb_limited, read_image_file, DEFAULT_MAX_PIXELS};
 use vt_data::download::error_chain;
 use vt_data::image_files::image_files;
 use vt_data::transform::{eval_chw, Normalize};
@@ -179,7 +179,7 @@ fn display_name(image: &Path) -> String {
 }
 
 fn explain(model: &Model, resizer: &mut Resizer, path: &Path) -> Result<Explanation> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::file_op("reading", path, e))?;
+    let bytes = read_image_file(path, DEFAULT_MAX_PIXELS)?;
     let img = decode_rgb_limited(&bytes, DEFAULT_MAX_PIXELS)?;
     let size = model.config.image_size;
     let norm = normalize(&model.config);
