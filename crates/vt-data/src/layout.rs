@@ -41,6 +41,8 @@ pub enum Placement {
 
 /// Why an image file outside the split folders is not imported.
 pub const OUTSIDE_SPLITS: &str = "not in seg_train/, seg_test/ or seg_pred/: not imported";
+/// Why an entry whose path holds `..` is not imported.
+pub const CLIMBS_OUT: &str = "its path goes up a folder (..): not imported";
 
 /// Places a '/'-separated path relative to the source root.
 pub fn place(rel: &str) -> Placement {
@@ -50,6 +52,11 @@ pub fn place(rel: &str) -> Placement {
         .split(['/', '\\'])
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
+    // Before the hidden files, which `..` would pass for: an archive's entry that climbs
+    // out of its folders is no image of the data set, and may be an attack.
+    if parts.contains(&"..") {
+        return Placement::Unplaced(CLIMBS_OUT.into());
+    }
     if parts
         .iter()
         .any(|p| p.starts_with('.') || *p == "__MACOSX" || *p == "Thumbs.db")
@@ -155,7 +162,19 @@ mod tests {
         );
         assert_eq!(place("seg_train/forest/.DS_Store"), Placement::Ignore);
         assert_eq!(place("./seg_train/forest/.DS_Store"), Placement::Ignore);
-        assert_eq!(place("seg_train/../forest/1.jpg"), Placement::Ignore);
+        for climbing in [
+            "seg_train/../forest/1.jpg",
+            "seg_train/a/../../evil.jpg",
+            "seg_train\\..\\seg_train\\a\\2.jpg",
+            "../x.jpg",
+            "seg_train/a/../.hidden",
+        ] {
+            assert_eq!(
+                place(climbing),
+                Placement::Unplaced(CLIMBS_OUT.into()),
+                "{climbing}"
+            );
+        }
         assert_eq!(place("seg_train/seg_train/"), Placement::Ignore);
         assert!(matches!(place("seg_train/5.jpg"), Placement::Unplaced(_)));
     }
