@@ -994,6 +994,18 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let logged = records.len();
     records.retain(|r| r.epoch <= progress.epochs_done);
     let dropped_epoch = records.len() != logged;
+    // Each epoch's line is written before the state that counts it: fewer lines than the
+    // state's epochs were lost, and the rewrite below would make the loss final.
+    if !records.iter().map(|r| r.epoch).eq(1..=progress.epochs_done) {
+        return Err(TrainError::Config(format!(
+            "{} holds {} lines for the {} epochs the run's saved state has trained (lines \
+             missing, repeated or out of order: the file was cut, replaced or edited); put \
+             back the run's own file to resume, or start a new run in another --run-dir",
+            metrics.jsonl.display(),
+            records.len(),
+            progress.epochs_done
+        )));
+    }
     // Recomputed, so that resuming with a larger --early-stop continues the run.
     progress.stopped_early = config
         .early_stop

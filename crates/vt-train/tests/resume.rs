@@ -396,6 +396,55 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
     assert_eq!(tensorboard_points(&run).0, points);
 }
 
+/// The saved state's epochs each logged a line before the state: a metrics.jsonl with fewer
+/// (cut, emptied, deleted) is refused, and both metrics files are left as they are, instead
+/// of the earlier epochs vanishing from them.
+#[test]
+fn a_resume_refuses_a_metrics_file_that_lost_epochs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "2"]),
+    );
+    let jsonl = run.join("metrics.jsonl");
+    let saved = std::fs::read_to_string(&jsonl).unwrap();
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let first = saved.lines().next().unwrap();
+    for (damage, lines) in [
+        (format!("{first}\n"), 1),
+        (String::new(), 0),
+        (format!("{first}\n{first}\n"), 2),
+    ] {
+        std::fs::write(&jsonl, &damage).unwrap();
+        let err = run_err(
+            vt_train()
+                .args(["train", "--resume", "--epochs", "3", "--run-dir"])
+                .arg(&run),
+        );
+        let expected = format!(
+            "{} holds {lines} lines for the 2 epochs the run's saved state has trained",
+            jsonl.display()
+        );
+        assert!(err.contains(&expected), "{err}");
+        assert_eq!(std::fs::read_to_string(&jsonl).unwrap(), damage);
+        assert_eq!(
+            std::fs::read_to_string(run.join("metrics.csv")).unwrap(),
+            csv
+        );
+    }
+    std::fs::remove_file(&jsonl).unwrap();
+    let err = run_err(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "3", "--run-dir"])
+            .arg(&run),
+    );
+    assert!(err.contains("holds 0 lines for the 2 epochs"), "{err}");
+    assert!(!jsonl.exists());
+}
+
 /// A kill after a folder's new version was renamed into place, before its previous one at
 /// `.NAME.old` was removed, leaves that copy (as large as the state): the next resume removes
 /// it, so that a later one without `state/` cannot bring back its stale epoch.
