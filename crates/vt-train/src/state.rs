@@ -127,6 +127,52 @@ pub fn first_non_finite(model: &Model) -> Result<Option<String>> {
         .map(|(name, _)| name.clone()))
 }
 
+/// The name of a tensor among `tensors` holding a NaN, if any. Training never saves one in
+/// the optimiser's moments: a NaN there reaches the weights at the step that makes it, and
+/// an epoch's end refuses to save those. A saved state holding one was damaged since, and
+/// resuming from it would only diverge. (Weights, which may not be infinite either, are
+/// checked as they are read.)
+fn first_nan<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+) -> Result<Option<&'a String>> {
+    let mut names = Vec::new();
+    let mut counts = Vec::new();
+    for (name, tensor) in tensors.into_iter().filter(|(_, t)| t.dtype().is_float()) {
+        // NaN is the one value unequal to itself.
+        counts.push(tensor.ne(tensor)?.to_dtype(DType::F32)?.sum_all()?);
+        names.push(name);
+    }
+    if counts.is_empty() {
+        return Ok(None);
+    }
+    let counts = Tensor::stack(&counts, 0)?.to_vec1::<f32>()?;
+    Ok(names
+        .into_iter()
+        .zip(counts)
+        .find(|&(_, count)| count > 0.0)
+        .map(|(name, _)| name))
+}
+
+/// Refuses the tensors of `path`, a file of `run_dir`'s state, when one holds a NaN.
+fn refuse_nan<'a>(
+    run_dir: &Path,
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+) -> Result<()> {
+    let Some(name) = first_nan(tensors)? else {
+        return Ok(());
+    };
+    Err(TrainError::State {
+        path: path.to_path_buf(),
+        message: format!(
+            "`{name}` holds NaN, which training never saves: the file was damaged, and \
+             resuming from it would diverge; start a new run from the run's weights \
+             (vt-train train --initial-checkpoint {} --run-dir NEW_RUN)",
+            run_dir.join(LAST_DIR).display()
+        ),
+    })
+}
+
 fn model_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Invalid {
         path: path.to_path_buf(),
@@ -292,6 +338,7 @@ pub fn load_training(
             path: path.clone(),
             message: e.to_string(),
         })?;
+    refuse_nan(run_dir, &path, &moments)?;
     optimizer
         .load_state(moments, &progress.optimizer_steps)
         .map_err(|e| TrainError::State {

@@ -445,6 +445,46 @@ fn a_resume_refuses_a_metrics_file_that_lost_epochs() {
     assert!(!jsonl.exists());
 }
 
+/// A NaN in the saved optimiser moments or weight average, which training never saves, is
+/// refused at once, naming the file and the tensor (the divergence the moments' caused an
+/// epoch later advised a lower --lr, which the same file made diverge again); for the
+/// moments, with a way on that works.
+#[test]
+fn a_state_holding_nan_is_refused_naming_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(&mut train(&data, &run, "1"));
+    for (file, way_on) in [("optimizer.safetensors", true), ("ema.safetensors", false)] {
+        let path = run.join("state").join(file);
+        let kept = std::fs::read(&path).unwrap();
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let name = tensors.keys().min().unwrap().clone();
+        let shape = tensors[&name].shape().clone();
+        let nan = candle_core::Tensor::full(f32::NAN, shape, &Device::Cpu).unwrap();
+        tensors.insert(name.clone(), nan);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let err = run_err(
+            vt_train()
+                .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+                .arg(&run),
+        );
+        let way = format!("--initial-checkpoint {}", run.join("last").display());
+        for needed in [path.display().to_string(), format!("`{name}` holds NaN")] {
+            assert!(err.contains(&needed), "{needed}: {err}");
+        }
+        assert_eq!(err.contains(&way), way_on, "{err}");
+        assert_eq!(epochs_done(&run), 1);
+        std::fs::write(&path, kept).unwrap();
+    }
+    run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "2", "--run-dir"])
+            .arg(&run),
+    );
+    assert_eq!(epochs_done(&run), 2);
+}
+
 /// A kill after a folder's new version was renamed into place, before its previous one at
 /// `.NAME.old` was removed, leaves that copy (as large as the state): the next resume removes
 /// it, so that a later one without `state/` cannot bring back its stale epoch.
