@@ -9,6 +9,10 @@
 /// convolution: 5.7 % of a training step's CPU time on two cores (bench/RESULTS.md).
 const BARRIER_POOL_SPIN_LIMIT: &str = "1000";
 
+/// The most compute or loader threads a command takes: more than machines have cores, and
+/// few enough to start at once (a mistyped 100000 spent minutes starting threads).
+pub const MAX_THREADS: usize = 1024;
+
 pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -96,7 +96,7 @@ pub struct ServeArgs {
     pub cors_allow_origin: Vec<HeaderValue>,
     /// CPU threads for the model and for image decoding (default: RAYON_NUM_THREADS when
     /// set, else all cores).
-    #[arg(long, env = "VT_SERVE_THREADS", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "VT_SERVE_THREADS", value_parser = clap::value_parser!(u32).range(1..=vt_model::threads::MAX_THREADS as i64))]
     pub threads: Option<u32>,
     /// Check the checkpoint's files every this many milliseconds, and reload it when they
     /// changed (as Triton's --model-control-mode=poll): a server of a training run's `best/`

@@ -104,7 +104,8 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
         let outcomes: Vec<Result<(), String>> = chunk
             .iter()
             .map(|path| {
-                let bytes = read_image_file(path, args.max_pixels).map_err(|e| e.to_string())?;
+                let bytes =
+                    read_image_file(path, args.max_pixels).map_err(|e| format!("reading {e}"))?;
                 let input = classifier
                     .preprocess(&mut resizer, &bytes, args.max_pixels)
                     .map_err(|e| e.to_string())?;

@@ -24,6 +24,18 @@ pub fn at_least_one(arg: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Parses a thread count: 1 to [`vt_model::threads::MAX_THREADS`].
+pub fn thread_count(arg: &str) -> std::result::Result<usize, String> {
+    let n = at_least_one(arg)?;
+    match n <= vt_model::threads::MAX_THREADS {
+        true => Ok(n),
+        false => Err(format!(
+            "must be at most {}",
+            vt_model::threads::MAX_THREADS
+        )),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vt-train",

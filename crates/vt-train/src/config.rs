@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use vt_data::augment::AugmentConfig;
 use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::transform::Normalize;
+use vt_model::threads::MAX_THREADS;
 use vt_model::Arch;
 
+use crate::cli::thread_count;
 use crate::error::{Result, TrainError};
 use crate::mix::Mixing;
 use crate::optim::Method;
@@ -161,11 +163,11 @@ pub struct TrainOptions {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub bf16_products: Option<bool>,
     /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
     /// Image decoding threads [default: the cores left by --threads, at least 1; on a GPU,
     /// all cores but one]
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub loader_threads: Option<usize>,
     /// Seed of the initialisation, data order and augmentation [default: 0]
     #[arg(long)]
@@ -334,6 +336,35 @@ fn tf32_by_default() -> bool {
 }
 
 /// "1 step", "2 steps".
+/// `options`, read from `file` when one is named, with `over` them, resolved. A refusal
+/// names its option by its flag: when the value came from the file, the file is named too.
+pub fn resolve_file_over(
+    file: Option<&Path>,
+    options: &TrainOptions,
+    over: &TrainOptions,
+) -> Result<TrainConfig> {
+    TrainConfig::resolve(&options.overridden_by(over)).map_err(|e| match (e, file) {
+        (TrainError::Config(message), Some(file)) => {
+            let key = message
+                .strip_prefix("--")
+                .and_then(|rest| rest.split([' ', ',', ':']).next())
+                .unwrap_or_default();
+            let sets = |options: &TrainOptions| {
+                toml::Value::try_from(options).is_ok_and(|table| table.get(key).is_some())
+            };
+            if sets(options) && !sets(over) {
+                TrainError::Config(format!(
+                    "{message} (the value in {}; the flag replaces it)",
+                    file.display()
+                ))
+            } else {
+                TrainError::Config(message)
+            }
+        }
+        (e, _) => e,
+    })
+}
+
 pub fn count_steps(steps: u64) -> String {
     format!("{steps} step{}", if steps == 1 { "" } else { "s" })
 }
@@ -444,6 +475,16 @@ impl TrainConfig {
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return fail(format!("{flag} must be at least 1, got 0"));
+        }
+        for (flag, threads) in [
+            ("--threads", self.threads),
+            ("--loader-threads", self.loader_threads),
+        ] {
+            if threads > MAX_THREADS {
+                return fail(format!(
+                    "{flag} must be at most {MAX_THREADS}, got {threads}"
+                ));
+            }
         }
         check_rate("--lr", self.lr)?;
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
@@ -712,6 +753,46 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value refused from a file names the file (the message names the flag, which the
+    /// user never gave), and a flag given over it replaces it.
+    #[test]
+    fn a_files_refused_value_names_the_file_and_a_flag_replaces_it() {
+        let path = Path::new("runs/x/config.toml");
+        let file: TrainOptions = toml::from_str("lr = inf\nthreads = 100000\n").unwrap();
+        let refused = |flags: &TrainOptions| {
+            resolve_file_over(Some(path), &file, flags)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(&TrainOptions::default()),
+            "--threads must be at most 1024, got 100000 (the value in runs/x/config.toml; the \
+             flag replaces it)"
+        );
+        let flags = TrainOptions {
+            threads: Some(2),
+            ..Default::default()
+        };
+        let err = refused(&flags);
+        assert!(
+            err.starts_with("--lr inf cannot be used")
+                && err.ends_with("(the value in runs/x/config.toml; the flag replaces it)"),
+            "{err}"
+        );
+        let flags = TrainOptions {
+            lr: Some(0.01),
+            ..flags
+        };
+        let config = resolve_file_over(Some(path), &file, &flags).unwrap();
+        assert_eq!((config.threads, config.lr), (2, 0.01));
+        // A flag's own refusal is the flag's.
+        let flags = TrainOptions {
+            epochs: Some(0),
+            ..flags
+        };
+        assert_eq!(refused(&flags), "--epochs must be at least 1, got 0");
+    }
 
     #[test]
     fn flags_override_the_file_which_overrides_the_recipe() {

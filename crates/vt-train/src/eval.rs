@@ -13,7 +13,7 @@ use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
 
 use crate::calibration::{self, Calibration};
-use crate::cli::at_least_one;
+use crate::cli::{at_least_one, thread_count};
 use crate::config::TrainOptions;
 use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
@@ -204,7 +204,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Compute threads [default: all cores]
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
     /// Evaluate a random subset of N images
     #[arg(long, value_name = "N")]

@@ -18,7 +18,7 @@ use vt_data::image_files::image_files;
 use vt_data::transform::{eval_chw, Normalize};
 use vt_model::{parse_device, Model};
 
-use crate::cli::at_least_one;
+use crate::cli::thread_count;
 use crate::data::normalize;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::outputs;
@@ -40,7 +40,7 @@ pub struct ExplainArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute threads [default: all cores]
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
     /// Image files (JPEG, PNG, WebP, ...; the format is read from the content), or folders:
     /// their image files, subfolders included, in path order

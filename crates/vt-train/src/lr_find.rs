@@ -14,7 +14,7 @@ use serde::Serialize;
 use vt_data::loader::{batches, Batch, BatchIter, LoaderConfig};
 use vt_model::pretrained::is_stem;
 
-use crate::config::{check_rate, count_steps, TrainConfig, TrainOptions};
+use crate::config::{check_rate, count_steps, resolve_file_over, TrainConfig, TrainOptions};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::learner::{
     new_model, open_training_images, prepare_device, training_loader, Group, Learner,
@@ -465,7 +465,7 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
         Some(path) => TrainOptions::from_toml_file(path)?,
         None => TrainOptions::default(),
     };
-    let config = TrainConfig::resolve(&file.overridden_by(&args.options))?;
+    let config = resolve_file_over(args.config.as_deref(), &file, &args.options)?;
     let device = prepare_device(&config)?;
     let train_set = open_training_images(&config)?;
     let model = new_model(&config, train_set.classes.clone(), &device)?;

@@ -25,7 +25,7 @@ use vt_model::pretrained::is_stem;
 use vt_model::Model;
 
 use crate::calibration::{self, Calibration};
-use crate::config::{count_steps, TrainConfig, TrainOptions};
+use crate::config::{count_steps, resolve_file_over, TrainConfig, TrainOptions};
 use crate::data::{self, DataUsed, ImagesUsed};
 use crate::ema::Ema;
 use crate::error::{Result, ResultExt, TrainError};
@@ -227,7 +227,7 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
         let lock = lock_run_dir(&run_dir)?;
         return plan_resume(&given, run_dir, lock);
     }
-    let mut config = TrainConfig::resolve(&given)?;
+    let mut config = resolve_file_over(args.config.as_deref(), &file, &args.options)?;
     let run_dir = config.run_dir.clone().unwrap_or_else(default_run_dir);
     outputs::refuse_file_on_path("--run-dir", &run_dir, &run_dir)?;
     outputs::refuse_data_folder("--run-dir", &run_dir, &run_dir)?;
@@ -293,11 +293,6 @@ fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
     )))
 }
 
-/// `saved` (the run's options) with `given` over it.
-fn resolve_over(saved: &TrainOptions, given: &TrainOptions) -> Result<TrainConfig> {
-    TrainConfig::resolve(&saved.overridden_by(given))
-}
-
 fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Plan> {
     let saved = run_dir.join(CONFIG_TOML);
     if state::exists(&run_dir)? {
@@ -309,16 +304,22 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         } else {
             progress.config.to_options()
         };
-        // Resolved, so that a key removed from the file shows as the default it falls to.
-        let from_file = TrainConfig::resolve(&options)?.to_options();
-        for change in progress.config.to_options().changes(&from_file) {
-            tracing::info!(
-                "resume: {} differs from the state of epoch {}: {change}",
-                saved.display(),
-                progress.epochs_done
-            );
+        // Resolved, so that a key removed from the file shows as the default it falls to. A
+        // value of the file refused here may be replaced by a flag given now.
+        if let Ok(from_file) = TrainConfig::resolve(&options) {
+            for change in progress
+                .config
+                .to_options()
+                .changes(&from_file.to_options())
+            {
+                tracing::info!(
+                    "resume: {} differs from the state of epoch {}: {change}",
+                    saved.display(),
+                    progress.epochs_done
+                );
+            }
         }
-        let mut config = resolve_over(&options, given)?;
+        let mut config = resolve_file_over(Some(&saved), &options, given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
         if config.epochs < progress.epochs_done {
@@ -367,7 +368,7 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         )));
     }
     let options = TrainOptions::from_toml_file(&saved)?;
-    let mut config = resolve_over(&options, given)?;
+    let mut config = resolve_file_over(Some(&saved), &options, given)?;
     config.run_dir = Some(run_dir.clone());
     tracing::info!(
         "{} has no completed epoch: its run starts from the beginning",

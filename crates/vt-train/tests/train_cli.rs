@@ -200,7 +200,7 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
             .arg(run.join("metrics.csv")),
     );
     assert!(
-        wrong.contains("missing field `path`") && wrong.contains("metrics.csv"),
+        wrong.contains("metrics.csv: its first line is not a header with path, label and correct"),
         "{wrong}"
     );
     let log = String::from_utf8_lossy(&out.stderr);
