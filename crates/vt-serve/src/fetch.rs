@@ -38,7 +38,8 @@ impl UrlFetcher {
         );
         let policy_allowed = Arc::clone(&allowed);
         let policy = redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
+            // `previous` holds the URL first asked for too.
+            if attempt.previous().len() > MAX_REDIRECTS {
                 attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
             } else if !is_fetchable(attempt.url().scheme()) {
                 let refused = RedirectRefused(attempt.url().clone(), "is not http or https");
@@ -98,16 +99,18 @@ impl UrlFetcher {
                 refused |= error.is::<RedirectRefused>();
                 cause = error.source();
             }
+            // Nothing was sent: a URL that parses but that no request can carry (longer than
+            // HTTP's 64 KiB).
+            let unsendable = e.is_builder();
             // Its causes too: reqwest's own message says only "error sending request" (and
             // the whole URL, named here by its start).
-            let message = format!(
-                "fetching {shown}: {}",
-                shortened(&error_chain(&e.without_url()))
-            );
-            if refused {
-                ApiError::UrlFetchRefused(message)
+            let cause = shortened(&error_chain(&e.without_url()));
+            if unsendable {
+                ApiError::BadRequest(format!("invalid url `{shown}`: {cause}"))
+            } else if refused {
+                ApiError::UrlFetchRefused(format!("fetching {shown}: {cause}"))
             } else {
-                ApiError::UrlFetchFailed(message)
+                ApiError::UrlFetchFailed(format!("fetching {shown}: {cause}"))
             }
         };
         let mut response = self
@@ -117,6 +120,20 @@ impl UrlFetcher {
             .send()
             .await
             .map_err(failed)?;
+        // A redirect the client did not follow: reqwest follows none to another scheme.
+        let elsewhere = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|location| parsed.join(location.to_str().ok()?).ok())
+            .filter(|location| {
+                response.status().is_redirection() && !is_fetchable(location.scheme())
+            });
+        if let Some(location) = elsewhere {
+            return Err(ApiError::UrlFetchRefused(format!(
+                "fetching {shown}: redirect to `{}`, which is not http or https",
+                shortened(location.as_str())
+            )));
+        }
         if !response.status().is_success() {
             return Err(ApiError::UrlFetchFailed(format!(
                 "fetching {shown}: the server answered {}",

@@ -575,9 +575,10 @@ async fn the_default_pixel_limit_refuses_a_huge_png_before_decoding() {
     server.shutdown().await;
 }
 
-/// Serves `/photo.jpg`, a body over the limit at `/big`, a redirect to another host and one
-/// to another scheme.
+/// Serves `/photo.jpg`, a body over the limit at `/big`, a redirect to another host and two
+/// to other schemes, and chains of N redirects to the photo at `/chain/N`.
 async fn image_host(photo: Vec<u8>, big: usize) -> std::net::SocketAddr {
+    use axum::extract::Path;
     use axum::response::Redirect;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -595,6 +596,19 @@ async fn image_host(photo: Vec<u8>, big: usize) -> std::net::SocketAddr {
             "/ftp",
             get(move || async move {
                 Redirect::temporary(&format!("ftp://127.0.0.1:{}/photo.jpg", addr.port()))
+            }),
+        )
+        .route(
+            "/file",
+            get(|| async { Redirect::temporary("file:///etc/passwd") }),
+        )
+        .route(
+            "/chain/{n}",
+            get(|Path(n): Path<u32>| async move {
+                Redirect::temporary(&match n {
+                    1 => "/photo.jpg".to_string(),
+                    n => format!("/chain/{}", n - 1),
+                })
             }),
         );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -693,6 +707,30 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "redirect to another scheme",
     );
     assert_detail_says(&answer, "is not http or https");
+    // reqwest follows no redirect to a file URL, and returns the redirect itself.
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/file", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "url_fetch_refused",
+        "redirect to a file",
+    );
+    assert_detail_says(
+        &answer,
+        "redirect to `file:///etc/passwd`, which is not http or https",
+    );
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/chain/5", host.port())).await;
+    assert_eq!(status, StatusCode::OK, "five redirects: {answer}");
+    let (status, answer) = ask(format!("http://127.0.0.1:{}/chain/6", host.port())).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_GATEWAY,
+        "url_fetch_failed",
+        "six redirects",
+    );
+    assert_detail_says(&answer, "more than 5 redirects");
     // Nothing listens on the port of a listener just closed.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -706,6 +744,29 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "nothing listening",
     );
     assert_detail_says(&answer, "Connection refused");
+    server.shutdown().await;
+}
+
+/// A URL that parses but that no request line can carry (past 64 KiB) is the request's
+/// fault: nothing was fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_too_long_to_send_is_a_bad_request() {
+    let dir = tiny_checkpoint();
+    let server =
+        TestServer::start(&checkpoint_path(&dir), &["--allow-url-fetch", "127.0.0.1"]).await;
+    let long = format!("http://127.0.0.1:1/{}", "a".repeat(70_000));
+    let request = client()
+        .post(server.url("/predict"))
+        .json(&json!({ "url": long }));
+    let (status, answer) = json_of(request.send().await.unwrap()).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "URL too long to send",
+    );
+    assert_detail_says(&answer, "invalid url `http://127.0.0.1:1/aaa");
     server.shutdown().await;
 }
 
