@@ -15,27 +15,33 @@ use futures_util::StreamExt;
 use crate::error::ApiError;
 
 /// Writes `Content-Encoding` as the router's decompression layer, which compares exactly,
-/// must read it: content codings are case-insensitive and `x-gzip` is gzip (RFC 9110). Two
-/// or more codings become one value that layer leaves alone, to be refused, rather than
-/// having it decode the first and drop the others.
+/// must read it: content codings are case-insensitive, `x-gzip` is gzip, `identity` no
+/// coding, and a list's empty elements nothing (RFC 9110). Two or more codings become one
+/// value that layer leaves alone, to be refused, rather than having it decode the first and
+/// drop the others.
 pub async fn normalize_content_encoding(mut request: Request, next: Next) -> Response {
-    let codings: Vec<String> = request
-        .headers()
+    let headers = request.headers_mut();
+    if !headers.contains_key(header::CONTENT_ENCODING) {
+        return next.run(request).await;
+    }
+    let codings: Vec<String> = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .trim()
-                .to_ascii_lowercase()
+        .flat_map(|v| {
+            let value = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+            value
+                .split(',')
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
         })
+        .filter(|c| !c.is_empty() && c != "identity")
         .map(|c| if c == "x-gzip" { "gzip".into() } else { c })
         .collect();
-    if !codings.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&codings.join(", ")) {
-            request
-                .headers_mut()
-                .insert(header::CONTENT_ENCODING, value);
-        }
+    // A value that is no header value (bytes that are not UTF-8) stays as sent: refused.
+    if codings.is_empty() {
+        headers.remove(header::CONTENT_ENCODING);
+    } else if let Ok(value) = HeaderValue::from_str(&codings.join(", ")) {
+        headers.insert(header::CONTENT_ENCODING, value);
     }
     next.run(request).await
 }

@@ -417,6 +417,32 @@ async fn tritonclient_requests_get_the_offline_predictions() {
         assert_eq!(compressed.binary, answer.binary, "{encoding}");
     }
 
+    // A list's empty elements count for nothing (RFC 9110), and `identity` is no coding.
+    let body = std::fs::read(fixtures.join("binary.bin")).unwrap();
+    let send = |encoding: Option<&'static str>, sent: Vec<u8>| {
+        let mut request = client
+            .post(&url)
+            .header(HEADER_LENGTH, header_length)
+            .header(CONTENT_TYPE, "application/octet-stream");
+        if let Some(encoding) = encoding {
+            request = request.header(CONTENT_ENCODING, encoding);
+        }
+        async move {
+            let answer = request.body(sent).send().await.unwrap();
+            (answer.status(), answer.bytes().await.unwrap())
+        }
+    };
+    let plain = send(None, body.clone()).await;
+    assert_eq!(plain.0, StatusCode::OK);
+    for (encoding, sent) in [
+        (", gzip", compress("gzip", &body)),
+        ("gzip,,Identity", compress("gzip", &body)),
+        ("", body.clone()),
+        (" , ", body.clone()),
+    ] {
+        assert_eq!(send(Some(encoding), sent).await, plain, "{encoding:?}");
+    }
+
     // JSON in; no outputs named, so tritonclient asked for all of them in binary.
     assert!(requests["json.bin"]["header_length"].is_null());
     let body = std::fs::read(fixtures.join("json.bin")).unwrap();
