@@ -107,6 +107,18 @@ fn refuse_json_as_image(body: &[u8], mime: Option<&str>) -> Result<(), ApiError>
     )))
 }
 
+/// What to say of a JSON route's body that does not parse because it is an image sent as
+/// it is (`curl --data-binary @photo.jpg`): serde's "expected value at line 1 column 1"
+/// does not say so.
+pub fn image_not_json(body: &[u8]) -> Option<String> {
+    let format = vt_data::decode::sniff_format(body).ok()?;
+    Some(format!(
+        "; the body is a {} image, not JSON: POST an image as it is to /predict, or put it in \
+         the JSON base64-encoded",
+        format!("{format:?}").to_ascii_uppercase()
+    ))
+}
+
 /// UTF-8's byte order mark, which Windows editors and PowerShell 5's `Out-File` put before
 /// JSON they write.
 const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
@@ -437,7 +449,8 @@ enum JsonImage {
 fn parse_json(body: &[u8]) -> Result<JsonImage, ApiError> {
     let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}"
+            "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}{}",
+            image_not_json(body).unwrap_or_default()
         ))
     })?;
     match (input.image, input.url) {

@@ -203,8 +203,9 @@ fn parse(body: Bytes, capacity: usize, verb: Verb) -> Result<Parsed, ApiError> {
     input::refuse_too_many_json_values(&body, capacity, 0)?;
     let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "invalid {} request: {e}; expected {EXPECTED}",
-            verb.name()
+            "invalid {} request: {e}; expected {EXPECTED}{}",
+            verb.name(),
+            input::image_not_json(&body).unwrap_or_default()
         ))
     })?;
     // The body is charged to the budget once: its parsed copy replaces it.

@@ -661,6 +661,13 @@ async fn bad_requests_get_the_protocols_errors() {
             "invalid inference request JSON",
         ),
         (
+            "an image sent as it is",
+            photo.clone(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "the body is a JPEG image, not JSON: POST an image as it is to /predict",
+        ),
+        (
             // tritonclient's binary data, its JSON's length left out.
             "binary data without the JSON's length",
             [
@@ -1177,6 +1184,21 @@ async fn instances_requests_get_the_offline_predictions() {
         .await
         .unwrap();
     assert_eq!(get_predict.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // An image posted as it is, where JSON is expected.
+    let raw = client
+        .post(server.url("/v1/models/tiny:predict"))
+        .body(images[0].1.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = raw.status();
+    let body: Value = raw.json().await.unwrap();
+    assert_error_message(
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "the body is a JPEG image, not JSON: POST an image as it is to /predict",
+    );
     // A small gzip body that decodes past the body limit.
     let bomb = client
         .post(server.url("/v1/models/tiny:predict"))

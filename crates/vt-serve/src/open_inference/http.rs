@@ -371,7 +371,9 @@ fn parse(
 /// which serde calls "trailing characters": the answer names the missing header.
 fn invalid_request_json(error: &serde_json::Error, body: &[u8], length_given: bool) -> ApiError {
     let mut detail = format!("invalid inference request JSON: {error}");
-    if !length_given {
+    if let Some(image) = input::image_not_json(body) {
+        detail.push_str(&image);
+    } else if !length_given {
         let mut values = serde_json::Deserializer::from_slice(body).into_iter::<IgnoredAny>();
         let parsed = matches!(values.next(), Some(Ok(_)));
         let trailing = body.len() - values.byte_offset();
