@@ -106,25 +106,14 @@ pub fn first_non_finite(model: &Model) -> Result<Option<String>> {
         .data()
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    let mut names = Vec::new();
-    let mut sums = Vec::new();
-    for (name, var) in vars.iter().filter(|(_, var)| var.dtype().is_float()) {
-        // 0x is 0 for every finite x and NaN otherwise, so the sum is not finite exactly
-        // when an element is not (a sum of the values could overflow); summed first, so
-        // that a GPU waits once for all of them.
-        let zeros = (var.as_tensor().to_dtype(DType::F32)? * 0.0)?;
-        sums.push(zeros.sum_all()?);
-        names.push(name);
-    }
-    if sums.is_empty() {
-        return Ok(None);
-    }
-    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
-    Ok(names
-        .into_iter()
-        .zip(sums)
-        .find(|(_, sum)| !sum.is_finite())
-        .map(|(name, _)| name.clone()))
+    // 0x is 0 for every finite x and NaN otherwise, so the sum is not finite exactly when an
+    // element is not (a sum of the values could overflow).
+    let found = first_flagged(
+        vars.iter().map(|(name, var)| (name, var.as_tensor())),
+        |t| (t.to_dtype(DType::F32)? * 0.0)?.sum_all(),
+        |sum| !sum.is_finite(),
+    )?;
+    Ok(found.cloned())
 }
 
 /// The name of a tensor among `tensors` holding a NaN, if any. Training never saves one in
@@ -135,21 +124,35 @@ pub fn first_non_finite(model: &Model) -> Result<Option<String>> {
 fn first_nan<'a>(
     tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
 ) -> Result<Option<&'a String>> {
+    // NaN is the one value unequal to itself.
+    first_flagged(
+        tensors,
+        |t| t.ne(t)?.to_dtype(DType::F32)?.sum_all(),
+        |count| count > 0.0,
+    )
+}
+
+/// The name of the first floating-point tensor among `tensors` whose `measure` (a scalar)
+/// `flags`. Every measure is computed before any is read back, so that a GPU waits once.
+fn first_flagged<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    measure: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    flags: impl Fn(f32) -> bool,
+) -> Result<Option<&'a String>> {
     let mut names = Vec::new();
-    let mut counts = Vec::new();
+    let mut measures = Vec::new();
     for (name, tensor) in tensors.into_iter().filter(|(_, t)| t.dtype().is_float()) {
-        // NaN is the one value unequal to itself.
-        counts.push(tensor.ne(tensor)?.to_dtype(DType::F32)?.sum_all()?);
+        measures.push(measure(tensor)?);
         names.push(name);
     }
-    if counts.is_empty() {
+    if measures.is_empty() {
         return Ok(None);
     }
-    let counts = Tensor::stack(&counts, 0)?.to_vec1::<f32>()?;
+    let measures = Tensor::stack(&measures, 0)?.to_vec1::<f32>()?;
     Ok(names
         .into_iter()
-        .zip(counts)
-        .find(|&(_, count)| count > 0.0)
+        .zip(measures)
+        .find(|&(_, measure)| flags(measure))
         .map(|(name, _)| name))
 }
 

@@ -29,6 +29,18 @@ fn wait_for_epoch(child: &mut Child, run: &Path, epoch: usize) {
     }
 }
 
+/// A tiny model trained for `epochs` on synthetic images, in `root`/run.
+fn tiny_run(root: &Path, epochs: &str) -> std::path::PathBuf {
+    let data = synthetic_data(root, 4);
+    let run = root.join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", epochs]),
+    );
+    run
+}
+
 fn train(data: &Path, run: &Path, epochs: &str) -> Command {
     let mut cmd = train_tiny(data, run);
     cmd.args(ONE_THREAD).args([
@@ -353,13 +365,7 @@ fn a_run_whose_state_is_gone_is_neither_replaced_nor_restarted() {
 #[test]
 fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path(), 4);
-    let run = tmp.path().join("run");
-    run_ok(
-        train_tiny(&data, &run)
-            .args(ONE_THREAD)
-            .args(["--epochs", "2"]),
-    );
+    let run = tiny_run(tmp.path(), "2");
     let jsonl = run.join("metrics.jsonl");
     let saved = std::fs::read_to_string(&jsonl).unwrap();
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
@@ -402,13 +408,7 @@ fn a_resume_with_nothing_left_to_train_drops_the_lines_past_the_saved_epoch() {
 #[test]
 fn a_resume_refuses_a_metrics_file_that_lost_epochs() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path(), 4);
-    let run = tmp.path().join("run");
-    run_ok(
-        train_tiny(&data, &run)
-            .args(ONE_THREAD)
-            .args(["--epochs", "2"]),
-    );
+    let run = tiny_run(tmp.path(), "2");
     let jsonl = run.join("metrics.jsonl");
     let saved = std::fs::read_to_string(&jsonl).unwrap();
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
@@ -491,13 +491,7 @@ fn a_state_holding_nan_is_refused_naming_its_file() {
 #[test]
 fn previous_versions_left_beside_the_runs_folders_are_removed_on_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path(), 4);
-    let run = tmp.path().join("run");
-    run_ok(
-        train_tiny(&data, &run)
-            .args(ONE_THREAD)
-            .args(["--epochs", "1"]),
-    );
+    let run = tiny_run(tmp.path(), "1");
     let previous = ["state", "best", "last"].map(|name| {
         let old = run.join(format!(".{name}.old"));
         std::fs::create_dir(&old).unwrap();
@@ -531,7 +525,7 @@ fn previous_versions_left_beside_the_runs_folders_are_removed_on_resume() {
     let fresh = tmp.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     std::fs::rename(run.join("state"), fresh.join(".state.old")).unwrap();
-    let out = vt_train_tiny_refused(&data, &fresh);
+    let out = vt_train_tiny_refused(&tmp.path().join("data"), &fresh);
     assert!(
         out.contains("holds .state.old, which a training run writes"),
         "{out}"
