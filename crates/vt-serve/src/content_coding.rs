@@ -1,24 +1,27 @@
-//! Content codings of request bodies, around tower-http's decompression layer: the
-//! `Content-Encoding` header written as that layer reads it, the bytes received bounded
-//! before decoding, and what it leaves encoded refused.
+//! Content codings of request bodies: the `Content-Encoding` header read as RFC 9110 writes
+//! it, the bytes received bounded before decoding, gzip and deflate decoded as they are
+//! read, and other codings refused.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::io::AsyncRead;
+use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::error::ApiError;
 
-/// Writes `Content-Encoding` as the router's decompression layer, which compares exactly,
-/// must read it: content codings are case-insensitive, `x-gzip` is gzip, `identity` no
-/// coding, and a list's empty elements nothing (RFC 9110). Two or more codings become one
-/// value that layer leaves alone, to be refused, rather than having it decode the first and
-/// drop the others.
+/// Writes `Content-Encoding` as [`decode_body`], which compares exactly, reads it: content
+/// codings are case-insensitive, `x-gzip` is gzip, `identity` no coding, and a list's empty
+/// elements nothing (RFC 9110). Two or more codings become one value that it leaves alone,
+/// to be refused, rather than decoding the first and dropping the others.
 pub async fn normalize_content_encoding(mut request: Request, next: Next) -> Response {
     let headers = request.headers_mut();
     if !headers.contains_key(header::CONTENT_ENCODING) {
@@ -95,8 +98,44 @@ pub async fn bound_encoded_body(
         .await
 }
 
-/// Refuses a body still encoded once the router's decompression layer has decoded the
-/// encodings it knows (gzip and deflate, removing their `Content-Encoding`).
+/// Decodes a gzip or deflate (zlib) request body as it is read, removing its
+/// `Content-Encoding` and `Content-Length`, so that the body limit bounds the decoded size;
+/// a body of another coding passes, to be refused ([`refuse_undecoded`]). A gzip body may
+/// hold several members, which decode as one (RFC 1952: `cat a.gz b.gz`); bytes after the
+/// last member or the zlib stream make the body unreadable, however the connection splits
+/// them (tower-http's decoding layer refused a second member, and took bytes after the last
+/// one when they came in the read that ended it).
+pub async fn decode_body(request: Request, next: Next) -> Response {
+    let gzip = match request
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(HeaderValue::as_bytes)
+    {
+        Some(b"gzip") => true,
+        Some(b"deflate") => false,
+        _ => return next.run(request).await,
+    };
+    let (mut parts, body) = request.into_parts();
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let encoded = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    // After a stream's end, another stream: one that does not begin (other bytes) is an
+    // error, no end of input.
+    let decoded: Pin<Box<dyn AsyncRead + Send>> = if gzip {
+        let mut decoder = GzipDecoder::new(encoded);
+        decoder.multiple_members(true);
+        Box::pin(decoder)
+    } else {
+        let mut decoder = ZlibDecoder::new(encoded);
+        decoder.multiple_members(true);
+        Box::pin(decoder)
+    };
+    let body = Body::from_stream(ReaderStream::new(decoded));
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// Refuses a body still encoded once [`decode_body`] has decoded the encodings it knows
+/// (gzip and deflate, removing their `Content-Encoding`).
 pub fn refuse_undecoded(headers: &HeaderMap) -> Result<(), ApiError> {
     match headers.get(header::CONTENT_ENCODING) {
         Some(encoding) if encoding != "identity" => Err(ApiError::UnsupportedMediaType(format!(

@@ -14,7 +14,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -66,7 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // --compressed`-style clients) are decoded as they are read, so the body limit bounds
         // the decoded size; other encodings pass through to the handlers, which refuse them
         // with a JSON error.
-        .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        .layer(middleware::from_fn(content_coding::decode_body))
         .layer(middleware::from_fn_with_state(
             state.limits.max_body_bytes,
             content_coding::bound_encoded_body,

@@ -640,6 +640,53 @@ async fn json_requests_choose_outputs_and_classification() {
     server.shutdown().await;
 }
 
+/// A gzip body of several members (RFC 1952: `cat a.gz b.gz`) is one body; bytes after the
+/// last member, or after a deflate stream, are refused however they arrive: in the read that
+/// ends the stream or in a later one (tower-http's layer took them in the first case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_is_its_streams_and_nothing_after_them() {
+    let dir = tiny_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &[]).await;
+    let client = client();
+    let url = server.url("/v2/models/tiny/infer");
+    let (_, photo) = test_images(1).remove(0);
+    let body = json_body(&[&photo]);
+    // Each chunk a moment after the last: a read of its own.
+    let post = |chunks: Vec<Vec<u8>>, encoding: &'static str| {
+        let stream =
+            futures_util::StreamExt::then(futures_util::stream::iter(chunks), |chunk| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Ok::<_, std::io::Error>(chunk)
+            });
+        let request = client
+            .post(&url)
+            .header(CONTENT_ENCODING, encoding)
+            .header(CONTENT_TYPE, "application/json")
+            .body(reqwest::Body::wrap_stream(stream));
+        async move {
+            let answer = request.send().await.unwrap();
+            (answer.status(), answer.json::<Value>().await.unwrap())
+        }
+    };
+    let (head, tail) = body.split_at(body.len() / 2);
+    let members = [compress("gzip", head), compress("gzip", tail)].concat();
+    let (status, answer) = post(vec![members], "gzip").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    for encoding in ["gzip", "deflate"] {
+        let encoded = compress(encoding, &body);
+        let (status, answer) = post(vec![encoded.clone()], encoding).await;
+        assert_eq!(status, StatusCode::OK, "{encoding}: {answer}");
+        let together = [encoded.clone(), b"garbage".to_vec()].concat();
+        for chunks in [vec![together], vec![encoded, b"garbage".to_vec()]] {
+            let (status, answer) = post(chunks, encoding).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{encoding}: {answer}");
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(message.contains("cannot read the request body"), "{answer}");
+        }
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_protocols_errors() {
     let dir = tiny_checkpoint();
