@@ -100,7 +100,7 @@ pub struct ServeArgs {
     pub threads: Option<u32>,
     /// Check the checkpoint's files every this many milliseconds, and reload it when they
     /// changed (as Triton's --model-control-mode=poll): a server of a training run's `best/`
-    /// serves each better model once vt-train writes it. Without it, SIGHUP reloads.
+    /// serves each better model once vt-train writes it. SIGHUP reloads with or without it.
     #[arg(long, env = "VT_SERVE_RELOAD_POLL_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reload_poll_ms: Option<u64>,
     /// Log lines on stderr, one per answered request among them: `text` to read, `json` (one
