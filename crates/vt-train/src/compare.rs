@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -202,19 +202,30 @@ fn refuse_unless_file(path: &Path) -> Result<()> {
     )))
 }
 
-/// The longest first line read for the header of a predictions CSV, whose header is short:
-/// a file that is not one is refused without reading it whole.
-const MAX_HEADER_BYTES: u64 = 64 << 10;
+/// The most bytes read for the header of a predictions CSV (a column per class: 10,000
+/// classes of 100-character names take 1 MB): a file that is not one, a stream of zeros,
+/// is refused without being read whole.
+const MAX_HEADER_BYTES: u64 = 16 << 20;
 
-/// Whether `csv_path`'s first line holds the columns a comparison reads.
+/// Whether `csv_path`'s header, within its first [`MAX_HEADER_BYTES`], holds the columns a
+/// comparison reads.
 fn has_predictions_header(csv_path: &Path) -> std::io::Result<bool> {
-    let mut line = Vec::new();
-    BufReader::new(File::open(csv_path)?.take(MAX_HEADER_BYTES)).read_until(b'\n', &mut line)?;
-    let header = csv::Reader::from_reader(line.as_slice())
+    let mut start = Vec::new();
+    File::open(csv_path)?
+        .take(MAX_HEADER_BYTES)
+        .read_to_end(&mut start)?;
+    // A first line cut short by the limit would read as a whole header.
+    let whole =
+        (start.len() as u64) < MAX_HEADER_BYTES || start.iter().any(|&b| b == b'\n' || b == b'\r');
+    let has_columns = |header: &csv::StringRecord| {
+        ["path", "label", "correct"]
+            .iter()
+            .all(|column| header.iter().any(|h| h == *column))
+    };
+    let header = csv::Reader::from_reader(start.as_slice())
         .headers()
-        .map(|header| ["path", "label", "correct"].map(|column| header.iter().any(|h| h == column)))
-        .is_ok_and(|found| found.iter().all(|&f| f));
-    Ok(line.ends_with(b"\n") && header)
+        .is_ok_and(has_columns);
+    Ok(whole && header)
 }
 
 /// An evaluation's outcomes, keyed by the image's class folder and file name, so that the
@@ -424,9 +435,12 @@ mod tests {
             let err = read_outcomes(path).unwrap_err().to_string();
             assert!(err.contains("not a file"), "{err}");
         }
-        // Twice the header's bytes, none of them a line end.
+        // Past the header's bytes, none of them a line end (sparse: no disk is used).
         let nul = root.path().join("nul.csv");
-        std::fs::write(&nul, vec![0u8; 2 * MAX_HEADER_BYTES as usize]).unwrap();
+        std::fs::File::create(&nul)
+            .unwrap()
+            .set_len(2 * MAX_HEADER_BYTES)
+            .unwrap();
         let headless = root.path().join("headless.csv");
         std::fs::write(&headless, "image,class\na.jpg,x\n").unwrap();
         for path in [&nul, &headless] {
@@ -439,6 +453,30 @@ mod tests {
         let csv = root.path().join("eval.csv");
         std::fs::write(&csv, "path,label,correct\nforest/1.jpg,forest,true\n").unwrap();
         assert_eq!(read_outcomes(&csv).unwrap().len(), 1);
+        // As the csv crate reads them: old Mac line ends, a blank first line, a header
+        // alone without its line end, and a column per class of many long names.
+        let wide: String = (0..300)
+            .map(|i| format!(",p_{i:04}_{}", "x".repeat(220)))
+            .collect();
+        for (text, images) in [
+            (
+                "path,label,correct\rforest/1.jpg,forest,true\r".to_string(),
+                1,
+            ),
+            ("\npath,label,correct\nforest/1.jpg,forest,true\n".into(), 1),
+            ("path,label,correct".into(), 0),
+            (
+                format!(
+                    "path,label,correct{wide}\nforest/1.jpg,forest,true{}\n",
+                    ",0.5".repeat(300)
+                ),
+                1,
+            ),
+        ] {
+            std::fs::write(&csv, &text).unwrap();
+            let read = read_outcomes(&csv).unwrap_or_else(|e| panic!("{e}: {text:.40}"));
+            assert_eq!(read.len(), images);
+        }
     }
 
     /// Exact values of the binomial sums (Python's `math.comb` over fractions).
