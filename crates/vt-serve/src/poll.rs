@@ -14,20 +14,23 @@ use crate::args::ServeArgs;
 use crate::state::AppState;
 
 /// What a reload would read, as the file system describes it: the folder the checkpoint's
-/// path resolves to, and the identity, size and modification time of its files. vt-train
-/// replacing the folder, a copy rewriting the files and a link moving each change it.
+/// path resolves to, and the identity, size and times of the folder and its files. vt-train
+/// replacing the folder, a copy rewriting the files, a link moving and a change of
+/// permissions (which a failed reload may have met) each change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
     folder: PathBuf,
-    files: Vec<FileStamp>,
+    stamps: Vec<Stamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
+struct Stamp {
     /// Device and inode, where the platform has them.
     id: Option<(u64, u64)>,
     len: u64,
     modified: Option<SystemTime>,
+    /// When the inode last changed (its permissions too), where the platform says.
+    changed: Option<(i64, i64)>,
 }
 
 impl Fingerprint {
@@ -35,29 +38,38 @@ impl Fingerprint {
     /// replaced, or gone).
     pub fn of(dir: &Path) -> std::io::Result<Fingerprint> {
         let folder = std::fs::canonicalize(dir)?;
-        let files = [CONFIG_FILE, WEIGHTS_FILE]
-            .iter()
-            .map(|name| {
-                let metadata = std::fs::metadata(folder.join(name))?;
-                Ok(FileStamp {
-                    id: file_id(&metadata),
-                    len: metadata.len(),
-                    modified: metadata.modified().ok(),
-                })
+        let stamps = [
+            folder.clone(),
+            folder.join(CONFIG_FILE),
+            folder.join(WEIGHTS_FILE),
+        ]
+        .iter()
+        .map(|path| {
+            let metadata = std::fs::metadata(path)?;
+            Ok(Stamp {
+                id: inode(&metadata).map(|(id, _)| id),
+                len: metadata.len(),
+                modified: metadata.modified().ok(),
+                changed: inode(&metadata).map(|(_, changed)| changed),
             })
-            .collect::<std::io::Result<_>>()?;
-        Ok(Fingerprint { folder, files })
+        })
+        .collect::<std::io::Result<_>>()?;
+        Ok(Fingerprint { folder, stamps })
     }
 }
 
+/// The file's device and inode, and when its inode last changed (seconds and nanoseconds).
 #[cfg(unix)]
-fn file_id(metadata: &Metadata) -> Option<(u64, u64)> {
+fn inode(metadata: &Metadata) -> Option<((u64, u64), (i64, i64))> {
     use std::os::unix::fs::MetadataExt;
-    Some((metadata.dev(), metadata.ino()))
+    Some((
+        (metadata.dev(), metadata.ino()),
+        (metadata.ctime(), metadata.ctime_nsec()),
+    ))
 }
 
 #[cfg(not(unix))]
-fn file_id(_: &Metadata) -> Option<(u64, u64)> {
+fn inode(_: &Metadata) -> Option<((u64, u64), (i64, i64))> {
     None
 }
 
