@@ -17,13 +17,13 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// `RAYON_NUM_THREADS` when the user set it, else every core.
+/// `RAYON_NUM_THREADS` when the user set it (at most [`MAX_THREADS`]), else every core.
 pub fn default_compute_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(available_cores)
+        .map_or_else(available_cores, |n| n.min(MAX_THREADS))
 }
 
 /// Fixes the compute threads for this process. Call at start-up, before the first tensor

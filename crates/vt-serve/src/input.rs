@@ -109,15 +109,18 @@ fn refuse_json_as_image(body: &[u8], mime: Option<&str>) -> Result<(), ApiError>
 
 /// What to say of a JSON route's body that does not parse because it is an image sent as
 /// it is (`curl --data-binary @photo.jpg`): serde's "expected value at line 1 column 1"
-/// does not say so.
-pub fn image_not_json(body: &[u8]) -> Option<String> {
+/// does not say so. `advice` says where to send it.
+pub fn image_not_json(body: &[u8], advice: &str) -> Option<String> {
     let format = vt_data::decode::sniff_format(body).ok()?;
     Some(format!(
-        "; the body is a {} image, not JSON: POST an image as it is to /predict, or put it in \
-         the JSON base64-encoded",
+        "; the body is a {} image, not JSON: {advice}",
         format!("{format:?}").to_ascii_uppercase()
     ))
 }
+
+/// [`image_not_json`]'s advice on the protocols' routes, which take JSON only.
+pub const TO_PREDICT: &str =
+    "POST an image as it is to /predict, or put it in the JSON base64-encoded";
 
 /// UTF-8's byte order mark, which Windows editors and PowerShell 5's `Out-File` put before
 /// JSON they write.
@@ -450,7 +453,11 @@ fn parse_json(body: &[u8]) -> Result<JsonImage, ApiError> {
     let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}{}",
-            image_not_json(body).unwrap_or_default()
+            image_not_json(
+                body,
+                "send it without `Content-Type: application/json`, or base64-encoded as \"image\""
+            )
+            .unwrap_or_default()
         ))
     })?;
     match (input.image, input.url) {

@@ -205,7 +205,7 @@ fn parse(body: Bytes, capacity: usize, verb: Verb) -> Result<Parsed, ApiError> {
         ApiError::BadRequest(format!(
             "invalid {} request: {e}; expected {EXPECTED}{}",
             verb.name(),
-            input::image_not_json(&body).unwrap_or_default()
+            input::image_not_json(&body, input::TO_PREDICT).unwrap_or_default()
         ))
     })?;
     // The body is charged to the budget once: its parsed copy replaces it.

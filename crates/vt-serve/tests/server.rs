@@ -455,6 +455,19 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
         let (status, answer) = post_raw(&client, &url, content_type, request.clone()).await;
         assert_eq!(status, StatusCode::OK, "{content_type}: {answer}");
     }
+    // The other way round: an image sent as JSON.
+    let (status, answer) = post_raw(&client, &url, "application/json", photo.clone()).await;
+    assert_error(
+        status,
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "an image sent as JSON",
+    );
+    assert_detail_says(
+        &answer,
+        "the body is a JPEG image, not JSON: send it without `Content-Type: application/json`",
+    );
 
     for query in ["top_k=0", "top_k=many"] {
         let url = server.url(&format!("/predict?{query}"));

@@ -371,7 +371,7 @@ fn parse(
 /// which serde calls "trailing characters": the answer names the missing header.
 fn invalid_request_json(error: &serde_json::Error, body: &[u8], length_given: bool) -> ApiError {
     let mut detail = format!("invalid inference request JSON: {error}");
-    if let Some(image) = input::image_not_json(body) {
+    if let Some(image) = input::image_not_json(body, input::TO_PREDICT) {
         detail.push_str(&image);
     } else if !length_given {
         let mut values = serde_json::Deserializer::from_slice(body).into_iter::<IgnoredAny>();
