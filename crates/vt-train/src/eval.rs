@@ -653,6 +653,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         cause,
     })?;
     // The report is the mark of a complete evaluation: `compare` reads the CSV beside it.
+    let mut drawn = false;
     outputs::write_with_report(&paths.report, format!("{json}\n").as_bytes(), || {
         let rows = prediction_rows(&eval.predictions, &folder.samples, &folder.classes);
         write_csv_atomically(&paths.csv, &rows)?;
@@ -661,19 +662,36 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             args.checkpoint.display(),
             100.0 * report.accuracy
         );
-        draw_evaluation(
+        // A picture is a convenience: one that cannot be drawn (more classes than pixels)
+        // leaves the numbers written, and no earlier evaluation's picture beside them.
+        match draw_evaluation(
             &paths.png,
             &report.confusion_matrix,
             &report.calibration,
             &title,
-        )
+        ) {
+            Ok(()) => drawn = true,
+            Err(e) => {
+                tracing::warn!("{e}");
+                outputs::remove_file_synced(&paths.png)?;
+            }
+        }
+        Ok(())
     })?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        paths.report.display(),
-        paths.csv.display(),
-        paths.png.display()
-    );
+    if drawn {
+        eprintln!(
+            "wrote {}, {} and {}",
+            paths.report.display(),
+            paths.csv.display(),
+            paths.png.display()
+        );
+    } else {
+        eprintln!(
+            "wrote {} and {}",
+            paths.report.display(),
+            paths.csv.display()
+        );
+    }
     Ok(())
 }
 

@@ -210,22 +210,45 @@ pub fn draw_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     })
 }
 
-/// The confusion matrix's cell size and margins, in pixels.
+/// The confusion matrix's largest cell and margins, in pixels.
 const CELL: i32 = 70;
 const MATRIX_LEFT: i32 = 120;
 const MATRIX_TOP: i32 = 70;
+/// The most pixels the cells take a side: many classes get smaller cells (1,200 classes of
+/// 70 pixels made a picture the plotting library could not address, and it panicked).
+const MAX_MATRIX_SIDE: i32 = 4200;
+/// The smallest cells that hold their counts, and rows their class names.
+const CELL_WITH_COUNT: i32 = 40;
+const CELL_WITH_NAME: i32 = 14;
 
-fn confusion_size(matrix: &ConfusionMatrix) -> (u32, u32) {
-    let side = CELL * matrix.classes.len().max(1) as i32;
-    (
+/// The side of a cell of `matrix`: [`CELL`], or less for more classes than fit.
+fn cell_size(matrix: &ConfusionMatrix) -> i32 {
+    let classes = matrix.classes.len().clamp(1, MAX_MATRIX_SIDE as usize) as i32;
+    (MAX_MATRIX_SIDE / classes).min(CELL)
+}
+
+/// The size of `path`'s picture of `matrix`.
+fn confusion_size(path: &Path, matrix: &ConfusionMatrix) -> Result<(u32, u32)> {
+    if matrix.classes.len() > MAX_MATRIX_SIDE as usize {
+        return Err(plot_error(
+            path,
+            format!(
+                "{} classes are more than a confusion matrix of at most {MAX_MATRIX_SIDE} \
+                 pixels a side can show",
+                matrix.classes.len()
+            ),
+        ));
+    }
+    let side = cell_size(matrix) * matrix.classes.len().max(1) as i32;
+    Ok((
         (MATRIX_LEFT + side + 20) as u32,
         (MATRIX_TOP + side + 20) as u32,
-    )
+    ))
 }
 
 /// `confusion.png`: rows are true classes, columns predictions; shade = row fraction.
 pub fn draw_confusion(path: &Path, matrix: &ConfusionMatrix, title: &str) -> Result<()> {
-    draw_atomically(path, confusion_size(matrix), |root, text| {
+    draw_atomically(path, confusion_size(path, matrix)?, |root, text| {
         confusion_panel(root, path, matrix, title, text)
     })
 }
@@ -237,7 +260,7 @@ pub fn draw_evaluation(
     calibration: &Calibration,
     title: &str,
 ) -> Result<()> {
-    let (width, height) = confusion_size(matrix);
+    let (width, height) = confusion_size(path, matrix)?;
     let side = height.max(420);
     draw_atomically(path, (width + side, side), |root, text| {
         let (left, right) = root.split_horizontally(width);
@@ -253,7 +276,7 @@ fn confusion_panel(
     title: &str,
     text: bool,
 ) -> Result<()> {
-    let (cell, left, top) = (CELL, MATRIX_LEFT, MATRIX_TOP);
+    let (cell, left, top) = (cell_size(matrix), MATRIX_LEFT, MATRIX_TOP);
     let err = |e: &dyn std::fmt::Display| plot_error(path, e);
     for (t, row) in matrix.counts.iter().enumerate() {
         let total: u64 = row.iter().sum();
@@ -276,7 +299,7 @@ fn confusion_panel(
                 BLACK.mix(0.2),
             ))
             .map_err(|e| err(&e))?;
-            if text {
+            if text && cell >= CELL_WITH_COUNT {
                 let ink = if frac > 0.5 { WHITE } else { BLACK };
                 let style = TextStyle::from((FONT, 16).into_font()).color(&ink);
                 root.draw(&Text::new(
@@ -302,21 +325,26 @@ fn confusion_panel(
             style.clone(),
         ))
         .map_err(|e| err(&e))?;
+        // Rows named while they are as tall as a name, columns while they are as wide.
         for (i, name) in matrix.classes.iter().enumerate() {
             let short: String = name.chars().take(10).collect();
             let offset = i as i32 * cell;
-            root.draw(&Text::new(
-                short.clone(),
-                (8, top + offset + cell / 2 - 7),
-                style.clone(),
-            ))
-            .map_err(|e| err(&e))?;
-            root.draw(&Text::new(
-                short,
-                (left + offset + 4, top - 40),
-                style.clone(),
-            ))
-            .map_err(|e| err(&e))?;
+            if cell >= CELL_WITH_NAME {
+                root.draw(&Text::new(
+                    short.clone(),
+                    (8, top + offset + cell / 2 - 7),
+                    style.clone(),
+                ))
+                .map_err(|e| err(&e))?;
+            }
+            if cell == CELL {
+                root.draw(&Text::new(
+                    short,
+                    (left + offset + 4, top - 40),
+                    style.clone(),
+                ))
+                .map_err(|e| err(&e))?;
+            }
         }
     }
     Ok(())
@@ -584,5 +612,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    }
+
+    /// Many classes get smaller cells, within a picture the plotting library can address
+    /// (1,200 classes panicked it); more classes than pixels get an error, which the
+    /// caller logs, and no picture.
+    #[test]
+    fn a_confusion_matrix_of_many_classes_fits_its_picture() {
+        let dir = tempfile::tempdir().unwrap();
+        let confusion = dir.path().join(CONFUSION_PNG);
+        let names = |n: usize| (0..n).map(|i| format!("class-{i}")).collect::<Vec<_>>();
+        let mut cm = ConfusionMatrix::new(names(1200));
+        cm.add(&[0, 1199], &[0, 5]);
+        draw_confusion(&confusion, &cm, "validation, epoch 1").unwrap();
+        let (width, height) = image::image_dimensions(&confusion).unwrap();
+        assert!(
+            width <= (MATRIX_LEFT + MAX_MATRIX_SIDE + 20) as u32
+                && height <= (MATRIX_TOP + MAX_MATRIX_SIDE + 20) as u32,
+            "{width}x{height}"
+        );
+        let cm = ConfusionMatrix::new(names(MAX_MATRIX_SIDE as usize + 1));
+        let elsewhere = dir.path().join("many.png");
+        let err = draw_confusion(&elsewhere, &cm, "validation")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("4201 classes are more than a confusion matrix"),
+            "{err}"
+        );
+        assert!(!elsewhere.exists());
     }
 }
