@@ -14,23 +14,47 @@ use crate::args::ServeArgs;
 use crate::state::AppState;
 
 /// What a reload would read, as the file system describes it: the folder the checkpoint's
-/// path resolves to, and the identity, size and times of the folder and its files. vt-train
-/// replacing the folder, a copy rewriting the files, a link moving and a change of
-/// permissions (which a failed reload may have met) each change it.
+/// path resolves to, the identity and permissions of that folder, and the identity, size,
+/// modification time and permissions of its files. vt-train replacing the folder, a copy
+/// rewriting the files, a link moving and new permissions (which a failed reload may have
+/// met) each change it; other files coming and going in the folder, and reads, do not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
     folder: PathBuf,
-    stamps: Vec<Stamp>,
+    folder_stamp: Stamp,
+    files: Vec<Stamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
     /// Device and inode, where the platform has them.
     id: Option<(u64, u64)>,
+    /// Mode, owner and group, where the platform has them; else whether it is read-only.
+    access: (u32, u32, u32),
     len: u64,
     modified: Option<SystemTime>,
-    /// When the inode last changed (its permissions too), where the platform says.
-    changed: Option<(i64, i64)>,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Stamp> {
+        let metadata = std::fs::metadata(path)?;
+        let (id, access) = identity(&metadata);
+        Ok(Stamp {
+            id,
+            access,
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
+
+    /// A folder's: its size and times change as files come and go in it.
+    fn of_folder(path: &Path) -> std::io::Result<Stamp> {
+        Stamp::of(path).map(|stamp| Stamp {
+            len: 0,
+            modified: None,
+            ..stamp
+        })
+    }
 }
 
 impl Fingerprint {
@@ -38,39 +62,31 @@ impl Fingerprint {
     /// replaced, or gone).
     pub fn of(dir: &Path) -> std::io::Result<Fingerprint> {
         let folder = std::fs::canonicalize(dir)?;
-        let stamps = [
-            folder.clone(),
-            folder.join(CONFIG_FILE),
-            folder.join(WEIGHTS_FILE),
-        ]
-        .iter()
-        .map(|path| {
-            let metadata = std::fs::metadata(path)?;
-            Ok(Stamp {
-                id: inode(&metadata).map(|(id, _)| id),
-                len: metadata.len(),
-                modified: metadata.modified().ok(),
-                changed: inode(&metadata).map(|(_, changed)| changed),
-            })
+        let files = [CONFIG_FILE, WEIGHTS_FILE]
+            .iter()
+            .map(|name| Stamp::of(&folder.join(name)))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Fingerprint {
+            folder_stamp: Stamp::of_folder(&folder)?,
+            folder,
+            files,
         })
-        .collect::<std::io::Result<_>>()?;
-        Ok(Fingerprint { folder, stamps })
     }
 }
 
-/// The file's device and inode, and when its inode last changed (seconds and nanoseconds).
+/// The file's device and inode, and its mode, owner and group.
 #[cfg(unix)]
-fn inode(metadata: &Metadata) -> Option<((u64, u64), (i64, i64))> {
+fn identity(metadata: &Metadata) -> (Option<(u64, u64)>, (u32, u32, u32)) {
     use std::os::unix::fs::MetadataExt;
-    Some((
-        (metadata.dev(), metadata.ino()),
-        (metadata.ctime(), metadata.ctime_nsec()),
-    ))
+    (
+        Some((metadata.dev(), metadata.ino())),
+        (metadata.mode(), metadata.uid(), metadata.gid()),
+    )
 }
 
 #[cfg(not(unix))]
-fn inode(_: &Metadata) -> Option<((u64, u64), (i64, i64))> {
-    None
+fn identity(metadata: &Metadata) -> (Option<(u64, u64)>, (u32, u32, u32)) {
+    (None, (u32::from(metadata.permissions().readonly()), 0, 0))
 }
 
 /// `--reload-poll-ms`'s checks of the checkpoint, from before its first load.

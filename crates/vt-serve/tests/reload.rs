@@ -315,7 +315,17 @@ async fn a_changed_checkpoint_is_reloaded_by_polling() {
     let client = client();
     let first = current_model(&client, &server.base).await;
 
-    // Unchanged: twenty checks, no reload.
+    // Unchanged, though other files come and go beside its own, which are read and linked
+    // to: twenty checks, no reload.
+    std::fs::write(checkpoint.join("notes.txt"), "hi").unwrap();
+    std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    std::fs::hard_link(
+        checkpoint.join("config.json"),
+        root.path().join("linked.json"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::remove_file(checkpoint.join("notes.txt")).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let text = metrics_text(&client, &server.url("/metrics")).await;
     assert_eq!(reloads(&text, "ok"), Some(0.0), "{text}");
