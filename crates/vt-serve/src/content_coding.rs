@@ -78,7 +78,8 @@ pub async fn bound_encoded_body(
     request: Request,
     next: Next,
 ) -> Response {
-    if !request.headers().contains_key(header::CONTENT_ENCODING) {
+    // An empty body stays one, as `decode_body` reads it.
+    if !request.headers().contains_key(header::CONTENT_ENCODING) || is_empty(request.body()) {
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
@@ -101,10 +102,11 @@ pub async fn bound_encoded_body(
 /// Decodes a gzip or deflate (zlib) request body as it is read, removing its
 /// `Content-Encoding` and `Content-Length`, so that the body limit bounds the decoded size;
 /// a body of another coding passes, to be refused ([`refuse_undecoded`]). A gzip body may
-/// hold several members, which decode as one (RFC 1952: `cat a.gz b.gz`); bytes after the
-/// last member or the zlib stream make the body unreadable, however the connection splits
-/// them (tower-http's decoding layer refused a second member, and took bytes after the last
-/// one when they came in the read that ended it).
+/// hold several members, which decode as one (RFC 1952: `cat a.gz b.gz`), and a deflate
+/// body likewise several zlib streams; other bytes after the last make the body unreadable,
+/// however the connection splits them (tower-http's decoding layer refused a second
+/// member, and took bytes after the last one when they came in the read that ended it). An
+/// empty body is empty, whatever its coding says.
 pub async fn decode_body(request: Request, next: Next) -> Response {
     let gzip = match request
         .headers()
@@ -117,6 +119,9 @@ pub async fn decode_body(request: Request, next: Next) -> Response {
     };
     let (mut parts, body) = request.into_parts();
     parts.headers.remove(header::CONTENT_ENCODING);
+    if is_empty(&body) {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     parts.headers.remove(header::CONTENT_LENGTH);
     let encoded = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     // After a stream's end, another stream: one that does not begin (other bytes) is an
@@ -132,6 +137,12 @@ pub async fn decode_body(request: Request, next: Next) -> Response {
     };
     let body = Body::from_stream(ReaderStream::new(decoded));
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// Whether `body` is known to be empty (`Content-Length: 0`, or none on a request that has
+/// no body).
+fn is_empty(body: &Body) -> bool {
+    http_body::Body::size_hint(body).exact() == Some(0)
 }
 
 /// Refuses a body still encoded once [`decode_body`] has decoded the encodings it knows

@@ -668,6 +668,25 @@ async fn a_compressed_body_is_its_streams_and_nothing_after_them() {
             (answer.status(), answer.json::<Value>().await.unwrap())
         }
     };
+    // An empty body is empty, whatever its coding: answered as one.
+    for (route, answer) in [
+        ("/predict", "the image is empty"),
+        (
+            "/v2/models/tiny/infer",
+            "invalid inference request JSON: EOF",
+        ),
+    ] {
+        let empty = client
+            .post(server.url(route))
+            .header(CONTENT_ENCODING, "gzip")
+            .body(Vec::new())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(empty.status(), StatusCode::BAD_REQUEST, "{route}");
+        let text = empty.text().await.unwrap();
+        assert!(text.contains(answer), "{route}: {text}");
+    }
     let (head, tail) = body.split_at(body.len() / 2);
     let members = [compress("gzip", head), compress("gzip", tail)].concat();
     let (status, answer) = post(vec![members], "gzip").await;

@@ -207,16 +207,20 @@ fn refuse_unless_file(path: &Path) -> Result<()> {
 /// is refused without being read whole.
 const MAX_HEADER_BYTES: u64 = 16 << 20;
 
-/// Whether `csv_path`'s header, within its first [`MAX_HEADER_BYTES`], holds the columns a
-/// comparison reads.
-fn has_predictions_header(csv_path: &Path) -> std::io::Result<bool> {
+/// What is wrong with `csv_path`'s header, read within its first [`MAX_HEADER_BYTES`], for
+/// a predictions CSV: none when it holds the columns a comparison reads.
+fn header_problem(csv_path: &Path) -> std::io::Result<Option<String>> {
     let mut start = Vec::new();
     File::open(csv_path)?
         .take(MAX_HEADER_BYTES)
         .read_to_end(&mut start)?;
     // A first line cut short by the limit would read as a whole header.
-    let whole =
-        (start.len() as u64) < MAX_HEADER_BYTES || start.iter().any(|&b| b == b'\n' || b == b'\r');
+    if start.len() as u64 == MAX_HEADER_BYTES && !start.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Ok(Some(format!(
+            "its first line is longer than {} MiB, more than a header",
+            MAX_HEADER_BYTES >> 20
+        )));
+    }
     let has_columns = |header: &csv::StringRecord| {
         ["path", "label", "correct"]
             .iter()
@@ -225,7 +229,8 @@ fn has_predictions_header(csv_path: &Path) -> std::io::Result<bool> {
     let header = csv::Reader::from_reader(start.as_slice())
         .headers()
         .is_ok_and(has_columns);
-    Ok(whole && header)
+    Ok((!header)
+        .then(|| "its first line is not a header with path, label and correct columns".into()))
 }
 
 /// An evaluation's outcomes, keyed by the image's class folder and file name, so that the
@@ -239,13 +244,9 @@ fn read_outcomes(csv_path: &Path) -> Result<BTreeMap<String, Outcome>> {
         ))
     };
     refuse_unless_file(csv_path)?;
-    match has_predictions_header(csv_path) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(invalid(
-                "its first line is not a header with path, label and correct columns".into(),
-            ))
-        }
+    match header_problem(csv_path) {
+        Ok(None) => {}
+        Ok(Some(problem)) => return Err(invalid(problem)),
         Err(e) => return Err(invalid(format!("cannot read it: {e}"))),
     }
     let mut reader =
@@ -443,13 +444,16 @@ mod tests {
             .unwrap();
         let headless = root.path().join("headless.csv");
         std::fs::write(&headless, "image,class\na.jpg,x\n").unwrap();
-        for path in [&nul, &headless] {
-            let err = read_outcomes(path).unwrap_err().to_string();
-            assert!(
-                err.contains("is not a header with path, label and correct"),
-                "{err}"
-            );
-        }
+        let err = read_outcomes(&nul).unwrap_err().to_string();
+        assert!(
+            err.contains("its first line is longer than 16 MiB"),
+            "{err}"
+        );
+        let err = read_outcomes(&headless).unwrap_err().to_string();
+        assert!(
+            err.contains("is not a header with path, label and correct"),
+            "{err}"
+        );
         let csv = root.path().join("eval.csv");
         std::fs::write(&csv, "path,label,correct\nforest/1.jpg,forest,true\n").unwrap();
         assert_eq!(read_outcomes(&csv).unwrap().len(), 1);
