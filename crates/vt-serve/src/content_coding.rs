@@ -124,8 +124,8 @@ pub async fn decode_body(request: Request, next: Next) -> Response {
     }
     parts.headers.remove(header::CONTENT_LENGTH);
     let encoded = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    // After a stream's end, another stream: one that does not begin (other bytes) is an
-    // error, no end of input.
+    // Past a stream's end, more input must begin another stream: other bytes are an error,
+    // however they arrive.
     let decoded: Pin<Box<dyn AsyncRead + Send>> = if gzip {
         let mut decoder = GzipDecoder::new(encoded);
         decoder.multiple_members(true);
