@@ -30,7 +30,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::batcher::{Arriving, ServedModel};
+use crate::batcher::Arriving;
 use crate::classifier::{ranked, Prediction, TokenMaps};
 use crate::error::{ApiError, ErrorMessage};
 use crate::handlers;
@@ -184,8 +184,9 @@ pub async fn predict(
         ))
         .into());
     };
-    let model = state.model_named(name)?;
-    let answer = answer(&state, model, verb, request, arriving, deadline);
+    // An unknown name is refused before the body is read; the model is taken after.
+    state.model_named(name)?;
+    let answer = answer(&state, name, verb, request, arriving, deadline);
     Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
@@ -277,13 +278,14 @@ fn parse(body: Bytes, capacity: usize, verb: Verb) -> Result<Parsed, ApiError> {
 
 async fn answer(
     state: &Arc<AppState>,
-    model: Arc<ServedModel>,
+    name: &str,
     verb: Verb,
     request: Request,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let body = input::read_body(request, &state.limits, deadline).await?;
+    let model = state.model_named(name)?;
     let capacity = state.admission.capacity();
     let Parsed {
         images,

@@ -11,7 +11,7 @@ use tokio::time::MissedTickBehavior;
 use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::args::ServeArgs;
-use crate::state::AppState;
+use crate::state::{AppState, Checked};
 
 /// What a reload would read, as the file system describes it: the folder the checkpoint's
 /// path resolves to, the identity and permissions of that folder, and the identity, size,
@@ -89,33 +89,25 @@ fn identity(metadata: &Metadata) -> (Option<(u64, u64)>, (u32, u32, u32)) {
     (None, (u32::from(metadata.permissions().readonly()), 0, 0))
 }
 
-/// `--reload-poll-ms`'s checks of the checkpoint, from before its first load.
+/// `--reload-poll-ms`'s checks of the checkpoint.
 pub struct Poll {
     checkpoint: PathBuf,
     every: Duration,
-    /// Taken before the last load or reload tried.
-    loaded: Option<Fingerprint>,
 }
 
 impl Poll {
-    /// The checks `args` ask for, if any, with the checkpoint's fingerprint now: called
-    /// before the model is first loaded, so that a change during the load is seen at the
-    /// first check. Blocking: reads the file system.
-    pub fn before_load(args: &ServeArgs) -> Option<Poll> {
-        let every = Duration::from_millis(args.reload_poll_ms?);
+    /// The checks `args` ask for, if any.
+    pub fn new(args: &ServeArgs) -> Option<Poll> {
         Some(Poll {
-            loaded: Fingerprint::of(&args.checkpoint).ok(),
             checkpoint: args.checkpoint.clone(),
-            every,
+            every: Duration::from_millis(args.reload_poll_ms?),
         })
     }
 
-    /// Checks the checkpoint every `--reload-poll-ms` and reloads it ([`AppState::reload`])
-    /// when its fingerprint differs from the one taken before the last load or reload
-    /// tried: a reload that failed is tried again only once the files change again. A
-    /// checkpoint that cannot be read at two checks in a row is warned about once (one
-    /// check may fall within vt-train's swap of folders).
-    pub async fn run(mut self, state: Arc<AppState>) {
+    /// Checks the checkpoint every `--reload-poll-ms` and reloads it when its files changed
+    /// ([`AppState::reload_if_changed`]). A checkpoint that cannot be read at two checks in
+    /// a row is warned about once (one check may fall within vt-train's swap of folders).
+    pub async fn run(self, state: Arc<AppState>) {
         let checkpoint = self.checkpoint.display().to_string();
         let mut checks = tokio::time::interval(self.every);
         checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -124,31 +116,17 @@ impl Poll {
         let mut unreadable = 0;
         loop {
             checks.tick().await;
-            let path = self.checkpoint.clone();
-            let now = tokio::task::spawn_blocking(move || Fingerprint::of(&path))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            match now {
-                Err(e) => {
-                    unreadable += 1;
-                    if unreadable == 2 {
-                        tracing::warn!(
-                            %checkpoint,
-                            "cannot read the checkpoint to check it for changes ({e}): still \
-                             serving the model loaded, until it can be read again"
-                        );
-                    }
+            if let Checked::Unreadable(e) = state.reload_if_changed().await {
+                unreadable += 1;
+                if unreadable == 2 {
+                    tracing::warn!(
+                        %checkpoint,
+                        "cannot read the checkpoint to check it for changes ({e}): still \
+                         serving the model loaded, until it can be read again"
+                    );
                 }
-                Ok(now) => {
-                    unreadable = 0;
-                    if self.loaded.as_ref() != Some(&now) {
-                        self.loaded = Some(now);
-                        tracing::info!(%checkpoint, "the checkpoint changed: reloading");
-                        // `reload` logs and counts a failure; the previous model keeps
-                        // serving.
-                        let _ = state.reload().await;
-                    }
-                }
+            } else {
+                unreadable = 0;
             }
         }
     }

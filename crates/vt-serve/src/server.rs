@@ -63,12 +63,9 @@ impl Server {
         #[cfg(unix)]
         let hangup = listen("SIGHUP (reloads)", SignalKind::hangup())?;
         let load_args = args.clone();
-        let (state, poll) = tokio::task::spawn_blocking(move || {
-            let poll = Poll::before_load(&load_args);
-            AppState::load(&load_args).map(|state| (state, poll))
-        })
-        .await
-        .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+        let state = tokio::task::spawn_blocking(move || AppState::load(&load_args))
+            .await
+            .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
         let listener = bind(&args.host, args.port, "--port").await?;
         let grpc_listener = match args.grpc_port {
             Some(port) => Some(bind(&args.host, port, "--grpc-port").await?),
@@ -80,7 +77,7 @@ impl Server {
             state: Arc::new(state),
             #[cfg(unix)]
             hangup,
-            poll,
+            poll: Poll::new(args),
         })
     }
 

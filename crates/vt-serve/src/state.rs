@@ -19,6 +19,7 @@ use crate::classifier::Classifier;
 use crate::error::ApiError;
 use crate::fetch::UrlFetcher;
 use crate::metrics::Metrics;
+use crate::poll::Fingerprint;
 
 /// Why the server did not start. Variants print their cause and do not also return it from
 /// `source()`: a cause chain (anyhow's "Caused by") would print it twice.
@@ -56,6 +57,16 @@ pub enum StartError {
         name: &'static str,
         cause: std::io::Error,
     },
+}
+
+/// What a check of the checkpoint for changes found ([`AppState::reload_if_changed`]).
+#[derive(Debug)]
+pub enum Checked {
+    Unchanged,
+    /// Its files could not be read (the folder being replaced, or gone).
+    Unreadable(std::io::Error),
+    /// It changed, and a reload was tried: logged and counted, whatever its outcome.
+    Reloaded,
 }
 
 /// What `GET /v1/models` reports about the loaded checkpoint.
@@ -120,8 +131,10 @@ pub struct AppState {
     pub cors_origins: Vec<HeaderValue>,
     source: ModelSource,
     batch: BatchConfig,
-    /// Held for a whole reload, so that reloads run one at a time.
-    reloading: Mutex<()>,
+    /// The checkpoint's fingerprint taken before the last load or reload tried, which
+    /// `--reload-poll-ms` compares the files with; held for a whole reload, so that reloads
+    /// run one at a time.
+    reloading: Mutex<Option<Fingerprint>>,
     /// Cleared when shutdown begins, so that readiness probes stop routing traffic here.
     accepting: AtomicBool,
     /// Set when a second shutdown signal closes the connections: the requests dropped then
@@ -210,6 +223,8 @@ impl AppState {
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
         args.validate().map_err(StartError::Args)?;
         let source = ModelSource::new(args);
+        // Taken first, so that a change during the load is seen at the first check.
+        let fingerprint = Fingerprint::of(&source.checkpoint).ok();
         let (classifier, info) = source.load(1)?;
         let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
         metrics.serving(&info);
@@ -244,7 +259,7 @@ impl AppState {
             cors_origins: args.cors_allow_origin.clone(),
             source,
             batch,
-            reloading: Mutex::new(()),
+            reloading: Mutex::new(fingerprint),
             accepting: AtomicBool::new(true),
             cut_short: AtomicBool::new(false),
         })
@@ -256,7 +271,41 @@ impl AppState {
     /// one. On failure the previous model keeps serving. Either way the outcome is logged and
     /// counted. One reload runs at a time: a call during one waits for it, then reloads.
     pub async fn reload(&self) -> Result<Arc<ServedModel>, StartError> {
-        let _one_at_a_time = self.reloading.lock().await;
+        let mut tried = self.reloading.lock().await;
+        *tried = self.fingerprint().await.ok();
+        self.load_and_swap().await
+    }
+
+    /// Reloads the checkpoint ([`AppState::reload`]) if its files changed since the last
+    /// load or reload tried, whichever started it: a reload that failed is tried again only
+    /// once the files change again, and one that SIGHUP started is not repeated.
+    pub async fn reload_if_changed(&self) -> Checked {
+        let mut tried = self.reloading.lock().await;
+        match self.fingerprint().await {
+            Err(e) => Checked::Unreadable(e),
+            Ok(now) if tried.as_ref() == Some(&now) => Checked::Unchanged,
+            Ok(now) => {
+                *tried = Some(now);
+                let checkpoint = self.source.checkpoint.display();
+                tracing::info!(%checkpoint, "the checkpoint changed: reloading");
+                // `load_and_swap` logs and counts a failure; the previous model keeps
+                // serving.
+                let _ = self.load_and_swap().await;
+                Checked::Reloaded
+            }
+        }
+    }
+
+    /// The checkpoint's fingerprint now, read off the async runtime.
+    async fn fingerprint(&self) -> std::io::Result<Fingerprint> {
+        let checkpoint = self.source.checkpoint.clone();
+        tokio::task::spawn_blocking(move || Fingerprint::of(&checkpoint))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// The body of a reload, run while `reloading` is held.
+    async fn load_and_swap(&self) -> Result<Arc<ServedModel>, StartError> {
         let serving = self.batcher.current().info.generation;
         let source = self.source.clone();
         let (batch, metrics) = (self.batch, Arc::clone(&self.metrics));

@@ -396,6 +396,113 @@ async fn a_changed_checkpoint_is_reloaded_by_polling() {
     server.stop().await;
 }
 
+/// A request takes the model serving once its body is read, on every route: one whose body
+/// was still arriving when a reload swapped in a model of other classes is answered by the
+/// new model, as `/v1/models` then reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_takes_the_model_serving_once_its_body_is_read() {
+    use base64::Engine;
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let server = TestServer::start(&checkpoint, &["--max-delay-ms", "0"]).await;
+    let client = client();
+    let image = test_images(1).remove(0).1;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let v2 =
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]});
+    let v1 = json!({"instances": [{"b64": b64}]});
+    let mut generation = 1;
+    for (route, body) in [
+        ("/v2/models/best/infer", v2),
+        ("/v1/models/best:predict", v1),
+    ] {
+        let body = serde_json::to_vec(&body).unwrap();
+        let (head, tail) = body.split_at(body.len() / 2);
+        let (send, chunks) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+        send.send(Ok(head.to_vec())).await.unwrap();
+        let request = client
+            .post(server.url(route))
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::unfold(
+                chunks,
+                |mut chunks| async move { chunks.recv().await.map(|chunk| (chunk, chunks)) },
+            )))
+            .send();
+        let answer = tokio::spawn(request);
+        wait_for_gauge(
+            &client,
+            &server.url("/metrics"),
+            "vt_serve_requests_arriving",
+            1.0,
+        )
+        .await;
+
+        let classes = if generation % 2 == 1 {
+            &NEW_CLASSES[..]
+        } else {
+            &OLD_CLASSES[..]
+        };
+        write_checkpoint(&checkpoint, classes, 32);
+        generation += 1;
+        assert_eq!(
+            server.state.reload().await.unwrap().info.generation,
+            generation
+        );
+        send.send(Ok(tail.to_vec())).await.unwrap();
+        drop(send);
+        let answer = answer.await.unwrap().unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{route}");
+        let answer: Value = answer.json().await.unwrap();
+        if route.starts_with("/v2") {
+            assert_eq!(answer["model_version"], generation.to_string(), "{answer}");
+            assert_eq!(
+                answer["outputs"][0]["shape"],
+                json!([1, classes.len()]),
+                "{answer}"
+            );
+        } else {
+            let mut names: Vec<String> =
+                serde_json::from_value(answer["predictions"][0]["displayNames"].clone()).unwrap();
+            names.sort();
+            assert_eq!(names, classes, "{answer}");
+        }
+    }
+    server.shutdown().await;
+}
+
+/// A checkpoint replaced and reloaded by SIGHUP is not reloaded a second time by the next
+/// check of `--reload-poll-ms`: the check compares the files with those of the last reload,
+/// whichever started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_by_sighup_is_not_repeated_by_polling() {
+    let root = tempfile::tempdir().unwrap();
+    let checkpoint = root.path().join("best");
+    write_checkpoint(&checkpoint, &OLD_CLASSES, 32);
+    let server = Served::start_with(&checkpoint, &["--reload-poll-ms", "500"]);
+    let client = client();
+
+    write_checkpoint(&checkpoint, &NEW_CLASSES, 64);
+    server.signal("HUP");
+    wait_for_generation(&client, &server.base, 2).await;
+    // Several checks later. A check may have seen the change before the signal did, and
+    // reloaded first; no check reloads after the first reload.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let log = server.stderr.lock().unwrap().clone();
+    let (_, after_first_reload) = log.split_once("reloaded the model").unwrap();
+    assert!(
+        !after_first_reload.contains("the checkpoint changed"),
+        "{log}"
+    );
+    let polled = log.matches("the checkpoint changed").count();
+    assert_eq!(
+        log.matches("reloaded the model").count(),
+        1 + polled,
+        "{log}"
+    );
+    server.stop().await;
+}
+
 /// A deployment that points a link at the checkpoint to serve: the model is named after the
 /// link, as given, before and after the link moves, so that clients keep their URLs.
 #[cfg(unix)]

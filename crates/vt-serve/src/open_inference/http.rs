@@ -289,20 +289,23 @@ pub async fn infer(
     let started = Instant::now();
     let arriving = state.arriving()?;
     let deadline = started + state.limits.timeout;
-    let model = resolve(&state, &path)?;
-    let answer = answer(&state, model, request, arriving, deadline);
+    // An unknown model or version is refused before the body is read; the model is taken
+    // after.
+    resolve(&state, &path)?;
+    let answer = answer(&state, &path, request, arriving, deadline);
     Ok(handlers::by_deadline(&state, deadline, answer).await?)
 }
 
 async fn answer(
     state: &Arc<AppState>,
-    model: Arc<ServedModel>,
+    path: &ModelPath,
     request: Request,
     arriving: Arriving,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let header_length = header_length(request.headers())?;
     let body = input::read_body(request, &state.limits, deadline).await?;
+    let model = resolve(state, path)?;
     let (header, binary) = match (header_length, body) {
         (Some(n), body) if n > body.len() => {
             return Err(ApiError::BadRequest(format!(
