@@ -298,9 +298,17 @@ fn forward(classifier: &Classifier, batch: Vec<Job>, explain: bool, metrics: &Me
     drop(admissions);
     match outcome {
         Ok(Ok(predictions)) if predictions.len() == replies.len() => {
+            let dtype = classifier.model().dtype;
             for (reply, prediction) in replies.into_iter().zip(predictions) {
+                let answer = match prediction.not_finite(dtype) {
+                    Some(why) => {
+                        tracing::error!(why, "image not answered");
+                        Err(Unanswered::Failed(why))
+                    }
+                    None => Ok(prediction),
+                };
                 // The caller may have given up meanwhile; nothing to do then.
-                let _ = reply.send(Ok(prediction));
+                let _ = reply.send(answer);
             }
         }
         Ok(Ok(predictions)) => fail_all(

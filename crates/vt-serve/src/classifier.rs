@@ -54,6 +54,23 @@ pub struct TokenMaps {
 }
 
 impl Prediction {
+    /// Why these scores cannot be given, when a logit or probability is NaN or infinite: the
+    /// activations overflowed, which an f16 model's do past 65,504, and no class can be said
+    /// to be more likely than another.
+    pub fn not_finite(&self, dtype: DType) -> Option<String> {
+        let finite = |values: &[f32]| values.iter().all(|v| v.is_finite());
+        if finite(&self.logits) && finite(&self.probs) {
+            return None;
+        }
+        let hint = match dtype {
+            DType::F16 => ": its activations overflowed f16's range; use --dtype f32",
+            _ => "",
+        };
+        Some(format!(
+            "the model's scores for this image are not finite (NaN or infinite logits){hint}"
+        ))
+    }
+
     /// The `k` most probable classes, best first.
     pub fn top(&self, class_names: &[String], k: usize) -> Vec<Label> {
         ranked(&self.probs)

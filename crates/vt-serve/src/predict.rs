@@ -117,19 +117,24 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
             .predict(&decoded)
             .map_err(PredictError::Model)?
             .into_iter();
+        let dtype = classifier.model().dtype;
         for (path, outcome) in chunk.iter().zip(outcomes) {
             let image = path.to_string_lossy();
-            let failure = outcome.is_err();
-            let line = match outcome {
+            let outcome = match outcome {
                 Ok(()) => {
                     let p = predictions.next().ok_or(PredictError::MissingResults)?;
-                    serde_json::to_string(&Line {
-                        image: &image,
-                        logits: &p.logits,
-                        probs: &p.probs,
-                        top: p.top(&classifier.config().class_names, args.top_k as usize),
-                    })
+                    p.not_finite(dtype).map_or(Ok(p), Err)
                 }
+                Err(error) => Err(error),
+            };
+            let failure = outcome.is_err();
+            let line = match outcome {
+                Ok(p) => serde_json::to_string(&Line {
+                    image: &image,
+                    logits: &p.logits,
+                    probs: &p.probs,
+                    top: p.top(&classifier.config().class_names, args.top_k as usize),
+                }),
                 Err(error) => serde_json::to_string(&Failed {
                     image: &image,
                     error,

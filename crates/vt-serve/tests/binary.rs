@@ -249,6 +249,36 @@ fn predict_at(checkpoint: &Path, precision: &[&str], paths: &[PathBuf]) -> Outpu
         .unwrap()
 }
 
+/// An f16 model whose logits overflow scores nothing rather than NaN: each image gets an
+/// error line naming the cause and the remedy, and the exit status reports them; in f32 the
+/// same checkpoint scores them.
+#[test]
+fn predict_refuses_scores_that_are_not_finite() {
+    let dir = overflowing_in_f16_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let paths = write_images(files.path(), &test_images(2));
+    let f32 = predict_at(&checkpoint, &[], &paths);
+    assert!(
+        f32.status.success(),
+        "{}",
+        String::from_utf8_lossy(&f32.stderr)
+    );
+    let f16 = predict_at(&checkpoint, &["--dtype", "f16"], &paths);
+    assert!(!f16.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&f16.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), paths.len());
+    for line in &lines {
+        let error = line["error"].as_str().unwrap_or_else(|| panic!("{line}"));
+        assert!(error.contains("not finite"), "{error}");
+        assert!(error.contains("use --dtype f32"), "{error}");
+        assert!(line.get("probs").is_none(), "{line}");
+    }
+}
+
 /// Files that cannot be scored get an error line each, in their place, and the others are
 /// still scored; the exit status reports the failures.
 #[test]

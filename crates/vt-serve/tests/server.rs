@@ -1935,3 +1935,27 @@ async fn requests_whose_client_went_away_are_counted_as_499() {
     );
     server.shutdown().await;
 }
+
+/// Scores that overflow an f16 model are an error, not NaN scores sorted anyhow: 500 with the
+/// cause and the remedy, on `/predict` and on the Open Inference Protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_that_are_not_finite_are_an_error() {
+    let dir = overflowing_in_f16_checkpoint();
+    let server = TestServer::start(&checkpoint_path(&dir), &["--dtype", "f16"]).await;
+    let client = client();
+    let (_, photo) = test_images(1).remove(0);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let v2 =
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]});
+    for request in [
+        client.post(server.url("/predict")).body(photo.clone()),
+        client.post(server.url("/v2/models/tiny/infer")).json(&v2),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("not finite"), "{text}");
+        assert!(text.contains("use --dtype f32"), "{text}");
+    }
+    server.shutdown().await;
+}

@@ -63,6 +63,20 @@ pub fn tiny_checkpoint() -> tempfile::TempDir {
     dir
 }
 
+/// [`tiny_checkpoint`] with its head's weights scaled up to 60,000 at most: each fits f16,
+/// but the logits they make overflow it, while in f32 they are finite.
+pub fn overflowing_in_f16_checkpoint() -> tempfile::TempDir {
+    let dir = tiny_checkpoint();
+    let weights = checkpoint_path(&dir).join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let head = &tensors["head.weight"];
+    let largest = head.abs().unwrap().max_all().unwrap();
+    let scaled = (head * (60_000.0 / f64::from(largest.to_scalar::<f32>().unwrap()))).unwrap();
+    tensors.insert("head.weight".into(), scaled);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    dir
+}
+
 pub fn checkpoint_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("tiny")
 }
