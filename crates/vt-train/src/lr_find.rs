@@ -227,7 +227,8 @@ impl Recorder {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Suggestion {
     /// Where the smoothed loss falls fastest against log10(lr): the test's suggestion. None
-    /// when too few points precede the lowest loss to measure a slope.
+    /// when too few points precede the lowest loss to measure a slope, or the loss falls at
+    /// none of them (a model already trained, whose loss only climbs).
     pub steepest: Option<f64>,
     /// A tenth of `min_loss_lr` (fastai's "minimum"): a step back from where the loss stops
     /// falling.
@@ -248,7 +249,8 @@ impl Suggestion {
 /// the points from the first whose smoothed loss is not finite, and, for the slope, those
 /// past the lowest smoothed loss, where the loss only climbs towards divergence. The slope
 /// at a point is the central difference of the smoothed loss over log10(lr) between its
-/// neighbours. None when no point past the first `skip_start` has a finite smoothed loss.
+/// neighbours; only a falling one is a descent. None when no point past the first
+/// `skip_start` has a finite smoothed loss.
 pub fn suggest(points: &[Point], skip_start: usize) -> Option<Suggestion> {
     let finite = points
         .iter()
@@ -264,8 +266,10 @@ pub fn suggest(points: &[Point], skip_start: usize) -> Option<Suggestion> {
     // Central differences need a point on either side.
     let last = lowest.min(finite.saturating_sub(2));
     let steepest = (skip_start.max(1)..=last)
-        .min_by(|&a, &b| slope(a).total_cmp(&slope(b)))
-        .map(|i| curve[i].lr);
+        .map(|i| (i, slope(i)))
+        .filter(|&(_, slope)| slope < 0.0)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| curve[i].lr);
     let min_loss_lr = curve[lowest].lr;
     Some(Suggestion {
         steepest,
@@ -432,7 +436,8 @@ pub fn summary_text(report: &LrFindReport) -> String {
     };
     out += &match suggestion.steepest {
         Some(lr) => format!("steepest descent of the smoothed loss: lr {lr:.2e}\n"),
-        None => "steepest descent: too few steps before the lowest loss to measure a slope\n"
+        None => "steepest descent: none (too few steps before the lowest loss to measure a \
+                 slope, or the loss never falls)\n"
             .to_string(),
     };
     let past = match report.skipped_at_start {
@@ -742,6 +747,13 @@ mod tests {
         assert_eq!(early.steepest, None);
         assert_eq!(early.lr(), early.minimum);
         assert_eq!(suggest(&points[80..], 0), None);
+        // A loss that only climbs (a trained model): no descent, the minimum's tenth.
+        let climbing = suggest(&points[68..80], 0).unwrap();
+        assert_eq!(climbing.steepest, None, "{climbing:?}");
+        assert!(close(climbing.min_loss_lr, sweep.lr(68)), "{climbing:?}");
+        // Lowest at the second point considered, after the skip, the loss rising there.
+        let rising = [&points[..8], &points[68..80]].concat();
+        assert_eq!(suggest(&rising, 8).unwrap().steepest, None);
         // Every point among the skipped ones (an interrupted test): nothing to suggest.
         assert_eq!(suggest(&points[..8], 8), None);
     }
