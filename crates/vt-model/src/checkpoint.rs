@@ -33,6 +33,8 @@ const RUN_OUTPUTS: [&str; 3] = [".lock", "metrics.jsonl", RUN_STATE];
 const RUN_CHECKPOINTS: [&str; 2] = ["best", "last"];
 /// A run's saved training state, a checkpoint among other files.
 const RUN_STATE: &str = "state";
+/// The weight average (`--ema`) in a run's state, beside the raw weights.
+const RUN_STATE_AVERAGE: &str = "ema.safetensors";
 
 /// The SHA-256 of a weights file's bytes, in hex: the checkpoint's identity, as vt-serve's
 /// `/v1/models` and an ONNX export's metadata give it.
@@ -43,8 +45,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Reads and validates `DIR/config.json`.
+/// Reads and validates `DIR/config.json`. A run's `state/` that keeps a weight average is
+/// refused: its `model.safetensors` holds the raw weights, not the averaged ones that the run
+/// validated and wrote to `best/` and `last/` ([`read_run_state_config`] reads it to resume).
 pub fn read_config(dir: &Path) -> Result<VtConfig> {
+    if dir.file_name().is_some_and(|name| name == RUN_STATE)
+        && dir.join(RUN_STATE_AVERAGE).is_file()
+    {
+        return Err(ModelError::AveragedRunState {
+            path: dir.to_path_buf(),
+        });
+    }
+    read_run_state_config(dir)
+}
+
+/// As [`read_config`], a run's `state/` included, whatever it keeps: for resuming it.
+pub fn read_run_state_config(dir: &Path) -> Result<VtConfig> {
     refuse_interrupted_write(dir)?;
     let path = dir.join(CONFIG_FILE);
     if !path.exists() {

@@ -65,6 +65,13 @@ pub enum ModelError {
          `vt-train train --resume --run-dir {run}` writes it from the run's state"
     )]
     RunCheckpointMissing { path: PathBuf, run: PathBuf },
+    /// A run's `state/` with a weight average, given as a checkpoint.
+    #[error(
+        "{path} is a run's training state, whose model.safetensors holds the raw weights, \
+         not the weight average (--ema) the run validated: give the run's best or last \
+         checkpoint, beside it"
+    )]
+    AveragedRunState { path: PathBuf },
     /// A file where a checkpoint folder is expected.
     #[error(
         "{path} is a file: a checkpoint is the folder that holds config.json and \

@@ -65,14 +65,21 @@ impl Model {
     /// Loads a checkpoint folder strictly, converting its f32 weights to `dtype` (f16 or
     /// bf16 for inference).
     pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
-        Ok(Model::load_with_bytes(dir, device, dtype)?.0)
+        Ok(Model::load_with_bytes(dir, device, dtype, checkpoint::read_config)?.0)
+    }
+
+    /// Loads the model of a run's `state/`, which [`Model::load`] refuses when it keeps a
+    /// weight average: to resume the run.
+    pub fn load_run_state(dir: &Path, device: &Device) -> Result<Model> {
+        let read_config = checkpoint::read_run_state_config;
+        Ok(Model::load_with_bytes(dir, device, DType::F32, read_config)?.0)
     }
 
     /// As [`Model::load_as`], with the SHA-256 ([`checkpoint::sha256_hex`]) of the weights
     /// file it read: of the same bytes, though the folder be replaced meanwhile (as training
     /// replaces `best/`).
     pub fn load_hashed(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, String)> {
-        let (model, bytes) = Model::load_with_bytes(dir, device, dtype)?;
+        let (model, bytes) = Model::load_with_bytes(dir, device, dtype, checkpoint::read_config)?;
         Ok((model, checkpoint::sha256_hex(&bytes)))
     }
 
@@ -82,13 +89,18 @@ impl Model {
     /// deployment points a link elsewhere): the config is read again after the weights, and
     /// when it changed, both are read afresh, so that one checkpoint's class names never
     /// label another's scores.
-    fn load_with_bytes(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Vec<u8>)> {
+    fn load_with_bytes(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        read_config: fn(&Path) -> Result<VtConfig>,
+    ) -> Result<(Model, Vec<u8>)> {
         const READS: usize = 3;
         let path = dir.join(WEIGHTS_FILE);
         for _ in 0..READS {
-            let config = checkpoint::read_config(dir)?;
+            let config = read_config(dir)?;
             let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-            if checkpoint::read_config(dir)? != config {
+            if read_config(dir)? != config {
                 continue;
             }
             // The file's shapes first: the config alone may ask for more than any memory.

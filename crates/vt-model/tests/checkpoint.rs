@@ -622,3 +622,28 @@ fn a_model_starts_from_a_checkpoint_with_or_without_its_head() {
         "{err}"
     );
 }
+
+/// A run's `state/` that keeps a weight average holds the raw weights beside it: given as a
+/// checkpoint (to serve, evaluate, export, fine-tune from) it is refused, naming what to give
+/// instead; resuming reads it. A state without an average, or a checkpoint merely named
+/// `state`, loads.
+#[test]
+fn a_run_state_with_a_weight_average_is_not_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let model = saved_model(&state);
+    Model::load(&state, &Device::Cpu).unwrap();
+    std::fs::copy(state.join(WEIGHTS_FILE), state.join("ema.safetensors")).unwrap();
+    let err = load_err(&state);
+    for needed in [
+        "is a run's training state",
+        "weight average",
+        "best or last",
+    ] {
+        assert!(err.contains(needed), "{err}");
+    }
+    let target = model.start_from(&state).unwrap_err().to_string();
+    assert!(target.contains("is a run's training state"), "{target}");
+    let resumed = Model::load_run_state(&state, &Device::Cpu).unwrap();
+    assert_eq!(resumed.config, model.config);
+}

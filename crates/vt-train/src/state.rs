@@ -271,7 +271,7 @@ pub fn read_saved_progress(run_dir: &Path) -> Result<Progress> {
 
 /// Loads the model (strictly) from `RUN/state/`.
 pub fn load_model(run_dir: &Path, device: &Device) -> Result<Model> {
-    Ok(Model::load(&run_dir.join(STATE_DIR), device)?)
+    Ok(Model::load_run_state(&run_dir.join(STATE_DIR), device)?)
 }
 
 /// The weights the run served when its state was saved (what `best/` and `last/` got): the
