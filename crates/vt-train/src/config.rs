@@ -82,7 +82,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Batches per optimiser step: their gradients are summed (each batch's loss divided by
-    /// N) before one update, for an effective batch of N x --batch-size where memory holds
+    /// the batches in its update: N, fewer in an epoch's last) before one update, for an effective batch of N x --batch-size where memory holds
     /// only one batch (timm's --grad-accum-steps). BatchNorm still sees one batch at a time;
     /// the schedule counts updates [default: 1]
     #[arg(long, value_name = "N")]
@@ -578,7 +578,7 @@ impl TrainConfig {
                 self.pretrained.as_deref().unwrap_or("none")
             )));
         }
-        if self.initial_checkpoint != run.initial_checkpoint {
+        if !same_folder(&self.initial_checkpoint, &run.initial_checkpoint) {
             let named = |dir: &Option<PathBuf>| {
                 dir.as_ref()
                     .map_or_else(|| "none".to_string(), |d| d.display().to_string())
@@ -747,6 +747,21 @@ impl TrainConfig {
             norm,
             ..AugmentConfig::notebook(self.image_size as u32)
         }
+    }
+}
+
+/// Whether two optional folders are the same: equal paths, or paths to one folder
+/// (`./runs/a/best` and `runs/a/best`).
+fn same_folder(a: &Option<PathBuf>, b: &Option<PathBuf>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        }
+        _ => a == b,
     }
 }
 

@@ -208,6 +208,19 @@ pub fn remove(run_dir: &Path, dropped: &[Kept]) -> Result<()> {
             Err(e) => return Err(TrainError::file_op("removing", &dir, e)),
         }
     }
+    // A history that a resume with a lower `--checkpoint-hist` emptied leaves no folder.
+    if !dropped.is_empty() {
+        let top = run_dir.join(TOP_DIR);
+        match fs::remove_dir(&top) {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::NotFound
+                    && e.kind() != std::io::ErrorKind::DirectoryNotEmpty =>
+            {
+                return Err(TrainError::file_op("removing", &top, e));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 

@@ -810,6 +810,9 @@ fn retract_unsaved_epoch(run_dir: &Path, global_step: u64) -> Result<()> {
 
 /// "6, 3, 4": the epochs of a checkpoint history, best first.
 fn epoch_list(kept: &[Kept]) -> String {
+    if kept.is_empty() {
+        return "none".into();
+    }
     let epochs: Vec<String> = kept.iter().map(|k| k.epoch.to_string()).collect();
     epochs.join(", ")
 }

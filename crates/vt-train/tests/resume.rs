@@ -783,6 +783,17 @@ fn a_resume_refuses_what_it_cannot_honour_and_reads_back_non_finite_values() {
     let (listed, folders) = checkpoint_history(&run);
     assert_eq!(listed.len(), 1);
     assert_eq!(folders, epoch_folders(&listed));
+
+    // No history any more: the kept epoch leaves, and its folder with it.
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--resume", "--epochs", "4"])
+            .args(["--checkpoint-hist", "0", "--run-dir"])
+            .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("epoch 4: top/ keeps epochs none"), "{log}");
+    assert!(!run.join("top").exists());
 }
 
 /// The options a resume gives hold from then on: interrupted before its first epoch ended,

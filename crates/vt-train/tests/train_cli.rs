@@ -1427,6 +1427,14 @@ fn a_run_starts_from_an_initial_checkpoint() {
         err.contains("--initial-checkpoint only applies to a new run"),
         "{err}"
     );
+    // The run's own initial checkpoint, by another path, is no change.
+    let same = init.join("..").join(init.file_name().unwrap());
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--resume", "--epochs", "2", "--initial-checkpoint"])
+            .arg(&same),
+    );
 }
 
 /// `--mixup-alpha` and `--cutmix-alpha` change what a run trains on, are saved with the run,
