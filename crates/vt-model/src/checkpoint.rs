@@ -49,7 +49,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// refused: its `model.safetensors` holds the raw weights, not the averaged ones that the run
 /// validated and wrote to `best/` and `last/` ([`read_run_state_config`] reads it to resume).
 pub fn read_config(dir: &Path) -> Result<VtConfig> {
-    if dir.file_name().is_some_and(|name| name == RUN_STATE)
+    // The folder's own name, whatever the path calls it (`.`, a link).
+    let folder = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if folder.file_name().is_some_and(|name| name == RUN_STATE)
         && dir.join(RUN_STATE_AVERAGE).is_file()
     {
         return Err(ModelError::AveragedRunState {

@@ -642,6 +642,14 @@ fn a_run_state_with_a_weight_average_is_not_a_checkpoint() {
     ] {
         assert!(err.contains(needed), "{err}");
     }
+    // Named otherwise: a link to it, or `.` inside it.
+    #[cfg(unix)]
+    {
+        let link = tmp.path().join("served");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        assert!(load_err(&link).contains("is a run's training state"));
+        assert!(load_err(&state.join(".")).contains("is a run's training state"));
+    }
     let target = model.start_from(&state).unwrap_err().to_string();
     assert!(target.contains("is a run's training state"), "{target}");
     let resumed = Model::load_run_state(&state, &Device::Cpu).unwrap();

@@ -300,11 +300,9 @@ fn forward(classifier: &Classifier, batch: Vec<Job>, explain: bool, metrics: &Me
         Ok(Ok(predictions)) if predictions.len() == replies.len() => {
             let dtype = classifier.model().dtype;
             for (reply, prediction) in replies.into_iter().zip(predictions) {
+                // Logged with its request, as other refusals are.
                 let answer = match prediction.not_finite(dtype) {
-                    Some(why) => {
-                        tracing::error!(why, "image not answered");
-                        Err(Unanswered::Failed(why))
-                    }
+                    Some(why) => Err(Unanswered::Failed(why)),
                     None => Ok(prediction),
                 };
                 // The caller may have given up meanwhile; nothing to do then.

@@ -322,8 +322,10 @@ mod tests {
         left.sort();
         assert_eq!(left, ["epoch-002", "epoch-005"]);
         remove(run, &listed).unwrap();
-        assert_eq!(fs::read_dir(run.join(TOP_DIR)).unwrap().count(), 0);
+        // Emptied: no folder left.
+        assert!(!run.join(TOP_DIR).exists());
 
+        fs::create_dir(run.join(TOP_DIR)).unwrap();
         fs::write(run.join(TOP_DIR).join("notes.txt"), "mine").unwrap();
         let err = check_folder(run).unwrap_err().to_string();
         assert!(err.contains("notes.txt"), "{err}");

@@ -249,8 +249,8 @@ impl Suggestion {
 /// the points from the first whose smoothed loss is not finite, and, for the slope, those
 /// past the lowest smoothed loss, where the loss only climbs towards divergence. The slope
 /// at a point is the central difference of the smoothed loss over log10(lr) between its
-/// neighbours; only a falling one is a descent. None when no point past the first
-/// `skip_start` has a finite smoothed loss.
+/// neighbours, measured where both are kept; only a falling one is a descent. None when no
+/// point past the first `skip_start` has a finite smoothed loss.
 pub fn suggest(points: &[Point], skip_start: usize) -> Option<Suggestion> {
     let finite = points
         .iter()
@@ -265,7 +265,8 @@ pub fn suggest(points: &[Point], skip_start: usize) -> Option<Suggestion> {
     };
     // Central differences need a point on either side.
     let last = lowest.min(finite.saturating_sub(2));
-    let steepest = (skip_start.max(1)..=last)
+    // From the point after the first kept one: a slope uses the point before it.
+    let steepest = (skip_start + 1..=last)
         .map(|i| (i, slope(i)))
         .filter(|&(_, slope)| slope < 0.0)
         .min_by(|a, b| a.1.total_cmp(&b.1))

@@ -322,6 +322,15 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         let mut config = resolve_file_over(Some(&saved), &options, given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
+        // Accepted, another `--initial-checkpoint` names the run's own by another path: kept
+        // as the run wrote it, and no override.
+        config
+            .initial_checkpoint
+            .clone_from(&progress.config.initial_checkpoint);
+        let given = &TrainOptions {
+            initial_checkpoint: None,
+            ..given.clone()
+        };
         if config.epochs < progress.epochs_done {
             return Err(TrainError::Config(format!(
                 "--epochs {} is below the {} epochs {} has completed: give at least {}",

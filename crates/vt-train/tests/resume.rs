@@ -92,7 +92,7 @@ fn a_run_killed_after_an_epoch_resumes_each_epoch_exactly_once_and_identically()
         "the run finished before it was killed"
     );
     // `best/` and `last/` follow the state: the kill may come between them.
-    Model::load(&killed.join("state"), &Device::Cpu).unwrap();
+    Model::load_run_state(&killed.join("state"), &Device::Cpu).unwrap();
     // What a process killed later in its epoch would have logged past the saved state (the
     // kill above may come before any of it): points that TensorBoard must no longer show.
     let saved: serde_json::Value =

@@ -88,7 +88,7 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     let lr = tag_points(&points, "train/lr");
     assert_eq!(lr[steps as usize - 1].1, records[3].lr as f32);
 
-    for dir in ["best", "last", "state"] {
+    for dir in ["best", "last"] {
         let model = Model::load(&run.join(dir), &Device::Cpu).unwrap();
         assert_eq!(model.config.image_size, 32);
         assert_eq!(model.config.class_names.len(), 6);
@@ -1429,12 +1429,17 @@ fn a_run_starts_from_an_initial_checkpoint() {
     );
     // The run's own initial checkpoint, by another path, is no change.
     let same = init.join("..").join(init.file_name().unwrap());
-    run_ok(
+    let options = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let out = run_ok(
         train_tiny(&data, &run)
             .args(ONE_THREAD)
             .args(["--resume", "--epochs", "2", "--initial-checkpoint"])
             .arg(&same),
     );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("initial_checkpoint"), "{log}");
+    let resumed = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert_eq!(resumed.replace("epochs = 2", "epochs = 1"), options);
 }
 
 /// `--mixup-alpha` and `--cutmix-alpha` change what a run trains on, are saved with the run,
