@@ -753,7 +753,10 @@ mod tests {
         assert_eq!(climbing.steepest, None, "{climbing:?}");
         assert!(close(climbing.min_loss_lr, sweep.lr(68)), "{climbing:?}");
         // Lowest at the second point considered, after the skip, the loss rising there.
-        let rising = [&points[..8], &points[68..80]].concat();
+        let mut rising = [&points[..8], &points[68..80]].concat();
+        assert_eq!(suggest(&rising, 8).unwrap().steepest, None);
+        // A spike among the skipped points is no descent after them.
+        rising[7].smoothed_loss = 100.0;
         assert_eq!(suggest(&rising, 8).unwrap().steepest, None);
         // Every point among the skipped ones (an interrupted test): nothing to suggest.
         assert_eq!(suggest(&points[..8], 8), None);
