@@ -82,9 +82,10 @@ pub struct TrainOptions {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Batches per optimiser step: their gradients are summed (each batch's loss divided by
-    /// the batches in its update: N, fewer in an epoch's last) before one update, for an effective batch of N x --batch-size where memory holds
-    /// only one batch (timm's --grad-accum-steps). BatchNorm still sees one batch at a time;
-    /// the schedule counts updates [default: 1]
+    /// the batches in its update: N, fewer in an epoch's last) before one update, for an
+    /// effective batch of N x --batch-size where memory holds only one batch (timm's
+    /// --grad-accum-steps). BatchNorm still sees one batch at a time; the schedule counts
+    /// updates [default: 1]
     #[arg(long, value_name = "N")]
     pub grad_accum_steps: Option<usize>,
     /// Peak learning rate [default: seed 0.01, modern 5e-4]

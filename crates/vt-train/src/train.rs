@@ -322,8 +322,8 @@ fn plan_resume(given: &TrainOptions, run_dir: PathBuf, lock: File) -> Result<Pla
         let mut config = resolve_file_over(Some(&saved), &options, given)?;
         config.run_dir = Some(run_dir.clone());
         config.check_resume(&progress.config)?;
-        // Accepted, another `--initial-checkpoint` names the run's own by another path: kept
-        // as the run wrote it, and no override.
+        // Accepted: another `--initial-checkpoint` can only name the run's own by another
+        // path, which is kept as the run wrote it and is no override.
         config
             .initial_checkpoint
             .clone_from(&progress.config.initial_checkpoint);
