@@ -236,8 +236,9 @@ fn refuse_unknown_class_folders(root: &Path, classes: &[String]) -> Result<()> {
         if !known {
             return Err(DataError::Layout(format!(
                 "{} is not a folder of one of the classes of {MANIFEST_FILE} ({}): its images \
-                 would not be used; move them into a class folder, or import the data again \
-                 (cargo xtask fetch-data) to add a class",
+                 would not be used; move them into a class folder, or, to add a class, move it \
+                 into the source you imported from and import that again (cargo xtask \
+                 fetch-data)",
                 folder.display(),
                 classes.join(", ")
             )));

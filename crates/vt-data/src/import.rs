@@ -630,7 +630,7 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
     if !data_dir.join(MANIFEST_FILE).is_file() {
         return Err(refuse(format!("no {MANIFEST_FILE}")));
     }
-    Manifest::read(data_dir).map_err(|e| refuse(e.to_string()))?;
+    let manifest = Manifest::read(data_dir).map_err(|e| refuse(e.to_string()))?;
     let folders: Vec<&str> = Split::ALL
         .iter()
         .map(|s| s.dir_name())
@@ -641,21 +641,27 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
             return Err(refuse(format!("no {dir}/ folder")));
         }
     }
-    // What a user put beside the import (runs, reports) would go with it.
-    let mut others = Vec::new();
-    for entry in fs::read_dir(data_dir).map_err(|e| DataError::io(data_dir, e))? {
-        let name = entry
-            .map_err(|e| DataError::io(data_dir, e))?
-            .file_name()
-            .to_string_lossy()
-            .into_owned();
-        let clutter = OS_METADATA.contains(&name.as_str()) || name.starts_with("._");
-        if name != MANIFEST_FILE && !clutter && !folders.contains(&name.as_str()) {
-            others.push(name);
+    // What a user put beside the import (runs, reports) or into its folders (a photo, a
+    // class, notes) would go with it.
+    let mut others: Vec<String> = list_entries(data_dir)?
+        .into_iter()
+        .filter(|(name, _)| name != MANIFEST_FILE && !folders.contains(&name.as_str()))
+        .map(|(name, _)| name)
+        .collect();
+    for split in Split::ALL {
+        let counts = manifest.split_counts(split);
+        for (class, is_dir) in list_entries(&data_dir.join(split.dir_name()))? {
+            let folder = format!("{split}/{class}");
+            match counts.get(&class) {
+                Some(&imported) if is_dir => {
+                    others.extend(added_to_folder(data_dir, &folder, imported)?)
+                }
+                _ => others.push(folder),
+            }
         }
     }
+    others.extend(added_to_folder(data_dir, PRED_DIR, manifest.splits.pred)?);
     if !others.is_empty() {
-        others.sort();
         return Err(DataError::Invalid(format!(
             "refusing to replace {}: besides an earlier import it holds {}, which the new \
              import would delete; move {} away first",
@@ -665,6 +671,49 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What a user added to `folder` (relative to `data_dir`) of an import that wrote
+/// `imported` files there: its subfolders, and its files should there be more than that.
+/// A file replaced by another of the same name goes unnoticed: the manifest lists counts.
+fn added_to_folder(data_dir: &Path, folder: &str, imported: usize) -> Result<Vec<String>> {
+    let entries = list_entries(&data_dir.join(folder))?;
+    let files = entries.iter().filter(|(_, is_dir)| !is_dir).count();
+    let mut added: Vec<String> = entries
+        .into_iter()
+        .filter(|(_, is_dir)| *is_dir)
+        .map(|(name, _)| format!("{folder}/{name}"))
+        .collect();
+    if files > imported {
+        added.push(format!(
+            "{} more file(s) in {folder} than the import wrote there ({imported})",
+            files - imported
+        ));
+    }
+    Ok(added)
+}
+
+/// The entries of `dir` but file managers' clutter, sorted, each with whether it is a folder
+/// (links followed); none when `dir` is missing.
+fn list_entries(dir: &Path) -> Result<Vec<(String, bool)>> {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        entries => entries.map_err(|e| DataError::io(dir, e))?,
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let name = entry
+            .map_err(|e| DataError::io(dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if !OS_METADATA.contains(&name.as_str()) && !name.starts_with("._") {
+            let is_dir = dir.join(&name).is_dir();
+            listed.push((name, is_dir));
+        }
+    }
+    listed.sort();
+    Ok(listed)
 }
 
 /// The files that file managers leave in the folders they show (macOS's Finder, Windows'

@@ -319,6 +319,57 @@ fn folders_linked_to_each_other_are_listed_once() {
     assert_eq!(m.splits.train["forest"], 4, "{:?}", m.splits);
 }
 
+/// Two photos of one name in two folders of a class: the one filed under the name is the
+/// same whether the source is the folder or a zip of it, whatever the archive's order.
+#[test]
+fn photos_sharing_a_name_are_filed_alike_from_a_zip_and_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let entries = [
+        ("seg_train/sea/sub/1.jpg", jpeg(2)),
+        ("seg_train/sea/1.jpg", jpeg(1)),
+        ("seg_train/forest/f.jpg", jpeg(3)),
+    ]
+    .map(|(name, bytes)| (name.to_string(), bytes));
+    for (name, bytes) in &entries {
+        write(&src.join(name), bytes);
+    }
+    let zip = tmp.path().join("src.zip");
+    fs::write(&zip, zip_bytes(&entries)).unwrap();
+    let mut filed = Vec::new();
+    for (source, data) in [(&src, "from-folder"), (&zip, "from-zip")] {
+        let data = tmp.path().join(data);
+        let mut opts = from_path(&data, source);
+        opts.val_fraction = 0.0;
+        let m = fetch(&opts).unwrap();
+        assert_eq!(m.splits.train["sea"], 2);
+        filed.push((fs::read(data.join("train/sea/1.jpg")).unwrap(), m.renamed));
+    }
+    assert_eq!(filed[0], filed[1]);
+    assert_eq!(filed[0].0, jpeg(1));
+}
+
+/// A link to a class folder of the source is not followed, whether its name sorts before
+/// or after the folder's: the class it would make has no photos of its own.
+#[cfg(unix)]
+#[test]
+fn a_link_to_a_class_folder_of_the_source_is_not_followed() {
+    for link in ["aaa", "zzz"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        three_forest_photos(&src);
+        write(&src.join("seg_train/seg_train/glacier/g.jpg"), &jpeg(41));
+        std::os::unix::fs::symlink("sea", src.join("seg_train/seg_train").join(link)).unwrap();
+        let err = fetch(&from_path(&tmp.path().join("data"), &src))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("\"{link}\"")) && err.contains("no usable images"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn a_kaggle_zip_imports_like_the_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -424,6 +475,57 @@ fn only_an_earlier_import_is_replaced() {
             .count(),
         0
     );
+}
+
+/// A photo, a class or notes put inside an import's folders would go with it too; what the
+/// import wrote there itself, or a file manager's clutter, does not stop it.
+#[test]
+fn what_was_added_inside_an_import_is_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fetch(&tiny_synthetic(&data, 0)).unwrap();
+    let class = fs::read_dir(data.join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let added = [
+        format!("train/{class}/mine.jpg"),
+        "train/newclass/a.jpg".to_string(),
+        format!("val/{class}/notes/thesis.txt"),
+        "pred/labels.csv".to_string(),
+    ];
+    for (seed, path) in (100..).zip(&added) {
+        write(&data.join(path), &jpeg(seed));
+        let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("which the new import would delete"),
+            "{path}: {err}"
+        );
+        assert!(data.join(path).is_file(), "{path}");
+    }
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    for named in [
+        format!("more file(s) in train/{class} than the import wrote there"),
+        "train/newclass".to_string(),
+        format!("val/{class}/notes"),
+        "1 more file(s) in pred than the import wrote there (0)".to_string(),
+    ] {
+        assert!(err.contains(&named), "{named}: {err}");
+    }
+    for path in &added {
+        fs::remove_file(data.join(path)).unwrap();
+    }
+    fs::remove_dir(data.join("train/newclass")).unwrap();
+    fs::remove_dir(data.join(format!("val/{class}/notes"))).unwrap();
+    write(
+        &data.join(format!("train/{class}/.DS_Store")),
+        b"file manager",
+    );
+    assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
 }
 
 #[cfg(unix)]

@@ -20,11 +20,18 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     }
     // Each folder with whether a link led to it. A link to a folder already listed (one
     // above it, say, which would list its images forever) is not followed; folders
-    // themselves are always listed. (A folder whose real path cannot be told is listed.)
-    let mut stack = vec![(root.to_path_buf(), false)];
+    // themselves are always listed, and before any link is followed, so that whether a
+    // link to a folder of the source is followed does not depend on their names. (A folder
+    // whose real path cannot be told is listed.)
+    let mut folders = vec![root.to_path_buf()];
+    let mut links = Vec::new();
     let mut listed = HashSet::new();
     let mut files = Vec::new();
-    while let Some((dir, linked)) = stack.pop() {
+    while let Some((dir, linked)) = folders
+        .pop()
+        .map(|dir| (dir, false))
+        .or_else(|| links.pop().map(|dir| (dir, true)))
+    {
         if let Ok(real) = dir.canonicalize() {
             if !listed.insert(real) && linked {
                 tracing::warn!(
@@ -48,8 +55,11 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                     if let Some(class) = train_class_of_folder(&relative(root, &path)) {
                         importer.note_class_folder(&class);
                     }
-                    let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
-                    stack.push((path, linked));
+                    if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                        links.push(path);
+                    } else {
+                        folders.push(path);
+                    }
                 }
                 // A FIFO would block the import forever and a device (`/dev/zero`) fill
                 // memory: only regular files are read.
