@@ -15,7 +15,7 @@ use vt_model::{Model, VtConfig};
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::{epoch_dir, Kept, TOP_DIR};
 use crate::init::{check_out_dir, write_checkpoint};
-use crate::outputs::{is_run, resolved, RUN_FOLDERS};
+use crate::outputs::{is_checkpoint, is_run, resolved, RUN_FOLDERS};
 use crate::state;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -85,7 +85,7 @@ pub fn history_inputs(run_dir: &Path, k: Option<usize>) -> Result<Vec<Input>> {
 /// Refuses a checkpoint folder given as `--run-dir` (typically `RUN/best`), naming the two
 /// ways it may have been meant, rather than failing on the run state it lacks.
 fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
-    if !run_dir.join(CONFIG_FILE).is_file() {
+    if !is_checkpoint(run_dir) {
         return Ok(());
     }
     let run = resolved(run_dir)

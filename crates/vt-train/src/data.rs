@@ -228,6 +228,12 @@ fn misplaced_data_hint(data_dir: &Path) -> Option<String> {
     let mut below: Vec<String> = std::fs::read_dir(data_dir)
         .ok()?
         .filter_map(|entry| Some(entry.ok()?.path()))
+        // Not a hidden folder: an interrupted import's, which is no data set.
+        .filter(|child| {
+            !child
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .filter(|child| child.join(train).is_dir())
         .map(|child| child.display().to_string())
         .collect();

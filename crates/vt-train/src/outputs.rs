@@ -223,6 +223,12 @@ pub fn is_run(folder: &Path) -> bool {
             .any(|name| folder.join(name).exists())
 }
 
+/// Whether `folder` holds a checkpoint (or a run's state, which is written as one): its
+/// `config.json` says so, whatever else was put beside it.
+pub fn is_checkpoint(folder: &Path) -> bool {
+    folder.join(CONFIG_FILE).is_file()
+}
+
 /// Whether `folder` is one of [`RUN_FOLDERS`] of a run.
 pub fn is_run_folder(folder: &Path) -> bool {
     let managed = folder

@@ -277,7 +277,7 @@ fn nothing_to_resume(run_dir: &Path) -> TrainError {
 
 /// Refuses to resume a checkpoint folder (a run's `best/`, say) given for its run.
 fn refuse_checkpoint_as_run(run_dir: &Path) -> Result<()> {
-    if dir_contents(run_dir)? != DirContents::Checkpoint {
+    if !outputs::is_checkpoint(run_dir) {
         return Ok(());
     }
     let run = outputs::resolved(run_dir);

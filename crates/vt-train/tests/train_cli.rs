@@ -817,6 +817,8 @@ fn missing_data_is_a_clear_error() {
     std::fs::create_dir_all(kaggle.join("seg_train/sea")).unwrap();
     let zip = tmp.path().join("archive.zip");
     std::fs::write(&zip, b"PK").unwrap();
+    // An interrupted import's folder beside the data is no data set to point to.
+    std::fs::create_dir_all(tmp.path().join(".data.incoming/train/sea")).unwrap();
     let fetch_from = "import it with `cargo xtask fetch-data --from";
     for (given, needle) in [
         (
@@ -1125,6 +1127,14 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         "{err}"
     );
     assert!(!best.join(vt_train::train::LOCK_FILE).exists());
+    // A file put beside the checkpoint (notes) leaves it a checkpoint.
+    fs::write(best.join("README.md"), "mine").unwrap();
+    let err = run_err(train(&best).arg("--resume"));
+    assert!(
+        err.contains("is a checkpoint folder, not a training run"),
+        "{err}"
+    );
+    fs::remove_file(best.join("README.md")).unwrap();
     let file = tmp.path().join("notes.toml");
     fs::write(&file, "").unwrap();
     for run_dir in [file.clone(), file.join("run")] {
