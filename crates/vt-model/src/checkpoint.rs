@@ -167,7 +167,11 @@ pub fn write(dir: &Path, config: &VtConfig, varmap: &VarMap) -> Result<()> {
     write_dir_atomically(dir, |tmp| {
         let config_path = tmp.join(CONFIG_FILE);
         fs::write(&config_path, json.as_bytes()).map_err(|e| ModelError::io(&config_path, e))?;
-        varmap.save(tmp.join(WEIGHTS_FILE))?;
+        let weights = tmp.join(WEIGHTS_FILE);
+        varmap.save(&weights).map_err(|cause| ModelError::Write {
+            path: weights,
+            cause: Box::new(cause),
+        })?;
         Ok(())
     })
 }
@@ -300,11 +304,15 @@ fn select_tensors(
                 found: format!("{:?}", view.dtype()),
             });
         }
+        let tensor_error = |cause| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            cause: Box::new(cause),
+        };
         let values = view
-            .load(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+            .load(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .map_err(tensor_error)?;
         if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(ModelError::NonFinite {
                 path: path.to_path_buf(),
@@ -323,7 +331,8 @@ fn select_tensors(
                 });
             }
         }
-        tensors.insert(kept, Tensor::from_vec(values, view.shape(), device)?);
+        let tensor = Tensor::from_vec(values, view.shape(), device).map_err(tensor_error)?;
+        tensors.insert(kept, tensor);
     }
     Ok(tensors)
 }

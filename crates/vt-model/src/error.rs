@@ -93,6 +93,20 @@ pub enum ModelError {
     /// contradicts itself, a path that names no folder...
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// A file's tensors that candle could not write (a full disk).
+    #[error("{path}: {cause}")]
+    Write {
+        path: PathBuf,
+        cause: Box<candle_core::Error>,
+    },
+    /// A file's tensor that candle could not read or place on the device (a GPU out of
+    /// memory).
+    #[error("{path}: tensor `{name}`: {cause}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        cause: Box<candle_core::Error>,
+    },
     #[error("pretrained weights: {0}")]
     Pretrained(String),
     #[error("device: {0}")]

@@ -66,8 +66,14 @@ struct Line<'a> {
 pub enum PredictError {
     #[error(transparent)]
     Start(Box<StartError>),
-    #[error("running the model: {0}")]
-    Model(ClassifyError),
+    /// A failed forward pass (a GPU out of memory, say) stops the run: what the device holds
+    /// afterwards cannot be trusted with the images after it.
+    #[error("running the model on the {images} images from {first}: {cause}")]
+    Model {
+        images: usize,
+        first: String,
+        cause: Box<ClassifyError>,
+    },
     #[error("the model returned fewer results than images")]
     MissingResults,
     #[error("writing the results: {0}")]
@@ -115,7 +121,15 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
             .collect();
         let mut predictions = classifier
             .predict(&decoded)
-            .map_err(PredictError::Model)?
+            .map_err(|cause| PredictError::Model {
+                images: decoded.len(),
+                first: chunk
+                    .iter()
+                    .zip(&outcomes)
+                    .find_map(|(path, outcome)| outcome.is_ok().then(|| path.display().to_string()))
+                    .unwrap_or_default(),
+                cause: Box::new(cause),
+            })?
             .into_iter();
         let dtype = classifier.model().dtype;
         for (path, outcome) in chunk.iter().zip(outcomes) {

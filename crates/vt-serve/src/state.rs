@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderValue, StatusCode};
-use candle_core::{Device, DeviceLocation};
+use candle_core::Device;
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
@@ -205,7 +205,7 @@ impl ModelSource {
             image_size: config.image_size,
             parameters: classifier.model().num_parameters(),
             sha256: classifier.sha256().to_string(),
-            device: device_name(&device),
+            device: vt_model::device_name(&device),
             dtype: self.dtype.clone(),
             bf16_products: self.bf16_products,
             generation,
@@ -416,12 +416,4 @@ fn checkpoint_name(dir: &Path) -> String {
         || named.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
-}
-
-fn device_name(device: &Device) -> String {
-    match device.location() {
-        DeviceLocation::Cpu => "cpu".into(),
-        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }
