@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::D;
 use serde::Serialize;
-use vt_data::dataset::{Manifest, Split};
+use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, Model};
@@ -23,6 +23,7 @@ use crate::metrics::{write_csv_atomically, ClassScores, ConfusionMatrix};
 use crate::outputs;
 use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
+use crate::state;
 use crate::threads;
 use crate::train::CONFIG_TOML;
 
@@ -193,8 +194,9 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "test")]
     pub split: SplitArg,
     /// Report file (JSON, in an existing folder, not named .png or .csv); the confusion
-    /// matrix and reliability diagram PNG and the per-image predictions CSV go beside it with .png and .csv
-    /// extensions [default: eval-<checkpoint>-<split>.json beside the checkpoint folder]
+    /// matrix and reliability diagram PNG and the per-image predictions CSV go beside it with
+    /// .png and .csv extensions [default: eval-<checkpoint>-<split>.json beside the checkpoint
+    /// folder; a top/ epoch's beside its run]
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto
@@ -245,6 +247,10 @@ pub struct EvalReport {
     /// (`manifest.json`'s `duplicates`): the model may have been trained or selected on them.
     /// None (null): not known, the data having no manifest that lists duplicates.
     pub copies_in_other_splits: Option<Vec<PathBuf>>,
+    /// Whether these are the validation images the checkpoint's run ranked its epochs on
+    /// (its state records them). None (null): not known (another split, `--limit`, no run's
+    /// state, a run that validated on a subset).
+    pub the_runs_validation_images: Option<bool>,
     /// How well the confidences match the accuracy (15 bins, as Guo et al.).
     pub calibration: Calibration,
     pub skipped: Vec<SkippedFile>,
@@ -363,9 +369,15 @@ pub fn report_text(report: &EvalReport) -> String {
         }
         None => {
             out += "\nnote: not known whether these images have copies in a training or \
-                    validation split: the data's manifest.json lists no duplicates (an import by \
-                    `cargo xtask fetch-data` of this version lists them)\n";
+                    validation split: the data has no manifest.json that lists duplicates (an \
+                    import by `cargo xtask fetch-data` of this version writes one)\n";
         }
+    }
+    if report.the_runs_validation_images == Some(false) {
+        out += "\nnote: these are not the validation images the checkpoint's run ranked its \
+                epochs on (was the data imported again, with another --seed or \
+                --val-fraction?): some may be images it trained on, and the accuracy is then \
+                not a held-out one\n";
     }
     let calibration = &report.calibration;
     out += &format!(
@@ -477,6 +489,29 @@ fn copies_in_other_splits(
         .map(|(path, _)| path.clone())
         .collect();
     Some(copies)
+}
+
+/// Whether `folder`, the whole validation split, holds the images the checkpoint's run
+/// validated on, as its state records them: a data folder imported again since (another
+/// `--seed` or `--val-fraction`) files under val/ photos the run trained on. None when it
+/// cannot be told.
+fn the_runs_validation_images(
+    args: &EvalArgs,
+    split: Split,
+    data: &Path,
+    folder: &ImageFolder,
+) -> Option<bool> {
+    if split != Split::Val || args.limit.is_some() {
+        return None;
+    }
+    let checkpoint = outputs::resolved(&args.checkpoint);
+    let beside = checkpoint.parent().filter(|run| outputs::is_run(run));
+    let run = outputs::run_keeping(&args.checkpoint).or_else(|| beside.map(Path::to_path_buf))?;
+    let progress = state::read_saved_progress(&run).ok()?;
+    if progress.config.limit_val.is_some() {
+        return None;
+    }
+    Some(data::ImagesUsed::of(folder, data) == progress.data?.val)
 }
 
 /// Where `vt-train eval` writes.
@@ -642,6 +677,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         classes,
         calibration: Calibration::of(&eval.predictions, calibration::BINS),
         copies_in_other_splits: copies_in_other_splits(&data, split, &folder.samples),
+        the_runs_validation_images: the_runs_validation_images(args, split, &data, &folder),
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
         predictions: paths.csv.clone(),

@@ -227,6 +227,31 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     let json: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["copies_in_other_splits"], serde_json::Value::Null);
+
+    // The validation split is the run's until the data is imported again with another
+    // split seed: then some of its photos are ones the run trained on, which eval says.
+    let eval_val = || {
+        let out = run_ok(
+            vt_train()
+                .args(["eval", "--checkpoint"])
+                .arg(run.join("best"))
+                .args(["--split", "val", "--threads", "1", "--out"])
+                .arg(&report),
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), json)
+    };
+    let (text, json) = eval_val();
+    assert_eq!(json["the_runs_validation_images"], true);
+    assert!(!text.contains("not the validation images"), "{text}");
+    import_synthetic(&data, 16, 43);
+    let (text, json) = eval_val();
+    assert_eq!(json["the_runs_validation_images"], false);
+    assert!(
+        text.contains("note: these are not the validation images the checkpoint's run"),
+        "{text}"
+    );
 }
 
 /// `top/` keeps the 2 best epochs of metrics.jsonl, ranked as best/ is (accuracy, then loss,
