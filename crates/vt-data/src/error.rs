@@ -89,11 +89,15 @@ pub enum DataError {
         cause: std::io::Error,
         restore_cause: std::io::Error,
     },
-    /// Another import into the same data directory is running.
+    /// Another import into the same data directory is running, or a training run reads it.
     #[error(
-        "another fetch-data is writing {0}: wait for it to finish or choose another --data-dir"
+        "another fetch-data is writing {0}, or a training run is reading it: wait for it to \
+         finish or choose another --data-dir"
     )]
     Locked(PathBuf),
+    /// An import into the data directory a reader opens is running.
+    #[error("fetch-data is importing into {0}: wait for it to finish")]
+    Importing(PathBuf),
 }
 
 impl From<image::ImageError> for DataError {

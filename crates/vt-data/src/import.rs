@@ -584,6 +584,29 @@ fn resolve_links(path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// Shares the lock of the import in `data_dir`, if one made it, for as long as the returned
+/// file lives: no import replaces the folder meanwhile (a training run would read photos of
+/// two imports and lose the others), and none may be running when it is taken.
+pub fn lock_for_reading(data_dir: &Path) -> Result<Option<File>> {
+    let target = resolve_links(data_dir)?;
+    let Some(name) = target.file_name() else {
+        return Ok(None);
+    };
+    let path = target.with_file_name(format!(".{}.lock", name.to_string_lossy()));
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        // A folder no import made, or one made before imports locked.
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(&path, e)),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Err(DataError::Importing(data_dir.to_path_buf())),
+        Err(TryLockError::Error(e)) if e.kind() == ErrorKind::Unsupported => Ok(None),
+        Err(TryLockError::Error(e)) => Err(DataError::io(&path, e)),
+    }
+}
+
 /// Locks `.<name>.lock` beside `data_dir` so that two imports into it cannot undo each
 /// other's staging; `shown` names the data directory as the user gave it. The lock file is
 /// left behind: deleting it would let two later imports lock two different files at once.

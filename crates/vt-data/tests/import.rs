@@ -9,7 +9,7 @@ use common::*;
 use image::{GrayImage, ImageFormat, Luma};
 use vt_data::dataset::{DuplicateGroup, ImageFolder, Manifest, Split};
 use vt_data::fetch::{fetch, FetchOptions, FetchSource};
-use vt_data::import::Importer;
+use vt_data::import::{lock_for_reading, Importer};
 use vt_data::layout::OUTSIDE_SPLITS;
 use vt_data::source::parquet::{import_parquet, ParquetSplit};
 use vt_data::source::synthetic::SyntheticConfig;
@@ -574,6 +574,35 @@ fn a_second_import_into_the_same_dir_fails_at_once() {
     }
     drop(running);
     fetch(&tiny_synthetic(&data, 0)).unwrap();
+}
+
+/// A reader (a training run) shares the import's lock: no import replaces the folder while
+/// it reads, and it does not start while an import runs. A folder no import made has no lock.
+#[test]
+fn imports_and_readers_of_a_data_dir_exclude_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fetch(&tiny_synthetic(&data, 0)).unwrap();
+    let reading = lock_for_reading(&data).unwrap();
+    assert!(reading.is_some());
+    assert!(
+        lock_for_reading(&data).unwrap().is_some(),
+        "readers share it"
+    );
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err();
+    assert!(
+        err.to_string().contains("or a training run is reading it"),
+        "{err}"
+    );
+    drop(reading);
+    let running = Importer::new(&data, "synthetic", "test", 0.1, 0).unwrap();
+    let err = lock_for_reading(&data).unwrap_err();
+    assert!(matches!(err, DataError::Importing(_)), "{err}");
+    drop(running);
+    assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
+    let elsewhere = tmp.path().join("mine");
+    fs::create_dir_all(elsewhere.join("train/sea")).unwrap();
+    assert!(lock_for_reading(&elsewhere).unwrap().is_none());
 }
 
 /// A Kaggle-layout source where forest has three training photos, and sea (a data set needs

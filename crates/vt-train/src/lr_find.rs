@@ -473,6 +473,8 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
     };
     let config = resolve_file_over(args.config.as_deref(), &file, &args.options)?;
     let device = prepare_device(&config)?;
+    // Held while the photos are read: an import would replace them meanwhile.
+    let _data_lock = vt_data::import::lock_for_reading(&config.data)?;
     let train_set = open_training_images(&config)?;
     let model = new_model(&config, train_set.classes.clone(), &device)?;
     let loader = training_loader(&config, &model.config, train_set.len());

@@ -844,6 +844,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         overrides,
     } = plan(args)?;
     let device = prepare_device(&config)?;
+    // Held while training reads the photos: an import would replace them under it.
+    let _data_lock = vt_data::import::lock_for_reading(&config.data)?;
     let train_set = open_training_images(&config)?;
     let val_set = data::open_split(&config.data, Split::Val, config.limit_val, config.seed)
         .with_context(|| format!("reading the validation split of {}", config.data.display()))?;

@@ -1128,6 +1128,19 @@ fn stray_files_in_the_checkpoint_folders_are_refused_before_training() {
     assert!(run.join("best/notes.txt").is_file());
 }
 
+/// Training does not start while fetch-data imports into its data folder (and holds the
+/// folder's lock against imports while it trains).
+#[test]
+fn training_does_not_start_during_an_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let importing = vt_data::import::Importer::new(&data, "synthetic", "test", 0.1, 0).unwrap();
+    let err = run_err(train_tiny(&data, &tmp.path().join("run")).args(ONE_THREAD));
+    assert!(err.contains("fetch-data is importing into"), "{err}");
+    assert!(!tmp.path().join("run").exists());
+    drop(importing);
+}
+
 /// A run's checkpoint is not a run: resuming it is refused without leaving a lock file in
 /// it, and no new run goes inside it or another run's folders.
 #[test]
