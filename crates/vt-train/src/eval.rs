@@ -491,6 +491,28 @@ fn copies_in_other_splits(
     Some(copies)
 }
 
+/// `folder` with the model's class names and labels, when all its classes are the model's: a
+/// split in torchvision's layout without a folder for a class that has no images there is
+/// labelled by name, not by its folders' order. None when a class is not the model's.
+fn labelled_as_the_model(folder: ImageFolder, classes: &[String]) -> Option<ImageFolder> {
+    if folder.classes == classes {
+        return Some(folder);
+    }
+    let label_of: Vec<usize> = folder
+        .classes
+        .iter()
+        .map(|name| classes.iter().position(|c| c == name))
+        .collect::<Option<_>>()?;
+    Some(ImageFolder {
+        classes: classes.to_vec(),
+        samples: folder
+            .samples
+            .into_iter()
+            .map(|(path, label)| (path, label_of[label]))
+            .collect(),
+    })
+}
+
 /// Whether `folder`, the whole validation split, holds the images the checkpoint's run
 /// validated on, as its state records them: a data folder imported again since (another
 /// `--seed` or `--val-fraction`) files under val/ photos the run trained on. None when it
@@ -630,14 +652,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let data = data_folder(args)?;
     let folder = data::open_split(&data, split, args.limit, 0)
         .with_context(|| format!("reading the {split} split of {}", data.display()))?;
-    if folder.classes != model.config.class_names {
-        return Err(TrainError::Config(format!(
-            "the checkpoint's classes {:?} differ from the data set's {:?} ({})",
+    let found = folder.classes.clone();
+    let folder = labelled_as_the_model(folder, &model.config.class_names).ok_or_else(|| {
+        TrainError::Config(format!(
+            "the checkpoint's classes {:?} differ from the data set's {found:?} ({})",
             model.config.class_names,
-            folder.classes,
-            data.display()
-        )));
-    }
+            data.join(split.dir_name()).display()
+        ))
+    })?;
     let loader = data::eval_loader(
         &model.config,
         args.batch_size.max(1),
@@ -734,6 +756,25 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A split without a folder for one of the model's classes keeps each image's class by
+    /// name; a class the model does not know is refused.
+    #[test]
+    fn a_split_lacking_classes_is_labelled_by_name() {
+        let classes = ["forest", "sea", "street"].map(String::from).to_vec();
+        let split = ImageFolder {
+            classes: vec!["sea".into(), "street".into()],
+            samples: vec![("a.jpg".into(), 0), ("b.jpg".into(), 1)],
+        };
+        let labelled = labelled_as_the_model(split, &classes).unwrap();
+        assert_eq!(labelled.classes, classes);
+        assert_eq!(labelled.samples, [("a.jpg".into(), 1), ("b.jpg".into(), 2)]);
+        let unknown = ImageFolder {
+            classes: vec!["Sea".into()],
+            samples: Vec::new(),
+        };
+        assert!(labelled_as_the_model(unknown, &classes).is_none());
+    }
 
     #[test]
     fn mistakes_rank_by_confidence_without_the_correct_ones() {
