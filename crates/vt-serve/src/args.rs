@@ -63,7 +63,8 @@ pub struct ServeArgs {
     #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUE))]
     pub queue: u32,
     /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
-    /// the answer is 504, or 408 when the client had not sent all of its body.
+    /// the answer is 504, or 408 when the client had not sent all of its body. Images the
+    /// model has begun computing are answered, late.
     #[arg(long, env = "VT_SERVE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Time a client has to send a request's headers, counted from when its connection
