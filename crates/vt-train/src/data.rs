@@ -71,8 +71,8 @@ impl DataUsed {
         Err(TrainError::Config(format!(
             "the {split} images of {} are not the run's ({} images then, {} now{same_count}): \
              --data, {limit} and, with a limit, --seed choose them, as does what the folder \
-             holds (was it imported again?), and they cannot change on resume (the schedule was planned for the run's images, and best/ chosen on its \
-             validation images). Give the run's options, or start a new run \
+             holds (was it imported again?), and they cannot change on resume (the schedule \
+             was planned for the run's images, and best/ chosen on its validation images). Give the run's options, or start a new run \
              (--initial-checkpoint RUN/last carries the weights over)",
             data_dir.display(),
             then.count,
