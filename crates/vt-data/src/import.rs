@@ -463,6 +463,7 @@ impl Importer {
                 .map(|(filed, source)| (final_path(filed, &assignment), source.clone()))
                 .collect(),
         };
+        write_file_list(&self.staging)?;
         // Written last inside staging, once everything else is on disk: its presence marks
         // a complete import.
         sync_folders(&self.staging)?;
@@ -588,7 +589,8 @@ fn resolve_links(path: &Path) -> Result<PathBuf> {
 /// file lives: no import replaces the folder meanwhile (a training run would read photos of
 /// two imports and lose the others), and none may be running when it is taken.
 pub fn lock_for_reading(data_dir: &Path) -> Result<Option<File>> {
-    let target = resolve_links(data_dir)?;
+    // Canonical: `.` or `train/..` name a folder too, and the lock is beside it.
+    let target = fs::canonicalize(data_dir).or_else(|_| resolve_links(data_dir))?;
     let Some(name) = target.file_name() else {
         return Ok(None);
     };
@@ -668,22 +670,31 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
     // class, notes) would go with it.
     let mut others: Vec<String> = list_entries(data_dir)?
         .into_iter()
-        .filter(|(name, _)| name != MANIFEST_FILE && !folders.contains(&name.as_str()))
         .map(|(name, _)| name)
+        .filter(|name| {
+            ![MANIFEST_FILE, FILE_LIST].contains(&name.as_str())
+                && !folders.contains(&name.as_str())
+        })
         .collect();
+    let written = read_file_list(data_dir)?;
     for split in Split::ALL {
         let counts = manifest.split_counts(split);
         for (class, is_dir) in list_entries(&data_dir.join(split.dir_name()))? {
             let folder = format!("{split}/{class}");
             match counts.get(&class) {
                 Some(&imported) if is_dir => {
-                    others.extend(added_to_folder(data_dir, &folder, imported)?)
+                    others.extend(added_to_folder(data_dir, &folder, imported, &written)?)
                 }
                 _ => others.push(folder),
             }
         }
     }
-    others.extend(added_to_folder(data_dir, PRED_DIR, manifest.splits.pred)?);
+    others.extend(added_to_folder(
+        data_dir,
+        PRED_DIR,
+        manifest.splits.pred,
+        &written,
+    )?);
     if !others.is_empty() {
         return Err(DataError::Invalid(format!(
             "refusing to replace {}: besides an earlier import it holds {}, which the new \
@@ -696,18 +707,59 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The files an import wrote, one path per line relative to its folder (`train/sea/1.jpg`),
+/// so that a later import can tell a user's additions from them.
+const FILE_LIST: &str = ".imported-files";
+
+/// Writes [`FILE_LIST`] of the import in `staging`: the files of its splits and `pred/`.
+fn write_file_list(staging: &Path) -> Result<()> {
+    let mut paths = Vec::new();
+    for split in Split::ALL {
+        for (class, _) in list_entries(&staging.join(split.dir_name()))? {
+            let folder = format!("{split}/{class}");
+            for (name, _) in list_entries(&staging.join(&folder))? {
+                paths.push(format!("{folder}/{name}\n"));
+            }
+        }
+    }
+    for (name, _) in list_entries(&staging.join(PRED_DIR))? {
+        paths.push(format!("{PRED_DIR}/{name}\n"));
+    }
+    write_synced(&staging.join(FILE_LIST), paths.concat().as_bytes())
+}
+
+/// [`FILE_LIST`] of the import in `data_dir`; None for an import by an earlier version,
+/// which wrote none.
+fn read_file_list(data_dir: &Path) -> Result<Option<HashSet<String>>> {
+    let path = data_dir.join(FILE_LIST);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.lines().map(str::to_string).collect())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DataError::io(path, e)),
+    }
+}
+
 /// What a user added to `folder` (relative to `data_dir`) of an import that wrote
-/// `imported` files there: its subfolders, and its files should there be more than that.
-/// A file replaced by another of the same name goes unnoticed: the manifest lists counts.
-fn added_to_folder(data_dir: &Path, folder: &str, imported: usize) -> Result<Vec<String>> {
+/// `imported` files there, `written` by name: its subfolders, and the files the import did
+/// not write. Without the names (an earlier version's import), only more files than it
+/// wrote are noticed. A file replaced by another of the same name goes unnoticed.
+fn added_to_folder(
+    data_dir: &Path,
+    folder: &str,
+    imported: usize,
+    written: &Option<HashSet<String>>,
+) -> Result<Vec<String>> {
     let entries = list_entries(&data_dir.join(folder))?;
     let files = entries.iter().filter(|(_, is_dir)| !is_dir).count();
-    let mut added: Vec<String> = entries
-        .into_iter()
-        .filter(|(_, is_dir)| *is_dir)
-        .map(|(name, _)| format!("{folder}/{name}"))
-        .collect();
-    if files > imported {
+    let mut added = Vec::new();
+    for (name, is_dir) in entries {
+        let path = format!("{folder}/{name}");
+        let unwritten = written.as_ref().is_some_and(|w| !w.contains(&path));
+        if is_dir || unwritten {
+            added.push(path);
+        }
+    }
+    if written.is_none() && files > imported {
         added.push(format!(
             "{} more file(s) in {folder} than the import wrote there ({imported})",
             files - imported

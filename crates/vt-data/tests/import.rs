@@ -313,10 +313,16 @@ fn folders_linked_to_each_other_are_listed_once() {
             std::os::unix::fs::symlink(src.join(format!("extra/d{j}")), link).unwrap();
         }
     }
+    // Two links into one outside folder, one to a folder inside the other's: each photo once.
+    write(&tmp.path().join("more/sub/b.jpg"), &jpeg(11));
+    std::os::unix::fs::symlink(tmp.path().join("more/sub"), train.join("forest/aa")).unwrap();
+    // And one to the folder above the source, which holds it.
+    std::os::unix::fs::symlink(tmp.path(), train.join("sea/up")).unwrap();
     let mut opts = from_path(&tmp.path().join("data"), &src);
     opts.val_fraction = 0.0;
     let m = fetch(&opts).unwrap();
-    assert_eq!(m.splits.train["forest"], 4, "{:?}", m.splits);
+    assert_eq!(m.splits.train["forest"], 5, "{:?}", m.splits);
+    assert_eq!(m.duplicates, Some(Vec::new()));
 }
 
 /// Two photos of one name in two folders of a class: the one filed under the name is the
@@ -326,8 +332,9 @@ fn photos_sharing_a_name_are_filed_alike_from_a_zip_and_its_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let entries = [
-        ("seg_train/sea/sub/1.jpg", jpeg(2)),
-        ("seg_train/sea/1.jpg", jpeg(1)),
+        // `a-b` sorts before `a/` as text, after it as a path.
+        ("seg_train/sea/a-b/1.jpg", jpeg(2)),
+        ("seg_train/sea/a/1.jpg", jpeg(1)),
         ("seg_train/forest/f.jpg", jpeg(3)),
     ]
     .map(|(name, bytes)| (name.to_string(), bytes));
@@ -336,8 +343,18 @@ fn photos_sharing_a_name_are_filed_alike_from_a_zip_and_its_folder() {
     }
     let zip = tmp.path().join("src.zip");
     fs::write(&zip, zip_bytes(&entries)).unwrap();
+    // As some Windows tools write names.
+    let backslashed = tmp.path().join("backslashed.zip");
+    let windows_names = entries
+        .clone()
+        .map(|(name, bytes)| (name.replace('/', "\\"), bytes));
+    fs::write(&backslashed, zip_bytes(&windows_names)).unwrap();
     let mut filed = Vec::new();
-    for (source, data) in [(&src, "from-folder"), (&zip, "from-zip")] {
+    for (source, data) in [
+        (&src, "from-folder"),
+        (&zip, "from-zip"),
+        (&backslashed, "from-backslashed"),
+    ] {
         let data = tmp.path().join(data);
         let mut opts = from_path(&data, source);
         opts.val_fraction = 0.0;
@@ -346,6 +363,7 @@ fn photos_sharing_a_name_are_filed_alike_from_a_zip_and_its_folder() {
         filed.push((fs::read(data.join("train/sea/1.jpg")).unwrap(), m.renamed));
     }
     assert_eq!(filed[0], filed[1]);
+    assert_eq!(filed[0].0, filed[2].0);
     assert_eq!(filed[0].0, jpeg(1));
 }
 
@@ -509,10 +527,10 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     }
     let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
     for named in [
-        format!("more file(s) in train/{class} than the import wrote there"),
+        format!("train/{class}/mine.jpg"),
         "train/newclass".to_string(),
         format!("val/{class}/notes"),
-        "1 more file(s) in pred than the import wrote there (0)".to_string(),
+        "pred/labels.csv".to_string(),
     ] {
         assert!(err.contains(&named), "{named}: {err}");
     }
@@ -521,11 +539,35 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     }
     fs::remove_dir(data.join("train/newclass")).unwrap();
     fs::remove_dir(data.join(format!("val/{class}/notes"))).unwrap();
+    // A photo put in place of one deleted is noticed by its name.
+    let theirs = fs::read_dir(data.join("train").join(&class))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    fs::remove_file(&theirs).unwrap();
+    let mine = data.join(format!("train/{class}/mine.jpg"));
+    write(&mine, &jpeg(200));
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    assert!(err.contains(&format!("train/{class}/mine.jpg")), "{err}");
+    // An import by a version that listed no files: more files than it wrote are noticed.
+    fs::remove_file(data.join(".imported-files")).unwrap();
+    write(&theirs, &jpeg(201));
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "1 more file(s) in train/{class} than the import wrote"
+        )),
+        "{err}"
+    );
+    fs::remove_file(&mine).unwrap();
     write(
         &data.join(format!("train/{class}/.DS_Store")),
         b"file manager",
     );
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
+    assert!(data.join(".imported-files").is_file());
 }
 
 #[cfg(unix)]
@@ -596,8 +638,10 @@ fn imports_and_readers_of_a_data_dir_exclude_each_other() {
     );
     drop(reading);
     let running = Importer::new(&data, "synthetic", "test", 0.1, 0).unwrap();
-    let err = lock_for_reading(&data).unwrap_err();
-    assert!(matches!(err, DataError::Importing(_)), "{err}");
+    for named in [data.clone(), data.join("train/..")] {
+        let err = lock_for_reading(&named).unwrap_err();
+        assert!(matches!(err, DataError::Importing(_)), "{err}");
+    }
     drop(running);
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
     let elsewhere = tmp.path().join("mine");

@@ -655,7 +655,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let found = folder.classes.clone();
     let folder = labelled_as_the_model(folder, &model.config.class_names).ok_or_else(|| {
         TrainError::Config(format!(
-            "the checkpoint's classes {:?} differ from the data set's {found:?} ({})",
+            "the checkpoint's classes {:?} differ from the split's {found:?} ({})",
             model.config.class_names,
             data.join(split.dir_name()).display()
         ))

@@ -224,9 +224,9 @@ pub fn is_run(folder: &Path) -> bool {
 }
 
 /// Whether `folder` holds a checkpoint (or a run's state, which is written as one): its
-/// `config.json` says so, whatever else was put beside it.
+/// `config.json` says so, whatever else was put beside it, unless it is a run.
 pub fn is_checkpoint(folder: &Path) -> bool {
-    folder.join(CONFIG_FILE).is_file()
+    folder.join(CONFIG_FILE).is_file() && !is_run(folder)
 }
 
 /// Whether `folder` is one of [`RUN_FOLDERS`] of a run.

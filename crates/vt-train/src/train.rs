@@ -1055,9 +1055,10 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
             );
         } else {
             tracing::info!(
-                "{} has completed its {} epochs (give a larger --epochs to continue)",
+                "{} has completed its {} epoch{} (give a larger --epochs to continue)",
                 run_dir.display(),
-                config.epochs
+                config.epochs,
+                if config.epochs == 1 { "" } else { "s" }
             );
         }
         return Ok(Outcome::Finished);

@@ -509,7 +509,7 @@ fn previous_versions_left_beside_the_runs_folders_are_removed_on_resume() {
             .arg(&run),
     );
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("has completed its 1 epochs"), "{log}");
+    assert!(log.contains("has completed its 1 epoch ("), "{log}");
     for old in previous {
         assert!(!old.exists(), "{} is still there", old.display());
     }

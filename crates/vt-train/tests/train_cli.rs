@@ -1173,6 +1173,12 @@ fn runs_are_not_made_in_checkpoints_or_a_runs_folders() {
         "{err}"
     );
     fs::remove_file(best.join("README.md")).unwrap();
+    // A run is one even with a config.json put in it (here, complete: nothing to train).
+    fs::write(run.join("config.json"), "{}").unwrap();
+    let out = run_ok(train(&run).args(["--resume", "--epochs", "1"]));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("has completed its 1 epoch ("), "{log}");
+    fs::remove_file(run.join("config.json")).unwrap();
     let file = tmp.path().join("notes.toml");
     fs::write(&file, "").unwrap();
     for run_dir in [file.clone(), file.join("run")] {

@@ -1,6 +1,6 @@
 //! An extracted folder in the Kaggle layout.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
@@ -18,24 +18,20 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
             root.display()
         )));
     }
-    // Each folder with whether a link led to it. A link to a folder already listed (one
-    // above it, say, which would list its images forever) is not followed; folders
-    // themselves are always listed, and before any link is followed, so that whether a
-    // link to a folder of the source is followed does not depend on their names. (A folder
-    // whose real path cannot be told is listed.)
+    // Each folder is listed once, whatever leads to it: a link to a folder already listed
+    // (one above it, say, which would list its images forever) is not followed. The
+    // source's own folders are listed before any link is followed, and links in the order
+    // of their paths, so that which of two ways to a folder counts does not depend on the
+    // order they are found in. (A folder whose real path cannot be told is listed.)
     let mut folders = vec![root.to_path_buf()];
-    let mut links = Vec::new();
+    let mut links = BTreeSet::new();
     let mut listed = HashSet::new();
     let mut files = Vec::new();
-    while let Some((dir, linked)) = folders
-        .pop()
-        .map(|dir| (dir, false))
-        .or_else(|| links.pop().map(|dir| (dir, true)))
-    {
+    while let Some(dir) = folders.pop().or_else(|| links.pop_first()) {
         if let Ok(real) = dir.canonicalize() {
-            if !listed.insert(real) && linked {
+            if !listed.insert(real) {
                 tracing::warn!(
-                    "{}: a link to a folder already listed, not followed",
+                    "{}: a folder already listed (through a link), not listed again",
                     dir.display()
                 );
                 continue;
@@ -56,7 +52,7 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                         importer.note_class_folder(&class);
                     }
                     if entry.file_type().is_ok_and(|t| t.is_symlink()) {
-                        links.push(path);
+                        links.insert(path);
                     } else {
                         folders.push(path);
                     }

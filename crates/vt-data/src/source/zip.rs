@@ -168,7 +168,11 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
     // In the order of their paths, as a folder's files are imported: which of two photos of
     // one name (in two subfolders) keeps it is the same for a zip and its extracted folder.
     let mut order: Vec<usize> = (0..archive.len()).collect();
-    order.sort_by_cached_key(|&i| archive.name_for_index(i).map(PathBuf::from));
+    order.sort_by_cached_key(|&i| {
+        archive
+            .name_for_index(i)
+            .map(|name| PathBuf::from(name.replace('\\', "/")))
+    });
     for i in order {
         // Named before it is opened: an entry whose local header is broken has no name then.
         let listed = archive
