@@ -246,14 +246,21 @@ impl Download<'_> {
         };
         let name = dest.file_name().map(|n| n.to_string_lossy());
         let progress = Progress::start(name.as_deref().unwrap_or(self.url), expected, start);
-        let mut writer = BufWriter::with_capacity(1 << 20, &file);
+        let mut writer = Watched {
+            inner: BufWriter::with_capacity(1 << 20, &file),
+            failed: false,
+        };
         let copied = io::copy(&mut progress.reader(&mut response), &mut writer);
         // Flushed even on failure, so the next run resumes from everything received.
         let flushed = writer.flush();
+        let disk_failed = writer.failed;
         drop(writer);
         let received = start + copied.as_ref().map_or(0, |n| *n);
         let total = file.metadata().map(|m| m.len()).unwrap_or(received);
         if let Err(e) = copied {
+            if disk_failed {
+                return Err(DataError::io(&part, e));
+            }
             return Err(self.fail(format!(
                 "connection lost after {total} bytes ({}); run again to resume",
                 error_chain(&e)
@@ -397,6 +404,31 @@ fn strong_validator(headers: &HeaderMap) -> Option<String> {
     strong.then(|| modified.to_string())
 }
 
+/// A writer that remembers whether a write failed: a failed copy is then the disk's fault
+/// (full, say), not the connection's.
+struct Watched<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: Write> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf);
+        self.failed |= written.is_err();
+        written
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let written = self.inner.write_all(buf);
+        self.failed |= written.is_err();
+        written
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Records `resume` at `path`, through a temporary file renamed into place, so a crash
 /// leaves the old record or the new one, never half of one; `None` removes any old record.
 fn write_resume(resume: Option<&Resume>, path: &Path) -> Result<()> {
@@ -437,4 +469,40 @@ fn resume_offset(response: &Response) -> Option<u64> {
     let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
     let range = value.strip_prefix("bytes ")?;
     range.split('-').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy that fails on writing (a full disk) is told from one that fails on reading (a
+    /// lost connection).
+    #[test]
+    fn a_failed_write_is_told_from_a_failed_read() {
+        let mut disk = [0u8; 4];
+        let mut full = Watched {
+            inner: &mut disk[..],
+            failed: false,
+        };
+        assert!(io::copy(&mut &b"0123456789"[..], &mut full).is_err());
+        assert!(full.failed);
+
+        struct Cut;
+        impl io::Read for Cut {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::ConnectionReset.into())
+            }
+        }
+        let mut fine = Watched {
+            inner: Vec::new(),
+            failed: false,
+        };
+        assert!(io::copy(&mut Cut, &mut fine).is_err());
+        assert!(!fine.failed);
+        let full_disk = DataError::io("a.part", io::ErrorKind::StorageFull.into());
+        assert!(
+            full_disk.to_string().contains("free space there"),
+            "{full_disk}"
+        );
+    }
 }

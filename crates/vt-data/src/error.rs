@@ -34,7 +34,7 @@ pub enum DataError {
     TruncatedJpeg(&'static str),
     #[error("cannot resize image: {0}")]
     Resize(String),
-    #[error("{path}: {cause}")]
+    #[error("{}: {cause}{}", .path.display(), remedy(.cause))]
     Io {
         path: PathBuf,
         cause: std::io::Error,
@@ -103,6 +103,17 @@ pub enum DataError {
 impl From<image::ImageError> for DataError {
     fn from(e: image::ImageError) -> Self {
         DataError::Decode(e)
+    }
+}
+
+/// What to do about an I/O error the user can act on: a disk that filled up.
+fn remedy(cause: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match cause.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+            " (free space there or choose another folder, then run again: downloads resume)"
+        }
+        _ => "",
     }
 }
 

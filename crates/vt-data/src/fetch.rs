@@ -88,15 +88,11 @@ pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
             endpoint,
             credentials,
         } => {
-            let credentials = match credentials {
-                Some(c) => c.clone(),
-                None => KaggleCredentials::discover()?,
-            };
             let endpoint = endpoint
                 .clone()
                 .or_else(|| std::env::var("KAGGLE_API_ENDPOINT").ok())
                 .unwrap_or_else(|| kaggle::DEFAULT_ENDPOINT.into());
-            let zip = kaggle::fetch_zip(&endpoint, &credentials, &download_dir(opts))?;
+            let zip = kaggle::fetch_zip(&endpoint, credentials.as_ref(), &download_dir(opts))?;
             import_download(&zip, &mut importer).map_err(|e| {
                 // A corrupt entry: the next run must download a fresh copy, not reuse it.
                 if let DataError::Zip { .. } = e {

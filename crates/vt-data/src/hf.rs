@@ -185,20 +185,42 @@ fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)
     };
     let mut hint = String::new();
     let lower = message.to_ascii_lowercase();
+    // As the client reads it.
+    let token_set = std::env::var("HF_TOKEN").is_ok_and(|token| !token.is_empty());
     if let Some(HFError::RateLimited { retry_after, .. }) = e.downcast_ref::<HFError>() {
         let wait = retry_after.map_or_else(
             || "a few minutes".to_string(),
             |d| format!("{} s", d.as_secs()),
         );
+        let token = if token_set {
+            ""
+        } else {
+            "; an HF_TOKEN raises the hub's rate limit"
+        };
         hint.push_str(&format!(
             "The hub limits how often it may be asked (HTTP 429): wait {wait} and run \
-             fetch-data again; an HF_TOKEN raises the hub's rate limit. "
+             fetch-data again{token}. "
         ));
     } else if ACCESS_PROBLEMS.iter().any(|s| lower.contains(s)) {
-        hint.push_str(
-            "Check the repository name and revision (--hf-repo OWNER/NAME[@REV]); a private or \
-             gated repository needs HF_TOKEN. ",
+        let page = format!(
+            "{}/datasets/{}/{}",
+            endpoint_of(opts),
+            opts.repo.owner,
+            opts.repo.name
         );
+        hint.push_str(&if token_set {
+            format!(
+                "Check the repository name and revision (--hf-repo OWNER/NAME[@REV]), and that \
+                 HF_TOKEN is valid and its account may read the repository (for a gated one, \
+                 accept its conditions at {page}). "
+            )
+        } else {
+            format!(
+                "Check the repository name and revision (--hf-repo OWNER/NAME[@REV]); a private \
+                 or gated repository needs HF_TOKEN (and a gated one, its conditions accepted \
+                 at {page}). "
+            )
+        });
     }
     hint.push_str(ALTERNATIVES);
     DataError::Network {

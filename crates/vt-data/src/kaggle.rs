@@ -58,10 +58,11 @@ pub fn download_url(endpoint: &str) -> String {
 }
 
 /// Downloads (or reuses an earlier, intact download of) the archive into `download_dir`,
-/// verified as a zip in the expected layout.
+/// verified as a zip in the expected layout. Reusing it needs no `credentials`; without
+/// them, a download discovers them as the Kaggle CLI does.
 pub fn fetch_zip(
     endpoint: &str,
-    credentials: &KaggleCredentials,
+    credentials: Option<&KaggleCredentials>,
     download_dir: &Path,
 ) -> Result<PathBuf> {
     let dest = download_dir.join(ZIP_NAME);
@@ -77,6 +78,10 @@ pub fn fetch_zip(
             }
         }
     }
+    let credentials = match credentials {
+        Some(given) => given.clone(),
+        None => KaggleCredentials::discover()?,
+    };
     let url = download_url(endpoint);
     let access_hint = format!(
         "Check the credentials (401/403 also happen before accepting the data set's terms on \

@@ -86,6 +86,13 @@ fn kaggle_download_imports_and_is_reused() {
     let again = fetch(&kaggle_opts(&front, tmp.path())).unwrap();
     assert_eq!(again, m);
     assert_eq!(front.requests().len(), before);
+    // Without credentials too: reusing it asks the server nothing.
+    let mut without = kaggle_opts(&front, tmp.path());
+    without.source = FetchSource::Kaggle {
+        endpoint: Some(front.url.clone()),
+        credentials: None,
+    };
+    assert_eq!(fetch(&without).unwrap(), m);
 }
 
 #[test]
@@ -1271,6 +1278,13 @@ fn hugging_face_failures_are_quick_and_name_the_alternatives() {
         err.contains("someone/missing") && err.contains("--hf-repo"),
         "{err}"
     );
+    // A gated repository's conditions are accepted on its page, which is named.
+    let page = format!(
+        "conditions accepted at {}/datasets/someone/missing",
+        server.url
+    );
+    let with_token = format!("its conditions at {}/datasets/someone/missing", server.url);
+    assert!(err.contains(&page) || err.contains(&with_token), "{err}");
 
     let empty = hub("someone/empty", vec![("README.md".into(), b"hi".to_vec())]);
     let err = fetch(&hf_opts(&empty, "someone/empty", tmp.path()))
