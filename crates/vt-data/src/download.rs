@@ -287,18 +287,22 @@ impl Download<'_> {
                 hint: format!("{} {}", self.access_hint, self.hint),
             }),
             StatusCode::NOT_FOUND => Err(self.fail("not found (HTTP 404)")),
-            StatusCode::TOO_MANY_REQUESTS => {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
                 let wait = match response.headers().get(RETRY_AFTER).map(|v| v.to_str()) {
                     Some(Ok(secs)) if secs.parse::<u64>().is_ok() => format!("{secs} s"),
                     Some(Ok(date)) => format!("until {date}"),
                     _ => "a while".to_string(),
                 };
+                let (message, why) = if status == StatusCode::TOO_MANY_REQUESTS {
+                    ("too many requests", "limits how often it may be asked")
+                } else {
+                    ("service unavailable", "is unavailable for now")
+                };
                 Err(DataError::Network {
                     what: format!("download of {} failed", self.url),
-                    message: format!("too many requests (HTTP {status})"),
+                    message: format!("{message} (HTTP {status})"),
                     hint: format!(
-                        "The server limits how often it may be asked: wait {wait}, then run \
-                         fetch-data again. {}",
+                        "The server {why}: wait {wait}, then run fetch-data again. {}",
                         self.hint
                     ),
                 })

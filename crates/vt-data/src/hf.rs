@@ -245,6 +245,41 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     if opts.is_offline() {
         return import_cached(opts, &cache, importer);
     }
+    import_online(opts, async_client, &cache, importer).map_err(|e| unwritable_cache(e, &cache_dir))
+}
+
+/// A hub cache this user may not write (a cluster's shared one), named with the way to use
+/// it as it is.
+fn unwritable_cache(e: DataError, cache_dir: &Path) -> DataError {
+    match e {
+        DataError::Io { path, cause }
+            if path.starts_with(cache_dir)
+                && matches!(
+                    cause.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+        {
+            DataError::Network {
+                what: format!("writing the hub cache {}", cache_dir.display()),
+                message: format!("{}: {cause}", path.display()),
+                hint: "The cache is not writable: with HF_HUB_OFFLINE=1, fetch-data imports \
+                       what it holds without writing to it; or set HF_HOME to a folder of \
+                       your own."
+                    .into(),
+            }
+        }
+        other => other,
+    }
+}
+
+/// Downloads what the cache lacks of the repository's data files at the revision asked for,
+/// then imports them.
+fn import_online(
+    opts: &HfOptions,
+    async_client: HFClient,
+    cache: &RepoCache,
+    importer: &mut Importer,
+) -> Result<()> {
     let client = HFClientSync::from_inner(async_client)
         .map_err(|e| hub_error(opts, "cannot set up the Hugging Face client", &e))?;
     let repo = client.dataset(opts.repo.owner.clone(), opts.repo.name.clone());
@@ -254,7 +289,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .send()
         .map_err(|e| {
             let error = hub_error(opts, "cannot read the dataset repository", &e);
-            name_cached_download(error, opts, &cache)
+            name_cached_download(error, opts, cache)
         })?;
     let commit = info.sha.ok_or_else(|| DataError::Network {
         what: format!("resolving {} at {}", opts.repo, endpoint_of(opts)),
@@ -270,7 +305,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
         .send()
         .map_err(|e| {
             let error = hub_error(opts, "cannot list the dataset repository", &e);
-            name_cached_download(error, opts, &cache)
+            name_cached_download(error, opts, cache)
         })?;
     let mut listed: Vec<ListedFile> = entries
         .into_iter()
@@ -291,7 +326,7 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
     cache.prepare()?;
     let mut locals = Vec::new();
     for (path, size) in data.listed() {
-        let local = snapshot_path(opts, &cache, &commit, path)?;
+        let local = snapshot_path(opts, cache, &commit, path)?;
         // Through a snapshot link, the size of the blob it points to.
         let oid = object_ids.get(path.as_str()).copied().unwrap_or_default();
         match fs::metadata(&local) {
@@ -305,8 +340,8 @@ pub fn import_hf(opts: &HfOptions, importer: &mut Importer) -> Result<()> {
                     );
                     discard_cached(&local);
                 }
-                let blob = fetch_blob(opts, &cache, &commit, path, *size, oid)
-                    .map_err(|e| name_cached_download(e, opts, &cache))?;
+                let blob = fetch_blob(opts, cache, &commit, path, *size, oid)
+                    .map_err(|e| name_cached_download(e, opts, cache))?;
                 cache.link(&local, &blob)?;
             }
         }
@@ -915,6 +950,25 @@ fn discard_cached(local: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache the user may not write says how to use it as it is; other errors, and
+    /// errors outside the cache, are left alone.
+    #[test]
+    fn an_unwritable_cache_points_to_offline_imports() {
+        let cache = Path::new("/shared/hf/hub");
+        let denied = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let error = unwritable_cache(DataError::io(cache.join("x/.vt.tmp-1"), denied()), cache);
+        assert!(error.to_string().contains("HF_HUB_OFFLINE=1"), "{error}");
+        assert!(error.to_string().contains(".vt.tmp-1"), "{error}");
+        let elsewhere = unwritable_cache(DataError::io("/data/intel", denied()), cache);
+        assert!(
+            !elsewhere.to_string().contains("HF_HUB_OFFLINE"),
+            "{elsewhere}"
+        );
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let full = unwritable_cache(DataError::io(cache.join("x"), full), cache);
+        assert!(!full.to_string().contains("HF_HUB_OFFLINE"), "{full}");
+    }
 
     #[test]
     fn repo_specs_parse() {

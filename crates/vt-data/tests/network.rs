@@ -1732,6 +1732,15 @@ fn rate_limits_say_to_wait() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("429") && err.contains("wait 30 s"), "{err}");
+    // And a server down for maintenance, likewise.
+    let server = TestServer::start(|_| Reply::status(503).with_header("Retry-After", "120"));
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("503") && err.contains("unavailable for now: wait 120 s"),
+        "{err}"
+    );
 }
 
 /// Network errors name the URL once, not once in the message and again in its cause.
