@@ -111,7 +111,7 @@ fn remedy(cause: &std::io::Error) -> &'static str {
     use std::io::ErrorKind;
     match cause.kind() {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
-            " (free space there or choose another folder, then run again: downloads resume)"
+            " (free space there, then run again)"
         }
         _ => "",
     }

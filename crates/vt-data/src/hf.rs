@@ -165,6 +165,23 @@ fn endpoint_of(opts: &HfOptions) -> String {
         .unwrap_or_else(|| "https://huggingface.co".into())
 }
 
+/// Whether the client sends a token, as `huggingface_hub` finds one: `HF_TOKEN`, else the
+/// file `HF_TOKEN_PATH` names, else `token` in `HF_HOME` (`~/.cache/huggingface`).
+fn token_set() -> bool {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(token) = var("HF_TOKEN") {
+        return !token.to_string_lossy().trim().is_empty();
+    }
+    let file = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
+        var("HF_HOME")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|home| Path::new(&home).join(".cache/huggingface")))
+            .map(|home| home.join("token"))
+    });
+    file.and_then(|f| fs::read_to_string(f).ok())
+        .is_some_and(|token| !token.trim().is_empty())
+}
+
 /// Error texts that mean a wrong repository or missing access rather than no network.
 const ACCESS_PROBLEMS: [&str; 6] = [
     "401",
@@ -185,8 +202,7 @@ fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)
     };
     let mut hint = String::new();
     let lower = message.to_ascii_lowercase();
-    // As the client reads it.
-    let token_set = std::env::var("HF_TOKEN").is_ok_and(|token| !token.is_empty());
+    let token_set = token_set();
     if let Some(HFError::RateLimited { retry_after, .. }) = e.downcast_ref::<HFError>() {
         let wait = retry_after.map_or_else(
             || "a few minutes".to_string(),
@@ -204,7 +220,7 @@ fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)
     } else if ACCESS_PROBLEMS.iter().any(|s| lower.contains(s)) {
         let page = format!(
             "{}/datasets/{}/{}",
-            endpoint_of(opts),
+            endpoint_of(opts).trim_end_matches('/'),
             opts.repo.owner,
             opts.repo.name
         );
@@ -221,6 +237,11 @@ fn hub_error(opts: &HfOptions, what: &str, e: &(dyn std::error::Error + 'static)
                  at {page}). "
             )
         });
+    }
+    if lower.contains("503") {
+        hint.push_str(
+            "The hub is unavailable for now: wait a few minutes and run fetch-data again. ",
+        );
     }
     hint.push_str(ALTERNATIVES);
     DataError::Network {

@@ -595,10 +595,33 @@ pub fn lock_for_reading(data_dir: &Path) -> Result<Option<File>> {
         return Ok(None);
     };
     let path = target.with_file_name(format!(".{}.lock", name.to_string_lossy()));
-    let file = match File::open(&path) {
+    // An import without one (copied, or by a version before imports locked) gets one, as
+    // an import would make it; a folder no import made is not written beside.
+    let is_import = target.join(MANIFEST_FILE).is_file();
+    let unwritable = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
+        )
+    };
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(is_import)
+        .create(is_import)
+        .truncate(false)
+        .open(&path)
+        .or_else(|e| {
+            if unwritable(&e) {
+                File::open(&path)
+            } else {
+                Err(e)
+            }
+        });
+    let file = match opened {
         Ok(file) => file,
-        // A folder no import made, or one made before imports locked.
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        // Beside a folder this user may only read: no import of theirs replaces it either.
+        Err(e) if unwritable(&e) => return Ok(None),
         Err(e) => return Err(DataError::io(&path, e)),
     };
     match file.try_lock_shared() {
@@ -696,11 +719,16 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
         &written,
     )?);
     if !others.is_empty() {
+        const NAMED: usize = 10;
+        let more = match others.len().saturating_sub(NAMED) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         return Err(DataError::Invalid(format!(
-            "refusing to replace {}: besides an earlier import it holds {}, which the new \
-             import would delete; move {} away first",
+            "refusing to replace {}: besides an earlier import it holds {}{more}, which the \
+             new import would delete; move {} away first",
             data_dir.display(),
-            others.join(", "),
+            others[..others.len().min(NAMED)].join(", "),
             if others.len() == 1 { "it" } else { "them" }
         )));
     }

@@ -316,12 +316,14 @@ fn folders_linked_to_each_other_are_listed_once() {
     // Two links into one outside folder, one to a folder inside the other's: each photo once.
     write(&tmp.path().join("more/sub/b.jpg"), &jpeg(11));
     std::os::unix::fs::symlink(tmp.path().join("more/sub"), train.join("forest/aa")).unwrap();
-    // And one to the folder above the source, which holds it.
+    // And one to the folder above the source, which holds it and other photos.
     std::os::unix::fs::symlink(tmp.path(), train.join("sea/up")).unwrap();
+    write(&tmp.path().join("other/c.jpg"), &jpeg(12));
     let mut opts = from_path(&tmp.path().join("data"), &src);
     opts.val_fraction = 0.0;
     let m = fetch(&opts).unwrap();
     assert_eq!(m.splits.train["forest"], 5, "{:?}", m.splits);
+    assert_eq!(m.splits.train["sea"], 1, "{:?}", m.splits);
     assert_eq!(m.duplicates, Some(Vec::new()));
 }
 
@@ -551,6 +553,15 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     write(&mine, &jpeg(200));
     let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
     assert!(err.contains(&format!("train/{class}/mine.jpg")), "{err}");
+    // Many additions: the first few are named, the others counted.
+    for i in 0..12 {
+        write(&data.join(format!("pred/mine-{i:02}.jpg")), b"x");
+    }
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    assert!(err.contains("and 3 more, which the new import"), "{err}");
+    for i in 0..12 {
+        fs::remove_file(data.join(format!("pred/mine-{i:02}.jpg"))).unwrap();
+    }
     // An import by a version that listed no files: more files than it wrote are noticed.
     fs::remove_file(data.join(".imported-files")).unwrap();
     write(&theirs, &jpeg(201));
@@ -647,6 +658,14 @@ fn imports_and_readers_of_a_data_dir_exclude_each_other() {
     let elsewhere = tmp.path().join("mine");
     fs::create_dir_all(elsewhere.join("train/sea")).unwrap();
     assert!(lock_for_reading(&elsewhere).unwrap().is_none());
+    assert!(!tmp.path().join(".mine.lock").exists());
+    // An import without its lock file (copied elsewhere) gets one: imports are kept out.
+    let copy = tmp.path().join("copy");
+    fs::rename(&data, &copy).unwrap();
+    let reading = lock_for_reading(&copy).unwrap();
+    assert!(reading.is_some());
+    let err = fetch(&tiny_synthetic(&copy, 2)).unwrap_err();
+    assert!(matches!(err, DataError::Locked(_)), "{err}");
 }
 
 /// A Kaggle-layout source where forest has three training photos, and sea (a data set needs

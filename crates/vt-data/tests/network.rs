@@ -1286,6 +1286,15 @@ fn hugging_face_failures_are_quick_and_name_the_alternatives() {
     let with_token = format!("its conditions at {}/datasets/someone/missing", server.url);
     assert!(err.contains(&page) || err.contains(&with_token), "{err}");
 
+    let down = TestServer::start(|_| Reply::status(503).with_header("Retry-After", "30"));
+    let err = fetch(&hf_opts(&down, "someone/down", tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("The hub is unavailable for now: wait"),
+        "{err}"
+    );
+
     let empty = hub("someone/empty", vec![("README.md".into(), b"hi".to_vec())]);
     let err = fetch(&hf_opts(&empty, "someone/empty", tmp.path()))
         .unwrap_err()

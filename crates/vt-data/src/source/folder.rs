@@ -19,16 +19,35 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
         )));
     }
     // Each folder is listed once, whatever leads to it: a link to a folder already listed
-    // (one above it, say, which would list its images forever) is not followed. The
-    // source's own folders are listed before any link is followed, and links in the order
-    // of their paths, so that which of two ways to a folder counts does not depend on the
-    // order they are found in. (A folder whose real path cannot be told is listed.)
+    // (one above it, say, which would list its images forever) or to one that holds the
+    // source is not followed. The source's own folders are listed before any link is
+    // followed, and links in the order of their paths, so that which of two ways to a
+    // folder counts does not depend on the order they are found in. (A folder whose real
+    // path cannot be told is listed.)
     let mut folders = vec![root.to_path_buf()];
     let mut links = BTreeSet::new();
     let mut listed = HashSet::new();
     let mut files = Vec::new();
-    while let Some(dir) = folders.pop().or_else(|| links.pop_first()) {
+    let root_real = root.canonicalize().ok();
+    while let Some((dir, linked)) = folders
+        .pop()
+        .map(|dir| (dir, false))
+        .or_else(|| links.pop_first().map(|dir| (dir, true)))
+    {
         if let Ok(real) = dir.canonicalize() {
+            // Above the source (`..`, the home folder): everything else there is no photo
+            // of the class the link is in.
+            if linked
+                && root_real
+                    .as_ref()
+                    .is_some_and(|root| root.starts_with(&real))
+            {
+                tracing::warn!(
+                    "{}: a link to a folder that holds the source, not followed",
+                    dir.display()
+                );
+                continue;
+            }
             if !listed.insert(real) {
                 tracing::warn!(
                     "{}: a folder already listed (through a link), not listed again",
