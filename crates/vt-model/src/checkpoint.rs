@@ -58,7 +58,17 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
             path: dir.to_path_buf(),
         });
     }
+    // A run's folder with a config.json put in it is still no checkpoint.
+    if is_run(dir) {
+        refuse_non_checkpoint(dir)?;
+    }
     read_run_state_config(dir)
+}
+
+/// Whether `dir` is a training run's folder: its options and something its training wrote.
+fn is_run(dir: &Path) -> bool {
+    dir.join(RUN_OPTIONS_FILE).is_file()
+        && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists())
 }
 
 /// As [`read_config`], a run's `state/` included, whatever it keeps: for resuming it.
@@ -122,9 +132,7 @@ pub fn refuse_non_checkpoint(dir: &Path) -> Result<()> {
         .filter(|path| path.join(CONFIG_FILE).is_file())
         .collect();
     inner.sort();
-    let is_run = dir.join(RUN_OPTIONS_FILE).is_file()
-        && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists());
-    if !is_run {
+    if !is_run(dir) {
         if inner.is_empty() {
             return Ok(());
         }

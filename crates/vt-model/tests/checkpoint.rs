@@ -96,6 +96,14 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
         )),
         "{err}"
     );
+    // A config.json put in the run does not make it a checkpoint.
+    std::fs::write(run.join("config.json"), "{}").unwrap();
+    assert!(
+        load_err(&run).contains("is a training run's folder, not a checkpoint"),
+        "{}",
+        load_err(&run)
+    );
+    std::fs::remove_file(run.join("config.json")).unwrap();
     // Its checkpoints load.
     Model::load(&run.join("best"), &Device::Cpu).unwrap();
     // One a save stopped short of, beside the run's state, is written by a resume.
