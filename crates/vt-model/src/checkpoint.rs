@@ -65,8 +65,10 @@ pub fn read_config(dir: &Path) -> Result<VtConfig> {
     read_run_state_config(dir)
 }
 
-/// Whether `dir` is a training run's folder: its options and something its training wrote.
-fn is_run(dir: &Path) -> bool {
+/// Whether `dir` is a training run's folder: its `config.toml` and a trace of its training
+/// (its state, metrics, or the lock a run takes first). A `config.toml` alone may be a
+/// user's options file.
+pub fn is_run(dir: &Path) -> bool {
     dir.join(RUN_OPTIONS_FILE).is_file()
         && RUN_OUTPUTS.iter().any(|output| dir.join(output).exists())
 }

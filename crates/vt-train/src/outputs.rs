@@ -7,13 +7,13 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use vt_data::dataset::{Manifest, Split, MANIFEST_FILE};
+pub use vt_model::checkpoint::is_run;
 use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
 use crate::history::TOP_DIR;
-use crate::metrics::{write_atomically, METRICS_JSONL};
+use crate::metrics::write_atomically;
 use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
-use crate::train::{CONFIG_TOML, LOCK_FILE};
 
 /// The folders of a run that its training writes.
 pub const RUN_FOLDERS: [&str; 4] = [TOP_DIR, STATE_DIR, BEST_DIR, LAST_DIR];
@@ -213,16 +213,6 @@ pub fn run_keeping(checkpoint: &Path) -> Option<PathBuf> {
     (top.file_name()? == TOP_DIR && is_run(run)).then(|| run.to_path_buf())
 }
 
-/// Whether `folder` is a training run: its `config.toml` and a trace of its training (its
-/// state, metrics, or the lock a run takes first). A `config.toml` alone may be a user's
-/// options file.
-pub fn is_run(folder: &Path) -> bool {
-    folder.join(CONFIG_TOML).is_file()
-        && [STATE_DIR, METRICS_JSONL, LOCK_FILE]
-            .iter()
-            .any(|name| folder.join(name).exists())
-}
-
 /// Whether `folder` holds a checkpoint (or a run's state, which is written as one): its
 /// `config.json` says so, whatever else was put beside it, unless it is a run.
 pub fn is_checkpoint(folder: &Path) -> bool {
@@ -276,6 +266,8 @@ pub fn resolved(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::METRICS_JSONL;
+    use crate::train::CONFIG_TOML;
 
     /// A folder that takes no files is refused before the work, naming it; a writable one
     /// is left as it was.
