@@ -2,7 +2,7 @@
 //! usable (failures are recorded, never fatal), written under a temporary sibling folder, split
 //! into train/val, and only then renamed into place, so nothing half-done ever looks done.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -735,9 +735,15 @@ fn check_replaceable(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The files an import wrote, one path per line relative to its folder (`train/sea/1.jpg`),
-/// so that a later import can tell a user's additions from them.
+/// The files an import wrote, one per line: the path relative to its folder
+/// (`train/sea/1.jpg`), a tab and the size in bytes, so that a later import can tell a
+/// user's additions and edits from them. Paths hold no control characters (see
+/// [`sanitize_stem`] and [`unusable_class_name`]).
 const FILE_LIST: &str = ".imported-files";
+
+/// The files an import wrote, by path, with their sizes (none in the list of the version
+/// that wrote paths only).
+type WrittenFiles = HashMap<String, Option<u64>>;
 
 /// Writes [`FILE_LIST`] of the import in `staging`: the files of its splits and `pred/`.
 fn write_file_list(staging: &Path) -> Result<()> {
@@ -746,45 +752,71 @@ fn write_file_list(staging: &Path) -> Result<()> {
         for (class, _) in list_entries(&staging.join(split.dir_name()))? {
             let folder = format!("{split}/{class}");
             for (name, _) in list_entries(&staging.join(&folder))? {
-                paths.push(format!("{folder}/{name}\n"));
+                paths.push(format!("{folder}/{name}"));
             }
         }
     }
     for (name, _) in list_entries(&staging.join(PRED_DIR))? {
-        paths.push(format!("{PRED_DIR}/{name}\n"));
+        paths.push(format!("{PRED_DIR}/{name}"));
     }
-    write_synced(&staging.join(FILE_LIST), paths.concat().as_bytes())
+    let mut list = String::new();
+    for path in paths {
+        let file = staging.join(&path);
+        let size = fs::metadata(&file)
+            .map_err(|e| DataError::io(&file, e))?
+            .len();
+        list.push_str(&format!("{path}\t{size}\n"));
+    }
+    write_synced(&staging.join(FILE_LIST), list.as_bytes())
 }
 
 /// [`FILE_LIST`] of the import in `data_dir`; None for an import by an earlier version,
 /// which wrote none.
-fn read_file_list(data_dir: &Path) -> Result<Option<HashSet<String>>> {
+fn read_file_list(data_dir: &Path) -> Result<Option<WrittenFiles>> {
     let path = data_dir.join(FILE_LIST);
-    match fs::read_to_string(&path) {
-        Ok(text) => Ok(Some(text.lines().map(str::to_string).collect())),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(DataError::io(path, e)),
-    }
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(path, e)),
+    };
+    let entry = |line: &str| match line.split_once('\t') {
+        Some((path, size)) => (path.to_string(), size.parse().ok()),
+        None => (line.to_string(), None),
+    };
+    Ok(Some(text.lines().map(entry).collect()))
 }
 
 /// What a user added to `folder` (relative to `data_dir`) of an import that wrote
-/// `imported` files there, `written` by name: its subfolders, and the files the import did
-/// not write. Without the names (an earlier version's import), only more files than it
-/// wrote are noticed. A file replaced by another of the same name goes unnoticed.
+/// `imported` files there, `written` by name and size: its subfolders, the files the import
+/// did not write, and those whose size changed since (a photo edited or replaced). Without
+/// the names (an earlier version's import), only more files than it wrote are noticed.
 fn added_to_folder(
     data_dir: &Path,
     folder: &str,
     imported: usize,
-    written: &Option<HashSet<String>>,
+    written: &Option<WrittenFiles>,
 ) -> Result<Vec<String>> {
     let entries = list_entries(&data_dir.join(folder))?;
     let files = entries.iter().filter(|(_, is_dir)| !is_dir).count();
     let mut added = Vec::new();
     for (name, is_dir) in entries {
         let path = format!("{folder}/{name}");
-        let unwritten = written.as_ref().is_some_and(|w| !w.contains(&path));
-        if is_dir || unwritten {
+        if is_dir {
             added.push(path);
+            continue;
+        }
+        match written.as_ref().map(|w| w.get(&path)) {
+            Some(None) => added.push(path),
+            Some(Some(&Some(size))) => {
+                let file = data_dir.join(&path);
+                let now = fs::metadata(&file)
+                    .map_err(|e| DataError::io(&file, e))?
+                    .len();
+                if now != size {
+                    added.push(format!("{path} (changed since the import)"));
+                }
+            }
+            Some(Some(None)) | None => {}
         }
     }
     if written.is_none() && files > imported {

@@ -553,6 +553,22 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     write(&mine, &jpeg(200));
     let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
     assert!(err.contains(&format!("train/{class}/mine.jpg")), "{err}");
+    // A photo edited in place is noticed by its size.
+    let edited = fs::read_dir(data.join("val").join(&class))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let original = fs::read(&edited).unwrap();
+    write(&edited, &[original.as_slice(), b"edited"].concat());
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    let name = edited.file_name().unwrap().to_string_lossy();
+    assert!(
+        err.contains(&format!("val/{class}/{name} (changed since the import)")),
+        "{err}"
+    );
+    write(&edited, &original);
     // Many additions: the first few are named, the others counted.
     for i in 0..12 {
         write(&data.join(format!("pred/mine-{i:02}.jpg")), b"x");
