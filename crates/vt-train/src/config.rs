@@ -47,6 +47,43 @@ impl Recipe {
     }
 }
 
+/// The optimiser, by timm's `--opt` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with Nesterov momentum
+    Sgd,
+    /// SGD with plain momentum, as torchvision's reference recipe
+    Momentum,
+    /// AdamW: Adam with decoupled weight decay
+    Adamw,
+}
+
+impl OptimizerKind {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Momentum => "momentum",
+            OptimizerKind::Adamw => "adamw",
+        }
+    }
+}
+
+/// What follows the warmup, by timm's `--sched` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    /// Half a cosine from --lr down to --min-lr over the rest of the run
+    Cosine,
+    /// --lr times --decay-rate every --decay-epochs (PyTorch's StepLR)
+    Step,
+}
+
+/// The step schedule's defaults: the reference notebook's StepLR.
+const DECAY_EPOCHS: usize = 7;
+const DECAY_RATE: f64 = 0.1;
+
 /// Options of `vt-train train`; every one is optional and falls back to the config file,
 /// then the recipe.
 #[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -55,16 +92,19 @@ pub struct TrainOptions {
     /// Data folder: train/, val/ [, test/] with a folder per class, as `cargo xtask
     /// fetch-data` makes it (with manifest.json) or in torchvision's ImageFolder layout
     /// [default: data/intel]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "data-dir", value_name = "DIR")]
+    #[serde(alias = "data-dir")]
     pub data: Option<PathBuf>,
     /// Training recipe; its defaults apply to every option not given [default: modern]
     #[arg(long, value_enum)]
     pub recipe: Option<Recipe>,
     /// vt-resnet18 or vt-resnet34 [default: seed recipe vt-resnet34, modern vt-resnet18]
-    #[arg(long)]
+    #[arg(long, visible_alias = "model")]
+    #[serde(alias = "model")]
     pub arch: Option<Arch>,
     /// Input side in pixels (square) [default: 150, the photos' size]
-    #[arg(long)]
+    #[arg(long, visible_alias = "img-size")]
+    #[serde(alias = "img-size")]
     pub image_size: Option<usize>,
     /// Visual tokens L [default: 16]
     #[arg(long)]
@@ -79,7 +119,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Images per batch [default: 32]
-    #[arg(long)]
+    #[arg(long, short = 'b')]
     pub batch_size: Option<usize>,
     /// Batches per optimiser step: their gradients are summed (each batch's loss divided by
     /// the batches in its update: N, fewer in an epoch's last) before one update, for an
@@ -95,21 +135,45 @@ pub struct TrainOptions {
     /// modern 0.05]
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Optimiser (timm's names) [default: seed sgd, modern adamw]
+    #[arg(long, value_enum)]
+    pub opt: Option<OptimizerKind>,
+    /// SGD's momentum, AdamW's first beta (its second is 0.999, its epsilon 1e-8)
+    /// [default: 0.9]
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Learning-rate schedule after the warmup (timm's names) [default: seed step, modern
+    /// cosine]
+    #[arg(long, value_enum)]
+    pub sched: Option<ScheduleKind>,
+    /// Epochs between the step schedule's drops, counted from the run's start [default: 7]
+    #[arg(long, value_name = "N")]
+    pub decay_epochs: Option<usize>,
+    /// The step schedule's factor at each drop [default: 0.1]
+    #[arg(long, value_name = "FACTOR")]
+    pub decay_rate: Option<f64>,
+    /// The learning rate the cosine schedule ends at [default: 1e-6, or a hundredth of --lr
+    /// where that is lower]
+    #[arg(long, value_name = "LR")]
+    pub min_lr: Option<f64>,
     /// Epochs of linear learning-rate warmup, fractions allowed [default: seed 1, modern 2]
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     /// Label smoothing of the cross-entropy [default: seed 0, modern 0.1]
-    #[arg(long)]
+    #[arg(long, visible_alias = "smoothing")]
+    #[serde(alias = "smoothing")]
     pub label_smoothing: Option<f64>,
     /// MixUp: blend each training image with the previous of its batch, and their labels alike,
     /// in shares drawn from Beta(ALPHA, ALPHA) (torchvision's reference recipe: 0.2); 0
     /// disables. With --cutmix-alpha too, each batch takes one of the two [default: 0]
-    #[arg(long, value_name = "ALPHA")]
+    #[arg(long, visible_alias = "mixup", value_name = "ALPHA")]
+    #[serde(alias = "mixup")]
     pub mixup_alpha: Option<f64>,
     /// CutMix: paste a box of the previous image of the batch into each training image, the
     /// labels weighed by area, its share drawn from Beta(ALPHA, ALPHA) (torchvision's
     /// reference recipe: 1.0); 0 disables [default: 0]
-    #[arg(long, value_name = "ALPHA")]
+    #[arg(long, visible_alias = "cutmix", value_name = "ALPHA")]
+    #[serde(alias = "cutmix")]
     pub cutmix_alpha: Option<f64>,
     /// TrivialAugmentWide after the crop, rotation and flip: one of 14 photometric or
     /// geometric operations at a random strength per image, resampled bilinearly
@@ -118,14 +182,16 @@ pub struct TrainOptions {
     pub trivial_augment: Option<bool>,
     /// RandomErasing: with this probability, set a random box of each normalised training
     /// image to 0, the mean colour (torchvision's reference recipe: 0.1) [default: 0]
-    #[arg(long, value_name = "P")]
+    #[arg(long, visible_alias = "reprob", value_name = "P")]
+    #[serde(alias = "reprob")]
     pub random_erase: Option<f64>,
     /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
     #[arg(long, value_name = "NORM")]
     pub clip_grad: Option<f64>,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999);
     /// validation, best/ and last/ then use the averaged weights; 0 disables [default: off]
-    #[arg(long, value_name = "DECAY")]
+    #[arg(long, visible_alias = "model-ema-decay", value_name = "DECAY")]
+    #[serde(alias = "model-ema-decay")]
     pub ema: Option<f64>,
     /// Stop when validation accuracy has not improved for this many epochs; 0 disables
     /// [default: off]
@@ -168,7 +234,8 @@ pub struct TrainOptions {
     pub threads: Option<usize>,
     /// Image decoding threads [default: the cores left by --threads, at least 1; on a GPU,
     /// all cores but one]
-    #[arg(long, value_parser = thread_count)]
+    #[arg(long, short = 'j', visible_alias = "workers", value_parser = thread_count)]
+    #[serde(alias = "workers")]
     pub loader_threads: Option<usize>,
     /// Seed of the initialisation, data order and augmentation [default: 0]
     #[arg(long)]
@@ -216,6 +283,12 @@ impl TrainOptions {
             grad_accum_steps,
             lr,
             weight_decay,
+            opt,
+            momentum,
+            sched,
+            decay_epochs,
+            decay_rate,
+            min_lr,
             warmup_epochs,
             label_smoothing,
             mixup_alpha,
@@ -291,6 +364,24 @@ pub struct TrainConfig {
     pub grad_accum_steps: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Absent from run folders written before the option existed: the recipe's, as in
+    /// [`TrainConfig::optimizer`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opt: Option<OptimizerKind>,
+    /// Absent from run folders written before the option existed: 0.9, both recipes'.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Absent from run folders written before the option existed: the recipe's, as in
+    /// [`TrainConfig::schedule`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sched: Option<ScheduleKind>,
+    #[serde(default = "default_decay_epochs")]
+    pub decay_epochs: usize,
+    #[serde(default = "default_decay_rate")]
+    pub decay_rate: f64,
+    /// None: the default, which follows --lr (also when a resume changes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
     pub warmup_epochs: f64,
     pub label_smoothing: f64,
     /// Absent from run folders written before the option existed: off.
@@ -334,6 +425,18 @@ pub struct TrainConfig {
 
 fn tf32_by_default() -> bool {
     true
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+
+fn default_decay_epochs() -> usize {
+    DECAY_EPOCHS
+}
+
+fn default_decay_rate() -> f64 {
+    DECAY_RATE
 }
 
 /// "1 step", "2 steps".
@@ -426,6 +529,20 @@ impl TrainConfig {
             grad_accum_steps: o.grad_accum_steps.unwrap_or_else(one_batch_per_step),
             lr: o.lr.unwrap_or(if seed { 0.01 } else { 5e-4 }),
             weight_decay: o.weight_decay.unwrap_or(if seed { 0.0 } else { 0.05 }),
+            opt: Some(o.opt.unwrap_or(if seed {
+                OptimizerKind::Sgd
+            } else {
+                OptimizerKind::Adamw
+            })),
+            momentum: o.momentum.unwrap_or_else(default_momentum),
+            sched: Some(o.sched.unwrap_or(if seed {
+                ScheduleKind::Step
+            } else {
+                ScheduleKind::Cosine
+            })),
+            decay_epochs: o.decay_epochs.unwrap_or(DECAY_EPOCHS),
+            decay_rate: o.decay_rate.unwrap_or(DECAY_RATE),
+            min_lr: o.min_lr,
             warmup_epochs: o.warmup_epochs.unwrap_or(if seed { 1.0 } else { 2.0 }),
             label_smoothing: o.label_smoothing.unwrap_or(if seed { 0.0 } else { 0.1 }),
             mixup_alpha: o.mixup_alpha.unwrap_or(0.0),
@@ -471,6 +588,7 @@ impl TrainConfig {
             ("--tokens", self.tokens),
             ("--token-channels", self.token_channels),
             ("--heads", self.heads),
+            ("--decay-epochs", self.decay_epochs),
             ("--threads", self.threads),
             ("--loader-threads", self.loader_threads),
         ];
@@ -493,6 +611,52 @@ impl TrainConfig {
                 "--weight-decay must be >= 0, got {}",
                 self.weight_decay
             ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return fail(format!(
+                "--momentum must be in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        let step = self.schedule() == ScheduleKind::Step;
+        if !(self.decay_rate > 0.0 && self.decay_rate <= 1.0) {
+            return fail(format!(
+                "--decay-rate must be in (0, 1], got {}",
+                self.decay_rate
+            ));
+        }
+        let step_options: Vec<String> = [
+            (self.decay_epochs != DECAY_EPOCHS)
+                .then(|| format!("--decay-epochs {}", self.decay_epochs)),
+            (self.decay_rate != DECAY_RATE).then(|| format!("--decay-rate {}", self.decay_rate)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !step && !step_options.is_empty() {
+            let (verb, them) = match step_options.len() {
+                1 => ("sets", "it"),
+                _ => ("set", "them"),
+            };
+            return fail(format!(
+                "{} {verb} the step schedule, and the schedule is cosine: add --sched step, or \
+                 leave {them} out",
+                step_options.join(" and ")
+            ));
+        }
+        if let Some(min_lr) = self.min_lr {
+            if step {
+                return fail(format!(
+                    "--min-lr {min_lr:e} sets where the cosine schedule ends, and the schedule \
+                     is step: add --sched cosine, or leave it out"
+                ));
+            }
+            if !(min_lr >= 0.0 && min_lr < self.lr) {
+                return fail(format!(
+                    "--min-lr must be at least 0 and below --lr ({:e}), got {min_lr:e}",
+                    self.lr
+                ));
+            }
         }
         if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
             return fail(format!(
@@ -544,14 +708,24 @@ impl TrainConfig {
 
     /// Refuses, naming the flag and both values, what a resumed run (`self`) cannot change
     /// from the `run` it continues: the model's shape and image size (the saved weights
-    /// have them), the recipe (the saved moments belong to its optimiser) and the
-    /// pretrained stem (loaded at a run's start only).
+    /// have them), the recipe and optimiser (the saved moments are its optimiser's, kept with
+    /// its momentum) and the pretrained stem (loaded at a run's start only).
     pub fn check_resume(&self, run: &TrainConfig) -> Result<()> {
         let fixed = [
             (
                 "--recipe",
                 run.recipe.name().into(),
                 self.recipe.name().into(),
+            ),
+            (
+                "--opt",
+                run.optimizer().name().into(),
+                self.optimizer().name().into(),
+            ),
+            (
+                "--momentum",
+                run.momentum.to_string(),
+                self.momentum.to_string(),
             ),
             ("--arch", run.arch.to_string(), self.arch.to_string()),
             (
@@ -657,6 +831,12 @@ impl TrainConfig {
             grad_accum_steps: Some(self.grad_accum_steps),
             lr: Some(self.lr),
             weight_decay: Some(self.weight_decay),
+            opt: self.opt,
+            momentum: Some(self.momentum),
+            sched: self.sched,
+            decay_epochs: Some(self.decay_epochs),
+            decay_rate: Some(self.decay_rate),
+            min_lr: self.min_lr,
             warmup_epochs: Some(self.warmup_epochs),
             label_smoothing: Some(self.label_smoothing),
             mixup_alpha: Some(self.mixup_alpha),
@@ -694,14 +874,35 @@ impl TrainConfig {
         }
     }
 
+    /// `--opt`, or the recipe's for a run written before the option existed.
+    pub fn optimizer(&self) -> OptimizerKind {
+        self.opt.unwrap_or(match self.recipe {
+            Recipe::Seed => OptimizerKind::Sgd,
+            Recipe::Modern => OptimizerKind::Adamw,
+        })
+    }
+
+    /// `--sched`, or the recipe's for a run written before the option existed.
+    pub fn schedule(&self) -> ScheduleKind {
+        self.sched.unwrap_or(match self.recipe {
+            Recipe::Seed => ScheduleKind::Step,
+            Recipe::Modern => ScheduleKind::Cosine,
+        })
+    }
+
     pub fn method(&self) -> Method {
-        match self.recipe {
-            Recipe::Seed => Method::Sgd {
-                momentum: 0.9,
-                nesterov: true,
+        match self.optimizer() {
+            // Nesterov's look-ahead needs a momentum (PyTorch refuses it without one).
+            OptimizerKind::Sgd => Method::Sgd {
+                momentum: self.momentum,
+                nesterov: self.momentum > 0.0,
             },
-            Recipe::Modern => Method::AdamW {
-                beta1: 0.9,
+            OptimizerKind::Momentum => Method::Sgd {
+                momentum: self.momentum,
+                nesterov: false,
+            },
+            OptimizerKind::Adamw => Method::AdamW {
+                beta1: self.momentum,
                 beta2: 0.999,
                 eps: 1e-8,
             },
@@ -709,15 +910,17 @@ impl TrainConfig {
     }
 
     pub fn decay(&self) -> Decay {
-        match self.recipe {
-            Recipe::Seed => Decay::Step {
-                every_epochs: 7,
-                gamma: 0.1,
+        match self.schedule() {
+            ScheduleKind::Step => Decay::Step {
+                every_epochs: self.decay_epochs,
+                gamma: self.decay_rate,
             },
-            // 1e-6, or a hundredth of --lr where that is lower, so that the cosine always
-            // decays (a floor above --lr would raise the rate).
-            Recipe::Modern => Decay::Cosine {
-                min_lr: COSINE_FLOOR.min(self.lr / 100.0),
+            // By default 1e-6, or a hundredth of --lr where that is lower, so that the cosine
+            // always decays (a floor above --lr would raise the rate).
+            ScheduleKind::Cosine => Decay::Cosine {
+                min_lr: self
+                    .min_lr
+                    .unwrap_or_else(|| COSINE_FLOOR.min(self.lr / 100.0)),
             },
         }
     }
@@ -926,6 +1129,42 @@ mod tests {
         assert!(Cli::try_parse_from(["vt-train", "--tf32", "maybe"]).is_err());
     }
 
+    /// timm's names for the options it shares, as flags and in a --config file.
+    #[test]
+    fn timms_option_names_are_accepted() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: TrainOptions,
+        }
+        let timm = "--data-dir d --model vt-resnet34 --img-size 64 -b 8 --smoothing 0.2 \
+                    --mixup 0.2 --cutmix 1 --reprob 0.25 --model-ema-decay 0.99 -j 2";
+        let cli =
+            Cli::try_parse_from(["vt-train"].into_iter().chain(timm.split_whitespace())).unwrap();
+        let expected = TrainOptions {
+            data: Some("d".into()),
+            arch: Some(Arch::VtResNet34),
+            image_size: Some(64),
+            batch_size: Some(8),
+            label_smoothing: Some(0.2),
+            mixup_alpha: Some(0.2),
+            cutmix_alpha: Some(1.0),
+            random_erase: Some(0.25),
+            ema: Some(0.99),
+            loader_threads: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(cli.options, expected);
+        let file: TrainOptions = toml::from_str(
+            "data-dir = \"d\"\nmodel = \"vt-resnet34\"\nimg-size = 64\nbatch-size = 8\n\
+             smoothing = 0.2\nmixup = 0.2\ncutmix = 1.0\nreprob = 0.25\n\
+             model-ema-decay = 0.99\nworkers = 2\n",
+        )
+        .unwrap();
+        assert_eq!(file, expected);
+    }
+
     /// NaN and infinities reach validation whether they come from a flag or a file, instead
     /// of falling back to the recipe's value.
     #[test]
@@ -935,6 +1174,9 @@ mod tests {
             ("clip-grad = inf\n", "--clip-grad"),
             ("weight-decay = -inf\n", "--weight-decay"),
             ("ema = nan\n", "--ema"),
+            ("momentum = nan\n", "--momentum"),
+            ("decay-rate = nan\n", "--decay-rate"),
+            ("min-lr = nan\n", "--min-lr"),
         ] {
             let file: TrainOptions = toml::from_str(text).unwrap();
             for options in [
@@ -949,6 +1191,105 @@ mod tests {
                 assert!(refused.contains(flag), "{text}: {refused}");
             }
         }
+    }
+
+    #[test]
+    fn the_optimiser_and_schedule_are_chosen_by_timms_names() {
+        let config = |text: &str| {
+            let options: TrainOptions = toml::from_str(text).unwrap();
+            TrainConfig::resolve(&options)
+        };
+        let seed =
+            config("recipe = \"seed\"\nopt = \"adamw\"\nsched = \"cosine\"\nmin-lr = 1e-5\n")
+                .unwrap();
+        assert_eq!(
+            (seed.method(), seed.decay()),
+            (
+                Method::AdamW {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8
+                },
+                Decay::Cosine { min_lr: 1e-5 }
+            )
+        );
+        let modern = config(
+            "opt = \"momentum\"\nmomentum = 0.8\nsched = \"step\"\ndecay-epochs = 3\n\
+             decay-rate = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (modern.method(), modern.decay()),
+            (
+                Method::Sgd {
+                    momentum: 0.8,
+                    nesterov: false
+                },
+                Decay::Step {
+                    every_epochs: 3,
+                    gamma: 0.5
+                }
+            )
+        );
+        let plain = config("opt = \"sgd\"\nmomentum = 0\n").unwrap();
+        assert_eq!(
+            plain.method(),
+            Method::Sgd {
+                momentum: 0.0,
+                nesterov: false
+            }
+        );
+        let beta1 = config("momentum = 0.95\n").unwrap();
+        assert!(matches!(beta1.method(), Method::AdamW { beta1, .. } if beta1 == 0.95));
+        for (text, refusal) in [
+            ("momentum = 1\n", "--momentum must be in [0, 1), got 1"),
+            ("decay-rate = 0\n", "--decay-rate must be in (0, 1], got 0"),
+            (
+                "sched = \"step\"\ndecay-rate = 2\n",
+                "--decay-rate must be in (0, 1], got 2",
+            ),
+            (
+                "sched = \"step\"\ndecay-epochs = 0\n",
+                "--decay-epochs must be at least 1",
+            ),
+            (
+                "decay-epochs = 5\n",
+                "the schedule is cosine: add --sched step",
+            ),
+            (
+                "recipe = \"seed\"\nmin-lr = 1e-5\n",
+                "the schedule is step: add --sched cosine",
+            ),
+            ("min-lr = 5e-4\n", "below --lr (5e-4), got 5e-4"),
+            ("min-lr = -1\n", "--min-lr must be at least 0"),
+        ] {
+            let err = config(text).unwrap_err().to_string();
+            assert!(err.contains(refusal), "{text}: {err}");
+        }
+        // A training state written before the options existed: the recipe's.
+        for recipe in [Recipe::Seed, Recipe::Modern] {
+            let current = TrainConfig::resolve(&TrainOptions {
+                recipe: Some(recipe),
+                ..Default::default()
+            })
+            .unwrap();
+            let mut older = serde_json::to_value(&current).unwrap();
+            for key in ["opt", "momentum", "sched", "decay-epochs", "decay-rate"] {
+                older.as_object_mut().unwrap().remove(key).unwrap();
+            }
+            let older: TrainConfig = serde_json::from_value(older).unwrap();
+            assert_eq!(
+                (older.method(), older.decay()),
+                (current.method(), current.decay())
+            );
+            older.check_resume(&current).unwrap();
+        }
+        // The default floor follows a rate changed on resume; one given stays.
+        let given = config("min-lr = 1e-7\n").unwrap();
+        let toml = given.to_toml().unwrap();
+        assert!(toml.contains("min-lr = 0.0000001"), "{toml}");
+        let default = config("").unwrap().to_toml().unwrap();
+        assert!(!default.contains("min-lr"), "{default}");
     }
 
     #[test]
@@ -1013,6 +1354,20 @@ mod tests {
                     ..Default::default()
                 },
                 "--recipe cannot change on resume: the run has modern, got seed",
+            ),
+            (
+                TrainOptions {
+                    opt: Some(OptimizerKind::Sgd),
+                    ..Default::default()
+                },
+                "--opt cannot change on resume: the run has adamw, got sgd",
+            ),
+            (
+                TrainOptions {
+                    momentum: Some(0.5),
+                    ..Default::default()
+                },
+                "--momentum cannot change on resume: the run has 0.9, got 0.5",
             ),
             (
                 TrainOptions {

@@ -35,10 +35,14 @@ pub const DEFAULT_OUT: &str = "lr-find.json";
 /// Training options that have no part in the test: the rate is swept, not scheduled, and no
 /// run is written or validated. Refused as flags; a `--config` file (a run's config.toml)
 /// may hold them. Named as in the file (the flags without their dashes).
-const NOT_APPLICABLE: [&str; 8] = [
+const NOT_APPLICABLE: [&str; 12] = [
     "lr",
     "epochs",
     "warmup-epochs",
+    "sched",
+    "decay-epochs",
+    "decay-rate",
+    "min-lr",
     "ema",
     "early-stop",
     "checkpoint-hist",
@@ -57,8 +61,8 @@ fn hide_not_applicable(arg: clap::Arg) -> clap::Arg {
 #[command(mut_args(hide_not_applicable))]
 pub struct LrFindArgs {
     /// TOML file of training options (e.g. a run's config.toml); flags override it. Its
-    /// lr, epochs, warmup-epochs, ema, early-stop, checkpoint-hist, run-dir and limit-val
-    /// are not used
+    /// lr, epochs, warmup-epochs, sched, decay-epochs, decay-rate, min-lr, ema, early-stop,
+    /// checkpoint-hist, run-dir and limit-val are not used
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]

@@ -15,6 +15,23 @@ pub enum Decay {
     Cosine { min_lr: f64 },
 }
 
+/// As the logs name it: "step x0.1 every 7 epochs", "cosine to 1e-6".
+impl std::fmt::Display for Decay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Decay::Step {
+                every_epochs,
+                gamma,
+            } => write!(
+                f,
+                "step x{gamma} every {every_epochs} epoch{}",
+                if every_epochs == 1 { "" } else { "s" }
+            ),
+            Decay::Cosine { min_lr } => write!(f, "cosine to {min_lr:e}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LrSchedule {
     pub base_lr: f64,

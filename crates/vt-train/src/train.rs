@@ -1086,7 +1086,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let interrupted = interrupt_flag()?;
     tracing::info!(
         "{} {}: {} parameters, {} classes, {} px | {} train / {} val images, {} per epoch | \
-         {} recipe, {} | device {}, {} compute + {} loader threads | run {}",
+         {} recipe, {}, {} | device {}, {} compute + {} loader threads | run {}",
         if progress.epochs_done > 0 {
             "resuming"
         } else {
@@ -1101,6 +1101,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         count_steps(steps_per_epoch),
         config.recipe.name(),
         config.method(),
+        config.decay(),
         vt_model::device_name(&device),
         config.threads,
         config.loader_threads,

@@ -751,6 +751,70 @@ fn a_config_file_sets_options_and_flags_override_it() {
 }
 
 #[test]
+fn the_optimiser_and_schedule_follow_opt_and_sched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(train_tiny(&data, &run).args([
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--warmup-epochs",
+        "0",
+        "--opt",
+        "momentum",
+        "--momentum",
+        "0.8",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "1",
+        "--decay-rate",
+        "0.5",
+    ]));
+    let lrs: Vec<f64> = records(&run).iter().map(|r| r.lr).collect();
+    assert_eq!(lrs.len(), 3);
+    for (lr, expected) in lrs.iter().zip([0.01, 0.005, 0.0025]) {
+        assert!((lr - expected).abs() < 1e-9, "{lrs:?}");
+    }
+    let moments =
+        candle_core::safetensors::load(run.join("state/optimizer.safetensors"), &Device::Cpu)
+            .unwrap();
+    let names: Vec<&String> = moments.keys().collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.ends_with(".momentum_buffer")),
+        "{names:?}"
+    );
+    let saved = fs::read_to_string(run.join("config.toml")).unwrap();
+    for line in [
+        "opt = \"momentum\"",
+        "momentum = 0.8",
+        "sched = \"step\"",
+        "decay-rate = 0.5",
+    ] {
+        assert!(saved.contains(line), "{line}: {saved}");
+    }
+    let err = run_err(
+        vt_train()
+            .args([
+                "train",
+                "--resume",
+                "--epochs",
+                "4",
+                "--opt",
+                "adamw",
+                "--run-dir",
+            ])
+            .arg(&run),
+    );
+    assert!(
+        err.contains("--opt cannot change on resume: the run has momentum, got adamw"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bf16_products_train_where_the_cpu_has_them_and_are_refused_elsewhere() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
