@@ -110,6 +110,9 @@ mod cuda_runtime {
     }
 }
 
+/// The precisions [`parse_dtype`] takes, as `--dtype` lists them.
+pub const DTYPE_NAMES: [&str; 3] = ["f32", "f16", "bf16"];
+
 /// Parses an inference precision and checks that `device` can run it. Checkpoints stay f32
 /// on disk; the weights are converted when loaded.
 pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {

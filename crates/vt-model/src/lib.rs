@@ -26,7 +26,9 @@ pub mod transformer;
 pub mod vt_resnet;
 
 pub use config::{Arch, Variant, VtConfig};
-pub use device::{device_name, names_a_gpu, parse_device, parse_dtype, use_bf16_products};
+pub use device::{
+    device_name, names_a_gpu, parse_device, parse_dtype, use_bf16_products, DTYPE_NAMES,
+};
 pub use error::{ModelError, Result};
 pub use model::{Model, StartedFrom};
 pub use vt_resnet::{TokenAttention, VtResNet};

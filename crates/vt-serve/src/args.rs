@@ -11,10 +11,6 @@ pub const DEFAULT_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
 /// The largest `--queue`: its slots take memory from the start (about 90 bytes each).
 const MAX_QUEUE: i64 = 65_536;
 
-/// The precisions `--dtype` takes (vt-model's `parse_dtype`), listed by clap in its help
-/// and errors.
-pub const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
-
 /// Every option can also be set by an environment variable, `VT_SERVE_` and its name
 /// (`VT_SERVE_CHECKPOINT=/opt/ml/model`): how containers are configured, since SageMaker
 /// starts one as `IMAGE serve` with no other arguments.
@@ -43,7 +39,7 @@ pub struct ServeArgs {
     pub device: String,
     /// Inference precision: f32, f16, or bf16 (bf16 on CUDA devices only). The checkpoint's
     /// f32 weights are converted when loaded.
-    #[arg(long, env = "VT_SERVE_DTYPE", default_value = "f32", value_parser = DTYPES)]
+    #[arg(long, env = "VT_SERVE_DTYPE", default_value = "f32", value_parser = vt_model::DTYPE_NAMES)]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16): faster, with probabilities within about 1e-2 of f32's.

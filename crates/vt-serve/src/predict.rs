@@ -25,7 +25,7 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Inference precision: f32, f16, or bf16 (bf16 on CUDA devices only).
-    #[arg(long, default_value = "f32", value_parser = crate::args::DTYPES)]
+    #[arg(long, default_value = "f32", value_parser = vt_model::DTYPE_NAMES)]
     pub dtype: String,
     /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
     /// layers (CPUs with AVX512-BF16), as `vt-serve --bf16-products`; a value takes `=`

@@ -226,7 +226,7 @@ pub struct TrainOptions {
     /// On the CPU, let f32 convolutions and linear layers multiply in bfloat16 with f32 sums
     /// (CPUs with AVX512-BF16; PyTorch's `torch.backends.mkldnn.fp32_precision = "bf16"`):
     /// faster products, each rounded to 8 significant bits. Validation runs the same way;
-    /// `vt-train eval` computes in full f32 [default: false]
+    /// `vt-train eval` computes in full f32 unless given --bf16-products [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub bf16_products: Option<bool>,
     /// Compute threads (sets RAYON_NUM_THREADS for candle) [default: all cores]

@@ -5,12 +5,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::D;
+use candle_core::{DType, D};
 use serde::Serialize;
 use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
-use vt_model::{parse_device, Model};
+use vt_model::{parse_device, parse_dtype, use_bf16_products, Model, DTYPE_NAMES};
 
 use crate::calibration::{self, Calibration};
 use crate::cli::{at_least_one, thread_count};
@@ -107,7 +107,9 @@ pub fn evaluate(
     let mut progress = EpochProgress::new(label, iter.len());
     for batch in iter.by_ref() {
         let batch = batch?;
-        let logits = model.forward_t(&batch.images, false)?;
+        let logits = model
+            .forward_t(&batch.images.to_dtype(model.dtype)?, false)?
+            .to_dtype(DType::F32)?;
         let n = batch.indices.len();
         let loss = cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * n as f64;
@@ -211,6 +213,32 @@ pub struct EvalArgs {
     /// Evaluate a random subset of N images
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Precision of the weights and activations, as `vt-serve --dtype` serves them: f32,
+    /// f16, or bf16 (CUDA devices only); the checkpoint's f32 weights are converted when
+    /// loaded. The report's default name then ends in -f16 or -bf16, beside the f32 one to
+    /// `compare` with
+    #[arg(long, default_value = "f32", value_parser = DTYPE_NAMES)]
+    pub dtype: String,
+    /// On the CPU, multiply in bfloat16 with f32 sums inside the f32 convolutions and linear
+    /// layers, as `vt-serve --bf16-products` does (CPUs with AVX512-BF16). The report's
+    /// default name then ends in -bf16-products
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
+    pub bf16_products: bool,
+}
+
+impl EvalArgs {
+    /// How the report's default name tells an evaluation in another precision from the f32
+    /// one: "", "-f16", "-bf16", "-bf16-products".
+    fn precision_suffix(&self) -> String {
+        let mut suffix = String::new();
+        if self.dtype != "f32" {
+            suffix = format!("-{}", self.dtype);
+        }
+        if self.bf16_products {
+            suffix.push_str("-bf16-products");
+        }
+        suffix
+    }
 }
 
 /// How many of the most confident mistakes the report lists.
@@ -234,6 +262,10 @@ pub struct EvalReport {
     pub checkpoint: PathBuf,
     pub data: PathBuf,
     pub split: String,
+    /// The precision evaluated in (`--dtype`): f32, f16 or bf16.
+    pub dtype: String,
+    /// Whether products were taken in bfloat16 (`--bf16-products`).
+    pub bf16_products: bool,
     pub images: u64,
     pub loss: f64,
     pub accuracy: f64,
@@ -302,20 +334,20 @@ fn data_folder(args: &EvalArgs) -> Result<PathBuf> {
     }
 }
 
-fn default_out(checkpoint: &Path, split: Split) -> PathBuf {
+fn default_out(checkpoint: &Path, split: Split, suffix: &str) -> PathBuf {
     let name = checkpoint.file_name().map_or_else(
         || "checkpoint".to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
     // An epoch a run keeps in `top/` is reported beside the run: `top/` holds only epochs.
     if let Some(run) = outputs::run_keeping(checkpoint) {
-        return run.join(format!("eval-{TOP_DIR}-{name}-{split}.json"));
+        return run.join(format!("eval-{TOP_DIR}-{name}-{split}{suffix}.json"));
     }
     let parent = checkpoint
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    parent.join(format!("eval-{name}-{split}.json"))
+    parent.join(format!("eval-{name}-{split}{suffix}.json"))
 }
 
 /// The report as text: accuracy, the per-class table, the confusion matrix and the most
@@ -328,8 +360,13 @@ pub fn report_text(report: &EvalReport) -> String {
         .max()
         .unwrap_or(5)
         .max(9);
+    let precision = match (report.dtype.as_str(), report.bf16_products) {
+        ("f32", false) => String::new(),
+        (dtype, false) => format!(" in {dtype}"),
+        (dtype, true) => format!(" in {dtype} with bfloat16 products"),
+    };
     let mut out = format!(
-        "{} on {} ({} image{}): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n",
+        "{} on {}{precision} ({} image{}): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n",
         report.checkpoint.display(),
         report.split,
         report.images,
@@ -561,7 +598,7 @@ fn output_paths(args: &EvalArgs, split: Split) -> Result<OutputPaths> {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| default_out(&checkpoint, split));
+        .unwrap_or_else(|| default_out(&checkpoint, split, &args.precision_suffix()));
     let paths = OutputPaths {
         png: out.with_extension("png"),
         csv: out.with_extension("csv"),
@@ -646,7 +683,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let paths = output_paths(args, split)?;
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
-    let model = Model::load(&args.checkpoint, &device)
+    let dtype = parse_dtype(&args.dtype, &device)?;
+    use_bf16_products(args.bf16_products, &device)?;
+    let model = Model::load_as(&args.checkpoint, &device, dtype)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let data = data_folder(args)?;
@@ -672,6 +711,15 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &folder.classes,
         &format!("eval {split}"),
     )?;
+    if !eval.loss.is_finite() {
+        let hint = match dtype {
+            DType::F16 => ": its activations overflowed f16's range; evaluate with --dtype f32",
+            _ => "",
+        };
+        return Err(TrainError::Config(format!(
+            "the model's scores on the {split} split are not finite (NaN or infinite logits){hint}"
+        )));
+    }
     let classes = eval.matrix.scores();
     let macro_f1 = eval.matrix.macro_f1();
     let mistakes = most_confident_mistakes(&eval.predictions, MISTAKES_LISTED)
@@ -688,6 +736,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         checkpoint: args.checkpoint.clone(),
         data: data.clone(),
         split: split.to_string(),
+        dtype: args.dtype.clone(),
+        bf16_products: args.bf16_products,
         images: eval.matrix.total(),
         loss: eval.loss,
         accuracy: eval.matrix.accuracy(),

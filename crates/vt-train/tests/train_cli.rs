@@ -1050,6 +1050,67 @@ fn init_still_writes_a_checkpoint() {
     }
 }
 
+/// `eval --dtype` and `--bf16-products` evaluate in vt-serve's precisions, each report
+/// named for its own beside the f32 one.
+#[test]
+fn eval_runs_in_the_precisions_vt_serve_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let checkpoint = tmp.path().join("init");
+    let classes = "buildings,forest,glacier,mountain,sea,street";
+    run_ok(
+        vt_train()
+            .args(["init", "--class-names", classes, "--out"])
+            .arg(&checkpoint)
+            .args(TINY_MODEL),
+    );
+    let eval = |precision: &[&str]| {
+        let mut cmd = vt_train();
+        cmd.args(["eval", "--threads", "1", "--device", "cpu", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--data")
+            .arg(&data)
+            .args(precision);
+        cmd
+    };
+    let report = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&fs::read_to_string(tmp.path().join(name)).unwrap()).unwrap()
+    };
+    run_ok(&mut eval(&[]));
+    let full = report("eval-init-test.json");
+    assert_eq!(
+        (full["dtype"].as_str(), full["bf16_products"].as_bool()),
+        (Some("f32"), Some(false))
+    );
+    let mut precisions = vec![(vec!["--dtype", "f16"], "eval-init-test-f16.json")];
+    if vt_model::kernels::bf16_products_available() {
+        precisions.push((vec!["--bf16-products"], "eval-init-test-bf16-products.json"));
+    } else {
+        let err = run_err(&mut eval(&["--bf16-products"]));
+        assert!(err.contains("AVX512-BF16"), "{err}");
+    }
+    for (flags, name) in precisions {
+        let out = run_ok(&mut eval(&flags));
+        let reduced = report(name);
+        let loss = |r: &serde_json::Value| r["loss"].as_f64().unwrap();
+        // Rounded weights and products move the loss, a little.
+        assert!(loss(&reduced) != loss(&full), "{flags:?}");
+        assert!((loss(&reduced) - loss(&full)).abs() < 1e-2, "{flags:?}");
+        assert!(tmp.path().join(name).with_extension("csv").is_file());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("on test in "), "{text}");
+    }
+    assert_eq!(
+        report("eval-init-test-f16.json")["dtype"].as_str(),
+        Some("f16")
+    );
+    let err = run_err(&mut eval(&["--dtype", "bf16"]));
+    assert!(
+        err.contains("bf16 tensors run on CUDA devices only"),
+        "{err}"
+    );
+}
+
 #[test]
 fn eval_checks_its_output_paths_before_evaluating() {
     let tmp = tempfile::tempdir().unwrap();
