@@ -1,5 +1,6 @@
 //! The model configuration, stored as a checkpoint's `config.json`.
 
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -84,6 +85,11 @@ pub struct VtConfig {
     pub std: [f32; 3],
     /// Required, as the contract lists it: a config that lost it is not read as `paper`.
     pub variant: Variant,
+    /// Temperature scaling (Guo et al., 2017), beyond the contract: the class probabilities
+    /// are softmax(logits / T), the logits as the contract computes them. Written by
+    /// `vt-train calibrate`; absent, the probabilities are the logits' softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
 }
 
 /// The largest `image_size` loaded or built: far above any classifier's input, and below
@@ -106,6 +112,16 @@ impl VtConfig {
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             variant: Variant::Paper,
+            temperature: None,
+        }
+    }
+
+    /// `logits` (N x K) divided by the temperature, where the checkpoint has one: what the
+    /// class probabilities are the softmax of.
+    pub fn calibrated(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        match self.temperature {
+            Some(t) => logits / f64::from(t),
+            None => Ok(logits.clone()),
         }
     }
 
@@ -190,6 +206,11 @@ impl VtConfig {
         // A number too large for f32 reads as infinity, which would make every input NaN.
         if self.mean.iter().any(|m| !m.is_finite()) {
             return fail(format!("mean must be finite, got {:?}", self.mean));
+        }
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && t > 0.0) {
+                return fail(format!("temperature must be positive and finite, got {t}"));
+            }
         }
         Ok(())
     }

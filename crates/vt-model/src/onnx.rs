@@ -77,7 +77,17 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
     drop(bytes);
     let mut graph = Graph::new(path.clone(), tensors);
     let logits = graph.vt_resnet(&config)?;
-    graph.node("Softmax", &[&logits], PROBABILITIES, vec![int("axis", 1)]);
+    // Divided as candle divides: by a multiplication with 1/T rounded to f32.
+    let calibrated = match config.temperature {
+        Some(t) => graph.scale(&logits, 1.0 / f64::from(t), "logits.calibrated"),
+        None => logits,
+    };
+    graph.node(
+        "Softmax",
+        &[&calibrated],
+        PROBABILITIES,
+        vec![int("axis", 1)],
+    );
     if let Some(name) = graph.tensors.keys().next() {
         return Err(ModelError::UnexpectedTensor {
             path,
@@ -101,7 +111,7 @@ pub fn export(dir: &Path) -> Result<ModelProto> {
             value_info(
                 PROBABILITIES,
                 &[batch(), Size::Fixed(k)],
-                "softmax of the logits",
+                "softmax of the logits (divided by the metadata's temperature, if any)",
             ),
         ],
     };
@@ -202,6 +212,7 @@ fn metadata(config: &VtConfig, variant: &str, sha256: String) -> Vec<StringStrin
         ("sha256", sha256),
     ]
     .into_iter()
+    .chain(config.temperature.map(|t| ("temperature", t.to_string())))
     .map(|(key, value)| StringStringEntryProto {
         key: key.into(),
         value,

@@ -197,7 +197,7 @@ impl Classifier {
             return Ok(Vec::new());
         }
         let logits = self.model.forward_t(&self.batch(images)?, false)?;
-        scores(&logits)
+        scores(&logits, &self.model.config)
     }
 
     /// As [`Self::predict`], each prediction with its token attention: the same forward
@@ -207,7 +207,7 @@ impl Classifier {
             return Ok(Vec::new());
         }
         let attention = self.model.token_attention(&self.batch(images)?)?;
-        let mut predictions = scores(&attention.logits)?;
+        let mut predictions = scores(&attention.logits, &self.model.config)?;
         let mut modules = Vec::with_capacity(attention.maps.len());
         for maps in &attention.maps {
             let (_, tokens, height, width) = maps.dims4()?;
@@ -241,10 +241,11 @@ impl Classifier {
     }
 }
 
-/// Each image's logits and softmax probabilities, in f32 whatever the model's precision.
-fn scores(logits: &Tensor) -> Result<Vec<Prediction>, ClassifyError> {
+/// Each image's logits and softmax probabilities (of the logits divided by the checkpoint's
+/// temperature, if it has one), in f32 whatever the model's precision.
+fn scores(logits: &Tensor, config: &VtConfig) -> Result<Vec<Prediction>, ClassifyError> {
     let logits = logits.to_dtype(DType::F32)?;
-    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let probs = candle_nn::ops::softmax(&config.calibrated(&logits)?, D::Minus1)?;
     let logits = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
     let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
     Ok(logits

@@ -626,6 +626,7 @@ mod tests {
             device: "cuda:1".into(),
             dtype: "f32".into(),
             bf16_products: false,
+            temperature: None,
             generation: 3,
             loaded_at: 0,
         };

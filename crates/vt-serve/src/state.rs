@@ -85,6 +85,9 @@ pub struct ModelInfo {
     pub dtype: String,
     /// Whether f32 products multiply in bfloat16 (`--bf16-products`).
     pub bf16_products: bool,
+    /// The checkpoint's temperature (`vt-train calibrate`): the probabilities are
+    /// softmax(logits / T). None (null): uncalibrated.
+    pub temperature: Option<f32>,
     /// 1 for the model loaded at startup, one more for each successful reload.
     pub generation: u64,
     /// When this model was loaded, in seconds since the Unix epoch.
@@ -208,6 +211,7 @@ impl ModelSource {
             device: vt_model::device_name(&device),
             dtype: self.dtype.clone(),
             bf16_products: self.bf16_products,
+            temperature: config.temperature,
             generation,
             // A clock before 1970 is no reason to refuse a model: it reads 0 then.
             loaded_at: SystemTime::now()

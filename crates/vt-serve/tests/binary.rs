@@ -449,6 +449,63 @@ fn predict_stops_quietly_when_its_reader_does() {
     assert!(total < paths.len(), "{stderr}");
 }
 
+/// A calibrated checkpoint (`vt-train calibrate`'s temperature in its config.json) keeps
+/// its logits and scores softmax(logits / T); a temperature that is not positive is refused.
+#[test]
+fn a_calibrated_checkpoint_scores_its_logits_divided_by_its_temperature() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let calibrated = dir.path().join("calibrated");
+    std::fs::create_dir(&calibrated).unwrap();
+    std::fs::copy(
+        checkpoint.join("model.safetensors"),
+        calibrated.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("config.json")).unwrap())
+            .unwrap();
+    config["temperature"] = 0.25.into();
+    std::fs::write(calibrated.join("config.json"), config.to_string()).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let paths = write_images(files.path(), &test_images(3));
+    let scores = |checkpoint: &Path| -> Vec<(Vec<f64>, Vec<f64>)> {
+        let output = predict_at(checkpoint, &[], &paths);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let line: Value = serde_json::from_str(l).unwrap();
+                let floats = |key: &str| serde_json::from_value(line[key].clone()).unwrap();
+                (floats("logits"), floats("probs"))
+            })
+            .collect()
+    };
+    let plain = scores(&checkpoint);
+    let scaled = scores(&calibrated);
+    assert_eq!(plain.len(), paths.len());
+    for ((logits, plain_probs), (same_logits, probs)) in plain.iter().zip(&scaled) {
+        assert_eq!(logits, same_logits);
+        let exps: Vec<f64> = logits.iter().map(|z| (z / 0.25).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        for (p, e) in probs.iter().zip(&exps) {
+            assert!((p - e / sum).abs() < 1e-5, "{probs:?} vs {exps:?}");
+        }
+        assert_ne!(probs, plain_probs);
+    }
+    config["temperature"] = (-1.0).into();
+    std::fs::write(calibrated.join("config.json"), config.to_string()).unwrap();
+    let refused = predict_at(&calibrated, &[], &paths);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("temperature must be positive"), "{stderr}");
+}
+
 #[test]
 fn reduced_precision_predictions_follow_f32() {
     let dir = tiny_checkpoint();

@@ -127,10 +127,19 @@ fn differences(first: &VtConfig, other: &VtConfig) -> String {
 /// The element-wise mean of every tensor of the checkpoints in `dirs` (each loaded
 /// strictly), as a model of their common config. Sums are taken in f64 (29 more bits than
 /// the f32 values) and divided once: far from f32 accumulation's drift over many inputs,
-/// though not exact for values of widely different magnitudes.
+/// though not exact for values of widely different magnitudes. A temperature that
+/// `calibrate` gave an input is not the average's, which has none.
 pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
     let load = |dir: &Path| {
-        Model::load(dir, device).with_context(|| format!("loading checkpoint {}", dir.display()))
+        let mut model = Model::load(dir, device)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        if model.config.temperature.take().is_some() {
+            tracing::warn!(
+                "{} is calibrated: the average has no temperature (`vt-train calibrate` it)",
+                dir.display()
+            );
+        }
+        Ok::<_, TrainError>(model)
     };
     let Some((first_dir, others)) = dirs.split_first() else {
         return Err(TrainError::Config("no checkpoint to average".into()));

@@ -1,5 +1,5 @@
 //! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`,
-//! `vt-train compare`, `vt-train average`, `vt-train explain`, `vt-train export`,
+//! `vt-train compare`, `vt-train average`, `vt-train calibrate`, `vt-train explain`, `vt-train export`,
 //! `vt-train lr-find`.
 
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::average::AverageArgs;
+use crate::calibrate::CalibrateArgs;
 use crate::compare::CompareArgs;
 use crate::error::Result;
 use crate::eval::EvalArgs;
@@ -81,6 +82,17 @@ pub enum Command {
         --checkpoint-hist (--top K: the K best of them). Checkpoints whose config.json differ \
         are refused, naming the field. One checkpoint is allowed: the output is its copy.")]
     Average(AverageArgs),
+    #[command(
+        long_about = "Calibrate a checkpoint's probabilities by temperature scaling \
+        (Guo et al., 2017): the temperature T that makes the validation split's labels most \
+        likely under softmax(logits / T) is fitted and written into the config.json of a new \
+        checkpoint at --out, beside the same weights. Predictions do not change, only their \
+        confidence: vt-serve, eval, explain and export of the new checkpoint compute their \
+        probabilities with T (the logits stay the model's). It prints the validation split's \
+        negative log-likelihood and expected calibration error before and after; evaluate \
+        the new checkpoint on the test split to see the calibration it has there."
+    )]
+    Calibrate(CalibrateArgs),
     /// Export a checkpoint as an ONNX model (timm's onnx_export) for ONNX Runtime: input
     /// `image` (batch x 3 x S x S, preprocessed as vt's evaluation), outputs `logits` and
     /// `probabilities`
@@ -91,7 +103,8 @@ pub enum Command {
         evaluation does (resized so that the shorter side is round(S * 256 / 224) with an \
         antialiased bilinear filter, centre-cropped to S, scaled to [0, 1], normalised with \
         the checkpoint's mean and std). Outputs `logits` and `probabilities` (their \
-        softmax), float32 [batch, num_classes]. The model's metadata holds arch, \
+        softmax, of the logits divided by the temperature of a checkpoint that `vt-train \
+        calibrate` wrote), float32 [batch, num_classes]. The model's metadata holds arch, \
         class_names, image_size, mean, std, variant, tokens, token_channels, heads and the \
         sha256 of model.safetensors. The weights are the checkpoint's tensors, under their \
         names."
@@ -134,6 +147,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Average(args)) => {
             return crate::average::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Calibrate(args)) => {
+            return crate::calibrate::run(&args).map(|()| ExitCode::SUCCESS)
         }
         Some(Command::Export(args)) => {
             return crate::export::run(&args).map(|()| ExitCode::SUCCESS)

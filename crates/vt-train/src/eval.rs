@@ -45,7 +45,9 @@ pub struct Prediction {
     /// The argmax of the logits, as the confusion matrix counts it: where two classes tie in
     /// f32 probabilities their logits may still differ.
     pub predicted: usize,
-    /// Softmax over the logits, in the classes' order.
+    /// The logits, as the model computes them, in the classes' order.
+    pub logits: Vec<f32>,
+    /// Softmax over the logits (divided by the checkpoint's temperature, if it has one).
     pub probabilities: Vec<f32>,
 }
 
@@ -64,7 +66,8 @@ impl Prediction {
     }
 }
 
-/// A prediction of `probabilities` (the argmax as predicted), for tests.
+/// A prediction of `probabilities` (the argmax as predicted; their logs as the logits), for
+/// tests.
 #[cfg(test)]
 pub(crate) fn prediction(index: usize, label: usize, probabilities: &[f32]) -> Prediction {
     let predicted = (0..probabilities.len())
@@ -74,6 +77,7 @@ pub(crate) fn prediction(index: usize, label: usize, probabilities: &[f32]) -> P
         index,
         label,
         predicted,
+        logits: probabilities.iter().map(|p| p.ln()).collect(),
         probabilities: probabilities.to_vec(),
     }
 }
@@ -107,9 +111,10 @@ pub fn evaluate(
     let mut progress = EpochProgress::new(label, iter.len());
     for batch in iter.by_ref() {
         let batch = batch?;
-        let logits = model
+        let raw = model
             .forward_t(&batch.images.to_dtype(model.dtype)?, false)?
             .to_dtype(DType::F32)?;
+        let logits = model.config.calibrated(&raw)?;
         let n = batch.indices.len();
         let loss = cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * n as f64;
@@ -124,12 +129,14 @@ pub fn evaluate(
         matrix.add(&labels, &predicted);
         // N x K numbers read back: small beside the forward pass, even every epoch.
         let probabilities = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
-        for (((&index, &truth), &predicted), probabilities) in batch
+        let raw = raw.to_vec2::<f32>()?;
+        for ((((&index, &truth), &predicted), probabilities), logits) in batch
             .indices
             .iter()
             .zip(&labels)
             .zip(&predicted)
             .zip(probabilities)
+            .zip(raw)
         {
             // The rows the matrix counts (an argmax of K logits is below K), so that the
             // predictions agree with its accuracy.
@@ -138,6 +145,7 @@ pub fn evaluate(
                     index,
                     label: truth as usize,
                     predicted: predicted as usize,
+                    logits,
                     probabilities,
                 });
             }
@@ -292,18 +300,19 @@ pub struct EvalReport {
     pub mistakes: Vec<Mistake>,
 }
 
-/// The data folder to evaluate on: `--data`, else the one the checkpoint's run trained on
+/// The data folder to evaluate `checkpoint` on: `data` (`--data`), else the one the
+/// checkpoint's run trained on
 /// (`data` in its `config.toml`, as written there: relative to where training ran, as a
 /// resume reads it), else the default. A run's folder that is not there from here is
 /// refused, naming `--data`: nothing records where a relative one was taken from.
-fn data_folder(args: &EvalArgs) -> Result<PathBuf> {
-    if let Some(data) = &args.data {
-        return Ok(data.clone());
+pub fn data_folder(checkpoint: &Path, data: Option<&Path>) -> Result<PathBuf> {
+    if let Some(data) = data {
+        return Ok(data.to_path_buf());
     }
-    let beside = outputs::resolved(&args.checkpoint)
+    let beside = outputs::resolved(checkpoint)
         .parent()
         .map(Path::to_path_buf);
-    let run = outputs::run_keeping(&args.checkpoint)
+    let run = outputs::run_keeping(checkpoint)
         .or(beside)
         .filter(|run| run.join(CONFIG_TOML).is_file());
     let Some(options) = run.map(|run| run.join(CONFIG_TOML)) else {
@@ -528,6 +537,25 @@ fn copies_in_other_splits(
     Some(copies)
 }
 
+/// `split` of `data` (a random `limit` of its images), labelled with `classes`, the model's:
+/// refused when the split has a class the model lacks.
+pub fn open_labelled(
+    data: &Path,
+    split: Split,
+    limit: Option<usize>,
+    classes: &[String],
+) -> Result<ImageFolder> {
+    let folder = data::open_split(data, split, limit, 0)
+        .with_context(|| format!("reading the {split} split of {}", data.display()))?;
+    let found = folder.classes.clone();
+    labelled_as_the_model(folder, classes).ok_or_else(|| {
+        TrainError::Config(format!(
+            "the checkpoint's classes {classes:?} differ from the split's {found:?} ({})",
+            data.join(split.dir_name()).display()
+        ))
+    })
+}
+
 /// `folder` with the model's class names and labels, when all its classes are the model's: a
 /// split in torchvision's layout without a folder for a class that has no images there is
 /// labelled by name, not by its folders' order. None when a class is not the model's.
@@ -688,17 +716,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let model = Model::load_as(&args.checkpoint, &device, dtype)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
-    let data = data_folder(args)?;
-    let folder = data::open_split(&data, split, args.limit, 0)
-        .with_context(|| format!("reading the {split} split of {}", data.display()))?;
-    let found = folder.classes.clone();
-    let folder = labelled_as_the_model(folder, &model.config.class_names).ok_or_else(|| {
-        TrainError::Config(format!(
-            "the checkpoint's classes {:?} differ from the split's {found:?} ({})",
-            model.config.class_names,
-            data.join(split.dir_name()).display()
-        ))
-    })?;
+    let data = data_folder(&args.checkpoint, args.data.as_deref())?;
+    let folder = open_labelled(&data, split, args.limit, &model.config.class_names)?;
     let loader = data::eval_loader(
         &model.config,
         args.batch_size.max(1),

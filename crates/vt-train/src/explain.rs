@@ -187,9 +187,10 @@ fn explain(model: &Model, resizer: &mut Resizer, path: &Path) -> Result<Explanat
     let view = rgb_from_chw(&chw, size as u32, &norm);
     let input = Tensor::from_vec(chw, (1, 3, size, size), &model.device)?.to_dtype(model.dtype)?;
     let attention = model.token_attention(&input)?;
-    let probs = softmax_last_dim(&attention.logits.to_dtype(DType::F32)?)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
+    let logits = model
+        .config
+        .calibrated(&attention.logits.to_dtype(DType::F32)?)?;
+    let probs = softmax_last_dim(&logits)?.squeeze(0)?.to_vec1::<f32>()?;
     let mut map_size = (0, 0);
     let maps = attention
         .maps

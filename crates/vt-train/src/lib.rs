@@ -13,6 +13,7 @@
 //!   learning-rate range test) share.
 
 pub mod average;
+pub mod calibrate;
 pub mod calibration;
 pub mod cli;
 pub mod compare;

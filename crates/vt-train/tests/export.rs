@@ -303,8 +303,25 @@ fn onnx_runtime_computes_vts_logits_and_probabilities() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["vt-resnet18", "vt-resnet34"] {
-        let checkpoint = tiny_checkpoint(tmp.path(), arch);
+    // A calibrated checkpoint's probabilities divide the logits by its temperature.
+    let vt_resnet18 = tiny_checkpoint(tmp.path(), "vt-resnet18");
+    let calibrated = tmp.path().join("calibrated");
+    fs::create_dir(&calibrated).unwrap();
+    fs::copy(
+        vt_resnet18.join("model.safetensors"),
+        calibrated.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = fs::read_to_string(vt_resnet18.join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["temperature"] = 0.3.into();
+    fs::write(calibrated.join("config.json"), config.to_string()).unwrap();
+    let checkpoints = [
+        ("vt-resnet18", vt_resnet18),
+        ("vt-resnet34", tiny_checkpoint(tmp.path(), "vt-resnet34")),
+        ("calibrated vt-resnet18", calibrated),
+    ];
+    for (arch, checkpoint) in checkpoints {
         let model = Model::load(&checkpoint, &Device::Cpu)
             .and_then(Model::into_frozen)
             .unwrap();
@@ -328,7 +345,7 @@ fn onnx_runtime_computes_vts_logits_and_probabilities() {
 
             let images = Tensor::from_vec(values, (n, 3, s, s), &Device::Cpu).unwrap();
             let logits = model.forward_t(&images, false).unwrap();
-            let probs = softmax(&logits, 1).unwrap();
+            let probs = softmax(&model.config.calibrated(&logits).unwrap(), 1).unwrap();
             let k = model.config.num_classes;
             let theirs = |file: &str| {
                 Tensor::from_vec(read_f32(&folder.join(file)), (n, k), &Device::Cpu).unwrap()

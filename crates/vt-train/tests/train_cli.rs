@@ -1050,6 +1050,99 @@ fn init_still_writes_a_checkpoint() {
     }
 }
 
+/// `calibrate` writes the checkpoint's weights with the temperature fitted on the
+/// validation split, which lowers that split's loss in `eval` and goes into `export`'s
+/// metadata; `average` of calibrated checkpoints keeps none.
+#[test]
+fn calibrate_fits_a_temperature_that_eval_and_export_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "1", "--batch-size", "8"]),
+    );
+    let best = run.join("best");
+    let calibrated = tmp.path().join("calibrated");
+    let out = run_ok(
+        vt_train()
+            .args(["calibrate", "--threads", "1", "--checkpoint"])
+            .arg(&best)
+            .arg("--out")
+            .arg(&calibrated),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fitted on the val split"), "{text}");
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(calibrated.join("config.json")).unwrap()).unwrap();
+    let temperature = config["temperature"].as_f64().unwrap();
+    assert!(temperature > 0.0, "{config}");
+    let (weights, same) = (checkpoint_tensors(&best), checkpoint_tensors(&calibrated));
+    assert_eq!(weights.len(), same.len());
+    for (name, tensor) in &weights {
+        assert_eq!(max_abs_diff(tensor, &same[name]), 0.0, "{name}");
+    }
+    // The likelihood of the split it was fitted on is at least T = 1's.
+    let val_loss = |checkpoint: &std::path::Path| -> f64 {
+        let report = tmp.path().join("report.json");
+        run_ok(
+            vt_train()
+                .args(["eval", "--threads", "1", "--split", "val", "--checkpoint"])
+                .arg(checkpoint)
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&report),
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+        report["loss"].as_f64().unwrap()
+    };
+    let fitted: f64 = text
+        .split("negative log-likelihood ")
+        .nth(1)
+        .and_then(|rest| rest.split(" -> ").nth(1))
+        .and_then(|after| after.split(',').next())
+        .and_then(|after| after.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    let (before, after) = (val_loss(&best), val_loss(&calibrated));
+    assert!(
+        (after - fitted).abs() < 1e-3,
+        "eval {after}, calibrate {fitted}"
+    );
+    assert!(after <= before + 1e-6, "{after} > {before}");
+    let onnx = tmp.path().join("calibrated.onnx");
+    run_ok(
+        vt_train()
+            .args(["export", "--checkpoint"])
+            .arg(&calibrated)
+            .arg("--out")
+            .arg(&onnx),
+    );
+    let model = <vt_model::onnx::proto::ModelProto as prost::Message>::decode(
+        fs::read(&onnx).unwrap().as_slice(),
+    )
+    .unwrap();
+    let exported = model
+        .metadata_props
+        .iter()
+        .find(|e| e.key == "temperature")
+        .map(|e| e.value.parse::<f64>().unwrap());
+    assert_eq!(exported.map(|t| t as f32), Some(temperature as f32));
+    // A calibration belongs to one set of weights: an average has none.
+    let average = tmp.path().join("avg");
+    let out = run_ok(
+        vt_train()
+            .args(["average", "--out"])
+            .arg(&average)
+            .arg(&calibrated),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the average has no temperature"));
+    let config = fs::read_to_string(average.join("config.json")).unwrap();
+    assert!(!config.contains("temperature"), "{config}");
+}
+
 /// `eval --dtype` and `--bf16-products` evaluate in vt-serve's precisions, each report
 /// named for its own beside the f32 one.
 #[test]

@@ -1,0 +1,114 @@
+//! `vt-train calibrate`: temperature scaling (Guo et al., "On Calibration of Modern Neural
+//! Networks", 2017). The temperature that makes the validation split's labels most likely is
+//! written, with the checkpoint's weights, as a new checkpoint whose probabilities vt-serve,
+//! `eval`, `explain` and `export` then compute as softmax(logits / T).
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use vt_data::dataset::Split;
+use vt_model::{parse_device, Model};
+
+use crate::calibration::{self, Calibration, TEMPERATURE_RANGE};
+use crate::cli::{at_least_one, thread_count};
+use crate::data;
+use crate::error::{Result, ResultExt};
+use crate::eval::{data_folder, evaluate, open_labelled};
+use crate::init::{check_out_dir, write_checkpoint};
+use crate::threads;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CalibrateArgs {
+    /// Checkpoint folder to calibrate (config.json + model.safetensors), e.g. runs/NAME/best
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Data folder whose validation split the temperature is fitted on [default: as `eval`:
+    /// the data of the checkpoint's run, else data/intel]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Output checkpoint folder (new or empty): the checkpoint's weights, its config.json
+    /// with the temperature
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace the checkpoint that --out already holds (never a folder holding anything
+    /// else)
+    #[arg(long)]
+    pub force: bool,
+    /// cpu, cuda, cuda:N or auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Images per forward pass
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Compute threads [default: all cores]
+    #[arg(long, value_parser = thread_count)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: &CalibrateArgs) -> Result<()> {
+    let loading = || format!("loading checkpoint {}", args.checkpoint.display());
+    vt_model::checkpoint::refuse_non_checkpoint(&args.checkpoint).with_context(loading)?;
+    check_out_dir(&args.out, args.force)?;
+    let compute = threads::set_compute_threads(args.threads);
+    let device = parse_device(&args.device)?;
+    let model = Model::load(&args.checkpoint, &device)
+        .and_then(Model::into_frozen)
+        .with_context(loading)?;
+    let data = data_folder(&args.checkpoint, args.data.as_deref())?;
+    let folder = open_labelled(&data, Split::Val, None, &model.config.class_names)?;
+    let loader = data::eval_loader(
+        &model.config,
+        args.batch_size,
+        threads::default_loader_threads(compute, device.is_cuda()),
+    );
+    let eval = evaluate(
+        &model,
+        &folder.samples,
+        &loader,
+        &folder.classes,
+        "calibrate val",
+    )?;
+    let before = model.config.temperature.map_or(1.0, f64::from);
+    let temperature = calibration::fit_temperature(&eval.predictions);
+    let fitted = calibration::at_temperature(&eval.predictions, temperature);
+    let (ece_before, ece_after) = (
+        Calibration::of(&eval.predictions, calibration::BINS),
+        Calibration::of(&fitted, calibration::BINS),
+    );
+    if eval.matrix.accuracy() == 1.0 {
+        tracing::warn!(
+            "every validation image is predicted right: the likelihood only grows as the \
+             model grows surer, and the temperature fitted ({temperature:.4}) makes it certain \
+             of everything; calibrate on a split with mistakes"
+        );
+    } else if [TEMPERATURE_RANGE.0, TEMPERATURE_RANGE.1]
+        .iter()
+        .any(|end| (temperature / end).ln().abs() < 1e-3)
+    {
+        tracing::warn!(
+            "the temperature {temperature:.4} is at the end of the range searched ({} to {}): \
+             the validation split tells little of the model's confidence",
+            TEMPERATURE_RANGE.0,
+            TEMPERATURE_RANGE.1
+        );
+    }
+    // The weights as the checkpoint holds them, not the frozen model's folded ones.
+    let mut calibrated = Model::load(&args.checkpoint, &Device::Cpu).with_context(loading)?;
+    calibrated.config.temperature = Some(temperature as f32);
+    write_checkpoint(&calibrated, &args.out)?;
+    let images = eval.predictions.len();
+    println!(
+        "temperature {temperature:.4} fitted on the val split of {} ({images} image{}): \
+         negative log-likelihood {:.4} -> {:.4}, expected calibration error {:.2}% -> {:.2}% \
+         (mean confidence {:+.1} -> {:+.1} points from the accuracy)",
+        data.display(),
+        if images == 1 { "" } else { "s" },
+        calibration::nll_at(&eval.predictions, before),
+        calibration::nll_at(&eval.predictions, temperature),
+        100.0 * ece_before.ece,
+        100.0 * ece_after.ece,
+        100.0 * ece_before.overconfidence(),
+        100.0 * ece_after.overconfidence(),
+    );
+    Ok(())
+}
