@@ -29,6 +29,10 @@ pub struct Metrics {
     grpc_request_seconds: HistogramVec,
     pub batch_size: Histogram,
     pub inference_seconds: Histogram,
+    /// Images answered, by the class predicted: what the model sees, for drift alerts.
+    predictions: IntCounterVec,
+    /// The predicted class's probability, per image answered.
+    confidence: Histogram,
     pub queue_depth: IntGauge,
     /// Images of requests waiting for room in the queue, at most `--queue`.
     pub queue_waiting: IntGauge,
@@ -90,6 +94,20 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         )?;
+        let predictions = IntCounterVec::new(
+            Opts::new(
+                "vt_serve_predictions_total",
+                "Images answered, by the class predicted (the most probable)",
+            ),
+            &["class"],
+        )?;
+        let confidence = Histogram::with_opts(
+            HistogramOpts::new(
+                "vt_serve_prediction_confidence",
+                "The predicted class's probability, per image answered",
+            )
+            .buckets(vec![0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
+        )?;
         let queue_depth = IntGauge::new(
             "vt_serve_queue_depth",
             "Images admitted and not yet answered (decoding, waiting for a batch or running)",
@@ -140,6 +158,8 @@ impl Metrics {
         registry.register(Box::new(grpc_request_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(inference_seconds.clone()))?;
+        registry.register(Box::new(predictions.clone()))?;
+        registry.register(Box::new(confidence.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(queue_waiting.clone()))?;
         registry.register(Box::new(requests_arriving.clone()))?;
@@ -155,6 +175,8 @@ impl Metrics {
             grpc_request_seconds,
             batch_size,
             inference_seconds,
+            predictions,
+            confidence,
             queue_depth,
             queue_waiting,
             requests_arriving,
@@ -181,6 +203,17 @@ impl Metrics {
             .set(1);
         self.model_loaded
             .set(i64::try_from(info.loaded_at).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an image answered with `probabilities` over `classes`: its most probable class
+    /// and that class's probability.
+    pub fn predicted(&self, classes: &[String], probabilities: &[f32]) {
+        let Some(best) = crate::classifier::ranked(probabilities).next() else {
+            return;
+        };
+        let class = classes.get(best).map_or("", String::as_str);
+        self.predictions.with_label_values(&[class]).inc();
+        self.confidence.observe(f64::from(probabilities[best]));
     }
 
     /// Counts a gRPC call to `method` (one of the service's, or `unknown`) that ended with

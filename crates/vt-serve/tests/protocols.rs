@@ -1118,11 +1118,26 @@ async fn instances_requests_get_the_offline_predictions() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["ids"].as_array().unwrap().len(), 6);
-    // TensorFlow Serving's columnar form: the same classifications, as "outputs".
+    // TensorFlow Serving's columnar form: the same classifications, as "outputs" (their
+    // confidences to f32's rounding: the server may batch the images otherwise).
     for inputs in [json!(forms), json!({ "image": forms })] {
         let (status, columns) = predict(json!({ "inputs": inputs })).await;
         assert_eq!(status, StatusCode::OK, "{columns}");
-        assert_eq!(columns, json!({ "outputs": predictions }));
+        let outputs = columns["outputs"].as_array().unwrap();
+        assert_eq!(outputs.len(), predictions.len(), "{columns}");
+        for (i, (got, expected)) in outputs.iter().zip(predictions.iter()).enumerate() {
+            for key in ["ids", "displayNames"] {
+                assert_eq!(got[key], expected[key], "outputs[{i}]");
+            }
+            let confidences = |v: &Value| -> Vec<f32> {
+                serde_json::from_value(v["confidences"].clone()).unwrap()
+            };
+            assert_close(
+                &confidences(got),
+                &[confidences(expected)],
+                &format!("outputs[{i}]"),
+            );
+        }
     }
 
     let unknown_model = client

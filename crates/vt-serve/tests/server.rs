@@ -279,8 +279,20 @@ async fn every_route_answers_with_its_documented_shape() {
         count(r#"vt_serve_request_duration_seconds_count{route="/predict"}"#),
         9.0
     );
-    // Ten images went through the model, in however many batches.
+    // Ten images went through the model, in however many batches, each counted by the
+    // class it was given.
     assert_eq!(count("vt_serve_batch_size_sum"), 10.0);
+    let by_class: f64 = text
+        .lines()
+        .filter(|line| line.starts_with("vt_serve_predictions_total{class="))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(by_class, 10.0, "{text}");
+    assert_eq!(count("vt_serve_prediction_confidence_count"), 10.0);
+    assert_eq!(
+        count(r#"vt_serve_prediction_confidence_bucket{le="1"}"#),
+        10.0
+    );
     assert!(count("vt_serve_inference_seconds_count") >= 1.0);
     assert_eq!(count("vt_serve_queue_depth"), 0.0);
     // Every body read meanwhile was given back once answered.
