@@ -272,7 +272,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     vt_model::threads::set_compute_threads(args.threads);
     let device = vt_model::parse_device(&args.device)?;
     let dtype = vt_model::parse_dtype(&args.dtype, &device)?;
-    vt_model::use_bf16_products(args.bf16_products, &device)?;
+    vt_model::use_bf16_products(args.bf16_products, &device, dtype)?;
     let mut vt = Vec::new();
     for case in &cases {
         eprintln!("vt-model: {case:?} on {} ({})", args.device, args.dtype);

@@ -771,7 +771,8 @@ fn write_file_list(staging: &Path) -> Result<()> {
 }
 
 /// [`FILE_LIST`] of the import in `data_dir`; None for an import by an earlier version,
-/// which wrote none.
+/// which wrote none. A list of paths alone, as the first version with one wrote, has no
+/// sizes; a line that is neither form is refused, not read as unchecked.
 fn read_file_list(data_dir: &Path) -> Result<Option<WrittenFiles>> {
     let path = data_dir.join(FILE_LIST);
     let text = match fs::read_to_string(&path) {
@@ -779,11 +780,30 @@ fn read_file_list(data_dir: &Path) -> Result<Option<WrittenFiles>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DataError::io(path, e)),
     };
-    let entry = |line: &str| match line.split_once('\t') {
-        Some((path, size)) => (path.to_string(), size.parse().ok()),
-        None => (line.to_string(), None),
-    };
-    Ok(Some(text.lines().map(entry).collect()))
+    let sized = text.lines().next().is_some_and(|line| line.contains('\t'));
+    let mut written = WrittenFiles::new();
+    for (number, line) in text.lines().enumerate() {
+        let entry = match line.split_once('\t') {
+            Some((file, size)) if sized => size.parse().ok().map(|size| (file, Some(size))),
+            None if !sized => Some((line, None)),
+            _ => None,
+        };
+        let Some((file, size)) = entry else {
+            return Err(DataError::Invalid(format!(
+                "{} is damaged: line {} ({line:?}) is not {}; restore it, or remove it to \
+                 have the import checked by its manifest's counts only",
+                path.display(),
+                number + 1,
+                if sized {
+                    "a data path, a tab and a size"
+                } else {
+                    "a data path"
+                }
+            )));
+        };
+        written.insert(file.to_string(), size);
+    }
+    Ok(Some(written))
 }
 
 /// What a user added to `folder` (relative to `data_dir`) of an import that wrote

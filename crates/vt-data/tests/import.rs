@@ -569,6 +569,26 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         "{err}"
     );
     write(&edited, &original);
+    // A damaged list is refused, naming its line, rather than read as unchecked.
+    let list = data.join(".imported-files");
+    let listed = fs::read_to_string(&list).unwrap();
+    let lines: Vec<&str> = listed.lines().collect();
+    let (path, _) = lines[1].split_once('\t').unwrap();
+    for (line, damaged) in [
+        (1, format!("{}\t99999999999999999999999", lines[0])),
+        (1, format!("{}x", lines[0])),
+        (2, path.to_string()),
+    ] {
+        let mut damaged_list = lines.clone();
+        damaged_list[line - 1] = &damaged;
+        fs::write(&list, damaged_list.join("\n") + "\n").unwrap();
+        let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(".imported-files is damaged: line {line}")),
+            "{damaged:?}: {err}"
+        );
+    }
+    fs::write(&list, &listed).unwrap();
     // Many additions: the first few are named, the others counted.
     for i in 0..12 {
         write(&data.join(format!("pred/mine-{i:02}.jpg")), b"x");

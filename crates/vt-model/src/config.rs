@@ -97,6 +97,11 @@ pub struct VtConfig {
 /// pixels a side aborted on a 12 TB allocation instead of being refused).
 pub const MAX_IMAGE_SIZE: usize = 4096;
 
+/// The temperatures a checkpoint may hold, as (lowest, highest): what `vt-train calibrate`
+/// searches. Past them a calibration says nothing the logits do not (all certain, or all
+/// uniform), and a hand-edited 1e-40 would overflow every logit.
+pub const TEMPERATURE_RANGE: (f32, f32) = (0.01, 100.0);
+
 impl VtConfig {
     /// The contract's defaults for `arch`, with classes named `class0`, `class1`, ...
     pub fn new(arch: Arch, num_classes: usize, image_size: usize) -> Self {
@@ -208,8 +213,11 @@ impl VtConfig {
             return fail(format!("mean must be finite, got {:?}", self.mean));
         }
         if let Some(t) = self.temperature {
-            if !(t.is_finite() && t > 0.0) {
-                return fail(format!("temperature must be positive and finite, got {t}"));
+            let (low, high) = TEMPERATURE_RANGE;
+            if !(low..=high).contains(&t) {
+                return fail(format!(
+                    "temperature must be between {low} and {high}, got {t}"
+                ));
             }
         }
         Ok(())

@@ -138,8 +138,16 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
 }
 
 /// Turns bfloat16 products for f32 work on or off ([`crate::kernels::allow_bf16_products`]):
-/// a CPU option, refused on other devices and on CPUs without AVX512-BF16.
-pub fn use_bf16_products(on: bool, device: &Device) -> Result<()> {
+/// a CPU option for a model computing in `dtype` f32, refused on other devices, with
+/// another precision (whose layers they would not touch) and on CPUs without AVX512-BF16.
+pub fn use_bf16_products(on: bool, device: &Device, dtype: DType) -> Result<()> {
+    if on && dtype != DType::F32 {
+        return Err(ModelError::Precision(format!(
+            "bfloat16 products speed up f32 layers, and --dtype {} has none: leave one of \
+             the two out",
+            dtype.as_str()
+        )));
+    }
     if on && !device.is_cpu() {
         return Err(ModelError::Device(
             "bfloat16 products are a CPU option; on a GPU use --dtype bf16 for inference, \

@@ -155,7 +155,7 @@ pub fn load_classifier(
 ) -> Result<(Classifier, Device), StartError> {
     let device = vt_model::parse_device(device).map_err(StartError::Device)?;
     let dtype = vt_model::parse_dtype(dtype, &device).map_err(StartError::Device)?;
-    vt_model::use_bf16_products(bf16_products, &device).map_err(StartError::Device)?;
+    vt_model::use_bf16_products(bf16_products, &device, dtype).map_err(StartError::Device)?;
     let classifier =
         Classifier::load(checkpoint, &device, dtype).map_err(|cause| StartError::Checkpoint {
             path: checkpoint.to_path_buf(),

@@ -503,7 +503,10 @@ fn a_calibrated_checkpoint_scores_its_logits_divided_by_its_temperature() {
     let refused = predict_at(&calibrated, &[], &paths);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("temperature must be positive"), "{stderr}");
+    assert!(
+        stderr.contains("temperature must be between 0.01 and 100, got -1"),
+        "{stderr}"
+    );
 }
 
 #[test]

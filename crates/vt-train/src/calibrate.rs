@@ -9,12 +9,15 @@ use candle_core::Device;
 use vt_data::dataset::Split;
 use vt_model::{parse_device, Model};
 
-use crate::calibration::{self, Calibration, TEMPERATURE_RANGE};
+use vt_model::config::TEMPERATURE_RANGE;
+
+use crate::calibration::{self, Calibration};
 use crate::cli::{at_least_one, thread_count};
 use crate::data;
-use crate::error::{Result, ResultExt};
+use crate::error::{Result, ResultExt, TrainError};
 use crate::eval::{data_folder, evaluate, open_labelled};
 use crate::init::{check_out_dir, write_checkpoint};
+use crate::outputs;
 use crate::threads;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -48,6 +51,14 @@ pub struct CalibrateArgs {
 pub fn run(args: &CalibrateArgs) -> Result<()> {
     let loading = || format!("loading checkpoint {}", args.checkpoint.display());
     vt_model::checkpoint::refuse_non_checkpoint(&args.checkpoint).with_context(loading)?;
+    if outputs::resolved(&args.out) == outputs::resolved(&args.checkpoint) {
+        return Err(TrainError::Config(format!(
+            "--out {} is the checkpoint calibrated: write the calibrated one beside it (e.g. \
+             {}-calibrated), so that the two can be compared",
+            args.out.display(),
+            args.checkpoint.display()
+        )));
+    }
     check_out_dir(&args.out, args.force)?;
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
@@ -83,7 +94,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         );
     } else if [TEMPERATURE_RANGE.0, TEMPERATURE_RANGE.1]
         .iter()
-        .any(|end| (temperature / end).ln().abs() < 1e-3)
+        .any(|&end| (temperature / f64::from(end)).ln().abs() < 1e-3)
     {
         tracing::warn!(
             "the temperature {temperature:.4} is at the end of the range searched ({} to {}): \
@@ -94,7 +105,9 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     }
     // The weights as the checkpoint holds them, not the frozen model's folded ones.
     let mut calibrated = Model::load(&args.checkpoint, &Device::Cpu).with_context(loading)?;
-    calibrated.config.temperature = Some(temperature as f32);
+    // Within the range a checkpoint may hold, which f32's rounding of its ends may leave.
+    let (lowest, highest) = TEMPERATURE_RANGE;
+    calibrated.config.temperature = Some((temperature as f32).clamp(lowest, highest));
     write_checkpoint(&calibrated, &args.out)?;
     let images = eval.predictions.len();
     println!(

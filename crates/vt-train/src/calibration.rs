@@ -13,6 +13,8 @@
 
 use serde::Serialize;
 
+use vt_model::config::TEMPERATURE_RANGE;
+
 use crate::eval::Prediction;
 
 /// The number of bins of Guo et al. (and of torchmetrics' default).
@@ -101,9 +103,6 @@ impl Calibration {
     }
 }
 
-/// The temperatures [`fit_temperature`] searches, as (lowest, highest).
-pub const TEMPERATURE_RANGE: (f64, f64) = (0.01, 100.0);
-
 /// The mean negative log-likelihood of the labels of `predictions` under
 /// softmax(logits / `temperature`), in f64.
 pub fn nll_at(predictions: &[Prediction], temperature: f64) -> f64 {
@@ -123,11 +122,13 @@ pub fn nll_at(predictions: &[Prediction], temperature: f64) -> f64 {
     total / predictions.len().max(1) as f64
 }
 
-/// The temperature within [`TEMPERATURE_RANGE`] that minimises [`nll_at`]: a golden-section
-/// search over log(1/T), where the likelihood is unimodal (it is convex in 1/T).
+/// The temperature within the range a checkpoint may hold ([`TEMPERATURE_RANGE`]) that
+/// minimises [`nll_at`]: a golden-section search over log(1/T), where the likelihood is
+/// unimodal (it is convex in 1/T).
 pub fn fit_temperature(predictions: &[Prediction]) -> f64 {
     let nll = |log_beta: f64| nll_at(predictions, (-log_beta).exp());
-    let (mut low, mut high) = (-TEMPERATURE_RANGE.1.ln(), -TEMPERATURE_RANGE.0.ln());
+    let (lowest, highest) = TEMPERATURE_RANGE;
+    let (mut low, mut high) = (-f64::from(highest).ln(), -f64::from(lowest).ln());
     let ratio = (5f64.sqrt() - 1.0) / 2.0;
     let mut a = high - ratio * (high - low);
     let mut b = low + ratio * (high - low);
@@ -199,7 +200,7 @@ mod tests {
             })
             .collect();
         let t = fit_temperature(&right);
-        assert!((TEMPERATURE_RANGE.0..0.1).contains(&t), "{t}");
+        assert!((f64::from(TEMPERATURE_RANGE.0)..0.1).contains(&t), "{t}");
     }
 
     /// The values of Guo et al.'s own `_ECELoss` (github.com/gpleiss/temperature_scaling,

@@ -105,8 +105,8 @@ pub enum Command {
         the checkpoint's mean and std). Outputs `logits` and `probabilities` (their \
         softmax, of the logits divided by the temperature of a checkpoint that `vt-train \
         calibrate` wrote), float32 [batch, num_classes]. The model's metadata holds arch, \
-        class_names, image_size, mean, std, variant, tokens, token_channels, heads and the \
-        sha256 of model.safetensors. The weights are the checkpoint's tensors, under their \
+        class_names, image_size, mean, std, variant, tokens, token_channels, heads, the \
+        sha256 of model.safetensors and a calibrated checkpoint's temperature. The weights are the checkpoint's tensors, under their \
         names."
     )]
     Export(ExportArgs),

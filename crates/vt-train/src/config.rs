@@ -261,8 +261,26 @@ impl TrainOptions {
     }
 
     /// `self` with every option that `over` sets taken from `over`. Field by field, not
-    /// through a serde map: JSON has no NaN, which would read as "not given".
+    /// through a serde map: JSON has no NaN, which would read as "not given". A schedule
+    /// that `over` names drops what `self` set for the other one (a run's config.toml,
+    /// resumed with another `--sched`).
     pub fn overridden_by(&self, over: &TrainOptions) -> TrainOptions {
+        let merged = self.merged_with(over);
+        match over.sched {
+            Some(ScheduleKind::Step) => TrainOptions {
+                min_lr: over.min_lr,
+                ..merged
+            },
+            Some(ScheduleKind::Cosine) => TrainOptions {
+                decay_epochs: over.decay_epochs,
+                decay_rate: over.decay_rate,
+                ..merged
+            },
+            None => merged,
+        }
+    }
+
+    fn merged_with(&self, over: &TrainOptions) -> TrainOptions {
         macro_rules! either {
             ($($field:ident),* $(,)?) => {
                 TrainOptions {
@@ -375,10 +393,12 @@ pub struct TrainConfig {
     /// [`TrainConfig::schedule`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sched: Option<ScheduleKind>,
-    #[serde(default = "default_decay_epochs")]
-    pub decay_epochs: usize,
-    #[serde(default = "default_decay_rate")]
-    pub decay_rate: f64,
+    /// The step schedule's, None with the cosine (and in run folders written before the
+    /// option existed: 7 and 0.1, as [`TrainConfig::decay`] reads them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_epochs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_rate: Option<f64>,
     /// None: the default, which follows --lr (also when a resume changes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_lr: Option<f64>,
@@ -429,14 +449,6 @@ fn tf32_by_default() -> bool {
 
 fn default_momentum() -> f64 {
     0.9
-}
-
-fn default_decay_epochs() -> usize {
-    DECAY_EPOCHS
-}
-
-fn default_decay_rate() -> f64 {
-    DECAY_RATE
 }
 
 /// "1 step", "2 steps".
@@ -508,6 +520,11 @@ impl TrainConfig {
             .threads
             .unwrap_or_else(vt_model::threads::default_compute_threads);
         let device = o.device.clone().unwrap_or_else(|| "auto".into());
+        let sched = o.sched.unwrap_or(if seed {
+            ScheduleKind::Step
+        } else {
+            ScheduleKind::Cosine
+        });
         let gpu = vt_model::names_a_gpu(&device);
         let config = TrainConfig {
             data: o
@@ -535,13 +552,16 @@ impl TrainConfig {
                 OptimizerKind::Adamw
             })),
             momentum: o.momentum.unwrap_or_else(default_momentum),
-            sched: Some(o.sched.unwrap_or(if seed {
-                ScheduleKind::Step
-            } else {
-                ScheduleKind::Cosine
-            })),
-            decay_epochs: o.decay_epochs.unwrap_or(DECAY_EPOCHS),
-            decay_rate: o.decay_rate.unwrap_or(DECAY_RATE),
+            sched: Some(sched),
+            // Resolved for the step schedule; given for the cosine, they are refused.
+            decay_epochs: match sched {
+                ScheduleKind::Step => Some(o.decay_epochs.unwrap_or(DECAY_EPOCHS)),
+                ScheduleKind::Cosine => o.decay_epochs,
+            },
+            decay_rate: match sched {
+                ScheduleKind::Step => Some(o.decay_rate.unwrap_or(DECAY_RATE)),
+                ScheduleKind::Cosine => o.decay_rate,
+            },
             min_lr: o.min_lr,
             warmup_epochs: o.warmup_epochs.unwrap_or(if seed { 1.0 } else { 2.0 }),
             label_smoothing: o.label_smoothing.unwrap_or(if seed { 0.0 } else { 0.1 }),
@@ -588,7 +608,7 @@ impl TrainConfig {
             ("--tokens", self.tokens),
             ("--token-channels", self.token_channels),
             ("--heads", self.heads),
-            ("--decay-epochs", self.decay_epochs),
+            ("--decay-epochs", self.decay_epochs.unwrap_or(DECAY_EPOCHS)),
             ("--threads", self.threads),
             ("--loader-threads", self.loader_threads),
         ];
@@ -619,16 +639,12 @@ impl TrainConfig {
             ));
         }
         let step = self.schedule() == ScheduleKind::Step;
-        if !(self.decay_rate > 0.0 && self.decay_rate <= 1.0) {
-            return fail(format!(
-                "--decay-rate must be in (0, 1], got {}",
-                self.decay_rate
-            ));
+        if let Some(rate) = self.decay_rate.filter(|r| !(*r > 0.0 && *r <= 1.0)) {
+            return fail(format!("--decay-rate must be in (0, 1], got {rate}"));
         }
         let step_options: Vec<String> = [
-            (self.decay_epochs != DECAY_EPOCHS)
-                .then(|| format!("--decay-epochs {}", self.decay_epochs)),
-            (self.decay_rate != DECAY_RATE).then(|| format!("--decay-rate {}", self.decay_rate)),
+            self.decay_epochs.map(|n| format!("--decay-epochs {n}")),
+            self.decay_rate.map(|r| format!("--decay-rate {r}")),
         ]
         .into_iter()
         .flatten()
@@ -834,8 +850,8 @@ impl TrainConfig {
             opt: self.opt,
             momentum: Some(self.momentum),
             sched: self.sched,
-            decay_epochs: Some(self.decay_epochs),
-            decay_rate: Some(self.decay_rate),
+            decay_epochs: self.decay_epochs,
+            decay_rate: self.decay_rate,
             min_lr: self.min_lr,
             warmup_epochs: Some(self.warmup_epochs),
             label_smoothing: Some(self.label_smoothing),
@@ -912,8 +928,8 @@ impl TrainConfig {
     pub fn decay(&self) -> Decay {
         match self.schedule() {
             ScheduleKind::Step => Decay::Step {
-                every_epochs: self.decay_epochs,
-                gamma: self.decay_rate,
+                every_epochs: self.decay_epochs.unwrap_or(DECAY_EPOCHS),
+                gamma: self.decay_rate.unwrap_or(DECAY_RATE),
             },
             // By default 1e-6, or a hundredth of --lr where that is lower, so that the cosine
             // always decays (a floor above --lr would raise the rate).
@@ -1257,6 +1273,10 @@ mod tests {
                 "the schedule is cosine: add --sched step",
             ),
             (
+                "decay-rate = 0.1\n",
+                "--decay-rate 0.1 sets the step schedule",
+            ),
+            (
                 "recipe = \"seed\"\nmin-lr = 1e-5\n",
                 "the schedule is step: add --sched cosine",
             ),
@@ -1275,7 +1295,7 @@ mod tests {
             .unwrap();
             let mut older = serde_json::to_value(&current).unwrap();
             for key in ["opt", "momentum", "sched", "decay-epochs", "decay-rate"] {
-                older.as_object_mut().unwrap().remove(key).unwrap();
+                older.as_object_mut().unwrap().remove(key);
             }
             let older: TrainConfig = serde_json::from_value(older).unwrap();
             assert_eq!(
@@ -1284,6 +1304,32 @@ mod tests {
             );
             older.check_resume(&current).unwrap();
         }
+        // A resume (or --config) naming the other schedule drops the file's settings of the
+        // one it leaves.
+        for (run, flags) in [
+            (
+                "sched = \"step\"\ndecay-epochs = 2\ndecay-rate = 0.5\n",
+                "sched = \"cosine\"\n",
+            ),
+            ("min-lr = 1e-5\n", "sched = \"step\"\n"),
+        ] {
+            let run = config(run).unwrap().to_options();
+            let flags: TrainOptions = toml::from_str(flags).unwrap();
+            let resumed = TrainConfig::resolve(&run.overridden_by(&flags)).unwrap();
+            assert_eq!(Some(resumed.schedule()), flags.sched);
+            assert_eq!(
+                (resumed.min_lr, resumed.decay_epochs.is_some()),
+                (None, flags.sched == Some(ScheduleKind::Step))
+            );
+        }
+        // A cosine run's config.toml holds no step settings, a step run's its own.
+        let cosine = config("").unwrap().to_toml().unwrap();
+        assert!(!cosine.contains("decay-"), "{cosine}");
+        let step = config("sched = \"step\"\n").unwrap().to_toml().unwrap();
+        assert!(
+            step.contains("decay-epochs = 7\ndecay-rate = 0.1"),
+            "{step}"
+        );
         // The default floor follows a rate changed on resume; one given stays.
         let given = config("min-lr = 1e-7\n").unwrap();
         let toml = given.to_toml().unwrap();

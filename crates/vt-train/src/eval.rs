@@ -274,6 +274,9 @@ pub struct EvalReport {
     pub dtype: String,
     /// Whether products were taken in bfloat16 (`--bf16-products`).
     pub bf16_products: bool,
+    /// The checkpoint's temperature (`vt-train calibrate`), which divided the logits before
+    /// their softmax; None (null): uncalibrated.
+    pub temperature: Option<f32>,
     pub images: u64,
     pub loss: f64,
     pub accuracy: f64,
@@ -369,11 +372,14 @@ pub fn report_text(report: &EvalReport) -> String {
         .max()
         .unwrap_or(5)
         .max(9);
-    let precision = match (report.dtype.as_str(), report.bf16_products) {
+    let mut precision = match (report.dtype.as_str(), report.bf16_products) {
         ("f32", false) => String::new(),
         (dtype, false) => format!(" in {dtype}"),
         (dtype, true) => format!(" in {dtype} with bfloat16 products"),
     };
+    if let Some(t) = report.temperature {
+        precision += &format!(", calibrated (temperature {t})");
+    }
     let mut out = format!(
         "{} on {}{precision} ({} image{}): accuracy {:.2}% (95% interval {:.2}-{:.2}%), loss {:.4}, macro F1 {:.4}\n",
         report.checkpoint.display(),
@@ -712,7 +718,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let compute = threads::set_compute_threads(args.threads);
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &device)?;
-    use_bf16_products(args.bf16_products, &device)?;
+    use_bf16_products(args.bf16_products, &device, dtype)?;
     let model = Model::load_as(&args.checkpoint, &device, dtype)
         .and_then(Model::into_frozen)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
@@ -757,6 +763,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         split: split.to_string(),
         dtype: args.dtype.clone(),
         bf16_products: args.bf16_products,
+        temperature: model.config.temperature,
         images: eval.matrix.total(),
         loss: eval.loss,
         accuracy: eval.matrix.accuracy(),

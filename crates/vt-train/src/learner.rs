@@ -4,7 +4,7 @@
 //! run that `train` would make.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use vt_data::dataset::ImageFolder;
 use vt_data::loader::{Batch, LoaderConfig, Transform};
 use vt_model::pretrained::{load_stem, Source};
@@ -24,7 +24,8 @@ pub fn prepare_device(config: &TrainConfig) -> Result<Device> {
     threads::set_compute_threads(Some(config.threads));
     vt_model::kernels::allow_tf32(config.tf32);
     let device = parse_device(&config.device)?;
-    vt_model::use_bf16_products(config.bf16_products, &device).context("--bf16-products")?;
+    vt_model::use_bf16_products(config.bf16_products, &device, DType::F32)
+        .context("--bf16-products")?;
     Ok(device)
 }
 

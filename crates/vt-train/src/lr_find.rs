@@ -467,8 +467,9 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
     if !refused.is_empty() {
         return Err(TrainError::Config(format!(
             "lr-find does not use {}: it sweeps the rate from --start-lr to --end-lr over \
-             --steps and writes no run; leave them out",
-            refused.join(", ")
+             --steps and writes no run; leave {} out",
+            refused.join(", "),
+            if refused.len() == 1 { "it" } else { "them" }
         )));
     }
     let file = match &args.config {

@@ -812,6 +812,27 @@ fn the_optimiser_and_schedule_follow_opt_and_sched() {
         err.contains("--opt cannot change on resume: the run has momentum, got adamw"),
         "{err}"
     );
+    // Another schedule for the epochs left: the step schedule's settings are the run's no
+    // more.
+    run_ok(
+        vt_train()
+            .args([
+                "train",
+                "--resume",
+                "--epochs",
+                "4",
+                "--sched",
+                "cosine",
+                "--run-dir",
+            ])
+            .arg(&run),
+    );
+    assert_eq!(records(&run).len(), 4);
+    let saved = fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("sched = \"cosine\"") && !saved.contains("decay-"),
+        "{saved}"
+    );
 }
 
 #[test]
@@ -1130,6 +1151,15 @@ fn calibrate_fits_a_temperature_that_eval_and_export_apply() {
         .find(|e| e.key == "temperature")
         .map(|e| e.value.parse::<f64>().unwrap());
     assert_eq!(exported.map(|t| t as f32), Some(temperature as f32));
+    // A calibration is written beside its checkpoint, never over it.
+    let err = run_err(
+        vt_train()
+            .args(["calibrate", "--force", "--checkpoint"])
+            .arg(&calibrated)
+            .arg("--out")
+            .arg(&calibrated),
+    );
+    assert!(err.contains("is the checkpoint calibrated"), "{err}");
     // A calibration belongs to one set of weights: an average has none.
     let average = tmp.path().join("avg");
     let out = run_ok(
@@ -1202,6 +1232,8 @@ fn eval_runs_in_the_precisions_vt_serve_serves() {
         err.contains("bf16 tensors run on CUDA devices only"),
         "{err}"
     );
+    let err = run_err(&mut eval(&["--dtype", "f16", "--bf16-products"]));
+    assert!(err.contains("--dtype f16 has none"), "{err}");
 }
 
 #[test]
