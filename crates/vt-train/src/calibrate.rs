@@ -7,9 +7,8 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use vt_data::dataset::Split;
-use vt_model::{parse_device, Model};
-
 use vt_model::config::TEMPERATURE_RANGE;
+use vt_model::{parse_device, Model};
 
 use crate::calibration::{self, Calibration};
 use crate::cli::{at_least_one, thread_count};

@@ -103,21 +103,20 @@ impl Calibration {
     }
 }
 
+/// log softmax(`logits` / `temperature`), in f64.
+fn log_probabilities(logits: &[f32], temperature: f64) -> Vec<f64> {
+    let scaled: Vec<f64> = logits.iter().map(|&z| f64::from(z) / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = max + scaled.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+    scaled.iter().map(|z| z - log_sum).collect()
+}
+
 /// The mean negative log-likelihood of the labels of `predictions` under
 /// softmax(logits / `temperature`), in f64.
 pub fn nll_at(predictions: &[Prediction], temperature: f64) -> f64 {
     let total: f64 = predictions
         .iter()
-        .map(|p| {
-            let scaled: Vec<f64> = p
-                .logits
-                .iter()
-                .map(|&z| f64::from(z) / temperature)
-                .collect();
-            let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let log_sum = max + scaled.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
-            log_sum - scaled[p.label]
-        })
+        .map(|p| -log_probabilities(&p.logits, temperature)[p.label])
         .sum();
     total / predictions.len().max(1) as f64
 }
@@ -153,19 +152,12 @@ pub fn fit_temperature(predictions: &[Prediction]) -> f64 {
 pub fn at_temperature(predictions: &[Prediction], temperature: f64) -> Vec<Prediction> {
     predictions
         .iter()
-        .map(|p| {
-            let scaled: Vec<f64> = p
-                .logits
-                .iter()
-                .map(|&z| f64::from(z) / temperature)
-                .collect();
-            let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = scaled.iter().map(|z| (z - max).exp()).collect();
-            let sum: f64 = exps.iter().sum();
-            Prediction {
-                probabilities: exps.iter().map(|e| (e / sum) as f32).collect(),
-                ..p.clone()
-            }
+        .map(|p| Prediction {
+            probabilities: log_probabilities(&p.logits, temperature)
+                .into_iter()
+                .map(|l| l.exp() as f32)
+                .collect(),
+            ..p.clone()
         })
         .collect()
 }
