@@ -780,7 +780,9 @@ fn read_file_list(data_dir: &Path) -> Result<Option<WrittenFiles>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DataError::io(path, e)),
     };
-    let sized = text.lines().next().is_some_and(|line| line.contains('\t'));
+    // The form of most lines: one damaged line, the first included, is the one named.
+    let with_size = text.lines().filter(|line| line.contains('\t')).count();
+    let sized = 2 * with_size >= text.lines().count();
     let mut written = WrittenFiles::new();
     for (number, line) in text.lines().enumerate() {
         let entry = match line.split_once('\t') {

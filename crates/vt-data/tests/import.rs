@@ -573,11 +573,12 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     let list = data.join(".imported-files");
     let listed = fs::read_to_string(&list).unwrap();
     let lines: Vec<&str> = listed.lines().collect();
-    let (path, _) = lines[1].split_once('\t').unwrap();
+    let path = |line: &str| line.split_once('\t').unwrap().0.to_string();
     for (line, damaged) in [
-        (1, format!("{}\t99999999999999999999999", lines[0])),
+        (1, format!("{}\t99999999999999999999999", path(lines[0]))),
         (1, format!("{}x", lines[0])),
-        (2, path.to_string()),
+        (1, path(lines[0])),
+        (2, path(lines[1])),
     ] {
         let mut damaged_list = lines.clone();
         damaged_list[line - 1] = &damaged;

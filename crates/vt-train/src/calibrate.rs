@@ -50,12 +50,13 @@ pub struct CalibrateArgs {
 pub fn run(args: &CalibrateArgs) -> Result<()> {
     let loading = || format!("loading checkpoint {}", args.checkpoint.display());
     vt_model::checkpoint::refuse_non_checkpoint(&args.checkpoint).with_context(loading)?;
-    if outputs::resolved(&args.out) == outputs::resolved(&args.checkpoint) {
+    let checkpoint = outputs::resolved(&args.checkpoint);
+    if outputs::resolved(&args.out) == checkpoint {
         return Err(TrainError::Config(format!(
             "--out {} is the checkpoint calibrated: write the calibrated one beside it (e.g. \
              {}-calibrated), so that the two can be compared",
             args.out.display(),
-            args.checkpoint.display()
+            checkpoint.display()
         )));
     }
     check_out_dir(&args.out, args.force)?;

@@ -220,7 +220,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub device: Option<String>,
     /// Let f32 convolutions on a GPU use TF32 tensor cores, as PyTorch does by default
-    /// (vt-serve and `vt-train eval` compute in full f32) [default: true]
+    /// (vt-serve and `vt-train eval` never use TF32) [default: true]
     #[arg(long, value_name = "BOOL", value_parser = BoolishValueParser::new())]
     pub tf32: Option<bool>,
     /// On the CPU, let f32 convolutions and linear layers multiply in bfloat16 with f32 sums

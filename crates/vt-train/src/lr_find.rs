@@ -473,7 +473,15 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
         )));
     }
     let file = match &args.config {
-        Some(path) => TrainOptions::from_toml_file(path)?,
+        // The schedule is not used: a file's is not checked either (a cosine with a step
+        // run's decay settings is no mistake here).
+        Some(path) => TrainOptions {
+            sched: None,
+            decay_epochs: None,
+            decay_rate: None,
+            min_lr: None,
+            ..TrainOptions::from_toml_file(path)?
+        },
         None => TrainOptions::default(),
     };
     let config = resolve_file_over(args.config.as_deref(), &file, &args.options)?;

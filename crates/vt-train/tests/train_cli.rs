@@ -1838,7 +1838,22 @@ fn lr_find_sweeps_the_rate_and_writes_its_report_but_no_run() {
         err.contains("lr-find does not use --lr, --run-dir"),
         "{err}"
     );
+    let err = run_err(lr_find().args(["--sched", "step"]));
+    assert!(err.contains("lr-find does not use --sched"), "{err}");
+    assert!(err.contains("leave it out"), "{err}");
     assert_eq!(fs::read_dir(&work).unwrap().count(), 0);
+    // A file's schedule settings are not used, so not checked against each other either.
+    let options = tmp.path().join("options.toml");
+    fs::write(&options, "sched = \"cosine\"\ndecay-epochs = 7\n").unwrap();
+    let report = tmp.path().join("options-sweep.json");
+    run_ok(
+        lr_find()
+            .args(["--steps", "2", "--config"])
+            .arg(&options)
+            .arg("--out")
+            .arg(&report),
+    );
+    assert!(report.is_file());
 
     let (start, end, steps) = (1e-7, 10.0, 12);
     let out = run_ok(lr_find().args(["--steps", "12"]));
