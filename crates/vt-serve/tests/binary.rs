@@ -249,6 +249,20 @@ fn predict_at(checkpoint: &Path, precision: &[&str], paths: &[PathBuf]) -> Outpu
         .unwrap()
 }
 
+/// The lines of a `vt-serve predict` that succeeded.
+fn predicted_lines(output: Output) -> Vec<Value> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// An f16 model whose logits overflow scores nothing rather than NaN: each image gets an
 /// error line naming the cause and the remedy, and the exit status reports them; in f32 the
 /// same checkpoint scores them.
@@ -470,17 +484,9 @@ fn a_calibrated_checkpoint_scores_its_logits_divided_by_its_temperature() {
     let files = tempfile::tempdir().unwrap();
     let paths = write_images(files.path(), &test_images(3));
     let scores = |checkpoint: &Path| -> Vec<(Vec<f64>, Vec<f64>)> {
-        let output = predict_at(checkpoint, &[], &paths);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let line: Value = serde_json::from_str(l).unwrap();
+        predicted_lines(predict_at(checkpoint, &[], &paths))
+            .into_iter()
+            .map(|line| {
                 let floats = |key: &str| serde_json::from_value(line[key].clone()).unwrap();
                 (floats("logits"), floats("probs"))
             })
@@ -516,18 +522,9 @@ fn reduced_precision_predictions_follow_f32() {
     let files = tempfile::tempdir().unwrap();
     let paths = write_images(files.path(), &test_images(3));
     let probs = |output: Output| -> Vec<Vec<f64>> {
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let line: Value = serde_json::from_str(l).unwrap();
-                serde_json::from_value(line["probs"].clone()).unwrap()
-            })
+        predicted_lines(output)
+            .into_iter()
+            .map(|line| serde_json::from_value(line["probs"].clone()).unwrap())
             .collect()
     };
     let full = probs(predict_at(&checkpoint, &["--dtype", "f32"], &paths));

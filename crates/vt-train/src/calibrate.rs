@@ -8,16 +8,13 @@ use std::path::PathBuf;
 use candle_core::Device;
 use vt_data::dataset::Split;
 use vt_model::config::TEMPERATURE_RANGE;
-use vt_model::{parse_device, Model};
+use vt_model::Model;
 
 use crate::calibration::{self, Calibration};
-use crate::cli::{at_least_one, thread_count};
-use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
-use crate::eval::{data_folder, evaluate, open_labelled};
+use crate::eval::{data_folder, evaluate, open_labelled, ComputeArgs};
 use crate::init::{check_out_dir, write_checkpoint};
 use crate::outputs;
-use crate::threads;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CalibrateArgs {
@@ -36,15 +33,8 @@ pub struct CalibrateArgs {
     /// else)
     #[arg(long)]
     pub force: bool,
-    /// cpu, cuda, cuda:N or auto
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Images per forward pass
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
-    pub batch_size: usize,
-    /// Compute threads [default: all cores]
-    #[arg(long, value_parser = thread_count)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 pub fn run(args: &CalibrateArgs) -> Result<()> {
@@ -60,18 +50,13 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         )));
     }
     check_out_dir(&args.out, args.force)?;
-    let compute = threads::set_compute_threads(args.threads);
-    let device = parse_device(&args.device)?;
+    let (device, compute) = args.compute.start()?;
     let model = Model::load(&args.checkpoint, &device)
         .and_then(Model::into_frozen)
         .with_context(loading)?;
     let data = data_folder(&args.checkpoint, args.data.as_deref())?;
     let folder = open_labelled(&data, Split::Val, None, &model.config.class_names)?;
-    let loader = data::eval_loader(
-        &model.config,
-        args.batch_size,
-        threads::default_loader_threads(compute, device.is_cuda()),
-    );
+    let loader = args.compute.loader(&model.config, &device, compute);
     let eval = evaluate(
         &model,
         &folder.samples,

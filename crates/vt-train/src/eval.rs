@@ -5,12 +5,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, D};
+use candle_core::{DType, Device, D};
 use serde::Serialize;
 use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::fetch::DEFAULT_DATA_DIR;
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
-use vt_model::{parse_device, parse_dtype, use_bf16_products, Model, DTYPE_NAMES};
+use vt_model::{parse_device, parse_dtype, use_bf16_products, Model, VtConfig, DTYPE_NAMES};
 
 use crate::calibration::{self, Calibration};
 use crate::cli::{at_least_one, thread_count};
@@ -209,15 +209,8 @@ pub struct EvalArgs {
     /// folder; a top/ epoch's beside its run]
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
-    /// cpu, cuda, cuda:N or auto
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Images per forward pass
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
-    pub batch_size: usize,
-    /// Compute threads [default: all cores]
-    #[arg(long, value_parser = thread_count)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Evaluate a random subset of N images
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -232,6 +225,38 @@ pub struct EvalArgs {
     /// default name then ends in -bf16-products
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub bf16_products: bool,
+}
+
+/// Where a checkpoint runs over a split, and in what batches: `eval`'s and `calibrate`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ComputeArgs {
+    /// cpu, cuda, cuda:N or auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Images per forward pass
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Compute threads [default: all cores]
+    #[arg(long, value_parser = thread_count)]
+    pub threads: Option<usize>,
+}
+
+impl ComputeArgs {
+    /// Sets the compute threads (before candle's first parallel work reads them) and opens
+    /// the device; returns it with the number of compute threads.
+    pub fn start(&self) -> Result<(Device, usize)> {
+        let compute = threads::set_compute_threads(self.threads);
+        Ok((parse_device(&self.device)?, compute))
+    }
+
+    /// The evaluation batches of `model` on `device`, decoded by the cores `compute` leaves.
+    pub fn loader(&self, model: &VtConfig, device: &Device, compute: usize) -> LoaderConfig {
+        data::eval_loader(
+            model,
+            self.batch_size,
+            threads::default_loader_threads(compute, device.is_cuda()),
+        )
+    }
 }
 
 impl EvalArgs {
@@ -715,8 +740,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     vt_model::checkpoint::refuse_non_checkpoint(&args.checkpoint)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let paths = output_paths(args, split)?;
-    let compute = threads::set_compute_threads(args.threads);
-    let device = parse_device(&args.device)?;
+    let (device, compute) = args.compute.start()?;
     let dtype = parse_dtype(&args.dtype, &device)?;
     use_bf16_products(args.bf16_products, &device, dtype)?;
     let model = Model::load_as(&args.checkpoint, &device, dtype)
@@ -724,11 +748,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
     let data = data_folder(&args.checkpoint, args.data.as_deref())?;
     let folder = open_labelled(&data, split, args.limit, &model.config.class_names)?;
-    let loader = data::eval_loader(
-        &model.config,
-        args.batch_size.max(1),
-        threads::default_loader_threads(compute, device.is_cuda()),
-    );
+    let loader = args.compute.loader(&model.config, &device, compute);
     let eval = evaluate(
         &model,
         &folder.samples,

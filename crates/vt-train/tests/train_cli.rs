@@ -795,38 +795,21 @@ fn the_optimiser_and_schedule_follow_opt_and_sched() {
     ] {
         assert!(saved.contains(line), "{line}: {saved}");
     }
-    let err = run_err(
-        vt_train()
-            .args([
-                "train",
-                "--resume",
-                "--epochs",
-                "4",
-                "--opt",
-                "adamw",
-                "--run-dir",
-            ])
-            .arg(&run),
-    );
+    let resume = |flags: [&str; 2]| {
+        let mut cmd = vt_train();
+        cmd.args(["train", "--resume", "--epochs", "4", "--run-dir"])
+            .arg(&run)
+            .args(flags);
+        cmd
+    };
+    let err = run_err(&mut resume(["--opt", "adamw"]));
     assert!(
         err.contains("--opt cannot change on resume: the run has momentum, got adamw"),
         "{err}"
     );
     // Another schedule for the epochs left: the step schedule's settings are the run's no
     // more.
-    run_ok(
-        vt_train()
-            .args([
-                "train",
-                "--resume",
-                "--epochs",
-                "4",
-                "--sched",
-                "cosine",
-                "--run-dir",
-            ])
-            .arg(&run),
-    );
+    run_ok(&mut resume(["--sched", "cosine"]));
     assert_eq!(records(&run).len(), 4);
     let saved = fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(
@@ -1179,14 +1162,7 @@ fn calibrate_fits_a_temperature_that_eval_and_export_apply() {
 fn eval_runs_in_the_precisions_vt_serve_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
-    let checkpoint = tmp.path().join("init");
-    let classes = "buildings,forest,glacier,mountain,sea,street";
-    run_ok(
-        vt_train()
-            .args(["init", "--class-names", classes, "--out"])
-            .arg(&checkpoint)
-            .args(TINY_MODEL),
-    );
+    let checkpoint = intel_init_checkpoint(tmp.path());
     let eval = |precision: &[&str]| {
         let mut cmd = vt_train();
         cmd.args(["eval", "--threads", "1", "--device", "cpu", "--checkpoint"])
@@ -1240,14 +1216,7 @@ fn eval_runs_in_the_precisions_vt_serve_serves() {
 fn eval_checks_its_output_paths_before_evaluating() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
-    let checkpoint = tmp.path().join("init");
-    let classes = "buildings,forest,glacier,mountain,sea,street";
-    run_ok(
-        vt_train()
-            .args(["init", "--class-names", classes, "--out"])
-            .arg(&checkpoint)
-            .args(TINY_MODEL),
-    );
+    let checkpoint = intel_init_checkpoint(tmp.path());
     let other = tmp.path().join("other");
     fs::create_dir(&other).unwrap();
     for file in ["config.json", "model.safetensors"] {

@@ -36,6 +36,22 @@ pub fn import_synthetic(dir: &Path, train_per_class: usize, split_seed: u64) {
     fetch(&options).unwrap();
 }
 
+/// `vt-train init` of the tiny model with the Intel data set's classes, at `root/init`.
+pub fn intel_init_checkpoint(root: &Path) -> PathBuf {
+    let checkpoint = root.join("init");
+    run_ok(
+        vt_train()
+            .args(["init", "--out"])
+            .arg(&checkpoint)
+            .args([
+                "--class-names",
+                "buildings,forest,glacier,mountain,sea,street",
+            ])
+            .args(TINY_MODEL),
+    );
+    checkpoint
+}
+
 /// Flags of a tiny, fast model.
 pub const TINY_MODEL: [&str; 8] = [
     "--image-size",
