@@ -5,6 +5,9 @@
 //!   being softmax probabilities; a multipart request adds `"filename"`, and with two or more
 //!   files answers `{"results": [one such object per file, in order]}`. If any file fails
 //!   the whole request fails, the error detail naming the file.
+//! - `POST` or `PUT /predictions/{model}[/{version}]` (TorchServe's inference API): one image gives
+//!   `{"<label>": score, ...}`, its 5 most probable classes best first, as TorchServe's
+//!   image classifier answers; several (multipart) give an array of such objects, in order.
 //! - `GET /ping`, `GET /health/ready`: `{"status": "ready"}`, or 503 once shutdown began.
 //! - `GET /health/live`: `{"status": "alive"}`.
 //! - `GET /v1/models`: `{"models": [ModelInfo]}`, the model new requests get.
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, Method, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -117,6 +120,55 @@ async fn answer(
         (true, n) if n > 1 => Json(MultiResponse { results }).into_response(),
         _ => Json(results.pop()).into_response(),
     })
+}
+
+/// TorchServe's image classifier answers with this many classes.
+const TORCHSERVE_TOP_K: usize = 5;
+
+/// An image's best classes as TorchServe's image classifier answers them: one JSON object
+/// mapping each label to its score, best first.
+struct LabelScores(Vec<Label>);
+
+impl Serialize for LabelScores {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for label in &self.0 {
+            map.serialize_entry(&label.label, &label.score)?;
+        }
+        map.end()
+    }
+}
+
+/// `POST /predictions/{model}` and `/predictions/{model}/{version}`: TorchServe's inference
+/// API over the one model served (any version names it), its body as `/predict` reads it.
+pub async fn torchserve_predict(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<Vec<String>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let arriving = state.arriving()?;
+    let deadline = started + state.limits.timeout;
+    // An unknown name is refused before the body is read; the model is taken after.
+    state.model_named(&path[0])?;
+    by_deadline(&state, deadline, async {
+        let inputs = input::read(&state, request, deadline).await?;
+        let model = state.batcher.current();
+        let (_admitted, predictions) =
+            classify_all(&state, &model, inputs.images, false, arriving, deadline).await?;
+        let mut answers: Vec<LabelScores> = predictions
+            .into_iter()
+            .map(|(_, prediction)| {
+                LabelScores(prediction.top(&model.info.classes, TORCHSERVE_TOP_K))
+            })
+            .collect();
+        Ok(match answers.len() {
+            1 => Json(answers.pop()).into_response(),
+            _ => Json(answers).into_response(),
+        })
+    })
+    .await
 }
 
 /// Admits a request's images (waiting for room in the queue, in arrival order, when it is

@@ -37,6 +37,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         // SageMaker's inference contract.
         .route("/invocations", post(handlers::predict))
         .route("/ping", get(handlers::ready))
+        // TorchServe's inference API, for the clients of a TorchServe deployment (whose
+        // documentation sends images with `curl -T`, a PUT).
+        .route(
+            "/predictions/{model}",
+            post(handlers::torchserve_predict).put(handlers::torchserve_predict),
+        )
+        .route(
+            "/predictions/{model}/{version}",
+            post(handlers::torchserve_predict).put(handlers::torchserve_predict),
+        )
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))

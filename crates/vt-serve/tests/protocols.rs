@@ -1023,6 +1023,93 @@ async fn bad_requests_get_the_protocols_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torchserve_requests_get_the_top_five_classes_by_label() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &[]).await;
+    let client = client();
+    let images = test_images(2);
+    let offline: Vec<Vec<f32>> = images
+        .iter()
+        .map(|(_, bytes)| offline_probs(&checkpoint, bytes))
+        .collect();
+    // As offline: the five most probable classes, each with its probability.
+    let best_five = |probs: &[f32]| -> Vec<usize> {
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        order.truncate(5);
+        order
+    };
+    let check = |answer: &Value, probs: &[f32]| {
+        let answer = answer.as_object().unwrap_or_else(|| panic!("{answer}"));
+        assert_eq!(answer.len(), 5, "{answer:?}");
+        for i in best_five(probs) {
+            let score = answer[CLASSES[i]].as_f64().unwrap() as f32;
+            assert!(
+                (score - probs[i]).abs() < 1e-5,
+                "{}: {score} vs {}",
+                CLASSES[i],
+                probs[i]
+            );
+        }
+    };
+    // TorchServe's documentation sends with `curl -T`, a PUT.
+    for (method, path) in [
+        (reqwest::Method::POST, "/predictions/tiny"),
+        (reqwest::Method::PUT, "/predictions/tiny"),
+        (reqwest::Method::POST, "/predictions/tiny/1.0"),
+    ] {
+        let response = client
+            .request(method, server.url(path))
+            .body(images[0].1.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let text = response.text().await.unwrap();
+        check(&serde_json::from_str(&text).unwrap(), &offline[0]);
+        // Best first, as written.
+        let at: Vec<usize> = best_five(&offline[0])
+            .iter()
+            .map(|&i| text.find(&format!("\"{}\":", CLASSES[i])).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+    // Several files: an answer each, in order.
+    let form = images
+        .iter()
+        .fold(reqwest::multipart::Form::new(), |form, (name, bytes)| {
+            form.part(
+                "data",
+                reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()),
+            )
+        });
+    let response = client
+        .post(server.url("/predictions/tiny"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answers = response.json::<Value>().await.unwrap();
+    let answers = answers.as_array().unwrap_or_else(|| panic!("{answers}"));
+    assert_eq!(answers.len(), 2);
+    for (answer, probs) in answers.iter().zip(&offline) {
+        check(answer, probs);
+    }
+    let response = client
+        .post(server.url("/predictions/other"))
+        .body(images[0].1.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("unknown model `other`"), "{body}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_requests_get_the_offline_predictions() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
