@@ -401,7 +401,8 @@ def cmd_predict(args) -> int:
             x = preprocess(path, cfg).unsqueeze(0)
             x = x.double() if args.float64 else x
             logits = model(x)[0]
-            probs = torch.softmax(logits.double(), dim=0)
+            # A checkpoint `vt-train calibrate` wrote divides its logits by its temperature.
+            probs = torch.softmax(logits.double() / cfg.get("temperature", 1.0), dim=0)
             print(json.dumps({"image": path,
                               "logits": [float(v) for v in logits],
                               "probs": [float(v) for v in probs]}), flush=True)
