@@ -5,9 +5,10 @@
 //!   being softmax probabilities; a multipart request adds `"filename"`, and with two or more
 //!   files answers `{"results": [one such object per file, in order]}`. If any file fails
 //!   the whole request fails, the error detail naming the file.
-//! - `POST` or `PUT /predictions/{model}[/{version}]` (TorchServe's inference API): one image gives
-//!   `{"<label>": score, ...}`, its 5 most probable classes best first, as TorchServe's
-//!   image classifier answers; several (multipart) give an array of such objects, in order.
+//! - `POST` or `PUT /predictions/{model}[/{version}]` (TorchServe's inference API): one
+//!   image gives `{"<label>": score, ...}`, its 5 most probable classes best first, as
+//!   TorchServe's image classifier answers; several (multipart) give an array of such
+//!   objects, in order.
 //! - `GET /ping`, `GET /health/ready`: `{"status": "ready"}`, or 503 once shutdown began.
 //! - `GET /health/live`: `{"status": "alive"}`.
 //! - `GET /v1/models`: `{"models": [ModelInfo]}`, the model new requests get.
@@ -100,12 +101,8 @@ async fn answer(
     started: Instant,
     top_k: usize,
 ) -> Result<Response, ApiError> {
-    let inputs = input::read(state, request, deadline).await?;
-    // One model for all the request's images, from preprocessing (at its image size) to
-    // labels, even if a reload swaps in another meanwhile.
-    let model = state.batcher.current();
-    let (_admitted, predictions) =
-        classify_all(state, &model, inputs.images, false, arriving, deadline).await?;
+    let classified = classify_request(state, request, arriving, deadline).await?;
+    let (model, predictions) = (&classified.model, classified.predictions);
     let mut results: Vec<_> = predictions
         .into_iter()
         .map(|(filename, prediction)| PredictResponse {
@@ -116,7 +113,7 @@ async fn answer(
             elapsed_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         })
         .collect();
-    Ok(match (inputs.multipart, results.len()) {
+    Ok(match (classified.multipart, results.len()) {
         (true, n) if n > 1 => Json(MultiResponse { results }).into_response(),
         _ => Json(results.pop()).into_response(),
     })
@@ -153,15 +150,12 @@ pub async fn torchserve_predict(
     // An unknown name is refused before the body is read; the model is taken after.
     state.model_named(&path[0])?;
     by_deadline(&state, deadline, async {
-        let inputs = input::read(&state, request, deadline).await?;
-        let model = state.batcher.current();
-        let (_admitted, predictions) =
-            classify_all(&state, &model, inputs.images, false, arriving, deadline).await?;
-        let mut answers: Vec<LabelScores> = predictions
+        let classified = classify_request(&state, request, arriving, deadline).await?;
+        let classes = &classified.model.info.classes;
+        let mut answers: Vec<LabelScores> = classified
+            .predictions
             .into_iter()
-            .map(|(_, prediction)| {
-                LabelScores(prediction.top(&model.info.classes, TORCHSERVE_TOP_K))
-            })
+            .map(|(_, prediction)| LabelScores(prediction.top(classes, TORCHSERVE_TOP_K)))
             .collect();
         Ok(match answers.len() {
             1 => Json(answers.pop()).into_response(),
@@ -169,6 +163,39 @@ pub async fn torchserve_predict(
         })
     })
     .await
+}
+
+/// A request's images, classified.
+struct Classified {
+    /// The model that classified them all.
+    model: Arc<ServedModel>,
+    /// Their room in the queue, held until the answer is written.
+    _admitted: Arc<Admitted>,
+    /// Each image's prediction, with its file name in a multipart body.
+    predictions: Vec<(Option<String>, Prediction)>,
+    multipart: bool,
+}
+
+/// Reads a request's images (raw, multipart or JSON, as `/predict` takes them) and
+/// classifies them.
+async fn classify_request(
+    state: &AppState,
+    request: Request,
+    arriving: Arriving,
+    deadline: Instant,
+) -> Result<Classified, ApiError> {
+    let inputs = input::read(state, request, deadline).await?;
+    // One model for all the request's images, from preprocessing (at its image size) to
+    // labels, even if a reload swaps in another meanwhile.
+    let model = state.batcher.current();
+    let (admitted, predictions) =
+        classify_all(state, &model, inputs.images, false, arriving, deadline).await?;
+    Ok(Classified {
+        model,
+        _admitted: admitted,
+        predictions,
+        multipart: inputs.multipart,
+    })
 }
 
 /// Admits a request's images (waiting for room in the queue, in arrival order, when it is
