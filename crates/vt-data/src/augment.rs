@@ -1,8 +1,9 @@
 //! Training augmentation with torchvision's semantics (the reference notebook's pipeline):
 //! `RandomResizedCrop(size, scale, ratio)`, `RandomRotation(deg)`, `RandomHorizontalFlip()`,
 //! `ToTensor()`, `Normalize(mean, std)`, in that order, on PIL-style RGB8 images; optionally
-//! with torchvision's modern-recipe `TrivialAugmentWide()` after the flip and
-//! `RandomErasing()` after normalisation, where its `ClassificationPresetTrain` puts them.
+//! with timm's `ColorJitter()` and torchvision's modern-recipe `TrivialAugmentWide()` after the
+//! flip (in that order) and `RandomErasing()` after normalisation, where timm's and
+//! torchvision's training transforms put them.
 //!
 //! The random numbers come from the caller's generator (see [`crate::rng::sample_rng`]), so the
 //! draws do not match torch's generator, only its distributions and geometry.
@@ -12,6 +13,7 @@ use image::RgbImage;
 use rand::Rng;
 
 use crate::affine::InverseAffine;
+use crate::color_jitter::ColorJitter;
 use crate::error::{DataError, Result};
 use crate::transform::{resize_region, CropBox, Normalize};
 use crate::trivial_augment::Augmentation;
@@ -26,8 +28,11 @@ pub struct AugmentConfig {
     pub ratio: (f32, f32),
     /// Rotation angle drawn uniformly from [-rotation_deg, rotation_deg]; 0 disables it.
     pub rotation_deg: f32,
-    /// Mirror left-right with probability 0.5.
-    pub hflip: bool,
+    /// Mirror left-right with this probability (`RandomHorizontalFlip(p)`); 0 disables it.
+    pub hflip: f32,
+    /// `ColorJitter`'s brightness, contrast and saturation strength, on the uint8 image
+    /// after the flip (see [`ColorJitter`]); 0 disables it.
+    pub color_jitter: f32,
     /// torchvision's `TrivialAugmentWide()` on the uint8 image after the flip.
     pub trivial_augment: bool,
     /// Probability of torchvision's `RandomErasing(value=0)` on the normalised tensor,
@@ -45,11 +50,53 @@ impl AugmentConfig {
             scale: (0.08, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             rotation_deg: 15.0,
-            hflip: true,
+            hflip: 0.5,
+            color_jitter: 0.0,
             trivial_augment: false,
             random_erasing: 0.0,
             norm: Normalize::IMAGENET,
         }
+    }
+}
+
+impl AugmentConfig {
+    /// Refuses settings torchvision would refuse (or silently misuse), naming the setting.
+    fn check(&self) -> Result<()> {
+        let fail = |what: String| Err(DataError::Invalid(what));
+        let (scale, ratio) = (self.scale, self.ratio);
+        if !(scale.0 > 0.0 && scale.0 <= scale.1 && scale.1 <= 1.0) {
+            return fail(format!(
+                "crop scale {} to {} is not a range within (0, 1]",
+                scale.0, scale.1
+            ));
+        }
+        if !(ratio.0 > 0.0 && ratio.0 <= ratio.1 && ratio.1.is_finite()) {
+            return fail(format!(
+                "crop aspect ratio {} to {} is not a range of positive numbers",
+                ratio.0, ratio.1
+            ));
+        }
+        if !(0.0..=180.0).contains(&self.rotation_deg) {
+            return fail(format!(
+                "rotation of up to {} degrees is not in [0, 180]",
+                self.rotation_deg
+            ));
+        }
+        for (what, p) in [
+            ("flip", self.hflip),
+            ("random erasing", self.random_erasing),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return fail(format!("{what} probability {p} is not in [0, 1]"));
+            }
+        }
+        if !(self.color_jitter.is_finite() && self.color_jitter >= 0.0) {
+            return fail(format!(
+                "colour jitter strength {} is not a number >= 0",
+                self.color_jitter
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -272,12 +319,7 @@ pub fn augment_into(
     if cfg.image_size == 0 {
         return Err(DataError::Invalid("augmentation image size is 0".into()));
     }
-    if !(0.0..=1.0).contains(&cfg.random_erasing) {
-        return Err(DataError::Invalid(format!(
-            "random erasing probability {} is not in [0, 1]",
-            cfg.random_erasing
-        )));
-    }
+    cfg.check()?;
     let len = 3 * (cfg.image_size as usize).pow(2);
     if out.len() != len {
         return Err(DataError::Invalid(format!(
@@ -303,12 +345,17 @@ pub fn augment_into(
     } else {
         0.0
     };
-    let mirror = cfg.hflip && rng.random::<f64>() < 0.5;
-    if cfg.trivial_augment {
-        // TrivialAugmentWide works on the uint8 image, after the flip and before ToTensor.
-        let flipped = rotate_flip(&resized, angle, mirror);
-        let augmented = Augmentation::sample(rng).apply(&flipped)?;
-        cfg.norm.write_chw(&augmented, out);
+    let mirror = cfg.hflip > 0.0 && rng.random::<f64>() < f64::from(cfg.hflip);
+    if cfg.color_jitter > 0.0 || cfg.trivial_augment {
+        // Both work on the uint8 image, after the flip and before ToTensor.
+        let mut img = rotate_flip(&resized, angle, mirror);
+        if cfg.color_jitter > 0.0 {
+            img = ColorJitter::sample(f64::from(cfg.color_jitter), rng)?.apply(&img)?;
+        }
+        if cfg.trivial_augment {
+            img = Augmentation::sample(rng).apply(&img)?;
+        }
+        cfg.norm.write_chw(&img, out);
     } else {
         rotate_flip_normalize(&resized, angle, mirror, &cfg.norm, out);
     }
@@ -521,7 +568,7 @@ mod tests {
             0.0
         };
         let mut out = rotate(&resized, angle);
-        if cfg.hflip && rng.random::<f64>() < 0.5 {
+        if cfg.hflip > 0.0 && rng.random::<f64>() < f64::from(cfg.hflip) {
             image::imageops::flip_horizontal_in_place(&mut out);
         }
         out
@@ -582,6 +629,134 @@ mod tests {
             ops.insert(aug.op);
         }
         assert!(ops.len() > 8, "{ops:?}");
+    }
+
+    /// ColorJitter runs on the flipped uint8 image with the draws that follow the flip's,
+    /// and TrivialAugmentWide, when on too, after it with the draws that follow its own.
+    #[test]
+    fn color_jitter_follows_the_flip_and_precedes_trivial_augment() {
+        let img = gradient(150, 120);
+        for trivial_augment in [false, true] {
+            let cfg = AugmentConfig {
+                color_jitter: 0.4,
+                trivial_augment,
+                ..AugmentConfig::notebook(24)
+            };
+            for i in 0..30 {
+                let mut rng = sample_rng(5, 0, i);
+                let ours = augmented(&cfg, &img, &mut rng);
+                let mut replay = sample_rng(5, 0, i);
+                let flipped = replay_until_flip(&img, &cfg, &mut replay);
+                let jitter = ColorJitter::sample(0.4, &mut replay).unwrap();
+                let mut expected_img = jitter.apply(&flipped).unwrap();
+                if trivial_augment {
+                    expected_img = Augmentation::sample(&mut replay)
+                        .apply(&expected_img)
+                        .unwrap();
+                }
+                let mut expected = vec![0.0; ours.len()];
+                cfg.norm.write_chw(&expected_img, &mut expected);
+                assert_eq!(ours, expected, "sample {i}: {jitter:?}");
+                assert_eq!(rng.random::<u64>(), replay.random::<u64>(), "sample {i}");
+            }
+        }
+    }
+
+    /// A flip probability of 0 never mirrors and draws nothing for it (the notebook's draws
+    /// without a flip); 1 always mirrors.
+    #[test]
+    fn the_flip_probability_is_respected() {
+        let img = gradient(60, 50);
+        let (never, always) = (
+            AugmentConfig {
+                hflip: 0.0,
+                ..AugmentConfig::notebook(16)
+            },
+            AugmentConfig {
+                hflip: 1.0,
+                ..AugmentConfig::notebook(16)
+            },
+        );
+        for i in 0..20 {
+            let mut rng = sample_rng(6, 0, i);
+            let ours = augmented(&never, &img, &mut rng);
+            let mut replay = sample_rng(6, 0, i);
+            let mut expected = vec![0.0; ours.len()];
+            never
+                .norm
+                .write_chw(&replay_until_flip(&img, &never, &mut replay), &mut expected);
+            assert_eq!(ours, expected, "sample {i}");
+            assert_eq!(rng.random::<u64>(), replay.random::<u64>(), "sample {i}");
+
+            let mut replay = sample_rng(6, 0, i);
+            let mut mirrored = replay_until_flip(&img, &never, &mut replay);
+            image::imageops::flip_horizontal_in_place(&mut mirrored);
+            always.norm.write_chw(&mirrored, &mut expected);
+            assert_eq!(augmented(&always, &img, &mut sample_rng(6, 0, i)), expected);
+        }
+    }
+
+    /// Settings torchvision refuses are refused, each naming itself.
+    #[test]
+    fn impossible_settings_are_refused() {
+        let img = gradient(40, 40);
+        let plain = AugmentConfig::notebook(8);
+        let cases = [
+            (
+                AugmentConfig {
+                    scale: (0.5, 0.2),
+                    ..plain.clone()
+                },
+                "crop scale",
+            ),
+            (
+                AugmentConfig {
+                    scale: (0.0, 1.0),
+                    ..plain.clone()
+                },
+                "crop scale",
+            ),
+            (
+                AugmentConfig {
+                    ratio: (1.5, 0.5),
+                    ..plain.clone()
+                },
+                "aspect ratio",
+            ),
+            (
+                AugmentConfig {
+                    rotation_deg: f32::NAN,
+                    ..plain.clone()
+                },
+                "rotation",
+            ),
+            (
+                AugmentConfig {
+                    hflip: 1.5,
+                    ..plain.clone()
+                },
+                "flip probability",
+            ),
+            (
+                AugmentConfig {
+                    color_jitter: -1.0,
+                    ..plain.clone()
+                },
+                "colour jitter",
+            ),
+        ];
+        for (cfg, named) in cases {
+            let mut out = vec![0.0; 3 * 64];
+            let err = augment_into(
+                &mut Resizer::new(),
+                &img,
+                &cfg,
+                &mut sample_rng(0, 0, 0),
+                &mut out,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(named), "{cfg:?}: {err}");
+        }
     }
 
     #[test]
@@ -722,7 +897,8 @@ mod tests {
             scale: (1.0, 1.0),
             ratio: (1.0, 1.0),
             rotation_deg: 0.0,
-            hflip: true,
+            hflip: 0.5,
+            color_jitter: 0.0,
             trivial_augment: false,
             random_erasing: 0.0,
             norm: Normalize {

@@ -4,12 +4,13 @@
 //! - [`fetch`]: `cargo xtask fetch-data`, from Hugging Face, Kaggle, a local zip or folder,
 //!   or synthetic data, into `train/ val/ test/ pred/` plus `manifest.json`;
 //! - [`dataset`]: reading that layout back ([`dataset::ImageFolder`], [`dataset::Manifest`]);
-//! - [`augment`], [`trivial_augment`], [`transform`]: torchvision-compatible training and
+//! - [`augment`], [`color_jitter`], [`trivial_augment`], [`transform`]: torchvision-compatible training and
 //!   evaluation transforms;
 //! - [`loader`]: parallel, deterministic batching into candle tensors.
 
 mod affine;
 pub mod augment;
+pub mod color_jitter;
 pub mod dataset;
 pub mod decode;
 pub mod download;

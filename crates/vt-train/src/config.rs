@@ -185,6 +185,27 @@ pub struct TrainOptions {
     #[arg(long, visible_alias = "reprob", value_name = "P")]
     #[serde(alias = "reprob")]
     pub random_erase: Option<f64>,
+    /// RandomResizedCrop's range of the crop's area, as fractions of the photo's (timm's
+    /// --scale; in a config file `scale = [MIN, MAX]`) [default: seed 0.08 1, modern 0.35 1]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub scale: Option<Vec<f64>>,
+    /// RandomResizedCrop's range of the crop's aspect ratio, width / height, drawn
+    /// log-uniformly (timm's --ratio) [default: 0.75 1.3333]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub ratio: Option<Vec<f64>>,
+    /// RandomRotation: turn each training image by an angle drawn uniformly from [-DEG, DEG],
+    /// black outside the photo; 0 disables [default: seed 15, modern 0]
+    #[arg(long, value_name = "DEG")]
+    pub rotation: Option<f64>,
+    /// RandomHorizontalFlip: mirror each training image left-right with this probability
+    /// (timm's --hflip) [default: 0.5]
+    #[arg(long, value_name = "P")]
+    pub hflip: Option<f64>,
+    /// ColorJitter: change each training image's brightness, contrast and saturation, in a
+    /// random order, each by a factor drawn from [1 - S, 1 + S] (timm's --color-jitter; timm
+    /// trains with 0.4); before --trivial-augment when both are on; 0 disables [default: 0]
+    #[arg(long, value_name = "S")]
+    pub color_jitter: Option<f64>,
     /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
     #[arg(long, value_name = "NORM")]
     pub clip_grad: Option<f64>,
@@ -313,6 +334,11 @@ impl TrainOptions {
             cutmix_alpha,
             trivial_augment,
             random_erase,
+            scale,
+            ratio,
+            rotation,
+            hflip,
+            color_jitter,
             clip_grad,
             ema,
             early_stop,
@@ -355,12 +381,36 @@ fn as_map(options: &TrainOptions) -> serde_json::Map<String, serde_json::Value> 
     }
 }
 
-/// Augmentation of the training images (torchvision semantics, see vt_data::augment).
+/// The geometry of the training images' augmentation (torchvision semantics, see
+/// vt_data::augment).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AugmentSpec {
-    pub scale: (f32, f32),
-    pub rotation_deg: f32,
-    pub hflip: bool,
+    pub scale: (f64, f64),
+    pub ratio: (f64, f64),
+    pub rotation_deg: f64,
+    pub hflip: f64,
+}
+
+impl AugmentSpec {
+    /// The recipe's: the notebook's for the seed recipe; a milder crop without rotation for
+    /// the modern one (TrivialAugment and RandomErasing, when on, add variety).
+    pub fn of(recipe: Recipe) -> AugmentSpec {
+        let ratio = (3.0 / 4.0, 4.0 / 3.0);
+        match recipe {
+            Recipe::Seed => AugmentSpec {
+                scale: (0.08, 1.0),
+                ratio,
+                rotation_deg: 15.0,
+                hflip: 0.5,
+            },
+            Recipe::Modern => AugmentSpec {
+                scale: (0.35, 1.0),
+                ratio,
+                rotation_deg: 0.0,
+                hflip: 0.5,
+            },
+        }
+    }
 }
 
 /// Every training setting, resolved. Serialised with the option names, so that a saved
@@ -413,6 +463,19 @@ pub struct TrainConfig {
     pub trivial_augment: bool,
     #[serde(default)]
     pub random_erase: f64,
+    /// RandomResizedCrop's ranges, the rotation and the flip: absent from run folders
+    /// written before the options existed, the recipe's, as [`TrainConfig::augment_spec`]
+    /// reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hflip: Option<f64>,
+    #[serde(default)]
+    pub color_jitter: f64,
     pub clip_grad: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
@@ -526,6 +589,7 @@ impl TrainConfig {
             ScheduleKind::Cosine
         });
         let gpu = vt_model::names_a_gpu(&device);
+        let augment = AugmentSpec::of(recipe);
         let config = TrainConfig {
             data: o
                 .data
@@ -569,6 +633,19 @@ impl TrainConfig {
             cutmix_alpha: o.cutmix_alpha.unwrap_or(0.0),
             trivial_augment: o.trivial_augment.unwrap_or(false),
             random_erase: o.random_erase.unwrap_or(0.0),
+            scale: Some(
+                o.scale
+                    .clone()
+                    .unwrap_or(vec![augment.scale.0, augment.scale.1]),
+            ),
+            ratio: Some(
+                o.ratio
+                    .clone()
+                    .unwrap_or(vec![augment.ratio.0, augment.ratio.1]),
+            ),
+            rotation: Some(o.rotation.unwrap_or(augment.rotation_deg)),
+            hflip: Some(o.hflip.unwrap_or(augment.hflip)),
+            color_jitter: o.color_jitter.unwrap_or(0.0),
             clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
             ema: o.ema.filter(|d| *d != 0.0),
             early_stop: o.early_stop.filter(|p| *p != 0),
@@ -694,10 +771,38 @@ impl TrainConfig {
                 return fail(format!("{flag} must be >= 0 (0 disables), got {alpha}"));
             }
         }
-        if !(0.0..=1.0).contains(&self.random_erase) {
+        for (flag, p) in [
+            ("--random-erase", Some(self.random_erase)),
+            ("--hflip", self.hflip),
+        ] {
+            if let Some(p) = p.filter(|p| !(0.0..=1.0).contains(p)) {
+                return fail(format!("{flag} must be a probability in [0, 1], got {p}"));
+            }
+        }
+        for (flag, range, within) in [
+            ("--scale", &self.scale, "0 < MIN <= MAX <= 1"),
+            ("--ratio", &self.ratio, "0 < MIN <= MAX"),
+        ] {
+            let Some(range) = range else { continue };
+            let fits = match range[..] {
+                [min, max] => min > 0.0 && min <= max && max.is_finite(),
+                _ => false,
+            };
+            if !fits || (flag == "--scale" && range.iter().any(|v| *v > 1.0)) {
+                let got: Vec<String> = range.iter().map(f64::to_string).collect();
+                return fail(format!(
+                    "{flag} takes two numbers MIN MAX with {within}, got {}",
+                    got.join(" ")
+                ));
+            }
+        }
+        if let Some(deg) = self.rotation.filter(|d| !(0.0..=180.0).contains(d)) {
+            return fail(format!("--rotation must be 0 to 180 degrees, got {deg}"));
+        }
+        if !(self.color_jitter.is_finite() && self.color_jitter >= 0.0) {
             return fail(format!(
-                "--random-erase must be a probability in [0, 1], got {}",
-                self.random_erase
+                "--color-jitter must be >= 0 (0 disables), got {}",
+                self.color_jitter
             ));
         }
         if !(self.clip_grad.is_finite() && self.clip_grad >= 0.0) {
@@ -859,6 +964,11 @@ impl TrainConfig {
             cutmix_alpha: Some(self.cutmix_alpha),
             trivial_augment: Some(self.trivial_augment),
             random_erase: Some(self.random_erase),
+            scale: self.scale.clone(),
+            ratio: self.ratio.clone(),
+            rotation: self.rotation,
+            hflip: self.hflip,
+            color_jitter: Some(self.color_jitter),
             clip_grad: Some(self.clip_grad),
             ema: self.ema,
             early_stop: self.early_stop,
@@ -941,31 +1051,35 @@ impl TrainConfig {
         }
     }
 
+    /// `--scale`, `--ratio`, `--rotation` and `--hflip`, or the recipe's where a run was
+    /// written before they existed.
     pub fn augment_spec(&self) -> AugmentSpec {
-        match self.recipe {
-            Recipe::Seed => AugmentSpec {
-                scale: (0.08, 1.0),
-                rotation_deg: 15.0,
-                hflip: true,
-            },
-            Recipe::Modern => AugmentSpec {
-                scale: (0.35, 1.0),
-                rotation_deg: 0.0,
-                hflip: true,
-            },
+        let recipe = AugmentSpec::of(self.recipe);
+        let pair = |range: &Option<Vec<f64>>, default| match range.as_deref() {
+            Some(&[min, max]) => (min, max),
+            _ => default,
+        };
+        AugmentSpec {
+            scale: pair(&self.scale, recipe.scale),
+            ratio: pair(&self.ratio, recipe.ratio),
+            rotation_deg: self.rotation.unwrap_or(recipe.rotation_deg),
+            hflip: self.hflip.unwrap_or(recipe.hflip),
         }
     }
 
     pub fn augment(&self, norm: Normalize) -> AugmentConfig {
         let spec = self.augment_spec();
+        let narrow = |(min, max): (f64, f64)| (min as f32, max as f32);
         AugmentConfig {
-            scale: spec.scale,
-            rotation_deg: spec.rotation_deg,
-            hflip: spec.hflip,
+            image_size: self.image_size as u32,
+            scale: narrow(spec.scale),
+            ratio: narrow(spec.ratio),
+            rotation_deg: spec.rotation_deg as f32,
+            hflip: spec.hflip as f32,
+            color_jitter: self.color_jitter as f32,
             trivial_augment: self.trivial_augment,
             random_erasing: self.random_erase as f32,
             norm,
-            ..AugmentConfig::notebook(self.image_size as u32)
         }
     }
 }
@@ -988,6 +1102,7 @@ fn same_folder(a: &Option<PathBuf>, b: &Option<PathBuf>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     /// A value refused from a file names the file (the message names the flag, which the
     /// user never gave), and a flag given over it replaces it.
@@ -1129,14 +1244,15 @@ mod tests {
     }
 
     /// Boolean flags read 1/0, on/off and yes/no too, as vt-serve's environment does.
+    /// The training options alone on a command line.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: TrainOptions,
+    }
+
     #[test]
     fn boolean_flags_take_the_usual_spellings() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            options: TrainOptions,
-        }
         let cli = Cli::try_parse_from(["vt-train", "--bf16-products=on", "--tf32", "0"]).unwrap();
         assert_eq!(cli.options.bf16_products, Some(true));
         assert_eq!(cli.options.tf32, Some(false));
@@ -1148,12 +1264,6 @@ mod tests {
     /// timm's names for the options it shares, as flags and in a --config file.
     #[test]
     fn timms_option_names_are_accepted() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            options: TrainOptions,
-        }
         let timm = "--data-dir d --model vt-resnet34 --img-size 64 -b 8 --smoothing 0.2 \
                     --mixup 0.2 --cutmix 1 --reprob 0.25 --model-ema-decay 0.99 -j 2";
         let cli =
@@ -1206,6 +1316,88 @@ mod tests {
                 let refused = TrainConfig::resolve(&options).unwrap_err().to_string();
                 assert!(refused.contains(flag), "{text}: {refused}");
             }
+        }
+    }
+
+    /// timm's augmentation options reach the transform; without them each recipe keeps its
+    /// own, also for a run folder written before they existed; impossible ones are refused.
+    #[test]
+    fn the_augmentation_follows_timms_options() {
+        let config = |text: &str| {
+            let options: TrainOptions = toml::from_str(text).unwrap();
+            TrainConfig::resolve(&options)
+        };
+        let norm = Normalize::IMAGENET;
+        let seed = config("recipe = \"seed\"\n").unwrap();
+        assert_eq!(seed.augment(norm), AugmentConfig::notebook(150));
+        let modern = config("").unwrap().augment(norm);
+        assert_eq!(
+            (modern.scale, modern.rotation_deg, modern.hflip),
+            ((0.35, 1.0), 0.0, 0.5)
+        );
+        let chosen = config(
+            "recipe = \"seed\"\nscale = [0.5, 1]\nratio = [0.5, 2.0]\nrotation = 0\n\
+             hflip = 0.25\ncolor-jitter = 0.4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            chosen.augment(norm),
+            AugmentConfig {
+                scale: (0.5, 1.0),
+                ratio: (0.5, 2.0),
+                rotation_deg: 0.0,
+                hflip: 0.25,
+                color_jitter: 0.4,
+                ..AugmentConfig::notebook(150)
+            }
+        );
+        let cli =
+            Cli::try_parse_from(["vt-train", "--scale", "0.5", "1", "--hflip", "0.25"]).unwrap();
+        assert_eq!(
+            (cli.options.scale, cli.options.hflip),
+            (Some(vec![0.5, 1.0]), Some(0.25))
+        );
+        let saved = chosen.to_toml().unwrap();
+        let reread: TrainOptions = toml::from_str(&saved).unwrap();
+        assert_eq!(TrainConfig::resolve(&reread).unwrap(), chosen);
+        for recipe in [Recipe::Seed, Recipe::Modern] {
+            let current = TrainConfig::resolve(&TrainOptions {
+                recipe: Some(recipe),
+                ..Default::default()
+            })
+            .unwrap();
+            let mut older = serde_json::to_value(&current).unwrap();
+            for key in ["scale", "ratio", "rotation", "hflip", "color-jitter"] {
+                older.as_object_mut().unwrap().remove(key);
+            }
+            let older: TrainConfig = serde_json::from_value(older).unwrap();
+            assert_eq!(older.augment(norm), current.augment(norm));
+        }
+        for (text, refusal) in [
+            ("scale = [0.5]\n", "--scale takes two numbers MIN MAX"),
+            ("scale = [0.5, 1, 1]\n", "--scale takes two numbers MIN MAX"),
+            ("scale = [0.6, 0.5]\n", "0 < MIN <= MAX <= 1, got 0.6 0.5"),
+            ("scale = [0.5, 1.5]\n", "0 < MIN <= MAX <= 1, got 0.5 1.5"),
+            ("scale = [0, 1]\n", "--scale"),
+            (
+                "ratio = [2, 1]\n",
+                "--ratio takes two numbers MIN MAX with 0 < MIN <= MAX",
+            ),
+            ("ratio = [1, inf]\n", "--ratio"),
+            (
+                "rotation = 200\n",
+                "--rotation must be 0 to 180 degrees, got 200",
+            ),
+            ("rotation = -5\n", "--rotation"),
+            (
+                "hflip = 1.5\n",
+                "--hflip must be a probability in [0, 1], got 1.5",
+            ),
+            ("color-jitter = -0.4\n", "--color-jitter must be >= 0"),
+            ("color-jitter = nan\n", "--color-jitter"),
+        ] {
+            let err = config(text).unwrap_err().to_string();
+            assert!(err.contains(refusal), "{text}: {err}");
         }
     }
 

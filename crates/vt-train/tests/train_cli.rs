@@ -1747,7 +1747,7 @@ fn mixup_and_cutmix_train_on_mixed_batches() {
 }
 
 #[test]
-fn trivial_augment_and_random_erasing_change_the_training_images() {
+fn augmentation_options_change_the_training_images() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 4);
     let train = |name: &str, augmentation: &[&str]| {
@@ -1767,15 +1767,51 @@ fn trivial_augment_and_random_erasing_change_the_training_images() {
         config.contains("trivial-augment = true") && config.contains("random-erase = 0.5"),
         "{config}"
     );
-    let (plain, augmented) = (&records(&plain)[0], &records(&augmented)[0]);
+    // timm's names for the crop, flip and colour jitter.
+    let timm = train(
+        "timm",
+        &[
+            "--scale",
+            "0.5",
+            "1",
+            "--ratio",
+            "0.5",
+            "2",
+            "--rotation",
+            "10",
+            "--hflip",
+            "0",
+            "--color-jitter",
+            "0.4",
+        ],
+    );
+    let config = fs::read_to_string(timm.join("config.toml")).unwrap();
+    for line in [
+        "scale = [0.5, 1.0]",
+        "ratio = [0.5, 2.0]",
+        "rotation = 10.0",
+        "hflip = 0.0",
+        "color-jitter = 0.4",
+    ] {
+        assert!(config.contains(line), "{line} in {config}");
+    }
+    let (plain, augmented, timm) = (
+        &records(&plain)[0],
+        &records(&augmented)[0],
+        &records(&timm)[0],
+    );
     assert!(augmented.train_loss.is_finite() && augmented.val_loss.is_finite());
     assert_ne!(plain.train_loss, augmented.train_loss);
+    assert!(timm.train_loss.is_finite());
+    assert_ne!(plain.train_loss, timm.train_loss);
 
     let err = run_err(train_tiny(&data, &tmp.path().join("p")).args(["--random-erase", "2"]));
     assert!(
         err.contains("--random-erase must be a probability"),
         "{err}"
     );
+    let err = run_err(train_tiny(&data, &tmp.path().join("s")).args(["--scale", "0.9", "0.1"]));
+    assert!(err.contains("--scale takes two numbers MIN MAX"), "{err}");
 }
 
 /// `vt-train lr-find` on the tiny model: refuses a report not named .json and the options it
