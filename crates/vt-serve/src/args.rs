@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use axum::http::HeaderValue;
 
+use crate::auth::ApiKey;
+
 pub use vt_data::decode::DEFAULT_MAX_PIXELS;
 /// `--max-inflight-body-bytes` unless `--max-body-bytes` is larger.
 pub const DEFAULT_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
@@ -100,6 +102,15 @@ pub struct ServeArgs {
     /// serves each better model once vt-train writes it. SIGHUP reloads with or without it.
     #[arg(long, env = "VT_SERVE_RELOAD_POLL_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reload_poll_ms: Option<u64>,
+    /// Answer the inference and model routes (HTTP and gRPC) only for requests carrying
+    /// `Authorization: Bearer KEY`, others 401 (gRPC: UNAUTHENTICATED); the health and
+    /// readiness probes, /metrics and the page stay open. Prefer the environment variable or
+    /// --api-key-file: a flag's value shows in the process list
+    #[arg(long, env = "VT_SERVE_API_KEY", hide_env_values = true, value_name = "KEY", value_parser = parse_api_key, conflicts_with = "api_key_file")]
+    pub api_key: Option<ApiKey>,
+    /// --api-key read from this file (a mounted secret), its trailing line break left out.
+    #[arg(long, env = "VT_SERVE_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Log lines on stderr, one per answered request among them: `text` to read, `json` (one
     /// object per line) for log collectors. RUST_LOG filters them (e.g.
     /// `RUST_LOG=info,vt_serve::access=off` leaves out the request lines).
@@ -144,6 +155,10 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
         Ok(value) if well_formed => Ok(value),
         _ => Err("an origin is `*` or `scheme://host[:port]`, e.g. https://app.example.com".into()),
     }
+}
+
+fn parse_api_key(key: &str) -> Result<ApiKey, String> {
+    ApiKey::parse(key)
 }
 
 /// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.

@@ -20,6 +20,9 @@ pub enum ApiError {
     InvalidImage(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request lacks the server's `--api-key`.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("request body is larger than the limit of {limit} bytes (vt-serve --max-body-bytes)")]
     PayloadTooLarge { limit: u64 },
     #[error("{0}")]
@@ -103,6 +106,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -127,6 +131,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidImage(_) => "invalid_image",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::ImageTooLarge(_) => "image_too_large",
             ApiError::UrlFetchRefused(_) => "url_fetch_refused",
@@ -198,6 +203,7 @@ impl ApiError {
             | ApiError::NotReady(_) => Code::Unavailable,
             ApiError::Timeout { .. } | ApiError::RequestTimeout { .. } => Code::DeadlineExceeded,
             ApiError::UnknownModel(_) => Code::NotFound,
+            ApiError::Unauthorized(_) => Code::Unauthenticated,
             // No such method.
             ApiError::NotFound(_) | ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
@@ -224,6 +230,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -345,6 +345,16 @@ pub async fn not_found(uri: Uri) -> Response {
     uncompressed_under_v2(path, response)
 }
 
+/// `error` as the answer to a request for `path`, in the shape of the protocol served
+/// there (see [`not_found`]), for answers given before any handler.
+pub fn error_for_path(path: &str, error: ApiError) -> Response {
+    let response = match protocol_routes_served(path) {
+        Some(_) => ErrorMessage::from(error).into_response(),
+        None => error.into_response(),
+    };
+    uncompressed_under_v2(path, response)
+}
+
 /// 405 for a method a route does not take (the router adds the `Allow` header): in a
 /// protocol's shape where [`not_found`] answers in it.
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {

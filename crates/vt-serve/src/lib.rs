@@ -9,12 +9,13 @@
 //! control. [`open_inference`] speaks the Open Inference Protocol (KServe V2,
 //! Triton) over the same pipeline, over HTTP and, on the gRPC port, as the gRPC service
 //! Triton's and KServe's clients call; [`instances`] speaks the `{"instances"}` JSON of KServe V1,
-//! TensorFlow Serving and Vertex AI. [`AppState::reload`] (SIGHUP, or [`poll`]'s checks) swaps in a
+//! TensorFlow Serving and Vertex AI; [`auth`] checks `--api-key`. [`AppState::reload`] (SIGHUP, or [`poll`]'s checks) swaps in a
 //! newly loaded model. Every error is an [`ApiError`].
 
 pub mod access;
 pub mod admission;
 pub mod args;
+pub mod auth;
 pub mod batcher;
 pub mod body_budget;
 pub mod classifier;

@@ -18,6 +18,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::access;
+use crate::auth;
 use crate::body_budget;
 use crate::connection;
 use crate::content_coding;
@@ -31,12 +32,18 @@ use crate::state::AppState;
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = usize::try_from(state.limits.max_body_bytes).unwrap_or(usize::MAX);
     let cors = cors(&state.cors_origins);
-    let routes = Router::new()
+    // Open to all: orchestrators' probes and scrapers send no credentials.
+    let probes = Router::new()
         .route("/", get(handlers::page))
+        // SageMaker's health check.
+        .route("/ping", get(handlers::ready))
+        .route("/health/live", get(handlers::live))
+        .route("/health/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics));
+    let api = Router::new()
         .route("/predict", post(handlers::predict))
         // SageMaker's inference contract.
         .route("/invocations", post(handlers::predict))
-        .route("/ping", get(handlers::ready))
         // TorchServe's inference API, for the clients of a TorchServe deployment (whose
         // documentation sends images with `curl -T`, a PUT).
         .route(
@@ -47,9 +54,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/predictions/{model}/{version}",
             post(handlers::torchserve_predict).put(handlers::torchserve_predict),
         )
-        .route("/health/live", get(handlers::live))
-        .route("/health/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
         // KServe's V1 protocol and TensorFlow Serving's REST API (and Vertex AI's custom
         // containers, pointed at these routes): `GET /v1/models/NAME`,
@@ -58,7 +62,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/models/{model}",
             get(instances::model_ready).post(instances::predict),
         )
-        .merge(open_inference_routes())
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_key,
+        ));
+    let routes = probes
+        .merge(api)
+        .merge(open_inference_routes(&state))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -129,11 +139,20 @@ pub struct SendUncompressed;
 /// The Open Inference Protocol (KServe V2, Triton's HTTP API). Only successful inference
 /// answers are compressed, as Triton does: tritonclient's asyncio client asks for gzip on
 /// every request but decompresses nothing else.
-fn open_inference_routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v2", get(open_inference::http::server_metadata))
+fn open_inference_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let probes = Router::new()
         .route("/v2/health/live", get(open_inference::http::server_live))
         .route("/v2/health/ready", get(open_inference::http::server_ready))
+        .route(
+            "/v2/models/{model}/ready",
+            get(open_inference::http::model_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(open_inference::http::model_ready),
+        );
+    let api = Router::new()
+        .route("/v2", get(open_inference::http::server_metadata))
         .route(
             "/v2/models/{model}",
             get(open_inference::http::model_metadata),
@@ -151,14 +170,6 @@ fn open_inference_routes() -> Router<Arc<AppState>> {
             get(open_inference::http::model_config),
         )
         .route(
-            "/v2/models/{model}/ready",
-            get(open_inference::http::model_ready),
-        )
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(open_inference::http::model_ready),
-        )
-        .route(
             "/v2/models/{model}/infer",
             post(open_inference::http::infer),
         )
@@ -166,9 +177,13 @@ fn open_inference_routes() -> Router<Arc<AppState>> {
             "/v2/models/{model}/versions/{version}/infer",
             post(open_inference::http::infer),
         )
-        .route_layer(middleware::from_fn(
-            open_inference::http::compress_only_inference_answers,
-        ))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(state),
+            auth::require_key,
+        ));
+    probes.merge(api).route_layer(middleware::from_fn(
+        open_inference::http::compress_only_inference_answers,
+    ))
 }
 
 /// Lets pages of the allowed origins call the API from a browser: answers their preflight
@@ -185,6 +200,7 @@ fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
     };
     let headers = [
         header::CONTENT_TYPE,
+        header::AUTHORIZATION,
         HeaderName::from_static("x-request-id"),
         HeaderName::from_static("inference-header-content-length"),
         header::CONTENT_ENCODING,
@@ -194,7 +210,12 @@ fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
             .allow_origin(allowed)
             .allow_methods([Method::GET, Method::POST])
             .allow_headers(headers.clone())
-            .expose_headers([headers[1].clone(), headers[2].clone(), header::RETRY_AFTER])
+            .expose_headers([
+                headers[2].clone(),
+                headers[3].clone(),
+                header::RETRY_AFTER,
+                header::WWW_AUTHENTICATE,
+            ])
             .max_age(Duration::from_secs(3600)),
     )
 }

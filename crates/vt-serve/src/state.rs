@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::admission::Admission;
 use crate::args::ServeArgs;
+use crate::auth::ApiKey;
 use crate::batcher::{Arriving, BatchConfig, Batcher, ServedModel};
 use crate::body_budget::BodyBudget;
 use crate::classifier::Classifier;
@@ -49,6 +50,8 @@ pub enum StartError {
         /// What to do about it, when the cause says (empty otherwise).
         hint: String,
     },
+    #[error("--api-key-file {path}: {cause}")]
+    ApiKeyFile { path: PathBuf, cause: String },
     #[error("reading the address the server is bound to: {0}")]
     Address(std::io::Error),
     #[error("cannot listen for {name}: {cause}")]
@@ -132,6 +135,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `--cors-allow-origin`: the web origins whose pages may call the API.
     pub cors_origins: Vec<HeaderValue>,
+    /// `--api-key` (or the key in `--api-key-file`): what requests must present.
+    pub api_key: Option<ApiKey>,
     source: ModelSource,
     batch: BatchConfig,
     /// The checkpoint's fingerprint taken before the last load or reload tried, which
@@ -226,6 +231,13 @@ impl AppState {
     /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
         args.validate().map_err(StartError::Args)?;
+        let api_key = match &args.api_key_file {
+            Some(path) => Some(ApiKey::read(path).map_err(|cause| StartError::ApiKeyFile {
+                path: path.clone(),
+                cause,
+            })?),
+            None => args.api_key.clone(),
+        };
         let source = ModelSource::new(args);
         // Taken first, so that a change during the load is seen at the first check.
         let fingerprint = Fingerprint::of(&source.checkpoint).ok();
@@ -261,6 +273,7 @@ impl AppState {
                 .map_err(StartError::HttpClient)?,
             metrics,
             cors_origins: args.cors_allow_origin.clone(),
+            api_key,
             source,
             batch,
             reloading: Mutex::new(fingerprint),

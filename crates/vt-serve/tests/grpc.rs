@@ -346,6 +346,66 @@ async fn preprocessed_images_get_the_offline_predictions() {
     server.shutdown().await;
 }
 
+/// With `--api-key`, calls other than the health and readiness checks need the key in
+/// their `authorization` metadata (as tritonclient's `headers=` sends it): UNAUTHENTICATED
+/// otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_every_call_but_the_health_checks() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let server = TestServer::start(&checkpoint, &["--grpc-port", "0", "--api-key", "k3y"]).await;
+    let mut grpc = GrpcClient::connect(server.grpc_addr.unwrap()).await;
+    let with_key = |key: &str, request| {
+        let mut request = tonic::Request::new(request);
+        request
+            .metadata_mut()
+            .insert("authorization", key.parse().unwrap());
+        request
+    };
+    let ready: ServerReadyResponse = grpc
+        .call("ServerReady", ServerReadyRequest {})
+        .await
+        .unwrap();
+    assert!(ready.ready);
+    let live: ServerLiveResponse = grpc.call("ServerLive", ServerLiveRequest {}).await.unwrap();
+    assert!(live.live);
+    let model = ModelReadyRequest {
+        name: "tiny".into(),
+        version: String::new(),
+    };
+    let model: ModelReadyResponse = grpc.call("ModelReady", model).await.unwrap();
+    assert!(model.ready);
+    assert_eq!(health(&mut grpc, "").await.unwrap().status, 1);
+
+    let refused: Result<ServerMetadataResponse, _> =
+        grpc.call("ServerMetadata", ServerMetadataRequest {}).await;
+    let status = refused.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("Authorization: Bearer KEY"),
+        "{status:?}"
+    );
+    let (_, photo) = test_images(1).remove(0);
+    let request = || raw_request("tiny", &[&photo]);
+    assert_status(
+        grpc.infer(request()).await,
+        Code::Unauthenticated,
+        "Bearer KEY",
+    );
+    assert_status(
+        grpc.infer(with_key("Bearer k3", request())).await,
+        Code::Unauthenticated,
+        "does not hold this server's API key",
+    );
+    let answer = grpc.infer(with_key("Bearer k3y", request())).await.unwrap();
+    assert_close(
+        &grpc_fp32(&answer, "probabilities"),
+        &[offline_probs(&checkpoint, &photo)],
+        "with the key",
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_have_their_grpc_status_codes() {
     let dir = tiny_checkpoint();

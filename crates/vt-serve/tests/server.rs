@@ -1709,6 +1709,22 @@ async fn the_demo_page_in_headless_chromium_calls_predict_and_draws_the_bars() {
     );
     assert_eq!(predict_calls(&text), after, "no other call to /predict");
     server.shutdown().await;
+
+    // A server with --api-key: the page asks for the key instead of failing.
+    let server = TestServer::start(&checkpoint_path(&dir), &["--api-key", "k3y"]).await;
+    let mut page = reqwest::Url::parse(&server.url("/")).unwrap();
+    page.query_pairs_mut().append_pair("demo", &data_url);
+    let dom = page_dom(&chromium, page.as_str()).await;
+    assert!(dom.contains(r#"data-state="needs-key""#), "{dom}");
+    assert!(
+        dom.contains(r#"<form id="key">"#),
+        "the key field shows: {dom}"
+    );
+    assert!(
+        dom.contains("This server needs its API key: enter it above"),
+        "{dom}"
+    );
+    server.shutdown().await;
 }
 
 /// The DOM headless `chromium` dumps for `url`, once the page's fetches are done.
@@ -1854,6 +1870,132 @@ async fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
 /// it unanswered), and one whose client hung up partway through its body. CORS preflights
 /// are counted apart from their routes, and a `/v1/models/NAME:VERB` of an unknown verb
 /// apart from predictions.
+/// With `--api-key`, every inference and model route answers 401 (with `WWW-Authenticate:
+/// Bearer`, in its protocol's error shape) unless the request carries `Authorization: Bearer
+/// KEY`; the probes, `/metrics` and the page answer anyone. The key comes from a file too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_every_route_but_the_probes() {
+    let dir = tiny_checkpoint();
+    let checkpoint = checkpoint_path(&dir);
+    let (_, photo) = test_images(1).remove(0);
+    let client = client();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "k3y-from-a-secret\n").unwrap();
+    let server =
+        TestServer::start(&checkpoint, &["--api-key-file", key_file.to_str().unwrap()]).await;
+    let request = |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut request = client
+            .request(method, server.url(path))
+            .header(CONTENT_TYPE, "image/png")
+            .body(photo.clone());
+        if let Some(key) = key {
+            request = request.header("authorization", key);
+        }
+        request.send()
+    };
+    use reqwest::Method as M;
+    for path in [
+        "/",
+        "/ping",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/tiny/ready",
+        "/v2/models/tiny/versions/1/ready",
+    ] {
+        let answer = request(M::GET, path, None).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+    }
+    let guarded = [
+        (M::POST, "/predict"),
+        (M::POST, "/invocations"),
+        (M::PUT, "/predictions/tiny"),
+        (M::GET, "/v1/models"),
+        (M::GET, "/v1/models/tiny"),
+        (M::GET, "/v2"),
+        (M::GET, "/v2/models/tiny"),
+        (M::GET, "/v2/models/tiny/config"),
+        (M::POST, "/v2/models/tiny/infer"),
+    ];
+    for (method, path) in &guarded {
+        for (key, says) in [
+            (None, "send Authorization: Bearer KEY"),
+            (
+                Some("Bearer k3y-from-a-secre"),
+                "does not hold this server's API key",
+            ),
+            (
+                Some("Basic k3y-from-a-secret"),
+                "does not hold this server's API key",
+            ),
+        ] {
+            let answer = request(method.clone(), path, key).await.unwrap();
+            assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert_eq!(
+                answer.headers()["www-authenticate"],
+                "Bearer",
+                "{method} {path}"
+            );
+            let (_, body) = json_of(answer).await;
+            let protocol = path.starts_with("/v2") || path.starts_with("/v1/models/");
+            let message = if protocol {
+                &body["error"]
+            } else {
+                assert_eq!(body["error"], "unauthorized", "{path}: {body}");
+                &body["detail"]
+            };
+            assert!(
+                message.as_str().is_some_and(|m| m.contains(says)),
+                "{method} {path}: {body}"
+            );
+        }
+    }
+    // With the key, in any case of the scheme, the answers are the server's usual ones.
+    let (status, body) = json_of(
+        request(
+            M::POST,
+            "/predict?top_k=6",
+            Some("bearer k3y-from-a-secret"),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_matches_offline(&body, &offline_probs(&checkpoint, &photo), "with the key");
+    for (method, path) in &guarded[2..] {
+        let answer = request(method.clone(), path, Some("Bearer k3y-from-a-secret"))
+            .await
+            .unwrap();
+        assert_ne!(answer.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert!(
+            answer.status().is_success() || *path == "/v2/models/tiny/infer",
+            "{path}"
+        );
+    }
+    let metrics = metrics_text(&client, &server.url("/metrics")).await;
+    assert!(
+        metrics.contains(r#"status="401""#),
+        "the refusals are counted: {metrics}"
+    );
+    server.shutdown().await;
+
+    // A key file that cannot be used stops the server before it starts.
+    std::fs::write(&key_file, "").unwrap();
+    let args = parse_args(&checkpoint, &["--api-key-file", key_file.to_str().unwrap()]);
+    let err = vt_serve::Server::bind(&args)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("--api-key-file") && err.contains("empty"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_whose_client_went_away_are_counted_as_499() {
     let dir = tiny_checkpoint();

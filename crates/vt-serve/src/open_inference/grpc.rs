@@ -55,6 +55,7 @@ use super::proto::{
 };
 use super::{Encoding, Images, InputHeader, OutputTensor, TensorData, WantedOutput, INPUT};
 use crate::access::{self, OnAbandon};
+use crate::auth;
 use crate::batcher::Arriving;
 use crate::body_budget::{self, BodyCharge};
 use crate::classifier::Preprocessor;
@@ -115,6 +116,14 @@ impl Method {
     /// `SERVICE/NAME`: the method's path without its leading `/`.
     fn full_name(self) -> String {
         format!("{}/{}", self.service(), self.name())
+    }
+
+    /// Whether `--api-key` guards it: all but the health and readiness checks.
+    fn needs_key(self) -> bool {
+        !matches!(
+            self,
+            Method::ServerLive | Method::ServerReady | Method::ModelReady | Method::HealthCheck
+        )
     }
 
     /// The method a request's path names, if this server answers it.
@@ -217,6 +226,15 @@ async fn call(State(state): State<Arc<AppState>>, request: Request) -> Response 
         return refusal;
     }
     match Method::of(request.uri().path()) {
+        Some(method)
+            if method.needs_key()
+                && state
+                    .api_key
+                    .as_ref()
+                    .is_some_and(|key| !key.admits(request.headers())) =>
+        {
+            auth::refusal(request.headers()).grpc_status().into_http()
+        }
         Some(method) => answer(&state, method, request, started).await,
         None => ApiError::NotFound(format!(
             "{}: the methods this server answers are {}",
