@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use axum::http::HeaderValue;
 
-use crate::auth::ApiKey;
+use crate::auth::{ApiKey, GivenKey};
 
 pub use vt_data::decode::DEFAULT_MAX_PIXELS;
 /// `--max-inflight-body-bytes` unless `--max-body-bytes` is larger.
@@ -106,8 +106,14 @@ pub struct ServeArgs {
     /// `Authorization: Bearer KEY`, others 401 (gRPC: UNAUTHENTICATED); the health and
     /// readiness probes, /metrics and the page stay open. Prefer the environment variable or
     /// --api-key-file: a flag's value shows in the process list
-    #[arg(long, env = "VT_SERVE_API_KEY", hide_env_values = true, value_name = "KEY", value_parser = parse_api_key, conflicts_with = "api_key_file")]
-    pub api_key: Option<ApiKey>,
+    #[arg(
+        long,
+        env = "VT_SERVE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<GivenKey>,
     /// --api-key read from this file (a mounted secret), its trailing line break left out.
     #[arg(long, env = "VT_SERVE_API_KEY_FILE", value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
@@ -157,10 +163,6 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
     }
 }
 
-fn parse_api_key(key: &str) -> Result<ApiKey, String> {
-    ApiKey::parse(key)
-}
-
 /// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.
 fn parse_model_name(name: &str) -> Result<String, String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
@@ -181,6 +183,10 @@ pub enum ArgsError {
     BodyBudgetBelowBodyLimit { inflight: u64, body: u64 },
     #[error("--grpc-port is --port ({0}): give the gRPC service a port of its own")]
     SamePort(u16),
+    #[error("--api-key (or VT_SERVE_API_KEY): {0}")]
+    ApiKey(String),
+    #[error("--api-key-file (or VT_SERVE_API_KEY_FILE) {path}: {cause}")]
+    ApiKeyFile { path: PathBuf, cause: String },
 }
 
 impl ServeArgs {
@@ -194,6 +200,23 @@ impl ServeArgs {
     pub fn inflight_body_bytes(&self) -> u64 {
         self.max_inflight_body_bytes
             .unwrap_or(DEFAULT_INFLIGHT_BODY_BYTES.max(self.max_body_bytes))
+    }
+
+    /// The key requests must present: `--api-key-file`'s, or `--api-key`'s (or its
+    /// variable's); none when neither is given.
+    pub fn api_key(&self) -> Result<Option<ApiKey>, ArgsError> {
+        if let Some(path) = &self.api_key_file {
+            return ApiKey::read(path)
+                .map(Some)
+                .map_err(|cause| ArgsError::ApiKeyFile {
+                    path: path.clone(),
+                    cause,
+                });
+        }
+        self.api_key
+            .as_ref()
+            .map(|GivenKey(key)| ApiKey::parse(key).map_err(ArgsError::ApiKey))
+            .transpose()
     }
 
     /// Checks what clap checks of no single option.

@@ -4,8 +4,10 @@
 //! `/metrics` and the page stay open: orchestrators and scrapers call them without
 //! credentials.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -16,6 +18,25 @@ use axum::response::Response;
 use crate::error::ApiError;
 use crate::handlers;
 use crate::state::AppState;
+
+/// A key as given on the command line or in the environment, not yet checked: clap's own
+/// refusal of a value would print it. Printed redacted.
+#[derive(Clone)]
+pub struct GivenKey(pub String);
+
+impl fmt::Debug for GivenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GivenKey(..)")
+    }
+}
+
+impl FromStr for GivenKey {
+    type Err = Infallible;
+
+    fn from_str(key: &str) -> Result<GivenKey, Infallible> {
+        Ok(GivenKey(key.to_owned()))
+    }
+}
 
 /// The key requests must present. Printed redacted, so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
@@ -28,10 +49,13 @@ impl fmt::Debug for ApiKey {
 }
 
 impl ApiKey {
-    /// A key as given: printable ASCII without spaces, as a header value carries it intact.
+    /// A key as given: printable ASCII without spaces, as a header value carries it intact,
+    /// after the trailing line break that secrets (files, and variables made from them)
+    /// often end with. The refusal never quotes the key.
     pub fn parse(key: &str) -> Result<ApiKey, String> {
+        let key = key.trim_end_matches(['\n', '\r']);
         if key.is_empty() {
-            return Err("the API key is empty".into());
+            return Err("the API key is empty (unset it to serve without one)".into());
         }
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(
@@ -41,14 +65,15 @@ impl ApiKey {
         Ok(ApiKey(key.to_owned()))
     }
 
-    /// The key in `path`, the trailing line break secret files usually end with left out.
+    /// The key in `path` ([`ApiKey::parse`]).
     pub fn read(path: &Path) -> Result<ApiKey, String> {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-        ApiKey::parse(text.trim_end_matches(['\n', '\r']))
+        ApiKey::parse(&text)
     }
 
-    /// Whether `headers` carry `Authorization: Bearer KEY` (the scheme in any case, as
-    /// RFC 9110 has it), compared in time independent of where a wrong key differs.
+    /// Whether `headers` carry `Authorization: Bearer KEY` (the scheme in any case and the
+    /// spaces after it as RFC 9110 has them), compared in time independent of where a
+    /// wrong key differs.
     pub fn admits(&self, headers: &HeaderMap) -> bool {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return false;
@@ -56,8 +81,10 @@ impl ApiKey {
         let Some((scheme, token)) = value.as_bytes().split_at_checked(6) else {
             return false;
         };
-        let token = token.strip_prefix(b" ").unwrap_or(b"");
-        scheme.eq_ignore_ascii_case(b"bearer") && same_bytes(token, self.0.as_bytes())
+        let spaces = token.iter().take_while(|b| **b == b' ').count();
+        scheme.eq_ignore_ascii_case(b"bearer")
+            && spaces > 0
+            && same_bytes(&token[spaces..], self.0.as_bytes())
     }
 }
 
@@ -109,6 +136,7 @@ mod tests {
             "Bearer s3cret-Key_1",
             "bearer s3cret-Key_1",
             "BEARER s3cret-Key_1",
+            "Bearer  s3cret-Key_1",
         ] {
             assert!(key.admits(&with_authorization(admitted)), "{admitted}");
         }
@@ -116,7 +144,6 @@ mod tests {
             "Bearer s3cret-Key_2",
             "Bearer s3cret-Key_",
             "Bearer s3cret-Key_12",
-            "Bearer  s3cret-Key_1",
             "Bearers3cret-Key_1",
             "Basic s3cret-Key_1",
             "s3cret-Key_1",
@@ -131,9 +158,14 @@ mod tests {
 
     #[test]
     fn keys_are_printable_without_spaces() {
-        for bad in ["", "two words", "tab\there", "é"] {
-            assert!(ApiKey::parse(bad).is_err(), "{bad:?}");
+        for bad in ["", "\n", "two words", "tab\there", "é", "trailing "] {
+            let refusal = ApiKey::parse(bad).unwrap_err();
+            assert!(bad.trim().is_empty() || !refusal.contains(bad), "{refusal}");
         }
+        assert_eq!(
+            ApiKey::parse("from-a-variable\r\n").unwrap(),
+            ApiKey::parse("from-a-variable").unwrap()
+        );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("key");
         std::fs::write(&file, "from-a-file\n").unwrap();

@@ -144,10 +144,14 @@ fn name_the_variable(mut error: clap::Error, cli: &clap::Command) -> clap::Error
 /// Removes the `VT_SERVE_*` environment variables that are set but empty or blank (as Helm
 /// charts and Compose files leave optional ones), so that they read as unset rather than as
 /// an empty value, which most flags refuse. Before any thread starts, as `remove_var` needs.
+/// The API key's are kept, to be refused: a secret that came out empty must not leave the
+/// server open.
 fn unset_empty_settings() {
     for (name, value) in std::env::vars_os() {
+        let name_text = name.to_string_lossy();
         if value.to_string_lossy().trim().is_empty()
-            && name.to_string_lossy().starts_with("VT_SERVE_")
+            && name_text.starts_with("VT_SERVE_")
+            && !name_text.starts_with("VT_SERVE_API_KEY")
         {
             std::env::remove_var(name);
         }
@@ -246,6 +250,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             queue = args.queue,
             timeout_ms = args.timeout_ms,
             reload_poll_ms = args.reload_poll_ms,
+            api_key = server.state().api_key.is_some(),
             version = env!("CARGO_PKG_VERSION"),
             "serving"
         );

@@ -39,7 +39,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ping", get(handlers::ready))
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics));
+        .route("/metrics", get(handlers::metrics))
+        .route("/v1/models/{model}", get(instances::model_ready));
     let api = Router::new()
         .route("/predict", post(handlers::predict))
         // SageMaker's inference contract.
@@ -56,12 +57,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/models", get(handlers::models))
         // KServe's V1 protocol and TensorFlow Serving's REST API (and Vertex AI's custom
-        // containers, pointed at these routes): `GET /v1/models/NAME`,
-        // `POST /v1/models/NAME:predict` and KServe's `POST /v1/models/NAME:explain`.
-        .route(
-            "/v1/models/{model}",
-            get(instances::model_ready).post(instances::predict),
-        )
+        // containers, pointed at these routes): `POST /v1/models/NAME:predict` and KServe's
+        // `POST /v1/models/NAME:explain` (`GET /v1/models/NAME`, its readiness, is a probe).
+        .route("/v1/models/{model}", post(instances::predict))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_key,

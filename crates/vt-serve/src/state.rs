@@ -50,8 +50,6 @@ pub enum StartError {
         /// What to do about it, when the cause says (empty otherwise).
         hint: String,
     },
-    #[error("--api-key-file {path}: {cause}")]
-    ApiKeyFile { path: PathBuf, cause: String },
     #[error("reading the address the server is bound to: {0}")]
     Address(std::io::Error),
     #[error("cannot listen for {name}: {cause}")]
@@ -231,13 +229,7 @@ impl AppState {
     /// Loads the checkpoint and starts the model thread. Blocking: reads and hashes files.
     pub fn load(args: &ServeArgs) -> Result<AppState, StartError> {
         args.validate().map_err(StartError::Args)?;
-        let api_key = match &args.api_key_file {
-            Some(path) => Some(ApiKey::read(path).map_err(|cause| StartError::ApiKeyFile {
-                path: path.clone(),
-                cause,
-            })?),
-            None => args.api_key.clone(),
-        };
+        let api_key = args.api_key().map_err(StartError::Args)?;
         let source = ModelSource::new(args);
         // Taken first, so that a change during the load is seen at the first check.
         let fingerprint = Fingerprint::of(&source.checkpoint).ok();

@@ -185,6 +185,43 @@ fn a_refused_setting_from_the_environment_names_its_variable() {
     assert!(!stderr.contains("VT_SERVE_PORT"), "{stderr}");
 }
 
+/// An API key variable set but empty stops the server rather than letting it serve without
+/// a key; a refused key is never printed.
+#[test]
+fn an_api_key_from_the_environment_is_checked_and_never_printed() {
+    let dir = tiny_checkpoint();
+    for (name, value, says) in [
+        (
+            "VT_SERVE_API_KEY",
+            "",
+            "VT_SERVE_API_KEY): the API key is empty",
+        ),
+        (
+            "VT_SERVE_API_KEY_FILE",
+            "",
+            "value is required for '--api-key-file",
+        ),
+        (
+            "VT_SERVE_API_KEY",
+            "my secret",
+            "printable ASCII without spaces",
+        ),
+    ] {
+        let output = Command::new(BIN)
+            .env(name, value)
+            .env("RUST_BACKTRACE", "0")
+            .arg("--checkpoint")
+            .arg(checkpoint_path(&dir))
+            .args(["--port", "0", "--device", "cpu"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}={value:?}: {stderr}");
+        assert!(stderr.contains(says), "{name}={value:?}: {stderr}");
+        assert!(!stderr.contains("my secret"), "{stderr}");
+    }
+}
+
 /// Settings from the environment, as containers give them, leave a subcommand its flags:
 /// clap's derive took one for the top-level server's flags, which then had no checkpoint,
 /// and checked them there, refusing a value the subcommand's flag replaces or never reads.

@@ -784,8 +784,9 @@ impl TrainConfig {
             ("--ratio", &self.ratio, "0 < MIN <= MAX"),
         ] {
             let Some(range) = range else { continue };
+            // Checked as the transform gets them, in f32: 1e-50 would become 0 there.
             let fits = match range[..] {
-                [min, max] => min > 0.0 && min <= max && max.is_finite(),
+                [min, max] => min as f32 > 0.0 && min <= max && (max as f32).is_finite(),
                 _ => false,
             };
             if !fits || (flag == "--scale" && range.iter().any(|v| *v > 1.0)) {
@@ -799,7 +800,7 @@ impl TrainConfig {
         if let Some(deg) = self.rotation.filter(|d| !(0.0..=180.0).contains(d)) {
             return fail(format!("--rotation must be 0 to 180 degrees, got {deg}"));
         }
-        if !(self.color_jitter.is_finite() && self.color_jitter >= 0.0) {
+        if !((self.color_jitter as f32).is_finite() && self.color_jitter >= 0.0) {
             return fail(format!(
                 "--color-jitter must be >= 0 (0 disables), got {}",
                 self.color_jitter
@@ -1384,6 +1385,10 @@ mod tests {
                 "--ratio takes two numbers MIN MAX with 0 < MIN <= MAX",
             ),
             ("ratio = [1, inf]\n", "--ratio"),
+            ("ratio = [1, 1e39]\n", "--ratio"),
+            ("ratio = [1e-50, 1]\n", "--ratio"),
+            ("scale = [1e-50, 1]\n", "--scale"),
+            ("color-jitter = 1e39\n", "--color-jitter"),
             (
                 "rotation = 200\n",
                 "--rotation must be 0 to 180 degrees, got 200",
