@@ -4,12 +4,13 @@
 //! Reading order follows the paper: [`stem`] gives the feature map, [`tokenizer`] turns it
 //! into visual tokens (section 3.1), [`transformer`] relates them (3.2), [`projector`] fuses
 //! them back into the map (3.3), and [`vt_resnet`] assembles VT-ResNet (4.1). [`onnx`]
-//! exports a checkpoint as an ONNX model.
+//! exports a checkpoint as an ONNX model; [`drop_path`] is training's stochastic depth.
 
 pub mod allocator;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod drop_path;
 pub mod error;
 pub mod kernels;
 mod layers;
@@ -29,6 +30,7 @@ pub use config::{Arch, Variant, VtConfig};
 pub use device::{
     device_name, names_a_gpu, parse_device, parse_dtype, use_bf16_products, DTYPE_NAMES,
 };
+pub use drop_path::PathDrops;
 pub use error::{ModelError, Result};
 pub use model::{Model, StartedFrom};
 pub use vt_resnet::{TokenAttention, VtResNet};

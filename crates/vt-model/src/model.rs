@@ -10,6 +10,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 
 use crate::checkpoint::{self, WEIGHTS_FILE};
 use crate::config::VtConfig;
+use crate::drop_path::PathDrops;
 use crate::error::{ModelError, Result};
 use crate::shapes::expected_shapes;
 use crate::vt_resnet::{TokenAttention, VtResNet};
@@ -213,6 +214,16 @@ impl Model {
     /// Training-mode logits with the stem frozen ([`VtResNet::forward_frozen_stem`]).
     pub fn forward_frozen_stem(&self, images: &Tensor) -> CandleResult<Tensor> {
         self.net.forward_frozen_stem(images)
+    }
+
+    /// Training-mode logits with stochastic depth ([`VtResNet::forward_dropped`]).
+    pub fn forward_dropped(
+        &self,
+        images: &Tensor,
+        drops: &PathDrops,
+        stem_frozen: bool,
+    ) -> CandleResult<Tensor> {
+        self.net.forward_dropped(images, drops, stem_frozen)
     }
 
     /// Evaluation-mode logits with each VT module's token attention maps

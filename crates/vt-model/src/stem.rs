@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
+use crate::drop_path::scaled;
 use crate::kernels::{add_relu, max_pool_3x3_stride2_pad1};
 use crate::layers::{conv_bn, ConvBn};
 
@@ -54,15 +55,22 @@ impl BasicBlock {
     }
 }
 
-impl ModuleT for BasicBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BasicBlock {
+    /// The block with its residual branch scaled per sample by `drop` (stochastic depth).
+    fn forward_dropped(&self, x: &Tensor, train: bool, drop: Option<&Tensor>) -> Result<Tensor> {
         let y = self.conv1.forward_t(x, train, true)?;
-        let y = self.conv2.forward_t(&y, train, false)?;
+        let y = scaled(self.conv2.forward_t(&y, train, false)?, drop)?;
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward_t(x, train, false)?,
             None => x.clone(),
         };
         add_relu(&y, &shortcut)
+    }
+}
+
+impl ModuleT for BasicBlock {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_dropped(x, train, None)
     }
 }
 
@@ -97,13 +105,27 @@ impl Stem {
     }
 }
 
-impl ModuleT for Stem {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl Stem {
+    /// The stem with block i's residual branch scaled per sample by `drops[i]` (stochastic
+    /// depth; blocks past the end of `drops` kept whole).
+    pub fn forward_dropped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        drops: &[Option<Tensor>],
+    ) -> Result<Tensor> {
         let x = self.conv1.forward_t(x, train, true)?;
         let mut x = max_pool_3x3_stride2_pad1(&x)?;
-        for block in self.layers.iter().flatten() {
-            x = block.forward_t(&x, train)?;
+        for (i, block) in self.layers.iter().flatten().enumerate() {
+            let drop = drops.get(i).and_then(Option::as_ref);
+            x = block.forward_dropped(&x, train, drop)?;
         }
         Ok(x)
+    }
+}
+
+impl ModuleT for Stem {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_dropped(x, train, &[])
     }
 }

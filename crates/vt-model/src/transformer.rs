@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{ops::softmax, Module, VarBuilder};
 
+use crate::drop_path::scaled;
 use crate::layers::{linear, Linear};
 
 /// Splits the last axis of N x L x (h*d) into heads: N x h x L x d (contiguous blocks).
@@ -44,15 +45,24 @@ impl Transformer {
     }
 }
 
-impl Module for Transformer {
-    fn forward(&self, t: &Tensor) -> Result<Tensor> {
+impl Transformer {
+    /// The transformer with its attention and feed-forward branches scaled per sample by
+    /// `drops` (stochastic depth).
+    pub fn forward_dropped(&self, t: &Tensor, drops: &[Option<Tensor>; 2]) -> Result<Tensor> {
         let k = split_heads(&self.key.forward(t)?, self.heads)?;
         let q = split_heads(&self.query.forward(t)?, self.heads)?;
         let v = split_heads(t, self.heads)?;
         // S[i, j] = softmax_j(K_i . Q_j / sqrt(d))
         let s = softmax(&(k.matmul(&q.transpose(2, 3)?)? * self.scale)?, D::Minus1)?;
-        let t = (t + merge_heads(&s.matmul(&v)?)?)?;
+        let attended = scaled(merge_heads(&s.matmul(&v)?)?, drops[0].as_ref())?;
+        let t = (t + attended)?;
         let ffn = self.ffn2.forward(&self.ffn1.forward(&t)?.relu()?)?;
-        t + ffn
+        t + scaled(ffn, drops[1].as_ref())?
+    }
+}
+
+impl Module for Transformer {
+    fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        self.forward_dropped(t, &[None, None])
     }
 }

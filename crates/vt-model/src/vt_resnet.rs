@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Module, ModuleT, VarBuilder};
 
 use crate::config::{VtConfig, FEATURE_CHANNELS};
+use crate::drop_path::PathDrops;
 use crate::layers::{linear, Linear};
 use crate::projector::Projector;
 use crate::stem::Stem;
@@ -35,9 +36,14 @@ impl VtModule {
         })
     }
 
-    fn forward(&self, x: &Tensor, previous: Option<&Tensor>) -> Result<ModuleOutput> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        previous: Option<&Tensor>,
+        drops: &[Option<Tensor>; 2],
+    ) -> Result<ModuleOutput> {
         let (tokens, attention) = self.tokenizer.forward(x, previous)?;
-        let tokens = self.transformer.forward(&tokens)?;
+        let tokens = self.transformer.forward_dropped(&tokens, drops)?;
         let x = match &self.projector {
             Some(projector) => projector.forward(x, &tokens)?,
             None => x.clone(),
@@ -101,12 +107,29 @@ impl VtResNet {
         self.classify(&features)
     }
 
+    /// Training-mode logits with stochastic depth: every residual branch scaled per sample
+    /// as `drops` says; with `stem_frozen`, as [`VtResNet::forward_frozen_stem`] (the stem's
+    /// drops unused).
+    pub fn forward_dropped(
+        &self,
+        images: &Tensor,
+        drops: &PathDrops,
+        stem_frozen: bool,
+    ) -> Result<Tensor> {
+        let features = if stem_frozen {
+            self.stem.forward_t(images, false)?.detach()
+        } else {
+            self.stem.forward_dropped(images, true, &drops.stem)?
+        };
+        Ok(self.vt_stage(&features, &drops.vt)?.0)
+    }
+
     /// Evaluation-mode logits and the spatial attention of every module's tokenizer: which
     /// parts of the image each visual token gathers (the paper's token visualisations).
     pub fn token_attention(&self, images: &Tensor) -> Result<TokenAttention> {
         let features = self.stem.forward_t(images, false)?;
         let (n, _, h, w) = features.dims4()?;
-        let (logits, attention) = self.vt_stage(&features)?;
+        let (logits, attention) = self.vt_stage(&features, &[])?;
         let maps = attention
             .iter()
             .map(|a| {
@@ -119,17 +142,23 @@ impl VtResNet {
 
     /// The VT stage and the head over the stem's feature map.
     fn classify(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(self.vt_stage(features)?.0)
+        Ok(self.vt_stage(features, &[])?.0)
     }
 
-    /// Logits, and each module's spatial attention (N x P x L).
-    fn vt_stage(&self, features: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    /// Logits, and each module's spatial attention (N x P x L); module i's transformer
+    /// branches scaled by `drops[i]` (kept whole past its end).
+    fn vt_stage(
+        &self,
+        features: &Tensor,
+        drops: &[[Option<Tensor>; 2]],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         // N x C x H x W -> N x P x C with p = y * W + x.
         let mut x = features.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         let mut tokens: Option<Tensor> = None;
         let mut attention = Vec::with_capacity(self.vt.len());
-        for module in &self.vt {
-            let out = module.forward(&x, tokens.as_ref())?;
+        for (i, module) in self.vt.iter().enumerate() {
+            let whole = [None, None];
+            let out = module.forward(&x, tokens.as_ref(), drops.get(i).unwrap_or(&whole))?;
             x = out.x;
             tokens = Some(out.tokens);
             attention.push(out.attention);

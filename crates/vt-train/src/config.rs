@@ -206,6 +206,12 @@ pub struct TrainOptions {
     /// trains with 0.4); before --trivial-augment when both are on; 0 disables [default: 0]
     #[arg(long, value_name = "S")]
     pub color_jitter: Option<f64>,
+    /// Stochastic depth: in training, each image skips each residual branch (the stem's
+    /// blocks, the transformers' attention and feed-forward) with a probability rising
+    /// linearly from 0 at the first block to RATE at the last, as timm's --drop-path (timm's
+    /// ResNet recipes: 0.05); 0 disables [default: 0]
+    #[arg(long, value_name = "RATE")]
+    pub drop_path: Option<f64>,
     /// Clip the global L2 gradient norm to this; 0 disables [default: seed 5, modern 1]
     #[arg(long, value_name = "NORM")]
     pub clip_grad: Option<f64>,
@@ -339,6 +345,7 @@ impl TrainOptions {
             rotation,
             hflip,
             color_jitter,
+            drop_path,
             clip_grad,
             ema,
             early_stop,
@@ -476,6 +483,8 @@ pub struct TrainConfig {
     pub hflip: Option<f64>,
     #[serde(default)]
     pub color_jitter: f64,
+    #[serde(default)]
+    pub drop_path: f64,
     pub clip_grad: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
@@ -646,6 +655,7 @@ impl TrainConfig {
             rotation: Some(o.rotation.unwrap_or(augment.rotation_deg)),
             hflip: Some(o.hflip.unwrap_or(augment.hflip)),
             color_jitter: o.color_jitter.unwrap_or(0.0),
+            drop_path: o.drop_path.unwrap_or(0.0),
             clip_grad: o.clip_grad.unwrap_or(if seed { 5.0 } else { 1.0 }),
             ema: o.ema.filter(|d| *d != 0.0),
             early_stop: o.early_stop.filter(|p| *p != 0),
@@ -799,6 +809,12 @@ impl TrainConfig {
         }
         if let Some(deg) = self.rotation.filter(|d| !(0.0..=180.0).contains(d)) {
             return fail(format!("--rotation must be 0 to 180 degrees, got {deg}"));
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            return fail(format!(
+                "--drop-path must be in [0, 1) (0 disables), got {}",
+                self.drop_path
+            ));
         }
         if !((self.color_jitter as f32).is_finite() && self.color_jitter >= 0.0) {
             return fail(format!(
@@ -970,6 +986,7 @@ impl TrainConfig {
             rotation: self.rotation,
             hflip: self.hflip,
             color_jitter: Some(self.color_jitter),
+            drop_path: Some(self.drop_path),
             clip_grad: Some(self.clip_grad),
             ema: self.ema,
             early_stop: self.early_stop,

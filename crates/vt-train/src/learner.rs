@@ -5,10 +5,13 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use vt_data::dataset::ImageFolder;
 use vt_data::loader::{Batch, LoaderConfig, Transform};
+use vt_data::rng::derive_seed;
 use vt_model::pretrained::{load_stem, Source};
-use vt_model::{parse_device, Model, StartedFrom, VtConfig};
+use vt_model::{parse_device, Model, PathDrops, StartedFrom, VtConfig};
 
 use crate::config::TrainConfig;
 use crate::data;
@@ -17,6 +20,9 @@ use crate::init::seeded_model;
 use crate::loss::{correct_predictions, cross_entropy};
 use crate::optim::{clip_scale, is_running_stat, trainable_params, Optimizer};
 use crate::threads;
+
+/// Tags the draws of stochastic depth in the seed derivation.
+const TAG_DROP_PATH: u64 = 0x4450_4154;
 
 /// Sets the compute threads and the products' precision, then opens the device. The threads
 /// come first: they must be set before any tensor exists.
@@ -164,7 +170,8 @@ impl Learner {
 
     /// The forward and backward pass of one batch, its gradients (of its loss times
     /// `share`, its part of the update) added to `group`. With the stem frozen it runs in
-    /// evaluation mode, its BatchNorm statistics kept. `draw` seeds the batch's mixing.
+    /// evaluation mode, its BatchNorm statistics kept. `draw` seeds the batch's mixing and
+    /// its stochastic depth.
     pub fn accumulate_batch(
         &mut self,
         batch: &Batch,
@@ -179,7 +186,19 @@ impl Learner {
                 .mixing()
                 .apply(&batch.images, &batch.labels, self.config.seed, draw)?;
         let images = mixed.as_ref().map_or(&batch.images, |m| &m.images);
-        let logits = if stem_frozen {
+        let rate = self.config.drop_path;
+        let logits = if rate > 0.0 {
+            let mut rng =
+                StdRng::seed_from_u64(derive_seed(&[TAG_DROP_PATH, self.config.seed, draw]));
+            let drops = PathDrops::draw(
+                rate,
+                &self.model.config,
+                batch.indices.len(),
+                (&self.model.device, self.model.dtype),
+                || rng.random(),
+            )?;
+            self.model.forward_dropped(images, &drops, stem_frozen)?
+        } else if stem_frozen {
             self.model.forward_frozen_stem(images)?
         } else {
             self.model.forward_t(images, true)?

@@ -1795,6 +1795,14 @@ fn augmentation_options_change_the_training_images() {
     ] {
         assert!(config.contains(line), "{line} in {config}");
     }
+    // Stochastic depth: drawn from the seed, so that a second run repeats the first.
+    let drop_path = train("drop-path", &["--drop-path", "0.3"]);
+    let again = train("drop-path-again", &["--drop-path", "0.3"]);
+    let config = fs::read_to_string(drop_path.join("config.toml")).unwrap();
+    assert!(config.contains("drop-path = 0.3"), "{config}");
+    let (drop_path, again) = (&records(&drop_path)[0], &records(&again)[0]);
+    assert_eq!(drop_path.train_loss, again.train_loss);
+    assert_eq!(drop_path.val_loss, again.val_loss);
     let (plain, augmented, timm) = (
         &records(&plain)[0],
         &records(&augmented)[0],
@@ -1804,6 +1812,8 @@ fn augmentation_options_change_the_training_images() {
     assert_ne!(plain.train_loss, augmented.train_loss);
     assert!(timm.train_loss.is_finite());
     assert_ne!(plain.train_loss, timm.train_loss);
+    assert!(drop_path.train_loss.is_finite());
+    assert_ne!(plain.train_loss, drop_path.train_loss);
 
     let err = run_err(train_tiny(&data, &tmp.path().join("p")).args(["--random-erase", "2"]));
     assert!(
@@ -1812,6 +1822,8 @@ fn augmentation_options_change_the_training_images() {
     );
     let err = run_err(train_tiny(&data, &tmp.path().join("s")).args(["--scale", "0.9", "0.1"]));
     assert!(err.contains("--scale takes two numbers MIN MAX"), "{err}");
+    let err = run_err(train_tiny(&data, &tmp.path().join("d")).args(["--drop-path", "1"]));
+    assert!(err.contains("--drop-path must be in [0, 1)"), "{err}");
 }
 
 /// `vt-train lr-find` on the tiny model: refuses a report not named .json and the options it
