@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::config::VtConfig;
 use crate::error::{ModelError, Result};
 use crate::temporary::{self, Kind};
+use crate::torch_file;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -269,6 +270,9 @@ pub(crate) fn read_selected(
     floats: Floats,
 ) -> Result<BTreeMap<String, Tensor>> {
     let bytes = fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    if torch_file::is_torch_zip(&bytes) {
+        return torch_file::read_selected(path, device, select, floats);
+    }
     select_tensors(path, &bytes, device, select, floats)
 }
 
@@ -314,37 +318,51 @@ fn select_tensors(
                 found: format!("{:?}", view.dtype()),
             });
         }
-        let tensor_error = |cause| ModelError::Tensor {
+        let tensor = checked_f32(path, name, &kept, view.load(&Device::Cpu), device)?;
+        tensors.insert(kept, tensor);
+    }
+    Ok(tensors)
+}
+
+/// `loaded` (the tensor `name` of the file at `path`, to be kept as `kept`) in f32 on
+/// `device`, once every value is known finite and, for a running variance, not negative:
+/// errors name the tensor.
+pub(crate) fn checked_f32(
+    path: &Path,
+    name: String,
+    kept: &str,
+    loaded: candle_core::Result<Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let tensor_error = |cause| ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: name.clone(),
+        cause: Box::new(cause),
+    };
+    let loaded = loaded.map_err(tensor_error)?;
+    let values = loaded
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(tensor_error)?;
+    if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(ModelError::NonFinite {
             path: path.to_path_buf(),
-            name: name.clone(),
-            cause: Box::new(cause),
-        };
-        let values = view
-            .load(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
-            .map_err(tensor_error)?;
-        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(ModelError::NonFinite {
+            name,
+            index,
+            value: *value,
+        });
+    }
+    if kept.ends_with(".running_var") {
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| **v < 0.0) {
+            return Err(ModelError::NegativeVariance {
                 path: path.to_path_buf(),
                 name,
                 index,
                 value: *value,
             });
         }
-        if kept.ends_with(".running_var") {
-            if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| **v < 0.0) {
-                return Err(ModelError::NegativeVariance {
-                    path: path.to_path_buf(),
-                    name,
-                    index,
-                    value: *value,
-                });
-            }
-        }
-        let tensor = Tensor::from_vec(values, view.shape(), device).map_err(tensor_error)?;
-        tensors.insert(kept, tensor);
     }
-    Ok(tensors)
+    Tensor::from_vec(values, loaded.dims(), device).map_err(tensor_error)
 }
 
 /// Copies `tensors` into the variables of `varmap` that `wanted` names: the two name sets

@@ -23,6 +23,7 @@ pub mod stem;
 pub mod temporary;
 pub mod threads;
 pub mod tokenizer;
+mod torch_file;
 pub mod transformer;
 pub mod vt_resnet;
 

@@ -8,10 +8,11 @@ use std::sync::PoisonError;
 use candle_core::{DType, Device, Result as CandleResult, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 
-use crate::checkpoint::{self, WEIGHTS_FILE};
+use crate::checkpoint::{self, Floats, WEIGHTS_FILE};
 use crate::config::VtConfig;
 use crate::drop_path::PathDrops;
 use crate::error::{ModelError, Result};
+use crate::pretrained::unwrapped;
 use crate::shapes::expected_shapes;
 use crate::vt_resnet::{TokenAttention, VtResNet};
 
@@ -67,6 +68,26 @@ impl Model {
     /// bf16 for inference).
     pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
         Ok(Model::load_with_bytes(dir, device, dtype, checkpoint::read_config)?.0)
+    }
+
+    /// A model of `config` with every weight from the state dict in `path`: a PyTorch file
+    /// (`torch.save`) or a safetensors file, in any float precision, its tensors named as
+    /// the contract names them once wrapper prefixes (`module.`, `model.`, ...) are removed;
+    /// `num_batches_tracked` is ignored. Strict: a tensor missing, left over or of another
+    /// shape is an error naming it.
+    pub fn import(config: VtConfig, path: &Path, device: &Device) -> Result<Model> {
+        let model = Model::init(config, device)?;
+        let tensors = checkpoint::read_selected(
+            path,
+            device,
+            |name| {
+                let name = unwrapped(name);
+                (!name.ends_with(".num_batches_tracked")).then(|| name.to_string())
+            },
+            Floats::AnyToF32,
+        )?;
+        checkpoint::assign_strict(path, &model.varmap, &tensors, |_| true)?;
+        Ok(model)
     }
 
     /// Loads the model of a run's `state/`, which [`Model::load`] refuses when it keeps a

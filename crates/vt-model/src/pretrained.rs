@@ -1,5 +1,6 @@
 //! ImageNet-pretrained stems: conv1, bn1 and layer1..3 from a torchvision- or timm-named
-//! ResNet-18/34 safetensors file (f32, f16, bf16 or f64), a local path or a Hugging Face hub
+//! ResNet-18/34 safetensors or PyTorch file (f32, f16, bf16 or f64; torchvision publishes
+//! `resnet18-f37072fd.pth`), a local path or a Hugging Face hub
 //! model id such as `timm/resnet34.a1_in1k` (fetched with hf-hub, which honours
 //! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HOME`). `layer4` and `fc` are ignored: the VT stage
 //! replaces them.
@@ -37,7 +38,7 @@ pub fn is_stem(name: &str) -> bool {
 }
 
 /// `name` without the wrapper prefixes in front of it.
-fn unwrapped(mut name: &str) -> &str {
+pub(crate) fn unwrapped(mut name: &str) -> &str {
     while let Some(rest) = WRAPPER_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
         name = rest;
     }

@@ -1,6 +1,6 @@
 //! The command line: `vt-train [train] [OPTIONS]`, `vt-train eval`, `vt-train init`,
 //! `vt-train compare`, `vt-train average`, `vt-train calibrate`, `vt-train explain`, `vt-train export`,
-//! `vt-train lr-find`.
+//! `vt-train import`, `vt-train lr-find`.
 
 use std::process::ExitCode;
 
@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::eval::EvalArgs;
 use crate::explain::ExplainArgs;
 use crate::export::ExportArgs;
+use crate::import::ImportArgs;
 use crate::init::InitArgs;
 use crate::lr_find::LrFindArgs;
 use crate::train::{Outcome, TrainArgs};
@@ -110,6 +111,22 @@ pub enum Command {
         names."
     )]
     Export(ExportArgs),
+    /// Import a VT-ResNet trained in PyTorch (a `torch.save`d state dict or a safetensors
+    /// file named as the model contract names it) as a checkpoint
+    #[command(
+        long_about = "Import a VT-ResNet trained elsewhere, e.g. in PyTorch by \
+        tools/reference/vt_resnet.py or a notebook whose model follows the model contract \
+        (shared/spec/vt-resnet.md): its weights, a PyTorch file (`torch.save` of the \
+        model's state_dict(), alone or under a `state_dict`, `model` or `model_state_dict` \
+        key) or a safetensors file, in any float precision, become a checkpoint folder at \
+        --out for eval, vt-serve, export and fine-tuning (--initial-checkpoint). The \
+        tensors are named as the contract names them, after prefixes such as `module.` \
+        (DataParallel) or `_orig_mod.` (torch.compile); `num_batches_tracked` is ignored. \
+        Every tensor the model has must be there with its shape, and nothing else: the \
+        error names the first that is not. Give the model's shape (--arch, --image-size, \
+        --tokens, --token-channels, --heads) and its classes in the order of its outputs."
+    )]
+    Import(ImportArgs),
     /// Find a learning rate: train with the rate growing exponentially from --start-lr to
     /// --end-lr and suggest where the loss falls fastest (fastai's lr_find)
     #[command(
@@ -153,6 +170,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Export(args)) => {
             return crate::export::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Import(args)) => {
+            return crate::import::run(&args).map(|()| ExitCode::SUCCESS)
         }
     };
     Ok(match outcome {

@@ -234,8 +234,9 @@ pub struct TrainOptions {
     /// its BatchNorm statistics kept, and without a backward pass [default: 0]
     #[arg(long, value_name = "N")]
     pub freeze_stem_epochs: Option<usize>,
-    /// ImageNet ResNet weights for the stem: a safetensors file or a hub id such as
-    /// timm/resnet34.a1_in1k (ResNet-34 for vt-resnet34, ResNet-18 for vt-resnet18)
+    /// ImageNet ResNet weights for the stem: a safetensors or PyTorch (.pth) file, or a hub
+    /// id such as timm/resnet34.a1_in1k (ResNet-34 for vt-resnet34, ResNet-18 for
+    /// vt-resnet18)
     #[arg(long, value_name = "FILE|HUB-ID")]
     pub pretrained: Option<String>,
     /// Start from the weights of a vt checkpoint (e.g. runs/a/best) to fine-tune it: all of

@@ -57,8 +57,8 @@ pub struct InitArgs {
     /// Comma-separated class names, in label order.
     #[arg(long, value_delimiter = ',')]
     pub class_names: Option<Vec<String>>,
-    /// ImageNet ResNet weights for the stem: a safetensors file or a hub id such as
-    /// timm/resnet34.a1_in1k.
+    /// ImageNet ResNet weights for the stem: a safetensors or PyTorch (.pth) file, or a hub
+    /// id such as timm/resnet34.a1_in1k.
     #[arg(long)]
     pub pretrained: Option<String>,
     /// Seed of the random initialisation.

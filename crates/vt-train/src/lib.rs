@@ -4,7 +4,8 @@
 //! - [`train`]: the training loop, run folders, resumption; [`config`]: options and recipes;
 //! - [`optim`], [`schedule`], [`loss`], [`ema`], [`mix`]: the optimisation pieces;
 //! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`explain`], [`plots`],
-//!   [`progress`]: measuring and reporting; [`export`]: ONNX export;
+//!   [`progress`]: measuring and reporting; [`export`]: ONNX export; [`import`]: weights
+//!   trained elsewhere;
 //! - [`state`]: the saved training state; [`history`]: the checkpoints of the best epochs
 //!   (`--checkpoint-hist`), which [`average`] averages; [`tensorboard`]: event files for
 //!   TensorBoard;
@@ -25,6 +26,7 @@ pub mod eval;
 pub mod explain;
 pub mod export;
 pub mod history;
+pub mod import;
 pub mod init;
 pub mod learner;
 pub mod loss;
