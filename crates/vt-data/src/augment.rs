@@ -57,9 +57,7 @@ impl AugmentConfig {
             norm: Normalize::IMAGENET,
         }
     }
-}
 
-impl AugmentConfig {
     /// Refuses settings torchvision would refuse (or silently misuse), naming the setting.
     fn check(&self) -> Result<()> {
         let fail = |what: String| Err(DataError::Invalid(what));

@@ -273,6 +273,19 @@ pub(crate) fn read_selected(
     if torch_file::is_torch_zip(&bytes) {
         return torch_file::read_selected(path, device, select, floats);
     }
+    let invalid = |message: &str| ModelError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    };
+    if bytes.is_empty() {
+        return Err(invalid("the file is empty"));
+    }
+    if torch_file::is_legacy_torch(&bytes) {
+        return Err(invalid(
+            "PyTorch's format before 1.6 (or _use_new_zipfile_serialization=False), which \
+             cannot be read: load it in PyTorch and torch.save it again",
+        ));
+    }
     select_tensors(path, &bytes, device, select, floats)
 }
 

@@ -1,30 +1,37 @@
 //! PyTorch's checkpoint files (`torch.save`'s zip format, PyTorch 1.6 and later: `.pth`,
-//! `.pt`, `.bin`), read with candle's pickle reader: a state dict, or one under a
+//! `.pt`, `.bin`), parsed with candle's pickle reader: a state dict, or one under a
 //! `state_dict`, `model` or `model_state_dict` key as training scripts save them beside
-//! their epoch and optimiser.
+//! their epoch, optimiser or best accuracy. Tensors are read whatever their memory layout
+//! (channels-last, slices, transposes): each gathers its elements from its storage by its
+//! strides.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
 
-use candle_core::pickle::PthTensors;
+use candle_core::pickle::{Object, Stack, TensorInfo};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{checked_f32, Floats};
 use crate::error::{ModelError, Result};
 
-/// The keys a state dict is looked for under, in order, when the file's top level holds
-/// none (`None`: the top level itself).
-const STATE_DICT_KEYS: [Option<&str>; 4] = [
-    None,
-    Some("state_dict"),
-    Some("model"),
-    Some("model_state_dict"),
-];
+/// The keys a state dict is looked for under, before the file's top level.
+const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model", "model_state_dict"];
 
 /// Whether `bytes` start as a zip archive does, as `torch.save`'s files do.
 pub(crate) fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK\x03\x04")
 }
+
+/// Whether `bytes` start as a pickle does: `torch.save` before PyTorch 1.6, or with
+/// `_use_new_zipfile_serialization=False`.
+pub(crate) fn is_legacy_torch(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&0x80)
+}
+
+/// A state dict's entry: where its tensor lies, or why it cannot be read.
+type Entry = std::result::Result<TensorInfo, String>;
 
 /// The tensors of the PyTorch file at `path` that `select` keeps, under the names it
 /// returns, as f32 on `device`, checked as [`crate::checkpoint::read_selected`] checks a
@@ -39,28 +46,16 @@ pub(crate) fn read_selected(
         path: path.to_path_buf(),
         message,
     };
-    let file = STATE_DICT_KEYS
-        .iter()
-        .map(|key| PthTensors::new(path, *key))
-        .find(|read| {
-            read.as_ref()
-                .is_ok_and(|file| !file.tensor_infos().is_empty())
-        })
-        .unwrap_or_else(|| PthTensors::new(path, None))
-        .map_err(|e| invalid(format!("not a readable PyTorch checkpoint: {e}")))?;
-    if file.tensor_infos().is_empty() {
-        return Err(invalid(
-            "a PyTorch file without a state dict of tensors (at its top level or under \
-             `state_dict`, `model` or `model_state_dict`); a whole pickled module cannot be \
-             read: save its `state_dict()`"
-                .into(),
-        ));
-    }
-    let mut names: Vec<&String> = file.tensor_infos().keys().collect();
-    names.sort();
+    let mut zip = File::open(path)
+        .map_err(|e| ModelError::io(path, e))
+        .and_then(|file| {
+            zip::ZipArchive::new(BufReader::new(file))
+                .map_err(|e| invalid(format!("not a readable PyTorch checkpoint: {e}")))
+        })?;
+    let entries = state_dict(&mut zip).map_err(invalid)?;
     let mut tensors = BTreeMap::new();
-    for name in names {
-        let Some(kept) = select(name) else {
+    for (name, entry) in entries {
+        let Some(kept) = select(&name) else {
             continue;
         };
         if tensors.contains_key(&kept) {
@@ -68,22 +63,146 @@ pub(crate) fn read_selected(
                 "two tensors, one of them `{name}`, would both load as `{kept}`"
             )));
         }
-        let dtype = file.tensor_infos()[name].dtype;
-        let float = matches!(dtype, DType::F16 | DType::BF16 | DType::F64);
-        if dtype != DType::F32 && !(floats == Floats::AnyToF32 && float) {
+        let info = entry.map_err(|cause| invalid(format!("tensor `{name}`: {cause}")))?;
+        let float = matches!(info.dtype, DType::F16 | DType::BF16 | DType::F64);
+        if info.dtype != DType::F32 && !(floats == Floats::AnyToF32 && float) {
             return Err(ModelError::DType {
                 path: path.to_path_buf(),
-                name: name.clone(),
-                found: format!("{dtype:?}"),
+                name,
+                found: format!("{:?}", info.dtype),
             });
         }
-        let loaded = file.get(name).and_then(|tensor| {
-            tensor.ok_or_else(|| candle_core::Error::Msg("listed but not stored".into()))
-        });
-        let tensor = checked_f32(path, name.clone(), &kept, loaded, device)?;
-        tensors.insert(kept, tensor);
+        let loaded = gather(&mut zip, &info);
+        tensors.insert(
+            kept.clone(),
+            checked_f32(path, name, &kept, loaded, device)?,
+        );
     }
     Ok(tensors)
+}
+
+/// The entries of the file's state dict, sorted by name: the dict under one of
+/// [`STATE_DICT_KEYS`] that holds tensors, else the top level.
+fn state_dict(
+    zip: &mut zip::ZipArchive<BufReader<File>>,
+) -> std::result::Result<Vec<(String, Entry)>, String> {
+    let pickle = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i).map(str::to_owned))
+        .find(|name| name.ends_with("data.pkl"))
+        .ok_or("a zip archive without data.pkl: not a PyTorch checkpoint")?;
+    let dir = PathBuf::from(pickle.trim_end_matches(".pkl"));
+    let mut stack = Stack::empty();
+    let entry = zip.by_name(&pickle).map_err(|e| e.to_string())?;
+    stack
+        .read_loop(&mut BufReader::new(entry))
+        .map_err(|e| format!("its pickle cannot be read: {e}"))?;
+    let top = match stack.finalize().map_err(|e| e.to_string())? {
+        // A TorchScript module's attributes.
+        Object::Build { callable, args } => match *callable {
+            Object::Reduce { callable, .. }
+                if matches!(&*callable, Object::Class { module_name, class_name }
+                    if module_name == "__torch__" && class_name == "Module") =>
+            {
+                *args
+            }
+            other => Object::Build {
+                callable: Box::new(other),
+                args,
+            },
+        },
+        other => other,
+    };
+    let Object::Dict(top) = top else {
+        return Err(
+            "no state dict: the file holds no dict of tensors (a whole pickled \
+                    module cannot be read: save its state_dict())"
+                .into(),
+        );
+    };
+    let entries = |dict: Vec<(Object, Object)>| -> Vec<(String, Entry)> {
+        let mut entries: Vec<(String, Entry)> = dict
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let name = key.clone().unicode().ok()?;
+                match value.into_tensor_info(key, &dir) {
+                    Ok(Some(info)) => Some((name, Ok(info))),
+                    // Not a tensor: an epoch, a nested dict beside the weights.
+                    Ok(None) => None,
+                    Err(e) => Some((name, Err(e.to_string()))),
+                }
+            })
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries
+    };
+    let nested = STATE_DICT_KEYS.iter().find_map(|key| {
+        top.iter().find_map(|(k, v)| match (k, v) {
+            (Object::Unicode(k), Object::Dict(dict)) if k == key => {
+                let found = entries(dict.clone());
+                (!found.is_empty()).then_some(found)
+            }
+            _ => None,
+        })
+    });
+    let found = nested.unwrap_or_else(|| entries(top));
+    if found.is_empty() {
+        return Err(format!(
+            "no state dict of tensors, at its top level or under {}",
+            STATE_DICT_KEYS.map(|k| format!("`{k}`")).join(", ")
+        ));
+    }
+    Ok(found)
+}
+
+/// The tensor `info` describes, its elements gathered from its storage in the archive by
+/// its shape, strides and offset, on the CPU.
+fn gather(
+    zip: &mut zip::ZipArchive<BufReader<File>>,
+    info: &TensorInfo,
+) -> candle_core::Result<Tensor> {
+    let mut bytes = Vec::new();
+    zip.by_name(&info.path)
+        .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?
+        .read_to_end(&mut bytes)?;
+    let size = info.dtype.size_in_bytes();
+    let elements = bytes.len() / size;
+    let storage = Tensor::from_raw_buffer(
+        &bytes[..elements * size],
+        info.dtype,
+        &[elements],
+        &Device::Cpu,
+    )?
+    .to_dtype(DType::F32)?
+    .to_vec1::<f32>()?;
+    let layout = &info.layout;
+    // candle's reader gives the offset in bytes; the strides are in elements.
+    let offset = layout.start_offset() / size;
+    let dims = layout.dims();
+    let count: usize = dims.iter().product();
+    let mut values = Vec::with_capacity(count);
+    let mut index = vec![0usize; dims.len()];
+    for _ in 0..count {
+        let at = offset
+            + index
+                .iter()
+                .zip(layout.stride())
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
+        let value = storage.get(at).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "element {at} lies past its storage of {elements} elements"
+            ))
+        })?;
+        values.push(*value);
+        for axis in (0..dims.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < dims[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Tensor::from_vec(values, dims, &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -92,7 +211,7 @@ mod tests {
     use crate::checkpoint::read_selected as read_any;
 
     /// Written by tools/reference/torch_file_fixture.py with PyTorch.
-    fn fixture() -> std::path::PathBuf {
+    fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-state-dict.pth")
     }
 
@@ -100,14 +219,24 @@ mod tests {
         tensor.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// The state dict under `state_dict`, its prefix removed by the caller's selection, in
-    /// f32 whatever its precision; a view reads its own elements, a transposed tensor its
-    /// logical order.
+    fn read_fixture(
+        select: impl FnMut(&str) -> Option<String>,
+        floats: Floats,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        read_any(&fixture(), &Device::Cpu, select, floats)
+    }
+
+    /// All but the named tensors, under their own names.
+    fn all_but(dropped: &'static [&'static str]) -> impl FnMut(&str) -> Option<String> {
+        move |name| (!dropped.contains(&name)).then(|| name.to_string())
+    }
+
+    /// The state dict under `state_dict` (not the tensor beside it), its prefix removed by
+    /// the caller's selection, in f32 whatever its precision; a view reads its own elements,
+    /// and transposed, channels-last and strided tensors their logical order.
     #[test]
     fn a_torch_save_state_dict_reads_as_f32_tensors() {
-        let read = read_any(
-            &fixture(),
-            &Device::Cpu,
+        let read = read_fixture(
             |name| {
                 let name = name.strip_prefix("module.")?;
                 (!name.ends_with("num_batches_tracked")).then(|| name.to_string())
@@ -118,7 +247,14 @@ mod tests {
         let names: Vec<&str> = read.keys().map(String::as_str).collect();
         assert_eq!(
             names,
-            ["bn.running_var", "conv.weight", "offset", "transposed"]
+            [
+                "bn.running_var",
+                "channels_last",
+                "conv.weight",
+                "offset",
+                "strided",
+                "transposed"
+            ]
         );
         let conv = &read["conv.weight"];
         assert_eq!(conv.dims(), [2, 3, 4]);
@@ -131,73 +267,65 @@ mod tests {
         let transposed = &read["transposed"];
         assert_eq!(transposed.dims(), [3, 2]);
         assert_eq!(values(transposed), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let channels_last = &read["channels_last"];
+        assert_eq!(channels_last.dims(), [1, 4, 2, 2]);
+        assert_eq!(
+            values(channels_last),
+            (0..16).map(|v| v as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(values(&read["strided"]), [0.0, 3.0, 6.0, 9.0]);
         assert!(read.values().all(|t| t.dtype() == DType::F32));
     }
 
-    /// Checkpoints hold f32 only: the f16 tensor is refused by name; the integer counter,
-    /// dropped by the selection, is never read.
+    /// Checkpoints hold f32 only: the f16 tensor is refused by name. Tensors that are kept
+    /// are checked: the integer counter by its dtype, the bool tensor (which candle cannot
+    /// read) by its storage type, two names that become one; dropped ones are never read.
     #[test]
     fn precision_and_selection_are_checked_as_for_safetensors() {
-        let err = read_any(
-            &fixture(),
-            &Device::Cpu,
-            |name| (!name.ends_with("num_batches_tracked")).then(|| name.to_string()),
-            Floats::F32Only,
-        )
-        .unwrap_err()
-        .to_string();
+        const COUNTER: &str = "module.bn.num_batches_tracked";
+        fn refusal(select: impl FnMut(&str) -> Option<String>, floats: Floats) -> String {
+            read_fixture(select, floats).unwrap_err().to_string()
+        }
+        let err = refusal(all_but(&["flag", COUNTER]), Floats::F32Only);
         assert!(err.contains("module.bn.running_var"), "{err}");
-        let err = read_any(
-            &fixture(),
-            &Device::Cpu,
-            |name| (!name.ends_with("num_batches_tracked")).then(|| "same".to_string()),
-            Floats::AnyToF32,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refusal(all_but(&["flag"]), Floats::AnyToF32);
+        assert!(err.contains(COUNTER), "{err}");
+        let err = refusal(all_but(&[COUNTER]), Floats::AnyToF32);
+        assert!(
+            err.contains("tensor `flag`") && err.contains("BoolStorage"),
+            "{err}"
+        );
+        let same = |name: &str| {
+            (name.starts_with("module.conv") || name.starts_with("module.offset"))
+                .then(|| "same".to_string())
+        };
+        let err = refusal(same, Floats::AnyToF32);
         assert!(err.contains("would both load as `same`"), "{err}");
-        // Not dropped, the integer counter is refused by its dtype.
-        let err = read_any(
-            &fixture(),
-            &Device::Cpu,
-            |n| Some(n.into()),
-            Floats::AnyToF32,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("module.bn.num_batches_tracked"), "{err}");
     }
 
     #[test]
     fn files_that_are_not_state_dicts_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let empty_zip = dir.path().join("empty.pth");
-        // A zip archive's end record alone: an archive of no files.
-        let mut end = b"PK\x05\x06".to_vec();
-        end.extend([0u8; 18]);
-        std::fs::write(&empty_zip, b"PK\x03\x04").unwrap();
-        let err = read_any(
-            &empty_zip,
-            &Device::Cpu,
-            |n| Some(n.into()),
-            Floats::AnyToF32,
-        )
-        .unwrap_err()
-        .to_string();
+        let read = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let err = read_any(&path, &Device::Cpu, |n| Some(n.into()), Floats::AnyToF32)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            err
+        };
+        let err = read("cut.pth", b"PK\x03\x04");
         assert!(err.contains("not a readable PyTorch checkpoint"), "{err}");
-        let no_files = dir.path().join("no-files.pth");
-        std::fs::write(&no_files, [b"PK\x03\x04".as_slice(), &end].concat()).unwrap();
-        let err = read_any(
-            &no_files,
-            &Device::Cpu,
-            |n| Some(n.into()),
-            Floats::AnyToF32,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains(&no_files.display().to_string()) && err.contains("without a state dict"),
-            "{err}"
-        );
+        // A zip archive's end record alone: an archive of no files.
+        let mut no_files = b"PK\x03\x04PK\x05\x06".to_vec();
+        no_files.extend([0u8; 18]);
+        let err = read("no-files.pth", &no_files);
+        assert!(err.contains("without data.pkl"), "{err}");
+        // torch.save's format before PyTorch 1.6: a pickle, protocol 2.
+        let err = read("legacy.pth", b"\x80\x02\x8a\x0alz\xfc\x9cF\xf9 j\xa8P\x19.");
+        assert!(err.contains("PyTorch's format before 1.6"), "{err}");
+        let err = read("empty.pth", b"");
+        assert!(err.contains("the file is empty"), "{err}");
     }
 }

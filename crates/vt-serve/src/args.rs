@@ -111,6 +111,7 @@ pub struct ServeArgs {
         env = "VT_SERVE_API_KEY",
         hide_env_values = true,
         value_name = "KEY",
+        allow_hyphen_values = true,
         conflicts_with = "api_key_file"
     )]
     pub api_key: Option<GivenKey>,
@@ -337,6 +338,21 @@ mod tests {
         assert!(free.validate().is_ok());
         assert!(parse(&["--queue", "65536"]).is_ok());
         assert!(parse(&["--queue", "65537"]).is_err());
+    }
+
+    /// A key may start with `-` (as `secrets.token_urlsafe` keys do) without being read as
+    /// a flag, which clap would refuse quoting it.
+    #[test]
+    fn api_keys_may_start_with_a_dash() {
+        let cli = Cli::try_parse_from(["vt-serve", "--checkpoint", "c", "--api-key", "--Xs3cret"])
+            .unwrap();
+        let key = cli.args.api_key().unwrap().unwrap();
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer --Xs3cret"),
+        );
+        assert!(key.admits(&headers));
     }
 
     #[test]

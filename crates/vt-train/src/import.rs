@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use candle_core::Device;
 use vt_model::Model;
 
-use crate::error::{Result, ResultExt, TrainError};
-use crate::init::{check_out_dir, write_checkpoint, ModelArgs};
+use crate::error::{Result, ResultExt};
+use crate::init::{check_class_names, check_out_dir, write_checkpoint, ModelArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
@@ -22,7 +22,7 @@ pub struct ImportArgs {
     pub model: ModelArgs,
     /// Comma-separated class names, in the order of the head's outputs (torchvision's
     /// ImageFolder sorts the folder names: buildings,forest,glacier,mountain,sea,street for
-    /// the Intel photos).
+    /// the Intel photos). --heads too must be the model's: no weight's shape shows it.
     #[arg(long, value_delimiter = ',', required = true)]
     pub class_names: Vec<String>,
     /// Output checkpoint folder.
@@ -35,11 +35,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: &ImportArgs) -> Result<()> {
-    if let Some(name) = args.class_names.iter().find(|n| n.trim().is_empty()) {
-        return Err(TrainError::Config(format!(
-            "--class-names has an empty name ({name:?}): give one name per class"
-        )));
-    }
+    check_class_names(&args.class_names)?;
     check_out_dir(&args.out, args.force)?;
     let config = args.model.config(args.class_names.clone());
     let model = Model::import(config, &args.weights, &Device::Cpu).with_context(|| {

@@ -81,7 +81,10 @@ pub fn run(args: &InitArgs) -> Result<()> {
                 names.len()
             )))
         }
-        (Some(names), _) => names.clone(),
+        (Some(names), _) => {
+            check_class_names(names)?;
+            names.clone()
+        }
         (None, Some(n)) => (0..n).map(|i| format!("class{i}")).collect(),
         (None, None) => {
             return Err(TrainError::Config(
@@ -98,6 +101,21 @@ pub fn run(args: &InitArgs) -> Result<()> {
         eprintln!("loaded {loaded} stem tensors from {spec}");
     }
     write_checkpoint(&model, &args.out)
+}
+
+/// Refuses a `--class-names` entry with white space at an end, as `fetch-data` refuses
+/// such class folders: a label `" forest"` would never match the data's `forest` (empty
+/// and repeated names are the model config's to refuse).
+pub fn check_class_names(names: &[String]) -> Result<()> {
+    match names
+        .iter()
+        .find(|name| name.trim() != name.as_str() && !name.trim().is_empty())
+    {
+        Some(name) => Err(TrainError::Config(format!(
+            "--class-names {name:?} starts or ends with white space: leave it out"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Saves `model` to `out` and says so, with what it is.

@@ -122,6 +122,15 @@ fn a_prefixed_f16_state_dict_imports_and_a_mismatch_is_named() {
     let err = refused("renamed", &|n| Some(n.replace("tokenizer", "tok")), CLASSES);
     assert!(err.contains("tokenizer"), "{err}");
     assert!(!tmp.path().join("missing").exists());
+    let err = run_err(&mut import(
+        &weights,
+        &tmp.path().join("spaced"),
+        "buildings, forest,c",
+    ));
+    assert!(
+        err.contains("\" forest\" starts or ends with white space"),
+        "{err}"
+    );
 }
 
 /// The interpreter of `VT_TORCH_PYTHON` (default `python3`) when it has torch and
