@@ -86,6 +86,41 @@ impl Model {
             },
             Floats::AnyToF32,
         )?;
+        let expected = expected_shapes(&model.config)?;
+        let missing: Vec<&String> = expected
+            .keys()
+            .filter(|n| !tensors.contains_key(*n))
+            .collect();
+        let extra: Vec<&String> = tensors
+            .keys()
+            .filter(|n| !expected.contains_key(*n))
+            .collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            // Both sides, a few names each: a model named otherwise shows how at once.
+            let some = |names: &[&String]| {
+                let shown: Vec<String> = names.iter().take(3).map(|n| format!("`{n}`")).collect();
+                match names.len() {
+                    n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
+                    _ => shown.join(", "),
+                }
+            };
+            let mut parts = Vec::new();
+            if !missing.is_empty() {
+                parts.push(format!("missing {}", some(&missing)));
+            }
+            if !extra.is_empty() {
+                parts.push(format!("not the model's {}", some(&extra)));
+            }
+            return Err(ModelError::Invalid {
+                path: path.to_path_buf(),
+                message: format!(
+                    "its tensors are not the model contract's: {} (of {} tensors, {} expected)",
+                    parts.join("; "),
+                    tensors.len(),
+                    expected.len()
+                ),
+            });
+        }
         checkpoint::assign_strict(path, &model.varmap, &tensors, |_| true)?;
         Ok(model)
     }

@@ -120,7 +120,12 @@ fn a_prefixed_f16_state_dict_imports_and_a_mismatch_is_named() {
         "{err}"
     );
     let err = refused("renamed", &|n| Some(n.replace("tokenizer", "tok")), CLASSES);
-    assert!(err.contains("tokenizer"), "{err}");
+    assert!(
+        err.contains("missing `vt.0.tokenizer.")
+            && err.contains("not the model's `vt.0.tok.")
+            && err.contains("more"),
+        "{err}"
+    );
     assert!(!tmp.path().join("missing").exists());
     let err = run_err(&mut import(
         &weights,
