@@ -261,34 +261,6 @@ logits.astype("<f4").tofile(f"{folder}/logits.f32")
 probs.astype("<f4").tofile(f"{folder}/probabilities.f32")
 "#;
 
-/// The interpreter of `VT_ONNX_PYTHON` (default `python3`) when it has onnxruntime and
-/// numpy; otherwise says why the test is skipped, or fails when `VT_ONNX_PYTHON` named it.
-fn python_with_onnxruntime() -> Option<String> {
-    let named = std::env::var("VT_ONNX_PYTHON").ok();
-    let python = named.clone().unwrap_or_else(|| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import onnxruntime, numpy"])
-        .output();
-    let reason = match probe {
-        Ok(out) if out.status.success() => return Some(python),
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("the import failed")
-            .to_string(),
-        Err(e) => format!("cannot run it: {e}"),
-    };
-    assert!(
-        named.is_none(),
-        "VT_ONNX_PYTHON={python} cannot import onnxruntime and numpy ({reason})"
-    );
-    eprintln!(
-        "skipping: `{python}` cannot import onnxruntime and numpy ({reason}); \
-         pip install onnxruntime numpy, or set VT_ONNX_PYTHON to a Python that has them"
-    );
-    None
-}
-
 fn read_f32(path: &Path) -> Vec<f32> {
     fs::read(path)
         .unwrap()
@@ -299,7 +271,7 @@ fn read_f32(path: &Path) -> Vec<f32> {
 
 #[test]
 fn onnx_runtime_computes_vts_logits_and_probabilities() {
-    let Some(python) = python_with_onnxruntime() else {
+    let Some(python) = python_with("VT_ONNX_PYTHON", "onnxruntime, numpy") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

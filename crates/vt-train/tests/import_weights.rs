@@ -138,34 +138,6 @@ fn a_prefixed_f16_state_dict_imports_and_a_mismatch_is_named() {
     );
 }
 
-/// The interpreter of `VT_TORCH_PYTHON` (default `python3`) when it has torch and
-/// safetensors; otherwise says why the test is skipped, or fails when the variable named it.
-fn python_with_torch() -> Option<String> {
-    let named = std::env::var("VT_TORCH_PYTHON").ok();
-    let python = named.clone().unwrap_or_else(|| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import torch, safetensors"])
-        .output();
-    let reason = match probe {
-        Ok(out) if out.status.success() => return Some(python),
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("the import failed")
-            .to_string(),
-        Err(e) => format!("cannot run it: {e}"),
-    };
-    assert!(
-        named.is_none(),
-        "VT_TORCH_PYTHON={python} cannot import torch and safetensors ({reason})"
-    );
-    eprintln!(
-        "skipping: `{python}` cannot import torch and safetensors ({reason}); set \
-         VT_TORCH_PYTHON to a Python that has them"
-    );
-    None
-}
-
 /// PyTorch's reference model, randomly initialised, saved both with `torch.save` as a
 /// training script does (wrapped by DataParallel, beside its epoch) and as a checkpoint by
 /// the reference's own writer.
@@ -185,7 +157,7 @@ vt.save_checkpoint(model.module, f"{out}/reference")
 
 #[test]
 fn a_model_saved_by_pytorch_imports_as_its_reference_checkpoint() {
-    let Some(python) = python_with_torch() else {
+    let Some(python) = python_with("VT_TORCH_PYTHON", "torch, safetensors") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

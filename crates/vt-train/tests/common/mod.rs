@@ -237,3 +237,32 @@ pub fn epoch_folders(epochs: &[usize]) -> Vec<String> {
     names.sort();
     names
 }
+
+/// The interpreter that `variable` names (default `python3`) when it can import `modules`
+/// (as `import torch, safetensors`); otherwise says why the test is skipped, or fails when
+/// `variable` named it.
+pub fn python_with(variable: &str, modules: &str) -> Option<String> {
+    let named = std::env::var(variable).ok();
+    let python = named.clone().unwrap_or_else(|| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    let reason = match probe {
+        Ok(out) if out.status.success() => return Some(python),
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("the import failed")
+            .to_string(),
+        Err(e) => format!("cannot run it: {e}"),
+    };
+    assert!(
+        named.is_none(),
+        "{variable}={python} cannot import {modules} ({reason})"
+    );
+    eprintln!(
+        "skipping: `{python}` cannot import {modules} ({reason}); pip install them, or set \
+         {variable} to a Python that has them"
+    );
+    None
+}
