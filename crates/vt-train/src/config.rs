@@ -1263,6 +1263,26 @@ mod tests {
     }
 
     /// Boolean flags read 1/0, on/off and yes/no too, as vt-serve's environment does.
+    /// Each recipe's config as a run folder written before the options `keys` existed holds
+    /// it (`keys` left out), beside the config resolved now.
+    fn written_before(keys: &[&str]) -> Vec<(TrainConfig, TrainConfig)> {
+        [Recipe::Seed, Recipe::Modern]
+            .into_iter()
+            .map(|recipe| {
+                let current = TrainConfig::resolve(&TrainOptions {
+                    recipe: Some(recipe),
+                    ..Default::default()
+                })
+                .unwrap();
+                let mut older = serde_json::to_value(&current).unwrap();
+                for key in keys {
+                    older.as_object_mut().unwrap().remove(*key);
+                }
+                (serde_json::from_value(older).unwrap(), current)
+            })
+            .collect()
+    }
+
     /// The training options alone on a command line.
     #[derive(Parser)]
     struct Cli {
@@ -1379,17 +1399,9 @@ mod tests {
         let saved = chosen.to_toml().unwrap();
         let reread: TrainOptions = toml::from_str(&saved).unwrap();
         assert_eq!(TrainConfig::resolve(&reread).unwrap(), chosen);
-        for recipe in [Recipe::Seed, Recipe::Modern] {
-            let current = TrainConfig::resolve(&TrainOptions {
-                recipe: Some(recipe),
-                ..Default::default()
-            })
-            .unwrap();
-            let mut older = serde_json::to_value(&current).unwrap();
-            for key in ["scale", "ratio", "rotation", "hflip", "color-jitter"] {
-                older.as_object_mut().unwrap().remove(key);
-            }
-            let older: TrainConfig = serde_json::from_value(older).unwrap();
+        for (older, current) in
+            written_before(&["scale", "ratio", "rotation", "hflip", "color-jitter"])
+        {
             assert_eq!(older.augment(norm), current.augment(norm));
         }
         for (text, refusal) in [
@@ -1502,17 +1514,9 @@ mod tests {
             assert!(err.contains(refusal), "{text}: {err}");
         }
         // A training state written before the options existed: the recipe's.
-        for recipe in [Recipe::Seed, Recipe::Modern] {
-            let current = TrainConfig::resolve(&TrainOptions {
-                recipe: Some(recipe),
-                ..Default::default()
-            })
-            .unwrap();
-            let mut older = serde_json::to_value(&current).unwrap();
-            for key in ["opt", "momentum", "sched", "decay-epochs", "decay-rate"] {
-                older.as_object_mut().unwrap().remove(key);
-            }
-            let older: TrainConfig = serde_json::from_value(older).unwrap();
+        for (older, current) in
+            written_before(&["opt", "momentum", "sched", "decay-epochs", "decay-rate"])
+        {
             assert_eq!(
                 (older.method(), older.decay()),
                 (current.method(), current.decay())
