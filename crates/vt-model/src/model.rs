@@ -114,9 +114,11 @@ impl Model {
             return Err(ModelError::Invalid {
                 path: path.to_path_buf(),
                 message: format!(
-                    "its tensors are not the model contract's: {} (of {} tensors, {} expected)",
+                    "its tensors are not the model contract's: {} (the file holds {} tensor{}, \
+                     the model has {})",
                     parts.join("; "),
                     tensors.len(),
+                    if tensors.len() == 1 { "" } else { "s" },
                     expected.len()
                 ),
             });

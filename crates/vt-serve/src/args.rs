@@ -214,10 +214,22 @@ impl ServeArgs {
                     cause,
                 });
         }
-        self.api_key
-            .as_ref()
-            .map(|GivenKey(key)| ApiKey::parse(key).map_err(ArgsError::ApiKey))
-            .transpose()
+        let Some(GivenKey(key)) = &self.api_key else {
+            return Ok(None);
+        };
+        // A key may start with `-`; one that reads as a flag of the server is a missing key
+        // whose next flag was taken for it.
+        let flag = key
+            .strip_prefix("--")
+            .map(|f| f.split('=').next().unwrap_or(f));
+        let args = <ServeArgs as clap::Args>::augment_args(clap::Command::new("vt-serve"));
+        let known = |flag: &&str| args.get_arguments().any(|a| a.get_long() == Some(*flag));
+        if let Some(flag) = flag.filter(known) {
+            return Err(ArgsError::ApiKey(format!(
+                "its value is the flag --{flag}: give the key after --api-key"
+            )));
+        }
+        ApiKey::parse(key).map(Some).map_err(ArgsError::ApiKey)
     }
 
     /// Checks what clap checks of no single option.
@@ -353,6 +365,19 @@ mod tests {
             HeaderValue::from_static("Bearer --Xs3cret"),
         );
         assert!(key.admits(&headers));
+        // A key left out, the next flag taken for it: refused, naming the flag.
+        for taken in ["--max-batch=4", "--port"] {
+            let line = ["vt-serve", "--checkpoint", "c", "--api-key", taken];
+            let err = Cli::try_parse_from(line)
+                .unwrap()
+                .args
+                .api_key()
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("its value is the flag --"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

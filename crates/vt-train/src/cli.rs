@@ -123,7 +123,8 @@ pub enum Command {
         tensors are named as the contract names them, after prefixes such as `module.` \
         (DataParallel) or `_orig_mod.` (torch.compile); `num_batches_tracked` is ignored. \
         Every tensor the model has must be there with its shape, and nothing else: the \
-        error names the first that is not. Give the model's shape (--arch, --image-size, \
+        error lists a few names missing and a few foreign ones, with their counts, or names \
+        the tensor of the wrong shape or dtype. Give the model's shape (--arch, --image-size, \
         --tokens, --token-channels, --heads) and its classes in the order of its outputs."
     )]
     Import(ImportArgs),
