@@ -68,12 +68,6 @@ impl BasicBlock {
     }
 }
 
-impl ModuleT for BasicBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_dropped(x, train, None)
-    }
-}
-
 /// conv1 (7x7/2) - bn1 - ReLU - max-pool (3x3/2, pad 1) - layer1 - layer2 - layer3.
 #[derive(Debug, Clone)]
 pub struct Stem {

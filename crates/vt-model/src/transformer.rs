@@ -60,9 +60,3 @@ impl Transformer {
         t + scaled(ffn, drops[1].as_ref())?
     }
 }
-
-impl Module for Transformer {
-    fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        self.forward_dropped(t, &[None, None])
-    }
-}
