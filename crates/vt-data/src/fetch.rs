@@ -62,6 +62,11 @@ pub fn default_download_dir(data_dir: &Path) -> PathBuf {
 /// Imports the data set into `opts.data_dir`, replacing an earlier import only once the new
 /// one is complete.
 pub fn fetch(opts: &FetchOptions) -> Result<Manifest> {
+    // `x/.` is `x`, whose parent is the import's (renaming `x/.` itself fails).
+    let opts = &FetchOptions {
+        data_dir: opts.data_dir.components().collect(),
+        ..opts.clone()
+    };
     let (kind, origin) = describe(&opts.source);
     // First, so that overlap is what the error names, not the data directory's contents.
     match &opts.source {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
@@ -16,7 +16,7 @@ use crate::dataset::{
 };
 use crate::decode;
 use crate::error::{DataError, Result};
-use crate::layout::{self, Placement, Role};
+use crate::layout::{self, Role};
 use crate::split;
 
 /// Images are verified and written in chunks of this many, in parallel.
@@ -111,6 +111,8 @@ impl Importer {
         check_replaceable(&target)?;
         let staging = sibling(&target, "incoming")?;
         remove_if_exists(&staging)?;
+        // What a crash while deleting a previous import left.
+        remove_if_exists(&sibling(&target, "deleting")?)?;
         fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
         Ok(Importer {
             data_dir: target,
@@ -318,12 +320,10 @@ impl Importer {
         // torchvision's ImageFolder refuses a class without images too: the class was meant
         // to be learnt, and its files are all unusable (skipped, with the reasons).
         if !empty.is_empty() {
-            let in_empty = |s: &&SkippedEntry| match layout::place(&s.path) {
-                Placement::Image {
-                    role: Role::Train(class),
-                    ..
-                } => empty.contains(&class.as_str()),
-                _ => false,
+            // A file or folder in the class's folder.
+            let in_empty = |s: &&SkippedEntry| {
+                layout::train_class_of_folder(&s.path)
+                    .is_some_and(|class| empty.contains(&class.as_str()))
             };
             return Err(DataError::Layout(format!(
                 "training class(es) {} in {} have no usable images{}; fix or remove their \
@@ -544,7 +544,8 @@ impl Drop for Importer {
 pub(crate) fn sibling(data_dir: &Path, tag: &str) -> Result<PathBuf> {
     let name = data_dir.file_name().ok_or_else(|| {
         DataError::Invalid(format!(
-            "{}: not a usable data directory",
+            "data folder {}: name it by its own name (as ../intel), not by `.` or `..`: an \
+             import is built beside the folder and renamed into its place",
             data_dir.display()
         ))
     })?;
@@ -864,7 +865,7 @@ fn list_entries(dir: &Path) -> Result<Vec<(String, bool)>> {
             .file_name()
             .to_string_lossy()
             .into_owned();
-        if !OS_METADATA.contains(&name.as_str()) && !name.starts_with("._") {
+        if !is_os_metadata(dir, &name) {
             let is_dir = dir.join(&name).is_dir();
             listed.push((name, is_dir));
         }
@@ -873,16 +874,34 @@ fn list_entries(dir: &Path) -> Result<Vec<(String, bool)>> {
     Ok(listed)
 }
 
-/// The files that file managers leave in the folders they show (macOS's Finder, Windows'
-/// Explorer; macOS's `._NAME` beside files on other file systems): no user's work.
-const OS_METADATA: [&str; 3] = [".DS_Store", "Thumbs.db", "desktop.ini"];
+/// Whether `name` in `dir` is a file that file managers leave in the folders they show
+/// (macOS's Finder, Windows' Explorer; macOS's `._NAME` beside files on other file
+/// systems): no user's work. Known by its name and its format's first bytes, so that a
+/// folder or a user's own file of such a name is not taken for one.
+fn is_os_metadata(dir: &Path, name: &str) -> bool {
+    let magic: &[u8] = match name {
+        ".DS_Store" => b"\0\0\0\x01Bud1",
+        // An OLE compound file.
+        "Thumbs.db" => b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+        // Explorer's folder settings, plain text.
+        "desktop.ini" => b"",
+        // AppleDouble.
+        _ if name.starts_with("._") => b"\0\x05\x16\x07",
+        _ => return false,
+    };
+    let path = dir.join(name);
+    let mut start = vec![0; magic.len()];
+    fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file())
+        && File::open(&path).is_ok_and(|mut file| file.read_exact(&mut start).is_ok())
+        && start == magic
+}
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
 /// Between the two renames `data_dir` is briefly absent, never half-written; a crash there
 /// leaves the previous import aside, which [`restore_interrupted_swap`] puts back.
 fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
     let old = sibling(data_dir, "old")?;
-    remove_if_exists(&old)?;
+    discard(&old, data_dir)?;
     let had_old = data_dir.exists();
     if had_old {
         fs::rename(data_dir, &old).map_err(|e| DataError::io(data_dir, e))?;
@@ -905,9 +924,22 @@ fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<()> {
     let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty());
     sync_folder(parent.unwrap_or(Path::new(".")))?;
     if had_old {
-        remove_if_exists(&old)?;
+        discard(&old, data_dir)?;
     }
     Ok(())
+}
+
+/// Deletes the previous import `old` of `data_dir`. Renamed away first: a crash while
+/// deleting leaves a partial copy under a name that [`restore_interrupted_swap`] never puts
+/// back (and the next import removes), not at `old`, where it would pass for the whole.
+fn discard(old: &Path, data_dir: &Path) -> Result<()> {
+    let doomed = sibling(data_dir, "deleting")?;
+    remove_if_exists(&doomed)?;
+    match fs::rename(old, &doomed) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        renamed => renamed.map_err(|e| DataError::io(old, e))?,
+    }
+    remove_if_exists(&doomed)
 }
 
 /// A crash between the two renames of [`swap_into_place`] leaves the previous import at
@@ -1016,7 +1048,8 @@ fn sanitize_stem(name: &str) -> String {
         c if c.is_ascii() => {
             c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '(' | ')')
         }
-        c => !c.is_control() && !c.is_whitespace(),
+        // U+FFFD stands for bytes that are not UTF-8: two names could read the same.
+        c => !c.is_control() && !c.is_whitespace() && c != char::REPLACEMENT_CHARACTER,
     };
     let clean: String = stem
         .chars()

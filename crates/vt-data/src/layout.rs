@@ -49,7 +49,7 @@ pub fn place(rel: &str) -> Placement {
     // `.` is the current folder (bsdtar and Windows zips start entries with `./`); other
     // names starting with a dot are hidden files, ignored below.
     let parts: Vec<&str> = rel
-        .split(['/', '\\'])
+        .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
     // Before the hidden files, which `..` would pass for: an archive's entry that climbs

@@ -218,6 +218,35 @@ fn an_import_interrupted_between_its_renames_is_put_back() {
     fs::rename(&data, &aside).unwrap();
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
     assert_eq!(sorted_names(tmp.path()), [".data.lock", "data", "empty"]);
+
+    // A crash while deleting the previous import leaves part of it, manifest included,
+    // under another name: never put back as the data, even with none there, and removed.
+    let partial = tmp.path().join(".data.deleting");
+    fs::rename(&data, &partial).unwrap();
+    fs::remove_dir_all(partial.join("test")).unwrap();
+    let err = fetch(&from_path(&data, &empty)).unwrap_err().to_string();
+    assert!(err.contains("no usable training images"), "{err}");
+    assert!(!data.exists() && !partial.exists());
+    assert_eq!(sorted_names(tmp.path()), [".data.lock", "empty"]);
+}
+
+/// The folder an import replaces needs a name of its own: the import is built beside it.
+#[test]
+fn a_data_dir_named_by_dots_is_refused_saying_why_or_read_as_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir(tmp.path().join("x")).unwrap();
+    let err = fetch(&tiny_synthetic(&tmp.path().join("x/.."), 0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("name it by its own name (as ../intel)"),
+        "{err}"
+    );
+    assert_eq!(sorted_names(tmp.path()), ["x"]);
+    // `x/.` is `x`.
+    fetch(&tiny_synthetic(&tmp.path().join("x/."), 0)).unwrap();
+    assert!(tmp.path().join("x/manifest.json").is_file());
+    assert_eq!(sorted_names(tmp.path()), [".x.lock", "x"]);
 }
 
 #[test]
@@ -387,7 +416,53 @@ fn a_link_to_a_class_folder_of_the_source_is_not_followed() {
             err.contains(&format!("\"{link}\"")) && err.contains("no usable images"),
             "{err}"
         );
+        assert!(
+            err.contains("a folder imported already as part of class \"sea\""),
+            "{err}"
+        );
     }
+}
+
+/// A class linked to a folder inside another class's linked folder: its photos are filed
+/// once, under the class that reached them first, and the manifest says why the other has
+/// none of them (an error naming the link when it has no photos at all).
+#[cfg(unix)]
+#[test]
+fn a_link_into_another_classs_linked_folder_is_listed_as_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("seg_train/forest/f.jpg"), &jpeg(1));
+    write(&tmp.path().join("seapics/s.jpg"), &jpeg(2));
+    write(&tmp.path().join("seapics/more/m.jpg"), &jpeg(3));
+    std::os::unix::fs::symlink(tmp.path().join("seapics"), src.join("seg_train/sea")).unwrap();
+    let street = src.join("seg_train/street");
+    std::os::unix::fs::symlink(tmp.path().join("seapics/more"), &street).unwrap();
+    let err = fetch(&from_path(&tmp.path().join("data"), &src))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"street\"")
+            && err.contains("seg_train/street (a link to")
+            && err.contains("imported already as part of class \"sea\""),
+        "{err}"
+    );
+    // With photos of its own, the class is imported with them; the link is listed.
+    fs::remove_file(&street).unwrap();
+    write(&street.join("own.jpg"), &jpeg(4));
+    std::os::unix::fs::symlink(tmp.path().join("seapics/more"), street.join("more")).unwrap();
+    let mut opts = from_path(&tmp.path().join("data"), &src);
+    opts.val_fraction = 0.0;
+    let m = fetch(&opts).unwrap();
+    assert_eq!(m.splits.train["sea"], 2, "{:?}", m.splits);
+    assert_eq!(m.splits.train["street"], 1, "{:?}", m.splits);
+    assert!(
+        m.skipped
+            .iter()
+            .any(|s| s.path == "seg_train/street/more"
+                && s.reason.contains("as part of class \"sea\"")),
+        "{:?}",
+        m.skipped
+    );
 }
 
 #[test]
@@ -482,8 +557,12 @@ fn only_an_earlier_import_is_replaced() {
     assert!(data.join("runs/r1/config.toml").is_file());
     fs::remove_dir_all(data.join("runs")).unwrap();
     fs::remove_file(data.join("notes.txt")).unwrap();
-    for clutter in [".DS_Store", "Thumbs.db", "._manifest.json"] {
-        write(&data.join(clutter), b"file manager");
+    for (clutter, bytes) in [
+        (".DS_Store", &b"\0\0\0\x01Bud1"[..]),
+        ("Thumbs.db", &b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"[..]),
+        ("._manifest.json", &b"\0\x05\x16\x07"[..]),
+    ] {
+        write(&data.join(clutter), bytes);
     }
 
     // A real earlier import is replaced.
@@ -599,6 +678,26 @@ fn what_was_added_inside_an_import_is_not_replaced() {
     for i in 0..12 {
         fs::remove_file(data.join(format!("pred/mine-{i:02}.jpg"))).unwrap();
     }
+    // What file managers leave is no one's work; a user's files and folders of their names
+    // are, known by their contents.
+    let users = [
+        "Thumbs.db/thesis.tex".to_string(),
+        format!("train/{class}/.DS_Store/notes.txt"),
+        format!("val/{class}/._mywork"),
+    ];
+    for path in &users {
+        write(&data.join(path), b"precious");
+    }
+    let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
+    for path in &users {
+        let named = path
+            .trim_end_matches("/thesis.tex")
+            .trim_end_matches("/notes.txt");
+        assert!(err.contains(named), "{named}: {err}");
+        fs::remove_file(data.join(path)).unwrap();
+    }
+    fs::remove_dir(data.join("Thumbs.db")).unwrap();
+    fs::remove_dir(data.join(format!("train/{class}/.DS_Store"))).unwrap();
     // An import by a version that listed no files: more files than it wrote are noticed.
     fs::remove_file(data.join(".imported-files")).unwrap();
     write(&theirs, &jpeg(201));
@@ -610,10 +709,24 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         "{err}"
     );
     fs::remove_file(&mine).unwrap();
-    write(
-        &data.join(format!("train/{class}/.DS_Store")),
-        b"file manager",
-    );
+    let left_by_file_managers = [
+        (
+            format!("train/{class}/.DS_Store"),
+            &b"\0\0\0\x01Bud1\0\0"[..],
+        ),
+        (
+            format!("val/{class}/._photo.jpg"),
+            &b"\0\x05\x16\x07\0\x02"[..],
+        ),
+        (
+            "Thumbs.db".to_string(),
+            &b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\0"[..],
+        ),
+        ("pred/desktop.ini".to_string(), &b"[.ShellClassInfo]"[..]),
+    ];
+    for (path, bytes) in &left_by_file_managers {
+        write(&data.join(path), bytes);
+    }
     assert_eq!(fetch(&tiny_synthetic(&data, 1)).unwrap().seed, 1);
     assert!(data.join(".imported-files").is_file());
 }
@@ -951,6 +1064,72 @@ fn names_of_any_script_are_kept_and_renamed_files_listed() {
         .to_string();
     assert!(
         err.contains(r#"class "sea " "#) && err.contains("starts or ends with white space"),
+        "{err}"
+    );
+}
+
+/// File names that are not UTF-8 (Latin-1 ones from an old archive) are renamed, each listed
+/// with its own source path: `\xNN` for the bytes that are not UTF-8.
+#[cfg(unix)]
+#[test]
+fn names_that_are_not_utf8_are_renamed_and_told_apart() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let sea = src.join("seg_train/sea");
+    for (seed, name) in [(1, &b"caf\xe9.jpg"[..]), (2, b"caf\xe8.jpg")] {
+        write(&sea.join(std::ffi::OsStr::from_bytes(name)), &jpeg(seed));
+    }
+    write(&src.join("seg_train/forest/plain.jpg"), &jpeg(3));
+    let data = tmp.path().join("data");
+    let m = fetch(&FetchOptions {
+        val_fraction: 0.0,
+        ..from_path(&data, &src)
+    })
+    .unwrap();
+    assert_eq!(
+        m.renamed,
+        [
+            ("train/sea/caf_-1.jpg", "seg_train/sea/caf\\xe9.jpg"),
+            ("train/sea/caf_.jpg", "seg_train/sea/caf\\xe8.jpg"),
+        ]
+        .map(|(to, from)| (to.to_string(), from.to_string()))
+        .into()
+    );
+    assert_eq!(fs::read(data.join("train/sea/caf_.jpg")).unwrap(), jpeg(2));
+}
+
+/// On Unix a backslash is one of a name's characters, not a folder separator: a file so named
+/// is renamed (listed with its own path), a class so named refused, not split into a class
+/// and a subfolder (and merged with a class of the first part's name).
+#[cfg(unix)]
+#[test]
+fn a_backslash_in_a_folders_names_is_no_separator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("seg_train/cats/0.jpg"), &jpeg(1));
+    write(&src.join("seg_train/cats/d\\e.jpg"), &jpeg(2));
+    write(&src.join("seg_train/sea/0.jpg"), &jpeg(3));
+    let m = fetch(&FetchOptions {
+        val_fraction: 0.0,
+        ..from_path(&tmp.path().join("data"), &src)
+    })
+    .unwrap();
+    assert_eq!(m.classes, ["cats", "sea"]);
+    assert_eq!(
+        m.renamed,
+        [(
+            "train/cats/d_e.jpg".to_string(),
+            "seg_train/cats/d\\e.jpg".to_string()
+        )]
+        .into()
+    );
+    write(&src.join("seg_train/cats\\dogs/0.jpg"), &jpeg(4));
+    let err = fetch(&from_path(&tmp.path().join("other"), &src))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"class "cats\\dogs" "#) && err.contains("holds a path separator"),
         "{err}"
     );
 }

@@ -1,9 +1,10 @@
 //! An extracted folder in the Kaggle layout.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Component, Path};
 
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
@@ -26,7 +27,8 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     // path cannot be told is listed.)
     let mut folders = vec![root.to_path_buf()];
     let mut links = BTreeSet::new();
-    let mut listed = HashSet::new();
+    // Each folder listed, by its real path, with the class of the path it was listed by.
+    let mut listed = HashMap::new();
     let mut files = Vec::new();
     let root_real = root.canonicalize().ok();
     while let Some((dir, linked)) = folders
@@ -48,13 +50,33 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                 );
                 continue;
             }
-            if !listed.insert(real) {
-                tracing::warn!(
-                    "{}: a folder already listed (through a link), not listed again",
-                    dir.display()
-                );
+            let class = train_class_of_folder(&relative(root, &dir));
+            if let Some(first) = listed.get(&real) {
+                // Its photos are filed under the class of the path that listed it: this one's
+                // class does not get them, which the manifest says (and an error about a class
+                // left without photos shows).
+                if class.is_some() && *first != class {
+                    let filed = match first {
+                        Some(first) => format!("as part of class {first:?}"),
+                        None => "through another path".into(),
+                    };
+                    importer.skip(
+                        relative(root, &dir),
+                        format!(
+                            "a link to {}, a folder imported already {filed}: its photos are \
+                             filed there, once",
+                            real.display()
+                        ),
+                    )?;
+                } else {
+                    tracing::warn!(
+                        "{}: a folder already listed (through a link), not listed again",
+                        dir.display()
+                    );
+                }
                 continue;
             }
+            listed.insert(real, class);
         }
         let mut entries: Vec<_> = fs::read_dir(&dir)
             .map_err(|e| DataError::io(&dir, e))?
@@ -88,8 +110,10 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, len) in files {
-        let rel = relative(root, &path);
-        match place(&rel) {
+        // Placed by its name as text; reported by one that tells it from a name differing
+        // only in bytes that are not UTF-8.
+        let rel = reported(root, &path);
+        match place(&relative(root, &path)) {
             Placement::Ignore => {}
             Placement::Unplaced(reason) => importer.skip(rel, reason)?,
             Placement::Image { role, name } => {
@@ -128,12 +152,43 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     Ok(())
 }
 
-/// `path` relative to `root`, '/'-separated.
+/// `path` relative to `root`, '/'-separated, bytes that are not UTF-8 read as U+FFFD (a
+/// class so named is refused). A `\\` in a name stays: on Unix it is one of its
+/// characters, not a separator (a class so named is refused too).
 fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
+    joined(root, path, |name| name.to_string_lossy().into_owned())
+}
+
+/// [`relative`] with bytes that are not UTF-8 written `\\xNN`, as the manifest reports a
+/// file's path.
+fn reported(root: &Path, path: &Path) -> String {
+    joined(root, path, |name| {
+        name.as_encoded_bytes()
+            .utf8_chunks()
+            .map(|chunk| {
+                let invalid: String = chunk
+                    .invalid()
+                    .iter()
+                    .map(|byte| format!("\\x{byte:02x}"))
+                    .collect();
+                format!("{}{invalid}", chunk.valid())
+            })
+            .collect()
+    })
+}
+
+/// The names of `path` below `root`, each as `name` writes it, joined by '/'.
+fn joined(root: &Path, path: &Path, name: impl Fn(&OsStr) -> String) -> String {
+    let parts: Vec<String> = path
+        .strip_prefix(root)
         .unwrap_or(path)
-        .to_string_lossy()
-        .replace('\\', "/")
+        .components()
+        .filter_map(|part| match part {
+            Component::Normal(part) => Some(name(part)),
+            _ => None,
+        })
+        .collect();
+    parts.join("/")
 }
 
 /// At most one byte past [`MAX_FILE_BYTES`]: a file that grew since it was listed is not

@@ -57,7 +57,7 @@ pub fn zip_summary(path: &Path) -> Result<ZipSummary> {
         ..ZipSummary::default()
     };
     for name in archive.file_names() {
-        if let Placement::Image { role, .. } = place(name) {
+        if let Placement::Image { role, .. } = place(&slashed(name)) {
             match role {
                 Role::Train(_) => summary.train += 1,
                 Role::Test(_) => summary.test += 1,
@@ -141,9 +141,14 @@ pub(crate) fn import_download(path: &Path, importer: &mut Importer) -> Result<Zi
 /// `for├¬t`); as the archive says otherwise.
 fn entry_name(entry: &zip::read::ZipFile<'_, impl std::io::Read>) -> String {
     match std::str::from_utf8(entry.name_raw()) {
-        Ok(name) => name.to_string(),
-        Err(_) => entry.name().to_string(),
+        Ok(name) => slashed(name),
+        Err(_) => slashed(entry.name()),
     }
+}
+
+/// An entry's name with '/' between its folders: zips written on Windows may use '\\'.
+fn slashed(name: &str) -> String {
+    name.replace('\\', "/")
 }
 
 fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Result<ZipSummary> {
@@ -171,13 +176,13 @@ fn import_entries(path: &Path, importer: &mut Importer, downloaded: bool) -> Res
     order.sort_by_cached_key(|&i| {
         archive
             .name_for_index(i)
-            .map(|name| PathBuf::from(name.replace('\\', "/")))
+            .map(|name| PathBuf::from(slashed(name)))
     });
     for i in order {
         // Named before it is opened: an entry whose local header is broken has no name then.
         let listed = archive
             .name_for_index(i)
-            .map_or_else(|| format!("{}#{i}", path.display()), str::to_string);
+            .map_or_else(|| format!("{}#{i}", path.display()), slashed);
         let mut entry = match archive.by_index(i) {
             Ok(entry) => entry,
             Err(e) => {
