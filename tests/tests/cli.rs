@@ -56,7 +56,15 @@ fn init_checkpoint(dir: &Path) -> PathBuf {
 fn help_lists_the_commands_and_options() {
     let (output, text) = run(bin("vt-train").arg("--help"));
     assert!(output.status.success());
-    for needle in ["train", "eval", "init", "--data", "--recipe", "--resume"] {
+    // Each command summarised in its own words (not those of options it shares).
+    let summaries = [
+        "calibrate  Calibrate a checkpoint's probabilities",
+        "eval       Evaluate a checkpoint",
+    ];
+    for needle in ["train", "eval", "init", "--data", "--recipe", "--resume"]
+        .into_iter()
+        .chain(summaries)
+    {
         assert!(
             text.contains(needle),
             "vt-train --help lacks {needle}:\n{text}"

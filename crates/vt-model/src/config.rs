@@ -90,6 +90,11 @@ pub struct VtConfig {
     /// `vt-train calibrate`; absent, the probabilities are the logits' softmax.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// What trained the weights, beyond the contract: `vt-train train` records the epoch,
+    /// validation scores, options and images (as timm's checkpoints carry their epoch,
+    /// metric and arguments). The model ignores it; vt-serve and the ONNX export report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The largest `image_size` loaded or built: far above any classifier's input, and below
@@ -118,6 +123,7 @@ impl VtConfig {
             std: [0.229, 0.224, 0.225],
             variant: Variant::Paper,
             temperature: None,
+            training: None,
         }
     }
 

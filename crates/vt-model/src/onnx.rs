@@ -213,6 +213,12 @@ fn metadata(config: &VtConfig, variant: &str, sha256: String) -> Vec<StringStrin
     ]
     .into_iter()
     .chain(config.temperature.map(|t| ("temperature", t.to_string())))
+    .chain(config.training.as_ref().map(|record| {
+        (
+            "training",
+            serde_json::Value::from(record.clone()).to_string(),
+        )
+    }))
     .map(|(key, value)| StringStringEntryProto {
         key: key.into(),
         value,

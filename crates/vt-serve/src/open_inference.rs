@@ -627,6 +627,7 @@ mod tests {
             dtype: "f32".into(),
             bf16_products: false,
             temperature: None,
+            training: None,
             generation: 3,
             loaded_at: 0,
         };

@@ -89,6 +89,10 @@ pub struct ModelInfo {
     /// The checkpoint's temperature (`vt-train calibrate`): the probabilities are
     /// softmax(logits / T). None (null): uncalibrated.
     pub temperature: Option<f32>,
+    /// What trained the weights, as `vt-train train` recorded it in config.json (epoch,
+    /// validation scores, options, images). None (null): not recorded (`init`, `import`,
+    /// `average`, or an earlier vt).
+    pub training: Option<serde_json::Map<String, serde_json::Value>>,
     /// 1 for the model loaded at startup, one more for each successful reload.
     pub generation: u64,
     /// When this model was loaded, in seconds since the Unix epoch.
@@ -215,6 +219,7 @@ impl ModelSource {
             dtype: self.dtype.clone(),
             bf16_products: self.bf16_products,
             temperature: config.temperature,
+            training: config.training.clone(),
             generation,
             // A clock before 1970 is no reason to refuse a model: it reads 0 then.
             loaded_at: SystemTime::now()

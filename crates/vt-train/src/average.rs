@@ -128,11 +128,16 @@ fn differences(first: &VtConfig, other: &VtConfig) -> String {
 /// strictly), as a model of their common config. Sums are taken in f64 (29 more bits than
 /// the f32 values) and divided once: far from f32 accumulation's drift over many inputs,
 /// though not exact for values of widely different magnitudes. A temperature that
-/// `calibrate` gave an input is not the average's, which has none.
+/// `calibrate` gave an input is not the average's, which has none, nor is the training
+/// record of an epoch (but of the one checkpoint of an average of one, its copy).
 pub fn average(dirs: &[PathBuf], device: &Device) -> Result<Model> {
     let load = |dir: &Path| {
         let mut model = Model::load(dir, device)
             .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        // Each epoch's record is its own; the mean of two or more is none of them.
+        if dirs.len() > 1 {
+            model.config.training = None;
+        }
         if model.config.temperature.take().is_some() {
             tracing::warn!(
                 "{} is calibrated: the average has no temperature (`vt-train calibrate` it)",
@@ -469,6 +474,24 @@ mod tests {
             .map(|(name, v)| (name, v.into_iter().map(|x| x as f32).collect()))
             .collect();
         assert_eq!(copied, inputs[0]);
+    }
+
+    /// Each epoch's training record differs: no reason to refuse, and none is the mean's;
+    /// the copy of one checkpoint keeps its own.
+    #[test]
+    fn training_records_differ_between_inputs_and_the_mean_has_none() {
+        let root = tempfile::tempdir().unwrap();
+        let trained = |epoch: u64| VtConfig {
+            training: serde_json::json!({ "epoch": epoch }).as_object().cloned(),
+            ..tiny(32)
+        };
+        let dirs = [
+            checkpoint(root.path(), "a", trained(1), 1, 1.0),
+            checkpoint(root.path(), "b", trained(2), 2, 1.0),
+        ];
+        assert_eq!(average(&dirs, &Device::Cpu).unwrap().config, tiny(32));
+        let copy = average(&dirs[1..], &Device::Cpu).unwrap();
+        assert_eq!(copy.config, trained(2));
     }
 
     #[test]

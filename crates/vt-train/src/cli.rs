@@ -83,6 +83,8 @@ pub enum Command {
         --checkpoint-hist (--top K: the K best of them). Checkpoints whose config.json differ \
         are refused, naming the field. One checkpoint is allowed: the output is its copy.")]
     Average(AverageArgs),
+    /// Calibrate a checkpoint's probabilities by temperature scaling, fitted on the
+    /// validation split, into a new checkpoint (--out)
     #[command(
         long_about = "Calibrate a checkpoint's probabilities by temperature scaling \
         (Guo et al., 2017): the temperature T that makes the validation split's labels most \
@@ -107,8 +109,9 @@ pub enum Command {
         softmax, of the logits divided by the temperature of a checkpoint that `vt-train \
         calibrate` wrote), float32 [batch, num_classes]. The model's metadata holds arch, \
         class_names, image_size, mean, std, variant, tokens, token_channels, heads, the \
-        sha256 of model.safetensors and a calibrated checkpoint's temperature. The weights are the checkpoint's tensors, under their \
-        names."
+        sha256 of model.safetensors, a calibrated checkpoint's temperature and, as JSON, \
+        the record of its training (`training` in the config.json that `vt-train train` \
+        writes). The weights are the checkpoint's tensors, under their names."
     )]
     Export(ExportArgs),
     /// Import a VT-ResNet trained in PyTorch (a `torch.save`d state dict or a safetensors

@@ -23,6 +23,7 @@ use crate::metrics::{write_csv_atomically, ClassScores, ConfusionMatrix};
 use crate::outputs;
 use crate::plots::draw_evaluation;
 use crate::progress::EpochProgress;
+use crate::provenance::TrainingRecord;
 use crate::state;
 use crate::threads;
 use crate::train::CONFIG_TOML;
@@ -302,6 +303,9 @@ pub struct EvalReport {
     /// The checkpoint's temperature (`vt-train calibrate`), which divided the logits before
     /// their softmax; None (null): uncalibrated.
     pub temperature: Option<f32>,
+    /// What trained the checkpoint, as its config.json records it (`vt-train train`'s
+    /// epoch, validation scores, options and images). None (null): not recorded.
+    pub training: Option<serde_json::Map<String, serde_json::Value>>,
     pub images: u64,
     pub loss: f64,
     pub accuracy: f64,
@@ -316,8 +320,8 @@ pub struct EvalReport {
     /// None (null): not known, the data having no manifest that lists duplicates.
     pub copies_in_other_splits: Option<Vec<PathBuf>>,
     /// Whether these are the validation images the checkpoint's run ranked its epochs on
-    /// (its state records them). None (null): not known (another split, `--limit`, no run's
-    /// state, a run that validated on a subset).
+    /// (its training record or its run's state lists them). None (null): not known (another
+    /// split, `--limit`, no record, a run that validated on a subset).
     pub the_runs_validation_images: Option<bool>,
     /// How well the confidences match the accuracy (15 bins, as Guo et al.).
     pub calibration: Calibration,
@@ -387,6 +391,24 @@ fn default_out(checkpoint: &Path, split: Split, suffix: &str) -> PathBuf {
     parent.join(format!("eval-{name}-{split}{suffix}.json"))
 }
 
+/// "trained N of M epochs in RUN (validation accuracy A %)", from a checkpoint's training
+/// record; None for a record this vt-train does not read.
+fn trained_line(record: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let record = TrainingRecord::read(record)?;
+    let run = record
+        .options
+        .run_dir
+        .map_or_else(String::new, |run| format!(" in {}", run.display()));
+    let scored = match record.val_accuracy {
+        Some(accuracy) => format!(" (validation accuracy {:.2}%)", 100.0 * accuracy),
+        None => ", interrupted within the next one".into(),
+    };
+    Some(format!(
+        "trained {} of {} epochs{run}{scored}\n",
+        record.epoch, record.options.epochs
+    ))
+}
+
 /// The report as text: accuracy, the per-class table, the confusion matrix and the most
 /// confident mistakes.
 pub fn report_text(report: &EvalReport) -> String {
@@ -417,6 +439,9 @@ pub fn report_text(report: &EvalReport) -> String {
         report.loss,
         report.macro_f1
     );
+    if let Some(trained) = report.training.as_ref().and_then(trained_line) {
+        out += &trained;
+    }
     if !report.skipped.is_empty() {
         out += &format!(
             "note: {} more file(s) could not be read and are not counted (\"skipped\" in the \
@@ -610,11 +635,13 @@ fn labelled_as_the_model(folder: ImageFolder, classes: &[String]) -> Option<Imag
 }
 
 /// Whether `folder`, the whole validation split, holds the images the checkpoint's run
-/// validated on, as its state records them: a data folder imported again since (another
+/// validated on, as the checkpoint's training record lists them (or, for a checkpoint
+/// written before records, its run's state): a data folder imported again since (another
 /// `--seed` or `--val-fraction`) files under val/ photos the run trained on. None when it
 /// cannot be told.
 fn the_runs_validation_images(
     args: &EvalArgs,
+    config: &VtConfig,
     split: Split,
     data: &Path,
     folder: &ImageFolder,
@@ -622,14 +649,21 @@ fn the_runs_validation_images(
     if split != Split::Val || args.limit.is_some() {
         return None;
     }
-    let checkpoint = outputs::resolved(&args.checkpoint);
-    let beside = checkpoint.parent().filter(|run| outputs::is_run(run));
-    let run = outputs::run_keeping(&args.checkpoint).or_else(|| beside.map(Path::to_path_buf))?;
-    let progress = state::read_saved_progress(&run).ok()?;
-    if progress.config.limit_val.is_some() {
+    let (options, images) = match TrainingRecord::of(config) {
+        Some(record) => (record.options, record.images),
+        None => {
+            let checkpoint = outputs::resolved(&args.checkpoint);
+            let beside = checkpoint.parent().filter(|run| outputs::is_run(run));
+            let run =
+                outputs::run_keeping(&args.checkpoint).or_else(|| beside.map(Path::to_path_buf))?;
+            let progress = state::read_saved_progress(&run).ok()?;
+            (progress.config, progress.data)
+        }
+    };
+    if options.limit_val.is_some() {
         return None;
     }
-    Some(data::ImagesUsed::of(folder, data) == progress.data?.val)
+    Some(data::ImagesUsed::of(folder, data) == images?.val)
 }
 
 /// Where `vt-train eval` writes.
@@ -784,6 +818,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         dtype: args.dtype.clone(),
         bf16_products: args.bf16_products,
         temperature: model.config.temperature,
+        training: model.config.training.clone(),
         images: eval.matrix.total(),
         loss: eval.loss,
         accuracy: eval.matrix.accuracy(),
@@ -795,7 +830,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         classes,
         calibration: Calibration::of(&eval.predictions, calibration::BINS),
         copies_in_other_splits: copies_in_other_splits(&data, split, &folder.samples),
-        the_runs_validation_images: the_runs_validation_images(args, split, &data, &folder),
+        the_runs_validation_images: the_runs_validation_images(
+            args,
+            &model.config,
+            split,
+            &data,
+            &folder,
+        ),
         confusion_matrix: eval.matrix,
         skipped: eval.skipped,
         predictions: paths.csv.clone(),

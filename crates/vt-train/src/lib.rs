@@ -6,7 +6,7 @@
 //! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`explain`], [`plots`],
 //!   [`progress`]: measuring and reporting; [`export`]: ONNX export; [`import`]: weights
 //!   trained elsewhere;
-//! - [`state`]: the saved training state; [`history`]: the checkpoints of the best epochs
+//! - [`state`]: the saved training state; [`provenance`]: what trained a checkpoint; [`history`]: the checkpoints of the best epochs
 //!   (`--checkpoint-hist`), which [`average`] averages; [`tensorboard`]: event files for
 //!   TensorBoard;
 //!   [`data`]: glue to vt-data's loader;
@@ -37,6 +37,7 @@ pub mod optim;
 pub mod outputs;
 pub mod plots;
 pub mod progress;
+pub mod provenance;
 pub mod schedule;
 pub mod state;
 pub mod tensorboard;

@@ -38,6 +38,7 @@ use crate::metrics::{write_atomically, EpochRecord, MetricsLog, METRICS_CSV, MET
 use crate::outputs;
 use crate::plots::{draw_confusion, draw_curves, CONFUSION_PNG, CURVES_PNG};
 use crate::progress::EpochProgress;
+use crate::provenance::TrainingRecord;
 use crate::schedule::LrSchedule;
 use crate::state::{self, Progress, BEST_DIR, LAST_DIR};
 use crate::tensorboard::EventWriter;
@@ -153,19 +154,6 @@ fn lock_run_dir(run_dir: &Path) -> Result<File> {
         }),
         Err(TryLockError::Error(e)) => Err(TrainError::file_op("locking", path, e)),
     }
-}
-
-/// Writes `served` to `RUN/last/`, and to `RUN/best/` when `best`.
-fn save_checkpoints(run_dir: &Path, served: &Model, best: bool) -> Result<()> {
-    for (write, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
-        if write {
-            let dir = run_dir.join(name);
-            served
-                .save(&dir)
-                .with_context(|| format!("writing {}", dir.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// A new run may take an empty folder, or one of other files, never a run's.
@@ -436,6 +424,21 @@ impl Trainer {
         self.ema.as_ref().map_or(&self.learner.model, |e| &e.model)
     }
 
+    /// Writes the served weights to the checkpoint `dir`, recorded as taken after `epoch`
+    /// epochs, scored `val` (accuracy, loss) at an epoch's end.
+    fn save_served(&self, dir: &Path, epoch: usize, val: Option<(f64, f64)>) -> Result<()> {
+        let progress = &self.progress;
+        TrainingRecord::new(
+            &progress.config,
+            progress.data.as_ref(),
+            epoch,
+            progress.global_step,
+            val,
+        )
+        .save(self.served(), dir)
+        .with_context(|| format!("writing {}", dir.display()))
+    }
+
     /// One optimiser step with `group`'s summed gradients at the schedule's rate; returns
     /// the running averages for the progress line. Only the parameters `selected` keeps are
     /// updated.
@@ -564,9 +567,7 @@ impl Trainer {
                         );
                         return Ok(Outcome::Interrupted);
                     }
-                    self.served()
-                        .save(&last)
-                        .with_context(|| format!("writing {}", last.display()))?;
+                    self.save_served(&last, epoch, None)?;
                     tracing::info!(
                         "interrupted in epoch {}: {} holds the current weights; `--resume --run-dir {}` \
                          restarts epoch {} from its beginning",
@@ -660,9 +661,7 @@ impl Trainer {
             // state that no longer does: a kill in between leaves only unlisted folders.
             if offered.admitted {
                 let dir = history::epoch_dir(&self.run_dir, epoch + 1);
-                self.served()
-                    .save(&dir)
-                    .with_context(|| format!("writing {}", dir.display()))?;
+                self.save_served(&dir, epoch + 1, Some((val_acc, val_loss)))?;
             }
             self.progress.top = offered.kept;
             self.progress.epochs_done = epoch + 1;
@@ -689,7 +688,12 @@ impl Trainer {
             // After the state: a kill before these leaves them behind it, and the resume
             // writes them from it (in `run`). Written first, `best/` could hold an epoch that
             // the resume runs again and then finds no better.
-            save_checkpoints(&self.run_dir, self.served(), best)?;
+            for (due, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
+                if due {
+                    let dir = self.run_dir.join(name);
+                    self.save_served(&dir, epoch + 1, Some((val_acc, val_loss)))?;
+                }
+            }
             history::remove(&self.run_dir, &offered.dropped)?;
             tracing::info!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%{} | lr {:.2e} | \
@@ -957,6 +961,8 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
 
     let train_loader = training_loader(config, &model.config, train_set.len());
     let val_loader = data::eval_loader(&model.config, config.batch_size, config.loader_threads);
+    // The options the saved epoch was trained with, before the resume's replace them.
+    let saved_options = resumed.as_ref().map(|p| p.config.clone());
     let mut progress = match resumed {
         Some(mut progress) => {
             state::load_training(
@@ -976,24 +982,6 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     // Only now that every check of the resume accepted them: a refused one is not made.
     for change in overrides {
         tracing::info!("resume: overriding {change}");
-    }
-    if progress.epochs_done > 0 {
-        // A kill after the state's save, before the checkpoints', left them behind it.
-        let served = state::load_served(&run_dir, &device)?;
-        let best = progress.best_epoch == Some(progress.epochs_done);
-        for (due, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
-            let dir = run_dir.join(name);
-            if due && !state::holds(&dir, &served) {
-                tracing::info!(
-                    "{} is not the saved state's epoch {}: writing it from the state",
-                    dir.display(),
-                    progress.epochs_done
-                );
-                served
-                    .save(&dir)
-                    .with_context(|| format!("writing {}", dir.display()))?;
-            }
-        }
     }
     let schedule = LrSchedule {
         base_lr: config.lr,
@@ -1042,6 +1030,31 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         }
     }
     metrics.rewrite(&records, &classes)?;
+    if let (Some(options), Some(saved)) = (&saved_options, records.last()) {
+        // A kill after the state's save, before the checkpoints', left them behind it.
+        let served = state::load_served(&run_dir, &device)?;
+        let best = progress.best_epoch == Some(saved.epoch);
+        let record = TrainingRecord::new(
+            options,
+            progress.data.as_ref(),
+            saved.epoch,
+            progress.global_step,
+            Some((saved.val_acc, saved.val_loss)),
+        );
+        for (due, name) in [(best, BEST_DIR), (true, LAST_DIR)] {
+            let dir = run_dir.join(name);
+            if due && !state::holds(&dir, &served) {
+                tracing::info!(
+                    "{} is not the saved state's epoch {}: writing it from the state",
+                    dir.display(),
+                    saved.epoch
+                );
+                record
+                    .save(&served, &dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+            }
+        }
+    }
     // Before anything else is written: a resume with nothing to do leaves the run as the
     // saved state has it.
     if nothing_to_do {

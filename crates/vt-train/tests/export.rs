@@ -139,6 +139,21 @@ fn the_export_holds_the_contracts_graph_signature_metadata_and_every_weight() {
         ("sha256", sha256.as_str()),
     ]);
     assert_eq!(metadata, expected);
+    // A trained checkpoint's record of its training goes along, as JSON.
+    let config_path = checkpoint.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
+    let record = serde_json::json!({"epoch": 7, "options": {"lr": 0.01}});
+    config["training"] = record.clone();
+    fs::write(&config_path, config.to_string()).unwrap();
+    let recorded = tmp.path().join("recorded.onnx");
+    export(&checkpoint, &recorded);
+    let exported = decode(&recorded).metadata_props;
+    let training = exported.iter().find(|e| e.key == "training").unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&training.value).unwrap(),
+        record
+    );
 
     // Every checkpoint tensor, by name, with its shape and exact values.
     let tensors = checkpoint_tensors(&checkpoint);

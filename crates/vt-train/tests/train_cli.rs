@@ -88,10 +88,12 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
     let lr = tag_points(&points, "train/lr");
     assert_eq!(lr[steps as usize - 1].1, records[3].lr as f32);
 
-    for dir in ["best", "last"] {
+    let best_epoch = records.iter().rfind(|r| r.best).unwrap().epoch;
+    for (dir, epoch) in [("best", best_epoch), ("last", 4)] {
         let model = Model::load(&run.join(dir), &Device::Cpu).unwrap();
         assert_eq!(model.config.image_size, 32);
         assert_eq!(model.config.class_names.len(), 6);
+        check_training_record(&run, &run.join(dir), &records[epoch - 1]);
     }
     check_history_and_average(&run, &data, &records, &log);
     // config.toml is a valid --config file.
@@ -230,11 +232,13 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
 
     // The validation split is the run's until the data is imported again with another
     // split seed: then some of its photos are ones the run trained on, which eval says.
-    let eval_val = || {
+    let eval_val = |checkpoint: &std::path::Path| {
         let out = run_ok(
             vt_train()
                 .args(["eval", "--checkpoint"])
-                .arg(run.join("best"))
+                .arg(checkpoint)
+                .arg("--data")
+                .arg(&data)
                 .args(["--split", "val", "--threads", "1", "--out"])
                 .arg(&report),
         );
@@ -242,16 +246,62 @@ fn training_learns_writes_the_run_folder_and_eval_reports() {
             serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
         (String::from_utf8_lossy(&out.stdout).into_owned(), json)
     };
-    let (text, json) = eval_val();
+    let (text, json) = eval_val(&run.join("best"));
     assert_eq!(json["the_runs_validation_images"], true);
     assert!(!text.contains("not the validation images"), "{text}");
-    import_synthetic(&data, 16, 43);
-    let (text, json) = eval_val();
-    assert_eq!(json["the_runs_validation_images"], false);
     assert!(
-        text.contains("note: these are not the validation images the checkpoint's run"),
+        text.contains(&format!(
+            "trained {best_epoch} of 4 epochs in {} (validation accuracy {:.2}%)",
+            run.display(),
+            100.0 * records[best_epoch - 1].val_acc
+        )),
         "{text}"
     );
+    assert_eq!(json["training"]["epoch"], best_epoch);
+    // A copy out of the run (deployed, say) still knows its validation images by its record.
+    let copy = tmp.path().join("deployed");
+    fs::create_dir(&copy).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        fs::copy(run.join("best").join(file), copy.join(file)).unwrap();
+    }
+    let (_, json) = eval_val(&copy);
+    assert_eq!(json["the_runs_validation_images"], true);
+    import_synthetic(&data, 16, 43);
+    for checkpoint in [run.join("best"), copy] {
+        let (text, json) = eval_val(&checkpoint);
+        assert_eq!(json["the_runs_validation_images"], false);
+        assert!(
+            text.contains("note: these are not the validation images the checkpoint's run"),
+            "{text}"
+        );
+    }
+}
+
+/// The checkpoint `dir` records the run's options, images and `epoch`'s step and scores.
+fn check_training_record(
+    run: &std::path::Path,
+    dir: &std::path::Path,
+    epoch: &vt_train::metrics::EpochRecord,
+) {
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let record = &config["training"];
+    let at = dir.display();
+    assert_eq!(record["epoch"], epoch.epoch, "{at}");
+    assert_eq!(record["step"], epoch.global_step, "{at}");
+    assert_eq!(record["val_accuracy"], epoch.val_acc, "{at}");
+    assert_eq!(record["val_loss"], epoch.val_loss, "{at}");
+    assert_eq!(record["vt_version"], env!("CARGO_PKG_VERSION"), "{at}");
+    let options: toml::Table = fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let options = serde_json::to_value(options).unwrap();
+    assert_eq!(record["options"], options, "{at}");
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(run.join("state/training.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["images"], state["data"], "{at}");
 }
 
 /// `top/` keeps the 2 best epochs of metrics.jsonl, ranked as best/ is (accuracy, then loss,
@@ -302,6 +352,13 @@ fn check_history_and_average(
             "{text}"
         );
     }
+    for epoch in &best {
+        let dir = run.join(format!("top/epoch-{epoch:03}"));
+        check_training_record(run, &dir, &records[epoch - 1]);
+    }
+    // The mean is no epoch's: its config records none.
+    let config = fs::read_to_string(avg.join("config.json")).unwrap();
+    assert!(!config.contains("training"), "{config}");
     let mean = checkpoint_tensors(&avg);
     assert_eq!(mean.len(), first.len());
     for (name, tensor) in &mean {
