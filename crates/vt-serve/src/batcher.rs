@@ -299,15 +299,11 @@ fn forward(classifier: &Classifier, batch: Vec<Job>, explain: bool, metrics: &Me
     match outcome {
         Ok(Ok(predictions)) if predictions.len() == replies.len() => {
             let dtype = classifier.model().dtype;
-            let classes = &classifier.config().class_names;
             for (reply, prediction) in replies.into_iter().zip(predictions) {
                 // Logged with its request, as other refusals are.
                 let answer = match prediction.not_finite(dtype) {
                     Some(why) => Err(Unanswered::Failed(why)),
-                    None => {
-                        metrics.predicted(classes, &prediction.probs);
-                        Ok(prediction)
-                    }
+                    None => Ok(prediction),
                 };
                 // The caller may have given up meanwhile; nothing to do then.
                 let _ = reply.send(answer);

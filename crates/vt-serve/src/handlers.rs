@@ -227,6 +227,7 @@ pub async fn classify_all(
     }));
     drop(arriving);
     let predictions = predictions.await?;
+    count_answered(state, model, predictions.iter().map(|(_, p)| p));
     Ok((admitted, predictions))
 }
 
@@ -246,7 +247,23 @@ pub async fn classify_preprocessed(
         .collect::<Result<Vec<_>, _>>()?;
     drop(arriving);
     let predictions = try_join_all(answers.into_iter().map(|answer| prediction(state, answer)));
-    Ok((admitted, predictions.await?))
+    let predictions = predictions.await?;
+    count_answered(state, model, &predictions);
+    Ok((admitted, predictions))
+}
+
+/// Counts the predictions of a request whose every image was classified: images of a
+/// request that failed (one image too late, say) are not answered, and not counted.
+fn count_answered<'a>(
+    state: &AppState,
+    model: &ServedModel,
+    predictions: impl IntoIterator<Item = &'a Prediction>,
+) {
+    for prediction in predictions {
+        state
+            .metrics
+            .predicted(&model.info.classes, &prediction.probs);
+    }
 }
 
 /// Where and how an admitted request's images are queued.

@@ -79,6 +79,13 @@ fn assert_detail_says(body: &Value, needle: &str) {
 async fn every_route_answers_with_its_documented_shape() {
     let dir = tiny_checkpoint();
     let checkpoint = checkpoint_path(&dir);
+    // What `vt-train train` records of a checkpoint's training, reported as it is.
+    let config_path = checkpoint.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let training = json!({"epoch": 12, "val_accuracy": 0.9, "options": {"epochs": 30}});
+    config["training"] = training.clone();
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let server = TestServer::start(&checkpoint, &[]).await;
     let client = client();
     let images = test_images(2);
@@ -123,6 +130,7 @@ async fn every_route_answers_with_its_documented_shape() {
     assert_eq!(model["device"], "cpu");
     assert_eq!(model["dtype"], "f32");
     assert_eq!(model["bf16_products"], false);
+    assert_eq!(model["training"], training);
     assert_eq!(model["generation"], 1);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1223,7 +1231,9 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
         &RgbImage::from_fn(3000, 3000, |x, y| image::Rgb([x as u8, y as u8, 0])),
         ImageFormat::Png,
     );
-    let mut form = Form::new();
+    // And first a small one, classified at once.
+    let small = test_images(1).remove(0).1;
+    let mut form = Form::new().part("file", Part::bytes(small).file_name("small.jpg"));
     for i in 0..10 {
         form = form.part(
             "file",
@@ -1253,6 +1263,14 @@ async fn a_request_that_times_out_stops_its_waiting_images() {
     // Its images that were queued keep their room until the model thread answers them as
     // expired, at once.
     wait_for_queue_depth(&client, &server.url("/metrics"), 0.0).await;
+    // None was answered: the small image's prediction is not counted as one.
+    let text = metrics_text(&client, &server.url("/metrics")).await;
+    assert!(!text.contains("vt_serve_predictions_total{"), "{text}");
+    assert_eq!(
+        metric(&text, "vt_serve_prediction_confidence_count"),
+        Some(0.0),
+        "{text}"
+    );
     server.shutdown().await;
 }
 
