@@ -61,8 +61,8 @@ pub struct ServeArgs {
     #[arg(long, env = "VT_SERVE_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUE))]
     pub queue: u32,
     /// Time limit of one request, from its arrival to its answer, in milliseconds; past it
-    /// the answer is 504, or 408 when the client had not sent all of its body. Images the
-    /// model has begun computing are answered, late.
+    /// the answer is 504, or 408 when the client had not sent all of its body, at once: images
+    /// the model has begun computing are finished, and their results dropped.
     #[arg(long, env = "VT_SERVE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Time a client has to send a request's headers, counted from when its connection
@@ -164,10 +164,28 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
     }
 }
 
-/// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`.
+/// The server's flag that `value` is (`--port` or `--port=8080`), if it is one.
+pub fn server_flag(value: &str) -> Option<String> {
+    let flag = value.strip_prefix("--")?;
+    let flag = flag.split('=').next().unwrap_or(flag);
+    let args = <ServeArgs as clap::Args>::augment_args(clap::Command::new("vt-serve"));
+    let known = args.get_arguments().any(|arg| arg.get_long() == Some(flag));
+    known.then(|| flag.to_owned())
+}
+
+/// Why an `--api-key` whose value is the server's `flag` is refused.
+pub fn flag_taken_for_key(flag: &str) -> String {
+    format!("its value is the flag --{flag}: give the key after --api-key")
+}
+
+/// A name that stands in a URL path as it is: letters, digits, `.`, `_` and `-`, but not
+/// `.` or `..`, which clients resolve away (`/v2/models/./ready` is sent as
+/// `/v2/models/ready`).
 fn parse_model_name(name: &str) -> Result<String, String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if !name.is_empty() && name.chars().all(allowed) {
+    if name == "." || name == ".." {
+        Err("`.` and `..` are no names in a URL path, which clients resolve away".into())
+    } else if !name.is_empty() && name.chars().all(allowed) {
         Ok(name.to_owned())
     } else {
         Err("use letters, digits, `.`, `_` and `-` only (it is part of URLs)".into())
@@ -219,15 +237,8 @@ impl ServeArgs {
         };
         // A key may start with `-`; one that reads as a flag of the server is a missing key
         // whose next flag was taken for it.
-        let flag = key
-            .strip_prefix("--")
-            .map(|f| f.split('=').next().unwrap_or(f));
-        let args = <ServeArgs as clap::Args>::augment_args(clap::Command::new("vt-serve"));
-        let known = |flag: &&str| args.get_arguments().any(|a| a.get_long() == Some(*flag));
-        if let Some(flag) = flag.filter(known) {
-            return Err(ArgsError::ApiKey(format!(
-                "its value is the flag --{flag}: give the key after --api-key"
-            )));
+        if let Some(flag) = server_flag(key) {
+            return Err(ArgsError::ApiKey(flag_taken_for_key(&flag)));
         }
         ApiKey::parse(key).map(Some).map_err(ArgsError::ApiKey)
     }
@@ -294,6 +305,11 @@ mod tests {
             let error = parse(bad).unwrap_err().to_string();
             assert!(error.contains("part of URLs"), "{bad:?}: {error}");
         }
+        for dots in [".", ".."] {
+            let error = parse(dots).unwrap_err().to_string();
+            assert!(error.contains("clients resolve away"), "{dots:?}: {error}");
+        }
+        assert_eq!(parse("..a").unwrap().as_deref(), Some("..a"));
     }
 
     #[test]

@@ -210,7 +210,7 @@ fn charged(body: Body, charge: Arc<Charge>) -> Body {
                     Some(Ok(chunk))
                 } else if read > limit {
                     charge.too_large.store(true, Ordering::Relaxed);
-                    Some(Err(axum::Error::new(ApiError::PayloadTooLarge { limit })))
+                    Some(Err(axum::Error::new(ApiError::body_too_large(limit))))
                 } else {
                     None
                 }

@@ -90,7 +90,7 @@ pub async fn bound_encoded_body(
         let chunk = chunk?;
         left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
             flag.store(true, Ordering::Relaxed);
-            axum::Error::new(ApiError::PayloadTooLarge { limit })
+            axum::Error::new(ApiError::body_too_large(limit))
         })?;
         Ok::<_, axum::Error>(chunk)
     });

@@ -23,8 +23,9 @@ pub enum ApiError {
     /// The request lacks the server's `--api-key`.
     #[error("{0}")]
     Unauthorized(String),
-    #[error("request body is larger than the limit of {limit} bytes (vt-serve --max-body-bytes)")]
-    PayloadTooLarge { limit: u64 },
+    /// `what` (the request body, or the image a URL gives) is over `--max-body-bytes`.
+    #[error("{what} is larger than the limit of {limit} bytes (vt-serve --max-body-bytes)")]
+    PayloadTooLarge { what: &'static str, limit: u64 },
     #[error("{0}")]
     ImageTooLarge(String),
     #[error("{0}")]
@@ -100,6 +101,14 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
+    /// A request body over `--max-body-bytes` (`limit`).
+    pub fn body_too_large(limit: u64) -> ApiError {
+        ApiError::PayloadTooLarge {
+            what: "request body",
+            limit,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) | ApiError::InvalidImage(_) | ApiError::UrlFetchRefused(_) => {
@@ -151,13 +160,16 @@ impl ApiError {
 
     /// Prefixes the detail with the multipart file it concerns.
     pub fn for_file(self, filename: Option<&str>) -> ApiError {
-        let Some(name) = filename else { return self };
+        let Some(name) = filename.filter(|name| !name.is_empty()) else {
+            return self;
+        };
         let detail = format!("{name}: {self}");
         match self {
             ApiError::BadRequest(_) => ApiError::BadRequest(detail),
             ApiError::InvalidImage(_) => ApiError::InvalidImage(detail),
             ApiError::UnsupportedMediaType(_) => ApiError::UnsupportedMediaType(detail),
             ApiError::ImageTooLarge(_) => ApiError::ImageTooLarge(detail),
+            ApiError::Internal(_) => ApiError::Internal(detail),
             other => other,
         }
     }

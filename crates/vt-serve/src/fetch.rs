@@ -141,6 +141,7 @@ impl UrlFetcher {
             )));
         }
         let too_large = || ApiError::PayloadTooLarge {
+            what: "the image the URL gives",
             limit: self.max_bytes,
         };
         if response

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, Method, Uri};
+use axum::http::{header, HeaderValue, Method, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use fast_image_resize::Resizer;
@@ -301,7 +301,10 @@ async fn classify(
     .map_err(|e| e.for_file(filename.as_deref()))?;
     let answer = model.submit(input, with_attention, deadline, admitted)?;
     drop(arriving);
-    Ok((filename, prediction(state, answer).await?))
+    let prediction = prediction(state, answer)
+        .await
+        .map_err(|e| e.for_file(filename.as_deref()))?;
+    Ok((filename, prediction))
 }
 
 /// Waits for the batcher's answer to one image.
@@ -372,12 +375,13 @@ pub fn error_for_path(path: &str, error: ApiError) -> Response {
     uncompressed_under_v2(path, response)
 }
 
-/// 405 for a method a route does not take (the router adds the `Allow` header): in a
-/// protocol's shape where [`not_found`] answers in it.
+/// 405 for a method a route does not take (the router adds the `Allow` header, but for the
+/// two resources of `/v1/models/{segment}`): in a protocol's shape where [`not_found`]
+/// answers in it.
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let path = uri.path();
     let method = method.to_string();
-    let response = match protocol_routes_served(path) {
+    let mut response = match protocol_routes_served(path) {
         Some(routes) => ErrorMessage::from(ApiError::MethodNotAllowed {
             method,
             path: format!("{path} ({routes})"),
@@ -389,6 +393,11 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         }
         .into_response(),
     };
+    if let Some(allowed) = instances::methods_allowed(path) {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    }
     uncompressed_under_v2(path, response)
 }
 

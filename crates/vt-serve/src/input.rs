@@ -143,7 +143,7 @@ fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), ApiEr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
+        return Err(ApiError::body_too_large(limit));
     }
     Ok(())
 }
@@ -306,7 +306,7 @@ impl BodyRecord {
             || self.received.over_limit()
             || self.charge.too_large()
         {
-            ApiError::PayloadTooLarge { limit: self.limit }
+            ApiError::body_too_large(self.limit)
         } else if let Some(refusal) = self.charge.refusal() {
             refusal
         } else if client_went_away(cause) {
@@ -394,7 +394,11 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     let mut images = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(field_error)? {
         // Only file parts are images; plain form fields are ignored.
-        let Some(filename) = field.file_name().map(str::to_owned) else {
+        let filename = field
+            .file_name()
+            .map(str::to_owned)
+            .or_else(|| extended_file_name(field.headers()));
+        let Some(filename) = filename else {
             continue;
         };
         if images.len() == max_files {
@@ -403,6 +407,10 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
             )));
         }
         let bytes = field.bytes().await.map_err(field_error)?;
+        // What a browser sends for a form's file input left empty.
+        if filename.is_empty() && bytes.is_empty() {
+            continue;
+        }
         images.push(ImageInput {
             filename: Some(filename),
             bytes,
@@ -416,6 +424,31 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     Ok(Inputs {
         images,
         multipart: true,
+    })
+}
+
+/// The file name a multipart part gives only as RFC 5987's extended parameter
+/// (`filename*=UTF-8''%C3%A9t%C3%A9.jpg`, which RFC 7578 allows senders), in UTF-8 or
+/// ISO-8859-1; a value not in that form is taken as it is.
+fn extended_file_name(headers: &HeaderMap) -> Option<String> {
+    let disposition = headers.get(header::CONTENT_DISPOSITION)?.to_str().ok()?;
+    let value = disposition.split(';').find_map(|parameter| {
+        let (name, value) = parameter.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("filename*")
+            .then(|| value.trim().trim_matches('"'))
+    })?;
+    let Some((charset, encoded)) = value
+        .split_once('\'')
+        .and_then(|(charset, rest)| Some((charset, rest.split_once('\'')?.1)))
+    else {
+        return Some(value.to_owned());
+    };
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
+    Some(if charset.eq_ignore_ascii_case("iso-8859-1") {
+        bytes.into_iter().map(char::from).collect()
+    } else {
+        String::from_utf8_lossy(&bytes).into_owned()
     })
 }
 

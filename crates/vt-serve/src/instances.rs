@@ -148,6 +148,20 @@ struct Classification {
     confidences: Vec<f32>,
 }
 
+/// The methods `path` takes when it is `/v1/models/{segment}`, whose one route serves two
+/// resources: `NAME:VERB` takes POST, a model's readiness GET (and HEAD).
+pub fn methods_allowed(path: &str) -> Option<&'static str> {
+    let segment = path.strip_prefix("/v1/models/")?;
+    if segment.is_empty() || segment.contains('/') {
+        return None;
+    }
+    Some(if segment.contains(':') {
+        "POST"
+    } else {
+        "GET,HEAD"
+    })
+}
+
 /// `GET /v1/models/{model}`: `{"name", "ready"}`, 503 once shutdown began.
 pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     // Model names have no `:`; `NAME:predict` and `NAME:explain` take POST.

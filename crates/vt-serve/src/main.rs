@@ -8,7 +8,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
-use vt_serve::args::LogFormat;
+use vt_serve::args::{flag_taken_for_key, server_flag, LogFormat};
 use vt_serve::predict::{self, PredictArgs};
 use vt_serve::{shutdown_signals, ServeArgs, Server, Stopped};
 
@@ -77,10 +77,24 @@ fn parse() -> Command {
     } else {
         cli
     };
-    let matches = cli
-        .clone()
-        .try_get_matches()
-        .unwrap_or_else(|e| name_the_variable(e, &cli).exit());
+    let matches = cli.clone().try_get_matches().unwrap_or_else(|e| {
+        // `--api-key --port 8080` takes `--port` for the key, and refuses 8080 as a
+        // subcommand: the key left out is the cause to name.
+        let args: Vec<String> = std::env::args().collect();
+        let taken = args
+            .windows(2)
+            .find_map(|pair| (pair[0] == "--api-key").then(|| server_flag(&pair[1]))?);
+        match taken {
+            Some(flag) => cli
+                .clone()
+                .error(
+                    ErrorKind::ValueValidation,
+                    format!("--api-key: {}", flag_taken_for_key(&flag)),
+                )
+                .exit(),
+            None => name_the_variable(e, &cli).exit(),
+        }
+    });
     let command = match matches.subcommand_name() {
         Some(_) => Command::from_arg_matches(&matches),
         // clap requires --checkpoint when no subcommand is given.

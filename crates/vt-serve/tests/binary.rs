@@ -220,6 +220,20 @@ fn an_api_key_from_the_environment_is_checked_and_never_printed() {
         assert!(stderr.contains(says), "{name}={value:?}: {stderr}");
         assert!(!stderr.contains("my secret"), "{stderr}");
     }
+    // A key left out after the flag: the next flag taken for it, and that flag's value for a
+    // subcommand, is a usage error that names the cause.
+    let output = Command::new(BIN)
+        .arg("--checkpoint")
+        .arg(checkpoint_path(&dir))
+        .args(["--api-key", "--port", "41350"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--api-key: its value is the flag --port: give the key after --api-key"),
+        "{stderr}"
+    );
 }
 
 /// Settings from the environment, as containers give them, leave a subcommand its flags:

@@ -517,6 +517,33 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
     );
     assert_detail_says(&answer, "--allow-url-fetch");
 
+    // A file named only by RFC 5987's parameter is a file too, and a browser form's file
+    // input left empty (no name, no bytes) is none.
+    let mut body = Vec::new();
+    for (disposition, bytes) in [
+        (
+            r#"name="a"; filename*=UTF-8''%C3%A9t%C3%A9.jpg"#,
+            photo.as_slice(),
+        ),
+        (r#"name="b"; filename="""#, &[][..]),
+        (r#"name="c"; filename="c.jpg""#, photo.as_slice()),
+    ] {
+        body.extend_from_slice(
+            format!("--x\r\nContent-Disposition: form-data; {disposition}\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--x--\r\n");
+    let (status, answer) = post_raw(&client, &url, "multipart/form-data; boundary=x", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let names: Vec<&str> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| result["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["été.jpg", "c.jpg"], "{answer}");
     let no_files = Form::new().text("note", "no file here");
     let (status, answer) =
         json_of(client.post(&url).multipart(no_files).send().await.unwrap()).await;
@@ -713,6 +740,7 @@ async fn url_inputs_are_fetched_only_from_allowed_hosts() {
         "payload_too_large",
         "fetched body too big",
     );
+    assert_detail_says(&answer, "the image the URL gives is larger than the limit");
     let (status, answer) = ask(format!("http://127.0.0.1:{}/missing", host.port())).await;
     assert_error(
         status,
@@ -2131,15 +2159,28 @@ async fn scores_that_are_not_finite_are_an_error() {
     let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
     let v2 =
         json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]});
-    for request in [
-        client.post(server.url("/predict")).body(photo.clone()),
-        client.post(server.url("/v2/models/tiny/infer")).json(&v2),
+    let multipart = Form::new().part("f", Part::bytes(photo.clone()).file_name("x.jpg"));
+    // The file at fault is named where the request named its files.
+    for (request, named) in [
+        (
+            client.post(server.url("/predict")).body(photo.clone()),
+            false,
+        ),
+        (
+            client.post(server.url("/v2/models/tiny/infer")).json(&v2),
+            false,
+        ),
+        (
+            client.post(server.url("/predict")).multipart(multipart),
+            true,
+        ),
     ] {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let text = response.text().await.unwrap();
         assert!(text.contains("not finite"), "{text}");
         assert!(text.contains("use --dtype f32"), "{text}");
+        assert_eq!(text.contains("x.jpg: "), named, "{text}");
     }
     server.shutdown().await;
 }

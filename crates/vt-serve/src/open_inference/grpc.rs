@@ -397,9 +397,7 @@ async fn answer(
         .get::<Status>()
         .is_some_and(|status| status.code() == Code::OutOfRange)
     {
-        return ApiError::PayloadTooLarge { limit }
-            .grpc_status()
-            .into_http();
+        return ApiError::body_too_large(limit).grpc_status().into_http();
     }
     response.map(Body::new)
 }
@@ -883,7 +881,7 @@ mod tests {
     fn body_errors_keep_the_refusals_status() {
         let spent = axum::Error::new(axum::Error::new(ApiError::BodyBudgetSpent { budget: 5 }));
         assert_eq!(body_error(spent).code(), Code::Unavailable);
-        let large = axum::Error::new(ApiError::PayloadTooLarge { limit: 5 });
+        let large = axum::Error::new(ApiError::body_too_large(5));
         let status = body_error(large);
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("limit of 5 bytes"), "{status:?}");
