@@ -165,7 +165,6 @@ mod tests {
         for climbing in [
             "seg_train/../forest/1.jpg",
             "seg_train/a/../../evil.jpg",
-            "seg_train\\..\\seg_train\\a\\2.jpg",
             "../x.jpg",
             "seg_train/a/../.hidden",
         ] {

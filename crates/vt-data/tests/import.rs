@@ -396,6 +396,22 @@ fn photos_sharing_a_name_are_filed_alike_from_a_zip_and_its_folder() {
     assert_eq!(filed[0], filed[1]);
     assert_eq!(filed[0].0, filed[2].0);
     assert_eq!(filed[0].0, jpeg(1));
+    // A Windows name that climbs out of its folders is refused as a '/' one is.
+    let climbing = tmp.path().join("climbing.zip");
+    let with_climber = [
+        windows_names.to_vec(),
+        vec![("seg_train\\..\\..\\evil.jpg".to_string(), jpeg(9))],
+    ]
+    .concat();
+    fs::write(&climbing, zip_bytes(&with_climber)).unwrap();
+    let m = fetch(&from_path(&tmp.path().join("from-climbing"), &climbing)).unwrap();
+    assert!(
+        m.skipped.iter().any(
+            |s| s.path == "seg_train/../../evil.jpg" && s.reason == vt_data::layout::CLIMBS_OUT
+        ),
+        "{:?}",
+        m.skipped
+    );
 }
 
 /// A link to a class folder of the source is not followed, whether its name sorts before

@@ -247,6 +247,17 @@ fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
         );
     }
     assert!(!run.join(".last.old").exists());
+    // Written with the record of the epoch the state saved.
+    let epoch = &records(&run)[0];
+    for dir in ["best", "last"] {
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join(dir).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["training"]["epoch"], 1, "{dir}");
+        assert_eq!(config["training"]["val_accuracy"], epoch.val_acc, "{dir}");
+        assert_eq!(config["training"]["options"]["ema"], 0.9, "{dir}");
+    }
     let modified = |dir: &str| {
         std::fs::metadata(run.join(dir).join("model.safetensors"))
             .unwrap()
