@@ -141,6 +141,10 @@ fn start_server(name: &str, args: &Args, checkpoint: &Path) -> anyhow::Result<Ru
                 command,
                 &format!("the PyTorch baseline ({})", python.display()),
             )
+            .context(
+                "pass --python with a Python that has PyTorch (tools/reference/README.md sets \
+                 one up; its error is above), or --servers vt-serve to measure vt-serve alone",
+            )
         }
         other => bail!("unknown server `{other}` (expected vt-serve or pytorch)"),
     }

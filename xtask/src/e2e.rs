@@ -14,9 +14,9 @@ use anyhow::{anyhow, bail, ensure, Context};
 use clap::ValueEnum;
 use serde_json::{json, Value};
 use vt_data::error::DataError;
-use vt_data::fetch::{fetch, FetchOptions, FetchSource};
+use vt_data::fetch::{default_download_dir, fetch, FetchOptions, FetchSource};
 use vt_data::hf::HfOptions;
-use vt_data::kaggle::KaggleCredentials;
+use vt_data::kaggle::{KaggleCredentials, ZIP_NAME};
 use vt_data::source::synthetic::SyntheticConfig;
 use vt_train::metrics::METRICS_JSONL;
 use vt_train::state::STATE_DIR;
@@ -178,6 +178,25 @@ fn in_e2e_terms(e: DataError) -> anyhow::Error {
     } else {
         error
     }
+}
+
+/// Kaggle's download into `data`, its credentials found by `discover` before the build
+/// (missing ones fail at once), unless only a download needs them: the zip an earlier run
+/// kept is reused without them.
+fn kaggle_source(
+    data: &Path,
+    discover: impl FnOnce() -> Result<KaggleCredentials, DataError>,
+) -> anyhow::Result<FetchSource> {
+    let kept = default_download_dir(data).join(ZIP_NAME).is_file();
+    let credentials = if kept {
+        None
+    } else {
+        Some(discover().map_err(|e| anyhow!(e).context(NO_NETWORK_DATA))?)
+    };
+    Ok(FetchSource::Kaggle {
+        endpoint: None,
+        credentials,
+    })
 }
 
 fn fetch_data(data: &Path, source: FetchSource) -> anyhow::Result<()> {
@@ -585,12 +604,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(path), _) => FetchSource::Path(path.clone()),
         (None, Source::Synthetic) => FetchSource::Synthetic(SyntheticConfig::default()),
         (None, Source::Hf) => FetchSource::HuggingFace(HfOptions::default()),
-        (None, Source::Kaggle) => FetchSource::Kaggle {
-            endpoint: None,
-            credentials: Some(
-                KaggleCredentials::discover().map_err(|e| anyhow!(e).context(NO_NETWORK_DATA))?,
-            ),
-        },
+        (None, Source::Kaggle) => kaggle_source(&data, KaggleCredentials::discover)?,
     };
     let mut steps = Steps::default();
 
@@ -761,6 +775,30 @@ mod tests {
             let err = Cli::try_parse_from(["e2e", flag, "0"]).err().unwrap();
             assert!(err.to_string().contains("must be at least 1"), "{err}");
         }
+    }
+
+    /// Kaggle's credentials are asked for before the build, unless the zip an earlier run
+    /// downloaded is there to reuse.
+    #[test]
+    fn kaggle_credentials_are_needed_only_to_download() {
+        let work = scratch("kaggle");
+        let data = work.join("data");
+        let missing = || Err(DataError::Invalid("no kaggle.json".into()));
+        let err = kaggle_source(&data, missing).unwrap_err();
+        assert!(format!("{err:#}").contains("no kaggle.json"), "{err:#}");
+        std::fs::create_dir(work.join(".downloads")).unwrap();
+        std::fs::write(work.join(".downloads").join(ZIP_NAME), b"zip").unwrap();
+        let source = kaggle_source(&data, missing).unwrap();
+        assert!(
+            matches!(
+                source,
+                FetchSource::Kaggle {
+                    credentials: None,
+                    ..
+                }
+            ),
+            "{source:?}"
+        );
     }
 
     #[test]

@@ -262,15 +262,17 @@ impl Download<'_> {
                 return Err(DataError::io(&part, e));
             }
             return Err(self.fail(format!(
-                "connection lost after {total} bytes ({}); run again to resume",
-                error_chain(&e)
+                "connection lost after {total} bytes ({}); {}",
+                error_chain(&e),
+                run_again(&sidecar)
             )));
         }
         flushed.map_err(|e| DataError::io(&part, e))?;
         if let Some(expected) = expected {
             if total != expected {
                 return Err(self.fail(format!(
-                    "truncated: received {total} of {expected} bytes; run again to resume"
+                    "truncated: received {total} of {expected} bytes; {}",
+                    run_again(&sidecar)
                 )));
             }
         }
@@ -330,9 +332,9 @@ impl Download<'_> {
             }
             return Err(self.fail(format!(
                 "the server sent {total} bytes without declaring a length, and they fail the \
-                 check ({e}): the connection may have been cut. They are kept in {}: run again \
-                 to resume",
-                part.display()
+                 check ({e}): the connection may have been cut. They are kept in {}; {}",
+                part.display(),
+                run_again(sidecar)
             )));
         }
         // On disk before it takes its name, which says it is complete.
@@ -446,6 +448,17 @@ fn write_resume(resume: Option<&Resume>, path: &Path) -> Result<()> {
     fs::write(&tmp, format!("{total}\n{}\n", resume.validator))
         .map_err(|e| DataError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}
+
+/// What the next run does with a partial download whose validator is kept at `sidecar` (if
+/// the server gave one): resume it, or start over.
+fn run_again(sidecar: &Path) -> &'static str {
+    if sidecar.is_file() {
+        "run again to resume"
+    } else {
+        "run again to download it again (the server names no ETag or Last-Modified by which \
+         a download may resume)"
+    }
 }
 
 /// `<dest>.part.validator`, beside the partial file it describes.

@@ -40,7 +40,7 @@ use crate::fetch::check_kept_apart;
 use crate::hub_cache::{content_name, is_commit, is_git_object_id, ListedFile, RepoCache};
 use crate::import::{quoted, Importer};
 use crate::source::parquet::{import_parquet, ParquetSplit};
-use crate::source::zip::{import_download, note_discarded_download, zip_summary};
+use crate::source::zip::{import_download, note_discarded, note_discarded_download, zip_summary};
 
 pub const DEFAULT_REPO: &str = "miladfa7/Intel-Image-Classification";
 
@@ -546,7 +546,7 @@ impl<'a> DataFiles<'a> {
                 importer.set_classes(classes.clone());
                 for (((path, _), split), local) in splits.iter().zip(locals) {
                     import_parquet(local, path, *split, &classes, importer)
-                        .map_err(|e| discard_if_broken(local, e))?;
+                        .map_err(|e| discard_if_broken(opts, local, e))?;
                 }
                 Ok(())
             }
@@ -565,7 +565,7 @@ fn import_archive(
 ) -> Result<()> {
     let mut archives = Vec::new();
     for ((path, _), local) in zips.iter().zip(locals) {
-        let summary = zip_summary(local).map_err(|e| discard_if_broken(local, e))?;
+        let summary = zip_summary(local).map_err(|e| discard_if_broken(opts, local, e))?;
         if summary.train > 0 {
             archives.push((path, local));
         } else if summary.test + summary.pred > 0 {
@@ -589,7 +589,7 @@ fn import_archive(
     match archives.as_slice() {
         [(_, local)] => import_download(local, importer)
             .map(drop)
-            .map_err(|e| discard_if_broken(local, e)),
+            .map_err(|e| discard_if_broken(opts, local, e)),
         [] => Err(DataError::Layout(format!(
             "{}'s zips ({}) hold no seg_train/<class>/<image> entries: none is the Intel Image \
              Classification archive; choose another --hf-repo. {ALTERNATIVES}",
@@ -697,7 +697,8 @@ fn cached_download_hint(opts: &HfOptions, cache: &RepoCache) -> String {
                 ..opts.repo.clone()
             }
         ),
-        (_, Some((commit, archive))) => format!(
+        // One that reads as a zip: a cut download's is none (and its import fails).
+        (_, Some((commit, archive))) if zip_summary(&archive).is_ok() => format!(
             "The archive of commit {commit} is in the cache: cargo xtask fetch-data --from {} \
              imports it without the hub. ",
             archive.display()
@@ -950,11 +951,20 @@ async fn receive(
 /// `e`, the error of importing the cached download `local`; when the file itself is at fault
 /// (not a readable zip or parquet file), the download is removed so that the next run
 /// fetches a fresh copy. Other errors (writing the import, say) leave it for the next run.
-fn discard_if_broken(local: &Path, e: DataError) -> DataError {
+fn discard_if_broken(opts: &HfOptions, local: &Path, e: DataError) -> DataError {
     match e {
         DataError::Zip { .. } | DataError::Parquet { .. } => {
             discard_cached(local);
-            note_discarded_download(e)
+            if opts.is_offline() {
+                // Another run offline would find nothing to import.
+                note_discarded(
+                    e,
+                    "the damaged copy was deleted from the cache: run fetch-data without \
+                     HF_HUB_OFFLINE for a fresh one",
+                )
+            } else {
+                note_discarded_download(e)
+            }
         }
         other => other,
     }

@@ -293,6 +293,39 @@ fn a_range_answered_in_part_is_resumed_again() {
     assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 15);
 }
 
+/// A server that names no validator (`ETag`, `Last-Modified`) cannot be resumed from: a cut
+/// download says the next run starts over, which it does (no `Range` asked).
+#[test]
+fn a_cut_download_without_a_validator_says_it_starts_over() {
+    let body = kaggle_zip(&["forest", "sea"], 6, 0, 0);
+    let half = body.len() / 2;
+    let ranges = Arc::new(AtomicUsize::new(0));
+    let (served, asked) = (body.clone(), Arc::clone(&ranges));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&calls);
+    let server = TestServer::start(move |r| {
+        if r.headers.contains_key("range") {
+            asked.fetch_add(1, Ordering::SeqCst);
+        }
+        match count.fetch_add(1, Ordering::SeqCst) {
+            0 => Reply::truncated(served.len(), served[..half].to_vec()),
+            _ => Reply::ok(served.clone()),
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fetch(&kaggle_opts(&server, tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("run again to download it again (the server names no ETag"),
+        "{err}"
+    );
+    assert!(!err.contains("run again to resume"), "{err}");
+    let m = fetch(&kaggle_opts(&server, tmp.path())).unwrap();
+    assert_eq!(m.splits.train["forest"] + m.splits.val["forest"], 6);
+    assert_eq!(ranges.load(Ordering::SeqCst), 0);
+}
+
 /// The first byte a `Range: bytes=START-` request asks for.
 fn ranged_start(request: &Request) -> usize {
     let range = &request.headers["range"];
@@ -1100,6 +1133,37 @@ fn an_incomplete_snapshot_is_not_imported_offline() {
         err.contains(&format!("holds no complete download of commit {COMMIT}")),
         "{err}"
     );
+    // An intact archive is offered to import as it is, a cut one is not.
+    assert!(err.contains("imports it without the hub"), "{err}");
+    write(&blob(tmp.path(), "a/b", &zip), &zip[..zip.len() / 2]);
+    let err = fetch(&offline(hf_opts(&server, "a/b", tmp.path()), "a/b"))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("imports it without the hub"), "{err}");
+}
+
+/// Offline, a cached archive of the listed size that does not read as a zip is deleted, and
+/// the error says a fresh copy needs the hub (another offline run would find none).
+#[test]
+fn a_damaged_archive_found_offline_says_to_go_online() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = kaggle_zip(&["forest", "sea"], 3, 1, 0);
+    let server = hub("a/b", vec![("archive.zip".into(), zip.clone())]);
+    fetch(&hf_opts(&server, "a/b", tmp.path())).unwrap();
+    let blob = blob(tmp.path(), "a/b", &zip);
+    write(&blob, &vec![0; zip.len()]);
+    let err = fetch(&offline(hf_opts(&server, "a/b", tmp.path()), "a/b"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("run fetch-data without HF_HUB_OFFLINE for a fresh one"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("run fetch-data again for a fresh copy"),
+        "{err}"
+    );
+    assert!(!blob.exists());
 }
 
 /// Bytes damaged on the way (the right length, but not the object the listing names) are

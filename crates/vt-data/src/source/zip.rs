@@ -34,15 +34,22 @@ fn open(path: &Path) -> Result<ZipArchive<File>> {
 /// For an archive that we downloaded and deleted because it failed: says that fetching again
 /// downloads a fresh copy, which the user's own `--from` file would not get.
 pub(crate) fn note_discarded_download(e: DataError) -> DataError {
-    const NOTE: &str = "the download was deleted: run fetch-data again for a fresh copy";
+    note_discarded(
+        e,
+        "the download was deleted: run fetch-data again for a fresh copy",
+    )
+}
+
+/// `e`, about a file deleted for it, with `note` (what was done, and what to do).
+pub(crate) fn note_discarded(e: DataError, note: &str) -> DataError {
     match e {
         DataError::Zip { path, message } => DataError::Zip {
             path,
-            message: format!("{message}; {NOTE}"),
+            message: format!("{message}; {note}"),
         },
         DataError::Parquet { path, message } => DataError::Parquet {
             path,
-            message: format!("{message}; {NOTE}"),
+            message: format!("{message}; {note}"),
         },
         other => other,
     }
