@@ -883,17 +883,30 @@ fn is_os_metadata(dir: &Path, name: &str) -> bool {
         ".DS_Store" => b"\0\0\0\x01Bud1",
         // An OLE compound file.
         "Thumbs.db" => b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
-        // Explorer's folder settings, plain text.
-        "desktop.ini" => b"",
+        // Explorer's folder settings: an INI file, in UTF-8 or UTF-16 with its BOM, whose
+        // first non-blank character opens a section (`[.ShellClassInfo]`).
+        "desktop.ini" => b"[",
         // AppleDouble.
         _ if name.starts_with("._") => b"\0\x05\x16\x07",
         _ => return false,
     };
     let path = dir.join(name);
-    let mut start = vec![0; magic.len()];
-    fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file())
-        && File::open(&path).is_ok_and(|mut file| file.read_exact(&mut start).is_ok())
-        && start == magic
+    let mut start = Vec::new();
+    let read = File::open(&path).and_then(|file| file.take(64).read_to_end(&mut start));
+    if !fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) || read.is_err() {
+        return false;
+    }
+    if name == "desktop.ini" {
+        let text = start
+            .strip_prefix(b"\xef\xbb\xbf")
+            .or_else(|| start.strip_prefix(b"\xff\xfe"))
+            .unwrap_or(&start);
+        return text
+            .iter()
+            .find(|b| !b.is_ascii_whitespace() && **b != 0)
+            .is_some_and(|b| magic.starts_with(&[*b]));
+    }
+    start.starts_with(magic)
 }
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.

@@ -104,6 +104,12 @@ pub fn place(rel: &str) -> Placement {
     }
 }
 
+/// Whether a folder (a '/'-separated path relative to the source root) lies outside the
+/// layout: in no `seg_train`, `seg_test` or `seg_pred` folder, its files imported nowhere.
+pub fn outside_the_layout(rel: &str) -> bool {
+    place(&format!("{rel}/_")) == Placement::Ignore
+}
+
 /// The class of a folder (a '/'-separated path relative to the source root) that holds or
 /// lies within a `seg_train` class folder: that of any file placed in it.
 pub fn train_class_of_folder(rel: &str) -> Option<String> {

@@ -439,6 +439,25 @@ fn a_link_to_a_class_folder_of_the_source_is_not_followed() {
     }
 }
 
+/// A class linked to a folder of the source outside the layout (`photos/forest`) gets its
+/// photos, which that folder's own path imports nowhere (listed first, it is no stray).
+#[cfg(unix)]
+#[test]
+fn a_class_linked_to_a_folder_outside_the_layout_gets_its_photos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("seg_train/sea/s.jpg"), &jpeg(1));
+    write(&src.join("photos/forest/f.jpg"), &jpeg(2));
+    write(&src.join("photos/forest/more/g.jpg"), &jpeg(3));
+    std::os::unix::fs::symlink("../photos/forest", src.join("seg_train/forest")).unwrap();
+    let mut opts = from_path(&tmp.path().join("data"), &src);
+    opts.val_fraction = 0.0;
+    let m = fetch(&opts).unwrap();
+    assert_eq!(m.splits.train["forest"], 2, "{:?}", m.splits);
+    assert_eq!(m.splits.train["sea"], 1, "{:?}", m.splits);
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+}
+
 /// A class linked to a folder inside another class's linked folder: its photos are filed
 /// once, under the class that reached them first, and the manifest says why the other has
 /// none of them (an error naming the link when it has no photos at all).
@@ -700,6 +719,7 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         "Thumbs.db/thesis.tex".to_string(),
         format!("train/{class}/.DS_Store/notes.txt"),
         format!("val/{class}/._mywork"),
+        "pred/desktop.ini".to_string(),
     ];
     for path in &users {
         write(&data.join(path), b"precious");
@@ -738,7 +758,11 @@ fn what_was_added_inside_an_import_is_not_replaced() {
             "Thumbs.db".to_string(),
             &b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\0"[..],
         ),
-        ("pred/desktop.ini".to_string(), &b"[.ShellClassInfo]"[..]),
+        (
+            "pred/desktop.ini".to_string(),
+            &b"\r\n[.ShellClassInfo]"[..],
+        ),
+        ("train/desktop.ini".to_string(), &b"\xff\xfe[\0.\0S\0"[..]),
     ];
     for (path, bytes) in &left_by_file_managers {
         write(&data.join(path), bytes);
@@ -1093,7 +1117,12 @@ fn names_that_are_not_utf8_are_renamed_and_told_apart() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let sea = src.join("seg_train/sea");
-    for (seed, name) in [(1, &b"caf\xe9.jpg"[..]), (2, b"caf\xe8.jpg")] {
+    // And one whose name reads as such an escape.
+    for (seed, name) in [
+        (1, &b"caf\xe9.jpg"[..]),
+        (2, b"caf\xe8.jpg"),
+        (4, b"caf\\xe8.jpg"),
+    ] {
         write(&sea.join(std::ffi::OsStr::from_bytes(name)), &jpeg(seed));
     }
     write(&src.join("seg_train/forest/plain.jpg"), &jpeg(3));
@@ -1108,6 +1137,7 @@ fn names_that_are_not_utf8_are_renamed_and_told_apart() {
         [
             ("train/sea/caf_-1.jpg", "seg_train/sea/caf\\xe9.jpg"),
             ("train/sea/caf_.jpg", "seg_train/sea/caf\\xe8.jpg"),
+            ("train/sea/caf_xe8.jpg", "seg_train/sea/caf\\\\xe8.jpg"),
         ]
         .map(|(to, from)| (to.to_string(), from.to_string()))
         .into()
@@ -1136,7 +1166,7 @@ fn a_backslash_in_a_folders_names_is_no_separator() {
         m.renamed,
         [(
             "train/cats/d_e.jpg".to_string(),
-            "seg_train/cats/d\\e.jpg".to_string()
+            "seg_train/cats/d\\\\e.jpg".to_string()
         )]
         .into()
     );

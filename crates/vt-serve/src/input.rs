@@ -432,7 +432,7 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
 /// ISO-8859-1; a value not in that form is taken as it is.
 fn extended_file_name(headers: &HeaderMap) -> Option<String> {
     let disposition = headers.get(header::CONTENT_DISPOSITION)?.to_str().ok()?;
-    let value = disposition.split(';').find_map(|parameter| {
+    let value = parameters(disposition).find_map(|parameter| {
         let (name, value) = parameter.split_once('=')?;
         name.trim()
             .eq_ignore_ascii_case("filename*")
@@ -449,6 +449,17 @@ fn extended_file_name(headers: &HeaderMap) -> Option<String> {
         bytes.into_iter().map(char::from).collect()
     } else {
         String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// The `;`-separated parts of a header value, a `;` within quotes (`name="a;b"`) kept.
+fn parameters(value: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    value.split(move |c| {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        c == ';' && !quoted
     })
 }
 

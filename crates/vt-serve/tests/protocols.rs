@@ -1718,6 +1718,13 @@ async fn unknown_protocol_routes_and_methods_answer_in_the_protocols_shape() {
             StatusCode::METHOD_NOT_ALLOWED,
             Some("POST"),
         ),
+        // The `:` percent-encoded, as the router reads it.
+        (
+            M::PUT,
+            "/v1/models/tiny%3Apredict",
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some("POST"),
+        ),
     ] {
         let response = client
             .request(method.clone(), server.url(path))

@@ -526,6 +526,8 @@ async fn bad_inputs_get_json_errors_and_the_server_carries_on() {
             photo.as_slice(),
         ),
         (r#"name="b"; filename="""#, &[][..]),
+        // A form field whose quoted name holds what reads as a file name parameter.
+        (r#"name="note; filename*=UTF-8''n.txt""#, b"hello"),
         (r#"name="c"; filename="c.jpg""#, photo.as_slice()),
     ] {
         body.extend_from_slice(

@@ -4,11 +4,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Read;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
-use crate::layout::{place, train_class_of_folder, Placement};
+use crate::layout::{outside_the_layout, place, train_class_of_folder, Placement};
 use crate::source::{too_large, MAX_FILE_BYTES};
 
 /// Imports every file under `root`, in sorted order so runs are reproducible.
@@ -27,8 +27,8 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     // path cannot be told is listed.)
     let mut folders = vec![root.to_path_buf()];
     let mut links = BTreeSet::new();
-    // Each folder listed, by its real path, with the class of the path it was listed by.
-    let mut listed = HashMap::new();
+    // Each folder listed, by its real path: how, and by which path.
+    let mut listed: HashMap<PathBuf, Listed> = HashMap::new();
     let mut files = Vec::new();
     let root_real = root.canonicalize().ok();
     while let Some((dir, linked)) = folders
@@ -50,33 +50,46 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                 );
                 continue;
             }
-            let class = train_class_of_folder(&relative(root, &dir));
-            if let Some(first) = listed.get(&real) {
-                // Its photos are filed under the class of the path that listed it: this one's
-                // class does not get them, which the manifest says (and an error about a class
-                // left without photos shows).
-                if class.is_some() && *first != class {
-                    let filed = match first {
-                        Some(first) => format!("as part of class {first:?}"),
+            let rel = relative(root, &dir);
+            let here = Listed {
+                class: train_class_of_folder(&rel),
+                outside: outside_the_layout(&rel),
+                dir: dir.clone(),
+            };
+            match listed.get(&real) {
+                // Outside the layout (`photos/forest`, which a class links to): its files
+                // were imported nowhere, so they are listed again, for this class.
+                Some(first) if first.outside && here.class.is_some() => {
+                    files.retain(|(path, _): &(PathBuf, _)| path.parent() != Some(&first.dir));
+                }
+                // Its photos are filed by the path that listed it: this one's class does not
+                // get them, which the manifest says (and an error about a class left without
+                // photos shows).
+                Some(first) if here.class.is_some() && first.class != here.class => {
+                    let filed = match &first.class {
+                        Some(class) => format!("as part of class {class:?}"),
                         None => "through another path".into(),
                     };
                     importer.skip(
-                        relative(root, &dir),
+                        rel,
                         format!(
                             "a link to {}, a folder imported already {filed}: its photos are \
                              filed there, once",
                             real.display()
                         ),
                     )?;
-                } else {
+                    continue;
+                }
+                Some(_) => {
                     tracing::warn!(
                         "{}: a folder already listed (through a link), not listed again",
                         dir.display()
                     );
+                    continue;
                 }
-                continue;
+                None => {}
             }
-            listed.insert(real, class);
+            listed.insert(real, here);
         }
         let mut entries: Vec<_> = fs::read_dir(&dir)
             .map_err(|e| DataError::io(&dir, e))?
@@ -152,6 +165,14 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     Ok(())
 }
 
+/// How a folder was listed: the `seg_train` class of the path that listed it, whether that
+/// path lies outside the layout, and the path.
+struct Listed {
+    class: Option<String>,
+    outside: bool,
+    dir: PathBuf,
+}
+
 /// `path` relative to `root`, '/'-separated, bytes that are not UTF-8 read as U+FFFD (a
 /// class so named is refused). A `\\` in a name stays: on Unix it is one of its
 /// characters, not a separator (a class so named is refused too).
@@ -159,8 +180,8 @@ fn relative(root: &Path, path: &Path) -> String {
     joined(root, path, |name| name.to_string_lossy().into_owned())
 }
 
-/// [`relative`] with bytes that are not UTF-8 written `\\xNN`, as the manifest reports a
-/// file's path.
+/// [`relative`] as the manifest reports a file's path: bytes that are not UTF-8 written
+/// `\xNN`, and so a `\` as `\\` (the name `a\xfe` is no byte).
 fn reported(root: &Path, path: &Path) -> String {
     joined(root, path, |name| {
         name.as_encoded_bytes()
@@ -171,7 +192,7 @@ fn reported(root: &Path, path: &Path) -> String {
                     .iter()
                     .map(|byte| format!("\\x{byte:02x}"))
                     .collect();
-                format!("{}{invalid}", chunk.valid())
+                format!("{}{invalid}", chunk.valid().replace('\\', "\\\\"))
             })
             .collect()
     })
