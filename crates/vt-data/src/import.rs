@@ -879,35 +879,45 @@ fn list_entries(dir: &Path) -> Result<Vec<(String, bool)>> {
 /// systems): no user's work. Known by its name and its format's first bytes, so that a
 /// folder or a user's own file of such a name is not taken for one.
 fn is_os_metadata(dir: &Path, name: &str) -> bool {
-    let magic: &[u8] = match name {
-        ".DS_Store" => b"\0\0\0\x01Bud1",
+    // The first bytes of each; None for Explorer's folder settings, an INI file (in UTF-8
+    // or UTF-16) that opens with one of Explorer's sections.
+    let magic: Option<&[u8]> = match name {
+        ".DS_Store" => Some(b"\0\0\0\x01Bud1"),
         // An OLE compound file.
-        "Thumbs.db" => b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
-        // Explorer's folder settings: an INI file, in UTF-8 or UTF-16 with its BOM, whose
-        // first non-blank character opens a section (`[.ShellClassInfo]`).
-        "desktop.ini" => b"[",
+        "Thumbs.db" => Some(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"),
+        "desktop.ini" => None,
         // AppleDouble.
-        _ if name.starts_with("._") => b"\0\x05\x16\x07",
+        _ if name.starts_with("._") => Some(b"\0\x05\x16\x07"),
         _ => return false,
     };
     let path = dir.join(name);
-    let mut start = Vec::new();
-    let read = File::open(&path).and_then(|file| file.take(64).read_to_end(&mut start));
-    if !fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) || read.is_err() {
+    // Only a regular file is opened: a FIFO of such a name would block the import.
+    if !fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) {
         return false;
     }
-    if name == "desktop.ini" {
-        let text = start
-            .strip_prefix(b"\xef\xbb\xbf")
-            .or_else(|| start.strip_prefix(b"\xff\xfe"))
-            .unwrap_or(&start);
-        return text
-            .iter()
-            .find(|b| !b.is_ascii_whitespace() && **b != 0)
-            .is_some_and(|b| magic.starts_with(&[*b]));
+    let mut start = Vec::new();
+    if File::open(&path)
+        .and_then(|file| file.take(64).read_to_end(&mut start))
+        .is_err()
+    {
+        return false;
     }
-    start.starts_with(magic)
+    if let Some(magic) = magic {
+        return start.starts_with(magic);
+    }
+    // UTF-16's NULs and a BOM dropped: the first line as ASCII.
+    let text: String = start
+        .iter()
+        .filter(|b| b.is_ascii() && **b != 0)
+        .map(|b| char::from(*b))
+        .collect();
+    let section = text.trim_start().lines().next().unwrap_or_default().trim();
+    EXPLORER_SECTIONS.contains(&section) || section.starts_with("[{")
 }
+
+/// The sections Windows Explorer opens a `desktop.ini` with (a folder's GUID sections,
+/// `[{...}]`, too).
+const EXPLORER_SECTIONS: [&str; 3] = ["[.ShellClassInfo]", "[LocalizedFileNames]", "[ViewState]"];
 
 /// Replaces `data_dir` by `staging`: old one renamed away, new one renamed in, old deleted.
 /// Between the two renames `data_dir` is briefly absent, never half-written; a crash there

@@ -110,14 +110,20 @@ pub fn outside_the_layout(rel: &str) -> bool {
     place(&format!("{rel}/_")) == Placement::Ignore
 }
 
+/// Where the files of a folder (a '/'-separated path relative to the source root) go: a
+/// class of `seg_train` or `seg_test`, or `seg_pred`; None outside them.
+pub fn role_of_folder(rel: &str) -> Option<Role> {
+    match place(&format!("{rel}/_")) {
+        Placement::Image { role, .. } => Some(role),
+        _ => None,
+    }
+}
+
 /// The class of a folder (a '/'-separated path relative to the source root) that holds or
 /// lies within a `seg_train` class folder: that of any file placed in it.
 pub fn train_class_of_folder(rel: &str) -> Option<String> {
-    match place(&format!("{rel}/_")) {
-        Placement::Image {
-            role: Role::Train(class),
-            ..
-        } => Some(class),
+    match role_of_folder(rel) {
+        Some(Role::Train(class)) => Some(class),
         _ => None,
     }
 }

@@ -450,12 +450,25 @@ fn a_class_linked_to_a_folder_outside_the_layout_gets_its_photos() {
     write(&src.join("photos/forest/f.jpg"), &jpeg(2));
     write(&src.join("photos/forest/more/g.jpg"), &jpeg(3));
     std::os::unix::fs::symlink("../photos/forest", src.join("seg_train/forest")).unwrap();
+    // A loop inside it is not followed: the folder above holds other photos.
+    std::os::unix::fs::symlink("..", src.join("photos/forest/up")).unwrap();
+    write(&src.join("photos/misc/m.jpg"), &jpeg(4));
+    // The test split's class, likewise.
+    write(&src.join("photos/test-forest/t.jpg"), &jpeg(5));
+    fs::create_dir_all(src.join("seg_test")).unwrap();
+    std::os::unix::fs::symlink("../photos/test-forest", src.join("seg_test/forest")).unwrap();
     let mut opts = from_path(&tmp.path().join("data"), &src);
     opts.val_fraction = 0.0;
     let m = fetch(&opts).unwrap();
     assert_eq!(m.splits.train["forest"], 2, "{:?}", m.splits);
     assert_eq!(m.splits.train["sea"], 1, "{:?}", m.splits);
-    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    assert_eq!(m.splits.test["forest"], 1, "{:?}", m.splits);
+    let skipped: Vec<(&str, &str)> = m
+        .skipped
+        .iter()
+        .map(|s| (s.path.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(skipped, [("photos/misc/m.jpg", OUTSIDE_SPLITS)]);
 }
 
 /// A class linked to a folder inside another class's linked folder: its photos are filed
@@ -722,8 +735,16 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         "pred/desktop.ini".to_string(),
     ];
     for path in &users {
-        write(&data.join(path), b"precious");
+        write(&data.join(path), b"[my notes]\nprecious");
     }
+    // A pipe of such a name is named too, not opened (which would block the import).
+    let pipe = data.join(format!("val/{class}/.DS_Store"));
+    #[cfg(unix)]
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap()
+        .success());
     let err = fetch(&tiny_synthetic(&data, 1)).unwrap_err().to_string();
     for path in &users {
         let named = path
@@ -731,6 +752,11 @@ fn what_was_added_inside_an_import_is_not_replaced() {
             .trim_end_matches("/notes.txt");
         assert!(err.contains(named), "{named}: {err}");
         fs::remove_file(data.join(path)).unwrap();
+    }
+    #[cfg(unix)]
+    {
+        assert!(err.contains(&format!("val/{class}/.DS_Store")), "{err}");
+        fs::remove_file(&pipe).unwrap();
     }
     fs::remove_dir(data.join("Thumbs.db")).unwrap();
     fs::remove_dir(data.join(format!("train/{class}/.DS_Store"))).unwrap();
@@ -745,6 +771,15 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         "{err}"
     );
     fs::remove_file(&mine).unwrap();
+    // Explorer writes UTF-16 with its byte order mark.
+    let utf16: Vec<u8> = [0xff, 0xfe]
+        .into_iter()
+        .chain(
+            "[{BE098140-A513-11D0-A3A4-00C04FD706EC}]\r\n"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        )
+        .collect();
     let left_by_file_managers = [
         (
             format!("train/{class}/.DS_Store"),
@@ -762,7 +797,7 @@ fn what_was_added_inside_an_import_is_not_replaced() {
             "pred/desktop.ini".to_string(),
             &b"\r\n[.ShellClassInfo]"[..],
         ),
-        ("train/desktop.ini".to_string(), &b"\xff\xfe[\0.\0S\0"[..]),
+        ("train/desktop.ini".to_string(), &utf16[..]),
     ];
     for (path, bytes) in &left_by_file_managers {
         write(&data.join(path), bytes);

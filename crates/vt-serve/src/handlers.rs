@@ -393,9 +393,7 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         }
         .into_response(),
     };
-    // As the router matched it: `%3A` is the `:` of `NAME:VERB`.
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    if let Some(allowed) = instances::methods_allowed(&decoded) {
+    if let Some(allowed) = instances::methods_allowed(path) {
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static(allowed));

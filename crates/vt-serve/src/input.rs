@@ -394,11 +394,7 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     let mut images = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(field_error)? {
         // Only file parts are images; plain form fields are ignored.
-        let filename = field
-            .file_name()
-            .map(str::to_owned)
-            .or_else(|| extended_file_name(field.headers()));
-        let Some(filename) = filename else {
+        let Some(filename) = file_name(field.headers()) else {
             continue;
         };
         if images.len() == max_files {
@@ -427,40 +423,68 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Inputs, Ap
     })
 }
 
-/// The file name a multipart part gives only as RFC 5987's extended parameter
-/// (`filename*=UTF-8''%C3%A9t%C3%A9.jpg`, which RFC 7578 allows senders), in UTF-8 or
-/// ISO-8859-1; a value not in that form is taken as it is.
-fn extended_file_name(headers: &HeaderMap) -> Option<String> {
+/// The file name of a multipart part, from its `Content-Disposition`: RFC 5987's extended
+/// `filename*=UTF-8''%C3%A9t%C3%A9.jpg` (which RFC 7578 allows senders; UTF-8 or ISO-8859-1,
+/// a value not in that form taken as it is) before a plain `filename`; None for a form field.
+/// Read here rather than by multer, which finds `filename` inside a quoted field name.
+fn file_name(headers: &HeaderMap) -> Option<String> {
     let disposition = headers.get(header::CONTENT_DISPOSITION)?.to_str().ok()?;
-    let value = parameters(disposition).find_map(|parameter| {
-        let (name, value) = parameter.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("filename*")
-            .then(|| value.trim().trim_matches('"'))
-    })?;
-    let Some((charset, encoded)) = value
-        .split_once('\'')
-        .and_then(|(charset, rest)| Some((charset, rest.split_once('\'')?.1)))
-    else {
-        return Some(value.to_owned());
+    let parameters = parameters(disposition);
+    let named = |wanted: &str| {
+        parameters
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| value.as_str())
     };
-    let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
-    Some(if charset.eq_ignore_ascii_case("iso-8859-1") {
-        bytes.into_iter().map(char::from).collect()
-    } else {
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
+    if let Some(value) = named("filename*") {
+        let Some((charset, encoded)) = value
+            .split_once('\'')
+            .and_then(|(charset, rest)| Some((charset, rest.split_once('\'')?.1)))
+        else {
+            return Some(value.to_owned());
+        };
+        let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
+        return Some(if charset.eq_ignore_ascii_case("iso-8859-1") {
+            bytes.into_iter().map(char::from).collect()
+        } else {
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+    }
+    named("filename").map(str::to_owned)
 }
 
-/// The `;`-separated parts of a header value, a `;` within quotes (`name="a;b"`) kept.
-fn parameters(value: &str) -> impl Iterator<Item = &str> {
-    let mut quoted = false;
-    value.split(move |c| {
-        if c == '"' {
-            quoted = !quoted;
+/// The `name=value` parameters after a header value's first `;`, values unquoted (a `;`
+/// within quotes is part of the value, as an escaped `\"` is).
+fn parameters(value: &str) -> Vec<(String, String)> {
+    let mut parameters = Vec::new();
+    let mut chars = value.chars().skip_while(|c| *c != ';').peekable();
+    while chars.next().is_some() {
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ';') {
+            name.push(c);
         }
-        c == ';' && !quoted
-    })
+        // A parameter without a value.
+        if chars.next_if_eq(&'=').is_none() {
+            continue;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    // `\"` and `\\` escaped; another `\` (a Windows path's) is itself.
+                    '\\' => value.push(chars.next_if(|c| matches!(c, '"' | '\\')).unwrap_or(c)),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        }
+        while let Some(c) = chars.next_if(|c| *c != ';') {
+            value.push(c);
+        }
+        parameters.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    parameters
 }
 
 async fn read_json(
@@ -543,6 +567,55 @@ pub fn decode_base64(text: &str) -> Result<Bytes, base64::DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A part is a file by a `filename` parameter of its own, never by text inside a quoted
+    /// field name.
+    #[test]
+    fn a_parts_file_name_is_read_from_its_own_parameters() {
+        let name = |disposition: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_DISPOSITION, disposition.parse().unwrap());
+            file_name(&headers)
+        };
+        for (disposition, expected) in [
+            (r#"form-data; name="a"; filename="x.jpg""#, Some("x.jpg")),
+            ("form-data; name=a; filename=x.jpg", Some("x.jpg")),
+            (r#"form-data; name="a"; filename="""#, Some("")),
+            (
+                r#"form-data; name="a"; filename="C:\Users\me\x.jpg""#,
+                Some(r"C:\Users\me\x.jpg"),
+            ),
+            (
+                r#"form-data; name="a"; filename="say \"hi\".jpg""#,
+                Some(r#"say "hi".jpg"#),
+            ),
+            (
+                "form-data; name=\"a\"; filename*=UTF-8''%C3%A9t%C3%A9.jpg",
+                Some("été.jpg"),
+            ),
+            (
+                "form-data; name=\"a\"; filename*=iso-8859-1''%E9t%E9.jpg",
+                Some("été.jpg"),
+            ),
+            (
+                "form-data; name=\"a\"; filename=\"ete.jpg\"; filename*=UTF-8''%C3%A9t%C3%A9.jpg",
+                Some("été.jpg"),
+            ),
+            (
+                "form-data; name=\"a\"; filename*=plain.jpg",
+                Some("plain.jpg"),
+            ),
+            (r#"form-data; name="note; filename=x.jpg""#, None),
+            (r#"form-data; name="my filename=x.jpg""#, None),
+            (
+                r#"form-data; name="a\"; filename*=UTF-8''evil.jpg; b=\"""#,
+                None,
+            ),
+            ("form-data; flag; name=\"a\"", None),
+        ] {
+            assert_eq!(name(disposition).as_deref(), expected, "{disposition}");
+        }
+    }
 
     #[test]
     fn json_media_types_are_json() {

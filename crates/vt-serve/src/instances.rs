@@ -148,14 +148,16 @@ struct Classification {
     confidences: Vec<f32>,
 }
 
-/// The methods `path` takes when it is `/v1/models/{segment}`, whose one route serves two
-/// resources: `NAME:VERB` takes POST, a model's readiness GET (and HEAD).
+/// The methods `path` (as sent, percent-encoded) takes when it is `/v1/models/{segment}`,
+/// whose one route serves two resources: `NAME:VERB` takes POST, a model's readiness GET
+/// (and HEAD). The segment is read as the router reads it: decoded (`%3A` is a `:`).
 pub fn methods_allowed(path: &str) -> Option<&'static str> {
     let segment = path.strip_prefix("/v1/models/")?;
     if segment.is_empty() || segment.contains('/') {
         return None;
     }
-    Some(if segment.contains(':') {
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+    Some(if decoded.contains(':') {
         "POST"
     } else {
         "GET,HEAD"

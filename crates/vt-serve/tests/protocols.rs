@@ -1718,12 +1718,24 @@ async fn unknown_protocol_routes_and_methods_answer_in_the_protocols_shape() {
             StatusCode::METHOD_NOT_ALLOWED,
             Some("POST"),
         ),
-        // The `:` percent-encoded, as the router reads it.
+        // Percent-encoded, as the router reads it: one segment, decoded.
         (
             M::PUT,
             "/v1/models/tiny%3Apredict",
             StatusCode::METHOD_NOT_ALLOWED,
             Some("POST"),
+        ),
+        (
+            M::PUT,
+            "/v1/models/a%2Fb:predict",
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some("POST"),
+        ),
+        (
+            M::PUT,
+            "/v1/models/a%2Fb",
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some("GET,HEAD"),
         ),
     ] {
         let response = client

@@ -8,7 +8,9 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{DataError, Result};
 use crate::import::{Importer, RawImage};
-use crate::layout::{outside_the_layout, place, train_class_of_folder, Placement};
+use crate::layout::{
+    outside_the_layout, place, role_of_folder, train_class_of_folder, Placement, Role,
+};
 use crate::source::{too_large, MAX_FILE_BYTES};
 
 /// Imports every file under `root`, in sorted order so runs are reproducible.
@@ -30,48 +32,45 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     // Each folder listed, by its real path: how, and by which path.
     let mut listed: HashMap<PathBuf, Listed> = HashMap::new();
     let mut files = Vec::new();
-    let root_real = root.canonicalize().ok();
     while let Some((dir, linked)) = folders
         .pop()
         .map(|dir| (dir, false))
         .or_else(|| links.pop_first().map(|dir| (dir, true)))
     {
         if let Ok(real) = dir.canonicalize() {
-            // Above the source (`..`, the home folder): everything else there is no photo
-            // of the class the link is in.
-            if linked
-                && root_real
-                    .as_ref()
-                    .is_some_and(|root| root.starts_with(&real))
-            {
+            // A loop (`photos/forest/up -> ..`), or above the source (the home folder):
+            // what else the folder above holds is no photo of the folder the link is in.
+            let parent_real = dir.parent().and_then(|parent| parent.canonicalize().ok());
+            if linked && parent_real.is_some_and(|parent| parent.starts_with(&real)) {
                 tracing::warn!(
-                    "{}: a link to a folder that holds the source, not followed",
+                    "{}: a link to a folder that holds it, not followed",
                     dir.display()
                 );
                 continue;
             }
-            let rel = relative(root, &dir);
             let here = Listed {
-                class: train_class_of_folder(&rel),
-                outside: outside_the_layout(&rel),
+                role: role_of_folder(&relative(root, &dir)),
+                outside: outside_the_layout(&relative(root, &dir)),
                 dir: dir.clone(),
             };
             match listed.get(&real) {
                 // Outside the layout (`photos/forest`, which a class links to): its files
-                // were imported nowhere, so they are listed again, for this class.
-                Some(first) if first.outside && here.class.is_some() => {
+                // were imported nowhere, so they are listed again, for this path's split.
+                Some(first) if first.outside && here.role.is_some() => {
                     files.retain(|(path, _): &(PathBuf, _)| path.parent() != Some(&first.dir));
                 }
-                // Its photos are filed by the path that listed it: this one's class does not
-                // get them, which the manifest says (and an error about a class left without
-                // photos shows).
-                Some(first) if here.class.is_some() && first.class != here.class => {
-                    let filed = match &first.class {
-                        Some(class) => format!("as part of class {class:?}"),
+                // Its photos are filed by the path that listed it: this one's class or split
+                // does not get them, which the manifest says (and an error about a class left
+                // without photos shows).
+                Some(first) if here.role.is_some() && first.role != here.role => {
+                    let filed = match &first.role {
+                        Some(Role::Train(class)) => format!("as part of class {class:?}"),
+                        Some(Role::Test(class)) => format!("as test images of class {class:?}"),
+                        Some(Role::Pred) => "as unlabelled (seg_pred) images".into(),
                         None => "through another path".into(),
                     };
                     importer.skip(
-                        rel,
+                        reported(root, &dir),
                         format!(
                             "a link to {}, a folder imported already {filed}: its photos are \
                              filed there, once",
@@ -165,10 +164,10 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
     Ok(())
 }
 
-/// How a folder was listed: the `seg_train` class of the path that listed it, whether that
-/// path lies outside the layout, and the path.
+/// How a folder was listed: where the path that listed it files its photos (a class of a
+/// split, or none), whether that path lies outside the layout, and the path.
 struct Listed {
-    class: Option<String>,
+    role: Option<Role>,
     outside: bool,
     dir: PathBuf,
 }
