@@ -738,6 +738,7 @@ fn what_was_added_inside_an_import_is_not_replaced() {
         write(&data.join(path), b"[my notes]\nprecious");
     }
     // A pipe of such a name is named too, not opened (which would block the import).
+    #[cfg(unix)]
     let pipe = data.join(format!("val/{class}/.DS_Store"));
     #[cfg(unix)]
     assert!(std::process::Command::new("mkfifo")
