@@ -6,10 +6,10 @@
 //! - [`eval`], [`metrics`], [`calibration`], [`compare`], [`explain`], [`plots`],
 //!   [`progress`]: measuring and reporting; [`export`]: ONNX export; [`import`]: weights
 //!   trained elsewhere;
-//! - [`state`]: the saved training state; [`provenance`]: what trained a checkpoint; [`history`]: the checkpoints of the best epochs
-//!   (`--checkpoint-hist`), which [`average`] averages; [`tensorboard`]: event files for
-//!   TensorBoard;
-//!   [`data`]: glue to vt-data's loader;
+//! - [`state`]: the saved training state; [`provenance`]: what trained a checkpoint;
+//!   [`history`]: the checkpoints of the best epochs (`--checkpoint-hist`), which
+//!   [`average`] averages; [`tensorboard`]: event files for TensorBoard; [`data`]: glue to
+//!   vt-data's loader;
 //! - [`learner`]: the setup and the optimiser step that [`train`] and [`lr_find`] (the
 //!   learning-rate range test) share.
 

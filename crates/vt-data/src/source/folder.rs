@@ -48,9 +48,10 @@ pub fn import_folder(root: &Path, importer: &mut Importer) -> Result<()> {
                 );
                 continue;
             }
+            let rel = relative(root, &dir);
             let here = Listed {
-                role: role_of_folder(&relative(root, &dir)),
-                outside: outside_the_layout(&relative(root, &dir)),
+                role: role_of_folder(&rel),
+                outside: outside_the_layout(&rel),
                 dir: dir.clone(),
             };
             match listed.get(&real) {
