@@ -122,7 +122,12 @@ impl Server {
                         break url.trim().to_string();
                     }
                 }
-                None => bail!("vt-serve exited before listening ({:?})", child.wait()?),
+                None => {
+                    let status = child
+                        .wait()
+                        .context("waiting for vt-serve, which closed its output")?;
+                    bail!("vt-serve exited before listening ({status})")
+                }
             }
         };
         // Its stdout is read here, so the address is echoed while the server is in use.
@@ -156,7 +161,8 @@ impl Drop for Server {
 fn terminate(child: &Child) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .status()?;
+        .status()
+        .with_context(|| format!("running `kill -TERM {}`", child.id()))?;
     ensure!(status.success(), "kill -TERM {} failed", child.id());
     Ok(())
 }

@@ -160,11 +160,40 @@ fn gather(
     zip: &mut zip::ZipArchive<BufReader<File>>,
     info: &TensorInfo,
 ) -> candle_core::Result<Tensor> {
-    let mut bytes = Vec::new();
-    zip.by_name(&info.path)
-        .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?
-        .read_to_end(&mut bytes)?;
     let size = info.dtype.size_in_bytes();
+    let layout = &info.layout;
+    // candle's reader gives the offset in bytes; the strides are in elements.
+    let offset = layout.start_offset() / size;
+    let dims = layout.dims();
+    let mut entry = zip
+        .by_name(&info.path)
+        .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?;
+    let declared = usize::try_from(entry.size()).unwrap_or(usize::MAX) / size;
+    // The shape and strides are the file's own numbers, which a damaged or crafted file can
+    // make absurd: checked against the storage before anything is allocated. A parameter
+    // owns its storage, so it never has more elements than that.
+    let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let last = dims
+        .iter()
+        .zip(layout.stride())
+        .try_fold(offset, |at, (&d, &s)| {
+            at.checked_add(d.saturating_sub(1).checked_mul(s)?)
+        });
+    match (count, last) {
+        (Some(0), _) => {}
+        (Some(count), Some(last)) if count <= declared && last < declared => {}
+        _ => {
+            return Err(candle_core::Error::Msg(format!(
+                "its shape {dims:?} (strides {:?}, offset {offset}) does not fit its storage \
+                 of {declared} elements",
+                layout.stride()
+            )))
+        }
+    }
+    let mut bytes = Vec::new();
+    (&mut entry)
+        .take((declared * size) as u64)
+        .read_to_end(&mut bytes)?;
     let elements = bytes.len() / size;
     let storage = Tensor::from_raw_buffer(
         &bytes[..elements * size],
@@ -174,11 +203,7 @@ fn gather(
     )?
     .to_dtype(DType::F32)?
     .to_vec1::<f32>()?;
-    let layout = &info.layout;
-    // candle's reader gives the offset in bytes; the strides are in elements.
-    let offset = layout.start_offset() / size;
-    let dims = layout.dims();
-    let count: usize = dims.iter().product();
+    let count = count.unwrap_or_default();
     let mut values = Vec::with_capacity(count);
     let mut index = vec![0usize; dims.len()];
     for _ in 0..count {
@@ -301,6 +326,72 @@ mod tests {
         };
         let err = refusal(same, Floats::AnyToF32);
         assert!(err.contains("would both load as `same`"), "{err}");
+    }
+
+    /// The fixture with its pickle's bytes `from` replaced by `to`, at `dir/edited.pth`.
+    fn fixture_edited(dir: &Path, from: &[u8], to: &[u8]) -> PathBuf {
+        use std::io::Write;
+        let mut source = zip::ZipArchive::new(File::open(fixture()).unwrap()).unwrap();
+        let path = dir.join("edited.pth");
+        let mut edited = zip::ZipWriter::new(File::create(&path).unwrap());
+        for i in 0..source.len() {
+            let mut entry = source.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            if entry.name().ends_with("data.pkl") {
+                let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+                bytes.splice(at..at + from.len(), to.iter().copied());
+            }
+            edited
+                .start_file(entry.name(), zip::write::SimpleFileOptions::default())
+                .unwrap();
+            edited.write_all(&bytes).unwrap();
+        }
+        edited.finish().unwrap();
+        path
+    }
+
+    /// A shape or strides that reach past the tensor's storage, as a damaged or crafted
+    /// file's may, is refused naming the tensor before anything is allocated for it (here
+    /// 16 PiB, which would abort the process).
+    #[test]
+    fn shapes_beyond_their_storage_are_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        // `module.conv.weight`: shape (2, 3, 4) and strides (12, 4, 1), pickled as BININT1s
+        // in a TUPLE3; made (2^30, 2^20, 4) with BININTs, or (2^20, 3, 4) of strides 0.
+        let shape = b"K\x02K\x03K\x04\x87";
+        let huge = b"J\x00\x00\x00\x40J\x00\x00\x10\x00K\x04\x87";
+        // The shape's tuple is memoised (BINPUT) before the strides'.
+        let shape_and_strides = b"K\x02K\x03K\x04\x87q\x12K\x0cK\x04K\x01\x87";
+        let one_element_many_times = b"J\x00\x00\x10\x00K\x03K\x04\x87q\x12K\x00K\x00K\x00\x87";
+        for (from, to) in [
+            (&shape[..], &huge[..]),
+            (&shape_and_strides[..], &one_element_many_times[..]),
+        ] {
+            let path = fixture_edited(dir.path(), from, to);
+            let err = read_any(
+                &path,
+                &Device::Cpu,
+                |n| (n == "module.conv.weight").then(|| n.into()),
+                Floats::F32Only,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("module.conv.weight")
+                    && err.contains("does not fit its storage of 24"),
+                "{err}"
+            );
+        }
+        // The fixture's own shape and strides, so edited, still read.
+        let path = fixture_edited(dir.path(), shape, shape);
+        read_any(
+            &path,
+            &Device::Cpu,
+            |n| (n == "module.conv.weight").then(|| n.into()),
+            Floats::F32Only,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -436,21 +436,25 @@ fn file_name(headers: &HeaderMap) -> Option<String> {
             .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
             .map(|(_, value)| value.as_str())
     };
-    if let Some(value) = named("filename*") {
+    let extended = named("filename*").map(|value| {
         let Some((charset, encoded)) = value
             .split_once('\'')
             .and_then(|(charset, rest)| Some((charset, rest.split_once('\'')?.1)))
         else {
-            return Some(value.to_owned());
+            return value.to_owned();
         };
         let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
-        return Some(if charset.eq_ignore_ascii_case("iso-8859-1") {
+        if charset.eq_ignore_ascii_case("iso-8859-1") {
             bytes.into_iter().map(char::from).collect()
         } else {
             String::from_utf8_lossy(&bytes).into_owned()
-        });
+        }
+    });
+    // An empty extended name says nothing: the plain one, where given, names the file.
+    match (extended, named("filename")) {
+        (Some(extended), plain) if !extended.is_empty() || plain.is_none() => Some(extended),
+        (_, plain) => plain.map(str::to_owned),
     }
-    named("filename").map(str::to_owned)
 }
 
 /// The `name=value` parameters after a header value's first `;`, values unquoted (a `;`
@@ -605,6 +609,11 @@ mod tests {
                 "form-data; name=\"a\"; filename*=plain.jpg",
                 Some("plain.jpg"),
             ),
+            (
+                "form-data; name=\"a\"; filename=\"x.jpg\"; filename*=UTF-8''",
+                Some("x.jpg"),
+            ),
+            ("form-data; name=\"a\"; filename*=UTF-8''", Some("")),
             (r#"form-data; name="note; filename=x.jpg""#, None),
             (r#"form-data; name="my filename=x.jpg""#, None),
             (
