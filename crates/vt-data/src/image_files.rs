@@ -17,6 +17,40 @@ pub fn is_image_name(name: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
+/// A path as reports write it (JSON lines, CSV rows): as it is where it is UTF-8; otherwise
+/// with the bytes that are not UTF-8 written `\xNN`, and so each `\` as `\\`, which keeps the
+/// file traceable where U+FFFD would stand for any byte.
+pub fn path_text(path: &Path) -> String {
+    match path.to_str() {
+        Some(text) => text.to_owned(),
+        None => escaped(path.as_os_str().as_encoded_bytes()),
+    }
+}
+
+/// `bytes` as text, those that are not UTF-8 written `\xNN`, and so a `\` as `\\` (the name
+/// `a\xfe` is no byte).
+pub fn escaped(bytes: &[u8]) -> String {
+    bytes
+        .utf8_chunks()
+        .map(|chunk| {
+            let invalid: String = chunk
+                .invalid()
+                .iter()
+                .map(|byte| format!("\\x{byte:02x}"))
+                .collect();
+            format!("{}{invalid}", chunk.valid().replace('\\', "\\\\"))
+        })
+        .collect()
+}
+
+/// Serialises a path as [`path_text`] writes it: serde's own refuses one that is not UTF-8.
+pub fn serialize_path<S: serde::Serializer>(
+    path: &Path,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(&path_text(path))
+}
+
 /// Each given file as it is, and each folder's image files in the order of their paths,
 /// subfolders included (hidden ones left out). A folder without image files is refused.
 pub fn image_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {

@@ -66,6 +66,7 @@ pub struct Batch {
 /// A sample that could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SkippedFile {
+    #[serde(serialize_with = "crate::image_files::serialize_path")]
     pub path: PathBuf,
     pub reason: String,
 }

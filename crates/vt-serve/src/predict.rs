@@ -10,7 +10,7 @@ use fast_image_resize::Resizer;
 use serde::Serialize;
 
 use vt_data::decode::read_image_file;
-use vt_data::image_files::image_files;
+use vt_data::image_files::{image_files, path_text};
 
 use crate::args::DEFAULT_MAX_PIXELS;
 use crate::classifier::{ClassifyError, Label};
@@ -133,7 +133,7 @@ pub fn run(args: &PredictArgs) -> Result<(), PredictError> {
             .into_iter();
         let dtype = classifier.model().dtype;
         for (path, outcome) in chunk.iter().zip(outcomes) {
-            let image = path.to_string_lossy();
+            let image = path_text(path);
             let outcome = match outcome {
                 Ok(()) => {
                     let p = predictions.next().ok_or(PredictError::MissingResults)?;

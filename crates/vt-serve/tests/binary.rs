@@ -427,6 +427,15 @@ fn predict_scores_the_images_of_a_folder() {
         &root.join("sea"),
         &[("c.jpg".to_owned(), photos[2].clone())],
     ));
+    // A name that is not UTF-8 (Latin-1) is written with its byte as `\xNN`, not U+FFFD,
+    // which any byte would read as.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let latin1 = root.join(std::ffi::OsStr::from_bytes(b"caf\xe9.jpg"));
+        std::fs::write(&latin1, &photos[1]).unwrap();
+        expected.push(latin1);
+    }
     write_images(&root, &[("README.txt".to_owned(), b"notes".to_vec())]);
     write_images(
         &root.join(".cache"),
@@ -450,7 +459,7 @@ fn predict_scores_the_images_of_a_folder() {
     let scored: Vec<&str> = lines.iter().map(|l| l["image"].as_str().unwrap()).collect();
     let expected: Vec<String> = expected
         .iter()
-        .map(|p| p.to_string_lossy().into_owned())
+        .map(|p| p.to_string_lossy().replace('\u{FFFD}', "\\xe9"))
         .collect();
     assert_eq!(scored, expected);
     assert!(lines.iter().all(|l| l["probs"].is_array()));

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, D};
 use serde::Serialize;
 use vt_data::dataset::{ImageFolder, Manifest, Split};
 use vt_data::fetch::DEFAULT_DATA_DIR;
+use vt_data::image_files::{path_text, serialize_path};
 use vt_data::loader::{batches, LoaderConfig, SkippedFile};
 use vt_model::{parse_device, parse_dtype, use_bf16_products, Model, VtConfig, DTYPE_NAMES};
 
@@ -281,6 +282,7 @@ const MISTAKES_LISTED: usize = 10;
 /// A wrong prediction, as the report lists it.
 #[derive(Debug, Serialize)]
 pub struct Mistake {
+    #[serde(serialize_with = "serialize_path")]
     pub path: PathBuf,
     pub label: String,
     pub prediction: String,
@@ -293,7 +295,9 @@ pub struct Mistake {
 /// `vt-train eval --out FILE`.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
+    #[serde(serialize_with = "serialize_path")]
     pub checkpoint: PathBuf,
+    #[serde(serialize_with = "serialize_path")]
     pub data: PathBuf,
     pub split: String,
     /// The precision evaluated in (`--dtype`): f32, f16 or bf16.
@@ -327,6 +331,7 @@ pub struct EvalReport {
     pub calibration: Calibration,
     pub skipped: Vec<SkippedFile>,
     /// The CSV of every image's probabilities.
+    #[serde(serialize_with = "serialize_path")]
     pub predictions: PathBuf,
     /// The wrong predictions with the highest confidence, most confident first.
     pub mistakes: Vec<Mistake>,
@@ -535,7 +540,7 @@ fn prediction_rows(
     let mut rows = vec![header];
     for p in predictions {
         let mut row = vec![
-            samples[p.index].0.to_string_lossy().into_owned(),
+            path_text(&samples[p.index].0),
             classes[p.label].clone(),
             classes[p.predicted].clone(),
             // Every digit the f32 holds: a confident mistake's small label probability

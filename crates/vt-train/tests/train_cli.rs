@@ -460,6 +460,22 @@ fn check_history_and_average(
     for (name, bytes) in unreadable {
         fs::write(class_folder.join(name), bytes).unwrap();
     }
+    // Names that are not UTF-8 (Latin-1), a photo's and an unreadable file's: the report
+    // and the CSV write their bytes `\xNN` (serde refuses such a path).
+    #[cfg(unix)]
+    let latin1 = {
+        use std::os::unix::ffi::OsStrExt;
+        let photo = fs::read_dir(&class_folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with("zz-"))
+            .unwrap();
+        let named = |name: &[u8]| class_folder.join(std::ffi::OsStr::from_bytes(name));
+        let latin1 = [named(b"caf\xe9.jpg"), named(b"zz-\xe9t\xe9.jpg")];
+        fs::copy(photo, &latin1[0]).unwrap();
+        fs::write(&latin1[1], b"\xff\xd8\xff").unwrap();
+        latin1
+    };
     let out = run_ok(
         vt_train()
             .args(["eval", "--split", "val", "--threads", "1", "--checkpoint"])
@@ -468,8 +484,9 @@ fn check_history_and_average(
             .arg(data),
     );
     let text = String::from_utf8_lossy(&out.stdout);
+    let unread = if cfg!(unix) { 3 } else { 2 };
     assert!(
-        text.contains("note: 2 more file(s) could not be read"),
+        text.contains(&format!("note: {unread} more file(s) could not be read")),
         "{text}"
     );
     let report: serde_json::Value =
@@ -482,11 +499,20 @@ fn check_history_and_average(
         .map(|s| s["path"].as_str().unwrap())
         .collect();
     assert!(
-        skipped.len() == 2 && skipped[0].ends_with("zz-empty.png"),
+        skipped.len() == unread && skipped[0].ends_with("zz-empty.png"),
         "{skipped:?}"
     );
     for (name, _) in unreadable {
         fs::remove_file(class_folder.join(name)).unwrap();
+    }
+    #[cfg(unix)]
+    {
+        assert!(skipped[2].ends_with("/zz-\\xe9t\\xe9.jpg"), "{skipped:?}");
+        let rows = fs::read_to_string(avg.with_file_name("eval-avg-val.csv")).unwrap();
+        assert!(rows.contains("/caf\\xe9.jpg,"), "{rows}");
+        for file in latin1 {
+            fs::remove_file(file).unwrap();
+        }
     }
     // A kept epoch's report goes beside its run: top/ holds only the epochs it keeps.
     // Without --data, a run's checkpoint is evaluated on the data its run trained on.

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{DataError, Result};
+use crate::image_files::escaped;
 use crate::import::{Importer, RawImage};
 use crate::layout::{
     outside_the_layout, place, role_of_folder, train_class_of_folder, Placement, Role,
@@ -183,19 +184,7 @@ fn relative(root: &Path, path: &Path) -> String {
 /// [`relative`] as the manifest reports a file's path: bytes that are not UTF-8 written
 /// `\xNN`, and so a `\` as `\\` (the name `a\xfe` is no byte).
 fn reported(root: &Path, path: &Path) -> String {
-    joined(root, path, |name| {
-        name.as_encoded_bytes()
-            .utf8_chunks()
-            .map(|chunk| {
-                let invalid: String = chunk
-                    .invalid()
-                    .iter()
-                    .map(|byte| format!("\\x{byte:02x}"))
-                    .collect();
-                format!("{}{invalid}", chunk.valid().replace('\\', "\\\\"))
-            })
-            .collect()
-    })
+    joined(root, path, |name| escaped(name.as_encoded_bytes()))
 }
 
 /// The names of `path` below `root`, each as `name` writes it, joined by '/'.
