@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Worker thread counts to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2], value_parser = crate::at_least_one)]
+    #[arg(long, value_delimiter = ',', default_value = "1,2", value_parser = crate::at_least_one)]
     threads: Vec<usize>,
     /// Batches loaded untimed before each measured pass (allocator and file cache warm-up,
     /// as every epoch after the first gets).

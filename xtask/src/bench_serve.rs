@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     images: Option<PathBuf>,
     /// Concurrent clients, one measurement per value.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16, 64], value_parser = crate::at_least_one)]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64", value_parser = crate::at_least_one)]
     concurrency: Vec<usize>,
     /// Requests per measurement (after a short warm-up).
     #[arg(long, default_value_t = 200, value_parser = crate::at_least_one)]
@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     bf16_products: bool,
     /// Servers to measure: vt-serve, pytorch.
-    #[arg(long, value_delimiter = ',', default_values_t = ["vt-serve".to_owned(), "pytorch".to_owned()])]
+    #[arg(long, value_delimiter = ',', default_value = "vt-serve,pytorch")]
     servers: Vec<String>,
     /// Python with PyTorch (default: ~/.cache/vt/torch-venv/bin/python, else python3).
     #[arg(long)]

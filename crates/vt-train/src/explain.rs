@@ -4,6 +4,7 @@
 //! are, each token's share of every position shows which regions a prediction rests on.
 
 use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -155,7 +156,7 @@ const PICTURE_SUFFIX: &str = ".explain.png";
 
 /// The picture's file name in the (resolved) folder `out`: the image's stem and
 /// `.explain.png`, with `-2`, `-3`... when that path is `taken` (by an earlier picture, or
-/// by one of the images given).
+/// by one of the images given) or holds what no run of explain wrote there.
 fn output_name(image: &Path, out: &Path, taken: &mut HashSet<PathBuf>) -> String {
     let stem = image
         .file_stem()
@@ -165,10 +166,28 @@ fn output_name(image: &Path, out: &Path, taken: &mut HashSet<PathBuf>) -> String
             1 => format!("{stem}{PICTURE_SUFFIX}"),
             n => format!("{stem}-{n}{PICTURE_SUFFIX}"),
         })
-        .find(|name| !taken.contains(&out.join(name)))
+        .find(|name| {
+            let path = out.join(name);
+            !taken.contains(&path) && !is_foreign(&path)
+        })
         .unwrap_or_default();
     taken.insert(out.join(&name));
     name
+}
+
+/// Whether `path` is there and is no picture that explain could have written (a PNG file):
+/// a user's file, a folder or a link, which a picture must not replace.
+fn is_foreign(path: &Path) -> bool {
+    const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+    let Ok(metadata) = path.symlink_metadata() else {
+        return false;
+    };
+    let mut signature = [0u8; 8];
+    let png = metadata.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut file| file.read_exact(&mut signature))
+            .is_ok_and(|()| &signature == PNG_SIGNATURE);
+    !png
 }
 
 fn display_name(image: &Path) -> String {
@@ -379,6 +398,26 @@ mod tests {
                 "photo-2.explain.png",
                 "photo-3.explain.png",
                 "old-2.explain.png"
+            ]
+        );
+        // What is there under a picture's name and is no PNG (a user's file, a folder, a
+        // link) is never replaced; an earlier picture is.
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::write(out.join("notes.explain.png"), "mine").unwrap();
+        std::fs::create_dir(out.join("album.explain.png")).unwrap();
+        std::fs::write(out.join("again.explain.png"), b"\x89PNG\r\n\x1a\n...").unwrap();
+        let mut taken = HashSet::new();
+        let names: Vec<String> = ["notes.jpg", "album.jpg", "again.jpg"]
+            .iter()
+            .map(|p| output_name(Path::new(p), out, &mut taken))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "notes-2.explain.png",
+                "album-2.explain.png",
+                "again.explain.png"
             ]
         );
     }

@@ -79,19 +79,39 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
 
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
 /// data folder that fetch-data imported (its manifest and its `train/`): training and eval
-/// read its images, and the next fetch-data replaces it whole.
+/// read its images, and the next fetch-data replaces it whole. Also when it is in a split of
+/// a data folder in torchvision's layout (`train/`, `val/` or `test/` beside `train/` and
+/// `val/`), whose class folders' pictures training and eval would read as photos.
 pub fn refuse_data_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
     let folder = resolved(folder);
-    let data = folder.ancestors().find(|above| {
+    let imported = folder.ancestors().find(|above| {
         above.join(Split::Train.dir_name()).is_dir()
             && above.join(MANIFEST_FILE).is_file()
             && Manifest::read(above).is_ok()
     });
-    match data {
-        Some(data) => Err(TrainError::Config(format!(
+    if let Some(data) = imported {
+        return Err(TrainError::Config(format!(
             "{option} {}: inside the data folder {}, whose images training and eval read and \
              which fetch-data replaces; write it outside it",
             out.display(),
+            data.display()
+        )));
+    }
+    let split = folder.ancestors().find_map(|above| {
+        let data = above.parent()?;
+        let named = above.file_name()?;
+        let is_split = Split::ALL.iter().any(|s| named == s.dir_name());
+        let is_data = [Split::Train, Split::Val]
+            .iter()
+            .all(|s| data.join(s.dir_name()).is_dir());
+        (is_split && is_data).then_some((above, data))
+    });
+    match split {
+        Some((split, data)) => Err(TrainError::Config(format!(
+            "{option} {}: inside {}, a split of the data folder {}, whose images training and \
+             eval read; write it outside it",
+            out.display(),
+            split.display(),
             data.display()
         ))),
         None => Ok(()),
@@ -455,6 +475,32 @@ mod tests {
         std::fs::create_dir_all(app.join("train")).unwrap();
         std::fs::write(app.join(MANIFEST_FILE), r#"{"name": "my pwa"}"#).unwrap();
         refuse_managed_folder("--out", &app, &app.join("reports")).unwrap();
+        refuse_managed_folder("--out", &app, &app.join("train/x")).unwrap();
+        // A data folder in torchvision's layout, without a manifest: its splits are refused
+        // (a picture in a class folder would be read as a photo), its top and a folder
+        // named `test` elsewhere are not.
+        let images = root.path().join("images");
+        for class in ["train/sea", "val/sea"] {
+            std::fs::create_dir_all(images.join(class)).unwrap();
+        }
+        for inside in ["val/sea", "train", "test/sea/new"] {
+            let err = refused(&images.join(inside));
+            let split = resolved(&images).join(inside.split('/').next().unwrap());
+            assert!(
+                err.contains(&format!(
+                    "inside {}, a split of the data folder",
+                    split.display()
+                )),
+                "{err}"
+            );
+        }
+        for outside in [
+            images.clone(),
+            images.join("reports"),
+            root.path().join("results/test"),
+        ] {
+            refuse_managed_folder("--out", &outside, &outside).unwrap();
+        }
         // A file on the way, named instead of the OS's "Not a directory".
         let file = root.path().join("notes.txt");
         std::fs::write(&file, "").unwrap();
