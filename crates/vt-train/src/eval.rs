@@ -795,13 +795,30 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &folder.classes,
         &format!("eval {split}"),
     )?;
-    if !eval.loss.is_finite() {
+    let not_finite = eval
+        .predictions
+        .iter()
+        .find(|p| p.logits.iter().any(|l| !l.is_finite()));
+    if let Some(p) = not_finite {
         let hint = match dtype {
             DType::F16 => ": its activations overflowed f16's range; evaluate with --dtype f32",
             _ => "",
         };
         return Err(TrainError::Config(format!(
-            "the model's scores on the {split} split are not finite (NaN or infinite logits){hint}"
+            "the model's logits for {} ({split} split) are not finite (NaN or infinite){hint}",
+            folder.samples[p.index].0.display()
+        )));
+    }
+    if !eval.loss.is_finite() {
+        let largest = eval
+            .predictions
+            .iter()
+            .flat_map(|p| &p.logits)
+            .fold(0f32, |m, l| m.max(l.abs()));
+        return Err(TrainError::Config(format!(
+            "the loss on the {split} split is not finite although every logit is: logits as \
+             large as {largest:e} put a true class's probability below f32's range (damaged \
+             weights?)"
         )));
     }
     let classes = eval.matrix.scores();

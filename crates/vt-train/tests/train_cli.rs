@@ -1239,6 +1239,49 @@ fn calibrate_fits_a_temperature_that_eval_and_export_apply() {
     assert!(!config.contains("temperature"), "{config}");
 }
 
+/// Scores eval cannot report are refused with their cause: logits that are not finite
+/// (here f16's, whose range the head's bias leaves) name their image and the remedy; finite
+/// logits so large that a true class's probability underflows (an infinite loss) say so.
+#[test]
+fn eval_names_what_makes_its_scores_unusable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let checkpoint = intel_init_checkpoint(tmp.path());
+    let weights = checkpoint.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let bias: Vec<f32> = (0..6).map(|c| if c == 0 { 3e38 } else { -3e38 }).collect();
+    tensors.insert(
+        "head.bias".into(),
+        candle_core::Tensor::new(bias, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let eval = |precision: &[&str]| {
+        run_err(
+            vt_train()
+                .args(["eval", "--threads", "1", "--device", "cpu", "--checkpoint"])
+                .arg(&checkpoint)
+                .arg("--data")
+                .arg(&data)
+                .args(precision),
+        )
+    };
+    let err = eval(&[]);
+    assert!(
+        err.contains("the loss on the test split is not finite although every logit is")
+            && err.contains("3e38"),
+        "{err}"
+    );
+    let err = eval(&["--dtype", "f16"]);
+    assert!(
+        err.contains(&format!(
+            "the model's logits for {}",
+            data.join("test").display()
+        )) && err.contains("are not finite")
+            && err.contains("evaluate with --dtype f32"),
+        "{err}"
+    );
+}
+
 /// `eval --dtype` and `--bf16-products` evaluate in vt-serve's precisions, each report
 /// named for its own beside the f32 one.
 #[test]
