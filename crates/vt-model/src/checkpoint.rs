@@ -215,10 +215,7 @@ pub fn check_shapes(
     bytes: &[u8],
     expected: &BTreeMap<String, Vec<usize>>,
 ) -> Result<()> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
+    let file = SafeTensors::deserialize(bytes).map_err(|e| invalid_safetensors(path, bytes, e))?;
     let found: BTreeMap<String, Vec<usize>> = file
         .tensors()
         .into_iter()
@@ -248,6 +245,66 @@ pub fn check_shapes(
         }
     }
     Ok(())
+}
+
+/// Why `bytes`, read from `path`, are no safetensors file: where the header's numbers
+/// disagree, the tensor at fault (the safetensors crate names none) or the file's cut or
+/// extra bytes; else the crate's reason.
+fn invalid_safetensors(
+    path: &Path,
+    bytes: &[u8],
+    error: safetensors::SafeTensorError,
+) -> ModelError {
+    let reason = header_fault(bytes).unwrap_or_else(|| error.to_string());
+    ModelError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {reason}"),
+    }
+}
+
+/// The first disagreement in a safetensors file between a tensor's shape and dtype and its
+/// `data_offsets`, or between the offsets and the bytes the file holds after its header.
+/// None where the header does not read as JSON of tensors, or agrees.
+fn header_fault(bytes: &[u8]) -> Option<String> {
+    let length = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..length.checked_add(8)?)?;
+    let data = bytes.len() - 8 - length;
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut last_end = 0;
+    for (name, entry) in entries.iter().filter(|(name, _)| *name != "__metadata__") {
+        let dtype: safetensors::Dtype = serde_json::from_value(entry.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(entry.get("shape")?.clone()).ok()?;
+        let [begin, end]: [usize; 2] =
+            serde_json::from_value(entry.get("data_offsets")?.clone()).ok()?;
+        let needed = shape
+            .iter()
+            .try_fold(dtype.bitsize(), |n, &d| n.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        if needed != end.checked_sub(begin) {
+            let needed = needed.map_or_else(|| "more than a usize of".into(), |n| n.to_string());
+            let given = end
+                .checked_sub(begin)
+                .map_or_else(|| "a negative length".into(), |n| format!("{n} bytes"));
+            return Some(format!(
+                "tensor `{name}`: its shape {shape:?} of {dtype:?} takes {needed} bytes, its \
+                 data_offsets [{begin}, {end}] give {given}"
+            ));
+        }
+        if end > data {
+            return Some(format!(
+                "the file is cut short: tensor `{name}` ends at byte {end} of the data after \
+                 the header, which holds {data} bytes"
+            ));
+        }
+        last_end = last_end.max(end);
+    }
+    (last_end < data).then(|| {
+        format!(
+            "{} bytes follow the last tensor's data, which no safetensors writer leaves \
+             (a file written over, or appended to?)",
+            data - last_end
+        )
+    })
 }
 
 /// Which dtypes [`read_selected`] accepts.
@@ -297,10 +354,7 @@ fn select_tensors(
     mut select: impl FnMut(&str) -> Option<String>,
     floats: Floats,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
+    let file = SafeTensors::deserialize(bytes).map_err(|e| invalid_safetensors(path, bytes, e))?;
     let mut tensors = BTreeMap::new();
     // The file's name for each kept name: two that select the same one are an error.
     let mut origins = BTreeMap::new();

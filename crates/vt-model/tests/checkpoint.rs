@@ -323,6 +323,58 @@ fn inconsistent_or_broken_configs_are_errors() {
     assert!(load_err(&dir).contains("not a valid safetensors file"));
 }
 
+/// A weights file whose header's numbers disagree with each other or with the file is
+/// refused naming what is wrong: the tensor whose offsets do not span its shape, the cut
+/// one, the bytes after the last tensor (the safetensors crate names none of them).
+#[test]
+fn damaged_weights_files_name_their_fault() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    saved_model(&dir);
+    let path = dir.join(WEIGHTS_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let length = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&good[8..8 + length]).unwrap();
+    let offsets = &mut header["head.bias"]["data_offsets"];
+    let begin = offsets[0].as_u64().unwrap();
+    offsets[1] = serde_json::json!(begin + 4);
+    let header = header.to_string().into_bytes();
+    let mut lying = (header.len() as u64).to_le_bytes().to_vec();
+    lying.extend(&header);
+    lying.extend(&good[8 + length..]);
+    let data = good.len() - 8 - length;
+    let mut longer = good.clone();
+    longer.extend([0; 16]);
+    for (bytes, needle) in [
+        (
+            lying,
+            format!(
+                "tensor `head.bias`: its shape [3] of F32 takes 12 bytes, its data_offsets \
+                 [{begin}, {}] give 4 bytes",
+                begin + 4
+            ),
+        ),
+        (
+            good[..good.len() - 10].to_vec(),
+            "the file is cut short: tensor `".to_string(),
+        ),
+        (longer, "16 bytes follow the last tensor's data".to_string()),
+    ] {
+        std::fs::write(&path, bytes).unwrap();
+        let err = load_err(&dir);
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(&needle),
+            "{needle}: {err}"
+        );
+    }
+    std::fs::write(&path, &good[..good.len() - 10]).unwrap();
+    assert!(
+        load_err(&dir).contains(&format!("which holds {} bytes", data - 10)),
+        "{}",
+        load_err(&dir)
+    );
+}
+
 /// A config claiming sizes no memory holds is refused by the weights file's shapes, before
 /// anything of the config's sizes is allocated (which aborted the process), and quickly.
 #[test]
