@@ -60,6 +60,8 @@ struct Job {
 /// handle is dropped and the queue is empty, so images already queued are always answered.
 pub struct ServedModel {
     pub info: ModelInfo,
+    /// The checkpoint's config, which with `info.sha256` tells a reload of the same files.
+    pub config: vt_model::VtConfig,
     /// How images must be prepared for this model (its size and normalisation).
     pub preprocessor: Preprocessor,
     jobs: Sender<Job>,
@@ -75,6 +77,7 @@ impl ServedModel {
         metrics: Arc<Metrics>,
     ) -> Result<ServedModel, StartError> {
         let preprocessor = classifier.preprocessor();
+        let model_config = classifier.config().clone();
         let (jobs, queue) = crossbeam_channel::bounded(config.queue.max(1));
         let (ready, warmed) = crossbeam_channel::bounded(1);
         thread::Builder::new()
@@ -100,6 +103,7 @@ impl ServedModel {
         match warmed.recv() {
             Ok(Ok(())) => Ok(ServedModel {
                 info,
+                config: model_config,
                 preprocessor,
                 jobs,
             }),

@@ -130,13 +130,14 @@ impl Metrics {
         let model_reloads = IntCounterVec::new(
             Opts::new(
                 "vt_serve_model_reloads_total",
-                "Checkpoint reloads (SIGHUP, --reload-poll-ms), by result: ok, or error (the \
-                 previous model kept serving)",
+                "Checkpoint reloads (SIGHUP, --reload-poll-ms), by result: ok, unchanged (the \
+                 same weights and config: the model served stays), or error (the previous \
+                 model kept serving)",
             ),
             &["result"],
         )?;
         // Both series exist from the start, so that an alert on errors sees them rise from 0.
-        for result in ["ok", "error"] {
+        for result in ["ok", "unchanged", "error"] {
             model_reloads.with_label_values(&[result]);
         }
         let model_info = IntGaugeVec::new(

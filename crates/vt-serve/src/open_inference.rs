@@ -39,8 +39,13 @@ pub const INPUT: &str = "image";
 const CHANNELS: usize = 3;
 /// The framework and weight format, in the protocol's `<framework>_<format>` style.
 const PLATFORM: &str = "candle_safetensors";
-/// The protocol's extensions this server supports, in both forms.
-const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "classification"];
+/// The protocol's extensions this server supports, in both forms (Triton's names:
+/// `model_configuration` for `/v2/models/NAME/config` and gRPC's `ModelConfig`).
+const EXTENSIONS: [&str; 3] = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+];
 
 /// The model that new requests get, if `name` is its name and `version` (when given) its
 /// version.
@@ -54,7 +59,7 @@ pub fn resolve(
     match version {
         Some(version) if version != info.generation.to_string() => {
             Err(ApiError::UnknownModel(format!(
-                "model `{}` has no version `{version}`: version {} is loaded (each reload counts one up)",
+                "model `{}` has no version `{version}`: version {} is loaded (each reload of changed files counts one up)",
                 info.name, info.generation
             )))
         }
@@ -196,7 +201,7 @@ pub fn declared_images<'a, T>(
         }
         ("BYTES", shape) => {
             return bad(format!(
-                "input `{INPUT}` has shape {shape:?}; it takes [N] or [N, 1], one encoded image per element"
+                "input `{INPUT}` has shape {shape:?}; it takes [N] or [N, 1] (more dimensions of 1 too), one encoded image per element"
             ))
         }
         ("FP32", &[n, c, h, w]) if n >= 0 && c == CHANNELS as i64 && h == size && w == size => {

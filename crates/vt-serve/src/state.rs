@@ -320,18 +320,37 @@ impl AppState {
 
     /// The body of a reload, run while `reloading` is held.
     async fn load_and_swap(&self) -> Result<Arc<ServedModel>, StartError> {
-        let serving = self.batcher.current().info.generation;
+        let current = self.batcher.current();
+        let serving = current.info.generation;
         let source = self.source.clone();
         let (batch, metrics) = (self.batch, Arc::clone(&self.metrics));
         let started = tokio::task::spawn_blocking(move || {
             let (classifier, info) = source.load(serving + 1)?;
-            ServedModel::spawn(classifier, info, batch, metrics)
+            // The same weights and config (a SIGHUP with nothing new, a file touched): the
+            // model served stays, under its version, as Triton keeps an unchanged model.
+            if classifier.sha256() == current.info.sha256 && *classifier.config() == current.config
+            {
+                return Ok(None);
+            }
+            ServedModel::spawn(classifier, info, batch, metrics).map(Some)
         })
         .await
         .unwrap_or_else(|e| Err(StartError::Thread(std::io::Error::other(e))));
         let checkpoint = self.source.checkpoint.display();
         match started {
-            Ok(model) => {
+            Ok(None) => {
+                self.metrics
+                    .model_reloads
+                    .with_label_values(&["unchanged"])
+                    .inc();
+                tracing::info!(
+                    %checkpoint,
+                    "the checkpoint is unchanged (the same weights and config): still serving \
+                     generation {serving}"
+                );
+                Ok(self.batcher.current())
+            }
+            Ok(Some(model)) => {
                 let model = self.batcher.swap(model);
                 self.metrics.serving(&model.info);
                 self.metrics.model_reloads.with_label_values(&["ok"]).inc();

@@ -228,7 +228,11 @@ async fn health_metadata_and_versions_follow_the_protocol() {
     assert_eq!(body["name"], "vt-serve");
     assert_eq!(
         body["extensions"],
-        json!(["binary_tensor_data", "classification"])
+        json!([
+            "binary_tensor_data",
+            "classification",
+            "model_configuration"
+        ])
     );
     assert_eq!(
         get("/v2/health/live").await,
@@ -304,10 +308,38 @@ async fn health_metadata_and_versions_follow_the_protocol() {
         assert_eq!(body.as_object().unwrap().len(), 1, "{path}: {body}");
     }
 
-    // A reload makes the next version the only one.
+    // A reload of the same files keeps the version, as Triton keeps an unchanged model; one
+    // of changed files (a calibration's temperature here) makes the next version the only
+    // one.
     let (_, photo) = test_images(1).remove(0);
     server.state.reload().await.unwrap();
+    assert_eq!(get("/v2/models/intel-vt").await.1["versions"], json!(["1"]));
+    let reloads = |result: &str| format!("vt_serve_model_reloads_total{{result=\"{result}\"}} 1");
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&reloads("unchanged")), "{metrics}");
+    let config_path = checkpoint.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["temperature"] = json!(2.0);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    server.state.reload().await.unwrap();
     assert_eq!(get("/v2/models/intel-vt").await.1["versions"], json!(["2"]));
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&reloads("ok")), "{metrics}");
     let answer = infer(
         &client,
         &server.url("/v2/models/intel-vt/versions/2/infer"),
