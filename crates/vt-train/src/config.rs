@@ -156,7 +156,8 @@ pub struct TrainOptions {
     /// where that is lower]
     #[arg(long, value_name = "LR")]
     pub min_lr: Option<f64>,
-    /// Epochs of linear learning-rate warmup, fractions allowed [default: seed 1, modern 2]
+    /// Epochs of linear learning-rate warmup, fractions allowed: over its W steps the rate
+    /// rises each step from --lr/W to --lr [default: seed 1, modern 2]
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     /// Label smoothing of the cross-entropy [default: seed 0, modern 0.1]
@@ -181,7 +182,8 @@ pub struct TrainOptions {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trivial_augment: Option<bool>,
     /// RandomErasing: with this probability, set a random box of each normalised training
-    /// image to 0, the mean colour (torchvision's reference recipe: 0.1) [default: 0]
+    /// image to 0, the mean colour, as torchvision does (torchvision's reference recipe: 0.1;
+    /// timm's default --remode pixel fills it with noise instead) [default: 0]
     #[arg(long, visible_alias = "reprob", value_name = "P")]
     #[serde(alias = "reprob")]
     pub random_erase: Option<f64>,

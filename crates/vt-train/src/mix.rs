@@ -1,6 +1,6 @@
 //! MixUp and CutMix on training batches, as torchvision's reference recipe applies them
 //! (`RandomChoice([MixUp(alpha), CutMix(alpha)])` on every batch): each image is blended
-//! with, or has a box pasted from, the next image of its batch (the batch rolled by one),
+//! with, or has a box pasted from, the previous image of its batch (the batch rolled by one),
 //! and the loss weighs the two labels by the share `lambda` of the first.
 
 use candle_core::{Result, Tensor};
