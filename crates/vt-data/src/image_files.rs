@@ -17,13 +17,15 @@ pub fn is_image_name(name: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-/// A path as reports write it (JSON lines, CSV rows): as it is where it is UTF-8; otherwise
-/// with the bytes that are not UTF-8 written `\xNN`, and so each `\` as `\\`, which keeps the
-/// file traceable where U+FFFD would stand for any byte.
+/// A path as reports write it (JSON lines, CSV rows), as the import's manifest writes its
+/// paths: the bytes that are not UTF-8 written `\xNN`, and so, on Unix where it is a name's
+/// character, each `\` as `\\`, which keeps every file traceable and apart from the others
+/// where U+FFFD would stand for any byte. On Windows, where `\` separates, as it is.
 pub fn path_text(path: &Path) -> String {
-    match path.to_str() {
-        Some(text) => text.to_owned(),
-        None => escaped(path.as_os_str().as_encoded_bytes()),
+    if cfg!(unix) {
+        escaped(path.as_os_str().as_encoded_bytes())
+    } else {
+        path.to_string_lossy().into_owned()
     }
 }
 
@@ -136,4 +138,21 @@ fn add_folder(folder: &Path, listing: &mut Listing, files: &mut Vec<PathBuf>) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name holding the text `\xfe` and one holding the byte 0xfe are written apart.
+    #[cfg(unix)]
+    #[test]
+    fn paths_that_are_not_utf8_are_written_apart_from_any_other() {
+        use std::os::unix::ffi::OsStrExt;
+        let byte = Path::new(std::ffi::OsStr::from_bytes(b"p/caf\xe9.jpg"));
+        let text = Path::new(r"p/caf\xe9.jpg");
+        assert_eq!(path_text(byte), r"p/caf\xe9.jpg");
+        assert_eq!(path_text(text), r"p/caf\\xe9.jpg");
+        assert_eq!(path_text(Path::new("p/été.jpg")), "p/été.jpg");
+    }
 }

@@ -270,7 +270,7 @@ fn header_fault(bytes: &[u8]) -> Option<String> {
     let header = bytes.get(8..length.checked_add(8)?)?;
     let data = bytes.len() - 8 - length;
     let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
-    let mut last_end = 0;
+    let mut spans = Vec::new();
     for (name, entry) in entries.iter().filter(|(name, _)| *name != "__metadata__") {
         let dtype: safetensors::Dtype = serde_json::from_value(entry.get("dtype")?.clone()).ok()?;
         let shape: Vec<usize> = serde_json::from_value(entry.get("shape")?.clone()).ok()?;
@@ -290,14 +290,17 @@ fn header_fault(bytes: &[u8]) -> Option<String> {
                  data_offsets [{begin}, {end}] give {given}"
             ));
         }
-        if end > data {
-            return Some(format!(
-                "the file is cut short: tensor `{name}` ends at byte {end} of the data after \
-                 the header, which holds {data} bytes"
-            ));
-        }
-        last_end = last_end.max(end);
+        spans.push((begin, end, name));
     }
+    // In the order of the data: the first tensor past its end is the one a cut falls in.
+    spans.sort();
+    if let Some((_, end, name)) = spans.iter().find(|(_, end, _)| *end > data) {
+        return Some(format!(
+            "tensor `{name}` ends at byte {end} of the data after the header, which holds \
+             {data} bytes: the file is cut short (or its header is wrong)"
+        ));
+    }
+    let last_end = spans.iter().map(|(_, end, _)| *end).max().unwrap_or(0);
     (last_end < data).then(|| {
         format!(
             "{} bytes follow the last tensor's data, which no safetensors writer leaves \

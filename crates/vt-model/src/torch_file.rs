@@ -154,6 +154,11 @@ fn state_dict(
     Ok(found)
 }
 
+/// The most elements a tensor, or the part of its storage it reaches, may span: 1 GiB of f32,
+/// far beyond the tensors of the ResNets and VT-ResNets read here (ResNet-34's largest holds
+/// 2.4 million).
+const MAX_ELEMENTS: usize = 1 << 28;
+
 /// The tensor `info` describes, its elements gathered from its storage in the archive by
 /// its shape, strides and offset, on the CPU.
 fn gather(
@@ -165,35 +170,49 @@ fn gather(
     // candle's reader gives the offset in bytes; the strides are in elements.
     let offset = layout.start_offset() / size;
     let dims = layout.dims();
-    let mut entry = zip
-        .by_name(&info.path)
-        .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?;
-    let declared = usize::try_from(entry.size()).unwrap_or(usize::MAX) / size;
-    // The shape and strides are the file's own numbers, which a damaged or crafted file can
-    // make absurd: checked against the storage before anything is allocated. A parameter
-    // owns its storage, so it never has more elements than that.
-    let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-    let last = dims
+    // The shape, strides and offset are the file's own numbers, as is its zip entry's size:
+    // a damaged or crafted file can make them absurd. They are bounded before anything is
+    // allocated, and only the storage the tensor reaches is read.
+    let count = dims
         .iter()
-        .zip(layout.stride())
-        .try_fold(offset, |at, (&d, &s)| {
-            at.checked_add(d.saturating_sub(1).checked_mul(s)?)
-        });
-    match (count, last) {
-        (Some(0), _) => {}
-        (Some(count), Some(last)) if count <= declared && last < declared => {}
-        _ => {
-            return Err(candle_core::Error::Msg(format!(
-                "its shape {dims:?} (strides {:?}, offset {offset}) does not fit its storage \
-                 of {declared} elements",
-                layout.stride()
-            )))
-        }
-    }
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS);
+    let reach = if count == Some(0) {
+        Some(0)
+    } else {
+        dims.iter()
+            .zip(layout.stride())
+            .try_fold(offset, |at, (&d, &s)| {
+                at.checked_add(d.saturating_sub(1).checked_mul(s)?)
+            })
+            .and_then(|last| last.checked_add(1))
+            .filter(|&n| n <= MAX_ELEMENTS)
+    };
+    let shape = || {
+        format!(
+            "its shape {dims:?} (strides {:?}, offset {offset})",
+            layout.stride()
+        )
+    };
+    let (Some(count), Some(reach)) = (count, reach) else {
+        return Err(candle_core::Error::Msg(format!(
+            "{} spans more than {MAX_ELEMENTS} elements, beyond any tensor of the models read \
+             here",
+            shape()
+        )));
+    };
     let mut bytes = Vec::new();
-    (&mut entry)
-        .take((declared * size) as u64)
+    zip.by_name(&info.path)
+        .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?
+        .take((reach * size) as u64)
         .read_to_end(&mut bytes)?;
+    if bytes.len() < reach * size {
+        return Err(candle_core::Error::Msg(format!(
+            "{} reaches element {reach} of its storage, which holds {}",
+            shape(),
+            bytes.len() / size
+        )));
+    }
     let elements = bytes.len() / size;
     let storage = Tensor::from_raw_buffer(
         &bytes[..elements * size],
@@ -203,7 +222,6 @@ fn gather(
     )?
     .to_dtype(DType::F32)?
     .to_vec1::<f32>()?;
-    let count = count.unwrap_or_default();
     let mut values = Vec::with_capacity(count);
     let mut index = vec![0usize; dims.len()];
     for _ in 0..count {
@@ -351,47 +369,47 @@ mod tests {
         path
     }
 
-    /// A shape or strides that reach past the tensor's storage, as a damaged or crafted
-    /// file's may, is refused naming the tensor before anything is allocated for it (here
-    /// 16 PiB, which would abort the process).
+    /// A shape or strides that reach past the tensor's storage, or span more than any
+    /// tensor read here, as a damaged or crafted file's may, is refused naming the tensor
+    /// before anything is allocated for it (here 16 PiB, which would abort the process); an
+    /// expanded tensor (a stride 0) reads as its elements repeated.
     #[test]
     fn shapes_beyond_their_storage_are_refused_before_allocating() {
         let dir = tempfile::tempdir().unwrap();
-        // `module.conv.weight`: shape (2, 3, 4) and strides (12, 4, 1), pickled as BININT1s
-        // in a TUPLE3; made (2^30, 2^20, 4) with BININTs, or (2^20, 3, 4) of strides 0.
-        let shape = b"K\x02K\x03K\x04\x87";
-        let huge = b"J\x00\x00\x00\x40J\x00\x00\x10\x00K\x04\x87";
-        // The shape's tuple is memoised (BINPUT) before the strides'.
-        let shape_and_strides = b"K\x02K\x03K\x04\x87q\x12K\x0cK\x04K\x01\x87";
-        let one_element_many_times = b"J\x00\x00\x10\x00K\x03K\x04\x87q\x12K\x00K\x00K\x00\x87";
-        for (from, to) in [
-            (&shape[..], &huge[..]),
-            (&shape_and_strides[..], &one_element_many_times[..]),
-        ] {
-            let path = fixture_edited(dir.path(), from, to);
-            let err = read_any(
-                &path,
+        let conv_weight = |path: &Path| {
+            read_any(
+                path,
                 &Device::Cpu,
                 |n| (n == "module.conv.weight").then(|| n.into()),
                 Floats::F32Only,
             )
-            .unwrap_err()
-            .to_string();
+            .map(|mut read| read.remove("module.conv.weight").unwrap())
+        };
+        // `module.conv.weight`: shape (2, 3, 4) and strides (12, 4, 1), pickled as BININT1s
+        // in TUPLE3s, the shape's memoised (BINPUT) before the strides'.
+        let shape_and_strides = b"K\x02K\x03K\x04\x87q\x12K\x0cK\x04K\x01\x87";
+        let huge = b"J\x00\x00\x00\x40J\x00\x00\x10\x00K\x04\x87q\x12K\x0cK\x04K\x01\x87";
+        let past_the_end = b"K\x03K\x03K\x04\x87q\x12K\x0cK\x04K\x01\x87";
+        for (edited, needle) in [
+            (&huge[..], "spans more than 268435456 elements"),
+            (
+                &past_the_end[..],
+                "reaches element 36 of its storage, which holds 24",
+            ),
+        ] {
+            let path = fixture_edited(dir.path(), shape_and_strides, edited);
+            let err = conv_weight(&path).unwrap_err().to_string();
             assert!(
-                err.contains("module.conv.weight")
-                    && err.contains("does not fit its storage of 24"),
+                err.contains("module.conv.weight") && err.contains(needle),
                 "{err}"
             );
         }
-        // The fixture's own shape and strides, so edited, still read.
-        let path = fixture_edited(dir.path(), shape, shape);
-        read_any(
-            &path,
-            &Device::Cpu,
-            |n| (n == "module.conv.weight").then(|| n.into()),
-            Floats::F32Only,
-        )
-        .unwrap();
+        let expanded = b"K\x64K\x03K\x04\x87q\x12K\x00K\x04K\x01\x87";
+        let path = fixture_edited(dir.path(), shape_and_strides, expanded);
+        let read = conv_weight(&path).unwrap();
+        assert_eq!(read.dims(), [100, 3, 4]);
+        let first: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        assert_eq!(values(&read), first.repeat(100));
     }
 
     #[test]

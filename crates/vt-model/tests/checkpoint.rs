@@ -335,6 +335,15 @@ fn damaged_weights_files_name_their_fault() {
     let good = std::fs::read(&path).unwrap();
     let length = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&good[8..8 + length]).unwrap();
+    // The tensor whose data comes last, which a cut falls in.
+    let last = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .max_by_key(|(_, entry)| entry["data_offsets"][1].as_u64())
+        .map(|(name, _)| name.clone())
+        .unwrap();
     let offsets = &mut header["head.bias"]["data_offsets"];
     let begin = offsets[0].as_u64().unwrap();
     offsets[1] = serde_json::json!(begin + 4);
@@ -356,7 +365,7 @@ fn damaged_weights_files_name_their_fault() {
         ),
         (
             good[..good.len() - 10].to_vec(),
-            "the file is cut short: tensor `".to_string(),
+            format!("tensor `{last}` ends at byte {data} of the data"),
         ),
         (longer, "16 bytes follow the last tensor's data".to_string()),
     ] {
@@ -369,7 +378,10 @@ fn damaged_weights_files_name_their_fault() {
     }
     std::fs::write(&path, &good[..good.len() - 10]).unwrap();
     assert!(
-        load_err(&dir).contains(&format!("which holds {} bytes", data - 10)),
+        load_err(&dir).contains(&format!(
+            "which holds {} bytes: the file is cut short",
+            data - 10
+        )),
         "{}",
         load_err(&dir)
     );

@@ -144,8 +144,8 @@ impl Metrics {
             Opts::new(
                 "vt_serve_model_info",
                 "The model served, in its labels: the checkpoint's name, its generation (1 \
-                 at startup, one more per reload), the SHA-256 of its weights, its device \
-                 and precision; valued 1",
+                 at startup, one more per reload of changed files), the SHA-256 of its \
+                 weights, its device and precision; valued 1",
             ),
             &["name", "generation", "sha256", "device", "dtype"],
         )?;

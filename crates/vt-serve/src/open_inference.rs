@@ -12,7 +12,7 @@
 //! `probabilities` (softmax) and `logits`, FP32 `[N, classes]`; with the classification
 //! extension's `classification: K` an output is instead BYTES `[N, K]` of
 //! `"value:index:label"`, best first. The model's version is its generation: 1 at startup,
-//! one more at each reload.
+//! one more at each reload of changed files.
 
 pub mod grpc;
 pub mod http;

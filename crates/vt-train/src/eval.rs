@@ -817,8 +817,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             .fold(0f32, |m, l| m.max(l.abs()));
         return Err(TrainError::Config(format!(
             "the loss on the {split} split is not finite although every logit is: logits as \
-             large as {largest:e} put a true class's probability below f32's range (damaged \
-             weights?)"
+             large as {largest:e} overflow f32 in the loss's log-softmax (damaged weights?)"
         )));
     }
     let classes = eval.matrix.scores();

@@ -80,10 +80,11 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
 /// data folder that fetch-data imported (its manifest and its `train/`): training and eval
 /// read its images, and the next fetch-data replaces it whole. Also when it is in a split of
-/// a data folder in torchvision's layout (`train/`, `val/` or `test/` beside `train/` and
-/// `val/`), whose class folders' pictures training and eval would read as photos.
-pub fn refuse_data_folder(option: &str, out: &Path, folder: &Path) -> Result<()> {
-    let folder = resolved(folder);
+/// a data folder in torchvision's layout (`train/`, `val/` or `test/`, in any case, beside
+/// another of them; a link so named too), whose class folders' pictures training and eval
+/// would read as photos.
+pub fn refuse_data_folder(option: &str, out: &Path, given_folder: &Path) -> Result<()> {
+    let folder = resolved(given_folder);
     let imported = folder.ancestors().find(|above| {
         above.join(Split::Train.dir_name()).is_dir()
             && above.join(MANIFEST_FILE).is_file()
@@ -97,15 +98,25 @@ pub fn refuse_data_folder(option: &str, out: &Path, folder: &Path) -> Result<()>
             data.display()
         )));
     }
-    let split = folder.ancestors().find_map(|above| {
-        let data = above.parent()?;
-        let named = above.file_name()?;
-        let is_split = Split::ALL.iter().any(|s| named == s.dir_name());
-        let is_data = [Split::Train, Split::Val]
-            .iter()
-            .all(|s| data.join(s.dir_name()).is_dir());
-        (is_split && is_data).then_some((above, data))
-    });
+    // As given (a split may be a link to a folder of another name, as the Kaggle archive's
+    // `seg_train/seg_train` invites) and as resolved.
+    let given = std::path::absolute(given_folder).unwrap_or_else(|_| given_folder.to_path_buf());
+    let split = [given.as_path(), folder.as_path()]
+        .into_iter()
+        .flat_map(Path::ancestors)
+        .find_map(|above| {
+            let data = above.parent()?;
+            let named = above.file_name()?.to_str()?;
+            let is_split = Split::ALL
+                .iter()
+                .any(|s| named.eq_ignore_ascii_case(s.dir_name()));
+            let splits = Split::ALL
+                .iter()
+                .filter(|s| data.join(s.dir_name()).is_dir())
+                .count();
+            (is_split && splits >= 2 && has_a_class_of_images(above))
+                .then(|| (above.to_path_buf(), data.to_path_buf()))
+        });
     match split {
         Some((split, data)) => Err(TrainError::Config(format!(
             "{option} {}: inside {}, a split of the data folder {}, whose images training and \
@@ -116,6 +127,21 @@ pub fn refuse_data_folder(option: &str, out: &Path, folder: &Path) -> Result<()>
         ))),
         None => Ok(()),
     }
+}
+
+/// Whether a folder of `split` holds an image file, as a class folder does (and a folder of
+/// code or notes that happens to be named `test` does not).
+fn has_a_class_of_images(split: &Path) -> bool {
+    let entries = |folder: &Path| {
+        std::fs::read_dir(folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+    };
+    entries(split)
+        .filter(|class| class.is_dir())
+        .any(|class| entries(&class).any(|file| vt_data::image_files::is_image_name(&file)))
 }
 
 /// Refuses to replace a file the command did not write: each of `outputs` that is there must
@@ -482,8 +508,9 @@ mod tests {
         let images = root.path().join("images");
         for class in ["train/sea", "val/sea"] {
             std::fs::create_dir_all(images.join(class)).unwrap();
+            std::fs::write(images.join(class).join("1.jpg"), "").unwrap();
         }
-        for inside in ["val/sea", "train", "test/sea/new"] {
+        for inside in ["val/sea", "train", "train/sea/new"] {
             let err = refused(&images.join(inside));
             let split = resolved(&images).join(inside.split('/').next().unwrap());
             assert!(
@@ -500,6 +527,31 @@ mod tests {
             root.path().join("results/test"),
         ] {
             refuse_managed_folder("--out", &outside, &outside).unwrap();
+        }
+        // Train and test splits without val; a split that is a link to a folder of another
+        // name, refused by the name it is given.
+        let other = root.path().join("other");
+        for class in ["train/sea", "test/sea", "store/seg_val/sea"] {
+            std::fs::create_dir_all(other.join(class)).unwrap();
+            std::fs::write(other.join(class).join("1.jpg"), "").unwrap();
+        }
+        assert!(refused(&other.join("test/sea")).contains("a split of the data folder"));
+        // A project's folders of code named so are no splits.
+        let project = root.path().join("project");
+        for folder in ["train/models", "test/unit"] {
+            std::fs::create_dir_all(project.join(folder)).unwrap();
+            std::fs::write(project.join(folder).join("main.py"), "").unwrap();
+        }
+        let runs = project.join("train/runs/a");
+        refuse_managed_folder("--run-dir", &runs, &runs).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(other.join("store/seg_val"), other.join("val")).unwrap();
+            let err = refused(&other.join("val/sea"));
+            assert!(
+                err.contains(&format!("inside {}, a split", other.join("val").display())),
+                "{err}"
+            );
         }
         // A file on the way, named instead of the OS's "Not a directory".
         let file = root.path().join("notes.txt");
