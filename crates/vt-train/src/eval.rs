@@ -20,9 +20,9 @@ use crate::data;
 use crate::error::{Result, ResultExt, TrainError};
 use crate::history::TOP_DIR;
 use crate::loss::{cross_entropy, predictions};
-use crate::metrics::{write_csv_atomically, ClassScores, ConfusionMatrix};
+use crate::metrics::{stage_csv, ClassScores, ConfusionMatrix};
 use crate::outputs;
-use crate::plots::draw_evaluation;
+use crate::plots::stage_evaluation;
 use crate::progress::EpochProgress;
 use crate::provenance::TrainingRecord;
 use crate::state;
@@ -869,31 +869,30 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         cause,
     })?;
     // The report is the mark of a complete evaluation: `compare` reads the CSV beside it.
-    let mut drawn = false;
-    outputs::write_with_report(&paths.report, format!("{json}\n").as_bytes(), || {
-        let rows = prediction_rows(&eval.predictions, &folder.samples, &folder.classes);
-        write_csv_atomically(&paths.csv, &rows)?;
-        let title = format!(
-            "{} on {split}: {:.2}%",
-            args.checkpoint.display(),
-            100.0 * report.accuracy
-        );
-        // A picture is a convenience: one that cannot be drawn (more classes than pixels)
-        // leaves the numbers written, and no earlier evaluation's picture beside them.
-        match draw_evaluation(
-            &paths.png,
-            &report.confusion_matrix,
-            &report.calibration,
-            &title,
-        ) {
-            Ok(()) => drawn = true,
-            Err(e) => {
-                tracing::warn!("{e}");
-                outputs::remove_file_synced(&paths.png)?;
-            }
+    let rows = prediction_rows(&eval.predictions, &folder.samples, &folder.classes);
+    let mut staged = vec![stage_csv(&paths.csv, &rows)?];
+    let title = format!(
+        "{} on {split}: {:.2}%",
+        args.checkpoint.display(),
+        100.0 * report.accuracy
+    );
+    // A picture is a convenience: one that cannot be drawn (more classes than pixels)
+    // leaves the numbers written, and no earlier evaluation's picture beside them.
+    let mut gone = Vec::new();
+    match stage_evaluation(
+        &paths.png,
+        &report.confusion_matrix,
+        &report.calibration,
+        &title,
+    ) {
+        Ok(picture) => staged.push(picture),
+        Err(e) => {
+            tracing::warn!("{e}");
+            gone.push(paths.png.as_path());
         }
-        Ok(())
-    })?;
+    }
+    let drawn = gone.is_empty();
+    outputs::write_with_report(&paths.report, format!("{json}\n").as_bytes(), staged, &gone)?;
     if drawn {
         eprintln!(
             "wrote {}, {} and {}",
@@ -978,7 +977,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("predictions.csv");
-        write_csv_atomically(&csv, &rows).unwrap();
+        crate::metrics::write_csv_atomically(&csv, &rows).unwrap();
         assert_eq!(
             std::fs::read_to_string(&csv).unwrap(),
             "path,label,prediction,confidence,label_probability,correct,\"p_a,b\",p_c\n\

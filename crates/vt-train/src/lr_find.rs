@@ -19,9 +19,8 @@ use crate::error::{Result, ResultExt, TrainError};
 use crate::learner::{
     new_model, open_training_images, prepare_device, training_loader, Group, Learner,
 };
-use crate::metrics::write_atomically;
 use crate::outputs;
-use crate::plots::draw_lr_find;
+use crate::plots::stage_lr_find;
 use crate::progress::EpochProgress;
 use crate::train::{interrupt_flag, Outcome};
 
@@ -579,15 +578,16 @@ pub fn run(args: &LrFindArgs) -> Result<Outcome> {
         path: report_path.clone(),
         cause,
     })?;
-    // The plot is drawn from the report: gone before the report changes, so that a kill
-    // midway never leaves an earlier sweep's plot beside a later report. A report whose
-    // plot could not be drawn goes too: it names the plot.
-    outputs::remove_file_synced(&plot_path)?;
-    write_atomically(&report_path, format!("{json}\n").as_bytes())?;
-    if let Err(e) = draw_lr_find(&plot_path, &report) {
-        let _ = std::fs::remove_file(&report_path);
-        return Err(e);
-    }
+    // The plot is drawn before either file is replaced: one that cannot be written leaves
+    // the earlier sweep's report and plot as they were, and the report, which names the
+    // plot, comes last.
+    let plot = stage_lr_find(&plot_path, &report)?;
+    outputs::write_with_report(
+        &report_path,
+        format!("{json}\n").as_bytes(),
+        vec![plot],
+        &[],
+    )?;
     eprintln!(
         "wrote {} and {}",
         report_path.display(),

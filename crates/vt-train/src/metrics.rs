@@ -370,6 +370,11 @@ fn csv_rows(records: &[EpochRecord], classes: &[String]) -> Vec<Vec<String>> {
 /// Writes `rows` (the header first) to `path` as CSV, quoted where a cell needs it (class
 /// names and paths may contain anything), atomically ([`write_atomically`]).
 pub fn write_csv_atomically(path: &Path, rows: &[Vec<String>]) -> Result<()> {
+    stage_csv(path, rows)?.commit()
+}
+
+/// [`write_csv_atomically`]'s file, [`stage`]d.
+pub fn stage_csv(path: &Path, rows: &[Vec<String>]) -> Result<Staged> {
     let mut table = csv::Writer::from_writer(Vec::new());
     for row in rows {
         table
@@ -379,12 +384,17 @@ pub fn write_csv_atomically(path: &Path, rows: &[Vec<String>]) -> Result<()> {
     let bytes = table
         .into_inner()
         .map_err(|e| TrainError::io(path, e.into_error()))?;
-    write_atomically(path, &bytes)
+    stage_bytes(path, "", &bytes)
 }
 
 /// Writes `path` through a temporary sibling and a rename, so readers never see half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    replace_through_temporary(path, "", |tmp| {
+    stage_bytes(path, "", bytes)?.commit()
+}
+
+/// [`write_atomically`]'s file, [`stage`]d, its temporary's name ending in `suffix`.
+pub fn stage_bytes(path: &Path, suffix: &str, bytes: &[u8]) -> Result<Staged> {
+    stage(path, suffix, |tmp| {
         let write = || -> std::io::Result<()> {
             let mut file = fs::File::create(tmp)?;
             file.write_all(bytes)?;
@@ -405,22 +415,63 @@ pub fn replace_through_temporary(
     suffix: &str,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    // Locked until the rename is done.
-    let temporary = temporary::create(path, suffix, Kind::File)?;
-    let tmp = temporary.path();
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let result = write(tmp)
-        .and_then(|()| fs::rename(tmp, path).map_err(|e| TrainError::io(path, e)))
-        // The rename itself, on disk.
-        .and_then(|()| Ok(vt_model::checkpoint::sync_dir(parent)?));
-    if result.is_err() {
-        // Best effort: the error being returned is the one that matters.
-        let _ = fs::remove_file(tmp);
+    stage(path, suffix, write)?.commit()
+}
+
+/// [`replace_through_temporary`]'s write, without its rename: the file is written and
+/// waits beside `path` until [`Staged::commit`], so that several files can be written
+/// before any earlier one is replaced.
+pub fn stage(path: &Path, suffix: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<Staged> {
+    let staged = Staged {
+        // Locked until the rename is done.
+        temporary: Some(temporary::create(path, suffix, Kind::File)?),
+        target: path.to_path_buf(),
+    };
+    write(staged.temporary_path())?;
+    Ok(staged)
+}
+
+/// A file written beside its target, not yet in place: dropped uncommitted (a later file
+/// failed), its temporary is removed, and the target is as it was.
+#[derive(Debug)]
+pub struct Staged {
+    temporary: Option<temporary::Temporary>,
+    target: PathBuf,
+}
+
+impl Staged {
+    fn temporary_path(&self) -> &Path {
+        self.temporary.as_ref().map_or(&self.target, |t| t.path())
     }
-    result
+
+    /// Renames the file over its target and flushes the rename.
+    pub fn commit(mut self) -> Result<()> {
+        let Some(temporary) = self.temporary.take() else {
+            return Ok(());
+        };
+        let parent = self
+            .target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let result = fs::rename(temporary.path(), &self.target)
+            .map_err(|e| TrainError::io(&self.target, e))
+            // The rename itself, on disk.
+            .and_then(|()| Ok(vt_model::checkpoint::sync_dir(parent)?));
+        if result.is_err() {
+            // Best effort: the error being returned is the one that matters.
+            let _ = fs::remove_file(temporary.path());
+        }
+        result
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(temporary) = &self.temporary {
+            let _ = fs::remove_file(temporary.path());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
 use crate::history::TOP_DIR;
-use crate::metrics::write_atomically;
+use crate::metrics::{write_atomically, Staged};
 use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
 
 /// The folders of a run that its training writes.
@@ -163,17 +163,25 @@ pub fn refuse_replacing(option: &str, out: &Path, outputs: &[(&Path, bool)]) -> 
     }
 }
 
-/// Writes a command's report (`report_bytes` to `report`) and, by `write_beside`, the files
-/// beside it that it vouches for: the report that was there goes first, the new one comes
-/// last, so a kill or a failure midway leaves no report rather than an earlier one beside
-/// newer files (which `compare`, or a reader of the plot, would take for one evaluation).
+/// Writes a command's report (`report_bytes` to `report`) and the files beside it, `staged`
+/// (written, not yet in place: a failure to write them, a full disk, leaves every earlier
+/// file as it was), less the earlier files it vouches for that are `gone` (a plot that could
+/// not be drawn this time). Then the report that was there goes first and the new one comes
+/// last, so a kill midway leaves no report rather than an earlier one beside newer files
+/// (which `compare`, or a reader of the plot, would take for one evaluation).
 pub fn write_with_report(
     report: &Path,
     report_bytes: &[u8],
-    write_beside: impl FnOnce() -> Result<()>,
+    staged: Vec<Staged>,
+    gone: &[&Path],
 ) -> Result<()> {
     remove_file_synced(report)?;
-    write_beside()?;
+    for path in gone {
+        remove_file_synced(path)?;
+    }
+    for file in staged {
+        file.commit()?;
+    }
     write_atomically(report, report_bytes)
 }
 
@@ -359,29 +367,31 @@ mod tests {
         }
     }
 
-    /// A write of the files beside a report that fails (or is killed) leaves no report, not
-    /// the earlier one.
+    /// Files beside a report that fail to be written leave the earlier report and files as
+    /// they were; written, they replace them, the report last.
     #[test]
-    fn the_report_is_removed_first_and_written_last() {
+    fn the_report_is_replaced_only_once_the_files_beside_it_are_written() {
         let root = tempfile::tempdir().unwrap();
         let report = root.path().join("r.json");
         let table = root.path().join("r.csv");
-        std::fs::write(&report, "earlier").unwrap();
-        std::fs::write(&table, "earlier").unwrap();
-        let failed = write_with_report(&report, b"later", || {
-            assert!(!report.exists(), "the earlier report is still there");
-            std::fs::write(&table, "later").unwrap();
-            Err(TrainError::Config("killed".into()))
-        });
-        assert_eq!(failed.unwrap_err().to_string(), "killed");
-        assert!(!report.exists());
-        write_with_report(&report, b"later", || {
-            assert!(!report.exists());
-            Ok(())
-        })
-        .unwrap();
+        let plot = root.path().join("r.png");
+        for file in [&report, &table, &plot] {
+            std::fs::write(file, "earlier").unwrap();
+        }
+        let staged = crate::metrics::stage_bytes(&table, "", b"later").unwrap();
+        // The next file fails: what was staged is dropped, nothing replaced.
+        let failed = crate::metrics::stage(&plot, "", |_| Err(TrainError::Config("full".into())));
+        assert_eq!(failed.unwrap_err().to_string(), "full");
+        drop(staged);
+        for file in [&report, &table, &plot] {
+            assert_eq!(std::fs::read_to_string(file).unwrap(), "earlier");
+        }
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 3);
+        let staged = crate::metrics::stage_bytes(&table, "", b"later").unwrap();
+        write_with_report(&report, b"later", vec![staged], &[&plot]).unwrap();
         assert_eq!(std::fs::read_to_string(&report).unwrap(), "later");
         assert_eq!(std::fs::read_to_string(&table).unwrap(), "later");
+        assert!(!plot.exists());
     }
 
     #[test]

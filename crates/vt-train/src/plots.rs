@@ -15,7 +15,7 @@ use plotters::style::{register_font, FontStyle};
 use crate::calibration::Calibration;
 use crate::error::{Result, TrainError};
 use crate::lr_find::LrFindReport;
-use crate::metrics::{replace_through_temporary, ConfusionMatrix, EpochRecord};
+use crate::metrics::{stage_bytes, ConfusionMatrix, EpochRecord, Staged};
 
 pub const CURVES_PNG: &str = "curves.png";
 pub const CONFUSION_PNG: &str = "confusion.png";
@@ -66,13 +66,29 @@ pub(crate) fn draw_atomically(
     size: (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>, bool) -> Result<()>,
 ) -> Result<()> {
-    // The suffix tells plotters the format.
-    replace_through_temporary(path, ".png", |tmp| {
-        let root = BitMapBackend::new(tmp, size).into_drawing_area();
+    draw_staged(path, size, draw)?.commit()
+}
+
+/// [`draw_atomically`]'s picture, [`stage`](crate::metrics::stage)d. Drawn in memory and
+/// encoded here, so that a failed write reads as the file's I/O error.
+pub(crate) fn draw_staged(
+    path: &Path,
+    (width, height): (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>, bool) -> Result<()>,
+) -> Result<Staged> {
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
         draw(&root, text_available())?;
-        root.present().map_err(|e| plot_error(path, e))
-    })
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    let mut png = Vec::new();
+    image::RgbImage::from_raw(width, height, pixels)
+        .ok_or_else(|| plot_error(path, "the drawing's pixels do not fill the picture"))?
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| plot_error(path, e))?;
+    stage_bytes(path, ".png", &png)
 }
 
 struct Curve<'a> {
@@ -253,16 +269,17 @@ pub fn draw_confusion(path: &Path, matrix: &ConfusionMatrix, title: &str) -> Res
     })
 }
 
-/// `vt-train eval`'s plot: the confusion matrix, and beside it the reliability diagram.
-pub fn draw_evaluation(
+/// `vt-train eval`'s plot: the confusion matrix, and beside it the reliability diagram,
+/// staged for [`crate::outputs::write_with_report`].
+pub fn stage_evaluation(
     path: &Path,
     matrix: &ConfusionMatrix,
     calibration: &Calibration,
     title: &str,
-) -> Result<()> {
+) -> Result<Staged> {
     let (width, height) = confusion_size(path, matrix)?;
     let side = height.max(420);
-    draw_atomically(path, (width + side, side), |root, text| {
+    draw_staged(path, (width + side, side), |root, text| {
         let (left, right) = root.split_horizontally(width);
         confusion_panel(&left, path, matrix, title, text)?;
         reliability_panel(&right, path, calibration, text)
@@ -446,7 +463,7 @@ fn clip_to_heights(a: (f64, f64), b: (f64, f64), low: f64, high: f64) -> Option<
 /// from their lowest loss up to as far above their starting losses as these fall (at least a
 /// tenth of the lowest loss), so that neither the noisy first steps nor a diverged tail,
 /// often hundreds of times higher, flattens the descent; the line is cut at the edges.
-pub fn draw_lr_find(path: &Path, report: &LrFindReport) -> Result<()> {
+pub fn stage_lr_find(path: &Path, report: &LrFindReport) -> Result<Staged> {
     let finite: Vec<(f64, f64)> = report
         .points
         .iter()
@@ -481,7 +498,7 @@ pub fn draw_lr_find(path: &Path, report: &LrFindReport) -> Result<()> {
         .windows(2)
         .filter_map(|w| clip_to_heights(w[0], w[1], y_low, y_high))
         .collect();
-    draw_atomically(path, (800, 480), |root, text| {
+    draw_staged(path, (800, 480), |root, text| {
         let err = |e: &dyn std::fmt::Display| plot_error(path, e);
         let mut builder = ChartBuilder::on(root);
         builder.margin(12);
