@@ -59,10 +59,12 @@ pub enum ModelError {
     #[error("no checkpoint folder at {path}")]
     NoCheckpoint { path: PathBuf },
     /// A run's `best/` or `last/` missing beside its saved state: the save stopped between
-    /// them (a full disk), and a resume writes it from the state.
+    /// them (a full disk), and a resume writes it from the state (or says why it cannot:
+    /// a `best/` of an earlier epoch than the state's, removed by hand).
     #[error(
-        "no checkpoint folder at {path}: the run's last save stopped before writing it; \
-         `vt-train train --resume --run-dir {run}` writes it from the run's state"
+        "no checkpoint folder at {path}: the run's last save stopped before writing it, or it \
+         was removed; `vt-train train --resume --run-dir {run}` writes it from the run's \
+         state where that holds its epoch"
     )]
     RunCheckpointMissing { path: PathBuf, run: PathBuf },
     /// A run's `state/` with a weight average, given as a checkpoint.

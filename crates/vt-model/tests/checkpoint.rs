@@ -112,8 +112,9 @@ fn a_missing_folder_or_a_run_folder_is_named_for_what_it_is() {
     assert_eq!(
         load_err(&run.join("last")),
         format!(
-            "no checkpoint folder at {}: the run's last save stopped before writing it; \
-             `vt-train train --resume --run-dir {}` writes it from the run's state",
+            "no checkpoint folder at {}: the run's last save stopped before writing it, or it \
+             was removed; `vt-train train --resume --run-dir {}` writes it from the run's \
+             state where that holds its epoch",
             run.join("last").display(),
             run.display()
         )

@@ -1054,6 +1054,17 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
                     .with_context(|| format!("writing {}", dir.display()))?;
             }
         }
+        let best_dir = run_dir.join(BEST_DIR);
+        if let (false, Some(epoch), false) = (best, progress.best_epoch, best_dir.exists()) {
+            tracing::warn!(
+                "{} is missing, and its epoch {epoch} is not the saved state's ({}): its \
+                 weights are nowhere to write it from (last/ holds epoch {}, and top/ the \
+                 epochs --checkpoint-hist kept)",
+                best_dir.display(),
+                saved.epoch,
+                saved.epoch
+            );
+        }
     }
     // Before anything else is written: a resume with nothing to do leaves the run as the
     // saved state has it.

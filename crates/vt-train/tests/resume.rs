@@ -270,6 +270,42 @@ fn checkpoints_behind_the_state_are_written_from_it_on_resume() {
     assert_eq!((modified("best"), modified("last")), before);
 }
 
+/// A `best/` removed from a finished run whose best epoch came before the state's cannot be
+/// written again: the resume says so, and why, rather than promising it.
+#[test]
+fn a_best_checkpoint_of_an_earlier_epoch_than_the_state_is_not_promised() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(
+        train_tiny(&data, &run)
+            .args(ONE_THREAD)
+            .args(["--epochs", "2"]),
+    );
+    // As when the first of its two epochs validated best.
+    let state = run.join("state/training.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    saved["best_epoch"] = serde_json::json!(1);
+    saved["epochs_since_best"] = serde_json::json!(1);
+    std::fs::write(&state, saved.to_string()).unwrap();
+    std::fs::remove_dir_all(run.join("best")).unwrap();
+    let out = run_ok(
+        vt_train()
+            .args(["train", "--resume", "--run-dir"])
+            .arg(&run),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(&format!(
+            "{} is missing, and its epoch 1 is not the saved state's (2)",
+            run.join("best").display()
+        )) && log.contains("has completed its 2 epochs"),
+        "{log}"
+    );
+    assert!(!run.join("best").exists());
+}
+
 /// A new run never takes a folder a run wrote in, and a resume without the saved state
 /// does not start over a run that had one.
 #[test]
