@@ -528,8 +528,16 @@ pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
     if !old.is_dir() {
         return Ok(());
     }
+    // Named with what the folder is: `.best.old` alone says nothing to a reader.
+    let failed = |doing: &str, e: std::io::Error| ModelError::Invalid {
+        path: old.clone(),
+        message: format!(
+            "the previous version of {} that an interrupted write left cannot be {doing}: {e}",
+            dir.display()
+        ),
+    };
     if !dir.exists() {
-        return fs::rename(&old, &dir).map_err(|e| ModelError::io(&*dir, e));
+        return fs::rename(&old, &dir).map_err(|e| failed("put back", e));
     }
     let files = |folder: &Path| -> Result<Vec<std::ffi::OsString>> {
         fs::read_dir(folder)
@@ -543,7 +551,7 @@ pub fn recover_interrupted_write(dir: &Path) -> Result<()> {
     };
     let present = files(&dir)?;
     if files(&old)?.iter().all(|name| present.contains(name)) {
-        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+        fs::remove_dir_all(&old).map_err(|e| failed("removed", e))?;
     }
     Ok(())
 }

@@ -13,6 +13,12 @@ pub enum ModelError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    #[error("writing {target}: creating its temporary {temporary}: {cause}")]
+    Temporary {
+        temporary: PathBuf,
+        target: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {cause}")]
     Json {
         path: PathBuf,

@@ -39,6 +39,16 @@ impl Temporary {
     }
 }
 
+/// An error making `temporary`, named with the `target` it is for: the temporary's own name
+/// would say nothing to a reader.
+fn temporary_error(temporary: &Path, target: &Path, cause: std::io::Error) -> ModelError {
+    ModelError::Temporary {
+        temporary: temporary.to_path_buf(),
+        target: target.to_path_buf(),
+        cause,
+    }
+}
+
 /// How often [`create`] makes its temporary afresh when another writer's sweep removed it
 /// between its creation and its lock.
 const ATTEMPTS: usize = 5;
@@ -70,7 +80,7 @@ pub fn create(target: &Path, suffix: &str, kind: Kind) -> Result<Temporary> {
                 .open(&path)
                 .map(drop),
         }
-        .map_err(|e| ModelError::io(&path, e))?;
+        .map_err(|e| temporary_error(&path, target, e))?;
         let lock = match lock_own(&path, kind) {
             Ok(lock) => lock,
             // Swept away before it was opened: made again.
@@ -78,7 +88,7 @@ pub fn create(target: &Path, suffix: &str, kind: Kind) -> Result<Temporary> {
             // Unlocked, it would look like a killed writer's to the next writer's sweep.
             Err(e) => {
                 let _ = remove(&path, kind);
-                return Err(ModelError::io(&path, e));
+                return Err(temporary_error(&path, target, e));
             }
         };
         // Between the creation and the lock, a sweep may have found it unlocked and removed
@@ -271,6 +281,25 @@ mod tests {
 
     /// A file temporary is created empty, and the suffix is part of its name; a leftover
     /// with this process's pid (an earlier process's) is replaced.
+    /// A temporary that cannot be made is named with the file it was to write.
+    #[test]
+    fn a_temporary_that_cannot_be_made_names_its_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("gone/report.json");
+        let err = create(&target, "", Kind::File).unwrap_err().to_string();
+        let temporary = tmp
+            .path()
+            .join(format!("gone/.report.json.tmp-{}", std::process::id()));
+        assert!(
+            err.starts_with(&format!(
+                "writing {}: creating its temporary {}: ",
+                target.display(),
+                temporary.display()
+            )),
+            "{err}"
+        );
+    }
+
     #[test]
     fn file_temporaries_carry_their_suffix() {
         let tmp = tempfile::tempdir().unwrap();
