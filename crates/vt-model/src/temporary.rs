@@ -279,8 +279,6 @@ mod tests {
         assert!(dir.join(".ckpt.tmp-999993").exists());
     }
 
-    /// A file temporary is created empty, and the suffix is part of its name; a leftover
-    /// with this process's pid (an earlier process's) is replaced.
     /// A temporary that cannot be made is named with the file it was to write.
     #[test]
     fn a_temporary_that_cannot_be_made_names_its_target() {
@@ -300,6 +298,8 @@ mod tests {
         );
     }
 
+    /// A file temporary is created empty, and the suffix is part of its name; a leftover
+    /// with this process's pid (an earlier process's) is replaced.
     #[test]
     fn file_temporaries_carry_their_suffix() {
         let tmp = tempfile::tempdir().unwrap();

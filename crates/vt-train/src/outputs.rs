@@ -12,7 +12,7 @@ use vt_model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 
 use crate::error::{Result, TrainError};
 use crate::history::TOP_DIR;
-use crate::metrics::{write_atomically, Staged};
+use crate::metrics::{stage_bytes, Staged};
 use crate::state::{BEST_DIR, LAST_DIR, STATE_DIR};
 
 /// The folders of a run that its training writes.
@@ -164,17 +164,19 @@ pub fn refuse_replacing(option: &str, out: &Path, outputs: &[(&Path, bool)]) -> 
 }
 
 /// Writes a command's report (`report_bytes` to `report`) and the files beside it, `staged`
-/// (written, not yet in place: a failure to write them, a full disk, leaves every earlier
-/// file as it was), less the earlier files it vouches for that are `gone` (a plot that could
-/// not be drawn this time). Then the report that was there goes first and the new one comes
-/// last, so a kill midway leaves no report rather than an earlier one beside newer files
-/// (which `compare`, or a reader of the plot, would take for one evaluation).
+/// (written, not yet in place), less the earlier files it vouches for that are `gone` (a
+/// plot that could not be drawn this time). The report is written beside the others before
+/// anything is replaced, so that a failure to write (a full disk) leaves every earlier file
+/// as it was; then the report that was there goes first and the new one comes last, so a
+/// kill midway leaves no report rather than an earlier one beside newer files (which
+/// `compare`, or a reader of the plot, would take for one evaluation).
 pub fn write_with_report(
     report: &Path,
     report_bytes: &[u8],
     staged: Vec<Staged>,
     gone: &[&Path],
 ) -> Result<()> {
+    let new_report = stage_bytes(report, "", report_bytes)?;
     remove_file_synced(report)?;
     for path in gone {
         remove_file_synced(path)?;
@@ -182,7 +184,7 @@ pub fn write_with_report(
     for file in staged {
         file.commit()?;
     }
-    write_atomically(report, report_bytes)
+    new_report.commit()
 }
 
 /// Removes `path` if it is there, the removal on disk before any rename that follows it.
