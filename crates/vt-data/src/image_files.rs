@@ -140,12 +140,11 @@ fn add_folder(folder: &Path, listing: &mut Listing, files: &mut Vec<PathBuf>) ->
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
     /// A name holding the text `\xfe` and one holding the byte 0xfe are written apart.
-    #[cfg(unix)]
     #[test]
     fn paths_that_are_not_utf8_are_written_apart_from_any_other() {
         use std::os::unix::ffi::OsStrExt;

@@ -54,6 +54,7 @@ pub(crate) fn read_selected(
         })?;
     let entries = state_dict(&mut zip).map_err(invalid)?;
     let mut tensors = BTreeMap::new();
+    let mut budget = MAX_ELEMENTS;
     for (name, entry) in entries {
         let Some(kept) = select(&name) else {
             continue;
@@ -72,7 +73,7 @@ pub(crate) fn read_selected(
                 found: format!("{:?}", info.dtype),
             });
         }
-        let loaded = gather(&mut zip, &info);
+        let loaded = gather(&mut zip, &info, &mut budget);
         tensors.insert(
             kept.clone(),
             checked_f32(path, name, &kept, loaded, device)?,
@@ -154,16 +155,18 @@ fn state_dict(
     Ok(found)
 }
 
-/// The most elements a tensor, or the part of its storage it reaches, may span: 1 GiB of f32,
-/// far beyond the tensors of the ResNets and VT-ResNets read here (ResNet-34's largest holds
-/// 2.4 million).
+/// The most elements the tensors read from one file, or the part of a storage one tensor
+/// reaches, may span: 1 GiB of f32, far beyond the ResNets and VT-ResNets read here
+/// (ResNet-34 holds 22 million).
 const MAX_ELEMENTS: usize = 1 << 28;
 
 /// The tensor `info` describes, its elements gathered from its storage in the archive by
-/// its shape, strides and offset, on the CPU.
+/// its shape, strides and offset, on the CPU; its elements are taken from what is left of
+/// the file's `budget` (a tensor of stride 0 spans many elements of a few bytes).
 fn gather(
     zip: &mut zip::ZipArchive<BufReader<File>>,
     info: &TensorInfo,
+    budget: &mut usize,
 ) -> candle_core::Result<Tensor> {
     let size = info.dtype.size_in_bytes();
     let layout = &info.layout;
@@ -176,7 +179,7 @@ fn gather(
     let count = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= MAX_ELEMENTS);
+        .filter(|&n| n <= *budget);
     let reach = if count == Some(0) {
         Some(0)
     } else {
@@ -196,11 +199,12 @@ fn gather(
     };
     let (Some(count), Some(reach)) = (count, reach) else {
         return Err(candle_core::Error::Msg(format!(
-            "{} spans more than {MAX_ELEMENTS} elements, beyond any tensor of the models read \
-             here",
+            "{}, with the tensors before it, spans more than {MAX_ELEMENTS} elements, beyond \
+             any model read here",
             shape()
         )));
     };
+    *budget -= count;
     let mut bytes = Vec::new();
     zip.by_name(&info.path)
         .map_err(|e| candle_core::Error::Msg(format!("its storage {}: {e}", info.path)))?

@@ -877,7 +877,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         100.0 * report.accuracy
     );
     // A picture is a convenience: one that cannot be drawn (more classes than pixels)
-    // leaves the numbers written, and no earlier evaluation's picture beside them.
+    // leaves the numbers written, and no earlier evaluation's picture beside them. One that
+    // cannot be written (a full disk) fails the evaluation, which replaces nothing then.
     let mut gone = Vec::new();
     match stage_evaluation(
         &paths.png,
@@ -886,10 +887,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &title,
     ) {
         Ok(picture) => staged.push(picture),
-        Err(e) => {
+        Err(e @ TrainError::Plot { .. }) => {
             tracing::warn!("{e}");
             gone.push(paths.png.as_path());
         }
+        Err(e) => return Err(e),
     }
     let drawn = gone.is_empty();
     outputs::write_with_report(&paths.report, format!("{json}\n").as_bytes(), staged, &gone)?;

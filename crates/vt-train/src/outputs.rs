@@ -80,9 +80,9 @@ pub fn refuse_managed_folder(option: &str, out: &Path, folder: &Path) -> Result<
 /// Refuses `folder`, where `option`'s output `out` goes, when it or a folder above it is a
 /// data folder that fetch-data imported (its manifest and its `train/`): training and eval
 /// read its images, and the next fetch-data replaces it whole. Also when it is in a split of
-/// a data folder in torchvision's layout (`train/`, `val/` or `test/`, in any case, beside
-/// another of them; a link so named too), whose class folders' pictures training and eval
-/// would read as photos.
+/// a data folder in torchvision's layout (`train/`, `val/` or `test/` beside another of
+/// them, a class folder holding a photo; a link so named too), whose class folders'
+/// pictures training and eval would read as photos.
 pub fn refuse_data_folder(option: &str, out: &Path, given_folder: &Path) -> Result<()> {
     let folder = resolved(given_folder);
     let imported = folder.ancestors().find(|above| {
@@ -129,8 +129,9 @@ pub fn refuse_data_folder(option: &str, out: &Path, given_folder: &Path) -> Resu
     }
 }
 
-/// Whether a folder of `split` holds an image file, as a class folder does (and a folder of
-/// code or notes that happens to be named `test` does not).
+/// Whether a folder of `split` holds a photo, as a class folder does (and a folder of code
+/// or notes that happens to be named `test` does not, nor one of vt's outputs: a run's
+/// plots, a report's plot beside its `.json`, explain's pictures).
 fn has_a_class_of_images(split: &Path) -> bool {
     let entries = |folder: &Path| {
         std::fs::read_dir(folder)
@@ -139,9 +140,14 @@ fn has_a_class_of_images(split: &Path) -> bool {
             .flatten()
             .map(|entry| entry.path())
     };
+    let is_photo = |file: &Path| {
+        vt_data::image_files::is_image_name(file)
+            && !file.to_string_lossy().ends_with(".explain.png")
+            && !file.with_extension("json").is_file()
+    };
     entries(split)
-        .filter(|class| class.is_dir())
-        .any(|class| entries(&class).any(|file| vt_data::image_files::is_image_name(&file)))
+        .filter(|class| class.is_dir() && !is_run(class))
+        .any(|class| entries(&class).any(|file| is_photo(&file)))
 }
 
 /// Refuses to replace a file the command did not write: each of `outputs` that is there must
@@ -556,6 +562,25 @@ mod tests {
         }
         let runs = project.join("train/runs/a");
         refuse_managed_folder("--run-dir", &runs, &runs).unwrap();
+        // Nor are folders of vt's own outputs: a run's plots, a report's, explain's pictures.
+        let outputs = root.path().join("outputs");
+        for folder in ["train/exp1", "val/exp1", "val/pictures"] {
+            std::fs::create_dir_all(outputs.join(folder)).unwrap();
+        }
+        for file in [
+            "train/exp1/config.toml",
+            "train/exp1/metrics.jsonl",
+            "train/exp1/curves.png",
+            "val/exp1/e.json",
+            "val/exp1/e.png",
+            "val/pictures/1.explain.png",
+        ] {
+            std::fs::write(outputs.join(file), "").unwrap();
+        }
+        for next in ["train/exp2", "val/exp2"] {
+            let next = outputs.join(next);
+            refuse_managed_folder("--out", &next, &next).unwrap();
+        }
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(other.join("store/seg_val"), other.join("val")).unwrap();

@@ -19,6 +19,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use vt_data::dataset::{ImageFolder, Split};
+use vt_data::download::error_chain;
 use vt_data::loader::{batches, LoaderConfig};
 use vt_model::checkpoint::{dir_contents, previous_version, DirContents};
 use vt_model::pretrained::is_stem;
@@ -805,7 +806,7 @@ impl Trainer {
         let title = format!("validation, epoch {epoch}");
         let confusion = draw_confusion(&self.run_dir.join(CONFUSION_PNG), matrix, &title);
         for err in [curves.err(), confusion.err()].into_iter().flatten() {
-            tracing::warn!("{err}");
+            tracing::warn!("{}", error_chain(&err));
         }
     }
 }
@@ -1026,7 +1027,7 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         }
         // Plots are a convenience: failing to draw one is logged, not fatal.
         if let Err(e) = draw_curves(&run_dir.join(CURVES_PNG), &records) {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", error_chain(&e));
         }
     }
     metrics.rewrite(&records, &classes)?;
@@ -1056,12 +1057,20 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
         }
         let best_dir = run_dir.join(BEST_DIR);
         if let (false, Some(epoch), false) = (best, progress.best_epoch, best_dir.exists()) {
+            let kept = progress
+                .top
+                .iter()
+                .any(|k| k.epoch == epoch)
+                .then(|| crate::history::epoch_dir(&run_dir, epoch))
+                .filter(|dir| dir.is_dir());
+            let remedy = match kept {
+                Some(dir) => format!("{} holds it: copy that folder to best/", dir.display()),
+                None => format!("last/ holds epoch {}", saved.epoch),
+            };
             tracing::warn!(
-                "{} is missing, and its epoch {epoch} is not the saved state's ({}): its \
-                 weights are nowhere to write it from (last/ holds epoch {}, and top/ the \
-                 epochs --checkpoint-hist kept)",
+                "{} is missing, and its epoch {epoch} is not the saved state's ({}), which \
+                 cannot write it; {remedy}",
                 best_dir.display(),
-                saved.epoch,
                 saved.epoch
             );
         }

@@ -298,7 +298,8 @@ fn a_best_checkpoint_of_an_earlier_epoch_than_the_state_is_not_promised() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains(&format!(
-            "{} is missing, and its epoch 1 is not the saved state's (2)",
+            "{} is missing, and its epoch 1 is not the saved state's (2), which cannot write \
+             it; last/ holds epoch 2",
             run.join("best").display()
         )) && log.contains("has completed its 2 epochs"),
         "{log}"
