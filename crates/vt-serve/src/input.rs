@@ -521,8 +521,19 @@ enum JsonImage {
     Url(String),
 }
 
+/// `body` as the JSON of a `T`, or why not, naming where in it a value is wrong
+/// (`parameters.classification: invalid value: integer \`-1\`, expected u64 at line 1
+/// column 40`), as axum's `Json` names it.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| e.to_string())?;
+    // Nothing but white space after it, as serde_json::from_slice requires.
+    json.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
 fn parse_json(body: &[u8]) -> Result<JsonImage, ApiError> {
-    let input: JsonInput = serde_json::from_slice(body).map_err(|e| {
+    let input: JsonInput = from_json(body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid JSON body: {e}; expected {{\"image\": \"<base64>\"}} or {{\"url\": \"...\"}}{}",
             image_not_json(

@@ -218,7 +218,7 @@ struct Parsed {
 fn parse(body: Bytes, capacity: usize, verb: Verb) -> Result<Parsed, ApiError> {
     let body = input::without_byte_order_mark(body);
     input::refuse_too_many_json_values(&body, capacity, 0)?;
-    let request: PredictRequest = serde_json::from_slice(&body).map_err(|e| {
+    let request: PredictRequest = input::from_json(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid {} request: {e}; expected {EXPECTED}{}",
             verb.name(),

@@ -759,6 +759,18 @@ async fn bad_requests_get_the_protocols_errors() {
             "invalid inference request JSON",
         ),
         (
+            // The value at fault is named by its place in the request.
+            "a parameter of the wrong type",
+            serde_json::to_vec(&json!({"inputs": [{"name": "image", "shape": [1],
+                "datatype": "BYTES", "data": one}], "outputs": [{"name": "probabilities",
+                "parameters": {"classification": -1}}]}))
+            .unwrap(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid inference request JSON: outputs[0].parameters.classification: invalid value: \
+             integer `-1`",
+        ),
+        (
             "an image sent as it is",
             photo.clone(),
             None,

@@ -357,8 +357,8 @@ fn parse(
         capacity,
         capacity.saturating_mul(super::json_numbers_per_image(image_size)),
     )?;
-    let request: InferenceRequest = serde_json::from_slice(&header)
-        .map_err(|e| invalid_request_json(&e, &header, length_given))?;
+    let request: InferenceRequest =
+        input::from_json(&header).map_err(|e| invalid_request_json(&e, &header, length_given))?;
     let images = images_of(&request.inputs, &binary, capacity, &preprocessor)?;
     let outputs = requested_outputs(&request)?;
     // The images hold what they need of the request: the rest goes with `parse`.
@@ -372,7 +372,7 @@ fn parse(
 /// The answer to a request whose JSON does not parse. Binary tensor data sent without the
 /// JSON's length (`Inference-Header-Content-Length`) reads as JSON followed by other bytes,
 /// which serde calls "trailing characters": the answer names the missing header.
-fn invalid_request_json(error: &serde_json::Error, body: &[u8], length_given: bool) -> ApiError {
+fn invalid_request_json(error: &str, body: &[u8], length_given: bool) -> ApiError {
     let mut detail = format!("invalid inference request JSON: {error}");
     if let Some(image) = input::image_not_json(body, input::TO_PREDICT) {
         detail.push_str(&image);
