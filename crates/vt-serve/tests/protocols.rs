@@ -315,14 +315,7 @@ async fn health_metadata_and_versions_follow_the_protocol() {
     server.state.reload().await.unwrap();
     assert_eq!(get("/v2/models/intel-vt").await.1["versions"], json!(["1"]));
     let reloads = |result: &str| format!("vt_serve_model_reloads_total{{result=\"{result}\"}} 1");
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &server.url("/metrics")).await;
     assert!(metrics.contains(&reloads("unchanged")), "{metrics}");
     let config_path = checkpoint.join("config.json");
     let mut config: Value =
@@ -331,14 +324,7 @@ async fn health_metadata_and_versions_follow_the_protocol() {
     std::fs::write(&config_path, config.to_string()).unwrap();
     server.state.reload().await.unwrap();
     assert_eq!(get("/v2/models/intel-vt").await.1["versions"], json!(["2"]));
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &server.url("/metrics")).await;
     assert!(metrics.contains(&reloads("ok")), "{metrics}");
     let answer = infer(
         &client,
