@@ -422,12 +422,14 @@ pub fn replace_through_temporary(
 /// waits beside `path` until [`Staged::commit`], so that several files can be written
 /// before any earlier one is replaced.
 pub fn stage(path: &Path, suffix: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<Staged> {
+    // Locked until the rename is done.
+    let temporary = temporary::create(path, suffix, Kind::File)?;
+    let tmp = temporary.path().to_path_buf();
     let staged = Staged {
-        // Locked until the rename is done.
-        temporary: Some(temporary::create(path, suffix, Kind::File)?),
+        temporary: Some(temporary),
         target: path.to_path_buf(),
     };
-    write(staged.temporary_path())?;
+    write(&tmp)?;
     Ok(staged)
 }
 
@@ -440,10 +442,6 @@ pub struct Staged {
 }
 
 impl Staged {
-    fn temporary_path(&self) -> &Path {
-        self.temporary.as_ref().map_or(&self.target, |t| t.path())
-    }
-
     /// Renames the file over its target and flushes the rename.
     pub fn commit(mut self) -> Result<()> {
         let Some(temporary) = self.temporary.take() else {
